@@ -1,0 +1,546 @@
+//! Socket-level ClusterIP load balancing.
+//!
+//! `connect*` and `sendmsg*` rewrite a service `VIP:port` to one ready backend
+//! (or, for enrolled workloads and meshed services, to the node proxy), and
+//! remember the translation per socket in `REVNAT` so that `getpeername*` and
+//! `recvmsg*` show the VIP again. `sock_ops` turns the per-socket note of a
+//! redirected connection into an entry keyed by its 4-tuple, which is what the
+//! proxy can see on the accepted side.
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_ANY, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+    },
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use ebpf_lb_common::{
+    AffinityKey, AffinityValue, BackendSlot, Counters, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_ENROLLED, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, Endpoint, FAMILY_V4,
+    FAMILY_V6, FourTuple, LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst, PROTO_TCP, PROTO_UDP,
+    RevNatKey, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey,
+};
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "license")]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[map]
+static SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::pinned(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+static BACKENDS: HashMap<BackendSlot, Endpoint> =
+    HashMap::pinned(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map]
+static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
+
+#[map]
+static REVNAT: LruHashMap<RevNatKey, Endpoint> = LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
+
+#[map]
+static COOKIE_ORIG: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
+
+#[map]
+static ORIG_DST: LruHashMap<FourTuple, OriginalDst> = LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
+
+#[map]
+static ENROLLED: HashMap<u64, u32> = HashMap::pinned(DEFAULT_MAX_ENROLLED, BPF_F_NO_PREALLOC);
+
+#[map]
+static CONFIG: Array<LbConfig> = Array::pinned(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES + 1, 0);
+
+const ECONNREFUSED: i32 = 111;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// `::ffff:0:0/96`, third word in network byte order.
+const V4_MAPPED_WORD: u32 = 0xffff_u32.to_be();
+
+/// Outcome of looking a destination up in the service table.
+enum Verdict {
+    /// Not a service: leave the socket alone.
+    Pass,
+    /// Rewrite the destination to this endpoint (in the family of the key).
+    Rewrite(Endpoint),
+    /// A service with no ready backend: fail the call with `ECONNREFUSED`.
+    NoBackend,
+}
+
+#[inline(always)]
+fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
+    ctx.sock_addr
+}
+
+// Context fields must be read and written with 4-byte accesses; volatile keeps
+// the compiler from merging them into wider loads the verifier would refuse.
+#[inline(always)]
+fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
+    let p = words as *const u32;
+    unsafe {
+        [
+            read_volatile(p),
+            read_volatile(p.add(1)),
+            read_volatile(p.add(2)),
+            read_volatile(p.add(3)),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_ip6(words: *mut [u32; 4], v: [u32; 4]) {
+    let p = words as *mut u32;
+    unsafe {
+        write_volatile(p, v[0]);
+        write_volatile(p.add(1), v[1]);
+        write_volatile(p.add(2), v[2]);
+        write_volatile(p.add(3), v[3]);
+    }
+}
+
+#[inline(always)]
+fn is_v4_mapped(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD
+}
+
+#[inline(always)]
+fn counters(id: u32) -> Option<*mut Counters> {
+    COUNTERS.get_ptr_mut(id)
+}
+
+#[inline(always)]
+fn config() -> Option<LbConfig> {
+    CONFIG.get(0).copied()
+}
+
+/// Is the calling process enrolled in the mesh: its own cgroup, or an
+/// ancestor at one of the levels where enrolled cgroups sit?
+#[inline(always)]
+fn enrolled(cfg: &LbConfig) -> bool {
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    if ENROLLED.get_ptr(id).is_some() {
+        return true;
+    }
+    let n = cfg.enrol_level_count as usize;
+    let mut i = 0;
+    while i < MAX_ENROL_LEVELS {
+        if i >= n {
+            break;
+        }
+        let anc = unsafe { bpf_get_current_ancestor_cgroup_id(cfg.enrol_levels[i] as i32) };
+        if anc != 0 && ENROLLED.get_ptr(anc).is_some() {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The socket's `SO_MARK`: the node proxy marks its own sockets.
+#[inline(always)]
+fn socket_mark(ctx: &SockAddrContext) -> u32 {
+    unsafe {
+        let sk = (*sa(ctx)).__bindgen_anon_1.sk;
+        if sk.is_null() { 0 } else { (*sk).mark }
+    }
+}
+
+/// Pick one ready backend of `svc`: the remembered one under `ClientIP`
+/// affinity while it is fresh and still a member, else a random one.
+#[inline(always)]
+fn select_backend(ctx: &SockAddrContext, svc: &Service) -> Option<Endpoint> {
+    if svc.count == 0 || svc.backend_set == 0 {
+        return None;
+    }
+    let affinity = svc.flags & SERVICE_F_AFFINITY != 0;
+    let now = if affinity {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
+    let akey = AffinityKey {
+        netns_cookie: if affinity {
+            unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+        } else {
+            0
+        },
+        service_id: svc.id,
+        _pad: 0,
+    };
+    if affinity && let Some(prev) = AFFINITY.get_ptr_mut(akey) {
+        let timeout = svc.affinity_timeout_s as u64 * 1_000_000_000;
+        let backend = unsafe { (*prev).backend };
+        let fresh = now.wrapping_sub(unsafe { (*prev).last_used_ns }) < timeout;
+        let member = MemberKey {
+            service_id: svc.id,
+            backend,
+        };
+        if fresh && MEMBERS.get_ptr(member).is_some() {
+            unsafe { (*prev).last_used_ns = now };
+            return Some(backend);
+        }
+    }
+    let index = unsafe { bpf_get_prandom_u32() } % svc.count;
+    let slot = BackendSlot {
+        backend_set: svc.backend_set,
+        index,
+    };
+    let backend = unsafe { *BACKENDS.get_ptr(slot)? };
+    if affinity {
+        let v = AffinityValue {
+            backend,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        let _ = AFFINITY.insert(akey, v, BPF_ANY as u64);
+    }
+    Some(backend)
+}
+
+/// Decide what a connect/sendmsg to `key` becomes. Redirects to the proxy
+/// (only when `may_redirect`) record the original destination by socket cookie.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdict {
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+        return Verdict::Pass;
+    };
+    let ctr = counters(svc.id);
+    if may_redirect
+        && svc.flags & SERVICE_F_MESHED != 0
+        && let Some(cfg) = config()
+        && let Some(proxy) = proxy_endpoint(&cfg, key.family)
+        && (cfg.proxy_mark == 0 || socket_mark(ctx) != cfg.proxy_mark)
+        && enrolled(&cfg)
+    {
+        let orig = OriginalDst {
+            dst: Endpoint {
+                addr: key.addr,
+                port: key.port,
+                family: key.family,
+                _pad: 0,
+            },
+            service_id: svc.id,
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        };
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if COOKIE_ORIG.insert(cookie, orig, BPF_ANY as u64).is_ok() {
+            if let Some(c) = ctr {
+                unsafe { (*c).redirected += 1 };
+            }
+            return Verdict::Rewrite(proxy);
+        }
+    }
+    match select_backend(ctx, &svc) {
+        Some(backend) => {
+            if let Some(c) = ctr {
+                unsafe { (*c).balanced += 1 };
+            }
+            Verdict::Rewrite(backend)
+        }
+        None => {
+            if let Some(c) = ctr {
+                unsafe { (*c).no_backend += 1 };
+            }
+            Verdict::NoBackend
+        }
+    }
+}
+
+#[inline(always)]
+fn proxy_endpoint(cfg: &LbConfig, family: u8) -> Option<Endpoint> {
+    if cfg.proxy_port == 0 {
+        return None;
+    }
+    if family == FAMILY_V4 {
+        if cfg.proxy_addr4 == 0 {
+            return None;
+        }
+        Some(Endpoint {
+            addr: [cfg.proxy_addr4, 0, 0, 0],
+            port: cfg.proxy_port,
+            family,
+            _pad: 0,
+        })
+    } else {
+        let a = cfg.proxy_addr6;
+        if a[0] | a[1] | a[2] | a[3] == 0 {
+            return None;
+        }
+        Some(Endpoint {
+            addr: a,
+            port: cfg.proxy_port,
+            family,
+            _pad: 0,
+        })
+    }
+}
+
+/// Remember, per socket, that `written` stands for `vip`.
+#[inline(always)]
+fn remember(cookie: u64, written: Endpoint, vip: Endpoint) {
+    let key = RevNatKey {
+        cookie,
+        peer: written,
+        _pad: 0,
+    };
+    if REVNAT.get_ptr(key).is_none() {
+        let _ = REVNAT.insert(key, vip, BPF_ANY as u64);
+    }
+}
+
+/// Refuse the call with ECONNREFUSED (a connect to a Service without
+/// endpoints is refused, as kube-proxy's REJECT rule does).
+#[inline(always)]
+fn refuse() -> i32 {
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    0
+}
+
+fn xlate4(ctx: &SockAddrContext, may_redirect: bool) -> i32 {
+    let s = sa(ctx);
+    let proto = unsafe { read_volatile(&(*s).protocol) } as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return 1;
+    }
+    let ip = unsafe { read_volatile(&(*s).user_ip4) };
+    let port = unsafe { read_volatile(&(*s).user_port) } as u16;
+    let key = ServiceKey {
+        addr: [ip, 0, 0, 0],
+        port,
+        proto,
+        family: FAMILY_V4,
+    };
+    match decide(ctx, &key, may_redirect && proto == PROTO_TCP) {
+        Verdict::Pass => 1,
+        Verdict::NoBackend => refuse(),
+        Verdict::Rewrite(to) => {
+            unsafe {
+                write_volatile(&mut (*s).user_ip4, to.addr[0]);
+                write_volatile(&mut (*s).user_port, to.port as u32);
+            }
+            let vip = Endpoint {
+                addr: key.addr,
+                port,
+                family: FAMILY_V4,
+                _pad: 0,
+            };
+            remember(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, to, vip);
+            1
+        }
+    }
+}
+
+fn xlate6(ctx: &SockAddrContext, may_redirect: bool) -> i32 {
+    let s = sa(ctx);
+    let proto = unsafe { read_volatile(&(*s).protocol) } as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return 1;
+    }
+    let ip = read_ip6(unsafe { &(*s).user_ip6 });
+    let port = unsafe { read_volatile(&(*s).user_port) } as u16;
+    // A dual-stack socket reaching an IPv4 service through ::ffff:a.b.c.d.
+    let mapped = is_v4_mapped(&ip);
+    let key = if mapped {
+        ServiceKey {
+            addr: [ip[3], 0, 0, 0],
+            port,
+            proto,
+            family: FAMILY_V4,
+        }
+    } else {
+        ServiceKey {
+            addr: ip,
+            port,
+            proto,
+            family: FAMILY_V6,
+        }
+    };
+    match decide(ctx, &key, may_redirect && proto == PROTO_TCP) {
+        Verdict::Pass => 1,
+        Verdict::NoBackend => refuse(),
+        Verdict::Rewrite(to) => {
+            let written = if mapped {
+                [0, 0, V4_MAPPED_WORD, to.addr[0]]
+            } else {
+                to.addr
+            };
+            write_ip6(unsafe { &mut (*s).user_ip6 }, written);
+            unsafe { write_volatile(&mut (*s).user_port, to.port as u32) };
+            let written = Endpoint {
+                addr: written,
+                port: to.port,
+                family: FAMILY_V6,
+                _pad: 0,
+            };
+            let vip = Endpoint {
+                addr: ip,
+                port,
+                family: FAMILY_V6,
+                _pad: 0,
+            };
+            remember(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, written, vip);
+            1
+        }
+    }
+}
+
+/// Show the VIP instead of the backend (or proxy) the socket really talks to.
+fn revnat4(ctx: &SockAddrContext) -> i32 {
+    let s = sa(ctx);
+    let ip = unsafe { read_volatile(&(*s).user_ip4) };
+    let port = unsafe { read_volatile(&(*s).user_port) } as u16;
+    let key = RevNatKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        peer: Endpoint {
+            addr: [ip, 0, 0, 0],
+            port,
+            family: FAMILY_V4,
+            _pad: 0,
+        },
+        _pad: 0,
+    };
+    if let Some(vip) = unsafe { REVNAT.get(key) } {
+        unsafe {
+            write_volatile(&mut (*s).user_ip4, vip.addr[0]);
+            write_volatile(&mut (*s).user_port, vip.port as u32);
+        }
+    }
+    1
+}
+
+fn revnat6(ctx: &SockAddrContext) -> i32 {
+    let s = sa(ctx);
+    let ip = read_ip6(unsafe { &(*s).user_ip6 });
+    let port = unsafe { read_volatile(&(*s).user_port) } as u16;
+    let key = RevNatKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        peer: Endpoint {
+            addr: ip,
+            port,
+            family: FAMILY_V6,
+            _pad: 0,
+        },
+        _pad: 0,
+    };
+    if let Some(vip) = unsafe { REVNAT.get(key) } {
+        let vip = *vip;
+        write_ip6(unsafe { &mut (*s).user_ip6 }, vip.addr);
+        unsafe { write_volatile(&mut (*s).user_port, vip.port as u32) };
+    }
+    1
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
+    xlate4(&ctx, true)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
+    xlate6(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sluice_sendmsg4(ctx: SockAddrContext) -> i32 {
+    xlate4(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sluice_sendmsg6(ctx: SockAddrContext) -> i32 {
+    xlate6(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sluice_recvmsg4(ctx: SockAddrContext) -> i32 {
+    revnat4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sluice_recvmsg6(ctx: SockAddrContext) -> i32 {
+    revnat6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sluice_getpeername4(ctx: SockAddrContext) -> i32 {
+    revnat4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sluice_getpeername6(ctx: SockAddrContext) -> i32 {
+    revnat6(&ctx)
+}
+
+/// The 4-tuple of a socket as seen from its own side, IPv4-mapped addresses
+/// folded to IPv4 (the proxy accepts those as IPv4 connections).
+#[inline(always)]
+fn four_tuple(ctx: &SockOpsContext) -> FourTuple {
+    let ops = ctx.ops;
+    let family = unsafe { read_volatile(&(*ops).family) };
+    let local_port = (unsafe { read_volatile(&(*ops).local_port) } as u16).to_be();
+    let remote_port = (unsafe { read_volatile(&(*ops).remote_port) } >> 16) as u16;
+    let mut t = FourTuple {
+        local_addr: [0; 4],
+        remote_addr: [0; 4],
+        local_port,
+        remote_port,
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
+    if family == AF_INET {
+        t.local_addr[0] = unsafe { read_volatile(&(*ops).local_ip4) };
+        t.remote_addr[0] = unsafe { read_volatile(&(*ops).remote_ip4) };
+    } else if family == AF_INET6 {
+        let l = read_ip6(unsafe { &(*ops).local_ip6 });
+        let r = read_ip6(unsafe { &(*ops).remote_ip6 });
+        if is_v4_mapped(&r) {
+            t.local_addr[0] = l[3];
+            t.remote_addr[0] = r[3];
+        } else {
+            t.local_addr = l;
+            t.remote_addr = r;
+            t.family = FAMILY_V6;
+        }
+    }
+    t
+}
+
+#[sock_ops]
+pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // The local port is bound by now: move the note of a redirected
+        // connection from its cookie to its 4-tuple.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(orig) = unsafe { COOKIE_ORIG.get(cookie) } {
+            let orig = *orig;
+            let t = four_tuple(&ctx);
+            let _ = ORIG_DST.insert(t, orig, BPF_ANY as u64);
+            let _ = COOKIE_ORIG.remove(cookie);
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+        let _ = ORIG_DST.remove(four_tuple(&ctx));
+    }
+    1
+}

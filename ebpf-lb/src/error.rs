@@ -1,0 +1,103 @@
+use std::{io, path::PathBuf};
+
+use crate::Frontend;
+
+/// Everything the load balancer can refuse or fail at. Each variant names the
+/// object involved and, where there is one, what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "loading the kernel programs failed: {source}\n\
+         (needs root or CAP_BPF+CAP_NET_ADMIN, and Linux 5.18 or newer with cgroup v2 and BTF)"
+    )]
+    Load {
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+
+    #[error("kernel program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+
+    #[error(
+        "map {map} is full ({capacity} entries) while updating {what}; the previous state is \
+         unchanged. Raise the limit (ebpf-lb Options::{option}) and reinstall, or remove unused services"
+    )]
+    MapFull {
+        map: &'static str,
+        capacity: u32,
+        option: &'static str,
+        what: String,
+    },
+
+    #[error(
+        "pinned map {map} under {dir} was created with {pinned} entries but {wanted} were asked \
+         for; use the same sizes, or uninstall the old state first (it is kept across restarts)"
+    )]
+    PinnedSizeMismatch {
+        map: &'static str,
+        dir: PathBuf,
+        pinned: u32,
+        wanted: u32,
+    },
+
+    #[error("service {frontend}: {reason}")]
+    InvalidService { frontend: Frontend, reason: String },
+
+    #[error("service {0} is not known to the load balancer")]
+    UnknownService(Frontend),
+
+    #[error("cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
+
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("{call}: {source}")]
+    Syscall {
+        call: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn map(map: &'static str, source: aya::maps::MapError) -> Self {
+        Self::Map {
+            map,
+            source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn program(program: &'static str, source: aya::programs::ProgramError) -> Self {
+        Self::Program {
+            program,
+            source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Self::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}

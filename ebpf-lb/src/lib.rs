@@ -1,0 +1,1003 @@
+//! Socket-level ClusterIP load balancing in the kernel, and its typed API.
+//!
+//! [`LoadBalancer::open`] loads the kernel programs of `ebpf-lb-programs` with
+//! their maps pinned under bpffs (re-using maps pinned by an earlier instance,
+//! so the service table survives an agent restart), and
+//! [`LoadBalancer::attach`] attaches them to a cgroup v2 subtree with pinned
+//! links, so load balancing keeps working while no agent runs.
+//!
+//! Services are updated atomically: [`LoadBalancer::apply`] writes each new
+//! backend set beside the old one, switches the service to it in one map
+//! update, waits until no program can still be using the old set, and only
+//! then frees it. A call that removed a backend has returned only when no new
+//! connection can be sent to that backend any more.
+
+mod cgroup;
+mod error;
+mod service;
+mod sys;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    fs, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+};
+pub use cgroup::{cgroup_id, cgroup_level, cgroup2_mount};
+use ebpf_lb_common::{
+    BackendSlot, Counters, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENROLLED,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, Endpoint, FourTuple, LbConfig, MAX_ENROL_LEVELS,
+    MemberKey, OriginalDst, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, maps,
+};
+pub use error::{Error, Result};
+pub use service::{Backend, BackendState, Frontend, Protocol, ServiceSpec};
+use service::{endpoint, socket_addr};
+pub use sys::ensure_bpffs;
+
+/// The kernel programs, built by `build.rs` from `ebpf-lb-programs`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ebpf-lb"));
+
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "sluice_connect4",
+    "sluice_connect6",
+    "sluice_sendmsg4",
+    "sluice_sendmsg6",
+    "sluice_recvmsg4",
+    "sluice_recvmsg6",
+    "sluice_getpeername4",
+    "sluice_getpeername6",
+];
+const SOCK_OPS_PROGRAM: &str = "sluice_sockops";
+
+/// Where bpffs is mounted on a node.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+/// Sizes and locations. The defaults suit a large cluster.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// bpffs mount point (mounted if missing).
+    pub bpffs: PathBuf,
+    /// Name of this load balancer's folder under `bpffs`: its maps and links
+    /// are pinned there. One node agent uses one instance.
+    pub instance: String,
+    /// Service frontends (`VIP:port/protocol`).
+    pub max_services: u32,
+    /// Backends over all services.
+    pub max_backends: u32,
+    /// Remembered (client, service) session-affinity choices.
+    pub max_affinity: u32,
+    /// Sockets tracked for reverse translation and original destinations.
+    pub max_sockets: u32,
+    /// Enrolled cgroups.
+    pub max_enrolled: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            bpffs: DEFAULT_BPFFS.into(),
+            instance: "sluice".into(),
+            max_services: DEFAULT_MAX_SERVICES,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            max_affinity: DEFAULT_MAX_AFFINITY,
+            max_sockets: DEFAULT_MAX_SOCKETS,
+            max_enrolled: DEFAULT_MAX_ENROLLED,
+        }
+    }
+}
+
+impl Options {
+    /// The folder holding this instance's pinned maps and links.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpffs.join(&self.instance)
+    }
+
+    fn sizes(&self) -> [(&'static str, u32); 9] {
+        [
+            (maps::SERVICES, self.max_services),
+            (maps::BACKENDS, self.max_backends),
+            (maps::MEMBERS, self.max_backends),
+            (maps::AFFINITY, self.max_affinity),
+            (maps::REVNAT, self.max_sockets),
+            (maps::COOKIE_ORIG, self.max_sockets),
+            (maps::ORIG_DST, self.max_sockets),
+            (maps::ENROLLED, self.max_enrolled),
+            // Index 0 is never a service id.
+            (maps::COUNTERS, self.max_services.saturating_add(1)),
+        ]
+    }
+}
+
+/// A change to the service table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Create the service, or replace its backends and settings.
+    Upsert(ServiceSpec),
+    /// Delete the service.
+    Remove(Frontend),
+}
+
+/// What the kernel currently holds for one service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceState {
+    pub frontend: Frontend,
+    /// Ready backends, in slot order.
+    pub backends: Vec<SocketAddr>,
+    pub meshed: bool,
+    pub affinity: Option<Duration>,
+}
+
+/// Per-service counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// Connections (and unconnected UDP datagrams) sent to a backend.
+    pub balanced: u64,
+    /// Connects refused because no backend was ready.
+    pub no_backend: u64,
+    /// Connections of enrolled workloads sent to the node proxy.
+    pub redirected: u64,
+}
+
+/// Where connections of enrolled workloads to meshed services are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyTarget {
+    /// Capture address for IPv4 clients.
+    pub v4: Option<Ipv4Addr>,
+    /// Capture address for IPv6 clients.
+    pub v6: Option<Ipv6Addr>,
+    /// Capture port (15001 in a node).
+    pub port: u16,
+    /// `SO_MARK` the proxy sets on its own sockets; they are never redirected.
+    /// 0 disables the check.
+    pub mark: u32,
+}
+
+/// The destination a redirected connection was addressed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDestination {
+    /// The service `VIP:port` the client connected to.
+    pub dst: SocketAddr,
+    /// cgroup v2 id of the client process.
+    pub cgroup_id: u64,
+}
+
+/// Mutable state: the writable maps, plus the allocation bookkeeping that
+/// mirrors them (rebuilt from the maps when an instance re-opens them).
+struct Tables {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: HashMap<MapData, BackendSlot, Endpoint>,
+    members: HashMap<MapData, MemberKey, u32>,
+    enrolled: HashMap<MapData, u64, u32>,
+    config: Array<MapData, LbConfig>,
+    counters: PerCpuArray<MapData, Counters>,
+    /// Mirror of `SERVICES`.
+    known: BTreeMap<ServiceKey, Service>,
+    /// Ready backends of each service id, in slot order (mirror of `BACKENDS`).
+    sets: BTreeMap<u32, Vec<Endpoint>>,
+    free_ids: Vec<u32>,
+    next_id: u32,
+    used_sets: HashSet<u32>,
+    next_set: u32,
+    /// Enrolled cgroup id -> its level.
+    enrolled_ids: BTreeMap<u64, u32>,
+}
+
+/// A loaded, pinned instance of the kernel load balancer.
+pub struct LoadBalancer {
+    opts: Options,
+    tables: Mutex<Tables>,
+    orig_dst: HashMap<MapData, FourTuple, OriginalDst>,
+    barrier: sys::RcuBarrier,
+    nr_cpus: usize,
+}
+
+impl std::fmt::Debug for LoadBalancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadBalancer")
+            .field("pin_dir", &self.opts.pin_dir())
+            .finish()
+    }
+}
+
+fn take<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| {
+        Error::map(
+            name,
+            MapError::InvalidName {
+                name: name.to_string(),
+            },
+        )
+    })?;
+    M::try_from(map).map_err(|e| Error::map(name, e))
+}
+
+fn is_full(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound)
+        || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+impl LoadBalancer {
+    /// Loads the programs and opens (or creates) the pinned maps of
+    /// `opts.instance`. Nothing is attached yet: see [`LoadBalancer::attach`].
+    pub fn open(opts: Options) -> Result<Self> {
+        sys::ensure_bpffs(&opts.bpffs)?;
+        let pin_dir = opts.pin_dir();
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            fs::create_dir_all(d).map_err(|e| Error::io("creating pin folder", d, e))?;
+        }
+        for (name, wanted) in opts.sizes() {
+            let pin = maps_dir.join(name);
+            if pin.exists() {
+                let info = MapInfo::from_pin(&pin).map_err(|e| Error::map(name, e))?;
+                if info.max_entries() != wanted {
+                    return Err(Error::PinnedSizeMismatch {
+                        map: name,
+                        dir: maps_dir,
+                        pinned: info.max_entries(),
+                        wanted,
+                    });
+                }
+            }
+        }
+
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&maps_dir);
+        for (name, size) in opts.sizes() {
+            loader.map_max_entries(name, size);
+        }
+        let mut ebpf = loader.load(PROGRAMS).map_err(|e| Error::Load {
+            source: Box::new(e),
+        })?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| Error::program(name, e))?;
+        }
+        let prog: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
+        prog.load()
+            .map_err(|e| Error::program(SOCK_OPS_PROGRAM, e))?;
+
+        let services: HashMap<MapData, ServiceKey, Service> = take(&mut ebpf, maps::SERVICES)?;
+        let backends: HashMap<MapData, BackendSlot, Endpoint> = take(&mut ebpf, maps::BACKENDS)?;
+        let members = take(&mut ebpf, maps::MEMBERS)?;
+        let enrolled: HashMap<MapData, u64, u32> = take(&mut ebpf, maps::ENROLLED)?;
+        let config = take(&mut ebpf, maps::CONFIG)?;
+        let counters = take(&mut ebpf, maps::COUNTERS)?;
+        let orig_dst = take(&mut ebpf, maps::ORIG_DST)?;
+
+        // Rebuild the bookkeeping from what an earlier instance left pinned.
+        let mut known = BTreeMap::new();
+        let mut sets = BTreeMap::new();
+        let mut used_sets = HashSet::new();
+        for entry in services.iter() {
+            let (key, svc) = entry.map_err(|e| Error::map(maps::SERVICES, e))?;
+            let mut eps = Vec::with_capacity(svc.count as usize);
+            for index in 0..svc.count {
+                let slot = BackendSlot {
+                    backend_set: svc.backend_set,
+                    index,
+                };
+                eps.push(
+                    backends
+                        .get(&slot, 0)
+                        .map_err(|e| Error::map(maps::BACKENDS, e))?,
+                );
+            }
+            if svc.backend_set != 0 {
+                used_sets.insert(svc.backend_set);
+            }
+            sets.insert(svc.id, eps);
+            known.insert(key, svc);
+        }
+        let used_ids: BTreeSet<u32> = known.values().map(|s| s.id).collect();
+        let next_id = used_ids.last().map_or(1, |m| m + 1);
+        let free_ids = (1..next_id)
+            .filter(|i| !used_ids.contains(i))
+            .rev()
+            .collect();
+        let next_set = used_sets
+            .iter()
+            .max()
+            .map_or(1, |m| m.wrapping_add(1).max(1));
+        let mut enrolled_ids = BTreeMap::new();
+        for entry in enrolled.iter() {
+            let (id, level) = entry.map_err(|e| Error::map(maps::ENROLLED, e))?;
+            enrolled_ids.insert(id, level);
+        }
+
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| Error::io("reading the number of CPUs from", what, e))?;
+        Ok(Self {
+            opts,
+            tables: Mutex::new(Tables {
+                ebpf,
+                services,
+                backends,
+                members,
+                enrolled,
+                config,
+                counters,
+                known,
+                sets,
+                free_ids,
+                next_id,
+                used_sets,
+                next_set,
+                enrolled_ids,
+            }),
+            orig_dst,
+            barrier: sys::RcuBarrier::new()?,
+            nr_cpus,
+        })
+    }
+
+    /// The folder under bpffs holding this instance's pinned state.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.opts.pin_dir()
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.opts.pin_dir().join("links")
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        // A panic while holding the lock leaves the maps consistent (every
+        // step is a whole map update), so the guard can be recovered.
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches all programs to the cgroup v2 directory `cgroup` (its whole
+    /// subtree). The links are pinned, so they outlive this process; attaching
+    /// again (a restarted agent) replaces the previous instance's programs.
+    pub fn attach(&self, cgroup: &Path) -> Result<()> {
+        let id = cgroup_id(cgroup)?;
+        let dir = fs::File::open(cgroup).map_err(|e| Error::io("opening cgroup", cgroup, e))?;
+        let links = self.links_dir();
+        let mut t = self.tables();
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut t.ebpf, name)?;
+            let link_id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| Error::program(name, e))?;
+            let link = prog
+                .take_link(link_id)
+                .map_err(|e| Error::program(name, e))?;
+            pin_link(link, &links, id, name)?;
+        }
+        let prog: &mut SockOps = program(&mut t.ebpf, SOCK_OPS_PROGRAM)?;
+        let link_id = prog
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|e| Error::program(SOCK_OPS_PROGRAM, e))?;
+        let link = prog
+            .take_link(link_id)
+            .map_err(|e| Error::program(SOCK_OPS_PROGRAM, e))?;
+        pin_link(link, &links, id, SOCK_OPS_PROGRAM)
+    }
+
+    /// Detaches all programs from `cgroup`.
+    pub fn detach(&self, cgroup: &Path) -> Result<()> {
+        let id = cgroup_id(cgroup)?;
+        remove_links(&self.links_dir(), |name| {
+            name.starts_with(&format!("{id}-"))
+        })
+    }
+
+    /// Detaches everything and removes every pinned map and link of this
+    /// instance. The service table is gone afterwards.
+    pub fn uninstall(self) -> Result<()> {
+        let dir = self.opts.pin_dir();
+        drop(self);
+        uninstall_at(&dir)
+    }
+
+    /// Applies a batch of changes atomically per service. Either every change
+    /// is applied, or (on a full map or invalid input) none is and the
+    /// previous state stays in force.
+    pub fn apply(&self, changes: &[Change]) -> Result<()> {
+        // Validate everything before touching a map.
+        let mut planned = Vec::with_capacity(changes.len());
+        for change in changes {
+            match change {
+                Change::Upsert(spec) => {
+                    spec.validate().map_err(|reason| Error::InvalidService {
+                        frontend: spec.frontend,
+                        reason,
+                    })?;
+                    let eps = spec
+                        .ready_endpoints()
+                        .map_err(|reason| Error::InvalidService {
+                            frontend: spec.frontend,
+                            reason,
+                        })?;
+                    if eps.len() > self.opts.max_backends as usize {
+                        return Err(Error::MapFull {
+                            map: maps::BACKENDS,
+                            capacity: self.opts.max_backends,
+                            option: "max_backends",
+                            what: spec.frontend.to_string(),
+                        });
+                    }
+                    planned.push(Planned::Upsert(spec, eps));
+                }
+                Change::Remove(fe) => planned.push(Planned::Remove(*fe)),
+            }
+        }
+        let mut t = self.tables();
+        let mut undo = Undo::default();
+        match t.stage(&planned, &mut undo, self) {
+            Ok(retired) => {
+                // The services are switched: the batch is applied. A failure
+                // to unlink a member is reported, but the barrier and the
+                // cleanup still run.
+                let unlinked = t.unlink_members(&retired);
+                // Every program that could still hold a replaced service value
+                // (and so an old backend set, or a backend just removed) has
+                // finished once the barrier returns.
+                if !retired.sets.is_empty() || !retired.members.is_empty() {
+                    self.barrier.wait()?;
+                }
+                t.retire(retired);
+                unlinked
+            }
+            Err(e) => {
+                t.rollback(undo);
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates or replaces one service.
+    pub fn upsert_service(&self, spec: &ServiceSpec) -> Result<()> {
+        self.apply(&[Change::Upsert(spec.clone())])
+    }
+
+    /// Removes one service. Removing an unknown service is an error.
+    pub fn remove_service(&self, frontend: &Frontend) -> Result<()> {
+        if !self.tables().known.contains_key(&frontend.key()) {
+            return Err(Error::UnknownService(*frontend));
+        }
+        self.apply(&[Change::Remove(*frontend)])
+    }
+
+    /// The services the kernel holds now.
+    pub fn services(&self) -> Vec<ServiceState> {
+        let t = self.tables();
+        t.known
+            .iter()
+            .filter_map(|(key, svc)| {
+                Some(ServiceState {
+                    frontend: Frontend::from_key(key)?,
+                    backends: t
+                        .sets
+                        .get(&svc.id)
+                        .map(|eps| eps.iter().filter_map(socket_addr).collect())
+                        .unwrap_or_default(),
+                    meshed: svc.flags & SERVICE_F_MESHED != 0,
+                    affinity: (svc.flags & SERVICE_F_AFFINITY != 0)
+                        .then(|| Duration::from_secs(svc.affinity_timeout_s.into())),
+                })
+            })
+            .collect()
+    }
+
+    /// Counters of one service, summed over CPUs.
+    pub fn counters(&self, frontend: &Frontend) -> Result<ServiceCounters> {
+        let t = self.tables();
+        let svc = t
+            .known
+            .get(&frontend.key())
+            .ok_or(Error::UnknownService(*frontend))?;
+        let per_cpu = t
+            .counters
+            .get(&svc.id, 0)
+            .map_err(|e| Error::map(maps::COUNTERS, e))?;
+        Ok(per_cpu
+            .iter()
+            .fold(ServiceCounters::default(), |acc, c| ServiceCounters {
+                balanced: acc.balanced + c.balanced,
+                no_backend: acc.no_backend + c.no_backend,
+                redirected: acc.redirected + c.redirected,
+            }))
+    }
+
+    /// Sets (or with `None` clears) the node proxy address used for enrolled
+    /// workloads.
+    pub fn set_proxy(&self, proxy: Option<ProxyTarget>) -> Result<()> {
+        let mut t = self.tables();
+        let mut cfg = t.current_config()?;
+        cfg.proxy_addr4 = 0;
+        cfg.proxy_addr6 = [0; 4];
+        cfg.proxy_port = 0;
+        cfg.proxy_mark = 0;
+        if let Some(p) = proxy {
+            if p.port == 0 {
+                return Err(Error::InvalidService {
+                    frontend: Frontend::tcp(SocketAddr::new(
+                        p.v4.map_or(
+                            IpAddr::V6(p.v6.unwrap_or(Ipv6Addr::UNSPECIFIED)),
+                            IpAddr::V4,
+                        ),
+                        0,
+                    )),
+                    reason: "the proxy capture port is 0".into(),
+                });
+            }
+            cfg.proxy_port = p.port.to_be();
+            cfg.proxy_mark = p.mark;
+            if let Some(v4) = p.v4 {
+                cfg.proxy_addr4 = endpoint(SocketAddr::new(v4.into(), 0)).addr[0];
+            }
+            if let Some(v6) = p.v6 {
+                cfg.proxy_addr6 = endpoint(SocketAddr::new(v6.into(), 0)).addr;
+            }
+        }
+        t.config
+            .set(0, cfg, 0)
+            .map_err(|e| Error::map(maps::CONFIG, e))
+    }
+
+    /// Enrols the processes of the cgroup at `path` and of every cgroup below
+    /// it: their connections to meshed services go to the node proxy.
+    pub fn enroll(&self, path: &Path) -> Result<()> {
+        let id = cgroup_id(path)?;
+        let level = cgroup_level(path)?;
+        let mut t = self.tables();
+        let mut levels: BTreeSet<u32> = t.enrolled_ids.values().copied().collect();
+        levels.insert(level);
+        if levels.len() > MAX_ENROL_LEVELS {
+            return Err(Error::Cgroup {
+                path: path.into(),
+                reason: format!(
+                    "enrolled cgroups would sit at {} different depths ({levels:?}); at most \
+                     {MAX_ENROL_LEVELS} are supported",
+                    levels.len()
+                ),
+            });
+        }
+        t.enrolled.insert(id, level, 0).map_err(|e| {
+            if is_full(&e) {
+                Error::MapFull {
+                    map: maps::ENROLLED,
+                    capacity: self.opts.max_enrolled,
+                    option: "max_enrolled",
+                    what: format!("cgroup {}", path.display()),
+                }
+            } else {
+                Error::map(maps::ENROLLED, e)
+            }
+        })?;
+        t.enrolled_ids.insert(id, level);
+        t.write_levels()
+    }
+
+    /// Takes the cgroup with id `id` out of the mesh (the id, because the
+    /// cgroup may already be gone).
+    pub fn unenroll(&self, id: u64) -> Result<()> {
+        let mut t = self.tables();
+        if t.enrolled_ids.remove(&id).is_none() {
+            return Ok(());
+        }
+        match t.enrolled.remove(&id) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(Error::map(maps::ENROLLED, e)),
+        }
+        t.write_levels()
+    }
+
+    /// Ids of the enrolled cgroups.
+    pub fn enrolled(&self) -> Vec<u64> {
+        self.tables().enrolled_ids.keys().copied().collect()
+    }
+
+    /// The original destination of a connection the kernel redirected to the
+    /// proxy, found from the accepted socket's `peer` (the client) and `local`
+    /// (the capture listener) addresses.
+    pub fn original_destination(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<OriginalDestination>> {
+        let p = endpoint(peer);
+        let l = endpoint(local);
+        if p.family != l.family {
+            return Ok(None);
+        }
+        let key = FourTuple {
+            local_addr: p.addr,
+            remote_addr: l.addr,
+            local_port: p.port,
+            remote_port: l.port,
+            family: p.family,
+            _pad: [0; 3],
+        };
+        match self.orig_dst.get(&key, 0) {
+            Ok(o) => Ok(socket_addr(&o.dst).map(|dst| OriginalDestination {
+                dst,
+                cgroup_id: o.cgroup_id,
+            })),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::map(maps::ORIG_DST, e)),
+        }
+    }
+}
+
+/// Removes every pinned map and link under `pin_dir` (detaching the programs),
+/// whether or not a loader is running.
+pub fn uninstall_at(pin_dir: &Path) -> Result<()> {
+    remove_links(&pin_dir.join("links"), |_| true)?;
+    match fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing pinned state", pin_dir, e)),
+    }
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or_else(|| Error::Program {
+        program: name,
+        source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+    })?;
+    prog.try_into().map_err(|e| Error::program(name, e))
+}
+
+/// Pins `link` as `<cgroup id>-<program>`, replacing (and so detaching) the
+/// link a previous instance pinned there. The new program is attached before
+/// the old one goes, so no connection passes unbalanced in between; while both
+/// run, the second sees an already translated address and leaves it alone.
+fn pin_link<L>(link: L, dir: &Path, cgroup: u64, name: &str) -> Result<()>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    // bpffs refuses names with dots.
+    let path = dir.join(format!("{cgroup}-{name}"));
+    let tmp = dir.join(format!("new-{cgroup}-{name}"));
+    let link = FdLink::try_from(link)
+        .map_err(|e| Error::io("pinning link", &tmp, io::Error::other(chain(&e))))?;
+    let _ = fs::remove_file(&tmp);
+    link.pin(&tmp)
+        .map_err(|e| Error::io("pinning link", &tmp, io::Error::other(chain(&e))))?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io("pinning link", &path, e))
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn remove_links(dir: &Path, which: impl Fn(&str) -> bool) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("listing pinned links", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing pinned links", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if which(name.trim_start_matches("new-")) {
+            fs::remove_file(entry.path())
+                .map_err(|e| Error::io("removing pinned link", entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+enum Planned<'a> {
+    Upsert(&'a ServiceSpec, Vec<Endpoint>),
+    Remove(Frontend),
+}
+
+/// What a batch wrote, so it can be taken back if a later step fails.
+#[derive(Default)]
+struct Undo {
+    slots: Vec<BackendSlot>,
+    members: Vec<MemberKey>,
+    services: Vec<(ServiceKey, Option<Service>)>,
+    ids: Vec<u32>,
+    sets: Vec<u32>,
+    set_mirror: Vec<(u32, Option<Vec<Endpoint>>)>,
+}
+
+/// What a batch replaced: freed after the RCU barrier.
+#[derive(Default)]
+struct Retired {
+    sets: Vec<(u32, u32)>,
+    members: Vec<MemberKey>,
+    ids: Vec<u32>,
+}
+
+impl Tables {
+    fn alloc_id(&mut self, lb: &LoadBalancer, what: &Frontend) -> Result<u32> {
+        let id = match self.free_ids.pop() {
+            Some(id) => id,
+            None if self.next_id <= lb.opts.max_services => {
+                self.next_id += 1;
+                self.next_id - 1
+            }
+            None => {
+                return Err(Error::MapFull {
+                    map: maps::SERVICES,
+                    capacity: lb.opts.max_services,
+                    option: "max_services",
+                    what: what.to_string(),
+                });
+            }
+        };
+        // Counters start from zero for a new service.
+        let zero = PerCpuValues::try_from(vec![Counters::default(); lb.nr_cpus])
+            .map_err(|e| Error::io("building counters", "COUNTERS", e))?;
+        if let Err(e) = self.counters.set(id, zero, 0) {
+            self.free_ids.push(id);
+            return Err(Error::map(maps::COUNTERS, e));
+        }
+        Ok(id)
+    }
+
+    fn alloc_set(&mut self) -> u32 {
+        loop {
+            let s = self.next_set;
+            self.next_set = self.next_set.wrapping_add(1).max(1);
+            if self.used_sets.insert(s) {
+                return s;
+            }
+        }
+    }
+
+    /// Writes new backend sets and members, then switches the services.
+    /// Returns what the switched services no longer use.
+    fn stage(
+        &mut self,
+        planned: &[Planned<'_>],
+        undo: &mut Undo,
+        lb: &LoadBalancer,
+    ) -> Result<Retired> {
+        let mut retired = Retired::default();
+        let full = |map: &'static str, capacity: u32, option: &'static str, what: &Frontend| {
+            Error::MapFull {
+                map,
+                capacity,
+                option,
+                what: what.to_string(),
+            }
+        };
+        for p in planned {
+            match p {
+                Planned::Upsert(spec, eps) => {
+                    let key = spec.frontend.key();
+                    let old = self.known.get(&key).copied();
+                    let id = match old {
+                        Some(o) => o.id,
+                        None => {
+                            let id = self.alloc_id(lb, &spec.frontend)?;
+                            undo.ids.push(id);
+                            id
+                        }
+                    };
+                    let set = if eps.is_empty() {
+                        0
+                    } else {
+                        let s = self.alloc_set();
+                        undo.sets.push(s);
+                        s
+                    };
+                    for (index, ep) in eps.iter().enumerate() {
+                        let slot = BackendSlot {
+                            backend_set: set,
+                            index: index as u32,
+                        };
+                        self.backends.insert(slot, ep, 0).map_err(|e| {
+                            if is_full(&e) {
+                                full(
+                                    maps::BACKENDS,
+                                    lb.opts.max_backends,
+                                    "max_backends",
+                                    &spec.frontend,
+                                )
+                            } else {
+                                Error::map(maps::BACKENDS, e)
+                            }
+                        })?;
+                        undo.slots.push(slot);
+                    }
+                    let old_eps = self.sets.get(&id).cloned().unwrap_or_default();
+                    for ep in eps.iter().filter(|ep| !old_eps.contains(ep)) {
+                        let m = MemberKey {
+                            service_id: id,
+                            backend: *ep,
+                        };
+                        self.members.insert(m, 1, 0).map_err(|e| {
+                            if is_full(&e) {
+                                full(
+                                    maps::MEMBERS,
+                                    lb.opts.max_backends,
+                                    "max_backends",
+                                    &spec.frontend,
+                                )
+                            } else {
+                                Error::map(maps::MEMBERS, e)
+                            }
+                        })?;
+                        undo.members.push(m);
+                    }
+                    let (flags, timeout) = match spec.affinity {
+                        Some(t) => (SERVICE_F_AFFINITY, t.as_secs() as u32),
+                        None => (0, 0),
+                    };
+                    let value = Service {
+                        id,
+                        backend_set: set,
+                        count: eps.len() as u32,
+                        flags: flags | if spec.meshed { SERVICE_F_MESHED } else { 0 },
+                        affinity_timeout_s: timeout,
+                        _pad: 0,
+                    };
+                    self.services.insert(key, value, 0).map_err(|e| {
+                        if is_full(&e) {
+                            full(
+                                maps::SERVICES,
+                                lb.opts.max_services,
+                                "max_services",
+                                &spec.frontend,
+                            )
+                        } else {
+                            Error::map(maps::SERVICES, e)
+                        }
+                    })?;
+                    undo.services.push((key, old));
+                    self.known.insert(key, value);
+                    undo.set_mirror
+                        .push((id, self.sets.insert(id, eps.clone())));
+                    if let Some(o) = old {
+                        if o.backend_set != 0 {
+                            retired.sets.push((o.backend_set, o.count));
+                        }
+                        retired
+                            .members
+                            .extend(old_eps.iter().filter(|ep| !eps.contains(ep)).map(|ep| {
+                                MemberKey {
+                                    service_id: id,
+                                    backend: *ep,
+                                }
+                            }));
+                    }
+                }
+                Planned::Remove(fe) => {
+                    let key = fe.key();
+                    let Some(old) = self.known.get(&key).copied() else {
+                        continue;
+                    };
+                    match self.services.remove(&key) {
+                        Ok(()) => {}
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(Error::map(maps::SERVICES, e)),
+                    }
+                    undo.services.push((key, Some(old)));
+                    self.known.remove(&key);
+                    let old_eps = self.sets.remove(&old.id).unwrap_or_default();
+                    retired.members.extend(old_eps.iter().map(|ep| MemberKey {
+                        service_id: old.id,
+                        backend: *ep,
+                    }));
+                    undo.set_mirror.push((old.id, Some(old_eps)));
+                    if old.backend_set != 0 {
+                        retired.sets.push((old.backend_set, old.count));
+                    }
+                    retired.ids.push(old.id);
+                }
+            }
+        }
+        Ok(retired)
+    }
+
+    /// Backends that left a service stop matching session affinity; called
+    /// before the barrier, so no choice made after it can pick them.
+    fn unlink_members(&mut self, retired: &Retired) -> Result<()> {
+        for m in &retired.members {
+            match self.members.remove(m) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(Error::map(maps::MEMBERS, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees what no program can see any more.
+    fn retire(&mut self, retired: Retired) {
+        for (set, count) in retired.sets {
+            for index in 0..count {
+                let _ = self.backends.remove(&BackendSlot {
+                    backend_set: set,
+                    index,
+                });
+            }
+            self.used_sets.remove(&set);
+        }
+        self.free_ids.extend(retired.ids);
+    }
+
+    /// Takes back a batch that failed half-way.
+    fn rollback(&mut self, undo: Undo) {
+        for (key, old) in undo.services.into_iter().rev() {
+            match old {
+                Some(v) => {
+                    let _ = self.services.insert(key, v, 0);
+                    self.known.insert(key, v);
+                }
+                None => {
+                    let _ = self.services.remove(&key);
+                    self.known.remove(&key);
+                }
+            }
+        }
+        for (id, eps) in undo.set_mirror.into_iter().rev() {
+            match eps {
+                Some(eps) => self.sets.insert(id, eps),
+                None => self.sets.remove(&id),
+            };
+        }
+        for m in undo.members {
+            let still = self
+                .sets
+                .get(&m.service_id)
+                .is_some_and(|eps| eps.contains(&m.backend));
+            if !still {
+                let _ = self.members.remove(&m);
+            }
+        }
+        for slot in undo.slots {
+            let _ = self.backends.remove(&slot);
+        }
+        for s in undo.sets {
+            self.used_sets.remove(&s);
+        }
+        self.free_ids.extend(undo.ids);
+    }
+
+    fn current_config(&self) -> Result<LbConfig> {
+        self.config
+            .get(&0, 0)
+            .map_err(|e| Error::map(maps::CONFIG, e))
+    }
+
+    fn write_levels(&mut self) -> Result<()> {
+        let levels: BTreeSet<u32> = self.enrolled_ids.values().copied().collect();
+        let mut cfg = self.current_config()?;
+        cfg.enrol_levels = [0; MAX_ENROL_LEVELS];
+        cfg.enrol_level_count = levels.len().min(MAX_ENROL_LEVELS) as u32;
+        for (slot, level) in cfg.enrol_levels.iter_mut().zip(levels) {
+            *slot = level;
+        }
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| Error::map(maps::CONFIG, e))
+    }
+}

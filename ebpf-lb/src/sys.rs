@@ -1,0 +1,168 @@
+//! The two pieces of kernel plumbing aya does not wrap: mounting bpffs, and
+//! waiting for every running BPF program to finish (an RCU grace period).
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+use crate::{Error, Result};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mount bpffs at `mount_point` unless it is already there.
+pub fn ensure_bpffs(mount_point: &Path) -> Result<()> {
+    std::fs::create_dir_all(mount_point)
+        .map_err(|e| Error::io("creating bpffs mount point", mount_point, e))?;
+    if is_bpffs(mount_point)? {
+        return Ok(());
+    }
+    let target = cstring(mount_point)?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            "mounting bpffs (needs CAP_SYS_ADMIN) at",
+            mount_point,
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn is_bpffs(path: &Path) -> Result<bool> {
+    let p = cstring(path)?;
+    // SAFETY: statfs fills the zeroed struct; p is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(p.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io("statfs", path, io::Error::last_os_error()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn cstring(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        Error::io(
+            "path",
+            path,
+            io::Error::new(io::ErrorKind::InvalidInput, "contains NUL"),
+        )
+    })
+}
+
+/// Waits for an RCU grace period, after which no BPF program that started
+/// before the call is still running.
+///
+/// The kernel calls `synchronize_rcu()` on every update of a map-of-maps made
+/// from user space (`maybe_wait_bpf_programs`), precisely so that user space
+/// knows no program still uses the previous value. Updating a private
+/// one-slot array-of-maps is the cheapest way to ask for that.
+pub(crate) struct RcuBarrier {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    // The rest of the kernel's union bpf_attr, zeroed.
+    _rest: [u64; 14],
+}
+
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> io::Result<libc::c_long> {
+    // SAFETY: attr points to a live, properly sized bpf_attr prefix.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+impl RcuBarrier {
+    pub(crate) fn new() -> Result<Self> {
+        let inner = create_map(BPF_MAP_TYPE_ARRAY, None)?;
+        let outer = create_map(BPF_MAP_TYPE_ARRAY_OF_MAPS, Some(&inner))?;
+        Ok(Self { outer, inner })
+    }
+
+    /// Returns once every BPF program running at the time of the call has finished.
+    pub(crate) fn wait(&self) -> Result<()> {
+        let key: u32 = 0;
+        let value: u32 = self.inner.as_raw_fd() as u32;
+        let mut attr = MapElemAttr {
+            map_fd: self.outer.as_raw_fd() as u32,
+            _pad: 0,
+            key: (&raw const key) as u64,
+            value: (&raw const value) as u64,
+            flags: 0,
+        };
+        bpf(
+            BPF_MAP_UPDATE_ELEM,
+            (&raw mut attr).cast(),
+            size_of::<MapElemAttr>(),
+        )
+        .map_err(|source| Error::Syscall {
+            call: "BPF_MAP_UPDATE_ELEM (rcu barrier)",
+            source,
+        })?;
+        Ok(())
+    }
+}
+
+/// A one-slot map with 4-byte keys and values.
+fn create_map(map_type: u32, inner: Option<&OwnedFd>) -> Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        inner_map_fd: inner.map_or(0, |fd| fd.as_raw_fd() as u32),
+        ..Default::default()
+    };
+    let fd = bpf(
+        BPF_MAP_CREATE,
+        (&raw mut attr).cast(),
+        size_of::<MapCreateAttr>(),
+    )
+    .map_err(|source| Error::Syscall {
+        call: "BPF_MAP_CREATE (rcu barrier)",
+        source,
+    })?;
+    // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

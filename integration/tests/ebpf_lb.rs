@@ -1,0 +1,707 @@
+//! Kernel load balancing, on the real kernel: programs attached to a cgroup
+//! each test creates, clients (`netprobe`) started inside it, backends on
+//! loopback or inside a test network namespace. Needs root.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::Result;
+use ebpf_lb::{Backend, BackendState, Change, Error, Frontend, ProxyTarget, ServiceSpec};
+use integration::{
+    cgroup::TestCgroup,
+    lb::{TestLb, random_vip_addr, test_options},
+    monotonic_ns,
+    netns::TestNetns,
+    probe::{Attempt, Probe, tally},
+    require_root,
+    servers::{TcpBackend, UdpBackend, dns_a_responder},
+};
+
+const NETPROBE: &str = env!("CARGO_BIN_EXE_netprobe");
+const ECONNREFUSED: i32 = 111;
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn tcp_backends(n: usize, bind: SocketAddr) -> Result<Vec<TcpBackend>> {
+    (0..n)
+        .map(|i| TcpBackend::start(bind, &format!("b{i}")))
+        .collect()
+}
+
+fn ready(backends: &[TcpBackend]) -> Vec<Backend> {
+    backends.iter().map(|b| Backend::ready(b.addr())).collect()
+}
+
+fn tcp(to: SocketAddr, count: u64) -> Vec<String> {
+    vec![
+        "tcp".into(),
+        "--to".into(),
+        to.to_string(),
+        "--count".into(),
+        count.to_string(),
+    ]
+}
+
+fn probe(args: &[String]) -> Probe {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Probe::new(NETPROBE, &args)
+}
+
+fn assert_all_ok(attempts: &[Attempt]) {
+    for a in attempts {
+        assert!(
+            a.errno.is_none() && a.backend.is_some(),
+            "attempt failed: {a:?}"
+        );
+    }
+}
+
+/// A decoy listening on the VIP address itself: a connection that the load
+/// balancer leaves alone lands here, and says so.
+fn decoy() -> Result<TcpBackend> {
+    TcpBackend::start(random_vip_addr(), "decoy")
+}
+
+#[test]
+fn tcp_v4_reaches_every_backend_and_getpeername_shows_the_vip() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("lb")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(3, loopback())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
+
+    let attempts = probe(&tcp(vip, 300)).in_cgroup(&cg).run()?;
+    assert_eq!(attempts.len(), 300);
+    assert_all_ok(&attempts);
+    for a in &attempts {
+        assert_eq!(
+            a.peer.as_deref(),
+            Some(vip.to_string().as_str()),
+            "getpeername: {a:?}"
+        );
+    }
+    let t = tally(&attempts);
+    assert_eq!(
+        t.keys().cloned().collect::<Vec<_>>(),
+        ["b0", "b1", "b2"],
+        "{t:?}"
+    );
+    assert!(
+        t.values().all(|&n| n >= 30),
+        "uneven spread over 300 connections: {t:?}"
+    );
+    assert_eq!(decoy.hits(), 0);
+    assert_eq!(lb.counters(&Frontend::tcp(vip))?.balanced, 300);
+    Ok(())
+}
+
+#[test]
+fn tcp_v6_reaches_every_backend_inside_a_namespace() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("lb6")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let ns = TestNetns::new("l6")?;
+    let backends: Vec<TcpBackend> = (0..3)
+        .map(|i| TcpBackend::start_in(&ns, "[::1]:0".parse().unwrap(), &format!("b{i}")))
+        .collect::<Result<_>>()?;
+    let vip: SocketAddr = "[fd00:96::10]:80".parse().unwrap();
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
+
+    let attempts = probe(&tcp(vip, 300)).in_cgroup(&cg).in_netns(&ns)?.run()?;
+    assert_all_ok(&attempts);
+    for a in &attempts {
+        assert_eq!(
+            a.peer.as_deref(),
+            Some("[fd00:96::10]:80"),
+            "getpeername: {a:?}"
+        );
+    }
+    let t = tally(&attempts);
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!(t.values().all(|&n| n >= 30), "{t:?}");
+    Ok(())
+}
+
+#[test]
+fn dual_stack_socket_reaches_an_ipv4_service_through_a_mapped_address() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("lbm")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(2, loopback())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
+    let SocketAddr::V4(v4) = vip else {
+        unreachable!()
+    };
+    let mapped = SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port());
+    let attempts = probe(&tcp(mapped, 40)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    for a in &attempts {
+        assert_eq!(
+            a.peer.as_deref(),
+            Some(mapped.to_string().as_str()),
+            "{a:?}"
+        );
+    }
+    assert_eq!(tally(&attempts).len(), 2);
+    assert_eq!(decoy.hits(), 0);
+    Ok(())
+}
+
+#[test]
+fn udp_replies_come_from_the_vip_connected_or_not() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("lbu")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let vip = SocketAddr::new(integration::lb::random_vip().into(), 5353);
+    let backends: Vec<UdpBackend> = (0..3)
+        .map(|i| UdpBackend::start(loopback(), &format!("u{i}")))
+        .collect::<Result<_>>()?;
+    let spec = ServiceSpec::new(
+        Frontend::udp(vip),
+        backends.iter().map(|b| Backend::ready(b.addr())),
+    );
+    lb.upsert_service(&spec)?;
+
+    for connected in [false, true] {
+        let mut args = vec![
+            "udp".to_string(),
+            "--to".into(),
+            vip.to_string(),
+            "--count".into(),
+            "90".into(),
+        ];
+        if connected {
+            args.push("--connected".into());
+        }
+        let attempts = probe(&args).in_cgroup(&cg).run()?;
+        assert_all_ok(&attempts);
+        for a in &attempts {
+            assert_eq!(
+                a.peer.as_deref(),
+                Some(vip.to_string().as_str()),
+                "reply source: {a:?}"
+            );
+        }
+        assert_eq!(
+            tally(&attempts).len(),
+            3,
+            "connected={connected}: {:?}",
+            tally(&attempts)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_system_resolver_works_against_a_dns_service_vip() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("dns")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let mut ns = TestNetns::new("dns")?;
+    let answer = Ipv4Addr::new(10, 1, 2, 3);
+    let servers: Vec<UdpBackend> = (0..2)
+        .map(|_| {
+            UdpBackend::start_with(
+                Some(&ns),
+                loopback(),
+                dns_a_responder("web.sluice.test", answer),
+            )
+        })
+        .collect::<Result<_>>()?;
+    // A ClusterIP that exists nowhere in the namespace: only the load
+    // balancer makes it answer.
+    let vip: SocketAddr = "10.96.0.10:53".parse().unwrap();
+    let spec = ServiceSpec::new(
+        Frontend::udp(vip),
+        servers.iter().map(|s| Backend::ready(s.addr())),
+    );
+    lb.upsert_service(&spec)?;
+    ns.set_resolv_conf("nameserver 10.96.0.10\noptions timeout:2 attempts:1\n")?;
+
+    for _ in 0..6 {
+        let attempts =
+            Probe::via_ip_netns_exec(NETPROBE, &ns, &["resolve", "--name", "web.sluice.test"])
+                .in_cgroup(&cg)
+                .run()?;
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(
+            attempts[0].backend.as_deref(),
+            Some("10.1.2.3"),
+            "{:?}",
+            attempts[0]
+        );
+    }
+    assert!(servers.iter().map(UdpBackend::hits).sum::<u64>() >= 6);
+    Ok(())
+}
+
+#[test]
+fn client_ip_affinity_sticks_and_then_expires() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("aff")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(3, loopback())?;
+    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
+    spec.affinity = Some(Duration::from_secs(1));
+    lb.upsert_service(&spec)?;
+
+    // Within the timeout, every connection (each from a new socket and a new
+    // process) goes to the same backend.
+    let mut chosen = BTreeSet::new();
+    for _ in 0..10 {
+        let attempts = probe(&tcp(vip, 20)).in_cgroup(&cg).run()?;
+        assert_all_ok(&attempts);
+        let t = tally(&attempts);
+        assert_eq!(t.len(), 1, "affinity did not stick within one burst: {t:?}");
+        chosen.extend(t.into_keys());
+        // Let the choice expire; the next burst chooses again at random.
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    // Ten fresh random choices among three all equal: probability 3^-9.
+    assert!(chosen.len() > 1, "the affinity never expired: {chosen:?}");
+    Ok(())
+}
+
+#[test]
+fn affinity_never_returns_a_backend_that_left_the_service() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("afr")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(3, loopback())?;
+    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
+    spec.affinity = Some(Duration::from_secs(3600));
+    lb.upsert_service(&spec)?;
+    let first = probe(&tcp(vip, 5)).in_cgroup(&cg).run()?;
+    let t = tally(&first);
+    assert_eq!(t.len(), 1, "{t:?}");
+    let sticky = t.keys().next().unwrap().clone();
+    let idx: usize = sticky[1..].parse()?;
+
+    // The remembered backend turns not-ready: nobody is sent there any more.
+    spec.backends[idx].state = BackendState::NotReady;
+    lb.upsert_service(&spec)?;
+    let after = probe(&tcp(vip, 20)).in_cgroup(&cg).run()?;
+    assert_all_ok(&after);
+    let t = tally(&after);
+    assert!(
+        !t.contains_key(&sticky),
+        "{sticky} left but still got {t:?}"
+    );
+    assert_eq!(t.len(), 1, "a new sticky choice is made: {t:?}");
+    Ok(())
+}
+
+#[test]
+fn not_ready_and_terminating_backends_get_no_new_connections() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("nr")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(3, loopback())?;
+    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
+    spec.backends[1].state = BackendState::NotReady;
+    spec.backends[2].state = BackendState::Terminating;
+    lb.upsert_service(&spec)?;
+    let attempts = probe(&tcp(vip, 60)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert_eq!(tally(&attempts).keys().cloned().collect::<Vec<_>>(), ["b0"]);
+    Ok(())
+}
+
+#[test]
+fn a_service_without_ready_backends_refuses_at_once() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("nb")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(1, loopback())?;
+    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
+    spec.backends[0].state = BackendState::Terminating;
+    lb.upsert_service(&spec)?;
+    let udp_vip = SocketAddr::new(vip.ip(), 53);
+    lb.upsert_service(&ServiceSpec::new(Frontend::udp(udp_vip), []))?;
+
+    let attempts = probe(&tcp(vip, 5)).in_cgroup(&cg).run()?;
+    for a in &attempts {
+        // Refused by the load balancer: not a timeout, and not the decoy
+        // (which would accept if the connect passed through untranslated).
+        assert_eq!(a.errno, Some(ECONNREFUSED), "{a:?}");
+    }
+    assert_eq!(decoy.hits(), 0);
+    assert_eq!(lb.counters(&Frontend::tcp(vip))?.no_backend, 5);
+
+    let args: Vec<String> = ["udp", "--to", &udp_vip.to_string(), "--count", "2"]
+        .map(String::from)
+        .into();
+    let attempts = probe(&args).in_cgroup(&cg).run()?;
+    for a in &attempts {
+        assert_eq!(a.errno, Some(ECONNREFUSED), "{a:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn other_addresses_and_processes_outside_the_cgroup_are_untouched() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("out")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let other = TcpBackend::start(SocketAddr::new(vip.ip(), 0), "other-port")?;
+    let backends = tcp_backends(2, loopback())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
+
+    // Same IP, another port: not a service.
+    let attempts = probe(&tcp(other.addr(), 3)).in_cgroup(&cg).run()?;
+    assert_eq!(
+        tally(&attempts).keys().cloned().collect::<Vec<_>>(),
+        ["other-port"]
+    );
+    // The VIP from outside the cgroup: no load balancing.
+    let attempts = probe(&tcp(vip, 3)).run()?;
+    assert_eq!(
+        tally(&attempts).keys().cloned().collect::<Vec<_>>(),
+        ["decoy"]
+    );
+    assert_eq!(backends.iter().map(TcpBackend::hits).sum::<u64>(), 0);
+    Ok(())
+}
+
+#[test]
+fn removing_a_backend_under_concurrent_connects_never_reaches_it_afterwards() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("rm")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(4, loopback())?;
+    let all = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
+    lb.upsert_service(&all)?;
+
+    let stop = std::env::temp_dir().join(integration::unique_name("stop"));
+    let args: Vec<String> = [
+        "tcp",
+        "--to",
+        &vip.to_string(),
+        "--until",
+        stop.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .into();
+    let running = probe(&args).in_cgroup(&cg).spawn()?;
+    let mut removed_at = Vec::new();
+    // Flip between the full set and the set without b3, many times.
+    let without = ServiceSpec::new(Frontend::tcp(vip), ready(&backends[..3]));
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(15));
+        lb.upsert_service(&without)?;
+        let removed = monotonic_ns();
+        std::thread::sleep(Duration::from_millis(15));
+        let readd = monotonic_ns();
+        lb.upsert_service(&all)?;
+        removed_at.push((removed, readd));
+    }
+    std::fs::write(&stop, "")?;
+    let attempts = running.finish();
+    let _ = std::fs::remove_file(&stop);
+    let attempts = attempts?;
+    assert!(
+        attempts.len() > 100,
+        "too few connects to judge: {}",
+        attempts.len()
+    );
+    // No connect failed while sets were switched (no partial or empty set).
+    assert_all_ok(&attempts);
+    let mut checked = 0;
+    for a in &attempts {
+        // Started after a removal returned and before the re-add began.
+        if removed_at
+            .iter()
+            .any(|(r, s)| a.start_ns > *r && a.start_ns < *s)
+        {
+            checked += 1;
+            assert_ne!(
+                a.backend.as_deref(),
+                Some("b3"),
+                "removed backend reached: {a:?}"
+            );
+        }
+    }
+    assert!(
+        checked > 20,
+        "too few connects inside removal windows: {checked}"
+    );
+    assert!(
+        tally(&attempts).contains_key("b3"),
+        "b3 was never reached while present"
+    );
+    Ok(())
+}
+
+#[test]
+fn enrolled_cgroup_is_redirected_to_the_proxy_with_its_original_destination() -> Result<()> {
+    require_root();
+    let root = TestCgroup::new("mesh")?;
+    let enrolled = root.child("enrolled")?;
+    let plain = root.child("plain")?;
+    let lb = TestLb::attach_to(&root)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(2, loopback())?;
+    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
+    spec.meshed = true;
+    lb.upsert_service(&spec)?;
+
+    // The "proxy": a listener that answers with the original destination the
+    // loader reports for each accepted connection.
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let proxy_addr = proxy.local_addr()?;
+    const MARK: u32 = 0x5157;
+    lb.set_proxy(Some(ProxyTarget {
+        v4: Some(Ipv4Addr::LOCALHOST),
+        v6: None,
+        port: proxy_addr.port(),
+        mark: MARK,
+    }))?;
+    lb.enroll(enrolled.path())?;
+    let found = std::thread::scope(|s| -> Result<Vec<String>> {
+        let lb = &lb;
+        let server = s.spawn(move || -> Result<Vec<String>> {
+            let mut seen = Vec::new();
+            for _ in 0..5 {
+                let (mut conn, peer) = proxy.accept()?;
+                let local = conn.local_addr()?;
+                let orig = lb.original_destination(peer, local)?;
+                let line = match orig {
+                    Some(o) => format!("orig={} cgroup={}", o.dst, o.cgroup_id),
+                    None => "orig=none".to_string(),
+                };
+                std::io::Write::write_all(&mut conn, format!("{line}\n").as_bytes())?;
+                seen.push(line);
+            }
+            Ok(seen)
+        });
+        let attempts = probe(&tcp(vip, 5)).in_cgroup(&enrolled).run()?;
+        assert_all_ok(&attempts);
+        for a in &attempts {
+            // The application still sees the service address.
+            assert_eq!(a.peer.as_deref(), Some(vip.to_string().as_str()), "{a:?}");
+        }
+        server.join().expect("proxy thread")
+    })?;
+    let want = format!("orig={vip} cgroup={}", enrolled.id());
+    assert_eq!(found, vec![want; 5]);
+    assert_eq!(lb.counters(&Frontend::tcp(vip))?.redirected, 5);
+
+    // A sibling that is not enrolled is balanced by the kernel alone.
+    let attempts = probe(&tcp(vip, 10)).in_cgroup(&plain).run()?;
+    assert_all_ok(&attempts);
+    assert!(
+        tally(&attempts).keys().all(|b| b.starts_with('b')),
+        "{:?}",
+        tally(&attempts)
+    );
+    // The proxy's own sockets (carrying its mark) are never redirected, even
+    // from an enrolled cgroup.
+    let mut args = tcp(vip, 10);
+    args.extend(["--mark".into(), MARK.to_string()]);
+    let attempts = probe(&args).in_cgroup(&enrolled).run()?;
+    assert_all_ok(&attempts);
+    assert!(
+        tally(&attempts).keys().all(|b| b.starts_with('b')),
+        "{:?}",
+        tally(&attempts)
+    );
+
+    // Leaving the mesh takes effect for the next connection.
+    lb.unenroll(enrolled.id())?;
+    let attempts = probe(&tcp(vip, 5)).in_cgroup(&enrolled).run()?;
+    assert!(
+        tally(&attempts).keys().all(|b| b.starts_with('b')),
+        "{:?}",
+        tally(&attempts)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_child_cgroup_of_an_enrolled_pod_cgroup_is_enrolled_too() -> Result<()> {
+    require_root();
+    let root = TestCgroup::new("pod")?;
+    let pod = root.child("pod")?;
+    let container = pod.child("container")?;
+    let lb = TestLb::attach_to(&root)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(1, loopback())?;
+    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
+    spec.meshed = true;
+    lb.upsert_service(&spec)?;
+    let proxy = TcpBackend::start(loopback(), "proxy")?;
+    lb.set_proxy(Some(ProxyTarget {
+        v4: Some(Ipv4Addr::LOCALHOST),
+        v6: None,
+        port: proxy.addr().port(),
+        mark: 0,
+    }))?;
+    lb.enroll(pod.path())?;
+    let attempts = probe(&tcp(vip, 5)).in_cgroup(&container).run()?;
+    assert_eq!(
+        tally(&attempts).keys().cloned().collect::<Vec<_>>(),
+        ["proxy"]
+    );
+    Ok(())
+}
+
+#[test]
+fn load_balancing_survives_a_loader_restart() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("rs")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(3, loopback())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends[..2])))?;
+    let crashed = lb.crash();
+
+    // No loader runs: the pinned programs and maps keep balancing.
+    let attempts = probe(&tcp(vip, 40)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert_eq!(tally(&attempts).len(), 2);
+
+    // A new loader finds the service and can change it.
+    let lb = crashed.reopen()?;
+    let services = lb.services();
+    assert_eq!(services.len(), 1);
+    assert_eq!(
+        services[0].backends,
+        vec![backends[0].addr(), backends[1].addr()]
+    );
+    lb.attach(cg.path())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends[2..])))?;
+    let attempts = probe(&tcp(vip, 20)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert_eq!(tally(&attempts).keys().cloned().collect::<Vec<_>>(), ["b2"]);
+
+    // Uninstall removes the pinned state and the programs.
+    let pin_dir = lb.pin_dir();
+    drop(lb);
+    assert!(!pin_dir.exists(), "{} left behind", pin_dir.display());
+    let attempts = probe(&tcp(vip, 3)).in_cgroup(&cg).run()?;
+    assert_eq!(
+        tally(&attempts).keys().cloned().collect::<Vec<_>>(),
+        ["decoy"]
+    );
+    Ok(())
+}
+
+#[test]
+fn a_full_map_is_a_clear_error_and_changes_nothing() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("full")?;
+    let mut opts = test_options();
+    opts.max_services = 3;
+    opts.max_backends = 6;
+    let lb = TestLb::attach_with(&cg, opts)?;
+    let backends = tcp_backends(3, loopback())?;
+    let vips: Vec<SocketAddr> = (0..4)
+        .map(|_| decoy().map(|d| d.addr()))
+        .collect::<Result<_>>()?;
+    for vip in &vips[..3] {
+        lb.upsert_service(&ServiceSpec::new(
+            Frontend::tcp(*vip),
+            ready(&backends[..1]),
+        ))?;
+    }
+    let before = lb.services();
+
+    let err = lb
+        .upsert_service(&ServiceSpec::new(
+            Frontend::tcp(vips[3]),
+            ready(&backends[..1]),
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::MapFull {
+                map: "SERVICES",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("max_services"), "{err}");
+    assert_eq!(lb.services(), before);
+
+    // A batch whose second change does not fit leaves the first undone too.
+    let err = lb
+        .apply(&[
+            Change::Upsert(ServiceSpec::new(
+                Frontend::tcp(vips[0]),
+                ready(&backends[..2]),
+            )),
+            Change::Upsert(ServiceSpec::new(Frontend::tcp(vips[1]), ready(&backends))),
+        ])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::MapFull {
+                map: "BACKENDS",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(lb.services(), before);
+
+    // And the services still work.
+    let attempts = probe(&tcp(vips[0], 5)).in_cgroup(&cg).run()?;
+    assert_eq!(tally(&attempts).keys().cloned().collect::<Vec<_>>(), ["b0"]);
+    Ok(())
+}
+
+#[test]
+fn invalid_services_are_refused_with_the_reason() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("inv")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let vip: SocketAddr = "127.96.0.1:80".parse().unwrap();
+    let err = lb
+        .upsert_service(&ServiceSpec::new(
+            Frontend::tcp(vip),
+            [Backend::ready("[::1]:80".parse().unwrap())],
+        ))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("127.96.0.1:80/TCP") && err.to_string().contains("family"),
+        "{err}"
+    );
+    let err = lb
+        .upsert_service(&ServiceSpec::new(
+            Frontend::tcp("127.96.0.1:0".parse().unwrap()),
+            [],
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("port is 0"), "{err}");
+    let err = lb.remove_service(&Frontend::tcp(vip)).unwrap_err();
+    assert!(matches!(err, Error::UnknownService(_)), "{err}");
+    assert!(lb.services().is_empty());
+    Ok(())
+}

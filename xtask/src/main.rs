@@ -1,0 +1,271 @@
+//! `cargo xtask`: the repository's commands.
+//!
+//! - `setup`: install what a fresh machine lacks (idempotent, quick when done).
+//! - `test`:  setup, format check, lints (user and kernel crates), all tests.
+//! - `demo`:  setup, build, run the standalone demo.
+//! - `bench`: setup (with the measurement tools), run the benchmarks, write
+//!   `benches/RESULTS.md`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Sluice's development commands", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks to build and test Sluice: the nightly
+    /// rust-src component, bpf-linker 0.10.1, cargo-nextest, iproute2.
+    Setup,
+    /// Run setup, `cargo fmt --check`, clippy on the user crates and on the
+    /// kernel crate (bpfel target), and the whole test suite. Privileged tests
+    /// need root.
+    Test {
+        /// Extra arguments for `cargo nextest run` (a filter, for example).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build and run the standalone demo.
+    Demo,
+    /// Run the benchmarks and write benches/RESULTS.md.
+    Bench {
+        /// Arguments for the bench runner (`--help` lists them).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => demo(),
+        Cmd::Bench { args } => bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .into()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs `cmd` quietly and returns its stdout, or None if it cannot run.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+const BPF_LINKER_VERSION: &str = "0.10.1";
+
+fn setup() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the kernel programs (nightly toolchain)")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context("installing the nightly toolchain")?;
+    }
+    for (toolchain, component) in [
+        ("nightly", "rust-src"),
+        ("nightly", "clippy"),
+        ("stable", "clippy"),
+        ("stable", "rustfmt"),
+    ] {
+        let installed = output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            toolchain,
+        ]))
+        .unwrap_or_default();
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))?;
+        }
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        // 0.11+ needs a system LLVM 23; 0.10.1 uses the LLVM of the Rust toolchain.
+        run(cargo().args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ]))?;
+    }
+    if output(cargo().args(["nextest", "--version"])).is_none() {
+        run(cargo().args(["install", "cargo-nextest", "--locked"]))?;
+    }
+    apt_install(&[("ip", "iproute2")])?;
+    eprintln!("xtask setup: done");
+    Ok(())
+}
+
+/// Installs the Debian packages whose commands are missing.
+fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_none()
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; install them as root (apt-get install {})",
+            missing.join(" ")
+        );
+    }
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup()?;
+    if !is_root() {
+        eprintln!(
+            "xtask test: not running as root; the privileged tests (cgroups, bpf, network \
+             namespaces) will fail. Run `sudo -E cargo xtask test`."
+        );
+    }
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    lint_kernel()?;
+    run(cargo()
+        .args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--all-targets",
+            "--no-fail-fast",
+        ])
+        .args(extra))?;
+    if extra.is_empty() {
+        run(cargo().args(["test", "--workspace", "--doc"]))?;
+    }
+    Ok(())
+}
+
+/// Lints the kernel crate for its real target (on the host it is empty).
+fn lint_kernel() -> Result<()> {
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root())
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "ebpf-lb-programs",
+        ])
+        .args([
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .args(["--target-dir", "target/bpf-lint", "--", "-D", "warnings"])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO");
+    run(&mut cmd)
+}
+
+fn demo() -> Result<()> {
+    setup()?;
+    bail!(
+        "the demo is not there yet: it needs the node agent (mesh-agent), which is not built. \
+         Today the repository has the kernel load balancer; see README.md for what runs."
+    )
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    setup()?;
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "benches",
+            "--bin",
+            "bench",
+            "--",
+        ])
+        .args(args))
+}
