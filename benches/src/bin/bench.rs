@@ -1,0 +1,45 @@
+//! `cargo xtask bench`: runs Sluice's benchmarks and rewrites their sections of
+//! benches/RESULTS.md.
+
+use anyhow::{Result, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Run Sluice's benchmarks; each writes its section of benches/RESULTS.md")]
+struct Cli {
+    /// Run only these benchmarks (see --list).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// List the benchmarks and exit.
+    #[arg(long)]
+    list: bool,
+    /// Smaller sizes and shorter runs, to check that the benchmarks work.
+    #[arg(long)]
+    quick: bool,
+}
+
+type Bench = fn(quick: bool) -> Result<()>;
+
+const BENCHES: &[(&str, &str, Bench)] = &[];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if cli.list {
+        for (name, what, _) in BENCHES {
+            println!("{name:24} {what}");
+        }
+        return Ok(());
+    }
+    for name in &cli.only {
+        if !BENCHES.iter().any(|(n, _, _)| n == name) {
+            bail!("no benchmark called {name}; --list shows them");
+        }
+    }
+    for (name, _, run) in BENCHES {
+        if cli.only.is_empty() || cli.only.iter().any(|n| n == name) {
+            eprintln!("== {name}");
+            run(cli.quick)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Support for Sluice's benchmarks: each benchmark measures Sluice and its
+//! baseline (or peer) in the same run and writes its own section of
+//! `benches/RESULTS.md`, with figures as ratios to that baseline.
+
+pub mod report;
