@@ -146,6 +146,15 @@ pub struct ServiceCounters {
     pub redirected: u64,
 }
 
+/// Run-time statistics of one kernel program (collected only while the
+/// kernel's BPF statistics are enabled, see `aya::sys::enable_stats`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub program: &'static str,
+    pub run_count: u64,
+    pub run_time: Duration,
+}
+
 /// Where connections of enrolled workloads to meshed services are sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProxyTarget {
@@ -515,6 +524,27 @@ impl LoadBalancer {
                 no_backend: acc.no_backend + c.no_backend,
                 redirected: acc.redirected + c.redirected,
             }))
+    }
+
+    /// Run counts and times of this instance's programs.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        let t = self.tables();
+        SOCK_ADDR_PROGRAMS
+            .iter()
+            .chain([&SOCK_OPS_PROGRAM])
+            .map(|name| {
+                let prog = t.ebpf.program(name).ok_or_else(|| Error::Program {
+                    program: name,
+                    source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+                })?;
+                let info = prog.info().map_err(|e| Error::program(name, e))?;
+                Ok(ProgramStats {
+                    program: name,
+                    run_count: info.run_count(),
+                    run_time: info.run_time(),
+                })
+            })
+            .collect()
     }
 
     /// Sets (or with `None` clears) the node proxy address used for enrolled
