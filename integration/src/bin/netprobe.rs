@@ -48,6 +48,27 @@ enum Cmd {
         #[arg(long)]
         connected: bool,
     },
+    /// One long-lived TCP connection: read the backend's id, then send a ping
+    /// every --interval-ms and read its echo, reporting each, until an error
+    /// or --pings pings.
+    TcpSession {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        pings: u64,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+    },
+    /// One connected UDP socket sending a datagram every --interval-ms; on an
+    /// error it opens a new one (as a resolver retries), reporting each send.
+    UdpSession {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+    },
     /// Resolve a name with the system resolver (getaddrinfo).
     Resolve {
         #[arg(long)]
@@ -96,6 +117,16 @@ fn main() {
                 emit(&udp_attempt(to, connected));
             }
         }
+        Cmd::TcpSession {
+            to,
+            pings,
+            interval_ms,
+        } => tcp_session(to, pings, interval_ms, &mut emit),
+        Cmd::UdpSession {
+            to,
+            count,
+            interval_ms,
+        } => udp_session(to, count, interval_ms, &mut emit),
         Cmd::Resolve { name } => {
             let start_ns = monotonic_ns();
             let a = match (name.as_str(), 0).to_socket_addrs() {
@@ -182,4 +213,89 @@ fn udp_attempt(to: SocketAddr, connected: bool) -> Attempt {
         })
     };
     run().unwrap_or_else(|e| failed(start_ns, &e))
+}
+
+fn tcp_session(to: SocketAddr, pings: u64, interval_ms: u64, emit: &mut dyn FnMut(&Attempt)) {
+    let start_ns = monotonic_ns();
+    let stream = match TcpStream::connect_timeout(&to, TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return emit(&failed(start_ns, &e)),
+    };
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    let mut reader = BufReader::new(&stream);
+    let mut id = String::new();
+    if let Err(e) = reader.read_line(&mut id) {
+        return emit(&failed(start_ns, &e));
+    }
+    let id = id.trim().to_string();
+    let peer = stream.peer_addr().ok().map(|a| a.to_string());
+    emit(&Attempt {
+        start_ns,
+        backend: Some(id.clone()),
+        peer: peer.clone(),
+        ..Default::default()
+    });
+    for _ in 0..pings {
+        std::thread::sleep(Duration::from_millis(interval_ms));
+        let start_ns = monotonic_ns();
+        let mut line = String::new();
+        let r = (&stream)
+            .write_all(b"ping\n")
+            .and_then(|()| reader.read_line(&mut line));
+        match r {
+            Ok(0) => {
+                let e = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                return emit(&failed(start_ns, &e));
+            }
+            Ok(_) => emit(&Attempt {
+                start_ns,
+                backend: Some(id.clone()),
+                peer: peer.clone(),
+                ..Default::default()
+            }),
+            Err(e) => return emit(&failed(start_ns, &e)),
+        }
+    }
+}
+
+fn udp_session(to: SocketAddr, count: u64, interval_ms: u64, emit: &mut dyn FnMut(&Attempt)) {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let connect = || -> std::io::Result<UdpSocket> {
+        let sock = UdpSocket::bind(bind)?;
+        sock.set_read_timeout(Some(TIMEOUT))?;
+        sock.connect(to)?;
+        Ok(sock)
+    };
+    let mut sock: Option<UdpSocket> = None;
+    let mut buf = [0u8; 512];
+    for _ in 0..count {
+        let start_ns = monotonic_ns();
+        let r = (|| -> std::io::Result<Attempt> {
+            if sock.is_none() {
+                sock = Some(connect()?);
+            }
+            let s = sock.as_ref().expect("socket just made");
+            s.send(b"ping")?;
+            let n = s.recv(&mut buf)?;
+            Ok(Attempt {
+                start_ns,
+                backend: Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                peer: s.peer_addr().ok().map(|a| a.to_string()),
+                ..Default::default()
+            })
+        })();
+        match r {
+            Ok(a) => emit(&a),
+            Err(e) => {
+                emit(&failed(start_ns, &e));
+                // A fresh socket, as a resolver retrying a query does.
+                sock = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(interval_ms));
+    }
 }
