@@ -399,6 +399,7 @@ pub fn driver(args: &[String]) -> Result<()> {
             println!("{}", done as f64 / start.elapsed().as_secs_f64());
             Ok(())
         }
+        Some("hold-tcp") => crate::reset::hold(&args[1..]),
         other => bail!("unknown driver {other:?}"),
     }
 }

@@ -4,3 +4,4 @@
 
 pub mod lb;
 pub mod report;
+pub mod reset;

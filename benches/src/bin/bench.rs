@@ -31,6 +31,11 @@ const BENCHES: &[(&str, &str, Bench)] = &[
         "kernel: new connections/s via socket LB vs direct vs iptables DNAT",
         benches::lb::connection_rate,
     ),
+    (
+        "lb-reset",
+        "kernel: time to reset the sockets pinned to removed backends, 10k open",
+        benches::reset::reset_time,
+    ),
 ];
 
 fn main() -> Result<()> {
