@@ -17,6 +17,7 @@ pub mod ca;
 pub mod clock;
 #[doc(hidden)]
 pub mod fuzzing;
+mod https;
 pub mod identity;
 pub mod spiffe;
 pub mod status;

@@ -5,7 +5,11 @@
 //! - `service` / `client`: the CA over HTTPS for clusters.
 //! - `auth`, `tokenreview`: who may ask for which identity.
 
+pub mod auth;
 pub mod authority;
+pub mod client;
+pub mod service;
+pub mod tokenreview;
 
 use std::{
     fs,
