@@ -20,7 +20,18 @@ struct Cli {
 
 type Bench = fn(quick: bool) -> Result<()>;
 
-const BENCHES: &[(&str, &str, Bench)] = &[];
+const BENCHES: &[(&str, &str, Bench)] = &[
+    (
+        "certs-issue",
+        "workload certificates issued per second on one core",
+        benches::certs_issue::run,
+    ),
+    (
+        "certs-handshake",
+        "mutual TLS 1.3 handshakes per second vs plain rustls",
+        benches::certs_handshake::run,
+    ),
+];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();

@@ -235,3 +235,39 @@ impl Authenticator for BootstrapTokens {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bootstrap_tokens_name_the_node_and_never_show_the_secret() {
+        let t1 = BootstrapTokens::generate_token();
+        let t2 = BootstrapTokens::generate_token();
+        assert_ne!(t1, t2);
+        let tokens =
+            BootstrapTokens::new([("node-a", t1.as_str()), ("node-b", t2.as_str())]).unwrap();
+        assert_eq!(tokens.authenticate(&t2).await.unwrap().node, "node-b");
+        assert!(matches!(
+            tokens.authenticate("nope").await,
+            Err(AuthError::Unauthenticated { .. })
+        ));
+        let dbg = format!("{tokens:?} {:?}", Credential::Token(t1.clone()));
+        assert!(!dbg.contains(&t1) && !dbg.contains(&t2), "{dbg}");
+        assert!(BootstrapTokens::new([("n", "short")]).is_err());
+        assert!(BootstrapTokens::new([("a", t1.as_str()), ("b", t1.as_str())]).is_err());
+    }
+
+    #[test]
+    fn bootstrap_token_file() {
+        let p = std::env::temp_dir().join(format!("tokens-{}", rand::random::<u64>()));
+        let t = BootstrapTokens::generate_token();
+        std::fs::write(&p, format!("# nodes\nnode-a {t}\n\n")).unwrap();
+        let tokens = BootstrapTokens::from_file(&p).unwrap();
+        assert!(format!("{tokens:?}").contains("node-a"));
+        std::fs::write(&p, "node-a\n").unwrap();
+        let err = BootstrapTokens::from_file(&p).unwrap_err();
+        assert!(err.contains(":1: expected"), "{err}");
+        std::fs::remove_file(&p).unwrap();
+    }
+}

@@ -239,6 +239,12 @@ impl IdentityManager {
         self.inner.live.load().by_id.contains_key(identity)
     }
 
+    /// The local identity a client asked for with `sni` (on the server
+    /// side: `ServerConnection::server_name()`), if this node holds it.
+    pub fn identity_for_sni(&self, sni: &str) -> Option<SpiffeId> {
+        self.inner.live.load().by_sni.get(sni).cloned()
+    }
+
     fn check_domain(&self, id: &SpiffeId) -> Result<(), IdentityError> {
         if id.trust_domain() != self.inner.trust_domain {
             return Err(IdentityError::ForeignTrustDomain {
