@@ -173,13 +173,16 @@ struct EchoServer {
 }
 
 impl EchoServer {
-    fn start(listener: TcpListener, threads: usize) -> Result<Self> {
+    fn start(listener: TcpListener, threads: usize, cpu: Option<usize>) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let listener = Arc::new(listener);
         let handles = (0..threads)
             .map(|_| {
                 let (l, s) = (listener.clone(), stop.clone());
                 thread::spawn(move || {
+                    if let Some(c) = cpu {
+                        crate::pin::pin_current_thread(c);
+                    }
                     let mut buf = [0u8; 64];
                     while !s.load(Ordering::Relaxed) {
                         let mut p = libc::pollfd {
@@ -253,19 +256,26 @@ pub fn connection_rate(quick: bool) -> Result<()> {
     }
     let n: usize = if quick { 1000 } else { 10_000 };
     let secs = if quick { 1 } else { 3 };
-    let rounds = if quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 5 };
 
     // Everything happens inside a namespace of our own: a veth pair whose one
     // end carries the backend address, and a route for the VIP range to it.
-    let ns = TestNetns::new("bch")?;
-    ns.ip(&["link", "add", "s0", "type", "veth", "peer", "name", "s1"])?;
-    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "s0"])?;
-    ns.ip(&["link", "set", "s0", "up"])?;
-    ns.ip(&["link", "set", "s1", "up"])?;
-    ns.ip(&["route", "add", "10.96.0.0/12", "dev", "s0"])?;
+    // Two identical namespaces: one as a Sluice node (no service rules at
+    // all), one as a kube-proxy node (the iptables rules). A node running
+    // kube-proxy makes every new connection, even one to a pod address, walk
+    // its nat chain: the "direct" row there shows that cost.
+    let node = |prefix: &str| -> Result<TestNetns> {
+        let ns = TestNetns::new(prefix)?;
+        ns.ip(&["link", "add", "s0", "type", "veth", "peer", "name", "s1"])?;
+        ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "s0"])?;
+        ns.ip(&["link", "set", "s0", "up"])?;
+        ns.ip(&["link", "set", "s1", "up"])?;
+        ns.ip(&["route", "add", "10.96.0.0/12", "dev", "s0"])?;
+        Ok(ns)
+    };
+    let ns = node("bch")?;
+    let kp = node("bkp")?;
     let backend: SocketAddr = "10.0.0.1:8080".parse()?;
-    let listener = ns.run(|| TcpListener::bind(backend))??;
-    let _server = EchoServer::start(listener, 2)?;
     let vip = |i: usize| {
         SocketAddr::new(
             Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250 + 1) as u8).into(),
@@ -287,7 +297,7 @@ pub fn connection_rate(quick: bool) -> Result<()> {
 
     let rules = iptables_rules(n, vip, backend);
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "iptables-restore"])
+        .args(["netns", "exec", kp.name(), "iptables-restore"])
         .stdin(Stdio::piped())
         .spawn()
         .context("running iptables-restore")?;
@@ -302,30 +312,69 @@ pub fn connection_rate(quick: bool) -> Result<()> {
 
     // The VIP in the middle of the list: the average iptables case.
     let target = vip(n / 2);
-    let run = |cg: &TestCgroup, to: SocketAddr| -> Result<f64> {
-        let out = drive(
-            cg,
-            Some(&ns),
-            &["tcp-rate".into(), to.to_string(), secs.to_string()],
-        )?;
-        out.parse::<f64>()
-            .with_context(|| format!("driver printed {out:?}"))
-    };
-    let mut direct = Vec::new();
-    let mut socklb = Vec::new();
-    let mut dnat = Vec::new();
-    // Warm up (page cache, conntrack, first-run costs) before measuring.
-    run(&plain_cg, backend)?;
-    for _ in 0..rounds {
-        direct.push(run(&plain_cg, backend)?);
-        socklb.push(run(&lb_cg, target)?);
-        dnat.push(run(&plain_cg, target)?);
+    let mut rows = Vec::new();
+    let mut summary = Vec::new();
+    // Pinned: client and server on one vCPU, so no cross-CPU wakeups blur
+    // the figures; unpinned: as the scheduler places them.
+    for (placement, cpu, threads) in [("one vCPU", Some(0usize), 1), ("unpinned", None, 2)] {
+        let listener = ns.run(|| TcpListener::bind(backend))??;
+        let server = EchoServer::start(listener, threads, cpu)?;
+        let kp_listener = kp.run(|| TcpListener::bind(backend))??;
+        let kp_server = EchoServer::start(kp_listener, threads, cpu)?;
+        let run = |cg: &TestCgroup, netns: &TestNetns, to: SocketAddr| -> Result<f64> {
+            let mut args = vec!["tcp-rate".to_string(), to.to_string(), secs.to_string()];
+            if let Some(c) = cpu {
+                args.push(c.to_string());
+            }
+            let out = drive(cg, Some(netns), &args)?;
+            out.parse::<f64>()
+                .with_context(|| format!("driver printed {out:?}"))
+        };
+        let mut results = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        // Warm up (page cache, conntrack, first-run costs) before measuring.
+        run(&plain_cg, &ns, backend)?;
+        run(&plain_cg, &kp, target)?;
+        for round in 0..rounds {
+            // Rotate the order so no mode always runs first.
+            for k in 0..4 {
+                let mode = (round + k) % 4;
+                let r = match mode {
+                    0 => run(&plain_cg, &ns, backend)?,
+                    1 => run(&lb_cg, &ns, target)?,
+                    2 => run(&plain_cg, &kp, target)?,
+                    _ => run(&plain_cg, &kp, backend)?,
+                };
+                results[mode].push(r);
+            }
+        }
+        drop(kp_server);
+        drop(server);
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let [mut dv, mut lv, mut iv, mut kv] = results;
+        let (d, l, i, k) = (
+            median(&mut dv),
+            median(&mut lv),
+            median(&mut iv),
+            median(&mut kv),
+        );
+        let row = |path: String, v: f64| {
+            vec![placement.to_string(), path, format!("{v:.0}"), ratio(v, d)]
+        };
+        rows.push(row("direct to backend (limit)".into(), d));
+        rows.push(row(format!("Sluice socket LB, {n} services"), l));
+        rows.push(row(format!("iptables DNAT, {n} services"), i));
+        rows.push(row(
+            format!("direct, on the node with {n} iptables services"),
+            k,
+        ));
+        summary.push(format!(
+            "{placement}: socket LB / iptables DNAT = {}",
+            ratio(l, i)
+        ));
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (d, l, i) = (median(&mut direct), median(&mut socklb), median(&mut dnat));
     let mut s = Section::new(
         "lb-connrate",
         "Kernel: new connections per second through a VIP",
@@ -333,32 +382,20 @@ pub fn connection_rate(quick: bool) -> Result<()> {
     s.line(format!(
         "One client process in a test namespace opens connections in a loop for {secs} s \
          (connect, 16-byte request, 16-byte echo, close with RST), to a backend on a veth \
-         address in the same namespace; median of {rounds} rounds, modes interleaved. {n} \
-         services are loaded, both in the socket LB maps and as kube-proxy-style iptables \
-         (nf_tables backend) rules; the VIP used sits in the middle of the rule list. Targets: \
-         socket LB at least 0.95 of direct, and ahead of iptables DNAT.\n"
+         address in the same namespace; median of {rounds} rounds, modes interleaved in \
+         rotating order. Two identical namespaces stand for two nodes: a Sluice node with \
+         {n} services in the socket LB maps and no service rules, and a kube-proxy node with \
+         the same {n} services as kube-proxy-style iptables (nf_tables backend) rules; the VIP \
+         used sits in the middle of the rule list. On the kube-proxy node every new \
+         connection walks the nat chain, even one addressed to a pod (last row). Load average at the end: {}. Targets: socket LB at least 0.95 of \
+         direct, and ahead of iptables DNAT.\n",
+        crate::pin::load_average()
     ));
     s.table(
-        &["path", "connections/s", "ratio to direct"],
-        &[
-            vec![
-                "direct to backend (limit)".into(),
-                format!("{d:.0}"),
-                ratio(d, d),
-            ],
-            vec![
-                format!("Sluice socket LB, {n} services"),
-                format!("{l:.0}"),
-                ratio(l, d),
-            ],
-            vec![
-                format!("iptables DNAT, {n} services"),
-                format!("{i:.0}"),
-                ratio(i, d),
-            ],
-        ],
+        &["placement", "path", "connections/s", "ratio to direct"],
+        &rows,
     );
-    s.line(format!("Socket LB vs iptables DNAT: {}x.\n", ratio(l, i)));
+    s.line(format!("{}.\n", summary.join("; ")));
     s.write()
 }
 
@@ -382,6 +419,9 @@ pub fn driver(args: &[String]) -> Result<()> {
         Some("tcp-rate") => {
             let to: SocketAddr = args[1].parse()?;
             let secs: u64 = args[2].parse()?;
+            if let Some(cpu) = args.get(3) {
+                crate::pin::pin_current_thread(cpu.parse()?);
+            }
             let deadline = Instant::now() + Duration::from_secs(secs);
             let start = Instant::now();
             let mut done = 0u64;
