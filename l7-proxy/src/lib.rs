@@ -1,0 +1,5 @@
+//! Sluice's per-node L7 proxy.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod identity;
