@@ -73,3 +73,35 @@ impl fmt::Display for SpiffeId {
         )
     }
 }
+
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+
+use crate::conntable::TlsInfo;
+
+/// Something `certs` could not give: which identity, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct IdentityError(pub String);
+
+/// Where the proxy's TLS configurations come from: the agent's `certs`
+/// identity manager. The one seam between the proxy and certificate handling.
+pub trait IdentityProvider: Send + Sync + 'static {
+    /// TLS 1.3 client configuration presenting `source`'s certificate and
+    /// accepting only a server that proves `server`.
+    fn client_config(
+        &self,
+        source: &SpiffeId,
+        server: &SpiffeId,
+    ) -> Result<Arc<rustls::ClientConfig>, IdentityError>;
+    /// The SNI naming `server` (the peer picks its certificate by it).
+    fn server_name(&self, server: &SpiffeId) -> Result<ServerName<'static>, IdentityError>;
+    /// Server configuration for the inbound tunnel: a certificate per local
+    /// workload chosen by SNI, client certificates required and verified.
+    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError>;
+    /// The verified peer identity and TLS facts of a finished handshake.
+    fn peer(&self, conn: &rustls::CommonState) -> Result<(SpiffeId, TlsInfo), IdentityError>;
+    /// The local identity a client asked for by SNI.
+    fn local_identity(&self, sni: &str) -> Option<SpiffeId>;
+}

@@ -215,3 +215,73 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 }
+
+pin_project_lite::pin_project! {
+    /// Counts the bytes of a stream into its connection table row: writes as
+    /// sent, reads as received.
+    pub struct Counted<S> {
+        #[pin]
+        inner: S,
+        handle: Arc<crate::conntable::ConnHandle>,
+    }
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, handle: Arc<crate::conntable::ConnHandle>) -> Self {
+        Self { inner, handle }
+    }
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        this.handle
+            .add_received((buf.filled().len() - before) as u64);
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.handle.add_sent(*n as u64);
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.handle.add_sent(*n as u64);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
