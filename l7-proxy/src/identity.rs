@@ -102,6 +102,4 @@ pub trait IdentityProvider: Send + Sync + 'static {
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError>;
     /// The verified peer identity and TLS facts of a finished handshake.
     fn peer(&self, conn: &rustls::CommonState) -> Result<(SpiffeId, TlsInfo), IdentityError>;
-    /// The local identity a client asked for by SNI.
-    fn local_identity(&self, sni: &str) -> Option<SpiffeId>;
 }

@@ -72,8 +72,9 @@ pub(crate) async fn run(shared: Arc<Shared>, listener: TcpListener) {
 struct TunnelPeer {
     addr: SocketAddr,
     identity: SpiffeId,
-    /// The local identity the peer asked for by SNI.
-    local_identity: Option<SpiffeId>,
+    /// The TLS server name the peer asked for: the local identity it
+    /// expects to reach.
+    sni: Option<String>,
     tls: TlsInfo,
 }
 
@@ -131,18 +132,27 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         Ok(p) => p,
         Err(e) => return fail("peer_identity", e.to_string()),
     };
-    let local_identity = session
-        .server_name()
-        .and_then(|sni| shared.identity.local_identity(sni));
+    let sni = session.server_name().map(str::to_owned);
+    let local_identity = sni.as_deref().and_then(|sni| {
+        let state = shared.state();
+        let found = state
+            .snapshot
+            .local_workloads
+            .iter()
+            .map(|w| &w.identity)
+            .find(|id| asked_for(&shared, id, sni))
+            .cloned();
+        found
+    });
     row.update(|m| {
         m.source_identity = Some(identity.clone());
-        m.destination_identity = local_identity.clone();
+        m.destination_identity = local_identity;
         m.tls = Some(info.clone());
     });
     let tp = Arc::new(TunnelPeer {
         addr: peer,
         identity,
-        local_identity,
+        sni,
         tls: info,
     });
     let svc = {
@@ -196,15 +206,23 @@ fn check_target(
     let Some(w) = state.local_workload(target.ip()).cloned() else {
         return Err(format!("{} is not a workload of this node", target.ip()));
     };
-    if let Some(asked) = &tp.local_identity
-        && *asked != w.identity
+    if let Some(sni) = &tp.sni
+        && !asked_for(shared, &w.identity, sni)
     {
         return Err(format!(
-            "{target} is {} but the caller asked for {asked}",
+            "{target} is {} but the caller asked for server name {sni}",
             w.identity
         ));
     }
     Ok(w)
+}
+
+/// Whether `sni` names `identity`.
+fn asked_for(shared: &Shared, identity: &SpiffeId, sni: &str) -> bool {
+    match shared.identity.server_name(identity) {
+        Ok(rustls::pki_types::ServerName::DnsName(d)) => d.as_ref().eq_ignore_ascii_case(sni),
+        _ => false,
+    }
 }
 
 async fn handle(
