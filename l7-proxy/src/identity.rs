@@ -1,78 +1,9 @@
 //! The seam between the proxy and the `certs` crate: where TLS configurations
-//! and verified peer identities come from.
-//!
-//! PLACEHOLDER until `certs` is merged: `SpiffeId` is defined here with the
-//! same string and serde form as `certs::SpiffeId`, which replaces it.
+//! and verified peer identities come from. The agent passes its
+//! `certs::IdentityManager`; tests may pass anything else that implements
+//! [`IdentityProvider`].
 
-use std::{fmt, str::FromStr};
-
-use serde::{Deserialize, Serialize};
-
-/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct SpiffeId {
-    trust_domain: String,
-    namespace: String,
-    service_account: String,
-}
-
-impl SpiffeId {
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-    pub fn namespace(&self) -> &str {
-        &self.namespace
-    }
-    pub fn service_account(&self) -> &str {
-        &self.service_account
-    }
-}
-
-impl FromStr for SpiffeId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| format!("{s:?} is not a SPIFFE ID: it must start with spiffe://"))?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
-                Ok(Self {
-                    trust_domain: td.to_string(),
-                    namespace: ns.to_string(),
-                    service_account: sa.to_string(),
-                })
-            }
-            _ => Err(format!(
-                "{s:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
-            )),
-        }
-    }
-}
-
-impl TryFrom<String> for SpiffeId {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<SpiffeId> for String {
-    fn from(id: SpiffeId) -> Self {
-        id.to_string()
-    }
-}
-
-impl fmt::Display for SpiffeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
-    }
-}
+pub use certs::SpiffeId;
 
 use std::sync::Arc;
 
@@ -102,4 +33,35 @@ pub trait IdentityProvider: Send + Sync + 'static {
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError>;
     /// The verified peer identity and TLS facts of a finished handshake.
     fn peer(&self, conn: &rustls::CommonState) -> Result<(SpiffeId, TlsInfo), IdentityError>;
+}
+
+impl IdentityProvider for certs::IdentityManager {
+    fn client_config(
+        &self,
+        source: &SpiffeId,
+        server: &SpiffeId,
+    ) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+        certs::IdentityManager::client_config(self, source, server)
+            .map_err(|e| IdentityError(e.to_string()))
+    }
+
+    fn server_name(&self, server: &SpiffeId) -> Result<ServerName<'static>, IdentityError> {
+        Ok(certs::server_name(server))
+    }
+
+    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+        Ok(certs::IdentityManager::server_config(self))
+    }
+
+    fn peer(&self, conn: &rustls::CommonState) -> Result<(SpiffeId, TlsInfo), IdentityError> {
+        let p = certs::peer_info(conn).map_err(|e| IdentityError(e.to_string()))?;
+        Ok((
+            p.identity,
+            TlsInfo {
+                version: p.protocol,
+                cipher_suite: p.cipher_suite,
+                peer_cert_not_after: u64::try_from(p.peer_not_after.unix_timestamp()).ok(),
+            },
+        ))
+    }
 }

@@ -23,16 +23,25 @@ async fn plaintext_clients_are_refused_on_the_tunnel_port() {
     let target = mesh.node_b_proxy();
     // An HTTP/1.1 client, then an HTTP/2 (h2c) one, straight at port 15008.
     for hello in [
-        format!("GET / HTTP/1.1\r\nHost: x\r\nsluice-target: {}:{port}\r\n\r\n", cart(0).ip),
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nsluice-target: {}:{port}\r\n\r\n",
+            cart(0).ip
+        ),
         "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_string(),
     ] {
         let mut t = tokio::net::TcpStream::connect(target).await.unwrap();
         t.write_all(hello.as_bytes()).await.unwrap();
-        assert!(closed_by_peer(&mut t).await, "plaintext {hello:?} must be cut off");
+        assert!(
+            closed_by_peer(&mut t).await,
+            "plaintext {hello:?} must be cut off"
+        );
     }
     assert_eq!(srv[0].hits(), 0, "nothing reached the workload");
     assert_eq!(
-        mesh.b.metric("sluice_tls_handshake_failures_total", &["Inbound", "not_tls"]),
+        mesh.b.metric(
+            "sluice_tls_handshake_failures_total",
+            &["Inbound", "not_tls"]
+        ),
         2.0,
         "{}",
         mesh.b.metrics()
@@ -51,10 +60,19 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     // A node whose certificates come from a rogue CA but which trusts the
     // mesh's roots: it accepts the server, the server must refuse it.
     let rogue = Arc::new(Ca::generate(CaOptions::default(), Arc::new(SystemClock)).unwrap());
-    let ids = IdentityManager::new(rogue, mesh.ca.bundle(), Arc::new(SystemClock), IdentityOptions::default());
+    let ids = IdentityManager::new(
+        rogue,
+        mesh.ca.bundle(),
+        Arc::new(SystemClock),
+        IdentityOptions::default(),
+    );
     ids.set_identities([web().identity()]).await.unwrap();
-    let config = ids.client_config(&web().identity(), &cart(0).identity()).unwrap();
-    let tcp = tokio::net::TcpStream::connect(mesh.node_b_proxy()).await.unwrap();
+    let config = ids
+        .client_config(&web().identity(), &cart(0).identity())
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.node_b_proxy())
+        .await
+        .unwrap();
     let result = async {
         let mut tls = tokio_rustls::TlsConnector::from(config)
             .connect(certs::server_name(&cart(0).identity()), tcp)
@@ -67,10 +85,16 @@ async fn a_client_certificate_from_another_ca_is_refused() {
         Ok::<usize, std::io::Error>(n)
     }
     .await;
-    assert!(matches!(result, Err(_) | Ok(0)), "the rogue client got through: {result:?}");
+    assert!(
+        matches!(result, Err(_) | Ok(0)),
+        "the rogue client got through: {result:?}"
+    );
     assert_eq!(srv[0].hits(), 0);
     eventually("the failure is counted", || {
-        mesh.b.metric("sluice_tls_handshake_failures_total", &["Inbound", "bad_certificate"]) == 1.0
+        mesh.b.metric(
+            "sluice_tls_handshake_failures_total",
+            &["Inbound", "bad_certificate"],
+        ) == 1.0
     })
     .await;
     mesh.shutdown().await;
@@ -106,21 +130,41 @@ async fn access_policy_allows_and_denies_http_with_a_reason() {
         ..Default::default()
     });
     let mut w = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
-    assert_eq!(w.send(request("POST", "/private", &[], "")).await.unwrap().status, 200, "shop may do anything");
+    assert_eq!(
+        w.send(request("POST", "/private", &[], ""))
+            .await
+            .unwrap()
+            .status,
+        200,
+        "shop may do anything"
+    );
 
     let mut b = mesh.http1(bot().ip, SocketAddr::new(vip(1), 80)).await;
-    assert_eq!(b.get("/public/page").await.status, 200, "bot may GET /public/*");
+    assert_eq!(
+        b.get("/public/page").await.status,
+        200,
+        "bot may GET /public/*"
+    );
     let denied = b.get("/private").await;
     assert_eq!(denied.status, 403);
     let reason = denied.headers["sluice-reason"].to_str().unwrap();
-    assert!(reason.contains(&bot().identity().to_string()) && reason.contains("shop/cart-access"), "{reason}");
-    let denied = b.send(request("POST", "/public/page", &[], "")).await.unwrap();
+    assert!(
+        reason.contains(&bot().identity().to_string()) && reason.contains("shop/cart-access"),
+        "{reason}"
+    );
+    let denied = b
+        .send(request("POST", "/public/page", &[], ""))
+        .await
+        .unwrap();
     assert_eq!(denied.status, 403, "bot may not POST");
     assert_eq!(srv[0].hits(), 2, "denied requests never reach the workload");
     let bot_id = bot().identity().to_string();
     let cart_id = cart(0).identity().to_string();
     assert_eq!(
-        mesh.b.metric("sluice_policy_denials_total", &[&bot_id, &cart_id, "protocol=\"http\""]),
+        mesh.b.metric(
+            "sluice_policy_denials_total",
+            &[&bot_id, &cart_id, "protocol=\"http\""]
+        ),
         2.0
     );
     mesh.shutdown().await;
@@ -146,10 +190,16 @@ async fn access_policy_refuses_tcp_streams() {
 
     let mut no = mesh.connect(bot().ip, SocketAddr::new(vip(1), 80)).await;
     let _ = no.write_all(b"denied?").await;
-    assert!(closed_by_peer(&mut no).await, "the bot's stream is refused and its connection closed");
+    assert!(
+        closed_by_peer(&mut no).await,
+        "the bot's stream is refused and its connection closed"
+    );
     let bot_id = bot().identity().to_string();
     assert_eq!(
-        mesh.b.metric("sluice_policy_denials_total", &[&bot_id, "protocol=\"tcp\""]),
+        mesh.b.metric(
+            "sluice_policy_denials_total",
+            &[&bot_id, "protocol=\"tcp\""]
+        ),
         1.0
     );
     // The allowed connection is unaffected.

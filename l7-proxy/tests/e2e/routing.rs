@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use l7_proxy::{
     Snapshot,
     config::{
-        BackendRef, GrpcMethodMatch, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HeaderModifier, HeaderPair, HttpFilter,
-        HttpRoute, HttpRouteMatch, HttpRouteRule, ObjectRef, ParentRef, PathMatch, PathModifier, RequestMirror,
-        RequestRedirect, Retry, Service, Timeouts, UrlRewrite, ValueMatch, ValueMatchKind,
+        BackendRef, GrpcMethodMatch, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HeaderModifier,
+        HeaderPair, HttpFilter, HttpRoute, HttpRouteMatch, HttpRouteRule, ObjectRef, ParentRef,
+        PathMatch, PathModifier, RequestMirror, RequestRedirect, Retry, Service, Timeouts,
+        UrlRewrite, ValueMatch, ValueMatchKind,
     },
 };
 
@@ -160,7 +161,13 @@ async fn no_matching_rule_is_404() {
     let mut c = client(&mesh).await;
     let r = c.get("/other").await;
     assert_eq!(r.status, 404);
-    assert!(r.headers["sluice-reason"].to_str().unwrap().contains("no route"), "{r:?}");
+    assert!(
+        r.headers["sluice-reason"]
+            .to_str()
+            .unwrap()
+            .contains("no route"),
+        "{r:?}"
+    );
     mesh.shutdown().await;
 }
 
@@ -206,11 +213,20 @@ async fn filters_modify_redirect_and_rewrite() {
         set: vec![pair("x-backend", "v0")],
         ..Default::default()
     })];
-    setup(&mesh, vec![route(vec![headers, redirect, rewrite, per_backend])]).await;
+    setup(
+        &mesh,
+        vec![route(vec![headers, redirect, rewrite, per_backend])],
+    )
+    .await;
     let mut c = client(&mesh).await;
 
     let r = c
-        .send(request("GET", "/headers", &[("x-set", "old"), ("x-secret", "s3cr3t")], ""))
+        .send(request(
+            "GET",
+            "/headers",
+            &[("x-set", "old"), ("x-secret", "s3cr3t")],
+            "",
+        ))
         .await
         .unwrap();
     let e = r.echo();
@@ -238,7 +254,14 @@ async fn filters_modify_redirect_and_rewrite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_over_1000_requests() {
     let mesh = Mesh::standard().await;
-    setup(&mesh, vec![route(vec![rule(vec![], vec![backend("v1", 80), backend("v2", 20)])])]).await;
+    setup(
+        &mesh,
+        vec![route(vec![rule(
+            vec![],
+            vec![backend("v1", 80), backend("v2", 20)],
+        )])],
+    )
+    .await;
     let mut c = client(&mesh).await;
     let mut v1 = 0;
     for _ in 0..1000 {
@@ -249,7 +272,10 @@ async fn weighted_split_over_1000_requests() {
         }
     }
     // Binomial(1000, 0.8): standard deviation 12.6; ±60 is nearly 5 of them.
-    assert!((740..=860).contains(&v1), "v1 got {v1} of 1000, expected ~800");
+    assert!(
+        (740..=860).contains(&v1),
+        "v1 got {v1} of 1000, expected ~800"
+    );
     mesh.shutdown().await;
 }
 
@@ -272,11 +298,24 @@ async fn retries_on_503_until_the_backend_recovers() {
     let (srv, _) = setup(&mesh, vec![route(vec![retried, plain])]).await;
     let mut c = client(&mesh).await;
     // Two 503s, then success: within 3 retries.
-    let r = c.send(request("POST", "/flaky/2", &[], "payload")).await.unwrap();
+    let r = c
+        .send(request("POST", "/flaky/2", &[], "payload"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(srv[1].hits(), 3);
-    let bodies: Vec<String> = srv[1].seen.lock().unwrap().iter().map(|s| s["body"].as_str().unwrap().to_string()).collect();
-    assert_eq!(bodies, ["payload", "payload", "payload"], "the body is replayed on each attempt");
+    let bodies: Vec<String> = srv[1]
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s["body"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["payload", "payload", "payload"],
+        "the body is replayed on each attempt"
+    );
     // Without a retry policy the 503 comes back as is.
     let r = c.get("/flaky/1").await;
     assert_eq!(r.status, 503, "v2's rule has no retries");
@@ -310,13 +349,23 @@ async fn request_and_backend_timeouts_answer_504() {
     let mut c = client(&mesh).await;
     let r = c.get("/slow/3000").await;
     assert_eq!(r.status, 504, "{r:?}");
-    assert!(r.headers["sluice-reason"].to_str().unwrap().contains("backend request timeout"));
+    assert!(
+        r.headers["sluice-reason"]
+            .to_str()
+            .unwrap()
+            .contains("backend request timeout")
+    );
     let r = c.get("/slow/10").await;
     assert_eq!(r.status, 200, "under the timeout");
     let mut c = client(&mesh).await;
     let r = c.get("/whole").await;
     assert_eq!(r.status, 504);
-    assert!(r.headers["sluice-reason"].to_str().unwrap().contains("request timeout"));
+    assert!(
+        r.headers["sluice-reason"]
+            .to_str()
+            .unwrap()
+            .contains("request timeout")
+    );
     mesh.shutdown().await;
 }
 
@@ -331,7 +380,10 @@ async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
     })];
     let (srv, mirror) = setup(&mesh, vec![route(vec![r])]).await;
     let mut c = client(&mesh).await;
-    let reply = c.send(request("PUT", "/orders/1", &[], "order")).await.unwrap();
+    let reply = c
+        .send(request("PUT", "/orders/1", &[], "order"))
+        .await
+        .unwrap();
     assert_eq!(reply.server(), "cart-1");
     eventually("the mirror received the copy", || mirror.hits() == 1).await;
     let seen = mirror.seen.lock().unwrap()[0].clone();
@@ -403,10 +455,15 @@ async fn grpc_routes_match_service_and_method() {
             .uri(format!("http://cart.shop{path}"))
             .header("content-type", "application/grpc")
             .header("x-tenant", tenant)
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"\0\0\0\0\x01x")))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\x01x",
+            )))
             .unwrap();
         let r = c.send(req).await.unwrap();
-        r.trailers.expect("trailers")["x-served-by"].to_str().unwrap().to_string()
+        r.trailers.expect("trailers")["x-served-by"]
+            .to_str()
+            .unwrap()
+            .to_string()
     };
     assert_eq!(call("/shop.Cart/Add", "").await, "cart-1");
     assert_eq!(call("/shop.Cart/Remove", "gold").await, "cart-2");

@@ -139,16 +139,40 @@ impl Pod {
 
 /// The standard cast: callers on node A, servers on node B.
 pub fn web() -> Pod {
-    Pod { ip: pod_a(10), name: "web-1", namespace: "shop", sa: "web", mode: MtlsMode::Strict }
+    Pod {
+        ip: pod_a(10),
+        name: "web-1",
+        namespace: "shop",
+        sa: "web",
+        mode: MtlsMode::Strict,
+    }
 }
 pub fn bot() -> Pod {
-    Pod { ip: pod_a(11), name: "bot-1", namespace: "other", sa: "bot", mode: MtlsMode::Strict }
+    Pod {
+        ip: pod_a(11),
+        name: "bot-1",
+        namespace: "other",
+        sa: "bot",
+        mode: MtlsMode::Strict,
+    }
 }
 pub fn cart(n: u8) -> Pod {
-    Pod { ip: pod_b(20 + n), name: "cart", namespace: "shop", sa: "cart", mode: MtlsMode::Strict }
+    Pod {
+        ip: pod_b(20 + n),
+        name: "cart",
+        namespace: "shop",
+        sa: "cart",
+        mode: MtlsMode::Strict,
+    }
 }
 pub fn mirror_pod() -> Pod {
-    Pod { ip: pod_b(30), name: "mirror-1", namespace: "shop", sa: "mirror", mode: MtlsMode::Strict }
+    Pod {
+        ip: pod_b(30),
+        name: "mirror-1",
+        namespace: "shop",
+        sa: "mirror",
+        mode: MtlsMode::Strict,
+    }
 }
 
 pub struct Mesh {
@@ -161,11 +185,19 @@ pub struct Mesh {
 }
 
 async fn start_node(ca: &Arc<Ca>, ip: IpAddr, pods: &[Pod], odst: Arc<MapOriginalDst>) -> Node {
-    let identities = IdentityManager::new(ca.clone(), ca.bundle(), Arc::new(SystemClock), IdentityOptions::default());
+    let identities = IdentityManager::new(
+        ca.clone(),
+        ca.bundle(),
+        Arc::new(SystemClock),
+        IdentityOptions::default(),
+    );
     let mut ids: Vec<SpiffeId> = pods.iter().map(Pod::identity).collect();
     ids.sort();
     ids.dedup();
-    let report = identities.set_identities(ids).await.expect("identities issued");
+    let report = identities
+        .set_identities(ids)
+        .await
+        .expect("identities issued");
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let mut registry = Registry::default();
@@ -173,7 +205,12 @@ async fn start_node(ca: &Arc<Ca>, ip: IpAddr, pods: &[Pod], odst: Arc<MapOrigina
         .start(&mut registry)
         .await
         .expect("proxy starts");
-    Node { proxy: Some(proxy), registry, identities, snapshots: tx }
+    Node {
+        proxy: Some(proxy),
+        registry,
+        identities,
+        snapshots: tx,
+    }
 }
 
 impl Mesh {
@@ -183,12 +220,23 @@ impl Mesh {
         let odst = Arc::new(MapOriginalDst::default());
         let a = start_node(&ca, node_a_ip(), &pods_a, odst.clone()).await;
         let b = start_node(&ca, node_b_ip(), &pods_b, odst.clone()).await;
-        Mesh { ca, a, b, odst, pods_a, pods_b }
+        Mesh {
+            ca,
+            a,
+            b,
+            odst,
+            pods_a,
+            pods_b,
+        }
     }
 
     /// The standard mesh: web and bot on A, three carts and a mirror on B.
     pub async fn standard() -> Mesh {
-        Mesh::new(vec![web(), bot()], vec![cart(0), cart(1), cart(2), mirror_pod()]).await
+        Mesh::new(
+            vec![web(), bot()],
+            vec![cart(0), cart(1), cart(2), mirror_pod()],
+        )
+        .await
     }
 
     pub fn node_b_proxy(&self) -> SocketAddr {
@@ -211,7 +259,11 @@ impl Mesh {
         Service {
             id: ObjectRef::new("shop", name),
             vips: vec![vip(n)],
-            ports: vec![ServicePort { port: 80, target_port, app_protocol: None }],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port,
+                app_protocol: None,
+            }],
             endpoints: pods.iter().map(|p| self.endpoint_b(p)).collect(),
         }
     }
@@ -232,19 +284,26 @@ impl Mesh {
         sock.bind(SocketAddr::new(from, 0)).unwrap();
         let local = sock.local_addr().unwrap();
         self.odst.insert(local, to);
-        sock.connect(self.a.proxy().outbound_addr()).await.expect("capture listener accepts")
+        sock.connect(self.a.proxy().outbound_addr())
+            .await
+            .expect("capture listener accepts")
     }
 
     pub async fn http1(&self, from: IpAddr, to: SocketAddr) -> Client {
         let tcp = self.connect(from, to).await;
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         Client::H1(send)
     }
 
     pub async fn http2(&self, from: IpAddr, to: SocketAddr) -> Client {
         let tcp = self.connect(from, to).await;
-        let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
         tokio::spawn(conn);
         Client::H2(send)
     }
@@ -279,7 +338,10 @@ impl Reply {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not an echo ({e}): {self:?}"))
     }
     pub fn server(&self) -> String {
-        self.echo()["server"].as_str().unwrap_or_default().to_string()
+        self.echo()["server"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
@@ -307,16 +369,27 @@ impl Client {
     }
 
     pub async fn get(&mut self, path: &str) -> Reply {
-        self.send(request("GET", path, &[], "")).await.expect("response")
+        self.send(request("GET", path, &[], ""))
+            .await
+            .expect("response")
     }
 }
 
-pub fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Request<Full<Bytes>> {
-    let mut b = Request::builder().method(method).uri(format!("http://cart.shop{path}"));
+pub fn request(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://cart.shop{path}"));
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    b.header("host", "cart.shop").body(Full::new(Bytes::from(body.to_string()))).unwrap()
+    b.header("host", "cart.shop")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
 }
 
 /// An HTTP/1.1 + HTTP/2 (+ gRPC) server that echoes what it received as JSON.
@@ -331,7 +404,9 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub async fn start(name: &str, addr: SocketAddr) -> EchoServer {
-        let listener = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        let listener = TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -339,17 +414,26 @@ impl EchoServer {
         let (n, h, s) = (name.to_string(), hits.clone(), seen.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 let (n, h, s, f) = (n.clone(), h.clone(), s.clone(), flaky.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| echo(n.clone(), h.clone(), s.clone(), f.clone(), req));
+                    let svc = hyper::service::service_fn(move |req| {
+                        echo(n.clone(), h.clone(), s.clone(), f.clone(), req)
+                    });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
                 });
             }
         });
-        EchoServer { name: name.into(), addr, hits, seen }
+        EchoServer {
+            name: name.into(),
+            addr,
+            hits,
+            seen,
+        }
     }
 
     pub fn hits(&self) -> usize {
@@ -368,7 +452,11 @@ async fn echo(
 ) -> Result<Response<EchoBody>, Infallible> {
     hits.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let headers: HashMap<String, String> = parts
         .headers
         .iter()
@@ -387,7 +475,11 @@ async fn echo(
     let path = parts.uri.path().to_string();
     let mut status = StatusCode::OK;
     if let Some(n) = path.strip_prefix("/status/") {
-        status = n.parse().ok().and_then(|n| StatusCode::from_u16(n).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+        status = n
+            .parse()
+            .ok()
+            .and_then(|n| StatusCode::from_u16(n).ok())
+            .unwrap_or(StatusCode::BAD_REQUEST);
     } else if let Some(n) = path.strip_prefix("/flaky/") {
         let n: usize = n.parse().unwrap_or(0);
         if flaky.fetch_add(1, Ordering::SeqCst) < n {
@@ -396,17 +488,25 @@ async fn echo(
     } else if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
     }
-    let grpc = headers.get("content-type").is_some_and(|c| c.starts_with("application/grpc"));
+    let grpc = headers
+        .get("content-type")
+        .is_some_and(|c| c.starts_with("application/grpc"));
     if grpc {
         // One length-prefixed message, then grpc-status in the trailers.
-        let msg = format!("{name}:{}", String::from_utf8_lossy(body.get(5..).unwrap_or_default()));
+        let msg = format!(
+            "{name}:{}",
+            String::from_utf8_lossy(body.get(5..).unwrap_or_default())
+        );
         let mut frame = vec![0u8];
         frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
         frame.extend_from_slice(msg.as_bytes());
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         trailers.insert("x-served-by", name.parse().unwrap());
-        let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![Ok(Frame::data(Bytes::from(frame))), Ok(Frame::trailers(trailers))];
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+            Ok(Frame::data(Bytes::from(frame))),
+            Ok(Frame::trailers(trailers)),
+        ];
         let body = StreamBody::new(futures_util::stream::iter(frames));
         let resp = Response::builder()
             .header("content-type", "application/grpc")
@@ -429,7 +529,9 @@ pub async fn tcp_server(addr: SocketAddr, banner: Option<&'static str>) -> Socke
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut tcp, _)) = listener.accept().await else { return };
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 if let Some(b) = banner {
                     let _ = tcp.write_all(b.as_bytes()).await;
@@ -465,7 +567,10 @@ pub async fn read_n(tcp: &mut TcpStream, n: usize) -> Vec<u8> {
 pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -15,7 +15,11 @@ use crate::support::*;
 /// Starts echo servers on the given pods, all on one port; returns them and
 /// the port.
 pub async fn servers(pods: &[Pod]) -> (Vec<EchoServer>, u16) {
-    let first = EchoServer::start(&format!("{}-0", pods[0].name), SocketAddr::new(pods[0].ip, 0)).await;
+    let first = EchoServer::start(
+        &format!("{}-0", pods[0].name),
+        SocketAddr::new(pods[0].ip, 0),
+    )
+    .await;
     let port = first.addr.port();
     let mut all = vec![first];
     for (i, p) in pods.iter().enumerate().skip(1) {
@@ -33,36 +37,63 @@ async fn http1_crosses_the_tunnel_and_the_server_sees_the_caller_identity() {
         ..Default::default()
     });
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let r = c.send(request("POST", "/items?id=7", &[("x-test", "1")], "hello")).await.unwrap();
+    let r = c
+        .send(request("POST", "/items?id=7", &[("x-test", "1")], "hello"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     let e = r.echo();
     assert_eq!(e["server"], "cart-0");
-    assert_eq!(e["version"], "HTTP/1.1", "HTTP/1.1 restored on the far side");
+    assert_eq!(
+        e["version"], "HTTP/1.1",
+        "HTTP/1.1 restored on the far side"
+    );
     assert_eq!(e["method"], "POST");
     assert_eq!(e["path"], "/items?id=7");
     assert_eq!(e["body"], "hello");
     assert_eq!(e["headers"]["host"], "cart.shop");
     assert_eq!(e["headers"]["x-test"], "1");
-    assert_eq!(e["headers"]["sluice-source-identity"], web().identity().to_string());
-    assert!(e["headers"].get("sluice-target").is_none(), "tunnel headers do not reach the workload");
+    assert_eq!(
+        e["headers"]["sluice-source-identity"],
+        web().identity().to_string()
+    );
+    assert!(
+        e["headers"].get("sluice-target").is_none(),
+        "tunnel headers do not reach the workload"
+    );
     assert_eq!(srv[0].hits(), 1);
 
     // The server-side proxy saw the caller's SPIFFE ID on a TLS 1.3 tunnel.
     let rows = mesh.b.proxy().connections();
-    let tunnel = rows.iter().find(|r| r.kind == ConnKind::TunnelIn).expect("an inbound tunnel row");
-    assert_eq!(tunnel.meta.source_identity.as_ref(), Some(&web().identity()));
-    assert_eq!(tunnel.meta.destination_identity.as_ref(), Some(&cart(0).identity()));
+    let tunnel = rows
+        .iter()
+        .find(|r| r.kind == ConnKind::TunnelIn)
+        .expect("an inbound tunnel row");
+    assert_eq!(
+        tunnel.meta.source_identity.as_ref(),
+        Some(&web().identity())
+    );
+    assert_eq!(
+        tunnel.meta.destination_identity.as_ref(),
+        Some(&cart(0).identity())
+    );
     let tls = tunnel.meta.tls.as_ref().expect("secured");
     assert_eq!(tls.version, "TLSv1.3");
     assert!(tls.peer_cert_not_after.is_some());
     assert!(tunnel.bytes_received > 0);
     let web_id = web().identity().to_string();
     assert_eq!(
-        mesh.b.metric("sluice_requests_total", &["direction=\"Inbound\"", &web_id, "status_class=\"2xx\""]),
+        mesh.b.metric(
+            "sluice_requests_total",
+            &["direction=\"Inbound\"", &web_id, "status_class=\"2xx\""]
+        ),
         1.0
     );
     assert_eq!(
-        mesh.a.metric("sluice_requests_total", &["direction=\"Outbound\"", &web_id, "status_class=\"2xx\""]),
+        mesh.a.metric(
+            "sluice_requests_total",
+            &["direction=\"Outbound\"", &web_id, "status_class=\"2xx\""]
+        ),
         1.0
     );
     // The client side holds one pooled tunnel connection, reused.
@@ -86,8 +117,15 @@ async fn http2_and_grpc_cross_the_tunnel_with_trailers() {
     let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
     let r = c.get("/h2").await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.echo()["version"], "HTTP/2.0", "prior-knowledge HTTP/2 stays HTTP/2");
-    assert_eq!(r.echo()["headers"]["sluice-source-identity"], web().identity().to_string());
+    assert_eq!(
+        r.echo()["version"],
+        "HTTP/2.0",
+        "prior-knowledge HTTP/2 stays HTTP/2"
+    );
+    assert_eq!(
+        r.echo()["headers"]["sluice-source-identity"],
+        web().identity().to_string()
+    );
 
     let mut msg = vec![0u8];
     msg.extend_from_slice(&4u32.to_be_bytes());
@@ -134,11 +172,23 @@ async fn opaque_tcp_and_server_speaks_first_cross_the_tunnel() {
     assert_eq!(read_n(&mut s, 10).await, b"EHLO web\r\n");
 
     let rows = mesh.a.proxy().connections();
-    let tcp_rows: Vec<_> = rows.iter().filter(|r| r.kind == ConnKind::OutboundTcp).collect();
+    let tcp_rows: Vec<_> = rows
+        .iter()
+        .filter(|r| r.kind == ConnKind::OutboundTcp)
+        .collect();
     assert_eq!(tcp_rows.len(), 2, "{rows:?}");
-    assert!(tcp_rows.iter().all(|r| r.secured && r.meta.source_identity == Some(web().identity())));
+    assert!(
+        tcp_rows
+            .iter()
+            .all(|r| r.secured && r.meta.source_identity == Some(web().identity()))
+    );
     let on_b = mesh.b.proxy().connections();
-    assert_eq!(on_b.iter().filter(|r| r.kind == ConnKind::InboundTcp).count(), 2);
+    assert_eq!(
+        on_b.iter()
+            .filter(|r| r.kind == ConnKind::InboundTcp)
+            .count(),
+        2
+    );
     drop((t, s));
     mesh.shutdown().await;
 }
@@ -164,9 +214,16 @@ async fn pod_ip_destinations_use_the_tunnel_and_the_rest_goes_direct() {
     let mut o = mesh.connect(web().ip, outside).await;
     assert_eq!(read_n(&mut o, 8).await, b"outside\n");
     let rows = mesh.a.proxy().connections();
-    let secured: Vec<bool> = rows.iter().filter(|r| r.kind == ConnKind::OutboundTcp).map(|r| r.secured).collect();
+    let secured: Vec<bool> = rows
+        .iter()
+        .filter(|r| r.kind == ConnKind::OutboundTcp)
+        .map(|r| r.secured)
+        .collect();
     assert_eq!(secured.len(), 2);
-    assert!(secured.contains(&true) && secured.contains(&false), "{rows:?}");
+    assert!(
+        secured.contains(&true) && secured.contains(&false),
+        "{rows:?}"
+    );
     drop((t, o));
     mesh.shutdown().await;
 }
@@ -193,7 +250,10 @@ async fn a_new_snapshot_keeps_open_connections_and_applies_to_new_ones() {
         ..Default::default()
     });
     let mut fresh = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    assert!(closed_by_peer(&mut fresh).await, "a new connection sees the new snapshot: no endpoint");
+    assert!(
+        closed_by_peer(&mut fresh).await,
+        "a new connection sees the new snapshot: no endpoint"
+    );
     long.write_all(b"after").await.unwrap();
     assert_eq!(read_n(&mut long, 5).await, b"after");
 
@@ -225,9 +285,15 @@ async fn shutdown_drains_requests_in_flight() {
     let outbound = a.proxy().outbound_addr();
     let shutdown = tokio::spawn(async move { a.proxy.take().unwrap().shutdown().await });
     let r = slow.await.unwrap();
-    assert_eq!(r.status, 200, "the request in flight finished during the drain");
+    assert_eq!(
+        r.status, 200,
+        "the request in flight finished during the drain"
+    );
     shutdown.await.unwrap();
-    assert!(tokio::net::TcpStream::connect(outbound).await.is_err(), "no new connections after shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(outbound).await.is_err(),
+        "no new connections after shutdown"
+    );
     let mut b = b;
     b.proxy.take().unwrap().shutdown().await;
 }
