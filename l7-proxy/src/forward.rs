@@ -222,6 +222,27 @@ async fn route_request(
     let route_label = format!("{}#{}", rule.route, rule.name);
     let prefix = decision.matched_prefix.as_deref();
 
+    // A redirect answers at once; the rule's backends do not matter.
+    if let Some(r) = rule.filters.iter().find_map(|f| match f {
+        HttpFilter::RequestRedirect(r) => Some(r),
+        _ => None,
+    }) {
+        let (status, location) = filters::redirect(r, &parts, prefix);
+        let mut resp = Response::new(crate::body::empty());
+        *resp.status_mut() = status;
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+        }
+        return Outcome {
+            response: resp,
+            route: route_label,
+            destination: service.to_string(),
+            destination_identity: None,
+            secured: false,
+            attempts: 0,
+            reason: None,
+        };
+    }
     // Weighted choice of the backend, once per request (retries reuse it).
     let Some(backend) = choose_backend(&rule.backends) else {
         return Outcome::local(

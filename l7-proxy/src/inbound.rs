@@ -135,14 +135,13 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let sni = session.server_name().map(str::to_owned);
     let local_identity = sni.as_deref().and_then(|sni| {
         let state = shared.state();
-        let found = state
+        state
             .snapshot
             .local_workloads
             .iter()
             .map(|w| &w.identity)
             .find(|id| asked_for(&shared, id, sni))
-            .cloned();
-        found
+            .cloned()
     });
     row.update(|m| {
         m.source_identity = Some(identity.clone());
@@ -401,7 +400,7 @@ async fn handle_http(
         parts.headers.remove(PROTOCOL_HEADER);
         parts.headers.insert(
             SOURCE_IDENTITY_HEADER,
-            HeaderValue::from_str(&tp.identity.to_string())
+            HeaderValue::from_str(tp.identity.as_ref())
                 .expect("a SPIFFE ID is a valid header value"),
         );
         let resp = shared

@@ -114,7 +114,7 @@ where
     Ok(Moved { a_to_b, b_to_a })
 }
 
-async fn one_way<R: AsyncRead, W: AsyncWrite>(
+async fn one_way<R, W>(
     mut r: tokio::io::ReadHalf<R>,
     mut w: tokio::io::WriteHalf<W>,
     idle: Duration,

@@ -108,6 +108,12 @@ impl Proxy {
         self.inbound_addr
     }
 
+    /// The snapshot in force: the one new connections and requests use. It
+    /// follows the agent's channel within one compile step.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.state().snapshot.clone()
+    }
+
     /// The live connection table, for `sluice tls`.
     pub fn connections(&self) -> Vec<ConnectionInfo> {
         self.shared.table.list()

@@ -104,19 +104,23 @@ struct Entry {
     headers: Vec<(http::HeaderName, ValueCond)>,
     query: Vec<(String, ValueCond)>,
     rule: Arc<Rule>,
-    // Precedence key, smaller first.
-    key: (
-        u8,
-        std::cmp::Reverse<usize>,
-        bool,
-        std::cmp::Reverse<usize>,
-        std::cmp::Reverse<usize>,
-        i64,
-        ObjectRef,
-        usize,
-        usize,
-    ),
+    key: Precedence,
 }
+
+/// Sort key of an entry, smaller first: path kind, path length (longer
+/// first), no method match, header and query match counts (more first),
+/// route age, route name, rule index, match index.
+type Precedence = (
+    u8,
+    std::cmp::Reverse<usize>,
+    bool,
+    std::cmp::Reverse<usize>,
+    std::cmp::Reverse<usize>,
+    i64,
+    ObjectRef,
+    usize,
+    usize,
+);
 
 /// The request facts routing looks at.
 pub struct RequestView<'a> {

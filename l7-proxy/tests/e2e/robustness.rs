@@ -13,7 +13,8 @@ async fn mesh_with_cart() -> (Mesh, Vec<EchoServer>) {
     mesh.publish(&Snapshot {
         services: vec![mesh.service("cart", 1, port, &[cart(0)])],
         ..Default::default()
-    });
+    })
+    .await;
     (mesh, srv)
 }
 

@@ -60,7 +60,8 @@ async fn setup(mesh: &Mesh, routes: Vec<HttpRoute>) -> (Vec<EchoServer>, EchoSer
         services,
         http_routes: routes,
         ..Default::default()
-    });
+    })
+    .await;
     (srv, mirror)
 }
 
@@ -284,7 +285,11 @@ async fn retries_on_503_until_the_backend_recovers() {
     let mesh = Mesh::standard().await;
     let mut retried = rule(
         vec![HttpRouteMatch {
-            path: Some(PathMatch::PathPrefix("/flaky".into())),
+            headers: vec![ValueMatch {
+                kind: ValueMatchKind::Exact,
+                name: "x-retry".into(),
+                value: "yes".into(),
+            }],
             ..Default::default()
         }],
         vec![backend("v1", 1)],
@@ -299,7 +304,12 @@ async fn retries_on_503_until_the_backend_recovers() {
     let mut c = client(&mesh).await;
     // Two 503s, then success: within 3 retries.
     let r = c
-        .send(request("POST", "/flaky/2", &[], "payload"))
+        .send(request(
+            "POST",
+            "/flaky/2",
+            &[("x-retry", "yes")],
+            "payload",
+        ))
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
@@ -342,8 +352,10 @@ async fn request_and_backend_timeouts_answer_504() {
         request_ms: Some(150),
         backend_request_ms: None,
     };
-    let mut rewrite = UrlRewrite::default();
-    rewrite.path = Some(PathModifier::ReplaceFullPath("/slow/3000".into()));
+    let rewrite = UrlRewrite {
+        path: Some(PathModifier::ReplaceFullPath("/slow/3000".into())),
+        ..Default::default()
+    };
     whole.filters = vec![HttpFilter::UrlRewrite(rewrite)];
     setup(&mesh, vec![route(vec![per_try, whole])]).await;
     let mut c = client(&mesh).await;
@@ -447,7 +459,8 @@ async fn grpc_routes_match_service_and_method() {
         ],
         grpc_routes: vec![g],
         ..Default::default()
-    });
+    })
+    .await;
     let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
     let mut call = async |path: &str, tenant: &str| {
         let req = http::Request::builder()

@@ -268,14 +268,21 @@ impl Mesh {
         }
     }
 
-    /// Publishes `snap` to both nodes, each with its own local workloads.
-    pub fn publish(&self, snap: &Snapshot) {
+    /// Publishes `snap` to both nodes, each with its own local workloads,
+    /// and waits until both proxies have it in force.
+    pub async fn publish(&self, snap: &Snapshot) {
         let mut sa = snap.clone();
         sa.local_workloads = self.pods_a.iter().map(Pod::local).collect();
         let mut sb = snap.clone();
         sb.local_workloads = self.pods_b.iter().map(Pod::local).collect();
-        self.a.snapshots.send_replace(Arc::new(sa));
-        self.b.snapshots.send_replace(Arc::new(sb));
+        let (sa, sb) = (Arc::new(sa), Arc::new(sb));
+        self.a.snapshots.send_replace(sa.clone());
+        self.b.snapshots.send_replace(sb.clone());
+        eventually("both proxies applied the snapshot", || {
+            Arc::ptr_eq(&self.a.proxy().snapshot(), &sa)
+                && Arc::ptr_eq(&self.b.proxy().snapshot(), &sb)
+        })
+        .await;
     }
 
     /// A connection from pod `from` to `to`, captured by node A's proxy.

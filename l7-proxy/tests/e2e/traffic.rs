@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use l7_proxy::{
     Snapshot,
-    config::{ObjectRef, ServicePort, Workload},
+    config::{ObjectRef, Workload},
     conntable::ConnKind,
 };
 use tokio::io::AsyncWriteExt;
@@ -35,7 +35,8 @@ async fn http1_crosses_the_tunnel_and_the_server_sees_the_caller_identity() {
     mesh.publish(&Snapshot {
         services: vec![mesh.service("cart", 1, port, &[cart(0)])],
         ..Default::default()
-    });
+    })
+    .await;
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
     let r = c
         .send(request("POST", "/items?id=7", &[("x-test", "1")], "hello"))
@@ -113,7 +114,8 @@ async fn http2_and_grpc_cross_the_tunnel_with_trailers() {
     mesh.publish(&Snapshot {
         services: vec![svc],
         ..Default::default()
-    });
+    })
+    .await;
     let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
     let r = c.get("/h2").await;
     assert_eq!(r.status, 200);
@@ -159,7 +161,8 @@ async fn opaque_tcp_and_server_speaks_first_cross_the_tunnel() {
     mesh.publish(&Snapshot {
         services: vec![echo_svc, smtp_svc],
         ..Default::default()
-    });
+    })
+    .await;
 
     let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
     t.write_all(b"\x00\x01binary, not HTTP").await.unwrap();
@@ -207,7 +210,8 @@ async fn pod_ip_destinations_use_the_tunnel_and_the_rest_goes_direct() {
             identity: Some(cart(0).identity()),
         }],
         ..Default::default()
-    });
+    })
+    .await;
     let mut t = mesh.connect(web().ip, echo).await;
     t.write_all(b"to the pod").await.unwrap();
     assert_eq!(read_n(&mut t, 10).await, b"to the pod");
@@ -237,7 +241,8 @@ async fn a_new_snapshot_keeps_open_connections_and_applies_to_new_ones() {
     mesh.publish(&Snapshot {
         services: vec![svc.clone()],
         ..Default::default()
-    });
+    })
+    .await;
     let mut long = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     long.write_all(b"before").await.unwrap();
     assert_eq!(read_n(&mut long, 6).await, b"before");
@@ -248,7 +253,8 @@ async fn a_new_snapshot_keeps_open_connections_and_applies_to_new_ones() {
     mesh.publish(&Snapshot {
         services: vec![gone],
         ..Default::default()
-    });
+    })
+    .await;
     let mut fresh = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     assert!(
         closed_by_peer(&mut fresh).await,
@@ -261,10 +267,12 @@ async fn a_new_snapshot_keeps_open_connections_and_applies_to_new_ones() {
     mesh.publish(&Snapshot {
         services: vec![svc],
         ..Default::default()
-    });
+    })
+    .await;
     let mut again = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     again.write_all(b"again").await.unwrap();
     assert_eq!(read_n(&mut again, 5).await, b"again");
+    drop((long, fresh, again));
     mesh.shutdown().await;
 }
 
@@ -275,7 +283,8 @@ async fn shutdown_drains_requests_in_flight() {
     mesh.publish(&Snapshot {
         services: vec![mesh.service("cart", 1, port, &[cart(0)])],
         ..Default::default()
-    });
+    })
+    .await;
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
     let slow = tokio::spawn(async move { c.get("/slow/300").await });
     // Wait for the request to reach the server before shutting down.
