@@ -170,4 +170,15 @@ mod tests {
         assert_eq!(p, Protocol::Http1);
         assert!(b"PUT /k HTTP/1.1\r\n".starts_with(&buf));
     }
+
+    #[test]
+    fn fuzz_harness_over_the_seed_corpus() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus-seed/sniff");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).expect("seed corpus present") {
+            fuzz_detect(&std::fs::read(entry.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n > 0, "no seeds in {dir}");
+    }
 }
