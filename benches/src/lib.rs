@@ -3,5 +3,6 @@
 //! `benches/RESULTS.md`, with figures as ratios to that baseline.
 
 pub mod lb;
+pub mod proxy;
 pub mod report;
 pub mod reset;

@@ -33,6 +33,11 @@ pub struct AccessRecord<'a> {
 
 impl AccessRecord<'_> {
     pub fn emit(&self) {
+        // Serialising costs more than the rest of a small request: skip it
+        // when nobody listens.
+        if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+            return;
+        }
         match serde_json::to_string(self) {
             Ok(line) => tracing::info!(target: TARGET, "{line}"),
             Err(e) => tracing::warn!("access record not serialisable: {e}"),

@@ -120,7 +120,10 @@ mod tests {
 
     #[test]
     fn fuzz_harness_over_the_seed_corpus() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus-seed/connect_target");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/corpus-seed/connect_target"
+        );
         let mut n = 0;
         for entry in std::fs::read_dir(dir).expect("seed corpus present") {
             fuzz_parse_target(&std::fs::read(entry.unwrap().path()).unwrap());
