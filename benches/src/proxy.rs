@@ -369,6 +369,44 @@ fn oha(bin: &Path, target: &Target, args: &[&str]) -> Result<Run> {
     })
 }
 
+/// Runs every target `rounds` times, interleaved (so that a noisy moment on
+/// this shared machine hits all of them alike), and keeps each figure's
+/// median.
+fn measure(
+    bin: &Path,
+    fleet: &Fleet,
+    args: &[&str],
+    rounds: usize,
+    what: &str,
+) -> Result<Vec<Run>> {
+    let mut all: Vec<Vec<Run>> = fleet.targets.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, t) in fleet.targets.iter().enumerate() {
+            eprintln!("  round {}/{rounds}: {} {what}", round + 1, t.name);
+            all[i].push(oha(bin, t, args)?);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Ok(all
+        .into_iter()
+        .map(|runs| Run {
+            rps: median(runs.iter().map(|r| r.rps).collect()),
+            p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
+            p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
+            // CPU per request is kept as the median ratio.
+            requests: 1000.0,
+            cpu_s: median(
+                runs.iter()
+                    .map(|r| r.cpu_s / (r.requests / 1000.0))
+                    .collect(),
+            ),
+        })
+        .collect())
+}
+
 fn warm_up(bin: &Path, fleet: &Fleet) -> Result<()> {
     for t in &fleet.targets {
         oha(bin, t, &["-z", "1s", "-c", "8"])?;
@@ -382,13 +420,9 @@ pub fn latency(quick: bool) -> Result<()> {
     let bin = ensure_oha()?;
     let fleet = Fleet::start()?;
     warm_up(&bin, &fleet)?;
-    let secs = if quick { "3s" } else { "15s" };
+    let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 3) };
     let args = ["-z", secs, "-q", "1000", "--latency-correction", "-c", "16"];
-    let mut runs = Vec::new();
-    for t in &fleet.targets {
-        eprintln!("  {} at 1,000 rps", t.name);
-        runs.push(oha(&bin, t, &args)?);
-    }
+    let runs = measure(&bin, &fleet, &args, rounds, "at 1,000 rps")?;
     let direct = &runs[0];
     let relay_p99 = runs[1].p99_ms - direct.p99_ms;
     let mut rows = Vec::new();
@@ -421,7 +455,7 @@ pub fn latency(quick: bool) -> Result<()> {
     );
     s.line(format!(
         "oha `-z {secs} -q 1000 --latency-correction -c 16`, HTTP/1.1 GET with {BODY}-byte response bodies, \
-         all on loopback on this machine. Added latency = the path's percentile minus the direct \
+         all on loopback on this machine; {rounds} interleaved rounds, medians. Added latency = the path's percentile minus the direct \
          connection's, measured in the same run. CPU = user+system seconds of the pair's process(es) \
          per 1,000 requests (/proc/<pid>/stat); 1,000 requests/s for a second each means 0.25 here \
          is 0.25 vCPU at 1,000 rps.\n"
@@ -458,13 +492,9 @@ pub fn throughput(quick: bool) -> Result<()> {
     let bin = ensure_oha()?;
     let fleet = Fleet::start()?;
     warm_up(&bin, &fleet)?;
-    let secs = if quick { "3s" } else { "10s" };
+    let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 3) };
     let args = ["-z", secs, "-c", "64"];
-    let mut runs = Vec::new();
-    for t in &fleet.targets {
-        eprintln!("  {} at full speed", t.name);
-        runs.push(oha(&bin, t, &args)?);
-    }
+    let runs = measure(&bin, &fleet, &args, rounds, "at full speed")?;
     let mut rows = Vec::new();
     for (t, r) in fleet.targets.iter().zip(&runs) {
         rows.push(vec![
@@ -484,7 +514,8 @@ pub fn throughput(quick: bool) -> Result<()> {
         "Node proxy: maximum requests per second",
     );
     s.line(format!(
-        "oha `-z {secs} -c 64`, HTTP/1.1 GET with {BODY}-byte response bodies on loopback. The load \
+        "oha `-z {secs} -c 64`, HTTP/1.1 GET with {BODY}-byte response bodies on loopback; {rounds} \
+         interleaved rounds, medians. The load \
          generator, the backend and the proxies share this machine's vCPUs, so these are ratios \
          between paths more than absolute capacities.\n"
     ));
@@ -515,7 +546,12 @@ fn verdict(ok: bool) -> &'static str {
 /// The child-process side: `backend ADDR`, `relay-pair LISTEN MIDDLE BACKEND`
 /// or `sluice-pair BACKEND`. Prints `READY <addr>` and serves until killed.
 pub fn proxy_node(args: &[String]) -> Result<()> {
+    let threads = std::env::var("SLUICE_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()?;
     rt.block_on(async move {
@@ -615,6 +651,10 @@ async fn sluice_pair(backend: SocketAddr) -> Result<()> {
         let settings = ProxySettings {
             outbound_addr: format!("{ip}:0").parse()?,
             inbound_addr: format!("{ip}:0").parse()?,
+            tunnel_max_streams: std::env::var("SLUICE_BENCH_STREAMS")
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(1000),
             ..ProxySettings::default()
         };
         let mut registry = prometheus_client::registry::Registry::default();

@@ -21,7 +21,7 @@ use crate::{
     filters,
     metrics::{Direction, LatencyLabels, RequestLabels, status_class},
     proxy::Shared,
-    router::{Decision, RequestView, Rule},
+    router::{Decision, RequestView},
     sniff::Protocol,
     state::{Destination, State, Upstream},
     tunnel::TunnelKey,
@@ -30,7 +30,7 @@ use crate::{
 /// A captured HTTP connection.
 #[derive(Debug)]
 pub struct HttpConn {
-    pub source: LocalWorkload,
+    pub source: Arc<LocalWorkload>,
     pub client_addr: SocketAddr,
     pub original_dst: SocketAddr,
     pub protocol: Protocol,
@@ -200,7 +200,7 @@ async fn route_request(
         };
         match state.routes.route(service, port, &view) {
             None => Decision {
-                rule: Rule::default_for(service, port),
+                rule: state.default_rule(service, port),
                 matched_prefix: None,
             },
             Some(Some(d)) => d,
@@ -219,7 +219,7 @@ async fn route_request(
         }
     };
     let rule = decision.rule.clone();
-    let route_label = format!("{}#{}", rule.route, rule.name);
+    let route_label = rule.label.clone();
     let prefix = decision.matched_prefix.as_deref();
 
     // A redirect answers at once; the rule's backends do not matter.
@@ -337,9 +337,9 @@ async fn route_request(
     loop {
         attempts += 1;
         let can_retry = attempts <= retries && matches!(body, ReqBody::Buffered(_));
-        let upstreams = state.ready_upstreams(&backend_svc, backend.port);
-        let addrs: Vec<SocketAddr> = upstreams.iter().map(|u| u.addr).collect();
-        let failure = match (shared.balancer.pick(&addrs), body.take()) {
+        let ready = state.ready_upstreams(&backend_svc, backend.port);
+        let (upstreams, addrs) = (&ready.upstreams, &ready.addrs);
+        let failure = match (shared.balancer.pick(addrs), body.take()) {
             (None, _) => SendError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 reason: format!(
@@ -500,9 +500,9 @@ fn spawn_mirror(
         tracing::warn!(mirror = %m.service, "mirror target service does not exist");
         return;
     };
-    let upstreams = state.ready_upstreams(&svc, m.port);
-    let addrs: Vec<SocketAddr> = upstreams.iter().map(|u| u.addr).collect();
-    let Some(pick) = shared.balancer.pick(&addrs) else {
+    let ready = state.ready_upstreams(&svc, m.port);
+    let upstreams = &ready.upstreams;
+    let Some(pick) = shared.balancer.pick(&ready.addrs) else {
         return;
     };
     let up = upstreams[pick.index].clone();

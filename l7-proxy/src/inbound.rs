@@ -75,6 +75,8 @@ struct TunnelPeer {
     /// The TLS server name the peer asked for: the local identity it
     /// expects to reach.
     sni: Option<String>,
+    /// The local identity that SNI named when the connection opened.
+    local_identity: Option<SpiffeId>,
     tls: TlsInfo,
 }
 
@@ -145,13 +147,14 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     });
     row.update(|m| {
         m.source_identity = Some(identity.clone());
-        m.destination_identity = local_identity;
+        m.destination_identity = local_identity.clone();
         m.tls = Some(info.clone());
     });
     let tp = Arc::new(TunnelPeer {
         addr: peer,
         identity,
         sni,
+        local_identity,
         tls: info,
     });
     let svc = {
@@ -200,12 +203,15 @@ fn check_target(
     shared: &Shared,
     tp: &TunnelPeer,
     target: SocketAddr,
-) -> Result<LocalWorkload, String> {
+) -> Result<Arc<LocalWorkload>, String> {
     let state = shared.state();
     let Some(w) = state.local_workload(target.ip()).cloned() else {
         return Err(format!("{} is not a workload of this node", target.ip()));
     };
+    // The identity SNI named is known from the handshake; hash again only
+    // for a workload that arrived in a later snapshot.
     if let Some(sni) = &tp.sni
+        && tp.local_identity.as_ref() != Some(&w.identity)
         && !asked_for(shared, &w.identity, sni)
     {
         return Err(format!(
@@ -417,7 +423,7 @@ async fn handle_http(
         Ok(r) => (r, None),
         Err((status, reason)) => {
             if status == StatusCode::FORBIDDEN {
-                deny(&shared, &tp, workload.as_ref(), "http", &reason);
+                deny(&shared, &tp, workload.as_deref(), "http", &reason);
             }
             (proxy_response(status, &reason), Some(reason))
         }

@@ -207,7 +207,7 @@ async fn serve_tcp<I>(
     shared: Arc<Shared>,
     state: &State,
     io: I,
-    source: crate::config::LocalWorkload,
+    source: Arc<crate::config::LocalWorkload>,
     peer: SocketAddr,
     dst: SocketAddr,
     dest: Destination,
@@ -217,9 +217,9 @@ async fn serve_tcp<I>(
     let start = Instant::now();
     let (upstream, destination, _pick) = match &dest {
         Destination::Service { service, port } => {
-            let ups = state.ready_upstreams(service, port.port);
-            let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
-            let Some(pick) = shared.balancer.pick(&addrs) else {
+            let ready = state.ready_upstreams(service, port.port);
+            let ups = &ready.upstreams;
+            let Some(pick) = shared.balancer.pick(&ready.addrs) else {
                 tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; closing it");
                 log_tcp(
                     &source,

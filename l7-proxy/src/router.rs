@@ -48,6 +48,8 @@ pub struct Rule {
     pub route: ObjectRef,
     /// Rule name, or its index.
     pub name: String,
+    /// `namespace/name#rule`, for metrics and logs.
+    pub label: String,
     pub filters: Vec<HttpFilter>,
     pub backends: Vec<BackendRef>,
     pub timeouts: Timeouts,
@@ -61,6 +63,7 @@ impl Rule {
         Arc::new(Rule {
             route: service.clone(),
             name: "default".into(),
+            label: format!("{service}#default"),
             filters: Vec::new(),
             backends: vec![BackendRef {
                 service: service.clone(),
@@ -156,6 +159,11 @@ impl RouteTable {
                 let compiled = Arc::new(Rule {
                     route: route.id.clone(),
                     name: rule.name.clone().unwrap_or_else(|| ri.to_string()),
+                    label: format!(
+                        "{}#{}",
+                        route.id,
+                        rule.name.clone().unwrap_or_else(|| ri.to_string())
+                    ),
                     filters: rule.filters.clone(),
                     backends: rule.backends.clone(),
                     timeouts: rule.timeouts,
@@ -188,6 +196,11 @@ impl RouteTable {
                 let compiled = Arc::new(Rule {
                     route: route.id.clone(),
                     name: rule.name.clone().unwrap_or_else(|| ri.to_string()),
+                    label: format!(
+                        "{}#{}",
+                        route.id,
+                        rule.name.clone().unwrap_or_else(|| ri.to_string())
+                    ),
                     filters: rule.filters.clone(),
                     backends: rule.backends.clone(),
                     timeouts: rule.timeouts,

@@ -12,7 +12,7 @@ use crate::{
     config::{
         Endpoint, LocalWorkload, ObjectRef, Service, ServicePort, Snapshot, SpiffeId, Workload,
     },
-    router::{RouteError, RouteTable},
+    router::{RouteError, RouteTable, Rule},
 };
 
 /// Where a request or connection goes.
@@ -53,9 +53,21 @@ pub struct State {
     services: HashMap<ObjectRef, Arc<Service>>,
     vips: HashMap<SocketAddr, (Arc<Service>, ServicePort)>,
     workloads: HashMap<IpAddr, Workload>,
-    local: HashMap<IpAddr, LocalWorkload>,
+    local: HashMap<IpAddr, Arc<LocalWorkload>>,
     /// Services each endpoint IP belongs to (for access policies).
     member_of: HashMap<IpAddr, Vec<ObjectRef>>,
+    /// Ready endpoints per (service, service port), computed once.
+    ready: HashMap<ObjectRef, HashMap<u16, ReadySet>>,
+    /// The implicit rule of each (service, port) without routes.
+    default_rules: HashMap<ObjectRef, HashMap<u16, Arc<Rule>>>,
+}
+
+/// Ready endpoints of one service port, and their addresses (for the
+/// balancer), shared by every request.
+#[derive(Clone, Debug, Default)]
+pub struct ReadySet {
+    pub upstreams: Arc<[Upstream]>,
+    pub addrs: Arc<[SocketAddr]>,
 }
 
 impl State {
@@ -75,6 +87,26 @@ impl State {
                         .insert(SocketAddr::new(*vip, p.port), (svc.clone(), p.clone()));
                 }
             }
+            for p in &svc.ports {
+                let ups: Vec<Upstream> = svc
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|e| upstream_of(e, p.target_port))
+                    .collect();
+                let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
+                s.ready.entry(svc.id.clone()).or_default().insert(
+                    p.port,
+                    ReadySet {
+                        upstreams: ups.into(),
+                        addrs: addrs.into(),
+                    },
+                );
+                s.default_rules
+                    .entry(svc.id.clone())
+                    .or_default()
+                    .insert(p.port, Rule::default_for(&svc.id, p.port));
+            }
             for ep in &svc.endpoints {
                 let list = s.member_of.entry(ep.ip).or_default();
                 if !list.contains(&svc.id) {
@@ -87,13 +119,13 @@ impl State {
             s.workloads.insert(w.ip, w.clone());
         }
         for w in &snapshot.local_workloads {
-            s.local.insert(w.ip, w.clone());
+            s.local.insert(w.ip, Arc::new(w.clone()));
         }
         s.snapshot = snapshot;
         (s, errors)
     }
 
-    pub fn local_workload(&self, ip: IpAddr) -> Option<&LocalWorkload> {
+    pub fn local_workload(&self, ip: IpAddr) -> Option<&Arc<LocalWorkload>> {
         self.local.get(&ip)
     }
 
@@ -118,17 +150,23 @@ impl State {
         }
     }
 
-    /// Ready endpoints of a service port, as upstreams.
-    pub fn ready_upstreams(&self, service: &Service, port: u16) -> Vec<Upstream> {
-        let Some(sp) = service.ports.iter().find(|p| p.port == port) else {
-            return Vec::new();
-        };
-        service
-            .endpoints
-            .iter()
-            .filter(|e| e.ready)
-            .map(|e| upstream_of(e, sp.target_port))
-            .collect()
+    /// Ready endpoints of a service port.
+    pub fn ready_upstreams(&self, service: &Service, port: u16) -> ReadySet {
+        self.ready
+            .get(&service.id)
+            .and_then(|ports| ports.get(&port))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The rule of a request to a service without routes: the service
+    /// itself, on the port the client connected to.
+    pub fn default_rule(&self, service: &ObjectRef, port: u16) -> Arc<Rule> {
+        self.default_rules
+            .get(service)
+            .and_then(|ports| ports.get(&port))
+            .cloned()
+            .unwrap_or_else(|| Rule::default_for(service, port))
     }
 
     pub fn workload_upstream(w: &Workload, port: u16) -> Upstream {
