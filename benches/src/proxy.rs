@@ -231,12 +231,21 @@ impl Drop for TempDir {
 }
 
 impl Fleet {
-    fn start() -> Result<Fleet> {
+    /// `pair_threads`: tokio worker threads of the relay and Sluice pairs'
+    /// processes (the nginx pair is two single-threaded processes).
+    fn start(pair_threads: usize) -> Result<Fleet> {
+        let threads = pair_threads.to_string();
         let nginx = ensure_nginx()?;
         let (backend, backend_addr) = node(&["backend", "127.0.0.2:0"])?;
         let backend_s = backend_addr.to_string();
-        let (relay, relay_addr) = node(&["relay-pair", "127.0.0.1:0", "127.0.0.5:0", &backend_s])?;
-        let (sluice, sluice_addr) = node(&["sluice-pair", &backend_s])?;
+        let (relay, relay_addr) = node(&[
+            "relay-pair",
+            "127.0.0.1:0",
+            "127.0.0.5:0",
+            &backend_s,
+            &threads,
+        ])?;
+        let (sluice, sluice_addr) = node(&["sluice-pair", &backend_s, &threads])?;
 
         let dir = TempDir(
             std::env::temp_dir().join(format!("sluice-bench-nginx-{}", std::process::id())),
@@ -320,6 +329,10 @@ struct Run {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// p50 and p99 minus the direct path's in the same round (filled in by
+    /// `measure`).
+    add50_ms: f64,
+    add99_ms: f64,
     requests: f64,
     cpu_s: f64,
 }
@@ -364,6 +377,8 @@ fn oha(bin: &Path, target: &Target, args: &[&str]) -> Result<Run> {
         rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
         p50_ms: v["latencyPercentiles"]["p50"].as_f64().unwrap_or(0.0) * 1e3,
         p99_ms: v["latencyPercentiles"]["p99"].as_f64().unwrap_or(0.0) * 1e3,
+        add50_ms: 0.0,
+        add99_ms: 0.0,
         requests: ok,
         cpu_s,
     })
@@ -383,7 +398,14 @@ fn measure(
     for round in 0..rounds {
         for (i, t) in fleet.targets.iter().enumerate() {
             eprintln!("  round {}/{rounds}: {} {what}", round + 1, t.name);
-            all[i].push(oha(bin, t, args)?);
+            let mut r = oha(bin, t, args)?;
+            // Target 0 is the direct path: differences within one round
+            // cancel the machine's slow drift.
+            if let Some(direct) = all[0].last().filter(|_| i > 0) {
+                r.add50_ms = r.p50_ms - direct.p50_ms;
+                r.add99_ms = r.p99_ms - direct.p99_ms;
+            }
+            all[i].push(r);
         }
     }
     let median = |mut v: Vec<f64>| {
@@ -396,6 +418,8 @@ fn measure(
             rps: median(runs.iter().map(|r| r.rps).collect()),
             p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
             p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
+            add50_ms: median(runs.iter().map(|r| r.add50_ms).collect()),
+            add99_ms: median(runs.iter().map(|r| r.add99_ms).collect()),
             // CPU per request is kept as the median ratio.
             requests: 1000.0,
             cpu_s: median(
@@ -418,47 +442,51 @@ fn warm_up(bin: &Path, fleet: &Fleet) -> Result<()> {
 /// requests.
 pub fn latency(quick: bool) -> Result<()> {
     let bin = ensure_oha()?;
-    let fleet = Fleet::start()?;
+    // At 1,000 requests/s one worker thread per pair process is plenty, and
+    // costs less CPU than two that wake each other.
+    let threads = 1;
+    let fleet = Fleet::start(threads)?;
     warm_up(&bin, &fleet)?;
-    let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 3) };
+    let (secs, rounds) = if quick { ("3s", 1) } else { ("8s", 5) };
     let args = ["-z", secs, "-q", "1000", "--latency-correction", "-c", "16"];
     let runs = measure(&bin, &fleet, &args, rounds, "at 1,000 rps")?;
-    let direct = &runs[0];
-    let relay_p99 = runs[1].p99_ms - direct.p99_ms;
+    let relay_p99 = runs[1].add99_ms;
+    let cpu = |r: &Run| r.cpu_s / (r.requests / 1000.0);
     let mut rows = Vec::new();
     for (t, r) in fleet.targets.iter().zip(&runs) {
-        let add50 = r.p50_ms - direct.p50_ms;
-        let add99 = r.p99_ms - direct.p99_ms;
+        let pair = !t.procs.is_empty();
         rows.push(vec![
             t.name.to_string(),
             format!("{:.3}", r.p50_ms),
             format!("{:.3}", r.p99_ms),
-            format!("{add50:.3}"),
-            format!("{add99:.3}"),
-            if t.procs.is_empty() {
-                "–".into()
+            format!("{:.3}", r.add50_ms),
+            format!("{:.3}", r.add99_ms),
+            if pair && relay_p99 > 0.0 {
+                ratio(r.add99_ms, relay_p99)
             } else {
-                ratio(add99, relay_p99)
+                "–".into()
             },
-            if t.procs.is_empty() {
-                "–".into()
+            if pair {
+                format!("{:.3}", cpu(r))
             } else {
-                format!("{:.3}", r.cpu_s / (r.requests / 1000.0))
+                "–".into()
             },
         ]);
     }
-    let sluice = &runs[2];
-    let nginx = &runs[3];
+    let (sluice, nginx) = (&runs[2], &runs[3]);
     let mut s = Section::new(
         "proxy-latency",
         "Node proxy: added latency at 1,000 requests/s",
     );
     s.line(format!(
-        "oha `-z {secs} -q 1000 --latency-correction -c 16`, HTTP/1.1 GET with {BODY}-byte response bodies, \
-         all on loopback on this machine; {rounds} interleaved rounds, medians. Added latency = the path's percentile minus the direct \
-         connection's, measured in the same run. CPU = user+system seconds of the pair's process(es) \
-         per 1,000 requests (/proc/<pid>/stat); 1,000 requests/s for a second each means 0.25 here \
-         is 0.25 vCPU at 1,000 rps.\n"
+        "oha `-z {secs} -q 1000 --latency-correction -c 16`, HTTP/1.1 GET with {BODY}-byte response \
+         bodies, all on loopback on this machine (2 vCPU shared by oha, the backend and the proxies). \
+         {rounds} rounds, each running every path in turn; the table shows medians. Added latency = \
+         the path's percentile minus the direct connection's in the same round. CPU = user+system \
+         seconds of the pair's process(es) per 1,000 requests (/proc/<pid>/stat), so 0.25 means \
+         0.25 vCPU at 1,000 rps. The relay and Sluice pairs each run in one process with {threads} \
+         tokio worker thread; the nginx pair is two single-threaded nginx processes (`master_process \
+         off`), TLS 1.3 with client certificates and upstream keepalive.\n"
     ));
     s.table(
         &[
@@ -473,15 +501,16 @@ pub fn latency(quick: bool) -> Result<()> {
         &rows,
     );
     s.line(format!(
-        "Targets: Sluice's added p99 at most 2x the relay pair's: {} ({}). Both Sluice proxies at most \
-         0.25 vCPU per 1,000 rps: {:.3} ({}). Tail latency ahead of the nginx pair: {:.3} ms vs {:.3} ms added p99 ({}).\n",
-        ratio(sluice.p99_ms - direct.p99_ms, relay_p99),
-        verdict(sluice.p99_ms - direct.p99_ms <= 2.0 * relay_p99),
-        sluice.cpu_s / (sluice.requests / 1000.0),
-        verdict(sluice.cpu_s / (sluice.requests / 1000.0) <= 0.25),
-        sluice.p99_ms - direct.p99_ms,
-        nginx.p99_ms - direct.p99_ms,
-        verdict(sluice.p99_ms < nginx.p99_ms),
+        "Targets: Sluice's added p99 at most 2x the relay pair's: {}x ({}). Both Sluice proxies at \
+         most 0.25 vCPU per 1,000 rps: {:.3} ({}). Tail latency ahead of the nginx pair: {:.3} ms vs \
+         {:.3} ms added p99 ({}).\n",
+        if relay_p99 > 0.0 { ratio(sluice.add99_ms, relay_p99) } else { "n/a".into() },
+        verdict(sluice.add99_ms <= 2.0 * relay_p99.max(0.0)),
+        cpu(sluice),
+        verdict(cpu(sluice) <= 0.25),
+        sluice.add99_ms,
+        nginx.add99_ms,
+        verdict(sluice.add99_ms < nginx.add99_ms),
     ));
     s.write()
 }
@@ -490,7 +519,9 @@ pub fn latency(quick: bool) -> Result<()> {
 /// at that rate.
 pub fn throughput(quick: bool) -> Result<()> {
     let bin = ensure_oha()?;
-    let fleet = Fleet::start()?;
+    // As many threads as the nginx pair has (two processes, one each).
+    let threads = 2;
+    let fleet = Fleet::start(threads)?;
     warm_up(&bin, &fleet)?;
     let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 3) };
     let args = ["-z", secs, "-c", "64"];
@@ -515,7 +546,8 @@ pub fn throughput(quick: bool) -> Result<()> {
     );
     s.line(format!(
         "oha `-z {secs} -c 64`, HTTP/1.1 GET with {BODY}-byte response bodies on loopback; {rounds} \
-         interleaved rounds, medians. The load \
+         interleaved rounds, medians. The relay and Sluice pairs each run in one process with \
+         {threads} tokio worker threads; the nginx pair is two single-threaded processes. The load \
          generator, the backend and the proxies share this machine's vCPUs, so these are ratios \
          between paths more than absolute capacities.\n"
     ));
@@ -546,10 +578,12 @@ fn verdict(ok: bool) -> &'static str {
 /// The child-process side: `backend ADDR`, `relay-pair LISTEN MIDDLE BACKEND`
 /// or `sluice-pair BACKEND`. Prints `READY <addr>` and serves until killed.
 pub fn proxy_node(args: &[String]) -> Result<()> {
-    let threads = std::env::var("SLUICE_BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(2);
+    // The backend is shared by every path; the pairs get the thread count
+    // the benchmark asks for (last argument).
+    let threads = match args.first().map(String::as_str) {
+        Some("backend") => 2,
+        _ => args.last().and_then(|t| t.parse().ok()).unwrap_or(2),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()

@@ -132,7 +132,7 @@ impl Proxy {
     /// Stops accepting, lets requests and connections in flight finish for
     /// the drain timeout, then cuts what is left.
     pub async fn shutdown(self) {
-        let s = &self.shared;
+        let s = &self.shared.clone();
         s.shutdown.cancel();
         s.tracker.close();
         if tokio::time::timeout(s.settings.drain_timeout(), s.tracker.wait())
@@ -146,6 +146,15 @@ impl Proxy {
             s.hard_stop.cancel();
             s.tracker.wait().await;
         }
+        self.watcher.abort();
+    }
+}
+
+impl Drop for Proxy {
+    /// A proxy dropped without [`Proxy::shutdown`] stops at once.
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+        self.shared.hard_stop.cancel();
         self.watcher.abort();
     }
 }

@@ -18,6 +18,11 @@ struct Cli {
     quick: bool,
 }
 
+// The proxies measured here run in this binary (`__proxy-node`); jemalloc is
+// what a deployment of the node agent would use too.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 type Bench = fn(quick: bool) -> Result<()>;
 
 const BENCHES: &[(&str, &str, Bench)] = &[

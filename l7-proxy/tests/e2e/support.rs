@@ -184,7 +184,13 @@ pub struct Mesh {
     pub pods_b: Vec<Pod>,
 }
 
-async fn start_node(ca: &Arc<Ca>, ip: IpAddr, pods: &[Pod], odst: Arc<MapOriginalDst>) -> Node {
+async fn start_node(
+    ca: &Arc<Ca>,
+    ip: IpAddr,
+    pods: &[Pod],
+    odst: Arc<MapOriginalDst>,
+    tweak: &dyn Fn(&mut ProxySettings),
+) -> Node {
     let identities = IdentityManager::new(
         ca.clone(),
         ca.bundle(),
@@ -201,7 +207,9 @@ async fn start_node(ca: &Arc<Ca>, ip: IpAddr, pods: &[Pod], odst: Arc<MapOrigina
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let mut registry = Registry::default();
-    let proxy = Proxy::builder(settings(ip), rx, Arc::new(identities.clone()), odst)
+    let mut settings = settings(ip);
+    tweak(&mut settings);
+    let proxy = Proxy::builder(settings, rx, Arc::new(identities.clone()), odst)
         .start(&mut registry)
         .await
         .expect("proxy starts");
@@ -215,11 +223,20 @@ async fn start_node(ca: &Arc<Ca>, ip: IpAddr, pods: &[Pod], odst: Arc<MapOrigina
 
 impl Mesh {
     pub async fn new(pods_a: Vec<Pod>, pods_b: Vec<Pod>) -> Mesh {
+        Mesh::with_settings(pods_a, pods_b, &|_| {}).await
+    }
+
+    /// A mesh whose proxies' settings `tweak` adjusts.
+    pub async fn with_settings(
+        pods_a: Vec<Pod>,
+        pods_b: Vec<Pod>,
+        tweak: &dyn Fn(&mut ProxySettings),
+    ) -> Mesh {
         init_tracing();
         let ca = Arc::new(Ca::generate(CaOptions::default(), Arc::new(SystemClock)).expect("CA"));
         let odst = Arc::new(MapOriginalDst::default());
-        let a = start_node(&ca, node_a_ip(), &pods_a, odst.clone()).await;
-        let b = start_node(&ca, node_b_ip(), &pods_b, odst.clone()).await;
+        let a = start_node(&ca, node_a_ip(), &pods_a, odst.clone(), tweak).await;
+        let b = start_node(&ca, node_b_ip(), &pods_b, odst.clone(), tweak).await;
         Mesh {
             ca,
             a,

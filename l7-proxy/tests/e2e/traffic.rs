@@ -306,3 +306,71 @@ async fn shutdown_drains_requests_in_flight() {
     let mut b = b;
     b.proxy.take().unwrap().shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_are_bounded_and_closed_when_idle() {
+    // Two streams per tunnel connection, at most two connections per key.
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.tunnel_max_streams = 2;
+        s.tunnel_max_connections = 2;
+        s.tunnel_idle_timeout_ms = 300;
+    })
+    .await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let mut svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut open = Vec::new();
+    for i in 0..4u8 {
+        let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        t.write_all(&[i]).await.unwrap();
+        assert_eq!(read_n(&mut t, 1).await, [i]);
+        open.push(t);
+    }
+    assert_eq!(
+        mesh.a.proxy().tunnel_connections(),
+        2,
+        "two streams each on two connections"
+    );
+    // Both connections are full and no third may open: the fifth stream waits
+    // for room (the peer allows two streams per connection), and gets it when
+    // others close (one on each connection, whichever the fifth queued on).
+    let mut fifth = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    fifth.write_all(b"5").await.unwrap();
+    drop(open.remove(2));
+    drop(open.remove(0));
+    assert_eq!(read_n(&mut fifth, 1).await, b"5");
+    assert_eq!(
+        mesh.a.proxy().tunnel_connections(),
+        2,
+        "never more than the cap per key"
+    );
+    let rows = mesh.a.proxy().connections();
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.kind == ConnKind::TunnelOut)
+            .count(),
+        2
+    );
+    open.push(fifth);
+    drop(open);
+    // With no stream left, the idle timeout closes both connections.
+    eventually("idle tunnels closed", || {
+        mesh.a.proxy().tunnel_connections() == 0
+    })
+    .await;
+    eventually("their rows are gone", || {
+        !mesh
+            .a
+            .proxy()
+            .connections()
+            .iter()
+            .any(|r| r.kind == ConnKind::TunnelOut)
+    })
+    .await;
+    mesh.shutdown().await;
+}
