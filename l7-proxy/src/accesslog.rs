@@ -31,11 +31,16 @@ pub struct AccessRecord<'a> {
     pub reason: Option<&'a str>,
 }
 
+/// Whether access records are wanted; build them only then.
+pub fn enabled() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
+}
+
 impl AccessRecord<'_> {
     pub fn emit(&self) {
         // Serialising costs more than the rest of a small request: skip it
         // when nobody listens.
-        if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+        if !enabled() {
             return;
         }
         match serde_json::to_string(self) {

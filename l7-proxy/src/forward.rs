@@ -15,11 +15,11 @@ use crate::{
     accesslog::AccessRecord,
     body::{Body, boxed, full, proxy_response, strip_hop_by_hop},
     config::{
-        BackendRef, HttpFilter, LocalWorkload, PROTOCOL_HEADER, SOURCE_IDENTITY_HEADER, SpiffeId,
+        BackendRef, HttpFilter, LocalWorkload, PROTOCOL_HEADER, SOURCE_IDENTITY_HEADER,
         TARGET_HEADER,
     },
     filters,
-    metrics::{Direction, LatencyLabels, RequestLabels, status_class},
+    metrics::{Direction, Label, LatencyLabels, RequestLabels, status_class},
     proxy::Shared,
     router::{Decision, RequestView},
     sniff::Protocol,
@@ -31,6 +31,8 @@ use crate::{
 #[derive(Debug)]
 pub struct HttpConn {
     pub source: Arc<LocalWorkload>,
+    /// The source identity as a metric label.
+    pub source_label: Label,
     pub client_addr: SocketAddr,
     pub original_dst: SocketAddr,
     pub protocol: Protocol,
@@ -39,22 +41,22 @@ pub struct HttpConn {
 /// What happened to one request, for metrics and the access log.
 struct Outcome {
     response: Response<Body>,
-    route: String,
-    destination: String,
-    destination_identity: Option<SpiffeId>,
-    secured: bool,
+    route: Label,
+    /// The service (or workload) the request was for.
+    destination: Label,
+    /// The endpoint that answered, if one did.
+    upstream: Option<Arc<Upstream>>,
     attempts: u32,
     reason: Option<String>,
 }
 
 impl Outcome {
-    fn local(status: StatusCode, reason: String, route: String, destination: String) -> Outcome {
+    fn local(status: StatusCode, reason: String, route: Label, destination: Label) -> Outcome {
         Outcome {
             response: proxy_response(status, &reason),
             route,
             destination,
-            destination_identity: None,
-            secured: false,
+            upstream: None,
             attempts: 0,
             reason: Some(reason),
         }
@@ -91,44 +93,39 @@ pub(crate) async fn handle(
             .await
         }
         Destination::Workload(w) => {
-            let up = State::workload_upstream(&w, conn.original_dst.port());
-            let dest = w.id.to_string();
-            let mut o = match send_once(&shared, &conn, &up, parts, body).await {
+            let up = Arc::new(State::workload_upstream(&w, conn.original_dst.port()));
+            let dest = Label::from(w.id.to_string());
+            match send_once(&shared, &conn, &up, parts, body).await {
                 Ok(resp) => Outcome {
                     response: resp,
-                    route: String::new(),
+                    route: Label::default(),
                     destination: dest,
-                    destination_identity: None,
-                    secured: false,
+                    upstream: Some(up),
                     attempts: 1,
                     reason: None,
                 },
-                Err(e) => Outcome::local(e.status, e.reason, String::new(), dest),
-            };
-            o.secured = up.tunnel.is_some();
-            o.destination_identity = up.tunnel.map(|t| t.identity);
-            o
+                Err(e) => Outcome::local(e.status, e.reason, Label::default(), dest),
+            }
         }
         Destination::External => Outcome::local(
             StatusCode::BAD_GATEWAY,
             format!("{} is not a meshed destination", conn.original_dst),
-            String::new(),
-            conn.original_dst.to_string(),
+            Label::default(),
+            Label::from(conn.original_dst.to_string()),
         ),
     };
     let status = outcome.response.status().as_u16();
-    let src = conn.source.identity.to_string();
-    let dst_id = outcome
-        .destination_identity
+    let dst = outcome
+        .upstream
         .as_ref()
-        .map_or_else(|| outcome.destination.clone(), |i| i.to_string());
+        .map_or_else(|| outcome.destination.clone(), |u| u.label.clone());
     shared
         .metrics
         .requests
         .get_or_create(&RequestLabels {
             direction: Direction::Outbound,
-            source: src.clone(),
-            destination: dst_id.clone(),
+            source: conn.source_label.clone(),
+            destination: dst.clone(),
             route: outcome.route.clone(),
             status_class: status_class(status),
         })
@@ -138,23 +135,27 @@ pub(crate) async fn handle(
         .request_duration
         .get_or_create(&LatencyLabels {
             direction: Direction::Outbound,
-            source: src,
-            destination: dst_id,
+            source: conn.source_label.clone(),
+            destination: dst,
             route: outcome.route.clone(),
         })
         .observe(start.elapsed().as_secs_f64());
+    if !crate::accesslog::enabled() {
+        return Ok(outcome.response);
+    }
+    let tunnel = outcome.upstream.as_ref().and_then(|u| u.tunnel.as_ref());
     AccessRecord {
         direction: "outbound",
         protocol: "http",
         source_addr: Some(conn.client_addr.to_string()),
         source_identity: Some(&conn.source.identity),
-        destination: Some(outcome.destination.clone()),
+        destination: Some(outcome.destination.to_string()),
         destination_addr: Some(conn.original_dst.to_string()),
-        destination_identity: outcome.destination_identity.as_ref(),
-        secured: outcome.secured,
+        destination_identity: tunnel.map(|t| &t.identity),
+        secured: tunnel.is_some(),
         method: Some(method.as_str()),
         path: Some(&path),
-        route: Some(&outcome.route),
+        route: Some(outcome.route.as_str()),
         status: Some(status),
         attempts: Some(outcome.attempts),
         duration_ms: start.elapsed().as_secs_f64() * 1e3,
@@ -212,8 +213,8 @@ async fn route_request(
                         parts.method,
                         parts.uri.path()
                     ),
-                    String::new(),
-                    service.to_string(),
+                    Label::default(),
+                    Label::from(service.to_string()),
                 );
             }
         }
@@ -236,9 +237,8 @@ async fn route_request(
         return Outcome {
             response: resp,
             route: route_label,
-            destination: service.to_string(),
-            destination_identity: None,
-            secured: false,
+            destination: Label::from(service.to_string()),
+            upstream: None,
             attempts: 0,
             reason: None,
         };
@@ -249,7 +249,7 @@ async fn route_request(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("route {route_label} has no backend with a weight above zero"),
             route_label,
-            service.to_string(),
+            Label::from(service.to_string()),
         );
     };
     let mut response_mods = Vec::new();
@@ -268,9 +268,8 @@ async fn route_request(
                 return Outcome {
                     response: resp,
                     route: route_label,
-                    destination: service.to_string(),
-                    destination_identity: None,
-                    secured: false,
+                    destination: Label::from(service.to_string()),
+                    upstream: None,
                     attempts: 0,
                     reason: None,
                 };
@@ -287,10 +286,13 @@ async fn route_request(
                 backend.service
             ),
             route_label,
-            service.to_string(),
+            Label::from(service.to_string()),
         );
     };
-    let destination = backend.service.to_string();
+    // The configuration cannot change under a request: one lookup serves
+    // every attempt.
+    let ready = state.ready_upstreams(&backend_svc, backend.port);
+    let destination = ready.service.clone();
 
     let retries = rule.retry.as_ref().map_or(0, |r| r.attempts);
     let mut body = if retries > 0 || !mirrors.is_empty() {
@@ -337,7 +339,6 @@ async fn route_request(
     loop {
         attempts += 1;
         let can_retry = attempts <= retries && matches!(body, ReqBody::Buffered(_));
-        let ready = state.ready_upstreams(&backend_svc, backend.port);
         let (upstreams, addrs) = (&ready.upstreams, &ready.addrs);
         let failure = match (shared.balancer.pick(addrs), body.take()) {
             (None, _) => SendError {
@@ -401,8 +402,7 @@ async fn route_request(
                             response: resp,
                             route: route_label,
                             destination,
-                            destination_identity: up.tunnel.as_ref().map(|t| t.identity.clone()),
-                            secured: up.tunnel.is_some(),
+                            upstream: Some(up.clone()),
                             attempts,
                             reason: None,
                         };

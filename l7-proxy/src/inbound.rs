@@ -20,7 +20,7 @@ use crate::{
     conntable::{ConnKind, ConnMeta, TlsInfo},
     io::{Counted, relay},
     metrics::{
-        DenialLabels, Direction, LatencyLabels, RequestLabels, TcpLabels, TlsFailureLabels,
+        DenialLabels, Direction, Label, LatencyLabels, RequestLabels, TcpLabels, TlsFailureLabels,
         status_class,
     },
     outbound::drain_on_shutdown,
@@ -77,6 +77,9 @@ struct TunnelPeer {
     sni: Option<String>,
     /// The local identity that SNI named when the connection opened.
     local_identity: Option<SpiffeId>,
+    /// `identity` and `local_identity` as metric labels.
+    label: Label,
+    local_label: Label,
     tls: TlsInfo,
 }
 
@@ -152,8 +155,12 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     });
     let tp = Arc::new(TunnelPeer {
         addr: peer,
+        label: Label::from(identity.as_ref()),
         identity,
         sni,
+        local_label: local_identity
+            .as_ref()
+            .map_or_else(Label::default, |id| Label::from(id.as_ref())),
         local_identity,
         tls: info,
     });
@@ -429,17 +436,19 @@ async fn handle_http(
         }
     };
     let status = resp.status().as_u16();
-    let dst = workload
-        .as_ref()
-        .map_or_else(String::new, |w| w.identity.to_string());
+    let dst = match &workload {
+        Some(w) if tp.local_identity.as_ref() == Some(&w.identity) => tp.local_label.clone(),
+        Some(w) => Label::from(w.identity.as_ref()),
+        None => Label::default(),
+    };
     shared
         .metrics
         .requests
         .get_or_create(&RequestLabels {
             direction: Direction::Inbound,
-            source: tp.identity.to_string(),
+            source: tp.label.clone(),
             destination: dst.clone(),
-            route: String::new(),
+            route: Label::default(),
             status_class: status_class(status),
         })
         .inc();
@@ -448,11 +457,14 @@ async fn handle_http(
         .request_duration
         .get_or_create(&LatencyLabels {
             direction: Direction::Inbound,
-            source: tp.identity.to_string(),
+            source: tp.label.clone(),
             destination: dst,
-            route: String::new(),
+            route: Label::default(),
         })
         .observe(start.elapsed().as_secs_f64());
+    if !crate::accesslog::enabled() {
+        return resp;
+    }
     AccessRecord {
         direction: "inbound",
         protocol: "http",

@@ -1,11 +1,48 @@
 //! Prometheus metrics (`prometheus-client`), registered in a [`Registry`] that
 //! the agent serves on its admin port.
 
+use std::{fmt::Write as _, sync::Arc};
+
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+
+/// A label value shared rather than copied: identities and route names are
+/// made once per snapshot or connection, not once per request.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Label(Arc<str>);
+
+impl Label {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Self {
+        Label(s.into())
+    }
+}
+
+impl From<String> for Label {
+    fn from(s: String) -> Self {
+        Label(s.into())
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum Direction {
@@ -16,18 +53,18 @@ pub enum Direction {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub direction: Direction,
-    pub source: String,
-    pub destination: String,
-    pub route: String,
-    pub status_class: String,
+    pub source: Label,
+    pub destination: Label,
+    pub route: Label,
+    pub status_class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
     pub direction: Direction,
-    pub source: String,
-    pub destination: String,
-    pub route: String,
+    pub source: Label,
+    pub destination: Label,
+    pub route: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -123,6 +160,12 @@ impl Metrics {
 }
 
 /// `2xx`, `4xx`… for a status code.
-pub fn status_class(status: u16) -> String {
-    format!("{}xx", status / 100)
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
 }

@@ -126,6 +126,7 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
             let conn = Arc::new(HttpConn {
+                source_label: crate::metrics::Label::from(source.identity.as_ref()),
                 source,
                 client_addr: peer,
                 original_dst: dst,
@@ -242,16 +243,17 @@ async fn serve_tcp<I>(
             )
         }
         Destination::Workload(w) => (
-            State::workload_upstream(w, dst.port()),
+            Arc::new(State::workload_upstream(w, dst.port())),
             Some(w.id.clone()),
             None,
         ),
         Destination::External => (
-            Upstream {
+            Arc::new(Upstream {
                 addr: dst,
+                label: crate::metrics::Label::from(dst.to_string()),
                 tunnel: None,
                 workload: None,
-            },
+            }),
             None,
             None,
         ),

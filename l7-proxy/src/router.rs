@@ -49,7 +49,7 @@ pub struct Rule {
     /// Rule name, or its index.
     pub name: String,
     /// `namespace/name#rule`, for metrics and logs.
-    pub label: String,
+    pub label: crate::metrics::Label,
     pub filters: Vec<HttpFilter>,
     pub backends: Vec<BackendRef>,
     pub timeouts: Timeouts,
@@ -63,7 +63,7 @@ impl Rule {
         Arc::new(Rule {
             route: service.clone(),
             name: "default".into(),
-            label: format!("{service}#default"),
+            label: format!("{service}#default").into(),
             filters: Vec::new(),
             backends: vec![BackendRef {
                 service: service.clone(),
@@ -163,7 +163,8 @@ impl RouteTable {
                         "{}#{}",
                         route.id,
                         rule.name.clone().unwrap_or_else(|| ri.to_string())
-                    ),
+                    )
+                    .into(),
                     filters: rule.filters.clone(),
                     backends: rule.backends.clone(),
                     timeouts: rule.timeouts,
@@ -200,7 +201,8 @@ impl RouteTable {
                         "{}#{}",
                         route.id,
                         rule.name.clone().unwrap_or_else(|| ri.to_string())
-                    ),
+                    )
+                    .into(),
                     filters: rule.filters.clone(),
                     backends: rule.backends.clone(),
                     timeouts: rule.timeouts,

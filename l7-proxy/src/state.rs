@@ -12,6 +12,7 @@ use crate::{
     config::{
         Endpoint, LocalWorkload, ObjectRef, Service, ServicePort, Snapshot, SpiffeId, Workload,
     },
+    metrics::Label,
     router::{RouteError, RouteTable, Rule},
 };
 
@@ -20,6 +21,8 @@ use crate::{
 pub struct Upstream {
     /// Workload `ip:port`.
     pub addr: SocketAddr,
+    /// Its identity (or address, when not meshed) as a metric label.
+    pub label: Label,
     /// The tunnel to use, or plaintext directly when `None`.
     pub tunnel: Option<TunnelPeer>,
     pub workload: Option<ObjectRef>,
@@ -66,8 +69,10 @@ pub struct State {
 /// balancer), shared by every request.
 #[derive(Clone, Debug, Default)]
 pub struct ReadySet {
-    pub upstreams: Arc<[Upstream]>,
+    pub upstreams: Arc<[Arc<Upstream>]>,
     pub addrs: Arc<[SocketAddr]>,
+    /// `namespace/name` of the service, as a label.
+    pub service: Label,
 }
 
 impl State {
@@ -88,11 +93,11 @@ impl State {
                 }
             }
             for p in &svc.ports {
-                let ups: Vec<Upstream> = svc
+                let ups: Vec<Arc<Upstream>> = svc
                     .endpoints
                     .iter()
                     .filter(|e| e.ready)
-                    .map(|e| upstream_of(e, p.target_port))
+                    .map(|e| Arc::new(upstream_of(e, p.target_port)))
                     .collect();
                 let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
                 s.ready.entry(svc.id.clone()).or_default().insert(
@@ -100,6 +105,7 @@ impl State {
                     ReadySet {
                         upstreams: ups.into(),
                         addrs: addrs.into(),
+                        service: Label::from(svc.id.to_string()),
                     },
                 );
                 s.default_rules
@@ -156,7 +162,10 @@ impl State {
             .get(&service.id)
             .and_then(|ports| ports.get(&port))
             .cloned()
-            .unwrap_or_default()
+            .unwrap_or_else(|| ReadySet {
+                service: Label::from(service.id.to_string()),
+                ..ReadySet::default()
+            })
     }
 
     /// The rule of a request to a service without routes: the service
@@ -170,8 +179,16 @@ impl State {
     }
 
     pub fn workload_upstream(w: &Workload, port: u16) -> Upstream {
+        let addr = SocketAddr::new(w.ip, port);
         Upstream {
-            addr: SocketAddr::new(w.ip, port),
+            addr,
+            label: label_of(
+                addr,
+                w.node_proxy
+                    .is_some()
+                    .then_some(())
+                    .and(w.identity.as_ref()),
+            ),
             tunnel: match (&w.node_proxy, &w.identity) {
                 (Some(node), Some(identity)) => Some(TunnelPeer {
                     node: *node,
@@ -195,9 +212,24 @@ impl State {
     }
 }
 
+fn label_of(addr: SocketAddr, identity: Option<&SpiffeId>) -> Label {
+    match identity {
+        Some(id) => Label::from(id.as_ref()),
+        None => Label::from(addr.to_string()),
+    }
+}
+
 fn upstream_of(e: &Endpoint, port: u16) -> Upstream {
+    let addr = SocketAddr::new(e.ip, port);
     Upstream {
-        addr: SocketAddr::new(e.ip, port),
+        addr,
+        label: label_of(
+            addr,
+            e.node_proxy
+                .is_some()
+                .then_some(())
+                .and(e.identity.as_ref()),
+        ),
         tunnel: match (&e.node_proxy, &e.identity) {
             (Some(node), Some(identity)) => Some(TunnelPeer {
                 node: *node,
