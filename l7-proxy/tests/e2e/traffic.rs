@@ -374,3 +374,38 @@ async fn tunnels_are_bounded_and_closed_when_idle() {
     .await;
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_outside_the_mesh_get_plain_http_directly() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    let mut svc = mesh.service("cart", 1, port, &[cart(0)]);
+    // Not enrolled (or DISABLED): no node proxy, no identity.
+    svc.endpoints[0].node_proxy = None;
+    svc.endpoints[0].identity = None;
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let r = c.get("/plain").await;
+    assert_eq!(r.status, 200);
+    let e = r.echo();
+    assert_eq!(e["server"], "cart-0");
+    assert!(
+        e["headers"].get("sluice-source-identity").is_none(),
+        "no identity without the tunnel"
+    );
+    assert_eq!(srv[0].hits(), 1);
+    assert_eq!(
+        mesh.a.proxy().tunnel_connections(),
+        0,
+        "no tunnel was opened"
+    );
+    assert!(
+        mesh.b.proxy().connections().is_empty(),
+        "node B's proxy saw nothing"
+    );
+    mesh.shutdown().await;
+}
