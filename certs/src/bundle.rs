@@ -119,6 +119,10 @@ impl TrustBundle {
         self.roots.iter().map(|r| r.info.fingerprint).collect()
     }
 
+    pub(crate) fn fingerprint_at(&self, i: usize) -> Fingerprint {
+        self.roots[i].info.fingerprint
+    }
+
     /// The root new certificates are issued under.
     pub fn active_root(&self) -> Fingerprint {
         self.roots[0].info.fingerprint

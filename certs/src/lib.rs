@@ -9,6 +9,32 @@
 //! - [`verify`]: the rustls verifiers and [`peer_info`](verify::peer_info).
 //! - [`bundle`]: the [`TrustBundle`](bundle::TrustBundle) of trusted roots.
 //! - [`status`]: what the CLI shows.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use certs::{Ca, CaOptions, IdentityManager, IdentityOptions, SpiffeId, SystemClock};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let clock: certs::SharedClock = Arc::new(SystemClock);
+//! let ca = Arc::new(Ca::generate(CaOptions::default(), clock.clone())?);
+//! let node = IdentityManager::new(ca.clone(), ca.bundle(), clock, IdentityOptions::default());
+//! let cart: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse()?;
+//! let pay = SpiffeId::new("cluster.local", "bank", "payments")?;
+//! node.set_identities([cart.clone(), pay.clone()]).await?;
+//! let _renewals = node.spawn(); // renew at half-life, refresh the bundle
+//!
+//! // Outbound: present `cart`, require the server to be `pay`.
+//! let client = node.client_config(&cart, &pay)?;
+//! let connector = tokio_rustls::TlsConnector::from(client);
+//! let _server_name = certs::server_name(&pay); // the SNI that selects `pay`'s certificate
+//! // Inbound (port 15008): one config for all local identities.
+//! let acceptor = tokio_rustls::TlsAcceptor::from(node.server_config());
+//! // After a handshake: `certs::peer_info(conn)` gives the verified peer
+//! // identity, TLS version, cipher suite and the peer certificate's expiry.
+//! # let _ = (connector, acceptor);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +43,7 @@ pub mod ca;
 pub mod clock;
 #[doc(hidden)]
 pub mod fuzzing;
+mod https;
 pub mod identity;
 pub mod spiffe;
 pub mod status;

@@ -90,11 +90,11 @@ pub struct VerifiedPeer {
 }
 
 pub(crate) fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
+    crate::provider().signature_verification_algorithms
 }
 
 /// Verifies a certificate chain (leaf first) against `bundle` at `now` and
-/// returns the SPIFFE ID it proves.
+/// returns the SPIFFE ID it proves, with the leaf's details.
 pub fn verify_chain(
     bundle: &TrustBundle,
     end_entity: &CertificateDer<'_>,
@@ -102,12 +102,33 @@ pub fn verify_chain(
     now: SystemTime,
     usage: Usage,
 ) -> Result<VerifiedPeer, VerifyError> {
-    let leaf = CertInfo::parse(end_entity)?;
-    let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| VerifyError::Untrusted {
-        serial: leaf.serial.clone(),
-        trust_domain: bundle.trust_domain().into(),
-        reason: format!("unparseable leaf: {e}"),
-    })?;
+    let (identity, root) = verify_identity(bundle, end_entity, intermediates, now, usage)?;
+    Ok(VerifiedPeer {
+        identity,
+        leaf: CertInfo::parse(end_entity)?,
+        root,
+    })
+}
+
+/// The handshake path of [`verify_chain`]: the chain, then the SPIFFE ID,
+/// without formatting the leaf's details unless something fails.
+fn verify_identity(
+    bundle: &TrustBundle,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: SystemTime,
+    usage: Usage,
+) -> Result<(SpiffeId, Option<Fingerprint>), VerifyError> {
+    let untrusted = |reason: String| match CertInfo::parse(end_entity) {
+        Ok(leaf) => VerifyError::Untrusted {
+            serial: leaf.serial,
+            trust_domain: bundle.trust_domain().into(),
+            reason,
+        },
+        Err(e) => VerifyError::Identity(e),
+    };
+    let ee = webpki::EndEntityCert::try_from(end_entity)
+        .map_err(|e| untrusted(format!("unparseable leaf: {e}")))?;
     let eku = match usage {
         Usage::Server => webpki::KeyUsage::server_auth(),
         Usage::Client => webpki::KeyUsage::client_auth(),
@@ -123,17 +144,18 @@ pub fn verify_chain(
             None,
             None,
         )
-        .map_err(|e| match e {
-            webpki::Error::CertExpired { .. } => VerifyError::Expired {
-                serial: leaf.serial.clone(),
+        .map_err(|e| match (e, CertInfo::parse(end_entity)) {
+            (_, Err(e)) => VerifyError::Identity(e),
+            (webpki::Error::CertExpired { .. }, Ok(leaf)) => VerifyError::Expired {
+                serial: leaf.serial,
                 not_after: leaf.not_after,
             },
-            webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid {
-                serial: leaf.serial.clone(),
+            (webpki::Error::CertNotValidYet { .. }, Ok(leaf)) => VerifyError::NotYetValid {
+                serial: leaf.serial,
                 not_before: leaf.not_before,
             },
-            other => VerifyError::Untrusted {
-                serial: leaf.serial.clone(),
+            (other, Ok(leaf)) => VerifyError::Untrusted {
+                serial: leaf.serial,
                 trust_domain: bundle.trust_domain().into(),
                 reason: format!("{other}"),
             },
@@ -145,19 +167,15 @@ pub fn verify_chain(
             a.subject_public_key_info == anchor.subject_public_key_info
                 && a.subject == anchor.subject
         })
-        .map(|i| bundle.fingerprints()[i]);
-    let identity = leaf.spiffe_id()?;
+        .map(|i| bundle.fingerprint_at(i));
+    let identity = crate::x509::spiffe_id_of(end_entity)?;
     if identity.trust_domain() != bundle.trust_domain() {
         return Err(VerifyError::ForeignTrustDomain {
             identity,
             trust_domain: bundle.trust_domain().into(),
         });
     }
-    Ok(VerifiedPeer {
-        identity,
-        leaf,
-        root,
-    })
+    Ok((identity, root))
 }
 
 /// Client side: the server must prove `expected`.
@@ -198,7 +216,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // The SNI only selected the certificate; the SPIFFE ID is what we check.
         let bundle = self.bundle.load();
-        let peer = verify_chain(
+        let (identity, _) = verify_identity(
             &bundle,
             end_entity,
             intermediates,
@@ -206,10 +224,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             Usage::Server,
         )
         .map_err(VerifyError::into_rustls)?;
-        if peer.identity != self.expected {
+        if identity != self.expected {
             return Err(VerifyError::UnexpectedIdentity {
                 expected: self.expected.clone(),
-                actual: peer.identity,
+                actual: identity,
             }
             .into_rustls());
         }
@@ -286,7 +304,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let bundle = self.bundle.load();
-        verify_chain(
+        verify_identity(
             &bundle,
             end_entity,
             intermediates,

@@ -161,24 +161,28 @@ impl CertInfo {
 
     /// The one SPIFFE ID of a workload certificate (X509-SVID: exactly one URI SAN).
     pub fn spiffe_id(&self) -> Result<SpiffeId, CertError> {
-        match self.uri_sans.as_slice() {
-            [] => Err(CertError::NoSpiffeId {
-                serial: self.serial.clone(),
-            }),
-            [one] => one.parse().map_err(|source| CertError::BadSpiffeId {
-                serial: self.serial.clone(),
-                source,
-            }),
-            many => Err(CertError::MultipleUris {
-                serial: self.serial.clone(),
-                count: many.len(),
-                uris: many.to_vec(),
-            }),
-        }
+        id_from_uris(self.uri_sans.clone(), || self.serial.clone())
     }
 }
 
-/// The SPIFFE ID of a workload certificate.
+fn id_from_uris(uris: Vec<String>, serial: impl Fn() -> String) -> Result<SpiffeId, CertError> {
+    match uris.as_slice() {
+        [] => Err(CertError::NoSpiffeId { serial: serial() }),
+        [one] => one.parse().map_err(|source| CertError::BadSpiffeId {
+            serial: serial(),
+            source,
+        }),
+        many => Err(CertError::MultipleUris {
+            serial: serial(),
+            count: many.len(),
+            uris: uris.clone(),
+        }),
+    }
+}
+
+/// The SPIFFE ID of a workload certificate. Reads only what it needs (this
+/// runs in every handshake).
 pub fn spiffe_id_of(der: &CertificateDer<'_>) -> Result<SpiffeId, CertError> {
-    CertInfo::parse(der)?.spiffe_id()
+    let cert = parse(der)?;
+    id_from_uris(uri_sans(&cert)?, || hex(cert.raw_serial()))
 }

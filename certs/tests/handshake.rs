@@ -31,6 +31,7 @@ async fn mutual_tls13_each_side_sees_the_other_identity() {
             "server presented the identity the SNI asked for"
         );
         assert_eq!(server_saw.identity, cart);
+        assert_eq!(b.identity_for_sni(&dst.sni()).as_ref(), Some(dst));
         for seen in [&client_saw, &server_saw] {
             assert_eq!(seen.protocol, "TLSv1.3");
             assert_eq!(seen.alpn.as_deref(), Some("h2"));

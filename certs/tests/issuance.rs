@@ -269,6 +269,15 @@ fn root_is_stored_with_mode_0600_and_reloaded() {
     let fourth = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
     assert_eq!(fourth.bundle().active_root(), next);
     assert_eq!(fourth.bundle().fingerprints().len(), 2);
+    // After a restart the old root may still have valid leaves: retiring it
+    // needs force until a leaf lifetime has passed.
+    assert!(fourth.retire_root(&fp, false).is_err());
+    clock.advance(Duration::from_secs(24 * 3600 + 1));
+    fourth.retire_root(&fp, false).unwrap();
+    assert_eq!(fourth.bundle().fingerprints(), vec![next]);
+    drop(fourth);
+    let fifth = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    assert_eq!(fifth.bundle().fingerprints(), vec![next]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -51,6 +51,16 @@ const BENCHES: &[(&str, &str, Bench)] = &[
         "proxy: maximum requests/s and CPU, vs direct, TCP relay pair, nginx pair",
         benches::proxy::throughput,
     ),
+    (
+        "certs-issue",
+        "workload certificates issued per second on one core",
+        benches::certs_issue::run,
+    ),
+    (
+        "certs-handshake",
+        "mutual TLS 1.3 handshakes per second vs plain rustls",
+        benches::certs_handshake::run,
+    ),
 ];
 
 fn main() -> Result<()> {

@@ -1,4 +1,5 @@
-//! `cargo +nightly fuzz run spiffe_id corpus-seed/spiffe_id` (from certs/fuzz).
+//! From certs/fuzz: `cargo +nightly fuzz run spiffe_id corpus/spiffe_id corpus-seed/spiffe_id`
+//! (new inputs go to the first, git-ignored, directory).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -5,7 +5,11 @@
 //! - `service` / `client`: the CA over HTTPS for clusters.
 //! - `auth`, `tokenreview`: who may ask for which identity.
 
+pub mod auth;
 pub mod authority;
+pub mod client;
+pub mod service;
+pub mod tokenreview;
 
 use std::{
     fs,
@@ -419,7 +423,10 @@ impl Ca {
         let mut roots = vec![root];
         if let Some(extra) = &pem.extra_roots {
             for der in storage::certs_from_pem("extra trusted roots", extra)? {
-                let entry = root_entry(der, "extra trusted root")?;
+                let mut entry = root_entry(der, "extra trusted root")?;
+                // Whether it signed leaves before a restart is not recorded:
+                // assume it did, so an early retire needs `force`.
+                entry.leaves_valid_until = Some(to_offset(clock.now()) + opts.leaf_lifetime);
                 let known = roots.iter().chain(pending.as_ref().map(|p| &p.root));
                 if known
                     .into_iter()

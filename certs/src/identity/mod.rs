@@ -239,6 +239,12 @@ impl IdentityManager {
         self.inner.live.load().by_id.contains_key(identity)
     }
 
+    /// The local identity a client asked for with `sni` (on the server
+    /// side: `ServerConnection::server_name()`), if this node holds it.
+    pub fn identity_for_sni(&self, sni: &str) -> Option<SpiffeId> {
+        self.inner.live.load().by_sni.get(sni).cloned()
+    }
+
     fn check_domain(&self, id: &SpiffeId) -> Result<(), IdentityError> {
         if id.trust_domain() != self.inner.trust_domain {
             return Err(IdentityError::ForeignTrustDomain {
@@ -286,9 +292,17 @@ impl IdentityManager {
     pub async fn add(&self, identity: SpiffeId) -> Result<(), IdentityError> {
         self.check_domain(&identity)?;
         let now = self.inner.clock.now();
-        self.slots()
-            .entry(identity.clone())
-            .or_insert_with(|| Slot::new(now));
+        let held = self.has_certificate(&identity);
+        {
+            let mut slots = self.slots();
+            let slot = slots
+                .entry(identity.clone())
+                .or_insert_with(|| Slot::new(now));
+            // Asked for explicitly: try now even if a retry was scheduled.
+            if !held {
+                slot.next_attempt = now;
+            }
+        }
         self.inner.wake.notify_one();
         let report = self.rotate_due().await;
         if let Some((_, e)) = report.failed.into_iter().find(|(id, _)| id == &identity) {
