@@ -444,7 +444,7 @@ pub fn latency(quick: bool) -> Result<()> {
     let bin = ensure_oha()?;
     // At 1,000 requests/s one worker thread per pair process is plenty, and
     // costs less CPU than two that wake each other.
-    let threads = 1;
+    let threads = pair_threads(1);
     let fleet = Fleet::start(threads)?;
     warm_up(&bin, &fleet)?;
     let (secs, rounds) = if quick { ("3s", 1) } else { ("8s", 5) };
@@ -520,7 +520,7 @@ pub fn latency(quick: bool) -> Result<()> {
 pub fn throughput(quick: bool) -> Result<()> {
     let bin = ensure_oha()?;
     // As many threads as the nginx pair has (two processes, one each).
-    let threads = 2;
+    let threads = pair_threads(2);
     let fleet = Fleet::start(threads)?;
     warm_up(&bin, &fleet)?;
     let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 3) };
@@ -569,6 +569,15 @@ pub fn throughput(quick: bool) -> Result<()> {
         verdict(runs[2].rps > runs[3].rps)
     ));
     s.write()
+}
+
+/// Worker threads of the pairs' processes: `default`, or
+/// `SLUICE_BENCH_PAIR_THREADS` to try another setting.
+fn pair_threads(default: usize) -> usize {
+    std::env::var("SLUICE_BENCH_PAIR_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(default)
 }
 
 fn verdict(ok: bool) -> &'static str {
