@@ -13,6 +13,7 @@ pub mod balance;
 pub mod body;
 pub mod config;
 pub mod conntable;
+mod drain;
 pub mod filters;
 pub mod forward;
 pub mod identity;

@@ -195,10 +195,11 @@ pub(crate) async fn drain_on_shutdown<C, T, E>(
 where
     C: std::future::Future<Output = Result<T, E>>,
 {
+    let (signal, _reg) = shared.drain.watch();
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => return r,
-        _ = shared.shutdown.cancelled() => {}
+        _ = signal => {}
     }
     graceful(conn.as_mut());
     conn.await

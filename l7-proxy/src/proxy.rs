@@ -44,8 +44,8 @@ pub(crate) struct Shared {
     pub original_dst: Arc<dyn OriginalDst>,
     /// Stop accepting, finish what is in flight.
     pub shutdown: CancellationToken,
-    /// Drain time is over: cut what is left.
-    hard_stop: CancellationToken,
+    /// Per-connection shutdown signals.
+    pub drain: Arc<crate::drain::Drain>,
     tracker: TaskTracker,
 }
 
@@ -57,13 +57,15 @@ impl Shared {
 
     /// Spawns a connection task that ends at the latest at the hard stop.
     pub fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-        let hard = self.hard_stop.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                _ = f => {}
-                _ = hard.cancelled() => {}
-            }
+        let Some(reg) = self.drain.reserve_task() else {
+            return;
+        };
+        let id = reg.id();
+        let handle = self.tracker.spawn(async move {
+            let _reg = reg;
+            f.await
         });
+        self.drain.set_abort(id, handle.abort_handle());
     }
 }
 
@@ -134,6 +136,7 @@ impl Proxy {
     pub async fn shutdown(self) {
         let s = &self.shared.clone();
         s.shutdown.cancel();
+        s.drain.begin();
         s.tracker.close();
         if tokio::time::timeout(s.settings.drain_timeout(), s.tracker.wait())
             .await
@@ -143,7 +146,7 @@ impl Proxy {
                 left = s.tracker.len(),
                 "drain timeout over; closing the remaining connections"
             );
-            s.hard_stop.cancel();
+            s.drain.stop();
             s.tracker.wait().await;
         }
         self.watcher.abort();
@@ -154,7 +157,8 @@ impl Drop for Proxy {
     /// A proxy dropped without [`Proxy::shutdown`] stops at once.
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
-        self.shared.hard_stop.cancel();
+        self.shared.drain.begin();
+        self.shared.drain.stop();
         self.watcher.abort();
     }
 }
@@ -205,7 +209,7 @@ impl ProxyBuilder {
             identity: self.identity,
             original_dst: self.original_dst,
             shutdown: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
+            drain: Arc::default(),
             tracker: TaskTracker::new(),
         });
         // New snapshots apply to new connections and requests at once; what
