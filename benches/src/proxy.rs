@@ -28,6 +28,9 @@ use crate::report::{Section, ratio};
 /// Response body size.
 const BODY: usize = 1024;
 
+const NOISE: &str = "On this 2-vCPU VM the figures move by tens of percent from one run to the \
+                     next, the direct path's included: compare the paths within one table.\n";
+
 /// A child process, killed (by its PID) when dropped.
 struct Proc {
     child: Child,
@@ -488,6 +491,7 @@ pub fn latency(quick: bool) -> Result<()> {
          tokio worker thread; the nginx pair is two single-threaded nginx processes (`master_process \
          off`), TLS 1.3 with client certificates and upstream keepalive.\n"
     ));
+    s.line(NOISE);
     s.table(
         &[
             "path",
@@ -551,6 +555,7 @@ pub fn throughput(quick: bool) -> Result<()> {
          generator, the backend and the proxies share this machine's vCPUs, so these are ratios \
          between paths more than absolute capacities.\n"
     ));
+    s.line(NOISE);
     s.table(
         &[
             "path",
