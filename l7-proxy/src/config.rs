@@ -76,6 +76,12 @@ pub struct ProxySettings {
     pub max_buffered_body_bytes: usize,
     /// On shutdown, connections still open after this long are cut.
     pub drain_timeout_ms: u64,
+    /// `SO_MARK` set on every socket the proxy opens (to peer proxies and to
+    /// workloads). It must be the mark given to `ebpf-lb` so that the kernel
+    /// neither redirects the proxy's own connections back to it nor refuses
+    /// them at STRICT workloads. Setting it needs `CAP_NET_ADMIN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_mark: Option<u32>,
 }
 
 impl Default for ProxySettings {
@@ -94,6 +100,7 @@ impl Default for ProxySettings {
             tcp_idle_timeout_ms: 3_600_000,
             max_buffered_body_bytes: 1024 * 1024,
             drain_timeout_ms: 10_000,
+            socket_mark: None,
         }
     }
 }

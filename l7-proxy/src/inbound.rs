@@ -283,7 +283,11 @@ async fn handle_connect(
     }
     let upstream = match tokio::time::timeout(
         shared.settings.connect_timeout(),
-        TcpStream::connect(target),
+        crate::connect::connect(
+            target,
+            shared.settings.socket_mark,
+            shared.settings.connect_timeout(),
+        ),
     )
     .await
     {

@@ -12,6 +12,7 @@ pub mod accesslog;
 pub mod balance;
 pub mod body;
 pub mod config;
+pub mod connect;
 pub mod conntable;
 mod drain;
 pub mod filters;

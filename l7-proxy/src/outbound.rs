@@ -317,7 +317,11 @@ async fn serve_tcp<I>(
         }
         None => match tokio::time::timeout(
             shared.settings.connect_timeout(),
-            TcpStream::connect(upstream.addr),
+            crate::connect::connect(
+                upstream.addr,
+                shared.settings.socket_mark,
+                shared.settings.connect_timeout(),
+            ),
         )
         .await
         {

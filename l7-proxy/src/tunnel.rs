@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, client::conn::http2::SendRequest, upgrade::Upgraded};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 
 use crate::{
     body::{Body, empty},
@@ -321,22 +321,26 @@ impl TunnelPool {
                     peer: key.peer.clone(),
                     reason: e.to_string(),
                 })?;
-        let tcp =
-            match tokio::time::timeout(s.connect_timeout(), TcpStream::connect(key.node)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(source)) => {
-                    return Err(TunnelError::Connect {
-                        node: key.node,
-                        source,
-                    });
-                }
-                Err(_) => {
-                    return Err(TunnelError::ConnectTimeout {
-                        node: key.node,
-                        timeout: s.connect_timeout(),
-                    });
-                }
-            };
+        let tcp = match tokio::time::timeout(
+            s.connect_timeout(),
+            crate::connect::connect(key.node, s.socket_mark, s.connect_timeout()),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(source)) => {
+                return Err(TunnelError::Connect {
+                    node: key.node,
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(TunnelError::ConnectTimeout {
+                    node: key.node,
+                    timeout: s.connect_timeout(),
+                });
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let handle = Arc::new(self.inner.table.open(
             ConnKind::TunnelOut,

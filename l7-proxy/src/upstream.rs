@@ -6,25 +6,25 @@ use std::net::SocketAddr;
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
+    client::legacy::Client,
     rt::{TokioExecutor, TokioTimer},
 };
 
-use crate::{body::Body, config::ProxySettings, sniff::Protocol};
+use crate::{body::Body, config::ProxySettings, connect::MarkedConnector, sniff::Protocol};
 
 /// Pooled HTTP/1.1 and HTTP/2 (prior knowledge) clients.
 #[derive(Clone)]
 pub struct WorkloadClients {
-    h1: Client<HttpConnector, Body>,
-    h2: Client<HttpConnector, Body>,
+    h1: Client<MarkedConnector, Body>,
+    h2: Client<MarkedConnector, Body>,
 }
 
 impl WorkloadClients {
     pub fn new(settings: &ProxySettings) -> Self {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(settings.connect_timeout()));
-        conn.enforce_http(true);
+        let conn = MarkedConnector {
+            mark: settings.socket_mark,
+            timeout: settings.connect_timeout(),
+        };
         let h1 = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())

@@ -409,3 +409,62 @@ async fn endpoints_outside_the_mesh_get_plain_http_directly() {
     );
     mesh.shutdown().await;
 }
+
+/// The mark `ebpf-lb` recognises the proxy's sockets by.
+const MARK: u32 = 0x5100;
+
+/// Established sockets towards `dst`, as `ss` shows them (with `fwmark:`).
+fn sockets_to(dst: SocketAddr) -> String {
+    let out = std::process::Command::new("ss")
+        .args(["-Htne", "dst", &dst.to_string()])
+        .output()
+        .expect("ss (iproute2) is installed by `cargo xtask setup`");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_socket_the_proxy_opens_carries_its_mark() {
+    // Setting SO_MARK needs CAP_NET_ADMIN: say so plainly when not root.
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        .unwrap();
+    assert_eq!(
+        uid, "0",
+        "this test sets SO_MARK and must run as root (cargo xtask test does)"
+    );
+    let mesh =
+        Mesh::with_settings(vec![web()], vec![cart(0)], &|s| s.socket_mark = Some(MARK)).await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let outside = tcp_server(SocketAddr::new(pod_b(99), 0), None).await;
+    let mut svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    t.write_all(b"marked").await.unwrap();
+    assert_eq!(read_n(&mut t, 6).await, b"marked");
+    let mut o = mesh.connect(web().ip, outside).await;
+    o.write_all(b"out").await.unwrap();
+    assert_eq!(read_n(&mut o, 3).await, b"out");
+    let mark = format!("fwmark:{MARK:#x}");
+    for (what, dst) in [
+        ("tunnel to node B", mesh.node_b_proxy()),
+        ("node B to the workload", echo),
+        ("node A to a destination outside the mesh", outside),
+    ] {
+        let ss = sockets_to(dst);
+        assert!(!ss.is_empty(), "no socket for the {what}");
+        assert!(
+            ss.lines().all(|l| l.contains(&mark)),
+            "{what} without {mark}: {ss}"
+        );
+    }
+    drop((t, o));
+    mesh.shutdown().await;
+}
