@@ -14,11 +14,15 @@ use std::{
 
 use rand::Rng;
 
-/// Latency assumed for an endpoint nothing was measured for yet: optimistic,
-/// so that new endpoints get traffic and a measurement.
-const INITIAL_EWMA_NS: u64 = 1_000_000;
-/// Time constant of the moving average.
+/// Latency assumed for an endpoint nothing was measured for yet: none, so
+/// that every new endpoint is tried and measured.
+const INITIAL_EWMA_NS: u64 = 0;
+/// Time constant of the moving average. An estimate also decays towards zero
+/// while nothing refreshes it, so a once-slow endpoint is tried again.
 const DECAY_NS: f64 = 10e9;
+/// Added to every estimate so that requests in flight still count between
+/// endpoints with no measurement.
+const FLOOR_NS: f64 = 1_000.0;
 
 #[derive(Debug)]
 pub struct EndpointLoad {
@@ -28,9 +32,10 @@ pub struct EndpointLoad {
 }
 
 impl EndpointLoad {
-    fn cost(&self) -> f64 {
-        let ewma = self.ewma_ns.load(Ordering::Relaxed) as f64;
-        ewma * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+    fn cost(&self, now_ns: u64) -> f64 {
+        let idle = now_ns.saturating_sub(self.last_ns.load(Ordering::Relaxed)) as f64;
+        let ewma = self.ewma_ns.load(Ordering::Relaxed) as f64 * (-idle / DECAY_NS).exp();
+        (ewma + FLOOR_NS) * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
     }
 
     pub fn ewma(&self) -> Duration {
@@ -119,7 +124,8 @@ impl Balancer {
                 if b >= a {
                     b += 1;
                 }
-                if self.load(candidates[a]).cost() <= self.load(candidates[b]).cost() {
+                let now = self.epoch.elapsed().as_nanos() as u64;
+                if self.load(candidates[a]).cost(now) <= self.load(candidates[b]).cost(now) {
                     a
                 } else {
                     b
@@ -197,5 +203,34 @@ mod tests {
         p.observe();
         assert!(b.ewma(ep) >= Duration::from_millis(2));
         assert!(b.pick(&[]).is_none());
+    }
+}
+
+#[cfg(test)]
+mod decay_tests {
+    use super::*;
+
+    #[test]
+    fn unmeasured_endpoints_are_tried_and_old_estimates_fade() {
+        let b = Balancer::default();
+        let seen: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let new: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let now = b.epoch.elapsed().as_nanos() as u64;
+        b.load(seen).ewma_ns.store(200_000, Ordering::Relaxed);
+        b.load(seen).last_ns.store(now, Ordering::Relaxed);
+        assert_eq!(
+            [seen, new][b.pick(&[seen, new]).unwrap().index],
+            new,
+            "the unmeasured endpoint goes first"
+        );
+        // A 50 ms estimate from a minute ago weighs less than a fresh 1 ms one.
+        let old = b.load(seen);
+        old.ewma_ns.store(50_000_000, Ordering::Relaxed);
+        old.last_ns.store(0, Ordering::Relaxed);
+        let fresh = b.load(new);
+        fresh.ewma_ns.store(1_000_000, Ordering::Relaxed);
+        let minute = 60_000_000_000;
+        fresh.last_ns.store(minute, Ordering::Relaxed);
+        assert!(old.cost(minute) < fresh.cost(minute));
     }
 }

@@ -483,3 +483,30 @@ async fn grpc_routes_match_service_and_method() {
     assert_eq!(call("/shop.Cart/Remove", "silver").await, "cart-0");
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_one_connection_are_balanced_across_endpoints() {
+    let mesh = Mesh::standard().await;
+    // No routes: the service itself, three ready endpoints and one not ready.
+    let (srv, port) = servers(&[cart(0), cart(1), cart(2)]).await;
+    let mut svc = mesh.service("cart", 1, port, &[cart(0), cart(1), cart(2)]);
+    svc.endpoints[2].ready = false;
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    for _ in 0..200 {
+        assert_eq!(c.get("/").await.status, 200);
+    }
+    assert!(
+        srv[0].hits() > 0 && srv[1].hits() > 0,
+        "both ready endpoints served: {} / {}",
+        srv[0].hits(),
+        srv[1].hits()
+    );
+    assert_eq!(srv[0].hits() + srv[1].hits(), 200);
+    assert_eq!(srv[2].hits(), 0, "a not-ready endpoint gets no request");
+    mesh.shutdown().await;
+}
