@@ -64,16 +64,52 @@ pub fn cgroup_id(path: &Path) -> Result<u64> {
     Ok(meta.ino())
 }
 
-/// Depth of the cgroup at `path` below the root of the hierarchy (root = 0).
+/// Depth of the cgroup at `path` below the root of the hierarchy (root = 0),
+/// as `bpf_get_current_ancestor_cgroup_id` counts it. The cgroup2 mount that
+/// holds `path` may show only a subtree (a container's view): the depth of
+/// that subtree's root, from mountinfo, is added.
 pub fn cgroup_level(path: &Path) -> Result<u32> {
     check_cgroup_dir(path)?;
-    let root = cgroup2_mount()?;
     let canon = fs::canonicalize(path).map_err(|e| Error::io("resolving cgroup", path, e))?;
-    let rel = canon.strip_prefix(&root).map_err(|_| Error::Cgroup {
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("reading", "/proc/self/mountinfo", e))?;
+    level_in(&info, &canon).ok_or_else(|| Error::Cgroup {
         path: path.into(),
-        reason: format!("not below the cgroup v2 mount {}", root.display()),
-    })?;
-    Ok(rel.components().count() as u32)
+        reason: "not below any cgroup v2 mount".into(),
+    })
+}
+
+/// All cgroup2 mounts as (mount point, root of the mounted subtree).
+fn cgroup2_mounts(mountinfo: &str) -> Vec<(PathBuf, PathBuf)> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut f = left.split_whitespace();
+            let root = f.nth(3)?;
+            let point = f.next()?;
+            Some((
+                PathBuf::from(unescape_mountinfo(point)),
+                PathBuf::from(unescape_mountinfo(root)),
+            ))
+        })
+        .collect()
+}
+
+pub(crate) fn level_in(mountinfo: &str, canon: &Path) -> Option<u32> {
+    let (point, root) = cgroup2_mounts(mountinfo)
+        .into_iter()
+        .filter(|(point, _)| canon.starts_with(point))
+        .max_by_key(|(point, _)| point.components().count())?;
+    let rel = canon.strip_prefix(&point).ok()?;
+    let base = root
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .count();
+    Some((base + rel.components().count()) as u32)
 }
 
 fn check_cgroup_dir(path: &Path) -> Result<()> {
@@ -112,6 +148,20 @@ mod tests {
             find_cgroup2_mount(info),
             Some(PathBuf::from("/mnt/my cgroup"))
         );
+    }
+
+    #[test]
+    fn level_counts_from_the_root_of_the_hierarchy() {
+        let info = "\
+41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+50 31 0:38 /kubepods.slice /host-cgroup rw - cgroup2 cgroup2 rw
+";
+        let at = |p: &str| level_in(info, Path::new(p));
+        assert_eq!(at("/sys/fs/cgroup/unified"), Some(0));
+        assert_eq!(at("/sys/fs/cgroup/unified/a/b"), Some(2));
+        // A mount of a subtree: its root's depth counts too.
+        assert_eq!(at("/host-cgroup/pod1/c1"), Some(3));
+        assert_eq!(at("/elsewhere"), None);
     }
 
     #[test]
