@@ -172,6 +172,9 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         .timer(TokioTimer::new())
         .max_header_list_size(shared.settings.max_header_bytes)
         .max_concurrent_streams(shared.settings.tunnel_max_streams)
+        // A peer that stops answering pings is gone: its streams end.
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
         .serve_connection(TokioIo::new(tls), svc);
     if let Err(e) = drain_on_shutdown(&shared, conn, |c| c.graceful_shutdown()).await {
         tracing::debug!(%peer, "inbound tunnel connection ended: {e}");

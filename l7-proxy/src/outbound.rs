@@ -168,6 +168,9 @@ where
             let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(s.max_header_bytes)
+                // A peer that stops answering pings is gone: its streams end.
+                .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+                .keep_alive_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(io, svc);
             drain_on_shutdown(&shared, c, |c| c.graceful_shutdown()).await
         }
