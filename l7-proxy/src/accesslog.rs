@@ -49,3 +49,34 @@ impl AccessRecord<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_one_json_line_with_both_identities() {
+        let src: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let dst: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
+        let r = AccessRecord {
+            direction: "outbound",
+            protocol: "http",
+            source_identity: Some(&src),
+            destination_identity: Some(&dst),
+            secured: true,
+            method: Some("GET"),
+            path: Some("/a\nb"),
+            status: Some(200),
+            ..Default::default()
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(!line.contains('\n'), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["source_identity"], src.to_string());
+        assert_eq!(v["destination_identity"], dst.to_string());
+        assert_eq!(
+            (v["status"].as_u64(), v["secured"].as_bool()),
+            (Some(200), Some(true))
+        );
+    }
+}
