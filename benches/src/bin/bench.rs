@@ -18,6 +18,11 @@ struct Cli {
     quick: bool,
 }
 
+// The proxies measured here run in this binary (`__proxy-node`); jemalloc is
+// what a deployment of the node agent would use too.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 type Bench = fn(quick: bool) -> Result<()>;
 
 const BENCHES: &[(&str, &str, Bench)] = &[
@@ -37,6 +42,16 @@ const BENCHES: &[(&str, &str, Bench)] = &[
         benches::reset::reset_time,
     ),
     (
+        "proxy-latency",
+        "proxy: added p50/p99 at 1,000 rps and CPU, vs direct, TCP relay pair, nginx pair",
+        benches::proxy::latency,
+    ),
+    (
+        "proxy-throughput",
+        "proxy: maximum requests/s and CPU, vs direct, TCP relay pair, nginx pair",
+        benches::proxy::throughput,
+    ),
+    (
         "certs-issue",
         "workload certificates issued per second on one core",
         benches::certs_issue::run,
@@ -53,6 +68,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("__drive") {
         return benches::lb::driver(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some("__proxy-node") {
+        return benches::proxy::proxy_node(&args[2..]);
     }
     let cli = Cli::parse();
     if cli.list {

@@ -1,0 +1,82 @@
+//! One JSON line per request or connection, emitted as a `tracing` event with
+//! target `sluice::access` (the agent routes that target to its access log).
+
+use serde::Serialize;
+
+use crate::config::SpiffeId;
+
+pub const TARGET: &str = "sluice::access";
+
+#[derive(Debug, Default, Serialize)]
+pub struct AccessRecord<'a> {
+    /// `outbound` or `inbound`.
+    pub direction: &'a str,
+    /// `http` or `tcp`.
+    pub protocol: &'a str,
+    pub source_addr: Option<String>,
+    pub source_identity: Option<&'a SpiffeId>,
+    pub destination: Option<String>,
+    pub destination_addr: Option<String>,
+    pub destination_identity: Option<&'a SpiffeId>,
+    pub secured: bool,
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub route: Option<&'a str>,
+    pub status: Option<u16>,
+    pub attempts: Option<u32>,
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: Option<u64>,
+    pub duration_ms: f64,
+    /// Why the proxy answered or closed instead of the destination.
+    pub reason: Option<&'a str>,
+}
+
+/// Whether access records are wanted; build them only then.
+pub fn enabled() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
+}
+
+impl AccessRecord<'_> {
+    pub fn emit(&self) {
+        // Serialising costs more than the rest of a small request: skip it
+        // when nobody listens.
+        if !enabled() {
+            return;
+        }
+        match serde_json::to_string(self) {
+            Ok(line) => tracing::info!(target: TARGET, "{line}"),
+            Err(e) => tracing::warn!("access record not serialisable: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_one_json_line_with_both_identities() {
+        let src: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let dst: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
+        let r = AccessRecord {
+            direction: "outbound",
+            protocol: "http",
+            source_identity: Some(&src),
+            destination_identity: Some(&dst),
+            secured: true,
+            method: Some("GET"),
+            path: Some("/a\nb"),
+            status: Some(200),
+            ..Default::default()
+        };
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(!line.contains('\n'), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["source_identity"], src.to_string());
+        assert_eq!(v["destination_identity"], dst.to_string());
+        assert_eq!(
+            (v["status"].as_u64(), v["secured"].as_bool()),
+            (Some(200), Some(true))
+        );
+    }
+}
