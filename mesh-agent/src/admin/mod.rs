@@ -1,0 +1,3 @@
+//! The admin API on port 15020.
+
+pub mod api;
