@@ -15,6 +15,7 @@ pub mod cgroups;
 pub mod config;
 pub mod crds;
 pub mod reconcile;
+pub mod sources;
 pub mod state;
 
 #[doc(hidden)]

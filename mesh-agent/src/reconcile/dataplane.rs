@@ -111,6 +111,10 @@ impl MemoryDataplane {
         self.lock().failing.insert(fe);
     }
 
+    pub fn clear_failures(&self) {
+        self.lock().failing.clear();
+    }
+
     /// Leaves a service behind as a previous agent run would have.
     pub fn preload(&self, spec: ServiceSpec) {
         self.lock().services.insert(spec.frontend, spec);

@@ -9,4 +9,5 @@ mod objects;
 mod store;
 
 pub use objects::{Key, Kind, NodeInfo, Object, Workload};
+pub(crate) use store::slice_service;
 pub use store::{Dirty, Rejected, Store, Update};
