@@ -11,6 +11,7 @@
 //! - [`agent`]: `mesh-agent run`, tying it together.
 
 pub mod admin;
+pub mod agent;
 pub mod cgroups;
 pub mod config;
 pub mod crds;

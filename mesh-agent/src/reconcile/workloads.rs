@@ -67,6 +67,9 @@ fn not_enrolled_reason(store: &Store, w: &Workload) -> Option<String> {
             config::MESH_DISABLED
         ));
     }
+    if w.host_network {
+        return Some("uses the host network".into());
+    }
     if w.terminating {
         return Some("terminating".into());
     }

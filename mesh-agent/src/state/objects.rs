@@ -108,6 +108,9 @@ pub struct Workload {
     pub ready: bool,
     /// Terminating (deletion requested) or finished (Succeeded/Failed).
     pub terminating: bool,
+    /// Uses the node's network namespace: never enrolled (its address is the
+    /// node's, so it cannot be told apart by IP).
+    pub host_network: bool,
 }
 
 impl Workload {

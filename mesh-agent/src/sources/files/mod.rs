@@ -278,6 +278,7 @@ fn workload_of(e: &WorkloadEntry) -> Workload {
         cgroup: e.cgroup.clone(),
         ready: e.ready,
         terminating: e.terminating,
+        host_network: false,
     }
 }
 
