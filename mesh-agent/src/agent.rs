@@ -1,14 +1,29 @@
-//! `mesh-agent run`: the source, the reconciler thread, the admin API (and,
-//! once wired, the node proxy and the identity manager), tied together.
+//! `mesh-agent run`: the source, the reconciler thread, the admin API (and the
+//! node proxy and identity manager where wired), tied together.
 
 use std::{
-    sync::mpsc::{self, RecvTimeoutError},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError},
+    },
     thread,
 };
 
+use clap::{Args, ValueEnum};
+use ebpf_lb::ProxyTarget;
+
 use crate::{
+    admin::{self, AdminInfo, AdminState},
+    cgroups::PodCgroups,
     config,
-    reconcile::{Input, Reconciler},
+    crds::MtlsMode,
+    reconcile::{
+        Input, Outputs, Reconciler, Settings,
+        dataplane::{Dataplane, MemoryDataplane},
+    },
+    sources::{SourceSpec, files::FilesSource, kube::KubeSource},
 };
 
 /// Runs the reconciler on its own thread: each batch of inputs that arrived
@@ -35,4 +50,293 @@ pub fn spawn_reconciler(
             }
         })
         .expect("spawning the reconciler thread")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DataplaneKind {
+    /// Load and attach the eBPF programs (needs root or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
+    Kernel,
+    /// Program nothing: check a configuration and serve the admin API only.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProxyMode {
+    /// Another process serves the node proxy: the kernel redirects enrolled
+    /// connections to the capture address.
+    External,
+    /// No proxy: meshed Services are balanced in the kernel like the others.
+    Off,
+}
+
+fn default_source() -> String {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        "kube".into()
+    } else {
+        "files:/etc/sluice/config".into()
+    }
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// `mesh-agent run` flags.
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Where the configuration comes from: `kube` (the Kubernetes API, in a
+    /// cluster) or `files:<dir>` (standalone: a directory of manifests and
+    /// SluiceWorkloads documents, watched for changes). Default: `kube` inside
+    /// a pod, else `files:/etc/sluice/config`.
+    #[arg(long, env = "SLUICE_SOURCE", default_value_t = default_source())]
+    pub source: String,
+    /// This node's name, as pods' `spec.nodeName` (and the workloads file's
+    /// `node`) say. Default: the host name.
+    #[arg(long, env = "NODE_NAME", default_value_t = default_node_name())]
+    pub node_name: String,
+    /// This node's address(es), where its proxy is reached by other nodes;
+    /// repeat for dual stack. In a cluster, pass status.hostIP.
+    #[arg(
+        long = "node-address",
+        env = "NODE_IP",
+        value_delimiter = ',',
+        default_value = "127.0.0.1"
+    )]
+    pub node_addresses: Vec<IpAddr>,
+    /// The cgroup v2 directory the programs attach to (its whole subtree is
+    /// balanced). Relative workload cgroup paths of the files source are
+    /// relative to it. Default: the cgroup v2 mount (every process).
+    #[arg(long, env = "SLUICE_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Directory for the agent's own state (the standalone CA root, 0600).
+    #[arg(long, env = "SLUICE_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Admin API address (/metrics, /healthz, /readyz, /v1/... for `sluice`).
+    #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = config::DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// bpffs mount point (mounted if missing).
+    #[arg(long, default_value = ebpf_lb::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Name of the folder under bpffs holding the pinned maps and links.
+    #[arg(long, default_value = config::LB_INSTANCE)]
+    pub lb_instance: String,
+    /// `kernel` programs the eBPF load balancer; `none` programs nothing.
+    #[arg(long, value_enum, default_value_t = DataplaneKind::Kernel)]
+    pub dataplane: DataplaneKind,
+    /// The node proxy: `external` (a separate process listens on the capture
+    /// address) or `off`.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Off)]
+    pub proxy: ProxyMode,
+    /// Where the kernel sends enrolled connections. Default: the first node
+    /// address, port 15001.
+    #[arg(long)]
+    pub proxy_capture_addr: Option<SocketAddr>,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// mTLS mode of workloads no MeshPolicy selects.
+    #[arg(long, default_value = "PERMISSIVE")]
+    pub default_mtls_mode: MtlsMode,
+}
+
+/// What stops `run`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Source(String),
+    #[error("creating the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the kernel load balancer: {0}")]
+    Lb(#[source] ebpf_lb::Error),
+    #[error("attaching to cgroup {path}: {source}")]
+    Attach {
+        path: PathBuf,
+        #[source]
+        source: ebpf_lb::Error,
+    },
+    #[error(
+        "connecting to the Kubernetes API: {0} (in a pod, the service account is used; outside, KUBECONFIG)"
+    )]
+    Kube(#[source] kube::Error),
+    #[error(transparent)]
+    Files(#[from] crate::sources::files::Error),
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
+}
+
+fn make_state_dir(path: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| Error::StateDir {
+            path: path.into(),
+            source,
+        })
+}
+
+/// A running agent (for tests and the binary).
+pub struct Agent {
+    pub admin_addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    reconciler: Option<thread::JoinHandle<Reconciler>>,
+}
+
+impl Agent {
+    /// Starts everything; returns once the admin API listens.
+    pub async fn start(args: RunArgs) -> Result<Agent, Error> {
+        let source: SourceSpec = args.source.parse().map_err(Error::Source)?;
+        make_state_dir(&args.state_dir)?;
+        let cgroup_root = match &args.cgroup_root {
+            Some(p) => p.clone(),
+            None => ebpf_lb::cgroup2_mount().map_err(Error::Lb)?,
+        };
+        let dp: Arc<dyn Dataplane> = match args.dataplane {
+            DataplaneKind::Kernel => {
+                let lb = ebpf_lb::LoadBalancer::open(ebpf_lb::Options {
+                    bpffs: args.bpffs.clone(),
+                    instance: args.lb_instance.clone(),
+                    ..ebpf_lb::Options::default()
+                })
+                .map_err(Error::Lb)?;
+                lb.attach(&cgroup_root).map_err(|source| Error::Attach {
+                    path: cgroup_root.clone(),
+                    source,
+                })?;
+                tracing::info!(cgroup = %cgroup_root.display(), pins = %lb.pin_dir().display(), "kernel programs attached");
+                Arc::new(lb)
+            }
+            DataplaneKind::None => Arc::new(MemoryDataplane::new()),
+        };
+        let capture = match args.proxy {
+            ProxyMode::Off => None,
+            ProxyMode::External => Some(args.proxy_capture_addr.unwrap_or_else(|| {
+                SocketAddr::new(
+                    args.node_addresses
+                        .first()
+                        .copied()
+                        .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+                    config::PROXY_CAPTURE_PORT,
+                )
+            })),
+        };
+        let proxy_target = capture.map(|a| ProxyTarget {
+            v4: match a.ip() {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            },
+            v6: match a.ip() {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
+            },
+            port: a.port(),
+            mark: config::PROXY_MARK,
+        });
+        let settings = Settings {
+            node: args.node_name.clone(),
+            node_addresses: args.node_addresses.clone(),
+            trust_domain: args.trust_domain.clone(),
+            default_mode: args.default_mtls_mode,
+            proxy: proxy_target,
+        };
+        let (mut out, rx) = Outputs::channels();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (tx, inputs) = mpsc::channel::<Vec<Input>>();
+        let mut tasks = Vec::new();
+        let kube_client = match &source {
+            SourceSpec::Kube => {
+                let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+                let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+                out.status = Some(status_tx);
+                tasks.push(tokio::spawn(crate::sources::kube::status::run(
+                    client.clone(),
+                    status_rx,
+                )));
+                Some(client)
+            }
+            SourceSpec::Files(_) => None,
+        };
+        let resolver = PodCgroups {
+            root: ebpf_lb::cgroup2_mount().unwrap_or_else(|_| cgroup_root.clone()),
+            base: cgroup_root.clone(),
+        };
+        let reconciler = Reconciler::new(dp.clone(), Box::new(resolver), settings, out);
+        let reconciler = spawn_reconciler(reconciler, inputs);
+        match (&source, kube_client) {
+            (SourceSpec::Kube, Some(client)) => {
+                tasks.push(tokio::spawn(
+                    KubeSource::new(client).run(tx, stop_rx.clone()),
+                ));
+            }
+            (SourceSpec::Files(dir), _) => {
+                let src = FilesSource::new(dir);
+                let stop_rx = stop_rx.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = src.run(tx, stop_rx).await {
+                        tracing::error!(error = %e, "files source stopped");
+                    }
+                }));
+            }
+            _ => unreachable!("a kube source has a client"),
+        }
+        let listener = admin::bind(args.admin_addr).await?;
+        let admin_addr = listener.local_addr().map_err(|e| admin::Error::Serve(e))?;
+        let state = Arc::new(AdminState {
+            info: AdminInfo {
+                node: args.node_name.clone(),
+                node_addresses: args
+                    .node_addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                source: source.to_string(),
+                trust_domain: args.trust_domain.clone(),
+                proxy_mode: match args.proxy {
+                    ProxyMode::External => "external".into(),
+                    ProxyMode::Off => "off".into(),
+                },
+                capture: capture.map(|a| a.to_string()),
+                ca_mode: "none".into(),
+                bpffs: args.bpffs.clone(),
+                kernel: args.dataplane == DataplaneKind::Kernel,
+            },
+            view: rx.view,
+            mesh: rx.mesh,
+            dp,
+            proxy: None,
+            identity: None,
+        });
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = admin::serve(listener, state, stop_rx).await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        }));
+        tracing::info!(%admin_addr, source = %source, node = %args.node_name, "mesh-agent running");
+        Ok(Agent {
+            admin_addr,
+            stop,
+            tasks,
+            reconciler: Some(reconciler),
+        })
+    }
+
+    /// Stops the source and the admin API and waits for the reconciler. The
+    /// kernel state stays pinned: load balancing goes on without the agent.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        if let Some(r) = self.reconciler.take() {
+            let _ = tokio::task::spawn_blocking(move || r.join()).await;
+        }
+    }
 }

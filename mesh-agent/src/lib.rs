@@ -13,6 +13,8 @@
 pub mod admin;
 pub mod agent;
 pub mod cgroups;
+pub mod check;
+pub mod cli;
 pub mod config;
 pub mod crds;
 pub mod reconcile;
