@@ -283,7 +283,8 @@ fn workload_of(e: &WorkloadEntry) -> Workload {
 }
 
 /// EndpointSlices for a Service with a selector, from the workloads it
-/// selects (one slice per address family).
+/// selects: as the endpoint controller does, one slice per address family and
+/// per set of resolved target ports (named ports may differ between pods).
 pub fn derive_slices(
     svc: &Service,
     workloads: &[(&WorkloadEntry, Workload)],
@@ -296,93 +297,127 @@ pub fn derive_slices(
     };
     let ns = svc.namespace().unwrap_or_default();
     let name = svc.name_any();
-    let selected: Vec<&(&WorkloadEntry, Workload)> = workloads
-        .iter()
-        .filter(|(_, w)| {
-            w.namespace == ns && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-        })
-        .collect();
-    let mut out = Vec::new();
-    for (family, v4) in [("IPv4", true), ("IPv6", false)] {
-        let mut ports = Vec::new();
-        // Endpoint ports per service port; named target ports resolve per
-        // workload, so workloads without the name are left out of that port.
-        for p in spec.ports.iter().flatten() {
-            let target = match &p.target_port {
+    let svc_ports: Vec<_> = spec.ports.iter().flatten().collect();
+    // Target port of each service port for one workload (None: it lacks the named port).
+    let targets = |e: &WorkloadEntry| -> Vec<Option<i32>> {
+        svc_ports
+            .iter()
+            .map(|p| match &p.target_port {
                 None => Some(p.port),
                 Some(IntOrString::Int(i)) => Some(*i),
-                Some(IntOrString::String(s)) => {
-                    // All selected workloads must agree (one slice port).
-                    let mut found: BTreeSet<u16> = BTreeSet::new();
-                    for (e, _) in &selected {
-                        if let Some(n) = e.ports.get(s) {
-                            found.insert(*n);
-                        }
-                    }
-                    (found.len() == 1).then(|| i32::from(*found.iter().next().unwrap()))
-                }
-            };
-            ports.push(EndpointPort {
-                name: p.name.clone(),
-                port: target,
-                protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
-                app_protocol: p.app_protocol.clone(),
-            });
-        }
-        let endpoints: Vec<Endpoint> = selected
-            .iter()
-            .flat_map(|(_, w)| {
-                w.ips
-                    .iter()
-                    .filter(|ip| ip.is_ipv4() == v4)
-                    .map(|ip| Endpoint {
-                        addresses: vec![ip.to_string()],
-                        conditions: Some(EndpointConditions {
-                            ready: Some(w.ready && !w.terminating),
-                            serving: Some(w.ready),
-                            terminating: Some(w.terminating),
-                        }),
-                        node_name: Some(w.node.clone()),
-                        target_ref: Some(ObjectReference {
-                            kind: Some("Pod".into()),
-                            name: Some(w.name.clone()),
-                            namespace: Some(w.namespace.clone()),
-                            uid: Some(w.uid.clone()),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    })
+                Some(IntOrString::String(s)) => e.ports.get(s).map(|n| i32::from(*n)),
             })
-            .collect();
-        let has_family = spec
-            .cluster_ips
+            .collect()
+    };
+    let mut groups: BTreeMap<Vec<Option<i32>>, Vec<&Workload>> = BTreeMap::new();
+    for (e, w) in workloads {
+        if w.namespace == ns && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+            groups.entry(targets(e)).or_default().push(w);
+        }
+    }
+    let has_family = |v4: bool| {
+        spec.cluster_ips
             .iter()
             .flatten()
             .chain(spec.cluster_ip.iter())
             .filter_map(|ip| ip.parse::<IpAddr>().ok())
-            .any(|ip| ip.is_ipv4() == v4);
-        if !has_family && endpoints.is_empty() {
-            continue;
+            .any(|ip| ip.is_ipv4() == v4)
+    };
+    let mut out = Vec::new();
+    for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+        let mut made = 0;
+        for (g, (ports, members)) in groups.iter().enumerate() {
+            let endpoints: Vec<Endpoint> = members
+                .iter()
+                .flat_map(|w| {
+                    w.ips
+                        .iter()
+                        .filter(|ip| ip.is_ipv4() == v4)
+                        .map(|ip| Endpoint {
+                            addresses: vec![ip.to_string()],
+                            conditions: Some(EndpointConditions {
+                                ready: Some(w.ready && !w.terminating),
+                                serving: Some(w.ready),
+                                terminating: Some(w.terminating),
+                            }),
+                            node_name: Some(w.node.clone()),
+                            target_ref: Some(ObjectReference {
+                                kind: Some("Pod".into()),
+                                name: Some(w.name.clone()),
+                                namespace: Some(w.namespace.clone()),
+                                uid: Some(w.uid.clone()),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })
+                })
+                .collect();
+            if endpoints.is_empty() {
+                continue;
+            }
+            let slice_ports = svc_ports
+                .iter()
+                .zip(ports)
+                .filter_map(|(p, t)| {
+                    t.map(|t| EndpointPort {
+                        name: p.name.clone(),
+                        port: Some(t),
+                        protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                        app_protocol: p.app_protocol.clone(),
+                    })
+                })
+                .collect();
+            out.push(slice_named(
+                &ns,
+                &format!("{name}-{}-{g}", if v4 { "v4" } else { "v6" }),
+                &name,
+                family,
+                endpoints,
+                slice_ports,
+            ));
+            made += 1;
         }
-        out.push(EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(format!("{name}-{}", if v4 { "v4" } else { "v6" })),
-                namespace: Some(ns.clone()),
-                labels: Some(BTreeMap::from([
-                    (config::SERVICE_NAME_LABEL.to_string(), name.clone()),
-                    (
-                        config::MANAGED_BY_LABEL.to_string(),
-                        config::FILES_MANAGED_BY.to_string(),
-                    ),
-                ])),
-                ..Default::default()
-            },
-            address_type: family.into(),
-            endpoints,
-            ports: Some(ports),
-        });
+        // A Service with no endpoints of a family it serves still gets an
+        // (empty) slice, as in a cluster.
+        if made == 0 && has_family(v4) {
+            out.push(slice_named(
+                &ns,
+                &format!("{name}-{}", if v4 { "v4" } else { "v6" }),
+                &name,
+                family,
+                Vec::new(),
+                Vec::new(),
+            ));
+        }
     }
     out
+}
+
+fn slice_named(
+    ns: &str,
+    slice: &str,
+    service: &str,
+    family: &str,
+    endpoints: Vec<Endpoint>,
+    ports: Vec<EndpointPort>,
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(slice.into()),
+            namespace: Some(ns.into()),
+            labels: Some(BTreeMap::from([
+                (config::SERVICE_NAME_LABEL.to_string(), service.to_string()),
+                (
+                    config::MANAGED_BY_LABEL.to_string(),
+                    config::FILES_MANAGED_BY.to_string(),
+                ),
+            ])),
+            ..Default::default()
+        },
+        address_type: family.into(),
+        endpoints,
+        ports: Some(ports),
+    }
 }
 
 impl FilesSource {

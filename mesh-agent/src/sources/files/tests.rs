@@ -254,3 +254,24 @@ async fn the_watcher_sends_changes() {
     stop_tx.send(true).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[test]
+fn pods_with_different_named_ports_get_their_own_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    write(
+        dir.path(),
+        "w.yaml",
+        &WORKLOADS.replacen("ports: {http: 8080}", "ports: {http: 8081}", 1),
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let s = store_of(&src);
+    let specs = crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web")).unwrap();
+    let addrs: Vec<String> = specs[0]
+        .backends
+        .iter()
+        .map(|b| b.addr.to_string())
+        .collect();
+    assert_eq!(addrs, ["127.0.10.1:8081", "127.0.10.2:8080"]);
+}
