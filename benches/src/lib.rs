@@ -2,4 +2,6 @@
 //! baseline (or peer) in the same run and writes its own section of
 //! `benches/RESULTS.md`, with figures as ratios to that baseline.
 
+pub mod lb;
 pub mod report;
+pub mod reset;

@@ -14,7 +14,9 @@
 
 mod cgroup;
 mod error;
+mod reset;
 mod service;
+mod strict;
 mod sys;
 
 use std::{
@@ -28,18 +30,21 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, links::FdLink},
 };
 pub use cgroup::{cgroup_id, cgroup_level, cgroup2_mount};
 use ebpf_lb_common::{
     BackendSlot, Counters, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENROLLED,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, Endpoint, FourTuple, LbConfig, MAX_ENROL_LEVELS,
-    MemberKey, OriginalDst, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, maps,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_WORKLOADS, Endpoint, FourTuple,
+    LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst, RevNatKey, SERVICE_F_AFFINITY,
+    SERVICE_F_MESHED, Service, ServiceKey, WorkloadKey, WorkloadPolicy, maps,
 };
 pub use error::{Error, Result};
+pub use reset::ResetReport;
 pub use service::{Backend, BackendState, Frontend, Protocol, ServiceSpec};
 use service::{endpoint, socket_addr};
+pub use strict::MtlsMode;
 pub use sys::ensure_bpffs;
 
 /// The kernel programs, built by `build.rs` from `ebpf-lb-programs`.
@@ -78,6 +83,11 @@ pub struct Options {
     pub max_sockets: u32,
     /// Enrolled cgroups.
     pub max_enrolled: u32,
+    /// Workloads with an mTLS mode (STRICT enforcement).
+    pub max_workloads: u32,
+    /// Reset the sockets the load balancer connected to a backend when that
+    /// backend leaves its service (see [`LoadBalancer::apply`]).
+    pub reset_on_removal: bool,
 }
 
 impl Default for Options {
@@ -90,6 +100,8 @@ impl Default for Options {
             max_affinity: DEFAULT_MAX_AFFINITY,
             max_sockets: DEFAULT_MAX_SOCKETS,
             max_enrolled: DEFAULT_MAX_ENROLLED,
+            max_workloads: DEFAULT_MAX_WORKLOADS,
+            reset_on_removal: true,
         }
     }
 }
@@ -100,7 +112,7 @@ impl Options {
         self.bpffs.join(&self.instance)
     }
 
-    fn sizes(&self) -> [(&'static str, u32); 9] {
+    fn sizes(&self) -> [(&'static str, u32); 11] {
         [
             (maps::SERVICES, self.max_services),
             (maps::BACKENDS, self.max_backends),
@@ -112,6 +124,8 @@ impl Options {
             (maps::ENROLLED, self.max_enrolled),
             // Index 0 is never a service id.
             (maps::COUNTERS, self.max_services.saturating_add(1)),
+            (maps::WORKLOADS, self.max_workloads),
+            (maps::REFUSALS, self.max_workloads),
         ]
     }
 }
@@ -123,6 +137,13 @@ pub enum Change {
     Upsert(ServiceSpec),
     /// Delete the service.
     Remove(Frontend),
+}
+
+/// What an applied batch did beyond switching services.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Sockets reset because their backend left the service.
+    pub reset: ResetReport,
 }
 
 /// What the kernel currently holds for one service.
@@ -144,6 +165,15 @@ pub struct ServiceCounters {
     pub no_backend: u64,
     /// Connections of enrolled workloads sent to the node proxy.
     pub redirected: u64,
+}
+
+/// Run-time statistics of one kernel program (collected only while the
+/// kernel's BPF statistics are enabled, see `aya::sys::enable_stats`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub program: &'static str,
+    pub run_count: u64,
+    pub run_time: Duration,
 }
 
 /// Where connections of enrolled workloads to meshed services are sent.
@@ -179,8 +209,17 @@ struct Tables {
     enrolled: HashMap<MapData, u64, u32>,
     config: Array<MapData, LbConfig>,
     counters: PerCpuArray<MapData, Counters>,
+    workloads: HashMap<MapData, WorkloadKey, WorkloadPolicy>,
+    refusals: PerCpuHashMap<MapData, WorkloadKey, u64>,
+    revnat: HashMap<MapData, RevNatKey, Endpoint>,
+    /// Cgroups this instance attached to (their processes' sockets are the
+    /// ones reset when a backend leaves).
+    attached: Vec<PathBuf>,
     /// Mirror of `SERVICES`.
     known: BTreeMap<ServiceKey, Service>,
+    /// Endpoints of each service that may carry connections (ready or
+    /// terminating); one leaving this set gets its sockets reset.
+    alive: BTreeMap<ServiceKey, Vec<Endpoint>>,
     /// Ready backends of each service id, in slot order (mirror of `BACKENDS`).
     sets: BTreeMap<u32, Vec<Endpoint>>,
     free_ids: Vec<u32>,
@@ -273,6 +312,9 @@ impl LoadBalancer {
         let prog: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         prog.load()
             .map_err(|e| Error::program(SOCK_OPS_PROGRAM, e))?;
+        let prog: &mut SchedClassifier = program(&mut ebpf, strict::STRICT_PROGRAM)?;
+        prog.load()
+            .map_err(|e| Error::program(strict::STRICT_PROGRAM, e))?;
 
         let services: HashMap<MapData, ServiceKey, Service> = take(&mut ebpf, maps::SERVICES)?;
         let backends: HashMap<MapData, BackendSlot, Endpoint> = take(&mut ebpf, maps::BACKENDS)?;
@@ -281,6 +323,9 @@ impl LoadBalancer {
         let config = take(&mut ebpf, maps::CONFIG)?;
         let counters = take(&mut ebpf, maps::COUNTERS)?;
         let orig_dst = take(&mut ebpf, maps::ORIG_DST)?;
+        let workloads = take(&mut ebpf, maps::WORKLOADS)?;
+        let refusals = take(&mut ebpf, maps::REFUSALS)?;
+        let revnat = take(&mut ebpf, maps::REVNAT)?;
 
         // Rebuild the bookkeeping from what an earlier instance left pinned.
         let mut known = BTreeMap::new();
@@ -316,6 +361,12 @@ impl LoadBalancer {
             .iter()
             .max()
             .map_or(1, |m| m.wrapping_add(1).max(1));
+        // After a restart, terminating endpoints are not known: start from
+        // the ready ones.
+        let alive = known
+            .iter()
+            .map(|(k, s)| (*k, sets.get(&s.id).cloned().unwrap_or_default()))
+            .collect();
         let mut enrolled_ids = BTreeMap::new();
         for entry in enrolled.iter() {
             let (id, level) = entry.map_err(|e| Error::map(maps::ENROLLED, e))?;
@@ -334,7 +385,12 @@ impl LoadBalancer {
                 enrolled,
                 config,
                 counters,
+                workloads,
+                refusals,
+                revnat,
+                attached: Vec::new(),
                 known,
+                alive,
                 sets,
                 free_ids,
                 next_id,
@@ -388,12 +444,17 @@ impl LoadBalancer {
         let link = prog
             .take_link(link_id)
             .map_err(|e| Error::program(SOCK_OPS_PROGRAM, e))?;
-        pin_link(link, &links, id, SOCK_OPS_PROGRAM)
+        pin_link(link, &links, id, SOCK_OPS_PROGRAM)?;
+        if !t.attached.iter().any(|p| p == cgroup) {
+            t.attached.push(cgroup.to_path_buf());
+        }
+        Ok(())
     }
 
     /// Detaches all programs from `cgroup`.
     pub fn detach(&self, cgroup: &Path) -> Result<()> {
         let id = cgroup_id(cgroup)?;
+        self.tables().attached.retain(|p| p != cgroup);
         remove_links(&self.links_dir(), |name| {
             name.starts_with(&format!("{id}-"))
         })
@@ -410,22 +471,24 @@ impl LoadBalancer {
     /// Applies a batch of changes atomically per service. Either every change
     /// is applied, or (on a full map or invalid input) none is and the
     /// previous state stays in force.
-    pub fn apply(&self, changes: &[Change]) -> Result<()> {
+    ///
+    /// When it returns, no new connection can reach a backend the batch
+    /// removed, and (with `Options::reset_on_removal`) the sockets the load
+    /// balancer had connected to a backend that left its service (deleted, or
+    /// not ready and not terminating) have been destroyed. Terminating
+    /// backends keep their connections until they are removed.
+    pub fn apply(&self, changes: &[Change]) -> Result<ApplyReport> {
         // Validate everything before touching a map.
         let mut planned = Vec::with_capacity(changes.len());
         for change in changes {
             match change {
                 Change::Upsert(spec) => {
-                    spec.validate().map_err(|reason| Error::InvalidService {
+                    let invalid = |reason| Error::InvalidService {
                         frontend: spec.frontend,
                         reason,
-                    })?;
-                    let eps = spec
-                        .ready_endpoints()
-                        .map_err(|reason| Error::InvalidService {
-                            frontend: spec.frontend,
-                            reason,
-                        })?;
+                    };
+                    spec.validate().map_err(invalid)?;
+                    let eps = spec.ready_endpoints().map_err(invalid)?;
                     if eps.len() > self.opts.max_backends as usize {
                         return Err(Error::MapFull {
                             map: maps::BACKENDS,
@@ -441,31 +504,34 @@ impl LoadBalancer {
         }
         let mut t = self.tables();
         let mut undo = Undo::default();
-        match t.stage(&planned, &mut undo, self) {
-            Ok(retired) => {
-                // The services are switched: the batch is applied. A failure
-                // to unlink a member is reported, but the barrier and the
-                // cleanup still run.
-                let unlinked = t.unlink_members(&retired);
-                // Every program that could still hold a replaced service value
-                // (and so an old backend set, or a backend just removed) has
-                // finished once the barrier returns.
-                if !retired.sets.is_empty() || !retired.members.is_empty() {
-                    self.barrier.wait()?;
-                }
-                t.retire(retired);
-                unlinked
-            }
+        let retired = match t.stage(&planned, &mut undo, self) {
+            Ok(r) => r,
             Err(e) => {
                 t.rollback(undo);
-                Err(e)
+                return Err(e);
             }
+        };
+        // The services are switched: the batch is applied. A failure to
+        // unlink a member is reported, but the barrier and cleanup still run.
+        let unlinked = t.unlink_members(&retired);
+        // Every program that could still hold a replaced service value (and
+        // so an old backend set, or a backend just removed) has finished once
+        // the barrier returns.
+        if !retired.sets.is_empty() || !retired.members.is_empty() {
+            self.barrier.wait()?;
         }
+        let departed = t.retire(retired);
+        unlinked?;
+        let mut report = ApplyReport::default();
+        if self.opts.reset_on_removal && !departed.is_empty() {
+            report.reset = reset::reset(&t.attached, &t.revnat, &departed)?;
+        }
+        Ok(report)
     }
 
     /// Creates or replaces one service.
     pub fn upsert_service(&self, spec: &ServiceSpec) -> Result<()> {
-        self.apply(&[Change::Upsert(spec.clone())])
+        self.apply(&[Change::Upsert(spec.clone())]).map(drop)
     }
 
     /// Removes one service. Removing an unknown service is an error.
@@ -473,7 +539,7 @@ impl LoadBalancer {
         if !self.tables().known.contains_key(&frontend.key()) {
             return Err(Error::UnknownService(*frontend));
         }
-        self.apply(&[Change::Remove(*frontend)])
+        self.apply(&[Change::Remove(*frontend)]).map(drop)
     }
 
     /// The services the kernel holds now.
@@ -515,6 +581,27 @@ impl LoadBalancer {
                 no_backend: acc.no_backend + c.no_backend,
                 redirected: acc.redirected + c.redirected,
             }))
+    }
+
+    /// Run counts and times of this instance's programs.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>> {
+        let t = self.tables();
+        SOCK_ADDR_PROGRAMS
+            .iter()
+            .chain([&SOCK_OPS_PROGRAM])
+            .map(|name| {
+                let prog = t.ebpf.program(name).ok_or_else(|| Error::Program {
+                    program: name,
+                    source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+                })?;
+                let info = prog.info().map_err(|e| Error::program(name, e))?;
+                Ok(ProgramStats {
+                    program: name,
+                    run_count: info.run_count(),
+                    run_time: info.run_time(),
+                })
+            })
+            .collect()
     }
 
     /// Sets (or with `None` clears) the node proxy address used for enrolled
@@ -703,8 +790,7 @@ fn remove_links(dir: &Path, which: impl Fn(&str) -> bool) -> Result<()> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if which(name.trim_start_matches("new-")) {
-            fs::remove_file(entry.path())
-                .map_err(|e| Error::io("removing pinned link", entry.path(), e))?;
+            sys::detach_pinned_link(&entry.path())?;
         }
     }
     Ok(())
@@ -732,6 +818,9 @@ struct Retired {
     sets: Vec<(u32, u32)>,
     members: Vec<MemberKey>,
     ids: Vec<u32>,
+    /// New "alive" endpoint lists (None: service removed).
+    alive: Vec<(ServiceKey, Option<Vec<Endpoint>>)>,
+    departed: Vec<reset::Departed>,
 }
 
 impl Tables {
@@ -873,6 +962,18 @@ impl Tables {
                     })?;
                     undo.services.push((key, old));
                     self.known.insert(key, value);
+                    let alive = spec.alive_endpoints();
+                    if let Some(before) = self.alive.get(&key) {
+                        retired.departed.extend(
+                            before.iter().filter(|ep| !alive.contains(ep)).map(|ep| {
+                                reset::Departed {
+                                    frontend: key,
+                                    backend: *ep,
+                                }
+                            }),
+                        );
+                    }
+                    retired.alive.push((key, Some(alive)));
                     undo.set_mirror
                         .push((id, self.sets.insert(id, eps.clone())));
                     if let Some(o) = old {
@@ -911,6 +1012,15 @@ impl Tables {
                         retired.sets.push((old.backend_set, old.count));
                     }
                     retired.ids.push(old.id);
+                    if let Some(before) = self.alive.get(&key) {
+                        retired
+                            .departed
+                            .extend(before.iter().map(|ep| reset::Departed {
+                                frontend: key,
+                                backend: *ep,
+                            }));
+                    }
+                    retired.alive.push((key, None));
                 }
             }
         }
@@ -930,8 +1040,9 @@ impl Tables {
         Ok(())
     }
 
-    /// Frees what no program can see any more.
-    fn retire(&mut self, retired: Retired) {
+    /// Frees what no program can see any more; returns the backends that
+    /// left their services.
+    fn retire(&mut self, retired: Retired) -> Vec<reset::Departed> {
         for (set, count) in retired.sets {
             for index in 0..count {
                 let _ = self.backends.remove(&BackendSlot {
@@ -942,6 +1053,13 @@ impl Tables {
             self.used_sets.remove(&set);
         }
         self.free_ids.extend(retired.ids);
+        for (key, alive) in retired.alive {
+            match alive {
+                Some(a) => self.alive.insert(key, a),
+                None => self.alive.remove(&key),
+            };
+        }
+        retired.departed
     }
 
     /// Takes back a batch that failed half-way.

@@ -160,6 +160,20 @@ impl ServiceSpec {
         Ok(out)
     }
 
+    /// Endpoints that may still carry connections: ready or terminating.
+    pub(crate) fn alive_endpoints(&self) -> Vec<Endpoint> {
+        let mut out: Vec<Endpoint> = Vec::with_capacity(self.backends.len());
+        for b in &self.backends {
+            if b.state != BackendState::NotReady {
+                let ep = endpoint(b.addr);
+                if !out.contains(&ep) {
+                    out.push(ep);
+                }
+            }
+        }
+        out
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
         let vip = self.frontend.vip;
         if vip.port() == 0 {

@@ -78,6 +78,8 @@ pub(crate) struct RcuBarrier {
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
 
@@ -165,4 +167,61 @@ fn create_map(map_type: u32, inner: Option<&OwnedFd>) -> Result<OwnedFd> {
     })?;
     // SAFETY: the syscall returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+    _pad: [u32; 15],
+}
+
+/// Detaches the link pinned at `pin` and removes the pin.
+///
+/// Removing a pin alone drops the last reference only after an RCU grace
+/// period and a work item, so the program would keep running for a moment;
+/// `BPF_LINK_DETACH` takes it off its hook before this returns.
+pub(crate) fn detach_pinned_link(pin: &Path) -> Result<()> {
+    let path = cstring(pin)?;
+    let mut get = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    match bpf(BPF_OBJ_GET, (&raw mut get).cast(), size_of::<ObjGetAttr>()) {
+        Ok(fd) => {
+            // SAFETY: BPF_OBJ_GET returned a new descriptor we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            let mut detach = LinkDetachAttr {
+                link_fd: fd.as_raw_fd() as u32,
+                ..Default::default()
+            };
+            // A link whose target is gone (a deleted veth) is already detached.
+            if let Err(e) = bpf(
+                BPF_LINK_DETACH,
+                (&raw mut detach).cast(),
+                size_of::<LinkDetachAttr>(),
+            ) && e.raw_os_error() != Some(libc::ENOLINK)
+                && e.raw_os_error() != Some(libc::EINVAL)
+            {
+                return Err(Error::io("detaching pinned link", pin, e));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("opening pinned link", pin, e)),
+    }
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing pinned link", pin, e)),
+    }
 }

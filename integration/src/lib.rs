@@ -10,6 +10,7 @@ pub mod lb;
 pub mod netns;
 pub mod probe;
 pub mod servers;
+pub mod topology;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

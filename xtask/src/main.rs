@@ -287,6 +287,8 @@ fn demo() -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     setup()?;
+    // The peers and load tools the benchmarks compare against.
+    apt_install(&[("iptables-restore", "iptables")])?;
     run(cargo()
         .args([
             "run",

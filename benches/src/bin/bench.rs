@@ -20,9 +20,30 @@ struct Cli {
 
 type Bench = fn(quick: bool) -> Result<()>;
 
-const BENCHES: &[(&str, &str, Bench)] = &[];
+const BENCHES: &[(&str, &str, Bench)] = &[
+    (
+        "lb-connect4",
+        "kernel: connect4 cost per call at 100 / 10k / 100k services",
+        benches::lb::connect4_cost,
+    ),
+    (
+        "lb-connrate",
+        "kernel: new connections/s via socket LB vs direct vs iptables DNAT",
+        benches::lb::connection_rate,
+    ),
+    (
+        "lb-reset",
+        "kernel: time to reset the sockets pinned to removed backends, 10k open",
+        benches::reset::reset_time,
+    ),
+];
 
 fn main() -> Result<()> {
+    // Child processes the benchmarks start inside test cgroups.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__drive") {
+        return benches::lb::driver(&args[2..]);
+    }
     let cli = Cli::parse();
     if cli.list {
         for (name, what, _) in BENCHES {

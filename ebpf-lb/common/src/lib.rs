@@ -28,6 +28,7 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 pub const DEFAULT_MAX_ENROLLED: u32 = 16_384;
+pub const DEFAULT_MAX_WORKLOADS: u32 = 16_384;
 
 /// Number of cgroup ancestor levels the programs check for enrolment, besides the
 /// current cgroup (a pod cgroup with one cgroup per container below it).
@@ -45,6 +46,8 @@ pub mod maps {
     pub const ENROLLED: &str = "ENROLLED";
     pub const CONFIG: &str = "CONFIG";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const WORKLOADS: &str = "WORKLOADS";
+    pub const REFUSALS: &str = "REFUSALS";
 }
 
 /// An IP address and port (network byte order), used for backends, VIPs and
@@ -182,6 +185,31 @@ pub struct LbConfig {
     pub enrol_levels: [u32; MAX_ENROL_LEVELS],
 }
 
+/// `WorkloadPolicy::mode`: plaintext to the workload is refused in the kernel.
+pub const MODE_STRICT: u32 = 1;
+/// `WorkloadPolicy::mode`: plaintext and mTLS are both accepted.
+pub const MODE_PERMISSIVE: u32 = 2;
+/// `WorkloadPolicy::mode`: no mTLS enforcement.
+pub const MODE_DISABLED: u32 = 3;
+
+/// Key of `WORKLOADS` and `REFUSALS`: a workload (pod) address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `WORKLOADS`: how plaintext to this workload is treated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadPolicy {
+    /// `MODE_*`.
+    pub mode: u32,
+    pub _pad: u32,
+}
+
 /// Per-service counters (a per-CPU array indexed by `Service::id`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -211,6 +239,8 @@ mod pod {
     unsafe impl aya::Pod for FourTuple {}
     unsafe impl aya::Pod for LbConfig {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for WorkloadKey {}
+    unsafe impl aya::Pod for WorkloadPolicy {}
 }
 
 /// Compile-time proof that no type has implicit padding: each size equals the
@@ -229,4 +259,6 @@ const _: () = {
     assert!(size_of::<FourTuple>() == 40);
     assert!(size_of::<LbConfig>() == 48);
     assert!(size_of::<Counters>() == 24);
+    assert!(size_of::<WorkloadKey>() == 20);
+    assert!(size_of::<WorkloadPolicy>() == 8);
 };

@@ -12,71 +12,30 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_ANY, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock_addr,
     },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
 use ebpf_lb_common::{
-    AffinityKey, AffinityValue, BackendSlot, Counters, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_ENROLLED, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, Endpoint, FAMILY_V4,
-    FAMILY_V6, FourTuple, LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst, PROTO_TCP, PROTO_UDP,
-    RevNatKey, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey,
+    AffinityKey, AffinityValue, BackendSlot, Counters, Endpoint, FAMILY_V4, FAMILY_V6, FourTuple,
+    LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst, PROTO_TCP, PROTO_UDP, RevNatKey,
+    SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey,
 };
 
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "license")]
-pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[map]
-static SERVICES: HashMap<ServiceKey, Service> =
-    HashMap::pinned(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
-
-#[map]
-static BACKENDS: HashMap<BackendSlot, Endpoint> =
-    HashMap::pinned(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
-
-#[map]
-static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(DEFAULT_MAX_BACKENDS, BPF_F_NO_PREALLOC);
-
-#[map]
-static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
-
-#[map]
-static REVNAT: LruHashMap<RevNatKey, Endpoint> = LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
-
-#[map]
-static COOKIE_ORIG: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
-
-#[map]
-static ORIG_DST: LruHashMap<FourTuple, OriginalDst> = LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
-
-#[map]
-static ENROLLED: HashMap<u64, u32> = HashMap::pinned(DEFAULT_MAX_ENROLLED, BPF_F_NO_PREALLOC);
-
-#[map]
-static CONFIG: Array<LbConfig> = Array::pinned(1, 0);
-
-#[map]
-static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(DEFAULT_MAX_SERVICES + 1, 0);
+use super::{
+    AFFINITY, BACKENDS, COOKIE_ORIG, COUNTERS, ENROLLED, MEMBERS, ORIG_DST, REVNAT, SERVICES,
+    V4_MAPPED_WORD, config, is_v4_mapped, read_ip6, write_ip6,
+};
 
 const ECONNREFUSED: i32 = 111;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-/// `::ffff:0:0/96`, third word in network byte order.
-const V4_MAPPED_WORD: u32 = 0xffff_u32.to_be();
 
 /// Outcome of looking a destination up in the service table.
 enum Verdict {
@@ -93,45 +52,9 @@ fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
     ctx.sock_addr
 }
 
-// Context fields must be read and written with 4-byte accesses; volatile keeps
-// the compiler from merging them into wider loads the verifier would refuse.
-#[inline(always)]
-fn read_ip6(words: *const [u32; 4]) -> [u32; 4] {
-    let p = words as *const u32;
-    unsafe {
-        [
-            read_volatile(p),
-            read_volatile(p.add(1)),
-            read_volatile(p.add(2)),
-            read_volatile(p.add(3)),
-        ]
-    }
-}
-
-#[inline(always)]
-fn write_ip6(words: *mut [u32; 4], v: [u32; 4]) {
-    let p = words as *mut u32;
-    unsafe {
-        write_volatile(p, v[0]);
-        write_volatile(p.add(1), v[1]);
-        write_volatile(p.add(2), v[2]);
-        write_volatile(p.add(3), v[3]);
-    }
-}
-
-#[inline(always)]
-fn is_v4_mapped(a: &[u32; 4]) -> bool {
-    a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD
-}
-
 #[inline(always)]
 fn counters(id: u32) -> Option<*mut Counters> {
     COUNTERS.get_ptr_mut(id)
-}
-
-#[inline(always)]
-fn config() -> Option<LbConfig> {
-    CONFIG.get(0).copied()
 }
 
 /// Is the calling process enrolled in the mesh: its own cgroup, or an

@@ -1,0 +1,193 @@
+//! Kernel enforcement of STRICT mTLS: a TC program on the host side of a
+//! workload's veth (egress, i.e. traffic heading into the pod) answers a TCP
+//! SYN to a STRICT workload with a RST, unless the packet comes from the node
+//! proxy (its sockets carry the proxy's `SO_MARK`, which survives to the
+//! host-side egress hook). The client sees `ECONNREFUSED` at once, wherever it
+//! is; traffic inside the pod never crosses the veth and is untouched.
+//!
+//! The RST is the SYN turned around in place: MACs, addresses and ports
+//! swapped (none of which changes a checksum), seq 0, ack = SYN seq + 1 +
+//! payload, flags RST|ACK, then handed back to the same device's ingress.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::bpf_redirect,
+    macros::classifier,
+    programs::TcContext,
+};
+use ebpf_lb_common::{FAMILY_V4, FAMILY_V6, MODE_STRICT, WorkloadKey};
+
+use super::{REFUSALS, WORKLOADS, config};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+/// Offset of the checksum in the TCP header.
+const TCP_CSUM: usize = 16;
+
+#[classifier]
+pub fn sluice_strict(ctx: TcContext) -> i32 {
+    try_strict(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+/// Where the TCP header starts, the TCP segment length, and the destination.
+struct Parsed {
+    l4: usize,
+    l4_len: usize,
+    dst: WorkloadKey,
+    /// Offset and length of the two addresses (source first).
+    addr_off: usize,
+    addr_len: usize,
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Result<Option<Parsed>, i64> {
+    let proto = u16::from_be(ctx.load::<u16>(12)?);
+    if proto == ETH_P_IP {
+        let vihl: u8 = ctx.load(ETH_HLEN)?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return Ok(None);
+        }
+        if ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP {
+            return Ok(None);
+        }
+        let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?) as usize;
+        let daddr: u32 = ctx.load(ETH_HLEN + 16)?;
+        Ok(Some(Parsed {
+            l4: ETH_HLEN + ihl,
+            l4_len: tot_len.saturating_sub(ihl),
+            dst: WorkloadKey {
+                addr: [daddr, 0, 0, 0],
+                family: FAMILY_V4,
+                _pad: [0; 3],
+            },
+            addr_off: ETH_HLEN + 12,
+            addr_len: 4,
+        }))
+    } else if proto == ETH_P_IPV6 {
+        let d0: u32 = ctx.load(ETH_HLEN + 24)?;
+        let d1: u32 = ctx.load(ETH_HLEN + 28)?;
+        let d2: u32 = ctx.load(ETH_HLEN + 32)?;
+        let d3: u32 = ctx.load(ETH_HLEN + 36)?;
+        let dst = WorkloadKey {
+            addr: [d0, d1, d2, d3],
+            family: FAMILY_V6,
+            _pad: [0; 3],
+        };
+        if ctx.load::<u8>(ETH_HLEN + 6)? != IPPROTO_TCP {
+            // Extension headers could hide a SYN to a STRICT workload: such a
+            // packet is dropped rather than parsed; anything else passes.
+            let next: u8 = ctx.load(ETH_HLEN + 6)?;
+            if matches!(next, 0 | 43 | 44 | 51 | 60) && strict(&dst) {
+                return Err(TC_ACT_SHOT as i64);
+            }
+            return Ok(None);
+        }
+        let payload = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4)?) as usize;
+        Ok(Some(Parsed {
+            l4: ETH_HLEN + 40,
+            l4_len: payload,
+            dst,
+            addr_off: ETH_HLEN + 8,
+            addr_len: 16,
+        }))
+    } else {
+        Ok(None)
+    }
+}
+
+#[inline(always)]
+fn strict(dst: &WorkloadKey) -> bool {
+    WORKLOADS
+        .get_ptr(dst)
+        .is_some_and(|p| unsafe { (*p).mode } == MODE_STRICT)
+}
+
+fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
+    let p = match parse(ctx) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(TC_ACT_OK),
+        Err(verdict) if verdict == TC_ACT_SHOT as i64 => return Ok(TC_ACT_SHOT),
+        Err(e) => return Err(e),
+    };
+    // Only connection attempts: a SYN without ACK.
+    let flags: u8 = ctx.load(p.l4 + 13)?;
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || !strict(&p.dst) {
+        return Ok(TC_ACT_OK);
+    }
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if let Some(cfg) = config()
+        && cfg.proxy_mark != 0
+        && mark == cfg.proxy_mark
+    {
+        return Ok(TC_ACT_OK);
+    }
+    match REFUSALS.get_ptr_mut(p.dst) {
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            let _ = REFUSALS.insert(p.dst, 1, BPF_ANY as u64);
+        }
+    }
+    reject(ctx, &p)
+}
+
+/// Turns the SYN into the RST|ACK that answers it and sends it back.
+#[inline(always)]
+fn reject(ctx: &TcContext, p: &Parsed) -> Result<i32, i64> {
+    // Ethernet addresses.
+    // Fixed-size loads: the verifier refuses a length it cannot bound away from 0.
+    let macs: [u8; 12] = ctx.load(0)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &swapped, 0)?;
+
+    // IP addresses (the pseudo-header sum does not change).
+    if p.addr_len == 4 {
+        let src: u32 = ctx.load(p.addr_off)?;
+        let dst: u32 = ctx.load(p.addr_off + 4)?;
+        ctx.store(p.addr_off, &dst, 0)?;
+        ctx.store(p.addr_off + 4, &src, 0)?;
+    } else {
+        let src: [u8; 16] = ctx.load(p.addr_off)?;
+        let dst: [u8; 16] = ctx.load(p.addr_off + 16)?;
+        ctx.store(p.addr_off, &dst, 0)?;
+        ctx.store(p.addr_off + 16, &src, 0)?;
+    }
+
+    // Ports.
+    let sport: u16 = ctx.load(p.l4)?;
+    let dport: u16 = ctx.load(p.l4 + 2)?;
+    ctx.store(p.l4, &dport, 0)?;
+    ctx.store(p.l4 + 2, &sport, 0)?;
+
+    // seq 0, ack = the SYN's seq + 1 + its payload.
+    let seq: u32 = ctx.load(p.l4 + 4)?;
+    let old_ack: u32 = ctx.load(p.l4 + 8)?;
+    let doff_byte: u8 = ctx.load(p.l4 + 12)?;
+    let hdr_len = ((doff_byte >> 4) as usize) * 4;
+    let payload = p.l4_len.saturating_sub(hdr_len) as u32;
+    let ack = u32::from_be(seq)
+        .wrapping_add(1)
+        .wrapping_add(payload)
+        .to_be();
+    ctx.store(p.l4 + 4, &0u32, 0)?;
+    ctx.l4_csum_replace(p.l4 + TCP_CSUM, seq as u64, 0, 4)?;
+    ctx.store(p.l4 + 8, &ack, 0)?;
+    ctx.l4_csum_replace(p.l4 + TCP_CSUM, old_ack as u64, ack as u64, 4)?;
+
+    // Flags: RST|ACK, header length kept.
+    let old_word: u16 = ctx.load(p.l4 + 12)?;
+    let new_word = u16::from_ne_bytes([doff_byte & 0xf0, TCP_RST | TCP_ACK]);
+    ctx.store(p.l4 + 12, &new_word, 0)?;
+    ctx.l4_csum_replace(p.l4 + TCP_CSUM, old_word as u64, new_word as u64, 2)?;
+
+    ctx.set_mark(0);
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(unsafe { bpf_redirect(ifindex, BPF_F_INGRESS as u64) } as i32)
+}

@@ -1,0 +1,179 @@
+//! Kernel enforcement of STRICT mTLS (user side): which workloads are
+//! STRICT, which veths carry the guard program, and how many plaintext
+//! connection attempts were refused.
+
+use std::{fs, io, net::IpAddr};
+
+use aya::programs::{
+    LinkOrder, SchedClassifier, TcAttachType,
+    links::{FdLink, LinkError, PinnedLink},
+    tc::TcAttachOptions,
+};
+use ebpf_lb_common::{
+    MODE_DISABLED, MODE_PERMISSIVE, MODE_STRICT, WorkloadKey, WorkloadPolicy, maps,
+};
+
+use crate::{Error, LoadBalancer, Result, is_full, is_not_found, service::endpoint};
+
+pub(crate) const STRICT_PROGRAM: &str = "sluice_strict";
+
+/// mTLS mode of a workload, as a `MeshPolicy` sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MtlsMode {
+    /// Plaintext to the workload is refused: only the node proxy may connect.
+    Strict,
+    /// Plaintext and mTLS are both accepted.
+    Permissive,
+    /// No mTLS.
+    Disabled,
+}
+
+impl MtlsMode {
+    fn code(self) -> u32 {
+        match self {
+            MtlsMode::Strict => MODE_STRICT,
+            MtlsMode::Permissive => MODE_PERMISSIVE,
+            MtlsMode::Disabled => MODE_DISABLED,
+        }
+    }
+}
+
+pub(crate) fn workload_key(ip: IpAddr) -> WorkloadKey {
+    let ep = endpoint(std::net::SocketAddr::new(ip, 0));
+    WorkloadKey {
+        addr: ep.addr,
+        family: ep.family,
+        _pad: [0; 3],
+    }
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name).map_err(|_| Error::Cgroup {
+        path: name.into(),
+        reason: "interface name contains NUL".into(),
+    })?;
+    // SAFETY: c is a valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(Error::io(
+            "looking up interface",
+            name,
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(idx)
+}
+
+impl LoadBalancer {
+    /// Puts the STRICT guard on the host side of a workload's veth
+    /// (`ifname`, in the caller's network namespace): from then on, TCP
+    /// connection attempts to STRICT workloads behind it that do not come from
+    /// the node proxy are answered with a reset. Needs Linux 6.6 (TCX links);
+    /// the link is pinned, and attaching again replaces the program atomically.
+    pub fn guard_interface(&self, ifname: &str) -> Result<()> {
+        let idx = ifindex(ifname)?;
+        let pin = self.links_dir().join(format!("tc-{idx}"));
+        let mut t = self.tables();
+        let prog: &mut SchedClassifier = crate::program(&mut t.ebpf, STRICT_PROGRAM)?;
+        let link_id = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let old: aya::programs::tc::SchedClassifierLink =
+                    FdLink::from(old).try_into().map_err(|e: LinkError| {
+                        Error::io(
+                            "re-using pinned link",
+                            &pin,
+                            io::Error::other(e.to_string()),
+                        )
+                    })?;
+                prog.attach_to_link(old)
+                    .map_err(|e| Error::program(STRICT_PROGRAM, e))?
+            }
+            Err(_) => prog
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Egress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| Error::program(STRICT_PROGRAM, e))?,
+        };
+        let link = prog
+            .take_link(link_id)
+            .map_err(|e| Error::program(STRICT_PROGRAM, e))?;
+        let link: FdLink = link.try_into().map_err(|e: LinkError| {
+            Error::io("pinning link", &pin, io::Error::other(e.to_string()))
+        })?;
+        let _ = fs::remove_file(&pin);
+        link.pin(&pin)
+            .map_err(|e| Error::io("pinning link", &pin, io::Error::other(e.to_string())))?;
+        Ok(())
+    }
+
+    /// Removes the STRICT guard from `ifname`.
+    pub fn unguard_interface(&self, ifname: &str) -> Result<()> {
+        let idx = ifindex(ifname)?;
+        crate::sys::detach_pinned_link(&self.links_dir().join(format!("tc-{idx}")))
+    }
+
+    /// Sets the mTLS mode of the workload at `ip` (`None`: no policy, which
+    /// the kernel treats like PERMISSIVE). Takes effect for the next
+    /// connection attempt; existing connections are left alone.
+    pub fn set_workload_mode(&self, ip: IpAddr, mode: Option<MtlsMode>) -> Result<()> {
+        let key = workload_key(ip);
+        let mut t = self.tables();
+        match mode {
+            Some(m) => {
+                // The refusal counter exists before the first refusal.
+                if t.refusals.get(&key, 0).is_err() {
+                    let zero = aya::maps::PerCpuValues::try_from(vec![0u64; self.nr_cpus])
+                        .map_err(|e| Error::io("building counters", "REFUSALS", e))?;
+                    t.refusals
+                        .insert(key, zero, 0)
+                        .map_err(|e| self.workloads_full(e, ip))?;
+                }
+                t.workloads
+                    .insert(
+                        key,
+                        WorkloadPolicy {
+                            mode: m.code(),
+                            _pad: 0,
+                        },
+                        0,
+                    )
+                    .map_err(|e| self.workloads_full(e, ip))
+            }
+            None => {
+                for r in [t.workloads.remove(&key), t.refusals.remove(&key)] {
+                    match r {
+                        Ok(()) => {}
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(Error::map(maps::WORKLOADS, e)),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Plaintext connection attempts to the workload at `ip` refused so far.
+    pub fn refusals(&self, ip: IpAddr) -> Result<u64> {
+        let t = self.tables();
+        match t.refusals.get(&workload_key(ip), 0) {
+            Ok(v) => Ok(v.iter().sum()),
+            Err(e) if is_not_found(&e) => Ok(0),
+            Err(e) => Err(Error::map(maps::REFUSALS, e)),
+        }
+    }
+
+    fn workloads_full(&self, e: aya::maps::MapError, ip: IpAddr) -> Error {
+        if is_full(&e) {
+            Error::MapFull {
+                map: maps::WORKLOADS,
+                capacity: self.opts.max_workloads,
+                option: "max_workloads",
+                what: format!("workload {ip}"),
+            }
+        } else {
+            Error::map(maps::WORKLOADS, e)
+        }
+    }
+}
