@@ -288,7 +288,7 @@ impl Agent {
             _ => unreachable!("a kube source has a client"),
         }
         let listener = admin::bind(args.admin_addr).await?;
-        let admin_addr = listener.local_addr().map_err(|e| admin::Error::Serve(e))?;
+        let admin_addr = listener.local_addr().map_err(admin::Error::Serve)?;
         let state = Arc::new(AdminState {
             info: AdminInfo {
                 node: args.node_name.clone(),

@@ -118,6 +118,9 @@ pub struct WorkloadInfo {
     pub cgroup: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
+    /// Kernel STRICT enforcement: `guarded on <interface>`, or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict_guard: Option<String>,
     /// Expiry of its workload certificate (RFC 3339), when one is held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_expiry: Option<String>,

@@ -16,6 +16,8 @@ struct Snapshot {
     counters: Vec<(&'static str, &'static str, u64)>,
     /// (service, frontend, outcome, value)
     lb: Vec<(String, String, &'static str, u64)>,
+    /// (pod, refused plaintext connection attempts)
+    refusals: Vec<(String, u64)>,
 }
 
 impl Collector for Snapshot {
@@ -43,6 +45,15 @@ impl Collector for Snapshot {
             ];
             ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
         }
+        let mut m = encoder.encode_descriptor(
+            "sluice_strict_refusals",
+            "Plaintext connection attempts to STRICT workloads the kernel refused",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pod, v) in &self.refusals {
+            ConstCounter::new(*v).encode(m.encode_family(&[("pod", pod.as_str())])?)?;
+        }
         Ok(())
     }
 }
@@ -64,6 +75,24 @@ pub fn encode(s: &AdminState) -> String {
             }
         }
     }
+    let refusals = v
+        .workloads
+        .iter()
+        .filter(|w| {
+            w.strict_guard
+                .as_deref()
+                .is_some_and(|g| g.starts_with("guarded"))
+        })
+        .map(|w| {
+            let n = w
+                .ips
+                .iter()
+                .filter_map(|ip| ip.parse().ok())
+                .map(|ip| s.dp.refusals(ip))
+                .sum();
+            (format!("{}/{}", w.namespace, w.name), n)
+        })
+        .collect();
     let st = &v.stats;
     let snap = Snapshot {
         gauges: vec![
@@ -126,12 +155,18 @@ pub fn encode(s: &AdminState) -> String {
                 st.removed_backends,
             ),
             (
+                "sluice_agent_sockets_reset",
+                "Sockets reset because their backend left its service",
+                st.sockets_reset,
+            ),
+            (
                 "sluice_agent_status_writes",
                 "Object status writes requested",
                 st.status_writes,
             ),
         ],
         lb,
+        refusals,
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snap));

@@ -19,7 +19,7 @@ struct Cli {
 enum Command {
     /// Run the agent: read the configuration, program the kernel, serve the
     /// admin API. Log level from RUST_LOG (default info).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CRD manifests of Sluice's resources (MeshPolicy, AccessPolicy).
     Crds,
     /// Check a files-source directory and print what would be refused.
@@ -99,7 +99,7 @@ async fn main() -> ExitCode {
         }
         Command::Run(args) => {
             init_tracing(&cli.log_format);
-            let agent = match Agent::start(args).await {
+            let agent = match Agent::start(*args).await {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::error!("{e}");

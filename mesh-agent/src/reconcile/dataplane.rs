@@ -7,14 +7,18 @@ use std::{
     sync::Mutex,
 };
 
+use std::net::IpAddr;
+
 use ebpf_lb::{
-    Change, Frontend, LoadBalancer, ProxyTarget, ServiceCounters, ServiceSpec, ServiceState,
+    ApplyReport, Change, Frontend, LoadBalancer, MtlsMode, ProxyTarget, ServiceCounters,
+    ServiceSpec, ServiceState,
 };
 
 /// What the agent needs from ebpf-lb.
 pub trait Dataplane: Send + Sync {
-    /// Applies a batch atomically per service (all or nothing).
-    fn apply(&self, changes: &[Change]) -> Result<(), ebpf_lb::Error>;
+    /// Applies a batch atomically per service (all or nothing); sockets of
+    /// backends that left are reset.
+    fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ebpf_lb::Error>;
     /// Enrols a cgroup; returns its id.
     fn enroll(&self, cgroup: &Path) -> Result<u64, ebpf_lb::Error>;
     fn unenroll(&self, id: u64) -> Result<(), ebpf_lb::Error>;
@@ -23,10 +27,17 @@ pub trait Dataplane: Send + Sync {
     fn services(&self) -> Vec<ServiceState>;
     fn enrolled(&self) -> Vec<u64>;
     fn counters(&self, frontend: &Frontend) -> Option<ServiceCounters>;
+    /// The mTLS mode of a local workload (`None`: no policy).
+    fn set_workload_mode(&self, ip: IpAddr, mode: Option<MtlsMode>) -> Result<(), ebpf_lb::Error>;
+    /// Puts the STRICT guard on a pod's host-side interface.
+    fn guard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error>;
+    fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error>;
+    /// Plaintext connection attempts to a STRICT workload refused.
+    fn refusals(&self, ip: IpAddr) -> u64;
 }
 
 impl Dataplane for LoadBalancer {
-    fn apply(&self, changes: &[Change]) -> Result<(), ebpf_lb::Error> {
+    fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ebpf_lb::Error> {
         LoadBalancer::apply(self, changes)
     }
 
@@ -55,6 +66,22 @@ impl Dataplane for LoadBalancer {
     fn counters(&self, frontend: &Frontend) -> Option<ServiceCounters> {
         LoadBalancer::counters(self, frontend).ok()
     }
+
+    fn set_workload_mode(&self, ip: IpAddr, mode: Option<MtlsMode>) -> Result<(), ebpf_lb::Error> {
+        LoadBalancer::set_workload_mode(self, ip, mode)
+    }
+
+    fn guard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+        LoadBalancer::guard_interface(self, ifname)
+    }
+
+    fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+        LoadBalancer::unguard_interface(self, ifname)
+    }
+
+    fn refusals(&self, ip: IpAddr) -> u64 {
+        LoadBalancer::refusals(self, ip).unwrap_or(0)
+    }
 }
 
 /// An in-memory dataplane with the same batch semantics, recording every
@@ -70,6 +97,8 @@ struct Memory {
     services: BTreeMap<Frontend, ServiceSpec>,
     enrolled: BTreeMap<u64, std::path::PathBuf>,
     proxy: Option<ProxyTarget>,
+    modes: BTreeMap<IpAddr, MtlsMode>,
+    guarded: BTreeSet<String>,
     batches: Vec<Vec<Change>>,
     /// Frontends whose upsert fails (to test error handling).
     failing: BTreeSet<Frontend>,
@@ -106,6 +135,14 @@ impl MemoryDataplane {
         self.lock().proxy
     }
 
+    pub fn modes(&self) -> BTreeMap<IpAddr, MtlsMode> {
+        self.lock().modes.clone()
+    }
+
+    pub fn guarded(&self) -> BTreeSet<String> {
+        self.lock().guarded.clone()
+    }
+
     /// Makes upserts of `fe` fail as a full map would.
     pub fn fail_upserts_of(&self, fe: Frontend) {
         self.lock().failing.insert(fe);
@@ -122,7 +159,7 @@ impl MemoryDataplane {
 }
 
 impl Dataplane for MemoryDataplane {
-    fn apply(&self, changes: &[Change]) -> Result<(), ebpf_lb::Error> {
+    fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ebpf_lb::Error> {
         let mut m = self.lock();
         m.batches.push(changes.to_vec());
         for c in changes {
@@ -147,7 +184,7 @@ impl Dataplane for MemoryDataplane {
                 }
             }
         }
-        Ok(())
+        Ok(ApplyReport::default())
     }
 
     fn enroll(&self, cgroup: &Path) -> Result<u64, ebpf_lb::Error> {
@@ -198,5 +235,28 @@ impl Dataplane for MemoryDataplane {
             .services
             .contains_key(frontend)
             .then(ServiceCounters::default)
+    }
+
+    fn set_workload_mode(&self, ip: IpAddr, mode: Option<MtlsMode>) -> Result<(), ebpf_lb::Error> {
+        let mut m = self.lock();
+        match mode {
+            Some(mode) => m.modes.insert(ip, mode),
+            None => m.modes.remove(&ip),
+        };
+        Ok(())
+    }
+
+    fn guard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+        self.lock().guarded.insert(ifname.into());
+        Ok(())
+    }
+
+    fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+        self.lock().guarded.remove(ifname);
+        Ok(())
+    }
+
+    fn refusals(&self, _ip: IpAddr) -> u64 {
+        0
     }
 }

@@ -39,6 +39,7 @@ use crate::{
     admin::api::{ConfigError, RouteInfo, WorkloadInfo},
     cgroups::CgroupResolver,
     crds::MtlsMode,
+    netdev::{InterfaceResolver, RouteTable},
     state::{Dirty, Key, Kind, Store, Update},
 };
 
@@ -87,6 +88,8 @@ pub struct Stats {
     pub enrolments: u64,
     pub unenrolments: u64,
     pub removed_backends: u64,
+    /// Sockets the kernel reset because their backend left its service.
+    pub sockets_reset: u64,
     pub status_writes: u64,
 }
 
@@ -149,6 +152,7 @@ pub struct Reconciler {
     store: Store,
     dp: Arc<dyn Dataplane>,
     cgroups: Box<dyn CgroupResolver>,
+    interfaces: Box<dyn InterfaceResolver>,
     settings: Settings,
     out: Outputs,
     synced: bool,
@@ -160,6 +164,10 @@ pub struct Reconciler {
     enrolled: Enrolled,
     /// Local enrolled pods whose cgroup could not be enrolled, and why.
     enrol_errors: BTreeMap<Key, String>,
+    /// mTLS modes pushed to the kernel, by workload IP.
+    modes: BTreeMap<IpAddr, ebpf_lb::MtlsMode>,
+    /// Interfaces carrying the STRICT guard, and their pod.
+    guarded: BTreeMap<String, Key>,
     source_errors: BTreeMap<String, Vec<ConfigError>>,
     other_errors: Vec<String>,
     workloads: Vec<WorkloadInfo>,
@@ -178,6 +186,7 @@ impl Reconciler {
             store: Store::new(),
             dp,
             cgroups,
+            interfaces: Box::new(RouteTable),
             settings,
             out,
             synced: false,
@@ -186,12 +195,20 @@ impl Reconciler {
             retry: BTreeMap::new(),
             enrolled: Enrolled::new(),
             enrol_errors: BTreeMap::new(),
+            modes: BTreeMap::new(),
+            guarded: BTreeMap::new(),
             source_errors: BTreeMap::new(),
             other_errors: Vec::new(),
             workloads: Vec::new(),
             mesh_generation: 0,
             stats: Stats::default(),
         }
+    }
+
+    /// Finds pods' host interfaces another way than from the routes.
+    pub fn with_interfaces(mut self, r: Box<dyn InterfaceResolver>) -> Self {
+        self.interfaces = r;
+        self
     }
 
     pub fn store(&self) -> &Store {
@@ -293,11 +310,11 @@ impl Reconciler {
         // Cgroups enrolled by an earlier run that no pod claims any more.
         let ours: BTreeSet<u64> = self.enrolled.values().map(|e| e.id).collect();
         for id in self.dp.enrolled() {
-            if !ours.contains(&id) {
-                if let Err(e) = self.dp.unenroll(id) {
-                    self.other_errors
-                        .push(format!("unenrolling stale cgroup {id}: {e}"));
-                }
+            if !ours.contains(&id)
+                && let Err(e) = self.dp.unenroll(id)
+            {
+                self.other_errors
+                    .push(format!("unenrolling stale cgroup {id}: {e}"));
             }
         }
         dirty.services.clear();
@@ -328,7 +345,8 @@ impl Reconciler {
         }
         let changes = plan.changes();
         match self.dp.apply(&changes) {
-            Ok(()) => {
+            Ok(report) => {
+                self.stats.sockets_reset += report.reset.destroyed as u64;
                 for p in &plan.services {
                     self.committed(p);
                 }
@@ -343,7 +361,8 @@ impl Reconciler {
                     let mut one = plan.clone();
                     one.services = vec![p.clone()];
                     match self.dp.apply(&one.changes()) {
-                        Ok(()) => {
+                        Ok(report) => {
+                            self.stats.sockets_reset += report.reset.destroyed as u64;
                             self.committed(p);
                             self.stats.batches_applied += 1;
                             self.stats.changes_applied += p.changes.len() as u64;
@@ -363,8 +382,7 @@ impl Reconciler {
         self.lb.commit(p);
         self.retry.remove(&p.service);
         if !p.removed_backends.is_empty() {
-            // Where a later change resets existing connections to removed
-            // backends (sock_destroy): one call per removed backend here.
+            // ebpf-lb has reset the sockets connected to them in `apply`.
             self.stats.removed_backends += p.removed_backends.len() as u64;
             tracing::debug!(service = %p.service, removed = ?p.removed_backends, "backends left the service");
         }
@@ -440,6 +458,7 @@ impl Reconciler {
                 info.enrolled = false;
             }
         }
+        self.reconcile_modes(&mut infos);
         let ids: BTreeSet<String> = infos
             .iter()
             .filter(|w| w.local && w.enrolled)
@@ -454,6 +473,105 @@ impl Reconciler {
             }
         });
         self.workloads = infos;
+    }
+
+    /// Pushes local mesh workloads' mTLS modes into the kernel and guards the
+    /// interfaces of STRICT ones. Only with a proxy: a STRICT workload
+    /// accepts nothing but the proxy's connections.
+    fn reconcile_modes(&mut self, infos: &mut [WorkloadInfo]) {
+        let mut modes: BTreeMap<IpAddr, ebpf_lb::MtlsMode> = BTreeMap::new();
+        let mut guards: BTreeMap<String, Key> = BTreeMap::new();
+        for info in infos.iter_mut() {
+            // `enrolled` is still the intent here (namespace, opt-out).
+            if !info.local || !info.enrolled || self.settings.proxy.is_none() {
+                continue;
+            }
+            let key = Key::new(&info.namespace, &info.name);
+            let mode = match info.mtls_mode {
+                MtlsMode::Strict => ebpf_lb::MtlsMode::Strict,
+                MtlsMode::Permissive => ebpf_lb::MtlsMode::Permissive,
+                MtlsMode::Disabled => ebpf_lb::MtlsMode::Disabled,
+            };
+            let ips: Vec<IpAddr> = info.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+            for ip in &ips {
+                modes.insert(*ip, mode);
+            }
+            if mode != ebpf_lb::MtlsMode::Strict {
+                continue;
+            }
+            let known = self.store.pods.get(&key).and_then(|w| w.interface.clone());
+            let iface = match (known, ips.first()) {
+                (Some(i), _) => Ok(i),
+                (None, Some(ip)) => self.interfaces.interface(*ip),
+                (None, None) => Err("the pod has no IP yet".into()),
+            };
+            match iface {
+                Ok(i) => {
+                    info.strict_guard = Some(format!("guarded on {i}"));
+                    guards.insert(i, key);
+                }
+                Err(e) => info.strict_guard = Some(format!("not enforced in the kernel: {e}")),
+            }
+        }
+        for (ip, mode) in &modes {
+            if self.modes.get(ip) != Some(mode) {
+                match self.dp.set_workload_mode(*ip, Some(*mode)) {
+                    Ok(()) => {
+                        self.modes.insert(*ip, *mode);
+                    }
+                    Err(e) => self
+                        .other_errors
+                        .push(format!("setting the mTLS mode of {ip}: {e}")),
+                }
+            }
+        }
+        let gone: Vec<IpAddr> = self
+            .modes
+            .keys()
+            .filter(|ip| !modes.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            match self.dp.set_workload_mode(ip, None) {
+                Ok(()) => {
+                    self.modes.remove(&ip);
+                }
+                Err(e) => self
+                    .other_errors
+                    .push(format!("clearing the mTLS mode of {ip}: {e}")),
+            }
+        }
+        for (iface, key) in &guards {
+            if !self.guarded.contains_key(iface) {
+                match self.dp.guard_interface(iface) {
+                    Ok(()) => {
+                        tracing::info!(pod = %key, interface = %iface, "STRICT guard attached");
+                        self.guarded.insert(iface.clone(), key.clone());
+                    }
+                    Err(e) => {
+                        for info in infos
+                            .iter_mut()
+                            .filter(|i| i.name == key.name && i.namespace == key.namespace)
+                        {
+                            info.strict_guard = Some(format!("not enforced in the kernel: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+        let stale: Vec<String> = self
+            .guarded
+            .keys()
+            .filter(|i| !guards.contains_key(*i))
+            .cloned()
+            .collect();
+        for iface in stale {
+            // The interface may be gone with its pod: then so is the link.
+            if let Err(e) = self.dp.unguard_interface(&iface) {
+                tracing::debug!(interface = %iface, error = %e, "unguarding");
+            }
+            self.guarded.remove(&iface);
+        }
     }
 
     fn unenroll(&mut self, uid: &str, id: u64) {

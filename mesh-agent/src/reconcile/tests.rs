@@ -1,7 +1,7 @@
 //! The reconciler against the in-memory dataplane: what reaches the kernel,
 //! in which batches.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use ebpf_lb::{Backend, Change, Frontend, ProxyTarget, ServiceSpec};
 
@@ -311,5 +311,64 @@ fn status_writes_go_to_the_status_channel() {
             .as_str()
             .unwrap()
             .contains("spec.selector.matchExpressions[0].operator")
+    );
+}
+
+#[test]
+fn strict_workloads_get_their_mode_and_interface_guard_in_the_kernel() {
+    let mut f = fixture();
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some(f.cgroup("pods/web"));
+    web.interface = Some("veth-web".into());
+    let mut db = workload("shop", "db", "db", "10.0.0.2", "n1");
+    db.cgroup = Some(f.cgroup("pods/db"));
+    let strict: crate::crds::MeshPolicySpec = serde_json::from_value(
+        serde_json::json!({"mode": "STRICT", "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .unwrap();
+    let mut p = crate::crds::MeshPolicy::new("web-strict", strict);
+    p.metadata.namespace = Some("shop".into());
+    let mut objs = shop();
+    objs.extend([Object::Pod(web), Object::Pod(db), Object::MeshPolicy(p)]);
+    f.upsert(objs);
+    f.sync();
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(
+        f.dp.modes(),
+        BTreeMap::from([
+            (ip("10.0.0.1"), ebpf_lb::MtlsMode::Strict),
+            (ip("10.0.0.2"), ebpf_lb::MtlsMode::Permissive)
+        ])
+    );
+    assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-web".to_string()]));
+    let view = f.rx.view.borrow().clone();
+    let w = view.workloads.iter().find(|w| w.name == "web").unwrap();
+    assert_eq!(w.strict_guard.as_deref(), Some("guarded on veth-web"));
+
+    // The policy goes: PERMISSIVE, and the guard comes off.
+    f.r.step(vec![Input::Updates(vec![Update::Delete(
+        Kind::MeshPolicy,
+        Key::new("shop", "web-strict"),
+    )])]);
+    assert_eq!(f.dp.modes()[&ip("10.0.0.1")], ebpf_lb::MtlsMode::Permissive);
+    assert!(f.dp.guarded().is_empty());
+    // The namespace leaves the mesh: no modes at all.
+    f.upsert(vec![Object::Namespace(namespace("shop", false))]);
+    assert!(f.dp.modes().is_empty());
+}
+
+#[test]
+fn without_a_proxy_no_mode_is_pushed() {
+    let mut f = fixture();
+    f.r.settings.proxy = None;
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some(f.cgroup("pods/web"));
+    let mut objs = shop();
+    objs.push(Object::Pod(web));
+    f.upsert(objs);
+    f.sync();
+    assert!(
+        f.dp.modes().is_empty(),
+        "STRICT without a proxy would refuse every connection"
     );
 }

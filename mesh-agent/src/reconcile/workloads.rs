@@ -108,6 +108,7 @@ pub fn workload_infos(
                 mtls_mode: mtls_mode(store, w, default_mode),
                 cgroup: None,
                 cgroup_id: None,
+                strict_guard: None,
                 cert_expiry: None,
             }
         })

@@ -108,6 +108,9 @@ pub struct Workload {
     pub ready: bool,
     /// Terminating (deletion requested) or finished (Succeeded/Failed).
     pub terminating: bool,
+    /// The host side of its veth, when a source knows it (the files source);
+    /// otherwise found from the routes to its IP.
+    pub interface: Option<String>,
     /// Uses the node's network namespace: never enrolled (its address is the
     /// node's, so it cannot be told apart by IP).
     pub host_network: bool,
@@ -120,6 +123,9 @@ impl Workload {
 }
 
 /// One object of any kind the model holds.
+// Objects are moved once per update into the store; boxing them would only
+// add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Object {
     Namespace(Namespace),

@@ -17,6 +17,7 @@ use crate::{
 };
 
 /// A change from a source.
+#[allow(clippy::large_enum_variant)] // see `Object`
 #[derive(Clone, Debug)]
 pub enum Update {
     /// An object was created or changed.

@@ -16,6 +16,7 @@
 //!     ips: [10.0.1.5]            # or `ip: 10.0.1.5`
 //!     node: node-a
 //!     cgroup: shop/web-0         # absolute, or relative to --cgroup-root
+//!     interface: veth-web0       # host side of its veth (STRICT guard); optional
 //!     labels: {app: web}
 //!     annotations: {}
 //!     ports: {http: 8080}        # named container ports, for targetPort names
@@ -68,6 +69,9 @@ pub struct WorkloadEntry {
     pub node: String,
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Host side of the pod's veth (where the STRICT guard attaches).
+    #[serde(default)]
+    pub interface: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]

@@ -276,6 +276,7 @@ fn workload_of(e: &WorkloadEntry) -> Workload {
         labels: e.labels.clone(),
         annotations: e.annotations.clone(),
         cgroup: e.cgroup.clone(),
+        interface: e.interface.clone(),
         ready: e.ready,
         terminating: e.terminating,
         host_network: false,

@@ -75,6 +75,7 @@ pub fn workload_of(p: &Pod) -> Workload {
         labels: p.labels().clone(),
         annotations: p.annotations().clone(),
         cgroup: None,
+        interface: None,
         ready,
         terminating: p.metadata.deletion_timestamp.is_some()
             || matches!(phase, Some("Succeeded" | "Failed")),
