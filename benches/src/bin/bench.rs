@@ -36,6 +36,16 @@ const BENCHES: &[(&str, &str, Bench)] = &[
         "kernel: time to reset the sockets pinned to removed backends, 10k open",
         benches::reset::reset_time,
     ),
+    (
+        "certs-issue",
+        "workload certificates issued per second on one core",
+        benches::certs_issue::run,
+    ),
+    (
+        "certs-handshake",
+        "mutual TLS 1.3 handshakes per second vs plain rustls",
+        benches::certs_handshake::run,
+    ),
 ];
 
 fn main() -> Result<()> {

@@ -1,0 +1,845 @@
+//! The certificate authority: a root (ECDSA P-256, generated or loaded from
+//! PEM), an optional intermediate, and the signing of workload CSRs.
+//!
+//! - `authority`: the [`CertificateAuthority`] trait the node side uses.
+//! - `service` / `client`: the CA over HTTPS for clusters.
+//! - `auth`, `tokenreview`: who may ask for which identity.
+
+pub mod auth;
+pub mod authority;
+pub mod client;
+pub mod service;
+pub mod tokenreview;
+
+use std::{
+    fs,
+    net::IpAddr,
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+pub use authority::{BoxFuture, CaError, CertificateAuthority, Issued, SignRequest};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{
+    bundle::TrustBundle,
+    clock::{SharedClock, to_offset},
+    spiffe::{self, SpiffeId},
+    status::BundleStatus,
+    storage::{self, PrivateKeyPem},
+    x509::{CertInfo, Fingerprint},
+};
+
+/// How the CA issues.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CaOptions {
+    pub trust_domain: String,
+    /// Lifetime of workload certificates.
+    #[serde(with = "humantime_secs")]
+    pub leaf_lifetime: Duration,
+    /// How far `not_before` is set in the past, for nodes whose clocks lag.
+    #[serde(with = "humantime_secs")]
+    pub backdate: Duration,
+    /// Lifetime of a generated root.
+    #[serde(with = "humantime_secs")]
+    pub root_lifetime: Duration,
+    /// Sign workloads with a generated intermediate instead of the root.
+    pub intermediate: bool,
+    #[serde(with = "humantime_secs")]
+    pub intermediate_lifetime: Duration,
+}
+
+impl Default for CaOptions {
+    fn default() -> Self {
+        Self {
+            trust_domain: spiffe::DEFAULT_TRUST_DOMAIN.into(),
+            leaf_lifetime: Duration::from_secs(24 * 3600),
+            backdate: Duration::from_secs(5 * 60),
+            root_lifetime: Duration::from_secs(10 * 365 * 24 * 3600),
+            intermediate: false,
+            intermediate_lifetime: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+}
+
+/// Durations as whole seconds in config files.
+mod humantime_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+/// PEM material to load a CA from (for example a Kubernetes Secret).
+#[derive(Debug, Clone, Default)]
+pub struct CaPem {
+    pub root_cert: String,
+    /// Needed unless an intermediate signs.
+    pub root_key: Option<PrivateKeyPem>,
+    /// `(certificate, key)` of an intermediate signed by the root.
+    pub intermediate: Option<(String, PrivateKeyPem)>,
+    /// Further trusted roots (an old root during a rotation).
+    pub extra_roots: Option<String>,
+}
+
+const ROOT_CERT_FILE: &str = "root-cert.pem";
+const ROOT_KEY_FILE: &str = "root-key.pem";
+const NEXT_ROOT_CERT_FILE: &str = "next-root-cert.pem";
+const NEXT_ROOT_KEY_FILE: &str = "next-root-key.pem";
+const BUNDLE_FILE: &str = "trust-bundle.pem";
+
+struct RootEntry {
+    der: CertificateDer<'static>,
+    info: CertInfo,
+    /// The latest not-after of a leaf issued under this root: until then,
+    /// retiring it can break a peer.
+    leaves_valid_until: Option<OffsetDateTime>,
+}
+
+/// A root distributed in the bundle but not signing yet.
+struct PendingRoot {
+    root: RootEntry,
+    key: KeyPair,
+}
+
+struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+    /// Certificates between the leaf and the root (the intermediate, if any).
+    chain: Vec<CertificateDer<'static>>,
+    not_after: OffsetDateTime,
+}
+
+struct CaState {
+    /// `roots[0]` is the active root, the one `signer` chains to.
+    roots: Vec<RootEntry>,
+    pending: Option<PendingRoot>,
+    signer: Signer,
+    bundle: TrustBundle,
+    issued: u64,
+}
+
+impl CaState {
+    fn new(
+        roots: Vec<RootEntry>,
+        pending: Option<PendingRoot>,
+        signer: Signer,
+        td: &str,
+    ) -> Result<Self, CaError> {
+        let bundle = Self::bundle_of(&roots, pending.as_ref(), td)?;
+        Ok(Self {
+            roots,
+            pending,
+            signer,
+            bundle,
+            issued: 0,
+        })
+    }
+
+    /// Active root first, then the older ones, then a pending one.
+    fn bundle_of(
+        roots: &[RootEntry],
+        pending: Option<&PendingRoot>,
+        td: &str,
+    ) -> Result<TrustBundle, CaError> {
+        let ders = roots
+            .iter()
+            .chain(pending.map(|p| &p.root))
+            .map(|r| r.der.clone());
+        Ok(TrustBundle::new(td, ders)?)
+    }
+
+    fn rebuild_bundle(&mut self, td: &str) -> Result<(), CaError> {
+        self.bundle = Self::bundle_of(&self.roots, self.pending.as_ref(), td)?;
+        Ok(())
+    }
+}
+
+/// An in-process certificate authority. Signing is synchronous and cheap
+/// (about a millisecond); [`CertificateAuthority`] wraps it for the agent.
+///
+/// Root rotation has three steps so no handshake fails on the way:
+/// [`Ca::prepare_root_rotation`] adds a new root to the bundle only; once
+/// every node has fetched that bundle, [`Ca::activate_root`] makes new leaves
+/// chain to it (nodes reissue when they see the active root change); once
+/// every leaf is reissued, [`Ca::retire_root`] removes the old root.
+pub struct Ca {
+    opts: CaOptions,
+    clock: SharedClock,
+    state: Mutex<CaState>,
+    dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.opts.trust_domain)
+            .field("active_root", &st.bundle.active_root())
+            .field("roots", &st.roots.len())
+            .field(
+                "pending_root",
+                &st.pending.as_ref().map(|p| p.root.info.fingerprint),
+            )
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `sluice status` shows about the CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaStatus {
+    pub trust_domain: String,
+    pub signer: String,
+    pub leaf_lifetime_secs: u64,
+    pub issued: u64,
+    /// A root in the bundle that does not sign yet (rotation step one).
+    pub pending_root: Option<Fingerprint>,
+    pub bundle: BundleStatus,
+}
+
+fn random_serial() -> SerialNumber {
+    // 128 random bits; rcgen encodes it as a positive DER INTEGER.
+    SerialNumber::from_slice(&rand::random::<[u8; 16]>())
+}
+
+fn ca_params(
+    cn: String,
+    td: &str,
+    nb: OffsetDateTime,
+    na: OffsetDateTime,
+    path_len: Option<u8>,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, format!("sluice {td}"));
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(match path_len {
+        Some(n) => BasicConstraints::Constrained(n),
+        None => BasicConstraints::Unconstrained,
+    });
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.serial_number = Some(random_serial());
+    p.not_before = nb;
+    p.not_after = na;
+    p.use_authority_key_identifier_extension = true;
+    p
+}
+
+fn new_key() -> Result<KeyPair, CaError> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(CaError::internal("generating a P-256 key"))
+}
+
+fn info(der: &CertificateDer<'_>, what: &str) -> Result<CertInfo, CaError> {
+    CertInfo::parse(der).map_err(|e| CaError::Config {
+        reason: format!("{what}: {e}"),
+    })
+}
+
+fn load_key(what: &str, pem: &PrivateKeyPem) -> Result<KeyPair, CaError> {
+    KeyPair::from_pem(pem.expose()).map_err(|e| CaError::Config {
+        reason: format!("{what}: not a usable PKCS#8 private key: {e}"),
+    })
+}
+
+/// The key must belong to the certificate, or every signature would be useless.
+fn check_key_matches(what: &str, cert: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CaError> {
+    use rcgen::PublicKeyData as _;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| CaError::Config {
+        reason: format!("{what}: {e}"),
+    })?;
+    if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(CaError::Config {
+            reason: format!("{what}: the private key does not belong to the certificate"),
+        });
+    }
+    if !parsed.is_ca() {
+        return Err(CaError::Config {
+            reason: format!(
+                "{what}: the certificate is not a CA certificate (basicConstraints cA)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn root_entry(der: CertificateDer<'static>, what: &str) -> Result<RootEntry, CaError> {
+    Ok(RootEntry {
+        info: info(&der, what)?,
+        der,
+        leaves_valid_until: None,
+    })
+}
+
+impl Ca {
+    /// A CA with a freshly generated root (and intermediate if configured).
+    pub fn generate(opts: CaOptions, clock: SharedClock) -> Result<Self, CaError> {
+        check_opts(&opts)?;
+        let (root, key) = Self::generate_root(&opts, &clock)?;
+        let signer = Self::signer_for(&opts, &clock, &root, key)?;
+        let state = CaState::new(vec![root], None, signer, &opts.trust_domain)?;
+        Ok(Self {
+            state: Mutex::new(state),
+            opts,
+            clock,
+            dir: None,
+        })
+    }
+
+    fn generate_root(
+        opts: &CaOptions,
+        clock: &SharedClock,
+    ) -> Result<(RootEntry, KeyPair), CaError> {
+        let now = to_offset(clock.now());
+        let key = new_key()?;
+        // A distinct name per root keeps path building unambiguous while two
+        // roots are trusted.
+        let params = ca_params(
+            format!(
+                "Sluice root CA {}",
+                crate::x509::hex(&rand::random::<[u8; 4]>())
+            ),
+            &opts.trust_domain,
+            now - opts.backdate,
+            now + opts.root_lifetime,
+            None,
+        );
+        let cert = params
+            .self_signed(&key)
+            .map_err(CaError::internal("self-signing the root"))?;
+        Ok((root_entry(cert.der().clone(), "generated root")?, key))
+    }
+
+    /// The signer under `root`: the root itself, or a fresh intermediate.
+    fn signer_for(
+        opts: &CaOptions,
+        clock: &SharedClock,
+        root: &RootEntry,
+        key: KeyPair,
+    ) -> Result<Signer, CaError> {
+        let root_issuer =
+            Issuer::from_ca_cert_der(&root.der, key).map_err(|e| CaError::Config {
+                reason: format!("root certificate: {e}"),
+            })?;
+        if !opts.intermediate {
+            return Ok(Signer {
+                issuer: root_issuer,
+                chain: Vec::new(),
+                not_after: root.info.not_after,
+            });
+        }
+        let now = to_offset(clock.now());
+        let na = (now + opts.intermediate_lifetime).min(root.info.not_after);
+        let key = new_key()?;
+        let params = ca_params(
+            format!(
+                "Sluice intermediate CA {}",
+                crate::x509::hex(&rand::random::<[u8; 4]>())
+            ),
+            &opts.trust_domain,
+            now - opts.backdate,
+            na,
+            Some(0),
+        );
+        let cert = params
+            .signed_by(&key, &root_issuer)
+            .map_err(CaError::internal("signing the intermediate"))?;
+        Ok(Signer {
+            chain: vec![cert.der().clone()],
+            issuer: Issuer::new(params, key),
+            not_after: na,
+        })
+    }
+
+    /// A CA from PEM material (a root and optionally an intermediate).
+    pub fn from_pem(opts: CaOptions, clock: SharedClock, pem: CaPem) -> Result<Self, CaError> {
+        Self::from_pem_with_pending(opts, clock, pem, None)
+    }
+
+    fn from_pem_with_pending(
+        opts: CaOptions,
+        clock: SharedClock,
+        pem: CaPem,
+        pending: Option<PendingRoot>,
+    ) -> Result<Self, CaError> {
+        check_opts(&opts)?;
+        let root_der = storage::certs_from_pem("root certificate", &pem.root_cert)?.swap_remove(0);
+        let root = root_entry(root_der, "root certificate")?;
+        let signer = match (&pem.intermediate, &pem.root_key) {
+            (Some((cert_pem, key_pem)), _) => {
+                let chain = storage::certs_from_pem("intermediate certificate", cert_pem)?;
+                let key = load_key("intermediate key", key_pem)?;
+                check_key_matches("intermediate", &chain[0], &key)?;
+                let int_info = info(&chain[0], "intermediate certificate")?;
+                if int_info.issuer != root.info.subject {
+                    return Err(CaError::Config {
+                        reason: format!(
+                            "intermediate was issued by {:?}, not by the root {:?}",
+                            int_info.issuer, root.info.subject
+                        ),
+                    });
+                }
+                let issuer =
+                    Issuer::from_ca_cert_der(&chain[0], key).map_err(|e| CaError::Config {
+                        reason: format!("intermediate certificate: {e}"),
+                    })?;
+                Signer {
+                    issuer,
+                    chain,
+                    not_after: int_info.not_after,
+                }
+            }
+            (None, Some(key_pem)) => {
+                let key = load_key("root key", key_pem)?;
+                check_key_matches("root", &root.der, &key)?;
+                Self::signer_for(&opts, &clock, &root, key)?
+            }
+            (None, None) => {
+                return Err(CaError::Config {
+                    reason: "a root key or an intermediate certificate and key is needed to sign"
+                        .into(),
+                });
+            }
+        };
+        let mut roots = vec![root];
+        if let Some(extra) = &pem.extra_roots {
+            for der in storage::certs_from_pem("extra trusted roots", extra)? {
+                let mut entry = root_entry(der, "extra trusted root")?;
+                // Whether it signed leaves before a restart is not recorded:
+                // assume it did, so an early retire needs `force`.
+                entry.leaves_valid_until = Some(to_offset(clock.now()) + opts.leaf_lifetime);
+                let known = roots.iter().chain(pending.as_ref().map(|p| &p.root));
+                if known
+                    .into_iter()
+                    .all(|r| r.info.fingerprint != entry.info.fingerprint)
+                {
+                    roots.push(entry);
+                }
+            }
+        }
+        let state = CaState::new(roots, pending, signer, &opts.trust_domain)?;
+        Ok(Self {
+            state: Mutex::new(state),
+            opts,
+            clock,
+            dir: None,
+        })
+    }
+
+    /// The standalone CA: loads the root from `dir` (`root-cert.pem`,
+    /// `root-key.pem`, `trust-bundle.pem`, and `next-root-*.pem` during a
+    /// rotation) or creates it there. The directory is created with mode 0700
+    /// and keys are written with mode 0600.
+    pub fn open_or_create(
+        dir: &Path,
+        opts: CaOptions,
+        clock: SharedClock,
+    ) -> Result<Self, CaError> {
+        check_opts(&opts)?;
+        let cert_path = dir.join(ROOT_CERT_FILE);
+        let mut ca = if cert_path.exists() {
+            let bundle_path = dir.join(BUNDLE_FILE);
+            let next_cert = dir.join(NEXT_ROOT_CERT_FILE);
+            let pending = if next_cert.exists() {
+                let der = storage::certs_from_pem("next root", &storage::read(&next_cert)?)?
+                    .swap_remove(0);
+                let key = load_key(
+                    "next root key",
+                    &PrivateKeyPem::new(storage::read(&dir.join(NEXT_ROOT_KEY_FILE))?),
+                )?;
+                check_key_matches("next root", &der, &key)?;
+                Some(PendingRoot {
+                    root: root_entry(der, "next root")?,
+                    key,
+                })
+            } else {
+                None
+            };
+            Self::from_pem_with_pending(
+                opts,
+                clock,
+                CaPem {
+                    root_cert: storage::read(&cert_path)?,
+                    root_key: Some(PrivateKeyPem::new(storage::read(&dir.join(ROOT_KEY_FILE))?)),
+                    intermediate: None,
+                    extra_roots: if bundle_path.exists() {
+                        Some(storage::read(&bundle_path)?)
+                    } else {
+                        None
+                    },
+                },
+                pending,
+            )?
+        } else {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| storage::StorageError::Io {
+                    path: dir.into(),
+                    action: "creating the CA directory",
+                    source,
+                })?;
+            let (root, key) = Self::generate_root(&opts, &clock)?;
+            storage::write_private(&dir.join(ROOT_KEY_FILE), key.serialize_pem().as_bytes())?;
+            storage::write_public(
+                &cert_path,
+                storage::certs_to_pem(std::slice::from_ref(&root.der)).as_bytes(),
+            )?;
+            let signer = Self::signer_for(&opts, &clock, &root, key)?;
+            let state = CaState::new(vec![root], None, signer, &opts.trust_domain)?;
+            storage::write_public(&dir.join(BUNDLE_FILE), state.bundle.to_pem().as_bytes())?;
+            Self {
+                state: Mutex::new(state),
+                opts,
+                clock,
+                dir: None,
+            }
+        };
+        ca.dir = Some(dir.to_path_buf());
+        Ok(ca)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CaState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn options(&self) -> &CaOptions {
+        &self.opts
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.opts.trust_domain
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        self.lock().bundle.clone()
+    }
+
+    /// Signs `csr_der` for `authorised`. The CSR's signature must verify, its
+    /// key must be ECDSA P-256, and its only SAN must be `authorised`'s URI;
+    /// everything else in the certificate is the CA's choice.
+    pub fn sign_csr(&self, csr_der: &[u8], authorised: &SpiffeId) -> Result<Issued, CaError> {
+        if authorised.trust_domain() != self.opts.trust_domain {
+            return Err(CaError::ForeignTrustDomain {
+                identity: authorised.clone(),
+                trust_domain: self.opts.trust_domain.clone(),
+            });
+        }
+        let invalid = |reason: String| CaError::InvalidCsr {
+            identity: authorised.to_string(),
+            reason,
+        };
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|e| invalid(format!("cannot use the CSR: {e}")))?;
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(invalid("the key must be ECDSA P-256".into()));
+        }
+        let requested: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if requested.len() != 1 || requested[0] != authorised.as_str() {
+            return Err(CaError::IdentityMismatch {
+                authorised: authorised.clone(),
+                requested,
+            });
+        }
+
+        let now = to_offset(self.clock.now());
+        let mut st = self.lock();
+        let mut p = CertificateParams::default();
+        // Empty subject: the identity is the URI SAN (rcgen marks it critical).
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(
+            authorised
+                .as_str()
+                .try_into()
+                .map_err(|e| invalid(format!("identity is not IA5: {e}")))?,
+        )];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.serial_number = Some(random_serial());
+        p.not_before = now - self.opts.backdate;
+        p.not_after = (now + self.opts.leaf_lifetime).min(st.signer.not_after);
+        p.use_authority_key_identifier_extension = true;
+        if p.not_after <= now {
+            return Err(CaError::Config {
+                reason: format!(
+                    "the signing CA certificate expired at {}; rotate the root",
+                    st.signer.not_after
+                ),
+            });
+        }
+        let cert = p
+            .signed_by(&csr.public_key, &st.signer.issuer)
+            .map_err(CaError::internal("signing a workload certificate"))?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(st.signer.chain.iter().cloned());
+        let active = &mut st.roots[0];
+        active.leaves_valid_until = Some(
+            active
+                .leaves_valid_until
+                .map_or(p.not_after, |t| t.max(p.not_after)),
+        );
+        st.issued += 1;
+        Ok(Issued {
+            chain,
+            trust_bundle: st.bundle.clone(),
+        })
+    }
+
+    /// A server certificate for the CA service itself (DNS names and IPs as
+    /// SANs), chained to the active root.
+    pub fn issue_serving_certificate(
+        &self,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let key = new_key()?;
+        let now = to_offset(self.clock.now());
+        let st = self.lock();
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            dns_names.first().copied().unwrap_or("sluice-ca"),
+        );
+        p.distinguished_name = dn;
+        for n in dns_names {
+            p.subject_alt_names
+                .push(SanType::DnsName((*n).try_into().map_err(|e| {
+                    CaError::Config {
+                        reason: format!("DNS name {n:?}: {e}"),
+                    }
+                })?));
+        }
+        p.subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.serial_number = Some(random_serial());
+        p.not_before = now - self.opts.backdate;
+        p.not_after = (now + Duration::from_secs(90 * 24 * 3600)).min(st.signer.not_after);
+        p.use_authority_key_identifier_extension = true;
+        let cert = p
+            .signed_by(&key, &st.signer.issuer)
+            .map_err(CaError::internal("signing the serving certificate"))?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(st.signer.chain.iter().cloned());
+        Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into()))
+    }
+
+    fn persist_bundle(&self, st: &CaState) -> Result<(), CaError> {
+        if let Some(dir) = &self.dir {
+            storage::write_public(&dir.join(BUNDLE_FILE), st.bundle.to_pem().as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Rotation step one: a new root joins the trust bundle without signing.
+    /// Returns its fingerprint.
+    pub fn prepare_root_rotation(&self) -> Result<Fingerprint, CaError> {
+        let mut st = self.lock();
+        if let Some(p) = &st.pending {
+            return Err(CaError::Retire {
+                fingerprint: p.root.info.fingerprint,
+                reason: "a rotation is already prepared; activate this root first".into(),
+            });
+        }
+        let (root, key) = Self::generate_root(&self.opts, &self.clock)?;
+        let fp = root.info.fingerprint;
+        if let Some(dir) = &self.dir {
+            storage::write_private(
+                &dir.join(NEXT_ROOT_KEY_FILE),
+                key.serialize_pem().as_bytes(),
+            )?;
+            storage::write_public(
+                &dir.join(NEXT_ROOT_CERT_FILE),
+                storage::certs_to_pem(std::slice::from_ref(&root.der)).as_bytes(),
+            )?;
+        }
+        st.pending = Some(PendingRoot { root, key });
+        st.rebuild_bundle(&self.opts.trust_domain)?;
+        self.persist_bundle(&st)?;
+        tracing::info!(root = %fp, "root rotation prepared: new root trusted, not yet signing");
+        Ok(fp)
+    }
+
+    /// Rotation step two: the prepared root signs from now on. Call it once
+    /// every node has fetched the bundle with the new root.
+    pub fn activate_root(&self, fingerprint: &Fingerprint) -> Result<(), CaError> {
+        let mut st = self.lock();
+        match &st.pending {
+            Some(p) if &p.root.info.fingerprint == fingerprint => {}
+            _ => {
+                return Err(CaError::Retire {
+                    fingerprint: *fingerprint,
+                    reason: "it is not the prepared root; call prepare_root_rotation first".into(),
+                });
+            }
+        }
+        let pending = st.pending.take().expect("checked above");
+        let key_pem = pending.key.serialize_pem();
+        let signer = Self::signer_for(&self.opts, &self.clock, &pending.root, pending.key)?;
+        if let Some(dir) = &self.dir {
+            storage::write_private(&dir.join(ROOT_KEY_FILE), key_pem.as_bytes())?;
+            storage::write_public(
+                &dir.join(ROOT_CERT_FILE),
+                storage::certs_to_pem(std::slice::from_ref(&pending.root.der)).as_bytes(),
+            )?;
+            for f in [NEXT_ROOT_KEY_FILE, NEXT_ROOT_CERT_FILE] {
+                let _ = fs::remove_file(dir.join(f));
+            }
+        }
+        st.roots.insert(0, pending.root);
+        st.signer = signer;
+        st.rebuild_bundle(&self.opts.trust_domain)?;
+        self.persist_bundle(&st)?;
+        tracing::info!(root = %fingerprint, "root activated: new certificates chain to it");
+        Ok(())
+    }
+
+    /// Rotation step three: removes a root that no longer signs. Refused
+    /// while leaves issued under it may still be valid, unless `force` (when
+    /// every node has reissued, as `sluice status` shows).
+    pub fn retire_root(&self, fingerprint: &Fingerprint, force: bool) -> Result<(), CaError> {
+        let now = to_offset(self.clock.now());
+        let mut st = self.lock();
+        let Some(pos) = st
+            .roots
+            .iter()
+            .position(|r| &r.info.fingerprint == fingerprint)
+        else {
+            return Err(CaError::Retire {
+                fingerprint: *fingerprint,
+                reason: "it is not a signing or former root of this CA".into(),
+            });
+        };
+        if pos == 0 {
+            return Err(CaError::Retire {
+                fingerprint: *fingerprint,
+                reason: "it is the active root; prepare and activate a new one first".into(),
+            });
+        }
+        if let Some(until) = st.roots[pos].leaves_valid_until
+            && until > now
+            && !force
+        {
+            return Err(CaError::Retire {
+                fingerprint: *fingerprint,
+                reason: format!(
+                    "certificates issued under it stay valid until {until}; wait until then, or force \
+                     it once every node has reissued"
+                ),
+            });
+        }
+        st.roots.remove(pos);
+        st.rebuild_bundle(&self.opts.trust_domain)?;
+        self.persist_bundle(&st)?;
+        tracing::info!(root = %fingerprint, "root retired from the trust bundle");
+        Ok(())
+    }
+
+    pub fn status(&self) -> CaStatus {
+        let st = self.lock();
+        let signer = match st.signer.chain.first() {
+            Some(int) => CertInfo::parse(int).map(|i| i.subject).unwrap_or_default(),
+            None => st.roots[0].info.subject.clone(),
+        };
+        CaStatus {
+            trust_domain: self.opts.trust_domain.clone(),
+            signer,
+            leaf_lifetime_secs: self.opts.leaf_lifetime.as_secs(),
+            issued: st.issued,
+            pending_root: st.pending.as_ref().map(|p| p.root.info.fingerprint),
+            bundle: st.bundle.status(self.clock.now()),
+        }
+    }
+}
+
+fn check_opts(opts: &CaOptions) -> Result<(), CaError> {
+    spiffe::validate_trust_domain(&opts.trust_domain).map_err(|e| CaError::Config {
+        reason: format!("trust domain: {e}"),
+    })?;
+    if opts.leaf_lifetime.is_zero() || opts.leaf_lifetime > opts.root_lifetime {
+        return Err(CaError::Config {
+            reason: format!(
+                "leaf lifetime {:?} must be positive and shorter than the root lifetime {:?}",
+                opts.leaf_lifetime, opts.root_lifetime
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl CertificateAuthority for Ca {
+    fn sign(&self, request: SignRequest) -> BoxFuture<'_, Result<Issued, CaError>> {
+        Box::pin(async move { self.sign_csr(&request.csr_der, &request.identity) })
+    }
+
+    fn trust_bundle(&self) -> BoxFuture<'_, Result<TrustBundle, CaError>> {
+        Box::pin(async move { Ok(self.bundle()) })
+    }
+}
+
+impl CertificateAuthority for Arc<Ca> {
+    fn sign(&self, request: SignRequest) -> BoxFuture<'_, Result<Issued, CaError>> {
+        (**self).sign(request)
+    }
+
+    fn trust_bundle(&self) -> BoxFuture<'_, Result<TrustBundle, CaError>> {
+        (**self).trust_bundle()
+    }
+}
+
+/// Builds a CSR for `identity` with `key` (the node side of issuance).
+pub fn csr_for(identity: &SpiffeId, key: &KeyPair) -> Result<Vec<u8>, CaError> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.subject_alt_names = vec![SanType::URI(identity.as_str().try_into().map_err(|e| {
+        CaError::InvalidCsr {
+            identity: identity.to_string(),
+            reason: format!("identity is not IA5: {e}"),
+        }
+    })?)];
+    let csr = p
+        .serialize_request(key)
+        .map_err(CaError::internal("building a CSR"))?;
+    Ok(csr.der().to_vec())
+}
+
+/// A fresh ECDSA P-256 key for a workload.
+pub fn generate_workload_key() -> Result<KeyPair, CaError> {
+    new_key()
+}

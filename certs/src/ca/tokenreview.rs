@@ -1,0 +1,230 @@
+//! Authenticates node agents in a Kubernetes cluster: the agent sends its
+//! (bound, projected) service-account token; the CA asks the API server's
+//! TokenReview API whether it is valid, and learns the agent's node from the
+//! `authentication.kubernetes.io/node-name` extra that Kubernetes 1.30+ adds
+//! for tokens bound to a pod. Plain hyper and JSON keep the crate light.
+//!
+//! The CA's own service account needs RBAC to create `tokenreviews`
+//! (the built-in `system:auth-delegator` ClusterRole).
+
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::Full;
+use rustls::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    auth::{AuthError, Authenticator, Caller, Credential},
+    authority::BoxFuture,
+};
+use crate::{
+    https::{self, Endpoint},
+    storage,
+};
+
+pub const TOKENREVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+#[derive(Debug, Clone)]
+pub struct TokenReviewConfig {
+    /// `https://host:port` of the API server.
+    pub api_server: String,
+    /// PEM roots that sign the API server's certificate.
+    pub ca_pem: String,
+    /// The CA's own credential for the API server.
+    pub credential: Credential,
+    /// Audiences the reviewed token must be valid for (empty: the API
+    /// server's default).
+    pub audiences: Vec<String>,
+    /// Usernames allowed to obtain certificates, e.g.
+    /// `system:serviceaccount:sluice-system:sluice-agent`.
+    pub allowed_users: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl TokenReviewConfig {
+    /// The in-cluster configuration (service host from the environment,
+    /// CA certificate and token from the pod's service-account mount).
+    pub fn in_cluster(allowed_users: Vec<String>, audiences: Vec<String>) -> Result<Self, String> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST")
+            .map_err(|_| "KUBERNETES_SERVICE_HOST is not set: not running in a pod?".to_string())?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let dir = Path::new(SA_DIR);
+        Ok(Self {
+            api_server: format!("https://{host}:{port}"),
+            ca_pem: storage::read(&dir.join("ca.crt")).map_err(|e| e.to_string())?,
+            credential: Credential::File(dir.join("token")),
+            audiences,
+            allowed_users,
+            timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct TokenReviewAuthenticator {
+    endpoint: Endpoint,
+    tls: Arc<ClientConfig>,
+    credential: Credential,
+    audiences: Vec<String>,
+    allowed_users: Vec<String>,
+    timeout: Duration,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Review<'a> {
+    api_version: &'static str,
+    kind: &'static str,
+    spec: ReviewSpec<'a>,
+}
+
+#[derive(Serialize)]
+struct ReviewSpec<'a> {
+    token: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    audiences: &'a [String],
+}
+
+#[derive(Deserialize)]
+struct ReviewResponse {
+    #[serde(default)]
+    status: ReviewStatus,
+}
+
+#[derive(Deserialize, Default)]
+struct ReviewStatus {
+    #[serde(default)]
+    authenticated: bool,
+    #[serde(default)]
+    user: ReviewUser,
+    #[serde(default)]
+    error: String,
+}
+
+#[derive(Deserialize, Default)]
+struct ReviewUser {
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    extra: HashMap<String, Vec<String>>,
+}
+
+impl TokenReviewAuthenticator {
+    pub fn new(cfg: TokenReviewConfig) -> Result<Self, String> {
+        let endpoint = Endpoint::parse(&cfg.api_server).map_err(|e| e.to_string())?;
+        let roots =
+            storage::certs_from_pem("API server CA", &cfg.ca_pem).map_err(|e| e.to_string())?;
+        let tls = https::client_config(&roots)?;
+        if cfg.allowed_users.is_empty() {
+            return Err(
+                "TokenReview authenticator: no allowed users; name the agent's service account"
+                    .into(),
+            );
+        }
+        Ok(Self {
+            endpoint,
+            tls,
+            credential: cfg.credential,
+            audiences: cfg.audiences,
+            allowed_users: cfg.allowed_users,
+            timeout: cfg.timeout,
+        })
+    }
+
+    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+        let unavailable = |reason: String| AuthError::Unavailable { reason };
+        let own = self
+            .credential
+            .read()
+            .map_err(|e| unavailable(format!("reading the CA's own API token: {e}")))?;
+        let body = serde_json::to_vec(&Review {
+            api_version: "authentication.k8s.io/v1",
+            kind: "TokenReview",
+            spec: ReviewSpec {
+                token,
+                audiences: &self.audiences,
+            },
+        })
+        .expect("serialisable");
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(self.endpoint.path(TOKENREVIEW_PATH))
+            .header(header::AUTHORIZATION, format!("Bearer {own}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| unavailable(format!("building the TokenReview request: {e}")))?;
+        let (status, body) = https::send(self.tls.clone(), &self.endpoint, req, self.timeout)
+            .await
+            .map_err(|e| unavailable(format!("TokenReview: {e}")))?;
+        match status {
+            StatusCode::OK | StatusCode::CREATED => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(unavailable(format!(
+                    "the API server refused the CA's TokenReview ({status}); the CA's service account \
+                     needs the system:auth-delegator ClusterRole"
+                )));
+            }
+            s => {
+                return Err(unavailable(format!(
+                    "TokenReview answered {s}: {}",
+                    String::from_utf8_lossy(&body)
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                )));
+            }
+        }
+        let review: ReviewResponse = serde_json::from_slice(&body)
+            .map_err(|e| unavailable(format!("TokenReview answer is not a TokenReview: {e}")))?;
+        let st = review.status;
+        if !st.authenticated {
+            let why = if st.error.is_empty() {
+                "token rejected".to_string()
+            } else {
+                st.error
+            };
+            return Err(AuthError::Unauthenticated { reason: why });
+        }
+        if !self.allowed_users.iter().any(|u| u == &st.user.username) {
+            return Err(AuthError::Unauthenticated {
+                reason: format!(
+                    "{} is not a Sluice node agent (allowed: {:?})",
+                    st.user.username, self.allowed_users
+                ),
+            });
+        }
+        let node = st
+            .user
+            .extra
+            .get(NODE_NAME_EXTRA)
+            .and_then(|v| v.first())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| AuthError::Unauthenticated {
+                reason: format!(
+                    "the token of {} is not bound to a pod on a node (no {NODE_NAME_EXTRA}); use the \
+                     projected service-account token of the agent pod (Kubernetes 1.30+)",
+                    st.user.username
+                ),
+            })?;
+        Ok(Caller {
+            node: node.clone(),
+            subject: st.user.username,
+        })
+    }
+}
+
+impl Authenticator for TokenReviewAuthenticator {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        Box::pin(self.review(token))
+    }
+}

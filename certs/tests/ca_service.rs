@@ -1,0 +1,402 @@
+//! The CA service over HTTPS on loopback: issuance through `CaClient`,
+//! refusal of bad tokens and of identities from another node, and the
+//! Kubernetes TokenReview authenticator against a fake API server.
+
+mod support;
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use certs::{
+    Ca, CaError, CertificateAuthority, IdentityManager,
+    ca::{
+        SignRequest,
+        auth::{Authenticator, BootstrapTokens, Credential, NodeAuthoriser, StaticNodeWorkloads},
+        client::{CaClient, CaClientConfig},
+        service::{CaServer, CaService, serving_tls},
+        tokenreview::{TokenReviewAuthenticator, TokenReviewConfig},
+    },
+};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response, service::service_fn};
+use hyper_util::rt::TokioIo;
+use support::*;
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const NODE_A_TOKEN: &str = "0123456789abcdef0123456789abcdef-node-a";
+const NODE_B_TOKEN: &str = "fedcba9876543210fedcba9876543210-node-b";
+
+struct Cluster {
+    ca: Arc<Ca>,
+    server: CaServer,
+    workloads: Arc<StaticNodeWorkloads>,
+}
+
+async fn cluster_with(ca: Arc<Ca>, authn: Arc<dyn Authenticator>) -> Cluster {
+    let workloads = Arc::new(StaticNodeWorkloads::new());
+    workloads.set("node-a", [id("shop", "cart")]);
+    workloads.set("node-b", [id("bank", "payments")]);
+    let (chain, key) = ca
+        .issue_serving_certificate(&["sluice-ca.sluice-system.svc"], &[LOOPBACK])
+        .unwrap();
+    let server = CaServer::bind(
+        SocketAddr::new(LOOPBACK, 0),
+        serving_tls(chain, key).unwrap(),
+        CaService::new(
+            ca.clone(),
+            authn,
+            Arc::new(NodeAuthoriser::new(workloads.clone())),
+        ),
+    )
+    .await
+    .unwrap();
+    Cluster {
+        ca,
+        server,
+        workloads,
+    }
+}
+
+async fn cluster(clock: &certs::ManualClock) -> Cluster {
+    let tokens =
+        BootstrapTokens::new([("node-a", NODE_A_TOKEN), ("node-b", NODE_B_TOKEN)]).unwrap();
+    cluster_with(ca(clock), Arc::new(tokens)).await
+}
+
+fn client(c: &Cluster, token: &str) -> Arc<CaClient> {
+    Arc::new(
+        CaClient::new(CaClientConfig {
+            endpoint: format!("https://{}", c.server.local_addr()),
+            bundle: c.ca.bundle(),
+            credential: Credential::Token(token.into()),
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn node_obtains_its_identities_through_the_service() {
+    let clock = clock();
+    let c = cluster(&clock).await;
+    let cart = id("shop", "cart");
+    let pay = id("bank", "payments");
+    let a = IdentityManager::connect(client(&c, NODE_A_TOKEN), shared(&clock), fast_opts())
+        .await
+        .unwrap();
+    a.add(cart.clone()).await.unwrap();
+    let b = IdentityManager::connect(client(&c, NODE_B_TOKEN), shared(&clock), fast_opts())
+        .await
+        .unwrap();
+    b.add(pay.clone()).await.unwrap();
+    let (client_saw, server_saw) = tunnel(&a, &cart, &b, &pay).await.ok();
+    assert_eq!(client_saw.identity, pay);
+    assert_eq!(server_saw.identity, cart);
+    assert_eq!(c.ca.status().issued, 2);
+    c.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_token_is_refused() {
+    let clock = clock();
+    let c = cluster(&clock).await;
+    let cart = id("shop", "cart");
+    let m = IdentityManager::new(
+        client(&c, "not-a-token"),
+        c.ca.bundle(),
+        shared(&clock),
+        fast_opts(),
+    );
+    let err = m.add(cart.clone()).await.unwrap_err();
+    assert!(
+        matches!(&err, certs::IdentityError::Ca { source, .. } if matches!(**source, CaError::Unauthenticated { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("unknown bootstrap token"), "{err}");
+    assert!(!m.has_certificate(&cart));
+    // The status shows why.
+    assert!(
+        m.status()[0]
+            .last_error
+            .as_ref()
+            .unwrap()
+            .contains("credential")
+    );
+    // No token at all, and the bundle endpoint is guarded too.
+    let err = client(&c, "").trust_bundle().await.unwrap_err();
+    assert!(matches!(err, CaError::Unauthenticated { .. }), "{err}");
+    assert_eq!(c.ca.status().issued, 0);
+}
+
+#[tokio::test]
+async fn identity_of_a_workload_on_another_node_is_refused() {
+    let clock = clock();
+    let c = cluster(&clock).await;
+    let a = IdentityManager::new(
+        client(&c, NODE_A_TOKEN),
+        c.ca.bundle(),
+        shared(&clock),
+        fast_opts(),
+    );
+    let err = a.add(id("bank", "payments")).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("node-a") && msg.contains("bank/sa/payments"),
+        "{msg}"
+    );
+    assert!(
+        matches!(&err, certs::IdentityError::Ca { source, .. } if matches!(**source, CaError::Forbidden { .. }))
+    );
+    // Once the workload is scheduled on node-a, the same request succeeds.
+    c.workloads
+        .set("node-a", [id("shop", "cart"), id("bank", "payments")]);
+    a.add(id("bank", "payments")).await.unwrap();
+}
+
+#[tokio::test]
+async fn csr_not_matching_the_requested_identity_is_refused_by_the_service() {
+    let clock = clock();
+    let c = cluster(&clock).await;
+    let cl = client(&c, NODE_A_TOKEN);
+    // Authorised for shop/cart (on node-a), but the CSR asks for payments.
+    let key = certs::ca::generate_workload_key().unwrap();
+    let csr_der = certs::ca::csr_for(&id("bank", "payments"), &key).unwrap();
+    let err = cl
+        .sign(SignRequest {
+            identity: id("shop", "cart"),
+            csr_der,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CaError::Rejected { status: 400, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("payments"), "{err}");
+}
+
+#[tokio::test]
+async fn ca_down_is_transient_and_a_foreign_server_is_not_trusted() {
+    let clock = clock();
+    let c = cluster(&clock).await;
+    let addr = c.server.local_addr();
+    let bundle = c.ca.bundle();
+    c.server.shutdown().await;
+    let cl = CaClient::new(CaClientConfig {
+        endpoint: format!("https://{addr}"),
+        bundle: bundle.clone(),
+        credential: Credential::Token(NODE_A_TOKEN.into()),
+        timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let err = cl.trust_bundle().await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+
+    // A service with a certificate from another CA is not trusted.
+    let other = cluster(&clock).await;
+    let cl = CaClient::new(CaClientConfig {
+        endpoint: format!("https://{}", other.server.local_addr()),
+        bundle,
+        credential: Credential::Token(NODE_A_TOKEN.into()),
+        timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let err = cl.trust_bundle().await.unwrap_err();
+    assert!(err.to_string().contains("TLS"), "{err}");
+}
+
+// --- Kubernetes TokenReview against a fake API server on loopback ---
+
+const CA_OWN_TOKEN: &str = "ca-service-account-token";
+const AGENT_SA: &str = "system:serviceaccount:sluice-system:sluice-agent";
+
+/// Answers TokenReviews like the API server: knows three tokens; records the
+/// reviewed tokens.
+struct FakeApi {
+    addr: SocketAddr,
+    ca_pem: String,
+    seen: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn fake_api() -> FakeApi {
+    let clock = clock();
+    let tls_ca = ca(&clock);
+    let (chain, key) = tls_ca
+        .issue_serving_certificate(&["kubernetes.default.svc"], &[LOOPBACK])
+        .unwrap();
+    let tls = serving_tls(chain, key).unwrap();
+    let listener = tokio::net::TcpListener::bind((LOOPBACK, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(tls.clone());
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = tls.accept(tcp).await else {
+                    return;
+                };
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move { Ok::<_, Infallible>(api_answer(req, &seen).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    FakeApi {
+        addr,
+        ca_pem: tls_ca.bundle().to_pem(),
+        seen,
+        task,
+    }
+}
+
+async fn api_answer(
+    req: Request<hyper::body::Incoming>,
+    seen: &Mutex<Vec<String>>,
+) -> Response<Full<Bytes>> {
+    let reply = |status: u16, v: serde_json::Value| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(v.to_string())))
+            .unwrap()
+    };
+    let authorised = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {CA_OWN_TOKEN}"));
+    if req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews" || req.method() != "POST" {
+        return reply(404, serde_json::json!({"kind": "Status", "code": 404}));
+    }
+    if !authorised {
+        return reply(
+            403,
+            serde_json::json!({"kind": "Status", "code": 403, "reason": "Forbidden"}),
+        );
+    }
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(review["kind"], "TokenReview");
+    assert_eq!(review["apiVersion"], "authentication.k8s.io/v1");
+    assert_eq!(
+        review["spec"]["audiences"],
+        serde_json::json!(["sluice-ca"])
+    );
+    let token = review["spec"]["token"].as_str().unwrap().to_string();
+    seen.lock().unwrap().push(token.clone());
+    let user = |name: &str, node: Option<&str>| {
+        let mut extra = serde_json::Map::new();
+        if let Some(n) = node {
+            extra.insert(
+                "authentication.kubernetes.io/node-name".into(),
+                serde_json::json!([n]),
+            );
+            extra.insert(
+                "authentication.kubernetes.io/pod-name".into(),
+                serde_json::json!(["sluice-agent-x"]),
+            );
+        }
+        serde_json::json!({"username": name, "uid": "u-1", "groups": ["system:serviceaccounts"], "extra": extra})
+    };
+    let status = match token.as_str() {
+        "agent-on-node-a" => {
+            serde_json::json!({"authenticated": true, "user": user(AGENT_SA, Some("node-a")), "audiences": ["sluice-ca"]})
+        }
+        "agent-unbound" => serde_json::json!({"authenticated": true, "user": user(AGENT_SA, None)}),
+        "some-other-sa" => {
+            serde_json::json!({"authenticated": true, "user": user("system:serviceaccount:default:default", Some("node-a"))})
+        }
+        _ => serde_json::json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    reply(
+        201,
+        serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {}, "spec": review["spec"], "status": status}),
+    )
+}
+
+fn reviewer(api: &FakeApi, own: &str) -> TokenReviewAuthenticator {
+    TokenReviewAuthenticator::new(TokenReviewConfig {
+        api_server: format!("https://{}", api.addr),
+        ca_pem: api.ca_pem.clone(),
+        credential: Credential::Token(own.into()),
+        audiences: vec!["sluice-ca".into()],
+        allowed_users: vec![AGENT_SA.into()],
+        timeout: Duration::from_secs(5),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn tokenreview_authenticator_names_the_callers_node() {
+    let api = fake_api().await;
+    let r = reviewer(&api, CA_OWN_TOKEN);
+    let caller = r.authenticate("agent-on-node-a").await.unwrap();
+    assert_eq!(caller.node, "node-a");
+    assert_eq!(caller.subject, AGENT_SA);
+    let err = r.authenticate("forged").await.unwrap_err();
+    assert!(err.to_string().contains("invalid bearer token"), "{err}");
+    let err = r.authenticate("agent-unbound").await.unwrap_err();
+    assert!(err.to_string().contains("not bound to a pod"), "{err}");
+    let err = r.authenticate("some-other-sa").await.unwrap_err();
+    assert!(err.to_string().contains("not a Sluice node agent"), "{err}");
+    assert_eq!(
+        *api.seen.lock().unwrap(),
+        vec![
+            "agent-on-node-a",
+            "forged",
+            "agent-unbound",
+            "some-other-sa"
+        ]
+    );
+    // The CA's own credential refused by the API server: unavailable, with the fix.
+    let err = reviewer(&api, "wrong")
+        .authenticate("agent-on-node-a")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, certs::ca::auth::AuthError::Unavailable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("system:auth-delegator"), "{err}");
+}
+
+#[tokio::test]
+async fn ca_service_with_tokenreview_end_to_end() {
+    let api = fake_api().await;
+    let clock = clock();
+    let c = cluster_with(ca(&clock), Arc::new(reviewer(&api, CA_OWN_TOKEN))).await;
+    let a = IdentityManager::connect(client(&c, "agent-on-node-a"), shared(&clock), fast_opts())
+        .await
+        .unwrap();
+    a.add(id("shop", "cart")).await.unwrap();
+    let err = a.add(id("bank", "payments")).await.unwrap_err();
+    assert!(err.to_string().contains("not allowed"), "{err}");
+    let err = client(&c, "forged").trust_bundle().await.unwrap_err();
+    assert!(matches!(err, CaError::Unauthenticated { .. }), "{err}");
+    // API server gone: the CA answers 503, which nodes retry.
+    drop(api);
+    let err = client(&c, "agent-on-node-a")
+        .trust_bundle()
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+}

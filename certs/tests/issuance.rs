@@ -1,0 +1,312 @@
+//! The CA: what a workload certificate contains, read back with x509-parser,
+//! and what the CA refuses.
+
+mod support;
+
+use std::{os::unix::fs::PermissionsExt as _, time::Duration};
+
+use ::time::OffsetDateTime;
+use certs::{Ca, CaError, CaOptions, ca::CaPem, storage::PrivateKeyPem, verify, x509::CertInfo};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use support::*;
+use x509_parser::{
+    extensions::{GeneralName, ParsedExtension},
+    prelude::*,
+};
+
+fn csr(san: Vec<SanType>, key: &KeyPair) -> Vec<u8> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.subject_alt_names = san;
+    p.serialize_request(key).unwrap().der().to_vec()
+}
+
+fn uri(s: &str) -> SanType {
+    SanType::URI(s.try_into().unwrap())
+}
+
+fn check_leaf(der: &[u8], expect_id: &str, issued_at: OffsetDateTime) {
+    let (_, cert) = parse_x509_certificate(der).unwrap();
+    // Exactly one SAN, the URI of the authorised identity.
+    let san = cert
+        .subject_alternative_name()
+        .unwrap()
+        .expect("SAN present");
+    assert_eq!(san.value.general_names, vec![GeneralName::URI(expect_id)]);
+    assert!(san.critical, "empty subject requires a critical SAN");
+    let ku = cert.key_usage().unwrap().expect("key usage present");
+    assert!(ku.critical);
+    assert!(ku.value.digital_signature());
+    assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
+    let eku = cert.extended_key_usage().unwrap().expect("EKU present");
+    assert!(eku.value.server_auth && eku.value.client_auth);
+    assert!(!eku.value.any && !eku.value.code_signing);
+    assert!(!cert.is_ca());
+    let bc = cert
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::BasicConstraints(bc) => Some(bc.ca),
+            _ => None,
+        });
+    assert_eq!(bc, Some(false), "basicConstraints cA=false");
+    // 24 h lifetime, backdated by 5 minutes.
+    let nb = cert.validity().not_before.to_datetime();
+    let na = cert.validity().not_after.to_datetime();
+    let backdate = issued_at - nb;
+    assert!(
+        backdate >= ::time::Duration::minutes(5) - ::time::Duration::seconds(1)
+            && backdate <= ::time::Duration::minutes(5) + ::time::Duration::seconds(1),
+        "backdate {backdate}"
+    );
+    let life = na - issued_at;
+    assert!(
+        (life - ::time::Duration::hours(24)).abs() <= ::time::Duration::seconds(1),
+        "life {life}"
+    );
+    // 128-bit random serial, positive.
+    let serial = cert.raw_serial();
+    let significant: Vec<u8> = serial.iter().copied().skip_while(|b| *b == 0).collect();
+    assert!(
+        serial.len() >= 16 && serial.len() <= 17 && significant.len() >= 14,
+        "{serial:?}"
+    );
+    assert!(serial[0] & 0x80 == 0, "serial must be a positive INTEGER");
+}
+
+#[test]
+fn issued_certificate_has_san_eku_validity_and_chains_to_the_root() {
+    for intermediate in [false, true] {
+        let clock = clock();
+        let ca = Ca::generate(
+            CaOptions {
+                intermediate,
+                ..CaOptions::default()
+            },
+            shared(&clock),
+        )
+        .unwrap();
+        let wid = id("shop", "cart.v2");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let issued = ca
+            .sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+            .unwrap();
+        assert_eq!(issued.chain.len(), if intermediate { 2 } else { 1 });
+        check_leaf(
+            &issued.chain[0],
+            wid.as_str(),
+            OffsetDateTime::from(clock_now(&clock)),
+        );
+        // The certificate certifies the CSR's key.
+        let (_, leaf) = parse_x509_certificate(&issued.chain[0]).unwrap();
+        use rcgen::PublicKeyData as _;
+        assert_eq!(
+            leaf.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        let peer = verify::verify_chain(
+            &issued.trust_bundle,
+            &issued.chain[0],
+            &issued.chain[1..],
+            clock_now(&clock),
+            verify::Usage::Client,
+        )
+        .unwrap();
+        assert_eq!(peer.identity, wid);
+        assert_eq!(peer.root, Some(issued.trust_bundle.active_root()));
+        // Two issuances have different serials.
+        let again = ca
+            .sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+            .unwrap();
+        assert_ne!(
+            CertInfo::parse(&again.chain[0]).unwrap().serial,
+            CertInfo::parse(&issued.chain[0]).unwrap().serial
+        );
+        assert_eq!(ca.status().issued, 2);
+    }
+}
+
+fn clock_now(c: &certs::ManualClock) -> std::time::SystemTime {
+    use certs::Clock as _;
+    c.now()
+}
+
+#[test]
+fn configurable_lifetime() {
+    let clock = clock();
+    let ca = Ca::generate(
+        CaOptions {
+            leaf_lifetime: Duration::from_secs(3600),
+            ..CaOptions::default()
+        },
+        shared(&clock),
+    )
+    .unwrap();
+    let wid = id("a", "b");
+    let key = KeyPair::generate().unwrap();
+    let info = CertInfo::parse(
+        &ca.sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+            .unwrap()
+            .chain[0],
+    )
+    .unwrap();
+    // X.509 times have whole seconds.
+    let life = info.not_after - OffsetDateTime::from(clock_now(&clock));
+    assert!(
+        (life - ::time::Duration::hours(1)).abs() < ::time::Duration::seconds(1),
+        "{life}"
+    );
+}
+
+#[test]
+fn csr_for_another_identity_is_refused() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let key = KeyPair::generate().unwrap();
+    let authorised = id("shop", "cart");
+    let err = ca
+        .sign_csr(
+            &csr(vec![uri(id("bank", "vault").as_str())], &key),
+            &authorised,
+        )
+        .unwrap_err();
+    assert!(matches!(err, CaError::IdentityMismatch { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("spiffe://cluster.local/ns/bank/sa/vault"),
+        "{err}"
+    );
+    // An extra SAN next to the right one is refused as well.
+    let err = ca
+        .sign_csr(
+            &csr(
+                vec![
+                    uri(authorised.as_str()),
+                    SanType::DnsName("evil.example".try_into().unwrap()),
+                ],
+                &key,
+            ),
+            &authorised,
+        )
+        .unwrap_err();
+    assert!(matches!(err, CaError::IdentityMismatch { .. }), "{err}");
+    // No SAN at all.
+    let err = ca.sign_csr(&csr(vec![], &key), &authorised).unwrap_err();
+    assert!(matches!(err, CaError::IdentityMismatch { .. }), "{err}");
+    // Authorised identity of another trust domain.
+    let foreign = certs::SpiffeId::new("other.example", "shop", "cart").unwrap();
+    let err = ca
+        .sign_csr(&csr(vec![uri(foreign.as_str())], &key), &foreign)
+        .unwrap_err();
+    assert!(matches!(err, CaError::ForeignTrustDomain { .. }), "{err}");
+    assert_eq!(ca.status().issued, 0);
+}
+
+#[test]
+fn tampered_or_garbage_csr_is_refused() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let wid = id("shop", "cart");
+    let key = KeyPair::generate().unwrap();
+    let mut der = csr(vec![uri(wid.as_str())], &key);
+    // Flip a bit in the signature (the last bytes).
+    let n = der.len();
+    der[n - 3] ^= 0x01;
+    let err = ca.sign_csr(&der, &wid).unwrap_err();
+    assert!(matches!(err, CaError::InvalidCsr { .. }), "{err}");
+    let err = ca.sign_csr(b"not a csr", &wid).unwrap_err();
+    assert!(matches!(err, CaError::InvalidCsr { .. }), "{err}");
+    // A P-384 key is refused: workloads use P-256.
+    let k384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let err = ca
+        .sign_csr(&csr(vec![uri(wid.as_str())], &k384), &wid)
+        .unwrap_err();
+    assert!(err.to_string().contains("P-256"), "{err}");
+}
+
+#[test]
+fn root_is_stored_with_mode_0600_and_reloaded() {
+    let dir = std::env::temp_dir().join(format!("certs-ca-{}", rand::random::<u64>()));
+    let clock = clock();
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    let fp = ca.bundle().active_root();
+    let key_mode = std::fs::metadata(dir.join("root-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // Debug output never carries key material.
+    let dbg = format!("{ca:?}");
+    assert!(!dbg.contains("PRIVATE KEY"), "{dbg}");
+    drop(ca);
+    let again = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    assert_eq!(again.bundle().active_root(), fp);
+    let wid = id("a", "b");
+    let key = KeyPair::generate().unwrap();
+    let issued = again
+        .sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+        .unwrap();
+    verify::verify_chain(
+        &again.bundle(),
+        &issued.chain[0],
+        &[],
+        clock_now(&clock),
+        verify::Usage::Server,
+    )
+    .unwrap();
+
+    // A rotation prepared before a restart survives it.
+    let next = again.prepare_root_rotation().unwrap();
+    drop(again);
+    let third = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    assert_eq!(third.bundle().fingerprints(), vec![fp, next]);
+    third.activate_root(&next).unwrap();
+    drop(third);
+    let fourth = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    assert_eq!(fourth.bundle().active_root(), next);
+    assert_eq!(fourth.bundle().fingerprints().len(), 2);
+    // After a restart the old root may still have valid leaves: retiring it
+    // needs force until a leaf lifetime has passed.
+    assert!(fourth.retire_root(&fp, false).is_err());
+    clock.advance(Duration::from_secs(24 * 3600 + 1));
+    fourth.retire_root(&fp, false).unwrap();
+    assert_eq!(fourth.bundle().fingerprints(), vec![next]);
+    drop(fourth);
+    let fifth = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    assert_eq!(fifth.bundle().fingerprints(), vec![next]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn loading_a_root_with_the_wrong_key_fails_clearly() {
+    let clock = clock();
+    let root = TestRoot::new("root");
+    let other = KeyPair::generate().unwrap();
+    let err = Ca::from_pem(
+        CaOptions::default(),
+        shared(&clock),
+        CaPem {
+            root_cert: root.cert_pem.clone(),
+            root_key: Some(PrivateKeyPem::new(other.serialize_pem())),
+            ..CaPem::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("does not belong"), "{err}");
+    // Loaded correctly, it signs leaves that chain to that root.
+    let ca = root.ca(TD, &clock);
+    let wid = id("a", "b");
+    let key = KeyPair::generate().unwrap();
+    let issued = ca
+        .sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+        .unwrap();
+    let root_der = certs::storage::certs_from_pem("root", &root.cert_pem).unwrap();
+    assert_eq!(
+        issued.trust_bundle.roots().cloned().collect::<Vec<_>>(),
+        root_der
+    );
+}

@@ -1,0 +1,272 @@
+//! Renewal, retries while the CA is down, the background loop, and root
+//! rotation without a failed handshake. Time moves by the test's clock.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use certs::{
+    Ca, CaError, CertificateAuthority, IdentityManager, TrustBundle,
+    ca::{BoxFuture, Issued, SignRequest},
+    status::CertState,
+    verify::{self, Usage},
+};
+use support::*;
+
+fn serial(m: &IdentityManager, id: &certs::SpiffeId) -> String {
+    m.status()
+        .into_iter()
+        .find(|s| &s.identity == id)
+        .and_then(|s| s.certificate)
+        .map(|c| c.serial)
+        .expect("identity has a certificate")
+}
+
+#[tokio::test]
+async fn renewal_happens_at_half_life_and_the_next_handshake_uses_the_new_certificate() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let cart = id("shop", "cart");
+    let pay = id("bank", "payments");
+    let a = node(&ca, &clock, std::slice::from_ref(&cart)).await;
+    let b = node(&ca, &clock, std::slice::from_ref(&pay)).await;
+    // Configs taken once, before any renewal, as a listener would hold them.
+    let a_client = a.client_config(&cart, &pay).unwrap();
+    let b_server = b.server_config();
+    let first = serial(&a, &cart);
+    let (_, seen) = handshake(a_client.clone(), certs::server_name(&pay), b_server.clone())
+        .await
+        .ok();
+    assert_eq!(seen.peer_serial, first);
+
+    // Renewal is planned between 40 % and 50 % of the 24 h lifetime.
+    let st = &a.status()[0];
+    let nb = st.certificate.as_ref().unwrap().not_before;
+    let planned = st.next_renewal.unwrap() - nb;
+    assert!(
+        planned >= ::time::Duration::minutes(24 * 60 * 4 / 10)
+            && planned <= ::time::Duration::hours(12),
+        "renewal planned {planned} after not-before"
+    );
+
+    clock.advance(Duration::from_secs(9 * 3600));
+    assert!(a.rotate_due().await.issued.is_empty(), "too early to renew");
+    assert_eq!(serial(&a, &cart), first);
+
+    clock.advance(Duration::from_secs(3 * 3600 + 60));
+    let report = a.rotate_due().await;
+    assert_eq!(report.issued, vec![cart.clone()]);
+    let second = serial(&a, &cart);
+    assert_ne!(second, first);
+    assert_eq!(
+        a.status()[0].certificate.as_ref().unwrap().state,
+        CertState::Valid
+    );
+
+    let (_, seen) = handshake(a_client, certs::server_name(&pay), b_server)
+        .await
+        .ok();
+    assert_eq!(
+        seen.peer_serial, second,
+        "the renewed certificate is presented"
+    );
+}
+
+/// A CA that can be switched off, like a CA service that is down.
+#[derive(Debug)]
+struct Flaky {
+    ca: Arc<Ca>,
+    down: AtomicBool,
+}
+
+impl CertificateAuthority for Flaky {
+    fn sign(&self, request: SignRequest) -> BoxFuture<'_, Result<Issued, CaError>> {
+        Box::pin(async move {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(CaError::Unavailable {
+                    endpoint: "test".into(),
+                    reason: "switched off".into(),
+                });
+            }
+            self.ca.sign(request).await
+        })
+    }
+    fn trust_bundle(&self) -> BoxFuture<'_, Result<TrustBundle, CaError>> {
+        self.ca.trust_bundle()
+    }
+}
+
+#[tokio::test]
+async fn ca_outage_keeps_the_valid_certificate_and_retries_with_backoff() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let flaky = Arc::new(Flaky {
+        ca: ca.clone(),
+        down: AtomicBool::new(false),
+    });
+    let cart = id("shop", "cart");
+    let pay = id("bank", "payments");
+    let a = IdentityManager::new(flaky.clone(), ca.bundle(), shared(&clock), fast_opts());
+    a.set_identities([cart.clone()]).await.unwrap();
+    let b = node(&ca, &clock, std::slice::from_ref(&pay)).await;
+    let first = serial(&a, &cart);
+
+    flaky.down.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(12 * 3600 + 60));
+    let report = a.rotate_due().await;
+    assert_eq!(report.failed.len(), 1);
+    let st = &a.status()[0];
+    assert!(st.last_error.as_ref().unwrap().contains("switched off"));
+    // Retry planned ~1 s later (first backoff step, ±10 %).
+    let now = ::time::OffsetDateTime::from(certs::Clock::now(&clock));
+    let wait = st.next_renewal.unwrap() - now;
+    assert!(
+        wait > ::time::Duration::milliseconds(800) && wait < ::time::Duration::milliseconds(1200),
+        "{wait}"
+    );
+    // Still serving the old, still valid certificate.
+    let (_, seen) = tunnel(&a, &cart, &b, &pay).await.ok();
+    assert_eq!(seen.peer_serial, first);
+
+    // Backoff doubles while the CA stays down.
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(a.rotate_due().await.failed.len(), 1);
+    let wait = a.status()[0].next_renewal.unwrap()
+        - ::time::OffsetDateTime::from(certs::Clock::now(&clock));
+    assert!(
+        wait > ::time::Duration::milliseconds(1600) && wait < ::time::Duration::milliseconds(2400),
+        "{wait}"
+    );
+    assert!(
+        a.rotate_due().await.failed.is_empty(),
+        "no attempt before the backoff ends"
+    );
+
+    flaky.down.store(false, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(3));
+    assert_eq!(a.rotate_due().await.issued, vec![cart.clone()]);
+    assert!(a.status()[0].last_error.is_none());
+    let (_, seen) = tunnel(&a, &cart, &b, &pay).await.ok();
+    assert_ne!(seen.peer_serial, first);
+}
+
+#[tokio::test]
+async fn the_background_loop_renews_without_being_asked() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let cart = id("shop", "cart");
+    let a = node(&ca, &clock, std::slice::from_ref(&cart)).await;
+    let first = serial(&a, &cart);
+    let task = a.spawn();
+    clock.advance(Duration::from_secs(12 * 3600 + 60));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while serial(&a, &cart) == first {
+        assert!(
+            Instant::now() < deadline,
+            "the loop did not renew within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+}
+
+#[tokio::test]
+async fn root_rotation_without_a_failed_handshake() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let cart = id("shop", "cart");
+    let pay = id("bank", "payments");
+    let a = node(&ca, &clock, std::slice::from_ref(&cart)).await;
+    let b = node(&ca, &clock, std::slice::from_ref(&pay)).await;
+    let old_root = ca.bundle().active_root();
+    let old_leaf_of_a = leaf_der(&a, &cart).await;
+    // Both directions, checked at every step.
+    let both_ways = || async {
+        tunnel(&a, &cart, &b, &pay).await.ok();
+        tunnel(&b, &pay, &a, &cart).await.ok();
+    };
+    both_ways().await;
+
+    // 1. The new root joins the bundle; nothing is signed by it yet.
+    let new_root = ca.prepare_root_rotation().unwrap();
+    assert!(a.refresh_trust_bundle().await.unwrap());
+    both_ways().await; // B has not refreshed yet: still fine.
+    assert!(b.refresh_trust_bundle().await.unwrap());
+    assert_eq!(a.bundle_status().roots.len(), 2);
+    assert!(
+        a.rotate_due().await.issued.is_empty(),
+        "no reissue before the root is active"
+    );
+    both_ways().await;
+
+    // 2. Activation: nodes see the new active root and reissue within the
+    // rotation spread. A goes first; B still holds an old-root leaf.
+    ca.activate_root(&new_root).unwrap();
+    a.refresh_trust_bundle().await.unwrap();
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(a.rotate_due().await.issued, vec![cart.clone()]);
+    assert_eq!(
+        a.status()[0].certificate.as_ref().unwrap().root,
+        Some(new_root)
+    );
+    both_ways().await;
+    b.refresh_trust_bundle().await.unwrap();
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(b.rotate_due().await.issued, vec![pay.clone()]);
+    both_ways().await;
+
+    // 3. Retire the old root: refused while its leaves may be valid, forced
+    // once every node reissued.
+    assert!(ca.retire_root(&old_root, false).is_err());
+    ca.retire_root(&old_root, true).unwrap();
+    a.refresh_trust_bundle().await.unwrap();
+    b.refresh_trust_bundle().await.unwrap();
+    assert_eq!(b.bundle_status().roots.len(), 1);
+    both_ways().await;
+    // A leaf under the retired root is now refused; the current one passes.
+    let bundle = ca.bundle();
+    let now = certs::Clock::now(&clock);
+    let err = verify::verify_chain(&bundle, &old_leaf_of_a, &[], now, Usage::Client).unwrap_err();
+    assert!(
+        matches!(err, verify::VerifyError::Untrusted { .. }),
+        "{err}"
+    );
+    let current =
+        verify::verify_chain(&bundle, &leaf_der(&a, &cart).await, &[], now, Usage::Client).unwrap();
+    assert_eq!(current.root, Some(new_root));
+}
+
+/// The DER of the certificate `a` presents for `id` (via a handshake with a
+/// probing server).
+async fn leaf_der(
+    a: &IdentityManager,
+    id: &certs::SpiffeId,
+) -> rustls_pki_types::CertificateDer<'static> {
+    // Status carries the facts; for DER, present as a server and read it back.
+    let probe = a.client_config(id, id).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = a.server_config();
+    let t = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(server)
+            .accept(tcp)
+            .await
+            .unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0]
+            .clone()
+            .into_owned()
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _c = tokio_rustls::TlsConnector::from(probe)
+        .connect(certs::server_name(id), tcp)
+        .await
+        .unwrap();
+    t.await.unwrap()
+}
