@@ -53,6 +53,9 @@ fn args(dir: &Path, cg: &TestCgroup, instance: &str, state: &Path, capture: Sock
         proxy_capture_addr: Some(capture),
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,
+        ca_url: None,
+        ca_bundle: "/nonexistent".into(),
+        ca_token: "/nonexistent".into(),
     }
 }
 
@@ -174,6 +177,13 @@ fn standalone_agent_balances_enrols_and_follows_file_changes() -> Result<()> {
     assert_eq!(c.identity, "spiffe://cluster.local/ns/shop/sa/client");
     let b = w.workloads.iter().find(|w| w.name == "batch-0").unwrap();
     assert!(!b.enrolled);
+    // The in-process CA issued the enrolled pod's certificate.
+    eventually("the client's certificate", || {
+        let w: Workloads = rt.block_on(admin.get("/v1/workloads"))?;
+        Ok(w.workloads
+            .iter()
+            .any(|w| w.name == "client-0" && w.cert_expiry.is_some()))
+    })?;
 
     // The namespace leaves the mesh: new connections of the running pod are
     // balanced directly, without restarting it.

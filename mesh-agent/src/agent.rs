@@ -19,6 +19,7 @@ use crate::{
     cgroups::PodCgroups,
     config,
     crds::MtlsMode,
+    identity::Identities,
     reconcile::{
         Input, Outputs, Reconciler, Settings,
         dataplane::{Dataplane, MemoryDataplane},
@@ -139,6 +140,25 @@ pub struct RunArgs {
     /// mTLS mode of workloads no MeshPolicy selects.
     #[arg(long, default_value = "PERMISSIVE")]
     pub default_mtls_mode: MtlsMode,
+    /// The cluster's CA service (`mesh-agent ca`), `https://host:port`.
+    /// Without it the agent runs a CA in-process, its root in
+    /// `<state-dir>/ca` (standalone mode).
+    #[arg(long, env = "SLUICE_CA_URL")]
+    pub ca_url: Option<String>,
+    /// The trust bundle (PEM roots) that signs the CA service's certificate.
+    #[arg(
+        long,
+        env = "SLUICE_CA_BUNDLE",
+        default_value = "/etc/sluice/trust/trust-bundle.pem"
+    )]
+    pub ca_bundle: PathBuf,
+    /// The token the agent authenticates to the CA with (its service account token).
+    #[arg(
+        long,
+        env = "SLUICE_CA_TOKEN",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub ca_token: PathBuf,
 }
 
 /// What stops `run`.
@@ -168,6 +188,8 @@ pub enum Error {
     Files(#[from] crate::sources::files::Error),
     #[error(transparent)]
     Admin(#[from] admin::Error),
+    #[error("workload identities: {0}")]
+    Identity(#[from] Box<crate::identity::Error>),
 }
 
 fn make_state_dir(path: &std::path::Path) -> Result<(), Error> {
@@ -187,6 +209,7 @@ pub struct Agent {
     pub admin_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
     reconciler: Option<thread::JoinHandle<Reconciler>>,
 }
 
@@ -287,6 +310,17 @@ impl Agent {
             }
             _ => unreachable!("a kube source has a client"),
         }
+        let identities = match &args.ca_url {
+            Some(url) => {
+                Identities::remote(url, &args.ca_bundle, &args.ca_token, &args.trust_domain)
+                    .map_err(Box::new)?
+            }
+            None => Identities::in_process(&args.state_dir.join("ca"), &args.trust_domain)
+                .map_err(Box::new)?,
+        };
+        tracing::info!(ca = %identities.mode, "workload identities");
+        // Renewal loops run until aborted at shutdown.
+        let background = identities.spawn(rx.identities.clone());
         let listener = admin::bind(args.admin_addr).await?;
         let admin_addr = listener.local_addr().map_err(admin::Error::Serve)?;
         let state = Arc::new(AdminState {
@@ -304,7 +338,7 @@ impl Agent {
                     ProxyMode::Off => "off".into(),
                 },
                 capture: capture.map(|a| a.to_string()),
-                ca_mode: "none".into(),
+                ca_mode: identities.mode.clone(),
                 bpffs: args.bpffs.clone(),
                 kernel: args.dataplane == DataplaneKind::Kernel,
             },
@@ -312,7 +346,7 @@ impl Agent {
             mesh: rx.mesh,
             dp,
             proxy: None,
-            identity: None,
+            identity: Some(Arc::new(identities)),
         });
         tasks.push(tokio::spawn(async move {
             if let Err(e) = admin::serve(listener, state, stop_rx).await {
@@ -324,6 +358,7 @@ impl Agent {
             admin_addr,
             stop,
             tasks,
+            background,
             reconciler: Some(reconciler),
         })
     }
@@ -334,6 +369,9 @@ impl Agent {
         let _ = self.stop.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;
+        }
+        for t in self.background.drain(..) {
+            t.abort();
         }
         if let Some(r) = self.reconciler.take() {
             let _ = tokio::task::spawn_blocking(move || r.join()).await;

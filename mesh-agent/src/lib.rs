@@ -17,6 +17,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod crds;
+pub mod identity;
 pub mod netdev;
 pub mod rbac;
 pub mod reconcile;

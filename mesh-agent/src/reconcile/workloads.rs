@@ -13,7 +13,12 @@ use crate::{
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+    match certs::SpiffeId::new(trust_domain, namespace, service_account) {
+        Ok(id) => id.to_string(),
+        // Names Kubernetes accepts are valid; keep the plain form otherwise
+        // (the identity manager reports it).
+        Err(_) => format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"),
+    }
 }
 
 /// The mTLS mode of a workload: a MeshPolicy selecting it beats a
