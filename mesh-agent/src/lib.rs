@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod ca;
 pub mod cgroups;
 pub mod check;
 pub mod cli;

@@ -49,6 +49,31 @@ pub const STATUS_WRITTEN: [Kind; 4] = [
     Kind::AccessPolicy,
 ];
 
+/// Every cluster-wide rule the CA (`mesh-agent ca`) needs: TokenReviews to
+/// authenticate agents, and a pods watcher to know which node runs what.
+pub fn ca_rules() -> Vec<Rule> {
+    let review = certs::ca::tokenreview::TOKENREVIEW_PATH
+        .trim_start_matches("/apis/")
+        .split('/')
+        .collect::<Vec<_>>();
+    let (group, _version, resource) = (review[0], review[1], review[2]);
+    let (pg, pr) = gr::<Pod>();
+    let mut out = vec![
+        Rule {
+            group: group.into(),
+            resource: resource.into(),
+            verbs: vec!["create".into()],
+        },
+        Rule {
+            group: pg,
+            resource: pr,
+            verbs: vec!["list".into(), "watch".into()],
+        },
+    ];
+    out.sort();
+    out
+}
+
 /// Every rule the agent needs, one resource per rule, sorted.
 pub fn agent_rules() -> Vec<Rule> {
     let mut out: Vec<Rule> = Kind::ALL

@@ -20,6 +20,10 @@ enum Command {
     /// Run the agent: read the configuration, program the kernel, serve the
     /// admin API. Log level from RUST_LOG (default info).
     Run(Box<RunArgs>),
+    /// Run the cluster's CA service: signs workload certificates for node
+    /// agents (authenticated by their service account token), root in a
+    /// Kubernetes Secret or a directory.
+    Ca(Box<mesh_agent::ca::CaArgs>),
     /// Print the CRD manifests of Sluice's resources (MeshPolicy, AccessPolicy).
     Crds,
     /// Check a files-source directory and print what would be refused.
@@ -96,6 +100,25 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Ca(args) => {
+            init_tracing(&cli.log_format);
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            let ca = tokio::spawn(mesh_agent::ca::run(*args, stop_rx));
+            tokio::select! {
+                _ = wait_for_signal() => {
+                    let _ = stop.send(true);
+                }
+                r = ca => return match r {
+                    Ok(Err(e)) => {
+                        tracing::error!("{e}");
+                        eprintln!("mesh-agent ca: {e}");
+                        ExitCode::FAILURE
+                    }
+                    _ => ExitCode::FAILURE,
+                },
+            }
+            ExitCode::SUCCESS
         }
         Command::Run(args) => {
             init_tracing(&cli.log_format);
