@@ -113,12 +113,12 @@ pub enum Error {
     #[error("the CA service: {0}")]
     Service(#[from] certs::ca::service::ServiceError),
     #[error("connecting to the Kubernetes API: {0}")]
-    Kube(#[source] kube::Error),
+    Kube(#[source] Box<kube::Error>),
     #[error("publishing the trust bundle in ConfigMap {configmap}: {source}")]
     Publish {
         configmap: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("the TokenReview authenticator: {0}")]
     Auth(String),
@@ -228,7 +228,7 @@ pub async fn publish_bundle(client: &Client, configmap: &str, pem: &str) -> Resu
     .await
     .map_err(|source| Error::Publish {
         configmap: configmap.into(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(())
 }
@@ -350,7 +350,9 @@ pub async fn run(args: CaArgs, mut stop: tokio::sync::watch::Receiver<bool>) -> 
         leaf_lifetime: args.workload_cert_ttl,
         ..CaOptions::default()
     };
-    let client = Client::try_default().await.map_err(Error::Kube)?;
+    let client = Client::try_default()
+        .await
+        .map_err(|e| Error::Kube(Box::new(e)))?;
     let ca = match (&args.root_secret, &args.root_dir) {
         (Some(s), _) => root_from_secret(&client, s, opts, clock.clone()).await?,
         (None, Some(d)) => Ca::open_or_create(d, opts, clock.clone())?,
