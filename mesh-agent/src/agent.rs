@@ -204,6 +204,20 @@ fn make_state_dir(path: &std::path::Path) -> Result<(), Error> {
         })
 }
 
+/// Waits for a file the CA publishes (the trust bundle, mounted from a
+/// ConfigMap that appears when the CA first starts), logging while it waits.
+async fn wait_for_file(path: &std::path::Path) {
+    let mut waited = std::time::Duration::ZERO;
+    let step = std::time::Duration::from_secs(2);
+    while !path.exists() {
+        if waited.as_secs() % 30 == 0 {
+            tracing::info!(path = %path.display(), "waiting for the CA's trust bundle");
+        }
+        tokio::time::sleep(step).await;
+        waited += step;
+    }
+}
+
 /// A running agent (for tests and the binary).
 pub struct Agent {
     pub admin_addr: SocketAddr,
@@ -309,6 +323,9 @@ impl Agent {
                 }));
             }
             _ => unreachable!("a kube source has a client"),
+        }
+        if args.ca_url.is_some() {
+            wait_for_file(&args.ca_bundle).await;
         }
         let identities = match &args.ca_url {
             Some(url) => {

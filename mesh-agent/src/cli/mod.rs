@@ -78,11 +78,19 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// Writes to stdout; a closed pipe (`sluice ... | head`) ends the output
+/// quietly rather than with a panic.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
-    println!(
-        "{}",
+    emit(&format!(
+        "{}\n",
         serde_json::to_string_pretty(v).expect("JSON serialises")
-    );
+    ));
 }
 
 async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
@@ -95,7 +103,7 @@ async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
             if json {
                 print_json(&s);
             } else {
-                print!("{}", render_status(&s));
+                emit(&render_status(&s));
             }
         }
         Command::Workloads { all, namespace } => {
@@ -106,7 +114,7 @@ async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
             if json {
                 print_json(&w);
             } else {
-                print!("{}", render_workloads(&w, *all));
+                emit(&render_workloads(&w, *all));
             }
         }
         Command::Tls => {
@@ -114,7 +122,7 @@ async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
             if json {
                 print_json(&t);
             } else {
-                print!("{}", render_connections(&t));
+                emit(&render_connections(&t));
             }
         }
         Command::Routes => {
@@ -122,7 +130,7 @@ async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
             if json {
                 print_json(&r);
             } else {
-                print!("{}", render_routes(&r));
+                emit(&render_routes(&r));
             }
         }
     }
@@ -157,7 +165,7 @@ async fn check(c: &Client, json: bool) -> ExitCode {
             config_errors,
         });
     } else {
-        print!("{}", render_check(&checks, &config_errors));
+        emit(&render_check(&checks, &config_errors));
     }
     if failed {
         ExitCode::FAILURE
