@@ -210,7 +210,7 @@ async fn wait_for_file(path: &std::path::Path) {
     let mut waited = std::time::Duration::ZERO;
     let step = std::time::Duration::from_secs(2);
     while !path.exists() {
-        if waited.as_secs() % 30 == 0 {
+        if waited.as_secs().is_multiple_of(30) {
             tracing::info!(path = %path.display(), "waiting for the CA's trust bundle");
         }
         tokio::time::sleep(step).await;
