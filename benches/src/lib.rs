@@ -6,5 +6,6 @@ pub mod certs_handshake;
 pub mod certs_issue;
 pub mod lb;
 pub mod pin;
+pub mod proxy;
 pub mod report;
 pub mod reset;

@@ -46,6 +46,16 @@ const BENCHES: &[(&str, &str, Bench)] = &[
         "mutual TLS 1.3 handshakes per second vs plain rustls",
         benches::certs_handshake::run,
     ),
+    (
+        "proxy-latency",
+        "proxy: added p50/p99 at 1,000 rps and CPU, vs direct, TCP relay pair, nginx pair",
+        benches::proxy::latency,
+    ),
+    (
+        "proxy-throughput",
+        "proxy: maximum requests/s and CPU, vs direct, TCP relay pair, nginx pair",
+        benches::proxy::throughput,
+    ),
 ];
 
 fn main() -> Result<()> {
@@ -53,6 +63,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("__drive") {
         return benches::lb::driver(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some("__proxy-node") {
+        return benches::proxy::proxy_node(&args[2..]);
     }
     let cli = Cli::parse();
     if cli.list {

@@ -1,0 +1,710 @@
+//! The node proxy on loopback, side by side with its baseline and its peer,
+//! all driven by `oha` against one HTTP/1.1 backend answering 1 KiB bodies:
+//! - direct: oha → backend;
+//! - TCP relay pair: oha → relay → relay → backend (a minimal copy loop, the
+//!   floor for any pair of user-space proxies);
+//! - Sluice: oha → client proxy (capture listener) → HTTP/2 over mTLS 1.3 →
+//!   server proxy → backend;
+//! - nginx pair: oha → nginx (plain) → HTTPS with client certificates (TLS
+//!   1.3, upstream keepalive) → nginx → backend.
+//!
+//! Each pair runs in its own process (nginx: one process each, `master_process
+//! off`), so its CPU time is read from `/proc/<pid>/stat`. Access logs are off
+//! everywhere.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::report::{Section, ratio};
+
+/// Response body size.
+const BODY: usize = 1024;
+
+/// A child process, killed (by its PID) when dropped.
+struct Proc {
+    child: Child,
+    what: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// One way to reach the backend.
+struct Target {
+    name: &'static str,
+    url: String,
+    /// Processes whose CPU time counts for this target.
+    procs: Vec<Proc>,
+    /// Error logs to show when the target fails.
+    logs: Vec<PathBuf>,
+}
+
+/// Starts `bench __proxy-node ARGS` and waits for its `READY <addr>` line.
+fn node(args: &[&str]) -> Result<(Proc, SocketAddr)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("__proxy-node")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting a proxy-node child")?;
+    let out = child.stdout.take().expect("piped");
+    let proc = Proc {
+        child,
+        what: args.join(" "),
+    };
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    let addr = line
+        .strip_prefix("READY ")
+        .with_context(|| format!("{} did not start: {line:?}", proc.what))?
+        .trim()
+        .parse()?;
+    Ok((proc, addr))
+}
+
+fn free_port(ip: &str) -> Result<u16> {
+    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+fn wait_listening(addr: SocketAddr, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} is not listening on {addr} after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Installs nginx from Debian when it is missing.
+fn ensure_nginx() -> Result<PathBuf> {
+    for p in ["/usr/sbin/nginx", "/usr/bin/nginx"] {
+        if Path::new(p).exists() {
+            return Ok(p.into());
+        }
+    }
+    eprintln!("installing nginx (apt-get)");
+    let ok = Command::new("sh")
+        .args(["-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx"])
+        .status()?
+        .success();
+    if !ok {
+        bail!("nginx is not installed and apt-get could not install it");
+    }
+    Ok("/usr/sbin/nginx".into())
+}
+
+/// Installs oha with cargo when it is missing.
+fn ensure_oha() -> Result<PathBuf> {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
+        });
+    let bin = home.join("bin/oha");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    if let Ok(out) = Command::new("which").arg("oha").output()
+        && out.status.success()
+    {
+        return Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    eprintln!("installing oha (cargo install oha --locked, a few minutes)");
+    if !Command::new("cargo")
+        .args(["install", "oha", "--locked"])
+        .status()?
+        .success()
+    {
+        bail!("oha is missing and `cargo install oha --locked` failed");
+    }
+    Ok(bin)
+}
+
+/// PEM files for the nginx pair: a CA, a server and a client certificate
+/// (ECDSA P-256, like Sluice's).
+fn nginx_certs(dir: &Path) -> Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL takes a leaf whose issuer equals its subject
+    // for self-signed.
+    ca.distinguished_name
+        .push(DnType::CommonName, "sluice bench CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    for (name, san) in [("server", "nginx-b"), ("client", "nginx-a")] {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(vec![san.to_string()])?;
+        params.distinguished_name.push(DnType::CommonName, san);
+        let cert = params.signed_by(&key, &issuer)?;
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+fn nginx_conf(
+    dir: &Path,
+    name: &str,
+    listen: SocketAddr,
+    tls_in: bool,
+    upstream: SocketAddr,
+    tls_out: bool,
+) -> String {
+    let d = dir.display();
+    let ssl_in = if tls_in {
+        format!(
+            "ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key; \
+             ssl_client_certificate {d}/ca.pem; ssl_verify_client on; ssl_protocols TLSv1.3;"
+        )
+    } else {
+        String::new()
+    };
+    let ssl_out = if tls_out {
+        format!(
+            "proxy_ssl_certificate {d}/client.pem; proxy_ssl_certificate_key {d}/client.key; \
+             proxy_ssl_trusted_certificate {d}/ca.pem; proxy_ssl_verify on; proxy_ssl_name nginx-b; \
+             proxy_ssl_server_name on; proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on;"
+        )
+    } else {
+        String::new()
+    };
+    let scheme = if tls_out { "https" } else { "http" };
+    let ssl = if tls_in { " ssl" } else { "" };
+    format!(
+        "daemon off; master_process off; worker_processes 1; user root;
+error_log {d}/{name}-error.log warn; pid {d}/{name}.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/{name}-body; proxy_temp_path {d}/{name}-proxy;
+  fastcgi_temp_path {d}/{name}-fcgi; uwsgi_temp_path {d}/{name}-uwsgi; scgi_temp_path {d}/{name}-scgi;
+  upstream up {{ server {upstream}; keepalive 256; keepalive_requests 1000000; }}
+  server {{
+    listen {listen}{ssl}; {ssl_in}
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass {scheme}://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; {ssl_out}
+    }}
+  }}
+}}
+"
+    )
+}
+
+/// Starts everything: the backend and the four ways to reach it.
+struct Fleet {
+    _backend: Proc,
+    targets: Vec<Target>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Fleet {
+    fn start() -> Result<Fleet> {
+        let nginx = ensure_nginx()?;
+        let (backend, backend_addr) = node(&["backend", "127.0.0.2:0"])?;
+        let backend_s = backend_addr.to_string();
+        let (relay, relay_addr) = node(&["relay-pair", "127.0.0.1:0", "127.0.0.5:0", &backend_s])?;
+        let (sluice, sluice_addr) = node(&["sluice-pair", &backend_s])?;
+
+        let dir = TempDir(
+            std::env::temp_dir().join(format!("sluice-bench-nginx-{}", std::process::id())),
+        );
+        std::fs::create_dir_all(&dir.0)?;
+        nginx_certs(&dir.0)?;
+        let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
+        let b_addr: SocketAddr = format!("127.0.0.4:{}", free_port("127.0.0.4")?).parse()?;
+        let mut nginx_procs = Vec::new();
+        for (name, listen, tls_in, up, tls_out) in [
+            ("b", b_addr, true, backend_addr, false),
+            ("a", a_addr, false, b_addr, true),
+        ] {
+            let conf = dir.0.join(format!("{name}.conf"));
+            std::fs::write(&conf, nginx_conf(&dir.0, name, listen, tls_in, up, tls_out))?;
+            let child = Command::new(&nginx)
+                .arg("-p")
+                .arg(&dir.0)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting nginx")?;
+            nginx_procs.push(Proc {
+                child,
+                what: format!("nginx {name}"),
+            });
+            wait_listening(listen, &format!("nginx {name}"))?;
+        }
+        let url = |a: SocketAddr| format!("http://{a}/");
+        Ok(Fleet {
+            targets: vec![
+                Target {
+                    name: "direct",
+                    url: url(backend_addr),
+                    procs: vec![],
+                    logs: vec![],
+                },
+                Target {
+                    name: "TCP relay pair",
+                    url: url(relay_addr),
+                    procs: vec![relay],
+                    logs: vec![],
+                },
+                Target {
+                    name: "Sluice pair (mTLS tunnel)",
+                    url: url(sluice_addr),
+                    procs: vec![sluice],
+                    logs: vec![],
+                },
+                Target {
+                    name: "nginx pair (TLS)",
+                    url: url(a_addr),
+                    procs: nginx_procs,
+                    logs: vec![dir.0.join("a-error.log"), dir.0.join("b-error.log")],
+                },
+            ],
+            _backend: backend,
+            _dir: dir,
+        })
+    }
+}
+
+/// CPU seconds (user + system) used so far by `pids`.
+fn cpu_seconds(procs: &[Proc]) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    procs
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{}/stat", p.pid())).ok())
+        .filter_map(|s| {
+            // Fields after the `(comm)`; utime and stime are the 14th and 15th.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split(' ').collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tick)
+        })
+        .sum()
+}
+
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: f64,
+    cpu_s: f64,
+}
+
+fn oha(bin: &Path, target: &Target, args: &[&str]) -> Result<Run> {
+    let before = cpu_seconds(&target.procs);
+    let out = Command::new(bin)
+        .args(args)
+        .args(["--no-tui", "--output-format", "json", &target.url])
+        .output()
+        .context("running oha")?;
+    let cpu_s = cpu_seconds(&target.procs) - before;
+    if !out.status.success() {
+        bail!(
+            "oha against {} failed: {}",
+            target.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing oha's JSON")?;
+    let ok: f64 = v["statusCodeDistribution"]["200"].as_f64().unwrap_or(0.0);
+    // Requests cut by the end of the run are not failures.
+    let errors: f64 = v["errorDistribution"].as_object().map_or(0.0, |m| {
+        m.iter()
+            .filter(|(k, _)| !k.contains("aborted due to deadline"))
+            .filter_map(|(_, x)| x.as_f64())
+            .sum()
+    });
+    if ok == 0.0 || errors > ok * 0.001 {
+        let logs: String = target
+            .logs
+            .iter()
+            .filter_map(|l| std::fs::read_to_string(l).ok())
+            .collect();
+        bail!(
+            "{}: {ok} answers 200 and {errors} errors: {}\n{logs}",
+            target.name,
+            v["errorDistribution"]
+        );
+    }
+    Ok(Run {
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p50_ms: v["latencyPercentiles"]["p50"].as_f64().unwrap_or(0.0) * 1e3,
+        p99_ms: v["latencyPercentiles"]["p99"].as_f64().unwrap_or(0.0) * 1e3,
+        requests: ok,
+        cpu_s,
+    })
+}
+
+/// Runs every target `rounds` times, interleaved (so that a noisy moment on
+/// this shared machine hits all of them alike), and keeps each figure's
+/// median.
+fn measure(
+    bin: &Path,
+    fleet: &Fleet,
+    args: &[&str],
+    rounds: usize,
+    what: &str,
+) -> Result<Vec<Run>> {
+    let mut all: Vec<Vec<Run>> = fleet.targets.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, t) in fleet.targets.iter().enumerate() {
+            eprintln!("  round {}/{rounds}: {} {what}", round + 1, t.name);
+            all[i].push(oha(bin, t, args)?);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Ok(all
+        .into_iter()
+        .map(|runs| Run {
+            rps: median(runs.iter().map(|r| r.rps).collect()),
+            p50_ms: median(runs.iter().map(|r| r.p50_ms).collect()),
+            p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
+            // CPU per request is kept as the median ratio.
+            requests: 1000.0,
+            cpu_s: median(
+                runs.iter()
+                    .map(|r| r.cpu_s / (r.requests / 1000.0))
+                    .collect(),
+            ),
+        })
+        .collect())
+}
+
+fn warm_up(bin: &Path, fleet: &Fleet) -> Result<()> {
+    for t in &fleet.targets {
+        oha(bin, t, &["-z", "1s", "-c", "8"])?;
+    }
+    Ok(())
+}
+
+/// Added p50/p99 latency at a fixed 1,000 requests/s, and CPU per 1,000
+/// requests.
+pub fn latency(quick: bool) -> Result<()> {
+    let bin = ensure_oha()?;
+    let fleet = Fleet::start()?;
+    warm_up(&bin, &fleet)?;
+    let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 3) };
+    let args = ["-z", secs, "-q", "1000", "--latency-correction", "-c", "16"];
+    let runs = measure(&bin, &fleet, &args, rounds, "at 1,000 rps")?;
+    let direct = &runs[0];
+    let relay_p99 = runs[1].p99_ms - direct.p99_ms;
+    let mut rows = Vec::new();
+    for (t, r) in fleet.targets.iter().zip(&runs) {
+        let add50 = r.p50_ms - direct.p50_ms;
+        let add99 = r.p99_ms - direct.p99_ms;
+        rows.push(vec![
+            t.name.to_string(),
+            format!("{:.3}", r.p50_ms),
+            format!("{:.3}", r.p99_ms),
+            format!("{add50:.3}"),
+            format!("{add99:.3}"),
+            if t.procs.is_empty() {
+                "–".into()
+            } else {
+                ratio(add99, relay_p99)
+            },
+            if t.procs.is_empty() {
+                "–".into()
+            } else {
+                format!("{:.3}", r.cpu_s / (r.requests / 1000.0))
+            },
+        ]);
+    }
+    let sluice = &runs[2];
+    let nginx = &runs[3];
+    let mut s = Section::new(
+        "proxy-latency",
+        "Node proxy: added latency at 1,000 requests/s",
+    );
+    s.line(format!(
+        "oha `-z {secs} -q 1000 --latency-correction -c 16`, HTTP/1.1 GET with {BODY}-byte response bodies, \
+         all on loopback on this machine; {rounds} interleaved rounds, medians. Added latency = the path's percentile minus the direct \
+         connection's, measured in the same run. CPU = user+system seconds of the pair's process(es) \
+         per 1,000 requests (/proc/<pid>/stat); 1,000 requests/s for a second each means 0.25 here \
+         is 0.25 vCPU at 1,000 rps.\n"
+    ));
+    s.table(
+        &[
+            "path",
+            "p50 ms",
+            "p99 ms",
+            "added p50 ms",
+            "added p99 ms",
+            "added p99 / TCP relay pair",
+            "CPU s per 1k req",
+        ],
+        &rows,
+    );
+    s.line(format!(
+        "Targets: Sluice's added p99 at most 2x the relay pair's: {} ({}). Both Sluice proxies at most \
+         0.25 vCPU per 1,000 rps: {:.3} ({}). Tail latency ahead of the nginx pair: {:.3} ms vs {:.3} ms added p99 ({}).\n",
+        ratio(sluice.p99_ms - direct.p99_ms, relay_p99),
+        verdict(sluice.p99_ms - direct.p99_ms <= 2.0 * relay_p99),
+        sluice.cpu_s / (sluice.requests / 1000.0),
+        verdict(sluice.cpu_s / (sluice.requests / 1000.0) <= 0.25),
+        sluice.p99_ms - direct.p99_ms,
+        nginx.p99_ms - direct.p99_ms,
+        verdict(sluice.p99_ms < nginx.p99_ms),
+    ));
+    s.write()
+}
+
+/// Maximum requests per second through each path, and CPU per 1,000 requests
+/// at that rate.
+pub fn throughput(quick: bool) -> Result<()> {
+    let bin = ensure_oha()?;
+    let fleet = Fleet::start()?;
+    warm_up(&bin, &fleet)?;
+    let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 3) };
+    let args = ["-z", secs, "-c", "64"];
+    let runs = measure(&bin, &fleet, &args, rounds, "at full speed")?;
+    let mut rows = Vec::new();
+    for (t, r) in fleet.targets.iter().zip(&runs) {
+        rows.push(vec![
+            t.name.to_string(),
+            format!("{:.0}", r.rps),
+            ratio(r.rps, runs[0].rps),
+            format!("{:.3}", r.p99_ms),
+            if t.procs.is_empty() {
+                "–".into()
+            } else {
+                format!("{:.3}", r.cpu_s / (r.requests / 1000.0))
+            },
+        ]);
+    }
+    let mut s = Section::new(
+        "proxy-throughput",
+        "Node proxy: maximum requests per second",
+    );
+    s.line(format!(
+        "oha `-z {secs} -c 64`, HTTP/1.1 GET with {BODY}-byte response bodies on loopback; {rounds} \
+         interleaved rounds, medians. The load \
+         generator, the backend and the proxies share this machine's vCPUs, so these are ratios \
+         between paths more than absolute capacities.\n"
+    ));
+    s.table(
+        &[
+            "path",
+            "requests/s",
+            "vs direct",
+            "p99 ms",
+            "CPU s per 1k req",
+        ],
+        &rows,
+    );
+    s.line(format!(
+        "Target: ahead of the nginx pair on throughput: {:.0} vs {:.0} requests/s, {}x ({}).\n",
+        runs[2].rps,
+        runs[3].rps,
+        ratio(runs[2].rps, runs[3].rps),
+        verdict(runs[2].rps > runs[3].rps)
+    ));
+    s.write()
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// The child-process side: `backend ADDR`, `relay-pair LISTEN MIDDLE BACKEND`
+/// or `sluice-pair BACKEND`. Prints `READY <addr>` and serves until killed.
+pub fn proxy_node(args: &[String]) -> Result<()> {
+    let threads = std::env::var("SLUICE_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match args.first().map(String::as_str) {
+            Some("backend") => backend(args[1].parse()?).await,
+            Some("relay-pair") => {
+                relay_pair(args[1].parse()?, args[2].parse()?, args[3].parse()?).await
+            }
+            Some("sluice-pair") => sluice_pair(args[1].parse()?).await,
+            other => bail!("unknown proxy-node mode {other:?}"),
+        }
+    })
+}
+
+fn ready(addr: SocketAddr) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "READY {addr}");
+    let _ = out.flush();
+}
+
+async fn backend(addr: SocketAddr) -> Result<()> {
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    ready(listener.local_addr()?);
+    let body = bytes::Bytes::from(vec![b'x'; BODY]);
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req| {
+                let b = body.clone();
+                async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(b))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+async fn relay_pair(listen: SocketAddr, middle: SocketAddr, backend: SocketAddr) -> Result<()> {
+    async fn relay(listener: tokio::net::TcpListener, to: SocketAddr) -> Result<()> {
+        loop {
+            let (mut down, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    }
+    let second = tokio::net::TcpListener::bind(middle).await?;
+    let second_addr = second.local_addr()?;
+    let first = tokio::net::TcpListener::bind(listen).await?;
+    ready(first.local_addr()?);
+    tokio::try_join!(relay(second, backend), relay(first, second_addr))?;
+    Ok(())
+}
+
+/// Every captured connection was going to the service VIP.
+struct ToVip(SocketAddr);
+
+impl l7_proxy::OriginalDst for ToVip {
+    fn lookup(&self, _peer: SocketAddr, _local: SocketAddr) -> Option<SocketAddr> {
+        Some(self.0)
+    }
+}
+
+/// Two proxies: node A (the client's, 127.0.0.1) and node B (the backend's,
+/// 127.0.0.3), with certificates from an in-process CA.
+async fn sluice_pair(backend: SocketAddr) -> Result<()> {
+    use certs::{Ca, CaOptions, IdentityManager, IdentityOptions, SystemClock};
+    use l7_proxy::{
+        Proxy, ProxySettings, Snapshot,
+        config::{Endpoint, LocalWorkload, MtlsMode, ObjectRef, Service, ServicePort},
+    };
+    let clock = Arc::new(SystemClock);
+    let ca = Arc::new(Ca::generate(CaOptions::default(), clock.clone())?);
+    let client: certs::SpiffeId = "spiffe://cluster.local/ns/bench/sa/client".parse()?;
+    let server: certs::SpiffeId = "spiffe://cluster.local/ns/bench/sa/server".parse()?;
+    let vip: SocketAddr = "127.96.0.1:80".parse()?;
+    let start = async |ip: &str,
+                       id: &certs::SpiffeId|
+           -> Result<(Proxy, tokio::sync::watch::Sender<Arc<Snapshot>>)> {
+        let ids = IdentityManager::new(
+            ca.clone(),
+            ca.bundle(),
+            clock.clone(),
+            IdentityOptions::default(),
+        );
+        ids.set_identities([id.clone()]).await?;
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+        let settings = ProxySettings {
+            outbound_addr: format!("{ip}:0").parse()?,
+            inbound_addr: format!("{ip}:0").parse()?,
+            tunnel_max_streams: std::env::var("SLUICE_BENCH_STREAMS")
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(1000),
+            ..ProxySettings::default()
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let proxy = Proxy::builder(settings, rx, Arc::new(ids), Arc::new(ToVip(vip)))
+            .start(&mut registry)
+            .await?;
+        Ok((proxy, tx))
+    };
+    let (b, tx_b) = start("127.0.0.3", &server).await?;
+    let (a, tx_a) = start("127.0.0.1", &client).await?;
+    let local = |ip: &str, name: &str, id: &certs::SpiffeId| -> Result<LocalWorkload> {
+        Ok(LocalWorkload {
+            ip: ip.parse()?,
+            id: ObjectRef::new("bench", name),
+            service_account: id.service_account().into(),
+            identity: id.clone(),
+            mtls_mode: MtlsMode::Strict,
+        })
+    };
+    let base = Snapshot {
+        services: vec![Service {
+            id: ObjectRef::new("bench", "backend"),
+            vips: vec![vip.ip()],
+            ports: vec![ServicePort {
+                port: vip.port(),
+                target_port: backend.port(),
+                app_protocol: Some("http".into()),
+            }],
+            endpoints: vec![Endpoint {
+                ip: backend.ip(),
+                ready: true,
+                workload: Some(ObjectRef::new("bench", "backend")),
+                node_proxy: Some(b.inbound_addr()),
+                identity: Some(server.clone()),
+            }],
+        }],
+        ..Snapshot::default()
+    };
+    let mut sa = base.clone();
+    sa.local_workloads = vec![local("127.0.0.1", "client", &client)?];
+    let mut sb = base;
+    sb.local_workloads = vec![local(&backend.ip().to_string(), "backend", &server)?];
+    tx_a.send_replace(Arc::new(sa.clone()));
+    tx_b.send_replace(Arc::new(sb.clone()));
+    while a.snapshot().local_workloads != sa.local_workloads
+        || b.snapshot().local_workloads != sb.local_workloads
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ready(a.outbound_addr());
+    std::future::pending::<()>().await;
+    Ok(())
+}

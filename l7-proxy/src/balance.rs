@@ -1,0 +1,201 @@
+//! Per-request load balancing among a service's ready endpoints:
+//! power of two choices on a latency EWMA weighted by requests in flight
+//! (the "peak EWMA" idea of Finagle and Linkerd).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+
+/// Latency assumed for an endpoint nothing was measured for yet: optimistic,
+/// so that new endpoints get traffic and a measurement.
+const INITIAL_EWMA_NS: u64 = 1_000_000;
+/// Time constant of the moving average.
+const DECAY_NS: f64 = 10e9;
+
+#[derive(Debug)]
+pub struct EndpointLoad {
+    ewma_ns: AtomicU64,
+    last_ns: AtomicU64,
+    in_flight: AtomicU32,
+}
+
+impl EndpointLoad {
+    fn cost(&self) -> f64 {
+        let ewma = self.ewma_ns.load(Ordering::Relaxed) as f64;
+        ewma * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+    }
+
+    pub fn ewma(&self) -> Duration {
+        Duration::from_nanos(self.ewma_ns.load(Ordering::Relaxed))
+    }
+}
+
+/// Load of every endpoint seen, shared by all requests and kept across
+/// snapshots (an endpoint keeps its history when routes change).
+#[derive(Debug)]
+pub struct Balancer {
+    loads: Mutex<HashMap<SocketAddr, Arc<EndpointLoad>>>,
+    epoch: Instant,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self {
+            loads: Mutex::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// Held while a request is in flight to an endpoint; call [`Pick::observe`]
+/// when its response head arrives.
+#[derive(Debug)]
+pub struct Pick {
+    pub index: usize,
+    load: Arc<EndpointLoad>,
+    started: Instant,
+    epoch: Instant,
+}
+
+impl Pick {
+    pub fn observe(&self) {
+        let now = Instant::now();
+        let rtt = now.duration_since(self.started).as_nanos() as f64;
+        let now_ns = now.duration_since(self.epoch).as_nanos() as u64;
+        let last = self.load.last_ns.swap(now_ns, Ordering::Relaxed);
+        let old = self.load.ewma_ns.load(Ordering::Relaxed) as f64;
+        let w = (-((now_ns.saturating_sub(last)) as f64) / DECAY_NS).exp();
+        // Peak-sensitive: a slower sample replaces the average at once.
+        let new = if rtt > old {
+            rtt
+        } else {
+            old * w + rtt * (1.0 - w)
+        };
+        self.load
+            .ewma_ns
+            .store(new.max(1.0) as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Pick {
+    fn drop(&mut self) {
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Balancer {
+    fn load(&self, addr: SocketAddr) -> Arc<EndpointLoad> {
+        let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+        loads
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(EndpointLoad {
+                    ewma_ns: AtomicU64::new(INITIAL_EWMA_NS),
+                    last_ns: AtomicU64::new(0),
+                    in_flight: AtomicU32::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Chooses among `candidates` (ready endpoint addresses): two at random,
+    /// the cheaper one wins. `None` when there is none.
+    pub fn pick(&self, candidates: &[SocketAddr]) -> Option<Pick> {
+        let index = match candidates.len() {
+            0 => return None,
+            1 => 0,
+            n => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..n);
+                let mut b = rng.random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if self.load(candidates[a]).cost() <= self.load(candidates[b]).cost() {
+                    a
+                } else {
+                    b
+                }
+            }
+        };
+        let load = self.load(candidates[index]);
+        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Pick {
+            index,
+            load,
+            started: Instant::now(),
+            epoch: self.epoch,
+        })
+    }
+
+    /// Forgets endpoints that are no longer in any service.
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+        loads.retain(|a, l| keep(a) || l.in_flight.load(Ordering::Relaxed) > 0);
+    }
+
+    pub fn ewma(&self, addr: SocketAddr) -> Duration {
+        self.load(addr).ewma()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_endpoint_loses_most_picks() {
+        let b = Balancer::default();
+        let fast: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let slow: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        b.load(fast).ewma_ns.store(1_000_000, Ordering::Relaxed);
+        b.load(slow).ewma_ns.store(50_000_000, Ordering::Relaxed);
+        let eps = [fast, slow];
+        let mut slow_picks = 0;
+        for _ in 0..200 {
+            let p = b.pick(&eps).unwrap();
+            if eps[p.index] == slow {
+                slow_picks += 1;
+            }
+        }
+        // With two endpoints both are always the candidates: the fast one wins.
+        assert_eq!(slow_picks, 0);
+    }
+
+    #[test]
+    fn in_flight_requests_spread_load() {
+        let b = Balancer::default();
+        let eps: Vec<SocketAddr> = vec![
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        ];
+        let held: Vec<Pick> = (0..10).map(|_| b.pick(&eps).unwrap()).collect();
+        let first = held.iter().filter(|p| p.index == 0).count();
+        assert_eq!(
+            first, 5,
+            "equal latency: in-flight counts alternate the choice"
+        );
+        drop(held);
+        assert_eq!(b.load(eps[0]).in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn observing_a_slow_response_raises_the_average() {
+        let b = Balancer::default();
+        let ep: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        b.load(ep).ewma_ns.store(1, Ordering::Relaxed);
+        let mut p = b.pick(&[ep]).unwrap();
+        p.started -= Duration::from_millis(2);
+        p.observe();
+        assert!(b.ewma(ep) >= Duration::from_millis(2));
+        assert!(b.pick(&[]).is_none());
+    }
+}

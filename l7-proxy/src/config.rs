@@ -1,0 +1,617 @@
+//! The contract with the node agent: the proxy's settings (listeners, limits,
+//! timeouts) and the configuration [`Snapshot`] it routes by.
+//!
+//! A snapshot is plain data, already resolved by the agent: Gateway API
+//! `backendRefs` point at services in the same snapshot, `MeshPolicy` is folded
+//! into each local workload's [`MtlsMode`], and Kubernetes object names are only
+//! kept for logs and metrics. Snapshots are immutable; the agent publishes a new
+//! one through a `tokio::sync::watch` channel and the proxy applies it to new
+//! connections and requests at once.
+//!
+//! Durations are integers in milliseconds (`*_ms`) so that the JSON form is
+//! obvious to write by hand.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::identity::SpiffeId;
+
+/// Outbound capture listener (connections redirected by `cgroup/connect4`).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound mTLS tunnel: HTTP/2 over TLS 1.3, ALPN `h2`.
+pub const INBOUND_PORT: u16 = 15008;
+/// Admin API, served by the agent (metrics, connection table).
+pub const ADMIN_PORT: u16 = 15020;
+
+/// Request header carrying the target workload `ip:port` of an HTTP request
+/// inside the tunnel (CONNECT streams carry it as their authority instead).
+pub const TARGET_HEADER: &str = "sluice-target";
+/// Request header telling the inbound proxy which protocol the caller spoke
+/// (`http1` or `h2`), so that HTTP/1.1 is restored towards the workload.
+pub const PROTOCOL_HEADER: &str = "sluice-protocol";
+/// Request header set by the inbound proxy for the workload: the verified
+/// SPIFFE ID of the caller. Stripped from requests entering the mesh.
+pub const SOURCE_IDENTITY_HEADER: &str = "sluice-source-identity";
+/// Response header explaining why the proxy answered instead of the workload
+/// (policy denial, no route, no ready endpoint, timeout).
+pub const REASON_HEADER: &str = "sluice-reason";
+
+/// How the proxy runs: where it listens and how long it waits for peers.
+/// Logged at start-up; every field has a production default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxySettings {
+    /// Outbound capture listener address (port 15001 on the node).
+    pub outbound_addr: SocketAddr,
+    /// Inbound mTLS tunnel listener address (port 15008 on the node).
+    pub inbound_addr: SocketAddr,
+    /// Time a client has to send its first bytes before the connection is
+    /// treated as opaque TCP (server-speaks-first protocols send nothing).
+    pub sniff_timeout_ms: u64,
+    /// Time to read a complete HTTP/1.1 request head.
+    pub header_read_timeout_ms: u64,
+    /// Largest request or response head accepted, in bytes.
+    pub max_header_bytes: u32,
+    /// Time to establish a TCP connection to a peer proxy or a workload.
+    pub connect_timeout_ms: u64,
+    /// Time to finish a TLS handshake with a peer proxy.
+    pub tls_handshake_timeout_ms: u64,
+    /// A tunnel connection without streams is closed after this long.
+    pub tunnel_idle_timeout_ms: u64,
+    /// Most streams one tunnel connection carries at once; a further stream
+    /// opens another connection to the same peer.
+    pub tunnel_max_streams: u32,
+    /// Most tunnel connections to one (source identity, peer node, peer
+    /// identity) key.
+    pub tunnel_max_connections: usize,
+    /// An opaque TCP relay with no bytes in either direction for this long is
+    /// closed.
+    pub tcp_idle_timeout_ms: u64,
+    /// Request bodies up to this size are buffered so that they can be retried
+    /// or mirrored; larger bodies are streamed once and not retried.
+    pub max_buffered_body_bytes: usize,
+    /// On shutdown, connections still open after this long are cut.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            outbound_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT),
+            inbound_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT),
+            sniff_timeout_ms: 300,
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 64 * 1024,
+            connect_timeout_ms: 5_000,
+            tls_handshake_timeout_ms: 5_000,
+            tunnel_idle_timeout_ms: 60_000,
+            tunnel_max_streams: 1_000,
+            tunnel_max_connections: 4,
+            tcp_idle_timeout_ms: 3_600_000,
+            max_buffered_body_bytes: 1024 * 1024,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ProxySettings {
+    pub fn sniff_timeout(&self) -> Duration {
+        Duration::from_millis(self.sniff_timeout_ms)
+    }
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls_handshake_timeout_ms)
+    }
+    pub fn tunnel_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.tunnel_idle_timeout_ms)
+    }
+    pub fn tcp_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.tcp_idle_timeout_ms)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// Everything the proxy routes by, at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Snapshot {
+    /// Services reachable through the mesh, with their endpoints.
+    pub services: Vec<Service>,
+    /// Meshed workloads anywhere in the cluster (this node included), for
+    /// connections addressed to a pod IP rather than a service VIP.
+    pub workloads: Vec<Workload>,
+    /// Enrolled workloads on this node: the sources of outbound traffic (found
+    /// by their IP) and the only allowed targets of inbound traffic.
+    pub local_workloads: Vec<LocalWorkload>,
+    /// `HTTPRoute`s whose parent is a Service (GAMMA).
+    pub http_routes: Vec<HttpRoute>,
+    /// `GRPCRoute`s whose parent is a Service (GAMMA).
+    pub grpc_routes: Vec<GrpcRoute>,
+    /// `AccessPolicy` objects.
+    pub access_policies: Vec<AccessPolicy>,
+}
+
+/// `namespace/name` of a Kubernetes object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Kubernetes Service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    /// Cluster IPs (IPv4 and/or IPv6).
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    /// The port on the VIP.
+    pub port: u16,
+    /// The port on each endpoint (named target ports already resolved).
+    pub target_port: u16,
+    /// `appProtocol`, when set: `http`, `kubernetes.io/h2c` (or `h2c`, `grpc`)
+    /// skip sniffing, `tcp` forces opaque TCP (use it for server-speaks-first
+    /// protocols so that the first byte is not waited for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// One backend of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Pod IP.
+    pub ip: IpAddr,
+    /// Not-ready and terminating endpoints get no new connections or requests.
+    pub ready: bool,
+    /// Pod `namespace/name`, for logs and the connection table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<ObjectRef>,
+    /// Tunnel listener of the proxy on the endpoint's node (`node-ip:15008`).
+    /// `None` (with `identity` `None`) means: send plaintext directly, because
+    /// the pod is not enrolled or its `MeshPolicy` is `DISABLED`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_proxy: Option<SocketAddr>,
+    /// The pod's SPIFFE identity, checked against the peer proxy's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<SpiffeId>,
+}
+
+/// A meshed workload, for traffic addressed to its pod IP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub ip: IpAddr,
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    /// As for [`Endpoint::node_proxy`]: `None` means plaintext, directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_proxy: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<SpiffeId>,
+}
+
+/// An enrolled workload on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalWorkload {
+    pub ip: IpAddr,
+    /// Pod `namespace/name`.
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    pub service_account: String,
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`; the
+    /// identity manager must hold a certificate for it.
+    pub identity: SpiffeId,
+    /// The `MeshPolicy` mode in force for this workload.
+    #[serde(default)]
+    pub mtls_mode: MtlsMode,
+}
+
+/// `MeshPolicy` modes, as seen by the proxy.
+///
+/// The inbound tunnel port only ever speaks mTLS, so a plaintext or wrongly
+/// signed client is refused there in every mode. The mode decides the rest:
+/// - `Strict`: traffic to the workload must come through the tunnel (the
+///   kernel side blocks direct plaintext);
+/// - `Permissive`: tunnel traffic is verified and policed as for `Strict`;
+///   direct plaintext to the workload is allowed by the kernel side, and the
+///   proxy does not see it;
+/// - `Disabled`: callers' proxies send plaintext directly (the agent publishes
+///   the workload without `node_proxy`); a tunnel stream that still arrives is
+///   accepted and policed like the others.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    Strict,
+    #[default]
+    Permissive,
+    Disabled,
+}
+
+/// The Service a route is attached to (`parentRefs` of kind Service), and
+/// optionally the one port it applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    #[serde(flatten)]
+    pub service: ObjectRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// A Gateway API `HTTPRoute` attached to a Service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRoute {
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    /// `metadata.creationTimestamp` in Unix seconds: among routes with equally
+    /// specific matches the oldest wins (then `namespace/name` order).
+    #[serde(default)]
+    pub created_unix: i64,
+    pub parents: Vec<ParentRef>,
+    pub rules: Vec<HttpRouteRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpRouteRule {
+    /// Rule name (`rules[].name`), for metrics; defaults to the rule index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any one of them must match; none means every request (`PathPrefix /`).
+    pub matches: Vec<HttpRouteMatch>,
+    pub filters: Vec<HttpFilter>,
+    /// Weighted backends. Empty (or all weights zero): answered with 500.
+    pub backends: Vec<BackendRef>,
+    pub timeouts: Timeouts,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+}
+
+/// One element of `rules[].matches`: all present conditions must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpRouteMatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    pub headers: Vec<ValueMatch>,
+    pub query_params: Vec<ValueMatch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value")]
+pub enum PathMatch {
+    Exact(String),
+    PathPrefix(String),
+    RegularExpression(String),
+}
+
+/// A header or query parameter condition. Header names are case-insensitive,
+/// query parameter names are exact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    #[serde(default, rename = "type")]
+    pub kind: ValueMatchKind,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueMatchKind {
+    #[default]
+    Exact,
+    RegularExpression,
+}
+
+/// A backend: a Service port, with its weight among the rule's backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendRef {
+    #[serde(flatten)]
+    pub service: ObjectRef,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Filters applied only when this backend is chosen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpFilter>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Gateway API HTTP filters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum HttpFilter {
+    RequestHeaderModifier(HeaderModifier),
+    ResponseHeaderModifier(HeaderModifier),
+    RequestRedirect(RequestRedirect),
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite(UrlRewrite),
+    RequestMirror(RequestMirror),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeaderModifier {
+    pub set: Vec<HeaderPair>,
+    pub add: Vec<HeaderPair>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderPair {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestRedirect {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 301 or 302 (the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UrlRewrite {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value")]
+pub enum PathModifier {
+    ReplaceFullPath(String),
+    /// Replaces the part matched by the rule's `PathPrefix` match.
+    ReplacePrefixMatch(String),
+}
+
+/// Sends a copy of the request to another backend, ignoring its answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestMirror {
+    #[serde(flatten)]
+    pub service: ObjectRef,
+    pub port: u16,
+    /// Share of requests mirrored, 0–100; all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+}
+
+/// `rules[].timeouts` (GEP-1742).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Whole request, retries included; 504 when exceeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_ms: Option<u64>,
+    /// Each attempt to a backend; 504 when exceeded (retried if 504 is in the
+    /// retry codes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_request_ms: Option<u64>,
+}
+
+/// `rules[].retry` (GEP-1731).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Retryable response status codes (5xx). Failing to reach a backend at
+    /// all is always retryable.
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    /// Wait before the first retry; doubles for each further retry.
+    #[serde(default)]
+    pub backoff_ms: u64,
+}
+
+/// A Gateway API `GRPCRoute` attached to a Service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcRoute {
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    #[serde(default)]
+    pub created_unix: i64,
+    pub parents: Vec<ParentRef>,
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcRouteRule {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub matches: Vec<GrpcRouteMatch>,
+    /// Header modifiers and mirrors (redirects and rewrites are not defined
+    /// for gRPC).
+    pub filters: Vec<HttpFilter>,
+    pub backends: Vec<BackendRef>,
+    pub timeouts: Timeouts,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcRouteMatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<GrpcMethodMatch>,
+    pub headers: Vec<ValueMatch>,
+}
+
+/// Matches `/<service>/<method>`; an absent part matches any.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    #[serde(rename = "type")]
+    pub kind: ValueMatchKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// A Sluice `AccessPolicy`: who may reach a Service. Once any policy targets
+/// a service, connections and requests to its endpoints are denied unless one
+/// rule of one such policy allows them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessPolicy {
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    /// The Service whose endpoints the policy protects.
+    pub target: ObjectRef,
+    pub rules: Vec<AccessRule>,
+}
+
+/// Allows callers matching any `from` entry (all callers when empty), for
+/// requests matching `to` (every connection or request when absent).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessRule {
+    pub from: Vec<AccessSource>,
+    /// HTTP conditions. A rule with conditions never allows opaque TCP,
+    /// whose method and path the proxy cannot see.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<HttpConditions>,
+}
+
+/// One kind of caller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AccessSource {
+    /// An exact SPIFFE ID.
+    Identity(SpiffeId),
+    /// Any workload in this namespace.
+    Namespace(String),
+    /// One service account.
+    ServiceAccount(ObjectRef),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConditions {
+    /// Allowed methods; any when empty.
+    pub methods: Vec<String>,
+    /// Allowed paths; any when empty. `/a/*` allows `/a/` and below, other
+    /// values must be equal to the path.
+    pub paths: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_round_trips_through_json() {
+        let json = r#"{
+          "services": [{"namespace": "shop", "name": "cart", "vips": ["10.96.0.10"],
+            "ports": [{"port": 80, "target_port": 8080}],
+            "endpoints": [{"ip": "10.0.1.5", "ready": true, "node_proxy": "192.168.1.2:15008",
+              "identity": "spiffe://cluster.local/ns/shop/sa/cart"}]}],
+          "local_workloads": [{"ip": "10.0.0.9", "namespace": "shop", "name": "web-1",
+            "service_account": "web", "identity": "spiffe://cluster.local/ns/shop/sa/web",
+            "mtls_mode": "STRICT"}],
+          "http_routes": [{"namespace": "shop", "name": "cart", "parents": [{"namespace": "shop", "name": "cart"}],
+            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/v2"},
+              "headers": [{"name": "x-canary", "value": "1"}]}],
+              "filters": [{"type": "URLRewrite", "path": {"type": "ReplacePrefixMatch", "value": "/"}}],
+              "backends": [{"namespace": "shop", "name": "cart", "port": 80, "weight": 3}],
+              "timeouts": {"request_ms": 1000},
+              "retry": {"codes": [503], "attempts": 2, "backoff_ms": 10}}]}],
+          "access_policies": [{"namespace": "shop", "name": "only-web", "target": {"namespace": "shop", "name": "cart"},
+            "rules": [{"from": [{"serviceAccount": {"namespace": "shop", "name": "web"}}],
+              "to": {"methods": ["GET"]}}]}]
+        }"#;
+        let snap: Snapshot = serde_json::from_str(json).expect("valid snapshot");
+        assert_eq!(
+            snap.services[0].endpoints[0]
+                .identity
+                .as_ref()
+                .unwrap()
+                .to_string(),
+            "spiffe://cluster.local/ns/shop/sa/cart"
+        );
+        assert_eq!(snap.local_workloads[0].mtls_mode, MtlsMode::Strict);
+        let rule = &snap.http_routes[0].rules[0];
+        assert_eq!(
+            rule.matches[0].path,
+            Some(PathMatch::PathPrefix("/v2".into()))
+        );
+        assert_eq!(rule.backends[0].weight, 3);
+        assert_eq!(
+            rule.filters[0],
+            HttpFilter::UrlRewrite(UrlRewrite {
+                hostname: None,
+                path: Some(PathModifier::ReplacePrefixMatch("/".into()))
+            })
+        );
+        let again: Snapshot = serde_json::from_str(&serde_json::to_string(&snap).unwrap()).unwrap();
+        assert_eq!(again, snap);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err = serde_json::from_str::<ProxySettings>(r#"{"outbound_adr": "127.0.0.1:1"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outbound_adr"), "{err}");
+    }
+}

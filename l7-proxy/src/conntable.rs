@@ -1,0 +1,213 @@
+//! The live connection table served by the agent to `sluice tls`: one entry
+//! per open connection, removed when the connection closes.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+
+use crate::config::{ObjectRef, SpiffeId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnKind {
+    /// A captured connection relayed as opaque TCP.
+    OutboundTcp,
+    /// A captured connection carrying HTTP; requests are routed one by one.
+    OutboundHttp,
+    /// A tunnel connection this proxy opened to a peer proxy.
+    TunnelOut,
+    /// A tunnel connection a peer proxy opened to this one.
+    TunnelIn,
+    /// A tunnelled TCP stream delivered to a local workload.
+    InboundTcp,
+}
+
+/// TLS facts of a secured connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher_suite: String,
+    /// Expiry of the peer's certificate, Unix seconds.
+    pub peer_cert_not_after: Option<u64>,
+}
+
+/// What is known about a connection when it opens.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ConnMeta {
+    pub source_addr: Option<SocketAddr>,
+    pub source_workload: Option<ObjectRef>,
+    pub source_identity: Option<SpiffeId>,
+    pub destination_addr: Option<SocketAddr>,
+    /// Service or workload `namespace/name`.
+    pub destination: Option<ObjectRef>,
+    pub destination_identity: Option<SpiffeId>,
+    pub tls: Option<TlsInfo>,
+}
+
+/// One row of the table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub kind: ConnKind,
+    #[serde(flatten)]
+    pub meta: ConnMeta,
+    pub secured: bool,
+    /// Unix seconds.
+    pub opened_at: u64,
+    /// Towards the destination.
+    pub bytes_sent: u64,
+    /// From the destination.
+    pub bytes_received: u64,
+}
+
+#[derive(Debug)]
+struct Row {
+    kind: ConnKind,
+    meta: Mutex<ConnMeta>,
+    opened_at: u64,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// Shared table; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct ConnTable {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next: AtomicU64,
+    rows: Mutex<BTreeMap<u64, Arc<Row>>>,
+}
+
+/// Keeps a row in the table; the row goes when this is dropped.
+#[derive(Debug)]
+pub struct ConnHandle {
+    id: u64,
+    row: Arc<Row>,
+    table: Arc<Inner>,
+}
+
+impl ConnHandle {
+    pub fn add_sent(&self, n: u64) {
+        self.row.sent.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn add_received(&self, n: u64) {
+        self.row.received.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn sent(&self) -> u64 {
+        self.row.sent.load(Ordering::Relaxed)
+    }
+    pub fn received(&self) -> u64 {
+        self.row.received.load(Ordering::Relaxed)
+    }
+    /// Fills in what was learnt after opening (the TLS facts, say).
+    pub fn update(&self, f: impl FnOnce(&mut ConnMeta)) {
+        f(&mut self.row.meta.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+impl Drop for ConnHandle {
+    fn drop(&mut self) {
+        self.table
+            .rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl ConnTable {
+    pub fn open(&self, kind: ConnKind, meta: ConnMeta) -> ConnHandle {
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let row = Arc::new(Row {
+            kind,
+            meta: Mutex::new(meta),
+            opened_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        });
+        self.inner
+            .rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, row.clone());
+        ConnHandle {
+            id,
+            row,
+            table: self.inner.clone(),
+        }
+    }
+
+    /// The open connections, oldest first.
+    pub fn list(&self) -> Vec<ConnectionInfo> {
+        let rows = self.inner.rows.lock().unwrap_or_else(|e| e.into_inner());
+        rows.iter()
+            .map(|(id, r)| {
+                let meta = r.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                ConnectionInfo {
+                    id: *id,
+                    kind: r.kind,
+                    secured: meta.tls.is_some(),
+                    meta,
+                    opened_at: r.opened_at,
+                    bytes_sent: r.sent.load(Ordering::Relaxed),
+                    bytes_received: r.received.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .rows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_live_as_long_as_their_handle() {
+        let t = ConnTable::default();
+        let h = t.open(ConnKind::OutboundTcp, ConnMeta::default());
+        h.add_sent(10);
+        h.add_received(3);
+        h.update(|m| {
+            m.tls = Some(TlsInfo {
+                version: "TLSv1_3".into(),
+                cipher_suite: "TLS13_AES_128_GCM_SHA256".into(),
+                peer_cert_not_after: Some(1),
+            })
+        });
+        let rows = t.list();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].bytes_sent, rows[0].bytes_received, rows[0].secured),
+            (10, 3, true)
+        );
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        assert_eq!(json["kind"], "outbound-tcp");
+        drop(h);
+        assert!(t.is_empty());
+    }
+}

@@ -1,0 +1,603 @@
+//! Outbound HTTP, one request at a time: route, apply filters, choose a
+//! backend and an endpoint, send through the tunnel (or directly), retry,
+//! mirror, time out.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, request::Parts};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::{
+    accesslog::AccessRecord,
+    body::{Body, boxed, full, proxy_response, strip_hop_by_hop},
+    config::{
+        BackendRef, HttpFilter, LocalWorkload, PROTOCOL_HEADER, SOURCE_IDENTITY_HEADER, SpiffeId,
+        TARGET_HEADER,
+    },
+    filters,
+    metrics::{Direction, LatencyLabels, RequestLabels, status_class},
+    proxy::Shared,
+    router::{Decision, RequestView},
+    sniff::Protocol,
+    state::{Destination, State, Upstream},
+    tunnel::TunnelKey,
+};
+
+/// A captured HTTP connection.
+#[derive(Debug)]
+pub struct HttpConn {
+    pub source: Arc<LocalWorkload>,
+    pub client_addr: SocketAddr,
+    pub original_dst: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// What happened to one request, for metrics and the access log.
+struct Outcome {
+    response: Response<Body>,
+    route: String,
+    destination: String,
+    destination_identity: Option<SpiffeId>,
+    secured: bool,
+    attempts: u32,
+    reason: Option<String>,
+}
+
+impl Outcome {
+    fn local(status: StatusCode, reason: String, route: String, destination: String) -> Outcome {
+        Outcome {
+            response: proxy_response(status, &reason),
+            route,
+            destination,
+            destination_identity: None,
+            secured: false,
+            attempts: 0,
+            reason: Some(reason),
+        }
+    }
+}
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<HttpConn>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let state = shared.state();
+    let (mut parts, body) = req.into_parts();
+    // Nothing from the caller may pose as the mesh's own headers.
+    for h in [SOURCE_IDENTITY_HEADER, TARGET_HEADER, PROTOCOL_HEADER] {
+        parts.headers.remove(h);
+    }
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let body = boxed(body);
+    let outcome = match state.destination(conn.original_dst) {
+        Destination::Service { service, port } => {
+            route_request(
+                &shared,
+                &state,
+                &conn,
+                &service.id,
+                port.port,
+                parts,
+                body,
+                start,
+            )
+            .await
+        }
+        Destination::Workload(w) => {
+            let up = State::workload_upstream(&w, conn.original_dst.port());
+            let dest = w.id.to_string();
+            let mut o = match send_once(&shared, &conn, &up, parts, body).await {
+                Ok(resp) => Outcome {
+                    response: resp,
+                    route: String::new(),
+                    destination: dest,
+                    destination_identity: None,
+                    secured: false,
+                    attempts: 1,
+                    reason: None,
+                },
+                Err(e) => Outcome::local(e.status, e.reason, String::new(), dest),
+            };
+            o.secured = up.tunnel.is_some();
+            o.destination_identity = up.tunnel.map(|t| t.identity);
+            o
+        }
+        Destination::External => Outcome::local(
+            StatusCode::BAD_GATEWAY,
+            format!("{} is not a meshed destination", conn.original_dst),
+            String::new(),
+            conn.original_dst.to_string(),
+        ),
+    };
+    let status = outcome.response.status().as_u16();
+    let src = conn.source.identity.to_string();
+    let dst_id = outcome
+        .destination_identity
+        .as_ref()
+        .map_or_else(|| outcome.destination.clone(), |i| i.to_string());
+    shared
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: Direction::Outbound,
+            source: src.clone(),
+            destination: dst_id.clone(),
+            route: outcome.route.clone(),
+            status_class: status_class(status),
+        })
+        .inc();
+    shared
+        .metrics
+        .request_duration
+        .get_or_create(&LatencyLabels {
+            direction: Direction::Outbound,
+            source: src,
+            destination: dst_id,
+            route: outcome.route.clone(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    AccessRecord {
+        direction: "outbound",
+        protocol: "http",
+        source_addr: Some(conn.client_addr.to_string()),
+        source_identity: Some(&conn.source.identity),
+        destination: Some(outcome.destination.clone()),
+        destination_addr: Some(conn.original_dst.to_string()),
+        destination_identity: outcome.destination_identity.as_ref(),
+        secured: outcome.secured,
+        method: Some(method.as_str()),
+        path: Some(&path),
+        route: Some(&outcome.route),
+        status: Some(status),
+        attempts: Some(outcome.attempts),
+        duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        reason: outcome.reason.as_deref(),
+        ..Default::default()
+    }
+    .emit();
+    Ok(outcome.response)
+}
+
+/// A request body that can be sent more than once when it was buffered.
+enum ReqBody {
+    Buffered(Bytes),
+    Once(Option<Body>),
+}
+
+impl ReqBody {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            ReqBody::Buffered(b) => Some(full(b.clone())),
+            ReqBody::Once(b) => b.take(),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn route_request(
+    shared: &Arc<Shared>,
+    state: &Arc<State>,
+    conn: &Arc<HttpConn>,
+    service: &crate::config::ObjectRef,
+    port: u16,
+    mut parts: Parts,
+    body: Body,
+    start: Instant,
+) -> Outcome {
+    let decision = {
+        let view = RequestView {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        };
+        match state.routes.route(service, port, &view) {
+            None => Decision {
+                rule: state.default_rule(service, port),
+                matched_prefix: None,
+            },
+            Some(Some(d)) => d,
+            Some(None) => {
+                return Outcome::local(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no route of service {service} matches {} {}",
+                        parts.method,
+                        parts.uri.path()
+                    ),
+                    String::new(),
+                    service.to_string(),
+                );
+            }
+        }
+    };
+    let rule = decision.rule.clone();
+    let route_label = rule.label.clone();
+    let prefix = decision.matched_prefix.as_deref();
+
+    // A redirect answers at once; the rule's backends do not matter.
+    if let Some(r) = rule.filters.iter().find_map(|f| match f {
+        HttpFilter::RequestRedirect(r) => Some(r),
+        _ => None,
+    }) {
+        let (status, location) = filters::redirect(r, &parts, prefix);
+        let mut resp = Response::new(crate::body::empty());
+        *resp.status_mut() = status;
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+        }
+        return Outcome {
+            response: resp,
+            route: route_label,
+            destination: service.to_string(),
+            destination_identity: None,
+            secured: false,
+            attempts: 0,
+            reason: None,
+        };
+    }
+    // Weighted choice of the backend, once per request (retries reuse it).
+    let Some(backend) = choose_backend(&rule.backends) else {
+        return Outcome::local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("route {route_label} has no backend with a weight above zero"),
+            route_label,
+            service.to_string(),
+        );
+    };
+    let mut response_mods = Vec::new();
+    let mut mirrors = Vec::new();
+    for f in rule.filters.iter().chain(backend.filters.iter()) {
+        match f {
+            HttpFilter::RequestHeaderModifier(m) => filters::modify_headers(m, &mut parts.headers),
+            HttpFilter::ResponseHeaderModifier(m) => response_mods.push(m.clone()),
+            HttpFilter::RequestRedirect(r) => {
+                let (status, location) = filters::redirect(r, &parts, prefix);
+                let mut resp = Response::new(crate::body::empty());
+                *resp.status_mut() = status;
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(http::header::LOCATION, v);
+                }
+                return Outcome {
+                    response: resp,
+                    route: route_label,
+                    destination: service.to_string(),
+                    destination_identity: None,
+                    secured: false,
+                    attempts: 0,
+                    reason: None,
+                };
+            }
+            HttpFilter::UrlRewrite(u) => filters::rewrite(u, &mut parts, prefix),
+            HttpFilter::RequestMirror(m) => mirrors.push(m.clone()),
+        }
+    }
+    let Some(backend_svc) = state.service(&backend.service).cloned() else {
+        return Outcome::local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "route {route_label} points at service {} which does not exist",
+                backend.service
+            ),
+            route_label,
+            service.to_string(),
+        );
+    };
+    let destination = backend.service.to_string();
+
+    let retries = rule.retry.as_ref().map_or(0, |r| r.attempts);
+    let mut body = if retries > 0 || !mirrors.is_empty() {
+        match collect_limited(body, shared.settings.max_buffered_body_bytes).await {
+            Ok(b) => ReqBody::Buffered(b),
+            Err(e) => {
+                return Outcome::local(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "request body not readable within {} bytes, needed to retry or mirror: {e}",
+                        shared.settings.max_buffered_body_bytes
+                    ),
+                    route_label,
+                    destination,
+                );
+            }
+        }
+    } else {
+        ReqBody::Once(Some(body))
+    };
+
+    if let ReqBody::Buffered(bytes) = &body {
+        for m in &mirrors {
+            if m.percent
+                .is_some_and(|p| rand::rng().random_range(0..100) >= p)
+            {
+                continue;
+            }
+            spawn_mirror(shared, state, conn, m, &parts, bytes.clone());
+        }
+    }
+
+    let deadline = rule
+        .timeouts
+        .request_ms
+        .map(|ms| start + Duration::from_millis(ms));
+    let per_try = rule.timeouts.backend_request_ms.map(Duration::from_millis);
+    let codes: &[u16] = rule.retry.as_ref().map_or(&[], |r| r.codes.as_slice());
+    let mut backoff = rule
+        .retry
+        .as_ref()
+        .map_or(Duration::ZERO, |r| Duration::from_millis(r.backoff_ms));
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let can_retry = attempts <= retries && matches!(body, ReqBody::Buffered(_));
+        let ready = state.ready_upstreams(&backend_svc, backend.port);
+        let (upstreams, addrs) = (&ready.upstreams, &ready.addrs);
+        let failure = match (shared.balancer.pick(addrs), body.take()) {
+            (None, _) => SendError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                reason: format!(
+                    "service {} has no ready endpoint on port {}",
+                    backend.service, backend.port
+                ),
+                retryable: true,
+            },
+            (Some(_), None) => SendError {
+                status: StatusCode::BAD_GATEWAY,
+                reason: "request body already consumed by an earlier attempt".into(),
+                retryable: false,
+            },
+            (Some(pick), Some(b)) => {
+                let up = &upstreams[pick.index];
+                let attempt = async {
+                    let send = send_once(shared, conn, up, parts.clone(), b);
+                    match per_try {
+                        Some(d) => tokio::time::timeout(d, send).await.unwrap_or_else(|_| {
+                            Err(SendError {
+                                status: StatusCode::GATEWAY_TIMEOUT,
+                                reason: format!(
+                                    "backend request timeout of {d:?} to {} exceeded",
+                                    up.addr
+                                ),
+                                retryable: codes.contains(&504),
+                            })
+                        }),
+                        None => send.await,
+                    }
+                };
+                let result = match deadline {
+                    Some(dl) => match tokio::time::timeout_at(dl, attempt).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            return Outcome {
+                                attempts,
+                                ..Outcome::local(
+                                    StatusCode::GATEWAY_TIMEOUT,
+                                    format!(
+                                        "request timeout of {}ms exceeded",
+                                        rule.timeouts.request_ms.unwrap_or(0)
+                                    ),
+                                    route_label,
+                                    destination,
+                                )
+                            };
+                        }
+                    },
+                    None => attempt.await,
+                };
+                match result {
+                    Ok(mut resp) if !(can_retry && codes.contains(&resp.status().as_u16())) => {
+                        pick.observe();
+                        for m in &response_mods {
+                            filters::modify_headers(m, resp.headers_mut());
+                        }
+                        return Outcome {
+                            response: resp,
+                            route: route_label,
+                            destination,
+                            destination_identity: up.tunnel.as_ref().map(|t| t.identity.clone()),
+                            secured: up.tunnel.is_some(),
+                            attempts,
+                            reason: None,
+                        };
+                    }
+                    Ok(resp) => {
+                        pick.observe();
+                        SendError {
+                            status: resp.status(),
+                            reason: format!("{} answered {}", up.addr, resp.status()),
+                            retryable: true,
+                        }
+                    }
+                    Err(e) => e,
+                }
+            }
+        };
+        if !(can_retry && failure.retryable) {
+            return Outcome {
+                attempts,
+                ..Outcome::local(failure.status, failure.reason, route_label, destination)
+            };
+        }
+        tracing::debug!(attempt = attempts, "retrying: {}", failure.reason);
+        if !backoff.is_zero() {
+            let wake = Instant::now() + backoff;
+            if deadline.is_some_and(|dl| dl <= wake) {
+                return Outcome {
+                    attempts,
+                    ..Outcome::local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "request timeout of {}ms exceeded while backing off",
+                            rule.timeouts.request_ms.unwrap_or(0)
+                        ),
+                        route_label,
+                        destination,
+                    )
+                };
+            }
+            tokio::time::sleep_until(wake).await;
+            backoff = backoff.saturating_mul(2);
+        }
+    }
+}
+
+/// Why an attempt produced no usable response.
+#[derive(Debug)]
+struct SendError {
+    status: StatusCode,
+    reason: String,
+    /// Nothing reached the workload (or the status is retryable): safe to
+    /// try again.
+    retryable: bool,
+}
+
+/// Reads a whole body of at most `limit` bytes (trailers are dropped).
+async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, String> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(format!("body longer than {limit} bytes"));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn choose_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
+    let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = rand::rng().random_range(0..total);
+    for b in backends {
+        if x < b.weight as u64 {
+            return Some(b);
+        }
+        x -= b.weight as u64;
+    }
+    None
+}
+
+fn spawn_mirror(
+    shared: &Arc<Shared>,
+    state: &Arc<State>,
+    conn: &Arc<HttpConn>,
+    m: &crate::config::RequestMirror,
+    parts: &Parts,
+    body: Bytes,
+) {
+    let Some(svc) = state.service(&m.service).cloned() else {
+        tracing::warn!(mirror = %m.service, "mirror target service does not exist");
+        return;
+    };
+    let ready = state.ready_upstreams(&svc, m.port);
+    let upstreams = &ready.upstreams;
+    let Some(pick) = shared.balancer.pick(&ready.addrs) else {
+        return;
+    };
+    let up = upstreams[pick.index].clone();
+    let (shared, conn, parts) = (shared.clone(), conn.clone(), parts.clone());
+    tokio::spawn(async move {
+        let _pick = pick;
+        match send_once(&shared, &conn, &up, parts, full(body)).await {
+            // The mirror's answer is read and dropped.
+            Ok(resp) => {
+                let _ = resp.into_body().collect().await;
+            }
+            Err(e) => tracing::debug!("mirrored request failed: {}", e.reason),
+        }
+    });
+}
+
+/// Sends one attempt to one upstream.
+async fn send_once(
+    shared: &Arc<Shared>,
+    conn: &Arc<HttpConn>,
+    up: &Upstream,
+    mut parts: Parts,
+    body: Body,
+) -> Result<Response<Body>, SendError> {
+    strip_hop_by_hop(&mut parts.headers);
+    let proto = conn.protocol;
+    match &up.tunnel {
+        Some(t) => {
+            let authority = parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+                .unwrap_or_else(|| up.addr.to_string());
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            parts.uri = Uri::builder()
+                .scheme("http")
+                .authority(authority.as_str())
+                .path_and_query(pq)
+                .build()
+                .map_err(|e| SendError {
+                    status: StatusCode::BAD_REQUEST,
+                    reason: format!("request authority {authority:?} is not valid: {e}"),
+                    retryable: false,
+                })?;
+            parts.headers.remove(http::header::HOST);
+            parts.version = Version::HTTP_2;
+            parts.headers.insert(
+                TARGET_HEADER,
+                HeaderValue::from_str(&up.addr.to_string()).expect("address is ASCII"),
+            );
+            parts.headers.insert(
+                PROTOCOL_HEADER,
+                HeaderValue::from_static(if proto == Protocol::Http2 {
+                    "h2"
+                } else {
+                    "http1"
+                }),
+            );
+            let key = TunnelKey {
+                source: conn.source.identity.clone(),
+                node: t.node,
+                peer: t.identity.clone(),
+            };
+            let (resp, _tls) = shared
+                .pool
+                .send(&key, Request::from_parts(parts, body))
+                .await
+                .map_err(|e| SendError {
+                    status: if e.is_connect_failure() {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    },
+                    retryable: e.is_connect_failure(),
+                    reason: e.to_string(),
+                })?;
+            Ok(resp.map(boxed))
+        }
+        None => {
+            let resp = shared
+                .clients
+                .send(up.addr, proto, Request::from_parts(parts, body))
+                .await
+                .map_err(|e| SendError {
+                    status: if e.is_connect() {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    },
+                    retryable: e.is_connect(),
+                    reason: format!("sending to {}: {e}", up.addr),
+                })?;
+            Ok(resp.map(boxed))
+        }
+    }
+}

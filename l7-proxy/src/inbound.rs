@@ -1,0 +1,473 @@
+//! The inbound tunnel listener (port 15008): terminates mutual TLS, reads the
+//! caller's verified SPIFFE ID, checks that the target is a local workload and
+//! that policy allows the caller, then delivers to the workload.
+//!
+//! Denials: HTTP requests get `403` with a `sluice-reason` header; TCP
+//! (`CONNECT`) streams are reset with `REFUSED_STREAM`. Each is counted and
+//! logged with both identities.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{net::TcpListener, net::TcpStream, time::Instant};
+
+use crate::{
+    accesslog::AccessRecord,
+    body::{Body, BoxError, boxed, empty, proxy_response, strip_hop_by_hop},
+    config::{LocalWorkload, PROTOCOL_HEADER, SOURCE_IDENTITY_HEADER, SpiffeId, TARGET_HEADER},
+    conntable::{ConnKind, ConnMeta, TlsInfo},
+    io::{Counted, relay},
+    metrics::{
+        DenialLabels, Direction, LatencyLabels, RequestLabels, TcpLabels, TlsFailureLabels,
+        status_class,
+    },
+    outbound::drain_on_shutdown,
+    policy::{HttpFacts, Verdict, authorize},
+    proxy::Shared,
+    sniff::Protocol,
+    target::parse_target,
+};
+
+/// A short, stable label for why a TLS handshake failed.
+pub fn classify_tls_error(e: &std::io::Error) -> &'static str {
+    if let Some(err) = e.get_ref().and_then(|r| r.downcast_ref::<rustls::Error>()) {
+        return match err {
+            rustls::Error::InvalidCertificate(_) => "bad_certificate",
+            rustls::Error::NoCertificatesPresented => "no_client_certificate",
+            rustls::Error::AlertReceived(_) => "alert_received",
+            rustls::Error::InvalidMessage(_) => "not_tls",
+            rustls::Error::PeerIncompatible(_) => "incompatible",
+            rustls::Error::NoApplicationProtocol => "alpn",
+            _ => "protocol",
+        };
+    }
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "eof",
+        _ => "io",
+    }
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("inbound accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared2 = shared.clone();
+        shared.spawn(async move { serve(shared2, tcp, peer).await });
+    }
+}
+
+/// Who is on the other end of one tunnel connection.
+struct TunnelPeer {
+    addr: SocketAddr,
+    identity: SpiffeId,
+    /// The TLS server name the peer asked for: the local identity it
+    /// expects to reach.
+    sni: Option<String>,
+    /// The local identity that SNI named when the connection opened.
+    local_identity: Option<SpiffeId>,
+    tls: TlsInfo,
+}
+
+async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let fail = |reason: &'static str, detail: String| {
+        shared
+            .metrics
+            .tls_handshake_failures
+            .get_or_create(&TlsFailureLabels {
+                direction: Direction::Inbound,
+                reason: reason.into(),
+            })
+            .inc();
+        tracing::warn!(%peer, reason, "inbound TLS handshake failed: {detail}");
+    };
+    let config = match shared.identity.server_config() {
+        Ok(c) => c,
+        Err(e) => {
+            fail("no_server_config", e.to_string());
+            return;
+        }
+    };
+    let row = Arc::new(shared.table.open(
+        ConnKind::TunnelIn,
+        ConnMeta {
+            source_addr: Some(peer),
+            ..Default::default()
+        },
+    ));
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let tls = match tokio::time::timeout(
+        shared.settings.tls_handshake_timeout(),
+        acceptor.accept(Counted::new(tcp, row.clone())),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return fail(classify_tls_error(&e), e.to_string()),
+        Err(_) => {
+            return fail(
+                "timeout",
+                format!(
+                    "no handshake within {:?}",
+                    shared.settings.tls_handshake_timeout()
+                ),
+            );
+        }
+    };
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(b"h2") {
+        return fail("alpn", "the client did not negotiate ALPN h2".into());
+    }
+    let (identity, info) = match shared.identity.peer(session) {
+        Ok(p) => p,
+        Err(e) => return fail("peer_identity", e.to_string()),
+    };
+    let sni = session.server_name().map(str::to_owned);
+    let local_identity = sni.as_deref().and_then(|sni| {
+        let state = shared.state();
+        state
+            .snapshot
+            .local_workloads
+            .iter()
+            .map(|w| &w.identity)
+            .find(|id| asked_for(&shared, id, sni))
+            .cloned()
+    });
+    row.update(|m| {
+        m.source_identity = Some(identity.clone());
+        m.destination_identity = local_identity.clone();
+        m.tls = Some(info.clone());
+    });
+    let tp = Arc::new(TunnelPeer {
+        addr: peer,
+        identity,
+        sni,
+        local_identity,
+        tls: info,
+    });
+    let svc = {
+        let (shared, tp) = (shared.clone(), tp.clone());
+        service_fn(move |req| handle(shared.clone(), tp.clone(), req))
+    };
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(shared.settings.max_header_bytes)
+        .max_concurrent_streams(shared.settings.tunnel_max_streams)
+        .serve_connection(TokioIo::new(tls), svc);
+    if let Err(e) = drain_on_shutdown(&shared, conn, |c| c.graceful_shutdown()).await {
+        tracing::debug!(%peer, "inbound tunnel connection ended: {e}");
+    }
+}
+
+/// A denial: counted, logged with both identities.
+fn deny(
+    shared: &Shared,
+    tp: &TunnelPeer,
+    target: Option<&LocalWorkload>,
+    protocol: &str,
+    reason: &str,
+) {
+    shared
+        .metrics
+        .policy_denials
+        .get_or_create(&DenialLabels {
+            source: tp.identity.to_string(),
+            destination: target.map_or_else(String::new, |t| t.identity.to_string()),
+            protocol: protocol.into(),
+        })
+        .inc();
+    tracing::warn!(
+        source = %tp.identity,
+        destination = target.map(|t| t.identity.to_string()).unwrap_or_default(),
+        peer = %tp.addr,
+        protocol,
+        "denied: {reason}"
+    );
+}
+
+/// Checks everything but the request itself: the target is a local workload,
+/// and the identity the caller asked for (SNI) is that workload's.
+fn check_target(
+    shared: &Shared,
+    tp: &TunnelPeer,
+    target: SocketAddr,
+) -> Result<Arc<LocalWorkload>, String> {
+    let state = shared.state();
+    let Some(w) = state.local_workload(target.ip()).cloned() else {
+        return Err(format!("{} is not a workload of this node", target.ip()));
+    };
+    // The identity SNI named is known from the handshake; hash again only
+    // for a workload that arrived in a later snapshot.
+    if let Some(sni) = &tp.sni
+        && tp.local_identity.as_ref() != Some(&w.identity)
+        && !asked_for(shared, &w.identity, sni)
+    {
+        return Err(format!(
+            "{target} is {} but the caller asked for server name {sni}",
+            w.identity
+        ));
+    }
+    Ok(w)
+}
+
+/// Whether `sni` names `identity`.
+fn asked_for(shared: &Shared, identity: &SpiffeId, sni: &str) -> bool {
+    match shared.identity.server_name(identity) {
+        Ok(rustls::pki_types::ServerName::DnsName(d)) => d.as_ref().eq_ignore_ascii_case(sni),
+        _ => false,
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    tp: Arc<TunnelPeer>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, BoxError> {
+    if req.method() == Method::CONNECT {
+        handle_connect(shared, tp, req).await
+    } else {
+        Ok(handle_http(shared, tp, req).await)
+    }
+}
+
+fn refused() -> BoxError {
+    Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM))
+}
+
+async fn handle_connect(
+    shared: Arc<Shared>,
+    tp: Arc<TunnelPeer>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, BoxError> {
+    let start = Instant::now();
+    let target = match req.uri().authority().map(|a| parse_target(a.as_str())) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            deny(&shared, &tp, None, "tcp", &e.to_string());
+            return Err(refused());
+        }
+        None => {
+            deny(&shared, &tp, None, "tcp", "CONNECT without an authority");
+            return Err(refused());
+        }
+    };
+    let workload = match check_target(&shared, &tp, target) {
+        Ok(w) => w,
+        Err(reason) => {
+            deny(&shared, &tp, None, "tcp", &reason);
+            return Err(refused());
+        }
+    };
+    if let Verdict::Deny(reason) = authorize(&shared.state(), &tp.identity, &workload, None) {
+        deny(&shared, &tp, Some(&workload), "tcp", &reason);
+        return Err(refused());
+    }
+    let upstream = match tokio::time::timeout(
+        shared.settings.connect_timeout(),
+        TcpStream::connect(target),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Ok(proxy_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("connecting to {target}: {e}"),
+            ));
+        }
+        Err(_) => {
+            return Ok(proxy_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("connecting to {target}: timed out"),
+            ));
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let shared2 = shared.clone();
+    shared.spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("CONNECT stream from {} not upgraded: {e}", tp.identity);
+                return;
+            }
+        };
+        let row = Arc::new(shared2.table.open(
+            ConnKind::InboundTcp,
+            ConnMeta {
+                source_addr: Some(tp.addr),
+                source_identity: Some(tp.identity.clone()),
+                destination_addr: Some(target),
+                destination: Some(workload.id.clone()),
+                destination_identity: Some(workload.identity.clone()),
+                source_workload: None,
+                tls: Some(tp.tls.clone()),
+            },
+        ));
+        let labels = TcpLabels {
+            direction: Direction::Inbound,
+            source: tp.identity.to_string(),
+            destination: workload.identity.to_string(),
+            secured: true,
+        };
+        shared2.metrics.tcp_connections.get_or_create(&labels).inc();
+        let sent = shared2
+            .metrics
+            .tcp_bytes_sent
+            .get_or_create(&labels)
+            .clone();
+        let received = shared2
+            .metrics
+            .tcp_bytes_received
+            .get_or_create(&labels)
+            .clone();
+        let (r1, r2) = (row.clone(), row.clone());
+        let result = relay(
+            TokioIo::new(upgraded),
+            upstream,
+            shared2.settings.tcp_idle_timeout(),
+            move |n| {
+                r1.add_sent(n);
+                sent.inc_by(n);
+            },
+            move |n| {
+                r2.add_received(n);
+                received.inc_by(n);
+            },
+        )
+        .await;
+        let reason = result.err().map(|e| e.to_string());
+        AccessRecord {
+            direction: "inbound",
+            protocol: "tcp",
+            source_addr: Some(tp.addr.to_string()),
+            source_identity: Some(&tp.identity),
+            destination: Some(workload.id.to_string()),
+            destination_addr: Some(target.to_string()),
+            destination_identity: Some(&workload.identity),
+            secured: true,
+            bytes_sent: Some(row.sent()),
+            bytes_received: Some(row.received()),
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            reason: reason.as_deref(),
+            ..Default::default()
+        }
+        .emit();
+    });
+    Ok(Response::new(empty()))
+}
+
+async fn handle_http(
+    shared: Arc<Shared>,
+    tp: Arc<TunnelPeer>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let mut workload = None;
+    let result: Result<Response<Body>, (StatusCode, String)> = async {
+        let raw = parts
+            .headers
+            .get(TARGET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or((
+                StatusCode::BAD_REQUEST,
+                format!("request without a {TARGET_HEADER} header"),
+            ))?;
+        let target = parse_target(raw).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+        let w = check_target(&shared, &tp, target).map_err(|r| (StatusCode::FORBIDDEN, r))?;
+        workload = Some(w.clone());
+        let facts = HttpFacts {
+            method: &method,
+            path: &path,
+        };
+        if let Verdict::Deny(reason) = authorize(&shared.state(), &tp.identity, &w, Some(facts)) {
+            return Err((StatusCode::FORBIDDEN, reason));
+        }
+        let proto = match parts.headers.get(PROTOCOL_HEADER).map(|v| v.as_bytes()) {
+            Some(b"h2") => Protocol::Http2,
+            _ => Protocol::Http1,
+        };
+        parts.headers.remove(TARGET_HEADER);
+        parts.headers.remove(PROTOCOL_HEADER);
+        parts.headers.insert(
+            SOURCE_IDENTITY_HEADER,
+            HeaderValue::from_str(tp.identity.as_ref())
+                .expect("a SPIFFE ID is a valid header value"),
+        );
+        let resp = shared
+            .clients
+            .send(target, proto, Request::from_parts(parts, boxed(body)))
+            .await
+            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("sending to {target}: {e}")))?;
+        let (mut rp, rb) = resp.into_parts();
+        strip_hop_by_hop(&mut rp.headers);
+        Ok(Response::from_parts(rp, boxed(rb)))
+    }
+    .await;
+    let (resp, reason) = match result {
+        Ok(r) => (r, None),
+        Err((status, reason)) => {
+            if status == StatusCode::FORBIDDEN {
+                deny(&shared, &tp, workload.as_deref(), "http", &reason);
+            }
+            (proxy_response(status, &reason), Some(reason))
+        }
+    };
+    let status = resp.status().as_u16();
+    let dst = workload
+        .as_ref()
+        .map_or_else(String::new, |w| w.identity.to_string());
+    shared
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: Direction::Inbound,
+            source: tp.identity.to_string(),
+            destination: dst.clone(),
+            route: String::new(),
+            status_class: status_class(status),
+        })
+        .inc();
+    shared
+        .metrics
+        .request_duration
+        .get_or_create(&LatencyLabels {
+            direction: Direction::Inbound,
+            source: tp.identity.to_string(),
+            destination: dst,
+            route: String::new(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    AccessRecord {
+        direction: "inbound",
+        protocol: "http",
+        source_addr: Some(tp.addr.to_string()),
+        source_identity: Some(&tp.identity),
+        destination: workload.as_ref().map(|w| w.id.to_string()),
+        destination_identity: workload.as_ref().map(|w| &w.identity),
+        secured: true,
+        method: Some(method.as_str()),
+        path: Some(&path),
+        status: Some(status),
+        duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        reason: reason.as_deref(),
+        ..Default::default()
+    }
+    .emit();
+    resp
+}

@@ -1,0 +1,287 @@
+//! Byte-level helpers: replaying sniffed bytes, and relaying two streams with
+//! an idle timeout and byte counts.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+pin_project_lite::pin_project! {
+    /// A stream whose first bytes were already read (while sniffing): they are
+    /// returned again before the rest.
+    #[derive(Debug)]
+    pub struct Rewind<S> {
+        prefix: Bytes,
+        #[pin]
+        inner: S,
+    }
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Self { prefix, inner }
+    }
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Rewind<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+const RELAY_BUF: usize = 16 * 1024;
+
+/// Bytes moved by [`relay`]: `a_to_b` and `b_to_a`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+}
+
+/// Copies both ways until both sides have finished or nothing moved in either
+/// direction for `idle`. A side that ends its stream gets its peer's write half
+/// shut down (half-close), the other direction goes on. `on_a_to_b` and
+/// `on_b_to_a` see each chunk's size as it moves (for live counters).
+pub async fn relay<A, B>(
+    a: A,
+    b: B,
+    idle: Duration,
+    on_a_to_b: impl Fn(u64),
+    on_b_to_a: impl Fn(u64),
+) -> io::Result<Moved>
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    let ab = one_way(ar, bw, idle, start, last.clone(), on_a_to_b);
+    let ba = one_way(br, aw, idle, start, last, on_b_to_a);
+    let (a_to_b, b_to_a) = tokio::try_join!(ab, ba)?;
+    Ok(Moved { a_to_b, b_to_a })
+}
+
+async fn one_way<R, W>(
+    mut r: tokio::io::ReadHalf<R>,
+    mut w: tokio::io::WriteHalf<W>,
+    idle: Duration,
+    start: Instant,
+    last: Arc<AtomicU64>,
+    on_chunk: impl Fn(u64),
+) -> io::Result<u64>
+where
+    R: AsyncRead,
+    W: AsyncWrite,
+{
+    let mut buf = vec![0u8; RELAY_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = match tokio::time::timeout(idle, r.read(&mut buf)).await {
+            Ok(res) => res?,
+            Err(_) => {
+                let quiet = start
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= idle {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no bytes in either direction for {idle:?}"),
+                    ));
+                }
+                continue;
+            }
+        };
+        if n == 0 {
+            // Half-close: the peer sees end of stream, the other way goes on.
+            let _ = w.shutdown().await;
+            return Ok(total);
+        }
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        total += n as u64;
+        on_chunk(n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rewind_replays_the_prefix_first() {
+        let (a, mut b) = tokio::io::duplex(64);
+        b.write_all(b" world").await.unwrap();
+        drop(b);
+        let mut r = Rewind::new(Bytes::from_static(b"hello"), a);
+        let mut s = String::new();
+        r.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hello world");
+    }
+
+    #[tokio::test]
+    async fn relay_moves_both_ways_and_half_closes() {
+        let (client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(relay(
+            proxy_a,
+            proxy_b,
+            Duration::from_secs(30),
+            |_| {},
+            |_| {},
+        ));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        cw.write_all(b"ping").await.unwrap();
+        cw.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        sr.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping");
+        sw.write_all(b"pong!").await.unwrap();
+        sw.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        cr.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong!");
+        let moved = relay.await.unwrap().unwrap();
+        assert_eq!(
+            moved,
+            Moved {
+                a_to_b: 4,
+                b_to_a: 5
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relay_gives_up_when_idle() {
+        let (_client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, _server) = tokio::io::duplex(1024);
+        let err = relay(proxy_a, proxy_b, Duration::from_secs(5), |_| {}, |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts the bytes of a stream into its connection table row: writes as
+    /// sent, reads as received.
+    pub struct Counted<S> {
+        #[pin]
+        inner: S,
+        handle: Arc<crate::conntable::ConnHandle>,
+    }
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, handle: Arc<crate::conntable::ConnHandle>) -> Self {
+        Self { inner, handle }
+    }
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        this.handle
+            .add_received((buf.filled().len() - before) as u64);
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.handle.add_sent(*n as u64);
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.handle.add_sent(*n as u64);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

@@ -1,0 +1,35 @@
+//! Sluice's per-node L7 proxy.
+//!
+//! - [`outbound`]: the capture listener (15001): original destination, source
+//!   workload, protocol detection, then HTTP routing ([`forward`]) or TCP.
+//! - [`tunnel`]: HTTP/2 over mutual TLS 1.3 to peer proxies.
+//! - [`inbound`]: the tunnel listener (15008): identity, policy, delivery.
+//! - [`config`]: settings and the snapshot contract with the agent;
+//!   [`proxy`]: the handle the agent embeds.
+#![forbid(unsafe_code)]
+
+pub mod accesslog;
+pub mod balance;
+pub mod body;
+pub mod config;
+pub mod conntable;
+pub mod filters;
+pub mod forward;
+pub mod identity;
+pub mod inbound;
+pub mod io;
+pub mod metrics;
+pub mod outbound;
+pub mod policy;
+pub mod proxy;
+pub mod router;
+pub mod sniff;
+pub mod state;
+pub mod target;
+pub mod tunnel;
+pub mod upstream;
+
+pub use config::{ProxySettings, Snapshot};
+pub use identity::{IdentityError, IdentityProvider};
+pub use outbound::{MapOriginalDst, OriginalDst};
+pub use proxy::{Proxy, ProxyBuilder, ProxyError};

@@ -1,0 +1,379 @@
+//! The outbound capture listener (port 15001): connections of enrolled
+//! workloads, redirected by the kernel, are classified and sent on through the
+//! tunnel to the destination's node, or directly when the destination is not
+//! meshed.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    time::Instant,
+};
+
+use crate::{
+    accesslog::AccessRecord,
+    conntable::{ConnKind, ConnMeta},
+    forward::{self, HttpConn},
+    io::{Rewind, relay},
+    metrics::{Direction, TcpLabels},
+    proxy::Shared,
+    sniff::{Protocol, sniff},
+    state::{Destination, State, Upstream},
+    tunnel::TunnelKey,
+};
+
+/// Where a redirected connection was going. The agent implements it with the
+/// kernel's `sock_ops` map (`ebpf_lb::LoadBalancer::original_destination`).
+pub trait OriginalDst: Send + Sync + 'static {
+    /// `peer` is the client's address, `local` the capture listener address
+    /// the connection arrived on.
+    fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<SocketAddr>;
+}
+
+/// An in-memory [`OriginalDst`], keyed by the client's address: for tests and
+/// for running the proxy without the kernel part.
+#[derive(Debug, Default)]
+pub struct MapOriginalDst {
+    map: Mutex<HashMap<SocketAddr, SocketAddr>>,
+}
+
+impl MapOriginalDst {
+    pub fn insert(&self, peer: SocketAddr, original: SocketAddr) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, original);
+    }
+    pub fn remove(&self, peer: &SocketAddr) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(peer);
+    }
+}
+
+impl OriginalDst for MapOriginalDst {
+    fn lookup(&self, peer: SocketAddr, _local: SocketAddr) -> Option<SocketAddr> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .copied()
+    }
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors, say: keep serving the others.
+                tracing::warn!("outbound accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared2 = shared.clone();
+        shared.spawn(async move {
+            serve(shared2, tcp, peer).await;
+        });
+    }
+}
+
+async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(local) = tcp.local_addr() else {
+        return;
+    };
+    let Some(dst) = shared.original_dst.lookup(peer, local) else {
+        tracing::warn!(%peer, "captured connection without an original destination; closing it");
+        return;
+    };
+    let state = shared.state();
+    let Some(source) = state.local_workload(peer.ip()).cloned() else {
+        tracing::warn!(%peer, %dst, "captured connection from {} which is not an enrolled workload of this node; closing it", peer.ip());
+        return;
+    };
+    let dest = state.destination(dst);
+    let hint = match &dest {
+        Destination::External => Some(Protocol::Tcp),
+        Destination::Service { port, .. } => match port.app_protocol.as_deref() {
+            Some("tcp") => Some(Protocol::Tcp),
+            _ => None,
+        },
+        Destination::Workload(_) => None,
+    };
+    let (protocol, prefix) = match hint {
+        Some(p) => (p, Bytes::new()),
+        None => {
+            let (p, b) = sniff(&mut tcp, shared.settings.sniff_timeout()).await;
+            (p, b.freeze())
+        }
+    };
+    let io = Rewind::new(prefix, tcp);
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            let conn = Arc::new(HttpConn {
+                source,
+                client_addr: peer,
+                original_dst: dst,
+                protocol,
+            });
+            serve_http(shared, io, conn, &dest).await
+        }
+        Protocol::Tcp => serve_tcp(shared, &state, io, source, peer, dst, dest).await,
+    }
+}
+
+async fn serve_http<I>(shared: Arc<Shared>, io: I, conn: Arc<HttpConn>, dest: &Destination)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _row = shared.table.open(
+        ConnKind::OutboundHttp,
+        ConnMeta {
+            source_addr: Some(conn.client_addr),
+            source_workload: Some(conn.source.id.clone()),
+            source_identity: Some(conn.source.identity.clone()),
+            destination_addr: Some(conn.original_dst),
+            destination: match dest {
+                Destination::Service { service, .. } => Some(service.id.clone()),
+                Destination::Workload(w) => Some(w.id.clone()),
+                Destination::External => None,
+            },
+            ..Default::default()
+        },
+    );
+    let s = shared.settings.clone();
+    let svc = {
+        let (shared, conn) = (shared.clone(), conn.clone());
+        service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req))
+    };
+    let io = TokioIo::new(io);
+    let result = match conn.protocol {
+        Protocol::Http2 => {
+            let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(s.max_header_bytes)
+                .serve_connection(io, svc);
+            drain_on_shutdown(&shared, c, |c| c.graceful_shutdown()).await
+        }
+        _ => {
+            let c = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(s.header_read_timeout())
+                .max_buf_size((s.max_header_bytes as usize).max(8192))
+                .serve_connection(io, svc);
+            drain_on_shutdown(&shared, c, |c| c.graceful_shutdown()).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %conn.client_addr, "outbound HTTP connection ended: {e}");
+    }
+}
+
+/// Runs a hyper connection; on shutdown asks it to finish its requests in
+/// flight and close.
+pub(crate) async fn drain_on_shutdown<C, T, E>(
+    shared: &Shared,
+    conn: C,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<T, E>
+where
+    C: std::future::Future<Output = Result<T, E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = shared.shutdown.cancelled() => {}
+    }
+    graceful(conn.as_mut());
+    conn.await
+}
+
+async fn serve_tcp<I>(
+    shared: Arc<Shared>,
+    state: &State,
+    io: I,
+    source: Arc<crate::config::LocalWorkload>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    dest: Destination,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let start = Instant::now();
+    let (upstream, destination, _pick) = match &dest {
+        Destination::Service { service, port } => {
+            let ready = state.ready_upstreams(service, port.port);
+            let ups = &ready.upstreams;
+            let Some(pick) = shared.balancer.pick(&ready.addrs) else {
+                tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; closing it");
+                log_tcp(
+                    &source,
+                    peer,
+                    dst,
+                    Some(service.id.to_string()),
+                    None,
+                    false,
+                    start,
+                    0,
+                    0,
+                    Some("no ready endpoint"),
+                );
+                return;
+            };
+            (
+                ups[pick.index].clone(),
+                Some(service.id.clone()),
+                Some(pick),
+            )
+        }
+        Destination::Workload(w) => (
+            State::workload_upstream(w, dst.port()),
+            Some(w.id.clone()),
+            None,
+        ),
+        Destination::External => (
+            Upstream {
+                addr: dst,
+                tunnel: None,
+                workload: None,
+            },
+            None,
+            None,
+        ),
+    };
+    let row = Arc::new(shared.table.open(
+        ConnKind::OutboundTcp,
+        ConnMeta {
+            source_addr: Some(peer),
+            source_workload: Some(source.id.clone()),
+            source_identity: Some(source.identity.clone()),
+            destination_addr: Some(upstream.addr),
+            destination: upstream.workload.clone().or(destination.clone()),
+            destination_identity: upstream.tunnel.as_ref().map(|t| t.identity.clone()),
+            tls: None,
+        },
+    ));
+    let labels = TcpLabels {
+        direction: Direction::Outbound,
+        source: source.identity.to_string(),
+        destination: upstream
+            .tunnel
+            .as_ref()
+            .map_or_else(|| upstream.addr.to_string(), |t| t.identity.to_string()),
+        secured: upstream.tunnel.is_some(),
+    };
+    shared.metrics.tcp_connections.get_or_create(&labels).inc();
+    let sent = shared.metrics.tcp_bytes_sent.get_or_create(&labels).clone();
+    let received = shared
+        .metrics
+        .tcp_bytes_received
+        .get_or_create(&labels)
+        .clone();
+    let idle = shared.settings.tcp_idle_timeout();
+    let (r1, r2) = (row.clone(), row.clone());
+    let on_sent = move |n| {
+        r1.add_sent(n);
+        sent.inc_by(n);
+    };
+    let on_received = move |n| {
+        r2.add_received(n);
+        received.inc_by(n);
+    };
+    let dest_name = destination.as_ref().map(|d| d.to_string());
+    let result = match &upstream.tunnel {
+        Some(t) => {
+            let key = TunnelKey {
+                source: source.identity.clone(),
+                node: t.node,
+                peer: t.identity.clone(),
+            };
+            match shared.pool.connect(&key, upstream.addr).await {
+                Ok((stream, tls)) => {
+                    row.update(|m| m.tls = Some(tls));
+                    relay(io, stream, idle, on_sent, on_received)
+                        .await
+                        .map(|_| ())
+                }
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            }
+        }
+        None => match tokio::time::timeout(
+            shared.settings.connect_timeout(),
+            TcpStream::connect(upstream.addr),
+        )
+        .await
+        {
+            Ok(Ok(up)) => {
+                let _ = up.set_nodelay(true);
+                relay(io, up, idle, on_sent, on_received).await.map(|_| ())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )),
+        },
+    };
+    let reason = result.as_ref().err().map(|e| e.to_string());
+    if let Some(r) = &reason {
+        tracing::debug!(%peer, to = %upstream.addr, "outbound TCP connection ended: {r}");
+    }
+    log_tcp(
+        &source,
+        peer,
+        upstream.addr,
+        dest_name,
+        upstream.tunnel.as_ref().map(|t| &t.identity),
+        upstream.tunnel.is_some(),
+        start,
+        row.sent(),
+        row.received(),
+        reason.as_deref(),
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn log_tcp(
+    source: &crate::config::LocalWorkload,
+    peer: SocketAddr,
+    to: SocketAddr,
+    destination: Option<String>,
+    destination_identity: Option<&crate::config::SpiffeId>,
+    secured: bool,
+    start: Instant,
+    sent: u64,
+    received: u64,
+    reason: Option<&str>,
+) {
+    AccessRecord {
+        direction: "outbound",
+        protocol: "tcp",
+        source_addr: Some(peer.to_string()),
+        source_identity: Some(&source.identity),
+        destination,
+        destination_addr: Some(to.to_string()),
+        destination_identity,
+        secured,
+        bytes_sent: Some(sent),
+        bytes_received: Some(received),
+        duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        reason,
+        ..Default::default()
+    }
+    .emit();
+}

@@ -1,0 +1,218 @@
+//! Inbound authorisation: `AccessPolicy` allow-lists, checked against the
+//! verified SPIFFE ID of the caller.
+//!
+//! Default allow until a policy targets a Service the workload belongs to;
+//! from then on, default deny unless a rule of one of those policies allows.
+
+use http::Method;
+
+use crate::{
+    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, LocalWorkload, SpiffeId},
+    state::State,
+};
+
+/// The HTTP facts of a request, when the stream is HTTP.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpFacts<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny(String),
+}
+
+pub fn authorize(
+    state: &State,
+    caller: &SpiffeId,
+    target: &LocalWorkload,
+    http: Option<HttpFacts<'_>>,
+) -> Verdict {
+    let services = state.services_of(target.ip);
+    let policies: Vec<&AccessPolicy> = state
+        .snapshot
+        .access_policies
+        .iter()
+        .filter(|p| services.contains(&p.target))
+        .collect();
+    if policies.is_empty() {
+        return Verdict::Allow;
+    }
+    for p in &policies {
+        if p.rules.iter().any(|r| rule_allows(r, caller, http)) {
+            return Verdict::Allow;
+        }
+    }
+    let names: Vec<String> = policies.iter().map(|p| p.id.to_string()).collect();
+    Verdict::Deny(format!(
+        "{caller} is not allowed{} by access policies {}",
+        match http {
+            Some(h) => format!(" to {} {}", h.method, h.path),
+            None => String::new(),
+        },
+        names.join(", ")
+    ))
+}
+
+fn rule_allows(rule: &AccessRule, caller: &SpiffeId, http: Option<HttpFacts<'_>>) -> bool {
+    let from_ok = rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, caller));
+    from_ok
+        && match (&rule.to, http) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(c), Some(h)) => conditions_match(c, h),
+        }
+}
+
+fn source_matches(s: &AccessSource, caller: &SpiffeId) -> bool {
+    match s {
+        AccessSource::Identity(id) => id == caller,
+        AccessSource::Namespace(ns) => caller.namespace() == ns,
+        AccessSource::ServiceAccount(sa) => {
+            caller.namespace() == sa.namespace && caller.service_account() == sa.name
+        }
+    }
+}
+
+fn conditions_match(c: &HttpConditions, h: HttpFacts<'_>) -> bool {
+    let method_ok = c.methods.is_empty()
+        || c.methods
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(h.method.as_str()));
+    let path_ok = c.paths.is_empty()
+        || c.paths.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => h.path.starts_with(prefix) || h.path == prefix.trim_end_matches('/'),
+            None => p == h.path,
+        });
+    method_ok && path_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{Endpoint, MtlsMode, ObjectRef, Service, ServicePort, Snapshot};
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    fn state(policies: Vec<AccessPolicy>) -> (State, LocalWorkload) {
+        let w = LocalWorkload {
+            ip: "10.0.0.7".parse().unwrap(),
+            id: ObjectRef::new("shop", "cart-1"),
+            service_account: "cart".into(),
+            identity: id("spiffe://cluster.local/ns/shop/sa/cart"),
+            mtls_mode: MtlsMode::Strict,
+        };
+        let snap = Snapshot {
+            services: vec![Service {
+                id: ObjectRef::new("shop", "cart"),
+                vips: vec![],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                    app_protocol: None,
+                }],
+                endpoints: vec![Endpoint {
+                    ip: w.ip,
+                    ready: true,
+                    workload: None,
+                    node_proxy: None,
+                    identity: None,
+                }],
+            }],
+            local_workloads: vec![w.clone()],
+            access_policies: policies,
+            ..Default::default()
+        };
+        (State::build(Arc::new(snap)).0, w)
+    }
+
+    fn policy(target: &str, rules: Vec<AccessRule>) -> AccessPolicy {
+        AccessPolicy {
+            id: ObjectRef::new("shop", "p"),
+            target: ObjectRef::new("shop", target),
+            rules,
+        }
+    }
+
+    #[test]
+    fn no_policy_allows_everyone() {
+        let (s, w) = state(vec![policy("other", vec![])]);
+        assert_eq!(
+            authorize(&s, &id("spiffe://cluster.local/ns/x/sa/y"), &w, None),
+            Verdict::Allow
+        );
+    }
+
+    #[test]
+    fn sources_by_identity_namespace_and_service_account() {
+        let (s, w) = state(vec![policy(
+            "cart",
+            vec![AccessRule {
+                from: vec![
+                    AccessSource::Identity(id("spiffe://cluster.local/ns/a/sa/one")),
+                    AccessSource::Namespace("b".into()),
+                    AccessSource::ServiceAccount(ObjectRef::new("c", "web")),
+                ],
+                to: None,
+            }],
+        )]);
+        for ok in [
+            "spiffe://cluster.local/ns/a/sa/one",
+            "spiffe://cluster.local/ns/b/sa/any",
+            "spiffe://cluster.local/ns/c/sa/web",
+        ] {
+            assert_eq!(authorize(&s, &id(ok), &w, None), Verdict::Allow, "{ok}");
+        }
+        for bad in [
+            "spiffe://cluster.local/ns/a/sa/two",
+            "spiffe://cluster.local/ns/c/sa/db",
+        ] {
+            let Verdict::Deny(reason) = authorize(&s, &id(bad), &w, None) else {
+                panic!("{bad} allowed");
+            };
+            assert!(
+                reason.contains(bad) && reason.contains("shop/p"),
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_conditions_narrow_and_never_allow_tcp() {
+        let (s, w) = state(vec![policy(
+            "cart",
+            vec![AccessRule {
+                from: vec![],
+                to: Some(HttpConditions {
+                    methods: vec!["GET".into()],
+                    paths: vec!["/public/*".into(), "/health".into()],
+                }),
+            }],
+        )]);
+        let caller = id("spiffe://cluster.local/ns/a/sa/one");
+        let facts = |m: &'static Method, p: &'static str| Some(HttpFacts { method: m, path: p });
+        assert_eq!(
+            authorize(&s, &caller, &w, facts(&Method::GET, "/public/x")),
+            Verdict::Allow
+        );
+        assert_eq!(
+            authorize(&s, &caller, &w, facts(&Method::GET, "/health")),
+            Verdict::Allow
+        );
+        assert!(matches!(
+            authorize(&s, &caller, &w, facts(&Method::POST, "/health")),
+            Verdict::Deny(_)
+        ));
+        assert!(matches!(
+            authorize(&s, &caller, &w, facts(&Method::GET, "/private")),
+            Verdict::Deny(_)
+        ));
+        assert!(matches!(authorize(&s, &caller, &w, None), Verdict::Deny(_)));
+    }
+}

@@ -1,0 +1,234 @@
+//! The handle the agent embeds: start the listeners, follow snapshots, expose
+//! metrics and the connection table, drain on shutdown.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    balance::Balancer,
+    config::{ProxySettings, Snapshot},
+    conntable::{ConnTable, ConnectionInfo},
+    identity::IdentityProvider,
+    metrics::Metrics,
+    outbound::OriginalDst,
+    state::State,
+    tunnel::TunnelPool,
+    upstream::WorkloadClients,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "binding the {which} listener on {addr}: {source}; is another proxy running, or is the address not local?"
+    )]
+    Bind {
+        which: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub settings: ProxySettings,
+    state: watch::Receiver<Arc<State>>,
+    pub metrics: Metrics,
+    pub table: ConnTable,
+    pub pool: TunnelPool,
+    pub clients: WorkloadClients,
+    pub balancer: Balancer,
+    pub identity: Arc<dyn IdentityProvider>,
+    pub original_dst: Arc<dyn OriginalDst>,
+    /// Stop accepting, finish what is in flight.
+    pub shutdown: CancellationToken,
+    /// Drain time is over: cut what is left.
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Shared {
+    /// The configuration in force now.
+    pub fn state(&self) -> Arc<State> {
+        self.state.borrow().clone()
+    }
+
+    /// Spawns a connection task that ends at the latest at the hard stop.
+    pub fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        let hard = self.hard_stop.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = f => {}
+                _ = hard.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Everything the proxy needs from the agent.
+pub struct ProxyBuilder {
+    settings: ProxySettings,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    identity: Arc<dyn IdentityProvider>,
+    original_dst: Arc<dyn OriginalDst>,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    outbound_addr: SocketAddr,
+    inbound_addr: SocketAddr,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// `snapshots` carries the configuration; `identity` is the certs identity
+    /// manager; `original_dst` finds where a captured connection was going.
+    pub fn builder(
+        settings: ProxySettings,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        identity: Arc<dyn IdentityProvider>,
+        original_dst: Arc<dyn OriginalDst>,
+    ) -> ProxyBuilder {
+        ProxyBuilder {
+            settings,
+            snapshots,
+            identity,
+            original_dst,
+        }
+    }
+
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound_addr
+    }
+
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound_addr
+    }
+
+    /// The snapshot in force: the one new connections and requests use. It
+    /// follows the agent's channel within one compile step.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.state().snapshot.clone()
+    }
+
+    /// The live connection table, for `sluice tls`.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        self.shared.table.list()
+    }
+
+    /// The table itself (cheap to clone), for an admin server.
+    pub fn connection_table(&self) -> ConnTable {
+        self.shared.table.clone()
+    }
+
+    /// Tunnel connections currently open to peer proxies.
+    pub fn tunnel_connections(&self) -> usize {
+        self.shared.pool.connections()
+    }
+
+    /// Stops accepting, lets requests and connections in flight finish for
+    /// the drain timeout, then cuts what is left.
+    pub async fn shutdown(self) {
+        let s = &self.shared;
+        s.shutdown.cancel();
+        s.tracker.close();
+        if tokio::time::timeout(s.settings.drain_timeout(), s.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = s.tracker.len(),
+                "drain timeout over; closing the remaining connections"
+            );
+            s.hard_stop.cancel();
+            s.tracker.wait().await;
+        }
+        self.watcher.abort();
+    }
+}
+
+impl ProxyBuilder {
+    /// Binds both listeners and starts serving. Metrics are registered into
+    /// `registry` (the agent serves it on its admin port).
+    pub async fn start(self, registry: &mut Registry) -> Result<Proxy, ProxyError> {
+        let outbound = TcpListener::bind(self.settings.outbound_addr)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                which: "outbound",
+                addr: self.settings.outbound_addr,
+                source,
+            })?;
+        let inbound = TcpListener::bind(self.settings.inbound_addr)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                which: "inbound",
+                addr: self.settings.inbound_addr,
+                source,
+            })?;
+        let outbound_addr = outbound
+            .local_addr()
+            .expect("bound listener has an address");
+        let inbound_addr = inbound.local_addr().expect("bound listener has an address");
+        tracing::info!(settings = %serde_json::to_string(&self.settings).unwrap_or_default(), %outbound_addr, %inbound_addr, "proxy starting");
+
+        let metrics = Metrics::new(registry);
+        let table = ConnTable::default();
+        let mut snapshots = self.snapshots;
+        let first = compile(snapshots.borrow_and_update().clone());
+        let (state_tx, state_rx) = watch::channel(Arc::new(first));
+        let balancer = Balancer::default();
+        let shared = Arc::new(Shared {
+            pool: TunnelPool::new(
+                self.settings.clone(),
+                self.identity.clone(),
+                metrics.clone(),
+                table.clone(),
+            ),
+            clients: WorkloadClients::new(&self.settings),
+            settings: self.settings,
+            state: state_rx,
+            metrics,
+            table,
+            balancer,
+            identity: self.identity,
+            original_dst: self.original_dst,
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        // New snapshots apply to new connections and requests at once; what
+        // is in flight keeps the state it started with.
+        let weak = Arc::downgrade(&shared);
+        let watcher = tokio::spawn(async move {
+            while snapshots.changed().await.is_ok() {
+                let state = compile(snapshots.borrow_and_update().clone());
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                let keep: std::collections::HashSet<SocketAddr> = state.endpoint_addrs().collect();
+                shared.balancer.retain(|a| keep.contains(a));
+                let _ = state_tx.send(Arc::new(state));
+            }
+        });
+        let (s1, s2) = (shared.clone(), shared.clone());
+        shared.tracker.spawn(crate::outbound::run(s1, outbound));
+        shared.tracker.spawn(crate::inbound::run(s2, inbound));
+        Ok(Proxy {
+            shared,
+            outbound_addr,
+            inbound_addr,
+            watcher,
+        })
+    }
+}
+
+fn compile(snapshot: Arc<Snapshot>) -> State {
+    let (state, errors) = State::build(snapshot);
+    for e in errors {
+        tracing::error!("route left out of the configuration: {e}");
+    }
+    state
+}

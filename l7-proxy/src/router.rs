@@ -1,0 +1,914 @@
+//! HTTP routing per request, with Gateway API `HTTPRoute`/`GRPCRoute`
+//! semantics for a Service parent (GAMMA).
+//!
+//! Every `matches` entry of every rule becomes one [`Entry`]; entries are
+//! sorted once per snapshot by Gateway API precedence, and a request takes the
+//! first entry that matches:
+//! 1. `Exact` path, then `RegularExpression` (longer pattern first; the spec
+//!    leaves regex precedence to implementations), then `PathPrefix`, longest
+//!    prefix first;
+//! 2. a method match;
+//! 3. more header matches, then more query parameter matches;
+//! 4. the older route, then `namespace/name` order, then rule and match order.
+//!
+//! gRPC requests (`content-type: application/grpc*`) try the service's
+//! `GRPCRoute`s first, then its `HTTPRoute`s.
+
+use std::{collections::HashMap, sync::Arc};
+
+use http::{HeaderMap, Method};
+use regex::Regex;
+
+use crate::config::{
+    BackendRef, GrpcRoute, GrpcRouteMatch, HttpFilter, HttpRoute, HttpRouteMatch, ObjectRef,
+    PathMatch, Retry, Timeouts, ValueMatch, ValueMatchKind,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("route {route} rule {rule}: invalid regular expression {pattern:?}: {source}")]
+    Regex {
+        route: ObjectRef,
+        rule: usize,
+        pattern: String,
+        source: Box<regex::Error>,
+    },
+    #[error("route {route} rule {rule}: invalid header name {name:?} in a match")]
+    HeaderName {
+        route: ObjectRef,
+        rule: usize,
+        name: String,
+    },
+}
+
+/// A rule as the forwarding path uses it.
+#[derive(Debug)]
+pub struct Rule {
+    /// `namespace/name` of the route.
+    pub route: ObjectRef,
+    /// Rule name, or its index.
+    pub name: String,
+    /// `namespace/name#rule`, for metrics and logs.
+    pub label: String,
+    pub filters: Vec<HttpFilter>,
+    pub backends: Vec<BackendRef>,
+    pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
+}
+
+impl Rule {
+    /// The implicit rule of a service with no routes: itself, on the port
+    /// the client connected to.
+    pub fn default_for(service: &ObjectRef, port: u16) -> Arc<Rule> {
+        Arc::new(Rule {
+            route: service.clone(),
+            name: "default".into(),
+            label: format!("{service}#default"),
+            filters: Vec::new(),
+            backends: vec![BackendRef {
+                service: service.clone(),
+                port,
+                weight: 1,
+                filters: Vec::new(),
+            }],
+            timeouts: Timeouts::default(),
+            retry: None,
+        })
+    }
+}
+
+#[derive(Debug)]
+enum PathCond {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug)]
+enum ValueCond {
+    Exact(String),
+    Regex(Regex),
+}
+
+impl ValueCond {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            ValueCond::Exact(s) => s == v,
+            ValueCond::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    port: Option<u16>,
+    path: PathCond,
+    method: Option<Method>,
+    headers: Vec<(http::HeaderName, ValueCond)>,
+    query: Vec<(String, ValueCond)>,
+    rule: Arc<Rule>,
+    key: Precedence,
+}
+
+/// Sort key of an entry, smaller first: path kind, path length (longer
+/// first), no method match, header and query match counts (more first),
+/// route age, route name, rule index, match index.
+type Precedence = (
+    u8,
+    std::cmp::Reverse<usize>,
+    bool,
+    std::cmp::Reverse<usize>,
+    std::cmp::Reverse<usize>,
+    i64,
+    ObjectRef,
+    usize,
+    usize,
+);
+
+/// The request facts routing looks at.
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+/// The outcome of routing one request.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub rule: Arc<Rule>,
+    /// The prefix matched, for `ReplacePrefixMatch`.
+    pub matched_prefix: Option<String>,
+}
+
+/// Routes of every service, compiled from one snapshot.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    http: HashMap<ObjectRef, Vec<Entry>>,
+    grpc: HashMap<ObjectRef, Vec<Entry>>,
+}
+
+impl RouteTable {
+    /// Compiles the routes; a rule that does not compile is left out and
+    /// reported, the others stay in force.
+    pub fn build(http_routes: &[HttpRoute], grpc_routes: &[GrpcRoute]) -> (Self, Vec<RouteError>) {
+        let mut table = RouteTable::default();
+        let mut errors = Vec::new();
+        for route in http_routes {
+            for (ri, rule) in route.rules.iter().enumerate() {
+                let compiled = Arc::new(Rule {
+                    route: route.id.clone(),
+                    name: rule.name.clone().unwrap_or_else(|| ri.to_string()),
+                    label: format!(
+                        "{}#{}",
+                        route.id,
+                        rule.name.clone().unwrap_or_else(|| ri.to_string())
+                    ),
+                    filters: rule.filters.clone(),
+                    backends: rule.backends.clone(),
+                    timeouts: rule.timeouts,
+                    retry: rule.retry.clone(),
+                });
+                let default_match = [HttpRouteMatch::default()];
+                let matches = if rule.matches.is_empty() {
+                    &default_match[..]
+                } else {
+                    &rule.matches[..]
+                };
+                for (mi, m) in matches.iter().enumerate() {
+                    match compile_http_match(route, ri, mi, m, &compiled) {
+                        Ok(entry) => {
+                            for parent in &route.parents {
+                                table
+                                    .http
+                                    .entry(parent.service.clone())
+                                    .or_default()
+                                    .push(entry.clone_for(parent.port));
+                            }
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+        }
+        for route in grpc_routes {
+            for (ri, rule) in route.rules.iter().enumerate() {
+                let compiled = Arc::new(Rule {
+                    route: route.id.clone(),
+                    name: rule.name.clone().unwrap_or_else(|| ri.to_string()),
+                    label: format!(
+                        "{}#{}",
+                        route.id,
+                        rule.name.clone().unwrap_or_else(|| ri.to_string())
+                    ),
+                    filters: rule.filters.clone(),
+                    backends: rule.backends.clone(),
+                    timeouts: rule.timeouts,
+                    retry: rule.retry.clone(),
+                });
+                let default_match = [GrpcRouteMatch::default()];
+                let matches = if rule.matches.is_empty() {
+                    &default_match[..]
+                } else {
+                    &rule.matches[..]
+                };
+                for (mi, m) in matches.iter().enumerate() {
+                    match compile_grpc_match(route, ri, mi, m, &compiled) {
+                        Ok(entry) => {
+                            for parent in &route.parents {
+                                table
+                                    .grpc
+                                    .entry(parent.service.clone())
+                                    .or_default()
+                                    .push(entry.clone_for(parent.port));
+                            }
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+        }
+        for entries in table.http.values_mut().chain(table.grpc.values_mut()) {
+            entries.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+        (table, errors)
+    }
+
+    /// Whether any route is attached to the service.
+    pub fn has_routes(&self, service: &ObjectRef) -> bool {
+        self.http.contains_key(service) || self.grpc.contains_key(service)
+    }
+
+    /// The rule for a request to `service` on `port`. `None` when the service
+    /// has no routes at all (use [`Rule::default_for`]); `Some(None)` when it
+    /// has routes and none matches (404).
+    pub fn route(
+        &self,
+        service: &ObjectRef,
+        port: u16,
+        req: &RequestView<'_>,
+    ) -> Option<Option<Decision>> {
+        if !self.has_routes(service) {
+            return None;
+        }
+        let grpc = req
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+        let mut lists = Vec::with_capacity(2);
+        if grpc && let Some(g) = self.grpc.get(service) {
+            lists.push(g);
+        }
+        if let Some(h) = self.http.get(service) {
+            lists.push(h);
+        }
+        let query = parse_query(req.query.unwrap_or(""));
+        for entries in lists {
+            for e in entries {
+                if let Some(d) = e.matches(port, req, &query) {
+                    return Some(Some(d));
+                }
+            }
+        }
+        Some(None)
+    }
+}
+
+impl Entry {
+    fn clone_for(&self, port: Option<u16>) -> Entry {
+        Entry {
+            port,
+            path: match &self.path {
+                PathCond::Exact(s) => PathCond::Exact(s.clone()),
+                PathCond::Prefix(s) => PathCond::Prefix(s.clone()),
+                PathCond::Regex(r) => PathCond::Regex(r.clone()),
+            },
+            method: self.method.clone(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(n, c)| (n.clone(), c.clone_cond()))
+                .collect(),
+            query: self
+                .query
+                .iter()
+                .map(|(n, c)| (n.clone(), c.clone_cond()))
+                .collect(),
+            rule: self.rule.clone(),
+            key: self.key.clone(),
+        }
+    }
+
+    fn matches(
+        &self,
+        port: u16,
+        req: &RequestView<'_>,
+        query: &[(String, String)],
+    ) -> Option<Decision> {
+        if self.port.is_some_and(|p| p != port) {
+            return None;
+        }
+        if self.method.as_ref().is_some_and(|m| m != req.method) {
+            return None;
+        }
+        let matched_prefix = match &self.path {
+            PathCond::Exact(p) => (p == req.path).then_some(None)?,
+            PathCond::Prefix(p) => prefix_matches(p, req.path).then(|| Some(p.clone()))?,
+            PathCond::Regex(r) => r.is_match(req.path).then_some(None)?,
+        };
+        for (name, cond) in &self.headers {
+            let v = req.headers.get(name)?.to_str().ok()?;
+            if !cond.matches(v) {
+                return None;
+            }
+        }
+        for (name, cond) in &self.query {
+            // The first value of a repeated parameter counts.
+            let v = query.iter().find(|(k, _)| k == name)?;
+            if !cond.matches(&v.1) {
+                return None;
+            }
+        }
+        Some(Decision {
+            rule: self.rule.clone(),
+            matched_prefix,
+        })
+    }
+}
+
+impl ValueCond {
+    fn clone_cond(&self) -> ValueCond {
+        match self {
+            ValueCond::Exact(s) => ValueCond::Exact(s.clone()),
+            ValueCond::Regex(r) => ValueCond::Regex(r.clone()),
+        }
+    }
+}
+
+/// `PathPrefix` matches whole path elements: `/foo` matches `/foo` and
+/// `/foo/bar`, not `/foobar`; a trailing slash in the prefix is ignored.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+fn anchored(route: &ObjectRef, rule: usize, pattern: &str) -> Result<Regex, RouteError> {
+    // Gateway API regex matches are full matches.
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| RouteError::Regex {
+        route: route.clone(),
+        rule,
+        pattern: pattern.into(),
+        source: Box::new(e),
+    })
+}
+
+fn value_cond(route: &ObjectRef, rule: usize, m: &ValueMatch) -> Result<ValueCond, RouteError> {
+    Ok(match m.kind {
+        ValueMatchKind::Exact => ValueCond::Exact(m.value.clone()),
+        ValueMatchKind::RegularExpression => ValueCond::Regex(anchored(route, rule, &m.value)?),
+    })
+}
+
+fn header_conds(
+    route: &ObjectRef,
+    rule: usize,
+    headers: &[ValueMatch],
+) -> Result<Vec<(http::HeaderName, ValueCond)>, RouteError> {
+    let mut out: Vec<(http::HeaderName, ValueCond)> = Vec::new();
+    for h in headers {
+        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+            RouteError::HeaderName {
+                route: route.clone(),
+                rule,
+                name: h.name.clone(),
+            }
+        })?;
+        // Gateway API: of entries with equivalent names only the first counts.
+        if out.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        out.push((name, value_cond(route, rule, h)?));
+    }
+    Ok(out)
+}
+
+fn compile_http_match(
+    route: &HttpRoute,
+    ri: usize,
+    mi: usize,
+    m: &HttpRouteMatch,
+    rule: &Arc<Rule>,
+) -> Result<Entry, RouteError> {
+    let (path, rank, len) = match &m.path {
+        None => (PathCond::Prefix("/".into()), 2, 1),
+        Some(PathMatch::Exact(p)) => (PathCond::Exact(p.clone()), 0, p.len()),
+        Some(PathMatch::RegularExpression(p)) => {
+            (PathCond::Regex(anchored(&route.id, ri, p)?), 1, p.len())
+        }
+        Some(PathMatch::PathPrefix(p)) => (
+            PathCond::Prefix(p.clone()),
+            2,
+            p.trim_end_matches('/').len(),
+        ),
+    };
+    let headers = header_conds(&route.id, ri, &m.headers)?;
+    let mut query: Vec<(String, ValueCond)> = Vec::new();
+    for q in &m.query_params {
+        if query.iter().any(|(n, _)| *n == q.name) {
+            continue;
+        }
+        query.push((q.name.clone(), value_cond(&route.id, ri, q)?));
+    }
+    let method = match &m.method {
+        Some(s) => Some(
+            Method::from_bytes(s.as_bytes()).map_err(|_| RouteError::HeaderName {
+                route: route.id.clone(),
+                rule: ri,
+                name: s.clone(),
+            })?,
+        ),
+        None => None,
+    };
+    let key = (
+        rank,
+        std::cmp::Reverse(len),
+        method.is_none(),
+        std::cmp::Reverse(headers.len()),
+        std::cmp::Reverse(query.len()),
+        route.created_unix,
+        route.id.clone(),
+        ri,
+        mi,
+    );
+    Ok(Entry {
+        port: None,
+        path,
+        method,
+        headers,
+        query,
+        rule: rule.clone(),
+        key,
+    })
+}
+
+/// A gRPC method match is a match on the request path `/<service>/<method>`.
+fn compile_grpc_match(
+    route: &GrpcRoute,
+    ri: usize,
+    mi: usize,
+    m: &GrpcRouteMatch,
+    rule: &Arc<Rule>,
+) -> Result<Entry, RouteError> {
+    let (path, rank, len) = match &m.method {
+        None => (PathCond::Prefix("/".into()), 2, 1),
+        Some(mm) => match (mm.kind, &mm.service, &mm.method) {
+            (_, None, None) => (PathCond::Prefix("/".into()), 2, 1),
+            (ValueMatchKind::Exact, Some(s), Some(me)) => {
+                (PathCond::Exact(format!("/{s}/{me}")), 0, s.len() + me.len())
+            }
+            (ValueMatchKind::Exact, Some(s), None) => {
+                (PathCond::Prefix(format!("/{s}")), 2, s.len())
+            }
+            (ValueMatchKind::Exact, None, Some(me)) => (
+                PathCond::Regex(anchored(
+                    &route.id,
+                    ri,
+                    &format!("/[^/]+/{}", regex::escape(me)),
+                )?),
+                1,
+                me.len(),
+            ),
+            (ValueMatchKind::RegularExpression, s, me) => {
+                let s = s.as_deref().unwrap_or("[^/]+");
+                let me = me.as_deref().unwrap_or("[^/]+");
+                (
+                    PathCond::Regex(anchored(&route.id, ri, &format!("/(?:{s})/(?:{me})"))?),
+                    1,
+                    s.len() + me.len(),
+                )
+            }
+        },
+    };
+    let headers = header_conds(&route.id, ri, &m.headers)?;
+    let key = (
+        rank,
+        std::cmp::Reverse(len),
+        true,
+        std::cmp::Reverse(headers.len()),
+        std::cmp::Reverse(0),
+        route.created_unix,
+        route.id.clone(),
+        ri,
+        mi,
+    );
+    Ok(Entry {
+        port: None,
+        path,
+        method: None,
+        headers,
+        query: Vec::new(),
+        rule: rule.clone(),
+        key,
+    })
+}
+
+/// `a=1&b=%20x` into decoded pairs, in order.
+pub fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{GrpcMethodMatch, GrpcRouteRule, HttpRouteRule, ParentRef};
+
+    fn svc() -> ObjectRef {
+        ObjectRef::new("shop", "cart")
+    }
+
+    fn backend(name: &str) -> BackendRef {
+        BackendRef {
+            service: ObjectRef::new("shop", name),
+            port: 80,
+            weight: 1,
+            filters: vec![],
+        }
+    }
+
+    fn route(name: &str, created: i64, rules: Vec<(Vec<HttpRouteMatch>, &str)>) -> HttpRoute {
+        HttpRoute {
+            id: ObjectRef::new("shop", name),
+            created_unix: created,
+            parents: vec![ParentRef {
+                service: svc(),
+                port: None,
+            }],
+            rules: rules
+                .into_iter()
+                .map(|(matches, b)| HttpRouteRule {
+                    matches,
+                    backends: vec![backend(b)],
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn path(p: PathMatch) -> HttpRouteMatch {
+        HttpRouteMatch {
+            path: Some(p),
+            ..Default::default()
+        }
+    }
+
+    fn pick(t: &RouteTable, method: &str, uri: &str, headers: &[(&str, &str)]) -> Option<String> {
+        let uri: http::Uri = uri.parse().unwrap();
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        let view = RequestView {
+            method: &m,
+            path: uri.path(),
+            query: uri.query(),
+            headers: &h,
+        };
+        t.route(&svc(), 80, &view)
+            .expect("service has routes")
+            .map(|d| d.rule.backends[0].service.name.clone())
+    }
+
+    #[test]
+    fn path_kinds_and_their_precedence() {
+        let (t, errs) = RouteTable::build(
+            &[route(
+                "r",
+                0,
+                vec![
+                    (vec![path(PathMatch::PathPrefix("/".into()))], "root"),
+                    (vec![path(PathMatch::PathPrefix("/api".into()))], "api"),
+                    (vec![path(PathMatch::PathPrefix("/api/v2/".into()))], "v2"),
+                    (
+                        vec![path(PathMatch::Exact("/api/v2/special".into()))],
+                        "exact",
+                    ),
+                    (
+                        vec![path(PathMatch::RegularExpression(
+                            "/api/v[0-9]+/items/[0-9]+".into(),
+                        ))],
+                        "regex",
+                    ),
+                ],
+            )],
+            &[],
+        );
+        assert!(errs.is_empty());
+        assert_eq!(pick(&t, "GET", "/", &[]).as_deref(), Some("root"));
+        assert_eq!(pick(&t, "GET", "/apix", &[]).as_deref(), Some("root"));
+        assert_eq!(pick(&t, "GET", "/api", &[]).as_deref(), Some("api"));
+        assert_eq!(pick(&t, "GET", "/api/v1", &[]).as_deref(), Some("api"));
+        assert_eq!(pick(&t, "GET", "/api/v2", &[]).as_deref(), Some("v2"));
+        assert_eq!(
+            pick(&t, "GET", "/api/v2/special", &[]).as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            pick(&t, "GET", "/api/v2/items/7", &[]).as_deref(),
+            Some("regex")
+        );
+        assert_eq!(
+            pick(&t, "GET", "/api/v2/items/7x", &[]).as_deref(),
+            Some("v2")
+        );
+    }
+
+    #[test]
+    fn headers_query_and_method() {
+        let hm = |name: &str, value: &str, kind| ValueMatch {
+            kind,
+            name: name.into(),
+            value: value.into(),
+        };
+        let (t, _) = RouteTable::build(
+            &[route(
+                "r",
+                0,
+                vec![
+                    (
+                        vec![HttpRouteMatch {
+                            headers: vec![hm("X-Canary", "yes", ValueMatchKind::Exact)],
+                            ..Default::default()
+                        }],
+                        "canary",
+                    ),
+                    (
+                        vec![HttpRouteMatch {
+                            headers: vec![
+                                hm("x-canary", "yes", ValueMatchKind::Exact),
+                                hm("x-user", "u[0-9]+", ValueMatchKind::RegularExpression),
+                            ],
+                            ..Default::default()
+                        }],
+                        "canary-user",
+                    ),
+                    (
+                        vec![HttpRouteMatch {
+                            query_params: vec![hm("v", "2 beta", ValueMatchKind::Exact)],
+                            ..Default::default()
+                        }],
+                        "query",
+                    ),
+                    (
+                        vec![HttpRouteMatch {
+                            method: Some("DELETE".into()),
+                            ..Default::default()
+                        }],
+                        "delete",
+                    ),
+                    (vec![], "rest"),
+                ],
+            )],
+            &[],
+        );
+        assert_eq!(pick(&t, "GET", "/", &[]).as_deref(), Some("rest"));
+        assert_eq!(
+            pick(&t, "GET", "/", &[("x-canary", "yes")]).as_deref(),
+            Some("canary")
+        );
+        assert_eq!(
+            pick(&t, "GET", "/", &[("x-canary", "no")]).as_deref(),
+            Some("rest")
+        );
+        assert_eq!(
+            pick(&t, "GET", "/", &[("x-canary", "yes"), ("x-user", "u42")]).as_deref(),
+            Some("canary-user")
+        );
+        assert_eq!(
+            pick(&t, "GET", "/", &[("x-canary", "yes"), ("x-user", "u42x")]).as_deref(),
+            Some("canary")
+        );
+        assert_eq!(
+            pick(&t, "GET", "/?a=1&v=2+beta", &[]).as_deref(),
+            Some("query")
+        );
+        assert_eq!(
+            pick(&t, "GET", "/?v=2%20beta&v=3", &[]).as_deref(),
+            Some("query")
+        );
+        assert_eq!(
+            pick(&t, "GET", "/?v=3&v=2%20beta", &[]).as_deref(),
+            Some("rest")
+        );
+        // A method match outranks header matches.
+        assert_eq!(
+            pick(&t, "DELETE", "/", &[("x-canary", "yes")]).as_deref(),
+            Some("delete")
+        );
+    }
+
+    #[test]
+    fn ties_go_to_the_oldest_route_then_by_name() {
+        let m = || vec![(vec![path(PathMatch::PathPrefix("/a".into()))], "")];
+        let mut young = route("a-young", 200, m());
+        young.rules[0].backends = vec![backend("young")];
+        let mut old = route("z-old", 100, m());
+        old.rules[0].backends = vec![backend("old")];
+        let (t, _) = RouteTable::build(&[young.clone(), old], &[]);
+        assert_eq!(pick(&t, "GET", "/a", &[]).as_deref(), Some("old"));
+        let mut same = route("b-same", 200, m());
+        same.rules[0].backends = vec![backend("b")];
+        let (t, _) = RouteTable::build(&[same, young], &[]);
+        assert_eq!(pick(&t, "GET", "/a", &[]).as_deref(), Some("young"));
+    }
+
+    #[test]
+    fn no_match_and_no_routes_differ() {
+        let (t, _) = RouteTable::build(
+            &[route(
+                "r",
+                0,
+                vec![(vec![path(PathMatch::Exact("/only".into()))], "x")],
+            )],
+            &[],
+        );
+        assert_eq!(pick(&t, "GET", "/other", &[]), None);
+        let view = RequestView {
+            method: &Method::GET,
+            path: "/",
+            query: None,
+            headers: &HeaderMap::new(),
+        };
+        assert!(
+            t.route(&ObjectRef::new("shop", "other"), 80, &view)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn parent_port_narrows_the_route() {
+        let mut r = route("r", 0, vec![(vec![], "x")]);
+        r.parents[0].port = Some(8080);
+        let (t, _) = RouteTable::build(&[r], &[]);
+        assert_eq!(
+            pick(&t, "GET", "/", &[]),
+            None,
+            "port 80 is not the parent port"
+        );
+    }
+
+    #[test]
+    fn bad_regex_drops_only_its_rule() {
+        let (t, errs) = RouteTable::build(
+            &[route(
+                "r",
+                0,
+                vec![
+                    (vec![path(PathMatch::RegularExpression("/(".into()))], "bad"),
+                    (vec![], "good"),
+                ],
+            )],
+            &[],
+        );
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].to_string().contains("shop/r rule 0"), "{}", errs[0]);
+        assert_eq!(pick(&t, "GET", "/(", &[]).as_deref(), Some("good"));
+    }
+
+    #[test]
+    fn grpc_routes_match_service_and_method() {
+        let g = GrpcRoute {
+            id: ObjectRef::new("shop", "g"),
+            created_unix: 0,
+            parents: vec![ParentRef {
+                service: svc(),
+                port: None,
+            }],
+            rules: vec![
+                GrpcRouteRule {
+                    matches: vec![GrpcRouteMatch {
+                        method: Some(GrpcMethodMatch {
+                            kind: ValueMatchKind::Exact,
+                            service: Some("shop.Cart".into()),
+                            method: Some("Add".into()),
+                        }),
+                        headers: vec![],
+                    }],
+                    backends: vec![backend("add")],
+                    ..Default::default()
+                },
+                GrpcRouteRule {
+                    matches: vec![GrpcRouteMatch {
+                        method: Some(GrpcMethodMatch {
+                            kind: ValueMatchKind::Exact,
+                            service: Some("shop.Cart".into()),
+                            method: None,
+                        }),
+                        headers: vec![],
+                    }],
+                    backends: vec![backend("cart")],
+                    ..Default::default()
+                },
+                GrpcRouteRule {
+                    matches: vec![GrpcRouteMatch {
+                        method: Some(GrpcMethodMatch {
+                            kind: ValueMatchKind::RegularExpression,
+                            service: Some("shop\\..*".into()),
+                            method: Some("Get.*".into()),
+                        }),
+                        headers: vec![],
+                    }],
+                    backends: vec![backend("getters")],
+                    ..Default::default()
+                },
+            ],
+        };
+        let (t, errs) = RouteTable::build(&[route("h", 0, vec![(vec![], "http")])], &[g]);
+        assert!(errs.is_empty(), "{errs:?}");
+        let grpc = [("content-type", "application/grpc")];
+        assert_eq!(
+            pick(&t, "POST", "/shop.Cart/Add", &grpc).as_deref(),
+            Some("add")
+        );
+        assert_eq!(
+            pick(&t, "POST", "/shop.Cart/Remove", &grpc).as_deref(),
+            Some("cart")
+        );
+        assert_eq!(
+            pick(&t, "POST", "/shop.Users/GetUser", &grpc).as_deref(),
+            Some("getters")
+        );
+        assert_eq!(
+            pick(&t, "POST", "/other.X/Y", &grpc).as_deref(),
+            Some("http")
+        );
+        // Not gRPC: GRPCRoutes do not apply.
+        assert_eq!(
+            pick(&t, "POST", "/shop.Cart/Add", &[]).as_deref(),
+            Some("http")
+        );
+    }
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(
+            parse_query("a=1&b=%41%2&c&d=x+y"),
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "A%2".into()),
+                ("c".into(), "".into()),
+                ("d".into(), "x y".into())
+            ]
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! Protocol detection on captured outbound connections: HTTP/1.x, HTTP/2 with
+//! prior knowledge (gRPC included), or opaque TCP.
+//!
+//! Detection looks at the first bytes only; a client that sends nothing within
+//! the sniff timeout (a server-speaks-first protocol such as SMTP or MySQL) is
+//! treated as opaque TCP, so it never waits for its own first byte.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// HTTP/2 connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Most bytes read before deciding.
+pub const MAX_SNIFF_BYTES: usize = 64;
+
+const METHODS: &[&[u8]] = &[
+    b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"TRACE",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detection {
+    Decided(Protocol),
+    /// The bytes so far are a prefix of more than one protocol.
+    NeedMore,
+}
+
+/// Classifies the first bytes of a connection. Monotone: once a prefix is
+/// decided, every extension of it decides the same way.
+pub fn detect(buf: &[u8]) -> Detection {
+    if buf.is_empty() {
+        return Detection::NeedMore;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Detection::Decided(Protocol::Http2)
+        } else {
+            Detection::NeedMore
+        };
+    }
+    // A known method followed by a space: HTTP/1.x. `CONNECT` is left out on
+    // purpose: a captured client speaking to a forward proxy is opaque to us.
+    let mut any_prefix = false;
+    for m in METHODS {
+        if buf.len() > m.len() {
+            if buf.starts_with(m) && buf[m.len()] == b' ' {
+                return Detection::Decided(Protocol::Http1);
+            }
+        } else if m.starts_with(buf) || (buf.len() == m.len() && *m == buf) {
+            any_prefix = true;
+        }
+    }
+    if any_prefix {
+        Detection::NeedMore
+    } else {
+        Detection::Decided(Protocol::Tcp)
+    }
+}
+
+/// Reads from `io` until [`detect`] decides, the client stops sending for
+/// `wait`, or the connection ends. Returns the protocol and the bytes read,
+/// which the caller must replay.
+pub async fn sniff<R: AsyncRead + Unpin>(io: &mut R, wait: Duration) -> (Protocol, BytesMut) {
+    let mut buf = BytesMut::with_capacity(MAX_SNIFF_BYTES);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match detect(&buf) {
+            Detection::Decided(p) => return (p, buf),
+            Detection::NeedMore if buf.len() >= MAX_SNIFF_BYTES => return (Protocol::Tcp, buf),
+            Detection::NeedMore => {}
+        }
+        let mut chunk = [0u8; MAX_SNIFF_BYTES];
+        let room = MAX_SNIFF_BYTES - buf.len();
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk[..room])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return (Protocol::Tcp, buf),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The fuzz harness, also run over seed inputs by the unit tests: detection
+/// never panics and is monotone over every prefix of the input.
+pub fn fuzz_detect(data: &[u8]) {
+    let full = detect(data);
+    for i in 0..data.len() {
+        if let Detection::Decided(p) = detect(&data[..i]) {
+            assert_eq!(
+                full,
+                Detection::Decided(p),
+                "prefix {i} of {data:?} decided differently"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_each_protocol() {
+        assert_eq!(
+            detect(b"GET / HTTP/1.1\r\n"),
+            Detection::Decided(Protocol::Http1)
+        );
+        assert_eq!(detect(b"POST /x"), Detection::Decided(Protocol::Http1));
+        assert_eq!(detect(H2_PREFACE), Detection::Decided(Protocol::Http2));
+        assert_eq!(
+            detect(b"\x16\x03\x01\x02"),
+            Detection::Decided(Protocol::Tcp)
+        );
+        assert_eq!(
+            detect(b"SSH-2.0-OpenSSH"),
+            Detection::Decided(Protocol::Tcp)
+        );
+        assert_eq!(detect(b"GETX"), Detection::Decided(Protocol::Tcp));
+        assert_eq!(detect(b"PRI * HTTP/1.1"), Detection::Decided(Protocol::Tcp));
+    }
+
+    #[test]
+    fn waits_on_ambiguous_prefixes() {
+        assert_eq!(detect(b""), Detection::NeedMore);
+        assert_eq!(detect(b"GE"), Detection::NeedMore);
+        assert_eq!(detect(b"GET"), Detection::NeedMore);
+        assert_eq!(detect(b"PRI * HTTP/2"), Detection::NeedMore);
+        assert_eq!(detect(b"P"), Detection::NeedMore);
+    }
+
+    #[test]
+    fn fuzz_harness_over_seeds() {
+        for seed in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            H2_PREFACE,
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04",
+            b"\x00\xff\xfePOST ",
+            b"HEAD",
+            b"OPTIONS * HTTP/1.1",
+            b"",
+        ] {
+            fuzz_detect(seed);
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_client_is_tcp_after_the_timeout() {
+        let (mut client, _server) = tokio::io::duplex(64);
+        let (p, buf) = sniff(&mut client, Duration::from_millis(20)).await;
+        assert_eq!(p, Protocol::Tcp);
+        assert!(buf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn bytes_read_while_sniffing_are_returned() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut b, b"PUT /k HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let (p, buf) = sniff(&mut a, Duration::from_secs(5)).await;
+        assert_eq!(p, Protocol::Http1);
+        assert!(b"PUT /k HTTP/1.1\r\n".starts_with(&buf));
+    }
+
+    #[test]
+    fn fuzz_harness_over_the_seed_corpus() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus-seed/sniff");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).expect("seed corpus present") {
+            fuzz_detect(&std::fs::read(entry.unwrap().path()).unwrap());
+            n += 1;
+        }
+        assert!(n > 0, "no seeds in {dir}");
+    }
+}

@@ -1,0 +1,210 @@
+//! A [`Snapshot`] compiled into the lookups the data path needs. Built once
+//! per snapshot; requests and connections hold an `Arc` of the state that was
+//! current when they started.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use crate::{
+    config::{
+        Endpoint, LocalWorkload, ObjectRef, Service, ServicePort, Snapshot, SpiffeId, Workload,
+    },
+    router::{RouteError, RouteTable, Rule},
+};
+
+/// Where a request or connection goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    /// Workload `ip:port`.
+    pub addr: SocketAddr,
+    /// The tunnel to use, or plaintext directly when `None`.
+    pub tunnel: Option<TunnelPeer>,
+    pub workload: Option<ObjectRef>,
+}
+
+/// A peer proxy and the identity it must present for the destination.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TunnelPeer {
+    pub node: SocketAddr,
+    pub identity: SpiffeId,
+}
+
+/// What a captured connection was addressed to.
+#[derive(Clone, Debug)]
+pub enum Destination {
+    /// A service VIP and port.
+    Service {
+        service: Arc<Service>,
+        port: ServicePort,
+    },
+    /// A meshed pod IP.
+    Workload(Workload),
+    /// Anything else: relayed as is.
+    External,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub snapshot: Arc<Snapshot>,
+    pub routes: RouteTable,
+    services: HashMap<ObjectRef, Arc<Service>>,
+    vips: HashMap<SocketAddr, (Arc<Service>, ServicePort)>,
+    workloads: HashMap<IpAddr, Workload>,
+    local: HashMap<IpAddr, Arc<LocalWorkload>>,
+    /// Services each endpoint IP belongs to (for access policies).
+    member_of: HashMap<IpAddr, Vec<ObjectRef>>,
+    /// Ready endpoints per (service, service port), computed once.
+    ready: HashMap<ObjectRef, HashMap<u16, ReadySet>>,
+    /// The implicit rule of each (service, port) without routes.
+    default_rules: HashMap<ObjectRef, HashMap<u16, Arc<Rule>>>,
+}
+
+/// Ready endpoints of one service port, and their addresses (for the
+/// balancer), shared by every request.
+#[derive(Clone, Debug, Default)]
+pub struct ReadySet {
+    pub upstreams: Arc<[Upstream]>,
+    pub addrs: Arc<[SocketAddr]>,
+}
+
+impl State {
+    /// Compiles a snapshot; routes that do not compile are left out and
+    /// returned, everything else is in force.
+    pub fn build(snapshot: Arc<Snapshot>) -> (State, Vec<RouteError>) {
+        let (routes, errors) = RouteTable::build(&snapshot.http_routes, &snapshot.grpc_routes);
+        let mut s = State {
+            routes,
+            ..Default::default()
+        };
+        for svc in &snapshot.services {
+            let svc = Arc::new(svc.clone());
+            for vip in &svc.vips {
+                for p in &svc.ports {
+                    s.vips
+                        .insert(SocketAddr::new(*vip, p.port), (svc.clone(), p.clone()));
+                }
+            }
+            for p in &svc.ports {
+                let ups: Vec<Upstream> = svc
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .map(|e| upstream_of(e, p.target_port))
+                    .collect();
+                let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
+                s.ready.entry(svc.id.clone()).or_default().insert(
+                    p.port,
+                    ReadySet {
+                        upstreams: ups.into(),
+                        addrs: addrs.into(),
+                    },
+                );
+                s.default_rules
+                    .entry(svc.id.clone())
+                    .or_default()
+                    .insert(p.port, Rule::default_for(&svc.id, p.port));
+            }
+            for ep in &svc.endpoints {
+                let list = s.member_of.entry(ep.ip).or_default();
+                if !list.contains(&svc.id) {
+                    list.push(svc.id.clone());
+                }
+            }
+            s.services.insert(svc.id.clone(), svc);
+        }
+        for w in &snapshot.workloads {
+            s.workloads.insert(w.ip, w.clone());
+        }
+        for w in &snapshot.local_workloads {
+            s.local.insert(w.ip, Arc::new(w.clone()));
+        }
+        s.snapshot = snapshot;
+        (s, errors)
+    }
+
+    pub fn local_workload(&self, ip: IpAddr) -> Option<&Arc<LocalWorkload>> {
+        self.local.get(&ip)
+    }
+
+    pub fn service(&self, id: &ObjectRef) -> Option<&Arc<Service>> {
+        self.services.get(id)
+    }
+
+    pub fn services_of(&self, ip: IpAddr) -> &[ObjectRef] {
+        self.member_of.get(&ip).map_or(&[], |v| v.as_slice())
+    }
+
+    pub fn destination(&self, dst: SocketAddr) -> Destination {
+        if let Some((svc, port)) = self.vips.get(&dst) {
+            return Destination::Service {
+                service: svc.clone(),
+                port: port.clone(),
+            };
+        }
+        match self.workloads.get(&dst.ip()) {
+            Some(w) => Destination::Workload(w.clone()),
+            None => Destination::External,
+        }
+    }
+
+    /// Ready endpoints of a service port.
+    pub fn ready_upstreams(&self, service: &Service, port: u16) -> ReadySet {
+        self.ready
+            .get(&service.id)
+            .and_then(|ports| ports.get(&port))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The rule of a request to a service without routes: the service
+    /// itself, on the port the client connected to.
+    pub fn default_rule(&self, service: &ObjectRef, port: u16) -> Arc<Rule> {
+        self.default_rules
+            .get(service)
+            .and_then(|ports| ports.get(&port))
+            .cloned()
+            .unwrap_or_else(|| Rule::default_for(service, port))
+    }
+
+    pub fn workload_upstream(w: &Workload, port: u16) -> Upstream {
+        Upstream {
+            addr: SocketAddr::new(w.ip, port),
+            tunnel: match (&w.node_proxy, &w.identity) {
+                (Some(node), Some(identity)) => Some(TunnelPeer {
+                    node: *node,
+                    identity: identity.clone(),
+                }),
+                _ => None,
+            },
+            workload: Some(w.id.clone()),
+        }
+    }
+
+    /// Every endpoint address in the snapshot (for pruning balancer state).
+    pub fn endpoint_addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.services.values().flat_map(|s| {
+            s.endpoints.iter().flat_map(move |e| {
+                s.ports
+                    .iter()
+                    .map(move |p| SocketAddr::new(e.ip, p.target_port))
+            })
+        })
+    }
+}
+
+fn upstream_of(e: &Endpoint, port: u16) -> Upstream {
+    Upstream {
+        addr: SocketAddr::new(e.ip, port),
+        tunnel: match (&e.node_proxy, &e.identity) {
+            (Some(node), Some(identity)) => Some(TunnelPeer {
+                node: *node,
+                identity: identity.clone(),
+            }),
+            _ => None,
+        },
+        workload: e.workload.clone(),
+    }
+}

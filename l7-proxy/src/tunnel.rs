@@ -1,0 +1,533 @@
+//! The client side of the tunnel between node proxies: HTTP/2 over mutual
+//! TLS 1.3, one pool of connections per (source identity, peer node, peer
+//! identity). The peer identity is part of the key because the peer chooses
+//! its certificate by SNI.
+//!
+//! Connections are reused for many streams, capped per key, and closed after
+//! an idle timeout. Opaque TCP rides in `CONNECT` streams whose authority is
+//! the target `ip:port`; HTTP requests are ordinary streams carrying the
+//! target in the `sluice-target` header.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use hyper::{body::Incoming, client::conn::http2::SendRequest, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{net::TcpStream, time::Instant};
+
+use crate::{
+    body::{Body, empty},
+    config::{ProxySettings, SpiffeId},
+    conntable::{ConnKind, ConnMeta, ConnTable, TlsInfo},
+    identity::IdentityProvider,
+    io::Counted,
+    metrics::{Direction, Metrics, TlsFailureLabels},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connecting to peer proxy {node}: {source}")]
+    Connect {
+        node: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to peer proxy {node}: no answer within {timeout:?}")]
+    ConnectTimeout { node: SocketAddr, timeout: Duration },
+    #[error("TLS handshake with peer proxy {node} (expecting {peer}): {reason}")]
+    Handshake {
+        node: SocketAddr,
+        peer: SpiffeId,
+        reason: String,
+    },
+    #[error("no TLS configuration for {source_id} towards {peer}: {reason}")]
+    Identity {
+        source_id: SpiffeId,
+        peer: SpiffeId,
+        reason: String,
+    },
+    #[error("HTTP/2 with peer proxy {node}: {source}")]
+    Http2 {
+        node: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("peer proxy {node} refused the stream to {target}: {status}")]
+    Refused {
+        node: SocketAddr,
+        target: SocketAddr,
+        status: String,
+    },
+}
+
+impl TunnelError {
+    /// Nothing reached the destination workload, so a retry is safe.
+    pub fn is_connect_failure(&self) -> bool {
+        match self {
+            TunnelError::Http2 { source, .. } => source.is_canceled() || is_refused_stream(source),
+            _ => true,
+        }
+    }
+}
+
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// The identity of a pool of tunnel connections.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TunnelKey {
+    pub source: SpiffeId,
+    pub node: SocketAddr,
+    pub peer: SpiffeId,
+}
+
+struct TunnelConn {
+    sender: SendRequest<Body>,
+    streams: Arc<AtomicUsize>,
+    last_used: Mutex<Instant>,
+    tls: TlsInfo,
+}
+
+/// Counts a stream as open on its connection while alive.
+pub struct StreamGuard {
+    streams: Arc<AtomicUsize>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The pool; cheap to clone.
+#[derive(Clone)]
+pub struct TunnelPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    settings: ProxySettings,
+    identity: Arc<dyn IdentityProvider>,
+    metrics: Metrics,
+    table: ConnTable,
+    conns: Mutex<HashMap<TunnelKey, Vec<Arc<TunnelConn>>>>,
+    dialing: Mutex<HashMap<TunnelKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl TunnelPool {
+    pub fn new(
+        settings: ProxySettings,
+        identity: Arc<dyn IdentityProvider>,
+        metrics: Metrics,
+        table: ConnTable,
+    ) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                settings,
+                identity,
+                metrics,
+                table,
+                conns: Mutex::default(),
+                dialing: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Sends an HTTP request through the tunnel. The request must already
+    /// carry the target header and an absolute URI.
+    pub async fn send(
+        &self,
+        key: &TunnelKey,
+        req: Request<Body>,
+    ) -> Result<(Response<TunnelBody>, TlsInfo), TunnelError> {
+        let (conn, guard) = self.checkout(key).await?;
+        let mut sender = conn.sender.clone();
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| TunnelError::Http2 {
+                node: key.node,
+                source,
+            })?;
+        let resp = resp.map(|inner| TunnelBody {
+            inner,
+            _guard: guard,
+        });
+        Ok((resp, conn.tls.clone()))
+    }
+
+    /// Opens a CONNECT stream to `target` on the peer and returns it as a byte
+    /// stream.
+    pub async fn connect(
+        &self,
+        key: &TunnelKey,
+        target: SocketAddr,
+    ) -> Result<(TunnelStream, TlsInfo), TunnelError> {
+        let (conn, guard) = self.checkout(key).await?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(empty())
+            .expect("a socket address is a valid authority");
+        let mut sender = conn.sender.clone();
+        let resp = sender.send_request(req).await.map_err(|source| {
+            if is_refused_stream(&source) {
+                TunnelError::Refused {
+                    node: key.node,
+                    target,
+                    status: "stream refused".into(),
+                }
+            } else {
+                TunnelError::Http2 {
+                    node: key.node,
+                    source,
+                }
+            }
+        })?;
+        if resp.status() != StatusCode::OK {
+            let reason = resp
+                .headers()
+                .get(crate::config::REASON_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            return Err(TunnelError::Refused {
+                node: key.node,
+                target,
+                status: format!("{} {reason}", resp.status()),
+            });
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|source| TunnelError::Http2 {
+                node: key.node,
+                source,
+            })?;
+        Ok((
+            TunnelStream {
+                inner: TokioIo::new(upgraded),
+                _guard: guard,
+            },
+            conn.tls.clone(),
+        ))
+    }
+
+    /// Open tunnel connections (for tests and the admin API).
+    pub fn connections(&self) -> usize {
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    async fn checkout(
+        &self,
+        key: &TunnelKey,
+    ) -> Result<(Arc<TunnelConn>, StreamGuard), TunnelError> {
+        if let Some(c) = self.pick(key, false) {
+            return Ok(c);
+        }
+        let lock = {
+            let mut d = self.inner.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            d.entry(key.clone()).or_default().clone()
+        };
+        let _dialing = lock.lock().await;
+        // Someone else may have dialled while we waited.
+        if let Some(c) = self.pick(key, false) {
+            return Ok(c);
+        }
+        let full = {
+            let conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.get(key).map_or(0, Vec::len) >= self.inner.settings.tunnel_max_connections
+        };
+        if full && let Some(c) = self.pick(key, true) {
+            return Ok(c);
+        }
+        let conn = self.dial(key).await?;
+        let guard = take_stream(&conn);
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok((conn, guard))
+    }
+
+    /// The least busy open connection, below the stream limit unless
+    /// `over_limit` (every connection of the key is full and no more may open).
+    fn pick(&self, key: &TunnelKey, over_limit: bool) -> Option<(Arc<TunnelConn>, StreamGuard)> {
+        let mut conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.sender.is_closed());
+        let max = self.inner.settings.tunnel_max_streams as usize;
+        let best = list
+            .iter()
+            .filter(|c| over_limit || c.streams.load(Ordering::Relaxed) < max)
+            .min_by_key(|c| c.streams.load(Ordering::Relaxed))?
+            .clone();
+        let guard = take_stream(&best);
+        Some((best, guard))
+    }
+
+    async fn dial(&self, key: &TunnelKey) -> Result<Arc<TunnelConn>, TunnelError> {
+        let s = &self.inner.settings;
+        let fail = |reason: &str| {
+            self.inner
+                .metrics
+                .tls_handshake_failures
+                .get_or_create(&TlsFailureLabels {
+                    direction: Direction::Outbound,
+                    reason: reason.into(),
+                })
+                .inc();
+        };
+        let config = self
+            .inner
+            .identity
+            .client_config(&key.source, &key.peer)
+            .map_err(|e| TunnelError::Identity {
+                source_id: key.source.clone(),
+                peer: key.peer.clone(),
+                reason: e.to_string(),
+            })?;
+        let name =
+            self.inner
+                .identity
+                .server_name(&key.peer)
+                .map_err(|e| TunnelError::Identity {
+                    source_id: key.source.clone(),
+                    peer: key.peer.clone(),
+                    reason: e.to_string(),
+                })?;
+        let tcp =
+            match tokio::time::timeout(s.connect_timeout(), TcpStream::connect(key.node)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(source)) => {
+                    return Err(TunnelError::Connect {
+                        node: key.node,
+                        source,
+                    });
+                }
+                Err(_) => {
+                    return Err(TunnelError::ConnectTimeout {
+                        node: key.node,
+                        timeout: s.connect_timeout(),
+                    });
+                }
+            };
+        let _ = tcp.set_nodelay(true);
+        let handle = Arc::new(self.inner.table.open(
+            ConnKind::TunnelOut,
+            ConnMeta {
+                source_identity: Some(key.source.clone()),
+                destination_addr: Some(key.node),
+                destination_identity: Some(key.peer.clone()),
+                ..Default::default()
+            },
+        ));
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let tls = match tokio::time::timeout(
+            s.tls_handshake_timeout(),
+            connector.connect(name, Counted::new(tcp, handle.clone())),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                let reason = crate::inbound::classify_tls_error(&e);
+                fail(reason);
+                return Err(TunnelError::Handshake {
+                    node: key.node,
+                    peer: key.peer.clone(),
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                fail("timeout");
+                return Err(TunnelError::Handshake {
+                    node: key.node,
+                    peer: key.peer.clone(),
+                    reason: format!("no handshake within {:?}", s.tls_handshake_timeout()),
+                });
+            }
+        };
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(b"h2") {
+            fail("alpn");
+            return Err(TunnelError::Handshake {
+                node: key.node,
+                peer: key.peer.clone(),
+                reason: "the peer did not agree to ALPN h2".into(),
+            });
+        }
+        // The verifier in the client configuration already checked the peer
+        // identity; read it back for the connection table.
+        let (peer_id, info) = self.inner.identity.peer(session).map_err(|e| {
+            fail("peer_identity");
+            TunnelError::Handshake {
+                node: key.node,
+                peer: key.peer.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        if peer_id != key.peer {
+            fail("peer_identity");
+            return Err(TunnelError::Handshake {
+                node: key.node,
+                peer: key.peer.clone(),
+                reason: format!("peer presented {peer_id}"),
+            });
+        }
+        handle.update(|m| m.tls = Some(info.clone()));
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(s.max_header_bytes)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake::<_, Body>(TokioIo::new(tls))
+            .await
+            .map_err(|source| TunnelError::Http2 {
+                node: key.node,
+                source,
+            })?;
+        let node = key.node;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%node, "tunnel connection ended: {e}");
+            }
+            drop(handle);
+        });
+        let conn = Arc::new(TunnelConn {
+            sender,
+            streams: Arc::new(AtomicUsize::new(0)),
+            last_used: Mutex::new(Instant::now()),
+            tls: info,
+        });
+        self.spawn_reaper(key.clone(), Arc::downgrade(&conn));
+        tracing::debug!(source = %key.source, peer = %key.peer, %node, "tunnel connection open");
+        Ok(conn)
+    }
+
+    /// Drops the connection from the pool once it has had no stream for the
+    /// idle timeout; with its last sender gone, hyper closes it.
+    fn spawn_reaper(&self, key: TunnelKey, conn: std::sync::Weak<TunnelConn>) {
+        let pool = Arc::downgrade(&self.inner);
+        let idle = self.inner.settings.tunnel_idle_timeout();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(idle / 2).await;
+                let (Some(c), Some(pool)) = (conn.upgrade(), pool.upgrade()) else {
+                    return;
+                };
+                let quiet = c.streams.load(Ordering::Relaxed) == 0
+                    && c.last_used
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .elapsed()
+                        >= idle;
+                if quiet || c.sender.is_closed() {
+                    let mut conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(list) = conns.get_mut(&key) {
+                        list.retain(|x| !Arc::ptr_eq(x, &c));
+                        if list.is_empty() {
+                            conns.remove(&key);
+                        }
+                    }
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
+    c.streams.fetch_add(1, Ordering::Relaxed);
+    *c.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    StreamGuard {
+        streams: c.streams.clone(),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body from the tunnel; its stream counts as open until the
+    /// body is dropped.
+    pub struct TunnelBody {
+        #[pin]
+        inner: Incoming,
+        _guard: StreamGuard,
+    }
+}
+
+impl http_body::Body for TunnelBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A CONNECT stream as a byte stream.
+    pub struct TunnelStream {
+        #[pin]
+        inner: TokioIo<Upgraded>,
+        _guard: StreamGuard,
+    }
+}
+
+impl tokio::io::AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}

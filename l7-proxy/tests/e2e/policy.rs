@@ -1,0 +1,268 @@
+//! The inbound side: only mTLS from the mesh's CA, AccessPolicy allow and
+//! deny, denials counted.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use l7_proxy::{
+    Snapshot,
+    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, ObjectRef},
+};
+use tokio::io::AsyncWriteExt;
+
+use crate::{support::*, traffic::servers};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_clients_are_refused_on_the_tunnel_port() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let target = mesh.node_b_proxy();
+    // An HTTP/1.1 client, then an HTTP/2 (h2c) one, straight at port 15008.
+    for hello in [
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nsluice-target: {}:{port}\r\n\r\n",
+            cart(0).ip
+        ),
+        "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_string(),
+    ] {
+        let mut t = tokio::net::TcpStream::connect(target).await.unwrap();
+        t.write_all(hello.as_bytes()).await.unwrap();
+        assert!(
+            closed_by_peer(&mut t).await,
+            "plaintext {hello:?} must be cut off"
+        );
+    }
+    assert_eq!(srv[0].hits(), 0, "nothing reached the workload");
+    assert_eq!(
+        mesh.b.metric(
+            "sluice_tls_handshake_failures_total",
+            &["Inbound", "not_tls"]
+        ),
+        2.0,
+        "{}",
+        mesh.b.metrics()
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_another_ca_is_refused() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    // A client whose certificate comes from a rogue CA and which accepts any
+    // server: only the server's check can stop it.
+    let config = rogue_client_config(web().identity().as_ref());
+    let tcp = tokio::net::TcpStream::connect(mesh.node_b_proxy())
+        .await
+        .unwrap();
+    let result = async {
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(certs::server_name(&cart(0).identity()), tcp)
+            .await?;
+        // TLS 1.3: the server's verdict on the client certificate may only
+        // show on the first read.
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let mut buf = [0u8; 64];
+        let n = tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await?;
+        Ok::<usize, std::io::Error>(n)
+    }
+    .await;
+    assert!(
+        matches!(result, Err(_) | Ok(0)),
+        "the rogue client got through: {result:?}"
+    );
+    assert_eq!(srv[0].hits(), 0);
+    eventually("the failure is counted", || {
+        mesh.b.metric(
+            "sluice_tls_handshake_failures_total",
+            &["Inbound", "bad_certificate"],
+        ) == 1.0
+    })
+    .await;
+    mesh.shutdown().await;
+}
+
+/// TLS 1.3, ALPN h2, a SPIFFE certificate for `spiffe_id` signed by a CA
+/// nobody trusts, and no check at all of the server.
+fn rogue_client_config(spiffe_id: &str) -> Arc<rustls::ClientConfig> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let _ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+    let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_client_auth_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn policy(rules: Vec<AccessRule>) -> AccessPolicy {
+    AccessPolicy {
+        id: ObjectRef::new("shop", "cart-access"),
+        target: ObjectRef::new("shop", "cart"),
+        rules,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_policy_allows_and_denies_http_with_a_reason() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        access_policies: vec![policy(vec![
+            AccessRule {
+                from: vec![AccessSource::Namespace("shop".into())],
+                to: None,
+            },
+            AccessRule {
+                from: vec![AccessSource::ServiceAccount(ObjectRef::new("other", "bot"))],
+                to: Some(HttpConditions {
+                    methods: vec!["GET".into()],
+                    paths: vec!["/public/*".into()],
+                }),
+            },
+        ])],
+        ..Default::default()
+    })
+    .await;
+    let mut w = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    assert_eq!(
+        w.send(request("POST", "/private", &[], ""))
+            .await
+            .unwrap()
+            .status,
+        200,
+        "shop may do anything"
+    );
+
+    let mut b = mesh.http1(bot().ip, SocketAddr::new(vip(1), 80)).await;
+    assert_eq!(
+        b.get("/public/page").await.status,
+        200,
+        "bot may GET /public/*"
+    );
+    let denied = b.get("/private").await;
+    assert_eq!(denied.status, 403);
+    let reason = denied.headers["sluice-reason"].to_str().unwrap();
+    assert!(
+        reason.contains(&bot().identity().to_string()) && reason.contains("shop/cart-access"),
+        "{reason}"
+    );
+    let denied = b
+        .send(request("POST", "/public/page", &[], ""))
+        .await
+        .unwrap();
+    assert_eq!(denied.status, 403, "bot may not POST");
+    assert_eq!(srv[0].hits(), 2, "denied requests never reach the workload");
+    let bot_id = bot().identity().to_string();
+    let cart_id = cart(0).identity().to_string();
+    assert_eq!(
+        mesh.b.metric(
+            "sluice_policy_denials_total",
+            &[&bot_id, &cart_id, "protocol=\"http\""]
+        ),
+        2.0
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_policy_refuses_tcp_streams() {
+    let mesh = Mesh::standard().await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let mut svc = mesh.service("cart", 1, echo.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        access_policies: vec![policy(vec![AccessRule {
+            from: vec![AccessSource::Identity(web().identity())],
+            to: None,
+        }])],
+        ..Default::default()
+    })
+    .await;
+    let mut ok = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    ok.write_all(b"allowed").await.unwrap();
+    assert_eq!(read_n(&mut ok, 7).await, b"allowed");
+
+    let mut no = mesh.connect(bot().ip, SocketAddr::new(vip(1), 80)).await;
+    let _ = no.write_all(b"denied?").await;
+    assert!(
+        closed_by_peer(&mut no).await,
+        "the bot's stream is refused and its connection closed"
+    );
+    let bot_id = bot().identity().to_string();
+    assert_eq!(
+        mesh.b.metric(
+            "sluice_policy_denials_total",
+            &[&bot_id, "protocol=\"tcp\""]
+        ),
+        1.0
+    );
+    // The allowed connection is unaffected.
+    ok.write_all(b"still").await.unwrap();
+    assert_eq!(read_n(&mut ok, 5).await, b"still");
+    mesh.shutdown().await;
+}

@@ -1,0 +1,485 @@
+//! HTTPRoute and GRPCRoute behaviour across the tunnel: matches, filters,
+//! weights, retries, timeouts, mirrors.
+
+use std::net::SocketAddr;
+
+use l7_proxy::{
+    Snapshot,
+    config::{
+        BackendRef, GrpcMethodMatch, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HeaderModifier,
+        HeaderPair, HttpFilter, HttpRoute, HttpRouteMatch, HttpRouteRule, ObjectRef, ParentRef,
+        PathMatch, PathModifier, RequestMirror, RequestRedirect, Retry, Service, Timeouts,
+        UrlRewrite, ValueMatch, ValueMatchKind,
+    },
+};
+
+use crate::{support::*, traffic::servers};
+
+fn backend(name: &str, weight: u32) -> BackendRef {
+    BackendRef {
+        service: ObjectRef::new("shop", name),
+        port: 80,
+        weight,
+        filters: vec![],
+    }
+}
+
+fn route(rules: Vec<HttpRouteRule>) -> HttpRoute {
+    HttpRoute {
+        id: ObjectRef::new("shop", "cart-route"),
+        created_unix: 0,
+        parents: vec![ParentRef {
+            service: ObjectRef::new("shop", "cart"),
+            port: None,
+        }],
+        rules,
+    }
+}
+
+fn rule(matches: Vec<HttpRouteMatch>, backends: Vec<BackendRef>) -> HttpRouteRule {
+    HttpRouteRule {
+        matches,
+        backends,
+        ..Default::default()
+    }
+}
+
+/// `cart` (VIP 1) is the parent; `v0`, `v1`, `v2` are one-pod services on
+/// cart(0..3); `mirror` is the mirror pod. Returns the echo servers.
+async fn setup(mesh: &Mesh, routes: Vec<HttpRoute>) -> (Vec<EchoServer>, EchoServer) {
+    let (srv, port) = servers(&[cart(0), cart(1), cart(2)]).await;
+    let mirror = EchoServer::start("mirror", SocketAddr::new(mirror_pod().ip, port)).await;
+    let services: Vec<Service> = vec![
+        mesh.service("cart", 1, port, &[cart(0), cart(1), cart(2)]),
+        mesh.service("v0", 10, port, &[cart(0)]),
+        mesh.service("v1", 11, port, &[cart(1)]),
+        mesh.service("v2", 12, port, &[cart(2)]),
+        mesh.service("mirror", 13, port, &[mirror_pod()]),
+    ];
+    mesh.publish(&Snapshot {
+        services,
+        http_routes: routes,
+        ..Default::default()
+    })
+    .await;
+    (srv, mirror)
+}
+
+async fn client(mesh: &Mesh) -> Client {
+    mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_match_kind_selects_its_backend() {
+    let mesh = Mesh::standard().await;
+    let hm = |name: &str, value: &str, kind| ValueMatch {
+        kind,
+        name: name.into(),
+        value: value.into(),
+    };
+    setup(
+        &mesh,
+        vec![route(vec![
+            rule(
+                vec![HttpRouteMatch {
+                    path: Some(PathMatch::Exact("/exact".into())),
+                    ..Default::default()
+                }],
+                vec![backend("v1", 1)],
+            ),
+            rule(
+                vec![HttpRouteMatch {
+                    path: Some(PathMatch::RegularExpression("/re/[0-9]+".into())),
+                    ..Default::default()
+                }],
+                vec![backend("v2", 1)],
+            ),
+            rule(
+                vec![HttpRouteMatch {
+                    headers: vec![hm("x-version", "v[12]", ValueMatchKind::RegularExpression)],
+                    ..Default::default()
+                }],
+                vec![backend("v1", 1)],
+            ),
+            rule(
+                vec![HttpRouteMatch {
+                    query_params: vec![hm("canary", "true", ValueMatchKind::Exact)],
+                    ..Default::default()
+                }],
+                vec![backend("v2", 1)],
+            ),
+            rule(
+                vec![HttpRouteMatch {
+                    method: Some("DELETE".into()),
+                    ..Default::default()
+                }],
+                vec![backend("v2", 1)],
+            ),
+            rule(
+                vec![HttpRouteMatch {
+                    path: Some(PathMatch::PathPrefix("/api".into())),
+                    ..Default::default()
+                }],
+                vec![backend("v1", 1)],
+            ),
+            rule(vec![], vec![backend("v0", 1)]),
+        ])],
+    )
+    .await;
+    let mut c = client(&mesh).await;
+    let mut who = async |method: &str, path: &str, headers: &[(&str, &str)]| {
+        let r = c.send(request(method, path, headers, "")).await.unwrap();
+        assert_eq!(r.status, 200, "{method} {path}: {r:?}");
+        r.server()
+    };
+    assert_eq!(who("GET", "/exact", &[]).await, "cart-1");
+    assert_eq!(who("GET", "/exact/more", &[]).await, "cart-0");
+    assert_eq!(who("GET", "/re/42", &[]).await, "cart-2");
+    assert_eq!(who("GET", "/re/4x", &[]).await, "cart-0");
+    assert_eq!(who("GET", "/", &[("x-version", "v2")]).await, "cart-1");
+    assert_eq!(who("GET", "/", &[("x-version", "v3")]).await, "cart-0");
+    assert_eq!(who("GET", "/?canary=true", &[]).await, "cart-2");
+    assert_eq!(who("DELETE", "/", &[]).await, "cart-2");
+    assert_eq!(who("GET", "/api/items", &[]).await, "cart-1");
+    assert_eq!(who("GET", "/apiary", &[]).await, "cart-0");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_matching_rule_is_404() {
+    let mesh = Mesh::standard().await;
+    setup(
+        &mesh,
+        vec![route(vec![rule(
+            vec![HttpRouteMatch {
+                path: Some(PathMatch::Exact("/only".into())),
+                ..Default::default()
+            }],
+            vec![backend("v1", 1)],
+        )])],
+    )
+    .await;
+    let mut c = client(&mesh).await;
+    let r = c.get("/other").await;
+    assert_eq!(r.status, 404);
+    assert!(
+        r.headers["sluice-reason"]
+            .to_str()
+            .unwrap()
+            .contains("no route"),
+        "{r:?}"
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_modify_redirect_and_rewrite() {
+    let mesh = Mesh::standard().await;
+    let pair = |n: &str, v: &str| HeaderPair {
+        name: n.into(),
+        value: v.into(),
+    };
+    let prefix = |p: &str| {
+        vec![HttpRouteMatch {
+            path: Some(PathMatch::PathPrefix(p.into())),
+            ..Default::default()
+        }]
+    };
+    let mut headers = rule(prefix("/headers"), vec![backend("v1", 1)]);
+    headers.filters = vec![
+        HttpFilter::RequestHeaderModifier(HeaderModifier {
+            set: vec![pair("x-set", "new")],
+            add: vec![pair("x-added", "yes")],
+            remove: vec!["x-secret".into()],
+        }),
+        HttpFilter::ResponseHeaderModifier(HeaderModifier {
+            set: vec![pair("x-server", "hidden")],
+            add: vec![pair("x-resp", "added")],
+            remove: vec![],
+        }),
+    ];
+    let mut redirect = rule(prefix("/old"), vec![]);
+    redirect.filters = vec![HttpFilter::RequestRedirect(RequestRedirect {
+        path: Some(PathModifier::ReplacePrefixMatch("/new".into())),
+        status_code: Some(301),
+        ..Default::default()
+    })];
+    let mut rewrite = rule(prefix("/v1/api"), vec![backend("v2", 1)]);
+    rewrite.filters = vec![HttpFilter::UrlRewrite(UrlRewrite {
+        hostname: Some("cart-internal".into()),
+        path: Some(PathModifier::ReplacePrefixMatch("/api".into())),
+    })];
+    let mut per_backend = rule(prefix("/backend-filter"), vec![backend("v0", 1)]);
+    per_backend.backends[0].filters = vec![HttpFilter::RequestHeaderModifier(HeaderModifier {
+        set: vec![pair("x-backend", "v0")],
+        ..Default::default()
+    })];
+    setup(
+        &mesh,
+        vec![route(vec![headers, redirect, rewrite, per_backend])],
+    )
+    .await;
+    let mut c = client(&mesh).await;
+
+    let r = c
+        .send(request(
+            "GET",
+            "/headers",
+            &[("x-set", "old"), ("x-secret", "s3cr3t")],
+            "",
+        ))
+        .await
+        .unwrap();
+    let e = r.echo();
+    assert_eq!(e["headers"]["x-set"], "new");
+    assert_eq!(e["headers"]["x-added"], "yes");
+    assert!(e["headers"].get("x-secret").is_none());
+    assert_eq!(r.headers["x-server"], "hidden");
+    assert_eq!(r.headers["x-resp"], "added");
+
+    let r = c.get("/old/page?q=1").await;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.headers["location"], "http://cart.shop/new/page?q=1");
+
+    let r = c.get("/v1/api/items?x=2").await;
+    let e = r.echo();
+    assert_eq!(e["server"], "cart-2");
+    assert_eq!(e["path"], "/api/items?x=2");
+    assert_eq!(e["headers"]["host"], "cart-internal");
+
+    let r = c.get("/backend-filter").await;
+    assert_eq!(r.echo()["headers"]["x-backend"], "v0");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_over_1000_requests() {
+    let mesh = Mesh::standard().await;
+    setup(
+        &mesh,
+        vec![route(vec![rule(
+            vec![],
+            vec![backend("v1", 80), backend("v2", 20)],
+        )])],
+    )
+    .await;
+    let mut c = client(&mesh).await;
+    let mut v1 = 0;
+    for _ in 0..1000 {
+        match c.get("/").await.server().as_str() {
+            "cart-1" => v1 += 1,
+            "cart-2" => {}
+            other => panic!("unexpected backend {other}"),
+        }
+    }
+    // Binomial(1000, 0.8): standard deviation 12.6; ±60 is nearly 5 of them.
+    assert!(
+        (740..=860).contains(&v1),
+        "v1 got {v1} of 1000, expected ~800"
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_on_503_until_the_backend_recovers() {
+    let mesh = Mesh::standard().await;
+    let mut retried = rule(
+        vec![HttpRouteMatch {
+            headers: vec![ValueMatch {
+                kind: ValueMatchKind::Exact,
+                name: "x-retry".into(),
+                value: "yes".into(),
+            }],
+            ..Default::default()
+        }],
+        vec![backend("v1", 1)],
+    );
+    retried.retry = Some(Retry {
+        codes: vec![503],
+        attempts: 3,
+        backoff_ms: 5,
+    });
+    let plain = rule(vec![], vec![backend("v2", 1)]);
+    let (srv, _) = setup(&mesh, vec![route(vec![retried, plain])]).await;
+    let mut c = client(&mesh).await;
+    // Two 503s, then success: within 3 retries.
+    let r = c
+        .send(request(
+            "POST",
+            "/flaky/2",
+            &[("x-retry", "yes")],
+            "payload",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(srv[1].hits(), 3);
+    let bodies: Vec<String> = srv[1]
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s["body"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["payload", "payload", "payload"],
+        "the body is replayed on each attempt"
+    );
+    // Without a retry policy the 503 comes back as is.
+    let r = c.get("/flaky/1").await;
+    assert_eq!(r.status, 503, "v2's rule has no retries");
+    assert_eq!(srv[2].hits(), 1);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_backend_timeouts_answer_504() {
+    let mesh = Mesh::standard().await;
+    let slow = |p: &str| {
+        vec![HttpRouteMatch {
+            path: Some(PathMatch::PathPrefix(p.into())),
+            ..Default::default()
+        }]
+    };
+    let mut per_try = rule(slow("/slow"), vec![backend("v1", 1)]);
+    per_try.timeouts = Timeouts {
+        request_ms: None,
+        backend_request_ms: Some(100),
+    };
+    let mut whole = rule(slow("/whole"), vec![backend("v1", 1)]);
+    whole.timeouts = Timeouts {
+        request_ms: Some(150),
+        backend_request_ms: None,
+    };
+    let rewrite = UrlRewrite {
+        path: Some(PathModifier::ReplaceFullPath("/slow/3000".into())),
+        ..Default::default()
+    };
+    whole.filters = vec![HttpFilter::UrlRewrite(rewrite)];
+    setup(&mesh, vec![route(vec![per_try, whole])]).await;
+    let mut c = client(&mesh).await;
+    let r = c.get("/slow/3000").await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        r.headers["sluice-reason"]
+            .to_str()
+            .unwrap()
+            .contains("backend request timeout")
+    );
+    let r = c.get("/slow/10").await;
+    assert_eq!(r.status, 200, "under the timeout");
+    let mut c = client(&mesh).await;
+    let r = c.get("/whole").await;
+    assert_eq!(r.status, 504);
+    assert!(
+        r.headers["sluice-reason"]
+            .to_str()
+            .unwrap()
+            .contains("request timeout")
+    );
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
+    let mesh = Mesh::standard().await;
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.filters = vec![HttpFilter::RequestMirror(RequestMirror {
+        service: ObjectRef::new("shop", "mirror"),
+        port: 80,
+        percent: None,
+    })];
+    let (srv, mirror) = setup(&mesh, vec![route(vec![r])]).await;
+    let mut c = client(&mesh).await;
+    let reply = c
+        .send(request("PUT", "/orders/1", &[], "order"))
+        .await
+        .unwrap();
+    assert_eq!(reply.server(), "cart-1");
+    eventually("the mirror received the copy", || mirror.hits() == 1).await;
+    let seen = mirror.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen["method"], "PUT");
+    assert_eq!(seen["path"], "/orders/1");
+    assert_eq!(seen["body"], "order");
+    assert_eq!(srv[1].hits(), 1);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_routes_match_service_and_method() {
+    let mesh = Mesh::standard().await;
+    let (_srv, port) = servers(&[cart(0), cart(1), cart(2)]).await;
+    let mut parent = mesh.service("cart", 1, port, &[cart(0)]);
+    parent.ports[0].app_protocol = Some("grpc".into());
+    let g = GrpcRoute {
+        id: ObjectRef::new("shop", "grpc"),
+        created_unix: 0,
+        parents: vec![ParentRef {
+            service: ObjectRef::new("shop", "cart"),
+            port: None,
+        }],
+        rules: vec![
+            GrpcRouteRule {
+                matches: vec![GrpcRouteMatch {
+                    method: Some(GrpcMethodMatch {
+                        kind: ValueMatchKind::Exact,
+                        service: Some("shop.Cart".into()),
+                        method: Some("Add".into()),
+                    }),
+                    headers: vec![],
+                }],
+                backends: vec![backend("v1", 1)],
+                ..Default::default()
+            },
+            GrpcRouteRule {
+                matches: vec![GrpcRouteMatch {
+                    method: None,
+                    headers: vec![ValueMatch {
+                        kind: ValueMatchKind::Exact,
+                        name: "x-tenant".into(),
+                        value: "gold".into(),
+                    }],
+                }],
+                backends: vec![backend("v2", 1)],
+                ..Default::default()
+            },
+            GrpcRouteRule {
+                backends: vec![backend("v0", 1)],
+                ..Default::default()
+            },
+        ],
+    };
+    mesh.publish(&Snapshot {
+        services: vec![
+            parent,
+            mesh.service("v0", 10, port, &[cart(0)]),
+            mesh.service("v1", 11, port, &[cart(1)]),
+            mesh.service("v2", 12, port, &[cart(2)]),
+        ],
+        grpc_routes: vec![g],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let mut call = async |path: &str, tenant: &str| {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://cart.shop{path}"))
+            .header("content-type", "application/grpc")
+            .header("x-tenant", tenant)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\x01x",
+            )))
+            .unwrap();
+        let r = c.send(req).await.unwrap();
+        r.trailers.expect("trailers")["x-served-by"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(call("/shop.Cart/Add", "").await, "cart-1");
+    assert_eq!(call("/shop.Cart/Remove", "gold").await, "cart-2");
+    assert_eq!(call("/shop.Cart/Remove", "silver").await, "cart-0");
+    mesh.shutdown().await;
+}

@@ -1,0 +1,597 @@
+//! Two proxies ("nodes") on loopback addresses, a CA from `certs`, and real
+//! HTTP/1.1, HTTP/2, gRPC and TCP servers behind them.
+//!
+//! Addresses: every test process gets its own `127.<k>.0.0/16` (k from the
+//! process id) so that tests running side by side never share an address.
+//! Node A (callers) is `127.k.1.1`, its pods `127.k.1.x`; node B (servers) is
+//! `127.k.2.1`, its pods `127.k.2.x`; service VIPs are `127.96.<k>.x`.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use certs::{Ca, CaOptions, IdentityManager, IdentityOptions, SpiffeId, SystemClock};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use l7_proxy::{
+    MapOriginalDst, Proxy, ProxySettings, Snapshot,
+    config::{Endpoint, LocalWorkload, MtlsMode, ObjectRef, Service, ServicePort},
+};
+use prometheus_client::registry::Registry;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+};
+
+pub const TD: &str = "cluster.local";
+
+pub fn id(ns: &str, sa: &str) -> SpiffeId {
+    format!("spiffe://{TD}/ns/{ns}/sa/{sa}").parse().unwrap()
+}
+
+fn k() -> u8 {
+    (std::process::id() % 250) as u8 + 2
+}
+
+pub fn node_a_ip() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, k(), 1, 1))
+}
+pub fn node_b_ip() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, k(), 2, 1))
+}
+/// A pod on node A.
+pub fn pod_a(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, k(), 1, n))
+}
+/// A pod on node B.
+pub fn pod_b(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, k(), 2, n))
+}
+pub fn vip(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 96, k(), n))
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Settings with short timeouts, listening on `ip`, ephemeral ports.
+pub fn settings(ip: IpAddr) -> ProxySettings {
+    ProxySettings {
+        outbound_addr: SocketAddr::new(ip, 0),
+        inbound_addr: SocketAddr::new(ip, 0),
+        sniff_timeout_ms: 200,
+        header_read_timeout_ms: 1_000,
+        connect_timeout_ms: 2_000,
+        tls_handshake_timeout_ms: 2_000,
+        drain_timeout_ms: 5_000,
+        ..ProxySettings::default()
+    }
+}
+
+pub struct Node {
+    pub proxy: Option<Proxy>,
+    pub registry: Registry,
+    pub identities: IdentityManager,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Node {
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    pub fn metrics(&self) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry).unwrap();
+        s
+    }
+
+    /// The value of the metric line that contains every one of `parts`.
+    pub fn metric(&self, name: &str, parts: &[&str]) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// A workload the tests place on a node.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub ip: IpAddr,
+    pub name: &'static str,
+    pub namespace: &'static str,
+    pub sa: &'static str,
+    pub mode: MtlsMode,
+}
+
+impl Pod {
+    pub fn identity(&self) -> SpiffeId {
+        id(self.namespace, self.sa)
+    }
+    pub fn local(&self) -> LocalWorkload {
+        LocalWorkload {
+            ip: self.ip,
+            id: ObjectRef::new(self.namespace, self.name),
+            service_account: self.sa.into(),
+            identity: self.identity(),
+            mtls_mode: self.mode,
+        }
+    }
+}
+
+/// The standard cast: callers on node A, servers on node B.
+pub fn web() -> Pod {
+    Pod {
+        ip: pod_a(10),
+        name: "web-1",
+        namespace: "shop",
+        sa: "web",
+        mode: MtlsMode::Strict,
+    }
+}
+pub fn bot() -> Pod {
+    Pod {
+        ip: pod_a(11),
+        name: "bot-1",
+        namespace: "other",
+        sa: "bot",
+        mode: MtlsMode::Strict,
+    }
+}
+pub fn cart(n: u8) -> Pod {
+    Pod {
+        ip: pod_b(20 + n),
+        name: "cart",
+        namespace: "shop",
+        sa: "cart",
+        mode: MtlsMode::Strict,
+    }
+}
+pub fn mirror_pod() -> Pod {
+    Pod {
+        ip: pod_b(30),
+        name: "mirror-1",
+        namespace: "shop",
+        sa: "mirror",
+        mode: MtlsMode::Strict,
+    }
+}
+
+pub struct Mesh {
+    pub ca: Arc<Ca>,
+    pub a: Node,
+    pub b: Node,
+    pub odst: Arc<MapOriginalDst>,
+    pub pods_a: Vec<Pod>,
+    pub pods_b: Vec<Pod>,
+}
+
+async fn start_node(ca: &Arc<Ca>, ip: IpAddr, pods: &[Pod], odst: Arc<MapOriginalDst>) -> Node {
+    let identities = IdentityManager::new(
+        ca.clone(),
+        ca.bundle(),
+        Arc::new(SystemClock),
+        IdentityOptions::default(),
+    );
+    let mut ids: Vec<SpiffeId> = pods.iter().map(Pod::identity).collect();
+    ids.sort();
+    ids.dedup();
+    let report = identities
+        .set_identities(ids)
+        .await
+        .expect("identities issued");
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let mut registry = Registry::default();
+    let proxy = Proxy::builder(settings(ip), rx, Arc::new(identities.clone()), odst)
+        .start(&mut registry)
+        .await
+        .expect("proxy starts");
+    Node {
+        proxy: Some(proxy),
+        registry,
+        identities,
+        snapshots: tx,
+    }
+}
+
+impl Mesh {
+    pub async fn new(pods_a: Vec<Pod>, pods_b: Vec<Pod>) -> Mesh {
+        init_tracing();
+        let ca = Arc::new(Ca::generate(CaOptions::default(), Arc::new(SystemClock)).expect("CA"));
+        let odst = Arc::new(MapOriginalDst::default());
+        let a = start_node(&ca, node_a_ip(), &pods_a, odst.clone()).await;
+        let b = start_node(&ca, node_b_ip(), &pods_b, odst.clone()).await;
+        Mesh {
+            ca,
+            a,
+            b,
+            odst,
+            pods_a,
+            pods_b,
+        }
+    }
+
+    /// The standard mesh: web and bot on A, three carts and a mirror on B.
+    pub async fn standard() -> Mesh {
+        Mesh::new(
+            vec![web(), bot()],
+            vec![cart(0), cart(1), cart(2), mirror_pod()],
+        )
+        .await
+    }
+
+    pub fn node_b_proxy(&self) -> SocketAddr {
+        self.b.proxy().inbound_addr()
+    }
+
+    /// An endpoint for a pod of node B, reached through the tunnel.
+    pub fn endpoint_b(&self, pod: &Pod) -> Endpoint {
+        Endpoint {
+            ip: pod.ip,
+            ready: true,
+            workload: Some(ObjectRef::new(pod.namespace, pod.name)),
+            node_proxy: Some(self.node_b_proxy()),
+            identity: Some(pod.identity()),
+        }
+    }
+
+    /// A service of node-B pods, its VIP `vip(n)` on port 80.
+    pub fn service(&self, name: &str, n: u8, target_port: u16, pods: &[Pod]) -> Service {
+        Service {
+            id: ObjectRef::new("shop", name),
+            vips: vec![vip(n)],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port,
+                app_protocol: None,
+            }],
+            endpoints: pods.iter().map(|p| self.endpoint_b(p)).collect(),
+        }
+    }
+
+    /// Publishes `snap` to both nodes, each with its own local workloads,
+    /// and waits until both proxies have it in force.
+    pub async fn publish(&self, snap: &Snapshot) {
+        let mut sa = snap.clone();
+        sa.local_workloads = self.pods_a.iter().map(Pod::local).collect();
+        let mut sb = snap.clone();
+        sb.local_workloads = self.pods_b.iter().map(Pod::local).collect();
+        let (sa, sb) = (Arc::new(sa), Arc::new(sb));
+        self.a.snapshots.send_replace(sa.clone());
+        self.b.snapshots.send_replace(sb.clone());
+        eventually("both proxies applied the snapshot", || {
+            Arc::ptr_eq(&self.a.proxy().snapshot(), &sa)
+                && Arc::ptr_eq(&self.b.proxy().snapshot(), &sb)
+        })
+        .await;
+    }
+
+    /// A connection from pod `from` to `to`, captured by node A's proxy.
+    pub async fn connect(&self, from: IpAddr, to: SocketAddr) -> TcpStream {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(from, 0)).unwrap();
+        let local = sock.local_addr().unwrap();
+        self.odst.insert(local, to);
+        sock.connect(self.a.proxy().outbound_addr())
+            .await
+            .expect("capture listener accepts")
+    }
+
+    pub async fn http1(&self, from: IpAddr, to: SocketAddr) -> Client {
+        let tcp = self.connect(from, to).await;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Client::H1(send)
+    }
+
+    pub async fn http2(&self, from: IpAddr, to: SocketAddr) -> Client {
+        let tcp = self.connect(from, to).await;
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        Client::H2(send)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(p) = self.a.proxy.take() {
+            p.shutdown().await;
+        }
+        if let Some(p) = self.b.proxy.take() {
+            p.shutdown().await;
+        }
+    }
+}
+
+pub enum Client {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Reply {
+    /// The JSON echo of the test servers.
+    pub fn echo(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not an echo ({e}): {self:?}"))
+    }
+    pub fn server(&self) -> String {
+        self.echo()["server"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl Client {
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Reply, hyper::Error> {
+        let resp = match self {
+            Client::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+            Client::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        let collected = body.collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
+            trailers,
+        })
+    }
+
+    pub async fn get(&mut self, path: &str) -> Reply {
+        self.send(request("GET", path, &[], ""))
+            .await
+            .expect("response")
+    }
+}
+
+pub fn request(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://cart.shop{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.header("host", "cart.shop")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// An HTTP/1.1 + HTTP/2 (+ gRPC) server that echoes what it received as JSON.
+/// Paths: `/status/N` answers N; `/flaky/N` answers 503 to its first N
+/// requests; `/slow/MS` waits MS before answering.
+pub struct EchoServer {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl EchoServer {
+    pub async fn start(name: &str, addr: SocketAddr) -> EchoServer {
+        let listener = TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let flaky = Arc::new(AtomicUsize::new(0));
+        let (n, h, s) = (name.to_string(), hits.clone(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (n, h, s, f) = (n.clone(), h.clone(), s.clone(), flaky.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        echo(n.clone(), h.clone(), s.clone(), f.clone(), req)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        EchoServer {
+            name: name.into(),
+            addr,
+            hits,
+            seen,
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn echo(
+    name: String,
+    hits: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<serde_json::Value>>>,
+    flaky: Arc<AtomicUsize>,
+    req: Request<Incoming>,
+) -> Result<Response<EchoBody>, Infallible> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let headers: HashMap<String, String> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let record = serde_json::json!({
+        "server": name,
+        "version": format!("{:?}", parts.version),
+        "method": parts.method.as_str(),
+        "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        "authority": parts.uri.authority().map(|a| a.to_string()).or_else(|| headers.get("host").cloned()),
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    seen.lock().unwrap().push(record.clone());
+    let path = parts.uri.path().to_string();
+    let mut status = StatusCode::OK;
+    if let Some(n) = path.strip_prefix("/status/") {
+        status = n
+            .parse()
+            .ok()
+            .and_then(|n| StatusCode::from_u16(n).ok())
+            .unwrap_or(StatusCode::BAD_REQUEST);
+    } else if let Some(n) = path.strip_prefix("/flaky/") {
+        let n: usize = n.parse().unwrap_or(0);
+        if flaky.fetch_add(1, Ordering::SeqCst) < n {
+            status = StatusCode::SERVICE_UNAVAILABLE;
+        }
+    } else if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
+    let grpc = headers
+        .get("content-type")
+        .is_some_and(|c| c.starts_with("application/grpc"));
+    if grpc {
+        // One length-prefixed message, then grpc-status in the trailers.
+        let msg = format!(
+            "{name}:{}",
+            String::from_utf8_lossy(body.get(5..).unwrap_or_default())
+        );
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        frame.extend_from_slice(msg.as_bytes());
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("x-served-by", name.parse().unwrap());
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+            Ok(Frame::data(Bytes::from(frame))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let resp = Response::builder()
+            .header("content-type", "application/grpc")
+            .body(BodyExt::boxed(body))
+            .unwrap();
+        return Ok(resp);
+    }
+    let resp = Response::builder()
+        .status(status)
+        .header("x-server", &name)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(Full::new(Bytes::from(record.to_string()))))
+        .unwrap();
+    Ok(resp)
+}
+
+/// A TCP server: with a banner it speaks first (as SMTP does), then echoes.
+pub async fn tcp_server(addr: SocketAddr, banner: Option<&'static str>) -> SocketAddr {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if let Some(b) = banner {
+                    let _ = tcp.write_all(b.as_bytes()).await;
+                }
+                let mut buf = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if tcp.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads exactly `n` bytes, failing the test after a generous deadline.
+pub async fn read_n(tcp: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut buf))
+        .await
+        .expect("bytes within 10 s")
+        .expect("read");
+    buf
+}
+
+/// Waits until `f` holds, polling, for at most 10 s.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether the peer closes the connection (EOF or reset) within 10 s,
+/// discarding whatever it sends first.
+pub async fn closed_by_peer(tcp: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}

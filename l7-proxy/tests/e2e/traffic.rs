@@ -1,0 +1,308 @@
+//! Traffic of every kind flows through client proxy, tunnel and server proxy,
+//! and the server side learns the caller's verified identity.
+
+use std::net::SocketAddr;
+
+use l7_proxy::{
+    Snapshot,
+    config::{ObjectRef, Workload},
+    conntable::ConnKind,
+};
+use tokio::io::AsyncWriteExt;
+
+use crate::support::*;
+
+/// Starts echo servers on the given pods, all on one port; returns them and
+/// the port.
+pub async fn servers(pods: &[Pod]) -> (Vec<EchoServer>, u16) {
+    let first = EchoServer::start(
+        &format!("{}-0", pods[0].name),
+        SocketAddr::new(pods[0].ip, 0),
+    )
+    .await;
+    let port = first.addr.port();
+    let mut all = vec![first];
+    for (i, p) in pods.iter().enumerate().skip(1) {
+        all.push(EchoServer::start(&format!("{}-{i}", p.name), SocketAddr::new(p.ip, port)).await);
+    }
+    (all, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_crosses_the_tunnel_and_the_server_sees_the_caller_identity() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let r = c
+        .send(request("POST", "/items?id=7", &[("x-test", "1")], "hello"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let e = r.echo();
+    assert_eq!(e["server"], "cart-0");
+    assert_eq!(
+        e["version"], "HTTP/1.1",
+        "HTTP/1.1 restored on the far side"
+    );
+    assert_eq!(e["method"], "POST");
+    assert_eq!(e["path"], "/items?id=7");
+    assert_eq!(e["body"], "hello");
+    assert_eq!(e["headers"]["host"], "cart.shop");
+    assert_eq!(e["headers"]["x-test"], "1");
+    assert_eq!(
+        e["headers"]["sluice-source-identity"],
+        web().identity().to_string()
+    );
+    assert!(
+        e["headers"].get("sluice-target").is_none(),
+        "tunnel headers do not reach the workload"
+    );
+    assert_eq!(srv[0].hits(), 1);
+
+    // The server-side proxy saw the caller's SPIFFE ID on a TLS 1.3 tunnel.
+    let rows = mesh.b.proxy().connections();
+    let tunnel = rows
+        .iter()
+        .find(|r| r.kind == ConnKind::TunnelIn)
+        .expect("an inbound tunnel row");
+    assert_eq!(
+        tunnel.meta.source_identity.as_ref(),
+        Some(&web().identity())
+    );
+    assert_eq!(
+        tunnel.meta.destination_identity.as_ref(),
+        Some(&cart(0).identity())
+    );
+    let tls = tunnel.meta.tls.as_ref().expect("secured");
+    assert_eq!(tls.version, "TLSv1.3");
+    assert!(tls.peer_cert_not_after.is_some());
+    assert!(tunnel.bytes_received > 0);
+    let web_id = web().identity().to_string();
+    assert_eq!(
+        mesh.b.metric(
+            "sluice_requests_total",
+            &["direction=\"Inbound\"", &web_id, "status_class=\"2xx\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        mesh.a.metric(
+            "sluice_requests_total",
+            &["direction=\"Outbound\"", &web_id, "status_class=\"2xx\""]
+        ),
+        1.0
+    );
+    // The client side holds one pooled tunnel connection, reused.
+    for _ in 0..5 {
+        assert_eq!(c.get("/").await.status, 200);
+    }
+    assert_eq!(mesh.a.proxy().tunnel_connections(), 1);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_grpc_cross_the_tunnel_with_trailers() {
+    let mesh = Mesh::standard().await;
+    let (_srv, port) = servers(&[cart(0)]).await;
+    let mut svc = mesh.service("cart", 1, port, &[cart(0)]);
+    svc.ports[0].app_protocol = Some("kubernetes.io/h2c".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let r = c.get("/h2").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.echo()["version"],
+        "HTTP/2.0",
+        "prior-knowledge HTTP/2 stays HTTP/2"
+    );
+    assert_eq!(
+        r.echo()["headers"]["sluice-source-identity"],
+        web().identity().to_string()
+    );
+
+    let mut msg = vec![0u8];
+    msg.extend_from_slice(&4u32.to_be_bytes());
+    msg.extend_from_slice(b"ping");
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://cart.shop/shop.Cart/Add")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(msg)))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "application/grpc");
+    assert_eq!(&r.body.as_bytes()[5..], b"cart-0:ping");
+    let trailers = r.trailers.expect("gRPC trailers cross the tunnel");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-served-by"], "cart-0");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_and_server_speaks_first_cross_the_tunnel() {
+    let mesh = Mesh::standard().await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let smtp = tcp_server(SocketAddr::new(cart(1).ip, 0), Some("220 cart ready\r\n")).await;
+    let mut echo_svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
+    echo_svc.ports[0].port = 7000;
+    let mut smtp_svc = mesh.service("smtp", 2, smtp.port(), &[cart(1)]);
+    smtp_svc.ports[0].port = 25;
+    mesh.publish(&Snapshot {
+        services: vec![echo_svc, smtp_svc],
+        ..Default::default()
+    })
+    .await;
+
+    let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
+    t.write_all(b"\x00\x01binary, not HTTP").await.unwrap();
+    assert_eq!(read_n(&mut t, 18).await, b"\x00\x01binary, not HTTP");
+
+    // The client sends nothing: the proxy must not wait for it forever.
+    let mut s = mesh.connect(web().ip, SocketAddr::new(vip(2), 25)).await;
+    assert_eq!(read_n(&mut s, 16).await, b"220 cart ready\r\n");
+    s.write_all(b"EHLO web\r\n").await.unwrap();
+    assert_eq!(read_n(&mut s, 10).await, b"EHLO web\r\n");
+
+    let rows = mesh.a.proxy().connections();
+    let tcp_rows: Vec<_> = rows
+        .iter()
+        .filter(|r| r.kind == ConnKind::OutboundTcp)
+        .collect();
+    assert_eq!(tcp_rows.len(), 2, "{rows:?}");
+    assert!(
+        tcp_rows
+            .iter()
+            .all(|r| r.secured && r.meta.source_identity == Some(web().identity()))
+    );
+    let on_b = mesh.b.proxy().connections();
+    assert_eq!(
+        on_b.iter()
+            .filter(|r| r.kind == ConnKind::InboundTcp)
+            .count(),
+        2
+    );
+    drop((t, s));
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_ip_destinations_use_the_tunnel_and_the_rest_goes_direct() {
+    let mesh = Mesh::standard().await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    // Not in the snapshot at all: an "outside" server.
+    let outside = tcp_server(SocketAddr::new(pod_b(99), 0), Some("outside\n")).await;
+    mesh.publish(&Snapshot {
+        workloads: vec![Workload {
+            ip: cart(0).ip,
+            id: ObjectRef::new("shop", "cart-0"),
+            node_proxy: Some(mesh.node_b_proxy()),
+            identity: Some(cart(0).identity()),
+        }],
+        ..Default::default()
+    })
+    .await;
+    let mut t = mesh.connect(web().ip, echo).await;
+    t.write_all(b"to the pod").await.unwrap();
+    assert_eq!(read_n(&mut t, 10).await, b"to the pod");
+    let mut o = mesh.connect(web().ip, outside).await;
+    assert_eq!(read_n(&mut o, 8).await, b"outside\n");
+    let rows = mesh.a.proxy().connections();
+    let secured: Vec<bool> = rows
+        .iter()
+        .filter(|r| r.kind == ConnKind::OutboundTcp)
+        .map(|r| r.secured)
+        .collect();
+    assert_eq!(secured.len(), 2);
+    assert!(
+        secured.contains(&true) && secured.contains(&false),
+        "{rows:?}"
+    );
+    drop((t, o));
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_snapshot_keeps_open_connections_and_applies_to_new_ones() {
+    let mesh = Mesh::standard().await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let mut svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc.clone()],
+        ..Default::default()
+    })
+    .await;
+    let mut long = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    long.write_all(b"before").await.unwrap();
+    assert_eq!(read_n(&mut long, 6).await, b"before");
+
+    // The service loses its endpoint; the open connection must not notice.
+    let mut gone = svc.clone();
+    gone.endpoints.clear();
+    mesh.publish(&Snapshot {
+        services: vec![gone],
+        ..Default::default()
+    })
+    .await;
+    let mut fresh = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    assert!(
+        closed_by_peer(&mut fresh).await,
+        "a new connection sees the new snapshot: no endpoint"
+    );
+    long.write_all(b"after").await.unwrap();
+    assert_eq!(read_n(&mut long, 5).await, b"after");
+
+    // And a snapshot that adds it back serves new connections again.
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut again = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    again.write_all(b"again").await.unwrap();
+    assert_eq!(read_n(&mut again, 5).await, b"again");
+    drop((long, fresh, again));
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_requests_in_flight() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let slow = tokio::spawn(async move { c.get("/slow/300").await });
+    // Wait for the request to reach the server before shutting down.
+    eventually("the slow request reached the server", || srv[0].hits() == 1).await;
+    let Mesh { a, b, .. } = mesh;
+    let mut a = a;
+    let outbound = a.proxy().outbound_addr();
+    let shutdown = tokio::spawn(async move { a.proxy.take().unwrap().shutdown().await });
+    let r = slow.await.unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the request in flight finished during the drain"
+    );
+    shutdown.await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(outbound).await.is_err(),
+        "no new connections after shutdown"
+    );
+    let mut b = b;
+    b.proxy.take().unwrap().shutdown().await;
+}
