@@ -20,6 +20,7 @@ use crate::{
     config,
     crds::MtlsMode,
     identity::Identities,
+    proxy::{EmbeddedProxy, LbOriginalDst},
     reconcile::{
         Input, Outputs, Reconciler, Settings,
         dataplane::{Dataplane, MemoryDataplane},
@@ -63,6 +64,10 @@ pub enum DataplaneKind {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProxyMode {
+    /// Run the node proxy (l7-proxy) in the agent: capture listener on the
+    /// capture address (15001), mTLS tunnel listener on the inbound address
+    /// (15008).
+    Embedded,
     /// Another process serves the node proxy: the kernel redirects enrolled
     /// connections to the capture address.
     External,
@@ -126,14 +131,19 @@ pub struct RunArgs {
     /// `kernel` programs the eBPF load balancer; `none` programs nothing.
     #[arg(long, value_enum, default_value_t = DataplaneKind::Kernel)]
     pub dataplane: DataplaneKind,
-    /// The node proxy: `external` (a separate process listens on the capture
-    /// address) or `off`.
-    #[arg(long, value_enum, default_value_t = ProxyMode::Off)]
+    /// The node proxy: `embedded` (in this process), `external` (another
+    /// process listens on the capture address and marks its sockets with
+    /// 0x5c1ce000) or `off`.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
     pub proxy: ProxyMode,
-    /// Where the kernel sends enrolled connections. Default: the first node
-    /// address, port 15001.
+    /// Where the kernel sends enrolled connections (the proxy's capture
+    /// listener). Default: the first node address, port 15001.
     #[arg(long)]
     pub proxy_capture_addr: Option<SocketAddr>,
+    /// The embedded proxy's mTLS tunnel listener. Default: the first node
+    /// address, port 15008.
+    #[arg(long)]
+    pub proxy_inbound_addr: Option<SocketAddr>,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = config::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -188,6 +198,8 @@ pub enum Error {
     Files(#[from] crate::sources::files::Error),
     #[error(transparent)]
     Admin(#[from] admin::Error),
+    #[error("the node proxy: {0}")]
+    Proxy(#[source] Box<l7_proxy::ProxyError>),
     #[error("workload identities: {0}")]
     Identity(#[from] Box<crate::identity::Error>),
 }
@@ -225,6 +237,7 @@ pub struct Agent {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
     reconciler: Option<thread::JoinHandle<Reconciler>>,
+    proxy: Option<Arc<EmbeddedProxy>>,
 }
 
 impl Agent {
@@ -253,17 +266,66 @@ impl Agent {
             }
             DataplaneKind::None => Arc::new(MemoryDataplane::new()),
         };
+        if args.ca_url.is_some() {
+            wait_for_file(&args.ca_bundle).await;
+        }
+        let identities = match &args.ca_url {
+            Some(url) => {
+                Identities::remote(url, &args.ca_bundle, &args.ca_token, &args.trust_domain)
+                    .map_err(Box::new)?
+            }
+            None => Identities::in_process(&args.state_dir.join("ca"), &args.trust_domain)
+                .map_err(Box::new)?,
+        };
+        tracing::info!(ca = %identities.mode, "workload identities");
+        let (mut out, rx) = Outputs::channels();
+        // Renewal loops run until aborted at shutdown.
+        let mut background = identities.spawn(rx.identities.clone());
+        let node_ip = args
+            .node_addresses
+            .first()
+            .copied()
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let default_capture = SocketAddr::new(node_ip, config::PROXY_CAPTURE_PORT);
+        let mut embedded: Option<Arc<EmbeddedProxy>> = None;
         let capture = match args.proxy {
             ProxyMode::Off => None,
-            ProxyMode::External => Some(args.proxy_capture_addr.unwrap_or_else(|| {
-                SocketAddr::new(
-                    args.node_addresses
-                        .first()
-                        .copied()
-                        .unwrap_or(IpAddr::from([127, 0, 0, 1])),
-                    config::PROXY_CAPTURE_PORT,
+            ProxyMode::External => Some(args.proxy_capture_addr.unwrap_or(default_capture)),
+            ProxyMode::Embedded => {
+                let inbound = args
+                    .proxy_inbound_addr
+                    .unwrap_or(SocketAddr::new(node_ip, config::PROXY_INBOUND_PORT));
+                let settings = l7_proxy::ProxySettings {
+                    outbound_addr: args.proxy_capture_addr.unwrap_or(default_capture),
+                    inbound_addr: inbound,
+                    ..l7_proxy::ProxySettings::default()
+                };
+                let (snap_tx, snap_rx) =
+                    tokio::sync::watch::channel(Arc::new(l7_proxy::Snapshot::default()));
+                let mut registry = prometheus_client::registry::Registry::default();
+                let proxy = l7_proxy::Proxy::builder(
+                    settings,
+                    snap_rx,
+                    Arc::new(identities.manager.clone()),
+                    Arc::new(LbOriginalDst(dp.clone())),
                 )
-            })),
+                .start(&mut registry)
+                .await
+                .map_err(|e| Error::Proxy(Box::new(e)))?;
+                let inbound_port = proxy.inbound_addr().port();
+                background.push(crate::proxy::spawn_translator(
+                    rx.mesh.clone(),
+                    snap_tx,
+                    inbound_port,
+                ));
+                let capture = proxy.outbound_addr();
+                tracing::info!(%capture, inbound = %proxy.inbound_addr(), "node proxy running");
+                embedded = Some(Arc::new(EmbeddedProxy {
+                    proxy,
+                    registry: std::sync::Mutex::new(registry),
+                }));
+                Some(capture)
+            }
         };
         let proxy_target = capture.map(|a| ProxyTarget {
             v4: match a.ip() {
@@ -283,8 +345,9 @@ impl Agent {
             trust_domain: args.trust_domain.clone(),
             default_mode: args.default_mtls_mode,
             proxy: proxy_target,
+            // The embedded proxy does not mark its sockets yet.
+            kernel_strict: args.proxy == ProxyMode::External,
         };
-        let (mut out, rx) = Outputs::channels();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let (tx, inputs) = mpsc::channel::<Vec<Input>>();
         let mut tasks = Vec::new();
@@ -324,20 +387,6 @@ impl Agent {
             }
             _ => unreachable!("a kube source has a client"),
         }
-        if args.ca_url.is_some() {
-            wait_for_file(&args.ca_bundle).await;
-        }
-        let identities = match &args.ca_url {
-            Some(url) => {
-                Identities::remote(url, &args.ca_bundle, &args.ca_token, &args.trust_domain)
-                    .map_err(Box::new)?
-            }
-            None => Identities::in_process(&args.state_dir.join("ca"), &args.trust_domain)
-                .map_err(Box::new)?,
-        };
-        tracing::info!(ca = %identities.mode, "workload identities");
-        // Renewal loops run until aborted at shutdown.
-        let background = identities.spawn(rx.identities.clone());
         let listener = admin::bind(args.admin_addr).await?;
         let admin_addr = listener.local_addr().map_err(admin::Error::Serve)?;
         let state = Arc::new(AdminState {
@@ -351,6 +400,7 @@ impl Agent {
                 source: source.to_string(),
                 trust_domain: args.trust_domain.clone(),
                 proxy_mode: match args.proxy {
+                    ProxyMode::Embedded => "embedded".into(),
                     ProxyMode::External => "external".into(),
                     ProxyMode::Off => "off".into(),
                 },
@@ -362,7 +412,7 @@ impl Agent {
             view: rx.view,
             mesh: rx.mesh,
             dp,
-            proxy: None,
+            proxy: embedded.clone().map(|p| p as Arc<dyn admin::ProxyHandle>),
             identity: Some(Arc::new(identities)),
         });
         tasks.push(tokio::spawn(async move {
@@ -377,7 +427,15 @@ impl Agent {
             tasks,
             background,
             reconciler: Some(reconciler),
+            proxy: embedded,
         })
+    }
+
+    /// The embedded proxy's capture and tunnel addresses, when it runs.
+    pub fn proxy_addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
+        self.proxy
+            .as_ref()
+            .map(|p| (p.proxy.outbound_addr(), p.proxy.inbound_addr()))
     }
 
     /// Stops the source and the admin API and waits for the reconciler. The
@@ -386,6 +444,10 @@ impl Agent {
         let _ = self.stop.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;
+        }
+        // The admin API is gone, so the proxy handle is ours alone: drain it.
+        if let Some(p) = self.proxy.take().and_then(|p| Arc::try_unwrap(p).ok()) {
+            p.proxy.shutdown().await;
         }
         for t in self.background.drain(..) {
             t.abort();

@@ -20,6 +20,7 @@ pub mod config;
 pub mod crds;
 pub mod identity;
 pub mod netdev;
+pub mod proxy;
 pub mod rbac;
 pub mod reconcile;
 pub mod sources;

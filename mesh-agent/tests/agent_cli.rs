@@ -72,6 +72,7 @@ async fn start() -> Running {
         dataplane: DataplaneKind::None,
         proxy: ProxyMode::Off,
         proxy_capture_addr: None,
+        proxy_inbound_addr: None,
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,
         ca_url: None,

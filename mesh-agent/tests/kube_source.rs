@@ -57,6 +57,7 @@ fn start(fake: FakeApi) -> Running {
         trust_domain: "cluster.local".into(),
         default_mode: MtlsMode::Permissive,
         proxy: None,
+        kernel_strict: false,
     };
     let cg = std::env::temp_dir();
     let r = Reconciler::new(

@@ -25,7 +25,8 @@ use crate::reconcile::{AgentView, dataplane::Dataplane, mesh::MeshView};
 pub trait ProxyHandle: Send + Sync {
     /// Live connections, with identities and TLS details.
     fn connections(&self) -> Vec<api::ConnectionInfo>;
-    /// Requests and errors per Service (`namespace/name`).
+    /// Requests and 5xx errors per route (`namespace/name` of the route, or
+    /// of the Service for traffic no route matched).
     fn route_stats(&self) -> BTreeMap<String, (u64, u64)>;
     /// The proxy's metrics in Prometheus text (without `# EOF`).
     fn encode_metrics(&self, out: &mut String);
@@ -146,7 +147,8 @@ impl AdminState {
             .cloned()
             .map(|mut r| {
                 if let Some(stats) = &stats {
-                    let (req, err) = stats.get(&r.service).copied().unwrap_or_default();
+                    let owner = r.route.as_ref().unwrap_or(&r.service);
+                    let (req, err) = stats.get(owner).copied().unwrap_or_default();
                     r.requests = Some(req);
                     r.errors = Some(err);
                 }

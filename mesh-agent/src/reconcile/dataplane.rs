@@ -7,7 +7,7 @@ use std::{
     sync::Mutex,
 };
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ebpf_lb::{
     ApplyReport, Change, Frontend, LoadBalancer, MtlsMode, ProxyTarget, ServiceCounters,
@@ -34,6 +34,9 @@ pub trait Dataplane: Send + Sync {
     fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error>;
     /// Plaintext connection attempts to a STRICT workload refused.
     fn refusals(&self, ip: IpAddr) -> u64;
+    /// Where a connection the kernel redirected to the proxy was going, from
+    /// the accepted socket's peer (client) and local (capture) addresses.
+    fn original_destination(&self, peer: SocketAddr, local: SocketAddr) -> Option<SocketAddr>;
 }
 
 impl Dataplane for LoadBalancer {
@@ -82,6 +85,16 @@ impl Dataplane for LoadBalancer {
     fn refusals(&self, ip: IpAddr) -> u64 {
         LoadBalancer::refusals(self, ip).unwrap_or(0)
     }
+
+    fn original_destination(&self, peer: SocketAddr, local: SocketAddr) -> Option<SocketAddr> {
+        match LoadBalancer::original_destination(self, peer, local) {
+            Ok(o) => o.map(|o| o.dst),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "original destination lookup");
+                None
+            }
+        }
+    }
 }
 
 /// An in-memory dataplane with the same batch semantics, recording every
@@ -99,6 +112,7 @@ struct Memory {
     proxy: Option<ProxyTarget>,
     modes: BTreeMap<IpAddr, MtlsMode>,
     guarded: BTreeSet<String>,
+    original: BTreeMap<SocketAddr, SocketAddr>,
     batches: Vec<Vec<Change>>,
     /// Frontends whose upsert fails (to test error handling).
     failing: BTreeSet<Frontend>,
@@ -146,6 +160,12 @@ impl MemoryDataplane {
     /// Makes upserts of `fe` fail as a full map would.
     pub fn fail_upserts_of(&self, fe: Frontend) {
         self.lock().failing.insert(fe);
+    }
+
+    /// Records where a client's redirected connection was going, as the
+    /// kernel's sockops program would.
+    pub fn set_original_destination(&self, peer: SocketAddr, dst: SocketAddr) {
+        self.lock().original.insert(peer, dst);
     }
 
     pub fn clear_failures(&self) {
@@ -258,5 +278,9 @@ impl Dataplane for MemoryDataplane {
 
     fn refusals(&self, _ip: IpAddr) -> u64 {
         0
+    }
+
+    fn original_destination(&self, peer: SocketAddr, _local: SocketAddr) -> Option<SocketAddr> {
+        self.lock().original.get(&peer).copied()
     }
 }

@@ -35,6 +35,9 @@ pub struct MeshView {
     pub grpc_routes: Vec<GrpcRoute>,
     /// Valid access policies.
     pub access_policies: Vec<AccessPolicy>,
+    /// Pods anywhere whose traffic is meshed (namespace enrolled, no opt-out):
+    /// callers reach them through their node's proxy.
+    pub meshed_pods: std::collections::BTreeSet<Key>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -206,6 +209,19 @@ pub fn mesh_view(
             .cloned()
             .collect(),
         access_policies: store.access_policies.values().cloned().collect(),
+        meshed_pods: store
+            .pods
+            .values()
+            .filter(|p| {
+                store.namespace_enrolled(&p.namespace)
+                    && !p.host_network
+                    && p.annotations
+                        .get(crate::config::MESH_ANNOTATION)
+                        .map(String::as_str)
+                        != Some(crate::config::MESH_DISABLED)
+            })
+            .map(|p| p.key())
+            .collect(),
     }
 }
 

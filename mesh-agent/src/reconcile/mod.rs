@@ -67,6 +67,10 @@ pub struct Settings {
     /// Where the kernel sends enrolled connections; None: no proxy, meshed
     /// services are balanced like the others.
     pub proxy: Option<ProxyTarget>,
+    /// The proxy marks its sockets with the proxy mark, so the kernel may
+    /// refuse everything else to STRICT pods. Without it, STRICT is left to
+    /// the proxy (the kernel would refuse the proxy's own connections).
+    pub kernel_strict: bool,
 }
 
 /// A Service as programmed.
@@ -488,6 +492,14 @@ impl Reconciler {
             }
             let key = Key::new(&info.namespace, &info.name);
             let mode = match info.mtls_mode {
+                MtlsMode::Strict if !self.settings.kernel_strict => {
+                    info.strict_guard = Some(
+                        "not enforced in the kernel: the proxy does not mark its sockets; \
+                         the proxy enforces STRICT"
+                            .into(),
+                    );
+                    ebpf_lb::MtlsMode::Permissive
+                }
                 MtlsMode::Strict => ebpf_lb::MtlsMode::Strict,
                 MtlsMode::Permissive => ebpf_lb::MtlsMode::Permissive,
                 MtlsMode::Disabled => ebpf_lb::MtlsMode::Disabled,

@@ -39,6 +39,7 @@ fn fixture() -> Fixture {
             port: config::PROXY_CAPTURE_PORT,
             mark: config::PROXY_MARK,
         }),
+        kernel_strict: true,
     };
     let resolver = PodCgroups {
         root: cg.path().into(),
