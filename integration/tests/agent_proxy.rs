@@ -158,6 +158,9 @@ spec:
     - matches: [{{path: {{type: PathPrefix, value: /v2}}}}]
       backendRefs: [{{name: web-v2, port: 80}}]
     - backendRefs: [{{name: web, port: 80}}]
+    - matches: [{{path: {{type: PathPrefix, value: /ext}}}}]
+      filters: [{{type: ExtensionRef, extensionRef: {{group: example.com, kind: Filter, name: x}}}}]
+      backendRefs: [{{name: web, port: 80}}]
 ---
 apiVersion: sluice.dev/v1alpha1
 kind: SluiceWorkloads
@@ -192,6 +195,7 @@ workloads:
         proxy_inbound_addr: Some("127.0.0.1:0".parse()?),
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,
+        ca_dir: None,
         ca_url: None,
         ca_bundle: "/nonexistent".into(),
         ca_token: "/nonexistent".into(),
@@ -288,6 +292,15 @@ workloads:
         .unwrap();
     assert_eq!(split.requests, Some(10), "{split:?}");
     assert_eq!(split.errors, Some(0));
+
+    // The rule the proxy cannot take is left out and reported.
+    let check: mesh_agent::admin::api::Check = rt.block_on(admin.get("/v1/check"))?;
+    let p = check
+        .config_errors
+        .iter()
+        .find(|e| e.source == "node proxy")
+        .unwrap_or_else(|| panic!("{:?}", check.config_errors));
+    assert!(p.message.contains("HTTPRoute shop/web-split: spec.rules[2].filters[0].type"), "{p}");
 
     rt.block_on(agent.shutdown());
     Ok(())

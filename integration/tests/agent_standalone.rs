@@ -54,6 +54,7 @@ fn args(dir: &Path, cg: &TestCgroup, instance: &str, state: &Path, capture: Sock
         proxy_inbound_addr: None,
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,
+        ca_dir: None,
         ca_url: None,
         ca_bundle: "/nonexistent".into(),
         ca_token: "/nonexistent".into(),

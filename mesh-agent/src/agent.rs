@@ -150,6 +150,12 @@ pub struct RunArgs {
     /// mTLS mode of workloads no MeshPolicy selects.
     #[arg(long, default_value = "PERMISSIVE")]
     pub default_mtls_mode: MtlsMode,
+    /// Where the in-process CA keeps its root (default `<state-dir>/ca`).
+    /// Agents of several standalone nodes on one machine share a trust
+    /// domain by pointing at the same directory (start one first: it creates
+    /// the root).
+    #[arg(long, env = "SLUICE_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
     /// The cluster's CA service (`mesh-agent ca`), `https://host:port`.
     /// Without it the agent runs a CA in-process, its root in
     /// `<state-dir>/ca` (standalone mode).
@@ -274,8 +280,14 @@ impl Agent {
                 Identities::remote(url, &args.ca_bundle, &args.ca_token, &args.trust_domain)
                     .map_err(Box::new)?
             }
-            None => Identities::in_process(&args.state_dir.join("ca"), &args.trust_domain)
-                .map_err(Box::new)?,
+            None => Identities::in_process(
+                &args
+                    .ca_dir
+                    .clone()
+                    .unwrap_or_else(|| args.state_dir.join("ca")),
+                &args.trust_domain,
+            )
+            .map_err(Box::new)?,
         };
         tracing::info!(ca = %identities.mode, "workload identities");
         let (mut out, rx) = Outputs::channels();
@@ -313,16 +325,19 @@ impl Agent {
                 .await
                 .map_err(|e| Error::Proxy(Box::new(e)))?;
                 let inbound_port = proxy.inbound_addr().port();
+                let (problems_tx, problems) = tokio::sync::watch::channel(Vec::new());
                 background.push(crate::proxy::spawn_translator(
                     rx.mesh.clone(),
                     snap_tx,
                     inbound_port,
+                    problems_tx,
                 ));
                 let capture = proxy.outbound_addr();
                 tracing::info!(%capture, inbound = %proxy.inbound_addr(), "node proxy running");
                 embedded = Some(Arc::new(EmbeddedProxy {
                     proxy,
                     registry: std::sync::Mutex::new(registry),
+                    problems,
                 }));
                 Some(capture)
             }

@@ -514,6 +514,7 @@ pub fn spawn_translator(
     mut views: watch::Receiver<Arc<MeshView>>,
     snapshots: watch::Sender<Arc<Snapshot>>,
     inbound_port: u16,
+    problems: watch::Sender<Vec<String>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_errors: BTreeSet<String> = BTreeSet::new();
@@ -524,6 +525,7 @@ pub fn spawn_translator(
             for e in errors.difference(&last_errors) {
                 tracing::warn!("proxy configuration: {e}");
             }
+            problems.send_replace(errors.iter().cloned().collect());
             last_errors = errors;
             snapshots.send_if_modified(|cur| {
                 if **cur == snap {
@@ -553,6 +555,8 @@ impl l7_proxy::OriginalDst for LbOriginalDst {
 pub struct EmbeddedProxy {
     pub proxy: l7_proxy::Proxy,
     pub registry: Mutex<Registry>,
+    /// What the last snapshot left out, and why.
+    pub problems: watch::Receiver<Vec<String>>,
 }
 
 fn rfc3339_unix(secs: u64) -> Option<String> {
@@ -652,6 +656,10 @@ impl ProxyHandle for EmbeddedProxy {
 
     fn encode_metrics(&self, out: &mut String) {
         out.push_str(&self.metrics_text());
+    }
+
+    fn config_problems(&self) -> Vec<String> {
+        self.problems.borrow().clone()
     }
 }
 

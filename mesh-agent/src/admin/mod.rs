@@ -30,6 +30,8 @@ pub trait ProxyHandle: Send + Sync {
     fn route_stats(&self) -> BTreeMap<String, (u64, u64)>;
     /// The proxy's metrics in Prometheus text (without `# EOF`).
     fn encode_metrics(&self, out: &mut String);
+    /// Configuration the proxy could not take (a route rule left out).
+    fn config_problems(&self) -> Vec<String>;
 }
 
 /// What the identity manager and CA tell the admin API.
@@ -239,9 +241,18 @@ impl AdminState {
                 v.dataplane_errors.join("; ")
             },
         });
+        let mut config_errors = v.config_errors.clone();
+        for p in self.proxy.iter().flat_map(|p| p.config_problems()) {
+            config_errors.push(api::ConfigError {
+                source: "node proxy".into(),
+                object: None,
+                field: None,
+                message: p,
+            });
+        }
         Check {
             checks,
-            config_errors: v.config_errors.clone(),
+            config_errors,
         }
     }
 
