@@ -159,7 +159,7 @@ fn the_agent_runs_with_capabilities_not_privileged_and_every_value_is_documented
     for needed in [
         "hostNetwork: true",
         "mountPath: /sys/fs/bpf",
-        "mountPath: /host/cgroup",
+        "mountPath: /sys/fs/cgroup",
         "tolerations:",
         "drop: [ALL]",
     ] {
