@@ -300,7 +300,11 @@ workloads:
         .iter()
         .find(|e| e.source == "node proxy")
         .unwrap_or_else(|| panic!("{:?}", check.config_errors));
-    assert!(p.message.contains("HTTPRoute shop/web-split: spec.rules[2].filters[0].type"), "{p}");
+    assert!(
+        p.message
+            .contains("HTTPRoute shop/web-split: spec.rules[2].filters[0].type"),
+        "{p}"
+    );
 
     rt.block_on(agent.shutdown());
     Ok(())
