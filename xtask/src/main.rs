@@ -24,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what this machine lacks to build and test Sluice: the nightly
-    /// rust-src component, bpf-linker 0.10.1, cargo-nextest, iproute2.
+    /// rust-src component, bpf-linker 0.10.1, cargo-nextest, iproute2, and
+    /// helm-sdkpy (Helm's linter, from PyPI) for the chart test.
     Setup,
     /// Run setup, `cargo fmt --check`, clippy on the user crates and on the
     /// kernel crate (bpfel target), and the whole test suite. Privileged tests
@@ -159,8 +160,37 @@ fn setup() -> Result<()> {
         run(cargo().args(["install", "cargo-nextest", "--locked"]))?;
     }
     apt_install(&[("ip", "iproute2")])?;
+    helm_linter()?;
     eprintln!("xtask setup: done");
     Ok(())
+}
+
+const HELM_SDKPY_VERSION: &str = "0.1.32";
+
+/// Helm's linter (it renders the chart's templates) for the chart test in
+/// mesh-agent/tests/chart.rs: no `helm` binary can be installed here, but the
+/// PyPI package helm-sdkpy bundles Helm's Go library. It declares Python 3.12;
+/// it works on 3.11, hence --ignore-requires-python.
+fn helm_linter() -> Result<()> {
+    let installed = output(Command::new("python3").args([
+        "-c",
+        "import importlib.metadata as m; print(m.version('helm-sdkpy'))",
+    ]))
+    .unwrap_or_default();
+    if installed.trim() == HELM_SDKPY_VERSION {
+        return Ok(());
+    }
+    apt_install(&[("python3", "python3"), ("pip3", "python3-pip")])?;
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--ignore-requires-python",
+        "--break-system-packages",
+        &format!("helm-sdkpy=={HELM_SDKPY_VERSION}"),
+    ]))
+    .context("installing helm-sdkpy (Helm's linter, for the chart test)")
 }
 
 /// Installs the Debian packages whose commands are missing.

@@ -1,0 +1,474 @@
+//! `mesh-agent run`: the source, the reconciler thread, the admin API (and the
+//! node proxy and identity manager where wired), tied together.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError},
+    },
+    thread,
+};
+
+use clap::{Args, ValueEnum};
+use ebpf_lb::ProxyTarget;
+
+use crate::{
+    admin::{self, AdminInfo, AdminState},
+    cgroups::PodCgroups,
+    config,
+    crds::MtlsMode,
+    identity::Identities,
+    proxy::{EmbeddedProxy, LbOriginalDst},
+    reconcile::{
+        Input, Outputs, Reconciler, Settings,
+        dataplane::{Dataplane, MemoryDataplane},
+    },
+    sources::{SourceSpec, files::FilesSource, kube::KubeSource},
+};
+
+/// Runs the reconciler on its own thread: each batch of inputs that arrived
+/// together is handled in one step; a tick retries what failed when nothing
+/// arrives for a while. Ends when every sender is gone.
+pub fn spawn_reconciler(
+    mut r: Reconciler,
+    rx: mpsc::Receiver<Vec<Input>>,
+) -> thread::JoinHandle<Reconciler> {
+    thread::Builder::new()
+        .name("reconciler".into())
+        .spawn(move || {
+            loop {
+                match rx.recv_timeout(config::CGROUP_RETRY) {
+                    Ok(mut batch) => {
+                        while let Ok(more) = rx.try_recv() {
+                            batch.extend(more);
+                        }
+                        r.step(batch);
+                    }
+                    Err(RecvTimeoutError::Timeout) => r.step(vec![Input::Tick]),
+                    Err(RecvTimeoutError::Disconnected) => return r,
+                }
+            }
+        })
+        .expect("spawning the reconciler thread")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DataplaneKind {
+    /// Load and attach the eBPF programs (needs root or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
+    Kernel,
+    /// Program nothing: check a configuration and serve the admin API only.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProxyMode {
+    /// Run the node proxy (l7-proxy) in the agent: capture listener on the
+    /// capture address (15001), mTLS tunnel listener on the inbound address
+    /// (15008).
+    Embedded,
+    /// Another process serves the node proxy: the kernel redirects enrolled
+    /// connections to the capture address.
+    External,
+    /// No proxy: meshed Services are balanced in the kernel like the others.
+    Off,
+}
+
+fn default_source() -> String {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        "kube".into()
+    } else {
+        "files:/etc/sluice/config".into()
+    }
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// `mesh-agent run` flags.
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Where the configuration comes from: `kube` (the Kubernetes API, in a
+    /// cluster) or `files:<dir>` (standalone: a directory of manifests and
+    /// SluiceWorkloads documents, watched for changes). Default: `kube` inside
+    /// a pod, else `files:/etc/sluice/config`.
+    #[arg(long, env = "SLUICE_SOURCE", default_value_t = default_source())]
+    pub source: String,
+    /// This node's name, as pods' `spec.nodeName` (and the workloads file's
+    /// `node`) say. Default: the host name.
+    #[arg(long, env = "NODE_NAME", default_value_t = default_node_name())]
+    pub node_name: String,
+    /// This node's address(es), where its proxy is reached by other nodes;
+    /// repeat for dual stack. In a cluster, pass status.hostIP.
+    #[arg(
+        long = "node-address",
+        env = "NODE_IP",
+        value_delimiter = ',',
+        default_value = "127.0.0.1"
+    )]
+    pub node_addresses: Vec<IpAddr>,
+    /// The cgroup v2 directory the programs attach to (its whole subtree is
+    /// balanced). Relative workload cgroup paths of the files source are
+    /// relative to it. Default: the cgroup v2 mount (every process).
+    #[arg(long, env = "SLUICE_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Directory for the agent's own state (the standalone CA root, 0600).
+    #[arg(long, env = "SLUICE_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Admin API address (/metrics, /healthz, /readyz, /v1/... for `sluice`).
+    #[arg(long, env = "SLUICE_ADMIN_ADDR", default_value = config::DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// bpffs mount point (mounted if missing).
+    #[arg(long, default_value = ebpf_lb::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Name of the folder under bpffs holding the pinned maps and links.
+    #[arg(long, default_value = config::LB_INSTANCE)]
+    pub lb_instance: String,
+    /// `kernel` programs the eBPF load balancer; `none` programs nothing.
+    #[arg(long, value_enum, default_value_t = DataplaneKind::Kernel)]
+    pub dataplane: DataplaneKind,
+    /// The node proxy: `embedded` (in this process), `external` (another
+    /// process listens on the capture address and marks its sockets with
+    /// 0x5c1ce000) or `off`.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
+    pub proxy: ProxyMode,
+    /// Where the kernel sends enrolled connections (the proxy's capture
+    /// listener). Default: the first node address, port 15001.
+    #[arg(long)]
+    pub proxy_capture_addr: Option<SocketAddr>,
+    /// The embedded proxy's mTLS tunnel listener. Default: the first node
+    /// address, port 15008.
+    #[arg(long)]
+    pub proxy_inbound_addr: Option<SocketAddr>,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// mTLS mode of workloads no MeshPolicy selects.
+    #[arg(long, default_value = "PERMISSIVE")]
+    pub default_mtls_mode: MtlsMode,
+    /// Where the in-process CA keeps its root (default `<state-dir>/ca`).
+    /// Agents of several standalone nodes on one machine share a trust
+    /// domain by pointing at the same directory (start one first: it creates
+    /// the root).
+    #[arg(long, env = "SLUICE_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// The cluster's CA service (`mesh-agent ca`), `https://host:port`.
+    /// Without it the agent runs a CA in-process, its root in
+    /// `<state-dir>/ca` (standalone mode).
+    #[arg(long, env = "SLUICE_CA_URL")]
+    pub ca_url: Option<String>,
+    /// The trust bundle (PEM roots) that signs the CA service's certificate.
+    #[arg(
+        long,
+        env = "SLUICE_CA_BUNDLE",
+        default_value = "/etc/sluice/trust/trust-bundle.pem"
+    )]
+    pub ca_bundle: PathBuf,
+    /// The token the agent authenticates to the CA with (its service account token).
+    #[arg(
+        long,
+        env = "SLUICE_CA_TOKEN",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub ca_token: PathBuf,
+}
+
+/// What stops `run`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Source(String),
+    #[error("creating the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the kernel load balancer: {0}")]
+    Lb(#[source] ebpf_lb::Error),
+    #[error("attaching to cgroup {path}: {source}")]
+    Attach {
+        path: PathBuf,
+        #[source]
+        source: ebpf_lb::Error,
+    },
+    #[error(
+        "connecting to the Kubernetes API: {0} (in a pod, the service account is used; outside, KUBECONFIG)"
+    )]
+    Kube(#[source] kube::Error),
+    #[error(transparent)]
+    Files(#[from] crate::sources::files::Error),
+    #[error(transparent)]
+    Admin(#[from] admin::Error),
+    #[error("the node proxy: {0}")]
+    Proxy(#[source] Box<l7_proxy::ProxyError>),
+    #[error("workload identities: {0}")]
+    Identity(#[from] Box<crate::identity::Error>),
+}
+
+fn make_state_dir(path: &std::path::Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| Error::StateDir {
+            path: path.into(),
+            source,
+        })
+}
+
+/// Waits for a file the CA publishes (the trust bundle, mounted from a
+/// ConfigMap that appears when the CA first starts), logging while it waits.
+async fn wait_for_file(path: &std::path::Path) {
+    let mut waited = std::time::Duration::ZERO;
+    let step = std::time::Duration::from_secs(2);
+    while !path.exists() {
+        if waited.as_secs().is_multiple_of(30) {
+            tracing::info!(path = %path.display(), "waiting for the CA's trust bundle");
+        }
+        tokio::time::sleep(step).await;
+        waited += step;
+    }
+}
+
+/// A running agent (for tests and the binary).
+pub struct Agent {
+    pub admin_addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    reconciler: Option<thread::JoinHandle<Reconciler>>,
+    proxy: Option<Arc<EmbeddedProxy>>,
+}
+
+impl Agent {
+    /// Starts everything; returns once the admin API listens.
+    pub async fn start(args: RunArgs) -> Result<Agent, Error> {
+        let source: SourceSpec = args.source.parse().map_err(Error::Source)?;
+        make_state_dir(&args.state_dir)?;
+        let cgroup_root = match &args.cgroup_root {
+            Some(p) => p.clone(),
+            None => ebpf_lb::cgroup2_mount().map_err(Error::Lb)?,
+        };
+        let dp: Arc<dyn Dataplane> = match args.dataplane {
+            DataplaneKind::Kernel => {
+                let lb = ebpf_lb::LoadBalancer::open(ebpf_lb::Options {
+                    bpffs: args.bpffs.clone(),
+                    instance: args.lb_instance.clone(),
+                    ..ebpf_lb::Options::default()
+                })
+                .map_err(Error::Lb)?;
+                lb.attach(&cgroup_root).map_err(|source| Error::Attach {
+                    path: cgroup_root.clone(),
+                    source,
+                })?;
+                tracing::info!(cgroup = %cgroup_root.display(), pins = %lb.pin_dir().display(), "kernel programs attached");
+                Arc::new(lb)
+            }
+            DataplaneKind::None => Arc::new(MemoryDataplane::new()),
+        };
+        if args.ca_url.is_some() {
+            wait_for_file(&args.ca_bundle).await;
+        }
+        let identities = match &args.ca_url {
+            Some(url) => {
+                Identities::remote(url, &args.ca_bundle, &args.ca_token, &args.trust_domain)
+                    .map_err(Box::new)?
+            }
+            None => Identities::in_process(
+                &args
+                    .ca_dir
+                    .clone()
+                    .unwrap_or_else(|| args.state_dir.join("ca")),
+                &args.trust_domain,
+            )
+            .map_err(Box::new)?,
+        };
+        tracing::info!(ca = %identities.mode, "workload identities");
+        let (mut out, rx) = Outputs::channels();
+        // Renewal loops run until aborted at shutdown.
+        let mut background = identities.spawn(rx.identities.clone());
+        let node_ip = args
+            .node_addresses
+            .first()
+            .copied()
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let default_capture = SocketAddr::new(node_ip, config::PROXY_CAPTURE_PORT);
+        let mut embedded: Option<Arc<EmbeddedProxy>> = None;
+        let capture = match args.proxy {
+            ProxyMode::Off => None,
+            ProxyMode::External => Some(args.proxy_capture_addr.unwrap_or(default_capture)),
+            ProxyMode::Embedded => {
+                let inbound = args
+                    .proxy_inbound_addr
+                    .unwrap_or(SocketAddr::new(node_ip, config::PROXY_INBOUND_PORT));
+                let settings = l7_proxy::ProxySettings {
+                    outbound_addr: args.proxy_capture_addr.unwrap_or(default_capture),
+                    inbound_addr: inbound,
+                    ..l7_proxy::ProxySettings::default()
+                };
+                let (snap_tx, snap_rx) =
+                    tokio::sync::watch::channel(Arc::new(l7_proxy::Snapshot::default()));
+                let mut registry = prometheus_client::registry::Registry::default();
+                let proxy = l7_proxy::Proxy::builder(
+                    settings,
+                    snap_rx,
+                    Arc::new(identities.manager.clone()),
+                    Arc::new(LbOriginalDst(dp.clone())),
+                )
+                .start(&mut registry)
+                .await
+                .map_err(|e| Error::Proxy(Box::new(e)))?;
+                let inbound_port = proxy.inbound_addr().port();
+                let (problems_tx, problems) = tokio::sync::watch::channel(Vec::new());
+                background.push(crate::proxy::spawn_translator(
+                    rx.mesh.clone(),
+                    snap_tx,
+                    inbound_port,
+                    problems_tx,
+                ));
+                let capture = proxy.outbound_addr();
+                tracing::info!(%capture, inbound = %proxy.inbound_addr(), "node proxy running");
+                embedded = Some(Arc::new(EmbeddedProxy {
+                    proxy,
+                    registry: std::sync::Mutex::new(registry),
+                    problems,
+                }));
+                Some(capture)
+            }
+        };
+        let proxy_target = capture.map(|a| ProxyTarget {
+            v4: match a.ip() {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            },
+            v6: match a.ip() {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
+            },
+            port: a.port(),
+            mark: config::PROXY_MARK,
+        });
+        let settings = Settings {
+            node: args.node_name.clone(),
+            node_addresses: args.node_addresses.clone(),
+            trust_domain: args.trust_domain.clone(),
+            default_mode: args.default_mtls_mode,
+            proxy: proxy_target,
+            // The embedded proxy does not mark its sockets yet.
+            kernel_strict: args.proxy == ProxyMode::External,
+        };
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (tx, inputs) = mpsc::channel::<Vec<Input>>();
+        let mut tasks = Vec::new();
+        let kube_client = match &source {
+            SourceSpec::Kube => {
+                let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+                let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+                out.status = Some(status_tx);
+                tasks.push(tokio::spawn(crate::sources::kube::status::run(
+                    client.clone(),
+                    status_rx,
+                )));
+                Some(client)
+            }
+            SourceSpec::Files(_) => None,
+        };
+        let resolver = PodCgroups {
+            root: ebpf_lb::cgroup2_mount().unwrap_or_else(|_| cgroup_root.clone()),
+            base: cgroup_root.clone(),
+        };
+        let reconciler = Reconciler::new(dp.clone(), Box::new(resolver), settings, out);
+        let reconciler = spawn_reconciler(reconciler, inputs);
+        match (&source, kube_client) {
+            (SourceSpec::Kube, Some(client)) => {
+                tasks.push(tokio::spawn(
+                    KubeSource::new(client).run(tx, stop_rx.clone()),
+                ));
+            }
+            (SourceSpec::Files(dir), _) => {
+                let src = FilesSource::new(dir);
+                let stop_rx = stop_rx.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = src.run(tx, stop_rx).await {
+                        tracing::error!(error = %e, "files source stopped");
+                    }
+                }));
+            }
+            _ => unreachable!("a kube source has a client"),
+        }
+        let listener = admin::bind(args.admin_addr).await?;
+        let admin_addr = listener.local_addr().map_err(admin::Error::Serve)?;
+        let state = Arc::new(AdminState {
+            info: AdminInfo {
+                node: args.node_name.clone(),
+                node_addresses: args
+                    .node_addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                source: source.to_string(),
+                trust_domain: args.trust_domain.clone(),
+                proxy_mode: match args.proxy {
+                    ProxyMode::Embedded => "embedded".into(),
+                    ProxyMode::External => "external".into(),
+                    ProxyMode::Off => "off".into(),
+                },
+                capture: capture.map(|a| a.to_string()),
+                ca_mode: identities.mode.clone(),
+                bpffs: args.bpffs.clone(),
+                kernel: args.dataplane == DataplaneKind::Kernel,
+            },
+            view: rx.view,
+            mesh: rx.mesh,
+            dp,
+            proxy: embedded.clone().map(|p| p as Arc<dyn admin::ProxyHandle>),
+            identity: Some(Arc::new(identities)),
+        });
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = admin::serve(listener, state, stop_rx).await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        }));
+        tracing::info!(%admin_addr, source = %source, node = %args.node_name, "mesh-agent running");
+        Ok(Agent {
+            admin_addr,
+            stop,
+            tasks,
+            background,
+            reconciler: Some(reconciler),
+            proxy: embedded,
+        })
+    }
+
+    /// The embedded proxy's capture and tunnel addresses, when it runs.
+    pub fn proxy_addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
+        self.proxy
+            .as_ref()
+            .map(|p| (p.proxy.outbound_addr(), p.proxy.inbound_addr()))
+    }
+
+    /// Stops the source and the admin API and waits for the reconciler. The
+    /// kernel state stays pinned: load balancing goes on without the agent.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        // The admin API is gone, so the proxy handle is ours alone: drain it.
+        if let Some(p) = self.proxy.take().and_then(|p| Arc::try_unwrap(p).ok()) {
+            p.proxy.shutdown().await;
+        }
+        for t in self.background.drain(..) {
+            t.abort();
+        }
+        if let Some(r) = self.reconciler.take() {
+            let _ = tokio::task::spawn_blocking(move || r.join()).await;
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! `mesh-agent`: Sluice's node agent.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mesh_agent::agent::{Agent, RunArgs};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "Sluice's node agent")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: read the configuration, program the kernel, serve the
+    /// admin API. Log level from RUST_LOG (default info).
+    Run(Box<RunArgs>),
+    /// Run the cluster's CA service: signs workload certificates for node
+    /// agents (authenticated by their service account token), root in a
+    /// Kubernetes Secret or a directory.
+    Ca(Box<mesh_agent::ca::CaArgs>),
+    /// Print the CRD manifests of Sluice's resources (MeshPolicy, AccessPolicy).
+    Crds,
+    /// Check a files-source directory and print what would be refused.
+    Validate {
+        /// The directory (as in --source files:<dir>).
+        dir: std::path::PathBuf,
+    },
+    /// Remove the pinned kernel state (programs, maps) an agent left.
+    Uninstall {
+        #[arg(long, default_value = ebpf_lb::DEFAULT_BPFFS)]
+        bpffs: std::path::PathBuf,
+        #[arg(long, default_value = mesh_agent::config::LB_INSTANCE)]
+        lb_instance: String,
+    },
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds => {
+            print!("{}", mesh_agent::crds::crd_manifests());
+            ExitCode::SUCCESS
+        }
+        Command::Validate { dir } => {
+            let mut src = mesh_agent::sources::files::FilesSource::new(&dir);
+            if let Err(e) = src.reload() {
+                eprintln!("mesh-agent: {e}");
+                return ExitCode::from(2);
+            }
+            let errors = src.errors();
+            for e in &errors {
+                println!("{e}");
+            }
+            if errors.is_empty() {
+                println!("{}: no problems", dir.display());
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Uninstall { bpffs, lb_instance } => {
+            let dir = bpffs.join(lb_instance);
+            match ebpf_lb::uninstall_at(&dir) {
+                Ok(()) => {
+                    println!("removed {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mesh-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Ca(args) => {
+            init_tracing(&cli.log_format);
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            let ca = tokio::spawn(mesh_agent::ca::run(*args, stop_rx));
+            tokio::select! {
+                _ = wait_for_signal() => {
+                    let _ = stop.send(true);
+                }
+                r = ca => return match r {
+                    Ok(Err(e)) => {
+                        tracing::error!("{e}");
+                        eprintln!("mesh-agent ca: {e}");
+                        ExitCode::FAILURE
+                    }
+                    _ => ExitCode::FAILURE,
+                },
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => {
+            init_tracing(&cli.log_format);
+            let agent = match Agent::start(*args).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("mesh-agent: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            wait_for_signal().await;
+            tracing::info!("stopping; the kernel keeps balancing with the pinned state");
+            agent.shutdown().await;
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! `sluice`: the command line for people and scripts. It reads the agent's
+//! admin API and prints aligned tables, or `-o json`.
+
+pub mod client;
+pub mod table;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use self::{
+    client::Client,
+    table::{Table, or_dash},
+};
+use crate::{
+    admin::api::{Check, CheckResult, Connections, Outcome, Routes, Status, Workloads},
+    config,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Inspect the Sluice mesh on this node",
+    long_about = "Inspect the Sluice mesh on this node. Every command except `check` asks the \
+                  node agent's admin API; `check` also runs local checks that work while the \
+                  agent is down."
+)]
+pub struct Cli {
+    /// The agent's admin API URL.
+    #[arg(long, global = true, env = "SLUICE_ADMIN", default_value = config::DEFAULT_ADMIN_URL)]
+    pub admin: String,
+    /// Output format: aligned tables for people, or JSON for scripts.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the node (kernel, cgroup v2, bpffs, BTF, capabilities) and the
+    /// agent (health, configuration errors). Exits 1 if a check fails.
+    Check,
+    /// Node, enrolled namespaces, counts, CA and trust bundle.
+    Status,
+    /// Pods with identity, enrolment, mTLS mode and certificate expiry.
+    Workloads {
+        /// Also list pods of other nodes.
+        #[arg(short = 'A', long)]
+        all: bool,
+        /// Only pods of this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// Live connections through the node proxy: source and destination
+    /// workload and identity, mTLS, TLS version, cipher, peer certificate expiry.
+    #[command(visible_alias = "edges")]
+    Tls,
+    /// Routes per Service, with request and connection counts.
+    Routes,
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    match run_inner(&cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`sluice ... | head`) ends the output
+/// quietly rather than with a panic.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    emit(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(v).expect("JSON serialises")
+    ));
+}
+
+async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
+    let c = Client::new(&cli.admin)?;
+    let json = cli.output == Output::Json;
+    match &cli.command {
+        Command::Check => return Ok(check(&c, json).await),
+        Command::Status => {
+            let s: Status = c.get("/v1/status").await?;
+            if json {
+                print_json(&s);
+            } else {
+                emit(&render_status(&s));
+            }
+        }
+        Command::Workloads { all, namespace } => {
+            let mut w: Workloads = c.get("/v1/workloads").await?;
+            w.workloads.retain(|w| {
+                (*all || w.local) && namespace.as_ref().is_none_or(|n| &w.namespace == n)
+            });
+            if json {
+                print_json(&w);
+            } else {
+                emit(&render_workloads(&w, *all));
+            }
+        }
+        Command::Tls => {
+            let t: Connections = c.get("/v1/connections").await?;
+            if json {
+                print_json(&t);
+            } else {
+                emit(&render_connections(&t));
+            }
+        }
+        Command::Routes => {
+            let r: Routes = c.get("/v1/routes").await?;
+            if json {
+                print_json(&r);
+            } else {
+                emit(&render_routes(&r));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Local checks, then the agent's; exit 1 when something fails.
+async fn check(c: &Client, json: bool) -> ExitCode {
+    let mut checks: Vec<CheckResult> =
+        crate::check::local_checks(std::path::Path::new(ebpf_lb::DEFAULT_BPFFS));
+    let mut config_errors = Vec::new();
+    match c.get::<Check>("/v1/check").await {
+        Ok(agent) => {
+            checks.push(CheckResult {
+                name: "agent".into(),
+                outcome: Outcome::Pass,
+                detail: format!("healthy at {}", c.url()),
+            });
+            checks.extend(agent.checks);
+            config_errors = agent.config_errors;
+        }
+        Err(e) => checks.push(CheckResult {
+            name: "agent".into(),
+            outcome: Outcome::Fail,
+            detail: e.to_string().replace('\n', " "),
+        }),
+    }
+    let failed = checks.iter().any(|c| c.outcome == Outcome::Fail);
+    if json {
+        print_json(&Check {
+            checks,
+            config_errors,
+        });
+    } else {
+        emit(&render_check(&checks, &config_errors));
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+pub fn render_check(checks: &[CheckResult], errors: &[crate::admin::api::ConfigError]) -> String {
+    let mut t = Table::new(&["CHECK", "RESULT", "DETAIL"]);
+    for c in checks {
+        let r = match c.outcome {
+            Outcome::Pass => "ok",
+            Outcome::Warn => "warn",
+            Outcome::Fail => "FAIL",
+        };
+        t.row(vec![c.name.clone(), r.into(), c.detail.clone()]);
+    }
+    let mut out = t.to_string();
+    if !errors.is_empty() {
+        out.push_str("\nConfiguration problems (the last good version of each stays in force):\n");
+        for e in errors {
+            out.push_str(&format!("  {e}\n"));
+        }
+    }
+    out
+}
+
+pub fn render_status(s: &Status) -> String {
+    let mut out = String::new();
+    let kv = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<22}{v}\n"));
+    kv(
+        &mut out,
+        "Node:",
+        format!("{} ({})", s.node, s.node_addresses.join(", ")),
+    );
+    kv(
+        &mut out,
+        "Agent:",
+        format!(
+            "{} (source {}{})",
+            s.version,
+            s.source,
+            if s.synced {
+                ", synced"
+            } else {
+                ", NOT SYNCED yet"
+            }
+        ),
+    );
+    kv(
+        &mut out,
+        "Enrolled namespaces:",
+        if s.enrolled_namespaces.is_empty() {
+            format!(
+                "none (annotate one: kubectl annotate ns NAME {}={})",
+                config::MESH_ANNOTATION,
+                config::MESH_ENABLED
+            )
+        } else {
+            s.enrolled_namespaces.join(", ")
+        },
+    );
+    let c = &s.counts;
+    kv(
+        &mut out,
+        "Services:",
+        format!(
+            "{} ({} frontends, {} ready backends)",
+            c.services, c.frontends, c.ready_backends
+        ),
+    );
+    kv(
+        &mut out,
+        "Workloads:",
+        format!(
+            "{} on this node, {} enrolled",
+            c.local_workloads, c.enrolled_workloads
+        ),
+    );
+    kv(
+        &mut out,
+        "Routes / policies:",
+        format!("{} / {}", c.routes, c.policies),
+    );
+    kv(
+        &mut out,
+        "Config problems:",
+        if c.config_errors == 0 {
+            "none".into()
+        } else {
+            format!("{} (see `sluice check`)", c.config_errors)
+        },
+    );
+    kv(
+        &mut out,
+        "Proxy:",
+        format!(
+            "{}{}",
+            s.proxy.mode,
+            s.proxy
+                .capture
+                .as_ref()
+                .map(|a| format!(", capture {a}"))
+                .unwrap_or_default()
+        ),
+    );
+    kv(
+        &mut out,
+        "CA:",
+        format!(
+            "{} (trust domain {}, {} identities on this node)",
+            s.ca.mode, s.ca.trust_domain, s.ca.identities
+        ),
+    );
+    if s.ca.roots.is_empty() {
+        kv(&mut out, "Trust bundle:", "no roots".into());
+    }
+    for (i, r) in s.ca.roots.iter().enumerate() {
+        kv(
+            &mut out,
+            if i == 0 { "Trust bundle:" } else { "" },
+            format!("{} (expires {})", r.subject, r.not_after),
+        );
+    }
+    out
+}
+
+pub fn render_workloads(w: &Workloads, all: bool) -> String {
+    let mut headers = vec![
+        "NAMESPACE",
+        "POD",
+        "IDENTITY",
+        "ENROLLED",
+        "MTLS",
+        "CERT EXPIRES",
+    ];
+    if all {
+        headers.insert(2, "NODE");
+    }
+    let mut t = Table::new(&headers);
+    for x in &w.workloads {
+        let enrolled = if x.enrolled {
+            "yes".to_string()
+        } else {
+            format!("no: {}", x.reason.clone().unwrap_or_default())
+        };
+        let mut row = vec![
+            x.namespace.clone(),
+            x.name.clone(),
+            x.identity.clone(),
+            enrolled,
+            x.mtls_mode.to_string(),
+            or_dash(x.cert_expiry.as_ref()),
+        ];
+        if all {
+            row.insert(2, x.node.clone());
+        }
+        t.row(row);
+    }
+    if t.is_empty() {
+        return "No pods on this node (use -A for every node).\n".into();
+    }
+    t.to_string()
+}
+
+pub fn render_connections(c: &Connections) -> String {
+    if !c.proxy_running {
+        return "No node proxy runs in this agent, so there are no proxied connections to show.\n"
+            .into();
+    }
+    if c.connections.is_empty() {
+        return "No live connections through the node proxy.\n".into();
+    }
+    let mut t = Table::new(&[
+        "DIR",
+        "SOURCE",
+        "SOURCE ID",
+        "DESTINATION",
+        "DESTINATION ID",
+        "MTLS",
+        "TLS",
+        "CIPHER",
+        "PEER CERT EXPIRES",
+    ]);
+    for x in &c.connections {
+        t.row(vec![
+            x.direction.clone(),
+            x.source_workload
+                .clone()
+                .unwrap_or_else(|| x.source_addr.clone()),
+            or_dash(x.source_identity.as_ref()),
+            x.destination_workload
+                .clone()
+                .unwrap_or_else(|| x.destination_addr.clone()),
+            or_dash(x.destination_identity.as_ref()),
+            if x.mtls { "yes" } else { "NO" }.into(),
+            or_dash(x.tls_version.as_ref()),
+            or_dash(x.cipher.as_ref()),
+            or_dash(x.peer_cert_expiry.as_ref()),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn render_routes(r: &Routes) -> String {
+    let mut t = Table::new(&[
+        "SERVICE",
+        "KIND",
+        "ROUTE",
+        "RULES",
+        "BACKENDS",
+        "STATUS",
+        "REQUESTS",
+        "ERRORS",
+        "CONNECTIONS",
+    ]);
+    for x in &r.routes {
+        let status = match (&x.reason, x.accepted && x.resolved_refs) {
+            (_, true) => "ok".to_string(),
+            (Some(r), false) => r.clone(),
+            (None, false) => "not accepted".into(),
+        };
+        t.row(vec![
+            x.service.clone(),
+            x.kind.clone(),
+            or_dash(x.route.as_ref()),
+            if x.route.is_some() {
+                x.rules.to_string()
+            } else {
+                "-".into()
+            },
+            if x.backends.is_empty() {
+                "-".into()
+            } else {
+                x.backends.join(", ")
+            },
+            status,
+            or_dash(x.requests),
+            or_dash(x.errors),
+            x.connections.to_string(),
+        ]);
+    }
+    if t.is_empty() {
+        return "No Services.\n".into();
+    }
+    t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::api::{ConnectionInfo, RouteInfo, WorkloadInfo};
+
+    #[test]
+    fn tls_table_shows_identities_and_tls_details() {
+        let c = Connections {
+            proxy_running: true,
+            connections: vec![ConnectionInfo {
+                direction: "outbound".into(),
+                source_addr: "10.0.0.1:40000".into(),
+                source_workload: Some("shop/web-0".into()),
+                source_identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+                destination_addr: "10.0.0.2:8080".into(),
+                destination_workload: Some("shop/db-0".into()),
+                destination_identity: Some("spiffe://cluster.local/ns/shop/sa/db".into()),
+                mtls: true,
+                tls_version: Some("TLSv1.3".into()),
+                cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
+                peer_cert_expiry: Some("2026-01-02T00:00:00Z".into()),
+                protocol: Some("http".into()),
+            }],
+        };
+        let out = render_connections(&c);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("DIR"));
+        for want in [
+            "shop/web-0",
+            "spiffe://cluster.local/ns/shop/sa/db",
+            "yes",
+            "TLSv1.3",
+            "TLS13_AES_128_GCM_SHA256",
+            "2026-01-02T00:00:00Z",
+        ] {
+            assert!(lines[1].contains(want), "{want} missing in {out}");
+        }
+        // Columns line up: every header starts where its column starts.
+        let col = lines[0].find("MTLS").unwrap();
+        assert_eq!(&lines[1][col..col + 3], "yes");
+    }
+
+    #[test]
+    fn workloads_say_why_not_enrolled() {
+        let w = Workloads {
+            workloads: vec![WorkloadInfo {
+                namespace: "plain".into(),
+                name: "db".into(),
+                identity: "spiffe://cluster.local/ns/plain/sa/default".into(),
+                local: true,
+                reason: Some("namespace plain is not enrolled".into()),
+                ..Default::default()
+            }],
+        };
+        assert!(render_workloads(&w, false).contains("no: namespace plain is not enrolled"));
+    }
+
+    #[test]
+    fn routes_show_failures_reason() {
+        let r = Routes {
+            routes: vec![RouteInfo {
+                service: "shop/web".into(),
+                kind: "HTTPRoute".into(),
+                route: Some("shop/split".into()),
+                rules: 1,
+                backends: vec!["web:80 (w=90)".into()],
+                accepted: true,
+                resolved_refs: false,
+                reason: Some("BackendNotFound: Service shop/x does not exist".into()),
+                ..Default::default()
+            }],
+        };
+        let out = render_routes(&r);
+        assert!(
+            out.contains("BackendNotFound: Service shop/x does not exist"),
+            "{out}"
+        );
+        assert!(out.contains("web:80 (w=90)"));
+    }
+}

@@ -1,0 +1,185 @@
+//! Workload identities on this node: the identity manager (from `certs`)
+//! holds a certificate for every enrolled local pod's SPIFFE ID, obtained from
+//! the CA: in-process in standalone mode (root in the state directory), or
+//! the cluster's CA service (`mesh-agent ca`).
+
+use std::{collections::BTreeSet, path::Path, sync::Arc, time::Duration};
+
+use certs::{
+    Ca, CaOptions, IdentityManager, IdentityOptions, SharedClock, SpiffeId, SystemClock,
+    TrustBundle,
+    ca::{
+        auth::Credential,
+        client::{CaClient, CaClientConfig},
+    },
+};
+use tokio::sync::watch;
+
+use crate::admin::{IdentityHandle, api::CertSummary};
+
+/// Why identities could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the in-process CA (root in {dir}): {source}")]
+    InProcess {
+        dir: std::path::PathBuf,
+        #[source]
+        source: certs::CaError,
+    },
+    #[error(
+        "reading the trust bundle {path} for the CA at {url}: {reason}; the CA publishes it (ConfigMap sluice-trust-bundle in a cluster)"
+    )]
+    Bundle {
+        url: String,
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("the CA client for {url}: {source}")]
+    Client {
+        url: String,
+        #[source]
+        source: certs::CaError,
+    },
+}
+
+/// The node's identities and where they come from.
+#[derive(Clone)]
+pub struct Identities {
+    pub manager: IdentityManager,
+    /// `in-process` or `remote <url>`.
+    pub mode: String,
+    /// The in-process CA, when there is one.
+    pub ca: Option<Arc<Ca>>,
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+impl Identities {
+    /// Standalone: a CA in this process, its root kept in `dir` (created with
+    /// mode 0700, the key 0600).
+    pub fn in_process(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
+        let clock: SharedClock = Arc::new(SystemClock);
+        let opts = CaOptions {
+            trust_domain: trust_domain.into(),
+            ..CaOptions::default()
+        };
+        let ca = Arc::new(
+            Ca::open_or_create(dir, opts, clock.clone()).map_err(|source| Error::InProcess {
+                dir: dir.into(),
+                source,
+            })?,
+        );
+        let manager =
+            IdentityManager::new(ca.clone(), ca.bundle(), clock, IdentityOptions::default());
+        Ok(Self {
+            manager,
+            mode: format!("in-process (root in {})", dir.display()),
+            ca: Some(ca),
+        })
+    }
+
+    /// In a cluster: the CA service at `url`, trusted through the bundle in
+    /// `bundle_file`, authenticated with the token in `token_file`.
+    pub fn remote(
+        url: &str,
+        bundle_file: &Path,
+        token_file: &Path,
+        trust_domain: &str,
+    ) -> Result<Self, Error> {
+        let bundle_err = |reason: String| Error::Bundle {
+            url: url.into(),
+            path: bundle_file.into(),
+            reason,
+        };
+        let pem = std::fs::read_to_string(bundle_file).map_err(|e| bundle_err(e.to_string()))?;
+        let bundle =
+            TrustBundle::from_pem(trust_domain, &pem).map_err(|e| bundle_err(e.to_string()))?;
+        let client = CaClient::new(CaClientConfig {
+            endpoint: url.into(),
+            bundle: bundle.clone(),
+            credential: Credential::File(token_file.into()),
+            timeout: Duration::from_secs(10),
+        })
+        .map_err(|source| Error::Client {
+            url: url.into(),
+            source,
+        })?;
+        let manager = IdentityManager::new(
+            Arc::new(client),
+            bundle,
+            Arc::new(SystemClock),
+            IdentityOptions::default(),
+        );
+        Ok(Self {
+            manager,
+            mode: format!("remote {url}"),
+            ca: None,
+        })
+    }
+
+    /// Keeps the manager's identities equal to what the reconciler publishes
+    /// (enrolled local pods), and renews certificates at half-life.
+    pub fn spawn(
+        &self,
+        mut ids: watch::Receiver<BTreeSet<String>>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let renewals = self.manager.spawn();
+        let manager = self.manager.clone();
+        let feed = tokio::spawn(async move {
+            loop {
+                let wanted: Vec<SpiffeId> = ids
+                    .borrow_and_update()
+                    .iter()
+                    .filter_map(|s| match s.parse::<SpiffeId>() {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            tracing::warn!(identity = %s, error = %e, "not a valid SPIFFE ID; no certificate");
+                            None
+                        }
+                    })
+                    .collect();
+                match manager.set_identities(wanted).await {
+                    Ok(report) => tracing::debug!(?report, "identities updated"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "updating identities; retried on the next change")
+                    }
+                }
+                if ids.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        vec![renewals, feed]
+    }
+}
+
+impl IdentityHandle for Identities {
+    fn roots(&self) -> Vec<CertSummary> {
+        self.manager
+            .bundle_status()
+            .roots
+            .into_iter()
+            .map(|r| CertSummary {
+                subject: if r.active {
+                    format!("{} (active)", r.subject)
+                } else {
+                    r.subject
+                },
+                not_after: rfc3339(r.not_after),
+            })
+            .collect()
+    }
+
+    fn cert_expiry(&self, spiffe_id: &str) -> Option<String> {
+        let id: SpiffeId = spiffe_id.parse().ok()?;
+        self.manager
+            .status()
+            .into_iter()
+            .find(|s| s.identity == id)
+            .and_then(|s| s.certificate)
+            .map(|c| rfc3339(c.not_after))
+    }
+}

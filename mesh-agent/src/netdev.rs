@@ -1,0 +1,119 @@
+//! Finding the host side of a pod's veth, where the STRICT guard attaches:
+//! the interface of the most specific non-default route to the pod's IP, as
+//! CNIs that route each pod (Calico, Cilium, kindnet, ptp) install it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Finds the host interface of a pod.
+pub trait InterfaceResolver: Send + Sync {
+    fn interface(&self, ip: IpAddr) -> Result<String, String>;
+}
+
+/// Routes from `/proc/net/route` and `/proc/net/ipv6_route`.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable;
+
+/// The interface of the longest non-default IPv4 route covering `ip`, from a
+/// `/proc/net/route` text (addresses in host byte order hex).
+pub fn v4_route(table: &str, ip: Ipv4Addr) -> Option<String> {
+    let ip = u32::from_ne_bytes(ip.octets());
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let dest = u32::from_str_radix(f.get(1)?, 16).ok()?;
+            let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
+            (mask != 0 && ip & mask == dest).then(|| (mask.count_ones(), f[0].to_string()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, dev)| dev)
+}
+
+/// As [`v4_route`], from `/proc/net/ipv6_route` (destination, prefix length in hex).
+pub fn v6_route(table: &str, ip: Ipv6Addr) -> Option<String> {
+    let ip = u128::from(ip);
+    table
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let dest = u128::from_str_radix(f.first()?, 16).ok()?;
+            let len = u32::from_str_radix(f.get(1)?, 16).ok()?;
+            let dev = f.get(9)?;
+            if len == 0 || *dev == "lo" {
+                return None;
+            }
+            let mask = if len >= 128 {
+                u128::MAX
+            } else {
+                !(u128::MAX >> len)
+            };
+            (ip & mask == dest & mask).then(|| (len, dev.to_string()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, dev)| dev)
+}
+
+impl InterfaceResolver for RouteTable {
+    fn interface(&self, ip: IpAddr) -> Result<String, String> {
+        let dev = match ip {
+            IpAddr::V4(v4) => v4_route(
+                &std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
+                v4,
+            ),
+            IpAddr::V6(v6) => v6_route(
+                &std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default(),
+                v6,
+            ),
+        }
+        .ok_or_else(|| format!("no route to pod IP {ip} on this node"))?;
+        if std::path::Path::new("/sys/class/net")
+            .join(&dev)
+            .join("bridge")
+            .exists()
+        {
+            return Err(format!(
+                "pod IP {ip} is behind bridge {dev}: the STRICT guard needs a routed veth per pod"
+            ));
+        }
+        Ok(dev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn most_specific_v4_route_wins() {
+        // 10.244.1.7/32 via cali1234, 10.244.0.0/16 via tunl0, default via eth0.
+        let t = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+                 eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                 tunl0\t0000F40A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+                 cali1234\t0701F40A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
+        assert_eq!(
+            v4_route(t, "10.244.1.7".parse().unwrap()).as_deref(),
+            Some("cali1234")
+        );
+        assert_eq!(
+            v4_route(t, "10.244.9.9".parse().unwrap()).as_deref(),
+            Some("tunl0")
+        );
+        assert_eq!(
+            v4_route(t, "192.0.2.1".parse().unwrap()),
+            None,
+            "the default route is not a pod route"
+        );
+    }
+
+    #[test]
+    fn v6_routes() {
+        let t = "fd000000000000000000000000000007 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001 lxc42\n\
+                 00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 eth0\n";
+        assert_eq!(
+            v6_route(t, "fd00::7".parse().unwrap()).as_deref(),
+            Some("lxc42")
+        );
+        assert_eq!(v6_route(t, "fd00::8".parse().unwrap()), None);
+    }
+}

@@ -1,0 +1,297 @@
+//! The translation of the agent's view into the proxy's snapshot.
+
+use super::*;
+use crate::{
+    crds::MtlsMode as CrdMode,
+    reconcile::{mesh::mesh_view, workloads::workload_infos},
+    state::{NodeInfo, Object, Store, Update},
+    testing::*,
+};
+
+fn store(objs: Vec<Object>) -> Store {
+    let mut s = Store::new();
+    for o in objs {
+        s.apply(Update::Upsert(o));
+    }
+    s
+}
+
+fn view(s: &Store) -> MeshView {
+    let mut w = workload_infos(s, "n1", "cluster.local", CrdMode::Permissive);
+    // As the reconciler does once the cgroup is enrolled.
+    for x in &mut w {
+        if x.local && x.enrolled {
+            x.cgroup_id = Some(1);
+        }
+    }
+    mesh_view(s, "n1", "cluster.local", w, 1)
+}
+
+fn base() -> Vec<Object> {
+    vec![
+        Object::Namespace(namespace("shop", true)),
+        Object::Namespace(namespace("plain", false)),
+        Object::Node(NodeInfo {
+            name: "n1".into(),
+            addresses: vec!["192.0.2.1".parse().unwrap()],
+        }),
+        Object::Node(NodeInfo {
+            name: "n2".into(),
+            addresses: vec!["192.0.2.2".parse().unwrap()],
+        }),
+        Object::Pod(workload("shop", "web-0", "web", "10.0.1.1", "n1")),
+        Object::Pod(workload("shop", "db-0", "db", "10.0.2.1", "n2")),
+        Object::Pod(workload("plain", "legacy-0", "legacy", "10.0.2.9", "n2")),
+        Object::Service(service("shop", "db", "127.96.0.5", &[5432])),
+        Object::EndpointSlice(slice(
+            "shop",
+            "db-1",
+            "db",
+            &[5433],
+            &[ep_ready("10.0.2.1")],
+        )),
+        Object::Service(service("plain", "legacy", "127.96.0.6", &[80])),
+        Object::EndpointSlice(slice(
+            "plain",
+            "legacy-1",
+            "legacy",
+            &[8080],
+            &[ep_ready("10.0.2.9")],
+        )),
+    ]
+}
+
+#[test]
+fn services_endpoints_and_workloads_follow_enrolment() {
+    let s = store(base());
+    let (snap, errors) = snapshot(&view(&s), 15008);
+    assert_eq!(errors, Vec::<String>::new());
+    let db = snap.services.iter().find(|x| x.id.name == "db").unwrap();
+    assert_eq!(db.vips, ["127.96.0.5".parse::<IpAddr>().unwrap()]);
+    assert_eq!((db.ports[0].port, db.ports[0].target_port), (5432, 5433));
+    let ep = &db.endpoints[0];
+    assert_eq!(
+        ep.node_proxy,
+        Some("192.0.2.2:15008".parse().unwrap()),
+        "meshed pod: through its node proxy"
+    );
+    assert_eq!(
+        ep.identity.as_ref().unwrap().to_string(),
+        "spiffe://cluster.local/ns/shop/sa/db"
+    );
+    let legacy = snap
+        .services
+        .iter()
+        .find(|x| x.id.name == "legacy")
+        .unwrap();
+    assert_eq!(
+        legacy.endpoints[0].node_proxy, None,
+        "not enrolled: plaintext, directly"
+    );
+    assert_eq!(legacy.endpoints[0].identity, None);
+    // Local enrolled workloads are the proxy's sources.
+    assert_eq!(snap.local_workloads.len(), 1);
+    assert_eq!(snap.local_workloads[0].id, ObjectRef::new("shop", "web-0"));
+    assert_eq!(
+        snap.local_workloads[0].ip,
+        "10.0.1.1".parse::<IpAddr>().unwrap()
+    );
+    // Meshed pods anywhere, for pod-IP traffic.
+    let names: Vec<&str> = snap.workloads.iter().map(|w| w.id.name.as_str()).collect();
+    assert_eq!(names, ["web-0", "db-0"]);
+}
+
+#[test]
+fn a_disabled_destination_is_reached_in_plaintext() {
+    let mut objs = base();
+    let mut p = crate::crds::MeshPolicy::new(
+        "off",
+        serde_json::from_value(serde_json::json!({"mode": "DISABLED"})).unwrap(),
+    );
+    p.metadata.namespace = Some("shop".into());
+    objs.push(Object::MeshPolicy(p));
+    let (snap, _) = snapshot(&view(&store(objs)), 15008);
+    let db = snap.services.iter().find(|x| x.id.name == "db").unwrap();
+    assert_eq!(db.endpoints[0].node_proxy, None);
+    assert_eq!(snap.local_workloads[0].mtls_mode, MtlsMode::Disabled);
+}
+
+#[test]
+fn http_routes_translate_matches_filters_backends_and_timeouts() {
+    let r: GwHttpRoute = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "db-split", "namespace": "shop", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "db", "port": 5432}, {"name": "gw"}],
+            "rules": [
+                {
+                    "name": "v2",
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/v2"},
+                                 "headers": [{"name": "x-canary", "value": "1"}],
+                                 "queryParams": [{"type": "RegularExpression", "name": "u", "value": "a.*"}],
+                                 "method": "POST"}],
+                    "filters": [
+                        {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-a", "value": "b"}], "remove": ["x-c"]}},
+                        {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}},
+                        {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "db", "port": 5432}, "percent": 10}}
+                    ],
+                    "backendRefs": [{"name": "db", "port": 5432, "weight": 3},
+                                    {"name": "db", "namespace": "shop", "port": 5432,
+                                     "filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"add": [{"name": "x-b", "value": "2"}]}}]}],
+                    "timeouts": {"request": "1m30s", "backendRequest": "500ms"}
+                },
+                {"filters": [{"type": "ExtensionRef", "extensionRef": {"group": "x", "kind": "y", "name": "z"}}]}
+            ]
+        }
+    }))
+    .unwrap();
+    let mut errors = Vec::new();
+    let h = http_route(&r, &mut errors);
+    assert_eq!(h.created_unix, 1_767_225_600);
+    assert_eq!(
+        h.parents,
+        [ParentRef {
+            service: ObjectRef::new("shop", "db"),
+            port: Some(5432)
+        }]
+    );
+    assert_eq!(h.rules.len(), 1, "the ExtensionRef rule is left out");
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].contains("spec.rules[1].filters[0].type") && errors[0].contains("ExtensionRef"),
+        "{errors:?}"
+    );
+    let rule = &h.rules[0];
+    let m = &rule.matches[0];
+    assert_eq!(m.path, Some(PathMatch::PathPrefix("/v2".into())));
+    assert_eq!(m.headers[0].kind, ValueMatchKind::Exact);
+    assert_eq!(m.query_params[0].kind, ValueMatchKind::RegularExpression);
+    assert_eq!(m.method.as_deref(), Some("POST"));
+    assert_eq!(
+        rule.filters[0],
+        HttpFilter::RequestHeaderModifier(HeaderModifier {
+            set: vec![HeaderPair {
+                name: "x-a".into(),
+                value: "b".into()
+            }],
+            add: vec![],
+            remove: vec!["x-c".into()],
+        })
+    );
+    assert_eq!(
+        rule.filters[1],
+        HttpFilter::UrlRewrite(UrlRewrite {
+            hostname: None,
+            path: Some(PathModifier::ReplacePrefixMatch("/".into()))
+        })
+    );
+    assert_eq!(
+        rule.filters[2],
+        HttpFilter::RequestMirror(RequestMirror {
+            service: ObjectRef::new("shop", "db"),
+            port: 5432,
+            percent: Some(10)
+        })
+    );
+    assert_eq!(rule.backends[0].weight, 3);
+    assert_eq!(rule.backends[1].weight, 1);
+    assert!(matches!(
+        rule.backends[1].filters[0],
+        HttpFilter::ResponseHeaderModifier(_)
+    ));
+    assert_eq!(
+        rule.timeouts,
+        Timeouts {
+            request_ms: Some(90_000),
+            backend_request_ms: Some(500)
+        }
+    );
+    // The result is a valid snapshot for the proxy (it compiles it).
+    let snap = Snapshot {
+        http_routes: vec![h],
+        ..Default::default()
+    };
+    let json = serde_json::to_string(&snap).unwrap();
+    let back: Snapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, snap);
+}
+
+#[test]
+fn grpc_routes_translate_method_matches() {
+    let r: GwGrpcRoute = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"name": "g", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "db"}],
+            "rules": [{"matches": [{"method": {"service": "shop.Db", "method": "Get"}}],
+                       "backendRefs": [{"name": "db", "port": 5432}]}]
+        }
+    }))
+    .unwrap();
+    let mut errors = Vec::new();
+    let g = grpc_route(&r, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    let m = g.rules[0].matches[0].method.as_ref().unwrap();
+    assert_eq!(
+        (m.service.as_deref(), m.method.as_deref()),
+        (Some("shop.Db"), Some("Get"))
+    );
+    assert_eq!(g.parents[0].service, ObjectRef::new("shop", "db"));
+}
+
+#[test]
+fn access_policies_become_one_per_target_with_prefixes_expanded() {
+    let mut p = crate::crds::AccessPolicy::new(
+        "readers",
+        serde_json::from_value(serde_json::json!({
+            "targetRefs": [{"name": "db"}, {"name": "cache"}],
+            "rules": [
+                {"from": [{"serviceAccount": {"name": "web"}}, {"namespace": "ops"},
+                          {"identity": "spiffe://cluster.local/ns/x/sa/y"}],
+                 "to": [{"methods": ["GET"], "paths": [{"value": "/api"}, {"type": "Exact", "value": "/health"}]},
+                        {"methods": ["POST"]}]},
+                {"from": [{"namespace": "admin"}]}
+            ]
+        }))
+        .unwrap(),
+    );
+    p.metadata.namespace = Some("shop".into());
+    let mut errors = Vec::new();
+    let out = access_policies(&p, &mut errors);
+    assert!(errors.is_empty());
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[1].target, ObjectRef::new("shop", "cache"));
+    let rules = &out[0].rules;
+    assert_eq!(
+        rules.len(),
+        3,
+        "two operations, then a rule with no operation"
+    );
+    assert_eq!(
+        rules[0].from,
+        [
+            AccessSource::ServiceAccount(ObjectRef::new("shop", "web")),
+            AccessSource::Namespace("ops".into()),
+            AccessSource::Identity("spiffe://cluster.local/ns/x/sa/y".parse().unwrap()),
+        ]
+    );
+    assert_eq!(
+        rules[0].to.as_ref().unwrap().paths,
+        ["/api", "/api/*", "/health"]
+    );
+    assert_eq!(rules[1].to.as_ref().unwrap().methods, ["POST"]);
+    assert_eq!(rules[2].to, None);
+}
+
+#[test]
+fn request_counts_come_from_the_proxy_metrics() {
+    let text = "# TYPE sluice_requests counter\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/db-split#v2\",status_class=\"2xx\"} 7\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/db-split#0\",status_class=\"5xx\"} 2\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/web#default\",status_class=\"2xx\"} 1\n\
+        sluice_requests_total{direction=\"inbound\",source=\"x\",destination=\"y\",route=\"\",status_class=\"2xx\"} 4\n";
+    let s = request_stats(text);
+    assert_eq!(s["shop/db-split"], (9, 2));
+    assert_eq!(s["shop/web"], (1, 0));
+    assert_eq!(s.len(), 2, "inbound requests have no route: {s:?}");
+}

@@ -1,0 +1,286 @@
+//! The kernel side the reconciler programs, behind a trait so the reconciler
+//! can be tested without root against [`MemoryDataplane`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::Mutex,
+};
+
+use std::net::{IpAddr, SocketAddr};
+
+use ebpf_lb::{
+    ApplyReport, Change, Frontend, LoadBalancer, MtlsMode, ProxyTarget, ServiceCounters,
+    ServiceSpec, ServiceState,
+};
+
+/// What the agent needs from ebpf-lb.
+pub trait Dataplane: Send + Sync {
+    /// Applies a batch atomically per service (all or nothing); sockets of
+    /// backends that left are reset.
+    fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ebpf_lb::Error>;
+    /// Enrols a cgroup; returns its id.
+    fn enroll(&self, cgroup: &Path) -> Result<u64, ebpf_lb::Error>;
+    fn unenroll(&self, id: u64) -> Result<(), ebpf_lb::Error>;
+    fn set_proxy(&self, target: Option<ProxyTarget>) -> Result<(), ebpf_lb::Error>;
+    /// What the kernel holds (including what an earlier agent left pinned).
+    fn services(&self) -> Vec<ServiceState>;
+    fn enrolled(&self) -> Vec<u64>;
+    fn counters(&self, frontend: &Frontend) -> Option<ServiceCounters>;
+    /// The mTLS mode of a local workload (`None`: no policy).
+    fn set_workload_mode(&self, ip: IpAddr, mode: Option<MtlsMode>) -> Result<(), ebpf_lb::Error>;
+    /// Puts the STRICT guard on a pod's host-side interface.
+    fn guard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error>;
+    fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error>;
+    /// Plaintext connection attempts to a STRICT workload refused.
+    fn refusals(&self, ip: IpAddr) -> u64;
+    /// Where a connection the kernel redirected to the proxy was going, from
+    /// the accepted socket's peer (client) and local (capture) addresses.
+    fn original_destination(&self, peer: SocketAddr, local: SocketAddr) -> Option<SocketAddr>;
+}
+
+impl Dataplane for LoadBalancer {
+    fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ebpf_lb::Error> {
+        LoadBalancer::apply(self, changes)
+    }
+
+    fn enroll(&self, cgroup: &Path) -> Result<u64, ebpf_lb::Error> {
+        let id = ebpf_lb::cgroup_id(cgroup)?;
+        LoadBalancer::enroll(self, cgroup)?;
+        Ok(id)
+    }
+
+    fn unenroll(&self, id: u64) -> Result<(), ebpf_lb::Error> {
+        LoadBalancer::unenroll(self, id)
+    }
+
+    fn set_proxy(&self, target: Option<ProxyTarget>) -> Result<(), ebpf_lb::Error> {
+        LoadBalancer::set_proxy(self, target)
+    }
+
+    fn services(&self) -> Vec<ServiceState> {
+        LoadBalancer::services(self)
+    }
+
+    fn enrolled(&self) -> Vec<u64> {
+        LoadBalancer::enrolled(self)
+    }
+
+    fn counters(&self, frontend: &Frontend) -> Option<ServiceCounters> {
+        LoadBalancer::counters(self, frontend).ok()
+    }
+
+    fn set_workload_mode(&self, ip: IpAddr, mode: Option<MtlsMode>) -> Result<(), ebpf_lb::Error> {
+        LoadBalancer::set_workload_mode(self, ip, mode)
+    }
+
+    fn guard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+        LoadBalancer::guard_interface(self, ifname)
+    }
+
+    fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+        LoadBalancer::unguard_interface(self, ifname)
+    }
+
+    fn refusals(&self, ip: IpAddr) -> u64 {
+        LoadBalancer::refusals(self, ip).unwrap_or(0)
+    }
+
+    fn original_destination(&self, peer: SocketAddr, local: SocketAddr) -> Option<SocketAddr> {
+        match LoadBalancer::original_destination(self, peer, local) {
+            Ok(o) => o.map(|o| o.dst),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "original destination lookup");
+                None
+            }
+        }
+    }
+}
+
+/// An in-memory dataplane with the same batch semantics, recording every
+/// call: for tests of the reconciler, and for `mesh-agent run --dataplane
+/// none` (no kernel programs, e.g. to check a configuration).
+#[derive(Debug, Default)]
+pub struct MemoryDataplane {
+    inner: Mutex<Memory>,
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    services: BTreeMap<Frontend, ServiceSpec>,
+    enrolled: BTreeMap<u64, std::path::PathBuf>,
+    proxy: Option<ProxyTarget>,
+    modes: BTreeMap<IpAddr, MtlsMode>,
+    guarded: BTreeSet<String>,
+    original: BTreeMap<SocketAddr, SocketAddr>,
+    batches: Vec<Vec<Change>>,
+    /// Frontends whose upsert fails (to test error handling).
+    failing: BTreeSet<Frontend>,
+    next_id: u64,
+}
+
+impl MemoryDataplane {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every batch applied so far (successful or not), in order.
+    pub fn batches(&self) -> Vec<Vec<Change>> {
+        self.lock().batches.clone()
+    }
+
+    pub fn clear_batches(&self) {
+        self.lock().batches.clear();
+    }
+
+    pub fn spec(&self, fe: &Frontend) -> Option<ServiceSpec> {
+        self.lock().services.get(fe).cloned()
+    }
+
+    pub fn enrolled_paths(&self) -> Vec<std::path::PathBuf> {
+        self.lock().enrolled.values().cloned().collect()
+    }
+
+    pub fn proxy(&self) -> Option<ProxyTarget> {
+        self.lock().proxy
+    }
+
+    pub fn modes(&self) -> BTreeMap<IpAddr, MtlsMode> {
+        self.lock().modes.clone()
+    }
+
+    pub fn guarded(&self) -> BTreeSet<String> {
+        self.lock().guarded.clone()
+    }
+
+    /// Makes upserts of `fe` fail as a full map would.
+    pub fn fail_upserts_of(&self, fe: Frontend) {
+        self.lock().failing.insert(fe);
+    }
+
+    /// Records where a client's redirected connection was going, as the
+    /// kernel's sockops program would.
+    pub fn set_original_destination(&self, peer: SocketAddr, dst: SocketAddr) {
+        self.lock().original.insert(peer, dst);
+    }
+
+    pub fn clear_failures(&self) {
+        self.lock().failing.clear();
+    }
+
+    /// Leaves a service behind as a previous agent run would have.
+    pub fn preload(&self, spec: ServiceSpec) {
+        self.lock().services.insert(spec.frontend, spec);
+    }
+}
+
+impl Dataplane for MemoryDataplane {
+    fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ebpf_lb::Error> {
+        let mut m = self.lock();
+        m.batches.push(changes.to_vec());
+        for c in changes {
+            if let Change::Upsert(s) = c
+                && m.failing.contains(&s.frontend)
+            {
+                return Err(ebpf_lb::Error::MapFull {
+                    map: "SERVICES",
+                    capacity: 0,
+                    option: "max_services",
+                    what: s.frontend.to_string(),
+                });
+            }
+        }
+        for c in changes {
+            match c {
+                Change::Upsert(s) => {
+                    m.services.insert(s.frontend, s.clone());
+                }
+                Change::Remove(fe) => {
+                    m.services.remove(fe);
+                }
+            }
+        }
+        Ok(ApplyReport::default())
+    }
+
+    fn enroll(&self, cgroup: &Path) -> Result<u64, ebpf_lb::Error> {
+        let mut m = self.lock();
+        if let Some((id, _)) = m.enrolled.iter().find(|(_, p)| p.as_path() == cgroup) {
+            return Ok(*id);
+        }
+        m.next_id += 1;
+        let id = m.next_id;
+        m.enrolled.insert(id, cgroup.into());
+        Ok(id)
+    }
+
+    fn unenroll(&self, id: u64) -> Result<(), ebpf_lb::Error> {
+        self.lock().enrolled.remove(&id);
+        Ok(())
+    }
+
+    fn set_proxy(&self, target: Option<ProxyTarget>) -> Result<(), ebpf_lb::Error> {
+        self.lock().proxy = target;
+        Ok(())
+    }
+
+    fn services(&self) -> Vec<ServiceState> {
+        self.lock()
+            .services
+            .values()
+            .map(|s| ServiceState {
+                frontend: s.frontend,
+                backends: s
+                    .backends
+                    .iter()
+                    .filter(|b| b.state == ebpf_lb::BackendState::Ready)
+                    .map(|b| b.addr)
+                    .collect(),
+                meshed: s.meshed,
+                affinity: s.affinity,
+            })
+            .collect()
+    }
+
+    fn enrolled(&self) -> Vec<u64> {
+        self.lock().enrolled.keys().copied().collect()
+    }
+
+    fn counters(&self, frontend: &Frontend) -> Option<ServiceCounters> {
+        self.lock()
+            .services
+            .contains_key(frontend)
+            .then(ServiceCounters::default)
+    }
+
+    fn set_workload_mode(&self, ip: IpAddr, mode: Option<MtlsMode>) -> Result<(), ebpf_lb::Error> {
+        let mut m = self.lock();
+        match mode {
+            Some(mode) => m.modes.insert(ip, mode),
+            None => m.modes.remove(&ip),
+        };
+        Ok(())
+    }
+
+    fn guard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+        self.lock().guarded.insert(ifname.into());
+        Ok(())
+    }
+
+    fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+        self.lock().guarded.remove(ifname);
+        Ok(())
+    }
+
+    fn refusals(&self, _ip: IpAddr) -> u64 {
+        0
+    }
+
+    fn original_destination(&self, peer: SocketAddr, _local: SocketAddr) -> Option<SocketAddr> {
+        self.lock().original.get(&peer).copied()
+    }
+}

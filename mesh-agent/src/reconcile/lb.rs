@@ -1,0 +1,660 @@
+//! Services and EndpointSlices -> ebpf-lb service entries, and the per-service
+//! diff against what the kernel holds.
+//!
+//! Each Service yields one [`ServiceSpec`] per (ClusterIP, port). Only dirty
+//! Services are derived again, and only entries that differ from what was
+//! applied become [`Change`]s, so an EndpointSlice change touches only its
+//! Service's frontends.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use ebpf_lb::{Backend, BackendState, Change, Frontend, Protocol, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointConditions;
+
+use crate::{
+    config,
+    crds::FieldError,
+    state::{Key, Store},
+};
+
+fn field(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Maps EndpointSlice conditions to a backend state. Per the API, an unknown
+/// `ready` counts as ready and an unknown `terminating` as not terminating.
+pub fn backend_state(c: Option<&EndpointConditions>) -> BackendState {
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    if terminating {
+        BackendState::Terminating
+    } else if ready {
+        BackendState::Ready
+    } else {
+        BackendState::NotReady
+    }
+}
+
+fn serving(c: Option<&EndpointConditions>) -> bool {
+    c.and_then(|c| c.serving.or(c.ready)).unwrap_or(true)
+}
+
+/// The load-balancer entries a Service should have now: empty for a Service
+/// that is gone, headless or ExternalName.
+pub fn desired_specs(store: &Store, key: &Key) -> Result<Vec<ServiceSpec>, Vec<FieldError>> {
+    let Some(svc) = store.services.get(key) else {
+        return Ok(Vec::new());
+    };
+    let Some(spec) = &svc.spec else {
+        return Ok(Vec::new());
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(Vec::new());
+    }
+    let mut errors = Vec::new();
+    let ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => Vec::new(),
+    };
+    let mut vips: Vec<IpAddr> = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        if ip.is_empty() || *ip == "None" {
+            continue; // headless
+        }
+        match ip.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => vips.push(ip),
+            _ => errors.push(field(
+                format!("spec.clusterIPs[{i}]"),
+                format!("{ip:?} is not an IP address"),
+            )),
+        }
+    }
+    let affinity = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Some(config::DEFAULT_AFFINITY_TIMEOUT),
+                Some(t) if (1..=86_400).contains(&t) => Some(Duration::from_secs(t as u64)),
+                Some(t) => {
+                    errors.push(field(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is out of range (1 to 86400)"),
+                    ));
+                    None
+                }
+            }
+        }
+        None | Some("None") => None,
+        Some(other) => {
+            errors.push(field(
+                "spec.sessionAffinity",
+                format!("unknown session affinity {other:?}: use None or ClientIP"),
+            ));
+            None
+        }
+    };
+    let meshed = store.namespace_enrolled(&key.namespace);
+    let mut out = Vec::new();
+    for (p, port) in spec.ports.iter().flatten().enumerate() {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => continue, // not balanced by the socket programs
+            other => {
+                errors.push(field(
+                    format!("spec.ports[{p}].protocol"),
+                    format!("unknown protocol {other:?}"),
+                ));
+                continue;
+            }
+        };
+        let Ok(number) = u16::try_from(port.port) else {
+            errors.push(field(
+                format!("spec.ports[{p}].port"),
+                format!("{} is not a port number", port.port),
+            ));
+            continue;
+        };
+        if number == 0 {
+            errors.push(field(format!("spec.ports[{p}].port"), "port 0"));
+            continue;
+        }
+        let name = port.name.as_deref().unwrap_or("");
+        for vip in &vips {
+            let backends = backends_for(store, key, *vip, name, protocol);
+            out.push(ServiceSpec {
+                frontend: Frontend {
+                    vip: SocketAddr::new(*vip, number),
+                    protocol,
+                },
+                backends,
+                // The kernel only redirects TCP to the proxy.
+                meshed: meshed && protocol == Protocol::Tcp,
+                affinity,
+            });
+        }
+    }
+    if errors.is_empty() {
+        out.sort_by_key(|s| s.frontend);
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Backends of one service port from all its EndpointSlices of the VIP's
+/// family, sorted and deduplicated (an address keeps its best state).
+fn backends_for(
+    store: &Store,
+    key: &Key,
+    vip: IpAddr,
+    port_name: &str,
+    protocol: Protocol,
+) -> Vec<Backend> {
+    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let proto = protocol.to_string();
+    let mut found: BTreeMap<SocketAddr, (BackendState, bool)> = BTreeMap::new();
+    for slice in store.slices_of(key) {
+        if slice.address_type != family {
+            continue;
+        }
+        let Some(port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && p.protocol.as_deref().unwrap_or("TCP") == proto
+        }) else {
+            continue;
+        };
+        let Some(number) = port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let state = backend_state(ep.conditions.as_ref());
+            let serving = serving(ep.conditions.as_ref());
+            for a in &ep.addresses {
+                let Ok(ip) = a.parse::<IpAddr>() else {
+                    continue;
+                };
+                if ip.is_ipv4() != vip.is_ipv4() {
+                    continue;
+                }
+                let addr = SocketAddr::new(ip, number);
+                let e = found.entry(addr).or_insert((state, serving));
+                if state == BackendState::Ready {
+                    *e = (state, serving);
+                }
+            }
+        }
+    }
+    // As kube-proxy does: with no ready endpoint, serving terminating ones
+    // still take connections rather than refusing them all.
+    let any_ready = found.values().any(|(s, _)| *s == BackendState::Ready);
+    found
+        .into_iter()
+        .map(|(addr, (state, serving))| {
+            let state = if !any_ready && state == BackendState::Terminating && serving {
+                BackendState::Ready
+            } else {
+                state
+            };
+            Backend { addr, state }
+        })
+        .collect()
+}
+
+fn ready_addrs(spec: &ServiceSpec) -> BTreeSet<SocketAddr> {
+    spec.backends
+        .iter()
+        .filter(|b| b.state == BackendState::Ready)
+        .map(|b| b.addr)
+        .collect()
+}
+
+/// What to do for one Service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePlan {
+    pub service: Key,
+    /// Removals first, then upserts.
+    pub changes: Vec<Change>,
+    /// The entries the Service has once `changes` are applied.
+    pub next: Vec<ServiceSpec>,
+    /// Ready backends that left a frontend (existing connections to them may
+    /// be reset by the caller).
+    pub removed_backends: Vec<(Frontend, SocketAddr)>,
+}
+
+/// The outcome of planning a set of dirty Services.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Services with something to change.
+    pub services: Vec<ServicePlan>,
+    /// Services whose new version is invalid: they keep what they have.
+    pub errors: BTreeMap<Key, Vec<FieldError>>,
+    /// Services whose new version is valid and already applied (their errors
+    /// are cleared).
+    pub unchanged: Vec<Key>,
+}
+
+impl Plan {
+    /// Every change of the plan, removals first (a frontend may move from one
+    /// Service to another within one batch).
+    pub fn changes(&self) -> Vec<Change> {
+        let mut removes: Vec<Change> = Vec::new();
+        let mut upserts: Vec<Change> = Vec::new();
+        for p in &self.services {
+            for c in &p.changes {
+                match c {
+                    Change::Remove(_) => removes.push(c.clone()),
+                    Change::Upsert(_) => upserts.push(c.clone()),
+                }
+            }
+        }
+        removes.extend(upserts);
+        removes
+    }
+}
+
+/// What has been applied to the kernel, per Service.
+#[derive(Clone, Debug, Default)]
+pub struct LbState {
+    applied: BTreeMap<Key, Vec<ServiceSpec>>,
+    owner: BTreeMap<Frontend, Key>,
+}
+
+impl LbState {
+    pub fn applied(&self) -> &BTreeMap<Key, Vec<ServiceSpec>> {
+        &self.applied
+    }
+
+    /// Every frontend the agent has programmed.
+    pub fn frontends(&self) -> impl Iterator<Item = (&Frontend, &Key)> {
+        self.owner.iter()
+    }
+
+    /// Plans the changes for `dirty` Services.
+    pub fn plan(&self, store: &Store, dirty: &BTreeSet<Key>) -> Plan {
+        let mut plan = Plan::default();
+        let mut desired: BTreeMap<&Key, Vec<ServiceSpec>> = BTreeMap::new();
+        for key in dirty {
+            match desired_specs(store, key) {
+                Ok(specs) => {
+                    desired.insert(key, specs);
+                }
+                Err(e) => {
+                    plan.errors.insert(key.clone(), e);
+                }
+            }
+        }
+        // Frontends dirty Services give up in this round may be claimed by
+        // another dirty Service.
+        let mut released: BTreeSet<Frontend> = BTreeSet::new();
+        for (key, specs) in &desired {
+            for old in self.applied.get(*key).into_iter().flatten() {
+                if !specs.iter().any(|s| s.frontend == old.frontend) {
+                    released.insert(old.frontend);
+                }
+            }
+        }
+        let mut claimed: BTreeMap<Frontend, &Key> = BTreeMap::new();
+        for (key, specs) in desired {
+            let conflict = specs.iter().find_map(|s| {
+                let other = match self.owner.get(&s.frontend) {
+                    Some(o) if o != key && !released.contains(&s.frontend) => Some(o),
+                    _ => claimed.get(&s.frontend).copied().filter(|o| *o != key),
+                };
+                other.map(|o| (s.frontend, o.clone()))
+            });
+            if let Some((fe, other)) = conflict {
+                plan.errors.insert(
+                    key.clone(),
+                    vec![field(
+                        "spec.clusterIPs",
+                        format!(
+                            "{fe} already belongs to Service {other}; ClusterIPs must be unique"
+                        ),
+                    )],
+                );
+                continue;
+            }
+            for s in &specs {
+                claimed.insert(s.frontend, key);
+            }
+            let old = self.applied.get(key).map(Vec::as_slice).unwrap_or_default();
+            let mut sp = ServicePlan {
+                service: key.clone(),
+                changes: Vec::new(),
+                next: specs.clone(),
+                removed_backends: Vec::new(),
+            };
+            for o in old {
+                match specs.iter().find(|s| s.frontend == o.frontend) {
+                    None => {
+                        sp.changes.push(Change::Remove(o.frontend));
+                        sp.removed_backends
+                            .extend(ready_addrs(o).into_iter().map(|a| (o.frontend, a)));
+                    }
+                    Some(n) => {
+                        let now = ready_addrs(n);
+                        sp.removed_backends.extend(
+                            ready_addrs(o)
+                                .into_iter()
+                                .filter(|a| !now.contains(a))
+                                .map(|a| (o.frontend, a)),
+                        );
+                    }
+                }
+            }
+            for s in specs {
+                if !old.contains(&s) {
+                    sp.changes.push(Change::Upsert(s));
+                }
+            }
+            if sp.changes.is_empty() {
+                plan.unchanged.push(key.clone());
+            } else {
+                plan.services.push(sp);
+            }
+        }
+        plan
+    }
+
+    /// Records that `p`'s changes are in the kernel.
+    pub fn commit(&mut self, p: &ServicePlan) {
+        if let Some(old) = self.applied.remove(&p.service) {
+            for s in old {
+                if self.owner.get(&s.frontend) == Some(&p.service) {
+                    self.owner.remove(&s.frontend);
+                }
+            }
+        }
+        for s in &p.next {
+            self.owner.insert(s.frontend, p.service.clone());
+        }
+        if !p.next.is_empty() {
+            self.applied.insert(p.service.clone(), p.next.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
+
+    use super::*;
+    use crate::{
+        state::{Object, Update},
+        testing::*,
+    };
+
+    fn store_with(objs: Vec<Object>) -> Store {
+        let mut s = Store::new();
+        for o in objs {
+            s.apply(Update::Upsert(o));
+        }
+        s
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn conditions_map_to_backend_states() {
+        let st = |r, s, t| {
+            backend_state(Some(&EndpointConditions {
+                ready: r,
+                serving: s,
+                terminating: t,
+            }))
+        };
+        assert_eq!(st(Some(true), Some(true), Some(false)), BackendState::Ready);
+        assert_eq!(st(None, None, None), BackendState::Ready);
+        assert_eq!(st(Some(false), Some(false), None), BackendState::NotReady);
+        assert_eq!(
+            st(Some(false), Some(true), Some(true)),
+            BackendState::Terminating
+        );
+        assert_eq!(backend_state(None), BackendState::Ready);
+    }
+
+    #[test]
+    fn a_service_becomes_one_entry_per_port_with_its_slice_endpoints() {
+        let s = store_with(vec![
+            Object::Namespace(namespace("shop", true)),
+            Object::Service(service("shop", "web", "127.96.0.10", &[80])),
+            Object::EndpointSlice(slice(
+                "shop",
+                "web-1",
+                "web",
+                &[8080],
+                &[
+                    ep_ready("10.0.0.2"),
+                    ep("10.0.0.3", Some(false), Some(false), Some(false)),
+                    ep("10.0.0.4", Some(false), Some(true), Some(true)),
+                ],
+            )),
+            Object::EndpointSlice(slice(
+                "shop",
+                "web-2",
+                "web",
+                &[8080],
+                &[ep_ready("10.0.0.1")],
+            )),
+        ]);
+        let specs = desired_specs(&s, &Key::new("shop", "web")).unwrap();
+        assert_eq!(specs.len(), 1);
+        let spec = &specs[0];
+        assert_eq!(spec.frontend, Frontend::tcp(addr("127.96.0.10:80")));
+        assert!(spec.meshed);
+        assert_eq!(spec.affinity, None);
+        assert_eq!(
+            spec.backends,
+            vec![
+                Backend::ready(addr("10.0.0.1:8080")),
+                Backend::ready(addr("10.0.0.2:8080")),
+                Backend {
+                    addr: addr("10.0.0.3:8080"),
+                    state: BackendState::NotReady
+                },
+                Backend {
+                    addr: addr("10.0.0.4:8080"),
+                    state: BackendState::Terminating
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_are_used_when_nothing_is_ready() {
+        let s = store_with(vec![
+            Object::Service(service("shop", "web", "127.96.0.10", &[80])),
+            Object::EndpointSlice(slice(
+                "shop",
+                "web-1",
+                "web",
+                &[8080],
+                &[
+                    ep("10.0.0.4", Some(false), Some(true), Some(true)),
+                    ep("10.0.0.5", Some(false), Some(false), Some(true)),
+                ],
+            )),
+        ]);
+        let spec = &desired_specs(&s, &Key::new("shop", "web")).unwrap()[0];
+        assert!(!spec.meshed, "namespace not enrolled");
+        assert_eq!(spec.backends[0], Backend::ready(addr("10.0.0.4:8080")));
+        assert_eq!(spec.backends[1].state, BackendState::Terminating);
+    }
+
+    #[test]
+    fn named_ports_pick_the_matching_slice_port_and_affinity_is_mapped() {
+        let mut svc = service("shop", "web", "127.96.0.10", &[80, 443]);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.session_affinity = Some("ClientIP".into());
+        spec.session_affinity_config = Some(SessionAffinityConfig {
+            client_ip: Some(ClientIPConfig {
+                timeout_seconds: Some(60),
+            }),
+        });
+        let mut sl = slice(
+            "shop",
+            "web-1",
+            "web",
+            &[8080, 8443],
+            &[ep_ready("10.0.0.2")],
+        );
+        for (p, n) in sl.ports.as_mut().unwrap().iter_mut().zip(["p80", "p443"]) {
+            p.name = Some(n.into());
+        }
+        let s = store_with(vec![Object::Service(svc), Object::EndpointSlice(sl)]);
+        let specs = desired_specs(&s, &Key::new("shop", "web")).unwrap();
+        let by_port: BTreeMap<u16, SocketAddr> = specs
+            .iter()
+            .map(|s| (s.frontend.vip.port(), s.backends[0].addr))
+            .collect();
+        assert_eq!(by_port[&80], addr("10.0.0.2:8080"));
+        assert_eq!(by_port[&443], addr("10.0.0.2:8443"));
+        assert!(
+            specs
+                .iter()
+                .all(|s| s.affinity == Some(Duration::from_secs(60)))
+        );
+    }
+
+    #[test]
+    fn headless_and_bad_services() {
+        let mut headless = service("shop", "h", "None", &[80]);
+        headless.spec.as_mut().unwrap().cluster_ips = Some(vec!["None".into()]);
+        let bad = service("shop", "bad", "10.0.0.300", &[80]);
+        let s = store_with(vec![Object::Service(headless), Object::Service(bad)]);
+        assert_eq!(desired_specs(&s, &Key::new("shop", "h")).unwrap(), vec![]);
+        let e = desired_specs(&s, &Key::new("shop", "bad")).unwrap_err();
+        assert_eq!(e[0].field, "spec.clusterIPs[0]");
+        assert!(e[0].message.contains("10.0.0.300"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn the_plan_touches_only_dirty_services_and_only_what_changed() {
+        let mut s = store_with(vec![
+            Object::Service(service("shop", "a", "127.96.0.1", &[80])),
+            Object::Service(service("shop", "b", "127.96.0.2", &[80])),
+            Object::EndpointSlice(slice("shop", "a-1", "a", &[80], &[ep_ready("10.0.0.1")])),
+            Object::EndpointSlice(slice("shop", "b-1", "b", &[80], &[ep_ready("10.0.0.2")])),
+        ]);
+        let mut lb = LbState::default();
+        let all: BTreeSet<Key> = s.services.keys().cloned().collect();
+        let plan = lb.plan(&s, &all);
+        assert_eq!(plan.changes().len(), 2);
+        for p in &plan.services {
+            lb.commit(p);
+        }
+        // One slice of `a` changes: only a's frontend is upserted.
+        let dirty = s.apply(Update::Upsert(Object::EndpointSlice(slice(
+            "shop",
+            "a-1",
+            "a",
+            &[80],
+            &[ep_ready("10.0.0.3")],
+        ))));
+        let plan = lb.plan(&s, &dirty.services);
+        let changes = plan.changes();
+        assert_eq!(changes.len(), 1);
+        let Change::Upsert(spec) = &changes[0] else {
+            panic!("{changes:?}")
+        };
+        assert_eq!(spec.frontend, Frontend::tcp(addr("127.96.0.1:80")));
+        assert_eq!(spec.backends, vec![Backend::ready(addr("10.0.0.3:80"))]);
+        assert_eq!(
+            plan.services[0].removed_backends,
+            vec![(Frontend::tcp(addr("127.96.0.1:80")), addr("10.0.0.1:80"))]
+        );
+        for p in &plan.services {
+            lb.commit(p);
+        }
+        // Planning again finds nothing to do.
+        let plan = lb.plan(&s, &all);
+        assert!(plan.changes().is_empty());
+        assert_eq!(plan.unchanged.len(), 2);
+        // Deleting `b` removes its frontend.
+        let d = s.apply(Update::Delete(
+            crate::state::Kind::Service,
+            Key::new("shop", "b"),
+        ));
+        let plan = lb.plan(&s, &d.services);
+        assert_eq!(
+            plan.changes(),
+            vec![Change::Remove(Frontend::tcp(addr("127.96.0.2:80")))]
+        );
+        for p in &plan.services {
+            lb.commit(p);
+        }
+        assert_eq!(lb.applied().len(), 1);
+    }
+
+    #[test]
+    fn a_clusterip_taken_by_another_service_is_an_error_and_keeps_the_old_entry() {
+        let s = store_with(vec![
+            Object::Service(service("shop", "a", "127.96.0.1", &[80])),
+            Object::Service(service("shop", "b", "127.96.0.1", &[80])),
+        ]);
+        let mut lb = LbState::default();
+        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "a")]));
+        lb.commit(&plan.services[0]);
+        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "b")]));
+        assert!(plan.services.is_empty());
+        let e = &plan.errors[&Key::new("shop", "b")][0];
+        assert!(
+            e.message.contains("already belongs to Service shop/a"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_clusterip_can_move_between_services_in_one_batch() {
+        let mut s = store_with(vec![Object::Service(service(
+            "shop",
+            "a",
+            "127.96.0.1",
+            &[80],
+        ))]);
+        let mut lb = LbState::default();
+        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "a")]));
+        lb.commit(&plan.services[0]);
+        let mut d = s.apply(Update::Delete(
+            crate::state::Kind::Service,
+            Key::new("shop", "a"),
+        ));
+        d.merge(s.apply(Update::Upsert(Object::Service(service(
+            "shop",
+            "b",
+            "127.96.0.1",
+            &[80],
+        )))));
+        let plan = lb.plan(&s, &d.services);
+        assert!(plan.errors.is_empty(), "{:?}", plan.errors);
+        let fe = Frontend::tcp(addr("127.96.0.1:80"));
+        assert_eq!(plan.changes()[0], Change::Remove(fe));
+        assert!(matches!(&plan.changes()[1], Change::Upsert(s) if s.frontend == fe));
+        for p in &plan.services {
+            lb.commit(p);
+        }
+        assert_eq!(
+            lb.frontends().collect::<Vec<_>>(),
+            [(&fe, &Key::new("shop", "b"))]
+        );
+    }
+}

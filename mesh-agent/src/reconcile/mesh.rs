@@ -1,0 +1,278 @@
+//! The mesh view: everything the node proxy needs (services with their
+//! endpoints and where those run, routes, access policies, local workload
+//! identities), derived from the model as one immutable snapshot.
+//!
+//! This is the agent's side of the proxy contract; `proxy.rs` translates it
+//! into the proxy's own snapshot type.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use serde::Serialize;
+
+use super::routes::RouteRefs;
+use crate::{
+    admin::api::WorkloadInfo,
+    crds::AccessPolicy,
+    state::{Key, NodeInfo, Store},
+};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MeshView {
+    /// Increases with every new view.
+    pub generation: u64,
+    pub node: String,
+    pub trust_domain: String,
+    pub services: Vec<MeshService>,
+    /// Every known pod (local ones carry `local: true`).
+    pub workloads: Vec<WorkloadInfo>,
+    pub nodes: Vec<NodeInfo>,
+    /// Routes accepted by at least one Service parent.
+    pub http_routes: Vec<HttpRoute>,
+    pub grpc_routes: Vec<GrpcRoute>,
+    /// Valid access policies.
+    pub access_policies: Vec<AccessPolicy>,
+    /// Pods anywhere whose traffic is meshed (namespace enrolled, no opt-out):
+    /// callers reach them through their node's proxy.
+    pub meshed_pods: std::collections::BTreeSet<Key>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MeshService {
+    pub key: Key,
+    pub vips: Vec<IpAddr>,
+    /// The Service's namespace is enrolled: its traffic from enrolled
+    /// workloads reaches the proxy.
+    pub meshed: bool,
+    pub ports: Vec<MeshPort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MeshPort {
+    pub name: String,
+    pub port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// `appProtocol` (e.g. `http`, `kubernetes.io/h2c`), when set.
+    pub app_protocol: Option<String>,
+    pub endpoints: Vec<MeshEndpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MeshEndpoint {
+    pub addr: SocketAddr,
+    pub ready: bool,
+    pub node: Option<String>,
+    /// Where that node's proxy listens (its first address of the endpoint's family).
+    pub node_address: Option<IpAddr>,
+    /// The pod behind the endpoint, when known.
+    pub workload: Option<Key>,
+    /// Its SPIFFE ID, when the pod is known.
+    pub identity: Option<String>,
+    /// The pod is enrolled: reach it through its node proxy over mTLS.
+    pub meshed: bool,
+}
+
+/// Builds the view. `workloads` comes from [`super::workloads::workload_infos`].
+pub fn mesh_view(
+    store: &Store,
+    node: &str,
+    trust_domain: &str,
+    workloads: Vec<WorkloadInfo>,
+    generation: u64,
+) -> MeshView {
+    let by_ip: BTreeMap<IpAddr, &WorkloadInfo> = workloads
+        .iter()
+        .flat_map(|w| {
+            w.ips
+                .iter()
+                .filter_map(|ip| ip.parse().ok())
+                .map(move |ip| (ip, w))
+        })
+        .collect();
+    // Enrolment of remote pods: the namespace and the opt-out decide, as for local ones.
+    let meshed_pod = |w: &WorkloadInfo| {
+        store.namespace_enrolled(&w.namespace)
+            && store
+                .pods
+                .get(&Key::new(&w.namespace, &w.name))
+                .is_some_and(|p| {
+                    p.annotations
+                        .get(crate::config::MESH_ANNOTATION)
+                        .map(String::as_str)
+                        != Some(crate::config::MESH_DISABLED)
+                })
+    };
+    let node_addr = |name: &str, v4: bool| {
+        store
+            .nodes
+            .get(name)
+            .and_then(|n| n.addresses.iter().find(|a| a.is_ipv4() == v4).copied())
+    };
+    let mut services = Vec::new();
+    for (key, svc) in &store.services {
+        let Some(spec) = &svc.spec else { continue };
+        let vips: Vec<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .fold(Vec::new(), |mut v, ip| {
+                if !v.contains(&ip) {
+                    v.push(ip);
+                }
+                v
+            });
+        let mut ports = Vec::new();
+        for p in spec.ports.iter().flatten() {
+            let Ok(number) = u16::try_from(p.port) else {
+                continue;
+            };
+            let name = p.name.clone().unwrap_or_default();
+            let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+            let mut endpoints = Vec::new();
+            for slice in store.slices_of(key) {
+                let Some(sp) = slice.ports.iter().flatten().find(|sp| {
+                    sp.name.clone().unwrap_or_default() == name
+                        && sp.protocol.as_deref().unwrap_or("TCP") == protocol
+                }) else {
+                    continue;
+                };
+                let Some(target) = sp.port.and_then(|p| u16::try_from(p).ok()) else {
+                    continue;
+                };
+                for ep in &slice.endpoints {
+                    let state = super::lb::backend_state(ep.conditions.as_ref());
+                    for a in &ep.addresses {
+                        let Ok(ip) = a.parse::<IpAddr>() else {
+                            continue;
+                        };
+                        let w = by_ip.get(&ip).copied();
+                        let node = ep.node_name.clone().or_else(|| w.map(|w| w.node.clone()));
+                        endpoints.push(MeshEndpoint {
+                            addr: SocketAddr::new(ip, target),
+                            ready: state == ebpf_lb::BackendState::Ready,
+                            node_address: node.as_deref().and_then(|n| node_addr(n, ip.is_ipv4())),
+                            node,
+                            workload: w.map(|w| Key::new(&w.namespace, &w.name)),
+                            identity: w.map(|w| w.identity.clone()),
+                            meshed: w.is_some_and(meshed_pod),
+                        });
+                    }
+                }
+            }
+            endpoints.sort_by_key(|e| e.addr);
+            endpoints.dedup_by_key(|e| e.addr);
+            ports.push(MeshPort {
+                name,
+                port: number,
+                protocol,
+                app_protocol: p.app_protocol.clone(),
+                endpoints,
+            });
+        }
+        services.push(MeshService {
+            key: key.clone(),
+            vips,
+            meshed: store.namespace_enrolled(&key.namespace),
+            ports,
+        });
+    }
+    let accepted = |r: &RouteRefs| {
+        r.service_parents().any(|p| {
+            store
+                .services
+                .contains_key(&p.service_key(&r.key.namespace))
+        })
+    };
+    MeshView {
+        generation,
+        node: node.into(),
+        trust_domain: trust_domain.into(),
+        services,
+        workloads,
+        nodes: store.nodes.values().cloned().collect(),
+        http_routes: store
+            .http_routes
+            .values()
+            .filter(|r| accepted(&RouteRefs::of_http(r)))
+            .cloned()
+            .collect(),
+        grpc_routes: store
+            .grpc_routes
+            .values()
+            .filter(|r| accepted(&RouteRefs::of_grpc(r)))
+            .cloned()
+            .collect(),
+        access_policies: store.access_policies.values().cloned().collect(),
+        meshed_pods: store
+            .pods
+            .values()
+            .filter(|p| {
+                store.namespace_enrolled(&p.namespace)
+                    && !p.host_network
+                    && p.annotations
+                        .get(crate::config::MESH_ANNOTATION)
+                        .map(String::as_str)
+                        != Some(crate::config::MESH_DISABLED)
+            })
+            .map(|p| p.key())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        crds::MtlsMode,
+        reconcile::workloads::workload_infos,
+        state::{Object, Update},
+        testing::*,
+    };
+
+    #[test]
+    fn endpoints_carry_node_address_identity_and_enrolment() {
+        let mut s = Store::new();
+        for o in [
+            Object::Namespace(namespace("shop", true)),
+            Object::Node(NodeInfo {
+                name: "n2".into(),
+                addresses: vec!["192.0.2.2".parse().unwrap()],
+            }),
+            Object::Pod(workload("shop", "web-0", "web", "10.0.2.5", "n2")),
+            Object::Service(service("shop", "web", "127.96.0.1", &[80])),
+            Object::EndpointSlice(slice(
+                "shop",
+                "web-1",
+                "web",
+                &[8080],
+                &[ep_ready("10.0.2.5"), ep_ready("10.0.9.9")],
+            )),
+        ] {
+            s.apply(Update::Upsert(o));
+        }
+        let w = workload_infos(&s, "n1", "cluster.local", MtlsMode::Permissive);
+        let v = mesh_view(&s, "n1", "cluster.local", w, 7);
+        let svc = &v.services[0];
+        assert!(svc.meshed);
+        assert_eq!(svc.vips, ["127.96.0.1".parse::<IpAddr>().unwrap()]);
+        let eps = &svc.ports[0].endpoints;
+        assert_eq!(eps.len(), 2);
+        assert_eq!(eps[0].addr, "10.0.2.5:8080".parse().unwrap());
+        assert_eq!(eps[0].node.as_deref(), Some("n2"));
+        assert_eq!(eps[0].node_address, Some("192.0.2.2".parse().unwrap()));
+        assert_eq!(
+            eps[0].identity.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/web")
+        );
+        assert!(eps[0].meshed);
+        // An address no pod has: not meshed, no identity.
+        assert_eq!(eps[1].identity, None);
+        assert!(!eps[1].meshed);
+    }
+}

@@ -1,0 +1,779 @@
+//! The reconciler: folds source updates into the model and programs what
+//! follows from them, incrementally:
+//!
+//! - ebpf-lb ([`lb`]): every Service's VIPs and ready endpoints, the meshed
+//!   flag, enrolled pods' cgroups and the proxy address;
+//! - the proxy's view ([`mesh`]), published on a watch channel;
+//! - the identity manager: the SPIFFE IDs of enrolled local pods;
+//! - object status (routes, policies) for the Kubernetes source to write.
+//!
+//! It is synchronous (ebpf-lb calls block on an RCU grace period) and runs on
+//! its own thread; tests drive it directly.
+
+pub mod dataplane;
+pub mod lb;
+pub mod mesh;
+pub mod policies;
+pub mod routes;
+pub mod workloads;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use ebpf_lb::{Frontend, ProxyTarget};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use self::{
+    dataplane::Dataplane,
+    lb::{LbState, ServicePlan},
+    mesh::MeshView,
+    policies::StatusWrite,
+    routes::RouteRefs,
+    workloads::{Enrolled, EnrolledCgroup},
+};
+use crate::{
+    admin::api::{ConfigError, RouteInfo, WorkloadInfo},
+    cgroups::CgroupResolver,
+    crds::MtlsMode,
+    netdev::{InterfaceResolver, RouteTable},
+    state::{Dirty, Key, Kind, Store, Update},
+};
+
+/// What the reconciler is told.
+#[derive(Debug)]
+pub enum Input {
+    Updates(Vec<Update>),
+    /// The current problems of one source (a file, the Kubernetes watches):
+    /// replaces that source's previous list.
+    SourceErrors {
+        source: String,
+        errors: Vec<ConfigError>,
+    },
+    /// Time passed: retry what failed (a cgroup not there yet, a full map).
+    Tick,
+}
+
+/// Fixed facts about this node and agent.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub node: String,
+    pub node_addresses: Vec<IpAddr>,
+    pub trust_domain: String,
+    pub default_mode: MtlsMode,
+    /// Where the kernel sends enrolled connections; None: no proxy, meshed
+    /// services are balanced like the others.
+    pub proxy: Option<ProxyTarget>,
+    /// The proxy marks its sockets with the proxy mark, so the kernel may
+    /// refuse everything else to STRICT pods. Without it, STRICT is left to
+    /// the proxy (the kernel would refuse the proxy's own connections).
+    pub kernel_strict: bool,
+}
+
+/// A Service as programmed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceSummary {
+    pub key: Key,
+    /// `VIP:port/protocol`.
+    pub frontends: Vec<String>,
+    pub ready_backends: usize,
+    pub meshed: bool,
+}
+
+/// Counters of the reconciler's work.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub batches_applied: u64,
+    pub changes_applied: u64,
+    pub batch_failures: u64,
+    pub enrolments: u64,
+    pub unenrolments: u64,
+    pub removed_backends: u64,
+    /// Sockets the kernel reset because their backend left its service.
+    pub sockets_reset: u64,
+    pub status_writes: u64,
+}
+
+/// Everything the admin API shows, as of the last reconcile.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AgentView {
+    /// The source's initial state is programmed.
+    pub synced: bool,
+    pub enrolled_namespaces: Vec<String>,
+    pub workloads: Vec<WorkloadInfo>,
+    pub services: Vec<ServiceSummary>,
+    pub routes: Vec<RouteInfo>,
+    pub config_errors: Vec<ConfigError>,
+    /// Kernel updates that failed (retried on every tick).
+    pub dataplane_errors: Vec<String>,
+    /// SPIFFE IDs of enrolled local pods.
+    pub identities: BTreeSet<String>,
+    pub policies: usize,
+    pub stats: Stats,
+}
+
+/// Where the reconciler's results go.
+pub struct Outputs {
+    pub view: watch::Sender<Arc<AgentView>>,
+    pub mesh: watch::Sender<Arc<MeshView>>,
+    pub identities: watch::Sender<BTreeSet<String>>,
+    /// Status for the Kubernetes source to write; None for files.
+    pub status: Option<mpsc::UnboundedSender<StatusWrite>>,
+}
+
+impl Outputs {
+    /// Outputs with fresh channels; the receivers are returned alongside.
+    pub fn channels() -> (Self, OutputReceivers) {
+        let (view, view_rx) = watch::channel(Arc::new(AgentView::default()));
+        let (mesh, mesh_rx) = watch::channel(Arc::new(MeshView::default()));
+        let (identities, identities_rx) = watch::channel(BTreeSet::new());
+        (
+            Self {
+                view,
+                mesh,
+                identities,
+                status: None,
+            },
+            OutputReceivers {
+                view: view_rx,
+                mesh: mesh_rx,
+                identities: identities_rx,
+            },
+        )
+    }
+}
+
+pub struct OutputReceivers {
+    pub view: watch::Receiver<Arc<AgentView>>,
+    pub mesh: watch::Receiver<Arc<MeshView>>,
+    pub identities: watch::Receiver<BTreeSet<String>>,
+}
+
+pub struct Reconciler {
+    store: Store,
+    dp: Arc<dyn Dataplane>,
+    cgroups: Box<dyn CgroupResolver>,
+    interfaces: Box<dyn InterfaceResolver>,
+    settings: Settings,
+    out: Outputs,
+    synced: bool,
+    lb: LbState,
+    /// Config errors of Services (their last good entries stay).
+    service_errors: BTreeMap<Key, Vec<crate::crds::FieldError>>,
+    /// Services whose kernel update failed: retried on tick.
+    retry: BTreeMap<Key, String>,
+    enrolled: Enrolled,
+    /// Local enrolled pods whose cgroup could not be enrolled, and why.
+    enrol_errors: BTreeMap<Key, String>,
+    /// mTLS modes pushed to the kernel, by workload IP.
+    modes: BTreeMap<IpAddr, ebpf_lb::MtlsMode>,
+    /// Interfaces carrying the STRICT guard, and their pod.
+    guarded: BTreeMap<String, Key>,
+    source_errors: BTreeMap<String, Vec<ConfigError>>,
+    other_errors: Vec<String>,
+    workloads: Vec<WorkloadInfo>,
+    mesh_generation: u64,
+    stats: Stats,
+}
+
+impl Reconciler {
+    pub fn new(
+        dp: Arc<dyn Dataplane>,
+        cgroups: Box<dyn CgroupResolver>,
+        settings: Settings,
+        out: Outputs,
+    ) -> Self {
+        Self {
+            store: Store::new(),
+            dp,
+            cgroups,
+            interfaces: Box::new(RouteTable),
+            settings,
+            out,
+            synced: false,
+            lb: LbState::default(),
+            service_errors: BTreeMap::new(),
+            retry: BTreeMap::new(),
+            enrolled: Enrolled::new(),
+            enrol_errors: BTreeMap::new(),
+            modes: BTreeMap::new(),
+            guarded: BTreeMap::new(),
+            source_errors: BTreeMap::new(),
+            other_errors: Vec::new(),
+            workloads: Vec::new(),
+            mesh_generation: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Finds pods' host interfaces another way than from the routes.
+    pub fn with_interfaces(mut self, r: Box<dyn InterfaceResolver>) -> Self {
+        self.interfaces = r;
+        self
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn lb(&self) -> &LbState {
+        &self.lb
+    }
+
+    pub fn enrolled(&self) -> &Enrolled {
+        &self.enrolled
+    }
+
+    /// Handles a batch of inputs: folds every update in, then programs once.
+    pub fn step(&mut self, inputs: Vec<Input>) {
+        let mut dirty = Dirty::default();
+        let mut tick = false;
+        for input in inputs {
+            match input {
+                Input::Updates(updates) => {
+                    for u in updates {
+                        dirty.merge(self.store.apply(u));
+                    }
+                }
+                Input::SourceErrors { source, errors } => {
+                    for e in &errors {
+                        tracing::warn!(error = %e, "configuration refused; the last good version stays in force");
+                    }
+                    if errors.is_empty() {
+                        self.source_errors.remove(&source);
+                    } else {
+                        self.source_errors.insert(source, errors);
+                    }
+                    dirty.mesh = true;
+                }
+                Input::Tick => tick = true,
+            }
+        }
+        if dirty.synced && !self.synced {
+            self.synced = true;
+            self.first_sync(&mut dirty);
+        }
+        if !self.synced {
+            // Leave the kernel's pinned state alone until the source has
+            // said everything: it keeps balancing meanwhile.
+            self.publish_view();
+            return;
+        }
+        if tick {
+            dirty.services.extend(self.retry.keys().cloned());
+            if !self.enrol_errors.is_empty() {
+                dirty.workloads = true;
+            }
+        }
+        if dirty.is_empty() {
+            return;
+        }
+        self.reconcile_services(&dirty.services);
+        if dirty.workloads {
+            self.reconcile_workloads();
+        }
+        if dirty.mesh || dirty.workloads {
+            self.publish_mesh();
+        }
+        self.publish_view();
+    }
+
+    /// The source's initial state is in: program everything, and drop what an
+    /// earlier agent left in the kernel that is no longer wanted.
+    fn first_sync(&mut self, dirty: &mut Dirty) {
+        if let Err(e) = self.dp.set_proxy(self.settings.proxy) {
+            self.other_errors
+                .push(format!("setting the proxy address: {e}"));
+        }
+        dirty.services.extend(self.store.services.keys().cloned());
+        dirty.workloads = true;
+        dirty.mesh = true;
+        self.reconcile_services(&dirty.services);
+        let wanted: BTreeSet<Frontend> = self.lb.frontends().map(|(f, _)| *f).collect();
+        let stale: Vec<ebpf_lb::Change> = self
+            .dp
+            .services()
+            .into_iter()
+            .filter(|s| !wanted.contains(&s.frontend))
+            .map(|s| ebpf_lb::Change::Remove(s.frontend))
+            .collect();
+        if !stale.is_empty() {
+            tracing::info!(
+                count = stale.len(),
+                "removing services left by an earlier run"
+            );
+            if let Err(e) = self.dp.apply(&stale) {
+                self.other_errors
+                    .push(format!("removing stale services: {e}"));
+            }
+        }
+        self.reconcile_workloads();
+        // Cgroups enrolled by an earlier run that no pod claims any more.
+        let ours: BTreeSet<u64> = self.enrolled.values().map(|e| e.id).collect();
+        for id in self.dp.enrolled() {
+            if !ours.contains(&id)
+                && let Err(e) = self.dp.unenroll(id)
+            {
+                self.other_errors
+                    .push(format!("unenrolling stale cgroup {id}: {e}"));
+            }
+        }
+        dirty.services.clear();
+        dirty.workloads = false;
+    }
+
+    fn reconcile_services(&mut self, dirty: &BTreeSet<Key>) {
+        if dirty.is_empty() {
+            return;
+        }
+        let plan = self.lb.plan(&self.store, dirty);
+        for key in dirty {
+            if !plan.errors.contains_key(key) {
+                self.service_errors.remove(key);
+            }
+        }
+        for (key, errors) in &plan.errors {
+            for e in errors {
+                tracing::warn!(service = %key, error = %e, "Service refused; its last good entries stay");
+            }
+            self.service_errors.insert(key.clone(), errors.clone());
+        }
+        for key in &plan.unchanged {
+            self.retry.remove(key);
+        }
+        if plan.services.is_empty() {
+            return;
+        }
+        let changes = plan.changes();
+        match self.dp.apply(&changes) {
+            Ok(report) => {
+                self.stats.sockets_reset += report.reset.destroyed as u64;
+                for p in &plan.services {
+                    self.committed(p);
+                }
+                self.stats.batches_applied += 1;
+                self.stats.changes_applied += changes.len() as u64;
+            }
+            Err(e) => {
+                // One bad Service must not hold the others back.
+                tracing::warn!(error = %e, "batch of {} changes failed; applying per service", changes.len());
+                self.stats.batch_failures += 1;
+                for p in &plan.services {
+                    let mut one = plan.clone();
+                    one.services = vec![p.clone()];
+                    match self.dp.apply(&one.changes()) {
+                        Ok(report) => {
+                            self.stats.sockets_reset += report.reset.destroyed as u64;
+                            self.committed(p);
+                            self.stats.batches_applied += 1;
+                            self.stats.changes_applied += p.changes.len() as u64;
+                        }
+                        Err(e) => {
+                            tracing::warn!(service = %p.service, error = %e, "kernel update failed; will retry");
+                            self.stats.batch_failures += 1;
+                            self.retry.insert(p.service.clone(), e.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn committed(&mut self, p: &ServicePlan) {
+        self.lb.commit(p);
+        self.retry.remove(&p.service);
+        if !p.removed_backends.is_empty() {
+            // ebpf-lb has reset the sockets connected to them in `apply`.
+            self.stats.removed_backends += p.removed_backends.len() as u64;
+            tracing::debug!(service = %p.service, removed = ?p.removed_backends, "backends left the service");
+        }
+    }
+
+    fn reconcile_workloads(&mut self) {
+        let mut infos = workloads::workload_infos(
+            &self.store,
+            &self.settings.node,
+            &self.settings.trust_domain,
+            self.settings.default_mode,
+        );
+        let mut keep: BTreeSet<String> = BTreeSet::new();
+        self.enrol_errors.clear();
+        for info in &mut infos {
+            if !info.enrolled {
+                continue;
+            }
+            let key = Key::new(&info.namespace, &info.name);
+            let Some(w) = self.store.pods.get(&key).cloned() else {
+                continue;
+            };
+            match self.cgroups.resolve(&w) {
+                Ok(path) => {
+                    let have = self.enrolled.get(&w.uid);
+                    if have.is_some_and(|h| h.path == path) {
+                        keep.insert(w.uid.clone());
+                    } else {
+                        if let Some(old) = have.cloned() {
+                            self.unenroll(&w.uid, old.id);
+                        }
+                        match self.dp.enroll(&path) {
+                            Ok(id) => {
+                                tracing::info!(pod = %key, cgroup = %path.display(), id, "enrolled");
+                                self.stats.enrolments += 1;
+                                self.enrolled
+                                    .insert(w.uid.clone(), EnrolledCgroup { id, path });
+                                keep.insert(w.uid.clone());
+                            }
+                            Err(e) => {
+                                self.enrol_errors.insert(
+                                    key.clone(),
+                                    format!("enrolling cgroup {}: {e}", path.display()),
+                                );
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.enrol_errors.insert(key.clone(), e);
+                }
+            }
+            if let Some(e) = self.enrolled.get(&w.uid) {
+                info.cgroup = Some(e.path.display().to_string());
+                info.cgroup_id = Some(e.id);
+            }
+            if let Some(err) = self.enrol_errors.get(&key) {
+                info.reason = Some(err.clone());
+            }
+        }
+        let gone: Vec<(String, u64)> = self
+            .enrolled
+            .iter()
+            .filter(|(uid, _)| !keep.contains(*uid))
+            .map(|(uid, e)| (uid.clone(), e.id))
+            .collect();
+        for (uid, id) in gone {
+            self.unenroll(&uid, id);
+        }
+        // Pods whose cgroup is not enrolled yet are not in the mesh yet.
+        for info in &mut infos {
+            if info.enrolled && info.cgroup_id.is_none() {
+                info.enrolled = false;
+            }
+        }
+        self.reconcile_modes(&mut infos);
+        let ids: BTreeSet<String> = infos
+            .iter()
+            .filter(|w| w.local && w.enrolled)
+            .map(|w| w.identity.clone())
+            .collect();
+        self.out.identities.send_if_modified(|cur| {
+            if *cur == ids {
+                false
+            } else {
+                *cur = ids;
+                true
+            }
+        });
+        self.workloads = infos;
+    }
+
+    /// Pushes local mesh workloads' mTLS modes into the kernel and guards the
+    /// interfaces of STRICT ones. Only with a proxy: a STRICT workload
+    /// accepts nothing but the proxy's connections.
+    fn reconcile_modes(&mut self, infos: &mut [WorkloadInfo]) {
+        let mut modes: BTreeMap<IpAddr, ebpf_lb::MtlsMode> = BTreeMap::new();
+        let mut guards: BTreeMap<String, Key> = BTreeMap::new();
+        for info in infos.iter_mut() {
+            // `enrolled` is still the intent here (namespace, opt-out).
+            if !info.local || !info.enrolled || self.settings.proxy.is_none() {
+                continue;
+            }
+            let key = Key::new(&info.namespace, &info.name);
+            let mode = match info.mtls_mode {
+                MtlsMode::Strict if !self.settings.kernel_strict => {
+                    info.strict_guard = Some(
+                        "not enforced in the kernel: the proxy does not mark its sockets; \
+                         the proxy enforces STRICT"
+                            .into(),
+                    );
+                    ebpf_lb::MtlsMode::Permissive
+                }
+                MtlsMode::Strict => ebpf_lb::MtlsMode::Strict,
+                MtlsMode::Permissive => ebpf_lb::MtlsMode::Permissive,
+                MtlsMode::Disabled => ebpf_lb::MtlsMode::Disabled,
+            };
+            let ips: Vec<IpAddr> = info.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+            for ip in &ips {
+                modes.insert(*ip, mode);
+            }
+            if mode != ebpf_lb::MtlsMode::Strict {
+                continue;
+            }
+            let known = self.store.pods.get(&key).and_then(|w| w.interface.clone());
+            let iface = match (known, ips.first()) {
+                (Some(i), _) => Ok(i),
+                (None, Some(ip)) => self.interfaces.interface(*ip),
+                (None, None) => Err("the pod has no IP yet".into()),
+            };
+            match iface {
+                Ok(i) => {
+                    info.strict_guard = Some(format!("guarded on {i}"));
+                    guards.insert(i, key);
+                }
+                Err(e) => info.strict_guard = Some(format!("not enforced in the kernel: {e}")),
+            }
+        }
+        for (ip, mode) in &modes {
+            if self.modes.get(ip) != Some(mode) {
+                match self.dp.set_workload_mode(*ip, Some(*mode)) {
+                    Ok(()) => {
+                        self.modes.insert(*ip, *mode);
+                    }
+                    Err(e) => self
+                        .other_errors
+                        .push(format!("setting the mTLS mode of {ip}: {e}")),
+                }
+            }
+        }
+        let gone: Vec<IpAddr> = self
+            .modes
+            .keys()
+            .filter(|ip| !modes.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            match self.dp.set_workload_mode(ip, None) {
+                Ok(()) => {
+                    self.modes.remove(&ip);
+                }
+                Err(e) => self
+                    .other_errors
+                    .push(format!("clearing the mTLS mode of {ip}: {e}")),
+            }
+        }
+        for (iface, key) in &guards {
+            if !self.guarded.contains_key(iface) {
+                match self.dp.guard_interface(iface) {
+                    Ok(()) => {
+                        tracing::info!(pod = %key, interface = %iface, "STRICT guard attached");
+                        self.guarded.insert(iface.clone(), key.clone());
+                    }
+                    Err(e) => {
+                        for info in infos
+                            .iter_mut()
+                            .filter(|i| i.name == key.name && i.namespace == key.namespace)
+                        {
+                            info.strict_guard = Some(format!("not enforced in the kernel: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+        let stale: Vec<String> = self
+            .guarded
+            .keys()
+            .filter(|i| !guards.contains_key(*i))
+            .cloned()
+            .collect();
+        for iface in stale {
+            // The interface may be gone with its pod: then so is the link.
+            if let Err(e) = self.dp.unguard_interface(&iface) {
+                tracing::debug!(interface = %iface, error = %e, "unguarding");
+            }
+            self.guarded.remove(&iface);
+        }
+    }
+
+    fn unenroll(&mut self, uid: &str, id: u64) {
+        match self.dp.unenroll(id) {
+            Ok(()) => {
+                tracing::info!(uid, id, "unenrolled");
+                self.stats.unenrolments += 1;
+                self.enrolled.remove(uid);
+            }
+            Err(e) => self
+                .other_errors
+                .push(format!("unenrolling cgroup {id} of pod {uid}: {e}")),
+        }
+    }
+
+    fn publish_mesh(&mut self) {
+        self.mesh_generation += 1;
+        let view = mesh::mesh_view(
+            &self.store,
+            &self.settings.node,
+            &self.settings.trust_domain,
+            self.workloads.clone(),
+            self.mesh_generation,
+        );
+        self.out.mesh.send_replace(Arc::new(view));
+        if let Some(status) = &self.out.status {
+            let mut writes = policies::policy_status_writes(&self.store);
+            for r in RouteRefs::all(&self.store) {
+                if let Some(parents) = routes::route_status_parents(&self.store, &r) {
+                    let kind = if r.kind == "HTTPRoute" {
+                        Kind::HTTPRoute
+                    } else {
+                        Kind::GRPCRoute
+                    };
+                    writes.push(StatusWrite {
+                        kind,
+                        key: r.key.clone(),
+                        status: serde_json::json!({ "parents": parents }),
+                    });
+                }
+            }
+            for w in writes {
+                self.stats.status_writes += 1;
+                let _ = status.send(w);
+            }
+        }
+    }
+
+    /// Config errors of every kind, sorted.
+    pub fn config_errors(&self) -> Vec<ConfigError> {
+        let mut out: Vec<ConfigError> = self.source_errors.values().flatten().cloned().collect();
+        for (key, errors) in &self.service_errors {
+            for e in errors {
+                out.push(ConfigError {
+                    source: "model".into(),
+                    object: Some(format!("Service {key}")),
+                    field: Some(e.field.clone()),
+                    message: e.message.clone(),
+                });
+            }
+        }
+        for r in self.store.rejected.values() {
+            for e in &r.errors {
+                out.push(ConfigError {
+                    source: "model".into(),
+                    object: Some(format!("{} {}", r.kind, r.key)),
+                    field: Some(e.field.clone()),
+                    message: e.message.clone(),
+                });
+            }
+        }
+        for r in RouteRefs::all(&self.store) {
+            for p in r.service_parents() {
+                for c in routes::parent_conditions(&self.store, &r, p) {
+                    if !c.status {
+                        out.push(ConfigError {
+                            source: "model".into(),
+                            object: Some(format!("{} {}", r.kind, r.key)),
+                            field: None,
+                            message: format!("{} is False ({}): {}", c.type_, c.reason, c.message),
+                        });
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn route_infos(&self) -> Vec<RouteInfo> {
+        let all = RouteRefs::all(&self.store);
+        let mut out = Vec::new();
+        for key in self.store.services.keys() {
+            let mut any = false;
+            for r in &all {
+                for p in r.service_parents() {
+                    if p.service_key(&r.key.namespace) != *key {
+                        continue;
+                    }
+                    any = true;
+                    let conds = routes::parent_conditions(&self.store, r, p);
+                    let reason = conds
+                        .iter()
+                        .find(|c| !c.status)
+                        .map(|c| format!("{}: {}", c.reason, c.message));
+                    out.push(RouteInfo {
+                        service: key.to_string(),
+                        kind: r.kind.into(),
+                        route: Some(r.key.to_string()),
+                        rules: r.rules,
+                        backends: r
+                            .backends
+                            .iter()
+                            .map(|b| {
+                                let port = b.port.map(|p| format!(":{p}")).unwrap_or_default();
+                                match b.weight {
+                                    Some(w) => format!("{}{port} (w={w})", b.name),
+                                    None => format!("{}{port}", b.name),
+                                }
+                            })
+                            .collect(),
+                        accepted: conds[0].status,
+                        resolved_refs: conds[1].status,
+                        reason,
+                        ..Default::default()
+                    });
+                }
+            }
+            if !any {
+                out.push(RouteInfo {
+                    service: key.to_string(),
+                    kind: "Service".into(),
+                    accepted: true,
+                    resolved_refs: true,
+                    ..Default::default()
+                });
+            }
+        }
+        out
+    }
+
+    fn publish_view(&mut self) {
+        let services = self
+            .lb
+            .applied()
+            .iter()
+            .map(|(key, specs)| {
+                let ready: BTreeSet<SocketAddr> = specs
+                    .iter()
+                    .flat_map(|s| s.backends.iter())
+                    .filter(|b| b.state == ebpf_lb::BackendState::Ready)
+                    .map(|b| b.addr)
+                    .collect();
+                ServiceSummary {
+                    key: key.clone(),
+                    frontends: specs.iter().map(|s| s.frontend.to_string()).collect(),
+                    ready_backends: ready.len(),
+                    meshed: specs.iter().any(|s| s.meshed),
+                }
+            })
+            .collect();
+        let mut dataplane_errors: Vec<String> = self
+            .retry
+            .iter()
+            .map(|(k, e)| format!("Service {k}: {e}"))
+            .collect();
+        dataplane_errors.extend(self.other_errors.iter().cloned());
+        let view = AgentView {
+            synced: self.synced,
+            enrolled_namespaces: workloads::enrolled_namespaces(&self.store),
+            workloads: self.workloads.clone(),
+            services,
+            routes: self.route_infos(),
+            config_errors: self.config_errors(),
+            dataplane_errors,
+            identities: self.out.identities.borrow().clone(),
+            policies: self.store.mesh_policies.len() + self.store.access_policies.len(),
+            stats: self.stats.clone(),
+        };
+        self.out.view.send_if_modified(|cur| {
+            if **cur == view {
+                false
+            } else {
+                *cur = Arc::new(view);
+                true
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,375 @@
+//! The reconciler against the in-memory dataplane: what reaches the kernel,
+//! in which batches.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc};
+
+use ebpf_lb::{Backend, Change, Frontend, ProxyTarget, ServiceSpec};
+
+use super::{dataplane::MemoryDataplane, *};
+use crate::{
+    cgroups::PodCgroups,
+    config,
+    state::{Object, Update},
+    testing::*,
+};
+
+struct Fixture {
+    r: Reconciler,
+    dp: Arc<MemoryDataplane>,
+    rx: OutputReceivers,
+    cg: tempfile::TempDir,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn fixture() -> Fixture {
+    let dp = Arc::new(MemoryDataplane::new());
+    let cg = tempfile::tempdir().unwrap();
+    let (out, rx) = Outputs::channels();
+    let settings = Settings {
+        node: "n1".into(),
+        node_addresses: vec!["192.0.2.1".parse().unwrap()],
+        trust_domain: "cluster.local".into(),
+        default_mode: MtlsMode::Permissive,
+        proxy: Some(ProxyTarget {
+            v4: Some("192.0.2.1".parse().unwrap()),
+            v6: None,
+            port: config::PROXY_CAPTURE_PORT,
+            mark: config::PROXY_MARK,
+        }),
+        kernel_strict: true,
+    };
+    let resolver = PodCgroups {
+        root: cg.path().into(),
+        base: cg.path().into(),
+    };
+    let r = Reconciler::new(dp.clone(), Box::new(resolver), settings, out);
+    Fixture { r, dp, rx, cg }
+}
+
+impl Fixture {
+    fn upsert(&mut self, objs: Vec<Object>) {
+        self.r.step(vec![Input::Updates(
+            objs.into_iter().map(Update::Upsert).collect(),
+        )]);
+    }
+
+    fn sync(&mut self) {
+        self.r.step(vec![Input::Updates(vec![Update::Synced])]);
+    }
+
+    /// A fake cgroup directory (with `cgroup.procs`) relative to the base.
+    fn cgroup(&self, rel: &str) -> PathBuf {
+        let p = self.cg.path().join(rel);
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("cgroup.procs"), "").unwrap();
+        p
+    }
+}
+
+fn shop() -> Vec<Object> {
+    vec![
+        Object::Namespace(namespace("shop", true)),
+        Object::Service(service("shop", "a", "127.96.0.1", &[80])),
+        Object::Service(service("shop", "b", "127.96.0.2", &[80])),
+        Object::EndpointSlice(slice("shop", "a-1", "a", &[8080], &[ep_ready("10.0.0.1")])),
+        Object::EndpointSlice(slice("shop", "b-1", "b", &[8080], &[ep_ready("10.0.0.2")])),
+    ]
+}
+
+#[test]
+fn nothing_reaches_the_kernel_before_the_source_is_synced() {
+    let mut f = fixture();
+    f.dp.preload(ServiceSpec::new(Frontend::tcp(addr("127.96.9.9:80")), []));
+    f.upsert(shop());
+    assert!(f.dp.batches().is_empty());
+    assert!(!f.rx.view.borrow().synced);
+    f.sync();
+    let a =
+        f.dp.spec(&Frontend::tcp(addr("127.96.0.1:80")))
+            .expect("a programmed");
+    assert_eq!(a.backends, vec![Backend::ready(addr("10.0.0.1:8080"))]);
+    assert!(a.meshed);
+    // What an earlier run left and nobody wants any more is gone.
+    assert_eq!(f.dp.spec(&Frontend::tcp(addr("127.96.9.9:80"))), None);
+    assert_eq!(f.dp.proxy().unwrap().port, config::PROXY_CAPTURE_PORT);
+    assert!(f.rx.view.borrow().synced);
+}
+
+#[test]
+fn an_endpointslice_change_applies_only_its_service() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    f.dp.clear_batches();
+    f.upsert(vec![Object::EndpointSlice(slice(
+        "shop",
+        "b-1",
+        "b",
+        &[8080],
+        &[ep_ready("10.0.0.2"), ep_ready("10.0.0.3")],
+    ))]);
+    let batches = f.dp.batches();
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert_eq!(batches[0].len(), 1);
+    let Change::Upsert(spec) = &batches[0][0] else {
+        panic!("{batches:?}")
+    };
+    assert_eq!(spec.frontend, Frontend::tcp(addr("127.96.0.2:80")));
+    assert_eq!(spec.backends.len(), 2);
+    // An update that changes nothing applies nothing.
+    f.dp.clear_batches();
+    f.upsert(vec![Object::EndpointSlice(slice(
+        "shop",
+        "b-1",
+        "b",
+        &[8080],
+        &[ep_ready("10.0.0.2"), ep_ready("10.0.0.3")],
+    ))]);
+    assert!(f.dp.batches().is_empty());
+    assert_eq!(f.r.stats.removed_backends, 0);
+}
+
+#[test]
+fn unenrolling_a_namespace_clears_the_meshed_flag_of_its_services() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    f.dp.clear_batches();
+    f.upsert(vec![Object::Namespace(namespace("shop", false))]);
+    let batches = f.dp.batches();
+    assert_eq!(batches.len(), 1);
+    assert_eq!(batches[0].len(), 2);
+    assert!(f.dp.services().iter().all(|s| !s.meshed));
+}
+
+#[test]
+fn a_failing_service_does_not_hold_back_the_others_and_is_retried() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    let fa = Frontend::tcp(addr("127.96.0.1:80"));
+    f.dp.fail_upserts_of(fa);
+    f.upsert(vec![
+        Object::EndpointSlice(slice("shop", "a-1", "a", &[8080], &[ep_ready("10.0.0.5")])),
+        Object::EndpointSlice(slice("shop", "b-1", "b", &[8080], &[ep_ready("10.0.0.6")])),
+    ]);
+    // b went through on its own; a kept its old backends.
+    let b = f.dp.spec(&Frontend::tcp(addr("127.96.0.2:80"))).unwrap();
+    assert_eq!(b.backends, vec![Backend::ready(addr("10.0.0.6:8080"))]);
+    let a = f.dp.spec(&fa).unwrap();
+    assert_eq!(a.backends, vec![Backend::ready(addr("10.0.0.1:8080"))]);
+    let view = f.rx.view.borrow().clone();
+    assert_eq!(view.dataplane_errors.len(), 1);
+    assert!(
+        view.dataplane_errors[0].contains("shop/a"),
+        "{:?}",
+        view.dataplane_errors
+    );
+    // A tick retries a, and only a.
+    f.dp.clear_batches();
+    f.dp.clear_failures();
+    f.r.step(vec![Input::Tick]);
+    let batches = f.dp.batches();
+    assert_eq!(batches.len(), 1);
+    assert!(matches!(&batches[0][..], [Change::Upsert(s)] if s.frontend == fa));
+    let a = f.dp.spec(&fa).unwrap();
+    assert_eq!(a.backends, vec![Backend::ready(addr("10.0.0.5:8080"))]);
+    assert!(f.rx.view.borrow().dataplane_errors.is_empty());
+}
+
+#[test]
+fn an_invalid_service_keeps_its_last_good_entry_and_is_reported() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    let mut bad = service("shop", "a", "127.96.0.1", &[80]);
+    bad.spec.as_mut().unwrap().session_affinity = Some("Sticky".into());
+    f.upsert(vec![Object::Service(bad)]);
+    assert!(f.dp.spec(&Frontend::tcp(addr("127.96.0.1:80"))).is_some());
+    let errors = f.rx.view.borrow().config_errors.clone();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].object.as_deref(), Some("Service shop/a"));
+    assert_eq!(errors[0].field.as_deref(), Some("spec.sessionAffinity"));
+    // Fixed: the error goes.
+    f.upsert(vec![Object::Service(service(
+        "shop",
+        "a",
+        "127.96.0.1",
+        &[80],
+    ))]);
+    assert!(f.rx.view.borrow().config_errors.is_empty());
+}
+
+#[test]
+fn local_enrolled_pods_get_their_cgroup_enrolled_and_identity_published() {
+    let mut f = fixture();
+    let web_cg = f.cgroup("pods/web");
+    let mut web = workload("shop", "web", "web-sa", "10.0.0.1", "n1");
+    web.cgroup = Some("pods/web".into());
+    let mut opted_out = workload("shop", "batch", "batch", "10.0.0.4", "n1");
+    opted_out.cgroup = Some(f.cgroup("pods/batch"));
+    opted_out
+        .annotations
+        .insert(config::MESH_ANNOTATION.into(), config::MESH_DISABLED.into());
+    let mut remote = workload("shop", "far", "far", "10.0.9.1", "n2");
+    remote.cgroup = Some(f.cgroup("pods/far"));
+    let mut objs = shop();
+    objs.extend([
+        Object::Pod(web),
+        Object::Pod(opted_out),
+        Object::Pod(remote),
+    ]);
+    f.upsert(objs);
+    f.sync();
+    assert_eq!(f.dp.enrolled_paths(), vec![web_cg.clone()]);
+    assert_eq!(
+        *f.rx.identities.borrow(),
+        BTreeSet::from(["spiffe://cluster.local/ns/shop/sa/web-sa".to_string()])
+    );
+    let view = f.rx.view.borrow().clone();
+    let w = view.workloads.iter().find(|w| w.name == "web").unwrap();
+    assert!(w.enrolled);
+    assert_eq!(w.cgroup.as_deref(), Some(web_cg.to_str().unwrap()));
+
+    // Leaving the mesh: the namespace annotation goes, the cgroup is unenrolled.
+    f.upsert(vec![Object::Namespace(namespace("shop", false))]);
+    assert!(f.dp.enrolled_paths().is_empty());
+    assert!(f.rx.identities.borrow().is_empty());
+}
+
+#[test]
+fn a_pod_whose_cgroup_appears_later_is_enrolled_on_a_tick() {
+    let mut f = fixture();
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some("pods/late".into());
+    let mut objs = shop();
+    objs.push(Object::Pod(web));
+    f.upsert(objs);
+    f.sync();
+    assert!(f.dp.enrolled_paths().is_empty());
+    let view = f.rx.view.borrow().clone();
+    let w = &view.workloads[0];
+    assert!(!w.enrolled);
+    assert!(w.reason.as_deref().unwrap().contains("pods/late"), "{w:?}");
+    let p = f.cgroup("pods/late");
+    f.r.step(vec![Input::Tick]);
+    assert_eq!(f.dp.enrolled_paths(), vec![p]);
+    assert!(f.rx.view.borrow().workloads[0].enrolled);
+}
+
+#[test]
+fn the_mesh_view_is_published_with_a_new_generation_on_route_changes() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    let g0 = f.rx.mesh.borrow().generation;
+    assert_eq!(f.rx.mesh.borrow().services.len(), 2);
+    let route: gateway_api::httproutes::HttpRoute = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "a", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "a"}],
+            "rules": [{"backendRefs": [{"name": "b", "port": 80}]}]
+        }
+    }))
+    .unwrap();
+    f.upsert(vec![Object::HTTPRoute(route)]);
+    let mesh = f.rx.mesh.borrow().clone();
+    assert!(mesh.generation > g0);
+    assert_eq!(mesh.http_routes.len(), 1);
+    let routes = f.rx.view.borrow().routes.clone();
+    let a = routes.iter().find(|r| r.service == "shop/a").unwrap();
+    assert_eq!(a.kind, "HTTPRoute");
+    assert!(a.accepted && a.resolved_refs);
+    assert_eq!(a.backends, ["b:80"]);
+}
+
+#[test]
+fn status_writes_go_to_the_status_channel() {
+    let mut f = fixture();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    f.r.out.status = Some(tx);
+    let bad: crate::crds::MeshPolicySpec = serde_json::from_value(serde_json::json!({
+        "mode": "STRICT",
+        "selector": {"matchExpressions": [{"key": "app", "operator": "Near"}]}
+    }))
+    .unwrap();
+    let mut p = crate::crds::MeshPolicy::new("strict", bad);
+    p.metadata.namespace = Some("shop".into());
+    let mut objs = shop();
+    objs.push(Object::MeshPolicy(p));
+    f.upsert(objs);
+    f.sync();
+    let w = rx.try_recv().expect("a status write");
+    assert_eq!(w.kind, Kind::MeshPolicy);
+    assert_eq!(w.status["conditions"][0]["reason"], "Invalid");
+    assert!(
+        w.status["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.selector.matchExpressions[0].operator")
+    );
+}
+
+#[test]
+fn strict_workloads_get_their_mode_and_interface_guard_in_the_kernel() {
+    let mut f = fixture();
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some(f.cgroup("pods/web"));
+    web.interface = Some("veth-web".into());
+    let mut db = workload("shop", "db", "db", "10.0.0.2", "n1");
+    db.cgroup = Some(f.cgroup("pods/db"));
+    let strict: crate::crds::MeshPolicySpec = serde_json::from_value(
+        serde_json::json!({"mode": "STRICT", "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .unwrap();
+    let mut p = crate::crds::MeshPolicy::new("web-strict", strict);
+    p.metadata.namespace = Some("shop".into());
+    let mut objs = shop();
+    objs.extend([Object::Pod(web), Object::Pod(db), Object::MeshPolicy(p)]);
+    f.upsert(objs);
+    f.sync();
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(
+        f.dp.modes(),
+        BTreeMap::from([
+            (ip("10.0.0.1"), ebpf_lb::MtlsMode::Strict),
+            (ip("10.0.0.2"), ebpf_lb::MtlsMode::Permissive)
+        ])
+    );
+    assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-web".to_string()]));
+    let view = f.rx.view.borrow().clone();
+    let w = view.workloads.iter().find(|w| w.name == "web").unwrap();
+    assert_eq!(w.strict_guard.as_deref(), Some("guarded on veth-web"));
+
+    // The policy goes: PERMISSIVE, and the guard comes off.
+    f.r.step(vec![Input::Updates(vec![Update::Delete(
+        Kind::MeshPolicy,
+        Key::new("shop", "web-strict"),
+    )])]);
+    assert_eq!(f.dp.modes()[&ip("10.0.0.1")], ebpf_lb::MtlsMode::Permissive);
+    assert!(f.dp.guarded().is_empty());
+    // The namespace leaves the mesh: no modes at all.
+    f.upsert(vec![Object::Namespace(namespace("shop", false))]);
+    assert!(f.dp.modes().is_empty());
+}
+
+#[test]
+fn without_a_proxy_no_mode_is_pushed() {
+    let mut f = fixture();
+    f.r.settings.proxy = None;
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some(f.cgroup("pods/web"));
+    let mut objs = shop();
+    objs.push(Object::Pod(web));
+    f.upsert(objs);
+    f.sync();
+    assert!(
+        f.dp.modes().is_empty(),
+        "STRICT without a proxy would refuse every connection"
+    );
+}

@@ -1,0 +1,241 @@
+//! Pods -> workload identities, enrolment and mTLS modes.
+
+use std::collections::BTreeMap;
+
+use kube::ResourceExt as _;
+
+use crate::{
+    admin::api::WorkloadInfo,
+    config,
+    crds::{MtlsMode, selector_matches},
+    state::{Store, Workload},
+};
+
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    match certs::SpiffeId::new(trust_domain, namespace, service_account) {
+        Ok(id) => id.to_string(),
+        // Names Kubernetes accepts are valid; keep the plain form otherwise
+        // (the identity manager reports it).
+        Err(_) => format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"),
+    }
+}
+
+/// The mTLS mode of a workload: a MeshPolicy selecting it beats a
+/// namespace-wide one; between equals the oldest, then the first by name.
+pub fn mtls_mode(store: &Store, w: &Workload, default: MtlsMode) -> MtlsMode {
+    let mut best: Option<(bool, Option<&k8s_openapi::jiff::Timestamp>, &str, MtlsMode)> = None;
+    for (key, p) in &store.mesh_policies {
+        if key.namespace != w.namespace {
+            continue;
+        }
+        let specific = match &p.spec.selector {
+            Some(sel) => {
+                if !selector_matches(sel, &w.labels) {
+                    continue;
+                }
+                true
+            }
+            None => false,
+        };
+        let created = p.metadata.creation_timestamp.as_ref().map(|t| &t.0);
+        let cand = (specific, created, key.name.as_str(), p.spec.mode);
+        best = match best {
+            None => Some(cand),
+            Some(b) => {
+                let better = (cand.0 && !b.0) || (cand.0 == b.0 && (cand.1, cand.2) < (b.1, b.2));
+                Some(if better { cand } else { b })
+            }
+        };
+    }
+    best.map_or(default, |b| b.3)
+}
+
+/// Why a local workload is not enrolled, if it is not.
+fn not_enrolled_reason(store: &Store, w: &Workload) -> Option<String> {
+    if !store.namespace_enrolled(&w.namespace) {
+        return Some(format!(
+            "namespace {} is not enrolled (annotate it {}={})",
+            w.namespace,
+            config::MESH_ANNOTATION,
+            config::MESH_ENABLED
+        ));
+    }
+    if w.annotations
+        .get(config::MESH_ANNOTATION)
+        .map(String::as_str)
+        == Some(config::MESH_DISABLED)
+    {
+        return Some(format!(
+            "opted out ({}={})",
+            config::MESH_ANNOTATION,
+            config::MESH_DISABLED
+        ));
+    }
+    if w.host_network {
+        return Some("uses the host network".into());
+    }
+    if w.terminating {
+        return Some("terminating".into());
+    }
+    None
+}
+
+/// Every pod the agent knows, with identity, enrolment and mode. `enrolled`
+/// here is the intent; the reconciler adds what the kernel side reports.
+pub fn workload_infos(
+    store: &Store,
+    node: &str,
+    trust_domain: &str,
+    default_mode: MtlsMode,
+) -> Vec<WorkloadInfo> {
+    store
+        .pods
+        .values()
+        .map(|w| {
+            let local = w.node == node;
+            let reason = if local {
+                not_enrolled_reason(store, w)
+            } else {
+                Some(format!("runs on node {}", w.node))
+            };
+            WorkloadInfo {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                uid: w.uid.clone(),
+                service_account: w.service_account.clone(),
+                identity: spiffe_id(trust_domain, &w.namespace, &w.service_account),
+                ips: w.ips.iter().map(ToString::to_string).collect(),
+                node: w.node.clone(),
+                local,
+                enrolled: local && reason.is_none(),
+                reason,
+                mtls_mode: mtls_mode(store, w, default_mode),
+                cgroup: None,
+                cgroup_id: None,
+                strict_guard: None,
+                cert_expiry: None,
+            }
+        })
+        .collect()
+}
+
+/// Names of the enrolled namespaces.
+pub fn enrolled_namespaces(store: &Store) -> Vec<String> {
+    store
+        .namespaces
+        .values()
+        .filter(|ns| store.namespace_enrolled(&ns.name_any()))
+        .map(|ns| ns.name_any())
+        .collect()
+}
+
+/// A cgroup the agent enrolled, by pod UID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrolledCgroup {
+    pub id: u64,
+    pub path: std::path::PathBuf,
+}
+
+pub type Enrolled = BTreeMap<String, EnrolledCgroup>;
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+
+    use super::*;
+    use crate::{
+        crds::{MeshPolicy, MeshPolicySpec},
+        state::{Object, Update},
+        testing::*,
+    };
+
+    fn policy(name: &str, sel: Option<(&str, &str)>, mode: MtlsMode, age_s: i64) -> MeshPolicy {
+        let mut p = MeshPolicy::new(
+            name,
+            MeshPolicySpec {
+                selector: sel.map(|(k, v)| LabelSelector {
+                    match_labels: Some(BTreeMap::from([(k.to_string(), v.to_string())])),
+                    match_expressions: None,
+                }),
+                mode,
+            },
+        );
+        p.metadata.namespace = Some("shop".into());
+        p.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 - age_s).unwrap(),
+        ));
+        p
+    }
+
+    #[test]
+    fn selector_policies_beat_namespace_policies_and_older_wins() {
+        let mut s = Store::new();
+        let w = workload("shop", "web-0", "web", "10.0.0.1", "n1");
+        assert_eq!(
+            mtls_mode(&s, &w, MtlsMode::Permissive),
+            MtlsMode::Permissive
+        );
+        s.apply(Update::Upsert(Object::MeshPolicy(policy(
+            "ns-wide",
+            None,
+            MtlsMode::Strict,
+            10,
+        ))));
+        assert_eq!(mtls_mode(&s, &w, MtlsMode::Permissive), MtlsMode::Strict);
+        s.apply(Update::Upsert(Object::MeshPolicy(policy(
+            "web",
+            Some(("app", "web-0")),
+            MtlsMode::Disabled,
+            1,
+        ))));
+        assert_eq!(mtls_mode(&s, &w, MtlsMode::Permissive), MtlsMode::Disabled);
+        s.apply(Update::Upsert(Object::MeshPolicy(policy(
+            "web-older",
+            Some(("app", "web-0")),
+            MtlsMode::Permissive,
+            5,
+        ))));
+        assert_eq!(mtls_mode(&s, &w, MtlsMode::Strict), MtlsMode::Permissive);
+        let other = workload("shop", "db-0", "db", "10.0.0.2", "n1");
+        assert_eq!(
+            mtls_mode(&s, &other, MtlsMode::Permissive),
+            MtlsMode::Strict
+        );
+    }
+
+    #[test]
+    fn enrolment_follows_namespace_annotation_and_pod_opt_out() {
+        let mut s = Store::new();
+        s.apply(Update::Upsert(Object::Namespace(namespace("shop", true))));
+        s.apply(Update::Upsert(Object::Namespace(namespace("plain", false))));
+        let mut out = workload("shop", "out", "default", "10.0.0.3", "n1");
+        out.annotations
+            .insert(config::MESH_ANNOTATION.into(), config::MESH_DISABLED.into());
+        for w in [
+            workload("shop", "web", "web", "10.0.0.1", "n1"),
+            workload("plain", "db", "db", "10.0.0.2", "n1"),
+            workload("shop", "far", "far", "10.0.0.9", "n2"),
+            out,
+        ] {
+            s.apply(Update::Upsert(Object::Pod(w)));
+        }
+        let infos = workload_infos(&s, "n1", "example.org", MtlsMode::Permissive);
+        let by: BTreeMap<&str, &WorkloadInfo> =
+            infos.iter().map(|w| (w.name.as_str(), w)).collect();
+        assert!(by["web"].enrolled);
+        assert_eq!(by["web"].identity, "spiffe://example.org/ns/shop/sa/web");
+        assert!(!by["db"].enrolled);
+        assert!(
+            by["db"]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("namespace plain")
+        );
+        assert!(!by["far"].enrolled && !by["far"].local);
+        assert!(!by["out"].enrolled);
+        assert!(by["out"].reason.as_deref().unwrap().contains("opted out"));
+        assert_eq!(enrolled_namespaces(&s), ["shop"]);
+    }
+}

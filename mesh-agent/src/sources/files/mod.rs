@@ -1,0 +1,705 @@
+//! The files source: a directory of Kubernetes-style YAML manifests
+//! (multi-document files allowed) plus `kind: SluiceWorkloads` documents for
+//! what kubelets would report ([`format`]). Standalone mode reads it.
+//!
+//! The directory is watched (inotify, with a slow poll as a safety net). A
+//! file that fails to parse is reported with its path, document number,
+//! object and field, and its last good version stays in force; the other
+//! files' changes still apply.
+//!
+//! Services with a selector and no EndpointSlice of their own get slices
+//! derived from the matching workloads, as the endpoint controller would.
+
+pub mod format;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    time::Duration,
+};
+
+use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, ObjectReference, Service},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{ResourceExt as _, api::ObjectMeta};
+use serde::de::DeserializeOwned;
+
+use self::format::{WorkloadEntry, WorkloadsDoc};
+use crate::{
+    admin::api::ConfigError,
+    config,
+    crds::{AccessPolicy, MeshPolicy},
+    reconcile::Input,
+    state::{Key, Kind, NodeInfo, Object, Update, Workload},
+};
+
+/// Errors that stop the source itself (not a bad file: those are reported
+/// and skipped).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "reading the files source directory {dir}: {source}; create it or pass another with --source files:<dir>"
+    )]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("watching {dir} for changes: {source}")]
+    Watch {
+        dir: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// What one file contributes.
+#[derive(Clone, Debug, Default)]
+struct Parsed {
+    objects: Vec<Object>,
+    workloads: Vec<WorkloadsDoc>,
+}
+
+#[derive(Clone, Debug)]
+struct FileState {
+    contents: String,
+    /// The last version of the file that parsed.
+    good: Parsed,
+    errors: Vec<ConfigError>,
+}
+
+/// The state of the directory.
+#[derive(Debug)]
+pub struct FilesSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+fn is_manifest(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
+fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+fn list(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if is_hidden(&p) {
+            continue;
+        }
+        if p.is_dir() {
+            list(&p, out)?;
+        } else if is_manifest(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn error(
+    file: &Path,
+    object: Option<String>,
+    field: Option<String>,
+    message: impl Into<String>,
+) -> ConfigError {
+    ConfigError {
+        source: file.display().to_string(),
+        object,
+        field,
+        message: message.into(),
+    }
+}
+
+fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, (Option<String>, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = (path != "." && !path.is_empty()).then_some(path);
+        (field, e.into_inner().to_string())
+    })
+}
+
+fn with_default_ns(meta: &mut ObjectMeta) {
+    if meta.namespace.as_deref().unwrap_or("").is_empty() {
+        meta.namespace = Some("default".into());
+    }
+}
+
+/// Parses one file. Errors make the whole file count as broken.
+fn parse_file(path: &Path, contents: &str) -> (Parsed, Vec<ConfigError>, Vec<ConfigError>) {
+    let mut parsed = Parsed::default();
+    let mut errors = Vec::new();
+    let mut ignored = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(contents).enumerate() {
+        let n = i + 1;
+        let value = match <serde_yaml::Value as serde::Deserialize>::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(error(
+                    path,
+                    Some(format!("document {n}")),
+                    None,
+                    e.to_string(),
+                ));
+                // The YAML stream cannot be read past a syntax error.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // an empty document (`---` at the end)
+        }
+        let api = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let kind = value
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let what = if name.is_empty() {
+            format!("document {n} ({kind})")
+        } else {
+            format!("document {n} ({kind} {name})")
+        };
+        if api.is_empty() || kind.is_empty() {
+            errors.push(error(
+                path,
+                Some(format!("document {n}")),
+                Some(if api.is_empty() { "apiVersion" } else { "kind" }.into()),
+                "missing: every document needs apiVersion and kind",
+            ));
+            continue;
+        }
+        if kind != format::KIND && name.is_empty() {
+            errors.push(error(
+                path,
+                Some(what),
+                Some("metadata.name".into()),
+                "missing",
+            ));
+            continue;
+        }
+        let result: Result<Option<Object>, (Option<String>, String)> = match (
+            api.as_str(),
+            kind.as_str(),
+        ) {
+            ("v1", "Namespace") => typed::<Namespace>(value).map(|o| Some(Object::Namespace(o))),
+            ("v1", "Service") => typed::<Service>(value).map(|mut o| {
+                with_default_ns(&mut o.metadata);
+                Some(Object::Service(o))
+            }),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                typed::<EndpointSlice>(value).map(|mut o| {
+                    with_default_ns(&mut o.metadata);
+                    Some(Object::EndpointSlice(o))
+                })
+            }
+            ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+                typed::<HttpRoute>(value).map(|mut o| {
+                    with_default_ns(&mut o.metadata);
+                    Some(Object::HTTPRoute(o))
+                })
+            }
+            ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+                typed::<GrpcRoute>(value).map(|mut o| {
+                    with_default_ns(&mut o.metadata);
+                    Some(Object::GRPCRoute(o))
+                })
+            }
+            (crate::crds::API_VERSION, "MeshPolicy") => typed::<MeshPolicy>(value).map(|mut o| {
+                with_default_ns(&mut o.metadata);
+                Some(Object::MeshPolicy(o))
+            }),
+            (crate::crds::API_VERSION, "AccessPolicy") => {
+                typed::<AccessPolicy>(value).map(|mut o| {
+                    with_default_ns(&mut o.metadata);
+                    Some(Object::AccessPolicy(o))
+                })
+            }
+            (crate::crds::API_VERSION, format::KIND) => typed::<WorkloadsDoc>(value).map(|d| {
+                parsed.workloads.push(d);
+                None
+            }),
+            _ => {
+                ignored.push(error(
+                    path,
+                    Some(what.clone()),
+                    None,
+                    format!(
+                        "ignored: {api} {kind} is not read by the files source (it reads Namespace, \
+                         Service, EndpointSlice, HTTPRoute, GRPCRoute, MeshPolicy, AccessPolicy and \
+                         {})",
+                        format::KIND
+                    ),
+                ));
+                Ok(None)
+            }
+        };
+        match result {
+            Ok(Some(o)) => parsed.objects.push(o),
+            Ok(None) => {}
+            Err((field, message)) => errors.push(error(path, Some(what), field, message)),
+        }
+    }
+    (parsed, errors, ignored)
+}
+
+fn workload_of(e: &WorkloadEntry) -> Workload {
+    Workload {
+        namespace: e.namespace.clone(),
+        name: e.name.clone(),
+        uid: e
+            .uid
+            .clone()
+            .unwrap_or_else(|| format!("files-{}-{}", e.namespace, e.name)),
+        service_account: e.service_account.clone(),
+        ips: e.all_ips(),
+        node: e.node.clone(),
+        labels: e.labels.clone(),
+        annotations: e.annotations.clone(),
+        cgroup: e.cgroup.clone(),
+        interface: e.interface.clone(),
+        ready: e.ready,
+        terminating: e.terminating,
+        host_network: false,
+    }
+}
+
+/// EndpointSlices for a Service with a selector, from the workloads it
+/// selects: as the endpoint controller does, one slice per address family and
+/// per set of resolved target ports (named ports may differ between pods).
+pub fn derive_slices(
+    svc: &Service,
+    workloads: &[(&WorkloadEntry, Workload)],
+) -> Vec<EndpointSlice> {
+    let Some(spec) = &svc.spec else {
+        return Vec::new();
+    };
+    let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    let ns = svc.namespace().unwrap_or_default();
+    let name = svc.name_any();
+    let svc_ports: Vec<_> = spec.ports.iter().flatten().collect();
+    // Target port of each service port for one workload (None: it lacks the named port).
+    let targets = |e: &WorkloadEntry| -> Vec<Option<i32>> {
+        svc_ports
+            .iter()
+            .map(|p| match &p.target_port {
+                None => Some(p.port),
+                Some(IntOrString::Int(i)) => Some(*i),
+                Some(IntOrString::String(s)) => e.ports.get(s).map(|n| i32::from(*n)),
+            })
+            .collect()
+    };
+    let mut groups: BTreeMap<Vec<Option<i32>>, Vec<&Workload>> = BTreeMap::new();
+    for (e, w) in workloads {
+        if w.namespace == ns && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+            groups.entry(targets(e)).or_default().push(w);
+        }
+    }
+    let has_family = |v4: bool| {
+        spec.cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .any(|ip| ip.is_ipv4() == v4)
+    };
+    let mut out = Vec::new();
+    for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+        let mut made = 0;
+        for (g, (ports, members)) in groups.iter().enumerate() {
+            let endpoints: Vec<Endpoint> = members
+                .iter()
+                .flat_map(|w| {
+                    w.ips
+                        .iter()
+                        .filter(|ip| ip.is_ipv4() == v4)
+                        .map(|ip| Endpoint {
+                            addresses: vec![ip.to_string()],
+                            conditions: Some(EndpointConditions {
+                                ready: Some(w.ready && !w.terminating),
+                                serving: Some(w.ready),
+                                terminating: Some(w.terminating),
+                            }),
+                            node_name: Some(w.node.clone()),
+                            target_ref: Some(ObjectReference {
+                                kind: Some("Pod".into()),
+                                name: Some(w.name.clone()),
+                                namespace: Some(w.namespace.clone()),
+                                uid: Some(w.uid.clone()),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })
+                })
+                .collect();
+            if endpoints.is_empty() {
+                continue;
+            }
+            let slice_ports = svc_ports
+                .iter()
+                .zip(ports)
+                .filter_map(|(p, t)| {
+                    t.map(|t| EndpointPort {
+                        name: p.name.clone(),
+                        port: Some(t),
+                        protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                        app_protocol: p.app_protocol.clone(),
+                    })
+                })
+                .collect();
+            out.push(slice_named(
+                &ns,
+                &format!("{name}-{}-{g}", if v4 { "v4" } else { "v6" }),
+                &name,
+                family,
+                endpoints,
+                slice_ports,
+            ));
+            made += 1;
+        }
+        // A Service with no endpoints of a family it serves still gets an
+        // (empty) slice, as in a cluster.
+        if made == 0 && has_family(v4) {
+            out.push(slice_named(
+                &ns,
+                &format!("{name}-{}", if v4 { "v4" } else { "v6" }),
+                &name,
+                family,
+                Vec::new(),
+                Vec::new(),
+            ));
+        }
+    }
+    out
+}
+
+fn slice_named(
+    ns: &str,
+    slice: &str,
+    service: &str,
+    family: &str,
+    endpoints: Vec<Endpoint>,
+    ports: Vec<EndpointPort>,
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(slice.into()),
+            namespace: Some(ns.into()),
+            labels: Some(BTreeMap::from([
+                (config::SERVICE_NAME_LABEL.to_string(), service.to_string()),
+                (
+                    config::MANAGED_BY_LABEL.to_string(),
+                    config::FILES_MANAGED_BY.to_string(),
+                ),
+            ])),
+            ..Default::default()
+        },
+        address_type: family.into(),
+        endpoints,
+        ports: Some(ports),
+    }
+}
+
+impl FilesSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads the directory. Returns whether anything changed.
+    pub fn reload(&mut self) -> Result<bool, Error> {
+        let mut paths = Vec::new();
+        list(&self.dir, &mut paths).map_err(|source| Error::Dir {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        paths.sort();
+        let mut changed = false;
+        let present: BTreeSet<&PathBuf> = paths.iter().collect();
+        let before = self.files.len();
+        self.files.retain(|p, _| present.contains(p));
+        changed |= self.files.len() != before;
+        for path in &paths {
+            let contents = match std::fs::read_to_string(path) {
+                Ok(c) => c,
+                // Removed between listing and reading: the next reload sees it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    let err = error(path, None, None, format!("cannot read: {e}"));
+                    let st = self.files.entry(path.clone()).or_insert_with(|| FileState {
+                        contents: String::new(),
+                        good: Parsed::default(),
+                        errors: Vec::new(),
+                    });
+                    if st.errors != [err.clone()] {
+                        st.errors = vec![err];
+                        changed = true;
+                    }
+                    continue;
+                }
+            };
+            if self
+                .files
+                .get(path)
+                .is_some_and(|st| st.contents == contents)
+            {
+                continue;
+            }
+            changed = true;
+            let (parsed, mut errors, ignored) = parse_file(path, &contents);
+            let st = self.files.entry(path.clone()).or_insert_with(|| FileState {
+                contents: String::new(),
+                good: Parsed::default(),
+                errors: Vec::new(),
+            });
+            st.contents = contents;
+            if errors.is_empty() {
+                st.good = parsed;
+            } else {
+                errors.push(error(
+                    path,
+                    None,
+                    None,
+                    "the file's last good version stays in force until it is fixed",
+                ));
+            }
+            errors.extend(ignored);
+            st.errors = errors;
+        }
+        Ok(changed)
+    }
+
+    /// Problems found in the files, and conflicts between them.
+    pub fn errors(&self) -> Vec<ConfigError> {
+        let mut out: Vec<ConfigError> =
+            self.files.values().flat_map(|f| f.errors.clone()).collect();
+        out.extend(self.merge().1);
+        out
+    }
+
+    /// The whole directory as model objects, and the conflicts found merging
+    /// files (the first file in path order wins).
+    fn merge(&self) -> (BTreeMap<Kind, BTreeMap<Key, Object>>, Vec<ConfigError>) {
+        let mut by_kind: BTreeMap<Kind, BTreeMap<Key, Object>> = BTreeMap::new();
+        let mut origin: BTreeMap<(Kind, Key), &Path> = BTreeMap::new();
+        let mut conflicts = Vec::new();
+        let mut entries: Vec<(&Path, &WorkloadEntry)> = Vec::new();
+        let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
+        for (path, f) in &self.files {
+            for o in &f.good.objects {
+                let (kind, key) = (o.kind(), o.key());
+                if let Some(first) = origin.get(&(kind, key.clone())) {
+                    conflicts.push(error(
+                        path,
+                        Some(format!("{kind} {key}")),
+                        None,
+                        format!("also defined in {}; that one is used", first.display()),
+                    ));
+                    continue;
+                }
+                origin.insert((kind, key.clone()), path);
+                by_kind.entry(kind).or_default().insert(key, o.clone());
+            }
+            for d in &f.good.workloads {
+                for n in &d.nodes {
+                    let mut addresses = n.addresses.clone();
+                    addresses.extend(n.address.filter(|a| !n.addresses.contains(a)));
+                    if nodes.contains_key(&n.name) {
+                        conflicts.push(error(
+                            path,
+                            Some(format!("node {}", n.name)),
+                            None,
+                            "defined twice; the first is used",
+                        ));
+                        continue;
+                    }
+                    nodes.insert(
+                        n.name.clone(),
+                        NodeInfo {
+                            name: n.name.clone(),
+                            addresses,
+                        },
+                    );
+                }
+                entries.extend(d.workloads.iter().map(|w| (path.as_path(), w)));
+            }
+        }
+        let mut pods: Vec<(&WorkloadEntry, Workload)> = Vec::new();
+        for (path, e) in entries {
+            let w = workload_of(e);
+            if pods.iter().any(|(_, p)| p.key() == w.key()) {
+                conflicts.push(error(
+                    path,
+                    Some(format!("workload {}", w.key())),
+                    None,
+                    "defined twice; the first is used",
+                ));
+                continue;
+            }
+            pods.push((e, w));
+        }
+        // Derived slices for Services that have none of their own.
+        let own: BTreeSet<Key> = by_kind
+            .get(&Kind::EndpointSlice)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|o| match o {
+                Object::EndpointSlice(s) => crate::state::slice_service(s),
+                _ => None,
+            })
+            .collect();
+        let services: Vec<Service> = by_kind
+            .get(&Kind::Service)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|o| match o {
+                Object::Service(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        for svc in services {
+            if own.contains(&Key::of(&svc)) {
+                continue;
+            }
+            for s in derive_slices(&svc, &pods) {
+                by_kind
+                    .entry(Kind::EndpointSlice)
+                    .or_default()
+                    .insert(Key::of(&s), Object::EndpointSlice(s));
+            }
+        }
+        let pods_map = by_kind.entry(Kind::Pod).or_default();
+        for (_, w) in pods {
+            pods_map.insert(w.key(), Object::Pod(w));
+        }
+        let nodes_map = by_kind.entry(Kind::Node).or_default();
+        for (name, n) in nodes {
+            nodes_map.insert(Key::cluster(name), Object::Node(n));
+        }
+        (by_kind, conflicts)
+    }
+
+    /// The directory's full state: a `Replace` for every kind.
+    pub fn updates(&self) -> Vec<Update> {
+        let (mut by_kind, _) = self.merge();
+        Kind::ALL
+            .iter()
+            .map(|k| {
+                Update::Replace(
+                    *k,
+                    by_kind
+                        .remove(k)
+                        .unwrap_or_default()
+                        .into_values()
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// What to send the reconciler after a reload.
+    pub fn inputs(&self, first: bool) -> Vec<Input> {
+        let mut updates = self.updates();
+        if first {
+            updates.push(Update::Synced);
+        }
+        vec![
+            Input::Updates(updates),
+            Input::SourceErrors {
+                source: format!("files:{}", self.dir.display()),
+                errors: self.errors(),
+            },
+        ]
+    }
+
+    /// Reads the directory, sends its state, then watches it and sends every
+    /// change, until `stop` fires or the reconciler goes away.
+    pub async fn run(
+        mut self,
+        tx: mpsc::Sender<Vec<Input>>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        use notify::Watcher as _;
+        self.reload()?;
+        for e in self.errors() {
+            tracing::warn!(error = %e, "files source");
+        }
+        if tx.send(self.inputs(true)).is_err() {
+            return Ok(());
+        }
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if ev.is_ok() {
+                let _ = ev_tx.send(());
+            }
+        })
+        .map_err(|source| Error::Watch {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        watcher
+            .watch(&self.dir, notify::RecursiveMode::Recursive)
+            .map_err(|source| Error::Watch {
+                dir: self.dir.clone(),
+                source,
+            })?;
+        let mut poll = tokio::time::interval(config::FILES_POLL);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                ev = ev_rx.recv() => {
+                    if ev.is_none() {
+                        return Ok(());
+                    }
+                    // Editors write in several steps: let them finish.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    while ev_rx.try_recv().is_ok() {}
+                }
+                _ = poll.tick() => {}
+            }
+            match self.reload() {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::info!(dir = %self.dir.display(), "files changed; reloading");
+                    for e in self.errors() {
+                        tracing::warn!(error = %e, "files source");
+                    }
+                    if tx.send(self.inputs(false)).is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "files source; keeping the last good state"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

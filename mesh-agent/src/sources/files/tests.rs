@@ -1,0 +1,277 @@
+use std::fs;
+
+use super::*;
+use crate::state::Store;
+
+fn write(dir: &Path, name: &str, contents: &str) {
+    fs::write(dir.join(name), contents).unwrap();
+}
+
+const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  annotations:
+    sluice.dev/mesh: enabled
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  clusterIP: 127.96.1.1
+  selector:
+    app: web
+  ports:
+    - name: http
+      port: 80
+      targetPort: http
+---
+"#;
+
+const WORKLOADS: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: SluiceWorkloads
+nodes:
+  - name: node-a
+    address: 192.0.2.1
+workloads:
+  - name: web-0
+    namespace: shop
+    serviceAccount: web
+    ip: 127.0.10.1
+    node: node-a
+    cgroup: shop/web-0
+    labels: {app: web}
+    ports: {http: 8080}
+  - name: web-1
+    namespace: shop
+    serviceAccount: web
+    ip: 127.0.10.2
+    node: node-a
+    labels: {app: web}
+    ports: {http: 8080}
+    ready: false
+"#;
+
+fn store_of(src: &FilesSource) -> Store {
+    let mut s = Store::new();
+    for u in src.updates() {
+        s.apply(u);
+    }
+    s
+}
+
+#[test]
+fn reads_manifests_and_workloads_and_derives_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    fs::create_dir(dir.path().join("nodes")).unwrap();
+    write(&dir.path().join("nodes"), "workloads.yml", WORKLOADS);
+    write(dir.path(), "notes.txt", "not a manifest");
+    let mut src = FilesSource::new(dir.path());
+    assert!(src.reload().unwrap());
+    assert_eq!(src.errors(), vec![]);
+    let s = store_of(&src);
+    assert!(s.namespace_enrolled("shop"));
+    assert_eq!(
+        s.nodes["node-a"].addresses,
+        ["192.0.2.1".parse::<IpAddr>().unwrap()]
+    );
+    let w = &s.pods[&Key::new("shop", "web-0")];
+    assert_eq!(w.service_account, "web");
+    assert_eq!(w.uid, "files-shop-web-0");
+    assert_eq!(w.cgroup.as_deref(), Some(Path::new("shop/web-0")));
+    let specs = crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web")).unwrap();
+    assert_eq!(specs.len(), 1);
+    let b: Vec<(String, ebpf_lb::BackendState)> = specs[0]
+        .backends
+        .iter()
+        .map(|b| (b.addr.to_string(), b.state))
+        .collect();
+    assert_eq!(
+        b,
+        [
+            ("127.0.10.1:8080".to_string(), ebpf_lb::BackendState::Ready),
+            (
+                "127.0.10.2:8080".to_string(),
+                ebpf_lb::BackendState::NotReady
+            ),
+        ]
+    );
+    // Nothing changed: a reload says so.
+    assert!(!src.reload().unwrap());
+}
+
+#[test]
+fn a_broken_file_is_reported_with_document_and_field_and_its_last_good_version_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    write(dir.path(), "workloads.yaml", WORKLOADS);
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let broken = SHOP.replace("port: 80", "port: eighty");
+    write(dir.path(), "shop.yaml", &broken);
+    assert!(src.reload().unwrap());
+    let errors = src.errors();
+    let e = &errors[0];
+    assert!(e.source.ends_with("shop.yaml"), "{e}");
+    assert_eq!(e.object.as_deref(), Some("document 2 (Service web)"));
+    assert_eq!(e.field.as_deref(), Some("spec.ports[0].port"));
+    assert!(
+        e.message.contains("eighty") || e.message.contains("invalid type"),
+        "{e}"
+    );
+    assert!(
+        errors[1].message.contains("last good version stays"),
+        "{errors:?}"
+    );
+    // The Service is still there, with its old port.
+    let s = store_of(&src);
+    let specs = crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web")).unwrap();
+    assert_eq!(specs[0].frontend.vip.port(), 80);
+
+    // A YAML syntax error names the document too.
+    write(dir.path(), "shop.yaml", "apiVersion: v1\nkind: [\n");
+    src.reload().unwrap();
+    let e = &src.errors()[0];
+    assert_eq!(e.object.as_deref(), Some("document 1"));
+    // Fixed again: no errors.
+    write(dir.path(), "shop.yaml", SHOP);
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+}
+
+#[test]
+fn workloads_typos_are_refused_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "w.yaml",
+        &WORKLOADS.replace(
+            "serviceAccount: web\n    ip: 127.0.10.1",
+            "serviceAcount: web\n    ip: 127.0.10.1",
+        ),
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let e = &src.errors()[0];
+    assert_eq!(
+        e.field.as_deref(),
+        Some("workloads[0].serviceAcount"),
+        "{e}"
+    );
+    assert!(e.message.contains("serviceAcount"), "{e}");
+}
+
+#[test]
+fn unknown_kinds_are_ignored_with_a_note_and_duplicates_are_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", SHOP);
+    write(
+        dir.path(),
+        "b.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 127.96.9.9}\n",
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let errors = src.errors();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].message.starts_with("ignored: apps/v1 Deployment"));
+    assert_eq!(errors[1].object.as_deref(), Some("Service shop/web"));
+    assert!(errors[1].message.contains("a.yaml"));
+    // The first file wins.
+    let s = store_of(&src);
+    let svc = &s.services[&Key::new("shop", "web")];
+    assert_eq!(
+        svc.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("127.96.1.1")
+    );
+}
+
+#[test]
+fn objects_without_namespace_land_in_default_and_a_deleted_file_removes_its_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: 127.96.2.2, ports: [{port: 5432}]}\n",
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert!(
+        store_of(&src)
+            .services
+            .contains_key(&Key::new("default", "db"))
+    );
+    fs::remove_file(dir.path().join("svc.yaml")).unwrap();
+    assert!(src.reload().unwrap());
+    assert!(store_of(&src).services.is_empty());
+}
+
+#[tokio::test]
+async fn the_watcher_sends_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    let (tx, rx) = mpsc::channel();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(FilesSource::new(dir.path()).run(tx, stop));
+    let first = tokio::task::spawn_blocking(move || {
+        let first = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("initial state");
+        (first, rx)
+    })
+    .await
+    .unwrap();
+    let (first, rx) = first;
+    assert!(
+        matches!(&first[0], Input::Updates(u) if u.iter().any(|u| matches!(u, Update::Synced)))
+    );
+    write(
+        dir.path(),
+        "more.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: extra}\n",
+    );
+    let next = tokio::task::spawn_blocking(move || {
+        rx.recv_timeout(Duration::from_secs(30)).expect("a change")
+    })
+    .await
+    .unwrap();
+    let Input::Updates(u) = &next[0] else {
+        panic!()
+    };
+    let ns = u
+        .iter()
+        .find_map(|u| match u {
+            Update::Replace(Kind::Namespace, objs) => Some(objs.len()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(ns, 2);
+    stop_tx.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn pods_with_different_named_ports_get_their_own_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    write(
+        dir.path(),
+        "w.yaml",
+        &WORKLOADS.replacen("ports: {http: 8080}", "ports: {http: 8081}", 1),
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let s = store_of(&src);
+    let specs = crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web")).unwrap();
+    let addrs: Vec<String> = specs[0]
+        .backends
+        .iter()
+        .map(|b| b.addr.to_string())
+        .collect();
+    assert_eq!(addrs, ["127.0.10.1:8081", "127.0.10.2:8080"]);
+}

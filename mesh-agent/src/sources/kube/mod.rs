@@ -1,0 +1,387 @@
+//! The Kubernetes source: kube-rs watchers for Namespaces, Nodes, Pods,
+//! Services, EndpointSlices, `HTTPRoute`s, `GRPCRoute`s and the Sluice CRDs,
+//! feeding the model (which is the agent's store of them), and a writer for
+//! the status the reconciler decides ([`status`]).
+//!
+//! Every kind is listed and watched on its own. The reconciler is told the
+//! source is synced once every kind has been listed, or has failed its first
+//! list (a CRD that is not installed: reported, and treated as empty while the
+//! watcher keeps retrying).
+
+pub mod status;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    admin::api::ConfigError,
+    crds::{AccessPolicy, MeshPolicy},
+    reconcile::Input,
+    state::{Key, Kind, NodeInfo, Object, Update, Workload},
+};
+
+/// A pod as the model keeps it.
+pub fn workload_of(p: &Pod) -> Workload {
+    let spec = p.spec.as_ref();
+    let status = p.status.as_ref();
+    let mut ips: Vec<std::net::IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_ref())
+            .and_then(|ip| ip.parse().ok())
+    {
+        ips.push(ip);
+    }
+    let phase = status.and_then(|s| s.phase.as_deref());
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    Workload {
+        namespace: p.namespace().unwrap_or_default(),
+        name: p.name_any(),
+        uid: p.uid().unwrap_or_default(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        ips,
+        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        labels: p.labels().clone(),
+        annotations: p.annotations().clone(),
+        cgroup: None,
+        interface: None,
+        ready,
+        terminating: p.metadata.deletion_timestamp.is_some()
+            || matches!(phase, Some("Succeeded" | "Failed")),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+    }
+}
+
+/// A node's name and its internal (else external) addresses.
+pub fn node_info(n: &Node) -> NodeInfo {
+    let addrs = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .cloned()
+        .unwrap_or_default();
+    let pick = |t: &str| -> Vec<std::net::IpAddr> {
+        addrs
+            .iter()
+            .filter(|a| a.type_ == t)
+            .filter_map(|a| a.address.parse().ok())
+            .collect()
+    };
+    let mut addresses = pick("InternalIP");
+    if addresses.is_empty() {
+        addresses = pick("ExternalIP");
+    }
+    NodeInfo {
+        name: n.name_any(),
+        addresses,
+    }
+}
+
+/// Tracks which kinds have delivered their first list.
+struct SyncGate {
+    pending: Mutex<BTreeMap<Kind, ()>>,
+    done: AtomicBool,
+}
+
+impl SyncGate {
+    fn new(kinds: &[Kind]) -> Self {
+        Self {
+            pending: Mutex::new(kinds.iter().map(|k| (*k, ())).collect()),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks `kind` listed; true for the call that completes the set.
+    fn listed(&self, kind: Kind) -> bool {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.remove(&kind);
+        p.is_empty() && !self.done.swap(true, Ordering::SeqCst)
+    }
+}
+
+fn source_name(kind: Kind) -> String {
+    format!("kubernetes {kind}")
+}
+
+/// Watches one kind until the reconciler goes away.
+async fn watch_kind<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    convert: fn(K) -> Option<Object>,
+    tx: mpsc::Sender<Vec<Input>>,
+    gate: Arc<SyncGate>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let mut initial: Vec<Object> = Vec::new();
+    let mut listed = false;
+    let mut failing = false;
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    loop {
+        let next = stream.try_next().await;
+        let mut inputs = Vec::new();
+        match next {
+            Ok(None) => return,
+            Ok(Some(ev)) => {
+                if failing {
+                    failing = false;
+                    inputs.push(Input::SourceErrors {
+                        source: source_name(kind),
+                        errors: Vec::new(),
+                    });
+                }
+                match ev {
+                    watcher::Event::Init => initial.clear(),
+                    watcher::Event::InitApply(o) => initial.extend(convert(o)),
+                    watcher::Event::InitDone => {
+                        let mut updates = vec![Update::Replace(kind, std::mem::take(&mut initial))];
+                        if !listed {
+                            listed = true;
+                            if gate.listed(kind) {
+                                updates.push(Update::Synced);
+                            }
+                        }
+                        inputs.push(Input::Updates(updates));
+                    }
+                    watcher::Event::Apply(o) => {
+                        let update = match convert(o.clone()) {
+                            Some(obj) => Update::Upsert(obj),
+                            None => Update::Delete(kind, Key::of(&o)),
+                        };
+                        inputs.push(Input::Updates(vec![update]));
+                    }
+                    watcher::Event::Delete(o) => {
+                        inputs.push(Input::Updates(vec![Update::Delete(kind, Key::of(&o))]));
+                    }
+                }
+            }
+            Err(e) => {
+                let hint = match &e {
+                    watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404 => {
+                        format!(
+                            "{kind} is not served by the API server ({e}); install its CRD. Until then \
+                             Sluice treats it as empty"
+                        )
+                    }
+                    watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 403 => {
+                        format!(
+                            "not allowed to list {kind} ({e}); check the agent's RBAC (ClusterRole sluice-agent)"
+                        )
+                    }
+                    _ => format!("watching {kind}: {e}; retrying"),
+                };
+                tracing::warn!("{hint}");
+                failing = true;
+                inputs.push(Input::SourceErrors {
+                    source: source_name(kind),
+                    errors: vec![ConfigError {
+                        source: source_name(kind),
+                        object: None,
+                        field: None,
+                        message: hint,
+                    }],
+                });
+                if !listed {
+                    // Do not hold the whole agent back for one missing kind.
+                    listed = true;
+                    let mut updates = vec![Update::Replace(kind, Vec::new())];
+                    if gate.listed(kind) {
+                        updates.push(Update::Synced);
+                    }
+                    inputs.push(Input::Updates(updates));
+                }
+            }
+        }
+        if !inputs.is_empty() && tx.send(inputs).is_err() {
+            return;
+        }
+    }
+}
+
+/// The Kubernetes source.
+pub struct KubeSource {
+    client: Client,
+}
+
+impl KubeSource {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// Runs every watcher until `stop` fires or the reconciler goes away.
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<Vec<Input>>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let gate = Arc::new(SyncGate::new(&Kind::ALL));
+        let c = &self.client;
+        let cfg = watcher::Config::default;
+        let tasks = vec![
+            tokio::spawn(watch_kind::<Namespace>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::Namespace,
+                |o| Some(Object::Namespace(o)),
+                tx.clone(),
+                gate.clone(),
+            )),
+            tokio::spawn(watch_kind::<Node>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::Node,
+                |o| Some(Object::Node(node_info(&o))),
+                tx.clone(),
+                gate.clone(),
+            )),
+            // All pods, not only this node's: the proxy needs the identity
+            // (service account) behind every endpoint it tunnels to.
+            tokio::spawn(watch_kind::<Pod>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::Pod,
+                |o| Some(Object::Pod(workload_of(&o))),
+                tx.clone(),
+                gate.clone(),
+            )),
+            tokio::spawn(watch_kind::<Service>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::Service,
+                |o| Some(Object::Service(o)),
+                tx.clone(),
+                gate.clone(),
+            )),
+            tokio::spawn(watch_kind::<EndpointSlice>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::EndpointSlice,
+                |o| Some(Object::EndpointSlice(o)),
+                tx.clone(),
+                gate.clone(),
+            )),
+            tokio::spawn(watch_kind::<HttpRoute>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::HTTPRoute,
+                |o| Some(Object::HTTPRoute(o)),
+                tx.clone(),
+                gate.clone(),
+            )),
+            tokio::spawn(watch_kind::<GrpcRoute>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::GRPCRoute,
+                |o| Some(Object::GRPCRoute(o)),
+                tx.clone(),
+                gate.clone(),
+            )),
+            tokio::spawn(watch_kind::<MeshPolicy>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::MeshPolicy,
+                |o| Some(Object::MeshPolicy(o)),
+                tx.clone(),
+                gate.clone(),
+            )),
+            tokio::spawn(watch_kind::<AccessPolicy>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::AccessPolicy,
+                |o| Some(Object::AccessPolicy(o)),
+                tx.clone(),
+                gate.clone(),
+            )),
+        ];
+        drop(tx);
+        let all = futures::future::join_all(tasks);
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = all => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_convert_with_identity_inputs_and_state() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web-7d9f", "namespace": "shop", "uid": "0b5c7a8e-2f61-4f0e-9b7a-1d2c3e4f5a6b",
+                "labels": {"app": "web"},
+                "annotations": {"sluice.dev/mesh": "disabled"},
+                "deletionTimestamp": "2026-01-01T00:00:00Z"
+            },
+            "spec": {"nodeName": "node-a", "serviceAccountName": "web", "containers": []},
+            "status": {
+                "phase": "Running",
+                "podIP": "10.244.1.7",
+                "podIPs": [{"ip": "10.244.1.7"}, {"ip": "fd00::7"}],
+                "conditions": [{"type": "Ready", "status": "True"}]
+            }
+        }))
+        .unwrap();
+        let w = workload_of(&pod);
+        assert_eq!(w.key(), Key::new("shop", "web-7d9f"));
+        assert_eq!(w.service_account, "web");
+        assert_eq!(w.node, "node-a");
+        assert_eq!(w.ips.len(), 2);
+        assert!(w.ready);
+        assert!(w.terminating);
+        assert_eq!(w.annotations["sluice.dev/mesh"], "disabled");
+    }
+
+    #[test]
+    fn nodes_prefer_internal_addresses() {
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "node-a"},
+                {"type": "ExternalIP", "address": "203.0.113.4"},
+                {"type": "InternalIP", "address": "192.0.2.4"}
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(
+            node_info(&n).addresses,
+            ["192.0.2.4".parse::<std::net::IpAddr>().unwrap()]
+        );
+    }
+}

@@ -1,0 +1,282 @@
+//! The agent standalone without kernel programs (`--dataplane none`), its
+//! in-process CA, and the `sluice` CLI against its admin API. No root needed:
+//! pod cgroups are plain directories under a temporary cgroup root.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use mesh_agent::{
+    admin::api::{Check, Routes, Status, Workloads},
+    agent::{Agent, DataplaneKind, ProxyMode, RunArgs},
+    cli::client::Client,
+    crds::MtlsMode,
+};
+
+const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn examples() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/standalone"))
+}
+
+async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sluice(admin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(SLUICE)
+        .arg("--admin")
+        .arg(admin)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Running {
+    agent: Agent,
+    url: String,
+    state: tempfile::TempDir,
+    _cg: tempfile::TempDir,
+}
+
+async fn start() -> Running {
+    let cg = tempfile::tempdir().unwrap();
+    for pod in ["web-0", "reviews-v1-0", "batch-0"] {
+        std::fs::create_dir(cg.path().join(pod)).unwrap();
+        std::fs::write(cg.path().join(pod).join("cgroup.procs"), "").unwrap();
+    }
+    let state = tempfile::tempdir().unwrap();
+    let agent = Agent::start(RunArgs {
+        source: format!("files:{}", examples().display()),
+        node_name: "node-a".into(),
+        node_addresses: vec!["127.0.0.1".parse().unwrap()],
+        cgroup_root: Some(cg.path().into()),
+        state_dir: state.path().into(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        bpffs: "/sys/fs/bpf".into(),
+        lb_instance: "unused".into(),
+        dataplane: DataplaneKind::None,
+        proxy: ProxyMode::Off,
+        proxy_capture_addr: None,
+        proxy_inbound_addr: None,
+        trust_domain: "cluster.local".into(),
+        default_mtls_mode: MtlsMode::Permissive,
+        ca_dir: None,
+        ca_url: None,
+        ca_bundle: "/nonexistent".into(),
+        ca_token: "/nonexistent".into(),
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}", agent.admin_addr);
+    Running {
+        agent,
+        url,
+        state,
+        _cg: cg,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_agent_issues_certificates_and_the_cli_shows_them() {
+    let r = start().await;
+    let admin = Client::new(&r.url).unwrap();
+    let w: Workloads = eventually("certificates for the enrolled pods", async || {
+        let w: Workloads = admin.get("/v1/workloads").await.ok()?;
+        let enrolled: Vec<_> = w.workloads.iter().filter(|w| w.enrolled).collect();
+        (enrolled.len() == 2 && enrolled.iter().all(|w| w.cert_expiry.is_some())).then_some(w)
+    })
+    .await;
+    let by = |n: &str| w.workloads.iter().find(|w| w.name == n).unwrap().clone();
+    assert_eq!(
+        by("web-0").identity,
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert_eq!(
+        by("web-0").mtls_mode,
+        MtlsMode::Strict,
+        "MeshPolicy strict applies"
+    );
+    assert!(!by("batch-0").enrolled);
+    assert_eq!(
+        by("batch-0").cert_expiry,
+        None,
+        "no certificate for a pod that opted out"
+    );
+
+    // The root key stays in the state directory, readable by the owner only.
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = r.state.path().join("ca/root-key.pem");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", key.display());
+
+    // sluice status: table and JSON.
+    let (code, out, err) = sluice(&r.url, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Enrolled namespaces:  shop"), "{out}");
+    assert!(out.contains("in-process (root in"), "{out}");
+    assert!(
+        out.contains("(active)"),
+        "the trust bundle lists the active root: {out}"
+    );
+    let (_, out, _) = sluice(&r.url, &["-o", "json", "status"]);
+    let s: Status = serde_json::from_str(&out).unwrap();
+    assert!(s.synced);
+    assert_eq!(s.counts.enrolled_workloads, 2);
+    assert_eq!(s.ca.identities, 2);
+    assert_eq!(s.ca.roots.len(), 1);
+
+    // sluice workloads: one row per local pod, expiry shown.
+    let (_, out, _) = sluice(&r.url, &["workloads"]);
+    let web_row = out.lines().find(|l| l.contains("web-0")).unwrap();
+    assert!(
+        web_row.contains("yes") && web_row.contains("STRICT"),
+        "{out}"
+    );
+    let expiry = by("web-0").cert_expiry.unwrap();
+    assert!(web_row.contains(&expiry), "{out}");
+    let (_, out, _) = sluice(&r.url, &["workloads", "-o", "json", "-n", "nope"]);
+    let w: Workloads = serde_json::from_str(&out).unwrap();
+    assert!(w.workloads.is_empty());
+
+    // sluice routes: the HTTPRoute split is listed against its Service.
+    let (_, out, _) = sluice(&r.url, &["-o", "json", "routes"]);
+    let routes: Routes = serde_json::from_str(&out).unwrap();
+    let split = routes
+        .routes
+        .iter()
+        .find(|x| x.route.as_deref() == Some("shop/reviews-split"))
+        .unwrap();
+    assert_eq!(split.service, "shop/reviews");
+    assert_eq!(
+        split.backends,
+        ["reviews:80 (w=90)", "reviews-v2:80 (w=10)"]
+    );
+
+    // sluice tls (and its alias): no proxy runs in this agent.
+    for cmd in ["tls", "edges"] {
+        let (code, out, _) = sluice(&r.url, &[cmd]);
+        assert_eq!(code, 0);
+        assert!(out.contains("No node proxy runs"), "{out}");
+    }
+
+    // sluice check: the agent's checks are included and pass or warn.
+    let (_, out, _) = sluice(&r.url, &["-o", "json", "check"]);
+    let c: Check = serde_json::from_str(&out).unwrap();
+    let agent = c.checks.iter().find(|c| c.name == "agent").unwrap();
+    assert_eq!(agent.outcome, mesh_agent::admin::api::Outcome::Pass);
+    assert!(c.checks.iter().any(|c| c.name == "agent: kernel programs"));
+    assert!(c.config_errors.is_empty(), "{:?}", c.config_errors);
+
+    r.agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn sluice_says_where_it_looked_when_the_agent_is_down() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let (code, out, err) = sluice(&url, &["status"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        err.contains(&url) && err.contains("Is mesh-agent running"),
+        "{err}"
+    );
+    // check still runs the local checks, and fails on the agent line.
+    let (code, out, _) = sluice(&url, &["check"]);
+    assert_eq!(code, 1);
+    assert!(out.lines().next().unwrap().starts_with("CHECK"), "{out}");
+    assert!(out.contains("kernel") && out.contains("cgroup v2"), "{out}");
+    let agent_line = out.lines().find(|l| l.starts_with("agent ")).unwrap();
+    assert!(
+        agent_line.contains("FAIL") && agent_line.contains(&url),
+        "{out}"
+    );
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(SLUICE).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "--admin",
+        "SLUICE_ADMIN",
+        "--output",
+        "check",
+        "status",
+        "workloads",
+        "tls",
+        "routes",
+    ] {
+        assert!(help.contains(want), "sluice --help lacks {want}:\n{help}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "--source",
+        "--node-name",
+        "--node-address",
+        "--cgroup-root",
+        "--state-dir",
+        "--admin-addr",
+        "--proxy",
+        "--ca-url",
+    ] {
+        assert!(
+            help.contains(want),
+            "mesh-agent run --help lacks {want}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn mesh_agent_validate_reports_file_document_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: eighty}]}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .arg("validate")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("bad.yaml: document 2 (Service s): spec.ports[0].port:"),
+        "{text}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .arg("validate")
+        .arg(examples())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

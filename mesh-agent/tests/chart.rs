@@ -1,0 +1,257 @@
+//! The Helm chart (`charts/sluice`): its generated pieces must match the code
+//! (CRDs from `mesh-agent crds`, RBAC rules from what the agent watches and
+//! writes), its values are documented, and Helm's own linter renders it.
+//!
+//! The lint test runs Helm's Go library through the PyPI package `helm-sdkpy`
+//! (`cargo xtask setup` installs it); it fails, not skips, when it is missing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use mesh_agent::rbac::{Rule, agent_rules};
+use serde_json::Value;
+
+const HELM_SDKPY_INSTALL: &str = "pip install --ignore-requires-python helm-sdkpy==0.1.32";
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/sluice")
+}
+
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+#[test]
+fn crds_in_the_chart_are_what_mesh_agent_crds_prints() {
+    let path = chart().join("crds/sluice.dev.yaml");
+    let on_disk = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        on_disk == mesh_agent::crds::crd_manifests(),
+        "{} is out of date; regenerate it: cargo run -p mesh-agent -- crds > charts/sluice/crds/sluice.dev.yaml",
+        path.display()
+    );
+    let kinds: Vec<String> = yaml_docs(&on_disk)
+        .iter()
+        .map(|d| d["spec"]["names"]["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["MeshPolicy", "AccessPolicy"]);
+}
+
+/// The `rules:` of the first document of a template, whose rules block is
+/// plain YAML (no template directives).
+fn template_rules(file: &str) -> Vec<Rule> {
+    let text = std::fs::read_to_string(chart().join("templates").join(file)).unwrap();
+    let first = text.split("\n---").next().unwrap();
+    let rules = &first[first.find("\nrules:").expect("a rules: block")..];
+    assert!(
+        !rules.contains("{{"),
+        "{file}: the rules block must be literal YAML"
+    );
+    let v: Value = serde_yaml::from_str(rules).unwrap();
+    let mut out = Vec::new();
+    for r in v["rules"].as_array().unwrap() {
+        assert!(
+            r.get("resourceNames").is_none(),
+            "{file}: cluster rules must not be narrowed by name"
+        );
+        for g in r["apiGroups"].as_array().unwrap() {
+            for res in r["resources"].as_array().unwrap() {
+                let mut verbs: Vec<String> = r["verbs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().into())
+                    .collect();
+                verbs.sort();
+                out.push(Rule {
+                    group: g.as_str().unwrap().into(),
+                    resource: res.as_str().unwrap().into(),
+                    verbs,
+                });
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn agent_cluster_role_grants_exactly_what_the_agent_uses() {
+    let mut want = agent_rules();
+    for r in &mut want {
+        r.verbs.sort();
+    }
+    assert_eq!(template_rules("agent-rbac.yaml"), want);
+    // Least privilege: nothing may be created, updated or deleted, and
+    // secrets are never readable by the agent.
+    for r in template_rules("agent-rbac.yaml") {
+        assert!(r.resource != "secrets", "{r:?}");
+        for v in &r.verbs {
+            assert!(["list", "watch", "patch"].contains(&v.as_str()), "{r:?}");
+            if v == "patch" {
+                assert!(
+                    r.resource.ends_with("/status"),
+                    "only status may be patched: {r:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ca_cluster_role_only_reviews_tokens_and_watches_pods() {
+    let mut want = mesh_agent::rbac::ca_rules();
+    for r in &mut want {
+        r.verbs.sort();
+    }
+    assert_eq!(template_rules("ca-rbac.yaml"), want);
+}
+
+#[test]
+fn the_agent_runs_with_capabilities_not_privileged_and_every_value_is_documented() {
+    let text = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
+    let values: Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(values["agent"]["privileged"], false);
+    let caps: Vec<&str> = values["agent"]["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    for (_, name, _) in mesh_agent::check::NEEDED_CAPS {
+        let short = name.trim_start_matches("CAP_");
+        assert!(
+            caps.contains(&short),
+            "values.yaml agent.capabilities lacks {short}"
+        );
+    }
+    // Every key of the first two levels has a comment right above it.
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        let indent = l.len() - l.trim_start().len();
+        let t = l.trim_start();
+        let is_key = (indent == 0 || indent == 2)
+            && !t.starts_with('#')
+            && !t.starts_with('-')
+            && t.contains(':');
+        if !is_key {
+            continue;
+        }
+        let above = lines[..i]
+            .iter()
+            .rev()
+            .find(|p| !p.trim().is_empty())
+            .map(|p| p.trim_start())
+            .unwrap_or("");
+        assert!(
+            above.starts_with('#'),
+            "values.yaml line {}: `{}` has no comment above it",
+            i + 1,
+            l.trim()
+        );
+    }
+    let ds = std::fs::read_to_string(chart().join("templates/agent-daemonset.yaml")).unwrap();
+    for needed in [
+        "hostNetwork: true",
+        "mountPath: /sys/fs/bpf",
+        "mountPath: /sys/fs/cgroup",
+        "tolerations:",
+        "drop: [ALL]",
+    ] {
+        assert!(ds.contains(needed), "the DaemonSet lacks `{needed}`");
+    }
+}
+
+/// Runs Helm's linter (which renders every template with the chart's values)
+/// on `dir`; returns (severity, path) of each message.
+fn helm_lint(dir: &Path) -> Vec<(u64, String)> {
+    let script = r#"
+import asyncio, json, sys
+try:
+    import helm_sdkpy
+except ImportError as e:
+    print("MISSING: " + str(e)); sys.exit(3)
+r = asyncio.run(helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(sys.argv[1]))
+print(json.dumps([[m["Severity"], m["Path"]] for m in r["Messages"]]))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("python3 is needed to run Helm's linter ({e}); then: {HELM_SDKPY_INSTALL}")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "Helm's linter did not run: {}{}\nInstall it with `cargo xtask setup` or: {HELM_SDKPY_INSTALL}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str::<Vec<(u64, String)>>(stdout.trim()).unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// Helm severities: 1 info, 2 warning, 3 error.
+fn problems(msgs: &[(u64, String)]) -> Vec<&(u64, String)> {
+    msgs.iter().filter(|(sev, _)| *sev >= 2).collect()
+}
+
+#[test]
+fn helm_lint_renders_the_chart_with_default_and_other_values() {
+    let msgs = helm_lint(&chart());
+    assert_eq!(
+        problems(&msgs),
+        Vec::<&(u64, String)>::new(),
+        "default values: {msgs:?}"
+    );
+
+    // The other branches of the templates: no CA, privileged agent.
+    let tmp = tempfile::tempdir().unwrap();
+    let variant = tmp.path().join("sluice");
+    copy_dir(&chart(), &variant);
+    let values = std::fs::read_to_string(variant.join("values.yaml")).unwrap();
+    let values = values
+        .replace("  enabled: true", "  enabled: false")
+        .replace("  privileged: false", "  privileged: true")
+        .replace(
+            "  podAnnotations: {}",
+            "  podAnnotations: {prometheus.io/scrape: \"true\"}",
+        );
+    std::fs::write(variant.join("values.yaml"), values).unwrap();
+    let msgs = helm_lint(&variant);
+    assert_eq!(
+        problems(&msgs),
+        Vec::<&(u64, String)>::new(),
+        "variant values: {msgs:?}"
+    );
+
+    // The linter does catch a broken template (so the checks above mean something).
+    let ds = variant.join("templates/agent-daemonset.yaml");
+    let broken = std::fs::read_to_string(&ds).unwrap().replace(
+        "{{ .Values.image.pullPolicy }}",
+        "{{ .Values.image.nope.pullPolicy }}",
+    );
+    std::fs::write(&ds, broken).unwrap();
+    assert!(
+        !problems(&helm_lint(&variant)).is_empty(),
+        "a broken template passed the linter"
+    );
+}

@@ -1,0 +1,235 @@
+//! A fake Kubernetes API server for tests (`tower_test::mock`): lists from
+//! fixtures, watches that stay open until the test sends an event, single
+//! objects by path, and a log of writes.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    pin::pin,
+    sync::{Arc, Mutex},
+};
+
+use http::{Request, Response, StatusCode};
+use kube::client::Body;
+use serde_json::{Value, json};
+use tower_test::mock::{self, SendResponse};
+
+type Responder = SendResponse<Response<Body>>;
+
+/// Which list path each fixture answers.
+const FIXTURES: &[(&str, &str)] = &[
+    ("/api/v1/namespaces", "namespaces.json"),
+    ("/api/v1/nodes", "nodes.json"),
+    ("/api/v1/pods", "pods.json"),
+    ("/api/v1/services", "services.json"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "endpointslices.json",
+    ),
+    (
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "httproutes.json",
+    ),
+    (
+        "/apis/sluice.dev/v1alpha1/accesspolicies",
+        "accesspolicies.json",
+    ),
+    (
+        "/apis/sluice.dev/v1alpha1/meshpolicies",
+        "meshpolicies.json",
+    ),
+];
+
+#[derive(Default)]
+struct FakeState {
+    lists: HashMap<String, Value>,
+    /// Single objects by path (GET), including created ones.
+    objects: HashMap<String, Value>,
+    /// POSTs and apply PATCHes: (path, body).
+    writes: Vec<(String, String, Value)>,
+    parked: HashMap<String, Vec<Responder>>,
+    queued: HashMap<String, Vec<Value>>,
+    patches: Vec<(String, Value)>,
+}
+
+/// A fake API server: lists from fixtures, watches that stay open until the
+/// test sends an event, and a log of PATCH requests.
+#[derive(Clone, Default)]
+pub struct FakeApi {
+    state: Arc<Mutex<FakeState>>,
+}
+
+fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(v).unwrap()))
+        .unwrap()
+}
+
+fn not_found(path: &str) -> Response<Body> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("the server could not find the requested resource ({path})"),
+                "reason": "NotFound", "details": {}, "code": 404}),
+    )
+}
+
+fn watch_body(events: &[Value]) -> Response<Body> {
+    let mut body = Vec::new();
+    for e in events {
+        body.extend(serde_json::to_vec(e).unwrap());
+        body.push(b'\n');
+    }
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+impl FakeApi {
+    pub fn with_fixtures() -> Self {
+        let fake = FakeApi::default();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kube");
+        for (path, file) in FIXTURES {
+            let v: Value = serde_json::from_slice(&std::fs::read(dir.join(file)).unwrap()).unwrap();
+            fake.state.lock().unwrap().lists.insert(path.to_string(), v);
+        }
+        fake
+    }
+
+    pub fn client(&self) -> kube::Client {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut handle = pin!(handle);
+            while let Some((req, send)) = handle.next_request().await {
+                me.serve(req, send).await;
+            }
+        });
+        kube::Client::new(svc, "default")
+    }
+
+    async fn serve(&self, req: Request<Body>, send: Responder) {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        if req.method() == http::Method::POST {
+            let body: Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+            let name = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let mut st = self.state.lock().unwrap();
+            st.writes.push(("POST".into(), path.clone(), body.clone()));
+            let at = format!("{path}/{name}");
+            if st.objects.contains_key(&at) {
+                send.send_response(json_response(
+                    StatusCode::CONFLICT,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
+                            "message": format!("{name} already exists"), "code": 409}),
+                ));
+                return;
+            }
+            st.objects.insert(at, body.clone());
+            send.send_response(json_response(StatusCode::CREATED, &body));
+            return;
+        }
+        let apply = req
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap_or("").contains("apply-patch"));
+        if req.method() == http::Method::PATCH && apply {
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = serde_json::from_slice(&bytes)
+                .or_else(|_| serde_yaml::from_slice(&bytes))
+                .unwrap();
+            let mut st = self.state.lock().unwrap();
+            st.writes.push(("APPLY".into(), path.clone(), body.clone()));
+            st.objects.insert(path.clone(), body.clone());
+            send.send_response(json_response(StatusCode::OK, &body));
+            return;
+        }
+        if req.method() == http::Method::PATCH {
+            let body = req.into_body().collect_bytes().await.unwrap();
+            let patch: Value = serde_json::from_slice(&body).unwrap();
+            let reply = self.patched_object(&path, &patch);
+            self.state
+                .lock()
+                .unwrap()
+                .patches
+                .push((path.clone(), patch));
+            send.send_response(match reply {
+                Some(obj) => json_response(StatusCode::OK, &obj),
+                None => not_found(&path),
+            });
+            return;
+        }
+        let mut st = self.state.lock().unwrap();
+        if query.contains("watch=true") {
+            match st.queued.remove(&path) {
+                Some(events) if !events.is_empty() => send.send_response(watch_body(&events)),
+                _ => st.parked.entry(path).or_default().push(send),
+            }
+            return;
+        }
+        match st.lists.get(&path).or_else(|| st.objects.get(&path)) {
+            Some(v) => send.send_response(json_response(StatusCode::OK, v)),
+            None => send.send_response(not_found(&path)),
+        }
+    }
+
+    /// The object a status PATCH targets, with the patched status.
+    fn patched_object(&self, path: &str, patch: &Value) -> Option<Value> {
+        // /apis/<group>/<version>/namespaces/<ns>/<plural>/<name>/status
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let [_, group, version, _, ns, plural, name, _] = parts[..] else {
+            return None;
+        };
+        let list_path = format!("/apis/{group}/{version}/{plural}");
+        let st = self.state.lock().unwrap();
+        let list = st.lists.get(&list_path)?;
+        let mut obj = list["items"]
+            .as_array()?
+            .iter()
+            .find(|o| o["metadata"]["namespace"] == ns && o["metadata"]["name"] == name)?
+            .clone();
+        obj["status"] = patch["status"].clone();
+        Some(obj)
+    }
+
+    /// Sends a watch event for `path` (to an open watch, or the next one).
+    pub fn event(&self, path: &str, type_: &str, object: Value) {
+        let ev = json!({"type": type_, "object": object});
+        let mut st = self.state.lock().unwrap();
+        match st.parked.get_mut(path).and_then(|v| v.pop()) {
+            Some(send) => send.send_response(watch_body(&[ev])),
+            None => st.queued.entry(path.to_string()).or_default().push(ev),
+        }
+    }
+
+    pub fn patches(&self) -> Vec<(String, Value)> {
+        self.state.lock().unwrap().patches.clone()
+    }
+
+    pub fn watching(&self, path: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .parked
+            .get(path)
+            .is_some_and(|v| !v.is_empty())
+    }
+}
+
+impl FakeApi {
+    pub fn writes(&self) -> Vec<(String, String, Value)> {
+        self.state.lock().unwrap().writes.clone()
+    }
+
+    pub fn put_object(&self, path: &str, v: Value) {
+        self.state.lock().unwrap().objects.insert(path.into(), v);
+    }
+}
