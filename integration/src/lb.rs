@@ -33,7 +33,14 @@ pub struct TestLb {
 impl TestLb {
     /// Opens an instance with `opts` and attaches it to `cg`.
     pub fn attach_with(cg: &TestCgroup, opts: Options) -> Result<Self> {
-        let lb = LoadBalancer::open(opts.clone())?;
+        let lb = match LoadBalancer::open(opts.clone()) {
+            Ok(lb) => lb,
+            Err(e) => {
+                // A failed open may have pinned maps already.
+                let _ = ebpf_lb::uninstall_at(&opts.pin_dir());
+                return Err(e.into());
+            }
+        };
         let this = Self { lb: Some(lb), opts };
         this.attach(cg.path())?;
         Ok(this)

@@ -6,6 +6,7 @@
 //! or inside namespaces created here, with no route out.
 
 pub mod cgroup;
+pub mod demo;
 pub mod lb;
 pub mod netns;
 pub mod probe;

@@ -76,6 +76,12 @@ impl Pick {
         let rtt = now.duration_since(self.started).as_nanos() as f64;
         let now_ns = now.duration_since(self.epoch).as_nanos() as u64;
         let last = self.load.last_ns.swap(now_ns, Ordering::Relaxed);
+        if last == 0 {
+            // An endpoint's first response usually paid for setting up the
+            // tunnel or the connection to the workload: counted as a peak it
+            // would keep the endpoint out of rotation for tens of seconds.
+            return;
+        }
         let old = self.load.ewma_ns.load(Ordering::Relaxed) as f64;
         let w = (-((now_ns.saturating_sub(last)) as f64) / DECAY_NS).exp();
         // Peak-sensitive: a slower sample replaces the average at once.
@@ -198,6 +204,11 @@ mod tests {
         let b = Balancer::default();
         let ep: SocketAddr = "10.0.0.1:80".parse().unwrap();
         b.load(ep).ewma_ns.store(1, Ordering::Relaxed);
+        // The first response (connection setup) is not counted.
+        let mut p = b.pick(&[ep]).unwrap();
+        p.started -= Duration::from_millis(50);
+        p.observe();
+        assert_eq!(b.ewma(ep), Duration::from_nanos(1));
         let mut p = b.pick(&[ep]).unwrap();
         p.started -= Duration::from_millis(2);
         p.observe();

@@ -159,7 +159,9 @@ impl ConnTable {
                 ConnectionInfo {
                     id: *id,
                     kind: r.kind,
-                    secured: meta.tls.is_some(),
+                    // A captured connection is secured when it rides the
+                    // tunnel: it has a verified destination identity.
+                    secured: meta.tls.is_some() || meta.destination_identity.is_some(),
                     meta,
                     opened_at: r.opened_at,
                     bytes_sent: r.sent.load(Ordering::Relaxed),

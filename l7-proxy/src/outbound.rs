@@ -138,6 +138,27 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// The identity every request of a captured HTTP connection reaches through
+/// the tunnel, when there is one: all ready endpoints of the service share it
+/// and all sit behind a node proxy.
+fn tunnelled_identity(dest: &Destination) -> Option<crate::config::SpiffeId> {
+    let Destination::Service { service, .. } = dest else {
+        return match dest {
+            Destination::Workload(w) => w.identity.clone().filter(|_| w.node_proxy.is_some()),
+            _ => None,
+        };
+    };
+    let mut ready = service.endpoints.iter().filter(|e| e.ready);
+    let first = ready.next()?;
+    let id = first
+        .identity
+        .clone()
+        .filter(|_| first.node_proxy.is_some())?;
+    ready
+        .all(|e| e.node_proxy.is_some() && e.identity.as_ref() == Some(&id))
+        .then_some(id)
+}
+
 async fn serve_http<I>(shared: Arc<Shared>, io: I, conn: Arc<HttpConn>, dest: &Destination)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -154,6 +175,7 @@ where
                 Destination::Workload(w) => Some(w.id.clone()),
                 Destination::External => None,
             },
+            destination_identity: tunnelled_identity(dest),
             ..Default::default()
         },
     );

@@ -310,6 +310,11 @@ impl Agent {
                 let settings = l7_proxy::ProxySettings {
                     outbound_addr: args.proxy_capture_addr.unwrap_or(default_capture),
                     inbound_addr: inbound,
+                    // With the kernel dataplane the proxy marks its sockets:
+                    // they are never redirected back to it, and they pass the
+                    // STRICT guard. (Setting a mark needs CAP_NET_ADMIN.)
+                    socket_mark: (args.dataplane == DataplaneKind::Kernel)
+                        .then_some(config::PROXY_MARK),
                     ..l7_proxy::ProxySettings::default()
                 };
                 let (snap_tx, snap_rx) =
@@ -360,8 +365,9 @@ impl Agent {
             trust_domain: args.trust_domain.clone(),
             default_mode: args.default_mtls_mode,
             proxy: proxy_target,
-            // The embedded proxy does not mark its sockets yet.
-            kernel_strict: args.proxy == ProxyMode::External,
+            // The embedded proxy marks its sockets (above); an external one
+            // must use config::PROXY_MARK too.
+            kernel_strict: args.proxy != ProxyMode::Off,
         };
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let (tx, inputs) = mpsc::channel::<Vec<Input>>();

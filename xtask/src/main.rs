@@ -35,7 +35,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Build and run the standalone demo.
+    /// Build and run the standalone demo: one node made of network
+    /// namespaces, mesh-agent on examples/demo, real traffic, `sluice` output.
+    /// Needs root.
     Demo,
     /// Run the benchmarks and write benches/RESULTS.md.
     Bench {
@@ -279,10 +281,21 @@ fn lint_kernel() -> Result<()> {
 
 fn demo() -> Result<()> {
     setup()?;
-    bail!(
-        "the demo is not there yet: it needs the node agent (mesh-agent), which is not built. \
-         Today the repository has the kernel load balancer; see README.md for what runs."
-    )
+    if !is_root() {
+        bail!(
+            "the demo needs root (network namespaces, cgroups, eBPF): run `sudo -E cargo xtask demo`"
+        );
+    }
+    run(cargo().args([
+        "build",
+        "--package",
+        "mesh-agent",
+        "--package",
+        "integration",
+        "--bins",
+    ]))?;
+    let demo = root().join("target/debug/sluice-demo");
+    run(Command::new(demo).arg(root().join("examples/demo")))
 }
 
 fn bench(args: &[String]) -> Result<()> {

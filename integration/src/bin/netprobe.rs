@@ -84,6 +84,9 @@ enum Cmd {
         /// Extra request headers, `Name: value`.
         #[arg(long)]
         header: Vec<String>,
+        /// Pause between requests.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// HTTP/1.1 server answering every request with `--name` as the body.
     ServeHttp {
@@ -156,7 +159,16 @@ fn main() {
             count,
             new_connections,
             header,
-        } => http_client(to, &path, count, new_connections, &header, &mut emit),
+            interval_ms,
+        } => http_client(
+            to,
+            &path,
+            count,
+            new_connections,
+            &header,
+            interval_ms,
+            &mut emit,
+        ),
         Cmd::ServeHttp { listen, name } => serve_http(listen, &name),
         Cmd::Resolve { name } => {
             let start_ns = monotonic_ns();
@@ -372,11 +384,15 @@ fn http_client(
     count: u64,
     new_connections: bool,
     headers: &[String],
+    interval_ms: u64,
     emit: &mut dyn FnMut(&Attempt),
 ) {
     let mut conn: Option<BufReader<TcpStream>> = None;
     let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    for _ in 0..count {
+    for i in 0..count {
+        if i > 0 && interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(interval_ms));
+        }
         let start_ns = monotonic_ns();
         let r = (|| -> std::io::Result<Attempt> {
             if conn.is_none() || new_connections {

@@ -494,7 +494,7 @@ impl Reconciler {
             let mode = match info.mtls_mode {
                 MtlsMode::Strict if !self.settings.kernel_strict => {
                     info.strict_guard = Some(
-                        "not enforced in the kernel: the proxy does not mark its sockets; \
+                        "not enforced in the kernel: no node proxy marks its sockets; \
                          the proxy enforces STRICT"
                             .into(),
                     );
