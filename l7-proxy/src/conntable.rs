@@ -159,9 +159,13 @@ impl ConnTable {
                 ConnectionInfo {
                     id: *id,
                     kind: r.kind,
-                    // A captured connection is secured when it rides the
-                    // tunnel: it has a verified destination identity.
-                    secured: meta.tls.is_some() || meta.destination_identity.is_some(),
+                    // A captured HTTP connection's requests ride tunnels of
+                    // their own: it is secured when its destination identity
+                    // (set only for tunnelled destinations) is known. Other
+                    // rows carry the TLS facts of their own hop.
+                    secured: meta.tls.is_some()
+                        || (r.kind == ConnKind::OutboundHttp
+                            && meta.destination_identity.is_some()),
                     meta,
                     opened_at: r.opened_at,
                     bytes_sent: r.sent.load(Ordering::Relaxed),
