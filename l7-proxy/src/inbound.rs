@@ -15,6 +15,7 @@ use tokio::{net::TcpListener, net::TcpStream, time::Instant};
 
 use crate::{
     accesslog::AccessRecord,
+    batch::{BatchIo, FlushAtEnd},
     body::{Body, BoxError, boxed, empty, proxy_response, strip_hop_by_hop},
     config::{LocalWorkload, PROTOCOL_HEADER, SOURCE_IDENTITY_HEADER, SpiffeId, TARGET_HEADER},
     conntable::{ConnKind, ConnMeta, TlsInfo},
@@ -168,6 +169,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         let (shared, tp) = (shared.clone(), tp.clone());
         service_fn(move |req| handle(shared.clone(), tp.clone(), req))
     };
+    let (io, batch) = BatchIo::new(tls);
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(shared.settings.max_header_bytes)
@@ -175,8 +177,9 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         // A peer that stops answering pings is gone: its streams end.
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(10))
-        .serve_connection(TokioIo::new(tls), svc);
-    if let Err(e) = drain_on_shutdown(&shared, conn, |c| c.graceful_shutdown()).await {
+        .serve_connection(TokioIo::new(io), svc);
+    let conn = FlushAtEnd::new(conn, batch);
+    if let Err(e) = drain_on_shutdown(&shared, conn, |c| c.inner_mut().graceful_shutdown()).await {
         tracing::debug!(%peer, "inbound tunnel connection ended: {e}");
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod accesslog;
 pub mod balance;
+pub mod batch;
 pub mod body;
 pub mod config;
 pub mod connect;

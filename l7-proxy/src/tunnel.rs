@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
 use crate::{
+    batch::{BatchIo, FlushAtEnd},
     body::{Body, empty},
     config::{ProxySettings, SpiffeId},
     conntable::{ConnKind, ConnMeta, ConnTable, TlsInfo},
@@ -405,18 +406,24 @@ impl TunnelPool {
             });
         }
         handle.update(|m| m.tls = Some(info.clone()));
+        let (io, batch) = BatchIo::new(tls);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(s.max_header_bytes)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake::<_, Body>(TokioIo::new(tls))
+            .handshake::<_, Body>(TokioIo::new(io))
             .await
             .map_err(|source| TunnelError::Http2 {
                 node: key.node,
                 source,
             })?;
         let node = key.node;
+        // Boxed where its type is concrete: the compiler cannot prove the
+        // generic wrapper `Send` for hyper's connection future otherwise.
+        let conn: Pin<Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>> =
+            Box::pin(conn);
+        let conn = FlushAtEnd::new(conn, batch);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%node, "tunnel connection ended: {e}");
