@@ -17,17 +17,18 @@ use crate::{
     accesslog::AccessRecord,
     batch::{BatchIo, FlushAtEnd},
     body::{Body, BoxError, boxed, empty, proxy_response, strip_hop_by_hop},
-    config::{LocalWorkload, PROTOCOL_HEADER, SOURCE_IDENTITY_HEADER, SpiffeId, TARGET_HEADER},
+    config::{LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER},
     conntable::{ConnKind, ConnMeta, TlsInfo},
     io::{Counted, relay},
     metrics::{
-        DenialLabels, Direction, Label, LatencyLabels, RequestLabels, TcpLabels, TlsFailureLabels,
+        DenialLabels, Direction, Label, RequestMetricsCache, TcpLabels, TlsFailureLabels,
         status_class,
     },
     outbound::drain_on_shutdown,
     policy::{HttpFacts, Verdict, authorize},
     proxy::Shared,
     sniff::Protocol,
+    state::State,
     target::parse_target,
 };
 
@@ -81,7 +82,11 @@ struct TunnelPeer {
     /// `identity` and `local_identity` as metric labels.
     label: Label,
     local_label: Label,
+    /// `identity` as the value of the source identity header.
+    identity_header: HeaderValue,
     tls: TlsInfo,
+    /// Metric handles of this connection's requests.
+    metrics: RequestMetricsCache,
 }
 
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
@@ -157,6 +162,9 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let tp = Arc::new(TunnelPeer {
         addr: peer,
         label: Label::from(identity.as_ref()),
+        identity_header: HeaderValue::from_str(identity.as_ref())
+            .expect("a SPIFFE ID is a valid header value"),
+        metrics: RequestMetricsCache::default(),
         identity,
         sni,
         local_label: local_identity
@@ -214,10 +222,10 @@ fn deny(
 /// and the identity the caller asked for (SNI) is that workload's.
 fn check_target(
     shared: &Shared,
+    state: &State,
     tp: &TunnelPeer,
     target: SocketAddr,
 ) -> Result<Arc<LocalWorkload>, String> {
-    let state = shared.state();
     let Some(w) = state.local_workload(target.ip()).cloned() else {
         return Err(format!("{} is not a workload of this node", target.ip()));
     };
@@ -276,14 +284,15 @@ async fn handle_connect(
             return Err(refused());
         }
     };
-    let workload = match check_target(&shared, &tp, target) {
+    let state = shared.state();
+    let workload = match check_target(&shared, &state, &tp, target) {
         Ok(w) => w,
         Err(reason) => {
             deny(&shared, &tp, None, "tcp", &reason);
             return Err(refused());
         }
     };
-    if let Verdict::Deny(reason) = authorize(&shared.state(), &tp.identity, &workload, None) {
+    if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &workload, None) {
         deny(&shared, &tp, Some(&workload), "tcp", &reason);
         return Err(refused());
     }
@@ -393,39 +402,40 @@ async fn handle_http(
 ) -> Response<Body> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
+    let log = crate::accesslog::enabled();
     let method = parts.method.clone();
-    let path = parts.uri.path().to_string();
+    let path = log.then(|| parts.uri.path().to_owned());
     let mut workload = None;
     let result: Result<Response<Body>, (StatusCode, String)> = async {
         let raw = parts
             .headers
-            .get(TARGET_HEADER)
+            .get(TARGET)
             .and_then(|v| v.to_str().ok())
             .ok_or((
                 StatusCode::BAD_REQUEST,
                 format!("request without a {TARGET_HEADER} header"),
             ))?;
         let target = parse_target(raw).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-        let w = check_target(&shared, &tp, target).map_err(|r| (StatusCode::FORBIDDEN, r))?;
+        let state = shared.state();
+        let w =
+            check_target(&shared, &state, &tp, target).map_err(|r| (StatusCode::FORBIDDEN, r))?;
         workload = Some(w.clone());
         let facts = HttpFacts {
-            method: &method,
-            path: &path,
+            method: &parts.method,
+            path: parts.uri.path(),
         };
-        if let Verdict::Deny(reason) = authorize(&shared.state(), &tp.identity, &w, Some(facts)) {
+        if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &w, Some(facts)) {
             return Err((StatusCode::FORBIDDEN, reason));
         }
-        let proto = match parts.headers.get(PROTOCOL_HEADER).map(|v| v.as_bytes()) {
-            Some(b"h2") => Protocol::Http2,
+        drop(state);
+        let proto = match parts.headers.remove(PROTOCOL) {
+            Some(v) if v.as_bytes() == b"h2" => Protocol::Http2,
             _ => Protocol::Http1,
         };
-        parts.headers.remove(TARGET_HEADER);
-        parts.headers.remove(PROTOCOL_HEADER);
-        parts.headers.insert(
-            SOURCE_IDENTITY_HEADER,
-            HeaderValue::from_str(tp.identity.as_ref())
-                .expect("a SPIFFE ID is a valid header value"),
-        );
+        parts.headers.remove(TARGET);
+        parts
+            .headers
+            .insert(SOURCE_IDENTITY, tp.identity_header.clone());
         let resp = shared
             .clients
             .send(target, proto, Request::from_parts(parts, boxed(body)))
@@ -451,28 +461,17 @@ async fn handle_http(
         Some(w) => Label::from(w.identity.as_ref()),
         None => Label::default(),
     };
-    shared
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            direction: Direction::Inbound,
-            source: tp.label.clone(),
-            destination: dst.clone(),
-            route: Label::default(),
-            status_class: status_class(status),
-        })
-        .inc();
-    shared
-        .metrics
-        .request_duration
-        .get_or_create(&LatencyLabels {
-            direction: Direction::Inbound,
-            source: tp.label.clone(),
-            destination: dst,
-            route: Label::default(),
-        })
-        .observe(start.elapsed().as_secs_f64());
-    if !crate::accesslog::enabled() {
+    let m = tp.metrics.get(
+        &shared.metrics,
+        Direction::Inbound,
+        &tp.label,
+        &dst,
+        &Label::default(),
+        status_class(status),
+    );
+    m.requests.inc();
+    m.duration.observe(start.elapsed().as_secs_f64());
+    if !log {
         return resp;
     }
     AccessRecord {
@@ -484,7 +483,7 @@ async fn handle_http(
         destination_identity: workload.as_ref().map(|w| &w.identity),
         secured: true,
         method: Some(method.as_str()),
-        path: Some(&path),
+        path: path.as_deref(),
         status: Some(status),
         duration_ms: start.elapsed().as_secs_f64() * 1e3,
         reason: reason.as_deref(),
