@@ -287,7 +287,12 @@ async fn route_request(
 
     let retries = rule.retry.as_ref().map_or(0, |r| r.attempts);
     let mut body = if retries > 0 || !mirrors.is_empty() {
-        match collect_limited(body, shared.settings.max_buffered_body_bytes).await {
+        match Box::pin(collect_limited(
+            body,
+            shared.settings.max_buffered_body_bytes,
+        ))
+        .await
+        {
             Ok(b) => ReqBody::Buffered(b),
             Err(e) => {
                 return Outcome::local(

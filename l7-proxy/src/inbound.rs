@@ -175,7 +175,9 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     });
     let svc = {
         let (shared, tp) = (shared.clone(), tp.clone());
-        service_fn(move |req| handle(shared.clone(), tp.clone(), req))
+        // Boxed: the stream task hyper spawns per request then moves a
+        // pointer, not the whole request future.
+        service_fn(move |req| Box::pin(handle(shared.clone(), tp.clone(), req)))
     };
     let (io, batch) = BatchIo::new(tls);
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())

@@ -183,7 +183,8 @@ where
     let s = shared.settings.clone();
     let svc = {
         let (shared, conn) = (shared.clone(), conn.clone());
-        service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req))
+        // Boxed: hyper moves a pointer rather than the request's future.
+        service_fn(move |req| Box::pin(forward::handle(shared.clone(), conn.clone(), req)))
     };
     let io = TokioIo::new(io);
     let result = match conn.protocol {

@@ -165,7 +165,9 @@ impl WorkloadClients {
                 },
             }
         }
-        let mut sender = self.dial_h1(addr).await?;
+        // Boxed: dialling is rare, and its state would otherwise sit in
+        // every request's future.
+        let mut sender = Box::pin(self.dial_h1(addr)).await?;
         let resp = sender
             .send_request(req)
             .await
@@ -222,16 +224,23 @@ impl WorkloadClients {
     }
 
     async fn h2_sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        if let Some(s) = self
-            .inner
+        match self.open_h2(addr) {
+            Some(s) => Ok(s),
+            None => Box::pin(self.dial_h2(addr)).await,
+        }
+    }
+
+    fn open_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<Body>> {
+        self.inner
             .h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&addr)
             .filter(|s| !s.is_closed())
-        {
-            return Ok(s.clone());
-        }
+            .cloned()
+    }
+
+    async fn dial_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, UpstreamError> {
         let tcp = crate::connect::connect(addr, self.inner.mark, self.inner.connect_timeout)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
