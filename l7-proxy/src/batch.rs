@@ -11,16 +11,19 @@
 //!
 //! Streams are served by other tasks, and tokio runs a task woken by the
 //! running one next: the connection's task would wake, write one stream's
-//! frames and sleep, once per stream. So before writing, it yields once,
-//! which puts it behind the tasks already runnable; they add their frames and
-//! one write carries them all. With nothing else runnable the yield costs one
-//! more poll and no time.
+//! frames and sleep, once per stream. So when other streams are in flight it
+//! yields once before writing, which puts it behind the tasks already
+//! runnable; they add their frames and one write carries them all. With one
+//! stream in flight there is nothing to wait for, and it writes at once.
 
 use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -187,16 +190,21 @@ pin_project_lite::pin_project! {
         done: Option<F::Output>,
         // This write already waited for the other runnable tasks once.
         yielded: bool,
+        // Streams in flight on the connection.
+        streams: Arc<AtomicUsize>,
     }
 }
 
 impl<F: Future, T> FlushAtEnd<F, T> {
-    pub fn new(fut: F, handle: BatchHandle<T>) -> Self {
+    /// `streams` counts the streams in flight on the connection: with more
+    /// than one, a write waits once for the other runnable tasks.
+    pub fn new(fut: F, handle: BatchHandle<T>, streams: Arc<AtomicUsize>) -> Self {
         Self {
             fut,
             inner: handle.inner,
             done: None,
             yielded: false,
+            streams,
         }
     }
 
@@ -221,7 +229,11 @@ impl<F: Future, T: AsyncWrite + Unpin> Future for FlushAtEnd<F, T> {
         }
         let mut s = lock(this.inner);
         if s.owed || !s.buf.is_empty() {
-            if this.done.is_none() && !*this.yielded && s.buf.len() < LIMIT / 2 {
+            if this.done.is_none()
+                && !*this.yielded
+                && s.buf.len() < LIMIT / 2
+                && this.streams.load(Ordering::Relaxed) > 1
+            {
                 *this.yielded = true;
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
@@ -266,8 +278,7 @@ mod tests {
             cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            self.writes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.writes.fetch_add(1, Ordering::Relaxed);
             Pin::new(&mut self.inner).poll_write(cx, buf)
         }
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -281,7 +292,7 @@ mod tests {
     #[tokio::test]
     async fn writes_and_flushes_of_one_poll_leave_in_one_write() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
-        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writes = Arc::new(AtomicUsize::new(0));
         let (mut io, handle) = BatchIo::new(CountWrites {
             inner: a,
             writes: writes.clone(),
@@ -294,8 +305,8 @@ mod tests {
             }
             io
         };
-        let mut io = FlushAtEnd::new(conn, handle).await;
-        assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let mut io = FlushAtEnd::new(conn, handle, Arc::default()).await;
+        assert_eq!(writes.load(Ordering::Relaxed), 1);
         let mut got = vec![0u8; 13];
         b.read_exact(&mut got).await.unwrap();
         assert_eq!(got, b"one two three");

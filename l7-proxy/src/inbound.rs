@@ -6,7 +6,13 @@
 //! (`CONNECT`) streams are reset with `REFUSED_STREAM`. Each is counted and
 //! logged with both identities.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
@@ -87,6 +93,8 @@ struct TunnelPeer {
     tls: TlsInfo,
     /// Metric handles of this connection's requests.
     metrics: RequestMetricsCache,
+    /// Requests being handled on this connection (see [`FlushAtEnd`]).
+    in_flight: Arc<AtomicUsize>,
 }
 
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
@@ -165,6 +173,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         identity_header: HeaderValue::from_str(identity.as_ref())
             .expect("a SPIFFE ID is a valid header value"),
         metrics: RequestMetricsCache::default(),
+        in_flight: Arc::default(),
         identity,
         sni,
         local_label: local_identity
@@ -188,7 +197,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(10))
         .serve_connection(TokioIo::new(io), svc);
-    let conn = FlushAtEnd::new(conn, batch);
+    let conn = FlushAtEnd::new(conn, batch, tp.in_flight.clone());
     if let Err(e) = drain_on_shutdown(&shared, conn, |c| c.inner_mut().graceful_shutdown()).await {
         tracing::debug!(%peer, "inbound tunnel connection ended: {e}");
     }
@@ -253,11 +262,22 @@ fn asked_for(shared: &Shared, identity: &SpiffeId, sni: &str) -> bool {
     }
 }
 
+/// Counts a request as in flight on its connection while alive.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn handle(
     shared: Arc<Shared>,
     tp: Arc<TunnelPeer>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, BoxError> {
+    tp.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(tp.in_flight.clone());
     if req.method() == Method::CONNECT {
         handle_connect(shared, tp, req).await
     } else {

@@ -451,7 +451,8 @@ impl TunnelPool {
             .expect("the first call has the ping handle");
         let node = key.node;
         let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let driver = FlushAtEnd::new(connection, batch);
+        let streams = Arc::new(AtomicUsize::new(0));
+        let driver = FlushAtEnd::new(connection, batch, streams.clone());
         let still_open = open.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -468,7 +469,7 @@ impl TunnelPool {
         });
         let conn = Arc::new(TunnelConn {
             sender,
-            streams: Arc::new(AtomicUsize::new(0)),
+            streams,
             last_used: Mutex::new(Instant::now()),
             tls: info,
             open,
