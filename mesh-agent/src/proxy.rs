@@ -9,12 +9,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use gateway_api::{grpcroutes::GrpcRoute as GwGrpcRoute, httproutes::HttpRoute as GwHttpRoute};
+use crate::gateway::{GrpcRoute as GwGrpcRoute, HttpRoute as GwHttpRoute};
 use l7_proxy::config::{
     AccessPolicy, AccessRule, AccessSource, BackendRef, Endpoint, GrpcMethodMatch, GrpcRoute,
     GrpcRouteMatch, GrpcRouteRule, HeaderModifier, HeaderPair, HttpConditions, HttpFilter,
     HttpRoute, HttpRouteMatch, HttpRouteRule, LocalWorkload, MtlsMode, ObjectRef, ParentRef,
-    PathMatch, PathModifier, RequestMirror, RequestRedirect, Service, ServicePort, Snapshot,
+    PathMatch, PathModifier, RequestMirror, RequestRedirect, Retry, Service, ServicePort, Snapshot,
     SpiffeId, Timeouts, UrlRewrite, ValueMatch, ValueMatchKind, Workload,
 };
 use prometheus_client::registry::Registry;
@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::{
     admin::{ProxyHandle, api},
+    config,
     crds::{self, PathMatchType},
     reconcile::{dataplane::Dataplane, mesh::MeshView},
     state::Key,
@@ -176,6 +177,11 @@ fn millis(v: &Value, field: &str) -> Result<Option<u64>, String> {
     }
 }
 
+/// A timeout: a zero duration disables it (GEP-1742).
+fn timeout_millis(v: &Value, field: &str) -> Result<Option<u64>, String> {
+    Ok(millis(v, field)?.filter(|ms| *ms > 0))
+}
+
 fn parents(v: &Value, route_ns: &str) -> Vec<ParentRef> {
     v.as_array()
         .into_iter()
@@ -281,14 +287,6 @@ fn filter(f: &Value, route_ns: &str, field: &str) -> Result<HttpFilter, String> 
         Some("RequestMirror") => {
             let m = &f["requestMirror"];
             let b = &m["backendRef"];
-            let percent = match (m["percent"].as_u64(), m["fraction"]["numerator"].as_u64()) {
-                (Some(p), _) => Some(p as u32),
-                (None, Some(n)) => {
-                    let d = m["fraction"]["denominator"].as_u64().unwrap_or(100).max(1);
-                    Some((n * 100 / d) as u32)
-                }
-                _ => None,
-            };
             Ok(HttpFilter::RequestMirror(RequestMirror {
                 service: ObjectRef::new(
                     b["namespace"].as_str().unwrap_or(route_ns),
@@ -296,13 +294,50 @@ fn filter(f: &Value, route_ns: &str, field: &str) -> Result<HttpFilter, String> 
                 ),
                 port: port_of(&b["port"])
                     .ok_or_else(|| format!("{field}.requestMirror.backendRef.port: required"))?,
-                percent,
+                percent: mirror_percent(m, &format!("{field}.requestMirror"))?,
             }))
         }
         other => Err(format!(
             "{field}.type: {other:?} filters are not supported by the node proxy"
         )),
     }
+}
+
+/// The share of requests a mirror takes, as the proxy's whole percentage:
+/// `percent`, or a `fraction` that is a whole percentage (the proxy cannot
+/// mirror 1 request in 1000).
+fn mirror_percent(m: &Value, field: &str) -> Result<Option<u32>, String> {
+    if let Some(p) = m.get("percent").filter(|p| !p.is_null()) {
+        return match p.as_u64() {
+            Some(p) if p <= 100 => Ok(Some(p as u32)),
+            _ => Err(format!("{field}.percent: {p} is not between 0 and 100")),
+        };
+    }
+    let f = &m["fraction"];
+    if f.is_null() {
+        return Ok(None);
+    }
+    let (Some(n), Some(d)) = (
+        f["numerator"].as_u64(),
+        f["denominator"].as_u64().or(Some(100)),
+    ) else {
+        return Err(format!(
+            "{field}.fraction: numerator and denominator must be non-negative integers"
+        ));
+    };
+    if d == 0 || n > d {
+        return Err(format!(
+            "{field}.fraction: {n}/{d} is not a fraction between 0 and 1"
+        ));
+    }
+    if (n * 100) % d != 0 {
+        return Err(format!(
+            "{field}.fraction: {n}/{d} is not a whole percentage; the node proxy mirrors by \
+             whole percent (use percent, or a fraction such as {}/100)",
+            (n * 100 / d).max(1)
+        ));
+    }
+    Ok(Some((n * 100 / d) as u32))
 }
 
 fn filters(v: &Value, route_ns: &str, field: &str) -> Result<Vec<HttpFilter>, String> {
@@ -336,13 +371,76 @@ fn backends(v: &Value, route_ns: &str, field: &str) -> Result<Vec<BackendRef>, S
 }
 
 fn timeouts(v: &Value, field: &str) -> Result<Timeouts, String> {
-    Ok(Timeouts {
-        request_ms: millis(&v["request"], &format!("{field}.request"))?,
-        backend_request_ms: millis(&v["backendRequest"], &format!("{field}.backendRequest"))?,
-    })
+    let t = Timeouts {
+        request_ms: timeout_millis(&v["request"], &format!("{field}.request"))?,
+        backend_request_ms: timeout_millis(
+            &v["backendRequest"],
+            &format!("{field}.backendRequest"),
+        )?,
+    };
+    if let (Some(req), Some(backend)) = (t.request_ms, t.backend_request_ms)
+        && backend > req
+    {
+        return Err(format!(
+            "{field}.backendRequest: {backend} ms is longer than request ({req} ms), which \
+             covers every attempt"
+        ));
+    }
+    Ok(t)
+}
+
+/// `rules[].retry` (GEP-1731): `attempts` retries after the first try, on
+/// the listed status codes (and on failures to reach an endpoint), waiting
+/// `backoff`, doubled for each further retry.
+fn retry(v: &Value, field: &str) -> Result<Option<Retry>, String> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let attempts = match &v["attempts"] {
+        Value::Null => config::DEFAULT_RETRY_ATTEMPTS,
+        a => a
+            .as_u64()
+            .and_then(|a| u32::try_from(a).ok())
+            .ok_or_else(|| format!("{field}.attempts: {a} is not a number of retries"))?,
+    };
+    let codes = v["codes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, c)| {
+            c.as_u64()
+                .and_then(|c| u16::try_from(c).ok())
+                .filter(|c| (400..=599).contains(c))
+                .ok_or_else(|| {
+                    format!("{field}.codes[{i}]: {c} is not an HTTP status code from 400 to 599")
+                })
+        })
+        .collect::<Result<Vec<u16>, String>>()?;
+    let backoff_ms = match millis(&v["backoff"], &format!("{field}.backoff"))? {
+        Some(ms) => ms,
+        None => config::DEFAULT_RETRY_BACKOFF.as_millis() as u64,
+    };
+    Ok((attempts > 0).then_some(Retry {
+        codes,
+        attempts,
+        backoff_ms,
+    }))
+}
+
+/// Fields of a rule the node proxy has no equivalent for: refusing them
+/// beats pretending they apply.
+fn unsupported_rule_fields(r: &Value, field: &str) -> Result<(), String> {
+    if !r["sessionPersistence"].is_null() {
+        return Err(format!(
+            "{field}.sessionPersistence: session persistence is not supported by the node proxy"
+        ));
+    }
+    Ok(())
 }
 
 fn http_rule(r: &Value, ns: &str, field: &str) -> Result<HttpRouteRule, String> {
+    unsupported_rule_fields(r, field)?;
     let mut matches = Vec::new();
     for (i, m) in r["matches"].as_array().into_iter().flatten().enumerate() {
         let f = format!("{field}.matches[{i}]");
@@ -369,7 +467,7 @@ fn http_rule(r: &Value, ns: &str, field: &str) -> Result<HttpRouteRule, String> 
         filters: filters(&r["filters"], ns, &format!("{field}.filters"))?,
         backends: backends(&r["backendRefs"], ns, &format!("{field}.backendRefs"))?,
         timeouts: timeouts(&r["timeouts"], &format!("{field}.timeouts"))?,
-        retry: None,
+        retry: retry(&r["retry"], &format!("{field}.retry"))?,
     })
 }
 
@@ -394,6 +492,7 @@ pub fn http_route(r: &GwHttpRoute, errors: &mut Vec<String>) -> HttpRoute {
 }
 
 fn grpc_rule(r: &Value, ns: &str, field: &str) -> Result<GrpcRouteRule, String> {
+    unsupported_rule_fields(r, field)?;
     let mut matches = Vec::new();
     for (i, m) in r["matches"].as_array().into_iter().flatten().enumerate() {
         let f = format!("{field}.matches[{i}]");

@@ -2,7 +2,7 @@
 //! watchers and status writer use. The chart's ClusterRole is checked against
 //! these (`tests/chart.rs`), so neither can drift from the code.
 
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,

@@ -160,6 +160,24 @@ async fn lists_are_programmed_and_a_missing_crd_does_not_block_the_sync() {
         remote.identity.as_deref(),
         Some("spiffe://cluster.local/ns/shop/sa/web")
     );
+    // The experimental retry field of the listed HTTPRoute reaches the proxy.
+    let split = mesh
+        .http_routes
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some("web-split"))
+        .unwrap();
+    let mut errors = Vec::new();
+    let rule = &mesh_agent::proxy::http_route(split, &mut errors).rules[0];
+    assert_eq!(errors, Vec::<String>::new());
+    assert_eq!(
+        rule.retry,
+        Some(l7_proxy::config::Retry {
+            codes: vec![503],
+            attempts: 2,
+            backoff_ms: 10
+        })
+    );
+    assert_eq!(rule.timeouts.request_ms, Some(5000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -295,3 +295,147 @@ fn request_counts_come_from_the_proxy_metrics() {
     assert_eq!(s["shop/web"], (1, 0));
     assert_eq!(s.len(), 2, "inbound requests have no route: {s:?}");
 }
+
+fn one_rule_route(rule: serde_json::Value) -> GwHttpRoute {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "db", "port": 5432}],
+            "rules": [rule]
+        }
+    }))
+    .unwrap()
+}
+
+/// The rule as translated, or the reason it was left out.
+fn translate_rule(rule: serde_json::Value) -> Result<HttpRouteRule, String> {
+    let mut errors = Vec::new();
+    let h = http_route(&one_rule_route(rule), &mut errors);
+    match (h.rules.into_iter().next(), errors.pop()) {
+        (Some(r), None) => Ok(r),
+        (None, Some(e)) => Err(e),
+        other => panic!("a rule is either translated or reported: {other:?}"),
+    }
+}
+
+#[test]
+fn retry_is_translated_with_attempts_backoff_and_codes() {
+    let rule = translate_rule(serde_json::json!({
+        "backendRefs": [{"name": "db", "port": 5432}],
+        "retry": {"attempts": 3, "backoff": "100ms", "codes": [502, 503, 504]}
+    }))
+    .unwrap();
+    assert_eq!(
+        rule.retry,
+        Some(Retry {
+            codes: vec![502, 503, 504],
+            attempts: 3,
+            backoff_ms: 100
+        })
+    );
+    // Left-out attempts and backoff take the documented defaults.
+    let rule = translate_rule(serde_json::json!({"retry": {"codes": [503]}})).unwrap();
+    assert_eq!(
+        rule.retry,
+        Some(Retry {
+            codes: vec![503],
+            attempts: config::DEFAULT_RETRY_ATTEMPTS,
+            backoff_ms: config::DEFAULT_RETRY_BACKOFF.as_millis() as u64,
+        })
+    );
+    // Zero attempts: no retries at all.
+    let rule = translate_rule(serde_json::json!({"retry": {"attempts": 0, "codes": [503]}}));
+    assert_eq!(rule.unwrap().retry, None);
+    // No retry field: none.
+    assert_eq!(translate_rule(serde_json::json!({})).unwrap().retry, None);
+}
+
+#[test]
+fn a_bad_retry_leaves_the_rule_out_and_names_the_field() {
+    let e = translate_rule(serde_json::json!({"retry": {"codes": [200]}})).unwrap_err();
+    assert!(
+        e.contains("spec.rules[0].retry.codes[0]") && e.contains("200"),
+        "{e}"
+    );
+    let e = translate_rule(serde_json::json!({"retry": {"backoff": "soon"}})).unwrap_err();
+    assert!(e.contains("spec.rules[0].retry.backoff"), "{e}");
+    let e = translate_rule(serde_json::json!({"retry": {"attempts": -1}})).unwrap_err();
+    assert!(e.contains("spec.rules[0].retry.attempts"), "{e}");
+}
+
+#[test]
+fn zero_timeouts_disable_and_a_backend_timeout_beyond_the_request_one_is_refused() {
+    let rule = translate_rule(serde_json::json!({
+        "timeouts": {"request": "0s", "backendRequest": "2s"}
+    }))
+    .unwrap();
+    assert_eq!(
+        rule.timeouts,
+        Timeouts {
+            request_ms: None,
+            backend_request_ms: Some(2000)
+        }
+    );
+    let e = translate_rule(serde_json::json!({
+        "timeouts": {"request": "1s", "backendRequest": "2s"}
+    }))
+    .unwrap_err();
+    assert!(e.contains("spec.rules[0].timeouts.backendRequest"), "{e}");
+}
+
+#[test]
+fn mirror_fractions_that_are_whole_percentages_are_taken_others_refused() {
+    let mirror = |m: serde_json::Value| {
+        let mut f = serde_json::json!({"backendRef": {"name": "db", "port": 5432}});
+        f.as_object_mut()
+            .unwrap()
+            .extend(m.as_object().unwrap().clone());
+        translate_rule(serde_json::json!({
+            "filters": [{"type": "RequestMirror", "requestMirror": f}]
+        }))
+        .map(|r| match &r.filters[0] {
+            HttpFilter::RequestMirror(m) => m.percent,
+            other => panic!("{other:?}"),
+        })
+    };
+    assert_eq!(mirror(serde_json::json!({"percent": 25})), Ok(Some(25)));
+    assert_eq!(
+        mirror(serde_json::json!({"fraction": {"numerator": 1, "denominator": 4}})),
+        Ok(Some(25))
+    );
+    // The denominator defaults to 100.
+    assert_eq!(
+        mirror(serde_json::json!({"fraction": {"numerator": 7}})),
+        Ok(Some(7))
+    );
+    assert_eq!(mirror(serde_json::json!({})), Ok(None), "all requests");
+    let e =
+        mirror(serde_json::json!({"fraction": {"numerator": 1, "denominator": 1000}})).unwrap_err();
+    assert!(
+        e.contains("requestMirror.fraction") && e.contains("whole percentage"),
+        "{e}"
+    );
+    assert!(mirror(serde_json::json!({"percent": 150})).is_err());
+    assert!(mirror(serde_json::json!({"fraction": {"numerator": 3, "denominator": 2}})).is_err());
+}
+
+#[test]
+fn session_persistence_and_unsupported_filters_leave_the_rule_out() {
+    let e = translate_rule(serde_json::json!({
+        "sessionPersistence": {"sessionName": "s", "type": "Cookie"}
+    }))
+    .unwrap_err();
+    assert!(e.contains("spec.rules[0].sessionPersistence"), "{e}");
+    for f in [
+        serde_json::json!({"type": "CORS", "cors": {"allowOrigins": ["https://a.example"]}}),
+        serde_json::json!({"type": "ExternalAuth", "externalAuth": {"protocol": "HTTP",
+            "backendRef": {"name": "auth", "port": 80}}}),
+    ] {
+        let e = translate_rule(serde_json::json!({"filters": [f]})).unwrap_err();
+        assert!(
+            e.contains("spec.rules[0].filters[0].type") && e.contains("not supported"),
+            "{e}"
+        );
+    }
+}

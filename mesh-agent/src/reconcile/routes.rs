@@ -2,7 +2,7 @@
 //! attach to, and the `Accepted` / `ResolvedRefs` parent conditions the agent
 //! writes into their status.
 
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::{Deserialize, Serialize};
 

@@ -267,7 +267,7 @@ fn the_mesh_view_is_published_with_a_new_generation_on_route_changes() {
     f.sync();
     let g0 = f.rx.mesh.borrow().generation;
     assert_eq!(f.rx.mesh.borrow().services.len(), 2);
-    let route: gateway_api::httproutes::HttpRoute = serde_json::from_value(serde_json::json!({
+    let route: crate::gateway::HttpRoute = serde_json::from_value(serde_json::json!({
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
         "metadata": {"name": "a", "namespace": "shop"},

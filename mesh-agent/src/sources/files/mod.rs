@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, ObjectReference, Service},

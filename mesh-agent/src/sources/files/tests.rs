@@ -275,3 +275,49 @@ fn pods_with_different_named_ports_get_their_own_slices() {
         .collect();
     assert_eq!(addrs, ["127.0.10.1:8081", "127.0.10.2:8080"]);
 }
+
+#[test]
+fn http_route_retry_from_a_file_reaches_the_proxy_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "route.yaml",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web-retry
+  namespace: shop
+spec:
+  parentRefs:
+    - {kind: Service, name: web, port: 80}
+  rules:
+    - backendRefs:
+        - {name: web, port: 80}
+      retry:
+        attempts: 4
+        backoff: 50ms
+        codes: [503]
+      timeouts:
+        request: 3s
+"#,
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    let s = store_of(&src);
+    let route = &s.http_routes[&Key::new("shop", "web-retry")];
+    let mut errors = Vec::new();
+    let translated = crate::proxy::http_route(route, &mut errors);
+    assert_eq!(errors, Vec::<String>::new());
+    let rule = &translated.rules[0];
+    assert_eq!(
+        rule.retry,
+        Some(l7_proxy::config::Retry {
+            codes: vec![503],
+            attempts: 4,
+            backoff_ms: 50
+        })
+    );
+    assert_eq!(rule.timeouts.request_ms, Some(3000));
+}

@@ -20,8 +20,8 @@ use std::{
     },
 };
 
+use crate::gateway::{GrpcRoute, HttpRoute};
 use futures::{StreamExt as _, TryStreamExt as _};
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,

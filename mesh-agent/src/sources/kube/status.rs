@@ -39,18 +39,14 @@ pub async fn write(client: &Client, w: &StatusWrite) -> Result<(), Error> {
     let ns = &w.key.namespace;
     let name = &w.key.name;
     let res = match w.kind {
-        Kind::HTTPRoute => {
-            Api::<gateway_api::httproutes::HttpRoute>::namespaced(client.clone(), ns)
-                .patch_status(name, &pp, &patch)
-                .await
-                .map(drop)
-        }
-        Kind::GRPCRoute => {
-            Api::<gateway_api::grpcroutes::GrpcRoute>::namespaced(client.clone(), ns)
-                .patch_status(name, &pp, &patch)
-                .await
-                .map(drop)
-        }
+        Kind::HTTPRoute => Api::<crate::gateway::HttpRoute>::namespaced(client.clone(), ns)
+            .patch_status(name, &pp, &patch)
+            .await
+            .map(drop),
+        Kind::GRPCRoute => Api::<crate::gateway::GrpcRoute>::namespaced(client.clone(), ns)
+            .patch_status(name, &pp, &patch)
+            .await
+            .map(drop),
         Kind::MeshPolicy => Api::<MeshPolicy>::namespaced(client.clone(), ns)
             .patch_status(name, &pp, &patch)
             .await
