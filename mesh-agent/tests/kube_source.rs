@@ -166,9 +166,9 @@ async fn lists_are_programmed_and_a_missing_crd_does_not_block_the_sync() {
         .iter()
         .find(|r| r.metadata.name.as_deref() == Some("web-split"))
         .unwrap();
-    let mut errors = Vec::new();
-    let rule = &mesh_agent::proxy::http_route(split, &mut errors).rules[0];
-    assert_eq!(errors, Vec::<String>::new());
+    let t = mesh_agent::proxy::routes::http_route(split, &mesh.refs);
+    assert_eq!((t.dropped, t.refused), (vec![], vec![]));
+    let rule = &t.route.expect("web-split is in force").rules[0];
     assert_eq!(
         rule.retry,
         Some(l7_proxy::config::Retry {
@@ -239,7 +239,7 @@ async fn route_and_policy_status_is_written_back() {
     let patches = tokio::task::spawn_blocking(move || {
         eventually("status patches", || {
             let p = fake.patches();
-            (p.len() >= 4).then_some(p)
+            (p.len() >= 5).then_some(p)
         })
     })
     .await
@@ -279,6 +279,38 @@ async fn route_and_policy_status_is_written_back() {
             .unwrap()
             .contains("shop/does-not-exist")
     );
+
+    // A cross-namespace backend without a ReferenceGrant, and a rule the
+    // proxy cannot carry out: both in the conditions, with GAMMA's reasons.
+    let partial =
+        by_path["/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/partial/status"];
+    let conds = partial["status"]["parents"][0]["conditions"]
+        .as_array()
+        .unwrap();
+    let by_type: HashMap<&str, &Value> = conds
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap(), c))
+        .collect();
+    assert_eq!(by_type["Accepted"]["status"], "True");
+    assert_eq!(by_type["ResolvedRefs"]["status"], "False");
+    assert_eq!(by_type["ResolvedRefs"]["reason"], "RefNotPermitted");
+    assert!(
+        by_type["ResolvedRefs"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.rules[0].backendRefs[1]: Service default/kubernetes"),
+        "{conds:?}"
+    );
+    assert_eq!(by_type["PartiallyInvalid"]["status"], "True");
+    assert_eq!(by_type["PartiallyInvalid"]["reason"], "UnsupportedValue");
+    assert!(
+        by_type["PartiallyInvalid"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Dropped Rule 1: spec.rules[1].filters[0].type: \"CORS\""),
+        "{conds:?}"
+    );
+    assert_eq!(by_type["PartiallyInvalid"]["observedGeneration"], 4);
 
     let typo = by_path["/apis/sluice.dev/v1alpha1/namespaces/shop/accesspolicies/typo/status"];
     let c = &typo["status"]["conditions"][0];

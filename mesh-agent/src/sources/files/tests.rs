@@ -279,6 +279,7 @@ fn pods_with_different_named_ports_get_their_own_slices() {
 #[test]
 fn http_route_retry_from_a_file_reaches_the_proxy_configuration() {
     let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
     write(
         dir.path(),
         "route.yaml",
@@ -307,10 +308,9 @@ spec:
     assert_eq!(src.errors(), vec![]);
     let s = store_of(&src);
     let route = &s.http_routes[&Key::new("shop", "web-retry")];
-    let mut errors = Vec::new();
-    let translated = crate::proxy::http_route(route, &mut errors);
-    assert_eq!(errors, Vec::<String>::new());
-    let rule = &translated.rules[0];
+    let t = crate::proxy::routes::http_route(route, &crate::reconcile::refs::RefIndex::of(&s));
+    assert_eq!((t.dropped, t.refused), (vec![], vec![]));
+    let rule = &t.route.expect("the route is in force").rules[0];
     assert_eq!(
         rule.retry,
         Some(l7_proxy::config::Retry {
