@@ -380,6 +380,33 @@ workloads:
     .run()?;
     let statuses: Vec<Option<&str>> = attempts.iter().map(|a| a.peer.as_deref()).collect();
     assert_eq!(statuses, [Some("500"); 3], "{attempts:?}");
+    // A ReferenceGrant in the other namespace opens it: the same requests
+    // now reach db-0.
+    std::fs::write(
+        dir.path().join("grant.yaml"),
+        r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-routes, namespace: other}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service, name: db}]
+"#,
+    )?;
+    eventually("the grant to resolve the reference", || {
+        let check: mesh_agent::admin::api::Check = rt.block_on(admin.get("/v1/check"))?;
+        Ok((!check
+            .config_errors
+            .iter()
+            .any(|e| e.message.contains("RefNotPermitted")))
+        .then_some(()))
+    })?;
+    let attempts = Probe::new(
+        NETPROBE,
+        &["http", "--to", &web, "--path", "/cross", "--count", "3"],
+    )
+    .in_cgroup(&client)
+    .run()?;
+    assert_eq!(tally(&attempts).get("db"), Some(&3), "{attempts:?}");
 
     // Retries from the route: the backend fails every other request, and the
     // retried rule hides it; the other rule of the same route does not.

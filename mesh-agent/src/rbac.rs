@@ -2,7 +2,7 @@
 //! watchers and status writer use. The chart's ClusterRole is checked against
 //! these (`tests/chart.rs`), so neither can drift from the code.
 
-use crate::gateway::{GrpcRoute, HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -36,6 +36,7 @@ pub fn watched(kind: Kind) -> (String, String) {
         Kind::EndpointSlice => gr::<EndpointSlice>(),
         Kind::HTTPRoute => gr::<HttpRoute>(),
         Kind::GRPCRoute => gr::<GrpcRoute>(),
+        Kind::ReferenceGrant => gr::<ReferenceGrant>(),
         Kind::MeshPolicy => gr::<MeshPolicy>(),
         Kind::AccessPolicy => gr::<AccessPolicy>(),
     }

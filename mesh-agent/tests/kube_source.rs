@@ -331,6 +331,68 @@ async fn route_and_policy_status_is_written_back() {
     assert_eq!(good["status"]["conditions"][0]["status"], "True");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_grant_from_the_watch_resolves_a_cross_namespace_backend() {
+    let r = start(FakeApi::with_fixtures());
+    let grants = "/apis/gateway.networking.k8s.io/v1beta1/referencegrants";
+    let partial = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/partial/status";
+    let resolved_refs = |patch: &Value| {
+        patch["status"]["parents"][0]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "ResolvedRefs")
+            .cloned()
+            .unwrap()
+    };
+    let fake = r.fake.clone();
+    let first = tokio::task::spawn_blocking(move || {
+        eventually("partial's status and an open ReferenceGrant watch", || {
+            let p = fake.patches().into_iter().find(|(p, _)| p == partial)?;
+            fake.watching(grants).then_some(p.1)
+        })
+    })
+    .await
+    .unwrap();
+    // The listed grant is for GRPCRoutes only: the HTTPRoute is refused.
+    assert_eq!(resolved_refs(&first)["reason"], "RefNotPermitted");
+    r.fake.event(
+        grants,
+        "ADDED",
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+            "metadata": {"name": "http-from-shop", "namespace": "default", "resourceVersion": "51301"},
+            "spec": {
+                "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}],
+                "to": [{"group": "", "kind": "Service", "name": "kubernetes"}]
+            }
+        }),
+    );
+    let fake = r.fake.clone();
+    let cond = tokio::task::spawn_blocking(move || {
+        eventually("partial's status after the grant", || {
+            let c = resolved_refs(&fake.patches().into_iter().rfind(|(p, _)| p == partial)?.1);
+            (c["status"] == "True").then_some(c)
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(cond["reason"], "ResolvedRefs");
+    // The proxy now sends that share to default/kubernetes.
+    let mesh = r.rx.mesh.borrow().clone();
+    let route = mesh
+        .http_routes
+        .iter()
+        .find(|x| x.metadata.name.as_deref() == Some("partial"))
+        .unwrap();
+    let t = mesh_agent::proxy::routes::http_route(route, &mesh.refs);
+    assert_eq!(t.refused, vec![]);
+    assert_eq!(
+        t.route.unwrap().rules[0].backends[1].service,
+        l7_proxy::config::ObjectRef::new("default", "kubernetes")
+    );
+}
+
 #[tokio::test]
 #[ignore = "needs a cluster: KUBECONFIG"]
 async fn lists_a_real_cluster() {

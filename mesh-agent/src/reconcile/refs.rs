@@ -1,13 +1,18 @@
 //! Whether a route's references resolve: its Service parents (and their
-//! ports), its backends and mirror targets. One index of the model answers
-//! both the route status (`ResolvedRefs`, `Accepted`) and the translation for
-//! the proxy, so what the status says and what the proxy does cannot differ.
+//! ports), its backends and mirror targets, and whether a ReferenceGrant lets
+//! a route refer to a Service in another namespace. One index of the model
+//! answers both the route status (`ResolvedRefs`, `Accepted`) and the
+//! translation for the proxy, so what the status says and what the proxy
+//! does cannot differ.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::state::{Key, Store};
+use crate::{
+    gateway,
+    state::{Key, Store},
+};
 
 /// Why a backend reference does not resolve: the `ResolvedRefs` reasons of
 /// the Gateway API.
@@ -63,12 +68,38 @@ impl<'a> BackendTarget<'a> {
     }
 }
 
-/// The Services of the model and their ports: what route references may
-/// point at.
+/// A ReferenceGrant, as much as Service references need.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Grant {
+    /// The grant (its namespace is the one it opens).
+    pub key: Key,
+    /// `(group, kind, namespace)` of the referring objects.
+    pub from: Vec<(String, String, String)>,
+    /// `(group, kind, name)` of the objects referred to; no name: all of them.
+    pub to: Vec<(String, String, Option<String>)>,
+}
+
+impl Grant {
+    /// Whether `from_kind`s (Gateway API kinds, `HTTPRoute`) of `from_ns`
+    /// may refer to the Service `name` in the grant's namespace.
+    fn permits_service(&self, from_kind: &str, from_ns: &str, name: &str) -> bool {
+        self.from
+            .iter()
+            .any(|(g, k, ns)| g == gateway::GROUP && k == from_kind && ns == from_ns)
+            && self.to.iter().any(|(g, k, n)| {
+                is_core(Some(g)) && k == "Service" && n.as_deref().is_none_or(|n| n == name)
+            })
+    }
+}
+
+/// The Services of the model and their ports, and the ReferenceGrants: what
+/// route references may point at.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RefIndex {
     /// Every Service, and the port numbers it serves.
     pub services: BTreeMap<Key, BTreeSet<u16>>,
+    /// ReferenceGrants by the namespace they open.
+    pub grants: BTreeMap<String, Vec<Grant>>,
 }
 
 fn is_core(group: Option<&str>) -> bool {
@@ -90,7 +121,44 @@ impl RefIndex {
                 (key.clone(), ports)
             })
             .collect();
-        Self { services }
+        let mut grants: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
+        for (key, g) in &store.reference_grants {
+            grants
+                .entry(key.namespace.clone())
+                .or_default()
+                .push(Grant {
+                    key: key.clone(),
+                    from: g
+                        .spec
+                        .from
+                        .iter()
+                        .map(|f| (f.group.clone(), f.kind.clone(), f.namespace.clone()))
+                        .collect(),
+                    to: g
+                        .spec
+                        .to
+                        .iter()
+                        .map(|t| (t.group.clone(), t.kind.clone(), t.name.clone()))
+                        .collect(),
+                });
+        }
+        Self { services, grants }
+    }
+
+    /// Whether a ReferenceGrant in `ns` lets `route_kind`s of `route_ns`
+    /// refer to the Service `ns/name`; the grant's key if so.
+    pub fn grant_for(
+        &self,
+        route_kind: &str,
+        route_ns: &str,
+        ns: &str,
+        name: &str,
+    ) -> Option<&Key> {
+        self.grants
+            .get(ns)?
+            .iter()
+            .find(|g| g.permits_service(route_kind, route_ns, name))
+            .map(|g| &g.key)
     }
 
     /// Whether a backend reference of a route (`route_kind`, e.g.
@@ -122,7 +190,7 @@ impl RefIndex {
         let ns = b.namespace.unwrap_or(route_ns);
         // The grant is checked before existence, so a route cannot probe
         // another namespace for its Services.
-        if ns != route_ns {
+        if ns != route_ns && self.grant_for(route_kind, route_ns, ns, b.name).is_none() {
             return problem(
                 RefReason::RefNotPermitted,
                 format!(
@@ -240,6 +308,98 @@ mod tests {
         assert_eq!(
             e.message,
             "spec.rules[0].backendRefs[1]: Service shop/web has no port 81"
+        );
+    }
+
+    fn grant(ns: &str, from: serde_json::Value, to: serde_json::Value) -> Object {
+        Object::ReferenceGrant(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1beta1",
+                "kind": "ReferenceGrant",
+                "metadata": {"name": "g", "namespace": ns},
+                "spec": {"from": from, "to": to}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_reference_grant_opens_its_namespace_to_the_kinds_and_namespaces_it_names() {
+        let mut s = Store::new();
+        for svc in ["db", "cache"] {
+            s.apply(Update::Upsert(Object::Service(service(
+                "other",
+                svc,
+                "127.96.0.2",
+                &[5432],
+            ))));
+        }
+        let db = target(Some("other"), "db", Some(5432));
+        let cache = target(Some("other"), "cache", Some(5432));
+        let check = |s: &Store, kind: &str, from: &str, b: &BackendTarget<'_>| {
+            RefIndex::of(s)
+                .check_backend(kind, from, b, "f")
+                .map_err(|p| p.reason)
+        };
+        assert_eq!(
+            check(&s, "HTTPRoute", "shop", &db),
+            Err(RefReason::RefNotPermitted)
+        );
+        let route_from = serde_json::json!([{"group": "gateway.networking.k8s.io",
+                                             "kind": "HTTPRoute", "namespace": "shop"}]);
+        // A grant for db only, from HTTPRoutes of shop.
+        let mut g = s.clone();
+        g.apply(Update::Upsert(grant(
+            "other",
+            route_from.clone(),
+            serde_json::json!([{"group": "", "kind": "Service", "name": "db"}]),
+        )));
+        assert_eq!(check(&g, "HTTPRoute", "shop", &db), Ok(()));
+        assert_eq!(
+            check(&g, "HTTPRoute", "shop", &cache),
+            Err(RefReason::RefNotPermitted),
+            "the grant names db only"
+        );
+        assert_eq!(
+            check(&g, "GRPCRoute", "shop", &db),
+            Err(RefReason::RefNotPermitted),
+            "the grant is for HTTPRoutes"
+        );
+        assert_eq!(
+            check(&g, "HTTPRoute", "web", &db),
+            Err(RefReason::RefNotPermitted),
+            "the grant is for namespace shop"
+        );
+        // A grant without a name opens every Service; a grant in another
+        // namespace opens nothing here.
+        let mut g = s.clone();
+        g.apply(Update::Upsert(grant(
+            "other",
+            route_from.clone(),
+            serde_json::json!([{"group": "", "kind": "Service"}]),
+        )));
+        assert_eq!(check(&g, "HTTPRoute", "shop", &cache), Ok(()));
+        let mut g = s.clone();
+        g.apply(Update::Upsert(grant(
+            "shop",
+            route_from,
+            serde_json::json!([{"group": "", "kind": "Service"}]),
+        )));
+        assert_eq!(
+            check(&g, "HTTPRoute", "shop", &db),
+            Err(RefReason::RefNotPermitted)
+        );
+        // Granted, the Service must still exist.
+        let mut g = Store::new();
+        g.apply(Update::Upsert(grant(
+            "other",
+            serde_json::json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                "namespace": "shop"}]),
+            serde_json::json!([{"group": "", "kind": "Service"}]),
+        )));
+        assert_eq!(
+            check(&g, "HTTPRoute", "shop", &db),
+            Err(RefReason::BackendNotFound)
         );
     }
 

@@ -321,3 +321,46 @@ spec:
     );
     assert_eq!(rule.timeouts.request_ms, Some(3000));
 }
+
+#[test]
+fn reference_grants_are_read_at_v1beta1_and_v1() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "grants.yaml",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-to-db, namespace: data}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service, name: db}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: ReferenceGrant
+metadata: {name: all, namespace: cache}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: GRPCRoute, namespace: shop}]
+  to: [{group: "", kind: Service}]
+"#,
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    let s = store_of(&src);
+    let g = &s.reference_grants[&Key::new("data", "shop-to-db")];
+    assert_eq!(g.spec.from[0].namespace, "shop");
+    assert_eq!(g.spec.to[0].name.as_deref(), Some("db"));
+    let index = crate::reconcile::refs::RefIndex::of(&s);
+    assert!(index.grant_for("HTTPRoute", "shop", "data", "db").is_some());
+    assert!(
+        index
+            .grant_for("GRPCRoute", "shop", "cache", "redis")
+            .is_some()
+    );
+    assert!(
+        index
+            .grant_for("HTTPRoute", "shop", "cache", "redis")
+            .is_none()
+    );
+}
