@@ -90,10 +90,16 @@ pub fn agent_rules() -> Vec<Rule> {
         .collect();
     for k in STATUS_WRITTEN {
         let (group, resource) = watched(k);
+        // A route's status is shared with other controllers: read before
+        // written (see `sources::kube::status`).
+        let verbs = match k {
+            Kind::HTTPRoute | Kind::GRPCRoute => vec!["get".into(), "patch".into()],
+            _ => vec!["patch".into()],
+        };
         out.push(Rule {
             group,
             resource: format!("{resource}/status"),
-            verbs: vec!["patch".into()],
+            verbs,
         });
     }
     out.sort();

@@ -316,23 +316,22 @@ pub fn conditions_match(stored: &[Condition], conds: &[Cond], generation: Option
         })
 }
 
-/// The full `status.parents` a route should have (other controllers' entries
-/// kept as they are), or `None` when it already has it.
+fn is_ours(v: &serde_json::Value) -> bool {
+    v["controllerName"] == config::CONTROLLER_NAME
+}
+
+/// Sluice's entries of `status.parents` for a route (one per Service
+/// parent), or `None` when the stored ones already say that. Other
+/// controllers' entries are not Sluice's to write: the status writer merges
+/// these into the route's current `status.parents` ([`merge_parents`]).
 pub fn route_status_parents(index: &RefIndex, eval: &RouteEval) -> Option<Vec<serde_json::Value>> {
     let route = &eval.route;
-    let ours = |v: &serde_json::Value| v["controllerName"] == config::CONTROLLER_NAME;
-    let mut out: Vec<serde_json::Value> = route
-        .status_parents
-        .iter()
-        .filter(|v| !ours(v))
-        .cloned()
-        .collect();
+    let mut out = Vec::new();
     let mut changed = false;
-    let mut seen = 0;
     for parent in route.service_parents() {
         let conds = parent_conditions(index, eval, parent);
         let prev = route.status_parents.iter().find(|v| {
-            ours(v)
+            is_ours(v)
                 && serde_json::from_value::<ParentRef>(v["parentRef"].clone())
                     .ok()
                     .as_ref()
@@ -344,7 +343,6 @@ pub fn route_status_parents(index: &RefIndex, eval: &RouteEval) -> Option<Vec<se
         if prev.is_none() || !conditions_match(&prev_conds, &conds, route.generation) {
             changed = true;
         }
-        seen += 1;
         out.push(serde_json::json!({
             "parentRef": parent,
             "controllerName": config::CONTROLLER_NAME,
@@ -352,8 +350,40 @@ pub fn route_status_parents(index: &RefIndex, eval: &RouteEval) -> Option<Vec<se
         }));
     }
     // Entries of ours for parents the route no longer has must go.
-    let stale = route.status_parents.iter().filter(|v| ours(v)).count() != seen;
+    let stale = route.status_parents.iter().filter(|v| is_ours(v)).count() != out.len();
     (changed || stale).then_some(out)
+}
+
+/// `current` (a route's `status.parents` as just read) with Sluice's entries
+/// replaced by `ours`: every other controller's entry is kept as it is, in
+/// its place.
+pub fn merge_parents(
+    current: &[serde_json::Value],
+    ours: &[serde_json::Value],
+) -> Vec<serde_json::Value> {
+    current
+        .iter()
+        .filter(|v| !is_ours(v))
+        .chain(ours)
+        .cloned()
+        .collect()
+}
+
+/// Whether `current` already holds `ours`, transition times aside (another
+/// agent wrote the same conditions a moment earlier).
+pub fn parents_hold(current: &[serde_json::Value], ours: &[serde_json::Value]) -> bool {
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        for c in v["conditions"].as_array_mut().into_iter().flatten() {
+            if let Some(c) = c.as_object_mut() {
+                c.remove("lastTransitionTime");
+            }
+        }
+        v
+    };
+    let have: Vec<serde_json::Value> = current.iter().filter(|v| is_ours(v)).map(strip).collect();
+    let want: Vec<serde_json::Value> = ours.iter().map(strip).collect();
+    have == want
 }
 
 #[cfg(test)]
@@ -542,19 +572,40 @@ mod tests {
     }
 
     #[test]
-    fn other_controllers_entries_are_kept() {
+    fn only_our_entries_are_computed_and_the_merge_keeps_every_other_controllers() {
+        let other = serde_json::json!({
+            "parentRef": {"name": "some-gateway"},
+            "controllerName": "example.com/gateway",
+            "conditions": [],
+            "futureField": 1
+        });
         let mut r = web_route("web");
-        r.status = Some(
-            serde_json::from_value(serde_json::json!({"parents": [{
-                "parentRef": {"name": "some-gateway"},
-                "controllerName": "example.com/gateway",
-                "conditions": []
-            }]}))
-            .unwrap(),
-        );
+        r.status = Some(serde_json::from_value(serde_json::json!({"parents": [other]})).unwrap());
         let (index, e) = eval(&Store::new(), &r);
-        let parents = route_status_parents(&index, &e).unwrap();
-        assert_eq!(parents.len(), 2);
-        assert_eq!(parents[0]["controllerName"], "example.com/gateway");
+        let ours = route_status_parents(&index, &e).unwrap();
+        assert_eq!(ours.len(), 1);
+        assert_eq!(ours[0]["controllerName"], config::CONTROLLER_NAME);
+        // Merged into what the API server holds now, which has changed since
+        // the watch delivered the route: both other entries stay, ours is
+        // replaced, untouched fields survive.
+        let stale_ours = serde_json::json!({
+            "parentRef": {"group": "", "kind": "Service", "name": "web", "port": 80},
+            "controllerName": config::CONTROLLER_NAME,
+            "conditions": [{"type": "Accepted", "status": "True"}]
+        });
+        let newer = serde_json::json!({
+            "parentRef": {"name": "mesh-b"},
+            "controllerName": "example.com/mesh",
+            "conditions": []
+        });
+        let current = vec![other.clone(), stale_ours, newer.clone()];
+        let merged = merge_parents(&current, &ours);
+        assert_eq!(merged, vec![other, newer, ours[0].clone()]);
+        assert!(parents_hold(&merged, &ours));
+        assert!(!parents_hold(&current, &ours));
+        // Times aside, an entry another agent wrote counts as written.
+        let mut later = ours.clone();
+        later[0]["conditions"][0]["lastTransitionTime"] = "2030-01-01T00:00:00Z".into();
+        assert!(parents_hold(&merge_parents(&current, &later), &ours));
     }
 }

@@ -54,6 +54,8 @@ struct FakeState {
     parked: HashMap<String, Vec<Responder>>,
     queued: HashMap<String, Vec<Value>>,
     patches: Vec<(String, Value)>,
+    /// Statuses written by PATCH, by the object's `/status` path.
+    statuses: HashMap<String, Value>,
 }
 
 /// A fake API server: lists from fixtures, watches that stay open until the
@@ -181,8 +183,40 @@ impl FakeApi {
         }
         match st.lists.get(&path).or_else(|| st.objects.get(&path)) {
             Some(v) => send.send_response(json_response(StatusCode::OK, v)),
-            None => send.send_response(not_found(&path)),
+            None => {
+                drop(st);
+                match self.listed_object(&path) {
+                    Some(v) => send.send_response(json_response(StatusCode::OK, &v)),
+                    None => send.send_response(not_found(&path)),
+                }
+            }
         }
+    }
+
+    /// A listed object by its path (`.../<plural>/<name>` or its `/status`),
+    /// with the status written since.
+    fn listed_object(&self, path: &str) -> Option<Value> {
+        // /apis/<group>/<version>/namespaces/<ns>/<plural>/<name>[/status]
+        let status_path = if path.ends_with("/status") {
+            path.to_string()
+        } else {
+            format!("{path}/status")
+        };
+        let parts: Vec<&str> = status_path.trim_start_matches('/').split('/').collect();
+        let [_, group, version, _, ns, plural, name, _] = parts[..] else {
+            return None;
+        };
+        let list_path = format!("/apis/{group}/{version}/{plural}");
+        let st = self.state.lock().unwrap();
+        let mut obj = st.lists.get(&list_path)?["items"]
+            .as_array()?
+            .iter()
+            .find(|o| o["metadata"]["namespace"] == ns && o["metadata"]["name"] == name)?
+            .clone();
+        if let Some(status) = st.statuses.get(&status_path) {
+            obj["status"] = status.clone();
+        }
+        Some(obj)
     }
 
     /// The object a status PATCH targets, with the patched status.
@@ -201,6 +235,12 @@ impl FakeApi {
             .find(|o| o["metadata"]["namespace"] == ns && o["metadata"]["name"] == name)?
             .clone();
         obj["status"] = patch["status"].clone();
+        drop(st);
+        self.state
+            .lock()
+            .unwrap()
+            .statuses
+            .insert(path.to_string(), patch["status"].clone());
         Some(obj)
     }
 
