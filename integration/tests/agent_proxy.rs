@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -43,7 +43,8 @@ impl Drop for Pins {
     }
 }
 
-/// An HTTP/1.1 server answering every request with its name, keep-alive.
+/// An HTTP/1.1 server answering every request with its name, keep-alive;
+/// a flaky one answers every other request with 503.
 struct HttpBackend {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -51,6 +52,15 @@ struct HttpBackend {
 
 impl HttpBackend {
     fn start(bind: &str, name: &str) -> Result<Self> {
+        Self::serve(bind, name, false)
+    }
+
+    fn flaky(bind: &str, name: &str) -> Result<Self> {
+        Self::serve(bind, name, true)
+    }
+
+    fn serve(bind: &str, name: &str, flaky: bool) -> Result<Self> {
+        let served = Arc::new(AtomicU64::new(0));
         let l = TcpListener::bind(bind)?;
         l.set_nonblocking(true)?;
         let addr = l.local_addr()?;
@@ -61,6 +71,7 @@ impl HttpBackend {
                 match l.accept() {
                     Ok((c, _)) => {
                         let name = name.clone();
+                        let served = served.clone();
                         thread::spawn(move || {
                             let _ = c.set_nonblocking(false);
                             let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
@@ -78,8 +89,14 @@ impl HttpBackend {
                                         Ok(_) => saw_request = true,
                                     }
                                 }
+                                let n = served.fetch_add(1, Ordering::SeqCst);
+                                let status = if flaky && n.is_multiple_of(2) {
+                                    "503 Service Unavailable"
+                                } else {
+                                    "200 OK"
+                                };
                                 let resp = format!(
-                                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{name}",
+                                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{name}",
                                     name.len()
                                 );
                                 if w.write_all(resp.as_bytes()).is_err() {
@@ -118,14 +135,17 @@ fn the_embedded_proxy_carries_enrolled_traffic_over_mtls_and_routes_http() -> Re
     require_root();
     let cg = TestCgroup::new("apx")?;
     let client = cg.child("client-0")?;
-    let _pods: Vec<TestCgroup> = ["raw-0", "web-0", "web-v2-0"]
+    let _pods: Vec<TestCgroup> = ["raw-0", "web-0", "web-v2-0", "flaky-0"]
         .iter()
         .map(|p| cg.child(p))
         .collect::<Result<_>>()?;
     let raw = TcpBackend::start("127.0.0.2:0".parse()?, "raw-0")?;
     let v1 = HttpBackend::start("127.0.0.3:0", "v1")?;
     let v2 = HttpBackend::start("127.0.0.4:0", "v2")?;
+    let flaky = HttpBackend::flaky("127.0.0.5:0", "flaky")?;
+    let db = HttpBackend::start("127.0.0.6:0", "db")?;
     let (raw_vip, web_vip, web2_vip) = (random_vip(), random_vip(), random_vip());
+    let (flaky_vip, db_vip) = (random_vip(), random_vip());
     let dir = tempfile::tempdir()?;
     std::fs::write(
         dir.path().join("mesh.yaml"),
@@ -161,6 +181,33 @@ spec:
     - matches: [{{path: {{type: PathPrefix, value: /ext}}}}]
       filters: [{{type: ExtensionRef, extensionRef: {{group: example.com, kind: Filter, name: x}}}}]
       backendRefs: [{{name: web, port: 80}}]
+    - matches: [{{path: {{type: PathPrefix, value: /cross}}}}]
+      backendRefs: [{{name: db, namespace: other, port: 80}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: flaky, namespace: shop}}
+spec: {{clusterIP: {flaky_vip}, selector: {{app: flaky}}, ports: [{{name: http, port: 80, targetPort: http, appProtocol: http}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: flaky-retry, namespace: shop}}
+spec:
+  parentRefs: [{{kind: Service, name: flaky, port: 80}}]
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: /retried}}}}]
+      backendRefs: [{{name: flaky, port: 80}}]
+      retry: {{attempts: 2, backoff: 1ms, codes: [503]}}
+    - backendRefs: [{{name: flaky, port: 80}}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: other}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: other}}
+spec: {{clusterIP: {db_vip}, selector: {{app: db}}, ports: [{{name: http, port: 80, targetPort: http}}]}}
 ---
 apiVersion: sluice.dev/v1alpha1
 kind: SluiceWorkloads
@@ -170,10 +217,14 @@ workloads:
   - {{name: raw-0, namespace: shop, serviceAccount: raw, ip: 127.0.0.2, node: node-a, cgroup: raw-0, labels: {{app: raw}}}}
   - {{name: web-0, namespace: shop, serviceAccount: web, ip: 127.0.0.3, node: node-a, cgroup: web-0, labels: {{app: web, version: v1}}, ports: {{http: {p1}}}}}
   - {{name: web-v2-0, namespace: shop, serviceAccount: web, ip: 127.0.0.4, node: node-a, cgroup: web-v2-0, labels: {{app: web, version: v2}}, ports: {{http: {p2}}}}}
+  - {{name: flaky-0, namespace: shop, serviceAccount: flaky, ip: 127.0.0.5, node: node-a, cgroup: flaky-0, labels: {{app: flaky}}, ports: {{http: {p3}}}}}
+  - {{name: db-0, namespace: other, serviceAccount: db, ip: 127.0.0.6, node: node-a, labels: {{app: db}}, ports: {{http: {p4}}}}}
 "#,
             raw_port = raw.addr().port(),
             p1 = v1.addr.port(),
             p2 = v2.addr.port(),
+            p3 = flaky.addr.port(),
+            p4 = db.addr.port(),
         ),
     )?;
     let state = tempfile::tempdir()?;
@@ -204,11 +255,15 @@ workloads:
     // Every pod enrolled, with its certificate.
     eventually("certificates for every pod", || {
         let w: Workloads = rt.block_on(admin.get("/v1/workloads"))?;
-        Ok((w.workloads.len() == 4
-            && w.workloads
-                .iter()
-                .all(|w| w.enrolled && w.cert_expiry.is_some()))
-        .then_some(()))
+        let shop: Vec<_> = w
+            .workloads
+            .iter()
+            .filter(|w| w.namespace == "shop")
+            .collect();
+        Ok(
+            (shop.len() == 5 && shop.iter().all(|w| w.enrolled && w.cert_expiry.is_some()))
+                .then_some(()),
+        )
     })?;
 
     // Opaque TCP: captured, tunnelled with mTLS, delivered to raw-0.
@@ -293,17 +348,86 @@ workloads:
     assert_eq!(split.requests, Some(10), "{split:?}");
     assert_eq!(split.errors, Some(0));
 
-    // The rule the proxy cannot take is left out and reported.
+    // The rule the proxy cannot take is left out and reported, in the route's
+    // conditions as `sluice check` shows them.
     let check: mesh_agent::admin::api::Check = rt.block_on(admin.get("/v1/check"))?;
-    let p = check
+    let split_problems: Vec<&str> = check
         .config_errors
         .iter()
-        .find(|e| e.source == "node proxy")
-        .unwrap_or_else(|| panic!("{:?}", check.config_errors));
+        .filter(|e| e.object.as_deref() == Some("HTTPRoute shop/web-split"))
+        .map(|e| e.message.as_str())
+        .collect();
     assert!(
-        p.message
-            .contains("HTTPRoute shop/web-split: spec.rules[2].filters[0].type"),
-        "{p}"
+        split_problems.iter().any(|m| m.starts_with(
+            "PartiallyInvalid is True (UnsupportedValue): Dropped Rule 2: spec.rules[2].filters[0].type"
+        )),
+        "{:?}",
+        check.config_errors
+    );
+    // A backend in another namespace without a ReferenceGrant: reported, and
+    // its requests answered with 500 rather than sent there.
+    assert!(
+        split_problems
+            .iter()
+            .any(|m| m.starts_with("ResolvedRefs is False (RefNotPermitted)")),
+        "{split_problems:?}"
+    );
+    let attempts = Probe::new(
+        NETPROBE,
+        &["http", "--to", &web, "--path", "/cross", "--count", "3"],
+    )
+    .in_cgroup(&client)
+    .run()?;
+    let statuses: Vec<Option<&str>> = attempts.iter().map(|a| a.peer.as_deref()).collect();
+    assert_eq!(statuses, [Some("500"); 3], "{attempts:?}");
+    // A ReferenceGrant in the other namespace opens it: the same requests
+    // now reach db-0.
+    std::fs::write(
+        dir.path().join("grant.yaml"),
+        r#"apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-routes, namespace: other}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service, name: db}]
+"#,
+    )?;
+    eventually("the grant to resolve the reference", || {
+        let check: mesh_agent::admin::api::Check = rt.block_on(admin.get("/v1/check"))?;
+        Ok((!check
+            .config_errors
+            .iter()
+            .any(|e| e.message.contains("RefNotPermitted")))
+        .then_some(()))
+    })?;
+    let attempts = Probe::new(
+        NETPROBE,
+        &["http", "--to", &web, "--path", "/cross", "--count", "3"],
+    )
+    .in_cgroup(&client)
+    .run()?;
+    assert_eq!(tally(&attempts).get("db"), Some(&3), "{attempts:?}");
+
+    // Retries from the route: the backend fails every other request, and the
+    // retried rule hides it; the other rule of the same route does not.
+    let to_flaky = SocketAddr::new(flaky_vip.into(), 80).to_string();
+    let run = |path: &str| -> Result<Vec<String>> {
+        Ok(Probe::new(
+            NETPROBE,
+            &["http", "--to", &to_flaky, "--path", path, "--count", "6"],
+        )
+        .in_cgroup(&client)
+        .run()?
+        .into_iter()
+        .map(|a| a.peer.unwrap_or_else(|| format!("{:?}", a.error)))
+        .collect())
+    };
+    assert_eq!(run("/retried")?, vec!["200"; 6]);
+    let plain = run("/plain")?;
+    assert_eq!(
+        plain.iter().filter(|s| *s == "503").count(),
+        3,
+        "without retries every other request fails: {plain:?}"
     );
 
     rt.block_on(agent.shutdown());

@@ -3,11 +3,20 @@
 //! authenticated by their service account token (TokenReview), and a node may
 //! only obtain identities of pods scheduled on it (a pods watcher says which).
 //! The trust bundle is published in a ConfigMap the agents mount.
+//!
+//! Root rotation: `mesh-agent ca rotate --prepare | --activate | --retire`
+//! runs one step of `certs`' three-step rotation on the root in its store
+//! (the Secret is replaced only at the version it read) and exits. The
+//! running CA reads its store every [`ROOT_POLL`]; when the root changed it
+//! restarts its service with it (a serving certificate from the now active
+//! root included) and publishes the new bundle. The store is the one source
+//! of truth, so CA replicas and restarts agree.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    path::PathBuf,
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -15,12 +24,10 @@ use std::{
 use certs::{
     Ca, CaOptions, SharedClock, SpiffeId, SystemClock,
     ca::{
-        CaPem,
-        auth::{NodeAuthoriser, NodeWorkloads},
+        auth::{Authenticator, Authoriser, NodeAuthoriser, NodeWorkloads},
         service::{CaServer, CaService, serving_tls},
         tokenreview::{TokenReviewAuthenticator, TokenReviewConfig},
     },
-    storage::PrivateKeyPem,
 };
 use clap::Args;
 use futures::TryStreamExt as _;
@@ -36,10 +43,27 @@ use kube::{
 
 use crate::{config, reconcile::workloads::spiffe_id, state::Key};
 
-/// File names inside the root Secret (and the root directory).
+/// File names inside the root Secret (and the root directory): those
+/// `certs::Ca::open_or_create` reads and writes, and the time after which the
+/// old root may be retired.
 pub const ROOT_CERT: &str = "root-cert.pem";
 pub const ROOT_KEY: &str = "root-key.pem";
 pub const BUNDLE: &str = "trust-bundle.pem";
+/// During a rotation: the prepared root, trusted but not signing yet.
+pub const NEXT_ROOT_CERT: &str = "next-root-cert.pem";
+pub const NEXT_ROOT_KEY: &str = "next-root-key.pem";
+/// RFC 3339; set when a new root is activated, cleared when the old retires.
+pub const RETIRABLE_AFTER: &str = "retirable-after";
+pub const ROOT_FILES: [&str; 6] = [
+    ROOT_CERT,
+    ROOT_KEY,
+    BUNDLE,
+    NEXT_ROOT_CERT,
+    NEXT_ROOT_KEY,
+    RETIRABLE_AFTER,
+];
+/// How often the running CA reads its root store for a rotation step.
+pub const ROOT_POLL: Duration = Duration::from_secs(10);
 /// Default CA service port.
 pub const CA_PORT: u16 = 15012;
 
@@ -80,6 +104,81 @@ pub struct CaArgs {
     pub dns_names: Vec<String>,
 }
 
+/// `mesh-agent ca rotate`: one step of a root rotation, on the root store
+/// the running CA reads (it picks the change up within
+/// [`ROOT_POLL`], serves and publishes the new bundle).
+#[derive(Clone, Debug, Args)]
+#[command(group(clap::ArgGroup::new("step").required(true).args(["prepare", "activate", "retire"])))]
+pub struct RotateArgs {
+    /// Step 1: add a new root to the trust bundle; it signs nothing yet.
+    #[arg(long)]
+    pub prepare: bool,
+    /// Step 2 (once every node has the new bundle, 5 minutes): the new root
+    /// signs; nodes reissue their certificates.
+    #[arg(long)]
+    pub activate: bool,
+    /// Step 3: the old root leaves the bundle. Refused while certificates it
+    /// signed may be valid (one certificate lifetime after --activate).
+    #[arg(long)]
+    pub retire: bool,
+    /// With --retire: retire now (once `sluice status` on every node shows
+    /// the new root).
+    #[arg(long, requires = "retire")]
+    pub force: bool,
+    /// The CA's root Secret (`namespace/name`), as given to `mesh-agent ca`.
+    #[arg(long, conflicts_with = "root_dir")]
+    pub root_secret: Option<String>,
+    /// The CA's root directory instead.
+    #[arg(long)]
+    pub root_dir: Option<PathBuf>,
+    /// SPIFFE trust domain, as given to `mesh-agent ca`.
+    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Lifetime of workload certificates, as given to `mesh-agent ca`.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub workload_cert_ttl: Duration,
+}
+
+impl RotateArgs {
+    pub fn step(&self) -> RotateStep {
+        if self.prepare {
+            RotateStep::Prepare
+        } else if self.activate {
+            RotateStep::Activate
+        } else {
+            RotateStep::Retire { force: self.force }
+        }
+    }
+}
+
+/// `mesh-agent ca rotate ...`, with the Kubernetes client from the
+/// environment (kubeconfig, or the pod's service account under
+/// `kubectl exec`).
+pub async fn rotate_command(args: RotateArgs) -> Result<Rotated, Error> {
+    let store = RootStore::from_args(args.root_secret.as_deref(), args.root_dir.as_deref())?;
+    let opts = CaOptions {
+        trust_domain: args.trust_domain.clone(),
+        leaf_lifetime: args.workload_cert_ttl,
+        ..CaOptions::default()
+    };
+    let client = match store {
+        RootStore::Secret { .. } => Some(
+            Client::try_default()
+                .await
+                .map_err(|e| Error::Kube(Box::new(e)))?,
+        ),
+        RootStore::Dir(_) => None,
+    };
+    rotate(
+        client.as_ref(),
+        &store,
+        args.step(),
+        opts,
+        Arc::new(SystemClock),
+    )
+    .await
+}
+
 /// `90s`, `30m`, `24h`, `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -106,8 +205,10 @@ pub enum Error {
     BadRef(String),
     #[error("pass --root-secret namespace/name (in a cluster) or --root-dir DIR")]
     NoRoot,
-    #[error("the CA root in Secret {secret}: {reason}")]
-    Secret { secret: String, reason: String },
+    #[error("the CA root in {store}: {reason}")]
+    Store { store: String, reason: String },
+    #[error("rotating the CA root in {store}: {reason}")]
+    Rotate { store: String, reason: String },
     #[error("the CA: {0}")]
     Ca(#[from] certs::CaError),
     #[error("the CA service: {0}")]
@@ -131,83 +232,455 @@ fn split_ref(r: &str) -> Result<(String, String), Error> {
     }
 }
 
-fn text(secret: &Secret, key: &str) -> Option<String> {
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+/// Where the CA's root lives: a Kubernetes Secret (in a cluster) or a
+/// directory. Both hold the same files ([`ROOT_FILES`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootStore {
+    Secret { namespace: String, name: String },
+    Dir(PathBuf),
 }
 
-/// Loads the root from the Secret `namespace/name`, creating it with a new
-/// root when it does not exist (if several replicas race, the first create
-/// wins and the others load it).
-pub async fn root_from_secret(
-    client: &Client,
-    secret_ref: &str,
+impl std::fmt::Display for RootStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RootStore::Secret { namespace, name } => write!(f, "Secret {namespace}/{name}"),
+            RootStore::Dir(d) => write!(f, "directory {}", d.display()),
+        }
+    }
+}
+
+impl RootStore {
+    /// From `--root-secret namespace/name` or `--root-dir DIR`.
+    pub fn from_args(secret: Option<&str>, dir: Option<&Path>) -> Result<Self, Error> {
+        match (secret, dir) {
+            (Some(s), _) => {
+                let (namespace, name) = split_ref(s)?;
+                Ok(RootStore::Secret { namespace, name })
+            }
+            (None, Some(d)) => Ok(RootStore::Dir(d.into())),
+            (None, None) => Err(Error::NoRoot),
+        }
+    }
+}
+
+/// The files of a root store, by name; private keys among them.
+pub type RootFiles = BTreeMap<String, Vec<u8>>;
+
+/// The CA's root as loaded from its store.
+pub struct LoadedRoot {
+    pub ca: Arc<Ca>,
+    /// What it was loaded from, to notice a change.
+    files: RootFiles,
+    /// The Secret's `resourceVersion`, the precondition of a write back.
+    version: Option<String>,
+    /// The private copy the CA was opened from (and a rotation step writes).
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for LoadedRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the files: they hold private keys.
+        f.debug_struct("LoadedRoot")
+            .field("ca", &self.ca)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_err(store: &RootStore, reason: impl std::fmt::Display) -> Error {
+    Error::Store {
+        store: store.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A private directory (0700, under the system temporary directory) for a
+/// root's files.
+fn private_dir(store: &RootStore) -> Result<tempfile::TempDir, Error> {
+    tempfile::Builder::new()
+        .prefix("sluice-ca-")
+        .tempdir()
+        .map_err(|e| store_err(store, format!("a private temporary directory: {e}")))
+}
+
+fn is_private(file: &str) -> bool {
+    file.ends_with("-key.pem")
+}
+
+/// Writes `files` into `dir` (keys mode 0600), removing the known files
+/// `files` lacks.
+fn write_files(store: &RootStore, dir: &Path, files: &RootFiles) -> Result<(), Error> {
+    for f in ROOT_FILES {
+        let path = dir.join(f);
+        match files.get(f) {
+            Some(bytes) if is_private(f) => certs::storage::write_private(&path, bytes),
+            Some(bytes) => certs::storage::write_public(&path, bytes),
+            None => {
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    return Err(store_err(
+                        store,
+                        format!("removing {}: {e}", path.display()),
+                    ));
+                }
+                Ok(())
+            }
+        }
+        .map_err(|e| store_err(store, e))?;
+    }
+    Ok(())
+}
+
+/// The known files present in `dir`.
+fn read_files(store: &RootStore, dir: &Path) -> Result<RootFiles, Error> {
+    let mut out = RootFiles::new();
+    for f in ROOT_FILES {
+        match std::fs::read(dir.join(f)) {
+            Ok(b) => {
+                out.insert(f.to_string(), b);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(store_err(store, format!("reading {f}: {e}"))),
+        }
+    }
+    Ok(out)
+}
+
+/// The Secrets API of a Secret store.
+fn secrets(client: Option<&Client>, store: &RootStore, ns: &str) -> Result<Api<Secret>, Error> {
+    let client = client.ok_or_else(|| {
+        store_err(
+            store,
+            "no Kubernetes client (KUBECONFIG, or the pod's service account) to reach it",
+        )
+    })?;
+    Ok(Api::namespaced(client.clone(), ns))
+}
+
+/// The store's files and version now; None when the Secret or directory
+/// holds no root yet.
+pub async fn read_store(
+    client: Option<&Client>,
+    store: &RootStore,
+) -> Result<Option<(RootFiles, Option<String>)>, Error> {
+    match store {
+        RootStore::Secret { namespace, name } => {
+            let api: Api<Secret> = secrets(client, store, namespace)?;
+            let Some(secret) = api.get_opt(name).await.map_err(|e| store_err(store, e))? else {
+                return Ok(None);
+            };
+            let files: RootFiles = secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| ROOT_FILES.contains(&k.as_str()))
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            Ok(Some((files, secret.metadata.resource_version)))
+        }
+        RootStore::Dir(d) => {
+            let files = read_files(store, d)?;
+            Ok((!files.is_empty()).then_some((files, None)))
+        }
+    }
+}
+
+/// Writes `files` back to the store. A Secret is replaced only if it is
+/// still at `version` (another rotation or CA replica may have written it).
+async fn write_store(
+    client: Option<&Client>,
+    store: &RootStore,
+    files: &RootFiles,
+    version: Option<String>,
+) -> Result<(), Error> {
+    match store {
+        RootStore::Secret { namespace, name } => {
+            let api: Api<Secret> = secrets(client, store, namespace)?;
+            let mut secret = api.get(name).await.map_err(|e| store_err(store, e))?;
+            secret.metadata.resource_version = version;
+            secret.data = Some(
+                files
+                    .iter()
+                    .map(|(k, v)| (k.clone(), ByteString(v.clone())))
+                    .collect(),
+            );
+            match api.replace(name, &PostParams::default(), &secret).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => Err(store_err(
+                    store,
+                    "it changed while the rotation ran (another rotation, or a new CA root); \
+                     nothing was changed: run the command again",
+                )),
+                Err(e) => Err(store_err(store, e)),
+            }
+        }
+        RootStore::Dir(d) => write_files(store, d, files),
+    }
+}
+
+/// Opens the CA of `files` from a private copy.
+fn open(
+    store: &RootStore,
+    files: RootFiles,
+    version: Option<String>,
     opts: CaOptions,
     clock: SharedClock,
-) -> Result<Ca, Error> {
-    let (ns, name) = split_ref(secret_ref)?;
-    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let err = |reason: String| Error::Secret {
-        secret: secret_ref.into(),
-        reason,
-    };
-    let secret = match api.get_opt(&name).await.map_err(|e| err(e.to_string()))? {
-        Some(s) => s,
-        None => {
-            // Generate into a private temporary directory, store, forget.
-            let tmp = tempfile::Builder::new()
-                .prefix("sluice-ca-")
-                .tempdir()
-                .map_err(|e| err(format!("a temporary directory for the new root: {e}")))?;
-            let dir = tmp.path().join("root");
-            Ca::open_or_create(&dir, opts.clone(), clock.clone())?;
-            let mut data = BTreeMap::new();
-            for f in [ROOT_CERT, ROOT_KEY, BUNDLE] {
-                let bytes = std::fs::read(dir.join(f))
-                    .map_err(|e| err(format!("reading the new {f}: {e}")))?;
-                data.insert(f.to_string(), ByteString(bytes));
-            }
+) -> Result<LoadedRoot, Error> {
+    let dir = private_dir(store)?;
+    write_files(store, dir.path(), &files)?;
+    let ca = Ca::open_or_create(dir.path(), opts, clock).map_err(|e| store_err(store, e))?;
+    Ok(LoadedRoot {
+        ca: Arc::new(ca),
+        files,
+        version,
+        dir,
+    })
+}
+
+/// Loads the CA root from its store; a store without one gets a new root
+/// when `create` is set (if several CA replicas race to create the Secret,
+/// the first wins and the others load it).
+pub async fn load_root(
+    client: Option<&Client>,
+    store: &RootStore,
+    opts: CaOptions,
+    clock: SharedClock,
+    create: bool,
+) -> Result<LoadedRoot, Error> {
+    if let Some((files, version)) = read_store(client, store).await? {
+        return open(store, files, version, opts, clock);
+    }
+    if !create {
+        return Err(store_err(
+            store,
+            "it holds no CA root; start `mesh-agent ca` first, which creates one",
+        ));
+    }
+    // Generated in a private directory, stored, then loaded like any other.
+    let fresh = private_dir(store)?;
+    Ca::open_or_create(fresh.path(), opts.clone(), clock.clone())?;
+    let files = read_files(store, fresh.path())?;
+    match store {
+        RootStore::Secret { namespace, name } => {
+            let api: Api<Secret> = secrets(client, store, namespace)?;
             let new = Secret {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
-                    namespace: Some(ns.clone()),
+                    namespace: Some(namespace.clone()),
                     labels: Some(BTreeMap::from([(
                         "app.kubernetes.io/name".into(),
                         "sluice".into(),
                     )])),
                     ..Default::default()
                 },
-                data: Some(data),
+                data: Some(
+                    files
+                        .iter()
+                        .map(|(k, v)| (k.clone(), ByteString(v.clone())))
+                        .collect(),
+                ),
                 type_: Some("Opaque".into()),
                 ..Default::default()
             };
             match api.create(&PostParams::default(), &new).await {
                 Ok(s) => {
-                    tracing::info!(secret = secret_ref, "created a new CA root");
-                    s
+                    tracing::info!(%store, "created a new CA root");
+                    open(store, files, s.metadata.resource_version, opts, clock)
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => {
-                    api.get(&name).await.map_err(|e| err(e.to_string()))?
+                    let (files, version) = read_store(client, store)
+                        .await?
+                        .ok_or_else(|| store_err(store, "created by another CA, then gone"))?;
+                    open(store, files, version, opts, clock)
                 }
-                Err(e) => return Err(err(e.to_string())),
+                Err(e) => Err(store_err(store, e)),
             }
         }
+        RootStore::Dir(d) => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| store_err(store, e))?;
+            write_files(store, d, &files)?;
+            tracing::info!(%store, "created a new CA root");
+            open(store, files, None, opts, clock)
+        }
+    }
+}
+
+/// Loads the root from the Secret `namespace/name`, creating it with a new
+/// root when it does not exist.
+pub async fn root_from_secret(
+    client: &Client,
+    secret_ref: &str,
+    opts: CaOptions,
+    clock: SharedClock,
+) -> Result<LoadedRoot, Error> {
+    let store = RootStore::from_args(Some(secret_ref), None)?;
+    load_root(Some(client), &store, opts, clock, true).await
+}
+
+/// The root loaded anew if its store changed since `current` was loaded.
+pub async fn reload_if_changed(
+    client: Option<&Client>,
+    store: &RootStore,
+    current: &LoadedRoot,
+    opts: CaOptions,
+    clock: SharedClock,
+) -> Result<Option<LoadedRoot>, Error> {
+    match read_store(client, store).await? {
+        Some((files, version)) if files != current.files => {
+            open(store, files, version, opts, clock).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// One step of a root rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotateStep {
+    /// A new root joins the trust bundle without signing.
+    Prepare,
+    /// The prepared root signs from now on.
+    Activate,
+    /// The roots that no longer sign leave the bundle.
+    Retire {
+        /// Even though certificates they signed may still be valid.
+        force: bool,
+    },
+}
+
+/// What a rotation step did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rotated {
+    /// One line for the operator: what happened and what to do next.
+    pub summary: String,
+    pub bundle: certs::status::BundleStatus,
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// Runs one rotation step on the root in its store and writes the result
+/// back; a running `mesh-agent ca` picks it up on its next read of the store.
+pub async fn rotate(
+    client: Option<&Client>,
+    store: &RootStore,
+    step: RotateStep,
+    opts: CaOptions,
+    clock: SharedClock,
+) -> Result<Rotated, Error> {
+    let leaf_lifetime = opts.leaf_lifetime;
+    let root = load_root(client, store, opts, clock.clone(), false).await?;
+    let now = time::OffsetDateTime::from(clock.now());
+    let rotation = |reason: String| Error::Rotate {
+        store: store.to_string(),
+        reason,
     };
-    let root_cert = text(&secret, ROOT_CERT).ok_or_else(|| err(format!("no {ROOT_CERT} key")))?;
-    let root_key = text(&secret, ROOT_KEY).ok_or_else(|| err(format!("no {ROOT_KEY} key")))?;
-    Ok(Ca::from_pem(
-        opts,
-        clock,
-        CaPem {
-            root_cert,
-            root_key: Some(PrivateKeyPem::new(root_key)),
-            intermediate: None,
-            extra_roots: text(&secret, BUNDLE),
-        },
-    )?)
+    let ca = &root.ca;
+    let mut retirable_after = root
+        .files
+        .get(RETIRABLE_AFTER)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| {
+            time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+    let summary = match step {
+        RotateStep::Prepare => {
+            let fp = ca.prepare_root_rotation()?;
+            format!(
+                "prepared root {fp}: it is in the trust bundle and signs nothing yet. Once every \
+                 node has fetched the bundle (5 minutes), run `mesh-agent ca rotate --activate`"
+            )
+        }
+        RotateStep::Activate => {
+            let fp = ca.status().pending_root.ok_or_else(|| {
+                rotation(
+                    "no rotation is prepared; run `mesh-agent ca rotate --prepare` first".into(),
+                )
+            })?;
+            ca.activate_root(&fp)?;
+            // Certificates the old root signed live at most this long.
+            let until = now + leaf_lifetime;
+            retirable_after = Some(until);
+            format!(
+                "root {fp} signs from now on; nodes reissue their certificates within a minute. \
+                 The old root can be retired after {} (`mesh-agent ca rotate --retire`), or \
+                 earlier with --force once `sluice status` on every node shows the new root",
+                rfc3339(until)
+            )
+        }
+        RotateStep::Retire { force } => {
+            let bundle = ca.bundle().status(clock.now());
+            let old: Vec<_> = bundle
+                .roots
+                .iter()
+                .filter(|r| !r.active)
+                .map(|r| r.fingerprint)
+                .collect();
+            if old.is_empty() {
+                return Err(rotation(
+                    "the trust bundle holds only the active root: nothing to retire".into(),
+                ));
+            }
+            if ca.status().pending_root.is_some() {
+                return Err(rotation(
+                    "a prepared root is not active yet; run `mesh-agent ca rotate --activate` \
+                     first"
+                        .into(),
+                ));
+            }
+            match retirable_after {
+                Some(t) if t > now && !force => {
+                    return Err(rotation(format!(
+                        "certificates signed by the old root may be valid until {}; wait until \
+                         then, or pass --force once `sluice status` on every node shows the new \
+                         root",
+                        rfc3339(t)
+                    )));
+                }
+                None if !force => {
+                    return Err(rotation(
+                        "when the old root stopped signing is not recorded; pass --force once \
+                         `sluice status` on every node shows the new root"
+                            .into(),
+                    ));
+                }
+                _ => {}
+            }
+            for fp in &old {
+                ca.retire_root(fp, true)?;
+            }
+            retirable_after = None;
+            format!(
+                "retired {} from the trust bundle",
+                old.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    let mut files = read_files(store, root.dir.path())?;
+    match retirable_after {
+        Some(t) => {
+            files.insert(RETIRABLE_AFTER.into(), rfc3339(t).into_bytes());
+        }
+        None => {
+            files.remove(RETIRABLE_AFTER);
+        }
+    }
+    write_store(client, store, &files, root.version.clone()).await?;
+    tracing::info!(%store, "{summary}");
+    Ok(Rotated {
+        summary,
+        bundle: ca.bundle().status(clock.now()),
+    })
 }
 
 /// Writes the trust bundle into a ConfigMap (server-side apply).
@@ -342,34 +815,111 @@ impl NodeWorkloads for PodIdentities {
     }
 }
 
+/// What a running CA serves with, besides its root.
+#[derive(Clone)]
+pub struct Serving {
+    pub listen: SocketAddr,
+    pub dns_names: Vec<String>,
+    /// IP addresses in the serving certificate, for clients that dial one.
+    pub ips: Vec<std::net::IpAddr>,
+    pub authenticator: Arc<dyn Authenticator>,
+    pub authoriser: Arc<dyn Authoriser>,
+    /// `namespace/name` of the ConfigMap the bundle is published in.
+    pub bundle_configmap: Option<String>,
+    /// How often the root store is read for a rotation step.
+    pub poll: Duration,
+}
+
+async fn start_server(
+    ca: &Arc<Ca>,
+    serving: &Serving,
+    addr: SocketAddr,
+) -> Result<CaServer, Error> {
+    let dns: Vec<&str> = serving.dns_names.iter().map(String::as_str).collect();
+    // Issued under the active root: after an activation, under the new one.
+    let (chain, key) = ca.issue_serving_certificate(&dns, &serving.ips)?;
+    let service = CaService::new(
+        ca.clone(),
+        serving.authenticator.clone(),
+        serving.authoriser.clone(),
+    );
+    Ok(CaServer::bind(addr, serving_tls(chain, key)?, service).await?)
+}
+
+/// Serves the CA of `store` until `stop` fires. The store is read again every
+/// `serving.poll`: when a rotation step changed the root, the service
+/// restarts on the same address with it (and a serving certificate from
+/// its active root), and the bundle is published again. `addr` is told the
+/// address once listening.
+pub async fn serve(
+    client: Client,
+    store: RootStore,
+    opts: CaOptions,
+    clock: SharedClock,
+    serving: Serving,
+    addr: tokio::sync::watch::Sender<Option<SocketAddr>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut root = load_root(Some(&client), &store, opts.clone(), clock.clone(), true).await?;
+    let mut server = start_server(&root.ca, &serving, serving.listen).await?;
+    let bound = server.local_addr();
+    tracing::info!(addr = %bound, %store, "CA service listening");
+    addr.send_replace(Some(bound));
+    let mut published: Option<String> = None;
+    let mut poll = tokio::time::interval(serving.poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let pem = root.ca.bundle().to_pem();
+        if let Some(cm) = &serving.bundle_configmap
+            && published.as_ref() != Some(&pem)
+        {
+            match publish_bundle(&client, cm, &pem).await {
+                Ok(()) => {
+                    tracing::info!(configmap = %cm, roots = root.ca.bundle().fingerprints().len(), "trust bundle published");
+                    published = Some(pem);
+                }
+                // Tried again on the next poll.
+                Err(e) => tracing::warn!(error = %e, "trust bundle not published"),
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = poll.tick() => {}
+        }
+        match reload_if_changed(Some(&client), &store, &root, opts.clone(), clock.clone()).await {
+            Ok(None) => {}
+            Ok(Some(new)) => {
+                tracing::info!(%store, "the CA root changed; serving it");
+                server.shutdown().await;
+                root = new;
+                server = start_server(&root.ca, &serving, bound).await?;
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the CA root; keeping the one in use"),
+        }
+    }
+    server.shutdown().await;
+    Ok(())
+}
+
 /// Runs the CA service until `stop` fires.
-pub async fn run(args: CaArgs, mut stop: tokio::sync::watch::Receiver<bool>) -> Result<(), Error> {
+pub async fn run(args: CaArgs, stop: tokio::sync::watch::Receiver<bool>) -> Result<(), Error> {
     let clock: SharedClock = Arc::new(SystemClock);
     let opts = CaOptions {
         trust_domain: args.trust_domain.clone(),
         leaf_lifetime: args.workload_cert_ttl,
         ..CaOptions::default()
     };
+    let store = RootStore::from_args(args.root_secret.as_deref(), args.root_dir.as_deref())?;
     let client = Client::try_default()
         .await
         .map_err(|e| Error::Kube(Box::new(e)))?;
-    let ca = match (&args.root_secret, &args.root_dir) {
-        (Some(s), _) => root_from_secret(&client, s, opts, clock.clone()).await?,
-        (None, Some(d)) => Ca::open_or_create(d, opts, clock.clone())?,
-        (None, None) => return Err(Error::NoRoot),
-    };
-    let ca = Arc::new(ca);
-    if let Some(cm) = &args.bundle_configmap {
-        publish_bundle(&client, cm, &ca.bundle().to_pem()).await?;
-        tracing::info!(configmap = %cm, "trust bundle published");
-    }
     let ns = pod_namespace();
     let allowed = if args.allowed_users.is_empty() {
         vec![format!("system:serviceaccount:{ns}:sluice-agent")]
     } else {
         args.allowed_users.clone()
     };
-    let dns: Vec<String> = if args.dns_names.is_empty() {
+    let dns_names: Vec<String> = if args.dns_names.is_empty() {
         vec![
             format!("sluice-ca.{ns}.svc"),
             format!("sluice-ca.{ns}.svc.cluster.local"),
@@ -382,16 +932,20 @@ pub async fn run(args: CaArgs, mut stop: tokio::sync::watch::Receiver<bool>) -> 
     )
     .map_err(Error::Auth)?;
     let pods = Arc::new(PodIdentities::new(&args.trust_domain));
-    let watch = tokio::spawn(pods.clone().watch(client));
-    let dns_refs: Vec<&str> = dns.iter().map(String::as_str).collect();
-    let (chain, key) = ca.issue_serving_certificate(&dns_refs, &[])?;
-    let service = CaService::new(ca, Arc::new(auth), Arc::new(NodeAuthoriser::new(pods)));
-    let server = CaServer::bind(args.listen, serving_tls(chain, key)?, service).await?;
-    tracing::info!(addr = %server.local_addr(), "CA service listening");
-    let _ = stop.changed().await;
-    server.shutdown().await;
+    let watch = tokio::spawn(pods.clone().watch(client.clone()));
+    let serving = Serving {
+        listen: args.listen,
+        dns_names,
+        ips: Vec::new(),
+        authenticator: Arc::new(auth),
+        authoriser: Arc::new(NodeAuthoriser::new(pods)),
+        bundle_configmap: args.bundle_configmap.clone(),
+        poll: ROOT_POLL,
+    };
+    let (addr, _) = tokio::sync::watch::channel(None);
+    let r = serve(client, store, opts, clock, serving, addr, stop).await;
     watch.abort();
-    Ok(())
+    r
 }
 
 #[cfg(test)]

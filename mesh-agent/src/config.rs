@@ -34,6 +34,13 @@ pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 
 /// Gateway API controller name written in route status.
 pub const CONTROLLER_NAME: &str = "sluice.dev/mesh-agent";
+/// Retries of an HTTPRoute rule whose `retry` leaves `attempts` out (the
+/// Gateway API leaves the number to implementations; Istio's default too).
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+/// Wait before the first retry when `retry.backoff` is left out (Envoy's
+/// base interval); the proxy doubles it for each further retry.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
 /// Field manager for status patches.
 pub const FIELD_MANAGER: &str = "sluice-mesh-agent";
 

@@ -18,6 +18,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod crds;
+pub mod gateway;
 pub mod identity;
 pub mod netdev;
 pub mod proxy;

@@ -9,16 +9,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use gateway_api::{grpcroutes::GrpcRoute as GwGrpcRoute, httproutes::HttpRoute as GwHttpRoute};
+pub mod routes;
+
 use l7_proxy::config::{
-    AccessPolicy, AccessRule, AccessSource, BackendRef, Endpoint, GrpcMethodMatch, GrpcRoute,
-    GrpcRouteMatch, GrpcRouteRule, HeaderModifier, HeaderPair, HttpConditions, HttpFilter,
-    HttpRoute, HttpRouteMatch, HttpRouteRule, LocalWorkload, MtlsMode, ObjectRef, ParentRef,
-    PathMatch, PathModifier, RequestMirror, RequestRedirect, Service, ServicePort, Snapshot,
-    SpiffeId, Timeouts, UrlRewrite, ValueMatch, ValueMatchKind, Workload,
+    AccessPolicy, AccessRule, AccessSource, Endpoint, HttpConditions, LocalWorkload, MtlsMode,
+    ObjectRef, Service, ServicePort, Snapshot, SpiffeId, Workload,
 };
 use prometheus_client::registry::Registry;
-use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::{
@@ -48,7 +45,8 @@ struct PodInfo {
 }
 
 /// The proxy's snapshot of the mesh view, and what could not be translated
-/// (a route rule with an invalid field is left out and named).
+/// (an access policy with a bad identity, a pod with a bad SPIFFE ID). What
+/// routes leave out is in their status ([`routes`]).
 pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
     let mut errors = Vec::new();
     let node_addr = |node: &str, v4: bool| {
@@ -140,307 +138,17 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
         }
     }
     for r in &view.http_routes {
-        snap.http_routes.push(http_route(r, &mut errors));
+        snap.http_routes
+            .extend(routes::http_route(r, &view.refs).route);
     }
     for r in &view.grpc_routes {
-        snap.grpc_routes.push(grpc_route(r, &mut errors));
+        snap.grpc_routes
+            .extend(routes::grpc_route(r, &view.refs).route);
     }
     for p in &view.access_policies {
         snap.access_policies.extend(access_policies(p, &mut errors));
     }
     (snap, errors)
-}
-
-fn created_unix(meta: &kube::api::ObjectMeta) -> i64 {
-    meta.creation_timestamp
-        .as_ref()
-        .map_or(0, |t| t.0.as_second())
-}
-
-fn str_of(v: &Value) -> Option<String> {
-    v.as_str().map(str::to_string)
-}
-
-fn port_of(v: &Value) -> Option<u16> {
-    v.as_u64().and_then(|p| u16::try_from(p).ok())
-}
-
-/// A Gateway API duration (`10s`, `1m30s`, `500ms`) in milliseconds.
-fn millis(v: &Value, field: &str) -> Result<Option<u64>, String> {
-    match v.as_str() {
-        None => Ok(None),
-        Some(s) => s
-            .parse::<gateway_api::Duration>()
-            .map(|d| Some(d.as_millis() as u64))
-            .map_err(|e| format!("{field}: {s:?} is not a Gateway API duration: {e}")),
-    }
-}
-
-fn parents(v: &Value, route_ns: &str) -> Vec<ParentRef> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| {
-            matches!(p["group"].as_str(), None | Some("") | Some("core"))
-                && p["kind"].as_str() == Some("Service")
-        })
-        .map(|p| ParentRef {
-            service: ObjectRef::new(
-                p["namespace"].as_str().unwrap_or(route_ns),
-                p["name"].as_str().unwrap_or(""),
-            ),
-            port: port_of(&p["port"]),
-        })
-        .collect()
-}
-
-fn value_matches(v: &Value, field: &str) -> Result<Vec<ValueMatch>, String> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, m)| {
-            let kind = match m["type"].as_str().unwrap_or("Exact") {
-                "Exact" => ValueMatchKind::Exact,
-                "RegularExpression" => ValueMatchKind::RegularExpression,
-                other => return Err(format!("{field}[{i}].type: {other:?} is not supported")),
-            };
-            Ok(ValueMatch {
-                kind,
-                name: str_of(&m["name"]).unwrap_or_default(),
-                value: str_of(&m["value"]).unwrap_or_default(),
-            })
-        })
-        .collect()
-}
-
-fn path_modifier(p: &Value, field: &str) -> Result<Option<PathModifier>, String> {
-    if p.is_null() {
-        return Ok(None);
-    }
-    match p["type"].as_str() {
-        Some("ReplaceFullPath") => Ok(Some(PathModifier::ReplaceFullPath(
-            str_of(&p["replaceFullPath"]).unwrap_or_default(),
-        ))),
-        Some("ReplacePrefixMatch") => Ok(Some(PathModifier::ReplacePrefixMatch(
-            str_of(&p["replacePrefixMatch"]).unwrap_or_default(),
-        ))),
-        other => Err(format!("{field}.type: {other:?} is not supported")),
-    }
-}
-
-fn header_modifier(v: &Value) -> HeaderModifier {
-    let pairs = |v: &Value| {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| HeaderPair {
-                name: str_of(&p["name"]).unwrap_or_default(),
-                value: str_of(&p["value"]).unwrap_or_default(),
-            })
-            .collect()
-    };
-    HeaderModifier {
-        set: pairs(&v["set"]),
-        add: pairs(&v["add"]),
-        remove: v["remove"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(str_of)
-            .collect(),
-    }
-}
-
-/// One Gateway API filter (rule- or backend-level, in its JSON form).
-fn filter(f: &Value, route_ns: &str, field: &str) -> Result<HttpFilter, String> {
-    match f["type"].as_str() {
-        Some("RequestHeaderModifier") => Ok(HttpFilter::RequestHeaderModifier(header_modifier(
-            &f["requestHeaderModifier"],
-        ))),
-        Some("ResponseHeaderModifier") => Ok(HttpFilter::ResponseHeaderModifier(header_modifier(
-            &f["responseHeaderModifier"],
-        ))),
-        Some("RequestRedirect") => {
-            let r = &f["requestRedirect"];
-            Ok(HttpFilter::RequestRedirect(RequestRedirect {
-                scheme: str_of(&r["scheme"]),
-                hostname: str_of(&r["hostname"]),
-                path: path_modifier(&r["path"], &format!("{field}.requestRedirect.path"))?,
-                port: port_of(&r["port"]),
-                status_code: r["statusCode"].as_u64().and_then(|c| u16::try_from(c).ok()),
-            }))
-        }
-        Some("URLRewrite") => {
-            let r = &f["urlRewrite"];
-            Ok(HttpFilter::UrlRewrite(UrlRewrite {
-                hostname: str_of(&r["hostname"]),
-                path: path_modifier(&r["path"], &format!("{field}.urlRewrite.path"))?,
-            }))
-        }
-        Some("RequestMirror") => {
-            let m = &f["requestMirror"];
-            let b = &m["backendRef"];
-            let percent = match (m["percent"].as_u64(), m["fraction"]["numerator"].as_u64()) {
-                (Some(p), _) => Some(p as u32),
-                (None, Some(n)) => {
-                    let d = m["fraction"]["denominator"].as_u64().unwrap_or(100).max(1);
-                    Some((n * 100 / d) as u32)
-                }
-                _ => None,
-            };
-            Ok(HttpFilter::RequestMirror(RequestMirror {
-                service: ObjectRef::new(
-                    b["namespace"].as_str().unwrap_or(route_ns),
-                    b["name"].as_str().unwrap_or(""),
-                ),
-                port: port_of(&b["port"])
-                    .ok_or_else(|| format!("{field}.requestMirror.backendRef.port: required"))?,
-                percent,
-            }))
-        }
-        other => Err(format!(
-            "{field}.type: {other:?} filters are not supported by the node proxy"
-        )),
-    }
-}
-
-fn filters(v: &Value, route_ns: &str, field: &str) -> Result<Vec<HttpFilter>, String> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, f)| filter(f, route_ns, &format!("{field}[{i}]")))
-        .collect()
-}
-
-fn backends(v: &Value, route_ns: &str, field: &str) -> Result<Vec<BackendRef>, String> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, b)| {
-            let f = format!("{field}[{i}]");
-            Ok(BackendRef {
-                service: ObjectRef::new(
-                    b["namespace"].as_str().unwrap_or(route_ns),
-                    b["name"].as_str().unwrap_or(""),
-                ),
-                port: port_of(&b["port"])
-                    .ok_or_else(|| format!("{f}.port: required for a Service backend"))?,
-                weight: b["weight"].as_u64().map_or(1, |w| w as u32),
-                filters: filters(&b["filters"], route_ns, &format!("{f}.filters"))?,
-            })
-        })
-        .collect()
-}
-
-fn timeouts(v: &Value, field: &str) -> Result<Timeouts, String> {
-    Ok(Timeouts {
-        request_ms: millis(&v["request"], &format!("{field}.request"))?,
-        backend_request_ms: millis(&v["backendRequest"], &format!("{field}.backendRequest"))?,
-    })
-}
-
-fn http_rule(r: &Value, ns: &str, field: &str) -> Result<HttpRouteRule, String> {
-    let mut matches = Vec::new();
-    for (i, m) in r["matches"].as_array().into_iter().flatten().enumerate() {
-        let f = format!("{field}.matches[{i}]");
-        let path = match (
-            m["path"]["type"].as_str().unwrap_or("PathPrefix"),
-            str_of(&m["path"]["value"]),
-        ) {
-            (_, None) => None,
-            ("Exact", Some(v)) => Some(PathMatch::Exact(v)),
-            ("PathPrefix", Some(v)) => Some(PathMatch::PathPrefix(v)),
-            ("RegularExpression", Some(v)) => Some(PathMatch::RegularExpression(v)),
-            (other, _) => return Err(format!("{f}.path.type: {other:?} is not supported")),
-        };
-        matches.push(HttpRouteMatch {
-            path,
-            headers: value_matches(&m["headers"], &format!("{f}.headers"))?,
-            query_params: value_matches(&m["queryParams"], &format!("{f}.queryParams"))?,
-            method: str_of(&m["method"]),
-        });
-    }
-    Ok(HttpRouteRule {
-        name: str_of(&r["name"]),
-        matches,
-        filters: filters(&r["filters"], ns, &format!("{field}.filters"))?,
-        backends: backends(&r["backendRefs"], ns, &format!("{field}.backendRefs"))?,
-        timeouts: timeouts(&r["timeouts"], &format!("{field}.timeouts"))?,
-        retry: None,
-    })
-}
-
-/// The proxy's form of an HTTPRoute; a rule that cannot be translated is
-/// left out and reported.
-pub fn http_route(r: &GwHttpRoute, errors: &mut Vec<String>) -> HttpRoute {
-    let key = Key::of(r);
-    let spec = serde_json::to_value(&r.spec).unwrap_or_default();
-    let mut rules = Vec::new();
-    for (i, rule) in spec["rules"].as_array().into_iter().flatten().enumerate() {
-        match http_rule(rule, &key.namespace, &format!("spec.rules[{i}]")) {
-            Ok(x) => rules.push(x),
-            Err(e) => errors.push(format!("HTTPRoute {key}: {e}; the rule is left out")),
-        }
-    }
-    HttpRoute {
-        id: oref(&key),
-        created_unix: created_unix(&r.metadata),
-        parents: parents(&spec["parentRefs"], &key.namespace),
-        rules,
-    }
-}
-
-fn grpc_rule(r: &Value, ns: &str, field: &str) -> Result<GrpcRouteRule, String> {
-    let mut matches = Vec::new();
-    for (i, m) in r["matches"].as_array().into_iter().flatten().enumerate() {
-        let f = format!("{field}.matches[{i}]");
-        let method = if m["method"].is_null() {
-            None
-        } else {
-            Some(GrpcMethodMatch {
-                kind: match m["method"]["type"].as_str().unwrap_or("Exact") {
-                    "Exact" => ValueMatchKind::Exact,
-                    "RegularExpression" => ValueMatchKind::RegularExpression,
-                    other => return Err(format!("{f}.method.type: {other:?} is not supported")),
-                },
-                service: str_of(&m["method"]["service"]),
-                method: str_of(&m["method"]["method"]),
-            })
-        };
-        matches.push(GrpcRouteMatch {
-            method,
-            headers: value_matches(&m["headers"], &format!("{f}.headers"))?,
-        });
-    }
-    Ok(GrpcRouteRule {
-        name: str_of(&r["name"]),
-        matches,
-        filters: filters(&r["filters"], ns, &format!("{field}.filters"))?,
-        backends: backends(&r["backendRefs"], ns, &format!("{field}.backendRefs"))?,
-        timeouts: Timeouts::default(),
-        retry: None,
-    })
-}
-
-pub fn grpc_route(r: &GwGrpcRoute, errors: &mut Vec<String>) -> GrpcRoute {
-    let key = Key::of(r);
-    let spec = serde_json::to_value(&r.spec).unwrap_or_default();
-    let mut rules = Vec::new();
-    for (i, rule) in spec["rules"].as_array().into_iter().flatten().enumerate() {
-        match grpc_rule(rule, &key.namespace, &format!("spec.rules[{i}]")) {
-            Ok(x) => rules.push(x),
-            Err(e) => errors.push(format!("GRPCRoute {key}: {e}; the rule is left out")),
-        }
-    }
-    GrpcRoute {
-        id: oref(&key),
-        created_unix: created_unix(&r.metadata),
-        parents: parents(&spec["parentRefs"], &key.namespace),
-        rules,
-    }
 }
 
 /// One proxy policy per target; one proxy rule per operation of a rule.

@@ -2,7 +2,7 @@
 //! watchers and status writer use. The chart's ClusterRole is checked against
 //! these (`tests/chart.rs`), so neither can drift from the code.
 
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -36,6 +36,7 @@ pub fn watched(kind: Kind) -> (String, String) {
         Kind::EndpointSlice => gr::<EndpointSlice>(),
         Kind::HTTPRoute => gr::<HttpRoute>(),
         Kind::GRPCRoute => gr::<GrpcRoute>(),
+        Kind::ReferenceGrant => gr::<ReferenceGrant>(),
         Kind::MeshPolicy => gr::<MeshPolicy>(),
         Kind::AccessPolicy => gr::<AccessPolicy>(),
     }
@@ -89,10 +90,16 @@ pub fn agent_rules() -> Vec<Rule> {
         .collect();
     for k in STATUS_WRITTEN {
         let (group, resource) = watched(k);
+        // A route's status is shared with other controllers: read before
+        // written (see `sources::kube::status`).
+        let verbs = match k {
+            Kind::HTTPRoute | Kind::GRPCRoute => vec!["get".into(), "patch".into()],
+            _ => vec!["patch".into()],
+        };
         out.push(Rule {
             group,
             resource: format!("{resource}/status"),
-            verbs: vec!["patch".into()],
+            verbs,
         });
     }
     out.sort();

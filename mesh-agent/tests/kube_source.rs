@@ -160,6 +160,24 @@ async fn lists_are_programmed_and_a_missing_crd_does_not_block_the_sync() {
         remote.identity.as_deref(),
         Some("spiffe://cluster.local/ns/shop/sa/web")
     );
+    // The experimental retry field of the listed HTTPRoute reaches the proxy.
+    let split = mesh
+        .http_routes
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some("web-split"))
+        .unwrap();
+    let t = mesh_agent::proxy::routes::http_route(split, &mesh.refs);
+    assert_eq!((t.dropped, t.refused), (vec![], vec![]));
+    let rule = &t.route.expect("web-split is in force").rules[0];
+    assert_eq!(
+        rule.retry,
+        Some(l7_proxy::config::Retry {
+            codes: vec![503],
+            attempts: 2,
+            backoff_ms: 10
+        })
+    );
+    assert_eq!(rule.timeouts.request_ms, Some(5000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,7 +239,7 @@ async fn route_and_policy_status_is_written_back() {
     let patches = tokio::task::spawn_blocking(move || {
         eventually("status patches", || {
             let p = fake.patches();
-            (p.len() >= 4).then_some(p)
+            (p.len() >= 5).then_some(p)
         })
     })
     .await
@@ -262,6 +280,38 @@ async fn route_and_policy_status_is_written_back() {
             .contains("shop/does-not-exist")
     );
 
+    // A cross-namespace backend without a ReferenceGrant, and a rule the
+    // proxy cannot carry out: both in the conditions, with GAMMA's reasons.
+    let partial =
+        by_path["/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/partial/status"];
+    let conds = partial["status"]["parents"][0]["conditions"]
+        .as_array()
+        .unwrap();
+    let by_type: HashMap<&str, &Value> = conds
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap(), c))
+        .collect();
+    assert_eq!(by_type["Accepted"]["status"], "True");
+    assert_eq!(by_type["ResolvedRefs"]["status"], "False");
+    assert_eq!(by_type["ResolvedRefs"]["reason"], "RefNotPermitted");
+    assert!(
+        by_type["ResolvedRefs"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.rules[0].backendRefs[1]: Service default/kubernetes"),
+        "{conds:?}"
+    );
+    assert_eq!(by_type["PartiallyInvalid"]["status"], "True");
+    assert_eq!(by_type["PartiallyInvalid"]["reason"], "UnsupportedValue");
+    assert!(
+        by_type["PartiallyInvalid"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Dropped Rule 1: spec.rules[1].filters[0].type: \"CORS\""),
+        "{conds:?}"
+    );
+    assert_eq!(by_type["PartiallyInvalid"]["observedGeneration"], 4);
+
     let typo = by_path["/apis/sluice.dev/v1alpha1/namespaces/shop/accesspolicies/typo/status"];
     let c = &typo["status"]["conditions"][0];
     assert_eq!(
@@ -279,6 +329,68 @@ async fn route_and_policy_status_is_written_back() {
     let good =
         by_path["/apis/sluice.dev/v1alpha1/namespaces/shop/accesspolicies/web-readers/status"];
     assert_eq!(good["status"]["conditions"][0]["status"], "True");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_grant_from_the_watch_resolves_a_cross_namespace_backend() {
+    let r = start(FakeApi::with_fixtures());
+    let grants = "/apis/gateway.networking.k8s.io/v1beta1/referencegrants";
+    let partial = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/partial/status";
+    let resolved_refs = |patch: &Value| {
+        patch["status"]["parents"][0]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "ResolvedRefs")
+            .cloned()
+            .unwrap()
+    };
+    let fake = r.fake.clone();
+    let first = tokio::task::spawn_blocking(move || {
+        eventually("partial's status and an open ReferenceGrant watch", || {
+            let p = fake.patches().into_iter().find(|(p, _)| p == partial)?;
+            fake.watching(grants).then_some(p.1)
+        })
+    })
+    .await
+    .unwrap();
+    // The listed grant is for GRPCRoutes only: the HTTPRoute is refused.
+    assert_eq!(resolved_refs(&first)["reason"], "RefNotPermitted");
+    r.fake.event(
+        grants,
+        "ADDED",
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+            "metadata": {"name": "http-from-shop", "namespace": "default", "resourceVersion": "51301"},
+            "spec": {
+                "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}],
+                "to": [{"group": "", "kind": "Service", "name": "kubernetes"}]
+            }
+        }),
+    );
+    let fake = r.fake.clone();
+    let cond = tokio::task::spawn_blocking(move || {
+        eventually("partial's status after the grant", || {
+            let c = resolved_refs(&fake.patches().into_iter().rfind(|(p, _)| p == partial)?.1);
+            (c["status"] == "True").then_some(c)
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(cond["reason"], "ResolvedRefs");
+    // The proxy now sends that share to default/kubernetes.
+    let mesh = r.rx.mesh.borrow().clone();
+    let route = mesh
+        .http_routes
+        .iter()
+        .find(|x| x.metadata.name.as_deref() == Some("partial"))
+        .unwrap();
+    let t = mesh_agent::proxy::routes::http_route(route, &mesh.refs);
+    assert_eq!(t.refused, vec![]);
+    assert_eq!(
+        t.route.unwrap().rules[0].backends[1].service,
+        l7_proxy::config::ObjectRef::new("default", "kubernetes")
+    );
 }
 
 #[tokio::test]

@@ -182,7 +182,7 @@ pub struct RouteInfo {
     pub backends: Vec<String>,
     pub accepted: bool,
     pub resolved_refs: bool,
-    /// Why not accepted or not resolved.
+    /// Why not accepted or not resolved, or which rules were left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Requests (or connections) through the node proxy; None without one.

@@ -22,8 +22,15 @@ enum Command {
     Run(Box<RunArgs>),
     /// Run the cluster's CA service: signs workload certificates for node
     /// agents (authenticated by their service account token), root in a
-    /// Kubernetes Secret or a directory.
-    Ca(Box<mesh_agent::ca::CaArgs>),
+    /// Kubernetes Secret or a directory. `mesh-agent ca rotate` rotates that
+    /// root.
+    #[command(args_conflicts_with_subcommands = true)]
+    Ca {
+        #[command(subcommand)]
+        action: Option<CaAction>,
+        #[command(flatten)]
+        args: Box<mesh_agent::ca::CaArgs>,
+    },
     /// Print the CRD manifests of Sluice's resources (MeshPolicy, AccessPolicy).
     Crds,
     /// Check a files-source directory and print what would be refused.
@@ -38,6 +45,14 @@ enum Command {
         #[arg(long, default_value = mesh_agent::config::LB_INSTANCE)]
         lb_instance: String,
     },
+}
+
+#[derive(Subcommand)]
+enum CaAction {
+    /// One step of a root rotation (--prepare, then --activate, then
+    /// --retire), written to the root's Secret or directory; the running CA
+    /// serves and publishes the new trust bundle within 10 s.
+    Rotate(Box<mesh_agent::ca::RotateArgs>),
 }
 
 fn init_tracing(format: &str) {
@@ -101,7 +116,29 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Ca(args) => {
+        Command::Ca {
+            action: Some(CaAction::Rotate(args)),
+            ..
+        } => match mesh_agent::ca::rotate_command(*args).await {
+            Ok(r) => {
+                println!("{}", r.summary);
+                println!("Trust bundle ({}):", r.bundle.trust_domain);
+                for root in &r.bundle.roots {
+                    println!(
+                        "  {} {}{}",
+                        root.fingerprint,
+                        root.subject,
+                        if root.active { " (active)" } else { "" }
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-agent ca rotate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Ca { action: None, args } => {
             init_tracing(&cli.log_format);
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             let ca = tokio::spawn(mesh_agent::ca::run(*args, stop_rx));

@@ -385,7 +385,9 @@ pub fn render_routes(r: &Routes) -> String {
     ]);
     for x in &r.routes {
         let status = match (&x.reason, x.accepted && x.resolved_refs) {
-            (_, true) => "ok".to_string(),
+            (None, true) => "ok".to_string(),
+            // In force, with some rules left out.
+            (Some(r), true) => format!("ok, {r}"),
             (Some(r), false) => r.clone(),
             (None, false) => "not accepted".into(),
         };

@@ -1,8 +1,16 @@
 //! The translation of the agent's view into the proxy's snapshot.
 
-use super::*;
+use l7_proxy::config::{
+    HeaderModifier, HeaderPair, HttpFilter, HttpRouteRule, ParentRef, PathMatch, PathModifier,
+    RequestMirror, Retry, Timeouts, UrlRewrite, ValueMatchKind,
+};
+
+use super::{routes::http_route, *};
 use crate::{
+    config,
     crds::MtlsMode as CrdMode,
+    gateway::{GrpcRoute as GwGrpcRoute, HttpRoute as GwHttpRoute},
+    reconcile::refs::RefIndex,
     reconcile::{mesh::mesh_view, workloads::workload_infos},
     state::{NodeInfo, Object, Store, Update},
     testing::*,
@@ -145,8 +153,8 @@ fn http_routes_translate_matches_filters_backends_and_timeouts() {
         }
     }))
     .unwrap();
-    let mut errors = Vec::new();
-    let h = http_route(&r, &mut errors);
+    let t = http_route(&r, &RefIndex::of(&store(base())));
+    let h = t.route.expect("one rule translates");
     assert_eq!(h.created_unix, 1_767_225_600);
     assert_eq!(
         h.parents,
@@ -156,11 +164,18 @@ fn http_routes_translate_matches_filters_backends_and_timeouts() {
         }]
     );
     assert_eq!(h.rules.len(), 1, "the ExtensionRef rule is left out");
-    assert_eq!(errors.len(), 1);
+    assert_eq!(t.rules, 2);
+    assert_eq!(t.dropped.len(), 1);
+    assert_eq!(t.dropped[0].index, 1);
     assert!(
-        errors[0].contains("spec.rules[1].filters[0].type") && errors[0].contains("ExtensionRef"),
-        "{errors:?}"
+        t.dropped[0]
+            .message
+            .contains("spec.rules[1].filters[0].type")
+            && t.dropped[0].message.contains("ExtensionRef"),
+        "{:?}",
+        t.dropped
     );
+    assert_eq!(t.refused, vec![], "every reference resolves");
     let rule = &h.rules[0];
     let m = &rule.matches[0];
     assert_eq!(m.path, Some(PathMatch::PathPrefix("/v2".into())));
@@ -228,9 +243,9 @@ fn grpc_routes_translate_method_matches() {
         }
     }))
     .unwrap();
-    let mut errors = Vec::new();
-    let g = grpc_route(&r, &mut errors);
-    assert!(errors.is_empty(), "{errors:?}");
+    let t = routes::grpc_route(&r, &RefIndex::of(&store(base())));
+    assert!(t.dropped.is_empty() && t.refused.is_empty(), "{t:?}");
+    let g = t.route.unwrap();
     let m = g.rules[0].matches[0].method.as_ref().unwrap();
     assert_eq!(
         (m.service.as_deref(), m.method.as_deref()),
@@ -294,4 +309,212 @@ fn request_counts_come_from_the_proxy_metrics() {
     assert_eq!(s["shop/db-split"], (9, 2));
     assert_eq!(s["shop/web"], (1, 0));
     assert_eq!(s.len(), 2, "inbound requests have no route: {s:?}");
+}
+
+fn one_rule_route(rule: serde_json::Value) -> GwHttpRoute {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "db", "port": 5432}],
+            "rules": [rule]
+        }
+    }))
+    .unwrap()
+}
+
+/// The rule as translated, or the reason it was left out.
+fn translate_rule(rule: serde_json::Value) -> Result<HttpRouteRule, String> {
+    let t = http_route(&one_rule_route(rule), &RefIndex::of(&store(base())));
+    match (t.route, t.dropped.first()) {
+        (Some(r), None) => Ok(r.rules.into_iter().next().unwrap()),
+        (None, Some(d)) => Err(d.message.clone()),
+        other => panic!("a rule is either translated or reported: {other:?}"),
+    }
+}
+
+#[test]
+fn retry_is_translated_with_attempts_backoff_and_codes() {
+    let rule = translate_rule(serde_json::json!({
+        "backendRefs": [{"name": "db", "port": 5432}],
+        "retry": {"attempts": 3, "backoff": "100ms", "codes": [502, 503, 504]}
+    }))
+    .unwrap();
+    assert_eq!(
+        rule.retry,
+        Some(Retry {
+            codes: vec![502, 503, 504],
+            attempts: 3,
+            backoff_ms: 100
+        })
+    );
+    // Left-out attempts and backoff take the documented defaults.
+    let rule = translate_rule(serde_json::json!({"retry": {"codes": [503]}})).unwrap();
+    assert_eq!(
+        rule.retry,
+        Some(Retry {
+            codes: vec![503],
+            attempts: config::DEFAULT_RETRY_ATTEMPTS,
+            backoff_ms: config::DEFAULT_RETRY_BACKOFF.as_millis() as u64,
+        })
+    );
+    // Zero attempts: no retries at all.
+    let rule = translate_rule(serde_json::json!({"retry": {"attempts": 0, "codes": [503]}}));
+    assert_eq!(rule.unwrap().retry, None);
+    // No retry field: none.
+    assert_eq!(translate_rule(serde_json::json!({})).unwrap().retry, None);
+}
+
+#[test]
+fn a_bad_retry_leaves_the_rule_out_and_names_the_field() {
+    let e = translate_rule(serde_json::json!({"retry": {"codes": [200]}})).unwrap_err();
+    assert!(
+        e.contains("spec.rules[0].retry.codes[0]") && e.contains("200"),
+        "{e}"
+    );
+    let e = translate_rule(serde_json::json!({"retry": {"backoff": "soon"}})).unwrap_err();
+    assert!(e.contains("spec.rules[0].retry.backoff"), "{e}");
+    let e = translate_rule(serde_json::json!({"retry": {"attempts": -1}})).unwrap_err();
+    assert!(e.contains("spec.rules[0].retry.attempts"), "{e}");
+}
+
+#[test]
+fn zero_timeouts_disable_and_a_backend_timeout_beyond_the_request_one_is_refused() {
+    let rule = translate_rule(serde_json::json!({
+        "timeouts": {"request": "0s", "backendRequest": "2s"}
+    }))
+    .unwrap();
+    assert_eq!(
+        rule.timeouts,
+        Timeouts {
+            request_ms: None,
+            backend_request_ms: Some(2000)
+        }
+    );
+    let e = translate_rule(serde_json::json!({
+        "timeouts": {"request": "1s", "backendRequest": "2s"}
+    }))
+    .unwrap_err();
+    assert!(e.contains("spec.rules[0].timeouts.backendRequest"), "{e}");
+}
+
+#[test]
+fn mirror_fractions_that_are_whole_percentages_are_taken_others_refused() {
+    let mirror = |m: serde_json::Value| {
+        let mut f = serde_json::json!({"backendRef": {"name": "db", "port": 5432}});
+        f.as_object_mut()
+            .unwrap()
+            .extend(m.as_object().unwrap().clone());
+        translate_rule(serde_json::json!({
+            "filters": [{"type": "RequestMirror", "requestMirror": f}]
+        }))
+        .map(|r| match &r.filters[0] {
+            HttpFilter::RequestMirror(m) => m.percent,
+            other => panic!("{other:?}"),
+        })
+    };
+    assert_eq!(mirror(serde_json::json!({"percent": 25})), Ok(Some(25)));
+    assert_eq!(
+        mirror(serde_json::json!({"fraction": {"numerator": 1, "denominator": 4}})),
+        Ok(Some(25))
+    );
+    // The denominator defaults to 100.
+    assert_eq!(
+        mirror(serde_json::json!({"fraction": {"numerator": 7}})),
+        Ok(Some(7))
+    );
+    assert_eq!(mirror(serde_json::json!({})), Ok(None), "all requests");
+    let e =
+        mirror(serde_json::json!({"fraction": {"numerator": 1, "denominator": 1000}})).unwrap_err();
+    assert!(
+        e.contains("requestMirror.fraction") && e.contains("whole percentage"),
+        "{e}"
+    );
+    assert!(mirror(serde_json::json!({"percent": 150})).is_err());
+    assert!(mirror(serde_json::json!({"fraction": {"numerator": 3, "denominator": 2}})).is_err());
+}
+
+#[test]
+fn session_persistence_and_unsupported_filters_leave_the_rule_out() {
+    let e = translate_rule(serde_json::json!({
+        "sessionPersistence": {"sessionName": "s", "type": "Cookie"}
+    }))
+    .unwrap_err();
+    assert!(e.contains("spec.rules[0].sessionPersistence"), "{e}");
+    for f in [
+        serde_json::json!({"type": "CORS", "cors": {"allowOrigins": ["https://a.example"]}}),
+        serde_json::json!({"type": "ExternalAuth", "externalAuth": {"protocol": "HTTP",
+            "backendRef": {"name": "auth", "port": 80}}}),
+    ] {
+        let e = translate_rule(serde_json::json!({"filters": [f]})).unwrap_err();
+        assert!(
+            e.contains("spec.rules[0].filters[0].type") && e.contains("not supported"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn refused_backends_keep_their_share_but_point_nowhere_and_refused_mirrors_are_dropped() {
+    let mut objs = base();
+    objs.push(Object::Service(service(
+        "plain",
+        "other",
+        "127.96.0.7",
+        &[80],
+    )));
+    let s = store(objs);
+    let r = one_rule_route(serde_json::json!({
+        "filters": [{"type": "RequestMirror",
+                     "requestMirror": {"backendRef": {"name": "other", "namespace": "plain", "port": 80}}}],
+        "backendRefs": [
+            {"name": "db", "port": 5432, "weight": 3},
+            {"name": "other", "namespace": "plain", "port": 80, "weight": 1},
+            {"name": "db", "port": 9999, "weight": 1}
+        ]
+    }));
+    let t = http_route(&r, &RefIndex::of(&s));
+    let reasons: Vec<&str> = t.refused.iter().map(|p| p.reason.as_str()).collect();
+    assert_eq!(
+        reasons,
+        ["RefNotPermitted", "RefNotPermitted", "BackendNotFound"],
+        "{:?}",
+        t.refused
+    );
+    let rule = &t.route.unwrap().rules[0];
+    assert!(rule.filters.is_empty(), "the refused mirror is dropped");
+    let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [3, 1, 1], "shares stay as written");
+    assert_eq!(rule.backends[0].service, ObjectRef::new("shop", "db"));
+    // The refused ones name no Service of the snapshot: the proxy answers
+    // their share with 500 and never reaches plain/other.
+    let (snap, _) = snapshot(&view(&s), 15008);
+    for b in &rule.backends[1..] {
+        assert!(
+            snap.services.iter().all(|svc| svc.id != b.service),
+            "{:?} must not be a Service",
+            b.service
+        );
+    }
+}
+
+#[test]
+fn a_route_with_every_rule_left_out_or_no_existing_parent_is_not_in_the_snapshot() {
+    let s = store(base());
+    let mut v = view(&s);
+    v.http_routes = vec![
+        one_rule_route(serde_json::json!({"sessionPersistence": {"sessionName": "x"}})),
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "orphan", "namespace": "shop"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "gone"}],
+                     "rules": [{"backendRefs": [{"name": "db", "port": 5432}]}]}
+        }))
+        .unwrap(),
+        one_rule_route(serde_json::json!({"backendRefs": [{"name": "db", "port": 5432}]})),
+    ];
+    let (snap, errors) = snapshot(&v, 15008);
+    assert_eq!(errors, Vec::<String>::new(), "route problems go to status");
+    assert_eq!(snap.http_routes.len(), 1, "{:?}", snap.http_routes);
+    assert_eq!(snap.http_routes[0].rules.len(), 1);
 }

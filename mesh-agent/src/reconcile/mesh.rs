@@ -10,10 +10,10 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use serde::Serialize;
 
-use super::routes::RouteRefs;
+use super::{refs::RefIndex, routes::RouteRefs};
 use crate::{
     admin::api::WorkloadInfo,
     crds::AccessPolicy,
@@ -30,7 +30,7 @@ pub struct MeshView {
     /// Every known pod (local ones carry `local: true`).
     pub workloads: Vec<WorkloadInfo>,
     pub nodes: Vec<NodeInfo>,
-    /// Routes accepted by at least one Service parent.
+    /// Routes with at least one Service parent that exists.
     pub http_routes: Vec<HttpRoute>,
     pub grpc_routes: Vec<GrpcRoute>,
     /// Valid access policies.
@@ -38,6 +38,9 @@ pub struct MeshView {
     /// Pods anywhere whose traffic is meshed (namespace enrolled, no opt-out):
     /// callers reach them through their node's proxy.
     pub meshed_pods: std::collections::BTreeSet<Key>,
+    /// What route references may point at: the routes are resolved against
+    /// it when translated for the proxy.
+    pub refs: RefIndex,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -182,11 +185,11 @@ pub fn mesh_view(
             ports,
         });
     }
+    let refs = RefIndex::of(store);
     let accepted = |r: &RouteRefs| {
         r.service_parents().any(|p| {
-            store
-                .services
-                .contains_key(&p.service_key(&r.key.namespace))
+            refs.check_parent(&p.service_key(&r.key.namespace), p.port)
+                .is_ok()
         })
     };
     MeshView {
@@ -222,6 +225,7 @@ pub fn mesh_view(
             })
             .map(|p| p.key())
             .collect(),
+        refs,
     }
 }
 

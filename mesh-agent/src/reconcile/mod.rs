@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod lb;
 pub mod mesh;
 pub mod policies;
+pub mod refs;
 pub mod routes;
 pub mod workloads;
 
@@ -32,7 +33,8 @@ use self::{
     lb::{LbState, ServicePlan},
     mesh::MeshView,
     policies::StatusWrite,
-    routes::RouteRefs,
+    refs::RefIndex,
+    routes::RouteEval,
     workloads::{Enrolled, EnrolledCgroup},
 };
 use crate::{
@@ -40,7 +42,7 @@ use crate::{
     cgroups::CgroupResolver,
     crds::MtlsMode,
     netdev::{InterfaceResolver, RouteTable},
-    state::{Dirty, Key, Kind, Store, Update},
+    state::{Dirty, Key, Store, Update},
 };
 
 /// What the reconciler is told.
@@ -175,6 +177,12 @@ pub struct Reconciler {
     source_errors: BTreeMap<String, Vec<ConfigError>>,
     other_errors: Vec<String>,
     workloads: Vec<WorkloadInfo>,
+    /// Every route as translated for the proxy, as of the last mesh view.
+    routes: Vec<RouteEval>,
+    /// The index they were resolved against.
+    refs: RefIndex,
+    /// Route problems already logged.
+    logged_route_problems: BTreeSet<String>,
     mesh_generation: u64,
     stats: Stats,
 }
@@ -204,6 +212,9 @@ impl Reconciler {
             source_errors: BTreeMap::new(),
             other_errors: Vec::new(),
             workloads: Vec::new(),
+            routes: Vec::new(),
+            refs: RefIndex::default(),
+            logged_route_problems: BTreeSet::new(),
             mesh_generation: 0,
             stats: Stats::default(),
         }
@@ -608,19 +619,17 @@ impl Reconciler {
             self.workloads.clone(),
             self.mesh_generation,
         );
+        self.refs = view.refs.clone();
         self.out.mesh.send_replace(Arc::new(view));
+        self.routes = routes::evaluate(&self.store, &self.refs);
+        self.log_route_problems();
         if let Some(status) = &self.out.status {
             let mut writes = policies::policy_status_writes(&self.store);
-            for r in RouteRefs::all(&self.store) {
-                if let Some(parents) = routes::route_status_parents(&self.store, &r) {
-                    let kind = if r.kind == "HTTPRoute" {
-                        Kind::HTTPRoute
-                    } else {
-                        Kind::GRPCRoute
-                    };
+            for r in &self.routes {
+                if let Some(parents) = routes::route_status_parents(&self.refs, r) {
                     writes.push(StatusWrite {
-                        kind,
-                        key: r.key.clone(),
+                        kind: r.kind(),
+                        key: r.route.key.clone(),
                         status: serde_json::json!({ "parents": parents }),
                     });
                 }
@@ -630,6 +639,49 @@ impl Reconciler {
                 let _ = status.send(w);
             }
         }
+    }
+
+    /// What the routes' conditions say is wrong, one line per problem.
+    fn route_problems(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        for r in &self.routes {
+            for p in r.route.service_parents() {
+                for c in routes::parent_conditions(&self.refs, r, p) {
+                    // PartiallyInvalid is only ever set True, and is bad news.
+                    if !c.status || c.type_ == "PartiallyInvalid" {
+                        out.push(ConfigError {
+                            source: "model".into(),
+                            object: Some(format!("{} {}", r.route.kind, r.route.key)),
+                            field: None,
+                            message: format!(
+                                "{} is {} ({}): {}",
+                                c.type_,
+                                if c.status { "True" } else { "False" },
+                                c.reason,
+                                c.message
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Logs route problems once, when they appear (standalone, the log and
+    /// `sluice check` are where they are seen).
+    fn log_route_problems(&mut self) {
+        let now: BTreeSet<String> = self
+            .route_problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for p in now.difference(&self.logged_route_problems) {
+            tracing::warn!("route: {p}");
+        }
+        self.logged_route_problems = now;
     }
 
     /// Config errors of every kind, sorted.
@@ -655,40 +707,27 @@ impl Reconciler {
                 });
             }
         }
-        for r in RouteRefs::all(&self.store) {
-            for p in r.service_parents() {
-                for c in routes::parent_conditions(&self.store, &r, p) {
-                    if !c.status {
-                        out.push(ConfigError {
-                            source: "model".into(),
-                            object: Some(format!("{} {}", r.kind, r.key)),
-                            field: None,
-                            message: format!("{} is False ({}): {}", c.type_, c.reason, c.message),
-                        });
-                    }
-                }
-            }
-        }
+        out.extend(self.route_problems());
         out.sort();
         out.dedup();
         out
     }
 
     fn route_infos(&self) -> Vec<RouteInfo> {
-        let all = RouteRefs::all(&self.store);
         let mut out = Vec::new();
         for key in self.store.services.keys() {
             let mut any = false;
-            for r in &all {
+            for eval in &self.routes {
+                let r = &eval.route;
                 for p in r.service_parents() {
                     if p.service_key(&r.key.namespace) != *key {
                         continue;
                     }
                     any = true;
-                    let conds = routes::parent_conditions(&self.store, r, p);
+                    let conds = routes::parent_conditions(&self.refs, eval, p);
                     let reason = conds
                         .iter()
-                        .find(|c| !c.status)
+                        .find(|c| !c.status || c.type_ == "PartiallyInvalid")
                         .map(|c| format!("{}: {}", c.reason, c.message));
                     out.push(RouteInfo {
                         service: key.to_string(),

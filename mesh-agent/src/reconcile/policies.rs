@@ -13,7 +13,9 @@ use crate::{
 pub struct StatusWrite {
     pub kind: Kind,
     pub key: Key,
-    /// The whole `status` object (a JSON merge patch of `status`).
+    /// Sluice's policies: the whole `status` object. Routes: `{"parents":
+    /// [...]}` with Sluice's entries only, merged by the writer into the
+    /// route's current `status.parents`.
     pub status: serde_json::Value,
 }
 

@@ -2,13 +2,15 @@
 //! attach to, and the `Accepted` / `ResolvedRefs` parent conditions the agent
 //! writes into their status.
 
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::{Deserialize, Serialize};
 
+use super::refs::{RefIndex, RefProblem};
 use crate::{
     config,
-    state::{Key, Store},
+    proxy::routes::{self as proxy_routes, DroppedRule},
+    state::{Key, Kind, Store},
 };
 
 /// The reference to a route's parent, as in `status.parents[].parentRef`.
@@ -131,16 +133,6 @@ impl RouteRefs {
         }
     }
 
-    /// Every route in the store.
-    pub fn all(store: &Store) -> Vec<RouteRefs> {
-        store
-            .http_routes
-            .values()
-            .map(Self::of_http)
-            .chain(store.grpc_routes.values().map(Self::of_grpc))
-            .collect()
-    }
-
     /// The Service parents this route attaches to.
     pub fn service_parents(&self) -> impl Iterator<Item = &ParentRef> {
         self.parents.iter().filter(|p| p.is_service())
@@ -156,86 +148,129 @@ pub struct Cond {
     pub message: String,
 }
 
-/// Whether every backend reference resolves: `None` if so, else the
-/// `ResolvedRefs` reason and message.
-pub fn unresolved(store: &Store, route: &RouteRefs) -> Option<(String, String)> {
-    for b in &route.backends {
-        let group_ok = matches!(b.group.as_deref(), None | Some("") | Some("core"));
-        let kind_ok = matches!(b.kind.as_deref(), None | Some("Service"));
-        if !group_ok || !kind_ok {
-            return Some((
-                "InvalidKind".into(),
-                format!(
-                    "backendRef {} has group {:?} kind {:?}; only Services are supported",
-                    b.name,
-                    b.group.as_deref().unwrap_or(""),
-                    b.kind.as_deref().unwrap_or("Service")
-                ),
-            ));
-        }
-        let ns = b.namespace.as_deref().unwrap_or(&route.key.namespace);
-        if ns != route.key.namespace {
-            return Some((
-                "RefNotPermitted".into(),
-                format!(
-                    "backendRef {ns}/{} is in another namespace; cross-namespace backends are not \
-                     supported (ReferenceGrant is not implemented)",
-                    b.name
-                ),
-            ));
-        }
-        if !store.services.contains_key(&Key::new(ns, &b.name)) {
-            return Some((
-                "BackendNotFound".into(),
-                format!("Service {ns}/{} does not exist", b.name),
-            ));
-        }
-        if b.port.is_none() {
-            return Some((
-                "BackendNotFound".into(),
-                format!(
-                    "backendRef {ns}/{} has no port (required for a Service)",
-                    b.name
-                ),
-            ));
-        }
-    }
-    None
+/// A route and what its translation for the proxy left out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteEval {
+    pub route: RouteRefs,
+    /// Rules in `spec.rules`.
+    pub rules: usize,
+    pub dropped: Vec<DroppedRule>,
+    pub refused: Vec<RefProblem>,
 }
 
-/// The conditions for one Service parent of a route.
-pub fn parent_conditions(store: &Store, route: &RouteRefs, parent: &ParentRef) -> Vec<Cond> {
-    let svc = parent.service_key(&route.key.namespace);
-    let accepted = if store.services.contains_key(&svc) {
-        Cond {
+impl RouteEval {
+    /// Every rule was left out.
+    pub fn all_dropped(&self) -> bool {
+        self.rules > 0 && self.dropped.len() == self.rules
+    }
+
+    pub fn kind(&self) -> Kind {
+        if self.route.kind == "HTTPRoute" {
+            Kind::HTTPRoute
+        } else {
+            Kind::GRPCRoute
+        }
+    }
+}
+
+/// Every route in the store, translated against `index` as the proxy gets it.
+pub fn evaluate(store: &Store, index: &RefIndex) -> Vec<RouteEval> {
+    let http = store.http_routes.values().map(|r| {
+        let t = proxy_routes::http_route(r, index);
+        RouteEval {
+            route: RouteRefs::of_http(r),
+            rules: t.rules,
+            dropped: t.dropped,
+            refused: t.refused,
+        }
+    });
+    let grpc = store.grpc_routes.values().map(|r| {
+        let t = proxy_routes::grpc_route(r, index);
+        RouteEval {
+            route: RouteRefs::of_grpc(r),
+            rules: t.rules,
+            dropped: t.dropped,
+            refused: t.refused,
+        }
+    });
+    http.chain(grpc).collect()
+}
+
+/// The conditions for one Service parent of a route: `Accepted`,
+/// `ResolvedRefs`, and `PartiallyInvalid` when some rules were left out.
+pub fn parent_conditions(index: &RefIndex, eval: &RouteEval, parent: &ParentRef) -> Vec<Cond> {
+    let svc = parent.service_key(&eval.route.key.namespace);
+    let accepted = match index.check_parent(&svc, parent.port) {
+        Err(message) => Cond {
+            type_: "Accepted",
+            status: false,
+            reason: "NoMatchingParent".into(),
+            message,
+        },
+        Ok(()) if eval.all_dropped() => Cond {
+            type_: "Accepted",
+            status: false,
+            reason: "UnsupportedValue".into(),
+            message: format!(
+                "no rule can be carried out by the node proxy: {}",
+                eval.dropped
+                    .iter()
+                    .map(|d| d.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        },
+        Ok(()) => Cond {
             type_: "Accepted",
             status: true,
             reason: "Accepted".into(),
             message: format!("attached to Service {svc}"),
-        }
-    } else {
-        Cond {
-            type_: "Accepted",
-            status: false,
-            reason: "NoMatchingParent".into(),
-            message: format!("parent Service {svc} does not exist"),
-        }
+        },
     };
-    let resolved = match unresolved(store, route) {
+    let resolved = match eval.refused.first() {
         None => Cond {
             type_: "ResolvedRefs",
             status: true,
             reason: "ResolvedRefs".into(),
             message: "all backend references resolve".into(),
         },
-        Some((reason, message)) => Cond {
+        Some(first) => Cond {
             type_: "ResolvedRefs",
             status: false,
-            reason,
-            message,
+            reason: first.reason.as_str().into(),
+            message: format!(
+                "{}; requests for these backends are answered with 500",
+                eval.refused
+                    .iter()
+                    .map(|p| p.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
         },
     };
-    vec![accepted, resolved]
+    let partial = (accepted.status && !eval.dropped.is_empty()).then(|| Cond {
+        type_: "PartiallyInvalid",
+        status: true,
+        reason: "UnsupportedValue".into(),
+        // The Gateway API asks for this prefix when invalid rules are dropped.
+        message: format!(
+            "Dropped Rule{} {}: {}",
+            if eval.dropped.len() > 1 { "s" } else { "" },
+            eval.dropped
+                .iter()
+                .map(|d| d.index.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            eval.dropped
+                .iter()
+                .map(|d| d.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    });
+    let mut out = vec![accepted, resolved];
+    out.extend(partial);
+    out
 }
 
 /// Kubernetes conditions for `conds`, keeping the transition time of a
@@ -281,22 +316,22 @@ pub fn conditions_match(stored: &[Condition], conds: &[Cond], generation: Option
         })
 }
 
-/// The full `status.parents` a route should have (other controllers' entries
-/// kept as they are), or `None` when it already has it.
-pub fn route_status_parents(store: &Store, route: &RouteRefs) -> Option<Vec<serde_json::Value>> {
-    let ours = |v: &serde_json::Value| v["controllerName"] == config::CONTROLLER_NAME;
-    let mut out: Vec<serde_json::Value> = route
-        .status_parents
-        .iter()
-        .filter(|v| !ours(v))
-        .cloned()
-        .collect();
+fn is_ours(v: &serde_json::Value) -> bool {
+    v["controllerName"] == config::CONTROLLER_NAME
+}
+
+/// Sluice's entries of `status.parents` for a route (one per Service
+/// parent), or `None` when the stored ones already say that. Other
+/// controllers' entries are not Sluice's to write: the status writer merges
+/// these into the route's current `status.parents` ([`merge_parents`]).
+pub fn route_status_parents(index: &RefIndex, eval: &RouteEval) -> Option<Vec<serde_json::Value>> {
+    let route = &eval.route;
+    let mut out = Vec::new();
     let mut changed = false;
-    let mut seen = 0;
     for parent in route.service_parents() {
-        let conds = parent_conditions(store, route, parent);
+        let conds = parent_conditions(index, eval, parent);
         let prev = route.status_parents.iter().find(|v| {
-            ours(v)
+            is_ours(v)
                 && serde_json::from_value::<ParentRef>(v["parentRef"].clone())
                     .ok()
                     .as_ref()
@@ -308,7 +343,6 @@ pub fn route_status_parents(store: &Store, route: &RouteRefs) -> Option<Vec<serd
         if prev.is_none() || !conditions_match(&prev_conds, &conds, route.generation) {
             changed = true;
         }
-        seen += 1;
         out.push(serde_json::json!({
             "parentRef": parent,
             "controllerName": config::CONTROLLER_NAME,
@@ -316,14 +350,47 @@ pub fn route_status_parents(store: &Store, route: &RouteRefs) -> Option<Vec<serd
         }));
     }
     // Entries of ours for parents the route no longer has must go.
-    let stale = route.status_parents.iter().filter(|v| ours(v)).count() != seen;
+    let stale = route.status_parents.iter().filter(|v| is_ours(v)).count() != out.len();
     (changed || stale).then_some(out)
+}
+
+/// `current` (a route's `status.parents` as just read) with Sluice's entries
+/// replaced by `ours`: every other controller's entry is kept as it is, in
+/// its place.
+pub fn merge_parents(
+    current: &[serde_json::Value],
+    ours: &[serde_json::Value],
+) -> Vec<serde_json::Value> {
+    current
+        .iter()
+        .filter(|v| !is_ours(v))
+        .chain(ours)
+        .cloned()
+        .collect()
+}
+
+/// Whether `current` already holds `ours`, transition times aside (another
+/// agent wrote the same conditions a moment earlier).
+pub fn parents_hold(current: &[serde_json::Value], ours: &[serde_json::Value]) -> bool {
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        for c in v["conditions"].as_array_mut().into_iter().flatten() {
+            if let Some(c) = c.as_object_mut() {
+                c.remove("lastTransitionTime");
+            }
+        }
+        v
+    };
+    let have: Vec<serde_json::Value> = current.iter().filter(|v| is_ours(v)).map(strip).collect();
+    let want: Vec<serde_json::Value> = ours.iter().map(strip).collect();
+    have == want
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
+        gateway::HttpRoute,
         state::{Object, Update},
         testing::*,
     };
@@ -347,30 +414,50 @@ mod tests {
         }))
     }
 
+    fn store(services: &[(&str, &str, &[i32])]) -> Store {
+        let mut s = Store::new();
+        for (i, (ns, name, ports)) in services.iter().enumerate() {
+            s.apply(Update::Upsert(Object::Service(service(
+                ns,
+                name,
+                &format!("127.96.0.{}", i + 1),
+                ports,
+            ))));
+        }
+        s
+    }
+
+    /// The route's evaluation in `s`, and the index it was resolved against.
+    fn eval(s: &Store, r: &HttpRoute) -> (RefIndex, RouteEval) {
+        let mut s = s.clone();
+        s.apply(Update::Upsert(Object::HTTPRoute(r.clone())));
+        let index = RefIndex::of(&s);
+        let e = evaluate(&s, &index).remove(0);
+        (index, e)
+    }
+
+    /// `(type, status, reason)` of the conditions of the route's first parent.
+    fn conds(s: &Store, r: &HttpRoute) -> Vec<(&'static str, bool, String, String)> {
+        let (index, e) = eval(s, r);
+        parent_conditions(&index, &e, &e.route.parents[0])
+            .into_iter()
+            .map(|c| (c.type_, c.status, c.reason, c.message))
+            .collect()
+    }
+
     #[test]
     fn accepted_and_resolved_when_parent_and_backends_exist() {
-        let mut s = Store::new();
-        s.apply(Update::Upsert(Object::Service(service(
-            "shop",
-            "web",
-            "127.96.0.1",
-            &[80],
-        ))));
-        s.apply(Update::Upsert(Object::Service(service(
-            "shop",
-            "web-v2",
-            "127.96.0.2",
-            &[8080],
-        ))));
-        let r = RouteRefs::of_http(&web_route("web-v2"));
+        let s = store(&[("shop", "web", &[80]), ("shop", "web-v2", &[8080])]);
+        let (index, e) = eval(&s, &web_route("web-v2"));
         assert_eq!(
-            r.service_parents().count(),
+            e.route.service_parents().count(),
             1,
             "the Gateway parent is not ours"
         );
-        let parents = route_status_parents(&s, &r).expect("no status yet: must write");
+        let parents = route_status_parents(&index, &e).expect("no status yet: must write");
         assert_eq!(parents.len(), 1);
         let conds = &parents[0]["conditions"];
+        assert_eq!(conds.as_array().unwrap().len(), 2);
         assert_eq!(conds[0]["type"], "Accepted");
         assert_eq!(conds[0]["status"], "True");
         assert_eq!(conds[1]["type"], "ResolvedRefs");
@@ -382,50 +469,143 @@ mod tests {
         let mut written = web_route("web-v2");
         written.status =
             Some(serde_json::from_value(serde_json::json!({"parents": parents})).unwrap());
-        assert_eq!(
-            route_status_parents(&s, &RouteRefs::of_http(&written)),
-            None
-        );
+        let (index, e) = eval(&s, &written);
+        assert_eq!(route_status_parents(&index, &e), None);
     }
 
     #[test]
     fn a_missing_backend_is_backend_not_found_and_a_missing_parent_not_accepted() {
-        let mut s = Store::new();
-        let r = RouteRefs::of_http(&web_route("nope"));
-        let c = parent_conditions(&s, &r, &r.parents[0]);
-        assert_eq!(
-            (c[0].status, c[0].reason.as_str()),
-            (false, "NoMatchingParent")
-        );
-        assert_eq!(
-            (c[1].status, c[1].reason.as_str()),
-            (false, "BackendNotFound")
-        );
-        assert!(c[1].message.contains("shop/nope"), "{}", c[1].message);
-        s.apply(Update::Upsert(Object::Service(service(
-            "shop",
-            "web",
-            "127.96.0.1",
-            &[80],
-        ))));
-        let c = parent_conditions(&s, &r, &r.parents[0]);
-        assert!(c[0].status);
+        let c = conds(&Store::new(), &web_route("nope"));
+        assert_eq!((c[0].1, c[0].2.as_str()), (false, "NoMatchingParent"));
+        assert_eq!((c[1].1, c[1].2.as_str()), (false, "BackendNotFound"));
+        assert!(c[1].3.contains("shop/nope"), "{}", c[1].3);
+        let c = conds(&store(&[("shop", "web", &[80])]), &web_route("nope"));
+        assert!(c[0].1, "{c:?}");
     }
 
     #[test]
-    fn other_controllers_entries_are_kept() {
-        let s = Store::new();
-        let mut r = web_route("web");
-        r.status = Some(
-            serde_json::from_value(serde_json::json!({"parents": [{
-                "parentRef": {"name": "some-gateway"},
-                "controllerName": "example.com/gateway",
-                "conditions": []
-            }]}))
-            .unwrap(),
+    fn ports_that_the_services_lack_do_not_resolve() {
+        // The parent names port 80, the Service serves 8080 only.
+        let s = store(&[("shop", "web", &[8080]), ("shop", "web-v2", &[9090])]);
+        let c = conds(&s, &web_route("web-v2"));
+        assert_eq!((c[0].1, c[0].2.as_str()), (false, "NoMatchingParent"));
+        assert!(c[0].3.contains("has no port 80"), "{}", c[0].3);
+        assert_eq!((c[1].1, c[1].2.as_str()), (false, "BackendNotFound"));
+        assert!(
+            c[1].3
+                .contains("spec.rules[0].backendRefs[0]: Service shop/web-v2 has no port 8080"),
+            "{}",
+            c[1].3
         );
-        let parents = route_status_parents(&s, &RouteRefs::of_http(&r)).unwrap();
-        assert_eq!(parents.len(), 2);
-        assert_eq!(parents[0]["controllerName"], "example.com/gateway");
+    }
+
+    #[test]
+    fn other_namespaces_and_other_kinds_are_refused() {
+        let s = store(&[("shop", "web", &[80]), ("other", "db", &[8080])]);
+        let r = route(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "web", "port": 80}],
+                "rules": [{"backendRefs": [{"name": "db", "namespace": "other", "port": 8080}]}]
+            }
+        }));
+        let c = conds(&s, &r);
+        assert!(c[0].1, "still accepted: {c:?}");
+        assert_eq!((c[1].1, c[1].2.as_str()), (false, "RefNotPermitted"));
+        assert!(c[1].3.contains("ReferenceGrant"), "{}", c[1].3);
+        let r = route(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "web", "port": 80}],
+                "rules": [{"backendRefs": [{"group": "example.com", "kind": "Bucket", "name": "b"}]}]
+            }
+        }));
+        let c = conds(&s, &r);
+        assert_eq!((c[1].1, c[1].2.as_str()), (false, "InvalidKind"));
+    }
+
+    #[test]
+    fn rules_the_proxy_cannot_take_make_the_route_partially_invalid_or_not_accepted() {
+        let s = store(&[("shop", "web", &[80])]);
+        let rules = |n: usize| {
+            let mut rules = vec![serde_json::json!({"backendRefs": [{"name": "web", "port": 80}]})];
+            rules.extend((0..n).map(|_| {
+                serde_json::json!({"filters": [{"type": "CORS", "cors": {"allowOrigins": ["*"]}}]})
+            }));
+            rules
+        };
+        let r = route(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}], "rules": rules(2)}
+        }));
+        let c = conds(&s, &r);
+        assert_eq!(c.len(), 3, "{c:?}");
+        assert_eq!((c[0].1, c[0].2.as_str()), (true, "Accepted"));
+        assert_eq!(
+            (c[2].0, c[2].1, c[2].2.as_str()),
+            ("PartiallyInvalid", true, "UnsupportedValue")
+        );
+        assert!(
+            c[2].3
+                .starts_with("Dropped Rules 1, 2: spec.rules[1].filters[0].type"),
+            "{}",
+            c[2].3
+        );
+        // Only the unsupported rule: nothing is left to accept.
+        let r = route(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
+                     "rules": [rules(1)[1].clone()]}
+        }));
+        let c = conds(&s, &r);
+        assert_eq!(
+            c.len(),
+            2,
+            "no PartiallyInvalid on a route not accepted: {c:?}"
+        );
+        assert_eq!((c[0].1, c[0].2.as_str()), (false, "UnsupportedValue"));
+        assert!(c[0].3.contains("CORS"), "{}", c[0].3);
+    }
+
+    #[test]
+    fn only_our_entries_are_computed_and_the_merge_keeps_every_other_controllers() {
+        let other = serde_json::json!({
+            "parentRef": {"name": "some-gateway"},
+            "controllerName": "example.com/gateway",
+            "conditions": [],
+            "futureField": 1
+        });
+        let mut r = web_route("web");
+        r.status = Some(serde_json::from_value(serde_json::json!({"parents": [other]})).unwrap());
+        let (index, e) = eval(&Store::new(), &r);
+        let ours = route_status_parents(&index, &e).unwrap();
+        assert_eq!(ours.len(), 1);
+        assert_eq!(ours[0]["controllerName"], config::CONTROLLER_NAME);
+        // Merged into what the API server holds now, which has changed since
+        // the watch delivered the route: both other entries stay, ours is
+        // replaced, untouched fields survive.
+        let stale_ours = serde_json::json!({
+            "parentRef": {"group": "", "kind": "Service", "name": "web", "port": 80},
+            "controllerName": config::CONTROLLER_NAME,
+            "conditions": [{"type": "Accepted", "status": "True"}]
+        });
+        let newer = serde_json::json!({
+            "parentRef": {"name": "mesh-b"},
+            "controllerName": "example.com/mesh",
+            "conditions": []
+        });
+        let current = vec![other.clone(), stale_ours, newer.clone()];
+        let merged = merge_parents(&current, &ours);
+        assert_eq!(merged, vec![other, newer, ours[0].clone()]);
+        assert!(parents_hold(&merged, &ours));
+        assert!(!parents_hold(&current, &ours));
+        // Times aside, an entry another agent wrote counts as written.
+        let mut later = ours.clone();
+        later[0]["conditions"][0]["lastTransitionTime"] = "2030-01-01T00:00:00Z".into();
+        assert!(parents_hold(&merge_parents(&current, &later), &ours));
     }
 }

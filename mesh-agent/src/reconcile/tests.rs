@@ -9,7 +9,7 @@ use super::{dataplane::MemoryDataplane, *};
 use crate::{
     cgroups::PodCgroups,
     config,
-    state::{Object, Update},
+    state::{Kind, Object, Update},
     testing::*,
 };
 
@@ -267,7 +267,7 @@ fn the_mesh_view_is_published_with_a_new_generation_on_route_changes() {
     f.sync();
     let g0 = f.rx.mesh.borrow().generation;
     assert_eq!(f.rx.mesh.borrow().services.len(), 2);
-    let route: gateway_api::httproutes::HttpRoute = serde_json::from_value(serde_json::json!({
+    let route: crate::gateway::HttpRoute = serde_json::from_value(serde_json::json!({
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "HTTPRoute",
         "metadata": {"name": "a", "namespace": "shop"},
@@ -372,4 +372,56 @@ fn without_a_proxy_no_mode_is_pushed() {
         f.dp.modes().is_empty(),
         "STRICT without a proxy would refuse every connection"
     );
+}
+
+#[test]
+fn route_problems_are_config_errors_and_route_infos_without_a_status_writer() {
+    let mut f = fixture();
+    let route: crate::gateway::HttpRoute = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "a", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "a", "port": 80}],
+            "rules": [
+                {"backendRefs": [{"name": "b", "port": 80}, {"name": "b", "port": 81}]},
+                {"filters": [{"type": "ExternalAuth", "externalAuth": {"protocol": "HTTP",
+                    "backendRef": {"name": "b", "port": 80}}}]}
+            ]
+        }
+    }))
+    .unwrap();
+    let mut objs = shop();
+    objs.push(Object::HTTPRoute(route));
+    f.upsert(objs);
+    f.sync();
+    let view = f.rx.view.borrow().clone();
+    let msgs: Vec<String> = view
+        .config_errors
+        .iter()
+        .filter(|e| e.object.as_deref() == Some("HTTPRoute shop/a"))
+        .map(|e| e.message.clone())
+        .collect();
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert!(
+        msgs.iter().any(|m| m.starts_with("PartiallyInvalid is True (UnsupportedValue): Dropped Rule 1: spec.rules[1].filters[0].type")),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m.starts_with("ResolvedRefs is False (BackendNotFound): spec.rules[0].backendRefs[1]: Service shop/b has no port 81")),
+        "{msgs:?}"
+    );
+    let a = view.routes.iter().find(|r| r.service == "shop/a").unwrap();
+    assert!(a.accepted && !a.resolved_refs, "{a:?}");
+    assert!(
+        a.reason.as_deref().unwrap().starts_with("BackendNotFound"),
+        "{a:?}"
+    );
+    // The proxy still gets the rule that translates, with the bad backend's
+    // share pointing nowhere.
+    let mesh = f.rx.mesh.borrow().clone();
+    let t = crate::proxy::routes::http_route(&mesh.http_routes[0], &mesh.refs);
+    let rules = t.route.unwrap().rules;
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].backends.len(), 2);
 }

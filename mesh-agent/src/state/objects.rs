@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 use k8s_openapi::api::{
     core::v1::{Namespace, Service},
     discovery::v1::EndpointSlice,
@@ -57,12 +57,13 @@ pub enum Kind {
     EndpointSlice,
     HTTPRoute,
     GRPCRoute,
+    ReferenceGrant,
     MeshPolicy,
     AccessPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -70,6 +71,7 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::HTTPRoute,
         Kind::GRPCRoute,
+        Kind::ReferenceGrant,
         Kind::MeshPolicy,
         Kind::AccessPolicy,
     ];
@@ -135,6 +137,7 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     HTTPRoute(HttpRoute),
     GRPCRoute(GrpcRoute),
+    ReferenceGrant(ReferenceGrant),
     MeshPolicy(MeshPolicy),
     AccessPolicy(AccessPolicy),
 }
@@ -149,6 +152,7 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::HTTPRoute(_) => Kind::HTTPRoute,
             Object::GRPCRoute(_) => Kind::GRPCRoute,
+            Object::ReferenceGrant(_) => Kind::ReferenceGrant,
             Object::MeshPolicy(_) => Kind::MeshPolicy,
             Object::AccessPolicy(_) => Kind::AccessPolicy,
         }
@@ -163,6 +167,7 @@ impl Object {
             Object::EndpointSlice(o) => Key::of(o),
             Object::HTTPRoute(o) => Key::of(o),
             Object::GRPCRoute(o) => Key::of(o),
+            Object::ReferenceGrant(o) => Key::of(o),
             Object::MeshPolicy(o) => Key::of(o),
             Object::AccessPolicy(o) => Key::of(o),
         }

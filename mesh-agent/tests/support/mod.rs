@@ -31,6 +31,10 @@ const FIXTURES: &[(&str, &str)] = &[
         "httproutes.json",
     ),
     (
+        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
+        "referencegrants.json",
+    ),
+    (
         "/apis/sluice.dev/v1alpha1/accesspolicies",
         "accesspolicies.json",
     ),
@@ -50,6 +54,11 @@ struct FakeState {
     parked: HashMap<String, Vec<Responder>>,
     queued: HashMap<String, Vec<Value>>,
     patches: Vec<(String, Value)>,
+    /// Statuses written by PATCH, by the object's `/status` path.
+    statuses: HashMap<String, Value>,
+    /// Paths whose next PUT is answered with 409, as if another writer got
+    /// there first.
+    conflicts: std::collections::HashSet<String>,
 }
 
 /// A fake API server: lists from fixtures, watches that stay open until the
@@ -122,6 +131,8 @@ impl FakeApi {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
+            let mut body = body;
+            body["metadata"]["resourceVersion"] = json!("1");
             let mut st = self.state.lock().unwrap();
             st.writes.push(("POST".into(), path.clone(), body.clone()));
             let at = format!("{path}/{name}");
@@ -135,6 +146,33 @@ impl FakeApi {
             }
             st.objects.insert(at, body.clone());
             send.send_response(json_response(StatusCode::CREATED, &body));
+            return;
+        }
+        if req.method() == http::Method::PUT {
+            // A replace: only of the version the client read.
+            let body: Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+            let mut st = self.state.lock().unwrap();
+            st.writes.push(("PUT".into(), path.clone(), body.clone()));
+            let Some(stored) = st.objects.get(&path) else {
+                send.send_response(not_found(&path));
+                return;
+            };
+            let version = stored["metadata"]["resourceVersion"].clone();
+            if st.conflicts.remove(&path) || body["metadata"]["resourceVersion"] != version {
+                send.send_response(json_response(
+                    StatusCode::CONFLICT,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "reason": "Conflict", "code": 409,
+                            "message": "the object has been modified; please apply your changes to the latest version"}),
+                ));
+                return;
+            }
+            let next: u64 = version.as_str().and_then(|v| v.parse().ok()).unwrap_or(0) + 1;
+            let mut body = body;
+            body["metadata"]["resourceVersion"] = json!(next.to_string());
+            st.objects.insert(path, body.clone());
+            send.send_response(json_response(StatusCode::OK, &body));
             return;
         }
         let apply = req
@@ -177,8 +215,40 @@ impl FakeApi {
         }
         match st.lists.get(&path).or_else(|| st.objects.get(&path)) {
             Some(v) => send.send_response(json_response(StatusCode::OK, v)),
-            None => send.send_response(not_found(&path)),
+            None => {
+                drop(st);
+                match self.listed_object(&path) {
+                    Some(v) => send.send_response(json_response(StatusCode::OK, &v)),
+                    None => send.send_response(not_found(&path)),
+                }
+            }
         }
+    }
+
+    /// A listed object by its path (`.../<plural>/<name>` or its `/status`),
+    /// with the status written since.
+    fn listed_object(&self, path: &str) -> Option<Value> {
+        // /apis/<group>/<version>/namespaces/<ns>/<plural>/<name>[/status]
+        let status_path = if path.ends_with("/status") {
+            path.to_string()
+        } else {
+            format!("{path}/status")
+        };
+        let parts: Vec<&str> = status_path.trim_start_matches('/').split('/').collect();
+        let [_, group, version, _, ns, plural, name, _] = parts[..] else {
+            return None;
+        };
+        let list_path = format!("/apis/{group}/{version}/{plural}");
+        let st = self.state.lock().unwrap();
+        let mut obj = st.lists.get(&list_path)?["items"]
+            .as_array()?
+            .iter()
+            .find(|o| o["metadata"]["namespace"] == ns && o["metadata"]["name"] == name)?
+            .clone();
+        if let Some(status) = st.statuses.get(&status_path) {
+            obj["status"] = status.clone();
+        }
+        Some(obj)
     }
 
     /// The object a status PATCH targets, with the patched status.
@@ -197,6 +267,12 @@ impl FakeApi {
             .find(|o| o["metadata"]["namespace"] == ns && o["metadata"]["name"] == name)?
             .clone();
         obj["status"] = patch["status"].clone();
+        drop(st);
+        self.state
+            .lock()
+            .unwrap()
+            .statuses
+            .insert(path.to_string(), patch["status"].clone());
         Some(obj)
     }
 
@@ -231,5 +307,13 @@ impl FakeApi {
 
     pub fn put_object(&self, path: &str, v: Value) {
         self.state.lock().unwrap().objects.insert(path.into(), v);
+    }
+
+    pub fn conflict_next_put(&self, path: &str) {
+        self.state.lock().unwrap().conflicts.insert(path.into());
+    }
+
+    pub fn object(&self, path: &str) -> Option<Value> {
+        self.state.lock().unwrap().objects.get(path).cloned()
     }
 }

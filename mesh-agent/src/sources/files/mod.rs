@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, ObjectReference, Service},
@@ -224,6 +224,14 @@ fn parse_file(path: &Path, contents: &str) -> (Parsed, Vec<ConfigError>, Vec<Con
                     Some(Object::GRPCRoute(o))
                 })
             }
+            // v1beta1 is what clusters serve; v1 (Gateway API 1.5) has the same fields.
+            (
+                "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",
+                "ReferenceGrant",
+            ) => typed::<ReferenceGrant>(value).map(|mut o| {
+                with_default_ns(&mut o.metadata);
+                Some(Object::ReferenceGrant(o))
+            }),
             (crate::crds::API_VERSION, "MeshPolicy") => typed::<MeshPolicy>(value).map(|mut o| {
                 with_default_ns(&mut o.metadata);
                 Some(Object::MeshPolicy(o))
@@ -245,8 +253,8 @@ fn parse_file(path: &Path, contents: &str) -> (Parsed, Vec<ConfigError>, Vec<Con
                     None,
                     format!(
                         "ignored: {api} {kind} is not read by the files source (it reads Namespace, \
-                         Service, EndpointSlice, HTTPRoute, GRPCRoute, MeshPolicy, AccessPolicy and \
-                         {})",
+                         Service, EndpointSlice, HTTPRoute, GRPCRoute, ReferenceGrant, MeshPolicy, \
+                         AccessPolicy and {})",
                         format::KIND
                     ),
                 ));

@@ -275,3 +275,92 @@ fn pods_with_different_named_ports_get_their_own_slices() {
         .collect();
     assert_eq!(addrs, ["127.0.10.1:8081", "127.0.10.2:8080"]);
 }
+
+#[test]
+fn http_route_retry_from_a_file_reaches_the_proxy_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    write(
+        dir.path(),
+        "route.yaml",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web-retry
+  namespace: shop
+spec:
+  parentRefs:
+    - {kind: Service, name: web, port: 80}
+  rules:
+    - backendRefs:
+        - {name: web, port: 80}
+      retry:
+        attempts: 4
+        backoff: 50ms
+        codes: [503]
+      timeouts:
+        request: 3s
+"#,
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    let s = store_of(&src);
+    let route = &s.http_routes[&Key::new("shop", "web-retry")];
+    let t = crate::proxy::routes::http_route(route, &crate::reconcile::refs::RefIndex::of(&s));
+    assert_eq!((t.dropped, t.refused), (vec![], vec![]));
+    let rule = &t.route.expect("the route is in force").rules[0];
+    assert_eq!(
+        rule.retry,
+        Some(l7_proxy::config::Retry {
+            codes: vec![503],
+            attempts: 4,
+            backoff_ms: 50
+        })
+    );
+    assert_eq!(rule.timeouts.request_ms, Some(3000));
+}
+
+#[test]
+fn reference_grants_are_read_at_v1beta1_and_v1() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "grants.yaml",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-to-db, namespace: data}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service, name: db}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: ReferenceGrant
+metadata: {name: all, namespace: cache}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: GRPCRoute, namespace: shop}]
+  to: [{group: "", kind: Service}]
+"#,
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    let s = store_of(&src);
+    let g = &s.reference_grants[&Key::new("data", "shop-to-db")];
+    assert_eq!(g.spec.from[0].namespace, "shop");
+    assert_eq!(g.spec.to[0].name.as_deref(), Some("db"));
+    let index = crate::reconcile::refs::RefIndex::of(&s);
+    assert!(index.grant_for("HTTPRoute", "shop", "data", "db").is_some());
+    assert!(
+        index
+            .grant_for("GRPCRoute", "shop", "cache", "redis")
+            .is_some()
+    );
+    assert!(
+        index
+            .grant_for("HTTPRoute", "shop", "cache", "redis")
+            .is_none()
+    );
+}

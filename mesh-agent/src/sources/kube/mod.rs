@@ -1,5 +1,6 @@
 //! The Kubernetes source: kube-rs watchers for Namespaces, Nodes, Pods,
-//! Services, EndpointSlices, `HTTPRoute`s, `GRPCRoute`s and the Sluice CRDs,
+//! Services, EndpointSlices, `HTTPRoute`s, `GRPCRoute`s, `ReferenceGrant`s
+//! (v1beta1) and the Sluice CRDs,
 //! feeding the model (which is the agent's store of them), and a writer for
 //! the status the reconciler decides ([`status`]).
 //!
@@ -20,8 +21,8 @@ use std::{
     },
 };
 
+use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
 use futures::{StreamExt as _, TryStreamExt as _};
-use gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -305,6 +306,14 @@ impl KubeSource {
                 cfg(),
                 Kind::GRPCRoute,
                 |o| Some(Object::GRPCRoute(o)),
+                tx.clone(),
+                gate.clone(),
+            )),
+            tokio::spawn(watch_kind::<ReferenceGrant>(
+                Api::all(c.clone()),
+                cfg(),
+                Kind::ReferenceGrant,
+                |o| Some(Object::ReferenceGrant(o)),
                 tx.clone(),
                 gate.clone(),
             )),

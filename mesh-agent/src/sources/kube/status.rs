@@ -1,19 +1,33 @@
 //! Writes the status the reconciler decides: route parent conditions and the
-//! `Accepted` condition of Sluice policies, as JSON merge patches of the
-//! `status` subresource.
+//! `Accepted` condition of Sluice policies.
+//!
+//! A route's `status.parents` is shared with other controllers (a Gateway's,
+//! another mesh's), and the Gateway API CRDs make it an atomic list: a merge
+//! patch or an apply replaces it whole. So the writer reads the route's
+//! current status, replaces only Sluice's entries, and writes the list back
+//! with the `resourceVersion` it read as a precondition; when another writer
+//! got there first (409 Conflict) it reads again and retries. An entry
+//! another controller adds between the agent's watch and its write is never
+//! dropped. Sluice's own policies are Sluice's alone: a merge patch of their
+//! `status`.
 
 use kube::{
-    Api, Client,
-    api::{Patch, PatchParams},
+    Api, Client, Resource,
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
 };
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::{
     config,
     crds::{AccessPolicy, MeshPolicy},
-    reconcile::policies::StatusWrite,
-    state::Kind,
+    gateway::{GrpcRoute, HttpRoute},
+    reconcile::{policies::StatusWrite, routes},
+    state::{Key, Kind},
 };
+
+/// How many times a route status write is retried after a conflict.
+pub const CONFLICT_ATTEMPTS: usize = 5;
 
 /// Why a status write failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,42 +35,105 @@ pub enum Error {
     #[error("writing the status of {kind} {key}: {source}")]
     Patch {
         kind: Kind,
-        key: crate::state::Key,
+        key: Key,
         #[source]
         source: kube::Error,
     },
+    #[error(
+        "writing the status of {kind} {key}: it changed under every one of {CONFLICT_ATTEMPTS} \
+         attempts (409 Conflict); it is written again on the next change"
+    )]
+    Conflict { kind: Kind, key: Key },
     #[error("{0} has no status the agent writes")]
     Unsupported(Kind),
 }
 
-/// Writes one status.
-pub async fn write(client: &Client, w: &StatusWrite) -> Result<(), Error> {
-    let patch = Patch::Merge(serde_json::json!({ "status": w.status }));
-    let pp = PatchParams {
+fn params() -> PatchParams {
+    PatchParams {
         field_manager: Some(config::FIELD_MANAGER.into()),
         ..PatchParams::default()
+    }
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// Replaces Sluice's entries of a route's `status.parents` with `ours`,
+/// keeping every other controller's: read, merge, write with the read
+/// `resourceVersion`, again on a conflict. Ok when the route is gone.
+pub async fn write_route_parents(
+    api: &Api<DynamicObject>,
+    kind: Kind,
+    key: &Key,
+    ours: &[Value],
+) -> Result<(), Error> {
+    let err = |source| Error::Patch {
+        kind,
+        key: key.clone(),
+        source,
     };
+    for _ in 0..CONFLICT_ATTEMPTS {
+        let current = match api.get_status(&key.name).await {
+            Ok(o) => o,
+            // Deleted meanwhile: nothing to say about it.
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) => return Err(err(e)),
+        };
+        let parents: Vec<Value> = current.data["status"]["parents"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if routes::parents_hold(&parents, ours) {
+            return Ok(());
+        }
+        let patch = json!({
+            "metadata": {"resourceVersion": current.metadata.resource_version},
+            "status": {"parents": routes::merge_parents(&parents, ours)},
+        });
+        match api
+            .patch_status(&key.name, &params(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if is_status(&e, 409) => {
+                tracing::debug!(%kind, object = %key, "status changed meanwhile; reading it again");
+            }
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(Error::Conflict {
+        kind,
+        key: key.clone(),
+    })
+}
+
+fn dynamic<K: Resource<DynamicType = ()>>(client: &Client, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, &ApiResource::erase::<K>(&()))
+}
+
+/// Writes one status.
+pub async fn write(client: &Client, w: &StatusWrite) -> Result<(), Error> {
     let ns = &w.key.namespace;
     let name = &w.key.name;
+    let ours = || w.status["parents"].as_array().cloned().unwrap_or_default();
+    let patch = Patch::Merge(json!({ "status": w.status }));
     let res = match w.kind {
         Kind::HTTPRoute => {
-            Api::<gateway_api::httproutes::HttpRoute>::namespaced(client.clone(), ns)
-                .patch_status(name, &pp, &patch)
-                .await
-                .map(drop)
+            return write_route_parents(&dynamic::<HttpRoute>(client, ns), w.kind, &w.key, &ours())
+                .await;
         }
         Kind::GRPCRoute => {
-            Api::<gateway_api::grpcroutes::GrpcRoute>::namespaced(client.clone(), ns)
-                .patch_status(name, &pp, &patch)
-                .await
-                .map(drop)
+            return write_route_parents(&dynamic::<GrpcRoute>(client, ns), w.kind, &w.key, &ours())
+                .await;
         }
         Kind::MeshPolicy => Api::<MeshPolicy>::namespaced(client.clone(), ns)
-            .patch_status(name, &pp, &patch)
+            .patch_status(name, &params(), &patch)
             .await
             .map(drop),
         Kind::AccessPolicy => Api::<AccessPolicy>::namespaced(client.clone(), ns)
-            .patch_status(name, &pp, &patch)
+            .patch_status(name, &params(), &patch)
             .await
             .map(drop),
         other => return Err(Error::Unsupported(other)),
@@ -64,7 +141,7 @@ pub async fn write(client: &Client, w: &StatusWrite) -> Result<(), Error> {
     match res {
         Ok(()) => Ok(()),
         // Deleted meanwhile: nothing to say about it.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) if is_status(&e, 404) => Ok(()),
         Err(source) => Err(Error::Patch {
             kind: w.kind,
             key: w.key.clone(),

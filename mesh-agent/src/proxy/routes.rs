@@ -1,0 +1,528 @@
+//! Gateway API routes with Service parents (GAMMA) in the node proxy's form.
+//!
+//! One translation serves the proxy and the route status (`reconcile::routes`),
+//! so the status says exactly what the proxy does:
+//! - a rule using something the proxy cannot do is left out ([`DroppedRule`]);
+//!   the route's status then says `PartiallyInvalid`, or `Accepted: False`
+//!   when no rule is left;
+//! - a backend reference that does not resolve ([`RefProblem`]) keeps its
+//!   weight but points nowhere, so the proxy answers its share of requests
+//!   with 500 as the Gateway API asks, and never sends them to a Service the
+//!   route may not use; a mirror whose target does not resolve is dropped;
+//! - parents that do not exist (or lack the named port) are left out.
+
+use l7_proxy::config::{
+    BackendRef, GrpcMethodMatch, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HeaderModifier,
+    HeaderPair, HttpFilter, HttpRoute, HttpRouteMatch, HttpRouteRule, ObjectRef, ParentRef,
+    PathMatch, PathModifier, RequestMirror, RequestRedirect, Retry, Timeouts, UrlRewrite,
+    ValueMatch, ValueMatchKind,
+};
+use serde_json::Value;
+
+use crate::{
+    config,
+    gateway::{GrpcRoute as GwGrpcRoute, HttpRoute as GwHttpRoute},
+    reconcile::refs::{BackendTarget, RefIndex, RefProblem},
+    state::Key,
+};
+
+/// A rule the proxy cannot take, left out of its configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DroppedRule {
+    /// Its index in `spec.rules`.
+    pub index: usize,
+    /// `field: why`, the field spelled from `spec`.
+    pub message: String,
+}
+
+/// A route in the proxy's form, and what could not be carried over.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Translated<R> {
+    /// None when no parent resolves, or every rule was left out.
+    pub route: Option<R>,
+    /// Rules in `spec.rules`.
+    pub rules: usize,
+    pub dropped: Vec<DroppedRule>,
+    /// Backend and mirror references that do not resolve.
+    pub refused: Vec<RefProblem>,
+}
+
+impl<R> Translated<R> {
+    /// Every rule was left out (a route without rules is not "all dropped").
+    pub fn all_dropped(&self) -> bool {
+        self.rules > 0 && self.dropped.len() == self.rules
+    }
+}
+
+/// The route being translated: where references are resolved from.
+struct Ctx<'a> {
+    kind: &'static str,
+    ns: &'a str,
+    refs: &'a RefIndex,
+    refused: Vec<RefProblem>,
+}
+
+fn created_unix(meta: &kube::api::ObjectMeta) -> i64 {
+    meta.creation_timestamp
+        .as_ref()
+        .map_or(0, |t| t.0.as_second())
+}
+
+fn str_of(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_string)
+}
+
+fn port_of(v: &Value) -> Option<u16> {
+    v.as_u64().and_then(|p| u16::try_from(p).ok())
+}
+
+/// A Gateway API duration (`10s`, `1m30s`, `500ms`) in milliseconds.
+fn millis(v: &Value, field: &str) -> Result<Option<u64>, String> {
+    match v.as_str() {
+        None => Ok(None),
+        Some(s) => s
+            .parse::<gateway_api::Duration>()
+            .map(|d| Some(d.as_millis() as u64))
+            .map_err(|e| format!("{field}: {s:?} is not a Gateway API duration: {e}")),
+    }
+}
+
+/// A timeout: a zero duration disables it (GEP-1742).
+fn timeout_millis(v: &Value, field: &str) -> Result<Option<u64>, String> {
+    Ok(millis(v, field)?.filter(|ms| *ms > 0))
+}
+
+/// The Service parents that exist (with the named port).
+fn parents(v: &Value, route_ns: &str, refs: &RefIndex) -> Vec<ParentRef> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            matches!(p["group"].as_str(), None | Some("") | Some("core"))
+                && p["kind"].as_str() == Some("Service")
+        })
+        .filter_map(|p| {
+            let service = Key::new(
+                p["namespace"].as_str().unwrap_or(route_ns),
+                p["name"].as_str().unwrap_or(""),
+            );
+            let port = p["port"].as_i64().and_then(|p| i32::try_from(p).ok());
+            refs.check_parent(&service, port).ok()?;
+            Some(ParentRef {
+                service: ObjectRef::new(&service.namespace, &service.name),
+                port: port_of(&p["port"]),
+            })
+        })
+        .collect()
+}
+
+fn value_matches(v: &Value, field: &str) -> Result<Vec<ValueMatch>, String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, m)| {
+            let kind = match m["type"].as_str().unwrap_or("Exact") {
+                "Exact" => ValueMatchKind::Exact,
+                "RegularExpression" => ValueMatchKind::RegularExpression,
+                other => return Err(format!("{field}[{i}].type: {other:?} is not supported")),
+            };
+            Ok(ValueMatch {
+                kind,
+                name: str_of(&m["name"]).unwrap_or_default(),
+                value: str_of(&m["value"]).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+fn path_modifier(p: &Value, field: &str) -> Result<Option<PathModifier>, String> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    match p["type"].as_str() {
+        Some("ReplaceFullPath") => Ok(Some(PathModifier::ReplaceFullPath(
+            str_of(&p["replaceFullPath"]).unwrap_or_default(),
+        ))),
+        Some("ReplacePrefixMatch") => Ok(Some(PathModifier::ReplacePrefixMatch(
+            str_of(&p["replacePrefixMatch"]).unwrap_or_default(),
+        ))),
+        other => Err(format!("{field}.type: {} is not supported", quoted(other))),
+    }
+}
+
+/// `"value"`, or `missing`.
+fn quoted(v: Option<&str>) -> String {
+    v.map_or_else(|| "missing".into(), |v| format!("{v:?}"))
+}
+
+fn header_modifier(v: &Value) -> HeaderModifier {
+    let pairs = |v: &Value| {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| HeaderPair {
+                name: str_of(&p["name"]).unwrap_or_default(),
+                value: str_of(&p["value"]).unwrap_or_default(),
+            })
+            .collect()
+    };
+    HeaderModifier {
+        set: pairs(&v["set"]),
+        add: pairs(&v["add"]),
+        remove: v["remove"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(str_of)
+            .collect(),
+    }
+}
+
+/// The share of requests a mirror takes, as the proxy's whole percentage:
+/// `percent`, or a `fraction` that is a whole percentage (the proxy cannot
+/// mirror 1 request in 1000).
+fn mirror_percent(m: &Value, field: &str) -> Result<Option<u32>, String> {
+    if let Some(p) = m.get("percent").filter(|p| !p.is_null()) {
+        return match p.as_u64() {
+            Some(p) if p <= 100 => Ok(Some(p as u32)),
+            _ => Err(format!("{field}.percent: {p} is not between 0 and 100")),
+        };
+    }
+    let f = &m["fraction"];
+    if f.is_null() {
+        return Ok(None);
+    }
+    let (Some(n), Some(d)) = (
+        f["numerator"].as_u64(),
+        f["denominator"].as_u64().or(Some(100)),
+    ) else {
+        return Err(format!(
+            "{field}.fraction: numerator and denominator must be non-negative integers"
+        ));
+    };
+    if d == 0 || n > d {
+        return Err(format!(
+            "{field}.fraction: {n}/{d} is not a fraction between 0 and 1"
+        ));
+    }
+    if (n * 100) % d != 0 {
+        return Err(format!(
+            "{field}.fraction: {n}/{d} is not a whole percentage; the node proxy mirrors by \
+             whole percent (use percent, or a fraction such as {}/100)",
+            (n * 100 / d).max(1)
+        ));
+    }
+    Ok(Some((n * 100 / d) as u32))
+}
+
+/// `rules[].retry` (GEP-1731): `attempts` retries after the first try, on
+/// the listed status codes (and on failures to reach an endpoint), waiting
+/// `backoff`, doubled for each further retry.
+fn retry(v: &Value, field: &str) -> Result<Option<Retry>, String> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let attempts = match &v["attempts"] {
+        Value::Null => config::DEFAULT_RETRY_ATTEMPTS,
+        a => a
+            .as_u64()
+            .and_then(|a| u32::try_from(a).ok())
+            .ok_or_else(|| format!("{field}.attempts: {a} is not a number of retries"))?,
+    };
+    let codes = v["codes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, c)| {
+            c.as_u64()
+                .and_then(|c| u16::try_from(c).ok())
+                .filter(|c| (400..=599).contains(c))
+                .ok_or_else(|| {
+                    format!("{field}.codes[{i}]: {c} is not an HTTP status code from 400 to 599")
+                })
+        })
+        .collect::<Result<Vec<u16>, String>>()?;
+    let backoff_ms = match millis(&v["backoff"], &format!("{field}.backoff"))? {
+        Some(ms) => ms,
+        None => config::DEFAULT_RETRY_BACKOFF.as_millis() as u64,
+    };
+    Ok((attempts > 0).then_some(Retry {
+        codes,
+        attempts,
+        backoff_ms,
+    }))
+}
+
+fn timeouts(v: &Value, field: &str) -> Result<Timeouts, String> {
+    let t = Timeouts {
+        request_ms: timeout_millis(&v["request"], &format!("{field}.request"))?,
+        backend_request_ms: timeout_millis(
+            &v["backendRequest"],
+            &format!("{field}.backendRequest"),
+        )?,
+    };
+    if let (Some(req), Some(backend)) = (t.request_ms, t.backend_request_ms)
+        && backend > req
+    {
+        return Err(format!(
+            "{field}.backendRequest: {backend} ms is longer than request ({req} ms), which \
+             covers every attempt"
+        ));
+    }
+    Ok(t)
+}
+
+/// Fields of a rule the node proxy has no equivalent for: refusing them
+/// beats pretending they apply.
+fn unsupported_rule_fields(r: &Value, field: &str) -> Result<(), String> {
+    if !r["sessionPersistence"].is_null() {
+        return Err(format!(
+            "{field}.sessionPersistence: session persistence is not supported by the node proxy"
+        ));
+    }
+    Ok(())
+}
+
+impl Ctx<'_> {
+    /// One Gateway API filter (rule- or backend-level, in its JSON form);
+    /// None for a mirror whose target does not resolve (it is dropped).
+    fn filter(&mut self, f: &Value, field: &str) -> Result<Option<HttpFilter>, String> {
+        match f["type"].as_str() {
+            Some("RequestHeaderModifier") => Ok(Some(HttpFilter::RequestHeaderModifier(
+                header_modifier(&f["requestHeaderModifier"]),
+            ))),
+            Some("ResponseHeaderModifier") => Ok(Some(HttpFilter::ResponseHeaderModifier(
+                header_modifier(&f["responseHeaderModifier"]),
+            ))),
+            Some("RequestRedirect") => {
+                let r = &f["requestRedirect"];
+                Ok(Some(HttpFilter::RequestRedirect(RequestRedirect {
+                    scheme: str_of(&r["scheme"]),
+                    hostname: str_of(&r["hostname"]),
+                    path: path_modifier(&r["path"], &format!("{field}.requestRedirect.path"))?,
+                    port: port_of(&r["port"]),
+                    status_code: r["statusCode"].as_u64().and_then(|c| u16::try_from(c).ok()),
+                })))
+            }
+            Some("URLRewrite") => {
+                let r = &f["urlRewrite"];
+                Ok(Some(HttpFilter::UrlRewrite(UrlRewrite {
+                    hostname: str_of(&r["hostname"]),
+                    path: path_modifier(&r["path"], &format!("{field}.urlRewrite.path"))?,
+                })))
+            }
+            Some("RequestMirror") => {
+                let m = &f["requestMirror"];
+                let percent = mirror_percent(m, &format!("{field}.requestMirror"))?;
+                let b = &m["backendRef"];
+                let target = BackendTarget::of_json(b);
+                if let Err(p) = self.refs.check_backend(
+                    self.kind,
+                    self.ns,
+                    &target,
+                    &format!("{field}.requestMirror.backendRef"),
+                ) {
+                    self.refused.push(p);
+                    return Ok(None);
+                }
+                Ok(Some(HttpFilter::RequestMirror(RequestMirror {
+                    service: ObjectRef::new(target.namespace.unwrap_or(self.ns), target.name),
+                    port: port_of(&b["port"]).unwrap_or_default(),
+                    percent,
+                })))
+            }
+            other => Err(format!(
+                "{field}.type: {} filters are not supported by the node proxy",
+                quoted(other)
+            )),
+        }
+    }
+
+    fn filters(&mut self, v: &Value, field: &str) -> Result<Vec<HttpFilter>, String> {
+        let mut out = Vec::new();
+        for (i, f) in v.as_array().into_iter().flatten().enumerate() {
+            out.extend(self.filter(f, &format!("{field}[{i}]"))?);
+        }
+        Ok(out)
+    }
+
+    fn backends(&mut self, v: &Value, field: &str) -> Result<Vec<BackendRef>, String> {
+        let mut out = Vec::new();
+        for (i, b) in v.as_array().into_iter().flatten().enumerate() {
+            let f = format!("{field}[{i}]");
+            let target = BackendTarget::of_json(b);
+            let weight = b["weight"]
+                .as_u64()
+                .map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX));
+            match self.refs.check_backend(self.kind, self.ns, &target, &f) {
+                Ok(()) => out.push(BackendRef {
+                    service: ObjectRef::new(target.namespace.unwrap_or(self.ns), target.name),
+                    port: port_of(&b["port"]).unwrap_or_default(),
+                    weight,
+                    filters: self.filters(&b["filters"], &format!("{f}.filters"))?,
+                }),
+                Err(p) => {
+                    // Its share of requests gets 500 from the proxy: a name
+                    // no Kubernetes object can have, saying why.
+                    out.push(BackendRef {
+                        service: ObjectRef::new(
+                            target.namespace.unwrap_or(self.ns),
+                            format!("{} ({})", target.name, p.reason.as_str()),
+                        ),
+                        port: port_of(&b["port"]).unwrap_or_default(),
+                        weight,
+                        filters: Vec::new(),
+                    });
+                    self.refused.push(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn http_rule(&mut self, r: &Value, field: &str) -> Result<HttpRouteRule, String> {
+        unsupported_rule_fields(r, field)?;
+        let mut matches = Vec::new();
+        for (i, m) in r["matches"].as_array().into_iter().flatten().enumerate() {
+            let f = format!("{field}.matches[{i}]");
+            let path = match (
+                m["path"]["type"].as_str().unwrap_or("PathPrefix"),
+                str_of(&m["path"]["value"]),
+            ) {
+                (_, None) => None,
+                ("Exact", Some(v)) => Some(PathMatch::Exact(v)),
+                ("PathPrefix", Some(v)) => Some(PathMatch::PathPrefix(v)),
+                ("RegularExpression", Some(v)) => Some(PathMatch::RegularExpression(v)),
+                (other, _) => return Err(format!("{f}.path.type: {other:?} is not supported")),
+            };
+            matches.push(HttpRouteMatch {
+                path,
+                headers: value_matches(&m["headers"], &format!("{f}.headers"))?,
+                query_params: value_matches(&m["queryParams"], &format!("{f}.queryParams"))?,
+                method: str_of(&m["method"]),
+            });
+        }
+        Ok(HttpRouteRule {
+            name: str_of(&r["name"]),
+            matches,
+            filters: self.filters(&r["filters"], &format!("{field}.filters"))?,
+            backends: self.backends(&r["backendRefs"], &format!("{field}.backendRefs"))?,
+            timeouts: timeouts(&r["timeouts"], &format!("{field}.timeouts"))?,
+            retry: retry(&r["retry"], &format!("{field}.retry"))?,
+        })
+    }
+
+    fn grpc_rule(&mut self, r: &Value, field: &str) -> Result<GrpcRouteRule, String> {
+        unsupported_rule_fields(r, field)?;
+        let mut matches = Vec::new();
+        for (i, m) in r["matches"].as_array().into_iter().flatten().enumerate() {
+            let f = format!("{field}.matches[{i}]");
+            let method = if m["method"].is_null() {
+                None
+            } else {
+                Some(GrpcMethodMatch {
+                    kind: match m["method"]["type"].as_str().unwrap_or("Exact") {
+                        "Exact" => ValueMatchKind::Exact,
+                        "RegularExpression" => ValueMatchKind::RegularExpression,
+                        other => {
+                            return Err(format!("{f}.method.type: {other:?} is not supported"));
+                        }
+                    },
+                    service: str_of(&m["method"]["service"]),
+                    method: str_of(&m["method"]["method"]),
+                })
+            };
+            matches.push(GrpcRouteMatch {
+                method,
+                headers: value_matches(&m["headers"], &format!("{f}.headers"))?,
+            });
+        }
+        Ok(GrpcRouteRule {
+            name: str_of(&r["name"]),
+            matches,
+            filters: self.filters(&r["filters"], &format!("{field}.filters"))?,
+            backends: self.backends(&r["backendRefs"], &format!("{field}.backendRefs"))?,
+            timeouts: Timeouts::default(),
+            retry: None,
+        })
+    }
+
+    /// Every rule of `spec`, through `rule`; the ones that fail are dropped.
+    fn rules<T>(
+        &mut self,
+        spec: &Value,
+        mut rule: impl FnMut(&mut Self, &Value, &str) -> Result<T, String>,
+    ) -> (Vec<T>, usize, Vec<DroppedRule>) {
+        let mut kept = Vec::new();
+        let mut dropped = Vec::new();
+        let all = spec["rules"].as_array().map_or(&[][..], Vec::as_slice);
+        for (i, r) in all.iter().enumerate() {
+            // A dropped rule's references are not the route's any more.
+            let refused = self.refused.len();
+            match rule(self, r, &format!("spec.rules[{i}]")) {
+                Ok(x) => kept.push(x),
+                Err(message) => {
+                    self.refused.truncate(refused);
+                    dropped.push(DroppedRule { index: i, message });
+                }
+            }
+        }
+        (kept, all.len(), dropped)
+    }
+}
+
+/// The proxy's form of an HTTPRoute, resolved against `refs`.
+pub fn http_route(r: &GwHttpRoute, refs: &RefIndex) -> Translated<HttpRoute> {
+    let key = Key::of(r);
+    let spec = serde_json::to_value(&r.spec).unwrap_or_default();
+    let mut ctx = Ctx {
+        kind: "HTTPRoute",
+        ns: &key.namespace,
+        refs,
+        refused: Vec::new(),
+    };
+    let (rules, total, dropped) = ctx.rules(&spec, Ctx::http_rule);
+    let parents = parents(&spec["parentRefs"], &key.namespace, refs);
+    let all_dropped = total > 0 && rules.is_empty();
+    let keep = !(parents.is_empty() || all_dropped);
+    Translated {
+        route: keep.then(|| HttpRoute {
+            id: ObjectRef::new(&key.namespace, &key.name),
+            created_unix: created_unix(&r.metadata),
+            parents,
+            rules,
+        }),
+        rules: total,
+        dropped,
+        refused: ctx.refused,
+    }
+}
+
+/// The proxy's form of a GRPCRoute, resolved against `refs`.
+pub fn grpc_route(r: &GwGrpcRoute, refs: &RefIndex) -> Translated<GrpcRoute> {
+    let key = Key::of(r);
+    let spec = serde_json::to_value(&r.spec).unwrap_or_default();
+    let mut ctx = Ctx {
+        kind: "GRPCRoute",
+        ns: &key.namespace,
+        refs,
+        refused: Vec::new(),
+    };
+    let (rules, total, dropped) = ctx.rules(&spec, Ctx::grpc_rule);
+    let parents = parents(&spec["parentRefs"], &key.namespace, refs);
+    let all_dropped = total > 0 && rules.is_empty();
+    let keep = !(parents.is_empty() || all_dropped);
+    Translated {
+        route: keep.then(|| GrpcRoute {
+            id: ObjectRef::new(&key.namespace, &key.name),
+            created_unix: created_unix(&r.metadata),
+            parents,
+            rules,
+        }),
+        rules: total,
+        dropped,
+        refused: ctx.refused,
+    }
+}

@@ -1,0 +1,423 @@
+//! Whether a route's references resolve: its Service parents (and their
+//! ports), its backends and mirror targets, and whether a ReferenceGrant lets
+//! a route refer to a Service in another namespace. One index of the model
+//! answers both the route status (`ResolvedRefs`, `Accepted`) and the
+//! translation for the proxy, so what the status says and what the proxy
+//! does cannot differ.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::{
+    gateway,
+    state::{Key, Store},
+};
+
+/// Why a backend reference does not resolve: the `ResolvedRefs` reasons of
+/// the Gateway API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum RefReason {
+    /// Not a core Service.
+    InvalidKind,
+    /// In another namespace, and no ReferenceGrant there allows it.
+    RefNotPermitted,
+    /// The Service, or the port on it, does not exist (or no port is given).
+    BackendNotFound,
+}
+
+impl RefReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefReason::InvalidKind => "InvalidKind",
+            RefReason::RefNotPermitted => "RefNotPermitted",
+            RefReason::BackendNotFound => "BackendNotFound",
+        }
+    }
+}
+
+/// A backend reference that does not resolve, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct RefProblem {
+    pub reason: RefReason,
+    /// Names the field and the reference.
+    pub message: String,
+}
+
+/// A backend reference as a route spells it (`backendRefs[]` or a mirror's
+/// `backendRef`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackendTarget<'a> {
+    pub group: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub name: &'a str,
+    pub namespace: Option<&'a str>,
+    pub port: Option<i64>,
+}
+
+impl<'a> BackendTarget<'a> {
+    /// From a reference in its JSON form.
+    pub fn of_json(v: &'a serde_json::Value) -> Self {
+        Self {
+            group: v["group"].as_str(),
+            kind: v["kind"].as_str(),
+            name: v["name"].as_str().unwrap_or(""),
+            namespace: v["namespace"].as_str(),
+            port: v["port"].as_i64(),
+        }
+    }
+}
+
+/// A ReferenceGrant, as much as Service references need.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Grant {
+    /// The grant (its namespace is the one it opens).
+    pub key: Key,
+    /// `(group, kind, namespace)` of the referring objects.
+    pub from: Vec<(String, String, String)>,
+    /// `(group, kind, name)` of the objects referred to; no name: all of them.
+    pub to: Vec<(String, String, Option<String>)>,
+}
+
+impl Grant {
+    /// Whether `from_kind`s (Gateway API kinds, `HTTPRoute`) of `from_ns`
+    /// may refer to the Service `name` in the grant's namespace.
+    fn permits_service(&self, from_kind: &str, from_ns: &str, name: &str) -> bool {
+        self.from
+            .iter()
+            .any(|(g, k, ns)| g == gateway::GROUP && k == from_kind && ns == from_ns)
+            && self.to.iter().any(|(g, k, n)| {
+                is_core(Some(g)) && k == "Service" && n.as_deref().is_none_or(|n| n == name)
+            })
+    }
+}
+
+/// The Services of the model and their ports, and the ReferenceGrants: what
+/// route references may point at.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RefIndex {
+    /// Every Service, and the port numbers it serves.
+    pub services: BTreeMap<Key, BTreeSet<u16>>,
+    /// ReferenceGrants by the namespace they open.
+    pub grants: BTreeMap<String, Vec<Grant>>,
+}
+
+fn is_core(group: Option<&str>) -> bool {
+    matches!(group, None | Some("") | Some("core"))
+}
+
+impl RefIndex {
+    pub fn of(store: &Store) -> Self {
+        let services = store
+            .services
+            .iter()
+            .map(|(key, svc)| {
+                let ports = svc
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.ports.iter().flatten())
+                    .filter_map(|p| u16::try_from(p.port).ok())
+                    .collect();
+                (key.clone(), ports)
+            })
+            .collect();
+        let mut grants: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
+        for (key, g) in &store.reference_grants {
+            grants
+                .entry(key.namespace.clone())
+                .or_default()
+                .push(Grant {
+                    key: key.clone(),
+                    from: g
+                        .spec
+                        .from
+                        .iter()
+                        .map(|f| (f.group.clone(), f.kind.clone(), f.namespace.clone()))
+                        .collect(),
+                    to: g
+                        .spec
+                        .to
+                        .iter()
+                        .map(|t| (t.group.clone(), t.kind.clone(), t.name.clone()))
+                        .collect(),
+                });
+        }
+        Self { services, grants }
+    }
+
+    /// Whether a ReferenceGrant in `ns` lets `route_kind`s of `route_ns`
+    /// refer to the Service `ns/name`; the grant's key if so.
+    pub fn grant_for(
+        &self,
+        route_kind: &str,
+        route_ns: &str,
+        ns: &str,
+        name: &str,
+    ) -> Option<&Key> {
+        self.grants
+            .get(ns)?
+            .iter()
+            .find(|g| g.permits_service(route_kind, route_ns, name))
+            .map(|g| &g.key)
+    }
+
+    /// Whether a backend reference of a route (`route_kind`, e.g.
+    /// `HTTPRoute`, in `route_ns`) resolves. `field` names it in the message.
+    pub fn check_backend(
+        &self,
+        route_kind: &str,
+        route_ns: &str,
+        b: &BackendTarget<'_>,
+        field: &str,
+    ) -> Result<(), RefProblem> {
+        let problem = |reason, message: String| {
+            Err(RefProblem {
+                reason,
+                message: format!("{field}: {message}"),
+            })
+        };
+        if !is_core(b.group) || !matches!(b.kind, None | Some("Service")) {
+            return problem(
+                RefReason::InvalidKind,
+                format!(
+                    "{} has group {:?} and kind {:?}; only Services are supported",
+                    b.name,
+                    b.group.unwrap_or(""),
+                    b.kind.unwrap_or("Service")
+                ),
+            );
+        }
+        let ns = b.namespace.unwrap_or(route_ns);
+        // The grant is checked before existence, so a route cannot probe
+        // another namespace for its Services.
+        if ns != route_ns && self.grant_for(route_kind, route_ns, ns, b.name).is_none() {
+            return problem(
+                RefReason::RefNotPermitted,
+                format!(
+                    "Service {ns}/{} is in another namespace and no ReferenceGrant in {ns} \
+                     allows {route_kind}s of {route_ns} to refer to it",
+                    b.name
+                ),
+            );
+        }
+        let key = Key::new(ns, b.name);
+        let Some(ports) = self.services.get(&key) else {
+            return problem(
+                RefReason::BackendNotFound,
+                format!("Service {key} does not exist"),
+            );
+        };
+        match b.port {
+            None => problem(
+                RefReason::BackendNotFound,
+                format!("Service {key}: port is required"),
+            ),
+            Some(p) if !u16::try_from(p).is_ok_and(|p| ports.contains(&p)) => problem(
+                RefReason::BackendNotFound,
+                format!("Service {key} has no port {p}"),
+            ),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether a Service parent exists (with the port, when one is named):
+    /// `Err` is the `NoMatchingParent` message.
+    pub fn check_parent(&self, service: &Key, port: Option<i32>) -> Result<(), String> {
+        let Some(ports) = self.services.get(service) else {
+            return Err(format!("parent Service {service} does not exist"));
+        };
+        match port {
+            Some(p) if !u16::try_from(p).is_ok_and(|p| ports.contains(&p)) => {
+                Err(format!("parent Service {service} has no port {p}"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        state::{Object, Update},
+        testing::service,
+    };
+
+    fn index() -> RefIndex {
+        let mut s = Store::new();
+        s.apply(Update::Upsert(Object::Service(service(
+            "shop",
+            "web",
+            "127.96.0.1",
+            &[80, 8080],
+        ))));
+        s.apply(Update::Upsert(Object::Service(service(
+            "other",
+            "db",
+            "127.96.0.2",
+            &[5432],
+        ))));
+        RefIndex::of(&s)
+    }
+
+    fn target<'a>(ns: Option<&'a str>, name: &'a str, port: Option<i64>) -> BackendTarget<'a> {
+        BackendTarget {
+            name,
+            namespace: ns,
+            port,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn backends_resolve_only_to_existing_services_and_ports_in_the_namespace() {
+        let i = index();
+        let check = |b: BackendTarget<'_>| {
+            i.check_backend("HTTPRoute", "shop", &b, "f")
+                .map_err(|p| p.reason)
+        };
+        assert_eq!(check(target(None, "web", Some(8080))), Ok(()));
+        assert_eq!(
+            check(target(None, "web", Some(81))),
+            Err(RefReason::BackendNotFound)
+        );
+        assert_eq!(
+            check(target(None, "web", None)),
+            Err(RefReason::BackendNotFound)
+        );
+        assert_eq!(
+            check(target(None, "nope", Some(80))),
+            Err(RefReason::BackendNotFound)
+        );
+        assert_eq!(
+            check(target(Some("other"), "db", Some(5432))),
+            Err(RefReason::RefNotPermitted)
+        );
+        let mut b = target(None, "web", Some(80));
+        b.group = Some("example.com");
+        b.kind = Some("Bucket");
+        assert_eq!(check(b), Err(RefReason::InvalidKind));
+        let e = i
+            .check_backend(
+                "HTTPRoute",
+                "shop",
+                &target(None, "web", Some(81)),
+                "spec.rules[0].backendRefs[1]",
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "spec.rules[0].backendRefs[1]: Service shop/web has no port 81"
+        );
+    }
+
+    fn grant(ns: &str, from: serde_json::Value, to: serde_json::Value) -> Object {
+        Object::ReferenceGrant(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1beta1",
+                "kind": "ReferenceGrant",
+                "metadata": {"name": "g", "namespace": ns},
+                "spec": {"from": from, "to": to}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_reference_grant_opens_its_namespace_to_the_kinds_and_namespaces_it_names() {
+        let mut s = Store::new();
+        for svc in ["db", "cache"] {
+            s.apply(Update::Upsert(Object::Service(service(
+                "other",
+                svc,
+                "127.96.0.2",
+                &[5432],
+            ))));
+        }
+        let db = target(Some("other"), "db", Some(5432));
+        let cache = target(Some("other"), "cache", Some(5432));
+        let check = |s: &Store, kind: &str, from: &str, b: &BackendTarget<'_>| {
+            RefIndex::of(s)
+                .check_backend(kind, from, b, "f")
+                .map_err(|p| p.reason)
+        };
+        assert_eq!(
+            check(&s, "HTTPRoute", "shop", &db),
+            Err(RefReason::RefNotPermitted)
+        );
+        let route_from = serde_json::json!([{"group": "gateway.networking.k8s.io",
+                                             "kind": "HTTPRoute", "namespace": "shop"}]);
+        // A grant for db only, from HTTPRoutes of shop.
+        let mut g = s.clone();
+        g.apply(Update::Upsert(grant(
+            "other",
+            route_from.clone(),
+            serde_json::json!([{"group": "", "kind": "Service", "name": "db"}]),
+        )));
+        assert_eq!(check(&g, "HTTPRoute", "shop", &db), Ok(()));
+        assert_eq!(
+            check(&g, "HTTPRoute", "shop", &cache),
+            Err(RefReason::RefNotPermitted),
+            "the grant names db only"
+        );
+        assert_eq!(
+            check(&g, "GRPCRoute", "shop", &db),
+            Err(RefReason::RefNotPermitted),
+            "the grant is for HTTPRoutes"
+        );
+        assert_eq!(
+            check(&g, "HTTPRoute", "web", &db),
+            Err(RefReason::RefNotPermitted),
+            "the grant is for namespace shop"
+        );
+        // A grant without a name opens every Service; a grant in another
+        // namespace opens nothing here.
+        let mut g = s.clone();
+        g.apply(Update::Upsert(grant(
+            "other",
+            route_from.clone(),
+            serde_json::json!([{"group": "", "kind": "Service"}]),
+        )));
+        assert_eq!(check(&g, "HTTPRoute", "shop", &cache), Ok(()));
+        let mut g = s.clone();
+        g.apply(Update::Upsert(grant(
+            "shop",
+            route_from,
+            serde_json::json!([{"group": "", "kind": "Service"}]),
+        )));
+        assert_eq!(
+            check(&g, "HTTPRoute", "shop", &db),
+            Err(RefReason::RefNotPermitted)
+        );
+        // Granted, the Service must still exist.
+        let mut g = Store::new();
+        g.apply(Update::Upsert(grant(
+            "other",
+            serde_json::json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                "namespace": "shop"}]),
+            serde_json::json!([{"group": "", "kind": "Service"}]),
+        )));
+        assert_eq!(
+            check(&g, "HTTPRoute", "shop", &db),
+            Err(RefReason::BackendNotFound)
+        );
+    }
+
+    #[test]
+    fn parents_need_the_service_and_the_named_port() {
+        let i = index();
+        let web = Key::new("shop", "web");
+        assert_eq!(i.check_parent(&web, None), Ok(()));
+        assert_eq!(i.check_parent(&web, Some(80)), Ok(()));
+        assert!(
+            i.check_parent(&web, Some(81))
+                .unwrap_err()
+                .contains("no port 81")
+        );
+        assert!(
+            i.check_parent(&Key::new("shop", "x"), None)
+                .unwrap_err()
+                .contains("does not exist")
+        );
+    }
+}
