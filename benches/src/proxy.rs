@@ -8,9 +8,10 @@
 //! - nginx pair: oha → nginx (plain) → HTTPS with client certificates (TLS
 //!   1.3, upstream keepalive) → nginx → backend.
 //!
-//! Each pair runs in its own process (nginx: one process each, `master_process
-//! off`), so its CPU time is read from `/proc/<pid>/stat`. Access logs are off
-//! everywhere.
+//! Every proxy is a process of its own with one worker (a one-thread tokio
+//! runtime; nginx with `master_process off`), as one proxy per node would be
+//! on two nodes, so each pair's CPU time is read from `/proc/<pid>/stat`.
+//! Access logs are off everywhere.
 
 use std::{
     io::{BufRead, BufReader},
@@ -234,26 +235,34 @@ impl Drop for TempDir {
 }
 
 impl Fleet {
-    /// `pair_threads`: tokio worker threads of the relay and Sluice pairs'
-    /// processes (the nginx pair is two single-threaded processes).
-    fn start(pair_threads: usize) -> Result<Fleet> {
-        let threads = pair_threads.to_string();
+    /// `threads`: tokio worker threads of each relay and Sluice proxy process
+    /// (each nginx is a single-threaded process).
+    fn start(threads: usize) -> Result<Fleet> {
+        let threads = threads.to_string();
         let nginx = ensure_nginx()?;
         let (backend, backend_addr) = node(&["backend", "127.0.0.2:0"])?;
         let backend_s = backend_addr.to_string();
-        let (relay, relay_addr) = node(&[
-            "relay-pair",
-            "127.0.0.1:0",
-            "127.0.0.5:0",
-            &backend_s,
-            &threads,
-        ])?;
-        let (sluice, sluice_addr) = node(&["sluice-pair", &backend_s, &threads])?;
+        // Each proxy of a pair is its own process, as each nginx is: node B
+        // (the backend's) first, then node A pointing at it.
+        let (relay_b, relay_b_addr) = node(&["relay", "127.0.0.5:0", &backend_s, &threads])?;
+        let (relay_a, relay_a_addr) =
+            node(&["relay", "127.0.0.1:0", &relay_b_addr.to_string(), &threads])?;
 
         let dir = TempDir(
             std::env::temp_dir().join(format!("sluice-bench-nginx-{}", std::process::id())),
         );
         std::fs::create_dir_all(&dir.0)?;
+        let ca_dir = dir.0.join("ca");
+        let ca_s = ca_dir.display().to_string();
+        let (sluice_b, sluice_b_addr) = node(&["sluice-server", &backend_s, &ca_s, &threads])?;
+        let (sluice_a, sluice_addr) = node(&[
+            "sluice-client",
+            &backend_s,
+            &sluice_b_addr.to_string(),
+            &ca_s,
+            &threads,
+        ])?;
+
         nginx_certs(&dir.0)?;
         let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
         let b_addr: SocketAddr = format!("127.0.0.4:{}", free_port("127.0.0.4")?).parse()?;
@@ -290,14 +299,14 @@ impl Fleet {
                 },
                 Target {
                     name: "TCP relay pair",
-                    url: url(relay_addr),
-                    procs: vec![relay],
+                    url: url(relay_a_addr),
+                    procs: vec![relay_a, relay_b],
                     logs: vec![],
                 },
                 Target {
                     name: "Sluice pair (mTLS tunnel)",
                     url: url(sluice_addr),
-                    procs: vec![sluice],
+                    procs: vec![sluice_a, sluice_b],
                     logs: vec![],
                 },
                 Target {
@@ -445,9 +454,7 @@ fn warm_up(bin: &Path, fleet: &Fleet) -> Result<()> {
 /// requests.
 pub fn latency(quick: bool) -> Result<()> {
     let bin = ensure_oha()?;
-    // At 1,000 requests/s one worker thread per pair process is plenty, and
-    // costs less CPU than two that wake each other.
-    let threads = pair_threads(1);
+    let threads = pair_threads();
     let fleet = Fleet::start(threads)?;
     warm_up(&bin, &fleet)?;
     let (secs, rounds) = if quick { ("3s", 1) } else { ("8s", 5) };
@@ -487,9 +494,8 @@ pub fn latency(quick: bool) -> Result<()> {
          {rounds} rounds, each running every path in turn; the table shows medians. Added latency = \
          the path's percentile minus the direct connection's in the same round. CPU = user+system \
          seconds of the pair's process(es) per 1,000 requests (/proc/<pid>/stat), so 0.25 means \
-         0.25 vCPU at 1,000 rps. The relay and Sluice pairs each run in one process with {threads} \
-         tokio worker thread; the nginx pair is two single-threaded nginx processes (`master_process \
-         off`), TLS 1.3 with client certificates and upstream keepalive.\n"
+         0.25 vCPU at 1,000 rps. {}\n",
+        pairs(threads)
     ));
     s.line(NOISE);
     s.table(
@@ -523,8 +529,7 @@ pub fn latency(quick: bool) -> Result<()> {
 /// at that rate.
 pub fn throughput(quick: bool) -> Result<()> {
     let bin = ensure_oha()?;
-    // As many threads as the nginx pair has (two processes, one each).
-    let threads = pair_threads(2);
+    let threads = pair_threads();
     let fleet = Fleet::start(threads)?;
     warm_up(&bin, &fleet)?;
     let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 3) };
@@ -550,10 +555,9 @@ pub fn throughput(quick: bool) -> Result<()> {
     );
     s.line(format!(
         "oha `-z {secs} -c 64`, HTTP/1.1 GET with {BODY}-byte response bodies on loopback; {rounds} \
-         interleaved rounds, medians. The relay and Sluice pairs each run in one process with \
-         {threads} tokio worker threads; the nginx pair is two single-threaded processes. The load \
-         generator, the backend and the proxies share this machine's vCPUs, so these are ratios \
-         between paths more than absolute capacities.\n"
+         interleaved rounds, medians. {} The load generator, the backend and the proxies share \
+         this machine's vCPUs, so these are ratios between paths more than absolute capacities.\n",
+        pairs(threads)
     ));
     s.line(NOISE);
     s.table(
@@ -567,48 +571,75 @@ pub fn throughput(quick: bool) -> Result<()> {
         &rows,
     );
     s.line(format!(
-        "Target: ahead of the nginx pair on throughput: {:.0} vs {:.0} requests/s, {}x ({}).\n",
+        "Target: ahead of the nginx pair on throughput: {:.0} vs {:.0} requests/s, {}x ({}); and on \
+         tail latency at full speed: {:.3} ms vs {:.3} ms p99 ({}).\n",
         runs[2].rps,
         runs[3].rps,
         ratio(runs[2].rps, runs[3].rps),
-        verdict(runs[2].rps > runs[3].rps)
+        verdict(runs[2].rps > runs[3].rps),
+        runs[2].p99_ms,
+        runs[3].p99_ms,
+        verdict(runs[2].p99_ms < runs[3].p99_ms)
     ));
     s.write()
 }
 
-/// Worker threads of the pairs' processes: `default`, or
-/// `SLUICE_BENCH_PAIR_THREADS` to try another setting.
-fn pair_threads(default: usize) -> usize {
+/// How the pairs are run, for the reports.
+fn pairs(threads: usize) -> String {
+    format!(
+        "Every proxy is a process of its own: each relay and each Sluice proxy a tokio runtime \
+         with {threads} worker thread(s), each nginx a single-threaded process (`master_process \
+         off`, TLS 1.3 with client certificates, upstream keepalive){}.",
+        if threads == 1 {
+            ", so every pair has the same two threads, as one proxy per node would on two nodes"
+        } else {
+            " (SLUICE_BENCH_PAIR_THREADS overrides the default of one)"
+        }
+    )
+}
+
+/// Worker threads of each relay and Sluice proxy process: one, like each
+/// nginx, or `SLUICE_BENCH_PAIR_THREADS` to try another setting (the report
+/// then says so).
+fn pair_threads() -> usize {
     std::env::var("SLUICE_BENCH_PAIR_THREADS")
         .ok()
         .and_then(|t| t.parse().ok())
-        .unwrap_or(default)
+        .unwrap_or(1)
 }
 
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
 
-/// The child-process side: `backend ADDR`, `relay-pair LISTEN MIDDLE BACKEND`
-/// or `sluice-pair BACKEND`. Prints `READY <addr>` and serves until killed.
+/// The child-process side: `backend ADDR`, `relay LISTEN TO THREADS`,
+/// `sluice-server BACKEND CA_DIR THREADS` or `sluice-client BACKEND
+/// SERVER_INBOUND CA_DIR THREADS`. Prints `READY <addr>` and serves until
+/// killed.
 pub fn proxy_node(args: &[String]) -> Result<()> {
-    // The backend is shared by every path; the pairs get the thread count
+    // The backend is shared by every path; the proxies get the thread count
     // the benchmark asks for (last argument).
     let threads = match args.first().map(String::as_str) {
         Some("backend") => 2,
-        _ => args.last().and_then(|t| t.parse().ok()).unwrap_or(2),
+        _ => args.last().and_then(|t| t.parse().ok()).unwrap_or(1),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
         .build()?;
+    let arg = |i: usize| -> Result<&str> {
+        args.get(i)
+            .map(String::as_str)
+            .with_context(|| format!("proxy-node {args:?}: argument {i} missing"))
+    };
     rt.block_on(async move {
         match args.first().map(String::as_str) {
-            Some("backend") => backend(args[1].parse()?).await,
-            Some("relay-pair") => {
-                relay_pair(args[1].parse()?, args[2].parse()?, args[3].parse()?).await
+            Some("backend") => backend(arg(1)?.parse()?).await,
+            Some("relay") => relay(arg(1)?.parse()?, arg(2)?.parse()?).await,
+            Some("sluice-server") => sluice_node(arg(1)?.parse()?, None, Path::new(arg(2)?)).await,
+            Some("sluice-client") => {
+                sluice_node(arg(1)?.parse()?, Some(arg(2)?.parse()?), Path::new(arg(3)?)).await
             }
-            Some("sluice-pair") => sluice_pair(args[1].parse()?).await,
             other => bail!("unknown proxy-node mode {other:?}"),
         }
     })
@@ -642,25 +673,20 @@ async fn backend(addr: SocketAddr) -> Result<()> {
     }
 }
 
-async fn relay_pair(listen: SocketAddr, middle: SocketAddr, backend: SocketAddr) -> Result<()> {
-    async fn relay(listener: tokio::net::TcpListener, to: SocketAddr) -> Result<()> {
-        loop {
-            let (mut down, _) = listener.accept().await?;
-            tokio::spawn(async move {
-                let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
-                    return;
-                };
-                let _ = (down.set_nodelay(true), up.set_nodelay(true));
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-            });
-        }
+/// One TCP relay: a minimal copy loop.
+async fn relay(listen: SocketAddr, to: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    ready(listener.local_addr()?);
+    loop {
+        let (mut down, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
+                return;
+            };
+            let _ = (down.set_nodelay(true), up.set_nodelay(true));
+            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+        });
     }
-    let second = tokio::net::TcpListener::bind(middle).await?;
-    let second_addr = second.local_addr()?;
-    let first = tokio::net::TcpListener::bind(listen).await?;
-    ready(first.local_addr()?);
-    tokio::try_join!(relay(second, backend), relay(first, second_addr))?;
-    Ok(())
 }
 
 /// Every captured connection was going to the service VIP.
@@ -672,57 +698,46 @@ impl l7_proxy::OriginalDst for ToVip {
     }
 }
 
-/// Two proxies: node A (the client's, 127.0.0.1) and node B (the backend's,
-/// 127.0.0.3), with certificates from an in-process CA.
-async fn sluice_pair(backend: SocketAddr) -> Result<()> {
+/// One Sluice proxy: node B (the backend's, `server_inbound` `None`, on
+/// 127.0.0.3; it creates the CA in `ca_dir` and prints its tunnel address), or
+/// node A (the client's, on 127.0.0.1; it loads the same CA and prints its
+/// capture address).
+async fn sluice_node(
+    backend: SocketAddr,
+    server_inbound: Option<SocketAddr>,
+    ca_dir: &Path,
+) -> Result<()> {
     use certs::{Ca, CaOptions, IdentityManager, IdentityOptions, SystemClock};
     use l7_proxy::{
         Proxy, ProxySettings, Snapshot,
         config::{Endpoint, LocalWorkload, MtlsMode, ObjectRef, Service, ServicePort},
     };
     let clock = Arc::new(SystemClock);
-    let ca = Arc::new(Ca::generate(CaOptions::default(), clock.clone())?);
+    let ca = Arc::new(Ca::open_or_create(
+        ca_dir,
+        CaOptions::default(),
+        clock.clone(),
+    )?);
     let client: certs::SpiffeId = "spiffe://cluster.local/ns/bench/sa/client".parse()?;
     let server: certs::SpiffeId = "spiffe://cluster.local/ns/bench/sa/server".parse()?;
     let vip: SocketAddr = "127.96.0.1:80".parse()?;
-    let start = async |ip: &str,
-                       id: &certs::SpiffeId|
-           -> Result<(Proxy, tokio::sync::watch::Sender<Arc<Snapshot>>)> {
-        let ids = IdentityManager::new(
-            ca.clone(),
-            ca.bundle(),
-            clock.clone(),
-            IdentityOptions::default(),
-        );
-        ids.set_identities([id.clone()]).await?;
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
-        let settings = ProxySettings {
-            outbound_addr: format!("{ip}:0").parse()?,
-            inbound_addr: format!("{ip}:0").parse()?,
-            tunnel_max_streams: std::env::var("SLUICE_BENCH_STREAMS")
-                .ok()
-                .and_then(|t| t.parse().ok())
-                .unwrap_or(1000),
-            ..ProxySettings::default()
-        };
-        let mut registry = prometheus_client::registry::Registry::default();
-        let proxy = Proxy::builder(settings, rx, Arc::new(ids), Arc::new(ToVip(vip)))
-            .start(&mut registry)
-            .await?;
-        Ok((proxy, tx))
+    let (ip, id, workload_ip, name) = match server_inbound {
+        None => ("127.0.0.3", &server, backend.ip(), "backend"),
+        Some(_) => ("127.0.0.1", &client, "127.0.0.1".parse()?, "client"),
     };
-    let (b, tx_b) = start("127.0.0.3", &server).await?;
-    let (a, tx_a) = start("127.0.0.1", &client).await?;
-    let local = |ip: &str, name: &str, id: &certs::SpiffeId| -> Result<LocalWorkload> {
-        Ok(LocalWorkload {
-            ip: ip.parse()?,
-            id: ObjectRef::new("bench", name),
-            service_account: id.service_account().into(),
-            identity: id.clone(),
-            mtls_mode: MtlsMode::Strict,
-        })
+    let ids = IdentityManager::new(ca.clone(), ca.bundle(), clock, IdentityOptions::default());
+    ids.set_identities([id.clone()]).await?;
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    let settings = ProxySettings {
+        outbound_addr: format!("{ip}:0").parse()?,
+        inbound_addr: format!("{ip}:0").parse()?,
+        ..ProxySettings::default()
     };
-    let base = Snapshot {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let proxy = Proxy::builder(settings, rx, Arc::new(ids), Arc::new(ToVip(vip)))
+        .start(&mut registry)
+        .await?;
+    let snapshot = Snapshot {
         services: vec![Service {
             id: ObjectRef::new("bench", "backend"),
             vips: vec![vip.ip()],
@@ -735,24 +750,27 @@ async fn sluice_pair(backend: SocketAddr) -> Result<()> {
                 ip: backend.ip(),
                 ready: true,
                 workload: Some(ObjectRef::new("bench", "backend")),
-                node_proxy: Some(b.inbound_addr()),
+                node_proxy: Some(server_inbound.unwrap_or(proxy.inbound_addr())),
                 identity: Some(server.clone()),
             }],
         }],
+        local_workloads: vec![LocalWorkload {
+            ip: workload_ip,
+            id: ObjectRef::new("bench", name),
+            service_account: id.service_account().into(),
+            identity: id.clone(),
+            mtls_mode: MtlsMode::Strict,
+        }],
         ..Snapshot::default()
     };
-    let mut sa = base.clone();
-    sa.local_workloads = vec![local("127.0.0.1", "client", &client)?];
-    let mut sb = base;
-    sb.local_workloads = vec![local(&backend.ip().to_string(), "backend", &server)?];
-    tx_a.send_replace(Arc::new(sa.clone()));
-    tx_b.send_replace(Arc::new(sb.clone()));
-    while a.snapshot().local_workloads != sa.local_workloads
-        || b.snapshot().local_workloads != sb.local_workloads
-    {
+    tx.send_replace(Arc::new(snapshot.clone()));
+    while proxy.snapshot().local_workloads != snapshot.local_workloads {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    ready(a.outbound_addr());
+    ready(match server_inbound {
+        None => proxy.inbound_addr(),
+        Some(_) => proxy.outbound_addr(),
+    });
     std::future::pending::<()>().await;
     Ok(())
 }

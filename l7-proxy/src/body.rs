@@ -1,10 +1,10 @@
 //! The body type used across the proxy, and small response helpers.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
-use crate::config::REASON_HEADER;
+use crate::config::{PROTOCOL, REASON, SOURCE_IDENTITY, TARGET};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -31,7 +31,7 @@ pub fn proxy_response(status: StatusCode, reason: &str) -> Response<Body> {
     let mut r = Response::new(full(format!("{reason}\n")));
     *r.status_mut() = status;
     if let Ok(v) = HeaderValue::from_str(&sanitize(reason)) {
-        r.headers_mut().insert(REASON_HEADER, v);
+        r.headers_mut().insert(REASON, v);
     }
     r
 }
@@ -49,8 +49,43 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
+/// Removes the headers only the mesh may set (`sluice-target`,
+/// `sluice-protocol`, `sluice-source-identity`) from a request entering it.
+pub fn remove_mesh_headers(h: &mut HeaderMap) {
+    // Most requests carry none: look before removing.
+    if h.keys().any(|k| k.as_str().starts_with("sluice-")) {
+        for name in [SOURCE_IDENTITY, TARGET, PROTOCOL] {
+            h.remove(name);
+        }
+    }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    use http::header::{
+        CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+    };
+    [
+        CONNECTION,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+        TE,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+    ]
+    .contains(name)
+}
+
 /// Headers that belong to one hop (RFC 9110 §7.6.1) and may not cross HTTP/2.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none of them: look before removing.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = h
         .get(http::header::CONNECTION)
         .and_then(|v| v.to_str().ok())
@@ -61,13 +96,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         }
     }
     for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
+        http::header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+        http::header::PROXY_AUTHENTICATE,
+        http::header::PROXY_AUTHORIZATION,
     ] {
         h.remove(name);
     }

@@ -40,6 +40,13 @@ pub const SOURCE_IDENTITY_HEADER: &str = "sluice-source-identity";
 /// (policy denial, no route, no ready endpoint, timeout).
 pub const REASON_HEADER: &str = "sluice-reason";
 
+/// [`TARGET_HEADER`], [`PROTOCOL_HEADER`], [`SOURCE_IDENTITY_HEADER`] and
+/// [`REASON_HEADER`] as header names, made at compile time.
+pub const TARGET: http::HeaderName = http::HeaderName::from_static(TARGET_HEADER);
+pub const PROTOCOL: http::HeaderName = http::HeaderName::from_static(PROTOCOL_HEADER);
+pub const SOURCE_IDENTITY: http::HeaderName = http::HeaderName::from_static(SOURCE_IDENTITY_HEADER);
+pub const REASON: http::HeaderName = http::HeaderName::from_static(REASON_HEADER);
+
 /// How the proxy runs: where it listens and how long it waits for peers.
 /// Logged at start-up; every field has a production default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,17 +1,8 @@
 //! Every connection the proxy opens: to peer proxies, to workloads, to
 //! destinations outside the mesh. All carry the proxy's `SO_MARK`.
 
-use std::{
-    future::Future,
-    io,
-    net::SocketAddr,
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{io, net::SocketAddr, time::Duration};
 
-use http::Uri;
-use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Connects to `addr` with `mark` as `SO_MARK`, within `timeout`.
@@ -43,38 +34,4 @@ pub async fn connect(
         })??;
     stream.set_nodelay(true)?;
     Ok(stream)
-}
-
-/// [`connect`] as a connector for hyper's pooled client. The URI's authority
-/// must be a literal `ip:port` (the proxy only ever connects to addresses).
-#[derive(Clone, Debug)]
-pub struct MarkedConnector {
-    pub mark: Option<u32>,
-    pub timeout: Duration,
-}
-
-impl tower_service::Service<Uri> for MarkedConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let (mark, timeout) = (self.mark, self.timeout);
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("{uri} does not name an ip:port"),
-                    )
-                })?;
-            connect(addr, mark, timeout).await.map(TokioIo::new)
-        })
-    }
 }

@@ -5,7 +5,11 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, request::Parts};
+use http::{
+    HeaderValue, Request, Response, StatusCode, Uri, Version,
+    request::Parts,
+    uri::{Authority, PathAndQuery, Scheme},
+};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use rand::Rng;
@@ -13,17 +17,14 @@ use tokio::time::Instant;
 
 use crate::{
     accesslog::AccessRecord,
-    body::{Body, boxed, full, proxy_response, strip_hop_by_hop},
-    config::{
-        BackendRef, HttpFilter, LocalWorkload, PROTOCOL_HEADER, SOURCE_IDENTITY_HEADER,
-        TARGET_HEADER,
-    },
+    body::{Body, boxed, full, proxy_response, remove_mesh_headers, strip_hop_by_hop},
+    config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, TARGET},
     filters,
-    metrics::{Direction, Label, LatencyLabels, RequestLabels, status_class},
+    metrics::{Direction, Label, RequestMetricsCache, status_class},
     proxy::Shared,
     router::{Decision, RequestView},
     sniff::Protocol,
-    state::{Destination, State, Upstream},
+    state::{Destination, ServiceDest, State, Upstream},
     tunnel::TunnelKey,
 };
 
@@ -36,6 +37,8 @@ pub struct HttpConn {
     pub client_addr: SocketAddr,
     pub original_dst: SocketAddr,
     pub protocol: Protocol,
+    /// Metric handles of this connection's requests.
+    pub metrics: RequestMetricsCache,
 }
 
 /// What happened to one request, for metrics and the access log.
@@ -72,25 +75,14 @@ pub(crate) async fn handle(
     let state = shared.state();
     let (mut parts, body) = req.into_parts();
     // Nothing from the caller may pose as the mesh's own headers.
-    for h in [SOURCE_IDENTITY_HEADER, TARGET_HEADER, PROTOCOL_HEADER] {
-        parts.headers.remove(h);
-    }
+    remove_mesh_headers(&mut parts.headers);
+    let log = crate::accesslog::enabled();
     let method = parts.method.clone();
-    let path = parts.uri.path().to_string();
+    let path = log.then(|| parts.uri.path().to_owned());
     let body = boxed(body);
     let outcome = match state.destination(conn.original_dst) {
-        Destination::Service { service, port } => {
-            route_request(
-                &shared,
-                &state,
-                &conn,
-                &service.id,
-                port.port,
-                parts,
-                body,
-                start,
-            )
-            .await
+        Destination::Service(d) => {
+            route_request(&shared, &state, &conn, &d, parts, body, start).await
         }
         Destination::Workload(w) => {
             let up = Arc::new(State::workload_upstream(&w, conn.original_dst.port()));
@@ -118,29 +110,18 @@ pub(crate) async fn handle(
     let dst = outcome
         .upstream
         .as_ref()
-        .map_or_else(|| outcome.destination.clone(), |u| u.label.clone());
-    shared
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            direction: Direction::Outbound,
-            source: conn.source_label.clone(),
-            destination: dst.clone(),
-            route: outcome.route.clone(),
-            status_class: status_class(status),
-        })
-        .inc();
-    shared
-        .metrics
-        .request_duration
-        .get_or_create(&LatencyLabels {
-            direction: Direction::Outbound,
-            source: conn.source_label.clone(),
-            destination: dst,
-            route: outcome.route.clone(),
-        })
-        .observe(start.elapsed().as_secs_f64());
-    if !crate::accesslog::enabled() {
+        .map_or(&outcome.destination, |u| &u.label);
+    let m = conn.metrics.get(
+        &shared.metrics,
+        Direction::Outbound,
+        &conn.source_label,
+        dst,
+        &outcome.route,
+        status_class(status),
+    );
+    m.requests.inc();
+    m.duration.observe(start.elapsed().as_secs_f64());
+    if !log {
         return Ok(outcome.response);
     }
     let tunnel = outcome.upstream.as_ref().and_then(|u| u.tunnel.as_ref());
@@ -154,7 +135,7 @@ pub(crate) async fn handle(
         destination_identity: tunnel.map(|t| &t.identity),
         secured: tunnel.is_some(),
         method: Some(method.as_str()),
-        path: Some(&path),
+        path: path.as_deref(),
         route: Some(outcome.route.as_str()),
         status: Some(status),
         attempts: Some(outcome.attempts),
@@ -181,18 +162,22 @@ impl ReqBody {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn route_request(
     shared: &Arc<Shared>,
     state: &Arc<State>,
     conn: &Arc<HttpConn>,
-    service: &crate::config::ObjectRef,
-    port: u16,
+    dest: &ServiceDest,
     mut parts: Parts,
     body: Body,
     start: Instant,
 ) -> Outcome {
-    let decision = {
+    let (service, port) = (&dest.service.id, dest.port.port);
+    let decision = if !dest.routed {
+        Decision {
+            rule: dest.default_rule.clone(),
+            matched_prefix: None,
+        }
+    } else {
         let view = RequestView {
             method: &parts.method,
             path: parts.uri.path(),
@@ -201,7 +186,7 @@ async fn route_request(
         };
         match state.routes.route(service, port, &view) {
             None => Decision {
-                rule: state.default_rule(service, port),
+                rule: dest.default_rule.clone(),
                 matched_prefix: None,
             },
             Some(Some(d)) => d,
@@ -278,25 +263,36 @@ async fn route_request(
             HttpFilter::RequestMirror(m) => mirrors.push(m.clone()),
         }
     }
-    let Some(backend_svc) = state.service(&backend.service).cloned() else {
-        return Outcome::local(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "route {route_label} points at service {} which does not exist",
-                backend.service
-            ),
-            route_label,
-            Label::from(service.to_string()),
-        );
-    };
     // The configuration cannot change under a request: one lookup serves
     // every attempt.
-    let ready = state.ready_upstreams(&backend_svc, backend.port);
+    let ready = if backend.service == *service && backend.port == port {
+        dest.ready.clone()
+    } else {
+        match state.ready_set(&backend.service, backend.port) {
+            Some(r) => r,
+            None => {
+                return Outcome::local(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "route {route_label} points at service {} which does not exist",
+                        backend.service
+                    ),
+                    route_label,
+                    Label::from(service.to_string()),
+                );
+            }
+        }
+    };
     let destination = ready.service.clone();
 
     let retries = rule.retry.as_ref().map_or(0, |r| r.attempts);
     let mut body = if retries > 0 || !mirrors.is_empty() {
-        match collect_limited(body, shared.settings.max_buffered_body_bytes).await {
+        match Box::pin(collect_limited(
+            body,
+            shared.settings.max_buffered_body_bytes,
+        ))
+        .await
+        {
             Ok(b) => ReqBody::Buffered(b),
             Err(e) => {
                 return Outcome::local(
@@ -356,8 +352,14 @@ async fn route_request(
             },
             (Some(pick), Some(b)) => {
                 let up = &upstreams[pick.index];
+                // The last attempt takes the request head, earlier ones copy it.
+                let head = if can_retry {
+                    parts.clone()
+                } else {
+                    std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+                };
                 let attempt = async {
-                    let send = send_once(shared, conn, up, parts.clone(), b);
+                    let send = send_once(shared, conn, up, head, b);
                     match per_try {
                         Some(d) => tokio::time::timeout(d, send).await.unwrap_or_else(|_| {
                             Err(SendError {
@@ -531,32 +533,33 @@ async fn send_once(
     let proto = conn.protocol;
     match &up.tunnel {
         Some(t) => {
-            let authority = parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-                .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-                .unwrap_or_else(|| up.addr.to_string());
-            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            parts.uri = Uri::builder()
-                .scheme("http")
-                .authority(authority.as_str())
-                .path_and_query(pq)
-                .build()
-                .map_err(|e| SendError {
-                    status: StatusCode::BAD_REQUEST,
-                    reason: format!("request authority {authority:?} is not valid: {e}"),
-                    retryable: false,
-                })?;
-            parts.headers.remove(http::header::HOST);
+            let authority = match parts.headers.remove(http::header::HOST) {
+                Some(h) => Authority::try_from(h.as_bytes()),
+                None => match parts.uri.authority() {
+                    Some(a) => Ok(a.clone()),
+                    None => Authority::try_from(up.target.as_bytes()),
+                },
+            }
+            .map_err(|e| SendError {
+                status: StatusCode::BAD_REQUEST,
+                reason: format!("request authority is not valid: {e}"),
+                retryable: false,
+            })?;
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(authority);
+            if uri.path_and_query.is_none() {
+                uri.path_and_query = Some(PathAndQuery::from_static("/"));
+            }
+            parts.uri = Uri::from_parts(uri).map_err(|e| SendError {
+                status: StatusCode::BAD_REQUEST,
+                reason: format!("request target is not valid: {e}"),
+                retryable: false,
+            })?;
             parts.version = Version::HTTP_2;
+            parts.headers.insert(TARGET, up.target.clone());
             parts.headers.insert(
-                TARGET_HEADER,
-                HeaderValue::from_str(&up.addr.to_string()).expect("address is ASCII"),
-            );
-            parts.headers.insert(
-                PROTOCOL_HEADER,
+                PROTOCOL,
                 HeaderValue::from_static(if proto == Protocol::Http2 {
                     "h2"
                 } else {

@@ -6,7 +6,13 @@
 //! (`CONNECT`) streams are reset with `REFUSED_STREAM`. Each is counted and
 //! logged with both identities.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
@@ -15,18 +21,20 @@ use tokio::{net::TcpListener, net::TcpStream, time::Instant};
 
 use crate::{
     accesslog::AccessRecord,
+    batch::{BatchIo, FlushAtEnd},
     body::{Body, BoxError, boxed, empty, proxy_response, strip_hop_by_hop},
-    config::{LocalWorkload, PROTOCOL_HEADER, SOURCE_IDENTITY_HEADER, SpiffeId, TARGET_HEADER},
+    config::{LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER},
     conntable::{ConnKind, ConnMeta, TlsInfo},
     io::{Counted, relay},
     metrics::{
-        DenialLabels, Direction, Label, LatencyLabels, RequestLabels, TcpLabels, TlsFailureLabels,
+        DenialLabels, Direction, Label, RequestMetricsCache, TcpLabels, TlsFailureLabels,
         status_class,
     },
     outbound::drain_on_shutdown,
     policy::{HttpFacts, Verdict, authorize},
     proxy::Shared,
     sniff::Protocol,
+    state::State,
     target::parse_target,
 };
 
@@ -80,7 +88,13 @@ struct TunnelPeer {
     /// `identity` and `local_identity` as metric labels.
     label: Label,
     local_label: Label,
+    /// `identity` as the value of the source identity header.
+    identity_header: HeaderValue,
     tls: TlsInfo,
+    /// Metric handles of this connection's requests.
+    metrics: RequestMetricsCache,
+    /// Requests being handled on this connection (see [`FlushAtEnd`]).
+    in_flight: Arc<AtomicUsize>,
 }
 
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
@@ -156,6 +170,10 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let tp = Arc::new(TunnelPeer {
         addr: peer,
         label: Label::from(identity.as_ref()),
+        identity_header: HeaderValue::from_str(identity.as_ref())
+            .expect("a SPIFFE ID is a valid header value"),
+        metrics: RequestMetricsCache::default(),
+        in_flight: Arc::default(),
         identity,
         sni,
         local_label: local_identity
@@ -166,8 +184,11 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     });
     let svc = {
         let (shared, tp) = (shared.clone(), tp.clone());
-        service_fn(move |req| handle(shared.clone(), tp.clone(), req))
+        // Boxed: the stream task hyper spawns per request then moves a
+        // pointer, not the whole request future.
+        service_fn(move |req| Box::pin(handle(shared.clone(), tp.clone(), req)))
     };
+    let (io, batch) = BatchIo::new(tls);
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(shared.settings.max_header_bytes)
@@ -175,8 +196,9 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         // A peer that stops answering pings is gone: its streams end.
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(10))
-        .serve_connection(TokioIo::new(tls), svc);
-    if let Err(e) = drain_on_shutdown(&shared, conn, |c| c.graceful_shutdown()).await {
+        .serve_connection(TokioIo::new(io), svc);
+    let conn = FlushAtEnd::new(conn, batch, tp.in_flight.clone());
+    if let Err(e) = drain_on_shutdown(&shared, conn, |c| c.inner_mut().graceful_shutdown()).await {
         tracing::debug!(%peer, "inbound tunnel connection ended: {e}");
     }
 }
@@ -211,10 +233,10 @@ fn deny(
 /// and the identity the caller asked for (SNI) is that workload's.
 fn check_target(
     shared: &Shared,
+    state: &State,
     tp: &TunnelPeer,
     target: SocketAddr,
 ) -> Result<Arc<LocalWorkload>, String> {
-    let state = shared.state();
     let Some(w) = state.local_workload(target.ip()).cloned() else {
         return Err(format!("{} is not a workload of this node", target.ip()));
     };
@@ -240,11 +262,22 @@ fn asked_for(shared: &Shared, identity: &SpiffeId, sni: &str) -> bool {
     }
 }
 
+/// Counts a request as in flight on its connection while alive.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn handle(
     shared: Arc<Shared>,
     tp: Arc<TunnelPeer>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, BoxError> {
+    tp.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(tp.in_flight.clone());
     if req.method() == Method::CONNECT {
         handle_connect(shared, tp, req).await
     } else {
@@ -273,14 +306,15 @@ async fn handle_connect(
             return Err(refused());
         }
     };
-    let workload = match check_target(&shared, &tp, target) {
+    let state = shared.state();
+    let workload = match check_target(&shared, &state, &tp, target) {
         Ok(w) => w,
         Err(reason) => {
             deny(&shared, &tp, None, "tcp", &reason);
             return Err(refused());
         }
     };
-    if let Verdict::Deny(reason) = authorize(&shared.state(), &tp.identity, &workload, None) {
+    if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &workload, None) {
         deny(&shared, &tp, Some(&workload), "tcp", &reason);
         return Err(refused());
     }
@@ -390,39 +424,40 @@ async fn handle_http(
 ) -> Response<Body> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
+    let log = crate::accesslog::enabled();
     let method = parts.method.clone();
-    let path = parts.uri.path().to_string();
+    let path = log.then(|| parts.uri.path().to_owned());
     let mut workload = None;
     let result: Result<Response<Body>, (StatusCode, String)> = async {
         let raw = parts
             .headers
-            .get(TARGET_HEADER)
+            .get(TARGET)
             .and_then(|v| v.to_str().ok())
             .ok_or((
                 StatusCode::BAD_REQUEST,
                 format!("request without a {TARGET_HEADER} header"),
             ))?;
         let target = parse_target(raw).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-        let w = check_target(&shared, &tp, target).map_err(|r| (StatusCode::FORBIDDEN, r))?;
+        let state = shared.state();
+        let w =
+            check_target(&shared, &state, &tp, target).map_err(|r| (StatusCode::FORBIDDEN, r))?;
         workload = Some(w.clone());
         let facts = HttpFacts {
-            method: &method,
-            path: &path,
+            method: &parts.method,
+            path: parts.uri.path(),
         };
-        if let Verdict::Deny(reason) = authorize(&shared.state(), &tp.identity, &w, Some(facts)) {
+        if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &w, Some(facts)) {
             return Err((StatusCode::FORBIDDEN, reason));
         }
-        let proto = match parts.headers.get(PROTOCOL_HEADER).map(|v| v.as_bytes()) {
-            Some(b"h2") => Protocol::Http2,
+        drop(state);
+        let proto = match parts.headers.remove(PROTOCOL) {
+            Some(v) if v.as_bytes() == b"h2" => Protocol::Http2,
             _ => Protocol::Http1,
         };
-        parts.headers.remove(TARGET_HEADER);
-        parts.headers.remove(PROTOCOL_HEADER);
-        parts.headers.insert(
-            SOURCE_IDENTITY_HEADER,
-            HeaderValue::from_str(tp.identity.as_ref())
-                .expect("a SPIFFE ID is a valid header value"),
-        );
+        parts.headers.remove(TARGET);
+        parts
+            .headers
+            .insert(SOURCE_IDENTITY, tp.identity_header.clone());
         let resp = shared
             .clients
             .send(target, proto, Request::from_parts(parts, boxed(body)))
@@ -448,28 +483,17 @@ async fn handle_http(
         Some(w) => Label::from(w.identity.as_ref()),
         None => Label::default(),
     };
-    shared
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            direction: Direction::Inbound,
-            source: tp.label.clone(),
-            destination: dst.clone(),
-            route: Label::default(),
-            status_class: status_class(status),
-        })
-        .inc();
-    shared
-        .metrics
-        .request_duration
-        .get_or_create(&LatencyLabels {
-            direction: Direction::Inbound,
-            source: tp.label.clone(),
-            destination: dst,
-            route: Label::default(),
-        })
-        .observe(start.elapsed().as_secs_f64());
-    if !crate::accesslog::enabled() {
+    let m = tp.metrics.get(
+        &shared.metrics,
+        Direction::Inbound,
+        &tp.label,
+        &dst,
+        &Label::default(),
+        status_class(status),
+    );
+    m.requests.inc();
+    m.duration.observe(start.elapsed().as_secs_f64());
+    if !log {
         return resp;
     }
     AccessRecord {
@@ -481,7 +505,7 @@ async fn handle_http(
         destination_identity: workload.as_ref().map(|w| &w.identity),
         secured: true,
         method: Some(method.as_str()),
-        path: Some(&path),
+        path: path.as_deref(),
         status: Some(status),
         duration_ms: start.elapsed().as_secs_f64() * 1e3,
         reason: reason.as_deref(),

@@ -10,6 +10,7 @@
 
 pub mod accesslog;
 pub mod balance;
+pub mod batch;
 pub mod body;
 pub mod config;
 pub mod connect;
@@ -17,6 +18,7 @@ pub mod conntable;
 mod drain;
 pub mod filters;
 pub mod forward;
+pub mod h2stream;
 pub mod identity;
 pub mod inbound;
 pub mod io;

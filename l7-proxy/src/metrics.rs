@@ -11,12 +11,25 @@ use prometheus_client::{
 
 /// A label value shared rather than copied: identities and route names are
 /// made once per snapshot or connection, not once per request.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Label(Arc<str>);
+
+impl Default for Label {
+    /// The empty label, one shared string for the whole process.
+    fn default() -> Self {
+        static EMPTY: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label("".into()));
+        EMPTY.clone()
+    }
+}
 
 impl Label {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The same shared string (not merely an equal one).
+    pub fn same(&self, other: &Label) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -155,6 +168,76 @@ impl Metrics {
             "Connections and requests denied by MeshPolicy or AccessPolicy",
             m.policy_denials.clone(),
         );
+        m
+    }
+}
+
+/// The request counter and latency histogram of one label set.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    pub requests: Counter,
+    pub duration: Histogram,
+}
+
+/// Request metric handles of one connection, found by the identity of their
+/// destination and route labels (shared per snapshot) instead of by hashing
+/// every label string of every request into the families.
+#[derive(Default)]
+pub struct RequestMetricsCache {
+    entries: std::sync::Mutex<Vec<(Label, Label, &'static str, RequestMetrics)>>,
+}
+
+impl std::fmt::Debug for RequestMetricsCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestMetricsCache")
+    }
+}
+
+/// Entries kept per connection; a connection that meets more label sets
+/// starts over (a new snapshot's labels, say).
+const CACHE_ENTRIES: usize = 16;
+
+impl RequestMetricsCache {
+    pub fn get(
+        &self,
+        metrics: &Metrics,
+        direction: Direction,
+        source: &Label,
+        destination: &Label,
+        route: &Label,
+        status_class: &'static str,
+    ) -> RequestMetrics {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, _, m)) = entries.iter().find(|(d, r, s, _)| {
+            d.same(destination) && r.same(route) && std::ptr::eq(*s, status_class)
+        }) {
+            return m.clone();
+        }
+        let m = RequestMetrics {
+            requests: metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    direction,
+                    source: source.clone(),
+                    destination: destination.clone(),
+                    route: route.clone(),
+                    status_class,
+                })
+                .clone(),
+            duration: metrics
+                .request_duration
+                .get_or_create(&LatencyLabels {
+                    direction,
+                    source: source.clone(),
+                    destination: destination.clone(),
+                    route: route.clone(),
+                })
+                .clone(),
+        };
+        if entries.len() >= CACHE_ENTRIES {
+            entries.clear();
+        }
+        entries.push((destination.clone(), route.clone(), status_class, m.clone()));
         m
     }
 }

@@ -109,7 +109,7 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     let dest = state.destination(dst);
     let hint = match &dest {
         Destination::External => Some(Protocol::Tcp),
-        Destination::Service { port, .. } => match port.app_protocol.as_deref() {
+        Destination::Service(d) => match d.port.app_protocol.as_deref() {
             Some("tcp") => Some(Protocol::Tcp),
             _ => None,
         },
@@ -131,10 +131,11 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
                 client_addr: peer,
                 original_dst: dst,
                 protocol,
+                metrics: Default::default(),
             });
             serve_http(shared, io, conn, &dest).await
         }
-        Protocol::Tcp => serve_tcp(shared, &state, io, source, peer, dst, dest).await,
+        Protocol::Tcp => serve_tcp(shared, io, source, peer, dst, dest).await,
     }
 }
 
@@ -142,13 +143,13 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
 /// the tunnel, when there is one: all ready endpoints of the service share it
 /// and all sit behind a node proxy.
 fn tunnelled_identity(dest: &Destination) -> Option<crate::config::SpiffeId> {
-    let Destination::Service { service, .. } = dest else {
+    let Destination::Service(d) = dest else {
         return match dest {
             Destination::Workload(w) => w.identity.clone().filter(|_| w.node_proxy.is_some()),
             _ => None,
         };
     };
-    let mut ready = service.endpoints.iter().filter(|e| e.ready);
+    let mut ready = d.service.endpoints.iter().filter(|e| e.ready);
     let first = ready.next()?;
     let id = first
         .identity
@@ -171,7 +172,7 @@ where
             source_identity: Some(conn.source.identity.clone()),
             destination_addr: Some(conn.original_dst),
             destination: match dest {
-                Destination::Service { service, .. } => Some(service.id.clone()),
+                Destination::Service(d) => Some(d.service.id.clone()),
                 Destination::Workload(w) => Some(w.id.clone()),
                 Destination::External => None,
             },
@@ -182,7 +183,8 @@ where
     let s = shared.settings.clone();
     let svc = {
         let (shared, conn) = (shared.clone(), conn.clone());
-        service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req))
+        // Boxed: hyper moves a pointer rather than the request's future.
+        service_fn(move |req| Box::pin(forward::handle(shared.clone(), conn.clone(), req)))
     };
     let io = TokioIo::new(io);
     let result = match conn.protocol {
@@ -232,7 +234,6 @@ where
 
 async fn serve_tcp<I>(
     shared: Arc<Shared>,
-    state: &State,
     io: I,
     source: Arc<crate::config::LocalWorkload>,
     peer: SocketAddr,
@@ -243,8 +244,8 @@ async fn serve_tcp<I>(
 {
     let start = Instant::now();
     let (upstream, destination, _pick) = match &dest {
-        Destination::Service { service, port } => {
-            let ready = state.ready_upstreams(service, port.port);
+        Destination::Service(d) => {
+            let (service, ready) = (&d.service, &d.ready);
             let ups = &ready.upstreams;
             let Some(pick) = shared.balancer.pick(&ready.addrs) else {
                 tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; closing it");
@@ -276,6 +277,7 @@ async fn serve_tcp<I>(
         Destination::External => (
             Arc::new(Upstream {
                 addr: dst,
+                target: crate::state::target_value(dst),
                 label: crate::metrics::Label::from(dst.to_string()),
                 tunnel: None,
                 workload: None,

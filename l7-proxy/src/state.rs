@@ -21,6 +21,8 @@ use crate::{
 pub struct Upstream {
     /// Workload `ip:port`.
     pub addr: SocketAddr,
+    /// `addr` as a header value (the tunnel's target header), made once.
+    pub target: http::HeaderValue,
     /// Its identity (or address, when not meshed) as a metric label.
     pub label: Label,
     /// The tunnel to use, or plaintext directly when `None`.
@@ -39,14 +41,25 @@ pub struct TunnelPeer {
 #[derive(Clone, Debug)]
 pub enum Destination {
     /// A service VIP and port.
-    Service {
-        service: Arc<Service>,
-        port: ServicePort,
-    },
+    Service(Arc<ServiceDest>),
     /// A meshed pod IP.
     Workload(Workload),
     /// Anything else: relayed as is.
     External,
+}
+
+/// A service port as the forwarding path needs it, resolved once per
+/// snapshot.
+#[derive(Debug)]
+pub struct ServiceDest {
+    pub service: Arc<Service>,
+    pub port: ServicePort,
+    /// Whether any route is attached to the service.
+    pub routed: bool,
+    /// The rule of a request when the service has no routes.
+    pub default_rule: Arc<Rule>,
+    /// Its ready endpoints on this port.
+    pub ready: ReadySet,
 }
 
 #[derive(Debug, Default)]
@@ -54,7 +67,7 @@ pub struct State {
     pub snapshot: Arc<Snapshot>,
     pub routes: RouteTable,
     services: HashMap<ObjectRef, Arc<Service>>,
-    vips: HashMap<SocketAddr, (Arc<Service>, ServicePort)>,
+    vips: HashMap<SocketAddr, Arc<ServiceDest>>,
     workloads: HashMap<IpAddr, Workload>,
     local: HashMap<IpAddr, Arc<LocalWorkload>>,
     /// Services each endpoint IP belongs to (for access policies).
@@ -86,12 +99,6 @@ impl State {
         };
         for svc in &snapshot.services {
             let svc = Arc::new(svc.clone());
-            for vip in &svc.vips {
-                for p in &svc.ports {
-                    s.vips
-                        .insert(SocketAddr::new(*vip, p.port), (svc.clone(), p.clone()));
-                }
-            }
             for p in &svc.ports {
                 let ups: Vec<Arc<Upstream>> = svc
                     .endpoints
@@ -112,6 +119,19 @@ impl State {
                     .entry(svc.id.clone())
                     .or_default()
                     .insert(p.port, Rule::default_for(&svc.id, p.port));
+            }
+            let routed = s.routes.has_routes(&svc.id);
+            for p in &svc.ports {
+                let dest = Arc::new(ServiceDest {
+                    service: svc.clone(),
+                    port: p.clone(),
+                    routed,
+                    default_rule: s.default_rule(&svc.id, p.port),
+                    ready: s.ready_upstreams(&svc, p.port),
+                });
+                for vip in &svc.vips {
+                    s.vips.insert(SocketAddr::new(*vip, p.port), dest.clone());
+                }
             }
             for ep in &svc.endpoints {
                 let list = s.member_of.entry(ep.ip).or_default();
@@ -144,11 +164,8 @@ impl State {
     }
 
     pub fn destination(&self, dst: SocketAddr) -> Destination {
-        if let Some((svc, port)) = self.vips.get(&dst) {
-            return Destination::Service {
-                service: svc.clone(),
-                port: port.clone(),
-            };
+        if let Some(d) = self.vips.get(&dst) {
+            return Destination::Service(d.clone());
         }
         match self.workloads.get(&dst.ip()) {
             Some(w) => Destination::Workload(w.clone()),
@@ -168,6 +185,16 @@ impl State {
             })
     }
 
+    /// Ready endpoints of a service port, or `None` when there is no such
+    /// service.
+    pub fn ready_set(&self, service: &ObjectRef, port: u16) -> Option<ReadySet> {
+        let ports = self.ready.get(service)?;
+        Some(ports.get(&port).cloned().unwrap_or_else(|| ReadySet {
+            service: Label::from(service.to_string()),
+            ..ReadySet::default()
+        }))
+    }
+
     /// The rule of a request to a service without routes: the service
     /// itself, on the port the client connected to.
     pub fn default_rule(&self, service: &ObjectRef, port: u16) -> Arc<Rule> {
@@ -182,6 +209,7 @@ impl State {
         let addr = SocketAddr::new(w.ip, port);
         Upstream {
             addr,
+            target: target_value(addr),
             label: label_of(
                 addr,
                 w.node_proxy
@@ -219,10 +247,16 @@ fn label_of(addr: SocketAddr, identity: Option<&SpiffeId>) -> Label {
     }
 }
 
+/// `ip:port` as a header value.
+pub fn target_value(addr: SocketAddr) -> http::HeaderValue {
+    http::HeaderValue::try_from(addr.to_string()).expect("a socket address is a header value")
+}
+
 fn upstream_of(e: &Endpoint, port: u16) -> Upstream {
     let addr = SocketAddr::new(e.ip, port);
     Upstream {
         addr,
+        target: target_value(addr),
         label: label_of(
             addr,
             e.node_proxy

@@ -6,7 +6,9 @@
 //! Connections are reused for many streams, capped per key, and closed after
 //! an idle timeout. Opaque TCP rides in `CONNECT` streams whose authority is
 //! the target `ip:port`; HTTP requests are ordinary streams carrying the
-//! target in the `sluice-target` header.
+//! target in the `sluice-target` header. Streams are `h2` streams, driven by
+//! the task of the request (see [`crate::h2stream`]); each connection's own
+//! task reads and writes frames and pings the peer.
 
 use std::{
     collections::HashMap,
@@ -21,15 +23,16 @@ use std::{
 };
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, Response, StatusCode};
-use hyper::{body::Incoming, client::conn::http2::SendRequest, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
 use crate::{
-    body::{Body, empty},
+    batch::{BatchIo, FlushAtEnd},
+    body::Body,
     config::{ProxySettings, SpiffeId},
     conntable::{ConnKind, ConnMeta, ConnTable, TlsInfo},
+    h2stream::{RecvBody, StreamIo},
     identity::IdentityProvider,
     io::Counted,
     metrics::{Direction, Metrics, TlsFailureLabels},
@@ -57,10 +60,10 @@ pub enum TunnelError {
         reason: String,
     },
     #[error("HTTP/2 with peer proxy {node}: {source}")]
-    Http2 {
-        node: SocketAddr,
-        source: hyper::Error,
-    },
+    Http2 { node: SocketAddr, source: h2::Error },
+    /// The connection could not take the stream: nothing was sent.
+    #[error("HTTP/2 with peer proxy {node}, before the request was sent: {source}")]
+    Unsent { node: SocketAddr, source: h2::Error },
     #[error("peer proxy {node} refused the stream to {target}: {status}")]
     Refused {
         node: SocketAddr,
@@ -73,36 +76,45 @@ impl TunnelError {
     /// Nothing reached the destination workload, so a retry is safe.
     pub fn is_connect_failure(&self) -> bool {
         match self {
-            TunnelError::Http2 { source, .. } => source.is_canceled() || is_refused_stream(source),
+            TunnelError::Http2 { source, .. } => is_refused_stream(source),
             _ => true,
         }
     }
 }
 
-fn is_refused_stream(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = src {
-        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
-            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        src = s.source();
-    }
-    false
+fn is_refused_stream(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 /// The identity of a pool of tunnel connections.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelKey {
     pub source: SpiffeId,
     pub node: SocketAddr,
     pub peer: SpiffeId,
 }
 
+impl std::hash::Hash for TunnelKey {
+    /// The node alone: a node has few keys, and equality sorts those out
+    /// without hashing two identities for every request.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.node.hash(state);
+    }
+}
+
 struct TunnelConn {
-    sender: SendRequest<Body>,
+    sender: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
     last_used: Mutex<Instant>,
     tls: TlsInfo,
+    /// Cleared when the connection's task ends.
+    open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TunnelConn {
+    fn is_closed(&self) -> bool {
+        !self.open.load(Ordering::Relaxed)
+    }
 }
 
 /// Counts a stream as open on its connection while alive.
@@ -158,16 +170,21 @@ impl TunnelPool {
         req: Request<Body>,
     ) -> Result<(Response<TunnelBody>, TlsInfo), TunnelError> {
         let (conn, guard) = self.checkout(key).await?;
-        let mut sender = conn.sender.clone();
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|source| TunnelError::Http2 {
-                node: key.node,
-                source,
-            })?;
-        let resp = resp.map(|inner| TunnelBody {
-            inner,
+        let (parts, body) = req.into_parts();
+        let eos = http_body::Body::is_end_stream(&body);
+        let (resp, send) = self
+            .open_stream(&conn, key, Request::from_parts(parts, ()), eos)
+            .await?;
+        if !eos {
+            // The body goes on while the response comes back (streaming).
+            tokio::spawn(crate::h2stream::pipe(body, send));
+        }
+        let resp = resp.await.map_err(|source| TunnelError::Http2 {
+            node: key.node,
+            source,
+        })?;
+        let resp = resp.map(|recv| TunnelBody {
+            inner: RecvBody::new(recv),
             _guard: guard,
         });
         Ok((resp, conn.tls.clone()))
@@ -184,10 +201,10 @@ impl TunnelPool {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .body(empty())
+            .body(())
             .expect("a socket address is a valid authority");
-        let mut sender = conn.sender.clone();
-        let resp = sender.send_request(req).await.map_err(|source| {
+        let (resp, send) = self.open_stream(&conn, key, req, false).await?;
+        let resp = resp.await.map_err(|source| {
             if is_refused_stream(&source) {
                 TunnelError::Refused {
                     node: key.node,
@@ -204,7 +221,7 @@ impl TunnelPool {
         if resp.status() != StatusCode::OK {
             let reason = resp
                 .headers()
-                .get(crate::config::REASON_HEADER)
+                .get(crate::config::REASON)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
@@ -214,19 +231,29 @@ impl TunnelPool {
                 status: format!("{} {reason}", resp.status()),
             });
         }
-        let upgraded = hyper::upgrade::on(resp)
-            .await
-            .map_err(|source| TunnelError::Http2 {
-                node: key.node,
-                source,
-            })?;
         Ok((
             TunnelStream {
-                inner: TokioIo::new(upgraded),
+                inner: StreamIo::new(send, resp.into_body()),
                 _guard: guard,
             },
             conn.tls.clone(),
         ))
+    }
+
+    /// Waits for room for one more stream on `conn` and opens it.
+    async fn open_stream(
+        &self,
+        conn: &TunnelConn,
+        key: &TunnelKey,
+        req: Request<()>,
+        eos: bool,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), TunnelError> {
+        let unsent = |source| TunnelError::Unsent {
+            node: key.node,
+            source,
+        };
+        let mut sender = conn.sender.clone().ready().await.map_err(unsent)?;
+        sender.send_request(req, eos).map_err(unsent)
     }
 
     /// Open tunnel connections (for tests and the admin API).
@@ -263,7 +290,9 @@ impl TunnelPool {
         if full && let Some(c) = self.pick(key, true) {
             return Ok(c);
         }
-        let conn = self.dial(key).await?;
+        // Boxed: dialling is rare, and its handshake state would otherwise
+        // sit in every request's future.
+        let conn = Box::pin(self.dial(key)).await?;
         let guard = take_stream(&conn);
         self.inner
             .conns
@@ -280,7 +309,7 @@ impl TunnelPool {
     fn pick(&self, key: &TunnelKey, over_limit: bool) -> Option<(Arc<TunnelConn>, StreamGuard)> {
         let mut conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.sender.is_closed());
+        list.retain(|c| !c.is_closed());
         let max = self.inner.settings.tunnel_max_streams as usize;
         let best = list
             .iter()
@@ -405,29 +434,45 @@ impl TunnelPool {
             });
         }
         handle.update(|m| m.tls = Some(info.clone()));
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let (io, batch) = BatchIo::new(tls);
+        let (sender, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(s.max_header_bytes)
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake::<_, Body>(TokioIo::new(tls))
+            .max_send_buffer_size(SEND_BUFFER)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| TunnelError::Http2 {
                 node: key.node,
                 source,
             })?;
+        let pings = connection
+            .ping_pong()
+            .expect("the first call has the ping handle");
         let node = key.node;
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let streams = Arc::new(AtomicUsize::new(0));
+        let driver = FlushAtEnd::new(connection, batch, streams.clone());
+        let still_open = open.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%node, "tunnel connection ended: {e}");
+            tokio::select! {
+                biased;
+                r = driver => if let Err(e) = r {
+                    tracing::debug!(%node, "tunnel connection ended: {e}");
+                },
+                why = keep_alive(pings) => {
+                    tracing::debug!(%node, "closing the tunnel connection: {why}");
+                }
             }
+            still_open.store(false, Ordering::Relaxed);
             drop(handle);
         });
         let conn = Arc::new(TunnelConn {
             sender,
-            streams: Arc::new(AtomicUsize::new(0)),
+            streams,
             last_used: Mutex::new(Instant::now()),
             tls: info,
+            open,
         });
         self.spawn_reaper(key.clone(), Arc::downgrade(&conn));
         tracing::debug!(source = %key.source, peer = %key.peer, %node, "tunnel connection open");
@@ -435,7 +480,7 @@ impl TunnelPool {
     }
 
     /// Drops the connection from the pool once it has had no stream for the
-    /// idle timeout; with its last sender gone, hyper closes it.
+    /// idle timeout; with its last sender gone, `h2` closes it.
     fn spawn_reaper(&self, key: TunnelKey, conn: std::sync::Weak<TunnelConn>) {
         let pool = Arc::downgrade(&self.inner);
         let idle = self.inner.settings.tunnel_idle_timeout();
@@ -451,7 +496,7 @@ impl TunnelPool {
                         .unwrap_or_else(|e| e.into_inner())
                         .elapsed()
                         >= idle;
-                if quiet || c.sender.is_closed() {
+                if quiet || c.is_closed() {
                     let mut conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(list) = conns.get_mut(&key) {
                         list.retain(|x| !Arc::ptr_eq(x, &c));
@@ -474,30 +519,59 @@ fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
     }
 }
 
+/// Initial HTTP/2 flow-control windows of tunnel streams and connections
+/// (hyper's client defaults): large enough that a stream is not held back on
+/// a fast network, bounded so that a slow reader cannot make the peer buffer
+/// without end.
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// Most bytes queued per stream before its writer waits.
+const SEND_BUFFER: usize = 1024 * 1024;
+/// A connection whose peer answers no ping within this time is closed.
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pings the peer every [`PING_INTERVAL`]; returns why the connection should
+/// close.
+async fn keep_alive(mut pings: h2::PingPong) -> String {
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        // A failed ping means the connection is going away: its own future
+        // ends and says why.
+        if pings.send_ping(h2::Ping::opaque()).is_err() {
+            return std::future::pending::<String>().await;
+        }
+        match tokio::time::timeout(PING_TIMEOUT, std::future::poll_fn(|cx| pings.poll_pong(cx)))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return std::future::pending::<String>().await,
+            Err(_) => return format!("the peer answered no ping within {PING_TIMEOUT:?}"),
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A response body from the tunnel; its stream counts as open until the
     /// body is dropped.
     pub struct TunnelBody {
         #[pin]
-        inner: Incoming,
+        inner: RecvBody,
         _guard: StreamGuard,
     }
 }
 
 impl http_body::Body for TunnelBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
         self.project().inner.poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -505,7 +579,7 @@ pin_project_lite::pin_project! {
     /// A CONNECT stream as a byte stream.
     pub struct TunnelStream {
         #[pin]
-        inner: TokioIo<Upgraded>,
+        inner: StreamIo,
         _guard: StreamGuard,
     }
 }

@@ -1,80 +1,471 @@
-//! Plaintext HTTP clients towards workloads: local workloads on the inbound
-//! side, and non-meshed endpoints on the outbound side.
+//! Plaintext HTTP towards workloads: local workloads on the inbound side, and
+//! endpoints outside the mesh on the outbound side.
+//!
+//! A small pool of hyper connections: HTTP/1.1 connections carry one request
+//! at a time and go back to the pool when the response body has been read to
+//! its end; HTTP/2 (prior knowledge) has one shared connection per workload.
+//! Idle HTTP/1.1 connections are closed after [`IDLE`].
 
-use std::net::SocketAddr;
-
-use http::{HeaderValue, Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioTimer},
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, Weak},
+    task::{Context, Poll},
+    time::Duration,
 };
 
-use crate::{body::Body, config::ProxySettings, connect::MarkedConnector, sniff::Protocol};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, Uri, Version, uri::PathAndQuery};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
 
-/// Pooled HTTP/1.1 and HTTP/2 (prior knowledge) clients.
+use crate::{body::Body, config::ProxySettings, sniff::Protocol};
+
+/// An idle HTTP/1.1 connection to a workload is closed after this long.
+pub const IDLE: Duration = Duration::from_secs(90);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("{source}")]
+    Http { source: hyper::Error },
+}
+
+impl UpstreamError {
+    /// Nothing reached the workload: a retry is safe.
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. }
+        )
+    }
+}
+
+/// The pools; cheap to clone.
 #[derive(Clone)]
 pub struct WorkloadClients {
-    h1: Client<MarkedConnector, Body>,
-    h2: Client<MarkedConnector, Body>,
+    inner: Arc<Pools>,
+}
+
+struct Pools {
+    mark: Option<u32>,
+    connect_timeout: Duration,
+    max_header_bytes: u32,
+    h1: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    /// Whether the task closing idle connections runs.
+    reaper: Mutex<bool>,
+}
+
+struct IdleConn {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
 }
 
 impl WorkloadClients {
     pub fn new(settings: &ProxySettings) -> Self {
-        let conn = MarkedConnector {
-            mark: settings.socket_mark,
-            timeout: settings.connect_timeout(),
-        };
-        let h1 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http1_max_buf_size((settings.max_header_bytes as usize).max(8192))
-            .build(conn.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .http2_max_header_list_size(settings.max_header_bytes)
-            .build(conn);
-        Self { h1, h2 }
+        Self {
+            inner: Arc::new(Pools {
+                mark: settings.socket_mark,
+                connect_timeout: settings.connect_timeout(),
+                max_header_bytes: settings.max_header_bytes,
+                h1: Mutex::default(),
+                h2: Mutex::default(),
+                reaper: Mutex::new(false),
+            }),
+        }
     }
 
     /// Sends `req` to the workload at `addr`, speaking `proto`. The request's
-    /// authority (or Host header) is kept as the Host the workload sees.
+    /// authority (or Host header) stays what the workload sees as its host.
     pub async fn send(
         &self,
         addr: SocketAddr,
         proto: Protocol,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let authority = req.uri().authority().map(|a| a.to_string());
-        if req.headers().get(http::header::HOST).is_none()
-            && let Some(a) = &authority
-            && let Ok(v) = HeaderValue::from_str(a)
-        {
-            req.headers_mut().insert(http::header::HOST, v);
-        }
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(addr.to_string())
-            .path_and_query(pq)
-            .build()
-            .expect("a socket address and a path make a URI");
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match proto {
             Protocol::Http2 => {
                 *req.version_mut() = Version::HTTP_2;
+                if req.uri().scheme().is_none() || req.uri().authority().is_none() {
+                    let authority = req
+                        .headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .and_then(|h| h.parse().ok());
+                    set_absolute(req.uri_mut(), authority, addr);
+                }
                 req.headers_mut().remove(http::header::HOST);
-                self.h2.request(req).await
+                let mut sender = self.h2_sender(addr).await?;
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|source| UpstreamError::Http { source })?;
+                Ok(resp.map(|b| UpstreamBody {
+                    inner: b,
+                    back: None,
+                }))
             }
             _ => {
                 *req.version_mut() = Version::HTTP_11;
-                self.h1.request(req).await
+                if req.headers().get(http::header::HOST).is_none()
+                    && let Some(a) = req.uri().authority()
+                    && let Ok(v) = HeaderValue::from_str(a.as_str())
+                {
+                    req.headers_mut().insert(http::header::HOST, v);
+                }
+                // HTTP/1.1 to an origin server: the request target is the
+                // path.
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                *req.uri_mut() = Uri::from(pq);
+                self.send_h1(addr, req).await
             }
         }
+    }
+
+    async fn send_h1(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let mut req = req;
+        // A pooled connection the workload closed meanwhile gives the request
+        // back unsent; it then goes on a new connection.
+        while let Some(mut sender) = self.idle_h1(addr) {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.pooled(addr, sender, resp)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => {
+                        return Err(UpstreamError::Http {
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+        // Boxed: dialling is rare, and its state would otherwise sit in
+        // every request's future.
+        let mut sender = Box::pin(self.dial_h1(addr)).await?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Http { source })?;
+        Ok(self.pooled(addr, sender, resp))
+    }
+
+    fn pooled(
+        &self,
+        addr: SocketAddr,
+        sender: http1::SendRequest<Body>,
+        resp: Response<Incoming>,
+    ) -> Response<UpstreamBody> {
+        let back = Some(ReturnTo {
+            pools: Arc::downgrade(&self.inner),
+            addr,
+            sender,
+        });
+        let mut resp = resp.map(|b| UpstreamBody { inner: b, back });
+        // A response without a body (`204`, `304`, a `HEAD`) is done at once.
+        if http_body::Body::is_end_stream(resp.body()) {
+            give_back(&mut resp.body_mut().back);
+        }
+        resp
+    }
+
+    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let mut pools = self.inner.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let list = pools.get_mut(&addr)?;
+        while let Some(c) = list.pop() {
+            if !c.sender.is_closed() && c.since.elapsed() < IDLE {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    async fn dial_h1(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let tcp = crate::connect::connect(addr, self.inner.mark, self.inner.connect_timeout)
+            .await
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size((self.inner.max_header_bytes as usize).max(8192))
+            .handshake::<_, Body>(TokioIo::new(tcp))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, "connection to workload ended: {e}");
+            }
+        });
+        self.start_reaper();
+        Ok(sender)
+    }
+
+    async fn h2_sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        match self.open_h2(addr) {
+            Some(s) => Ok(s),
+            None => Box::pin(self.dial_h2(addr)).await,
+        }
+    }
+
+    fn open_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<Body>> {
+        self.inner
+            .h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+
+    async fn dial_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        let tcp = crate::connect::connect(addr, self.inner.mark, self.inner.connect_timeout)
+            .await
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(self.inner.max_header_bytes)
+            .handshake::<_, Body>(TokioIo::new(tcp))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, "HTTP/2 connection to workload ended: {e}");
+            }
+        });
+        // Two requests may have dialled at once: both connections work, the
+        // later one is kept.
+        self.inner
+            .h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, sender.clone());
+        Ok(sender)
+    }
+
+    /// Closes idle HTTP/1.1 connections every half [`IDLE`], while the pools
+    /// exist.
+    fn start_reaper(&self) {
+        {
+            let mut running = self.inner.reaper.lock().unwrap_or_else(|e| e.into_inner());
+            if *running {
+                return;
+            }
+            *running = true;
+        }
+        let pools = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IDLE / 2).await;
+                let Some(p) = pools.upgrade() else { return };
+                let mut h1 = p.h1.lock().unwrap_or_else(|e| e.into_inner());
+                h1.retain(|_, list| {
+                    list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE);
+                    !list.is_empty()
+                });
+                p.h2.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|_, s| !s.is_closed());
+            }
+        });
+    }
+}
+
+/// Puts an HTTP/1.1 connection back into its pool once its response is read.
+struct ReturnTo {
+    pools: Weak<Pools>,
+    addr: SocketAddr,
+    sender: http1::SendRequest<Body>,
+}
+
+pin_project_lite::pin_project! {
+    /// A workload's response body. An HTTP/1.1 connection returns to the pool
+    /// when the body has been read to its end (a body dropped before that
+    /// takes its connection with it).
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        back: Option<ReturnTo>,
+    }
+}
+
+fn give_back(back: &mut Option<ReturnTo>) {
+    if let Some(r) = back.take()
+        && let Some(pools) = r.pools.upgrade()
+        && !r.sender.is_closed()
+    {
+        pools
+            .h1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(r.addr)
+            .or_default()
+            .push(IdleConn {
+                sender: r.sender,
+                since: Instant::now(),
+            });
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => give_back(this.back),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => give_back(this.back),
+            Poll::Ready(Some(Err(_))) => *this.back = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Makes `uri` absolute: `http://<authority>/<path>`, with the workload's
+/// address when no authority is known.
+fn set_absolute(uri: &mut Uri, authority: Option<http::uri::Authority>, addr: SocketAddr) {
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    if parts.authority.is_none() {
+        parts.authority = Some(authority.unwrap_or_else(|| {
+            addr.to_string()
+                .parse()
+                .expect("a socket address is an authority")
+        }));
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *uri = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+
+    use super::*;
+
+    /// An HTTP/1.1 server on loopback that answers with the number of the
+    /// connection the request came on; `close_after_first` makes it close
+    /// every connection after its first response.
+    async fn server(close_after_first: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                            let mut resp = Response::new(Full::new(Bytes::from(format!(
+                                "conn {n} {}",
+                                req.uri()
+                            ))));
+                            if close_after_first {
+                                resp.headers_mut().insert(
+                                    http::header::CONNECTION,
+                                    HeaderValue::from_static("close"),
+                                );
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn get(c: &WorkloadClients, addr: SocketAddr, path: &str) -> String {
+        let req = Request::builder()
+            .uri(format!("http://cart.shop{path}"))
+            .body(crate::body::empty())
+            .unwrap();
+        let resp = c.send(addr, Protocol::Http1, req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_is_read() {
+        let (addr, accepted) = server(false).await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        assert_eq!(get(&c, addr, "/a?x=1").await, "conn 1 /a?x=1");
+        assert_eq!(get(&c, addr, "/b").await, "conn 1 /b");
+        // Two at once need two connections; both go back to the pool.
+        let (x, y) = tokio::join!(get(&c, addr, "/c"), get(&c, addr, "/d"));
+        let mut conns = [x, y].map(|s| s.split(' ').nth(1).unwrap().to_string());
+        conns.sort();
+        assert_eq!(conns, ["1", "2"]);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_workload_closed_is_replaced() {
+        let (addr, accepted) = server(true).await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        assert_eq!(get(&c, addr, "/a").await, "conn 1 /a");
+        assert_eq!(get(&c, addr, "/b").await, "conn 2 /b");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let c = WorkloadClients::new(&ProxySettings::default());
+        let req = Request::builder()
+            .uri("/")
+            .body(crate::body::empty())
+            .unwrap();
+        let Err(err) = c.send(free, Protocol::Http1, req).await else {
+            panic!("a request to {free}, where nothing listens, was answered");
+        };
+        assert!(err.is_connect(), "{err}");
     }
 }

@@ -305,7 +305,8 @@ fn bench(args: &[String]) -> Result<()> {
     run(cargo()
         .args([
             "run",
-            "--release",
+            "--profile",
+            "dist",
             "--package",
             "benches",
             "--bin",

@@ -1,0 +1,248 @@
+//! HTTP/2 streams of the tunnel client, used directly through `h2`: a
+//! request body piped into a stream with flow control, a response as an
+//! `http_body::Body`, and a `CONNECT` stream as a byte stream.
+//!
+//! Using `h2` without hyper's client saves a task and two channel hops per
+//! request: the task serving the caller's connection waits on the stream
+//! itself.
+
+use std::{
+    future::poll_fn,
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use http_body::{Body as _, Frame};
+
+use crate::body::Body;
+
+/// Sends `body` on `send`: data as the peer's window allows, then trailers
+/// or the end of the stream. Stops when the peer resets the stream.
+pub async fn pipe(mut body: Body, mut send: SendStream<Bytes>) {
+    loop {
+        let frame = tokio::select! {
+            biased;
+            reset = poll_fn(|cx| send.poll_reset(cx)) => {
+                tracing::debug!("request body not sent further: stream reset ({reset:?})");
+                return;
+            }
+            f = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => f,
+        };
+        let frame = match frame {
+            None => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!("request body failed: {e}");
+                send.send_reset(Reason::CANCEL);
+                return;
+            }
+            Some(Ok(f)) => f,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let eos = body.is_end_stream();
+                if send_data(&mut send, data, eos).await.is_err() || eos {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = send.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends `data` in pieces the peer has room for.
+async fn send_data(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    eos: bool,
+) -> Result<(), h2::Error> {
+    if data.is_empty() {
+        return if eos {
+            send.send_data(data, true)
+        } else {
+            Ok(())
+        };
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let room = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(r) => r?,
+            None => return Err(h2::Error::from(Reason::STREAM_CLOSED)),
+        };
+        if room == 0 {
+            continue;
+        }
+        let chunk = data.split_to(room.min(data.len()));
+        send.send_data(chunk, eos && data.is_empty())?;
+    }
+    Ok(())
+}
+
+/// Reads the next DATA frame of `recv`, giving its room back to the peer.
+fn poll_data(
+    recv: &mut RecvStream,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Bytes, h2::Error>>> {
+    let r = ready!(recv.poll_data(cx));
+    if let Some(Ok(b)) = &r {
+        let _ = recv.flow_control().release_capacity(b.len());
+    }
+    Poll::Ready(r)
+}
+
+/// A stream's response body.
+pub struct RecvBody {
+    recv: RecvStream,
+    trailers_done: bool,
+}
+
+impl RecvBody {
+    pub fn new(recv: RecvStream) -> Self {
+        Self {
+            recv,
+            trailers_done: false,
+        }
+    }
+}
+
+impl http_body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if self.trailers_done {
+            return Poll::Ready(None);
+        }
+        match ready!(poll_data(&mut self.recv, cx)) {
+            Some(Ok(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            None => {}
+        }
+        let t = ready!(self.recv.poll_trailers(cx));
+        self.trailers_done = true;
+        Poll::Ready(match t {
+            Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.trailers_done || self.recv.is_end_stream()
+    }
+}
+
+/// Both halves of a `CONNECT` stream as one byte stream.
+pub struct StreamIo {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// What was read from a DATA frame and not yet returned.
+    pending: Bytes,
+}
+
+impl StreamIo {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+        }
+    }
+}
+
+fn to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    match e.reason() {
+        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => {
+            io::Error::new(io::ErrorKind::BrokenPipe, e)
+        }
+        _ => io::Error::new(io::ErrorKind::ConnectionReset, e),
+    }
+}
+
+impl tokio::io::AsyncRead for StreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.pending.is_empty() {
+            match ready!(poll_data(&mut self.recv, cx)) {
+                Some(Ok(b)) => self.pending = b,
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                // The peer's end of stream: EOF.
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.pending.len().min(buf.remaining());
+        buf.put_slice(&self.pending[..n]);
+        self.pending.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for StreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(room)) => {
+                    let n = room.min(buf.len());
+                    self.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(to_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the tunnel stream is closed",
+                    )));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection's task writes what the stream queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Half-close: our end of stream; reading goes on.
+        // An error means the stream is already over: nothing to close.
+        match self.send.send_data(Bytes::new(), true) {
+            Err(e) if e.is_io() => Poll::Ready(Err(to_io(e))),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
