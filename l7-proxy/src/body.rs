@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
-use crate::config::{PROTOCOL, REASON, SOURCE_IDENTITY, TARGET};
+use crate::config::{PROTOCOL, REASON, SOURCE_IDENTITY, TARGET, UPGRADE_REQUEST};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -54,7 +54,7 @@ fn sanitize(s: &str) -> String {
 pub fn remove_mesh_headers(h: &mut HeaderMap) {
     // Most requests carry none: look before removing.
     if h.keys().any(|k| k.as_str().starts_with("sluice-")) {
-        for name in [SOURCE_IDENTITY, TARGET, PROTOCOL] {
+        for name in [SOURCE_IDENTITY, TARGET, PROTOCOL, UPGRADE_REQUEST] {
             h.remove(name);
         }
     }

@@ -36,6 +36,11 @@ pub const PROTOCOL_HEADER: &str = "sluice-protocol";
 /// Request header set by the inbound proxy for the workload: the verified
 /// SPIFFE ID of the caller. Stripped from requests entering the mesh.
 pub const SOURCE_IDENTITY_HEADER: &str = "sluice-source-identity";
+/// Request header of a tunnel `CONNECT` stream that carries an HTTP/1.1
+/// upgrade (WebSocket, say): the upgrade request's method and path
+/// (`GET /chat`), so that the inbound proxy can apply `AccessPolicy` method
+/// and path conditions to it. Set by the client-side node proxy only.
+pub const UPGRADE_REQUEST_HEADER: &str = "sluice-upgrade-request";
 /// Response header explaining why the proxy answered instead of the workload
 /// (policy denial, no route, no ready endpoint, timeout).
 pub const REASON_HEADER: &str = "sluice-reason";
@@ -46,6 +51,7 @@ pub const TARGET: http::HeaderName = http::HeaderName::from_static(TARGET_HEADER
 pub const PROTOCOL: http::HeaderName = http::HeaderName::from_static(PROTOCOL_HEADER);
 pub const SOURCE_IDENTITY: http::HeaderName = http::HeaderName::from_static(SOURCE_IDENTITY_HEADER);
 pub const REASON: http::HeaderName = http::HeaderName::from_static(REASON_HEADER);
+pub const UPGRADE_REQUEST: http::HeaderName = http::HeaderName::from_static(UPGRADE_REQUEST_HEADER);
 
 /// How the proxy runs: where it listens and how long it waits for peers.
 /// Logged at start-up; every field has a production default.
@@ -442,9 +448,35 @@ pub struct RequestMirror {
     #[serde(flatten)]
     pub service: ObjectRef,
     pub port: u16,
-    /// Share of requests mirrored, 0–100; all when absent.
+    /// Share of requests mirrored; all when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub percent: Option<u32>,
+    pub fraction: Option<Fraction>,
+}
+
+/// `numerator / denominator` of requests (Gateway API `fraction`; a
+/// `percent` of P is P/100). The denominator is at least 1 and the
+/// numerator at most the denominator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fraction {
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+impl Fraction {
+    /// A percentage, 0–100.
+    pub fn percent(p: u32) -> Fraction {
+        Fraction {
+            numerator: p.min(100),
+            denominator: 100,
+        }
+    }
+
+    /// Whether this request is among the share: true with probability
+    /// `numerator / denominator`.
+    pub fn sample(&self, rng: &mut impl rand::Rng) -> bool {
+        self.denominator > 0 && rng.random_range(0..self.denominator) < self.numerator
+    }
 }
 
 /// `rules[].timeouts` (GEP-1742).
@@ -572,6 +604,28 @@ pub struct HttpConditions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fraction_samples_its_share() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let count = |f: Fraction, rng: &mut rand::rngs::StdRng| {
+            (0..100_000).filter(|_| f.sample(rng)).count()
+        };
+        let f = |n, d| Fraction {
+            numerator: n,
+            denominator: d,
+        };
+        assert_eq!(count(f(0, 1), &mut rng), 0);
+        assert_eq!(count(f(1, 1), &mut rng), 100_000);
+        assert_eq!(count(f(5, 0), &mut rng), 0, "no denominator, no share");
+        // Binomial(100000, 1/1000): mean 100, standard deviation 10.
+        let n = count(f(1, 1000), &mut rng);
+        assert!((50..=150).contains(&n), "{n}");
+        let n = count(Fraction::percent(30), &mut rng);
+        assert!((29_000..=31_000).contains(&n), "{n}");
+        assert_eq!(Fraction::percent(250), f(100, 100));
+    }
 
     #[test]
     fn snapshot_round_trips_through_json() {

@@ -2,30 +2,36 @@
 //! backend and an endpoint, send through the tunnel (or directly), retry,
 //! mirror, time out.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{CONNECTION, HOST, UPGRADE},
     request::Parts,
     uri::{Authority, PathAndQuery, Scheme},
 };
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::{body::Incoming, upgrade::OnUpgrade};
+use hyper_util::rt::TokioIo;
 use rand::Rng;
-use tokio::time::Instant;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
 
 use crate::{
     accesslog::AccessRecord,
     body::{Body, boxed, full, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, TARGET},
     filters,
+    io::relay,
     metrics::{Direction, Label, RequestMetricsCache, status_class},
     proxy::Shared,
     router::{Decision, RequestView},
     sniff::Protocol,
     state::{Destination, ServiceDest, State, Upstream},
-    tunnel::TunnelKey,
+    tunnel::{TunnelError, TunnelKey},
 };
 
 /// A captured HTTP connection.
@@ -184,7 +190,10 @@ async fn route_request(
             query: parts.uri.query(),
             headers: &parts.headers,
         };
-        match state.routes.route(service, port, &view) {
+        match state
+            .routes
+            .route(service, port, &conn.source.id.namespace, &view)
+        {
             None => Decision {
                 rule: dest.default_rule.clone(),
                 matched_prefix: None,
@@ -312,9 +321,7 @@ async fn route_request(
 
     if let ReqBody::Buffered(bytes) = &body {
         for m in &mirrors {
-            if m.percent
-                .is_some_and(|p| rand::rng().random_range(0..100) >= p)
-            {
+            if m.fraction.is_some_and(|f| !f.sample(&mut rand::rng())) {
                 continue;
             }
             spawn_mirror(shared, state, conn, m, &parts, bytes.clone());
@@ -508,7 +515,10 @@ fn spawn_mirror(
         return;
     };
     let up = upstreams[pick.index].clone();
-    let (shared, conn, parts) = (shared.clone(), conn.clone(), parts.clone());
+    let (shared, conn, mut parts) = (shared.clone(), conn.clone(), parts.clone());
+    // A mirrored upgrade request stays a plain request: the client's
+    // connection belongs to the primary.
+    parts.extensions.remove::<OnUpgrade>();
     tokio::spawn(async move {
         let _pick = pick;
         match send_once(&shared, &conn, &up, parts, full(body)).await {
@@ -529,6 +539,11 @@ async fn send_once(
     mut parts: Parts,
     body: Body,
 ) -> Result<Response<Body>, SendError> {
+    if conn.protocol == Protocol::Http1
+        && let Some(client) = take_upgrade(&mut parts)
+    {
+        return send_upgrade(shared, conn, up, parts, body, client).await;
+    }
     strip_hop_by_hop(&mut parts.headers);
     let proto = conn.protocol;
     match &up.tunnel {
@@ -603,4 +618,144 @@ async fn send_once(
             Ok(resp.map(boxed))
         }
     }
+}
+
+/// The client's side of an HTTP/1.1 upgrade request (`Connection: upgrade`
+/// with an `Upgrade` protocol other than `h2c`), taken out of the request.
+fn take_upgrade(parts: &mut Parts) -> Option<OnUpgrade> {
+    let h = &parts.headers;
+    let wants = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = h.get(UPGRADE)?;
+    if !wants || protocol.as_bytes().eq_ignore_ascii_case(b"h2c") {
+        return None;
+    }
+    parts.extensions.remove::<OnUpgrade>()
+}
+
+/// A byte stream to the workload: a tunnel CONNECT stream or a TCP connection.
+trait RawIo: AsyncRead + AsyncWrite + Send {}
+impl<T: AsyncRead + AsyncWrite + Send> RawIo for T {}
+
+/// An HTTP/1.1 upgrade (WebSocket and the like). The request goes to the
+/// workload on a connection of its own: a CONNECT stream through the tunnel,
+/// named by its method and path so the far side applies policy, or a direct
+/// TCP connection. When the workload answers `101 Switching Protocols`, the
+/// client's connection and that stream are spliced byte for byte until either
+/// side closes; any other answer is passed back as a normal response.
+async fn send_upgrade(
+    shared: &Arc<Shared>,
+    conn: &Arc<HttpConn>,
+    up: &Upstream,
+    mut parts: Parts,
+    body: Body,
+    client: OnUpgrade,
+) -> Result<Response<Body>, SendError> {
+    let protocol = parts.headers.get(UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = protocol {
+        parts.headers.insert(UPGRADE, p);
+    }
+    if !parts.headers.contains_key(HOST) {
+        let host = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| up.target.clone());
+        parts.headers.insert(HOST, host);
+    }
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::from(pq);
+    parts.version = Version::HTTP_11;
+    let io: Pin<Box<dyn RawIo>> = match &up.tunnel {
+        Some(t) => {
+            let key = TunnelKey {
+                source: conn.source.identity.clone(),
+                node: t.node,
+                peer: t.identity.clone(),
+            };
+            let named = HeaderValue::from_str(&format!("{} {}", parts.method, parts.uri.path()))
+                .map_err(|e| SendError {
+                    status: StatusCode::BAD_REQUEST,
+                    reason: format!("upgrade request path is not valid: {e}"),
+                    retryable: false,
+                })?;
+            let (stream, _tls) = shared
+                .pool
+                .connect_with(&key, up.addr, Some(named))
+                .await
+                .map_err(|e| SendError {
+                    status: match &e {
+                        TunnelError::Refused { .. } => StatusCode::FORBIDDEN,
+                        e if e.is_connect_failure() => StatusCode::SERVICE_UNAVAILABLE,
+                        _ => StatusCode::BAD_GATEWAY,
+                    },
+                    retryable: e.is_connect_failure(),
+                    reason: e.to_string(),
+                })?;
+            Box::pin(stream)
+        }
+        None => {
+            let s = &shared.settings;
+            let tcp = crate::connect::connect(up.addr, s.socket_mark, s.connect_timeout())
+                .await
+                .map_err(|e| SendError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    reason: format!("connecting to {}: {e}", up.addr),
+                    retryable: true,
+                })?;
+            Box::pin(tcp)
+        }
+    };
+    let failed = |e: hyper::Error| SendError {
+        status: StatusCode::BAD_GATEWAY,
+        reason: format!("upgrade request to {}: {e}", up.addr),
+        retryable: false,
+    };
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size((shared.settings.max_header_bytes as usize).max(8192))
+        .handshake::<_, Body>(TokioIo::new(io))
+        .await
+        .map_err(failed)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!("upgrade connection to the workload ended: {e}");
+        }
+    });
+    let mut resp = sender
+        .send_request(Request::from_parts(parts, body))
+        .await
+        .map_err(failed)?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let server = hyper::upgrade::on(&mut resp);
+        let (idle, peer, to) = (
+            shared.settings.tcp_idle_timeout(),
+            conn.client_addr,
+            up.addr,
+        );
+        shared.spawn(async move {
+            match tokio::try_join!(client, server) {
+                Ok((c, s)) => {
+                    if let Err(e) =
+                        relay(TokioIo::new(c), TokioIo::new(s), idle, |_| {}, |_| {}).await
+                    {
+                        tracing::debug!(%peer, %to, "upgraded connection ended: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!(%peer, %to, "upgrade not completed: {e}"),
+            }
+        });
+    }
+    Ok(resp.map(boxed))
 }

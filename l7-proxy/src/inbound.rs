@@ -23,7 +23,10 @@ use crate::{
     accesslog::AccessRecord,
     batch::{BatchIo, FlushAtEnd},
     body::{Body, BoxError, boxed, empty, proxy_response, strip_hop_by_hop},
-    config::{LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER},
+    config::{
+        LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER, UPGRADE_REQUEST,
+        UPGRADE_REQUEST_HEADER,
+    },
     conntable::{ConnKind, ConnMeta, TlsInfo},
     io::{Counted, relay},
     metrics::{
@@ -314,8 +317,22 @@ async fn handle_connect(
             return Err(refused());
         }
     };
-    if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &workload, None) {
-        deny(&shared, &tp, Some(&workload), "tcp", &reason);
+    // An HTTP/1.1 upgrade (WebSocket) rides a CONNECT stream; the client
+    // side names its request so that HTTP conditions of policies apply.
+    let upgrade = match req.headers().get(UPGRADE_REQUEST).map(parse_upgrade) {
+        None => None,
+        Some(Ok(u)) => Some(u),
+        Some(Err(e)) => {
+            deny(&shared, &tp, Some(&workload), "http", &e);
+            return Err(refused());
+        }
+    };
+    let (facts, protocol) = match &upgrade {
+        Some((method, path)) => (Some(HttpFacts { method, path }), "http"),
+        None => (None, "tcp"),
+    };
+    if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &workload, facts) {
+        deny(&shared, &tp, Some(&workload), protocol, &reason);
         return Err(refused());
     }
     let upstream = match tokio::time::timeout(
@@ -399,7 +416,13 @@ async fn handle_connect(
         let reason = result.err().map(|e| e.to_string());
         AccessRecord {
             direction: "inbound",
-            protocol: "tcp",
+            protocol: if upgrade.is_some() {
+                "http-upgrade"
+            } else {
+                "tcp"
+            },
+            method: upgrade.as_ref().map(|(m, _)| m.as_str()),
+            path: upgrade.as_ref().map(|(_, p)| p.as_str()),
             source_addr: Some(tp.addr.to_string()),
             source_identity: Some(&tp.identity),
             destination: Some(workload.id.to_string()),
@@ -415,6 +438,23 @@ async fn handle_connect(
         .emit();
     });
     Ok(Response::new(empty()))
+}
+
+/// `METHOD path` of an upgrade request carried on a CONNECT stream.
+fn parse_upgrade(v: &http::HeaderValue) -> Result<(Method, String), String> {
+    let bad = || {
+        format!(
+            "{UPGRADE_REQUEST_HEADER} header {:?} is not `METHOD /path`",
+            String::from_utf8_lossy(v.as_bytes())
+        )
+    };
+    let s = v.to_str().map_err(|_| bad())?;
+    let (m, p) = s.split_once(' ').ok_or_else(bad)?;
+    if !p.starts_with('/') {
+        return Err(bad());
+    }
+    let method = Method::from_bytes(m.as_bytes()).map_err(|_| bad())?;
+    Ok((method, p.to_owned()))
 }
 
 async fn handle_http(

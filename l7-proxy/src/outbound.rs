@@ -203,7 +203,9 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(s.header_read_timeout())
                 .max_buf_size((s.max_header_bytes as usize).max(8192))
-                .serve_connection(io, svc);
+                .serve_connection(io, svc)
+                // WebSocket and other HTTP/1.1 upgrades (forward::send_upgrade).
+                .with_upgrades();
             drain_on_shutdown(&shared, c, |c| c.graceful_shutdown()).await
         }
     };

@@ -141,11 +141,44 @@ pub struct Decision {
     pub matched_prefix: Option<String>,
 }
 
+/// The entries of one service's routes (GAMMA): producer routes, in the
+/// service's own namespace, serve every client; a consumer route, in another
+/// namespace, serves only clients of its namespace, and for those clients the
+/// consumer routes replace the producer routes.
+#[derive(Debug, Default)]
+struct ServiceRoutes {
+    producer: Vec<Entry>,
+    consumers: HashMap<String, Vec<Entry>>,
+}
+
+impl ServiceRoutes {
+    /// The entries that serve a client of namespace `client_ns`.
+    fn for_client(&self, client_ns: &str) -> &[Entry] {
+        self.consumers.get(client_ns).unwrap_or(&self.producer)
+    }
+
+    fn sort(&mut self) {
+        for entries in std::iter::once(&mut self.producer).chain(self.consumers.values_mut()) {
+            entries.sort_by(|a, b| a.key.cmp(&b.key));
+        }
+    }
+}
+
 /// Routes of every service, compiled from one snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    http: HashMap<ObjectRef, Vec<Entry>>,
-    grpc: HashMap<ObjectRef, Vec<Entry>>,
+    http: HashMap<ObjectRef, ServiceRoutes>,
+    grpc: HashMap<ObjectRef, ServiceRoutes>,
+}
+
+/// What HTTP and gRPC route rules have in common, for compiling them alike.
+struct RuleParts<'a, M> {
+    name: &'a Option<String>,
+    matches: &'a [M],
+    filters: &'a [HttpFilter],
+    backends: &'a [BackendRef],
+    timeouts: crate::config::Timeouts,
+    retry: &'a Option<crate::config::Retry>,
 }
 
 impl RouteTable {
@@ -155,83 +188,43 @@ impl RouteTable {
         let mut table = RouteTable::default();
         let mut errors = Vec::new();
         for route in http_routes {
-            for (ri, rule) in route.rules.iter().enumerate() {
-                let compiled = Arc::new(Rule {
-                    route: route.id.clone(),
-                    name: rule.name.clone().unwrap_or_else(|| ri.to_string()),
-                    label: format!(
-                        "{}#{}",
-                        route.id,
-                        rule.name.clone().unwrap_or_else(|| ri.to_string())
-                    )
-                    .into(),
-                    filters: rule.filters.clone(),
-                    backends: rule.backends.clone(),
-                    timeouts: rule.timeouts,
-                    retry: rule.retry.clone(),
-                });
-                let default_match = [HttpRouteMatch::default()];
-                let matches = if rule.matches.is_empty() {
-                    &default_match[..]
-                } else {
-                    &rule.matches[..]
-                };
-                for (mi, m) in matches.iter().enumerate() {
-                    match compile_http_match(route, ri, mi, m, &compiled) {
-                        Ok(entry) => {
-                            for parent in &route.parents {
-                                table
-                                    .http
-                                    .entry(parent.service.clone())
-                                    .or_default()
-                                    .push(entry.clone_for(parent.port));
-                            }
-                        }
-                        Err(e) => errors.push(e),
-                    }
-                }
-            }
+            let rules = route.rules.iter().map(|r| RuleParts {
+                name: &r.name,
+                matches: &r.matches,
+                filters: &r.filters,
+                backends: &r.backends,
+                timeouts: r.timeouts,
+                retry: &r.retry,
+            });
+            add_route(
+                &mut table.http,
+                &mut errors,
+                &route.id,
+                &route.parents,
+                rules,
+                |ri, mi, m, rule| compile_http_match(route, ri, mi, m, rule),
+            );
         }
         for route in grpc_routes {
-            for (ri, rule) in route.rules.iter().enumerate() {
-                let compiled = Arc::new(Rule {
-                    route: route.id.clone(),
-                    name: rule.name.clone().unwrap_or_else(|| ri.to_string()),
-                    label: format!(
-                        "{}#{}",
-                        route.id,
-                        rule.name.clone().unwrap_or_else(|| ri.to_string())
-                    )
-                    .into(),
-                    filters: rule.filters.clone(),
-                    backends: rule.backends.clone(),
-                    timeouts: rule.timeouts,
-                    retry: rule.retry.clone(),
-                });
-                let default_match = [GrpcRouteMatch::default()];
-                let matches = if rule.matches.is_empty() {
-                    &default_match[..]
-                } else {
-                    &rule.matches[..]
-                };
-                for (mi, m) in matches.iter().enumerate() {
-                    match compile_grpc_match(route, ri, mi, m, &compiled) {
-                        Ok(entry) => {
-                            for parent in &route.parents {
-                                table
-                                    .grpc
-                                    .entry(parent.service.clone())
-                                    .or_default()
-                                    .push(entry.clone_for(parent.port));
-                            }
-                        }
-                        Err(e) => errors.push(e),
-                    }
-                }
-            }
+            let rules = route.rules.iter().map(|r| RuleParts {
+                name: &r.name,
+                matches: &r.matches,
+                filters: &r.filters,
+                backends: &r.backends,
+                timeouts: r.timeouts,
+                retry: &r.retry,
+            });
+            add_route(
+                &mut table.grpc,
+                &mut errors,
+                &route.id,
+                &route.parents,
+                rules,
+                |ri, mi, m, rule| compile_grpc_match(route, ri, mi, m, rule),
+            );
         }
-        for entries in table.http.values_mut().chain(table.grpc.values_mut()) {
-            entries.sort_by(|a, b| a.key.cmp(&b.key));
+        for routes in table.http.values_mut().chain(table.grpc.values_mut()) {
+            routes.sort();
         }
         (table, errors)
     }
@@ -241,39 +234,102 @@ impl RouteTable {
         self.http.contains_key(service) || self.grpc.contains_key(service)
     }
 
-    /// The rule for a request to `service` on `port`. `None` when the service
-    /// has no routes at all (use [`Rule::default_for`]); `Some(None)` when it
-    /// has routes and none matches (404).
+    /// The rule for a request from a client in namespace `client_ns` to
+    /// `service` on `port`. `None` when no route of the service serves that
+    /// client (use [`Rule::default_for`]); `Some(None)` when routes serve it
+    /// and none matches (404).
     pub fn route(
         &self,
         service: &ObjectRef,
         port: u16,
+        client_ns: &str,
         req: &RequestView<'_>,
     ) -> Option<Option<Decision>> {
-        if !self.has_routes(service) {
+        let (http, grpc) = (self.http.get(service), self.grpc.get(service));
+        if http.is_none() && grpc.is_none() {
             return None;
         }
-        let grpc = req
+        // Consumer routes of the client's namespace, HTTP or gRPC, replace
+        // the producer routes of both kinds.
+        let consumer = [http, grpc]
+            .into_iter()
+            .flatten()
+            .any(|r| r.consumers.contains_key(client_ns));
+        fn entries<'t>(r: Option<&'t ServiceRoutes>, consumer: bool, ns: &str) -> &'t [Entry] {
+            match r {
+                None => &[],
+                Some(r) if consumer => r.consumers.get(ns).map_or(&[], |e| &e[..]),
+                Some(r) => r.for_client(ns),
+            }
+        }
+        let (http, grpc) = (
+            entries(http, consumer, client_ns),
+            entries(grpc, consumer, client_ns),
+        );
+        if http.is_empty() && grpc.is_empty() {
+            return None;
+        }
+        let is_grpc = req
             .headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("application/grpc"));
-        let mut lists = Vec::with_capacity(2);
-        if grpc && let Some(g) = self.grpc.get(service) {
-            lists.push(g);
-        }
-        if let Some(h) = self.http.get(service) {
-            lists.push(h);
-        }
         let query = parse_query(req.query.unwrap_or(""));
-        for entries in lists {
-            for e in entries {
-                if let Some(d) = e.matches(port, req, &query) {
-                    return Some(Some(d));
-                }
+        let grpc = if is_grpc { grpc } else { &[] };
+        for e in grpc.iter().chain(http) {
+            if let Some(d) = e.matches(port, req, &query) {
+                return Some(Some(d));
             }
         }
         Some(None)
+    }
+}
+
+/// Compiles the rules of one route and files each match under every parent
+/// service, as a producer or a consumer route of it.
+fn add_route<'a, M: Default + 'a>(
+    table: &mut HashMap<ObjectRef, ServiceRoutes>,
+    errors: &mut Vec<RouteError>,
+    id: &ObjectRef,
+    parents: &[crate::config::ParentRef],
+    rules: impl Iterator<Item = RuleParts<'a, M>>,
+    compile: impl Fn(usize, usize, &M, &Arc<Rule>) -> Result<Entry, RouteError>,
+) {
+    for (ri, rule) in rules.enumerate() {
+        let name = rule.name.clone().unwrap_or_else(|| ri.to_string());
+        let compiled = Arc::new(Rule {
+            route: id.clone(),
+            label: format!("{id}#{name}").into(),
+            name,
+            filters: rule.filters.to_vec(),
+            backends: rule.backends.to_vec(),
+            timeouts: rule.timeouts,
+            retry: rule.retry.clone(),
+        });
+        let default_match = [M::default()];
+        let matches = if rule.matches.is_empty() {
+            &default_match[..]
+        } else {
+            rule.matches
+        };
+        for (mi, m) in matches.iter().enumerate() {
+            let entry = match compile(ri, mi, m, &compiled) {
+                Ok(e) => e,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            for parent in parents {
+                let routes = table.entry(parent.service.clone()).or_default();
+                let entries = if parent.service.namespace == id.namespace {
+                    &mut routes.producer
+                } else {
+                    routes.consumers.entry(id.namespace.clone()).or_default()
+                };
+                entries.push(entry.clone_for(parent.port));
+            }
+        }
     }
 }
 
@@ -626,9 +682,58 @@ mod tests {
             query: uri.query(),
             headers: &h,
         };
-        t.route(&svc(), 80, &view)
+        t.route(&svc(), 80, "shop", &view)
             .expect("service has routes")
             .map(|d| d.rule.backends[0].service.name.clone())
+    }
+
+    #[test]
+    fn consumer_routes_serve_their_namespace_only_and_replace_producer_routes() {
+        let producer = route("producer", 0, vec![(vec![], "v1")]);
+        let mut consumer = route(
+            "consumer",
+            0,
+            vec![(vec![path(PathMatch::Exact("/a".into()))], "v2")],
+        );
+        consumer.id = ObjectRef::new("web", "consumer");
+        let (t, errs) = RouteTable::build(&[producer, consumer], &[]);
+        assert!(errs.is_empty(), "{errs:?}");
+        let h = HeaderMap::new();
+        let decide = |ns: &str, p: &str| {
+            let view = RequestView {
+                method: &Method::GET,
+                path: p,
+                query: None,
+                headers: &h,
+            };
+            t.route(&svc(), 80, ns, &view)
+                .map(|d| d.map(|d| d.rule.route.to_string()))
+        };
+        // Clients of the service's namespace and of others: producer route.
+        for ns in ["shop", "other"] {
+            assert_eq!(decide(ns, "/a"), Some(Some("shop/producer".into())), "{ns}");
+            assert_eq!(decide(ns, "/b"), Some(Some("shop/producer".into())), "{ns}");
+        }
+        // Clients of the consumer's namespace: only its rules, so /b has no
+        // match rather than falling back to the producer route.
+        assert_eq!(decide("web", "/a"), Some(Some("web/consumer".into())));
+        assert_eq!(decide("web", "/b"), Some(None));
+
+        // With only a consumer route, other clients get the default route.
+        let mut consumer = route("consumer", 0, vec![(vec![], "v2")]);
+        consumer.id = ObjectRef::new("web", "consumer");
+        let (t, _) = RouteTable::build(&[consumer], &[]);
+        let view = RequestView {
+            method: &Method::GET,
+            path: "/",
+            query: None,
+            headers: &h,
+        };
+        assert!(t.route(&svc(), 80, "shop", &view).is_none());
+        assert!(
+            t.route(&svc(), 80, "web", &view)
+                .is_some_and(|d| d.is_some())
+        );
     }
 
     #[test]
@@ -792,7 +897,7 @@ mod tests {
             headers: &HeaderMap::new(),
         };
         assert!(
-            t.route(&ObjectRef::new("shop", "other"), 80, &view)
+            t.route(&ObjectRef::new("shop", "other"), 80, "shop", &view)
                 .is_none()
         );
     }

@@ -197,12 +197,28 @@ impl TunnelPool {
         key: &TunnelKey,
         target: SocketAddr,
     ) -> Result<(TunnelStream, TlsInfo), TunnelError> {
+        self.connect_with(key, target, None).await
+    }
+
+    /// [`connect`](Self::connect) for an HTTP/1.1 upgrade: `upgrade` (the
+    /// request's `METHOD path`) travels in the
+    /// [`UPGRADE_REQUEST_HEADER`](crate::config::UPGRADE_REQUEST_HEADER) so
+    /// the peer can check it against policy.
+    pub async fn connect_with(
+        &self,
+        key: &TunnelKey,
+        target: SocketAddr,
+        upgrade: Option<http::HeaderValue>,
+    ) -> Result<(TunnelStream, TlsInfo), TunnelError> {
         let (conn, guard) = self.checkout(key).await?;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(())
             .expect("a socket address is a valid authority");
+        if let Some(u) = upgrade {
+            req.headers_mut().insert(crate::config::UPGRADE_REQUEST, u);
+        }
         let (resp, send) = self.open_stream(&conn, key, req, false).await?;
         let resp = resp.await.map_err(|source| {
             if is_refused_stream(&source) {

@@ -7,3 +7,4 @@ mod policy;
 mod robustness;
 mod routing;
 mod traffic;
+mod upgrade;

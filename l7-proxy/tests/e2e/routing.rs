@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use l7_proxy::{
     Snapshot,
     config::{
-        BackendRef, GrpcMethodMatch, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HeaderModifier,
-        HeaderPair, HttpFilter, HttpRoute, HttpRouteMatch, HttpRouteRule, ObjectRef, ParentRef,
-        PathMatch, PathModifier, RequestMirror, RequestRedirect, Retry, Service, Timeouts,
-        UrlRewrite, ValueMatch, ValueMatchKind,
+        BackendRef, Fraction, GrpcMethodMatch, GrpcRoute, GrpcRouteMatch, GrpcRouteRule,
+        HeaderModifier, HeaderPair, HttpFilter, HttpRoute, HttpRouteMatch, HttpRouteRule,
+        ObjectRef, ParentRef, PathMatch, PathModifier, RequestMirror, RequestRedirect, Retry,
+        Service, Timeouts, UrlRewrite, ValueMatch, ValueMatchKind,
     },
 };
 
@@ -388,7 +388,7 @@ async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
     r.filters = vec![HttpFilter::RequestMirror(RequestMirror {
         service: ObjectRef::new("shop", "mirror"),
         port: 80,
-        percent: None,
+        fraction: None,
     })];
     let (srv, mirror) = setup(&mesh, vec![route(vec![r])]).await;
     let mut c = client(&mesh).await;
@@ -403,6 +403,35 @@ async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
     assert_eq!(seen["path"], "/orders/1");
     assert_eq!(seen["body"], "order");
     assert_eq!(srv[1].hits(), 1);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_fraction_copies_that_share_of_requests() {
+    let mesh = Mesh::standard().await;
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.filters = vec![HttpFilter::RequestMirror(RequestMirror {
+        service: ObjectRef::new("shop", "mirror"),
+        port: 80,
+        fraction: Some(Fraction {
+            numerator: 1,
+            denominator: 4,
+        }),
+    })];
+    let (srv, mirror) = setup(&mesh, vec![route(vec![r])]).await;
+    let mut c = client(&mesh).await;
+    for _ in 0..400 {
+        assert_eq!(c.get("/x").await.status, 200);
+    }
+    assert_eq!(srv[1].hits(), 400, "every request reaches the primary");
+    // Mirrors are sent in the background: wait until they settle.
+    let mut last = usize::MAX;
+    while last != mirror.hits() {
+        last = mirror.hits();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Binomial(400, 1/4): mean 100, standard deviation 8.7.
+    assert!((55..=145).contains(&last), "{last} of 400 mirrored");
     mesh.shutdown().await;
 }
 

@@ -12,10 +12,10 @@
 //! - parents that do not exist (or lack the named port) are left out.
 
 use l7_proxy::config::{
-    BackendRef, GrpcMethodMatch, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HeaderModifier,
-    HeaderPair, HttpFilter, HttpRoute, HttpRouteMatch, HttpRouteRule, ObjectRef, ParentRef,
-    PathMatch, PathModifier, RequestMirror, RequestRedirect, Retry, Timeouts, UrlRewrite,
-    ValueMatch, ValueMatchKind,
+    BackendRef, Fraction, GrpcMethodMatch, GrpcRoute, GrpcRouteMatch, GrpcRouteRule,
+    HeaderModifier, HeaderPair, HttpFilter, HttpRoute, HttpRouteMatch, HttpRouteRule, ObjectRef,
+    ParentRef, PathMatch, PathModifier, RequestMirror, RequestRedirect, Retry, Timeouts,
+    UrlRewrite, ValueMatch, ValueMatchKind,
 };
 use serde_json::Value;
 
@@ -179,13 +179,12 @@ fn header_modifier(v: &Value) -> HeaderModifier {
     }
 }
 
-/// The share of requests a mirror takes, as the proxy's whole percentage:
-/// `percent`, or a `fraction` that is a whole percentage (the proxy cannot
-/// mirror 1 request in 1000).
-fn mirror_percent(m: &Value, field: &str) -> Result<Option<u32>, String> {
+/// The share of requests a mirror takes: `percent`, or `fraction`
+/// (denominator 100 when left out); all requests when neither is set.
+fn mirror_fraction(m: &Value, field: &str) -> Result<Option<Fraction>, String> {
     if let Some(p) = m.get("percent").filter(|p| !p.is_null()) {
         return match p.as_u64() {
-            Some(p) if p <= 100 => Ok(Some(p as u32)),
+            Some(p) if p <= 100 => Ok(Some(Fraction::percent(p as u32))),
             _ => Err(format!("{field}.percent: {p} is not between 0 and 100")),
         };
     }
@@ -193,27 +192,27 @@ fn mirror_percent(m: &Value, field: &str) -> Result<Option<u32>, String> {
     if f.is_null() {
         return Ok(None);
     }
-    let (Some(n), Some(d)) = (
-        f["numerator"].as_u64(),
-        f["denominator"].as_u64().or(Some(100)),
-    ) else {
+    let whole = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+    let denominator = if f["denominator"].is_null() {
+        Some(100)
+    } else {
+        whole(&f["denominator"])
+    };
+    let (Some(n), Some(d)) = (whole(&f["numerator"]), denominator) else {
         return Err(format!(
-            "{field}.fraction: numerator and denominator must be non-negative integers"
+            "{field}.fraction: numerator and denominator must be non-negative 32-bit integers"
         ));
     };
     if d == 0 || n > d {
         return Err(format!(
-            "{field}.fraction: {n}/{d} is not a fraction between 0 and 1"
+            "{field}.fraction: {n}/{d} is not a fraction between 0 and 1 (the denominator must \
+             be at least 1 and at least the numerator)"
         ));
     }
-    if (n * 100) % d != 0 {
-        return Err(format!(
-            "{field}.fraction: {n}/{d} is not a whole percentage; the node proxy mirrors by \
-             whole percent (use percent, or a fraction such as {}/100)",
-            (n * 100 / d).max(1)
-        ));
-    }
-    Ok(Some((n * 100 / d) as u32))
+    Ok(Some(Fraction {
+        numerator: n,
+        denominator: d,
+    }))
 }
 
 /// `rules[].retry` (GEP-1731): `attempts` retries after the first try, on
@@ -315,7 +314,7 @@ impl Ctx<'_> {
             }
             Some("RequestMirror") => {
                 let m = &f["requestMirror"];
-                let percent = mirror_percent(m, &format!("{field}.requestMirror"))?;
+                let fraction = mirror_fraction(m, &format!("{field}.requestMirror"))?;
                 let b = &m["backendRef"];
                 let target = BackendTarget::of_json(b);
                 if let Err(p) = self.refs.check_backend(
@@ -330,7 +329,7 @@ impl Ctx<'_> {
                 Ok(Some(HttpFilter::RequestMirror(RequestMirror {
                     service: ObjectRef::new(target.namespace.unwrap_or(self.ns), target.name),
                     port: port_of(&b["port"]).unwrap_or_default(),
-                    percent,
+                    fraction,
                 })))
             }
             other => Err(format!(

@@ -1,8 +1,8 @@
 //! The translation of the agent's view into the proxy's snapshot.
 
 use l7_proxy::config::{
-    HeaderModifier, HeaderPair, HttpFilter, HttpRouteRule, ParentRef, PathMatch, PathModifier,
-    RequestMirror, Retry, Timeouts, UrlRewrite, ValueMatchKind,
+    Fraction, HeaderModifier, HeaderPair, HttpFilter, HttpRouteRule, ParentRef, PathMatch,
+    PathModifier, RequestMirror, Retry, Timeouts, UrlRewrite, ValueMatchKind,
 };
 
 use super::{routes::http_route, *};
@@ -205,7 +205,7 @@ fn http_routes_translate_matches_filters_backends_and_timeouts() {
         HttpFilter::RequestMirror(RequestMirror {
             service: ObjectRef::new("shop", "db"),
             port: 5432,
-            percent: Some(10)
+            fraction: Some(Fraction::percent(10))
         })
     );
     assert_eq!(rule.backends[0].weight, 3);
@@ -399,7 +399,7 @@ fn zero_timeouts_disable_and_a_backend_timeout_beyond_the_request_one_is_refused
 }
 
 #[test]
-fn mirror_fractions_that_are_whole_percentages_are_taken_others_refused() {
+fn mirror_percent_and_fraction_are_taken_bad_ones_refused() {
     let mirror = |m: serde_json::Value| {
         let mut f = serde_json::json!({"backendRef": {"name": "db", "port": 5432}});
         f.as_object_mut()
@@ -409,29 +409,41 @@ fn mirror_fractions_that_are_whole_percentages_are_taken_others_refused() {
             "filters": [{"type": "RequestMirror", "requestMirror": f}]
         }))
         .map(|r| match &r.filters[0] {
-            HttpFilter::RequestMirror(m) => m.percent,
+            HttpFilter::RequestMirror(m) => m.fraction.map(|f| (f.numerator, f.denominator)),
             other => panic!("{other:?}"),
         })
     };
-    assert_eq!(mirror(serde_json::json!({"percent": 25})), Ok(Some(25)));
+    assert_eq!(
+        mirror(serde_json::json!({"percent": 25})),
+        Ok(Some((25, 100)))
+    );
     assert_eq!(
         mirror(serde_json::json!({"fraction": {"numerator": 1, "denominator": 4}})),
-        Ok(Some(25))
+        Ok(Some((1, 4)))
+    );
+    assert_eq!(
+        mirror(serde_json::json!({"fraction": {"numerator": 1, "denominator": 1000}})),
+        Ok(Some((1, 1000))),
+        "finer than a percent"
     );
     // The denominator defaults to 100.
     assert_eq!(
         mirror(serde_json::json!({"fraction": {"numerator": 7}})),
-        Ok(Some(7))
+        Ok(Some((7, 100)))
     );
     assert_eq!(mirror(serde_json::json!({})), Ok(None), "all requests");
+    let e = mirror(serde_json::json!({"percent": 150})).unwrap_err();
+    assert!(e.contains("requestMirror.percent"), "{e}");
     let e =
-        mirror(serde_json::json!({"fraction": {"numerator": 1, "denominator": 1000}})).unwrap_err();
+        mirror(serde_json::json!({"fraction": {"numerator": 3, "denominator": 2}})).unwrap_err();
     assert!(
-        e.contains("requestMirror.fraction") && e.contains("whole percentage"),
+        e.contains("requestMirror.fraction") && e.contains("3/2"),
         "{e}"
     );
-    assert!(mirror(serde_json::json!({"percent": 150})).is_err());
-    assert!(mirror(serde_json::json!({"fraction": {"numerator": 3, "denominator": 2}})).is_err());
+    let e =
+        mirror(serde_json::json!({"fraction": {"numerator": 0, "denominator": 0}})).unwrap_err();
+    assert!(e.contains("requestMirror.fraction"), "{e}");
+    assert!(mirror(serde_json::json!({"fraction": {"numerator": -1}})).is_err());
 }
 
 #[test]

@@ -1,0 +1,233 @@
+//! HTTP/1.1 upgrades (WebSocket and the like) through the mesh: the request
+//! is routed and checked against policy like any other, then the two sides
+//! exchange raw bytes.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use l7_proxy::{
+    Snapshot,
+    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, ObjectRef},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::support::*;
+
+/// What an upgrade server saw: the request head of each connection.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// A server that answers `GET /no...` with a plain 400 and every other
+/// upgrade request with `101`, then greets with `srv=<name>;` and echoes.
+async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Seen) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut tcp).await;
+                s.lock().unwrap().push(head.clone());
+                let lower = head.to_ascii_lowercase();
+                if head.starts_with("GET /no") || !lower.contains("\r\nupgrade: echo\r\n") {
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno")
+                        .await;
+                    return;
+                }
+                let greeting = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-server: {name}\r\n\r\nsrv={name};"
+                );
+                if tcp.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if tcp.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Reads an HTTP head, up to and including the blank line, byte by byte so
+/// that nothing after it is consumed.
+async fn read_head(tcp: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut b))
+            .await
+            .expect("a response head within 10 s")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nhost: cart.shop\r\nconnection: Upgrade\r\nupgrade: echo\r\nx-app: 1\r\n\r\n"
+    )
+}
+
+/// Sends an upgrade request for `path` from `from` to the VIP and returns the
+/// connection with the response head read.
+async fn upgrade(mesh: &Mesh, from: std::net::IpAddr, path: &str) -> (TcpStream, String) {
+    let mut tcp = mesh.connect(from, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(upgrade_request(path).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut tcp).await;
+    (tcp, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_style_upgrade_crosses_the_tunnel_and_relays_both_ways() {
+    let mesh = Mesh::standard().await;
+    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+
+    let (mut tcp, head) = upgrade(&mesh, web().ip, "/chat?room=1").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: echo"), "{head}");
+    assert!(lower.contains("x-server: cart-0"), "{head}");
+    // The server speaks first after the switch, then echoes.
+    assert_eq!(read_n(&mut tcp, 11).await, b"srv=cart-0;");
+    for msg in [
+        &b"ping"[..],
+        &[0u8, 255, 13, 10, 13, 10],
+        &vec![7u8; 100_000],
+    ] {
+        tcp.write_all(msg).await.unwrap();
+        assert_eq!(read_n(&mut tcp, msg.len()).await, msg);
+    }
+
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1);
+    let h = heads[0].to_ascii_lowercase();
+    assert!(h.starts_with("get /chat?room=1 http/1.1\r\n"), "{h}");
+    assert!(
+        h.contains("connection: upgrade") && h.contains("upgrade: echo"),
+        "{h}"
+    );
+    assert!(
+        h.contains("host: cart.shop") && h.contains("x-app: 1"),
+        "{h}"
+    );
+    // The relay ends when the client leaves.
+    drop(tcp);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_is_an_ordinary_response() {
+    let mesh = Mesh::standard().await;
+    let (addr, _seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let (mut tcp, head) = upgrade(&mesh, web().ip, "/no").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(read_n(&mut tcp, 2).await, b"no");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_to_a_workload_outside_the_mesh_goes_direct() {
+    let mesh = Mesh::standard().await;
+    let (addr, seen) = upgrade_server("plain", SocketAddr::new(cart(1).ip, 0)).await;
+    let mut svc = mesh.service("cart", 1, addr.port(), &[cart(1)]);
+    svc.endpoints[0].node_proxy = None;
+    svc.endpoints[0].identity = None;
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let (mut tcp, head) = upgrade(&mesh, web().ip, "/direct").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_n(&mut tcp, 10).await, b"srv=plain;");
+    tcp.write_all(b"hello").await.unwrap();
+    assert_eq!(read_n(&mut tcp, 5).await, b"hello");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    drop(tcp);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_policy_path_conditions_apply_to_upgrades() {
+    let mesh = Mesh::standard().await;
+    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        access_policies: vec![AccessPolicy {
+            id: ObjectRef::new("shop", "cart-access"),
+            target: ObjectRef::new("shop", "cart"),
+            rules: vec![AccessRule {
+                from: vec![AccessSource::Identity(bot().identity())],
+                to: Some(HttpConditions {
+                    methods: vec!["GET".into()],
+                    paths: vec!["/public/*".into()],
+                }),
+            }],
+        }],
+        ..Default::default()
+    })
+    .await;
+
+    let (mut ok, head) = upgrade(&mesh, bot().ip, "/public/feed").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_n(&mut ok, 11).await, b"srv=cart-0;");
+
+    let (_no, head) = upgrade(&mesh, bot().ip, "/private").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let (_no, head) = upgrade(&mesh, web().ip, "/public/feed").await;
+    assert!(
+        head.starts_with("HTTP/1.1 403"),
+        "web has no rule at all: {head}"
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "denied upgrades never reach the workload"
+    );
+    let bot_id = bot().identity().to_string();
+    assert_eq!(
+        mesh.b.metric(
+            "sluice_policy_denials_total",
+            &[&bot_id, "protocol=\"http\""]
+        ),
+        1.0
+    );
+    drop(ok);
+    mesh.shutdown().await;
+}
