@@ -171,6 +171,21 @@ pub struct RouteTable {
     grpc: HashMap<ObjectRef, ServiceRoutes>,
 }
 
+/// The [`RuleParts`] of an `HttpRouteRule` or a `GrpcRouteRule`: the same
+/// fields in two types.
+macro_rules! rule_parts {
+    ($r:expr) => {
+        RuleParts {
+            name: &$r.name,
+            matches: &$r.matches,
+            filters: &$r.filters,
+            backends: &$r.backends,
+            timeouts: $r.timeouts,
+            retry: &$r.retry,
+        }
+    };
+}
+
 /// What HTTP and gRPC route rules have in common, for compiling them alike.
 struct RuleParts<'a, M> {
     name: &'a Option<String>,
@@ -188,14 +203,7 @@ impl RouteTable {
         let mut table = RouteTable::default();
         let mut errors = Vec::new();
         for route in http_routes {
-            let rules = route.rules.iter().map(|r| RuleParts {
-                name: &r.name,
-                matches: &r.matches,
-                filters: &r.filters,
-                backends: &r.backends,
-                timeouts: r.timeouts,
-                retry: &r.retry,
-            });
+            let rules = route.rules.iter().map(|r| rule_parts!(r));
             add_route(
                 &mut table.http,
                 &mut errors,
@@ -206,14 +214,7 @@ impl RouteTable {
             );
         }
         for route in grpc_routes {
-            let rules = route.rules.iter().map(|r| RuleParts {
-                name: &r.name,
-                matches: &r.matches,
-                filters: &r.filters,
-                backends: &r.backends,
-                timeouts: r.timeouts,
-                retry: &r.retry,
-            });
+            let rules = route.rules.iter().map(|r| rule_parts!(r));
             add_route(
                 &mut table.grpc,
                 &mut errors,

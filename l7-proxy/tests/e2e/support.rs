@@ -560,21 +560,26 @@ pub async fn tcp_server(addr: SocketAddr, banner: Option<&'static str>) -> Socke
                 if let Some(b) = banner {
                     let _ = tcp.write_all(b.as_bytes()).await;
                 }
-                let mut buf = [0u8; 4096];
-                loop {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if tcp.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
+                echo_bytes(&mut tcp).await;
             });
         }
     });
     addr
+}
+
+/// Writes back what `tcp` reads until the peer closes.
+pub async fn echo_bytes(tcp: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tcp.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Reads exactly `n` bytes, failing the test after a generous deadline.

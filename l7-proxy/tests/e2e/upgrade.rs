@@ -48,19 +48,8 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
                 let greeting = format!(
                     "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-server: {name}\r\n\r\nsrv={name};"
                 );
-                if tcp.write_all(greeting.as_bytes()).await.is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 4096];
-                loop {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if tcp.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
+                if tcp.write_all(greeting.as_bytes()).await.is_ok() {
+                    echo_bytes(&mut tcp).await;
                 }
             });
         }
