@@ -28,7 +28,7 @@ use crate::{
         UPGRADE_REQUEST_HEADER,
     },
     conntable::{ConnKind, ConnMeta, TlsInfo},
-    io::{Counted, relay},
+    io::{Counted, Rewind, relay},
     metrics::{
         DenialLabels, Direction, Label, RequestMetricsCache, TcpLabels, TlsFailureLabels,
         status_class,
@@ -369,6 +369,41 @@ async fn handle_connect(
                 return;
             }
         };
+        let mut upgraded = TokioIo::new(upgraded);
+        // The policy was checked against the request the stream names: the
+        // stream must open with that request, or it goes no further.
+        let prefix = match &upgrade {
+            None => bytes::Bytes::new(),
+            Some((method, path)) => {
+                let limit = shared2.settings.max_header_bytes as usize;
+                let read = read_request_line(&mut upgraded, limit);
+                match tokio::time::timeout(shared2.settings.header_read_timeout(), read).await {
+                    Ok(Ok(head)) if request_line_is(&head, method, path) => head,
+                    Ok(Ok(head)) => {
+                        let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+                        deny(
+                            &shared2,
+                            &tp,
+                            Some(&workload),
+                            "http",
+                            &format!(
+                                "upgrade stream named `{method} {path}` but opened with {:?}",
+                                String::from_utf8_lossy(line).trim_end()
+                            ),
+                        );
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %tp.addr, "upgrade stream ended before its request: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %tp.addr, "upgrade stream sent no request line in time");
+                        return;
+                    }
+                }
+            }
+        };
         let row = Arc::new(shared2.table.open(
             ConnKind::InboundTcp,
             ConnMeta {
@@ -400,7 +435,7 @@ async fn handle_connect(
             .clone();
         let (r1, r2) = (row.clone(), row.clone());
         let result = relay(
-            TokioIo::new(upgraded),
+            Rewind::new(prefix, upgraded),
             upstream,
             shared2.settings.tcp_idle_timeout(),
             move |n| {
@@ -438,6 +473,47 @@ async fn handle_connect(
         .emit();
     });
     Ok(Response::new(empty()))
+}
+
+/// Reads from `io` up to and including the first line feed (at most `limit`
+/// bytes; a longer first line is an error). What was read is returned, to be
+/// sent on before the rest.
+async fn read_request_line<I: tokio::io::AsyncRead + Unpin>(
+    io: &mut I,
+    limit: usize,
+) -> std::io::Result<bytes::Bytes> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::with_capacity(1024);
+    loop {
+        if buf.contains(&b'\n') {
+            return Ok(buf.freeze());
+        }
+        if buf.len() >= limit {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("no request line within {limit} bytes"),
+            ));
+        }
+        if io.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Whether `head` opens with the request line `METHOD path[?query] HTTP/1.x`.
+fn request_line_is(head: &[u8], method: &Method, path: &str) -> bool {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|b| *b == b' ');
+    let (Some(m), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let target_path = target.split(|b| *b == b'?').next().unwrap_or_default();
+    m == method.as_str().as_bytes()
+        && target_path == path.as_bytes()
+        && version.starts_with(b"HTTP/1.")
 }
 
 /// `METHOD path` of an upgrade request carried on a CONNECT stream.
@@ -553,4 +629,61 @@ async fn handle_http(
     }
     .emit();
     resp
+}
+
+#[cfg(test)]
+mod upgrade_tests {
+    use super::*;
+
+    #[test]
+    fn a_request_line_matches_its_name_only() {
+        let get = Method::GET;
+        assert!(request_line_is(
+            b"GET /chat HTTP/1.1\r\nhost: x\r\n",
+            &get,
+            "/chat"
+        ));
+        assert!(request_line_is(
+            b"GET /chat?room=1 HTTP/1.1\r\n",
+            &get,
+            "/chat"
+        ));
+        assert!(!request_line_is(b"GET /chat2 HTTP/1.1\r\n", &get, "/chat"));
+        assert!(!request_line_is(b"POST /chat HTTP/1.1\r\n", &get, "/chat"));
+        assert!(!request_line_is(b"GET /chat HTTP/2.0\r\n", &get, "/chat"));
+        assert!(!request_line_is(
+            b"GET /chat HTTP/1.1 extra\r\n",
+            &get,
+            "/chat"
+        ));
+        assert!(!request_line_is(b"GET  /chat HTTP/1.1\r\n", &get, "/chat"));
+        assert!(!request_line_is(b"", &get, "/chat"));
+    }
+
+    #[test]
+    fn the_upgrade_name_is_method_and_absolute_path() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(
+            parse_upgrade(&v("GET /ws")).unwrap(),
+            (Method::GET, "/ws".to_string())
+        );
+        for bad in ["GET", "GET ws", "G\u{7f}T /ws", " /ws"] {
+            let Ok(h) = HeaderValue::from_str(bad) else {
+                continue;
+            };
+            let e = parse_upgrade(&h).unwrap_err();
+            assert!(e.contains(UPGRADE_REQUEST_HEADER), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_line_is_read_whole_and_bounded() {
+        let mut io: &[u8] = b"GET / HTTP/1.1\r\nrest";
+        let head = read_request_line(&mut io, 1024).await.unwrap();
+        assert!(head.starts_with(b"GET / HTTP/1.1\r\n"));
+        let mut long: &[u8] = &[b'a'; 5000];
+        assert!(read_request_line(&mut long, 1024).await.is_err());
+        let mut short: &[u8] = b"GET /";
+        assert!(read_request_line(&mut short, 1024).await.is_err());
+    }
 }

@@ -37,6 +37,10 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
             let s = s.clone();
             tokio::spawn(async move {
                 let head = read_head(&mut tcp).await;
+                if head.is_empty() {
+                    // Opened and closed without a byte.
+                    return;
+                }
                 s.lock().unwrap().push(head.clone());
                 let lower = head.to_ascii_lowercase();
                 if head.starts_with("GET /no") || !lower.contains("\r\nupgrade: echo\r\n") {
@@ -218,5 +222,85 @@ async fn access_policy_path_conditions_apply_to_upgrades() {
         1.0
     );
     drop(ok);
+    mesh.shutdown().await;
+}
+
+/// A CONNECT stream that names one request for the policy check and then
+/// sends another is cut off before the workload sees a byte: the inbound
+/// proxy checks the request line against the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_stream_must_open_with_the_request_it_names() {
+    let mesh = Mesh::standard().await;
+    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        access_policies: vec![AccessPolicy {
+            id: ObjectRef::new("shop", "cart-access"),
+            target: ObjectRef::new("shop", "cart"),
+            rules: vec![AccessRule {
+                from: vec![AccessSource::Identity(bot().identity())],
+                to: Some(HttpConditions {
+                    methods: vec!["GET".into()],
+                    paths: vec!["/public/*".into()],
+                }),
+            }],
+        }],
+        ..Default::default()
+    })
+    .await;
+    // Speak the tunnel directly, with the bot's real certificate.
+    let stream = |request: &'static str| {
+        let mesh = &mesh;
+        async move {
+            let config = mesh
+                .a
+                .identities
+                .client_config(&bot().identity(), &cart(0).identity())
+                .unwrap();
+            let tcp = TcpStream::connect(mesh.node_b_proxy()).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(certs::server_name(&cart(0).identity()), tcp)
+                .await
+                .unwrap();
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .method("CONNECT")
+                .uri(addr.to_string())
+                .header("sluice-upgrade-request", "GET /public/feed")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+            io.write_all(request.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut got)).await;
+            String::from_utf8_lossy(&got).into_owned()
+        }
+    };
+    let forged =
+        stream("GET /private HTTP/1.1\r\nhost: c\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+            .await;
+    assert_eq!(forged, "", "the forged stream is closed without an answer");
+    assert!(seen.lock().unwrap().is_empty(), "the workload saw nothing");
+    let bot_id = bot().identity().to_string();
+    assert_eq!(
+        mesh.b.metric(
+            "sluice_policy_denials_total",
+            &[&bot_id, "protocol=\"http\""]
+        ),
+        1.0
+    );
+    // The same stream opening with the request it names gets through (the
+    // server closes after its 400, which ends the read).
+    let honest = stream("GET /public/feed?x=1 HTTP/1.1\r\nhost: c\r\n\r\n").await;
+    assert!(honest.starts_with("HTTP/1.1 400"), "{honest}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
     mesh.shutdown().await;
 }
