@@ -375,6 +375,11 @@ pub struct BackendRef {
     /// Filters applied only when this backend is chosen.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<HttpFilter>,
+    /// Why this reference cannot be followed (not permitted, not found):
+    /// it keeps its share of requests, which the proxy answers with 500 and
+    /// this reason, as the Gateway API asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
 }
 
 fn default_weight() -> u32 {

@@ -246,6 +246,17 @@ async fn route_request(
             Label::from(service.to_string()),
         );
     };
+    if let Some(why) = &backend.invalid {
+        return Outcome::local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "route {route_label}: backend {} cannot be used ({why})",
+                backend.service
+            ),
+            route_label,
+            Label::from(service.to_string()),
+        );
+    }
     let mut response_mods = Vec::new();
     let mut mirrors = Vec::new();
     for f in rule.filters.iter().chain(backend.filters.iter()) {

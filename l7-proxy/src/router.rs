@@ -70,6 +70,7 @@ impl Rule {
                 port,
                 weight: 1,
                 filters: Vec::new(),
+                invalid: None,
             }],
             timeouts: Timeouts::default(),
             retry: None,
@@ -638,6 +639,7 @@ mod tests {
             port: 80,
             weight: 1,
             filters: vec![],
+            invalid: None,
         }
     }
 

@@ -21,6 +21,7 @@ fn backend(name: &str, weight: u32) -> BackendRef {
         port: 80,
         weight,
         filters: vec![],
+        invalid: None,
     }
 }
 
@@ -403,6 +404,37 @@ async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
     assert_eq!(seen["path"], "/orders/1");
     assert_eq!(seen["body"], "order");
     assert_eq!(srv[1].hits(), 1);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_backend_keeps_its_share_and_answers_500_with_the_reason() {
+    let mesh = Mesh::standard().await;
+    let mut refused = backend("v2", 1);
+    refused.invalid = Some("RefNotPermitted: no ReferenceGrant in shop".into());
+    let (srv, _mirror) = setup(
+        &mesh,
+        vec![route(vec![rule(vec![], vec![backend("v1", 1), refused])])],
+    )
+    .await;
+    let mut c = client(&mesh).await;
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..200 {
+        let r = c.get("/x").await;
+        match r.status.as_u16() {
+            200 => ok += 1,
+            500 => {
+                let why = r.headers["sluice-reason"].to_str().unwrap();
+                assert!(why.contains("RefNotPermitted: no ReferenceGrant"), "{why}");
+                refused += 1;
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(ok + refused, 200);
+    // Binomial(200, 1/2): mean 100, standard deviation 7.1.
+    assert!((60..=140).contains(&refused), "{refused} of 200 refused");
+    assert_eq!(srv[2].hits(), 0, "v2 (cart-2) is never reached");
     mesh.shutdown().await;
 }
 

@@ -361,18 +361,17 @@ impl Ctx<'_> {
                     port: port_of(&b["port"]).unwrap_or_default(),
                     weight,
                     filters: self.filters(&b["filters"], &format!("{f}.filters"))?,
+                    invalid: None,
                 }),
                 Err(p) => {
-                    // Its share of requests gets 500 from the proxy: a name
-                    // no Kubernetes object can have, saying why.
+                    // Its share of requests gets 500 from the proxy, with
+                    // the reason.
                     out.push(BackendRef {
-                        service: ObjectRef::new(
-                            target.namespace.unwrap_or(self.ns),
-                            format!("{} ({})", target.name, p.reason.as_str()),
-                        ),
+                        service: ObjectRef::new(target.namespace.unwrap_or(self.ns), target.name),
                         port: port_of(&b["port"]).unwrap_or_default(),
                         weight,
                         filters: Vec::new(),
+                        invalid: Some(format!("{}: {}", p.reason.as_str(), p.message)),
                     });
                     self.refused.push(p);
                 }
