@@ -457,7 +457,7 @@ pub fn latency(quick: bool) -> Result<()> {
     let threads = pair_threads();
     let fleet = Fleet::start(threads)?;
     warm_up(&bin, &fleet)?;
-    let (secs, rounds) = if quick { ("3s", 1) } else { ("8s", 5) };
+    let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 7) };
     let args = ["-z", secs, "-q", "1000", "--latency-correction", "-c", "16"];
     let runs = measure(&bin, &fleet, &args, rounds, "at 1,000 rps")?;
     let relay_p99 = runs[1].add99_ms;
