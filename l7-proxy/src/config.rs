@@ -36,10 +36,11 @@ pub const PROTOCOL_HEADER: &str = "sluice-protocol";
 /// Request header set by the inbound proxy for the workload: the verified
 /// SPIFFE ID of the caller. Stripped from requests entering the mesh.
 pub const SOURCE_IDENTITY_HEADER: &str = "sluice-source-identity";
-/// Request header of a tunnel `CONNECT` stream that carries an HTTP/1.1
-/// upgrade (WebSocket, say): the upgrade request's method and path
-/// (`GET /chat`), so that the inbound proxy can apply `AccessPolicy` method
-/// and path conditions to it. Set by the client-side node proxy only.
+/// Request header marking a tunnel `CONNECT` stream that carries one HTTP/1.1
+/// upgrade request (WebSocket, say): the inbound proxy then reads that
+/// request, polices it with its method and path, and forwards it with the
+/// caller's identity. The value, the request's `METHOD path` (`GET /chat`),
+/// is for logs only: the request itself is what is checked.
 pub const UPGRADE_REQUEST_HEADER: &str = "sluice-upgrade-request";
 /// Response header explaining why the proxy answered instead of the workload
 /// (policy denial, no route, no ready endpoint, timeout).

@@ -7,13 +7,11 @@ use std::{convert::Infallible, net::SocketAddr, pin::Pin, sync::Arc, time::Durat
 use bytes::Bytes;
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, Version,
-    header::{CONNECTION, HOST, UPGRADE},
     request::Parts,
     uri::{Authority, PathAndQuery, Scheme},
 };
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, upgrade::OnUpgrade};
-use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -25,7 +23,6 @@ use crate::{
     body::{Body, boxed, full, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, TARGET},
     filters,
-    io::relay,
     metrics::{Direction, Label, RequestMetricsCache, status_class},
     proxy::Shared,
     router::{Decision, RequestView},
@@ -478,6 +475,23 @@ struct SendError {
     retryable: bool,
 }
 
+impl SendError {
+    /// A tunnel failure: nothing reached the workload when the tunnel could
+    /// not be reached (503, retryable), else 502.
+    fn tunnel(e: TunnelError) -> SendError {
+        let unreached = e.is_connect_failure();
+        SendError {
+            status: if unreached {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_GATEWAY
+            },
+            retryable: unreached,
+            reason: e.to_string(),
+        }
+    }
+}
+
 /// Reads a whole body of at most `limit` bytes (trailers are dropped).
 async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, String> {
     let mut buf = bytes::BytesMut::new();
@@ -551,7 +565,7 @@ async fn send_once(
     body: Body,
 ) -> Result<Response<Body>, SendError> {
     if conn.protocol == Protocol::Http1
-        && let Some(client) = take_upgrade(&mut parts)
+        && let Some(client) = crate::upgrade::take(&mut parts)
     {
         return send_upgrade(shared, conn, up, parts, body, client).await;
     }
@@ -592,24 +606,12 @@ async fn send_once(
                     "http1"
                 }),
             );
-            let key = TunnelKey {
-                source: conn.source.identity.clone(),
-                node: t.node,
-                peer: t.identity.clone(),
-            };
+            let key = TunnelKey::to(&conn.source.identity, t);
             let (resp, _tls) = shared
                 .pool
                 .send(&key, Request::from_parts(parts, body))
                 .await
-                .map_err(|e| SendError {
-                    status: if e.is_connect_failure() {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    } else {
-                        StatusCode::BAD_GATEWAY
-                    },
-                    retryable: e.is_connect_failure(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(SendError::tunnel)?;
             Ok(resp.map(boxed))
         }
         None => {
@@ -631,33 +633,15 @@ async fn send_once(
     }
 }
 
-/// The client's side of an HTTP/1.1 upgrade request (`Connection: upgrade`
-/// with an `Upgrade` protocol other than `h2c`), taken out of the request.
-fn take_upgrade(parts: &mut Parts) -> Option<OnUpgrade> {
-    let h = &parts.headers;
-    let wants = h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    let protocol = h.get(UPGRADE)?;
-    if !wants || protocol.as_bytes().eq_ignore_ascii_case(b"h2c") {
-        return None;
-    }
-    parts.extensions.remove::<OnUpgrade>()
-}
-
 /// A byte stream to the workload: a tunnel CONNECT stream or a TCP connection.
 trait RawIo: AsyncRead + AsyncWrite + Send {}
 impl<T: AsyncRead + AsyncWrite + Send> RawIo for T {}
 
-/// An HTTP/1.1 upgrade (WebSocket and the like). The request goes to the
-/// workload on a connection of its own: a CONNECT stream through the tunnel,
-/// named by its method and path so the far side applies policy, or a direct
-/// TCP connection. When the workload answers `101 Switching Protocols`, the
-/// client's connection and that stream are spliced byte for byte until either
-/// side closes; any other answer is passed back as a normal response.
+/// An HTTP/1.1 upgrade (WebSocket and the like; see [`crate::upgrade`]): the
+/// request goes on a connection of its own, a CONNECT stream through the
+/// tunnel marked as carrying an upgrade request (the far side parses it,
+/// polices it and sets the caller's identity), or a direct TCP connection to
+/// a workload outside the mesh.
 async fn send_upgrade(
     shared: &Arc<Shared>,
     conn: &Arc<HttpConn>,
@@ -666,36 +650,10 @@ async fn send_upgrade(
     body: Body,
     client: OnUpgrade,
 ) -> Result<Response<Body>, SendError> {
-    let protocol = parts.headers.get(UPGRADE).cloned();
-    strip_hop_by_hop(&mut parts.headers);
-    parts
-        .headers
-        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    if let Some(p) = protocol {
-        parts.headers.insert(UPGRADE, p);
-    }
-    if !parts.headers.contains_key(HOST) {
-        let host = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .unwrap_or_else(|| up.target.clone());
-        parts.headers.insert(HOST, host);
-    }
-    let pq = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.uri = Uri::from(pq);
-    parts.version = Version::HTTP_11;
+    crate::upgrade::prepare(&mut parts, &up.target);
     let io: Pin<Box<dyn RawIo>> = match &up.tunnel {
         Some(t) => {
-            let key = TunnelKey {
-                source: conn.source.identity.clone(),
-                node: t.node,
-                peer: t.identity.clone(),
-            };
+            let key = TunnelKey::to(&conn.source.identity, t);
             let named = HeaderValue::from_str(&format!("{} {}", parts.method, parts.uri.path()))
                 .map_err(|e| SendError {
                     status: StatusCode::BAD_REQUEST,
@@ -706,14 +664,15 @@ async fn send_upgrade(
                 .pool
                 .connect_with(&key, up.addr, Some(named))
                 .await
-                .map_err(|e| SendError {
-                    status: match &e {
-                        TunnelError::Refused { .. } => StatusCode::FORBIDDEN,
-                        e if e.is_connect_failure() => StatusCode::SERVICE_UNAVAILABLE,
-                        _ => StatusCode::BAD_GATEWAY,
+                .map_err(|e| match e {
+                    // The peer proxy would not open the stream, or the
+                    // workload did not answer it: nothing to retry.
+                    TunnelError::Refused { .. } => SendError {
+                        status: StatusCode::BAD_GATEWAY,
+                        reason: e.to_string(),
+                        retryable: false,
                     },
-                    retryable: e.is_connect_failure(),
-                    reason: e.to_string(),
+                    e => SendError::tunnel(e),
                 })?;
             Box::pin(stream)
         }
@@ -729,44 +688,18 @@ async fn send_upgrade(
             Box::pin(tcp)
         }
     };
-    let failed = |e: hyper::Error| SendError {
+    let resp = crate::upgrade::exchange(
+        shared,
+        io,
+        Request::from_parts(parts, body),
+        client,
+        Box::new(()),
+    )
+    .await
+    .map_err(|e| SendError {
         status: StatusCode::BAD_GATEWAY,
         reason: format!("upgrade request to {}: {e}", up.addr),
         retryable: false,
-    };
-    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size((shared.settings.max_header_bytes as usize).max(8192))
-        .handshake::<_, Body>(TokioIo::new(io))
-        .await
-        .map_err(failed)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
-            tracing::debug!("upgrade connection to the workload ended: {e}");
-        }
-    });
-    let mut resp = sender
-        .send_request(Request::from_parts(parts, body))
-        .await
-        .map_err(failed)?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let server = hyper::upgrade::on(&mut resp);
-        let (idle, peer, to) = (
-            shared.settings.tcp_idle_timeout(),
-            conn.client_addr,
-            up.addr,
-        );
-        shared.spawn(async move {
-            match tokio::try_join!(client, server) {
-                Ok((c, s)) => {
-                    if let Err(e) =
-                        relay(TokioIo::new(c), TokioIo::new(s), idle, |_| {}, |_| {}).await
-                    {
-                        tracing::debug!(%peer, %to, "upgraded connection ended: {e}");
-                    }
-                }
-                Err(e) => tracing::debug!(%peer, %to, "upgrade not completed: {e}"),
-            }
-        });
-    }
+    })?;
     Ok(resp.map(boxed))
 }

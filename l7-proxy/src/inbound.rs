@@ -7,6 +7,7 @@
 //! logged with both identities.
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
@@ -22,13 +23,12 @@ use tokio::{net::TcpListener, net::TcpStream, time::Instant};
 use crate::{
     accesslog::AccessRecord,
     batch::{BatchIo, FlushAtEnd},
-    body::{Body, BoxError, boxed, empty, proxy_response, strip_hop_by_hop},
+    body::{Body, BoxError, boxed, empty, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{
         LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER, UPGRADE_REQUEST,
-        UPGRADE_REQUEST_HEADER,
     },
     conntable::{ConnKind, ConnMeta, TlsInfo},
-    io::{Counted, Rewind, relay},
+    io::{Counted, relay},
     metrics::{
         DenialLabels, Direction, Label, RequestMetricsCache, TcpLabels, TlsFailureLabels,
         status_class,
@@ -317,22 +317,13 @@ async fn handle_connect(
             return Err(refused());
         }
     };
-    // An HTTP/1.1 upgrade (WebSocket) rides a CONNECT stream; the client
-    // side names its request so that HTTP conditions of policies apply.
-    let upgrade = match req.headers().get(UPGRADE_REQUEST).map(parse_upgrade) {
-        None => None,
-        Some(Ok(u)) => Some(u),
-        Some(Err(e)) => {
-            deny(&shared, &tp, Some(&workload), "http", &e);
-            return Err(refused());
-        }
-    };
-    let (facts, protocol) = match &upgrade {
-        Some((method, path)) => (Some(HttpFacts { method, path }), "http"),
-        None => (None, "tcp"),
-    };
-    if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &workload, facts) {
-        deny(&shared, &tp, Some(&workload), protocol, &reason);
+    // An HTTP/1.1 upgrade (WebSocket) rides a CONNECT stream of its own:
+    // its one request is parsed and policed like any other.
+    if req.headers().contains_key(UPGRADE_REQUEST) {
+        return Ok(upgrade_stream(shared, tp, req, target, workload));
+    }
+    if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &workload, None) {
+        deny(&shared, &tp, Some(&workload), "tcp", &reason);
         return Err(refused());
     }
     let upstream = match tokio::time::timeout(
@@ -362,60 +353,9 @@ async fn handle_connect(
     let _ = upstream.set_nodelay(true);
     let shared2 = shared.clone();
     shared.spawn(async move {
-        let upgraded = match hyper::upgrade::on(req).await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!("CONNECT stream from {} not upgraded: {e}", tp.identity);
-                return;
-            }
+        let Some((upgraded, row)) = open_stream(&shared2, &tp, req, target, &workload).await else {
+            return;
         };
-        let mut upgraded = TokioIo::new(upgraded);
-        // The policy was checked against the request the stream names: the
-        // stream must open with that request, or it goes no further.
-        let prefix = match &upgrade {
-            None => bytes::Bytes::new(),
-            Some((method, path)) => {
-                let limit = shared2.settings.max_header_bytes as usize;
-                let read = read_request_line(&mut upgraded, limit);
-                match tokio::time::timeout(shared2.settings.header_read_timeout(), read).await {
-                    Ok(Ok(head)) if request_line_is(&head, method, path) => head,
-                    Ok(Ok(head)) => {
-                        let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-                        deny(
-                            &shared2,
-                            &tp,
-                            Some(&workload),
-                            "http",
-                            &format!(
-                                "upgrade stream named `{method} {path}` but opened with {:?}",
-                                String::from_utf8_lossy(line).trim_end()
-                            ),
-                        );
-                        return;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %tp.addr, "upgrade stream ended before its request: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %tp.addr, "upgrade stream sent no request line in time");
-                        return;
-                    }
-                }
-            }
-        };
-        let row = Arc::new(shared2.table.open(
-            ConnKind::InboundTcp,
-            ConnMeta {
-                source_addr: Some(tp.addr),
-                source_identity: Some(tp.identity.clone()),
-                destination_addr: Some(target),
-                destination: Some(workload.id.clone()),
-                destination_identity: Some(workload.identity.clone()),
-                source_workload: None,
-                tls: Some(tp.tls.clone()),
-            },
-        ));
         let labels = TcpLabels {
             direction: Direction::Inbound,
             source: tp.identity.to_string(),
@@ -435,7 +375,7 @@ async fn handle_connect(
             .clone();
         let (r1, r2) = (row.clone(), row.clone());
         let result = relay(
-            Rewind::new(prefix, upgraded),
+            TokioIo::new(upgraded),
             upstream,
             shared2.settings.tcp_idle_timeout(),
             move |n| {
@@ -451,13 +391,7 @@ async fn handle_connect(
         let reason = result.err().map(|e| e.to_string());
         AccessRecord {
             direction: "inbound",
-            protocol: if upgrade.is_some() {
-                "http-upgrade"
-            } else {
-                "tcp"
-            },
-            method: upgrade.as_ref().map(|(m, _)| m.as_str()),
-            path: upgrade.as_ref().map(|(_, p)| p.as_str()),
+            protocol: "tcp",
             source_addr: Some(tp.addr.to_string()),
             source_identity: Some(&tp.identity),
             destination: Some(workload.id.to_string()),
@@ -475,62 +409,165 @@ async fn handle_connect(
     Ok(Response::new(empty()))
 }
 
-/// Reads from `io` up to and including the first line feed (at most `limit`
-/// bytes; a longer first line is an error). What was read is returned, to be
-/// sent on before the rest.
-async fn read_request_line<I: tokio::io::AsyncRead + Unpin>(
-    io: &mut I,
-    limit: usize,
-) -> std::io::Result<bytes::Bytes> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = bytes::BytesMut::with_capacity(1024);
-    loop {
-        if buf.contains(&b'\n') {
-            return Ok(buf.freeze());
+/// The byte stream of an answered CONNECT request, and its row in the
+/// connection table; `None` when the stream ended first.
+async fn open_stream(
+    shared: &Shared,
+    tp: &TunnelPeer,
+    req: Request<Incoming>,
+    target: SocketAddr,
+    workload: &LocalWorkload,
+) -> Option<(hyper::upgrade::Upgraded, Arc<crate::conntable::ConnHandle>)> {
+    let stream = match hyper::upgrade::on(req).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!("CONNECT stream from {} not upgraded: {e}", tp.identity);
+            return None;
         }
-        if buf.len() >= limit {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("no request line within {limit} bytes"),
+    };
+    let row = shared.table.open(
+        ConnKind::InboundTcp,
+        ConnMeta {
+            source_addr: Some(tp.addr),
+            source_identity: Some(tp.identity.clone()),
+            destination_addr: Some(target),
+            destination: Some(workload.id.clone()),
+            destination_identity: Some(workload.identity.clone()),
+            source_workload: None,
+            tls: Some(tp.tls.clone()),
+        },
+    );
+    Some((stream, Arc::new(row)))
+}
+
+/// A CONNECT stream marked as carrying one HTTP/1.1 upgrade request (see
+/// [`crate::upgrade`]): answered at once, then its request is read as HTTP/1.1
+/// (one request, no keep-alive, bounded and timed like any other), policed
+/// with its method and path, given the caller's identity header and sent to
+/// the workload. Bytes after it reach the workload only if the workload
+/// switches protocols.
+fn upgrade_stream(
+    shared: Arc<Shared>,
+    tp: Arc<TunnelPeer>,
+    req: Request<Incoming>,
+    target: SocketAddr,
+    workload: Arc<LocalWorkload>,
+) -> Response<Body> {
+    let shared2 = shared.clone();
+    shared.spawn(async move {
+        let Some((stream, row)) = open_stream(&shared2, &tp, req, target, &workload).await else {
+            return;
+        };
+        let s = shared2.settings.clone();
+        let svc = {
+            let shared = shared2.clone();
+            service_fn(move |req| {
+                let (shared, tp, workload, row) =
+                    (shared.clone(), tp.clone(), workload.clone(), row.clone());
+                async move {
+                    Ok::<_, Infallible>(
+                        upgrade_request(&shared, &tp, &workload, target, row, req).await,
+                    )
+                }
+            })
+        };
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(s.header_read_timeout())
+            .max_buf_size((s.max_header_bytes as usize).max(8192))
+            .keep_alive(false)
+            .serve_connection(stream, svc)
+            .with_upgrades();
+        if let Err(e) = conn.await {
+            tracing::debug!("upgrade stream ended: {e}");
+        }
+    });
+    Response::new(empty())
+}
+
+/// The one request of an upgrade stream.
+async fn upgrade_request(
+    shared: &Arc<Shared>,
+    tp: &TunnelPeer,
+    workload: &Arc<LocalWorkload>,
+    target: SocketAddr,
+    row: Arc<crate::conntable::ConnHandle>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+    let result: Result<Response<Body>, (StatusCode, String)> = async {
+        let Some(client) = crate::upgrade::take(&mut parts) else {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "a stream marked as an upgrade must carry one HTTP/1.1 upgrade request".into(),
             ));
+        };
+        let facts = HttpFacts {
+            method: &method,
+            path: &path,
+        };
+        if let Verdict::Deny(reason) =
+            authorize(&shared.state(), &tp.identity, workload, Some(facts))
+        {
+            deny(shared, tp, Some(workload), "http", &reason);
+            return Err((StatusCode::FORBIDDEN, reason));
         }
-        if io.read_buf(&mut buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-}
-
-/// Whether `head` opens with the request line `METHOD path[?query] HTTP/1.x`.
-fn request_line_is(head: &[u8], method: &Method, path: &str) -> bool {
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let mut parts = line.split(|b| *b == b' ');
-    let (Some(m), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    let target_path = target.split(|b| *b == b'?').next().unwrap_or_default();
-    m == method.as_str().as_bytes()
-        && target_path == path.as_bytes()
-        && version.starts_with(b"HTTP/1.")
-}
-
-/// `METHOD path` of an upgrade request carried on a CONNECT stream.
-fn parse_upgrade(v: &http::HeaderValue) -> Result<(Method, String), String> {
-    let bad = || {
-        format!(
-            "{UPGRADE_REQUEST_HEADER} header {:?} is not `METHOD /path`",
-            String::from_utf8_lossy(v.as_bytes())
+        remove_mesh_headers(&mut parts.headers);
+        parts
+            .headers
+            .insert(SOURCE_IDENTITY, tp.identity_header.clone());
+        let host = HeaderValue::from_str(&target.to_string()).expect("an address is a valid host");
+        crate::upgrade::prepare(&mut parts, &host);
+        let s = &shared.settings;
+        let tcp = crate::connect::connect(target, s.socket_mark, s.connect_timeout())
+            .await
+            .map_err(|e| {
+                (
+                    StatusCode::BAD_GATEWAY,
+                    format!("connecting to {target}: {e}"),
+                )
+            })?;
+        let resp = crate::upgrade::exchange(
+            shared,
+            tcp,
+            Request::from_parts(parts, boxed(body)),
+            client,
+            Box::new(row),
         )
-    };
-    let s = v.to_str().map_err(|_| bad())?;
-    let (m, p) = s.split_once(' ').ok_or_else(bad)?;
-    if !p.starts_with('/') {
-        return Err(bad());
+        .await
+        .map_err(|e| {
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("upgrade request to {target}: {e}"),
+            )
+        })?;
+        Ok(resp.map(boxed))
     }
-    let method = Method::from_bytes(m.as_bytes()).map_err(|_| bad())?;
-    Ok((method, p.to_owned()))
+    .await;
+    let (resp, reason) = match result {
+        Ok(r) => (r, None),
+        Err((status, reason)) => (proxy_response(status, &reason), Some(reason)),
+    };
+    AccessRecord {
+        direction: "inbound",
+        protocol: "http-upgrade",
+        source_addr: Some(tp.addr.to_string()),
+        source_identity: Some(&tp.identity),
+        destination: Some(workload.id.to_string()),
+        destination_addr: Some(target.to_string()),
+        destination_identity: Some(&workload.identity),
+        secured: true,
+        method: Some(method.as_str()),
+        path: Some(&path),
+        status: Some(resp.status().as_u16()),
+        duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        reason: reason.as_deref(),
+        ..Default::default()
+    }
+    .emit();
+    resp
 }
 
 async fn handle_http(
@@ -629,61 +666,4 @@ async fn handle_http(
     }
     .emit();
     resp
-}
-
-#[cfg(test)]
-mod upgrade_tests {
-    use super::*;
-
-    #[test]
-    fn a_request_line_matches_its_name_only() {
-        let get = Method::GET;
-        assert!(request_line_is(
-            b"GET /chat HTTP/1.1\r\nhost: x\r\n",
-            &get,
-            "/chat"
-        ));
-        assert!(request_line_is(
-            b"GET /chat?room=1 HTTP/1.1\r\n",
-            &get,
-            "/chat"
-        ));
-        assert!(!request_line_is(b"GET /chat2 HTTP/1.1\r\n", &get, "/chat"));
-        assert!(!request_line_is(b"POST /chat HTTP/1.1\r\n", &get, "/chat"));
-        assert!(!request_line_is(b"GET /chat HTTP/2.0\r\n", &get, "/chat"));
-        assert!(!request_line_is(
-            b"GET /chat HTTP/1.1 extra\r\n",
-            &get,
-            "/chat"
-        ));
-        assert!(!request_line_is(b"GET  /chat HTTP/1.1\r\n", &get, "/chat"));
-        assert!(!request_line_is(b"", &get, "/chat"));
-    }
-
-    #[test]
-    fn the_upgrade_name_is_method_and_absolute_path() {
-        let v = |s: &'static str| HeaderValue::from_static(s);
-        assert_eq!(
-            parse_upgrade(&v("GET /ws")).unwrap(),
-            (Method::GET, "/ws".to_string())
-        );
-        for bad in ["GET", "GET ws", "G\u{7f}T /ws", " /ws"] {
-            let Ok(h) = HeaderValue::from_str(bad) else {
-                continue;
-            };
-            let e = parse_upgrade(&h).unwrap_err();
-            assert!(e.contains(UPGRADE_REQUEST_HEADER), "{e}");
-        }
-    }
-
-    #[tokio::test]
-    async fn the_request_line_is_read_whole_and_bounded() {
-        let mut io: &[u8] = b"GET / HTTP/1.1\r\nrest";
-        let head = read_request_line(&mut io, 1024).await.unwrap();
-        assert!(head.starts_with(b"GET / HTTP/1.1\r\n"));
-        let mut long: &[u8] = &[b'a'; 5000];
-        assert!(read_request_line(&mut long, 1024).await.is_err());
-        let mut short: &[u8] = b"GET /";
-        assert!(read_request_line(&mut short, 1024).await.is_err());
-    }
 }

@@ -31,6 +31,7 @@ pub mod sniff;
 pub mod state;
 pub mod target;
 pub mod tunnel;
+pub mod upgrade;
 pub mod upstream;
 
 pub use config::{ProxySettings, Snapshot};

@@ -329,11 +329,7 @@ async fn serve_tcp<I>(
     let dest_name = destination.as_ref().map(|d| d.to_string());
     let result = match &upstream.tunnel {
         Some(t) => {
-            let key = TunnelKey {
-                source: source.identity.clone(),
-                node: t.node,
-                peer: t.identity.clone(),
-            };
+            let key = TunnelKey::to(&source.identity, t);
             match shared.pool.connect(&key, upstream.addr).await {
                 Ok((stream, tls)) => {
                     row.update(|m| m.tls = Some(tls));

@@ -82,11 +82,33 @@ fn conditions_match(c: &HttpConditions, h: HttpFacts<'_>) -> bool {
             .iter()
             .any(|m| m.eq_ignore_ascii_case(h.method.as_str()));
     let path_ok = c.paths.is_empty()
-        || c.paths.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => h.path.starts_with(prefix) || h.path == prefix.trim_end_matches('/'),
-            None => p == h.path,
-        });
+        || (!ambiguous_path(h.path)
+            && c.paths.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => {
+                    h.path.starts_with(prefix) || h.path == prefix.trim_end_matches('/')
+                }
+                None => p == h.path,
+            }));
     method_ok && path_ok
+}
+
+/// A path a workload might resolve to another one than it reads as: with a
+/// `.` or `..` segment (plain or percent-encoded), an encoded `/` or `\`, a
+/// backslash, or an empty segment. Path conditions never allow such a path,
+/// so `/public/../admin` cannot pass for `/public/*`.
+fn ambiguous_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains('\\')
+        || lower.contains("//")
+    {
+        return true;
+    }
+    lower
+        .split('/')
+        .map(|seg| seg.replace("%2e", "."))
+        .any(|seg| seg == "." || seg == "..")
 }
 
 #[cfg(test)]
@@ -214,5 +236,27 @@ mod tests {
             Verdict::Deny(_)
         ));
         assert!(matches!(authorize(&s, &caller, &w, None), Verdict::Deny(_)));
+        for sneaky in [
+            "/public/../admin",
+            "/public/%2e%2e/admin",
+            "/public/.%2E/admin",
+            "/public/./x",
+            "/public%2f..%2fadmin",
+            "/public/..\\admin",
+            "/public//x",
+        ] {
+            assert!(
+                matches!(
+                    authorize(&s, &caller, &w, facts(&Method::GET, sneaky)),
+                    Verdict::Deny(_)
+                ),
+                "{sneaky}"
+            );
+        }
+        assert_eq!(
+            authorize(&s, &caller, &w, facts(&Method::GET, "/public/a.b/..c")),
+            Verdict::Allow,
+            "dots inside a segment are fine"
+        );
     }
 }

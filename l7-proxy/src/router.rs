@@ -153,11 +153,6 @@ struct ServiceRoutes {
 }
 
 impl ServiceRoutes {
-    /// The entries that serve a client of namespace `client_ns`.
-    fn for_client(&self, client_ns: &str) -> &[Entry] {
-        self.consumers.get(client_ns).unwrap_or(&self.producer)
-    }
-
     fn sort(&mut self) {
         for entries in std::iter::once(&mut self.producer).chain(self.consumers.values_mut()) {
             entries.sort_by(|a, b| a.key.cmp(&b.key));
@@ -251,24 +246,25 @@ impl RouteTable {
         if http.is_none() && grpc.is_none() {
             return None;
         }
-        // Consumer routes of the client's namespace, HTTP or gRPC, replace
-        // the producer routes of both kinds.
-        let consumer = [http, grpc]
-            .into_iter()
-            .flatten()
-            .any(|r| r.consumers.contains_key(client_ns));
-        fn entries<'t>(r: Option<&'t ServiceRoutes>, consumer: bool, ns: &str) -> &'t [Entry] {
-            match r {
-                None => &[],
-                Some(r) if consumer => r.consumers.get(ns).map_or(&[], |e| &e[..]),
-                Some(r) => r.for_client(ns),
-            }
+        // Routes attach to one port of the Service when their parentRef
+        // names one (GEP-1294), to all of them otherwise.
+        let on_port = |e: &[Entry]| e.iter().any(|e| e.port.is_none_or(|p| p == port));
+        fn consumers<'t>(r: Option<&'t ServiceRoutes>, ns: &str) -> Option<&'t [Entry]> {
+            r.and_then(|r| r.consumers.get(ns)).map(|e| &e[..])
         }
-        let (http, grpc) = (
-            entries(http, consumer, client_ns),
-            entries(grpc, consumer, client_ns),
-        );
-        if http.is_empty() && grpc.is_empty() {
+        fn producers(r: Option<&ServiceRoutes>) -> &[Entry] {
+            r.map_or(&[], |r| &r.producer[..])
+        }
+        // Consumer routes of the client's namespace on this port, HTTP or
+        // gRPC, replace the producer routes of both kinds.
+        let (ch, cg) = (consumers(http, client_ns), consumers(grpc, client_ns));
+        let consumer = [ch, cg].into_iter().flatten().any(on_port);
+        let (http, grpc) = if consumer {
+            (ch.unwrap_or_default(), cg.unwrap_or_default())
+        } else {
+            (producers(http), producers(grpc))
+        };
+        if !on_port(http) && !on_port(grpc) {
             return None;
         }
         let is_grpc = req
@@ -662,6 +658,16 @@ mod tests {
         }
     }
 
+    /// A GET of `path` with headers `h`.
+    fn get<'a>(h: &'a HeaderMap, path: &'a str) -> RequestView<'a> {
+        RequestView {
+            method: &Method::GET,
+            path,
+            query: None,
+            headers: h,
+        }
+    }
+
     fn path(p: PathMatch) -> HttpRouteMatch {
         HttpRouteMatch {
             path: Some(p),
@@ -703,12 +709,7 @@ mod tests {
         assert!(errs.is_empty(), "{errs:?}");
         let h = HeaderMap::new();
         let decide = |ns: &str, p: &str| {
-            let view = RequestView {
-                method: &Method::GET,
-                path: p,
-                query: None,
-                headers: &h,
-            };
+            let view = get(&h, p);
             t.route(&svc(), 80, ns, &view)
                 .map(|d| d.map(|d| d.rule.route.to_string()))
         };
@@ -726,16 +727,47 @@ mod tests {
         let mut consumer = route("consumer", 0, vec![(vec![], "v2")]);
         consumer.id = ObjectRef::new("web", "consumer");
         let (t, _) = RouteTable::build(&[consumer], &[]);
-        let view = RequestView {
-            method: &Method::GET,
-            path: "/",
-            query: None,
-            headers: &h,
-        };
+        let view = get(&h, "/");
         assert!(t.route(&svc(), 80, "shop", &view).is_none());
         assert!(
             t.route(&svc(), 80, "web", &view)
                 .is_some_and(|d| d.is_some())
+        );
+    }
+
+    #[test]
+    fn routes_attach_to_the_port_their_parent_names() {
+        // A producer route for every port, a consumer route (web) and a
+        // producer route on port 8080 only.
+        let producer = route("producer", 0, vec![(vec![], "v1")]);
+        let mut consumer = route("consumer", 0, vec![(vec![], "v2")]);
+        consumer.id = ObjectRef::new("web", "consumer");
+        consumer.parents[0].port = Some(8080);
+        let mut admin = route(
+            "admin",
+            0,
+            vec![(vec![path(PathMatch::Exact("/admin".into()))], "v3")],
+        );
+        admin.parents[0].port = Some(9090);
+        let (t, _) = RouteTable::build(&[producer, consumer], &[]);
+        let h = HeaderMap::new();
+        let view = get(&h, "/");
+        let decide = |t: &RouteTable, port: u16, ns: &str| {
+            t.route(&svc(), port, ns, &view)
+                .map(|d| d.map(|d| d.rule.route.to_string()))
+        };
+        // web's consumer route is on 8080 only: on 80 web gets the producer.
+        assert_eq!(decide(&t, 80, "web"), Some(Some("shop/producer".into())));
+        assert_eq!(decide(&t, 8080, "web"), Some(Some("web/consumer".into())));
+        assert_eq!(decide(&t, 8080, "shop"), Some(Some("shop/producer".into())));
+        // A service whose only route is on 9090: other ports are unrouted,
+        // not 404.
+        let (t, _) = RouteTable::build(&[admin], &[]);
+        assert_eq!(decide(&t, 80, "shop"), None);
+        assert_eq!(
+            decide(&t, 9090, "shop"),
+            Some(None),
+            "/ does not match /admin"
         );
     }
 
@@ -893,12 +925,8 @@ mod tests {
             &[],
         );
         assert_eq!(pick(&t, "GET", "/other", &[]), None);
-        let view = RequestView {
-            method: &Method::GET,
-            path: "/",
-            query: None,
-            headers: &HeaderMap::new(),
-        };
+        let h = HeaderMap::new();
+        let view = get(&h, "/");
         assert!(
             t.route(&ObjectRef::new("shop", "other"), 80, "shop", &view)
                 .is_none()
@@ -910,10 +938,15 @@ mod tests {
         let mut r = route("r", 0, vec![(vec![], "x")]);
         r.parents[0].port = Some(8080);
         let (t, _) = RouteTable::build(&[r], &[]);
-        assert_eq!(
-            pick(&t, "GET", "/", &[]),
-            None,
-            "port 80 is not the parent port"
+        let h = HeaderMap::new();
+        let view = get(&h, "/");
+        assert!(
+            t.route(&svc(), 80, "shop", &view).is_none(),
+            "port 80 is not the parent port: the route does not apply there"
+        );
+        assert!(
+            t.route(&svc(), 8080, "shop", &view)
+                .is_some_and(|d| d.is_some())
         );
     }
 

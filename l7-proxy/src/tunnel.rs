@@ -94,6 +94,17 @@ pub struct TunnelKey {
     pub peer: SpiffeId,
 }
 
+impl TunnelKey {
+    /// The tunnel that carries `source`'s traffic to the peer proxy `to`.
+    pub fn to(source: &SpiffeId, to: &crate::state::TunnelPeer) -> TunnelKey {
+        TunnelKey {
+            source: source.clone(),
+            node: to.node,
+            peer: to.identity.clone(),
+        }
+    }
+}
+
 impl std::hash::Hash for TunnelKey {
     /// The node alone: a node has few keys, and equality sorts those out
     /// without hashing two identities for every request.
@@ -200,10 +211,11 @@ impl TunnelPool {
         self.connect_with(key, target, None).await
     }
 
-    /// [`connect`](Self::connect) for an HTTP/1.1 upgrade: `upgrade` (the
-    /// request's `METHOD path`) travels in the
-    /// [`UPGRADE_REQUEST_HEADER`](crate::config::UPGRADE_REQUEST_HEADER) so
-    /// the peer can check it against policy.
+    /// [`connect`](Self::connect) for an HTTP/1.1 upgrade: the stream is
+    /// marked with the
+    /// [`UPGRADE_REQUEST_HEADER`](crate::config::UPGRADE_REQUEST_HEADER)
+    /// (`upgrade`, the request's `METHOD path`), so that the peer reads and
+    /// polices the request the stream carries (see [`crate::upgrade`]).
     pub async fn connect_with(
         &self,
         key: &TunnelKey,

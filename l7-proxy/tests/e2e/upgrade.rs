@@ -22,8 +22,10 @@ use crate::support::*;
 /// What an upgrade server saw: the request head of each connection.
 type Seen = Arc<Mutex<Vec<String>>>;
 
-/// A server that answers `GET /no...` with a plain 400 and every other
-/// upgrade request with `101`, then greets with `srv=<name>;` and echoes.
+/// A server that answers requests for `.../no` and without `upgrade: echo`
+/// with a plain 400 and keeps the connection for the next request (as a
+/// keep-alive server does), and every other upgrade request with `101`,
+/// then greets with `srv=<name>;` and echoes.
 async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Seen) {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -36,24 +38,29 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
             };
             let s = s.clone();
             tokio::spawn(async move {
-                let head = read_head(&mut tcp).await;
-                if head.is_empty() {
-                    // Opened and closed without a byte.
+                loop {
+                    let head = read_head(&mut tcp).await;
+                    if head.is_empty() {
+                        // Closed (after a request, or without a byte).
+                        return;
+                    }
+                    s.lock().unwrap().push(head.clone());
+                    let lower = head.to_ascii_lowercase();
+                    let path = head.split(' ').nth(1).unwrap_or_default();
+                    if path.ends_with("/no") || !lower.contains("\r\nupgrade: echo\r\n") {
+                        let no = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno";
+                        if tcp.write_all(no).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let greeting = format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-server: {name}\r\n\r\nsrv={name};"
+                    );
+                    if tcp.write_all(greeting.as_bytes()).await.is_ok() {
+                        echo_bytes(&mut tcp).await;
+                    }
                     return;
-                }
-                s.lock().unwrap().push(head.clone());
-                let lower = head.to_ascii_lowercase();
-                if head.starts_with("GET /no") || !lower.contains("\r\nupgrade: echo\r\n") {
-                    let _ = tcp
-                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno")
-                        .await;
-                    return;
-                }
-                let greeting = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-server: {name}\r\n\r\nsrv={name};"
-                );
-                if tcp.write_all(greeting.as_bytes()).await.is_ok() {
-                    echo_bytes(&mut tcp).await;
                 }
             });
         }
@@ -110,6 +117,7 @@ async fn websocket_style_upgrade_crosses_the_tunnel_and_relays_both_ways() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("upgrade: echo"), "{head}");
+    assert!(lower.contains("connection: upgrade\r\n"), "{head}");
     assert!(lower.contains("x-server: cart-0"), "{head}");
     // The server speaks first after the switch, then echoes.
     assert_eq!(read_n(&mut tcp, 11).await, b"srv=cart-0;");
@@ -133,6 +141,10 @@ async fn websocket_style_upgrade_crosses_the_tunnel_and_relays_both_ways() {
     assert!(
         h.contains("host: cart.shop") && h.contains("x-app: 1"),
         "{h}"
+    );
+    assert!(
+        h.contains(&format!("sluice-source-identity: {}", web().identity())),
+        "the workload learns the caller's verified identity: {h}"
     );
     // The relay ends when the client leaves.
     drop(tcp);
@@ -225,11 +237,46 @@ async fn access_policy_path_conditions_apply_to_upgrades() {
     mesh.shutdown().await;
 }
 
-/// A CONNECT stream that names one request for the policy check and then
-/// sends another is cut off before the workload sees a byte: the inbound
-/// proxy checks the request line against the name.
+/// Speaks the tunnel directly with the bot's real certificate: opens a
+/// CONNECT stream marked as an upgrade, naming `GET /public/feed`, sends
+/// `request` on it and returns everything that comes back.
+async fn raw_upgrade_stream(mesh: &Mesh, workload: SocketAddr, request: &str) -> String {
+    let config = mesh
+        .a
+        .identities
+        .client_config(&bot().identity(), &cart(0).identity())
+        .unwrap();
+    let tcp = TcpStream::connect(mesh.node_b_proxy()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(certs::server_name(&cart(0).identity()), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(workload.to_string())
+        .header("sluice-upgrade-request", "GET /public/feed")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    io.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The far side polices the request the stream carries, not the name it was
+/// given; it forwards that one request only, with the verified identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_stream_must_open_with_the_request_it_names() {
+async fn the_inbound_proxy_polices_and_forwards_exactly_one_request_per_upgrade_stream() {
     let mesh = Mesh::standard().await;
     let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
     mesh.publish(&Snapshot {
@@ -248,46 +295,15 @@ async fn an_upgrade_stream_must_open_with_the_request_it_names() {
         ..Default::default()
     })
     .await;
-    // Speak the tunnel directly, with the bot's real certificate.
-    let stream = |request: &'static str| {
-        let mesh = &mesh;
-        async move {
-            let config = mesh
-                .a
-                .identities
-                .client_config(&bot().identity(), &cart(0).identity())
-                .unwrap();
-            let tcp = TcpStream::connect(mesh.node_b_proxy()).await.unwrap();
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(certs::server_name(&cart(0).identity()), tcp)
-                .await
-                .unwrap();
-            let (mut send, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(tls),
-            )
-            .await
-            .unwrap();
-            tokio::spawn(conn);
-            let req = http::Request::builder()
-                .method("CONNECT")
-                .uri(addr.to_string())
-                .header("sluice-upgrade-request", "GET /public/feed")
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .unwrap();
-            let resp = send.send_request(req).await.unwrap();
-            assert_eq!(resp.status(), 200);
-            let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
-            io.write_all(request.as_bytes()).await.unwrap();
-            let mut got = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut got)).await;
-            String::from_utf8_lossy(&got).into_owned()
-        }
-    };
-    let forged =
-        stream("GET /private HTTP/1.1\r\nhost: c\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
-            .await;
-    assert_eq!(forged, "", "the forged stream is closed without an answer");
+    // Named as an allowed request, but carrying another one: denied there.
+    let forged = raw_upgrade_stream(
+        &mesh,
+        addr,
+        "GET /private HTTP/1.1\r\nhost: c\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await;
+    assert!(forged.starts_with("HTTP/1.1 403"), "{forged}");
+    assert!(forged.contains("shop/cart-access"), "{forged}");
     assert!(seen.lock().unwrap().is_empty(), "the workload saw nothing");
     let bot_id = bot().identity().to_string();
     assert_eq!(
@@ -297,10 +313,26 @@ async fn an_upgrade_stream_must_open_with_the_request_it_names() {
         ),
         1.0
     );
-    // The same stream opening with the request it names gets through (the
-    // server closes after its 400, which ends the read).
-    let honest = stream("GET /public/feed?x=1 HTTP/1.1\r\nhost: c\r\n\r\n").await;
-    assert!(honest.starts_with("HTTP/1.1 400"), "{honest}");
-    assert_eq!(seen.lock().unwrap().len(), 1);
+    // An allowed request that the workload does not upgrade, with a second
+    // request and a forged identity behind it: the workload (which would
+    // keep the connection for more) gets the first request only, with the
+    // caller's real identity.
+    let smuggled = raw_upgrade_stream(
+        &mesh,
+        addr,
+        "GET /public/no HTTP/1.1\r\nhost: c\r\nconnection: upgrade\r\nupgrade: echo\r\n\
+         sluice-source-identity: spiffe://cluster.local/ns/shop/sa/admin\r\n\r\n\
+         DELETE /admin HTTP/1.1\r\nhost: c\r\n\r\n",
+    )
+    .await;
+    assert!(smuggled.starts_with("HTTP/1.1 400"), "{smuggled}");
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let h = heads[0].to_ascii_lowercase();
+    assert!(h.starts_with("get /public/no http/1.1\r\n"), "{h}");
+    assert!(
+        h.contains(&format!("sluice-source-identity: {bot_id}")) && !h.contains("sa/admin"),
+        "{h}"
+    );
     mesh.shutdown().await;
 }

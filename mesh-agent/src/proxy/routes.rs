@@ -6,9 +6,10 @@
 //!   the route's status then says `PartiallyInvalid`, or `Accepted: False`
 //!   when no rule is left;
 //! - a backend reference that does not resolve ([`RefProblem`]) keeps its
-//!   weight but points nowhere, so the proxy answers its share of requests
-//!   with 500 as the Gateway API asks, and never sends them to a Service the
-//!   route may not use; a mirror whose target does not resolve is dropped;
+//!   weight and is marked `invalid` with the reason, so the proxy answers its
+//!   share of requests with 500 as the Gateway API asks, and never sends them
+//!   to a Service the route may not use; a mirror whose target does not
+//!   resolve is dropped;
 //! - parents that do not exist (or lack the named port) are left out.
 
 use l7_proxy::config::{

@@ -1,0 +1,129 @@
+//! HTTP/1.1 upgrades (WebSocket and the like), on both sides of the tunnel.
+//!
+//! An upgrade request leaves the client's node on a connection of its own: a
+//! tunnel `CONNECT` stream marked with [`UPGRADE_REQUEST`], or a direct TCP
+//! connection to a workload outside the mesh. The inbound proxy parses the
+//! one request such a stream carries, applies `AccessPolicy` to it, sets the
+//! caller's identity header and sends it to the workload, exactly as for any
+//! other request. When the workload answers `101 Switching Protocols`, each
+//! side's connection is spliced to the next, byte for byte, until either
+//! closes; any other answer is an ordinary response and ends the stream.
+//!
+//! [`UPGRADE_REQUEST`]: crate::config::UPGRADE_REQUEST
+
+use std::{any::Any, sync::Arc};
+
+use http::{
+    HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{CONNECTION, HOST, UPGRADE},
+    request::Parts,
+    uri::PathAndQuery,
+};
+use hyper::{body::Incoming, upgrade::OnUpgrade};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{
+    body::{Body, strip_hop_by_hop},
+    io::relay,
+    proxy::Shared,
+};
+
+/// Takes the client's side of an HTTP/1.1 upgrade out of a request: present
+/// when the request says `Connection: upgrade` with an `Upgrade` protocol
+/// other than `h2c`, and came on an HTTP/1.1 server connection that allows
+/// upgrades.
+pub(crate) fn take(parts: &mut Parts) -> Option<OnUpgrade> {
+    let h = &parts.headers;
+    let wants = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = h.get(UPGRADE)?;
+    if !wants || protocol.as_bytes().eq_ignore_ascii_case(b"h2c") {
+        return None;
+    }
+    parts.extensions.remove::<OnUpgrade>()
+}
+
+/// Readies an upgrade request for the workload: hop-by-hop headers go except
+/// the upgrade pair, the target is in origin form, the version HTTP/1.1, and
+/// a `Host` is set (from the request's authority, else `default_host`).
+pub(crate) fn prepare(parts: &mut Parts, default_host: &HeaderValue) {
+    let protocol = parts.headers.get(UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = protocol {
+        parts.headers.insert(UPGRADE, p);
+    }
+    if !parts.headers.contains_key(HOST) {
+        let host = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| default_host.clone());
+        parts.headers.insert(HOST, host);
+    }
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::from(pq);
+    parts.version = Version::HTTP_11;
+}
+
+/// Sends the upgrade request `req` on `io`, a connection of its own to the
+/// next hop. On `101` the caller's connection (`client`) and `io` are
+/// spliced in a task of the proxy until either side closes; `hold` (a
+/// connection-table row, say) lives as long as that splice. Any other
+/// answer is returned with its hop-by-hop headers removed, and the
+/// connection closes after it.
+pub(crate) async fn exchange<I>(
+    shared: &Arc<Shared>,
+    io: I,
+    req: Request<Body>,
+    client: OnUpgrade,
+    hold: Box<dyn Any + Send>,
+) -> Result<Response<Incoming>, hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size((shared.settings.max_header_bytes as usize).max(8192))
+        .handshake::<_, Body>(TokioIo::new(io))
+        .await?;
+    shared.spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!("upgrade connection to the next hop ended: {e}");
+        }
+    });
+    let mut resp = sender.send_request(req).await?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(resp.headers_mut());
+        return Ok(resp);
+    }
+    // Only the upgrade token: the hop before may have added `close` (the
+    // inbound proxy serves one request per stream).
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    let server = hyper::upgrade::on(&mut resp);
+    let idle = shared.settings.tcp_idle_timeout();
+    shared.spawn(async move {
+        let _hold = hold;
+        match tokio::try_join!(client, server) {
+            Ok((c, s)) => {
+                if let Err(e) = relay(TokioIo::new(c), TokioIo::new(s), idle, |_| {}, |_| {}).await
+                {
+                    tracing::debug!("upgraded connection ended: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("upgrade not completed: {e}"),
+        }
+    });
+    Ok(resp)
+}
