@@ -86,14 +86,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if !h.keys().any(is_hop_by_hop) {
         return;
     }
-    if let Some(conn) = h
-        .get(http::header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-    {
-        for name in conn.split(',') {
-            h.remove(name.trim());
-        }
+    // Every `Connection` line counts, not only the first.
+    let named: Vec<String> = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_owned())
+        .collect();
+    for name in named {
+        h.remove(name.as_str());
     }
     for name in [
         http::header::CONNECTION,

@@ -688,18 +688,12 @@ async fn send_upgrade(
             Box::pin(tcp)
         }
     };
-    let resp = crate::upgrade::exchange(
-        shared,
-        io,
-        Request::from_parts(parts, body),
-        client,
-        Box::new(()),
-    )
-    .await
-    .map_err(|e| SendError {
-        status: StatusCode::BAD_GATEWAY,
-        reason: format!("upgrade request to {}: {e}", up.addr),
-        retryable: false,
-    })?;
+    let resp = crate::upgrade::exchange(shared, io, Request::from_parts(parts, body), client, None)
+        .await
+        .map_err(|e| SendError {
+            status: StatusCode::BAD_GATEWAY,
+            reason: format!("upgrade request to {}: {e}", up.addr),
+            retryable: false,
+        })?;
     Ok(resp.map(boxed))
 }

@@ -501,7 +501,9 @@ async fn upgrade_request(
         let Some(client) = crate::upgrade::take(&mut parts) else {
             return Err((
                 StatusCode::BAD_REQUEST,
-                "a stream marked as an upgrade must carry one HTTP/1.1 upgrade request".into(),
+                "a stream marked as an upgrade must carry one HTTP/1.1 upgrade request, \
+                 without a body"
+                    .into(),
             ));
         };
         let facts = HttpFacts {
@@ -514,12 +516,14 @@ async fn upgrade_request(
             deny(shared, tp, Some(workload), "http", &reason);
             return Err((StatusCode::FORBIDDEN, reason));
         }
+        let host = HeaderValue::from_str(&target.to_string()).expect("an address is a valid host");
+        crate::upgrade::prepare(&mut parts, &host);
+        // After `prepare`, whose hop-by-hop clean-up removes what the
+        // request's `Connection` names.
         remove_mesh_headers(&mut parts.headers);
         parts
             .headers
             .insert(SOURCE_IDENTITY, tp.identity_header.clone());
-        let host = HeaderValue::from_str(&target.to_string()).expect("an address is a valid host");
-        crate::upgrade::prepare(&mut parts, &host);
         let s = &shared.settings;
         let tcp = crate::connect::connect(target, s.socket_mark, s.connect_timeout())
             .await
@@ -534,7 +538,7 @@ async fn upgrade_request(
             tcp,
             Request::from_parts(parts, boxed(body)),
             client,
-            Box::new(row),
+            Some(row),
         )
         .await
         .map_err(|e| {

@@ -92,22 +92,27 @@ fn conditions_match(c: &HttpConditions, h: HttpFacts<'_>) -> bool {
     method_ok && path_ok
 }
 
-/// A path a workload might resolve to another one than it reads as: with a
-/// `.` or `..` segment (plain or percent-encoded), an encoded `/` or `\`, a
-/// backslash, or an empty segment. Path conditions never allow such a path,
-/// so `/public/../admin` cannot pass for `/public/*`.
+/// A path a workload might resolve to another one than it reads as: one
+/// with a `.` or `..` segment once `%2e`, `%2f` and `%5c` are decoded, a
+/// backslash taken as `/`, and `;…` path parameters cut from each segment
+/// (as Tomcat, Jetty and Spring do), or with a `%25` (a double encoding).
+/// Path conditions never allow such a path, so neither `/public/../admin`
+/// nor `/public/..;/admin` passes for `/public/*`. Encoded slashes inside a
+/// segment (`group%2Fproject`) and repeated slashes are fine: they stay
+/// under the prefix however they are read.
 fn ambiguous_path(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains('\\')
-        || lower.contains("//")
-    {
+    if lower.contains("%25") {
         return true;
     }
-    lower
+    let decoded = lower
+        .replace("%2e", ".")
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    decoded
         .split('/')
-        .map(|seg| seg.replace("%2e", "."))
+        .map(|seg| seg.split(';').next().unwrap_or_default())
         .any(|seg| seg == "." || seg == "..")
 }
 
@@ -242,8 +247,11 @@ mod tests {
             "/public/.%2E/admin",
             "/public/./x",
             "/public%2f..%2fadmin",
+            "/public/x%2F..%2F..%2Fadmin",
             "/public/..\\admin",
-            "/public//x",
+            "/public/..;/admin",
+            "/public/.;x=1/admin",
+            "/public/%252e%252e/admin",
         ] {
             assert!(
                 matches!(
@@ -253,10 +261,17 @@ mod tests {
                 "{sneaky}"
             );
         }
-        assert_eq!(
-            authorize(&s, &caller, &w, facts(&Method::GET, "/public/a.b/..c")),
-            Verdict::Allow,
-            "dots inside a segment are fine"
-        );
+        for fine in [
+            "/public/a.b/..c",
+            "/public/group%2Fproject",
+            "/public//x",
+            "/public/x;v=1",
+        ] {
+            assert_eq!(
+                authorize(&s, &caller, &w, facts(&Method::GET, fine)),
+                Verdict::Allow,
+                "{fine}"
+            );
+        }
     }
 }

@@ -11,11 +11,11 @@
 //!
 //! [`UPGRADE_REQUEST`]: crate::config::UPGRADE_REQUEST
 
-use std::{any::Any, sync::Arc};
+use std::sync::Arc;
 
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, Version,
-    header::{CONNECTION, HOST, UPGRADE},
+    header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE},
     request::Parts,
     uri::PathAndQuery,
 };
@@ -25,24 +25,33 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
     body::{Body, strip_hop_by_hop},
+    conntable::ConnHandle,
     io::relay,
     proxy::Shared,
 };
 
 /// Takes the client's side of an HTTP/1.1 upgrade out of a request: present
-/// when the request says `Connection: upgrade` with an `Upgrade` protocol
-/// other than `h2c`, and came on an HTTP/1.1 server connection that allows
-/// upgrades.
+/// when the request says `Connection: upgrade` with `Upgrade` protocols none
+/// of which is `h2c`, has no body (`Content-Length` 0 or absent, no
+/// `Transfer-Encoding`: bytes before the switch would reach the workload as
+/// whatever it makes of them), and came on an HTTP/1.1 server connection that
+/// allows upgrades. Any other request is an ordinary one.
 pub(crate) fn take(parts: &mut Parts) -> Option<OnUpgrade> {
     let h = &parts.headers;
-    let wants = h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    let protocol = h.get(UPGRADE)?;
-    if !wants || protocol.as_bytes().eq_ignore_ascii_case(b"h2c") {
+    let tokens = |name| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+    };
+    let wants = tokens(CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    let mut protocols = tokens(UPGRADE).peekable();
+    let some_protocol = protocols.peek().is_some();
+    let h2c = protocols.any(|t| t.eq_ignore_ascii_case("h2c"));
+    let body = h.contains_key(TRANSFER_ENCODING)
+        || h.get(CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
+    if !wants || !some_protocol || h2c || body {
         return None;
     }
     parts.extensions.remove::<OnUpgrade>()
@@ -79,8 +88,8 @@ pub(crate) fn prepare(parts: &mut Parts, default_host: &HeaderValue) {
 
 /// Sends the upgrade request `req` on `io`, a connection of its own to the
 /// next hop. On `101` the caller's connection (`client`) and `io` are
-/// spliced in a task of the proxy until either side closes; `hold` (a
-/// connection-table row, say) lives as long as that splice. Any other
+/// spliced in a task of the proxy until either side closes, the bytes each
+/// way counted in `row` when there is one. Any other
 /// answer is returned with its hop-by-hop headers removed, and the
 /// connection closes after it.
 pub(crate) async fn exchange<I>(
@@ -88,7 +97,7 @@ pub(crate) async fn exchange<I>(
     io: I,
     req: Request<Body>,
     client: OnUpgrade,
-    hold: Box<dyn Any + Send>,
+    row: Option<Arc<ConnHandle>>,
 ) -> Result<Response<Incoming>, hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -103,21 +112,28 @@ where
         }
     });
     let mut resp = sender.send_request(req).await?;
+    let protocol = resp.headers().get(UPGRADE).cloned();
+    strip_hop_by_hop(resp.headers_mut());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        strip_hop_by_hop(resp.headers_mut());
         return Ok(resp);
     }
-    // Only the upgrade token: the hop before may have added `close` (the
-    // inbound proxy serves one request per stream).
+    // Of the hop-by-hop headers, a switch keeps the upgrade pair only (the
+    // hop before may have said `close`: the inbound proxy serves one request
+    // per stream).
     resp.headers_mut()
         .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = protocol {
+        resp.headers_mut().insert(UPGRADE, p);
+    }
     let server = hyper::upgrade::on(&mut resp);
     let idle = shared.settings.tcp_idle_timeout();
     shared.spawn(async move {
-        let _hold = hold;
+        let (r1, r2) = (row.clone(), row);
+        let sent = move |n| r1.iter().for_each(|r| r.add_sent(n));
+        let received = move |n| r2.iter().for_each(|r| r.add_received(n));
         match tokio::try_join!(client, server) {
             Ok((c, s)) => {
-                if let Err(e) = relay(TokioIo::new(c), TokioIo::new(s), idle, |_| {}, |_| {}).await
+                if let Err(e) = relay(TokioIo::new(c), TokioIo::new(s), idle, sent, received).await
                 {
                     tracing::debug!("upgraded connection ended: {e}");
                 }

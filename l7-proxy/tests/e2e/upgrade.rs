@@ -334,5 +334,56 @@ async fn the_inbound_proxy_polices_and_forwards_exactly_one_request_per_upgrade_
         h.contains(&format!("sluice-source-identity: {bot_id}")) && !h.contains("sa/admin"),
         "{h}"
     );
+    // Naming the identity header in Connection does not make it go away.
+    let _ = raw_upgrade_stream(
+        &mesh,
+        addr,
+        "GET /public/no HTTP/1.1\r\nhost: c\r\n\
+         connection: upgrade, sluice-source-identity\r\nupgrade: echo\r\n\r\n",
+    )
+    .await;
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        heads[1].contains(&format!("sluice-source-identity: {bot_id}")),
+        "{}",
+        heads[1]
+    );
+    mesh.shutdown().await;
+}
+
+/// An upgrade request with a body is an ordinary request: its body cannot
+/// ride ahead of a protocol switch as bytes the workload might take for a
+/// request of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_request_with_a_body_is_an_ordinary_request() {
+    let mesh = Mesh::standard().await;
+    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let body = "DELETE /admin HTTP/1.1\r\n\r\n";
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nhost: cart.shop\r\nconnection: Upgrade\r\nupgrade: echo\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "not switched: {head}");
+    let first = seen.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(first.starts_with("get /chat http/1.1\r\n"), "{first}");
+    assert!(
+        !first.contains("upgrade: echo"),
+        "no upgrade was asked for: {first}"
+    );
+    assert!(
+        first.contains(&format!("content-length: {}", body.len())),
+        "{first}"
+    );
+    drop(tcp);
     mesh.shutdown().await;
 }
