@@ -86,6 +86,35 @@ async fn read_head(tcp: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// The standard mesh with an upgrade server as cart-0 behind service cart
+/// (VIP `vip(1)`), under `policies`.
+async fn cart_mesh(policies: Vec<AccessPolicy>) -> (Mesh, SocketAddr, Seen) {
+    let mesh = Mesh::standard().await;
+    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        access_policies: policies,
+        ..Default::default()
+    })
+    .await;
+    (mesh, addr, seen)
+}
+
+/// The bot may GET `/public/*` of cart, and nobody anything else.
+fn bot_reads_public() -> AccessPolicy {
+    AccessPolicy {
+        id: ObjectRef::new("shop", "cart-access"),
+        target: ObjectRef::new("shop", "cart"),
+        rules: vec![AccessRule {
+            from: vec![AccessSource::Identity(bot().identity())],
+            to: Some(HttpConditions {
+                methods: vec!["GET".into()],
+                paths: vec!["/public/*".into()],
+            }),
+        }],
+    }
+}
+
 fn upgrade_request(path: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nhost: cart.shop\r\nconnection: Upgrade\r\nupgrade: echo\r\nx-app: 1\r\n\r\n"
@@ -105,13 +134,7 @@ async fn upgrade(mesh: &Mesh, from: std::net::IpAddr, path: &str) -> (TcpStream,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_style_upgrade_crosses_the_tunnel_and_relays_both_ways() {
-    let mesh = Mesh::standard().await;
-    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let (mesh, _, seen) = cart_mesh(vec![]).await;
 
     let (mut tcp, head) = upgrade(&mesh, web().ip, "/chat?room=1").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -153,13 +176,7 @@ async fn websocket_style_upgrade_crosses_the_tunnel_and_relays_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_upgrade_is_an_ordinary_response() {
-    let mesh = Mesh::standard().await;
-    let (addr, _seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let (mesh, _, _seen) = cart_mesh(vec![]).await;
     let (mut tcp, head) = upgrade(&mesh, web().ip, "/no").await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert_eq!(read_n(&mut tcp, 2).await, b"no");
@@ -190,24 +207,7 @@ async fn upgrade_to_a_workload_outside_the_mesh_goes_direct() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_policy_path_conditions_apply_to_upgrades() {
-    let mesh = Mesh::standard().await;
-    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
-        access_policies: vec![AccessPolicy {
-            id: ObjectRef::new("shop", "cart-access"),
-            target: ObjectRef::new("shop", "cart"),
-            rules: vec![AccessRule {
-                from: vec![AccessSource::Identity(bot().identity())],
-                to: Some(HttpConditions {
-                    methods: vec!["GET".into()],
-                    paths: vec!["/public/*".into()],
-                }),
-            }],
-        }],
-        ..Default::default()
-    })
-    .await;
+    let (mesh, _, seen) = cart_mesh(vec![bot_reads_public()]).await;
 
     let (mut ok, head) = upgrade(&mesh, bot().ip, "/public/feed").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -277,24 +277,7 @@ async fn raw_upgrade_stream(mesh: &Mesh, workload: SocketAddr, request: &str) ->
 /// given; it forwards that one request only, with the verified identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inbound_proxy_polices_and_forwards_exactly_one_request_per_upgrade_stream() {
-    let mesh = Mesh::standard().await;
-    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
-        access_policies: vec![AccessPolicy {
-            id: ObjectRef::new("shop", "cart-access"),
-            target: ObjectRef::new("shop", "cart"),
-            rules: vec![AccessRule {
-                from: vec![AccessSource::Identity(bot().identity())],
-                to: Some(HttpConditions {
-                    methods: vec!["GET".into()],
-                    paths: vec!["/public/*".into()],
-                }),
-            }],
-        }],
-        ..Default::default()
-    })
-    .await;
+    let (mesh, addr, seen) = cart_mesh(vec![bot_reads_public()]).await;
     // Named as an allowed request, but carrying another one: denied there.
     let forged = raw_upgrade_stream(
         &mesh,
@@ -357,13 +340,7 @@ async fn the_inbound_proxy_polices_and_forwards_exactly_one_request_per_upgrade_
 /// request of their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_request_with_a_body_is_an_ordinary_request() {
-    let mesh = Mesh::standard().await;
-    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let (mesh, _, seen) = cart_mesh(vec![]).await;
     let body = "DELETE /admin HTTP/1.1\r\n\r\n";
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     let req = format!(
