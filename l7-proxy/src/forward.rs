@@ -22,8 +22,9 @@ use crate::{
     accesslog::AccessRecord,
     body::{Body, boxed, full, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, TARGET},
+    conntable::{ConnKind, ConnMeta},
     filters,
-    metrics::{Direction, Label, RequestMetricsCache, status_class},
+    metrics::{Direction, Label, RequestMetricsCache, TcpLabels, status_class},
     proxy::Shared,
     router::{Decision, RequestView},
     sniff::Protocol,
@@ -651,7 +652,7 @@ async fn send_upgrade(
     client: OnUpgrade,
 ) -> Result<Response<Body>, SendError> {
     crate::upgrade::prepare(&mut parts, &up.target);
-    let io: Pin<Box<dyn RawIo>> = match &up.tunnel {
+    let (io, tls): (Pin<Box<dyn RawIo>>, _) = match &up.tunnel {
         Some(t) => {
             let key = TunnelKey::to(&conn.source.identity, t);
             let named = HeaderValue::from_str(&format!("{} {}", parts.method, parts.uri.path()))
@@ -660,7 +661,7 @@ async fn send_upgrade(
                     reason: format!("upgrade request path is not valid: {e}"),
                     retryable: false,
                 })?;
-            let (stream, _tls) = shared
+            let (stream, tls) = shared
                 .pool
                 .connect_with(&key, up.addr, Some(named))
                 .await
@@ -674,7 +675,7 @@ async fn send_upgrade(
                     },
                     e => SendError::tunnel(e),
                 })?;
-            Box::pin(stream)
+            (Box::pin(stream), Some(tls))
         }
         None => {
             let s = &shared.settings;
@@ -685,15 +686,38 @@ async fn send_upgrade(
                     reason: format!("connecting to {}: {e}", up.addr),
                     retryable: true,
                 })?;
-            Box::pin(tcp)
+            (Box::pin(tcp), None)
         }
     };
-    let resp = crate::upgrade::exchange(shared, io, Request::from_parts(parts, body), client, None)
-        .await
-        .map_err(|e| SendError {
-            status: StatusCode::BAD_GATEWAY,
-            reason: format!("upgrade request to {}: {e}", up.addr),
-            retryable: false,
-        })?;
+    let tunnel = up.tunnel.as_ref();
+    let row = shared.table.open(
+        ConnKind::OutboundTcp,
+        ConnMeta {
+            source_addr: Some(conn.client_addr),
+            source_workload: Some(conn.source.id.clone()),
+            source_identity: Some(conn.source.identity.clone()),
+            destination_addr: Some(up.addr),
+            destination: up.workload.clone(),
+            destination_identity: tunnel.map(|t| t.identity.clone()),
+            tls,
+        },
+    );
+    let count = crate::upgrade::Splice {
+        labels: TcpLabels {
+            direction: Direction::Outbound,
+            source: conn.source.identity.to_string(),
+            destination: tunnel.map_or_else(|| up.addr.to_string(), |t| t.identity.to_string()),
+            secured: tunnel.is_some(),
+        },
+        row: Some(Arc::new(row)),
+    };
+    let resp =
+        crate::upgrade::exchange(shared, io, Request::from_parts(parts, body), client, count)
+            .await
+            .map_err(|e| SendError {
+                status: StatusCode::BAD_GATEWAY,
+                reason: format!("upgrade request to {}: {e}", up.addr),
+                retryable: false,
+            })?;
     Ok(resp.map(boxed))
 }

@@ -538,7 +538,15 @@ async fn upgrade_request(
             tcp,
             Request::from_parts(parts, boxed(body)),
             client,
-            Some(row),
+            crate::upgrade::Splice {
+                labels: TcpLabels {
+                    direction: Direction::Inbound,
+                    source: tp.identity.to_string(),
+                    destination: workload.identity.to_string(),
+                    secured: true,
+                },
+                row: Some(row),
+            },
         )
         .await
         .map_err(|e| {
@@ -554,6 +562,7 @@ async fn upgrade_request(
         Ok(r) => (r, None),
         Err((status, reason)) => (proxy_response(status, &reason), Some(reason)),
     };
+    count_request(shared, tp, Some(workload), resp.status().as_u16(), start);
     AccessRecord {
         direction: "inbound",
         protocol: "http-upgrade",
@@ -572,6 +581,31 @@ async fn upgrade_request(
     }
     .emit();
     resp
+}
+
+/// Counts an inbound request to `workload` in the request metrics.
+fn count_request(
+    shared: &Shared,
+    tp: &TunnelPeer,
+    workload: Option<&LocalWorkload>,
+    status: u16,
+    start: Instant,
+) {
+    let dst = match workload {
+        Some(w) if tp.local_identity.as_ref() == Some(&w.identity) => tp.local_label.clone(),
+        Some(w) => Label::from(w.identity.as_ref()),
+        None => Label::default(),
+    };
+    let m = tp.metrics.get(
+        &shared.metrics,
+        Direction::Inbound,
+        &tp.label,
+        &dst,
+        &Label::default(),
+        status_class(status),
+    );
+    m.requests.inc();
+    m.duration.observe(start.elapsed().as_secs_f64());
 }
 
 async fn handle_http(
@@ -635,21 +669,7 @@ async fn handle_http(
         }
     };
     let status = resp.status().as_u16();
-    let dst = match &workload {
-        Some(w) if tp.local_identity.as_ref() == Some(&w.identity) => tp.local_label.clone(),
-        Some(w) => Label::from(w.identity.as_ref()),
-        None => Label::default(),
-    };
-    let m = tp.metrics.get(
-        &shared.metrics,
-        Direction::Inbound,
-        &tp.label,
-        &dst,
-        &Label::default(),
-        status_class(status),
-    );
-    m.requests.inc();
-    m.duration.observe(start.elapsed().as_secs_f64());
+    count_request(&shared, &tp, workload.as_deref(), status, start);
     if !log {
         return resp;
     }

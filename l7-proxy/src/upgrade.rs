@@ -27,6 +27,7 @@ use crate::{
     body::{Body, strip_hop_by_hop},
     conntable::ConnHandle,
     io::relay,
+    metrics::TcpLabels,
     proxy::Shared,
 };
 
@@ -86,10 +87,17 @@ pub(crate) fn prepare(parts: &mut Parts, default_host: &HeaderValue) {
     parts.version = Version::HTTP_11;
 }
 
+/// Where the bytes of a spliced connection are counted: the
+/// `sluice_tcp_*` metrics under `labels`, and a connection-table row.
+pub(crate) struct Splice {
+    pub labels: TcpLabels,
+    pub row: Option<Arc<ConnHandle>>,
+}
+
 /// Sends the upgrade request `req` on `io`, a connection of its own to the
 /// next hop. On `101` the caller's connection (`client`) and `io` are
-/// spliced in a task of the proxy until either side closes, the bytes each
-/// way counted in `row` when there is one. Any other
+/// spliced in a task of the proxy until either side closes, counted as
+/// `count` says. Any other
 /// answer is returned with its hop-by-hop headers removed, and the
 /// connection closes after it.
 pub(crate) async fn exchange<I>(
@@ -97,7 +105,7 @@ pub(crate) async fn exchange<I>(
     io: I,
     req: Request<Body>,
     client: OnUpgrade,
-    row: Option<Arc<ConnHandle>>,
+    count: Splice,
 ) -> Result<Response<Incoming>, hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -127,10 +135,31 @@ where
     }
     let server = hyper::upgrade::on(&mut resp);
     let idle = shared.settings.tcp_idle_timeout();
+    shared
+        .metrics
+        .tcp_connections
+        .get_or_create(&count.labels)
+        .inc();
+    let sent_total = shared
+        .metrics
+        .tcp_bytes_sent
+        .get_or_create(&count.labels)
+        .clone();
+    let received_total = shared
+        .metrics
+        .tcp_bytes_received
+        .get_or_create(&count.labels)
+        .clone();
+    let (r1, r2) = (count.row.clone(), count.row);
+    let sent = move |n| {
+        sent_total.inc_by(n);
+        r1.iter().for_each(|r| r.add_sent(n));
+    };
+    let received = move |n| {
+        received_total.inc_by(n);
+        r2.iter().for_each(|r| r.add_received(n));
+    };
     shared.spawn(async move {
-        let (r1, r2) = (row.clone(), row);
-        let sent = move |n| r1.iter().for_each(|r| r.add_sent(n));
-        let received = move |n| r2.iter().for_each(|r| r.add_received(n));
         match tokio::try_join!(client, server) {
             Ok((c, s)) => {
                 if let Err(e) = relay(TokioIo::new(c), TokioIo::new(s), idle, sent, received).await

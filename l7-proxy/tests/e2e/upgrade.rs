@@ -169,6 +169,34 @@ async fn websocket_style_upgrade_crosses_the_tunnel_and_relays_both_ways() {
         h.contains(&format!("sluice-source-identity: {}", web().identity())),
         "the workload learns the caller's verified identity: {h}"
     );
+    // The spliced bytes are counted on both nodes, the switch as a request.
+    let (web_id, cart_id) = (web().identity().to_string(), cart(0).identity().to_string());
+    let sent = 4 + 6 + 100_000;
+    eventually("both proxies count the client's bytes", || {
+        mesh.a.metric(
+            "sluice_tcp_sent_bytes_total",
+            &["Outbound", &web_id, &cart_id],
+        ) == sent as f64
+            && mesh.b.metric(
+                "sluice_tcp_sent_bytes_total",
+                &["Inbound", &web_id, &cart_id],
+            ) == sent as f64
+    })
+    .await;
+    eventually("and the workload's", || {
+        mesh.a.metric(
+            "sluice_tcp_received_bytes_total",
+            &["Outbound", &web_id, &cart_id],
+        ) == (sent + 11) as f64
+    })
+    .await;
+    assert_eq!(
+        mesh.b
+            .metric("sluice_requests_total", &["Inbound", &web_id, "1xx"]),
+        1.0,
+        "{}",
+        mesh.b.metrics()
+    );
     // The relay ends when the client leaves.
     drop(tcp);
     mesh.shutdown().await;
