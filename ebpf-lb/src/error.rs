@@ -51,6 +51,24 @@ pub enum Error {
         wanted: u32,
     },
 
+    #[error(
+        "pinned map {map} under {dir} holds {pinned_key}-byte keys and {pinned_value}-byte values \
+         but this version of the programs uses {key} and {value}: it was left by another \
+         version. Remove the old state (`mesh-agent uninstall`, or LoadBalancer::uninstall_at) \
+         and start again"
+    )]
+    PinnedLayoutMismatch {
+        map: &'static str,
+        dir: PathBuf,
+        pinned_key: u32,
+        pinned_value: u32,
+        key: u32,
+        value: u32,
+    },
+
+    #[error("proxy address: {0}")]
+    InvalidProxy(String),
+
     #[error("service {frontend}: {reason}")]
     InvalidService { frontend: Frontend, reason: String },
 

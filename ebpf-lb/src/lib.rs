@@ -22,7 +22,7 @@ mod sys;
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     fs, io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Mutex,
     time::Duration,
@@ -140,7 +140,7 @@ pub enum Change {
 }
 
 /// What an applied batch did beyond switching services.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
     /// Sockets reset because their backend left the service.
     pub reset: ResetReport,
@@ -271,6 +271,30 @@ fn is_not_found(e: &MapError) -> bool {
         || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
 }
 
+/// Key and value sizes of each sized map, as the programs of this version
+/// declare them: a pinned map of another layout was left by another version,
+/// and reading it with these types would misread every entry.
+fn layout(map: &str) -> Option<(u32, u32)> {
+    fn kv<K, V>() -> Option<(u32, u32)> {
+        Some((size_of::<K>() as u32, size_of::<V>() as u32))
+    }
+    match map {
+        maps::SERVICES => kv::<ServiceKey, Service>(),
+        maps::BACKENDS => kv::<BackendSlot, Endpoint>(),
+        maps::MEMBERS => kv::<MemberKey, u32>(),
+        maps::AFFINITY => kv::<ebpf_lb_common::AffinityKey, ebpf_lb_common::AffinityValue>(),
+        maps::REVNAT => kv::<RevNatKey, Endpoint>(),
+        maps::COOKIE_ORIG => kv::<u64, OriginalDst>(),
+        maps::ORIG_DST => kv::<FourTuple, OriginalDst>(),
+        maps::ENROLLED => kv::<u64, u32>(),
+        maps::CONFIG => kv::<u32, LbConfig>(),
+        maps::COUNTERS => kv::<u32, Counters>(),
+        maps::WORKLOADS => kv::<WorkloadKey, WorkloadPolicy>(),
+        maps::REFUSALS => kv::<WorkloadKey, u64>(),
+        _ => None,
+    }
+}
+
 impl LoadBalancer {
     /// Loads the programs and opens (or creates) the pinned maps of
     /// `opts.instance`. Nothing is attached yet: see [`LoadBalancer::attach`].
@@ -286,6 +310,18 @@ impl LoadBalancer {
             let pin = maps_dir.join(name);
             if pin.exists() {
                 let info = MapInfo::from_pin(&pin).map_err(|e| Error::map(name, e))?;
+                if let Some((key, value)) = layout(name)
+                    && (info.key_size(), info.value_size()) != (key, value)
+                {
+                    return Err(Error::PinnedLayoutMismatch {
+                        map: name,
+                        dir: maps_dir,
+                        pinned_key: info.key_size(),
+                        pinned_value: info.value_size(),
+                        key,
+                        value,
+                    });
+                }
                 if info.max_entries() != wanted {
                     return Err(Error::PinnedSizeMismatch {
                         map: name,
@@ -615,16 +651,14 @@ impl LoadBalancer {
         cfg.proxy_mark = 0;
         if let Some(p) = proxy {
             if p.port == 0 {
-                return Err(Error::InvalidService {
-                    frontend: Frontend::tcp(SocketAddr::new(
-                        p.v4.map_or(
-                            IpAddr::V6(p.v6.unwrap_or(Ipv6Addr::UNSPECIFIED)),
-                            IpAddr::V4,
-                        ),
-                        0,
-                    )),
-                    reason: "the proxy capture port is 0".into(),
-                });
+                return Err(Error::InvalidProxy(
+                    "the capture port is 0; give the port the proxy listens on (15001)".into(),
+                ));
+            }
+            if let Some(v6) = p.v6.filter(|a| a.to_ipv4_mapped().is_some()) {
+                return Err(Error::InvalidProxy(format!(
+                    "{v6} is an IPv4-mapped address; give it as the IPv4 address"
+                )));
             }
             cfg.proxy_port = p.port.to_be();
             cfg.proxy_mark = p.mark;

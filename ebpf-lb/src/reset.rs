@@ -36,12 +36,16 @@ pub(crate) struct Departed {
 }
 
 /// How many sockets a reset pass destroyed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResetReport {
     /// Network namespaces searched.
     pub namespaces: usize,
     /// Sockets destroyed.
     pub destroyed: usize,
+    /// Network namespaces that could not be searched, and why. The update
+    /// itself is in force; the sockets there stay until their next send
+    /// fails or they are closed.
+    pub failed: Vec<String>,
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -254,17 +258,17 @@ impl Diag {
     }
 }
 
-/// One process per network namespace used by processes of `roots` (cgroup
-/// directories, searched recursively).
-fn namespaces(roots: &[PathBuf]) -> BTreeMap<(u64, u64), u32> {
-    fn walk(dir: &Path, out: &mut BTreeMap<(u64, u64), u32>, seen: &mut HashSet<PathBuf>) {
+/// The processes of `roots` (cgroup directories, searched recursively) by
+/// the network namespace they use.
+fn namespaces(roots: &[PathBuf]) -> BTreeMap<(u64, u64), Vec<u32>> {
+    fn walk(dir: &Path, out: &mut BTreeMap<(u64, u64), Vec<u32>>, seen: &mut HashSet<PathBuf>) {
         if !seen.insert(dir.to_path_buf()) {
             return;
         }
         if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
             for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
                 if let Ok(m) = fs::metadata(format!("/proc/{pid}/ns/net")) {
-                    out.entry((m.dev(), m.ino())).or_insert(pid);
+                    out.entry((m.dev(), m.ino())).or_default().push(pid);
                 }
             }
         }
@@ -358,8 +362,26 @@ pub(crate) fn reset(
     }
     let nss = namespaces(roots);
     report.namespaces = nss.len();
-    for pid in nss.values() {
-        report.destroyed += in_netns_of(*pid, || reset_here(revnat, departed))?;
+    for ((dev, ino), pids) in &nss {
+        // Any process of the namespace will do; one may exit meanwhile (a
+        // probe, a terminating pod), and one namespace's failure must not
+        // keep the others' sockets pinned.
+        let mut last = None;
+        for pid in pids {
+            match in_netns_of(*pid, || reset_here(revnat, departed)) {
+                Ok(n) => {
+                    report.destroyed += n;
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            report.failed.push(format!(
+                "network namespace {dev}:{ino} (pids {pids:?}): {e}"
+            ));
+        }
     }
     Ok(report)
 }

@@ -139,7 +139,10 @@ impl ServiceSpec {
     pub(crate) fn ready_endpoints(&self) -> Result<Vec<Endpoint>, String> {
         let mut out: Vec<Endpoint> = Vec::with_capacity(self.backends.len());
         for b in &self.backends {
-            if b.addr.is_ipv4() != self.frontend.vip.is_ipv4() {
+            // As the kernel will see them: an IPv4-mapped IPv6 address is IPv4.
+            if b.addr.ip().to_canonical().is_ipv4()
+                != self.frontend.vip.ip().to_canonical().is_ipv4()
+            {
                 return Err(format!(
                     "backend {} is not of the service's address family; a Service's endpoints \
                      must match its ClusterIP family",

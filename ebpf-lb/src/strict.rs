@@ -142,11 +142,14 @@ impl LoadBalancer {
                     .map_err(|e| self.workloads_full(e, ip))
             }
             None => {
-                for r in [t.workloads.remove(&key), t.refusals.remove(&key)] {
+                for (map, r) in [
+                    (maps::WORKLOADS, t.workloads.remove(&key)),
+                    (maps::REFUSALS, t.refusals.remove(&key)),
+                ] {
                     match r {
                         Ok(()) => {}
                         Err(e) if is_not_found(&e) => {}
-                        Err(e) => return Err(Error::map(maps::WORKLOADS, e)),
+                        Err(e) => return Err(Error::map(map, e)),
                     }
                 }
                 Ok(())

@@ -362,6 +362,7 @@ impl Reconciler {
         match self.dp.apply(&changes) {
             Ok(report) => {
                 self.stats.sockets_reset += report.reset.destroyed as u64;
+                warn_reset_failures(&report.reset);
                 for p in &plan.services {
                     self.committed(p);
                 }
@@ -378,6 +379,7 @@ impl Reconciler {
                     match self.dp.apply(&one.changes()) {
                         Ok(report) => {
                             self.stats.sockets_reset += report.reset.destroyed as u64;
+                            warn_reset_failures(&report.reset);
                             self.committed(p);
                             self.stats.batches_applied += 1;
                             self.stats.changes_applied += p.changes.len() as u64;
@@ -811,6 +813,14 @@ impl Reconciler {
                 true
             }
         });
+    }
+}
+
+/// Sockets pinned to removed backends that could not be reset stay until
+/// their next send fails: say where, since the update itself went through.
+fn warn_reset_failures(r: &ebpf_lb::ResetReport) {
+    for f in &r.failed {
+        tracing::warn!("sockets to removed backends not reset in {f}");
     }
 }
 

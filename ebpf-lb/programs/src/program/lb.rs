@@ -227,7 +227,11 @@ fn remember(cookie: u64, written: Endpoint, vip: Endpoint) {
         peer: written,
         _pad: 0,
     };
-    if REVNAT.get_ptr(key).is_none() {
+    // A socket that sends to two VIPs sharing a backend (a resolver asking
+    // two DNS Services) must get replies from the VIP it sent to last.
+    // SAFETY: a pointer into the map's value, read at once.
+    let known = REVNAT.get_ptr(key).map(|v| unsafe { *v });
+    if known != Some(vip) {
         let _ = REVNAT.insert(key, vip, BPF_ANY as u64);
     }
 }
