@@ -29,8 +29,10 @@ use crate::{
 };
 
 /// Runs the reconciler on its own thread: each batch of inputs that arrived
-/// together is handled in one step; a tick retries what failed when nothing
-/// arrives for a while. Ends when every sender is gone.
+/// together is handled in one step, and a tick retries what failed at least
+/// every [`config::CGROUP_RETRY`], however busy the input is (in a large
+/// cluster pod and EndpointSlice changes may never pause that long). Ends
+/// when every sender is gone.
 pub fn spawn_reconciler(
     mut r: Reconciler,
     rx: mpsc::Receiver<Vec<Input>>,
@@ -38,17 +40,24 @@ pub fn spawn_reconciler(
     thread::Builder::new()
         .name("reconciler".into())
         .spawn(move || {
+            let mut next_tick = std::time::Instant::now() + config::CGROUP_RETRY;
             loop {
-                match rx.recv_timeout(config::CGROUP_RETRY) {
+                let wait = next_tick.saturating_duration_since(std::time::Instant::now());
+                let mut batch = match rx.recv_timeout(wait) {
                     Ok(mut batch) => {
                         while let Ok(more) = rx.try_recv() {
                             batch.extend(more);
                         }
-                        r.step(batch);
+                        batch
                     }
-                    Err(RecvTimeoutError::Timeout) => r.step(vec![Input::Tick]),
+                    Err(RecvTimeoutError::Timeout) => Vec::new(),
                     Err(RecvTimeoutError::Disconnected) => return r,
+                };
+                if std::time::Instant::now() >= next_tick {
+                    batch.push(Input::Tick);
+                    next_tick = std::time::Instant::now() + config::CGROUP_RETRY;
                 }
+                r.step(batch);
             }
         })
         .expect("spawning the reconciler thread")

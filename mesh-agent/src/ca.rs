@@ -756,7 +756,7 @@ impl PodIdentities {
         let key = w.key();
         let mut idx = self.write();
         idx.remove(&key);
-        if w.node.is_empty() || w.terminating {
+        if w.node.is_empty() || w.finished {
             return;
         }
         let Ok(id) =

@@ -422,3 +422,27 @@ async fn lists_a_real_cluster() {
     .unwrap();
     assert!(synced, "the source never finished its initial lists");
 }
+
+/// A first list that fails for a reason other than a missing CRD (here the
+/// API server answering 503) holds the sync back until a retry succeeds: the
+/// agent never takes "could not list Services" for "there are no Services"
+/// and sweeps the kernel's pinned state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_first_list_of_a_core_kind_holds_the_sync_until_it_succeeds() {
+    let fake = FakeApi::with_fixtures();
+    fake.fail_next_lists("/api/v1/services", 2);
+    let r = start(fake);
+    let web = Frontend::tcp(addr("10.96.14.20:80"));
+    let (view_rx, dp) = (r.rx.view.clone(), r.dp.clone());
+    let programmed_at_sync = tokio::task::spawn_blocking(move || {
+        eventually("the initial sync", || {
+            view_rx.borrow().synced.then(|| dp.spec(&web).is_some())
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        programmed_at_sync,
+        "the sync came before the Services were listed"
+    );
+}

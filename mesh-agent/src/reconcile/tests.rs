@@ -425,3 +425,49 @@ fn route_problems_are_config_errors_and_route_infos_without_a_status_writer() {
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].backends.len(), 2);
 }
+
+#[test]
+fn a_terminating_pod_stays_in_the_mesh_and_a_finished_one_gives_up_its_ip() {
+    let mut f = fixture();
+    let web_cg = f.cgroup("pods/web");
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some("pods/web".into());
+    // A finished Job pod that kept the IP the network has since given to
+    // web, and whose name sorts after web's.
+    let mut job = workload("shop", "zz-job", "batch", "10.0.0.1", "n2");
+    job.finished = true;
+    let mut objs = shop();
+    objs.extend([Object::Pod(web.clone()), Object::Pod(job)]);
+    f.upsert(objs);
+    f.sync();
+    let endpoint_identity = |f: &Fixture| {
+        let mesh = f.rx.mesh.borrow().clone();
+        let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
+        a.ports[0].endpoints[0].identity.clone()
+    };
+    assert_eq!(
+        endpoint_identity(&f).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web"),
+        "the running pod owns 10.0.0.1"
+    );
+    assert!(
+        !f.rx
+            .mesh
+            .borrow()
+            .workloads
+            .iter()
+            .any(|w| w.name == "zz-job"),
+        "finished pods are not workloads"
+    );
+
+    // Deletion requested: web still serves for its grace period, enrolled
+    // and with its identity.
+    web.terminating = true;
+    f.upsert(vec![Object::Pod(web)]);
+    assert_eq!(f.dp.enrolled_paths(), vec![web_cg]);
+    assert!(
+        f.rx.identities
+            .borrow()
+            .contains("spiffe://cluster.local/ns/shop/sa/web")
+    );
+}

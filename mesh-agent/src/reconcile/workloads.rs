@@ -75,14 +75,16 @@ fn not_enrolled_reason(store: &Store, w: &Workload) -> Option<String> {
     if w.host_network {
         return Some("uses the host network".into());
     }
-    if w.terminating {
-        return Some("terminating".into());
+    if w.finished {
+        return Some("finished (Succeeded or Failed)".into());
     }
     None
 }
 
-/// Every pod the agent knows, with identity, enrolment and mode. `enrolled`
-/// here is the intent; the reconciler adds what the kernel side reports.
+/// Every pod the agent knows that has not finished, with identity, enrolment
+/// and mode. `enrolled` here is the intent; the reconciler adds what the
+/// kernel side reports. Finished pods (Succeeded, Failed) are left out: they
+/// keep their IP, which the network may already have given to another pod.
 pub fn workload_infos(
     store: &Store,
     node: &str,
@@ -92,6 +94,7 @@ pub fn workload_infos(
     store
         .pods
         .values()
+        .filter(|w| !w.finished)
         .map(|w| {
             let local = w.node == node;
             let reason = if local {

@@ -75,6 +75,19 @@ impl Kind {
         Kind::MeshPolicy,
         Kind::AccessPolicy,
     ];
+
+    /// Kinds served by CRDs a cluster may not have installed (Gateway API,
+    /// Sluice's own): their absence means "none", not an outage.
+    pub fn is_optional(self) -> bool {
+        matches!(
+            self,
+            Kind::HTTPRoute
+                | Kind::GRPCRoute
+                | Kind::ReferenceGrant
+                | Kind::MeshPolicy
+                | Kind::AccessPolicy
+        )
+    }
 }
 
 impl fmt::Display for Kind {
@@ -108,8 +121,12 @@ pub struct Workload {
     pub cgroup: Option<PathBuf>,
     /// Ready to serve (for endpoints the files source derives).
     pub ready: bool,
-    /// Terminating (deletion requested) or finished (Succeeded/Failed).
+    /// Deletion requested: it may still serve (and call out) for its grace
+    /// period, so it stays enrolled with its identity until it is gone.
     pub terminating: bool,
+    /// Finished (phase Succeeded or Failed): it runs nothing any more, and
+    /// the network may give its IP, which it keeps, to another pod.
+    pub finished: bool,
     /// The host side of its veth, when a source knows it (the files source);
     /// otherwise found from the routes to its IP.
     pub interface: Option<String>,

@@ -56,6 +56,9 @@ struct FakeState {
     patches: Vec<(String, Value)>,
     /// Statuses written by PATCH, by the object's `/status` path.
     statuses: HashMap<String, Value>,
+    /// Lists answered with 503 for the given number of next requests, as by
+    /// an overloaded API server.
+    failing_lists: HashMap<String, usize>,
     /// Paths whose next PUT is answered with 409, as if another writer got
     /// there first.
     conflicts: std::collections::HashSet<String>,
@@ -213,6 +216,16 @@ impl FakeApi {
             }
             return;
         }
+        if let Some(n) = st.failing_lists.get_mut(&path).filter(|n| **n > 0) {
+            *n -= 1;
+            send.send_response(json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "ServiceUnavailable", "code": 503,
+                        "message": "the server is currently unable to handle the request"}),
+            ));
+            return;
+        }
         match st.lists.get(&path).or_else(|| st.objects.get(&path)) {
             Some(v) => send.send_response(json_response(StatusCode::OK, v)),
             None => {
@@ -307,6 +320,15 @@ impl FakeApi {
 
     pub fn put_object(&self, path: &str, v: Value) {
         self.state.lock().unwrap().objects.insert(path.into(), v);
+    }
+
+    /// The next `n` lists of `path` fail with 503.
+    pub fn fail_next_lists(&self, path: &str, n: usize) {
+        self.state
+            .lock()
+            .unwrap()
+            .failing_lists
+            .insert(path.into(), n);
     }
 
     pub fn conflict_next_put(&self, path: &str) {

@@ -287,6 +287,7 @@ fn workload_of(e: &WorkloadEntry) -> Workload {
         interface: e.interface.clone(),
         ready: e.ready,
         terminating: e.terminating,
+        finished: false,
         host_network: false,
     }
 }

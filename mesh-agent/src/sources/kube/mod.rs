@@ -78,8 +78,8 @@ pub fn workload_of(p: &Pod) -> Workload {
         cgroup: None,
         interface: None,
         ready,
-        terminating: p.metadata.deletion_timestamp.is_some()
-            || matches!(phase, Some("Succeeded" | "Failed")),
+        terminating: p.metadata.deletion_timestamp.is_some(),
+        finished: matches!(phase, Some("Succeeded" | "Failed")),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
     }
 }
@@ -189,6 +189,13 @@ async fn watch_kind<K>(
                 }
             }
             Err(e) => {
+                // Only a CRD that is not installed means "none of that kind";
+                // any other failure of a first list (an overloaded or
+                // unreachable API server, a missing permission) leaves the
+                // kind unlisted, and the kernel's pinned state alone, until a
+                // retry succeeds.
+                let absent = kind.is_optional()
+                    && matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
                 let hint = match &e {
                     watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404 => {
                         format!(
@@ -214,8 +221,8 @@ async fn watch_kind<K>(
                         message: hint,
                     }],
                 });
-                if !listed {
-                    // Do not hold the whole agent back for one missing kind.
+                if !listed && absent {
+                    // Do not hold the whole agent back for one missing CRD.
                     listed = true;
                     let mut updates = vec![Update::Replace(kind, Vec::new())];
                     if gate.listed(kind) {
