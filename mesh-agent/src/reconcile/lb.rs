@@ -42,7 +42,7 @@ pub fn backend_state(c: Option<&EndpointConditions>) -> BackendState {
     }
 }
 
-fn serving(c: Option<&EndpointConditions>) -> bool {
+pub(crate) fn serving(c: Option<&EndpointConditions>) -> bool {
     c.and_then(|c| c.serving.or(c.ready)).unwrap_or(true)
 }
 

@@ -138,6 +138,8 @@ pub fn mesh_view(
             let name = p.name.clone().unwrap_or_default();
             let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
             let mut endpoints = Vec::new();
+            // Terminating endpoints that still serve, for when none is ready.
+            let mut fallback = std::collections::BTreeSet::new();
             for slice in store.slices_of(key) {
                 let Some(sp) = slice.ports.iter().flatten().find(|sp| {
                     sp.name.clone().unwrap_or_default() == name
@@ -150,10 +152,14 @@ pub fn mesh_view(
                 };
                 for ep in &slice.endpoints {
                     let state = super::lb::backend_state(ep.conditions.as_ref());
+                    let serving = super::lb::serving(ep.conditions.as_ref());
                     for a in &ep.addresses {
                         let Ok(ip) = a.parse::<IpAddr>() else {
                             continue;
                         };
+                        if state == ebpf_lb::BackendState::Terminating && serving {
+                            fallback.insert(SocketAddr::new(ip, target));
+                        }
                         let w = by_ip.get(&ip).copied();
                         let node = ep.node_name.clone().or_else(|| w.map(|w| w.node.clone()));
                         endpoints.push(MeshEndpoint {
@@ -168,8 +174,17 @@ pub fn mesh_view(
                     }
                 }
             }
-            endpoints.sort_by_key(|e| e.addr);
+            // Ready first, so that of an address listed twice the ready
+            // entry stays.
+            endpoints.sort_by_key(|e| (e.addr, !e.ready));
             endpoints.dedup_by_key(|e| e.addr);
+            // As in the kernel (and kube-proxy): with no ready endpoint,
+            // serving terminating ones still take requests.
+            if !endpoints.iter().any(|e| e.ready) {
+                for e in &mut endpoints {
+                    e.ready = fallback.contains(&e.addr);
+                }
+            }
             ports.push(MeshPort {
                 name,
                 port: number,

@@ -471,3 +471,50 @@ fn a_terminating_pod_stays_in_the_mesh_and_a_finished_one_gives_up_its_ip() {
             .contains("spiffe://cluster.local/ns/shop/sa/web")
     );
 }
+
+#[test]
+fn meshed_clients_fall_back_to_serving_terminating_endpoints_as_the_kernel_does() {
+    let mut f = fixture();
+    let draining = ep("10.0.0.1", Some(false), Some(true), Some(true));
+    let mut objs = shop();
+    objs.push(Object::EndpointSlice(slice(
+        "shop",
+        "a-1",
+        "a",
+        &[8080],
+        std::slice::from_ref(&draining),
+    )));
+    f.upsert(objs);
+    f.sync();
+    let ready = |f: &Fixture| -> Vec<(SocketAddr, bool)> {
+        let mesh = f.rx.mesh.borrow().clone();
+        let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
+        a.ports[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.addr, e.ready))
+            .collect()
+    };
+    assert_eq!(
+        ready(&f),
+        vec![(addr("10.0.0.1:8080"), true)],
+        "the only endpoint drains: it still serves"
+    );
+    let kernel = f.dp.spec(&Frontend::tcp(addr("127.96.0.1:80"))).unwrap();
+    assert_eq!(kernel.backends, vec![Backend::ready(addr("10.0.0.1:8080"))]);
+
+    f.upsert(vec![Object::EndpointSlice(slice(
+        "shop",
+        "a-1",
+        "a",
+        &[8080],
+        &[draining, ep_ready("10.0.0.3")],
+    ))]);
+    assert_eq!(
+        ready(&f),
+        vec![
+            (addr("10.0.0.1:8080"), false),
+            (addr("10.0.0.3:8080"), true)
+        ]
+    );
+}
