@@ -275,6 +275,9 @@ impl Reconciler {
         }
         if tick {
             dirty.services.extend(self.retry.keys().cloned());
+            // A Service refused for a ClusterIP another one held may be
+            // fine now that the other moved: plan the refused ones again.
+            dirty.services.extend(self.service_errors.keys().cloned());
             if !self.enrol_errors.is_empty() {
                 dirty.workloads = true;
             }
@@ -347,8 +350,11 @@ impl Reconciler {
             }
         }
         for (key, errors) in &plan.errors {
-            for e in errors {
-                tracing::warn!(service = %key, error = %e, "Service refused; its last good entries stay");
+            // Said once per new problem, not on every retry.
+            if self.service_errors.get(key) != Some(errors) {
+                for e in errors {
+                    tracing::warn!(service = %key, error = %e, "Service refused; its last good entries stay");
+                }
             }
             self.service_errors.insert(key.clone(), errors.clone());
         }

@@ -518,3 +518,41 @@ fn meshed_clients_fall_back_to_serving_terminating_endpoints_as_the_kernel_does(
         ]
     );
 }
+
+#[test]
+fn a_service_refused_for_a_taken_cluster_ip_gets_it_once_the_other_moves() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    // b asks for a's ClusterIP: refused, a keeps it.
+    f.upsert(vec![Object::Service(service(
+        "shop",
+        "b",
+        "127.96.0.1",
+        &[80],
+    ))]);
+    let errors = f.rx.view.borrow().config_errors.clone();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.object.as_deref() == Some("Service shop/b")
+                && e.message.contains("already belongs to Service shop/a")),
+        "{errors:?}"
+    );
+    // a moves to another address; b gets 127.96.0.1 on the next tick.
+    f.upsert(vec![Object::Service(service(
+        "shop",
+        "a",
+        "127.96.0.9",
+        &[80],
+    ))]);
+    f.r.step(vec![Input::Tick]);
+    assert!(
+        f.rx.view.borrow().config_errors.is_empty(),
+        "{:?}",
+        f.rx.view.borrow().config_errors
+    );
+    let b = f.dp.spec(&Frontend::tcp(addr("127.96.0.1:80"))).unwrap();
+    assert_eq!(b.backends, vec![Backend::ready(addr("10.0.0.2:8080"))]);
+    assert!(f.dp.spec(&Frontend::tcp(addr("127.96.0.9:80"))).is_some());
+}
