@@ -107,6 +107,8 @@ pub struct MemoryDataplane {
 
 #[derive(Debug, Default)]
 struct Memory {
+    /// Mode changes fail, as a full WORKLOADS map would make them.
+    failing_modes: bool,
     services: BTreeMap<Frontend, ServiceSpec>,
     enrolled: BTreeMap<u64, std::path::PathBuf>,
     proxy: Option<ProxyTarget>,
@@ -169,7 +171,14 @@ impl MemoryDataplane {
     }
 
     pub fn clear_failures(&self) {
-        self.lock().failing.clear();
+        let mut m = self.lock();
+        m.failing.clear();
+        m.failing_modes = false;
+    }
+
+    /// Makes every mTLS mode change fail.
+    pub fn fail_mode_changes(&self) {
+        self.lock().failing_modes = true;
     }
 
     /// Leaves a service behind as a previous agent run would have.
@@ -259,6 +268,14 @@ impl Dataplane for MemoryDataplane {
 
     fn set_workload_mode(&self, ip: IpAddr, mode: Option<MtlsMode>) -> Result<(), ebpf_lb::Error> {
         let mut m = self.lock();
+        if m.failing_modes {
+            return Err(ebpf_lb::Error::MapFull {
+                map: "WORKLOADS",
+                capacity: 0,
+                option: "max_workloads",
+                what: format!("the mode of {ip}"),
+            });
+        }
         match mode {
             Some(mode) => m.modes.insert(ip, mode),
             None => m.modes.remove(&ip),

@@ -175,7 +175,9 @@ pub struct Reconciler {
     /// Interfaces carrying the STRICT guard, and their pod.
     guarded: BTreeMap<String, Key>,
     source_errors: BTreeMap<String, Vec<ConfigError>>,
-    other_errors: Vec<String>,
+    /// Kernel operations that failed, by what they were for; an entry goes
+    /// when the same operation later succeeds.
+    other_errors: BTreeMap<String, String>,
     workloads: Vec<WorkloadInfo>,
     /// Every route as translated for the proxy, as of the last mesh view.
     routes: Vec<RouteEval>,
@@ -210,7 +212,7 @@ impl Reconciler {
             modes: BTreeMap::new(),
             guarded: BTreeMap::new(),
             source_errors: BTreeMap::new(),
-            other_errors: Vec::new(),
+            other_errors: BTreeMap::new(),
             workloads: Vec::new(),
             routes: Vec::new(),
             refs: RefIndex::default(),
@@ -278,7 +280,8 @@ impl Reconciler {
             // A Service refused for a ClusterIP another one held may be
             // fine now that the other moved: plan the refused ones again.
             dirty.services.extend(self.service_errors.keys().cloned());
-            if !self.enrol_errors.is_empty() {
+            // Failed enrolments and kernel operations are tried again.
+            if !self.enrol_errors.is_empty() || !self.other_errors.is_empty() {
                 dirty.workloads = true;
             }
         }
@@ -298,10 +301,11 @@ impl Reconciler {
     /// The source's initial state is in: program everything, and drop what an
     /// earlier agent left in the kernel that is no longer wanted.
     fn first_sync(&mut self, dirty: &mut Dirty) {
-        if let Err(e) = self.dp.set_proxy(self.settings.proxy) {
-            self.other_errors
-                .push(format!("setting the proxy address: {e}"));
-        }
+        let r = self.dp.set_proxy(self.settings.proxy);
+        self.outcome(
+            "proxy".into(),
+            r.map_err(|e| format!("setting the proxy address: {e}")),
+        );
         dirty.services.extend(self.store.services.keys().cloned());
         dirty.workloads = true;
         dirty.mesh = true;
@@ -319,20 +323,22 @@ impl Reconciler {
                 count = stale.len(),
                 "removing services left by an earlier run"
             );
-            if let Err(e) = self.dp.apply(&stale) {
-                self.other_errors
-                    .push(format!("removing stale services: {e}"));
-            }
+            let r = self.dp.apply(&stale).map(drop);
+            self.outcome(
+                "stale services".into(),
+                r.map_err(|e| format!("removing stale services: {e}")),
+            );
         }
         self.reconcile_workloads();
         // Cgroups enrolled by an earlier run that no pod claims any more.
         let ours: BTreeSet<u64> = self.enrolled.values().map(|e| e.id).collect();
         for id in self.dp.enrolled() {
-            if !ours.contains(&id)
-                && let Err(e) = self.dp.unenroll(id)
-            {
-                self.other_errors
-                    .push(format!("unenrolling stale cgroup {id}: {e}"));
+            if !ours.contains(&id) {
+                let r = self.dp.unenroll(id);
+                self.outcome(
+                    format!("cgroup {id}"),
+                    r.map_err(|e| format!("unenrolling stale cgroup {id}: {e}")),
+                );
             }
         }
         dirty.services.clear();
@@ -546,14 +552,14 @@ impl Reconciler {
         }
         for (ip, mode) in &modes {
             if self.modes.get(ip) != Some(mode) {
-                match self.dp.set_workload_mode(*ip, Some(*mode)) {
-                    Ok(()) => {
-                        self.modes.insert(*ip, *mode);
-                    }
-                    Err(e) => self
-                        .other_errors
-                        .push(format!("setting the mTLS mode of {ip}: {e}")),
+                let r = self.dp.set_workload_mode(*ip, Some(*mode));
+                if r.is_ok() {
+                    self.modes.insert(*ip, *mode);
                 }
+                self.outcome(
+                    format!("mode {ip}"),
+                    r.map_err(|e| format!("setting the mTLS mode of {ip}: {e}")),
+                );
             }
         }
         let gone: Vec<IpAddr> = self
@@ -563,14 +569,14 @@ impl Reconciler {
             .copied()
             .collect();
         for ip in gone {
-            match self.dp.set_workload_mode(ip, None) {
-                Ok(()) => {
-                    self.modes.remove(&ip);
-                }
-                Err(e) => self
-                    .other_errors
-                    .push(format!("clearing the mTLS mode of {ip}: {e}")),
+            let r = self.dp.set_workload_mode(ip, None);
+            if r.is_ok() {
+                self.modes.remove(&ip);
             }
+            self.outcome(
+                format!("mode {ip}"),
+                r.map_err(|e| format!("clearing the mTLS mode of {ip}: {e}")),
+            );
         }
         for (iface, key) in &guards {
             if !self.guarded.contains_key(iface) {
@@ -605,17 +611,33 @@ impl Reconciler {
         }
     }
 
-    fn unenroll(&mut self, uid: &str, id: u64) {
-        match self.dp.unenroll(id) {
+    /// Records how a kernel operation for `what` went: a failure is kept
+    /// (and logged when new) until the same operation succeeds.
+    fn outcome(&mut self, what: String, r: Result<(), String>) {
+        match r {
             Ok(()) => {
-                tracing::info!(uid, id, "unenrolled");
-                self.stats.unenrolments += 1;
-                self.enrolled.remove(uid);
+                self.other_errors.remove(&what);
             }
-            Err(e) => self
-                .other_errors
-                .push(format!("unenrolling cgroup {id} of pod {uid}: {e}")),
+            Err(e) => {
+                if self.other_errors.get(&what) != Some(&e) {
+                    tracing::warn!("{e}");
+                }
+                self.other_errors.insert(what, e);
+            }
         }
+    }
+
+    fn unenroll(&mut self, uid: &str, id: u64) {
+        let r = self.dp.unenroll(id);
+        if r.is_ok() {
+            tracing::info!(uid, id, "unenrolled");
+            self.stats.unenrolments += 1;
+            self.enrolled.remove(uid);
+        }
+        self.outcome(
+            format!("cgroup {id}"),
+            r.map_err(|e| format!("unenrolling cgroup {id} of pod {uid}: {e}")),
+        );
     }
 
     fn publish_mesh(&mut self) {
@@ -798,7 +820,7 @@ impl Reconciler {
             .iter()
             .map(|(k, e)| format!("Service {k}: {e}"))
             .collect();
-        dataplane_errors.extend(self.other_errors.iter().cloned());
+        dataplane_errors.extend(self.other_errors.values().cloned());
         let view = AgentView {
             synced: self.synced,
             enrolled_namespaces: workloads::enrolled_namespaces(&self.store),

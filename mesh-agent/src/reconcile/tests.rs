@@ -556,3 +556,31 @@ fn a_service_refused_for_a_taken_cluster_ip_gets_it_once_the_other_moves() {
     assert_eq!(b.backends, vec![Backend::ready(addr("10.0.0.2:8080"))]);
     assert!(f.dp.spec(&Frontend::tcp(addr("127.96.0.9:80"))).is_some());
 }
+
+#[test]
+fn a_failed_kernel_operation_is_reported_once_and_retried_until_it_succeeds() {
+    let mut f = fixture();
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some(f.cgroup("pods/web"));
+    let mut objs = shop();
+    objs.push(Object::Pod(web.clone()));
+    f.dp.fail_mode_changes();
+    f.upsert(objs);
+    f.sync();
+    let errors = |f: &Fixture| f.rx.view.borrow().dataplane_errors.clone();
+    assert_eq!(errors(&f).len(), 1, "{:?}", errors(&f));
+    assert!(errors(&f)[0].contains("setting the mTLS mode of 10.0.0.1"));
+    // More changes and ticks: still one entry, not one per attempt.
+    web.labels.insert("v".into(), "2".into());
+    f.upsert(vec![Object::Pod(web)]);
+    f.r.step(vec![Input::Tick]);
+    assert_eq!(errors(&f).len(), 1, "{:?}", errors(&f));
+    // The map has room again: the next tick sets the mode and the error goes.
+    f.dp.clear_failures();
+    f.r.step(vec![Input::Tick]);
+    assert!(errors(&f).is_empty(), "{:?}", errors(&f));
+    assert_eq!(
+        f.dp.modes().get(&"10.0.0.1".parse().unwrap()),
+        Some(&ebpf_lb::MtlsMode::Permissive)
+    );
+}
