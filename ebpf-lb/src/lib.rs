@@ -600,6 +600,13 @@ impl LoadBalancer {
     }
 
     /// Counters of one service, summed over CPUs.
+    /// Sockets whose reverse translation is kept (for `getpeername`, UDP
+    /// replies and resets): balanced connected sockets, and UDP sockets
+    /// that sent to a VIP. A TCP socket's entry goes when it closes.
+    pub fn tracked_sockets(&self) -> usize {
+        self.tables().revnat.keys().filter(|k| k.is_ok()).count()
+    }
+
     pub fn counters(&self, frontend: &Frontend) -> Result<ServiceCounters> {
         let t = self.tables();
         let svc = t

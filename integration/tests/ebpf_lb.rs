@@ -99,6 +99,17 @@ fn tcp_v4_reaches_every_backend_and_getpeername_shows_the_vip() -> Result<()> {
     );
     assert_eq!(decoy.hits(), 0);
     assert_eq!(lb.counters(&Frontend::tcp(vip))?.balanced, 300);
+    // Every connection is closed: no reverse translation is left behind to
+    // crowd out those of live sockets.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lb.tracked_sockets() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} reverse translations outlive their sockets",
+            lb.tracked_sockets()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     Ok(())
 }
 

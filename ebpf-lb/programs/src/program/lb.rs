@@ -452,22 +452,48 @@ fn four_tuple(ctx: &SockOpsContext) -> FourTuple {
     t
 }
 
+/// The reverse-translation key of a connected TCP socket: its cookie and the
+/// address its connect was rewritten to (its remote end).
+#[inline(always)]
+fn revnat_key(cookie: u64, t: &FourTuple) -> RevNatKey {
+    RevNatKey {
+        cookie,
+        peer: Endpoint {
+            addr: t.remote_addr,
+            port: t.remote_port,
+            family: t.family,
+            _pad: 0,
+        },
+        _pad: 0,
+    }
+}
+
 #[sock_ops]
 pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let t = four_tuple(&ctx);
+        // A balanced connection: its reverse translation goes when it
+        // closes, so that the map holds live sockets only (an LRU eviction
+        // would cost a long-lived one its VIP and its reset).
+        let mut watch = REVNAT.get_ptr(revnat_key(cookie, &t)).is_some();
         // The local port is bound by now: move the note of a redirected
         // connection from its cookie to its 4-tuple.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         if let Some(orig) = unsafe { COOKIE_ORIG.get(cookie) } {
             let orig = *orig;
-            let t = four_tuple(&ctx);
             let _ = ORIG_DST.insert(t, orig, BPF_ANY as u64);
             let _ = COOKIE_ORIG.remove(cookie);
+            watch = true;
+        }
+        if watch {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
-        let _ = ORIG_DST.remove(four_tuple(&ctx));
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let t = four_tuple(&ctx);
+        let _ = REVNAT.remove(revnat_key(cookie, &t));
+        let _ = ORIG_DST.remove(t);
     }
     1
 }
