@@ -543,7 +543,14 @@ impl LoadBalancer {
         let retired = match t.stage(&planned, &mut undo, self) {
             Ok(r) => r,
             Err(e) => {
-                t.rollback(undo);
+                let switched = !undo.services.is_empty();
+                t.restore(&mut undo);
+                // A program may still hold a service value staged a moment
+                // ago, pointing at slots about to go: free them only once it
+                // has finished (if that cannot be known, they stay taken).
+                if !switched || self.barrier.wait().is_ok() {
+                    t.release(undo);
+                }
                 return Err(e);
             }
         };
@@ -1104,8 +1111,11 @@ impl Tables {
     }
 
     /// Takes back a batch that failed half-way.
-    fn rollback(&mut self, undo: Undo) {
-        for (key, old) in undo.services.into_iter().rev() {
+    /// Rolls back the first half of a failed stage: services and backend
+    /// sets as they were. [`release`](Self::release) then frees what the
+    /// stage took, once no program can still see it.
+    fn restore(&mut self, undo: &mut Undo) {
+        for (key, old) in std::mem::take(&mut undo.services).into_iter().rev() {
             match old {
                 Some(v) => {
                     let _ = self.services.insert(key, v, 0);
@@ -1117,12 +1127,17 @@ impl Tables {
                 }
             }
         }
-        for (id, eps) in undo.set_mirror.into_iter().rev() {
+        for (id, eps) in std::mem::take(&mut undo.set_mirror).into_iter().rev() {
             match eps {
                 Some(eps) => self.sets.insert(id, eps),
                 None => self.sets.remove(&id),
             };
         }
+    }
+
+    /// The second half of a rollback: members, slots and ids the failed
+    /// stage took are freed.
+    fn release(&mut self, undo: Undo) {
         for m in undo.members {
             let still = self
                 .sets
