@@ -311,11 +311,27 @@ impl Reconciler {
         dirty.mesh = true;
         self.reconcile_services(&dirty.services);
         let wanted: BTreeSet<Frontend> = self.lb.frontends().map(|(f, _)| *f).collect();
+        // A Service refused now (or whose update failed) keeps what an
+        // earlier run programmed for its addresses: its last good entries.
+        let kept: BTreeSet<std::net::IpAddr> = self
+            .service_errors
+            .keys()
+            .chain(self.retry.keys())
+            .filter_map(|k| self.store.services.get(k)?.spec.as_ref())
+            .flat_map(|spec| {
+                spec.cluster_ips
+                    .iter()
+                    .flatten()
+                    .chain(spec.cluster_ip.iter())
+                    .filter_map(|ip| ip.parse().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let stale: Vec<ebpf_lb::Change> = self
             .dp
             .services()
             .into_iter()
-            .filter(|s| !wanted.contains(&s.frontend))
+            .filter(|s| !wanted.contains(&s.frontend) && !kept.contains(&s.frontend.vip.ip()))
             .map(|s| ebpf_lb::Change::Remove(s.frontend))
             .collect();
         if !stale.is_empty() {

@@ -584,3 +584,32 @@ fn a_failed_kernel_operation_is_reported_once_and_retried_until_it_succeeds() {
         Some(&ebpf_lb::MtlsMode::Permissive)
     );
 }
+
+#[test]
+fn a_restart_keeps_the_pinned_entries_of_a_service_that_is_refused_now() {
+    let mut f = fixture();
+    // An earlier run programmed shop/a and something nobody claims.
+    let a = Frontend::tcp(addr("127.96.0.1:80"));
+    let orphan = Frontend::tcp(addr("127.96.0.77:80"));
+    f.dp.preload(ServiceSpec::new(a, [Backend::ready(addr("10.0.0.1:8080"))]));
+    f.dp.preload(ServiceSpec::new(
+        orphan,
+        [Backend::ready(addr("10.0.0.9:80"))],
+    ));
+    // Now a's spec is invalid: refused, and its pinned entry stays.
+    let mut bad = service("shop", "a", "127.96.0.1", &[80]);
+    bad.spec.as_mut().unwrap().session_affinity = Some("Sticky".into());
+    let mut objs = shop();
+    objs[1] = Object::Service(bad);
+    f.upsert(objs);
+    f.sync();
+    assert!(f.dp.spec(&a).is_some(), "a's last good entry is kept");
+    assert!(f.dp.spec(&orphan).is_none(), "what no Service claims goes");
+    assert!(
+        f.rx.view
+            .borrow()
+            .config_errors
+            .iter()
+            .any(|e| e.object.as_deref() == Some("Service shop/a"))
+    );
+}
