@@ -69,6 +69,9 @@ pub enum Error {
     #[error("proxy address: {0}")]
     InvalidProxy(String),
 
+    #[error("{0}")]
+    Corrupt(String),
+
     #[error("service {frontend}: {reason}")]
     InvalidService { frontend: Frontend, reason: String },
 

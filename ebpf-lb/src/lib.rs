@@ -353,8 +353,9 @@ impl LoadBalancer {
             .map_err(|e| Error::program(strict::STRICT_PROGRAM, e))?;
 
         let services: HashMap<MapData, ServiceKey, Service> = take(&mut ebpf, maps::SERVICES)?;
-        let backends: HashMap<MapData, BackendSlot, Endpoint> = take(&mut ebpf, maps::BACKENDS)?;
-        let members = take(&mut ebpf, maps::MEMBERS)?;
+        let mut backends: HashMap<MapData, BackendSlot, Endpoint> =
+            take(&mut ebpf, maps::BACKENDS)?;
+        let mut members: HashMap<MapData, MemberKey, u32> = take(&mut ebpf, maps::MEMBERS)?;
         let enrolled: HashMap<MapData, u64, u32> = take(&mut ebpf, maps::ENROLLED)?;
         let config = take(&mut ebpf, maps::CONFIG)?;
         let counters = take(&mut ebpf, maps::COUNTERS)?;
@@ -375,17 +376,49 @@ impl LoadBalancer {
                     backend_set: svc.backend_set,
                     index,
                 };
-                eps.push(
-                    backends
-                        .get(&slot, 0)
-                        .map_err(|e| Error::map(maps::BACKENDS, e))?,
-                );
+                eps.push(backends.get(&slot, 0).map_err(|e| {
+                    Error::Corrupt(format!(
+                        "pinned service {} lacks backend {index} of its set {} ({e}); \
+                         remove the pinned state (`mesh-agent uninstall`) and start again",
+                        Frontend::from_key(&key)
+                            .map_or_else(|| "(unreadable key)".to_string(), |f| f.to_string()),
+                        svc.backend_set
+                    ))
+                })?);
             }
             if svc.backend_set != 0 {
                 used_sets.insert(svc.backend_set);
             }
             sets.insert(svc.id, eps);
             known.insert(key, svc);
+        }
+        // An earlier instance that stopped between staging a batch and
+        // retiring what it replaced left slots and members no service uses:
+        // a stale member would let affinity pick a backend that left.
+        let in_use = |slot: &BackendSlot| {
+            known
+                .values()
+                .any(|s: &Service| s.backend_set == slot.backend_set && slot.index < s.count)
+        };
+        let stale_slots: Vec<BackendSlot> = backends
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|slot| !in_use(slot))
+            .collect();
+        for slot in stale_slots {
+            let _ = backends.remove(&slot);
+        }
+        let stale_members: Vec<MemberKey> = members
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|m| {
+                !sets
+                    .get(&m.service_id)
+                    .is_some_and(|eps: &Vec<Endpoint>| eps.contains(&m.backend))
+            })
+            .collect();
+        for m in stale_members {
+            let _ = members.remove(&m);
         }
         let used_ids: BTreeSet<u32> = known.values().map(|s| s.id).collect();
         let next_id = used_ids.last().map_or(1, |m| m + 1);

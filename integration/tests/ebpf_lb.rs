@@ -579,6 +579,61 @@ fn a_child_cgroup_of_an_enrolled_pod_cgroup_is_enrolled_too() -> Result<()> {
     Ok(())
 }
 
+/// A loader that died between staging a batch and retiring what it
+/// replaced leaves backend slots and members no service uses; the next one
+/// removes them, so that affinity cannot pick a backend that left.
+#[test]
+fn a_new_loader_removes_what_a_crashed_one_left_half_done() -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use ebpf_lb_common::{BackendSlot, Endpoint, MemberKey, maps};
+    require_root();
+    let cg = TestCgroup::new("lf")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(1, loopback())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
+    let pins = lb.options().pin_dir().join("maps");
+    let crashed = lb.crash();
+
+    // What a half-done batch leaves: a slot of a set no service points at,
+    // and a member of a service that does not exist.
+    let open =
+        |name: &str| -> Result<Map> { Ok(Map::HashMap(MapData::from_pin(pins.join(name))?)) };
+    let mut slots: HashMap<_, BackendSlot, Endpoint> = HashMap::try_from(open(maps::BACKENDS)?)?;
+    let stray_slot = BackendSlot {
+        backend_set: 4242,
+        index: 0,
+    };
+    slots.insert(stray_slot, Endpoint::default(), 0)?;
+    let mut members: HashMap<_, MemberKey, u32> = HashMap::try_from(open(maps::MEMBERS)?)?;
+    let stray_member = MemberKey {
+        service_id: 4242,
+        backend: Endpoint::default(),
+    };
+    members.insert(stray_member, 1, 0)?;
+    let (slot_count, member_count) = (slots.keys().count(), members.keys().count());
+
+    let lb = crashed.reopen()?;
+    assert_eq!(
+        slots.keys().count(),
+        slot_count - 1,
+        "the stray slot is gone"
+    );
+    assert!(slots.get(&stray_slot, 0).is_err());
+    assert_eq!(
+        members.keys().count(),
+        member_count - 1,
+        "the stray member is gone"
+    );
+    assert!(members.get(&stray_member, 0).is_err());
+    // The service itself is intact.
+    lb.attach(cg.path())?;
+    let attempts = probe(&tcp(vip, 5)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    Ok(())
+}
+
 #[test]
 fn load_balancing_survives_a_loader_restart() -> Result<()> {
     require_root();
