@@ -1105,6 +1105,30 @@ impl Tables {
                 }
             }
         }
+        // One batch may touch a frontend twice (removed from one Service and
+        // given to another, say): what departed and which members go are
+        // judged from the state before the batch against the state after it,
+        // not step by step.
+        let mut after: std::collections::HashMap<ServiceKey, Option<&Vec<Endpoint>>> =
+            std::collections::HashMap::new();
+        for (key, alive) in &retired.alive {
+            after.insert(*key, alive.as_ref());
+        }
+        let mut seen = HashSet::new();
+        retired.departed.retain(|d| {
+            let stays = after
+                .get(&d.frontend)
+                .copied()
+                .flatten()
+                .is_some_and(|eps| eps.contains(&d.backend));
+            !stays && seen.insert((d.frontend, d.backend))
+        });
+        let sets = &self.sets;
+        retired.members.retain(|m| {
+            !sets
+                .get(&m.service_id)
+                .is_some_and(|eps| eps.contains(&m.backend))
+        });
         Ok(retired)
     }
 

@@ -284,3 +284,34 @@ fn a_connected_udp_client_moves_to_a_live_backend_after_a_removal() -> Result<()
     }
     Ok(())
 }
+
+/// A batch that removes a frontend and sets it up again (it moved from one
+/// Service to another) resets only the connections whose backend is not in
+/// the new set.
+#[test]
+fn a_frontend_removed_and_set_up_again_in_one_batch_keeps_connections_to_staying_backends()
+-> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("mv")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let a = TcpBackend::start(loopback(), "a")?;
+    let vip = SocketAddr::new(random_vip().into(), 80);
+    let fe = Frontend::tcp(vip);
+    lb.upsert_service(&ServiceSpec::new(fe, [Backend::ready(a.addr())]))?;
+    let kept = session(&cg, vip, 60)?;
+    wait_for(Duration::from_secs(5), "the connection", || a.hits() == 1)?;
+
+    let b = TcpBackend::start(loopback(), "b")?;
+    let report = lb.apply(&[
+        Change::Remove(fe),
+        Change::Upsert(ServiceSpec::new(
+            fe,
+            [Backend::ready(a.addr()), Backend::ready(b.addr())],
+        )),
+    ])?;
+    assert_eq!(report.reset.destroyed, 0, "{report:?}");
+    let kept = kept.finish()?;
+    assert_eq!(kept.len(), 61, "the connection was cut: {:?}", kept.last());
+    assert!(kept.iter().all(|p| p.errno.is_none()), "{kept:?}");
+    Ok(())
+}
