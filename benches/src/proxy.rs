@@ -752,6 +752,7 @@ async fn sluice_node(
                 workload: Some(ObjectRef::new("bench", "backend")),
                 node_proxy: Some(server_inbound.unwrap_or(proxy.inbound_addr())),
                 identity: Some(server.clone()),
+                ports: Default::default(),
             }],
         }],
         local_workloads: vec![LocalWorkload {

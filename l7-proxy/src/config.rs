@@ -12,6 +12,7 @@
 //! obvious to write by hand.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -231,6 +232,22 @@ pub struct Endpoint {
     /// The pod's SPIFFE identity, checked against the peer proxy's certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<SpiffeId>,
+    /// The service ports this endpoint serves, each with its own port on the
+    /// pod (a named target port may resolve differently on each pod, or not
+    /// at all on some). Empty: every service port, at its `target_port`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, u16>,
+}
+
+impl Endpoint {
+    /// The endpoint's port for service port `p`, if it serves it.
+    pub fn target_for(&self, p: &ServicePort) -> Option<u16> {
+        if self.ports.is_empty() {
+            Some(p.target_port)
+        } else {
+            self.ports.get(&p.port).copied()
+        }
+    }
 }
 
 /// A meshed workload, for traffic addressed to its pod IP.

@@ -150,6 +150,7 @@ mod tests {
                     workload: None,
                     node_proxy: None,
                     identity: None,
+                    ports: Default::default(),
                 }],
             }],
             local_workloads: vec![w.clone()],

@@ -104,7 +104,7 @@ impl State {
                     .endpoints
                     .iter()
                     .filter(|e| e.ready)
-                    .map(|e| Arc::new(upstream_of(e, p.target_port)))
+                    .filter_map(|e| Some(Arc::new(upstream_of(e, e.target_for(p)?))))
                     .collect();
                 let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
                 s.ready.entry(svc.id.clone()).or_default().insert(
@@ -234,7 +234,7 @@ impl State {
             s.endpoints.iter().flat_map(move |e| {
                 s.ports
                     .iter()
-                    .map(move |p| SocketAddr::new(e.ip, p.target_port))
+                    .filter_map(move |p| Some(SocketAddr::new(e.ip, e.target_for(p)?)))
             })
         })
     }

@@ -95,8 +95,12 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
                     workload: pod.map(|p| oref(&p.key)),
                     node_proxy: pod.and_then(|p| p.node_proxy),
                     identity: pod.and_then(|p| p.identity.clone()),
+                    ports: BTreeMap::new(),
                 });
                 ep.ready |= e.ready;
+                // This pod's own port for this service port: a named target
+                // port may resolve differently on each pod.
+                ep.ports.insert(p.port, e.addr.port());
             }
         }
         if ports.is_empty() {

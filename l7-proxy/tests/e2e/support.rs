@@ -268,6 +268,7 @@ impl Mesh {
             workload: Some(ObjectRef::new(pod.namespace, pod.name)),
             node_proxy: Some(self.node_b_proxy()),
             identity: Some(pod.identity()),
+            ports: Default::default(),
         }
     }
 

@@ -530,3 +530,45 @@ fn a_route_with_every_rule_left_out_or_no_existing_parent_is_not_in_the_snapshot
     assert_eq!(snap.http_routes.len(), 1, "{:?}", snap.http_routes);
     assert_eq!(snap.http_routes[0].rules.len(), 1);
 }
+
+#[test]
+fn each_endpoint_keeps_its_own_target_port() {
+    // Named target ports that resolve to 8080/8081 on one pod and 9090/9091
+    // on another (a rollout changing containerPort).
+    // Slice ports carry the Service ports' names (p80, p81).
+    let named = |name: &str, ports: &[i32], ip: &str| {
+        let mut sl = slice("plain", name, "web", ports, &[ep_ready(ip)]);
+        for (p, svc_port) in sl.ports.iter_mut().flatten().zip(["p80", "p81"]) {
+            p.name = Some(svc_port.into());
+        }
+        Object::EndpointSlice(sl)
+    };
+    let mut objs = base();
+    objs.extend([
+        Object::Service(service("plain", "web", "127.96.0.8", &[80, 81])),
+        named("web-old", &[8080, 8081], "10.0.2.20"),
+        named("web-new", &[9090, 9091], "10.0.2.21"),
+    ]);
+    let s = store(objs);
+    let (snap, errors) = snapshot(&view(&s), 15008);
+    assert_eq!(errors, Vec::<String>::new());
+    let web = snap.services.iter().find(|x| x.id.name == "web").unwrap();
+    let ports: Vec<(IpAddr, Vec<(u16, u16)>)> = web
+        .endpoints
+        .iter()
+        .map(|e| (e.ip, e.ports.iter().map(|(a, b)| (*a, *b)).collect()))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("10.0.2.20".parse().unwrap(), vec![(80, 8080), (81, 8081)]),
+            ("10.0.2.21".parse().unwrap(), vec![(80, 9090), (81, 9091)]),
+        ]
+    );
+    // The proxy sends each pod's share to that pod's port.
+    let (state, _) = l7_proxy::state::State::build(std::sync::Arc::new(snap.clone()));
+    let ready = state.ready_set(&web.id, 80).unwrap();
+    let mut addrs: Vec<String> = ready.addrs.iter().map(|a| a.to_string()).collect();
+    addrs.sort();
+    assert_eq!(addrs, ["10.0.2.20:8080", "10.0.2.21:9090"]);
+}
