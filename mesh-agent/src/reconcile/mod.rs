@@ -165,6 +165,9 @@ pub struct Reconciler {
     lb: LbState,
     /// Config errors of Services (their last good entries stay).
     service_errors: BTreeMap<Key, Vec<crate::crds::FieldError>>,
+    /// The last version of each Service the plan accepted: a refused update
+    /// leaves the proxy with it, as it leaves the kernel with its entries.
+    last_good: BTreeMap<Key, k8s_openapi::api::core::v1::Service>,
     /// Services whose kernel update failed: retried on tick.
     retry: BTreeMap<Key, String>,
     enrolled: Enrolled,
@@ -206,6 +209,7 @@ impl Reconciler {
             synced: false,
             lb: LbState::default(),
             service_errors: BTreeMap::new(),
+            last_good: BTreeMap::new(),
             retry: BTreeMap::new(),
             enrolled: Enrolled::new(),
             enrol_errors: BTreeMap::new(),
@@ -369,6 +373,10 @@ impl Reconciler {
         for key in dirty {
             if !plan.errors.contains_key(key) {
                 self.service_errors.remove(key);
+                match self.store.services.get(key) {
+                    Some(s) => self.last_good.insert(key.clone(), s.clone()),
+                    None => self.last_good.remove(key),
+                };
             }
         }
         for (key, errors) in &plan.errors {
@@ -658,8 +666,27 @@ impl Reconciler {
 
     fn publish_mesh(&mut self) {
         self.mesh_generation += 1;
+        // Refused Services are shown to the proxy as last accepted.
+        let patched;
+        let store = if self
+            .service_errors
+            .keys()
+            .any(|k| self.last_good.contains_key(k) && self.store.services.contains_key(k))
+        {
+            let mut s = self.store.clone();
+            for key in self.service_errors.keys() {
+                if let (Some(good), true) = (self.last_good.get(key), s.services.contains_key(key))
+                {
+                    s.services.insert(key.clone(), good.clone());
+                }
+            }
+            patched = s;
+            &patched
+        } else {
+            &self.store
+        };
         let view = mesh::mesh_view(
-            &self.store,
+            store,
             &self.settings.node,
             &self.settings.trust_domain,
             self.workloads.clone(),

@@ -613,3 +613,35 @@ fn a_restart_keeps_the_pinned_entries_of_a_service_that_is_refused_now() {
             .any(|e| e.object.as_deref() == Some("Service shop/a"))
     );
 }
+
+#[test]
+fn a_refused_service_update_leaves_the_proxy_with_the_last_good_version() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    let vips = |f: &Fixture| {
+        let mesh = f.rx.mesh.borrow().clone();
+        mesh.services
+            .iter()
+            .find(|s| s.key.name == "a")
+            .map(|s| s.vips.clone())
+    };
+    assert_eq!(vips(&f), Some(vec!["127.96.0.1".parse().unwrap()]));
+    // An update with a broken ClusterIP: refused; kernel and proxy keep
+    // the last good version.
+    f.upsert(vec![Object::Service(service(
+        "shop",
+        "a",
+        "not-an-ip",
+        &[80],
+    ))]);
+    assert!(
+        f.rx.view
+            .borrow()
+            .config_errors
+            .iter()
+            .any(|e| e.object.as_deref() == Some("Service shop/a"))
+    );
+    assert!(f.dp.spec(&Frontend::tcp(addr("127.96.0.1:80"))).is_some());
+    assert_eq!(vips(&f), Some(vec!["127.96.0.1".parse().unwrap()]));
+}
