@@ -409,7 +409,16 @@ impl Reconciler {
                 // One bad Service must not hold the others back.
                 tracing::warn!(error = %e, "batch of {} changes failed; applying per service", changes.len());
                 self.stats.batch_failures += 1;
-                for p in &plan.services {
+                // Those that release a frontend go first: another Service may
+                // claim it in the same plan, and a Remove applied after that
+                // claim would delete the new entry.
+                let mut order: Vec<&lb::ServicePlan> = plan.services.iter().collect();
+                order.sort_by_key(|p| {
+                    !p.changes
+                        .iter()
+                        .any(|c| matches!(c, ebpf_lb::Change::Remove(_)))
+                });
+                for p in order {
                     let mut one = plan.clone();
                     one.services = vec![p.clone()];
                     match self.dp.apply(&one.changes()) {
