@@ -148,7 +148,10 @@ pub fn connect4_cost(quick: bool) -> Result<()> {
          and reverse-translation note as TCP, without a handshake) from a test cgroup, at each \
          table size, with two working sets: 100 services chosen at random (hot), and 1000 \
          (spread). Ratios are to the 100-service table of the same run. A connect to an address \
-         that is not a service (one hash miss) is shown for scale. Target: under 1 µs, flat.\n"
+         that is not a service (one hash miss) is shown for scale. Every service has the same two \
+         backends and one socket reconnects from target to target, so each connect also rewrites \
+         that socket's reverse-translation entry for the backend (its VIP changed): the worst \
+         case. The first connect of a new socket only adds its entry. Target: under 1 µs, flat.\n"
     ));
     s.table(
         &[
