@@ -390,19 +390,11 @@ async fn handle_connect(
         .await;
         let reason = result.err().map(|e| e.to_string());
         AccessRecord {
-            direction: "inbound",
-            protocol: "tcp",
-            source_addr: Some(tp.addr.to_string()),
-            source_identity: Some(&tp.identity),
-            destination: Some(workload.id.to_string()),
-            destination_addr: Some(target.to_string()),
-            destination_identity: Some(&workload.identity),
-            secured: true,
             bytes_sent: Some(row.sent()),
             bytes_received: Some(row.received()),
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
             reason: reason.as_deref(),
-            ..Default::default()
+            ..stream_record(&tp, target, &workload, "tcp")
         }
         .emit();
     });
@@ -564,23 +556,36 @@ async fn upgrade_request(
     };
     count_request(shared, tp, Some(workload), resp.status().as_u16(), start);
     AccessRecord {
+        method: Some(method.as_str()),
+        path: Some(&path),
+        status: Some(resp.status().as_u16()),
+        duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        reason: reason.as_deref(),
+        ..stream_record(tp, target, workload, "http-upgrade")
+    }
+    .emit();
+    resp
+}
+
+/// The access-log fields every record of a CONNECT stream to `workload`
+/// shares.
+fn stream_record<'a>(
+    tp: &'a TunnelPeer,
+    target: SocketAddr,
+    workload: &'a LocalWorkload,
+    protocol: &'static str,
+) -> AccessRecord<'a> {
+    AccessRecord {
         direction: "inbound",
-        protocol: "http-upgrade",
+        protocol,
         source_addr: Some(tp.addr.to_string()),
         source_identity: Some(&tp.identity),
         destination: Some(workload.id.to_string()),
         destination_addr: Some(target.to_string()),
         destination_identity: Some(&workload.identity),
         secured: true,
-        method: Some(method.as_str()),
-        path: Some(&path),
-        status: Some(resp.status().as_u16()),
-        duration_ms: start.elapsed().as_secs_f64() * 1e3,
-        reason: reason.as_deref(),
         ..Default::default()
     }
-    .emit();
-    resp
 }
 
 /// Counts an inbound request to `workload` in the request metrics.

@@ -86,6 +86,14 @@ async fn read_head(tcp: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// HTTP policy denials of `caller` counted on node B.
+fn http_denials(mesh: &Mesh, caller: &str) -> f64 {
+    mesh.b.metric(
+        "sluice_policy_denials_total",
+        &[caller, "protocol=\"http\""],
+    )
+}
+
 /// The standard mesh with an upgrade server as cart-0 behind service cart
 /// (VIP `vip(1)`), under `policies`.
 async fn cart_mesh(policies: Vec<AccessPolicy>) -> (Mesh, SocketAddr, Seen) {
@@ -254,13 +262,7 @@ async fn access_policy_path_conditions_apply_to_upgrades() {
         "denied upgrades never reach the workload"
     );
     let bot_id = bot().identity().to_string();
-    assert_eq!(
-        mesh.b.metric(
-            "sluice_policy_denials_total",
-            &[&bot_id, "protocol=\"http\""]
-        ),
-        1.0
-    );
+    assert_eq!(http_denials(&mesh, &bot_id), 1.0);
     drop(ok);
     mesh.shutdown().await;
 }
@@ -317,13 +319,7 @@ async fn the_inbound_proxy_polices_and_forwards_exactly_one_request_per_upgrade_
     assert!(forged.contains("shop/cart-access"), "{forged}");
     assert!(seen.lock().unwrap().is_empty(), "the workload saw nothing");
     let bot_id = bot().identity().to_string();
-    assert_eq!(
-        mesh.b.metric(
-            "sluice_policy_denials_total",
-            &[&bot_id, "protocol=\"http\""]
-        ),
-        1.0
-    );
+    assert_eq!(http_denials(&mesh, &bot_id), 1.0);
     // An allowed request that the workload does not upgrade, with a second
     // request and a forged identity behind it: the workload (which would
     // keep the connection for more) gets the first request only, with the
