@@ -270,3 +270,50 @@ async fn leaf_der(
         .unwrap();
     t.await.unwrap()
 }
+
+/// A CA that never answers while `hang` is set.
+#[derive(Debug)]
+struct Hanging {
+    ca: Arc<Ca>,
+    hang: AtomicBool,
+}
+
+impl CertificateAuthority for Hanging {
+    fn sign(&self, request: SignRequest) -> BoxFuture<'_, Result<Issued, CaError>> {
+        Box::pin(async move {
+            if self.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.ca.sign(request).await
+        })
+    }
+    fn trust_bundle(&self) -> BoxFuture<'_, Result<TrustBundle, CaError>> {
+        self.ca.trust_bundle()
+    }
+}
+
+/// A rotation given up half way (its caller timed out) does not leave the
+/// identity marked in flight: the next rotation renews it.
+#[tokio::test]
+async fn a_rotation_cut_short_does_not_stop_later_renewals() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let hanging = Arc::new(Hanging {
+        ca: ca.clone(),
+        hang: AtomicBool::new(false),
+    });
+    let cart = id("shop", "cart");
+    let a = IdentityManager::new(hanging.clone(), ca.bundle(), shared(&clock), fast_opts());
+    a.set_identities([cart.clone()]).await.unwrap();
+    let first = serial(&a, &cart);
+
+    clock.advance(Duration::from_secs(12 * 3600 + 60));
+    hanging.hang.store(true, Ordering::SeqCst);
+    let cut = tokio::time::timeout(Duration::from_millis(100), a.rotate_due()).await;
+    assert!(cut.is_err(), "the CA hangs: the rotation is given up");
+
+    hanging.hang.store(false, Ordering::SeqCst);
+    let report = a.rotate_due().await;
+    assert_eq!(report.issued, vec![cart.clone()]);
+    assert_ne!(serial(&a, &cart), first);
+}

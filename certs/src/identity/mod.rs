@@ -122,6 +122,26 @@ impl Slot {
     }
 }
 
+/// Identities of a rotation still in flight; dropped, it clears their flag.
+struct InFlight {
+    inner: Arc<Inner>,
+    ids: std::collections::HashSet<SpiffeId>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let mut slots = self.inner.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &self.ids {
+            if let Some(s) = slots.get_mut(id) {
+                s.in_flight = false;
+            }
+        }
+    }
+}
+
 struct Inner {
     ca: Arc<dyn CertificateAuthority>,
     clock: SharedClock,
@@ -368,6 +388,13 @@ impl IdentityManager {
                 })
                 .collect()
         };
+        // Whatever ends this rotation early (a panicking issuance task, the
+        // caller dropping this future) must not leave a slot marked in
+        // flight: it would never be renewed again.
+        let mut pending = InFlight {
+            inner: self.inner.clone(),
+            ids: due.iter().cloned().collect(),
+        };
         let mut report = RotationReport::default();
         let mut ready = Vec::new();
         let mut tasks = JoinSet::new();
@@ -392,6 +419,7 @@ impl IdentityManager {
                 }
             };
             let now = self.inner.clock.now();
+            pending.ids.remove(&id);
             let mut slots = self.slots();
             let Some(slot) = slots.get_mut(&id) else {
                 continue; // dropped while in flight
