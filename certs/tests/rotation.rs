@@ -317,3 +317,64 @@ async fn a_rotation_cut_short_does_not_stop_later_renewals() {
     assert_eq!(report.issued, vec![cart.clone()]);
     assert_ne!(serial(&a, &cart), first);
 }
+
+/// A CA whose reply to the first request, sent before a root rotation,
+/// arrives after the reply to a second one sent after it: the first reply
+/// carries the CA's roots as they were when it was sent.
+#[derive(Debug)]
+struct Straddle {
+    ca: Arc<Ca>,
+    first: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl CertificateAuthority for Straddle {
+    fn sign(&self, request: SignRequest) -> BoxFuture<'_, Result<Issued, CaError>> {
+        Box::pin(async move {
+            let wait = self.first.lock().unwrap().take();
+            match wait {
+                Some(release) => {
+                    let roots_then = self.ca.bundle();
+                    let _ = release.await;
+                    let mut issued = self.ca.sign(request).await?;
+                    issued.trust_bundle = roots_then;
+                    Ok(issued)
+                }
+                None => self.ca.sign(request).await,
+            }
+        })
+    }
+    fn trust_bundle(&self) -> BoxFuture<'_, Result<TrustBundle, CaError>> {
+        self.ca.trust_bundle()
+    }
+}
+
+#[tokio::test]
+async fn a_late_reply_with_older_roots_does_not_undo_a_rotation() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let (release, wait) = tokio::sync::oneshot::channel();
+    let straddle = Arc::new(Straddle {
+        ca: ca.clone(),
+        first: std::sync::Mutex::new(Some(wait)),
+    });
+    let (cart, pay) = (id("shop", "cart"), id("bank", "payments"));
+    let m = IdentityManager::new(straddle.clone(), ca.bundle(), shared(&clock), fast_opts());
+    // The first request leaves before the rotation and is held.
+    let slow = {
+        let m = m.clone();
+        let cart = cart.clone();
+        tokio::spawn(async move { m.set_identities([cart]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let new_root = ca.prepare_root_rotation().unwrap();
+    // The second leaves after it and brings the new root.
+    m.add(pay.clone()).await.unwrap();
+    assert!(m.trust_bundle().load().fingerprints().contains(&new_root));
+    // The first reply comes last, with the roots of before.
+    release.send(()).unwrap();
+    slow.await.unwrap().unwrap();
+    assert!(
+        m.trust_bundle().load().fingerprints().contains(&new_root),
+        "the older reply put back the bundle without the new root"
+    );
+}

@@ -153,6 +153,12 @@ struct Inner {
     wake: Notify,
     server_config: Arc<ServerConfig>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// Tickets of requests that bring a bundle back (issuances, refreshes),
+    /// in the order they were sent, and the last one whose bundle was
+    /// applied: a reply to an older request never replaces the bundle a
+    /// newer one brought (two issuances straddling a root rotation).
+    bundle_tickets: std::sync::atomic::AtomicU64,
+    bundle_applied: Mutex<u64>,
 }
 
 /// The node's workload identities. Cheap to clone (shared state).
@@ -217,6 +223,8 @@ impl IdentityManager {
                 wake: Notify::new(),
                 server_config: Arc::new(server),
                 provider,
+                bundle_tickets: std::sync::atomic::AtomicU64::new(0),
+                bundle_applied: Mutex::new(0),
             }),
         }
     }
@@ -487,13 +495,14 @@ impl IdentityManager {
 
     /// Fetches the CA's trust bundle and applies it. Returns whether it changed.
     pub async fn refresh_trust_bundle(&self) -> Result<bool, IdentityError> {
+        let ticket = bundle_ticket(&self.inner);
         let bundle = self
             .inner
             .ca
             .trust_bundle()
             .await
             .map_err(|e| IdentityError::Bundle(Box::new(e)))?;
-        apply_bundle(&self.inner, bundle)
+        apply_bundle(&self.inner, bundle, ticket)
     }
 
     /// Renews and refreshes forever: at each certificate's renewal time, and
@@ -625,13 +634,32 @@ impl IdentityManager {
     }
 }
 
-fn apply_bundle(inner: &Inner, bundle: TrustBundle) -> Result<bool, IdentityError> {
+/// A ticket for a request about to be sent that will bring a bundle back.
+fn bundle_ticket(inner: &Inner) -> u64 {
+    inner
+        .bundle_tickets
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        + 1
+}
+
+/// Applies the bundle a request with `ticket` brought back, unless a request
+/// sent later already brought one.
+fn apply_bundle(inner: &Inner, bundle: TrustBundle, ticket: u64) -> Result<bool, IdentityError> {
     if bundle.trust_domain() != inner.trust_domain {
         return Err(IdentityError::BundleTrustDomain {
             expected: inner.trust_domain.clone(),
             got: bundle.trust_domain().into(),
         });
     }
+    let mut applied = inner
+        .bundle_applied
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if ticket < *applied {
+        // An older view of the CA's roots than the one in force.
+        return Ok(false);
+    }
+    *applied = ticket;
     if **inner.bundle.load() == bundle {
         return Ok(false);
     }
@@ -663,6 +691,7 @@ async fn issue(inner: &Inner, id: &SpiffeId) -> Result<LiveCert, IdentityError> 
     };
     let key = ca::generate_workload_key().map_err(ca_err)?;
     let csr_der = ca::csr_for(id, &key).map_err(ca_err)?;
+    let ticket = bundle_ticket(inner);
     let issued = inner
         .ca
         .sign(SignRequest {
@@ -672,7 +701,7 @@ async fn issue(inner: &Inner, id: &SpiffeId) -> Result<LiveCert, IdentityError> 
         .await
         .map_err(ca_err)?;
     // A newer bundle (a root rotation) arrives with the certificate.
-    apply_bundle(inner, issued.trust_bundle.clone())?;
+    apply_bundle(inner, issued.trust_bundle.clone(), ticket)?;
     let bad = |reason: String| IdentityError::BadIssued {
         identity: id.clone(),
         reason,
