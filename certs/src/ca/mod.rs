@@ -290,6 +290,29 @@ fn root_entry(der: CertificateDer<'static>, what: &str) -> Result<RootEntry, CaE
     })
 }
 
+/// Whether the CSR's subject key itself is an uncompressed P-256 point (the
+/// signature algorithm alone does not say which curve the key is on).
+fn is_p256_key(csr_der: &[u8]) -> bool {
+    use x509_parser::{
+        certification_request::X509CertificationRequest,
+        oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY},
+        prelude::FromDer,
+    };
+    let Ok((_, csr)) = X509CertificationRequest::from_der(csr_der) else {
+        return false;
+    };
+    let spki = &csr.certification_request_info.subject_pki;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
+        && curve.as_ref() == Some(&OID_EC_P256)
+        && spki.subject_public_key.data.len() == 65
+        && spki.subject_public_key.data.first() == Some(&4)
+}
+
 impl Ca {
     /// A CA with a freshly generated root (and intermediate if configured).
     pub fn generate(opts: CaOptions, clock: SharedClock) -> Result<Self, CaError> {
@@ -552,7 +575,7 @@ impl Ca {
         let csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
                 .map_err(|e| invalid(format!("cannot use the CSR: {e}")))?;
-        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 || !is_p256_key(csr_der) {
             return Err(invalid("the key must be ECDSA P-256".into()));
         }
         let requested: Vec<String> = csr
@@ -842,4 +865,21 @@ pub fn csr_for(identity: &SpiffeId, key: &KeyPair) -> Result<Vec<u8>, CaError> {
 /// A fresh ECDSA P-256 key for a workload.
 pub fn generate_workload_key() -> Result<KeyPair, CaError> {
     new_key()
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_p256_subject_key_passes() {
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let p256 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        assert!(is_p256_key(&csr_for(&id, &p256).unwrap()));
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        assert!(!is_p256_key(&csr_for(&id, &p384).unwrap()));
+        let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        assert!(!is_p256_key(&csr_for(&id, &ed).unwrap()));
+        assert!(!is_p256_key(b"not a CSR"));
+    }
 }

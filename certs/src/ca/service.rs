@@ -32,6 +32,9 @@ pub const SIGN_PATH: &str = "/v1/sign";
 pub const BUNDLE_PATH: &str = "/v1/trust-bundle";
 /// Largest request body accepted (a CSR is under 1 KiB).
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// Connections the CA service holds at once (one per node agent is the
+/// norm; a node may briefly hold a few).
+pub const MAX_CONNECTIONS: usize = 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SignRequestBody {
@@ -277,6 +280,14 @@ impl CaServer {
                     // Reap finished connections.
                     Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                 };
+                // Bounded: beyond MAX_CONNECTIONS a new connection is closed
+                // at once (agents retry with backoff), so no client can make
+                // the CA hold unbounded sockets and TokenReviews.
+                if conns.len() >= MAX_CONNECTIONS {
+                    tracing::warn!(%peer, "CA service at {MAX_CONNECTIONS} connections; closing a new one");
+                    drop(tcp);
+                    continue;
+                }
                 let acceptor = acceptor.clone();
                 let service = service.clone();
                 conns.spawn(async move {
