@@ -310,3 +310,47 @@ fn loading_a_root_with_the_wrong_key_fails_clearly() {
         root_der
     );
 }
+
+/// The root key and certificate are replaced one after the other: a CA
+/// that stopped in between (new key, old certificate) finishes the
+/// activation when it starts again instead of refusing to start.
+#[test]
+fn an_interrupted_root_activation_is_finished_on_the_next_start() {
+    let dir = std::env::temp_dir().join(format!("certs-ca-{}", rand::random::<u64>()));
+    let clock = clock();
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    let old = ca.bundle().active_root();
+    let new = ca.prepare_root_rotation().unwrap();
+    drop(ca);
+    // What activate_root leaves when it stops after its first write.
+    std::fs::copy(dir.join("next-root-key.pem"), dir.join("root-key.pem")).unwrap();
+
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock))
+        .expect("the CA starts, finishing the activation");
+    assert_eq!(ca.bundle().active_root(), new);
+    assert!(
+        ca.bundle().fingerprints().contains(&old),
+        "the old root is still trusted"
+    );
+    assert!(!dir.join("next-root-cert.pem").exists());
+    assert!(!dir.join("next-root-key.pem").exists());
+    let wid = id("a", "b");
+    let key = KeyPair::generate().unwrap();
+    let issued = ca
+        .sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+        .unwrap();
+    let peer = verify::verify_chain(
+        &ca.bundle(),
+        &issued.chain[0],
+        &[],
+        clock_now(&clock),
+        verify::Usage::Server,
+    )
+    .unwrap();
+    assert_eq!(peer.identity, wid);
+    drop(ca);
+    // And it stays that way.
+    let again = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    assert_eq!(again.bundle().active_root(), new);
+    let _ = std::fs::remove_dir_all(&dir);
+}

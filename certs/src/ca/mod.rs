@@ -262,6 +262,37 @@ fn load_key(what: &str, pem: &PrivateKeyPem) -> Result<KeyPair, CaError> {
 }
 
 /// The key must belong to the certificate, or every signature would be useless.
+/// Completes a root activation that stopped part way (the root key and
+/// certificate are replaced one after the other): when `root-key.pem`
+/// already holds the prepared root's key, the prepared certificate becomes
+/// `root-cert.pem`; once both are the prepared root's, the `next-root-*`
+/// files go. Nothing to do otherwise.
+fn finish_interrupted_activation(dir: &Path) -> Result<(), CaError> {
+    let next_cert_path = dir.join(NEXT_ROOT_CERT_FILE);
+    if !next_cert_path.exists() {
+        return Ok(());
+    }
+    let cert_path = dir.join(ROOT_CERT_FILE);
+    let next_pem = storage::read(&next_cert_path)?;
+    let next = storage::certs_from_pem("next root", &next_pem)?.swap_remove(0);
+    let key = load_key(
+        "root key",
+        &PrivateKeyPem::new(storage::read(&dir.join(ROOT_KEY_FILE))?),
+    )?;
+    let current = storage::certs_from_pem("root", &storage::read(&cert_path)?)?.swap_remove(0);
+    if current != next && check_key_matches("next root", &next, &key).is_ok() {
+        tracing::warn!("finishing a root activation that was interrupted");
+        storage::write_public(&cert_path, next_pem.as_bytes())?;
+    }
+    let current = storage::certs_from_pem("root", &storage::read(&cert_path)?)?.swap_remove(0);
+    if current == next {
+        for f in [NEXT_ROOT_KEY_FILE, NEXT_ROOT_CERT_FILE] {
+            let _ = fs::remove_file(dir.join(f));
+        }
+    }
+    Ok(())
+}
+
 fn check_key_matches(what: &str, cert: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CaError> {
     use rcgen::PublicKeyData as _;
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| CaError::Config {
@@ -482,6 +513,7 @@ impl Ca {
         let mut ca = if cert_path.exists() {
             let bundle_path = dir.join(BUNDLE_FILE);
             let next_cert = dir.join(NEXT_ROOT_CERT_FILE);
+            finish_interrupted_activation(dir)?;
             let pending = if next_cert.exists() {
                 let der = storage::certs_from_pem("next root", &storage::read(&next_cert)?)?
                     .swap_remove(0);
