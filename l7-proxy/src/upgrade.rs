@@ -39,6 +39,10 @@ use crate::{
 /// allows upgrades. Any other request is an ordinary one.
 pub(crate) fn take(parts: &mut Parts) -> Option<OnUpgrade> {
     let h = &parts.headers;
+    // Every HTTP/1.1 request passes here: one lookup rules most out.
+    if !h.contains_key(UPGRADE) {
+        return None;
+    }
     let tokens = |name| {
         h.get_all(name)
             .iter()

@@ -77,19 +77,8 @@ pub struct CaArgs {
     /// Address of the CA service (HTTPS).
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], CA_PORT)))]
     pub listen: SocketAddr,
-    /// Kubernetes Secret (`namespace/name`) holding the root (root-cert.pem,
-    /// root-key.pem, trust-bundle.pem); created with a new root if missing.
-    #[arg(long, conflicts_with = "root_dir")]
-    pub root_secret: Option<String>,
-    /// Directory holding the root instead (created if missing; key 0600).
-    #[arg(long)]
-    pub root_dir: Option<PathBuf>,
-    /// SPIFFE trust domain.
-    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = config::DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
-    /// Lifetime of workload certificates (`90m`, `24h`, `7d`); renewed at half-life.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    pub workload_cert_ttl: Duration,
+    #[command(flatten)]
+    pub root: RootArgs,
     /// ConfigMap (`namespace/name`) the trust bundle is published in, for
     /// agents to mount.
     #[arg(long)]
@@ -125,18 +114,42 @@ pub struct RotateArgs {
     /// the new root).
     #[arg(long, requires = "retire")]
     pub force: bool,
-    /// The CA's root Secret (`namespace/name`), as given to `mesh-agent ca`.
+    /// The same root store and settings as the running `mesh-agent ca`.
+    #[command(flatten)]
+    pub root: RootArgs,
+}
+
+/// Where the CA's root lives and what it signs: shared by `mesh-agent ca`
+/// and `mesh-agent ca rotate`, which must agree on them.
+#[derive(Clone, Debug, Args)]
+pub struct RootArgs {
+    /// Kubernetes Secret (`namespace/name`) holding the root (root-cert.pem,
+    /// root-key.pem, trust-bundle.pem); created with a new root if missing.
     #[arg(long, conflicts_with = "root_dir")]
     pub root_secret: Option<String>,
-    /// The CA's root directory instead.
+    /// Directory holding the root instead (created if missing; key 0600).
     #[arg(long)]
     pub root_dir: Option<PathBuf>,
-    /// SPIFFE trust domain, as given to `mesh-agent ca`.
+    /// SPIFFE trust domain.
     #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = config::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
-    /// Lifetime of workload certificates, as given to `mesh-agent ca`.
+    /// Lifetime of workload certificates (`90m`, `24h`, `7d`); renewed at half-life.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub workload_cert_ttl: Duration,
+}
+
+impl RootArgs {
+    fn store(&self) -> Result<RootStore, Error> {
+        RootStore::from_args(self.root_secret.as_deref(), self.root_dir.as_deref())
+    }
+
+    fn options(&self) -> CaOptions {
+        CaOptions {
+            trust_domain: self.trust_domain.clone(),
+            leaf_lifetime: self.workload_cert_ttl,
+            ..CaOptions::default()
+        }
+    }
 }
 
 impl RotateArgs {
@@ -155,12 +168,8 @@ impl RotateArgs {
 /// environment (kubeconfig, or the pod's service account under
 /// `kubectl exec`).
 pub async fn rotate_command(args: RotateArgs) -> Result<Rotated, Error> {
-    let store = RootStore::from_args(args.root_secret.as_deref(), args.root_dir.as_deref())?;
-    let opts = CaOptions {
-        trust_domain: args.trust_domain.clone(),
-        leaf_lifetime: args.workload_cert_ttl,
-        ..CaOptions::default()
-    };
+    let store = args.root.store()?;
+    let opts = args.root.options();
     let client = match store {
         RootStore::Secret { .. } => Some(
             Client::try_default()
@@ -904,12 +913,8 @@ pub async fn serve(
 /// Runs the CA service until `stop` fires.
 pub async fn run(args: CaArgs, stop: tokio::sync::watch::Receiver<bool>) -> Result<(), Error> {
     let clock: SharedClock = Arc::new(SystemClock);
-    let opts = CaOptions {
-        trust_domain: args.trust_domain.clone(),
-        leaf_lifetime: args.workload_cert_ttl,
-        ..CaOptions::default()
-    };
-    let store = RootStore::from_args(args.root_secret.as_deref(), args.root_dir.as_deref())?;
+    let opts = args.root.options();
+    let store = args.root.store()?;
     let client = Client::try_default()
         .await
         .map_err(|e| Error::Kube(Box::new(e)))?;
@@ -931,7 +936,7 @@ pub async fn run(args: CaArgs, stop: tokio::sync::watch::Receiver<bool>) -> Resu
         TokenReviewConfig::in_cluster(allowed, Vec::new()).map_err(Error::Auth)?,
     )
     .map_err(Error::Auth)?;
-    let pods = Arc::new(PodIdentities::new(&args.trust_domain));
+    let pods = Arc::new(PodIdentities::new(&args.root.trust_domain));
     let watch = tokio::spawn(pods.clone().watch(client.clone()));
     let serving = Serving {
         listen: args.listen,

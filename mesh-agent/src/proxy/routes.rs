@@ -474,51 +474,71 @@ impl Ctx<'_> {
 
 /// The proxy's form of an HTTPRoute, resolved against `refs`.
 pub fn http_route(r: &GwHttpRoute, refs: &RefIndex) -> Translated<HttpRoute> {
-    let key = Key::of(r);
-    let spec = serde_json::to_value(&r.spec).unwrap_or_default();
-    let mut ctx = Ctx {
-        kind: "HTTPRoute",
-        ns: &key.namespace,
+    translate(
+        "HTTPRoute",
+        &Key::of(r),
+        &r.metadata,
+        serde_json::to_value(&r.spec).unwrap_or_default(),
         refs,
-        refused: Vec::new(),
-    };
-    let (rules, total, dropped) = ctx.rules(&spec, Ctx::http_rule);
-    let parents = parents(&spec["parentRefs"], &key.namespace, refs);
-    let all_dropped = total > 0 && rules.is_empty();
-    let keep = !(parents.is_empty() || all_dropped);
-    Translated {
-        route: keep.then(|| HttpRoute {
-            id: ObjectRef::new(&key.namespace, &key.name),
-            created_unix: created_unix(&r.metadata),
+        Ctx::http_rule,
+        |id, created_unix, parents, rules| HttpRoute {
+            id,
+            created_unix,
             parents,
             rules,
-        }),
-        rules: total,
-        dropped,
-        refused: ctx.refused,
-    }
+        },
+    )
 }
 
 /// The proxy's form of a GRPCRoute, resolved against `refs`.
 pub fn grpc_route(r: &GwGrpcRoute, refs: &RefIndex) -> Translated<GrpcRoute> {
-    let key = Key::of(r);
-    let spec = serde_json::to_value(&r.spec).unwrap_or_default();
+    translate(
+        "GRPCRoute",
+        &Key::of(r),
+        &r.metadata,
+        serde_json::to_value(&r.spec).unwrap_or_default(),
+        refs,
+        Ctx::grpc_rule,
+        |id, created_unix, parents, rules| GrpcRoute {
+            id,
+            created_unix,
+            parents,
+            rules,
+        },
+    )
+}
+
+/// What both route kinds share: rules translated one by one, parents
+/// resolved, and the route kept only when a parent resolves and some rule
+/// is left (or it had none).
+#[allow(clippy::too_many_arguments)]
+fn translate<'a, R, T>(
+    kind: &'static str,
+    key: &'a Key,
+    meta: &kube::api::ObjectMeta,
+    spec: Value,
+    refs: &'a RefIndex,
+    rule: impl FnMut(&mut Ctx<'a>, &Value, &str) -> Result<T, String>,
+    build: impl FnOnce(ObjectRef, i64, Vec<ParentRef>, Vec<T>) -> R,
+) -> Translated<R> {
     let mut ctx = Ctx {
-        kind: "GRPCRoute",
+        kind,
         ns: &key.namespace,
         refs,
         refused: Vec::new(),
     };
-    let (rules, total, dropped) = ctx.rules(&spec, Ctx::grpc_rule);
+    let (rules, total, dropped) = ctx.rules(&spec, rule);
     let parents = parents(&spec["parentRefs"], &key.namespace, refs);
     let all_dropped = total > 0 && rules.is_empty();
     let keep = !(parents.is_empty() || all_dropped);
     Translated {
-        route: keep.then(|| GrpcRoute {
-            id: ObjectRef::new(&key.namespace, &key.name),
-            created_unix: created_unix(&r.metadata),
-            parents,
-            rules,
+        route: keep.then(|| {
+            build(
+                ObjectRef::new(&key.namespace, &key.name),
+                created_unix(meta),
+                parents,
+                rules,
+            )
         }),
         rules: total,
         dropped,
