@@ -321,9 +321,20 @@ async fn api_answer(
         "agent-on-node-a" => {
             serde_json::json!({"authenticated": true, "user": user(AGENT_SA, Some("node-a")), "audiences": ["sluice-ca"]})
         }
-        "agent-unbound" => serde_json::json!({"authenticated": true, "user": user(AGENT_SA, None)}),
+        "agent-unbound" => {
+            serde_json::json!({"authenticated": true, "user": user(AGENT_SA, None), "audiences": ["sluice-ca"]})
+        }
         "some-other-sa" => {
-            serde_json::json!({"authenticated": true, "user": user("system:serviceaccount:default:default", Some("node-a"))})
+            serde_json::json!({"authenticated": true, "user": user("system:serviceaccount:default:default", Some("node-a")), "audiences": ["sluice-ca"]})
+        }
+        // The agent's API-server token: what a real API server says when the
+        // requested audiences do not match the token's.
+        "agent-api-token" => {
+            serde_json::json!({"authenticated": false, "error": "[invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"sluice-ca\"]]"})
+        }
+        // An authenticator that ignores audiences says yes without naming one.
+        "audience-unaware" => {
+            serde_json::json!({"authenticated": true, "user": user(AGENT_SA, Some("node-a"))})
         }
         _ => serde_json::json!({"authenticated": false, "error": "invalid bearer token"}),
     };
@@ -338,7 +349,7 @@ fn reviewer(api: &FakeApi, own: &str) -> TokenReviewAuthenticator {
         api_server: format!("https://{}", api.addr),
         ca_pem: api.ca_pem.clone(),
         credential: Credential::Token(own.into()),
-        audiences: vec!["sluice-ca".into()],
+        audiences: vec![certs::ca::tokenreview::CA_TOKEN_AUDIENCE.into()],
         allowed_users: vec![AGENT_SA.into()],
         timeout: Duration::from_secs(5),
     })
@@ -358,13 +369,33 @@ async fn tokenreview_authenticator_names_the_callers_node() {
     assert!(err.to_string().contains("not bound to a pod"), "{err}");
     let err = r.authenticate("some-other-sa").await.unwrap_err();
     assert!(err.to_string().contains("not a Sluice node agent"), "{err}");
+    // Tokens for another audience never open the CA, whoever's they are.
+    let err = r.authenticate("agent-api-token").await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is invalid for the target audiences"),
+        "{err}"
+    );
+    let err = r.authenticate("audience-unaware").await.unwrap_err();
+    assert!(
+        matches!(err, certs::ca::auth::AuthError::Unauthenticated { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("not issued for the audience \"sluice-ca\"")
+            && err.to_string().contains("projected service-account token"),
+        "{err}"
+    );
     assert_eq!(
         *api.seen.lock().unwrap(),
         vec![
             "agent-on-node-a",
             "forged",
             "agent-unbound",
-            "some-other-sa"
+            "some-other-sa",
+            "agent-api-token",
+            "audience-unaware"
         ]
     );
     // The CA's own credential refused by the API server: unavailable, with the fix.

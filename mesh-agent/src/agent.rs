@@ -99,6 +99,9 @@ fn default_node_name() -> String {
 }
 
 /// `mesh-agent run` flags.
+/// Where the chart mounts the agent's CA token (audience `sluice-ca`).
+pub const DEFAULT_CA_TOKEN: &str = "/var/run/secrets/sluice/ca-token/token";
+
 #[derive(Clone, Debug, Args)]
 pub struct RunArgs {
     /// Where the configuration comes from: `kube` (the Kubernetes API, in a
@@ -177,11 +180,14 @@ pub struct RunArgs {
         default_value = "/etc/sluice/trust/trust-bundle.pem"
     )]
     pub ca_bundle: PathBuf,
-    /// The token the agent authenticates to the CA with (its service account token).
+    /// The token the agent authenticates to the CA with: its service account
+    /// token projected by the kubelet for the audience `sluice-ca` (the chart
+    /// mounts it here; the kubelet rotates it and it is read on each use).
+    /// The pod's API-server token is refused by the CA.
     #[arg(
         long,
         env = "SLUICE_CA_TOKEN",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        default_value = DEFAULT_CA_TOKEN
     )]
     pub ca_token: PathBuf,
 }

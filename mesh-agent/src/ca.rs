@@ -91,6 +91,11 @@ pub struct CaArgs {
     /// sluice-ca.<POD_NAMESPACE>.svc.
     #[arg(long = "dns-name")]
     pub dns_names: Vec<String>,
+    /// Audience agents' tokens must be issued for (checked by TokenReview):
+    /// agents present a projected token for it, so that a token meant for
+    /// any other service cannot be replayed to the CA.
+    #[arg(long, default_value = certs::ca::tokenreview::CA_TOKEN_AUDIENCE)]
+    pub token_audience: String,
 }
 
 /// `mesh-agent ca rotate`: one step of a root rotation, on the root store
@@ -933,7 +938,8 @@ pub async fn run(args: CaArgs, stop: tokio::sync::watch::Receiver<bool>) -> Resu
         args.dns_names.clone()
     };
     let auth = TokenReviewAuthenticator::new(
-        TokenReviewConfig::in_cluster(allowed, Vec::new()).map_err(Error::Auth)?,
+        TokenReviewConfig::in_cluster(allowed, vec![args.token_audience.clone()])
+            .map_err(Error::Auth)?,
     )
     .map_err(Error::Auth)?;
     let pods = Arc::new(PodIdentities::new(&args.root.trust_domain));

@@ -165,9 +165,26 @@ fn the_agent_runs_with_capabilities_not_privileged_and_every_value_is_documented
         "mountPath: /sys/fs/cgroup",
         "tolerations:",
         "drop: [ALL]",
+        // The CA token: projected for the CA's audience, where the agent
+        // reads it by default.
+        "audience: {{ .Values.ca.tokenAudience }}",
+        "mountPath: /var/run/secrets/sluice/ca-token",
     ] {
         assert!(ds.contains(needed), "the DaemonSet lacks `{needed}`");
     }
+    assert_eq!(
+        Path::new(mesh_agent::agent::DEFAULT_CA_TOKEN)
+            .parent()
+            .unwrap(),
+        Path::new("/var/run/secrets/sluice/ca-token"),
+        "the agent's --ca-token default is where the chart mounts the projected token"
+    );
+    assert_eq!(
+        values["ca"]["tokenAudience"],
+        certs::ca::tokenreview::CA_TOKEN_AUDIENCE
+    );
+    let ca = std::fs::read_to_string(chart().join("templates/ca-deployment.yaml")).unwrap();
+    assert!(ca.contains("--token-audience={{ .Values.ca.tokenAudience }}"));
 }
 
 /// Runs Helm's linter (which renders every template with the chart's values)

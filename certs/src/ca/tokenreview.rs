@@ -26,6 +26,9 @@ use crate::{
 
 pub const TOKENREVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The audience of the tokens agents present to the CA: a token the kubelet
+/// projected for the CA alone, never the pod's API-server token.
+pub const CA_TOKEN_AUDIENCE: &str = "sluice-ca";
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 #[derive(Debug, Clone)]
@@ -108,6 +111,10 @@ struct ReviewStatus {
     user: ReviewUser,
     #[serde(default)]
     error: String,
+    /// The requested audiences the token is valid for; empty when the
+    /// authenticator does not know about audiences.
+    #[serde(default)]
+    audiences: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -194,6 +201,22 @@ impl TokenReviewAuthenticator {
                 st.error
             };
             return Err(AuthError::Unauthenticated { reason: why });
+        }
+        // A token for another audience (the API server's own, say) must not
+        // open the CA: a service that received it could replay it here. An
+        // answer without audiences comes from an authenticator that ignored
+        // them, and proves nothing either (the TokenReview API docs say to
+        // check this).
+        if !self.audiences.is_empty() && !st.audiences.iter().any(|a| self.audiences.contains(a)) {
+            return Err(AuthError::Unauthenticated {
+                reason: format!(
+                    "the token of {} is not issued for the audience {:?}; the agent must present a \
+                     projected service-account token with that audience (the chart mounts one at \
+                     /var/run/secrets/sluice/ca-token)",
+                    st.user.username,
+                    self.audiences.join(", ")
+                ),
+            });
         }
         if !self.allowed_users.iter().any(|u| u == &st.user.username) {
             return Err(AuthError::Unauthenticated {
