@@ -103,7 +103,9 @@ impl Drop for Pick {
 }
 
 impl Balancer {
-    fn load(&self, addr: SocketAddr) -> Arc<EndpointLoad> {
+    /// The load record of `addr`, made on first use. Snapshots take them
+    /// once (`State::build_with`); requests never look them up.
+    pub fn load(&self, addr: SocketAddr) -> Arc<EndpointLoad> {
         let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
         loads
             .entry(addr)
@@ -117,9 +119,10 @@ impl Balancer {
             .clone()
     }
 
-    /// Chooses among `candidates` (ready endpoint addresses): two at random,
-    /// the cheaper one wins. `None` when there is none.
-    pub fn pick(&self, candidates: &[SocketAddr]) -> Option<Pick> {
+    /// Chooses among `candidates` (the load records of the ready endpoints):
+    /// two at random, the cheaper one wins. `None` when there is none. Takes
+    /// no lock: requests on every core pick at once.
+    pub fn pick(&self, candidates: &[Arc<EndpointLoad>]) -> Option<Pick> {
         let index = match candidates.len() {
             0 => return None,
             1 => 0,
@@ -131,14 +134,14 @@ impl Balancer {
                     b += 1;
                 }
                 let now = self.epoch.elapsed().as_nanos() as u64;
-                if self.load(candidates[a]).cost(now) <= self.load(candidates[b]).cost(now) {
+                if candidates[a].cost(now) <= candidates[b].cost(now) {
                     a
                 } else {
                     b
                 }
             }
         };
-        let load = self.load(candidates[index]);
+        let load = candidates[index].clone();
         load.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(Pick {
             index,
@@ -171,9 +174,10 @@ mod tests {
         b.load(fast).ewma_ns.store(1_000_000, Ordering::Relaxed);
         b.load(slow).ewma_ns.store(50_000_000, Ordering::Relaxed);
         let eps = [fast, slow];
+        let loads = [b.load(fast), b.load(slow)];
         let mut slow_picks = 0;
         for _ in 0..200 {
-            let p = b.pick(&eps).unwrap();
+            let p = b.pick(&loads).unwrap();
             if eps[p.index] == slow {
                 slow_picks += 1;
             }
@@ -189,7 +193,8 @@ mod tests {
             "10.0.0.1:80".parse().unwrap(),
             "10.0.0.2:80".parse().unwrap(),
         ];
-        let held: Vec<Pick> = (0..10).map(|_| b.pick(&eps).unwrap()).collect();
+        let loads: Vec<_> = eps.iter().map(|a| b.load(*a)).collect();
+        let held: Vec<Pick> = (0..10).map(|_| b.pick(&loads).unwrap()).collect();
         let first = held.iter().filter(|p| p.index == 0).count();
         assert_eq!(
             first, 5,
@@ -205,11 +210,12 @@ mod tests {
         let ep: SocketAddr = "10.0.0.1:80".parse().unwrap();
         b.load(ep).ewma_ns.store(1, Ordering::Relaxed);
         // The first response (connection setup) is not counted.
-        let mut p = b.pick(&[ep]).unwrap();
+        let one = [b.load(ep)];
+        let mut p = b.pick(&one).unwrap();
         p.started -= Duration::from_millis(50);
         p.observe();
         assert_eq!(b.ewma(ep), Duration::from_nanos(1));
-        let mut p = b.pick(&[ep]).unwrap();
+        let mut p = b.pick(&one).unwrap();
         p.started -= Duration::from_millis(2);
         p.observe();
         assert!(b.ewma(ep) >= Duration::from_millis(2));
@@ -230,7 +236,7 @@ mod decay_tests {
         b.load(seen).ewma_ns.store(200_000, Ordering::Relaxed);
         b.load(seen).last_ns.store(now, Ordering::Relaxed);
         assert_eq!(
-            [seen, new][b.pick(&[seen, new]).unwrap().index],
+            [seen, new][b.pick(&[b.load(seen), b.load(new)]).unwrap().index],
             new,
             "the unmeasured endpoint goes first"
         );

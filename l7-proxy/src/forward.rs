@@ -351,8 +351,8 @@ async fn route_request(
     loop {
         attempts += 1;
         let can_retry = attempts <= retries && matches!(body, ReqBody::Buffered(_));
-        let (upstreams, addrs) = (&ready.upstreams, &ready.addrs);
-        let failure = match (shared.balancer.pick(addrs), body.take()) {
+        let (upstreams, loads) = (&ready.upstreams, &ready.loads);
+        let failure = match (shared.balancer.pick(loads), body.take()) {
             (None, _) => SendError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 reason: format!(
@@ -537,7 +537,7 @@ fn spawn_mirror(
     };
     let ready = state.ready_upstreams(&svc, m.port);
     let upstreams = &ready.upstreams;
-    let Some(pick) = shared.balancer.pick(&ready.addrs) else {
+    let Some(pick) = shared.balancer.pick(&ready.loads) else {
         return;
     };
     let up = upstreams[pick.index].clone();

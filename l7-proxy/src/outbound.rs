@@ -249,7 +249,7 @@ async fn serve_tcp<I>(
         Destination::Service(d) => {
             let (service, ready) = (&d.service, &d.ready);
             let ups = &ready.upstreams;
-            let Some(pick) = shared.balancer.pick(&ready.addrs) else {
+            let Some(pick) = shared.balancer.pick(&ready.loads) else {
                 tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; closing it");
                 log_tcp(
                     &source,

@@ -190,9 +190,9 @@ impl ProxyBuilder {
         let metrics = Metrics::new(registry);
         let table = ConnTable::default();
         let mut snapshots = self.snapshots;
-        let first = compile(snapshots.borrow_and_update().clone());
-        let (state_tx, state_rx) = watch::channel(Arc::new(first));
         let balancer = Balancer::default();
+        let first = compile(snapshots.borrow_and_update().clone(), &balancer);
+        let (state_tx, state_rx) = watch::channel(Arc::new(first));
         let shared = Arc::new(Shared {
             pool: TunnelPool::new(
                 self.settings.clone(),
@@ -217,10 +217,10 @@ impl ProxyBuilder {
         let weak = Arc::downgrade(&shared);
         let watcher = tokio::spawn(async move {
             while snapshots.changed().await.is_ok() {
-                let state = compile(snapshots.borrow_and_update().clone());
                 let Some(shared) = weak.upgrade() else {
                     return;
                 };
+                let state = compile(snapshots.borrow_and_update().clone(), &shared.balancer);
                 let keep: std::collections::HashSet<SocketAddr> = state.endpoint_addrs().collect();
                 shared.balancer.retain(|a| keep.contains(a));
                 let _ = state_tx.send(Arc::new(state));
@@ -238,8 +238,8 @@ impl ProxyBuilder {
     }
 }
 
-fn compile(snapshot: Arc<Snapshot>) -> State {
-    let (state, errors) = State::build(snapshot);
+fn compile(snapshot: Arc<Snapshot>, balancer: &Balancer) -> State {
+    let (state, errors) = State::build_with(snapshot, balancer);
     for e in errors {
         tracing::error!("route left out of the configuration: {e}");
     }

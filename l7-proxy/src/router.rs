@@ -272,8 +272,13 @@ impl RouteTable {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("application/grpc"));
-        let query = parse_query(req.query.unwrap_or(""));
         let grpc = if is_grpc { grpc } else { &[] };
+        // Decoding the query string costs allocations: only when a rule asks.
+        let query = if grpc.iter().chain(http).any(|e| !e.query.is_empty()) {
+            parse_query(req.query.unwrap_or(""))
+        } else {
+            Vec::new()
+        };
         for e in grpc.iter().chain(http) {
             if let Some(d) = e.matches(port, req, &query) {
                 return Some(Some(d));

@@ -9,6 +9,7 @@ use std::{
 };
 
 use crate::{
+    balance::{Balancer, EndpointLoad},
     config::{
         Endpoint, LocalWorkload, ObjectRef, Service, ServicePort, Snapshot, SpiffeId, Workload,
     },
@@ -78,20 +79,28 @@ pub struct State {
     default_rules: HashMap<ObjectRef, HashMap<u16, Arc<Rule>>>,
 }
 
-/// Ready endpoints of one service port, and their addresses (for the
-/// balancer), shared by every request.
+/// Ready endpoints of one service port, and the balancer's load record of
+/// each (same order), shared by every request: a pick takes no lock.
 #[derive(Clone, Debug, Default)]
 pub struct ReadySet {
     pub upstreams: Arc<[Arc<Upstream>]>,
-    pub addrs: Arc<[SocketAddr]>,
+    pub loads: Arc<[Arc<EndpointLoad>]>,
     /// `namespace/name` of the service, as a label.
     pub service: Label,
 }
 
 impl State {
     /// Compiles a snapshot; routes that do not compile are left out and
-    /// returned, everything else is in force.
+    /// returned, everything else is in force. Endpoints get load records of
+    /// their own, with no history (see [`State::build_with`]).
     pub fn build(snapshot: Arc<Snapshot>) -> (State, Vec<RouteError>) {
+        State::build_with(snapshot, &Balancer::default())
+    }
+
+    /// [`State::build`], with each endpoint's load record taken from
+    /// `balancer`, so that an endpoint keeps its latency history across
+    /// snapshots.
+    pub fn build_with(snapshot: Arc<Snapshot>, balancer: &Balancer) -> (State, Vec<RouteError>) {
         let (routes, errors) = RouteTable::build(&snapshot.http_routes, &snapshot.grpc_routes);
         let mut s = State {
             routes,
@@ -106,12 +115,13 @@ impl State {
                     .filter(|e| e.ready)
                     .filter_map(|e| Some(Arc::new(upstream_of(e, e.target_for(p)?))))
                     .collect();
-                let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
+                let loads: Vec<Arc<EndpointLoad>> =
+                    ups.iter().map(|u| balancer.load(u.addr)).collect();
                 s.ready.entry(svc.id.clone()).or_default().insert(
                     p.port,
                     ReadySet {
                         upstreams: ups.into(),
-                        addrs: addrs.into(),
+                        loads: loads.into(),
                         service: Label::from(svc.id.to_string()),
                     },
                 );

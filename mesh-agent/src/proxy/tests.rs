@@ -568,7 +568,7 @@ fn each_endpoint_keeps_its_own_target_port() {
     // The proxy sends each pod's share to that pod's port.
     let (state, _) = l7_proxy::state::State::build(std::sync::Arc::new(snap.clone()));
     let ready = state.ready_set(&web.id, 80).unwrap();
-    let mut addrs: Vec<String> = ready.addrs.iter().map(|a| a.to_string()).collect();
+    let mut addrs: Vec<String> = ready.upstreams.iter().map(|u| u.addr.to_string()).collect();
     addrs.sort();
     assert_eq!(addrs, ["10.0.2.20:8080", "10.0.2.21:9090"]);
 }
