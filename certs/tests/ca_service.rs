@@ -7,7 +7,10 @@ mod support;
 use std::{
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -303,6 +306,13 @@ async fn api_answer(
     );
     let token = review["spec"]["token"].as_str().unwrap().to_string();
     seen.lock().unwrap().push(token.clone());
+    if token.starts_with("slow-") {
+        // Counts reviews in progress at once.
+        let now = SLOW_NOW.fetch_add(1, Ordering::SeqCst) + 1;
+        SLOW_MAX.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        SLOW_NOW.fetch_sub(1, Ordering::SeqCst);
+    }
     let user = |name: &str, node: Option<&str>| {
         let mut extra = serde_json::Map::new();
         if let Some(n) = node {
@@ -344,7 +354,20 @@ async fn api_answer(
     )
 }
 
+static SLOW_NOW: AtomicUsize = AtomicUsize::new(0);
+static SLOW_MAX: AtomicUsize = AtomicUsize::new(0);
+
+/// Every answer fresh from the API server (no cache).
 fn reviewer(api: &FakeApi, own: &str) -> TokenReviewAuthenticator {
+    reviewer_with(api, own, Duration::ZERO, 16)
+}
+
+fn reviewer_with(
+    api: &FakeApi,
+    own: &str,
+    cache_ttl: Duration,
+    max_in_flight: usize,
+) -> TokenReviewAuthenticator {
     TokenReviewAuthenticator::new(TokenReviewConfig {
         api_server: format!("https://{}", api.addr),
         ca_pem: api.ca_pem.clone(),
@@ -352,8 +375,54 @@ fn reviewer(api: &FakeApi, own: &str) -> TokenReviewAuthenticator {
         audiences: vec![certs::ca::tokenreview::CA_TOKEN_AUDIENCE.into()],
         allowed_users: vec![AGENT_SA.into()],
         timeout: Duration::from_secs(5),
+        cache_ttl,
+        max_in_flight,
     })
     .unwrap()
+}
+
+#[tokio::test]
+async fn tokenreview_answers_are_cached_and_reviews_in_flight_are_bounded() {
+    let api = fake_api().await;
+    let seen = |t: &str| api.seen.lock().unwrap().iter().filter(|s| *s == t).count();
+    let r = reviewer_with(&api, CA_OWN_TOKEN, Duration::from_secs(2), 4);
+    for _ in 0..3 {
+        let caller = r.authenticate("agent-on-node-a").await.unwrap();
+        assert_eq!(caller.node, "node-a");
+    }
+    assert_eq!(seen("agent-on-node-a"), 1, "one review for three requests");
+    for _ in 0..2 {
+        let err = r.authenticate("forged").await.unwrap_err();
+        assert!(err.to_string().contains("invalid bearer token"), "{err}");
+    }
+    assert_eq!(seen("forged"), 1, "refusals are cached too");
+
+    // Twenty different tokens at once: at most four reviews in progress.
+    let all = futures_util::future::join_all((0..20).map(|i| {
+        let r = &r;
+        async move { r.authenticate(&format!("slow-{i}")).await }
+    }))
+    .await;
+    assert!(
+        all.iter()
+            .all(|a| matches!(a, Err(certs::ca::auth::AuthError::Unauthenticated { .. })))
+    );
+    let max = SLOW_MAX.load(Ordering::SeqCst);
+    assert!(
+        (2..=4).contains(&max),
+        "{max} reviews ran at once, the limit is 4"
+    );
+
+    // The API server gone: a cached answer still serves until it expires,
+    // then the CA says "unavailable" (agents retry), not "refused".
+    drop(api);
+    assert!(r.authenticate("agent-on-node-a").await.is_ok());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = r.authenticate("agent-on-node-a").await.unwrap_err();
+    assert!(
+        matches!(err, certs::ca::auth::AuthError::Unavailable { .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -7,13 +7,20 @@
 //! The CA's own service account needs RBAC to create `tokenreviews`
 //! (the built-in `system:auth-delegator` ClusterRole).
 
-use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::Full;
+use ring::digest;
 use rustls::ClientConfig;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
 use super::{
     auth::{AuthError, Authenticator, Caller, Credential},
@@ -46,6 +53,14 @@ pub struct TokenReviewConfig {
     /// `system:serviceaccount:sluice-system:sluice-agent`.
     pub allowed_users: Vec<String>,
     pub timeout: Duration,
+    /// How long an answer is reused for the same token: accepted tokens for
+    /// this long, refused ones for a tenth of it (at least a second). Zero
+    /// asks the API server every time.
+    pub cache_ttl: Duration,
+    /// TokenReviews in flight at most; further callers wait (up to
+    /// `timeout`, then get "unavailable", which agents retry), so a flood
+    /// of requests to the CA cannot become a flood to the API server.
+    pub max_in_flight: usize,
 }
 
 impl TokenReviewConfig {
@@ -68,8 +83,24 @@ impl TokenReviewConfig {
             audiences,
             allowed_users,
             timeout: Duration::from_secs(10),
+            cache_ttl: DEFAULT_CACHE_TTL,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         })
     }
+}
+
+/// Like the API server's own token cache: a revoked token (its pod deleted)
+/// still passes for at most this long, and the node check that follows is
+/// never cached.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
+/// Answers kept at most; past that, new answers are not cached.
+const CACHE_MAX: usize = 8192;
+
+/// Answers by SHA-256 of the token (tokens themselves are not kept).
+#[derive(Debug, Default)]
+struct ReviewCache {
+    entries: HashMap<[u8; 32], (Instant, Result<Caller, String>)>,
 }
 
 #[derive(Debug)]
@@ -80,6 +111,9 @@ pub struct TokenReviewAuthenticator {
     audiences: Vec<String>,
     allowed_users: Vec<String>,
     timeout: Duration,
+    cache_ttl: Duration,
+    cache: Mutex<ReviewCache>,
+    in_flight: Semaphore,
 }
 
 #[derive(Serialize)]
@@ -144,7 +178,71 @@ impl TokenReviewAuthenticator {
             audiences: cfg.audiences,
             allowed_users: cfg.allowed_users,
             timeout: cfg.timeout,
+            cache_ttl: cfg.cache_ttl,
+            cache: Mutex::default(),
+            in_flight: Semaphore::new(cfg.max_in_flight.max(1)),
         })
+    }
+
+    /// A cached answer for `key`, if still fresh.
+    fn cached(&self, key: &[u8; 32]) -> Option<Result<Caller, AuthError>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (until, answer) = cache.entries.get(key)?;
+        (Instant::now() < *until).then(|| {
+            answer
+                .clone()
+                .map_err(|reason| AuthError::Unauthenticated { reason })
+        })
+    }
+
+    /// Keeps an accepted or refused answer (never "unavailable").
+    fn remember(&self, key: [u8; 32], answer: &Result<Caller, AuthError>) {
+        let (ttl, kept) = match answer {
+            Ok(c) => (self.cache_ttl, Ok(c.clone())),
+            Err(AuthError::Unauthenticated { reason }) => (
+                (self.cache_ttl / 10).max(Duration::from_secs(1)),
+                Err(reason.clone()),
+            ),
+            Err(_) => return,
+        };
+        if self.cache_ttl.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.entries.len() >= CACHE_MAX {
+            cache.entries.retain(|_, (until, _)| *until > now);
+            if cache.entries.len() >= CACHE_MAX {
+                return;
+            }
+        }
+        cache.entries.insert(key, (now + ttl, kept));
+    }
+
+    async fn authenticate_token(&self, token: &str) -> Result<Caller, AuthError> {
+        let key: [u8; 32] = digest::digest(&digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        if let Some(answer) = self.cached(&key) {
+            return answer;
+        }
+        let _permit = match tokio::time::timeout(self.timeout, self.in_flight.acquire()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(AuthError::Unavailable {
+                    reason: "too many token reviews in flight; retry".into(),
+                });
+            }
+        };
+        // Another caller with the same token may have been answered while
+        // this one waited.
+        if let Some(answer) = self.cached(&key) {
+            return answer;
+        }
+        let answer = self.review(token).await;
+        self.remember(key, &answer);
+        answer
     }
 
     async fn review(&self, token: &str) -> Result<Caller, AuthError> {
@@ -248,6 +346,6 @@ impl TokenReviewAuthenticator {
 
 impl Authenticator for TokenReviewAuthenticator {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>> {
-        Box::pin(self.review(token))
+        Box::pin(self.authenticate_token(token))
     }
 }
