@@ -99,6 +99,12 @@ fn default_node_name() -> String {
 }
 
 /// `mesh-agent run` flags.
+/// The namespace the agent runs in (`POD_NAMESPACE`, set by the chart),
+/// where its status writer Lease lives.
+fn agent_namespace() -> String {
+    std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "sluice-system".into())
+}
+
 /// Where the chart mounts the agent's CA token (audience `sluice-ca`).
 pub const DEFAULT_CA_TOKEN: &str = "/var/run/secrets/sluice/ca-token/token";
 
@@ -389,12 +395,27 @@ impl Agent {
         let mut tasks = Vec::new();
         let kube_client = match &source {
             SourceSpec::Kube => {
+                use crate::sources::kube::{lease, status};
                 let client = kube::Client::try_default().await.map_err(Error::Kube)?;
                 let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
                 out.status = Some(status_tx);
-                tasks.push(tokio::spawn(crate::sources::kube::status::run(
+                // One agent of the cluster writes status: the Lease holder.
+                let (leading_tx, leading) = tokio::sync::watch::channel(false);
+                tasks.push(tokio::spawn(status::run(
                     client.clone(),
                     status_rx,
+                    leading,
+                )));
+                let elector =
+                    lease::Elector::new(client.clone(), &agent_namespace(), &args.node_name);
+                let resend = tx.clone();
+                tasks.push(tokio::spawn(lease::run(
+                    elector,
+                    leading_tx,
+                    move || {
+                        let _ = resend.send(vec![Input::ResendStatus]);
+                    },
+                    stop_rx.clone(),
                 )));
                 Some(client)
             }

@@ -105,3 +105,29 @@ pub fn agent_rules() -> Vec<Rule> {
     out.sort();
     out
 }
+
+/// The rules the agent needs in its own namespace: the status writer Lease
+/// (`sources::kube::lease`), by name except for creating it. Each rule:
+/// (rule, resource names).
+pub fn agent_namespace_rules() -> Vec<(Rule, Vec<String>)> {
+    let (group, resource) = gr::<k8s_openapi::api::coordination::v1::Lease>();
+    let name = crate::sources::kube::lease::LEASE_NAME.to_string();
+    vec![
+        (
+            Rule {
+                group: group.clone(),
+                resource: resource.clone(),
+                verbs: vec!["get".into(), "update".into()],
+            },
+            vec![name],
+        ),
+        (
+            Rule {
+                group,
+                resource,
+                verbs: vec!["create".into()],
+            },
+            vec![],
+        ),
+    ]
+}

@@ -107,6 +107,45 @@ fn agent_cluster_role_grants_exactly_what_the_agent_uses() {
 }
 
 #[test]
+fn agent_role_grants_only_the_status_writer_lease() {
+    let text = std::fs::read_to_string(chart().join("templates/agent-rbac.yaml")).unwrap();
+    let role = text
+        .split("\n---")
+        .find(|d| d.contains("\nkind: Role\n"))
+        .expect("a Role in agent-rbac.yaml");
+    let rules = &role[role.find("\nrules:").expect("a rules: block")..];
+    assert!(
+        !rules.contains("{{"),
+        "the Role's rules must be literal YAML"
+    );
+    let v: Value = serde_yaml::from_str(rules).unwrap();
+    let mut got = Vec::new();
+    for r in v["rules"].as_array().unwrap() {
+        let strings = |k: &str| -> Vec<String> {
+            r[k].as_array()
+                .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+                .unwrap_or_default()
+        };
+        let (groups, resources) = (strings("apiGroups"), strings("resources"));
+        assert_eq!((groups.len(), resources.len()), (1, 1), "{r:?}");
+        got.push((
+            Rule {
+                group: groups[0].clone(),
+                resource: resources[0].clone(),
+                verbs: strings("verbs"),
+            },
+            strings("resourceNames"),
+        ));
+    }
+    assert_eq!(got, mesh_agent::rbac::agent_namespace_rules());
+    let ds = std::fs::read_to_string(chart().join("templates/agent-daemonset.yaml")).unwrap();
+    assert!(
+        ds.contains("- name: POD_NAMESPACE"),
+        "the agent finds its Lease's namespace in POD_NAMESPACE"
+    );
+}
+
+#[test]
 fn ca_cluster_role_only_reviews_tokens_and_watches_pods() {
     let mut want = mesh_agent::rbac::ca_rules();
     for r in &mut want {

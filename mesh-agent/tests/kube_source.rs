@@ -73,7 +73,9 @@ fn start(fake: FakeApi) -> Running {
     spawn_reconciler(r, inputs);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(KubeSource::new(client.clone()).run(tx, stop));
-    tokio::spawn(status::run(client, status_rx));
+    // This agent holds the status writer Lease (tests/kube_lease.rs).
+    let (_, leading) = tokio::sync::watch::channel(true);
+    tokio::spawn(status::run(client, status_rx, leading));
     Running {
         fake,
         dp,

@@ -57,6 +57,9 @@ pub enum Input {
     },
     /// Time passed: retry what failed (a cgroup not there yet, a full map).
     Tick,
+    /// Send every status that differs from the stored one again: this agent
+    /// just became the cluster's status writer.
+    ResendStatus,
 }
 
 /// Fixed facts about this node and agent.
@@ -248,6 +251,7 @@ impl Reconciler {
     pub fn step(&mut self, inputs: Vec<Input>) {
         let mut dirty = Dirty::default();
         let mut tick = false;
+        let mut resend_status = false;
         for input in inputs {
             match input {
                 Input::Updates(updates) => {
@@ -267,6 +271,7 @@ impl Reconciler {
                     dirty.mesh = true;
                 }
                 Input::Tick => tick = true,
+                Input::ResendStatus => resend_status = true,
             }
         }
         if dirty.synced && !self.synced {
@@ -290,6 +295,9 @@ impl Reconciler {
             }
         }
         if dirty.is_empty() {
+            if resend_status {
+                self.send_status_writes();
+            }
             return;
         }
         self.reconcile_services(&dirty.services);
@@ -298,6 +306,8 @@ impl Reconciler {
         }
         if dirty.mesh || dirty.workloads {
             self.publish_mesh();
+        } else if resend_status {
+            self.send_status_writes();
         }
         self.publish_view();
     }
@@ -705,6 +715,12 @@ impl Reconciler {
         self.out.mesh.send_replace(Arc::new(view));
         self.routes = routes::evaluate(&self.store, &self.refs);
         self.log_route_problems();
+        self.send_status_writes();
+    }
+
+    /// Sends the status writer every route and policy status that differs
+    /// from the stored one.
+    fn send_status_writes(&mut self) {
         if let Some(status) = &self.out.status {
             let mut writes = policies::policy_status_writes(&self.store);
             for r in &self.routes {

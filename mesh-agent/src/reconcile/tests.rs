@@ -313,6 +313,15 @@ fn status_writes_go_to_the_status_channel() {
             .unwrap()
             .contains("spec.selector.matchExpressions[0].operator")
     );
+    // Nothing changed: nothing more is sent...
+    f.r.step(vec![Input::Tick]);
+    assert!(rx.try_recv().is_err());
+    // ...until this agent becomes the status writer: the status nobody
+    // wrote meanwhile is sent again.
+    f.r.step(vec![Input::ResendStatus]);
+    let again = rx.try_recv().expect("the status write, again");
+    assert_eq!(again, w);
+    assert!(rx.try_recv().is_err());
 }
 
 #[test]

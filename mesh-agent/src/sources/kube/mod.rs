@@ -9,6 +9,7 @@
 //! list (a CRD that is not installed: reported, and treated as empty while the
 //! watcher keeps retrying).
 
+pub mod lease;
 pub mod status;
 
 use std::{

@@ -1,5 +1,6 @@
 //! Writes the status the reconciler decides: route parent conditions and the
-//! `Accepted` condition of Sluice policies.
+//! `Accepted` condition of Sluice policies. Only one agent of the cluster
+//! writes: the holder of the status writer Lease ([`super::lease`]).
 //!
 //! A route's `status.parents` is shared with other controllers (a Gateway's,
 //! another mesh's), and the Gateway API CRDs make it an atomic list: a merge
@@ -150,9 +151,19 @@ pub async fn write(client: &Client, w: &StatusWrite) -> Result<(), Error> {
     }
 }
 
-/// Writes statuses as the reconciler sends them, until it goes away.
-pub async fn run(client: Client, mut rx: mpsc::UnboundedReceiver<StatusWrite>) {
+/// Writes statuses as the reconciler sends them, until it goes away, while
+/// `leading` says this agent is the cluster's status writer ([`super::lease`]);
+/// otherwise leaves them to the agent that is.
+pub async fn run(
+    client: Client,
+    mut rx: mpsc::UnboundedReceiver<StatusWrite>,
+    leading: tokio::sync::watch::Receiver<bool>,
+) {
     while let Some(w) = rx.recv().await {
+        if !*leading.borrow() {
+            tracing::debug!(kind = %w.kind, object = %w.key, "status left to the agent holding the lease");
+            continue;
+        }
         match write(&client, &w).await {
             Ok(()) => tracing::debug!(kind = %w.kind, object = %w.key, "status written"),
             Err(e) => {
