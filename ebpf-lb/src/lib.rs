@@ -31,7 +31,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, SockOps, links::FdLink,
+    },
 };
 pub use cgroup::{cgroup_id, cgroup_level, cgroup2_mount};
 use ebpf_lb_common::{
@@ -61,6 +63,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] = [
     "sluice_getpeername6",
 ];
 const SOCK_OPS_PROGRAM: &str = "sluice_sockops";
+/// Deletes a closing UDP socket's reverse translations.
+const SOCK_RELEASE_PROGRAM: &str = "sluice_sock_release";
 
 /// Where bpffs is mounted on a node.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -112,13 +116,14 @@ impl Options {
         self.bpffs.join(&self.instance)
     }
 
-    fn sizes(&self) -> [(&'static str, u32); 11] {
+    fn sizes(&self) -> [(&'static str, u32); 12] {
         [
             (maps::SERVICES, self.max_services),
             (maps::BACKENDS, self.max_backends),
             (maps::MEMBERS, self.max_backends),
             (maps::AFFINITY, self.max_affinity),
             (maps::REVNAT, self.max_sockets),
+            (maps::UDP_PEERS, self.max_sockets),
             (maps::COOKIE_ORIG, self.max_sockets),
             (maps::ORIG_DST, self.max_sockets),
             (maps::ENROLLED, self.max_enrolled),
@@ -284,6 +289,7 @@ fn layout(map: &str) -> Option<(u32, u32)> {
         maps::MEMBERS => kv::<MemberKey, u32>(),
         maps::AFFINITY => kv::<ebpf_lb_common::AffinityKey, ebpf_lb_common::AffinityValue>(),
         maps::REVNAT => kv::<RevNatKey, Endpoint>(),
+        maps::UDP_PEERS => kv::<u64, ebpf_lb_common::UdpPeers>(),
         maps::COOKIE_ORIG => kv::<u64, OriginalDst>(),
         maps::ORIG_DST => kv::<FourTuple, OriginalDst>(),
         maps::ENROLLED => kv::<u64, u32>(),
@@ -348,6 +354,9 @@ impl LoadBalancer {
         let prog: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         prog.load()
             .map_err(|e| Error::program(SOCK_OPS_PROGRAM, e))?;
+        let prog: &mut CgroupSock = program(&mut ebpf, SOCK_RELEASE_PROGRAM)?;
+        prog.load()
+            .map_err(|e| Error::program(SOCK_RELEASE_PROGRAM, e))?;
         let prog: &mut SchedClassifier = program(&mut ebpf, strict::STRICT_PROGRAM)?;
         prog.load()
             .map_err(|e| Error::program(strict::STRICT_PROGRAM, e))?;
@@ -514,6 +523,14 @@ impl LoadBalancer {
             .take_link(link_id)
             .map_err(|e| Error::program(SOCK_OPS_PROGRAM, e))?;
         pin_link(link, &links, id, SOCK_OPS_PROGRAM)?;
+        let prog: &mut CgroupSock = program(&mut t.ebpf, SOCK_RELEASE_PROGRAM)?;
+        let link_id = prog
+            .attach(&dir, CgroupAttachMode::Single)
+            .map_err(|e| Error::program(SOCK_RELEASE_PROGRAM, e))?;
+        let link = prog
+            .take_link(link_id)
+            .map_err(|e| Error::program(SOCK_RELEASE_PROGRAM, e))?;
+        pin_link(link, &links, id, SOCK_RELEASE_PROGRAM)?;
         if !t.attached.iter().any(|p| p == cgroup) {
             t.attached.push(cgroup.to_path_buf());
         }
@@ -671,7 +688,7 @@ impl LoadBalancer {
         let t = self.tables();
         SOCK_ADDR_PROGRAMS
             .iter()
-            .chain([&SOCK_OPS_PROGRAM])
+            .chain([&SOCK_OPS_PROGRAM, &SOCK_RELEASE_PROGRAM])
             .map(|name| {
                 let prog = t.ebpf.program(name).ok_or_else(|| Error::Program {
                     program: name,

@@ -101,16 +101,22 @@ fn tcp_v4_reaches_every_backend_and_getpeername_shows_the_vip() -> Result<()> {
     assert_eq!(lb.counters(&Frontend::tcp(vip))?.balanced, 300);
     // Every connection is closed: no reverse translation is left behind to
     // crowd out those of live sockets.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    assert_nothing_tracked(&lb);
+    Ok(())
+}
+
+/// Every socket the probes made is closed: their reverse translations went
+/// with them (TCP: `sock_ops` at close; UDP: `sock_release`).
+fn assert_nothing_tracked(lb: &TestLb) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while lb.tracked_sockets() > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "{} reverse translations outlive their sockets",
             lb.tracked_sockets()
         );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 #[test]
@@ -208,7 +214,34 @@ fn udp_replies_come_from_the_vip_connected_or_not() -> Result<()> {
             "connected={connected}: {:?}",
             tally(&attempts)
         );
+        // The probe has exited: its sockets (one per query) took their
+        // entries with them.
+        assert_nothing_tracked(&lb);
     }
+    // One socket sending to the VIP again and again reaches every backend,
+    // each reply from the VIP; closed, it takes all three entries along.
+    let args: Vec<String> = [
+        "udp",
+        "--to",
+        &vip.to_string(),
+        "--count",
+        "60",
+        "--one-socket",
+    ]
+    .map(String::from)
+    .into();
+    let attempts = probe(&args).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some(vip.to_string().as_str())),
+        "{attempts:?}"
+    );
+    let locals: BTreeSet<_> = attempts.iter().map(|a| a.local.clone()).collect();
+    assert_eq!(locals.len(), 1, "one socket: {locals:?}");
+    assert_eq!(tally(&attempts).len(), 3, "{:?}", tally(&attempts));
+    assert_nothing_tracked(&lb);
     Ok(())
 }
 

@@ -48,6 +48,7 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     pub const WORKLOADS: &str = "WORKLOADS";
     pub const REFUSALS: &str = "REFUSALS";
+    pub const UDP_PEERS: &str = "UDP_PEERS";
 }
 
 /// An IP address and port (network byte order), used for backends, VIPs and
@@ -137,6 +138,20 @@ pub struct RevNatKey {
     pub cookie: u64,
     pub peer: Endpoint,
     pub _pad: u32,
+}
+
+/// Backends of one UDP socket whose reverse translations `UDP_PEERS` lists,
+/// for deleting them when the socket closes; a socket that sent to more
+/// leaves the rest to the LRU.
+pub const MAX_UDP_PEERS: usize = 4;
+
+/// Value of `UDP_PEERS` (by socket cookie): the addresses the load balancer
+/// wrote into one UDP socket, each a `REVNAT` key with that cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpPeers {
+    pub peers: [Endpoint; MAX_UDP_PEERS],
+    pub count: u32,
 }
 
 /// What a redirected connection was addressed to, and who made it.
@@ -235,6 +250,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for UdpPeers {}
     unsafe impl aya::Pod for OriginalDst {}
     unsafe impl aya::Pod for FourTuple {}
     unsafe impl aya::Pod for LbConfig {}
@@ -255,6 +271,7 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 16);
     assert!(size_of::<AffinityValue>() == 32);
     assert!(size_of::<RevNatKey>() == 32);
+    assert!(size_of::<UdpPeers>() == 84);
     assert!(size_of::<OriginalDst>() == 32);
     assert!(size_of::<FourTuple>() == 40);
     assert!(size_of::<LbConfig>() == 48);

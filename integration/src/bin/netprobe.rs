@@ -47,6 +47,10 @@ enum Cmd {
         /// connect() the socket first and use send/recv.
         #[arg(long)]
         connected: bool,
+        /// Send every datagram from one unconnected socket (a new socket
+        /// for each otherwise).
+        #[arg(long, conflicts_with = "connected")]
+        one_socket: bool,
     },
     /// One long-lived TCP connection: read the backend's id, then send a ping
     /// every --interval-ms and read its echo, reporting each, until an error
@@ -138,9 +142,18 @@ fn main() {
             to,
             count,
             connected,
+            one_socket,
         } => {
+            let shared = if one_socket {
+                match UdpSocket::bind(any_addr(to)) {
+                    Ok(s) => Some(s),
+                    Err(e) => return emit(&failed(monotonic_ns(), &e)),
+                }
+            } else {
+                None
+            };
             for _ in 0..count {
-                emit(&udp_attempt(to, connected));
+                emit(&udp_attempt(to, connected, shared.as_ref()));
             }
         }
         Cmd::TcpSession {
@@ -227,15 +240,26 @@ fn tcp_attempt(to: SocketAddr, mark: Option<u32>, hold_ms: u64) -> Attempt {
     run().unwrap_or_else(|e| failed(start_ns, &e))
 }
 
-fn udp_attempt(to: SocketAddr, connected: bool) -> Attempt {
+/// The wildcard address of `to`'s family, any port.
+fn any_addr(to: SocketAddr) -> SocketAddr {
+    if to.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    }
+}
+
+fn udp_attempt(to: SocketAddr, connected: bool, shared: Option<&UdpSocket>) -> Attempt {
     let start_ns = monotonic_ns();
     let run = || -> std::io::Result<Attempt> {
-        let bind: SocketAddr = if to.is_ipv4() {
-            "0.0.0.0:0".parse().unwrap()
-        } else {
-            "[::]:0".parse().unwrap()
+        let own;
+        let sock = match shared {
+            Some(s) => s,
+            None => {
+                own = UdpSocket::bind(any_addr(to))?;
+                &own
+            }
         };
-        let sock = UdpSocket::bind(bind)?;
         sock.set_read_timeout(Some(TIMEOUT))?;
         let mut buf = [0u8; 512];
         let (n, from) = if connected {

@@ -19,18 +19,18 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
     },
-    macros::{cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use ebpf_lb_common::{
     AffinityKey, AffinityValue, BackendSlot, Counters, Endpoint, FAMILY_V4, FAMILY_V6, FourTuple,
-    LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst, PROTO_TCP, PROTO_UDP, RevNatKey,
-    SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey,
+    LbConfig, MAX_ENROL_LEVELS, MAX_UDP_PEERS, MemberKey, OriginalDst, PROTO_TCP, PROTO_UDP,
+    RevNatKey, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, UdpPeers,
 };
 
 use super::{
     AFFINITY, BACKENDS, COOKIE_ORIG, COUNTERS, ENROLLED, MEMBERS, ORIG_DST, REVNAT, SERVICES,
-    V4_MAPPED_WORD, config, is_v4_mapped, read_ip6, write_ip6,
+    UDP_PEERS, V4_MAPPED_WORD, config, is_v4_mapped, read_ip6, write_ip6,
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -219,9 +219,40 @@ fn proxy_endpoint(cfg: &LbConfig, family: u8) -> Option<Endpoint> {
     }
 }
 
-/// Remember, per socket, that `written` stands for `vip`.
+/// Notes that UDP socket `cookie` has the reverse translation of `peer`, so
+/// that closing the socket deletes it (`sluice_sock_release`). Beyond
+/// [`MAX_UDP_PEERS`] backends per socket, the LRU removes them.
 #[inline(always)]
-fn remember(cookie: u64, written: Endpoint, vip: Endpoint) {
+fn track_udp(cookie: u64, peer: Endpoint) {
+    match UDP_PEERS.get_ptr_mut(cookie) {
+        // SAFETY: a pointer into the map's value; a racing send on the same
+        // socket can at worst lose a note (left to the LRU).
+        Some(p) => unsafe {
+            let n = (*p).count as usize;
+            for i in 0..MAX_UDP_PEERS {
+                if i < n && (*p).peers[i] == peer {
+                    return;
+                }
+            }
+            if n < MAX_UDP_PEERS {
+                (*p).peers[n] = peer;
+                (*p).count = n as u32 + 1;
+            }
+        },
+        None => {
+            let mut v = UdpPeers::default();
+            v.peers[0] = peer;
+            v.count = 1;
+            let _ = UDP_PEERS.insert(cookie, v, BPF_ANY as u64);
+        }
+    }
+}
+
+/// Remember, per socket, that `written` stands for `vip`. A TCP socket's
+/// entry goes when it closes (`sluice_sockops`), a UDP socket's when it is
+/// released (`sluice_sock_release`).
+#[inline(always)]
+fn remember(cookie: u64, written: Endpoint, vip: Endpoint, udp: bool) {
     let key = RevNatKey {
         cookie,
         peer: written,
@@ -233,7 +264,35 @@ fn remember(cookie: u64, written: Endpoint, vip: Endpoint) {
     let known = REVNAT.get_ptr(key).map(|v| unsafe { *v });
     if known != Some(vip) {
         let _ = REVNAT.insert(key, vip, BPF_ANY as u64);
+        if udp && known.is_none() {
+            track_udp(cookie, written);
+        }
     }
+}
+
+/// A UDP socket closes: its reverse translations go with it, so that the LRU
+/// map holds live sockets only (a DNS client opens one socket per query; left
+/// to the LRU, they would crowd out long-lived sockets' entries).
+#[cgroup_sock(sock_release)]
+pub fn sluice_sock_release(ctx: SockContext) -> i32 {
+    let proto = unsafe { read_volatile(&(*ctx.sock).protocol) } as u8;
+    if proto == PROTO_UDP {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock as *mut _) };
+        // SAFETY: a pointer into the map's value, copied at once.
+        if let Some(p) = UDP_PEERS.get_ptr(cookie).map(|p| unsafe { *p }) {
+            for i in 0..MAX_UDP_PEERS {
+                if (i as u32) < p.count {
+                    let _ = REVNAT.remove(RevNatKey {
+                        cookie,
+                        peer: p.peers[i],
+                        _pad: 0,
+                    });
+                }
+            }
+            let _ = UDP_PEERS.remove(cookie);
+        }
+    }
+    1
 }
 
 /// Refuse the call with ECONNREFUSED (a connect to a Service without
@@ -272,7 +331,12 @@ fn xlate4(ctx: &SockAddrContext, may_redirect: bool) -> i32 {
                 family: FAMILY_V4,
                 _pad: 0,
             };
-            remember(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, to, vip);
+            remember(
+                unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+                to,
+                vip,
+                proto == PROTO_UDP,
+            );
             1
         }
     }
@@ -326,7 +390,12 @@ fn xlate6(ctx: &SockAddrContext, may_redirect: bool) -> i32 {
                 family: FAMILY_V6,
                 _pad: 0,
             };
-            remember(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, written, vip);
+            remember(
+                unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+                written,
+                vip,
+                proto == PROTO_UDP,
+            );
             1
         }
     }

@@ -16,7 +16,7 @@ use ebpf_lb_common::{
     AffinityKey, AffinityValue, BackendSlot, Counters, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_ENROLLED, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_WORKLOADS,
     Endpoint, FourTuple, LbConfig, MemberKey, OriginalDst, RevNatKey, Service, ServiceKey,
-    WorkloadKey, WorkloadPolicy,
+    UdpPeers, WorkloadKey, WorkloadPolicy,
 };
 
 #[unsafe(no_mangle)]
@@ -47,6 +47,11 @@ pub(crate) static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map]
 pub(crate) static REVNAT: LruHashMap<RevNatKey, Endpoint> =
     LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
+
+/// The `REVNAT` keys of each UDP socket, deleted with them when it closes
+/// (`sock_release`).
+#[map]
+pub(crate) static UDP_PEERS: LruHashMap<u64, UdpPeers> = LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
 
 #[map]
 pub(crate) static COOKIE_ORIG: LruHashMap<u64, OriginalDst> =
