@@ -105,6 +105,16 @@ fn agent_namespace() -> String {
     std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "sluice-system".into())
 }
 
+/// Who this agent is in the status writer Lease: its pod (`POD_NAME`, set by
+/// the chart; two pods of one node during a rolling update are two
+/// candidates), else its node.
+fn lease_holder(node: &str) -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| node.to_string())
+}
+
 /// Where the chart mounts the agent's CA token (audience `sluice-ca`).
 pub const DEFAULT_CA_TOKEN: &str = "/var/run/secrets/sluice/ca-token/token";
 
@@ -400,18 +410,26 @@ impl Agent {
                 let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
                 out.status = Some(status_tx);
                 // One agent of the cluster writes status: the Lease holder.
-                let (leading_tx, leading) = tokio::sync::watch::channel(false);
+                let (write_until_tx, write_until) = tokio::sync::watch::channel(None);
+                let resend = tx.clone();
                 tasks.push(tokio::spawn(status::run(
                     client.clone(),
                     status_rx,
-                    leading,
+                    write_until,
+                    stop_rx.clone(),
+                    move || {
+                        let _ = resend.send(vec![Input::ResendStatus]);
+                    },
                 )));
-                let elector =
-                    lease::Elector::new(client.clone(), &agent_namespace(), &args.node_name);
+                let elector = lease::Elector::new(
+                    client.clone(),
+                    &agent_namespace(),
+                    &lease_holder(&args.node_name),
+                );
                 let resend = tx.clone();
                 tasks.push(tokio::spawn(lease::run(
                     elector,
-                    leading_tx,
+                    write_until_tx,
                     move || {
                         let _ = resend.send(vec![Input::ResendStatus]);
                     },

@@ -140,8 +140,8 @@ fn agent_role_grants_only_the_status_writer_lease() {
     assert_eq!(got, mesh_agent::rbac::agent_namespace_rules());
     let ds = std::fs::read_to_string(chart().join("templates/agent-daemonset.yaml")).unwrap();
     assert!(
-        ds.contains("- name: POD_NAMESPACE"),
-        "the agent finds its Lease's namespace in POD_NAMESPACE"
+        ds.contains("- name: POD_NAMESPACE") && ds.contains("- name: POD_NAME\n"),
+        "the agent finds its Lease's namespace in POD_NAMESPACE and its name in it in POD_NAME"
     );
 }
 

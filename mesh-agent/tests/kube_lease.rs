@@ -9,7 +9,10 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::client::Body;
 use mesh_agent::{
     reconcile::policies::StatusWrite,
-    sources::kube::{lease::Elector, status},
+    sources::kube::{
+        lease::{self, Elector},
+        status,
+    },
     state::{Key, Kind},
 };
 use serde_json::{Value, json};
@@ -89,6 +92,7 @@ fn elector(holder: &str) -> (Elector, Api) {
 #[tokio::test]
 async fn the_first_agent_creates_the_lease_then_renews_it() {
     let (e, mut api) = elector("node-a");
+    let e = std::sync::Arc::new(e);
     let lead = tokio::spawn({
         let e = e.clone();
         async move { e.try_lead(t0()).await }
@@ -130,54 +134,69 @@ async fn the_first_agent_creates_the_lease_then_renews_it() {
 }
 
 #[tokio::test]
-async fn a_live_lease_of_another_agent_is_left_alone_and_an_expired_one_is_taken_over() {
+async fn another_agents_lease_is_taken_over_only_after_no_change_for_its_duration() {
     let (e, mut api) = elector("node-a");
-    let now = t0() + SignedDuration::from_secs(100);
-    let try_lead = |e: &Elector| {
+    let e = std::sync::Arc::new(e);
+    let t = t0() + SignedDuration::from_secs(100);
+    let at = |secs: i64| t + SignedDuration::from_secs(secs);
+    let try_lead = |now: Timestamp| {
         let e = e.clone();
         tokio::spawn(async move { e.try_lead(now).await })
     };
 
-    // node-b renewed 3 s ago: it leads; node-a does not even write.
-    let lead = try_lead(&e);
+    // node-b's clock is an hour behind node-a's, but it renews every 5 s:
+    // each renewal is a change node-a sees, so node-a never takes over.
+    for (i, secs) in [0, 5, 10, 20].into_iter().enumerate() {
+        let lead = try_lead(at(secs));
+        let rv = (20 + i).to_string();
+        expect(&mut api, Method::GET, LEASE)
+            .await
+            .1
+            .send_response(respond(
+                StatusCode::OK,
+                &lease(&rv, "node-b", at(secs) - SignedDuration::from_secs(3600), 2),
+            ));
+        assert!(!lead.await.unwrap().unwrap(), "at +{secs} s");
+    }
+    nothing_more(&mut api).await;
+
+    // node-b stops renewing (same version from +20 s on). Not before 15 s
+    // of node-a's own clock have passed does node-a take over...
+    let stale = lease("23", "node-b", at(20) - SignedDuration::from_secs(3600), 2);
+    let lead = try_lead(at(34));
     expect(&mut api, Method::GET, LEASE)
         .await
         .1
-        .send_response(respond(
-            StatusCode::OK,
-            &lease("9", "node-b", now - SignedDuration::from_secs(3), 2),
-        ));
-    assert!(!lead.await.unwrap().unwrap());
+        .send_response(respond(StatusCode::OK, &stale));
+    assert!(!lead.await.unwrap().unwrap(), "14 s without a change");
     nothing_more(&mut api).await;
-
-    // node-b silent for 20 s (> 15 s): node-a takes over, but node-c was
+    // ...then it writes the Lease with the version it read; node-c was
     // faster (409): node-a does not lead.
-    let stale = lease("9", "node-b", now - SignedDuration::from_secs(20), 2);
-    let lead = try_lead(&e);
+    let lead = try_lead(at(36));
     expect(&mut api, Method::GET, LEASE)
         .await
         .1
         .send_response(respond(StatusCode::OK, &stale));
     let (body, send) = expect(&mut api, Method::PUT, LEASE).await;
-    assert_eq!(body["metadata"]["resourceVersion"], "9");
+    assert_eq!(body["metadata"]["resourceVersion"], "23");
     assert_eq!(body["spec"]["holderIdentity"], "node-a");
     assert_eq!(body["spec"]["leaseTransitions"], 3);
-    assert_eq!(body["spec"]["acquireTime"], micro(now));
+    assert_eq!(body["spec"]["acquireTime"], micro(at(36)));
     send.send_response(respond(StatusCode::CONFLICT, &status(409, "Conflict")));
     assert!(!lead.await.unwrap().unwrap(), "lost the race");
 
     // The same, uncontested: node-a leads.
-    let lead = try_lead(&e);
+    let lead = try_lead(at(37));
     expect(&mut api, Method::GET, LEASE)
         .await
         .1
         .send_response(respond(StatusCode::OK, &stale));
     let (_, send) = expect(&mut api, Method::PUT, LEASE).await;
-    send.send_response(respond(StatusCode::OK, &lease("10", "node-a", now, 3)));
+    send.send_response(respond(StatusCode::OK, &lease("24", "node-a", at(37), 3)));
     assert!(lead.await.unwrap().unwrap());
 
     // The API server failing: an error, which the loop takes as "not leading".
-    let lead = try_lead(&e);
+    let lead = try_lead(at(40));
     expect(&mut api, Method::GET, LEASE)
         .await
         .1
@@ -188,13 +207,67 @@ async fn a_live_lease_of_another_agent_is_left_alone_and_an_expired_one_is_taken
     assert!(lead.await.unwrap().is_err());
 }
 
-#[tokio::test]
-async fn only_the_lease_holder_writes_status() {
+#[tokio::test(start_paused = true)]
+async fn the_writer_stops_writing_when_a_renewal_hangs_and_gives_the_lease_up_on_stop() {
+    let (e, mut api) = elector("node-a");
+    let (until_tx, until) = tokio::sync::watch::channel(None);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let gained = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let g = gained.clone();
+    let run = tokio::spawn(lease::run(
+        e,
+        until_tx,
+        move || {
+            g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        },
+        stop,
+    ));
+    expect(&mut api, Method::GET, LEASE)
+        .await
+        .1
+        .send_response(respond(StatusCode::NOT_FOUND, &status(404, "NotFound")));
+    let (_, send) = expect(&mut api, Method::POST, LEASES).await;
+    send.send_response(respond(StatusCode::CREATED, &lease("1", "node-a", t0(), 0)));
+    let mut watch = until.clone();
+    watch.changed().await.unwrap();
+    assert!(lease::may_write(&until.borrow()), "the creator writes");
+    assert_eq!(gained.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The next renewal gets no answer: within RENEW, writing stops.
+    let (_req, _never) = api.next_request().await.expect("a renewal");
+    watch.changed().await.unwrap();
+    assert!(!lease::may_write(&until.borrow()));
+
+    // Stopped: it gives the Lease up (read, then write it without a holder).
+    stop_tx.send_replace(true);
+    loop {
+        let (req, send) = api.next_request().await.expect("a request");
+        if req.method() == Method::GET {
+            send.send_response(respond(StatusCode::OK, &lease("9", "node-a", t0(), 0)));
+            continue;
+        }
+        assert_eq!((req.method(), req.uri().path()), (&Method::PUT, LEASE));
+        let body: Value =
+            serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+        assert!(body["spec"]["holderIdentity"].is_null(), "{body}");
+        send.send_response(respond(StatusCode::OK, &lease("10", "", t0(), 0)));
+        break;
+    }
+    run.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_the_lease_holder_writes_status_and_a_failed_write_is_sent_again() {
     let (svc, mut api) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (leading, leading_rx) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(status::run(client, rx, leading_rx));
+    let (until, until_rx) = tokio::sync::watch::channel(None);
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let resends = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r = resends.clone();
+    let writer = tokio::spawn(status::run(client, rx, until_rx, stop, move || {
+        r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
     let write = |name: &str| StatusWrite {
         kind: Kind::HTTPRoute,
         key: Key::new("shop", name),
@@ -202,7 +275,7 @@ async fn only_the_lease_holder_writes_status() {
     };
     tx.send(write("decided-while-another-led")).unwrap();
     nothing_more(&mut api).await;
-    leading.send_replace(true);
+    until.send_replace(Some(std::time::Instant::now() + Duration::from_secs(3600)));
     tx.send(write("web")).unwrap();
     // The first request is for the second write: the first was left to the
     // holder of the time.
@@ -212,7 +285,14 @@ async fn only_the_lease_holder_writes_status() {
         "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web/status",
     )
     .await;
-    send.send_response(respond(StatusCode::NOT_FOUND, &status(404, "NotFound")));
+    send.send_response(respond(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &status(500, "InternalError"),
+    ));
+    // The write failed: a while later the reconciler is asked to send what
+    // still differs (not this write again, which may be outdated by then).
+    tokio::time::sleep(status::RETRY_AFTER + Duration::from_secs(1)).await;
+    assert_eq!(resends.load(std::sync::atomic::Ordering::SeqCst), 1);
     drop(tx);
     writer.await.unwrap();
     nothing_more(&mut api).await;

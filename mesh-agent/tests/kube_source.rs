@@ -74,8 +74,16 @@ fn start(fake: FakeApi) -> Running {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(KubeSource::new(client.clone()).run(tx, stop));
     // This agent holds the status writer Lease (tests/kube_lease.rs).
-    let (_, leading) = tokio::sync::watch::channel(true);
-    tokio::spawn(status::run(client, status_rx, leading));
+    let (_, write_until) = tokio::sync::watch::channel(Some(
+        std::time::Instant::now() + std::time::Duration::from_secs(3600),
+    ));
+    tokio::spawn(status::run(
+        client,
+        status_rx,
+        write_until,
+        stop_tx.subscribe(),
+        || {},
+    ));
     Running {
         fake,
         dp,

@@ -4,13 +4,19 @@
 //! read and write every route on every change, and agents whose watches lag
 //! would write back an older view.
 //!
-//! The holder renews the Lease every [`RENEW`]; another agent takes it over
-//! when it has not been renewed for [`LEASE_DURATION`]. Every change is a
-//! write with the `resourceVersion` read (optimistic concurrency), so two
-//! agents can never both take it. An agent that cannot reach the API server
-//! stops writing at once, before its Lease could pass to another.
+//! The holder renews the Lease every [`RENEW`]. Another agent takes it over
+//! when it has seen no change to it for [`LEASE_DURATION`], measured on its
+//! own clock from when it saw the last change (as client-go does), so clocks
+//! that differ between nodes do not matter. Every change is a write with the
+//! `resourceVersion` read (optimistic concurrency), so two agents can never
+//! both take it. The holder may write status only until [`LEASE_DURATION`]
+//! minus [`MARGIN`] after its last successful renewal began: an agent whose
+//! renewals fail or hang stops writing before anyone else could take over.
 
-use std::time::Duration;
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -27,18 +33,35 @@ use crate::config;
 
 /// Name of the Lease, in the agent's namespace.
 pub const LEASE_NAME: &str = "sluice-status-writer";
-/// How long a Lease not renewed still belongs to its holder.
+/// How long a Lease nobody renews still belongs to its holder.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the holder renews it, and the others look at it.
 pub const RENEW: Duration = Duration::from_secs(5);
+/// The holder stops writing this long before its Lease could pass on.
+pub const MARGIN: Duration = Duration::from_secs(3);
+/// Giving the Lease up on shutdown waits at most this long.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// This agent's view of the Lease.
-#[derive(Clone, Debug)]
+/// Until when this agent may write status; `None`: it may not.
+pub type WriteUntil = Option<Instant>;
+
+/// The Lease as this agent last saw it, and when (its own clock).
+#[derive(Clone, Debug, PartialEq)]
+struct Seen {
+    holder: String,
+    renew_time: Option<Timestamp>,
+    resource_version: Option<String>,
+    at: Timestamp,
+}
+
+/// This agent's side of the election.
+#[derive(Debug)]
 pub struct Elector {
     api: Api<Lease>,
-    /// Who this agent is (its node name).
+    /// Who this agent is (its pod name).
     holder: String,
     duration: Duration,
+    seen: Mutex<Option<Seen>>,
 }
 
 fn is_status(e: &kube::Error, code: u16) -> bool {
@@ -51,7 +74,12 @@ impl Elector {
             api: Api::namespaced(client, namespace),
             holder: holder.into(),
             duration: LEASE_DURATION,
+            seen: Mutex::new(None),
         }
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     fn spec(&self, now: Timestamp, acquired: Option<MicroTime>, transitions: i32) -> LeaseSpec {
@@ -65,7 +93,38 @@ impl Elector {
         }
     }
 
-    /// Takes or renews the Lease; whether this agent holds it now.
+    /// Whether another holder's Lease has gone unrenewed for its duration:
+    /// measured from when this agent first saw it as it is now.
+    fn expired(&self, lease: &Lease, now: Timestamp) -> bool {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let seen = Seen {
+            holder: spec.holder_identity.unwrap_or_default(),
+            renew_time: spec.renew_time.map(|MicroTime(t)| t),
+            resource_version: lease.metadata.resource_version.clone(),
+            at: now,
+        };
+        let duration = spec
+            .lease_duration_seconds
+            .map_or(self.duration, |s| Duration::from_secs(s.max(1) as u64));
+        let mut last = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let since = match &*last {
+            Some(s)
+                if s.holder == seen.holder
+                    && s.renew_time == seen.renew_time
+                    && s.resource_version == seen.resource_version =>
+            {
+                s.at
+            }
+            _ => {
+                *last = Some(seen);
+                now
+            }
+        };
+        now.duration_since(since) > SignedDuration::try_from(duration).unwrap_or_default()
+    }
+
+    /// Takes or renews the Lease; whether this agent holds it now. `now` is
+    /// this node's clock.
     pub async fn try_lead(&self, now: Timestamp) -> Result<bool, kube::Error> {
         let current = match self.api.get_opt(LEASE_NAME).await? {
             Some(l) => l,
@@ -95,16 +154,7 @@ impl Elector {
         let spec = current.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.as_deref().unwrap_or("");
         let mine = holder == self.holder;
-        let duration = spec
-            .lease_duration_seconds
-            .map_or(self.duration, |s| Duration::from_secs(s.max(1) as u64));
-        let expired = match &spec.renew_time {
-            Some(MicroTime(t)) => {
-                now.duration_since(*t) > SignedDuration::try_from(duration).unwrap_or_default()
-            }
-            None => true,
-        };
-        if !mine && !holder.is_empty() && !expired {
+        if !mine && !holder.is_empty() && !self.expired(&current, now) {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
@@ -127,8 +177,8 @@ impl Elector {
         }
     }
 
-    /// Gives the Lease up (on shutdown), so that another agent takes it at
-    /// once rather than after [`LEASE_DURATION`].
+    /// Gives the Lease up if this agent holds it (on shutdown), so that
+    /// another agent takes it at once rather than after [`LEASE_DURATION`].
     pub async fn release(&self) {
         let Ok(Some(current)) = self.api.get_opt(LEASE_NAME).await else {
             return;
@@ -156,42 +206,53 @@ impl Elector {
     }
 }
 
-/// Keeps trying to lead, every [`RENEW`], until `stop`; says in `leading`
-/// whether this agent is the status writer, and calls `gained` each time it
-/// becomes it (the reconciler then sends every status again: what this agent
-/// decided while another wrote was not written). On stop, gives the Lease up.
+/// Keeps trying to lead, every [`RENEW`], until `stop`. Says in `write_until`
+/// until when this agent may write status, and calls `gained` each time it
+/// becomes the writer (the reconciler then sends every status again: what
+/// this agent decided while another wrote was not written). On stop, gives
+/// the Lease up.
 pub async fn run(
     elector: Elector,
-    leading: watch::Sender<bool>,
+    write_until: watch::Sender<WriteUntil>,
     gained: impl Fn(),
     mut stop: watch::Receiver<bool>,
 ) {
     while !*stop.borrow() {
-        let now = leading_now(&elector).await;
-        let was = leading.send_replace(now);
-        if now && !was {
+        let began = Instant::now();
+        let attempt = tokio::time::timeout(RENEW, elector.try_lead(Timestamp::now()));
+        let leads = tokio::select! {
+            r = attempt => match r {
+                Ok(Ok(l)) => l,
+                Ok(Err(e)) => {
+                    // Unsure: stop writing; the Lease passes on if this lasts.
+                    tracing::warn!("status writer lease {LEASE_NAME}: {e}");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!("status writer lease {LEASE_NAME}: no answer within {RENEW:?}");
+                    false
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let until = leads.then(|| began + LEASE_DURATION - MARGIN);
+        let was = write_until.send_replace(until).is_some();
+        if leads && !was {
             tracing::info!(holder = %elector.holder, "this agent now writes route and policy status");
             gained();
-        } else if was && !now {
-            tracing::info!(holder = %elector.holder, "another agent writes route and policy status now");
+        } else if was && !leads {
+            tracing::info!(holder = %elector.holder, "this agent no longer writes route and policy status");
         }
         tokio::select! {
-            _ = tokio::time::sleep(RENEW) => {}
+            _ = tokio::time::sleep(RENEW.saturating_sub(began.elapsed())) => {}
             _ = stop.changed() => {}
         }
     }
-    if leading.send_replace(false) {
-        elector.release().await;
-    }
+    write_until.send_replace(None);
+    let _ = tokio::time::timeout(RELEASE_TIMEOUT, elector.release()).await;
 }
 
-async fn leading_now(elector: &Elector) -> bool {
-    match elector.try_lead(Timestamp::now()).await {
-        Ok(l) => l,
-        Err(e) => {
-            // Unsure: stop writing; the Lease passes on if this lasts.
-            tracing::warn!("status writer lease {LEASE_NAME}: {e}");
-            false
-        }
-    }
+/// Whether `write_until` allows writing now.
+pub fn may_write(write_until: &WriteUntil) -> bool {
+    write_until.is_some_and(|t| Instant::now() < t)
 }

@@ -151,23 +151,53 @@ pub async fn write(client: &Client, w: &StatusWrite) -> Result<(), Error> {
     }
 }
 
-/// Writes statuses as the reconciler sends them, until it goes away, while
-/// `leading` says this agent is the cluster's status writer ([`super::lease`]);
-/// otherwise leaves them to the agent that is.
+/// How long after a failed write the reconciler is asked to send every
+/// status that still differs again.
+pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes statuses as the reconciler sends them, until it goes away or
+/// `stop`, while `write_until` allows it (this agent holds the status writer
+/// Lease, [`super::lease`]); otherwise leaves them to the agent that does.
+/// After a failed write it calls `resend` (after [`RETRY_AFTER`]): the
+/// reconciler then sends what still differs, from its current view, so a
+/// retry never writes back an outdated status.
 pub async fn run(
     client: Client,
     mut rx: mpsc::UnboundedReceiver<StatusWrite>,
-    leading: tokio::sync::watch::Receiver<bool>,
+    write_until: tokio::sync::watch::Receiver<super::lease::WriteUntil>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    resend: impl Fn(),
 ) {
-    while let Some(w) = rx.recv().await {
-        if !*leading.borrow() {
+    let mut retry: Option<tokio::time::Instant> = None;
+    loop {
+        let w = tokio::select! {
+            w = rx.recv() => match w {
+                Some(w) => w,
+                None => return,
+            },
+            _ = async {
+                match retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                retry = None;
+                if super::lease::may_write(&write_until.borrow()) {
+                    resend();
+                }
+                continue;
+            }
+            _ = stop.changed() => return,
+        };
+        if !super::lease::may_write(&write_until.borrow()) {
             tracing::debug!(kind = %w.kind, object = %w.key, "status left to the agent holding the lease");
             continue;
         }
         match write(&client, &w).await {
             Ok(()) => tracing::debug!(kind = %w.kind, object = %w.key, "status written"),
             Err(e) => {
-                tracing::warn!(error = %e, "status not written; it is written again on the next change")
+                tracing::warn!(error = %e, "status not written; trying again in {RETRY_AFTER:?}");
+                retry.get_or_insert(tokio::time::Instant::now() + RETRY_AFTER);
             }
         }
     }
