@@ -304,7 +304,7 @@ async fn api_answer(
         review["spec"]["audiences"],
         serde_json::json!(["sluice-ca"])
     );
-    let token = review["spec"]["token"].as_str().unwrap().to_string();
+    let token = token_name(review["spec"]["token"].as_str().unwrap());
     seen.lock().unwrap().push(token.clone());
     if token.starts_with("slow-") {
         // Counts reviews in progress at once.
@@ -337,11 +337,6 @@ async fn api_answer(
         "some-other-sa" => {
             serde_json::json!({"authenticated": true, "user": user("system:serviceaccount:default:default", Some("node-a")), "audiences": ["sluice-ca"]})
         }
-        // The agent's API-server token: what a real API server says when the
-        // requested audiences do not match the token's.
-        "agent-api-token" => {
-            serde_json::json!({"authenticated": false, "error": "[invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"sluice-ca\"]]"})
-        }
         // An authenticator that ignores audiences says yes without naming one.
         "audience-unaware" => {
             serde_json::json!({"authenticated": true, "user": user(AGENT_SA, Some("node-a"))})
@@ -352,6 +347,54 @@ async fn api_answer(
         201,
         serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {}, "spec": review["spec"], "status": status}),
     )
+}
+
+fn b64(v: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+}
+
+/// A JWT shaped like a projected service-account token (unsigned: the fake
+/// API server knows it by `name`, carried in its first segment).
+fn jwt(name: &str, payload: serde_json::Value) -> String {
+    format!(
+        "{}.{}.{}",
+        b64(name.as_bytes()),
+        b64(payload.to_string().as_bytes()),
+        b64(b"signature")
+    )
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A token for the CA's audience, valid for an hour.
+fn sa_token(name: &str) -> String {
+    jwt(
+        name,
+        serde_json::json!({"aud": ["sluice-ca"], "exp": unix_now() + 3600}),
+    )
+}
+
+/// The name the fake API server knows a token by.
+fn token_name(token: &str) -> String {
+    use base64::Engine as _;
+    token
+        .split('.')
+        .next()
+        .and_then(|h| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .ok()
+        })
+        .map_or_else(
+            || token.to_string(),
+            |b| String::from_utf8_lossy(&b).into_owned(),
+        )
 }
 
 static SLOW_NOW: AtomicUsize = AtomicUsize::new(0);
@@ -387,12 +430,12 @@ async fn tokenreview_answers_are_cached_and_reviews_in_flight_are_bounded() {
     let seen = |t: &str| api.seen.lock().unwrap().iter().filter(|s| *s == t).count();
     let r = reviewer_with(&api, CA_OWN_TOKEN, Duration::from_secs(2), 4);
     for _ in 0..3 {
-        let caller = r.authenticate("agent-on-node-a").await.unwrap();
+        let caller = r.authenticate(&sa_token("agent-on-node-a")).await.unwrap();
         assert_eq!(caller.node, "node-a");
     }
     assert_eq!(seen("agent-on-node-a"), 1, "one review for three requests");
     for _ in 0..2 {
-        let err = r.authenticate("forged").await.unwrap_err();
+        let err = r.authenticate(&sa_token("forged")).await.unwrap_err();
         assert!(err.to_string().contains("invalid bearer token"), "{err}");
     }
     assert_eq!(seen("forged"), 1, "refusals are cached too");
@@ -400,7 +443,7 @@ async fn tokenreview_answers_are_cached_and_reviews_in_flight_are_bounded() {
     // Twenty different tokens at once: at most four reviews in progress.
     let all = futures_util::future::join_all((0..20).map(|i| {
         let r = &r;
-        async move { r.authenticate(&format!("slow-{i}")).await }
+        async move { r.authenticate(&sa_token(&format!("slow-{i}"))).await }
     }))
     .await;
     assert!(
@@ -416,9 +459,12 @@ async fn tokenreview_answers_are_cached_and_reviews_in_flight_are_bounded() {
     // The API server gone: a cached answer still serves until it expires,
     // then the CA says "unavailable" (agents retry), not "refused".
     drop(api);
-    assert!(r.authenticate("agent-on-node-a").await.is_ok());
+    assert!(r.authenticate(&sa_token("agent-on-node-a")).await.is_ok());
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let err = r.authenticate("agent-on-node-a").await.unwrap_err();
+    let err = r
+        .authenticate(&sa_token("agent-on-node-a"))
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, certs::ca::auth::AuthError::Unavailable { .. }),
         "{err}"
@@ -429,23 +475,48 @@ async fn tokenreview_answers_are_cached_and_reviews_in_flight_are_bounded() {
 async fn tokenreview_authenticator_names_the_callers_node() {
     let api = fake_api().await;
     let r = reviewer(&api, CA_OWN_TOKEN);
-    let caller = r.authenticate("agent-on-node-a").await.unwrap();
+    let caller = r.authenticate(&sa_token("agent-on-node-a")).await.unwrap();
     assert_eq!(caller.node, "node-a");
     assert_eq!(caller.subject, AGENT_SA);
-    let err = r.authenticate("forged").await.unwrap_err();
+    let err = r.authenticate(&sa_token("forged")).await.unwrap_err();
     assert!(err.to_string().contains("invalid bearer token"), "{err}");
-    let err = r.authenticate("agent-unbound").await.unwrap_err();
+    let err = r
+        .authenticate(&sa_token("agent-unbound"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("not bound to a pod"), "{err}");
-    let err = r.authenticate("some-other-sa").await.unwrap_err();
+    let err = r
+        .authenticate(&sa_token("some-other-sa"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("not a Sluice node agent"), "{err}");
-    // Tokens for another audience never open the CA, whoever's they are.
-    let err = r.authenticate("agent-api-token").await.unwrap_err();
+    // Tokens for another audience never open the CA, whoever's they are:
+    // refused without asking the API server, as are expired and junk ones.
+    let api_token = jwt(
+        "agent-api-token",
+        serde_json::json!({"aud": ["https://kubernetes.default.svc"], "exp": unix_now() + 3600}),
+    );
+    let err = r.authenticate(&api_token).await.unwrap_err();
     assert!(
-        err.to_string()
-            .contains("is invalid for the target audiences"),
+        err.to_string().contains("not issued for the audience"),
         "{err}"
     );
-    let err = r.authenticate("audience-unaware").await.unwrap_err();
+    let expired = jwt(
+        "expired",
+        serde_json::json!({"aud": ["sluice-ca"], "exp": unix_now() - 60}),
+    );
+    let err = r.authenticate(&expired).await.unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+    let err = r.authenticate("not-a-jwt").await.unwrap_err();
+    assert!(
+        err.to_string().contains("not a service-account token"),
+        "{err}"
+    );
+    // One the API server vouches for without naming the audience: refused.
+    let err = r
+        .authenticate(&sa_token("audience-unaware"))
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, certs::ca::auth::AuthError::Unauthenticated { .. }),
         "{err}"
@@ -463,13 +534,12 @@ async fn tokenreview_authenticator_names_the_callers_node() {
             "forged",
             "agent-unbound",
             "some-other-sa",
-            "agent-api-token",
             "audience-unaware"
         ]
     );
     // The CA's own credential refused by the API server: unavailable, with the fix.
     let err = reviewer(&api, "wrong")
-        .authenticate("agent-on-node-a")
+        .authenticate(&sa_token("agent-on-node-a"))
         .await
         .unwrap_err();
     assert!(
@@ -484,17 +554,24 @@ async fn ca_service_with_tokenreview_end_to_end() {
     let api = fake_api().await;
     let clock = clock();
     let c = cluster_with(ca(&clock), Arc::new(reviewer(&api, CA_OWN_TOKEN))).await;
-    let a = IdentityManager::connect(client(&c, "agent-on-node-a"), shared(&clock), fast_opts())
-        .await
-        .unwrap();
+    let a = IdentityManager::connect(
+        client(&c, &sa_token("agent-on-node-a")),
+        shared(&clock),
+        fast_opts(),
+    )
+    .await
+    .unwrap();
     a.add(id("shop", "cart")).await.unwrap();
     let err = a.add(id("bank", "payments")).await.unwrap_err();
     assert!(err.to_string().contains("not allowed"), "{err}");
-    let err = client(&c, "forged").trust_bundle().await.unwrap_err();
+    let err = client(&c, &sa_token("forged"))
+        .trust_bundle()
+        .await
+        .unwrap_err();
     assert!(matches!(err, CaError::Unauthenticated { .. }), "{err}");
     // API server gone: the CA answers 503, which nodes retry.
     drop(api);
-    let err = client(&c, "agent-on-node-a")
+    let err = client(&c, &sa_token("agent-on-node-a"))
         .trust_bundle()
         .await
         .unwrap_err();

@@ -94,13 +94,59 @@ impl TokenReviewConfig {
 /// never cached.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
-/// Answers kept at most; past that, new answers are not cached.
-const CACHE_MAX: usize = 8192;
+/// Accepted answers kept at most; past that, new ones are not cached.
+const CACHE_MAX_ACCEPTED: usize = 4096;
+/// Refusals kept at most, apart from accepted answers so that a flood of bad
+/// tokens cannot push good ones out; past that, the refusals are forgotten.
+const CACHE_MAX_REFUSED: usize = 1024;
+/// Expired entries are swept at most this often (not on every insert into a
+/// full cache).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Callers wait at most this long for a review slot, well within an agent's
+/// own request timeout, then hear "unavailable" (which they retry).
+const QUEUE_WAIT: Duration = Duration::from_secs(3);
 
 /// Answers by SHA-256 of the token (tokens themselves are not kept).
 #[derive(Debug, Default)]
 struct ReviewCache {
-    entries: HashMap<[u8; 32], (Instant, Result<Caller, String>)>,
+    accepted: HashMap<[u8; 32], (Instant, Caller)>,
+    refused: HashMap<[u8; 32], (Instant, String)>,
+    next_sweep: Option<Instant>,
+}
+
+/// What a token says about itself, unverified: a service-account token is a
+/// JWT whose payload names its audiences and expiry. Used only to refuse
+/// tokens early (before a TokenReview) and to cache no longer than `exp`;
+/// accepting always takes the API server's word.
+#[derive(Debug, Default, PartialEq)]
+struct Claims {
+    audiences: Vec<String>,
+    expires: Option<i64>,
+}
+
+fn claims(token: &str) -> Option<Claims> {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || payload.len() > 16 * 1024 {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let audiences = match &v["aud"] {
+        serde_json::Value::String(a) => vec![a.clone()],
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(Claims {
+        audiences,
+        expires: v["exp"].as_i64(),
+    })
 }
 
 #[derive(Debug)]
@@ -187,36 +233,90 @@ impl TokenReviewAuthenticator {
     /// A cached answer for `key`, if still fresh.
     fn cached(&self, key: &[u8; 32]) -> Option<Result<Caller, AuthError>> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let (until, answer) = cache.entries.get(key)?;
-        (Instant::now() < *until).then(|| {
-            answer
-                .clone()
-                .map_err(|reason| AuthError::Unauthenticated { reason })
+        let now = Instant::now();
+        if let Some((until, caller)) = cache.accepted.get(key)
+            && now < *until
+        {
+            return Some(Ok(caller.clone()));
+        }
+        let (until, reason) = cache.refused.get(key)?;
+        (now < *until).then(|| {
+            Err(AuthError::Unauthenticated {
+                reason: reason.clone(),
+            })
         })
     }
 
-    /// Keeps an accepted or refused answer (never "unavailable").
-    fn remember(&self, key: [u8; 32], answer: &Result<Caller, AuthError>) {
-        let (ttl, kept) = match answer {
-            Ok(c) => (self.cache_ttl, Ok(c.clone())),
-            Err(AuthError::Unauthenticated { reason }) => (
-                (self.cache_ttl / 10).max(Duration::from_secs(1)),
-                Err(reason.clone()),
-            ),
-            Err(_) => return,
-        };
+    /// Keeps an accepted or refused answer (never "unavailable"), at most
+    /// until the token expires.
+    fn remember(
+        &self,
+        key: [u8; 32],
+        answer: &Result<Caller, AuthError>,
+        expires_in: Option<Duration>,
+    ) {
         if self.cache_ttl.is_zero() {
             return;
         }
+        let cap = |ttl: Duration| expires_in.map_or(ttl, |e| ttl.min(e));
         let now = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.entries.len() >= CACHE_MAX {
-            cache.entries.retain(|_, (until, _)| *until > now);
-            if cache.entries.len() >= CACHE_MAX {
-                return;
-            }
+        let full =
+            cache.accepted.len() >= CACHE_MAX_ACCEPTED || cache.refused.len() >= CACHE_MAX_REFUSED;
+        if full && cache.next_sweep.is_none_or(|t| now >= t) {
+            cache.accepted.retain(|_, (until, _)| *until > now);
+            cache.refused.retain(|_, (until, _)| *until > now);
+            cache.next_sweep = Some(now + SWEEP_EVERY);
         }
-        cache.entries.insert(key, (now + ttl, kept));
+        match answer {
+            Ok(c) => {
+                if cache.accepted.len() < CACHE_MAX_ACCEPTED {
+                    cache
+                        .accepted
+                        .insert(key, (now + cap(self.cache_ttl), c.clone()));
+                }
+            }
+            Err(AuthError::Unauthenticated { reason }) => {
+                if cache.refused.len() >= CACHE_MAX_REFUSED {
+                    cache.refused.clear();
+                }
+                let ttl = (self.cache_ttl / 10).max(Duration::from_secs(1));
+                cache.refused.insert(key, (now + cap(ttl), reason.clone()));
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Refuses, without asking the API server, a token that is not a JWT,
+    /// names none of the wanted audiences, or has expired; else how long it
+    /// is still valid, if it says.
+    fn precheck(&self, token: &str) -> Result<Option<Duration>, AuthError> {
+        let refuse = |reason: String| Err(AuthError::Unauthenticated { reason });
+        let Some(c) = claims(token) else {
+            return refuse(
+                "not a service-account token (a JWT); the agent must present its projected token"
+                    .into(),
+            );
+        };
+        if !self.audiences.is_empty() && !c.audiences.iter().any(|a| self.audiences.contains(a)) {
+            return refuse(format!(
+                "the token is not issued for the audience {:?} (it names {:?}); the agent must \
+                 present a projected service-account token with that audience (the chart mounts \
+                 one at /var/run/secrets/sluice/ca-token)",
+                self.audiences.join(", "),
+                c.audiences
+            ));
+        }
+        let Some(exp) = c.expires else {
+            return Ok(None);
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if exp <= now {
+            return refuse(format!("the token expired {} s ago", now - exp));
+        }
+        Ok(Some(Duration::from_secs((exp - now) as u64)))
     }
 
     async fn authenticate_token(&self, token: &str) -> Result<Caller, AuthError> {
@@ -227,7 +327,10 @@ impl TokenReviewAuthenticator {
         if let Some(answer) = self.cached(&key) {
             return answer;
         }
-        let _permit = match tokio::time::timeout(self.timeout, self.in_flight.acquire()).await {
+        // Junk, expired and foreign tokens never take a review slot.
+        let expires_in = self.precheck(token)?;
+        let wait = QUEUE_WAIT.min(self.timeout);
+        let _permit = match tokio::time::timeout(wait, self.in_flight.acquire()).await {
             Ok(Ok(p)) => p,
             _ => {
                 return Err(AuthError::Unavailable {
@@ -241,7 +344,7 @@ impl TokenReviewAuthenticator {
             return answer;
         }
         let answer = self.review(token).await;
-        self.remember(key, &answer);
+        self.remember(key, &answer, expires_in);
         answer
     }
 
@@ -347,5 +450,40 @@ impl TokenReviewAuthenticator {
 impl Authenticator for TokenReviewAuthenticator {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>> {
         Box::pin(self.authenticate_token(token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    fn jwt(payload: serde_json::Value) -> String {
+        let b = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!(
+            "{}.{}.{}",
+            b(br#"{"alg":"RS256"}"#),
+            b(payload.to_string().as_bytes()),
+            b(b"sig")
+        )
+    }
+
+    #[test]
+    fn claims_of_a_service_account_token() {
+        let c = claims(&jwt(
+            serde_json::json!({"aud": ["sluice-ca", "x"], "exp": 1_900_000_000}),
+        ));
+        assert_eq!(
+            c,
+            Some(Claims {
+                audiences: vec!["sluice-ca".into(), "x".into()],
+                expires: Some(1_900_000_000)
+            })
+        );
+        let c = claims(&jwt(serde_json::json!({"aud": "sluice-ca"}))).unwrap();
+        assert_eq!(c.audiences, ["sluice-ca"]);
+        for junk in ["", "abc", "a.b", "a.b.c.d", "a.!!!.c", "a.bm90IGpzb24.c"] {
+            assert_eq!(claims(junk), None, "{junk:?}");
+        }
     }
 }
