@@ -123,7 +123,9 @@ impl Options {
             (maps::MEMBERS, self.max_backends),
             (maps::AFFINITY, self.max_affinity),
             (maps::REVNAT, self.max_sockets),
-            (maps::UDP_PEERS, self.max_sockets),
+            // UDP sockets with translations are a fraction of all (a
+            // preallocated LRU of 84-byte values: kept small).
+            (maps::UDP_PEERS, self.max_sockets.div_ceil(4)),
             (maps::COOKIE_ORIG, self.max_sockets),
             (maps::ORIG_DST, self.max_sockets),
             (maps::ENROLLED, self.max_enrolled),
