@@ -429,13 +429,16 @@ async fn tokenreview_answers_are_cached_and_reviews_in_flight_are_bounded() {
     let api = fake_api().await;
     let seen = |t: &str| api.seen.lock().unwrap().iter().filter(|s| *s == t).count();
     let r = reviewer_with(&api, CA_OWN_TOKEN, Duration::from_secs(2), 4);
+    // Made once: the same bytes each time (a new one a second later would
+    // carry another expiry, hence be another token).
+    let (good, forged) = (sa_token("agent-on-node-a"), sa_token("forged"));
     for _ in 0..3 {
-        let caller = r.authenticate(&sa_token("agent-on-node-a")).await.unwrap();
+        let caller = r.authenticate(&good).await.unwrap();
         assert_eq!(caller.node, "node-a");
     }
     assert_eq!(seen("agent-on-node-a"), 1, "one review for three requests");
     for _ in 0..2 {
-        let err = r.authenticate(&sa_token("forged")).await.unwrap_err();
+        let err = r.authenticate(&forged).await.unwrap_err();
         assert!(err.to_string().contains("invalid bearer token"), "{err}");
     }
     assert_eq!(seen("forged"), 1, "refusals are cached too");
@@ -459,12 +462,9 @@ async fn tokenreview_answers_are_cached_and_reviews_in_flight_are_bounded() {
     // The API server gone: a cached answer still serves until it expires,
     // then the CA says "unavailable" (agents retry), not "refused".
     drop(api);
-    assert!(r.authenticate(&sa_token("agent-on-node-a")).await.is_ok());
+    assert!(r.authenticate(&good).await.is_ok());
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let err = r
-        .authenticate(&sa_token("agent-on-node-a"))
-        .await
-        .unwrap_err();
+    let err = r.authenticate(&good).await.unwrap_err();
     assert!(
         matches!(err, certs::ca::auth::AuthError::Unavailable { .. }),
         "{err}"
