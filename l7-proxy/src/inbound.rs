@@ -629,10 +629,12 @@ async fn handle_http(
             .headers
             .get(TARGET)
             .and_then(|v| v.to_str().ok())
-            .ok_or((
-                StatusCode::BAD_REQUEST,
-                format!("request without a {TARGET_HEADER} header"),
-            ))?;
+            .ok_or_else(|| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("request without a {TARGET_HEADER} header"),
+                )
+            })?;
         let target = parse_target(raw).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
         let state = shared.state();
         let w =
