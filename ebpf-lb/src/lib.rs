@@ -507,32 +507,25 @@ impl LoadBalancer {
         let dir = fs::File::open(cgroup).map_err(|e| Error::io("opening cgroup", cgroup, e))?;
         let links = self.links_dir();
         let mut t = self.tables();
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(&mut t.ebpf, name)?;
-            let link_id = prog
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|e| Error::program(name, e))?;
-            let link = prog
-                .take_link(link_id)
-                .map_err(|e| Error::program(name, e))?;
-            pin_link(link, &links, id, name)?;
+        // The same steps for each program, of three program types.
+        macro_rules! attach_and_pin {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let prog: &mut $ty = program(&mut t.ebpf, name)?;
+                let link_id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(|e| Error::program(name, e))?;
+                let link = prog
+                    .take_link(link_id)
+                    .map_err(|e| Error::program(name, e))?;
+                pin_link(link, &links, id, name)?;
+            }};
         }
-        let prog: &mut SockOps = program(&mut t.ebpf, SOCK_OPS_PROGRAM)?;
-        let link_id = prog
-            .attach(&dir, CgroupAttachMode::Single)
-            .map_err(|e| Error::program(SOCK_OPS_PROGRAM, e))?;
-        let link = prog
-            .take_link(link_id)
-            .map_err(|e| Error::program(SOCK_OPS_PROGRAM, e))?;
-        pin_link(link, &links, id, SOCK_OPS_PROGRAM)?;
-        let prog: &mut CgroupSock = program(&mut t.ebpf, SOCK_RELEASE_PROGRAM)?;
-        let link_id = prog
-            .attach(&dir, CgroupAttachMode::Single)
-            .map_err(|e| Error::program(SOCK_RELEASE_PROGRAM, e))?;
-        let link = prog
-            .take_link(link_id)
-            .map_err(|e| Error::program(SOCK_RELEASE_PROGRAM, e))?;
-        pin_link(link, &links, id, SOCK_RELEASE_PROGRAM)?;
+        for name in SOCK_ADDR_PROGRAMS {
+            attach_and_pin!(CgroupSockAddr, name);
+        }
+        attach_and_pin!(SockOps, SOCK_OPS_PROGRAM);
+        attach_and_pin!(CgroupSock, SOCK_RELEASE_PROGRAM);
         if !t.attached.iter().any(|p| p == cgroup) {
             t.attached.push(cgroup.to_path_buf());
         }

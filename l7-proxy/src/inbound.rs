@@ -28,7 +28,7 @@ use crate::{
         LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER, UPGRADE_REQUEST,
     },
     conntable::{ConnKind, ConnMeta, TlsInfo},
-    io::{Counted, relay},
+    io::{Counted, count_relay, relay},
     metrics::{
         DenialLabels, Direction, Label, RequestMetricsCache, TcpLabels, TlsFailureLabels,
         status_class,
@@ -362,30 +362,13 @@ async fn handle_connect(
             destination: workload.identity.to_string(),
             secured: true,
         };
-        shared2.metrics.tcp_connections.get_or_create(&labels).inc();
-        let sent = shared2
-            .metrics
-            .tcp_bytes_sent
-            .get_or_create(&labels)
-            .clone();
-        let received = shared2
-            .metrics
-            .tcp_bytes_received
-            .get_or_create(&labels)
-            .clone();
-        let (r1, r2) = (row.clone(), row.clone());
+        let (sent, received) = count_relay(&shared2.metrics, &labels, Some(row.clone()));
         let result = relay(
             TokioIo::new(upgraded),
             upstream,
             shared2.settings.tcp_idle_timeout(),
-            move |n| {
-                r1.add_sent(n);
-                sent.inc_by(n);
-            },
-            move |n| {
-                r2.add_received(n);
-                received.inc_by(n);
-            },
+            sent,
+            received,
         )
         .await;
         let reason = result.err().map(|e| e.to_string());

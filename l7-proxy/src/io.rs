@@ -14,6 +14,11 @@ use std::{
 
 use tokio::time::Instant;
 
+use crate::{
+    conntable::ConnHandle,
+    metrics::{Metrics, TcpLabels},
+};
+
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -284,4 +289,28 @@ impl<S: AsyncWrite> AsyncWrite for Counted<S> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
+}
+
+/// Counts one relayed connection in the `sluice_tcp_*` metrics under
+/// `labels`, and its bytes there and in its connection-table row: the
+/// `(sent, received)` callbacks for [`relay`].
+pub(crate) fn count_relay(
+    metrics: &Metrics,
+    labels: &TcpLabels,
+    row: Option<Arc<ConnHandle>>,
+) -> (impl Fn(u64) + Send + 'static, impl Fn(u64) + Send + 'static) {
+    metrics.tcp_connections.get_or_create(labels).inc();
+    let sent = metrics.tcp_bytes_sent.get_or_create(labels).clone();
+    let received = metrics.tcp_bytes_received.get_or_create(labels).clone();
+    let (r1, r2) = (row.clone(), row);
+    (
+        move |n| {
+            sent.inc_by(n);
+            r1.iter().for_each(|r| r.add_sent(n));
+        },
+        move |n| {
+            received.inc_by(n);
+            r2.iter().for_each(|r| r.add_received(n));
+        },
+    )
 }

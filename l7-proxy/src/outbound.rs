@@ -22,7 +22,7 @@ use crate::{
     accesslog::AccessRecord,
     conntable::{ConnKind, ConnMeta},
     forward::{self, HttpConn},
-    io::{Rewind, relay},
+    io::{Rewind, count_relay, relay},
     metrics::{Direction, TcpLabels},
     proxy::Shared,
     sniff::{Protocol, sniff},
@@ -309,23 +309,8 @@ async fn serve_tcp<I>(
             .map_or_else(|| upstream.addr.to_string(), |t| t.identity.to_string()),
         secured: upstream.tunnel.is_some(),
     };
-    shared.metrics.tcp_connections.get_or_create(&labels).inc();
-    let sent = shared.metrics.tcp_bytes_sent.get_or_create(&labels).clone();
-    let received = shared
-        .metrics
-        .tcp_bytes_received
-        .get_or_create(&labels)
-        .clone();
+    let (on_sent, on_received) = count_relay(&shared.metrics, &labels, Some(row.clone()));
     let idle = shared.settings.tcp_idle_timeout();
-    let (r1, r2) = (row.clone(), row.clone());
-    let on_sent = move |n| {
-        r1.add_sent(n);
-        sent.inc_by(n);
-    };
-    let on_received = move |n| {
-        r2.add_received(n);
-        received.inc_by(n);
-    };
     let dest_name = destination.as_ref().map(|d| d.to_string());
     let result = match &upstream.tunnel {
         Some(t) => {

@@ -101,6 +101,13 @@ fn conditions_match(c: &HttpConditions, h: HttpFacts<'_>) -> bool {
 /// segment (`group%2Fproject`) and repeated slashes are fine: they stay
 /// under the prefix however they are read.
 fn ambiguous_path(path: &str) -> bool {
+    // Most paths have none of the characters any of this needs: no copies.
+    if !path
+        .bytes()
+        .any(|b| matches!(b, b'%' | b'.' | b'\\' | b';'))
+    {
+        return false;
+    }
     let lower = path.to_ascii_lowercase();
     if lower.contains("%25") {
         return true;

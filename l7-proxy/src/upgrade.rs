@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::{
     body::{Body, strip_hop_by_hop},
     conntable::ConnHandle,
-    io::relay,
+    io::{count_relay, relay},
     metrics::TcpLabels,
     proxy::Shared,
 };
@@ -139,30 +139,7 @@ where
     }
     let server = hyper::upgrade::on(&mut resp);
     let idle = shared.settings.tcp_idle_timeout();
-    shared
-        .metrics
-        .tcp_connections
-        .get_or_create(&count.labels)
-        .inc();
-    let sent_total = shared
-        .metrics
-        .tcp_bytes_sent
-        .get_or_create(&count.labels)
-        .clone();
-    let received_total = shared
-        .metrics
-        .tcp_bytes_received
-        .get_or_create(&count.labels)
-        .clone();
-    let (r1, r2) = (count.row.clone(), count.row);
-    let sent = move |n| {
-        sent_total.inc_by(n);
-        r1.iter().for_each(|r| r.add_sent(n));
-    };
-    let received = move |n| {
-        received_total.inc_by(n);
-        r2.iter().for_each(|r| r.add_received(n));
-    };
+    let (sent, received) = count_relay(&shared.metrics, &count.labels, count.row);
     shared.spawn(async move {
         match tokio::try_join!(client, server) {
             Ok((c, s)) => {

@@ -99,12 +99,6 @@ fn default_node_name() -> String {
 }
 
 /// `mesh-agent run` flags.
-/// The namespace the agent runs in (`POD_NAMESPACE`, set by the chart),
-/// where its status writer Lease lives.
-fn agent_namespace() -> String {
-    std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "sluice-system".into())
-}
-
 /// Who this agent is in the status writer Lease: its pod (`POD_NAME`, set by
 /// the chart; two pods of one node during a rolling update are two
 /// candidates), else its node.
@@ -411,28 +405,29 @@ impl Agent {
                 out.status = Some(status_tx);
                 // One agent of the cluster writes status: the Lease holder.
                 let (write_until_tx, write_until) = tokio::sync::watch::channel(None);
-                let resend = tx.clone();
+                // Both ask the reconciler to send every status that differs
+                // again: after a failed write, and when this agent takes over.
+                let resend = |tx: mpsc::Sender<Vec<Input>>| {
+                    move || {
+                        let _ = tx.send(vec![Input::ResendStatus]);
+                    }
+                };
                 tasks.push(tokio::spawn(status::run(
                     client.clone(),
                     status_rx,
                     write_until,
                     stop_rx.clone(),
-                    move || {
-                        let _ = resend.send(vec![Input::ResendStatus]);
-                    },
+                    resend(tx.clone()),
                 )));
                 let elector = lease::Elector::new(
                     client.clone(),
-                    &agent_namespace(),
+                    &config::pod_namespace(),
                     &lease_holder(&args.node_name),
                 );
-                let resend = tx.clone();
                 tasks.push(tokio::spawn(lease::run(
                     elector,
                     write_until_tx,
-                    move || {
-                        let _ = resend.send(vec![Input::ResendStatus]);
-                    },
+                    resend(tx.clone()),
                     stop_rx.clone(),
                 )));
                 Some(client)

@@ -67,10 +67,6 @@ pub const ROOT_POLL: Duration = Duration::from_secs(10);
 /// Default CA service port.
 pub const CA_PORT: u16 = 15012;
 
-fn pod_namespace() -> String {
-    std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "sluice-system".into())
-}
-
 /// `mesh-agent ca` flags.
 #[derive(Clone, Debug, Args)]
 pub struct CaArgs {
@@ -400,6 +396,14 @@ pub async fn read_store(
     }
 }
 
+/// `files` as a Secret's `data`.
+fn secret_data(files: &RootFiles) -> BTreeMap<String, ByteString> {
+    files
+        .iter()
+        .map(|(k, v)| (k.clone(), ByteString(v.clone())))
+        .collect()
+}
+
 /// Writes `files` back to the store. A Secret is replaced only if it is
 /// still at `version` (another rotation or CA replica may have written it).
 async fn write_store(
@@ -413,12 +417,7 @@ async fn write_store(
             let api: Api<Secret> = secrets(client, store, namespace)?;
             let mut secret = api.get(name).await.map_err(|e| store_err(store, e))?;
             secret.metadata.resource_version = version;
-            secret.data = Some(
-                files
-                    .iter()
-                    .map(|(k, v)| (k.clone(), ByteString(v.clone())))
-                    .collect(),
-            );
+            secret.data = Some(secret_data(files));
             match api.replace(name, &PostParams::default(), &secret).await {
                 Ok(_) => Ok(()),
                 Err(kube::Error::Api(s)) if s.code == 409 => Err(store_err(
@@ -488,12 +487,7 @@ pub async fn load_root(
                     )])),
                     ..Default::default()
                 },
-                data: Some(
-                    files
-                        .iter()
-                        .map(|(k, v)| (k.clone(), ByteString(v.clone())))
-                        .collect(),
-                ),
+                data: Some(secret_data(&files)),
                 type_: Some("Opaque".into()),
                 ..Default::default()
             };
@@ -923,7 +917,7 @@ pub async fn run(args: CaArgs, stop: tokio::sync::watch::Receiver<bool>) -> Resu
     let client = Client::try_default()
         .await
         .map_err(|e| Error::Kube(Box::new(e)))?;
-    let ns = pod_namespace();
+    let ns = config::pod_namespace();
     let allowed = if args.allowed_users.is_empty() {
         vec![format!("system:serviceaccount:{ns}:sluice-agent")]
     } else {

@@ -57,3 +57,9 @@ pub const CGROUP_RETRY: Duration = Duration::from_secs(2);
 /// How often the files source re-reads its directory even without a
 /// file-system event (some file systems do not report changes).
 pub const FILES_POLL: Duration = Duration::from_secs(5);
+
+/// The namespace this pod runs in (`POD_NAMESPACE`, set by the chart), or
+/// the chart's default namespace.
+pub fn pod_namespace() -> String {
+    std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "sluice-system".into())
+}

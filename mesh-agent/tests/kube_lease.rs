@@ -24,13 +24,8 @@ const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/sluice-system/leas
 const LEASE: &str =
     "/apis/coordination.k8s.io/v1/namespaces/sluice-system/leases/sluice-status-writer";
 
-fn respond(code: StatusCode, v: &Value) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(v).unwrap()))
-        .unwrap()
-}
+mod support;
+use support::json_response as respond;
 
 fn status(code: u16, reason: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,

@@ -16,13 +16,8 @@ const STATUS: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httprou
 
 type Api = Handle<Request<Body>, Response<Body>>;
 
-fn respond(code: StatusCode, v: &Value) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(v).unwrap()))
-        .unwrap()
-}
+mod support;
+use support::json_response as respond;
 
 fn route(resource_version: &str, parents: &[Value]) -> Value {
     json!({

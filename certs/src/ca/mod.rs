@@ -279,12 +279,12 @@ fn finish_interrupted_activation(dir: &Path) -> Result<(), CaError> {
         "root key",
         &PrivateKeyPem::new(storage::read(&dir.join(ROOT_KEY_FILE))?),
     )?;
-    let current = storage::certs_from_pem("root", &storage::read(&cert_path)?)?.swap_remove(0);
+    let mut current = storage::certs_from_pem("root", &storage::read(&cert_path)?)?.swap_remove(0);
     if current != next && check_key_matches("next root", &next, &key).is_ok() {
         tracing::warn!("finishing a root activation that was interrupted");
         storage::write_public(&cert_path, next_pem.as_bytes())?;
+        current = next.clone();
     }
-    let current = storage::certs_from_pem("root", &storage::read(&cert_path)?)?.swap_remove(0);
     if current == next {
         for f in [NEXT_ROOT_KEY_FILE, NEXT_ROOT_CERT_FILE] {
             let _ = fs::remove_file(dir.join(f));

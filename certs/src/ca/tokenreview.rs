@@ -287,6 +287,24 @@ impl TokenReviewAuthenticator {
         }
     }
 
+    /// Whether `audiences` (a token's, or those a review vouched for) name
+    /// one the CA asks for; any do when it asks for none.
+    fn for_our_audience(&self, audiences: &[String]) -> bool {
+        self.audiences.is_empty() || audiences.iter().any(|a| self.audiences.contains(a))
+    }
+
+    /// The refusal of a token (`what`) for another audience, with the fix.
+    fn wrong_audience(&self, what: &str) -> AuthError {
+        AuthError::Unauthenticated {
+            reason: format!(
+                "{what} is not issued for the audience {:?}; the agent must present a projected \
+                 service-account token with that audience (the chart mounts one at \
+                 /var/run/secrets/sluice/ca-token)",
+                self.audiences.join(", ")
+            ),
+        }
+    }
+
     /// Refuses, without asking the API server, a token that is not a JWT,
     /// names none of the wanted audiences, or has expired; else how long it
     /// is still valid, if it says.
@@ -298,14 +316,8 @@ impl TokenReviewAuthenticator {
                     .into(),
             );
         };
-        if !self.audiences.is_empty() && !c.audiences.iter().any(|a| self.audiences.contains(a)) {
-            return refuse(format!(
-                "the token is not issued for the audience {:?} (it names {:?}); the agent must \
-                 present a projected service-account token with that audience (the chart mounts \
-                 one at /var/run/secrets/sluice/ca-token)",
-                self.audiences.join(", "),
-                c.audiences
-            ));
+        if !self.for_our_audience(&c.audiences) {
+            return Err(self.wrong_audience(&format!("the token (it names {:?})", c.audiences)));
         }
         let Some(exp) = c.expires else {
             return Ok(None);
@@ -408,16 +420,8 @@ impl TokenReviewAuthenticator {
         // answer without audiences comes from an authenticator that ignored
         // them, and proves nothing either (the TokenReview API docs say to
         // check this).
-        if !self.audiences.is_empty() && !st.audiences.iter().any(|a| self.audiences.contains(a)) {
-            return Err(AuthError::Unauthenticated {
-                reason: format!(
-                    "the token of {} is not issued for the audience {:?}; the agent must present a \
-                     projected service-account token with that audience (the chart mounts one at \
-                     /var/run/secrets/sluice/ca-token)",
-                    st.user.username,
-                    self.audiences.join(", ")
-                ),
-            });
+        if !self.for_our_audience(&st.audiences) {
+            return Err(self.wrong_audience(&format!("the token of {}", st.user.username)));
         }
         if !self.allowed_users.iter().any(|u| u == &st.user.username) {
             return Err(AuthError::Unauthenticated {

@@ -23,7 +23,7 @@ use serde_json::Value;
 use crate::{
     config,
     gateway::{GrpcRoute as GwGrpcRoute, HttpRoute as GwHttpRoute},
-    reconcile::refs::{BackendTarget, RefIndex, RefProblem},
+    reconcile::refs::{BackendTarget, RefIndex, RefProblem, is_core},
     state::Key,
 };
 
@@ -98,10 +98,7 @@ fn parents(v: &Value, route_ns: &str, refs: &RefIndex) -> Vec<ParentRef> {
     v.as_array()
         .into_iter()
         .flatten()
-        .filter(|p| {
-            matches!(p["group"].as_str(), None | Some("") | Some("core"))
-                && p["kind"].as_str() == Some("Service")
-        })
+        .filter(|p| is_core(p["group"].as_str()) && p["kind"].as_str() == Some("Service"))
         .filter_map(|p| {
             let service = Key::new(
                 p["namespace"].as_str().unwrap_or(route_ns),
@@ -356,27 +353,24 @@ impl Ctx<'_> {
             let weight = b["weight"]
                 .as_u64()
                 .map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX));
-            match self.refs.check_backend(self.kind, self.ns, &target, &f) {
-                Ok(()) => out.push(BackendRef {
-                    service: ObjectRef::new(target.namespace.unwrap_or(self.ns), target.name),
-                    port: port_of(&b["port"]).unwrap_or_default(),
-                    weight,
-                    filters: self.filters(&b["filters"], &format!("{f}.filters"))?,
-                    invalid: None,
-                }),
+            let (filters, invalid) = match self.refs.check_backend(self.kind, self.ns, &target, &f)
+            {
+                Ok(()) => (self.filters(&b["filters"], &format!("{f}.filters"))?, None),
                 Err(p) => {
                     // Its share of requests gets 500 from the proxy, with
                     // the reason.
-                    out.push(BackendRef {
-                        service: ObjectRef::new(target.namespace.unwrap_or(self.ns), target.name),
-                        port: port_of(&b["port"]).unwrap_or_default(),
-                        weight,
-                        filters: Vec::new(),
-                        invalid: Some(format!("{}: {}", p.reason.as_str(), p.message)),
-                    });
+                    let why = format!("{}: {}", p.reason.as_str(), p.message);
                     self.refused.push(p);
+                    (Vec::new(), Some(why))
                 }
-            }
+            };
+            out.push(BackendRef {
+                service: ObjectRef::new(target.namespace.unwrap_or(self.ns), target.name),
+                port: port_of(&b["port"]).unwrap_or_default(),
+                weight,
+                filters,
+                invalid,
+            });
         }
         Ok(out)
     }

@@ -102,7 +102,9 @@ pub struct RefIndex {
     pub grants: BTreeMap<String, Vec<Grant>>,
 }
 
-fn is_core(group: Option<&str>) -> bool {
+/// Whether an API group names the core group (Services), as references
+/// spell it: absent, empty or `core`.
+pub(crate) fn is_core(group: Option<&str>) -> bool {
     matches!(group, None | Some("") | Some("core"))
 }
 

@@ -33,8 +33,7 @@ pub struct ParentRef {
 impl ParentRef {
     /// A Service parent (GAMMA); other parents (Gateways) are not Sluice's.
     pub fn is_service(&self) -> bool {
-        matches!(self.group.as_deref(), None | Some("") | Some("core"))
-            && self.kind.as_deref() == Some("Service")
+        super::refs::is_core(self.group.as_deref()) && self.kind.as_deref() == Some("Service")
     }
 
     pub fn service_key(&self, route_ns: &str) -> Key {
@@ -152,8 +151,6 @@ pub struct Cond {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouteEval {
     pub route: RouteRefs,
-    /// Rules in `spec.rules`.
-    pub rules: usize,
     pub dropped: Vec<DroppedRule>,
     pub refused: Vec<RefProblem>,
 }
@@ -161,7 +158,7 @@ pub struct RouteEval {
 impl RouteEval {
     /// Every rule was left out.
     pub fn all_dropped(&self) -> bool {
-        self.rules > 0 && self.dropped.len() == self.rules
+        self.route.rules > 0 && self.dropped.len() == self.route.rules
     }
 
     pub fn kind(&self) -> Kind {
@@ -175,24 +172,21 @@ impl RouteEval {
 
 /// Every route in the store, translated against `index` as the proxy gets it.
 pub fn evaluate(store: &Store, index: &RefIndex) -> Vec<RouteEval> {
-    let http = store.http_routes.values().map(|r| {
-        let t = proxy_routes::http_route(r, index);
+    fn eval<R>(route: RouteRefs, t: proxy_routes::Translated<R>) -> RouteEval {
         RouteEval {
-            route: RouteRefs::of_http(r),
-            rules: t.rules,
+            route,
             dropped: t.dropped,
             refused: t.refused,
         }
-    });
-    let grpc = store.grpc_routes.values().map(|r| {
-        let t = proxy_routes::grpc_route(r, index);
-        RouteEval {
-            route: RouteRefs::of_grpc(r),
-            rules: t.rules,
-            dropped: t.dropped,
-            refused: t.refused,
-        }
-    });
+    }
+    let http = store
+        .http_routes
+        .values()
+        .map(|r| eval(RouteRefs::of_http(r), proxy_routes::http_route(r, index)));
+    let grpc = store
+        .grpc_routes
+        .values()
+        .map(|r| eval(RouteRefs::of_grpc(r), proxy_routes::grpc_route(r, index)));
     http.chain(grpc).collect()
 }
 
@@ -213,11 +207,7 @@ pub fn parent_conditions(index: &RefIndex, eval: &RouteEval, parent: &ParentRef)
             reason: "UnsupportedValue".into(),
             message: format!(
                 "no rule can be carried out by the node proxy: {}",
-                eval.dropped
-                    .iter()
-                    .map(|d| d.message.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                dropped_messages(eval)
             ),
         },
         Ok(()) => Cond {
@@ -261,16 +251,21 @@ pub fn parent_conditions(index: &RefIndex, eval: &RouteEval, parent: &ParentRef)
                 .map(|d| d.index.to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            eval.dropped
-                .iter()
-                .map(|d| d.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; ")
+            dropped_messages(eval)
         ),
     });
     let mut out = vec![accepted, resolved];
     out.extend(partial);
     out
+}
+
+/// Why each dropped rule was left out, `; `-separated.
+fn dropped_messages(eval: &RouteEval) -> String {
+    eval.dropped
+        .iter()
+        .map(|d| d.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Kubernetes conditions for `conds`, keeping the transition time of a

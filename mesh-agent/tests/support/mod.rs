@@ -71,7 +71,8 @@ pub struct FakeApi {
     state: Arc<Mutex<FakeState>>,
 }
 
-fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
+/// A JSON response with status `code`.
+pub fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "application/json")

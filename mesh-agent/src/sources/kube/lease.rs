@@ -29,6 +29,7 @@ use kube::{
 };
 use tokio::sync::watch;
 
+use super::is_status;
 use crate::config;
 
 /// Name of the Lease, in the agent's namespace.
@@ -64,10 +65,6 @@ pub struct Elector {
     seen: Mutex<Option<Seen>>,
 }
 
-fn is_status(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
-}
-
 impl Elector {
     pub fn new(client: Client, namespace: &str, holder: &str) -> Elector {
         Elector {
@@ -76,10 +73,6 @@ impl Elector {
             duration: LEASE_DURATION,
             seen: Mutex::new(None),
         }
-    }
-
-    pub fn holder(&self) -> &str {
-        &self.holder
     }
 
     fn spec(&self, now: Timestamp, acquired: Option<MicroTime>, transitions: i32) -> LeaseSpec {

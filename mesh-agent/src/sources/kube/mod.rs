@@ -12,6 +12,11 @@
 pub mod lease;
 pub mod status;
 
+/// Whether `e` is the API server answering with HTTP status `code`.
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
 use std::{
     collections::BTreeMap,
     fmt::Debug,
@@ -196,7 +201,7 @@ async fn watch_kind<K>(
                 // kind unlisted, and the kernel's pinned state alone, until a
                 // retry succeeds.
                 let absent = kind.is_optional()
-                    && matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
+                    && matches!(&e, watcher::Error::InitialListFailed(k) if is_status(k, 404));
                 let hint = match &e {
                     watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404 => {
                         format!(

@@ -19,6 +19,7 @@ use kube::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::is_status;
 use crate::{
     config,
     crds::{AccessPolicy, MeshPolicy},
@@ -54,10 +55,6 @@ fn params() -> PatchParams {
         field_manager: Some(config::FIELD_MANAGER.into()),
         ..PatchParams::default()
     }
-}
-
-fn is_status(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
 /// Replaces Sluice's entries of a route's `status.parents` with `ours`,
