@@ -31,8 +31,9 @@ pub const ADMIN_PORT: u16 = 15020;
 /// Request header carrying the target workload `ip:port` of an HTTP request
 /// inside the tunnel (CONNECT streams carry it as their authority instead).
 pub const TARGET_HEADER: &str = "sluice-target";
-/// Request header telling the inbound proxy which protocol the caller spoke
-/// (`http1` or `h2`), so that HTTP/1.1 is restored towards the workload.
+/// Request header telling the inbound proxy that the caller spoke HTTP/2
+/// (`h2`); without it (or with `http1`) the inbound proxy restores HTTP/1.1
+/// towards the workload.
 pub const PROTOCOL_HEADER: &str = "sluice-protocol";
 /// Request header set by the inbound proxy for the workload: the verified
 /// SPIFFE ID of the caller. Stripped from requests entering the mesh.

@@ -599,14 +599,13 @@ async fn send_once(
             })?;
             parts.version = Version::HTTP_2;
             parts.headers.insert(TARGET, up.target.clone());
-            parts.headers.insert(
-                PROTOCOL,
-                HeaderValue::from_static(if proto == Protocol::Http2 {
-                    "h2"
-                } else {
-                    "http1"
-                }),
-            );
+            // HTTP/1.1 is the default on the far side: only HTTP/2 is named,
+            // which spares the common case a header to encode and decode.
+            if proto == Protocol::Http2 {
+                parts
+                    .headers
+                    .insert(PROTOCOL, HeaderValue::from_static("h2"));
+            }
             let key = TunnelKey::to(&conn.source.identity, t);
             let (resp, _tls) = shared
                 .pool
