@@ -51,6 +51,59 @@ impl Proc {
     }
 }
 
+/// Where the processes of a latency run may run.
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    /// Every process on every vCPU, as the scheduler likes.
+    Shared,
+    /// The load generator alone on vCPU 0; the backend and the proxies on the
+    /// others. oha's threads then never delay a proxy, and the tail measures
+    /// the path rather than the load generator's scheduling.
+    Isolated,
+}
+
+/// A CPU set of the vCPUs `cpus`.
+fn cpu_set(cpus: impl IntoIterator<Item = usize>) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for c in cpus {
+        // SAFETY: CPU_SET only writes the bit of `c` inside `set`, and `c`
+        // is below the number of online CPUs, far under CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Moves every thread of process `pid` to `set` (threads created later
+/// inherit it from their creator).
+fn pin_process(pid: u32, set: &libc::cpu_set_t) -> Result<()> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("listing the threads of process {pid}"))?;
+    for task in tasks {
+        let Some(tid) = task?
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: `set` is a valid cpu_set_t and its size is passed along.
+        let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(set), set) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // A thread that ended meanwhile is no error.
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e).with_context(|| format!("pinning thread {tid} of process {pid}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One way to reach the backend.
 struct Target {
     name: &'static str,
@@ -221,7 +274,7 @@ http {{
 
 /// Starts everything: the backend and the four ways to reach it.
 struct Fleet {
-    _backend: Proc,
+    backend: Proc,
     targets: Vec<Target>,
     _dir: TempDir,
 }
@@ -316,9 +369,29 @@ impl Fleet {
                     logs: vec![dir.0.join("a-error.log"), dir.0.join("b-error.log")],
                 },
             ],
-            _backend: backend,
+            backend,
             _dir: dir,
         })
+    }
+}
+
+impl Fleet {
+    /// Every process of the fleet (the backend and every proxy).
+    fn pids(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::once(self.backend.pid()).chain(
+            self.targets
+                .iter()
+                .flat_map(|t| t.procs.iter().map(Proc::pid)),
+        )
+    }
+
+    /// Puts the fleet on the vCPUs `layout` gives it.
+    fn apply(&self, layout: Layout) -> Result<()> {
+        let set = match layout {
+            Layout::Shared => cpu_set(0..online_cpus()),
+            Layout::Isolated => cpu_set(1..online_cpus()),
+        };
+        self.pids().try_for_each(|pid| pin_process(pid, &set))
     }
 }
 
@@ -349,13 +422,26 @@ struct Run {
     cpu_s: f64,
 }
 
-fn oha(bin: &Path, target: &Target, args: &[&str]) -> Result<Run> {
+fn oha(bin: &Path, target: &Target, args: &[&str], layout: Layout) -> Result<Run> {
     let before = cpu_seconds(&target.procs);
-    let out = Command::new(bin)
-        .args(args)
-        .args(["--no-tui", "--output-format", "json", &target.url])
-        .output()
-        .context("running oha")?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .args(["--no-tui", "--output-format", "json", &target.url]);
+    if layout == Layout::Isolated {
+        let set = cpu_set([0]);
+        // SAFETY: between fork and exec the closure makes one system call
+        // (async-signal-safe) on a set computed before the fork.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(move || {
+                if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = cmd.output().context("running oha")?;
     let cpu_s = cpu_seconds(&target.procs) - before;
     if !out.status.success() {
         bail!(
@@ -405,12 +491,14 @@ fn measure(
     args: &[&str],
     rounds: usize,
     what: &str,
+    layout: Layout,
 ) -> Result<Vec<Run>> {
+    fleet.apply(layout)?;
     let mut all: Vec<Vec<Run>> = fleet.targets.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, t) in fleet.targets.iter().enumerate() {
             eprintln!("  round {}/{rounds}: {} {what}", round + 1, t.name);
-            let mut r = oha(bin, t, args)?;
+            let mut r = oha(bin, t, args, layout)?;
             // Target 0 is the direct path: differences within one round
             // cancel the machine's slow drift.
             if let Some(direct) = all[0].last().filter(|_| i > 0) {
@@ -445,13 +533,15 @@ fn measure(
 
 fn warm_up(bin: &Path, fleet: &Fleet) -> Result<()> {
     for t in &fleet.targets {
-        oha(bin, t, &["-z", "1s", "-c", "8"])?;
+        oha(bin, t, &["-z", "1s", "-c", "8"], Layout::Shared)?;
     }
     Ok(())
 }
 
 /// Added p50/p99 latency at a fixed 1,000 requests/s, and CPU per 1,000
-/// requests.
+/// requests: first with the load generator on a vCPU of its own (the
+/// figures the targets are judged on), then with every process sharing every
+/// vCPU.
 pub fn latency(quick: bool) -> Result<()> {
     let bin = ensure_oha()?;
     let threads = pair_threads();
@@ -459,11 +549,72 @@ pub fn latency(quick: bool) -> Result<()> {
     warm_up(&bin, &fleet)?;
     let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 7) };
     let args = ["-z", secs, "-q", "1000", "--latency-correction", "-c", "16"];
-    let runs = measure(&bin, &fleet, &args, rounds, "at 1,000 rps")?;
+    let isolated = if online_cpus() >= 2 {
+        Some(measure(
+            &bin,
+            &fleet,
+            &args,
+            rounds,
+            "at 1,000 rps, oha on vCPU 0",
+            Layout::Isolated,
+        )?)
+    } else {
+        None
+    };
+    let shared = measure(
+        &bin,
+        &fleet,
+        &args,
+        rounds,
+        "at 1,000 rps, vCPUs shared",
+        Layout::Shared,
+    )?;
+    let mut s = Section::new(
+        "proxy-latency",
+        "Node proxy: added latency at 1,000 requests/s",
+    );
+    s.line(format!(
+        "oha `-z {secs} -q 1000 --latency-correction -c 16`, HTTP/1.1 GET with {BODY}-byte response \
+         bodies, all on loopback on this machine ({} vCPU). {rounds} rounds, each running every \
+         path in turn; the tables show medians. Added latency = the path's percentile minus the \
+         direct connection's in the same round. CPU = user+system seconds of the pair's \
+         process(es) per 1,000 requests (/proc/<pid>/stat), so 0.25 means 0.25 vCPU at 1,000 rps. \
+         {}\n",
+        online_cpus(),
+        pairs(threads)
+    ));
+    s.line(NOISE);
+    match &isolated {
+        Some(runs) => {
+            s.line(
+                "**Load generator on a vCPU of its own** (oha pinned to vCPU 0, the backend and \
+                 every proxy to the others, `sched_setaffinity`): the proxies never wait for \
+                 oha's threads, so the tail is the path's own. This is how load generators are \
+                 run when a proxy is measured, and the targets are judged here.\n",
+            );
+            latency_table(&mut s, &fleet, runs, true);
+        }
+        None => {
+            s.line(
+                "This machine has one vCPU: the load generator cannot run apart from the \
+                 proxies, so the targets are judged on the shared table.\n",
+            );
+        }
+    }
+    s.line(
+        "**Every process on every vCPU** (no pinning; oha's threads compete with the proxies, \
+         which widens every path's tail): shown for comparison.\n",
+    );
+    latency_table(&mut s, &fleet, &shared, isolated.is_none());
+    s.write()
+}
+
+/// One table of [`latency`], with the verdicts when `judge`.
+fn latency_table(s: &mut Section, fleet: &Fleet, runs: &[Run], judge: bool) {
     let relay_p99 = runs[1].add99_ms;
     let cpu = |r: &Run| r.cpu_s / (r.requests / 1000.0);
     let mut rows = Vec::new();
-    for (t, r) in fleet.targets.iter().zip(&runs) {
+    for (t, r) in fleet.targets.iter().zip(runs) {
         let pair = !t.procs.is_empty();
         rows.push(vec![
             t.name.to_string(),
@@ -483,21 +634,6 @@ pub fn latency(quick: bool) -> Result<()> {
             },
         ]);
     }
-    let (sluice, nginx) = (&runs[2], &runs[3]);
-    let mut s = Section::new(
-        "proxy-latency",
-        "Node proxy: added latency at 1,000 requests/s",
-    );
-    s.line(format!(
-        "oha `-z {secs} -q 1000 --latency-correction -c 16`, HTTP/1.1 GET with {BODY}-byte response \
-         bodies, all on loopback on this machine (2 vCPU shared by oha, the backend and the proxies). \
-         {rounds} rounds, each running every path in turn; the table shows medians. Added latency = \
-         the path's percentile minus the direct connection's in the same round. CPU = user+system \
-         seconds of the pair's process(es) per 1,000 requests (/proc/<pid>/stat), so 0.25 means \
-         0.25 vCPU at 1,000 rps. {}\n",
-        pairs(threads)
-    ));
-    s.line(NOISE);
     s.table(
         &[
             "path",
@@ -510,11 +646,24 @@ pub fn latency(quick: bool) -> Result<()> {
         ],
         &rows,
     );
+    let (sluice, nginx) = (&runs[2], &runs[3]);
+    let ratio_p99 = if relay_p99 > 0.0 {
+        format!("{}x", ratio(sluice.add99_ms, relay_p99))
+    } else {
+        "n/a".into()
+    };
+    if !judge {
+        s.line(format!(
+            "Here Sluice's added p99 is {ratio_p99} the relay pair's, {:.3} ms against the nginx \
+             pair's {:.3} ms.\n",
+            sluice.add99_ms, nginx.add99_ms
+        ));
+        return;
+    }
     s.line(format!(
-        "Targets: Sluice's added p99 at most 2x the relay pair's: {}x ({}). Both Sluice proxies at \
-         most 0.25 vCPU per 1,000 rps: {:.3} ({}). Tail latency ahead of the nginx pair: {:.3} ms vs \
-         {:.3} ms added p99 ({}).\n",
-        if relay_p99 > 0.0 { ratio(sluice.add99_ms, relay_p99) } else { "n/a".into() },
+        "Targets: Sluice's added p99 at most 2x the relay pair's: {ratio_p99} ({}). Both Sluice \
+         proxies at most 0.25 vCPU per 1,000 rps: {:.3} ({}). Tail latency ahead of the nginx \
+         pair: {:.3} ms vs {:.3} ms added p99 ({}).\n",
         verdict(sluice.add99_ms <= 2.0 * relay_p99.max(0.0)),
         cpu(sluice),
         verdict(cpu(sluice) <= 0.25),
@@ -522,7 +671,6 @@ pub fn latency(quick: bool) -> Result<()> {
         nginx.add99_ms,
         verdict(sluice.add99_ms < nginx.add99_ms),
     ));
-    s.write()
 }
 
 /// Maximum requests per second through each path, and CPU per 1,000 requests
@@ -534,7 +682,7 @@ pub fn throughput(quick: bool) -> Result<()> {
     warm_up(&bin, &fleet)?;
     let (secs, rounds) = if quick { ("3s", 1) } else { ("10s", 3) };
     let args = ["-z", secs, "-c", "64"];
-    let runs = measure(&bin, &fleet, &args, rounds, "at full speed")?;
+    let runs = measure(&bin, &fleet, &args, rounds, "at full speed", Layout::Shared)?;
     let mut rows = Vec::new();
     for (t, r) in fleet.targets.iter().zip(&runs) {
         rows.push(vec![
