@@ -70,6 +70,14 @@ pub enum TunnelError {
         target: SocketAddr,
         status: String,
     },
+    /// The peer proxy did not answer a CONNECT in time (it may have reached
+    /// the workload meanwhile).
+    #[error("peer proxy {node} did not answer the stream to {target} within {timeout:?}")]
+    StreamTimeout {
+        node: SocketAddr,
+        target: SocketAddr,
+        timeout: Duration,
+    },
 }
 
 impl TunnelError {
@@ -77,6 +85,7 @@ impl TunnelError {
     pub fn is_connect_failure(&self) -> bool {
         match self {
             TunnelError::Http2 { source, .. } => is_refused_stream(source),
+            TunnelError::StreamTimeout { .. } => false,
             _ => true,
         }
     }
@@ -231,21 +240,34 @@ impl TunnelPool {
         if let Some(u) = upgrade {
             req.headers_mut().insert(crate::config::UPGRADE_REQUEST, u);
         }
-        let (resp, send) = self.open_stream(&conn, key, req, false).await?;
-        let resp = resp.await.map_err(|source| {
-            if is_refused_stream(&source) {
-                TunnelError::Refused {
-                    node: key.node,
-                    target,
-                    status: "stream refused".into(),
+        // The far side answers once its own connect (bounded by the same
+        // setting) is done; waiting for a stream slot counts too.
+        let timeout = self.inner.settings.connect_timeout() * 2;
+        let answer = async {
+            let (resp, send) = self.open_stream(&conn, key, req, false).await?;
+            let resp = resp.await.map_err(|source| {
+                if is_refused_stream(&source) {
+                    TunnelError::Refused {
+                        node: key.node,
+                        target,
+                        status: "stream refused".into(),
+                    }
+                } else {
+                    TunnelError::Http2 {
+                        node: key.node,
+                        source,
+                    }
                 }
-            } else {
-                TunnelError::Http2 {
-                    node: key.node,
-                    source,
-                }
+            })?;
+            Ok::<_, TunnelError>((resp, send))
+        };
+        let (resp, send) = tokio::time::timeout(timeout, answer).await.map_err(|_| {
+            TunnelError::StreamTimeout {
+                node: key.node,
+                target,
+                timeout,
             }
-        })?;
+        })??;
         if resp.status() != StatusCode::OK {
             let reason = resp
                 .headers()
@@ -464,6 +486,9 @@ impl TunnelPool {
         handle.update(|m| m.tls = Some(info.clone()));
         let (io, batch) = BatchIo::new(tls);
         let (sender, mut connection) = h2::client::Builder::new()
+            // Nothing in the tunnel is pushed; a peer that tries would only
+            // pile up promised streams.
+            .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(s.max_header_bytes)
