@@ -133,30 +133,63 @@ where
 {
     let mut buf = vec![0u8; RELAY_BUF];
     let mut total = 0u64;
+    // Waiting (to read, or for the other end to take a write) goes on while
+    // bytes move in either direction, and ends after `idle` of silence.
+    let idle_out = || {
+        let quiet = start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+        (quiet >= idle).then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no bytes in either direction for {idle:?}"),
+            )
+        })
+    };
+    let moved = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     loop {
         let n = match tokio::time::timeout(idle, r.read(&mut buf)).await {
             Ok(res) => res?,
-            Err(_) => {
-                let quiet = start
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                if quiet >= idle {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no bytes in either direction for {idle:?}"),
-                    ));
-                }
-                continue;
-            }
+            Err(_) => match idle_out() {
+                Some(e) => return Err(e),
+                None => continue,
+            },
         };
         if n == 0 {
             // Half-close: the peer sees end of stream, the other way goes on.
-            let _ = w.shutdown().await;
+            let _ = tokio::time::timeout(idle, w.shutdown()).await;
             return Ok(total);
         }
-        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        w.write_all(&buf[..n]).await?;
-        w.flush().await?;
+        moved();
+        // A peer that stops reading must not hold this task (and the
+        // connection's resources) forever: `write` and `flush` are
+        // cancel-safe, so each wait is bounded and resumed.
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            match tokio::time::timeout(idle, w.write(rest)).await {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(k)) => {
+                    rest = &rest[k..];
+                    moved();
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    if let Some(e) = idle_out() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        loop {
+            match tokio::time::timeout(idle, w.flush()).await {
+                Ok(res) => break res?,
+                Err(_) => {
+                    if let Some(e) = idle_out() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
         total += n as u64;
         on_chunk(n as u64);
     }
@@ -208,6 +241,26 @@ mod tests {
                 b_to_a: 5
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relay_gives_up_on_a_peer_that_stops_reading() {
+        // The client half-closes and never reads again while the server
+        // keeps sending: the relay's write to the client can never finish.
+        let (client, proxy_a) = tokio::io::duplex(64);
+        let (proxy_b, server) = tokio::io::duplex(64);
+        let (_client_r, mut client_w) = tokio::io::split(client);
+        client_w.shutdown().await.unwrap();
+        let (_server_r, mut server_w) = tokio::io::split(server);
+        tokio::spawn(async move {
+            let _ = server_w.write_all(&vec![7u8; 1 << 20]).await;
+        });
+        let relay = relay(proxy_a, proxy_b, Duration::from_secs(5), |_| {}, |_| {});
+        let err = tokio::time::timeout(Duration::from_secs(60), relay)
+            .await
+            .expect("the relay ends after 5 s without progress")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 
     #[tokio::test(start_paused = true)]
