@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -98,6 +98,8 @@ struct TunnelPeer {
     metrics: RequestMetricsCache,
     /// Requests being handled on this connection (see [`FlushAtEnd`]).
     in_flight: Arc<AtomicUsize>,
+    /// Whether the peer has opened a stream yet.
+    opened: AtomicBool,
 }
 
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
@@ -177,6 +179,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             .expect("a SPIFFE ID is a valid header value"),
         metrics: RequestMetricsCache::default(),
         in_flight: Arc::default(),
+        opened: AtomicBool::new(false),
         identity,
         sni,
         local_label: local_identity
@@ -201,8 +204,29 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         .keep_alive_timeout(std::time::Duration::from_secs(10))
         .serve_connection(TokioIo::new(io), svc);
     let conn = FlushAtEnd::new(conn, batch, tp.in_flight.clone());
-    if let Err(e) = drain_on_shutdown(&shared, conn, |c| c.inner_mut().graceful_shutdown()).await {
-        tracing::debug!(%peer, "inbound tunnel connection ended: {e}");
+    // A proxy opens a tunnel connection to send a stream at once; hyper's
+    // keep-alive pings only start after the HTTP/2 preface, so a peer that
+    // sends nothing after the handshake is cut here.
+    let first_stream = shared.settings.tls_handshake_timeout();
+    let silent = async {
+        tokio::time::sleep(first_stream).await;
+        if tp.opened.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = drain_on_shutdown(&shared, conn, |c| c.inner_mut().graceful_shutdown()) => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, "inbound tunnel connection ended: {e}");
+            }
+        }
+        () = silent => {
+            tracing::warn!(
+                %peer,
+                source = %tp.identity,
+                "closing an inbound tunnel connection that opened no stream within {first_stream:?}"
+            );
+        }
     }
 }
 
@@ -281,6 +305,9 @@ async fn handle(
 ) -> Result<Response<Body>, BoxError> {
     tp.in_flight.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight(tp.in_flight.clone());
+    if !tp.opened.load(Ordering::Relaxed) {
+        tp.opened.store(true, Ordering::Relaxed);
+    }
     if req.method() == Method::CONNECT {
         handle_connect(shared, tp, req).await
     } else {

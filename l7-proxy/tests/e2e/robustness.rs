@@ -71,6 +71,40 @@ async fn silent_tls_client_is_cut_off_at_the_handshake_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_peer_silent_after_the_handshake_is_cut_off() {
+    let (mesh, _srv) = mesh_with_cart().await;
+    // A real mesh certificate and a finished TLS handshake, then nothing:
+    // not even the HTTP/2 preface.
+    let config = mesh
+        .a
+        .identities
+        .client_config(&web().identity(), &cart(0).identity())
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.node_b_proxy())
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(certs::server_name(&cart(0).identity()), tcp)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent tunnel connection was kept open");
+    // Others are served meanwhile and after.
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    assert_eq!(c.get("/").await.status, 200);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_oversized_requests_only_hurt_their_own_connection() {
     let (mesh, srv) = mesh_with_cart().await;
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
