@@ -107,7 +107,7 @@ pub(crate) async fn handle(
             StatusCode::BAD_GATEWAY,
             format!("{} is not a meshed destination", conn.original_dst),
             Label::default(),
-            Label::from(conn.original_dst.to_string()),
+            Label::external(),
         ),
     };
     let status = outcome.response.status().as_u16();
@@ -545,17 +545,32 @@ fn spawn_mirror(
     // A mirrored upgrade request stays a plain request: the client's
     // connection belongs to the primary.
     parts.extensions.remove::<OnUpgrade>();
-    tokio::spawn(async move {
+    let shared2 = shared.clone();
+    shared.spawn(async move {
         let _pick = pick;
-        match send_once(&shared, &conn, &up, parts, full(body)).await {
-            // The mirror's answer is read and dropped.
-            Ok(resp) => {
-                let _ = resp.into_body().collect().await;
+        let mirror = async {
+            match send_once(&shared2, &conn, &up, parts, full(body)).await {
+                // The mirror's answer is read and dropped as it comes.
+                Ok(resp) => {
+                    let mut body = resp.into_body();
+                    while let Some(Ok(_)) = body.frame().await {}
+                }
+                Err(e) => tracing::debug!("mirrored request failed: {}", e.reason),
             }
-            Err(e) => tracing::debug!("mirrored request failed: {}", e.reason),
+        };
+        // A mirror that never answers, or answers without end, must not
+        // keep its task and its endpoint's in-flight count.
+        if tokio::time::timeout(MIRROR_DEADLINE, mirror).await.is_err() {
+            tracing::debug!(
+                "mirrored request to {} cut after {MIRROR_DEADLINE:?}",
+                up.addr
+            );
         }
     });
 }
+
+/// How long a mirrored request may take, answer included.
+const MIRROR_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Sends one attempt to one upstream.
 async fn send_once(
