@@ -22,9 +22,23 @@ impl Default for Label {
     }
 }
 
+/// The destination label of traffic to an address the configuration does
+/// not know (neither a service nor a workload): one series for all of them,
+/// so that a workload reaching many outside addresses cannot grow the
+/// metrics without bound. The connection table and access log keep the
+/// address.
+pub const EXTERNAL: &str = "external";
+
 impl Label {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// [`EXTERNAL`], one shared string for the whole process.
+    pub fn external() -> Self {
+        static EXT: std::sync::LazyLock<Label> =
+            std::sync::LazyLock::new(|| Label(EXTERNAL.into()));
+        EXT.clone()
     }
 
     /// The same shared string (not merely an equal one).

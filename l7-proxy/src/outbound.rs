@@ -280,7 +280,7 @@ async fn serve_tcp<I>(
             Arc::new(Upstream {
                 addr: dst,
                 target: crate::state::target_value(dst),
-                label: crate::metrics::Label::from(dst.to_string()),
+                label: crate::metrics::Label::external(),
                 tunnel: None,
                 workload: None,
             }),
@@ -303,10 +303,11 @@ async fn serve_tcp<I>(
     let labels = TcpLabels {
         direction: Direction::Outbound,
         source: source.identity.to_string(),
-        destination: upstream
-            .tunnel
-            .as_ref()
-            .map_or_else(|| upstream.addr.to_string(), |t| t.identity.to_string()),
+        destination: match (&upstream.tunnel, &dest) {
+            (Some(t), _) => t.identity.to_string(),
+            (None, Destination::External) => crate::metrics::EXTERNAL.into(),
+            (None, _) => upstream.addr.to_string(),
+        },
         secured: upstream.tunnel.is_some(),
     };
     let (on_sent, on_received) = count_relay(&shared.metrics, &labels, Some(row.clone()));

@@ -228,6 +228,24 @@ async fn pod_ip_destinations_use_the_tunnel_and_the_rest_goes_direct() {
         secured.contains(&true) && secured.contains(&false),
         "{rows:?}"
     );
+    // The outside address stays in the connection table, while its
+    // metrics share the one `external` series.
+    assert!(
+        rows.iter()
+            .any(|r| r.meta.destination_addr == Some(outside)),
+        "{rows:?}"
+    );
+    let outside_s = outside.to_string();
+    assert_eq!(
+        mesh.a.metric(
+            "sluice_tcp_connections_total",
+            &["destination=\"external\"", "secured=\"false\""]
+        ),
+        1.0,
+        "{}",
+        mesh.a.metrics()
+    );
+    assert!(!mesh.a.metrics().contains(&outside_s));
     drop((t, o));
     mesh.shutdown().await;
 }
