@@ -20,8 +20,8 @@ use http::{HeaderMap, Method};
 use regex::Regex;
 
 use crate::config::{
-    BackendRef, GrpcRoute, GrpcRouteMatch, HttpFilter, HttpRoute, HttpRouteMatch, ObjectRef,
-    PathMatch, Retry, Timeouts, ValueMatch, ValueMatchKind,
+    BackendRef, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HttpFilter, HttpRoute, HttpRouteMatch,
+    HttpRouteRule, ObjectRef, PathMatch, Retry, Timeouts, ValueMatch, ValueMatchKind,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,56 @@ pub enum RouteError {
         rule: usize,
         name: String,
     },
+    #[error("route {route} rule {rule}: invalid method {method:?} in a match")]
+    Method {
+        route: ObjectRef,
+        rule: usize,
+        method: String,
+    },
+}
+
+impl RouteError {
+    /// What is wrong, without the route and rule.
+    pub fn problem(&self) -> String {
+        match self {
+            RouteError::Regex {
+                pattern, source, ..
+            } => format!("invalid regular expression {pattern:?}: {source}"),
+            RouteError::HeaderName { name, .. } => format!("invalid header name {name:?}"),
+            RouteError::Method { method, .. } => format!("invalid method {method:?}"),
+        }
+    }
+}
+
+/// Why the proxy would leave out a match of `rule` ([`RouteTable::build`]
+/// compiles it the same way), if it would. The agent checks every rule with
+/// it, so that a route's status and what the proxy serves agree.
+pub fn check_http_rule(rule: &HttpRouteRule) -> Result<(), String> {
+    let route = HttpRoute {
+        id: ObjectRef::new("", ""),
+        created_unix: 0,
+        parents: Vec::new(),
+        rules: vec![rule.clone()],
+    };
+    first_problem(RouteTable::build(&[route], &[]).1)
+}
+
+/// [`check_http_rule`] for a GRPCRoute rule.
+pub fn check_grpc_rule(rule: &GrpcRouteRule) -> Result<(), String> {
+    let route = GrpcRoute {
+        id: ObjectRef::new("", ""),
+        created_unix: 0,
+        parents: Vec::new(),
+        rules: vec![rule.clone()],
+    };
+    first_problem(RouteTable::build(&[], &[route]).1)
+}
+
+fn first_problem(errors: Vec<RouteError>) -> Result<(), String> {
+    match errors.first() {
+        Some(e) => Err(e.problem()),
+        None => Ok(()),
+    }
 }
 
 /// A rule as the forwarding path uses it.
@@ -489,10 +539,10 @@ fn compile_http_match(
     }
     let method = match &m.method {
         Some(s) => Some(
-            Method::from_bytes(s.as_bytes()).map_err(|_| RouteError::HeaderName {
+            Method::from_bytes(s.as_bytes()).map_err(|_| RouteError::Method {
                 route: route.id.clone(),
                 rule: ri,
-                name: s.clone(),
+                method: s.clone(),
             })?,
         ),
         None => None,

@@ -397,14 +397,18 @@ impl Ctx<'_> {
                 method: str_of(&m["method"]),
             });
         }
-        Ok(HttpRouteRule {
+        let rule = HttpRouteRule {
             name: str_of(&r["name"]),
             matches,
             filters: self.filters(&r["filters"], &format!("{field}.filters"))?,
             backends: self.backends(&r["backendRefs"], &format!("{field}.backendRefs"))?,
             timeouts: timeouts(&r["timeouts"], &format!("{field}.timeouts"))?,
             retry: retry(&r["retry"], &format!("{field}.retry"))?,
-        })
+        };
+        // What the proxy could not compile (a regular expression, a header
+        // name) drops the rule here, where the route's status says so.
+        l7_proxy::router::check_http_rule(&rule).map_err(|p| format!("{field}.matches: {p}"))?;
+        Ok(rule)
     }
 
     fn grpc_rule(&mut self, r: &Value, field: &str) -> Result<GrpcRouteRule, String> {
@@ -432,14 +436,16 @@ impl Ctx<'_> {
                 headers: value_matches(&m["headers"], &format!("{f}.headers"))?,
             });
         }
-        Ok(GrpcRouteRule {
+        let rule = GrpcRouteRule {
             name: str_of(&r["name"]),
             matches,
             filters: self.filters(&r["filters"], &format!("{field}.filters"))?,
             backends: self.backends(&r["backendRefs"], &format!("{field}.backendRefs"))?,
             timeouts: Timeouts::default(),
             retry: None,
-        })
+        };
+        l7_proxy::router::check_grpc_rule(&rule).map_err(|p| format!("{field}.matches: {p}"))?;
+        Ok(rule)
     }
 
     /// Every rule of `spec`, through `rule`; the ones that fail are dropped.

@@ -334,6 +334,43 @@ fn translate_rule(rule: serde_json::Value) -> Result<HttpRouteRule, String> {
 }
 
 #[test]
+fn rules_the_proxy_cannot_compile_are_dropped_with_the_reason() {
+    let backend = serde_json::json!([{"name": "db", "port": 5432}]);
+    // A lookahead: valid elsewhere, not in the proxy's regex dialect.
+    let err = translate_rule(serde_json::json!({
+        "matches": [{"path": {"type": "RegularExpression", "value": "/(?=a)"}}],
+        "backendRefs": backend,
+    }))
+    .unwrap_err();
+    assert!(
+        err.starts_with("spec.rules[0].matches: invalid regular expression \"/(?=a)\""),
+        "{err}"
+    );
+    let err = translate_rule(serde_json::json!({
+        "matches": [{"headers": [{"name": "x-user", "type": "RegularExpression", "value": "u[0-9"}]}],
+        "backendRefs": backend,
+    }))
+    .unwrap_err();
+    assert!(
+        err.contains("invalid regular expression \"u[0-9\""),
+        "{err}"
+    );
+    let err = translate_rule(serde_json::json!({
+        "matches": [{"headers": [{"name": "bad header", "value": "1"}]}],
+        "backendRefs": backend,
+    }))
+    .unwrap_err();
+    assert!(err.contains("invalid header name \"bad header\""), "{err}");
+    // A valid regular expression passes.
+    let rule = translate_rule(serde_json::json!({
+        "matches": [{"path": {"type": "RegularExpression", "value": "/v[0-9]+/.*"}}],
+        "backendRefs": backend,
+    }))
+    .unwrap();
+    assert_eq!(rule.matches.len(), 1);
+}
+
+#[test]
 fn retry_is_translated_with_attempts_backoff_and_codes() {
     let rule = translate_rule(serde_json::json!({
         "backendRefs": [{"name": "db", "port": 5432}],
