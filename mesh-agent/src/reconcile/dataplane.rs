@@ -159,8 +159,9 @@ impl MemoryDataplane {
         self.lock().guarded.clone()
     }
 
-    /// Makes upserts of `fe` fail as a full map would.
-    pub fn fail_upserts_of(&self, fe: Frontend) {
+    /// Makes changes of `fe` fail: upserts as a full map would, removals as
+    /// a failing map operation.
+    pub fn fail_changes_of(&self, fe: Frontend) {
         self.lock().failing.insert(fe);
     }
 
@@ -192,14 +193,16 @@ impl Dataplane for MemoryDataplane {
         let mut m = self.lock();
         m.batches.push(changes.to_vec());
         for c in changes {
-            if let Change::Upsert(s) = c
-                && m.failing.contains(&s.frontend)
-            {
+            let fe = match c {
+                Change::Upsert(s) => &s.frontend,
+                Change::Remove(fe) => fe,
+            };
+            if m.failing.contains(fe) {
                 return Err(ebpf_lb::Error::MapFull {
                     map: "SERVICES",
                     capacity: 0,
                     option: "max_services",
-                    what: s.frontend.to_string(),
+                    what: fe.to_string(),
                 });
             }
         }

@@ -157,6 +157,11 @@ pub struct OutputReceivers {
     pub identities: watch::Receiver<BTreeSet<String>>,
 }
 
+/// Keys of the first sync's steps among the kernel errors, retried on ticks.
+const PROXY_STEP: &str = "proxy";
+const STALE_SERVICES_STEP: &str = "stale services";
+const STALE_CGROUP_STEP: &str = "stale cgroup ";
+
 pub struct Reconciler {
     store: Store,
     dp: Arc<dyn Dataplane>,
@@ -293,6 +298,7 @@ impl Reconciler {
             if !self.enrol_errors.is_empty() || !self.other_errors.is_empty() {
                 dirty.workloads = true;
             }
+            self.retry_first_sync_steps();
         }
         if dirty.is_empty() {
             if resend_status {
@@ -315,15 +321,47 @@ impl Reconciler {
     /// The source's initial state is in: program everything, and drop what an
     /// earlier agent left in the kernel that is no longer wanted.
     fn first_sync(&mut self, dirty: &mut Dirty) {
-        let r = self.dp.set_proxy(self.settings.proxy);
-        self.outcome(
-            "proxy".into(),
-            r.map_err(|e| format!("setting the proxy address: {e}")),
-        );
+        self.set_proxy_address();
         dirty.services.extend(self.store.services.keys().cloned());
         dirty.workloads = true;
         dirty.mesh = true;
         self.reconcile_services(&dirty.services);
+        self.remove_stale_services();
+        self.reconcile_workloads();
+        self.unenrol_stale_cgroups();
+        dirty.services.clear();
+        dirty.workloads = false;
+    }
+
+    /// Retries, on a tick, the first sync's steps that failed: each is safe
+    /// to run again at any time.
+    fn retry_first_sync_steps(&mut self) {
+        if self.other_errors.contains_key(PROXY_STEP) {
+            self.set_proxy_address();
+        }
+        if self.other_errors.contains_key(STALE_SERVICES_STEP) {
+            self.remove_stale_services();
+        }
+        if self
+            .other_errors
+            .keys()
+            .any(|k| k.starts_with(STALE_CGROUP_STEP))
+        {
+            self.unenrol_stale_cgroups();
+        }
+    }
+
+    fn set_proxy_address(&mut self) {
+        let r = self.dp.set_proxy(self.settings.proxy);
+        self.outcome(
+            PROXY_STEP.into(),
+            r.map_err(|e| format!("setting the proxy address: {e}")),
+        );
+    }
+
+    /// Removes the kernel services an earlier run left that no Service
+    /// claims now.
+    fn remove_stale_services(&mut self) {
         let wanted: BTreeSet<Frontend> = self.lb.frontends().map(|(f, _)| *f).collect();
         // A Service refused now (or whose update failed) keeps what an
         // earlier run programmed for its addresses: its last good entries.
@@ -348,31 +386,40 @@ impl Reconciler {
             .filter(|s| !wanted.contains(&s.frontend) && !kept.contains(&s.frontend.vip.ip()))
             .map(|s| ebpf_lb::Change::Remove(s.frontend))
             .collect();
-        if !stale.is_empty() {
+        let r = if stale.is_empty() {
+            Ok(())
+        } else {
             tracing::info!(
                 count = stale.len(),
                 "removing services left by an earlier run"
             );
-            let r = self.dp.apply(&stale).map(drop);
+            self.dp.apply(&stale).map(drop)
+        };
+        self.outcome(
+            STALE_SERVICES_STEP.into(),
+            r.map_err(|e| format!("removing stale services: {e}")),
+        );
+    }
+
+    /// Unenrols the cgroups an earlier run enrolled that no pod claims now.
+    fn unenrol_stale_cgroups(&mut self) {
+        let ours: BTreeSet<u64> = self.enrolled.values().map(|e| e.id).collect();
+        let kernel: BTreeSet<u64> = self.dp.enrolled().into_iter().collect();
+        for &id in kernel.iter().filter(|id| !ours.contains(id)) {
+            let r = self.dp.unenroll(id);
             self.outcome(
-                "stale services".into(),
-                r.map_err(|e| format!("removing stale services: {e}")),
+                format!("{STALE_CGROUP_STEP}{id}"),
+                r.map_err(|e| format!("unenrolling stale cgroup {id}: {e}")),
             );
         }
-        self.reconcile_workloads();
-        // Cgroups enrolled by an earlier run that no pod claims any more.
-        let ours: BTreeSet<u64> = self.enrolled.values().map(|e| e.id).collect();
-        for id in self.dp.enrolled() {
-            if !ours.contains(&id) {
-                let r = self.dp.unenroll(id);
-                self.outcome(
-                    format!("cgroup {id}"),
-                    r.map_err(|e| format!("unenrolling stale cgroup {id}: {e}")),
-                );
-            }
-        }
-        dirty.services.clear();
-        dirty.workloads = false;
+        // Gone meanwhile (or ours again): nothing to retry.
+        self.other_errors
+            .retain(|k, _| match k.strip_prefix(STALE_CGROUP_STEP) {
+                Some(id) => id
+                    .parse()
+                    .is_ok_and(|id: u64| kernel.contains(&id) && !ours.contains(&id)),
+                None => true,
+            });
     }
 
     fn reconcile_services(&mut self, dirty: &BTreeSet<Key>) {
@@ -553,6 +600,8 @@ impl Reconciler {
     fn reconcile_modes(&mut self, infos: &mut [WorkloadInfo]) {
         let mut modes: BTreeMap<IpAddr, ebpf_lb::MtlsMode> = BTreeMap::new();
         let mut guards: BTreeMap<String, Key> = BTreeMap::new();
+        // The error keys of this pass's STRICT pods and interfaces.
+        let mut guard_keys: BTreeSet<String> = BTreeSet::new();
         for info in infos.iter_mut() {
             // `enrolled` is still the intent here (namespace, opt-out).
             if !info.local || !info.enrolled || self.settings.proxy.is_none() {
@@ -585,12 +634,23 @@ impl Reconciler {
                 (None, Some(ip)) => self.interfaces.interface(*ip),
                 (None, None) => Err("the pod has no IP yet".into()),
             };
+            // Not finding the interface yet (the pod is starting) is tried
+            // again on every tick, like any failed kernel operation.
+            let find = format!("guard of pod {key}");
+            guard_keys.insert(find.clone());
             match iface {
                 Ok(i) => {
                     info.strict_guard = Some(format!("guarded on {i}"));
+                    self.outcome(find, Ok(()));
                     guards.insert(i, key);
                 }
-                Err(e) => info.strict_guard = Some(format!("not enforced in the kernel: {e}")),
+                Err(e) => {
+                    info.strict_guard = Some(format!("not enforced in the kernel: {e}"));
+                    self.outcome(
+                        find,
+                        Err(format!("STRICT pod {key}: no interface to guard: {e}")),
+                    );
+                }
             }
         }
         for (ip, mode) in &modes {
@@ -621,9 +681,23 @@ impl Reconciler {
                 r.map_err(|e| format!("clearing the mTLS mode of {ip}: {e}")),
             );
         }
+        // A mode that never reached the kernel and is not wanted any more
+        // (its pod is gone) is no error any more.
+        let known = &self.modes;
+        self.other_errors.retain(|what, _| {
+            match what
+                .strip_prefix("mode ")
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+            {
+                Some(ip) => modes.contains_key(&ip) || known.contains_key(&ip),
+                None => true,
+            }
+        });
         for (iface, key) in &guards {
+            guard_keys.insert(format!("guard {iface}"));
             if !self.guarded.contains_key(iface) {
-                match self.dp.guard_interface(iface) {
+                let r = self.dp.guard_interface(iface);
+                match &r {
                     Ok(()) => {
                         tracing::info!(pod = %key, interface = %iface, "STRICT guard attached");
                         self.guarded.insert(iface.clone(), key.clone());
@@ -637,8 +711,15 @@ impl Reconciler {
                         }
                     }
                 }
+                self.outcome(
+                    format!("guard {iface}"),
+                    r.map_err(|e| format!("guarding {iface} of STRICT pod {key}: {e}")),
+                );
             }
         }
+        // Guard problems of pods no longer STRICT here are no errors either.
+        self.other_errors
+            .retain(|what, _| !what.starts_with("guard ") || guard_keys.contains(what));
         let stale: Vec<String> = self
             .guarded
             .keys()
@@ -806,6 +887,7 @@ impl Reconciler {
             }
         }
         out.extend(self.route_problems());
+        out.extend(annotation_problems(&self.store));
         out.sort();
         out.dedup();
         out
@@ -922,3 +1004,49 @@ fn warn_reset_failures(r: &ebpf_lb::ResetReport) {
 
 #[cfg(test)]
 mod tests;
+
+/// `sluice.dev/mesh` values the agent does not read: a Namespace annotated
+/// `Enabled` or `true` stays out of the mesh, a Pod annotated `false` stays
+/// in it, so each is reported with the values that work.
+fn annotation_problems(store: &Store) -> Vec<ConfigError> {
+    use crate::config::{MESH_ANNOTATION, MESH_DISABLED, MESH_ENABLED};
+    let problem = |object: String, value: &str, meaning: &str| ConfigError {
+        source: "model".into(),
+        object: Some(object),
+        field: Some(format!("metadata.annotations[{MESH_ANNOTATION}]")),
+        message: format!(
+            "{value:?} is not a value Sluice reads ({meaning}); use {MESH_ENABLED:?} or \
+             {MESH_DISABLED:?}"
+        ),
+    };
+    let mut out = Vec::new();
+    for (name, ns) in &store.namespaces {
+        if let Some(v) = ns
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MESH_ANNOTATION))
+            && v != MESH_ENABLED
+            && v != MESH_DISABLED
+        {
+            out.push(problem(
+                format!("Namespace {name}"),
+                v,
+                "the namespace is not enrolled",
+            ));
+        }
+    }
+    for (key, pod) in &store.pods {
+        if let Some(v) = pod.annotations.get(MESH_ANNOTATION)
+            && v != MESH_ENABLED
+            && v != MESH_DISABLED
+        {
+            out.push(problem(
+                format!("Pod {key}"),
+                v,
+                "the pod follows its namespace",
+            ));
+        }
+    }
+    out
+}

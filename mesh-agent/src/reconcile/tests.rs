@@ -151,7 +151,7 @@ fn a_failing_service_does_not_hold_back_the_others_and_is_retried() {
     f.upsert(shop());
     f.sync();
     let fa = Frontend::tcp(addr("127.96.0.1:80"));
-    f.dp.fail_upserts_of(fa);
+    f.dp.fail_changes_of(fa);
     f.upsert(vec![
         Object::EndpointSlice(slice("shop", "a-1", "a", &[8080], &[ep_ready("10.0.0.5")])),
         Object::EndpointSlice(slice("shop", "b-1", "b", &[8080], &[ep_ready("10.0.0.6")])),
@@ -653,4 +653,122 @@ fn a_refused_service_update_leaves_the_proxy_with_the_last_good_version() {
     );
     assert!(f.dp.spec(&Frontend::tcp(addr("127.96.0.1:80"))).is_some());
     assert_eq!(vips(&f), Some(vec!["127.96.0.1".parse().unwrap()]));
+}
+
+#[test]
+fn mesh_annotation_values_the_agent_does_not_read_are_config_errors() {
+    let mut store = Store::new();
+    for (name, value) in [
+        ("shop", "enabled"),
+        ("typo", "Enabled"),
+        ("off", "disabled"),
+    ] {
+        let mut ns = namespace(name, false);
+        ns.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(config::MESH_ANNOTATION.into(), value.into());
+        store.namespaces.insert(name.into(), ns);
+    }
+    let mut opted_out = workload("shop", "web-0", "web", "10.0.0.5", "node-a");
+    opted_out
+        .annotations
+        .insert(config::MESH_ANNOTATION.into(), "false".into());
+    store.pods.insert(Key::new("shop", "web-0"), opted_out);
+    let errors = annotation_problems(&store);
+    let objects: Vec<_> = errors.iter().filter_map(|e| e.object.clone()).collect();
+    assert_eq!(objects, ["Namespace typo", "Pod shop/web-0"], "{errors:?}");
+    assert!(
+        errors[0]
+            .message
+            .starts_with("\"Enabled\" is not a value Sluice reads")
+            && errors[0]
+                .message
+                .contains("use \"enabled\" or \"disabled\""),
+        "{errors:?}"
+    );
+    assert_eq!(
+        errors[1].field.as_deref(),
+        Some("metadata.annotations[sluice.dev/mesh]")
+    );
+}
+
+#[test]
+fn guard_and_mode_failures_are_reported_retried_and_forgotten_with_their_pod() {
+    let mut f = fixture();
+    let errors = |f: &Fixture| f.rx.view.borrow().dataplane_errors.clone();
+    // A STRICT pod whose interface is not known yet.
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some(f.cgroup("pods/web"));
+    let strict: crate::crds::MeshPolicySpec = serde_json::from_value(
+        serde_json::json!({"mode": "STRICT", "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .unwrap();
+    let mut p = crate::crds::MeshPolicy::new("web-strict", strict);
+    p.metadata.namespace = Some("shop".into());
+    let mut objs = shop();
+    objs.extend([Object::Pod(web.clone()), Object::MeshPolicy(p)]);
+    f.upsert(objs);
+    f.sync();
+    assert_eq!(errors(&f).len(), 1, "{:?}", errors(&f));
+    assert!(
+        errors(&f)[0].starts_with("STRICT pod shop/web: no interface to guard"),
+        "{:?}",
+        errors(&f)
+    );
+    // The interface appears: guarded, and the error goes.
+    web.interface = Some("veth-web".into());
+    f.upsert(vec![Object::Pod(web)]);
+    assert!(errors(&f).is_empty(), "{:?}", errors(&f));
+    assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-web".to_string()]));
+
+    // A mode the kernel refuses, for a pod that then goes away: the error
+    // leaves with the pod instead of staying forever.
+    f.dp.fail_mode_changes();
+    let mut db = workload("shop", "db", "db", "10.0.0.2", "n1");
+    db.cgroup = Some(f.cgroup("pods/db"));
+    f.upsert(vec![Object::Pod(db)]);
+    assert!(
+        errors(&f)
+            .iter()
+            .any(|e| e.contains("the mTLS mode of 10.0.0.2")),
+        "{:?}",
+        errors(&f)
+    );
+    f.r.step(vec![Input::Updates(vec![Update::Delete(
+        Kind::Pod,
+        Key::new("shop", "db"),
+    )])]);
+    f.r.step(vec![Input::Tick]);
+    assert!(errors(&f).is_empty(), "{:?}", errors(&f));
+}
+
+#[test]
+fn a_failed_removal_of_stale_services_at_the_first_sync_is_retried_on_ticks() {
+    let mut f = fixture();
+    let orphan = Frontend::tcp(addr("127.96.0.77:80"));
+    f.dp.preload(ServiceSpec::new(
+        orphan,
+        [Backend::ready(addr("10.0.0.9:80"))],
+    ));
+    f.dp.fail_changes_of(orphan);
+    f.upsert(shop());
+    f.sync();
+    let errors = |f: &Fixture| f.rx.view.borrow().dataplane_errors.clone();
+    assert!(f.dp.spec(&orphan).is_some());
+    assert!(
+        errors(&f)
+            .iter()
+            .any(|e| e.starts_with("removing stale services")),
+        "{:?}",
+        errors(&f)
+    );
+    // Still failing: still one error, not one per tick.
+    f.r.step(vec![Input::Tick]);
+    assert_eq!(errors(&f).len(), 1, "{:?}", errors(&f));
+    // The map takes the removal now: the next tick finishes the first sync.
+    f.dp.clear_failures();
+    f.r.step(vec![Input::Tick]);
+    assert!(f.dp.spec(&orphan).is_none(), "the stale service is gone");
+    assert!(errors(&f).is_empty(), "{:?}", errors(&f));
 }
