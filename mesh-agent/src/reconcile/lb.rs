@@ -59,22 +59,29 @@ pub fn desired_specs(store: &Store, key: &Key) -> Result<Vec<ServiceSpec>, Vec<F
         return Ok(Vec::new());
     }
     let mut errors = Vec::new();
-    let ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        (_, Some(ip)) => vec![ip.as_str()],
-        _ => Vec::new(),
+    // The field the user wrote: hand-written manifests often set only
+    // `clusterIP`.
+    let (ips, list): (Vec<&str>, bool) = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => (ips.iter().map(String::as_str).collect(), true),
+        (_, Some(ip)) => (vec![ip.as_str()], false),
+        _ => (Vec::new(), true),
     };
     let mut vips: Vec<IpAddr> = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
         if ip.is_empty() || *ip == "None" {
             continue; // headless
         }
+        let at = if list {
+            format!("spec.clusterIPs[{i}]")
+        } else {
+            "spec.clusterIP".to_string()
+        };
         match ip.parse::<IpAddr>() {
+            Ok(ip) if vips.contains(&ip) => {
+                errors.push(field(at, format!("{ip} is listed twice")));
+            }
             Ok(ip) if !ip.is_unspecified() => vips.push(ip),
-            _ => errors.push(field(
-                format!("spec.clusterIPs[{i}]"),
-                format!("{ip:?} is not an IP address"),
-            )),
+            _ => errors.push(field(at, format!("{ip:?} is not an IP address"))),
         }
     }
     let affinity = match spec.session_affinity.as_deref() {
@@ -129,6 +136,24 @@ pub fn desired_specs(store: &Store, key: &Key) -> Result<Vec<ServiceSpec>, Vec<F
         };
         if number == 0 {
             errors.push(field(format!("spec.ports[{p}].port"), "port 0"));
+            continue;
+        }
+        // Kubernetes refuses two ports with one number and protocol; a
+        // manifest read from files gets the same answer instead of one
+        // silently winning.
+        if let Some(first) = spec.ports.iter().flatten().take(p).position(|q| {
+            q.port == port.port
+                && q.protocol.as_deref().unwrap_or("TCP")
+                    == port.protocol.as_deref().unwrap_or("TCP")
+        }) {
+            errors.push(field(
+                format!("spec.ports[{p}].port"),
+                format!(
+                    "port {number}/{} is already spec.ports[{first}]; each port and protocol \
+                     may appear once",
+                    port.protocol.as_deref().unwrap_or("TCP")
+                ),
+            ));
             continue;
         }
         let name = port.name.as_deref().unwrap_or("");
@@ -545,6 +570,30 @@ mod tests {
         let e = desired_specs(&s, &Key::new("shop", "bad")).unwrap_err();
         assert_eq!(e[0].field, "spec.clusterIPs[0]");
         assert!(e[0].message.contains("10.0.0.300"), "{}", e[0].message);
+
+        // Only `clusterIP` written: the error names that field.
+        let mut single = service("shop", "single", "10.0.0.301", &[80]);
+        single.spec.as_mut().unwrap().cluster_ips = None;
+        // The same IP twice, and the same port and protocol twice.
+        let mut twice = service("shop", "twice", "127.96.0.9", &[80, 80]);
+        twice.spec.as_mut().unwrap().cluster_ips =
+            Some(vec!["127.96.0.9".into(), "127.96.0.9".into()]);
+        let s = store_with(vec![Object::Service(single), Object::Service(twice)]);
+        let e = desired_specs(&s, &Key::new("shop", "single")).unwrap_err();
+        assert_eq!(e[0].field, "spec.clusterIP");
+        let e = desired_specs(&s, &Key::new("shop", "twice")).unwrap_err();
+        let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["spec.clusterIPs[1]", "spec.ports[1].port"],
+            "{e:?}"
+        );
+        assert!(
+            e[1].message
+                .contains("port 80/TCP is already spec.ports[0]"),
+            "{}",
+            e[1].message
+        );
     }
 
     #[test]
