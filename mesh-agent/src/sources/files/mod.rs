@@ -80,6 +80,9 @@ struct FileState {
 pub struct FilesSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// Subdirectories that could not be listed in the last reload: their
+    /// files keep their last good version.
+    unlisted: Vec<(PathBuf, ConfigError)>,
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -92,14 +95,33 @@ fn is_hidden(p: &Path) -> bool {
         .is_some_and(|n| n.starts_with('.'))
 }
 
-fn list(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// The manifests under `dir`. A subdirectory that cannot be listed (no
+/// permission, a symlink loop) is recorded in `unlisted` and skipped; only
+/// the top directory failing is an error.
+fn list(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    unlisted: &mut Vec<(PathBuf, std::io::Error)>,
+) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
-        let p = entry?.path();
+        let entry = entry?;
+        let p = entry.path();
         if is_hidden(&p) {
             continue;
         }
+        // A symbolic link that cannot be followed for another reason than a
+        // missing target (a loop, say) may hide a directory.
+        if entry.file_type()?.is_symlink()
+            && let Err(e) = std::fs::metadata(&p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            unlisted.push((p, e));
+            continue;
+        }
         if p.is_dir() {
-            list(&p, out)?;
+            if let Err(e) = list(&p, out, unlisted) {
+                unlisted.push((p, e));
+            }
         } else if is_manifest(&p) {
             out.push(p);
         }
@@ -247,16 +269,23 @@ fn parse_file(path: &Path, contents: &str) -> (Parsed, Vec<ConfigError>, Vec<Con
                 None
             }),
             _ => {
-                ignored.push(error(
-                    path,
-                    Some(what.clone()),
-                    None,
-                    format!(
+                let message = match read_api_version(&kind) {
+                    // A kind it reads, in another version: say which one.
+                    Some(read) => format!(
+                        "ignored: the files source reads {kind} as apiVersion {read}, not {api}"
+                    ),
+                    None => format!(
                         "ignored: {api} {kind} is not read by the files source (it reads Namespace, \
                          Service, EndpointSlice, HTTPRoute, GRPCRoute, ReferenceGrant, MeshPolicy, \
                          AccessPolicy and {})",
                         format::KIND
                     ),
+                };
+                ignored.push(error(
+                    path,
+                    Some(what.clone()),
+                    Some("apiVersion".into()),
+                    message,
                 ));
                 Ok(None)
             }
@@ -435,6 +464,7 @@ impl FilesSource {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            unlisted: Vec::new(),
         }
     }
 
@@ -445,15 +475,39 @@ impl FilesSource {
     /// Re-reads the directory. Returns whether anything changed.
     pub fn reload(&mut self) -> Result<bool, Error> {
         let mut paths = Vec::new();
-        list(&self.dir, &mut paths).map_err(|source| Error::Dir {
+        let mut unlisted = Vec::new();
+        list(&self.dir, &mut paths, &mut unlisted).map_err(|source| Error::Dir {
             dir: self.dir.clone(),
             source,
         })?;
         paths.sort();
-        let mut changed = false;
+        let unlisted: Vec<(PathBuf, ConfigError)> = unlisted
+            .into_iter()
+            .map(|(dir, e)| {
+                let err = error(
+                    &dir,
+                    None,
+                    None,
+                    format!(
+                        "cannot list this directory ({e}): the files under it keep their last \
+                         good version; make it readable by the agent, or move it out of {}",
+                        self.dir.display()
+                    ),
+                );
+                (dir, err)
+            })
+            .collect();
+        let mut changed = unlisted
+            .iter()
+            .map(|u| &u.1)
+            .ne(self.unlisted.iter().map(|u| &u.1));
+        self.unlisted = unlisted;
         let present: BTreeSet<&PathBuf> = paths.iter().collect();
         let before = self.files.len();
-        self.files.retain(|p, _| present.contains(p));
+        let unlisted = &self.unlisted;
+        self.files.retain(|p, _| {
+            present.contains(p) || unlisted.iter().any(|(dir, _)| p.starts_with(dir))
+        });
         changed |= self.files.len() != before;
         for path in &paths {
             let contents = match std::fs::read_to_string(path) {
@@ -509,6 +563,7 @@ impl FilesSource {
     pub fn errors(&self) -> Vec<ConfigError> {
         let mut out: Vec<ConfigError> =
             self.files.values().flat_map(|f| f.errors.clone()).collect();
+        out.extend(self.unlisted.iter().map(|(_, e)| e.clone()));
         out.extend(self.merge().1);
         out
     }
@@ -708,6 +763,19 @@ impl FilesSource {
             }
         }
     }
+}
+
+/// The apiVersion the files source reads `kind` as, for the kinds it reads.
+fn read_api_version(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "Namespace" | "Service" => "v1",
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
+        "ReferenceGrant" => "gateway.networking.k8s.io/v1beta1",
+        "MeshPolicy" | "AccessPolicy" => crate::crds::API_VERSION,
+        k if k == format::KIND => crate::crds::API_VERSION,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

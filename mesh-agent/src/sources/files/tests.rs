@@ -167,6 +167,26 @@ fn workloads_typos_are_refused_by_field() {
 }
 
 #[test]
+fn a_known_kind_in_another_api_version_is_ignored_naming_the_version_read() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "r.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec: {}\n",
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let errors = src.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].field.as_deref(), Some("apiVersion"));
+    assert_eq!(
+        errors[0].message,
+        "ignored: the files source reads HTTPRoute as apiVersion gateway.networking.k8s.io/v1, \
+         not gateway.networking.k8s.io/v1beta1"
+    );
+}
+
+#[test]
 fn unknown_kinds_are_ignored_with_a_note_and_duplicates_are_conflicts() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.yaml", SHOP);
@@ -363,4 +383,40 @@ spec:
             .grant_for("HTTPRoute", "shop", "cache", "redis")
             .is_none()
     );
+}
+
+#[test]
+fn an_unreadable_subdirectory_is_reported_and_keeps_its_files_while_others_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", SHOP);
+    let sub = dir.path().join("team");
+    std::fs::create_dir(&sub).unwrap();
+    write(
+        &sub,
+        "b.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec: {clusterIP: 127.96.9.8}\n",
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert!(
+        store_of(&src)
+            .services
+            .contains_key(&Key::new("shop", "api"))
+    );
+    // The subdirectory cannot be listed any more: a symbolic link loop
+    // fails for root too, where a mode would not.
+    std::fs::remove_dir_all(&sub).unwrap();
+    std::os::unix::fs::symlink(&sub, &sub).unwrap();
+    src.reload()
+        .expect("one bad subdirectory does not stop the reload");
+    let errors = src.errors();
+    let e = errors
+        .iter()
+        .find(|e| e.source == sub.display().to_string())
+        .unwrap_or_else(|| panic!("{errors:?}"));
+    assert!(e.message.starts_with("cannot list this directory"), "{e:?}");
+    // Its file keeps its last good version; the rest still applies.
+    let s = store_of(&src);
+    assert!(s.services.contains_key(&Key::new("shop", "api")), "kept");
+    assert!(s.services.contains_key(&Key::new("shop", "web")));
 }
