@@ -888,6 +888,16 @@ impl Reconciler {
         }
         out.extend(self.route_problems());
         out.extend(annotation_problems(&self.store));
+        for (key, p) in &self.store.access_policies {
+            for message in policies::missing_targets(&self.store, key, p) {
+                out.push(ConfigError {
+                    source: "model".into(),
+                    object: Some(format!("AccessPolicy {key}")),
+                    field: None,
+                    message: format!("{message}: the policy protects nothing there"),
+                });
+            }
+        }
         out.sort();
         out.dedup();
         out

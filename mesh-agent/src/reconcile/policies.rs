@@ -71,7 +71,37 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
         {
             continue;
         }
-        if let Some(status) = accepted(p.metadata.generation, &stored(p.status.as_ref())) {
+        let missing = missing_targets(store, key, p);
+        let conds = [if missing.is_empty() {
+            Cond {
+                type_: "Accepted",
+                status: true,
+                reason: "Accepted".into(),
+                message: "the policy is in force".into(),
+            }
+        } else if missing.len() == p.spec.target_refs.len() {
+            // GEP-713: a policy whose target does not exist is not accepted.
+            Cond {
+                type_: "Accepted",
+                status: false,
+                reason: "TargetNotFound".into(),
+                message: format!(
+                    "{}; the policy protects nothing until its target exists",
+                    missing.join("; ")
+                ),
+            }
+        } else {
+            Cond {
+                type_: "Accepted",
+                status: true,
+                reason: "Accepted".into(),
+                message: format!(
+                    "the policy is in force for its other targets; {}",
+                    missing.join("; ")
+                ),
+            }
+        }];
+        if let Some(status) = write(&conds, p.metadata.generation, &stored(p.status.as_ref())) {
             out.push(StatusWrite {
                 kind: Kind::AccessPolicy,
                 key: key.clone(),
@@ -101,6 +131,28 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
         }
     }
     out
+}
+
+/// `spec.targetRefs[i]: Service ns/name does not exist` for each target of
+/// `p` the store does not have: a typo there leaves the intended Service
+/// open to every caller, so it is said in status and as a config error.
+pub fn missing_targets(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) -> Vec<String> {
+    p.spec
+        .target_refs
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| {
+            !store
+                .services
+                .contains_key(&Key::new(&key.namespace, &t.name))
+        })
+        .map(|(i, t)| {
+            format!(
+                "spec.targetRefs[{i}]: Service {}/{} does not exist",
+                key.namespace, t.name
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -136,5 +188,38 @@ mod tests {
         p.status = Some(serde_json::from_value(w[0].status.clone()).unwrap());
         s.apply(Update::Upsert(Object::AccessPolicy(p)));
         assert_eq!(policy_status_writes(&s), vec![]);
+    }
+
+    #[test]
+    fn a_policy_whose_target_service_is_missing_is_not_accepted() {
+        let mut s = Store::new();
+        let spec: AccessPolicySpec = serde_json::from_value(serde_json::json!({
+            "targetRefs": [{"kind": "Service", "name": "crt"}],
+            "rules": [{"from": [{"namespace": "shop"}]}]
+        }))
+        .unwrap();
+        let mut p = AccessPolicy::new("p", spec);
+        p.metadata.namespace = Some("shop".into());
+        s.apply(Update::Upsert(Object::AccessPolicy(p)));
+        let w = policy_status_writes(&s);
+        let c = &w[0].status["conditions"][0];
+        assert_eq!(c["status"], "False", "{c}");
+        assert_eq!(c["reason"], "TargetNotFound");
+        assert!(
+            c["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("spec.targetRefs[0]: Service shop/crt does not exist"),
+            "{c}"
+        );
+        // The Service appears: accepted.
+        s.apply(Update::Upsert(Object::Service(crate::testing::service(
+            "shop",
+            "crt",
+            "127.96.0.5",
+            &[80],
+        ))));
+        let w = policy_status_writes(&s);
+        assert_eq!(w[0].status["conditions"][0]["status"], "True");
     }
 }
