@@ -456,3 +456,82 @@ async fn a_failed_first_list_of_a_core_kind_holds_the_sync_until_it_succeeds() {
         "the sync came before the Services were listed"
     );
 }
+
+/// An HTTPRoute this agent's types cannot decode (a filter type from a
+/// later Gateway API release) is reported by name and left out: the list of
+/// the other routes, and the whole sync, go ahead. A later unreadable
+/// version of a route keeps the version read before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_route_is_reported_by_name_and_does_not_hold_the_others() {
+    let routes = "/apis/gateway.networking.k8s.io/v1/httproutes";
+    let fixture: Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/kube/httproutes.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut future = fixture["items"][0].clone();
+    future["metadata"]["name"] = json!("future");
+    future["metadata"]["uid"] = json!("0f0f0f0f-0000-4000-8000-000000000001");
+    future["spec"]["rules"][0]["filters"] = json!([{"type": "FutureFilter"}]);
+    let fake = FakeApi::with_fixtures();
+    fake.add_list_item(routes, future);
+    let r = start(fake);
+    let (view_rx, fake) = (r.rx.view.clone(), r.fake.clone());
+    let view = tokio::task::spawn_blocking(move || {
+        eventually("the initial sync and an open route watch", || {
+            let v = view_rx.borrow().clone();
+            (v.synced && fake.watching(routes)).then_some(v)
+        })
+    })
+    .await
+    .unwrap();
+    assert!(r.dp.spec(&Frontend::tcp(addr("10.96.14.20:80"))).is_some());
+    let e = view
+        .config_errors
+        .iter()
+        .find(|e| e.object.as_deref() == Some("HTTPRoute shop/future"))
+        .unwrap_or_else(|| panic!("{:#?}", view.config_errors));
+    assert_eq!(e.field.as_deref(), Some("spec.rules[0].filters[0].type"));
+    assert!(e.message.starts_with("this agent cannot read it"), "{e:?}");
+    let names = |r: &Running| -> Vec<String> {
+        r.rx.mesh
+            .borrow()
+            .http_routes
+            .iter()
+            .filter_map(|r| r.metadata.name.clone())
+            .collect()
+    };
+    assert!(
+        names(&r).contains(&"web-split".to_string()),
+        "{:?}",
+        names(&r)
+    );
+    assert!(!names(&r).contains(&"future".to_string()));
+
+    // web-split turns unreadable: reported, and its last version stays.
+    let mut split = fixture["items"][0].clone();
+    split["metadata"]["resourceVersion"] = json!("51500");
+    split["spec"]["rules"][0]["filters"] = json!([{"type": "FutureFilter"}]);
+    r.fake.event(routes, "MODIFIED", split);
+    let view_rx = r.rx.view.clone();
+    tokio::task::spawn_blocking(move || {
+        eventually("web-split reported", || {
+            view_rx
+                .borrow()
+                .config_errors
+                .iter()
+                .any(|e| e.object.as_deref() == Some("HTTPRoute shop/web-split"))
+                .then_some(())
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        names(&r).contains(&"web-split".to_string()),
+        "{:?}",
+        names(&r)
+    );
+}

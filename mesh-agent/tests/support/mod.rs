@@ -323,6 +323,13 @@ impl FakeApi {
         self.state.lock().unwrap().objects.insert(path.into(), v);
     }
 
+    /// Adds `item` to the list the fake serves for `path`.
+    pub fn add_list_item(&self, path: &str, item: Value) {
+        let mut st = self.state.lock().unwrap();
+        let list = st.lists.get_mut(path).expect("a list the fake serves");
+        list["items"].as_array_mut().unwrap().push(item);
+    }
+
     /// The next `n` lists of `path` fail with 503.
     pub fn fail_next_lists(&self, path: &str, n: usize) {
         self.state

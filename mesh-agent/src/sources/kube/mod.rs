@@ -35,6 +35,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
+    api::{ApiResource, DynamicObject},
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
@@ -141,12 +142,31 @@ fn source_name(kind: Kind) -> String {
     format!("kubernetes {kind}")
 }
 
-/// Watches one kind until the reconciler goes away.
+/// How a watched object becomes a model object: `Ok(None)` when it is not
+/// one (an update then deletes it), `Err((field, problem))` when this agent
+/// cannot read it.
+type Convert<K> = fn(K) -> Result<Option<Object>, (Option<String>, String)>;
+
+/// The kinds whose objects are decoded one by one ([`DynamicObject`] lists):
+/// CRDs can be newer than the types this agent was built with (a filter
+/// type added by a later Gateway API release), and one such object must not
+/// fail the list of all the others (and hold the whole sync back).
+fn decode<K: DeserializeOwned>(o: DynamicObject) -> Result<K, (Option<String>, String)> {
+    let v = serde_json::to_value(&o).map_err(|e| (None, e.to_string()))?;
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        ((path != ".").then_some(path), e.into_inner().to_string())
+    })
+}
+
+/// Watches one kind until the reconciler goes away. Objects `convert`
+/// cannot read are reported (each by name) and left out; one that was read
+/// before keeps its last readable version (`tolerant` kinds remember them).
 async fn watch_kind<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: Kind,
-    convert: fn(K) -> Option<Object>,
+    convert: Convert<K>,
     tx: mpsc::Sender<Vec<Input>>,
     gate: Arc<SyncGate>,
 ) where
@@ -155,25 +175,63 @@ async fn watch_kind<K>(
     let mut initial: Vec<Object> = Vec::new();
     let mut listed = false;
     let mut failing = false;
+    // Objects that cannot be read, by key; and during a (re)list, the ones
+    // found so far.
+    let mut unreadable: BTreeMap<Key, ConfigError> = BTreeMap::new();
+    let mut unreadable_init: BTreeMap<Key, ConfigError> = BTreeMap::new();
+    // The last readable version of each object, for the kinds that can be
+    // unreadable (the CRDs; core kinds always decode).
+    let tolerant = std::any::TypeId::of::<K>() == std::any::TypeId::of::<DynamicObject>();
+    let mut last_read: BTreeMap<Key, Object> = BTreeMap::new();
+    let problem = |key: &Key, (field, message): (Option<String>, String)| ConfigError {
+        source: source_name(kind),
+        object: Some(format!("{kind} {key}")),
+        field,
+        message: format!(
+            "this agent cannot read it ({message}); it is left out, or keeps the version read \
+             last, until it is fixed or the agent is upgraded"
+        ),
+    };
     let mut stream = watcher(api, config).default_backoff().boxed();
     loop {
         let next = stream.try_next().await;
         let mut inputs = Vec::new();
+        let mut report = false;
         match next {
             Ok(None) => return,
             Ok(Some(ev)) => {
-                if failing {
-                    failing = false;
-                    inputs.push(Input::SourceErrors {
-                        source: source_name(kind),
-                        errors: Vec::new(),
-                    });
-                }
+                report |= std::mem::take(&mut failing);
                 match ev {
-                    watcher::Event::Init => initial.clear(),
-                    watcher::Event::InitApply(o) => initial.extend(convert(o)),
+                    watcher::Event::Init => {
+                        initial.clear();
+                        unreadable_init.clear();
+                    }
+                    watcher::Event::InitApply(o) => {
+                        let key = Key::of(&o);
+                        match convert(o) {
+                            Ok(Some(obj)) => initial.push(obj),
+                            Ok(None) => {}
+                            Err(e) => {
+                                let err = problem_for(&problem, &key, e);
+                                unreadable_init.insert(key, err);
+                            }
+                        }
+                    }
                     watcher::Event::InitDone => {
-                        let mut updates = vec![Update::Replace(kind, std::mem::take(&mut initial))];
+                        let mut objects = std::mem::take(&mut initial);
+                        // An object unreadable now that was read before
+                        // keeps that version.
+                        objects.extend(
+                            unreadable_init
+                                .keys()
+                                .filter_map(|k| last_read.get(k).cloned()),
+                        );
+                        if tolerant {
+                            last_read = objects.iter().map(|o| (o.key(), o.clone())).collect();
+                        }
+                        unreadable = std::mem::take(&mut unreadable_init);
+                        report = true;
+                        let mut updates = vec![Update::Replace(kind, objects)];
                         if !listed {
                             listed = true;
                             if gate.listed(kind) {
@@ -183,15 +241,40 @@ async fn watch_kind<K>(
                         inputs.push(Input::Updates(updates));
                     }
                     watcher::Event::Apply(o) => {
-                        let update = match convert(o.clone()) {
-                            Some(obj) => Update::Upsert(obj),
-                            None => Update::Delete(kind, Key::of(&o)),
-                        };
-                        inputs.push(Input::Updates(vec![update]));
+                        let key = Key::of(&o);
+                        match convert(o) {
+                            Ok(Some(obj)) => {
+                                if tolerant {
+                                    last_read.insert(key.clone(), obj.clone());
+                                }
+                                report |= unreadable.remove(&key).is_some();
+                                inputs.push(Input::Updates(vec![Update::Upsert(obj)]));
+                            }
+                            Ok(None) => {
+                                last_read.remove(&key);
+                                report |= unreadable.remove(&key).is_some();
+                                inputs.push(Input::Updates(vec![Update::Delete(kind, key)]));
+                            }
+                            // The version in force (if any) stays.
+                            Err(e) => {
+                                let err = problem_for(&problem, &key, e);
+                                unreadable.insert(key, err);
+                                report = true;
+                            }
+                        }
                     }
                     watcher::Event::Delete(o) => {
-                        inputs.push(Input::Updates(vec![Update::Delete(kind, Key::of(&o))]));
+                        let key = Key::of(&o);
+                        last_read.remove(&key);
+                        report |= unreadable.remove(&key).is_some();
+                        inputs.push(Input::Updates(vec![Update::Delete(kind, key)]));
                     }
+                }
+                if report {
+                    inputs.push(Input::SourceErrors {
+                        source: source_name(kind),
+                        errors: unreadable.values().cloned().collect(),
+                    });
                 }
             }
             Err(e) => {
@@ -218,14 +301,16 @@ async fn watch_kind<K>(
                 };
                 tracing::warn!("{hint}");
                 failing = true;
+                let mut errors = vec![ConfigError {
+                    source: source_name(kind),
+                    object: None,
+                    field: None,
+                    message: hint,
+                }];
+                errors.extend(unreadable.values().cloned());
                 inputs.push(Input::SourceErrors {
                     source: source_name(kind),
-                    errors: vec![ConfigError {
-                        source: source_name(kind),
-                        object: None,
-                        field: None,
-                        message: hint,
-                    }],
+                    errors,
                 });
                 if !listed && absent {
                     // Do not hold the whole agent back for one missing CRD.
@@ -242,6 +327,25 @@ async fn watch_kind<K>(
             return;
         }
     }
+}
+
+/// Logs an unreadable object once, when it is found, and builds its error.
+fn problem_for(
+    problem: &impl Fn(&Key, (Option<String>, String)) -> ConfigError,
+    key: &Key,
+    e: (Option<String>, String),
+) -> ConfigError {
+    let err = problem(key, e);
+    tracing::warn!(object = ?err.object, field = ?err.field, "{}", err.message);
+    err
+}
+
+/// The watch of a CRD kind `K`, decoding its objects one by one.
+fn crd_api<K>(client: &Client) -> Api<DynamicObject>
+where
+    K: Resource<DynamicType = ()>,
+{
+    Api::all_with(client.clone(), &ApiResource::erase::<K>(&()))
 }
 
 /// The Kubernetes source.
@@ -268,7 +372,7 @@ impl KubeSource {
                 Api::all(c.clone()),
                 cfg(),
                 Kind::Namespace,
-                |o| Some(Object::Namespace(o)),
+                |o| Ok(Some(Object::Namespace(o))),
                 tx.clone(),
                 gate.clone(),
             )),
@@ -276,7 +380,7 @@ impl KubeSource {
                 Api::all(c.clone()),
                 cfg(),
                 Kind::Node,
-                |o| Some(Object::Node(node_info(&o))),
+                |o| Ok(Some(Object::Node(node_info(&o)))),
                 tx.clone(),
                 gate.clone(),
             )),
@@ -286,7 +390,7 @@ impl KubeSource {
                 Api::all(c.clone()),
                 cfg(),
                 Kind::Pod,
-                |o| Some(Object::Pod(workload_of(&o))),
+                |o| Ok(Some(Object::Pod(workload_of(&o)))),
                 tx.clone(),
                 gate.clone(),
             )),
@@ -294,7 +398,7 @@ impl KubeSource {
                 Api::all(c.clone()),
                 cfg(),
                 Kind::Service,
-                |o| Some(Object::Service(o)),
+                |o| Ok(Some(Object::Service(o))),
                 tx.clone(),
                 gate.clone(),
             )),
@@ -302,47 +406,47 @@ impl KubeSource {
                 Api::all(c.clone()),
                 cfg(),
                 Kind::EndpointSlice,
-                |o| Some(Object::EndpointSlice(o)),
+                |o| Ok(Some(Object::EndpointSlice(o))),
                 tx.clone(),
                 gate.clone(),
             )),
-            tokio::spawn(watch_kind::<HttpRoute>(
-                Api::all(c.clone()),
+            tokio::spawn(watch_kind::<DynamicObject>(
+                crd_api::<HttpRoute>(c),
                 cfg(),
                 Kind::HTTPRoute,
-                |o| Some(Object::HTTPRoute(o)),
+                |o| Ok(Some(Object::HTTPRoute(decode(o)?))),
                 tx.clone(),
                 gate.clone(),
             )),
-            tokio::spawn(watch_kind::<GrpcRoute>(
-                Api::all(c.clone()),
+            tokio::spawn(watch_kind::<DynamicObject>(
+                crd_api::<GrpcRoute>(c),
                 cfg(),
                 Kind::GRPCRoute,
-                |o| Some(Object::GRPCRoute(o)),
+                |o| Ok(Some(Object::GRPCRoute(decode(o)?))),
                 tx.clone(),
                 gate.clone(),
             )),
-            tokio::spawn(watch_kind::<ReferenceGrant>(
-                Api::all(c.clone()),
+            tokio::spawn(watch_kind::<DynamicObject>(
+                crd_api::<ReferenceGrant>(c),
                 cfg(),
                 Kind::ReferenceGrant,
-                |o| Some(Object::ReferenceGrant(o)),
+                |o| Ok(Some(Object::ReferenceGrant(decode(o)?))),
                 tx.clone(),
                 gate.clone(),
             )),
-            tokio::spawn(watch_kind::<MeshPolicy>(
-                Api::all(c.clone()),
+            tokio::spawn(watch_kind::<DynamicObject>(
+                crd_api::<MeshPolicy>(c),
                 cfg(),
                 Kind::MeshPolicy,
-                |o| Some(Object::MeshPolicy(o)),
+                |o| Ok(Some(Object::MeshPolicy(decode(o)?))),
                 tx.clone(),
                 gate.clone(),
             )),
-            tokio::spawn(watch_kind::<AccessPolicy>(
-                Api::all(c.clone()),
+            tokio::spawn(watch_kind::<DynamicObject>(
+                crd_api::<AccessPolicy>(c),
                 cfg(),
                 Kind::AccessPolicy,
-                |o| Some(Object::AccessPolicy(o)),
+                |o| Ok(Some(Object::AccessPolicy(decode(o)?))),
                 tx.clone(),
                 gate.clone(),
             )),
