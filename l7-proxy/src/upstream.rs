@@ -255,6 +255,9 @@ impl WorkloadClients {
                 tracing::debug!(%addr, "HTTP/2 connection to workload ended: {e}");
             }
         });
+        // Closed HTTP/2 connections leave the pool with the reaper's rounds
+        // too, even when no HTTP/1.1 connection ever started it.
+        self.start_reaper();
         // Two requests may have dialled at once: both connections work, the
         // later one is kept.
         self.inner
