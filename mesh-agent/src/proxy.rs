@@ -141,14 +141,8 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
             });
         }
     }
-    for r in &view.http_routes {
-        snap.http_routes
-            .extend(routes::http_route(r, &view.refs).route);
-    }
-    for r in &view.grpc_routes {
-        snap.grpc_routes
-            .extend(routes::grpc_route(r, &view.refs).route);
-    }
+    snap.http_routes = view.proxy_http_routes.clone();
+    snap.grpc_routes = view.proxy_grpc_routes.clone();
     for p in &view.access_policies {
         snap.access_policies.extend(access_policies(p, &mut errors));
     }

@@ -549,23 +549,36 @@ fn refused_backends_keep_their_share_but_point_nowhere_and_refused_mirrors_are_d
 
 #[test]
 fn a_route_with_every_rule_left_out_or_no_existing_parent_is_not_in_the_snapshot() {
-    let s = store(base());
-    let mut v = view(&s);
-    v.http_routes = vec![
-        one_rule_route(serde_json::json!({"sessionPersistence": {"sessionName": "x"}})),
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": "orphan", "namespace": "shop"},
-            "spec": {"parentRefs": [{"kind": "Service", "name": "gone"}],
-                     "rules": [{"backendRefs": [{"name": "db", "port": 5432}]}]}
-        }))
-        .unwrap(),
-        one_rule_route(serde_json::json!({"backendRefs": [{"name": "db", "port": 5432}]})),
-    ];
+    let mut dropped =
+        one_rule_route(serde_json::json!({"sessionPersistence": {"sessionName": "x"}}));
+    dropped.metadata.name = Some("dropped".into());
+    let orphan: crate::gateway::HttpRoute = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "orphan", "namespace": "shop"},
+        "spec": {"parentRefs": [{"kind": "Service", "name": "gone"}],
+                 "rules": [{"backendRefs": [{"name": "db", "port": 5432}]}]}
+    }))
+    .unwrap();
+    let good = one_rule_route(serde_json::json!({"backendRefs": [{"name": "db", "port": 5432}]}));
+    let mut objs = base();
+    objs.extend([dropped, orphan, good].map(Object::HTTPRoute));
+    let s = store(objs);
+    let (v, evals) = crate::reconcile::mesh::mesh_view_and_routes(
+        &s,
+        "n1",
+        "cluster.local",
+        workload_infos(&s, "n1", "cluster.local", CrdMode::Permissive),
+        1,
+    );
     let (snap, errors) = snapshot(&v, 15008);
     assert_eq!(errors, Vec::<String>::new(), "route problems go to status");
     assert_eq!(snap.http_routes.len(), 1, "{:?}", snap.http_routes);
+    assert_eq!(snap.http_routes[0].id, ObjectRef::new("shop", "r"));
     assert_eq!(snap.http_routes[0].rules.len(), 1);
+    // Status comes from the same translation: all three are evaluated.
+    let names: Vec<&str> = evals.iter().map(|e| e.route.key.name.as_str()).collect();
+    assert_eq!(names, ["dropped", "orphan", "r"]);
+    assert!(evals[0].all_dropped());
 }
 
 #[test]

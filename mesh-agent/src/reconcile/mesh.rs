@@ -13,7 +13,10 @@ use std::{
 use crate::gateway::{GrpcRoute, HttpRoute};
 use serde::Serialize;
 
-use super::{refs::RefIndex, routes::RouteRefs};
+use super::{
+    refs::RefIndex,
+    routes::{RouteEval, RouteRefs, translate_all},
+};
 use crate::{
     admin::api::WorkloadInfo,
     crds::AccessPolicy,
@@ -41,6 +44,12 @@ pub struct MeshView {
     /// What route references may point at: the routes are resolved against
     /// it when translated for the proxy.
     pub refs: RefIndex,
+    /// The routes in the proxy's form, translated once per view (route
+    /// status is written from the same translation).
+    #[serde(skip)]
+    pub proxy_http_routes: Vec<l7_proxy::config::HttpRoute>,
+    #[serde(skip)]
+    pub proxy_grpc_routes: Vec<l7_proxy::config::GrpcRoute>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -87,6 +96,18 @@ pub fn mesh_view(
     workloads: Vec<WorkloadInfo>,
     generation: u64,
 ) -> MeshView {
+    mesh_view_and_routes(store, node, trust_domain, workloads, generation).0
+}
+
+/// [`mesh_view`], and the evaluation of every route of the store (for route
+/// status) from the same translation.
+pub fn mesh_view_and_routes(
+    store: &Store,
+    node: &str,
+    trust_domain: &str,
+    workloads: Vec<WorkloadInfo>,
+    generation: u64,
+) -> (MeshView, Vec<RouteEval>) {
     let by_ip: BTreeMap<IpAddr, &WorkloadInfo> = workloads
         .iter()
         .flat_map(|w| {
@@ -201,13 +222,14 @@ pub fn mesh_view(
         });
     }
     let refs = RefIndex::of(store);
+    let routes = translate_all(store, &refs);
     let accepted = |r: &RouteRefs| {
         r.service_parents().any(|p| {
             refs.check_parent(&p.service_key(&r.key.namespace), p.port)
                 .is_ok()
         })
     };
-    MeshView {
+    let view = MeshView {
         generation,
         node: node.into(),
         trust_domain: trust_domain.into(),
@@ -241,7 +263,10 @@ pub fn mesh_view(
             .map(|p| p.key())
             .collect(),
         refs,
-    }
+        proxy_http_routes: routes.http,
+        proxy_grpc_routes: routes.grpc,
+    };
+    (view, routes.evals)
 }
 
 #[cfg(test)]

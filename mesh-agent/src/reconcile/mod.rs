@@ -785,7 +785,7 @@ impl Reconciler {
         } else {
             &self.store
         };
-        let view = mesh::mesh_view(
+        let (view, evals) = mesh::mesh_view_and_routes(
             store,
             &self.settings.node,
             &self.settings.trust_domain,
@@ -794,7 +794,9 @@ impl Reconciler {
         );
         self.refs = view.refs.clone();
         self.out.mesh.send_replace(Arc::new(view));
-        self.routes = routes::evaluate(&self.store, &self.refs);
+        // The same translation as the proxy's: the store's routes are those
+        // of the view's store (only refused Services are patched there).
+        self.routes = evals;
         self.log_route_problems();
         self.send_status_writes();
     }

@@ -170,24 +170,49 @@ impl RouteEval {
     }
 }
 
-/// Every route in the store, translated against `index` as the proxy gets it.
-pub fn evaluate(store: &Store, index: &RefIndex) -> Vec<RouteEval> {
-    fn eval<R>(route: RouteRefs, t: proxy_routes::Translated<R>) -> RouteEval {
+/// Every route in the store translated once against `index`: the
+/// evaluations route status is written from, and the proxy's form of each
+/// route left with a parent and a rule.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Translations {
+    pub evals: Vec<RouteEval>,
+    pub http: Vec<l7_proxy::config::HttpRoute>,
+    pub grpc: Vec<l7_proxy::config::GrpcRoute>,
+}
+
+pub fn translate_all(store: &Store, index: &RefIndex) -> Translations {
+    fn eval<R>(route: RouteRefs, t: proxy_routes::Translated<R>, out: &mut Vec<R>) -> RouteEval {
+        out.extend(t.route);
         RouteEval {
             route,
             dropped: t.dropped,
             refused: t.refused,
         }
     }
-    let http = store
-        .http_routes
-        .values()
-        .map(|r| eval(RouteRefs::of_http(r), proxy_routes::http_route(r, index)));
-    let grpc = store
-        .grpc_routes
-        .values()
-        .map(|r| eval(RouteRefs::of_grpc(r), proxy_routes::grpc_route(r, index)));
-    http.chain(grpc).collect()
+    let mut t = Translations::default();
+    for r in store.http_routes.values() {
+        let e = eval(
+            RouteRefs::of_http(r),
+            proxy_routes::http_route(r, index),
+            &mut t.http,
+        );
+        t.evals.push(e);
+    }
+    for r in store.grpc_routes.values() {
+        let e = eval(
+            RouteRefs::of_grpc(r),
+            proxy_routes::grpc_route(r, index),
+            &mut t.grpc,
+        );
+        t.evals.push(e);
+    }
+    t
+}
+
+/// Every route in the store, evaluated against `index` as the proxy gets it.
+#[cfg(test)]
+pub fn evaluate(store: &Store, index: &RefIndex) -> Vec<RouteEval> {
+    translate_all(store, index).evals
 }
 
 /// The conditions for one Service parent of a route: `Accepted`,
