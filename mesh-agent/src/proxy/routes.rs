@@ -475,10 +475,12 @@ impl Ctx<'_> {
 /// The proxy's form of an HTTPRoute, resolved against `refs`.
 pub fn http_route(r: &GwHttpRoute, refs: &RefIndex) -> Translated<HttpRoute> {
     translate(
-        "HTTPRoute",
-        &Key::of(r),
-        &r.metadata,
-        serde_json::to_value(&r.spec).unwrap_or_default(),
+        &Source {
+            kind: "HTTPRoute",
+            key: Key::of(r),
+            created_unix: created_unix(&r.metadata),
+            spec: serde_json::to_value(&r.spec).unwrap_or_default(),
+        },
         refs,
         Ctx::http_rule,
         |id, created_unix, parents, rules| HttpRoute {
@@ -493,10 +495,12 @@ pub fn http_route(r: &GwHttpRoute, refs: &RefIndex) -> Translated<HttpRoute> {
 /// The proxy's form of a GRPCRoute, resolved against `refs`.
 pub fn grpc_route(r: &GwGrpcRoute, refs: &RefIndex) -> Translated<GrpcRoute> {
     translate(
-        "GRPCRoute",
-        &Key::of(r),
-        &r.metadata,
-        serde_json::to_value(&r.spec).unwrap_or_default(),
+        &Source {
+            kind: "GRPCRoute",
+            key: Key::of(r),
+            created_unix: created_unix(&r.metadata),
+            spec: serde_json::to_value(&r.spec).unwrap_or_default(),
+        },
         refs,
         Ctx::grpc_rule,
         |id, created_unix, parents, rules| GrpcRoute {
@@ -508,26 +512,31 @@ pub fn grpc_route(r: &GwGrpcRoute, refs: &RefIndex) -> Translated<GrpcRoute> {
     )
 }
 
+/// A route to translate: its kind, key, creation time and spec as JSON.
+struct Source {
+    kind: &'static str,
+    key: Key,
+    created_unix: i64,
+    spec: Value,
+}
+
 /// What both route kinds share: rules translated one by one, parents
 /// resolved, and the route kept only when a parent resolves and some rule
 /// is left (or it had none).
-#[allow(clippy::too_many_arguments)]
 fn translate<'a, R, T>(
-    kind: &'static str,
-    key: &'a Key,
-    meta: &kube::api::ObjectMeta,
-    spec: Value,
+    src: &'a Source,
     refs: &'a RefIndex,
     rule: impl FnMut(&mut Ctx<'a>, &Value, &str) -> Result<T, String>,
     build: impl FnOnce(ObjectRef, i64, Vec<ParentRef>, Vec<T>) -> R,
 ) -> Translated<R> {
+    let (key, spec) = (&src.key, &src.spec);
     let mut ctx = Ctx {
-        kind,
+        kind: src.kind,
         ns: &key.namespace,
         refs,
         refused: Vec::new(),
     };
-    let (rules, total, dropped) = ctx.rules(&spec, rule);
+    let (rules, total, dropped) = ctx.rules(spec, rule);
     let parents = parents(&spec["parentRefs"], &key.namespace, refs);
     let all_dropped = total > 0 && rules.is_empty();
     let keep = !(parents.is_empty() || all_dropped);
@@ -535,7 +544,7 @@ fn translate<'a, R, T>(
         route: keep.then(|| {
             build(
                 ObjectRef::new(&key.namespace, &key.name),
-                created_unix(meta),
+                src.created_unix,
                 parents,
                 rules,
             )
