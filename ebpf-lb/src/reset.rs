@@ -413,11 +413,7 @@ fn reset_here(
                     continue;
                 }
                 // Only sockets this load balancer translated, for that service.
-                let key = RevNatKey {
-                    cookie,
-                    peer,
-                    _pad: 0,
-                };
+                let key = RevNatKey::new(cookie, peer);
                 let Ok(vip) = revnat.get(&key, 0) else {
                     continue;
                 };

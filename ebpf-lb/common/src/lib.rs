@@ -62,6 +62,20 @@ pub struct Endpoint {
     pub _pad: u8,
 }
 
+impl Endpoint {
+    /// An endpoint of `family` with the address words and port as the
+    /// kernel's socket structures hold them.
+    #[inline(always)]
+    pub const fn new(addr: [u32; 4], port: u16, family: u8) -> Self {
+        Self {
+            addr,
+            port,
+            family,
+            _pad: 0,
+        }
+    }
+}
+
 /// Key of `SERVICES`: a frontend `VIP:port/protocol`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -138,6 +152,18 @@ pub struct RevNatKey {
     pub cookie: u64,
     pub peer: Endpoint,
     pub _pad: u32,
+}
+
+impl RevNatKey {
+    /// The key of socket `cookie` whose remote end was written as `peer`.
+    #[inline(always)]
+    pub const fn new(cookie: u64, peer: Endpoint) -> Self {
+        Self {
+            cookie,
+            peer,
+            _pad: 0,
+        }
+    }
 }
 
 /// Backends of one UDP socket whose reverse translations `UDP_PEERS` lists,

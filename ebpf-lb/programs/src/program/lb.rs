@@ -157,12 +157,7 @@ fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdic
         && enrolled(&cfg)
     {
         let orig = OriginalDst {
-            dst: Endpoint {
-                addr: key.addr,
-                port: key.port,
-                family: key.family,
-                _pad: 0,
-            },
+            dst: Endpoint::new(key.addr, key.port, key.family),
             service_id: svc.id,
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         };
@@ -199,23 +194,17 @@ fn proxy_endpoint(cfg: &LbConfig, family: u8) -> Option<Endpoint> {
         if cfg.proxy_addr4 == 0 {
             return None;
         }
-        Some(Endpoint {
-            addr: [cfg.proxy_addr4, 0, 0, 0],
-            port: cfg.proxy_port,
+        Some(Endpoint::new(
+            [cfg.proxy_addr4, 0, 0, 0],
+            cfg.proxy_port,
             family,
-            _pad: 0,
-        })
+        ))
     } else {
         let a = cfg.proxy_addr6;
         if a[0] | a[1] | a[2] | a[3] == 0 {
             return None;
         }
-        Some(Endpoint {
-            addr: a,
-            port: cfg.proxy_port,
-            family,
-            _pad: 0,
-        })
+        Some(Endpoint::new(a, cfg.proxy_port, family))
     }
 }
 
@@ -253,11 +242,7 @@ fn track_udp(cookie: u64, peer: Endpoint) {
 /// released (`sluice_sock_release`).
 #[inline(always)]
 fn remember(cookie: u64, written: Endpoint, vip: Endpoint, udp: bool) {
-    let key = RevNatKey {
-        cookie,
-        peer: written,
-        _pad: 0,
-    };
+    let key = RevNatKey::new(cookie, written);
     // A socket that sends to two VIPs sharing a backend (a resolver asking
     // two DNS Services) must get replies from the VIP it sent to last.
     // SAFETY: a pointer into the map's value, read at once.
@@ -282,11 +267,7 @@ pub fn sluice_sock_release(ctx: SockContext) -> i32 {
         if let Some(p) = UDP_PEERS.get_ptr(cookie).map(|p| unsafe { *p }) {
             for i in 0..MAX_UDP_PEERS {
                 if (i as u32) < p.count {
-                    let _ = REVNAT.remove(RevNatKey {
-                        cookie,
-                        peer: p.peers[i],
-                        _pad: 0,
-                    });
+                    let _ = REVNAT.remove(RevNatKey::new(cookie, p.peers[i]));
                 }
             }
             let _ = UDP_PEERS.remove(cookie);
@@ -325,12 +306,7 @@ fn xlate4(ctx: &SockAddrContext, may_redirect: bool) -> i32 {
                 write_volatile(&mut (*s).user_ip4, to.addr[0]);
                 write_volatile(&mut (*s).user_port, to.port as u32);
             }
-            let vip = Endpoint {
-                addr: key.addr,
-                port,
-                family: FAMILY_V4,
-                _pad: 0,
-            };
+            let vip = Endpoint::new(key.addr, port, FAMILY_V4);
             remember(
                 unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
                 to,
@@ -378,18 +354,8 @@ fn xlate6(ctx: &SockAddrContext, may_redirect: bool) -> i32 {
             };
             write_ip6(unsafe { &mut (*s).user_ip6 }, written);
             unsafe { write_volatile(&mut (*s).user_port, to.port as u32) };
-            let written = Endpoint {
-                addr: written,
-                port: to.port,
-                family: FAMILY_V6,
-                _pad: 0,
-            };
-            let vip = Endpoint {
-                addr: ip,
-                port,
-                family: FAMILY_V6,
-                _pad: 0,
-            };
+            let written = Endpoint::new(written, to.port, FAMILY_V6);
+            let vip = Endpoint::new(ip, port, FAMILY_V6);
             remember(
                 unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
                 written,
@@ -406,16 +372,10 @@ fn revnat4(ctx: &SockAddrContext) -> i32 {
     let s = sa(ctx);
     let ip = unsafe { read_volatile(&(*s).user_ip4) };
     let port = unsafe { read_volatile(&(*s).user_port) } as u16;
-    let key = RevNatKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        peer: Endpoint {
-            addr: [ip, 0, 0, 0],
-            port,
-            family: FAMILY_V4,
-            _pad: 0,
-        },
-        _pad: 0,
-    };
+    let key = RevNatKey::new(
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        Endpoint::new([ip, 0, 0, 0], port, FAMILY_V4),
+    );
     if let Some(vip) = unsafe { REVNAT.get(key) } {
         unsafe {
             write_volatile(&mut (*s).user_ip4, vip.addr[0]);
@@ -429,16 +389,10 @@ fn revnat6(ctx: &SockAddrContext) -> i32 {
     let s = sa(ctx);
     let ip = read_ip6(unsafe { &(*s).user_ip6 });
     let port = unsafe { read_volatile(&(*s).user_port) } as u16;
-    let key = RevNatKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        peer: Endpoint {
-            addr: ip,
-            port,
-            family: FAMILY_V6,
-            _pad: 0,
-        },
-        _pad: 0,
-    };
+    let key = RevNatKey::new(
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        Endpoint::new(ip, port, FAMILY_V6),
+    );
     if let Some(vip) = unsafe { REVNAT.get(key) } {
         let vip = *vip;
         write_ip6(unsafe { &mut (*s).user_ip6 }, vip.addr);
@@ -525,16 +479,10 @@ fn four_tuple(ctx: &SockOpsContext) -> FourTuple {
 /// address its connect was rewritten to (its remote end).
 #[inline(always)]
 fn revnat_key(cookie: u64, t: &FourTuple) -> RevNatKey {
-    RevNatKey {
+    RevNatKey::new(
         cookie,
-        peer: Endpoint {
-            addr: t.remote_addr,
-            port: t.remote_port,
-            family: t.family,
-            _pad: 0,
-        },
-        _pad: 0,
-    }
+        Endpoint::new(t.remote_addr, t.remote_port, t.family),
+    )
 }
 
 #[sock_ops]
