@@ -90,6 +90,10 @@ pub struct ProxySettings {
     /// Request bodies up to this size are buffered so that they can be retried
     /// or mirrored; larger bodies are streamed once and not retried.
     pub max_buffered_body_bytes: usize,
+    /// All request bodies buffered at once for retries and mirrors, across
+    /// requests; a body that would go over it is streamed once instead, so a
+    /// burst of large uploads cannot exhaust the node proxy's memory.
+    pub max_buffered_total_bytes: usize,
     /// On shutdown, connections still open after this long are cut.
     pub drain_timeout_ms: u64,
     /// `SO_MARK` set on every socket the proxy opens (to peer proxies and to
@@ -115,6 +119,7 @@ impl Default for ProxySettings {
             tunnel_max_connections: 4,
             tcp_idle_timeout_ms: 3_600_000,
             max_buffered_body_bytes: 1024 * 1024,
+            max_buffered_total_bytes: 64 * 1024 * 1024,
             drain_timeout_ms: 10_000,
             socket_mark: None,
         }

@@ -10,6 +10,7 @@ use http::{
     request::Parts,
     uri::{Authority, PathAndQuery, Scheme},
 };
+use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, upgrade::OnUpgrade};
 use rand::Rng;
@@ -20,7 +21,7 @@ use tokio::{
 
 use crate::{
     accesslog::AccessRecord,
-    body::{Body, boxed, full, proxy_response, remove_mesh_headers, strip_hop_by_hop},
+    body::{Body, BoxError, boxed, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, TARGET},
     conntable::{ConnKind, ConnMeta},
     filters,
@@ -153,17 +154,111 @@ pub(crate) async fn handle(
 
 /// A request body that can be sent more than once when it was buffered.
 enum ReqBody {
-    Buffered(Bytes),
+    Buffered(Replayable),
     Once(Option<Body>),
 }
 
 impl ReqBody {
     fn take(&mut self) -> Option<Body> {
         match self {
-            ReqBody::Buffered(b) => Some(full(b.clone())),
+            ReqBody::Buffered(b) => Some(b.body()),
             ReqBody::Once(b) => b.take(),
         }
     }
+}
+
+/// A whole request body kept for retries and mirrors: its data, its
+/// trailers, and its share of the proxy's buffer budget (given back when the
+/// last copy goes).
+#[derive(Clone)]
+pub(crate) struct Replayable {
+    data: Bytes,
+    trailers: Option<http::HeaderMap>,
+    _budget: Arc<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl Replayable {
+    fn body(&self) -> Body {
+        let mut frames = Vec::with_capacity(2);
+        if !self.data.is_empty() {
+            frames.push(Frame::data(self.data.clone()));
+        }
+        if let Some(t) = &self.trailers {
+            frames.push(Frame::trailers(t.clone()));
+        }
+        frames_then(frames, None)
+    }
+}
+
+/// A body of `frames`, then (when given) everything `rest` still has.
+fn frames_then(frames: Vec<Frame<Bytes>>, rest: Option<Body>) -> Body {
+    use futures_util::StreamExt as _;
+    let head = futures_util::stream::iter(frames.into_iter().map(Ok::<_, BoxError>));
+    match rest {
+        None => boxed(http_body_util::StreamBody::new(head)),
+        Some(rest) => boxed(http_body_util::StreamBody::new(
+            head.chain(http_body_util::BodyStream::new(rest)),
+        )),
+    }
+}
+
+/// Buffer units of the proxy-wide budget ([`ProxySettings::max_buffered_total_bytes`]).
+pub(crate) const BUDGET_UNIT: usize = 1024;
+
+/// What reading a request body for retries and mirrors gave.
+enum ForReplay {
+    Whole(Replayable),
+    /// Longer than `max_buffered_body_bytes`, or over the proxy-wide budget:
+    /// sent once as it comes (what was read first included), without
+    /// retries or mirrors.
+    Streamed(Body),
+}
+
+async fn read_for_replay(shared: &Shared, mut body: Body) -> Result<ForReplay, BoxError> {
+    let limit = shared.settings.max_buffered_body_bytes;
+    let units = |n: usize| n.div_ceil(BUDGET_UNIT);
+    let mut buf = bytes::BytesMut::new();
+    let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        let data = match frame.into_data() {
+            Ok(d) => d,
+            Err(frame) => {
+                // Trailers end the body.
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+                continue;
+            }
+        };
+        let total = buf.len() + data.len();
+        let more = units(total) - units(buf.len());
+        let granted = total <= limit
+            && (more == 0
+                || u32::try_from(more)
+                    .ok()
+                    .and_then(|n| shared.buffer_budget.clone().try_acquire_many_owned(n).ok())
+                    .map(|p| match &mut budget {
+                        Some(b) => b.merge(p),
+                        None => budget = Some(p),
+                    })
+                    .is_some());
+        if !granted {
+            let mut frames = Vec::with_capacity(2);
+            if !buf.is_empty() {
+                frames.push(Frame::data(buf.freeze()));
+            }
+            frames.push(Frame::data(data));
+            return Ok(ForReplay::Streamed(frames_then(frames, Some(body))));
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(ForReplay::Whole(Replayable {
+        data: buf.freeze(),
+        trailers,
+        _budget: Arc::new(budget),
+    }))
 }
 
 async fn route_request(
@@ -304,20 +399,42 @@ async fn route_request(
     let destination = ready.service.clone();
 
     let retries = rule.retry.as_ref().map_or(0, |r| r.attempts);
+    let deadline = rule
+        .timeouts
+        .request_ms
+        .map(|ms| start + Duration::from_millis(ms));
     let mut body = if retries > 0 || !mirrors.is_empty() {
-        match Box::pin(collect_limited(
-            body,
-            shared.settings.max_buffered_body_bytes,
-        ))
-        .await
-        {
-            Ok(b) => ReqBody::Buffered(b),
-            Err(e) => {
+        // Reading the body counts against the request timeout.
+        let read = Box::pin(read_for_replay(shared, body));
+        let read = match deadline {
+            Some(dl) => tokio::time::timeout_at(dl, read).await.ok(),
+            None => Some(read.await),
+        };
+        match read {
+            Some(Ok(ForReplay::Whole(b))) => ReqBody::Buffered(b),
+            Some(Ok(ForReplay::Streamed(b))) => {
+                tracing::debug!(
+                    route = %route_label,
+                    "request body over {} bytes or the proxy's buffer budget: sent once, without \
+                     retries or mirrors",
+                    shared.settings.max_buffered_body_bytes
+                );
+                ReqBody::Once(Some(b))
+            }
+            Some(Err(e)) => {
                 return Outcome::local(
-                    StatusCode::PAYLOAD_TOO_LARGE,
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body: {e}"),
+                    route_label,
+                    destination,
+                );
+            }
+            None => {
+                return Outcome::local(
+                    StatusCode::GATEWAY_TIMEOUT,
                     format!(
-                        "request body not readable within {} bytes, needed to retry or mirror: {e}",
-                        shared.settings.max_buffered_body_bytes
+                        "request timeout of {}ms exceeded while reading the request body",
+                        rule.timeouts.request_ms.unwrap_or(0)
                     ),
                     route_label,
                     destination,
@@ -328,19 +445,15 @@ async fn route_request(
         ReqBody::Once(Some(body))
     };
 
-    if let ReqBody::Buffered(bytes) = &body {
+    if let ReqBody::Buffered(b) = &body {
         for m in &mirrors {
             if m.fraction.is_some_and(|f| !f.sample(&mut rand::rng())) {
                 continue;
             }
-            spawn_mirror(shared, state, conn, m, &parts, bytes.clone());
+            spawn_mirror(shared, state, conn, m, &parts, b.clone());
         }
     }
 
-    let deadline = rule
-        .timeouts
-        .request_ms
-        .map(|ms| start + Duration::from_millis(ms));
     let per_try = rule.timeouts.backend_request_ms.map(Duration::from_millis);
     let codes: &[u16] = rule.retry.as_ref().map_or(&[], |r| r.codes.as_slice());
     let mut backoff = rule
@@ -494,20 +607,6 @@ impl SendError {
 }
 
 /// Reads a whole body of at most `limit` bytes (trailers are dropped).
-async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, String> {
-    let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(format!("body longer than {limit} bytes"));
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok(buf.freeze())
-}
-
 fn choose_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
     let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
     if total == 0 {
@@ -529,7 +628,7 @@ fn spawn_mirror(
     conn: &Arc<HttpConn>,
     m: &crate::config::RequestMirror,
     parts: &Parts,
-    body: Bytes,
+    body: Replayable,
 ) {
     let Some(svc) = state.service(&m.service).cloned() else {
         tracing::warn!(mirror = %m.service, "mirror target service does not exist");
@@ -549,7 +648,7 @@ fn spawn_mirror(
     shared.spawn(async move {
         let _pick = pick;
         let mirror = async {
-            match send_once(&shared2, &conn, &up, parts, full(body)).await {
+            match send_once(&shared2, &conn, &up, parts, body.body()).await {
                 // The mirror's answer is read and dropped as it comes.
                 Ok(resp) => {
                     let mut body = resp.into_body();

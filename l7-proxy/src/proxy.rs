@@ -46,6 +46,9 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// Per-connection shutdown signals.
     pub drain: Arc<crate::drain::Drain>,
+    /// The budget of request bodies buffered for retries and mirrors, in
+    /// [`crate::forward::BUDGET_UNIT`]s.
+    pub buffer_budget: Arc<tokio::sync::Semaphore>,
     tracker: TaskTracker,
 }
 
@@ -201,6 +204,10 @@ impl ProxyBuilder {
                 table.clone(),
             ),
             clients: WorkloadClients::new(&self.settings),
+            buffer_budget: Arc::new(tokio::sync::Semaphore::new(
+                (self.settings.max_buffered_total_bytes / crate::forward::BUDGET_UNIT)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             settings: self.settings,
             state: state_rx,
             metrics,

@@ -282,6 +282,107 @@ async fn weighted_split_over_1000_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_too_big_to_replay_are_sent_once_whole_and_small_ones_are_retried() {
+    // 4 KiB per body, 2 KiB for all bodies buffered at once.
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| {
+            s.max_buffered_body_bytes = 4096;
+            s.max_buffered_total_bytes = 2048;
+        },
+    )
+    .await;
+    let mut retried = rule(vec![], vec![backend("v1", 1)]);
+    retried.retry = Some(Retry {
+        codes: vec![503],
+        attempts: 2,
+        backoff_ms: 1,
+    });
+    let (srv, _) = setup(&mesh, vec![route(vec![retried])]).await;
+    let mut c = client(&mesh).await;
+    let bodies = |srv: &EchoServer| -> Vec<usize> {
+        srv.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s["body"].as_str().unwrap().len())
+            .collect()
+    };
+    // Small: buffered and replayed on each of the 1 + 2 attempts.
+    let small = "s".repeat(1000);
+    let r = c
+        .send(request("POST", "/status/503", &[], &small))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(bodies(&srv[1]), [1000, 1000, 1000]);
+    // Over the per-body limit, and over the proxy-wide budget: each is sent
+    // once, whole, and its 503 comes back instead of a refusal.
+    for len in [5000, 3000] {
+        srv[1].seen.lock().unwrap().clear();
+        let big = "b".repeat(len);
+        let r = c
+            .send(request("POST", "/status/503", &[], &big))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 503, "{r:?}");
+        assert_eq!(bodies(&srv[1]), [len], "sent once, whole");
+    }
+    // The budget came back: small bodies are retried again.
+    srv[1].seen.lock().unwrap().clear();
+    let r = c
+        .send(request("POST", "/status/503", &[], &small))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(bodies(&srv[1]).len(), 3);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_http2_request_keeps_its_trailers() {
+    let mesh = Mesh::standard().await;
+    let mut retried = rule(vec![], vec![backend("v1", 1)]);
+    retried.retry = Some(Retry {
+        codes: vec![503],
+        attempts: 1,
+        backoff_ms: 1,
+    });
+    let (srv, _) = setup(&mesh, vec![route(vec![retried])]).await;
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "c0ffee".parse().unwrap());
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"payload",
+        ))),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ];
+    let req = http::Request::post("http://cart/status/503")
+        .body(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let seen = srv[1].seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one retry: {seen:?}");
+    for s in &seen {
+        assert_eq!(s["body"], "payload", "{s}");
+        assert_eq!(s["trailers"]["x-checksum"], "c0ffee", "{s}");
+    }
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_on_503_until_the_backend_recovers() {
     let mesh = Mesh::standard().await;
     let mut retried = rule(

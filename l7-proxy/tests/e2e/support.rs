@@ -477,11 +477,15 @@ async fn echo(
 ) -> Result<Response<EchoBody>, Infallible> {
     hits.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    let collected = body.collect().await.ok();
+    let trailers: HashMap<String, String> = collected
+        .as_ref()
+        .and_then(|c| c.trailers())
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     let headers: HashMap<String, String> = parts
         .headers
         .iter()
@@ -495,6 +499,7 @@ async fn echo(
         "authority": parts.uri.authority().map(|a| a.to_string()).or_else(|| headers.get("host").cloned()),
         "headers": headers,
         "body": String::from_utf8_lossy(&body),
+        "trailers": trailers,
     });
     seen.lock().unwrap().push(record.clone());
     let path = parts.uri.path().to_string();
