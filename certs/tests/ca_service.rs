@@ -507,6 +507,14 @@ async fn tokenreview_authenticator_names_the_callers_node() {
     );
     let err = r.authenticate(&expired).await.unwrap_err();
     assert!(err.to_string().contains("expired"), "{err}");
+    // An expiry as far in the past as the number can go: refused, no
+    // overflow.
+    let ancient = jwt(
+        "ancient",
+        serde_json::json!({"aud": ["sluice-ca"], "exp": i64::MIN}),
+    );
+    let err = r.authenticate(&ancient).await.unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
     let err = r.authenticate("not-a-jwt").await.unwrap_err();
     assert!(
         err.to_string().contains("not a service-account token"),
@@ -576,4 +584,57 @@ async fn ca_service_with_tokenreview_end_to_end() {
         .await
         .unwrap_err();
     assert!(err.is_transient(), "{err}");
+}
+
+/// A caller that sends a request head and then not its body is answered
+/// `408` and let go, instead of holding one of the service's connections.
+#[tokio::test]
+async fn a_request_body_that_never_comes_is_cut_off() {
+    let clock = clock();
+    let c = cluster(&clock).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for r in c.ca.bundle().roots() {
+        roots.add(r.clone()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(c.server.local_addr())
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("sluice-ca.sluice-system.svc").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tls.write_all(
+        format!(
+            "POST /v1/sign HTTP/1.1\r\nhost: sluice-ca\r\nauthorization: Bearer {NODE_A_TOKEN}\r\n\
+             content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"identity\""
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer: the connection was held");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }

@@ -159,6 +159,25 @@ fn configurable_lifetime() {
 }
 
 #[test]
+fn a_lifetime_that_would_renew_continuously_is_refused() {
+    // Certificates start 5 minutes early; renewed at half their life, a
+    // 90 s certificate would be due as soon as issued.
+    let err = Ca::generate(
+        CaOptions {
+            leaf_lifetime: Duration::from_secs(90),
+            ..CaOptions::default()
+        },
+        shared(&clock()),
+    )
+    .expect_err("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("--workload-cert-ttl") && msg.contains("twice the backdate of 300s"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn csr_for_another_identity_is_refused() {
     let clock = clock();
     let ca = ca(&clock);

@@ -195,13 +195,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = n
         .parse()
         .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d)"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
     };
+    let secs = n
+        .checked_mul(per)
+        .ok_or_else(|| format!("{s:?}: too long"))?;
     if secs == 0 {
         return Err(format!("{s:?}: must be more than zero"));
     }
@@ -233,6 +236,8 @@ pub enum Error {
     },
     #[error("the TokenReview authenticator: {0}")]
     Auth(String),
+    #[error("the CA's serving certificate: {0}")]
+    Serving(String),
 }
 
 fn split_ref(r: &str) -> Result<(String, String), Error> {
@@ -838,20 +843,27 @@ pub struct Serving {
     pub poll: Duration,
 }
 
+/// The CA service listening, and when its serving certificate is at half its
+/// life (then a new one is served).
 async fn start_server(
     ca: &Arc<Ca>,
     serving: &Serving,
     addr: SocketAddr,
-) -> Result<CaServer, Error> {
+) -> Result<(CaServer, std::time::SystemTime), Error> {
     let dns: Vec<&str> = serving.dns_names.iter().map(String::as_str).collect();
     // Issued under the active root: after an activation, under the new one.
     let (chain, key) = ca.issue_serving_certificate(&dns, &serving.ips)?;
+    let leaf =
+        certs::x509::CertInfo::parse(&chain[0]).map_err(|e| Error::Serving(e.to_string()))?;
+    let renew_at = std::time::SystemTime::from(leaf.not_before)
+        + (leaf.not_after - leaf.not_before).unsigned_abs() / 2;
     let service = CaService::new(
         ca.clone(),
         serving.authenticator.clone(),
         serving.authoriser.clone(),
     );
-    Ok(CaServer::bind(addr, serving_tls(chain, key)?, service).await?)
+    let server = CaServer::bind(addr, serving_tls(chain, key)?, service).await?;
+    Ok((server, renew_at))
 }
 
 /// Serves the CA of `store` until `stop` fires. The store is read again every
@@ -869,7 +881,7 @@ pub async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut root = load_root(Some(&client), &store, opts.clone(), clock.clone(), true).await?;
-    let mut server = start_server(&root.ca, &serving, serving.listen).await?;
+    let (mut server, mut renew_at) = start_server(&root.ca, &serving, serving.listen).await?;
     let bound = server.local_addr();
     tracing::info!(addr = %bound, %store, "CA service listening");
     addr.send_replace(Some(bound));
@@ -900,9 +912,18 @@ pub async fn serve(
                 tracing::info!(%store, "the CA root changed; serving it");
                 server.shutdown().await;
                 root = new;
-                server = start_server(&root.ca, &serving, bound).await?;
+                (server, renew_at) = start_server(&root.ca, &serving, bound).await?;
+                continue;
             }
             Err(e) => tracing::warn!(error = %e, "reading the CA root; keeping the one in use"),
+        }
+        // The service's own certificate is renewed at half its life, as the
+        // workloads' are: a CA up longer than its lifetime must not start
+        // refusing every agent's handshake.
+        if clock.now() >= renew_at {
+            tracing::info!("the CA's serving certificate is at half its life; serving a new one");
+            server.shutdown().await;
+            (server, renew_at) = start_server(&root.ca, &serving, bound).await?;
         }
     }
     server.shutdown().await;

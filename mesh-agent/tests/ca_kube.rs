@@ -395,3 +395,117 @@ async fn a_directory_root_rotates_the_same_way_without_kubernetes() {
         "nothing changed since"
     );
 }
+
+/// Accepts any server certificate and keeps it: the test looks at what the
+/// CA serves, not whether it is trusted now.
+#[derive(Debug)]
+struct Record(std::sync::Mutex<Option<rustls::pki_types::CertificateDer<'static>>>);
+
+impl rustls::client::danger::ServerCertVerifier for Record {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.0.lock().unwrap() = Some(end_entity.clone().into_owned());
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The certificate the CA service at `addr` presents now (`None` while it
+/// restarts).
+async fn served_certificate(addr: SocketAddr) -> Option<certs::x509::CertInfo> {
+    let record = Arc::new(Record(std::sync::Mutex::default()));
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(record.clone())
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let name = rustls::pki_types::ServerName::try_from("sluice-ca.test").unwrap();
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await;
+    let der = record.0.lock().unwrap().take();
+    if let Err(e) = handshake {
+        eprintln!("handshake: {e}");
+    }
+    Some(certs::x509::CertInfo::parse(&der?).unwrap())
+}
+
+/// The CA's own serving certificate is renewed at half its life: a CA up
+/// longer than that lifetime (90 days) does not start refusing every agent.
+#[tokio::test]
+async fn the_ca_serves_a_new_certificate_of_its_own_at_half_its_life() {
+    let fake = FakeApi::default();
+    let manual = certs::ManualClock::new();
+    let clock: SharedClock = Arc::new(manual.clone());
+    let serving = Serving {
+        listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+        dns_names: vec!["sluice-ca.test".into()],
+        ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        authenticator: Arc::new(BootstrapTokens::new([("node-a", TOKEN)]).unwrap()),
+        authoriser: Arc::new(NodeAuthoriser::new(Arc::new(StaticNodeWorkloads::new()))),
+        bundle_configmap: None,
+        poll: Duration::from_millis(50),
+    };
+    let (addr_tx, mut addr_rx) = tokio::sync::watch::channel(None);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let ca = tokio::spawn(serve(
+        fake.client(),
+        store(),
+        CaOptions::default(),
+        clock,
+        serving,
+        addr_tx,
+        stop_rx,
+    ));
+    let addr = addr_rx.wait_for(Option::is_some).await.unwrap().unwrap();
+    let first = served_certificate(addr).await.expect("the CA serves");
+    // A day short of half its life: the same certificate.
+    let half = (first.not_after - first.not_before).unsigned_abs() / 2;
+    manual.advance(half - Duration::from_secs(24 * 3600));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(served_certificate(addr).await.unwrap().serial, first.serial);
+    // Past half its life: a new one, valid for as long again.
+    manual.advance(Duration::from_secs(2 * 24 * 3600));
+    let second = eventually("a new serving certificate", async || {
+        served_certificate(addr)
+            .await
+            .filter(|c| c.serial != first.serial)
+    })
+    .await;
+    assert!(second.not_after > first.not_after + half, "{second:?}");
+    let _ = stop.send(true);
+    ca.await.unwrap().unwrap();
+}

@@ -855,6 +855,18 @@ fn check_opts(opts: &CaOptions) -> Result<(), CaError> {
             ),
         });
     }
+    // Certificates start `backdate` early (clock skew between nodes) and are
+    // renewed at half their life: a lifetime under twice the backdate would
+    // be due for renewal as soon as it is issued, every second.
+    if opts.leaf_lifetime <= opts.backdate * 2 {
+        return Err(CaError::Config {
+            reason: format!(
+                "workload certificate lifetime {:?} (--workload-cert-ttl) must be more than \
+                 twice the backdate of {:?}, or certificates would be renewed continuously",
+                opts.leaf_lifetime, opts.backdate
+            ),
+        });
+    }
     Ok(())
 }
 

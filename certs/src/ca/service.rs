@@ -32,6 +32,8 @@ pub const SIGN_PATH: &str = "/v1/sign";
 pub const BUNDLE_PATH: &str = "/v1/trust-bundle";
 /// Largest request body accepted (a CSR is under 1 KiB).
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// Time a caller has to send a request body once its head is in.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Connections the CA service holds at once (one per node agent is the
 /// norm; a node may briefly hold a few).
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -178,12 +180,24 @@ impl CaService {
         if route.0 == Method::GET {
             return json(StatusCode::OK, &BundleBody::from(&self.ca.bundle()));
         }
-        let body = match Limited::new(req.into_body(), MAX_REQUEST).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
+        // A caller that sends its head and then trickles (or stops) must not
+        // hold one of the service's connections.
+        let read = Limited::new(req.into_body(), MAX_REQUEST).collect();
+        let body = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("request body: {e} (limit {MAX_REQUEST} bytes)"),
+                );
+            }
+            Ok(Err(e)) => {
+                return error(StatusCode::BAD_REQUEST, format!("request body: {e}"));
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("request body not received within {BODY_READ_TIMEOUT:?}"),
                 );
             }
         };

@@ -326,7 +326,10 @@ impl TokenReviewAuthenticator {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         if exp <= now {
-            return refuse(format!("the token expired {} s ago", now - exp));
+            return refuse(format!(
+                "the token expired {} s ago",
+                now.saturating_sub(exp)
+            ));
         }
         Ok(Some(Duration::from_secs((exp - now) as u64)))
     }
