@@ -102,6 +102,62 @@ impl CertificateAuthority for Flaky {
     }
 }
 
+/// A CA whose bundle answers can be switched off.
+#[derive(Debug)]
+struct BundleDown {
+    ca: Arc<Ca>,
+    down: AtomicBool,
+}
+
+impl CertificateAuthority for BundleDown {
+    fn sign(&self, request: SignRequest) -> BoxFuture<'_, Result<Issued, CaError>> {
+        self.ca.sign(request)
+    }
+    fn trust_bundle(&self) -> BoxFuture<'_, Result<TrustBundle, CaError>> {
+        Box::pin(async move {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(CaError::Unavailable {
+                    endpoint: "test".into(),
+                    reason: "switched off".into(),
+                });
+            }
+            self.ca.trust_bundle().await
+        })
+    }
+}
+
+/// A bundle refresh that fails is tried again within seconds, not a whole
+/// refresh period (5 minutes) later: a root prepared meanwhile reaches the
+/// node before an operator following the rotation steps activates it.
+#[tokio::test]
+async fn a_failed_bundle_refresh_is_retried_soon_and_a_prepared_root_arrives() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let cart = id("shop", "cart");
+    let svc = Arc::new(BundleDown {
+        ca: ca.clone(),
+        down: AtomicBool::new(true),
+    });
+    let a = IdentityManager::new(svc.clone(), ca.bundle(), shared(&clock), fast_opts());
+    a.set_identities([cart.clone()]).await.unwrap();
+    let task = a.spawn();
+    // The loop's first refresh fails; the root is prepared meanwhile.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let new_root = ca.prepare_root_rotation().unwrap();
+    svc.down.store(false, Ordering::SeqCst);
+    // Well within the first backoff steps, far from 5 minutes.
+    clock.advance(Duration::from_secs(3));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.trust_bundle().load().contains(&new_root) {
+        assert!(
+            Instant::now() < deadline,
+            "the prepared root did not arrive after the failed refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task.abort();
+}
+
 #[tokio::test]
 async fn ca_outage_keeps_the_valid_certificate_and_retries_with_backoff() {
     let clock = clock();

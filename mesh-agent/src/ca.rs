@@ -54,14 +54,20 @@ pub const NEXT_ROOT_CERT: &str = "next-root-cert.pem";
 pub const NEXT_ROOT_KEY: &str = "next-root-key.pem";
 /// RFC 3339; set when a new root is activated, cleared when the old retires.
 pub const RETIRABLE_AFTER: &str = "retirable-after";
-pub const ROOT_FILES: [&str; 6] = [
+/// RFC 3339; set when a new root is prepared, cleared when it is activated.
+pub const PREPARED_AT: &str = "prepared-at";
+pub const ROOT_FILES: [&str; 7] = [
     ROOT_CERT,
     ROOT_KEY,
     BUNDLE,
     NEXT_ROOT_CERT,
     NEXT_ROOT_KEY,
     RETIRABLE_AFTER,
+    PREPARED_AT,
 ];
+/// How long after `--prepare` every node is taken to hold the new bundle:
+/// agents fetch it every 5 minutes (and retry a failure within a minute).
+pub const ACTIVATE_AFTER: Duration = Duration::from_secs(10 * 60);
 /// How often the running CA reads its root store for a rotation step.
 pub const ROOT_POLL: Duration = Duration::from_secs(10);
 /// Default CA service port.
@@ -103,17 +109,20 @@ pub struct RotateArgs {
     /// Step 1: add a new root to the trust bundle; it signs nothing yet.
     #[arg(long)]
     pub prepare: bool,
-    /// Step 2 (once every node has the new bundle, 5 minutes): the new root
-    /// signs; nodes reissue their certificates.
+    /// Step 2 (once every node has the new bundle: refused for 10 minutes
+    /// after --prepare without --force): the new root signs; nodes reissue
+    /// their certificates.
     #[arg(long)]
     pub activate: bool,
     /// Step 3: the old root leaves the bundle. Refused while certificates it
     /// signed may be valid (one certificate lifetime after --activate).
     #[arg(long)]
     pub retire: bool,
+    /// With --activate: activate before every node is taken to have the
+    /// new bundle (once `sluice status` on every node shows both roots).
     /// With --retire: retire now (once `sluice status` on every node shows
     /// the new root).
-    #[arg(long, requires = "retire")]
+    #[arg(long, conflicts_with = "prepare")]
     pub force: bool,
     /// The same root store and settings as the running `mesh-agent ca`.
     #[command(flatten)]
@@ -158,7 +167,7 @@ impl RotateArgs {
         if self.prepare {
             RotateStep::Prepare
         } else if self.activate {
-            RotateStep::Activate
+            RotateStep::Activate { force: self.force }
         } else {
             RotateStep::Retire { force: self.force }
         }
@@ -557,7 +566,10 @@ pub enum RotateStep {
     /// A new root joins the trust bundle without signing.
     Prepare,
     /// The prepared root signs from now on.
-    Activate,
+    Activate {
+        /// Even before every node is taken to have the new bundle.
+        force: bool,
+    },
     /// The roots that no longer sign leave the bundle.
     Retire {
         /// Even though certificates they signed may still be valid.
@@ -603,21 +615,48 @@ pub async fn rotate(
             time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
                 .ok()
         });
+    let mut prepared_at = root
+        .files
+        .get(PREPARED_AT)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| {
+            time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+                .ok()
+        });
     let summary = match step {
         RotateStep::Prepare => {
             let fp = ca.prepare_root_rotation()?;
+            prepared_at = Some(now);
             format!(
                 "prepared root {fp}: it is in the trust bundle and signs nothing yet. Once every \
-                 node has fetched the bundle (5 minutes), run `mesh-agent ca rotate --activate`"
+                 node has fetched the bundle ({} minutes, until {}), run `mesh-agent ca rotate \
+                 --activate`",
+                ACTIVATE_AFTER.as_secs() / 60,
+                rfc3339(now + ACTIVATE_AFTER)
             )
         }
-        RotateStep::Activate => {
+        RotateStep::Activate { force } => {
             let fp = ca.status().pending_root.ok_or_else(|| {
                 rotation(
                     "no rotation is prepared; run `mesh-agent ca rotate --prepare` first".into(),
                 )
             })?;
+            // A node still without the new root would refuse every peer
+            // (and the CA itself) once it signs.
+            if let Some(t) = prepared_at
+                && now < t + ACTIVATE_AFTER
+                && !force
+            {
+                return Err(rotation(format!(
+                    "root {fp} was prepared at {}; a node that has not fetched the trust bundle \
+                     since would lose the mesh. Wait until {}, or pass --force once `sluice \
+                     status` on every node shows both roots",
+                    rfc3339(t),
+                    rfc3339(t + ACTIVATE_AFTER)
+                )));
+            }
             ca.activate_root(&fp)?;
+            prepared_at = None;
             // Certificates the old root signed live at most this long.
             let until = now + leaf_lifetime;
             retirable_after = Some(until);
@@ -680,12 +719,17 @@ pub async fn rotate(
         }
     };
     let mut files = read_files(store, root.dir.path())?;
-    match retirable_after {
-        Some(t) => {
-            files.insert(RETIRABLE_AFTER.into(), rfc3339(t).into_bytes());
-        }
-        None => {
-            files.remove(RETIRABLE_AFTER);
+    for (name, at) in [
+        (RETIRABLE_AFTER, retirable_after),
+        (PREPARED_AT, prepared_at),
+    ] {
+        match at {
+            Some(t) => {
+                files.insert(name.into(), rfc3339(t).into_bytes());
+            }
+            None => {
+                files.remove(name);
+            }
         }
     }
     write_store(client, store, &files, root.version.clone()).await?;

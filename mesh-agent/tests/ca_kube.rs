@@ -19,8 +19,8 @@ use certs::{
     x509::Fingerprint,
 };
 use mesh_agent::ca::{
-    BUNDLE, NEXT_ROOT_CERT, NEXT_ROOT_KEY, RETIRABLE_AFTER, ROOT_CERT, ROOT_KEY, RootStore,
-    RotateStep, Serving, publish_bundle, root_from_secret, rotate, serve,
+    BUNDLE, NEXT_ROOT_CERT, NEXT_ROOT_KEY, PREPARED_AT, RETIRABLE_AFTER, ROOT_CERT, ROOT_KEY,
+    RootStore, RotateStep, Serving, publish_bundle, root_from_secret, rotate, serve,
 };
 
 mod support;
@@ -228,19 +228,30 @@ async fn a_root_rotation_is_served_and_published_by_the_running_ca() {
     assert_eq!(sign().await.trust_bundle.active_root(), old);
 
     // Activating twice is refused: there is nothing prepared any more after.
-    let activate = async || {
+    let activate = async |force: bool| {
         rotate(
             Some(&client),
             &store(),
-            RotateStep::Activate,
+            RotateStep::Activate { force },
             CaOptions::default(),
             clock.clone(),
         )
         .await
     };
-    // 2. activate: new certificates chain to the new root (the serving one
-    // too: the node reaches the CA through the restarted service).
-    activate().await.unwrap();
+    // Too soon after --prepare for every node to have the new bundle:
+    // refused, saying until when, and nothing changes.
+    assert!(secret_keys(&fake).contains(&PREPARED_AT.to_string()));
+    let e = activate(false).await.unwrap_err();
+    assert!(
+        e.to_string().contains("Wait until") && e.to_string().contains("--force"),
+        "{e}"
+    );
+    assert!(secret_keys(&fake).contains(&NEXT_ROOT_KEY.to_string()));
+    // 2. activate (forced: every node here has it): new certificates chain
+    // to the new root (the serving one too: the node reaches the CA through
+    // the restarted service).
+    activate(true).await.unwrap();
+    assert!(!secret_keys(&fake).contains(&PREPARED_AT.to_string()));
     assert!(secret_keys(&fake).contains(&RETIRABLE_AFTER.to_string()));
     eventually("the new root to sign", async || {
         (published(&fake)?.active_root() == new).then_some(())
@@ -253,7 +264,7 @@ async fn a_root_rotation_is_served_and_published_by_the_running_ca() {
     .await;
     let leaf = certs::x509::CertInfo::parse(&issued.chain[0]).unwrap();
     assert_eq!(leaf.issuer, new_subject, "signed by the new root");
-    let e = activate().await.unwrap_err();
+    let e = activate(true).await.unwrap_err();
     assert!(e.to_string().contains("--prepare"), "{e}");
 
     // 3. retire: refused while leaves of the old root may be valid...

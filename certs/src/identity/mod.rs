@@ -509,13 +509,24 @@ impl IdentityManager {
     /// the bundle every `bundle_refresh`. Wakes early on identity changes.
     pub async fn run(&self) {
         let mut next_bundle = self.inner.clock.now();
+        // A failed refresh is tried again soon (backing off up to
+        // `retry_max`), not a whole `bundle_refresh` later: a root prepared
+        // for rotation must reach this node before it is activated.
+        let mut bundle_retry = self.inner.opts.retry_initial;
         loop {
             let now = self.inner.clock.now();
             if now >= next_bundle {
-                if let Err(e) = self.refresh_trust_bundle().await {
-                    tracing::warn!(error = %e, "trust bundle refresh failed; keeping the current bundle");
+                match self.refresh_trust_bundle().await {
+                    Ok(_) => {
+                        bundle_retry = self.inner.opts.retry_initial;
+                        next_bundle = now + self.inner.opts.bundle_refresh;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?bundle_retry, "trust bundle refresh failed; keeping the current bundle");
+                        next_bundle = now + bundle_retry.min(self.inner.opts.bundle_refresh);
+                        bundle_retry = (bundle_retry * 2).min(self.inner.opts.retry_max);
+                    }
                 }
-                next_bundle = now + self.inner.opts.bundle_refresh;
             }
             let report = self.rotate_due().await;
             if !report.issued.is_empty() || !report.failed.is_empty() {
