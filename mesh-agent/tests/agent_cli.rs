@@ -209,6 +209,15 @@ async fn sluice_says_where_it_looked_when_the_agent_is_down() {
         agent_line.contains("FAIL") && agent_line.contains(&url),
         "{out}"
     );
+    // A malformed --admin too: the local checks run, the agent line says why.
+    let (code, out, _) = sluice("127.0.0.1:15020", &["check"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("kernel") && out.contains("cgroup v2"), "{out}");
+    let agent_line = out.lines().find(|l| l.starts_with("agent ")).unwrap();
+    assert!(
+        agent_line.contains("FAIL") && agent_line.contains("not an http://host:port URL"),
+        "{out}"
+    );
 }
 
 #[test]

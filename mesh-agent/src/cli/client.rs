@@ -17,7 +17,11 @@ pub enum Error {
          --admin (or SLUICE_ADMIN) at its admin address."
     )]
     Unreachable { url: String, reason: String },
-    #[error("the agent at {url} answered {path} with {status}: {body}")]
+    #[error(
+        "the agent at {url} answered {path} with {status}: {body}\n\
+         Is that the Sluice agent's admin address? Check --admin (or SLUICE_ADMIN; default \
+         http://127.0.0.1:15020)."
+    )]
     Status {
         url: String,
         path: String,
@@ -25,7 +29,9 @@ pub enum Error {
         body: String,
     },
     #[error(
-        "the agent at {url} sent an unexpected {path} document ({source}); are the CLI and agent the same version?"
+        "the agent at {url} sent an unexpected {path} document ({source}): either --admin (or \
+         SLUICE_ADMIN) points at something other than the Sluice agent's admin address, or the \
+         CLI and agent are different versions"
     )]
     Decode {
         url: String,
@@ -117,7 +123,12 @@ impl Client {
                 url: self.url.clone(),
                 path: path.into(),
                 status,
-                body: String::from_utf8_lossy(&body).trim().to_string(),
+                // A whole HTML page would bury the hint.
+                body: String::from_utf8_lossy(&body)
+                    .trim()
+                    .chars()
+                    .take(200)
+                    .collect(),
             });
         }
         serde_json::from_slice(&body).map_err(|source| Error::Decode {

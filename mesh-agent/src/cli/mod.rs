@@ -94,10 +94,14 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
-    let c = Client::new(&cli.admin)?;
     let json = cli.output == Output::Json;
+    let c = match (&cli.command, Client::new(&cli.admin)) {
+        // `check` runs its local checks whatever the admin address is.
+        (Command::Check, c) => return Ok(check(c, json).await),
+        (_, c) => c?,
+    };
     match &cli.command {
-        Command::Check => return Ok(check(&c, json).await),
+        Command::Check => {} // answered above
         Command::Status => {
             let s: Status = c.get("/v1/status").await?;
             if json {
@@ -114,7 +118,7 @@ async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
             if json {
                 print_json(&w);
             } else {
-                emit(&render_workloads(&w, *all));
+                emit(&render_workloads(&w, *all, namespace.as_deref()));
             }
         }
         Command::Tls => {
@@ -138,16 +142,23 @@ async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
 }
 
 /// Local checks, then the agent's; exit 1 when something fails.
-async fn check(c: &Client, json: bool) -> ExitCode {
+async fn check(c: Result<Client, client::Error>, json: bool) -> ExitCode {
     let mut checks: Vec<CheckResult> =
         crate::check::local_checks(std::path::Path::new(ebpf_lb::DEFAULT_BPFFS));
     let mut config_errors = Vec::new();
-    match c.get::<Check>("/v1/check").await {
-        Ok(agent) => {
+    let asked = match c {
+        Ok(c) => c
+            .get::<Check>("/v1/check")
+            .await
+            .map(|a| (a, c.url().to_string())),
+        Err(e) => Err(e),
+    };
+    match asked {
+        Ok((agent, url)) => {
             checks.push(CheckResult {
                 name: "agent".into(),
                 outcome: Outcome::Pass,
-                detail: format!("healthy at {}", c.url()),
+                detail: format!("healthy at {url}"),
             });
             checks.extend(agent.checks);
             config_errors = agent.config_errors;
@@ -294,7 +305,8 @@ pub fn render_status(s: &Status) -> String {
     out
 }
 
-pub fn render_workloads(w: &Workloads, all: bool) -> String {
+/// `namespace`: the filter the rows passed, to say so when none is left.
+pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> String {
     let mut headers = vec![
         "NAMESPACE",
         "POD",
@@ -327,7 +339,14 @@ pub fn render_workloads(w: &Workloads, all: bool) -> String {
         t.row(row);
     }
     if t.is_empty() {
-        return "No pods on this node (use -A for every node).\n".into();
+        return match (all, namespace) {
+            (false, None) => "No pods on this node (use -A for every node).\n".into(),
+            (true, None) => "No pods known to the agent.\n".into(),
+            (false, Some(ns)) => {
+                format!("No pods of namespace {ns} on this node (use -A for every node).\n")
+            }
+            (true, Some(ns)) => format!("No pods of namespace {ns} known to the agent.\n"),
+        };
     }
     t.to_string()
 }
@@ -471,7 +490,17 @@ mod tests {
                 ..Default::default()
             }],
         };
-        assert!(render_workloads(&w, false).contains("no: namespace plain is not enrolled"));
+        assert!(render_workloads(&w, false, None).contains("no: namespace plain is not enrolled"));
+        // No rows left: the message names the filters that left none.
+        let none = Workloads { workloads: vec![] };
+        assert_eq!(
+            render_workloads(&none, true, Some("nope")),
+            "No pods of namespace nope known to the agent.\n"
+        );
+        assert_eq!(
+            render_workloads(&none, false, None),
+            "No pods on this node (use -A for every node).\n"
+        );
     }
 
     #[test]
