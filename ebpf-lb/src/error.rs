@@ -41,14 +41,18 @@ pub enum Error {
     },
 
     #[error(
-        "pinned map {map} under {dir} was created with {pinned} entries but {wanted} were asked \
-         for; use the same sizes, or uninstall the old state first (it is kept across restarts)"
+        "pinned map {map} under {dir} has {pinned} entries, but these settings size it at \
+         {wanted} (ebpf-lb Options::{setting}): it was left by another version or other settings. \
+         Remove the old state (`mesh-agent uninstall`, or LoadBalancer::uninstall_at; balancing \
+         through it stops until the next start) and start again"
     )]
     PinnedSizeMismatch {
         map: &'static str,
         dir: PathBuf,
         pinned: u32,
         wanted: u32,
+        /// The setting the size comes from (`max_sockets / 4`, say).
+        setting: &'static str,
     },
 
     #[error(

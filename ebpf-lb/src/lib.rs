@@ -116,23 +116,34 @@ impl Options {
         self.bpffs.join(&self.instance)
     }
 
-    fn sizes(&self) -> [(&'static str, u32); 12] {
+    /// Every pinned map's entries, and the setting they come from.
+    fn sizes(&self) -> [(&'static str, u32, &'static str); 13] {
         [
-            (maps::SERVICES, self.max_services),
-            (maps::BACKENDS, self.max_backends),
-            (maps::MEMBERS, self.max_backends),
-            (maps::AFFINITY, self.max_affinity),
-            (maps::REVNAT, self.max_sockets),
+            (maps::SERVICES, self.max_services, "max_services"),
+            (maps::BACKENDS, self.max_backends, "max_backends"),
+            (maps::MEMBERS, self.max_backends, "max_backends"),
+            (maps::AFFINITY, self.max_affinity, "max_affinity"),
+            (maps::REVNAT, self.max_sockets, "max_sockets"),
             // UDP sockets with translations are a fraction of all (a
             // preallocated LRU of 84-byte values: kept small).
-            (maps::UDP_PEERS, self.max_sockets.div_ceil(4)),
-            (maps::COOKIE_ORIG, self.max_sockets),
-            (maps::ORIG_DST, self.max_sockets),
-            (maps::ENROLLED, self.max_enrolled),
+            (
+                maps::UDP_PEERS,
+                self.max_sockets.div_ceil(4),
+                "max_sockets / 4",
+            ),
+            (maps::COOKIE_ORIG, self.max_sockets, "max_sockets"),
+            (maps::ORIG_DST, self.max_sockets, "max_sockets"),
+            (maps::ENROLLED, self.max_enrolled, "max_enrolled"),
             // Index 0 is never a service id.
-            (maps::COUNTERS, self.max_services.saturating_add(1)),
-            (maps::WORKLOADS, self.max_workloads),
-            (maps::REFUSALS, self.max_workloads),
+            (
+                maps::COUNTERS,
+                self.max_services.saturating_add(1),
+                "max_services + 1",
+            ),
+            (maps::WORKLOADS, self.max_workloads, "max_workloads"),
+            (maps::REFUSALS, self.max_workloads, "max_workloads"),
+            // One entry, whatever the settings; its layout is checked too.
+            (maps::CONFIG, 1, "(fixed: one entry)"),
         ]
     }
 }
@@ -235,6 +246,9 @@ struct Tables {
     next_set: u32,
     /// Enrolled cgroup id -> its level.
     enrolled_ids: BTreeMap<u64, u32>,
+    /// Interfaces guarded by this instance -> their index, to find the
+    /// pinned link of one that is gone (a deleted pod's veth).
+    guarded: BTreeMap<String, u32>,
 }
 
 /// A loaded, pinned instance of the kernel load balancer.
@@ -314,7 +328,7 @@ impl LoadBalancer {
         for d in [&maps_dir, &links_dir] {
             fs::create_dir_all(d).map_err(|e| Error::io("creating pin folder", d, e))?;
         }
-        for (name, wanted) in opts.sizes() {
+        for (name, wanted, setting) in opts.sizes() {
             let pin = maps_dir.join(name);
             if pin.exists() {
                 let info = MapInfo::from_pin(&pin).map_err(|e| Error::map(name, e))?;
@@ -336,6 +350,7 @@ impl LoadBalancer {
                         dir: maps_dir,
                         pinned: info.max_entries(),
                         wanted,
+                        setting,
                     });
                 }
             }
@@ -343,7 +358,7 @@ impl LoadBalancer {
 
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&maps_dir);
-        for (name, size) in opts.sizes() {
+        for (name, size, _) in opts.sizes() {
             loader.map_max_entries(name, size);
         }
         let mut ebpf = loader.load(PROGRAMS).map_err(|e| Error::Load {
@@ -477,6 +492,7 @@ impl LoadBalancer {
                 used_sets,
                 next_set,
                 enrolled_ids,
+                guarded: BTreeMap::new(),
             }),
             orig_dst,
             barrier: sys::RcuBarrier::new()?,
@@ -589,7 +605,19 @@ impl LoadBalancer {
             Ok(r) => r,
             Err(e) => {
                 let switched = !undo.services.is_empty();
-                t.restore(&mut undo);
+                let stuck = t.restore(&mut undo);
+                if !stuck.is_empty() {
+                    // The kernel still points at what the stage wrote:
+                    // nothing it took is freed (a restart's clean-up
+                    // reclaims what no service uses), and the caller learns
+                    // that the batch is half in force.
+                    return Err(Error::Corrupt(format!(
+                        "{e}; rolling the batch back failed for {}: those services keep the \
+                         new entries, the others are as before. Apply the batch again (the \
+                         agent retries it)",
+                        stuck.join(", ")
+                    )));
+                }
                 // A program may still hold a service value staged a moment
                 // ago, pointing at slots about to go: free them only once it
                 // has finished (if that cannot be known, they stay taken).
@@ -771,14 +799,18 @@ impl LoadBalancer {
     /// cgroup may already be gone).
     pub fn unenroll(&self, id: u64) -> Result<()> {
         let mut t = self.tables();
-        if t.enrolled_ids.remove(&id).is_none() {
+        if !t.enrolled_ids.contains_key(&id) {
             return Ok(());
         }
+        // Forgotten only once the kernel forgot it: a failed delete is
+        // tried again by the next call, instead of reporting success while
+        // the cgroup stays redirected.
         match t.enrolled.remove(&id) {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(Error::map(maps::ENROLLED, e)),
         }
+        t.enrolled_ids.remove(&id);
         t.write_levels()
     }
 
@@ -1183,16 +1215,35 @@ impl Tables {
     /// Rolls back the first half of a failed stage: services and backend
     /// sets as they were. [`release`](Self::release) then frees what the
     /// stage took, once no program can still see it.
-    fn restore(&mut self, undo: &mut Undo) {
+    ///
+    /// Returns the services whose undo failed (ENOMEM, say): the kernel
+    /// keeps their staged entries, which `known` then mirrors, and nothing
+    /// the stage took may be freed.
+    fn restore(&mut self, undo: &mut Undo) -> Vec<String> {
+        let mut failed = Vec::new();
         for (key, old) in std::mem::take(&mut undo.services).into_iter().rev() {
-            match old {
-                Some(v) => {
-                    let _ = self.services.insert(key, v, 0);
+            let r = match old {
+                Some(v) => self.services.insert(key, v, 0),
+                None => match self.services.remove(&key) {
+                    Err(e) if is_not_found(&e) => Ok(()),
+                    r => r,
+                },
+            };
+            match (r, old) {
+                (Ok(()), Some(v)) => {
                     self.known.insert(key, v);
                 }
-                None => {
-                    let _ = self.services.remove(&key);
+                (Ok(()), None) => {
                     self.known.remove(&key);
+                }
+                (Err(e), _) => {
+                    let fe = Frontend::from_key(&key)
+                        .map_or_else(|| format!("{key:?}"), |f| f.to_string());
+                    failed.push(format!("{fe}: {e}"));
+                    match self.services.get(&key, 0) {
+                        Ok(v) => self.known.insert(key, v),
+                        Err(_) => self.known.remove(&key),
+                    };
                 }
             }
         }
@@ -1202,6 +1253,7 @@ impl Tables {
                 None => self.sets.remove(&id),
             };
         }
+        failed
     }
 
     /// The second half of a rollback: members, slots and ids the failed

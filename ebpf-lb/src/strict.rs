@@ -75,26 +75,24 @@ impl LoadBalancer {
         let pin = self.links_dir().join(format!("tc-{idx}"));
         let mut t = self.tables();
         let prog: &mut SchedClassifier = crate::program(&mut t.ebpf, STRICT_PROGRAM)?;
-        let link_id = match PinnedLink::from_pin(&pin) {
-            Ok(old) => {
-                let old: aya::programs::tc::SchedClassifierLink =
-                    FdLink::from(old).try_into().map_err(|e: LinkError| {
-                        Error::io(
-                            "re-using pinned link",
-                            &pin,
-                            io::Error::other(e.to_string()),
-                        )
-                    })?;
-                prog.attach_to_link(old)
-                    .map_err(|e| Error::program(STRICT_PROGRAM, e))?
-            }
-            Err(_) => prog
-                .attach_with_options(
+        // Re-using the pinned link replaces the program atomically; a pin
+        // whose link died with an earlier interface of the same index is
+        // dropped and the guard attached afresh.
+        let reused = PinnedLink::from_pin(&pin).ok().and_then(|old| {
+            let old: aya::programs::tc::SchedClassifierLink = FdLink::from(old).try_into().ok()?;
+            prog.attach_to_link(old).ok()
+        });
+        let link_id = match reused {
+            Some(id) => id,
+            None => {
+                let _ = fs::remove_file(&pin);
+                prog.attach_with_options(
                     ifname,
                     TcAttachType::Egress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .map_err(|e| Error::program(STRICT_PROGRAM, e))?,
+                .map_err(|e| Error::program(STRICT_PROGRAM, e))?
+            }
         };
         let link = prog
             .take_link(link_id)
@@ -105,13 +103,24 @@ impl LoadBalancer {
         let _ = fs::remove_file(&pin);
         link.pin(&pin)
             .map_err(|e| Error::io("pinning link", &pin, io::Error::other(e.to_string())))?;
+        t.guarded.insert(ifname.to_string(), idx);
         Ok(())
     }
 
-    /// Removes the STRICT guard from `ifname`.
+    /// Removes the STRICT guard from `ifname`, and its pinned link; also when
+    /// the interface is gone (a deleted pod's veth), by the index it had.
     pub fn unguard_interface(&self, ifname: &str) -> Result<()> {
-        let idx = ifindex(ifname)?;
-        crate::sys::detach_pinned_link(&self.links_dir().join(format!("tc-{idx}")))
+        let mut t = self.tables();
+        let idx = match ifindex(ifname) {
+            Ok(idx) => idx,
+            Err(e) => match t.guarded.get(ifname) {
+                Some(idx) => *idx,
+                None => return Err(e),
+            },
+        };
+        crate::sys::detach_pinned_link(&self.links_dir().join(format!("tc-{idx}")))?;
+        t.guarded.remove(ifname);
+        Ok(())
     }
 
     /// Sets the mTLS mode of the workload at `ip` (`None`: no policy, which

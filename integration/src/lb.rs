@@ -71,6 +71,11 @@ pub struct Crashed {
 }
 
 impl Crashed {
+    /// The options the crashed loader ran with.
+    pub fn options(&self) -> &Options {
+        self.opts.as_ref().expect("not reopened yet")
+    }
+
     /// Opens a new loader on the pinned state.
     pub fn reopen(mut self) -> Result<TestLb> {
         let opts = self.opts.take().expect("not reopened yet");

@@ -683,6 +683,24 @@ fn load_balancing_survives_a_loader_restart() -> Result<()> {
     assert_all_ok(&attempts);
     assert_eq!(tally(&attempts).len(), 2);
 
+    // A loader with other map sizes is refused, naming the setting and the
+    // fix, and the pinned state stays as it was.
+    let mut other = integration::lb::test_options();
+    other.instance = crashed.options().instance.clone();
+    other.max_sockets *= 2;
+    let err = match ebpf_lb::LoadBalancer::open(other) {
+        Ok(_) => panic!("opened over pinned maps of other sizes"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("REVNAT")
+            && err.contains("Options::max_sockets")
+            && err.contains("mesh-agent uninstall"),
+        "{err}"
+    );
+    let attempts = probe(&tcp(vip, 10)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+
     // A new loader finds the service and can change it.
     let lb = crashed.reopen()?;
     let services = lb.services();

@@ -199,3 +199,36 @@ fn without_the_guard_on_its_veth_nothing_is_refused() -> Result<()> {
     assert_reached(&connect(&s.client.ns, s.server.addr(), None)?, "pod");
     Ok(())
 }
+
+#[test]
+fn the_guard_of_a_deleted_pod_goes_with_its_pinned_link() -> Result<()> {
+    let s = setup()?;
+    let links = s.lb.pin_dir().join("links");
+    let guards = || {
+        std::fs::read_dir(&links)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("tc-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(guards(), 1);
+    let Setup {
+        server,
+        server6,
+        pod,
+        client,
+        node,
+        lb,
+        _cg,
+    } = s;
+    drop((server, server6));
+    let host_if = pod.host_if.clone();
+    // The pod's namespace goes, and both ends of its veth with it.
+    drop(pod);
+    node.ns.run(|| lb.unguard_interface(&host_if))??;
+    assert_eq!(guards(), 0, "the dead guard's pin is left in bpffs");
+    drop((client, node));
+    Ok(())
+}
