@@ -162,6 +162,10 @@ pub enum Change {
 pub struct ApplyReport {
     /// Sockets reset because their backend left the service.
     pub reset: ResetReport,
+    /// Why the replaced backend slots stay allocated until the next start,
+    /// when the wait for programs still reading them failed (the batch is
+    /// in force all the same).
+    pub kept_slots: Option<String>,
 }
 
 /// What the kernel currently holds for one service.
@@ -632,13 +636,23 @@ impl LoadBalancer {
         let unlinked = t.unlink_members(&retired);
         // Every program that could still hold a replaced service value (and
         // so an old backend set, or a backend just removed) has finished once
-        // the barrier returns.
-        if !retired.sets.is_empty() || !retired.members.is_empty() {
-            self.barrier.wait()?;
-        }
-        let departed = t.retire(retired);
-        unlinked?;
+        // the barrier returns. Without it, the old slots cannot be known
+        // unused: they stay allocated (a restart's clean-up reclaims them),
+        // and the batch, in force, is still reported applied.
         let mut report = ApplyReport::default();
+        let barrier = if !retired.sets.is_empty() || !retired.members.is_empty() {
+            self.barrier.wait()
+        } else {
+            Ok(())
+        };
+        let departed = match barrier {
+            Ok(()) => t.retire(retired),
+            Err(e) => {
+                report.kept_slots = Some(e.to_string());
+                t.retire_keeping_slots(retired)
+            }
+        };
+        unlinked?;
         if self.opts.reset_on_removal && !departed.is_empty() {
             report.reset = reset::reset(&t.attached, &t.revnat, &departed)?;
         }
@@ -1191,8 +1205,8 @@ impl Tables {
 
     /// Frees what no program can see any more; returns the backends that
     /// left their services.
-    fn retire(&mut self, retired: Retired) -> Vec<reset::Departed> {
-        for (set, count) in retired.sets {
+    fn retire(&mut self, mut retired: Retired) -> Vec<reset::Departed> {
+        for (set, count) in std::mem::take(&mut retired.sets) {
             for index in 0..count {
                 let _ = self.backends.remove(&BackendSlot {
                     backend_set: set,
@@ -1201,7 +1215,13 @@ impl Tables {
             }
             self.used_sets.remove(&set);
         }
-        self.free_ids.extend(retired.ids);
+        self.free_ids.extend(std::mem::take(&mut retired.ids));
+        self.retire_keeping_slots(retired)
+    }
+
+    /// [`retire`](Self::retire) without freeing the replaced slots and ids
+    /// (programs may still read them): the bookkeeping of what is alive.
+    fn retire_keeping_slots(&mut self, retired: Retired) -> Vec<reset::Departed> {
         for (key, alive) in retired.alive {
             match alive {
                 Some(a) => self.alive.insert(key, a),

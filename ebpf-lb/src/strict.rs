@@ -137,18 +137,24 @@ impl LoadBalancer {
                         .map_err(|e| Error::io("building counters", "REFUSALS", e))?;
                     t.refusals
                         .insert(key, zero, 0)
-                        .map_err(|e| self.workloads_full(e, ip))?;
+                        .map_err(|e| self.map_full(maps::REFUSALS, e, ip))?;
                 }
-                t.workloads
-                    .insert(
-                        key,
-                        WorkloadPolicy {
-                            mode: m.code(),
-                            _pad: 0,
-                        },
-                        0,
-                    )
-                    .map_err(|e| self.workloads_full(e, ip))
+                let r = t.workloads.insert(
+                    key,
+                    WorkloadPolicy {
+                        mode: m.code(),
+                        _pad: 0,
+                    },
+                    0,
+                );
+                if let Err(e) = r {
+                    // No policy, no counter: the two maps stay in step.
+                    if t.workloads.get(&key, 0).is_err() {
+                        let _ = t.refusals.remove(&key);
+                    }
+                    return Err(self.map_full(maps::WORKLOADS, e, ip));
+                }
+                Ok(())
             }
             None => {
                 for (map, r) in [
@@ -176,16 +182,18 @@ impl LoadBalancer {
         }
     }
 
-    fn workloads_full(&self, e: aya::maps::MapError, ip: IpAddr) -> Error {
+    /// An error writing workload `ip` into `map` (WORKLOADS or REFUSALS,
+    /// both sized by `max_workloads`).
+    fn map_full(&self, map: &'static str, e: aya::maps::MapError, ip: IpAddr) -> Error {
         if is_full(&e) {
             Error::MapFull {
-                map: maps::WORKLOADS,
+                map,
                 capacity: self.opts.max_workloads,
                 option: "max_workloads",
                 what: format!("workload {ip}"),
             }
         } else {
-            Error::map(maps::WORKLOADS, e)
+            Error::map(map, e)
         }
     }
 }

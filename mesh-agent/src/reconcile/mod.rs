@@ -455,7 +455,7 @@ impl Reconciler {
         match self.dp.apply(&changes) {
             Ok(report) => {
                 self.stats.sockets_reset += report.reset.destroyed as u64;
-                warn_reset_failures(&report.reset);
+                warn_apply_report(&report);
                 for p in &plan.services {
                     self.committed(p);
                 }
@@ -481,7 +481,7 @@ impl Reconciler {
                     match self.dp.apply(&one.changes()) {
                         Ok(report) => {
                             self.stats.sockets_reset += report.reset.destroyed as u64;
-                            warn_reset_failures(&report.reset);
+                            warn_apply_report(&report);
                             self.committed(p);
                             self.stats.batches_applied += 1;
                             self.stats.changes_applied += p.changes.len() as u64;
@@ -1008,9 +1008,15 @@ impl Reconciler {
 
 /// Sockets pinned to removed backends that could not be reset stay until
 /// their next send fails: say where, since the update itself went through.
-fn warn_reset_failures(r: &ebpf_lb::ResetReport) {
-    for f in &r.failed {
+fn warn_apply_report(r: &ebpf_lb::ApplyReport) {
+    for f in &r.reset.failed {
         tracing::warn!("sockets to removed backends not reset in {f}");
+    }
+    if let Some(why) = &r.kept_slots {
+        tracing::warn!(
+            "kernel update applied, but its replaced backend slots stay allocated until the \
+             agent restarts: waiting for programs still reading them failed ({why})"
+        );
     }
 }
 
