@@ -607,22 +607,21 @@ pub async fn rotate(
         reason,
     };
     let ca = &root.ca;
-    let mut retirable_after = root
-        .files
-        .get(RETIRABLE_AFTER)
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .and_then(|s| {
-            time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+    // Times the store records (RFC 3339).
+    let stored = |name: &str| {
+        root.files
+            .get(name)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| {
+                time::OffsetDateTime::parse(
+                    s.trim(),
+                    &time::format_description::well_known::Rfc3339,
+                )
                 .ok()
-        });
-    let mut prepared_at = root
-        .files
-        .get(PREPARED_AT)
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .and_then(|s| {
-            time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
-                .ok()
-        });
+            })
+    };
+    let mut retirable_after = stored(RETIRABLE_AFTER);
+    let mut prepared_at = stored(PREPARED_AT);
     let summary = match step {
         RotateStep::Prepare => {
             let fp = ca.prepare_root_rotation()?;

@@ -324,6 +324,17 @@ fn status_writes_go_to_the_status_channel() {
     assert!(rx.try_recv().is_err());
 }
 
+/// MeshPolicy shop/web-strict: STRICT for the pods labelled app=web.
+fn web_strict() -> crate::crds::MeshPolicy {
+    let strict: crate::crds::MeshPolicySpec = serde_json::from_value(
+        serde_json::json!({"mode": "STRICT", "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .unwrap();
+    let mut p = crate::crds::MeshPolicy::new("web-strict", strict);
+    p.metadata.namespace = Some("shop".into());
+    p
+}
+
 #[test]
 fn strict_workloads_get_their_mode_and_interface_guard_in_the_kernel() {
     let mut f = fixture();
@@ -332,12 +343,7 @@ fn strict_workloads_get_their_mode_and_interface_guard_in_the_kernel() {
     web.interface = Some("veth-web".into());
     let mut db = workload("shop", "db", "db", "10.0.0.2", "n1");
     db.cgroup = Some(f.cgroup("pods/db"));
-    let strict: crate::crds::MeshPolicySpec = serde_json::from_value(
-        serde_json::json!({"mode": "STRICT", "selector": {"matchLabels": {"app": "web"}}}),
-    )
-    .unwrap();
-    let mut p = crate::crds::MeshPolicy::new("web-strict", strict);
-    p.metadata.namespace = Some("shop".into());
+    let p = web_strict();
     let mut objs = shop();
     objs.extend([Object::Pod(web), Object::Pod(db), Object::MeshPolicy(p)]);
     f.upsert(objs);
@@ -700,12 +706,7 @@ fn guard_and_mode_failures_are_reported_retried_and_forgotten_with_their_pod() {
     // A STRICT pod whose interface is not known yet.
     let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
     web.cgroup = Some(f.cgroup("pods/web"));
-    let strict: crate::crds::MeshPolicySpec = serde_json::from_value(
-        serde_json::json!({"mode": "STRICT", "selector": {"matchLabels": {"app": "web"}}}),
-    )
-    .unwrap();
-    let mut p = crate::crds::MeshPolicy::new("web-strict", strict);
-    p.metadata.namespace = Some("shop".into());
+    let p = web_strict();
     let mut objs = shop();
     objs.extend([Object::Pod(web.clone()), Object::MeshPolicy(p)]);
     f.upsert(objs);
