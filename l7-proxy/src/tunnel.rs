@@ -326,6 +326,9 @@ impl TunnelPool {
         }
         let lock = {
             let mut d = self.inner.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            // Keys nobody dials now go (peers and identities come and go;
+            // dialling is rare enough to sweep here).
+            d.retain(|k, m| k == key || Arc::strong_count(m) > 1);
             d.entry(key.clone()).or_default().clone()
         };
         let _dialing = lock.lock().await;
