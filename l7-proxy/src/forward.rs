@@ -21,7 +21,7 @@ use tokio::{
 
 use crate::{
     accesslog::AccessRecord,
-    body::{Body, BoxError, boxed, proxy_response, remove_mesh_headers, strip_hop_by_hop},
+    body::{Body, BoxError, boxed, full, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, TARGET},
     conntable::{ConnKind, ConnMeta},
     filters,
@@ -179,13 +179,17 @@ pub(crate) struct Replayable {
 
 impl Replayable {
     fn body(&self) -> Body {
+        // Without trailers, a body of known length (and known to be empty
+        // when it is): what hyper sends, and its content-length, stay as for
+        // the original request.
+        let Some(t) = &self.trailers else {
+            return full(self.data.clone());
+        };
         let mut frames = Vec::with_capacity(2);
         if !self.data.is_empty() {
             frames.push(Frame::data(self.data.clone()));
         }
-        if let Some(t) = &self.trailers {
-            frames.push(Frame::trailers(t.clone()));
-        }
+        frames.push(Frame::trailers(t.clone()));
         frames_then(frames, None)
     }
 }
@@ -833,4 +837,41 @@ async fn send_upgrade(
                 retryable: false,
             })?;
     Ok(resp.map(boxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body::Body as _;
+
+    use super::*;
+
+    fn replayable(data: &'static [u8], trailers: Option<http::HeaderMap>) -> Replayable {
+        Replayable {
+            data: Bytes::from_static(data),
+            trailers,
+            _budget: Arc::new(None),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replayed_body_keeps_its_length_and_its_trailers() {
+        // Without trailers: the exact length, and an empty body known to be
+        // over (a GET is sent with END_STREAM on its headers, not chunked).
+        let empty = replayable(b"", None).body();
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.size_hint().exact(), Some(0));
+        let b = replayable(b"payload", None).body();
+        assert_eq!(b.size_hint().exact(), Some(7));
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "payload");
+        // With trailers: data, then the trailers.
+        let mut t = http::HeaderMap::new();
+        t.insert("x-checksum", "c0ffee".parse().unwrap());
+        let c = replayable(b"payload", Some(t))
+            .body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(c.trailers().unwrap()["x-checksum"], "c0ffee");
+        assert_eq!(c.to_bytes(), "payload");
+    }
 }

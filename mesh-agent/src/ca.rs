@@ -642,17 +642,23 @@ pub async fn rotate(
             })?;
             // A node still without the new root would refuse every peer
             // (and the CA itself) once it signs.
-            if let Some(t) = prepared_at
-                && now < t + ACTIVATE_AFTER
-                && !force
-            {
-                return Err(rotation(format!(
-                    "root {fp} was prepared at {}; a node that has not fetched the trust bundle \
-                     since would lose the mesh. Wait until {}, or pass --force once `sluice \
-                     status` on every node shows both roots",
-                    rfc3339(t),
-                    rfc3339(t + ACTIVATE_AFTER)
-                )));
+            match prepared_at {
+                Some(t) if now < t + ACTIVATE_AFTER && !force => {
+                    return Err(rotation(format!(
+                        "root {fp} was prepared at {}; a node that has not fetched the trust \
+                         bundle since would lose the mesh. Wait until {}, or pass --force once \
+                         `sluice status` on every node shows both roots",
+                        rfc3339(t),
+                        rfc3339(t + ACTIVATE_AFTER)
+                    )));
+                }
+                None if !force => {
+                    return Err(rotation(format!(
+                        "when root {fp} was prepared is not recorded (an older version prepared \
+                         it); pass --force once `sluice status` on every node shows both roots"
+                    )));
+                }
+                _ => {}
             }
             ca.activate_root(&fp)?;
             prepared_at = None;

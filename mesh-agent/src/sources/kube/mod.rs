@@ -181,8 +181,11 @@ async fn watch_kind<K>(
     let mut unreadable_init: BTreeMap<Key, ConfigError> = BTreeMap::new();
     // The last readable version of each object, for the kinds that can be
     // unreadable (the CRDs; core kinds always decode).
+    // The uid tells a recreated object from the one read before.
     let tolerant = std::any::TypeId::of::<K>() == std::any::TypeId::of::<DynamicObject>();
-    let mut last_read: BTreeMap<Key, Object> = BTreeMap::new();
+    let mut last_read: BTreeMap<Key, (Option<String>, Object)> = BTreeMap::new();
+    // During a (re)list: the uid of each object seen.
+    let mut uids_init: BTreeMap<Key, Option<String>> = BTreeMap::new();
     let problem = |key: &Key, (field, message): (Option<String>, String)| ConfigError {
         source: source_name(kind),
         object: Some(format!("{kind} {key}")),
@@ -205,9 +208,13 @@ async fn watch_kind<K>(
                     watcher::Event::Init => {
                         initial.clear();
                         unreadable_init.clear();
+                        uids_init.clear();
                     }
                     watcher::Event::InitApply(o) => {
                         let key = Key::of(&o);
+                        if tolerant {
+                            uids_init.insert(key.clone(), o.meta().uid.clone());
+                        }
                         match convert(o) {
                             Ok(Some(obj)) => initial.push(obj),
                             Ok(None) => {}
@@ -220,14 +227,21 @@ async fn watch_kind<K>(
                     watcher::Event::InitDone => {
                         let mut objects = std::mem::take(&mut initial);
                         // An object unreadable now that was read before
-                        // keeps that version.
-                        objects.extend(
-                            unreadable_init
-                                .keys()
-                                .filter_map(|k| last_read.get(k).cloned()),
-                        );
+                        // keeps that version; one recreated under its name
+                        // meanwhile (another uid) does not.
+                        let uids = std::mem::take(&mut uids_init);
+                        objects.extend(unreadable_init.keys().filter_map(|k| {
+                            let (uid, o) = last_read.get(k)?;
+                            (uids.get(k) == Some(uid)).then(|| o.clone())
+                        }));
                         if tolerant {
-                            last_read = objects.iter().map(|o| (o.key(), o.clone())).collect();
+                            last_read = objects
+                                .iter()
+                                .map(|o| {
+                                    let key = o.key();
+                                    (key.clone(), (uids.get(&key).cloned().flatten(), o.clone()))
+                                })
+                                .collect();
                         }
                         unreadable = std::mem::take(&mut unreadable_init);
                         report = true;
@@ -242,10 +256,11 @@ async fn watch_kind<K>(
                     }
                     watcher::Event::Apply(o) => {
                         let key = Key::of(&o);
+                        let uid = o.meta().uid.clone();
                         match convert(o) {
                             Ok(Some(obj)) => {
                                 if tolerant {
-                                    last_read.insert(key.clone(), obj.clone());
+                                    last_read.insert(key.clone(), (uid, obj.clone()));
                                 }
                                 report |= unreadable.remove(&key).is_some();
                                 inputs.push(Input::Updates(vec![Update::Upsert(obj)]));

@@ -126,11 +126,14 @@ pub async fn write(client: &Client, w: &StatusWrite) -> Result<(), Error> {
             return write_route_parents(&dynamic::<GrpcRoute>(client, ns), w.kind, &w.key, &ours())
                 .await;
         }
-        Kind::MeshPolicy => Api::<MeshPolicy>::namespaced(client.clone(), ns)
+        // Untyped, as the source reads them: an object this agent cannot
+        // decode (a newer CRD version) must not turn a successful patch
+        // into an error that is retried forever.
+        Kind::MeshPolicy => dynamic::<MeshPolicy>(client, ns)
             .patch_status(name, &params(), &patch)
             .await
             .map(drop),
-        Kind::AccessPolicy => Api::<AccessPolicy>::namespaced(client.clone(), ns)
+        Kind::AccessPolicy => dynamic::<AccessPolicy>(client, ns)
             .patch_status(name, &params(), &patch)
             .await
             .map(drop),
