@@ -82,8 +82,12 @@ pub fn redirect(
     parts: &Parts,
     matched_prefix: Option<&str>,
 ) -> (StatusCode, String) {
+    // The codes the Gateway API allows; 302 when none is given.
     let status = match r.status_code {
         Some(301) => StatusCode::MOVED_PERMANENTLY,
+        Some(303) => StatusCode::SEE_OTHER,
+        Some(307) => StatusCode::TEMPORARY_REDIRECT,
+        Some(308) => StatusCode::PERMANENT_REDIRECT,
         _ => StatusCode::FOUND,
     };
     let (host, port) = host_and_port(parts);
@@ -215,6 +219,19 @@ mod tests {
                 "https://secure.example/old/page?x=1".into()
             )
         );
+        // Every code the Gateway API allows is answered as given (a 307
+        // keeps a POST a POST).
+        for (code, want) in [
+            (303, StatusCode::SEE_OTHER),
+            (307, StatusCode::TEMPORARY_REDIRECT),
+            (308, StatusCode::PERMANENT_REDIRECT),
+        ] {
+            let r = RequestRedirect {
+                status_code: Some(code),
+                ..Default::default()
+            };
+            assert_eq!(redirect(&r, &p, None).0, want);
+        }
     }
 
     #[test]

@@ -501,7 +501,7 @@ async fn route_request(
                                     "backend request timeout of {d:?} to {} exceeded",
                                     up.addr
                                 ),
-                                retryable: codes.contains(&504),
+                                retryable: true,
                             })
                         }),
                         None => send.await,
@@ -550,7 +550,18 @@ async fn route_request(
                             retryable: true,
                         }
                     }
-                    Err(e) => e,
+                    // GEP-1731: with a retry stanza, connection errors
+                    // (a reset, a disconnect, an attempt's timeout) are
+                    // retried whatever the listed codes.
+                    Err(mut e) => {
+                        if matches!(
+                            e.status,
+                            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
+                        ) {
+                            e.retryable = true;
+                        }
+                        e
+                    }
                 }
             }
         };
@@ -610,7 +621,6 @@ impl SendError {
     }
 }
 
-/// Reads a whole body of at most `limit` bytes (trailers are dropped).
 fn choose_backend(backends: &[BackendRef]) -> Option<&BackendRef> {
     let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
     if total == 0 {

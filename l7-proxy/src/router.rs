@@ -518,7 +518,8 @@ fn compile_http_match(
     rule: &Arc<Rule>,
 ) -> Result<Entry, RouteError> {
     let (path, rank, len) = match &m.path {
-        None => (PathCond::Prefix("/".into()), 2, 1),
+        // No path is PathPrefix "/" (the CRD's default): the same length.
+        None => (PathCond::Prefix("/".into()), 2, 0),
         Some(PathMatch::Exact(p)) => (PathCond::Exact(p.clone()), 0, p.len()),
         Some(PathMatch::RegularExpression(p)) => {
             (PathCond::Regex(anchored(&route.id, ri, p)?), 1, p.len())
@@ -577,15 +578,23 @@ fn compile_grpc_match(
     m: &GrpcRouteMatch,
     rule: &Arc<Rule>,
 ) -> Result<Entry, RouteError> {
+    // GRPCRoute precedence: most characters of service, then of method,
+    // then most headers. Exact matches (rank 0) come before regular
+    // expressions (rank 1, whose ranking the spec leaves open), and both
+    // before a match on any method (rank 2); `len` holds the service's
+    // characters above the method's.
+    let chars = |service: usize, method: usize| service * 1_000_000 + method;
     let (path, rank, len) = match &m.method {
-        None => (PathCond::Prefix("/".into()), 2, 1),
+        None => (PathCond::Prefix("/".into()), 2, 0),
         Some(mm) => match (mm.kind, &mm.service, &mm.method) {
-            (_, None, None) => (PathCond::Prefix("/".into()), 2, 1),
-            (ValueMatchKind::Exact, Some(s), Some(me)) => {
-                (PathCond::Exact(format!("/{s}/{me}")), 0, s.len() + me.len())
-            }
+            (_, None, None) => (PathCond::Prefix("/".into()), 2, 0),
+            (ValueMatchKind::Exact, Some(s), Some(me)) => (
+                PathCond::Exact(format!("/{s}/{me}")),
+                0,
+                chars(s.len(), me.len()),
+            ),
             (ValueMatchKind::Exact, Some(s), None) => {
-                (PathCond::Prefix(format!("/{s}")), 2, s.len())
+                (PathCond::Prefix(format!("/{s}")), 0, chars(s.len(), 0))
             }
             (ValueMatchKind::Exact, None, Some(me)) => (
                 PathCond::Regex(anchored(
@@ -593,16 +602,20 @@ fn compile_grpc_match(
                     ri,
                     &format!("/[^/]+/{}", regex::escape(me)),
                 )?),
-                1,
-                me.len(),
+                0,
+                chars(0, me.len()),
             ),
             (ValueMatchKind::RegularExpression, s, me) => {
+                let len = chars(
+                    s.as_deref().map_or(0, str::len),
+                    me.as_deref().map_or(0, str::len),
+                );
                 let s = s.as_deref().unwrap_or("[^/]+");
                 let me = me.as_deref().unwrap_or("[^/]+");
                 (
                     PathCond::Regex(anchored(&route.id, ri, &format!("/(?:{s})/(?:{me})"))?),
                     1,
-                    s.len() + me.len(),
+                    len,
                 )
             }
         },
@@ -1021,6 +1034,80 @@ mod tests {
         assert_eq!(errs.len(), 1);
         assert!(errs[0].to_string().contains("shop/r rule 0"), "{}", errs[0]);
         assert_eq!(pick(&t, "GET", "/(", &[]).as_deref(), Some("good"));
+    }
+
+    #[test]
+    fn no_path_ties_with_an_explicit_prefix_slash_and_more_headers_win() {
+        // Rule "canary": PathPrefix "/" and a header; rule "plain": no
+        // match at all (a missing path is PathPrefix "/").
+        let canary = HttpRouteMatch {
+            path: Some(PathMatch::PathPrefix("/".into())),
+            headers: vec![ValueMatch {
+                kind: ValueMatchKind::Exact,
+                name: "x-canary".into(),
+                value: "yes".into(),
+            }],
+            ..Default::default()
+        };
+        let r = route("r", 0, vec![(vec![], "plain"), (vec![canary], "canary")]);
+        let (t, errs) = RouteTable::build(&[r], &[]);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(
+            pick(&t, "GET", "/x", &[("x-canary", "yes")]).as_deref(),
+            Some("canary")
+        );
+        assert_eq!(pick(&t, "GET", "/x", &[]).as_deref(), Some("plain"));
+    }
+
+    #[test]
+    fn grpc_precedence_counts_service_then_method_characters() {
+        let rule = |kind, service: Option<&str>, method: Option<&str>, b: &str| GrpcRouteRule {
+            matches: vec![GrpcRouteMatch {
+                method: Some(GrpcMethodMatch {
+                    kind,
+                    service: service.map(Into::into),
+                    method: method.map(Into::into),
+                }),
+                headers: vec![],
+            }],
+            backends: vec![backend(b)],
+            ..Default::default()
+        };
+        let g = GrpcRoute {
+            id: ObjectRef::new("shop", "g"),
+            created_unix: 0,
+            parents: vec![ParentRef {
+                service: svc(),
+                port: None,
+            }],
+            rules: vec![
+                rule(ValueMatchKind::Exact, None, Some("Add"), "method-only"),
+                rule(
+                    ValueMatchKind::RegularExpression,
+                    Some(".*"),
+                    None,
+                    "any-service",
+                ),
+                rule(ValueMatchKind::Exact, Some("shop.Cart"), None, "service"),
+            ],
+        };
+        let (t, errs) = RouteTable::build(&[], &[g]);
+        assert!(errs.is_empty(), "{errs:?}");
+        let grpc = [("content-type", "application/grpc")];
+        // The service's 9 characters beat the method's 3, and an exact
+        // match beats a regular expression.
+        assert_eq!(
+            pick(&t, "POST", "/shop.Cart/Add", &grpc).as_deref(),
+            Some("service")
+        );
+        assert_eq!(
+            pick(&t, "POST", "/shop.Users/Add", &grpc).as_deref(),
+            Some("method-only")
+        );
+        assert_eq!(
+            pick(&t, "POST", "/shop.Users/Get", &grpc).as_deref(),
+            Some("any-service")
+        );
     }
 
     #[test]

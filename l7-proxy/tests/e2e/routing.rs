@@ -484,6 +484,28 @@ async fn request_and_backend_timeouts_answer_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_times_out_is_retried_whatever_the_listed_codes() {
+    let mesh = Mesh::standard().await;
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.timeouts = Timeouts {
+        request_ms: None,
+        backend_request_ms: Some(100),
+    };
+    // 504 is not listed: the timeout is a connection error all the same.
+    r.retry = Some(Retry {
+        codes: vec![503],
+        attempts: 2,
+        backoff_ms: 1,
+    });
+    let (srv, _) = setup(&mesh, vec![route(vec![r])]).await;
+    let mut c = client(&mesh).await;
+    let r = c.get("/slow/3000").await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(srv[1].hits(), 3, "the first try and two retries");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
     let mesh = Mesh::standard().await;
     let mut r = rule(vec![], vec![backend("v1", 1)]);

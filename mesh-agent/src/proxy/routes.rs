@@ -295,12 +295,22 @@ impl Ctx<'_> {
             ))),
             Some("RequestRedirect") => {
                 let r = &f["requestRedirect"];
+                let status_code = match r["statusCode"].as_u64() {
+                    None => None,
+                    Some(c @ (301 | 302 | 303 | 307 | 308)) => Some(c as u16),
+                    Some(c) => {
+                        return Err(format!(
+                            "{field}.requestRedirect.statusCode: {c} is not a redirect code the \
+                             Gateway API allows (301, 302, 303, 307, 308)"
+                        ));
+                    }
+                };
                 Ok(Some(HttpFilter::RequestRedirect(RequestRedirect {
                     scheme: str_of(&r["scheme"]),
                     hostname: str_of(&r["hostname"]),
                     path: path_modifier(&r["path"], &format!("{field}.requestRedirect.path"))?,
                     port: port_of(&r["port"]),
-                    status_code: r["statusCode"].as_u64().and_then(|c| u16::try_from(c).ok()),
+                    status_code,
                 })))
             }
             Some("URLRewrite") => {

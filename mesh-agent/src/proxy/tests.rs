@@ -361,6 +361,15 @@ fn rules_the_proxy_cannot_compile_are_dropped_with_the_reason() {
     }))
     .unwrap_err();
     assert!(err.contains("invalid header name \"bad header\""), "{err}");
+    // A redirect code the Gateway API does not allow.
+    let err = translate_rule(serde_json::json!({
+        "filters": [{"type": "RequestRedirect", "requestRedirect": {"statusCode": 305}}],
+    }))
+    .unwrap_err();
+    assert!(
+        err.contains("requestRedirect.statusCode: 305 is not a redirect code"),
+        "{err}"
+    );
     // A valid regular expression passes.
     let rule = translate_rule(serde_json::json!({
         "matches": [{"path": {"type": "RegularExpression", "value": "/v[0-9]+/.*"}}],
