@@ -76,11 +76,14 @@ fn host_and_port(parts: &Parts) -> (String, Option<u16>) {
     }
 }
 
-/// The status and `Location` of a `RequestRedirect`.
+/// The status and `Location` of a `RequestRedirect`. `service_port`: the
+/// port the request reached (the Gateway API's listener port), kept when the
+/// redirect names neither a scheme nor a port.
 pub fn redirect(
     r: &RequestRedirect,
     parts: &Parts,
     matched_prefix: Option<&str>,
+    service_port: Option<u16>,
 ) -> (StatusCode, String) {
     // The codes the Gateway API allows; 302 when none is given.
     let status = match r.status_code {
@@ -94,7 +97,11 @@ pub fn redirect(
     let scheme = r.scheme.clone().unwrap_or_else(|| "http".into());
     let host = r.hostname.clone().unwrap_or(host);
     // Gateway API: with a new scheme and no port, the scheme's default port.
-    let port = r.port.or(if r.scheme.is_some() { None } else { port });
+    let port = r.port.or(if r.scheme.is_some() {
+        None
+    } else {
+        service_port.or(port)
+    });
     let port = port.filter(|p| !matches!((scheme.as_str(), p), ("http", 80) | ("https", 443)));
     let path = match &r.path {
         Some(m) => modified_path(m, parts.uri.path(), matched_prefix),
@@ -200,7 +207,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            redirect(&r, &p, Some("/old")),
+            redirect(&r, &p, Some("/old"), None),
             (
                 StatusCode::FOUND,
                 "http://shop.example:8080/new/page?x=1".into()
@@ -213,7 +220,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            redirect(&r, &p, None),
+            redirect(&r, &p, None, None),
             (
                 StatusCode::MOVED_PERMANENTLY,
                 "https://secure.example/old/page?x=1".into()
@@ -230,8 +237,27 @@ mod tests {
                 status_code: Some(code),
                 ..Default::default()
             };
-            assert_eq!(redirect(&r, &p, None).0, want);
+            assert_eq!(redirect(&r, &p, None, None).0, want);
         }
+        // No port in the Host: the port the request reached (the Service's)
+        // is kept; with a new scheme, that scheme's default port.
+        let bare = parts("/a", "shop.example");
+        let r = RequestRedirect {
+            hostname: Some("new.example".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            redirect(&r, &bare, None, Some(8080)).1,
+            "http://new.example:8080/a"
+        );
+        let r = RequestRedirect {
+            scheme: Some("https".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            redirect(&r, &bare, None, Some(8080)).1,
+            "https://shop.example/a"
+        );
     }
 
     #[test]

@@ -319,20 +319,7 @@ async fn route_request(
         HttpFilter::RequestRedirect(r) => Some(r),
         _ => None,
     }) {
-        let (status, location) = filters::redirect(r, &parts, prefix);
-        let mut resp = Response::new(crate::body::empty());
-        *resp.status_mut() = status;
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            resp.headers_mut().insert(http::header::LOCATION, v);
-        }
-        return Outcome {
-            response: resp,
-            route: route_label,
-            destination: Label::from(service.to_string()),
-            upstream: None,
-            attempts: 0,
-            reason: None,
-        };
+        return redirect_outcome(r, &parts, prefix, port, route_label, service);
     }
     // Weighted choice of the backend, once per request (retries reuse it).
     let Some(backend) = choose_backend(&rule.backends) else {
@@ -361,23 +348,11 @@ async fn route_request(
             HttpFilter::RequestHeaderModifier(m) => filters::modify_headers(m, &mut parts.headers),
             HttpFilter::ResponseHeaderModifier(m) => response_mods.push(m.clone()),
             HttpFilter::RequestRedirect(r) => {
-                let (status, location) = filters::redirect(r, &parts, prefix);
-                let mut resp = Response::new(crate::body::empty());
-                *resp.status_mut() = status;
-                if let Ok(v) = HeaderValue::from_str(&location) {
-                    resp.headers_mut().insert(http::header::LOCATION, v);
-                }
-                return Outcome {
-                    response: resp,
-                    route: route_label,
-                    destination: Label::from(service.to_string()),
-                    upstream: None,
-                    attempts: 0,
-                    reason: None,
-                };
+                return redirect_outcome(r, &parts, prefix, port, route_label, service);
             }
             HttpFilter::UrlRewrite(u) => filters::rewrite(u, &mut parts, prefix),
-            HttpFilter::RequestMirror(m) => mirrors.push(m.clone()),
+            // The mirror gets the request as the filters before it left it.
+            HttpFilter::RequestMirror(m) => mirrors.push((m.clone(), parts.clone())),
         }
     }
     // The configuration cannot change under a request: one lookup serves
@@ -450,11 +425,11 @@ async fn route_request(
     };
 
     if let ReqBody::Buffered(b) = &body {
-        for m in &mirrors {
+        for (m, mparts) in &mirrors {
             if m.fraction.is_some_and(|f| !f.sample(&mut rand::rng())) {
                 continue;
             }
-            spawn_mirror(shared, state, conn, m, &parts, b.clone());
+            spawn_mirror(shared, state, conn, m, mparts, b.clone());
         }
     }
 
@@ -618,6 +593,31 @@ impl SendError {
             retryable: unreached,
             reason: e.to_string(),
         }
+    }
+}
+
+/// The answer of a `RequestRedirect` to a request for service port `port`.
+fn redirect_outcome(
+    r: &crate::config::RequestRedirect,
+    parts: &Parts,
+    prefix: Option<&str>,
+    port: u16,
+    route: Label,
+    service: &crate::config::ObjectRef,
+) -> Outcome {
+    let (status, location) = filters::redirect(r, parts, prefix, Some(port));
+    let mut resp = Response::new(crate::body::empty());
+    *resp.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    Outcome {
+        response: resp,
+        route,
+        destination: Label::from(service.to_string()),
+        upstream: None,
+        attempts: 0,
+        reason: None,
     }
 }
 

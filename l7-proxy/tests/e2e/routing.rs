@@ -509,11 +509,23 @@ async fn an_attempt_that_times_out_is_retried_whatever_the_listed_codes() {
 async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
     let mesh = Mesh::standard().await;
     let mut r = rule(vec![], vec![backend("v1", 1)]);
-    r.filters = vec![HttpFilter::RequestMirror(RequestMirror {
-        service: ObjectRef::new("shop", "mirror"),
-        port: 80,
-        fraction: None,
-    })];
+    // Filters apply in order: the mirror gets the request before the
+    // header modifier listed after it.
+    r.filters = vec![
+        HttpFilter::RequestMirror(RequestMirror {
+            service: ObjectRef::new("shop", "mirror"),
+            port: 80,
+            fraction: None,
+        }),
+        HttpFilter::RequestHeaderModifier(HeaderModifier {
+            set: vec![],
+            add: vec![HeaderPair {
+                name: "x-after-mirror".into(),
+                value: "yes".into(),
+            }],
+            remove: vec![],
+        }),
+    ];
     let (srv, mirror) = setup(&mesh, vec![route(vec![r])]).await;
     let mut c = client(&mesh).await;
     let reply = c
@@ -526,7 +538,10 @@ async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
     assert_eq!(seen["method"], "PUT");
     assert_eq!(seen["path"], "/orders/1");
     assert_eq!(seen["body"], "order");
+    assert!(seen["headers"].get("x-after-mirror").is_none(), "{seen}");
     assert_eq!(srv[1].hits(), 1);
+    let primary = srv[1].seen.lock().unwrap()[0].clone();
+    assert_eq!(primary["headers"]["x-after-mirror"], "yes");
     mesh.shutdown().await;
 }
 
