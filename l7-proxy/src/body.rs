@@ -112,3 +112,55 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(http::header::TE);
     }
 }
+
+pin_project_lite::pin_project! {
+    /// A body that fails (cutting the response) if it is not over by a
+    /// deadline: the route's timeouts cover the whole response.
+    pub struct Deadline {
+        #[pin]
+        inner: Body,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        what: String,
+    }
+}
+
+impl Deadline {
+    pub fn new(inner: Body, until: tokio::time::Instant, what: String) -> Self {
+        Self {
+            inner,
+            sleep: tokio::time::sleep_until(until),
+            what,
+        }
+    }
+}
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return std::task::Poll::Ready(frame);
+        }
+        match std::future::Future::poll(this.sleep, cx) {
+            std::task::Poll::Ready(()) => {
+                tracing::debug!("{}", this.what);
+                std::task::Poll::Ready(Some(Err(this.what.clone().into())))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -466,6 +466,7 @@ async fn route_request(
                 } else {
                     std::mem::replace(&mut parts, Request::new(()).into_parts().0)
                 };
+                let tried_at = Instant::now();
                 let attempt = async {
                     let send = send_once(shared, conn, up, head, b);
                     match per_try {
@@ -508,6 +509,26 @@ async fn route_request(
                         for m in &response_mods {
                             filters::modify_headers(m, resp.headers_mut());
                         }
+                        // Both timeouts run until the whole response is in
+                        // (Gateway API), not only its head.
+                        let until = [deadline, per_try.map(|d| tried_at + d)]
+                            .into_iter()
+                            .flatten()
+                            .min();
+                        let resp = match until {
+                            Some(until) => resp.map(|b| {
+                                crate::body::boxed(crate::body::Deadline::new(
+                                    b,
+                                    until,
+                                    format!(
+                                        "route {route_label}: timeout reached while {} was \
+                                         sending the response body",
+                                        up.addr
+                                    ),
+                                ))
+                            }),
+                            None => resp,
+                        };
                         return Outcome {
                             response: resp,
                             route: route_label,
