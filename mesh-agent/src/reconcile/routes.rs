@@ -153,6 +153,10 @@ pub struct RouteEval {
     pub route: RouteRefs,
     pub dropped: Vec<DroppedRule>,
     pub refused: Vec<RefProblem>,
+    /// HTTPRoute parents a GRPCRoute also attaches to (Service, port as the
+    /// HTTPRoute names it, the GRPCRoute): GEP-1426 gives the Service port
+    /// to the GRPCRoute, and this route is not in force there.
+    pub conflicted: Vec<(Key, Option<i32>, Key)>,
 }
 
 impl RouteEval {
@@ -187,25 +191,58 @@ pub fn translate_all(store: &Store, index: &RefIndex) -> Translations {
             route,
             dropped: t.dropped,
             refused: t.refused,
+            conflicted: Vec::new(),
         }
     }
     let mut t = Translations::default();
-    for r in store.http_routes.values() {
-        let e = eval(
-            RouteRefs::of_http(r),
-            proxy_routes::http_route(r, index),
-            &mut t.http,
-        );
-        t.evals.push(e);
-    }
+    let mut grpc_evals = Vec::new();
     for r in store.grpc_routes.values() {
         let e = eval(
             RouteRefs::of_grpc(r),
             proxy_routes::grpc_route(r, index),
             &mut t.grpc,
         );
+        grpc_evals.push(e);
+    }
+    // Where GRPCRoutes are in force: (Service, port or every port, route).
+    let grpc_parents: Vec<(&l7_proxy::config::ObjectRef, Option<u16>, Key)> = t
+        .grpc
+        .iter()
+        .flat_map(|g| {
+            g.parents
+                .iter()
+                .map(|p| (&p.service, p.port, Key::new(&g.id.namespace, &g.id.name)))
+        })
+        .collect();
+    let overlap = |a: Option<u16>, b: Option<u16>| a.is_none() || b.is_none() || a == b;
+    for r in store.http_routes.values() {
+        let mut translated = proxy_routes::http_route(r, index);
+        let route = translated.route.take();
+        let mut e = eval(RouteRefs::of_http(r), translated, &mut Vec::new());
+        if let Some(mut route) = route {
+            // GEP-1426: on a Service port a GRPCRoute attaches to, the
+            // HTTPRoute is ignored (status: Accepted=False, Conflicted).
+            route.parents.retain(|p| {
+                let Some((_, _, g)) = grpc_parents
+                    .iter()
+                    .find(|(svc, port, _)| **svc == p.service && overlap(*port, p.port))
+                else {
+                    return true;
+                };
+                e.conflicted.push((
+                    Key::new(&p.service.namespace, &p.service.name),
+                    p.port.map(i32::from),
+                    g.clone(),
+                ));
+                false
+            });
+            if !route.parents.is_empty() {
+                t.http.push(route);
+            }
+        }
         t.evals.push(e);
     }
+    t.evals.extend(grpc_evals);
     t
 }
 
@@ -219,12 +256,30 @@ pub fn evaluate(store: &Store, index: &RefIndex) -> Vec<RouteEval> {
 /// `ResolvedRefs`, and `PartiallyInvalid` when some rules were left out.
 pub fn parent_conditions(index: &RefIndex, eval: &RouteEval, parent: &ParentRef) -> Vec<Cond> {
     let svc = parent.service_key(&eval.route.key.namespace);
+    let conflict = eval
+        .conflicted
+        .iter()
+        .find(|(s, port, _)| *s == svc && *port == parent.port);
     let accepted = match index.check_parent(&svc, parent.port) {
         Err(message) => Cond {
             type_: "Accepted",
             status: false,
             reason: "NoMatchingParent".into(),
             message,
+        },
+        Ok(()) if conflict.is_some() => Cond {
+            type_: "Accepted",
+            status: false,
+            reason: "Conflicted".into(),
+            message: format!(
+                "GRPCRoute {} attaches to Service {svc}{} too: a GRPCRoute takes the Service \
+                 port, this HTTPRoute is ignored there (GEP-1426)",
+                conflict.map(|c| c.2.to_string()).unwrap_or_default(),
+                parent
+                    .port
+                    .map(|p| format!(" port {p}"))
+                    .unwrap_or_default()
+            ),
         },
         Ok(()) if eval.all_dropped() => Cond {
             type_: "Accepted",
@@ -463,6 +518,55 @@ mod tests {
             .into_iter()
             .map(|c| (c.type_, c.status, c.reason, c.message))
             .collect()
+    }
+
+    #[test]
+    fn a_grpcroute_on_the_same_service_port_takes_it_from_an_httproute() {
+        let mut s = store(&[("shop", "web", &[80, 8080]), ("shop", "api", &[8080])]);
+        let grpc: crate::gateway::GrpcRoute = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GRPCRoute",
+            "metadata": {"name": "rpc", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [{"backendRefs": [{"name": "api", "port": 8080}]}]
+            }
+        }))
+        .unwrap();
+        s.apply(Update::Upsert(Object::GRPCRoute(grpc)));
+        // The HTTPRoute names web port 80, as the GRPCRoute does.
+        s.apply(Update::Upsert(Object::HTTPRoute(web_route("api"))));
+        let index = RefIndex::of(&s);
+        let t = translate_all(&s, &index);
+        assert!(
+            t.http.is_empty(),
+            "ignored where the GRPCRoute is: {:?}",
+            t.http
+        );
+        assert_eq!(t.grpc.len(), 1);
+        let e = t
+            .evals
+            .iter()
+            .find(|e| e.route.kind == "HTTPRoute")
+            .unwrap();
+        let accepted = &parent_conditions(&index, e, &e.route.parents[0])[0];
+        assert_eq!(
+            (accepted.status, accepted.reason.as_str()),
+            (false, "Conflicted")
+        );
+        assert!(
+            accepted
+                .message
+                .starts_with("GRPCRoute shop/rpc attaches to Service shop/web port 80"),
+            "{accepted:?}"
+        );
+        // The GRPCRoute itself is accepted.
+        let g = t
+            .evals
+            .iter()
+            .find(|e| e.route.kind == "GRPCRoute")
+            .unwrap();
+        assert!(parent_conditions(&index, g, &g.route.parents[0])[0].status);
     }
 
     #[test]
