@@ -764,6 +764,45 @@ mod tests {
             .map(|d| d.rule.backends[0].service.name.clone())
     }
 
+    /// The backend a gRPC call of `path` is routed to.
+    fn pick_grpc(t: &RouteTable, path: &str) -> Option<String> {
+        pick(t, "POST", path, &[("content-type", "application/grpc")])
+    }
+
+    /// A GRPCRoute rule of one method match, to backend `b`.
+    fn grpc_rule(
+        kind: ValueMatchKind,
+        service: Option<&str>,
+        method: Option<&str>,
+        b: &str,
+    ) -> GrpcRouteRule {
+        GrpcRouteRule {
+            matches: vec![GrpcRouteMatch {
+                method: Some(GrpcMethodMatch {
+                    kind,
+                    service: service.map(Into::into),
+                    method: method.map(Into::into),
+                }),
+                headers: vec![],
+            }],
+            backends: vec![backend(b)],
+            ..Default::default()
+        }
+    }
+
+    /// GRPCRoute shop/g on the test service.
+    fn grpc_route(rules: Vec<GrpcRouteRule>) -> GrpcRoute {
+        GrpcRoute {
+            id: ObjectRef::new("shop", "g"),
+            created_unix: 0,
+            parents: vec![ParentRef {
+                service: svc(),
+                port: None,
+            }],
+            rules,
+        }
+    }
+
     #[test]
     fn consumer_routes_serve_their_namespace_only_and_replace_producer_routes() {
         let producer = route("producer", 0, vec![(vec![], "v1")]);
@@ -1061,122 +1100,52 @@ mod tests {
 
     #[test]
     fn grpc_precedence_counts_service_then_method_characters() {
-        let rule = |kind, service: Option<&str>, method: Option<&str>, b: &str| GrpcRouteRule {
-            matches: vec![GrpcRouteMatch {
-                method: Some(GrpcMethodMatch {
-                    kind,
-                    service: service.map(Into::into),
-                    method: method.map(Into::into),
-                }),
-                headers: vec![],
-            }],
-            backends: vec![backend(b)],
-            ..Default::default()
-        };
-        let g = GrpcRoute {
-            id: ObjectRef::new("shop", "g"),
-            created_unix: 0,
-            parents: vec![ParentRef {
-                service: svc(),
-                port: None,
-            }],
-            rules: vec![
-                rule(ValueMatchKind::Exact, None, Some("Add"), "method-only"),
-                rule(
-                    ValueMatchKind::RegularExpression,
-                    Some(".*"),
-                    None,
-                    "any-service",
-                ),
-                rule(ValueMatchKind::Exact, Some("shop.Cart"), None, "service"),
-            ],
-        };
+        let g = grpc_route(vec![
+            grpc_rule(ValueMatchKind::Exact, None, Some("Add"), "method-only"),
+            grpc_rule(
+                ValueMatchKind::RegularExpression,
+                Some(".*"),
+                None,
+                "any-service",
+            ),
+            grpc_rule(ValueMatchKind::Exact, Some("shop.Cart"), None, "service"),
+        ]);
         let (t, errs) = RouteTable::build(&[], &[g]);
         assert!(errs.is_empty(), "{errs:?}");
-        let grpc = [("content-type", "application/grpc")];
         // The service's 9 characters beat the method's 3, and an exact
         // match beats a regular expression.
+        assert_eq!(pick_grpc(&t, "/shop.Cart/Add").as_deref(), Some("service"));
         assert_eq!(
-            pick(&t, "POST", "/shop.Cart/Add", &grpc).as_deref(),
-            Some("service")
-        );
-        assert_eq!(
-            pick(&t, "POST", "/shop.Users/Add", &grpc).as_deref(),
+            pick_grpc(&t, "/shop.Users/Add").as_deref(),
             Some("method-only")
         );
         assert_eq!(
-            pick(&t, "POST", "/shop.Users/Get", &grpc).as_deref(),
+            pick_grpc(&t, "/shop.Users/Get").as_deref(),
             Some("any-service")
         );
     }
 
     #[test]
     fn grpc_routes_match_service_and_method() {
-        let g = GrpcRoute {
-            id: ObjectRef::new("shop", "g"),
-            created_unix: 0,
-            parents: vec![ParentRef {
-                service: svc(),
-                port: None,
-            }],
-            rules: vec![
-                GrpcRouteRule {
-                    matches: vec![GrpcRouteMatch {
-                        method: Some(GrpcMethodMatch {
-                            kind: ValueMatchKind::Exact,
-                            service: Some("shop.Cart".into()),
-                            method: Some("Add".into()),
-                        }),
-                        headers: vec![],
-                    }],
-                    backends: vec![backend("add")],
-                    ..Default::default()
-                },
-                GrpcRouteRule {
-                    matches: vec![GrpcRouteMatch {
-                        method: Some(GrpcMethodMatch {
-                            kind: ValueMatchKind::Exact,
-                            service: Some("shop.Cart".into()),
-                            method: None,
-                        }),
-                        headers: vec![],
-                    }],
-                    backends: vec![backend("cart")],
-                    ..Default::default()
-                },
-                GrpcRouteRule {
-                    matches: vec![GrpcRouteMatch {
-                        method: Some(GrpcMethodMatch {
-                            kind: ValueMatchKind::RegularExpression,
-                            service: Some("shop\\..*".into()),
-                            method: Some("Get.*".into()),
-                        }),
-                        headers: vec![],
-                    }],
-                    backends: vec![backend("getters")],
-                    ..Default::default()
-                },
-            ],
-        };
+        let g = grpc_route(vec![
+            grpc_rule(ValueMatchKind::Exact, Some("shop.Cart"), Some("Add"), "add"),
+            grpc_rule(ValueMatchKind::Exact, Some("shop.Cart"), None, "cart"),
+            grpc_rule(
+                ValueMatchKind::RegularExpression,
+                Some("shop\\..*"),
+                Some("Get.*"),
+                "getters",
+            ),
+        ]);
         let (t, errs) = RouteTable::build(&[route("h", 0, vec![(vec![], "http")])], &[g]);
         assert!(errs.is_empty(), "{errs:?}");
-        let grpc = [("content-type", "application/grpc")];
+        assert_eq!(pick_grpc(&t, "/shop.Cart/Add").as_deref(), Some("add"));
+        assert_eq!(pick_grpc(&t, "/shop.Cart/Remove").as_deref(), Some("cart"));
         assert_eq!(
-            pick(&t, "POST", "/shop.Cart/Add", &grpc).as_deref(),
-            Some("add")
-        );
-        assert_eq!(
-            pick(&t, "POST", "/shop.Cart/Remove", &grpc).as_deref(),
-            Some("cart")
-        );
-        assert_eq!(
-            pick(&t, "POST", "/shop.Users/GetUser", &grpc).as_deref(),
+            pick_grpc(&t, "/shop.Users/GetUser").as_deref(),
             Some("getters")
         );
-        assert_eq!(
-            pick(&t, "POST", "/other.X/Y", &grpc).as_deref(),
-            Some("http")
-        );
+        assert_eq!(pick_grpc(&t, "/other.X/Y").as_deref(), Some("http"));
         // Not gRPC: GRPCRoutes do not apply.
         assert_eq!(
             pick(&t, "POST", "/shop.Cart/Add", &[]).as_deref(),
