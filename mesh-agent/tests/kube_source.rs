@@ -535,3 +535,47 @@ async fn an_unreadable_route_is_reported_by_name_and_does_not_hold_the_others() 
         names(&r)
     );
 }
+
+/// Told to stop, the source ends its watchers: every sender of the
+/// reconciler's inputs goes, so the reconciler (and the agent) can stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_source_closes_the_reconcilers_inputs() {
+    let fake = FakeApi::with_fixtures();
+    let (tx, inputs) = mpsc::channel();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let source = tokio::spawn(KubeSource::new(fake.client()).run(tx, stop));
+    // The first lists arrive.
+    let inputs = tokio::task::spawn_blocking(move || {
+        inputs
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the source delivers");
+        inputs
+    })
+    .await
+    .unwrap();
+    let _ = stop_tx.send(true);
+    tokio::time::timeout(Duration::from_secs(10), source)
+        .await
+        .expect("the source returns when told to stop")
+        .unwrap();
+    // Within 10 s every sender is gone (a watcher left running would keep
+    // sending, or keep the channel open).
+    let closed = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match inputs.recv_timeout(left) {
+                Ok(_) if !left.is_zero() => continue,
+                Ok(_) => return mpsc::RecvTimeoutError::Timeout,
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        closed,
+        mpsc::RecvTimeoutError::Disconnected,
+        "a watcher still holds the reconciler's inputs"
+    );
+}

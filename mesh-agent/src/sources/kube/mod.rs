@@ -467,10 +467,17 @@ impl KubeSource {
             )),
         ];
         drop(tx);
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
         let all = futures::future::join_all(tasks);
         tokio::select! {
             _ = stop.changed() => {}
             _ = all => {}
+        }
+        // Each watcher holds a sender of the reconciler's inputs: they end
+        // here, so that the reconciler sees its inputs close and the agent
+        // can stop.
+        for a in aborts {
+            a.abort();
         }
     }
 }
