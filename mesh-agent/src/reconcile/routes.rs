@@ -185,23 +185,21 @@ pub struct Translations {
 }
 
 pub fn translate_all(store: &Store, index: &RefIndex) -> Translations {
-    fn eval<R>(route: RouteRefs, t: proxy_routes::Translated<R>, out: &mut Vec<R>) -> RouteEval {
-        out.extend(t.route);
-        RouteEval {
+    /// The evaluation, and the proxy's form of the route when it is kept.
+    fn eval<R>(route: RouteRefs, t: proxy_routes::Translated<R>) -> (RouteEval, Option<R>) {
+        let e = RouteEval {
             route,
             dropped: t.dropped,
             refused: t.refused,
             conflicted: Vec::new(),
-        }
+        };
+        (e, t.route)
     }
     let mut t = Translations::default();
     let mut grpc_evals = Vec::new();
     for r in store.grpc_routes.values() {
-        let e = eval(
-            RouteRefs::of_grpc(r),
-            proxy_routes::grpc_route(r, index),
-            &mut t.grpc,
-        );
+        let (e, route) = eval(RouteRefs::of_grpc(r), proxy_routes::grpc_route(r, index));
+        t.grpc.extend(route);
         grpc_evals.push(e);
     }
     // Where GRPCRoutes are in force: (Service, port or every port, route).
@@ -216,9 +214,7 @@ pub fn translate_all(store: &Store, index: &RefIndex) -> Translations {
         .collect();
     let overlap = |a: Option<u16>, b: Option<u16>| a.is_none() || b.is_none() || a == b;
     for r in store.http_routes.values() {
-        let mut translated = proxy_routes::http_route(r, index);
-        let route = translated.route.take();
-        let mut e = eval(RouteRefs::of_http(r), translated, &mut Vec::new());
+        let (mut e, route) = eval(RouteRefs::of_http(r), proxy_routes::http_route(r, index));
         if let Some(mut route) = route {
             // GEP-1426: on a Service port a GRPCRoute attaches to, the
             // HTTPRoute is ignored (status: Accepted=False, Conflicted).
