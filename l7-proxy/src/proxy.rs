@@ -136,7 +136,7 @@ impl Proxy {
 
     /// Stops accepting, lets requests and connections in flight finish for
     /// the drain timeout, then cuts what is left.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         let s = &self.shared.clone();
         s.shutdown.cancel();
         s.drain.begin();

@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use ebpf_lb::ProxyTarget;
 
 use crate::{
-    admin::{self, AdminInfo, AdminState},
+    admin::{self, Admin, AdminInfo, AdminState, Alive},
     cgroups::PodCgroups,
     config,
     crds::MtlsMode,
@@ -32,14 +32,17 @@ use crate::{
 /// together is handled in one step, and a tick retries what failed at least
 /// every [`config::CGROUP_RETRY`], however busy the input is (in a large
 /// cluster pod and EndpointSlice changes may never pause that long). Ends
-/// when every sender is gone.
+/// when every sender is gone; `alive` is dropped when the thread ends, also by
+/// a panic, which turns `/healthz` red.
 pub fn spawn_reconciler(
     mut r: Reconciler,
     rx: mpsc::Receiver<Vec<Input>>,
+    alive: Option<Alive>,
 ) -> thread::JoinHandle<Reconciler> {
     thread::Builder::new()
         .name("reconciler".into())
         .spawn(move || {
+            let _alive = alive;
             let mut next_tick = std::time::Instant::now() + config::CGROUP_RETRY;
             loop {
                 let wait = next_tick.saturating_duration_since(std::time::Instant::now());
@@ -272,16 +275,31 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts everything; returns once the admin API listens.
+    /// Starts everything; returns once every part runs. The admin API
+    /// listens first: while the slower parts start, `/healthz` answers and
+    /// `/readyz` says what the agent waits for.
     pub async fn start(args: RunArgs) -> Result<Agent, Error> {
         let source: SourceSpec = args.source.parse().map_err(Error::Source)?;
         make_state_dir(&args.state_dir)?;
+        // Dropping `stop` (an error below) ends the admin server too.
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        let listener = admin::bind(args.admin_addr).await?;
+        let admin_addr = listener.local_addr().map_err(admin::Error::Serve)?;
+        let admin = Arc::new(Admin::default());
+        tasks.push(tokio::spawn(admin::serve(
+            listener,
+            admin.clone(),
+            admin::ServeOptions::default(),
+            stop_rx.clone(),
+        )));
         let cgroup_root = match &args.cgroup_root {
             Some(p) => p.clone(),
             None => ebpf_lb::cgroup2_mount().map_err(Error::Lb)?,
         };
         let dp: Arc<dyn Dataplane> = match args.dataplane {
             DataplaneKind::Kernel => {
+                admin.set_phase("loading and attaching the kernel programs");
                 let lb = ebpf_lb::LoadBalancer::open(ebpf_lb::Options {
                     bpffs: args.bpffs.clone(),
                     instance: args.lb_instance.clone(),
@@ -297,9 +315,14 @@ impl Agent {
             }
             DataplaneKind::None => Arc::new(MemoryDataplane::new()),
         };
-        if args.ca_url.is_some() {
+        if args.ca_url.is_some() && !args.ca_bundle.exists() {
+            admin.set_phase(format!(
+                "waiting for the CA's trust bundle at {} (the CA publishes it when it first starts)",
+                args.ca_bundle.display()
+            ));
             wait_for_file(&args.ca_bundle).await;
         }
+        admin.set_phase("loading workload identities");
         let identities = match &args.ca_url {
             Some(url) => {
                 Identities::remote(url, &args.ca_bundle, &args.ca_token, &args.trust_domain)
@@ -329,6 +352,7 @@ impl Agent {
             ProxyMode::Off => None,
             ProxyMode::External => Some(args.proxy_capture_addr.unwrap_or(default_capture)),
             ProxyMode::Embedded => {
+                admin.set_phase("starting the node proxy");
                 let inbound = args
                     .proxy_inbound_addr
                     .unwrap_or(SocketAddr::new(node_ip, config::PROXY_INBOUND_PORT));
@@ -394,12 +418,11 @@ impl Agent {
             // must use config::PROXY_MARK too.
             kernel_strict: args.proxy != ProxyMode::Off,
         };
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let (tx, inputs) = mpsc::channel::<Vec<Input>>();
-        let mut tasks = Vec::new();
         let kube_client = match &source {
             SourceSpec::Kube => {
                 use crate::sources::kube::{lease, status};
+                admin.set_phase("connecting to the Kubernetes API");
                 let client = kube::Client::try_default().await.map_err(Error::Kube)?;
                 let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
                 out.status = Some(status_tx);
@@ -439,17 +462,25 @@ impl Agent {
             base: cgroup_root.clone(),
         };
         let reconciler = Reconciler::new(dp.clone(), Box::new(resolver), settings, out);
-        let reconciler = spawn_reconciler(reconciler, inputs);
+        let reconciler = spawn_reconciler(
+            reconciler,
+            inputs,
+            Some(admin.health.watch("the reconciler thread")),
+        );
+        let source_alive = admin.health.watch("the configuration source");
         match (&source, kube_client) {
             (SourceSpec::Kube, Some(client)) => {
-                tasks.push(tokio::spawn(
-                    KubeSource::new(client).run(tx, stop_rx.clone()),
-                ));
+                let run = KubeSource::new(client).run(tx, stop_rx.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _alive = source_alive;
+                    run.await;
+                }));
             }
             (SourceSpec::Files(dir), _) => {
                 let src = FilesSource::new(dir);
                 let stop_rx = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {
+                    let _alive = source_alive;
                     if let Err(e) = src.run(tx, stop_rx).await {
                         tracing::error!(error = %e, "files source stopped");
                     }
@@ -457,8 +488,6 @@ impl Agent {
             }
             _ => unreachable!("a kube source has a client"),
         }
-        let listener = admin::bind(args.admin_addr).await?;
-        let admin_addr = listener.local_addr().map_err(admin::Error::Serve)?;
         let state = Arc::new(AdminState {
             info: AdminInfo {
                 node: args.node_name.clone(),
@@ -485,11 +514,7 @@ impl Agent {
             proxy: embedded.clone().map(|p| p as Arc<dyn admin::ProxyHandle>),
             identity: Some(Arc::new(identities)),
         });
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = admin::serve(listener, state, stop_rx).await {
-                tracing::error!(error = %e, "admin API stopped");
-            }
-        }));
+        admin.running(state);
         tracing::info!(%admin_addr, source = %source, node = %args.node_name, "mesh-agent running");
         Ok(Agent {
             admin_addr,
@@ -508,17 +533,27 @@ impl Agent {
             .map(|p| (p.proxy.outbound_addr(), p.proxy.inbound_addr()))
     }
 
-    /// Stops the source and the admin API and waits for the reconciler. The
-    /// kernel state stays pinned: load balancing goes on without the agent.
+    /// Stops the source and the admin API, drains the node proxy meanwhile,
+    /// and waits for the reconciler. The kernel state stays pinned: load
+    /// balancing goes on without the agent, and enrolled pods' connections
+    /// to meshed Services are refused until a proxy listens again (they fail
+    /// closed rather than leave the mesh in plaintext).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
-        }
-        // The admin API is gone, so the proxy handle is ours alone: drain it.
-        if let Some(p) = self.proxy.take().and_then(|p| Arc::try_unwrap(p).ok()) {
-            p.proxy.shutdown().await;
-        }
+        let tasks = std::mem::take(&mut self.tasks);
+        let proxy = self.proxy.take();
+        tokio::join!(
+            async {
+                for t in tasks {
+                    let _ = t.await;
+                }
+            },
+            async {
+                if let Some(p) = &proxy {
+                    p.proxy.shutdown().await;
+                }
+            },
+        );
         for t in self.background.drain(..) {
             t.abort();
         }

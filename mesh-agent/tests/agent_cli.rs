@@ -46,6 +46,31 @@ fn sluice(admin: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The agent's flags for the example configuration, without kernel programs
+/// or proxy.
+fn run_args(cg: &Path, state: &Path) -> RunArgs {
+    RunArgs {
+        source: format!("files:{}", examples().display()),
+        node_name: "node-a".into(),
+        node_addresses: vec!["127.0.0.1".parse().unwrap()],
+        cgroup_root: Some(cg.into()),
+        state_dir: state.into(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        bpffs: "/sys/fs/bpf".into(),
+        lb_instance: "unused".into(),
+        dataplane: DataplaneKind::None,
+        proxy: ProxyMode::Off,
+        proxy_capture_addr: None,
+        proxy_inbound_addr: None,
+        trust_domain: "cluster.local".into(),
+        default_mtls_mode: MtlsMode::Permissive,
+        ca_dir: None,
+        ca_url: None,
+        ca_bundle: "/nonexistent".into(),
+        ca_token: "/nonexistent".into(),
+    }
+}
+
 struct Running {
     agent: Agent,
     url: String,
@@ -60,28 +85,9 @@ async fn start() -> Running {
         std::fs::write(cg.path().join(pod).join("cgroup.procs"), "").unwrap();
     }
     let state = tempfile::tempdir().unwrap();
-    let agent = Agent::start(RunArgs {
-        source: format!("files:{}", examples().display()),
-        node_name: "node-a".into(),
-        node_addresses: vec!["127.0.0.1".parse().unwrap()],
-        cgroup_root: Some(cg.path().into()),
-        state_dir: state.path().into(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        bpffs: "/sys/fs/bpf".into(),
-        lb_instance: "unused".into(),
-        dataplane: DataplaneKind::None,
-        proxy: ProxyMode::Off,
-        proxy_capture_addr: None,
-        proxy_inbound_addr: None,
-        trust_domain: "cluster.local".into(),
-        default_mtls_mode: MtlsMode::Permissive,
-        ca_dir: None,
-        ca_url: None,
-        ca_bundle: "/nonexistent".into(),
-        ca_token: "/nonexistent".into(),
-    })
-    .await
-    .unwrap();
+    let agent = Agent::start(run_args(cg.path(), state.path()))
+        .await
+        .unwrap();
     let url = format!("http://{}", agent.admin_addr);
     Running {
         agent,
@@ -288,4 +294,55 @@ fn mesh_agent_validate_reports_file_document_and_field() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_while_the_agent_waits_for_the_ca_bundle() {
+    let cg = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    // A port that was free a moment ago: the address must be known before
+    // start returns, which it does not while it waits.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bundle = state.path().join("not-yet/trust-bundle.pem");
+    let args = RunArgs {
+        admin_addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        ca_url: Some("https://127.0.0.1:1".into()),
+        ca_bundle: bundle.clone(),
+        ..run_args(cg.path(), state.path())
+    };
+    let starting = tokio::spawn(Agent::start(args));
+    let url = format!("http://127.0.0.1:{port}");
+    let admin = Client::new(&url).unwrap();
+    let body = eventually("the admin API while the agent starts", async || {
+        let (code, body) = admin.get_raw("/readyz").await.ok()?;
+        (code == 503).then(|| String::from_utf8_lossy(&body).into_owned())
+    })
+    .await;
+    assert!(
+        body.contains(&format!(
+            "waiting for the CA's trust bundle at {}",
+            bundle.display()
+        )),
+        "{body}"
+    );
+    assert_eq!(admin.get_raw("/healthz").await.unwrap().0, 200);
+    // The CLI says the same.
+    let (code, _, err) = sluice(&url, &["status"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("the agent is starting: waiting for the CA's trust bundle"),
+        "{err}"
+    );
+    assert!(!starting.is_finished(), "start returned without the bundle");
+
+    // An abandoned start takes its admin API with it.
+    starting.abort();
+    eventually("the admin port to be free again", async || {
+        std::net::TcpListener::bind(("127.0.0.1", port)).ok()
+    })
+    .await;
 }

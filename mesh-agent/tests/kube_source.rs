@@ -70,7 +70,7 @@ fn start(fake: FakeApi) -> Running {
         out,
     );
     let (tx, inputs) = mpsc::channel();
-    spawn_reconciler(r, inputs);
+    spawn_reconciler(r, inputs, None);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(KubeSource::new(client.clone()).run(tx, stop));
     // This agent holds the status writer Lease (tests/kube_lease.rs).

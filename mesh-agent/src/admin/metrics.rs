@@ -62,8 +62,8 @@ impl Collector for Snapshot {
 pub fn encode(s: &AdminState) -> String {
     let v = s.view();
     let mut lb = Vec::new();
-    for svc in &v.services {
-        for fe in s.dp_frontends(&svc.key.to_string()) {
+    for (svc, frontends) in s.kernel_frontends(&v) {
+        for fe in frontends {
             if let Some(c) = s.dp.counters(&fe) {
                 for (outcome, n) in [
                     ("balanced", c.balanced),

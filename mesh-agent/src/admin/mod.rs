@@ -4,7 +4,13 @@
 pub mod api;
 mod metrics;
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, OnceLock, Weak},
+    time::Duration,
+};
 
 use axum::{
     Json, Router,
@@ -134,9 +140,9 @@ impl AdminState {
         let v = self.view();
         let stats = self.proxy.as_ref().map(|p| p.route_stats());
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-        for s in &v.services {
+        for (s, frontends) in self.kernel_frontends(&v) {
             let mut n = 0;
-            for fe in self.dp_frontends(&s.key.to_string()) {
+            for fe in frontends {
                 if let Some(c) = self.dp.counters(&fe) {
                     n += c.balanced + c.redirected;
                 }
@@ -161,17 +167,28 @@ impl AdminState {
         Routes { routes }
     }
 
-    fn dp_frontends(&self, service: &str) -> Vec<ebpf_lb::Frontend> {
-        let v = self.view();
-        let Some(s) = v.services.iter().find(|s| s.key.to_string() == service) else {
-            return Vec::new();
-        };
-        let wanted: Vec<&String> = s.frontends.iter().collect();
-        self.dp
+    /// The kernel's frontends of each Service of `v`, in the view's order:
+    /// one listing of the kernel's services, whatever their number.
+    fn kernel_frontends<'v>(
+        &self,
+        v: &'v AgentView,
+    ) -> Vec<(&'v crate::reconcile::ServiceSummary, Vec<ebpf_lb::Frontend>)> {
+        let in_kernel: std::collections::HashMap<String, ebpf_lb::Frontend> = self
+            .dp
             .services()
             .into_iter()
-            .map(|st| st.frontend)
-            .filter(|f| wanted.contains(&&f.to_string()))
+            .map(|st| (st.frontend.to_string(), st.frontend))
+            .collect();
+        v.services
+            .iter()
+            .map(|s| {
+                let fes = s
+                    .frontends
+                    .iter()
+                    .filter_map(|f| in_kernel.get(f).copied())
+                    .collect();
+                (s, fes)
+            })
             .collect()
     }
 
@@ -266,13 +283,132 @@ impl AdminState {
     }
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Parts of the agent whose end makes it unhealthy (the reconciler thread,
+/// the configuration source): each holds an [`Alive`] while it runs.
+#[derive(Clone, Default)]
+pub struct Health(Arc<Mutex<Vec<Watched>>>);
+
+/// A part's name, and its token while it runs.
+type Watched = (&'static str, Weak<()>);
+
+/// Held by a running part of the agent; dropping it (the part returned or
+/// panicked) turns `/healthz` red.
+#[must_use = "the part counts as ended once this is dropped"]
+pub struct Alive(#[allow(dead_code)] Arc<()>);
+
+impl Health {
+    /// Watches a part named `what` ("the reconciler thread").
+    pub fn watch(&self, what: &'static str) -> Alive {
+        let token = Arc::new(());
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((what, Arc::downgrade(&token)));
+        Alive(token)
+    }
+
+    /// The watched parts that have ended.
+    pub fn ended(&self) -> Vec<&'static str> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, w)| w.strong_count() == 0)
+            .map(|(what, _)| *what)
+            .collect()
+    }
 }
 
-async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
-    let v = s.view();
-    if v.synced {
+/// The admin API from the agent's first step: it listens before the slow
+/// parts of the start (kernel programs, the CA's trust bundle, the Kubernetes
+/// API), so the liveness probe passes while they wait, and `/readyz` and the
+/// `/v1/` documents say what the agent is waiting for until
+/// [`Admin::running`] hands over the state.
+pub struct Admin {
+    state: OnceLock<Arc<AdminState>>,
+    phase: Mutex<String>,
+    pub health: Health,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            state: OnceLock::new(),
+            phase: Mutex::new("starting".into()),
+            health: Health::default(),
+        }
+    }
+}
+
+impl Admin {
+    /// What the start is doing now ("waiting for the CA's trust bundle at …").
+    pub fn set_phase(&self, phase: impl Into<String>) {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase.into();
+    }
+
+    fn phase(&self) -> String {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The agent is up: every route answers from `state` from now on.
+    pub fn running(&self, state: Arc<AdminState>) {
+        let _ = self.state.set(state);
+    }
+
+    /// The running state, or the 503 that says what the start waits for.
+    fn state(&self) -> Result<&Arc<AdminState>, Box<Response>> {
+        self.state.get().ok_or_else(|| {
+            Box::new(
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the agent is starting: {}\n", self.phase()),
+                )
+                    .into_response(),
+            )
+        })
+    }
+
+    fn unhealthy(&self) -> Option<String> {
+        let ended = self.health.ended();
+        (!ended.is_empty()).then(|| {
+            format!(
+                "{} ended; the agent no longer follows its configuration (its log says why)",
+                ended.join(" and ")
+            )
+        })
+    }
+}
+
+async fn healthz(State(a): State<Arc<Admin>>) -> Response {
+    match a.unhealthy() {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(a): State<Arc<Admin>>) -> Response {
+    let s = match a.state() {
+        Ok(s) => s,
+        Err(_) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: starting: {}\n", a.phase()),
+            )
+                .into_response();
+        }
+    };
+    if let Some(why) = a.unhealthy() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response();
+    }
+    if s.view().synced {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (
@@ -283,51 +419,61 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
     }
 }
 
-async fn metrics_handler(State(s): State<Arc<AdminState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics(),
-    )
-        .into_response()
+async fn metrics_handler(State(a): State<Arc<Admin>>) -> Response {
+    match a.state() {
+        Ok(s) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            s.metrics(),
+        )
+            .into_response(),
+        Err(starting) => *starting,
+    }
+}
+
+/// A `/v1/` document from the running state.
+fn document<T: serde::Serialize>(a: &Admin, f: impl FnOnce(&AdminState) -> T) -> Response {
+    match a.state() {
+        Ok(s) => Json(f(s)).into_response(),
+        Err(starting) => *starting,
+    }
 }
 
 /// The admin API's routes.
-pub fn router(state: Arc<AdminState>) -> Router {
+pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .route(
             "/v1/status",
-            get(|State(s): State<Arc<AdminState>>| async move { Json(s.status()) }),
+            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::status) }),
         )
         .route(
             "/v1/workloads",
-            get(|State(s): State<Arc<AdminState>>| async move { Json(s.workloads()) }),
+            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::workloads) }),
         )
         .route(
             "/v1/connections",
-            get(|State(s): State<Arc<AdminState>>| async move { Json(s.connections()) }),
+            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::connections) }),
         )
         .route(
             "/v1/routes",
-            get(|State(s): State<Arc<AdminState>>| async move { Json(s.routes()) }),
+            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::routes) }),
         )
         .route(
             "/v1/check",
-            get(|State(s): State<Arc<AdminState>>| async move { Json(s.check()) }),
+            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::check) }),
         )
         .route(
             "/v1/mesh",
-            get(|State(s): State<Arc<AdminState>>| async move {
-                let v = s.mesh.borrow().clone();
-                Json((*v).clone())
+            get(|State(a): State<Arc<Admin>>| async move {
+                document(&a, |s| (**s.mesh.borrow()).clone())
             }),
         )
-        .with_state(state)
+        .with_state(admin)
 }
 
 /// Errors of the admin server.
@@ -351,16 +497,335 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
         .map_err(|source| Error::Bind { addr, source })
 }
 
-/// Serves until `stop` fires.
+/// Limits of the admin server. The API is for probes, scrapes and the CLI on
+/// the node: a few short requests at a time.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// A client has this long to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// A keep-alive connection is closed (after its request in flight) when
+    /// it is this old, idle or not.
+    pub max_connection_age: Duration,
+    /// On stop, connections get this long to finish their request.
+    pub drain: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 64,
+            max_connection_age: Duration::from_secs(300),
+            drain: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Serves until `stop` fires (or its sender is gone), then gives the
+/// connections `opts.drain` to finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: Arc<AdminState>,
+    admin: Arc<Admin>,
+    opts: ServeOptions,
     mut stop: watch::Receiver<bool>,
-) -> Result<(), Error> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            let _ = stop.changed().await;
+) {
+    let router = router(admin);
+    let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let conns = tokio_util::task::TaskTracker::new();
+    loop {
+        let tcp = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, mostly: wait, not spin.
+                    tracing::warn!(error = %e, "admin API: accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(
+                limit = opts.max_connections,
+                "admin API: connection limit reached; closing a new connection"
+            );
+            continue;
+        };
+        conns.spawn(serve_connection(
+            tcp,
+            router.clone(),
+            opts.clone(),
+            stop.clone(),
+            slot,
+        ));
+    }
+    drop(listener);
+    conns.close();
+    conns.wait().await;
+}
+
+/// Returns when `stop` fires or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    router: Router,
+    opts: ServeOptions,
+    mut stop: watch::Receiver<bool>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .serve_connection(
+            hyper_util::rt::TokioIo::new(tcp),
+            hyper_util::service::TowerToHyperService::new(router),
+        );
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stopped(&mut stop) => {}
+        _ = tokio::time::sleep(opts.max_connection_age) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(opts.drain, conn).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpStream,
+    };
+
+    use super::*;
+    use crate::reconcile::dataplane::MemoryDataplane;
+
+    /// A running state whose view says `synced`.
+    fn running_state(synced: bool) -> Arc<AdminState> {
+        let (_, view) = watch::channel(Arc::new(AgentView {
+            synced,
+            ..AgentView::default()
+        }));
+        let (_, mesh) = watch::channel(Arc::new(MeshView::default()));
+        Arc::new(AdminState {
+            info: AdminInfo::default(),
+            view,
+            mesh,
+            dp: Arc::new(MemoryDataplane::new()),
+            proxy: None,
+            identity: None,
         })
-        .await
-        .map_err(Error::Serve)
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        stop: watch::Sender<bool>,
+        done: tokio::task::JoinHandle<()>,
+    }
+
+    async fn server(admin: Arc<Admin>, opts: ServeOptions) -> Server {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = watch::channel(false);
+        let done = tokio::spawn(serve(listener, admin, opts, rx));
+        Server { addr, stop, done }
+    }
+
+    /// One GET on a new connection: (status, body).
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        (status, body)
+    }
+
+    /// Waits (at most 10 s, a guard rather than a measurement) for the server
+    /// to close `tcp`; true if it did.
+    async fn closed_by_server(tcp: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 512];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn while_starting_probes_and_documents_say_what_the_agent_waits_for() {
+        let admin = Arc::new(Admin::default());
+        admin.set_phase("waiting for the CA's trust bundle at /etc/sluice/trust/b.pem");
+        let s = server(admin.clone(), ServeOptions::default()).await;
+        assert_eq!(get(s.addr, "/healthz").await.0, 200);
+        let (code, body) = get(s.addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(
+            body.contains("trust bundle at /etc/sluice/trust/b.pem"),
+            "{body}"
+        );
+        for path in ["/v1/status", "/v1/routes", "/metrics"] {
+            let (code, body) = get(s.addr, path).await;
+            assert_eq!(code, 503, "{path}");
+            assert!(
+                body.contains("the agent is starting: waiting for the CA"),
+                "{body}"
+            );
+        }
+
+        admin.running(running_state(true));
+        assert_eq!(get(s.addr, "/readyz").await, (200, "ready\n".into()));
+        let (code, body) = get(s.addr, "/v1/status").await;
+        assert_eq!(code, 200);
+        let status: api::Status = serde_json::from_str(&body).unwrap();
+        assert!(status.synced);
+        let _ = s.stop.send(true);
+        s.done.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_part_that_ends_turns_health_and_readiness_red() {
+        let admin = Arc::new(Admin::default());
+        admin.running(running_state(true));
+        let reconciler = admin.health.watch("the reconciler thread");
+        let source = admin.health.watch("the configuration source");
+        let s = server(admin.clone(), ServeOptions::default()).await;
+        assert_eq!(get(s.addr, "/healthz").await.0, 200);
+        assert_eq!(get(s.addr, "/readyz").await.0, 200);
+
+        // A thread that panics drops what it holds.
+        let t = std::thread::spawn(move || {
+            let _alive = reconciler;
+            panic!("a bug in the reconciler");
+        });
+        assert!(t.join().is_err());
+        let (code, body) = get(s.addr, "/healthz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("the reconciler thread ended"), "{body}");
+        assert!(!body.contains("configuration source"), "{body}");
+        let (code, body) = get(s.addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("the reconciler thread ended"), "{body}");
+        drop(source);
+        let (_, body) = get(s.addr, "/healthz").await;
+        assert!(
+            body.contains("the reconciler thread and the configuration source ended"),
+            "{body}"
+        );
+        let _ = s.stop.send(true);
+        s.done.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+        let admin = Arc::new(Admin::default());
+        admin.running(running_state(true));
+        let s = server(
+            admin,
+            ServeOptions {
+                header_read_timeout: Duration::from_millis(200),
+                ..ServeOptions::default()
+            },
+        )
+        .await;
+        let mut slow = TcpStream::connect(s.addr).await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\nhost: a\r\n")
+            .await
+            .unwrap();
+        assert!(
+            closed_by_server(&mut slow).await,
+            "slow client still connected"
+        );
+        assert_eq!(get(s.addr, "/healthz").await.0, 200);
+        let _ = s.stop.send(true);
+        s.done.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_and_the_slots_come_back() {
+        let admin = Arc::new(Admin::default());
+        admin.running(running_state(true));
+        let s = server(
+            admin,
+            ServeOptions {
+                max_connections: 2,
+                ..ServeOptions::default()
+            },
+        )
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+            // A request makes sure the server has taken the connection.
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            held.push(tcp);
+        }
+        let mut third = TcpStream::connect(s.addr).await.unwrap();
+        assert!(
+            closed_by_server(&mut third).await,
+            "a third connection was kept"
+        );
+        drop(held.pop());
+        // The slot is free once the server has seen the close.
+        let mut answered = false;
+        for _ in 0..200 {
+            let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+            if tcp
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+                .await
+                .is_ok()
+            {
+                let mut out = Vec::new();
+                let _ = tcp.read_to_end(&mut out).await;
+                if out.starts_with(b"HTTP/1.1 200") {
+                    answered = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(answered, "no connection was served after one closed");
+        let _ = s.stop.send(true);
+        s.done.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stop_does_not_wait_for_a_connection_stuck_in_its_headers() {
+        let admin = Arc::new(Admin::default());
+        admin.running(running_state(true));
+        let s = server(
+            admin,
+            ServeOptions {
+                drain: Duration::from_millis(100),
+                ..ServeOptions::default()
+            },
+        )
+        .await;
+        let mut stuck = TcpStream::connect(s.addr).await.unwrap();
+        stuck.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        // The server has the connection once a whole request on another works.
+        assert_eq!(get(s.addr, "/healthz").await.0, 200);
+        let _ = s.stop.send(true);
+        // The header timeout (10 s) is far off; the drain (100 ms) decides.
+        tokio::time::timeout(Duration::from_secs(5), s.done)
+            .await
+            .expect("serve() still waiting for the stuck connection")
+            .unwrap();
+        assert!(closed_by_server(&mut stuck).await);
+    }
 }
