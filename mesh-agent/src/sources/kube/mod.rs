@@ -159,6 +159,24 @@ fn decode<K: DeserializeOwned>(o: DynamicObject) -> Result<K, (Option<String>, S
     })
 }
 
+/// A type the source watches.
+trait Watched {
+    /// Objects of this type can fail to decode (the CRDs, read as
+    /// [`DynamicObject`]s): the last readable version of each is kept.
+    /// Core kinds always decode, and keeping a copy of every Pod would cost
+    /// memory for nothing.
+    const MAY_BE_UNREADABLE: bool = false;
+}
+
+impl Watched for Namespace {}
+impl Watched for Node {}
+impl Watched for Pod {}
+impl Watched for Service {}
+impl Watched for EndpointSlice {}
+impl Watched for DynamicObject {
+    const MAY_BE_UNREADABLE: bool = true;
+}
+
 /// Watches one kind until the reconciler goes away. Objects `convert`
 /// cannot read are reported (each by name) and left out; one that was read
 /// before keeps its last readable version (`tolerant` kinds remember them).
@@ -170,7 +188,7 @@ async fn watch_kind<K>(
     tx: mpsc::Sender<Vec<Input>>,
     gate: Arc<SyncGate>,
 ) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Watched + Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let mut initial: Vec<Object> = Vec::new();
     let mut listed = false;
@@ -182,7 +200,7 @@ async fn watch_kind<K>(
     // The last readable version of each object, for the kinds that can be
     // unreadable (the CRDs; core kinds always decode).
     // The uid tells a recreated object from the one read before.
-    let tolerant = std::any::TypeId::of::<K>() == std::any::TypeId::of::<DynamicObject>();
+    let tolerant = K::MAY_BE_UNREADABLE;
     let mut last_read: BTreeMap<Key, (Option<String>, Object)> = BTreeMap::new();
     // During a (re)list: the uid of each object seen.
     let mut uids_init: BTreeMap<Key, Option<String>> = BTreeMap::new();
