@@ -4,7 +4,7 @@
 //! A small pool of hyper connections: HTTP/1.1 connections carry one request
 //! at a time and go back to the pool when the response body has been read to
 //! its end; HTTP/2 (prior knowledge) has one shared connection per workload.
-//! Idle HTTP/1.1 connections are closed after [`IDLE`].
+//! Idle connections are closed after the settings' workload idle timeout.
 
 use std::{
     collections::HashMap,
@@ -25,9 +25,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
 use crate::{body::Body, config::ProxySettings, sniff::Protocol};
-
-/// An idle HTTP/1.1 connection to a workload is closed after this long.
-pub const IDLE: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -65,8 +62,12 @@ struct Pools {
     mark: Option<u32>,
     connect_timeout: Duration,
     max_header_bytes: u32,
+    /// A pooled connection unused for this long is closed.
+    idle: Duration,
     h1: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    /// One HTTP/2 connection per workload address, and when a request last
+    /// took it.
+    h2: Mutex<HashMap<SocketAddr, (http2::SendRequest<Body>, Instant)>>,
     /// Whether the task closing idle connections runs.
     reaper: Mutex<bool>,
 }
@@ -83,6 +84,7 @@ impl WorkloadClients {
                 mark: settings.socket_mark,
                 connect_timeout: settings.connect_timeout(),
                 max_header_bytes: settings.max_header_bytes,
+                idle: settings.workload_idle_timeout(),
                 h1: Mutex::default(),
                 h2: Mutex::default(),
                 reaper: Mutex::new(false),
@@ -198,7 +200,7 @@ impl WorkloadClients {
         let mut pools = self.inner.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = pools.get_mut(&addr)?;
         while let Some(c) = list.pop() {
-            if !c.sender.is_closed() && c.since.elapsed() < IDLE {
+            if !c.sender.is_closed() && c.since.elapsed() < self.inner.idle {
                 return Some(c.sender);
             }
         }
@@ -231,13 +233,13 @@ impl WorkloadClients {
     }
 
     fn open_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<Body>> {
-        self.inner
-            .h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&addr)
-            .filter(|s| !s.is_closed())
-            .cloned()
+        let mut h2 = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let (sender, last_used) = h2.get_mut(&addr)?;
+        if sender.is_closed() {
+            return None;
+        }
+        *last_used = Instant::now();
+        Some(sender.clone())
     }
 
     async fn dial_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, UpstreamError> {
@@ -264,12 +266,14 @@ impl WorkloadClients {
             .h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(addr, sender.clone());
+            .insert(addr, (sender.clone(), Instant::now()));
         Ok(sender)
     }
 
-    /// Closes idle HTTP/1.1 connections every half [`IDLE`], while the pools
-    /// exist.
+    /// Every half idle timeout, while the pools exist, closes the HTTP/1.1
+    /// connections idle that long and lets go of the HTTP/2 connections no
+    /// request has taken for that long: hyper closes such a connection once
+    /// the streams still open on it (a long gRPC stream) end.
     fn start_reaper(&self) {
         {
             let mut running = self.inner.reaper.lock().unwrap_or_else(|e| e.into_inner());
@@ -281,16 +285,20 @@ impl WorkloadClients {
         let pools = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(IDLE / 2).await;
+                let Some(idle) = pools.upgrade().map(|p| p.idle) else {
+                    return;
+                };
+                tokio::time::sleep(idle / 2).await;
                 let Some(p) = pools.upgrade() else { return };
                 let mut h1 = p.h1.lock().unwrap_or_else(|e| e.into_inner());
                 h1.retain(|_, list| {
-                    list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE);
+                    list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle);
                     !list.is_empty()
                 });
+                drop(h1);
                 p.h2.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .retain(|_, s| !s.is_closed());
+                    .retain(|_, (s, last_used)| !s.is_closed() && last_used.elapsed() < idle);
             }
         });
     }
@@ -452,6 +460,118 @@ mod tests {
         let c = WorkloadClients::new(&ProxySettings::default());
         assert_eq!(get(&c, addr, "/a").await, "conn 1 /a");
         assert_eq!(get(&c, addr, "/b").await, "conn 2 /b");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An HTTP/2 server on loopback: `/slow` streams "a", waits for `go`,
+    /// then "b"; anything else answers "ok". `closed` counts the connections
+    /// that have ended.
+    async fn h2_server(
+        go: Arc<tokio::sync::Notify>,
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, c) = (accepted.clone(), closed.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                a.fetch_add(1, Ordering::SeqCst);
+                let (c, go) = (c.clone(), go.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let go = go.clone();
+                        async move {
+                            let body = if req.uri().path() == "/slow" {
+                                let (tx, rx) = tokio::sync::mpsc::channel::<
+                                    Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+                                >(2);
+                                tokio::spawn(async move {
+                                    let _ = tx.send(Ok(http_body::Frame::data("a".into()))).await;
+                                    go.notified().await;
+                                    let _ = tx.send(Ok(http_body::Frame::data("b".into()))).await;
+                                });
+                                http_body_util::StreamBody::new(tokio_stream_from(rx)).boxed()
+                            } else {
+                                Full::new(Bytes::from("ok")).boxed()
+                            };
+                            Ok::<_, std::convert::Infallible>(Response::new(body))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                    c.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, accepted, closed)
+    }
+
+    /// The frames of an mpsc receiver as a stream.
+    fn tokio_stream_from<T: Send + 'static>(
+        rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Send + 'static {
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+    }
+
+    /// Waits, at most 10 s (a guard against a hang, not a measurement), for
+    /// `n` to reach `want`.
+    async fn until(n: &AtomicUsize, want: usize) -> bool {
+        for _ in 0..1000 {
+            if n.load(Ordering::SeqCst) >= want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    fn h2_get(path: &str) -> Request<Body> {
+        Request::builder()
+            .uri(format!("http://cart.shop{path}"))
+            .body(crate::body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed_but_not_under_an_open_stream() {
+        let go = Arc::new(tokio::sync::Notify::new());
+        let (addr, accepted, closed) = h2_server(go.clone()).await;
+        let c = WorkloadClients::new(&ProxySettings {
+            workload_idle_timeout_ms: 100,
+            ..ProxySettings::default()
+        });
+        let resp = c.send(addr, Protocol::Http2, h2_get("/")).await.unwrap();
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        assert!(
+            until(&closed, 1).await,
+            "the idle HTTP/2 connection was kept"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+        // A stream open longer than the idle timeout keeps its connection
+        // until it ends, though the pool lets go of it.
+        let resp = c
+            .send(addr, Protocol::Http2, h2_get("/slow"))
+            .await
+            .unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"a");
+        // Long enough for several reaper rounds; the connection must stay.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(closed.load(Ordering::SeqCst), 1, "an open stream was cut");
+        go.notify_one();
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&rest[..], b"b");
+        assert!(
+            until(&closed, 2).await,
+            "the connection outlived its last stream"
+        );
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
