@@ -15,10 +15,27 @@ use crate::{Error, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// Mount bpffs at `mount_point` unless it is already there.
+/// Mount bpffs at `mount_point` unless it is already there. Two loaders
+/// starting at once (two agents, or tests in parallel) must not both mount:
+/// the second mount would hide the first one's pins. So the check and the
+/// mount happen under an exclusive lock on the mount point's directory.
 pub fn ensure_bpffs(mount_point: &Path) -> Result<()> {
     std::fs::create_dir_all(mount_point)
         .map_err(|e| Error::io("creating bpffs mount point", mount_point, e))?;
+    if is_bpffs(mount_point)? {
+        return Ok(());
+    }
+    let dir = std::fs::File::open(mount_point)
+        .map_err(|e| Error::io("opening the bpffs mount point", mount_point, e))?;
+    // SAFETY: flock on a descriptor we own; released when `dir` is closed.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(Error::io(
+            "locking the bpffs mount point",
+            mount_point,
+            io::Error::last_os_error(),
+        ));
+    }
+    // Another loader may have mounted it while this one waited.
     if is_bpffs(mount_point)? {
         return Ok(());
     }

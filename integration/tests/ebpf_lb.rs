@@ -822,3 +822,64 @@ fn invalid_services_are_refused_with_the_reason() -> Result<()> {
     assert!(lb.services().is_empty());
     Ok(())
 }
+
+/// A directory with bpffs mounted on it (maybe several times), unmounted and
+/// removed on drop.
+struct BpffsDir(std::path::PathBuf);
+
+impl BpffsDir {
+    /// How many mounts sit on the directory.
+    fn mounts(&self) -> usize {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let me = self.0.to_str().unwrap();
+        info.lines()
+            .filter(|l| l.split(' ').nth(4) == Some(me))
+            .count()
+    }
+
+    fn unmount_all(&self) {
+        let path = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        while self.mounts() > 0 {
+            // SAFETY: a valid path; MNT_DETACH never blocks.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        self.unmount_all();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn loaders_starting_together_mount_bpffs_once() {
+    require_root();
+    let dir = BpffsDir(std::env::temp_dir().join(integration::unique_name("bpffs")));
+    // A second mount would hide the first one's pins from the loader that
+    // made them; the race is short, so it is run many times.
+    for round in 0..50 {
+        let go = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (go, path) = (go.clone(), dir.0.clone());
+                std::thread::spawn(move || {
+                    go.wait();
+                    ebpf_lb::ensure_bpffs(&path)
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        assert_eq!(
+            dir.mounts(),
+            1,
+            "round {round}: bpffs mounted more than once"
+        );
+        dir.unmount_all();
+    }
+}

@@ -110,6 +110,8 @@ fn is_root() -> bool {
 }
 
 const BPF_LINKER_VERSION: &str = "0.10.1";
+/// A release known to build with the stable toolchain here (1.95).
+const NEXTEST_VERSION: &str = "0.9.143";
 
 fn setup() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
@@ -159,7 +161,11 @@ fn setup() -> Result<()> {
         ]))?;
     }
     if output(cargo().args(["nextest", "--version"])).is_none() {
-        run(cargo().args(["install", "cargo-nextest", "--locked"]))?;
+        run(cargo().args([
+            "install",
+            &format!("cargo-nextest@{NEXTEST_VERSION}"),
+            "--locked",
+        ]))?;
     }
     apt_install(&[("ip", "iproute2")])?;
     helm_linter()?;
