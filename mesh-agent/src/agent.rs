@@ -264,12 +264,31 @@ async fn wait_for_file(path: &std::path::Path) {
     }
 }
 
+/// Tasks of the agent, aborted if dropped: a start that fails (or is
+/// dropped, on a signal) leaves nothing running.
+#[derive(Default)]
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    fn push(&mut self, t: tokio::task::JoinHandle<()>) {
+        self.0.push(t);
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 /// A running agent (for tests and the binary).
 pub struct Agent {
     pub admin_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    background: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
+    background: Tasks,
     reconciler: Option<thread::JoinHandle<Reconciler>>,
     proxy: Option<Arc<EmbeddedProxy>>,
 }
@@ -283,7 +302,7 @@ impl Agent {
         make_state_dir(&args.state_dir)?;
         // Dropping `stop` (an error below) ends the admin server too.
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let mut tasks = Vec::new();
+        let mut tasks = Tasks::default();
         let listener = admin::bind(args.admin_addr).await?;
         let admin_addr = listener.local_addr().map_err(admin::Error::Serve)?;
         let admin = Arc::new(Admin::default());
@@ -340,7 +359,7 @@ impl Agent {
         tracing::info!(ca = %identities.mode, "workload identities");
         let (mut out, rx) = Outputs::channels();
         // Renewal loops run until aborted at shutdown.
-        let mut background = identities.spawn(rx.identities.clone());
+        let mut background = Tasks(identities.spawn(rx.identities.clone()));
         let node_ip = args
             .node_addresses
             .first()
@@ -540,7 +559,7 @@ impl Agent {
     /// closed rather than leave the mesh in plaintext).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        let tasks = std::mem::take(&mut self.tasks);
+        let tasks = std::mem::take(&mut self.tasks.0);
         let proxy = self.proxy.take();
         tokio::join!(
             async {
@@ -554,7 +573,7 @@ impl Agent {
                 }
             },
         );
-        for t in self.background.drain(..) {
+        for t in self.background.0.drain(..) {
             t.abort();
         }
         if let Some(r) = self.reconciler.take() {

@@ -334,9 +334,13 @@ async fn the_admin_api_answers_while_the_agent_waits_for_the_ca_bundle() {
     let (code, _, err) = sluice(&url, &["status"]);
     assert_ne!(code, 0);
     assert!(
-        err.contains("the agent is starting: waiting for the CA's trust bundle"),
+        err.contains(&format!(
+            "the agent at {url} is still starting: waiting for the CA's trust bundle at"
+        )),
         "{err}"
     );
+    assert!(err.contains("/readyz"), "{err}");
+    assert!(!err.contains("Is that the Sluice agent"), "{err}");
     assert!(!starting.is_finished(), "start returned without the bundle");
 
     // An abandoned start takes its admin API with it.

@@ -319,6 +319,10 @@ impl Health {
     }
 }
 
+/// How the admin API's answers begin while the agent starts (the CLI
+/// recognises it).
+pub const STARTING: &str = "the agent is starting:";
+
 /// The admin API from the agent's first step: it listens before the slow
 /// parts of the start (kernel programs, the CA's trust bundle, the Kubernetes
 /// API), so the liveness probe passes while they wait, and `/readyz` and the
@@ -361,7 +365,7 @@ impl Admin {
             Box::new(
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("the agent is starting: {}\n", self.phase()),
+                    format!("{STARTING} {}\n", self.phase()),
                 )
                     .into_response(),
             )
@@ -465,7 +469,22 @@ pub fn router(admin: Arc<Admin>) -> Router {
         )
         .route(
             "/v1/check",
-            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::check) }),
+            get(|State(a): State<Arc<Admin>>| async move {
+                document(&a, |s| {
+                    let mut check = s.check();
+                    check.checks.push(CheckResult {
+                        name: "agent: health".into(),
+                        outcome: match a.unhealthy() {
+                            None => Outcome::Pass,
+                            Some(_) => Outcome::Fail,
+                        },
+                        detail: a
+                            .unhealthy()
+                            .unwrap_or_else(|| "the reconciler and the source run".into()),
+                    });
+                    check
+                })
+            }),
         )
         .route(
             "/v1/mesh",
@@ -505,6 +524,10 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Connections served at once; more are closed as they arrive.
     pub max_connections: usize,
+    /// Further connections served for loopback peers only (the kubelet's
+    /// probes and the CLI on the node), so that clients elsewhere holding
+    /// every slot cannot fail the liveness probe.
+    pub loopback_reserve: usize,
     /// A keep-alive connection is closed (after its request in flight) when
     /// it is this old, idle or not.
     pub max_connection_age: Duration,
@@ -517,6 +540,7 @@ impl Default for ServeOptions {
         ServeOptions {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 64,
+            loopback_reserve: 8,
             max_connection_age: Duration::from_secs(300),
             drain: Duration::from_secs(2),
         }
@@ -533,22 +557,35 @@ pub async fn serve(
 ) {
     let router = router(admin);
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
+    let reserve = Arc::new(tokio::sync::Semaphore::new(opts.loopback_reserve));
     let conns = tokio_util::task::TaskTracker::new();
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = stopped(&mut stop) => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
+                // The peer gave up before the accept: nothing to wait for.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
                 Err(e) => {
                     // Out of file descriptors, mostly: wait, not spin.
                     tracing::warn!(error = %e, "admin API: accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+                    tokio::select! {
+                        _ = stopped(&mut stop) => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let slot = slots.clone().try_acquire_owned().or_else(|_| {
+            if peer.ip().is_loopback() {
+                reserve.clone().try_acquire_owned()
+            } else {
+                Err(tokio::sync::TryAcquireError::NoPermits)
+            }
+        });
+        let Ok(slot) = slot else {
             tracing::debug!(
+                %peer,
                 limit = opts.max_connections,
                 "admin API: connection limit reached; closing a new connection"
             );
@@ -716,6 +753,18 @@ mod tests {
         let (code, body) = get(s.addr, "/readyz").await;
         assert_eq!(code, 503);
         assert!(body.contains("the reconciler thread ended"), "{body}");
+        let (_, body) = get(s.addr, "/v1/check").await;
+        let check: api::Check = serde_json::from_str(&body).unwrap();
+        let health = check
+            .checks
+            .iter()
+            .find(|c| c.name == "agent: health")
+            .unwrap();
+        assert_eq!(health.outcome, Outcome::Fail);
+        assert!(
+            health.detail.contains("the reconciler thread ended"),
+            "{health:?}"
+        );
         drop(source);
         let (_, body) = get(s.addr, "/healthz").await;
         assert!(
@@ -759,6 +808,9 @@ mod tests {
             admin,
             ServeOptions {
                 max_connections: 2,
+                loopback_reserve: 0,
+                // Far off: only the limit may close the third connection.
+                header_read_timeout: Duration::from_secs(3600),
                 ..ServeOptions::default()
             },
         )
@@ -805,6 +857,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn loopback_clients_get_reserved_slots_when_the_others_are_taken() {
+        let admin = Arc::new(Admin::default());
+        admin.running(running_state(true));
+        // Every client here is on loopback: with no general slot, the
+        // reserve serves them, and only it.
+        let s = server(
+            admin,
+            ServeOptions {
+                max_connections: 0,
+                loopback_reserve: 1,
+                header_read_timeout: Duration::from_secs(3600),
+                ..ServeOptions::default()
+            },
+        )
+        .await;
+        let mut held = TcpStream::connect(s.addr).await.unwrap();
+        held.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = held.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        let mut second = TcpStream::connect(s.addr).await.unwrap();
+        assert!(
+            closed_by_server(&mut second).await,
+            "served past the reserve"
+        );
+        let _ = s.stop.send(true);
+        s.done.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn stop_does_not_wait_for_a_connection_stuck_in_its_headers() {
         let admin = Arc::new(Admin::default());
         admin.running(running_state(true));
@@ -812,6 +896,7 @@ mod tests {
             admin,
             ServeOptions {
                 drain: Duration::from_millis(100),
+                header_read_timeout: Duration::from_secs(3600),
                 ..ServeOptions::default()
             },
         )
@@ -821,7 +906,7 @@ mod tests {
         // The server has the connection once a whole request on another works.
         assert_eq!(get(s.addr, "/healthz").await.0, 200);
         let _ = s.stop.send(true);
-        // The header timeout (10 s) is far off; the drain (100 ms) decides.
+        // The header timeout is far off; the drain (100 ms) decides.
         tokio::time::timeout(Duration::from_secs(5), s.done)
             .await
             .expect("serve() still waiting for the stuck connection")

@@ -69,12 +69,17 @@ fn init_tracing(format: &str) {
     }
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM and SIGINT handlers at once; the future resolves on
+/// the first signal.
+fn wait_for_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
     }
 }
 
@@ -159,7 +164,19 @@ async fn main() -> ExitCode {
         }
         Command::Run(args) => {
             init_tracing(&cli.log_format);
-            let agent = match Agent::start(*args).await {
+            // Handlers first: the agent runs as PID 1 in its pod, which ignores
+            // SIGTERM without one, and the start can wait long (for the CA).
+            let signal = wait_for_signal();
+            tokio::pin!(signal);
+            let started = tokio::select! {
+                started = Agent::start(*args) => started,
+                _ = &mut signal => {
+                    // Dropping the start stops what it had started.
+                    tracing::info!("stopped while starting");
+                    return ExitCode::SUCCESS;
+                }
+            };
+            let agent = match started {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -167,7 +184,7 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            wait_for_signal().await;
+            signal.await;
             tracing::info!("stopping; the kernel keeps balancing with the pinned state");
             agent.shutdown().await;
             ExitCode::SUCCESS

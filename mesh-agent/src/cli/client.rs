@@ -18,6 +18,11 @@ pub enum Error {
     )]
     Unreachable { url: String, reason: String },
     #[error(
+        "the agent at {url} is still starting: {phase}\n\
+         Ask again once it is up (`curl {url}/readyz` says what it waits for; its log says more)."
+    )]
+    Starting { url: String, phase: String },
+    #[error(
         "the agent at {url} answered {path} with {status}: {body}\n\
          Is that the Sluice agent's admin address? Check --admin (or SLUICE_ADMIN; default \
          http://127.0.0.1:15020)."
@@ -118,6 +123,15 @@ impl Client {
     /// GETs a JSON document.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
         let (status, body) = self.get_raw(path).await?;
+        let text = String::from_utf8_lossy(&body);
+        if status == 503
+            && let Some(phase) = text.trim().strip_prefix(crate::admin::STARTING)
+        {
+            return Err(Error::Starting {
+                url: self.url.clone(),
+                phase: phase.trim().chars().take(300).collect(),
+            });
+        }
         if status != 200 {
             return Err(Error::Status {
                 url: self.url.clone(),

@@ -486,10 +486,16 @@ impl KubeSource {
         ];
         drop(tx);
         let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
-        let all = futures::future::join_all(tasks);
+        // A watcher ends only when the reconciler is gone, or by a panic; then
+        // its kind would no longer be followed, so the source ends (and the
+        // agent's /healthz says so).
         tokio::select! {
             _ = stop.changed() => {}
-            _ = all => {}
+            (ended, _, _) = futures::future::select_all(tasks) => {
+                if let Err(e) = ended {
+                    tracing::error!(error = %e, "a watcher of the Kubernetes source failed; the source stops");
+                }
+            }
         }
         // Each watcher holds a sender of the reconciler's inputs: they end
         // here, so that the reconciler sees its inputs close and the agent
