@@ -7,7 +7,9 @@
 use http::Method;
 
 use crate::{
-    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, LocalWorkload, SpiffeId},
+    config::{
+        AccessPolicy, AccessRule, AccessSource, HttpConditions, LocalWorkload, ObjectRef, SpiffeId,
+    },
     state::State,
 };
 
@@ -30,12 +32,19 @@ pub fn authorize(
     target: &LocalWorkload,
     http: Option<HttpFacts<'_>>,
 ) -> Verdict {
-    let services = state.services_of(target.ip);
+    // Only Services of the workload's own namespace govern it: a Service
+    // elsewhere can list any address in a hand-made EndpointSlice, and its
+    // policies must neither open nor close another tenant's workload.
+    let services: Vec<&ObjectRef> = state
+        .services_of(target.ip)
+        .iter()
+        .filter(|s| s.namespace == target.id.namespace)
+        .collect();
     let policies: Vec<&AccessPolicy> = state
         .snapshot
         .access_policies
         .iter()
-        .filter(|p| services.contains(&p.target))
+        .filter(|p| services.contains(&&p.target))
         .collect();
     if policies.is_empty() {
         return Verdict::Allow;
@@ -182,6 +191,40 @@ mod tests {
             authorize(&s, &id("spiffe://cluster.local/ns/x/sa/y"), &w, None),
             Verdict::Allow
         );
+    }
+
+    #[test]
+    fn a_service_of_another_namespace_listing_the_workload_governs_nothing() {
+        let (s, w) = state(vec![]);
+        let mut snap = (*s.snapshot).clone();
+        // Namespace evil lists shop's pod in its own Service by hand.
+        let mut evil = snap.services[0].clone();
+        evil.id = ObjectRef::new("evil", "s");
+        snap.services.push(evil);
+        let allow_all = |ns: &str, target: &str| AccessPolicy {
+            id: ObjectRef::new(ns, "p"),
+            target: ObjectRef::new(ns, target),
+            rules: vec![AccessRule {
+                from: vec![],
+                to: None,
+            }],
+        };
+        let deny_all = |ns: &str, target: &str| AccessPolicy {
+            rules: vec![],
+            ..allow_all(ns, target)
+        };
+        let caller = id("spiffe://cluster.local/ns/evil/sa/x");
+        // shop's policy lets no one in; evil's would let everyone in.
+        snap.access_policies = vec![deny_all("shop", "cart"), allow_all("evil", "s")];
+        let st = State::build(Arc::new(snap.clone())).0;
+        assert!(matches!(
+            authorize(&st, &caller, &w, None),
+            Verdict::Deny(_)
+        ));
+        // Without a policy of shop's, evil's deny-all closes nothing.
+        snap.access_policies = vec![deny_all("evil", "s")];
+        let st = State::build(Arc::new(snap)).0;
+        assert_eq!(authorize(&st, &caller, &w, None), Verdict::Allow);
     }
 
     #[test]
