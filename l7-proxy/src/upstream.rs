@@ -152,9 +152,6 @@ impl WorkloadClients {
         // A pooled connection the workload closed meanwhile gives the request
         // back unsent; it then goes on a new connection.
         while let Some(mut sender) = self.idle_h1(addr) {
-            if sender.ready().await.is_err() {
-                continue;
-            }
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.pooled(addr, sender, resp)),
                 Err(mut e) => match e.take_message() {
@@ -196,15 +193,26 @@ impl WorkloadClients {
         resp
     }
 
+    /// A pooled connection to `addr` that can take a request now, the most
+    /// recently used first. A connection goes back to the pool when its
+    /// response has been read, which can be before its request body has
+    /// been sent (a workload answering an upload early): such a connection
+    /// stays pooled until it is ready, is never waited for (its caller may
+    /// never finish the body), and leaves with the idle timeout.
     fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
         let mut pools = self.inner.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = pools.get_mut(&addr)?;
-        while let Some(c) = list.pop() {
-            if !c.sender.is_closed() && c.since.elapsed() < self.inner.idle {
-                return Some(c.sender);
-            }
+        let idle = self.inner.idle;
+        list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let ready = list
+            .iter_mut()
+            .rposition(|c| matches!(c.sender.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        let sender = ready.map(|i| list.remove(i).sender);
+        if list.is_empty() {
+            pools.remove(&addr);
         }
-        None
+        sender
     }
 
     async fn dial_h1(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, UpstreamError> {
@@ -395,8 +403,9 @@ mod tests {
     use super::*;
 
     /// An HTTP/1.1 server on loopback that answers with the number of the
-    /// connection the request came on; `close_after_first` makes it close
-    /// every connection after its first response.
+    /// connection the request came on, before it reads the request body;
+    /// `close_after_first` makes it close every connection after its first
+    /// response.
     async fn server(close_after_first: bool) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -413,6 +422,9 @@ mod tests {
                                 "conn {n} {}",
                                 req.uri()
                             ))));
+                            // Answer at once, and go on reading the body
+                            // (so the connection stays open for it).
+                            tokio::spawn(req.into_body().collect());
                             if close_after_first {
                                 resp.headers_mut().insert(
                                     http::header::CONNECTION,
@@ -452,6 +464,44 @@ mod tests {
         conns.sort();
         assert_eq!(conns, ["1", "2"]);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_an_upload_is_not_given_to_the_next_request() {
+        let (addr, accepted) = server(false).await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        // An upload whose sender sends 10 of 1,000,000 bytes and stalls; the
+        // workload answers before reading it.
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, crate::body::BoxError>>(1);
+        tx.send(Ok(http_body::Frame::data(Bytes::from_static(
+            b"0123456789",
+        ))))
+        .await
+        .unwrap();
+        let body = crate::body::boxed(http_body_util::StreamBody::new(
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|v| (v, rx)) },
+            ),
+        ));
+        let req = Request::builder()
+            .method("POST")
+            .uri("http://cart.shop/upload")
+            .header(http::header::CONTENT_LENGTH, "1000000")
+            .body(body)
+            .unwrap();
+        let resp = c.send(addr, Protocol::Http1, req).await.unwrap();
+        let early = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&early[..], b"conn 1 /upload");
+        // The next request must not wait for that upload (a guard, not a
+        // measurement: it would wait forever).
+        let next = tokio::time::timeout(Duration::from_secs(10), get(&c, addr, "/next"))
+            .await
+            .expect("the next request waited for another caller's stalled upload");
+        assert_eq!(next, "conn 2 /next");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        drop(tx);
     }
 
     #[tokio::test]
