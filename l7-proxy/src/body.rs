@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
-use crate::config::{PROTOCOL, REASON, SOURCE_IDENTITY, TARGET, UPGRADE_REQUEST};
+use crate::config::REASON;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -49,12 +49,16 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// Removes the headers only the mesh may set (`sluice-target`,
-/// `sluice-protocol`, `sluice-source-identity`) from a request entering it.
+/// Removes the headers only the mesh may set (every `sluice-` header:
+/// `sluice-target`, `sluice-source-identity`, `sluice-reason`, ...) from a
+/// message entering it: a caller's request, a peer's request before the
+/// workload sees it, a workload's response.
 pub fn remove_mesh_headers(h: &mut HeaderMap) {
-    // Most requests carry none: look before removing.
-    if h.keys().any(|k| k.as_str().starts_with("sluice-")) {
-        for name in [SOURCE_IDENTITY, TARGET, PROTOCOL, UPGRADE_REQUEST] {
+    // Most messages carry none: look before removing.
+    let is_mesh = |k: &HeaderName| k.as_str().starts_with("sluice-");
+    if h.keys().any(is_mesh) {
+        let names: Vec<HeaderName> = h.keys().filter(|k| is_mesh(k)).cloned().collect();
+        for name in names {
             h.remove(name);
         }
     }

@@ -263,9 +263,12 @@ fn check_target(
     state: &State,
     tp: &TunnelPeer,
     target: SocketAddr,
-) -> Result<Arc<LocalWorkload>, String> {
+) -> Result<Arc<LocalWorkload>, Refusal> {
     let Some(w) = state.local_workload(target.ip()).cloned() else {
-        return Err(format!("{} is not a workload of this node", target.ip()));
+        return Err(Refusal {
+            workload: None,
+            reason: format!("{} is not a workload of this node", target.ip()),
+        });
     };
     // The identity SNI named is known from the handshake; hash again only
     // for a workload that arrived in a later snapshot.
@@ -273,12 +276,22 @@ fn check_target(
         && tp.local_identity.as_ref() != Some(&w.identity)
         && !asked_for(shared, &w.identity, sni)
     {
-        return Err(format!(
-            "{target} is {} but the caller asked for server name {sni}",
-            w.identity
-        ));
+        return Err(Refusal {
+            reason: format!(
+                "{target} is {} but the caller asked for server name {sni}",
+                w.identity
+            ),
+            workload: Some(w),
+        });
     }
     Ok(w)
+}
+
+/// Why [`check_target`] refused, and the workload when the target is one
+/// (the denial is then counted and logged with its identity).
+struct Refusal {
+    workload: Option<Arc<LocalWorkload>>,
+    reason: String,
 }
 
 /// Whether `sni` names `identity`.
@@ -339,8 +352,8 @@ async fn handle_connect(
     let state = shared.state();
     let workload = match check_target(&shared, &state, &tp, target) {
         Ok(w) => w,
-        Err(reason) => {
-            deny(&shared, &tp, None, "tcp", &reason);
+        Err(r) => {
+            deny(&shared, &tp, r.workload.as_deref(), "tcp", &r.reason);
             return Err(refused());
         }
     };
@@ -647,8 +660,10 @@ async fn handle_http(
             })?;
         let target = parse_target(raw).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
         let state = shared.state();
-        let w =
-            check_target(&shared, &state, &tp, target).map_err(|r| (StatusCode::FORBIDDEN, r))?;
+        let w = check_target(&shared, &state, &tp, target).map_err(|r| {
+            workload = r.workload;
+            (StatusCode::FORBIDDEN, r.reason)
+        })?;
         workload = Some(w.clone());
         let facts = HttpFacts {
             method: &parts.method,
@@ -662,7 +677,7 @@ async fn handle_http(
             Some(v) if v.as_bytes() == b"h2" => Protocol::Http2,
             _ => Protocol::Http1,
         };
-        parts.headers.remove(TARGET);
+        remove_mesh_headers(&mut parts.headers);
         parts
             .headers
             .insert(SOURCE_IDENTITY, tp.identity_header.clone());
@@ -673,6 +688,7 @@ async fn handle_http(
             .map_err(|e| (StatusCode::BAD_GATEWAY, format!("sending to {target}: {e}")))?;
         let (mut rp, rb) = resp.into_parts();
         strip_hop_by_hop(&mut rp.headers);
+        remove_mesh_headers(&mut rp.headers);
         Ok(Response::from_parts(rp, boxed(rb)))
     }
     .await;

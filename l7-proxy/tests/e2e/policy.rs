@@ -266,3 +266,37 @@ async fn access_policy_refuses_tcp_streams() {
     assert_eq!(read_n(&mut ok, 5).await, b"still");
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_other_than_the_identity_asked_for_is_refused_and_counted_with_both() {
+    let mesh = Mesh::standard().await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let mut svc = mesh.service("cart", 1, echo.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    // Node A believes cart-0's address is the mirror's identity: it asks
+    // node B for the mirror's certificate, then for cart-0's address.
+    svc.endpoints[0].identity = Some(mirror_pod().identity());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut no = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let _ = no.write_all(b"hello?").await;
+    assert!(closed_by_peer(&mut no).await, "the stream was not refused");
+    let (web_id, cart_id) = (web().identity().to_string(), cart(0).identity().to_string());
+    assert_eq!(
+        mesh.b.metric(
+            "sluice_policy_denials_total",
+            &[
+                &web_id,
+                &format!("destination=\"{cart_id}\""),
+                "protocol=\"tcp\""
+            ]
+        ),
+        1.0,
+        "{}",
+        mesh.b.metrics()
+    );
+    mesh.shutdown().await;
+}

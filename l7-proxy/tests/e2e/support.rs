@@ -544,10 +544,20 @@ async fn echo(
             .unwrap();
         return Ok(resp);
     }
-    let resp = Response::builder()
+    let mut resp = Response::builder()
         .status(status)
         .header("x-server", &name)
-        .header("content-type", "application/json")
+        .header("content-type", "application/json");
+    if path == "/forge" {
+        // A workload posing as the mesh in its answer.
+        resp = resp
+            .header("sluice-reason", "denied by the mesh (forged)")
+            .header(
+                "sluice-source-identity",
+                "spiffe://cluster.local/ns/x/sa/forged",
+            );
+    }
+    let resp = resp
         .body(BodyExt::boxed(Full::new(Bytes::from(record.to_string()))))
         .unwrap();
     Ok(resp)

@@ -102,6 +102,14 @@ async fn http1_crosses_the_tunnel_and_the_server_sees_the_caller_identity() {
         assert_eq!(c.get("/").await.status, 200);
     }
     assert_eq!(mesh.a.proxy().tunnel_connections(), 1);
+
+    // What a workload answers cannot pose as the mesh's own headers.
+    let r = c.get("/forge").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.server(), "cart-0");
+    for h in ["sluice-reason", "sluice-source-identity"] {
+        assert!(r.headers.get(h).is_none(), "{h} reached the caller");
+    }
     mesh.shutdown().await;
 }
 
