@@ -25,10 +25,14 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::Instant,
+};
 
 /// Plaintext buffered beyond this is written through at once (back-pressure);
 /// a write this large into an empty buffer goes through unbuffered.
@@ -44,24 +48,40 @@ struct Inner<T> {
     owed: bool,
     /// A deferred flush failed; the next operation reports it.
     error: Option<io::Error>,
+    /// Since when the socket has taken nothing though there was something
+    /// to write (see [`WriteStall`]).
+    stalled_since: Option<Instant>,
 }
 
 impl<T: AsyncWrite + Unpin> Inner<T> {
     /// Writes out the buffer, then flushes `io`.
     fn flush_now(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.drain(cx))?;
-        Pin::new(&mut self.io).poll_flush(cx)
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(r.is_pending());
+        r
     }
 
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.buf.is_empty() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.buf))?;
+            let r = Pin::new(&mut self.io).poll_write(cx, &self.buf);
+            self.note(r.is_pending());
+            let n = ready!(r)?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.buf.advance(n);
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Notes whether a write or flush had to wait for the socket.
+    fn note(&mut self, waiting: bool) {
+        if !waiting {
+            self.stalled_since = None;
+        } else if self.stalled_since.is_none() {
+            self.stalled_since = Some(Instant::now());
+        }
     }
 
     /// Makes room for `len` more bytes; `Ready(true)` when they should bypass
@@ -96,6 +116,7 @@ impl<T> BatchIo<T> {
             in_poll: false,
             owed: false,
             error: None,
+            stalled_since: None,
         }));
         (
             BatchIo {
@@ -116,6 +137,41 @@ pub struct BatchHandle<T> {
     inner: Arc<Mutex<Inner<T>>>,
 }
 
+impl<T> BatchHandle<T> {
+    /// A watch on the connection's writes, for its task to cut a peer that
+    /// stopped reading.
+    pub fn stall(&self) -> WriteStall<T> {
+        WriteStall {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// Whether a connection's peer has stopped reading: bytes waiting for the
+/// socket, and none taken, for a while. HTTP/2 keep-alive cannot tell (its
+/// pings wait behind the same bytes), and without this such a connection,
+/// and every stream on it, would stay until the drain at shutdown.
+pub struct WriteStall<T> {
+    inner: Arc<Mutex<Inner<T>>>,
+}
+
+impl<T> WriteStall<T> {
+    /// Returns once the socket has taken nothing for `limit` while there was
+    /// something to write (looked at every quarter of `limit`).
+    pub async fn exceeded(&self, limit: Duration) {
+        let every = (limit / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(every).await;
+            if lock(&self.inner)
+                .stalled_since
+                .is_some_and(|t| t.elapsed() >= limit)
+            {
+                return;
+            }
+        }
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for BatchIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -134,7 +190,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchIo<T> {
     ) -> Poll<io::Result<usize>> {
         let mut s = lock(&self.inner);
         if ready!(s.reserve(cx, buf.len()))? {
-            return Pin::new(&mut s.io).poll_write(cx, buf);
+            let r = Pin::new(&mut s.io).poll_write(cx, buf);
+            s.note(r.is_pending());
+            return r;
         }
         s.buf.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
@@ -148,7 +206,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchIo<T> {
         let len = bufs.iter().map(|b| b.len()).sum();
         let mut s = lock(&self.inner);
         if ready!(s.reserve(cx, len))? {
-            return Pin::new(&mut s.io).poll_write_vectored(cx, bufs);
+            let r = Pin::new(&mut s.io).poll_write_vectored(cx, bufs);
+            s.note(r.is_pending());
+            return r;
         }
         for b in bufs {
             s.buf.extend_from_slice(b);
@@ -335,5 +395,46 @@ mod tests {
         io.shutdown().await.unwrap();
         drop((io, handle));
         assert_eq!(reader.await.unwrap().len(), 3 * chunk.len());
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_seen_and_one_that_reads_is_not() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let (mut io, handle) = BatchIo::new(a);
+        let stall = handle.stall();
+        // Far above the reader's pauses (5 ms), so that a busy machine does
+        // not turn a slow reader into a stalled one.
+        let limit = Duration::from_secs(1);
+        // The peer reads slowly but steadily: never a stall.
+        let writer = tokio::spawn(async move {
+            for _ in 0..40 {
+                io.write_all(&[1u8; 512]).await.unwrap();
+                io.flush().await.unwrap();
+            }
+            io
+        });
+        let reader = async {
+            let mut got = 0;
+            let mut buf = [0u8; 256];
+            while got < 40 * 512 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                got += b.read(&mut buf).await.unwrap();
+            }
+        };
+        tokio::select! {
+            () = reader => {}
+            () = stall.exceeded(limit) => panic!("a reading peer was taken for a stalled one"),
+        }
+        let mut io = writer.await.unwrap();
+        // Now it stops reading: the write waits, and the watch fires.
+        let stuck = tokio::spawn(async move {
+            let _ = io.write_all(&[2u8; 8192]).await;
+            let _ = io.flush().await;
+        });
+        tokio::time::timeout(Duration::from_secs(10), stall.exceeded(limit))
+            .await
+            .expect("a peer that stopped reading was not seen");
+        stuck.abort();
+        drop(b);
     }
 }

@@ -78,6 +78,9 @@ pub struct ProxySettings {
     pub tls_handshake_timeout_ms: u64,
     /// A tunnel connection without streams is closed after this long.
     pub tunnel_idle_timeout_ms: u64,
+    /// A tunnel connection whose peer has taken none of the bytes waiting
+    /// for it for this long (it stopped reading) is closed, with its streams.
+    pub tunnel_write_stall_timeout_ms: u64,
     /// Most streams one tunnel connection carries at once; a further stream
     /// opens another connection to the same peer.
     pub tunnel_max_streams: u32,
@@ -118,6 +121,7 @@ impl Default for ProxySettings {
             connect_timeout_ms: 5_000,
             tls_handshake_timeout_ms: 5_000,
             tunnel_idle_timeout_ms: 60_000,
+            tunnel_write_stall_timeout_ms: 30_000,
             tunnel_max_streams: 1_000,
             tunnel_max_connections: 4,
             tcp_idle_timeout_ms: 3_600_000,
@@ -142,6 +146,9 @@ impl ProxySettings {
     }
     pub fn tls_handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.tls_handshake_timeout_ms)
+    }
+    pub fn tunnel_write_stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.tunnel_write_stall_timeout_ms)
     }
     pub fn tunnel_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.tunnel_idle_timeout_ms)

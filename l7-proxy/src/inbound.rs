@@ -203,6 +203,8 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
         .keep_alive_timeout(std::time::Duration::from_secs(10))
         .serve_connection(TokioIo::new(io), svc);
+    let stall = batch.stall();
+    let stall_limit = shared.settings.tunnel_write_stall_timeout();
     let conn = FlushAtEnd::new(conn, batch, tp.in_flight.clone());
     // A proxy opens a tunnel connection to send a stream at once; hyper's
     // keep-alive pings only start after the HTTP/2 preface, so a peer that
@@ -225,6 +227,13 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                 %peer,
                 source = %tp.identity,
                 "closing an inbound tunnel connection that opened no stream within {first_stream:?}"
+            );
+        }
+        () = stall.exceeded(stall_limit) => {
+            tracing::warn!(
+                %peer,
+                source = %tp.identity,
+                "closing an inbound tunnel connection whose peer has read nothing for {stall_limit:?}"
             );
         }
     }

@@ -508,6 +508,8 @@ impl TunnelPool {
         let node = key.node;
         let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let streams = Arc::new(AtomicUsize::new(0));
+        let stall = batch.stall();
+        let stall_limit = s.tunnel_write_stall_timeout();
         let driver = FlushAtEnd::new(connection, batch, streams.clone());
         let still_open = open.clone();
         tokio::spawn(async move {
@@ -518,6 +520,12 @@ impl TunnelPool {
                 },
                 why = keep_alive(pings) => {
                     tracing::debug!(%node, "closing the tunnel connection: {why}");
+                }
+                () = stall.exceeded(stall_limit) => {
+                    tracing::warn!(
+                        %node,
+                        "closing a tunnel connection whose peer has read nothing for {stall_limit:?}"
+                    );
                 }
             }
             still_open.store(false, Ordering::Relaxed);

@@ -154,3 +154,136 @@ async fn garbage_and_oversized_requests_only_hurt_their_own_connection() {
     assert_eq!(srv[0].hits(), 2);
     mesh.shutdown().await;
 }
+
+/// A stream that stops reading when told: its peer's writes then pile up.
+struct Deaf<S> {
+    inner: S,
+    deaf: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Deaf<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.deaf.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Deaf<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP/1.1 workload answering every request with an endless body.
+async fn endless_server(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = tcp.read(&mut head).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                let mut chunk = b"10000\r\n".to_vec();
+                chunk.extend_from_slice(&[b'x'; 0x10000]);
+                chunk.extend_from_slice(b"\r\n");
+                while tcp.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_peer_that_stops_reading_is_cut_off() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.tunnel_write_stall_timeout_ms = 500;
+    })
+    .await;
+    let addr = endless_server(cart(0).ip).await;
+    let mut svc = mesh.service("cart", 1, addr.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("http".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    // A peer proxy with web's certificate that grants any amount of window,
+    // takes the first bytes of an endless response, then reads no more.
+    let config = mesh
+        .a
+        .identities
+        .client_config(&web().identity(), &cart(0).identity())
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.node_b_proxy())
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(certs::server_name(&cart(0).identity()), tcp)
+        .await
+        .unwrap();
+    let deaf = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .handshake::<_, bytes::Bytes>(Deaf {
+            inner: tls,
+            deaf: deaf.clone(),
+        })
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = http::Request::get("http://cart.shop/endless")
+        .header(l7_proxy::config::TARGET_HEADER, addr.to_string())
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.data().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    let tunnels_in = || {
+        mesh.b
+            .proxy()
+            .connections()
+            .iter()
+            .filter(|r| r.kind == l7_proxy::conntable::ConnKind::TunnelIn)
+            .count()
+    };
+    assert_eq!(tunnels_in(), 1);
+    deaf.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        "node B closed the tunnel of the peer that stopped reading",
+        || tunnels_in() == 0,
+    )
+    .await;
+    mesh.shutdown().await;
+}
