@@ -70,11 +70,9 @@ async fn silent_tls_client_is_cut_off_at_the_handshake_timeout() {
     mesh.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mesh_peer_silent_after_the_handshake_is_cut_off() {
-    let (mesh, _srv) = mesh_with_cart().await;
-    // A real mesh certificate and a finished TLS handshake, then nothing:
-    // not even the HTTP/2 preface.
+/// A TLS connection to node B's tunnel port as node A's proxy makes one:
+/// web's certificate, asking for cart's.
+async fn peer_tls(mesh: &Mesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let config = mesh
         .a
         .identities
@@ -83,10 +81,18 @@ async fn mesh_peer_silent_after_the_handshake_is_cut_off() {
     let tcp = tokio::net::TcpStream::connect(mesh.node_b_proxy())
         .await
         .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(config)
+    tokio_rustls::TlsConnector::from(config)
         .connect(certs::server_name(&cart(0).identity()), tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_peer_silent_after_the_handshake_is_cut_off() {
+    let (mesh, _srv) = mesh_with_cart().await;
+    // A real mesh certificate and a finished TLS handshake, then nothing:
+    // not even the HTTP/2 preface.
+    let mut tls = peer_tls(&mesh).await;
     let mut buf = [0u8; 256];
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -236,18 +242,7 @@ async fn a_tunnel_peer_that_stops_reading_is_cut_off() {
     .await;
     // A peer proxy with web's certificate that grants any amount of window,
     // takes the first bytes of an endless response, then reads no more.
-    let config = mesh
-        .a
-        .identities
-        .client_config(&web().identity(), &cart(0).identity())
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect(mesh.node_b_proxy())
-        .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(certs::server_name(&cart(0).identity()), tcp)
-        .await
-        .unwrap();
+    let tls = peer_tls(&mesh).await;
     let deaf = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(i32::MAX as u32)

@@ -686,6 +686,19 @@ mod tests {
         (status, body)
     }
 
+    /// A kept-alive connection the server has taken (it answered a request
+    /// on it).
+    async fn served_connection(addr: SocketAddr) -> TcpStream {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        tcp
+    }
+
     /// Waits (at most 10 s, a guard rather than a measurement) for the server
     /// to close `tcp`; true if it did.
     async fn closed_by_server(tcp: &mut TcpStream) -> bool {
@@ -817,15 +830,7 @@ mod tests {
         .await;
         let mut held = Vec::new();
         for _ in 0..2 {
-            let mut tcp = TcpStream::connect(s.addr).await.unwrap();
-            // A request makes sure the server has taken the connection.
-            tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n")
-                .await
-                .unwrap();
-            let mut buf = [0u8; 256];
-            let n = tcp.read(&mut buf).await.unwrap();
-            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-            held.push(tcp);
+            held.push(served_connection(s.addr).await);
         }
         let mut third = TcpStream::connect(s.addr).await.unwrap();
         assert!(
@@ -872,13 +877,7 @@ mod tests {
             },
         )
         .await;
-        let mut held = TcpStream::connect(s.addr).await.unwrap();
-        held.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 256];
-        let n = held.read(&mut buf).await.unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        let _held = served_connection(s.addr).await;
         let mut second = TcpStream::connect(s.addr).await.unwrap();
         assert!(
             closed_by_server(&mut second).await,
