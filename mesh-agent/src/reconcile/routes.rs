@@ -218,11 +218,16 @@ pub fn translate_all(store: &Store, index: &RefIndex) -> Translations {
         if let Some(mut route) = route {
             // GEP-1426: on a Service port a GRPCRoute attaches to, the
             // HTTPRoute is ignored (status: Accepted=False, Conflicted).
+            // Only within one scope: routes of one namespace apply to the
+            // same callers (the Service's own namespace: every caller; any
+            // other: its own clients, GAMMA), so a consumer GRPCRoute of
+            // another namespace must not switch off this one for all.
             route.parents.retain(|p| {
-                let Some((_, _, g)) = grpc_parents
-                    .iter()
-                    .find(|(svc, port, _)| **svc == p.service && overlap(*port, p.port))
-                else {
+                let Some((_, _, g)) = grpc_parents.iter().find(|(svc, port, g)| {
+                    **svc == p.service
+                        && overlap(*port, p.port)
+                        && g.namespace == route.id.namespace
+                }) else {
                     return true;
                 };
                 e.conflicted.push((
@@ -563,6 +568,37 @@ mod tests {
             .find(|e| e.route.kind == "GRPCRoute")
             .unwrap();
         assert!(parent_conditions(&index, g, &g.route.parents[0])[0].status);
+    }
+
+    #[test]
+    fn a_grpcroute_of_another_namespace_leaves_the_services_httproute_alone() {
+        let mut s = store(&[("shop", "web", &[80, 8080]), ("shop", "api", &[8080])]);
+        s.apply(Update::Upsert(Object::Namespace(namespace("evil", false))));
+        // A consumer route of namespace evil on shop's Service, every port:
+        // it is for evil's own clients only.
+        let grpc: crate::gateway::GrpcRoute = serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GRPCRoute",
+            "metadata": {"name": "rpc", "namespace": "evil"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "namespace": "shop", "name": "web"}],
+                "rules": [{"backendRefs": [{"name": "nothing", "port": 1}]}]
+            }
+        }))
+        .unwrap();
+        s.apply(Update::Upsert(Object::GRPCRoute(grpc)));
+        s.apply(Update::Upsert(Object::HTTPRoute(web_route("api"))));
+        let index = RefIndex::of(&s);
+        let t = translate_all(&s, &index);
+        assert_eq!(t.http.len(), 1, "shop's own route stays in force");
+        let e = t
+            .evals
+            .iter()
+            .find(|e| e.route.kind == "HTTPRoute")
+            .unwrap();
+        assert!(e.conflicted.is_empty(), "{:?}", e.conflicted);
+        let accepted = &parent_conditions(&index, e, &e.route.parents[0])[0];
+        assert!(accepted.status, "{accepted:?}");
     }
 
     #[test]
