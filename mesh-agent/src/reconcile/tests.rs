@@ -488,6 +488,41 @@ fn a_terminating_pod_stays_in_the_mesh_and_a_finished_one_gives_up_its_ip() {
 }
 
 #[test]
+fn an_address_two_pods_claim_goes_to_the_live_one_or_to_neither() {
+    let mut f = fixture();
+    let web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    // A pod of another namespace, deleted but kept by a finalizer with its
+    // phase still Running, whose address the network has given to web; its
+    // name sorts after web's.
+    let mut gone = workload("zz", "old", "intruder", "10.0.0.1", "n2");
+    gone.terminating = true;
+    let mut objs = shop();
+    objs.extend([Object::Pod(web), Object::Pod(gone)]);
+    f.upsert(objs);
+    f.sync();
+    let endpoint_identity = |f: &Fixture| {
+        let mesh = f.rx.mesh.borrow().clone();
+        let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
+        a.ports[0].endpoints[0].identity.clone()
+    };
+    assert_eq!(
+        endpoint_identity(&f).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web"),
+        "the live pod owns 10.0.0.1"
+    );
+
+    // Two live pods claim it: neither identity is trusted for it.
+    let twin = workload("zz", "twin", "intruder", "10.0.0.1", "n2");
+    f.upsert(vec![Object::Pod(twin)]);
+    assert_eq!(endpoint_identity(&f), None);
+    let view = f.rx.view.borrow().clone();
+    for name in ["web", "twin"] {
+        let w = view.workloads.iter().find(|w| w.name == name).unwrap();
+        assert!(w.ips.is_empty(), "{name} kept 10.0.0.1: {:?}", w.ips);
+    }
+}
+
+#[test]
 fn meshed_clients_fall_back_to_serving_terminating_endpoints_as_the_kernel_does() {
     let mut f = fixture();
     let draining = ep("10.0.0.1", Some(false), Some(true), Some(true));

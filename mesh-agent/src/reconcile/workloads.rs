@@ -85,17 +85,18 @@ fn not_enrolled_reason(store: &Store, w: &Workload) -> Option<String> {
 /// and mode. `enrolled` here is the intent; the reconciler adds what the
 /// kernel side reports. Finished pods (Succeeded, Failed) are left out: they
 /// keep their IP, which the network may already have given to another pod.
+/// An address two pods claim belongs to neither (see [`addresses_of`]).
 pub fn workload_infos(
     store: &Store,
     node: &str,
     trust_domain: &str,
     default_mode: MtlsMode,
 ) -> Vec<WorkloadInfo> {
-    store
-        .pods
-        .values()
-        .filter(|w| !w.finished)
-        .map(|w| {
+    let pods: Vec<&Workload> = store.pods.values().filter(|w| !w.finished).collect();
+    let owned = addresses_of(&pods);
+    pods.into_iter()
+        .zip(owned)
+        .map(|(w, ips)| {
             let local = w.node == node;
             let reason = if local {
                 not_enrolled_reason(store, w)
@@ -108,7 +109,7 @@ pub fn workload_infos(
                 uid: w.uid.clone(),
                 service_account: w.service_account.clone(),
                 identity: spiffe_id(trust_domain, &w.namespace, &w.service_account),
-                ips: w.ips.iter().map(ToString::to_string).collect(),
+                ips: ips.iter().map(ToString::to_string).collect(),
                 node: w.node.clone(),
                 local,
                 enrolled: local && reason.is_none(),
@@ -119,6 +120,45 @@ pub fn workload_infos(
                 strict_guard: None,
                 cert_expiry: None,
             }
+        })
+        .collect()
+}
+
+/// The addresses each pod of `pods` owns, in order. Pods on the pod network
+/// have addresses of their own, so one claimed twice means a pod that is
+/// gone (kept by a finalizer, on a kubelet that leaves its phase Running)
+/// and one the network has given its address since: a terminating pod loses
+/// it to one that is not; between two that are not, or two terminating, no
+/// one can tell, and the address belongs to neither (no identity, no
+/// policy) rather than to the name that sorts last. Host-network pods share
+/// their node's address and keep it.
+fn addresses_of(pods: &[&Workload]) -> Vec<Vec<std::net::IpAddr>> {
+    use std::collections::HashMap;
+    // Per address: claims by pods not terminating, and by terminating ones.
+    let mut claims: HashMap<std::net::IpAddr, (usize, usize)> = HashMap::new();
+    for w in pods.iter().filter(|w| !w.host_network) {
+        for ip in &w.ips {
+            let c = claims.entry(*ip).or_default();
+            if w.terminating {
+                c.1 += 1;
+            } else {
+                c.0 += 1;
+            }
+        }
+    }
+    pods.iter()
+        .map(|w| {
+            w.ips
+                .iter()
+                .copied()
+                .filter(|ip| {
+                    w.host_network
+                        || match claims[ip] {
+                            (live, _) if !w.terminating => live == 1,
+                            (live, dying) => live == 0 && dying == 1,
+                        }
+                })
+                .collect()
         })
         .collect()
 }
