@@ -488,7 +488,7 @@ fn a_terminating_pod_stays_in_the_mesh_and_a_finished_one_gives_up_its_ip() {
 }
 
 #[test]
-fn an_address_two_pods_claim_goes_to_the_live_one_or_to_neither() {
+fn an_address_two_pods_claim_goes_to_the_live_one_then_the_local_one() {
     let mut f = fixture();
     let web = workload("shop", "web", "web", "10.0.0.1", "n1");
     // A pod of another namespace, deleted but kept by a finalizer with its
@@ -505,21 +505,29 @@ fn an_address_two_pods_claim_goes_to_the_live_one_or_to_neither() {
         let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
         a.ports[0].endpoints[0].identity.clone()
     };
+    let web_id = Some("spiffe://cluster.local/ns/shop/sa/web");
     assert_eq!(
         endpoint_identity(&f).as_deref(),
-        Some("spiffe://cluster.local/ns/shop/sa/web"),
+        web_id,
         "the live pod owns 10.0.0.1"
     );
 
-    // Two live pods claim it: neither identity is trusted for it.
-    let twin = workload("zz", "twin", "intruder", "10.0.0.1", "n2");
-    f.upsert(vec![Object::Pod(twin)]);
-    assert_eq!(endpoint_identity(&f), None);
+    // A live pod left on another node (lost before eviction) claims it too:
+    // this node's own pod keeps it, and with it its identity.
+    let stale = workload("zz", "stale", "intruder", "10.0.0.1", "n2");
+    f.upsert(vec![Object::Pod(stale)]);
+    assert_eq!(endpoint_identity(&f).as_deref(), web_id);
     let view = f.rx.view.borrow().clone();
-    for name in ["web", "twin"] {
-        let w = view.workloads.iter().find(|w| w.name == name).unwrap();
-        assert!(w.ips.is_empty(), "{name} kept 10.0.0.1: {:?}", w.ips);
-    }
+    let ips = |name: &str| {
+        view.workloads
+            .iter()
+            .find(|w| w.name == name)
+            .unwrap()
+            .ips
+            .clone()
+    };
+    assert_eq!(ips("web"), vec!["10.0.0.1".to_string()]);
+    assert!(ips("stale").is_empty() && ips("old").is_empty());
 }
 
 #[test]

@@ -85,7 +85,7 @@ fn not_enrolled_reason(store: &Store, w: &Workload) -> Option<String> {
 /// and mode. `enrolled` here is the intent; the reconciler adds what the
 /// kernel side reports. Finished pods (Succeeded, Failed) are left out: they
 /// keep their IP, which the network may already have given to another pod.
-/// An address two pods claim belongs to neither (see [`addresses_of`]).
+/// An address two pods claim is one pod's (see [`addresses_of`]).
 pub fn workload_infos(
     store: &Store,
     node: &str,
@@ -93,7 +93,7 @@ pub fn workload_infos(
     default_mode: MtlsMode,
 ) -> Vec<WorkloadInfo> {
     let pods: Vec<&Workload> = store.pods.values().filter(|w| !w.finished).collect();
-    let owned = addresses_of(&pods);
+    let owned = addresses_of(&pods, store, node);
     pods.into_iter()
         .zip(owned)
         .map(|(w, ips)| {
@@ -126,38 +126,41 @@ pub fn workload_infos(
 
 /// The addresses each pod of `pods` owns, in order. Pods on the pod network
 /// have addresses of their own, so one claimed twice means a pod that is
-/// gone (kept by a finalizer, on a kubelet that leaves its phase Running)
-/// and one the network has given its address since: a terminating pod loses
-/// it to one that is not; between two that are not, or two terminating, no
-/// one can tell, and the address belongs to neither (no identity, no
-/// policy) rather than to the name that sorts last. Host-network pods share
+/// gone (kept by a finalizer, or left Running on a lost node) and one the
+/// network has given its address since. Exactly one keeps it, the first of:
+/// not terminating; on this node (its network plugin gave the address out,
+/// and the kernel's STRICT guard and mode follow it); on a node the agent
+/// knows; then, as before, the last in name order. Host-network pods share
 /// their node's address and keep it.
-fn addresses_of(pods: &[&Workload]) -> Vec<Vec<std::net::IpAddr>> {
+fn addresses_of(pods: &[&Workload], store: &Store, node: &str) -> Vec<Vec<std::net::IpAddr>> {
     use std::collections::HashMap;
-    // Per address: claims by pods not terminating, and by terminating ones.
-    let mut claims: HashMap<std::net::IpAddr, (usize, usize)> = HashMap::new();
-    for w in pods.iter().filter(|w| !w.host_network) {
+    let rank = |w: &Workload| {
+        (
+            !w.terminating,
+            w.node == node,
+            store.nodes.contains_key(&w.node),
+        )
+    };
+    // Per address: the index of the pod that keeps it (pods are in name
+    // order, so the later of two equal ranks wins).
+    let mut owner: HashMap<std::net::IpAddr, usize> = HashMap::new();
+    for (i, w) in pods.iter().enumerate().filter(|(_, w)| !w.host_network) {
         for ip in &w.ips {
-            let c = claims.entry(*ip).or_default();
-            if w.terminating {
-                c.1 += 1;
-            } else {
-                c.0 += 1;
+            let keep = owner
+                .get(ip)
+                .is_some_and(|&o| o != i && rank(pods[o]) > rank(w));
+            if !keep {
+                owner.insert(*ip, i);
             }
         }
     }
     pods.iter()
-        .map(|w| {
+        .enumerate()
+        .map(|(i, w)| {
             w.ips
                 .iter()
                 .copied()
-                .filter(|ip| {
-                    w.host_network
-                        || match claims[ip] {
-                            (live, _) if !w.terminating => live == 1,
-                            (live, dying) => live == 0 && dying == 1,
-                        }
-                })
+                .filter(|ip| w.host_network || owner.get(ip) == Some(&i))
                 .collect()
         })
         .collect()
