@@ -28,12 +28,11 @@ pub fn ensure_bpffs(mount_point: &Path) -> Result<()> {
     let dir = std::fs::File::open(mount_point)
         .map_err(|e| Error::io("opening the bpffs mount point", mount_point, e))?;
     // SAFETY: flock on a descriptor we own; released when `dir` is closed.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(Error::io(
-            "locking the bpffs mount point",
-            mount_point,
-            io::Error::last_os_error(),
-        ));
+    while unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(Error::io("locking the bpffs mount point", mount_point, e));
+        }
     }
     // Another loader may have mounted it while this one waited.
     if is_bpffs(mount_point)? {

@@ -777,7 +777,10 @@ async fn send_once(
                     retryable: e.is_connect(),
                     reason: format!("sending to {}: {e}", up.addr),
                 })?;
-            Ok(resp.map(boxed))
+            // Only the mesh's proxies may speak for the mesh.
+            let (mut rp, rb) = resp.into_parts();
+            remove_mesh_headers(&mut rp.headers);
+            Ok(Response::from_parts(rp, boxed(rb)))
         }
     }
 }
@@ -867,7 +870,12 @@ async fn send_upgrade(
                 reason: format!("upgrade request to {}: {e}", up.addr),
                 retryable: false,
             })?;
-    Ok(resp.map(boxed))
+    let (mut rp, rb) = resp.into_parts();
+    if tunnel.is_none() {
+        // An endpoint outside the mesh answered: it may not speak for it.
+        remove_mesh_headers(&mut rp.headers);
+    }
+    Ok(Response::from_parts(rp, boxed(rb)))
 }
 
 #[cfg(test)]

@@ -579,7 +579,9 @@ async fn upgrade_request(
                 format!("upgrade request to {target}: {e}"),
             )
         })?;
-        Ok(resp.map(boxed))
+        let (mut rp, rb) = resp.into_parts();
+        remove_mesh_headers(&mut rp.headers);
+        Ok(Response::from_parts(rp, boxed(rb)))
     }
     .await;
     let (resp, reason) = match result {

@@ -466,6 +466,28 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_reuse_connections_up_to_their_concurrency() {
+        let (addr, accepted) = server(false).await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        let callers: Vec<_> = (0..8)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    for n in 0..50 {
+                        let body = get(&c, addr, &format!("/{i}/{n}")).await;
+                        assert!(body.ends_with(&format!("/{i}/{n}")), "{body}");
+                    }
+                })
+            })
+            .collect();
+        for t in callers {
+            t.await.unwrap();
+        }
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!(opened <= 8, "{opened} connections for 8 callers");
+    }
+
     #[tokio::test]
     async fn a_connection_still_sending_an_upload_is_not_given_to_the_next_request() {
         let (addr, accepted) = server(false).await;

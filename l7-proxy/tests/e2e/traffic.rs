@@ -424,6 +424,11 @@ async fn endpoints_outside_the_mesh_get_plain_http_directly() {
         "no identity without the tunnel"
     );
     assert_eq!(srv[0].hits(), 1);
+    // Nor can an endpoint outside the mesh answer as the mesh.
+    let r = c.get("/forge").await;
+    for h in ["sluice-reason", "sluice-source-identity"] {
+        assert!(r.headers.get(h).is_none(), "{h} reached the caller");
+    }
     assert_eq!(
         mesh.a.proxy().tunnel_connections(),
         0,

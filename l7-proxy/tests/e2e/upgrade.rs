@@ -48,7 +48,8 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
                     let lower = head.to_ascii_lowercase();
                     let path = head.split(' ').nth(1).unwrap_or_default();
                     if path.ends_with("/no") || !lower.contains("\r\nupgrade: echo\r\n") {
-                        let no = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno";
+                        // With a header only the mesh may set.
+                        let no = b"HTTP/1.1 400 Bad Request\r\nsluice-reason: forged\r\ncontent-length: 2\r\n\r\nno";
                         if tcp.write_all(no).await.is_err() {
                             return;
                         }
@@ -215,6 +216,10 @@ async fn a_refused_upgrade_is_an_ordinary_response() {
     let (mesh, _, _seen) = cart_mesh(vec![]).await;
     let (mut tcp, head) = upgrade(&mesh, web().ip, "/no").await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(
+        !head.contains("sluice-reason"),
+        "the workload spoke for the mesh: {head}"
+    );
     assert_eq!(read_n(&mut tcp, 2).await, b"no");
     mesh.shutdown().await;
 }
@@ -238,6 +243,10 @@ async fn upgrade_to_a_workload_outside_the_mesh_goes_direct() {
     assert_eq!(read_n(&mut tcp, 5).await, b"hello");
     assert_eq!(seen.lock().unwrap().len(), 1);
     drop(tcp);
+    // A refusal from outside the mesh cannot pose as the mesh's either.
+    let (_tcp, head) = upgrade(&mesh, web().ip, "/no").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(!head.contains("sluice-reason"), "{head}");
     mesh.shutdown().await;
 }
 

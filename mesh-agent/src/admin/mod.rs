@@ -577,7 +577,8 @@ pub async fn serve(
             },
         };
         let slot = slots.clone().try_acquire_owned().or_else(|_| {
-            if peer.ip().is_loopback() {
+            // A listener on [::] sees IPv4 probes as ::ffff:127.0.0.1.
+            if peer.ip().to_canonical().is_loopback() {
                 reserve.clone().try_acquire_owned()
             } else {
                 Err(tokio::sync::TryAcquireError::NoPermits)
@@ -667,8 +668,13 @@ mod tests {
     }
 
     async fn server(admin: Arc<Admin>, opts: ServeOptions) -> Server {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        server_on("127.0.0.1:0", admin, opts).await
+    }
+
+    /// A server listening on `bind_addr`; its `addr` is on 127.0.0.1.
+    async fn server_on(bind_addr: &str, admin: Arc<Admin>, opts: ServeOptions) -> Server {
+        let listener = bind(bind_addr.parse().unwrap()).await.unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], listener.local_addr().unwrap().port()));
         let (stop, rx) = watch::channel(false);
         let done = tokio::spawn(serve(listener, admin, opts, rx));
         Server { addr, stop, done }
@@ -866,8 +872,10 @@ mod tests {
         let admin = Arc::new(Admin::default());
         admin.running(running_state(true));
         // Every client here is on loopback: with no general slot, the
-        // reserve serves them, and only it.
-        let s = server(
+        // reserve serves them, and only it. The listener is on [::], where
+        // IPv4 clients show as ::ffff:127.0.0.1.
+        let s = server_on(
+            "[::]:0",
             admin,
             ServeOptions {
                 max_connections: 0,
