@@ -818,7 +818,15 @@ impl PodIdentities {
         let key = w.key();
         let mut idx = self.write();
         idx.remove(&key);
-        if w.node.is_empty() || w.finished {
+        // A static pod names no service account (the API server refuses one
+        // that does), and a node can create one in any namespace: counting
+        // it as `default` would let a node have that identity signed.
+        let named_account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .is_some_and(|sa| !sa.is_empty());
+        if w.node.is_empty() || w.finished || w.is_static() || !named_account {
             return;
         }
         let Ok(id) =
@@ -1053,6 +1061,34 @@ mod tests {
         assert!(p.runs_on("node-b", &web));
         p.reset(&[]);
         assert!(!p.runs_on("node-b", &web));
+    }
+
+    #[test]
+    fn a_static_pod_gives_its_node_no_identity() {
+        let p = PodIdentities::new("cluster.local");
+        let default: SpiffeId = "spiffe://cluster.local/ns/payments/sa/default"
+            .parse()
+            .unwrap();
+        // The mirror of a manifest a node's root wrote: no service account.
+        let mirror: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "x-node-a", "namespace": "payments",
+                "annotations": {"kubernetes.io/config.mirror": "abc"}
+            },
+            "spec": {"nodeName": "node-a", "containers": []}
+        }))
+        .unwrap();
+        p.apply(&mirror);
+        assert!(!p.runs_on("node-a", &default));
+        // Even if it named one, a mirror pod counts for nothing.
+        let mut named = mirror.clone();
+        named.spec.as_mut().unwrap().service_account_name = Some("default".into());
+        p.apply(&named);
+        assert!(!p.runs_on("node-a", &default));
+        // A pod the API server admitted names its account, `default` too.
+        p.apply(&pod("payments", "api-1", "default", "node-a"));
+        assert!(p.runs_on("node-a", &default));
     }
 
     #[test]

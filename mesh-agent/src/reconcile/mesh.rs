@@ -255,6 +255,7 @@ pub fn mesh_view_and_routes(
             .filter(|p| {
                 store.namespace_enrolled(&p.namespace)
                     && !p.host_network
+                    && !p.is_static()
                     && p.annotations
                         .get(crate::config::MESH_ANNOTATION)
                         .map(String::as_str)

@@ -531,6 +531,36 @@ fn an_address_two_pods_claim_goes_to_the_live_one_then_the_local_one() {
 }
 
 #[test]
+fn a_static_pod_is_not_enrolled_and_asks_for_no_identity() {
+    let mut f = fixture();
+    let mut etcd = workload("shop", "etcd-n1", "default", "10.0.0.9", "n1");
+    etcd.annotations
+        .insert("kubernetes.io/config.mirror".into(), "abc".into());
+    let mut objs = shop();
+    objs.push(Object::Pod(etcd));
+    f.upsert(objs);
+    f.sync();
+    let view = f.rx.view.borrow().clone();
+    let w = view.workloads.iter().find(|w| w.name == "etcd-n1").unwrap();
+    assert!(!w.enrolled);
+    assert!(
+        w.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("static pod"),
+        "{:?}",
+        w.reason
+    );
+    assert!(
+        !f.rx
+            .identities
+            .borrow()
+            .contains("spiffe://cluster.local/ns/shop/sa/default"),
+        "a certificate was asked for a static pod"
+    );
+}
+
+#[test]
 fn meshed_clients_fall_back_to_serving_terminating_endpoints_as_the_kernel_does() {
     let mut f = fixture();
     let draining = ep("10.0.0.1", Some(false), Some(true), Some(true));

@@ -75,6 +75,12 @@ fn not_enrolled_reason(store: &Store, w: &Workload) -> Option<String> {
     if w.host_network {
         return Some("uses the host network".into());
     }
+    if w.is_static() {
+        return Some(
+            "a static pod (from a kubelet manifest): it has no service account, so no mesh identity"
+                .into(),
+        );
+    }
     if w.finished {
         return Some("finished (Succeeded or Failed)".into());
     }

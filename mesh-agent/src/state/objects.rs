@@ -135,9 +135,21 @@ pub struct Workload {
     pub host_network: bool,
 }
 
+/// The annotation the kubelet puts on the API server's mirror of a static
+/// pod (a pod from a manifest file on the node).
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 impl Workload {
     pub fn key(&self) -> Key {
         Key::new(&self.namespace, &self.name)
+    }
+
+    /// A static pod: whoever writes the node's manifest directory creates
+    /// it, in any namespace, and it cannot name a service account. It gets
+    /// no mesh identity (else a node could claim any namespace's `default`
+    /// one).
+    pub fn is_static(&self) -> bool {
+        self.annotations.contains_key(MIRROR_ANNOTATION)
     }
 }
 
