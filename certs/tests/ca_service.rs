@@ -638,3 +638,58 @@ async fn a_request_body_that_never_comes_is_cut_off() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
+
+#[tokio::test]
+async fn one_address_cannot_hold_every_connection() {
+    use certs::ca::service::MAX_CONNECTIONS_PER_PEER;
+    use tokio::io::AsyncReadExt as _;
+    let clock = clock();
+    let c = cluster(&clock).await;
+    let to = c.server.local_addr();
+    let from = |ip: [u8; 4]| async move {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((ip, 0))).unwrap();
+        s.connect(to).await.unwrap()
+    };
+    // Connections that say nothing (a TLS handshake has 10 s).
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_PEER {
+        held.push(from([127, 0, 0, 1]).await);
+    }
+    let mut one_more = from([127, 0, 0, 1]).await;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), one_more.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a connection past the per-address limit was kept: {closed:?}"
+    );
+    // Another address is served meanwhile.
+    let mut roots = rustls::RootCertStore::empty();
+    for r in c.ca.bundle().roots() {
+        roots.add(r.clone()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("sluice-ca.sluice-system.svc").unwrap(),
+            from([127, 0, 0, 2]).await,
+        )
+        .await
+        .unwrap();
+    use tokio::io::AsyncWriteExt as _;
+    let req = format!(
+        "GET /v1/trust-bundle HTTP/1.1\r\nhost: sluice-ca\r\nauthorization: Bearer {NODE_A_TOKEN}\r\nconnection: close\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(held);
+}

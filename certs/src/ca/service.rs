@@ -37,6 +37,46 @@ pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// Connections the CA service holds at once (one per node agent is the
 /// norm; a node may briefly hold a few).
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections one address holds at once: an agent needs one or a few, and
+/// no single client can take the whole [`MAX_CONNECTIONS`] (and with it the
+/// TokenReview slots) from the others.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
+
+/// Open connections per client address; a [`PeerSlot`] gives its place back.
+type PeerCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One connection's place in its address's count.
+struct PeerSlot {
+    counts: PeerCounts,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(counts: &PeerCounts, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SignRequestBody {
@@ -281,6 +321,7 @@ impl CaServer {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let task = tokio::spawn(async move {
             let mut conns = JoinSet::new();
+            let per_peer = PeerCounts::default();
             loop {
                 let (tcp, peer) = tokio::select! {
                     _ = &mut stopped => break,
@@ -302,9 +343,15 @@ impl CaServer {
                     drop(tcp);
                     continue;
                 }
+                let Some(slot) = PeerSlot::take(&per_peer, peer.ip().to_canonical()) else {
+                    tracing::debug!(%peer, "CA service: {MAX_CONNECTIONS_PER_PEER} connections from this address; closing a new one");
+                    drop(tcp);
+                    continue;
+                };
                 let acceptor = acceptor.clone();
                 let service = service.clone();
                 conns.spawn(async move {
+                    let _slot = slot;
                     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                         Ok(Ok(t)) => t,
                         Ok(Err(e)) => {
