@@ -773,6 +773,8 @@ pub async fn publish_bundle(client: &Client, configmap: &str, pem: &str) -> Resu
 pub struct PodIdentities {
     trust_domain: String,
     inner: RwLock<PodIndex>,
+    /// The first complete list of the cluster's pods is in.
+    listed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -805,6 +807,7 @@ impl PodIdentities {
         Self {
             trust_domain: trust_domain.into(),
             inner: RwLock::default(),
+            listed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -852,6 +855,8 @@ impl PodIdentities {
         for p in pods {
             self.apply(p);
         }
+        self.listed
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Follows the cluster's pods until the stream ends.
@@ -875,6 +880,10 @@ impl PodIdentities {
 }
 
 impl NodeWorkloads for PodIdentities {
+    fn ready(&self) -> bool {
+        self.listed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn runs_on(&self, node: &str, identity: &SpiffeId) -> bool {
         self.inner
             .read()
@@ -1061,6 +1070,29 @@ mod tests {
         assert!(p.runs_on("node-b", &web));
         p.reset(&[]);
         assert!(!p.runs_on("node-b", &web));
+    }
+
+    #[test]
+    fn until_the_pods_are_listed_requests_are_told_to_come_back() {
+        use certs::ca::auth::{AuthError, Authoriser, Caller, NodeAuthoriser};
+        let p = Arc::new(PodIdentities::new("cluster.local"));
+        let web: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let authz = NodeAuthoriser::new(p.clone());
+        let caller = Caller {
+            subject: "system:serviceaccount:sluice-system:sluice-agent".into(),
+            node: "node-a".into(),
+        };
+        assert!(matches!(
+            authz.authorise(&caller, &web),
+            Err(AuthError::Unavailable { .. })
+        ));
+        p.reset(&[pod("shop", "web-1", "web", "node-a")]);
+        assert!(authz.authorise(&caller, &web).is_ok());
+        let db: SpiffeId = "spiffe://cluster.local/ns/shop/sa/db".parse().unwrap();
+        assert!(matches!(
+            authz.authorise(&caller, &db),
+            Err(AuthError::Forbidden { .. })
+        ));
     }
 
     #[test]

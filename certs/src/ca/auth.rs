@@ -50,6 +50,11 @@ pub trait Authoriser: Send + Sync + fmt::Debug {
 /// its pod model.
 pub trait NodeWorkloads: Send + Sync + fmt::Debug {
     fn runs_on(&self, node: &str, identity: &SpiffeId) -> bool;
+    /// Whether the answers are complete: an index still being filled (the
+    /// cluster's pods not listed yet) would refuse what it has not seen.
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// Allows a node exactly the identities of the workloads scheduled on it.
@@ -66,6 +71,13 @@ impl NodeAuthoriser {
 
 impl Authoriser for NodeAuthoriser {
     fn authorise(&self, caller: &Caller, identity: &SpiffeId) -> Result<(), AuthError> {
+        if !self.workloads.ready() {
+            // 503, which agents retry, rather than a refusal they would
+            // report as one.
+            return Err(AuthError::Unavailable {
+                reason: "the CA is starting: it has not listed the cluster's pods yet".into(),
+            });
+        }
         if self.workloads.runs_on(&caller.node, identity) {
             Ok(())
         } else {
