@@ -373,3 +373,28 @@ fn an_interrupted_root_activation_is_finished_on_the_next_start() {
     assert_eq!(again.bundle().active_root(), new);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn agents_starting_together_on_an_empty_directory_share_one_root() {
+    let dir = std::env::temp_dir().join(format!("certs-ca-{}", rand::random::<u64>()));
+    let clock = clock();
+    let go = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let roots: Vec<_> = (0..4)
+        .map(|_| {
+            let (go, dir, clock) = (go.clone(), dir.clone(), shared(&clock));
+            std::thread::spawn(move || {
+                go.wait();
+                Ca::open_or_create(&dir, CaOptions::default(), clock)
+                    .map(|ca| ca.bundle().active_root())
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap().expect("every agent opens the CA"))
+        .collect();
+    assert!(roots.windows(2).all(|w| w[0] == w[1]), "{roots:?}");
+    // What is on disk is that root, with its own key.
+    let again = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    assert_eq!(again.bundle().active_root(), roots[0]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -177,8 +177,8 @@ pub struct RunArgs {
     pub default_mtls_mode: MtlsMode,
     /// Where the in-process CA keeps its root (default `<state-dir>/ca`).
     /// Agents of several standalone nodes on one machine share a trust
-    /// domain by pointing at the same directory (start one first: it creates
-    /// the root).
+    /// domain by pointing at the same directory (the first to start
+    /// creates the root, under a lock).
     #[arg(long, env = "SLUICE_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
     /// The cluster's CA service (`mesh-agent ca`), `https://host:port`.

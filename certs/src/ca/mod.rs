@@ -105,6 +105,8 @@ const ROOT_KEY_FILE: &str = "root-key.pem";
 const NEXT_ROOT_CERT_FILE: &str = "next-root-cert.pem";
 const NEXT_ROOT_KEY_FILE: &str = "next-root-key.pem";
 const BUNDLE_FILE: &str = "trust-bundle.pem";
+/// Held (flock) while a root is loaded or created.
+const LOCK_FILE: &str = ".lock";
 
 struct RootEntry {
     der: CertificateDer<'static>,
@@ -509,6 +511,27 @@ impl Ca {
         clock: SharedClock,
     ) -> Result<Self, CaError> {
         check_opts(&opts)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| storage::StorageError::Io {
+                path: dir.into(),
+                action: "creating the CA directory",
+                source,
+            })?;
+        // Agents of several nodes on one machine may share the directory and
+        // start together: one creates the root, the others then load it
+        // (without the lock, two could each write a key and a certificate,
+        // leaving a pair that does not match).
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = fs::File::create(&lock_path)
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|source| storage::StorageError::Io {
+                path: lock_path,
+                action: "locking the CA directory",
+                source,
+            })?;
         let cert_path = dir.join(ROOT_CERT_FILE);
         let mut ca = if cert_path.exists() {
             let bundle_path = dir.join(BUNDLE_FILE);
@@ -545,15 +568,6 @@ impl Ca {
                 pending,
             )?
         } else {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| storage::StorageError::Io {
-                    path: dir.into(),
-                    action: "creating the CA directory",
-                    source,
-                })?;
             let (root, key) = Self::generate_root(&opts, &clock)?;
             storage::write_private(&dir.join(ROOT_KEY_FILE), key.serialize_pem().as_bytes())?;
             storage::write_public(
@@ -571,6 +585,7 @@ impl Ca {
             }
         };
         ca.dir = Some(dir.to_path_buf());
+        drop(lock);
         Ok(ca)
     }
 
