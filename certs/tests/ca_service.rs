@@ -224,6 +224,10 @@ struct FakeApi {
     addr: SocketAddr,
     ca_pem: String,
     seen: Arc<Mutex<Vec<String>>>,
+    /// The signing keys it publishes (`None`: 404, as for a CA without the
+    /// permission), and how often they were asked for.
+    jwks: Arc<Mutex<Option<serde_json::Value>>>,
+    jwks_fetches: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -243,19 +247,37 @@ async fn fake_api() -> FakeApi {
     let listener = tokio::net::TcpListener::bind((LOOPBACK, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let seen2 = seen.clone();
+    let jwks: Arc<Mutex<Option<serde_json::Value>>> = Arc::default();
+    let jwks_fetches = Arc::new(AtomicUsize::new(0));
+    let (seen2, jwks2, fetches2) = (seen.clone(), jwks.clone(), jwks_fetches.clone());
     let task = tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             let tls = tokio_rustls::TlsAcceptor::from(tls.clone());
-            let seen = seen2.clone();
+            let (seen, jwks, fetches) = (seen2.clone(), jwks2.clone(), fetches2.clone());
             tokio::spawn(async move {
                 let Ok(stream) = tls.accept(tcp).await else {
                     return;
                 };
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    async move { Ok::<_, Infallible>(api_answer(req, &seen).await) }
+                    let (seen, jwks, fetches) = (seen.clone(), jwks.clone(), fetches.clone());
+                    async move {
+                        if req.uri().path() == "/openid/v1/jwks" {
+                            fetches.fetch_add(1, Ordering::SeqCst);
+                            let keys = jwks.lock().unwrap().clone();
+                            let (status, body) = match keys {
+                                Some(k) => (200, k.to_string()),
+                                None => (404, "{}".to_string()),
+                            };
+                            return Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            );
+                        }
+                        Ok::<_, Infallible>(api_answer(req, &seen).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -267,6 +289,8 @@ async fn fake_api() -> FakeApi {
         addr,
         ca_pem: tls_ca.bundle().to_pem(),
         seen,
+        jwks,
+        jwks_fetches,
         task,
     }
 }
@@ -380,21 +404,56 @@ fn sa_token(name: &str) -> String {
     )
 }
 
-/// The name the fake API server knows a token by.
+/// The name the fake API server knows a token by: its first segment, or
+/// the `name` in it when it is a JSON header (a signed token).
 fn token_name(token: &str) -> String {
     use base64::Engine as _;
-    token
-        .split('.')
-        .next()
-        .and_then(|h| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(h)
-                .ok()
-        })
-        .map_or_else(
-            || token.to_string(),
-            |b| String::from_utf8_lossy(&b).into_owned(),
-        )
+    let Some(header) = token.split('.').next().and_then(|h| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(h)
+            .ok()
+    }) else {
+        return token.to_string();
+    };
+    serde_json::from_slice::<serde_json::Value>(&header)
+        .ok()
+        .and_then(|v| v["name"].as_str().map(String::from))
+        .unwrap_or_else(|| String::from_utf8_lossy(&header).into_owned())
+}
+
+/// A P-256 signing key as the API server's, and its JWKS entry (`kid`).
+fn api_signing_key(kid: &str) -> (ring::signature::EcdsaKeyPair, serde_json::Value) {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let p = pair.public_key().as_ref();
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+        "x": b64(&p[1..33]), "y": b64(&p[33..65]),
+    });
+    (pair, jwk)
+}
+
+/// A service-account token for the CA's audience, signed with `key` (ES256,
+/// key id `kid`), that the fake API server knows as `name`.
+fn signed_token(key: &ring::signature::EcdsaKeyPair, kid: &str, name: &str) -> String {
+    let header = b64(
+        serde_json::json!({"alg": "ES256", "kid": kid, "name": name})
+            .to_string()
+            .as_bytes(),
+    );
+    let payload = b64(
+        serde_json::json!({"aud": ["sluice-ca"], "exp": unix_now() + 3600})
+            .to_string()
+            .as_bytes(),
+    );
+    let signed = format!("{header}.{payload}");
+    let sig = key
+        .sign(&ring::rand::SystemRandom::new(), signed.as_bytes())
+        .unwrap();
+    format!("{signed}.{}", b64(sig.as_ref()))
 }
 
 static SLOW_NOW: AtomicUsize = AtomicUsize::new(0);
@@ -692,4 +751,68 @@ async fn one_address_cannot_hold_every_connection() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     drop(held);
+}
+
+#[tokio::test]
+async fn forged_tokens_are_refused_without_a_token_review() {
+    let api = fake_api().await;
+    let (key, jwk) = api_signing_key("k1");
+    *api.jwks.lock().unwrap() = Some(serde_json::json!({"keys": [jwk]}));
+    let r = reviewer(&api, CA_OWN_TOKEN);
+    let seen = |t: &str| api.seen.lock().unwrap().iter().filter(|s| *s == t).count();
+
+    // Signed by the API server's key: reviewed, and accepted.
+    let caller = r
+        .authenticate(&signed_token(&key, "k1", "agent-on-node-a"))
+        .await
+        .unwrap();
+    assert_eq!(caller.node, "node-a");
+    assert_eq!(seen("agent-on-node-a"), 1);
+
+    // Same claims, signed by someone else's key, under the same or another
+    // key id: refused here, the API server never sees them.
+    let (forger, _) = api_signing_key("k1");
+    for kid in ["k1", "made-up"] {
+        let err = r
+            .authenticate(&signed_token(&forger, kid, "forged"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("signature") || err.contains("does not publish"),
+            "{err}"
+        );
+    }
+    assert_eq!(seen("forged"), 0);
+    // Made-up key ids within the refresh interval (30 s) do not make the
+    // CA ask the API server for its keys again.
+    let fetches = api.jwks_fetches.load(Ordering::SeqCst);
+    assert_eq!(fetches, 1);
+    for i in 0..5 {
+        let _ = r
+            .authenticate(&signed_token(&forger, &format!("kid-{i}"), "forged"))
+            .await;
+    }
+    assert_eq!(api.jwks_fetches.load(Ordering::SeqCst), fetches);
+    assert_eq!(seen("forged"), 0);
+}
+
+#[tokio::test]
+async fn without_the_signing_keys_every_token_goes_to_a_token_review() {
+    let api = fake_api().await;
+    let r = reviewer(&api, CA_OWN_TOKEN);
+    // The API server does not publish its keys to the CA (404): no
+    // verdict of the CA's own, the TokenReview decides, as before.
+    let (forger, _) = api_signing_key("k1");
+    assert!(
+        r.authenticate(&signed_token(&forger, "k1", "agent-on-node-a"))
+            .await
+            .is_ok()
+    );
+    assert_eq!(api.seen.lock().unwrap().len(), 1);
+    assert_eq!(
+        api.jwks_fetches.load(Ordering::SeqCst),
+        1,
+        "not asked again at once"
+    );
 }

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod authority;
 pub mod client;
+pub mod jwks;
 pub mod service;
 pub mod tokenreview;
 

@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use super::{
     auth::{AuthError, Authenticator, Caller, Credential},
     authority::BoxFuture,
+    jwks,
 };
 use crate::{
     https::{self, Endpoint},
@@ -160,6 +161,9 @@ pub struct TokenReviewAuthenticator {
     cache_ttl: Duration,
     cache: Mutex<ReviewCache>,
     in_flight: Semaphore,
+    /// The API server's signing keys; the async lock makes one fetch at a
+    /// time.
+    keys: tokio::sync::Mutex<jwks::KeyCache>,
 }
 
 #[derive(Serialize)]
@@ -227,6 +231,7 @@ impl TokenReviewAuthenticator {
             cache_ttl: cfg.cache_ttl,
             cache: Mutex::default(),
             in_flight: Semaphore::new(cfg.max_in_flight.max(1)),
+            keys: tokio::sync::Mutex::default(),
         })
     }
 
@@ -342,8 +347,13 @@ impl TokenReviewAuthenticator {
         if let Some(answer) = self.cached(&key) {
             return answer;
         }
-        // Junk, expired and foreign tokens never take a review slot.
+        // Junk, expired, foreign and forged tokens never take a review slot.
         let expires_in = self.precheck(token)?;
+        if let jwks::Check::Forged(reason) = self.signature(token).await {
+            let answer = Err(AuthError::Unauthenticated { reason });
+            self.remember(key, &answer, expires_in);
+            return answer;
+        }
         let wait = QUEUE_WAIT.min(self.timeout);
         let _permit = match tokio::time::timeout(wait, self.in_flight.acquire()).await {
             Ok(Ok(p)) => p,
@@ -361,6 +371,65 @@ impl TokenReviewAuthenticator {
         let answer = self.review(token).await;
         self.remember(key, &answer, expires_in);
         answer
+    }
+
+    /// Checks the token's signature against the API server's keys, fetching
+    /// them when none are known or the token names one not seen yet (at most
+    /// every [`jwks::REFRESH_EVERY`]).
+    async fn signature(&self, token: &str) -> jwks::Check {
+        let mut cache = self.keys.lock().await;
+        let kid = jwks::kid_of(token);
+        let known = cache
+            .keys
+            .as_ref()
+            .is_some_and(|k| kid.as_ref().is_some_and(|kid| k.contains_key(kid)));
+        if cache.wants_fetch(known, Instant::now()) {
+            cache.fetched = Some(Instant::now());
+            match self.fetch_keys().await {
+                Ok(keys) => cache.keys = Some(Arc::new(keys)),
+                Err(e) => {
+                    if cache.keys.is_some() {
+                        // Keep checking with the keys known: a failed
+                        // refresh is no reason to let forgeries through.
+                        tracing::debug!(error = %e, "refreshing the API server's signing keys");
+                    } else {
+                        tracing::warn!(
+                            error = %e,
+                            "cannot read the API server's token signing keys ({}); every token goes                              to a TokenReview (asking again in {:?})",
+                            jwks::JWKS_PATH,
+                            jwks::RETRY_UNAVAILABLE
+                        );
+                    }
+                }
+            }
+        }
+        let keys = cache.keys.clone();
+        drop(cache);
+        match keys {
+            Some(keys) => jwks::check(token, &keys),
+            None => jwks::Check::Unknown,
+        }
+    }
+
+    async fn fetch_keys(&self) -> Result<HashMap<String, jwks::VerifyKey>, String> {
+        let own = self
+            .credential
+            .read()
+            .map_err(|e| format!("reading the CA's own API token: {e}"))?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(self.endpoint.path(jwks::JWKS_PATH))
+            .header(header::AUTHORIZATION, format!("Bearer {own}"))
+            .header(header::ACCEPT, "application/json, application/jwk-set+json")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("building the request: {e}"))?;
+        let (status, body) = https::send(self.tls.clone(), &self.endpoint, req, self.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        if status != StatusCode::OK {
+            return Err(format!("the API server answered {status}"));
+        }
+        jwks::parse(&body)
     }
 
     async fn review(&self, token: &str) -> Result<Caller, AuthError> {

@@ -1,0 +1,294 @@
+//! The keys the API server signs service-account tokens with, published at
+//! `/openid/v1/jwks`: with them the CA refuses a forged token itself, so a
+//! flood of made-up tokens never reaches the TokenReview API (whose slots
+//! the agents need). Accepting a token still takes a TokenReview: only the
+//! API server knows whether its pod still exists.
+//!
+//! Failing safe: where the keys cannot be had (no permission for the
+//! discovery endpoint, an old API server, a key type this code does not
+//! know), tokens go to the TokenReview as before.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+use serde::Deserialize;
+
+pub const JWKS_PATH: &str = "/openid/v1/jwks";
+/// The keys are fetched again at most this often (a token naming a key not
+/// seen yet asks for them), so made-up key ids cannot flood the API server.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// After the keys could not be had, tokens go unchecked (to the
+/// TokenReview) this long before the CA asks again.
+pub const RETRY_UNAVAILABLE: Duration = Duration::from_secs(300);
+
+/// A public key of the API server's, as the JWKS gives it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VerifyKey {
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
+    /// SEC1 uncompressed point (0x04 || x || y) on P-256.
+    EcP256(Vec<u8>),
+}
+
+/// What the keys say of a token.
+#[derive(Debug, PartialEq)]
+pub enum Check {
+    /// Signed by one of the API server's keys.
+    Signed,
+    /// Not signed by any of them: refuse without a TokenReview.
+    Forged(String),
+    /// No verdict (the keys are not available, or an algorithm this code
+    /// does not check): the TokenReview decides.
+    Unknown,
+}
+
+#[derive(Deserialize)]
+struct Jwks {
+    #[serde(default)]
+    keys: Vec<Jwk>,
+}
+
+#[derive(Deserialize)]
+struct Jwk {
+    #[serde(default)]
+    kty: String,
+    #[serde(default)]
+    kid: String,
+    #[serde(default)]
+    crv: String,
+    #[serde(default)]
+    n: String,
+    #[serde(default)]
+    e: String,
+    #[serde(default)]
+    x: String,
+    #[serde(default)]
+    y: String,
+}
+
+fn b64(s: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .ok()
+}
+
+/// The keys of a JWKS document, by key id (keys of other types are left
+/// out). An error when it is not a JWKS at all.
+pub fn parse(body: &[u8]) -> Result<HashMap<String, VerifyKey>, String> {
+    let jwks: Jwks =
+        serde_json::from_slice(body).map_err(|e| format!("the JWKS is not a key set: {e}"))?;
+    let mut keys = HashMap::new();
+    for k in jwks.keys {
+        let key = match (k.kty.as_str(), k.crv.as_str()) {
+            ("RSA", _) => match (b64(&k.n), b64(&k.e)) {
+                (Some(n), Some(e)) if !n.is_empty() && !e.is_empty() => VerifyKey::Rsa { n, e },
+                _ => continue,
+            },
+            ("EC", "P-256") => match (b64(&k.x), b64(&k.y)) {
+                (Some(x), Some(y)) if x.len() == 32 && y.len() == 32 => {
+                    let mut point = vec![4u8];
+                    point.extend_from_slice(&x);
+                    point.extend_from_slice(&y);
+                    VerifyKey::EcP256(point)
+                }
+                _ => continue,
+            },
+            _ => continue,
+        };
+        keys.insert(k.kid, key);
+    }
+    Ok(keys)
+}
+
+#[derive(Deserialize)]
+struct Header {
+    #[serde(default)]
+    alg: String,
+    #[serde(default)]
+    kid: String,
+}
+
+/// A token's parts: (algorithm, key id, signed bytes, signature).
+fn split(token: &str) -> Option<(String, String, &[u8], Vec<u8>)> {
+    let (signed, sig) = token.rsplit_once('.')?;
+    let (header, _) = signed.split_once('.')?;
+    let h: Header = serde_json::from_slice(&b64(header)?).ok()?;
+    Some((h.alg, h.kid, signed.as_bytes(), b64(sig)?))
+}
+
+/// Checks `token` against `keys`; `keys` must be the API server's current
+/// set (an unknown key id is then a forgery).
+pub fn check(token: &str, keys: &HashMap<String, VerifyKey>) -> Check {
+    let Some((alg, kid, signed, sig)) = split(token) else {
+        return Check::Forged("not a signed JWT".into());
+    };
+    let verify = |key: &VerifyKey| match (alg.as_str(), key) {
+        ("RS256", VerifyKey::Rsa { n, e }) => Some(
+            RsaPublicKeyComponents { n, e }
+                .verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, &sig)
+                .is_ok(),
+        ),
+        ("ES256", VerifyKey::EcP256(point)) => Some(
+            UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                .verify(signed, &sig)
+                .is_ok(),
+        ),
+        ("RS256" | "ES256", _) => Some(false),
+        _ => None,
+    };
+    let candidates: Vec<&VerifyKey> = if kid.is_empty() {
+        keys.values().collect()
+    } else {
+        keys.get(&kid).into_iter().collect()
+    };
+    if candidates.is_empty() {
+        return Check::Forged(format!(
+            "the token names signing key {kid:?}, which the API server does not publish"
+        ));
+    }
+    let mut unknown = false;
+    for key in candidates {
+        match verify(key) {
+            Some(true) => return Check::Signed,
+            Some(false) => {}
+            None => unknown = true,
+        }
+    }
+    if unknown {
+        return Check::Unknown;
+    }
+    Check::Forged("the token's signature is not the API server's".into())
+}
+
+/// The keys as last fetched, and when.
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    /// `None`: not fetched yet, or no fetch has succeeded.
+    pub keys: Option<std::sync::Arc<HashMap<String, VerifyKey>>>,
+    pub fetched: Option<Instant>,
+}
+
+impl KeyCache {
+    /// Whether to fetch now, for a token naming `kid`.
+    pub fn wants_fetch(&self, kid_known: bool, now: Instant) -> bool {
+        match (self.fetched, &self.keys) {
+            (None, _) => true,
+            (Some(at), None) => now.duration_since(at) >= RETRY_UNAVAILABLE,
+            (Some(at), Some(_)) => !kid_known && now.duration_since(at) >= REFRESH_EVERY,
+        }
+    }
+}
+
+/// The key id a token names, if it says.
+pub fn kid_of(token: &str) -> Option<String> {
+    split(token).map(|(_, kid, _, _)| kid)
+}
+
+#[cfg(test)]
+mod tests {
+    use ring::{
+        rand::SystemRandom,
+        signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _},
+    };
+
+    use super::*;
+
+    fn enc(v: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+    }
+
+    /// A P-256 key, its JWKS entry under `kid`, and a signer.
+    fn es256(kid: &str) -> (EcdsaKeyPair, serde_json::Value) {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let p = pair.public_key().as_ref();
+        let jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+            "x": enc(&p[1..33]), "y": enc(&p[33..65]),
+        });
+        (pair, jwk)
+    }
+
+    fn token(pair: &EcdsaKeyPair, kid: &str) -> String {
+        let header = enc(format!(r#"{{"alg":"ES256","kid":"{kid}"}}"#).as_bytes());
+        let payload = enc(br#"{"aud":["sluice-ca"],"sub":"system:serviceaccount:s:a"}"#);
+        let signed = format!("{header}.{payload}");
+        let sig = pair.sign(&SystemRandom::new(), signed.as_bytes()).unwrap();
+        format!("{signed}.{}", enc(sig.as_ref()))
+    }
+
+    #[test]
+    fn signed_forged_and_unknown_tokens() {
+        let (pair, jwk) = es256("k1");
+        let (other, _) = es256("k1");
+        let keys = parse(serde_json::json!({"keys": [jwk]}).to_string().as_bytes()).unwrap();
+        assert_eq!(check(&token(&pair, "k1"), &keys), Check::Signed);
+        // Same key id, another key: forged.
+        assert!(matches!(
+            check(&token(&other, "k1"), &keys),
+            Check::Forged(_)
+        ));
+        // A key id the API server does not publish.
+        assert!(matches!(
+            check(&token(&pair, "k2"), &keys),
+            Check::Forged(_)
+        ));
+        // A signature flipped in its last byte.
+        let mut t = token(&pair, "k1");
+        let (signed, sig) = t.rsplit_once('.').unwrap();
+        let mut sig = b64(sig).unwrap();
+        *sig.last_mut().unwrap() ^= 1;
+        t = format!("{signed}.{}", enc(&sig));
+        assert!(matches!(check(&t, &keys), Check::Forged(_)));
+        // Junk.
+        for junk in ["", "a.b", "a.b.c", "x.y.z.w"] {
+            assert!(matches!(check(junk, &keys), Check::Forged(_)), "{junk}");
+        }
+        // An algorithm not checked here: the TokenReview decides.
+        let header = enc(br#"{"alg":"PS256","kid":"k1"}"#);
+        assert_eq!(check(&format!("{header}.e30.c2ln"), &keys), Check::Unknown);
+    }
+
+    #[test]
+    fn key_sets_keep_the_keys_they_can_use() {
+        let (_, ec) = es256("ec");
+        let keys = parse(
+            serde_json::json!({"keys": [
+                ec,
+                {"kty": "RSA", "kid": "rsa", "n": enc(&[0xc1; 256]), "e": "AQAB"},
+                {"kty": "EC", "crv": "P-384", "kid": "p384", "x": "AA", "y": "AA"},
+                {"kty": "oct", "kid": "secret", "k": "AA"},
+            ]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut kids: Vec<_> = keys.keys().cloned().collect();
+        kids.sort();
+        assert_eq!(kids, ["ec", "rsa"]);
+        assert!(parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn fetches_are_bounded() {
+        let now = Instant::now();
+        let mut c = KeyCache::default();
+        assert!(c.wants_fetch(false, now));
+        c.fetched = Some(now);
+        c.keys = Some(std::sync::Arc::new(HashMap::new()));
+        assert!(!c.wants_fetch(false, now + Duration::from_secs(1)));
+        assert!(c.wants_fetch(false, now + REFRESH_EVERY));
+        assert!(!c.wants_fetch(true, now + REFRESH_EVERY));
+        c.keys = None;
+        assert!(!c.wants_fetch(false, now + REFRESH_EVERY));
+        assert!(c.wants_fetch(false, now + RETRY_UNAVAILABLE));
+    }
+}
