@@ -86,6 +86,14 @@ pub(crate) async fn handle(
     let path = log.then(|| parts.uri.path().to_owned());
     let body = boxed(body);
     let outcome = match state.destination(conn.original_dst) {
+        // A CONNECT would cross the tunnel as an opaque stream to whatever
+        // authority it names, past the route's choice of backend.
+        _ if parts.method == http::Method::CONNECT => Outcome::local(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not proxied by the mesh; connect to the destination directly".into(),
+            Label::default(),
+            Label::default(),
+        ),
         Destination::Service(d) => {
             route_request(&shared, &state, &conn, &d, parts, body, start).await
         }
@@ -477,7 +485,9 @@ async fn route_request(
                                     "backend request timeout of {d:?} to {} exceeded",
                                     up.addr
                                 ),
-                                retryable: true,
+                                // It may have reached the workload: see
+                                // below for when it is tried again.
+                                retryable: false,
                             })
                         }),
                         None => send.await,
@@ -548,12 +558,16 @@ async fn route_request(
                     }
                     // GEP-1731: with a retry stanza, connection errors
                     // (a reset, a disconnect, an attempt's timeout) are
-                    // retried whatever the listed codes.
+                    // retried whatever the listed codes. Such a request may
+                    // have reached the workload already, so only when its
+                    // method is idempotent (RFC 9110 9.2.2); one that surely
+                    // did not is retryable already.
                     Err(mut e) => {
                         if matches!(
                             e.status,
                             StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
-                        ) {
+                        ) && idempotent(&parts.method)
+                        {
                             e.retryable = true;
                         }
                         e
@@ -588,6 +602,20 @@ async fn route_request(
             backoff = backoff.saturating_mul(2);
         }
     }
+}
+
+/// Methods a repeat of which has the effect of one (RFC 9110 9.2.2).
+fn idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(m)
 }
 
 /// Why an attempt produced no usable response.

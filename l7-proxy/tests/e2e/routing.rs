@@ -564,6 +564,13 @@ async fn an_attempt_that_times_out_is_retried_whatever_the_listed_codes() {
     let r = c.get("/slow/3000").await;
     assert_eq!(r.status, 504, "{r:?}");
     assert_eq!(srv[1].hits(), 3, "the first try and two retries");
+    // A POST that timed out may have been carried out: it is not repeated.
+    let r = c
+        .send(request("POST", "/slow/3000", &[], "order"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(srv[1].hits(), 4, "one try of the POST");
     mesh.shutdown().await;
 }
 
@@ -769,5 +776,42 @@ async fn requests_on_one_connection_are_balanced_across_endpoints() {
     );
     assert_eq!(srv[0].hits() + srv[1].hits(), 200);
     assert_eq!(srv[2].hits(), 0, "a not-ready endpoint gets no request");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_request_is_refused_not_tunnelled() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mesh = Mesh::standard().await;
+    let (srv, _) = setup(
+        &mesh,
+        vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
+    )
+    .await;
+    // On an HTTP/1.1 connection (its first request made it one), a CONNECT
+    // to the routed Service naming another pod's port: it would reach the
+    // peer proxy as an opaque stream to that address.
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let read_head = async |tcp: &mut tokio::net::TcpStream| {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut tcp).await;
+    assert!(head.contains("x-server: cart-1"), "{head}");
+    let target = format!("{}:{}", cart(2).ip, 9);
+    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert_eq!(srv[2].hits(), 0);
+    assert_eq!(srv[1].hits(), 1);
     mesh.shutdown().await;
 }
