@@ -118,6 +118,74 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 pin_project_lite::pin_project! {
+    /// A body that fails if no frame comes for `idle`.
+    pub struct Idle {
+        #[pin]
+        inner: Body,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        idle: std::time::Duration,
+        what: String,
+    }
+}
+
+impl Idle {
+    pub fn new(inner: Body, idle: std::time::Duration, what: String) -> Self {
+        Self {
+            inner,
+            sleep: tokio::time::sleep(idle),
+            idle,
+            what,
+        }
+    }
+}
+
+impl http_body::Body for Idle {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            this.sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + *this.idle);
+            return std::task::Poll::Ready(frame);
+        }
+        match std::future::Future::poll(this.sleep, cx) {
+            std::task::Poll::Ready(()) => {
+                tracing::debug!("{}", this.what);
+                std::task::Poll::Ready(Some(Err(Box::new(IdleBody(this.what.clone())))))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The error of an [`Idle`] body that waited too long.
+#[derive(Debug)]
+pub struct IdleBody(pub String);
+
+impl std::fmt::Display for IdleBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for IdleBody {}
+
+pin_project_lite::pin_project! {
     /// A body that fails (cutting the response) if it is not over by a
     /// deadline: the route's timeouts cover the whole response.
     pub struct Deadline {

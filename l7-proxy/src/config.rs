@@ -93,6 +93,10 @@ pub struct ProxySettings {
     /// A pooled connection to a workload (HTTP/1.1, or HTTP/2 that no request
     /// has used) is closed after this long idle.
     pub workload_idle_timeout_ms: u64,
+    /// A request body from a workload that sends nothing for this long is
+    /// cut (the request fails): a stalled upload must not hold a tunnel
+    /// stream or the buffer budget for ever.
+    pub request_body_idle_timeout_ms: u64,
     /// Request bodies up to this size are buffered so that they can be retried
     /// or mirrored; larger bodies are streamed once and not retried.
     pub max_buffered_body_bytes: usize,
@@ -126,6 +130,7 @@ impl Default for ProxySettings {
             tunnel_max_connections: 4,
             tcp_idle_timeout_ms: 3_600_000,
             workload_idle_timeout_ms: 90_000,
+            request_body_idle_timeout_ms: 300_000,
             max_buffered_body_bytes: 1024 * 1024,
             max_buffered_total_bytes: 64 * 1024 * 1024,
             drain_timeout_ms: 10_000,
@@ -152,6 +157,9 @@ impl ProxySettings {
     }
     pub fn tunnel_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.tunnel_idle_timeout_ms)
+    }
+    pub fn request_body_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_body_idle_timeout_ms)
     }
     pub fn workload_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.workload_idle_timeout_ms)

@@ -85,6 +85,17 @@ pub(crate) async fn handle(
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     let body = boxed(body);
+    // Most requests have no body: nothing to watch.
+    let body = if http_body::Body::is_end_stream(&body) {
+        body
+    } else {
+        let idle = shared.settings.request_body_idle_timeout();
+        boxed(crate::body::Idle::new(
+            body,
+            idle,
+            format!("the request body sent nothing for {idle:?}"),
+        ))
+    };
     let outcome = match state.destination(conn.original_dst) {
         // A CONNECT would cross the tunnel as an opaque stream to whatever
         // authority it names, past the route's choice of backend.
@@ -409,8 +420,13 @@ async fn route_request(
                 ReqBody::Once(Some(b))
             }
             Some(Err(e)) => {
+                let status = if e.is::<crate::body::IdleBody>() {
+                    StatusCode::REQUEST_TIMEOUT
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
                 return Outcome::local(
-                    StatusCode::BAD_REQUEST,
+                    status,
                     format!("reading the request body: {e}"),
                     route_label,
                     destination,

@@ -70,6 +70,10 @@ pub enum TunnelError {
         target: SocketAddr,
         status: String,
     },
+    /// Every stream the peer allows on the connection stayed in use: nothing
+    /// was sent.
+    #[error("peer proxy {node} had no free stream within {waited:?}")]
+    Busy { node: SocketAddr, waited: Duration },
     /// The peer proxy did not answer a CONNECT in time (it may have reached
     /// the workload meanwhile).
     #[error("peer proxy {node} did not answer the stream to {target} within {timeout:?}")]
@@ -302,7 +306,17 @@ impl TunnelPool {
             node: key.node,
             source,
         };
-        let mut sender = conn.sender.clone().ready().await.map_err(unsent)?;
+        // The peer's stream limit can be reached even where the pool's count
+        // has room (a request body still going after its response ended):
+        // wait for a slot as long as for a connection, not for ever.
+        let wait = self.inner.settings.connect_timeout();
+        let mut sender = tokio::time::timeout(wait, conn.sender.clone().ready())
+            .await
+            .map_err(|_| TunnelError::Busy {
+                node: key.node,
+                waited: wait,
+            })?
+            .map_err(unsent)?;
         sender.send_request(req, eos).map_err(unsent)
     }
 

@@ -815,3 +815,36 @@ async fn a_connect_request_is_refused_not_tunnelled() {
     assert_eq!(srv[1].hits(), 1);
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_stops_coming_is_cut() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.request_body_idle_timeout_ms = 300,
+    )
+    .await;
+    // Retries: the body is read whole before the first try.
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.retry = Some(Retry {
+        codes: vec![503],
+        attempts: 1,
+        backoff_ms: 1,
+    });
+    let (srv, _) = setup(&mesh, vec![route(vec![r])]).await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"POST /upload HTTP/1.1\r\nhost: cart\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("an answer while the client still holds its upload")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.contains("sent nothing for"), "{head}");
+    assert_eq!(srv[1].hits(), 0);
+    mesh.shutdown().await;
+}
