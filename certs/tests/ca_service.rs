@@ -647,10 +647,11 @@ async fn ca_service_with_tokenreview_end_to_end() {
 
 /// A caller that sends a request head and then not its body is answered
 /// `408` and let go, instead of holding one of the service's connections.
-#[tokio::test]
-async fn a_request_body_that_never_comes_is_cut_off() {
-    let clock = clock();
-    let c = cluster(&clock).await;
+/// A TLS connection over `tcp` to the CA service, trusting its root.
+async fn tls_to_ca(
+    c: &Cluster,
+    tcp: tokio::net::TcpStream,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for r in c.ca.bundle().roots() {
         roots.add(r.clone()).unwrap();
@@ -662,16 +663,23 @@ async fn a_request_body_that_never_comes_is_cut_off() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(c.server.local_addr())
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(
             rustls::pki_types::ServerName::try_from("sluice-ca.sluice-system.svc").unwrap(),
             tcp,
         )
         .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_body_that_never_comes_is_cut_off() {
+    let clock = clock();
+    let c = cluster(&clock).await;
+    let tcp = tokio::net::TcpStream::connect(c.server.local_addr())
+        .await
         .unwrap();
+    let mut tls = tls_to_ca(&c, tcp).await;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     tls.write_all(
         format!(
@@ -723,24 +731,7 @@ async fn one_address_cannot_hold_every_connection() {
         "a connection past the per-address limit was kept: {closed:?}"
     );
     // Another address is served meanwhile.
-    let mut roots = rustls::RootCertStore::empty();
-    for r in c.ca.bundle().roots() {
-        roots.add(r.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            rustls::pki_types::ServerName::try_from("sluice-ca.sluice-system.svc").unwrap(),
-            from([127, 0, 0, 2]).await,
-        )
-        .await
-        .unwrap();
+    let mut tls = tls_to_ca(&c, from([127, 0, 0, 2]).await).await;
     use tokio::io::AsyncWriteExt as _;
     let req = format!(
         "GET /v1/trust-bundle HTTP/1.1\r\nhost: sluice-ca\r\nauthorization: Bearer {NODE_A_TOKEN}\r\nconnection: close\r\n\r\n"

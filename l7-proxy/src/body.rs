@@ -118,29 +118,43 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 pin_project_lite::pin_project! {
-    /// A body that fails if no frame comes for `idle`.
-    pub struct Idle {
+    /// A body that fails with [`TimedOut`] when its time is up: at a
+    /// deadline (a route's timeouts cover the whole response), or when no
+    /// frame has come for a while (a stalled upload).
+    pub struct Timed {
         #[pin]
         inner: Body,
         #[pin]
         sleep: tokio::time::Sleep,
-        idle: std::time::Duration,
+        // Each frame moves the deadline this far ahead (`None`: fixed).
+        idle: Option<std::time::Duration>,
         what: String,
     }
 }
 
-impl Idle {
-    pub fn new(inner: Body, idle: std::time::Duration, what: String) -> Self {
+impl Timed {
+    /// Fails if not over by `until`.
+    pub fn deadline(inner: Body, until: tokio::time::Instant, what: String) -> Self {
+        Self {
+            inner,
+            sleep: tokio::time::sleep_until(until),
+            idle: None,
+            what,
+        }
+    }
+
+    /// Fails if no frame comes for `idle`.
+    pub fn idle(inner: Body, idle: std::time::Duration, what: String) -> Self {
         Self {
             inner,
             sleep: tokio::time::sleep(idle),
-            idle,
+            idle: Some(idle),
             what,
         }
     }
 }
 
-impl http_body::Body for Idle {
+impl http_body::Body for Timed {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -150,15 +164,17 @@ impl http_body::Body for Idle {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            this.sleep
-                .as_mut()
-                .reset(tokio::time::Instant::now() + *this.idle);
+            if let Some(idle) = this.idle {
+                this.sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + *idle);
+            }
             return std::task::Poll::Ready(frame);
         }
         match std::future::Future::poll(this.sleep, cx) {
             std::task::Poll::Ready(()) => {
                 tracing::debug!("{}", this.what);
-                std::task::Poll::Ready(Some(Err(Box::new(IdleBody(this.what.clone())))))
+                std::task::Poll::Ready(Some(Err(Box::new(TimedOut(this.what.clone())))))
             }
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
@@ -173,66 +189,14 @@ impl http_body::Body for Idle {
     }
 }
 
-/// The error of an [`Idle`] body that waited too long.
+/// The error of a [`Timed`] body whose time was up.
 #[derive(Debug)]
-pub struct IdleBody(pub String);
+pub struct TimedOut(pub String);
 
-impl std::fmt::Display for IdleBody {
+impl std::fmt::Display for TimedOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
 }
 
-impl std::error::Error for IdleBody {}
-
-pin_project_lite::pin_project! {
-    /// A body that fails (cutting the response) if it is not over by a
-    /// deadline: the route's timeouts cover the whole response.
-    pub struct Deadline {
-        #[pin]
-        inner: Body,
-        #[pin]
-        sleep: tokio::time::Sleep,
-        what: String,
-    }
-}
-
-impl Deadline {
-    pub fn new(inner: Body, until: tokio::time::Instant, what: String) -> Self {
-        Self {
-            inner,
-            sleep: tokio::time::sleep_until(until),
-            what,
-        }
-    }
-}
-
-impl http_body::Body for Deadline {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            return std::task::Poll::Ready(frame);
-        }
-        match std::future::Future::poll(this.sleep, cx) {
-            std::task::Poll::Ready(()) => {
-                tracing::debug!("{}", this.what);
-                std::task::Poll::Ready(Some(Err(this.what.clone().into())))
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+impl std::error::Error for TimedOut {}

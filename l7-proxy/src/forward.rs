@@ -90,7 +90,7 @@ pub(crate) async fn handle(
         body
     } else {
         let idle = shared.settings.request_body_idle_timeout();
-        boxed(crate::body::Idle::new(
+        boxed(crate::body::Timed::idle(
             body,
             idle,
             format!("the request body sent nothing for {idle:?}"),
@@ -420,7 +420,7 @@ async fn route_request(
                 ReqBody::Once(Some(b))
             }
             Some(Err(e)) => {
-                let status = if e.is::<crate::body::IdleBody>() {
+                let status = if e.is::<crate::body::TimedOut>() {
                     StatusCode::REQUEST_TIMEOUT
                 } else {
                     StatusCode::BAD_REQUEST
@@ -543,7 +543,7 @@ async fn route_request(
                             .min();
                         let resp = match until {
                             Some(until) => resp.map(|b| {
-                                crate::body::boxed(crate::body::Deadline::new(
+                                crate::body::boxed(crate::body::Timed::deadline(
                                     b,
                                     until,
                                     format!(

@@ -441,6 +441,13 @@ fn route_problems_are_config_errors_and_route_infos_without_a_status_writer() {
     assert_eq!(rules[0].backends.len(), 2);
 }
 
+/// The SPIFFE ID the mesh view gives the first endpoint of Service `a`.
+fn endpoint_identity_of_a(f: &Fixture) -> Option<String> {
+    let mesh = f.rx.mesh.borrow().clone();
+    let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
+    a.ports[0].endpoints[0].identity.clone()
+}
+
 #[test]
 fn a_terminating_pod_stays_in_the_mesh_and_a_finished_one_gives_up_its_ip() {
     let mut f = fixture();
@@ -455,13 +462,8 @@ fn a_terminating_pod_stays_in_the_mesh_and_a_finished_one_gives_up_its_ip() {
     objs.extend([Object::Pod(web.clone()), Object::Pod(job)]);
     f.upsert(objs);
     f.sync();
-    let endpoint_identity = |f: &Fixture| {
-        let mesh = f.rx.mesh.borrow().clone();
-        let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
-        a.ports[0].endpoints[0].identity.clone()
-    };
     assert_eq!(
-        endpoint_identity(&f).as_deref(),
+        endpoint_identity_of_a(&f).as_deref(),
         Some("spiffe://cluster.local/ns/shop/sa/web"),
         "the running pod owns 10.0.0.1"
     );
@@ -500,14 +502,9 @@ fn an_address_two_pods_claim_goes_to_the_live_one_then_the_local_one() {
     objs.extend([Object::Pod(web), Object::Pod(gone)]);
     f.upsert(objs);
     f.sync();
-    let endpoint_identity = |f: &Fixture| {
-        let mesh = f.rx.mesh.borrow().clone();
-        let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
-        a.ports[0].endpoints[0].identity.clone()
-    };
     let web_id = Some("spiffe://cluster.local/ns/shop/sa/web");
     assert_eq!(
-        endpoint_identity(&f).as_deref(),
+        endpoint_identity_of_a(&f).as_deref(),
         web_id,
         "the live pod owns 10.0.0.1"
     );
@@ -516,7 +513,7 @@ fn an_address_two_pods_claim_goes_to_the_live_one_then_the_local_one() {
     // this node's own pod keeps it, and with it its identity.
     let stale = workload("zz", "stale", "intruder", "10.0.0.1", "n2");
     f.upsert(vec![Object::Pod(stale)]);
-    assert_eq!(endpoint_identity(&f).as_deref(), web_id);
+    assert_eq!(endpoint_identity_of_a(&f).as_deref(), web_id);
     let view = f.rx.view.borrow().clone();
     let ips = |name: &str| {
         view.workloads
