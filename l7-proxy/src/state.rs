@@ -220,13 +220,18 @@ impl State {
         Upstream {
             addr,
             target: target_value(addr),
-            label: label_of(
-                addr,
-                w.node_proxy
-                    .is_some()
-                    .then_some(())
-                    .and(w.identity.as_ref()),
-            ),
+            // The port is the caller's choice: without an identity the
+            // label names the workload, not `ip:port` (one series per port
+            // a caller tries would be unbounded).
+            label: match w
+                .node_proxy
+                .is_some()
+                .then_some(())
+                .and(w.identity.as_ref())
+            {
+                Some(id) => Label::from(id.as_ref()),
+                None => Label::from(w.id.to_string()),
+            },
             tunnel: match (&w.node_proxy, &w.identity) {
                 (Some(node), Some(identity)) => Some(TunnelPeer {
                     node: *node,
@@ -282,5 +287,39 @@ fn upstream_of(e: &Endpoint, port: u16) -> Upstream {
             _ => None,
         },
         workload: e.workload.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ObjectRef;
+
+    #[test]
+    fn a_workload_reached_by_address_is_labelled_by_identity_or_name_never_by_port() {
+        let plain = Workload {
+            ip: "10.0.0.9".parse().unwrap(),
+            id: ObjectRef::new("legacy", "db-0"),
+            node_proxy: None,
+            identity: None,
+        };
+        // Callers choose the port: one series per port would be unbounded.
+        let labels: Vec<Label> = [5432, 5433, 65000]
+            .into_iter()
+            .map(|p| State::workload_upstream(&plain, p).label)
+            .collect();
+        assert!(
+            labels.iter().all(|l| *l == Label::from("legacy/db-0")),
+            "{labels:?}"
+        );
+        let meshed = Workload {
+            node_proxy: Some("10.1.0.1:15008".parse().unwrap()),
+            identity: Some("spiffe://cluster.local/ns/legacy/sa/db".parse().unwrap()),
+            ..plain
+        };
+        assert_eq!(
+            State::workload_upstream(&meshed, 5432).label,
+            Label::from("spiffe://cluster.local/ns/legacy/sa/db")
+        );
     }
 }
