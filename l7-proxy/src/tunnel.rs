@@ -199,9 +199,16 @@ impl TunnelPool {
         let (resp, send) = self
             .open_stream(&conn, key, Request::from_parts(parts, ()), eos)
             .await?;
+        // The stream counts as open until both its response body and its
+        // request body (which may go on after the response) are done.
+        let guard = Arc::new(guard);
         if !eos {
             // The body goes on while the response comes back (streaming).
-            tokio::spawn(crate::h2stream::pipe(body, send));
+            let held = guard.clone();
+            tokio::spawn(async move {
+                crate::h2stream::pipe(body, send).await;
+                drop(held);
+            });
         }
         let resp = resp.await.map_err(|source| TunnelError::Http2 {
             node: key.node,
@@ -631,11 +638,11 @@ async fn keep_alive(mut pings: h2::PingPong) -> String {
 
 pin_project_lite::pin_project! {
     /// A response body from the tunnel; its stream counts as open until the
-    /// body is dropped.
+    /// body is dropped (and the request body is sent).
     pub struct TunnelBody {
         #[pin]
         inner: RecvBody,
-        _guard: StreamGuard,
+        _guard: Arc<StreamGuard>,
     }
 }
 

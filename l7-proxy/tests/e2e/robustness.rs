@@ -282,3 +282,74 @@ async fn a_tunnel_peer_that_stops_reading_is_cut_off() {
     .await;
     mesh.shutdown().await;
 }
+
+/// An HTTP/1.1 workload that answers `ok` as soon as a request head is in,
+/// and goes on reading whatever body follows.
+async fn early_answer_server(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    // Answer each head as it completes (keep-alive).
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_counts_until_its_request_body_is_sent_not_only_its_response() {
+    // One stream per tunnel connection, on both sides.
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.tunnel_max_streams = 1;
+    })
+    .await;
+    let addr = early_answer_server(cart(0).ip).await;
+    let mut svc = mesh.service("cart", 1, addr.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("http".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    // An upload the workload answers at once; its body keeps its stream
+    // open on the tunnel after the answer.
+    let mut upload = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    upload
+        .write_all(b"POST /up HTTP/1.1\r\nhost: cart\r\ncontent-length: 1000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let answer = read_n(&mut upload, 40).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    // Another request needs another stream: the pool must not count the
+    // upload's as free (its peer would not take a second one).
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), c.get("/next"))
+        .await
+        .expect("the second request waited for the upload's stream");
+    assert_eq!(r.status, 200);
+    assert_eq!(mesh.a.proxy().tunnel_connections(), 2);
+    drop(upload);
+    mesh.shutdown().await;
+}
