@@ -821,10 +821,7 @@ async fn send_once(
                     retryable: e.is_connect(),
                     reason: format!("sending to {}: {e}", up.addr),
                 })?;
-            // Only the mesh's proxies may speak for the mesh.
-            let (mut rp, rb) = resp.into_parts();
-            remove_mesh_headers(&mut rp.headers);
-            Ok(Response::from_parts(rp, boxed(rb)))
+            Ok(resp.map(boxed))
         }
     }
 }

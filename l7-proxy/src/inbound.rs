@@ -699,7 +699,6 @@ async fn handle_http(
             .map_err(|e| (StatusCode::BAD_GATEWAY, format!("sending to {target}: {e}")))?;
         let (mut rp, rb) = resp.into_parts();
         strip_hop_by_hop(&mut rp.headers);
-        remove_mesh_headers(&mut rp.headers);
         Ok(Response::from_parts(rp, boxed(rb)))
     }
     .await;

@@ -93,8 +93,21 @@ impl WorkloadClients {
     }
 
     /// Sends `req` to the workload at `addr`, speaking `proto`. The request's
-    /// authority (or Host header) stays what the workload sees as its host.
+    /// authority (or Host header) stays what the workload sees as its host;
+    /// the mesh's own (`sluice-`) headers are taken out of the answer.
     pub async fn send(
+        &self,
+        addr: SocketAddr,
+        proto: Protocol,
+        req: Request<Body>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let mut resp = self.send_as(addr, proto, req).await?;
+        // A workload's answer cannot speak for the mesh.
+        crate::body::remove_mesh_headers(resp.headers_mut());
+        Ok(resp)
+    }
+
+    async fn send_as(
         &self,
         addr: SocketAddr,
         proto: Protocol,
@@ -202,8 +215,8 @@ impl WorkloadClients {
     fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
         let mut pools = self.inner.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = pools.get_mut(&addr)?;
-        let idle = self.inner.idle;
-        list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle);
+        let (idle, now) = (self.inner.idle, Instant::now());
+        list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let ready = list
             .iter_mut()

@@ -202,6 +202,17 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Deaf<S> {
     }
 }
 
+/// Publishes Service `cart` (HTTP) with cart-0 serving on `addr`.
+async fn publish_http_cart(mesh: &Mesh, addr: SocketAddr) {
+    let mut svc = mesh.service("cart", 1, addr.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("http".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+}
+
 /// An HTTP/1.1 workload answering every request with an endless body.
 async fn endless_server(ip: std::net::IpAddr) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
@@ -233,13 +244,7 @@ async fn a_tunnel_peer_that_stops_reading_is_cut_off() {
     })
     .await;
     let addr = endless_server(cart(0).ip).await;
-    let mut svc = mesh.service("cart", 1, addr.port(), &[cart(0)]);
-    svc.ports[0].app_protocol = Some("http".into());
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    publish_http_cart(&mesh, addr).await;
     // A peer proxy with web's certificate that grants any amount of window,
     // takes the first bytes of an endless response, then reads no more.
     let tls = peer_tls(&mesh).await;
@@ -326,13 +331,7 @@ async fn a_stream_counts_until_its_request_body_is_sent_not_only_its_response() 
     })
     .await;
     let addr = early_answer_server(cart(0).ip).await;
-    let mut svc = mesh.service("cart", 1, addr.port(), &[cart(0)]);
-    svc.ports[0].app_protocol = Some("http".into());
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    publish_http_cart(&mesh, addr).await;
     // An upload the workload answers at once; its body keeps its stream
     // open on the tunnel after the answer.
     let mut upload = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;

@@ -472,15 +472,14 @@ pub fn router(admin: Arc<Admin>) -> Router {
             get(|State(a): State<Arc<Admin>>| async move {
                 document(&a, |s| {
                     let mut check = s.check();
+                    let (outcome, detail) = match a.unhealthy() {
+                        None => (Outcome::Pass, "the reconciler and the source run".into()),
+                        Some(why) => (Outcome::Fail, why),
+                    };
                     check.checks.push(CheckResult {
                         name: "agent: health".into(),
-                        outcome: match a.unhealthy() {
-                            None => Outcome::Pass,
-                            Some(_) => Outcome::Fail,
-                        },
-                        detail: a
-                            .unhealthy()
-                            .unwrap_or_else(|| "the reconciler and the source run".into()),
+                        outcome,
+                        detail,
                     });
                     check
                 })
