@@ -18,6 +18,7 @@ pub mod conntable;
 mod drain;
 pub mod filters;
 pub mod forward;
+pub mod h1client;
 pub mod h2stream;
 pub mod identity;
 pub mod inbound;

@@ -1,9 +1,10 @@
 //! Plaintext HTTP towards workloads: local workloads on the inbound side, and
 //! endpoints outside the mesh on the outbound side.
 //!
-//! A small pool of hyper connections: HTTP/1.1 connections carry one request
-//! at a time and go back to the pool when the response body has been read to
-//! its end; HTTP/2 (prior knowledge) has one shared connection per workload.
+//! A small pool of connections: HTTP/1.1 connections ([`crate::h1client`],
+//! driven by the request itself) carry one request at a time and go back to
+//! the pool when the exchange has ended cleanly; HTTP/2 (prior knowledge,
+//! hyper) has one shared connection per workload.
 //! Idle connections are closed after the settings' workload idle timeout.
 
 use std::{
@@ -17,14 +18,16 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri, Version, uri::PathAndQuery};
-use hyper::{
-    body::Incoming,
-    client::conn::{http1, http2},
-};
+use hyper::{body::Incoming, client::conn::http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
-use crate::{body::Body, config::ProxySettings, sniff::Protocol};
+use crate::{
+    body::{Body, BoxError},
+    config::ProxySettings,
+    h1client::{self, Conn},
+    sniff::Protocol,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -40,6 +43,8 @@ pub enum UpstreamError {
     },
     #[error("{source}")]
     Http { source: hyper::Error },
+    #[error("{source}")]
+    Http1 { source: h1client::Error },
 }
 
 impl UpstreamError {
@@ -73,7 +78,7 @@ struct Pools {
 }
 
 struct IdleConn {
-    sender: http1::SendRequest<Body>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -131,7 +136,7 @@ impl WorkloadClients {
                     .await
                     .map_err(|source| UpstreamError::Http { source })?;
                 Ok(resp.map(|b| UpstreamBody {
-                    inner: b,
+                    inner: Inner::H2(b),
                     back: None,
                 }))
             }
@@ -161,89 +166,76 @@ impl WorkloadClients {
         addr: SocketAddr,
         req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let mut req = req;
-        // A pooled connection the workload closed meanwhile gives the request
-        // back unsent; it then goes on a new connection.
-        while let Some(mut sender) = self.idle_h1(addr) {
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.pooled(addr, sender, resp)),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => {
-                        return Err(UpstreamError::Http {
-                            source: e.into_error(),
-                        });
-                    }
-                },
+        let max_head = (self.inner.max_header_bytes as usize).max(8192);
+        let mut req = h1client::Prepared::new(req);
+        if let Some(conn) = self.idle_h1(addr) {
+            let replay = req.replay();
+            match h1client::send(conn, req, max_head).await {
+                Ok(resp) => return Ok(self.pooled(addr, resp)),
+                // The workload closed the idle connection as the request
+                // went out: a request that is all head goes again on a new
+                // connection.
+                Err(e) if e.closed_before_response() && replay.is_some() => {
+                    req = replay.expect("checked");
+                }
+                Err(source) => return Err(UpstreamError::Http1 { source }),
             }
         }
         // Boxed: dialling is rare, and its state would otherwise sit in
         // every request's future.
-        let mut sender = Box::pin(self.dial_h1(addr)).await?;
-        let resp = sender
-            .send_request(req)
+        let conn = Box::pin(self.dial_h1(addr)).await?;
+        let resp = h1client::send(conn, req, max_head)
             .await
-            .map_err(|source| UpstreamError::Http { source })?;
-        Ok(self.pooled(addr, sender, resp))
+            .map_err(|source| UpstreamError::Http1 { source })?;
+        Ok(self.pooled(addr, resp))
     }
 
     fn pooled(
         &self,
         addr: SocketAddr,
-        sender: http1::SendRequest<Body>,
-        resp: Response<Incoming>,
+        resp: Response<h1client::ResponseBody>,
     ) -> Response<UpstreamBody> {
         let back = Some(ReturnTo {
             pools: Arc::downgrade(&self.inner),
             addr,
-            sender,
         });
-        let mut resp = resp.map(|b| UpstreamBody { inner: b, back });
+        let mut resp = resp.map(|b| UpstreamBody {
+            inner: Inner::H1(b),
+            back,
+        });
         // A response without a body (`204`, `304`, a `HEAD`) is done at once.
         if http_body::Body::is_end_stream(resp.body()) {
-            give_back(&mut resp.body_mut().back);
+            resp.body_mut().give_back();
         }
         resp
     }
 
     /// A pooled connection to `addr` that can take a request now, the most
-    /// recently used first. A connection goes back to the pool when its
-    /// response has been read, which can be before its request body has
-    /// been sent (a workload answering an upload early): such a connection
-    /// stays pooled until it is ready, is never waited for (its caller may
-    /// never finish the body), and leaves with the idle timeout.
-    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    /// recently used first. A connection goes back to the pool only when its
+    /// exchange ended cleanly: request sent, response read to its end.
+    fn idle_h1(&self, addr: SocketAddr) -> Option<Conn> {
         let mut pools = self.inner.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = pools.get_mut(&addr)?;
         let (idle, now) = (self.inner.idle, Instant::now());
-        list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let ready = list
-            .iter_mut()
-            .rposition(|c| matches!(c.sender.poll_ready(&mut cx), Poll::Ready(Ok(()))));
-        let sender = ready.map(|i| list.remove(i).sender);
+        let mut found = None;
+        while let Some(mut c) = list.pop() {
+            if now.duration_since(c.since) < idle && c.conn.is_usable() {
+                found = Some(c.conn);
+                break;
+            }
+        }
         if list.is_empty() {
             pools.remove(&addr);
         }
-        sender
+        found
     }
 
-    async fn dial_h1(&self, addr: SocketAddr) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    async fn dial_h1(&self, addr: SocketAddr) -> Result<Conn, UpstreamError> {
         let tcp = crate::connect::connect(addr, self.inner.mark, self.inner.connect_timeout)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
-        let (sender, conn) = http1::Builder::new()
-            .max_buf_size((self.inner.max_header_bytes as usize).max(8192))
-            .handshake::<_, Body>(TokioIo::new(tcp))
-            .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, "connection to workload ended: {e}");
-            }
-        });
         self.start_reaper();
-        Ok(sender)
+        Ok(Conn::new(tcp))
     }
 
     async fn h2_sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, UpstreamError> {
@@ -313,7 +305,7 @@ impl WorkloadClients {
                 let Some(p) = pools.upgrade() else { return };
                 let mut h1 = p.h1.lock().unwrap_or_else(|e| e.into_inner());
                 h1.retain(|_, list| {
-                    list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle);
+                    list.retain_mut(|c| c.since.elapsed() < idle && c.conn.is_usable());
                     !list.is_empty()
                 });
                 drop(h1);
@@ -325,67 +317,83 @@ impl WorkloadClients {
     }
 }
 
-/// Puts an HTTP/1.1 connection back into its pool once its response is read.
+/// Where an HTTP/1.1 connection goes back to once its exchange has ended.
 struct ReturnTo {
     pools: Weak<Pools>,
     addr: SocketAddr,
-    sender: http1::SendRequest<Body>,
 }
 
-pin_project_lite::pin_project! {
-    /// A workload's response body. An HTTP/1.1 connection returns to the pool
-    /// when the body has been read to its end (a body dropped before that
-    /// takes its connection with it).
-    pub struct UpstreamBody {
-        #[pin]
-        inner: Incoming,
-        back: Option<ReturnTo>,
-    }
+/// A workload's response body. An HTTP/1.1 connection returns to the pool
+/// when the exchange has ended cleanly (a body dropped before that takes its
+/// connection with it).
+pub struct UpstreamBody {
+    inner: Inner,
+    back: Option<ReturnTo>,
 }
 
-fn give_back(back: &mut Option<ReturnTo>) {
-    if let Some(r) = back.take()
-        && let Some(pools) = r.pools.upgrade()
-        && !r.sender.is_closed()
-    {
-        pools
-            .h1
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(r.addr)
-            .or_default()
-            .push(IdleConn {
-                sender: r.sender,
-                since: Instant::now(),
-            });
+enum Inner {
+    H1(h1client::ResponseBody),
+    H2(Incoming),
+}
+
+impl UpstreamBody {
+    fn give_back(&mut self) {
+        let (Some(r), Inner::H1(body)) = (self.back.take(), &mut self.inner) else {
+            return;
+        };
+        if let Some(pools) = r.pools.upgrade()
+            && let Some(conn) = body.take_idle()
+        {
+            pools
+                .h1
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(r.addr)
+                .or_default()
+                .push(IdleConn {
+                    conn,
+                    since: Instant::now(),
+                });
+        }
     }
 }
 
 impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let r = this.inner.as_mut().poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => give_back(this.back),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => give_back(this.back),
-            Poll::Ready(Some(Err(_))) => *this.back = None,
-            _ => {}
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::H1(b) => {
+                let r = Pin::new(&mut *b).poll_frame(cx);
+                match &r {
+                    Poll::Ready(None) => this.give_back(),
+                    Poll::Ready(Some(Ok(_))) if b.is_end_stream() => this.give_back(),
+                    Poll::Ready(Some(Err(_))) => this.back = None,
+                    _ => {}
+                }
+                r.map_err(Into::into)
+            }
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
+        }
     }
 }
 
@@ -545,6 +553,62 @@ mod tests {
         let c = WorkloadClients::new(&ProxySettings::default());
         assert_eq!(get(&c, addr, "/a").await, "conn 1 /a");
         assert_eq!(get(&c, addr, "/b").await, "conn 2 /b");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A workload that answers the first request on each connection and
+    /// then, as if its idle timeout struck just as the next request came,
+    /// closes the connection without answering it. Counts connections.
+    async fn closes_on_second_request() -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    // One read holds a whole small request.
+                    if tcp.read(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let body = format!("conn {n}");
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                    tcp.write_all(format!("{head}{body}").as_bytes())
+                        .await
+                        .unwrap();
+                    let _ = tcp.read(&mut buf).await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_get_the_workload_dropped_on_a_reused_connection_goes_again_but_a_post_does_not() {
+        let (addr, accepted) = closes_on_second_request().await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        assert_eq!(get(&c, addr, "/a").await, "conn 1");
+        // Conn 1 is pooled and looks open; the workload drops the request.
+        assert_eq!(get(&c, addr, "/b").await, "conn 2");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A POST may have been acted on: its error is the caller's to see.
+        let post = Request::builder()
+            .method(http::Method::POST)
+            .uri("http://cart.shop/order")
+            .body(crate::body::full("item=1"))
+            .unwrap();
+        let Err(err) = c.send(addr, Protocol::Http1, post).await else {
+            panic!("a POST on a connection the workload dropped was answered");
+        };
+        assert!(!err.is_connect(), "{err}");
+        assert!(
+            err.to_string()
+                .contains("closed the connection before answering"),
+            "{err}"
+        );
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 

@@ -1,0 +1,1348 @@
+//! HTTP/1.1 towards a workload, without a task of its own.
+//!
+//! hyper's client runs every connection as a task and hands requests and
+//! responses to it through channels: three task hand-offs per request on the
+//! inbound side's critical path, and about a quarter of the proxy's
+//! instructions per request. Here the request's own future writes the request
+//! and reads the response head, and the response body reads the rest from the
+//! socket as the caller polls it. A connection carries one exchange at a time
+//! and is reusable once both the request and the response have been carried
+//! to their ends ([`ResponseBody::take_idle`]).
+//!
+//! Framing follows RFC 9112: the request body goes with its known length or
+//! chunked; the response body is delimited by `HEAD`/1xx/204/304, then
+//! `Transfer-Encoding`, then `Content-Length`, else by the connection's end.
+//! Everything read from the workload is bounded: the response head by
+//! `max_head` bytes and 100 header lines, a chunk-size line by 4 KiB.
+
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice},
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, header,
+};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::{io::AsyncWrite, net::TcpStream};
+
+use crate::body::{Body, BoxError};
+
+/// Header lines in a response head or a trailer section (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// A chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Request body bytes queued before the socket must take some.
+const WRITE_QUEUE: usize = 64 * 1024;
+/// How long the rest of an upload the workload has already answered may
+/// take (neither the caller nor the workload may ever finish it).
+const UPLOAD_AFTER_ANSWER: std::time::Duration = std::time::Duration::from_secs(300);
+/// Read-buffer growth per read.
+const READ_CHUNK: usize = 8 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the workload closed the connection before answering")]
+    ClosedBeforeResponse,
+    #[error("the workload closed the connection in the middle of its response body")]
+    ClosedInBody,
+    #[error("the workload's response head is larger than {0} bytes")]
+    HeadTooLarge(usize),
+    #[error("the workload's response is not valid HTTP/1.1: {0}")]
+    Invalid(&'static str),
+    #[error("the workload answered 101 Switching Protocols to a request that asked for no upgrade")]
+    UnaskedUpgrade,
+    #[error("the request body failed: {0}")]
+    RequestBody(BoxError),
+    #[error("the request body does not match its content-length ({0} bytes)")]
+    RequestBodyLength(u64),
+}
+
+impl Error {
+    /// Nothing of a response arrived because the connection was already
+    /// gone: on a reused connection, the workload had closed it while idle.
+    pub fn closed_before_response(&self) -> bool {
+        match self {
+            Error::ClosedBeforeResponse => true,
+            Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// An open connection to a workload, between exchanges.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    rbuf: BytesMut,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Self {
+        Self {
+            io,
+            rbuf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can take a request: the workload has not
+    /// closed it and sent nothing unasked. Does not wait.
+    pub fn is_usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readiness can be left over from the last read: look.
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    /// No body.
+    None,
+    /// `Content-Length`, with the bytes still to come.
+    Length(u64),
+    Chunked,
+}
+
+/// The request side of an exchange: bytes queued for the socket and the
+/// body still to be read from the caller.
+struct Outgoing {
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    body: Option<Body>,
+    framing: Framing,
+    /// The body was sent to its end and the queue written.
+    done: bool,
+    /// Writing failed; the response may still arrive (a workload that
+    /// answers an upload early and closes).
+    failed: Option<Error>,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("queued", &self.queued)
+            .field("framing", &self.framing)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outgoing {
+    fn push(&mut self, b: Bytes) {
+        self.queued += b.len();
+        self.queue.push_back(b);
+    }
+
+    fn poll_flush(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.queue.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let n = self
+                .queue
+                .iter()
+                .zip(slices.iter_mut())
+                .map(|(b, s)| *s = IoSlice::new(b))
+                .count();
+            let mut written = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.queued -= written;
+            while written > 0 {
+                let front = self.queue.front_mut().expect("written bytes were queued");
+                if written >= front.len() {
+                    written -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Carries the request forward as far as the socket and the caller's
+    /// body allow. `Ready(())` once it is done or has failed.
+    fn poll_send(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<()> {
+        if self.done || self.failed.is_some() {
+            return Poll::Ready(());
+        }
+        match self.poll_send_inner(io, cx) {
+            Poll::Ready(Ok(())) => {
+                self.done = true;
+                Poll::Ready(())
+            }
+            Poll::Ready(Err(e)) => {
+                self.body = None;
+                self.queue.clear();
+                self.failed = Some(e);
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_send_inner(
+        &mut self,
+        io: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
+        loop {
+            let flushed = self.poll_flush(io, cx)?.is_ready();
+            let Some(body) = self.body.as_mut() else {
+                return if flushed {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            };
+            if self.queued >= WRITE_QUEUE {
+                return Poll::Pending;
+            }
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => self.push_data(data)?,
+                    Err(frame) => {
+                        // Trailers go only where the framing has room.
+                        if let (Ok(trailers), Framing::Chunked) =
+                            (frame.into_trailers(), self.framing)
+                        {
+                            self.body = None;
+                            let mut end = b"0\r\n".to_vec();
+                            encode_fields(&mut end, &trailers);
+                            end.extend_from_slice(b"\r\n");
+                            self.push(Bytes::from(end));
+                        }
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::RequestBody(e))),
+                Poll::Ready(None) => {
+                    self.body = None;
+                    match self.framing {
+                        Framing::Chunked => self.push(Bytes::from_static(b"0\r\n\r\n")),
+                        Framing::Length(0) | Framing::None => {}
+                        Framing::Length(_) => {
+                            return Poll::Ready(Err(self.length_mismatch()));
+                        }
+                    }
+                }
+                // Both wakers are set: the body's, and the socket's when the
+                // queue is not written yet.
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn length_mismatch(&self) -> Error {
+        Error::RequestBodyLength(match self.framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        })
+    }
+
+    fn push_data(&mut self, data: Bytes) -> Result<(), Error> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.framing {
+            Framing::None => return Err(Error::RequestBodyLength(0)),
+            Framing::Length(left) => {
+                if data.len() as u64 > *left {
+                    return Err(Error::RequestBodyLength(*left));
+                }
+                *left -= data.len() as u64;
+                self.push(data);
+            }
+            Framing::Chunked => {
+                self.push(Bytes::from(format!("{:x}\r\n", data.len())));
+                self.push(data);
+                self.push(Bytes::from_static(b"\r\n"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `name: value\r\n` lines.
+fn encode_fields(out: &mut Vec<u8>, h: &HeaderMap) {
+    for (k, v) in h {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Methods whose request defines a meaning for enclosed content: an empty
+/// body still says `content-length: 0`.
+fn expects_body(m: &Method) -> bool {
+    !matches!(
+        *m,
+        Method::GET
+            | Method::HEAD
+            | Method::DELETE
+            | Method::OPTIONS
+            | Method::CONNECT
+            | Method::TRACE
+    )
+}
+
+/// A request ready for the wire: its head encoded, its body to follow.
+pub struct Prepared {
+    head: Bytes,
+    body: Option<Body>,
+    framing: Framing,
+    head_request: bool,
+    /// The request said `connection: close`.
+    close: bool,
+    idempotent: bool,
+}
+
+impl Prepared {
+    /// The request's URI goes out as it is (the caller makes it origin
+    /// form), its headers as they are but for the framing ones, which follow
+    /// the body: its exact length, else chunked.
+    pub fn new(req: Request<Body>) -> Self {
+        let (mut parts, body) = req.into_parts();
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let framing = if http_body::Body::is_end_stream(&body) {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            if expects_body(&parts.method) {
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+                Framing::Length(0)
+            } else {
+                Framing::None
+            }
+        } else if let Some(n) = http_body::Body::size_hint(&body).exact().or(declared) {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            Framing::Length(n)
+        } else {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+            Framing::Chunked
+        };
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut head = Vec::with_capacity(128 + 48 * parts.headers.len());
+        head.extend_from_slice(parts.method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        encode_fields(&mut head, &parts.headers);
+        head.extend_from_slice(b"\r\n");
+        Prepared {
+            head: Bytes::from(head),
+            body: (framing != Framing::None).then_some(body),
+            framing,
+            head_request: parts.method == Method::HEAD,
+            close: has_token(&parts.headers, header::CONNECTION, "close"),
+            idempotent: parts.method.is_idempotent(),
+        }
+    }
+
+    /// The same request again, for a new connection after a reused one
+    /// turned out closed: only for an idempotent request without a body,
+    /// which is all in its head.
+    pub fn replay(&self) -> Option<Prepared> {
+        (self.idempotent && self.body.is_none()).then(|| Prepared {
+            head: self.head.clone(),
+            body: None,
+            framing: self.framing,
+            head_request: self.head_request,
+            close: self.close,
+            idempotent: self.idempotent,
+        })
+    }
+}
+
+/// One request on `conn`, up to its response head; the response body reads
+/// the rest.
+pub async fn send(
+    conn: Conn,
+    req: Prepared,
+    max_head: usize,
+) -> Result<Response<ResponseBody>, Error> {
+    let mut ex = Exchange {
+        conn,
+        out: Outgoing {
+            queue: VecDeque::with_capacity(4),
+            queued: 0,
+            body: req.body,
+            framing: req.framing,
+            done: false,
+            failed: None,
+        },
+        dec: Decoder {
+            max_head,
+            head_request: req.head_request,
+            close: req.close,
+        },
+    };
+    ex.out.push(req.head);
+    let (resp, mode) = std::future::poll_fn(|cx| ex.poll_head(cx)).await?;
+    Ok(resp.map(|()| ResponseBody {
+        ex: Some(Box::new(ex)),
+        mode,
+    }))
+}
+
+#[derive(Debug)]
+struct Exchange {
+    conn: Conn,
+    out: Outgoing,
+    dec: Decoder,
+}
+
+/// What reading a response needs to know of its request; reads only from
+/// a buffer, so that it can be fuzzed without a socket.
+#[derive(Debug, Clone, Copy)]
+pub struct Decoder {
+    pub max_head: usize,
+    /// A `HEAD` request: the response has no body.
+    pub head_request: bool,
+    /// The request said `connection: close`.
+    pub close: bool,
+}
+
+impl Exchange {
+    /// Sends what can be sent, then reads until a final response head.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<(Response<()>, Mode), Error>> {
+        loop {
+            let _ = self.out.poll_send(&mut self.conn.io, cx);
+            if !self.conn.rbuf.is_empty()
+                && let Some(head) = self.dec.parse_head(&mut self.conn.rbuf)?
+            {
+                return Poll::Ready(Ok(head));
+            }
+            match ready!(self.poll_read(cx)) {
+                Ok(0) => {
+                    // The request may have failed to go out for the same
+                    // reason: say so.
+                    return Poll::Ready(Err(match self.out.failed.take() {
+                        Some(e @ Error::Io(_)) => e,
+                        _ if self.conn.rbuf.is_empty() => Error::ClosedBeforeResponse,
+                        _ => Error::Invalid("the connection ended inside the response head"),
+                    }));
+                }
+                Ok(_) => {}
+                // Part of a head arrived: the workload saw the request.
+                Err(_) if !self.conn.rbuf.is_empty() => {
+                    return Poll::Ready(Err(Error::Invalid(
+                        "the connection failed inside the response head",
+                    )));
+                }
+                Err(e) => return Poll::Ready(Err(self.out.failed.take().unwrap_or(Error::Io(e)))),
+            }
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let rbuf = &mut self.conn.rbuf;
+        if rbuf.capacity() - rbuf.len() < 1024 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.conn.io), cx, rbuf)
+    }
+}
+
+impl Decoder {
+    /// A final response head from the read buffer, if complete; 1xx
+    /// interim responses are passed over.
+    pub fn parse_head(&self, rbuf: &mut BytesMut) -> Result<Option<(Response<()>, Mode)>, Error> {
+        loop {
+            let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut lines);
+            let n = match parsed.parse(rbuf) {
+                Ok(httparse::Status::Complete(n)) if n > self.max_head => {
+                    return Err(Error::HeadTooLarge(self.max_head));
+                }
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) if rbuf.len() > self.max_head => {
+                    return Err(Error::HeadTooLarge(self.max_head));
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(Error::Invalid("more than 100 header lines"));
+                }
+                Err(_) => return Err(Error::Invalid("malformed response head")),
+            };
+            let code = parsed.code.expect("a complete head has a status");
+            let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code"))?;
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(Error::UnaskedUpgrade);
+            }
+            if status.is_informational() {
+                rbuf.advance(n);
+                continue;
+            }
+            let version = if parsed.version == Some(0) {
+                Version::HTTP_10
+            } else {
+                Version::HTTP_11
+            };
+            let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+            for h in parsed.headers.iter() {
+                let name = HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| Error::Invalid("header name"))?;
+                let value =
+                    HeaderValue::from_bytes(h.value).map_err(|_| Error::Invalid("header value"))?;
+                headers.append(name, value);
+            }
+            rbuf.advance(n);
+            let mode = self.body_mode(status, version, &headers)?;
+            let mut resp = Response::new(());
+            *resp.status_mut() = status;
+            *resp.version_mut() = version;
+            *resp.headers_mut() = headers;
+            return Ok(Some((resp, mode)));
+        }
+    }
+
+    fn body_mode(
+        &self,
+        status: StatusCode,
+        version: Version,
+        h: &HeaderMap,
+    ) -> Result<Mode, Error> {
+        let reuse = version == Version::HTTP_11
+            && !self.close
+            && !has_token(h, header::CONNECTION, "close");
+        if self.head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Mode::Empty { reuse });
+        }
+        if let Some(te) = h.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+            // Both framings named: the connection is not trusted after.
+            let reuse = reuse && !h.contains_key(header::CONTENT_LENGTH);
+            let last = te
+                .to_str()
+                .ok()
+                .and_then(|v| v.rsplit(',').next())
+                .map(str::trim);
+            return Ok(if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+                Mode::Chunked {
+                    state: Chunk::Size,
+                    reuse,
+                }
+            } else {
+                Mode::Eof
+            });
+        }
+        let mut length = None;
+        for v in h.get_all(header::CONTENT_LENGTH) {
+            for part in v
+                .to_str()
+                .map_err(|_| Error::Invalid("content-length"))?
+                .split(',')
+            {
+                let n: u64 = part
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::Invalid("content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(Error::Invalid("conflicting content-length values"));
+                }
+                length = Some(n);
+            }
+        }
+        Ok(match length {
+            Some(n) => Mode::Length { left: n, reuse },
+            None => Mode::Eof,
+        })
+    }
+}
+
+/// How the response body ends.
+#[derive(Debug)]
+pub enum Mode {
+    Empty {
+        reuse: bool,
+    },
+    Length {
+        left: u64,
+        reuse: bool,
+    },
+    Chunked {
+        state: Chunk,
+        reuse: bool,
+    },
+    /// Until the workload closes the connection.
+    Eof,
+    /// Read to its end.
+    Done {
+        reuse: bool,
+    },
+}
+
+#[derive(Debug)]
+pub enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// A workload's response body, read from the connection as it is polled.
+#[derive(Debug)]
+pub struct ResponseBody {
+    ex: Option<Box<Exchange>>,
+    mode: Mode,
+}
+
+pub enum Step {
+    Frame(Frame<Bytes>),
+    /// More bytes are needed.
+    Read,
+    End,
+}
+
+impl ResponseBody {
+    /// The connection, once the exchange has ended cleanly on both sides and
+    /// it may carry another.
+    pub fn take_idle(&mut self) -> Option<Conn> {
+        if let Mode::Empty { reuse } | Mode::Length { left: 0, reuse } = self.mode {
+            self.mode = Mode::Done { reuse };
+        }
+        let reusable = matches!(self.mode, Mode::Done { reuse: true })
+            && self
+                .ex
+                .as_ref()
+                .is_some_and(|ex| ex.out.done && ex.conn.rbuf.is_empty());
+        if reusable {
+            self.ex.take().map(|ex| ex.conn)
+        } else {
+            None
+        }
+    }
+
+    fn step(&mut self) -> Result<Step, Error> {
+        let ex = self.ex.as_mut().expect("polled after its end");
+        self.mode.step(&mut ex.conn.rbuf, ex.dec.max_head)
+    }
+}
+
+impl Mode {
+    /// The next piece of the body from `rbuf`.
+    pub fn step(&mut self, rbuf: &mut BytesMut, max_head: usize) -> Result<Step, Error> {
+        match self {
+            Mode::Empty { reuse } | Mode::Length { left: 0, reuse } => {
+                *self = Mode::Done { reuse: *reuse };
+                Ok(Step::End)
+            }
+            Mode::Done { .. } => Ok(Step::End),
+            Mode::Length { left, .. } => {
+                if rbuf.is_empty() {
+                    return Ok(Step::Read);
+                }
+                let take = (*left).min(rbuf.len() as u64) as usize;
+                *left -= take as u64;
+                Ok(Step::Frame(Frame::data(rbuf.split_to(take).freeze())))
+            }
+            Mode::Eof => {
+                if rbuf.is_empty() {
+                    return Ok(Step::Read);
+                }
+                Ok(Step::Frame(Frame::data(rbuf.split().freeze())))
+            }
+            Mode::Chunked { state, reuse } => loop {
+                match state {
+                    Chunk::Size => {
+                        let Some(eol) = rbuf.iter().position(|&b| b == b'\n') else {
+                            if rbuf.len() > MAX_CHUNK_LINE {
+                                return Err(Error::Invalid("chunk-size line too long"));
+                            }
+                            return Ok(Step::Read);
+                        };
+                        if eol > MAX_CHUNK_LINE {
+                            return Err(Error::Invalid("chunk-size line too long"));
+                        }
+                        let size = parse_chunk_size(&rbuf[..eol])?;
+                        rbuf.advance(eol + 1);
+                        *state = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(left) => {
+                        if rbuf.is_empty() {
+                            return Ok(Step::Read);
+                        }
+                        let take = (*left).min(rbuf.len() as u64) as usize;
+                        *left -= take as u64;
+                        if *left == 0 {
+                            *state = Chunk::DataEnd;
+                        }
+                        return Ok(Step::Frame(Frame::data(rbuf.split_to(take).freeze())));
+                    }
+                    Chunk::DataEnd => {
+                        if rbuf.len() < 2 {
+                            return Ok(Step::Read);
+                        }
+                        if &rbuf[..2] != b"\r\n" {
+                            return Err(Error::Invalid("chunk data not followed by CRLF"));
+                        }
+                        rbuf.advance(2);
+                        *state = Chunk::Size;
+                    }
+                    Chunk::Trailers => {
+                        if rbuf.len() < 2 {
+                            return Ok(Step::Read);
+                        }
+                        if &rbuf[..2] == b"\r\n" {
+                            rbuf.advance(2);
+                            *self = Mode::Done { reuse: *reuse };
+                            return Ok(Step::End);
+                        }
+                        let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        let n = match httparse::parse_headers(rbuf, &mut lines) {
+                            Ok(httparse::Status::Complete((n, _))) if n > max_head => {
+                                return Err(Error::HeadTooLarge(max_head));
+                            }
+                            Ok(httparse::Status::Complete((n, _))) => n,
+                            Ok(httparse::Status::Partial) if rbuf.len() > max_head => {
+                                return Err(Error::HeadTooLarge(max_head));
+                            }
+                            Ok(httparse::Status::Partial) => return Ok(Step::Read),
+                            Err(_) => return Err(Error::Invalid("malformed trailer section")),
+                        };
+                        let mut trailers = HeaderMap::new();
+                        for h in lines.iter().take_while(|h| !h.name.is_empty()) {
+                            if let (Ok(k), Ok(v)) = (
+                                HeaderName::from_bytes(h.name.as_bytes()),
+                                HeaderValue::from_bytes(h.value),
+                            ) {
+                                trailers.append(k, v);
+                            }
+                        }
+                        rbuf.advance(n);
+                        *self = Mode::Done { reuse: *reuse };
+                        return Ok(Step::Frame(Frame::trailers(trailers)));
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Whether the request side is over: sent, or failed.
+fn ex_upload_done(ex: &Exchange) -> bool {
+    ex.out.done || ex.out.failed.is_some()
+}
+
+/// The hexadecimal size at the start of a chunk-size line (extensions after
+/// `;` ignored, CR before LF optional on the way in).
+fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(Error::Invalid("chunk size"));
+    }
+    let mut n: u64 = 0;
+    for &d in digits {
+        let v = (d as char)
+            .to_digit(16)
+            .ok_or(Error::Invalid("chunk size"))?;
+        n = n * 16 + u64::from(v);
+    }
+    Ok(n)
+}
+
+/// What a response decodes to, for the fuzz harness.
+#[derive(Debug, PartialEq)]
+struct Decoded {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    trailers: Vec<(String, Vec<u8>)>,
+    /// Reusable, and the bytes left after the response.
+    end: Option<(bool, usize)>,
+}
+
+/// Decodes `wire` fed `piece` bytes at a time, then the end of the stream.
+fn decode_all(dec: Decoder, wire: &[u8], piece: usize) -> Result<Decoded, String> {
+    let fields = |h: &HeaderMap| -> Vec<(String, Vec<u8>)> {
+        h.iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    };
+    let mut rbuf = BytesMut::new();
+    let mut pieces = wire.chunks(piece.max(1));
+    let mut eof = false;
+    let (resp, mut mode) = loop {
+        if let Some(head) = dec.parse_head(&mut rbuf).map_err(|e| e.to_string())? {
+            break head;
+        }
+        match pieces.next() {
+            Some(p) => rbuf.extend_from_slice(p),
+            None => return Err("ended inside the head".into()),
+        }
+    };
+    let mut out = Decoded {
+        status: resp.status().as_u16(),
+        headers: fields(resp.headers()),
+        body: Vec::new(),
+        trailers: Vec::new(),
+        end: None,
+    };
+    loop {
+        match mode
+            .step(&mut rbuf, dec.max_head)
+            .map_err(|e| e.to_string())?
+        {
+            Step::Frame(f) => match f.into_data() {
+                Ok(d) => out.body.extend_from_slice(&d),
+                Err(f) => out.trailers = fields(f.trailers_ref().expect("data or trailers")),
+            },
+            Step::End => {
+                let Mode::Done { reuse } = mode else {
+                    panic!("ended in {mode:?}")
+                };
+                // Bytes after the response count whether they came in one
+                // piece with it or not.
+                let rest = rbuf.len() + pieces.map(<[u8]>::len).sum::<usize>();
+                out.end = Some((reuse, rest));
+                return Ok(out);
+            }
+            Step::Read if eof => {
+                return if matches!(mode, Mode::Eof) {
+                    Ok(out)
+                } else {
+                    Err("ended inside the body".into())
+                };
+            }
+            Step::Read => match pieces.next() {
+                Some(p) => rbuf.extend_from_slice(p),
+                None => eof = true,
+            },
+        }
+    }
+}
+
+/// The fuzz harness, also run over seed inputs by the unit tests: the first
+/// byte chooses the request (bit 0 `HEAD`, bit 1 `connection: close`), the
+/// second how many bytes arrive at a time; the rest is what the workload
+/// sends. Decoding never panics, keeps within its bounds, and comes out the
+/// same whether the bytes arrive at once or piece by piece (or fails both
+/// ways).
+pub fn fuzz_response(data: &[u8]) {
+    let [flags, piece, wire @ ..] = data else {
+        return;
+    };
+    let dec = Decoder {
+        max_head: 512,
+        head_request: flags & 1 != 0,
+        close: flags & 2 != 0,
+    };
+    let whole = decode_all(dec, wire, wire.len());
+    let pieces = decode_all(dec, wire, usize::from(*piece));
+    match (&whole, &pieces) {
+        // Which fault shows first can depend on where the bytes broke off
+        // (a head both malformed and too long): both must fail.
+        (Err(_), Err(_)) => {}
+        _ => assert_eq!(whole, pieces, "{wire:?} in pieces of {piece}"),
+    }
+    if let Ok(d) = &whole {
+        assert!(d.headers.len() <= MAX_HEADERS && d.trailers.len() <= MAX_HEADERS);
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        let complete = matches!(
+            self.mode,
+            Mode::Empty { .. } | Mode::Length { left: 0, .. } | Mode::Done { .. }
+        );
+        if let Some(mut ex) = self.ex.take()
+            && complete
+            && !ex_upload_done(&ex)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            // A workload that answered an upload before taking all of it
+            // still gets the rest, as from a client of its own, within
+            // UPLOAD_AFTER_ANSWER; the connection then closes.
+            rt.spawn(tokio::time::timeout(
+                UPLOAD_AFTER_ANSWER,
+                std::future::poll_fn(move |cx| ex.out.poll_send(&mut ex.conn.io, cx)),
+            ));
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(ex) = this.ex.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // An upload the workload answered early goes on alongside.
+            let _ = ex.out.poll_send(&mut ex.conn.io, cx);
+            match this.step() {
+                Ok(Step::Frame(f)) => return Poll::Ready(Some(Ok(f))),
+                Ok(Step::End) => {
+                    // The connection stays for take_idle if clean, and for
+                    // the rest of an upload.
+                    if !matches!(this.mode, Mode::Done { reuse: true })
+                        && this.ex.as_deref().is_some_and(ex_upload_done)
+                    {
+                        this.ex = None;
+                    }
+                    return Poll::Ready(None);
+                }
+                Ok(Step::Read) => {}
+                Err(e) => {
+                    this.ex = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let ex = this.ex.as_mut().expect("still open");
+            match ready!(ex.poll_read(cx)) {
+                Ok(0) => {
+                    let end = matches!(this.mode, Mode::Eof);
+                    this.ex = None;
+                    this.mode = Mode::Done { reuse: false };
+                    return Poll::Ready((!end).then_some(Err(Error::ClosedInBody)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.ex = None;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(
+            self.mode,
+            Mode::Empty { .. } | Mode::Length { left: 0, .. } | Mode::Done { .. }
+        )
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.mode {
+            Mode::Empty { .. } | Mode::Done { .. } => SizeHint::with_exact(0),
+            Mode::Length { left, .. } => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+    use crate::body::{boxed, empty};
+
+    const MAX_HEAD: usize = 8192;
+
+    /// Reads one request (head and body, by its framing) off `tcp`.
+    async fn read_request(tcp: &mut TcpStream) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let rest = &buf[end + 4..];
+                let done = if head.contains("transfer-encoding: chunked") {
+                    rest.windows(5).any(|w| w == b"\r\n0\r\n") && rest.ends_with(b"\r\n\r\n")
+                        || rest.starts_with(b"0\r\n") && rest.ends_with(b"\r\n\r\n")
+                } else if let Some(l) = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                {
+                    rest.len() >= l.trim().parse::<usize>().unwrap()
+                } else {
+                    true
+                };
+                if done {
+                    return buf;
+                }
+            }
+            let n = tcp.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                return buf;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A workload that reads one request per connection, hands its bytes to
+    /// the test and writes `answer`; `close` ends the connection after it.
+    async fn scripted(
+        answer: &'static [u8],
+        close: bool,
+    ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let req = read_request(&mut tcp).await;
+                        if req.is_empty() {
+                            return;
+                        }
+                        let _ = tx.send(req);
+                        tcp.write_all(answer).await.unwrap();
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    use std::net::SocketAddr;
+
+    async fn conn(addr: SocketAddr) -> Conn {
+        Conn::new(TcpStream::connect(addr).await.unwrap())
+    }
+
+    fn request(method: Method, body: Body) -> Request<Body> {
+        let mut r = Request::new(body);
+        *r.method_mut() = method;
+        *r.uri_mut() = "/p?q=1".parse().unwrap();
+        r.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("cart"));
+        r
+    }
+
+    async fn exchange(
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<(Response<ResponseBody>, Vec<Frame<Bytes>>), Error> {
+        let mut resp = send(conn(addr).await, Prepared::new(req), MAX_HEAD).await?;
+        let mut frames = Vec::new();
+        while let Some(f) = resp.body_mut().frame().await {
+            frames.push(f?);
+        }
+        Ok((resp, frames))
+    }
+
+    fn data(frames: &[Frame<Bytes>]) -> Vec<u8> {
+        frames
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .flat_map(|d| d.to_vec())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_request_body_is_framed_by_what_is_known_of_it() {
+        let (addr, mut got) =
+            scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false).await;
+        // A known length.
+        let mut req = request(Method::POST, boxed(Full::new(Bytes::from_static(b"hello"))));
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        exchange(addr, req).await.unwrap();
+        assert_eq!(
+            got.recv().await.unwrap(),
+            b"POST /p?q=1 HTTP/1.1\r\nhost: cart\r\ncontent-length: 5\r\n\r\nhello"
+        );
+        // An unknown length, with trailers: chunked.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let body = StreamBody::new(tokio_stream(rx));
+        let sending = tokio::spawn(exchange(addr, request(Method::PUT, boxed(body))));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 17]))))
+            .await
+            .unwrap();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("7"));
+        tx.send(Ok(Frame::trailers(trailers))).await.unwrap();
+        drop(tx);
+        sending.await.unwrap().unwrap();
+        let want = [
+            &b"PUT /p?q=1 HTTP/1.1\r\nhost: cart\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n11\r\n"[..],
+            &[b'x'; 17],
+            b"\r\n0\r\nx-sum: 7\r\n\r\n",
+        ]
+        .concat();
+        assert_eq!(got.recv().await.unwrap(), want);
+        // Nothing: a GET says nothing of a body, a POST says it is empty.
+        exchange(addr, request(Method::GET, empty())).await.unwrap();
+        assert_eq!(
+            got.recv().await.unwrap(),
+            b"GET /p?q=1 HTTP/1.1\r\nhost: cart\r\n\r\n"
+        );
+        exchange(addr, request(Method::POST, empty()))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.recv().await.unwrap(),
+            b"POST /p?q=1 HTTP/1.1\r\nhost: cart\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+
+    fn tokio_stream<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    #[tokio::test]
+    async fn response_bodies_end_by_each_delimiter() {
+        // Content-Length, after an interim 100 Continue.
+        let (a, _g) = scripted(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-A: 1\r\n\r\nbody",
+            false,
+        )
+        .await;
+        let (resp, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        assert_eq!(resp.headers()["x-a"], "1");
+        assert_eq!(data(&frames), b"body");
+        // Chunked, with an extension and trailers.
+        let (a, _g) = scripted(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\nwiki\r\n5\r\npedia\r\n0\r\nGrpc-Status: 0\r\n\r\n",
+            false,
+        )
+        .await;
+        let (_, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
+        assert_eq!(data(&frames), b"wikipedia");
+        let trailers = frames
+            .iter()
+            .find_map(|f| f.trailers_ref())
+            .expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        // Until the connection ends.
+        let (a, _g) = scripted(b"HTTP/1.1 200 OK\r\n\r\nall of it", true).await;
+        let (_, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
+        assert_eq!(data(&frames), b"all of it");
+        // No body: HEAD and 204, whatever the length says.
+        let (a, _g) = scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", false).await;
+        let (resp, frames) = exchange(a, request(Method::HEAD, empty())).await.unwrap();
+        assert!(resp.body().is_end_stream() && frames.is_empty());
+        let (a, _g) = scripted(b"HTTP/1.1 204 No Content\r\n\r\n", false).await;
+        let (resp, _) = exchange(a, request(Method::GET, empty())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    }
+
+    #[tokio::test]
+    async fn bad_responses_are_errors_that_say_what_is_wrong() {
+        let big: &'static [u8] = Box::leak(
+            [
+                &b"HTTP/1.1 200 OK\r\nx-big: "[..],
+                &[b'a'; 9000],
+                b"\r\n\r\n",
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        let cases: [(&'static [u8], &str); 8] = [
+            (big, "larger than 8192 bytes"),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
+                "conflicting content-length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+                "chunk size",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabX\r\n",
+                "not followed by CRLF",
+            ),
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+                "asked for no upgrade",
+            ),
+            (b"SSH-2.0-OpenSSH\r\n\r\n", "malformed response head"),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+                "middle of its response body",
+            ),
+            (b"", "closed the connection before answering"),
+        ];
+        for (answer, want) in cases {
+            let (a, _g) = scripted(answer, true).await;
+            let err = exchange(a, request(Method::GET, empty()))
+                .await
+                .expect_err(want)
+                .to_string();
+            assert!(err.contains(want), "{answer:?}: {err}");
+        }
+        // A chunk-size line that never ends is not buffered without bound.
+        let long: &'static [u8] = Box::leak(
+            [
+                &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1"[..],
+                &[b'0'; 5000],
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        let (a, _g) = scripted(long, false).await;
+        let err = exchange(a, request(Method::GET, empty()))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("chunk-size line too long"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reusable_only_after_a_clean_exchange() {
+        async fn idle_after(answer: &'static [u8], method: Method) -> bool {
+            let (a, _g) = scripted(answer, false).await;
+            let mut resp = send(
+                conn(a).await,
+                Prepared::new(request(method, empty())),
+                MAX_HEAD,
+            )
+            .await
+            .unwrap();
+            while let Some(f) = resp.body_mut().frame().await {
+                f.unwrap();
+            }
+            resp.body_mut().take_idle().is_some()
+        }
+        assert!(
+            idle_after(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                Method::GET
+            )
+            .await
+        );
+        assert!(
+            idle_after(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                Method::GET
+            )
+            .await
+        );
+        assert!(
+            idle_after(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n",
+                Method::HEAD
+            )
+            .await
+        );
+        // The workload closes, or may have: not reused.
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"[..],
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ] {
+            assert!(!idle_after(answer, Method::GET).await, "{answer:?}");
+        }
+        // The request asked to close.
+        let (a, _g) = scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false).await;
+        let mut req = request(Method::GET, empty());
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let mut resp = send(conn(a).await, Prepared::new(req), MAX_HEAD)
+            .await
+            .unwrap();
+        assert!(resp.body_mut().frame().await.is_none());
+        assert!(resp.body_mut().take_idle().is_none());
+    }
+
+    #[test]
+    fn fuzz_harness_over_seeds_and_the_seed_corpus() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus-seed/h1_response");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).expect("seed corpus present") {
+            let seed = std::fs::read(entry.unwrap().path()).unwrap();
+            // Every piece size, and HEAD and close, over each seed.
+            for flags in 0..4u8 {
+                for piece in 1..=8u8 {
+                    let mut input = vec![flags, piece];
+                    input.extend_from_slice(&seed[2.min(seed.len())..]);
+                    fuzz_response(&input);
+                }
+            }
+            n += 1;
+        }
+        assert!(n > 0, "no seeds in {dir}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_workload_closed_is_not_usable() {
+        let (a, _g) = scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", true).await;
+        let mut resp = send(
+            conn(a).await,
+            Prepared::new(request(Method::GET, empty())),
+            MAX_HEAD,
+        )
+        .await
+        .unwrap();
+        assert!(resp.body_mut().frame().await.is_none());
+        let mut c = resp.body_mut().take_idle().expect("the exchange was clean");
+        // The workload's FIN arrives after its answer.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while c.is_usable() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}
