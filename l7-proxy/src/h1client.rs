@@ -98,16 +98,11 @@ impl Conn {
     /// Whether an idle connection can take a request: the workload has not
     /// closed it and sent nothing unasked. Does not wait.
     pub fn is_usable(&mut self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Readiness can be left over from the last read: look.
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        // No syscall unless the socket was seen readable; unlike a poll,
+        // not subject to the task's cooperative budget (which would answer
+        // "not ready" for a socket that is).
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -149,6 +144,16 @@ impl Outgoing {
     fn push(&mut self, b: Bytes) {
         self.queued += b.len();
         self.queue.push_back(b);
+    }
+
+    /// The request itself failed (its body broke off, or did not match its
+    /// length): the exchange cannot go on. A failed write, by contrast, may
+    /// still be followed by the workload's answer.
+    fn take_fatal(&mut self) -> Option<Error> {
+        match self.failed {
+            Some(Error::Io(_)) | None => None,
+            Some(_) => self.failed.take(),
+        }
     }
 
     fn poll_flush(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -222,10 +227,11 @@ impl Outgoing {
                     Ok(data) => self.push_data(data)?,
                     Err(frame) => {
                         // Trailers go only where the framing has room.
-                        if let (Ok(trailers), Framing::Chunked) =
+                        if let (Ok(mut trailers), Framing::Chunked) =
                             (frame.into_trailers(), self.framing)
                         {
                             self.body = None;
+                            keep_trailer_fields(&mut trailers);
                             let mut end = b"0\r\n".to_vec();
                             encode_fields(&mut end, &trailers);
                             end.extend_from_slice(b"\r\n");
@@ -291,6 +297,44 @@ fn encode_fields(out: &mut Vec<u8>, h: &HeaderMap) {
     }
 }
 
+/// Takes out the fields a trailer section must not carry (they would frame,
+/// route, authenticate or describe the message if merged into its header,
+/// as some servers do), and the mesh's own.
+fn keep_trailer_fields(h: &mut HeaderMap) {
+    const FORBIDDEN: &[&str] = &[
+        "authorization",
+        "cache-control",
+        "connection",
+        "content-encoding",
+        "content-length",
+        "content-range",
+        "content-type",
+        "cookie",
+        "expect",
+        "host",
+        "keep-alive",
+        "max-forwards",
+        "pragma",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "range",
+        "set-cookie",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "www-authenticate",
+    ];
+    let bad = |k: &HeaderName| FORBIDDEN.contains(&k.as_str()) || k.as_str().starts_with("sluice-");
+    if h.keys().any(bad) {
+        let names: Vec<HeaderName> = h.keys().filter(|k| bad(k)).cloned().collect();
+        for name in names {
+            h.remove(name);
+        }
+    }
+}
+
 fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
     h.get_all(name).iter().any(|v| {
         v.to_str()
@@ -350,6 +394,11 @@ impl Prepared {
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
             Framing::Length(n)
+        } else if !expects_body(&parts.method) {
+            // A GET or HEAD whose stream merely did not end with its head
+            // (an empty DATA frame follows): no body, rather than a chunked
+            // one some servers would not expect; as hyper does.
+            Framing::None
         } else {
             parts.headers.remove(header::CONTENT_LENGTH);
             parts.headers.insert(
@@ -413,6 +462,7 @@ pub async fn send(
             head_request: req.head_request,
             close: req.close,
         },
+        answered: false,
     };
     ex.out.push(req.head);
     let (resp, mode) = std::future::poll_fn(|cx| ex.poll_head(cx)).await?;
@@ -427,6 +477,9 @@ struct Exchange {
     conn: Conn,
     out: Outgoing,
     dec: Decoder,
+    /// Some of a response (an interim one counts) has arrived: the workload
+    /// has seen the request.
+    answered: bool,
 }
 
 /// What reading a response needs to know of its request; reads only from
@@ -445,24 +498,32 @@ impl Exchange {
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<(Response<()>, Mode), Error>> {
         loop {
             let _ = self.out.poll_send(&mut self.conn.io, cx);
+            // The workload waits for the rest of a request that will not
+            // come: dropping the exchange closes the connection.
+            if let Some(e) = self.out.take_fatal() {
+                return Poll::Ready(Err(e));
+            }
             if !self.conn.rbuf.is_empty()
                 && let Some(head) = self.dec.parse_head(&mut self.conn.rbuf)?
             {
                 return Poll::Ready(Ok(head));
             }
             match ready!(self.poll_read(cx)) {
+                Ok(0) if self.answered => {
+                    return Poll::Ready(Err(Error::Invalid(
+                        "the connection ended inside the response head",
+                    )));
+                }
+                // Nothing came back: the request may have failed to go out
+                // for the same reason, so say that.
                 Ok(0) => {
-                    // The request may have failed to go out for the same
-                    // reason: say so.
                     return Poll::Ready(Err(match self.out.failed.take() {
-                        Some(e @ Error::Io(_)) => e,
-                        _ if self.conn.rbuf.is_empty() => Error::ClosedBeforeResponse,
-                        _ => Error::Invalid("the connection ended inside the response head"),
+                        Some(e) => e,
+                        None => Error::ClosedBeforeResponse,
                     }));
                 }
-                Ok(_) => {}
-                // Part of a head arrived: the workload saw the request.
-                Err(_) if !self.conn.rbuf.is_empty() => {
+                Ok(_) => self.answered = true,
+                Err(_) if self.answered => {
                     return Poll::Ready(Err(Error::Invalid(
                         "the connection failed inside the response head",
                     )));
@@ -550,6 +611,9 @@ impl Decoder {
             return Ok(Mode::Empty { reuse });
         }
         if let Some(te) = h.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+            if version == Version::HTTP_10 {
+                return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 response"));
+            }
             // Both framings named: the connection is not trusted after.
             let reuse = reuse && !h.contains_key(header::CONTENT_LENGTH);
             let last = te
@@ -573,10 +637,11 @@ impl Decoder {
                 .map_err(|_| Error::Invalid("content-length"))?
                 .split(',')
             {
-                let n: u64 = part
-                    .trim()
-                    .parse()
-                    .map_err(|_| Error::Invalid("content-length"))?;
+                let part = part.trim();
+                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(Error::Invalid("content-length"));
+                }
+                let n: u64 = part.parse().map_err(|_| Error::Invalid("content-length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(Error::Invalid("conflicting content-length values"));
                 }
@@ -769,15 +834,20 @@ fn ex_upload_done(ex: &Exchange) -> bool {
     ex.out.done || ex.out.failed.is_some()
 }
 
-/// The hexadecimal size at the start of a chunk-size line (extensions after
-/// `;` ignored, CR before LF optional on the way in).
+/// The hexadecimal size at the start of a chunk-size line, which ends in
+/// CRLF; extensions after `;` (whitespace allowed before it) are ignored.
 fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let line = line
+        .strip_suffix(b"\r")
+        .ok_or(Error::Invalid("chunk-size line without CRLF"))?;
+    if line.contains(&b'\r') {
+        return Err(Error::Invalid("CR inside a chunk-size line"));
+    }
     let digits = line
         .split(|&b| b == b';')
         .next()
         .unwrap_or_default()
-        .trim_ascii();
+        .trim_ascii_end();
     if digits.is_empty() || digits.len() > 15 {
         return Err(Error::Invalid("chunk size"));
     }
@@ -927,6 +997,12 @@ impl http_body::Body for ResponseBody {
             };
             // An upload the workload answered early goes on alongside.
             let _ = ex.out.poll_send(&mut ex.conn.io, cx);
+            if let Some(e) = ex.out.take_fatal() {
+                // A workload answering as it reads would wait for the rest.
+                this.ex = None;
+                this.mode = Mode::Done { reuse: false };
+                return Poll::Ready(Some(Err(e)));
+            }
             match this.step() {
                 Ok(Step::Frame(f)) => return Poll::Ready(Some(Ok(f))),
                 Ok(Step::End) => {
@@ -1114,6 +1190,12 @@ mod tests {
             .unwrap();
         let mut trailers = HeaderMap::new();
         trailers.insert("x-sum", HeaderValue::from_static("7"));
+        // Fields that would frame or speak for the mesh stay out.
+        trailers.insert("content-length", HeaderValue::from_static("0"));
+        trailers.insert(
+            "sluice-source-identity",
+            HeaderValue::from_static("spiffe://x"),
+        );
         tx.send(Ok(Frame::trailers(trailers))).await.unwrap();
         drop(tx);
         sending.await.unwrap().unwrap();
@@ -1124,6 +1206,18 @@ mod tests {
         ]
         .concat();
         assert_eq!(got.recv().await.unwrap(), want);
+        // A GET whose stream ends after its head, with nothing in it: no
+        // body (not an empty chunked one).
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        drop(tx);
+        let body = StreamBody::new(tokio_stream(rx));
+        exchange(addr, request(Method::GET, boxed(body)))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.recv().await.unwrap(),
+            b"GET /p?q=1 HTTP/1.1\r\nhost: cart\r\n\r\n"
+        );
         // Nothing: a GET says nothing of a body, a POST says it is empty.
         exchange(addr, request(Method::GET, empty())).await.unwrap();
         assert_eq!(
@@ -1194,7 +1288,25 @@ mod tests {
             .concat()
             .into_boxed_slice(),
         );
-        let cases: [(&'static [u8], &str); 8] = [
+        let cases: [(&'static [u8], &str); 12] = [
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello",
+                "content-length",
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                "HTTP/1.0",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\nok\r\n0\r\n\r\n",
+                "without CRLF",
+            ),
+            // An interim answer shows the request arrived: not "closed
+            // before answering", which would let a GET go again.
+            (
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                "ended inside the response head",
+            ),
             (big, "larger than 8192 bytes"),
             (
                 b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd",
@@ -1301,6 +1413,86 @@ mod tests {
             .await
             .unwrap();
         assert!(resp.body_mut().frame().await.is_none());
+        assert!(resp.body_mut().take_idle().is_none());
+    }
+
+    /// A workload that answers only once it has the whole request.
+    async fn waits_for_the_whole_request() -> SocketAddr {
+        scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false)
+            .await
+            .0
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_breaks_off_fails_the_exchange_at_once() {
+        let addr = waits_for_the_whole_request().await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let mut req = request(Method::POST, boxed(StreamBody::new(tokio_stream(rx))));
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("1000"));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"0123456789"))))
+            .await
+            .unwrap();
+        tx.send(Err("the caller went away".into())).await.unwrap();
+        let sent = send(conn(addr).await, Prepared::new(req), MAX_HEAD);
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), sent)
+            .await
+            .expect("the exchange waited for a workload that waits for the body")
+            .unwrap_err();
+        assert!(err.to_string().contains("the caller went away"), "{err}");
+        assert!(!err.closed_before_response());
+        // A body that ends short of its length fails the same way.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let mut req = request(Method::POST, boxed(StreamBody::new(tokio_stream(rx))));
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("1000"));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"short"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let sent = send(conn(addr).await, Prepared::new(req), MAX_HEAD);
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), sent)
+            .await
+            .expect("the exchange waited for a workload that waits for the body")
+            .unwrap_err();
+        assert!(err.to_string().contains("content-length"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_breaks_off_mid_answer_fails_the_response_body() {
+        // The workload answers as soon as it has the head and streams its
+        // answer while the upload goes on.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tcp.read(&mut buf).await;
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n")
+                .await
+                .unwrap();
+            // Waits for the rest of the upload, which never comes.
+            while tcp.read(&mut buf).await.unwrap_or(0) > 0 {}
+        });
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let mut req = request(Method::POST, boxed(StreamBody::new(tokio_stream(rx))));
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("1000"));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        let mut resp = send(conn(addr).await, Prepared::new(req), MAX_HEAD)
+            .await
+            .unwrap();
+        let first = resp.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(first.data_ref().unwrap().as_ref(), b"ok");
+        tx.send(Err("the caller went away".into())).await.unwrap();
+        let next =
+            tokio::time::timeout(std::time::Duration::from_secs(10), resp.body_mut().frame())
+                .await
+                .expect("the response body waited for an upload that had failed");
+        let err = next.expect("an error, not the end").unwrap_err();
+        assert!(err.to_string().contains("the caller went away"), "{err}");
         assert!(resp.body_mut().take_idle().is_none());
     }
 
