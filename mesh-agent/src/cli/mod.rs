@@ -158,7 +158,8 @@ async fn check(c: Result<Client, client::Error>, json: bool) -> ExitCode {
             checks.push(CheckResult {
                 name: "agent".into(),
                 outcome: Outcome::Pass,
-                detail: format!("healthy at {url}"),
+                // Reachable; its own health is the "agent: health" line.
+                detail: format!("answering at {url}"),
             });
             checks.extend(agent.checks);
             config_errors = agent.config_errors;

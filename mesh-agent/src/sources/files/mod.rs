@@ -67,12 +67,47 @@ struct Parsed {
     workloads: Vec<WorkloadsDoc>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct FileState {
-    contents: String,
+    /// What was last read (`None`: unreadable then, so read in full again).
+    contents: Option<String>,
     /// The last version of the file that parsed.
     good: Parsed,
     errors: Vec<ConfigError>,
+}
+
+/// How long the directory must be quiet after a change before it is read,
+/// and the longest wait for that.
+const QUIET: Duration = Duration::from_millis(100);
+const QUIET_MAX: Duration = Duration::from_secs(2);
+
+/// Whether a watch event can mean changed contents. The agent's own reads
+/// (open, read, close after reading) cannot: forwarding them made every
+/// reload trigger the next.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
+/// Watches `dir` and below, sending the paths of each change.
+fn watch(
+    dir: &Path,
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<PathBuf>>,
+) -> Result<notify::RecommendedWatcher, notify::Error> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && is_change(&ev.kind)
+        {
+            let _ = tx.send(ev.paths);
+        }
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::Recursive)?;
+    Ok(watcher)
 }
 
 /// The state of the directory.
@@ -270,10 +305,22 @@ fn parse_file(path: &Path, contents: &str) -> (Parsed, Vec<ConfigError>, Vec<Con
             }),
             _ => {
                 let message = match read_api_version(&kind) {
-                    // A kind it reads, in another version: say which one.
-                    Some(read) => format!(
-                        "ignored: the files source reads {kind} as apiVersion {read}, not {api}"
-                    ),
+                    // A kind it reads, in another version: most likely a
+                    // mistake in an edit, so an error (the file's last good
+                    // version stays, rather than its objects going away: a
+                    // STRICT MeshPolicy must not vanish over a typo).
+                    Some(read) => {
+                        errors.push(error(
+                            path,
+                            Some(what.clone()),
+                            Some("apiVersion".into()),
+                            format!(
+                                "the files source reads {kind} as apiVersion {read}, not {api}; \
+                                 write apiVersion: {read}"
+                            ),
+                        ));
+                        continue;
+                    }
                     None => format!(
                         "ignored: {api} {kind} is not read by the files source (it reads Namespace, \
                          Service, EndpointSlice, HTTPRoute, GRPCRoute, ReferenceGrant, MeshPolicy, \
@@ -512,15 +559,47 @@ impl FilesSource {
         for path in &paths {
             let contents = match std::fs::read_to_string(path) {
                 Ok(c) => c,
+                // A symbolic link to a file that is gone: its objects go
+                // too, as the target's removal would take them.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink()) =>
+                {
+                    let err = error(
+                        path,
+                        None,
+                        None,
+                        "a symbolic link to a missing file: it defines nothing; restore its \
+                         target or remove the link",
+                    );
+                    let st = self.files.entry(path.clone()).or_default();
+                    if st.errors != [err.clone()] || st.contents.is_some() {
+                        *st = FileState {
+                            contents: None,
+                            good: Parsed::default(),
+                            errors: vec![err],
+                        };
+                        changed = true;
+                    }
+                    continue;
+                }
                 // Removed between listing and reading: the next reload sees it.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
-                    let err = error(path, None, None, format!("cannot read: {e}"));
-                    let st = self.files.entry(path.clone()).or_insert_with(|| FileState {
-                        contents: String::new(),
-                        good: Parsed::default(),
-                        errors: Vec::new(),
-                    });
+                    let hint = if e.kind() == std::io::ErrorKind::InvalidData {
+                        "it is not UTF-8 text"
+                    } else {
+                        "make it readable by the agent"
+                    };
+                    let err = error(
+                        path,
+                        None,
+                        None,
+                        format!("cannot read ({e}): the file's last good version stays; {hint}"),
+                    );
+                    let st = self.files.entry(path.clone()).or_default();
+                    // Read again in full once readable, even if unchanged.
+                    st.contents = None;
                     if st.errors != [err.clone()] {
                         st.errors = vec![err];
                         changed = true;
@@ -531,18 +610,14 @@ impl FilesSource {
             if self
                 .files
                 .get(path)
-                .is_some_and(|st| st.contents == contents)
+                .is_some_and(|st| st.contents.as_ref() == Some(&contents))
             {
                 continue;
             }
             changed = true;
             let (parsed, mut errors, ignored) = parse_file(path, &contents);
-            let st = self.files.entry(path.clone()).or_insert_with(|| FileState {
-                contents: String::new(),
-                good: Parsed::default(),
-                errors: Vec::new(),
-            });
-            st.contents = contents;
+            let st = self.files.entry(path.clone()).or_default();
+            st.contents = Some(contents);
             if errors.is_empty() {
                 st.good = parsed;
             } else {
@@ -710,7 +785,6 @@ impl FilesSource {
         tx: mpsc::Sender<Vec<Input>>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), Error> {
-        use notify::Watcher as _;
         self.reload()?;
         for e in self.errors() {
             tracing::warn!(error = %e, "files source");
@@ -719,32 +793,41 @@ impl FilesSource {
             return Ok(());
         }
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok() {
-                let _ = ev_tx.send(());
+        // Kept while the source runs; without it (inotify out of instances
+        // or watches, common on busy nodes), the periodic poll carries on.
+        let _watcher = match watch(&self.dir, ev_tx) {
+            Ok(w) => Some(w),
+            Err(source) => {
+                let e = Error::Watch {
+                    dir: self.dir.clone(),
+                    source,
+                };
+                tracing::warn!(
+                    "{e}; changes are picked up by polling every {:?} instead",
+                    config::FILES_POLL
+                );
+                None
             }
-        })
-        .map_err(|source| Error::Watch {
-            dir: self.dir.clone(),
-            source,
-        })?;
-        watcher
-            .watch(&self.dir, notify::RecursiveMode::Recursive)
-            .map_err(|source| Error::Watch {
-                dir: self.dir.clone(),
-                source,
-            })?;
+        };
         let mut poll = tokio::time::interval(config::FILES_POLL);
         loop {
             tokio::select! {
                 _ = stop.changed() => return Ok(()),
-                ev = ev_rx.recv() => {
-                    if ev.is_none() {
-                        return Ok(());
+                Some(_) = ev_rx.recv() => {
+                    // Editors and `>` redirections write in several steps:
+                    // wait for a quiet moment (bounded, for a file written
+                    // without pause).
+                    let deadline = tokio::time::Instant::now() + QUIET_MAX;
+                    loop {
+                        tokio::time::sleep(QUIET).await;
+                        let mut more = false;
+                        while ev_rx.try_recv().is_ok() {
+                            more = true;
+                        }
+                        if !more || tokio::time::Instant::now() >= deadline {
+                            break;
+                        }
                     }
-                    // Editors write in several steps: let them finish.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    while ev_rx.try_recv().is_ok() {}
                 }
                 _ = poll.tick() => {}
             }

@@ -167,23 +167,129 @@ fn workloads_typos_are_refused_by_field() {
 }
 
 #[test]
-fn a_known_kind_in_another_api_version_is_ignored_naming_the_version_read() {
+fn a_known_kind_in_another_api_version_is_an_error_and_the_last_good_version_stays() {
     let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    // An edit gets the version wrong: the Service must not go away.
+    write(
+        dir.path(),
+        "shop.yaml",
+        &SHOP.replace(
+            "apiVersion: v1\nkind: Service",
+            "apiVersion: v2\nkind: Service",
+        ),
+    );
+    assert!(src.reload().unwrap());
+    let errors = src.errors();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors[0].field.as_deref(), Some("apiVersion"));
+    assert_eq!(
+        errors[0].message,
+        "the files source reads Service as apiVersion v1, not v2; write apiVersion: v1"
+    );
+    assert!(
+        errors[1].message.contains("last good version stays"),
+        "{errors:?}"
+    );
+    assert!(
+        store_of(&src)
+            .services
+            .contains_key(&Key::new("shop", "web"))
+    );
+    // In a new file, the object is simply not there.
     write(
         dir.path(),
         "r.yaml",
         "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec: {}\n",
     );
+    src.reload().unwrap();
+    let e = src
+        .errors()
+        .into_iter()
+        .find(|e| e.source.ends_with("r.yaml"))
+        .unwrap();
+    assert_eq!(
+        e.message,
+        "the files source reads HTTPRoute as apiVersion gateway.networking.k8s.io/v1, not \
+         gateway.networking.k8s.io/v1beta1; write apiVersion: gateway.networking.k8s.io/v1"
+    );
+}
+
+#[test]
+fn a_file_unreadable_for_a_while_is_read_again_when_it_comes_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
     let mut src = FilesSource::new(dir.path());
     src.reload().unwrap();
+    // Not UTF-8 (a stray save in another encoding): the last good version
+    // stays, and the error says why.
+    fs::write(dir.path().join("shop.yaml"), b"\xff\xfe not yaml").unwrap();
+    assert!(src.reload().unwrap());
+    let errors = src.errors();
+    assert!(errors[0].message.contains("not UTF-8"), "{errors:?}");
+    assert!(
+        store_of(&src)
+            .services
+            .contains_key(&Key::new("shop", "web"))
+    );
+    // Restored byte for byte (git checkout): the error goes.
+    write(dir.path(), "shop.yaml", SHOP);
+    assert!(src.reload().unwrap());
+    assert_eq!(src.errors(), vec![]);
+}
+
+#[test]
+fn a_symbolic_link_whose_target_is_gone_takes_its_objects_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("shop.yaml");
+    fs::write(&target, SHOP).unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("shop.yaml")).unwrap();
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert!(
+        store_of(&src)
+            .services
+            .contains_key(&Key::new("shop", "web"))
+    );
+    fs::remove_file(&target).unwrap();
+    assert!(src.reload().unwrap());
+    assert!(
+        !store_of(&src)
+            .services
+            .contains_key(&Key::new("shop", "web"))
+    );
     let errors = src.errors();
     assert_eq!(errors.len(), 1, "{errors:?}");
-    assert_eq!(errors[0].field.as_deref(), Some("apiVersion"));
-    assert_eq!(
-        errors[0].message,
-        "ignored: the files source reads HTTPRoute as apiVersion gateway.networking.k8s.io/v1, \
-         not gateway.networking.k8s.io/v1beta1"
+    assert!(
+        errors[0]
+            .message
+            .contains("symbolic link to a missing file"),
+        "{errors:?}"
     );
+    // Nothing new on the next round.
+    assert!(!src.reload().unwrap());
+}
+
+#[tokio::test]
+async fn the_agents_own_reads_are_not_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", SHOP);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _w = watch(dir.path(), tx).unwrap();
+    // What a reload does to every file: open, read, close.
+    fs::read_to_string(dir.path().join("a.yaml")).unwrap();
+    write(dir.path(), "b.yaml", SHOP);
+    // The first event is the write, not the read (which made every reload
+    // trigger the next, forever).
+    let paths = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("the write was seen")
+        .unwrap();
+    assert!(paths.iter().all(|p| p.ends_with("b.yaml")), "{paths:?}");
 }
 
 #[test]
