@@ -54,6 +54,10 @@ pub enum Input {
     SourceErrors {
         source: String,
         errors: Vec<ConfigError>,
+        /// Some of the source's objects have never been read (a file broken
+        /// since the agent started): what an earlier run programmed for them
+        /// is not stale, so the first sync's clean-up waits.
+        incomplete: bool,
     },
     /// Time passed: retry what failed (a cgroup not there yet, a full map).
     Tick,
@@ -186,6 +190,8 @@ pub struct Reconciler {
     /// Interfaces carrying the STRICT guard, and their pod.
     guarded: BTreeMap<String, Key>,
     source_errors: BTreeMap<String, Vec<ConfigError>>,
+    /// Sources that have not read all their objects yet.
+    incomplete_sources: BTreeSet<String>,
     /// Kernel operations that failed, by what they were for; an entry goes
     /// when the same operation later succeeds.
     other_errors: BTreeMap<String, String>,
@@ -224,6 +230,7 @@ impl Reconciler {
             modes: BTreeMap::new(),
             guarded: BTreeMap::new(),
             source_errors: BTreeMap::new(),
+            incomplete_sources: BTreeSet::new(),
             other_errors: BTreeMap::new(),
             workloads: Vec::new(),
             routes: Vec::new(),
@@ -264,9 +271,18 @@ impl Reconciler {
                         dirty.merge(self.store.apply(u));
                     }
                 }
-                Input::SourceErrors { source, errors } => {
+                Input::SourceErrors {
+                    source,
+                    errors,
+                    incomplete,
+                } => {
                     for e in &errors {
                         tracing::warn!(error = %e, "configuration refused; the last good version stays in force");
+                    }
+                    if incomplete {
+                        self.incomplete_sources.insert(source.clone());
+                    } else {
+                        self.incomplete_sources.remove(&source);
                     }
                     if errors.is_empty() {
                         self.source_errors.remove(&source);
@@ -362,6 +378,16 @@ impl Reconciler {
     /// Removes the kernel services an earlier run left that no Service
     /// claims now.
     fn remove_stale_services(&mut self) {
+        if let Some(why) = self.incomplete_why() {
+            self.outcome(
+                STALE_SERVICES_STEP.into(),
+                Err(format!(
+                    "kept the services an earlier run programmed that the configuration does not \
+                     name, because {why}; they go once it reads in full"
+                )),
+            );
+            return;
+        }
         let wanted: BTreeSet<Frontend> = self.lb.frontends().map(|(f, _)| *f).collect();
         // A Service refused now (or whose update failed) keeps what an
         // earlier run programmed for its addresses: its last good entries.
@@ -403,6 +429,16 @@ impl Reconciler {
 
     /// Unenrols the cgroups an earlier run enrolled that no pod claims now.
     fn unenrol_stale_cgroups(&mut self) {
+        if let Some(why) = self.incomplete_why() {
+            self.outcome(
+                format!("{STALE_CGROUP_STEP}(deferred)"),
+                Err(format!(
+                    "kept the cgroups an earlier run enrolled that no pod claims now, because \
+                     {why}; they are unenrolled once it reads in full"
+                )),
+            );
+            return;
+        }
         let ours: BTreeSet<u64> = self.enrolled.values().map(|e| e.id).collect();
         let kernel: BTreeSet<u64> = self.dp.enrolled().into_iter().collect();
         for &id in kernel.iter().filter(|id| !ours.contains(id)) {
@@ -737,6 +773,18 @@ impl Reconciler {
 
     /// Records how a kernel operation for `what` went: a failure is kept
     /// (and logged when new) until the same operation succeeds.
+    /// Why the first sync's clean-up must wait, if it must.
+    fn incomplete_why(&self) -> Option<String> {
+        if self.incomplete_sources.is_empty() {
+            return None;
+        }
+        let names: Vec<&str> = self.incomplete_sources.iter().map(String::as_str).collect();
+        Some(format!(
+            "{} has objects not read yet (a broken file may define them)",
+            names.join(", ")
+        ))
+    }
+
     fn outcome(&mut self, what: String, r: Result<(), String>) {
         match r {
             Ok(()) => {

@@ -843,3 +843,56 @@ fn a_failed_removal_of_stale_services_at_the_first_sync_is_retried_on_ticks() {
     assert!(f.dp.spec(&orphan).is_none(), "the stale service is gone");
     assert!(errors(&f).is_empty(), "{:?}", errors(&f));
 }
+
+#[test]
+fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unread_objects() {
+    let mut f = fixture();
+    // An earlier run programmed a Service and enrolled a pod that are in a
+    // file now broken: the agent restarts with the file as it is.
+    let orphan = Frontend::tcp(addr("127.96.0.77:80"));
+    f.dp.preload(ServiceSpec::new(
+        orphan,
+        [Backend::ready(addr("10.0.0.9:80"))],
+    ));
+    let old_pod = f.cgroup("pods/old");
+    dataplane::Dataplane::enroll(&*f.dp, &old_pod).unwrap();
+    f.upsert(shop());
+    let broken = |incomplete: bool| Input::SourceErrors {
+        source: "files:/etc/sluice".into(),
+        errors: if incomplete {
+            vec![crate::admin::api::ConfigError {
+                source: "/etc/sluice/old.yaml".into(),
+                object: Some("document 1".into()),
+                field: None,
+                message: "did not find expected key".into(),
+            }]
+        } else {
+            vec![]
+        },
+        incomplete,
+    };
+    f.r.step(vec![broken(true), Input::Updates(vec![Update::Synced])]);
+    let errors = |f: &Fixture| f.rx.view.borrow().dataplane_errors.clone();
+    assert!(
+        f.dp.spec(&orphan).is_some(),
+        "balancing that worked goes on"
+    );
+    assert_eq!(f.dp.enrolled_paths(), vec![old_pod.clone()]);
+    assert!(
+        errors(&f).iter().any(|e| e.starts_with("kept the services")
+            && e.contains("files:/etc/sluice has objects not read yet")),
+        "{:?}",
+        errors(&f)
+    );
+    f.r.step(vec![Input::Tick]);
+    assert!(f.dp.spec(&orphan).is_some());
+    // The file is fixed and names neither any more: the clean-up finishes.
+    f.r.step(vec![broken(false)]);
+    f.r.step(vec![Input::Tick]);
+    assert!(f.dp.spec(&orphan).is_none(), "the stale service is gone");
+    assert!(
+        f.dp.enrolled_paths().is_empty(),
+        "the stale cgroup is unenrolled"
+    );
+    assert!(errors(&f).is_empty(), "{:?}", errors(&f));
+}

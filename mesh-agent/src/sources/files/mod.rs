@@ -71,6 +71,8 @@ struct Parsed {
 struct FileState {
     /// What was last read (`None`: unreadable then, so read in full again).
     contents: Option<String>,
+    /// Some version of the file has parsed since the agent started.
+    ever_good: bool,
     /// The last version of the file that parsed.
     good: Parsed,
     errors: Vec<ConfigError>,
@@ -577,6 +579,7 @@ impl FilesSource {
                         *st = FileState {
                             contents: None,
                             good: Parsed::default(),
+                            ever_good: false,
                             errors: vec![err],
                         };
                         changed = true;
@@ -620,6 +623,7 @@ impl FilesSource {
             st.contents = Some(contents);
             if errors.is_empty() {
                 st.good = parsed;
+                st.ever_good = true;
             } else {
                 errors.push(error(
                     path,
@@ -763,6 +767,15 @@ impl FilesSource {
             .collect()
     }
 
+    /// Whether some file has not parsed once since the agent started (and
+    /// so defines objects the agent does not know).
+    pub fn incomplete(&self) -> bool {
+        self.files
+            .values()
+            .any(|f| !f.ever_good && !f.errors.is_empty())
+            || !self.unlisted.is_empty()
+    }
+
     /// What to send the reconciler after a reload.
     pub fn inputs(&self, first: bool) -> Vec<Input> {
         let mut updates = self.updates();
@@ -774,6 +787,7 @@ impl FilesSource {
             Input::SourceErrors {
                 source: format!("files:{}", self.dir.display()),
                 errors: self.errors(),
+                incomplete: self.incomplete(),
             },
         ]
     }

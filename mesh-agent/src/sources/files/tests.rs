@@ -526,3 +526,24 @@ fn an_unreadable_subdirectory_is_reported_and_keeps_its_files_while_others_apply
     assert!(s.services.contains_key(&Key::new("shop", "api")), "kept");
     assert!(s.services.contains_key(&Key::new("shop", "web")));
 }
+
+#[test]
+fn a_file_broken_since_the_start_makes_the_source_incomplete_until_it_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", "apiVersion: v1\nkind: [\n");
+    write(dir.path(), "workloads.yaml", WORKLOADS);
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert!(src.incomplete());
+    let Input::SourceErrors { incomplete, .. } = &src.inputs(true)[1] else {
+        panic!("errors second")
+    };
+    assert!(incomplete);
+    write(dir.path(), "shop.yaml", SHOP);
+    src.reload().unwrap();
+    assert!(!src.incomplete());
+    // Broken again later: its last good version stands for it.
+    write(dir.path(), "shop.yaml", "apiVersion: v1\nkind: [\n");
+    src.reload().unwrap();
+    assert!(!src.incomplete());
+}

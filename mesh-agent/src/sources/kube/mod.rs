@@ -307,6 +307,7 @@ async fn watch_kind<K>(
                     inputs.push(Input::SourceErrors {
                         source: source_name(kind),
                         errors: unreadable.values().cloned().collect(),
+                        incomplete: false,
                     });
                 }
             }
@@ -344,6 +345,7 @@ async fn watch_kind<K>(
                 inputs.push(Input::SourceErrors {
                     source: source_name(kind),
                     errors,
+                    incomplete: false,
                 });
                 if !listed && absent {
                     // Do not hold the whole agent back for one missing CRD.
