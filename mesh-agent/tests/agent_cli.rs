@@ -294,6 +294,21 @@ fn mesh_agent_validate_reports_file_document_and_field() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // A Deployment beside the Services is a note, not a failure.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("app.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .arg("validate")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("ignored: apps/v1 Deployment"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

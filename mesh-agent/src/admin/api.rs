@@ -20,6 +20,14 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// A note rather than a problem: a document of a kind the agent does
+    /// not read (a Deployment beside the Services), left out on purpose.
+    pub fn is_note(&self) -> bool {
+        self.message.starts_with("ignored:")
+    }
+}
+
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.source)?;

@@ -216,20 +216,19 @@ impl AdminState {
                 "not loaded (--dataplane none): nothing is balanced or redirected".into()
             },
         });
+        // Documents of kinds the agent does not read are notes, not problems.
+        let problems = v.config_errors.iter().filter(|e| !e.is_note()).count();
         checks.push(CheckResult {
             name: "agent: configuration".into(),
-            outcome: if v.config_errors.is_empty() {
+            outcome: if problems == 0 {
                 Outcome::Pass
             } else {
                 Outcome::Warn
             },
-            detail: if v.config_errors.is_empty() {
+            detail: if problems == 0 {
                 format!("{} in sync", self.info.source)
             } else {
-                format!(
-                    "{} problem(s); the last good version of each stays in force",
-                    v.config_errors.len()
-                )
+                format!("{problems} problem(s); the last good version of each stays in force")
             },
         });
         checks.push(CheckResult {

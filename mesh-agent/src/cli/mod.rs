@@ -197,9 +197,16 @@ pub fn render_check(checks: &[CheckResult], errors: &[crate::admin::api::ConfigE
         t.row(vec![c.name.clone(), r.into(), c.detail.clone()]);
     }
     let mut out = t.to_string();
-    if !errors.is_empty() {
+    let (notes, problems): (Vec<_>, Vec<_>) = errors.iter().partition(|e| e.is_note());
+    if !problems.is_empty() {
         out.push_str("\nConfiguration problems (the last good version of each stays in force):\n");
-        for e in errors {
+        for e in problems {
+            out.push_str(&format!("  {e}\n"));
+        }
+    }
+    if !notes.is_empty() {
+        out.push_str("\nNotes (documents the agent does not read):\n");
+        for e in notes {
             out.push_str(&format!("  {e}\n"));
         }
     }
@@ -440,7 +447,31 @@ pub fn render_routes(r: &Routes) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::api::{ConnectionInfo, RouteInfo, WorkloadInfo};
+    use crate::admin::api::{ConfigError, ConnectionInfo, RouteInfo, WorkloadInfo};
+
+    #[test]
+    fn check_lists_problems_and_notes_apart() {
+        let e = |message: &str| ConfigError {
+            source: "/etc/sluice/app.yaml".into(),
+            object: Some("document 1".into()),
+            field: None,
+            message: message.into(),
+        };
+        let out = render_check(
+            &[],
+            &[
+                e("ignored: apps/v1 Deployment is not read by the files source"),
+                e("did not find expected key"),
+            ],
+        );
+        let (problems, notes) = out.split_once("Notes").expect("a notes section");
+        assert!(problems.contains("did not find expected key"), "{out}");
+        assert!(!problems.contains("Deployment"), "{out}");
+        assert!(notes.contains("Deployment"), "{out}");
+        // Notes alone: no problems section.
+        let out = render_check(&[], &[e("ignored: apps/v1 Deployment")]);
+        assert!(!out.contains("Configuration problems"), "{out}");
+    }
 
     #[test]
     fn tls_table_shows_identities_and_tls_details() {

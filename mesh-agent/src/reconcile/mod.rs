@@ -277,7 +277,11 @@ impl Reconciler {
                     incomplete,
                 } => {
                     for e in &errors {
-                        tracing::warn!(error = %e, "configuration refused; the last good version stays in force");
+                        if e.is_note() {
+                            tracing::info!(note = %e, "configuration");
+                        } else {
+                            tracing::warn!(error = %e, "configuration refused; the last good version stays in force");
+                        }
                     }
                     if incomplete {
                         self.incomplete_sources.insert(source.clone());
