@@ -75,6 +75,10 @@ struct Row {
     opened_at: u64,
     sent: AtomicU64,
     received: AtomicU64,
+    /// Requests of a captured HTTP connection sent through the tunnel, and
+    /// sent in plaintext (to a destination outside the mesh).
+    mtls_requests: AtomicU64,
+    plaintext_requests: AtomicU64,
 }
 
 /// Shared table; cheap to clone.
@@ -110,6 +114,25 @@ impl ConnHandle {
     pub fn received(&self) -> u64 {
         self.row.received.load(Ordering::Relaxed)
     }
+    /// One request of a captured HTTP connection went out: through the
+    /// tunnel to `identity`, or in plaintext (`None`). Routes can send a
+    /// connection's requests to several backends, so the row is secured
+    /// while none went in plaintext, and names the destination identity
+    /// only while all reached the same one.
+    pub fn request_sent(&self, identity: Option<&SpiffeId>) {
+        let Some(id) = identity else {
+            self.row.plaintext_requests.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let before = self.row.mtls_requests.fetch_add(1, Ordering::Relaxed);
+        let mut m = self.row.meta.lock().unwrap_or_else(|e| e.into_inner());
+        if before == 0 {
+            m.destination_identity = Some(id.clone());
+        } else if m.destination_identity.as_ref() != Some(id) {
+            m.destination_identity = None;
+        }
+    }
+
     /// Fills in what was learnt after opening (the TLS facts, say).
     pub fn update(&self, f: impl FnOnce(&mut ConnMeta)) {
         f(&mut self.row.meta.lock().unwrap_or_else(|e| e.into_inner()));
@@ -137,6 +160,8 @@ impl ConnTable {
                 .map_or(0, |d| d.as_secs()),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            mtls_requests: AtomicU64::new(0),
+            plaintext_requests: AtomicU64::new(0),
         });
         self.inner
             .rows
@@ -160,12 +185,16 @@ impl ConnTable {
                     id: *id,
                     kind: r.kind,
                     // A captured HTTP connection's requests ride tunnels of
-                    // their own: it is secured when its destination identity
-                    // (set only for tunnelled destinations) is known. Other
-                    // rows carry the TLS facts of their own hop.
+                    // their own: it is secured while none of them went in
+                    // plaintext, and before its first request when its
+                    // destination (its identity set only then) is reached
+                    // through the tunnel. Other rows carry the TLS facts of
+                    // their own hop.
                     secured: meta.tls.is_some()
                         || (r.kind == ConnKind::OutboundHttp
-                            && meta.destination_identity.is_some()),
+                            && r.plaintext_requests.load(Ordering::Relaxed) == 0
+                            && (r.mtls_requests.load(Ordering::Relaxed) > 0
+                                || meta.destination_identity.is_some())),
                     meta,
                     opened_at: r.opened_at,
                     bytes_sent: r.sent.load(Ordering::Relaxed),

@@ -44,6 +44,8 @@ pub struct HttpConn {
     pub protocol: Protocol,
     /// Metric handles of this connection's requests.
     pub metrics: RequestMetricsCache,
+    /// Its row in the connection table (`None` in tests without one).
+    pub row: Option<crate::conntable::ConnHandle>,
 }
 
 /// What happened to one request, for metrics and the access log.
@@ -758,6 +760,9 @@ async fn send_once(
     mut parts: Parts,
     body: Body,
 ) -> Result<Response<Body>, SendError> {
+    if let Some(row) = &conn.row {
+        row.request_sent(up.tunnel.as_ref().map(|t| &t.identity));
+    }
     if conn.protocol == Protocol::Http1
         && let Some(client) = crate::upgrade::take(&mut parts)
     {

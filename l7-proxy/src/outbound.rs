@@ -125,6 +125,22 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     let io = Rewind::new(prefix, tcp);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
+            let row = shared.table.open(
+                ConnKind::OutboundHttp,
+                ConnMeta {
+                    source_addr: Some(peer),
+                    source_workload: Some(source.id.clone()),
+                    source_identity: Some(source.identity.clone()),
+                    destination_addr: Some(dst),
+                    destination: match &dest {
+                        Destination::Service(d) => Some(d.service.id.clone()),
+                        Destination::Workload(w) => Some(w.id.clone()),
+                        Destination::External => None,
+                    },
+                    destination_identity: tunnelled_identity(&dest),
+                    ..Default::default()
+                },
+            );
             let conn = Arc::new(HttpConn {
                 source_label: crate::metrics::Label::from(source.identity.as_ref()),
                 source,
@@ -132,16 +148,18 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
                 original_dst: dst,
                 protocol,
                 metrics: Default::default(),
+                row: Some(row),
             });
-            serve_http(shared, io, conn, &dest).await
+            serve_http(shared, io, conn).await
         }
         Protocol::Tcp => serve_tcp(shared, io, source, peer, dst, dest).await,
     }
 }
 
-/// The identity every request of a captured HTTP connection reaches through
-/// the tunnel, when there is one: all ready endpoints of the service share it
-/// and all sit behind a node proxy.
+/// The identity the requests of a captured HTTP connection are expected to
+/// reach through the tunnel, shown until its first request says (a route may
+/// send them elsewhere): all ready endpoints of the service share it and all
+/// sit behind a node proxy.
 fn tunnelled_identity(dest: &Destination) -> Option<crate::config::SpiffeId> {
     let Destination::Service(d) = dest else {
         return match dest {
@@ -160,26 +178,10 @@ fn tunnelled_identity(dest: &Destination) -> Option<crate::config::SpiffeId> {
         .then_some(id)
 }
 
-async fn serve_http<I>(shared: Arc<Shared>, io: I, conn: Arc<HttpConn>, dest: &Destination)
+async fn serve_http<I>(shared: Arc<Shared>, io: I, conn: Arc<HttpConn>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _row = shared.table.open(
-        ConnKind::OutboundHttp,
-        ConnMeta {
-            source_addr: Some(conn.client_addr),
-            source_workload: Some(conn.source.id.clone()),
-            source_identity: Some(conn.source.identity.clone()),
-            destination_addr: Some(conn.original_dst),
-            destination: match dest {
-                Destination::Service(d) => Some(d.service.id.clone()),
-                Destination::Workload(w) => Some(w.id.clone()),
-                Destination::External => None,
-            },
-            destination_identity: tunnelled_identity(dest),
-            ..Default::default()
-        },
-    );
     let s = shared.settings.clone();
     let svc = {
         let (shared, conn) = (shared.clone(), conn.clone());

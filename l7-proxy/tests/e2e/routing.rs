@@ -848,3 +848,49 @@ async fn a_request_body_that_stops_coming_is_cut() {
     assert_eq!(srv[1].hits(), 0);
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_shows_secured_only_while_none_of_its_requests_went_in_plaintext() {
+    let mesh = Mesh::standard().await;
+    let (_srv, port) = servers(&[cart(0), cart(1)]).await;
+    // `/legacy` goes to v1, outside the mesh; the rest to v0, in it.
+    let mut v1 = mesh.service("v1", 11, port, &[cart(1)]);
+    v1.endpoints[0].node_proxy = None;
+    v1.endpoints[0].identity = None;
+    mesh.publish(&Snapshot {
+        services: vec![
+            mesh.service("cart", 1, port, &[cart(0)]),
+            mesh.service("v0", 10, port, &[cart(0)]),
+            v1,
+        ],
+        http_routes: vec![route(vec![
+            rule(
+                vec![HttpRouteMatch {
+                    path: Some(PathMatch::PathPrefix("/legacy".into())),
+                    ..Default::default()
+                }],
+                vec![backend("v1", 1)],
+            ),
+            rule(vec![], vec![backend("v0", 1)]),
+        ])],
+        ..Default::default()
+    })
+    .await;
+    let row = |mesh: &Mesh| {
+        let rows = mesh.a.proxy().connections();
+        rows.into_iter()
+            .find(|r| r.kind == l7_proxy::conntable::ConnKind::OutboundHttp)
+            .expect("the captured connection's row")
+    };
+    let mut c = client(&mesh).await;
+    assert_eq!(c.get("/").await.echo()["server"], "cart-0");
+    let r = row(&mesh);
+    assert!(r.secured, "{r:?}");
+    assert_eq!(r.meta.destination_identity, Some(cart(0).identity()));
+    // One request in plaintext, and the connection no longer shows as
+    // secured (its Service's endpoints are all in the mesh).
+    assert_eq!(c.get("/legacy").await.echo()["server"], "cart-1");
+    let r = row(&mesh);
+    assert!(!r.secured, "{r:?}");
+    mesh.shutdown().await;
+}
