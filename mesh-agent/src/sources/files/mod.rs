@@ -73,6 +73,8 @@ struct FileState {
     contents: Option<String>,
     /// Some version of the file has parsed since the agent started.
     ever_good: bool,
+    /// When the file appeared (see `FilesSource::next_seen`).
+    seen: u64,
     /// The last version of the file that parsed.
     good: Parsed,
     errors: Vec<ConfigError>,
@@ -117,6 +119,9 @@ fn watch(
 pub struct FilesSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// Numbers the files in the order they appeared (path order within one
+    /// reload): of two files defining one object, the earlier one keeps it.
+    next_seen: u64,
     /// Subdirectories that could not be listed in the last reload: their
     /// files keep their last good version.
     unlisted: Vec<(PathBuf, ConfigError)>,
@@ -513,12 +518,25 @@ impl FilesSource {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            next_seen: 0,
             unlisted: Vec::new(),
         }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The state of `path`, numbered when new.
+    fn entry(&mut self, path: &Path) -> &mut FileState {
+        let next = &mut self.next_seen;
+        self.files.entry(path.to_path_buf()).or_insert_with(|| {
+            *next += 1;
+            FileState {
+                seen: *next,
+                ..FileState::default()
+            }
+        })
     }
 
     /// Re-reads the directory. Returns whether anything changed.
@@ -574,13 +592,14 @@ impl FilesSource {
                         "a symbolic link to a missing file: it defines nothing; restore its \
                          target or remove the link",
                     );
-                    let st = self.files.entry(path.clone()).or_default();
+                    let st = self.entry(path);
                     if st.errors != [err.clone()] || st.contents.is_some() {
                         *st = FileState {
                             contents: None,
                             good: Parsed::default(),
                             ever_good: false,
                             errors: vec![err],
+                            seen: st.seen,
                         };
                         changed = true;
                     }
@@ -600,7 +619,7 @@ impl FilesSource {
                         None,
                         format!("cannot read ({e}): the file's last good version stays; {hint}"),
                     );
-                    let st = self.files.entry(path.clone()).or_default();
+                    let st = self.entry(path);
                     // Read again in full once readable, even if unchanged.
                     st.contents = None;
                     if st.errors != [err.clone()] {
@@ -619,7 +638,7 @@ impl FilesSource {
             }
             changed = true;
             let (parsed, mut errors, ignored) = parse_file(path, &contents);
-            let st = self.files.entry(path.clone()).or_default();
+            let st = self.entry(path);
             st.contents = Some(contents);
             if errors.is_empty() {
                 st.good = parsed;
@@ -648,14 +667,17 @@ impl FilesSource {
     }
 
     /// The whole directory as model objects, and the conflicts found merging
-    /// files (the first file in path order wins).
+    /// files: the file that appeared first keeps an object both define (a
+    /// copy made later, even one sorting first, does not take it over).
     fn merge(&self) -> (BTreeMap<Kind, BTreeMap<Key, Object>>, Vec<ConfigError>) {
         let mut by_kind: BTreeMap<Kind, BTreeMap<Key, Object>> = BTreeMap::new();
         let mut origin: BTreeMap<(Kind, Key), &Path> = BTreeMap::new();
         let mut conflicts = Vec::new();
         let mut entries: Vec<(&Path, &WorkloadEntry)> = Vec::new();
         let mut nodes: BTreeMap<String, NodeInfo> = BTreeMap::new();
-        for (path, f) in &self.files {
+        let mut files: Vec<(&PathBuf, &FileState)> = self.files.iter().collect();
+        files.sort_by_key(|(_, f)| f.seen);
+        for (path, f) in files {
             for o in &f.good.objects {
                 let (kind, key) = (o.kind(), o.key());
                 if let Some(first) = origin.get(&(kind, key.clone())) {
@@ -695,9 +717,10 @@ impl FilesSource {
             }
         }
         let mut pods: Vec<(&WorkloadEntry, Workload)> = Vec::new();
+        let mut pod_keys: BTreeSet<Key> = BTreeSet::new();
         for (path, e) in entries {
             let w = workload_of(e);
-            if pods.iter().any(|(_, p)| p.key() == w.key()) {
+            if !pod_keys.insert(w.key()) {
                 conflicts.push(error(
                     path,
                     Some(format!("workload {}", w.key())),

@@ -547,3 +547,34 @@ fn a_file_broken_since_the_start_makes_the_source_incomplete_until_it_parses() {
     src.reload().unwrap();
     assert!(!src.incomplete());
 }
+
+#[test]
+fn a_copy_added_later_does_not_take_an_object_over_even_sorting_first() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    // `cp shop.yaml 0-backup.yaml`, then the original is edited.
+    write(dir.path(), "0-backup.yaml", SHOP);
+    write(
+        dir.path(),
+        "shop.yaml",
+        &SHOP.replace("127.96.1.1", "127.96.1.2"),
+    );
+    src.reload().unwrap();
+    let s = store_of(&src);
+    let svc = &s.services[&Key::new("shop", "web")];
+    assert_eq!(
+        svc.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("127.96.1.2"),
+        "the edit to the file that defined it applies"
+    );
+    // The conflict is reported against the copy.
+    let errors = src.errors();
+    let e = errors
+        .iter()
+        .find(|e| e.object.as_deref() == Some("Service shop/web"))
+        .expect("a conflict");
+    assert!(e.source.ends_with("0-backup.yaml"), "{e}");
+    assert!(e.message.contains("shop.yaml"), "{e}");
+}
