@@ -264,6 +264,19 @@ fn help_explains_every_flag() {
     }
 }
 
+/// `mesh-agent validate DIR`: its exit code and what it printed.
+fn validate(dir: &std::path::Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .arg("validate")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 #[test]
 fn mesh_agent_validate_reports_file_document_and_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,28 +285,14 @@ fn mesh_agent_validate_reports_file_document_and_field() {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: eighty}]}\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
-        .arg("validate")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (code, text) = validate(dir.path());
+    assert_eq!(code, Some(1), "{text}");
     assert!(
         text.contains("bad.yaml: document 2 (Service s): spec.ports[0].port:"),
         "{text}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
-        .arg("validate")
-        .arg(examples())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (code, text) = validate(examples());
+    assert_eq!(code, Some(0), "{text}");
     // A Deployment beside the Services is a note, not a failure.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -301,13 +300,8 @@ fn mesh_agent_validate_reports_file_document_and_field() {
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
-        .arg("validate")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text) = validate(dir.path());
+    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("ignored: apps/v1 Deployment"), "{text}");
 }
 
