@@ -359,3 +359,36 @@ async fn the_admin_api_answers_while_the_agent_waits_for_the_ca_bundle() {
     })
     .await;
 }
+
+#[test]
+fn sluice_check_looks_for_bpffs_where_it_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(SLUICE)
+        .args([
+            "check",
+            "-o",
+            "json",
+            "--admin",
+            "http://127.0.0.1:1",
+            "--bpffs",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    // The agent cannot be reached: a failed check.
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bpffs = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "bpffs")
+        .expect("a bpffs check");
+    assert!(
+        bpffs["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&dir.path().display().to_string()),
+        "{bpffs}"
+    );
+}

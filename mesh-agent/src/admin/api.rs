@@ -165,7 +165,9 @@ pub struct ConnectionInfo {
     /// Expiry of the peer's certificate (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_cert_expiry: Option<String>,
-    /// `http`, `grpc` or `tcp`.
+    /// What the proxy does with the connection: `outbound-http` (a captured
+    /// connection whose requests are routed one by one), `outbound-tcp`,
+    /// `tunnel-out`, `tunnel-in` or `inbound-tcp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
 }

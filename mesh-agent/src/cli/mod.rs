@@ -46,8 +46,15 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check the node (kernel, cgroup v2, bpffs, BTF, capabilities) and the
-    /// agent (health, configuration errors). Exits 1 if a check fails.
-    Check,
+    /// agent (health, configuration errors). Exits 1 if a check fails
+    /// (FAIL); warnings (configuration problems, not yet synced) leave it
+    /// at 0: gate manifests with `mesh-agent validate DIR`, which exits 1
+    /// on any problem.
+    Check {
+        /// Where the local bpffs check looks (the agent's --bpffs).
+        #[arg(long, default_value = ebpf_lb::DEFAULT_BPFFS)]
+        bpffs: std::path::PathBuf,
+    },
     /// Node, enrolled namespaces, counts, CA and trust bundle.
     Status,
     /// Pods with identity, enrolment, mTLS mode and certificate expiry.
@@ -97,11 +104,11 @@ async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
     let json = cli.output == Output::Json;
     let c = match (&cli.command, Client::new(&cli.admin)) {
         // `check` runs its local checks whatever the admin address is.
-        (Command::Check, c) => return Ok(check(c, json).await),
+        (Command::Check { bpffs }, c) => return Ok(check(c, bpffs, json).await),
         (_, c) => c?,
     };
     match &cli.command {
-        Command::Check => {} // answered above
+        Command::Check { .. } => {} // answered above
         Command::Status => {
             let s: Status = c.get("/v1/status").await?;
             if json {
@@ -142,9 +149,8 @@ async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
 }
 
 /// Local checks, then the agent's; exit 1 when something fails.
-async fn check(c: Result<Client, client::Error>, json: bool) -> ExitCode {
-    let mut checks: Vec<CheckResult> =
-        crate::check::local_checks(std::path::Path::new(ebpf_lb::DEFAULT_BPFFS));
+async fn check(c: Result<Client, client::Error>, bpffs: &std::path::Path, json: bool) -> ExitCode {
+    let mut checks: Vec<CheckResult> = crate::check::local_checks(bpffs);
     let mut config_errors = Vec::new();
     let asked = match c {
         Ok(c) => c
