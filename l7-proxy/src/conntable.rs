@@ -114,28 +114,43 @@ impl ConnHandle {
     pub fn received(&self) -> u64 {
         self.row.received.load(Ordering::Relaxed)
     }
-    /// One request of a captured HTTP connection went out: through the
-    /// tunnel to `identity`, or in plaintext (`None`). Routes can send a
-    /// connection's requests to several backends, so the row is secured
-    /// while none went in plaintext, and names the destination identity
-    /// only while all reached the same one.
-    pub fn request_sent(&self, identity: Option<&SpiffeId>) {
-        let Some(id) = identity else {
-            self.row.plaintext_requests.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let before = self.row.mtls_requests.fetch_add(1, Ordering::Relaxed);
-        let mut m = self.row.meta.lock().unwrap_or_else(|e| e.into_inner());
-        if before == 0 {
-            m.destination_identity = Some(id.clone());
-        } else if m.destination_identity.as_ref() != Some(id) {
-            m.destination_identity = None;
-        }
+    /// A reference to the row for what the connection's requests learn,
+    /// which does not keep it in the table: the row goes when the
+    /// connection ends, even while a mirrored copy is still on its way.
+    pub fn reference(&self) -> RowRef {
+        RowRef(self.row.clone())
     }
 
     /// Fills in what was learnt after opening (the TLS facts, say).
     pub fn update(&self, f: impl FnOnce(&mut ConnMeta)) {
         f(&mut self.row.meta.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// See [`ConnHandle::reference`].
+#[derive(Debug)]
+pub struct RowRef(Arc<Row>);
+
+impl RowRef {
+    /// One request of a captured HTTP connection went out: through the
+    /// tunnel to `identity`, or in plaintext (`None`); mirrored copies
+    /// count too (the data went there). Routes can send a connection's
+    /// requests to several backends, so the row is secured while none went
+    /// in plaintext, and names the destination identity only while all
+    /// reached the same one.
+    pub fn request_sent(&self, identity: Option<&SpiffeId>) {
+        let row = &self.0;
+        let Some(id) = identity else {
+            row.plaintext_requests.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let before = row.mtls_requests.fetch_add(1, Ordering::Relaxed);
+        let mut m = row.meta.lock().unwrap_or_else(|e| e.into_inner());
+        if before == 0 {
+            m.destination_identity = Some(id.clone());
+        } else if m.destination_identity.as_ref() != Some(id) {
+            m.destination_identity = None;
+        }
     }
 }
 

@@ -45,7 +45,7 @@ pub struct HttpConn {
     /// Metric handles of this connection's requests.
     pub metrics: RequestMetricsCache,
     /// Its row in the connection table (`None` in tests without one).
-    pub row: Option<crate::conntable::ConnHandle>,
+    pub row: Option<crate::conntable::RowRef>,
 }
 
 /// What happened to one request, for metrics and the access log.

@@ -148,9 +148,11 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
                 original_dst: dst,
                 protocol,
                 metrics: Default::default(),
-                row: Some(row),
+                row: Some(row.reference()),
             });
-            serve_http(shared, io, conn).await
+            serve_http(shared, io, conn).await;
+            // The row goes with the connection.
+            drop(row);
         }
         Protocol::Tcp => serve_tcp(shared, io, source, peer, dst, dest).await,
     }

@@ -192,6 +192,8 @@ pub struct Reconciler {
     source_errors: BTreeMap<String, Vec<ConfigError>>,
     /// Sources that have not read all their objects yet.
     incomplete_sources: BTreeSet<String>,
+    /// The first sync's clean-up waits for them.
+    cleanup_deferred: bool,
     /// Kernel operations that failed, by what they were for; an entry goes
     /// when the same operation later succeeds.
     other_errors: BTreeMap<String, String>,
@@ -231,6 +233,7 @@ impl Reconciler {
             guarded: BTreeMap::new(),
             source_errors: BTreeMap::new(),
             incomplete_sources: BTreeSet::new(),
+            cleanup_deferred: false,
             other_errors: BTreeMap::new(),
             workloads: Vec::new(),
             routes: Vec::new(),
@@ -319,6 +322,11 @@ impl Reconciler {
                 dirty.workloads = true;
             }
             self.retry_first_sync_steps();
+            if self.cleanup_deferred && self.incomplete_sources.is_empty() {
+                self.cleanup_deferred = false;
+                self.remove_stale_services();
+                self.unenrol_stale_cgroups();
+            }
         }
         if dirty.is_empty() {
             if resend_status {
@@ -382,14 +390,7 @@ impl Reconciler {
     /// Removes the kernel services an earlier run left that no Service
     /// claims now.
     fn remove_stale_services(&mut self) {
-        if let Some(why) = self.incomplete_why() {
-            self.outcome(
-                STALE_SERVICES_STEP.into(),
-                Err(format!(
-                    "kept the services an earlier run programmed that the configuration does not \
-                     name, because {why}; they go once it reads in full"
-                )),
-            );
+        if self.defer_cleanup() {
             return;
         }
         let wanted: BTreeSet<Frontend> = self.lb.frontends().map(|(f, _)| *f).collect();
@@ -433,14 +434,7 @@ impl Reconciler {
 
     /// Unenrols the cgroups an earlier run enrolled that no pod claims now.
     fn unenrol_stale_cgroups(&mut self) {
-        if let Some(why) = self.incomplete_why() {
-            self.outcome(
-                format!("{STALE_CGROUP_STEP}(deferred)"),
-                Err(format!(
-                    "kept the cgroups an earlier run enrolled that no pod claims now, because \
-                     {why}; they are unenrolled once it reads in full"
-                )),
-            );
+        if self.defer_cleanup() {
             return;
         }
         let ours: BTreeSet<u64> = self.enrolled.values().map(|e| e.id).collect();
@@ -777,16 +771,25 @@ impl Reconciler {
 
     /// Records how a kernel operation for `what` went: a failure is kept
     /// (and logged when new) until the same operation succeeds.
-    /// Why the first sync's clean-up must wait, if it must.
-    fn incomplete_why(&self) -> Option<String> {
+    /// Whether the first sync's clean-up must wait (a source has objects
+    /// not read yet); it then runs on the first tick after they are read.
+    /// Not a kernel error: the broken file is reported as a configuration
+    /// problem already.
+    fn defer_cleanup(&mut self) -> bool {
         if self.incomplete_sources.is_empty() {
-            return None;
+            return false;
         }
-        let names: Vec<&str> = self.incomplete_sources.iter().map(String::as_str).collect();
-        Some(format!(
-            "{} has objects not read yet (a broken file may define them)",
-            names.join(", ")
-        ))
+        if !self.cleanup_deferred {
+            let names: Vec<&str> = self.incomplete_sources.iter().map(String::as_str).collect();
+            tracing::warn!(
+                "keeping the services and cgroups an earlier run left that the configuration \
+                 does not name, because {} has objects not read yet (a broken file may define \
+                 them); they go once it reads in full",
+                names.join(", ")
+            );
+        }
+        self.cleanup_deferred = true;
+        true
     }
 
     fn outcome(&mut self, what: String, r: Result<(), String>) {

@@ -312,22 +312,10 @@ fn parse_file(path: &Path, contents: &str) -> (Parsed, Vec<ConfigError>, Vec<Con
             }),
             _ => {
                 let message = match read_api_version(&kind) {
-                    // A kind it reads, in another version: most likely a
-                    // mistake in an edit, so an error (the file's last good
-                    // version stays, rather than its objects going away: a
-                    // STRICT MeshPolicy must not vanish over a typo).
-                    Some(read) => {
-                        errors.push(error(
-                            path,
-                            Some(what.clone()),
-                            Some("apiVersion".into()),
-                            format!(
-                                "the files source reads {kind} as apiVersion {read}, not {api}; \
-                                 write apiVersion: {read}"
-                            ),
-                        ));
-                        continue;
-                    }
+                    // A kind it reads, in another version: say which one.
+                    Some(read) => format!(
+                        "ignored: the files source reads {kind} as apiVersion {read}, not {api}"
+                    ),
                     None => format!(
                         "ignored: {api} {kind} is not read by the files source (it reads Namespace, \
                          Service, EndpointSlice, HTTPRoute, GRPCRoute, ReferenceGrant, MeshPolicy, \
@@ -597,7 +585,8 @@ impl FilesSource {
                         *st = FileState {
                             contents: None,
                             good: Parsed::default(),
-                            ever_good: false,
+                            // It defines nothing: nothing unknown.
+                            ever_good: true,
                             errors: vec![err],
                             seen: st.seen,
                         };
@@ -791,12 +780,12 @@ impl FilesSource {
     }
 
     /// Whether some file has not parsed once since the agent started (and
-    /// so defines objects the agent does not know).
+    /// so defines objects the agent does not know). A subdirectory it cannot
+    /// list does not count: it may hold nothing (`lost+found`).
     pub fn incomplete(&self) -> bool {
         self.files
             .values()
             .any(|f| !f.ever_good && !f.errors.is_empty())
-            || !self.unlisted.is_empty()
     }
 
     /// What to send the reconciler after a reload.
@@ -856,7 +845,10 @@ impl FilesSource {
                     // without pause).
                     let deadline = tokio::time::Instant::now() + QUIET_MAX;
                     loop {
-                        tokio::time::sleep(QUIET).await;
+                        tokio::select! {
+                            _ = stop.changed() => return Ok(()),
+                            () = tokio::time::sleep(QUIET) => {}
+                        }
                         let mut more = false;
                         while ev_rx.try_recv().is_ok() {
                             more = true;
