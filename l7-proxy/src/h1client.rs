@@ -326,13 +326,10 @@ fn keep_trailer_fields(h: &mut HeaderMap) {
         "upgrade",
         "www-authenticate",
     ];
-    let bad = |k: &HeaderName| FORBIDDEN.contains(&k.as_str()) || k.as_str().starts_with("sluice-");
-    if h.keys().any(bad) {
-        let names: Vec<HeaderName> = h.keys().filter(|k| bad(k)).cloned().collect();
-        for name in names {
-            h.remove(name);
-        }
+    for name in FORBIDDEN {
+        h.remove(*name);
     }
+    crate::body::remove_mesh_headers(h);
 }
 
 fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -374,11 +371,11 @@ impl Prepared {
     pub fn new(req: Request<Body>) -> Self {
         let (mut parts, body) = req.into_parts();
         parts.headers.remove(header::TRANSFER_ENCODING);
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+        let declared = |h: &HeaderMap| {
+            h.get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
         let framing = if http_body::Body::is_end_stream(&body) {
             parts.headers.remove(header::CONTENT_LENGTH);
             if expects_body(&parts.method) {
@@ -389,7 +386,10 @@ impl Prepared {
             } else {
                 Framing::None
             }
-        } else if let Some(n) = http_body::Body::size_hint(&body).exact().or(declared) {
+        } else if let Some(n) = http_body::Body::size_hint(&body)
+            .exact()
+            .or_else(|| declared(&parts.headers))
+        {
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
@@ -485,12 +485,12 @@ struct Exchange {
 /// What reading a response needs to know of its request; reads only from
 /// a buffer, so that it can be fuzzed without a socket.
 #[derive(Debug, Clone, Copy)]
-pub struct Decoder {
-    pub max_head: usize,
+struct Decoder {
+    max_head: usize,
     /// A `HEAD` request: the response has no body.
-    pub head_request: bool,
+    head_request: bool,
     /// The request said `connection: close`.
-    pub close: bool,
+    close: bool,
 }
 
 impl Exchange {
@@ -545,7 +545,7 @@ impl Exchange {
 impl Decoder {
     /// A final response head from the read buffer, if complete; 1xx
     /// interim responses are passed over.
-    pub fn parse_head(&self, rbuf: &mut BytesMut) -> Result<Option<(Response<()>, Mode)>, Error> {
+    fn parse_head(&self, rbuf: &mut BytesMut) -> Result<Option<(Response<()>, Mode)>, Error> {
         loop {
             let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut parsed = httparse::Response::new(&mut lines);
@@ -657,7 +657,7 @@ impl Decoder {
 
 /// How the response body ends.
 #[derive(Debug)]
-pub enum Mode {
+enum Mode {
     Empty {
         reuse: bool,
     },
@@ -678,7 +678,7 @@ pub enum Mode {
 }
 
 #[derive(Debug)]
-pub enum Chunk {
+enum Chunk {
     Size,
     Data(u64),
     /// The CRLF after a chunk's data.
@@ -693,7 +693,7 @@ pub struct ResponseBody {
     mode: Mode,
 }
 
-pub enum Step {
+enum Step {
     Frame(Frame<Bytes>),
     /// More bytes are needed.
     Read,
@@ -727,7 +727,7 @@ impl ResponseBody {
 
 impl Mode {
     /// The next piece of the body from `rbuf`.
-    pub fn step(&mut self, rbuf: &mut BytesMut, max_head: usize) -> Result<Step, Error> {
+    fn step(&mut self, rbuf: &mut BytesMut, max_head: usize) -> Result<Step, Error> {
         match self {
             Mode::Empty { reuse } | Mode::Length { left: 0, reuse } => {
                 *self = Mode::Done { reuse: *reuse };
