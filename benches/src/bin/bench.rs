@@ -18,8 +18,8 @@ struct Cli {
     quick: bool,
 }
 
-// The proxies measured here run in this binary (`__proxy-node`); jemalloc is
-// what a deployment of the node agent would use too.
+// The proxies measured here run in this binary (`__proxy-node`), with the
+// allocator the `mesh-agent` binary uses.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -233,15 +233,22 @@ impl AdminState {
         });
         checks.push(CheckResult {
             name: "agent: sync".into(),
-            outcome: if v.synced {
+            outcome: if v.synced && v.cleanup_waits_for.is_empty() {
                 Outcome::Pass
             } else {
                 Outcome::Warn
             },
-            detail: if v.synced {
+            detail: if !v.synced {
+                "waiting for the source's initial state".into()
+            } else if v.cleanup_waits_for.is_empty() {
                 "initial state programmed".into()
             } else {
-                "waiting for the source's initial state".into()
+                format!(
+                    "initial state programmed, but services and cgroups an earlier run left \
+                     that the configuration does not name are kept until {} reads in full \
+                     (a broken file may define them): fix the configuration errors below",
+                    v.cleanup_waits_for.join(", ")
+                )
             },
         });
         checks.push(CheckResult {
@@ -714,6 +721,45 @@ mod tests {
                 Err(_) => return false,
             }
         }
+    }
+
+    #[test]
+    fn the_sync_check_warns_while_an_earlier_runs_leftovers_wait_for_a_broken_source() {
+        let sync = |view: AgentView| {
+            let (_, view) = watch::channel(Arc::new(view));
+            let (_, mesh) = watch::channel(Arc::new(MeshView::default()));
+            let state = AdminState {
+                info: AdminInfo::default(),
+                view,
+                mesh,
+                dp: Arc::new(MemoryDataplane::new()),
+                proxy: None,
+                identity: None,
+            };
+            state
+                .check()
+                .checks
+                .into_iter()
+                .find(|c| c.name == "agent: sync")
+                .expect("a sync check")
+        };
+        let done = sync(AgentView {
+            synced: true,
+            ..AgentView::default()
+        });
+        assert_eq!(done.outcome, Outcome::Pass, "{}", done.detail);
+        let held = sync(AgentView {
+            synced: true,
+            cleanup_waits_for: vec!["files:/etc/sluice".into()],
+            ..AgentView::default()
+        });
+        assert_eq!(held.outcome, Outcome::Warn);
+        assert!(
+            held.detail
+                .contains("until files:/etc/sluice reads in full"),
+            "{}",
+            held.detail
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mesh_agent::agent::{Agent, RunArgs};
 
+// The node proxy runs in this process for as long as the node does, with
+// buffers and requests coming and going on every worker thread: jemalloc
+// keeps that from fragmenting, and it is what `cargo xtask bench` measures.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "mesh-agent", version, about = "Sluice's node agent")]
 struct Cli {

@@ -118,6 +118,9 @@ pub struct AgentView {
     pub config_errors: Vec<ConfigError>,
     /// Kernel updates that failed (retried on every tick).
     pub dataplane_errors: Vec<String>,
+    /// The sources whose unread objects hold back the first sync's clean-up
+    /// (what an earlier run left stays in the kernel until they read).
+    pub cleanup_waits_for: Vec<String>,
     /// SPIFFE IDs of enrolled local pods.
     pub identities: BTreeSet<String>,
     pub policies: usize,
@@ -326,6 +329,7 @@ impl Reconciler {
                 self.cleanup_deferred = false;
                 self.remove_stale_services();
                 self.unenrol_stale_cgroups();
+                self.publish_view();
             }
         }
         if dirty.is_empty() {
@@ -1046,6 +1050,11 @@ impl Reconciler {
             routes: self.route_infos(),
             config_errors: self.config_errors(),
             dataplane_errors,
+            cleanup_waits_for: if self.cleanup_deferred {
+                self.incomplete_sources.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
             identities: self.out.identities.borrow().clone(),
             policies: self.store.mesh_policies.len() + self.store.access_policies.len(),
             stats: self.stats.clone(),

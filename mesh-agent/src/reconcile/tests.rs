@@ -881,13 +881,18 @@ fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unre
     // Not a kernel error (the file is reported already), and no work on
     // every tick meanwhile.
     assert!(errors(&f).is_empty(), "{:?}", errors(&f));
+    // What holds it back is in the view (`sluice check` shows it).
+    let waits = |f: &Fixture| f.rx.view.borrow().cleanup_waits_for.clone();
+    assert_eq!(waits(&f), vec!["files:/etc/sluice".to_string()]);
     let generation = f.rx.mesh.borrow().generation;
     f.r.step(vec![Input::Tick]);
     assert!(f.dp.spec(&orphan).is_some());
     assert_eq!(f.rx.mesh.borrow().generation, generation);
+    assert_eq!(waits(&f), vec!["files:/etc/sluice".to_string()]);
     // The file is fixed and names neither any more: the clean-up finishes.
     f.r.step(vec![broken(false)]);
     f.r.step(vec![Input::Tick]);
+    assert!(waits(&f).is_empty(), "{:?}", waits(&f));
     assert!(f.dp.spec(&orphan).is_none(), "the stale service is gone");
     assert!(
         f.dp.enrolled_paths().is_empty(),
