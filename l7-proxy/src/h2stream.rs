@@ -100,10 +100,14 @@ fn poll_data(
     Poll::Ready(r)
 }
 
-/// A stream's response body.
+/// A stream's body (a response's on the client side, a request's on the
+/// server side).
 pub struct RecvBody {
     recv: RecvStream,
     trailers_done: bool,
+    /// What is left of the length the head declared (`h2` holds the stream
+    /// to it).
+    length: Option<u64>,
 }
 
 impl RecvBody {
@@ -111,7 +115,14 @@ impl RecvBody {
         Self {
             recv,
             trailers_done: false,
+            length: None,
         }
+    }
+
+    /// The same, with the length its head's `content-length` declared.
+    pub fn with_length(mut self, length: Option<u64>) -> Self {
+        self.length = length;
+        self
     }
 }
 
@@ -127,7 +138,12 @@ impl http_body::Body for RecvBody {
             return Poll::Ready(None);
         }
         match ready!(poll_data(&mut self.recv, cx)) {
-            Some(Ok(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+            Some(Ok(b)) => {
+                if let Some(n) = &mut self.length {
+                    *n = n.saturating_sub(b.len() as u64);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
             Some(Err(e)) => return Poll::Ready(Some(Err(e))),
             None => {}
         }
@@ -143,6 +159,13 @@ impl http_body::Body for RecvBody {
     fn is_end_stream(&self) -> bool {
         self.trailers_done || self.recv.is_end_stream()
     }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.length {
+            Some(n) if !self.trailers_done => http_body::SizeHint::with_exact(n),
+            _ => http_body::SizeHint::default(),
+        }
+    }
 }
 
 /// Both halves of a `CONNECT` stream as one byte stream.
@@ -151,14 +174,40 @@ pub struct StreamIo {
     recv: RecvStream,
     /// What was read from a DATA frame and not yet returned.
     pending: Bytes,
+    /// Dropped before its end of stream was sent: end it cleanly (true), or
+    /// let `h2` cancel it, which discards what is still queued (false).
+    end_on_drop: bool,
+    ended: bool,
 }
 
 impl StreamIo {
+    /// A stream that a drop cancels (the tunnel client's: whoever drops it
+    /// early gave up on it).
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         Self {
             send,
             recv,
             pending: Bytes::new(),
+            end_on_drop: false,
+            ended: false,
+        }
+    }
+
+    /// A stream that a drop ends after what was written to it (the inbound
+    /// side's: an HTTP/1.1 server done with its one exchange drops its
+    /// connection without shutting it down, and its answer must still
+    /// arrive).
+    pub fn ending_on_drop(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        let mut io = Self::new(send, recv);
+        io.end_on_drop = true;
+        io
+    }
+}
+
+impl Drop for StreamIo {
+    fn drop(&mut self) {
+        if self.end_on_drop && !self.ended {
+            let _ = self.send.send_data(Bytes::new(), true);
         }
     }
 }
@@ -240,6 +289,7 @@ impl tokio::io::AsyncWrite for StreamIo {
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Half-close: our end of stream; reading goes on.
         // An error means the stream is already over: nothing to close.
+        self.ended = true;
         match self.send.send_data(Bytes::new(), true) {
             Err(e) if e.is_io() => Poll::Ready(Err(to_io(e))),
             _ => Poll::Ready(Ok(())),

@@ -15,30 +15,33 @@ use std::{
     },
 };
 
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, net::TcpStream, time::Instant};
 
 use crate::{
     accesslog::AccessRecord,
     batch::{BatchIo, FlushAtEnd},
-    body::{Body, BoxError, boxed, empty, proxy_response, remove_mesh_headers, strip_hop_by_hop},
+    body::{Body, boxed, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{
         LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER, UPGRADE_REQUEST,
     },
     conntable::{ConnKind, ConnMeta, TlsInfo},
+    h2stream::{RecvBody, StreamIo},
     io::{Counted, count_relay, relay},
     metrics::{
         DenialLabels, Direction, Label, RequestMetricsCache, TcpLabels, TlsFailureLabels,
         status_class,
     },
-    outbound::drain_on_shutdown,
     policy::{HttpFacts, Verdict, authorize},
     proxy::Shared,
     sniff::Protocol,
     state::State,
     target::parse_target,
+    tunnel::{CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW, keep_alive},
 };
 
 /// A short, stable label for why a TLS handshake failed.
@@ -188,27 +191,18 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         local_identity,
         tls: info,
     });
-    let svc = {
-        let (shared, tp) = (shared.clone(), tp.clone());
-        // Boxed: the stream task hyper spawns per request then moves a
-        // pointer, not the whole request future.
-        service_fn(move |req| Box::pin(handle(shared.clone(), tp.clone(), req)))
-    };
     let (io, batch) = BatchIo::new(tls);
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_header_list_size(shared.settings.max_header_bytes)
-        .max_concurrent_streams(shared.settings.tunnel_max_streams)
-        // A peer that stops answering pings is gone: its streams end.
-        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
-        .keep_alive_timeout(std::time::Duration::from_secs(10))
-        .serve_connection(TokioIo::new(io), svc);
     let stall = batch.stall();
     let stall_limit = shared.settings.tunnel_write_stall_timeout();
-    let conn = FlushAtEnd::new(conn, batch, tp.in_flight.clone());
-    // A proxy opens a tunnel connection to send a stream at once; hyper's
-    // keep-alive pings only start after the HTTP/2 preface, so a peer that
-    // sends nothing after the handshake is cut here.
+    let (drain, _reg) = shared.drain.watch();
+    let conn = FlushAtEnd::new(
+        accept_streams(&shared, &tp, io, drain),
+        batch,
+        tp.in_flight.clone(),
+    );
+    // A proxy opens a tunnel connection to send a stream at once; keep-alive
+    // pings only start after the HTTP/2 preface, so a peer that sends nothing
+    // after the handshake is cut here.
     let first_stream = shared.settings.tls_handshake_timeout();
     let silent = async {
         tokio::time::sleep(first_stream).await;
@@ -217,7 +211,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     tokio::select! {
-        r = drain_on_shutdown(&shared, conn, |c| c.inner_mut().graceful_shutdown()) => {
+        r = conn => {
             if let Err(e) = r {
                 tracing::debug!(%peer, "inbound tunnel connection ended: {e}");
             }
@@ -235,6 +229,115 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                 source = %tp.identity,
                 "closing an inbound tunnel connection whose peer has read nothing for {stall_limit:?}"
             );
+        }
+    }
+}
+
+/// Drives one tunnel connection with `h2` directly: each stream the peer
+/// opens gets a task of its own. On shutdown the connection says GOAWAY and
+/// ends once the streams already open have.
+async fn accept_streams<T>(
+    shared: &Arc<Shared>,
+    tp: &Arc<TunnelPeer>,
+    io: T,
+    drain: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(shared.settings.max_header_bytes)
+        .max_concurrent_streams(shared.settings.tunnel_max_streams)
+        .max_send_buffer_size(SEND_BUFFER)
+        // A peer making the proxy reset streams over and over is cut off
+        // (the "rapid reset" attack), as hyper's server did.
+        .max_local_error_reset_streams(Some(1024))
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    let pings = conn
+        .ping_pong()
+        .expect("the first call has the ping handle");
+    let mut alive = std::pin::pin!(keep_alive(pings));
+    let mut drain = std::pin::pin!(drain);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.accept() => match r {
+                Some(Ok((req, respond))) => {
+                    // Boxed: spawning then moves a pointer, not the whole
+                    // request future, several times.
+                    let stream = Box::pin(serve_stream(shared.clone(), tp.clone(), req, respond));
+                    tokio::spawn(stream);
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Ok(()),
+            },
+            _ = &mut drain, if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+            why = &mut alive => return Err(why),
+        }
+    }
+}
+
+/// One stream: a `CONNECT` (a TCP stream, or an HTTP/1.1 upgrade) or an HTTP
+/// request.
+async fn serve_stream(
+    shared: Arc<Shared>,
+    tp: Arc<TunnelPeer>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    tp.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight(tp.in_flight.clone());
+    if !tp.opened.load(Ordering::Relaxed) {
+        tp.opened.store(true, Ordering::Relaxed);
+    }
+    let (parts, recv) = req.into_parts();
+    if parts.method == Method::CONNECT {
+        // Boxed: a request's task then carries only what a request needs.
+        return Box::pin(handle_connect(shared, tp, parts, recv, respond)).await;
+    }
+    let length = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let req = Request::from_parts(parts, RecvBody::new(recv).with_length(length));
+    // A peer that resets the stream (its caller gave up) ends the request.
+    let resp = tokio::select! {
+        biased;
+        resp = handle_http(shared, tp, req) => resp,
+        reset = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            tracing::debug!("inbound stream reset before its answer: {reset:?}");
+            return;
+        }
+    };
+    reply(respond, resp).await;
+}
+
+/// Sends `resp` on the stream: its head, then its body as the peer's window
+/// allows.
+async fn reply(mut respond: SendResponse<Bytes>, resp: Response<Body>) {
+    let (mut head, body) = resp.into_parts();
+    let eos = http_body::Body::is_end_stream(&body);
+    if !eos
+        && !head.headers.contains_key(http::header::CONTENT_LENGTH)
+        && let Some(n) = http_body::Body::size_hint(&body).exact()
+    {
+        head.headers
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    match respond.send_response(Response::from_parts(head, ()), eos) {
+        Ok(send) if !eos => crate::h2stream::pipe(body, send).await,
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!("inbound response not sent: {e}");
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
         }
     }
 }
@@ -320,60 +423,41 @@ impl Drop for InFlight {
     }
 }
 
-async fn handle(
-    shared: Arc<Shared>,
-    tp: Arc<TunnelPeer>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, BoxError> {
-    tp.in_flight.fetch_add(1, Ordering::Relaxed);
-    let _in_flight = InFlight(tp.in_flight.clone());
-    if !tp.opened.load(Ordering::Relaxed) {
-        tp.opened.store(true, Ordering::Relaxed);
-    }
-    if req.method() == Method::CONNECT {
-        handle_connect(shared, tp, req).await
-    } else {
-        Ok(handle_http(shared, tp, req).await)
-    }
-}
-
-fn refused() -> BoxError {
-    Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM))
-}
-
 async fn handle_connect(
     shared: Arc<Shared>,
     tp: Arc<TunnelPeer>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, BoxError> {
+    parts: http::request::Parts,
+    recv: RecvStream,
+    mut respond: SendResponse<Bytes>,
+) {
     let start = Instant::now();
-    let target = match req.uri().authority().map(|a| parse_target(a.as_str())) {
+    let mut refuse = |workload: Option<&LocalWorkload>, reason: &str| {
+        deny(&shared, &tp, workload, "tcp", reason);
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+    };
+    let target = match parts.uri.authority().map(|a| parse_target(a.as_str())) {
         Some(Ok(t)) => t,
-        Some(Err(e)) => {
-            deny(&shared, &tp, None, "tcp", &e.to_string());
-            return Err(refused());
-        }
-        None => {
-            deny(&shared, &tp, None, "tcp", "CONNECT without an authority");
-            return Err(refused());
-        }
+        Some(Err(e)) => return refuse(None, &e.to_string()),
+        None => return refuse(None, "CONNECT without an authority"),
     };
     let state = shared.state();
     let workload = match check_target(&shared, &state, &tp, target) {
         Ok(w) => w,
-        Err(r) => {
-            deny(&shared, &tp, r.workload.as_deref(), "tcp", &r.reason);
-            return Err(refused());
-        }
+        Err(r) => return refuse(r.workload.as_deref(), &r.reason),
     };
     // An HTTP/1.1 upgrade (WebSocket) rides a CONNECT stream of its own:
     // its one request is parsed and policed like any other.
-    if req.headers().contains_key(UPGRADE_REQUEST) {
-        return Ok(upgrade_stream(shared, tp, req, target, workload));
+    let upgrade = parts.headers.contains_key(UPGRADE_REQUEST);
+    if !upgrade && let Verdict::Deny(reason) = authorize(&state, &tp.identity, &workload, None) {
+        return refuse(Some(&workload), &reason);
     }
-    if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &workload, None) {
-        deny(&shared, &tp, Some(&workload), "tcp", &reason);
-        return Err(refused());
+    drop(state);
+    if upgrade {
+        let Some((stream, row)) = open_stream(&shared, &tp, respond, recv, target, &workload)
+        else {
+            return;
+        };
+        return upgrade_stream(shared, tp, stream, row, target, workload).await;
     }
     let upstream = match tokio::time::timeout(
         shared.settings.connect_timeout(),
@@ -387,65 +471,62 @@ async fn handle_connect(
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            return Ok(proxy_response(
-                StatusCode::BAD_GATEWAY,
-                &format!("connecting to {target}: {e}"),
-            ));
+            let reason = format!("connecting to {target}: {e}");
+            return reply(respond, proxy_response(StatusCode::BAD_GATEWAY, &reason)).await;
         }
         Err(_) => {
-            return Ok(proxy_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!("connecting to {target}: timed out"),
-            ));
+            let reason = format!("connecting to {target}: timed out");
+            return reply(
+                respond,
+                proxy_response(StatusCode::GATEWAY_TIMEOUT, &reason),
+            )
+            .await;
         }
     };
     let _ = upstream.set_nodelay(true);
-    let shared2 = shared.clone();
-    shared.spawn(async move {
-        let Some((upgraded, row)) = open_stream(&shared2, &tp, req, target, &workload).await else {
-            return;
-        };
-        let labels = TcpLabels {
-            direction: Direction::Inbound,
-            source: tp.identity.to_string(),
-            destination: workload.identity.to_string(),
-            secured: true,
-        };
-        let (sent, received) = count_relay(&shared2.metrics, &labels, Some(row.clone()));
-        let result = relay(
-            TokioIo::new(upgraded),
-            upstream,
-            shared2.settings.tcp_idle_timeout(),
-            sent,
-            received,
-        )
-        .await;
-        let reason = result.err().map(|e| e.to_string());
-        AccessRecord {
-            bytes_sent: Some(row.sent()),
-            bytes_received: Some(row.received()),
-            duration_ms: start.elapsed().as_secs_f64() * 1e3,
-            reason: reason.as_deref(),
-            ..stream_record(&tp, target, &workload, "tcp")
-        }
-        .emit();
-    });
-    Ok(Response::new(empty()))
+    let Some((stream, row)) = open_stream(&shared, &tp, respond, recv, target, &workload) else {
+        return;
+    };
+    let labels = TcpLabels {
+        direction: Direction::Inbound,
+        source: tp.identity.to_string(),
+        destination: workload.identity.to_string(),
+        secured: true,
+    };
+    let (sent, received) = count_relay(&shared.metrics, &labels, Some(row.clone()));
+    let result = relay(
+        stream,
+        upstream,
+        shared.settings.tcp_idle_timeout(),
+        sent,
+        received,
+    )
+    .await;
+    let reason = result.err().map(|e| e.to_string());
+    AccessRecord {
+        bytes_sent: Some(row.sent()),
+        bytes_received: Some(row.received()),
+        duration_ms: start.elapsed().as_secs_f64() * 1e3,
+        reason: reason.as_deref(),
+        ..stream_record(&tp, target, &workload, "tcp")
+    }
+    .emit();
 }
 
-/// The byte stream of an answered CONNECT request, and its row in the
-/// connection table; `None` when the stream ended first.
-async fn open_stream(
+/// Answers a CONNECT stream with `200` and returns it as a byte stream, with
+/// its row in the connection table; `None` when the stream ended first.
+fn open_stream(
     shared: &Shared,
     tp: &TunnelPeer,
-    req: Request<Incoming>,
+    mut respond: SendResponse<Bytes>,
+    recv: RecvStream,
     target: SocketAddr,
     workload: &LocalWorkload,
-) -> Option<(hyper::upgrade::Upgraded, Arc<crate::conntable::ConnHandle>)> {
-    let stream = match hyper::upgrade::on(req).await {
-        Ok(u) => u,
+) -> Option<(StreamIo, Arc<crate::conntable::ConnHandle>)> {
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
         Err(e) => {
-            tracing::debug!("CONNECT stream from {} not upgraded: {e}", tp.identity);
+            tracing::debug!("CONNECT stream from {} not answered: {e}", tp.identity);
             return None;
         }
     };
@@ -461,52 +542,41 @@ async fn open_stream(
             tls: Some(tp.tls.clone()),
         },
     );
-    Some((stream, Arc::new(row)))
+    Some((StreamIo::ending_on_drop(send, recv), Arc::new(row)))
 }
 
 /// A CONNECT stream marked as carrying one HTTP/1.1 upgrade request (see
-/// [`crate::upgrade`]): answered at once, then its request is read as HTTP/1.1
+/// [`crate::upgrade`]), answered already: its request is read as HTTP/1.1
 /// (one request, no keep-alive, bounded and timed like any other), policed
 /// with its method and path, given the caller's identity header and sent to
 /// the workload. Bytes after it reach the workload only if the workload
 /// switches protocols.
-fn upgrade_stream(
+async fn upgrade_stream(
     shared: Arc<Shared>,
     tp: Arc<TunnelPeer>,
-    req: Request<Incoming>,
+    stream: StreamIo,
+    row: Arc<crate::conntable::ConnHandle>,
     target: SocketAddr,
     workload: Arc<LocalWorkload>,
-) -> Response<Body> {
-    let shared2 = shared.clone();
-    shared.spawn(async move {
-        let Some((stream, row)) = open_stream(&shared2, &tp, req, target, &workload).await else {
-            return;
-        };
-        let s = shared2.settings.clone();
-        let svc = {
-            let shared = shared2.clone();
-            service_fn(move |req| {
-                let (shared, tp, workload, row) =
-                    (shared.clone(), tp.clone(), workload.clone(), row.clone());
-                async move {
-                    Ok::<_, Infallible>(
-                        upgrade_request(&shared, &tp, &workload, target, row, req).await,
-                    )
-                }
-            })
-        };
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(s.header_read_timeout())
-            .max_buf_size((s.max_header_bytes as usize).max(8192))
-            .keep_alive(false)
-            .serve_connection(stream, svc)
-            .with_upgrades();
-        if let Err(e) = conn.await {
-            tracing::debug!("upgrade stream ended: {e}");
+) {
+    let s = shared.settings.clone();
+    let svc = service_fn(move |req| {
+        let (shared, tp, workload, row) =
+            (shared.clone(), tp.clone(), workload.clone(), row.clone());
+        async move {
+            Ok::<_, Infallible>(upgrade_request(&shared, &tp, &workload, target, row, req).await)
         }
     });
-    Response::new(empty())
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(s.header_read_timeout())
+        .max_buf_size((s.max_header_bytes as usize).max(8192))
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!("upgrade stream ended: {e}");
+    }
 }
 
 /// The one request of an upgrade stream.
@@ -650,7 +720,7 @@ fn count_request(
 async fn handle_http(
     shared: Arc<Shared>,
     tp: Arc<TunnelPeer>,
-    req: Request<Incoming>,
+    req: Request<RecvBody>,
 ) -> Response<Body> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();

@@ -611,14 +611,14 @@ fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// Most bytes queued per stream before its writer waits.
-const SEND_BUFFER: usize = 1024 * 1024;
+pub const SEND_BUFFER: usize = 1024 * 1024;
 /// A connection whose peer answers no ping within this time is closed.
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pings the peer every [`PING_INTERVAL`]; returns why the connection should
 /// close.
-async fn keep_alive(mut pings: h2::PingPong) -> String {
+pub(crate) async fn keep_alive(mut pings: h2::PingPong) -> String {
     loop {
         tokio::time::sleep(PING_INTERVAL).await;
         // A failed ping means the connection is going away: its own future

@@ -545,6 +545,57 @@ async fn a_response_body_that_stalls_is_cut_at_the_request_timeout() {
     mesh.shutdown().await;
 }
 
+/// A request the caller's side gives up on (its route's timeout resets the
+/// tunnel stream) is given up on the workload's side too: the workload's
+/// connection closes, rather than the far proxy waiting for an answer nobody
+/// will read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_up_by_the_caller_is_dropped_at_the_workload() {
+    use tokio::io::AsyncReadExt as _;
+    let mesh = Mesh::standard().await;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let silent = tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = vec![0u8; 4096];
+        // Reads the request, never answers, and reports when the proxy
+        // closes the connection.
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let _ = closed_tx.send(());
+    });
+    let mut r = rule(vec![], vec![backend("cart", 1)]);
+    r.timeouts = Timeouts {
+        request_ms: Some(200),
+        backend_request_ms: None,
+    };
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        http_routes: vec![route(vec![r])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    let r = c.get("/").await;
+    assert_eq!(r.status, 504, "{r:?}");
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), closed_rx).await;
+    assert!(
+        matches!(closed, Ok(Ok(()))),
+        "the workload's connection stayed open after the caller gave up"
+    );
+    silent.abort();
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_that_times_out_is_retried_whatever_the_listed_codes() {
     let mesh = Mesh::standard().await;
