@@ -20,13 +20,15 @@ use http_body::{Body as _, Frame};
 use crate::body::Body;
 
 /// Sends `body` on `send`: data as the peer's window allows, then trailers
-/// or the end of the stream. Stops when the peer resets the stream.
-pub async fn pipe(mut body: Body, mut send: SendStream<Bytes>) {
+/// or the end of the stream. Stops when the peer resets the stream. A body
+/// that fails resets the stream with the HTTP/2 reason its error carries (a
+/// workload's own stream reset), else with `on_error`.
+pub async fn pipe(mut body: Body, mut send: SendStream<Bytes>, on_error: Reason) {
     loop {
         let frame = tokio::select! {
             biased;
             reset = poll_fn(|cx| send.poll_reset(cx)) => {
-                tracing::debug!("request body not sent further: stream reset ({reset:?})");
+                tracing::debug!("body not sent further: stream reset ({reset:?})");
                 return;
             }
             f = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => f,
@@ -37,8 +39,8 @@ pub async fn pipe(mut body: Body, mut send: SendStream<Bytes>) {
                 return;
             }
             Some(Err(e)) => {
-                tracing::debug!("request body failed: {e}");
-                send.send_reset(Reason::CANCEL);
+                tracing::debug!("body failed: {e}");
+                send.send_reset(reset_reason(&*e).unwrap_or(on_error));
                 return;
             }
             Some(Ok(f)) => f,
@@ -58,6 +60,18 @@ pub async fn pipe(mut body: Body, mut send: SendStream<Bytes>) {
             }
         }
     }
+}
+
+/// The HTTP/2 reason in `e` or its sources, if one is a stream reset.
+fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return Some(r);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Sends `data` in pieces the peer has room for.
@@ -204,6 +218,17 @@ impl StreamIo {
     }
 }
 
+impl StreamIo {
+    /// Ends the stream with `RST_STREAM(CANCEL)`: what was queued and not
+    /// sent is dropped, and the peer learns the stream broke off.
+    pub fn cancel(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.send.send_reset(Reason::CANCEL);
+        }
+    }
+}
+
 impl Drop for StreamIo {
     fn drop(&mut self) {
         if self.end_on_drop && !self.ended {
@@ -236,6 +261,12 @@ impl tokio::io::AsyncRead for StreamIo {
             match ready!(poll_data(&mut self.recv, cx)) {
                 Some(Ok(b)) => self.pending = b,
                 Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => {
+                    return Poll::Ready(Ok(()));
+                }
+                // The caller's side gave the stream up: for the workload's
+                // side, the end of what comes (as hyper's upgraded streams
+                // read it).
+                Some(Err(e)) if self.end_on_drop && e.reason() == Some(Reason::CANCEL) => {
                     return Poll::Ready(Ok(()));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),

@@ -41,7 +41,7 @@ use crate::{
     sniff::Protocol,
     state::State,
     target::parse_target,
-    tunnel::{CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW, keep_alive},
+    tunnel::{SEND_BUFFER, SERVER_CONNECTION_WINDOW, SERVER_STREAM_WINDOW, keep_alive},
 };
 
 /// A short, stable label for why a TLS handshake failed.
@@ -99,7 +99,7 @@ struct TunnelPeer {
     tls: TlsInfo,
     /// Metric handles of this connection's requests.
     metrics: RequestMetricsCache,
-    /// Requests being handled on this connection (see [`FlushAtEnd`]).
+    /// Streams being answered on this connection (see [`FlushAtEnd`]).
     in_flight: Arc<AtomicUsize>,
     /// Whether the peer has opened a stream yet.
     opened: AtomicBool,
@@ -246,8 +246,8 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut conn = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_window_size(SERVER_STREAM_WINDOW)
+        .initial_connection_window_size(SERVER_CONNECTION_WINDOW)
         .max_header_list_size(shared.settings.max_header_bytes)
         .max_concurrent_streams(shared.settings.tunnel_max_streams)
         .max_send_buffer_size(SEND_BUFFER)
@@ -268,10 +268,19 @@ where
             biased;
             r = conn.accept() => match r {
                 Some(Ok((req, respond))) => {
+                    let connect = req.method() == Method::CONNECT;
                     // Boxed: spawning then moves a pointer, not the whole
                     // request future, several times.
                     let stream = Box::pin(serve_stream(shared.clone(), tp.clone(), req, respond));
-                    tokio::spawn(stream);
+                    if connect {
+                        // A TCP stream can outlive its connection's drain:
+                        // the proxy's shutdown waits for it, then ends it.
+                        shared.spawn(stream);
+                    } else {
+                        // A request ends with its stream, which the
+                        // connection's drain waits for.
+                        tokio::spawn(stream);
+                    }
                 }
                 Some(Err(e)) => return Err(e.to_string()),
                 None => return Ok(()),
@@ -280,7 +289,13 @@ where
                 draining = true;
                 conn.graceful_shutdown();
             }
-            why = &mut alive => return Err(why),
+            why = &mut alive => {
+                // Say GOAWAY, in case the peer still reads.
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                let closed = std::future::poll_fn(|cx| conn.poll_closed(cx));
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), closed).await;
+                return Err(why);
+            }
         }
     }
 }
@@ -294,14 +309,15 @@ async fn serve_stream(
     mut respond: SendResponse<Bytes>,
 ) {
     tp.in_flight.fetch_add(1, Ordering::Relaxed);
-    let _in_flight = InFlight(tp.in_flight.clone());
+    // Until the stream's answer is on its way.
+    let in_flight = InFlight(tp.in_flight.clone());
     if !tp.opened.load(Ordering::Relaxed) {
         tp.opened.store(true, Ordering::Relaxed);
     }
     let (parts, recv) = req.into_parts();
     if parts.method == Method::CONNECT {
         // Boxed: a request's task then carries only what a request needs.
-        return Box::pin(handle_connect(shared, tp, parts, recv, respond)).await;
+        return Box::pin(handle_connect(shared, tp, parts, recv, respond, in_flight)).await;
     }
     let length = parts
         .headers
@@ -317,6 +333,7 @@ async fn serve_stream(
             return;
         }
     };
+    drop(in_flight);
     reply(respond, resp).await;
 }
 
@@ -333,7 +350,9 @@ async fn reply(mut respond: SendResponse<Bytes>, resp: Response<Body>) {
             .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     match respond.send_response(Response::from_parts(head, ()), eos) {
-        Ok(send) if !eos => crate::h2stream::pipe(body, send).await,
+        // A workload's body that breaks off is the server's failure, not a
+        // cancel by the caller.
+        Ok(send) if !eos => crate::h2stream::pipe(body, send, h2::Reason::INTERNAL_ERROR).await,
         Ok(_) => {}
         Err(e) => {
             tracing::debug!("inbound response not sent: {e}");
@@ -429,8 +448,16 @@ async fn handle_connect(
     parts: http::request::Parts,
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
+    in_flight: InFlight,
 ) {
     let start = Instant::now();
+    // A CONNECT carries no body (as hyper's server held it to).
+    let length = parts.headers.get(http::header::CONTENT_LENGTH);
+    if length.is_some_and(|v| v.as_bytes() != b"0") {
+        tracing::debug!(source = %tp.identity, "CONNECT with a body: stream reset");
+        respond.send_reset(h2::Reason::PROTOCOL_ERROR);
+        return;
+    }
     let mut refuse = |workload: Option<&LocalWorkload>, reason: &str| {
         deny(&shared, &tp, workload, "tcp", reason);
         respond.send_reset(h2::Reason::REFUSED_STREAM);
@@ -457,18 +484,27 @@ async fn handle_connect(
         else {
             return;
         };
+        drop(in_flight);
         return upgrade_stream(shared, tp, stream, row, target, workload).await;
     }
-    let upstream = match tokio::time::timeout(
+    let connect = tokio::time::timeout(
         shared.settings.connect_timeout(),
         crate::connect::connect(
             target,
             shared.settings.socket_mark,
             shared.settings.connect_timeout(),
         ),
-    )
-    .await
-    {
+    );
+    // A caller that resets the stream meanwhile takes the connect with it.
+    let connected = tokio::select! {
+        biased;
+        c = connect => c,
+        reset = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            tracing::debug!("CONNECT stream reset before its answer: {reset:?}");
+            return;
+        }
+    };
+    let upstream = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let reason = format!("connecting to {target}: {e}");
@@ -484,9 +520,11 @@ async fn handle_connect(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let Some((stream, row)) = open_stream(&shared, &tp, respond, recv, target, &workload) else {
+    let Some((mut stream, row)) = open_stream(&shared, &tp, respond, recv, target, &workload)
+    else {
         return;
     };
+    drop(in_flight);
     let labels = TcpLabels {
         direction: Direction::Inbound,
         source: tp.identity.to_string(),
@@ -495,13 +533,17 @@ async fn handle_connect(
     };
     let (sent, received) = count_relay(&shared.metrics, &labels, Some(row.clone()));
     let result = relay(
-        stream,
+        &mut stream,
         upstream,
         shared.settings.tcp_idle_timeout(),
         sent,
         received,
     )
     .await;
+    if result.is_err() {
+        // Not a clean end: the caller's side must not take it for one.
+        stream.cancel();
+    }
     let reason = result.err().map(|e| e.to_string());
     AccessRecord {
         bytes_sent: Some(row.sent()),

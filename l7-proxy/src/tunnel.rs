@@ -206,7 +206,7 @@ impl TunnelPool {
             // The body goes on while the response comes back (streaming).
             let held = guard.clone();
             tokio::spawn(async move {
-                crate::h2stream::pipe(body, send).await;
+                crate::h2stream::pipe(body, send, h2::Reason::CANCEL).await;
                 drop(held);
             });
         }
@@ -610,6 +610,11 @@ fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
 /// without end.
 pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The inbound side's windows (hyper's server defaults): what one
+/// authenticated peer can make the proxy hold of request bodies nobody has
+/// read yet, per stream and per connection.
+pub const SERVER_STREAM_WINDOW: u32 = 1024 * 1024;
+pub const SERVER_CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Most bytes queued per stream before its writer waits.
 pub const SEND_BUFFER: usize = 1024 * 1024;
 /// A connection whose peer answers no ping within this time is closed.

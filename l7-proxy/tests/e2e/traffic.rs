@@ -157,6 +157,70 @@ async fn http2_and_grpc_cross_the_tunnel_with_trailers() {
     mesh.shutdown().await;
 }
 
+/// A workload that resets its HTTP/2 answer part-way: the caller's stream is
+/// reset with the workload's reason, across both proxies, rather than
+/// looking as if the caller had cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_stream_reset_reaches_the_caller_with_its_reason() {
+    let mesh = Mesh::standard().await;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let resetting = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let svc = hyper::service::service_fn(|_req| async {
+                // Some data, and once the head has surely arrived, the reset.
+                let frames = futures_util::stream::unfold(0, |n| async move {
+                    let frame = match n {
+                        0 => Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                            b"partial",
+                        ))),
+                        1 => {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            Err(h2::Error::from(h2::Reason::ENHANCE_YOUR_CALM))
+                        }
+                        _ => return None,
+                    };
+                    Some((frame, n + 1))
+                });
+                let body = http_body_util::StreamBody::new(frames);
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    let mut svc = mesh.service("cart", 1, port, &[cart(0)]);
+    svc.ports[0].app_protocol = Some("kubernetes.io/h2c".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let err = c
+        .send(request("GET", "/", &[], ""))
+        .await
+        .expect_err("a reset answer cannot arrive whole");
+    let mut reason = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            reason = h2.reason();
+        }
+        cur = e.source();
+    }
+    assert_eq!(reason, Some(h2::Reason::ENHANCE_YOUR_CALM), "{err:?}");
+    resetting.abort();
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_tcp_and_server_speaks_first_cross_the_tunnel() {
     let mesh = Mesh::standard().await;
