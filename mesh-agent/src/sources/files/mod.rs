@@ -67,6 +67,16 @@ struct Parsed {
     workloads: Vec<WorkloadsDoc>,
 }
 
+/// A document of a kind the source reads, in an apiVersion it does not:
+/// ignored with a note, unless it names an object the file's last good
+/// version defined (then the edit would delete that object by mistake).
+struct OtherVersion {
+    kind: String,
+    key: Key,
+    /// The note, in `ignored`.
+    note: usize,
+}
+
 #[derive(Clone, Debug, Default)]
 struct FileState {
     /// What was last read (`None`: unreadable then, so read in full again).
@@ -200,10 +210,19 @@ fn with_default_ns(meta: &mut ObjectMeta) {
 }
 
 /// Parses one file. Errors make the whole file count as broken.
-fn parse_file(path: &Path, contents: &str) -> (Parsed, Vec<ConfigError>, Vec<ConfigError>) {
+fn parse_file(
+    path: &Path,
+    contents: &str,
+) -> (
+    Parsed,
+    Vec<ConfigError>,
+    Vec<ConfigError>,
+    Vec<OtherVersion>,
+) {
     let mut parsed = Parsed::default();
     let mut errors = Vec::new();
     let mut ignored = Vec::new();
+    let mut other_versions = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(contents).enumerate() {
         let n = i + 1;
         let value = match <serde_yaml::Value as serde::Deserialize>::deserialize(doc) {
@@ -313,9 +332,27 @@ fn parse_file(path: &Path, contents: &str) -> (Parsed, Vec<ConfigError>, Vec<Con
             _ => {
                 let message = match read_api_version(&kind) {
                     // A kind it reads, in another version: say which one.
-                    Some(read) => format!(
-                        "ignored: the files source reads {kind} as apiVersion {read}, not {api}"
-                    ),
+                    Some(read) => {
+                        let key = if kind == "Namespace" {
+                            Key::cluster(&name)
+                        } else {
+                            let ns = value
+                                .get("metadata")
+                                .and_then(|m| m.get("namespace"))
+                                .and_then(|v| v.as_str())
+                                .filter(|ns| !ns.is_empty())
+                                .unwrap_or("default");
+                            Key::new(ns, &name)
+                        };
+                        other_versions.push(OtherVersion {
+                            kind: kind.clone(),
+                            key,
+                            note: ignored.len(),
+                        });
+                        format!(
+                            "ignored: the files source reads {kind} as apiVersion {read}, not {api}"
+                        )
+                    }
                     None => format!(
                         "ignored: {api} {kind} is not read by the files source (it reads Namespace, \
                          Service, EndpointSlice, HTTPRoute, GRPCRoute, ReferenceGrant, MeshPolicy, \
@@ -338,7 +375,7 @@ fn parse_file(path: &Path, contents: &str) -> (Parsed, Vec<ConfigError>, Vec<Con
             Err((field, message)) => errors.push(error(path, Some(what), field, message)),
         }
     }
-    (parsed, errors, ignored)
+    (parsed, errors, ignored, other_versions)
 }
 
 fn workload_of(e: &WorkloadEntry) -> Workload {
@@ -626,8 +663,29 @@ impl FilesSource {
                 continue;
             }
             changed = true;
-            let (parsed, mut errors, ignored) = parse_file(path, &contents);
+            let (parsed, mut errors, mut ignored, other_versions) = parse_file(path, &contents);
             let st = self.entry(path);
+            // An object the file's last good version defined, now in a
+            // version the source does not read: an edit gone wrong, not a
+            // removal. Kept, like any broken file, until it is fixed.
+            for o in other_versions.iter().rev() {
+                let defined = st
+                    .good
+                    .objects
+                    .iter()
+                    .any(|g| g.kind().to_string() == o.kind && g.key() == o.key);
+                if defined {
+                    let mut e = ignored.remove(o.note);
+                    let read = read_api_version(&o.kind).unwrap_or_default();
+                    e.message = format!(
+                        "{} {} was read from this file as apiVersion {read}, which the files \
+                         source reads; this version names another, which would remove it: \
+                         write apiVersion: {read}",
+                        o.kind, o.key
+                    );
+                    errors.push(e);
+                }
+            }
             st.contents = Some(contents);
             if errors.is_empty() {
                 st.good = parsed;

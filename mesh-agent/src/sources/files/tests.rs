@@ -189,6 +189,71 @@ fn a_known_kind_in_another_api_version_is_ignored_naming_the_version_read() {
 }
 
 #[test]
+fn an_edit_that_moves_a_defined_object_to_another_api_version_keeps_the_last_good_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let route = |api: &str, name: &str| {
+        format!(
+            "apiVersion: {api}\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{}}\n"
+        )
+    };
+    let routes = |src: &FilesSource| -> Vec<String> {
+        src.updates()
+            .into_iter()
+            .filter_map(|u| match u {
+                Update::Replace(Kind::HTTPRoute, objs) => Some(objs),
+                _ => None,
+            })
+            .flatten()
+            .map(|o| o.key().to_string())
+            .collect()
+    };
+    write(
+        dir.path(),
+        "r.yaml",
+        &route("gateway.networking.k8s.io/v1", "r"),
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(routes(&src), vec!["shop/r".to_string()]);
+    // The version is edited wrong: that is not how to delete the route.
+    write(
+        dir.path(),
+        "r.yaml",
+        &route("gateway.networking.k8s.io/v1beta1", "r"),
+    );
+    assert!(src.reload().unwrap());
+    assert_eq!(
+        routes(&src),
+        vec!["shop/r".to_string()],
+        "the last good version stays"
+    );
+    let errors = src.errors();
+    let problem = errors
+        .iter()
+        .find(|e| !e.is_note() && e.field.as_deref() == Some("apiVersion"))
+        .unwrap_or_else(|| panic!("an error, not a note: {errors:?}"));
+    assert!(
+        problem.message.contains("HTTPRoute shop/r")
+            && problem
+                .message
+                .contains("write apiVersion: gateway.networking.k8s.io/v1"),
+        "{}",
+        problem.message
+    );
+    // A new object in that version, which the file never defined, is a note.
+    let both = format!(
+        "{}---\n{}",
+        route("gateway.networking.k8s.io/v1", "r"),
+        route("gateway.networking.k8s.io/v1beta1", "other")
+    );
+    write(dir.path(), "r.yaml", &both);
+    assert!(src.reload().unwrap());
+    let errors = src.errors();
+    assert!(errors.iter().all(|e| e.is_note()), "{errors:?}");
+    assert_eq!(routes(&src), vec!["shop/r".to_string()]);
+}
+
+#[test]
 fn a_file_unreadable_for_a_while_is_read_again_when_it_comes_back_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "shop.yaml", SHOP);
