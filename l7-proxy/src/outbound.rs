@@ -185,14 +185,15 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let s = shared.settings.clone();
-    let svc = {
-        let (shared, conn) = (shared.clone(), conn.clone());
-        // Boxed: hyper moves a pointer rather than the request's future.
-        service_fn(move |req| Box::pin(forward::handle(shared.clone(), conn.clone(), req)))
-    };
     let io = TokioIo::new(io);
     let result = match conn.protocol {
         Protocol::Http2 => {
+            let svc = {
+                let (shared, conn) = (shared.clone(), conn.clone());
+                // Boxed: hyper spawns a task per stream, and spawning moves
+                // the future several times; a pointer is cheaper to move.
+                service_fn(move |req| Box::pin(forward::handle(shared.clone(), conn.clone(), req)))
+            };
             let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(s.max_header_bytes)
@@ -203,6 +204,13 @@ where
             drain_on_shutdown(&shared, c, |c| c.graceful_shutdown()).await
         }
         _ => {
+            let svc = {
+                let (shared, conn) = (shared.clone(), conn.clone());
+                // Not boxed: hyper keeps one slot per connection for the
+                // request in flight, where a box would cost an allocation
+                // per request.
+                service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req))
+            };
             let c = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(s.header_read_timeout())
