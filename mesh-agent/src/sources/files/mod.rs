@@ -73,8 +73,32 @@ struct Parsed {
 struct OtherVersion {
     kind: String,
     key: Key,
+    /// The apiVersion written.
+    api: String,
     /// The note, in `ignored`.
     note: usize,
+}
+
+impl OtherVersion {
+    /// `HTTPRoute shop/r`; the workloads document by its kind alone.
+    fn name(kind: &str, key: &Key) -> String {
+        if kind == format::KIND {
+            kind.to_string()
+        } else {
+            format!("{kind} {key}")
+        }
+    }
+
+    /// Whether `p` defines the object this document was meant to (for the
+    /// workloads document, any: it has no name of its own that matters).
+    fn defined_in(&self, p: &Parsed) -> bool {
+        if self.kind == format::KIND {
+            return !p.workloads.is_empty();
+        }
+        p.objects
+            .iter()
+            .any(|o| o.kind().to_string() == self.kind && o.key() == self.key)
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -344,14 +368,19 @@ fn parse_file(
                                 .unwrap_or("default");
                             Key::new(ns, &name)
                         };
+                        let message = format!(
+                            "ignored: the files source reads {kind} as apiVersion {read}, not \
+                             {api}: this document defines nothing (write apiVersion: {read} for \
+                             it to define {})",
+                            OtherVersion::name(&kind, &key)
+                        );
                         other_versions.push(OtherVersion {
                             kind: kind.clone(),
                             key,
+                            api: api.clone(),
                             note: ignored.len(),
                         });
-                        format!(
-                            "ignored: the files source reads {kind} as apiVersion {read}, not {api}"
-                        )
+                        message
                     }
                     None => format!(
                         "ignored: {api} {kind} is not read by the files source (it reads Namespace, \
@@ -668,24 +697,24 @@ impl FilesSource {
             // An object the file's last good version defined, now in a
             // version the source does not read: an edit gone wrong, not a
             // removal. Kept, like any broken file, until it is fixed.
+            // (Unless this version still defines it in the right version.)
+            let mut refused = Vec::new();
             for o in other_versions.iter().rev() {
-                let defined = st
-                    .good
-                    .objects
-                    .iter()
-                    .any(|g| g.kind().to_string() == o.kind && g.key() == o.key);
-                if defined {
+                if o.defined_in(&st.good) && !o.defined_in(&parsed) {
                     let mut e = ignored.remove(o.note);
                     let read = read_api_version(&o.kind).unwrap_or_default();
                     e.message = format!(
-                        "{} {} was read from this file as apiVersion {read}, which the files \
-                         source reads; this version names another, which would remove it: \
-                         write apiVersion: {read}",
-                        o.kind, o.key
+                        "{}: apiVersion {} is not read (the files source reads {read}); the \
+                         file's last good version defines it, so this edit would remove it: \
+                         write apiVersion: {read}, or delete the document to remove it",
+                        OtherVersion::name(&o.kind, &o.key),
+                        o.api
                     );
-                    errors.push(e);
+                    refused.push(e);
                 }
             }
+            // In document order.
+            errors.extend(refused.into_iter().rev());
             st.contents = Some(contents);
             if errors.is_empty() {
                 st.good = parsed;

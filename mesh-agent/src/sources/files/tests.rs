@@ -182,7 +182,8 @@ fn a_known_kind_in_another_api_version_is_ignored_naming_the_version_read() {
     assert_eq!(
         errors[0].message,
         "ignored: the files source reads HTTPRoute as apiVersion gateway.networking.k8s.io/v1, \
-         not gateway.networking.k8s.io/v1beta1"
+         not gateway.networking.k8s.io/v1beta1: this document defines nothing (write apiVersion: \
+         gateway.networking.k8s.io/v1 for it to define HTTPRoute shop/r)"
     );
     // A note: the file counts as read.
     assert!(!src.incomplete());
@@ -232,14 +233,60 @@ fn an_edit_that_moves_a_defined_object_to_another_api_version_keeps_the_last_goo
         .iter()
         .find(|e| !e.is_note() && e.field.as_deref() == Some("apiVersion"))
         .unwrap_or_else(|| panic!("an error, not a note: {errors:?}"));
-    assert!(
-        problem.message.contains("HTTPRoute shop/r")
-            && problem
-                .message
-                .contains("write apiVersion: gateway.networking.k8s.io/v1"),
-        "{}",
-        problem.message
+    assert_eq!(
+        problem.message,
+        "HTTPRoute shop/r: apiVersion gateway.networking.k8s.io/v1beta1 is not read (the files \
+         source reads gateway.networking.k8s.io/v1); the file's last good version defines it, so \
+         this edit would remove it: write apiVersion: gateway.networking.k8s.io/v1, or delete the \
+         document to remove it"
     );
+    // A copy in the wrong version beside the right one removes nothing: a
+    // note, and this version of the file applies.
+    let doubled = format!(
+        "{}---\n{}---\n{}",
+        route("gateway.networking.k8s.io/v1", "r"),
+        route("gateway.networking.k8s.io/v1beta1", "r"),
+        route("gateway.networking.k8s.io/v1", "s")
+    );
+    write(dir.path(), "r.yaml", &doubled);
+    assert!(src.reload().unwrap());
+    let errors = src.errors();
+    assert!(errors.iter().all(|e| e.is_note()), "{errors:?}");
+    assert_eq!(
+        routes(&src),
+        vec!["shop/r".to_string(), "shop/s".to_string()]
+    );
+    // Both gone to the wrong version: two errors, in document order.
+    let both_wrong = format!(
+        "{}---\n{}",
+        route("gateway.networking.k8s.io/v1beta1", "r"),
+        route("gateway.networking.k8s.io/v1beta1", "s")
+    );
+    write(dir.path(), "r.yaml", &both_wrong);
+    assert!(src.reload().unwrap());
+    let refused: Vec<String> = src
+        .errors()
+        .into_iter()
+        .filter(|e| !e.is_note() && e.field.as_deref() == Some("apiVersion"))
+        .filter_map(|e| e.object)
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            "document 1 (HTTPRoute r)".to_string(),
+            "document 2 (HTTPRoute s)".to_string()
+        ]
+    );
+    assert_eq!(
+        routes(&src),
+        vec!["shop/r".to_string(), "shop/s".to_string()]
+    );
+    write(
+        dir.path(),
+        "r.yaml",
+        &route("gateway.networking.k8s.io/v1", "r"),
+    );
+    assert!(src.reload().unwrap());
     // A new object in that version, which the file never defined, is a note.
     let both = format!(
         "{}---\n{}",
@@ -251,6 +298,29 @@ fn an_edit_that_moves_a_defined_object_to_another_api_version_keeps_the_last_goo
     let errors = src.errors();
     assert!(errors.iter().all(|e| e.is_note()), "{errors:?}");
     assert_eq!(routes(&src), vec!["shop/r".to_string()]);
+}
+
+#[test]
+fn a_workloads_document_moved_to_another_api_version_keeps_the_last_good_version() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "workloads.yaml", WORKLOADS);
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let pods = |src: &FilesSource| store_of(src).pods.len();
+    let before = pods(&src);
+    assert!(before > 0);
+    let wrong = WORKLOADS.replacen(crate::crds::API_VERSION, "sluice.dev/v1", 1);
+    assert_ne!(wrong, WORKLOADS);
+    write(dir.path(), "workloads.yaml", &wrong);
+    assert!(src.reload().unwrap());
+    assert_eq!(pods(&src), before, "the pods stay");
+    let errors = src.errors();
+    assert!(
+        errors
+            .iter()
+            .any(|e| !e.is_note() && e.message.starts_with(format::KIND)),
+        "{errors:?}"
+    );
 }
 
 #[test]
