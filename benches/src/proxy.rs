@@ -418,6 +418,8 @@ struct Run {
     /// `measure`).
     add50_ms: f64,
     add99_ms: f64,
+    /// Each round's `add99_ms`, in round order (the medians' inputs).
+    rounds_add99: Vec<f64>,
     requests: f64,
     cpu_s: f64,
 }
@@ -477,6 +479,7 @@ fn oha(bin: &Path, target: &Target, args: &[&str], layout: Layout) -> Result<Run
         p99_ms: v["latencyPercentiles"]["p99"].as_f64().unwrap_or(0.0) * 1e3,
         add50_ms: 0.0,
         add99_ms: 0.0,
+        rounds_add99: Vec::new(),
         requests: ok,
         cpu_s,
     })
@@ -520,6 +523,7 @@ fn measure(
             p99_ms: median(runs.iter().map(|r| r.p99_ms).collect()),
             add50_ms: median(runs.iter().map(|r| r.add50_ms).collect()),
             add99_ms: median(runs.iter().map(|r| r.add99_ms).collect()),
+            rounds_add99: runs.iter().map(|r| r.add99_ms).collect(),
             // CPU per request is kept as the median ratio.
             requests: 1000.0,
             cpu_s: median(
@@ -652,18 +656,37 @@ fn latency_table(s: &mut Section, fleet: &Fleet, runs: &[Run], judge: bool) {
     } else {
         "n/a".into()
     };
+    // Round by round, how far the one ratio above can move on this machine.
+    let mut per_round: Vec<f64> = sluice
+        .rounds_add99
+        .iter()
+        .zip(&runs[1].rounds_add99)
+        .filter(|(_, relay)| **relay > 0.0)
+        .map(|(sl, relay)| sl / relay)
+        .collect();
+    per_round.sort_by(|a, b| a.total_cmp(b));
+    let spread = match (per_round.first(), per_round.last()) {
+        (Some(lo), Some(hi)) if per_round.len() > 1 => format!(
+            " Round by round (each round's Sluice figure over its relay figure): from {lo:.2}x \
+             to {hi:.2}x, median {:.2}x, at most 2x in {} of {} rounds.",
+            per_round[per_round.len() / 2],
+            per_round.iter().filter(|r| **r <= 2.0).count(),
+            per_round.len()
+        ),
+        _ => String::new(),
+    };
     if !judge {
         s.line(format!(
             "Here Sluice's added p99 is {ratio_p99} the relay pair's, {:.3} ms against the nginx \
-             pair's {:.3} ms.\n",
+             pair's {:.3} ms.{spread}\n",
             sluice.add99_ms, nginx.add99_ms
         ));
         return;
     }
     s.line(format!(
-        "Targets: Sluice's added p99 at most 2x the relay pair's: {ratio_p99} ({}). Both Sluice \
-         proxies at most 0.25 vCPU per 1,000 rps: {:.3} ({}). Tail latency ahead of the nginx \
-         pair: {:.3} ms vs {:.3} ms added p99 ({}).\n",
+        "Targets: Sluice's added p99 at most 2x the relay pair's: {ratio_p99} ({}).{spread} Both \
+         Sluice proxies at most 0.25 vCPU per 1,000 rps: {:.3} ({}). Tail latency ahead of the \
+         nginx pair: {:.3} ms vs {:.3} ms added p99 ({}).\n",
         verdict(sluice.add99_ms <= 2.0 * relay_p99.max(0.0)),
         cpu(sluice),
         verdict(cpu(sluice) <= 0.25),

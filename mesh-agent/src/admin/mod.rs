@@ -233,15 +233,19 @@ impl AdminState {
         });
         checks.push(CheckResult {
             name: "agent: sync".into(),
-            outcome: if v.synced && v.cleanup_waits_for.is_empty() {
+            outcome: if v.synced && !v.cleanup_pending {
                 Outcome::Pass
             } else {
                 Outcome::Warn
             },
             detail: if !v.synced {
                 "waiting for the source's initial state".into()
-            } else if v.cleanup_waits_for.is_empty() {
+            } else if !v.cleanup_pending {
                 "initial state programmed".into()
+            } else if v.cleanup_waits_for.is_empty() {
+                "initial state programmed; removing what an earlier run left that the \
+                 configuration does not name (within 2 s)"
+                    .into()
             } else {
                 format!(
                     "initial state programmed, but services and cgroups an earlier run left \
@@ -750,6 +754,7 @@ mod tests {
         assert_eq!(done.outcome, Outcome::Pass, "{}", done.detail);
         let held = sync(AgentView {
             synced: true,
+            cleanup_pending: true,
             cleanup_waits_for: vec!["files:/etc/sluice".into()],
             ..AgentView::default()
         });
@@ -760,6 +765,14 @@ mod tests {
             "{}",
             held.detail
         );
+        // Read in full, the clean-up due at the next tick.
+        let due = sync(AgentView {
+            synced: true,
+            cleanup_pending: true,
+            ..AgentView::default()
+        });
+        assert_eq!(due.outcome, Outcome::Warn);
+        assert!(due.detail.contains("within 2 s"), "{}", due.detail);
     }
 
     #[tokio::test]

@@ -118,8 +118,11 @@ pub struct AgentView {
     pub config_errors: Vec<ConfigError>,
     /// Kernel updates that failed (retried on every tick).
     pub dataplane_errors: Vec<String>,
-    /// The sources whose unread objects hold back the first sync's clean-up
-    /// (what an earlier run left stays in the kernel until they read).
+    /// The first sync's clean-up of what an earlier run left has not run
+    /// yet: it waits for `cleanup_waits_for` to read in full, then for the
+    /// next tick (so that their objects have arrived).
+    pub cleanup_pending: bool,
+    /// The sources whose unread objects hold it back.
     pub cleanup_waits_for: Vec<String>,
     /// SPIFFE IDs of enrolled local pods.
     pub identities: BTreeSet<String>,
@@ -1050,6 +1053,7 @@ impl Reconciler {
             routes: self.route_infos(),
             config_errors: self.config_errors(),
             dataplane_errors,
+            cleanup_pending: self.cleanup_deferred,
             cleanup_waits_for: if self.cleanup_deferred {
                 self.incomplete_sources.iter().cloned().collect()
             } else {

@@ -889,10 +889,14 @@ fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unre
     assert!(f.dp.spec(&orphan).is_some());
     assert_eq!(f.rx.mesh.borrow().generation, generation);
     assert_eq!(waits(&f), vec!["files:/etc/sluice".to_string()]);
-    // The file is fixed and names neither any more: the clean-up finishes.
+    assert!(f.rx.view.borrow().cleanup_pending);
+    // The file is fixed and names neither any more: the clean-up finishes
+    // at the next tick (the view says it is due until then).
     f.r.step(vec![broken(false)]);
-    f.r.step(vec![Input::Tick]);
     assert!(waits(&f).is_empty(), "{:?}", waits(&f));
+    assert!(f.rx.view.borrow().cleanup_pending);
+    f.r.step(vec![Input::Tick]);
+    assert!(!f.rx.view.borrow().cleanup_pending, "the view says it ran");
     assert!(f.dp.spec(&orphan).is_none(), "the stale service is gone");
     assert!(
         f.dp.enrolled_paths().is_empty(),
