@@ -483,6 +483,22 @@ async fn request_and_backend_timeouts_answer_504() {
     mesh.shutdown().await;
 }
 
+/// The `cart` service at `port` on pod cart-0, behind a route whose
+/// requests time out after `ms`.
+async fn publish_cart_with_request_timeout(mesh: &Mesh, port: u16, ms: u64) {
+    let mut r = rule(vec![], vec![backend("cart", 1)]);
+    r.timeouts = Timeouts {
+        request_ms: Some(ms),
+        backend_request_ms: None,
+    };
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        http_routes: vec![route(vec![r])],
+        ..Default::default()
+    })
+    .await;
+}
+
 /// A workload that answers a head and the start of a 100-byte body, then
 /// stalls: the route's request timeout cuts the response instead of letting
 /// it hang.
@@ -513,17 +529,7 @@ async fn a_response_body_that_stalls_is_cut_at_the_request_timeout() {
             });
         }
     });
-    let mut r = rule(vec![], vec![backend("cart", 1)]);
-    r.timeouts = Timeouts {
-        request_ms: Some(300),
-        backend_request_ms: None,
-    };
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
-        http_routes: vec![route(vec![r])],
-        ..Default::default()
-    })
-    .await;
+    publish_cart_with_request_timeout(&mesh, port, 300).await;
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     tcp.write_all(b"GET / HTTP/1.1\r\nhost: cart\r\n\r\n")
         .await
@@ -573,17 +579,7 @@ async fn a_request_given_up_by_the_caller_is_dropped_at_the_workload() {
         }
         let _ = closed_tx.send(());
     });
-    let mut r = rule(vec![], vec![backend("cart", 1)]);
-    r.timeouts = Timeouts {
-        request_ms: Some(200),
-        backend_request_ms: None,
-    };
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
-        http_routes: vec![route(vec![r])],
-        ..Default::default()
-    })
-    .await;
+    publish_cart_with_request_timeout(&mesh, port, 200).await;
     let mut c = client(&mesh).await;
     let r = c.get("/").await;
     assert_eq!(r.status, 504, "{r:?}");

@@ -655,10 +655,15 @@ mod tests {
 
     /// A running state whose view says `synced`.
     fn running_state(synced: bool) -> Arc<AdminState> {
-        let (_, view) = watch::channel(Arc::new(AgentView {
+        state_of(AgentView {
             synced,
             ..AgentView::default()
-        }));
+        })
+    }
+
+    /// A running state showing `view`.
+    fn state_of(view: AgentView) -> Arc<AdminState> {
+        let (_, view) = watch::channel(Arc::new(view));
         let (_, mesh) = watch::channel(Arc::new(MeshView::default()));
         Arc::new(AdminState {
             info: AdminInfo::default(),
@@ -730,17 +735,7 @@ mod tests {
     #[test]
     fn the_sync_check_warns_while_an_earlier_runs_leftovers_wait_for_a_broken_source() {
         let sync = |view: AgentView| {
-            let (_, view) = watch::channel(Arc::new(view));
-            let (_, mesh) = watch::channel(Arc::new(MeshView::default()));
-            let state = AdminState {
-                info: AdminInfo::default(),
-                view,
-                mesh,
-                dp: Arc::new(MemoryDataplane::new()),
-                proxy: None,
-                identity: None,
-            };
-            state
+            state_of(view)
                 .check()
                 .checks
                 .into_iter()
