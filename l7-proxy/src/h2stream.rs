@@ -119,9 +119,6 @@ fn poll_data(
 pub struct RecvBody {
     recv: RecvStream,
     trailers_done: bool,
-    /// What is left of the length the head declared (`h2` holds the stream
-    /// to it).
-    length: Option<u64>,
 }
 
 impl RecvBody {
@@ -129,14 +126,7 @@ impl RecvBody {
         Self {
             recv,
             trailers_done: false,
-            length: None,
         }
-    }
-
-    /// The same, with the length its head's `content-length` declared.
-    pub fn with_length(mut self, length: Option<u64>) -> Self {
-        self.length = length;
-        self
     }
 }
 
@@ -152,12 +142,7 @@ impl http_body::Body for RecvBody {
             return Poll::Ready(None);
         }
         match ready!(poll_data(&mut self.recv, cx)) {
-            Some(Ok(b)) => {
-                if let Some(n) = &mut self.length {
-                    *n = n.saturating_sub(b.len() as u64);
-                }
-                return Poll::Ready(Some(Ok(Frame::data(b))));
-            }
+            Some(Ok(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
             Some(Err(e)) => return Poll::Ready(Some(Err(e))),
             None => {}
         }
@@ -172,13 +157,6 @@ impl http_body::Body for RecvBody {
 
     fn is_end_stream(&self) -> bool {
         self.trailers_done || self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match self.length {
-            Some(n) if !self.trailers_done => http_body::SizeHint::with_exact(n),
-            _ => http_body::SizeHint::default(),
-        }
     }
 }
 
@@ -216,9 +194,7 @@ impl StreamIo {
         io.end_on_drop = true;
         io
     }
-}
 
-impl StreamIo {
     /// Ends the stream with `RST_STREAM(CANCEL)`: what was queued and not
     /// sent is dropped, and the peer learns the stream broke off.
     pub fn cancel(&mut self) {

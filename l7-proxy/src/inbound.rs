@@ -319,11 +319,9 @@ async fn serve_stream(
         // Boxed: a request's task then carries only what a request needs.
         return Box::pin(handle_connect(shared, tp, parts, recv, respond, in_flight)).await;
     }
-    let length = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    let req = Request::from_parts(parts, RecvBody::new(recv).with_length(length));
+    // The workload clients frame the body by its declared content-length
+    // (which `h2` holds the stream to): no size hint needed.
+    let req = Request::from_parts(parts, RecvBody::new(recv));
     // A peer that resets the stream (its caller gave up) ends the request.
     let resp = tokio::select! {
         biased;

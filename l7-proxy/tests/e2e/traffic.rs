@@ -52,6 +52,9 @@ async fn http1_crosses_the_tunnel_and_the_server_sees_the_caller_identity() {
     assert_eq!(e["method"], "POST");
     assert_eq!(e["path"], "/items?id=7");
     assert_eq!(e["body"], "hello");
+    // Framed by its length across both hops, not re-chunked.
+    assert_eq!(e["headers"]["content-length"], "5");
+    assert!(e["headers"].get("transfer-encoding").is_none(), "{e}");
     assert_eq!(e["headers"]["host"], "cart.shop");
     assert_eq!(e["headers"]["x-test"], "1");
     assert_eq!(
