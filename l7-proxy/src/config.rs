@@ -537,8 +537,9 @@ pub struct Timeouts {
     /// Whole request, retries included; 504 when exceeded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_ms: Option<u64>,
-    /// Each attempt to a backend; 504 when exceeded (retried if 504 is in the
-    /// retry codes).
+    /// Each attempt to a backend; 504 when exceeded (retried when the rule
+    /// has retries and the method is idempotent or 504 is in the retry
+    /// codes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_request_ms: Option<u64>,
 }

@@ -578,13 +578,16 @@ async fn route_request(
                     // (a reset, a disconnect, an attempt's timeout) are
                     // retried whatever the listed codes. Such a request may
                     // have reached the workload already, so only when its
-                    // method is idempotent (RFC 9110 9.2.2); one that surely
-                    // did not is retryable already.
+                    // method is idempotent (RFC 9110 9.2.2), or when the
+                    // route lists the status the caller would get (502,
+                    // 504) as one to retry, as it would be had the workload
+                    // answered it; one that surely did not reach the
+                    // workload is retryable already.
                     Err(mut e) => {
                         if matches!(
                             e.status,
                             StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
-                        ) && idempotent(&parts.method)
+                        ) && (idempotent(&parts.method) || codes.contains(&e.status.as_u16()))
                         {
                             e.retryable = true;
                         }
@@ -826,7 +829,12 @@ async fn send_once(
                     retryable: e.is_connect(),
                     reason: format!("sending to {}: {e}", up.addr),
                 })?;
-            Ok(resp.map(boxed))
+            let mut resp = resp.map(boxed);
+            // A workload outside the mesh speaks HTTP/1.1 to this hop
+            // only: its `connection: close` and the like are not the
+            // caller's.
+            strip_hop_by_hop(resp.headers_mut());
+            Ok(resp)
         }
     }
 }

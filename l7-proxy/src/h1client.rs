@@ -287,9 +287,27 @@ impl Outgoing {
     }
 }
 
-/// `name: value\r\n` lines.
+/// `name: value\r\n` lines. HTTP/2 clients send each cookie as a field of
+/// its own; towards HTTP/1.1 they become one line joined by `; ` (RFC 9113
+/// 8.2.3), which is what HTTP/1.1 servers read.
 fn encode_fields(out: &mut Vec<u8>, h: &HeaderMap) {
+    let mut cookies_done = false;
     for (k, v) in h {
+        if k == header::COOKIE {
+            if cookies_done {
+                continue;
+            }
+            cookies_done = true;
+            out.extend_from_slice(b"cookie: ");
+            for (i, c) in h.get_all(header::COOKIE).iter().enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b"; ");
+                }
+                out.extend_from_slice(c.as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            continue;
+        }
         out.extend_from_slice(k.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
@@ -587,6 +605,20 @@ impl Decoder {
             }
             rbuf.advance(n);
             let mode = self.body_mode(status, version, &headers)?;
+            match mode {
+                // The chunked framing decides; a content-length beside it
+                // must not travel on (RFC 9112 6.3): over HTTP/2 it would
+                // contradict the data.
+                Mode::Chunked { .. } => {
+                    headers.remove(header::CONTENT_LENGTH);
+                }
+                // One value (`5, 5` and repeated fields are valid here, not
+                // over HTTP/2).
+                Mode::Length { left, .. } => {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(left));
+                }
+                _ => {}
+            }
             let mut resp = Response::new(());
             *resp.status_mut() = status;
             *resp.version_mut() = version;
@@ -610,24 +642,33 @@ impl Decoder {
         {
             return Ok(Mode::Empty { reuse });
         }
-        if let Some(te) = h.get_all(header::TRANSFER_ENCODING).iter().next_back() {
+        if h.contains_key(header::TRANSFER_ENCODING) {
             if version == Version::HTTP_10 {
                 return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 response"));
             }
+            // Only `chunked`, once: the body crosses the mesh decoded, and
+            // another coding (`gzip, chunked`) would reach the caller still
+            // applied with nothing left to say so.
+            let mut codings = h
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|c| !c.is_empty());
+            let only_chunked = codings
+                .next()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+                && codings.next().is_none();
+            if !only_chunked {
+                return Err(Error::Invalid(
+                    "a transfer coding other than chunked (not supported by the mesh)",
+                ));
+            }
             // Both framings named: the connection is not trusted after.
             let reuse = reuse && !h.contains_key(header::CONTENT_LENGTH);
-            let last = te
-                .to_str()
-                .ok()
-                .and_then(|v| v.rsplit(',').next())
-                .map(str::trim);
-            return Ok(if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
-                Mode::Chunked {
-                    state: Chunk::Size,
-                    reuse,
-                }
-            } else {
-                Mode::Eof
+            return Ok(Mode::Chunked {
+                state: Chunk::Size,
+                reuse,
             });
         }
         let mut length = None;
@@ -821,6 +862,10 @@ impl Mode {
                         }
                         rbuf.advance(n);
                         *self = Mode::Done { reuse: *reuse };
+                        // Framing and connection fields cannot be trailers
+                        // over HTTP/2, and the mesh's own are not the
+                        // workload's to send.
+                        keep_trailer_fields(&mut trailers);
                         return Ok(Step::Frame(Frame::trailers(trailers)));
                     }
                 }
@@ -1278,6 +1323,68 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn framing_fields_leave_the_response_as_http2_can_carry_them() {
+        // Both framings: chunked decides, the content-length is dropped.
+        let (a, _g) = scripted(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            true,
+        )
+        .await;
+        let (resp, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
+        assert_eq!(data(&frames), b"hello");
+        assert!(
+            !resp.headers().contains_key(header::CONTENT_LENGTH),
+            "{:?}",
+            resp.headers()
+        );
+        // A repeated length becomes one value.
+        let (a, _g) = scripted(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\nhello",
+            false,
+        )
+        .await;
+        let (resp, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
+        assert_eq!(data(&frames), b"hello");
+        let lengths: Vec<_> = resp
+            .headers()
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .collect();
+        assert_eq!(lengths, ["5"]);
+        // Trailers lose framing, connection and mesh fields.
+        let (a, _g) = scripted(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\ngrpc-status: 0\r\nconnection: close\r\ntransfer-encoding: chunked\r\nsluice-source-identity: spiffe://x\r\n\r\n",
+            false,
+        )
+        .await;
+        let (_, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
+        let trailers = frames
+            .iter()
+            .find_map(|f| f.trailers_ref())
+            .expect("trailers");
+        let names: Vec<_> = trailers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["grpc-status"]);
+    }
+
+    #[tokio::test]
+    async fn cookies_sent_as_separate_fields_reach_the_workload_on_one_line() {
+        let (addr, mut got) =
+            scripted(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false).await;
+        let mut req = request(Method::GET, empty());
+        req.headers_mut()
+            .append(header::COOKIE, HeaderValue::from_static("a=1"));
+        req.headers_mut()
+            .append("x-other", HeaderValue::from_static("y"));
+        req.headers_mut()
+            .append(header::COOKIE, HeaderValue::from_static("b=2"));
+        exchange(addr, req).await.unwrap();
+        assert_eq!(
+            got.recv().await.unwrap(),
+            b"GET /p?q=1 HTTP/1.1\r\nhost: cart\r\ncookie: a=1; b=2\r\nx-other: y\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
     async fn bad_responses_are_errors_that_say_what_is_wrong() {
         let big: &'static [u8] = Box::leak(
             [
@@ -1288,7 +1395,16 @@ mod tests {
             .concat()
             .into_boxed_slice(),
         );
-        let cases: [(&'static [u8], &str); 12] = [
+        let cases: [(&'static [u8], &str); 14] = [
+            // Another coding would reach the caller still applied.
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                "transfer coding other than chunked",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nxx",
+                "transfer coding other than chunked",
+            ),
             (
                 b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello",
                 "content-length",

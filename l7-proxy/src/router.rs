@@ -21,7 +21,7 @@ use regex::Regex;
 
 use crate::config::{
     BackendRef, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HttpFilter, HttpRoute, HttpRouteMatch,
-    HttpRouteRule, ObjectRef, PathMatch, Retry, Timeouts, ValueMatch, ValueMatchKind,
+    HttpRouteRule, ObjectRef, PathMatch, PathModifier, Retry, Timeouts, ValueMatch, ValueMatchKind,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,12 @@ pub enum RouteError {
         rule: usize,
         method: String,
     },
+    #[error("route {route} rule {rule}: {}", PREFIX_REWRITE)]
+    PrefixRewrite { route: ObjectRef, rule: usize },
 }
+
+const PREFIX_REWRITE: &str = "a ReplacePrefixMatch path modifier needs every match of its rule \
+    to be a PathPrefix match (use ReplaceFullPath, or a PathPrefix match)";
 
 impl RouteError {
     /// What is wrong, without the route and rule.
@@ -56,6 +61,7 @@ impl RouteError {
             } => format!("invalid regular expression {pattern:?}: {source}"),
             RouteError::HeaderName { name, .. } => format!("invalid header name {name:?}"),
             RouteError::Method { method, .. } => format!("invalid method {method:?}"),
+            RouteError::PrefixRewrite { .. } => PREFIX_REWRITE.into(),
         }
     }
 }
@@ -429,8 +435,24 @@ impl Entry {
             PathCond::Regex(r) => r.is_match(req.path).then_some(None)?,
         };
         for (name, cond) in &self.headers {
-            let v = req.headers.get(name)?.to_str().ok()?;
-            if !cond.matches(v) {
+            let mut values = req.headers.get_all(name).iter();
+            let first = values.next()?;
+            let matched = match values.next() {
+                None => cond.matches(first.to_str().ok()?),
+                // A repeated field is one list, its values joined by commas
+                // (RFC 9110 5.3), as the Gateway API asks.
+                Some(_) => {
+                    let joined = req
+                        .headers
+                        .get_all(name)
+                        .iter()
+                        .map(|v| v.to_str().ok())
+                        .collect::<Option<Vec<_>>>()?
+                        .join(", ");
+                    cond.matches(&joined)
+                }
+            };
+            if !matched {
                 return None;
             }
         }
@@ -530,6 +552,25 @@ fn compile_http_match(
             p.trim_end_matches('/').len(),
         ),
     };
+    // Gateway API: ReplacePrefixMatch only with PathPrefix matches.
+    let replaces_prefix = rule
+        .filters
+        .iter()
+        .chain(rule.backends.iter().flat_map(|b| b.filters.iter()))
+        .any(|f| {
+            let path = match f {
+                HttpFilter::RequestRedirect(r) => &r.path,
+                HttpFilter::UrlRewrite(u) => &u.path,
+                _ => return false,
+            };
+            matches!(path, Some(PathModifier::ReplacePrefixMatch(_)))
+        });
+    if replaces_prefix && rank != 2 {
+        return Err(RouteError::PrefixRewrite {
+            route: route.id.clone(),
+            rule: ri,
+        });
+    }
     let headers = header_conds(&route.id, ri, &m.headers)?;
     let mut query: Vec<(String, ValueCond)> = Vec::new();
     for q in &m.query_params {
@@ -985,6 +1026,21 @@ mod tests {
         );
         assert_eq!(
             pick(&t, "GET", "/", &[("x-canary", "yes"), ("x-user", "u42x")]).as_deref(),
+            Some("canary")
+        );
+        // A repeated field matches as its values joined by ", ".
+        assert_eq!(
+            pick(&t, "GET", "/", &[("x-canary", "yes"), ("x-canary", "yes")]).as_deref(),
+            Some("rest")
+        );
+        assert_eq!(
+            pick(
+                &t,
+                "GET",
+                "/",
+                &[("x-canary", "yes"), ("x-user", "u4"), ("x-user", "2")]
+            )
+            .as_deref(),
             Some("canary")
         );
         assert_eq!(

@@ -618,6 +618,22 @@ async fn an_attempt_that_times_out_is_retried_whatever_the_listed_codes() {
         .unwrap();
     assert_eq!(r.status, 504, "{r:?}");
     assert_eq!(srv[1].hits(), 4, "one try of the POST");
+    // Unless the route asks for 504s to be retried: then the POST's timeout
+    // goes again as a workload's own 504 would.
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.timeouts.backend_request_ms = Some(100);
+    r.retry = Some(Retry {
+        codes: vec![504],
+        attempts: 2,
+        backoff_ms: 1,
+    });
+    let (srv, _) = setup(&mesh, vec![route(vec![r])]).await;
+    let r = c
+        .send(request("POST", "/slow/3000", &[], "order"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(srv[1].hits(), 3, "the POST's first try and two retries");
     mesh.shutdown().await;
 }
 
@@ -939,5 +955,61 @@ async fn a_connection_shows_secured_only_while_none_of_its_requests_went_in_plai
     assert_eq!(c.get("/legacy").await.echo()["server"], "cart-1");
     let r = row(&mesh);
     assert!(!r.secured, "{r:?}");
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_outside_the_mesh_keeps_its_connection_fields_to_itself() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mesh = Mesh::standard().await;
+    // A plain HTTP/1.1 server outside the mesh that closes every connection
+    // and names a field of its own as hop-by-hop.
+    let listener = tokio::net::TcpListener::bind((cart(1).ip, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tcp.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            let _ = tcp
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close, x-hop\r\n\
+                      x-hop: private\r\nkeep-alive: timeout=5\r\nx-kept: yes\r\n\r\nok",
+                )
+                .await;
+        }
+    });
+    let mut legacy = mesh.service("legacy", 5, port, &[cart(1)]);
+    legacy.endpoints[0].node_proxy = None;
+    legacy.endpoints[0].identity = None;
+    mesh.publish(&Snapshot {
+        services: vec![legacy],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(5), 80)).await;
+    // Two requests on the caller's one connection: the workload's close
+    // was its own connection's, not the caller's.
+    for _ in 0..2 {
+        let r = c.get("/").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body, "ok");
+        assert_eq!(r.headers["x-kept"], "yes");
+        for name in ["connection", "x-hop", "keep-alive"] {
+            assert!(
+                !r.headers.contains_key(name),
+                "{name} reached the caller: {r:?}"
+            );
+        }
+    }
+    served.abort();
     mesh.shutdown().await;
 }

@@ -370,6 +370,25 @@ fn rules_the_proxy_cannot_compile_are_dropped_with_the_reason() {
         err.contains("requestRedirect.statusCode: 305 is not a redirect code"),
         "{err}"
     );
+    // ReplacePrefixMatch with a match that is not a PathPrefix (the CRD's
+    // validation refuses it; files do not have that validation).
+    let prefix_rewrite = |path: serde_json::Value| {
+        translate_rule(serde_json::json!({
+            "matches": [{"path": {"type": "PathPrefix", "value": "/a"}}, {"path": path}],
+            "filters": [{"type": "URLRewrite", "urlRewrite": {
+                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/b"}}}],
+            "backendRefs": backend,
+        }))
+    };
+    let err = prefix_rewrite(serde_json::json!({"type": "Exact", "value": "/old"})).unwrap_err();
+    assert!(
+        err.contains(
+            "ReplacePrefixMatch path modifier needs every match of its rule to be a PathPrefix"
+        ),
+        "{err}"
+    );
+    // A match without a path is PathPrefix "/".
+    assert!(prefix_rewrite(serde_json::json!(null)).is_ok());
     // A valid regular expression passes.
     let rule = translate_rule(serde_json::json!({
         "matches": [{"path": {"type": "RegularExpression", "value": "/v[0-9]+/.*"}}],
