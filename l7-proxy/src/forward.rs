@@ -4,13 +4,11 @@
 
 use std::{convert::Infallible, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, Version,
     request::Parts,
     uri::{Authority, PathAndQuery, Scheme},
 };
-use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, upgrade::OnUpgrade};
 use rand::Rng;
@@ -21,12 +19,13 @@ use tokio::{
 
 use crate::{
     accesslog::AccessRecord,
-    body::{Body, BoxError, boxed, full, proxy_response, remove_mesh_headers, strip_hop_by_hop},
+    body::{Body, boxed, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, TARGET},
     conntable::{ConnKind, ConnMeta},
     filters,
     metrics::{Direction, Label, RequestMetricsCache, TcpLabels, status_class},
     proxy::Shared,
+    replay::{BodyFailure, Recording, Replayable},
     router::{Decision, RequestView},
     sniff::Protocol,
     state::{Destination, ServiceDest, State, Upstream},
@@ -173,9 +172,16 @@ pub(crate) async fn handle(
     Ok(outcome.response)
 }
 
-/// A request body that can be sent more than once when it was buffered.
+/// A request body, for one attempt or for several.
 enum ReqBody {
+    /// Whole: replayed to every attempt.
     Buffered(Replayable),
+    /// Not read yet: streams to the first attempt while it is recorded for
+    /// the next ones (and for mirrors).
+    Recorded {
+        first: Option<Body>,
+        rec: Arc<Recording>,
+    },
     Once(Option<Body>),
 }
 
@@ -183,107 +189,44 @@ impl ReqBody {
     fn take(&mut self) -> Option<Body> {
         match self {
             ReqBody::Buffered(b) => Some(b.body()),
+            ReqBody::Recorded { first, rec } => first.take().map(|b| rec.tee(b)),
             ReqBody::Once(b) => b.take(),
         }
     }
-}
 
-/// A whole request body kept for retries and mirrors: its data, its
-/// trailers, and its share of the proxy's buffer budget (given back when the
-/// last copy goes).
-#[derive(Clone)]
-pub(crate) struct Replayable {
-    data: Bytes,
-    trailers: Option<http::HeaderMap>,
-    _budget: Arc<Option<tokio::sync::OwnedSemaphorePermit>>,
-}
-
-impl Replayable {
-    fn body(&self) -> Body {
-        // Without trailers, a body of known length (and known to be empty
-        // when it is): what hyper sends, and its content-length, stay as for
-        // the original request.
-        let Some(t) = &self.trailers else {
-            return full(self.data.clone());
-        };
-        let mut frames = Vec::with_capacity(2);
-        if !self.data.is_empty() {
-            frames.push(Frame::data(self.data.clone()));
+    /// Whether an attempt after this one could get the body again.
+    fn may_replay(&self) -> bool {
+        match self {
+            ReqBody::Buffered(_) => true,
+            ReqBody::Recorded { rec, .. } => !rec.given_up(),
+            ReqBody::Once(_) => false,
         }
-        frames.push(Frame::trailers(t.clone()));
-        frames_then(frames, None)
     }
-}
 
-/// A body of `frames`, then (when given) everything `rest` still has.
-fn frames_then(frames: Vec<Frame<Bytes>>, rest: Option<Body>) -> Body {
-    use futures_util::StreamExt as _;
-    let head = futures_util::stream::iter(frames.into_iter().map(Ok::<_, BoxError>));
-    match rest {
-        None => boxed(http_body_util::StreamBody::new(head)),
-        Some(rest) => boxed(http_body_util::StreamBody::new(
-            head.chain(http_body_util::BodyStream::new(rest)),
-        )),
-    }
-}
-
-/// Buffer units of the proxy-wide budget ([`ProxySettings::max_buffered_total_bytes`]).
-pub(crate) const BUDGET_UNIT: usize = 1024;
-
-/// What reading a request body for retries and mirrors gave.
-enum ForReplay {
-    Whole(Replayable),
-    /// Longer than `max_buffered_body_bytes`, or over the proxy-wide budget:
-    /// sent once as it comes (what was read first included), without
-    /// retries or mirrors.
-    Streamed(Body),
-}
-
-async fn read_for_replay(shared: &Shared, mut body: Body) -> Result<ForReplay, BoxError> {
-    let limit = shared.settings.max_buffered_body_bytes;
-    let units = |n: usize| n.div_ceil(BUDGET_UNIT);
-    let mut buf = bytes::BytesMut::new();
-    let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
-    let mut trailers = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        let data = match frame.into_data() {
-            Ok(d) => d,
-            Err(frame) => {
-                // Trailers end the body.
-                if let Ok(t) = frame.into_trailers() {
-                    trailers = Some(t);
+    /// After an attempt: whether the body can go again, now. A recording
+    /// read whole by now becomes the body of the next attempts; one still
+    /// streaming (the caller sends more after an answer) cannot be.
+    fn settle(&mut self) -> bool {
+        match self {
+            ReqBody::Buffered(_) | ReqBody::Recorded { first: Some(_), .. } => true,
+            ReqBody::Recorded { first: None, rec } => match rec.whole() {
+                Some(whole) => {
+                    *self = ReqBody::Buffered(whole);
+                    true
                 }
-                continue;
-            }
-        };
-        let total = buf.len() + data.len();
-        let more = units(total) - units(buf.len());
-        let granted = total <= limit
-            && (more == 0
-                || u32::try_from(more)
-                    .ok()
-                    .and_then(|n| shared.buffer_budget.clone().try_acquire_many_owned(n).ok())
-                    .map(|p| match &mut budget {
-                        Some(b) => b.merge(p),
-                        None => budget = Some(p),
-                    })
-                    .is_some());
-        if !granted {
-            let mut frames = Vec::with_capacity(2);
-            if !buf.is_empty() {
-                frames.push(Frame::data(buf.freeze()));
-            }
-            frames.push(Frame::data(data));
-            return Ok(ForReplay::Streamed(frames_then(frames, Some(body))));
+                None => false,
+            },
+            ReqBody::Once(_) => false,
         }
-        buf.extend_from_slice(&data);
     }
-    Ok(ForReplay::Whole(Replayable {
-        data: buf.freeze(),
-        trailers,
-        _budget: Arc::new(budget),
-    }))
+
+    /// How the caller's body failed during an attempt, if it did.
+    fn failed(&self) -> Option<BodyFailure> {
+        match self {
+            ReqBody::Recorded { rec, .. } => rec.body_error(),
+            _ => None,
+        }
+    }
 }
 
 async fn route_request(
@@ -404,58 +347,42 @@ async fn route_request(
         .request_ms
         .map(|ms| start + Duration::from_millis(ms));
     let mut body = if retries > 0 || !mirrors.is_empty() {
-        // Reading the body counts against the request timeout.
-        let read = Box::pin(read_for_replay(shared, body));
-        let read = match deadline {
-            Some(dl) => tokio::time::timeout_at(dl, read).await.ok(),
-            None => Some(read.await),
-        };
-        match read {
-            Some(Ok(ForReplay::Whole(b))) => ReqBody::Buffered(b),
-            Some(Ok(ForReplay::Streamed(b))) => {
-                tracing::debug!(
-                    route = %route_label,
-                    "request body over {} bytes or the proxy's buffer budget: sent once, without \
-                     retries or mirrors",
-                    shared.settings.max_buffered_body_bytes
-                );
-                ReqBody::Once(Some(b))
-            }
-            Some(Err(e)) => {
-                let status = if e.is::<crate::body::TimedOut>() {
-                    StatusCode::REQUEST_TIMEOUT
-                } else {
-                    StatusCode::BAD_REQUEST
-                };
-                return Outcome::local(
-                    status,
-                    format!("reading the request body: {e}"),
-                    route_label,
-                    destination,
-                );
-            }
-            None => {
-                return Outcome::local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "request timeout of {}ms exceeded while reading the request body",
-                        rule.timeouts.request_ms.unwrap_or(0)
-                    ),
-                    route_label,
-                    destination,
-                );
+        if http_body::Body::is_end_stream(&body) {
+            ReqBody::Buffered(Replayable::empty())
+        } else {
+            // Not read first: a streaming caller (a gRPC stream waiting for
+            // an answer before it sends more) must reach its backend.
+            ReqBody::Recorded {
+                first: Some(body),
+                rec: Recording::new(
+                    shared.settings.max_buffered_body_bytes,
+                    shared.buffer_budget.clone(),
+                ),
             }
         }
     } else {
         ReqBody::Once(Some(body))
     };
 
-    if let ReqBody::Buffered(b) = &body {
-        for (m, mparts) in &mirrors {
-            if m.fraction.is_some_and(|f| !f.sample(&mut rand::rng())) {
-                continue;
+    for (m, mparts) in &mirrors {
+        if m.fraction.is_some_and(|f| !f.sample(&mut rand::rng())) {
+            continue;
+        }
+        match &body {
+            ReqBody::Buffered(b) => spawn_mirror(shared, state, conn, m, mparts, b.clone()),
+            // The copy goes once the body has ended, whole; not at all when
+            // it was too large to keep.
+            ReqBody::Recorded { rec, .. } => {
+                let whole = rec.when_whole();
+                let (shared, state, conn) = (shared.clone(), state.clone(), conn.clone());
+                let (m, mparts) = (m.clone(), mparts.clone());
+                tokio::spawn(async move {
+                    if let Ok(b) = whole.await {
+                        spawn_mirror(&shared, &state, &conn, &m, &mparts, b);
+                    }
+                });
             }
-            spawn_mirror(shared, state, conn, m, mparts, b.clone());
+            ReqBody::Once(_) => {}
         }
     }
 
@@ -468,9 +395,12 @@ async fn route_request(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let can_retry = attempts <= retries && matches!(body, ReqBody::Buffered(_));
+        let may_retry = attempts <= retries && body.may_replay();
         let (upstreams, loads) = (&ready.upstreams, &ready.loads);
-        let failure = match (shared.balancer.pick(loads), body.take()) {
+        // The body is taken only for an endpoint to send it to.
+        let pick = shared.balancer.pick(loads);
+        let taken = if pick.is_some() { body.take() } else { None };
+        let failure = match (pick, taken) {
             (None, _) => SendError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 reason: format!(
@@ -487,7 +417,7 @@ async fn route_request(
             (Some(pick), Some(b)) => {
                 let up = &upstreams[pick.index];
                 // The last attempt takes the request head, earlier ones copy it.
-                let head = if can_retry {
+                let head = if may_retry {
                     parts.clone()
                 } else {
                     std::mem::replace(&mut parts, Request::new(()).into_parts().0)
@@ -531,6 +461,27 @@ async fn route_request(
                     },
                     None => attempt.await,
                 };
+                // The caller's body failed under the attempt: that is the
+                // answer, not what the attempt made of it.
+                if result.is_err()
+                    && let Some(f) = body.failed()
+                {
+                    let status = if f.timed_out {
+                        StatusCode::REQUEST_TIMEOUT
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    };
+                    return Outcome {
+                        attempts,
+                        ..Outcome::local(
+                            status,
+                            format!("reading the request body: {}", f.message),
+                            route_label,
+                            destination,
+                        )
+                    };
+                }
+                let can_retry = may_retry && body.settle();
                 match result {
                     Ok(mut resp) if !(can_retry && codes.contains(&resp.status().as_u16())) => {
                         pick.observe();
@@ -596,6 +547,7 @@ async fn route_request(
                 }
             }
         };
+        let can_retry = may_retry && body.settle();
         if !(can_retry && failure.retryable) {
             return Outcome {
                 attempts,
@@ -930,41 +882,4 @@ async fn send_upgrade(
         remove_mesh_headers(&mut rp.headers);
     }
     Ok(Response::from_parts(rp, boxed(rb)))
-}
-
-#[cfg(test)]
-mod tests {
-    use http_body::Body as _;
-
-    use super::*;
-
-    fn replayable(data: &'static [u8], trailers: Option<http::HeaderMap>) -> Replayable {
-        Replayable {
-            data: Bytes::from_static(data),
-            trailers,
-            _budget: Arc::new(None),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_replayed_body_keeps_its_length_and_its_trailers() {
-        // Without trailers: the exact length, and an empty body known to be
-        // over (a GET is sent with END_STREAM on its headers, not chunked).
-        let empty = replayable(b"", None).body();
-        assert!(empty.is_end_stream());
-        assert_eq!(empty.size_hint().exact(), Some(0));
-        let b = replayable(b"payload", None).body();
-        assert_eq!(b.size_hint().exact(), Some(7));
-        assert_eq!(b.collect().await.unwrap().to_bytes(), "payload");
-        // With trailers: data, then the trailers.
-        let mut t = http::HeaderMap::new();
-        t.insert("x-checksum", "c0ffee".parse().unwrap());
-        let c = replayable(b"payload", Some(t))
-            .body()
-            .collect()
-            .await
-            .unwrap();
-        assert_eq!(c.trailers().unwrap()["x-checksum"], "c0ffee");
-        assert_eq!(c.to_bytes(), "payload");
-    }
 }

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod proxy;
+mod replay;
 pub mod router;
 pub mod sniff;
 pub mod state;

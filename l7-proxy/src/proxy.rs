@@ -47,7 +47,7 @@ pub(crate) struct Shared {
     /// Per-connection shutdown signals.
     pub drain: Arc<crate::drain::Drain>,
     /// The budget of request bodies buffered for retries and mirrors, in
-    /// [`crate::forward::BUDGET_UNIT`]s.
+    /// [`crate::replay::BUDGET_UNIT`]s.
     pub buffer_budget: Arc<tokio::sync::Semaphore>,
     tracker: TaskTracker,
 }
@@ -205,7 +205,7 @@ impl ProxyBuilder {
             ),
             clients: WorkloadClients::new(&self.settings),
             buffer_budget: Arc::new(tokio::sync::Semaphore::new(
-                (self.settings.max_buffered_total_bytes / crate::forward::BUDGET_UNIT)
+                (self.settings.max_buffered_total_bytes / crate::replay::BUDGET_UNIT)
                     .min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
             settings: self.settings,

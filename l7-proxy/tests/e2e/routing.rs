@@ -888,7 +888,9 @@ async fn a_request_body_that_stops_coming_is_cut() {
         &|s| s.request_body_idle_timeout_ms = 300,
     )
     .await;
-    // Retries: the body is read whole before the first try.
+    // With retries the body streams to the first try while it is kept for
+    // the next: the workload has the request at once, and the caller the
+    // 408 that says why it ended.
     let mut r = rule(vec![], vec![backend("v1", 1)]);
     r.retry = Some(Retry {
         codes: vec![503],
@@ -908,7 +910,7 @@ async fn a_request_body_that_stops_coming_is_cut() {
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(head.contains("sent nothing for"), "{head}");
-    assert_eq!(srv[1].hits(), 0);
+    assert_eq!(srv[1].hits(), 1, "the head went on at once");
     mesh.shutdown().await;
 }
 
@@ -1011,5 +1013,112 @@ async fn a_workload_outside_the_mesh_keeps_its_connection_fields_to_itself() {
         }
     }
     served.abort();
+    mesh.shutdown().await;
+}
+
+/// A workload that answers at once and sends each piece of the request body
+/// back as it arrives (a bidirectional stream).
+async fn stream_echo(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        use futures_util::StreamExt as _;
+                        let echoed = http_body_util::BodyStream::new(req.into_body()).filter_map(
+                            |f| async move {
+                                let data = f.ok()?.into_data().ok()?;
+                                Some(Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                    data,
+                                )))
+                            },
+                        );
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::StreamBody::new(echoed),
+                        ))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_request_flows_through_a_rule_with_retries_and_a_mirror() {
+    use http_body_util::BodyExt as _;
+    let mesh = Mesh::standard().await;
+    let port = tokio::net::TcpListener::bind((cart(1).ip, 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let streamer = stream_echo(SocketAddr::new(cart(1).ip, port)).await;
+    let mirror = EchoServer::start("mirror", SocketAddr::new(mirror_pod().ip, port)).await;
+    let mut r = rule(vec![], vec![backend("cart", 1)]);
+    r.retry = Some(Retry {
+        codes: vec![503],
+        attempts: 2,
+        backoff_ms: 1,
+    });
+    r.filters = vec![HttpFilter::RequestMirror(RequestMirror {
+        service: ObjectRef::new("shop", "mirror"),
+        port: 80,
+        fraction: None,
+    })];
+    mesh.publish(&Snapshot {
+        services: vec![
+            mesh.service("cart", 1, port, &[cart(1)]),
+            mesh.service("mirror", 13, port, &[mirror_pod()]),
+        ],
+        http_routes: vec![route(vec![r])],
+        ..Default::default()
+    })
+    .await;
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|d| d.map(|d| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(d))))
+    }));
+    let req = http::Request::post("http://cart/chat").body(body).unwrap();
+    tx.send(bytes::Bytes::from_static(b"hello ")).await.unwrap();
+    // The answer and the first echo come while the request is still open:
+    // nothing waits for the whole body.
+    let wait = std::time::Duration::from_secs(10);
+    let resp = tokio::time::timeout(wait, send.send_request(req))
+        .await
+        .expect("the answer's head while the request streams")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut answer = resp.into_body();
+    let first = tokio::time::timeout(wait, answer.frame())
+        .await
+        .expect("the first echo while the request streams")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "hello ");
+    assert_eq!(mirror.hits(), 0, "the mirror waits for the whole body");
+    tx.send(bytes::Bytes::from_static(b"world")).await.unwrap();
+    drop(tx);
+    let rest = answer.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "world");
+    // The mirror gets the whole body once it has ended.
+    eventually("the mirror received the copy", || mirror.hits() == 1).await;
+    assert_eq!(mirror.seen.lock().unwrap()[0]["body"], "hello world");
+    streamer.abort();
     mesh.shutdown().await;
 }

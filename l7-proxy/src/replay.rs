@@ -1,0 +1,432 @@
+//! Request bodies for retries and mirrors: recorded while they stream to the
+//! first attempt, replayed whole to later attempts and to mirrors.
+//!
+//! The first attempt gets the caller's body as it comes (a streaming upload,
+//! a gRPC stream whose caller waits for an answer before it sends more), so a
+//! rule with retries or mirrors never holds a request back to read its body
+//! first. The copy is kept up to the per-body limit and the proxy-wide buffer
+//! budget; past either, or when the body fails, the copy is given up and the
+//! request is not sent again. A retry needs the whole body by the time the
+//! attempt's answer is in; a mirror goes once the body has ended.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::body::{Body, BoxError, boxed, full};
+
+/// Buffer units of the proxy-wide budget
+/// ([`ProxySettings::max_buffered_total_bytes`](crate::config::ProxySettings)).
+pub(crate) const BUDGET_UNIT: usize = 1024;
+
+/// A whole request body kept for retries and mirrors: its data, its
+/// trailers, and its share of the proxy's buffer budget (given back when the
+/// last copy goes).
+#[derive(Clone)]
+pub(crate) struct Replayable {
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+    _budget: Arc<Option<OwnedSemaphorePermit>>,
+}
+
+impl Replayable {
+    pub(crate) fn empty() -> Self {
+        Self {
+            data: Bytes::new(),
+            trailers: None,
+            _budget: Arc::new(None),
+        }
+    }
+
+    /// The body again.
+    pub(crate) fn body(&self) -> Body {
+        // Without trailers, a body of known length (and known to be empty
+        // when it is): what is sent, and its content-length, stay as for
+        // the original request.
+        let Some(t) = &self.trailers else {
+            return full(self.data.clone());
+        };
+        let mut frames = Vec::with_capacity(2);
+        if !self.data.is_empty() {
+            frames.push(Ok::<_, BoxError>(Frame::data(self.data.clone())));
+        }
+        frames.push(Ok(Frame::trailers(t.clone())));
+        boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+    }
+}
+
+/// The copy of one request's body, shared by the body streaming to the first
+/// attempt ([`Recording::tee`]) and the request's handler.
+pub(crate) struct Recording {
+    inner: Mutex<Record>,
+    limit: usize,
+    budget: Arc<Semaphore>,
+}
+
+enum Record {
+    Copying {
+        buf: BytesMut,
+        trailers: Option<HeaderMap>,
+        permit: Option<OwnedSemaphorePermit>,
+        /// Mirrors waiting for the whole body.
+        waiting: Vec<oneshot::Sender<Replayable>>,
+    },
+    Whole(Replayable),
+    /// Over a limit, or the body failed (how, when it did).
+    GivenUp(Option<BodyFailure>),
+}
+
+impl Recording {
+    /// A recording of a body of which nothing has been read yet, kept up to
+    /// `limit` bytes and within `budget` (units of [`BUDGET_UNIT`]).
+    pub(crate) fn new(limit: usize, budget: Arc<Semaphore>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Record::Copying {
+                buf: BytesMut::new(),
+                trailers: None,
+                permit: None,
+                waiting: Vec::new(),
+            }),
+            limit,
+            budget,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `body`, passing through while it is copied.
+    pub(crate) fn tee(self: &Arc<Self>, body: Body) -> Body {
+        let ended = body.is_end_stream();
+        let tee = Tee {
+            inner: body,
+            rec: self.clone(),
+        };
+        if ended {
+            self.finish();
+        }
+        boxed(tee)
+    }
+
+    /// The body, once it has been read whole and kept.
+    pub(crate) fn whole(&self) -> Option<Replayable> {
+        match &*self.lock() {
+            Record::Whole(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether the copy was given up (over a limit, or the body failed).
+    pub(crate) fn given_up(&self) -> bool {
+        matches!(&*self.lock(), Record::GivenUp(_))
+    }
+
+    /// How the caller's body failed, if it did.
+    pub(crate) fn body_error(&self) -> Option<BodyFailure> {
+        match &*self.lock() {
+            Record::GivenUp(e) => e.clone(),
+            _ => None,
+        }
+    }
+
+    /// The whole body once it has ended; never, when the copy is given up.
+    pub(crate) fn when_whole(&self) -> oneshot::Receiver<Replayable> {
+        let (tx, rx) = oneshot::channel();
+        match &mut *self.lock() {
+            Record::Copying { waiting, .. } => waiting.push(tx),
+            Record::Whole(r) => {
+                let _ = tx.send(r.clone());
+            }
+            Record::GivenUp(_) => {}
+        }
+        rx
+    }
+
+    fn add_data(&self, data: &Bytes) {
+        let mut record = self.lock();
+        let Record::Copying { buf, permit, .. } = &mut *record else {
+            return;
+        };
+        let units = |n: usize| n.div_ceil(BUDGET_UNIT);
+        let total = buf.len() + data.len();
+        let more = units(total) - units(buf.len());
+        let granted = total <= self.limit
+            && (more == 0
+                || u32::try_from(more)
+                    .ok()
+                    .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok())
+                    .map(|p| match permit {
+                        Some(have) => have.merge(p),
+                        None => *permit = Some(p),
+                    })
+                    .is_some());
+        if granted {
+            buf.extend_from_slice(data);
+        } else {
+            tracing::debug!(
+                "request body over {} bytes or the proxy's buffer budget: sent once, without \
+                 retries or mirrors",
+                self.limit
+            );
+            // The copy, its budget and the waiting mirrors go.
+            *record = Record::GivenUp(None);
+        }
+    }
+
+    fn add_trailers(&self, t: &HeaderMap) {
+        if let Record::Copying { trailers, .. } = &mut *self.lock() {
+            *trailers = Some(t.clone());
+        }
+    }
+
+    fn finish(&self) {
+        let mut record = self.lock();
+        let Record::Copying {
+            buf,
+            trailers,
+            permit,
+            waiting,
+        } = &mut *record
+        else {
+            return;
+        };
+        let whole = Replayable {
+            data: std::mem::take(buf).freeze(),
+            trailers: trailers.take(),
+            _budget: Arc::new(permit.take()),
+        };
+        for w in waiting.drain(..) {
+            let _ = w.send(whole.clone());
+        }
+        *record = Record::Whole(whole);
+    }
+
+    fn give_up(&self, error: Option<BodyFailure>) {
+        let mut record = self.lock();
+        if let Record::Copying { .. } = &*record {
+            *record = Record::GivenUp(error);
+        }
+    }
+}
+
+/// How the caller's body failed.
+#[derive(Clone, Debug)]
+pub(crate) struct BodyFailure {
+    pub message: String,
+    /// It stopped coming ([`crate::body::TimedOut`]).
+    pub timed_out: bool,
+}
+
+/// The caller's body on its way to the first attempt, copied as it goes.
+struct Tee {
+    inner: Body,
+    rec: Arc<Recording>,
+}
+
+impl http_body::Body for Tee {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    this.rec.add_data(d);
+                } else if let Some(t) = f.trailers_ref() {
+                    this.rec.add_trailers(t);
+                }
+                // Trailers end a body; so does its last byte when its
+                // length was declared (the consumer may not poll again).
+                if f.is_trailers() || this.inner.is_end_stream() {
+                    this.rec.finish();
+                }
+            }
+            None => this.rec.finish(),
+            Some(Err(e)) => this.rec.give_up(Some(BodyFailure {
+                message: e.to_string(),
+                timed_out: e.is::<crate::body::TimedOut>(),
+            })),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        // Not read to its end: nobody will finish the copy.
+        self.rec.give_up(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    fn replayable(data: &'static [u8], trailers: Option<HeaderMap>) -> Replayable {
+        Replayable {
+            data: Bytes::from_static(data),
+            trailers,
+            _budget: Arc::new(None),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replayed_body_keeps_its_length_and_its_trailers() {
+        // Without trailers: the exact length, and an empty body known to be
+        // over (a GET is sent with END_STREAM on its headers, not chunked).
+        let empty = replayable(b"", None).body();
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.size_hint().exact(), Some(0));
+        let b = replayable(b"payload", None).body();
+        assert_eq!(b.size_hint().exact(), Some(7));
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "payload");
+        // With trailers: data, then the trailers.
+        let mut t = HeaderMap::new();
+        t.insert("x-checksum", "c0ffee".parse().unwrap());
+        let c = replayable(b"payload", Some(t))
+            .body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(c.trailers().unwrap()["x-checksum"], "c0ffee");
+        assert_eq!(c.to_bytes(), "payload");
+    }
+
+    /// A body fed by the test, frame by frame.
+    fn channel_body() -> (
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+        Body,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        (tx, boxed(http_body_util::StreamBody::new(stream)))
+    }
+
+    #[tokio::test]
+    async fn the_first_attempt_gets_each_frame_as_it_comes_and_the_copy_once_whole() {
+        let budget = Arc::new(Semaphore::new(64));
+        let rec = Recording::new(4096, budget.clone());
+        let (tx, body) = channel_body();
+        let mut tee = rec.tee(body);
+        let mirror = rec.when_whole();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"part one, "))))
+            .await
+            .unwrap();
+        // The frame passes before the body has ended: nothing waits for it.
+        let f = tee.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "part one, ");
+        assert!(rec.whole().is_none() && !rec.given_up());
+        assert_eq!(budget.available_permits(), 63, "one unit held for the copy");
+        tx.send(Ok(Frame::data(Bytes::from_static(b"part two"))))
+            .await
+            .unwrap();
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", "0".parse().unwrap());
+        tx.send(Ok(Frame::trailers(t))).await.unwrap();
+        drop(tx);
+        let rest = tee.collect().await.unwrap();
+        assert_eq!(rest.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(rest.to_bytes(), "part two");
+        // Whole: for a retry now, and for the mirror that waited.
+        let again = rec.whole().unwrap().body().collect().await.unwrap();
+        assert_eq!(again.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(again.to_bytes(), "part one, part two");
+        let copy = mirror.await.unwrap().body().collect().await.unwrap();
+        assert_eq!(copy.to_bytes(), "part one, part two");
+        // The budget comes back with the last copy.
+        drop(rec);
+        assert_eq!(budget.available_permits(), 64);
+    }
+
+    #[tokio::test]
+    async fn a_body_of_declared_length_is_whole_with_its_last_byte() {
+        let rec = Recording::new(4096, Arc::new(Semaphore::new(64)));
+        let mut tee = rec.tee(full("abc"));
+        tee.frame().await.unwrap().unwrap();
+        assert!(tee.is_end_stream());
+        let again = rec.whole().expect("whole without a poll for the end");
+        assert_eq!(again.body().collect().await.unwrap().to_bytes(), "abc");
+        // An empty body is whole at once.
+        let rec = Recording::new(4096, Arc::new(Semaphore::new(64)));
+        let _tee = rec.tee(crate::body::empty());
+        assert!(rec.whole().is_some());
+    }
+
+    #[tokio::test]
+    async fn the_copy_is_given_up_past_a_limit_a_failure_or_an_early_drop() {
+        // Over the per-body limit: the body goes on, the copy and its
+        // budget go, and the mirror that waited is told.
+        let budget = Arc::new(Semaphore::new(64));
+        let rec = Recording::new(8, budget.clone());
+        let mirror = rec.when_whole();
+        let (tx, body) = channel_body();
+        let mut tee = rec.tee(body);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"12345"))))
+            .await
+            .unwrap();
+        tee.frame().await.unwrap().unwrap();
+        assert_eq!(budget.available_permits(), 63);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"6789"))))
+            .await
+            .unwrap();
+        let f = tee.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "6789", "the body still passes");
+        assert!(rec.given_up() && rec.body_error().is_none());
+        assert_eq!(budget.available_permits(), 64);
+        assert!(mirror.await.is_err());
+        drop(tx);
+        assert!(tee.frame().await.is_none());
+        assert!(rec.whole().is_none(), "given up stays given up");
+        // Over the proxy-wide budget.
+        let rec = Recording::new(4096, Arc::new(Semaphore::new(1)));
+        let mut tee = rec.tee(full(vec![b'x'; 2000]));
+        tee.frame().await.unwrap().unwrap();
+        assert!(rec.given_up());
+        // A failing body: its error is kept for the caller's answer.
+        let rec = Recording::new(4096, Arc::new(Semaphore::new(64)));
+        let (tx, body) = channel_body();
+        let mut tee = rec.tee(body);
+        tx.send(Err("the request body sent nothing for 300ms".into()))
+            .await
+            .unwrap();
+        assert!(tee.frame().await.unwrap().is_err());
+        let failure = rec.body_error().unwrap();
+        assert_eq!(failure.message, "the request body sent nothing for 300ms");
+        assert!(!failure.timed_out);
+        // Dropped before its end (the attempt is over): no copy.
+        let rec = Recording::new(4096, Arc::new(Semaphore::new(64)));
+        let (tx, body) = channel_body();
+        let mut tee = rec.tee(body);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"half"))))
+            .await
+            .unwrap();
+        tee.frame().await.unwrap().unwrap();
+        drop(tee);
+        assert!(rec.given_up() && rec.whole().is_none());
+    }
+}
