@@ -36,6 +36,68 @@ pub fn proxy_response(status: StatusCode, reason: &str) -> Response<Body> {
     r
 }
 
+/// Whether a request is a gRPC call (`content-type: application/grpc...`).
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// [`proxy_response`] in the form its caller reads. A gRPC client takes a
+/// call's outcome from `grpc-status`, not from the HTTP status (a `504`
+/// would read as `UNAVAILABLE`, which clients retry, rather than
+/// `DEADLINE_EXCEEDED`): a gRPC call gets a trailers-only answer, HTTP
+/// `200` with `grpc-status` and `grpc-message` (and `sluice-reason`).
+pub fn proxy_answer(status: StatusCode, reason: &str, grpc: bool) -> Response<Body> {
+    if !grpc || !(status.is_client_error() || status.is_server_error()) {
+        return proxy_response(status, reason);
+    }
+    let mut r = Response::new(empty());
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        "grpc-status",
+        HeaderValue::from(u16::from(grpc_code(status))),
+    );
+    if let Ok(v) = HeaderValue::from_str(&grpc_message(reason)) {
+        h.insert("grpc-message", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&sanitize(reason)) {
+        h.insert(REASON, v);
+    }
+    r
+}
+
+/// The gRPC status code for an HTTP status the proxy answers with.
+fn grpc_code(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        // A deadline: the route's timeouts, a body that stopped coming.
+        408 | 504 => 4,        // DEADLINE_EXCEEDED
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 | 405 | 501 => 12, // UNIMPLEMENTED
+        429 | 502 | 503 => 14, // UNAVAILABLE
+        400 | 500 => 13,       // INTERNAL
+        _ => 2,                // UNKNOWN
+    }
+}
+
+/// `grpc-message` is percent-encoded UTF-8: everything outside printable
+/// ASCII, and `%`, as `%XX`.
+fn grpc_message(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    for b in reason.bytes().take(1024) {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| {
@@ -200,3 +262,30 @@ impl std::fmt::Display for TimedOut {
 }
 
 impl std::error::Error for TimedOut {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grpc_refusal_is_trailers_only_with_an_encoded_message() {
+        let r = proxy_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "100% gone: café\nnext",
+            true,
+        );
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(http_body::Body::is_end_stream(r.body()));
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["grpc-message"], "100%25 gone: caf%C3%A9%0Anext");
+        // Not a gRPC call, or not a refusal: the plain answer.
+        assert_eq!(
+            proxy_answer(StatusCode::SERVICE_UNAVAILABLE, "gone", false).status(),
+            503
+        );
+        assert_eq!(
+            proxy_answer(StatusCode::MOVED_PERMANENTLY, "moved", true).status(),
+            301
+        );
+    }
+}

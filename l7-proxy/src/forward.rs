@@ -83,6 +83,7 @@ pub(crate) async fn handle(
     // Nothing from the caller may pose as the mesh's own headers.
     remove_mesh_headers(&mut parts.headers);
     let log = crate::accesslog::enabled();
+    let grpc = crate::body::is_grpc(&parts.headers);
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     let body = boxed(body);
@@ -131,7 +132,16 @@ pub(crate) async fn handle(
             Label::external(),
         ),
     };
-    let status = outcome.response.status().as_u16();
+    let status = outcome.response.status();
+    let mut outcome = outcome;
+    // The proxy's own refusals, in the form a gRPC caller reads.
+    if grpc
+        && outcome.upstream.is_none()
+        && let Some(reason) = &outcome.reason
+    {
+        outcome.response = crate::body::proxy_answer(status, reason, true);
+    }
+    let status = status.as_u16();
     let dst = outcome
         .upstream
         .as_ref()

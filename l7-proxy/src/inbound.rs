@@ -765,6 +765,7 @@ async fn handle_http(
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let log = crate::accesslog::enabled();
+    let grpc = crate::body::is_grpc(&parts.headers);
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     let mut workload = None;
@@ -812,16 +813,20 @@ async fn handle_http(
         Ok(Response::from_parts(rp, boxed(rb)))
     }
     .await;
-    let (resp, reason) = match result {
-        Ok(r) => (r, None),
+    let (resp, reason, status) = match result {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (r, None, status)
+        }
         Err((status, reason)) => {
             if status == StatusCode::FORBIDDEN {
                 deny(&shared, &tp, workload.as_deref(), "http", &reason);
             }
-            (proxy_response(status, &reason), Some(reason))
+            // Counted and logged as the HTTP status the proxy chose.
+            let resp = crate::body::proxy_answer(status, &reason, grpc);
+            (resp, Some(reason), status.as_u16())
         }
     };
-    let status = resp.status().as_u16();
     count_request(&shared, &tp, workload.as_deref(), status, start);
     if !log {
         return resp;

@@ -215,6 +215,20 @@ async fn access_policy_allows_and_denies_http_with_a_reason() {
         .await
         .unwrap();
     assert_eq!(denied.status, 403, "bot may not POST");
+    // A gRPC call reads its refusal from grpc-status: PERMISSION_DENIED.
+    let denied = b
+        .send(request(
+            "POST",
+            "/shop.Cart/Add",
+            &[("content-type", "application/grpc")],
+            "",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(denied.status, 200, "{denied:?}");
+    assert_eq!(denied.headers["grpc-status"], "7", "{denied:?}");
+    let message = denied.headers["grpc-message"].to_str().unwrap();
+    assert!(message.contains("shop/cart-access"), "{message}");
     assert_eq!(srv[0].hits(), 2, "denied requests never reach the workload");
     let bot_id = bot().identity().to_string();
     let cart_id = cart(0).identity().to_string();
@@ -223,7 +237,7 @@ async fn access_policy_allows_and_denies_http_with_a_reason() {
             "sluice_policy_denials_total",
             &[&bot_id, &cart_id, "protocol=\"http\""]
         ),
-        2.0
+        3.0
     );
     mesh.shutdown().await;
 }

@@ -1122,3 +1122,82 @@ async fn a_streaming_request_flows_through_a_rule_with_retries_and_a_mirror() {
     streamer.abort();
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_refusals_of_a_grpc_call_carry_a_grpc_status() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0), cart(1)]).await;
+    let rule = |method: &str, backend_name: &str, timeout_ms: Option<u64>| GrpcRouteRule {
+        matches: vec![GrpcRouteMatch {
+            method: Some(GrpcMethodMatch {
+                kind: ValueMatchKind::Exact,
+                service: Some("slow".into()),
+                method: Some(method.into()),
+            }),
+            headers: vec![],
+        }],
+        backends: vec![backend(backend_name, 1)],
+        timeouts: Timeouts {
+            request_ms: timeout_ms,
+            backend_request_ms: None,
+        },
+        ..Default::default()
+    };
+    let mut empty = mesh.service("empty", 14, port, &[cart(1)]);
+    empty.endpoints[0].ready = false;
+    mesh.publish(&Snapshot {
+        services: vec![
+            mesh.service("cart", 1, port, &[cart(0)]),
+            mesh.service("v0", 10, port, &[cart(0)]),
+            empty,
+        ],
+        grpc_routes: vec![GrpcRoute {
+            id: ObjectRef::new("shop", "grpc"),
+            created_unix: 0,
+            parents: vec![ParentRef {
+                service: ObjectRef::new("shop", "cart"),
+                port: None,
+            }],
+            rules: vec![
+                rule("3000", "v0", Some(100)),
+                rule("0", "empty", None),
+                rule("1", "v0", None),
+            ],
+        }],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let mut call = async |path: &str| {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://cart.shop{path}"))
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\x01x",
+            )))
+            .unwrap();
+        c.send(req).await.unwrap()
+    };
+    // (path, grpc-status, words of the message)
+    let cases = [
+        ("/slow/3000", "4", "request timeout of 100ms exceeded"),
+        ("/slow/0", "14", "no ready endpoint"),
+        ("/other/Call", "12", "no route of service shop/cart matches"),
+    ];
+    for (path, code, words) in cases {
+        let r = call(path).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert_eq!(r.headers["content-type"], "application/grpc", "{path}");
+        assert_eq!(r.headers["grpc-status"], code, "{path}: {r:?}");
+        let message = r.headers["grpc-message"].to_str().unwrap();
+        assert!(message.contains(words), "{path}: {message}");
+        assert!(r.headers.contains_key("sluice-reason"), "{path}");
+        assert!(r.body.is_empty(), "{path}: trailers-only");
+    }
+    // A workload's own answer is untouched.
+    let r = call("/slow/1").await;
+    assert_eq!(r.trailers.expect("trailers")["grpc-status"], "0");
+    assert_eq!(srv[0].hits(), 2, "the timed-out call and the last one");
+    mesh.shutdown().await;
+}
