@@ -357,6 +357,35 @@ fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
+/// Whether a body that has not ended yet turns out, from what has already
+/// arrived, to end with nothing in it (some HTTP/2 clients end a `GET` with
+/// an empty DATA frame after its head). Does not wait: anything else, data or
+/// nothing yet, is a body to send (chunked), and a frame read here goes back
+/// in front of it.
+fn ends_empty(body: &mut Body) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    loop {
+        match Pin::new(&mut *body).poll_frame(&mut cx) {
+            Poll::Ready(None) => return true,
+            Poll::Ready(Some(Ok(f))) if f.data_ref().is_some_and(|d| d.is_empty()) => {
+                if body.is_end_stream() {
+                    return true;
+                }
+            }
+            Poll::Ready(Some(first)) => {
+                use futures_util::StreamExt as _;
+                let rest = std::mem::replace(body, crate::body::empty());
+                *body = crate::body::boxed(http_body_util::StreamBody::new(
+                    futures_util::stream::once(std::future::ready(first))
+                        .chain(http_body_util::BodyStream::new(rest)),
+                ));
+                return false;
+            }
+            Poll::Pending => return false,
+        }
+    }
+}
+
 /// Methods whose request defines a meaning for enclosed content: an empty
 /// body still says `content-length: 0`.
 fn expects_body(m: &Method) -> bool {
@@ -387,7 +416,7 @@ impl Prepared {
     /// form), its headers as they are but for the framing ones, which follow
     /// the body: its exact length, else chunked.
     pub fn new(req: Request<Body>) -> Self {
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
         parts.headers.remove(header::TRANSFER_ENCODING);
         let declared = |h: &HeaderMap| {
             h.get(header::CONTENT_LENGTH)
@@ -412,10 +441,10 @@ impl Prepared {
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
             Framing::Length(n)
-        } else if !expects_body(&parts.method) {
+        } else if !expects_body(&parts.method) && ends_empty(&mut body) {
             // A GET or HEAD whose stream merely did not end with its head
-            // (an empty DATA frame follows): no body, rather than a chunked
-            // one some servers would not expect; as hyper does.
+            // (an empty DATA frame with END_STREAM came after it): no body,
+            // rather than a chunked one such servers would not expect.
             Framing::None
         } else {
             parts.headers.remove(header::CONTENT_LENGTH);
@@ -1262,6 +1291,46 @@ mod tests {
         assert_eq!(
             got.recv().await.unwrap(),
             b"GET /p?q=1 HTTP/1.1\r\nhost: cart\r\n\r\n"
+        );
+        // An empty DATA frame already in after the head: no body either.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        tx.send(Ok(Frame::data(Bytes::new()))).await.unwrap();
+        drop(tx);
+        let body = StreamBody::new(tokio_stream(rx));
+        exchange(addr, request(Method::GET, boxed(body)))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.recv().await.unwrap(),
+            b"GET /p?q=1 HTTP/1.1\r\nhost: cart\r\n\r\n"
+        );
+        // A DELETE (or GET) with a body of unknown length: chunked, whether
+        // its data is in already or comes later; none of it is lost.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"{\"ids\":[1]}"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let body = StreamBody::new(tokio_stream(rx));
+        exchange(addr, request(Method::DELETE, boxed(body)))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.recv().await.unwrap(),
+            b"DELETE /p?q=1 HTTP/1.1\r\nhost: cart\r\ntransfer-encoding: chunked\r\n\r\nb\r\n{\"ids\":[1]}\r\n0\r\n\r\n"
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
+        let body = StreamBody::new(tokio_stream(rx));
+        let sending = tokio::spawn(exchange(addr, request(Method::GET, boxed(body))));
+        tokio::task::yield_now().await;
+        tx.send(Ok(Frame::data(Bytes::from_static(b"late"))))
+            .await
+            .unwrap();
+        drop(tx);
+        sending.await.unwrap().unwrap();
+        assert_eq!(
+            got.recv().await.unwrap(),
+            b"GET /p?q=1 HTTP/1.1\r\nhost: cart\r\ntransfer-encoding: chunked\r\n\r\n4\r\nlate\r\n0\r\n\r\n"
         );
         // Nothing: a GET says nothing of a body, a POST says it is empty.
         exchange(addr, request(Method::GET, empty())).await.unwrap();
