@@ -23,6 +23,10 @@ const DECAY_NS: f64 = 10e9;
 /// Added to every estimate so that requests in flight still count between
 /// endpoints with no measurement.
 const FLOOR_NS: f64 = 1_000.0;
+/// The estimate of an endpoint that could not be reached: far above any
+/// answer's, so that the next picks (a retry's among them) go elsewhere while
+/// it decays, and the endpoint is tried again some tens of seconds later.
+const UNREACHABLE_NS: u64 = 1_000_000_000;
 
 #[derive(Debug)]
 pub struct EndpointLoad {
@@ -93,6 +97,17 @@ impl Pick {
         self.load
             .ewma_ns
             .store(new.max(1.0) as u64, Ordering::Relaxed);
+    }
+}
+
+impl Pick {
+    /// The endpoint could not be reached (nothing answered, refused, no
+    /// tunnel): it fails fast, and without this its unmeasured, near-zero
+    /// estimate would win every choice.
+    pub fn unreachable(&self) {
+        let now_ns = Instant::now().duration_since(self.epoch).as_nanos() as u64;
+        self.load.last_ns.store(now_ns.max(1), Ordering::Relaxed);
+        self.load.ewma_ns.store(UNREACHABLE_NS, Ordering::Relaxed);
     }
 }
 

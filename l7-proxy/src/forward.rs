@@ -186,12 +186,9 @@ pub(crate) async fn handle(
 enum ReqBody {
     /// Whole: replayed to every attempt.
     Buffered(Replayable),
-    /// Not read yet: streams to the first attempt while it is recorded for
+    /// Streams to the first attempt that reads it while it is recorded for
     /// the next ones (and for mirrors).
-    Recorded {
-        first: Option<Body>,
-        rec: Arc<Recording>,
-    },
+    Recorded(Arc<Recording>),
     Once(Option<Body>),
 }
 
@@ -199,7 +196,7 @@ impl ReqBody {
     fn take(&mut self) -> Option<Body> {
         match self {
             ReqBody::Buffered(b) => Some(b.body()),
-            ReqBody::Recorded { first, rec } => first.take().map(|b| rec.tee(b)),
+            ReqBody::Recorded(rec) => rec.take(),
             ReqBody::Once(b) => b.take(),
         }
     }
@@ -208,18 +205,20 @@ impl ReqBody {
     fn may_replay(&self) -> bool {
         match self {
             ReqBody::Buffered(_) => true,
-            ReqBody::Recorded { rec, .. } => !rec.given_up(),
+            ReqBody::Recorded(rec) => rec.is_unread() || !rec.given_up(),
             ReqBody::Once(_) => false,
         }
     }
 
-    /// After an attempt: whether the body can go again, now. A recording
-    /// read whole by now becomes the body of the next attempts; one still
-    /// streaming (the caller sends more after an answer) cannot be.
+    /// After an attempt: whether the body can go again, now. One no
+    /// attempt read from goes as it is; a recording read whole by now
+    /// becomes the body of the next attempts; one still streaming (the
+    /// caller sends more after an answer) cannot go again.
     fn settle(&mut self) -> bool {
         match self {
-            ReqBody::Buffered(_) | ReqBody::Recorded { first: Some(_), .. } => true,
-            ReqBody::Recorded { first: None, rec } => match rec.whole() {
+            ReqBody::Buffered(_) => true,
+            ReqBody::Recorded(rec) if rec.is_unread() => true,
+            ReqBody::Recorded(rec) => match rec.whole() {
                 Some(whole) => {
                     *self = ReqBody::Buffered(whole);
                     true
@@ -233,7 +232,7 @@ impl ReqBody {
     /// How the caller's body failed during an attempt, if it did.
     fn failed(&self) -> Option<BodyFailure> {
         match self {
-            ReqBody::Recorded { rec, .. } => rec.body_error(),
+            ReqBody::Recorded(rec) => rec.body_error(),
             _ => None,
         }
     }
@@ -260,6 +259,7 @@ async fn route_request(
             path: parts.uri.path(),
             query: parts.uri.query(),
             headers: &parts.headers,
+            authority: parts.uri.authority().map(|a| a.as_str()),
         };
         match state
             .routes
@@ -362,16 +362,19 @@ async fn route_request(
         } else {
             // Not read first: a streaming caller (a gRPC stream waiting for
             // an answer before it sends more) must reach its backend.
-            ReqBody::Recorded {
-                first: Some(body),
-                rec: Recording::new(
-                    shared.settings.max_buffered_body_bytes,
-                    shared.buffer_budget.clone(),
-                ),
-            }
+            ReqBody::Recorded(Recording::new(
+                body,
+                shared.settings.max_buffered_body_bytes,
+                shared.buffer_budget.clone(),
+            ))
         }
     } else {
         ReqBody::Once(Some(body))
+    };
+    // However this function returns, the recording hears that it is done.
+    let _done = match &body {
+        ReqBody::Recorded(rec) => Some(RecordingDone(rec.clone(), shared)),
+        _ => None,
     };
 
     for (m, mparts) in &mirrors {
@@ -382,11 +385,12 @@ async fn route_request(
             ReqBody::Buffered(b) => spawn_mirror(shared, state, conn, m, mparts, b.clone()),
             // The copy goes once the body has ended, whole; not at all when
             // it was too large to keep.
-            ReqBody::Recorded { rec, .. } => {
+            ReqBody::Recorded(rec) => {
                 let whole = rec.when_whole();
-                let (shared, state, conn) = (shared.clone(), state.clone(), conn.clone());
+                let (shared2, state, conn) = (shared.clone(), state.clone(), conn.clone());
                 let (m, mparts) = (m.clone(), mparts.clone());
-                tokio::spawn(async move {
+                let shared = shared2.clone();
+                shared2.spawn(async move {
                     if let Ok(b) = whole.await {
                         spawn_mirror(&shared, &state, &conn, &m, &mparts, b);
                     }
@@ -545,6 +549,10 @@ async fn route_request(
                     // answered it; one that surely did not reach the
                     // workload is retryable already.
                     Err(mut e) => {
+                        // Retryable already: the endpoint was not reached.
+                        if e.retryable {
+                            pick.unreachable();
+                        }
                         if matches!(
                             e.status,
                             StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
@@ -584,6 +592,16 @@ async fn route_request(
             tokio::time::sleep_until(wake).await;
             backoff = backoff.saturating_mul(2);
         }
+    }
+}
+
+/// Tells a request's recording that its handler is done
+/// ([`Recording::done`]).
+struct RecordingDone<'a>(Arc<Recording>, &'a Arc<Shared>);
+
+impl Drop for RecordingDone<'_> {
+    fn drop(&mut self) {
+        self.0.done(|read| self.1.spawn(read));
     }
 }
 

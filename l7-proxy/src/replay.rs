@@ -64,10 +64,16 @@ impl Replayable {
     }
 }
 
-/// The copy of one request's body, shared by the body streaming to the first
-/// attempt ([`Recording::tee`]) and the request's handler.
+/// The copy of one request's body, shared by the body streaming to an
+/// attempt ([`Recording::take`]) and the request's handler.
 pub(crate) struct Recording {
     inner: Mutex<Record>,
+    /// The caller's body while no attempt has it: before the first, and
+    /// again after an attempt that gave it back unread (its endpoint could
+    /// not be reached).
+    unread: Mutex<Option<Body>>,
+    /// The handler has returned: no attempt will take the body again.
+    handler_done: std::sync::atomic::AtomicBool,
     limit: usize,
     budget: Arc<Semaphore>,
 }
@@ -86,36 +92,75 @@ enum Record {
 }
 
 impl Recording {
-    /// A recording of a body of which nothing has been read yet, kept up to
+    /// A recording of `body`, of which nothing has been read yet, kept up to
     /// `limit` bytes and within `budget` (units of [`BUDGET_UNIT`]).
-    pub(crate) fn new(limit: usize, budget: Arc<Semaphore>) -> Arc<Self> {
-        Arc::new(Self {
+    pub(crate) fn new(body: Body, limit: usize, budget: Arc<Semaphore>) -> Arc<Self> {
+        let rec = Arc::new(Self {
             inner: Mutex::new(Record::Copying {
                 buf: BytesMut::new(),
                 trailers: None,
                 permit: None,
                 waiting: Vec::new(),
             }),
+            unread: Mutex::new(None),
+            handler_done: Default::default(),
             limit,
             budget,
-        })
+        });
+        if body.is_end_stream() {
+            rec.finish();
+        }
+        *rec.unread() = Some(body);
+        rec
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `body`, passing through while it is copied.
-    pub(crate) fn tee(self: &Arc<Self>, body: Body) -> Body {
-        let ended = body.is_end_stream();
-        let tee = Tee {
-            inner: body,
+    fn unread(&self) -> std::sync::MutexGuard<'_, Option<Body>> {
+        self.unread.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The caller's body for an attempt, passing through while it is copied;
+    /// `None` once an attempt has read from it.
+    pub(crate) fn take(self: &Arc<Self>) -> Option<Body> {
+        let body = self.unread().take()?;
+        Some(boxed(Tee {
+            inner: Some(body),
             rec: self.clone(),
-        };
-        if ended {
-            self.finish();
+            read: false,
+            for_mirror: false,
+        }))
+    }
+
+    /// Whether no attempt has read from the caller's body yet: the next one
+    /// can have it as it is.
+    pub(crate) fn is_unread(&self) -> bool {
+        self.unread().is_some()
+    }
+
+    /// The request's handler is done with the recording (its answer is on
+    /// its way). A mirror still waiting gets the body once it ends: read
+    /// here when no attempt took it (there was no endpoint), read on by the
+    /// attempt otherwise. Without a mirror, the copy stops here, giving its
+    /// share of the buffer budget back while a long stream goes on.
+    pub(crate) fn done(self: &Arc<Self>, spawn: impl FnOnce(BoxFuture)) {
+        self.handler_done
+            .store(true, std::sync::atomic::Ordering::Release);
+        if !self.mirrors_wait() {
+            self.give_up(None);
+            return;
         }
-        boxed(tee)
+        if let Some(body) = self.unread().take() {
+            let tee = Tee {
+                inner: Some(body),
+                rec: self.clone(),
+                read: true,
+                for_mirror: true,
+            };
+            spawn(Box::pin(read_to_end(boxed(tee))));
+        }
     }
 
     /// The body, once it has been read whole and kept.
@@ -150,6 +195,10 @@ impl Recording {
             Record::GivenUp(_) => {}
         }
         rx
+    }
+
+    fn mirrors_wait(&self) -> bool {
+        matches!(&*self.lock(), Record::Copying { waiting, .. } if !waiting.is_empty())
     }
 
     fn add_data(&self, data: &Bytes) {
@@ -227,10 +276,25 @@ pub(crate) struct BodyFailure {
     pub timed_out: bool,
 }
 
-/// The caller's body on its way to the first attempt, copied as it goes.
+/// A future the caller spawns.
+pub(crate) type BoxFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Reads `body` to its end (for the copy that mirrors wait for), giving up
+/// at its first error.
+async fn read_to_end(mut body: Body) {
+    use http_body_util::BodyExt as _;
+    while let Some(Ok(_)) = body.frame().await {}
+}
+
+/// The caller's body on its way to an attempt, copied as it goes.
 struct Tee {
-    inner: Body,
+    /// `None` once given back.
+    inner: Option<Body>,
     rec: Arc<Recording>,
+    /// A frame has been read: the body cannot go to another attempt whole.
+    read: bool,
+    /// Already read on for a mirror: not handed on again when dropped.
+    for_mirror: bool,
 }
 
 impl http_body::Body for Tee {
@@ -242,7 +306,11 @@ impl http_body::Body for Tee {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
+        this.read = true;
         match &frame {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
@@ -252,7 +320,7 @@ impl http_body::Body for Tee {
                 }
                 // Trailers end a body; so does its last byte when its
                 // length was declared (the consumer may not poll again).
-                if f.is_trailers() || this.inner.is_end_stream() {
+                if f.is_trailers() || inner.is_end_stream() {
                     this.rec.finish();
                 }
             }
@@ -266,18 +334,45 @@ impl http_body::Body for Tee {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
 impl Drop for Tee {
     fn drop(&mut self) {
-        // Not read to its end: nobody will finish the copy.
-        self.rec.give_up(None);
+        let Some(body) = self.inner.take() else {
+            return;
+        };
+        let rec = &self.rec;
+        // Never read (the attempt's endpoint could not be reached): the next
+        // attempt takes the body as it is.
+        if !self.read && !rec.handler_done.load(std::sync::atomic::Ordering::Acquire) {
+            *rec.unread() = Some(body);
+            return;
+        }
+        // The attempt stopped before the body's end (its workload answered
+        // early): a mirror still waiting gets the rest read for it.
+        if !self.for_mirror
+            && rec.mirrors_wait()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let rest = Tee {
+                inner: Some(body),
+                rec: rec.clone(),
+                read: true,
+                for_mirror: true,
+            };
+            runtime.spawn(read_to_end(boxed(rest)));
+            return;
+        }
+        // Nobody will finish the copy.
+        rec.give_up(None);
     }
 }
 
@@ -327,24 +422,29 @@ mod tests {
         (tx, boxed(http_body_util::StreamBody::new(stream)))
     }
 
+    fn data(b: &'static [u8]) -> Result<Frame<Bytes>, BoxError> {
+        Ok(Frame::data(Bytes::from_static(b)))
+    }
+
+    fn spawn(f: BoxFuture) {
+        tokio::spawn(f);
+    }
+
     #[tokio::test]
     async fn the_first_attempt_gets_each_frame_as_it_comes_and_the_copy_once_whole() {
         let budget = Arc::new(Semaphore::new(64));
-        let rec = Recording::new(4096, budget.clone());
         let (tx, body) = channel_body();
-        let mut tee = rec.tee(body);
+        let rec = Recording::new(body, 4096, budget.clone());
+        let mut tee = rec.take().unwrap();
+        assert!(rec.take().is_none(), "one attempt at a time");
         let mirror = rec.when_whole();
-        tx.send(Ok(Frame::data(Bytes::from_static(b"part one, "))))
-            .await
-            .unwrap();
+        tx.send(data(b"part one, ")).await.unwrap();
         // The frame passes before the body has ended: nothing waits for it.
         let f = tee.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "part one, ");
         assert!(rec.whole().is_none() && !rec.given_up());
         assert_eq!(budget.available_permits(), 63, "one unit held for the copy");
-        tx.send(Ok(Frame::data(Bytes::from_static(b"part two"))))
-            .await
-            .unwrap();
+        tx.send(data(b"part two")).await.unwrap();
         let mut t = HeaderMap::new();
         t.insert("grpc-status", "0".parse().unwrap());
         tx.send(Ok(Frame::trailers(t))).await.unwrap();
@@ -365,15 +465,30 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_of_declared_length_is_whole_with_its_last_byte() {
-        let rec = Recording::new(4096, Arc::new(Semaphore::new(64)));
-        let mut tee = rec.tee(full("abc"));
+        let rec = Recording::new(full("abc"), 4096, Arc::new(Semaphore::new(64)));
+        let mut tee = rec.take().unwrap();
         tee.frame().await.unwrap().unwrap();
         assert!(tee.is_end_stream());
         let again = rec.whole().expect("whole without a poll for the end");
         assert_eq!(again.body().collect().await.unwrap().to_bytes(), "abc");
         // An empty body is whole at once.
-        let rec = Recording::new(4096, Arc::new(Semaphore::new(64)));
-        let _tee = rec.tee(crate::body::empty());
+        let rec = Recording::new(crate::body::empty(), 4096, Arc::new(Semaphore::new(64)));
+        assert!(rec.whole().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_body_an_attempt_never_read_goes_to_the_next_one_as_it_is() {
+        let (tx, body) = channel_body();
+        let rec = Recording::new(body, 4096, Arc::new(Semaphore::new(64)));
+        // The first endpoint could not be reached: its attempt drops the
+        // body unread.
+        drop(rec.take().unwrap());
+        assert!(rec.is_unread() && !rec.given_up());
+        let mut tee = rec.take().expect("the body again");
+        tx.send(data(b"all of it")).await.unwrap();
+        drop(tx);
+        let got = (&mut tee).collect().await.unwrap().to_bytes();
+        assert_eq!(got, "all of it");
         assert!(rec.whole().is_some());
     }
 
@@ -382,18 +497,14 @@ mod tests {
         // Over the per-body limit: the body goes on, the copy and its
         // budget go, and the mirror that waited is told.
         let budget = Arc::new(Semaphore::new(64));
-        let rec = Recording::new(8, budget.clone());
-        let mirror = rec.when_whole();
         let (tx, body) = channel_body();
-        let mut tee = rec.tee(body);
-        tx.send(Ok(Frame::data(Bytes::from_static(b"12345"))))
-            .await
-            .unwrap();
+        let rec = Recording::new(body, 8, budget.clone());
+        let mirror = rec.when_whole();
+        let mut tee = rec.take().unwrap();
+        tx.send(data(b"12345")).await.unwrap();
         tee.frame().await.unwrap().unwrap();
         assert_eq!(budget.available_permits(), 63);
-        tx.send(Ok(Frame::data(Bytes::from_static(b"6789"))))
-            .await
-            .unwrap();
+        tx.send(data(b"6789")).await.unwrap();
         let f = tee.frame().await.unwrap().unwrap();
         assert_eq!(f.into_data().unwrap(), "6789", "the body still passes");
         assert!(rec.given_up() && rec.body_error().is_none());
@@ -403,14 +514,13 @@ mod tests {
         assert!(tee.frame().await.is_none());
         assert!(rec.whole().is_none(), "given up stays given up");
         // Over the proxy-wide budget.
-        let rec = Recording::new(4096, Arc::new(Semaphore::new(1)));
-        let mut tee = rec.tee(full(vec![b'x'; 2000]));
-        tee.frame().await.unwrap().unwrap();
+        let rec = Recording::new(full(vec![b'x'; 2000]), 4096, Arc::new(Semaphore::new(1)));
+        rec.take().unwrap().frame().await.unwrap().unwrap();
         assert!(rec.given_up());
         // A failing body: its error is kept for the caller's answer.
-        let rec = Recording::new(4096, Arc::new(Semaphore::new(64)));
         let (tx, body) = channel_body();
-        let mut tee = rec.tee(body);
+        let rec = Recording::new(body, 4096, Arc::new(Semaphore::new(64)));
+        let mut tee = rec.take().unwrap();
         tx.send(Err("the request body sent nothing for 300ms".into()))
             .await
             .unwrap();
@@ -418,15 +528,55 @@ mod tests {
         let failure = rec.body_error().unwrap();
         assert_eq!(failure.message, "the request body sent nothing for 300ms");
         assert!(!failure.timed_out);
-        // Dropped before its end (the attempt is over): no copy.
-        let rec = Recording::new(4096, Arc::new(Semaphore::new(64)));
+        // Dropped before its end, no mirror waiting: no copy.
         let (tx, body) = channel_body();
-        let mut tee = rec.tee(body);
-        tx.send(Ok(Frame::data(Bytes::from_static(b"half"))))
-            .await
-            .unwrap();
+        let rec = Recording::new(body, 4096, Arc::new(Semaphore::new(64)));
+        let mut tee = rec.take().unwrap();
+        tx.send(data(b"half")).await.unwrap();
         tee.frame().await.unwrap().unwrap();
         drop(tee);
         assert!(rec.given_up() && rec.whole().is_none());
+    }
+
+    #[tokio::test]
+    async fn once_the_handler_is_done_the_copy_goes_on_only_for_a_waiting_mirror() {
+        // No mirror: a long stream stops holding the budget.
+        let budget = Arc::new(Semaphore::new(64));
+        let (tx, body) = channel_body();
+        let rec = Recording::new(body, 4096, budget.clone());
+        let mut tee = rec.take().unwrap();
+        tx.send(data(b"first")).await.unwrap();
+        tee.frame().await.unwrap().unwrap();
+        assert_eq!(budget.available_permits(), 63);
+        rec.done(spawn);
+        assert!(rec.given_up());
+        assert_eq!(budget.available_permits(), 64);
+        tx.send(data(b"more")).await.unwrap();
+        let f = tee.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "more", "the stream goes on");
+        // A mirror, and no attempt ever took the body (no endpoint): it is
+        // read for the mirror.
+        let (tx, body) = channel_body();
+        let rec = Recording::new(body, 4096, Arc::new(Semaphore::new(64)));
+        let mirror = rec.when_whole();
+        rec.done(spawn);
+        tx.send(data(b"for the mirror")).await.unwrap();
+        drop(tx);
+        let copy = mirror.await.unwrap().body().collect().await.unwrap();
+        assert_eq!(copy.to_bytes(), "for the mirror");
+        // A mirror, and the attempt stopped reading half-way (its workload
+        // answered early): the rest is read for the mirror.
+        let (tx, body) = channel_body();
+        let rec = Recording::new(body, 4096, Arc::new(Semaphore::new(64)));
+        let mirror = rec.when_whole();
+        let mut tee = rec.take().unwrap();
+        tx.send(data(b"early ")).await.unwrap();
+        tee.frame().await.unwrap().unwrap();
+        rec.done(spawn);
+        drop(tee);
+        tx.send(data(b"and late")).await.unwrap();
+        drop(tx);
+        let copy = mirror.await.unwrap().body().collect().await.unwrap();
+        assert_eq!(copy.to_bytes(), "early and late");
     }
 }

@@ -188,6 +188,9 @@ pub struct RequestView<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The URI's authority: an HTTP/2 request's host (`:authority`), which
+    /// a `host` header match reads when there is no `host` field.
+    pub authority: Option<&'a str>,
 }
 
 /// The outcome of routing one request.
@@ -436,7 +439,12 @@ impl Entry {
         };
         for (name, cond) in &self.headers {
             let mut values = req.headers.get_all(name).iter();
-            let first = values.next()?;
+            let Some(first) = values.next() else {
+                match req.authority {
+                    Some(a) if name == http::header::HOST && cond.matches(a) => continue,
+                    _ => return None,
+                }
+            };
             let matched = match values.next() {
                 None => cond.matches(first.to_str().ok()?),
                 // A repeated field is one list, its values joined by commas
@@ -774,6 +782,7 @@ mod tests {
             path,
             query: None,
             headers: h,
+            authority: None,
         }
     }
 
@@ -799,6 +808,7 @@ mod tests {
             path: uri.path(),
             query: uri.query(),
             headers: &h,
+            authority: uri.authority().map(|a| a.as_str()),
         };
         t.route(&svc(), 80, "shop", &view)
             .expect("service has routes")
@@ -1059,6 +1069,50 @@ mod tests {
         assert_eq!(
             pick(&t, "DELETE", "/", &[("x-canary", "yes")]).as_deref(),
             Some("delete")
+        );
+    }
+
+    #[test]
+    fn a_host_match_reads_the_authority_of_an_http2_request() {
+        let (t, _) = RouteTable::build(
+            &[route(
+                "r",
+                0,
+                vec![
+                    (
+                        vec![HttpRouteMatch {
+                            headers: vec![ValueMatch {
+                                kind: ValueMatchKind::Exact,
+                                name: "Host".into(),
+                                value: "cart.shop".into(),
+                            }],
+                            ..Default::default()
+                        }],
+                        "by-host",
+                    ),
+                    (vec![], "rest"),
+                ],
+            )],
+            &[],
+        );
+        // HTTP/1.1: the host field.
+        assert_eq!(
+            pick(&t, "GET", "/", &[("host", "cart.shop")]).as_deref(),
+            Some("by-host")
+        );
+        // HTTP/2: no host field, the :authority in the URI.
+        assert_eq!(
+            pick(&t, "GET", "http://cart.shop/", &[]).as_deref(),
+            Some("by-host")
+        );
+        assert_eq!(
+            pick(&t, "GET", "http://other/", &[]).as_deref(),
+            Some("rest")
+        );
+        // A host field, when there is one, decides.
+        assert_eq!(
+            pick(&t, "GET", "http://cart.shop/", &[("host", "other")]).as_deref(),
+            Some("rest")
         );
     }
 

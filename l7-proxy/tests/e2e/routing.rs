@@ -1201,3 +1201,51 @@ async fn the_proxys_own_refusals_of_a_grpc_call_carry_a_grpc_status() {
     assert_eq!(srv[0].hits(), 2, "the timed-out call and the last one");
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_body_goes_to_another_endpoint_when_the_first_cannot_be_reached() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0), cart(1)]).await;
+    // Seven endpoints whose node proxy is gone (nothing listens where it
+    // was), and cart-1. Endpoints not measured yet are preferred, so most
+    // requests try one of the unreachable ones first.
+    let gone = std::net::TcpListener::bind((mesh.node_b_proxy().ip(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut svc = mesh.service("cart", 1, port, &[cart(1)]);
+    for n in 2..9 {
+        let mut e = mesh.endpoint_b(&cart(n));
+        e.node_proxy = Some(gone);
+        svc.endpoints.push(e);
+    }
+    let mut r = rule(vec![], vec![backend("cart", 1)]);
+    r.retry = Some(Retry {
+        codes: vec![503],
+        // Two of the eight are drawn for each try and the cheaper one goes:
+        // once every unreachable one has failed, a try reaches cart-1 with a
+        // chance of 1 in 4. Enough tries that none runs out.
+        attempts: 60,
+        backoff_ms: 0,
+    });
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        http_routes: vec![route(vec![r])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    // Each try that finds no one goes again, with its body.
+    for i in 0..16 {
+        let body = format!("order {i}");
+        let r = c
+            .send(request("POST", "/orders", &[], &body))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.server(), "cart-1");
+        assert_eq!(r.echo()["body"], body.as_str());
+    }
+    assert_eq!(srv[1].hits(), 16);
+    mesh.shutdown().await;
+}
