@@ -422,11 +422,13 @@ async fn route_request(
                     backend.service, backend.port
                 ),
                 retryable: true,
+                unreachable: false,
             },
             (Some(_), None) => SendError {
                 status: StatusCode::BAD_GATEWAY,
                 reason: "request body already consumed by an earlier attempt".into(),
                 retryable: false,
+                unreachable: false,
             },
             (Some(pick), Some(b)) => {
                 let up = &upstreams[pick.index];
@@ -450,6 +452,7 @@ async fn route_request(
                                 // It may have reached the workload: see
                                 // below for when it is tried again.
                                 retryable: false,
+                                unreachable: false,
                             })
                         }),
                         None => send.await,
@@ -537,6 +540,7 @@ async fn route_request(
                             status: resp.status(),
                             reason: format!("{} answered {}", up.addr, resp.status()),
                             retryable: true,
+                            unreachable: false,
                         }
                     }
                     // GEP-1731: with a retry stanza, connection errors
@@ -549,8 +553,7 @@ async fn route_request(
                     // answered it; one that surely did not reach the
                     // workload is retryable already.
                     Err(mut e) => {
-                        // Retryable already: the endpoint was not reached.
-                        if e.retryable {
+                        if e.unreachable {
                             pick.unreachable();
                         }
                         if matches!(
@@ -627,6 +630,10 @@ struct SendError {
     /// Nothing reached the workload (or the status is retryable): safe to
     /// try again.
     retryable: bool,
+    /// The endpoint could not be reached at all (connection refused or
+    /// timed out, its node proxy's handshake failed): the balancer keeps
+    /// other requests away from it for a while.
+    unreachable: bool,
 }
 
 impl SendError {
@@ -642,6 +649,7 @@ impl SendError {
             },
             retryable: unreached,
             reason: e.to_string(),
+            unreachable: e.is_unreachable(),
         }
     }
 }
@@ -766,6 +774,7 @@ async fn send_once(
                 status: StatusCode::BAD_REQUEST,
                 reason: format!("request authority is not valid: {e}"),
                 retryable: false,
+                unreachable: false,
             })?;
             let mut uri = std::mem::take(&mut parts.uri).into_parts();
             uri.scheme = Some(Scheme::HTTP);
@@ -777,6 +786,7 @@ async fn send_once(
                 status: StatusCode::BAD_REQUEST,
                 reason: format!("request target is not valid: {e}"),
                 retryable: false,
+                unreachable: false,
             })?;
             parts.version = Version::HTTP_2;
             parts.headers.insert(TARGET, up.target.clone());
@@ -808,6 +818,7 @@ async fn send_once(
                     },
                     retryable: e.is_connect(),
                     reason: format!("sending to {}: {e}", up.addr),
+                    unreachable: e.is_connect(),
                 })?;
             let mut resp = resp.map(boxed);
             // A workload outside the mesh speaks HTTP/1.1 to this hop
@@ -845,6 +856,7 @@ async fn send_upgrade(
                     status: StatusCode::BAD_REQUEST,
                     reason: format!("upgrade request path is not valid: {e}"),
                     retryable: false,
+                    unreachable: false,
                 })?;
             let (stream, tls) = shared
                 .pool
@@ -857,6 +869,7 @@ async fn send_upgrade(
                         status: StatusCode::BAD_GATEWAY,
                         reason: e.to_string(),
                         retryable: false,
+                        unreachable: false,
                     },
                     e => SendError::tunnel(e),
                 })?;
@@ -870,6 +883,7 @@ async fn send_upgrade(
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     reason: format!("connecting to {}: {e}", up.addr),
                     retryable: true,
+                    unreachable: true,
                 })?;
             (Box::pin(tcp), None)
         }
@@ -903,6 +917,7 @@ async fn send_upgrade(
                 status: StatusCode::BAD_GATEWAY,
                 reason: format!("upgrade request to {}: {e}", up.addr),
                 retryable: false,
+                unreachable: false,
             })?;
     let (mut rp, rb) = resp.into_parts();
     if tunnel.is_none() {

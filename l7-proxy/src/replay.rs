@@ -71,9 +71,7 @@ pub(crate) struct Recording {
     /// The caller's body while no attempt has it: before the first, and
     /// again after an attempt that gave it back unread (its endpoint could
     /// not be reached).
-    unread: Mutex<Option<Body>>,
-    /// The handler has returned: no attempt will take the body again.
-    handler_done: std::sync::atomic::AtomicBool,
+    unread: Mutex<Unread>,
     limit: usize,
     budget: Arc<Semaphore>,
 }
@@ -102,15 +100,14 @@ impl Recording {
                 permit: None,
                 waiting: Vec::new(),
             }),
-            unread: Mutex::new(None),
-            handler_done: Default::default(),
+            unread: Mutex::new(Unread::default()),
             limit,
             budget,
         });
         if body.is_end_stream() {
             rec.finish();
         }
-        *rec.unread() = Some(body);
+        rec.unread().body = Some(body);
         rec
     }
 
@@ -118,14 +115,14 @@ impl Recording {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn unread(&self) -> std::sync::MutexGuard<'_, Option<Body>> {
+    fn unread(&self) -> std::sync::MutexGuard<'_, Unread> {
         self.unread.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The caller's body for an attempt, passing through while it is copied;
     /// `None` once an attempt has read from it.
     pub(crate) fn take(self: &Arc<Self>) -> Option<Body> {
-        let body = self.unread().take()?;
+        let body = self.unread().body.take()?;
         Some(boxed(Tee {
             inner: Some(body),
             rec: self.clone(),
@@ -137,7 +134,7 @@ impl Recording {
     /// Whether no attempt has read from the caller's body yet: the next one
     /// can have it as it is.
     pub(crate) fn is_unread(&self) -> bool {
-        self.unread().is_some()
+        self.unread().body.is_some()
     }
 
     /// The request's handler is done with the recording (its answer is on
@@ -146,20 +143,25 @@ impl Recording {
     /// attempt otherwise. Without a mirror, the copy stops here, giving its
     /// share of the buffer budget back while a long stream goes on.
     pub(crate) fn done(self: &Arc<Self>, spawn: impl FnOnce(BoxFuture)) {
-        self.handler_done
-            .store(true, std::sync::atomic::Ordering::Release);
+        // One step with the hand-back of a Tee dropped unread on another
+        // task: either the body is back by now, or it will not come back.
+        let unread = {
+            let mut u = self.unread();
+            u.handler_done = true;
+            u.body.take()
+        };
         if !self.mirrors_wait() {
             self.give_up(None);
             return;
         }
-        if let Some(body) = self.unread().take() {
+        if let Some(body) = unread {
             let tee = Tee {
                 inner: Some(body),
                 rec: self.clone(),
                 read: true,
                 for_mirror: true,
             };
-            spawn(Box::pin(read_to_end(boxed(tee))));
+            spawn(Box::pin(read_for_mirrors(self.clone(), boxed(tee))));
         }
     }
 
@@ -197,8 +199,16 @@ impl Recording {
         rx
     }
 
+    /// Whether a mirror still waits for the whole body (one whose task is
+    /// gone does not).
     fn mirrors_wait(&self) -> bool {
-        matches!(&*self.lock(), Record::Copying { waiting, .. } if !waiting.is_empty())
+        match &mut *self.lock() {
+            Record::Copying { waiting, .. } => {
+                waiting.retain(|w| !w.is_closed());
+                !waiting.is_empty()
+            }
+            _ => false,
+        }
     }
 
     fn add_data(&self, data: &Bytes) {
@@ -279,11 +289,24 @@ pub(crate) struct BodyFailure {
 /// A future the caller spawns.
 pub(crate) type BoxFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// Reads `body` to its end (for the copy that mirrors wait for), giving up
-/// at its first error.
-async fn read_to_end(mut body: Body) {
+/// Reads `body` (a Tee of `rec`) on for the copy mirrors wait for, while one
+/// does: not a byte more once the copy is given up or its mirrors are gone.
+async fn read_for_mirrors(rec: Arc<Recording>, mut body: Body) {
     use http_body_util::BodyExt as _;
-    while let Some(Ok(_)) = body.frame().await {}
+    while rec.mirrors_wait() {
+        match body.frame().await {
+            Some(Ok(_)) => {}
+            _ => return,
+        }
+    }
+}
+
+/// What of the caller's body no attempt holds.
+#[derive(Default)]
+struct Unread {
+    body: Option<Body>,
+    /// The handler has returned: no attempt will take the body again.
+    handler_done: bool,
 }
 
 /// The caller's body on its way to an attempt, copied as it goes.
@@ -352,10 +375,14 @@ impl Drop for Tee {
         let rec = &self.rec;
         // Never read (the attempt's endpoint could not be reached): the next
         // attempt takes the body as it is.
-        if !self.read && !rec.handler_done.load(std::sync::atomic::Ordering::Acquire) {
-            *rec.unread() = Some(body);
-            return;
-        }
+        let body = {
+            let mut u = rec.unread();
+            if !self.read && !u.handler_done {
+                u.body = Some(body);
+                return;
+            }
+            body
+        };
         // The attempt stopped before the body's end (its workload answered
         // early): a mirror still waiting gets the rest read for it.
         if !self.for_mirror
@@ -368,7 +395,7 @@ impl Drop for Tee {
                 read: true,
                 for_mirror: true,
             };
-            runtime.spawn(read_to_end(boxed(rest)));
+            runtime.spawn(read_for_mirrors(rec.clone(), boxed(rest)));
             return;
         }
         // Nobody will finish the copy.
@@ -578,5 +605,36 @@ mod tests {
         drop(tx);
         let copy = mirror.await.unwrap().body().collect().await.unwrap();
         assert_eq!(copy.to_bytes(), "early and late");
+    }
+
+    #[tokio::test]
+    async fn a_reader_for_mirrors_reads_no_more_once_they_cannot_have_the_copy() {
+        // Past the limit the copy is given up: the reader stops there and
+        // lets go of the caller's body, which is still coming.
+        let (tx, body) = channel_body();
+        let rec = Recording::new(body, 8, Arc::new(Semaphore::new(64)));
+        let mirror = rec.when_whole();
+        let (finished, reader_done) = oneshot::channel();
+        rec.done(|read| {
+            tokio::spawn(async move {
+                read.await;
+                let _ = finished.send(());
+            });
+        });
+        tx.send(data(b"123456789")).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), reader_done)
+            .await
+            .expect("the reader stops while the body is still open")
+            .unwrap();
+        assert!(mirror.await.is_err());
+        assert!(tx.is_closed(), "the rest of the stream is not read");
+        // A mirror whose task is gone waits for nothing: no reader at all.
+        let (tx, body) = channel_body();
+        let rec = Recording::new(body, 4096, Arc::new(Semaphore::new(64)));
+        drop(rec.when_whole());
+        rec.done(|_| panic!("nothing to read for"));
+        assert!(rec.given_up());
+        drop(rec);
+        assert!(tx.is_closed());
     }
 }

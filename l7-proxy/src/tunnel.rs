@@ -95,6 +95,20 @@ impl TunnelError {
     }
 }
 
+impl TunnelError {
+    /// The endpoint's node proxy could not be reached at all (refused, no
+    /// answer, a failed handshake), as opposed to a local problem or a
+    /// busy, refusing or closing connection to a proxy that is there.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            TunnelError::Connect { .. }
+                | TunnelError::ConnectTimeout { .. }
+                | TunnelError::Handshake { .. }
+        )
+    }
+}
+
 fn is_refused_stream(e: &h2::Error) -> bool {
     e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
@@ -202,18 +216,30 @@ impl TunnelPool {
         // The stream counts as open until both its response body and its
         // request body (which may go on after the response) are done.
         let guard = Arc::new(guard);
-        if !eos {
+        let piping = (!eos).then(|| {
             // The body goes on while the response comes back (streaming).
             let held = guard.clone();
             tokio::spawn(async move {
                 crate::h2stream::pipe(body, send, h2::Reason::CANCEL).await;
                 drop(held);
-            });
-        }
-        let resp = resp.await.map_err(|source| TunnelError::Http2 {
-            node: key.node,
-            source,
-        })?;
+            })
+        });
+        let resp = match resp.await {
+            Ok(resp) => resp,
+            Err(source) => {
+                // No answer (the peer refused or reset the stream): the body
+                // is let go of before the error returns, so that a retry
+                // finds a body nothing read from where it was left.
+                if let Some(p) = piping {
+                    p.abort();
+                    let _ = p.await;
+                }
+                return Err(TunnelError::Http2 {
+                    node: key.node,
+                    source,
+                });
+            }
+        };
         let resp = resp.map(|recv| TunnelBody {
             inner: RecvBody::new(recv),
             _guard: guard,
@@ -697,5 +723,59 @@ impl tokio::io::AsyncWrite for TunnelStream {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_node_proxy_out_of_reach_counts_as_an_unreachable_endpoint() {
+        let node: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+        let peer = SpiffeId::new("cluster.local", "shop", "cart").unwrap();
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let down = [
+            TunnelError::Connect {
+                node,
+                source: refused,
+            },
+            TunnelError::ConnectTimeout {
+                node,
+                timeout: Duration::from_secs(1),
+            },
+            TunnelError::Handshake {
+                node,
+                peer: peer.clone(),
+                reason: "bad certificate".into(),
+            },
+        ];
+        for e in &down {
+            assert!(e.is_unreachable() && e.is_connect_failure(), "{e}");
+        }
+        // There, but busy, closing or refusing this stream; or a local
+        // problem: retryable, yet no reason to keep requests away from it.
+        let there = [
+            TunnelError::Busy {
+                node,
+                waited: Duration::from_secs(1),
+            },
+            TunnelError::Unsent {
+                node,
+                source: h2::Error::from(h2::Reason::REFUSED_STREAM),
+            },
+            TunnelError::Http2 {
+                node,
+                source: h2::Error::from(h2::Reason::REFUSED_STREAM),
+            },
+            TunnelError::Identity {
+                source_id: peer.clone(),
+                peer,
+                reason: "no certificate yet".into(),
+            },
+        ];
+        for e in &there {
+            assert!(!e.is_unreachable() && e.is_connect_failure(), "{e}");
+        }
     }
 }
