@@ -117,7 +117,12 @@ fn sanitize(s: &str) -> String {
 /// workload sees it, a workload's response.
 pub fn remove_mesh_headers(h: &mut HeaderMap) {
     // Most messages carry none: look before removing.
-    let is_mesh = |k: &HeaderName| k.as_str().starts_with("sluice-");
+    // `sluice_…` too: servers that turn header names into variables
+    // (CGI, WSGI, Rack) read both spellings as the same one.
+    let is_mesh = |k: &HeaderName| {
+        let k = k.as_str();
+        k.starts_with("sluice-") || k.starts_with("sluice_")
+    };
     if h.keys().any(is_mesh) {
         let names: Vec<HeaderName> = h.keys().filter(|k| is_mesh(k)).cloned().collect();
         for name in names {
@@ -266,6 +271,17 @@ impl std::error::Error for TimedOut {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mesh_headers_go_in_either_spelling() {
+        let mut h = HeaderMap::new();
+        h.insert("sluice-source-identity", HeaderValue::from_static("a"));
+        h.insert("sluice_source_identity", HeaderValue::from_static("b"));
+        h.insert("x-sluice-note", HeaderValue::from_static("kept"));
+        remove_mesh_headers(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-sluice-note"]);
+    }
 
     #[test]
     fn a_grpc_refusal_is_trailers_only_with_an_encoded_message() {

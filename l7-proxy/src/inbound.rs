@@ -473,7 +473,10 @@ async fn handle_connect(
     // An HTTP/1.1 upgrade (WebSocket) rides a CONNECT stream of its own:
     // its one request is parsed and policed like any other.
     let upgrade = parts.headers.contains_key(UPGRADE_REQUEST);
-    if !upgrade && let Verdict::Deny(reason) = authorize(&state, &tp.identity, &workload, None) {
+    if !upgrade
+        && let Verdict::Deny(reason) =
+            authorize(&state, &tp.identity, &workload, target.port(), None)
+    {
         return refuse(Some(&workload), &reason);
     }
     drop(state);
@@ -644,9 +647,13 @@ async fn upgrade_request(
             method: &method,
             path: &path,
         };
-        if let Verdict::Deny(reason) =
-            authorize(&shared.state(), &tp.identity, workload, Some(facts))
-        {
+        if let Verdict::Deny(reason) = authorize(
+            &shared.state(),
+            &tp.identity,
+            workload,
+            target.port(),
+            Some(facts),
+        ) {
             deny(shared, tp, Some(workload), "http", &reason);
             return Err((StatusCode::FORBIDDEN, reason));
         }
@@ -791,7 +798,9 @@ async fn handle_http(
             method: &parts.method,
             path: parts.uri.path(),
         };
-        if let Verdict::Deny(reason) = authorize(&state, &tp.identity, &w, Some(facts)) {
+        if let Verdict::Deny(reason) =
+            authorize(&state, &tp.identity, &w, target.port(), Some(facts))
+        {
             return Err((StatusCode::FORBIDDEN, reason));
         }
         drop(state);

@@ -3,6 +3,9 @@
 //!
 //! Default allow until a policy targets a Service the workload belongs to;
 //! from then on, default deny unless a rule of one of those policies allows.
+//! The Services that count are those whose ports lead to the port the caller
+//! asked for (a policy on the metrics Service does not open the API port);
+//! a port no Service leads to is governed by all of them.
 
 use http::Method;
 
@@ -30,14 +33,15 @@ pub fn authorize(
     state: &State,
     caller: &SpiffeId,
     target: &LocalWorkload,
+    port: u16,
     http: Option<HttpFacts<'_>>,
 ) -> Verdict {
     // Only Services of the workload's own namespace govern it: a Service
     // elsewhere can list any address in a hand-made EndpointSlice, and its
     // policies must neither open nor close another tenant's workload.
     let services: Vec<&ObjectRef> = state
-        .services_of(target.ip)
-        .iter()
+        .services_for(target.ip, port)
+        .into_iter()
         .filter(|s| s.namespace == target.id.namespace)
         .collect();
     let policies: Vec<&AccessPolicy> = state
@@ -188,7 +192,7 @@ mod tests {
     fn no_policy_allows_everyone() {
         let (s, w) = state(vec![policy("other", vec![])]);
         assert_eq!(
-            authorize(&s, &id("spiffe://cluster.local/ns/x/sa/y"), &w, None),
+            authorize(&s, &id("spiffe://cluster.local/ns/x/sa/y"), &w, 8080, None),
             Verdict::Allow
         );
     }
@@ -218,13 +222,58 @@ mod tests {
         snap.access_policies = vec![deny_all("shop", "cart"), allow_all("evil", "s")];
         let st = State::build(Arc::new(snap.clone())).0;
         assert!(matches!(
-            authorize(&st, &caller, &w, None),
+            authorize(&st, &caller, &w, 8080, None),
             Verdict::Deny(_)
         ));
         // Without a policy of shop's, evil's deny-all closes nothing.
         snap.access_policies = vec![deny_all("evil", "s")];
         let st = State::build(Arc::new(snap)).0;
-        assert_eq!(authorize(&st, &caller, &w, None), Verdict::Allow);
+        assert_eq!(authorize(&st, &caller, &w, 8080, None), Verdict::Allow);
+    }
+
+    #[test]
+    fn the_services_that_lead_to_the_port_govern_it() {
+        let (s, w) = state(vec![]);
+        let mut snap = (*s.snapshot).clone();
+        // The same pod behind a second Service, for its metrics port.
+        let mut metrics = snap.services[0].clone();
+        metrics.id = ObjectRef::new("shop", "cart-metrics");
+        metrics.ports[0].port = 9090;
+        metrics.ports[0].target_port = 9090;
+        snap.services.push(metrics);
+        let only = |target: &str, ns: &str| AccessPolicy {
+            id: ObjectRef::new("shop", target),
+            target: ObjectRef::new("shop", target),
+            rules: vec![AccessRule {
+                from: vec![AccessSource::Namespace(ns.into())],
+                to: None,
+            }],
+        };
+        snap.access_policies = vec![only("cart", "web"), only("cart-metrics", "monitoring")];
+        let st = State::build(Arc::new(snap)).0;
+        let web = id("spiffe://cluster.local/ns/web/sa/x");
+        let monitoring = id("spiffe://cluster.local/ns/monitoring/sa/prometheus");
+        // The metrics policy does not open the API port, nor the reverse.
+        assert_eq!(authorize(&st, &web, &w, 8080, None), Verdict::Allow);
+        let Verdict::Deny(reason) = authorize(&st, &monitoring, &w, 8080, None) else {
+            panic!("monitoring reached the API port");
+        };
+        assert!(
+            reason.contains("shop/cart") && !reason.contains("cart-metrics"),
+            "{reason}"
+        );
+        assert_eq!(authorize(&st, &monitoring, &w, 9090, None), Verdict::Allow);
+        assert!(matches!(
+            authorize(&st, &web, &w, 9090, None),
+            Verdict::Deny(_)
+        ));
+        // A port no Service leads to: every policy of the pod's Services.
+        assert_eq!(authorize(&st, &monitoring, &w, 6060, None), Verdict::Allow);
+        let other = id("spiffe://cluster.local/ns/other/sa/x");
+        assert!(matches!(
+            authorize(&st, &other, &w, 6060, None),
+            Verdict::Deny(_)
+        ));
     }
 
     #[test]
@@ -245,13 +294,17 @@ mod tests {
             "spiffe://cluster.local/ns/b/sa/any",
             "spiffe://cluster.local/ns/c/sa/web",
         ] {
-            assert_eq!(authorize(&s, &id(ok), &w, None), Verdict::Allow, "{ok}");
+            assert_eq!(
+                authorize(&s, &id(ok), &w, 8080, None),
+                Verdict::Allow,
+                "{ok}"
+            );
         }
         for bad in [
             "spiffe://cluster.local/ns/a/sa/two",
             "spiffe://cluster.local/ns/c/sa/db",
         ] {
-            let Verdict::Deny(reason) = authorize(&s, &id(bad), &w, None) else {
+            let Verdict::Deny(reason) = authorize(&s, &id(bad), &w, 8080, None) else {
                 panic!("{bad} allowed");
             };
             assert!(
@@ -276,22 +329,25 @@ mod tests {
         let caller = id("spiffe://cluster.local/ns/a/sa/one");
         let facts = |m: &'static Method, p: &'static str| Some(HttpFacts { method: m, path: p });
         assert_eq!(
-            authorize(&s, &caller, &w, facts(&Method::GET, "/public/x")),
+            authorize(&s, &caller, &w, 8080, facts(&Method::GET, "/public/x")),
             Verdict::Allow
         );
         assert_eq!(
-            authorize(&s, &caller, &w, facts(&Method::GET, "/health")),
+            authorize(&s, &caller, &w, 8080, facts(&Method::GET, "/health")),
             Verdict::Allow
         );
         assert!(matches!(
-            authorize(&s, &caller, &w, facts(&Method::POST, "/health")),
+            authorize(&s, &caller, &w, 8080, facts(&Method::POST, "/health")),
             Verdict::Deny(_)
         ));
         assert!(matches!(
-            authorize(&s, &caller, &w, facts(&Method::GET, "/private")),
+            authorize(&s, &caller, &w, 8080, facts(&Method::GET, "/private")),
             Verdict::Deny(_)
         ));
-        assert!(matches!(authorize(&s, &caller, &w, None), Verdict::Deny(_)));
+        assert!(matches!(
+            authorize(&s, &caller, &w, 8080, None),
+            Verdict::Deny(_)
+        ));
         for sneaky in [
             "/public/../admin",
             "/public/%2e%2e/admin",
@@ -306,7 +362,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    authorize(&s, &caller, &w, facts(&Method::GET, sneaky)),
+                    authorize(&s, &caller, &w, 8080, facts(&Method::GET, sneaky)),
                     Verdict::Deny(_)
                 ),
                 "{sneaky}"
@@ -319,7 +375,7 @@ mod tests {
             "/public/x;v=1",
         ] {
             assert_eq!(
-                authorize(&s, &caller, &w, facts(&Method::GET, fine)),
+                authorize(&s, &caller, &w, 8080, facts(&Method::GET, fine)),
                 Verdict::Allow,
                 "{fine}"
             );

@@ -71,8 +71,9 @@ pub struct State {
     vips: HashMap<SocketAddr, Arc<ServiceDest>>,
     workloads: HashMap<IpAddr, Workload>,
     local: HashMap<IpAddr, Arc<LocalWorkload>>,
-    /// Services each endpoint IP belongs to (for access policies).
-    member_of: HashMap<IpAddr, Vec<ObjectRef>>,
+    /// Services each endpoint IP belongs to, with the ports they reach on
+    /// it (for access policies).
+    member_of: HashMap<IpAddr, Vec<(ObjectRef, Vec<u16>)>>,
     /// Ready endpoints per (service, service port), computed once.
     ready: HashMap<ObjectRef, HashMap<u16, ReadySet>>,
     /// The implicit rule of each (service, port) without routes.
@@ -145,8 +146,10 @@ impl State {
             }
             for ep in &svc.endpoints {
                 let list = s.member_of.entry(ep.ip).or_default();
-                if !list.contains(&svc.id) {
-                    list.push(svc.id.clone());
+                let ports = svc.ports.iter().filter_map(|p| ep.target_for(p));
+                match list.iter_mut().find(|(id, _)| *id == svc.id) {
+                    Some((_, have)) => have.extend(ports),
+                    None => list.push((svc.id.clone(), ports.collect())),
                 }
             }
             s.services.insert(svc.id.clone(), svc);
@@ -169,8 +172,21 @@ impl State {
         self.services.get(id)
     }
 
-    pub fn services_of(&self, ip: IpAddr) -> &[ObjectRef] {
-        self.member_of.get(&ip).map_or(&[], |v| v.as_slice())
+    /// The Services that govern traffic to `port` on the endpoint `ip`:
+    /// those whose ports lead there. A port no Service leads to is
+    /// governed by every Service the endpoint belongs to.
+    pub fn services_for(&self, ip: IpAddr, port: u16) -> Vec<&ObjectRef> {
+        let all = self.member_of.get(&ip).map_or(&[][..], |v| v.as_slice());
+        let on_port: Vec<&ObjectRef> = all
+            .iter()
+            .filter(|(_, ports)| ports.contains(&port))
+            .map(|(id, _)| id)
+            .collect();
+        if on_port.is_empty() {
+            all.iter().map(|(id, _)| id).collect()
+        } else {
+            on_port
+        }
     }
 
     pub fn destination(&self, dst: SocketAddr) -> Destination {
