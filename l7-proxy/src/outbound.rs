@@ -257,7 +257,7 @@ async fn serve_tcp<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let start = Instant::now();
-    let (upstream, destination, _pick) = match &dest {
+    let (upstream, destination, pick) = match &dest {
         Destination::Service(d) => {
             let (service, ready) = (&d.service, &d.ready);
             let ups = &ready.upstreams;
@@ -335,7 +335,14 @@ async fn serve_tcp<I>(
                         .await
                         .map(|_| ())
                 }
-                Err(e) => Err(std::io::Error::other(e.to_string())),
+                Err(e) => {
+                    // A node proxy out of reach: the next connections go to
+                    // other endpoints for a while.
+                    if let (true, Some(p)) = (e.is_unreachable(), &pick) {
+                        p.unreachable();
+                    }
+                    Err(std::io::Error::other(e.to_string()))
+                }
             }
         }
         None => match tokio::time::timeout(
@@ -352,11 +359,21 @@ async fn serve_tcp<I>(
                 let _ = up.set_nodelay(true);
                 relay(io, up, idle, on_sent, on_received).await.map(|_| ())
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            )),
+            Ok(Err(e)) => {
+                if let Some(p) = &pick {
+                    p.unreachable();
+                }
+                Err(e)
+            }
+            Err(_) => {
+                if let Some(p) = &pick {
+                    p.unreachable();
+                }
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            }
         },
     };
     let reason = result.as_ref().err().map(|e| e.to_string());

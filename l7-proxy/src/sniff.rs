@@ -35,9 +35,11 @@ pub enum Detection {
     NeedMore,
 }
 
-/// Classifies the first bytes of a connection. Monotone: once a prefix is
-/// decided, every extension of it decides the same way.
+/// Classifies the first bytes of a connection (only the first
+/// [`MAX_SNIFF_BYTES`] count). Monotone: once a prefix is decided, every
+/// extension of it decides the same way.
 pub fn detect(buf: &[u8]) -> Detection {
+    let buf = &buf[..buf.len().min(MAX_SNIFF_BYTES)];
     if buf.is_empty() {
         return Detection::NeedMore;
     }
@@ -49,13 +51,17 @@ pub fn detect(buf: &[u8]) -> Detection {
             Detection::NeedMore
         };
     }
-    // A known method followed by a space: HTTP/1.x. `CONNECT` is left out on
-    // purpose: a captured client speaking to a forward proxy is opaque to us.
+    // A known method followed by a space, on a request line that ends in
+    // `HTTP/1.x`: HTTP/1.x. Other protocols start lines with the same words
+    // (Redis `GET key`, RTSP `OPTIONS rtsp://… RTSP/1.0`): a line that ends
+    // otherwise is theirs. A request line longer than what is read is taken
+    // as HTTP. `CONNECT` is left out on purpose: a captured client speaking
+    // to a forward proxy is opaque to us.
     let mut any_prefix = false;
     for m in METHODS {
         if buf.len() > m.len() {
             if buf.starts_with(m) && buf[m.len()] == b' ' {
-                return Detection::Decided(Protocol::Http1);
+                return request_line(buf);
             }
         } else if m.starts_with(buf) || (buf.len() == m.len() && *m == buf) {
             any_prefix = true;
@@ -66,6 +72,32 @@ pub fn detect(buf: &[u8]) -> Detection {
     } else {
         Detection::Decided(Protocol::Tcp)
     }
+}
+
+/// After `METHOD `: HTTP/1.x when the line ends in ` HTTP/1.<digit>`, opaque
+/// when it ends otherwise, HTTP when it fills what is read without ending.
+fn request_line(buf: &[u8]) -> Detection {
+    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+        return if buf.len() >= MAX_SNIFF_BYTES {
+            Detection::Decided(Protocol::Http1)
+        } else {
+            Detection::NeedMore
+        };
+    };
+    let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+    let http = line.len() >= 9
+        && line[line.len() - 9..line.len() - 1] == *b" HTTP/1."
+        && line[line.len() - 1].is_ascii_digit();
+    Detection::Decided(if http { Protocol::Http1 } else { Protocol::Tcp })
+}
+
+/// Whether the bytes start like an HTTP/1.x request (a known method and a
+/// space): what a client that stops half-way through its request line is
+/// taken for.
+fn starts_like_a_request(buf: &[u8]) -> bool {
+    METHODS
+        .iter()
+        .any(|m| buf.len() > m.len() && buf.starts_with(m) && buf[m.len()] == b' ')
 }
 
 /// Reads from `io` until [`detect`] decides, the client stops sending for
@@ -83,7 +115,14 @@ pub async fn sniff<R: AsyncRead + Unpin>(io: &mut R, wait: Duration) -> (Protoco
         let mut chunk = [0u8; MAX_SNIFF_BYTES];
         let room = MAX_SNIFF_BYTES - buf.len();
         match tokio::time::timeout_at(deadline, io.read(&mut chunk[..room])).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return (Protocol::Tcp, buf),
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                let p = if starts_like_a_request(&buf) {
+                    Protocol::Http1
+                } else {
+                    Protocol::Tcp
+                };
+                return (p, buf);
+            }
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     }
@@ -114,7 +153,21 @@ mod tests {
             detect(b"GET / HTTP/1.1\r\n"),
             Detection::Decided(Protocol::Http1)
         );
-        assert_eq!(detect(b"POST /x"), Detection::Decided(Protocol::Http1));
+        assert_eq!(detect(b"POST /x"), Detection::NeedMore);
+        assert_eq!(
+            detect(b"POST /x HTTP/1.0\n"),
+            Detection::Decided(Protocol::Http1)
+        );
+        // A request line longer than what is read: HTTP.
+        let mut long = b"GET /".to_vec();
+        long.extend_from_slice(&[b'a'; 100]);
+        assert_eq!(detect(&long), Detection::Decided(Protocol::Http1));
+        // Other protocols' lines that start with a method.
+        assert_eq!(detect(b"GET key\r\n"), Detection::Decided(Protocol::Tcp));
+        assert_eq!(
+            detect(b"OPTIONS rtsp://cam/1 RTSP/1.0\r\n"),
+            Detection::Decided(Protocol::Tcp)
+        );
         assert_eq!(detect(H2_PREFACE), Detection::Decided(Protocol::Http2));
         assert_eq!(
             detect(b"\x16\x03\x01\x02"),
@@ -150,6 +203,17 @@ mod tests {
         ] {
             fuzz_detect(seed);
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_inside_its_request_line_is_taken_for_http() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut b, b"GET /slow")
+            .await
+            .unwrap();
+        let (p, buf) = sniff(&mut a, Duration::from_millis(20)).await;
+        assert_eq!(p, Protocol::Http1);
+        assert_eq!(&buf[..], b"GET /slow");
     }
 
     #[tokio::test]

@@ -143,6 +143,9 @@ impl std::hash::Hash for TunnelKey {
 struct TunnelConn {
     sender: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
+    /// Streams ever opened (stream IDs run out at 2^31).
+    opened: std::sync::atomic::AtomicU64,
+    born: Instant,
     last_used: Mutex<Instant>,
     tls: TlsInfo,
     /// Cleared when the connection's task ends.
@@ -207,12 +210,9 @@ impl TunnelPool {
         key: &TunnelKey,
         req: Request<Body>,
     ) -> Result<(Response<TunnelBody>, TlsInfo), TunnelError> {
-        let (conn, guard) = self.checkout(key).await?;
         let (parts, body) = req.into_parts();
         let eos = http_body::Body::is_end_stream(&body);
-        let (resp, send) = self
-            .open_stream(&conn, key, Request::from_parts(parts, ()), eos)
-            .await?;
+        let (conn, guard, resp, send) = self.open_on(key, parts, eos).await?;
         // The stream counts as open until both its response body and its
         // request body (which may go on after the response) are done.
         let guard = Arc::new(guard);
@@ -268,7 +268,6 @@ impl TunnelPool {
         target: SocketAddr,
         upgrade: Option<http::HeaderValue>,
     ) -> Result<(TunnelStream, TlsInfo), TunnelError> {
-        let (conn, guard) = self.checkout(key).await?;
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -277,11 +276,12 @@ impl TunnelPool {
         if let Some(u) = upgrade {
             req.headers_mut().insert(crate::config::UPGRADE_REQUEST, u);
         }
+        let (parts, ()) = req.into_parts();
         // The far side answers once its own connect (bounded by the same
         // setting) is done; waiting for a stream slot counts too.
         let timeout = self.inner.settings.connect_timeout() * 2;
         let answer = async {
-            let (resp, send) = self.open_stream(&conn, key, req, false).await?;
+            let (conn, guard, resp, send) = self.open_on(key, parts, false).await?;
             let resp = resp.await.map_err(|source| {
                 if is_refused_stream(&source) {
                     TunnelError::Refused {
@@ -296,15 +296,16 @@ impl TunnelPool {
                     }
                 }
             })?;
-            Ok::<_, TunnelError>((resp, send))
+            Ok::<_, TunnelError>((conn, guard, resp, send))
         };
-        let (resp, send) = tokio::time::timeout(timeout, answer).await.map_err(|_| {
-            TunnelError::StreamTimeout {
-                node: key.node,
-                target,
-                timeout,
-            }
-        })??;
+        let (conn, guard, resp, send) =
+            tokio::time::timeout(timeout, answer).await.map_err(|_| {
+                TunnelError::StreamTimeout {
+                    node: key.node,
+                    target,
+                    timeout,
+                }
+            })??;
         if resp.status() != StatusCode::OK {
             let reason = resp
                 .headers()
@@ -327,30 +328,82 @@ impl TunnelPool {
         ))
     }
 
-    /// Waits for room for one more stream on `conn` and opens it.
+    /// A connection for `key` and a stream opened on it for the request
+    /// `parts`. A connection that turns out unable to open streams (the
+    /// peer sent GOAWAY as it drains, or the connection failed) leaves the
+    /// pool, and the stream is opened once more on another one or a new one:
+    /// nothing was sent on the first.
+    async fn open_on(
+        &self,
+        key: &TunnelKey,
+        parts: http::request::Parts,
+        eos: bool,
+    ) -> Result<
+        (
+            Arc<TunnelConn>,
+            StreamGuard,
+            h2::client::ResponseFuture,
+            h2::SendStream<Bytes>,
+        ),
+        TunnelError,
+    > {
+        let mut req = Request::from_parts(parts, ());
+        let mut again = true;
+        loop {
+            let (conn, guard) = self.checkout(key).await?;
+            match self.open_stream(&conn, key, req, eos).await {
+                Ok((resp, send)) => return Ok((conn, guard, resp, send)),
+                Err((e, Some(unsent))) if again && conn.is_closed() => {
+                    tracing::debug!(node = %key.node, "opening the stream again on another tunnel connection: {e}");
+                    req = unsent;
+                    again = false;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits for room for one more stream on `conn` and opens it. A
+    /// connection-level failure takes the connection out of the pool; the
+    /// request comes back when the connection failed before taking it.
+    #[allow(clippy::type_complexity)]
     async fn open_stream(
         &self,
         conn: &TunnelConn,
         key: &TunnelKey,
         req: Request<()>,
         eos: bool,
-    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), TunnelError> {
-        let unsent = |source| TunnelError::Unsent {
-            node: key.node,
-            source,
+    ) -> Result<
+        (h2::client::ResponseFuture, h2::SendStream<Bytes>),
+        (TunnelError, Option<Request<()>>),
+    > {
+        let unsent = |source: h2::Error| {
+            // GOAWAY, or the connection broke: no stream opens on it again
+            // (one that is still busy serves its streams to their end).
+            if source.is_go_away() || source.is_io() || source.is_remote() {
+                conn.open.store(false, Ordering::Relaxed);
+            }
+            TunnelError::Unsent {
+                node: key.node,
+                source,
+            }
         };
         // The peer's stream limit can be reached even where the pool's count
         // has room (a request body still going after its response ended):
         // wait for a slot as long as for a connection, not for ever.
         let wait = self.inner.settings.connect_timeout();
-        let mut sender = tokio::time::timeout(wait, conn.sender.clone().ready())
-            .await
-            .map_err(|_| TunnelError::Busy {
-                node: key.node,
-                waited: wait,
-            })?
-            .map_err(unsent)?;
-        sender.send_request(req, eos).map_err(unsent)
+        let mut sender = match tokio::time::timeout(wait, conn.sender.clone().ready()).await {
+            Err(_) => {
+                let busy = TunnelError::Busy {
+                    node: key.node,
+                    waited: wait,
+                };
+                return Err((busy, Some(req)));
+            }
+            Ok(Err(e)) => return Err((unsent(e), Some(req))),
+            Ok(Ok(sender)) => sender,
+        };
+        sender.send_request(req, eos).map_err(|e| (unsent(e), None))
     }
 
     /// Open tunnel connections (for tests and the admin API).
@@ -581,6 +634,8 @@ impl TunnelPool {
         let conn = Arc::new(TunnelConn {
             sender,
             streams,
+            opened: Default::default(),
+            born: Instant::now(),
             last_used: Mutex::new(Instant::now()),
             tls: info,
             open,
@@ -591,7 +646,10 @@ impl TunnelPool {
     }
 
     /// Drops the connection from the pool once it has had no stream for the
-    /// idle timeout; with its last sender gone, `h2` closes it.
+    /// idle timeout; with its last sender gone, `h2` closes it. A connection
+    /// older than [`TUNNEL_MAX_AGE`] (new ones present the current
+    /// certificate and meet the current trust bundle) or near the end of its
+    /// stream IDs leaves the pool too, and closes once its streams end.
     fn spawn_reaper(&self, key: TunnelKey, conn: std::sync::Weak<TunnelConn>) {
         let pool = Arc::downgrade(&self.inner);
         let idle = self.inner.settings.tunnel_idle_timeout();
@@ -607,7 +665,9 @@ impl TunnelPool {
                         .unwrap_or_else(|e| e.into_inner())
                         .elapsed()
                         >= idle;
-                if quiet || c.is_closed() {
+                let retired = c.born.elapsed() >= TUNNEL_MAX_AGE
+                    || c.opened.load(Ordering::Relaxed) >= RETIRE_AFTER_STREAMS;
+                if quiet || retired || c.is_closed() {
                     let mut conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(list) = conns.get_mut(&key) {
                         list.retain(|x| !Arc::ptr_eq(x, &c));
@@ -622,8 +682,15 @@ impl TunnelPool {
     }
 }
 
+/// How long a tunnel connection takes new streams.
+pub const TUNNEL_MAX_AGE: Duration = Duration::from_secs(3600);
+/// Streams after which a tunnel connection takes no new ones: a client's
+/// stream IDs (odd, 31 bits) allow about 2^30.
+const RETIRE_AFTER_STREAMS: u64 = 1 << 29;
+
 fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
     c.streams.fetch_add(1, Ordering::Relaxed);
+    c.opened.fetch_add(1, Ordering::Relaxed);
     *c.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     StreamGuard {
         streams: c.streams.clone(),

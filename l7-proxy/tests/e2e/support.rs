@@ -247,6 +247,38 @@ impl Mesh {
         }
     }
 
+    /// Replaces node B's proxy with a new one on the same addresses, as an
+    /// upgrade of the node's agent does: the old one drains (its tunnel
+    /// connections get GOAWAY and keep their open streams) while the new
+    /// one takes new connections. Returns the old one's drain.
+    pub async fn restart_b(&mut self) -> tokio::task::JoinHandle<()> {
+        let old = self.b.proxy.take().expect("proxy running");
+        let mut settings = settings(node_b_ip());
+        settings.inbound_addr = old.inbound_addr();
+        settings.outbound_addr = old.outbound_addr();
+        let draining = tokio::spawn(async move { old.shutdown().await });
+        // The old listeners close at once; the new ones bind the same ports.
+        let mut registry = Registry::default();
+        let started = loop {
+            let attempt = Proxy::builder(
+                settings.clone(),
+                self.b.snapshots.subscribe(),
+                Arc::new(self.b.identities.clone()),
+                self.odst.clone(),
+            )
+            .start(&mut registry)
+            .await;
+            match attempt {
+                Ok(p) => break p,
+                Err(e) if draining.is_finished() => panic!("restarting node B: {e}"),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        };
+        self.b.proxy = Some(started);
+        self.b.registry = registry;
+        draining
+    }
+
     /// The standard mesh: web and bot on A, three carts and a mirror on B.
     pub async fn standard() -> Mesh {
         Mesh::new(

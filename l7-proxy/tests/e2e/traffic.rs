@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use l7_proxy::{
     Snapshot,
-    config::{ObjectRef, Workload},
+    config::{BackendRef, HttpRoute, HttpRouteRule, ObjectRef, ParentRef, Retry, Workload},
     conntable::ConnKind,
 };
 use tokio::io::AsyncWriteExt;
@@ -465,6 +465,66 @@ async fn tunnels_are_bounded_and_closed_when_idle() {
             .any(|r| r.kind == ConnKind::TunnelOut)
     })
     .await;
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_on_while_the_peer_proxy_restarts_with_a_stream_open() {
+    let mut mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let mut tcp = mesh.service("echo", 2, echo.port(), &[cart(0)]);
+    tcp.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)]), tcp],
+        // A retry on 503: a request the old proxy refuses while its GOAWAY
+        // is on the way goes again.
+        http_routes: vec![HttpRoute {
+            id: ObjectRef::new("shop", "cart"),
+            created_unix: 0,
+            parents: vec![ParentRef {
+                service: ObjectRef::new("shop", "cart"),
+                port: None,
+            }],
+            rules: vec![HttpRouteRule {
+                backends: vec![BackendRef {
+                    service: ObjectRef::new("shop", "cart"),
+                    port: 80,
+                    weight: 1,
+                    filters: vec![],
+                    invalid: None,
+                }],
+                retry: Some(Retry {
+                    codes: vec![503],
+                    attempts: 5,
+                    backoff_ms: 10,
+                }),
+                ..Default::default()
+            }],
+        }],
+        ..Default::default()
+    })
+    .await;
+    // A long-lived TCP stream and a request share one tunnel connection.
+    let mut stream = mesh.connect(web().ip, SocketAddr::new(vip(2), 80)).await;
+    stream.write_all(b"a").await.unwrap();
+    assert_eq!(read_n(&mut stream, 1).await, b"a");
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    assert_eq!(c.get("/").await.status, 200);
+    assert_eq!(mesh.a.proxy().tunnel_connections(), 1);
+    // The peer restarts (an agent upgrade): the old proxy drains, keeping the
+    // stream, and sends GOAWAY on that connection.
+    let draining = mesh.restart_b().await;
+    for _ in 0..5 {
+        let r = c.get("/").await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // The stream still flows through the old proxy.
+    stream.write_all(b"b").await.unwrap();
+    assert_eq!(read_n(&mut stream, 1).await, b"b");
+    drop(stream);
+    draining.await.unwrap();
+    assert_eq!(srv[0].hits(), 6);
     mesh.shutdown().await;
 }
 
