@@ -74,6 +74,14 @@ pub enum TunnelError {
     /// was sent.
     #[error("peer proxy {node} had no free stream within {waited:?}")]
     Busy { node: SocketAddr, waited: Duration },
+    /// Another request's dial to the same peer, which this one waited for,
+    /// failed just now: not dialled again at once.
+    #[error("{reason} (a dial to peer proxy {node} just failed)")]
+    DialFailed {
+        node: SocketAddr,
+        reason: String,
+        unreachable: bool,
+    },
     /// The peer proxy did not answer a CONNECT in time (it may have reached
     /// the workload meanwhile).
     #[error("peer proxy {node} did not answer the stream to {target} within {timeout:?}")]
@@ -105,6 +113,10 @@ impl TunnelError {
             TunnelError::Connect { .. }
                 | TunnelError::ConnectTimeout { .. }
                 | TunnelError::Handshake { .. }
+                | TunnelError::DialFailed {
+                    unreachable: true,
+                    ..
+                }
         )
     }
 }
@@ -138,6 +150,13 @@ impl std::hash::Hash for TunnelKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.node.hash(state);
     }
+}
+
+/// A failed dial, for the requests that queued behind it.
+struct LastFailure {
+    at: Instant,
+    reason: String,
+    unreachable: bool,
 }
 
 struct TunnelConn {
@@ -181,7 +200,8 @@ struct PoolInner {
     metrics: Metrics,
     table: ConnTable,
     conns: Mutex<HashMap<TunnelKey, Vec<Arc<TunnelConn>>>>,
-    dialing: Mutex<HashMap<TunnelKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// One dial at a time per key; the last failure, when it came.
+    dialing: Mutex<HashMap<TunnelKey, Arc<tokio::sync::Mutex<Option<LastFailure>>>>>,
 }
 
 impl TunnelPool {
@@ -431,10 +451,21 @@ impl TunnelPool {
             d.retain(|k, m| k == key || Arc::strong_count(m) > 1);
             d.entry(key.clone()).or_default().clone()
         };
-        let _dialing = lock.lock().await;
+        let waited_from = Instant::now();
+        let mut last_failure = lock.lock().await;
         // Someone else may have dialled while we waited.
         if let Some(c) = self.pick(key, false) {
             return Ok(c);
+        }
+        // Or failed: the requests queued behind a dial to a peer that is
+        // gone get its failure at once rather than dialling again one after
+        // another (each waiting out the connect timeout).
+        if let Some(f) = last_failure.as_ref().filter(|f| f.at >= waited_from) {
+            return Err(TunnelError::DialFailed {
+                node: key.node,
+                reason: f.reason.clone(),
+                unreachable: f.unreachable,
+            });
         }
         let full = {
             let conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
@@ -445,7 +476,18 @@ impl TunnelPool {
         }
         // Boxed: dialling is rare, and its handshake state would otherwise
         // sit in every request's future.
-        let conn = Box::pin(self.dial(key)).await?;
+        let conn = match Box::pin(self.dial(key)).await {
+            Ok(c) => c,
+            Err(e) => {
+                *last_failure = Some(LastFailure {
+                    at: Instant::now(),
+                    reason: e.to_string(),
+                    unreachable: e.is_unreachable(),
+                });
+                return Err(e);
+            }
+        };
+        *last_failure = None;
         let guard = take_stream(&conn);
         self.inner
             .conns

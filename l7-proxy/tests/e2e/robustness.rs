@@ -352,3 +352,47 @@ async fn a_stream_counts_until_its_request_body_is_sent_not_only_its_response() 
     drop(upload);
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_for_a_dial_to_a_silent_peer_share_its_failure() {
+    let mesh = Mesh::standard().await;
+    // A "node proxy" that accepts connections and never says a word: each
+    // dial waits out the TLS handshake timeout.
+    let silent = tokio::net::TcpListener::bind((mesh.node_b_proxy().ip(), 0))
+        .await
+        .unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let mut svc = mesh.service("db", 1, 5432, &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    svc.endpoints[0].node_proxy = Some(silent_addr);
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    // Four connections at once: one dial, whose failure the other three,
+    // queued behind it, get too (not four dials in a row).
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await);
+    }
+    for mut c in clients {
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(30), c.read(&mut buf))
+            .await
+            .expect("the proxy gives up on the silent peer");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    holder.abort();
+    mesh.shutdown().await;
+}
