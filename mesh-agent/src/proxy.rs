@@ -49,11 +49,18 @@ struct PodInfo {
 /// routes leave out is in their status ([`routes`]).
 pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
     let mut errors = Vec::new();
+    // The node's address of the pod's family, else its other one: a pod's
+    // IPv6 address on a node known by IPv4 alone is still reached through
+    // the tunnel (the CONNECT inside names the pod's address), never in
+    // plaintext past its STRICT mode.
     let node_addr = |node: &str, v4: bool| {
-        view.nodes
-            .iter()
-            .find(|n| n.name == node)
-            .and_then(|n| n.addresses.iter().find(|a| a.is_ipv4() == v4).copied())
+        view.nodes.iter().find(|n| n.name == node).and_then(|n| {
+            n.addresses
+                .iter()
+                .find(|a| a.is_ipv4() == v4)
+                .or(n.addresses.first())
+                .copied()
+        })
     };
     // Pods by IP: identity, and the tunnel address when they are meshed and
     // not DISABLED.

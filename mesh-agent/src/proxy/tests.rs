@@ -110,6 +110,27 @@ fn services_endpoints_and_workloads_follow_enrolment() {
 }
 
 #[test]
+fn a_pod_address_of_the_family_its_node_lacks_still_goes_through_the_tunnel() {
+    let mut objs = base();
+    // db-0 is dual-stack; its node n2 is known by an IPv4 address only.
+    for o in &mut objs {
+        if let Object::Pod(w) = o
+            && w.name == "db-0"
+        {
+            w.ips.push("fd00::21".parse().unwrap());
+        }
+    }
+    let (snap, _) = snapshot(&view(&store(objs)), 15008);
+    let v6 = snap
+        .workloads
+        .iter()
+        .find(|w| w.ip == "fd00::21".parse::<IpAddr>().unwrap())
+        .expect("the pod's IPv6 address is a meshed workload");
+    assert_eq!(v6.node_proxy, Some("192.0.2.2:15008".parse().unwrap()));
+    assert!(v6.identity.is_some());
+}
+
+#[test]
 fn a_disabled_destination_is_reached_in_plaintext() {
     let mut objs = base();
     let mut p = crate::crds::MeshPolicy::new(
