@@ -115,8 +115,42 @@ where
     let (br, bw) = tokio::io::split(b);
     let ab = one_way(ar, bw, idle, start, last.clone(), on_a_to_b);
     let ba = one_way(br, aw, idle, start, last, on_b_to_a);
-    let (a_to_b, b_to_a) = tokio::try_join!(ab, ba)?;
-    Ok(Moved { a_to_b, b_to_a })
+    tokio::pin!(ab, ba);
+    // A direction that could not write (its destination stopped taking
+    // bytes, as a server that answers and closes while the upload goes on)
+    // ends alone: the other one still delivers what it has. Any other
+    // failure (a side reset, the idle timeout) ends the relay.
+    let (mut a_to_b, mut b_to_a) = (None, None);
+    while a_to_b.is_none() || b_to_a.is_none() {
+        tokio::select! {
+            r = &mut ab, if a_to_b.is_none() => a_to_b = Some(Broke::finished(r)?),
+            r = &mut ba, if b_to_a.is_none() => b_to_a = Some(Broke::finished(r)?),
+        }
+    }
+    match (a_to_b.expect("done"), b_to_a.expect("done")) {
+        (Ok(a_to_b), Ok(b_to_a)) => Ok(Moved { a_to_b, b_to_a }),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
+}
+
+/// How a direction of [`relay`] failed.
+#[derive(Debug)]
+enum Broke {
+    /// Writing to its destination: the other direction goes on.
+    Writing(io::Error),
+    /// Anything else: the relay ends.
+    Fatal(io::Error),
+}
+
+impl Broke {
+    /// The result of a finished direction, or the error that ends the relay.
+    fn finished(r: Result<u64, Broke>) -> io::Result<io::Result<u64>> {
+        match r {
+            Ok(n) => Ok(Ok(n)),
+            Err(Broke::Writing(e)) => Ok(Err(e)),
+            Err(Broke::Fatal(e)) => Err(e),
+        }
+    }
 }
 
 async fn one_way<R, W>(
@@ -126,7 +160,7 @@ async fn one_way<R, W>(
     start: Instant,
     last: Arc<AtomicU64>,
     on_chunk: impl Fn(u64),
-) -> io::Result<u64>
+) -> Result<u64, Broke>
 where
     R: AsyncRead,
     W: AsyncWrite,
@@ -149,9 +183,9 @@ where
     let moved = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     loop {
         let n = match tokio::time::timeout(idle, r.read(&mut buf)).await {
-            Ok(res) => res?,
+            Ok(res) => res.map_err(Broke::Fatal)?,
             Err(_) => match idle_out() {
-                Some(e) => return Err(e),
+                Some(e) => return Err(Broke::Fatal(e)),
                 None => continue,
             },
         };
@@ -167,25 +201,25 @@ where
         let mut rest = &buf[..n];
         while !rest.is_empty() {
             match tokio::time::timeout(idle, w.write(rest)).await {
-                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(0)) => return Err(Broke::Writing(io::ErrorKind::WriteZero.into())),
                 Ok(Ok(k)) => {
                     rest = &rest[k..];
                     moved();
                 }
-                Ok(Err(e)) => return Err(e),
+                Ok(Err(e)) => return Err(Broke::Writing(e)),
                 Err(_) => {
                     if let Some(e) = idle_out() {
-                        return Err(e);
+                        return Err(Broke::Fatal(e));
                     }
                 }
             }
         }
         loop {
             match tokio::time::timeout(idle, w.flush()).await {
-                Ok(res) => break res?,
+                Ok(res) => break res.map_err(Broke::Writing)?,
                 Err(_) => {
                     if let Some(e) = idle_out() {
-                        return Err(e);
+                        return Err(Broke::Fatal(e));
                     }
                 }
             }
@@ -208,6 +242,38 @@ mod tests {
         let mut s = String::new();
         r.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "hello world");
+    }
+
+    #[tokio::test]
+    async fn a_side_that_stops_taking_bytes_does_not_cut_the_other_way() {
+        // The client's side holds 16 bytes: the answer waits in the relay
+        // until the client reads.
+        let (client, proxy_a) = tokio::io::duplex(16);
+        let (proxy_b, server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(relay(
+            proxy_a,
+            proxy_b,
+            Duration::from_secs(30),
+            |_| {},
+            |_| {},
+        ));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        cw.write_all(b"upload part 1").await.unwrap();
+        let mut got = [0u8; 13];
+        sr.read_exact(&mut got).await.unwrap();
+        // The server answers and goes away while the upload goes on, which
+        // the relay then cannot deliver.
+        sw.write_all(&[b'r'; 1000]).await.unwrap();
+        drop((sr, sw));
+        cw.write_all(b"upload part 2").await.unwrap();
+        // Whenever the failed write happened, the answer arrives whole.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut answer = Vec::new();
+        cr.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer.len(), 1000);
+        let err = relay.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
     }
 
     #[tokio::test]
