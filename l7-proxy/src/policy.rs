@@ -10,9 +10,7 @@
 use http::Method;
 
 use crate::{
-    config::{
-        AccessPolicy, AccessRule, AccessSource, HttpConditions, LocalWorkload, ObjectRef, SpiffeId,
-    },
+    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, LocalWorkload, SpiffeId},
     state::State,
 };
 
@@ -39,11 +37,7 @@ pub fn authorize(
     // Only Services of the workload's own namespace govern it: a Service
     // elsewhere can list any address in a hand-made EndpointSlice, and its
     // policies must neither open nor close another tenant's workload.
-    let services: Vec<&ObjectRef> = state
-        .services_for(target.ip, port)
-        .into_iter()
-        .filter(|s| s.namespace == target.id.namespace)
-        .collect();
+    let services = state.services_for(target.ip, port, &target.id.namespace);
     let policies: Vec<&AccessPolicy> = state
         .snapshot
         .access_policies
@@ -96,9 +90,14 @@ fn conditions_match(c: &HttpConditions, h: HttpFacts<'_>) -> bool {
             .any(|m| m.eq_ignore_ascii_case(h.method.as_str()));
     let path_ok = c.paths.is_empty()
         || (!ambiguous_path(h.path)
-            && c.paths.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => {
-                    h.path.starts_with(prefix) || h.path == prefix.trim_end_matches('/')
+            && c.paths.iter().any(|p| match p.strip_suffix("/*") {
+                // A subtree, by whole segments: `/a/*` is `/a` and `/a/…`,
+                // never `/ab`; any other `*` is a character like the rest.
+                Some(base) => {
+                    h.path == base
+                        || h.path
+                            .strip_prefix(base)
+                            .is_some_and(|rest| rest.starts_with('/'))
                 }
                 None => p == h.path,
             }));
@@ -274,6 +273,19 @@ mod tests {
             authorize(&st, &other, &w, 6060, None),
             Verdict::Deny(_)
         ));
+        // A Service of another namespace listing the pod on that port does
+        // not take it out of shop's policies.
+        let mut snap = (*st.snapshot).clone();
+        let mut evil = snap.services[0].clone();
+        evil.id = ObjectRef::new("evil", "s");
+        evil.ports[0].port = 6060;
+        evil.ports[0].target_port = 6060;
+        snap.services.push(evil);
+        let st = State::build(Arc::new(snap)).0;
+        assert!(matches!(
+            authorize(&st, &other, &w, 6060, None),
+            Verdict::Deny(_)
+        ));
     }
 
     #[test]
@@ -322,7 +334,7 @@ mod tests {
                 from: vec![],
                 to: Some(HttpConditions {
                     methods: vec!["GET".into()],
-                    paths: vec!["/public/*".into(), "/health".into()],
+                    paths: vec!["/public/*".into(), "/health".into(), "/api*".into()],
                 }),
             }],
         )]);
@@ -330,6 +342,24 @@ mod tests {
         let facts = |m: &'static Method, p: &'static str| Some(HttpFacts { method: m, path: p });
         assert_eq!(
             authorize(&s, &caller, &w, 8080, facts(&Method::GET, "/public/x")),
+            Verdict::Allow
+        );
+        assert_eq!(
+            authorize(&s, &caller, &w, 8080, facts(&Method::GET, "/public")),
+            Verdict::Allow
+        );
+        // A subtree is whole segments; a `*` not after a `/` is literal.
+        for outside in ["/publicity", "/apiadmin", "/api"] {
+            assert!(
+                matches!(
+                    authorize(&s, &caller, &w, 8080, facts(&Method::GET, outside)),
+                    Verdict::Deny(_)
+                ),
+                "{outside}"
+            );
+        }
+        assert_eq!(
+            authorize(&s, &caller, &w, 8080, facts(&Method::GET, "/api*")),
             Verdict::Allow
         );
         assert_eq!(

@@ -172,18 +172,21 @@ impl State {
         self.services.get(id)
     }
 
-    /// The Services that govern traffic to `port` on the endpoint `ip`:
-    /// those whose ports lead there. A port no Service leads to is
-    /// governed by every Service the endpoint belongs to.
-    pub fn services_for(&self, ip: IpAddr, port: u16) -> Vec<&ObjectRef> {
+    /// The Services of `namespace` that govern traffic to `port` on the
+    /// endpoint `ip`: those whose ports lead there. A port none of them
+    /// leads to is governed by all of them. Services of other namespaces
+    /// never count (not even to decide which ports are covered: a Service
+    /// elsewhere listing the pod on a port must not take that port out of
+    /// its own Services' policies).
+    pub fn services_for(&self, ip: IpAddr, port: u16, namespace: &str) -> Vec<&ObjectRef> {
         let all = self.member_of.get(&ip).map_or(&[][..], |v| v.as_slice());
-        let on_port: Vec<&ObjectRef> = all
-            .iter()
+        let own = || all.iter().filter(|(id, _)| id.namespace == namespace);
+        let on_port: Vec<&ObjectRef> = own()
             .filter(|(_, ports)| ports.contains(&port))
             .map(|(id, _)| id)
             .collect();
         if on_port.is_empty() {
-            all.iter().map(|(id, _)| id).collect()
+            own().map(|(id, _)| id).collect()
         } else {
             on_port
         }

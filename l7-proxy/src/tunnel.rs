@@ -300,8 +300,10 @@ impl TunnelPool {
         // The far side answers once its own connect (bounded by the same
         // setting) is done; waiting for a stream slot counts too.
         let timeout = self.inner.settings.connect_timeout() * 2;
+        // Finding or dialling a connection has timeouts of its own (a failed
+        // dial is a connect failure, retryable); the answer has this one.
+        let (conn, guard, resp, send) = self.open_on(key, parts, false).await?;
         let answer = async {
-            let (conn, guard, resp, send) = self.open_on(key, parts, false).await?;
             let resp = resp.await.map_err(|source| {
                 if is_refused_stream(&source) {
                     TunnelError::Refused {
@@ -316,16 +318,15 @@ impl TunnelPool {
                     }
                 }
             })?;
-            Ok::<_, TunnelError>((conn, guard, resp, send))
+            Ok::<_, TunnelError>(resp)
         };
-        let (conn, guard, resp, send) =
-            tokio::time::timeout(timeout, answer).await.map_err(|_| {
-                TunnelError::StreamTimeout {
-                    node: key.node,
-                    target,
-                    timeout,
-                }
-            })??;
+        let resp = tokio::time::timeout(timeout, answer).await.map_err(|_| {
+            TunnelError::StreamTimeout {
+                node: key.node,
+                target,
+                timeout,
+            }
+        })??;
         if resp.status() != StatusCode::OK {
             let reason = resp
                 .headers()
@@ -457,22 +458,26 @@ impl TunnelPool {
         if let Some(c) = self.pick(key, false) {
             return Ok(c);
         }
-        // Or failed: the requests queued behind a dial to a peer that is
-        // gone get its failure at once rather than dialling again one after
-        // another (each waiting out the connect timeout).
-        if let Some(f) = last_failure.as_ref().filter(|f| f.at >= waited_from) {
-            return Err(TunnelError::DialFailed {
-                node: key.node,
-                reason: f.reason.clone(),
-                unreachable: f.unreachable,
-            });
-        }
         let full = {
             let conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
             conns.get(key).map_or(0, Vec::len) >= self.inner.settings.tunnel_max_connections
         };
         if full && let Some(c) = self.pick(key, true) {
             return Ok(c);
+        }
+        // Or failed: the requests queued behind a dial to a peer that is
+        // gone get its failure at once rather than dialling again one after
+        // another (each waiting out the connect timeout); a busy connection
+        // to it, when there is one, is better than that failure.
+        if let Some(f) = last_failure.as_ref().filter(|f| f.at >= waited_from) {
+            if let Some(c) = self.pick(key, true) {
+                return Ok(c);
+            }
+            return Err(TunnelError::DialFailed {
+                node: key.node,
+                reason: f.reason.clone(),
+                unreachable: f.unreachable,
+            });
         }
         // Boxed: dialling is rare, and its handshake state would otherwise
         // sit in every request's future.

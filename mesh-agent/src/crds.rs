@@ -390,17 +390,6 @@ impl AccessPolicySpec {
                             format!("{f}.paths[{p}].value"),
                             format!("{:?} must start with '/'", path.value),
                         ));
-                    } else if path.value.contains('*') {
-                        // The proxy reads a trailing `*` as a raw prefix:
-                        // `/api*` would allow `/apiadmin`.
-                        out.push(err(
-                            format!("{f}.paths[{p}].value"),
-                            format!(
-                                "{:?}: '*' is not a wildcard here; use type PathPrefix for a \
-                                 subtree (it matches whole segments)",
-                                path.value
-                            ),
-                        ));
                     }
                 }
             }
@@ -474,16 +463,11 @@ mod tests {
                     {"namespace": "a", "serviceAccount": {"name": "b"}},
                     {"serviceAccount": {"name": "good", "namespace": "Bad_NS"}}
                 ],
-                "to": [{"methods": ["get"], "paths": [
-                    {"value": "api"},
-                    {"type": "PathPrefix", "value": "/api*"},
-                    {"type": "Exact", "value": "/files/*"}
-                ]}]
+                "to": [{"methods": ["get"], "paths": [{"value": "api"}]}]
             }]
         }))
         .unwrap();
-        let errors = spec.validate();
-        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        let fields: Vec<String> = spec.validate().into_iter().map(|e| e.field).collect();
         assert_eq!(
             fields,
             [
@@ -493,14 +477,7 @@ mod tests {
                 "spec.rules[0].from[2].serviceAccount.namespace",
                 "spec.rules[0].to[0].methods[0]",
                 "spec.rules[0].to[0].paths[0].value",
-                "spec.rules[0].to[0].paths[1].value",
-                "spec.rules[0].to[0].paths[2].value",
             ]
-        );
-        assert!(
-            errors[6].message.contains("'*' is not a wildcard here"),
-            "{}",
-            errors[6].message
         );
     }
 

@@ -49,18 +49,16 @@ struct PodInfo {
 /// routes leave out is in their status ([`routes`]).
 pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
     let mut errors = Vec::new();
-    // The node's address of the pod's family, else its other one: a pod's
-    // IPv6 address on a node known by IPv4 alone is still reached through
-    // the tunnel (the CONNECT inside names the pod's address), never in
-    // plaintext past its STRICT mode.
-    let node_addr = |node: &str, v4: bool| {
-        view.nodes.iter().find(|n| n.name == node).and_then(|n| {
-            n.addresses
-                .iter()
-                .find(|a| a.is_ipv4() == v4)
-                .or(n.addresses.first())
-                .copied()
-        })
+    // The node's first address, where its agent's proxy takes tunnels by
+    // default (`--proxy-inbound-addr` otherwise binds the wildcard), whatever
+    // the pod's address family: the CONNECT inside names the pod's address,
+    // so a pod's IPv6 address on a node known by IPv4 first is still reached
+    // through the tunnel, never in plaintext past its STRICT mode.
+    let node_addr = |node: &str| {
+        view.nodes
+            .iter()
+            .find(|n| n.name == node)
+            .and_then(|n| n.addresses.first().copied())
     };
     // Pods by IP: identity, and the tunnel address when they are meshed and
     // not DISABLED.
@@ -70,7 +68,7 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
         let meshed = view.meshed_pods.contains(&key) && w.mtls_mode != crds::MtlsMode::Disabled;
         for ip in w.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
             let node_proxy = meshed
-                .then(|| node_addr(&w.node, ip.is_ipv4()))
+                .then(|| node_addr(&w.node))
                 .flatten()
                 .map(|a| SocketAddr::new(a, inbound_port));
             pods.insert(

@@ -120,7 +120,7 @@ fn a_pod_address_of_the_family_its_node_lacks_still_goes_through_the_tunnel() {
             w.ips.push("fd00::21".parse().unwrap());
         }
     }
-    let (snap, _) = snapshot(&view(&store(objs)), 15008);
+    let (snap, _) = snapshot(&view(&store(objs.clone())), 15008);
     let v6 = snap
         .workloads
         .iter()
@@ -128,6 +128,22 @@ fn a_pod_address_of_the_family_its_node_lacks_still_goes_through_the_tunnel() {
         .expect("the pod's IPv6 address is a meshed workload");
     assert_eq!(v6.node_proxy, Some("192.0.2.2:15008".parse().unwrap()));
     assert!(v6.identity.is_some());
+    // A dual-stack node listed IPv4 first: its proxy listens there (its
+    // first address), so IPv6 pods are reached there too.
+    for o in &mut objs {
+        if let Object::Node(n) = o
+            && n.name == "n2"
+        {
+            n.addresses.push("2001:db8::2".parse().unwrap());
+        }
+    }
+    let (snap, _) = snapshot(&view(&store(objs)), 15008);
+    let v6 = snap
+        .workloads
+        .iter()
+        .find(|w| w.ip == "fd00::21".parse::<IpAddr>().unwrap())
+        .unwrap();
+    assert_eq!(v6.node_proxy, Some("192.0.2.2:15008".parse().unwrap()));
 }
 
 #[test]
