@@ -1253,9 +1253,8 @@ mod tests {
             b"POST /p?q=1 HTTP/1.1\r\nhost: cart\r\ncontent-length: 5\r\n\r\nhello"
         );
         // An unknown length, with trailers: chunked.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
-        let body = StreamBody::new(tokio_stream(rx));
-        let sending = tokio::spawn(exchange(addr, request(Method::PUT, boxed(body))));
+        let (tx, body) = channel_body(4);
+        let sending = tokio::spawn(exchange(addr, request(Method::PUT, body)));
         tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
             .await
             .unwrap();
@@ -1282,46 +1281,36 @@ mod tests {
         assert_eq!(got.recv().await.unwrap(), want);
         // A GET whose stream ends after its head, with nothing in it: no
         // body (not an empty chunked one).
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let (tx, body) = channel_body(1);
         drop(tx);
-        let body = StreamBody::new(tokio_stream(rx));
-        exchange(addr, request(Method::GET, boxed(body)))
-            .await
-            .unwrap();
+        exchange(addr, request(Method::GET, body)).await.unwrap();
         assert_eq!(
             got.recv().await.unwrap(),
             b"GET /p?q=1 HTTP/1.1\r\nhost: cart\r\n\r\n"
         );
         // An empty DATA frame already in after the head: no body either.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let (tx, body) = channel_body(1);
         tx.send(Ok(Frame::data(Bytes::new()))).await.unwrap();
         drop(tx);
-        let body = StreamBody::new(tokio_stream(rx));
-        exchange(addr, request(Method::GET, boxed(body)))
-            .await
-            .unwrap();
+        exchange(addr, request(Method::GET, body)).await.unwrap();
         assert_eq!(
             got.recv().await.unwrap(),
             b"GET /p?q=1 HTTP/1.1\r\nhost: cart\r\n\r\n"
         );
         // A DELETE (or GET) with a body of unknown length: chunked, whether
         // its data is in already or comes later; none of it is lost.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
+        let (tx, body) = channel_body(2);
         tx.send(Ok(Frame::data(Bytes::from_static(b"{\"ids\":[1]}"))))
             .await
             .unwrap();
         drop(tx);
-        let body = StreamBody::new(tokio_stream(rx));
-        exchange(addr, request(Method::DELETE, boxed(body)))
-            .await
-            .unwrap();
+        exchange(addr, request(Method::DELETE, body)).await.unwrap();
         assert_eq!(
             got.recv().await.unwrap(),
             b"DELETE /p?q=1 HTTP/1.1\r\nhost: cart\r\ntransfer-encoding: chunked\r\n\r\nb\r\n{\"ids\":[1]}\r\n0\r\n\r\n"
         );
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
-        let body = StreamBody::new(tokio_stream(rx));
-        let sending = tokio::spawn(exchange(addr, request(Method::GET, boxed(body))));
+        let (tx, body) = channel_body(2);
+        let sending = tokio::spawn(exchange(addr, request(Method::GET, body)));
         tokio::task::yield_now().await;
         tx.send(Ok(Frame::data(Bytes::from_static(b"late"))))
             .await
@@ -1345,6 +1334,17 @@ mod tests {
             got.recv().await.unwrap(),
             b"POST /p?q=1 HTTP/1.1\r\nhost: cart\r\ncontent-length: 0\r\n\r\n"
         );
+    }
+
+    /// A request body the test feeds frame by frame.
+    fn channel_body(
+        capacity: usize,
+    ) -> (
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+        Body,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        (tx, boxed(StreamBody::new(tokio_stream(rx))))
     }
 
     fn tokio_stream<T: Send + 'static>(
@@ -1611,8 +1611,8 @@ mod tests {
     #[tokio::test]
     async fn a_request_body_that_breaks_off_fails_the_exchange_at_once() {
         let addr = waits_for_the_whole_request().await;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
-        let mut req = request(Method::POST, boxed(StreamBody::new(tokio_stream(rx))));
+        let (tx, body) = channel_body(4);
+        let mut req = request(Method::POST, body);
         req.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("1000"));
         tx.send(Ok(Frame::data(Bytes::from_static(b"0123456789"))))
@@ -1627,8 +1627,8 @@ mod tests {
         assert!(err.to_string().contains("the caller went away"), "{err}");
         assert!(!err.closed_before_response());
         // A body that ends short of its length fails the same way.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
-        let mut req = request(Method::POST, boxed(StreamBody::new(tokio_stream(rx))));
+        let (tx, body) = channel_body(4);
+        let mut req = request(Method::POST, body);
         req.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("1000"));
         tx.send(Ok(Frame::data(Bytes::from_static(b"short"))))
@@ -1659,8 +1659,8 @@ mod tests {
             // Waits for the rest of the upload, which never comes.
             while tcp.read(&mut buf).await.unwrap_or(0) > 0 {}
         });
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
-        let mut req = request(Method::POST, boxed(StreamBody::new(tokio_stream(rx))));
+        let (tx, body) = channel_body(4);
+        let mut req = request(Method::POST, body);
         req.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("1000"));
         tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))

@@ -244,11 +244,15 @@ mod tests {
         assert_eq!(s, "hello world");
     }
 
-    #[tokio::test]
-    async fn a_side_that_stops_taking_bytes_does_not_cut_the_other_way() {
-        // The client's side holds 16 bytes: the answer waits in the relay
-        // until the client reads.
-        let (client, proxy_a) = tokio::io::duplex(16);
+    type Halves = (
+        tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    );
+
+    /// A client and a server with a relay between them; the client's side
+    /// holds `client_room` bytes.
+    fn relayed(client_room: usize) -> (Halves, Halves, tokio::task::JoinHandle<io::Result<Moved>>) {
+        let (client, proxy_a) = tokio::io::duplex(client_room);
         let (proxy_b, server) = tokio::io::duplex(1024);
         let relay = tokio::spawn(relay(
             proxy_a,
@@ -257,8 +261,14 @@ mod tests {
             |_| {},
             |_| {},
         ));
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let (mut sr, mut sw) = tokio::io::split(server);
+        (tokio::io::split(client), tokio::io::split(server), relay)
+    }
+
+    #[tokio::test]
+    async fn a_side_that_stops_taking_bytes_does_not_cut_the_other_way() {
+        // The client's side holds 16 bytes: the answer waits in the relay
+        // until the client reads.
+        let ((mut cr, mut cw), (mut sr, mut sw), relay) = relayed(16);
         cw.write_all(b"upload part 1").await.unwrap();
         let mut got = [0u8; 13];
         sr.read_exact(&mut got).await.unwrap();
@@ -278,17 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn relay_moves_both_ways_and_half_closes() {
-        let (client, proxy_a) = tokio::io::duplex(1024);
-        let (proxy_b, server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(relay(
-            proxy_a,
-            proxy_b,
-            Duration::from_secs(30),
-            |_| {},
-            |_| {},
-        ));
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let (mut sr, mut sw) = tokio::io::split(server);
+        let ((mut cr, mut cw), (mut sr, mut sw), relay) = relayed(1024);
         cw.write_all(b"ping").await.unwrap();
         cw.shutdown().await.unwrap();
         let mut got = Vec::new();

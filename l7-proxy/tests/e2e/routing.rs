@@ -350,14 +350,7 @@ async fn a_retried_http2_request_keeps_its_trailers() {
         backoff_ms: 1,
     });
     let (srv, _) = setup(&mesh, vec![route(vec![retried])]).await;
-    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = mesh.http2_raw(web().ip, SocketAddr::new(vip(1), 80)).await;
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-checksum", "c0ffee".parse().unwrap());
     let frames = vec![
@@ -1081,14 +1074,7 @@ async fn a_streaming_request_flows_through_a_rule_with_retries_and_a_mirror() {
         ..Default::default()
     })
     .await;
-    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = mesh.http2_raw(web().ip, SocketAddr::new(vip(1), 80)).await;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
     let body = http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| {
         rx.poll_recv(cx)

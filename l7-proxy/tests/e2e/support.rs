@@ -355,6 +355,27 @@ impl Mesh {
         Client::H1(send)
     }
 
+    /// A bare HTTP/2 connection through node A's capture, for request bodies
+    /// of any kind (streams, trailers).
+    pub async fn http2_raw<B>(
+        &self,
+        from: IpAddr,
+        to: SocketAddr,
+    ) -> hyper::client::conn::http2::SendRequest<B>
+    where
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tcp = self.connect(from, to).await;
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
     pub async fn http2(&self, from: IpAddr, to: SocketAddr) -> Client {
         let tcp = self.connect(from, to).await;
         let (send, conn) =
