@@ -106,14 +106,19 @@ async fn expired_and_not_yet_valid_peers_are_refused() {
         "{err}"
     );
 
-    // And the client side rejects an expired server the same way.
+    // And the client side rejects an expired server the same way (a config
+    // taken while A's own certificate was valid).
     b_clock.set(certs::Clock::now(&start));
+    let cfg = a.client_config(&cart, &pay).unwrap();
     start.advance(Duration::from_secs(25 * 3600));
-    let out = tunnel(&a, &cart, &b, &pay).await;
+    let out = handshake(cfg, certs::server_name(&pay), b.server_config()).await;
     assert!(
         out.client_error().to_lowercase().contains("expired"),
         "{out:?}"
     );
+    // A new config with A's own certificate expired is not offered.
+    let err = a.client_config(&cart, &pay).unwrap_err().to_string();
+    assert!(err.contains("expired"), "{err}");
 }
 
 /// A leaf signed by `root` directly with rcgen, possibly malformed.

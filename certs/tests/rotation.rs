@@ -210,6 +210,18 @@ async fn ca_outage_keeps_the_valid_certificate_and_retries_with_backoff() {
     assert!(a.status()[0].last_error.is_none());
     let (_, seen) = tunnel(&a, &cart, &b, &pay).await.ok();
     assert_ne!(seen.peer_serial, first);
+
+    // An outage that outlasts the certificate: no tunnel is offered with an
+    // expired certificate (peers would refuse it with a bare alert); the
+    // error says what expired and why it was not renewed.
+    flaky.down.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(25 * 3600));
+    assert_eq!(a.rotate_due().await.failed.len(), 1);
+    let err = a.client_config(&cart, &pay).unwrap_err().to_string();
+    assert!(
+        err.contains("expired") && err.contains("switched off") && err.contains(&cart.to_string()),
+        "{err}"
+    );
 }
 
 #[tokio::test]

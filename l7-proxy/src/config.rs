@@ -78,6 +78,11 @@ pub struct ProxySettings {
     pub tls_handshake_timeout_ms: u64,
     /// A tunnel connection without streams is closed after this long.
     pub tunnel_idle_timeout_ms: u64,
+    /// A tunnel connection takes new streams for this long at most (and
+    /// never past its peer certificate's expiry): the client opens a new one
+    /// (with its current certificate), the server says GOAWAY. Streams open
+    /// on it go on.
+    pub tunnel_max_age_ms: u64,
     /// A tunnel connection whose peer has taken none of the bytes waiting
     /// for it for this long (it stopped reading) is closed, with its streams.
     pub tunnel_write_stall_timeout_ms: u64,
@@ -125,6 +130,7 @@ impl Default for ProxySettings {
             connect_timeout_ms: 5_000,
             tls_handshake_timeout_ms: 5_000,
             tunnel_idle_timeout_ms: 60_000,
+            tunnel_max_age_ms: 3_600_000,
             tunnel_write_stall_timeout_ms: 30_000,
             tunnel_max_streams: 1_000,
             tunnel_max_connections: 4,
@@ -157,6 +163,9 @@ impl ProxySettings {
     }
     pub fn tunnel_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.tunnel_idle_timeout_ms)
+    }
+    pub fn tunnel_max_age(&self) -> Duration {
+        Duration::from_millis(self.tunnel_max_age_ms)
     }
     pub fn request_body_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.request_body_idle_timeout_ms)

@@ -263,6 +263,13 @@ where
     let mut alive = std::pin::pin!(keep_alive(pings));
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
+    // No new streams past the connection's age or its peer certificate's
+    // expiry: certificates are short-lived instead of revoked, so a peer
+    // must not keep using one it could no longer present.
+    let mut retire = std::pin::pin!(tokio::time::sleep_until(retire_at(
+        shared.settings.tunnel_max_age(),
+        tp.tls.peer_cert_not_after,
+    )));
     loop {
         tokio::select! {
             biased;
@@ -289,6 +296,14 @@ where
                 draining = true;
                 conn.graceful_shutdown();
             }
+            _ = &mut retire, if !draining => {
+                tracing::debug!(
+                    peer = %tp.identity,
+                    "tunnel connection at its age limit or its peer certificate's expiry: GOAWAY"
+                );
+                draining = true;
+                conn.graceful_shutdown();
+            }
             why = &mut alive => {
                 // Say GOAWAY, in case the peer still reads.
                 conn.abrupt_shutdown(h2::Reason::NO_ERROR);
@@ -298,6 +313,22 @@ where
             }
         }
     }
+}
+
+/// When a connection accepted now stops taking streams: after `max_age`, or
+/// when the peer's certificate expires (`not_after`, Unix seconds), if
+/// sooner.
+fn retire_at(max_age: std::time::Duration, not_after: Option<u64>) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let by_age = now + max_age;
+    let Some(not_after) = not_after else {
+        return by_age;
+    };
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    by_age.min(now + std::time::Duration::from_secs(not_after.saturating_sub(unix_now)))
 }
 
 /// One stream: a `CONNECT` (a TCP stream, or an HTTP/1.1 upgrade) or an HTTP
@@ -857,4 +888,27 @@ async fn handle_http(
     }
     .emit();
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::retire_at;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_retires_at_its_age_or_its_peer_certificate_expiry_if_sooner() {
+        let hour = Duration::from_secs(3600);
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let now = tokio::time::Instant::now();
+        assert_eq!(retire_at(hour, None), now + hour);
+        assert_eq!(retire_at(hour, Some(unix_now + 7200)), now + hour);
+        let soon = retire_at(hour, Some(unix_now + 60));
+        assert!(soon <= now + Duration::from_secs(60) && soon >= now + Duration::from_secs(59));
+        // Expired already: at once.
+        assert_eq!(retire_at(hour, Some(unix_now - 10)), now);
+    }
 }

@@ -694,7 +694,7 @@ impl TunnelPool {
 
     /// Drops the connection from the pool once it has had no stream for the
     /// idle timeout; with its last sender gone, `h2` closes it. A connection
-    /// older than [`TUNNEL_MAX_AGE`] (new ones present the current
+    /// older than the settings' `tunnel_max_age_ms` (new ones present the current
     /// certificate and meet the current trust bundle) or near the end of its
     /// stream IDs leaves the pool too, and closes once its streams end.
     fn spawn_reaper(&self, key: TunnelKey, conn: std::sync::Weak<TunnelConn>) {
@@ -712,7 +712,7 @@ impl TunnelPool {
                         .unwrap_or_else(|e| e.into_inner())
                         .elapsed()
                         >= idle;
-                let retired = c.born.elapsed() >= TUNNEL_MAX_AGE
+                let retired = c.born.elapsed() >= pool.settings.tunnel_max_age()
                     || c.opened.load(Ordering::Relaxed) >= RETIRE_AFTER_STREAMS;
                 if quiet || retired || c.is_closed() {
                     let mut conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
@@ -729,8 +729,6 @@ impl TunnelPool {
     }
 }
 
-/// How long a tunnel connection takes new streams.
-pub const TUNNEL_MAX_AGE: Duration = Duration::from_secs(3600);
 /// Streams after which a tunnel connection takes no new ones: a client's
 /// stream IDs (odd, 31 bits) allow about 2^30.
 const RETIRE_AFTER_STREAMS: u64 = 1 << 29;

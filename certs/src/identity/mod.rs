@@ -93,6 +93,15 @@ pub enum IdentityError {
     BadIssued { identity: SpiffeId, reason: String },
     #[error("the CA's trust bundle is for {got:?}, this node is in {expected:?}")]
     BundleTrustDomain { expected: String, got: String },
+    #[error(
+        "the certificate for {identity} expired at {not_after} and could not be renewed ({last_error}); \
+         peers refuse it: check that the CA is reachable and serving"
+    )]
+    Expired {
+        identity: SpiffeId,
+        not_after: time::OffsetDateTime,
+        last_error: String,
+    },
 }
 
 /// The outcome of one renewal round.
@@ -454,7 +463,18 @@ impl IdentityManager {
                         .mul_f64(0.9 + 0.2 * random_fraction());
                     slot.next_attempt = now + backoff;
                     let msg = e.to_string();
-                    tracing::warn!(identity = %id, error = %msg, retry_in = ?backoff, "certificate request failed; still serving the current certificate");
+                    let expired = self
+                        .inner
+                        .live
+                        .load()
+                        .by_id
+                        .get(&id)
+                        .is_some_and(|c| time::OffsetDateTime::from(now) > c.info.not_after);
+                    if expired {
+                        tracing::error!(identity = %id, error = %msg, retry_in = ?backoff, "certificate request failed and the current certificate has expired: tunnels for this identity fail until the CA answers");
+                    } else {
+                        tracing::warn!(identity = %id, error = %msg, retry_in = ?backoff, "certificate request failed; still serving the current certificate");
+                    }
                     slot.last_error = Some(msg);
                     report.failed.push((id, e));
                 }
@@ -577,9 +597,23 @@ impl IdentityManager {
         source: &SpiffeId,
         expected_server: &SpiffeId,
     ) -> Result<Arc<ClientConfig>, IdentityError> {
-        if !self.has_certificate(source) {
+        let Some(held) = self.inner.live.load().by_id.get(source).cloned() else {
             return Err(IdentityError::NotHeld {
                 identity: source.clone(),
+            });
+        };
+        // A certificate renewal could not replace in time: every peer would
+        // refuse it with a bare "certificate expired" alert; say why here.
+        if time::OffsetDateTime::from(self.inner.clock.now()) > held.info.not_after {
+            let last_error = self
+                .slots()
+                .get(source)
+                .and_then(|s| s.last_error.clone())
+                .unwrap_or_else(|| "no renewal attempt has finished".into());
+            return Err(IdentityError::Expired {
+                identity: source.clone(),
+                not_after: held.info.not_after,
+                last_error,
             });
         }
         self.check_domain(expected_server)?;

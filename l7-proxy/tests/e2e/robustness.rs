@@ -396,3 +396,53 @@ async fn connections_waiting_for_a_dial_to_a_silent_peer_share_its_failure() {
     holder.abort();
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_side_takes_no_new_streams_on_a_tunnel_past_its_age() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.tunnel_max_age_ms = 500;
+    })
+    .await;
+    mesh.publish(&Snapshot::default()).await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    // A peer that keeps its connection (and would keep it for ever): the
+    // limit is the server's to enforce.
+    let (h2, conn) = h2::client::handshake(peer_tls(&mesh).await).await.unwrap();
+    tokio::spawn(conn);
+    let open = |h2: h2::client::SendRequest<bytes::Bytes>| async move {
+        let mut h2 = h2.ready().await?;
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(echo.to_string())
+            .body(())
+            .unwrap();
+        let (resp, send) = h2.send_request(req, false)?;
+        let resp = resp.await?;
+        assert_eq!(resp.status(), 200);
+        Ok::<_, h2::Error>((send, resp.into_body()))
+    };
+    let (mut send, mut recv) = open(h2.clone()).await.unwrap();
+    send.send_data(bytes::Bytes::from_static(b"a"), false)
+        .unwrap();
+    assert_eq!(recv.data().await.unwrap().unwrap(), "a");
+    // Past the age, the server says GOAWAY: a new stream is refused.
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match open(h2.clone()).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("new streams refused once the connection is past its age");
+    assert!(refused.is_go_away() || refused.is_remote(), "{refused}");
+    // The stream already open goes on.
+    send.send_data(bytes::Bytes::from_static(b"b"), false)
+        .unwrap();
+    assert_eq!(recv.data().await.unwrap().unwrap(), "b");
+    // Ended by the peer: nothing left for the shutdown to wait for.
+    send.send_data(bytes::Bytes::new(), true).unwrap();
+    drop((send, recv));
+    mesh.shutdown().await;
+}
