@@ -455,6 +455,25 @@ fn document<T: serde::Serialize>(a: &Admin, f: impl FnOnce(&AdminState) -> T) ->
     }
 }
 
+/// The routes clients off the node get: probes and Prometheus scrapes. The
+/// `/v1/` documents (every pod, policy and connection of the mesh) answer
+/// on loopback only, to `sluice` on the node.
+pub fn open_router(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .fallback(|| async {
+            (
+                http::StatusCode::FORBIDDEN,
+                "the admin API's /v1/ documents answer on the node's loopback only: run \
+                 sluice on the node (kubectl exec into the agent); /metrics, /healthz and \
+                 /readyz answer everywhere\n",
+            )
+        })
+        .with_state(admin)
+}
+
 /// The admin API's routes.
 pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
@@ -564,7 +583,7 @@ pub async fn serve(
     opts: ServeOptions,
     mut stop: watch::Receiver<bool>,
 ) {
-    let router = router(admin);
+    let (full, open) = (router(admin.clone()), open_router(admin));
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
     let reserve = Arc::new(tokio::sync::Semaphore::new(opts.loopback_reserve));
     let conns = tokio_util::task::TaskTracker::new();
@@ -585,9 +604,10 @@ pub async fn serve(
                 }
             },
         };
+        // A listener on [::] sees IPv4 probes as ::ffff:127.0.0.1.
+        let loopback = peer.ip().to_canonical().is_loopback();
         let slot = slots.clone().try_acquire_owned().or_else(|_| {
-            // A listener on [::] sees IPv4 probes as ::ffff:127.0.0.1.
-            if peer.ip().to_canonical().is_loopback() {
+            if loopback {
                 reserve.clone().try_acquire_owned()
             } else {
                 Err(tokio::sync::TryAcquireError::NoPermits)
@@ -603,7 +623,7 @@ pub async fn serve(
         };
         conns.spawn(serve_connection(
             tcp,
-            router.clone(),
+            if loopback { full.clone() } else { open.clone() },
             opts.clone(),
             stop.clone(),
             slot,
@@ -799,6 +819,38 @@ mod tests {
         assert!(status.synced);
         let _ = s.stop.send(true);
         s.done.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn clients_off_the_node_get_probes_and_metrics_only() {
+        use hyper::service::Service as _;
+        let admin = Arc::new(Admin::default());
+        admin.running(running_state(true));
+        let call = |path: &'static str| {
+            let router = open_router(admin.clone());
+            async move {
+                let req = http::Request::get(path)
+                    .body(axum::body::Body::empty())
+                    .unwrap();
+                let resp = hyper_util::service::TowerToHyperService::new(router)
+                    .call(req)
+                    .await
+                    .unwrap();
+                let code = resp.status().as_u16();
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (code, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            assert_eq!(call(path).await.0, 200, "{path}");
+        }
+        for path in ["/v1/mesh", "/v1/workloads", "/v1/connections", "/v1/status"] {
+            let (code, body) = call(path).await;
+            assert_eq!(code, 403, "{path}");
+            assert!(body.contains("loopback only"), "{body}");
+        }
     }
 
     #[tokio::test]
