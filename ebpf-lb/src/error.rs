@@ -31,7 +31,9 @@ pub enum Error {
 
     #[error(
         "map {map} is full ({capacity} entries) while updating {what}; the previous state is \
-         unchanged. Raise the limit (ebpf-lb Options::{option}) and reinstall, or remove unused services"
+         unchanged. Remove unused services, or raise the limit (ebpf-lb Options::{option}; the \
+         agent's --lb-{} for services and backends) and recreate the tables with \
+         `mesh-agent uninstall` before the next start", option.replace('_', "-")
     )]
     MapFull {
         map: &'static str,
@@ -124,5 +126,27 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn a_full_map_names_the_agent_flag_that_sizes_it() {
+        let e = Error::MapFull {
+            map: "BACKENDS",
+            capacity: 8,
+            option: "max_backends",
+            what: "service shop/cart".into(),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("Options::max_backends")
+                && text.contains("--lb-max-backends")
+                && text.contains("mesh-agent uninstall"),
+            "{text}"
+        );
     }
 }

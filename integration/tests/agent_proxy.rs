@@ -240,6 +240,8 @@ workloads:
         admin_addr: "127.0.0.1:0".parse()?,
         bpffs: ebpf_lb::DEFAULT_BPFFS.into(),
         lb_instance: instance.clone(),
+        lb_max_services: ebpf_lb::Options::default().max_services,
+        lb_max_backends: ebpf_lb::Options::default().max_backends,
         dataplane: DataplaneKind::Kernel,
         proxy: ProxyMode::Embedded,
         proxy_capture_addr: Some("127.0.0.1:0".parse()?),

@@ -48,6 +48,8 @@ fn args(dir: &Path, cg: &TestCgroup, instance: &str, state: &Path, capture: Sock
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         bpffs: ebpf_lb::DEFAULT_BPFFS.into(),
         lb_instance: instance.into(),
+        lb_max_services: ebpf_lb::Options::default().max_services,
+        lb_max_backends: ebpf_lb::Options::default().max_backends,
         dataplane: DataplaneKind::Kernel,
         proxy: ProxyMode::External,
         proxy_capture_addr: Some(capture),

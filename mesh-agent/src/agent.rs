@@ -153,6 +153,16 @@ pub struct RunArgs {
     /// Name of the folder under bpffs holding the pinned maps and links.
     #[arg(long, default_value = config::LB_INSTANCE)]
     pub lb_instance: String,
+    /// Service frontends (VIP:port) the kernel tables hold. The tables are
+    /// sized when first created: a new size takes `mesh-agent uninstall`
+    /// (balancing through the old tables stops until the next start).
+    #[arg(long, default_value_t = ebpf_lb::Options::default().max_services)]
+    pub lb_max_services: u32,
+    /// Backends over all services the kernel tables hold (an update needs
+    /// room for a service's old and new backends at once). Sized like
+    /// --lb-max-services.
+    #[arg(long, default_value_t = ebpf_lb::Options::default().max_backends)]
+    pub lb_max_backends: u32,
     /// `kernel` programs the eBPF load balancer; `none` programs nothing.
     #[arg(long, value_enum, default_value_t = DataplaneKind::Kernel)]
     pub dataplane: DataplaneKind,
@@ -322,6 +332,8 @@ impl Agent {
                 let lb = ebpf_lb::LoadBalancer::open(ebpf_lb::Options {
                     bpffs: args.bpffs.clone(),
                     instance: args.lb_instance.clone(),
+                    max_services: args.lb_max_services,
+                    max_backends: args.lb_max_backends,
                     ..ebpf_lb::Options::default()
                 })
                 .map_err(Error::Lb)?;

@@ -58,6 +58,8 @@ fn run_args(cg: &Path, state: &Path) -> RunArgs {
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         bpffs: "/sys/fs/bpf".into(),
         lb_instance: "unused".into(),
+        lb_max_services: ebpf_lb::Options::default().max_services,
+        lb_max_backends: ebpf_lb::Options::default().max_backends,
         dataplane: DataplaneKind::None,
         proxy: ProxyMode::Off,
         proxy_capture_addr: None,

@@ -368,6 +368,10 @@ impl LbState {
             };
             for o in old {
                 match specs.iter().find(|s| s.frontend == o.frontend) {
+                    // Another Service took the frontend since (this one's
+                    // earlier removal failed and the other's upsert went in):
+                    // its entry is not this Service's to remove.
+                    None if self.owner.get(&o.frontend).is_some_and(|w| w != key) => {}
                     None => {
                         sp.changes.push(Change::Remove(o.frontend));
                         sp.removed_backends
@@ -669,6 +673,51 @@ mod tests {
         assert!(
             e.message.contains("already belongs to Service shop/a"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_retried_service_does_not_remove_the_frontend_another_has_taken() {
+        let mut s = store_with(vec![
+            Object::Service(service("shop", "a", "127.96.0.1", &[80])),
+            Object::Service(service("shop", "b", "127.96.0.2", &[80])),
+        ]);
+        let mut lb = LbState::default();
+        let all: BTreeSet<Key> = s.services.keys().cloned().collect();
+        for p in &lb.plan(&s, &all).services {
+            lb.commit(p);
+        }
+        // `a` moves to .3 and `b` takes .1; only `b`'s change goes in (`a`'s
+        // failed, say on a full map).
+        s.apply(Update::Upsert(Object::Service(service(
+            "shop",
+            "a",
+            "127.96.0.3",
+            &[80],
+        ))));
+        s.apply(Update::Upsert(Object::Service(service(
+            "shop",
+            "b",
+            "127.96.0.1",
+            &[80],
+        ))));
+        let plan = lb.plan(&s, &all);
+        let b = plan
+            .services
+            .iter()
+            .find(|p| p.service == Key::new("shop", "b"))
+            .unwrap();
+        lb.commit(b);
+        // Retrying `a` must leave .1, now `b`'s entry, alone.
+        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "a")]));
+        let changes = plan.changes();
+        assert!(
+            !changes.contains(&Change::Remove(Frontend::tcp(addr("127.96.0.1:80")))),
+            "{changes:?}"
+        );
+        assert!(
+            matches!(&changes[..], [Change::Upsert(s)] if s.frontend == Frontend::tcp(addr("127.96.0.3:80"))),
+            "{changes:?}"
         );
     }
 
