@@ -338,13 +338,12 @@ impl ProxyHandle for EmbeddedProxy {
                     } else {
                         "inbound".into()
                     },
-                    source_addr: m.source_addr.map(|a| a.to_string()).unwrap_or_default(),
+                    source_addr: m.source_addr.map_or_else(|| "-".into(), |a| a.to_string()),
                     source_workload: m.source_workload.as_ref().map(ToString::to_string),
                     source_identity: m.source_identity.as_ref().map(ToString::to_string),
                     destination_addr: m
                         .destination_addr
-                        .map(|a| a.to_string())
-                        .unwrap_or_default(),
+                        .map_or_else(|| "-".into(), |a| a.to_string()),
                     destination_workload: m.destination.as_ref().map(ToString::to_string),
                     destination_identity: m.destination_identity.as_ref().map(ToString::to_string),
                     mtls: c.secured,
@@ -356,6 +355,8 @@ impl ProxyHandle for EmbeddedProxy {
                         .and_then(|t| t.peer_cert_not_after)
                         .and_then(rfc3339_unix),
                     protocol: Some(kind.to_string()),
+                    bytes_sent: c.bytes_sent,
+                    bytes_received: c.bytes_received,
                 }
             })
             .collect()

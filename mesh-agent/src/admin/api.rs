@@ -170,6 +170,11 @@ pub struct ConnectionInfo {
     /// `tunnel-out`, `tunnel-in` or `inbound-tcp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+    /// Bytes so far towards the destination, and from it.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub bytes_received: u64,
 }
 
 /// `GET /v1/routes`: per Service, how its traffic is routed.

@@ -383,6 +383,8 @@ pub fn render_connections(c: &Connections) -> String {
         "TLS",
         "CIPHER",
         "PEER CERT EXPIRES",
+        "SENT",
+        "RECEIVED",
     ]);
     for x in &c.connections {
         t.row(vec![
@@ -399,9 +401,26 @@ pub fn render_connections(c: &Connections) -> String {
             or_dash(x.tls_version.as_ref()),
             or_dash(x.cipher.as_ref()),
             or_dash(x.peer_cert_expiry.as_ref()),
+            bytes(x.bytes_sent),
+            bytes(x.bytes_received),
         ]);
     }
     t.to_string()
+}
+
+/// `512 B`, `1.5 KiB`, `3.2 MiB`, `1.0 GiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 pub fn render_routes(r: &Routes) -> String {
@@ -496,6 +515,8 @@ mod tests {
                 cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
                 peer_cert_expiry: Some("2026-01-02T00:00:00Z".into()),
                 protocol: Some("http".into()),
+                bytes_sent: 512,
+                bytes_received: 3 * 1024 * 1024 + 200 * 1024,
             }],
         };
         let out = render_connections(&c);
@@ -508,6 +529,8 @@ mod tests {
             "TLSv1.3",
             "TLS13_AES_128_GCM_SHA256",
             "2026-01-02T00:00:00Z",
+            "512 B",
+            "3.2 MiB",
         ] {
             assert!(lines[1].contains(want), "{want} missing in {out}");
         }
