@@ -182,4 +182,38 @@ impl IdentityHandle for Identities {
             .and_then(|s| s.certificate)
             .map(|c| rfc3339(c.not_after))
     }
+
+    fn cert_problem(&self, spiffe_id: &str) -> Option<crate::admin::CertProblem> {
+        use certs::status::CertState;
+        let id: SpiffeId = spiffe_id.parse().ok()?;
+        let st = self
+            .manager
+            .status()
+            .into_iter()
+            .find(|s| s.identity == id)?;
+        let why = st
+            .last_error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        let (fatal, text) = match &st.certificate {
+            None => (true, format!("no certificate yet{why}")),
+            Some(c) => match c.state {
+                CertState::Expired => (true, format!("expired at {}{why}", rfc3339(c.not_after))),
+                CertState::NotYetValid => (true, "not valid yet (is the clock right?)".into()),
+                CertState::Expiring => (
+                    false,
+                    format!(
+                        "expires at {} and is not renewed yet{why}",
+                        rfc3339(c.not_after)
+                    ),
+                ),
+                CertState::Valid if st.last_error.is_some() => {
+                    (false, format!("renewal failing{why}"))
+                }
+                CertState::Valid => return None,
+            },
+        };
+        Some(crate::admin::CertProblem { fatal, text })
+    }
 }

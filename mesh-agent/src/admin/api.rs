@@ -132,6 +132,10 @@ pub struct WorkloadInfo {
     /// Expiry of its workload certificate (RFC 3339), when one is held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_expiry: Option<String>,
+    /// What is wrong with that certificate (none yet, expired or expiring,
+    /// a renewal failing, with the CA's error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_problem: Option<String>,
 }
 
 /// `GET /v1/connections`: live connections through the node proxy.

@@ -46,6 +46,19 @@ pub trait IdentityHandle: Send + Sync {
     fn roots(&self) -> Vec<api::CertSummary>;
     /// Expiry (RFC 3339) of the certificate held for a SPIFFE ID.
     fn cert_expiry(&self, spiffe_id: &str) -> Option<String>;
+    /// What is wrong with that certificate, if anything: none yet, expired
+    /// or about to, a renewal failing.
+    fn cert_problem(&self, _spiffe_id: &str) -> Option<CertProblem> {
+        None
+    }
+}
+
+/// A workload certificate's trouble, for `sluice workloads` and `sluice check`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertProblem {
+    /// Peers refuse it (expired, not yet valid) or there is none.
+    pub fatal: bool,
+    pub text: String,
 }
 
 /// Fixed facts the admin API reports.
@@ -121,6 +134,7 @@ impl AdminState {
         if let Some(id) = &self.identity {
             for w in workloads.iter_mut().filter(|w| w.local && w.enrolled) {
                 w.cert_expiry = id.cert_expiry(&w.identity);
+                w.cert_problem = id.cert_problem(&w.identity).map(|p| p.text);
             }
         }
         Workloads { workloads }
@@ -255,6 +269,37 @@ impl AdminState {
                 )
             },
         });
+        if let Some(id) = &self.identity {
+            let mut problems: Vec<(bool, String)> = Vec::new();
+            let mut held = 0;
+            for w in v.workloads.iter().filter(|w| w.local && w.enrolled) {
+                held += 1;
+                if let Some(p) = id.cert_problem(&w.identity) {
+                    problems.push((p.fatal, format!("{}/{}: {}", w.namespace, w.name, p.text)));
+                }
+            }
+            problems.sort();
+            problems.dedup();
+            checks.push(CheckResult {
+                name: "agent: certificates".into(),
+                outcome: if problems.iter().any(|(fatal, _)| *fatal) {
+                    Outcome::Fail
+                } else if problems.is_empty() {
+                    Outcome::Pass
+                } else {
+                    Outcome::Warn
+                },
+                detail: if problems.is_empty() {
+                    format!("{held} enrolled workload(s) on this node hold valid certificates")
+                } else {
+                    problems
+                        .into_iter()
+                        .map(|(_, t)| t)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                },
+            });
+        }
         checks.push(CheckResult {
             name: "agent: kernel updates".into(),
             outcome: if v.dataplane_errors.is_empty() {
@@ -693,6 +738,78 @@ mod tests {
             proxy: None,
             identity: None,
         })
+    }
+
+    /// Identities whose certificates have the problems given, by SPIFFE ID.
+    struct Certs(Vec<(&'static str, CertProblem)>);
+
+    impl IdentityHandle for Certs {
+        fn roots(&self) -> Vec<api::CertSummary> {
+            Vec::new()
+        }
+        fn cert_expiry(&self, _: &str) -> Option<String> {
+            Some("2026-11-27T00:00:00Z".into())
+        }
+        fn cert_problem(&self, id: &str) -> Option<CertProblem> {
+            self.0
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map(|(_, p)| p.clone())
+        }
+    }
+
+    #[test]
+    fn certificate_trouble_shows_in_workloads_and_fails_the_check() {
+        let workload = |name: &str, sa: &str| api::WorkloadInfo {
+            namespace: "shop".into(),
+            name: name.into(),
+            identity: format!("spiffe://cluster.local/ns/shop/sa/{sa}"),
+            local: true,
+            enrolled: true,
+            ..Default::default()
+        };
+        let view = AgentView {
+            synced: true,
+            workloads: vec![workload("web-0", "web"), workload("db-0", "db")],
+            ..AgentView::default()
+        };
+        let with = |problems: Vec<(&'static str, CertProblem)>| {
+            let mut st = Arc::try_unwrap(state_of(view.clone())).ok().unwrap();
+            st.identity = Some(Arc::new(Certs(problems)));
+            st
+        };
+        let outcome = |st: &AdminState| {
+            st.check()
+                .checks
+                .into_iter()
+                .find(|c| c.name == "agent: certificates")
+                .unwrap()
+        };
+        let st = with(vec![]);
+        assert_eq!(outcome(&st).outcome, Outcome::Pass);
+        // A renewal failing on a valid certificate warns; an expired one fails.
+        let failing = CertProblem {
+            fatal: false,
+            text: "renewal failing: the CA is unreachable".into(),
+        };
+        let st = with(vec![("spiffe://cluster.local/ns/shop/sa/web", failing)]);
+        assert_eq!(outcome(&st).outcome, Outcome::Warn);
+        let expired = CertProblem {
+            fatal: true,
+            text: "expired at 2026-11-25T00:00:00Z: the CA is unreachable".into(),
+        };
+        let st = with(vec![("spiffe://cluster.local/ns/shop/sa/db", expired)]);
+        let c = outcome(&st);
+        assert_eq!(c.outcome, Outcome::Fail);
+        assert!(c.detail.contains("shop/db-0: expired"), "{}", c.detail);
+        let w = st.workloads();
+        let db = w.workloads.iter().find(|w| w.name == "db-0").unwrap();
+        assert!(db.cert_problem.as_ref().unwrap().contains("expired"));
+        let out = crate::cli::render_workloads(&w, false, None);
+        assert!(
+            out.contains("(!)") && out.contains("Certificate problems"),
+            "{out}"
+        );
     }
 
     struct Server {

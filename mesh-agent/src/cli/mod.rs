@@ -345,7 +345,10 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
             x.identity.clone(),
             enrolled,
             x.mtls_mode.to_string(),
-            or_dash(x.cert_expiry.as_ref()),
+            match (&x.cert_expiry, &x.cert_problem) {
+                (_, Some(_)) => format!("{} (!)", x.cert_expiry.as_deref().unwrap_or("-")),
+                (e, None) => or_dash(e.as_ref()),
+            },
         ];
         if all {
             row.insert(2, x.node.clone());
@@ -362,7 +365,20 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
             (true, Some(ns)) => format!("No pods of namespace {ns} known to the agent.\n"),
         };
     }
-    t.to_string()
+    let mut out = t.to_string();
+    let problems: Vec<String> = w
+        .workloads
+        .iter()
+        .filter_map(|x| {
+            let p = x.cert_problem.as_ref()?;
+            Some(format!("  {}/{}: {p}\n", x.namespace, x.name))
+        })
+        .collect();
+    if !problems.is_empty() {
+        out.push_str("\nCertificate problems (!):\n");
+        out.extend(problems);
+    }
+    out
 }
 
 pub fn render_connections(c: &Connections) -> String {

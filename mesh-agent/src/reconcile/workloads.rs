@@ -125,6 +125,7 @@ pub fn workload_infos(
                 cgroup_id: None,
                 strict_guard: None,
                 cert_expiry: None,
+                cert_problem: None,
             }
         })
         .collect()
