@@ -352,6 +352,20 @@ async fn the_admin_api_answers_while_the_agent_waits_for_the_ca_bundle() {
     );
     assert!(err.contains("/readyz"), "{err}");
     assert!(!err.contains("Is that the Sluice agent"), "{err}");
+    // `sluice check`: starting is not synced yet, a warning with what it
+    // waits for (its other lines decide the exit code).
+    let (_, out, _) = sluice(&url, &["-o", "json", "check"]);
+    let c: Check = serde_json::from_str(&out).unwrap();
+    let agent = c.checks.iter().find(|c| c.name == "agent").unwrap();
+    assert_eq!(
+        agent.outcome,
+        mesh_agent::admin::api::Outcome::Warn,
+        "{agent:?}"
+    );
+    assert!(
+        agent.detail.contains("waiting for the CA's trust bundle"),
+        "{agent:?}"
+    );
     assert!(!starting.is_finished(), "start returned without the bundle");
 
     // An abandoned start takes its admin API with it.

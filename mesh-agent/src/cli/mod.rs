@@ -46,10 +46,11 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check the node (kernel, cgroup v2, bpffs, BTF, capabilities) and the
-    /// agent (health, configuration errors). Exits 1 if a check fails
-    /// (FAIL); warnings (configuration problems, not yet synced) leave it
-    /// at 0: gate manifests with `mesh-agent validate DIR`, which exits 1
-    /// on any problem.
+    /// agent (health, configuration errors, certificates). Exits 1 if a
+    /// check fails (FAIL: an expired certificate, say); warnings
+    /// (configuration problems, an agent still starting or not yet synced, a
+    /// failing renewal) leave it at 0: gate manifests with `mesh-agent
+    /// validate DIR`, which exits 1 on any problem.
     Check {
         /// Where the local bpffs check looks (the agent's --bpffs).
         #[arg(long, default_value = ebpf_lb::DEFAULT_BPFFS)]
@@ -170,6 +171,13 @@ async fn check(c: Result<Client, client::Error>, bpffs: &std::path::Path, json: 
             checks.extend(agent.checks);
             config_errors = agent.config_errors;
         }
+        // Still starting (waiting for the CA, say): not synced yet, which is
+        // a warning, as `--help` says; the step it waits for is the detail.
+        Err(e @ client::Error::Starting { .. }) => checks.push(CheckResult {
+            name: "agent".into(),
+            outcome: Outcome::Warn,
+            detail: e.to_string().replace('\n', " "),
+        }),
         Err(e) => checks.push(CheckResult {
             name: "agent".into(),
             outcome: Outcome::Fail,
