@@ -109,7 +109,9 @@ impl AdminState {
                 enrolled_workloads: v.workloads.iter().filter(|w| w.local && w.enrolled).count(),
                 routes: v.routes.iter().filter(|r| r.route.is_some()).count(),
                 policies: v.policies,
-                config_errors: v.config_errors.len(),
+                // As `sluice check` counts them: notes (documents of kinds
+                // the agent does not read) are not problems.
+                config_errors: v.config_errors.iter().filter(|e| !e.is_note()).count(),
             },
             ca: CaStatus {
                 mode: self.info.ca_mode.clone(),
@@ -756,6 +758,31 @@ mod tests {
                 .find(|(i, _)| *i == id)
                 .map(|(_, p)| p.clone())
         }
+    }
+
+    #[test]
+    fn status_counts_configuration_problems_as_check_does() {
+        let e = |message: &str| api::ConfigError {
+            source: "m.yaml".into(),
+            object: None,
+            field: None,
+            message: message.into(),
+        };
+        let st = state_of(AgentView {
+            config_errors: vec![
+                e("ignored: apps/v1 Deployment is not a kind the agent reads"),
+                e("spec.ports[0].port: 0 is not a port"),
+            ],
+            ..AgentView::default()
+        });
+        assert_eq!(st.status().counts.config_errors, 1);
+        let check = st.check();
+        let line = check
+            .checks
+            .iter()
+            .find(|c| c.name == "agent: configuration")
+            .unwrap();
+        assert!(line.detail.starts_with("1 problem"), "{line:?}");
     }
 
     #[test]
