@@ -377,13 +377,7 @@ impl Mesh {
     }
 
     pub async fn http2(&self, from: IpAddr, to: SocketAddr) -> Client {
-        let tcp = self.connect(from, to).await;
-        let (send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        Client::H2(send)
+        Client::H2(self.http2_raw(from, to).await)
     }
 
     pub async fn shutdown(mut self) {
