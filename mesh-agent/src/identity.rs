@@ -169,6 +169,17 @@ impl IdentityHandle for Identities {
                     r.subject
                 },
                 not_after: rfc3339(r.not_after),
+                fingerprint: Some(r.fingerprint.to_string()),
+                not_before: Some(rfc3339(r.not_before)),
+                state: Some(
+                    match r.state {
+                        certs::status::CertState::Valid => "valid",
+                        certs::status::CertState::Expiring => "expiring",
+                        certs::status::CertState::Expired => "expired",
+                        certs::status::CertState::NotYetValid => "not-yet-valid",
+                    }
+                    .into(),
+                ),
             })
             .collect()
     }

@@ -86,6 +86,16 @@ pub struct CertSummary {
     pub subject: String,
     /// RFC 3339.
     pub not_after: String,
+    /// SHA-256 of the certificate (hex), to compare across nodes during a
+    /// root rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// `valid`, `expiring`, `expired` or `not-yet-valid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

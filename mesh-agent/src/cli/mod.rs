@@ -321,7 +321,15 @@ pub fn render_status(s: &Status) -> String {
         kv(
             &mut out,
             if i == 0 { "Trust bundle:" } else { "" },
-            format!("{} (expires {})", r.subject, r.not_after),
+            match (&r.fingerprint, &r.not_before, &r.state) {
+                (Some(fp), Some(from), Some(state)) => format!(
+                    "{} sha256:{}… {state} ({from} to {})",
+                    r.subject,
+                    &fp[..fp.len().min(16)],
+                    r.not_after
+                ),
+                _ => format!("{} (expires {})", r.subject, r.not_after),
+            },
         );
     }
     out
@@ -520,6 +528,33 @@ mod tests {
         // Notes alone: no problems section.
         let out = render_check(&[], &[e("ignored: apps/v1 Deployment")]);
         assert!(!out.contains("Configuration problems"), "{out}");
+    }
+
+    #[test]
+    fn status_shows_each_roots_fingerprint_validity_and_state() {
+        let mut s = Status::default();
+        s.ca.roots = vec![
+            crate::admin::api::CertSummary {
+                subject: "CN=Sluice root CA 1 (active)".into(),
+                not_after: "2036-11-23T00:00:00Z".into(),
+                fingerprint: Some("ab".repeat(32)),
+                not_before: Some("2026-11-25T00:00:00Z".into()),
+                state: Some("valid".into()),
+            },
+            crate::admin::api::CertSummary {
+                subject: "CN=Sluice root CA 0".into(),
+                not_after: "2026-11-20T00:00:00Z".into(),
+                fingerprint: Some("cd".repeat(32)),
+                not_before: Some("2016-11-20T00:00:00Z".into()),
+                state: Some("expired".into()),
+            },
+        ];
+        let out = render_status(&s);
+        assert!(
+            out.contains("CN=Sluice root CA 1 (active) sha256:abababababababab… valid (2026-11-25T00:00:00Z to 2036-11-23T00:00:00Z)"),
+            "{out}"
+        );
+        assert!(out.contains("sha256:cdcdcdcdcdcdcdcd… expired"), "{out}");
     }
 
     #[test]
