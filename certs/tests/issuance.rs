@@ -159,6 +159,26 @@ fn configurable_lifetime() {
 }
 
 #[test]
+fn a_signer_too_close_to_its_end_refuses_rather_than_issue_a_leaf_due_at_once() {
+    let clock = clock();
+    let ca = Ca::generate(CaOptions::default(), shared(&clock)).unwrap();
+    let wid = id("a", "b");
+    let key = KeyPair::generate().unwrap();
+    let sign = || ca.sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid);
+    // A day before the root's end: a leaf capped at it, a day long.
+    clock.advance(CaOptions::default().root_lifetime - Duration::from_secs(24 * 3600));
+    let info = CertInfo::parse(&sign().unwrap().chain[0]).unwrap();
+    assert!(info.not_after - OffsetDateTime::from(clock_now(&clock)) > ::time::Duration::hours(20));
+    // Four minutes before: refused, naming the fix.
+    clock.advance(Duration::from_secs(24 * 3600 - 240));
+    let msg = sign().expect_err("refused").to_string();
+    assert!(
+        msg.contains("too soon to issue") && msg.contains("mesh-agent ca rotate"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn a_lifetime_that_would_renew_continuously_is_refused() {
     // Certificates start 5 minutes early; renewed at half their life, a
     // 90 s certificate would be due as soon as issued.

@@ -671,6 +671,19 @@ impl Ca {
                 ),
             });
         }
+        // A leaf cut this short by the signer's own expiry would be due for
+        // renewal at once, and every node would ask again every second:
+        // refused, so that nodes back off and say why.
+        let least = self.opts.leaf_lifetime.min(Duration::from_secs(1200)) / 2;
+        if p.not_after - now < least {
+            return Err(CaError::Config {
+                reason: format!(
+                    "the signing CA certificate expires at {}, too soon to issue a workload \
+                     certificate that lasts {least:?}; rotate the root (`mesh-agent ca rotate`)",
+                    st.signer.not_after
+                ),
+            });
+        }
         let cert = p
             .signed_by(&csr.public_key, &st.signer.issuer)
             .map_err(CaError::internal("signing a workload certificate"))?;
