@@ -98,7 +98,7 @@ pub(crate) async fn handle(
             format!("the request body sent nothing for {idle:?}"),
         ))
     };
-    let outcome = match state.destination(conn.original_dst) {
+    let mut outcome = match state.destination(conn.original_dst) {
         // A CONNECT would cross the tunnel as an opaque stream to whatever
         // authority it names, past the route's choice of backend.
         _ if parts.method == http::Method::CONNECT => Outcome::local(
@@ -132,16 +132,14 @@ pub(crate) async fn handle(
             Label::external(),
         ),
     };
-    let status = outcome.response.status();
-    let mut outcome = outcome;
+    let status = outcome.response.status().as_u16();
     // The proxy's own refusals, in the form a gRPC caller reads.
     if grpc
         && outcome.upstream.is_none()
         && let Some(reason) = &outcome.reason
     {
-        outcome.response = crate::body::proxy_answer(status, reason, true);
+        outcome.response = crate::body::proxy_answer(outcome.response.status(), reason, true);
     }
-    let status = status.as_u16();
     let dst = outcome
         .upstream
         .as_ref()
@@ -387,12 +385,11 @@ async fn route_request(
             // it was too large to keep.
             ReqBody::Recorded(rec) => {
                 let whole = rec.when_whole();
-                let (shared2, state, conn) = (shared.clone(), state.clone(), conn.clone());
+                let (s, state, conn) = (shared.clone(), state.clone(), conn.clone());
                 let (m, mparts) = (m.clone(), mparts.clone());
-                let shared = shared2.clone();
-                shared2.spawn(async move {
+                shared.spawn(async move {
                     if let Ok(b) = whole.await {
-                        spawn_mirror(&shared, &state, &conn, &m, &mparts, b);
+                        spawn_mirror(&s, &state, &conn, &m, &mparts, b);
                     }
                 });
             }

@@ -642,8 +642,17 @@ impl Decoder {
                     headers.remove(header::CONTENT_LENGTH);
                 }
                 // One value (`5, 5` and repeated fields are valid here, not
-                // over HTTP/2).
-                Mode::Length { left, .. } => {
+                // over HTTP/2); the usual single plain value stays as it is.
+                Mode::Length { left, .. }
+                    if headers
+                        .get_all(header::CONTENT_LENGTH)
+                        .iter()
+                        .nth(1)
+                        .is_some()
+                        || headers
+                            .get(header::CONTENT_LENGTH)
+                            .is_some_and(|v| v.as_bytes().contains(&b',')) =>
+                {
                     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(left));
                 }
                 _ => {}

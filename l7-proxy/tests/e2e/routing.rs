@@ -66,6 +66,23 @@ async fn setup(mesh: &Mesh, routes: Vec<HttpRoute>) -> (Vec<EchoServer>, EchoSer
     (srv, mirror)
 }
 
+/// A unary gRPC call of `path` (`/package.Service/Method`) with one
+/// one-byte message.
+fn grpc_call(
+    path: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut b = http::Request::post(format!("http://cart.shop{path}"))
+        .header("content-type", "application/grpc");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(http_body_util::Full::new(bytes::Bytes::from_static(
+        b"\0\0\0\0\x01x",
+    )))
+    .unwrap()
+}
+
 async fn client(mesh: &Mesh) -> Client {
     mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await
 }
@@ -787,16 +804,10 @@ async fn grpc_routes_match_service_and_method() {
     .await;
     let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
     let mut call = async |path: &str, tenant: &str| {
-        let req = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://cart.shop{path}"))
-            .header("content-type", "application/grpc")
-            .header("x-tenant", tenant)
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                b"\0\0\0\0\x01x",
-            )))
+        let r = c
+            .send(grpc_call(path, &[("x-tenant", tenant)]))
+            .await
             .unwrap();
-        let r = c.send(req).await.unwrap();
         r.trailers.expect("trailers")["x-served-by"]
             .to_str()
             .unwrap()
@@ -1154,17 +1165,7 @@ async fn the_proxys_own_refusals_of_a_grpc_call_carry_a_grpc_status() {
     })
     .await;
     let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let mut call = async |path: &str| {
-        let req = http::Request::builder()
-            .method("POST")
-            .uri(format!("http://cart.shop{path}"))
-            .header("content-type", "application/grpc")
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                b"\0\0\0\0\x01x",
-            )))
-            .unwrap();
-        c.send(req).await.unwrap()
-    };
+    let mut call = async |path: &str| c.send(grpc_call(path, &[])).await.unwrap();
     // (path, grpc-status, words of the message)
     let cases = [
         ("/slow/3000", "4", "request timeout of 100ms exceeded"),
