@@ -143,6 +143,7 @@ fn tcp_v6_reaches_every_backend_inside_a_namespace() -> Result<()> {
     let t = tally(&attempts);
     assert_eq!(t.len(), 3, "{t:?}");
     assert!(t.values().all(|&n| n >= 30), "{t:?}");
+    assert_nothing_tracked(&lb);
     Ok(())
 }
 
@@ -170,6 +171,9 @@ fn dual_stack_socket_reaches_an_ipv4_service_through_a_mapped_address() -> Resul
     }
     assert_eq!(tally(&attempts).len(), 2);
     assert_eq!(decoy.hits(), 0);
+    // Their reverse translations (stored in the mapped form the socket
+    // uses) went when they closed.
+    assert_nothing_tracked(&lb);
     Ok(())
 }
 

@@ -476,13 +476,24 @@ fn four_tuple(ctx: &SockOpsContext) -> FourTuple {
 }
 
 /// The reverse-translation key of a connected TCP socket: its cookie and the
-/// address its connect was rewritten to (its remote end).
+/// address its connect was rewritten to (its remote end), in the form the
+/// connect wrote it: an IPv6 socket's IPv4-mapped peer stays mapped, as
+/// `xlate6` stored it (folding it, as [`four_tuple`] does, would miss the
+/// entry, and every dual-stack connection would leave its entry behind).
 #[inline(always)]
-fn revnat_key(cookie: u64, t: &FourTuple) -> RevNatKey {
-    RevNatKey::new(
-        cookie,
-        Endpoint::new(t.remote_addr, t.remote_port, t.family),
-    )
+fn revnat_key(ctx: &SockOpsContext, cookie: u64, t: &FourTuple) -> RevNatKey {
+    let ops = ctx.ops;
+    let family = unsafe { read_volatile(&(*ops).family) };
+    let remote = if family == AF_INET6 && t.family == FAMILY_V4 {
+        Endpoint::new(
+            [0, 0, V4_MAPPED_WORD, t.remote_addr[0]],
+            t.remote_port,
+            FAMILY_V6,
+        )
+    } else {
+        Endpoint::new(t.remote_addr, t.remote_port, t.family)
+    };
+    RevNatKey::new(cookie, remote)
 }
 
 #[sock_ops]
@@ -494,7 +505,7 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         // A balanced connection: its reverse translation goes when it
         // closes, so that the map holds live sockets only (an LRU eviction
         // would cost a long-lived one its VIP and its reset).
-        let mut watch = REVNAT.get_ptr(revnat_key(cookie, &t)).is_some();
+        let mut watch = REVNAT.get_ptr(revnat_key(&ctx, cookie, &t)).is_some();
         // The local port is bound by now: move the note of a redirected
         // connection from its cookie to its 4-tuple.
         if let Some(orig) = unsafe { COOKIE_ORIG.get(cookie) } {
@@ -509,7 +520,7 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let t = four_tuple(&ctx);
-        let _ = REVNAT.remove(revnat_key(cookie, &t));
+        let _ = REVNAT.remove(revnat_key(&ctx, cookie, &t));
         let _ = ORIG_DST.remove(t);
     }
     1
