@@ -43,6 +43,17 @@ pub enum Error {
     },
 
     #[error(
+        "another loader ({}) holds the load balancer instance at {dir}: stop it first, or give \
+         this one an instance of its own (the agent's --lb-instance)",
+        holder.as_deref().unwrap_or("its process is not visible here")
+    )]
+    InUse {
+        dir: PathBuf,
+        /// "pid N (command)" of the holder, when `/proc/locks` tells.
+        holder: Option<String>,
+    },
+
+    #[error(
         "pinned map {map} under {dir} has {pinned} entries, but these settings size it at \
          {wanted} (ebpf-lb Options::{setting}): it was left by another version or other settings. \
          Remove the old state (`mesh-agent uninstall`, or LoadBalancer::uninstall_at; balancing \

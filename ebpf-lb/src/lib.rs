@@ -262,6 +262,8 @@ pub struct LoadBalancer {
     orig_dst: HashMap<MapData, FourTuple, OriginalDst>,
     barrier: sys::RcuBarrier,
     nr_cpus: usize,
+    /// Last, so that it is released after everything else is closed.
+    _lock: sys::PinLock,
 }
 
 impl std::fmt::Debug for LoadBalancer {
@@ -332,6 +334,8 @@ impl LoadBalancer {
         for d in [&maps_dir, &links_dir] {
             fs::create_dir_all(d).map_err(|e| Error::io("creating pin folder", d, e))?;
         }
+        // Before anything is read from the pinned state.
+        let lock = sys::lock_pin_dir(&pin_dir)?;
         for (name, wanted, setting) in opts.sizes() {
             let pin = maps_dir.join(name);
             if pin.exists() {
@@ -501,6 +505,7 @@ impl LoadBalancer {
             orig_dst,
             barrier: sys::RcuBarrier::new()?,
             nr_cpus,
+            _lock: lock,
         })
     }
 

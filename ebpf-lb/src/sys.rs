@@ -60,6 +60,66 @@ pub fn ensure_bpffs(mount_point: &Path) -> Result<()> {
     Ok(())
 }
 
+/// One loader's hold on an instance's pin folder. Two loaders on one
+/// instance (two agents with the same `--lb-instance`, or one started while
+/// the old one still runs) would each rebuild their bookkeeping from the
+/// maps and then undo each other's batches. The hold is an exclusive `flock`
+/// on the folder: it goes when the loader is dropped, or when its process
+/// ends in any way (a crashed agent leaves no stale lock behind).
+#[derive(Debug)]
+pub(crate) struct PinLock(
+    // Held for its descriptor: closing it releases the lock.
+    #[allow(dead_code)] std::fs::File,
+);
+
+pub(crate) fn lock_pin_dir(dir: &Path) -> Result<PinLock> {
+    let file = std::fs::File::open(dir).map_err(|e| Error::io("opening the pin folder", dir, e))?;
+    loop {
+        // SAFETY: flock on a descriptor we own; released when it is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(PinLock(file));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => {
+                return Err(Error::InUse {
+                    dir: dir.to_path_buf(),
+                    holder: lock_holder(&file),
+                });
+            }
+            _ => return Err(Error::io("locking the pin folder", dir, e)),
+        }
+    }
+}
+
+/// "pid N (command)" of the process holding an `flock` on `file`, read from
+/// `/proc/locks` (lines like `1: FLOCK  ADVISORY  WRITE 4242 00:1f:5830 0
+/// EOF`). `None` when it cannot be told (another PID namespace).
+fn lock_holder(file: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid = locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str()))
+            .then(|| f.get(4)?.parse::<u32>().ok())
+            .flatten()
+    })?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    Some(match comm.trim() {
+        "" => format!("pid {pid}"),
+        c => format!("pid {pid} ({c})"),
+    })
+}
+
 pub(crate) fn is_bpffs(path: &Path) -> Result<bool> {
     let p = cstring(path)?;
     // SAFETY: statfs fills the zeroed struct; p is a valid C string.

@@ -258,8 +258,36 @@ fn a_restarted_agent_drops_what_the_files_no_longer_say() -> Result<()> {
         v
     };
     std::fs::write(&file, manifests(other, false, &b0, &b1, true))?;
-    let agent = rt.block_on(Agent::start(a))?;
-    let admin = Client::new(&format!("http://{}", agent.admin_addr))?;
+    // The agent it replaces may still run (a rollout that starts the new pod
+    // first): the new one waits for the instance, saying so on /readyz, and
+    // starts once the old one lets go of it.
+    let old = ebpf_lb::LoadBalancer::open(ebpf_lb::Options {
+        instance: instance.clone(),
+        ..ebpf_lb::Options::default()
+    })?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let a = RunArgs {
+        admin_addr: format!("127.0.0.1:{port}").parse()?,
+        ..a
+    };
+    let starting = rt.spawn(Agent::start(a));
+    let admin = Client::new(&format!("http://127.0.0.1:{port}"))?;
+    let holder = format!("another loader (pid {}", std::process::id());
+    let mut said = String::new();
+    eventually("the new agent says what it waits for", || {
+        if let Ok((503, body)) = rt.block_on(admin.get_raw("/readyz")) {
+            said = String::from_utf8_lossy(&body).into_owned();
+        }
+        Ok(said.contains("waiting for the kernel programs") && said.contains(&holder))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}; /readyz said {said:?}"))?;
+    assert!(said.contains(&instance), "{said}");
+    // Meanwhile the old state still balances.
+    assert_eq!(who_answers(&batch, vip, 10)?, set(&["b0", "b1"]));
+    drop(old);
+    let agent = rt.block_on(starting)??;
     eventually("synced again", || {
         Ok(rt
             .block_on(admin.get::<Status>("/v1/status"))

@@ -671,6 +671,44 @@ fn a_new_loader_removes_what_a_crashed_one_left_half_done() -> Result<()> {
     Ok(())
 }
 
+/// Two loaders on one instance would undo each other's batches: the second
+/// is refused, naming the first, and the first goes on undisturbed.
+#[test]
+fn a_second_loader_on_a_running_instance_is_refused_naming_the_first() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("l2")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(2, loopback())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
+    let err = match ebpf_lb::LoadBalancer::open(lb.options().clone()) {
+        Ok(_) => panic!("a second loader opened a running instance"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, Error::InUse { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("(pid {} (", std::process::id())),
+        "names the holder: {text}"
+    );
+    assert!(
+        text.contains(&lb.options().pin_dir().display().to_string()),
+        "{text}"
+    );
+    assert!(text.contains("--lb-instance"), "{text}");
+    // The first one's state and work are untouched.
+    assert_eq!(lb.services().len(), 1);
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends[..1])))?;
+    let attempts = probe(&tcp(vip, 10)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert_eq!(tally(&attempts).into_keys().collect::<Vec<_>>(), ["b0"]);
+    // Once it is gone (a crash included), the instance opens again.
+    let lb = lb.crash().reopen()?;
+    assert_eq!(lb.services().len(), 1);
+    Ok(())
+}
+
 #[test]
 fn load_balancing_survives_a_loader_restart() -> Result<()> {
     require_root();

@@ -329,14 +329,29 @@ impl Agent {
         let dp: Arc<dyn Dataplane> = match args.dataplane {
             DataplaneKind::Kernel => {
                 admin.set_phase("loading and attaching the kernel programs");
-                let lb = ebpf_lb::LoadBalancer::open(ebpf_lb::Options {
+                let opts = ebpf_lb::Options {
                     bpffs: args.bpffs.clone(),
                     instance: args.lb_instance.clone(),
                     max_services: args.lb_max_services,
                     max_backends: args.lb_max_backends,
                     ..ebpf_lb::Options::default()
-                })
-                .map_err(Error::Lb)?;
+                };
+                // The agent it replaces may still run (a rollout that starts
+                // the new pod first): wait for it to let go of the instance.
+                let mut waited = false;
+                let lb = loop {
+                    match ebpf_lb::LoadBalancer::open(opts.clone()) {
+                        Err(e @ ebpf_lb::Error::InUse { .. }) => {
+                            if !waited {
+                                tracing::warn!("waiting: {e}");
+                                waited = true;
+                            }
+                            admin.set_phase(format!("waiting for the kernel programs: {e}"));
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                        other => break other.map_err(Error::Lb)?,
+                    }
+                };
                 lb.attach(&cgroup_root).map_err(|source| Error::Attach {
                     path: cgroup_root.clone(),
                     source,
