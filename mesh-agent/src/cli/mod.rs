@@ -360,7 +360,12 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
             x.name.clone(),
             x.identity.clone(),
             enrolled,
-            x.mtls_mode.to_string(),
+            // Not enrolled: its traffic bypasses the proxy, no mode applies.
+            if x.enrolled {
+                x.mtls_mode.to_string()
+            } else {
+                "-".into()
+            },
             match (&x.cert_expiry, &x.cert_problem) {
                 (_, Some(_)) => format!("{} (!)", x.cert_expiry.as_deref().unwrap_or("-")),
                 (e, None) => or_dash(e.as_ref()),
@@ -607,10 +612,20 @@ mod tests {
                 identity: "spiffe://cluster.local/ns/plain/sa/default".into(),
                 local: true,
                 reason: Some("namespace plain is not enrolled".into()),
+                mtls_mode: crate::crds::MtlsMode::Strict,
                 ..Default::default()
             }],
         };
-        assert!(render_workloads(&w, false, None).contains("no: namespace plain is not enrolled"));
+        let out = render_workloads(&w, false, None);
+        assert!(out.contains("no: namespace plain is not enrolled"), "{out}");
+        // No mTLS mode applies to traffic that bypasses the proxy.
+        let lines: Vec<&str> = out.lines().collect();
+        let col = lines[0].find("MTLS").unwrap();
+        assert_eq!(
+            lines[1][col..].split_whitespace().next(),
+            Some("-"),
+            "{out}"
+        );
         // No rows left: the message names the filters that left none.
         let none = Workloads { workloads: vec![] };
         assert_eq!(
