@@ -409,22 +409,40 @@ impl TunnelPool {
                 source,
             }
         };
+        // A fresh handle is ready at once (or says the connection failed).
+        let mut sender = match conn.sender.clone().ready().await {
+            Err(e) => return Err((unsent(e), Some(req))),
+            Ok(sender) => sender,
+        };
+        let (resp, send) = sender
+            .send_request(req, eos)
+            .map_err(|e| (unsent(e), None))?;
         // The peer's stream limit can be reached even where the pool's count
-        // has room (a request body still going after its response ended):
-        // wait for a slot as long as for a connection, not for ever.
-        let wait = self.inner.settings.connect_timeout();
-        let mut sender = match tokio::time::timeout(wait, conn.sender.clone().ready()).await {
-            Err(_) => {
+        // has room (its count of a stream that ended lags ours), and is
+        // passed on purpose once the key has all its connections: `h2` then
+        // queues the stream until one of the connection's others ends, and
+        // this handle is ready once it has opened. Wait for that as long as
+        // for a connection, not for ever; dropping the stream takes it out
+        // of the queue, nothing of it sent.
+        let mut queued = false;
+        std::future::poll_fn(|cx| {
+            queued = sender.poll_ready(cx).is_pending();
+            Poll::Ready(())
+        })
+        .await;
+        if queued {
+            let wait = self.inner.settings.connect_timeout();
+            let opened = std::future::poll_fn(|cx| sender.poll_ready(cx));
+            if tokio::time::timeout(wait, opened).await.is_err() {
                 let busy = TunnelError::Busy {
                     node: key.node,
                     waited: wait,
                 };
-                return Err((busy, Some(req)));
+                return Err((busy, None));
             }
-            Ok(Err(e)) => return Err((unsent(e), Some(req))),
-            Ok(Ok(sender)) => sender,
-        };
-        sender.send_request(req, eos).map_err(|e| (unsent(e), None))
+            // Opened, or the connection failed: the response says which.
+        }
+        Ok((resp, send))
     }
 
     /// Open tunnel connections (for tests and the admin API).
@@ -511,9 +529,15 @@ impl TunnelPool {
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.is_closed());
         let max = self.inner.settings.tunnel_max_streams as usize;
+        // The peer's limit (its SETTINGS) when it allows fewer: another
+        // connection rather than a queue inside this one.
+        let room = |c: &TunnelConn| {
+            let n = c.streams.load(Ordering::Relaxed);
+            n < max && n < c.sender.current_max_send_streams()
+        };
         let best = list
             .iter()
-            .filter(|c| over_limit || c.streams.load(Ordering::Relaxed) < max)
+            .filter(|c| over_limit || room(c))
             .min_by_key(|c| c.streams.load(Ordering::Relaxed))?
             .clone();
         let guard = take_stream(&best);

@@ -446,3 +446,89 @@ async fn the_server_side_takes_no_new_streams_on_a_tunnel_past_its_age() {
     drop((send, recv));
     mesh.shutdown().await;
 }
+
+/// A mesh whose node B allows `b_streams` streams per tunnel connection,
+/// `tweak_a` adjusting node A, with a TCP echo service on cart 0.
+async fn mesh_with_echo(b_streams: u32, tweak_a: &dyn Fn(&mut l7_proxy::ProxySettings)) -> Mesh {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        if s.inbound_addr.ip() == node_b_ip() {
+            s.tunnel_max_streams = b_streams;
+        } else {
+            tweak_a(s);
+        }
+    })
+    .await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let mut svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    mesh
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_allowing_fewer_streams_gets_more_connections_not_a_queue() {
+    // Node A would put 1,000 streams on a connection; node B takes two.
+    let mesh = mesh_with_echo(2, &|_| {}).await;
+    let mut open = Vec::new();
+    for i in 0..5u8 {
+        let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        t.write_all(&[i]).await.unwrap();
+        // Each is echoed while the others stay open: none waits in a queue
+        // behind the peer's limit.
+        assert_eq!(read_n(&mut t, 1).await, [i]);
+        open.push(t);
+    }
+    assert_eq!(
+        mesh.a.proxy().tunnel_connections(),
+        3,
+        "two streams each, as the peer's SETTINGS say"
+    );
+    drop(open);
+    mesh.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_no_stream_free_anywhere_is_answered_after_the_connect_timeout() {
+    // One connection per key on A, one stream per connection on B (test
+    // settings: 2 s connect timeout).
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        if s.inbound_addr.ip() == node_b_ip() {
+            s.tunnel_max_streams = 1;
+        } else {
+            s.tunnel_max_connections = 1;
+        }
+    })
+    .await;
+    let addr = early_answer_server(cart(0).ip).await;
+    publish_http_cart(&mesh, addr).await;
+    // An upload answered at once holds the only stream with its body.
+    let mut upload = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    upload
+        .write_all(b"POST /up HTTP/1.1\r\nhost: cart\r\ncontent-length: 1000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let answer = read_n(&mut upload, 40).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    // A request with no room anywhere is not queued for ever: it is
+    // answered, naming why.
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), c.get("/next"))
+        .await
+        .expect("the request waited on past the connect timeout");
+    assert_eq!(r.status, 503);
+    let why = r.headers["sluice-reason"].to_str().unwrap();
+    assert!(why.contains("had no free stream within"), "{why}");
+    // The upload goes on, and once it ends its stream serves again.
+    upload.write_all(&[b'x'; 990]).await.unwrap();
+    drop(upload);
+    let r = tokio::time::timeout(Duration::from_secs(10), c.get("/again"))
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(mesh.a.proxy().tunnel_connections(), 1);
+    mesh.shutdown().await;
+}
