@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -79,6 +79,9 @@ struct Row {
     /// sent in plaintext (to a destination outside the mesh).
     mtls_requests: AtomicU64,
     plaintext_requests: AtomicU64,
+    /// Its requests' tunnel connections differed in TLS version or cipher
+    /// suite, or one went in plaintext: the row shows no TLS facts.
+    tls_mixed: AtomicBool,
 }
 
 /// Shared table; cheap to clone.
@@ -142,6 +145,9 @@ impl RowRef {
         let row = &self.0;
         let Some(id) = identity else {
             row.plaintext_requests.fetch_add(1, Ordering::Relaxed);
+            if !row.tls_mixed.swap(true, Ordering::Relaxed) {
+                row.meta.lock().unwrap_or_else(|e| e.into_inner()).tls = None;
+            }
             return;
         };
         let before = row.mtls_requests.fetch_add(1, Ordering::Relaxed);
@@ -150,6 +156,34 @@ impl RowRef {
             m.destination_identity = Some(id.clone());
         } else if m.destination_identity.as_ref() != Some(id) {
             m.destination_identity = None;
+        }
+    }
+}
+
+impl RowRef {
+    /// A request of a captured HTTP connection went through a tunnel
+    /// connection with `tls`: the row shows the TLS facts while all its
+    /// requests' were alike (and none went in plaintext), with the soonest
+    /// peer certificate expiry among them.
+    pub fn tunnel_tls(&self, tls: &TlsInfo) {
+        let row = &self.0;
+        let mut m = row.meta.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock: a plaintext request sets the flag, then clears.
+        if row.tls_mixed.load(Ordering::Relaxed) {
+            return;
+        }
+        match &mut m.tls {
+            None => m.tls = Some(tls.clone()),
+            Some(t) if t.version == tls.version && t.cipher_suite == tls.cipher_suite => {
+                t.peer_cert_not_after = match (t.peer_cert_not_after, tls.peer_cert_not_after) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Some(_) => {
+                m.tls = None;
+                row.tls_mixed.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -177,6 +211,7 @@ impl ConnTable {
             received: AtomicU64::new(0),
             mtls_requests: AtomicU64::new(0),
             plaintext_requests: AtomicU64::new(0),
+            tls_mixed: AtomicBool::new(false),
         });
         self.inner
             .rows
@@ -259,5 +294,29 @@ mod tests {
         assert_eq!(json["kind"], "outbound-tcp");
         drop(h);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn an_http_row_shows_tls_facts_its_requests_shared() {
+        let t = ConnTable::default();
+        let h = t.open(ConnKind::OutboundHttp, ConnMeta::default());
+        let r = h.reference();
+        let tls = |cipher: &str, expiry| TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher_suite: cipher.into(),
+            peer_cert_not_after: Some(expiry),
+        };
+        let facts = || t.list()[0].meta.tls.clone();
+        r.tunnel_tls(&tls("A", 200));
+        assert_eq!(facts(), Some(tls("A", 200)));
+        // Another peer node: the soonest expiry.
+        r.tunnel_tls(&tls("A", 100));
+        r.tunnel_tls(&tls("A", 300));
+        assert_eq!(facts(), Some(tls("A", 100)));
+        // Another cipher suite: no single answer, for good.
+        r.tunnel_tls(&tls("B", 100));
+        assert_eq!(facts(), None);
+        r.tunnel_tls(&tls("A", 100));
+        assert_eq!(facts(), None);
     }
 }

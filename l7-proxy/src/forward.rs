@@ -795,11 +795,14 @@ async fn send_once(
                     .insert(PROTOCOL, HeaderValue::from_static("h2"));
             }
             let key = TunnelKey::to(&conn.source.identity, t);
-            let (resp, _tls) = shared
+            let (resp, tls) = shared
                 .pool
                 .send(&key, Request::from_parts(parts, body))
                 .await
                 .map_err(SendError::tunnel)?;
+            if let Some(row) = &conn.row {
+                row.tunnel_tls(&tls);
+            }
             Ok(resp.map(boxed))
         }
         None => {
@@ -870,7 +873,10 @@ async fn send_upgrade(
                     },
                     e => SendError::tunnel(e),
                 })?;
-            (Box::pin(stream), Some(tls))
+            (
+                Box::pin(stream),
+                Some(crate::conntable::TlsInfo::clone(&tls)),
+            )
         }
         None => {
             let s = &shared.settings;

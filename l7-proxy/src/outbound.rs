@@ -330,7 +330,7 @@ async fn serve_tcp<I>(
             let key = TunnelKey::to(&source.identity, t);
             match shared.pool.connect(&key, upstream.addr).await {
                 Ok((stream, tls)) => {
-                    row.update(|m| m.tls = Some(tls));
+                    row.update(|m| m.tls = Some(crate::conntable::TlsInfo::clone(&tls)));
                     relay(io, stream, idle, on_sent, on_received)
                         .await
                         .map(|_| ())

@@ -166,7 +166,8 @@ struct TunnelConn {
     opened: std::sync::atomic::AtomicU64,
     born: Instant,
     last_used: Mutex<Instant>,
-    tls: TlsInfo,
+    /// Shared with every stream's caller, cloned for none.
+    tls: Arc<TlsInfo>,
     /// Cleared when the connection's task ends.
     open: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -229,7 +230,7 @@ impl TunnelPool {
         &self,
         key: &TunnelKey,
         req: Request<Body>,
-    ) -> Result<(Response<TunnelBody>, TlsInfo), TunnelError> {
+    ) -> Result<(Response<TunnelBody>, Arc<TlsInfo>), TunnelError> {
         let (parts, body) = req.into_parts();
         let eos = http_body::Body::is_end_stream(&body);
         let (conn, guard, resp, send) = self.open_on(key, parts, eos).await?;
@@ -273,7 +274,7 @@ impl TunnelPool {
         &self,
         key: &TunnelKey,
         target: SocketAddr,
-    ) -> Result<(TunnelStream, TlsInfo), TunnelError> {
+    ) -> Result<(TunnelStream, Arc<TlsInfo>), TunnelError> {
         self.connect_with(key, target, None).await
     }
 
@@ -287,7 +288,7 @@ impl TunnelPool {
         key: &TunnelKey,
         target: SocketAddr,
         upgrade: Option<http::HeaderValue>,
-    ) -> Result<(TunnelStream, TlsInfo), TunnelError> {
+    ) -> Result<(TunnelStream, Arc<TlsInfo>), TunnelError> {
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -708,7 +709,7 @@ impl TunnelPool {
             opened: Default::default(),
             born: Instant::now(),
             last_used: Mutex::new(Instant::now()),
-            tls: info,
+            tls: Arc::new(info),
             open,
         });
         self.spawn_reaper(key.clone(), Arc::downgrade(&conn));

@@ -956,11 +956,27 @@ async fn a_connection_shows_secured_only_while_none_of_its_requests_went_in_plai
     let r = row(&mesh);
     assert!(r.secured, "{r:?}");
     assert_eq!(r.meta.destination_identity, Some(cart(0).identity()));
+    // With the TLS facts of the tunnel connection its requests took: the
+    // same as that connection's own row.
+    let tls = r.meta.tls.clone().expect("TLS facts on the HTTP row");
+    assert_eq!(tls.version, "TLSv1.3");
+    let tunnel = mesh
+        .a
+        .proxy()
+        .connections()
+        .into_iter()
+        .find(|r| r.kind == l7_proxy::conntable::ConnKind::TunnelOut)
+        .expect("the tunnel's row");
+    assert_eq!(Some(&tls), tunnel.meta.tls.as_ref());
     // One request in plaintext, and the connection no longer shows as
-    // secured (its Service's endpoints are all in the mesh).
+    // secured (its Service's endpoints are all in the mesh), nor TLS facts.
     assert_eq!(c.get("/legacy").await.echo()["server"], "cart-1");
     let r = row(&mesh);
     assert!(!r.secured, "{r:?}");
+    assert_eq!(r.meta.tls, None, "{r:?}");
+    // A later tunnelled request does not bring them back.
+    assert_eq!(c.get("/").await.echo()["server"], "cart-0");
+    assert_eq!(row(&mesh).meta.tls, None);
     mesh.shutdown().await;
 }
 
