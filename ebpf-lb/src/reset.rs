@@ -260,15 +260,62 @@ impl Diag {
 
 /// The processes of `roots` (cgroup directories, searched recursively) by
 /// the network namespace they use.
-fn namespaces(roots: &[PathBuf]) -> BTreeMap<(u64, u64), Vec<u32>> {
-    fn walk(dir: &Path, out: &mut BTreeMap<(u64, u64), Vec<u32>>, seen: &mut HashSet<PathBuf>) {
+#[derive(Debug, Default)]
+struct Namespaces {
+    by_ns: BTreeMap<(u64, u64), Vec<u32>>,
+    /// Processes `cgroup.procs` lists as 0: in another PID namespace than
+    /// this process's (an agent container without the host's PID namespace).
+    invisible: usize,
+    /// Processes whose network namespace could not be opened, and the
+    /// first such error (permission: CAP_SYS_PTRACE for other users').
+    unopened: usize,
+    first_error: Option<String>,
+}
+
+impl Namespaces {
+    /// What keeps sockets there from being reset, to report with the rest.
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.invisible > 0 {
+            out.push(format!(
+                "{} processes of the attached cgroups that live in another PID namespace \
+                 (cgroup.procs lists them as 0): run the agent in the host's PID namespace \
+                 (hostPID)",
+                self.invisible
+            ));
+        }
+        if let Some(e) = &self.first_error {
+            out.push(format!(
+                "{} processes of the attached cgroups whose network namespace could not be \
+                 opened ({e}; other users' need CAP_SYS_PTRACE)",
+                self.unopened
+            ));
+        }
+        out
+    }
+}
+
+fn namespaces(roots: &[PathBuf]) -> Namespaces {
+    fn walk(dir: &Path, out: &mut Namespaces, seen: &mut HashSet<PathBuf>) {
         if !seen.insert(dir.to_path_buf()) {
             return;
         }
         if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
             for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                if let Ok(m) = fs::metadata(format!("/proc/{pid}/ns/net")) {
-                    out.entry((m.dev(), m.ino())).or_default().push(pid);
+                if pid == 0 {
+                    out.invisible += 1;
+                    continue;
+                }
+                let path = format!("/proc/{pid}/ns/net");
+                match fs::metadata(&path) {
+                    Ok(m) => out.by_ns.entry((m.dev(), m.ino())).or_default().push(pid),
+                    // It exited meanwhile.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        out.unopened += 1;
+                        out.first_error
+                            .get_or_insert_with(|| format!("{path}: {e}"));
+                    }
                 }
             }
         }
@@ -280,7 +327,7 @@ fn namespaces(roots: &[PathBuf]) -> BTreeMap<(u64, u64), Vec<u32>> {
             }
         }
     }
-    let mut out = BTreeMap::new();
+    let mut out = Namespaces::default();
     let mut seen = HashSet::new();
     for r in roots {
         walk(r, &mut out, &mut seen);
@@ -361,8 +408,9 @@ pub(crate) fn reset(
         return Ok(report);
     }
     let nss = namespaces(roots);
-    report.namespaces = nss.len();
-    for ((dev, ino), pids) in &nss {
+    report.namespaces = nss.by_ns.len();
+    report.failed.extend(nss.problems());
+    for ((dev, ino), pids) in &nss.by_ns {
         // Any process of the namespace will do; one may exit meanwhile (a
         // probe, a terminating pod), and one namespace's failure must not
         // keep the others' sockets pinned.
@@ -435,4 +483,35 @@ fn reset_here(
         }
     }
     Ok(destroyed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_of_another_pid_namespace_are_reported_not_skipped() {
+        let root = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        // Two processes this one cannot see (listed as 0), and itself.
+        fs::write(root.path().join("cgroup.procs"), format!("0\n0\n{me}\n")).unwrap();
+        // A child cgroup whose process exited meanwhile: not a problem.
+        fs::create_dir(root.path().join("pod")).unwrap();
+        fs::write(root.path().join("pod/cgroup.procs"), "4194303\n").unwrap();
+        let nss = namespaces(&[root.path().to_path_buf()]);
+        assert_eq!(nss.by_ns.values().flatten().collect::<Vec<_>>(), [&me]);
+        assert_eq!(nss.invisible, 2);
+        let problems = nss.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("2 processes"), "{problems:?}");
+        assert!(problems[0].contains("hostPID"), "{problems:?}");
+
+        // All visible: nothing to report.
+        fs::write(root.path().join("cgroup.procs"), format!("{me}\n")).unwrap();
+        assert!(
+            namespaces(&[root.path().to_path_buf()])
+                .problems()
+                .is_empty()
+        );
+    }
 }

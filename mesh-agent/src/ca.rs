@@ -394,20 +394,49 @@ pub async fn read_store(
             let Some(secret) = api.get_opt(name).await.map_err(|e| store_err(store, e))? else {
                 return Ok(None);
             };
-            let files: RootFiles = secret
-                .data
-                .unwrap_or_default()
+            let data = secret.data.unwrap_or_default();
+            let keys: Vec<String> = data.keys().cloned().collect();
+            let files: RootFiles = data
                 .into_iter()
                 .filter(|(k, _)| ROOT_FILES.contains(&k.as_str()))
                 .map(|(k, v)| (k, v.0))
                 .collect();
+            holds_a_root(store, &files, &keys)?;
             Ok(Some((files, secret.metadata.resource_version)))
         }
         RootStore::Dir(d) => {
             let files = read_files(store, d)?;
-            Ok((!files.is_empty()).then_some((files, None)))
+            if files.is_empty() {
+                return Ok(None);
+            }
+            let keys: Vec<String> = files.keys().cloned().collect();
+            holds_a_root(store, &files, &keys)?;
+            Ok(Some((files, None)))
         }
     }
+}
+
+/// A store that is there must hold a root: opened without one, the CA would
+/// make a new root on every start and never save it (every replica and
+/// restart serving another). A Secret made by hand or by a GitOps tool with
+/// other key names is the usual cause.
+fn holds_a_root(store: &RootStore, files: &RootFiles, keys: &[String]) -> Result<(), Error> {
+    if files.contains_key(ROOT_CERT) && files.contains_key(ROOT_KEY) {
+        return Ok(());
+    }
+    Err(store_err(
+        store,
+        format!(
+            "it holds no CA root ({ROOT_CERT} and {ROOT_KEY} wanted; it has {}): delete it, \
+             and `mesh-agent ca` creates one, or store the root under those names (with \
+             {BUNDLE})",
+            if keys.is_empty() {
+                "nothing".to_string()
+            } else {
+                keys.join(", ")
+            }
+        ),
+    ))
 }
 
 /// `files` as a Secret's `data`.

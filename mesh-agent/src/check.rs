@@ -8,6 +8,8 @@ use crate::admin::api::{CheckResult, Outcome};
 
 /// Oldest kernel the programs load on (`bpf_set_retval`).
 pub const MIN_KERNEL: (u32, u32) = (5, 18);
+/// TCX links, which the STRICT guard on pod interfaces attaches with.
+pub const STRICT_GUARD_KERNEL: (u32, u32) = (6, 6);
 
 fn result(name: &str, outcome: Outcome, detail: impl Into<String>) -> CheckResult {
     CheckResult {
@@ -32,7 +34,19 @@ pub fn kernel_release() -> Option<String> {
 pub fn check_kernel(release: Option<&str>) -> CheckResult {
     let name = "kernel";
     match release.and_then(|r| parse_kernel(r).map(|v| (r, v))) {
-        Some((r, v)) if v >= MIN_KERNEL => result(name, Outcome::Pass, format!("Linux {r}")),
+        Some((r, v)) if v >= STRICT_GUARD_KERNEL => {
+            result(name, Outcome::Pass, format!("Linux {r}"))
+        }
+        Some((r, v)) if v >= MIN_KERNEL => result(
+            name,
+            Outcome::Warn,
+            format!(
+                "Linux {r} balances and proxies, but the kernel's STRICT guard (plaintext \
+                 refused at STRICT pods' interfaces) needs TCX links, Linux {}.{}: it fails to \
+                 attach here",
+                STRICT_GUARD_KERNEL.0, STRICT_GUARD_KERNEL.1
+            ),
+        ),
         Some((r, _)) => result(
             name,
             Outcome::Fail,
@@ -107,10 +121,23 @@ pub fn check_btf() -> CheckResult {
 }
 
 /// Capabilities the agent needs: (bit, name, why).
-pub const NEEDED_CAPS: [(u32, &str, &str); 3] = [
+pub const NEEDED_CAPS: [(u32, &str, &str); 4] = [
     (39, "CAP_BPF", "load programs and create maps"),
-    (12, "CAP_NET_ADMIN", "attach cgroup socket programs"),
-    (21, "CAP_SYS_ADMIN", "mount bpffs, sock_ops programs"),
+    (
+        12,
+        "CAP_NET_ADMIN",
+        "attach cgroup socket programs, close sockets",
+    ),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "mount bpffs, sock_ops programs, enter pod network namespaces",
+    ),
+    (
+        19,
+        "CAP_SYS_PTRACE",
+        "open other users' pods' network namespaces to close their sockets",
+    ),
 ];
 
 /// The effective capability set from a `/proc/<pid>/status` text.
@@ -136,7 +163,7 @@ pub fn check_caps(status: &str, whose: &str) -> CheckResult {
         result(
             "capabilities",
             Outcome::Pass,
-            format!("{whose} has CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"),
+            format!("{whose} has CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE"),
         )
     } else {
         result(
@@ -169,7 +196,10 @@ mod tests {
     #[test]
     fn kernel_versions() {
         assert_eq!(parse_kernel("6.18.0-1-cloud-amd64"), Some((6, 18)));
-        assert_eq!(check_kernel(Some("5.18.0")).outcome, Outcome::Pass);
+        assert_eq!(check_kernel(Some("6.6.0")).outcome, Outcome::Pass);
+        let no_tcx = check_kernel(Some("6.1.0-18-amd64"));
+        assert_eq!(no_tcx.outcome, Outcome::Warn);
+        assert!(no_tcx.detail.contains("STRICT guard"), "{}", no_tcx.detail);
         let old = check_kernel(Some("5.15.0-91-generic"));
         assert_eq!(old.outcome, Outcome::Fail);
         assert!(old.detail.contains("5.15.0-91-generic"));

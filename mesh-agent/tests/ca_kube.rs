@@ -94,6 +94,42 @@ async fn the_trust_bundle_is_applied_to_its_configmap() {
     assert_eq!(bundle.fingerprints(), ca.bundle().fingerprints());
 }
 
+/// A Secret made beforehand with other key names (or none) is refused,
+/// naming what it has and what is wanted; the CA would otherwise make a new
+/// root on every start and save none of them.
+#[tokio::test]
+async fn a_root_secret_without_a_root_is_refused_not_replaced_in_memory() {
+    let fake = FakeApi::default();
+    let client = fake.client();
+    let path = "/api/v1/namespaces/sluice-system/secrets/sluice-ca-root";
+    fake.put_object(
+        path,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "sluice-ca-root", "namespace": "sluice-system", "resourceVersion": "1"},
+            "data": {"ca.crt": "AA==", "ca.key": "AA=="},
+        }),
+    );
+    let clock: SharedClock = Arc::new(SystemClock);
+    let e = root_from_secret(
+        &client,
+        "sluice-system/sluice-ca-root",
+        CaOptions::default(),
+        clock,
+    )
+    .await;
+    let Err(e) = e else {
+        panic!("a Secret without a root was accepted")
+    };
+    let text = e.to_string();
+    assert!(text.contains("sluice-system/sluice-ca-root"), "{text}");
+    assert!(
+        text.contains("root-cert.pem and root-key.pem wanted; it has ca.crt, ca.key"),
+        "{text}"
+    );
+    assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+}
+
 #[tokio::test]
 async fn a_bad_secret_reference_is_refused() {
     let fake = FakeApi::default();

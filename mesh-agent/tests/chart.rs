@@ -229,6 +229,12 @@ fn the_agent_runs_with_capabilities_not_privileged_and_every_value_is_documented
 /// Runs Helm's linter (which renders every template with the chart's values)
 /// on `dir`; returns (severity, path) of each message.
 fn helm_lint(dir: &Path) -> Vec<(u64, String)> {
+    helm_lint_with_log(dir).0
+}
+
+/// Lint messages and what Helm logged (in lint mode, `fail` only logs:
+/// `INFO funcMap fail message=...`).
+fn helm_lint_with_log(dir: &Path) -> (Vec<(u64, String)>, String) {
     let script = r#"
 import asyncio, json, sys
 try:
@@ -252,7 +258,10 @@ print(json.dumps([[m["Severity"], m["Path"]] for m in r["Messages"]]))
         stdout,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str::<Vec<(u64, String)>>(stdout.trim()).unwrap()
+    (
+        serde_json::from_str::<Vec<(u64, String)>>(stdout.trim()).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -266,6 +275,31 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), dest).unwrap();
         }
     }
+}
+
+#[test]
+fn only_a_privileged_init_container_mounts_back_to_the_host() {
+    let ds = std::fs::read_to_string(chart().join("templates/agent-daemonset.yaml")).unwrap();
+    // Kubernetes refuses Bidirectional mount propagation in a container that
+    // is not privileged, and the agent's is not by default.
+    let (init, main) = ds
+        .split_once("\n      containers:\n")
+        .expect("initContainers, then containers");
+    let init = &init[init.find("initContainers:").expect("an init container")..];
+    assert!(init.contains("command: [mesh-agent, mount-bpffs"), "{init}");
+    assert!(init.contains("privileged: true"), "{init}");
+    assert!(init.contains("mountPropagation: Bidirectional"), "{init}");
+    assert!(!main.contains("Bidirectional"), "{main}");
+    assert!(main.contains("mountPropagation: HostToContainer"), "{main}");
+    // Resetting sockets finds pod processes in cgroup.procs, which lists
+    // other PID namespaces' processes as 0.
+    assert!(ds.contains("\n      hostPID: true\n"));
+    // The CA reads the node from TokenReview's node-name extra (1.30+).
+    let chart_yaml = std::fs::read_to_string(chart().join("Chart.yaml")).unwrap();
+    assert!(
+        chart_yaml.contains("kubeVersion: \">=1.30.0-0\""),
+        "{chart_yaml}"
+    );
 }
 
 /// Helm severities: 1 info, 2 warning, 3 error.
@@ -289,18 +323,41 @@ fn helm_lint_renders_the_chart_with_default_and_other_values() {
     let values = std::fs::read_to_string(variant.join("values.yaml")).unwrap();
     let values = values
         .replace("  enabled: true", "  enabled: false")
+        .replace(
+            "  inProcessOnEveryNode: false",
+            "  inProcessOnEveryNode: true",
+        )
         .replace("  privileged: false", "  privileged: true")
         .replace(
             "  podAnnotations: {}",
             "  podAnnotations: {prometheus.io/scrape: \"true\"}",
         );
     std::fs::write(variant.join("values.yaml"), values).unwrap();
-    let msgs = helm_lint(&variant);
+    let (msgs, log) = helm_lint_with_log(&variant);
     assert_eq!(
         problems(&msgs),
         Vec::<&(u64, String)>::new(),
         "variant values: {msgs:?}"
     );
+    assert!(!log.contains("fail message"), "{log}");
+
+    // Without the CA and without saying that a CA in every agent is meant
+    // (a single-node cluster), the chart refuses, saying why.
+    let values = std::fs::read_to_string(variant.join("values.yaml")).unwrap();
+    std::fs::write(
+        variant.join("values.yaml"),
+        values.replace(
+            "  inProcessOnEveryNode: true",
+            "  inProcessOnEveryNode: false",
+        ),
+    )
+    .unwrap();
+    // (Helm's lint mode turns `fail` into a log line.)
+    let refusal = "fail message=\"ca.enabled=false leaves every node with a CA of its own";
+    let (_, log) = helm_lint_with_log(&variant);
+    assert!(log.contains(refusal), "{log}");
+    let (_, log) = helm_lint_with_log(&chart());
+    assert!(!log.contains("fail message"), "{log}");
 
     // The linter does catch a broken template (so the checks above mean something).
     let ds = variant.join("templates/agent-daemonset.yaml");

@@ -44,6 +44,13 @@ enum Command {
         /// The directory (as in --source files:<dir>).
         dir: std::path::PathBuf,
     },
+    /// Mount bpffs at --bpffs unless it is mounted there already (the
+    /// chart's init container runs it, privileged, so that the mount is the
+    /// host's and the agent itself needs no mount propagation back).
+    MountBpffs {
+        #[arg(long, default_value = ebpf_lb::DEFAULT_BPFFS)]
+        bpffs: std::path::PathBuf,
+    },
     /// Remove the pinned kernel state (programs, maps) an agent left.
     Uninstall {
         #[arg(long, default_value = ebpf_lb::DEFAULT_BPFFS)]
@@ -115,6 +122,16 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Command::MountBpffs { bpffs } => match ebpf_lb::ensure_bpffs(&bpffs) {
+            Ok(()) => {
+                println!("bpffs is mounted at {}", bpffs.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mesh-agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Uninstall { bpffs, lb_instance } => {
             let dir = bpffs.join(lb_instance);
             match ebpf_lb::uninstall_at(&dir) {
