@@ -105,10 +105,12 @@ fn parents(v: &Value, route_ns: &str, refs: &RefIndex) -> Vec<ParentRef> {
                 p["name"].as_str().unwrap_or(""),
             );
             let port = p["port"].as_i64().and_then(|p| i32::try_from(p).ok());
-            refs.check_parent(&service, port).ok()?;
+            let port = refs
+                .check_parent(&service, port, p["sectionName"].as_str())
+                .ok()?;
             Some(ParentRef {
                 service: ObjectRef::new(&service.namespace, &service.name),
-                port: port_of(&p["port"]),
+                port,
             })
         })
         .collect()

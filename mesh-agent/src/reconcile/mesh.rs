@@ -225,8 +225,12 @@ pub fn mesh_view_and_routes(
     let routes = translate_all(store, &refs);
     let accepted = |r: &RouteRefs| {
         r.service_parents().any(|p| {
-            refs.check_parent(&p.service_key(&r.key.namespace), p.port)
-                .is_ok()
+            refs.check_parent(
+                &p.service_key(&r.key.namespace),
+                p.port,
+                p.section_name.as_deref(),
+            )
+            .is_ok()
         })
     };
     let view = MeshView {

@@ -98,6 +98,8 @@ impl Grant {
 pub struct RefIndex {
     /// Every Service, and the port numbers it serves.
     pub services: BTreeMap<Key, BTreeSet<u16>>,
+    /// The names of Services' ports (a Service parent's `sectionName`).
+    pub port_names: BTreeMap<Key, BTreeMap<String, u16>>,
     /// ReferenceGrants by the namespace they open.
     pub grants: BTreeMap<String, Vec<Grant>>,
 }
@@ -123,6 +125,19 @@ impl RefIndex {
                 (key.clone(), ports)
             })
             .collect();
+        let port_names = store
+            .services
+            .iter()
+            .map(|(key, svc)| {
+                let names = svc
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.ports.iter().flatten())
+                    .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.port).ok()?)))
+                    .collect();
+                (key.clone(), names)
+            })
+            .collect();
         let mut grants: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
         for (key, g) in &store.reference_grants {
             grants
@@ -144,7 +159,11 @@ impl RefIndex {
                         .collect(),
                 });
         }
-        Self { services, grants }
+        Self {
+            services,
+            port_names,
+            grants,
+        }
     }
 
     /// Whether a ReferenceGrant in `ns` lets `route_kind`s of `route_ns`
@@ -222,17 +241,43 @@ impl RefIndex {
         }
     }
 
-    /// Whether a Service parent exists (with the port, when one is named):
-    /// `Err` is the `NoMatchingParent` message.
-    pub fn check_parent(&self, service: &Key, port: Option<i32>) -> Result<(), String> {
+    /// Whether a Service parent exists (with the port, when one is given by
+    /// number or by name, its `sectionName`: both must then name the same
+    /// port): `Ok` is the port it attaches to (`None`: every port), `Err`
+    /// the `NoMatchingParent` message.
+    pub fn check_parent(
+        &self,
+        service: &Key,
+        port: Option<i32>,
+        section: Option<&str>,
+    ) -> Result<Option<u16>, String> {
         let Some(ports) = self.services.get(service) else {
             return Err(format!("parent Service {service} does not exist"));
         };
-        match port {
-            Some(p) if !u16::try_from(p).is_ok_and(|p| ports.contains(&p)) => {
-                Err(format!("parent Service {service} has no port {p}"))
-            }
-            _ => Ok(()),
+        let numbered = match port {
+            None => None,
+            Some(p) => match u16::try_from(p).ok().filter(|p| ports.contains(p)) {
+                Some(p) => Some(p),
+                None => return Err(format!("parent Service {service} has no port {p}")),
+            },
+        };
+        let Some(name) = section else {
+            return Ok(numbered);
+        };
+        let named = self
+            .port_names
+            .get(service)
+            .and_then(|n| n.get(name))
+            .copied();
+        match (named, numbered) {
+            (None, _) => Err(format!(
+                "parent Service {service} has no port named {name:?} (sectionName)"
+            )),
+            (Some(n), Some(p)) if n != p => Err(format!(
+                "parent Service {service}: sectionName {name:?} is port {n}, not the port {p} \
+                 the reference names too"
+            )),
+            (Some(n), _) => Ok(Some(n)),
         }
     }
 }
@@ -409,17 +454,27 @@ mod tests {
     fn parents_need_the_service_and_the_named_port() {
         let i = index();
         let web = Key::new("shop", "web");
-        assert_eq!(i.check_parent(&web, None), Ok(()));
-        assert_eq!(i.check_parent(&web, Some(80)), Ok(()));
+        assert_eq!(i.check_parent(&web, None, None), Ok(None));
+        assert_eq!(i.check_parent(&web, Some(80), None), Ok(Some(80)));
         assert!(
-            i.check_parent(&web, Some(81))
+            i.check_parent(&web, Some(81), None)
                 .unwrap_err()
                 .contains("no port 81")
         );
         assert!(
-            i.check_parent(&Key::new("shop", "x"), None)
+            i.check_parent(&Key::new("shop", "x"), None, None)
                 .unwrap_err()
                 .contains("does not exist")
         );
+        // sectionName names a port (the test Services name theirs p<number>).
+        assert_eq!(i.check_parent(&web, None, Some("p8080")), Ok(Some(8080)));
+        assert_eq!(
+            i.check_parent(&web, Some(8080), Some("p8080")),
+            Ok(Some(8080))
+        );
+        let e = i.check_parent(&web, Some(80), Some("p8080")).unwrap_err();
+        assert!(e.contains("is port 8080, not the port 80"), "{e}");
+        let e = i.check_parent(&web, None, Some("admin")).unwrap_err();
+        assert!(e.contains("no port named \"admin\""), "{e}");
     }
 }

@@ -212,7 +212,6 @@ pub fn translate_all(store: &Store, index: &RefIndex) -> Translations {
                 .map(|p| (&p.service, p.port, Key::new(&g.id.namespace, &g.id.name)))
         })
         .collect();
-    let overlap = |a: Option<u16>, b: Option<u16>| a.is_none() || b.is_none() || a == b;
     for r in store.http_routes.values() {
         let (mut e, route) = eval(RouteRefs::of_http(r), proxy_routes::http_route(r, index));
         if let Some(mut route) = route {
@@ -222,21 +221,49 @@ pub fn translate_all(store: &Store, index: &RefIndex) -> Translations {
             // same callers (the Service's own namespace: every caller; any
             // other: its own clients, GAMMA), so a consumer GRPCRoute of
             // another namespace must not switch off this one for all.
-            route.parents.retain(|p| {
-                let Some((_, _, g)) = grpc_parents.iter().find(|(svc, port, g)| {
-                    **svc == p.service
-                        && overlap(*port, p.port)
-                        && g.namespace == route.id.namespace
-                }) else {
-                    return true;
+            let mut kept = Vec::new();
+            for p in std::mem::take(&mut route.parents) {
+                let svc = Key::new(&p.service.namespace, &p.service.name);
+                let grpc: Vec<(Option<u16>, &Key)> = grpc_parents
+                    .iter()
+                    .filter(|(s, _, g)| **s == p.service && g.namespace == route.id.namespace)
+                    .map(|(_, port, g)| (*port, g))
+                    .collect();
+                let taken = |port: u16| grpc.iter().find(|(gp, _)| gp.is_none_or(|gp| gp == port));
+                let conflict = match p.port {
+                    // One port: the route's there unless a GRPCRoute has it.
+                    Some(port) => taken(port).map(|(_, g)| *g),
+                    // Every port: a GRPCRoute on every port takes them all;
+                    // one on some ports leaves the route the others.
+                    None => match grpc.iter().find(|(gp, _)| gp.is_none()) {
+                        Some((_, g)) => Some(*g),
+                        None if grpc.is_empty() => None,
+                        None => {
+                            let ports = index.services.get(&svc).into_iter().flatten();
+                            let free: Vec<u16> = ports
+                                .copied()
+                                .filter(|port| taken(*port).is_none())
+                                .collect();
+                            if free.is_empty() {
+                                Some(grpc[0].1)
+                            } else {
+                                kept.extend(free.into_iter().map(|port| {
+                                    l7_proxy::config::ParentRef {
+                                        service: p.service.clone(),
+                                        port: Some(port),
+                                    }
+                                }));
+                                continue;
+                            }
+                        }
+                    },
                 };
-                e.conflicted.push((
-                    Key::new(&p.service.namespace, &p.service.name),
-                    p.port.map(i32::from),
-                    g.clone(),
-                ));
-                false
-            });
+                match conflict {
+                    None => kept.push(p),
+                    Some(g) => e.conflicted.push((svc, p.port.map(i32::from), g.clone())),
+                }
+            }
+            route.parents = kept;
             if !route.parents.is_empty() {
                 t.http.push(route);
             }
@@ -257,11 +284,14 @@ pub fn evaluate(store: &Store, index: &RefIndex) -> Vec<RouteEval> {
 /// `ResolvedRefs`, and `PartiallyInvalid` when some rules were left out.
 pub fn parent_conditions(index: &RefIndex, eval: &RouteEval, parent: &ParentRef) -> Vec<Cond> {
     let svc = parent.service_key(&eval.route.key.namespace);
+    let checked = index.check_parent(&svc, parent.port, parent.section_name.as_deref());
+    // The port it attaches to, named by number or by sectionName.
+    let port = checked.clone().ok().flatten().map(i32::from);
     let conflict = eval
         .conflicted
         .iter()
-        .find(|(s, port, _)| *s == svc && *port == parent.port);
-    let accepted = match index.check_parent(&svc, parent.port) {
+        .find(|(s, p, _)| *s == svc && *p == port);
+    let accepted = match checked.map(|_| ()) {
         Err(message) => Cond {
             type_: "Accepted",
             status: false,
@@ -568,6 +598,101 @@ mod tests {
             .find(|e| e.route.kind == "GRPCRoute")
             .unwrap();
         assert!(parent_conditions(&index, g, &g.route.parents[0])[0].status);
+    }
+
+    fn grpc_on_web_port_80() -> crate::gateway::GrpcRoute {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GRPCRoute",
+            "metadata": {"name": "rpc", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [{"backendRefs": [{"name": "api", "port": 8080}]}]
+            }
+        }))
+        .unwrap()
+    }
+
+    /// An HTTPRoute on every port of a Service: a GRPCRoute on one of them
+    /// takes that one only.
+    #[test]
+    fn a_grpcroute_on_one_port_leaves_an_every_port_httproute_the_others() {
+        let mut s = store(&[("shop", "web", &[80, 8080]), ("shop", "api", &[8080])]);
+        s.apply(Update::Upsert(Object::GRPCRoute(grpc_on_web_port_80())));
+        let mut every_port = web_route("api");
+        every_port.spec.parent_refs = Some(vec![
+            serde_json::from_value(serde_json::json!(
+                {"group": "", "kind": "Service", "name": "web"}
+            ))
+            .unwrap(),
+        ]);
+        s.apply(Update::Upsert(Object::HTTPRoute(every_port)));
+        let index = RefIndex::of(&s);
+        let t = translate_all(&s, &index);
+        assert_eq!(t.http.len(), 1, "{:?}", t.http);
+        let ports: Vec<Option<u16>> = t.http[0].parents.iter().map(|p| p.port).collect();
+        assert_eq!(ports, [Some(8080)]);
+        let e = t
+            .evals
+            .iter()
+            .find(|e| e.route.kind == "HTTPRoute")
+            .unwrap();
+        assert!(parent_conditions(&index, e, &e.route.parents[0])[0].status);
+
+        // A Service with that one port only: nothing is left to it.
+        let mut s = store(&[("shop", "web", &[80]), ("shop", "api", &[8080])]);
+        s.apply(Update::Upsert(Object::GRPCRoute(grpc_on_web_port_80())));
+        let mut every_port = web_route("api");
+        every_port.spec.parent_refs = Some(vec![
+            serde_json::from_value(serde_json::json!(
+                {"group": "", "kind": "Service", "name": "web"}
+            ))
+            .unwrap(),
+        ]);
+        s.apply(Update::Upsert(Object::HTTPRoute(every_port)));
+        let index = RefIndex::of(&s);
+        let t = translate_all(&s, &index);
+        assert!(t.http.is_empty(), "{:?}", t.http);
+        let e = t
+            .evals
+            .iter()
+            .find(|e| e.route.kind == "HTTPRoute")
+            .unwrap();
+        let c = &parent_conditions(&index, e, &e.route.parents[0])[0];
+        assert_eq!((c.status, c.reason.as_str()), (false, "Conflicted"));
+    }
+
+    /// A Service parent's sectionName is a port name (Gateway API).
+    #[test]
+    fn a_service_parent_section_name_picks_the_named_port() {
+        let s = store(&[("shop", "web", &[80, 9090]), ("shop", "api", &[8080])]);
+        let mut named = web_route("api");
+        named.spec.parent_refs = Some(vec![
+            serde_json::from_value(serde_json::json!(
+                {"group": "", "kind": "Service", "name": "web", "sectionName": "p9090"}
+            ))
+            .unwrap(),
+        ]);
+        let index = RefIndex::of(&s);
+        let mut s2 = s.clone();
+        s2.apply(Update::Upsert(Object::HTTPRoute(named.clone())));
+        let t = translate_all(&s2, &index);
+        let ports: Vec<Option<u16>> = t.http[0].parents.iter().map(|p| p.port).collect();
+        assert_eq!(ports, [Some(9090)], "the named port only");
+        assert!(conds(&s2, &named)[0].1);
+
+        named.spec.parent_refs = Some(vec![
+            serde_json::from_value(serde_json::json!(
+                {"group": "", "kind": "Service", "name": "web", "sectionName": "admin"}
+            ))
+            .unwrap(),
+        ]);
+        let mut s3 = s.clone();
+        s3.apply(Update::Upsert(Object::HTTPRoute(named.clone())));
+        assert!(translate_all(&s3, &index).http.is_empty());
+        let c = &conds(&s3, &named)[0];
+        assert_eq!((c.1, c.2.as_str()), (false, "NoMatchingParent"));
+        assert!(c.3.contains("no port named \"admin\""), "{c:?}");
     }
 
     #[test]
