@@ -46,7 +46,7 @@ pub use error::{Error, Result};
 pub use reset::ResetReport;
 pub use service::{Backend, BackendState, Frontend, Protocol, ServiceSpec};
 use service::{endpoint, socket_addr};
-pub use strict::MtlsMode;
+pub use strict::{MtlsMode, interface_index};
 pub use sys::ensure_bpffs;
 
 /// The kernel programs, built by `build.rs` from `ebpf-lb-programs`.

@@ -36,6 +36,12 @@ impl MtlsMode {
             MtlsMode::Disabled => MODE_DISABLED,
         }
     }
+
+    fn from_code(code: u32) -> Option<MtlsMode> {
+        [MtlsMode::Strict, MtlsMode::Permissive, MtlsMode::Disabled]
+            .into_iter()
+            .find(|m| m.code() == code)
+    }
 }
 
 pub(crate) fn workload_key(ip: IpAddr) -> WorkloadKey {
@@ -45,6 +51,11 @@ pub(crate) fn workload_key(ip: IpAddr) -> WorkloadKey {
         family: ep.family,
         _pad: [0; 3],
     }
+}
+
+/// The index of interface `name` now, if there is one.
+pub fn interface_index(name: &str) -> Option<u32> {
+    ifindex(name).ok()
 }
 
 fn ifindex(name: &str) -> Result<u32> {
@@ -105,6 +116,60 @@ impl LoadBalancer {
             .map_err(|e| Error::io("pinning link", &pin, io::Error::other(e.to_string())))?;
         t.guarded.insert(ifname.to_string(), idx);
         Ok(())
+    }
+
+    /// The mTLS modes the kernel holds, an earlier agent's included (the map
+    /// is pinned): a new agent compares them with what it wants.
+    pub fn workload_modes(&self) -> Vec<(IpAddr, MtlsMode)> {
+        let t = self.tables();
+        t.workloads
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter_map(|(k, v)| {
+                let ep = ebpf_lb_common::Endpoint {
+                    addr: k.addr,
+                    port: 0,
+                    family: k.family,
+                    _pad: 0,
+                };
+                let ip = crate::service::socket_addr(&ep)?.ip();
+                Some((ip, MtlsMode::from_code(v.mode)?))
+            })
+            .collect()
+    }
+
+    /// The interfaces (name, index) the STRICT guard is pinned on, an
+    /// earlier agent's included. The pins of interfaces that are gone (their
+    /// pods with them) are removed on the way.
+    pub fn guarded_interfaces(&self) -> Vec<(String, u32)> {
+        let dir = self.links_dir();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(idx) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("tc-"))
+                .and_then(|i| i.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+            // SAFETY: the buffer holds IF_NAMESIZE bytes, as the call needs.
+            let named = unsafe { libc::if_indextoname(idx, buf.as_mut_ptr()) };
+            if named.is_null() {
+                let _ = crate::sys::detach_pinned_link(&e.path());
+                let _ = fs::remove_file(e.path());
+                continue;
+            }
+            // SAFETY: if_indextoname wrote a NUL-terminated name.
+            let ifname = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+            out.push((ifname.to_string_lossy().into_owned(), idx));
+        }
+        out.sort();
+        out
     }
 
     /// Removes the STRICT guard from `ifname`, and its pinned link; also when

@@ -3,7 +3,10 @@
 //! the node proxy (its SO_MARK). Runs on a test node made of network
 //! namespaces. Needs root.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::Result;
 use ebpf_lb::{MtlsMode, ProxyTarget};
@@ -229,6 +232,53 @@ fn the_guard_of_a_deleted_pod_goes_with_its_pinned_link() -> Result<()> {
     drop(pod);
     node.ns.run(|| lb.unguard_interface(&host_if))??;
     assert_eq!(guards(), 0, "the dead guard's pin is left in bpffs");
+    drop((client, node));
+    Ok(())
+}
+
+/// What a new agent learns from the pinned state: the guarded interfaces
+/// and the modes an earlier one set; the pin of a guard whose interface
+/// went with its pod is dropped on the way.
+#[test]
+fn the_pinned_guards_and_modes_are_listed_and_dead_guards_dropped() -> Result<()> {
+    let s = setup()?;
+    s.lb.set_workload_mode(s.pod.ip4.into(), Some(MtlsMode::Strict))?;
+    let listed = s.node.ns.run(|| s.lb.guarded_interfaces())?;
+    let names: Vec<&str> = listed.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, [s.pod.host_if.as_str()]);
+    assert!(
+        s.lb.workload_modes()
+            .contains(&(s.pod.ip4.into(), MtlsMode::Strict)),
+        "{:?}",
+        s.lb.workload_modes()
+    );
+    let links = s.lb.pin_dir().join("links");
+    let Setup {
+        server,
+        server6,
+        pod,
+        client,
+        node,
+        lb,
+        _cg,
+    } = s;
+    drop((server, server6));
+    // The pod's namespace goes, and both ends of its veth with it.
+    drop(pod);
+    // (The kernel deletes a dead namespace's interfaces a moment later.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !node.ns.run(|| lb.guarded_interfaces())?.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guard of the deleted pod's interface is still listed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pins = std::fs::read_dir(&links)?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tc-"))
+        .count();
+    assert_eq!(pins, 0, "the dead guard's pin is left in bpffs");
     drop((client, node));
     Ok(())
 }

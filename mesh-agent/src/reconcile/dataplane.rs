@@ -32,6 +32,14 @@ pub trait Dataplane: Send + Sync {
     /// Puts the STRICT guard on a pod's host-side interface.
     fn guard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error>;
     fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error>;
+    /// The mTLS modes the kernel holds, an earlier agent's included.
+    fn workload_modes(&self) -> Vec<(IpAddr, MtlsMode)>;
+    /// The interfaces (name, index) a STRICT guard is pinned on, an earlier
+    /// agent's included.
+    fn guarded_interfaces(&self) -> Vec<(String, u32)>;
+    /// The index of an interface now (a pod recreated with the same veth
+    /// name has a new one, and needs the guard again).
+    fn interface_index(&self, ifname: &str) -> Option<u32>;
     /// Plaintext connection attempts to a STRICT workload refused.
     fn refusals(&self, ip: IpAddr) -> u64;
     /// Where a connection the kernel redirected to the proxy was going, from
@@ -82,6 +90,18 @@ impl Dataplane for LoadBalancer {
         LoadBalancer::unguard_interface(self, ifname)
     }
 
+    fn workload_modes(&self) -> Vec<(IpAddr, MtlsMode)> {
+        LoadBalancer::workload_modes(self)
+    }
+
+    fn guarded_interfaces(&self) -> Vec<(String, u32)> {
+        LoadBalancer::guarded_interfaces(self)
+    }
+
+    fn interface_index(&self, ifname: &str) -> Option<u32> {
+        ebpf_lb::interface_index(ifname)
+    }
+
     fn refusals(&self, ip: IpAddr) -> u64 {
         LoadBalancer::refusals(self, ip).unwrap_or(0)
     }
@@ -114,6 +134,8 @@ struct Memory {
     proxy: Option<ProxyTarget>,
     modes: BTreeMap<IpAddr, MtlsMode>,
     guarded: BTreeSet<String>,
+    /// Interface indexes other than 1 (a veth recreated under its name).
+    indexes: BTreeMap<String, u32>,
     original: BTreeMap<SocketAddr, SocketAddr>,
     batches: Vec<Vec<Change>>,
     /// Frontends whose upsert fails (to test error handling).
@@ -157,6 +179,14 @@ impl MemoryDataplane {
 
     pub fn guarded(&self) -> BTreeSet<String> {
         self.lock().guarded.clone()
+    }
+
+    /// Gives `ifname` a new index, as a veth recreated under the same name
+    /// gets; a guard on the old one is gone with it.
+    pub fn recreate_interface(&self, ifname: &str, index: u32) {
+        let mut m = self.lock();
+        m.indexes.insert(ifname.into(), index);
+        m.guarded.remove(ifname);
     }
 
     /// Makes changes of `fe` fail: upserts as a full map would, removals as
@@ -294,6 +324,22 @@ impl Dataplane for MemoryDataplane {
     fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
         self.lock().guarded.remove(ifname);
         Ok(())
+    }
+
+    fn workload_modes(&self) -> Vec<(IpAddr, MtlsMode)> {
+        self.lock().modes.iter().map(|(ip, m)| (*ip, *m)).collect()
+    }
+
+    fn guarded_interfaces(&self) -> Vec<(String, u32)> {
+        let m = self.lock();
+        m.guarded
+            .iter()
+            .map(|n| (n.clone(), m.indexes.get(n).copied().unwrap_or(1)))
+            .collect()
+    }
+
+    fn interface_index(&self, ifname: &str) -> Option<u32> {
+        Some(self.lock().indexes.get(ifname).copied().unwrap_or(1))
     }
 
     fn refusals(&self, _ip: IpAddr) -> u64 {

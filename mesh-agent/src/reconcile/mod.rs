@@ -195,6 +195,9 @@ pub struct Reconciler {
     modes: BTreeMap<IpAddr, ebpf_lb::MtlsMode>,
     /// Interfaces carrying the STRICT guard, and their pod.
     guarded: BTreeMap<String, Key>,
+    /// The index each guarded interface had when guarded: a pod recreated
+    /// with the same veth name has a new interface, without the guard.
+    guard_index: BTreeMap<String, u32>,
     source_errors: BTreeMap<String, Vec<ConfigError>>,
     /// Sources that have not read all their objects yet.
     incomplete_sources: BTreeSet<String>,
@@ -237,6 +240,7 @@ impl Reconciler {
             enrol_errors: BTreeMap::new(),
             modes: BTreeMap::new(),
             guarded: BTreeMap::new(),
+            guard_index: BTreeMap::new(),
             source_errors: BTreeMap::new(),
             incomplete_sources: BTreeSet::new(),
             cleanup_deferred: false,
@@ -362,6 +366,18 @@ impl Reconciler {
         dirty.mesh = true;
         self.reconcile_services(&dirty.services);
         self.remove_stale_services();
+        // What an earlier agent left in the kernel: modes and guards of pods
+        // that are gone or left the mesh (or STRICT) meanwhile go in this
+        // pass like any other; wanted guards are attached again (this
+        // agent's program replaces the old one).
+        for (ip, mode) in self.dp.workload_modes() {
+            self.modes.entry(ip).or_insert(mode);
+        }
+        for (iface, _) in self.dp.guarded_interfaces() {
+            self.guarded
+                .entry(iface)
+                .or_insert_with(|| Key::new("", "(an earlier agent's)"));
+        }
         self.reconcile_workloads();
         self.unenrol_stale_cgroups();
         dirty.services.clear();
@@ -736,12 +752,16 @@ impl Reconciler {
         });
         for (iface, key) in &guards {
             guard_keys.insert(format!("guard {iface}"));
-            if !self.guarded.contains_key(iface) {
+            let index = self.dp.interface_index(iface);
+            if !self.guarded.contains_key(iface) || self.guard_index.get(iface) != index.as_ref() {
                 let r = self.dp.guard_interface(iface);
                 match &r {
                     Ok(()) => {
                         tracing::info!(pod = %key, interface = %iface, "STRICT guard attached");
                         self.guarded.insert(iface.clone(), key.clone());
+                        if let Some(i) = index {
+                            self.guard_index.insert(iface.clone(), i);
+                        }
                     }
                     Err(e) => {
                         for info in infos
@@ -773,6 +793,7 @@ impl Reconciler {
                 tracing::debug!(interface = %iface, error = %e, "unguarding");
             }
             self.guarded.remove(&iface);
+            self.guard_index.remove(&iface);
         }
     }
 

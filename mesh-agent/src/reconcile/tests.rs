@@ -25,7 +25,11 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn fixture() -> Fixture {
-    let dp = Arc::new(MemoryDataplane::new());
+    fixture_on(Arc::new(MemoryDataplane::new()))
+}
+
+/// A reconciler on `dp`, which may hold what an earlier one left.
+fn fixture_on(dp: Arc<MemoryDataplane>) -> Fixture {
     let cg = tempfile::tempdir().unwrap();
     let (out, rx) = Outputs::channels();
     let settings = Settings {
@@ -333,6 +337,55 @@ fn web_strict() -> crate::crds::MeshPolicy {
     let mut p = crate::crds::MeshPolicy::new("web-strict", strict);
     p.metadata.namespace = Some("shop".into());
     p
+}
+
+/// The modes and guards are pinned, so they outlive the agent: a pod that
+/// left the mesh while no agent ran must not stay STRICT.
+#[test]
+fn a_new_agent_clears_strict_state_an_earlier_one_left_for_pods_that_left_the_mesh() {
+    let mut f = fixture();
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some(f.cgroup("pods/web"));
+    web.interface = Some("veth-web".into());
+    let mut objs = shop();
+    objs.extend([Object::Pod(web.clone()), Object::MeshPolicy(web_strict())]);
+    f.upsert(objs.clone());
+    f.sync();
+    assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-web".to_string()]));
+    assert_eq!(f.dp.modes().len(), 1);
+
+    // The agent stops; meanwhile the namespace leaves the mesh.
+    let dp = f.dp.clone();
+    drop(f);
+    let mut f = fixture_on(dp);
+    web.cgroup = Some(f.cgroup("pods/web"));
+    let mut objs = shop();
+    objs[0] = Object::Namespace(namespace("shop", false));
+    objs.extend([Object::Pod(web), Object::MeshPolicy(web_strict())]);
+    f.upsert(objs);
+    f.sync();
+    assert!(f.dp.modes().is_empty(), "{:?}", f.dp.modes());
+    assert!(f.dp.guarded().is_empty(), "{:?}", f.dp.guarded());
+}
+
+/// A STRICT pod recreated with the same veth name (a StatefulSet pod, say)
+/// has a new interface, which the guard on the old one did not cover.
+#[test]
+fn a_strict_pod_whose_veth_was_recreated_under_its_name_is_guarded_again() {
+    let mut f = fixture();
+    let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
+    web.cgroup = Some(f.cgroup("pods/web"));
+    web.interface = Some("veth-web".into());
+    let mut objs = shop();
+    objs.extend([Object::Pod(web.clone()), Object::MeshPolicy(web_strict())]);
+    f.upsert(objs);
+    f.sync();
+    assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-web".to_string()]));
+    // The pod is recreated (a new UID) with a veth of the same name.
+    f.dp.recreate_interface("veth-web", 7);
+    web.uid = "uid-shop-web-2".into();
+    f.upsert(vec![Object::Pod(web)]);
+    assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-web".to_string()]));
 }
 
 #[test]
