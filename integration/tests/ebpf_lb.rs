@@ -177,6 +177,48 @@ fn dual_stack_socket_reaches_an_ipv4_service_through_a_mapped_address() -> Resul
     Ok(())
 }
 
+/// A dual-stack socket sending to an IPv4 service through its mapped
+/// address: the kernel hands the datagram to IPv4 (sendmsg4, address
+/// unmapped) and the reply back through IPv6 (recvmsg6, address mapped).
+#[test]
+fn dual_stack_udp_replies_come_from_the_mapped_vip_connected_or_not() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("lbum")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let vip = SocketAddr::new(integration::lb::random_vip().into(), 5353);
+    let backends: Vec<UdpBackend> = (0..2)
+        .map(|i| UdpBackend::start(loopback(), &format!("u{i}")))
+        .collect::<Result<_>>()?;
+    lb.upsert_service(&ServiceSpec::new(
+        Frontend::udp(vip),
+        backends.iter().map(|b| Backend::ready(b.addr())),
+    ))?;
+    let SocketAddr::V4(v4) = vip else {
+        unreachable!()
+    };
+    let mapped = SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port());
+    for connected in [false, true] {
+        let mut args: Vec<String> = ["udp", "--to", &mapped.to_string(), "--count", "40"]
+            .map(String::from)
+            .into();
+        if connected {
+            args.push("--connected".into());
+        }
+        let attempts = probe(&args).in_cgroup(&cg).run()?;
+        assert_all_ok(&attempts);
+        for a in &attempts {
+            assert_eq!(
+                a.peer.as_deref(),
+                Some(mapped.to_string().as_str()),
+                "connected={connected}, reply source: {a:?}"
+            );
+        }
+        assert_eq!(tally(&attempts).len(), 2, "{:?}", tally(&attempts));
+        assert_nothing_tracked(&lb);
+    }
+    Ok(())
+}
+
 #[test]
 fn udp_replies_come_from_the_vip_connected_or_not() -> Result<()> {
     require_root();

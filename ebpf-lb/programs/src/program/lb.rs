@@ -306,10 +306,24 @@ fn xlate4(ctx: &SockAddrContext, may_redirect: bool) -> i32 {
                 write_volatile(&mut (*s).user_ip4, to.addr[0]);
                 write_volatile(&mut (*s).user_port, to.port as u32);
             }
-            let vip = Endpoint::new(key.addr, port, FAMILY_V4);
+            // A dual-stack (AF_INET6) UDP socket's datagram to ::ffff:VIP
+            // comes through here, its address unmapped by the kernel, while
+            // its replies go up through recvmsg6 with the peer mapped: the
+            // translation is remembered in the socket's own (mapped) form.
+            // SAFETY: the kernel always sets the context's socket.
+            let sk = unsafe { (*s).__bindgen_anon_1.sk };
+            let v6_socket = unsafe { read_volatile(&(*sk).family) } == AF_INET6;
+            let (written, vip) = if v6_socket {
+                (
+                    Endpoint::new([0, 0, V4_MAPPED_WORD, to.addr[0]], to.port, FAMILY_V6),
+                    Endpoint::new([0, 0, V4_MAPPED_WORD, key.addr[0]], port, FAMILY_V6),
+                )
+            } else {
+                (to, Endpoint::new(key.addr, port, FAMILY_V4))
+            };
             remember(
                 unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-                to,
+                written,
                 vip,
                 proto == PROTO_UDP,
             );
