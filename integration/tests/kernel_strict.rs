@@ -282,3 +282,174 @@ fn the_pinned_guards_and_modes_are_listed_and_dead_guards_dropped() -> Result<()
     drop((client, node));
     Ok(())
 }
+
+/// The Internet checksum of `data` (RFC 1071), folded and inverted.
+fn inet_csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A 20-byte TCP SYN from `src:sport` to `dst:dport`, checksum included.
+fn tcp_syn(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, sport: u16, dport: u16) -> [u8; 20] {
+    let mut t = [0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&t);
+    let c = inet_csum(&pseudo);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
+/// An IPv4 fragment of a TCP segment: `offset8` in 8-byte units.
+fn ipv4_fragment(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    id: u16,
+    more: bool,
+    offset8: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    h[4..6].copy_from_slice(&id.to_be_bytes());
+    h[6..8].copy_from_slice(&((u16::from(more) << 13) | offset8).to_be_bytes());
+    h[8] = 64;
+    h[9] = 6;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = inet_csum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+/// Sends `packets` (whole IPv4 packets) from `from` and says whether a TCP
+/// segment from `peer:pport` to port `lport` with SYN|ACK came back within
+/// a second.
+fn syn_ack_after(
+    from: &integration::netns::TestNetns,
+    packets: Vec<Vec<u8>>,
+    peer: std::net::Ipv4Addr,
+    pport: u16,
+    lport: u16,
+) -> Result<bool> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    from.run(move || -> std::io::Result<bool> {
+        let sniff = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
+        sniff.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let raw = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )?;
+        let to = SocketAddr::new(peer.into(), 0).into();
+        for p in &packets {
+            raw.send_to(p, &to)?;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+        while std::time::Instant::now() < deadline {
+            let n = match sniff.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            // SAFETY: recv initialised the first n bytes.
+            let b: Vec<u8> = buf[..n]
+                .iter()
+                .map(|x| unsafe { x.assume_init() })
+                .collect();
+            let ihl = usize::from(b[0] & 0x0f) * 4;
+            if n < ihl + 14 || b[12..16] != peer.octets() {
+                continue;
+            }
+            let t = &b[ihl..];
+            let (sp, dp) = (
+                u16::from_be_bytes([t[0], t[1]]),
+                u16::from_be_bytes([t[2], t[3]]),
+            );
+            if sp == pport && dp == lport && t[13] & 0x12 == 0x12 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })?
+    .map_err(Into::into)
+}
+
+/// A SYN split into IPv4 fragments: the guard cannot read its flags, and
+/// the pod would reassemble it; it is dropped, not let through.
+#[test]
+fn a_syn_split_into_ipv4_fragments_does_not_reach_a_strict_pod() -> Result<()> {
+    let s = setup()?;
+    let (src, dst) = (s.client.ip4, s.pod.ip4);
+    let syn = tcp_syn(src, dst, 40000, 8080);
+    let fragments = |id| {
+        vec![
+            ipv4_fragment(src, dst, id, true, 0, &syn[..8]),
+            ipv4_fragment(src, dst, id, false, 1, &syn[8..]),
+        ]
+    };
+    // Not STRICT: the pod answers the reassembled SYN (so the packets are
+    // right, and the test can fail).
+    s.lb.set_workload_mode(dst.into(), Some(MtlsMode::Permissive))?;
+    assert!(
+        syn_ack_after(&s.client.ns, fragments(7), dst, 8080, 40000)?,
+        "no SYN-ACK to the fragmented SYN of a PERMISSIVE pod"
+    );
+    s.lb.set_workload_mode(dst.into(), Some(MtlsMode::Strict))?;
+    assert!(
+        !syn_ack_after(&s.client.ns, fragments(8), dst, 8080, 40000)?,
+        "a STRICT pod answered a fragmented plaintext SYN"
+    );
+    // A whole SYN is still answered with the guard's reset.
+    assert_refused(&connect(&s.client.ns, s.server.addr(), None)?);
+    Ok(())
+}
+
+/// Fragmented IPv6 datagrams that are not TCP (a large UDP answer) reach a
+/// STRICT pod: the guard looks behind the fragment header.
+#[test]
+fn fragmented_ipv6_udp_reaches_a_strict_pod() -> Result<()> {
+    let s = setup()?;
+    let udp = integration::servers::UdpBackend::start_in(
+        &s.pod.ns,
+        SocketAddr::new(s.pod.ip6.into(), 9000),
+        "u",
+    )?;
+    // Neighbour discovery first (the first packets can be lost to it).
+    assert_reached(&connect(&s.client.ns, s.server6.addr(), None)?, "pod6");
+    s.lb.set_workload_mode(s.pod.ip6.into(), Some(MtlsMode::Strict))?;
+    let to = udp.addr();
+    s.client.ns.run(move || -> std::io::Result<()> {
+        let sock = std::net::UdpSocket::bind("[::]:0")?;
+        sock.send_to(&[7u8; 3000], to)?;
+        Ok(())
+    })??;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while udp.hits() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a fragmented UDP datagram to a STRICT pod was dropped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // TCP to it is still refused.
+    assert_refused(&connect(&s.client.ns, s.server6.addr(), None)?);
+    Ok(())
+}

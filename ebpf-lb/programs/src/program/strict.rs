@@ -5,6 +5,11 @@
 //! host-side egress hook). The client sees `ECONNREFUSED` at once, wherever it
 //! is; traffic inside the pod never crosses the veth and is untouched.
 //!
+//! A TCP fragment to a STRICT workload is dropped (the pod would reassemble
+//! a SYN whose flags were never seen here); IPv6 extension headers are
+//! walked to the upper-layer header, so that a SYN behind them is refused
+//! and anything else behind them passes.
+//!
 //! The RST is the SYN turned around in place: MACs, addresses and ports
 //! swapped (none of which changes a checksum), seq 0, ack = SYN seq + 1 +
 //! payload, flags RST|ACK, then handed back to the same device's ingress.
@@ -36,6 +41,8 @@ pub fn sluice_strict(ctx: TcContext) -> i32 {
 
 /// Where the TCP header starts, the TCP segment length, and the destination.
 struct Parsed {
+    /// [`OTHER`], [`TCP`] or [`OPAQUE`].
+    kind: u8,
     l4: usize,
     l4_len: usize,
     dst: WorkloadKey,
@@ -44,31 +51,79 @@ struct Parsed {
     addr_len: usize,
 }
 
+/// IPv6 extension headers walked to find the TCP header behind them.
+const MAX_EXT_HEADERS: usize = 4;
+
+/// What a packet heading into a pod is, for the guard ([`Parsed::kind`]).
+/// (Plain constants: an enum carrying data leaves registers the verifier
+/// sees read uninitialised.)
+/// Not TCP (or not IP): passes.
+const OTHER: u8 = 0;
+/// A TCP segment whose header is at `l4`.
+const TCP: u8 = 1;
+/// A TCP fragment (or one behind headers that could not be walked) to
+/// `dst`: its flags cannot be read, and the reassembled segment may be a SYN.
+const OPAQUE: u8 = 2;
+
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Result<Option<Parsed>, i64> {
+fn other() -> Parsed {
+    Parsed {
+        kind: OTHER,
+        l4: 0,
+        l4_len: 0,
+        dst: WorkloadKey {
+            addr: [0; 4],
+            family: 0,
+            _pad: [0; 3],
+        },
+        addr_off: 0,
+        addr_len: 0,
+    }
+}
+
+#[inline(always)]
+fn opaque(dst: WorkloadKey) -> Parsed {
+    Parsed {
+        kind: OPAQUE,
+        dst,
+        ..other()
+    }
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Result<Parsed, i64> {
     let proto = u16::from_be(ctx.load::<u16>(12)?);
     if proto == ETH_P_IP {
         let vihl: u8 = ctx.load(ETH_HLEN)?;
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if vihl >> 4 != 4 || ihl < 20 {
-            return Ok(None);
+            return Ok(other());
         }
         if ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP {
-            return Ok(None);
+            return Ok(other());
+        }
+        let daddr: u32 = ctx.load(ETH_HLEN + 16)?;
+        let dst = WorkloadKey {
+            addr: [daddr, 0, 0, 0],
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        // More fragments, or a fragment offset: the pod reassembles a
+        // segment whose flags this fragment may not hold (or hold at
+        // another place: a later fragment's bytes are not the TCP header).
+        let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6)?);
+        if frag & 0x3fff != 0 {
+            return Ok(opaque(dst));
         }
         let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?) as usize;
-        let daddr: u32 = ctx.load(ETH_HLEN + 16)?;
-        Ok(Some(Parsed {
+        Ok(Parsed {
+            kind: TCP,
             l4: ETH_HLEN + ihl,
             l4_len: tot_len.saturating_sub(ihl),
-            dst: WorkloadKey {
-                addr: [daddr, 0, 0, 0],
-                family: FAMILY_V4,
-                _pad: [0; 3],
-            },
+            dst,
             addr_off: ETH_HLEN + 12,
             addr_len: 4,
-        }))
+        })
     } else if proto == ETH_P_IPV6 {
         let d0: u32 = ctx.load(ETH_HLEN + 24)?;
         let d1: u32 = ctx.load(ETH_HLEN + 28)?;
@@ -79,26 +134,73 @@ fn parse(ctx: &TcContext) -> Result<Option<Parsed>, i64> {
             family: FAMILY_V6,
             _pad: [0; 3],
         };
-        if ctx.load::<u8>(ETH_HLEN + 6)? != IPPROTO_TCP {
-            // Extension headers could hide a SYN to a STRICT workload: such a
-            // packet is dropped rather than parsed; anything else passes.
-            let next: u8 = ctx.load(ETH_HLEN + 6)?;
-            if matches!(next, 0 | 43 | 44 | 51 | 60) && strict(&dst) {
-                return Err(TC_ACT_SHOT as i64);
-            }
-            return Ok(None);
-        }
         let payload = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4)?) as usize;
-        Ok(Some(Parsed {
-            l4: ETH_HLEN + 40,
-            l4_len: payload,
-            dst,
-            addr_off: ETH_HLEN + 8,
-            addr_len: 16,
-        }))
+        let mut next: u8 = ctx.load(ETH_HLEN + 6)?;
+        let mut off = ETH_HLEN + 40;
+        // Extension headers in front of the upper-layer header: walked (a
+        // few), so that a SYN behind them is seen, and a UDP datagram or
+        // anything else behind them passes.
+        for _ in 0..MAX_EXT_HEADERS {
+            match next {
+                IPPROTO_TCP => {
+                    return Ok(Parsed {
+                        kind: TCP,
+                        l4: off,
+                        l4_len: payload.saturating_sub(off - ETH_HLEN - 40),
+                        dst,
+                        addr_off: ETH_HLEN + 8,
+                        addr_len: 16,
+                    });
+                }
+                // Hop-by-hop, routing, destination options: (len + 1) * 8.
+                IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                    let len: u8 = ctx.load(off + 1)?;
+                    next = ctx.load(off)?;
+                    off += (len as usize + 1) * 8;
+                }
+                // Authentication header: (len + 2) * 4.
+                IPV6_AH => {
+                    let len: u8 = ctx.load(off + 1)?;
+                    next = ctx.load(off)?;
+                    off += (len as usize + 2) * 4;
+                }
+                // A fragment: of TCP (or of more headers), its flags may
+                // be in another fragment; of anything else, it passes.
+                IPV6_FRAGMENT => {
+                    let inner: u8 = ctx.load(off)?;
+                    return Ok(match inner {
+                        IPPROTO_TCP | IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH => {
+                            opaque(dst)
+                        }
+                        _ => other(),
+                    });
+                }
+                _ => return Ok(other()),
+            }
+        }
+        // More headers than walked: what follows is unknown.
+        Ok(if is_ext_header(next) || next == IPPROTO_TCP {
+            opaque(dst)
+        } else {
+            other()
+        })
     } else {
-        Ok(None)
+        Ok(other())
     }
+}
+
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+
+#[inline(always)]
+fn is_ext_header(next: u8) -> bool {
+    matches!(
+        next,
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AH | IPV6_DSTOPTS
+    )
 }
 
 #[inline(always)]
@@ -109,22 +211,31 @@ fn strict(dst: &WorkloadKey) -> bool {
 }
 
 fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
-    let p = match parse(ctx) {
-        Ok(Some(p)) => p,
-        Ok(None) => return Ok(TC_ACT_OK),
-        Err(verdict) if verdict == TC_ACT_SHOT as i64 => return Ok(TC_ACT_SHOT),
-        Err(e) => return Err(e),
-    };
-    // Only connection attempts: a SYN without ACK.
-    let flags: u8 = ctx.load(p.l4 + 13)?;
-    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || !strict(&p.dst) {
-        return Ok(TC_ACT_OK);
-    }
+    // The node proxy's own packets always pass.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if let Some(cfg) = config()
         && cfg.proxy_mark != 0
         && mark == cfg.proxy_mark
     {
+        return Ok(TC_ACT_OK);
+    }
+    let p = parse(ctx)?;
+    if p.kind == OTHER {
+        return Ok(TC_ACT_OK);
+    }
+    if p.kind == OPAQUE {
+        // A TCP fragment to a STRICT workload is dropped: the pod would
+        // reassemble a SYN this program never saw. (TCP is not fragmented
+        // in practice: it sends segments that fit the path.)
+        return Ok(if strict(&p.dst) {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_OK
+        });
+    }
+    // Only connection attempts: a SYN without ACK.
+    let flags: u8 = ctx.load(p.l4 + 13)?;
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || !strict(&p.dst) {
         return Ok(TC_ACT_OK);
     }
     match REFUSALS.get_ptr_mut(p.dst) {
