@@ -37,10 +37,10 @@ use aya::{
 };
 pub use cgroup::{cgroup_id, cgroup_level, cgroup2_mount};
 use ebpf_lb_common::{
-    BackendSlot, Counters, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_ENROLLED,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_WORKLOADS, Endpoint, FourTuple,
-    LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst, RevNatKey, SERVICE_F_AFFINITY,
-    SERVICE_F_MESHED, Service, ServiceKey, WorkloadKey, WorkloadPolicy, maps,
+    BackendSlot, CONFIG_F_STRICT_ALLOWS_NODE, Counters, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_ENROLLED, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_WORKLOADS,
+    Endpoint, FourTuple, LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst, RevNatKey,
+    SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, WorkloadKey, WorkloadPolicy, maps,
 };
 pub use error::{Error, Result};
 pub use reset::ResetReport;
@@ -92,6 +92,11 @@ pub struct Options {
     /// Reset the sockets the load balancer connected to a backend when that
     /// backend leaves its service (see [`LoadBalancer::apply`]).
     pub reset_on_removal: bool,
+    /// The STRICT guard lets connections from the node itself through
+    /// (kubelet's liveness and readiness probes, host-network processes);
+    /// with `false`, only the node proxy's pass, and a STRICT pod with
+    /// probes never becomes ready.
+    pub strict_allows_node: bool,
 }
 
 impl Default for Options {
@@ -106,6 +111,7 @@ impl Default for Options {
             max_enrolled: DEFAULT_MAX_ENROLLED,
             max_workloads: DEFAULT_MAX_WORKLOADS,
             reset_on_removal: true,
+            strict_allows_node: true,
         }
     }
 }
@@ -478,7 +484,8 @@ impl LoadBalancer {
 
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| Error::io("reading the number of CPUs from", what, e))?;
-        Ok(Self {
+        let strict_allows_node = opts.strict_allows_node;
+        let lb = Self {
             opts,
             tables: Mutex::new(Tables {
                 ebpf,
@@ -506,7 +513,9 @@ impl LoadBalancer {
             barrier: sys::RcuBarrier::new()?,
             nr_cpus,
             _lock: lock,
-        })
+        };
+        lb.tables().write_flags(strict_allows_node)?;
+        Ok(lb)
     }
 
     /// The folder under bpffs holding this instance's pinned state.
@@ -1305,6 +1314,18 @@ impl Tables {
     fn current_config(&self) -> Result<LbConfig> {
         self.config
             .get(&0, 0)
+            .map_err(|e| Error::map(maps::CONFIG, e))
+    }
+
+    fn write_flags(&mut self, strict_allows_node: bool) -> Result<()> {
+        let mut cfg = self.current_config()?;
+        cfg.flags = if strict_allows_node {
+            cfg.flags | CONFIG_F_STRICT_ALLOWS_NODE
+        } else {
+            cfg.flags & !CONFIG_F_STRICT_ALLOWS_NODE
+        };
+        self.config
+            .set(0, cfg, 0)
             .map_err(|e| Error::map(maps::CONFIG, e))
     }
 

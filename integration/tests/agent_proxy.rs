@@ -242,6 +242,7 @@ workloads:
         lb_instance: instance.clone(),
         lb_max_services: ebpf_lb::Options::default().max_services,
         lb_max_backends: ebpf_lb::Options::default().max_backends,
+        strict_allows_node: true,
         dataplane: DataplaneKind::Kernel,
         proxy: ProxyMode::Embedded,
         proxy_capture_addr: Some("127.0.0.1:0".parse()?),

@@ -50,6 +50,7 @@ fn args(dir: &Path, cg: &TestCgroup, instance: &str, state: &Path, capture: Sock
         lb_instance: instance.into(),
         lb_max_services: ebpf_lb::Options::default().max_services,
         lb_max_backends: ebpf_lb::Options::default().max_backends,
+        strict_allows_node: true,
         dataplane: DataplaneKind::Kernel,
         proxy: ProxyMode::External,
         proxy_capture_addr: Some(capture),

@@ -35,9 +35,13 @@ struct Setup {
 }
 
 fn setup() -> Result<Setup> {
+    setup_with(integration::lb::test_options())
+}
+
+fn setup_with(opts: ebpf_lb::Options) -> Result<Setup> {
     require_root();
     let cg = TestCgroup::new("strict")?;
-    let lb = TestLb::attach_to(&cg)?;
+    let lb = TestLb::attach_with(&cg, opts)?;
     let node = TestNode::new("node")?;
     let pod = node.add_pod(1)?;
     let client = node.add_pod(2)?;
@@ -118,20 +122,20 @@ fn strict_refuses_plaintext_and_lets_the_proxy_through() -> Result<()> {
     // A plaintext client in another (non-enrolled) pod: refused at once.
     assert_refused(&connect(&s.client.ns, v4, None)?);
     assert_refused(&connect(&s.client.ns, v6, None)?);
-    // A process on the node that is not the proxy: refused too.
-    assert_refused(&connect(&s.node.ns, v4, None)?);
+    // A process on the node itself (kubelet's probes) gets through.
+    assert_reached(&connect(&s.node.ns, v4, None)?, "pod");
     // The node proxy (its mark) gets through.
     assert_reached(&connect(&s.node.ns, v4, Some(PROXY_MARK))?, "pod");
     assert_reached(&connect(&s.node.ns, v6, Some(PROXY_MARK))?, "pod6");
     // Traffic inside the pod itself never crosses the veth.
     assert_reached(&connect(&s.pod.ns, v4, None)?, "pod");
 
-    assert_eq!(s.lb.refusals(s.pod.ip4.into())?, 6);
+    assert_eq!(s.lb.refusals(s.pod.ip4.into())?, 3);
     assert_eq!(s.lb.refusals(s.pod.ip6.into())?, 3);
     assert_eq!(
         s.server.hits(),
-        6,
-        "only the proxy's and the pod's own connections arrived"
+        9,
+        "only the node's, the proxy's and the pod's own connections arrived"
     );
     Ok(())
 }
@@ -451,5 +455,21 @@ fn fragmented_ipv6_udp_reaches_a_strict_pod() -> Result<()> {
     }
     // TCP to it is still refused.
     assert_refused(&connect(&s.client.ns, s.server6.addr(), None)?);
+    Ok(())
+}
+
+/// With `strict_allows_node` off, only the proxy's connections from the node
+/// pass (and STRICT pods with kubelet probes never become ready).
+#[test]
+fn strict_can_refuse_the_node_itself_too() -> Result<()> {
+    let s = setup_with(ebpf_lb::Options {
+        strict_allows_node: false,
+        ..integration::lb::test_options()
+    })?;
+    let v4 = s.server.addr();
+    s.lb.set_workload_mode(s.pod.ip4.into(), Some(MtlsMode::Strict))?;
+    assert_refused(&connect(&s.node.ns, v4, None)?);
+    assert_reached(&connect(&s.node.ns, v4, Some(PROXY_MARK))?, "pod");
+    assert_refused(&connect(&s.client.ns, v4, None)?);
     Ok(())
 }

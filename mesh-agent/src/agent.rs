@@ -163,6 +163,12 @@ pub struct RunArgs {
     /// --lb-max-services.
     #[arg(long, default_value_t = ebpf_lb::Options::default().max_backends)]
     pub lb_max_backends: u32,
+    /// Let connections from the node itself through the kernel's STRICT
+    /// guard: kubelet's liveness and readiness probes come from there (as do
+    /// host-network processes). `false` lets only the node proxy's through,
+    /// and a STRICT pod with probes never becomes ready.
+    #[arg(long, env = "SLUICE_STRICT_ALLOWS_NODE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub strict_allows_node: bool,
     /// `kernel` programs the eBPF load balancer; `none` programs nothing.
     #[arg(long, value_enum, default_value_t = DataplaneKind::Kernel)]
     pub dataplane: DataplaneKind,
@@ -334,6 +340,7 @@ impl Agent {
                     instance: args.lb_instance.clone(),
                     max_services: args.lb_max_services,
                     max_backends: args.lb_max_backends,
+                    strict_allows_node: args.strict_allows_node,
                     ..ebpf_lb::Options::default()
                 };
                 // The agent it replaces may still run (a rollout that starts

@@ -60,6 +60,7 @@ fn run_args(cg: &Path, state: &Path) -> RunArgs {
         lb_instance: "unused".into(),
         lb_max_services: ebpf_lb::Options::default().max_services,
         lb_max_backends: ebpf_lb::Options::default().max_backends,
+        strict_allows_node: true,
         dataplane: DataplaneKind::None,
         proxy: ProxyMode::Off,
         proxy_capture_addr: None,

@@ -213,7 +213,8 @@ pub struct LbConfig {
     /// Node proxy capture port, network byte order (0: no proxy, meshed
     /// services are balanced directly).
     pub proxy_port: u16,
-    pub _pad0: u16,
+    /// `CONFIG_F_*` bits.
+    pub flags: u16,
     /// Node proxy capture address for IPv6 clients (all zero: none).
     pub proxy_addr6: [u32; 4],
     /// Sockets carrying this `SO_MARK` (the proxy's own) are never redirected.
@@ -225,6 +226,11 @@ pub struct LbConfig {
     /// a child of an enrolled cgroup (a container in a pod) is enrolled too.
     pub enrol_levels: [u32; MAX_ENROL_LEVELS],
 }
+
+/// `LbConfig::flags`: the STRICT guard lets connections from the node itself
+/// through (a packet carrying the socket that sent it: kubelet's probes, and
+/// any host-network process), as Cilium and Istio do for the host.
+pub const CONFIG_F_STRICT_ALLOWS_NODE: u16 = 1;
 
 /// `WorkloadPolicy::mode`: plaintext to the workload is refused in the kernel.
 pub const MODE_STRICT: u32 = 1;

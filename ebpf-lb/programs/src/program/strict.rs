@@ -5,6 +5,9 @@
 //! host-side egress hook). The client sees `ECONNREFUSED` at once, wherever it
 //! is; traffic inside the pod never crosses the veth and is untouched.
 //!
+//! Connections from the node itself pass unless the loader says otherwise
+//! (`CONFIG_F_STRICT_ALLOWS_NODE`): kubelet's probes come from there.
+//!
 //! A TCP fragment to a STRICT workload is dropped (the pod would reassemble
 //! a SYN whose flags were never seen here); IPv6 extension headers are
 //! walked to the upper-layer header, so that a SYN behind them is refused
@@ -20,7 +23,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use ebpf_lb_common::{FAMILY_V4, FAMILY_V6, MODE_STRICT, WorkloadKey};
+use ebpf_lb_common::{CONFIG_F_STRICT_ALLOWS_NODE, FAMILY_V4, FAMILY_V6, MODE_STRICT, WorkloadKey};
 
 use super::{REFUSALS, WORKLOADS, config};
 
@@ -236,6 +239,14 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
     // Only connection attempts: a SYN without ACK.
     let flags: u8 = ctx.load(p.l4 + 13)?;
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || !strict(&p.dst) {
+        return Ok(TC_ACT_OK);
+    }
+    // From the node itself (kubelet's probes): the packet still carries the
+    // socket that sent it, which a packet forwarded from another pod or node
+    // does not.
+    if config().is_some_and(|c| c.flags & CONFIG_F_STRICT_ALLOWS_NODE != 0)
+        && !unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null()
+    {
         return Ok(TC_ACT_OK);
     }
     match REFUSALS.get_ptr_mut(p.dst) {
