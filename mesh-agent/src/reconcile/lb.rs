@@ -48,7 +48,13 @@ pub(crate) fn serving(c: Option<&EndpointConditions>) -> bool {
 
 /// The load-balancer entries a Service should have now: empty for a Service
 /// that is gone, headless or ExternalName.
-pub fn desired_specs(store: &Store, key: &Key) -> Result<Vec<ServiceSpec>, Vec<FieldError>> {
+/// The kernel entries of Service `key` on node `node` (whose endpoints a
+/// Service with `internalTrafficPolicy: Local` keeps to).
+pub fn desired_specs(
+    store: &Store,
+    key: &Key,
+    node: &str,
+) -> Result<Vec<ServiceSpec>, Vec<FieldError>> {
     let Some(svc) = store.services.get(key) else {
         return Ok(Vec::new());
     };
@@ -84,6 +90,9 @@ pub fn desired_specs(store: &Store, key: &Key) -> Result<Vec<ServiceSpec>, Vec<F
             _ => errors.push(field(at, format!("{ip:?} is not an IP address"))),
         }
     }
+    // Only this node's endpoints (a node-local agent, say); with none here,
+    // connections are refused rather than sent to another node.
+    let local_only = (spec.internal_traffic_policy.as_deref() == Some("Local")).then_some(node);
     let affinity = match spec.session_affinity.as_deref() {
         Some("ClientIP") => {
             let t = spec
@@ -158,7 +167,7 @@ pub fn desired_specs(store: &Store, key: &Key) -> Result<Vec<ServiceSpec>, Vec<F
         }
         let name = port.name.as_deref().unwrap_or("");
         for vip in &vips {
-            let backends = backends_for(store, key, *vip, name, protocol);
+            let backends = backends_for(store, key, *vip, name, protocol, local_only);
             out.push(ServiceSpec {
                 frontend: Frontend {
                     vip: SocketAddr::new(*vip, number),
@@ -187,6 +196,7 @@ fn backends_for(
     vip: IpAddr,
     port_name: &str,
     protocol: Protocol,
+    local_only: Option<&str>,
 ) -> Vec<Backend> {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let proto = protocol.to_string();
@@ -209,6 +219,9 @@ fn backends_for(
             continue;
         };
         for ep in &slice.endpoints {
+            if local_only.is_some_and(|n| ep.node_name.as_deref() != Some(n)) {
+                continue;
+            }
             let state = backend_state(ep.conditions.as_ref());
             let serving = serving(ep.conditions.as_ref());
             for a in &ep.addresses {
@@ -312,11 +325,11 @@ impl LbState {
     }
 
     /// Plans the changes for `dirty` Services.
-    pub fn plan(&self, store: &Store, dirty: &BTreeSet<Key>) -> Plan {
+    pub fn plan(&self, store: &Store, dirty: &BTreeSet<Key>, node: &str) -> Plan {
         let mut plan = Plan::default();
         let mut desired: BTreeMap<&Key, Vec<ServiceSpec>> = BTreeMap::new();
         for key in dirty {
-            match desired_specs(store, key) {
+            match desired_specs(store, key, node) {
                 Ok(specs) => {
                     desired.insert(key, specs);
                 }
@@ -461,6 +474,33 @@ mod tests {
         assert_eq!(backend_state(None), BackendState::Ready);
     }
 
+    /// internalTrafficPolicy: Local keeps a Service to this node's
+    /// endpoints (none here: refused, not sent to another node).
+    #[test]
+    fn a_local_traffic_policy_keeps_to_this_nodes_endpoints() {
+        let mut svc = service("shop", "web", "127.96.0.10", &[80]);
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        let on = |ip: &str, node: &str| k8s_openapi::api::discovery::v1::Endpoint {
+            node_name: Some(node.into()),
+            ..ep_ready(ip)
+        };
+        let s = store_with(vec![
+            Object::Namespace(namespace("shop", false)),
+            Object::Service(svc),
+            Object::EndpointSlice(slice(
+                "shop",
+                "web-1",
+                "web",
+                &[8080],
+                &[on("10.0.0.1", "n1"), on("10.0.0.9", "n2")],
+            )),
+        ]);
+        let spec = &desired_specs(&s, &Key::new("shop", "web"), "n1").unwrap()[0];
+        assert_eq!(spec.backends, vec![Backend::ready(addr("10.0.0.1:8080"))]);
+        let spec = &desired_specs(&s, &Key::new("shop", "web"), "n3").unwrap()[0];
+        assert_eq!(spec.backends, vec![]);
+    }
+
     #[test]
     fn a_service_becomes_one_entry_per_port_with_its_slice_endpoints() {
         let s = store_with(vec![
@@ -485,7 +525,7 @@ mod tests {
                 &[ep_ready("10.0.0.1")],
             )),
         ]);
-        let specs = desired_specs(&s, &Key::new("shop", "web")).unwrap();
+        let specs = desired_specs(&s, &Key::new("shop", "web"), "n1").unwrap();
         assert_eq!(specs.len(), 1);
         let spec = &specs[0];
         assert_eq!(spec.frontend, Frontend::tcp(addr("127.96.0.10:80")));
@@ -523,7 +563,7 @@ mod tests {
                 ],
             )),
         ]);
-        let spec = &desired_specs(&s, &Key::new("shop", "web")).unwrap()[0];
+        let spec = &desired_specs(&s, &Key::new("shop", "web"), "n1").unwrap()[0];
         assert!(!spec.meshed, "namespace not enrolled");
         assert_eq!(spec.backends[0], Backend::ready(addr("10.0.0.4:8080")));
         assert_eq!(spec.backends[1].state, BackendState::Terminating);
@@ -550,7 +590,7 @@ mod tests {
             p.name = Some(n.into());
         }
         let s = store_with(vec![Object::Service(svc), Object::EndpointSlice(sl)]);
-        let specs = desired_specs(&s, &Key::new("shop", "web")).unwrap();
+        let specs = desired_specs(&s, &Key::new("shop", "web"), "n1").unwrap();
         let by_port: BTreeMap<u16, SocketAddr> = specs
             .iter()
             .map(|s| (s.frontend.vip.port(), s.backends[0].addr))
@@ -570,8 +610,11 @@ mod tests {
         headless.spec.as_mut().unwrap().cluster_ips = Some(vec!["None".into()]);
         let bad = service("shop", "bad", "10.0.0.300", &[80]);
         let s = store_with(vec![Object::Service(headless), Object::Service(bad)]);
-        assert_eq!(desired_specs(&s, &Key::new("shop", "h")).unwrap(), vec![]);
-        let e = desired_specs(&s, &Key::new("shop", "bad")).unwrap_err();
+        assert_eq!(
+            desired_specs(&s, &Key::new("shop", "h"), "n1").unwrap(),
+            vec![]
+        );
+        let e = desired_specs(&s, &Key::new("shop", "bad"), "n1").unwrap_err();
         assert_eq!(e[0].field, "spec.clusterIPs[0]");
         assert!(e[0].message.contains("10.0.0.300"), "{}", e[0].message);
 
@@ -583,9 +626,9 @@ mod tests {
         twice.spec.as_mut().unwrap().cluster_ips =
             Some(vec!["127.96.0.9".into(), "127.96.0.9".into()]);
         let s = store_with(vec![Object::Service(single), Object::Service(twice)]);
-        let e = desired_specs(&s, &Key::new("shop", "single")).unwrap_err();
+        let e = desired_specs(&s, &Key::new("shop", "single"), "n1").unwrap_err();
         assert_eq!(e[0].field, "spec.clusterIP");
-        let e = desired_specs(&s, &Key::new("shop", "twice")).unwrap_err();
+        let e = desired_specs(&s, &Key::new("shop", "twice"), "n1").unwrap_err();
         let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -610,7 +653,7 @@ mod tests {
         ]);
         let mut lb = LbState::default();
         let all: BTreeSet<Key> = s.services.keys().cloned().collect();
-        let plan = lb.plan(&s, &all);
+        let plan = lb.plan(&s, &all, "n1");
         assert_eq!(plan.changes().len(), 2);
         for p in &plan.services {
             lb.commit(p);
@@ -623,7 +666,7 @@ mod tests {
             &[80],
             &[ep_ready("10.0.0.3")],
         ))));
-        let plan = lb.plan(&s, &dirty.services);
+        let plan = lb.plan(&s, &dirty.services, "n1");
         let changes = plan.changes();
         assert_eq!(changes.len(), 1);
         let Change::Upsert(spec) = &changes[0] else {
@@ -639,7 +682,7 @@ mod tests {
             lb.commit(p);
         }
         // Planning again finds nothing to do.
-        let plan = lb.plan(&s, &all);
+        let plan = lb.plan(&s, &all, "n1");
         assert!(plan.changes().is_empty());
         assert_eq!(plan.unchanged.len(), 2);
         // Deleting `b` removes its frontend.
@@ -647,7 +690,7 @@ mod tests {
             crate::state::Kind::Service,
             Key::new("shop", "b"),
         ));
-        let plan = lb.plan(&s, &d.services);
+        let plan = lb.plan(&s, &d.services, "n1");
         assert_eq!(
             plan.changes(),
             vec![Change::Remove(Frontend::tcp(addr("127.96.0.2:80")))]
@@ -665,9 +708,9 @@ mod tests {
             Object::Service(service("shop", "b", "127.96.0.1", &[80])),
         ]);
         let mut lb = LbState::default();
-        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "a")]));
+        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "a")]), "n1");
         lb.commit(&plan.services[0]);
-        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "b")]));
+        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "b")]), "n1");
         assert!(plan.services.is_empty());
         let e = &plan.errors[&Key::new("shop", "b")][0];
         assert!(
@@ -684,7 +727,7 @@ mod tests {
         ]);
         let mut lb = LbState::default();
         let all: BTreeSet<Key> = s.services.keys().cloned().collect();
-        for p in &lb.plan(&s, &all).services {
+        for p in &lb.plan(&s, &all, "n1").services {
             lb.commit(p);
         }
         // `a` moves to .3 and `b` takes .1; only `b`'s change goes in (`a`'s
@@ -701,7 +744,7 @@ mod tests {
             "127.96.0.1",
             &[80],
         ))));
-        let plan = lb.plan(&s, &all);
+        let plan = lb.plan(&s, &all, "n1");
         let b = plan
             .services
             .iter()
@@ -709,7 +752,7 @@ mod tests {
             .unwrap();
         lb.commit(b);
         // Retrying `a` must leave .1, now `b`'s entry, alone.
-        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "a")]));
+        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "a")]), "n1");
         let changes = plan.changes();
         assert!(
             !changes.contains(&Change::Remove(Frontend::tcp(addr("127.96.0.1:80")))),
@@ -730,7 +773,7 @@ mod tests {
             &[80],
         ))]);
         let mut lb = LbState::default();
-        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "a")]));
+        let plan = lb.plan(&s, &BTreeSet::from([Key::new("shop", "a")]), "n1");
         lb.commit(&plan.services[0]);
         let mut d = s.apply(Update::Delete(
             crate::state::Kind::Service,
@@ -742,7 +785,7 @@ mod tests {
             "127.96.0.1",
             &[80],
         )))));
-        let plan = lb.plan(&s, &d.services);
+        let plan = lb.plan(&s, &d.services, "n1");
         assert!(plan.errors.is_empty(), "{:?}", plan.errors);
         let fe = Frontend::tcp(addr("127.96.0.1:80"));
         assert_eq!(plan.changes()[0], Change::Remove(fe));

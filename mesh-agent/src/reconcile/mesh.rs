@@ -136,6 +136,7 @@ pub fn mesh_view_and_routes(
             .get(name)
             .and_then(|n| n.addresses.iter().find(|a| a.is_ipv4() == v4).copied())
     };
+    let this_node = node;
     let mut services = Vec::new();
     for (key, svc) in &store.services {
         let Some(spec) = &svc.spec else { continue };
@@ -151,6 +152,7 @@ pub fn mesh_view_and_routes(
                 }
                 v
             });
+        let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
         let mut ports = Vec::new();
         for p in spec.ports.iter().flatten() {
             let Ok(number) = u16::try_from(p.port) else {
@@ -183,6 +185,10 @@ pub fn mesh_view_and_routes(
                         }
                         let w = by_ip.get(&ip).copied();
                         let node = ep.node_name.clone().or_else(|| w.map(|w| w.node.clone()));
+                        // internalTrafficPolicy: Local: this node's endpoints only.
+                        if local_only && node.as_deref() != Some(this_node) {
+                            continue;
+                        }
                         endpoints.push(MeshEndpoint {
                             addr: SocketAddr::new(ip, target),
                             ready: state == ebpf_lb::BackendState::Ready,
@@ -283,6 +289,37 @@ mod tests {
         state::{Object, Update},
         testing::*,
     };
+
+    /// internalTrafficPolicy: Local: the proxy gets this node's endpoints.
+    #[test]
+    fn a_local_traffic_policy_gives_the_proxy_this_nodes_endpoints_only() {
+        let mut s = Store::new();
+        let mut svc = service("shop", "web", "127.96.0.1", &[80]);
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        for o in [
+            Object::Namespace(namespace("shop", true)),
+            Object::Pod(workload("shop", "web-0", "web", "10.0.1.5", "n1")),
+            Object::Pod(workload("shop", "web-1", "web", "10.0.2.5", "n2")),
+            Object::Service(svc),
+            Object::EndpointSlice(slice(
+                "shop",
+                "web-1",
+                "web",
+                &[8080],
+                &[ep_ready("10.0.1.5"), ep_ready("10.0.2.5")],
+            )),
+        ] {
+            s.apply(Update::Upsert(o));
+        }
+        let w = workload_infos(&s, "n1", "cluster.local", MtlsMode::Permissive);
+        let v = mesh_view(&s, "n1", "cluster.local", w, 1);
+        let addrs: Vec<SocketAddr> = v.services[0].ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.addr)
+            .collect();
+        assert_eq!(addrs, ["10.0.1.5:8080".parse::<SocketAddr>().unwrap()]);
+    }
 
     #[test]
     fn endpoints_carry_node_address_identity_and_enrolment() {

@@ -483,7 +483,7 @@ impl Reconciler {
         if dirty.is_empty() {
             return;
         }
-        let plan = self.lb.plan(&self.store, dirty);
+        let plan = self.lb.plan(&self.store, dirty, &self.settings.node);
         for key in dirty {
             if !plan.errors.contains_key(key) {
                 self.service_errors.remove(key);

@@ -84,7 +84,8 @@ fn reads_manifests_and_workloads_and_derives_endpoints() {
     assert_eq!(w.service_account, "web");
     assert_eq!(w.uid, "files-shop-web-0");
     assert_eq!(w.cgroup.as_deref(), Some(Path::new("shop/web-0")));
-    let specs = crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web")).unwrap();
+    let specs =
+        crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web"), "node-a").unwrap();
     assert_eq!(specs.len(), 1);
     let b: Vec<(String, ebpf_lb::BackendState)> = specs[0]
         .backends
@@ -130,7 +131,8 @@ fn a_broken_file_is_reported_with_document_and_field_and_its_last_good_version_s
     );
     // The Service is still there, with its old port.
     let s = store_of(&src);
-    let specs = crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web")).unwrap();
+    let specs =
+        crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web"), "node-a").unwrap();
     assert_eq!(specs[0].frontend.vip.port(), 80);
 
     // A YAML syntax error names the document too.
@@ -500,7 +502,8 @@ fn pods_with_different_named_ports_get_their_own_slices() {
     let mut src = FilesSource::new(dir.path());
     src.reload().unwrap();
     let s = store_of(&src);
-    let specs = crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web")).unwrap();
+    let specs =
+        crate::reconcile::lb::desired_specs(&s, &Key::new("shop", "web"), "node-a").unwrap();
     let addrs: Vec<String> = specs[0]
         .backends
         .iter()
