@@ -925,6 +925,7 @@ async fn sluice_node(
                 identity: Some(server.clone()),
                 ports: Default::default(),
             }],
+            affinity_timeout_s: None,
         }],
         local_workloads: vec![LocalWorkload {
             ip: workload_ip,

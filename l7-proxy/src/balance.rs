@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -13,6 +13,8 @@ use std::{
 };
 
 use rand::Rng;
+
+use crate::{metrics::Label, state::ReadySet};
 
 /// Latency assumed for an endpoint nothing was measured for yet: none, so
 /// that every new endpoint is tried and measured.
@@ -52,13 +54,23 @@ impl EndpointLoad {
 #[derive(Debug)]
 pub struct Balancer {
     loads: Mutex<HashMap<SocketAddr, Arc<EndpointLoad>>>,
+    /// ClientIP session affinity: the endpoint each client was given, by
+    /// service port, when it last used it, and the service's timeout.
+    sticky: Mutex<HashMap<StickyKey, (SocketAddr, Instant, Duration)>>,
     epoch: Instant,
 }
+
+/// A client of a service port: (service, service port, client address).
+type StickyKey = (Label, u16, IpAddr);
+
+/// Past this many remembered clients, the expired ones are swept out.
+const STICKY_SWEEP_AT: usize = 16_384;
 
 impl Default for Balancer {
     fn default() -> Self {
         Self {
             loads: Mutex::default(),
+            sticky: Mutex::default(),
             epoch: Instant::now(),
         }
     }
@@ -138,7 +150,49 @@ impl Balancer {
     /// two at random, the cheaper one wins. `None` when there is none. Takes
     /// no lock: requests on every core pick at once.
     pub fn pick(&self, candidates: &[Arc<EndpointLoad>]) -> Option<Pick> {
-        let index = match candidates.len() {
+        let index = self.choose(candidates)?;
+        Some(self.take(candidates, index))
+    }
+
+    /// [`Balancer::pick`] for `client` among `ready`: with ClientIP session
+    /// affinity, the endpoint the client was given before, while it is
+    /// ready and the client used it within the timeout; otherwise a new pick,
+    /// which the client keeps.
+    pub fn pick_for(&self, ready: &ReadySet, client: IpAddr) -> Option<Pick> {
+        let Some(timeout) = ready.affinity else {
+            return self.pick(&ready.loads);
+        };
+        let key = (ready.service.clone(), ready.port, client);
+        let now = Instant::now();
+        let mut sticky = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((addr, last, _)) = sticky.get_mut(&key)
+            && now.duration_since(*last) < timeout
+            && let Some(index) = ready.upstreams.iter().position(|u| u.addr == *addr)
+        {
+            *last = now;
+            return Some(self.take(&ready.loads, index));
+        }
+        let index = self.choose(&ready.loads)?;
+        if sticky.len() >= STICKY_SWEEP_AT {
+            sticky.retain(|_, (_, last, t)| now.duration_since(*last) < *t);
+        }
+        sticky.insert(key, (ready.upstreams[index].addr, now, timeout));
+        Some(self.take(&ready.loads, index))
+    }
+
+    fn take(&self, candidates: &[Arc<EndpointLoad>], index: usize) -> Pick {
+        let load = candidates[index].clone();
+        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        Pick {
+            index,
+            load,
+            started: Instant::now(),
+            epoch: self.epoch,
+        }
+    }
+
+    fn choose(&self, candidates: &[Arc<EndpointLoad>]) -> Option<usize> {
+        Some(match candidates.len() {
             0 => return None,
             1 => 0,
             n => {
@@ -155,14 +209,6 @@ impl Balancer {
                     b
                 }
             }
-        };
-        let load = candidates[index].clone();
-        load.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some(Pick {
-            index,
-            load,
-            started: Instant::now(),
-            epoch: self.epoch,
         })
     }
 

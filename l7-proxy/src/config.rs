@@ -234,6 +234,11 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// `sessionAffinity: ClientIP`: each client keeps its endpoint (per
+    /// service port, for its connections and requests) until it has not used
+    /// it for this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_s: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -409,7 +409,12 @@ async fn route_request(
         let may_retry = attempts <= retries && body.may_replay();
         let (upstreams, loads) = (&ready.upstreams, &ready.loads);
         // The body is taken only for an endpoint to send it to.
-        let pick = shared.balancer.pick(loads);
+        // A retry goes where the balancer says, ClientIP affinity or not.
+        let pick = if attempts == 1 {
+            shared.balancer.pick_for(&ready, conn.client_addr.ip())
+        } else {
+            shared.balancer.pick(loads)
+        };
         let taken = if pick.is_some() { body.take() } else { None };
         let failure = match (pick, taken) {
             (None, _) => SendError {

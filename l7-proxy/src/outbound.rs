@@ -261,7 +261,7 @@ async fn serve_tcp<I>(
         Destination::Service(d) => {
             let (service, ready) = (&d.service, &d.ready);
             let ups = &ready.upstreams;
-            let Some(pick) = shared.balancer.pick(&ready.loads) else {
+            let Some(pick) = shared.balancer.pick_for(ready, peer.ip()) else {
                 tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; closing it");
                 log_tcp(
                     &source,

@@ -171,6 +171,7 @@ mod tests {
                     identity: None,
                     ports: Default::default(),
                 }],
+                affinity_timeout_s: None,
             }],
             local_workloads: vec![w.clone()],
             access_policies: policies,

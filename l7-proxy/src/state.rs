@@ -88,6 +88,10 @@ pub struct ReadySet {
     pub loads: Arc<[Arc<EndpointLoad>]>,
     /// `namespace/name` of the service, as a label.
     pub service: Label,
+    /// The service port.
+    pub port: u16,
+    /// ClientIP session affinity's timeout, if the service has it.
+    pub affinity: Option<std::time::Duration>,
 }
 
 impl State {
@@ -124,6 +128,10 @@ impl State {
                         upstreams: ups.into(),
                         loads: loads.into(),
                         service: Label::from(svc.id.to_string()),
+                        port: p.port,
+                        affinity: svc
+                            .affinity_timeout_s
+                            .map(|s| std::time::Duration::from_secs(u64::from(s))),
                     },
                 );
                 s.default_rules

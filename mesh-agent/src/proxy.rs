@@ -116,6 +116,7 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
             vips: s.vips.clone(),
             ports,
             endpoints: endpoints.into_values().collect(),
+            affinity_timeout_s: s.affinity_timeout_s,
         });
     }
     for (ip, p) in &pods {

@@ -675,7 +675,7 @@ async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
         .await
         .unwrap();
     assert_eq!(reply.server(), "cart-1");
-    eventually("the mirror received the copy", || mirror.hits() == 1).await;
+    eventually("the mirror received the copy", || mirror.recorded() == 1).await;
     let seen = mirror.seen.lock().unwrap()[0].clone();
     assert_eq!(seen["method"], "PUT");
     assert_eq!(seen["path"], "/orders/1");
@@ -1130,7 +1130,7 @@ async fn a_streaming_request_flows_through_a_rule_with_retries_and_a_mirror() {
     let rest = answer.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "world");
     // The mirror gets the whole body once it has ended.
-    eventually("the mirror received the copy", || mirror.hits() == 1).await;
+    eventually("the mirror received the copy", || mirror.recorded() == 1).await;
     assert_eq!(mirror.seen.lock().unwrap()[0]["body"], "hello world");
     streamer.abort();
     mesh.shutdown().await;

@@ -315,6 +315,7 @@ impl Mesh {
                 app_protocol: None,
             }],
             endpoints: pods.iter().map(|p| self.endpoint_b(p)).collect(),
+            affinity_timeout_s: None,
         }
     }
 
@@ -508,8 +509,14 @@ impl EchoServer {
         }
     }
 
+    /// Requests whose head arrived (their bodies may still be coming).
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Requests read whole and recorded in `seen`.
+    pub fn recorded(&self) -> usize {
+        self.seen.lock().unwrap().len()
     }
 }
 

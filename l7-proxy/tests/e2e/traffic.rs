@@ -626,3 +626,59 @@ async fn every_socket_the_proxy_opens_carries_its_mark() {
     drop((t, o));
     mesh.shutdown().await;
 }
+
+/// `sessionAffinity: ClientIP` on a meshed Service: a client's requests and
+/// connections stay on the endpoint it got first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ip_affinity_keeps_a_client_on_one_endpoint() {
+    let mesh = Mesh::standard().await;
+    let carts = [cart(0), cart(1), cart(2)];
+    let (_srv, port) = servers(&carts).await;
+    // TCP servers that name themselves first, on one port of each cart.
+    let raw = tcp_server(SocketAddr::new(cart(0).ip, 0), Some("cart-0\n")).await;
+    tcp_server(SocketAddr::new(cart(1).ip, raw.port()), Some("cart-1\n")).await;
+    tcp_server(SocketAddr::new(cart(2).ip, raw.port()), Some("cart-2\n")).await;
+    let http = mesh.service("cart", 1, port, &carts);
+    let mut tcp = mesh.service("raw", 2, raw.port(), &carts);
+    tcp.ports[0].app_protocol = Some("tcp".into());
+    let publish = |affinity: Option<u32>| {
+        let (mut http, mut tcp) = (http.clone(), tcp.clone());
+        http.affinity_timeout_s = affinity;
+        tcp.affinity_timeout_s = affinity;
+        let mesh = &mesh;
+        async move {
+            mesh.publish(&Snapshot {
+                services: vec![http, tcp],
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    async fn requests(mesh: &Mesh) -> std::collections::BTreeSet<String> {
+        let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let r = c.get("/").await;
+            seen.insert(r.echo()["server"].as_str().unwrap().to_string());
+        }
+        seen
+    }
+    async fn connections(mesh: &Mesh) -> std::collections::BTreeSet<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..12 {
+            let mut t = mesh.connect(web().ip, SocketAddr::new(vip(2), 80)).await;
+            seen.insert(String::from_utf8(read_n(&mut t, 7).await).unwrap());
+        }
+        seen
+    }
+    // Without affinity they spread (so the checks below can fail).
+    publish(None).await;
+    assert!(requests(&mesh).await.len() > 1);
+    assert!(connections(&mesh).await.len() > 1);
+    publish(Some(60)).await;
+    let r = requests(&mesh).await;
+    assert_eq!(r.len(), 1, "{r:?}");
+    let t = connections(&mesh).await;
+    assert_eq!(t.len(), 1, "{t:?}");
+    mesh.shutdown().await;
+}

@@ -60,6 +60,9 @@ pub struct MeshService {
     /// workloads reaches the proxy.
     pub meshed: bool,
     pub ports: Vec<MeshPort>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_s: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -220,11 +223,27 @@ pub fn mesh_view_and_routes(
                 endpoints,
             });
         }
+        // As the kernel has it (lb.rs): the default timeout when none is
+        // given; one out of range refuses the Service there, and here
+        // falls back to the default.
+        let affinity_timeout_s =
+            (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                spec.session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .filter(|t| (1..=86_400).contains(t))
+                    .map_or(
+                        crate::config::DEFAULT_AFFINITY_TIMEOUT.as_secs() as u32,
+                        |t| t as u32,
+                    )
+            });
         services.push(MeshService {
             key: key.clone(),
             vips,
             meshed: store.namespace_enrolled(&key.namespace),
             ports,
+            affinity_timeout_s,
         });
     }
     let refs = RefIndex::of(store);
@@ -289,6 +308,28 @@ mod tests {
         state::{Object, Update},
         testing::*,
     };
+
+    /// ClientIP session affinity reaches the proxy with its timeout.
+    #[test]
+    fn client_ip_affinity_reaches_the_proxy_view() {
+        let timeout = |svc: k8s_openapi::api::core::v1::Service| {
+            let mut s = Store::new();
+            s.apply(Update::Upsert(Object::Service(svc)));
+            mesh_view(&s, "n1", "cluster.local", Vec::new(), 1).services[0].affinity_timeout_s
+        };
+        let mut svc = service("shop", "web", "127.96.0.1", &[80]);
+        assert_eq!(timeout(svc.clone()), None);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.session_affinity = Some("ClientIP".into());
+        assert_eq!(timeout(svc.clone()), Some(10_800));
+        let spec = svc.spec.as_mut().unwrap();
+        spec.session_affinity_config = Some(k8s_openapi::api::core::v1::SessionAffinityConfig {
+            client_ip: Some(k8s_openapi::api::core::v1::ClientIPConfig {
+                timeout_seconds: Some(60),
+            }),
+        });
+        assert_eq!(timeout(svc), Some(60));
+    }
 
     /// internalTrafficPolicy: Local: the proxy gets this node's endpoints.
     #[test]
