@@ -6,9 +6,16 @@ fn main() -> anyhow::Result<()> {
     let root = format!("{meta}/programs");
     // aya-build watches the programs' folder; the map layouts live next door.
     println!("cargo:rerun-if-changed={meta}/common");
+    // The nightly toolchain by name (`nightly` unless SLUICE_BPF_TOOLCHAIN
+    // pins one, as the Containerfile does).
+    println!("cargo:rerun-if-env-changed=SLUICE_BPF_TOOLCHAIN");
+    let pinned = std::env::var("SLUICE_BPF_TOOLCHAIN").ok();
+    let toolchain = pinned
+        .as_deref()
+        .map_or(Toolchain::default(), Toolchain::Custom);
     aya_build::build_ebpf(
         [Package { name: "ebpf-lb-programs", root_dir: &root, ..Default::default() }],
-        Toolchain::default(),
+        toolchain,
     )
     .map_err(|e| {
         anyhow!(

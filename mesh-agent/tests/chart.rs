@@ -302,6 +302,38 @@ fn only_a_privileged_init_container_mounts_back_to_the_host() {
     );
 }
 
+/// The Containerfile builds the image the chart runs: the binaries the
+/// chart's commands name, with the bpf-linker `cargo xtask setup` installs.
+#[test]
+fn the_containerfile_builds_what_the_chart_runs_with_the_setup_toolchain() {
+    let root = chart().join("../..");
+    let containerfile = std::fs::read_to_string(root.join("Containerfile")).unwrap();
+    let xtask = std::fs::read_to_string(root.join("xtask/src/main.rs")).unwrap();
+    let linker = xtask
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("const BPF_LINKER_VERSION: &str = \""))
+        .and_then(|v| v.strip_suffix("\";"))
+        .expect("xtask's BPF_LINKER_VERSION");
+    assert!(
+        containerfile.contains(&format!("cargo install bpf-linker@{linker} --locked")),
+        "the Containerfile's bpf-linker is not xtask's {linker}"
+    );
+    assert!(containerfile.contains("--component rust-src"));
+    let templates = ["agent-daemonset.yaml", "ca-deployment.yaml"]
+        .map(|t| std::fs::read_to_string(chart().join("templates").join(t)).unwrap());
+    for t in &templates {
+        assert!(t.contains("command: [mesh-agent"), "{t}");
+    }
+    for bin in ["mesh-agent", "sluice"] {
+        assert!(
+            containerfile.contains(&format!("--bin {bin}"))
+                && containerfile.contains(&format!("target/dist/{bin}")),
+            "the image lacks {bin}"
+        );
+        assert!(root.join(format!("mesh-agent/src/bin/{bin}.rs")).exists());
+    }
+}
+
 /// Helm severities: 1 info, 2 warning, 3 error.
 fn problems(msgs: &[(u64, String)]) -> Vec<&(u64, String)> {
     msgs.iter().filter(|(sev, _)| *sev >= 2).collect()
