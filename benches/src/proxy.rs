@@ -924,6 +924,7 @@ async fn sluice_node(
                 node_proxy: Some(server_inbound.unwrap_or(proxy.inbound_addr())),
                 identity: Some(server.clone()),
                 ports: Default::default(),
+                unready_ports: Vec::new(),
             }],
             affinity_timeout_s: None,
         }],

@@ -279,6 +279,11 @@ pub struct Endpoint {
     /// at all on some). Empty: every service port, at its `target_port`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ports: BTreeMap<u16, u16>,
+    /// Service ports the endpoint takes no new requests on while `ready`
+    /// holds for others (readiness is per port: a terminating pod may stand
+    /// in on a port that has no ready endpoint, and only there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unready_ports: Vec<u16>,
 }
 
 impl Endpoint {

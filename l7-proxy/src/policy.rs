@@ -170,6 +170,7 @@ mod tests {
                     node_proxy: None,
                     identity: None,
                     ports: Default::default(),
+                    unready_ports: Vec::new(),
                 }],
                 affinity_timeout_s: None,
             }],

@@ -117,7 +117,7 @@ impl State {
                 let ups: Vec<Arc<Upstream>> = svc
                     .endpoints
                     .iter()
-                    .filter(|e| e.ready)
+                    .filter(|e| e.ready && !e.unready_ports.contains(&p.port))
                     .filter_map(|e| Some(Arc::new(upstream_of(e, e.target_for(p)?))))
                     .collect();
                 let loads: Vec<Arc<EndpointLoad>> =

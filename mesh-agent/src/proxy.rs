@@ -101,8 +101,12 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
                     node_proxy: pod.and_then(|p| p.node_proxy),
                     identity: pod.and_then(|p| p.identity.clone()),
                     ports: BTreeMap::new(),
+                    unready_ports: Vec::new(),
                 });
                 ep.ready |= e.ready;
+                if !e.ready {
+                    ep.unready_ports.push(p.port);
+                }
                 // This pod's own port for this service port: a named target
                 // port may resolve differently on each pod.
                 ep.ports.insert(p.port, e.addr.port());
@@ -110,6 +114,10 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
         }
         if ports.is_empty() {
             continue;
+        }
+        // Not ready anywhere: `ready` says it all.
+        for ep in endpoints.values_mut().filter(|e| !e.ready) {
+            ep.unready_ports.clear();
         }
         snap.services.push(Service {
             id: oref(&s.key),

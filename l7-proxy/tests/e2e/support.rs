@@ -301,6 +301,7 @@ impl Mesh {
             node_proxy: Some(self.node_b_proxy()),
             identity: Some(pod.identity()),
             ports: Default::default(),
+            unready_ports: Vec::new(),
         }
     }
 

@@ -687,3 +687,48 @@ fn each_endpoint_keeps_its_own_target_port() {
     addrs.sort();
     assert_eq!(addrs, ["10.0.2.20:8080", "10.0.2.21:9090"]);
 }
+
+/// Readiness is per port: a terminating pod standing in on the one port that
+/// has no ready endpoint takes no requests on the port new pods serve.
+#[test]
+fn an_endpoint_ready_on_one_port_only_takes_requests_there_only() {
+    // Slice ports named as the two-port Service names its own.
+    let named = |mut s: k8s_openapi::api::discovery::v1::EndpointSlice| {
+        for p in s.ports.iter_mut().flatten() {
+            p.name = Some(format!("p{}", p.port.unwrap()));
+        }
+        Object::EndpointSlice(s)
+    };
+    let s = store(vec![
+        Object::Namespace(namespace("shop", true)),
+        Object::Pod(workload("shop", "new-0", "web", "10.0.1.1", "n1")),
+        Object::Pod(workload("shop", "old-0", "web", "10.0.1.2", "n1")),
+        Object::Service(service("shop", "web", "127.96.0.1", &[80, 81])),
+        // The new pod serves port 80 only; the old one, terminating but
+        // serving, is all port 81 has.
+        named(slice(
+            "shop",
+            "web-new",
+            "web",
+            &[80],
+            &[ep_ready("10.0.1.1")],
+        )),
+        named(slice(
+            "shop",
+            "web-old",
+            "web",
+            &[80, 81],
+            &[ep("10.0.1.2", Some(false), Some(true), Some(true))],
+        )),
+    ]);
+    let (snap, errors) = snapshot(&view(&s), config::PROXY_INBOUND_PORT);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (state, _) = l7_proxy::state::State::build(std::sync::Arc::new(snap));
+    let web = l7_proxy::config::ObjectRef::new("shop", "web");
+    let ready = |port: u16| -> Vec<std::net::IpAddr> {
+        let set = state.ready_set(&web, port).unwrap();
+        set.upstreams.iter().map(|u| u.addr.ip()).collect()
+    };
+    assert_eq!(ready(80), ["10.0.1.1".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(ready(81), ["10.0.1.2".parse::<std::net::IpAddr>().unwrap()]);
+}
