@@ -879,9 +879,28 @@ impl LoadBalancer {
     }
 }
 
-/// Removes every pinned map and link under `pin_dir` (detaching the programs),
-/// whether or not a loader is running.
+/// Removes every pinned map and link under `pin_dir` (detaching the
+/// programs). Refused (`Error::InUse`) while a loader holds the instance,
+/// after waiting a few seconds for one that is stopping: removed under a
+/// running agent, the folder would be made afresh by the next loader, which
+/// would then run beside it.
 pub fn uninstall_at(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let _lock = loop {
+        match sys::lock_pin_dir(pin_dir) {
+            Err(Error::InUse { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            // Gone meanwhile: nothing to remove.
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Ok(());
+            }
+            other => break other?,
+        }
+    };
     remove_links(&pin_dir.join("links"), |_| true)?;
     match fs::remove_dir_all(pin_dir) {
         Ok(()) => Ok(()),

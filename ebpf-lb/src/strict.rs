@@ -114,7 +114,15 @@ impl LoadBalancer {
         let _ = fs::remove_file(&pin);
         link.pin(&pin)
             .map_err(|e| Error::io("pinning link", &pin, io::Error::other(e.to_string())))?;
-        t.guarded.insert(ifname.to_string(), idx);
+        // An interface recreated under the same name (a pod come back with
+        // its veth's name) left the old one's pin: its link died with it.
+        if let Some(old) = t.guarded.insert(ifname.to_string(), idx)
+            && old != idx
+        {
+            let stale = self.links_dir().join(format!("tc-{old}"));
+            let _ = crate::sys::detach_pinned_link(&stale);
+            let _ = fs::remove_file(&stale);
+        }
         Ok(())
     }
 
@@ -169,6 +177,12 @@ impl LoadBalancer {
             out.push((ifname.to_string_lossy().into_owned(), idx));
         }
         out.sort();
+        // Known by name from now on: unguarding one whose interface goes
+        // before then still finds its pin by the index.
+        let mut t = self.tables();
+        for (name, idx) in &out {
+            t.guarded.entry(name.clone()).or_insert(*idx);
+        }
         out
     }
 

@@ -739,6 +739,10 @@ fn a_second_loader_on_a_running_instance_is_refused_naming_the_first() -> Result
         "{text}"
     );
     assert!(text.contains("--lb-instance"), "{text}");
+    // Nor can its state be removed under it (the next loader would make the
+    // folder afresh and run beside it).
+    let removed = ebpf_lb::uninstall_at(&lb.options().pin_dir());
+    assert!(matches!(removed, Err(Error::InUse { .. })), "{removed:?}");
     // The first one's state and work are untouched.
     assert_eq!(lb.services().len(), 1);
     lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends[..1])))?;

@@ -35,6 +35,8 @@ pub struct EndpointLoad {
     ewma_ns: AtomicU64,
     last_ns: AtomicU64,
     in_flight: AtomicU32,
+    /// When it last could not be reached (0: never), for session affinity.
+    unreachable_ns: AtomicU64,
 }
 
 impl EndpointLoad {
@@ -56,8 +58,32 @@ pub struct Balancer {
     loads: Mutex<HashMap<SocketAddr, Arc<EndpointLoad>>>,
     /// ClientIP session affinity: the endpoint each client was given, by
     /// service port, when it last used it, and the service's timeout.
-    sticky: Mutex<HashMap<StickyKey, (SocketAddr, Instant, Duration)>>,
+    sticky: Mutex<Sticky>,
     epoch: Instant,
+}
+
+#[derive(Debug)]
+struct Sticky {
+    map: HashMap<StickyKey, (SocketAddr, Instant, Duration)>,
+    /// The size at which expired entries are swept next.
+    sweep_at: usize,
+}
+
+impl Default for Sticky {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            sweep_at: STICKY_SWEEP_AT,
+        }
+    }
+}
+
+/// How long an endpoint that could not be reached loses its sticky clients.
+const UNREACHABLE_HOLD_NS: u64 = 10_000_000_000;
+
+fn recently_unreachable(load: &EndpointLoad, now_ns: u64) -> bool {
+    let at = load.unreachable_ns.load(Ordering::Relaxed);
+    at != 0 && now_ns.saturating_sub(at) < UNREACHABLE_HOLD_NS
 }
 
 /// A client of a service port: (service, service port, client address).
@@ -120,6 +146,9 @@ impl Pick {
         let now_ns = Instant::now().duration_since(self.epoch).as_nanos() as u64;
         self.load.last_ns.store(now_ns.max(1), Ordering::Relaxed);
         self.load.ewma_ns.store(UNREACHABLE_NS, Ordering::Relaxed);
+        self.load
+            .unreachable_ns
+            .store(now_ns.max(1), Ordering::Relaxed);
     }
 }
 
@@ -141,6 +170,7 @@ impl Balancer {
                     ewma_ns: AtomicU64::new(INITIAL_EWMA_NS),
                     last_ns: AtomicU64::new(0),
                     in_flight: AtomicU32::new(0),
+                    unreachable_ns: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -165,18 +195,29 @@ impl Balancer {
         let key = (ready.service.clone(), ready.port, client);
         let now = Instant::now();
         let mut sticky = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((addr, last, _)) = sticky.get_mut(&key)
+        let now_ns = now.duration_since(self.epoch).as_nanos() as u64;
+        if let Some((addr, last, _)) = sticky.map.get_mut(&key)
             && now.duration_since(*last) < timeout
             && let Some(index) = ready.upstreams.iter().position(|u| u.addr == *addr)
+            // One that could not be reached lately loses its clients (as
+            // an endpoint leaving the ready set does): they move on.
+            && !recently_unreachable(&ready.loads[index], now_ns)
         {
             *last = now;
             return Some(self.take(&ready.loads, index));
         }
         let index = self.choose(&ready.loads)?;
-        if sticky.len() >= STICKY_SWEEP_AT {
-            sticky.retain(|_, (_, last, t)| now.duration_since(*last) < *t);
+        // Expired clients are swept when the map has doubled since the
+        // last sweep: a few sweeps, however many clients come and go.
+        if sticky.map.len() >= sticky.sweep_at {
+            sticky
+                .map
+                .retain(|_, (_, last, t)| now.duration_since(*last) < *t);
+            sticky.sweep_at = (sticky.map.len() * 2).max(STICKY_SWEEP_AT);
         }
-        sticky.insert(key, (ready.upstreams[index].addr, now, timeout));
+        sticky
+            .map
+            .insert(key, (ready.upstreams[index].addr, now, timeout));
         Some(self.take(&ready.loads, index))
     }
 
@@ -226,6 +267,49 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sticky_set(b: &Balancer, addrs: &[SocketAddr]) -> ReadySet {
+        let upstreams: Vec<Arc<crate::state::Upstream>> = addrs
+            .iter()
+            .map(|a| {
+                Arc::new(crate::state::Upstream {
+                    addr: *a,
+                    target: http::HeaderValue::from_static("x"),
+                    label: Label::default(),
+                    tunnel: None,
+                    workload: None,
+                })
+            })
+            .collect();
+        ReadySet {
+            upstreams: upstreams.into(),
+            loads: addrs.iter().map(|a| b.load(*a)).collect::<Vec<_>>().into(),
+            service: Label::default(),
+            port: 80,
+            affinity: Some(Duration::from_secs(60)),
+        }
+    }
+
+    #[test]
+    fn a_sticky_client_moves_off_an_endpoint_that_could_not_be_reached() {
+        let b = Balancer::default();
+        let addrs: Vec<SocketAddr> = (1..=3)
+            .map(|i| format!("10.0.0.{i}:80").parse().unwrap())
+            .collect();
+        let ready = sticky_set(&b, &addrs);
+        let client: IpAddr = "10.1.0.1".parse().unwrap();
+        let first = b.pick_for(&ready, client).unwrap().index;
+        for _ in 0..20 {
+            assert_eq!(b.pick_for(&ready, client).unwrap().index, first);
+        }
+        // Its node proxy is gone: the client moves on, and stays on the new one.
+        b.pick_for(&ready, client).unwrap().unreachable();
+        let second = b.pick_for(&ready, client).unwrap().index;
+        assert_ne!(second, first);
+        for _ in 0..20 {
+            assert_eq!(b.pick_for(&ready, client).unwrap().index, second);
+        }
+    }
 
     #[test]
     fn slow_endpoint_loses_most_picks() {

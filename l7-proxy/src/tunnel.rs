@@ -178,15 +178,32 @@ impl TunnelConn {
     }
 }
 
-/// Counts a stream as open on its connection while alive.
+/// Counts a stream as open on its connection while alive; its end wakes
+/// the requests waiting for room on a full key.
 pub struct StreamGuard {
     streams: Arc<AtomicUsize>,
+    room: Arc<Room>,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.streams.fetch_sub(1, Ordering::Relaxed);
+        self.streams.fetch_sub(1, Ordering::SeqCst);
+        // Only when someone waits: the notification takes a lock.
+        if self.room.waiting.load(Ordering::SeqCst) > 0 {
+            self.room.freed.notify_waiters();
+        }
     }
+}
+
+/// Requests waiting for a stream slot when every connection of their key is
+/// full and no more may open. They wait here, not in `h2`'s queue of streams
+/// over the peer's limit: a stream queued there and given up on is still
+/// sent once a slot frees (and then reset), so a request answered "no free
+/// stream" could reach the workload after all, and a retry a second time.
+#[derive(Default)]
+struct Room {
+    freed: tokio::sync::Notify,
+    waiting: AtomicUsize,
 }
 
 /// The pool; cheap to clone.
@@ -203,6 +220,7 @@ struct PoolInner {
     conns: Mutex<HashMap<TunnelKey, Vec<Arc<TunnelConn>>>>,
     /// One dial at a time per key; the last failure, when it came.
     dialing: Mutex<HashMap<TunnelKey, Arc<tokio::sync::Mutex<Option<LastFailure>>>>>,
+    room: Arc<Room>,
 }
 
 impl TunnelPool {
@@ -220,6 +238,7 @@ impl TunnelPool {
                 table,
                 conns: Mutex::default(),
                 dialing: Mutex::default(),
+                room: Arc::default(),
             }),
         }
     }
@@ -415,35 +434,10 @@ impl TunnelPool {
             Err(e) => return Err((unsent(e), Some(req))),
             Ok(sender) => sender,
         };
-        let (resp, send) = sender
-            .send_request(req, eos)
-            .map_err(|e| (unsent(e), None))?;
-        // The peer's stream limit can be reached even where the pool's count
-        // has room (its count of a stream that ended lags ours), and is
-        // passed on purpose once the key has all its connections: `h2` then
-        // queues the stream until one of the connection's others ends, and
-        // this handle is ready once it has opened. Wait for that as long as
-        // for a connection, not for ever; dropping the stream takes it out
-        // of the queue, nothing of it sent.
-        let mut queued = false;
-        std::future::poll_fn(|cx| {
-            queued = sender.poll_ready(cx).is_pending();
-            Poll::Ready(())
-        })
-        .await;
-        if queued {
-            let wait = self.inner.settings.connect_timeout();
-            let opened = std::future::poll_fn(|cx| sender.poll_ready(cx));
-            if tokio::time::timeout(wait, opened).await.is_err() {
-                let busy = TunnelError::Busy {
-                    node: key.node,
-                    waited: wait,
-                };
-                return Err((busy, None));
-            }
-            // Opened, or the connection failed: the response says which.
-        }
-        Ok((resp, send))
+        // The pool took a slot below the peer's limit (`pick`), so the
+        // stream opens now; at most it waits in `h2` for a moment while a
+        // stream that ended here is still counted there.
+        sender.send_request(req, eos).map_err(|e| (unsent(e), None))
     }
 
     /// Open tunnel connections (for tests and the admin API).
@@ -457,12 +451,53 @@ impl TunnelPool {
             .sum()
     }
 
+    /// A connection of `key` with a free stream slot, dialling one if the key
+    /// may have more; when it may not, waits for a slot to free up to the
+    /// connect timeout (then `Busy`: nothing was sent).
     async fn checkout(
         &self,
         key: &TunnelKey,
     ) -> Result<(Arc<TunnelConn>, StreamGuard), TunnelError> {
-        if let Some(c) = self.pick(key, false) {
+        if let Some(c) = self.pick(key) {
             return Ok(c);
+        }
+        let wait = self.inner.settings.connect_timeout();
+        let deadline = Instant::now() + wait;
+        let room = &self.inner.room;
+        loop {
+            // Registered before looking, so that a slot freed in between
+            // is not missed.
+            room.waiting.fetch_add(1, Ordering::SeqCst);
+            let freed = room.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let found = self.checkout_or_dial(key).await;
+            let outcome = match found {
+                Ok(Some(c)) => Some(Ok(c)),
+                Err(e) => Some(Err(e)),
+                Ok(None) => match tokio::time::timeout_at(deadline, freed).await {
+                    Ok(()) => None,
+                    Err(_) => Some(Err(TunnelError::Busy {
+                        node: key.node,
+                        waited: wait,
+                    })),
+                },
+            };
+            room.waiting.fetch_sub(1, Ordering::SeqCst);
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+        }
+    }
+
+    /// A connection with a free slot, or a new one; `None` when every
+    /// connection of the key is full and no more may open.
+    async fn checkout_or_dial(
+        &self,
+        key: &TunnelKey,
+    ) -> Result<Option<(Arc<TunnelConn>, StreamGuard)>, TunnelError> {
+        if let Some(c) = self.pick(key) {
+            return Ok(Some(c));
         }
         let lock = {
             let mut d = self.inner.dialing.lock().unwrap_or_else(|e| e.into_inner());
@@ -474,24 +509,20 @@ impl TunnelPool {
         let waited_from = Instant::now();
         let mut last_failure = lock.lock().await;
         // Someone else may have dialled while we waited.
-        if let Some(c) = self.pick(key, false) {
-            return Ok(c);
+        if let Some(c) = self.pick(key) {
+            return Ok(Some(c));
         }
         let full = {
             let conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
             conns.get(key).map_or(0, Vec::len) >= self.inner.settings.tunnel_max_connections
         };
-        if full && let Some(c) = self.pick(key, true) {
-            return Ok(c);
+        if full {
+            return Ok(None);
         }
         // Or failed: the requests queued behind a dial to a peer that is
         // gone get its failure at once rather than dialling again one after
-        // another (each waiting out the connect timeout); a busy connection
-        // to it, when there is one, is better than that failure.
+        // another (each waiting out the connect timeout).
         if let Some(f) = last_failure.as_ref().filter(|f| f.at >= waited_from) {
-            if let Some(c) = self.pick(key, true) {
-                return Ok(c);
-            }
             return Err(TunnelError::DialFailed {
                 node: key.node,
                 reason: f.reason.clone(),
@@ -512,7 +543,7 @@ impl TunnelPool {
             }
         };
         *last_failure = None;
-        let guard = take_stream(&conn);
+        let guard = take_stream(&conn, &self.inner.room);
         self.inner
             .conns
             .lock()
@@ -520,28 +551,29 @@ impl TunnelPool {
             .entry(key.clone())
             .or_default()
             .push(conn.clone());
-        Ok((conn, guard))
+        Ok(Some((conn, guard)))
     }
 
-    /// The least busy open connection, below the stream limit unless
-    /// `over_limit` (every connection of the key is full and no more may open).
-    fn pick(&self, key: &TunnelKey, over_limit: bool) -> Option<(Arc<TunnelConn>, StreamGuard)> {
+    /// The least busy open connection with a free stream slot: below our
+    /// limit and the peer's (its SETTINGS, when it allows fewer: another
+    /// connection rather than a queue inside this one).
+    fn pick(&self, key: &TunnelKey) -> Option<(Arc<TunnelConn>, StreamGuard)> {
         let mut conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
         list.retain(|c| !c.is_closed());
         let max = self.inner.settings.tunnel_max_streams as usize;
-        // The peer's limit (its SETTINGS) when it allows fewer: another
-        // connection rather than a queue inside this one.
+        // An idle connection has room whatever the peer allows (above 0);
+        // asking h2 takes its lock, so only for one carrying streams.
         let room = |c: &TunnelConn| {
-            let n = c.streams.load(Ordering::Relaxed);
-            n < max && n < c.sender.current_max_send_streams()
+            let n = c.streams.load(Ordering::SeqCst);
+            n < max && (n == 0 || n < c.sender.current_max_send_streams())
         };
         let best = list
             .iter()
-            .filter(|c| over_limit || room(c))
+            .filter(|c| room(c))
             .min_by_key(|c| c.streams.load(Ordering::Relaxed))?
             .clone();
-        let guard = take_stream(&best);
+        let guard = take_stream(&best, &self.inner.room);
         Some((best, guard))
     }
 
@@ -758,12 +790,13 @@ impl TunnelPool {
 /// stream IDs (odd, 31 bits) allow about 2^30.
 const RETIRE_AFTER_STREAMS: u64 = 1 << 29;
 
-fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
-    c.streams.fetch_add(1, Ordering::Relaxed);
+fn take_stream(c: &Arc<TunnelConn>, room: &Arc<Room>) -> StreamGuard {
+    c.streams.fetch_add(1, Ordering::SeqCst);
     c.opened.fetch_add(1, Ordering::Relaxed);
     *c.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     StreamGuard {
         streams: c.streams.clone(),
+        room: room.clone(),
     }
 }
 

@@ -291,12 +291,22 @@ async fn a_tunnel_peer_that_stops_reading_is_cut_off() {
 /// An HTTP/1.1 workload that answers `ok` as soon as a request head is in,
 /// and goes on reading whatever body follows.
 async fn early_answer_server(ip: std::net::IpAddr) -> SocketAddr {
+    early_answer_server_recording(ip).await.0
+}
+
+/// [`early_answer_server`], and the request lines it was sent.
+async fn early_answer_server_recording(
+    ip: std::net::IpAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = lines.clone();
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
+            let record = record.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 let mut seen = Vec::new();
@@ -310,6 +320,10 @@ async fn early_answer_server(ip: std::net::IpAddr) -> SocketAddr {
                     seen.extend_from_slice(&buf[..n]);
                     // Answer each head as it completes (keep-alive).
                     while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                        if let Some(line) = head.lines().next() {
+                            record.lock().unwrap().push(line.to_string());
+                        }
                         seen.drain(..end + 4);
                         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                         if tcp.write_all(ok).await.is_err() {
@@ -320,7 +334,7 @@ async fn early_answer_server(ip: std::net::IpAddr) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, lines)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,7 +517,7 @@ async fn a_request_with_no_stream_free_anywhere_is_answered_after_the_connect_ti
         }
     })
     .await;
-    let addr = early_answer_server(cart(0).ip).await;
+    let (addr, lines) = early_answer_server_recording(cart(0).ip).await;
     publish_http_cart(&mesh, addr).await;
     // An upload answered at once holds the only stream with its body.
     let mut upload = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
@@ -530,5 +544,63 @@ async fn a_request_with_no_stream_free_anywhere_is_answered_after_the_connect_ti
         .expect("answered");
     assert_eq!(r.status, 200);
     assert_eq!(mesh.a.proxy().tunnel_connections(), 1);
+    // The request answered "no free stream" never reached the workload
+    // (it was not left queued in h2, to be sent once a slot freed).
+    let seen = lines.lock().unwrap().clone();
+    assert_eq!(seen, ["POST /up HTTP/1.1", "GET /again HTTP/1.1"]);
+    mesh.shutdown().await;
+}
+
+/// A TCP connection with no stream slot anywhere is given up on after the
+/// connect timeout, and its stream is never opened later on: the workload
+/// sees only the connections that were carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_given_up_for_want_of_a_stream_never_reaches_the_workload() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        if s.inbound_addr.ip() == node_b_ip() {
+            s.tunnel_max_streams = 1;
+        } else {
+            s.tunnel_max_connections = 1;
+        }
+    })
+    .await;
+    // An echo server that counts the connections it accepts.
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move { echo_bytes(&mut tcp).await });
+        }
+    });
+    let mut svc = mesh.service("echo", 1, port, &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut first = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    first.write_all(b"1").await.unwrap();
+    assert_eq!(read_n(&mut first, 1).await, b"1");
+    let mut second = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    second.write_all(b"2").await.unwrap();
+    assert!(closed_by_peer(&mut second).await, "the second waited on");
+    // The first ends: its slot frees. A given-up stream left queued would
+    // open now and reach the workload.
+    drop(first);
+    let mut third = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    third.write_all(b"3").await.unwrap();
+    assert_eq!(read_n(&mut third, 1).await, b"3");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "a connection given up on reached the workload later"
+    );
     mesh.shutdown().await;
 }

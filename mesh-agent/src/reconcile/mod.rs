@@ -336,6 +336,9 @@ impl Reconciler {
                 self.cleanup_deferred = false;
                 self.remove_stale_services();
                 self.unenrol_stale_cgroups();
+                if self.adopt_pinned_strict_state() {
+                    dirty.workloads = true;
+                }
                 self.publish_view();
             }
         }
@@ -366,18 +369,7 @@ impl Reconciler {
         dirty.mesh = true;
         self.reconcile_services(&dirty.services);
         self.remove_stale_services();
-        // What an earlier agent left in the kernel: modes and guards of pods
-        // that are gone or left the mesh (or STRICT) meanwhile go in this
-        // pass like any other; wanted guards are attached again (this
-        // agent's program replaces the old one).
-        for (ip, mode) in self.dp.workload_modes() {
-            self.modes.entry(ip).or_insert(mode);
-        }
-        for (iface, _) in self.dp.guarded_interfaces() {
-            self.guarded
-                .entry(iface)
-                .or_insert_with(|| Key::new("", "(an earlier agent's)"));
-        }
+        self.adopt_pinned_strict_state();
         self.reconcile_workloads();
         self.unenrol_stale_cgroups();
         dirty.services.clear();
@@ -803,6 +795,27 @@ impl Reconciler {
     /// not read yet); it then runs on the first tick after they are read.
     /// Not a kernel error: the broken file is reported as a configuration
     /// problem already.
+    /// Takes in the mTLS modes and interface guards an earlier agent left
+    /// pinned, so that the next workload pass clears those of pods that are
+    /// gone or left the mesh (or STRICT) meanwhile, and attaches this
+    /// agent's program to wanted guards. Not while a source has objects not
+    /// read yet (a broken file may name those pods: STRICT would fail open);
+    /// then they stay until it reads in full. Says whether it took them.
+    fn adopt_pinned_strict_state(&mut self) -> bool {
+        if self.defer_cleanup() {
+            return false;
+        }
+        for (ip, mode) in self.dp.workload_modes() {
+            self.modes.entry(ip).or_insert(mode);
+        }
+        for (iface, _) in self.dp.guarded_interfaces() {
+            self.guarded
+                .entry(iface)
+                .or_insert_with(|| Key::new("", "(an earlier agent's)"));
+        }
+        true
+    }
+
     fn defer_cleanup(&mut self) -> bool {
         if self.incomplete_sources.is_empty() {
             return false;
@@ -810,9 +823,9 @@ impl Reconciler {
         if !self.cleanup_deferred {
             let names: Vec<&str> = self.incomplete_sources.iter().map(String::as_str).collect();
             tracing::warn!(
-                "keeping the services and cgroups an earlier run left that the configuration \
-                 does not name, because {} has objects not read yet (a broken file may define \
-                 them); they go once it reads in full",
+                "keeping the services, cgroups and STRICT modes an earlier run left that the \
+                 configuration does not name, because {} has objects not read yet (a broken \
+                 file may define them); they go once it reads in full",
                 names.join(", ")
             );
         }

@@ -909,6 +909,11 @@ fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unre
     ));
     let old_pod = f.cgroup("pods/old");
     dataplane::Dataplane::enroll(&*f.dp, &old_pod).unwrap();
+    // ... and made it STRICT, guarding its interface.
+    let old_ip: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    dataplane::Dataplane::set_workload_mode(&*f.dp, old_ip, Some(ebpf_lb::MtlsMode::Strict))
+        .unwrap();
+    dataplane::Dataplane::guard_interface(&*f.dp, "veth-old").unwrap();
     f.upsert(shop());
     let broken = |incomplete: bool| Input::SourceErrors {
         source: "files:/etc/sluice".into(),
@@ -931,6 +936,13 @@ fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unre
         "balancing that worked goes on"
     );
     assert_eq!(f.dp.enrolled_paths(), vec![old_pod.clone()]);
+    // Its STRICT mode and guard stay too: dropping them would let
+    // plaintext in to a pod the broken file may still make STRICT.
+    assert_eq!(
+        f.dp.modes(),
+        BTreeMap::from([(old_ip, ebpf_lb::MtlsMode::Strict)])
+    );
+    assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-old".to_string()]));
     // Not a kernel error (the file is reported already), and no work on
     // every tick meanwhile.
     assert!(errors(&f).is_empty(), "{:?}", errors(&f));
@@ -955,5 +967,7 @@ fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unre
         f.dp.enrolled_paths().is_empty(),
         "the stale cgroup is unenrolled"
     );
+    assert!(f.dp.modes().is_empty(), "{:?}", f.dp.modes());
+    assert!(f.dp.guarded().is_empty(), "{:?}", f.dp.guarded());
     assert!(errors(&f).is_empty(), "{:?}", errors(&f));
 }

@@ -5,7 +5,8 @@
 //! host-side egress hook). The client sees `ECONNREFUSED` at once, wherever it
 //! is; traffic inside the pod never crosses the veth and is untouched.
 //!
-//! Connections from the node itself pass unless the loader says otherwise
+//! Connections from the node itself (a connecting socket of its network
+//! namespace sent the SYN) pass unless the loader says otherwise
 //! (`CONFIG_F_STRICT_ALLOWS_NODE`): kubelet's probes come from there.
 //!
 //! A TCP fragment to a STRICT workload is dropped (the pod would reassemble
@@ -18,8 +19,12 @@
 //! payload, flags RST|ACK, then handed back to the same device's ingress.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::bpf_redirect,
+    bindings::{
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_TCP_SYN_SENT, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
+    helpers::generated::{bpf_redirect, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::classifier,
     programs::TcContext,
 };
@@ -241,11 +246,10 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || !strict(&p.dst) {
         return Ok(TC_ACT_OK);
     }
-    // From the node itself (kubelet's probes): the packet still carries the
-    // socket that sent it, which a packet forwarded from another pod or node
-    // does not.
+    // From the node itself (kubelet's probes): a connecting socket of the
+    // node's own network namespace sent it.
     if config().is_some_and(|c| c.flags & CONFIG_F_STRICT_ALLOWS_NODE != 0)
-        && !unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null()
+        && from_node_socket(ctx, &p)?
     {
         return Ok(TC_ACT_OK);
     }
@@ -256,6 +260,62 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
         }
     }
     reject(ctx, &p)
+}
+
+/// Whether the SYN was sent by a socket of the node's own network namespace
+/// (where the host side of the veth is): one connecting (SYN_SENT) with the
+/// SYN's 4-tuple there. Carrying a socket is not enough: a CNI that forwards
+/// with `bpf_redirect` hands a pod's packet over with the pod's socket, and a
+/// listener matched by the lookup (any address, the SYN's source port) is not
+/// the sender either.
+#[inline(always)]
+fn from_node_socket(ctx: &TcContext, p: &Parsed) -> Result<bool, i64> {
+    // A packet the node forwarded (from a pod or another node) has none.
+    if unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null() {
+        return Ok(false);
+    }
+    let sport: u16 = ctx.load(p.l4)?;
+    let dport: u16 = ctx.load(p.l4 + 2)?;
+    // Looked up as the node would see the answer: from the SYN's
+    // destination to its source.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if p.addr_len == 4 {
+        let src: u32 = ctx.load(p.addr_off)?;
+        let dst: u32 = ctx.load(p.addr_off + 4)?;
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: dst,
+            daddr: src,
+            sport: dport,
+            dport: sport,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        let src: [u32; 4] = ctx.load(p.addr_off)?;
+        let dst: [u32; 4] = ctx.load(p.addr_off + 16)?;
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: dst,
+            daddr: src,
+            sport: dport,
+            dport: sport,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    };
+    // SAFETY: a tuple of the size given; the socket found is released.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.skb.skb as *mut _,
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return Ok(false);
+    }
+    let state = unsafe { core::ptr::read_volatile(&(*sk).state) };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    Ok(state == BPF_TCP_SYN_SENT)
 }
 
 /// Turns the SYN into the RST|ACK that answers it and sends it back.
