@@ -260,7 +260,7 @@ where
     let pings = conn
         .ping_pong()
         .expect("the first call has the ping handle");
-    let mut alive = std::pin::pin!(keep_alive(pings));
+    let mut alive = std::pin::pin!(keep_alive(pings, None));
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
     // No new streams past the connection's age or its peer certificate's

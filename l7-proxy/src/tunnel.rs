@@ -170,6 +170,8 @@ struct TunnelConn {
     tls: Arc<TlsInfo>,
     /// Cleared when the connection's task ends.
     open: Arc<std::sync::atomic::AtomicBool>,
+    /// Its key's waiting room.
+    room: Arc<Room>,
 }
 
 impl TunnelConn {
@@ -206,6 +208,22 @@ struct Room {
     waiting: AtomicUsize,
 }
 
+/// One request waiting for [`Room`], for as long as it lives.
+struct Waiting<'a>(&'a Room);
+
+impl<'a> Waiting<'a> {
+    fn new(room: &'a Room) -> Self {
+        room.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(room)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The pool; cheap to clone.
 #[derive(Clone)]
 pub struct TunnelPool {
@@ -220,7 +238,8 @@ struct PoolInner {
     conns: Mutex<HashMap<TunnelKey, Vec<Arc<TunnelConn>>>>,
     /// One dial at a time per key; the last failure, when it came.
     dialing: Mutex<HashMap<TunnelKey, Arc<tokio::sync::Mutex<Option<LastFailure>>>>>,
-    room: Arc<Room>,
+    /// Where the requests of each key wait for a stream slot.
+    rooms: Mutex<HashMap<TunnelKey, Arc<Room>>>,
 }
 
 impl TunnelPool {
@@ -238,7 +257,7 @@ impl TunnelPool {
                 table,
                 conns: Mutex::default(),
                 dialing: Mutex::default(),
-                room: Arc::default(),
+                rooms: Mutex::default(),
             }),
         }
     }
@@ -463,35 +482,73 @@ impl TunnelPool {
         }
         let wait = self.inner.settings.connect_timeout();
         let deadline = Instant::now() + wait;
-        let room = &self.inner.room;
+        let room = self.room_of(key);
+        // Counted while this request waits, also when it is dropped (its
+        // caller went away) while waiting.
+        let _waiting = Waiting::new(&room);
+        let mut first = true;
         loop {
             // Registered before looking, so that a slot freed in between
             // is not missed.
-            room.waiting.fetch_add(1, Ordering::SeqCst);
             let freed = room.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let found = self.checkout_or_dial(key).await;
-            let outcome = match found {
-                Ok(Some(c)) => Some(Ok(c)),
-                Err(e) => Some(Err(e)),
-                Ok(None) => match tokio::time::timeout_at(deadline, freed).await {
-                    Ok(()) => None,
-                    Err(_) => Some(Err(TunnelError::Busy {
-                        node: key.node,
-                        waited: wait,
-                    })),
-                },
+            // Woken while the key is still full, a slot is all there is to
+            // look for: no dial lock, no dial.
+            let found = if first || !self.full(key) {
+                first = false;
+                self.checkout_or_dial(key).await?
+            } else {
+                self.pick(key)
             };
-            room.waiting.fetch_sub(1, Ordering::SeqCst);
-            if let Some(outcome) = outcome {
-                return outcome;
+            if let Some(c) = found {
+                return Ok(c);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(TunnelError::Busy {
+                    node: key.node,
+                    waited: wait,
+                });
             }
         }
     }
 
+    /// The waiting room of `key`'s requests.
+    fn room_of(&self, key: &TunnelKey) -> Arc<Room> {
+        let mut rooms = self.inner.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = rooms.get(key) {
+            return r.clone();
+        }
+        // Keys with neither connections nor waiters go (peers and
+        // identities come and go; a new key is rare enough to sweep here).
+        rooms.retain(|_, r| Arc::strong_count(r) > 1);
+        rooms.entry(key.clone()).or_default().clone()
+    }
+
+    /// Whether every connection of `key` that can still open streams is in
+    /// the pool and no more may open. A connection whose peer said GOAWAY
+    /// (or that failed) is found out here and leaves the pool: its streams
+    /// may last an hour, and it must not keep the key full meanwhile.
+    fn full(&self, key: &TunnelKey) -> bool {
+        let mut conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = conns.get_mut(key) else {
+            return false;
+        };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for c in list.iter() {
+            // A fresh handle is ready at once, or fails on a connection
+            // that can open no more streams.
+            if let Poll::Ready(Err(_)) = c.sender.clone().poll_ready(&mut cx) {
+                c.open.store(false, Ordering::Relaxed);
+            }
+        }
+        list.retain(|c| !c.is_closed());
+        list.len() >= self.inner.settings.tunnel_max_connections
+    }
+
     /// A connection with a free slot, or a new one; `None` when every
-    /// connection of the key is full and no more may open.
+    /// connection of the key is full and no more may open, or a dial failed
+    /// while the key still has connections (their slots will free).
     async fn checkout_or_dial(
         &self,
         key: &TunnelKey,
@@ -512,17 +569,23 @@ impl TunnelPool {
         if let Some(c) = self.pick(key) {
             return Ok(Some(c));
         }
-        let full = {
-            let conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
-            conns.get(key).map_or(0, Vec::len) >= self.inner.settings.tunnel_max_connections
-        };
-        if full {
+        if self.full(key) {
             return Ok(None);
         }
+        // A peer with working connections is there: a failed dial to it
+        // (its accept queue full, say) is no reason to fail a request that
+        // can wait for one of their slots.
+        let has_conns = || {
+            let conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.get(key).is_some_and(|l| !l.is_empty())
+        };
         // Or failed: the requests queued behind a dial to a peer that is
         // gone get its failure at once rather than dialling again one after
         // another (each waiting out the connect timeout).
         if let Some(f) = last_failure.as_ref().filter(|f| f.at >= waited_from) {
+            if has_conns() {
+                return Ok(None);
+            }
             return Err(TunnelError::DialFailed {
                 node: key.node,
                 reason: f.reason.clone(),
@@ -539,11 +602,15 @@ impl TunnelPool {
                     reason: e.to_string(),
                     unreachable: e.is_unreachable(),
                 });
+                if has_conns() {
+                    tracing::debug!(node = %key.node, "waiting for a slot on the open tunnel connections: {e}");
+                    return Ok(None);
+                }
                 return Err(e);
             }
         };
         *last_failure = None;
-        let guard = take_stream(&conn, &self.inner.room);
+        let guard = take_stream(&conn);
         self.inner
             .conns
             .lock()
@@ -573,7 +640,7 @@ impl TunnelPool {
             .filter(|c| room(c))
             .min_by_key(|c| c.streams.load(Ordering::Relaxed))?
             .clone();
-        let guard = take_stream(&best, &self.inner.room);
+        let guard = take_stream(&best);
         Some((best, guard))
     }
 
@@ -716,13 +783,16 @@ impl TunnelPool {
         let stall_limit = s.tunnel_write_stall_timeout();
         let driver = FlushAtEnd::new(connection, batch, streams.clone());
         let still_open = open.clone();
+        let room = self.room_of(key);
+        let room_at_end = room.clone();
+        let (settled_tx, settled) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             tokio::select! {
                 biased;
                 r = driver => if let Err(e) = r {
                     tracing::debug!(%node, "tunnel connection ended: {e}");
                 },
-                why = keep_alive(pings) => {
+                why = keep_alive(pings, Some(settled_tx)) => {
                     tracing::debug!(%node, "closing the tunnel connection: {why}");
                 }
                 () = stall.exceeded(stall_limit) => {
@@ -733,8 +803,24 @@ impl TunnelPool {
                 }
             }
             still_open.store(false, Ordering::Relaxed);
+            // Room to dial another: the waiters look again.
+            room_at_end.freed.notify_waiters();
             drop(handle);
         });
+        // The peer's SETTINGS (its stream limit among them) come before its
+        // answer to a first PING: the connection takes streams only once it
+        // is known how many (until then h2 assumes no limit, and streams
+        // over the peer's would wait in h2's own queue).
+        match tokio::time::timeout(s.tls_handshake_timeout(), settled).await {
+            Ok(Ok(())) => {}
+            _ => {
+                return Err(TunnelError::Handshake {
+                    node: key.node,
+                    peer: key.peer.clone(),
+                    reason: "the peer did not answer a first HTTP/2 PING".into(),
+                });
+            }
+        }
         let conn = Arc::new(TunnelConn {
             sender,
             streams,
@@ -743,6 +829,7 @@ impl TunnelPool {
             last_used: Mutex::new(Instant::now()),
             tls: Arc::new(info),
             open,
+            room,
         });
         self.spawn_reaper(key.clone(), Arc::downgrade(&conn));
         tracing::debug!(source = %key.source, peer = %key.peer, %node, "tunnel connection open");
@@ -772,13 +859,17 @@ impl TunnelPool {
                 let retired = c.born.elapsed() >= pool.settings.tunnel_max_age()
                     || c.opened.load(Ordering::Relaxed) >= RETIRE_AFTER_STREAMS;
                 if quiet || retired || c.is_closed() {
-                    let mut conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(list) = conns.get_mut(&key) {
-                        list.retain(|x| !Arc::ptr_eq(x, &c));
-                        if list.is_empty() {
-                            conns.remove(&key);
+                    {
+                        let mut conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(list) = conns.get_mut(&key) {
+                            list.retain(|x| !Arc::ptr_eq(x, &c));
+                            if list.is_empty() {
+                                conns.remove(&key);
+                            }
                         }
                     }
+                    // Room to dial another: the waiters look again.
+                    c.room.freed.notify_waiters();
                     return;
                 }
             }
@@ -790,13 +881,13 @@ impl TunnelPool {
 /// stream IDs (odd, 31 bits) allow about 2^30.
 const RETIRE_AFTER_STREAMS: u64 = 1 << 29;
 
-fn take_stream(c: &Arc<TunnelConn>, room: &Arc<Room>) -> StreamGuard {
+fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
     c.streams.fetch_add(1, Ordering::SeqCst);
     c.opened.fetch_add(1, Ordering::Relaxed);
     *c.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     StreamGuard {
         streams: c.streams.clone(),
-        room: room.clone(),
+        room: c.room.clone(),
     }
 }
 
@@ -819,9 +910,17 @@ const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pings the peer every [`PING_INTERVAL`]; returns why the connection should
 /// close.
-pub(crate) async fn keep_alive(mut pings: h2::PingPong) -> String {
+/// Pings the peer every [`PING_INTERVAL`]; ends (saying why) when it stops
+/// answering. With `settled`, the first ping goes at once and its answer is
+/// reported there.
+pub(crate) async fn keep_alive(
+    mut pings: h2::PingPong,
+    mut settled: Option<tokio::sync::oneshot::Sender<()>>,
+) -> String {
     loop {
-        tokio::time::sleep(PING_INTERVAL).await;
+        if settled.is_none() {
+            tokio::time::sleep(PING_INTERVAL).await;
+        }
         // A failed ping means the connection is going away: its own future
         // ends and says why.
         if pings.send_ping(h2::Ping::opaque()).is_err() {
@@ -830,7 +929,11 @@ pub(crate) async fn keep_alive(mut pings: h2::PingPong) -> String {
         match tokio::time::timeout(PING_TIMEOUT, std::future::poll_fn(|cx| pings.poll_pong(cx)))
             .await
         {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => {
+                if let Some(tx) = settled.take() {
+                    let _ = tx.send(());
+                }
+            }
             Ok(Err(_)) => return std::future::pending::<String>().await,
             Err(_) => return format!("the peer answered no ping within {PING_TIMEOUT:?}"),
         }

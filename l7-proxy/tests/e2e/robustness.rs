@@ -604,3 +604,40 @@ async fn a_connection_given_up_for_want_of_a_stream_never_reaches_the_workload()
     );
     mesh.shutdown().await;
 }
+
+/// Every connection of a key full, and the peer restarting (GOAWAY on them,
+/// their streams draining for as long as they last): a new connection
+/// opens to the new peer at once instead of waiting for a slot that the
+/// old connections will never give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_key_whose_connections_got_goaway_dials_anew() {
+    let mut mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.tunnel_max_streams = 1;
+        s.tunnel_max_connections = 1;
+    })
+    .await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let mut svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut held = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    held.write_all(b"1").await.unwrap();
+    assert_eq!(read_n(&mut held, 1).await, b"1");
+    // Node B's proxy restarts: its old self drains the held stream.
+    let draining = mesh.restart_b().await;
+    // (Waiting for a slot on the draining connection would end in "no free
+    // stream", and this connection closed unanswered.)
+    let mut fresh = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    fresh.write_all(b"2").await.unwrap();
+    assert_eq!(read_n(&mut fresh, 1).await, b"2");
+    // The held stream still works on the old connection.
+    held.write_all(b"3").await.unwrap();
+    assert_eq!(read_n(&mut held, 1).await, b"3");
+    drop((held, fresh));
+    let _ = draining.await;
+    mesh.shutdown().await;
+}
