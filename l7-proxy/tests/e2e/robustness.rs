@@ -337,6 +337,19 @@ async fn early_answer_server_recording(
     (addr, lines)
 }
 
+/// A 1000-byte upload to the cart VIP that an early-answering workload
+/// answers after its first 10 bytes: its body keeps its tunnel stream open.
+async fn answered_upload(mesh: &Mesh) -> tokio::net::TcpStream {
+    let mut upload = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    upload
+        .write_all(b"POST /up HTTP/1.1\r\nhost: cart\r\ncontent-length: 1000\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let answer = read_n(&mut upload, 40).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    upload
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_counts_until_its_request_body_is_sent_not_only_its_response() {
     // One stream per tunnel connection, on both sides.
@@ -348,13 +361,7 @@ async fn a_stream_counts_until_its_request_body_is_sent_not_only_its_response() 
     publish_http_cart(&mesh, addr).await;
     // An upload the workload answers at once; its body keeps its stream
     // open on the tunnel after the answer.
-    let mut upload = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    upload
-        .write_all(b"POST /up HTTP/1.1\r\nhost: cart\r\ncontent-length: 1000\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let answer = read_n(&mut upload, 40).await;
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let upload = answered_upload(&mesh).await;
     // Another request needs another stream: the pool must not count the
     // upload's as free (its peer would not take a second one).
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
@@ -520,13 +527,7 @@ async fn a_request_with_no_stream_free_anywhere_is_answered_after_the_connect_ti
     let (addr, lines) = early_answer_server_recording(cart(0).ip).await;
     publish_http_cart(&mesh, addr).await;
     // An upload answered at once holds the only stream with its body.
-    let mut upload = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    upload
-        .write_all(b"POST /up HTTP/1.1\r\nhost: cart\r\ncontent-length: 1000\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let answer = read_n(&mut upload, 40).await;
-    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let mut upload = answered_upload(&mesh).await;
     // A request with no room anywhere is not queued for ever: it is
     // answered, naming why.
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
@@ -611,17 +612,9 @@ async fn a_connection_given_up_for_want_of_a_stream_never_reaches_the_workload()
 /// old connections will never give.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_key_whose_connections_got_goaway_dials_anew() {
-    let mut mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+    let mut mesh = mesh_with_echo(1, &|s| {
         s.tunnel_max_streams = 1;
         s.tunnel_max_connections = 1;
-    })
-    .await;
-    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
-    let mut svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
-    svc.ports[0].app_protocol = Some("tcp".into());
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
     })
     .await;
     let mut held = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;

@@ -617,16 +617,17 @@ mod tests {
     /// takes that one only.
     #[test]
     fn a_grpcroute_on_one_port_leaves_an_every_port_httproute_the_others() {
-        let mut s = store(&[("shop", "web", &[80, 8080]), ("shop", "api", &[8080])]);
-        s.apply(Update::Upsert(Object::GRPCRoute(grpc_on_web_port_80())));
-        let mut every_port = web_route("api");
-        every_port.spec.parent_refs = Some(vec![
-            serde_json::from_value(serde_json::json!(
-                {"group": "", "kind": "Service", "name": "web"}
-            ))
-            .unwrap(),
-        ]);
-        s.apply(Update::Upsert(Object::HTTPRoute(every_port)));
+        // A GRPCRoute on web port 80, an HTTPRoute on every port of web.
+        let both = |web_ports: &[i32]| {
+            let mut s = store(&[("shop", "web", web_ports), ("shop", "api", &[8080])]);
+            s.apply(Update::Upsert(Object::GRPCRoute(grpc_on_web_port_80())));
+            let mut every_port = web_route("api");
+            let parent = serde_json::json!({"group": "", "kind": "Service", "name": "web"});
+            every_port.spec.parent_refs = Some(vec![serde_json::from_value(parent).unwrap()]);
+            s.apply(Update::Upsert(Object::HTTPRoute(every_port)));
+            s
+        };
+        let s = both(&[80, 8080]);
         let index = RefIndex::of(&s);
         let t = translate_all(&s, &index);
         assert_eq!(t.http.len(), 1, "{:?}", t.http);
@@ -640,16 +641,7 @@ mod tests {
         assert!(parent_conditions(&index, e, &e.route.parents[0])[0].status);
 
         // A Service with that one port only: nothing is left to it.
-        let mut s = store(&[("shop", "web", &[80]), ("shop", "api", &[8080])]);
-        s.apply(Update::Upsert(Object::GRPCRoute(grpc_on_web_port_80())));
-        let mut every_port = web_route("api");
-        every_port.spec.parent_refs = Some(vec![
-            serde_json::from_value(serde_json::json!(
-                {"group": "", "kind": "Service", "name": "web"}
-            ))
-            .unwrap(),
-        ]);
-        s.apply(Update::Upsert(Object::HTTPRoute(every_port)));
+        let s = both(&[80]);
         let index = RefIndex::of(&s);
         let t = translate_all(&s, &index);
         assert!(t.http.is_empty(), "{:?}", t.http);
