@@ -208,6 +208,10 @@ struct Room {
     waiting: AtomicUsize,
 }
 
+/// How often a request waiting for a stream slot looks at its key's
+/// connections again without being woken.
+const RECHECK_FULL: Duration = Duration::from_millis(250);
+
 /// One request waiting for [`Room`], for as long as it lives.
 struct Waiting<'a>(&'a Room);
 
@@ -442,6 +446,8 @@ impl TunnelPool {
             // (one that is still busy serves its streams to their end).
             if source.is_go_away() || source.is_io() || source.is_remote() {
                 conn.open.store(false, Ordering::Relaxed);
+                // Room to dial another: the waiters look again.
+                conn.room.freed.notify_waiters();
             }
             TunnelError::Unsent {
                 node: key.node,
@@ -504,7 +510,11 @@ impl TunnelPool {
             if let Some(c) = found {
                 return Ok(c);
             }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            // Woken by a stream's or a connection's end, or a new
+            // connection; and looking again now and then regardless: a
+            // peer's GOAWAY on a full key's connections wakes nobody.
+            let look_again = (Instant::now() + RECHECK_FULL).min(deadline);
+            if tokio::time::timeout_at(look_again, freed).await.is_err() && look_again >= deadline {
                 return Err(TunnelError::Busy {
                     node: key.node,
                     waited: wait,
@@ -618,6 +628,10 @@ impl TunnelPool {
             .entry(key.clone())
             .or_default()
             .push(conn.clone());
+        // Slots for the requests waiting on this key.
+        if conn.room.waiting.load(Ordering::SeqCst) > 0 {
+            conn.room.freed.notify_waiters();
+        }
         Ok(Some((conn, guard)))
     }
 
@@ -814,10 +828,13 @@ impl TunnelPool {
         match tokio::time::timeout(s.tls_handshake_timeout(), settled).await {
             Ok(Ok(())) => {}
             _ => {
+                fail("http2_settings");
                 return Err(TunnelError::Handshake {
                     node: key.node,
                     peer: key.peer.clone(),
-                    reason: "the peer did not answer a first HTTP/2 PING".into(),
+                    reason: "the connection ended or the peer did not answer a first HTTP/2 \
+                             PING within the handshake timeout"
+                        .into(),
                 });
             }
         }

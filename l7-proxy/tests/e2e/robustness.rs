@@ -634,3 +634,29 @@ async fn a_full_key_whose_connections_got_goaway_dials_anew() {
     let _ = draining.await;
     mesh.shutdown().await;
 }
+
+/// The same, with the request already waiting for a slot when the peer
+/// restarts: a GOAWAY wakes nobody, so the waiter looks again on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_on_a_full_key_dials_anew_after_a_goaway() {
+    let mut mesh = mesh_with_echo(1, &|s| {
+        s.tunnel_max_streams = 1;
+        s.tunnel_max_connections = 1;
+    })
+    .await;
+    let mut held = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    held.write_all(b"1").await.unwrap();
+    assert_eq!(read_n(&mut held, 1).await, b"1");
+    // Waits for the held stream's slot (the connect timeout is 2 s)...
+    let mut waiting = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    waiting.write_all(b"2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... when node B's proxy restarts and its old self says GOAWAY.
+    let draining = mesh.restart_b().await;
+    assert_eq!(read_n(&mut waiting, 1).await, b"2");
+    held.write_all(b"3").await.unwrap();
+    assert_eq!(read_n(&mut held, 1).await, b"3");
+    drop((held, waiting));
+    let _ = draining.await;
+    mesh.shutdown().await;
+}
