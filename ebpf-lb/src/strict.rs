@@ -119,9 +119,7 @@ impl LoadBalancer {
         if let Some(old) = t.guarded.insert(ifname.to_string(), idx)
             && old != idx
         {
-            let stale = self.links_dir().join(format!("tc-{old}"));
-            let _ = crate::sys::detach_pinned_link(&stale);
-            let _ = fs::remove_file(&stale);
+            let _ = crate::sys::detach_pinned_link(&self.links_dir().join(format!("tc-{old}")));
         }
         Ok(())
     }
@@ -169,7 +167,6 @@ impl LoadBalancer {
             let named = unsafe { libc::if_indextoname(idx, buf.as_mut_ptr()) };
             if named.is_null() {
                 let _ = crate::sys::detach_pinned_link(&e.path());
-                let _ = fs::remove_file(e.path());
                 continue;
             }
             // SAFETY: if_indextoname wrote a NUL-terminated name.

@@ -101,9 +101,7 @@ impl TunnelError {
             _ => true,
         }
     }
-}
 
-impl TunnelError {
     /// The endpoint's node proxy could not be reached at all (refused, no
     /// answer, a failed handshake), as opposed to a local problem or a
     /// busy, refusing or closing connection to a proxy that is there.
@@ -427,7 +425,7 @@ impl TunnelPool {
         }
     }
 
-    /// Waits for room for one more stream on `conn` and opens it. A
+    /// Opens a stream on `conn`, which the pool gave a free slot. A
     /// connection-level failure takes the connection out of the pool; the
     /// request comes back when the connection failed before taking it.
     #[allow(clippy::type_complexity)]
@@ -925,8 +923,6 @@ pub const SEND_BUFFER: usize = 1024 * 1024;
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Pings the peer every [`PING_INTERVAL`]; returns why the connection should
-/// close.
 /// Pings the peer every [`PING_INTERVAL`]; ends (saying why) when it stops
 /// answering. With `settled`, the first ping goes at once and its answer is
 /// reported there.
