@@ -934,6 +934,7 @@ async fn sluice_node(
             service_account: id.service_account().into(),
             identity: id.clone(),
             mtls_mode: MtlsMode::Strict,
+            selected_by: Vec::new(),
         }],
         ..Snapshot::default()
     };

@@ -326,6 +326,24 @@ pub struct LocalWorkload {
     /// The `MeshPolicy` mode in force for this workload.
     #[serde(default)]
     pub mtls_mode: MtlsMode,
+    /// Services of its namespace whose selector picks it. They govern its
+    /// access policies as the Services whose endpoints list it do, also
+    /// before an EndpointSlice lists it (until then, a new pod would take
+    /// every caller).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selected_by: Vec<SelectedBy>,
+}
+
+/// A Service whose selector picks a local workload, and the workload ports
+/// its ports lead to (a named target port the pod does not declare leads
+/// nowhere).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectedBy {
+    #[serde(flatten)]
+    pub service: ObjectRef,
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 /// `MeshPolicy` modes, as seen by the proxy.

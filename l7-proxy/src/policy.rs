@@ -140,7 +140,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::config::{Endpoint, MtlsMode, ObjectRef, Service, ServicePort, Snapshot};
+    use crate::config::{
+        Endpoint, MtlsMode, ObjectRef, SelectedBy, Service, ServicePort, Snapshot,
+    };
 
     fn id(s: &str) -> SpiffeId {
         s.parse().unwrap()
@@ -153,6 +155,7 @@ mod tests {
             service_account: "cart".into(),
             identity: id("spiffe://cluster.local/ns/shop/sa/cart"),
             mtls_mode: MtlsMode::Strict,
+            selected_by: Vec::new(),
         };
         let snap = Snapshot {
             services: vec![Service {
@@ -288,6 +291,61 @@ mod tests {
             authorize(&st, &other, &w, 6060, None),
             Verdict::Deny(_)
         ));
+    }
+
+    #[test]
+    fn a_selecting_service_governs_before_any_endpoint_lists_the_workload() {
+        let (s, mut w) = state(vec![]);
+        let mut snap = (*s.snapshot).clone();
+        // No EndpointSlice lists the pod yet.
+        snap.services[0].endpoints.clear();
+        let only_web = |ns: &str, target: &str| AccessPolicy {
+            id: ObjectRef::new(ns, "p"),
+            target: ObjectRef::new(ns, target),
+            rules: vec![AccessRule {
+                from: vec![AccessSource::Namespace("web".into())],
+                to: None,
+            }],
+        };
+        snap.access_policies = vec![only_web("shop", "cart"), only_web("evil", "s")];
+        let ops = id("spiffe://cluster.local/ns/ops/sa/x");
+        let web = id("spiffe://cluster.local/ns/web/sa/x");
+        let build = |snap: &Snapshot, w: &LocalWorkload| {
+            let mut snap = snap.clone();
+            snap.local_workloads = vec![w.clone()];
+            State::build(Arc::new(snap)).0
+        };
+        assert_eq!(
+            authorize(&build(&snap, &w), &ops, &w, 8080, None),
+            Verdict::Allow
+        );
+        w.selected_by = vec![SelectedBy {
+            service: ObjectRef::new("shop", "cart"),
+            ports: vec![8080],
+        }];
+        let st = build(&snap, &w);
+        assert!(matches!(
+            authorize(&st, &ops, &w, 8080, None),
+            Verdict::Deny(_)
+        ));
+        assert_eq!(authorize(&st, &web, &w, 8080, None), Verdict::Allow);
+        // Leading to no port (a named target port the pod lacks), it
+        // governs the ports no Service leads to.
+        w.selected_by[0].ports.clear();
+        let st = build(&snap, &w);
+        assert!(matches!(
+            authorize(&st, &ops, &w, 9999, None),
+            Verdict::Deny(_)
+        ));
+        // Another namespace's Service governs nothing, named here or not.
+        w.selected_by = vec![SelectedBy {
+            service: ObjectRef::new("evil", "s"),
+            ports: vec![8080],
+        }];
+        assert_eq!(
+            authorize(&build(&snap, &w), &ops, &w, 8080, None),
+            Verdict::Allow
+        );
     }
 
     #[test]

@@ -153,12 +153,8 @@ impl State {
                 }
             }
             for ep in &svc.endpoints {
-                let list = s.member_of.entry(ep.ip).or_default();
                 let ports = svc.ports.iter().filter_map(|p| ep.target_for(p));
-                match list.iter_mut().find(|(id, _)| *id == svc.id) {
-                    Some((_, have)) => have.extend(ports),
-                    None => list.push((svc.id.clone(), ports.collect())),
-                }
+                s.add_member(ep.ip, &svc.id, ports);
             }
             s.services.insert(svc.id.clone(), svc);
         }
@@ -166,10 +162,32 @@ impl State {
             s.workloads.insert(w.ip, w.clone());
         }
         for w in &snapshot.local_workloads {
+            // Policies follow a Service's selector too: a pod the
+            // EndpointSlice controller has not listed yet is governed all
+            // the same. Other namespaces' Services never govern it
+            // (`services_for`), whoever names them here.
+            for sel in &w.selected_by {
+                s.add_member(w.ip, &sel.service, sel.ports.iter().copied());
+            }
             s.local.insert(w.ip, Arc::new(w.clone()));
         }
         s.snapshot = snapshot;
         (s, errors)
+    }
+
+    /// Records that `service` leads to `ports` of the workload at `ip`.
+    fn add_member(&mut self, ip: IpAddr, service: &ObjectRef, ports: impl Iterator<Item = u16>) {
+        let list = self.member_of.entry(ip).or_default();
+        match list.iter_mut().find(|(id, _)| id == service) {
+            Some((_, have)) => {
+                for p in ports {
+                    if !have.contains(&p) {
+                        have.push(p);
+                    }
+                }
+            }
+            None => list.push((service.clone(), ports.collect())),
+        }
     }
 
     pub fn local_workload(&self, ip: IpAddr) -> Option<&Arc<LocalWorkload>> {

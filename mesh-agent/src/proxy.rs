@@ -13,7 +13,7 @@ pub mod routes;
 
 use l7_proxy::config::{
     AccessPolicy, AccessRule, AccessSource, Endpoint, HttpConditions, LocalWorkload, MtlsMode,
-    ObjectRef, Service, ServicePort, Snapshot, SpiffeId, Workload,
+    ObjectRef, SelectedBy, Service, ServicePort, Snapshot, SpiffeId, Workload,
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -137,6 +137,19 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
             });
         }
     }
+    // The Services whose selector picks each local pod.
+    let mut selected: BTreeMap<Key, Vec<SelectedBy>> = BTreeMap::new();
+    for s in &view.services {
+        for sel in &s.selects {
+            selected
+                .entry(sel.pod.clone())
+                .or_default()
+                .push(SelectedBy {
+                    service: oref(&s.key),
+                    ports: sel.ports.clone(),
+                });
+        }
+    }
     for w in view.workloads.iter().filter(|w| w.local && w.enrolled) {
         let Ok(identity) = w.identity.parse::<SpiffeId>() else {
             errors.push(format!(
@@ -152,6 +165,10 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
                 service_account: w.service_account.clone(),
                 identity: identity.clone(),
                 mtls_mode: mode(w.mtls_mode),
+                selected_by: selected
+                    .get(&Key::new(&w.namespace, &w.name))
+                    .cloned()
+                    .unwrap_or_default(),
             });
         }
     }

@@ -133,6 +133,7 @@ impl Pod {
             service_account: self.sa.into(),
             identity: self.identity(),
             mtls_mode: self.mode,
+            selected_by: Vec::new(),
         }
     }
 }

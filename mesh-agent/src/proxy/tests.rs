@@ -732,3 +732,112 @@ fn an_endpoint_ready_on_one_port_only_takes_requests_there_only() {
     assert_eq!(ready(80), ["10.0.1.1".parse::<std::net::IpAddr>().unwrap()]);
     assert_eq!(ready(81), ["10.0.1.2".parse::<std::net::IpAddr>().unwrap()]);
 }
+
+/// A pod its Service's EndpointSlice does not list yet (the controller lags
+/// behind a new pod) is governed by the Service's access policies all the
+/// same: its selector decides, with the pod ports the Service's ports lead
+/// to (named ones from the pod's container ports).
+#[test]
+fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_services_policies() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut cart = service("shop", "cart", "127.96.0.9", &[80, 81, 82, 53]);
+    for p in cart.spec.as_mut().unwrap().ports.iter_mut().flatten() {
+        p.target_port = Some(match p.port {
+            80 => IntOrString::Int(8080),
+            81 => IntOrString::String("metrics".into()),
+            82 => IntOrString::String("missing".into()),
+            _ => IntOrString::Int(5353),
+        });
+        if p.port == 53 {
+            p.protocol = Some("UDP".into());
+        }
+    }
+    let pod = |name: &str, ip: &str, node: &str, app: &str| {
+        let mut w = workload("shop", name, "cart", ip, node);
+        w.labels = BTreeMap::from([("app".to_string(), app.to_string())]);
+        w.ports = BTreeMap::from([("metrics".to_string(), 9090)]);
+        w
+    };
+    let mut finished = pod("cart-old", "10.0.1.12", "n1", "cart");
+    finished.finished = true;
+    let mut policy = crate::crds::AccessPolicy::new(
+        "cart-readers",
+        serde_json::from_value(serde_json::json!({
+            "targetRefs": [{"name": "cart"}],
+            "rules": [{"from": [{"namespace": "web"}]}]
+        }))
+        .unwrap(),
+    );
+    policy.metadata.namespace = Some("shop".into());
+    let mut objs = base();
+    objs.extend([
+        Object::Service(cart),
+        Object::Pod(pod("cart-0", "10.0.1.10", "n1", "cart")),
+        Object::Pod(pod("cart-1", "10.0.2.10", "n2", "cart")),
+        Object::Pod(pod("other-0", "10.0.1.11", "n1", "other")),
+        Object::Pod(finished),
+        Object::AccessPolicy(policy),
+    ]);
+    let s = store(objs);
+    let v = view(&s);
+    let selects = &v
+        .services
+        .iter()
+        .find(|x| x.key.name == "cart")
+        .unwrap()
+        .selects;
+    // This node's running pods with the labels; 82's name resolves nowhere,
+    // 53 is UDP.
+    assert_eq!(
+        selects,
+        &[crate::reconcile::mesh::SelectedPod {
+            pod: Key::new("shop", "cart-0"),
+            ports: vec![8080, 9090],
+        }]
+    );
+    let (snap, errors) = snapshot(&v, 15008);
+    assert_eq!(errors, Vec::<String>::new());
+    let local = |name: &str| {
+        snap.local_workloads
+            .iter()
+            .find(|w| w.id.name == name)
+            .unwrap_or_else(|| panic!("{name} not local: {:?}", snap.local_workloads))
+            .clone()
+    };
+    let cart0 = local("cart-0");
+    assert_eq!(
+        cart0.selected_by,
+        [SelectedBy {
+            service: ObjectRef::new("shop", "cart"),
+            ports: vec![8080, 9090],
+        }]
+    );
+    assert!(local("other-0").selected_by.is_empty());
+    // No EndpointSlice lists cart-0, and still only callers from `web` get
+    // in, on the ports the Service leads to and on those none leads to.
+    let (state, _) = l7_proxy::state::State::build(std::sync::Arc::new(snap.clone()));
+    let caller = |ns: &str| -> SpiffeId {
+        format!("spiffe://cluster.local/ns/{ns}/sa/x")
+            .parse()
+            .unwrap()
+    };
+    for port in [8080, 9090, 7000] {
+        assert_eq!(
+            l7_proxy::policy::authorize(&state, &caller("web"), &cart0, port, None),
+            l7_proxy::policy::Verdict::Allow,
+            "port {port}"
+        );
+        assert!(
+            matches!(
+                l7_proxy::policy::authorize(&state, &caller("ops"), &cart0, port, None),
+                l7_proxy::policy::Verdict::Deny(_)
+            ),
+            "port {port}"
+        );
+    }
+    // A pod no policy's Service selects takes every caller.
+    assert_eq!(
+        l7_proxy::policy::authorize(&state, &caller("ops"), &local("other-0"), 8080, None),
+        l7_proxy::policy::Verdict::Allow
+    );
+}

@@ -63,6 +63,18 @@ pub struct MeshService {
     /// `sessionAffinity: ClientIP`: its timeout in seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_timeout_s: Option<u32>,
+    /// Pods on this node its selector picks, listed in its EndpointSlices
+    /// or not yet: its access policies govern them from the start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub selects: Vec<SelectedPod>,
+}
+
+/// A pod a Service's selector picks, and the pod's ports the Service's TCP
+/// ports lead to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SelectedPod {
+    pub pod: Key,
+    pub ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -244,6 +256,7 @@ pub fn mesh_view_and_routes(
             meshed: store.namespace_enrolled(&key.namespace),
             ports,
             affinity_timeout_s,
+            selects: selected_pods(store, key, spec, this_node),
         });
     }
     let refs = RefIndex::of(store);
@@ -297,6 +310,56 @@ pub fn mesh_view_and_routes(
         proxy_grpc_routes: routes.grpc,
     };
     (view, routes.evals)
+}
+
+/// The pods on `node` a Service's selector picks, as the EndpointSlice
+/// controller would list them (running, not on the host network), with the
+/// pod ports its TCP ports lead to. The proxy polices them by these before
+/// the controller has listed a new pod: a policy's target must not take
+/// every caller while its EndpointSlice lags.
+fn selected_pods(
+    store: &Store,
+    key: &Key,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    node: &str,
+) -> Vec<SelectedPod> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+        return Vec::new();
+    };
+    let tcp: Vec<_> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .collect();
+    store
+        .pods
+        .values()
+        .filter(|w| {
+            w.namespace == key.namespace
+                && w.node == node
+                && !w.finished
+                && !w.host_network
+                && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        })
+        .map(|w| {
+            let mut ports: Vec<u16> = tcp
+                .iter()
+                .filter_map(|p| match &p.target_port {
+                    None => u16::try_from(p.port).ok(),
+                    Some(IntOrString::Int(i)) => u16::try_from(*i).ok(),
+                    Some(IntOrString::String(name)) => w.ports.get(name).copied(),
+                })
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            SelectedPod {
+                pod: w.key(),
+                ports,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -116,6 +116,9 @@ pub struct Workload {
     pub node: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// Named TCP container ports, for Services' named target ports.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
     /// Its cgroup directory when a source knows it (the files source);
     /// otherwise found from `uid` under the kubepods tree.
     pub cgroup: Option<PathBuf>,

@@ -420,6 +420,7 @@ fn workload_of(e: &WorkloadEntry) -> Workload {
         node: e.node.clone(),
         labels: e.labels.clone(),
         annotations: e.annotations.clone(),
+        ports: e.ports.clone(),
         cgroup: e.cgroup.clone(),
         interface: e.interface.clone(),
         ready: e.ready,

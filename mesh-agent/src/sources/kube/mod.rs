@@ -82,6 +82,19 @@ pub fn workload_of(p: &Pod) -> Workload {
         node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
         labels: p.labels().clone(),
         annotations: p.annotations().clone(),
+        // As the EndpointSlice controller resolves a named target port: the
+        // first container port of that name (and protocol: TCP, the only
+        // one the proxy carries).
+        ports: spec
+            .into_iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter(|cp| cp.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|cp| Some((cp.name.clone()?, u16::try_from(cp.container_port).ok()?)))
+            .fold(BTreeMap::new(), |mut m, (name, port)| {
+                m.entry(name).or_insert(port);
+                m
+            }),
         cgroup: None,
         interface: None,
         ready,
@@ -523,7 +536,14 @@ mod tests {
                 "annotations": {"sluice.dev/mesh": "disabled"},
                 "deletionTimestamp": "2026-01-01T00:00:00Z"
             },
-            "spec": {"nodeName": "node-a", "serviceAccountName": "web", "containers": []},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "web", "containers": [
+                {"name": "app", "ports": [
+                    {"containerPort": 8080},
+                    {"name": "http", "containerPort": 8081},
+                    {"name": "dns", "containerPort": 53, "protocol": "UDP"}
+                ]},
+                {"name": "sidecar", "ports": [{"name": "http", "containerPort": 9999}]}
+            ]},
             "status": {
                 "phase": "Running",
                 "podIP": "10.244.1.7",
@@ -540,6 +560,9 @@ mod tests {
         assert!(w.ready);
         assert!(w.terminating);
         assert_eq!(w.annotations["sluice.dev/mesh"], "disabled");
+        // Named TCP ports, the first container's of a name winning (as the
+        // EndpointSlice controller resolves a Service's named target port).
+        assert_eq!(w.ports, BTreeMap::from([("http".to_string(), 8081)]));
     }
 
     #[test]
