@@ -112,19 +112,52 @@ pub struct Pick {
     epoch: Instant,
 }
 
+/// The least a server error counts for (see [`Pick::failed`]).
+const FAILED_FLOOR_NS: f64 = 1_000_000.0;
+
 impl Pick {
     pub fn observe(&self) {
+        self.sample(false, |rtt, _| rtt);
+    }
+
+    /// The endpoint answered with a server error (`5xx`). Its latency is no
+    /// measure of its worth: an endpoint failing fast would otherwise look
+    /// the fastest and draw the traffic (a black hole). It counts as at
+    /// least twice the current estimate (and a millisecond), so repeated
+    /// failures push it out of the choices quickly while one stray error
+    /// costs little, and it decays back like any estimate.
+    pub fn failed(&self) {
+        self.sample(true, |rtt, old| {
+            rtt.max(2.0 * old)
+                .max(FAILED_FLOOR_NS)
+                .min(UNREACHABLE_NS as f64)
+        });
+    }
+
+    /// Folds in an answer: a server error as [`Pick::failed`], any other
+    /// as [`Pick::observe`].
+    pub fn answered(&self, status: http::StatusCode) {
+        if status.is_server_error() {
+            self.failed();
+        } else {
+            self.observe();
+        }
+    }
+
+    /// Folds a response into the estimate: `value(rtt, old)` gives the
+    /// sample. An endpoint's first response counts only if `first_counts`.
+    fn sample(&self, first_counts: bool, value: impl FnOnce(f64, f64) -> f64) {
         let now = Instant::now();
-        let rtt = now.duration_since(self.started).as_nanos() as f64;
         let now_ns = now.duration_since(self.epoch).as_nanos() as u64;
         let last = self.load.last_ns.swap(now_ns, Ordering::Relaxed);
-        if last == 0 {
+        if last == 0 && !first_counts {
             // An endpoint's first response usually paid for setting up the
             // tunnel or the connection to the workload: counted as a peak it
             // would keep the endpoint out of rotation for tens of seconds.
             return;
         }
         let old = self.load.ewma_ns.load(Ordering::Relaxed) as f64;
+        let rtt = value(now.duration_since(self.started).as_nanos() as f64, old);
         let w = (-((now_ns.saturating_sub(last)) as f64) / DECAY_NS).exp();
         // Peak-sensitive: a slower sample replaces the average at once.
         let new = if rtt > old {
@@ -181,6 +214,24 @@ impl Balancer {
     /// no lock: requests on every core pick at once.
     pub fn pick(&self, candidates: &[Arc<EndpointLoad>]) -> Option<Pick> {
         let index = self.choose(candidates)?;
+        Some(self.take(candidates, index))
+    }
+
+    /// [`Balancer::pick`] for a retry: any endpoint but `tried` (the one the
+    /// failed attempt went to), unless it is the only one.
+    pub fn pick_except(&self, candidates: &[Arc<EndpointLoad>], tried: usize) -> Option<Pick> {
+        if candidates.len() < 2 || tried >= candidates.len() {
+            return self.pick(candidates);
+        }
+        // The others, in one slice: the tried one swapped to the end.
+        let mut others: Vec<Arc<EndpointLoad>> = candidates.to_vec();
+        let last = others.len() - 1;
+        others.swap(tried, last);
+        others.pop();
+        let index = match self.choose(&others)? {
+            i if i == tried => last,
+            i => i,
+        };
         Some(self.take(candidates, index))
     }
 
@@ -329,6 +380,56 @@ mod tests {
         }
         // With two endpoints both are always the candidates: the fast one wins.
         assert_eq!(slow_picks, 0);
+    }
+
+    #[test]
+    fn an_endpoint_failing_fast_does_not_draw_the_traffic() {
+        let b = Balancer::default();
+        let ok: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let bad: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let loads = [b.load(ok), b.load(bad)];
+        // The healthy one answers in 2 ms; the other fails in microseconds.
+        let mut bad_picks = 0;
+        for _ in 0..200 {
+            let mut p = b.pick(&loads).unwrap();
+            if p.index == 0 {
+                p.started -= Duration::from_millis(2);
+                p.answered(http::StatusCode::OK);
+            } else {
+                bad_picks += 1;
+                p.answered(http::StatusCode::SERVICE_UNAVAILABLE);
+            }
+        }
+        // Its first failure already counts; each next one doubles its
+        // estimate: it is out of the choices after a few.
+        assert!(
+            bad_picks <= 4,
+            "{bad_picks} of 200 went to the failing endpoint"
+        );
+        assert!(b.ewma(bad) > b.ewma(ok));
+    }
+
+    #[test]
+    fn a_retry_goes_to_another_endpoint() {
+        let b = Balancer::default();
+        let eps: Vec<SocketAddr> = (1..=3)
+            .map(|i| format!("10.0.0.{i}:80").parse().unwrap())
+            .collect();
+        let loads: Vec<_> = eps.iter().map(|a| b.load(*a)).collect();
+        // The tried one is the cheapest by far, and still never picked.
+        for a in &eps[1..] {
+            b.load(*a).ewma_ns.store(50_000_000, Ordering::Relaxed);
+        }
+        let mut seen = [0; 3];
+        for _ in 0..300 {
+            seen[b.pick_except(&loads, 0).unwrap().index] += 1;
+        }
+        assert_eq!(seen[0], 0, "{seen:?}");
+        assert!(seen[1] > 50 && seen[2] > 50, "{seen:?}");
+        let last = b.pick_except(&loads, 2).unwrap().index;
+        assert_ne!(last, 2);
+        // With one endpoint, it is that one.
+        assert_eq!(b.pick_except(&loads[..1], 0).unwrap().index, 0);
     }
 
     #[test]

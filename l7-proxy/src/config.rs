@@ -48,13 +48,22 @@ pub const UPGRADE_REQUEST_HEADER: &str = "sluice-upgrade-request";
 /// (policy denial, no route, no ready endpoint, timeout).
 pub const REASON_HEADER: &str = "sluice-reason";
 
-/// [`TARGET_HEADER`], [`PROTOCOL_HEADER`], [`SOURCE_IDENTITY_HEADER`] and
-/// [`REASON_HEADER`] as header names, made at compile time.
+/// Response header of the inbound proxy's own answer (`503`) when it could
+/// not connect to the workload: nothing of the request reached it. The
+/// caller's proxy then treats the endpoint as unreachable (a retry goes
+/// elsewhere, even for a non-idempotent method) and never passes the header
+/// on.
+pub const UNREACHABLE_HEADER: &str = "sluice-unreachable";
+
+/// [`TARGET_HEADER`], [`PROTOCOL_HEADER`], [`SOURCE_IDENTITY_HEADER`],
+/// [`REASON_HEADER`] and [`UNREACHABLE_HEADER`] as header names, made at
+/// compile time.
 pub const TARGET: http::HeaderName = http::HeaderName::from_static(TARGET_HEADER);
 pub const PROTOCOL: http::HeaderName = http::HeaderName::from_static(PROTOCOL_HEADER);
 pub const SOURCE_IDENTITY: http::HeaderName = http::HeaderName::from_static(SOURCE_IDENTITY_HEADER);
 pub const REASON: http::HeaderName = http::HeaderName::from_static(REASON_HEADER);
 pub const UPGRADE_REQUEST: http::HeaderName = http::HeaderName::from_static(UPGRADE_REQUEST_HEADER);
+pub const UNREACHABLE: http::HeaderName = http::HeaderName::from_static(UNREACHABLE_HEADER);
 
 /// How the proxy runs: where it listens and how long it waits for peers.
 /// Logged at start-up; every field has a production default.

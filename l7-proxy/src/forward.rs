@@ -20,7 +20,7 @@ use tokio::{
 use crate::{
     accesslog::AccessRecord,
     body::{Body, boxed, proxy_response, remove_mesh_headers, strip_hop_by_hop},
-    config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, TARGET},
+    config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, REASON, TARGET, UNREACHABLE},
     conntable::{ConnKind, ConnMeta},
     filters,
     metrics::{Direction, Label, RequestMetricsCache, TcpLabels, status_class},
@@ -404,17 +404,19 @@ async fn route_request(
         .as_ref()
         .map_or(Duration::ZERO, |r| Duration::from_millis(r.backoff_ms));
     let mut attempts = 0u32;
+    // The endpoint the last attempt went to: a retry goes elsewhere.
+    let mut tried: Option<usize> = None;
     loop {
         attempts += 1;
         let may_retry = attempts <= retries && body.may_replay();
         let (upstreams, loads) = (&ready.upstreams, &ready.loads);
         // The body is taken only for an endpoint to send it to.
         // A retry goes where the balancer says, ClientIP affinity or not.
-        let pick = if attempts == 1 {
-            shared.balancer.pick_for(&ready, conn.client_addr.ip())
-        } else {
-            shared.balancer.pick(loads)
+        let pick = match tried {
+            None => shared.balancer.pick_for(&ready, conn.client_addr.ip()),
+            Some(i) => shared.balancer.pick_except(loads, i),
         };
+        tried = pick.as_ref().map(|p| p.index);
         let taken = if pick.is_some() { body.take() } else { None };
         let failure = match (pick, taken) {
             (None, _) => SendError {
@@ -503,7 +505,7 @@ async fn route_request(
                 let can_retry = may_retry && body.settle();
                 match result {
                     Ok(mut resp) if !(can_retry && codes.contains(&resp.status().as_u16())) => {
-                        pick.observe();
+                        pick.answered(resp.status());
                         for m in &response_mods {
                             filters::modify_headers(m, resp.headers_mut());
                         }
@@ -537,7 +539,7 @@ async fn route_request(
                         };
                     }
                     Ok(resp) => {
-                        pick.observe();
+                        pick.answered(resp.status());
                         SendError {
                             status: resp.status(),
                             reason: format!("{} answered {}", up.addr, resp.status()),
@@ -653,6 +655,25 @@ impl SendError {
             reason: e.to_string(),
             unreachable: e.is_unreachable(),
         }
+    }
+
+    /// The peer proxy's answer when it could not connect to the workload
+    /// ([`UNREACHABLE`]): nothing reached it, as when the workload is
+    /// reached directly and refuses the connection.
+    fn workload_unreachable<B>(resp: &Response<B>, addr: SocketAddr) -> Option<SendError> {
+        resp.headers().contains_key(UNREACHABLE).then(|| {
+            let why = resp
+                .headers()
+                .get(REASON)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("no reason given");
+            SendError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                reason: format!("the node proxy of {addr} could not reach it: {why}"),
+                retryable: true,
+                unreachable: true,
+            }
+        })
     }
 }
 
@@ -808,6 +829,9 @@ async fn send_once(
             if let Some(row) = &conn.row {
                 row.tunnel_tls(&tls);
             }
+            if let Some(e) = SendError::workload_unreachable(&resp, up.addr) {
+                return Err(e);
+            }
             Ok(resp.map(boxed))
         }
         None => {
@@ -927,6 +951,11 @@ async fn send_upgrade(
                 retryable: false,
                 unreachable: false,
             })?;
+    if tunnel.is_some()
+        && let Some(e) = SendError::workload_unreachable(&resp, up.addr)
+    {
+        return Err(e);
+    }
     let (mut rp, rb) = resp.into_parts();
     if tunnel.is_none() {
         // An endpoint outside the mesh answered: it may not speak for it.

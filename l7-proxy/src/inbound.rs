@@ -27,7 +27,8 @@ use crate::{
     batch::{BatchIo, FlushAtEnd},
     body::{Body, boxed, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{
-        LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER, UPGRADE_REQUEST,
+        LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER, UNREACHABLE,
+        UPGRADE_REQUEST,
     },
     conntable::{ConnKind, ConnMeta, TlsInfo},
     h2stream::{RecvBody, StreamIo},
@@ -665,6 +666,8 @@ async fn upgrade_request(
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+    // Nothing reached the workload (see `UNREACHABLE`).
+    let mut unreachable = false;
     let result: Result<Response<Body>, (StatusCode, String)> = async {
         let Some(client) = crate::upgrade::take(&mut parts) else {
             return Err((
@@ -700,8 +703,9 @@ async fn upgrade_request(
         let tcp = crate::connect::connect(target, s.socket_mark, s.connect_timeout())
             .await
             .map_err(|e| {
+                unreachable = true;
                 (
-                    StatusCode::BAD_GATEWAY,
+                    StatusCode::SERVICE_UNAVAILABLE,
                     format!("connecting to {target}: {e}"),
                 )
             })?;
@@ -734,7 +738,14 @@ async fn upgrade_request(
     .await;
     let (resp, reason) = match result {
         Ok(r) => (r, None),
-        Err((status, reason)) => (proxy_response(status, &reason), Some(reason)),
+        Err((status, reason)) => {
+            let mut resp = proxy_response(status, &reason);
+            if unreachable {
+                resp.headers_mut()
+                    .insert(UNREACHABLE, HeaderValue::from_static("1"));
+            }
+            (resp, Some(reason))
+        }
     };
     count_request(shared, tp, Some(workload), resp.status().as_u16(), start);
     AccessRecord {
@@ -807,6 +818,8 @@ async fn handle_http(
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     let mut workload = None;
+    // Nothing reached the workload (see `UNREACHABLE`).
+    let mut unreachable = false;
     let result: Result<Response<Body>, (StatusCode, String)> = async {
         let raw = parts
             .headers
@@ -847,7 +860,15 @@ async fn handle_http(
             .clients
             .send(target, proto, Request::from_parts(parts, boxed(body)))
             .await
-            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("sending to {target}: {e}")))?;
+            .map_err(|e| {
+                unreachable = e.is_connect();
+                let status = if unreachable {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                (status, format!("sending to {target}: {e}"))
+            })?;
         let (mut rp, rb) = resp.into_parts();
         strip_hop_by_hop(&mut rp.headers);
         Ok(Response::from_parts(rp, boxed(rb)))
@@ -863,7 +884,11 @@ async fn handle_http(
                 deny(&shared, &tp, workload.as_deref(), "http", &reason);
             }
             // Counted and logged as the HTTP status the proxy chose.
-            let resp = crate::body::proxy_answer(status, &reason, grpc);
+            let mut resp = crate::body::proxy_answer(status, &reason, grpc);
+            if unreachable {
+                resp.headers_mut()
+                    .insert(UNREACHABLE, http::HeaderValue::from_static("1"));
+            }
             (resp, Some(reason), status.as_u16())
         }
     };

@@ -1252,3 +1252,67 @@ async fn a_request_with_a_body_goes_to_another_endpoint_when_the_first_cannot_be
     assert_eq!(srv[1].hits(), 16);
     mesh.shutdown().await;
 }
+
+/// A workload that refuses connections behind a live node proxy: the peer
+/// proxy says nothing reached it, so a request is retried elsewhere under a
+/// retry stanza (a POST too) and the endpoint is avoided afterwards, as when
+/// a workload reached directly refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_refusing_behind_its_node_proxy_is_retried_elsewhere_and_avoided() {
+    let mesh = Mesh::standard().await;
+    // cart-2 is a local workload of node B, but nothing listens on the port.
+    let (srv, port) = servers(&[cart(0), cart(1)]).await;
+    let svc = mesh.service("cart", 1, port, &[cart(1), cart(2)]);
+    let mut r = rule(vec![], vec![backend("cart", 1)]);
+    r.retry = Some(Retry {
+        codes: vec![],
+        attempts: 1,
+        backoff_ms: 0,
+    });
+    let plain = rule(
+        vec![HttpRouteMatch {
+            path: Some(PathMatch::PathPrefix("/plain".into())),
+            ..Default::default()
+        }],
+        vec![backend("cart", 1)],
+    );
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        http_routes: vec![route(vec![r, plain])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    for i in 0..12 {
+        let body = format!("order {i}");
+        let r = c
+            .send(request("POST", "/orders", &[], &body))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.server(), "cart-1");
+        assert_eq!(r.echo()["body"], body.as_str());
+        assert!(!r.headers.contains_key("sluice-unreachable"), "{r:?}");
+    }
+    assert_eq!(srv[1].hits(), 12);
+    // Without retries, the caller reads 503 with the reason while cart-2
+    // is avoided for a while: at most the first try lands there.
+    let mut refused = 0;
+    for _ in 0..8 {
+        let r = c.get("/plain").await;
+        if r.status != 200 {
+            assert_eq!(r.status, 503, "{r:?}");
+            assert!(
+                r.headers["sluice-reason"]
+                    .to_str()
+                    .unwrap()
+                    .contains("could not reach"),
+                "{r:?}"
+            );
+            assert!(!r.headers.contains_key("sluice-unreachable"), "{r:?}");
+            refused += 1;
+        }
+    }
+    assert!(refused <= 1, "cart-2 kept being picked: {refused} of 8");
+    mesh.shutdown().await;
+}
