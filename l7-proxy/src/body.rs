@@ -36,6 +36,16 @@ pub fn proxy_response(status: StatusCode, reason: &str) -> Response<Body> {
     r
 }
 
+/// The proxy's own answer to a request of `method`: for `HEAD`, the head
+/// alone (an HTTP/2 peer resets a `HEAD` stream that gets DATA).
+pub fn answer_for(method: &http::Method, resp: Response<Body>) -> Response<Body> {
+    if method == http::Method::HEAD {
+        resp.map(|_| empty())
+    } else {
+        resp
+    }
+}
+
 /// Whether a request is a gRPC call (`content-type: application/grpc...`).
 pub fn is_grpc(h: &HeaderMap) -> bool {
     h.get(http::header::CONTENT_TYPE)

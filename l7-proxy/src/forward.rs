@@ -140,6 +140,9 @@ pub(crate) async fn handle(
     {
         outcome.response = crate::body::proxy_answer(outcome.response.status(), reason, true);
     }
+    if outcome.upstream.is_none() {
+        outcome.response = crate::body::answer_for(&method, outcome.response);
+    }
     let dst = outcome
         .upstream
         .as_ref()

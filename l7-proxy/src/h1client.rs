@@ -350,6 +350,26 @@ fn keep_trailer_fields(h: &mut HeaderMap) {
     crate::body::remove_mesh_headers(h);
 }
 
+/// The length every `Content-Length` value of `h` gives, when they all
+/// give one and the same.
+fn one_length(h: &HeaderMap) -> Option<u64> {
+    let mut one = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let n: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
+            if one.is_some_and(|o| o != n) {
+                return None;
+            }
+            one = Some(n);
+        }
+    }
+    one
+}
+
 fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
     h.get_all(name).iter().any(|v| {
         v.to_str()
@@ -654,6 +674,16 @@ impl Decoder {
                             .is_some_and(|v| v.as_bytes().contains(&b',')) =>
                 {
                     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(left));
+                }
+                // No body follows; the length (of what a GET would get)
+                // still crosses HTTP/2, which refuses a list, a bad value,
+                // and one on a 204 (RFC 9110 8.6).
+                Mode::Empty { .. } if headers.contains_key(header::CONTENT_LENGTH) => {
+                    let one = one_length(&headers).filter(|_| status != StatusCode::NO_CONTENT);
+                    headers.remove(header::CONTENT_LENGTH);
+                    if let Some(n) = one {
+                        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                    }
                 }
                 _ => {}
             }
@@ -1429,6 +1459,48 @@ mod tests {
             .iter()
             .collect();
         assert_eq!(lengths, ["5"]);
+        // Without a body (HEAD, 304, 204): a list becomes one value, a bad
+        // one goes, and a 204 carries none.
+        for (method, head, want) in [
+            (
+                Method::HEAD,
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5",
+                Some("5"),
+            ),
+            (
+                Method::HEAD,
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 6",
+                None,
+            ),
+            (Method::HEAD, "HTTP/1.1 200 OK\r\nContent-Length: abc", None),
+            (
+                Method::HEAD,
+                "HTTP/1.1 200 OK\r\nContent-Length: 12",
+                Some("12"),
+            ),
+            (
+                Method::GET,
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 7,7",
+                Some("7"),
+            ),
+            (
+                Method::GET,
+                "HTTP/1.1 204 No Content\r\nContent-Length: 0",
+                None,
+            ),
+        ] {
+            let reply = format!("{head}\r\n\r\n").into_bytes().leak();
+            let (a, _g) = scripted(reply, false).await;
+            let (resp, frames) = exchange(a, request(method, empty())).await.unwrap();
+            assert!(frames.is_empty(), "{head}");
+            let lengths: Vec<_> = resp
+                .headers()
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            assert_eq!(lengths, want.into_iter().collect::<Vec<_>>(), "{head}");
+        }
         // Trailers lose framing, connection and mesh fields.
         let (a, _g) = scripted(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\ngrpc-status: 0\r\nconnection: close\r\ntransfer-encoding: chunked\r\nsluice-source-identity: spiffe://x\r\n\r\n",

@@ -884,7 +884,8 @@ async fn handle_http(
                 deny(&shared, &tp, workload.as_deref(), "http", &reason);
             }
             // Counted and logged as the HTTP status the proxy chose.
-            let mut resp = crate::body::proxy_answer(status, &reason, grpc);
+            let mut resp =
+                crate::body::answer_for(&method, crate::body::proxy_answer(status, &reason, grpc));
             if unreachable {
                 resp.headers_mut()
                     .insert(UNREACHABLE, http::HeaderValue::from_static("1"));

@@ -314,3 +314,58 @@ async fn a_target_other_than_the_identity_asked_for_is_refused_and_counted_with_
     );
     mesh.shutdown().await;
 }
+
+/// The proxies' own answers to a HEAD request (a policy's refusal on the
+/// far side, no endpoint on the near side) are heads only: HTTP/2 lets a
+/// HEAD answer carry no DATA, and a peer that gets some resets the stream
+/// (and, repeated, the whole tunnel connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxies_own_answers_to_head_carry_no_body() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    let mut empty = mesh.service("empty", 2, port, &[]);
+    empty.endpoints.clear();
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)]), empty],
+        access_policies: vec![policy(vec![AccessRule {
+            from: vec![AccessSource::Namespace("shop".into())],
+            to: None,
+        }])],
+        ..Default::default()
+    })
+    .await;
+    let head = || request("HEAD", "/x", &[], "");
+    for h2 in [false, true] {
+        let mut b = if h2 {
+            mesh.http2(bot().ip, SocketAddr::new(vip(1), 80)).await
+        } else {
+            mesh.http1(bot().ip, SocketAddr::new(vip(1), 80)).await
+        };
+        for _ in 0..3 {
+            let denied = b.send(head()).await.expect("an answer, not a reset");
+            assert_eq!(denied.status, 403, "h2 {h2}: {denied:?}");
+            assert!(denied.body.is_empty(), "{denied:?}");
+            assert!(
+                denied.headers["sluice-reason"]
+                    .to_str()
+                    .unwrap()
+                    .contains("shop/cart-access"),
+                "{denied:?}"
+            );
+        }
+        let mut e = if h2 {
+            mesh.http2(bot().ip, SocketAddr::new(vip(2), 80)).await
+        } else {
+            mesh.http1(bot().ip, SocketAddr::new(vip(2), 80)).await
+        };
+        let none = e.send(head()).await.expect("an answer, not a reset");
+        assert_eq!(none.status, 503, "h2 {h2}: {none:?}");
+        assert!(none.body.is_empty(), "{none:?}");
+    }
+    // The workload's own answer to HEAD still comes through.
+    let mut w = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let ok = w.send(head()).await.unwrap();
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(srv[0].hits(), 1);
+    mesh.shutdown().await;
+}
