@@ -169,6 +169,9 @@ pub struct StreamIo {
     /// Dropped before its end of stream was sent: end it cleanly (true), or
     /// let `h2` cancel it, which discards what is still queued (false).
     end_on_drop: bool,
+    /// The peer's `RST_STREAM(CANCEL)` reads as the end of what comes (for
+    /// the HTTP/1.1 server of an upgrade stream) rather than as a reset.
+    cancel_reads_as_end: bool,
     ended: bool,
 }
 
@@ -181,6 +184,7 @@ impl StreamIo {
             recv,
             pending: Bytes::new(),
             end_on_drop: false,
+            cancel_reads_as_end: false,
             ended: false,
         }
     }
@@ -190,6 +194,17 @@ impl StreamIo {
     /// connection without shutting it down, and its answer must still
     /// arrive).
     pub fn ending_on_drop(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        let mut io = Self::new(send, recv);
+        io.end_on_drop = true;
+        io.cancel_reads_as_end = true;
+        io
+    }
+
+    /// The inbound side of an opaque TCP stream: a drop ends it after what
+    /// was written, and the caller's side giving it up
+    /// (`RST_STREAM(CANCEL)`: its client reset, its relay broke) reads as a
+    /// reset, so that the workload is not told the upload ended cleanly.
+    pub fn relaying(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         let mut io = Self::new(send, recv);
         io.end_on_drop = true;
         io
@@ -242,7 +257,7 @@ impl tokio::io::AsyncRead for StreamIo {
                 // The caller's side gave the stream up: for the workload's
                 // side, the end of what comes (as hyper's upgraded streams
                 // read it).
-                Some(Err(e)) if self.end_on_drop && e.reason() == Some(Reason::CANCEL) => {
+                Some(Err(e)) if self.cancel_reads_as_end && e.reason() == Some(Reason::CANCEL) => {
                     return Poll::Ready(Ok(()));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),

@@ -16,7 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{RecvStream, server::SendResponse};
+use h2::{RecvStream, SendStream, server::SendResponse};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -513,8 +513,14 @@ async fn handle_connect(
     }
     drop(state);
     if upgrade {
-        let Some((stream, row)) = open_stream(&shared, &tp, respond, recv, target, &workload)
-        else {
+        let Some((stream, row)) = open_stream(
+            &shared,
+            &tp,
+            (respond, recv),
+            target,
+            &workload,
+            StreamIo::ending_on_drop,
+        ) else {
             return;
         };
         drop(in_flight);
@@ -553,8 +559,15 @@ async fn handle_connect(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let Some((mut stream, row)) = open_stream(&shared, &tp, respond, recv, target, &workload)
-    else {
+    let mut upstream = upstream;
+    let Some((mut stream, row)) = open_stream(
+        &shared,
+        &tp,
+        (respond, recv),
+        target,
+        &workload,
+        StreamIo::relaying,
+    ) else {
         return;
     };
     drop(in_flight);
@@ -567,16 +580,19 @@ async fn handle_connect(
     let (sent, received) = count_relay(&shared.metrics, &labels, Some(row.clone()));
     let result = relay(
         &mut stream,
-        upstream,
+        &mut upstream,
         shared.settings.tcp_idle_timeout(),
         sent,
         received,
     )
     .await;
     if result.is_err() {
-        // Not a clean end: the caller's side must not take it for one.
+        // Not a clean end: neither side may take it for one (a reset
+        // rather than a FIN to the workload: its upload was cut).
         stream.cancel();
+        let _ = upstream.set_zero_linger();
     }
+    drop(upstream);
     let reason = result.err().map(|e| e.to_string());
     AccessRecord {
         bytes_sent: Some(row.sent()),
@@ -588,15 +604,16 @@ async fn handle_connect(
     .emit();
 }
 
-/// Answers a CONNECT stream with `200` and returns it as a byte stream, with
-/// its row in the connection table; `None` when the stream ended first.
+/// Answers a CONNECT stream with `200` and returns it as a byte stream
+/// (made by `io`), with its row in the connection table; `None` when the
+/// stream ended first.
 fn open_stream(
     shared: &Shared,
     tp: &TunnelPeer,
-    mut respond: SendResponse<Bytes>,
-    recv: RecvStream,
+    (mut respond, recv): (SendResponse<Bytes>, RecvStream),
     target: SocketAddr,
     workload: &LocalWorkload,
+    io: fn(SendStream<Bytes>, RecvStream) -> StreamIo,
 ) -> Option<(StreamIo, Arc<crate::conntable::ConnHandle>)> {
     let send = match respond.send_response(Response::new(()), false) {
         Ok(s) => s,
@@ -617,7 +634,7 @@ fn open_stream(
             tls: Some(tp.tls.clone()),
         },
     );
-    Some((StreamIo::ending_on_drop(send, recv), Arc::new(row)))
+    Some((io(send, recv), Arc::new(row)))
 }
 
 /// A CONNECT stream marked as carrying one HTTP/1.1 upgrade request (see

@@ -166,9 +166,11 @@ async fn http2_and_grpc_cross_the_tunnel_with_trailers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_stream_reset_reaches_the_caller_with_its_reason() {
     let mesh = Mesh::standard().await;
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
-        .await
-        .unwrap();
+    let listener = std::sync::Arc::new(
+        tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+            .await
+            .unwrap(),
+    );
     let port = listener.local_addr().unwrap().port();
     let resetting = tokio::spawn(async move {
         loop {
@@ -680,5 +682,72 @@ async fn client_ip_affinity_keeps_a_client_on_one_endpoint() {
     assert_eq!(r.len(), 1, "{r:?}");
     let t = connections(&mesh).await;
     assert_eq!(t.len(), 1, "{t:?}");
+    mesh.shutdown().await;
+}
+
+/// How a workload's TCP connection ended: the bytes it read, and whether
+/// by a clean end of stream (FIN) or an error (a reset).
+async fn one_upload(
+    listener: std::sync::Arc<tokio::net::TcpListener>,
+) -> (Vec<u8>, std::io::Result<()>) {
+    use tokio::io::AsyncReadExt;
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, Err(e)),
+        }
+    }
+}
+
+/// A caller whose TCP connection is reset mid-upload: the workload must see
+/// a reset too, not an end of stream that would pass the cut upload for a
+/// whole one; a caller that half-closes gives a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_reset_reaches_the_workload_as_a_reset_and_a_close_as_a_close() {
+    let mesh = Mesh::standard().await;
+    let listener = std::sync::Arc::new(
+        tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+            .await
+            .unwrap(),
+    );
+    let port = listener.local_addr().unwrap().port();
+    let mut svc = mesh.service("upload", 1, port, &[cart(0)]);
+    svc.ports[0].port = 7000;
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    for reset in [true, false] {
+        let workload = tokio::spawn(one_upload(listener.clone()));
+        let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
+        t.write_all(b"part one of the upload").await.unwrap();
+        let got_first = |n: usize| {
+            let rows = mesh.b.proxy().connections();
+            rows.iter()
+                .any(|r| r.kind == ConnKind::InboundTcp && r.bytes_sent as usize >= n)
+        };
+        eventually("the first part at node B", || got_first(22)).await;
+        if reset {
+            t.set_zero_linger().unwrap();
+            drop(t);
+        } else {
+            t.shutdown().await.unwrap();
+        }
+        let (got, end) = tokio::time::timeout(std::time::Duration::from_secs(10), workload)
+            .await
+            .expect("the workload's connection ends")
+            .unwrap();
+        assert_eq!(got, b"part one of the upload");
+        match (reset, end) {
+            (true, Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            (false, Ok(())) => {}
+            (reset, end) => panic!("reset {reset}: the workload saw {end:?}"),
+        }
+    }
     mesh.shutdown().await;
 }
