@@ -118,6 +118,11 @@ pub struct ProxySettings {
     /// requests; a body that would go over it is streamed once instead, so a
     /// burst of large uploads cannot exhaust the node proxy's memory.
     pub max_buffered_total_bytes: usize,
+    /// Mirrored requests (`RequestMirror`) in flight at once; a mirror
+    /// beyond it is not sent (counted in `sluice_mirrors_dropped_total`), so
+    /// that a mirror target that hangs cannot take the tunnel streams, the
+    /// connections and the memory the primary traffic needs.
+    pub max_mirrors_in_flight: usize,
     /// On shutdown, connections still open after this long are cut.
     pub drain_timeout_ms: u64,
     /// `SO_MARK` set on every socket the proxy opens (to peer proxies and to
@@ -148,6 +153,7 @@ impl Default for ProxySettings {
             request_body_idle_timeout_ms: 300_000,
             max_buffered_body_bytes: 1024 * 1024,
             max_buffered_total_bytes: 64 * 1024 * 1024,
+            max_mirrors_in_flight: 256,
             drain_timeout_ms: 10_000,
             socket_mark: None,
         }

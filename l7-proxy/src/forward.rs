@@ -402,10 +402,11 @@ async fn route_request(
 
     let per_try = rule.timeouts.backend_request_ms.map(Duration::from_millis);
     let codes: &[u16] = rule.retry.as_ref().map_or(&[], |r| r.codes.as_slice());
-    let mut backoff = rule
+    let base_backoff = rule
         .retry
         .as_ref()
         .map_or(Duration::ZERO, |r| Duration::from_millis(r.backoff_ms));
+    let mut backoff = base_backoff;
     let mut attempts = 0u32;
     // The endpoint the last attempt went to: a retry goes elsewhere.
     let mut tried: Option<usize> = None;
@@ -600,9 +601,17 @@ async fn route_request(
                 };
             }
             tokio::time::sleep_until(wake).await;
-            backoff = backoff.saturating_mul(2);
+            backoff = next_backoff(backoff, base_backoff);
         }
     }
+}
+
+/// The wait before the retry after one that waited `current`: twice as
+/// long, up to ten times the route's `backoff` (Envoy's default cap; the
+/// Gateway API lets implementations cap it), so that many attempts do not
+/// wait for hours.
+fn next_backoff(current: Duration, base: Duration) -> Duration {
+    current.saturating_mul(2).min(base.saturating_mul(10))
 }
 
 /// Tells a request's recording that its handler is done
@@ -734,6 +743,11 @@ fn spawn_mirror(
     };
     let ready = state.ready_upstreams(&svc, m.port);
     let upstreams = &ready.upstreams;
+    let Ok(slot) = shared.mirror_slots.clone().try_acquire_owned() else {
+        shared.metrics.mirrors_dropped.inc();
+        tracing::debug!(mirror = %m.service, "mirror not sent: too many mirrors in flight");
+        return;
+    };
     let Some(pick) = shared.balancer.pick(&ready.loads) else {
         return;
     };
@@ -744,7 +758,7 @@ fn spawn_mirror(
     parts.extensions.remove::<OnUpgrade>();
     let shared2 = shared.clone();
     shared.spawn(async move {
-        let _pick = pick;
+        let _held = (pick, slot);
         let mirror = async {
             match send_once(&shared2, &conn, &up, parts, body.body()).await {
                 // The mirror's answer is read and dropped as it comes.
@@ -965,4 +979,20 @@ async fn send_upgrade(
         remove_mesh_headers(&mut rp.headers);
     }
     Ok(Response::from_parts(rp, boxed(rb)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_ten_times_the_routes() {
+        let base = Duration::from_millis(25);
+        let mut waits = vec![base];
+        for _ in 0..8 {
+            waits.push(next_backoff(*waits.last().unwrap(), base));
+        }
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [25, 50, 100, 200, 250, 250, 250, 250, 250]);
+    }
 }

@@ -126,6 +126,8 @@ pub struct Metrics {
     pub tcp_bytes_received: Family<TcpLabels, Counter>,
     pub tls_handshake_failures: Family<TlsFailureLabels, Counter>,
     pub policy_denials: Family<DenialLabels, Counter>,
+    /// Mirrored requests not sent: too many mirrors in flight.
+    pub mirrors_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -145,6 +147,7 @@ impl Metrics {
             tcp_bytes_received: Family::default(),
             tls_handshake_failures: Family::default(),
             policy_denials: Family::default(),
+            mirrors_dropped: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("sluice");
         r.register(
@@ -181,6 +184,11 @@ impl Metrics {
             "policy_denials",
             "Connections and requests denied by MeshPolicy or AccessPolicy",
             m.policy_denials.clone(),
+        );
+        r.register(
+            "mirrors_dropped",
+            "Mirrored requests not sent because max_mirrors_in_flight were in flight",
+            m.mirrors_dropped.clone(),
         );
         m
     }

@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     /// The budget of request bodies buffered for retries and mirrors, in
     /// [`crate::replay::BUDGET_UNIT`]s.
     pub buffer_budget: Arc<tokio::sync::Semaphore>,
+    /// A slot per mirrored request in flight (`max_mirrors_in_flight`).
+    pub mirror_slots: Arc<tokio::sync::Semaphore>,
     tracker: TaskTracker,
 }
 
@@ -206,6 +208,11 @@ impl ProxyBuilder {
             clients: WorkloadClients::new(&self.settings),
             buffer_budget: Arc::new(tokio::sync::Semaphore::new(
                 (self.settings.max_buffered_total_bytes / crate::replay::BUDGET_UNIT)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            mirror_slots: Arc::new(tokio::sync::Semaphore::new(
+                self.settings
+                    .max_mirrors_in_flight
                     .min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
             settings: self.settings,

@@ -1316,3 +1316,60 @@ async fn a_workload_refusing_behind_its_node_proxy_is_retried_elsewhere_and_avoi
     assert!(refused <= 1, "cart-2 kept being picked: {refused} of 8");
     mesh.shutdown().await;
 }
+
+/// Mirrors in flight are bounded (`max_mirrors_in_flight`): a mirror
+/// target that never answers holds that many, the next mirrors are dropped
+/// and counted, and the primary requests are served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_in_flight_are_bounded_and_the_primary_goes_on() {
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.max_mirrors_in_flight = 2,
+    )
+    .await;
+    let (srv, port) = servers(&[cart(1)]).await;
+    // The mirror target takes connections and never answers.
+    let hang = tokio::net::TcpListener::bind(SocketAddr::new(mirror_pod().ip, 0))
+        .await
+        .unwrap();
+    let hang_port = hang.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.filters = vec![HttpFilter::RequestMirror(RequestMirror {
+        service: ObjectRef::new("shop", "mirror"),
+        port: 80,
+        fraction: None,
+    })];
+    mesh.publish(&Snapshot {
+        services: vec![
+            mesh.service("cart", 1, port, &[cart(1)]),
+            mesh.service("v1", 11, port, &[cart(1)]),
+            mesh.service("mirror", 13, hang_port, &[mirror_pod()]),
+        ],
+        http_routes: vec![route(vec![r])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    for _ in 0..5 {
+        let reply = c.get("/x").await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.server(), "cart-0");
+    }
+    assert_eq!(srv[0].hits(), 5);
+    let held = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    eventually("two mirrors held at the target", || held() == 2).await;
+    assert_eq!(mesh.a.metric("sluice_mirrors_dropped_total", &[]), 3.0);
+    assert_eq!(held(), 2, "a dropped mirror was sent after all");
+    holder.abort();
+    mesh.shutdown().await;
+}
