@@ -34,6 +34,10 @@ pub enum VerifyKey {
     },
     /// SEC1 uncompressed point (0x04 || x || y) on P-256.
     EcP256(Vec<u8>),
+    /// Published in a form this code does not check (P-384, P-521, an
+    /// unreadable key): tokens naming it go to the TokenReview, which
+    /// decides; they are no forgery for that.
+    Unsupported,
 }
 
 /// What the keys say of a token.
@@ -78,8 +82,8 @@ fn b64(s: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// The keys of a JWKS document, by key id (keys of other types are left
-/// out). An error when it is not a JWKS at all.
+/// The keys of a JWKS document, by key id (keys of other types kept as
+/// [`VerifyKey::Unsupported`]). An error when it is not a JWKS at all.
 pub fn parse(body: &[u8]) -> Result<HashMap<String, VerifyKey>, String> {
     let jwks: Jwks =
         serde_json::from_slice(body).map_err(|e| format!("the JWKS is not a key set: {e}"))?;
@@ -88,7 +92,7 @@ pub fn parse(body: &[u8]) -> Result<HashMap<String, VerifyKey>, String> {
         let key = match (k.kty.as_str(), k.crv.as_str()) {
             ("RSA", _) => match (b64(&k.n), b64(&k.e)) {
                 (Some(n), Some(e)) if !n.is_empty() && !e.is_empty() => VerifyKey::Rsa { n, e },
-                _ => continue,
+                _ => VerifyKey::Unsupported,
             },
             ("EC", "P-256") => match (b64(&k.x), b64(&k.y)) {
                 (Some(x), Some(y)) if x.len() == 32 && y.len() == 32 => {
@@ -97,9 +101,9 @@ pub fn parse(body: &[u8]) -> Result<HashMap<String, VerifyKey>, String> {
                     point.extend_from_slice(&y);
                     VerifyKey::EcP256(point)
                 }
-                _ => continue,
+                _ => VerifyKey::Unsupported,
             },
-            _ => continue,
+            _ => VerifyKey::Unsupported,
         };
         keys.insert(k.kid, key);
     }
@@ -139,6 +143,7 @@ pub fn check(token: &str, keys: &HashMap<String, VerifyKey>) -> Check {
                 .verify(signed, &sig)
                 .is_ok(),
         ),
+        (_, VerifyKey::Unsupported) => None,
         ("RS256" | "ES256", _) => Some(false),
         _ => None,
     };
@@ -258,7 +263,7 @@ mod tests {
     }
 
     #[test]
-    fn key_sets_keep_the_keys_they_can_use() {
+    fn key_sets_keep_every_key_id_and_unchecked_keys_leave_tokens_to_the_review() {
         let (_, ec) = es256("ec");
         let keys = parse(
             serde_json::json!({"keys": [
@@ -273,7 +278,20 @@ mod tests {
         .unwrap();
         let mut kids: Vec<_> = keys.keys().cloned().collect();
         kids.sort();
-        assert_eq!(kids, ["ec", "rsa"]);
+        assert_eq!(kids, ["ec", "p384", "rsa", "secret"]);
+        assert_eq!(keys["p384"], VerifyKey::Unsupported);
+        assert_eq!(keys["secret"], VerifyKey::Unsupported);
+        // A token of a key the CA cannot check goes to the TokenReview; one
+        // naming a key the API server does not publish is a forgery.
+        let header = enc(br#"{"alg":"ES384","kid":"p384"}"#);
+        assert_eq!(check(&format!("{header}.e30.c2ln"), &keys), Check::Unknown);
+        let header = enc(br#"{"alg":"ES256","kid":"p384"}"#);
+        assert_eq!(check(&format!("{header}.e30.c2ln"), &keys), Check::Unknown);
+        let header = enc(br#"{"alg":"ES384","kid":"gone"}"#);
+        assert!(matches!(
+            check(&format!("{header}.e30.c2ln"), &keys),
+            Check::Forged(_)
+        ));
         assert!(parse(b"not json").is_err());
     }
 
