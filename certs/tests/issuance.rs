@@ -394,6 +394,82 @@ fn an_interrupted_root_activation_is_finished_on_the_next_start() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The same with the certificate written first (an agent's root store
+/// writes the files in its own order): the new key, in `next-root-key.pem`
+/// only, is kept and takes its place.
+#[test]
+fn an_activation_interrupted_after_the_certificate_keeps_the_new_key() {
+    let dir = std::env::temp_dir().join(format!("certs-ca-{}", rand::random::<u64>()));
+    let clock = clock();
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    let new = ca.prepare_root_rotation().unwrap();
+    drop(ca);
+    std::fs::copy(dir.join("next-root-cert.pem"), dir.join("root-cert.pem")).unwrap();
+    let new_key = std::fs::read(dir.join("next-root-key.pem")).unwrap();
+
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock))
+        .expect("the CA starts, finishing the activation");
+    assert_eq!(ca.bundle().active_root(), new);
+    assert_eq!(std::fs::read(dir.join("root-key.pem")).unwrap(), new_key);
+    assert!(!dir.join("next-root-key.pem").exists());
+    let wid = id("a", "b");
+    let key = KeyPair::generate().unwrap();
+    ca.sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+        .expect("the new root signs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A root that signed before a restart and nothing after it may still have
+/// valid leaves out there: once replaced, retiring it waits a leaf
+/// lifetime (or needs force), restart or not.
+#[test]
+fn a_root_replaced_after_a_restart_is_not_retired_before_its_leaves_expire() {
+    let dir = std::env::temp_dir().join(format!("certs-ca-{}", rand::random::<u64>()));
+    let clock = clock();
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    let old = ca.bundle().active_root();
+    let wid = id("a", "b");
+    let key = KeyPair::generate().unwrap();
+    ca.sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+        .unwrap();
+    drop(ca);
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    let new = ca.prepare_root_rotation().unwrap();
+    ca.activate_root(&new).unwrap();
+    assert!(ca.retire_root(&old, false).is_err());
+    clock.advance(Duration::from_secs(24 * 3600 + 1));
+    ca.retire_root(&old, false).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An activation whose write fails keeps the prepared root: it can be
+/// activated again once the directory takes writes.
+#[test]
+fn an_activation_that_could_not_write_can_be_done_again() {
+    let dir = std::env::temp_dir().join(format!("certs-ca-{}", rand::random::<u64>()));
+    let clock = clock();
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    let old = ca.bundle().active_root();
+    let new = ca.prepare_root_rotation().unwrap();
+    // root-key.pem cannot be replaced: a directory stands there.
+    let key_path = dir.join("root-key.pem");
+    let old_key = std::fs::read(&key_path).unwrap();
+    std::fs::remove_file(&key_path).unwrap();
+    std::fs::create_dir(&key_path).unwrap();
+    std::fs::write(key_path.join("x"), b"").unwrap();
+    assert!(ca.activate_root(&new).is_err());
+    assert_eq!(ca.bundle().active_root(), old, "the old root still signs");
+    std::fs::remove_dir_all(&key_path).unwrap();
+    std::fs::write(&key_path, old_key).unwrap();
+    ca.activate_root(&new)
+        .expect("the prepared root is still there");
+    assert_eq!(ca.bundle().active_root(), new);
+    drop(ca);
+    let again = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    assert_eq!(again.bundle().active_root(), new);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn agents_starting_together_on_an_empty_directory_share_one_root() {
     let dir = std::env::temp_dir().join(format!("certs-ca-{}", rand::random::<u64>()));

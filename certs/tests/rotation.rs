@@ -446,3 +446,33 @@ async fn a_late_reply_with_older_roots_does_not_undo_a_rotation() {
         "the older reply put back the bundle without the new root"
     );
 }
+
+/// A node whose clock runs 13 h ahead of the CA's gets certificates that are
+/// due for renewal (by its clock) as soon as they are issued: it renews
+/// them halfway to what is left of them, not every second.
+#[tokio::test]
+async fn a_node_clock_ahead_of_the_cas_does_not_renew_in_a_loop() {
+    let ca_clock = clock();
+    let node_clock = clock();
+    node_clock.advance(Duration::from_secs(13 * 3600));
+    let ca = ca(&ca_clock);
+    let cart = id("shop", "cart");
+    let a = node(&ca, &node_clock, std::slice::from_ref(&cart)).await;
+    let first = serial(&a, &cart);
+    // Left by the node's clock: 24 h - 13 h (+ the CA's 5 min backdate).
+    let next = a.status()[0].next_renewal.unwrap();
+    let nb = a.status()[0].certificate.as_ref().unwrap().not_before;
+    let planned = next - nb;
+    assert!(
+        planned >= ::time::Duration::hours(18) && planned <= ::time::Duration::hours(19),
+        "renewal planned {planned} after not-before"
+    );
+    for _ in 0..5 {
+        node_clock.advance(Duration::from_secs(1));
+        assert!(
+            a.rotate_due().await.issued.is_empty(),
+            "renewed again at once"
+        );
+    }
+    assert_eq!(serial(&a, &cart), first);
+}

@@ -332,11 +332,22 @@ fn is_private(file: &str) -> bool {
 }
 
 /// Writes `files` into `dir` (keys mode 0600), removing the known files
-/// `files` lacks.
+/// `files` lacks: keys first, then certificates, then removals, so that a
+/// write cut short leaves every key somewhere (an activation interrupted
+/// after the new key is finished by the CA's next start).
 fn write_files(store: &RootStore, dir: &Path, files: &RootFiles) -> Result<(), Error> {
-    for f in ROOT_FILES {
+    let order = ROOT_FILES
+        .iter()
+        .filter(|f| files.contains_key(**f) && is_private(f))
+        .chain(
+            ROOT_FILES
+                .iter()
+                .filter(|f| files.contains_key(**f) && !is_private(f)),
+        )
+        .chain(ROOT_FILES.iter().filter(|f| !files.contains_key(**f)));
+    for f in order {
         let path = dir.join(f);
-        match files.get(f) {
+        match files.get(*f) {
             Some(bytes) if is_private(f) => certs::storage::write_private(&path, bytes),
             Some(bytes) => certs::storage::write_public(&path, bytes),
             None => {
@@ -1080,6 +1091,32 @@ mod tests {
             "spec": {"serviceAccountName": sa, "nodeName": node, "containers": []}
         }))
         .unwrap()
+    }
+
+    /// A write cut short after the first file (here: the certificate cannot
+    /// be written) has put the key in place already: an activation then
+    /// leaves the new key where the CA's next start finds it.
+    #[test]
+    fn root_files_are_written_keys_first_and_removed_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RootStore::Dir(dir.path().into());
+        std::fs::write(dir.path().join(NEXT_ROOT_KEY), b"new key").unwrap();
+        // root-cert.pem cannot be replaced: a directory stands there.
+        std::fs::create_dir(dir.path().join(ROOT_CERT)).unwrap();
+        std::fs::write(dir.path().join(ROOT_CERT).join("x"), b"").unwrap();
+        let files = RootFiles::from([
+            (ROOT_CERT.to_string(), b"new cert".to_vec()),
+            (ROOT_KEY.to_string(), b"new key".to_vec()),
+        ]);
+        assert!(write_files(&store, dir.path(), &files).is_err());
+        assert_eq!(
+            std::fs::read(dir.path().join(ROOT_KEY)).unwrap(),
+            b"new key"
+        );
+        assert!(
+            dir.path().join(NEXT_ROOT_KEY).exists(),
+            "nothing is removed before every file is written"
+        );
     }
 
     #[test]

@@ -266,29 +266,42 @@ fn load_key(what: &str, pem: &PrivateKeyPem) -> Result<KeyPair, CaError> {
 
 /// The key must belong to the certificate, or every signature would be useless.
 /// Completes a root activation that stopped part way (the root key and
-/// certificate are replaced one after the other): when `root-key.pem`
-/// already holds the prepared root's key, the prepared certificate becomes
-/// `root-cert.pem`; once both are the prepared root's, the `next-root-*`
-/// files go. Nothing to do otherwise.
+/// certificate are replaced one after the other, in either order by
+/// whoever wrote them): when `root-key.pem` or `root-cert.pem` already holds
+/// the prepared root's, the prepared key and certificate both take their
+/// place; only once both are the prepared root's do the `next-root-*` files
+/// go (they may hold the only copy of the new key). Nothing to do otherwise.
 fn finish_interrupted_activation(dir: &Path) -> Result<(), CaError> {
     let next_cert_path = dir.join(NEXT_ROOT_CERT_FILE);
     if !next_cert_path.exists() {
         return Ok(());
     }
-    let cert_path = dir.join(ROOT_CERT_FILE);
+    let (cert_path, key_path) = (dir.join(ROOT_CERT_FILE), dir.join(ROOT_KEY_FILE));
     let next_pem = storage::read(&next_cert_path)?;
     let next = storage::certs_from_pem("next root", &next_pem)?.swap_remove(0);
-    let key = load_key(
-        "root key",
-        &PrivateKeyPem::new(storage::read(&dir.join(ROOT_KEY_FILE))?),
-    )?;
-    let mut current = storage::certs_from_pem("root", &storage::read(&cert_path)?)?.swap_remove(0);
-    if current != next && check_key_matches("next root", &next, &key).is_ok() {
+    let key_pem = PrivateKeyPem::new(storage::read(&key_path)?);
+    let mut key_is_next =
+        check_key_matches("next root", &next, &load_key("root key", &key_pem)?).is_ok();
+    let mut cert_is_next =
+        storage::certs_from_pem("root", &storage::read(&cert_path)?)?.swap_remove(0) == next;
+    if cert_is_next && !key_is_next {
+        // The certificate went first: the key follows from its copy.
+        let next_key_path = dir.join(NEXT_ROOT_KEY_FILE);
+        if let Ok(pem) = storage::read(&next_key_path) {
+            let pem = PrivateKeyPem::new(pem);
+            if check_key_matches("next root", &next, &load_key("next root key", &pem)?).is_ok() {
+                tracing::warn!("finishing a root activation that was interrupted");
+                storage::write_private(&key_path, pem.expose().as_bytes())?;
+                key_is_next = true;
+            }
+        }
+    }
+    if key_is_next && !cert_is_next {
         tracing::warn!("finishing a root activation that was interrupted");
         storage::write_public(&cert_path, next_pem.as_bytes())?;
-        current = next.clone();
+        cert_is_next = true;
     }
-    if current == next {
+    if cert_is_next && key_is_next {
         for f in [NEXT_ROOT_KEY_FILE, NEXT_ROOT_CERT_FILE] {
             let _ = fs::remove_file(dir.join(f));
         }
@@ -477,6 +490,12 @@ impl Ca {
                 });
             }
         };
+        // As for the extra roots below: leaves it signed before a restart
+        // are not recorded, so they are assumed valid a leaf lifetime on
+        // (retiring it once a new root is active then waits, or needs
+        // `force`).
+        let mut root = root;
+        root.leaves_valid_until = Some(to_offset(clock.now()) + opts.leaf_lifetime);
         let mut roots = vec![root];
         if let Some(extra) = &pem.extra_roots {
             for der in storage::certs_from_pem("extra trusted roots", extra)? {
@@ -793,11 +812,14 @@ impl Ca {
                 });
             }
         }
-        let pending = st.pending.take().expect("checked above");
-        let key_pem = pending.key.serialize_pem();
-        let signer = Self::signer_for(&self.opts, &self.clock, &pending.root, pending.key)?;
+        // Written before the prepared root leaves `pending`: a write that
+        // fails leaves the rotation where it was, to be activated again.
         if let Some(dir) = &self.dir {
-            storage::write_private(&dir.join(ROOT_KEY_FILE), key_pem.as_bytes())?;
+            let pending = st.pending.as_ref().expect("checked above");
+            storage::write_private(
+                &dir.join(ROOT_KEY_FILE),
+                pending.key.serialize_pem().as_bytes(),
+            )?;
             storage::write_public(
                 &dir.join(ROOT_CERT_FILE),
                 storage::certs_to_pem(std::slice::from_ref(&pending.root.der)).as_bytes(),
@@ -806,6 +828,8 @@ impl Ca {
                 let _ = fs::remove_file(dir.join(f));
             }
         }
+        let pending = st.pending.take().expect("checked above");
+        let signer = Self::signer_for(&self.opts, &self.clock, &pending.root, pending.key)?;
         st.roots.insert(0, pending.root);
         st.signer = signer;
         st.rebuild_bundle(&self.opts.trust_domain)?;

@@ -509,8 +509,23 @@ impl IdentityManager {
         let at = (nb + lifetime.mul_f64(o.renew_at))
             .checked_sub(early)
             .unwrap_or(nb);
-        // Never plan a renewal in the past: a tiny lifetime must not spin.
-        at.max(now + Duration::from_secs(1))
+        if at > now {
+            return at;
+        }
+        // Due as soon as issued: this node's clock runs ahead of the CA's
+        // (by more than the part of the lifetime before renewal). Renewing
+        // at once would get the same and spin; halfway to what is left of
+        // it, at least `retry_max` on, instead.
+        let left = SystemTime::from(info.not_after)
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO);
+        tracing::warn!(
+            not_before = %info.not_before,
+            not_after = %info.not_after,
+            "a certificate the CA just issued is already due for renewal by this node's clock: \
+             is the node's clock ahead of the CA's? (check NTP)"
+        );
+        now + (left / 2).max(o.retry_max.min(lifetime / 2).max(Duration::from_secs(1)))
     }
 
     /// Fetches the CA's trust bundle and applies it. Returns whether it changed.
