@@ -57,29 +57,51 @@ pub fn detect(buf: &[u8]) -> Detection {
     // otherwise is theirs. A request line longer than what is read is taken
     // as HTTP. `CONNECT` is left out on purpose: a captured client speaking
     // to a forward proxy is opaque to us.
-    let mut any_prefix = false;
     for m in METHODS {
-        if buf.len() > m.len() {
-            if buf.starts_with(m) && buf[m.len()] == b' ' {
-                return request_line(buf);
-            }
-        } else if m.starts_with(buf) || (buf.len() == m.len() && *m == buf) {
-            any_prefix = true;
+        if buf.len() > m.len() && buf.starts_with(m) && buf[m.len()] == b' ' {
+            return request_line(buf, true);
         }
     }
-    if any_prefix {
-        Detection::NeedMore
-    } else {
-        Detection::Decided(Protocol::Tcp)
+    // Any other method (WebDAV's `PROPFIND`, `PURGE`, `QUERY`...): an
+    // upper-case token and a space, on a line that ends in `HTTP/1.x` within
+    // what is read (a line longer than that stays opaque: these words
+    // start other protocols' lines too). `CONNECT` and `PRI` (the HTTP/2
+    // preface's) never.
+    let token = buf.iter().take_while(|b| is_method_char(**b)).count();
+    if token == buf.len() {
+        return if token <= MAX_METHOD {
+            Detection::NeedMore
+        } else {
+            Detection::Decided(Protocol::Tcp)
+        };
     }
+    if (1..=MAX_METHOD).contains(&token)
+        && buf[token] == b' '
+        && !matches!(&buf[..token], b"CONNECT" | b"PRI")
+    {
+        return request_line(buf, false);
+    }
+    Detection::Decided(Protocol::Tcp)
+}
+
+/// Longest method name taken for an HTTP method.
+const MAX_METHOD: usize = 20;
+
+fn is_method_char(b: u8) -> bool {
+    b.is_ascii_uppercase() || b == b'-' || b == b'_'
 }
 
 /// After `METHOD `: HTTP/1.x when the line ends in ` HTTP/1.<digit>`, opaque
-/// when it ends otherwise, HTTP when it fills what is read without ending.
-fn request_line(buf: &[u8]) -> Detection {
+/// when it ends otherwise; a line that fills what is read without ending is
+/// HTTP if `long_is_http` (a well-known method), else opaque.
+fn request_line(buf: &[u8], long_is_http: bool) -> Detection {
     let Some(end) = buf.iter().position(|&b| b == b'\n') else {
         return if buf.len() >= MAX_SNIFF_BYTES {
-            Detection::Decided(Protocol::Http1)
+            Detection::Decided(if long_is_http {
+                Protocol::Http1
+            } else {
+                Protocol::Tcp
+            })
         } else {
             Detection::NeedMore
         };
@@ -177,8 +199,45 @@ mod tests {
             detect(b"SSH-2.0-OpenSSH"),
             Detection::Decided(Protocol::Tcp)
         );
-        assert_eq!(detect(b"GETX"), Detection::Decided(Protocol::Tcp));
+        assert_eq!(detect(b"GETX"), Detection::NeedMore);
+        assert_eq!(
+            detect(b"get / HTTP/1.1\r\n"),
+            Detection::Decided(Protocol::Tcp)
+        );
         assert_eq!(detect(b"PRI * HTTP/1.1"), Detection::Decided(Protocol::Tcp));
+    }
+
+    #[test]
+    fn other_methods_on_an_http_request_line_are_http() {
+        for line in [
+            &b"PROPFIND /dav/ HTTP/1.1\r\n"[..],
+            b"PURGE /cache/x HTTP/1.1\r\n",
+            b"QUERY /search HTTP/1.1\r\n",
+            b"M-SEARCH * HTTP/1.1\r\n",
+            b"GETX / HTTP/1.0\n",
+        ] {
+            assert_eq!(
+                detect(line),
+                Detection::Decided(Protocol::Http1),
+                "{line:?}"
+            );
+            fuzz_detect(line);
+        }
+        assert_eq!(detect(b"PROPFIND /dav/"), Detection::NeedMore);
+        // Lines of other protocols, and lines too long to tell: opaque.
+        assert_eq!(
+            detect(b"SET key value\r\n"),
+            Detection::Decided(Protocol::Tcp)
+        );
+        assert_eq!(
+            detect(b"CONNECT example.com:443 HTTP/1.1\r\n"),
+            Detection::Decided(Protocol::Tcp)
+        );
+        let mut long = b"PROPFIND /".to_vec();
+        long.extend_from_slice(&[b'a'; 100]);
+        assert_eq!(detect(&long), Detection::Decided(Protocol::Tcp));
+        fuzz_detect(&long);
+        assert_eq!(detect(&[b'A'; 30]), Detection::Decided(Protocol::Tcp));
     }
 
     #[test]

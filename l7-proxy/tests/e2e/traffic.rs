@@ -751,3 +751,34 @@ async fn a_callers_reset_reaches_the_workload_as_a_reset_and_a_close_as_a_close(
     }
     mesh.shutdown().await;
 }
+
+/// A connection whose first request has a method outside the usual ones
+/// (WebDAV's PROPFIND) is HTTP, not opaque TCP: it crosses the tunnel as
+/// requests, each routed and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_request_with_an_extension_method_is_http() {
+    let mesh = Mesh::standard().await;
+    let (_srv, port) = servers(&[cart(0)]).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    for method in ["PROPFIND", "GET"] {
+        let r = c.send(request(method, "/dav/", &[], "")).await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.echo()["method"], method);
+    }
+    let rows = mesh.a.proxy().connections();
+    assert!(
+        rows.iter().all(|r| r.kind != ConnKind::OutboundTcp),
+        "taken for opaque TCP: {rows:?}"
+    );
+    assert_eq!(
+        mesh.a
+            .metric("sluice_requests_total", &["direction=\"Outbound\""]),
+        2.0
+    );
+    mesh.shutdown().await;
+}
