@@ -140,13 +140,31 @@ fn path_modifier(p: &Value, field: &str) -> Result<Option<PathModifier>, String>
     if p.is_null() {
         return Ok(None);
     }
+    // A value the request line could not carry would turn into `/`.
+    let path = |key: &str, empty_ok: bool| -> Result<String, String> {
+        let v = str_of(&p[key]).unwrap_or_default();
+        let valid = (v.is_empty() && empty_ok)
+            || (v.starts_with('/')
+                && !v.contains(['?', '#'])
+                && v.parse::<http::uri::PathAndQuery>().is_ok());
+        if valid {
+            Ok(v)
+        } else {
+            Err(format!(
+                "{field}.{key}: {v:?} is not a path (a `/`, then characters a request \
+                 target may carry, percent-encoded otherwise)"
+            ))
+        }
+    };
     match p["type"].as_str() {
-        Some("ReplaceFullPath") => Ok(Some(PathModifier::ReplaceFullPath(
-            str_of(&p["replaceFullPath"]).unwrap_or_default(),
-        ))),
-        Some("ReplacePrefixMatch") => Ok(Some(PathModifier::ReplacePrefixMatch(
-            str_of(&p["replacePrefixMatch"]).unwrap_or_default(),
-        ))),
+        Some("ReplaceFullPath") => Ok(Some(PathModifier::ReplaceFullPath(path(
+            "replaceFullPath",
+            false,
+        )?))),
+        Some("ReplacePrefixMatch") => Ok(Some(PathModifier::ReplacePrefixMatch(path(
+            "replacePrefixMatch",
+            true,
+        )?))),
         other => Err(format!("{field}.type: {} is not supported", quoted(other))),
     }
 }

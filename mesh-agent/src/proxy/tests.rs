@@ -426,6 +426,34 @@ fn rules_the_proxy_cannot_compile_are_dropped_with_the_reason() {
     );
     // A match without a path is PathPrefix "/".
     assert!(prefix_rewrite(serde_json::json!(null)).is_ok());
+    // A rewrite to what no request target can carry (it became `/`).
+    let rewrite = |path: serde_json::Value| {
+        translate_rule(serde_json::json!({
+            "filters": [{"type": "URLRewrite", "urlRewrite": {"path": path}}],
+            "backendRefs": backend,
+        }))
+    };
+    for bad in ["/a b", "no-slash", "/a?b=1", "/a#frag", ""] {
+        let err = rewrite(serde_json::json!({"type": "ReplaceFullPath", "replaceFullPath": bad}))
+            .unwrap_err();
+        assert!(
+            err.contains(&format!("replaceFullPath: {bad:?} is not a path")),
+            "{err}"
+        );
+    }
+    assert!(
+        rewrite(serde_json::json!({"type": "ReplaceFullPath", "replaceFullPath": "/a%20b/c"}))
+            .is_ok()
+    );
+    assert!(
+        rewrite(serde_json::json!({"type": "ReplacePrefixMatch", "replacePrefixMatch": "/x y"}))
+            .unwrap_err()
+            .contains("replacePrefixMatch: \"/x y\" is not a path")
+    );
+    assert!(
+        rewrite(serde_json::json!({"type": "ReplacePrefixMatch", "replacePrefixMatch": ""}))
+            .is_ok()
+    );
     // A valid regular expression passes.
     let rule = translate_rule(serde_json::json!({
         "matches": [{"path": {"type": "RegularExpression", "value": "/v[0-9]+/.*"}}],
