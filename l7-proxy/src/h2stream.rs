@@ -149,7 +149,13 @@ impl http_body::Body for RecvBody {
         let t = ready!(self.recv.poll_trailers(cx));
         self.trailers_done = true;
         Poll::Ready(match t {
-            Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+            // No `sluice-` field crosses in a trailer section either: the
+            // far side's workload must not read a caller's forged identity
+            // there (HTTP/2 workloads get trailers as they come).
+            Ok(Some(mut t)) => {
+                crate::body::remove_mesh_headers(&mut t);
+                Some(Ok(Frame::trailers(t)))
+            }
             Ok(None) => None,
             Err(e) => Some(Err(e)),
         })

@@ -782,3 +782,45 @@ async fn a_first_request_with_an_extension_method_is_http() {
     );
     mesh.shutdown().await;
 }
+
+/// Trailers cross the tunnel, but never a `sluice-` field among them: an
+/// HTTP/2 workload gets its trailers as they come, and must not read a
+/// caller's forged identity there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_reach_an_http2_workload_without_the_mesh_fields() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let mut send = mesh.http2_raw(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "c0ffee".parse().unwrap());
+    trailers.insert(
+        "sluice-source-identity",
+        "spiffe://cluster.local/ns/x/sa/admin".parse().unwrap(),
+    );
+    let frames = vec![
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"payload",
+        ))),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ];
+    let req = http::Request::post("http://cart/upload")
+        .body(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = srv[0].seen.lock().unwrap()[0].clone();
+    assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+    assert_eq!(seen["trailers"]["x-checksum"], "c0ffee", "{seen}");
+    assert!(
+        seen["trailers"].get("sluice-source-identity").is_none(),
+        "{seen}"
+    );
+    mesh.shutdown().await;
+}
