@@ -194,10 +194,77 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// When an exchange last moved, in either direction: a request body that
+/// sends nothing is not idle while the response flows (a gRPC stream whose
+/// client waits for the server's messages).
+#[derive(Clone, Debug)]
+pub struct Activity(
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tokio::time::Instant,
+);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self(std::sync::Arc::default(), tokio::time::Instant::now())
+    }
+}
+
+impl Activity {
+    pub fn touch(&self) {
+        let ms = self.1.elapsed().as_millis() as u64;
+        self.0.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.1 + std::time::Duration::from_millis(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that records each of its frames in an [`Activity`] (a
+    /// response, for its request's idle timeout).
+    pub struct Touching {
+        #[pin]
+        inner: Body,
+        activity: Activity,
+    }
+}
+
+impl Touching {
+    pub fn new(inner: Body, activity: Activity) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl http_body::Body for Touching {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if r.is_ready() {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A body that fails with [`TimedOut`] when its time is up: at a
-    /// deadline (a route's timeouts cover the whole response), or when no
-    /// frame has come for a while (a stalled upload).
+    /// deadline (a route's timeouts cover the whole response), or when
+    /// nothing has moved for a while (a stalled upload).
     pub struct Timed {
         #[pin]
         inner: Body,
@@ -205,6 +272,8 @@ pin_project_lite::pin_project! {
         sleep: tokio::time::Sleep,
         // Each frame moves the deadline this far ahead (`None`: fixed).
         idle: Option<std::time::Duration>,
+        // Also moved by the other direction's frames.
+        activity: Option<Activity>,
         what: String,
     }
 }
@@ -216,16 +285,18 @@ impl Timed {
             inner,
             sleep: tokio::time::sleep_until(until),
             idle: None,
+            activity: None,
             what,
         }
     }
 
-    /// Fails if no frame comes for `idle`.
-    pub fn idle(inner: Body, idle: std::time::Duration, what: String) -> Self {
+    /// Fails if for `idle` no frame comes and `activity` records nothing.
+    pub fn idle(inner: Body, idle: std::time::Duration, activity: Activity, what: String) -> Self {
         Self {
             inner,
             sleep: tokio::time::sleep(idle),
             idle: Some(idle),
+            activity: Some(activity),
             what,
         }
     }
@@ -248,12 +319,20 @@ impl http_body::Body for Timed {
             }
             return std::task::Poll::Ready(frame);
         }
-        match std::future::Future::poll(this.sleep, cx) {
-            std::task::Poll::Ready(()) => {
-                tracing::debug!("{}", this.what);
-                std::task::Poll::Ready(Some(Err(Box::new(TimedOut(this.what.clone())))))
+        loop {
+            if std::future::Future::poll(this.sleep.as_mut(), cx).is_pending() {
+                return std::task::Poll::Pending;
             }
-            std::task::Poll::Pending => std::task::Poll::Pending,
+            // The other direction moved meanwhile: idle from then on.
+            if let (Some(idle), Some(a)) = (*this.idle, this.activity.as_ref()) {
+                let until = a.last() + idle;
+                if until > tokio::time::Instant::now() {
+                    this.sleep.as_mut().reset(until);
+                    continue;
+                }
+            }
+            tracing::debug!("{}", this.what);
+            return std::task::Poll::Ready(Some(Err(Box::new(TimedOut(this.what.clone())))));
         }
     }
 
@@ -281,6 +360,34 @@ impl std::error::Error for TimedOut {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_is_not_idle_while_its_response_moves() {
+        use http_body_util::BodyExt as _;
+        let silent: Body = boxed(http_body_util::StreamBody::new(
+            futures_util::stream::pending::<Result<http_body::Frame<Bytes>, BoxError>>(),
+        ));
+        let activity = Activity::default();
+        let mut body = Box::pin(Timed::idle(
+            silent,
+            std::time::Duration::from_secs(10),
+            activity.clone(),
+            "idle".into(),
+        ));
+        tokio::time::advance(std::time::Duration::from_secs(8)).await;
+        // The response moves at 8 s: the request is not idle before 18 s.
+        activity.touch();
+        tokio::time::advance(std::time::Duration::from_secs(3)).await;
+        assert!(futures_util::poll!(body.frame()).is_pending(), "at 11 s");
+        tokio::time::advance(std::time::Duration::from_secs(6)).await;
+        assert!(futures_util::poll!(body.frame()).is_pending(), "at 17 s");
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        let cut = futures_util::poll!(body.frame());
+        assert!(
+            matches!(cut, std::task::Poll::Ready(Some(Err(_)))),
+            "cut at 19 s: {cut:?}"
+        );
+    }
 
     #[test]
     fn the_mesh_headers_go_in_either_spelling() {

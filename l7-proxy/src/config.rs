@@ -107,9 +107,10 @@ pub struct ProxySettings {
     /// A pooled connection to a workload (HTTP/1.1, or HTTP/2 that no request
     /// has used) is closed after this long idle.
     pub workload_idle_timeout_ms: u64,
-    /// A request body from a workload that sends nothing for this long is
-    /// cut (the request fails): a stalled upload must not hold a tunnel
-    /// stream or the buffer budget for ever.
+    /// A request body from a workload that sends nothing for this long,
+    /// while its response sends nothing either, is cut (the request fails):
+    /// a stalled upload must not hold a tunnel stream or the buffer budget
+    /// for ever, and a streaming call that only listens is not stalled.
     pub request_body_idle_timeout_ms: u64,
     /// Request bodies up to this size are buffered so that they can be retried
     /// or mirrored; larger bodies are streamed once and not retried.

@@ -87,16 +87,21 @@ pub(crate) async fn handle(
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     let body = boxed(body);
-    // Most requests have no body: nothing to watch.
-    let body = if http_body::Body::is_end_stream(&body) {
-        body
-    } else {
-        let idle = shared.settings.request_body_idle_timeout();
-        boxed(crate::body::Timed::idle(
-            body,
-            idle,
-            format!("the request body sent nothing for {idle:?}"),
-        ))
+    // Most requests have no body: nothing to watch. One that sends nothing
+    // while its response flows is not idle (a gRPC stream waiting for the
+    // server's messages).
+    let activity = (!http_body::Body::is_end_stream(&body)).then(crate::body::Activity::default);
+    let body = match &activity {
+        None => body,
+        Some(a) => {
+            let idle = shared.settings.request_body_idle_timeout();
+            boxed(crate::body::Timed::idle(
+                body,
+                idle,
+                a.clone(),
+                format!("the request body sent nothing for {idle:?}, nor did its response"),
+            ))
+        }
     };
     let mut outcome = match state.destination(conn.original_dst) {
         // A CONNECT would cross the tunnel as an opaque stream to whatever
@@ -132,6 +137,11 @@ pub(crate) async fn handle(
             Label::external(),
         ),
     };
+    if let Some(a) = activity {
+        outcome.response = outcome
+            .response
+            .map(|b| boxed(crate::body::Touching::new(b, a)));
+    }
     let status = outcome.response.status().as_u16();
     // The proxy's own refusals, in the form a gRPC caller reads.
     if grpc

@@ -1373,3 +1373,83 @@ async fn mirrors_in_flight_are_bounded_and_the_primary_goes_on() {
     holder.abort();
     mesh.shutdown().await;
 }
+
+/// A server that answers at once and then sends a chunk every 100 ms, ten
+/// in all, whatever the request body does (a gRPC server stream).
+async fn ticker(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |_req: http::Request<hyper::body::Incoming>| async move {
+                        let ticks = futures_util::stream::unfold(0u8, |n| async move {
+                            if n == 10 {
+                                return None;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            let f = hyper::body::Frame::data(bytes::Bytes::from(vec![b'a' + n]));
+                            Some((Ok::<_, std::convert::Infallible>(f), n + 1))
+                        });
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::StreamBody::new(ticks),
+                        ))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    })
+}
+
+/// A streaming call whose client sends one message and then only listens
+/// is not cut by the request body's idle timeout while the server's
+/// messages flow: nothing is idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_request_is_not_idle_while_its_response_streams() {
+    use http_body_util::BodyExt as _;
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.request_body_idle_timeout_ms = 300,
+    )
+    .await;
+    let probe = std::net::TcpListener::bind((cart(0).ip, 0)).unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let _server = ticker(SocketAddr::new(cart(0).ip, port)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let mut send = mesh.http2_raw(web().ip, SocketAddr::new(vip(1), 80)).await;
+    // One message, then nothing until the answer has ended.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = futures_util::stream::once(async {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"subscribe",
+        )))
+    });
+    let rest = futures_util::stream::once(async move {
+        let _ = done_rx.await;
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::new()))
+    });
+    let body =
+        http_body_util::StreamBody::new(Box::pin(futures_util::StreamExt::chain(first, rest)));
+    let req = http::Request::post("http://cart/watch").body(body).unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("the whole stream")
+        .to_bytes();
+    assert_eq!(&got[..], b"abcdefghij", "a second of messages, none cut");
+    let _ = done_tx.send(());
+    mesh.shutdown().await;
+}
