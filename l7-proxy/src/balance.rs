@@ -157,8 +157,10 @@ impl Pick {
             return;
         }
         let old = self.load.ewma_ns.load(Ordering::Relaxed) as f64;
-        let rtt = value(now.duration_since(self.started).as_nanos() as f64, old);
         let w = (-((now_ns.saturating_sub(last)) as f64) / DECAY_NS).exp();
+        // The sample may depend on the estimate as it stands now, decayed
+        // since the last answer (as `cost` sees it).
+        let rtt = value(now.duration_since(self.started).as_nanos() as f64, old * w);
         // Peak-sensitive: a slower sample replaces the average at once.
         let new = if rtt > old {
             rtt
@@ -407,6 +409,27 @@ mod tests {
             "{bad_picks} of 200 went to the failing endpoint"
         );
         assert!(b.ewma(bad) > b.ewma(ok));
+    }
+
+    #[test]
+    fn a_stray_error_after_a_quiet_spell_costs_little() {
+        // Unreachable (1 s) five minutes ago, nothing since: it has decayed.
+        let b = Balancer {
+            epoch: Instant::now() - Duration::from_secs(300),
+            ..Balancer::default()
+        };
+        let ep: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let load = b.load(ep);
+        load.ewma_ns.store(UNREACHABLE_NS, Ordering::Relaxed);
+        load.last_ns.store(1, Ordering::Relaxed);
+        b.pick(&[load])
+            .unwrap()
+            .answered(http::StatusCode::BAD_GATEWAY);
+        assert!(
+            b.ewma(ep) < Duration::from_millis(10),
+            "one error after a quiet spell: {:?}",
+            b.ewma(ep)
+        );
     }
 
     #[test]

@@ -352,7 +352,7 @@ pub struct LocalWorkload {
 
 /// A Service whose selector picks a local workload, and the workload ports
 /// its ports lead to (a named target port the pod does not declare leads
-/// nowhere).
+/// nowhere; leading to none, it governs nothing).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SelectedBy {

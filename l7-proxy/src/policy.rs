@@ -329,14 +329,16 @@ mod tests {
             Verdict::Deny(_)
         ));
         assert_eq!(authorize(&st, &web, &w, 8080, None), Verdict::Allow);
-        // Leading to no port (a named target port the pod lacks), it
-        // governs the ports no Service leads to.
-        w.selected_by[0].ports.clear();
-        let st = build(&snap, &w);
+        // It governs the ports no Service leads to as well.
         assert!(matches!(
             authorize(&st, &ops, &w, 9999, None),
             Verdict::Deny(_)
         ));
+        // Leading to no port (a named target port the pod lacks), it
+        // governs nothing: a pod no Service leads to takes every caller.
+        w.selected_by[0].ports.clear();
+        let st = build(&snap, &w);
+        assert_eq!(authorize(&st, &ops, &w, 9999, None), Verdict::Allow);
         // Another namespace's Service governs nothing, named here or not.
         w.selected_by = vec![SelectedBy {
             service: ObjectRef::new("evil", "s"),

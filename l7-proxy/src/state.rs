@@ -166,7 +166,9 @@ impl State {
             // EndpointSlice controller has not listed yet is governed all
             // the same. Other namespaces' Services never govern it
             // (`services_for`), whoever names them here.
-            for sel in &w.selected_by {
+            // One that leads to none of its ports governs none of them (an
+            // EndpointSlice would not list it either).
+            for sel in w.selected_by.iter().filter(|sel| !sel.ports.is_empty()) {
                 s.add_member(w.ip, &sel.service, sel.ports.iter().copied());
             }
             s.local.insert(w.ip, Arc::new(w.clone()));

@@ -143,7 +143,7 @@ pub fn check(token: &str, keys: &HashMap<String, VerifyKey>) -> Check {
                 .verify(signed, &sig)
                 .is_ok(),
         ),
-        (_, VerifyKey::Unsupported) => None,
+        // RS256 or ES256 against a key of another kind: not its signature.
         ("RS256" | "ES256", _) => Some(false),
         _ => None,
     };
@@ -282,11 +282,15 @@ mod tests {
         assert_eq!(keys["p384"], VerifyKey::Unsupported);
         assert_eq!(keys["secret"], VerifyKey::Unsupported);
         // A token of a key the CA cannot check goes to the TokenReview; one
-        // naming a key the API server does not publish is a forgery.
+        // naming a key the API server does not publish is a forgery, as is
+        // one whose algorithm the CA checks and the key cannot have made.
         let header = enc(br#"{"alg":"ES384","kid":"p384"}"#);
         assert_eq!(check(&format!("{header}.e30.c2ln"), &keys), Check::Unknown);
         let header = enc(br#"{"alg":"ES256","kid":"p384"}"#);
-        assert_eq!(check(&format!("{header}.e30.c2ln"), &keys), Check::Unknown);
+        assert!(matches!(
+            check(&format!("{header}.e30.c2ln"), &keys),
+            Check::Forged(_)
+        ));
         let header = enc(br#"{"alg":"ES384","kid":"gone"}"#);
         assert!(matches!(
             check(&format!("{header}.e30.c2ln"), &keys),

@@ -812,14 +812,19 @@ impl Ca {
                 });
             }
         }
-        // Written before the prepared root leaves `pending`: a write that
+        // The signer first (from a copy of the key), then the files, and
+        // only then does the prepared root leave `pending`: a step that
         // fails leaves the rotation where it was, to be activated again.
+        let pending = st.pending.as_ref().expect("checked above");
+        let key_pem = pending.key.serialize_pem();
+        let signer = Self::signer_for(
+            &self.opts,
+            &self.clock,
+            &pending.root,
+            load_key("prepared root key", &PrivateKeyPem::new(key_pem.clone()))?,
+        )?;
         if let Some(dir) = &self.dir {
-            let pending = st.pending.as_ref().expect("checked above");
-            storage::write_private(
-                &dir.join(ROOT_KEY_FILE),
-                pending.key.serialize_pem().as_bytes(),
-            )?;
+            storage::write_private(&dir.join(ROOT_KEY_FILE), key_pem.as_bytes())?;
             storage::write_public(
                 &dir.join(ROOT_CERT_FILE),
                 storage::certs_to_pem(std::slice::from_ref(&pending.root.der)).as_bytes(),
@@ -829,7 +834,6 @@ impl Ca {
             }
         }
         let pending = st.pending.take().expect("checked above");
-        let signer = Self::signer_for(&self.opts, &self.clock, &pending.root, pending.key)?;
         st.roots.insert(0, pending.root);
         st.signer = signer;
         st.rebuild_bundle(&self.opts.trust_domain)?;

@@ -788,6 +788,21 @@ fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_servic
     };
     let mut finished = pod("cart-old", "10.0.1.12", "n1", "cart");
     finished.finished = true;
+    // Services that lead to none of cart-0's TCP ports govern nothing.
+    let mut udp = service("shop", "udp-only", "127.96.0.10", &[53]);
+    let mut missing = service("shop", "missing-name", "127.96.0.11", &[90]);
+    let mut external = service("shop", "external", "127.96.0.12", &[80]);
+    for s in [&mut udp, &mut missing, &mut external] {
+        s.spec.as_mut().unwrap().selector =
+            Some(BTreeMap::from([("app".to_string(), "cart".to_string())]));
+    }
+    for p in udp.spec.as_mut().unwrap().ports.iter_mut().flatten() {
+        p.protocol = Some("UDP".into());
+    }
+    for p in missing.spec.as_mut().unwrap().ports.iter_mut().flatten() {
+        p.target_port = Some(IntOrString::String("nope".into()));
+    }
+    external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
     let mut policy = crate::crds::AccessPolicy::new(
         "cart-readers",
         serde_json::from_value(serde_json::json!({
@@ -805,6 +820,9 @@ fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_servic
         Object::Pod(pod("other-0", "10.0.1.11", "n1", "other")),
         Object::Pod(finished),
         Object::AccessPolicy(policy),
+        Object::Service(udp),
+        Object::Service(missing),
+        Object::Service(external),
     ]);
     let s = store(objs);
     let v = view(&s);
@@ -841,6 +859,10 @@ fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_servic
         }]
     );
     assert!(local("other-0").selected_by.is_empty());
+    for name in ["udp-only", "missing-name", "external"] {
+        let svc = v.services.iter().find(|x| x.key.name == name).unwrap();
+        assert!(svc.selects.is_empty(), "{name}: {:?}", svc.selects);
+    }
     // No EndpointSlice lists cart-0, and still only callers from `web` get
     // in, on the ports the Service leads to and on those none leads to.
     let (state, _) = l7_proxy::state::State::build(std::sync::Arc::new(snap.clone()));

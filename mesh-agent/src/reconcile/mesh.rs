@@ -152,6 +152,7 @@ pub fn mesh_view_and_routes(
             .and_then(|n| n.addresses.iter().find(|a| a.is_ipv4() == v4).copied())
     };
     let this_node = node;
+    let local = local_pods(store, this_node);
     let mut services = Vec::new();
     for (key, svc) in &store.services {
         let Some(spec) = &svc.spec else { continue };
@@ -256,7 +257,7 @@ pub fn mesh_view_and_routes(
             meshed: store.namespace_enrolled(&key.namespace),
             ports,
             affinity_timeout_s,
-            selects: selected_pods(store, key, spec, this_node),
+            selects: selected_pods(&local, key, spec),
         });
     }
     let refs = RefIndex::of(store);
@@ -312,38 +313,51 @@ pub fn mesh_view_and_routes(
     (view, routes.evals)
 }
 
-/// The pods on `node` a Service's selector picks, as the EndpointSlice
-/// controller would list them (running, not on the host network), with the
-/// pod ports its TCP ports lead to. The proxy polices them by these before
-/// the controller has listed a new pod: a policy's target must not take
-/// every caller while its EndpointSlice lags.
+/// This node's pods a Service's selector may pick (not finished, not on
+/// the host network), by namespace: gathered once per view.
+type LocalPods<'a> = BTreeMap<&'a str, Vec<&'a crate::state::Workload>>;
+
+fn local_pods<'a>(store: &'a Store, node: &str) -> LocalPods<'a> {
+    let mut out = LocalPods::new();
+    for w in store.pods.values() {
+        if w.node == node && !w.finished && !w.host_network {
+            out.entry(w.namespace.as_str()).or_default().push(w);
+        }
+    }
+    out
+}
+
+/// The pods on this node a Service's selector picks, as the EndpointSlice
+/// controller would list them, with the pod ports its TCP ports lead to;
+/// a pod its TCP ports lead nowhere on is left out (as a Service without
+/// TCP ports, or an `ExternalName` one, is: neither governs it). The proxy
+/// polices them by these before the controller has listed a new pod: a
+/// policy's target must not take every caller while its EndpointSlice lags.
 fn selected_pods(
-    store: &Store,
+    pods: &LocalPods<'_>,
     key: &Key,
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    node: &str,
 ) -> Vec<SelectedPod> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
         return Vec::new();
     };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Vec::new();
+    }
     let tcp: Vec<_> = spec
         .ports
         .iter()
         .flatten()
         .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
         .collect();
-    store
-        .pods
-        .values()
-        .filter(|w| {
-            w.namespace == key.namespace
-                && w.node == node
-                && !w.finished
-                && !w.host_network
-                && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-        })
-        .map(|w| {
+    let Some(candidates) = pods.get(key.namespace.as_str()) else {
+        return Vec::new();
+    };
+    candidates
+        .iter()
+        .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .filter_map(|w| {
             let mut ports: Vec<u16> = tcp
                 .iter()
                 .filter_map(|p| match &p.target_port {
@@ -354,10 +368,10 @@ fn selected_pods(
                 .collect();
             ports.sort_unstable();
             ports.dedup();
-            SelectedPod {
+            (!ports.is_empty()).then(|| SelectedPod {
                 pod: w.key(),
                 ports,
-            }
+            })
         })
         .collect()
 }

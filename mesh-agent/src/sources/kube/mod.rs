@@ -87,7 +87,13 @@ pub fn workload_of(p: &Pod) -> Workload {
         // one the proxy carries).
         ports: spec
             .into_iter()
-            .flat_map(|s| &s.containers)
+            .flat_map(|s| {
+                // Sidecars (restartable init containers) count too.
+                let sidecars = s.init_containers.iter().flatten();
+                s.containers
+                    .iter()
+                    .chain(sidecars.filter(|c| c.restart_policy.as_deref() == Some("Always")))
+            })
             .flat_map(|c| c.ports.iter().flatten())
             .filter(|cp| cp.protocol.as_deref().unwrap_or("TCP") == "TCP")
             .filter_map(|cp| Some((cp.name.clone()?, u16::try_from(cp.container_port).ok()?)))
@@ -543,6 +549,9 @@ mod tests {
                     {"name": "dns", "containerPort": 53, "protocol": "UDP"}
                 ]},
                 {"name": "sidecar", "ports": [{"name": "http", "containerPort": 9999}]}
+            ], "initContainers": [
+                {"name": "proxy", "restartPolicy": "Always", "ports": [{"name": "admin", "containerPort": 15000}]},
+                {"name": "setup", "ports": [{"name": "once", "containerPort": 1}]}
             ]},
             "status": {
                 "phase": "Running",
@@ -562,7 +571,11 @@ mod tests {
         assert_eq!(w.annotations["sluice.dev/mesh"], "disabled");
         // Named TCP ports, the first container's of a name winning (as the
         // EndpointSlice controller resolves a Service's named target port).
-        assert_eq!(w.ports, BTreeMap::from([("http".to_string(), 8081)]));
+        // Sidecars (restartable init containers) too, not other init ones.
+        assert_eq!(
+            w.ports,
+            BTreeMap::from([("admin".to_string(), 15000), ("http".to_string(), 8081)])
+        );
     }
 
     #[test]
