@@ -78,6 +78,7 @@ fn client(c: &Cluster, token: &str) -> Arc<CaClient> {
             bundle: c.ca.bundle(),
             credential: Credential::Token(token.into()),
             timeout: Duration::from_secs(10),
+            bundle_file: None,
         })
         .unwrap(),
     )
@@ -195,6 +196,7 @@ async fn ca_down_is_transient_and_a_foreign_server_is_not_trusted() {
         bundle: bundle.clone(),
         credential: Credential::Token(NODE_A_TOKEN.into()),
         timeout: Duration::from_secs(5),
+        bundle_file: None,
     })
     .unwrap();
     let err = cl.trust_bundle().await.unwrap_err();
@@ -207,6 +209,7 @@ async fn ca_down_is_transient_and_a_foreign_server_is_not_trusted() {
         bundle,
         credential: Credential::Token(NODE_A_TOKEN.into()),
         timeout: Duration::from_secs(5),
+        bundle_file: None,
     })
     .unwrap();
     let err = cl.trust_bundle().await.unwrap_err();
@@ -806,4 +809,48 @@ async fn without_the_signing_keys_every_token_goes_to_a_token_review() {
         1,
         "not asked again at once"
     );
+}
+
+/// A node that could not reach the CA while a new root was prepared holds
+/// only the old root; once the CA serves with a certificate of the new one
+/// it cannot verify the CA, and learns the new root from the mounted trust
+/// bundle (the ConfigMap the CA keeps current) instead of being locked out.
+#[tokio::test]
+async fn a_node_that_missed_a_rotation_trusts_the_mounted_bundle() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let old_bundle = ca.bundle();
+    let new = ca.prepare_root_rotation().unwrap();
+    ca.activate_root(&new).unwrap();
+    let tokens = BootstrapTokens::new([("node-a", NODE_A_TOKEN)]).unwrap();
+    let c = cluster_with(ca.clone(), Arc::new(tokens)).await;
+    let dir = std::env::temp_dir().join(format!("certs-mounted-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = dir.join("trust-bundle.pem");
+    let node = |bundle_file: Option<std::path::PathBuf>| {
+        CaClient::new(CaClientConfig {
+            endpoint: format!("https://{}", c.server.local_addr()),
+            bundle: old_bundle.clone(),
+            credential: Credential::Token(NODE_A_TOKEN.into()),
+            timeout: Duration::from_secs(5),
+            bundle_file,
+        })
+        .unwrap()
+    };
+    // Without a newer mounted bundle, the CA is not trusted.
+    std::fs::write(&mounted, old_bundle.to_pem()).unwrap();
+    let err = node(Some(mounted.clone()))
+        .trust_bundle()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("TLS"), "{err}");
+    // With the bundle the CA published (both roots), it is.
+    std::fs::write(&mounted, ca.bundle().to_pem()).unwrap();
+    let got = node(Some(mounted))
+        .trust_bundle()
+        .await
+        .expect("the CA, trusted");
+    assert!(got.fingerprints().contains(&new));
+    assert!(node(None).trust_bundle().await.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
 }

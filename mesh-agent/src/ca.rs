@@ -857,9 +857,12 @@ impl PodIdentities {
 
     /// A pod was created or changed.
     pub fn apply(&self, pod: &Pod) {
+        self.apply_to(&mut self.write(), pod);
+    }
+
+    fn apply_to(&self, idx: &mut PodIndex, pod: &Pod) {
         let w = crate::sources::kube::workload_of(pod);
         let key = w.key();
-        let mut idx = self.write();
         idx.remove(&key);
         // A static pod names no service account (the API server refuses one
         // that does), and a node can create one in any namespace: counting
@@ -889,12 +892,14 @@ impl PodIdentities {
         self.write().remove(&Key::of(pod));
     }
 
-    /// Replaces everything (a re-list).
+    /// Replaces everything (a re-list), at once: a request meanwhile sees
+    /// the old list or the new one, never a part of it.
     pub fn reset(&self, pods: &[Pod]) {
-        *self.write() = PodIndex::default();
+        let mut idx = PodIndex::default();
         for p in pods {
-            self.apply(p);
+            self.apply_to(&mut idx, p);
         }
+        *self.write() = idx;
         self.listed
             .store(true, std::sync::atomic::Ordering::Release);
     }

@@ -102,6 +102,7 @@ impl Identities {
             bundle: bundle.clone(),
             credential: Credential::File(token_file.into()),
             timeout: Duration::from_secs(10),
+            bundle_file: Some(bundle_file.into()),
         })
         .map_err(|source| Error::Client {
             url: url.into(),

@@ -219,6 +219,7 @@ async fn a_root_rotation_is_served_and_published_by_the_running_ca() {
         bundle: first,
         credential: Credential::Token(TOKEN.into()),
         timeout: Duration::from_secs(10),
+        bundle_file: None,
     })
     .unwrap();
     let sign = async || {

@@ -30,6 +30,12 @@ pub struct CaClientConfig {
     pub credential: Credential,
     /// Per request, connection included.
     pub timeout: Duration,
+    /// Where the cluster's trust bundle is mounted (a ConfigMap the CA
+    /// keeps current): read again when the CA service cannot be reached
+    /// with the roots held, so a node that missed a root rotation's prepare
+    /// step (it could not reach the CA then) trusts the CA's new serving
+    /// certificate once the kubelet has updated the file.
+    pub bundle_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -38,6 +44,7 @@ pub struct CaClient {
     bundle: ArcSwap<TrustBundle>,
     credential: Credential,
     timeout: Duration,
+    bundle_file: Option<std::path::PathBuf>,
 }
 
 impl CaClient {
@@ -50,7 +57,34 @@ impl CaClient {
             bundle: ArcSwap::from_pointee(cfg.bundle),
             credential: cfg.credential,
             timeout: cfg.timeout,
+            bundle_file: cfg.bundle_file,
         })
+    }
+
+    /// The bundle in `bundle_file`, when it holds a root the client does not
+    /// trust yet (and is of the same trust domain); taken from now on.
+    fn reload_bundle_file(&self) -> bool {
+        let Some(path) = &self.bundle_file else {
+            return false;
+        };
+        let ours = self.bundle.load_full();
+        let Ok(pem) = std::fs::read_to_string(path) else {
+            return false;
+        };
+        let Ok(file) = TrustBundle::from_pem(ours.trust_domain(), &pem) else {
+            return false;
+        };
+        let known = ours.fingerprints();
+        if file.fingerprints().iter().all(|f| known.contains(f)) {
+            return false;
+        }
+        tracing::warn!(
+            file = %path.display(),
+            "the CA service could not be verified with the roots held; trusting the mounted \
+             trust bundle, which has new ones (a root rotation this node missed)"
+        );
+        self.bundle.store(Arc::new(file));
+        true
     }
 
     fn unavailable(&self, reason: impl ToString) -> CaError {
@@ -69,24 +103,34 @@ impl CaClient {
         let token = self.credential.read().map_err(|e| CaError::Config {
             reason: format!("reading the CA credential: {e}"),
         })?;
-        let bundle = self.bundle.load_full();
-        let tls =
-            https::client_config(bundle.roots()).map_err(|reason| CaError::Config { reason })?;
-        let mut req = Request::builder()
-            .method(method)
-            .uri(self.endpoint.path(path))
-            .header(header::AUTHORIZATION, format!("Bearer {token}"));
-        if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| CaError::Config {
-                reason: format!("building the request (is the token valid header text?): {e}"),
-            })?;
-        let (status, body) = https::send(tls, &self.endpoint, req, self.timeout)
-            .await
-            .map_err(|e: HttpsError| self.unavailable(e))?;
+        let body = Bytes::from(body.unwrap_or_default());
+        let request = || {
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(self.endpoint.path(path))
+                .header(header::AUTHORIZATION, format!("Bearer {token}"));
+            if !body.is_empty() {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+            }
+            req.body(Full::new(body.clone()))
+                .map_err(|e| CaError::Config {
+                    reason: format!("building the request (is the token valid header text?): {e}"),
+                })
+        };
+        let send = |req| async {
+            let bundle = self.bundle.load_full();
+            let tls = https::client_config(bundle.roots())
+                .map_err(|reason| CaError::Config { reason })?;
+            https::send(tls, &self.endpoint, req, self.timeout)
+                .await
+                .map_err(|e: HttpsError| self.unavailable(e))
+        };
+        let (status, body) = match send(request()?).await {
+            Err(CaError::Unavailable { .. }) if self.reload_bundle_file() => {
+                send(request()?).await?
+            }
+            r => r?,
+        };
         if status == StatusCode::OK {
             return Ok(body);
         }
