@@ -487,6 +487,47 @@ impl ValueCond {
     }
 }
 
+/// `path` with its dot segments resolved (RFC 3986 5.2.4), `%2e` read as
+/// a dot: what the workload will read it as, so that it is routed (and
+/// rewritten) as that, not as what it spells (`/api/../admin` is `/admin`,
+/// not under `/api`). `None` when it has none (the usual case, no copy).
+/// Other escapes and repeated slashes stay as they are.
+pub fn normalized_path(path: &str) -> Option<String> {
+    if !path.contains('.') && !path.contains('%') {
+        return None;
+    }
+    let dots = |seg: &str| -> usize {
+        let s = seg.to_ascii_lowercase().replace("%2e", ".");
+        match s.as_str() {
+            "." => 1,
+            ".." => 2,
+            _ => 0,
+        }
+    };
+    let rest = path.strip_prefix('/')?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    if segments.iter().all(|s| dots(s) == 0) {
+        return None;
+    }
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        match dots(seg) {
+            0 => out.push(seg),
+            d => {
+                if d == 2 {
+                    out.pop();
+                }
+                // A dot segment at the end leaves a directory: `/a/b/..` is `/a/`.
+                if i == last {
+                    out.push("");
+                }
+            }
+        }
+    }
+    Some(format!("/{}", out.join("/")))
+}
+
 /// `PathPrefix` matches whole path elements: `/foo` matches `/foo` and
 /// `/foo/bar`, not `/foobar`; a trailing slash in the prefix is ignored.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -739,6 +780,27 @@ fn percent_decode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dot_segments_resolve_as_the_workload_reads_them() {
+        for (path, want) in [
+            ("/api/../admin", Some("/admin")),
+            ("/api/%2e%2e/admin", Some("/admin")),
+            ("/api/.%2E/admin", Some("/admin")),
+            ("/a/./b", Some("/a/b")),
+            ("/a/b/..", Some("/a/")),
+            ("/a/.", Some("/a/")),
+            ("/..", Some("/")),
+            ("/../../x", Some("/x")),
+            ("/a/b/../../../c", Some("/c")),
+            ("/a..b/c.d", None),
+            ("/v1.2/%41", None),
+            ("/", None),
+            ("/a//b", None),
+        ] {
+            assert_eq!(normalized_path(path).as_deref(), want, "{path}");
+        }
+    }
+
     use super::*;
     use crate::config::{GrpcMethodMatch, GrpcRouteRule, HttpRouteRule, ParentRef};
 

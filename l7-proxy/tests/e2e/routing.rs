@@ -1453,3 +1453,33 @@ async fn a_quiet_request_is_not_idle_while_its_response_streams() {
     let _ = done_tx.send(());
     mesh.shutdown().await;
 }
+
+/// A path with dot segments is routed, and sent, as what the workload will
+/// read it as: `/api/../admin` is `/admin`, not under the `/api` rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_is_routed_as_its_dot_segments_resolve() {
+    let mesh = Mesh::standard().await;
+    let api = rule(
+        vec![HttpRouteMatch {
+            path: Some(PathMatch::PathPrefix("/api".into())),
+            ..Default::default()
+        }],
+        vec![backend("v1", 1)],
+    );
+    let rest = rule(vec![], vec![backend("v0", 1)]);
+    let (srv, _) = setup(&mesh, vec![route(vec![api, rest])]).await;
+    let mut c = client(&mesh).await;
+    for (path, server, seen) in [
+        ("/api/../admin", "cart-0", "/admin"),
+        ("/api/%2e%2e/admin?x=1", "cart-0", "/admin?x=1"),
+        ("/other/../api/items", "cart-1", "/api/items"),
+        ("/api/v1.2/items", "cart-1", "/api/v1.2/items"),
+    ] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert_eq!(r.server(), server, "{path}");
+        assert_eq!(r.echo()["path"], seen, "{path}");
+    }
+    assert_eq!(srv[0].hits() + srv[1].hits(), 4);
+    mesh.shutdown().await;
+}
