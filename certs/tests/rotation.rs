@@ -476,3 +476,75 @@ async fn a_node_clock_ahead_of_the_cas_does_not_renew_in_a_loop() {
     }
     assert_eq!(serial(&a, &cart), first);
 }
+
+/// A CA whose answers to signing requests wait at a gate after signing
+/// (a slow round trip back), while the test changes things meanwhile.
+#[derive(Debug)]
+struct SlowReply {
+    ca: Arc<Ca>,
+    /// Answers wait for `release` while set.
+    held: AtomicBool,
+    release: tokio::sync::Notify,
+    signed: tokio::sync::Notify,
+}
+
+impl CertificateAuthority for SlowReply {
+    fn sign(&self, request: SignRequest) -> BoxFuture<'_, Result<Issued, CaError>> {
+        Box::pin(async move {
+            let r = self.ca.sign(request).await;
+            if self.held.load(Ordering::SeqCst) {
+                self.signed.notify_one();
+                self.release.notified().await;
+            }
+            r
+        })
+    }
+    fn trust_bundle(&self) -> BoxFuture<'_, Result<TrustBundle, CaError>> {
+        self.ca.trust_bundle()
+    }
+}
+
+/// A renewal signed by the old root, whose answer comes back after the node
+/// has learnt of the new active root, is reissued within the rotation
+/// spread like the node's other certificates, not at its half-life.
+#[tokio::test]
+async fn a_renewal_signed_by_the_old_root_during_activation_is_reissued_soon() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let slow = Arc::new(SlowReply {
+        ca: ca.clone(),
+        held: AtomicBool::new(false),
+        release: tokio::sync::Notify::new(),
+        signed: tokio::sync::Notify::new(),
+    });
+    let cart = id("shop", "cart");
+    let m = IdentityManager::new(slow.clone(), ca.bundle(), shared(&clock), fast_opts());
+    m.set_identities([cart.clone()]).await.unwrap();
+    let old_root = ca.bundle().active_root();
+    // The next answer waits.
+    slow.held.store(true, Ordering::SeqCst);
+    assert!(m.renew_now(&cart));
+    let renewing = tokio::spawn({
+        let m = m.clone();
+        async move { m.rotate_due().await }
+    });
+    slow.signed.notified().await;
+    // Signed by the old root; meanwhile the root rotates and the node
+    // learns of it.
+    let new_root = ca.prepare_root_rotation().unwrap();
+    ca.activate_root(&new_root).unwrap();
+    assert!(m.refresh_trust_bundle().await.unwrap());
+    slow.held.store(false, Ordering::SeqCst);
+    slow.release.notify_one();
+    let report = renewing.await.unwrap();
+    assert_eq!(report.issued, vec![cart.clone()]);
+    let st = m.status().into_iter().find(|s| s.identity == cart).unwrap();
+    assert_eq!(st.certificate.as_ref().unwrap().root, Some(old_root));
+    let next = st.next_renewal.unwrap();
+    let now = ::time::OffsetDateTime::from(certs::Clock::now(&clock));
+    assert!(
+        next - now <= ::time::Duration::seconds(61),
+        "reissued at {next}, {} from now",
+        next - now
+    );
+}

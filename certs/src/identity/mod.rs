@@ -447,6 +447,14 @@ impl IdentityManager {
                     slot.failures = 0;
                     slot.last_error = None;
                     slot.next_attempt = self.renewal_time(&cert.info, now);
+                    // Issued under a root no longer active (the bundle
+                    // changed while it was in flight, and passed it by):
+                    // reissued soon, as the others were.
+                    let active = self.inner.bundle.load().active_root();
+                    if cert.root.is_some_and(|r| r != active) {
+                        let at = now + self.inner.opts.rotation_spread.mul_f64(random_fraction());
+                        slot.next_attempt = slot.next_attempt.min(at);
+                    }
                     tracing::info!(identity = %id, serial = %cert.info.serial, not_after = %cert.info.not_after, "certificate issued");
                     report.issued.push(id.clone());
                     ready.push((id, Arc::new(cert)));
