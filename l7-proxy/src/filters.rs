@@ -112,6 +112,12 @@ pub fn redirect(
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
+    if host.is_empty() {
+        // No host to name (an HTTP/1.0 request without `Host`, and the
+        // redirect names none): a reference relative to the request's own
+        // (RFC 9110 10.2.2) rather than `http:///path`.
+        return (status, format!("{path}{query}"));
+    }
     let port = port.map(|p| format!(":{p}")).unwrap_or_default();
     (status, format!("{scheme}://{host}{port}{path}{query}"))
 }
@@ -257,6 +263,20 @@ mod tests {
         assert_eq!(
             redirect(&r, &bare, None, Some(8080)).1,
             "https://shop.example/a"
+        );
+        // No Host at all (HTTP/1.0): a relative reference.
+        let (hostless, _) = http::Request::builder()
+            .uri("/old/page?x=1")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let r = RequestRedirect {
+            path: Some(PathModifier::ReplacePrefixMatch("/new".into())),
+            ..Default::default()
+        };
+        assert_eq!(
+            redirect(&r, &hostless, Some("/old"), Some(80)).1,
+            "/new/page?x=1"
         );
     }
 
