@@ -844,6 +844,22 @@ async fn a_node_that_missed_a_rotation_trusts_the_mounted_bundle() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("TLS"), "{err}");
+    // Nor with a file that holds none of the node's roots (no continuation
+    // of what it trusts), even one that would verify the CA.
+    let only_new = certs::TrustBundle::from_pem(
+        ca.trust_domain(),
+        &certs::storage::certs_to_pem(
+            &ca.bundle()
+                .roots()
+                .zip(ca.bundle().fingerprints())
+                .filter(|(_, f)| *f == new)
+                .map(|(r, _)| r.clone())
+                .collect::<Vec<_>>(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(&mounted, only_new.to_pem()).unwrap();
+    assert!(node(Some(mounted.clone())).trust_bundle().await.is_err());
     // With the bundle the CA published (both roots), it is.
     std::fs::write(&mounted, ca.bundle().to_pem()).unwrap();
     let got = node(Some(mounted))

@@ -115,8 +115,10 @@ pub fn redirect(
     if host.is_empty() {
         // No host to name (an HTTP/1.0 request without `Host`, and the
         // redirect names none): a reference relative to the request's own
-        // (RFC 9110 10.2.2) rather than `http:///path`.
-        return (status, format!("{path}{query}"));
+        // (RFC 9110 10.2.2) rather than `http:///path`; one starting `//`
+        // would name another host, `/.//` keeps it a path.
+        let dot = if path.starts_with("//") { "/." } else { "" };
+        return (status, format!("{dot}{path}{query}"));
     }
     let port = port.map(|p| format!(":{p}")).unwrap_or_default();
     (status, format!("{scheme}://{host}{port}{path}{query}"))
@@ -277,6 +279,16 @@ mod tests {
         assert_eq!(
             redirect(&r, &hostless, Some("/old"), Some(80)).1,
             "/new/page?x=1"
+        );
+        // Never a scheme-relative reference to another host.
+        let (evil, _) = http::Request::builder()
+            .uri("//evil.example/x")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(
+            redirect(&RequestRedirect::default(), &evil, None, Some(80)).1,
+            "/.//evil.example/x"
         );
     }
 

@@ -119,6 +119,18 @@ pub(crate) async fn handle(
         }
     };
     let mut outcome = match state.destination(conn.original_dst) {
+        // A dot segment some workloads resolve and others do not: no one
+        // reading of it can be routed.
+        _ if crate::router::dot_segment_read_loosely(parts.uri.path()) => Outcome::local(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "path {:?} has a dot segment once `;` parameters are cut or encoded slashes \
+                 or backslashes read as `/`; send it resolved",
+                parts.uri.path()
+            ),
+            Label::default(),
+            Label::default(),
+        ),
         // A CONNECT would cross the tunnel as an opaque stream to whatever
         // authority it names, past the route's choice of backend.
         _ if parts.method == http::Method::CONNECT => Outcome::local(
@@ -153,6 +165,8 @@ pub(crate) async fn handle(
         ),
     };
     if let Some(a) = activity {
+        // The response head is activity too.
+        a.touch();
         outcome.response = outcome
             .response
             .map(|b| boxed(crate::body::Touching::new(b, a)));
@@ -723,6 +737,23 @@ fn redirect_outcome(
     route: Label,
     service: &crate::config::ObjectRef,
 ) -> Outcome {
+    // A request with no host to name, redirected to another scheme or
+    // port: the Service's name stands in (a relative reference cannot
+    // change either).
+    let named;
+    let r = if r.hostname.is_none()
+        && (r.scheme.is_some() || r.port.is_some())
+        && parts.headers.get(http::header::HOST).is_none()
+        && parts.uri.authority().is_none()
+    {
+        named = crate::config::RequestRedirect {
+            hostname: Some(format!("{}.{}", service.name, service.namespace)),
+            ..r.clone()
+        };
+        &named
+    } else {
+        r
+    };
     let (status, location) = filters::redirect(r, parts, prefix, Some(port));
     let mut resp = Response::new(crate::body::empty());
     *resp.status_mut() = status;

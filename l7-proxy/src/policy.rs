@@ -113,26 +113,8 @@ fn conditions_match(c: &HttpConditions, h: HttpFacts<'_>) -> bool {
 /// segment (`group%2Fproject`) and repeated slashes are fine: they stay
 /// under the prefix however they are read.
 fn ambiguous_path(path: &str) -> bool {
-    // Most paths have none of the characters any of this needs: no copies.
-    if !path
-        .bytes()
-        .any(|b| matches!(b, b'%' | b'.' | b'\\' | b';'))
-    {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%25") {
-        return true;
-    }
-    let decoded = lower
-        .replace("%2e", ".")
-        .replace("%2f", "/")
-        .replace("%5c", "/")
-        .replace('\\', "/");
-    decoded
-        .split('/')
-        .map(|seg| seg.split(';').next().unwrap_or_default())
-        .any(|seg| seg == "." || seg == "..")
+    (path.contains('%') && path.to_ascii_lowercase().contains("%25"))
+        || crate::router::dot_segment_read_loosely(path)
 }
 
 #[cfg(test)]

@@ -493,26 +493,15 @@ impl ValueCond {
 /// not under `/api`). `None` when it has none (the usual case, no copy).
 /// Other escapes and repeated slashes stay as they are.
 pub fn normalized_path(path: &str) -> Option<String> {
-    if !path.contains('.') && !path.contains('%') {
-        return None;
-    }
-    let dots = |seg: &str| -> usize {
-        let s = seg.to_ascii_lowercase().replace("%2e", ".");
-        match s.as_str() {
-            "." => 1,
-            ".." => 2,
-            _ => 0,
-        }
-    };
     let rest = path.strip_prefix('/')?;
-    let segments: Vec<&str> = rest.split('/').collect();
-    if segments.iter().all(|s| dots(s) == 0) {
+    if !rest.split('/').any(|s| dot_segment(s) > 0) {
         return None;
     }
+    let segments: Vec<&str> = rest.split('/').collect();
     let mut out: Vec<&str> = Vec::with_capacity(segments.len());
     let last = segments.len() - 1;
     for (i, seg) in segments.iter().enumerate() {
-        match dots(seg) {
+        match dot_segment(seg) {
             0 => out.push(seg),
             d => {
                 if d == 2 {
@@ -526,6 +515,44 @@ pub fn normalized_path(path: &str) -> Option<String> {
         }
     }
     Some(format!("/{}", out.join("/")))
+}
+
+/// 1 for a `.` segment, 2 for `..` (`%2e` read as a dot), else 0; no copy.
+fn dot_segment(seg: &str) -> usize {
+    let is = |a: &str| seg.eq_ignore_ascii_case(a);
+    match seg.len() {
+        1 if seg == "." => 1,
+        2 if seg == ".." => 2,
+        3 if is("%2e") => 1,
+        4 if is(".%2e") || is("%2e.") => 2,
+        6 if is("%2e%2e") => 2,
+        _ => 0,
+    }
+}
+
+/// Whether `path` has a `.` or `..` segment once read as some servers do:
+/// `%2f`, `%5c` and `\` as `/`, and `;…` path parameters cut from each
+/// segment (Tomcat, Jetty, Spring): `/api/..;/admin` is `/admin` to them.
+/// [`normalized_path`] resolves the plain ones; these cannot be resolved
+/// one way for every workload.
+pub fn dot_segment_read_loosely(path: &str) -> bool {
+    // Most paths have none of the characters any of this needs: no copies.
+    if !path
+        .bytes()
+        .any(|b| matches!(b, b'%' | b'.' | b'\\' | b';'))
+    {
+        return false;
+    }
+    let decoded = path
+        .to_ascii_lowercase()
+        .replace("%2e", ".")
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    decoded
+        .split('/')
+        .map(|seg| seg.split(';').next().unwrap_or_default())
+        .any(|seg| seg == "." || seg == "..")
 }
 
 /// `PathPrefix` matches whole path elements: `/foo` matches `/foo` and
@@ -796,8 +823,21 @@ mod tests {
             ("/v1.2/%41", None),
             ("/", None),
             ("/a//b", None),
+            ("/pkg.Service/Method", None),
         ] {
             assert_eq!(normalized_path(path).as_deref(), want, "{path}");
+        }
+        for (path, loose) in [
+            ("/api/..;/admin", true),
+            ("/api/..%2fadmin", true),
+            ("/api/..%5Cadmin", true),
+            ("/api/..\\admin", true),
+            ("/api/.;x=1/admin", true),
+            ("/api/a;v=1/b", false),
+            ("/group%2Fproject", false),
+            ("/a.b/c", false),
+        ] {
+            assert_eq!(dot_segment_read_loosely(path), loose, "{path}");
         }
     }
 

@@ -61,9 +61,13 @@ impl CaClient {
         })
     }
 
-    /// The bundle in `bundle_file`, when it holds a root the client does not
-    /// trust yet (and is of the same trust domain); taken from now on.
-    fn reload_bundle_file(&self) -> bool {
+    /// After a TLS handshake with the CA failed: the roots of `bundle_file`
+    /// the client does not hold yet, added to those it holds, when the file
+    /// is of the same trust domain and still holds one of them (the mounted
+    /// bundle the CA publishes keeps the old root through a rotation; a file
+    /// that does not is no continuation of what this node trusts). Whether
+    /// any root was added.
+    fn add_roots_from_bundle_file(&self) -> bool {
         let Some(path) = &self.bundle_file else {
             return false;
         };
@@ -75,15 +79,25 @@ impl CaClient {
             return false;
         };
         let known = ours.fingerprints();
-        if file.fingerprints().iter().all(|f| known.contains(f)) {
+        let (held, new): (Vec<_>, Vec<_>) = file
+            .roots()
+            .zip(file.fingerprints())
+            .partition(|(_, f)| known.contains(f));
+        if held.is_empty() || new.is_empty() {
             return false;
         }
+        let mut roots: Vec<_> = ours.roots().cloned().collect();
+        roots.extend(new.into_iter().map(|(der, _)| der.clone()));
+        let Ok(merged) = TrustBundle::from_pem(ours.trust_domain(), &storage::certs_to_pem(&roots))
+        else {
+            return false;
+        };
         tracing::warn!(
             file = %path.display(),
-            "the CA service could not be verified with the roots held; trusting the mounted \
-             trust bundle, which has new ones (a root rotation this node missed)"
+            "the CA service could not be verified with the roots held; adding the new roots of \
+             the mounted trust bundle (a root rotation this node missed)"
         );
-        self.bundle.store(Arc::new(file));
+        self.bundle.store(Arc::new(merged));
         true
     }
 
@@ -121,15 +135,14 @@ impl CaClient {
             let bundle = self.bundle.load_full();
             let tls = https::client_config(bundle.roots())
                 .map_err(|reason| CaError::Config { reason })?;
-            https::send(tls, &self.endpoint, req, self.timeout)
-                .await
-                .map_err(|e: HttpsError| self.unavailable(e))
+            Ok::<_, CaError>(https::send(tls, &self.endpoint, req, self.timeout).await)
         };
-        let (status, body) = match send(request()?).await {
-            Err(CaError::Unavailable { .. }) if self.reload_bundle_file() => {
-                send(request()?).await?
+        let tls_failed = |e: &HttpsError| matches!(e, HttpsError::Failed { stage, .. } if *stage == "TLS handshake");
+        let (status, body) = match send(request()?).await? {
+            Err(e) if tls_failed(&e) && self.add_roots_from_bundle_file() => {
+                send(request()?).await?.map_err(|e| self.unavailable(e))?
             }
-            r => r?,
+            r => r.map_err(|e| self.unavailable(e))?,
         };
         if status == StatusCode::OK {
             return Ok(body);

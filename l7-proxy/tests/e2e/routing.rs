@@ -1374,8 +1374,8 @@ async fn mirrors_in_flight_are_bounded_and_the_primary_goes_on() {
     mesh.shutdown().await;
 }
 
-/// A server that answers at once and then sends a chunk every 100 ms, ten
-/// in all, whatever the request body does (a gRPC server stream).
+/// A server that answers at once and then sends a chunk every 50 ms,
+/// twenty in all, whatever the request body does (a gRPC server stream).
 async fn ticker(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
@@ -1384,10 +1384,10 @@ async fn ticker(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
                 let svc = hyper::service::service_fn(
                     |_req: http::Request<hyper::body::Incoming>| async move {
                         let ticks = futures_util::stream::unfold(0u8, |n| async move {
-                            if n == 10 {
+                            if n == 20 {
                                 return None;
                             }
-                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                             let f = hyper::body::Frame::data(bytes::Bytes::from(vec![b'a' + n]));
                             Some((Ok::<_, std::convert::Infallible>(f), n + 1))
                         });
@@ -1414,7 +1414,7 @@ async fn a_quiet_request_is_not_idle_while_its_response_streams() {
     let mesh = Mesh::with_settings(
         vec![web(), bot()],
         vec![cart(0), cart(1), cart(2), mirror_pod()],
-        &|s| s.request_body_idle_timeout_ms = 300,
+        &|s| s.request_body_idle_timeout_ms = 400,
     )
     .await;
     let probe = std::net::TcpListener::bind((cart(0).ip, 0)).unwrap();
@@ -1449,7 +1449,11 @@ async fn a_quiet_request_is_not_idle_while_its_response_streams() {
         .await
         .expect("the whole stream")
         .to_bytes();
-    assert_eq!(&got[..], b"abcdefghij", "a second of messages, none cut");
+    assert_eq!(
+        &got[..],
+        b"abcdefghijklmnopqrst",
+        "a second of messages, none cut"
+    );
     let _ = done_tx.send(());
     mesh.shutdown().await;
 }
@@ -1481,5 +1485,64 @@ async fn a_path_is_routed_as_its_dot_segments_resolve() {
         assert_eq!(r.echo()["path"], seen, "{path}");
     }
     assert_eq!(srv[0].hits() + srv[1].hits(), 4);
+    // Dot segments some servers resolve and others do not: refused.
+    for path in ["/api/..;/admin", "/api/..%2fadmin", "/api/..%5cadmin"] {
+        let r = c.get(path).await;
+        assert_eq!(r.status, 400, "{path}: {r:?}");
+        assert!(
+            r.headers["sluice-reason"]
+                .to_str()
+                .unwrap()
+                .contains("dot segment"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(srv[0].hits() + srv[1].hits(), 4);
+    mesh.shutdown().await;
+}
+
+/// An HTTP/1.0 request without Host: a redirect within the same scheme and
+/// port is a relative reference; one to another scheme names the Service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_host_is_redirected_without_an_empty_host() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mesh = Mesh::standard().await;
+    let prefix = |p: &str| {
+        vec![HttpRouteMatch {
+            path: Some(PathMatch::PathPrefix(p.into())),
+            ..Default::default()
+        }]
+    };
+    let mut same = rule(prefix("/old"), vec![]);
+    same.filters = vec![HttpFilter::RequestRedirect(RequestRedirect {
+        path: Some(PathModifier::ReplacePrefixMatch("/new".into())),
+        ..Default::default()
+    })];
+    let mut secure = rule(prefix("/login"), vec![]);
+    secure.filters = vec![HttpFilter::RequestRedirect(RequestRedirect {
+        scheme: Some("https".into()),
+        ..Default::default()
+    })];
+    let (_srv, _) = setup(&mesh, vec![route(vec![same, secure])]).await;
+    for (path, want) in [
+        ("/old/a", "location: /new/a\r\n"),
+        ("/login", "location: https://cart.shop/login\r\n"),
+    ] {
+        let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tcp.read_to_end(&mut buf),
+        )
+        .await
+        .expect("an answer")
+        .unwrap();
+        let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.0 302"), "{head}");
+        assert!(head.contains(want), "{path}: {head}");
+    }
     mesh.shutdown().await;
 }
