@@ -72,6 +72,10 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
             continue;
         }
         let missing = missing_targets(store, key, p);
+        let not_found = missing
+            .iter()
+            .filter(|m| m.ends_with("does not exist"))
+            .count();
         let conds = [if missing.is_empty() {
             Cond {
                 type_: "Accepted",
@@ -80,13 +84,18 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
                 message: "the policy is in force".into(),
             }
         } else if missing.len() == p.spec.target_refs.len() {
-            // GEP-713: a policy whose target does not exist is not accepted.
+            // GEP-713: a policy whose target does not exist is not accepted;
+            // nor one whose targets govern no pod port.
             Cond {
                 type_: "Accepted",
                 status: false,
-                reason: "TargetNotFound".into(),
+                reason: if not_found == missing.len() {
+                    "TargetNotFound".into()
+                } else {
+                    "NoPortsToGovern".into()
+                },
                 message: format!(
-                    "{}; the policy protects nothing until its target exists",
+                    "{}; the policy protects nothing until its target exists and has a TCP port",
                     missing.join("; ")
                 ),
             }
@@ -134,23 +143,28 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
 }
 
 /// `spec.targetRefs[i]: Service ns/name does not exist` for each target of
-/// `p` the store does not have: a typo there leaves the intended Service
-/// open to every caller, so it is said in status and as a config error.
+/// `p` the store does not have, and `... has no TCP port ...` for each that
+/// leads to no pod port the proxy polices (a headless Service without
+/// ports, UDP only, `ExternalName`): either leaves the intended pods open to
+/// every caller, so it is said in status and as a config error.
 pub fn missing_targets(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) -> Vec<String> {
     p.spec
         .target_refs
         .iter()
         .enumerate()
-        .filter(|(_, t)| {
-            !store
-                .services
-                .contains_key(&Key::new(&key.namespace, &t.name))
-        })
-        .map(|(i, t)| {
-            format!(
-                "spec.targetRefs[{i}]: Service {}/{} does not exist",
-                key.namespace, t.name
-            )
+        .filter_map(|(i, t)| {
+            let at = format!("spec.targetRefs[{i}]: Service {}/{}", key.namespace, t.name);
+            let spec = match store.services.get(&Key::new(&key.namespace, &t.name)) {
+                None => return Some(format!("{at} does not exist")),
+                Some(svc) => svc.spec.as_ref(),
+            };
+            let external = spec.is_some_and(|s| s.type_.as_deref() == Some("ExternalName"));
+            let tcp = spec.and_then(|s| s.ports.as_ref()).is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            });
+            (external || !tcp)
+                .then(|| format!("{at} has no TCP port to govern (or is ExternalName)"))
         })
         .collect()
 }
@@ -219,6 +233,48 @@ mod tests {
             "127.96.0.5",
             &[80],
         ))));
+        let w = policy_status_writes(&s);
+        assert_eq!(w[0].status["conditions"][0]["status"], "True");
+    }
+
+    #[test]
+    fn a_policy_whose_target_has_no_tcp_port_is_not_accepted() {
+        let mut s = Store::new();
+        let spec: AccessPolicySpec = serde_json::from_value(serde_json::json!({
+            "targetRefs": [{"kind": "Service", "name": "db"}],
+            "rules": [{"from": [{"namespace": "shop"}]}]
+        }))
+        .unwrap();
+        let mut p = AccessPolicy::new("p", spec);
+        p.metadata.namespace = Some("shop".into());
+        s.apply(Update::Upsert(Object::AccessPolicy(p)));
+        // A headless Service without ports (a StatefulSet's, say).
+        let mut db = crate::testing::service("shop", "db", "None", &[]);
+        db.spec.as_mut().unwrap().ports = None;
+        s.apply(Update::Upsert(Object::Service(db.clone())));
+        let w = policy_status_writes(&s);
+        let c = &w[0].status["conditions"][0];
+        assert_eq!(c["status"], "False", "{c}");
+        assert_eq!(c["reason"], "NoPortsToGovern");
+        assert!(
+            c["message"].as_str().unwrap().contains("has no TCP port"),
+            "{c}"
+        );
+        // UDP only: the same.
+        db.spec.as_mut().unwrap().ports = Some(vec![k8s_openapi::api::core::v1::ServicePort {
+            port: 53,
+            protocol: Some("UDP".into()),
+            ..Default::default()
+        }]);
+        s.apply(Update::Upsert(Object::Service(db.clone())));
+        let w = policy_status_writes(&s);
+        assert_eq!(w[0].status["conditions"][0]["reason"], "NoPortsToGovern");
+        // A TCP port: accepted.
+        db.spec.as_mut().unwrap().ports = Some(vec![k8s_openapi::api::core::v1::ServicePort {
+            port: 5432,
+            ..Default::default()
+        }]);
+        s.apply(Update::Upsert(Object::Service(db)));
         let w = policy_status_writes(&s);
         assert_eq!(w[0].status["conditions"][0]["status"], "True");
     }
