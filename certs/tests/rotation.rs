@@ -548,3 +548,72 @@ async fn a_renewal_signed_by_the_old_root_during_activation_is_reissued_soon() {
         next - now
     );
 }
+
+/// A CA that, once armed, never answers for one identity.
+#[derive(Debug)]
+struct HangsFor {
+    ca: Arc<Ca>,
+    hung: certs::SpiffeId,
+    armed: AtomicBool,
+    hanging: tokio::sync::Notify,
+}
+
+impl CertificateAuthority for HangsFor {
+    fn sign(&self, request: SignRequest) -> BoxFuture<'_, Result<Issued, CaError>> {
+        Box::pin(async move {
+            if self.armed.load(Ordering::SeqCst) && request.identity == self.hung {
+                self.hanging.notify_one();
+                std::future::pending::<()>().await;
+            }
+            self.ca.sign(request).await
+        })
+    }
+    fn trust_bundle(&self) -> BoxFuture<'_, Result<TrustBundle, CaError>> {
+        self.ca.trust_bundle()
+    }
+}
+
+/// A renewal round its caller gives up on (one identity's request hangs)
+/// keeps the certificates it already obtained: they are in force, and the
+/// one left is tried again in the next round.
+#[tokio::test]
+async fn a_round_given_up_keeps_what_it_obtained() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let (cart, pay) = (id("shop", "cart"), id("bank", "payments"));
+    let hangs = Arc::new(HangsFor {
+        ca: ca.clone(),
+        hung: pay.clone(),
+        armed: AtomicBool::new(false),
+        hanging: tokio::sync::Notify::new(),
+    });
+    let m = IdentityManager::new(hangs.clone(), ca.bundle(), shared(&clock), fast_opts());
+    m.set_identities([cart.clone(), pay.clone()]).await.unwrap();
+    let before = serial(&m, &cart);
+    // Both due; payments' request never returns.
+    hangs.armed.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(13 * 3600));
+    let round = tokio::spawn({
+        let m = m.clone();
+        async move { m.rotate_due().await }
+    });
+    hangs.hanging.notified().await;
+    // cart's answer comes back while payments' hangs; then the round is
+    // given up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while serial(&m, &cart) == before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    round.abort();
+    let _ = round.await;
+    assert_ne!(
+        serial(&m, &cart),
+        before,
+        "cart's new certificate was dropped"
+    );
+    // And payments is tried again in the next round.
+    hangs.armed.store(false, Ordering::SeqCst);
+    let pay_before = serial(&m, &pay);
+    assert_eq!(m.rotate_due().await.issued, vec![pay.clone()]);
+    assert_ne!(serial(&m, &pay), pay_before);
+}

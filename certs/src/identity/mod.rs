@@ -413,7 +413,6 @@ impl IdentityManager {
             ids: due.iter().cloned().collect(),
         };
         let mut report = RotationReport::default();
-        let mut ready = Vec::new();
         let mut tasks = JoinSet::new();
         let mut queue = due.into_iter();
         loop {
@@ -457,7 +456,19 @@ impl IdentityManager {
                     }
                     tracing::info!(identity = %id, serial = %cert.info.serial, not_after = %cert.info.not_after, "certificate issued");
                     report.issued.push(id.clone());
-                    ready.push((id, Arc::new(cert)));
+                    // In force at once: a round cut short (its caller gave
+                    // up on it) keeps what it already obtained, whose slot
+                    // now waits for the next renewal time.
+                    let cert = Arc::new(cert);
+                    self.inner.live.rcu(|cur| {
+                        let mut next = LiveSet {
+                            by_id: cur.by_id.clone(),
+                            by_sni: cur.by_sni.clone(),
+                        };
+                        next.by_sni.insert(id.sni(), id.clone());
+                        next.by_id.insert(id.clone(), cert.clone());
+                        next
+                    });
                 }
                 Err(e) => {
                     slot.failures += 1;
@@ -487,22 +498,6 @@ impl IdentityManager {
                     report.failed.push((id, e));
                 }
             }
-        }
-        if !ready.is_empty() {
-            // Only identities still wanted (a removal may have raced).
-            let slots = self.slots();
-            ready.retain(|(id, _)| slots.contains_key(id));
-            self.inner.live.rcu(|cur| {
-                let mut next = LiveSet {
-                    by_id: cur.by_id.clone(),
-                    by_sni: cur.by_sni.clone(),
-                };
-                for (id, cert) in &ready {
-                    next.by_sni.insert(id.sni(), id.clone());
-                    next.by_id.insert(id.clone(), cert.clone());
-                }
-                next
-            });
         }
         report
     }
