@@ -142,14 +142,20 @@ pub fn rewrite(u: &UrlRewrite, parts: &mut Parts, matched_prefix: Option<&str>) 
     }
     if let Some(m) = &u.path {
         let path = modified_path(m, parts.uri.path(), matched_prefix);
-        let pq = match parts.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-        let mut up = std::mem::take(&mut parts.uri).into_parts();
-        up.path_and_query = pq.parse().ok();
-        parts.uri = Uri::from_parts(up).unwrap_or_default();
+        parts.uri = with_path(&parts.uri, &path).unwrap_or_default();
     }
+}
+
+/// `uri` with its path replaced by `path` (the query kept); `None` when
+/// that is no valid URI.
+pub fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut up = uri.clone().into_parts();
+    up.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(up).ok()
 }
 
 #[cfg(test)]

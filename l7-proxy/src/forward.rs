@@ -84,18 +84,10 @@ pub(crate) async fn handle(
     remove_mesh_headers(&mut parts.headers);
     // Routed, rewritten and sent as the workload will read it: a path that
     // spells a prefix (`/api/../admin`) must not be routed under it.
-    if let Some(path) = crate::router::normalized_path(parts.uri.path()) {
-        let pq = match parts.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-        if let Ok(pq) = pq.parse() {
-            let mut up = parts.uri.clone().into_parts();
-            up.path_and_query = Some(pq);
-            if let Ok(uri) = Uri::from_parts(up) {
-                parts.uri = uri;
-            }
-        }
+    if let Some(uri) = crate::router::normalized_path(parts.uri.path())
+        .and_then(|path| filters::with_path(&parts.uri, &path))
+    {
+        parts.uri = uri;
     }
     let log = crate::accesslog::enabled();
     let grpc = crate::body::is_grpc(&parts.headers);

@@ -350,24 +350,28 @@ fn keep_trailer_fields(h: &mut HeaderMap) {
     crate::body::remove_mesh_headers(h);
 }
 
-/// The length every `Content-Length` value of `h` gives, when they all
-/// give one and the same.
-fn one_length(h: &HeaderMap) -> Option<u64> {
-    let mut one = None;
+/// The length every `Content-Length` value of `h` gives (`5, 5` and
+/// repeated fields are valid), `None` without one; the error names what is
+/// wrong.
+fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut length = None;
     for v in h.get_all(header::CONTENT_LENGTH) {
         for part in v.as_bytes().split(|&b| b == b',') {
             let part = part.trim_ascii();
             if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
-                return None;
+                return Err("content-length");
             }
-            let n: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
-            if one.is_some_and(|o| o != n) {
-                return None;
+            let n: u64 = std::str::from_utf8(part)
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .ok_or("content-length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting content-length values");
             }
-            one = Some(n);
+            length = Some(n);
         }
     }
-    one
+    Ok(length)
 }
 
 fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -679,7 +683,10 @@ impl Decoder {
                 // still crosses HTTP/2, which refuses a list, a bad value,
                 // and one on a 204 (RFC 9110 8.6).
                 Mode::Empty { .. } if headers.contains_key(header::CONTENT_LENGTH) => {
-                    let one = one_length(&headers).filter(|_| status != StatusCode::NO_CONTENT);
+                    let one = content_length(&headers)
+                        .ok()
+                        .flatten()
+                        .filter(|_| status != StatusCode::NO_CONTENT);
                     headers.remove(header::CONTENT_LENGTH);
                     if let Some(n) = one {
                         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
@@ -739,25 +746,7 @@ impl Decoder {
                 reuse,
             });
         }
-        let mut length = None;
-        for v in h.get_all(header::CONTENT_LENGTH) {
-            for part in v
-                .to_str()
-                .map_err(|_| Error::Invalid("content-length"))?
-                .split(',')
-            {
-                let part = part.trim();
-                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(Error::Invalid("content-length"));
-                }
-                let n: u64 = part.parse().map_err(|_| Error::Invalid("content-length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(Error::Invalid("conflicting content-length values"));
-                }
-                length = Some(n);
-            }
-        }
-        Ok(match length {
+        Ok(match content_length(h).map_err(Error::Invalid)? {
             Some(n) => Mode::Length { left: n, reuse },
             None => Mode::Eof,
         })

@@ -543,7 +543,7 @@ async fn handle_connect(
             return;
         }
     };
-    let upstream = match connected {
+    let mut upstream = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let reason = format!("connecting to {target}: {e}");
@@ -559,7 +559,6 @@ async fn handle_connect(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let mut upstream = upstream;
     let Some((mut stream, row)) = open_stream(
         &shared,
         &tp,
@@ -756,11 +755,7 @@ async fn upgrade_request(
     let (resp, reason) = match result {
         Ok(r) => (r, None),
         Err((status, reason)) => {
-            let mut resp = proxy_response(status, &reason);
-            if unreachable {
-                resp.headers_mut()
-                    .insert(UNREACHABLE, HeaderValue::from_static("1"));
-            }
+            let resp = marked_unreachable(proxy_response(status, &reason), unreachable);
             (resp, Some(reason))
         }
     };
@@ -774,6 +769,17 @@ async fn upgrade_request(
         ..stream_record(tp, target, workload, "http-upgrade")
     }
     .emit();
+    resp
+}
+
+/// The proxy's own answer, marked [`UNREACHABLE`] when nothing of the
+/// request reached the workload (the caller's proxy may then retry it
+/// elsewhere).
+fn marked_unreachable(mut resp: Response<Body>, unreachable: bool) -> Response<Body> {
+    if unreachable {
+        resp.headers_mut()
+            .insert(UNREACHABLE, HeaderValue::from_static("1"));
+    }
     resp
 }
 
@@ -901,12 +907,10 @@ async fn handle_http(
                 deny(&shared, &tp, workload.as_deref(), "http", &reason);
             }
             // Counted and logged as the HTTP status the proxy chose.
-            let mut resp =
-                crate::body::answer_for(&method, crate::body::proxy_answer(status, &reason, grpc));
-            if unreachable {
-                resp.headers_mut()
-                    .insert(UNREACHABLE, http::HeaderValue::from_static("1"));
-            }
+            let resp = marked_unreachable(
+                crate::body::answer_for(&method, crate::body::proxy_answer(status, &reason, grpc)),
+                unreachable,
+            );
             (resp, Some(reason), status.as_u16())
         }
     };

@@ -536,12 +536,10 @@ fn dot_segment(seg: &str) -> usize {
 /// [`normalized_path`] resolves the plain ones; these cannot be resolved
 /// one way for every workload.
 pub fn dot_segment_read_loosely(path: &str) -> bool {
-    // Most paths have none of the characters any of this needs: no copies.
-    if !path
-        .bytes()
-        .any(|b| matches!(b, b'%' | b'.' | b'\\' | b';'))
-    {
-        return false;
+    // Most paths have none of the characters a looser reading needs (gRPC
+    // paths all hold dots): read as they are, with no copies.
+    if !path.bytes().any(|b| matches!(b, b'%' | b'\\' | b';')) {
+        return path.split('/').any(|seg| seg == "." || seg == "..");
     }
     let decoded = path
         .to_ascii_lowercase()

@@ -1283,15 +1283,17 @@ async fn a_workload_refusing_behind_its_node_proxy_is_retried_elsewhere_and_avoi
     })
     .await;
     let mut c = client(&mesh).await;
+    // POSTs without a body: one with a body is retried only once the
+    // caller's body is all in, which may come after the peer's quick 503
+    // (a known limit, see the README's retries), and the test would race.
     for i in 0..12 {
-        let body = format!("order {i}");
         let r = c
-            .send(request("POST", "/orders", &[], &body))
+            .send(request("POST", &format!("/orders/{i}"), &[], ""))
             .await
             .unwrap();
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.server(), "cart-1");
-        assert_eq!(r.echo()["body"], body.as_str());
+        assert_eq!(r.echo()["path"], format!("/orders/{i}"));
         assert!(!r.headers.contains_key("sluice-unreachable"), "{r:?}");
     }
     assert_eq!(srv[1].hits(), 12);
