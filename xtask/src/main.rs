@@ -228,6 +228,7 @@ fn apt_install(wanted: &[(&str, &str)]) -> Result<()> {
 
 fn test(extra: &[String]) -> Result<()> {
     setup()?;
+    warn_if_disk_short(TEST_BUILD_GB, "the test build");
     if !is_root() {
         eprintln!(
             "xtask test: not running as root; the privileged tests (cgroups, bpf, network \
@@ -259,6 +260,49 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// What a build from scratch writes under target/, in GB: the test build
+/// (every test binary, clippy's metadata, the kernel lint and incremental
+/// state) measured at 5.1 GB with the dev profile's trimmed debug info (11 GB
+/// with full debug info); the demo's and the benchmarks' builds are smaller.
+const TEST_BUILD_GB: u64 = 6;
+const DEMO_BUILD_GB: u64 = 3;
+const BENCH_BUILD_GB: u64 = 3;
+
+/// Says so before a build starts when the target directory's filesystem has
+/// less room than `need_gb`: a full disk otherwise shows up as a linker
+/// crash ("Bus error", "IO failure on output stream") deep in the build.
+/// A warning, not a refusal: an incremental build needs far less.
+fn warn_if_disk_short(need_gb: u64, what: &str) {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    // The target directory may not exist yet: its nearest existing parent.
+    let dir = target
+        .ancestors()
+        .find(|d| d.exists())
+        .unwrap_or(Path::new("/"));
+    let Some(free_kb) =
+        output(Command::new("df").args(["-Pk"]).arg(dir)).and_then(|out| df_available_kb(&out))
+    else {
+        return;
+    };
+    let free_gb = free_kb / (1024 * 1024);
+    if free_gb < need_gb {
+        eprintln!(
+            "xtask: warning: {free_gb} GB free on the filesystem of {}; {what} from scratch \
+             writes about {need_gb} GB there. If it fails with \"No space left on device\" \
+             or a linker crash, free space (`cargo clean`) or point CARGO_TARGET_DIR at a \
+             larger disk.",
+            dir.display()
+        );
+    }
+}
+
+/// The "Available" column (KB) of `df -Pk`'s one data line.
+fn df_available_kb(out: &str) -> Option<u64> {
+    out.lines().nth(1)?.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// Lints the kernel crate for its real target (on the host it is empty).
 fn lint_kernel() -> Result<()> {
     let mut cmd = Command::new("rustup");
@@ -287,6 +331,7 @@ fn lint_kernel() -> Result<()> {
 
 fn demo() -> Result<()> {
     setup()?;
+    warn_if_disk_short(DEMO_BUILD_GB, "the demo's build");
     if !is_root() {
         bail!(
             "the demo needs root (network namespaces, cgroups, eBPF): run `sudo -E cargo xtask demo`"
@@ -306,6 +351,7 @@ fn demo() -> Result<()> {
 
 fn bench(args: &[String]) -> Result<()> {
     setup()?;
+    warn_if_disk_short(BENCH_BUILD_GB, "the benchmarks' build");
     // The peers and load tools the benchmarks compare against.
     apt_install(&[("iptables-restore", "iptables")])?;
     run(cargo()
@@ -320,4 +366,18 @@ fn bench(args: &[String]) -> Result<()> {
             "--",
         ])
         .args(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::df_available_kb;
+
+    #[test]
+    fn reads_the_available_column_of_df() {
+        let out = "Filesystem     1024-blocks     Used Available Capacity Mounted on\n\
+                   /dev/vda         264101888 22020096  72351744      24% /\n";
+        assert_eq!(df_available_kb(out), Some(72_351_744));
+        assert_eq!(df_available_kb("Filesystem 1024-blocks\n"), None);
+        assert_eq!(df_available_kb(""), None);
+    }
 }
