@@ -494,3 +494,56 @@ fn agents_starting_together_on_an_empty_directory_share_one_root() {
     assert_eq!(again.bundle().active_root(), roots[0]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_generated_intermediate_is_renewed_before_it_cuts_leaves_short() {
+    let clock = clock();
+    let day = Duration::from_secs(24 * 3600);
+    let ca = Ca::generate(
+        CaOptions {
+            intermediate: true,
+            intermediate_lifetime: 9 * day,
+            ..CaOptions::default()
+        },
+        shared(&clock),
+    )
+    .unwrap();
+    let wid = id("shop", "cart");
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let issue = || {
+        let issued = ca
+            .sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+            .unwrap();
+        // Whatever signed it, the leaf chains to the same root now.
+        verify::verify_chain(
+            &issued.trust_bundle,
+            &issued.chain[0],
+            &issued.chain[1..],
+            clock_now(&clock),
+            verify::Usage::Client,
+        )
+        .unwrap();
+        let leaf = CertInfo::parse(&issued.chain[0]).unwrap();
+        let int = CertInfo::parse(&issued.chain[1]).unwrap();
+        (leaf, int)
+    };
+    let (_, first) = issue();
+    // Early in its life the intermediate is kept: not one per issuance.
+    clock.advance(day);
+    let (_, same) = issue();
+    assert_eq!(same.fingerprint, first.fingerprint);
+    // With less than a third of its 9 days left, a new one signs, and the
+    // leaf gets its full 24 h (it would end with the old intermediate, in
+    // 12 h).
+    clock.advance(day * 15 / 2);
+    let issued_at = OffsetDateTime::from(clock_now(&clock));
+    let (leaf, renewed) = issue();
+    assert_ne!(renewed.fingerprint, first.fingerprint);
+    assert!(renewed.not_after > first.not_after);
+    let life = leaf.not_after - issued_at;
+    assert!(
+        (life - ::time::Duration::hours(24)).abs() <= ::time::Duration::seconds(1),
+        "leaf life {life}"
+    );
+    assert_eq!(ca.status().signer, renewed.subject);
+}

@@ -128,6 +128,10 @@ struct Signer {
     /// Certificates between the leaf and the root (the intermediate, if any).
     chain: Vec<CertificateDer<'static>>,
     not_after: OffsetDateTime,
+    /// The root's key when the CA made the intermediate itself, to make the
+    /// next one before this one runs out (an intermediate loaded from PEM is
+    /// renewed by whoever made it).
+    renew_with: Option<PrivateKeyPem>,
 }
 
 struct CaState {
@@ -415,8 +419,10 @@ impl Ca {
                 issuer: root_issuer,
                 chain: Vec::new(),
                 not_after: root.info.not_after,
+                renew_with: None,
             });
         }
+        let root_key = PrivateKeyPem::new(root_issuer.key().serialize_pem());
         let now = to_offset(clock.now());
         let na = (now + opts.intermediate_lifetime).min(root.info.not_after);
         let key = new_key()?;
@@ -437,6 +443,7 @@ impl Ca {
             chain: vec![cert.der().clone()],
             issuer: Issuer::new(params, key),
             not_after: na,
+            renew_with: Some(root_key),
         })
     }
 
@@ -476,6 +483,7 @@ impl Ca {
                     issuer,
                     chain,
                     not_after: int_info.not_after,
+                    renew_with: None,
                 }
             }
             (None, Some(key_pem)) => {
@@ -663,6 +671,7 @@ impl Ca {
 
         let now = to_offset(self.clock.now());
         let mut st = self.lock();
+        self.renew_intermediate_if_due(&mut st, now);
         let mut p = CertificateParams::default();
         // Empty subject: the identity is the URI SAN (rcgen marks it critical).
         p.distinguished_name = DistinguishedName::new();
@@ -730,7 +739,8 @@ impl Ca {
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
         let key = new_key()?;
         let now = to_offset(self.clock.now());
-        let st = self.lock();
+        let mut st = self.lock();
+        self.renew_intermediate_if_due(&mut st, now);
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(
@@ -761,6 +771,44 @@ impl Ca {
         let mut chain = vec![cert.der().clone()];
         chain.extend(st.signer.chain.iter().cloned());
         Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into()))
+    }
+
+    /// Makes a new intermediate under the active root once the one signing
+    /// has less than a third of its lifetime (or two workload certificate
+    /// lifetimes) left: leaves are cut to the signer's expiry, so without
+    /// this a CA that runs for longer than `intermediate_lifetime` first
+    /// issues shorter and shorter certificates, then none. Skipped when the
+    /// root's own expiry would cap the new one as short (rotate the root
+    /// then); a failure keeps the current intermediate and is logged.
+    fn renew_intermediate_if_due(&self, st: &mut CaState, now: OffsetDateTime) {
+        let Some(root_key) = &st.signer.renew_with else {
+            return;
+        };
+        let lifetime = self.opts.intermediate_lifetime;
+        let due_within = (lifetime / 3).max(self.opts.leaf_lifetime * 2);
+        let root = &st.roots[0];
+        let fresh_until = (now + lifetime).min(root.info.not_after);
+        if st.signer.not_after - now >= due_within
+            || fresh_until <= st.signer.not_after + Duration::from_secs(60)
+        {
+            return;
+        }
+        let renewed = load_key("root key", root_key)
+            .and_then(|key| Self::signer_for(&self.opts, &self.clock, root, key));
+        match renewed {
+            Ok(signer) => {
+                tracing::info!(
+                    old_expiry = %st.signer.not_after,
+                    new_expiry = %signer.not_after,
+                    "intermediate CA renewed under the active root"
+                );
+                st.signer = signer;
+            }
+            Err(e) => tracing::warn!(
+                expiry = %st.signer.not_after,
+                "could not renew the intermediate CA, still signing with the current one: {e}"
+            ),
+        }
     }
 
     fn persist_bundle(&self, st: &CaState) -> Result<(), CaError> {
