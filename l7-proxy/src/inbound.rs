@@ -589,7 +589,7 @@ async fn handle_connect(
         // Not a clean end: neither side may take it for one (a reset
         // rather than a FIN to the workload: its upload was cut).
         stream.cancel();
-        let _ = upstream.set_zero_linger();
+        crate::abort::reset_once_sent(&upstream, crate::abort::DRAIN_LIMIT).await;
     }
     drop(upstream);
     let reason = result.err().map(|e| e.to_string());

@@ -6,8 +6,10 @@
 //! - [`inbound`]: the tunnel listener (15008): identity, policy, delivery.
 //! - [`config`]: settings and the snapshot contract with the agent;
 //!   [`proxy`]: the handle the agent embeds.
-#![forbid(unsafe_code)]
+// One `ioctl` in `abort` (reading a socket's send queue) is allowed there.
+#![deny(unsafe_code)]
 
+mod abort;
 pub mod accesslog;
 pub mod balance;
 pub mod batch;

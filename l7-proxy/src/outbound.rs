@@ -246,16 +246,14 @@ where
     conn.await
 }
 
-async fn serve_tcp<I>(
+async fn serve_tcp(
     shared: Arc<Shared>,
-    io: I,
+    mut io: Rewind<tokio::net::TcpStream>,
     source: Arc<crate::config::LocalWorkload>,
     peer: SocketAddr,
     dst: SocketAddr,
     dest: Destination,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let start = Instant::now();
     let (upstream, destination, pick) = match &dest {
         Destination::Service(d) => {
@@ -331,7 +329,7 @@ async fn serve_tcp<I>(
             match shared.pool.connect(&key, upstream.addr).await {
                 Ok((stream, tls)) => {
                     row.update(|m| m.tls = Some(crate::conntable::TlsInfo::clone(&tls)));
-                    relay(io, stream, idle, on_sent, on_received)
+                    relay(&mut io, stream, idle, on_sent, on_received)
                         .await
                         .map(|_| ())
                 }
@@ -355,9 +353,16 @@ async fn serve_tcp<I>(
         )
         .await
         {
-            Ok(Ok(up)) => {
+            Ok(Ok(mut up)) => {
                 let _ = up.set_nodelay(true);
-                relay(io, up, idle, on_sent, on_received).await.map(|_| ())
+                let r = relay(&mut io, &mut up, idle, on_sent, on_received)
+                    .await
+                    .map(|_| ());
+                if r.as_ref().is_err_and(broke_off) {
+                    // The caller's reset reaches the destination as one.
+                    crate::abort::reset_once_sent(&up, crate::abort::DRAIN_LIMIT).await;
+                }
+                r
             }
             Ok(Err(e)) => {
                 if let Some(p) = &pick {
@@ -369,13 +374,19 @@ async fn serve_tcp<I>(
                 if let Some(p) = &pick {
                     p.unreachable();
                 }
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                ))
+                // Not `TimedOut`: that is the relay going idle, a plain
+                // close; a connection that never opened is reset.
+                Err(std::io::Error::other("connect timed out"))
             }
         },
     };
+    // A relay that broke off (the workload reset, its node proxy cancelled
+    // the stream) ends the caller's connection with a reset too, once the
+    // caller has what came before it: a FIN would pass a cut answer for a
+    // whole one.
+    if result.as_ref().is_err_and(broke_off) {
+        crate::abort::reset_once_sent(io.inner(), crate::abort::DRAIN_LIMIT).await;
+    }
     let reason = result.as_ref().err().map(|e| e.to_string());
     if let Some(r) = &reason {
         tracing::debug!(%peer, to = %upstream.addr, "outbound TCP connection ended: {r}");
@@ -392,6 +403,13 @@ async fn serve_tcp<I>(
         row.received(),
         reason.as_deref(),
     );
+}
+
+/// Whether a relay that failed with `e` broke off (a side reset, a stream
+/// cancelled, a write refused, no connection at all) rather than went idle
+/// for too long.
+fn broke_off(e: &std::io::Error) -> bool {
+    e.kind() != std::io::ErrorKind::TimedOut
 }
 
 #[allow(clippy::too_many_arguments)]

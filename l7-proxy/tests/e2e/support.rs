@@ -340,7 +340,21 @@ impl Mesh {
 
     /// A connection from pod `from` to `to`, captured by node A's proxy.
     pub async fn connect(&self, from: IpAddr, to: SocketAddr) -> TcpStream {
+        self.connect_with_recv_buffer(from, to, None).await
+    }
+
+    /// As [`Mesh::connect`], with `SO_RCVBUF` set before the handshake (a
+    /// caller that can take only a few KB until it reads).
+    pub async fn connect_with_recv_buffer(
+        &self,
+        from: IpAddr,
+        to: SocketAddr,
+        recv_buffer: Option<u32>,
+    ) -> TcpStream {
         let sock = TcpSocket::new_v4().unwrap();
+        if let Some(b) = recv_buffer {
+            sock.set_recv_buffer_size(b).unwrap();
+        }
         sock.bind(SocketAddr::new(from, 0)).unwrap();
         let local = sock.local_addr().unwrap();
         self.odst.insert(local, to);

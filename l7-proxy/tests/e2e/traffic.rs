@@ -752,6 +752,113 @@ async fn a_callers_reset_reaches_the_workload_as_a_reset_and_a_close_as_a_close(
     mesh.shutdown().await;
 }
 
+/// Outside the mesh too (a direct connection, no tunnel): a caller's reset
+/// reaches the destination as a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_reset_reaches_a_destination_outside_the_mesh_as_a_reset() {
+    let mesh = Mesh::standard().await;
+    // Not in the snapshot: a destination outside the mesh.
+    let listener = std::sync::Arc::new(
+        tokio::net::TcpListener::bind(SocketAddr::new(pod_b(99), 0))
+            .await
+            .unwrap(),
+    );
+    let outside = listener.local_addr().unwrap();
+    mesh.publish(&Snapshot::default()).await;
+    let workload = tokio::spawn(one_upload(listener.clone()));
+    let mut t = mesh.connect(web().ip, outside).await;
+    t.write_all(b"part one of the upload").await.unwrap();
+    let got_first = || {
+        let rows = mesh.a.proxy().connections();
+        rows.iter()
+            .any(|r| r.kind == ConnKind::OutboundTcp && r.bytes_sent >= 22)
+    };
+    eventually("the first part relayed", got_first).await;
+    t.set_zero_linger().unwrap();
+    drop(t);
+    let (got, end) = tokio::time::timeout(std::time::Duration::from_secs(10), workload)
+        .await
+        .expect("the destination's connection ends")
+        .unwrap();
+    assert_eq!(got, b"part one of the upload");
+    match end {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(()) => panic!("the destination saw a clean end"),
+    }
+    mesh.shutdown().await;
+}
+
+/// A workload that resets its connection after an answer: the caller gets
+/// the whole answer, then a reset, not an end of stream that would pass a
+/// cut exchange for a whole one; a workload that closes gives a clean end.
+/// The caller reads late, through a small receive buffer: most of the answer
+/// still waits in node A's send queue when the reset comes, and must not be
+/// thrown away with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workloads_reset_reaches_the_caller_after_the_answer_and_a_close_as_a_close() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    const ANSWER: usize = 256 * 1024;
+    let mesh = Mesh::standard().await;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut svc = mesh.service("answers", 1, port, &[cart(0)]);
+    svc.ports[0].port = 7000;
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let answer: Vec<u8> = (0..ANSWER).map(|i| (i % 251) as u8).collect();
+    for reset in [true, false] {
+        let mut t = mesh
+            .connect_with_recv_buffer(web().ip, SocketAddr::new(vip(1), 7000), Some(4096))
+            .await;
+        t.write_all(b"give me the answer\n").await.unwrap();
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("the connection reaches the workload")
+            .unwrap();
+        let mut ask = [0u8; 19];
+        s.read_exact(&mut ask).await.unwrap();
+        s.write_all(&answer).await.unwrap();
+        // Out of the workload's own send queue before it ends, so that only
+        // the proxies hold what the caller has not read.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if reset {
+            s.set_zero_linger().unwrap();
+        } else {
+            s.shutdown().await.unwrap();
+        }
+        drop(s);
+        // The end reaches node A before the caller starts reading.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        let end = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match t.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .expect("the caller's connection ends");
+        assert_eq!(got.len(), ANSWER, "reset {reset}: bytes of the answer");
+        assert!(got == answer, "reset {reset}: the answer arrived altered");
+        match (reset, end) {
+            (true, Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            (false, Ok(())) => {}
+            (reset, end) => panic!("reset {reset}: the caller saw {end:?}"),
+        }
+    }
+    mesh.shutdown().await;
+}
+
 /// A connection whose first request has a method outside the usual ones
 /// (WebDAV's PROPFIND) is HTTP, not opaque TCP: it crosses the tunnel as
 /// requests, each routed and counted.
