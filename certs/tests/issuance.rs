@@ -546,4 +546,18 @@ fn a_generated_intermediate_is_renewed_before_it_cuts_leaves_short() {
         "leaf life {life}"
     );
     assert_eq!(ca.status().signer, renewed.subject);
+    // One that would have to be replaced at nearly every issuance is refused.
+    let short = Ca::generate(
+        CaOptions {
+            intermediate: true,
+            intermediate_lifetime: 2 * day,
+            ..CaOptions::default()
+        },
+        shared(&clock),
+    );
+    assert!(
+        matches!(&short, Err(CaError::Config { reason }) if reason.contains("intermediate lifetime")),
+        "{:?}",
+        short.err()
+    );
 }

@@ -12,16 +12,24 @@
 //! The one `unsafe` of this crate is the `ioctl` that reads the queue.
 #![allow(unsafe_code)]
 
-use std::{os::fd::AsRawFd, time::Duration};
+use std::{any::Any, io, os::fd::AsRawFd, time::Duration};
 
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use crate::{h2stream::StreamIo, io::Rewind};
 
 /// How long a reset waits for a peer to take what was written before it.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Bytes written to `sock` and not yet acknowledged by its peer (`SIOCOUTQ`),
-/// or `None` when the kernel cannot tell (the socket is already gone).
+/// or `None` when nothing more will be: the connection is already reset or
+/// closed (the kernel's count then stays where the reset left it).
 pub fn unacknowledged(sock: &TcpStream) -> Option<usize> {
+    if sock.peer_addr().is_err() || !matches!(sock.take_error(), Ok(None)) {
+        return None;
+    }
     let mut queued: libc::c_int = 0;
     // SAFETY: `sock` owns an open socket descriptor for the duration of the
     // call, and TIOCOUTQ (SIOCOUTQ for sockets) writes one `int` to the
@@ -41,4 +49,48 @@ pub async fn reset_once_sent(sock: &TcpStream, limit: Duration) {
         pause = (pause * 2).min(Duration::from_millis(50));
     }
     let _ = sock.set_zero_linger();
+}
+
+/// Whether a relay that failed with `e` broke off (a side reset, a stream
+/// cancelled, a write refused, no connection at all) rather than went idle
+/// for too long: the sides still open then get a reset, not a clean end.
+pub fn broke_off(e: &io::Error) -> bool {
+    !crate::io::went_idle(e)
+}
+
+/// A connection of an HTTP/1.1 upgrade (see [`crate::upgrade`]) made of
+/// whatever the proxy gave hyper: the caller's TCP connection (outbound),
+/// the workload's (inbound), a tunnel stream, or a direct connection.
+pub(crate) trait UpgradeIo:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + Any
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + Any> UpgradeIo for T {}
+
+/// Ends one side of an upgraded connection whose relay broke off: a TCP
+/// connection with a reset once its peer has what came before, a tunnel
+/// stream with `RST_STREAM(CANCEL)` (dropped, it would end cleanly on the
+/// inbound side).
+pub(crate) async fn abort_upgraded(u: Upgraded) {
+    let u = match u.downcast::<TokioIo<Rewind<TcpStream>>>() {
+        Ok(p) => return reset_once_sent(p.io.inner().inner(), DRAIN_LIMIT).await,
+        Err(u) => u,
+    };
+    let u = match u.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => return reset_once_sent(p.io.inner(), DRAIN_LIMIT).await,
+        Err(u) => u,
+    };
+    let u = match u.downcast::<TokioIo<StreamIo>>() {
+        Ok(mut p) => return p.io.inner_mut().abort(),
+        Err(u) => u,
+    };
+    // The outbound side's next hop: a direct connection or a tunnel stream.
+    if let Ok(mut p) = u.downcast::<TokioIo<Box<dyn UpgradeIo>>>() {
+        let io: &mut dyn Any = &mut **p.io.inner_mut();
+        if let Some(tcp) = io.downcast_ref::<TcpStream>() {
+            reset_once_sent(tcp, DRAIN_LIMIT).await;
+        } else if let Some(stream) = io.downcast_mut::<crate::tunnel::TunnelStream>() {
+            stream.abort();
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! backend and an endpoint, send through the tunnel (or directly), retry,
 //! mirror, time out.
 
-use std::{convert::Infallible, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{
     HeaderValue, Request, Response, StatusCode, Uri, Version,
@@ -12,10 +12,7 @@ use http::{
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, upgrade::OnUpgrade};
 use rand::Rng;
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    time::Instant,
-};
+use tokio::time::Instant;
 
 use crate::{
     accesslog::AccessRecord,
@@ -925,9 +922,6 @@ async fn send_once(
 }
 
 /// A byte stream to the workload: a tunnel CONNECT stream or a TCP connection.
-trait RawIo: AsyncRead + AsyncWrite + Send {}
-impl<T: AsyncRead + AsyncWrite + Send> RawIo for T {}
-
 /// An HTTP/1.1 upgrade (WebSocket and the like; see [`crate::upgrade`]): the
 /// request goes on a connection of its own, a CONNECT stream through the
 /// tunnel marked as carrying an upgrade request (the far side parses it,
@@ -942,7 +936,7 @@ async fn send_upgrade(
     client: OnUpgrade,
 ) -> Result<Response<Body>, SendError> {
     crate::upgrade::prepare(&mut parts, &up.target);
-    let (io, tls): (Pin<Box<dyn RawIo>>, _) = match &up.tunnel {
+    let (io, tls): (Box<dyn crate::abort::UpgradeIo>, _) = match &up.tunnel {
         Some(t) => {
             let key = TunnelKey::to(&conn.source.identity, t);
             let named = HeaderValue::from_str(&format!("{} {}", parts.method, parts.uri.path()))
@@ -968,7 +962,7 @@ async fn send_upgrade(
                     e => SendError::tunnel(e),
                 })?;
             (
-                Box::pin(stream),
+                Box::new(stream),
                 Some(crate::conntable::TlsInfo::clone(&tls)),
             )
         }
@@ -982,7 +976,7 @@ async fn send_upgrade(
                     retryable: true,
                     unreachable: true,
                 })?;
-            (Box::pin(tcp), None)
+            (Box::new(tcp), None)
         }
     };
     let tunnel = up.tunnel.as_ref();

@@ -10,6 +10,10 @@ use std::{
     future::poll_fn,
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
 };
 
@@ -176,8 +180,9 @@ pub struct StreamIo {
     /// let `h2` cancel it, which discards what is still queued (false).
     end_on_drop: bool,
     /// The peer's `RST_STREAM(CANCEL)` reads as the end of what comes (for
-    /// the HTTP/1.1 server of an upgrade stream) rather than as a reset.
-    cancel_reads_as_end: bool,
+    /// the HTTP/1.1 server of an upgrade stream, until the switch: see
+    /// [`Switched`]) rather than as a reset.
+    cancel_reads_as_end: Arc<AtomicBool>,
     ended: bool,
 }
 
@@ -190,7 +195,7 @@ impl StreamIo {
             recv,
             pending: Bytes::new(),
             end_on_drop: false,
-            cancel_reads_as_end: false,
+            cancel_reads_as_end: Arc::new(AtomicBool::new(false)),
             ended: false,
         }
     }
@@ -202,7 +207,7 @@ impl StreamIo {
     pub fn ending_on_drop(send: SendStream<Bytes>, recv: RecvStream) -> Self {
         let mut io = Self::new(send, recv);
         io.end_on_drop = true;
-        io.cancel_reads_as_end = true;
+        io.cancel_reads_as_end = Arc::new(AtomicBool::new(true));
         io
     }
 
@@ -216,13 +221,44 @@ impl StreamIo {
         io
     }
 
-    /// Ends the stream with `RST_STREAM(CANCEL)`: what was queued and not
-    /// sent is dropped, and the peer learns the stream broke off.
-    pub fn cancel(&mut self) {
-        if !self.ended {
-            self.ended = true;
+    /// What tells this stream that its upgrade switched protocols.
+    pub fn switched(&self) -> Switched {
+        Switched(self.cancel_reads_as_end.clone())
+    }
+
+    /// Ends the stream as a reset, after what was written to it: trailers
+    /// with [`RESET_TRAILER`], which h2 sends behind the queued data (a
+    /// `RST_STREAM` would discard that) and the far side's `StreamIo` reads
+    /// as `ConnectionReset` once the data is read. A stream whose sending
+    /// half is already over can only be cancelled.
+    pub fn abort(&mut self) {
+        if self.ended {
+            self.send.send_reset(Reason::CANCEL);
+            return;
+        }
+        self.ended = true;
+        let mut marker = http::HeaderMap::new();
+        marker.insert(RESET_TRAILER, http::HeaderValue::from_static("1"));
+        if self.send.send_trailers(marker).is_err() {
             self.send.send_reset(Reason::CANCEL);
         }
+    }
+}
+
+/// The trailer field that ends a tunnel `CONNECT` stream as a reset, in
+/// order after its data (see [`StreamIo::abort`]).
+pub const RESET_TRAILER: http::HeaderName = http::HeaderName::from_static("sluice-reset");
+
+/// Marks an upgrade stream switched: from then on the caller's side giving
+/// it up (`RST_STREAM(CANCEL)`) reads as a reset, which the relay passes on
+/// to the workload, rather than as the end its HTTP/1.1 server expected
+/// before.
+#[derive(Clone)]
+pub struct Switched(Arc<AtomicBool>);
+
+impl Switched {
+    pub fn now(&self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }
 
@@ -263,12 +299,28 @@ impl tokio::io::AsyncRead for StreamIo {
                 // The caller's side gave the stream up: for the workload's
                 // side, the end of what comes (as hyper's upgraded streams
                 // read it).
-                Some(Err(e)) if self.cancel_reads_as_end && e.reason() == Some(Reason::CANCEL) => {
+                Some(Err(e))
+                    if e.reason() == Some(Reason::CANCEL)
+                        && self.cancel_reads_as_end.load(Ordering::Relaxed) =>
+                {
                     return Poll::Ready(Ok(()));
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-                // The peer's end of stream: EOF.
-                None => return Poll::Ready(Ok(())),
+                // The peer's end of stream: EOF, unless it ended with the
+                // reset marker (see `abort`).
+                None => {
+                    let aborted = match ready!(self.recv.poll_trailers(cx)) {
+                        Ok(Some(t)) => t.contains_key(RESET_TRAILER),
+                        _ => false,
+                    };
+                    if aborted && !self.cancel_reads_as_end.load(Ordering::Relaxed) {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionReset,
+                            "the other side of the tunnel stream was reset",
+                        )));
+                    }
+                    return Poll::Ready(Ok(()));
+                }
             }
         }
         let n = self.pending.len().min(buf.remaining());
@@ -322,5 +374,89 @@ impl tokio::io::AsyncWrite for StreamIo {
             Err(e) if e.is_io() => Poll::Ready(Err(to_io(e))),
             _ => Poll::Ready(Ok(())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Both ends of one CONNECT stream over an in-memory HTTP/2 connection:
+    /// the client's `StreamIo` and the server's, made by `server_io`.
+    async fn pair(
+        server_io: fn(SendStream<Bytes>, RecvStream) -> StreamIo,
+    ) -> (StreamIo, StreamIo) {
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            server_io(send, req.into_body())
+        });
+        let (mut client, conn) = h2::client::handshake(c).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::connect("10.0.0.1:80").body(()).unwrap();
+        let (resp, send) = client.send_request(req, false).unwrap();
+        let server = server.await.unwrap();
+        let recv = resp.await.unwrap().into_body();
+        (StreamIo::new(send, recv), server)
+    }
+
+    async fn read_to_end(io: &mut StreamIo) -> (Vec<u8>, io::Result<()>) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) => return (got, Ok(())),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Err(e)),
+            }
+        }
+    }
+
+    /// An abort right behind a write, before the connection has sent
+    /// anything: the far side reads every byte, then a reset (a
+    /// `RST_STREAM` would have discarded the queued data).
+    #[tokio::test]
+    async fn an_abort_arrives_after_what_was_written_before_it() {
+        let (mut client, mut server) = pair(StreamIo::relaying).await;
+        let data: Vec<u8> = (0..60_000u32).map(|i| i as u8).collect();
+        server.write_all(&data).await.unwrap();
+        server.abort();
+        let (got, end) = read_to_end(&mut client).await;
+        assert_eq!(got.len(), data.len());
+        assert!(got == data);
+        let e = end.expect_err("an abort is not a clean end");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    }
+
+    /// A clean end reads as one; and before an upgrade switched, an abort
+    /// from the caller's side is the end its HTTP/1.1 server expects.
+    #[tokio::test]
+    async fn a_shutdown_is_a_clean_end_and_an_abort_before_the_switch_too() {
+        let (mut client, mut server) = pair(StreamIo::relaying).await;
+        server.write_all(b"answer").await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(read_to_end(&mut client).await.0, b"answer");
+
+        let (mut client, mut server) = pair(StreamIo::ending_on_drop).await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        client.abort();
+        let (got, end) = read_to_end(&mut server).await;
+        assert_eq!(got, b"GET / HTTP/1.1\r\n");
+        end.expect("before the switch: an end");
+        // After it, a reset.
+        let (mut client, mut server) = pair(StreamIo::ending_on_drop).await;
+        server.switched().now();
+        client.write_all(b"frame").await.unwrap();
+        client.abort();
+        let (got, end) = read_to_end(&mut server).await;
+        assert_eq!(got, b"frame");
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
     }
 }

@@ -585,10 +585,11 @@ async fn handle_connect(
         received,
     )
     .await;
-    if result.is_err() {
+    if result.as_ref().is_err_and(crate::abort::broke_off) {
         // Not a clean end: neither side may take it for one (a reset
-        // rather than a FIN to the workload: its upload was cut).
-        stream.cancel();
+        // rather than a FIN: an upload or an answer was cut), each after
+        // what came before it.
+        stream.abort();
         crate::abort::reset_once_sent(&upstream, crate::abort::DRAIN_LIMIT).await;
     }
     drop(upstream);
@@ -651,11 +652,23 @@ async fn upgrade_stream(
     workload: Arc<LocalWorkload>,
 ) {
     let s = shared.settings.clone();
+    let switched = stream.switched();
     let svc = service_fn(move |req| {
-        let (shared, tp, workload, row) =
-            (shared.clone(), tp.clone(), workload.clone(), row.clone());
+        let (shared, tp, workload, row, switched) = (
+            shared.clone(),
+            tp.clone(),
+            workload.clone(),
+            row.clone(),
+            switched.clone(),
+        );
         async move {
-            Ok::<_, Infallible>(upgrade_request(&shared, &tp, &workload, target, row, req).await)
+            let resp = upgrade_request(&shared, &tp, &workload, target, row, req).await;
+            // From here on the stream is relayed: the caller's side giving
+            // it up is a reset for the workload, not an end.
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                switched.now();
+            }
+            Ok::<_, Infallible>(resp)
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()

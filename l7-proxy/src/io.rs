@@ -133,6 +133,24 @@ where
     }
 }
 
+/// The error of a [`relay`] that ended because nothing moved for this long:
+/// the one way a relay ends that is not a side breaking off.
+#[derive(Debug)]
+pub struct IdleTimeout(pub Duration);
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no bytes in either direction for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
+
+/// Whether a relay ended with `e` because it went idle.
+pub fn went_idle(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<IdleTimeout>())
+}
+
 /// How a direction of [`relay`] failed.
 #[derive(Debug)]
 enum Broke {
@@ -173,12 +191,7 @@ where
         let quiet = start
             .elapsed()
             .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-        (quiet >= idle).then(|| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no bytes in either direction for {idle:?}"),
-            )
-        })
+        (quiet >= idle).then(|| io::Error::new(io::ErrorKind::TimedOut, IdleTimeout(idle)))
     };
     let moved = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     loop {
@@ -337,6 +350,10 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Told apart from a timeout of anything else (a connect's), which
+        // breaks the connection off rather than ends it.
+        assert!(went_idle(&err), "{err}");
+        assert!(!went_idle(&io::Error::from(io::ErrorKind::TimedOut)));
     }
 }
 

@@ -260,7 +260,9 @@ async fn serve_tcp(
             let (service, ready) = (&d.service, &d.ready);
             let ups = &ready.upstreams;
             let Some(pick) = shared.balancer.pick_for(ready, peer.ip()) else {
-                tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; closing it");
+                tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; resetting it");
+                // As a connection refused, not one answered and closed.
+                let _ = io.inner().set_zero_linger();
                 log_tcp(
                     &source,
                     peer,
@@ -327,11 +329,18 @@ async fn serve_tcp(
         Some(t) => {
             let key = TunnelKey::to(&source.identity, t);
             match shared.pool.connect(&key, upstream.addr).await {
-                Ok((stream, tls)) => {
+                Ok((mut stream, tls)) => {
                     row.update(|m| m.tls = Some(crate::conntable::TlsInfo::clone(&tls)));
-                    relay(&mut io, stream, idle, on_sent, on_received)
+                    let r = relay(&mut io, &mut stream, idle, on_sent, on_received)
                         .await
-                        .map(|_| ())
+                        .map(|_| ());
+                    // The caller's reset reaches the workload as one, after
+                    // what it sent before (a drop would cancel the stream and
+                    // discard what is still queued).
+                    if r.as_ref().is_err_and(crate::abort::broke_off) {
+                        stream.abort();
+                    }
+                    r
                 }
                 Err(e) => {
                     // A node proxy out of reach: the next connections go to
@@ -358,7 +367,7 @@ async fn serve_tcp(
                 let r = relay(&mut io, &mut up, idle, on_sent, on_received)
                     .await
                     .map(|_| ());
-                if r.as_ref().is_err_and(broke_off) {
+                if r.as_ref().is_err_and(crate::abort::broke_off) {
                     // The caller's reset reaches the destination as one.
                     crate::abort::reset_once_sent(&up, crate::abort::DRAIN_LIMIT).await;
                 }
@@ -384,7 +393,7 @@ async fn serve_tcp(
     // the stream) ends the caller's connection with a reset too, once the
     // caller has what came before it: a FIN would pass a cut answer for a
     // whole one.
-    if result.as_ref().is_err_and(broke_off) {
+    if result.as_ref().is_err_and(crate::abort::broke_off) {
         crate::abort::reset_once_sent(io.inner(), crate::abort::DRAIN_LIMIT).await;
     }
     let reason = result.as_ref().err().map(|e| e.to_string());
@@ -403,13 +412,6 @@ async fn serve_tcp(
         row.received(),
         reason.as_deref(),
     );
-}
-
-/// Whether a relay that failed with `e` broke off (a side reset, a stream
-/// cancelled, a write refused, no connection at all) rather than went idle
-/// for too long.
-fn broke_off(e: &std::io::Error) -> bool {
-    e.kind() != std::io::ErrorKind::TimedOut
 }
 
 #[allow(clippy::too_many_arguments)]

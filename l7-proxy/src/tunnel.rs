@@ -986,6 +986,14 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl TunnelStream {
+    /// Ends the stream as a reset, after what was written (see
+    /// [`StreamIo::abort`]).
+    pub fn abort(&mut self) {
+        self.inner.abort();
+    }
+}
+
 impl tokio::io::AsyncRead for TunnelStream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -143,9 +143,18 @@ where
     shared.spawn(async move {
         match tokio::try_join!(client, server) {
             Ok((c, s)) => {
-                if let Err(e) = relay(TokioIo::new(c), TokioIo::new(s), idle, sent, received).await
-                {
+                let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+                if let Err(e) = relay(&mut c, &mut s, idle, sent, received).await {
                     tracing::debug!("upgraded connection ended: {e}");
+                    // A side that broke off: the other learns it as a reset,
+                    // not as an end that would pass a cut exchange for a
+                    // whole one.
+                    if crate::abort::broke_off(&e) {
+                        tokio::join!(
+                            crate::abort::abort_upgraded(c.into_inner()),
+                            crate::abort::abort_upgraded(s.into_inner()),
+                        );
+                    }
                 }
             }
             Err(e) => tracing::debug!("upgrade not completed: {e}"),

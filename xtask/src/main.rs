@@ -273,8 +273,10 @@ const BENCH_BUILD_GB: u64 = 3;
 /// crash ("Bus error", "IO failure on output stream") deep in the build.
 /// A warning, not a refusal: an incremental build needs far less.
 fn warn_if_disk_short(need_gb: u64, what: &str) {
+    // Cargo reads a relative CARGO_TARGET_DIR from the directory it runs in.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
+        .map(|t| root().join(t))
         .unwrap_or_else(|| root().join("target"));
     // The target directory may not exist yet: its nearest existing parent.
     let dir = target

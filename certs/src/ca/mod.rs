@@ -960,6 +960,19 @@ fn check_opts(opts: &CaOptions) -> Result<(), CaError> {
             ),
         });
     }
+    // A generated intermediate is replaced once two leaf lifetimes (or a
+    // third of its own) are left: one shorter than three leaf lifetimes
+    // would be replaced on nearly every issuance.
+    if opts.intermediate && opts.intermediate_lifetime < opts.leaf_lifetime * 3 {
+        return Err(CaError::Config {
+            reason: format!(
+                "intermediate lifetime {:?} must be at least three workload certificate \
+                 lifetimes ({:?})",
+                opts.intermediate_lifetime,
+                opts.leaf_lifetime * 3
+            ),
+        });
+    }
     // Certificates start `backdate` early (clock skew between nodes) and are
     // renewed at half their life: a lifetime under twice the backdate would
     // be due for renewal as soon as it is issued, every second.

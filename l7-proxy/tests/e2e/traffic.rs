@@ -752,6 +752,32 @@ async fn a_callers_reset_reaches_the_workload_as_a_reset_and_a_close_as_a_close(
     mesh.shutdown().await;
 }
 
+/// A TCP connection to a Service with no ready endpoint is reset, as a
+/// refused connection would be, not answered with a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_to_a_service_without_endpoints_is_reset() {
+    use tokio::io::AsyncReadExt;
+    let mesh = Mesh::standard().await;
+    let mut svc = mesh.service("empty", 1, 9000, &[]);
+    svc.ports[0].port = 7000;
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
+    let _ = t.write_all(b"not HTTP, so opaque TCP").await;
+    let mut buf = [0u8; 16];
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), t.read(&mut buf))
+        .await
+        .expect("the connection ends");
+    match end {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("read {n} bytes, not a reset"),
+    }
+    mesh.shutdown().await;
+}
+
 /// Outside the mesh too (a direct connection, no tunnel): a caller's reset
 /// reaches the destination as a reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -824,9 +850,15 @@ async fn a_workloads_reset_reaches_the_caller_after_the_answer_and_a_close_as_a_
         let mut ask = [0u8; 19];
         s.read_exact(&mut ask).await.unwrap();
         s.write_all(&answer).await.unwrap();
-        // Out of the workload's own send queue before it ends, so that only
-        // the proxies hold what the caller has not read.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Out of the workload's own send queue before it ends (node B read
+        // it all), so that only the proxies hold what the caller has not
+        // read: the reset comes right behind it.
+        let b_read_all = || {
+            let rows = mesh.b.proxy().connections();
+            rows.iter()
+                .any(|r| r.kind == ConnKind::InboundTcp && r.bytes_received as usize >= ANSWER)
+        };
+        eventually("node B has the whole answer", b_read_all).await;
         if reset {
             s.set_zero_linger().unwrap();
         } else {

@@ -58,7 +58,30 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
                     let greeting = format!(
                         "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-server: {name}\r\n\r\nsrv={name};"
                     );
-                    if tcp.write_all(greeting.as_bytes()).await.is_ok() {
+                    if tcp.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if path.ends_with("/reset") {
+                        // A last word, then a reset once it has left.
+                        let _ = tcp.write_all(b"bye").await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let _ = tcp.set_zero_linger();
+                    } else if path.ends_with("/watch") {
+                        // Echoes, and records how the caller's side ended.
+                        let mut buf = [0u8; 4096];
+                        let end = loop {
+                            match tcp.read(&mut buf).await {
+                                Ok(0) => break "END eof".to_string(),
+                                Ok(n) => {
+                                    if tcp.write_all(&buf[..n]).await.is_err() {
+                                        break "END write failed".into();
+                                    }
+                                }
+                                Err(e) => break format!("END {:?}", e.kind()),
+                            }
+                        };
+                        s.lock().unwrap().push(end);
+                    } else {
                         echo_bytes(&mut tcp).await;
                     }
                     return;
@@ -396,4 +419,87 @@ async fn an_upgrade_request_with_a_body_is_an_ordinary_request() {
     );
     drop(tcp);
     mesh.shutdown().await;
+}
+
+/// The upgrade server of [`cart_mesh`] behind the tunnel (true), or one
+/// outside the mesh reached directly (false).
+async fn reset_mesh(tunnel: bool) -> (Mesh, Seen) {
+    if tunnel {
+        let (mesh, _, seen) = cart_mesh(vec![]).await;
+        return (mesh, seen);
+    }
+    let mesh = Mesh::standard().await;
+    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(1).ip, 0)).await;
+    let mut svc = mesh.service("cart", 1, addr.port(), &[cart(1)]);
+    svc.endpoints[0].node_proxy = None;
+    svc.endpoints[0].identity = None;
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    (mesh, seen)
+}
+
+/// After the switch, a workload that resets: the caller reads what came
+/// before, then a reset, not an end of stream that would pass a cut exchange
+/// for a whole one; through the tunnel and directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workloads_reset_after_an_upgrade_reaches_the_caller_as_a_reset() {
+    for tunnel in [true, false] {
+        let (mesh, _) = reset_mesh(tunnel).await;
+        let (mut tcp, head) = upgrade(&mesh, web().ip, "/reset").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert_eq!(read_n(&mut tcp, 14).await, b"srv=cart-0;bye");
+        let mut buf = [0u8; 64];
+        let end = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("the caller's connection ends");
+        match end {
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "tunnel {tunnel}: {e}"
+            ),
+            Ok(n) => panic!("tunnel {tunnel}: the caller read {n} bytes, not a reset"),
+        }
+        mesh.shutdown().await;
+    }
+}
+
+/// After the switch, a caller that resets: the workload sees a reset; one
+/// that closes, an end of stream; through the tunnel and directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_reset_after_an_upgrade_reaches_the_workload_as_a_reset() {
+    for tunnel in [true, false] {
+        let (mesh, seen) = reset_mesh(tunnel).await;
+        for reset in [true, false] {
+            let (mut tcp, head) = upgrade(&mesh, web().ip, "/watch").await;
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            assert_eq!(read_n(&mut tcp, 11).await, b"srv=cart-0;");
+            tcp.write_all(b"ping").await.unwrap();
+            assert_eq!(read_n(&mut tcp, 4).await, b"ping");
+            if reset {
+                tcp.set_zero_linger().unwrap();
+            } else {
+                tcp.shutdown().await.unwrap();
+            }
+            drop(tcp);
+            let want = if reset {
+                "END ConnectionReset"
+            } else {
+                "END eof"
+            };
+            let t0 = std::time::Instant::now();
+            eventually(
+                &format!("tunnel {tunnel}: the workload sees {want}"),
+                || seen.lock().unwrap().last().map(String::as_str) == Some(want),
+            )
+            .await;
+            eprintln!("TIMING tunnel {tunnel} reset {reset}: {:?}", t0.elapsed());
+        }
+        let t0 = std::time::Instant::now();
+        mesh.shutdown().await;
+        eprintln!("TIMING shutdown {:?}", t0.elapsed());
+    }
 }
