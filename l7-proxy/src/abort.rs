@@ -69,8 +69,8 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + Any> Upgra
 
 /// Ends one side of an upgraded connection whose relay broke off: a TCP
 /// connection with a reset once its peer has what came before, a tunnel
-/// stream with `RST_STREAM(CANCEL)` (dropped, it would end cleanly on the
-/// inbound side).
+/// stream with an abort behind its data (see `StreamIo::abort`; dropped, it
+/// would end cleanly on the inbound side).
 pub(crate) async fn abort_upgraded(u: Upgraded) {
     let u = match u.downcast::<TokioIo<Rewind<TcpStream>>>() {
         Ok(p) => return reset_once_sent(p.io.inner().inner(), DRAIN_LIMIT).await,
@@ -90,7 +90,7 @@ pub(crate) async fn abort_upgraded(u: Upgraded) {
         if let Some(tcp) = io.downcast_ref::<TcpStream>() {
             reset_once_sent(tcp, DRAIN_LIMIT).await;
         } else if let Some(stream) = io.downcast_mut::<crate::tunnel::TunnelStream>() {
-            stream.abort();
+            stream.abort(DRAIN_LIMIT).await;
         }
     }
 }

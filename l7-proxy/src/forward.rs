@@ -921,7 +921,6 @@ async fn send_once(
     }
 }
 
-/// A byte stream to the workload: a tunnel CONNECT stream or a TCP connection.
 /// An HTTP/1.1 upgrade (WebSocket and the like; see [`crate::upgrade`]): the
 /// request goes on a connection of its own, a CONNECT stream through the
 /// tunnel marked as carrying an upgrade request (the far side parses it,

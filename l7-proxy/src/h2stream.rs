@@ -183,6 +183,10 @@ pub struct StreamIo {
     /// the HTTP/1.1 server of an upgrade stream, until the switch: see
     /// [`Switched`]) rather than as a reset.
     cancel_reads_as_end: Arc<AtomicBool>,
+    /// The far side said (the [`RESET_TRAILER`] header on the `CONNECT` or
+    /// its answer) that it reads the reset trailer; otherwise an abort is a
+    /// `RST_STREAM`.
+    peer_reads_reset: bool,
     ended: bool,
 }
 
@@ -196,6 +200,7 @@ impl StreamIo {
             pending: Bytes::new(),
             end_on_drop: false,
             cancel_reads_as_end: Arc::new(AtomicBool::new(false)),
+            peer_reads_reset: false,
             ended: false,
         }
     }
@@ -221,27 +226,55 @@ impl StreamIo {
         io
     }
 
+    /// Whether the far side reads the reset trailer (see [`Self::abort`]).
+    pub fn peer_reads_reset_trailer(mut self, yes: bool) -> Self {
+        self.peer_reads_reset = yes;
+        self
+    }
+
     /// What tells this stream that its upgrade switched protocols.
     pub fn switched(&self) -> Switched {
         Switched(self.cancel_reads_as_end.clone())
     }
 
     /// Ends the stream as a reset, after what was written to it: trailers
-    /// with [`RESET_TRAILER`], which h2 sends behind the queued data (a
-    /// `RST_STREAM` would discard that) and the far side's `StreamIo` reads
-    /// as `ConnectionReset` once the data is read. A stream whose sending
-    /// half is already over can only be cancelled.
+    /// with [`RESET_TRAILER`], which h2 sends behind the queued data and the
+    /// far side's `StreamIo` reads as `ConnectionReset` once the data is
+    /// read. A `RST_STREAM` would discard what is still queued: it is the
+    /// way only to a far side that does not read the trailer. A stream
+    /// whose sending half is over already is left as it is (a reset would
+    /// discard that half's tail); dropping it tells the far side.
+    ///
+    /// On the client side of the tunnel, dropping a stream the far side has
+    /// not ended cancels it, which discards the queue too: see
+    /// [`Self::linger`].
     pub fn abort(&mut self) {
         if self.ended {
-            self.send.send_reset(Reason::CANCEL);
             return;
         }
         self.ended = true;
+        if !self.peer_reads_reset {
+            self.send.send_reset(Reason::CANCEL);
+            return;
+        }
         let mut marker = http::HeaderMap::new();
         marker.insert(RESET_TRAILER, http::HeaderValue::from_static("1"));
         if self.send.send_trailers(marker).is_err() {
             self.send.send_reset(Reason::CANCEL);
         }
+    }
+
+    /// Keeps the stream until the far side ends it too (reading and
+    /// dropping what still comes), at most `limit`: a client-side stream
+    /// dropped first would cancel what it still has queued, the abort's
+    /// trailer included.
+    pub async fn linger(&mut self, limit: std::time::Duration) {
+        use tokio::io::AsyncReadExt as _;
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(limit, async {
+            while matches!(self.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 }
 
@@ -396,7 +429,7 @@ mod tests {
                 .send_response(http::Response::new(()), false)
                 .unwrap();
             tokio::spawn(async move { while conn.accept().await.is_some() {} });
-            server_io(send, req.into_body())
+            server_io(send, req.into_body()).peer_reads_reset_trailer(true)
         });
         let (mut client, conn) = h2::client::handshake(c).await.unwrap();
         tokio::spawn(conn);
@@ -404,7 +437,10 @@ mod tests {
         let (resp, send) = client.send_request(req, false).unwrap();
         let server = server.await.unwrap();
         let recv = resp.await.unwrap().into_body();
-        (StreamIo::new(send, recv), server)
+        (
+            StreamIo::new(send, recv).peer_reads_reset_trailer(true),
+            server,
+        )
     }
 
     async fn read_to_end(io: &mut StreamIo) -> (Vec<u8>, io::Result<()>) {
@@ -433,6 +469,37 @@ mod tests {
         assert!(got == data);
         let e = end.expect_err("an abort is not a clean end");
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    }
+
+    /// The client side aborts and lets go of the stream at once, before the
+    /// connection sent anything: lingering until the far side ends it keeps
+    /// h2 from cancelling it, which would discard the data and the trailer.
+    #[tokio::test]
+    async fn a_client_side_abort_lingers_until_the_far_side_has_it() {
+        let (mut client, mut server) = pair(StreamIo::relaying).await;
+        let data = vec![9u8; 60_000];
+        let sent = data.clone();
+        let caller = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.abort();
+            client.linger(std::time::Duration::from_secs(10)).await;
+        });
+        let (got, end) = read_to_end(&mut server).await;
+        assert_eq!(got.len(), data.len());
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        drop(server);
+        caller.await.unwrap();
+    }
+
+    /// A far side that did not say it reads the trailer (an older proxy)
+    /// gets a `RST_STREAM`, which it reads as the stream breaking off.
+    #[tokio::test]
+    async fn an_abort_to_a_peer_without_the_trailer_is_a_stream_reset() {
+        let (mut client, server) = pair(StreamIo::relaying).await;
+        let mut server = server.peer_reads_reset_trailer(false);
+        server.abort();
+        let (_, end) = read_to_end(&mut client).await;
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
     }
 
     /// A clean end reads as one; and before an upgrade switched, an abort

@@ -488,6 +488,7 @@ async fn handle_connect(
         respond.send_reset(h2::Reason::PROTOCOL_ERROR);
         return;
     }
+    let peer_reads_reset = parts.headers.contains_key(crate::h2stream::RESET_TRAILER);
     let mut refuse = |workload: Option<&LocalWorkload>, reason: &str| {
         deny(&shared, &tp, workload, "tcp", reason);
         respond.send_reset(h2::Reason::REFUSED_STREAM);
@@ -520,6 +521,7 @@ async fn handle_connect(
             target,
             &workload,
             StreamIo::ending_on_drop,
+            peer_reads_reset,
         ) else {
             return;
         };
@@ -566,6 +568,7 @@ async fn handle_connect(
         target,
         &workload,
         StreamIo::relaying,
+        peer_reads_reset,
     ) else {
         return;
     };
@@ -614,8 +617,15 @@ fn open_stream(
     target: SocketAddr,
     workload: &LocalWorkload,
     io: fn(SendStream<Bytes>, RecvStream) -> StreamIo,
+    peer_reads_reset: bool,
 ) -> Option<(StreamIo, Arc<crate::conntable::ConnHandle>)> {
-    let send = match respond.send_response(Response::new(()), false) {
+    // This side reads the reset trailer (see `StreamIo::abort`).
+    let mut ok = Response::new(());
+    ok.headers_mut().insert(
+        crate::h2stream::RESET_TRAILER,
+        HeaderValue::from_static("1"),
+    );
+    let send = match respond.send_response(ok, false) {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!("CONNECT stream from {} not answered: {e}", tp.identity);
@@ -634,7 +644,10 @@ fn open_stream(
             tls: Some(tp.tls.clone()),
         },
     );
-    Some((io(send, recv), Arc::new(row)))
+    Some((
+        io(send, recv).peer_reads_reset_trailer(peer_reads_reset),
+        Arc::new(row),
+    ))
 }
 
 /// A CONNECT stream marked as carrying one HTTP/1.1 upgrade request (see

@@ -338,7 +338,7 @@ async fn serve_tcp(
                     // what it sent before (a drop would cancel the stream and
                     // discard what is still queued).
                     if r.as_ref().is_err_and(crate::abort::broke_off) {
-                        stream.abort();
+                        stream.abort(crate::abort::DRAIN_LIMIT).await;
                     }
                     r
                 }

@@ -337,6 +337,11 @@ impl TunnelPool {
         if let Some(u) = upgrade {
             req.headers_mut().insert(crate::config::UPGRADE_REQUEST, u);
         }
+        // This side reads the reset trailer (see `StreamIo::abort`).
+        req.headers_mut().insert(
+            crate::h2stream::RESET_TRAILER,
+            http::HeaderValue::from_static("1"),
+        );
         let (parts, ()) = req.into_parts();
         // The far side answers once its own connect (bounded by the same
         // setting) is done; waiting for a stream slot counts too.
@@ -381,9 +386,11 @@ impl TunnelPool {
                 status: format!("{} {reason}", resp.status()),
             });
         }
+        let peer_reads_reset = resp.headers().contains_key(crate::h2stream::RESET_TRAILER);
         Ok((
             TunnelStream {
-                inner: StreamIo::new(send, resp.into_body()),
+                inner: StreamIo::new(send, resp.into_body())
+                    .peer_reads_reset_trailer(peer_reads_reset),
                 _guard: guard,
             },
             conn.tls.clone(),
@@ -988,9 +995,11 @@ pin_project_lite::pin_project! {
 
 impl TunnelStream {
     /// Ends the stream as a reset, after what was written (see
-    /// [`StreamIo::abort`]).
-    pub fn abort(&mut self) {
+    /// [`StreamIo::abort`]), and keeps it until the far side ends it too or
+    /// `limit` passes (see [`StreamIo::linger`]).
+    pub async fn abort(&mut self, limit: Duration) {
         self.inner.abort();
+        self.inner.linger(limit).await;
     }
 }
 

@@ -363,6 +363,16 @@ impl Mesh {
             .expect("capture listener accepts")
     }
 
+    /// As [`Mesh::connect`] for a connection the proxy may reset at once
+    /// (opaque TCP to a Service without endpoints): the reset can come
+    /// before `connect` returns.
+    pub async fn try_connect(&self, from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(from, 0)).unwrap();
+        self.odst.insert(sock.local_addr().unwrap(), to);
+        sock.connect(self.a.proxy().outbound_addr()).await
+    }
+
     pub async fn http1(&self, from: IpAddr, to: SocketAddr) -> Client {
         let tcp = self.connect(from, to).await;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))

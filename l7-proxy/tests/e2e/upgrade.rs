@@ -490,16 +490,12 @@ async fn a_callers_reset_after_an_upgrade_reaches_the_workload_as_a_reset() {
             } else {
                 "END eof"
             };
-            let t0 = std::time::Instant::now();
             eventually(
                 &format!("tunnel {tunnel}: the workload sees {want}"),
                 || seen.lock().unwrap().last().map(String::as_str) == Some(want),
             )
             .await;
-            eprintln!("TIMING tunnel {tunnel} reset {reset}: {:?}", t0.elapsed());
         }
-        let t0 = std::time::Instant::now();
         mesh.shutdown().await;
-        eprintln!("TIMING shutdown {:?}", t0.elapsed());
     }
 }
