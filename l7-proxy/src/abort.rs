@@ -81,11 +81,16 @@ pub(crate) async fn abort_upgraded(u: Upgraded) {
         Err(u) => u,
     };
     let u = match u.downcast::<TokioIo<StreamIo>>() {
-        Ok(mut p) => return p.io.inner_mut().abort(),
+        Ok(mut p) => {
+            p.io.inner_mut().abort();
+            return;
+        }
         Err(u) => u,
     };
     // The outbound side's next hop: a direct connection or a tunnel stream.
     if let Ok(mut p) = u.downcast::<TokioIo<Box<dyn UpgradeIo>>>() {
+        // `dyn Any` is not `Send`: only the concrete references cross an
+        // await.
         let io: &mut dyn Any = &mut **p.io.inner_mut();
         if let Some(tcp) = io.downcast_ref::<TcpStream>() {
             reset_once_sent(tcp, DRAIN_LIMIT).await;

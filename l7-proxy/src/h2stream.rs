@@ -247,21 +247,24 @@ impl StreamIo {
     ///
     /// On the client side of the tunnel, dropping a stream the far side has
     /// not ended cancels it, which discards the queue too: see
-    /// [`Self::linger`].
-    pub fn abort(&mut self) {
+    /// [`Self::linger`]. Returns whether the trailer was sent (whether there
+    /// is anything to linger for).
+    pub fn abort(&mut self) -> bool {
         if self.ended {
-            return;
+            return false;
         }
         self.ended = true;
         if !self.peer_reads_reset {
             self.send.send_reset(Reason::CANCEL);
-            return;
+            return false;
         }
         let mut marker = http::HeaderMap::new();
         marker.insert(RESET_TRAILER, http::HeaderValue::from_static("1"));
         if self.send.send_trailers(marker).is_err() {
             self.send.send_reset(Reason::CANCEL);
+            return false;
         }
+        true
     }
 
     /// Keeps the stream until the far side ends it too (reading and
@@ -481,14 +484,19 @@ mod tests {
         let sent = data.clone();
         let caller = tokio::spawn(async move {
             client.write_all(&sent).await.unwrap();
-            client.abort();
-            client.linger(std::time::Duration::from_secs(10)).await;
+            assert!(client.abort(), "the trailer goes out");
+            client.linger(std::time::Duration::from_secs(30)).await;
         });
         let (got, end) = read_to_end(&mut server).await;
         assert_eq!(got.len(), data.len());
         assert_eq!(end.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        // The far side ends the stream: the linger is over then, not at its
+        // limit.
         drop(server);
-        caller.await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), caller)
+            .await
+            .expect("the linger ends with the stream")
+            .unwrap();
     }
 
     /// A far side that did not say it reads the trailer (an older proxy)

@@ -592,6 +592,7 @@ async fn handle_connect(
         // Not a clean end: neither side may take it for one (a reset
         // rather than a FIN: an upload or an answer was cut), each after
         // what came before it.
+        // The server side: its drop never discards what is queued.
         stream.abort();
         crate::abort::reset_once_sent(&upstream, crate::abort::DRAIN_LIMIT).await;
     }

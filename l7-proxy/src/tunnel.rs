@@ -995,11 +995,15 @@ pin_project_lite::pin_project! {
 
 impl TunnelStream {
     /// Ends the stream as a reset, after what was written (see
-    /// [`StreamIo::abort`]), and keeps it until the far side ends it too or
-    /// `limit` passes (see [`StreamIo::linger`]).
+    /// [`StreamIo::abort`]), and when that went as a trailer keeps the
+    /// stream until the far side ends it too or `limit` passes (see
+    /// [`StreamIo::linger`]). A stream whose sending half was over already
+    /// is let go at once: the far side learns from its cancel, rather than
+    /// go on sending for `limit` into a caller that is gone.
     pub async fn abort(&mut self, limit: Duration) {
-        self.inner.abort();
-        self.inner.linger(limit).await;
+        if self.inner.abort() {
+            self.inner.linger(limit).await;
+        }
     }
 }
 
