@@ -499,15 +499,17 @@ fn agents_starting_together_on_an_empty_directory_share_one_root() {
 fn a_generated_intermediate_is_renewed_before_it_cuts_leaves_short() {
     let clock = clock();
     let day = Duration::from_secs(24 * 3600);
-    let ca = Ca::generate(
-        CaOptions {
-            intermediate: true,
-            intermediate_lifetime: 9 * day,
-            ..CaOptions::default()
-        },
-        shared(&clock),
-    )
-    .unwrap();
+    let with_intermediate = |lifetime| {
+        Ca::generate(
+            CaOptions {
+                intermediate: true,
+                intermediate_lifetime: lifetime,
+                ..CaOptions::default()
+            },
+            shared(&clock),
+        )
+    };
+    let ca = with_intermediate(9 * day).unwrap();
     let wid = id("shop", "cart");
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let issue = || {
@@ -547,14 +549,7 @@ fn a_generated_intermediate_is_renewed_before_it_cuts_leaves_short() {
     );
     assert_eq!(ca.status().signer, renewed.subject);
     // One that would have to be replaced at nearly every issuance is refused.
-    let short = Ca::generate(
-        CaOptions {
-            intermediate: true,
-            intermediate_lifetime: 2 * day,
-            ..CaOptions::default()
-        },
-        shared(&clock),
-    );
+    let short = with_intermediate(2 * day);
     assert!(
         matches!(&short, Err(CaError::Config { reason }) if reason.contains("intermediate lifetime")),
         "{:?}",

@@ -249,16 +249,7 @@ async fn a_refused_upgrade_is_an_ordinary_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_to_a_workload_outside_the_mesh_goes_direct() {
-    let mesh = Mesh::standard().await;
-    let (addr, seen) = upgrade_server("plain", SocketAddr::new(cart(1).ip, 0)).await;
-    let mut svc = mesh.service("cart", 1, addr.port(), &[cart(1)]);
-    svc.endpoints[0].node_proxy = None;
-    svc.endpoints[0].identity = None;
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    let (mesh, seen) = outside_mesh("plain").await;
     let (mut tcp, head) = upgrade(&mesh, web().ip, "/direct").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(read_n(&mut tcp, 10).await, b"srv=plain;");
@@ -428,8 +419,14 @@ async fn reset_mesh(tunnel: bool) -> (Mesh, Seen) {
         let (mesh, _, seen) = cart_mesh(vec![]).await;
         return (mesh, seen);
     }
+    outside_mesh("cart-0").await
+}
+
+/// The `cart` Service with one endpoint outside the mesh (no node proxy, no
+/// identity): an upgrade server called `name`.
+async fn outside_mesh(name: &'static str) -> (Mesh, Seen) {
     let mesh = Mesh::standard().await;
-    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(1).ip, 0)).await;
+    let (addr, seen) = upgrade_server(name, SocketAddr::new(cart(1).ip, 0)).await;
     let mut svc = mesh.service("cart", 1, addr.port(), &[cart(1)]);
     svc.endpoints[0].node_proxy = None;
     svc.endpoints[0].identity = None;
