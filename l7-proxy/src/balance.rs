@@ -259,7 +259,20 @@ impl Balancer {
             *last = now;
             return Some(self.take(&ready.loads, index));
         }
-        let index = self.choose(&ready.loads)?;
+        let mut index = self.choose(&ready.loads)?;
+        if recently_unreachable(&ready.loads[index], now_ns) {
+            // Its estimate decays, and may be below a slow endpoint's by
+            // now: a client is not given back to one it just had to leave
+            // while there is another.
+            let others: Vec<usize> = (0..ready.loads.len())
+                .filter(|&i| !recently_unreachable(&ready.loads[i], now_ns))
+                .collect();
+            if !others.is_empty() {
+                let loads: Vec<Arc<EndpointLoad>> =
+                    others.iter().map(|&i| ready.loads[i].clone()).collect();
+                index = others[self.choose(&loads).expect("not empty")];
+            }
+        }
         // Expired clients are swept when the map has doubled since the
         // last sweep: a few sweeps, however many clients come and go.
         if sticky.map.len() >= sticky.sweep_at {
@@ -361,6 +374,30 @@ mod tests {
         assert_ne!(second, first);
         for _ in 0..20 {
             assert_eq!(b.pick_for(&ready, client).unwrap().index, second);
+        }
+    }
+
+    /// A sticky client that leaves an unreachable endpoint is not given it
+    /// back, even when its estimate is below a slow endpoint's.
+    #[test]
+    fn a_sticky_client_is_not_given_back_the_endpoint_it_left() {
+        let b = Balancer::default();
+        let addrs: Vec<SocketAddr> = (1..=2)
+            .map(|i| format!("10.0.0.{i}:80").parse().unwrap())
+            .collect();
+        let ready = sticky_set(&b, &addrs);
+        let client: IpAddr = "10.1.0.1".parse().unwrap();
+        let first = b.pick_for(&ready, client).unwrap().index;
+        let other = 1 - first;
+        // The other one answers, slowly: 2 s, measured just now.
+        let now_ns = b.epoch.elapsed().as_nanos() as u64;
+        ready.loads[other]
+            .ewma_ns
+            .store(2_000_000_000, Ordering::Relaxed);
+        ready.loads[other].last_ns.store(now_ns, Ordering::Relaxed);
+        b.pick_for(&ready, client).unwrap().unreachable();
+        for _ in 0..20 {
+            assert_eq!(b.pick_for(&ready, client).unwrap().index, other);
         }
     }
 
