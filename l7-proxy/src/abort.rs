@@ -99,3 +99,15 @@ pub(crate) async fn abort_upgraded(u: Upgraded) {
         }
     }
 }
+
+/// Ends the next hop of an upgraded connection that went idle: a tunnel
+/// stream with a clean end, kept until the far side ends it (dropped, it
+/// would be cancelled, which the far side passes on as a reset).
+pub(crate) async fn finish_upgraded(u: Upgraded) {
+    if let Ok(mut p) = u.downcast::<TokioIo<Box<dyn UpgradeIo>>>() {
+        let io: &mut dyn Any = &mut **p.io.inner_mut();
+        if let Some(stream) = io.downcast_mut::<crate::tunnel::TunnelStream>() {
+            stream.finish(DRAIN_LIMIT).await;
+        }
+    }
+}

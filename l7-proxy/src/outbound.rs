@@ -337,8 +337,13 @@ async fn serve_tcp(
                     // The caller's reset reaches the workload as one, after
                     // what it sent before (a drop would cancel the stream and
                     // discard what is still queued).
-                    if r.as_ref().is_err_and(crate::abort::broke_off) {
-                        stream.abort(crate::abort::DRAIN_LIMIT).await;
+                    match &r {
+                        Err(e) if crate::abort::broke_off(e) => {
+                            stream.abort(crate::abort::DRAIN_LIMIT).await;
+                        }
+                        // Idle: a plain end for the workload too.
+                        Err(_) => stream.finish(crate::abort::DRAIN_LIMIT).await,
+                        Ok(()) => {}
                     }
                     r
                 }

@@ -1007,6 +1007,18 @@ impl TunnelStream {
     }
 }
 
+impl TunnelStream {
+    /// Ends the stream cleanly (a relay that went idle): the end of stream,
+    /// then the stream is kept until the far side ends it too, at most
+    /// `limit`; dropped at once it would be cancelled, which the far side
+    /// takes for a reset.
+    pub async fn finish(&mut self, limit: Duration) {
+        use tokio::io::AsyncWriteExt as _;
+        let _ = self.inner.shutdown().await;
+        self.inner.linger(limit).await;
+    }
+}
+
 impl tokio::io::AsyncRead for TunnelStream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -154,6 +154,8 @@ where
                             crate::abort::abort_upgraded(c.into_inner()),
                             crate::abort::abort_upgraded(s.into_inner()),
                         );
+                    } else {
+                        crate::abort::finish_upgraded(s.into_inner()).await;
                     }
                 }
             }

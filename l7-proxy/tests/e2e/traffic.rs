@@ -759,6 +759,48 @@ async fn a_callers_reset_reaches_the_workload_as_a_reset_and_a_close_as_a_close(
     mesh.shutdown().await;
 }
 
+/// The caller's proxy ending an idle connection ends it for the workload
+/// with a plain close, not a reset (a dropped tunnel stream would be
+/// cancelled, which the far side passes on as a reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_ends_for_the_workload_with_a_plain_close() {
+    // Only node A's idle timeout is short: it is the one that ends it.
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| {
+            if s.inbound_addr.ip() == node_a_ip() {
+                s.tcp_idle_timeout_ms = 300;
+            }
+        },
+    )
+    .await;
+    let listener = std::sync::Arc::new(
+        tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+            .await
+            .unwrap(),
+    );
+    let port = listener.local_addr().unwrap().port();
+    let mut svc = mesh.service("quiet", 1, port, &[cart(0)]);
+    svc.ports[0].port = 7000;
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let workload = tokio::spawn(one_upload(listener.clone()));
+    let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
+    t.write_all(b"one word").await.unwrap();
+    let (got, end) = tokio::time::timeout(std::time::Duration::from_secs(10), workload)
+        .await
+        .expect("the idle connection ends")
+        .unwrap();
+    assert_eq!(got, b"one word");
+    assert!(end.is_ok(), "the workload saw {end:?}, not a plain close");
+    drop(t);
+    mesh.shutdown().await;
+}
+
 /// A TCP connection to a Service with no ready endpoint is reset, as a
 /// refused connection would be, not answered with a clean end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

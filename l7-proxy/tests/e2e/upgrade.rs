@@ -496,3 +496,34 @@ async fn a_callers_reset_after_an_upgrade_reaches_the_workload_as_a_reset() {
         mesh.shutdown().await;
     }
 }
+
+/// An upgraded connection that node A ends for being idle ends for the
+/// workload with a plain close, not a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_upgraded_connection_ends_for_the_workload_with_a_plain_close() {
+    let mesh = Mesh::with_settings(vec![web(), bot()], vec![cart(0), cart(1)], &|s| {
+        if s.inbound_addr.ip() == node_a_ip() {
+            s.tcp_idle_timeout_ms = 300;
+        }
+    })
+    .await;
+    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let (mut tcp, head) = upgrade(&mesh, web().ip, "/watch").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_n(&mut tcp, 11).await, b"srv=cart-0;");
+    eventually("the workload's side ends", || {
+        seen.lock()
+            .unwrap()
+            .last()
+            .is_some_and(|l| l.starts_with("END"))
+    })
+    .await;
+    assert_eq!(seen.lock().unwrap().last().unwrap(), "END eof");
+    drop(tcp);
+    mesh.shutdown().await;
+}
