@@ -242,8 +242,10 @@ impl StreamIo {
     /// far side's `StreamIo` reads as `ConnectionReset` once the data is
     /// read. A `RST_STREAM` would discard what is still queued: it is the
     /// way only to a far side that does not read the trailer. A stream
-    /// whose sending half is over already is left as it is (a reset would
-    /// discard that half's tail); dropping it tells the far side.
+    /// whose sending half is over already gets nothing more here; dropping
+    /// it tells the far side (on the server side after what is queued, on
+    /// the client side as a cancel, which discards what h2 still holds of
+    /// the ended half: the far side then sees a reset, never a clean end).
     ///
     /// On the client side of the tunnel, dropping a stream the far side has
     /// not ended cancels it, which discards the queue too: see

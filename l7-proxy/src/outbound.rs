@@ -341,8 +341,13 @@ async fn serve_tcp(
                         Err(e) if crate::abort::broke_off(e) => {
                             stream.abort(crate::abort::DRAIN_LIMIT).await;
                         }
-                        // Idle: a plain end for the workload too.
-                        Err(_) => stream.finish(crate::abort::DRAIN_LIMIT).await,
+                        // Idle: a plain end for the caller at once, and for
+                        // the workload too.
+                        Err(_) => {
+                            use tokio::io::AsyncWriteExt as _;
+                            let _ = io.shutdown().await;
+                            stream.finish(crate::abort::DRAIN_LIMIT).await;
+                        }
                         Ok(()) => {}
                     }
                     r

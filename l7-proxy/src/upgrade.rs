@@ -155,6 +155,9 @@ where
                             crate::abort::abort_upgraded(s.into_inner()),
                         );
                     } else {
+                        // The caller's side closes at once; the next hop's
+                        // stream ends once the far side has ended it.
+                        drop(c);
                         crate::abort::finish_upgraded(s.into_inner()).await;
                     }
                 }

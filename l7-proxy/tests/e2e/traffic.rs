@@ -797,6 +797,13 @@ async fn an_idle_connection_ends_for_the_workload_with_a_plain_close() {
         .unwrap();
     assert_eq!(got, b"one word");
     assert!(end.is_ok(), "the workload saw {end:?}, not a plain close");
+    // And the caller a plain close too.
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), t.read(&mut buf))
+        .await
+        .expect("the caller's side ends");
+    assert!(matches!(read, Ok(0)), "the caller saw {read:?}");
     drop(t);
     mesh.shutdown().await;
 }

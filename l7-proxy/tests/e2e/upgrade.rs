@@ -524,6 +524,11 @@ async fn an_idle_upgraded_connection_ends_for_the_workload_with_a_plain_close() 
     })
     .await;
     assert_eq!(seen.lock().unwrap().last().unwrap(), "END eof");
-    drop(tcp);
+    // And the caller a plain close too.
+    let mut buf = [0u8; 8];
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("the caller's side ends");
+    assert!(matches!(read, Ok(0)), "the caller saw {read:?}");
     mesh.shutdown().await;
 }
