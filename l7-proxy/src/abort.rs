@@ -89,9 +89,7 @@ pub(crate) async fn abort_upgraded(u: Upgraded) {
     };
     // The outbound side's next hop: a direct connection or a tunnel stream.
     if let Ok(mut p) = u.downcast::<TokioIo<Box<dyn UpgradeIo>>>() {
-        // `dyn Any` is not `Send`: only the concrete references cross an
-        // await.
-        let io: &mut dyn Any = &mut **p.io.inner_mut();
+        let io = next_hop(&mut p.io);
         if let Some(tcp) = io.downcast_ref::<TcpStream>() {
             reset_once_sent(tcp, DRAIN_LIMIT).await;
         } else if let Some(stream) = io.downcast_mut::<crate::tunnel::TunnelStream>() {
@@ -100,14 +98,19 @@ pub(crate) async fn abort_upgraded(u: Upgraded) {
     }
 }
 
+/// The outbound side's next hop of an upgrade, to be downcast. `dyn Any` is
+/// not `Send`: only the concrete references may cross an await.
+fn next_hop(io: &mut TokioIo<Box<dyn UpgradeIo>>) -> &mut dyn Any {
+    &mut **io.inner_mut()
+}
+
 /// Ends the next hop of an upgraded connection that went idle: a tunnel
 /// stream with a clean end, kept until the far side ends it (dropped, it
 /// would be cancelled, which the far side passes on as a reset).
 pub(crate) async fn finish_upgraded(u: Upgraded) {
-    if let Ok(mut p) = u.downcast::<TokioIo<Box<dyn UpgradeIo>>>() {
-        let io: &mut dyn Any = &mut **p.io.inner_mut();
-        if let Some(stream) = io.downcast_mut::<crate::tunnel::TunnelStream>() {
-            stream.finish(DRAIN_LIMIT).await;
-        }
+    if let Ok(mut p) = u.downcast::<TokioIo<Box<dyn UpgradeIo>>>()
+        && let Some(stream) = next_hop(&mut p.io).downcast_mut::<crate::tunnel::TunnelStream>()
+    {
+        stream.finish(DRAIN_LIMIT).await;
     }
 }

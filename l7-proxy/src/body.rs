@@ -270,10 +270,9 @@ pin_project_lite::pin_project! {
         inner: Body,
         #[pin]
         sleep: tokio::time::Sleep,
-        // Each frame moves the deadline this far ahead (`None`: fixed).
-        idle: Option<std::time::Duration>,
-        // Also moved by the other direction's frames.
-        activity: Option<Activity>,
+        // The deadline is this long after the last activity, which this
+        // body's frames and the other direction's record (`None`: fixed).
+        idle: Option<(std::time::Duration, Activity)>,
         what: String,
     }
 }
@@ -285,7 +284,6 @@ impl Timed {
             inner,
             sleep: tokio::time::sleep_until(until),
             idle: None,
-            activity: None,
             what,
         }
     }
@@ -295,8 +293,7 @@ impl Timed {
         Self {
             inner,
             sleep: tokio::time::sleep(idle),
-            idle: Some(idle),
-            activity: Some(activity),
+            idle: Some((idle, activity)),
             what,
         }
     }
@@ -312,10 +309,9 @@ impl http_body::Body for Timed {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            if let Some(idle) = this.idle {
-                this.sleep
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + *idle);
+            // Recorded, not re-armed: the timer moves only when it fires.
+            if let Some((_, a)) = this.idle {
+                a.touch();
             }
             return std::task::Poll::Ready(frame);
         }
@@ -323,9 +319,9 @@ impl http_body::Body for Timed {
             if std::future::Future::poll(this.sleep.as_mut(), cx).is_pending() {
                 return std::task::Poll::Pending;
             }
-            // The other direction moved meanwhile: idle from then on.
-            if let (Some(idle), Some(a)) = (*this.idle, this.activity.as_ref()) {
-                let until = a.last() + idle;
+            // Something moved meanwhile: idle from then on.
+            if let Some((idle, a)) = this.idle {
+                let until = a.last() + *idle;
                 if until > tokio::time::Instant::now() {
                     this.sleep.as_mut().reset(until);
                     continue;
@@ -360,6 +356,30 @@ impl std::error::Error for TimedOut {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_whose_frames_keep_coming_is_not_idle() {
+        use http_body_util::BodyExt as _;
+        // A frame every 6 s, five of them, under a 10 s idle timeout.
+        let trickle = futures_util::stream::unfold(0, |n| async move {
+            if n == 5 {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+            Some((
+                Ok::<_, BoxError>(http_body::Frame::data(Bytes::from_static(b"x"))),
+                n + 1,
+            ))
+        });
+        let body = Timed::idle(
+            boxed(http_body_util::StreamBody::new(trickle)),
+            std::time::Duration::from_secs(10),
+            Activity::default(),
+            "idle".into(),
+        );
+        let got = body.collect().await.expect("not cut").to_bytes();
+        assert_eq!(&got[..], b"xxxxx");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_body_is_not_idle_while_its_response_moves() {

@@ -261,7 +261,7 @@ impl StreamIo {
             return false;
         }
         let mut marker = http::HeaderMap::new();
-        marker.insert(RESET_TRAILER, http::HeaderValue::from_static("1"));
+        mark_reset(&mut marker);
         if self.send.send_trailers(marker).is_err() {
             self.send.send_reset(Reason::CANCEL);
             return false;
@@ -286,6 +286,12 @@ impl StreamIo {
 /// The trailer field that ends a tunnel `CONNECT` stream as a reset, in
 /// order after its data (see [`StreamIo::abort`]).
 pub const RESET_TRAILER: http::HeaderName = http::HeaderName::from_static("sluice-reset");
+
+/// Adds [`RESET_TRAILER`]: the reset itself in a trailer section, the
+/// announcement that this side reads it on a `CONNECT` or its answer.
+pub fn mark_reset(h: &mut http::HeaderMap) {
+    h.insert(RESET_TRAILER, http::HeaderValue::from_static("1"));
+}
 
 /// Marks an upgrade stream switched: from then on the caller's side giving
 /// it up (`RST_STREAM(CANCEL)`) reads as a reset, which the relay passes on

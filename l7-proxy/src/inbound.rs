@@ -591,8 +591,8 @@ async fn handle_connect(
     if result.as_ref().is_err_and(crate::abort::broke_off) {
         // Not a clean end: neither side may take it for one (a reset
         // rather than a FIN: an upload or an answer was cut), each after
-        // what came before it.
-        // The server side: its drop never discards what is queued.
+        // what came before it (this is the stream's server side, whose drop
+        // never discards what is queued: no linger).
         stream.abort();
         crate::abort::reset_once_sent(&upstream, crate::abort::DRAIN_LIMIT).await;
     }
@@ -622,10 +622,7 @@ fn open_stream(
 ) -> Option<(StreamIo, Arc<crate::conntable::ConnHandle>)> {
     // This side reads the reset trailer (see `StreamIo::abort`).
     let mut ok = Response::new(());
-    ok.headers_mut().insert(
-        crate::h2stream::RESET_TRAILER,
-        HeaderValue::from_static("1"),
-    );
+    crate::h2stream::mark_reset(ok.headers_mut());
     let send = match respond.send_response(ok, false) {
         Ok(s) => s,
         Err(e) => {

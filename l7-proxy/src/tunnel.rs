@@ -338,10 +338,7 @@ impl TunnelPool {
             req.headers_mut().insert(crate::config::UPGRADE_REQUEST, u);
         }
         // This side reads the reset trailer (see `StreamIo::abort`).
-        req.headers_mut().insert(
-            crate::h2stream::RESET_TRAILER,
-            http::HeaderValue::from_static("1"),
-        );
+        crate::h2stream::mark_reset(req.headers_mut());
         let (parts, ()) = req.into_parts();
         // The far side answers once its own connect (bounded by the same
         // setting) is done; waiting for a stream slot counts too.
@@ -1005,9 +1002,7 @@ impl TunnelStream {
             self.inner.linger(limit).await;
         }
     }
-}
 
-impl TunnelStream {
     /// Ends the stream cleanly (a relay that went idle): the end of stream,
     /// then the stream is kept until the far side ends it too, at most
     /// `limit`; dropped at once it would be cancelled, which the far side

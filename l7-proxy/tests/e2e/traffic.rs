@@ -694,6 +694,22 @@ async fn client_ip_affinity_keeps_a_client_on_one_endpoint() {
 
 /// How a workload's TCP connection ended: the bytes it read, and whether
 /// by a clean end of stream (FIN) or an error (a reset).
+/// A listener on cart-0 behind the Service `name`, published as port 7000
+/// of `vip(1)`: a workload that speaks whatever the test has it speak.
+async fn tcp_workload(mesh: &Mesh, name: &str) -> std::sync::Arc<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap();
+    let mut svc = mesh.service(name, 1, listener.local_addr().unwrap().port(), &[cart(0)]);
+    svc.ports[0].port = 7000;
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    std::sync::Arc::new(listener)
+}
+
 async fn one_upload(
     listener: std::sync::Arc<tokio::net::TcpListener>,
 ) -> (Vec<u8>, std::io::Result<()>) {
@@ -716,19 +732,7 @@ async fn one_upload(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_reset_reaches_the_workload_as_a_reset_and_a_close_as_a_close() {
     let mesh = Mesh::standard().await;
-    let listener = std::sync::Arc::new(
-        tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
-            .await
-            .unwrap(),
-    );
-    let port = listener.local_addr().unwrap().port();
-    let mut svc = mesh.service("upload", 1, port, &[cart(0)]);
-    svc.ports[0].port = 7000;
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    let listener = tcp_workload(&mesh, "upload").await;
     for reset in [true, false] {
         let workload = tokio::spawn(one_upload(listener.clone()));
         let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
@@ -775,19 +779,7 @@ async fn an_idle_connection_ends_for_the_workload_with_a_plain_close() {
         },
     )
     .await;
-    let listener = std::sync::Arc::new(
-        tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
-            .await
-            .unwrap(),
-    );
-    let port = listener.local_addr().unwrap().port();
-    let mut svc = mesh.service("quiet", 1, port, &[cart(0)]);
-    svc.ports[0].port = 7000;
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    let listener = tcp_workload(&mesh, "quiet").await;
     let workload = tokio::spawn(one_upload(listener.clone()));
     let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
     t.write_all(b"one word").await.unwrap();
@@ -890,17 +882,7 @@ async fn a_workloads_reset_reaches_the_caller_after_the_answer_and_a_close_as_a_
     use tokio::io::AsyncReadExt;
     const ANSWER: usize = 256 * 1024;
     let mesh = Mesh::standard().await;
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
-        .await
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut svc = mesh.service("answers", 1, port, &[cart(0)]);
-    svc.ports[0].port = 7000;
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    let listener = tcp_workload(&mesh, "answers").await;
     let answer: Vec<u8> = (0..ANSWER).map(|i| (i % 251) as u8).collect();
     for reset in [true, false] {
         let mut t = mesh
