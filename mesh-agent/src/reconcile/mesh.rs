@@ -338,42 +338,72 @@ fn selected_pods(
     key: &Key,
     spec: &k8s_openapi::api::core::v1::ServiceSpec,
 ) -> Vec<SelectedPod> {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+    let Some(selector) = pod_selector(spec) else {
         return Vec::new();
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Vec::new();
-    }
-    let tcp: Vec<_> = spec
-        .ports
-        .iter()
-        .flatten()
-        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        .collect();
+    let tcp = tcp_ports(spec);
     let Some(candidates) = pods.get(key.namespace.as_str()) else {
         return Vec::new();
     };
     candidates
         .iter()
-        .filter(|w| selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .filter(|w| selects(selector, w))
         .filter_map(|w| {
-            let mut ports: Vec<u16> = tcp
-                .iter()
-                .filter_map(|p| match &p.target_port {
-                    None => u16::try_from(p.port).ok(),
-                    Some(IntOrString::Int(i)) => u16::try_from(*i).ok(),
-                    Some(IntOrString::String(name)) => w.ports.get(name).copied(),
-                })
-                .collect();
-            ports.sort_unstable();
-            ports.dedup();
+            let ports = pod_ports(&tcp, w);
             (!ports.is_empty()).then(|| SelectedPod {
                 pod: w.key(),
                 ports,
             })
         })
         .collect()
+}
+
+/// A Service's pod selector, when it picks pods (has a non-empty one and
+/// is not `ExternalName`).
+pub(crate) fn pod_selector(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Option<&BTreeMap<String, String>> {
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    spec.selector.as_ref().filter(|s| !s.is_empty())
+}
+
+/// Whether `selector` picks `w`.
+pub(crate) fn selects(selector: &BTreeMap<String, String>, w: &crate::state::Workload) -> bool {
+    selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+}
+
+/// A Service's TCP ports (the ones the proxy polices).
+pub(crate) fn tcp_ports(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> Vec<&k8s_openapi::api::core::v1::ServicePort> {
+    spec.ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .collect()
+}
+
+/// The pod ports `tcp` lead to on `w`, sorted: a named target port only
+/// where the pod declares that name (the EndpointSlice controller leaves
+/// the pod out of that port otherwise).
+pub(crate) fn pod_ports(
+    tcp: &[&k8s_openapi::api::core::v1::ServicePort],
+    w: &crate::state::Workload,
+) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut ports: Vec<u16> = tcp
+        .iter()
+        .filter_map(|p| match &p.target_port {
+            None => u16::try_from(p.port).ok(),
+            Some(IntOrString::Int(i)) => u16::try_from(*i).ok(),
+            Some(IntOrString::String(name)) => w.ports.get(name).copied(),
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 #[cfg(test)]

@@ -72,11 +72,12 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
             continue;
         }
         let missing = missing_targets(store, key, p);
+        let ungoverned = ungoverned_pods(store, key, p);
         let not_found = missing
             .iter()
             .filter(|m| m.ends_with("does not exist"))
             .count();
-        let conds = [if missing.is_empty() {
+        let conds = [if missing.is_empty() && ungoverned.is_empty() {
             Cond {
                 type_: "Accepted",
                 status: true,
@@ -105,8 +106,18 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
                 status: true,
                 reason: "Accepted".into(),
                 message: format!(
-                    "the policy is in force for its other targets; {}",
-                    missing.join("; ")
+                    "the policy is in force for its other {}; {}",
+                    match (missing.is_empty(), ungoverned.is_empty()) {
+                        (false, true) => "targets",
+                        (true, false) => "pods",
+                        _ => "targets and pods",
+                    },
+                    missing
+                        .iter()
+                        .chain(&ungoverned)
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ),
             }
         }];
@@ -165,6 +176,79 @@ pub fn missing_targets(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) 
             });
             (external || !tcp)
                 .then(|| format!("{at} has no TCP port to govern (or is ExternalName)"))
+        })
+        .collect()
+}
+
+/// Most pods one message names.
+const NAMED_PODS: usize = 3;
+
+/// `spec.targetRefs[i]: Service ns/name selects pods that declare none of
+/// its named target ports (...)` for each target of `p` whose selector
+/// picks running pods its TCP ports lead nowhere on: every port of the
+/// Service names its target port and those pods declare none of the names.
+/// The policy does not govern them (the EndpointSlice controller leaves
+/// them out of the Service too), so anyone may reach them directly; the
+/// policy stays in force for the target's other pods.
+pub fn ungoverned_pods(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) -> Vec<String> {
+    use super::mesh::{pod_ports, pod_selector, selects, tcp_ports};
+    p.spec
+        .target_refs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let spec = store
+                .services
+                .get(&Key::new(&key.namespace, &t.name))?
+                .spec
+                .as_ref()?;
+            let selector = pod_selector(spec)?;
+            let tcp = tcp_ports(spec);
+            if tcp.is_empty() {
+                // missing_targets says so.
+                return None;
+            }
+            let pods: Vec<String> = store
+                .pods
+                .values()
+                .filter(|w| {
+                    w.namespace == key.namespace
+                        && !w.finished
+                        && !w.host_network
+                        && selects(selector, w)
+                        && pod_ports(&tcp, w).is_empty()
+                })
+                .map(|w| w.key().to_string())
+                .collect();
+            if pods.is_empty() {
+                return None;
+            }
+            let mut names: Vec<&str> = tcp
+                .iter()
+                .filter_map(|p| match &p.target_port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n)) => {
+                        Some(n.as_str())
+                    }
+                    _ => None,
+                })
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            let more = pods.len().saturating_sub(NAMED_PODS);
+            Some(format!(
+                "spec.targetRefs[{i}]: Service {}/{} selects pods that declare none of its \
+                 named target ports ({}): {}{}; the policy does not govern them (declare the \
+                 port names in their containers' ports, or use port numbers)",
+                key.namespace,
+                t.name,
+                names.join(", "),
+                pods[..pods.len().min(NAMED_PODS)].join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                },
+            ))
         })
         .collect()
 }
@@ -277,5 +361,83 @@ mod tests {
         s.apply(Update::Upsert(Object::Service(db)));
         let w = policy_status_writes(&s);
         assert_eq!(w[0].status["conditions"][0]["status"], "True");
+    }
+
+    #[test]
+    fn pods_that_declare_none_of_a_named_target_port_are_reported_as_ungoverned() {
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let mut s = Store::new();
+        let spec: AccessPolicySpec = serde_json::from_value(serde_json::json!({
+            "targetRefs": [{"kind": "Service", "name": "web"}],
+            "rules": [{"from": [{"namespace": "shop"}]}]
+        }))
+        .unwrap();
+        let mut p = AccessPolicy::new("p", spec);
+        p.metadata.namespace = Some("shop".into());
+        s.apply(Update::Upsert(Object::AccessPolicy(p.clone())));
+        let mut web = crate::testing::service("shop", "web", "127.96.0.5", &[80]);
+        web.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
+            Some(IntOrString::String("http".into()));
+        s.apply(Update::Upsert(Object::Service(web)));
+        let pod = |name: &str, port: Option<u16>| {
+            let mut w = crate::testing::workload("shop", name, "web", "10.0.1.5", "n1");
+            w.labels = [("app".to_string(), "web".to_string())].into();
+            if let Some(port) = port {
+                w.ports.insert("http".into(), port);
+            }
+            w
+        };
+        s.apply(Update::Upsert(Object::Pod(pod("web-0", Some(8080)))));
+        s.apply(Update::Upsert(Object::Pod(pod("web-1", None))));
+        // Neither a finished pod nor one of another Service counts.
+        let mut done = pod("web-2", None);
+        done.finished = true;
+        s.apply(Update::Upsert(Object::Pod(done)));
+        let mut other = pod("api-0", None);
+        other.labels = [("app".to_string(), "api".to_string())].into();
+        s.apply(Update::Upsert(Object::Pod(other)));
+
+        let key = Key::new("shop", "p");
+        let found = ungoverned_pods(&s, &key, &p);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with(
+                "spec.targetRefs[0]: Service shop/web selects pods that declare none of its \
+                 named target ports (http): shop/web-1; the policy does not govern them"
+            ),
+            "{found:?}"
+        );
+        // Still in force for web-0: accepted, saying which pods it misses.
+        let w = policy_status_writes(&s);
+        let c = &w[0].status["conditions"][0];
+        assert_eq!(c["status"], "True", "{c}");
+        let message = c["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("the policy is in force for its other pods; ")
+                && message.contains("shop/web-1")
+                && !message.contains("web-0"),
+            "{c}"
+        );
+
+        // Many such pods: three are named.
+        for name in ["web-3", "web-4", "web-5"] {
+            s.apply(Update::Upsert(Object::Pod(pod(name, None))));
+        }
+        let found = ungoverned_pods(&s, &key, &p);
+        assert!(
+            found[0].contains("shop/web-1, shop/web-3, shop/web-4 and 1 more;"),
+            "{found:?}"
+        );
+
+        // Once they declare the name, nothing is reported.
+        for name in ["web-1", "web-3", "web-4", "web-5"] {
+            s.apply(Update::Upsert(Object::Pod(pod(name, Some(8080)))));
+        }
+        assert_eq!(ungoverned_pods(&s, &key, &p), Vec::<String>::new());
+        let w = policy_status_writes(&s);
+        assert_eq!(
+            w[0].status["conditions"][0]["message"],
+            "the policy is in force"
+        );
     }
 }

@@ -971,3 +971,46 @@ fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unre
     assert!(f.dp.guarded().is_empty(), "{:?}", f.dp.guarded());
     assert!(errors(&f).is_empty(), "{:?}", errors(&f));
 }
+
+#[test]
+fn pods_an_access_policy_cannot_govern_are_config_errors() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut f = fixture();
+    let mut objs = shop();
+    let mut a = service("shop", "a", "127.96.0.1", &[80]);
+    a.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
+        Some(IntOrString::String("http".into()));
+    objs[1] = Object::Service(a);
+    let mut pod = workload("shop", "a-0", "a", "10.0.0.1", "n1");
+    pod.labels = [("app".to_string(), "a".to_string())].into();
+    objs.push(Object::Pod(pod.clone()));
+    let spec: crate::crds::AccessPolicySpec = serde_json::from_value(serde_json::json!({
+        "targetRefs": [{"kind": "Service", "name": "a"}],
+        "rules": [{"from": [{"namespace": "shop"}]}]
+    }))
+    .unwrap();
+    let mut p = crate::crds::AccessPolicy::new("only-shop", spec);
+    p.metadata.namespace = Some("shop".into());
+    objs.push(Object::AccessPolicy(p));
+    f.upsert(objs);
+    f.sync();
+    let errors = f.rx.view.borrow().config_errors.clone();
+    let e = errors
+        .iter()
+        .find(|e| e.object.as_deref() == Some("AccessPolicy shop/only-shop"))
+        .unwrap_or_else(|| panic!("{errors:?}"));
+    assert!(
+        e.message.contains("shop/a-0") && e.message.contains("(http)"),
+        "{e:?}"
+    );
+    // The pod declares the port: no error.
+    pod.ports.insert("http".into(), 8080);
+    f.upsert(vec![Object::Pod(pod)]);
+    let errors = f.rx.view.borrow().config_errors.clone();
+    assert!(
+        !errors
+            .iter()
+            .any(|e| e.object.as_deref() == Some("AccessPolicy shop/only-shop")),
+        "{errors:?}"
+    );
+}
