@@ -79,6 +79,8 @@ pub(crate) async fn handle(
     let (mut parts, body) = req.into_parts();
     // Nothing from the caller may pose as the mesh's own headers.
     remove_mesh_headers(&mut parts.headers);
+    // WebSocket over HTTP/2: from here on an HTTP/1.1 upgrade request.
+    crate::upgrade::from_extended_connect(&mut parts);
     // Routed, rewritten and sent as the workload will read it: a path that
     // spells a prefix (`/api/../admin`) must not be routed under it.
     if let Some(uri) = crate::router::normalized_path(parts.uri.path())
@@ -839,7 +841,12 @@ async fn send_once(
     if let Some(row) = &conn.row {
         row.request_sent(up.tunnel.as_ref().map(|t| &t.identity));
     }
-    if conn.protocol == Protocol::Http1
+    // An HTTP/1.1 upgrade, or an HTTP/2 extended CONNECT made one.
+    if (conn.protocol == Protocol::Http1
+        || parts
+            .extensions
+            .get::<crate::upgrade::ExtendedConnect>()
+            .is_some())
         && let Some(client) = crate::upgrade::take(&mut parts)
     {
         return send_upgrade(shared, conn, up, parts, body, client).await;
@@ -934,6 +941,10 @@ async fn send_upgrade(
     body: Body,
     client: OnUpgrade,
 ) -> Result<Response<Body>, SendError> {
+    let extended = parts
+        .extensions
+        .get::<crate::upgrade::ExtendedConnect>()
+        .is_some();
     crate::upgrade::prepare(&mut parts, &up.target);
     let (io, tls): (Box<dyn crate::abort::UpgradeIo>, _) = match &up.tunnel {
         Some(t) => {
@@ -1018,6 +1029,9 @@ async fn send_upgrade(
     if tunnel.is_none() {
         // An endpoint outside the mesh answered: it may not speak for it.
         remove_mesh_headers(&mut rp.headers);
+    }
+    if extended {
+        crate::upgrade::answer_extended_connect(&mut rp);
     }
     Ok(Response::from_parts(rp, boxed(rb)))
 }

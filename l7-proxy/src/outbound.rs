@@ -197,6 +197,8 @@ where
             let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(s.max_header_bytes)
+                // WebSocket over HTTP/2 (RFC 8441): extended CONNECT.
+                .enable_connect_protocol()
                 // A peer that stops answering pings is gone: its streams end.
                 .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
                 .keep_alive_timeout(std::time::Duration::from_secs(10))

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use http::{
-    HeaderValue, Request, Response, StatusCode, Uri, Version,
+    HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
     header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE},
     request::Parts,
     uri::PathAndQuery,
@@ -60,6 +60,82 @@ pub(crate) fn take(parts: &mut Parts) -> Option<OnUpgrade> {
         return None;
     }
     parts.extensions.remove::<OnUpgrade>()
+}
+
+/// Marks a request that came as an HTTP/2 extended `CONNECT` (RFC 8441): the
+/// workload's `101` is answered `200` on the caller's stream.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ExtendedConnect;
+
+const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
+
+/// Turns an HTTP/2 extended `CONNECT` (RFC 8441: WebSocket over HTTP/2, a
+/// `:protocol` pseudo-header) into the HTTP/1.1 upgrade request workloads
+/// read: `GET` with `Upgrade: <protocol>` and `Connection: upgrade`, and for
+/// `websocket` a fresh `Sec-WebSocket-Key` (RFC 8441 drops the key and
+/// accept handshake, an HTTP/1.1 server wants it). From here it is routed,
+/// policed and sent as any upgrade request; [`answer_extended_connect`]
+/// turns the switch into the caller's `200`. Any other request is left as
+/// it is (`false`).
+pub(crate) fn from_extended_connect(parts: &mut Parts) -> bool {
+    if parts.method != Method::CONNECT {
+        return false;
+    }
+    let Some(protocol) = parts.extensions.remove::<hyper::ext::Protocol>() else {
+        return false;
+    };
+    let Ok(value) = HeaderValue::from_str(protocol.as_str()) else {
+        parts.extensions.insert(protocol);
+        return false;
+    };
+    parts.method = Method::GET;
+    let websocket = protocol.as_str().eq_ignore_ascii_case("websocket");
+    parts.headers.insert(UPGRADE, value);
+    parts
+        .headers
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if websocket && !parts.headers.contains_key(SEC_WEBSOCKET_KEY) {
+        parts
+            .headers
+            .insert(SEC_WEBSOCKET_KEY, websocket_key(rand::random()));
+    }
+    parts.extensions.insert(ExtendedConnect);
+    true
+}
+
+/// The answer to an extended `CONNECT`: a switch (`101`) is a `200`, without
+/// the HTTP/1.1 handshake's own headers; any other answer stays as it is.
+pub(crate) fn answer_extended_connect(head: &mut http::response::Parts) {
+    if head.status != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    head.status = StatusCode::OK;
+    for name in [CONNECTION, UPGRADE, SEC_WEBSOCKET_ACCEPT] {
+        head.headers.remove(name);
+    }
+}
+
+/// A `Sec-WebSocket-Key`: 16 bytes in base64 (RFC 6455 section 4.1).
+fn websocket_key(bytes: [u8; 16]) -> HeaderValue {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(24);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                ALPHABET[(n >> (18 - 6 * i) & 63) as usize]
+            } else {
+                b'='
+            });
+        }
+    }
+    HeaderValue::from_bytes(&out).expect("base64 is a valid header value")
 }
 
 /// Readies an upgrade request for the workload: hop-by-hop headers go except
@@ -166,4 +242,20 @@ where
         }
     });
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_websocket_key_is_its_bytes_in_base64() {
+        // RFC 6455 section 1.3's sample nonce.
+        assert_eq!(
+            websocket_key(*b"the sample nonce"),
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        );
+        let bytes: [u8; 16] = std::array::from_fn(|i| i as u8 * 17);
+        assert_eq!(websocket_key(bytes), "ABEiM0RVZneImaq7zN3u/w==");
+    }
 }

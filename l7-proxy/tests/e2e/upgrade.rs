@@ -23,7 +23,7 @@ use crate::support::*;
 type Seen = Arc<Mutex<Vec<String>>>;
 
 /// A server that answers requests for `.../no` and without `upgrade: echo`
-/// with a plain 400 and keeps the connection for the next request (as a
+/// (or `websocket`) with a plain 400 and keeps the connection for the next request (as a
 /// keep-alive server does), and every other upgrade request with `101`,
 /// then greets with `srv=<name>;` and echoes.
 async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Seen) {
@@ -47,7 +47,10 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
                     s.lock().unwrap().push(head.clone());
                     let lower = head.to_ascii_lowercase();
                     let path = head.split(' ').nth(1).unwrap_or_default();
-                    if path.ends_with("/no") || !lower.contains("\r\nupgrade: echo\r\n") {
+                    let websocket = lower.contains("\r\nupgrade: websocket\r\n");
+                    if path.ends_with("/no")
+                        || !(lower.contains("\r\nupgrade: echo\r\n") || websocket)
+                    {
                         // With a header only the mesh may set.
                         let no = b"HTTP/1.1 400 Bad Request\r\nsluice-reason: forged\r\ncontent-length: 2\r\n\r\nno";
                         if tcp.write_all(no).await.is_err() {
@@ -55,8 +58,13 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
                         }
                         continue;
                     }
+                    let protocol = if websocket {
+                        "websocket\r\nsec-websocket-accept: from-the-server"
+                    } else {
+                        "echo"
+                    };
                     let greeting = format!(
-                        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-server: {name}\r\n\r\nsrv={name};"
+                        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\nx-server: {name}\r\n\r\nsrv={name};"
                     );
                     if tcp.write_all(greeting.as_bytes()).await.is_err() {
                         return;
@@ -530,5 +538,129 @@ async fn an_idle_upgraded_connection_ends_for_the_workload_with_a_plain_close() 
         .await
         .expect("the caller's side ends");
     assert!(matches!(read, Ok(0)), "the caller saw {read:?}");
+    mesh.shutdown().await;
+}
+
+/// Reads `n` bytes of an HTTP/2 stream's data.
+async fn read_h2(body: &mut h2::RecvStream, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.data())
+            .await
+            .expect("data within 10 s")
+            .expect("the stream goes on")
+            .expect("data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_http2_becomes_an_http1_upgrade_across_the_tunnel() {
+    websocket_over_http2(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_http2_to_a_workload_outside_the_mesh_goes_direct() {
+    websocket_over_http2(false).await;
+}
+
+/// An HTTP/2 client's WebSocket (extended CONNECT) to cart-0, through the
+/// tunnel or to a cart-0 outside the mesh.
+async fn websocket_over_http2(tunnel: bool) {
+    let (mesh, seen) = reset_mesh(tunnel).await;
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    // The proxy says it takes extended CONNECT (in its first SETTINGS).
+    eventually("the proxy allows extended CONNECT", || {
+        h2.is_extended_connect_protocol_enabled()
+    })
+    .await;
+    let connect = |path: &str| {
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("http://cart.shop{path}"))
+            .header("sec-websocket-version", "13")
+            .header("x-app", "1")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static("websocket"));
+        req
+    };
+    let (resp, mut send) = h2.send_request(connect("/chat/watch"), false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    // The workload's switch is the HTTP/2 caller's 200, without the
+    // HTTP/1.1 handshake's headers.
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(resp.headers()["x-server"], "cart-0");
+    assert!(
+        !resp.headers().contains_key("sec-websocket-accept")
+            && !resp.headers().contains_key("upgrade"),
+        "{resp:?}"
+    );
+    let mut socket = resp.into_body();
+    assert_eq!(read_h2(&mut socket, 11).await, b"srv=cart-0;");
+    for msg in [&b"ping"[..], &vec![7u8; 100_000]] {
+        send.reserve_capacity(msg.len());
+        send.send_data(bytes::Bytes::copy_from_slice(msg), false)
+            .unwrap();
+        assert_eq!(read_h2(&mut socket, msg.len()).await, msg);
+    }
+
+    // The workload got an HTTP/1.1 WebSocket upgrade request, with a key,
+    // and through the tunnel the caller's verified identity.
+    let h = seen.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(h.starts_with("get /chat/watch http/1.1\r\n"), "{h}");
+    assert!(
+        h.contains("\r\nconnection: upgrade\r\n") && h.contains("\r\nupgrade: websocket\r\n"),
+        "{h}"
+    );
+    let key = h
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+        .unwrap_or_else(|| panic!("no sec-websocket-key: {h}"));
+    assert_eq!(key.len(), 24, "16 bytes in base64: {h}");
+    assert!(
+        h.contains("\r\nsec-websocket-version: 13\r\n")
+            && h.contains("\r\nhost: cart.shop\r\n")
+            && h.contains("\r\nx-app: 1\r\n"),
+        "{h}"
+    );
+    assert_eq!(
+        h.contains(&format!("sluice-source-identity: {}", web().identity())),
+        tunnel,
+        "{h}"
+    );
+
+    // A refusal is an ordinary answer, and the connection serves on.
+    let (resp, _send) = h2.send_request(connect("/no"), false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 400);
+    // The workload's header cannot pose as the mesh's.
+    assert!(!resp.headers().contains_key("sluice-reason"), "{resp:?}");
+    let mut body = resp.into_body();
+    assert_eq!(read_h2(&mut body, 2).await, b"no");
+    // A CONNECT without a protocol is still not proxied.
+    let plain = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("cart.shop:80")
+        .body(())
+        .unwrap();
+    let (resp, _send) = h2.send_request(plain, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 405);
+    // The caller ends its WebSocket: the workload's side ends too.
+    send.send_data(bytes::Bytes::new(), true).unwrap();
+    eventually("the workload sees the end", || {
+        seen.lock().unwrap().iter().any(|h| h == "END eof")
+    })
+    .await;
+    drop((send, socket, h2));
     mesh.shutdown().await;
 }
