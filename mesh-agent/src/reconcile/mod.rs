@@ -995,12 +995,12 @@ impl Reconciler {
                     message: format!("{message}: the policy protects nothing there"),
                 });
             }
-            for message in policies::ungoverned_pods(&self.store, key, p) {
+            for u in policies::ungoverned_pods(&self.store, key, p) {
                 out.push(ConfigError {
                     source: "model".into(),
                     object: Some(format!("AccessPolicy {key}")),
                     field: None,
-                    message,
+                    message: u.detail(),
                 });
             }
         }

@@ -72,7 +72,10 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
             continue;
         }
         let missing = missing_targets(store, key, p);
-        let ungoverned = ungoverned_pods(store, key, p);
+        let ungoverned: Vec<String> = ungoverned_pods(store, key, p)
+            .iter()
+            .map(Ungoverned::status_message)
+            .collect();
         let not_found = missing
             .iter()
             .filter(|m| m.ends_with("does not exist"))
@@ -106,11 +109,11 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
                 status: true,
                 reason: "Accepted".into(),
                 message: format!(
-                    "the policy is in force for its other {}; {}",
+                    "the policy is in force{}; {}",
                     match (missing.is_empty(), ungoverned.is_empty()) {
-                        (false, true) => "targets",
-                        (true, false) => "pods",
-                        _ => "targets and pods",
+                        (false, true) => " for its other targets",
+                        (true, false) => ", except on pods it cannot govern",
+                        _ => " for its other targets, except on pods it cannot govern",
                     },
                     missing
                         .iter()
@@ -183,15 +186,63 @@ pub fn missing_targets(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) 
 /// Most pods one message names.
 const NAMED_PODS: usize = 3;
 
-/// `spec.targetRefs[i]: Service ns/name selects pods that declare none of
-/// its named target ports (...)` for each target of `p` whose selector
-/// picks running pods its TCP ports lead nowhere on: every port of the
-/// Service names its target port and those pods declare none of the names.
-/// The policy does not govern them (the EndpointSlice controller leaves
-/// them out of the Service too), so anyone may reach them directly; the
-/// policy stays in force for the target's other pods.
-pub fn ungoverned_pods(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) -> Vec<String> {
-    use super::mesh::{pod_ports, pod_selector, selects, tcp_ports};
+/// The pods one target of an AccessPolicy cannot govern: every TCP port of
+/// the target Service names its target port, and these enrolled pods its
+/// selector picks declare none of the names. The EndpointSlice controller
+/// gives them no port of the Service, but anyone can reach them directly;
+/// the policy stays in force for the target's other pods.
+#[derive(Debug, PartialEq)]
+pub struct Ungoverned {
+    at: String,
+    port_names: Vec<String>,
+    /// The first [`NAMED_PODS`] of them.
+    pods: Vec<Key>,
+    total: usize,
+}
+
+impl Ungoverned {
+    fn what(&self) -> String {
+        format!(
+            "{} selects pods that declare none of its named target ports ({})",
+            self.at,
+            self.port_names.join(", ")
+        )
+    }
+
+    /// For the policy's status: the same while pods come and go.
+    pub fn status_message(&self) -> String {
+        format!(
+            "{}; the policy does not govern them (`sluice check` names them)",
+            self.what()
+        )
+    }
+
+    /// For `sluice check`: which pods, and the fix.
+    pub fn detail(&self) -> String {
+        let names: Vec<String> = self.pods.iter().map(ToString::to_string).collect();
+        let more = self.total - self.pods.len();
+        format!(
+            "{}: {}{}; the policy does not govern them (declare the port names in their \
+             containers' ports, or give the Service port numbers)",
+            self.what(),
+            names.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+        )
+    }
+}
+
+/// The targets of `p` with enrolled pods it cannot govern ([`Ungoverned`]).
+pub fn ungoverned_pods(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) -> Vec<Ungoverned> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    use super::{
+        mesh::{pod_selector, selects, tcp_ports},
+        workloads::not_enrolled_reason,
+    };
     p.spec
         .target_refs
         .iter()
@@ -203,52 +254,41 @@ pub fn ungoverned_pods(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) 
                 .spec
                 .as_ref()?;
             let selector = pod_selector(spec)?;
-            let tcp = tcp_ports(spec);
-            if tcp.is_empty() {
-                // missing_targets says so.
-                return None;
-            }
-            let pods: Vec<String> = store
-                .pods
-                .values()
-                .filter(|w| {
-                    w.namespace == key.namespace
-                        && !w.finished
-                        && !w.host_network
-                        && selects(selector, w)
-                        && pod_ports(&tcp, w).is_empty()
-                })
-                .map(|w| w.key().to_string())
-                .collect();
-            if pods.is_empty() {
-                return None;
-            }
-            let mut names: Vec<&str> = tcp
+            // Only where every TCP port names its target port can a pod
+            // get none of them (none at all: missing_targets says so).
+            let mut port_names = tcp_ports(spec)
                 .iter()
-                .filter_map(|p| match &p.target_port {
-                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n)) => {
-                        Some(n.as_str())
-                    }
+                .map(|p| match &p.target_port {
+                    Some(IntOrString::String(n)) => Some(n.clone()),
                     _ => None,
                 })
-                .collect();
-            names.sort_unstable();
-            names.dedup();
-            let more = pods.len().saturating_sub(NAMED_PODS);
-            Some(format!(
-                "spec.targetRefs[{i}]: Service {}/{} selects pods that declare none of its \
-                 named target ports ({}): {}{}; the policy does not govern them (declare the \
-                 port names in their containers' ports, or use port numbers)",
-                key.namespace,
-                t.name,
-                names.join(", "),
-                pods[..pods.len().min(NAMED_PODS)].join(", "),
-                if more > 0 {
-                    format!(" and {more} more")
-                } else {
-                    String::new()
-                },
-            ))
+                .collect::<Option<Vec<String>>>()
+                .filter(|n| !n.is_empty())?;
+            port_names.sort_unstable();
+            port_names.dedup();
+            let mut pods = Vec::new();
+            let mut total = 0;
+            let in_namespace = store
+                .pods
+                .range(Key::new(&key.namespace, "")..)
+                .take_while(|(k, _)| k.namespace == key.namespace);
+            for (k, w) in in_namespace {
+                if selects(selector, w)
+                    && !port_names.iter().any(|n| w.ports.contains_key(n))
+                    && not_enrolled_reason(store, w).is_none()
+                {
+                    total += 1;
+                    if pods.len() < NAMED_PODS {
+                        pods.push(k.clone());
+                    }
+                }
+            }
+            (total > 0).then(|| Ungoverned {
+                at: format!("spec.targetRefs[{i}]: Service {}/{}", key.namespace, t.name),
+                port_names,
+                pods,
+                total,
+            })
         })
         .collect()
 }
@@ -367,6 +407,9 @@ mod tests {
     fn pods_that_declare_none_of_a_named_target_port_are_reported_as_ungoverned() {
         use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
         let mut s = Store::new();
+        s.apply(Update::Upsert(Object::Namespace(
+            crate::testing::namespace("shop", true),
+        )));
         let spec: AccessPolicySpec = serde_json::from_value(serde_json::json!({
             "targetRefs": [{"kind": "Service", "name": "web"}],
             "rules": [{"from": [{"namespace": "shop"}]}]
@@ -396,27 +439,35 @@ mod tests {
         let mut other = pod("api-0", None);
         other.labels = [("app".to_string(), "api".to_string())].into();
         s.apply(Update::Upsert(Object::Pod(other)));
+        // Nor one out of the mesh: no policy governs it anyway.
+        let mut out = pod("web-9", None);
+        out.annotations.insert(
+            crate::config::MESH_ANNOTATION.into(),
+            crate::config::MESH_DISABLED.into(),
+        );
+        s.apply(Update::Upsert(Object::Pod(out)));
 
         let key = Key::new("shop", "p");
         let found = ungoverned_pods(&s, &key, &p);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
-            found[0].starts_with(
+            found[0].detail().starts_with(
                 "spec.targetRefs[0]: Service shop/web selects pods that declare none of its \
                  named target ports (http): shop/web-1; the policy does not govern them"
             ),
             "{found:?}"
         );
-        // Still in force for web-0: accepted, saying which pods it misses.
+        // Still in force for web-0: accepted, saying which Service's pods
+        // it misses (not which pods: the status would change with every
+        // rollout).
         let w = policy_status_writes(&s);
         let c = &w[0].status["conditions"][0];
         assert_eq!(c["status"], "True", "{c}");
-        let message = c["message"].as_str().unwrap();
-        assert!(
-            message.starts_with("the policy is in force for its other pods; ")
-                && message.contains("shop/web-1")
-                && !message.contains("web-0"),
-            "{c}"
+        assert_eq!(
+            c["message"],
+            "the policy is in force, except on pods it cannot govern; spec.targetRefs[0]: \
+             Service shop/web selects pods that declare none of its named target ports \
+             (http); the policy does not govern them (`sluice check` names them)",
         );
 
         // Many such pods: three are named.
@@ -425,15 +476,22 @@ mod tests {
         }
         let found = ungoverned_pods(&s, &key, &p);
         assert!(
-            found[0].contains("shop/web-1, shop/web-3, shop/web-4 and 1 more;"),
+            found[0]
+                .detail()
+                .contains("shop/web-1, shop/web-3, shop/web-4 and 1 more;"),
             "{found:?}"
+        );
+        // The status says the same as before: nothing to write.
+        assert_eq!(
+            policy_status_writes(&s)[0].status["conditions"][0]["message"],
+            c["message"]
         );
 
         // Once they declare the name, nothing is reported.
         for name in ["web-1", "web-3", "web-4", "web-5"] {
             s.apply(Update::Upsert(Object::Pod(pod(name, Some(8080)))));
         }
-        assert_eq!(ungoverned_pods(&s, &key, &p), Vec::<String>::new());
+        assert_eq!(ungoverned_pods(&s, &key, &p), vec![]);
         let w = policy_status_writes(&s);
         assert_eq!(
             w[0].status["conditions"][0]["message"],

@@ -52,7 +52,7 @@ pub fn mtls_mode(store: &Store, w: &Workload, default: MtlsMode) -> MtlsMode {
 }
 
 /// Why a local workload is not enrolled, if it is not.
-fn not_enrolled_reason(store: &Store, w: &Workload) -> Option<String> {
+pub(crate) fn not_enrolled_reason(store: &Store, w: &Workload) -> Option<String> {
     if !store.namespace_enrolled(&w.namespace) {
         return Some(format!(
             "namespace {} is not enrolled (annotate it {}={})",
