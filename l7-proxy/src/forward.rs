@@ -842,14 +842,26 @@ async fn send_once(
         row.request_sent(up.tunnel.as_ref().map(|t| &t.identity));
     }
     // An HTTP/1.1 upgrade, or an HTTP/2 extended CONNECT made one.
-    if (conn.protocol == Protocol::Http1
-        || parts
-            .extensions
-            .get::<crate::upgrade::ExtendedConnect>()
-            .is_some())
-        && let Some(client) = crate::upgrade::take(&mut parts)
-    {
-        return send_upgrade(shared, conn, up, parts, body, client).await;
+    let extended = parts
+        .extensions
+        .get::<crate::upgrade::ExtendedConnect>()
+        .is_some();
+    if conn.protocol == Protocol::Http1 || extended {
+        match crate::upgrade::take(&mut parts) {
+            Some(client) => return send_upgrade(shared, conn, up, parts, body, client).await,
+            // Never as a plain request: its client waits for a WebSocket.
+            None if extended => {
+                return Err(SendError {
+                    status: StatusCode::BAD_REQUEST,
+                    reason: "the WebSocket request lost its upgrade (a route's filter removed \
+                             `connection` or `upgrade`, or added a body)"
+                        .into(),
+                    retryable: false,
+                    unreachable: false,
+                });
+            }
+            None => {}
+        }
     }
     strip_hop_by_hop(&mut parts.headers);
     let proto = conn.protocol;
@@ -1030,8 +1042,16 @@ async fn send_upgrade(
         // An endpoint outside the mesh answered: it may not speak for it.
         remove_mesh_headers(&mut rp.headers);
     }
-    if extended {
-        crate::upgrade::answer_extended_connect(&mut rp);
+    if extended && let Err(status) = crate::upgrade::answer_extended_connect(&mut rp) {
+        return Err(SendError {
+            status: StatusCode::BAD_GATEWAY,
+            reason: format!(
+                "{} answered the WebSocket request {status} without switching protocols",
+                up.addr
+            ),
+            retryable: false,
+            unreachable: false,
+        });
     }
     Ok(Response::from_parts(rp, boxed(rb)))
 }

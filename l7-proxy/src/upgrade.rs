@@ -70,11 +70,11 @@ pub(crate) struct ExtendedConnect;
 const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
 
-/// Turns an HTTP/2 extended `CONNECT` (RFC 8441: WebSocket over HTTP/2, a
-/// `:protocol` pseudo-header) into the HTTP/1.1 upgrade request workloads
-/// read: `GET` with `Upgrade: <protocol>` and `Connection: upgrade`, and for
-/// `websocket` a fresh `Sec-WebSocket-Key` (RFC 8441 drops the key and
-/// accept handshake, an HTTP/1.1 server wants it). From here it is routed,
+/// Turns an HTTP/2 extended `CONNECT` for a WebSocket (RFC 8441: a
+/// `:protocol` pseudo-header `websocket`) into the HTTP/1.1 upgrade request
+/// workloads read: `GET` with `Upgrade: websocket`, `Connection: upgrade`
+/// and a fresh `Sec-WebSocket-Key` (RFC 8441 drops the key and accept
+/// handshake; an HTTP/1.1 server wants it). From here it is routed,
 /// policed and sent as any upgrade request; [`answer_extended_connect`]
 /// turns the switch into the caller's `200`. Any other request is left as
 /// it is (`false`).
@@ -82,38 +82,50 @@ pub(crate) fn from_extended_connect(parts: &mut Parts) -> bool {
     if parts.method != Method::CONNECT {
         return false;
     }
-    let Some(protocol) = parts.extensions.remove::<hyper::ext::Protocol>() else {
+    // WebSocket only: other protocols (`connect-udp`, ...) have no
+    // HTTP/1.1 upgrade to become.
+    if !parts
+        .extensions
+        .get::<hyper::ext::Protocol>()
+        .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+    {
         return false;
-    };
-    let Ok(value) = HeaderValue::from_str(protocol.as_str()) else {
-        parts.extensions.insert(protocol);
-        return false;
-    };
+    }
+    parts.extensions.remove::<hyper::ext::Protocol>();
     parts.method = Method::GET;
-    let websocket = protocol.as_str().eq_ignore_ascii_case("websocket");
-    parts.headers.insert(UPGRADE, value);
+    parts
+        .headers
+        .insert(UPGRADE, HeaderValue::from_static("websocket"));
     parts
         .headers
         .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    if websocket && !parts.headers.contains_key(SEC_WEBSOCKET_KEY) {
-        parts
-            .headers
-            .insert(SEC_WEBSOCKET_KEY, websocket_key(rand::random()));
-    }
+    // Over HTTP/2 a key means nothing (RFC 8441 section 5): a fresh one
+    // replaces whatever the client sent, so the workload never refuses a
+    // malformed one. hyper refused a CONNECT with a body; `0` (or `00`) is
+    // no length to pass on.
+    parts
+        .headers
+        .insert(SEC_WEBSOCKET_KEY, websocket_key(rand::random()));
+    parts.headers.remove(CONTENT_LENGTH);
     parts.extensions.insert(ExtendedConnect);
     true
 }
 
 /// The answer to an extended `CONNECT`: a switch (`101`) is a `200`, without
-/// the HTTP/1.1 handshake's own headers; any other answer stays as it is.
-pub(crate) fn answer_extended_connect(head: &mut http::response::Parts) {
-    if head.status != StatusCode::SWITCHING_PROTOCOLS {
-        return;
+/// the HTTP/1.1 handshake's own headers; a refusal (`3xx` to `5xx`) stays as
+/// it is. Any other `2xx` is an error (`Err` with the status): to an HTTP/2
+/// client it would say the WebSocket is open, and nothing would carry it.
+pub(crate) fn answer_extended_connect(head: &mut http::response::Parts) -> Result<(), StatusCode> {
+    if head.status.is_success() || head.status.is_informational() {
+        if head.status != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(head.status);
+        }
+        head.status = StatusCode::OK;
+        for name in [CONNECTION, UPGRADE, SEC_WEBSOCKET_ACCEPT] {
+            head.headers.remove(name);
+        }
     }
-    head.status = StatusCode::OK;
-    for name in [CONNECTION, UPGRADE, SEC_WEBSOCKET_ACCEPT] {
-        head.headers.remove(name);
-    }
+    Ok(())
 }
 
 /// A `Sec-WebSocket-Key`: 16 bytes in base64 (RFC 6455 section 4.1).

@@ -1009,3 +1009,63 @@ async fn trailers_reach_an_http2_workload_without_the_mesh_fields() {
     );
     mesh.shutdown().await;
 }
+
+/// Downloads whose callers stopped reading hold their own tunnel streams'
+/// windows, not the tunnel connection's: another connection between the
+/// same workload and node still carries data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_downloads_do_not_stall_the_tunnel() {
+    use tokio::io::AsyncReadExt;
+    let mesh = Mesh::standard().await;
+    let listener = tcp_workload(&mesh, "firehose").await;
+    // The first three connections get 32 MiB each; later ones an echo.
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if n < 3 {
+                    let _ = s.write_all(&vec![3u8; 32 << 20]).await;
+                } else {
+                    echo_bytes(&mut s).await;
+                }
+            });
+        }
+    });
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await);
+    }
+    // Until node A takes nothing more for them: every buffer on the way
+    // is full.
+    let received = || -> u64 {
+        mesh.a
+            .proxy()
+            .connections()
+            .iter()
+            .filter(|r| r.kind == ConnKind::OutboundTcp)
+            .map(|r| r.bytes_received)
+            .sum()
+    };
+    let mut last = u64::MAX;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = received();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    // Another connection of the same caller to the same node.
+    let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
+    t.write_all(b"still moving").await.unwrap();
+    let mut buf = [0u8; 12];
+    tokio::time::timeout(std::time::Duration::from_secs(10), t.read_exact(&mut buf))
+        .await
+        .expect("an answer within 10 s, beside the stalled downloads")
+        .unwrap();
+    assert_eq!(&buf, b"still moving");
+    drop((t, stalled));
+    mesh.shutdown().await;
+}

@@ -24,8 +24,9 @@ type Seen = Arc<Mutex<Vec<String>>>;
 
 /// A server that answers requests for `.../no` and without `upgrade: echo`
 /// (or `websocket`) with a plain 400 and keeps the connection for the next request (as a
-/// keep-alive server does), and every other upgrade request with `101`,
-/// then greets with `srv=<name>;` and echoes.
+/// keep-alive server does), requests for `.../plain` with a plain 200, and
+/// every other upgrade request with `101`, then greets with `srv=<name>;`
+/// and echoes (`.../stall`: reads nothing for 3 s, then closes).
 async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Seen) {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -58,6 +59,14 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
                         }
                         continue;
                     }
+                    if path.ends_with("/plain") {
+                        // Not an upgrade server after all: a plain answer.
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if tcp.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     let protocol = if websocket {
                         "websocket\r\nsec-websocket-accept: from-the-server"
                     } else {
@@ -74,6 +83,10 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
                         let _ = tcp.write_all(b"bye").await;
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         let _ = tcp.set_zero_linger();
+                    } else if path.ends_with("/stall") {
+                        // Reads nothing more for 3 s (longer than the test
+                        // needs), then closes with what came unread.
+                        tokio::time::sleep(Duration::from_secs(3)).await;
                     } else if path.ends_with("/watch") {
                         // Echoes, and records how the caller's side ended.
                         let mut buf = [0u8; 4096];
@@ -584,6 +597,8 @@ async fn websocket_over_http2(tunnel: bool) {
             .method(http::Method::CONNECT)
             .uri(format!("http://cart.shop{path}"))
             .header("sec-websocket-version", "13")
+            // Meaningless over HTTP/2: replaced.
+            .header("sec-websocket-key", "from-the-client")
             .header("x-app", "1")
             .body(())
             .unwrap();
@@ -627,6 +642,7 @@ async fn websocket_over_http2(tunnel: bool) {
         .find_map(|l| l.strip_prefix("sec-websocket-key: "))
         .unwrap_or_else(|| panic!("no sec-websocket-key: {h}"));
     assert_eq!(key.len(), 24, "16 bytes in base64: {h}");
+    assert_eq!(h.matches("sec-websocket-key").count(), 1, "{h}");
     assert!(
         h.contains("\r\nsec-websocket-version: 13\r\n")
             && h.contains("\r\nhost: cart.shop\r\n")
@@ -647,6 +663,28 @@ async fn websocket_over_http2(tunnel: bool) {
     assert!(!resp.headers().contains_key("sluice-reason"), "{resp:?}");
     let mut body = resp.into_body();
     assert_eq!(read_h2(&mut body, 2).await, b"no");
+    // A workload that answers 200 did not open a WebSocket: the client
+    // must not read that it did.
+    let (resp, _send) = h2.send_request(connect("/plain"), false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(
+        resp.headers()["sluice-reason"]
+            .to_str()
+            .unwrap()
+            .contains("answered the WebSocket request 200 OK without switching protocols"),
+        "{resp:?}"
+    );
+    // Nor is any protocol but websocket turned into an upgrade.
+    let mut udp = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("http://cart.shop/udp")
+        .body(())
+        .unwrap();
+    udp.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("connect-udp"));
+    let (resp, _send) = h2.send_request(udp, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 405);
     // A CONNECT without a protocol is still not proxied.
     let plain = http::Request::builder()
         .method(http::Method::CONNECT)
@@ -662,5 +700,65 @@ async fn websocket_over_http2(tunnel: bool) {
     })
     .await;
     drop((send, socket, h2));
+    mesh.shutdown().await;
+}
+
+/// WebSockets over HTTP/2 whose workload stops reading hold their own
+/// streams' windows, not their client connection's or the tunnel's: another
+/// stream of the same connection still carries data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http2_websockets_do_not_stall_their_connection() {
+    let (mesh, _, _seen) = cart_mesh(vec![]).await;
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    eventually("the proxy allows extended CONNECT", || {
+        h2.is_extended_connect_protocol_enabled()
+    })
+    .await;
+    let websocket = |path: &str| {
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("http://cart.shop{path}"))
+            .header("sec-websocket-version", "13")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static("websocket"));
+        req
+    };
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let (resp, mut send) = h2.send_request(websocket("/chat/stall"), false).unwrap();
+        assert_eq!(resp.await.unwrap().status(), 200);
+        // More than every buffer on the way (sockets, tunnel windows)
+        // takes: the rest waits in the client for the stream's window.
+        let big = bytes::Bytes::from(vec![1u8; 32 * 1024 * 1024]);
+        send.reserve_capacity(big.len());
+        send.send_data(big, false).unwrap();
+        // Until the stream's own window is all the proxy lets it have.
+        let mut last = usize::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let left = send.capacity();
+            if left == last {
+                break;
+            }
+            last = left;
+        }
+        stalled.push(send);
+    }
+    // Another WebSocket on the same connection, to the same workload,
+    // still carries 600 kB both ways.
+    let (resp, mut send) = h2.send_request(websocket("/chat/watch"), false).unwrap();
+    let mut socket = resp.await.unwrap().into_body();
+    assert_eq!(read_h2(&mut socket, 11).await, b"srv=cart-0;");
+    let msg = vec![2u8; 600_000];
+    send.reserve_capacity(msg.len());
+    send.send_data(bytes::Bytes::from(msg.clone()), false)
+        .unwrap();
+    assert_eq!(read_h2(&mut socket, msg.len()).await, msg);
+    drop((stalled, send, socket, h2));
     mesh.shutdown().await;
 }
