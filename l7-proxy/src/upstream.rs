@@ -259,9 +259,14 @@ impl WorkloadClients {
         let tcp = crate::connect::connect(addr, self.inner.mark, self.inner.connect_timeout)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
+        // One connection per workload carries every caller's requests: a
+        // caller that stops reading its answer (a download, a gRPC server
+        // stream) holds its stream's window only, as in the tunnel.
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(self.inner.max_header_bytes)
+            .initial_stream_window_size(crate::tunnel::STREAM_WINDOW)
+            .initial_connection_window_size(crate::tunnel::CONNECTION_WINDOW)
             .handshake::<_, Body>(TokioIo::new(tcp))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;

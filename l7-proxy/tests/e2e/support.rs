@@ -598,6 +598,12 @@ async fn echo(
     } else if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
     }
+    if let Some(mib) = path.strip_prefix("/big/") {
+        // A download of that many MiB.
+        let mib: usize = mib.parse().unwrap_or(1);
+        let body = Bytes::from(vec![b'x'; mib << 20]);
+        return Ok(Response::new(BodyExt::boxed(Full::new(body))));
+    }
     let grpc = headers
         .get("content-type")
         .is_some_and(|c| c.starts_with("application/grpc"));

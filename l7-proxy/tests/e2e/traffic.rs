@@ -1069,3 +1069,51 @@ async fn stalled_downloads_do_not_stall_the_tunnel() {
     drop((t, stalled));
     mesh.shutdown().await;
 }
+
+/// HTTP/2 downloads whose callers stopped reading hold their own streams'
+/// windows on the workload's connection (one per workload, shared by every
+/// caller), not the connection's: another caller is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http2_downloads_do_not_stall_the_workloads_connection() {
+    use http_body_util::{BodyExt, Empty};
+    let mesh = Mesh::standard().await;
+    let (_srv, port) = servers(&[cart(0)]).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let to = SocketAddr::new(vip(1), 80);
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut h2 = mesh.http2_raw::<Empty<bytes::Bytes>>(web().ip, to).await;
+        let req = http::Request::get("http://cart.shop/big/32")
+            .body(Empty::new())
+            .unwrap();
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(10), h2.send_request(req))
+            .await
+            .expect("a download's head within 10 s")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        // Its body is not read.
+        stalled.push((h2, resp));
+    }
+    // Until every buffer on the way is full.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut h2 = mesh.http2_raw::<Empty<bytes::Bytes>>(bot().ip, to).await;
+    let req = http::Request::get("http://cart.shop/small")
+        .body(Empty::new())
+        .unwrap();
+    let body = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let resp = h2.send_request(req).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes()
+    })
+    .await
+    .expect("another caller's answer within 10 s, beside the stalled downloads");
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"path\":\"/small\""),
+        "{body:?}"
+    );
+    drop(stalled);
+    mesh.shutdown().await;
+}
