@@ -220,44 +220,29 @@ impl Activity {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A body that records each of its frames in an [`Activity`] (a
-    /// response, for its request's idle timeout).
-    pub struct Touching {
-        #[pin]
-        inner: Body,
-        activity: Activity,
-    }
-}
-
-impl Touching {
-    pub fn new(inner: Body, activity: Activity) -> Self {
-        Self { inner, activity }
-    }
-}
-
-impl http_body::Body for Touching {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let r = this.inner.poll_frame(cx);
-        if r.is_ready() {
-            this.activity.touch();
+/// `fut`'s output, or `None` once `activity` has recorded nothing for
+/// `idle` (a request waiting for its answer while its body, if any, sends
+/// nothing either).
+pub async fn until_idle<F: std::future::Future>(
+    fut: F,
+    idle: std::time::Duration,
+    activity: &Activity,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut sleep = std::pin::pin!(tokio::time::sleep_until(activity.last() + idle));
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut fut => return Some(out),
+            () = &mut sleep => {
+                // Moved only when it fires: the body's frames just record.
+                let next = activity.last() + idle;
+                if next <= tokio::time::Instant::now() {
+                    return None;
+                }
+                sleep.as_mut().reset(next);
+            }
         }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

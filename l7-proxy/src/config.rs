@@ -107,11 +107,15 @@ pub struct ProxySettings {
     /// A pooled connection to a workload (HTTP/1.1, or HTTP/2 that no request
     /// has used) is closed after this long idle.
     pub workload_idle_timeout_ms: u64,
-    /// A request body from a workload that sends nothing for this long,
-    /// while its response sends nothing either, is cut (the request fails):
-    /// a stalled upload must not hold a tunnel stream or the buffer budget
-    /// for ever, and a streaming call that only listens is not stalled.
-    pub request_body_idle_timeout_ms: u64,
+    /// An HTTP exchange that moves in neither direction (request body,
+    /// response head, response body) for this long is ended: a stalled
+    /// upload is cut (the request fails, `408` where it is kept for retries),
+    /// a request without an answer is answered `504`, a stalled answer is
+    /// cut. Neither side may hold a tunnel stream, a pooled connection or
+    /// the buffer budget for ever; a streaming call that only listens while
+    /// the other side's messages flow is not idle.
+    #[serde(alias = "request_body_idle_timeout_ms")]
+    pub exchange_idle_timeout_ms: u64,
     /// Request bodies up to this size are buffered so that they can be retried
     /// or mirrored; larger bodies are streamed once and not retried.
     pub max_buffered_body_bytes: usize,
@@ -151,7 +155,7 @@ impl Default for ProxySettings {
             tunnel_max_connections: 4,
             tcp_idle_timeout_ms: 3_600_000,
             workload_idle_timeout_ms: 90_000,
-            request_body_idle_timeout_ms: 300_000,
+            exchange_idle_timeout_ms: 300_000,
             max_buffered_body_bytes: 1024 * 1024,
             max_buffered_total_bytes: 64 * 1024 * 1024,
             max_mirrors_in_flight: 256,
@@ -183,8 +187,8 @@ impl ProxySettings {
     pub fn tunnel_max_age(&self) -> Duration {
         Duration::from_millis(self.tunnel_max_age_ms)
     }
-    pub fn request_body_idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_body_idle_timeout_ms)
+    pub fn exchange_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.exchange_idle_timeout_ms)
     }
     pub fn workload_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.workload_idle_timeout_ms)
@@ -786,5 +790,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("outbound_adr"), "{err}");
+    }
+
+    #[test]
+    fn the_idle_timeouts_former_name_still_reads() {
+        let s: ProxySettings =
+            serde_json::from_str(r#"{"request_body_idle_timeout_ms": 5}"#).unwrap();
+        assert_eq!(s.exchange_idle_timeout_ms, 5);
     }
 }

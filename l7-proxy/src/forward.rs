@@ -93,74 +93,92 @@ pub(crate) async fn handle(
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     let body = boxed(body);
-    // Most requests have no body: nothing to watch. One that sends nothing
-    // while its response flows is not idle (a gRPC stream waiting for the
-    // server's messages).
-    let activity = (!http_body::Body::is_end_stream(&body)).then(crate::body::Activity::default);
-    let body = match &activity {
-        None => body,
-        Some(a) => {
-            let idle = shared.settings.request_body_idle_timeout();
-            boxed(crate::body::Timed::idle(
-                body,
-                idle,
-                a.clone(),
-                format!("the request body sent nothing for {idle:?}, nor did its response"),
-            ))
-        }
+    // An exchange that moves in neither direction (request body, response
+    // head, response body) for the idle timeout is ended: a workload that
+    // never answers must not hold the caller, a tunnel stream and a pooled
+    // connection for ever. A request body that sends nothing while its
+    // response flows is not idle (a gRPC stream waiting for the server's
+    // messages), nor is a response while its request's body flows.
+    let idle = shared.settings.exchange_idle_timeout();
+    let activity = crate::body::Activity::default();
+    let body = if http_body::Body::is_end_stream(&body) {
+        body
+    } else {
+        boxed(crate::body::Timed::idle(
+            body,
+            idle,
+            activity.clone(),
+            format!("the request body sent nothing for {idle:?}, nor did its response"),
+        ))
     };
-    let mut outcome = match state.destination(conn.original_dst) {
-        // A dot segment some workloads resolve and others do not: no one
-        // reading of it can be routed.
-        _ if crate::router::dot_segment_read_loosely(parts.uri.path()) => Outcome::local(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "path {:?} has a dot segment once `;` parameters are cut or encoded slashes \
+    let exchange = async {
+        match state.destination(conn.original_dst) {
+            // A dot segment some workloads resolve and others do not: no one
+            // reading of it can be routed.
+            _ if crate::router::dot_segment_read_loosely(parts.uri.path()) => Outcome::local(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "path {:?} has a dot segment once `;` parameters are cut or encoded slashes \
                  or backslashes read as `/`; send it resolved",
-                parts.uri.path()
+                    parts.uri.path()
+                ),
+                Label::default(),
+                Label::default(),
             ),
-            Label::default(),
-            Label::default(),
-        ),
-        // A CONNECT would cross the tunnel as an opaque stream to whatever
-        // authority it names, past the route's choice of backend.
-        _ if parts.method == http::Method::CONNECT => Outcome::local(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not proxied by the mesh; connect to the destination directly".into(),
-            Label::default(),
-            Label::default(),
-        ),
-        Destination::Service(d) => {
-            route_request(&shared, &state, &conn, &d, parts, body, start).await
-        }
-        Destination::Workload(w) => {
-            let up = Arc::new(State::workload_upstream(&w, conn.original_dst.port()));
-            let dest = Label::from(w.id.to_string());
-            match send_once(&shared, &conn, &up, parts, body).await {
-                Ok(resp) => Outcome {
-                    response: resp,
-                    route: Label::default(),
-                    destination: dest,
-                    upstream: Some(up),
-                    attempts: 1,
-                    reason: None,
-                },
-                Err(e) => Outcome::local(e.status, e.reason, Label::default(), dest),
+            // A CONNECT would cross the tunnel as an opaque stream to whatever
+            // authority it names, past the route's choice of backend.
+            _ if parts.method == http::Method::CONNECT => Outcome::local(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not proxied by the mesh; connect to the destination directly".into(),
+                Label::default(),
+                Label::default(),
+            ),
+            Destination::Service(d) => {
+                route_request(&shared, &state, &conn, &d, parts, body, start).await
             }
+            Destination::Workload(w) => {
+                let up = Arc::new(State::workload_upstream(&w, conn.original_dst.port()));
+                let dest = Label::from(w.id.to_string());
+                match send_once(&shared, &conn, &up, parts, body).await {
+                    Ok(resp) => Outcome {
+                        response: resp,
+                        route: Label::default(),
+                        destination: dest,
+                        upstream: Some(up),
+                        attempts: 1,
+                        reason: None,
+                    },
+                    Err(e) => Outcome::local(e.status, e.reason, Label::default(), dest),
+                }
+            }
+            Destination::External => Outcome::local(
+                StatusCode::BAD_GATEWAY,
+                format!("{} is not a meshed destination", conn.original_dst),
+                Label::default(),
+                Label::external(),
+            ),
         }
-        Destination::External => Outcome::local(
-            StatusCode::BAD_GATEWAY,
-            format!("{} is not a meshed destination", conn.original_dst),
+    };
+    let mut outcome = match crate::body::until_idle(exchange, idle, &activity).await {
+        Some(outcome) => outcome,
+        None => Outcome::local(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("no answer for {idle:?}, while the request sent nothing either"),
             Label::default(),
-            Label::external(),
+            Label::default(),
         ),
     };
-    if let Some(a) = activity {
-        // The response head is activity too.
-        a.touch();
-        outcome.response = outcome
-            .response
-            .map(|b| boxed(crate::body::Touching::new(b, a)));
+    // The response head is activity too.
+    activity.touch();
+    if !http_body::Body::is_end_stream(outcome.response.body()) {
+        outcome.response = outcome.response.map(|b| {
+            boxed(crate::body::Timed::idle(
+                b,
+                idle,
+                activity,
+                format!("the response sent nothing for {idle:?}, nor did its request"),
+            ))
+        });
     }
     let status = outcome.response.status().as_u16();
     // The proxy's own refusals, in the form a gRPC caller reads.

@@ -889,7 +889,7 @@ async fn a_request_body_that_stops_coming_is_cut() {
     let mesh = Mesh::with_settings(
         vec![web(), bot()],
         vec![cart(0), cart(1), cart(2), mirror_pod()],
-        &|s| s.request_body_idle_timeout_ms = 300,
+        &|s| s.exchange_idle_timeout_ms = 300,
     )
     .await;
     // With retries the body streams to the first try while it is kept for
@@ -1416,7 +1416,7 @@ async fn a_quiet_request_is_not_idle_while_its_response_streams() {
     let mesh = Mesh::with_settings(
         vec![web(), bot()],
         vec![cart(0), cart(1), cart(2), mirror_pod()],
-        &|s| s.request_body_idle_timeout_ms = 400,
+        &|s| s.exchange_idle_timeout_ms = 400,
     )
     .await;
     let probe = std::net::TcpListener::bind((cart(0).ip, 0)).unwrap();
@@ -1546,5 +1546,89 @@ async fn a_request_without_host_is_redirected_without_an_empty_host() {
         assert!(head.starts_with("http/1.0 302"), "{head}");
         assert!(head.contains(want), "{path}: {head}");
     }
+    mesh.shutdown().await;
+}
+
+/// A workload that never answers, or stops in the middle of its answer,
+/// does not hold its caller for ever: with nothing moving either way for
+/// the idle timeout, the caller gets a 504, or its answer is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_that_stops_answering_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.exchange_idle_timeout_ms = 300,
+    )
+    .await;
+    // Reads a request head; `/silent` gets nothing back, anything else a
+    // head and 3 of its 100 bytes. Holds the connection meanwhile.
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                if !head.starts_with(b"GET /silent ") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
+                        .await;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            });
+        }
+    });
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"GET /silent HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("an answer from the proxy, though the workload gives none")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(head.contains("no answer for 300ms"), "{head}");
+
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"GET /stall HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the stalled answer ends, though the workload holds it");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\nabc"), "only what came: {text}");
+    // Cut: the caller learns it short of its 100 bytes (end or reset).
+    let _ = end;
     mesh.shutdown().await;
 }
