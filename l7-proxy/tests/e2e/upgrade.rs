@@ -762,3 +762,56 @@ async fn stalled_http2_websockets_do_not_stall_their_connection() {
     drop((stalled, send, socket, h2));
     mesh.shutdown().await;
 }
+
+/// An upgraded connection is opaque TCP: the HTTP exchange idle timeout no
+/// longer applies to it, for an HTTP/1.1 or an HTTP/2 caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_outlives_the_exchange_idle_timeout() {
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.exchange_idle_timeout_ms = 200,
+    )
+    .await;
+    let (addr, _seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let (mut tcp, head) = upgrade(&mesh, web().ip, "/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_n(&mut tcp, 11).await, b"srv=cart-0;");
+
+    let h2_tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (h2, conn) = h2::client::handshake(h2_tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    eventually("the proxy allows extended CONNECT", || {
+        h2.is_extended_connect_protocol_enabled()
+    })
+    .await;
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("http://cart.shop/chat")
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut socket = resp.into_body();
+    assert_eq!(read_h2(&mut socket, 11).await, b"srv=cart-0;");
+
+    // Five idle timeouts' worth of silence, then both still carry bytes.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tcp.write_all(b"still here").await.unwrap();
+    assert_eq!(read_n(&mut tcp, 10).await, b"still here");
+    send.send_data(bytes::Bytes::from_static(b"me too"), false)
+        .unwrap();
+    assert_eq!(read_h2(&mut socket, 6).await, b"me too");
+    drop((tcp, send, socket, h2));
+    mesh.shutdown().await;
+}
