@@ -950,9 +950,15 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
         .next()
         .unwrap_or_default()
         .trim_ascii_end();
-    if digits.is_empty() || digits.len() > 15 {
+    // Leading zeros are allowed (`1*HEXDIG`) and say nothing.
+    let significant = digits
+        .iter()
+        .position(|&d| d != b'0')
+        .map_or(&digits[digits.len().saturating_sub(1)..], |i| &digits[i..]);
+    if digits.is_empty() || significant.len() > 15 {
         return Err(Error::Invalid("chunk size"));
     }
+    let digits = significant;
     let mut n: u64 = 0;
     for &d in digits {
         let v = (d as char)
@@ -1165,6 +1171,16 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn chunk_sizes_may_carry_leading_zeros_but_not_overflow() {
+        assert_eq!(parse_chunk_size(b"0000000000000010\r").unwrap(), 16);
+        assert_eq!(parse_chunk_size(b"0000\r").unwrap(), 0);
+        assert_eq!(parse_chunk_size(b"1a; ext=1\r").unwrap(), 26);
+        assert!(parse_chunk_size(b"1000000000000000\r").is_err());
+        assert!(parse_chunk_size(b"\r").is_err());
+        assert!(parse_chunk_size(b"x\r").is_err());
+    }
     use crate::body::{boxed, empty};
 
     const MAX_HEAD: usize = 8192;
