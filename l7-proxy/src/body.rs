@@ -212,7 +212,8 @@ impl Default for Activity {
 impl Activity {
     pub fn touch(&self) {
         let ms = self.1.elapsed().as_millis() as u64;
-        self.0.store(ms, std::sync::atomic::Ordering::Relaxed);
+        // Both directions record, from their own tasks: never back.
+        self.0.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn last(&self) -> tokio::time::Instant {

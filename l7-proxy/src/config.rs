@@ -113,7 +113,8 @@ pub struct ProxySettings {
     /// a request without an answer is answered `504`, a stalled answer is
     /// cut. Neither side may hold a tunnel stream, a pooled connection or
     /// the buffer budget for ever; a streaming call that only listens while
-    /// the other side's messages flow is not idle.
+    /// the other side's messages flow is not idle. `0` turns it off (long
+    /// polls or silent streams longer than the default 5 minutes).
     #[serde(alias = "request_body_idle_timeout_ms")]
     pub exchange_idle_timeout_ms: u64,
     /// Request bodies up to this size are buffered so that they can be retried
@@ -187,8 +188,12 @@ impl ProxySettings {
     pub fn tunnel_max_age(&self) -> Duration {
         Duration::from_millis(self.tunnel_max_age_ms)
     }
+    /// `0` turns it off (a timer 30 years away).
     pub fn exchange_idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.exchange_idle_timeout_ms)
+        match self.exchange_idle_timeout_ms {
+            0 => Duration::from_secs(30 * 365 * 86_400),
+            ms => Duration::from_millis(ms),
+        }
     }
     pub fn workload_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.workload_idle_timeout_ms)
@@ -797,5 +802,13 @@ mod tests {
         let s: ProxySettings =
             serde_json::from_str(r#"{"request_body_idle_timeout_ms": 5}"#).unwrap();
         assert_eq!(s.exchange_idle_timeout_ms, 5);
+    }
+
+    #[test]
+    fn an_exchange_idle_timeout_of_zero_is_none() {
+        let mut s = ProxySettings::default();
+        assert_eq!(s.exchange_idle_timeout(), Duration::from_secs(300));
+        s.exchange_idle_timeout_ms = 0;
+        assert!(s.exchange_idle_timeout() > Duration::from_secs(86_400 * 365));
     }
 }

@@ -199,6 +199,11 @@ where
                 .max_header_list_size(s.max_header_bytes)
                 // WebSocket over HTTP/2 (RFC 8441): extended CONNECT.
                 .enable_connect_protocol()
+                // As in the tunnel: an upload whose destination stopped
+                // reading (a WebSocket, a gRPC stream) holds its stream's
+                // window, not the whole connection's.
+                .initial_stream_window_size(crate::tunnel::STREAM_WINDOW)
+                .initial_connection_window_size(crate::tunnel::CONNECTION_WINDOW)
                 // A peer that stops answering pings is gone: its streams end.
                 .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
                 .keep_alive_timeout(std::time::Duration::from_secs(10))

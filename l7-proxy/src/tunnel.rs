@@ -277,13 +277,19 @@ impl TunnelPool {
         // The stream counts as open until both its response body and its
         // request body (which may go on after the response) are done.
         let guard = Arc::new(guard);
-        let piping = (!eos).then(|| {
-            // The body goes on while the response comes back (streaming).
+        // The body goes on while the response comes back (streaming), as
+        // long as someone waits for the response or reads it: dropped
+        // before (the caller's idle timeout, a route's timeout), the upload
+        // stops and the stream is reset, or a body the peer does not read
+        // would hold the stream, and the workload's request, for ever.
+        // Once the whole response is in, the upload goes on by itself (a
+        // caller that sends the rest of its body after an early answer).
+        let mut piping = (!eos).then(|| {
             let held = guard.clone();
-            tokio::spawn(async move {
+            AbortOnDrop(Some(tokio::spawn(async move {
                 crate::h2stream::pipe(body, send, h2::Reason::CANCEL).await;
                 drop(held);
-            })
+            })))
         });
         let resp = match resp.await {
             Ok(resp) => resp,
@@ -291,9 +297,9 @@ impl TunnelPool {
                 // No answer (the peer refused or reset the stream): the body
                 // is let go of before the error returns, so that a retry
                 // finds a body nothing read from where it was left.
-                if let Some(p) = piping {
-                    p.abort();
-                    let _ = p.await;
+                if let Some(task) = piping.as_mut().and_then(|p| p.0.take()) {
+                    task.abort();
+                    let _ = task.await;
                 }
                 return Err(TunnelError::Http2 {
                     node: key.node,
@@ -301,9 +307,18 @@ impl TunnelPool {
                 });
             }
         };
-        let resp = resp.map(|recv| TunnelBody {
-            inner: RecvBody::new(recv),
-            _guard: guard,
+        let resp = resp.map(|recv| {
+            let mut upload = piping;
+            if recv.is_end_stream()
+                && let Some(u) = upload.as_mut()
+            {
+                u.detach();
+            }
+            TunnelBody {
+                inner: RecvBody::new(recv),
+                _guard: guard,
+                upload,
+            }
         });
         Ok((resp, conn.tls.clone()))
     }
@@ -967,6 +982,26 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: RecvBody,
         _guard: Arc<StreamGuard>,
+        // The request body's upload: it stops if the response is dropped
+        // before its end, and goes on by itself once the response is whole.
+        upload: Option<AbortOnDrop>,
+    }
+}
+
+/// A spawned task that ends when this is dropped, unless detached.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    fn detach(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }
 
@@ -977,7 +1012,17 @@ impl http_body::Body for TunnelBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let mut this = self.project();
+        let r = this.inner.as_mut().poll_frame(cx);
+        let whole = match &r {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if whole && let Some(u) = this.upload.as_mut() {
+            u.detach();
+        }
+        r
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()

@@ -1632,3 +1632,74 @@ async fn a_workload_that_stops_answering_is_cut_off() {
     let _ = end;
     mesh.shutdown().await;
 }
+
+/// An upload the workload neither reads nor answers: after the caller's
+/// answer (504, or 408 for the stalled body), the rest of the upload stops
+/// and its tunnel stream ends, rather than holding its slot (and the
+/// workload's request) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_upload_lets_go_of_its_tunnel_stream() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BODY: usize = 16 << 20;
+    // One stream per tunnel connection: a stream still held shows as a
+    // second connection.
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.exchange_idle_timeout_ms = 300;
+        s.tunnel_max_streams = 1;
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Takes the connection and reads nothing, for longer than the test.
+    let _workload = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        drop(s);
+    });
+    // The same workload answers on another port.
+    let echo = EchoServer::start("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    let mut other = mesh.service("other", 2, echo.addr.port(), &[cart(0)]);
+    other.ports[0].port = 80;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)]), other],
+        ..Default::default()
+    })
+    .await;
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (mut rd, mut wr) = tcp.into_split();
+    let upload = tokio::spawn(async move {
+        let head = format!("POST /upload HTTP/1.1\r\nhost: cart\r\ncontent-length: {BODY}\r\n\r\n");
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&vec![b'u'; BODY]).await;
+        // Holds its side open.
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        drop(wr);
+    });
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), rd.read(&mut buf))
+        .await
+        .expect("the caller's answer")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        head.starts_with("HTTP/1.1 504") || head.starts_with("HTTP/1.1 408"),
+        "{head}"
+    );
+    assert_eq!(mesh.a.proxy().tunnel_connections(), 1);
+    // The next request to the same workload takes the freed stream: no
+    // second tunnel connection.
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(2), 80)).await;
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), c.get("/next"))
+        .await
+        .expect("the next request is answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        mesh.a.proxy().tunnel_connections(),
+        1,
+        "the upload's stream was still held"
+    );
+    upload.abort();
+    mesh.shutdown().await;
+}

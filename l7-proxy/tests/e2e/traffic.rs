@@ -1049,7 +1049,7 @@ async fn stalled_downloads_do_not_stall_the_tunnel() {
             .sum()
     };
     let mut last = u64::MAX;
-    loop {
+    for _ in 0..100 {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let now = received();
         if now == last && now > 0 {
@@ -1057,6 +1057,9 @@ async fn stalled_downloads_do_not_stall_the_tunnel() {
         }
         last = now;
     }
+    // More than the tunnel's former windows held (2 MiB a stream, 5 MiB a
+    // connection): what the next connection must get past.
+    assert!(received() > 6 << 20, "stalled at {} bytes", received());
     // Another connection of the same caller to the same node.
     let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
     t.write_all(b"still moving").await.unwrap();

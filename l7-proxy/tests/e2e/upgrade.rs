@@ -22,11 +22,15 @@ use crate::support::*;
 /// What an upgrade server saw: the request head of each connection.
 type Seen = Arc<Mutex<Vec<String>>>;
 
+/// Ends the upgrade servers' stalls (`.../stall`).
+static STALL_RELEASE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// A server that answers requests for `.../no` and without `upgrade: echo`
 /// (or `websocket`) with a plain 400 and keeps the connection for the next request (as a
 /// keep-alive server does), requests for `.../plain` with a plain 200, and
 /// every other upgrade request with `101`, then greets with `srv=<name>;`
-/// and echoes (`.../stall`: reads nothing for 3 s, then closes).
+/// and echoes (`.../stall`: reads nothing until [`STALL_RELEASE`], then
+/// closes).
 async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Seen) {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -84,9 +88,11 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         let _ = tcp.set_zero_linger();
                     } else if path.ends_with("/stall") {
-                        // Reads nothing more for 3 s (longer than the test
-                        // needs), then closes with what came unread.
-                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        // Reads nothing more until the test lets go (or
+                        // 30 s), then closes with what came unread.
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(30), STALL_RELEASE.notified())
+                                .await;
                     } else if path.ends_with("/watch") {
                         // Echoes, and records how the caller's side ended.
                         let mut buf = [0u8; 4096];
@@ -737,18 +743,10 @@ async fn stalled_http2_websockets_do_not_stall_their_connection() {
         let big = bytes::Bytes::from(vec![1u8; 32 * 1024 * 1024]);
         send.reserve_capacity(big.len());
         send.send_data(big, false).unwrap();
-        // Until the stream's own window is all the proxy lets it have.
-        let mut last = usize::MAX;
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let left = send.capacity();
-            if left == last {
-                break;
-            }
-            last = left;
-        }
         stalled.push(send);
     }
+    // Until every buffer on the way is full.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // Another WebSocket on the same connection, to the same workload,
     // still carries 600 kB both ways.
     let (resp, mut send) = h2.send_request(websocket("/chat/watch"), false).unwrap();
@@ -759,6 +757,7 @@ async fn stalled_http2_websockets_do_not_stall_their_connection() {
     send.send_data(bytes::Bytes::from(msg.clone()), false)
         .unwrap();
     assert_eq!(read_h2(&mut socket, msg.len()).await, msg);
+    STALL_RELEASE.notify_waiters();
     drop((stalled, send, socket, h2));
     mesh.shutdown().await;
 }
