@@ -216,7 +216,7 @@ impl Activity {
         self.0.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn last(&self) -> tokio::time::Instant {
+    pub(crate) fn last(&self) -> tokio::time::Instant {
         self.1 + std::time::Duration::from_millis(self.0.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
@@ -235,7 +235,7 @@ pub async fn until_idle<F: std::future::Future>(
         tokio::select! {
             biased;
             out = &mut fut => return Some(out),
-            () = &mut sleep => {
+            () = sleep.as_mut() => {
                 // Moved only when it fires: the body's frames just record.
                 let next = activity.last() + idle;
                 if next <= tokio::time::Instant::now() {
@@ -259,13 +259,22 @@ pin_project_lite::pin_project! {
         // The deadline is this long after the last activity, which this
         // body's frames and the other direction's record (`None`: fixed).
         idle: Option<(std::time::Duration, Activity)>,
-        what: String,
+        what: Why,
     }
+}
+
+/// What a [`Timed`] body says when its time is up: said at once (a
+/// deadline's), or (subject, other side) of an idle exchange, put into
+/// words only then.
+enum Why {
+    Said(String),
+    Idle(&'static str, &'static str),
 }
 
 impl Timed {
     /// Fails if not over by `until`.
     pub fn deadline(inner: Body, until: tokio::time::Instant, what: String) -> Self {
+        let what = Why::Said(what);
         Self {
             inner,
             sleep: tokio::time::sleep_until(until),
@@ -275,12 +284,19 @@ impl Timed {
     }
 
     /// Fails if for `idle` no frame comes and `activity` records nothing.
-    pub fn idle(inner: Body, idle: std::time::Duration, activity: Activity, what: String) -> Self {
+    /// `what`: the body and the other direction (`"the request body"`, `"its
+    /// response"`), for the error.
+    pub fn idle(
+        inner: Body,
+        idle: std::time::Duration,
+        activity: Activity,
+        what: (&'static str, &'static str),
+    ) -> Self {
         Self {
             inner,
-            sleep: tokio::time::sleep(idle),
+            sleep: tokio::time::sleep_until(activity.last() + idle),
             idle: Some((idle, activity)),
-            what,
+            what: Why::Idle(what.0, what.1),
         }
     }
 }
@@ -313,8 +329,15 @@ impl http_body::Body for Timed {
                     continue;
                 }
             }
-            tracing::debug!("{}", this.what);
-            return std::task::Poll::Ready(Some(Err(Box::new(TimedOut(this.what.clone())))));
+            let why = match (&*this.what, &*this.idle) {
+                (Why::Said(s), _) => s.clone(),
+                (Why::Idle(subject, other), Some((idle, _))) => {
+                    format!("{subject} sent nothing for {idle:?}, nor did {other}")
+                }
+                (Why::Idle(subject, _), None) => format!("{subject} timed out"),
+            };
+            tracing::debug!("{why}");
+            return std::task::Poll::Ready(Some(Err(Box::new(TimedOut(why)))));
         }
     }
 
@@ -361,7 +384,7 @@ mod tests {
             boxed(http_body_util::StreamBody::new(trickle)),
             std::time::Duration::from_secs(10),
             Activity::default(),
-            "idle".into(),
+            ("the body", "the other side"),
         );
         let got = body.collect().await.expect("not cut").to_bytes();
         assert_eq!(&got[..], b"xxxxx");
@@ -378,7 +401,7 @@ mod tests {
             silent,
             std::time::Duration::from_secs(10),
             activity.clone(),
-            "idle".into(),
+            ("the body", "the other side"),
         ));
         tokio::time::advance(std::time::Duration::from_secs(8)).await;
         // The response moves at 8 s: the request is not idle before 18 s.

@@ -108,7 +108,7 @@ pub(crate) async fn handle(
             body,
             idle,
             activity.clone(),
-            format!("the request body sent nothing for {idle:?}, nor did its response"),
+            ("the request body", "its response"),
         ))
     };
     let exchange = async {
@@ -176,7 +176,7 @@ pub(crate) async fn handle(
                 b,
                 idle,
                 activity,
-                format!("the response sent nothing for {idle:?}, nor did its request"),
+                ("the response", "its request"),
             ))
         });
     }
