@@ -560,6 +560,33 @@ async fn an_idle_upgraded_connection_ends_for_the_workload_with_a_plain_close() 
     mesh.shutdown().await;
 }
 
+/// An HTTP/2 connection from web through node A's capture, once the proxy
+/// has said (in its first SETTINGS) that it takes extended CONNECT.
+async fn websocket_client(mesh: &Mesh) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let h2 = h2.ready().await.unwrap();
+    eventually("the proxy allows extended CONNECT", || {
+        h2.is_extended_connect_protocol_enabled()
+    })
+    .await;
+    h2
+}
+
+/// A WebSocket over HTTP/2 (RFC 8441) to `path` of cart.shop.
+fn websocket(path: &str) -> http::Request<()> {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://cart.shop{path}"))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    req
+}
+
 /// Reads `n` bytes of an HTTP/2 stream's data.
 async fn read_h2(body: &mut h2::RecvStream, n: usize) -> Vec<u8> {
     let mut got = Vec::new();
@@ -589,27 +616,13 @@ async fn websocket_over_http2_to_a_workload_outside_the_mesh_goes_direct() {
 /// tunnel or to a cart-0 outside the mesh.
 async fn websocket_over_http2(tunnel: bool) {
     let (mesh, seen) = reset_mesh(tunnel).await;
-    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut h2 = h2.ready().await.unwrap();
-    // The proxy says it takes extended CONNECT (in its first SETTINGS).
-    eventually("the proxy allows extended CONNECT", || {
-        h2.is_extended_connect_protocol_enabled()
-    })
-    .await;
+    let mut h2 = websocket_client(&mesh).await;
     let connect = |path: &str| {
-        let mut req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(format!("http://cart.shop{path}"))
-            .header("sec-websocket-version", "13")
-            // Meaningless over HTTP/2: replaced.
-            .header("sec-websocket-key", "from-the-client")
-            .header("x-app", "1")
-            .body(())
-            .unwrap();
-        req.extensions_mut()
-            .insert(h2::ext::Protocol::from_static("websocket"));
+        let mut req = websocket(path);
+        let h = req.headers_mut();
+        // Meaningless over HTTP/2: replaced.
+        h.insert("sec-websocket-key", "from-the-client".parse().unwrap());
+        h.insert("x-app", "1".parse().unwrap());
         req
     };
     let (resp, mut send) = h2.send_request(connect("/chat/watch"), false).unwrap();
@@ -715,25 +728,7 @@ async fn websocket_over_http2(tunnel: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_http2_websockets_do_not_stall_their_connection() {
     let (mesh, _, _seen) = cart_mesh(vec![]).await;
-    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut h2 = h2.ready().await.unwrap();
-    eventually("the proxy allows extended CONNECT", || {
-        h2.is_extended_connect_protocol_enabled()
-    })
-    .await;
-    let websocket = |path: &str| {
-        let mut req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(format!("http://cart.shop{path}"))
-            .header("sec-websocket-version", "13")
-            .body(())
-            .unwrap();
-        req.extensions_mut()
-            .insert(h2::ext::Protocol::from_static("websocket"));
-        req
-    };
+    let mut h2 = websocket_client(&mesh).await;
     let mut stalled = Vec::new();
     for _ in 0..2 {
         let (resp, mut send) = h2.send_request(websocket("/chat/stall"), false).unwrap();
@@ -782,23 +777,8 @@ async fn an_upgraded_connection_outlives_the_exchange_idle_timeout() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(read_n(&mut tcp, 11).await, b"srv=cart-0;");
 
-    let h2_tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let (h2, conn) = h2::client::handshake(h2_tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut h2 = h2.ready().await.unwrap();
-    eventually("the proxy allows extended CONNECT", || {
-        h2.is_extended_connect_protocol_enabled()
-    })
-    .await;
-    let mut req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri("http://cart.shop/chat")
-        .header("sec-websocket-version", "13")
-        .body(())
-        .unwrap();
-    req.extensions_mut()
-        .insert(h2::ext::Protocol::from_static("websocket"));
-    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    let mut h2 = websocket_client(&mesh).await;
+    let (resp, mut send) = h2.send_request(websocket("/chat"), false).unwrap();
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut socket = resp.into_body();
