@@ -250,7 +250,8 @@ pub async fn until_idle<F: std::future::Future>(
 pin_project_lite::pin_project! {
     /// A body that fails with [`TimedOut`] when its time is up: at a
     /// deadline (a route's timeouts cover the whole response), or when
-    /// nothing has moved for a while (a stalled upload).
+    /// nothing has moved either way for a while (a stalled upload, a
+    /// stalled answer).
     pub struct Timed {
         #[pin]
         inner: Body,

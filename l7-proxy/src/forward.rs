@@ -101,7 +101,8 @@ pub(crate) async fn handle(
     // messages), nor is a response while its request's body flows.
     let idle = shared.settings.exchange_idle_timeout();
     let activity = crate::body::Activity::default();
-    let body = if http_body::Body::is_end_stream(&body) {
+    let has_body = !http_body::Body::is_end_stream(&body);
+    let body = if !has_body {
         body
     } else {
         boxed(crate::body::Timed::idle(
@@ -159,7 +160,11 @@ pub(crate) async fn handle(
             ),
         }
     };
-    let mut outcome = match crate::body::until_idle(exchange, idle, &activity).await {
+    // A stalled body's own timer runs out at the same moment: it says why
+    // first (a 408 where the body is kept for retries), the watchdog a
+    // little later only if that went nowhere.
+    let watchdog = if has_body { idle + idle / 4 } else { idle };
+    let mut outcome = match crate::body::until_idle(exchange, watchdog, &activity).await {
         Some(outcome) => outcome,
         None => Outcome::local(
             StatusCode::GATEWAY_TIMEOUT,
@@ -821,6 +826,7 @@ fn spawn_mirror(
     // A mirrored upgrade request stays a plain request: the client's
     // connection belongs to the primary.
     parts.extensions.remove::<OnUpgrade>();
+    parts.extensions.remove::<crate::upgrade::ExtendedConnect>();
     let shared2 = shared.clone();
     shared.spawn(async move {
         let _held = (pick, slot);

@@ -307,9 +307,16 @@ impl TunnelPool {
                 });
             }
         };
+        // A response of known length is whole once that much came, though
+        // its end of stream may come in a frame of its own that an
+        // HTTP/1.1 caller's server never polls for.
+        let length = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let resp = resp.map(|recv| {
             let mut upload = piping;
-            if recv.is_end_stream()
+            if (recv.is_end_stream() || length == Some(0))
                 && let Some(u) = upload.as_mut()
             {
                 u.detach();
@@ -318,6 +325,7 @@ impl TunnelPool {
                 inner: RecvBody::new(recv),
                 _guard: guard,
                 upload,
+                remaining: length,
             }
         });
         Ok((resp, conn.tls.clone()))
@@ -985,6 +993,8 @@ pin_project_lite::pin_project! {
         // The request body's upload: it stops if the response is dropped
         // before its end, and goes on by itself once the response is whole.
         upload: Option<AbortOnDrop>,
+        // Of a response of known length, the bytes still to come.
+        remaining: Option<u64>,
     }
 }
 
@@ -1016,7 +1026,12 @@ impl http_body::Body for TunnelBody {
         let r = this.inner.as_mut().poll_frame(cx);
         let whole = match &r {
             Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(left), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
+                    *left = left.saturating_sub(data.len() as u64);
+                }
+                *this.remaining == Some(0) || this.inner.is_end_stream()
+            }
             _ => false,
         };
         if whole && let Some(u) = this.upload.as_mut() {

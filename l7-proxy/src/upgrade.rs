@@ -1,4 +1,6 @@
-//! HTTP/1.1 upgrades (WebSocket and the like), on both sides of the tunnel.
+//! HTTP/1.1 upgrades (WebSocket and the like), on both sides of the tunnel,
+//! and WebSocket over HTTP/2 (RFC 8441), which the caller's node turns into
+//! one ([`from_extended_connect`]).
 //!
 //! An upgrade request leaves the client's node on a connection of its own: a
 //! tunnel `CONNECT` stream marked with [`UPGRADE_REQUEST`], or a direct TCP

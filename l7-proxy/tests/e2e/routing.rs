@@ -1408,7 +1408,7 @@ async fn ticker(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
 }
 
 /// A streaming call whose client sends one message and then only listens
-/// is not cut by the request body's idle timeout while the server's
+/// is not cut by the exchange idle timeout while the server's
 /// messages flow: nothing is idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_request_is_not_idle_while_its_response_streams() {
@@ -1688,6 +1688,8 @@ async fn an_unanswered_upload_lets_go_of_its_tunnel_stream() {
         "{head}"
     );
     assert_eq!(mesh.a.proxy().tunnel_connections(), 1);
+    // The aborted upload task is dropped on the runtime's next turns.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     // The next request to the same workload takes the freed stream: no
     // second tunnel connection.
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(2), 80)).await;
@@ -1701,5 +1703,47 @@ async fn an_unanswered_upload_lets_go_of_its_tunnel_stream() {
         "the upload's stream was still held"
     );
     upload.abort();
+    mesh.shutdown().await;
+}
+
+/// A WebSocket over HTTP/2 on a rule with a mirror: the mirror gets a
+/// plain request (the caller's stream belongs to the primary), as for an
+/// HTTP/1.1 upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_websocket_is_mirrored_as_a_plain_request() {
+    let mesh = Mesh::standard().await;
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.filters = vec![HttpFilter::RequestMirror(RequestMirror {
+        service: ObjectRef::new("shop", "mirror"),
+        port: 80,
+        fraction: None,
+    })];
+    let (_srv, mirror) = setup(&mesh, vec![route(vec![r])]).await;
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    eventually("the proxy allows extended CONNECT", || {
+        h2.is_extended_connect_protocol_enabled()
+    })
+    .await;
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("http://cart.shop/chat")
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (resp, _send) = h2.send_request(req, false).unwrap();
+    // v1 is no WebSocket server: it answers 200 without switching.
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 502, "{resp:?}");
+    eventually("the mirror received a copy", || mirror.recorded() == 1).await;
+    let seen = mirror.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen["method"], "GET", "{seen}");
+    assert_eq!(seen["path"], "/chat", "{seen}");
+    assert!(seen["headers"].get("upgrade").is_none(), "{seen}");
+    drop(h2);
     mesh.shutdown().await;
 }

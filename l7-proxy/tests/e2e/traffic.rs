@@ -1048,17 +1048,18 @@ async fn stalled_downloads_do_not_stall_the_tunnel() {
             .map(|r| r.bytes_received)
             .sum()
     };
-    let mut last = u64::MAX;
+    // More than the tunnel's former windows held (2 MiB a stream, 5 MiB a
+    // connection), and no more for three readings in a row.
+    let (mut last, mut same) = (0, 0);
     for _ in 0..100 {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let now = received();
-        if now == last && now > 0 {
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        if now > 6 << 20 && same >= 3 {
             break;
         }
-        last = now;
     }
-    // More than the tunnel's former windows held (2 MiB a stream, 5 MiB a
-    // connection): what the next connection must get past.
     assert!(received() > 6 << 20, "stalled at {} bytes", received());
     // Another connection of the same caller to the same node.
     let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;

@@ -764,7 +764,7 @@ async fn an_upgraded_connection_outlives_the_exchange_idle_timeout() {
     let mesh = Mesh::with_settings(
         vec![web(), bot()],
         vec![cart(0), cart(1), cart(2), mirror_pod()],
-        &|s| s.exchange_idle_timeout_ms = 200,
+        &|s| s.exchange_idle_timeout_ms = 1000,
     )
     .await;
     let (addr, _seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
@@ -784,8 +784,9 @@ async fn an_upgraded_connection_outlives_the_exchange_idle_timeout() {
     let mut socket = resp.into_body();
     assert_eq!(read_h2(&mut socket, 11).await, b"srv=cart-0;");
 
-    // Five idle timeouts' worth of silence, then both still carry bytes.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Two and a half idle timeouts' worth of silence, then both still
+    // carry bytes.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     tcp.write_all(b"still here").await.unwrap();
     assert_eq!(read_n(&mut tcp, 10).await, b"still here");
     send.send_data(bytes::Bytes::from_static(b"me too"), false)
