@@ -257,30 +257,32 @@ pin_project_lite::pin_project! {
         inner: Body,
         #[pin]
         sleep: tokio::time::Sleep,
-        // The deadline is this long after the last activity, which this
-        // body's frames and the other direction's record (`None`: fixed).
-        idle: Option<(std::time::Duration, Activity)>,
-        what: Why,
+        limit: Limit,
     }
 }
 
-/// What a [`Timed`] body says when its time is up: said at once (a
-/// deadline's), or (subject, other side) of an idle exchange, put into
-/// words only then.
-enum Why {
-    Said(String),
-    Idle(&'static str, &'static str),
+/// When a [`Timed`] body's time is up, and what it then says.
+enum Limit {
+    /// A fixed deadline, with its reason.
+    Deadline(String),
+    /// This long after the last activity, which this body's frames and the
+    /// other direction's record; the reason (the body, the other side) is
+    /// put into words only when it fires.
+    Idle {
+        idle: std::time::Duration,
+        activity: Activity,
+        subject: &'static str,
+        other: &'static str,
+    },
 }
 
 impl Timed {
     /// Fails if not over by `until`.
     pub fn deadline(inner: Body, until: tokio::time::Instant, what: String) -> Self {
-        let what = Why::Said(what);
         Self {
             inner,
             sleep: tokio::time::sleep_until(until),
-            idle: None,
-            what,
+            limit: Limit::Deadline(what),
         }
     }
 
@@ -296,8 +298,12 @@ impl Timed {
         Self {
             inner,
             sleep: tokio::time::sleep_until(activity.last() + idle),
-            idle: Some((idle, activity)),
-            what: Why::Idle(what.0, what.1),
+            limit: Limit::Idle {
+                idle,
+                activity,
+                subject: what.0,
+                other: what.1,
+            },
         }
     }
 }
@@ -313,8 +319,8 @@ impl http_body::Body for Timed {
         let mut this = self.project();
         if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
             // Recorded, not re-armed: the timer moves only when it fires.
-            if let Some((_, a)) = this.idle {
-                a.touch();
+            if let Limit::Idle { activity, .. } = this.limit {
+                activity.touch();
             }
             return std::task::Poll::Ready(frame);
         }
@@ -322,20 +328,22 @@ impl http_body::Body for Timed {
             if std::future::Future::poll(this.sleep.as_mut(), cx).is_pending() {
                 return std::task::Poll::Pending;
             }
-            // Something moved meanwhile: idle from then on.
-            if let Some((idle, a)) = this.idle {
-                let until = a.last() + *idle;
-                if until > tokio::time::Instant::now() {
-                    this.sleep.as_mut().reset(until);
-                    continue;
-                }
-            }
-            let why = match (&*this.what, &*this.idle) {
-                (Why::Said(s), _) => s.clone(),
-                (Why::Idle(subject, other), Some((idle, _))) => {
+            let why = match &*this.limit {
+                Limit::Deadline(why) => why.clone(),
+                Limit::Idle {
+                    idle,
+                    activity,
+                    subject,
+                    other,
+                } => {
+                    // Something moved meanwhile: idle from then on.
+                    let until = activity.last() + *idle;
+                    if until > tokio::time::Instant::now() {
+                        this.sleep.as_mut().reset(until);
+                        continue;
+                    }
                     format!("{subject} sent nothing for {idle:?}, nor did {other}")
                 }
-                (Why::Idle(subject, _), None) => format!("{subject} timed out"),
             };
             tracing::debug!("{why}");
             return std::task::Poll::Ready(Some(Err(Box::new(TimedOut(why)))));

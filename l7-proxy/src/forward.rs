@@ -168,7 +168,7 @@ pub(crate) async fn handle(
         Some(outcome) => outcome,
         None => Outcome::local(
             StatusCode::GATEWAY_TIMEOUT,
-            format!("no answer for {idle:?}, while the request sent nothing either"),
+            format!("no answer for {watchdog:?}, while the request sent nothing either"),
             Label::default(),
             Label::default(),
         ),
@@ -872,7 +872,9 @@ async fn send_once(
         .is_some();
     if conn.protocol == Protocol::Http1 || extended {
         match crate::upgrade::take(&mut parts) {
-            Some(client) => return send_upgrade(shared, conn, up, parts, body, client).await,
+            Some(client) => {
+                return send_upgrade(shared, conn, up, parts, body, client, extended).await;
+            }
             // Never as a plain request: its client waits for a WebSocket.
             None if extended => {
                 return Err(SendError {
@@ -976,11 +978,9 @@ async fn send_upgrade(
     mut parts: Parts,
     body: Body,
     client: OnUpgrade,
+    // An HTTP/2 extended CONNECT's: a switch is its `200`.
+    extended: bool,
 ) -> Result<Response<Body>, SendError> {
-    let extended = parts
-        .extensions
-        .get::<crate::upgrade::ExtendedConnect>()
-        .is_some();
     crate::upgrade::prepare(&mut parts, &up.target);
     let (io, tls): (Box<dyn crate::abort::UpgradeIo>, _) = match &up.tunnel {
         Some(t) => {

@@ -1171,6 +1171,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::body::{boxed, empty};
 
     #[test]
     fn chunk_sizes_may_carry_leading_zeros_but_not_overflow() {
@@ -1181,7 +1182,6 @@ mod tests {
         assert!(parse_chunk_size(b"\r").is_err());
         assert!(parse_chunk_size(b"x\r").is_err());
     }
-    use crate::body::{boxed, empty};
 
     const MAX_HEAD: usize = 8192;
 

@@ -42,7 +42,7 @@ use crate::{
     sniff::Protocol,
     state::State,
     target::parse_target,
-    tunnel::{SEND_BUFFER, SERVER_CONNECTION_WINDOW, SERVER_STREAM_WINDOW, keep_alive},
+    tunnel::{CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW, keep_alive},
 };
 
 /// A short, stable label for why a TLS handshake failed.
@@ -247,8 +247,8 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut conn = h2::server::Builder::new()
-        .initial_window_size(SERVER_STREAM_WINDOW)
-        .initial_connection_window_size(SERVER_CONNECTION_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(shared.settings.max_header_bytes)
         .max_concurrent_streams(shared.settings.tunnel_max_streams)
         .max_send_buffer_size(SEND_BUFFER)

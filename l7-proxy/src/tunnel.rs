@@ -21,6 +21,7 @@ use std::{
     task::{Context, Poll},
     time::Duration,
 };
+use tokio_util::task::AbortOnDropHandle;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -286,10 +287,10 @@ impl TunnelPool {
         // caller that sends the rest of its body after an early answer).
         let mut piping = (!eos).then(|| {
             let held = guard.clone();
-            AbortOnDrop(Some(tokio::spawn(async move {
+            AbortOnDropHandle::new(tokio::spawn(async move {
                 crate::h2stream::pipe(body, send, h2::Reason::CANCEL).await;
                 drop(held);
-            })))
+            }))
         });
         let resp = match resp.await {
             Ok(resp) => resp,
@@ -297,7 +298,7 @@ impl TunnelPool {
                 // No answer (the peer refused or reset the stream): the body
                 // is let go of before the error returns, so that a retry
                 // finds a body nothing read from where it was left.
-                if let Some(task) = piping.as_mut().and_then(|p| p.0.take()) {
+                if let Some(task) = piping.take() {
                     task.abort();
                     let _ = task.await;
                 }
@@ -317,7 +318,7 @@ impl TunnelPool {
         let resp = resp.map(|recv| {
             let mut upload = piping;
             if (recv.is_end_stream() || length == Some(0))
-                && let Some(u) = upload.as_mut()
+                && let Some(u) = upload.take()
             {
                 u.detach();
             }
@@ -945,8 +946,6 @@ fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
 /// 0.3 ms round trip.
 pub const STREAM_WINDOW: u32 = 512 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * STREAM_WINDOW;
-pub const SERVER_STREAM_WINDOW: u32 = STREAM_WINDOW;
-pub const SERVER_CONNECTION_WINDOW: u32 = CONNECTION_WINDOW;
 /// Most bytes queued per stream before its writer waits.
 pub const SEND_BUFFER: usize = 1024 * 1024;
 /// A connection whose peer answers no ping within this time is closed.
@@ -992,26 +991,9 @@ pin_project_lite::pin_project! {
         _guard: Arc<StreamGuard>,
         // The request body's upload: it stops if the response is dropped
         // before its end, and goes on by itself once the response is whole.
-        upload: Option<AbortOnDrop>,
+        upload: Option<AbortOnDropHandle<()>>,
         // Of a response of known length, the bytes still to come.
         remaining: Option<u64>,
-    }
-}
-
-/// A spawned task that ends when this is dropped, unless detached.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl AbortOnDrop {
-    fn detach(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(task) = self.0.take() {
-            task.abort();
-        }
     }
 }
 
@@ -1034,7 +1016,7 @@ impl http_body::Body for TunnelBody {
             }
             _ => false,
         };
-        if whole && let Some(u) = this.upload.as_mut() {
+        if whole && let Some(u) = this.upload.take() {
             u.detach();
         }
         r

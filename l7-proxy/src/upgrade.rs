@@ -79,10 +79,10 @@ const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-
 /// handshake; an HTTP/1.1 server wants it). From here it is routed,
 /// policed and sent as any upgrade request; [`answer_extended_connect`]
 /// turns the switch into the caller's `200`. Any other request is left as
-/// it is (`false`).
-pub(crate) fn from_extended_connect(parts: &mut Parts) -> bool {
+/// it is.
+pub(crate) fn from_extended_connect(parts: &mut Parts) {
     if parts.method != Method::CONNECT {
-        return false;
+        return;
     }
     // WebSocket only: other protocols (`connect-udp`, ...) have no
     // HTTP/1.1 upgrade to become.
@@ -91,7 +91,7 @@ pub(crate) fn from_extended_connect(parts: &mut Parts) -> bool {
         .get::<hyper::ext::Protocol>()
         .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
     {
-        return false;
+        return;
     }
     parts.extensions.remove::<hyper::ext::Protocol>();
     parts.method = Method::GET;
@@ -110,7 +110,6 @@ pub(crate) fn from_extended_connect(parts: &mut Parts) -> bool {
         .insert(SEC_WEBSOCKET_KEY, websocket_key(rand::random()));
     parts.headers.remove(CONTENT_LENGTH);
     parts.extensions.insert(ExtendedConnect);
-    true
 }
 
 /// The answer to an extended `CONNECT`: a switch (`101`) is a `200`, without
@@ -132,24 +131,9 @@ pub(crate) fn answer_extended_connect(head: &mut http::response::Parts) -> Resul
 
 /// A `Sec-WebSocket-Key`: 16 bytes in base64 (RFC 6455 section 4.1).
 fn websocket_key(bytes: [u8; 16]) -> HeaderValue {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(24);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                ALPHABET[(n >> (18 - 6 * i) & 63) as usize]
-            } else {
-                b'='
-            });
-        }
-    }
-    HeaderValue::from_bytes(&out).expect("base64 is a valid header value")
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD.encode(bytes);
+    HeaderValue::from_str(&key).expect("base64 is a valid header value")
 }
 
 /// Readies an upgrade request for the workload: hop-by-hop headers go except

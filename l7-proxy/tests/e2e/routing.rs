@@ -1719,23 +1719,8 @@ async fn an_http2_websocket_is_mirrored_as_a_plain_request() {
         fraction: None,
     })];
     let (_srv, mirror) = setup(&mesh, vec![route(vec![r])]).await;
-    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut h2 = h2.ready().await.unwrap();
-    eventually("the proxy allows extended CONNECT", || {
-        h2.is_extended_connect_protocol_enabled()
-    })
-    .await;
-    let mut req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri("http://cart.shop/chat")
-        .header("sec-websocket-version", "13")
-        .body(())
-        .unwrap();
-    req.extensions_mut()
-        .insert(h2::ext::Protocol::from_static("websocket"));
-    let (resp, _send) = h2.send_request(req, false).unwrap();
+    let mut h2 = websocket_client(&mesh).await;
+    let (resp, _send) = h2.send_request(websocket("/chat"), false).unwrap();
     // v1 is no WebSocket server: it answers 200 without switching.
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 502, "{resp:?}");

@@ -719,3 +719,30 @@ pub async fn closed_by_peer(tcp: &mut TcpStream) -> bool {
         }
     }
 }
+
+/// An HTTP/2 connection from web through node A's capture, once the proxy
+/// has said (in its first SETTINGS) that it takes extended CONNECT.
+pub async fn websocket_client(mesh: &Mesh) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let h2 = h2.ready().await.unwrap();
+    eventually("the proxy allows extended CONNECT", || {
+        h2.is_extended_connect_protocol_enabled()
+    })
+    .await;
+    h2
+}
+
+/// A WebSocket over HTTP/2 (RFC 8441) to `path` of cart.shop.
+pub fn websocket(path: &str) -> http::Request<()> {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://cart.shop{path}"))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    req
+}

@@ -156,6 +156,11 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
     out
 }
 
+/// How messages name target `i` of the policy `key`.
+fn target_at(i: usize, key: &Key, name: &str) -> String {
+    format!("spec.targetRefs[{i}]: Service {}/{name}", key.namespace)
+}
+
 /// `spec.targetRefs[i]: Service ns/name does not exist` for each target of
 /// `p` the store does not have, and `... has no TCP port ...` for each that
 /// leads to no pod port the proxy polices (a headless Service without
@@ -167,7 +172,7 @@ pub fn missing_targets(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) 
         .iter()
         .enumerate()
         .filter_map(|(i, t)| {
-            let at = format!("spec.targetRefs[{i}]: Service {}/{}", key.namespace, t.name);
+            let at = target_at(i, key, &t.name);
             let spec = match store.services.get(&Key::new(&key.namespace, &t.name)) {
                 None => return Some(format!("{at} does not exist")),
                 Some(svc) => svc.spec.as_ref(),
@@ -284,7 +289,7 @@ pub fn ungoverned_pods(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) 
                 }
             }
             (total > 0).then(|| Ungoverned {
-                at: format!("spec.targetRefs[{i}]: Service {}/{}", key.namespace, t.name),
+                at: target_at(i, key, &t.name),
                 port_names,
                 pods,
                 total,
