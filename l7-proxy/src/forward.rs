@@ -264,21 +264,31 @@ impl ReqBody {
         }
     }
 
-    /// After an attempt: whether the body can go again, now. One no
-    /// attempt read from goes as it is; a recording read whole by now
-    /// becomes the body of the next attempts; one still streaming (the
-    /// caller sends more after an answer) cannot go again.
+    /// After an attempt, once the request is to go again: whether the body
+    /// can. One no attempt read from goes as it is; a recording read whole
+    /// by now becomes the body of the next attempts; one still streaming
+    /// (the attempt was answered before the body's end) is taken back from
+    /// the attempt, to go to the next one after the copy of what was read.
+    /// Never asked for a request that will not go again: taking its body
+    /// back would cut its upload.
     fn settle(&mut self) -> bool {
         match self {
             ReqBody::Buffered(_) => true,
             ReqBody::Recorded(rec) if rec.is_unread() => true,
-            ReqBody::Recorded(rec) => match rec.whole() {
-                Some(whole) => {
-                    *self = ReqBody::Buffered(whole);
-                    true
+            ReqBody::Recorded(rec) => {
+                // Taken back only while still coming (the body may end
+                // meanwhile: then it is whole).
+                if rec.whole().is_none() && rec.recall() {
+                    return true;
                 }
-                None => false,
-            },
+                match rec.whole() {
+                    Some(whole) => {
+                        *self = ReqBody::Buffered(whole);
+                        true
+                    }
+                    None => false,
+                }
+            }
             ReqBody::Once(_) => false,
         }
     }
@@ -559,9 +569,12 @@ async fn route_request(
                         )
                     };
                 }
-                let can_retry = may_retry && body.settle();
                 match result {
-                    Ok(mut resp) if !(can_retry && codes.contains(&resp.status().as_u16())) => {
+                    Ok(mut resp)
+                        if !(may_retry
+                            && codes.contains(&resp.status().as_u16())
+                            && body.settle()) =>
+                    {
                         pick.answered(resp.status());
                         for m in &response_mods {
                             filters::modify_headers(m, resp.headers_mut());
@@ -629,8 +642,7 @@ async fn route_request(
                 }
             }
         };
-        let can_retry = may_retry && body.settle();
-        if !(can_retry && failure.retryable) {
+        if !(failure.retryable && may_retry && body.settle()) {
             return Outcome {
                 attempts,
                 ..Outcome::local(failure.status, failure.reason, route_label, destination)

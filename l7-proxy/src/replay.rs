@@ -6,13 +6,18 @@
 //! rule with retries or mirrors never holds a request back to read its body
 //! first. The copy is kept up to the per-body limit and the proxy-wide buffer
 //! budget; past either, or when the body fails, the copy is given up and the
-//! request is not sent again. A retry needs the whole body by the time the
-//! attempt's answer is in; a mirror goes once the body has ended.
+//! request is not sent again. A mirror goes once the body has ended.
+//!
+//! A retry does not wait for the body's end either: when an attempt is
+//! answered before its body has all gone (a workload shedding load answers
+//! 503 to an upload's head), the caller's body is taken back from it
+//! ([`Recording::recall`]) and the next attempt gets what was kept, then the
+//! rest as it comes.
 
 use std::{
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll, ready},
+    task::{Context, Poll, Waker},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -68,9 +73,12 @@ impl Replayable {
 /// attempt ([`Recording::take`]) and the request's handler.
 pub(crate) struct Recording {
     inner: Mutex<Record>,
+    /// Where the attempt reading the caller's body holds it, for
+    /// [`Recording::recall`] (weak: the slot holds the recording).
+    lent: Mutex<std::sync::Weak<Mutex<Lent>>>,
     /// The caller's body while no attempt has it: before the first, and
-    /// again after an attempt that gave it back unread (its endpoint could
-    /// not be reached).
+    /// again after an attempt that gave it back (its endpoint could not be
+    /// reached) or had it taken back (see [`Recording::recall`]).
     unread: Mutex<Unread>,
     limit: usize,
     budget: Arc<Semaphore>,
@@ -101,6 +109,7 @@ impl Recording {
                 waiting: Vec::new(),
             }),
             unread: Mutex::new(Unread::default()),
+            lent: Mutex::new(std::sync::Weak::new()),
             limit,
             budget,
         });
@@ -119,22 +128,94 @@ impl Recording {
         self.unread.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The caller's body for an attempt, passing through while it is copied;
-    /// `None` once an attempt has read from it.
+    /// The caller's body for an attempt, passing through while it is copied:
+    /// as it is when no attempt has read from it, else what was kept of it
+    /// then the rest as it comes (one attempt was answered before the body
+    /// had all gone to it). `None` while an attempt holds the body, or when
+    /// the copy of what was read is gone.
     pub(crate) fn take(self: &Arc<Self>) -> Option<Body> {
-        let body = self.unread().body.take()?;
-        Some(boxed(Tee {
-            inner: Some(body),
-            rec: self.clone(),
-            read: false,
+        let (body, partial) = {
+            let mut u = self.unread();
+            let body = u.body.take()?;
+            (body, std::mem::take(&mut u.partial))
+        };
+        // What was read so far, as kept: the copy goes on from there (no
+        // other reader has the body meanwhile).
+        let kept = if partial {
+            match &*self.lock() {
+                Record::Copying { buf, .. } => Some(Bytes::copy_from_slice(buf)),
+                // The rest had ended by the time it came back.
+                Record::Whole(whole) => return Some(whole.body()),
+                Record::GivenUp(_) => return None,
+            }
+        } else {
+            None
+        };
+        let slot = Lent::slot(body, self.clone());
+        *self.lent.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&slot);
+        let tee = Tee {
+            slot,
+            read: partial,
             for_mirror: false,
-        }))
+        };
+        Some(match kept {
+            None => boxed(tee),
+            Some(kept) => boxed(Resumed {
+                kept: (!kept.is_empty()).then_some(kept),
+                rest: tee,
+            }),
+        })
     }
 
-    /// Whether no attempt has read from the caller's body yet: the next one
-    /// can have it as it is.
+    /// Whether the next attempt can have the body: no attempt holds it, and
+    /// either none read from it or the copy of what was read is kept.
     pub(crate) fn is_unread(&self) -> bool {
-        self.unread().body.is_some()
+        let u = self.unread();
+        u.body.is_some() && (!u.partial || self.copying())
+    }
+
+    /// Takes the caller's body back from the attempt reading it, for the
+    /// next one (see [`Recording::take`]): that attempt's body ends there
+    /// with an error. Whether the next attempt can have the body: taken
+    /// back, or back already; not when the copy of what was read is gone
+    /// (over a limit, failed, or ended: see [`Recording::whole`]).
+    pub(crate) fn recall(&self) -> bool {
+        let lent = std::mem::take(&mut *self.lent.lock().unwrap_or_else(|e| e.into_inner()));
+        let Some(slot) = lent.upgrade() else {
+            // Its attempt let go of it: back already, or gone.
+            return self.is_unread();
+        };
+        // Under the slot's lock: the attempt's reader neither records a
+        // frame nor lets go of the body meanwhile.
+        let mut lent = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if lent.body.is_none() {
+            drop(lent);
+            return self.is_unread();
+        }
+        if !self.copying() {
+            // Nothing to resume from: the attempt keeps the body.
+            return false;
+        }
+        let body = lent.body.take();
+        // The recording is the next attempt's to hold, not this one's.
+        let _rec = lent.rec.take();
+        let waker = lent.waker.take();
+        {
+            let mut u = self.unread();
+            u.body = body;
+            u.partial = true;
+        }
+        drop(lent);
+        // The attempt's upload learns at once that its body ended (it may
+        // wait for more of it, and would not hear of the caller again).
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    fn copying(&self) -> bool {
+        matches!(&*self.lock(), Record::Copying { .. })
     }
 
     /// The request's handler is done with the recording (its answer is on
@@ -156,8 +237,7 @@ impl Recording {
         }
         if let Some(body) = unread {
             let tee = Tee {
-                inner: Some(body),
-                rec: self.clone(),
+                slot: Lent::slot(body, self.clone()),
                 read: true,
                 for_mirror: true,
             };
@@ -305,15 +385,44 @@ async fn read_for_mirrors(rec: Arc<Recording>, mut body: Body) {
 #[derive(Default)]
 struct Unread {
     body: Option<Body>,
+    /// An attempt read part of `body` before it was taken back: the next
+    /// one gets the copy of that part first.
+    partial: bool,
     /// The handler has returned: no attempt will take the body again.
     handler_done: bool,
 }
 
+/// The caller's body while an attempt reads it.
+type Slot = Arc<Mutex<Lent>>;
+
+struct Lent {
+    /// Empty once given back or taken back.
+    body: Option<Body>,
+    /// Where its frames are copied; goes with the body.
+    rec: Option<Arc<Recording>>,
+    /// The reader's, while it waits for the body.
+    waker: Option<Waker>,
+}
+
+impl Lent {
+    fn slot(body: Body, rec: Arc<Recording>) -> Slot {
+        Arc::new(Mutex::new(Lent {
+            body: Some(body),
+            rec: Some(rec),
+            waker: None,
+        }))
+    }
+}
+
+/// Recalled: the caller's body was taken back for another attempt.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was taken back for a retry")]
+pub(crate) struct Recalled;
+
 /// The caller's body on its way to an attempt, copied as it goes.
 struct Tee {
-    /// `None` once given back.
-    inner: Option<Body>,
-    rec: Arc<Recording>,
+    /// The body and its recording; empty once given back or taken back.
+    slot: Slot,
     /// A frame has been read: the body cannot go to another attempt whole.
     read: bool,
     /// Already read on for a mirror: not handed on again when dropped.
@@ -329,26 +438,35 @@ impl http_body::Body for Tee {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+        let mut slot = this.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let lent = &mut *slot;
+        let (Some(inner), Some(rec)) = (lent.body.as_mut(), lent.rec.as_ref()) else {
+            // Taken back: this attempt's body ends here, without a word to
+            // the copy, which goes on with the next attempt.
+            return Poll::Ready(Some(Err(Recalled.into())));
         };
-        let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
+        let Poll::Ready(frame) = Pin::new(&mut *inner).poll_frame(cx) else {
+            if !lent.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                lent.waker = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        };
         this.read = true;
         match &frame {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
-                    this.rec.add_data(d);
+                    rec.add_data(d);
                 } else if let Some(t) = f.trailers_ref() {
-                    this.rec.add_trailers(t);
+                    rec.add_trailers(t);
                 }
                 // Trailers end a body; so does its last byte when its
                 // length was declared (the consumer may not poll again).
                 if f.is_trailers() || inner.is_end_stream() {
-                    this.rec.finish();
+                    rec.finish();
                 }
             }
-            None => this.rec.finish(),
-            Some(Err(e)) => this.rec.give_up(Some(BodyFailure {
+            None => rec.finish(),
+            Some(Err(e)) => rec.give_up(Some(BodyFailure {
                 message: e.to_string(),
                 timed_out: e.is::<crate::body::TimedOut>(),
             })),
@@ -357,41 +475,51 @@ impl http_body::Body for Tee {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        // Taken back: not over, the next poll says why it ended.
+        let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.body.as_ref().is_some_and(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
+        let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.body
             .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+            .map_or_else(SizeHint::default, |b| b.size_hint())
     }
 }
 
 impl Drop for Tee {
     fn drop(&mut self) {
-        let Some(body) = self.inner.take() else {
+        let mut lent = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let (Some(body), Some(rec)) = (lent.body.take(), lent.rec.take()) else {
             return;
         };
-        let rec = &self.rec;
-        // Never read (the attempt's endpoint could not be reached): the next
-        // attempt takes the body as it is.
+        let rec = &rec;
+        // While the handler may still send the request again, the body goes
+        // back for its next attempt: as it is when never read (the
+        // attempt's endpoint could not be reached), after the copy of what
+        // was read otherwise (the attempt was answered, or failed, before
+        // the body's end), unless that copy is gone. Under the slot's lock:
+        // a recall finds the body lent or back, never in between.
         let body = {
             let mut u = rec.unread();
-            if !self.read && !u.handler_done {
+            if !u.handler_done && !self.for_mirror && (!self.read || rec.copying()) {
                 u.body = Some(body);
+                u.partial = self.read;
                 return;
             }
             body
         };
-        // The attempt stopped before the body's end (its workload answered
-        // early): a mirror still waiting gets the rest read for it.
+        drop(lent);
+        // The handler is done and the attempt stopped before the body's end
+        // (its workload answered early): a mirror still waiting gets the
+        // rest read for it.
         if !self.for_mirror
             && rec.mirrors_wait()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let rest = Tee {
-                inner: Some(body),
-                rec: rec.clone(),
+                slot: Lent::slot(body, rec.clone()),
                 read: true,
                 for_mirror: true,
             };
@@ -400,6 +528,43 @@ impl Drop for Tee {
         }
         // Nobody will finish the copy.
         rec.give_up(None);
+    }
+}
+
+/// The body of an attempt after one that read part of it: the copy of that
+/// part, then the rest of the caller's body as it comes.
+struct Resumed {
+    kept: Option<Bytes>,
+    rest: Tee,
+}
+
+impl http_body::Body for Resumed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(kept) = self.kept.take() {
+            return Poll::Ready(Some(Ok(Frame::data(kept))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.kept.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let kept = self.kept.as_ref().map_or(0, |k| k.len() as u64);
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + kept);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + kept);
+        }
+        hint
     }
 }
 
@@ -555,14 +720,112 @@ mod tests {
         let failure = rec.body_error().unwrap();
         assert_eq!(failure.message, "the request body sent nothing for 300ms");
         assert!(!failure.timed_out);
-        // Dropped before its end, no mirror waiting: no copy.
+        // Dropped before its end, no mirror waiting, and the handler done
+        // without sending it again: no copy.
         let (tx, body) = channel_body();
         let rec = Recording::new(body, 4096, Arc::new(Semaphore::new(64)));
         let mut tee = rec.take().unwrap();
         tx.send(data(b"half")).await.unwrap();
         tee.frame().await.unwrap().unwrap();
         drop(tee);
+        assert!(!rec.given_up(), "kept for an attempt the handler may make");
+        rec.done(spawn);
         assert!(rec.given_up() && rec.whole().is_none());
+        assert!(tx.is_closed(), "nobody reads the rest");
+    }
+
+    #[tokio::test]
+    async fn a_body_taken_back_mid_way_goes_on_to_the_next_attempt_after_its_copy() {
+        let (tx, body) = channel_body();
+        let rec = Recording::new(body, 4096, Arc::new(Semaphore::new(64)));
+        let mirror = rec.when_whole();
+        let mut first = rec.take().unwrap();
+        tx.send(data(b"head of ")).await.unwrap();
+        first.frame().await.unwrap().unwrap();
+        // The first attempt's upload waits for more of the body...
+        let upload = tokio::spawn(async move {
+            let r = first.frame().await;
+            (r, first)
+        });
+        tokio::task::yield_now().await;
+        // ...when its answer comes: the body is taken back for a retry, and
+        // the upload hears of it at once.
+        let held = Arc::strong_count(&rec);
+        assert!(rec.recall());
+        assert!(rec.is_unread());
+        assert_eq!(
+            Arc::strong_count(&rec),
+            held - 1,
+            "an upload still going holds no part of the copy"
+        );
+        let (r, first) = tokio::time::timeout(std::time::Duration::from_secs(10), upload)
+            .await
+            .expect("the waiting upload is woken")
+            .unwrap();
+        let err = r.unwrap().unwrap_err();
+        assert!(err.is::<Recalled>(), "{err}");
+        assert!(!rec.given_up(), "the first attempt's end is not the body's");
+        drop(first);
+        // The next attempt: the copy of what the first read, then the rest.
+        let mut second = rec.take().expect("the body again");
+        assert!(rec.take().is_none(), "one attempt at a time");
+        let f = second.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "head of ");
+        tx.send(data(b"the upload")).await.unwrap();
+        drop(tx);
+        let rest = second.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, "the upload");
+        // Kept whole for a third attempt and for the mirror.
+        let again = rec.whole().unwrap().body().collect().await.unwrap();
+        assert_eq!(again.to_bytes(), "head of the upload");
+        let copy = mirror.await.unwrap().body().collect().await.unwrap();
+        assert_eq!(copy.to_bytes(), "head of the upload");
+    }
+
+    #[tokio::test]
+    async fn a_body_cannot_be_taken_back_without_its_copy() {
+        // Over the limit: the copy is gone, the attempt keeps the body.
+        let (tx, body) = channel_body();
+        let rec = Recording::new(body, 4, Arc::new(Semaphore::new(64)));
+        let mut tee = rec.take().unwrap();
+        tx.send(data(b"too long")).await.unwrap();
+        tee.frame().await.unwrap().unwrap();
+        assert!(!rec.recall());
+        tx.send(data(b" and on")).await.unwrap();
+        let f = tee.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), " and on", "the upload goes on");
+        // Dropped mid-way, the copy gone: nothing for a next attempt.
+        drop(tee);
+        assert!(!rec.is_unread() && rec.take().is_none());
+        // No attempt holds it: there for the next as it is.
+        let rec = Recording::new(full("abc"), 4096, Arc::new(Semaphore::new(64)));
+        assert!(rec.recall() && rec.is_unread());
+        assert_eq!(
+            rec.take().unwrap().collect().await.unwrap().to_bytes(),
+            "abc"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resumed_body_keeps_its_declared_length() {
+        let rec = Recording::new(full("0123456789"), 4096, Arc::new(Semaphore::new(64)));
+        let first = rec.take().unwrap();
+        assert_eq!(first.size_hint().exact(), Some(10));
+        drop(first);
+        // Read in part, then dropped while the handler is not done (its
+        // attempt failed): the rest waits for the next attempt.
+        let (tx, body) = channel_body();
+        let rec = Recording::new(body, 4096, Arc::new(Semaphore::new(64)));
+        let mut first = rec.take().unwrap();
+        tx.send(data(b"abc")).await.unwrap();
+        first.frame().await.unwrap().unwrap();
+        drop(first);
+        assert!(rec.is_unread());
+        let second = rec.take().unwrap();
+        assert_eq!(second.size_hint().lower(), 3, "the copy's bytes count");
+        tx.send(data(b"def")).await.unwrap();
+        drop(tx);
+        assert_eq!(second.collect().await.unwrap().to_bytes(), "abcdef");
     }
 
     #[tokio::test]

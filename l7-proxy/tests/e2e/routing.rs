@@ -918,6 +918,63 @@ async fn a_request_body_that_stops_coming_is_cut() {
     mesh.shutdown().await;
 }
 
+/// GEP-1731 retries for an upload the workload answered before taking it
+/// (load shedding): the next attempt gets what was read, then the rest. The
+/// caller sends the rest only once the retry has reached the workload, so
+/// the answer surely came before the body's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_answered_503_before_its_end_is_retried_whole() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mesh = Mesh::standard().await;
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.retry = Some(Retry {
+        codes: vec![503],
+        attempts: 1,
+        backoff_ms: 1,
+    });
+    let (srv, _) = setup(&mesh, vec![route(vec![r])]).await;
+    let first: String = "a".repeat(30_000);
+    let rest: String = "b".repeat(70_000);
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(
+        format!("POST /early/1 HTTP/1.1\r\nhost: cart\r\ncontent-length: 100000\r\n\r\n{first}")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while srv[1].hits() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retry reached the workload while the upload was open ({} requests)",
+            srv[1].hits()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tcp.write_all(rest.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let seen = srv[1].seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "the 503 read nothing, the retry all");
+    let body = seen[0]["body"].as_str().unwrap();
+    assert_eq!(body.len(), 100_000);
+    assert_eq!(body, format!("{first}{rest}"), "in order, nothing twice");
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_shows_secured_only_while_none_of_its_requests_went_in_plaintext() {
     let mesh = Mesh::standard().await;

@@ -493,7 +493,9 @@ pub fn request(
 
 /// An HTTP/1.1 + HTTP/2 (+ gRPC) server that echoes what it received as JSON.
 /// Paths: `/status/N` answers N; `/flaky/N` answers 503 to its first N
-/// requests; `/slow/MS` waits MS before answering.
+/// requests; `/early/N` answers 503 to its first N requests at once, without
+/// reading their bodies (a workload shedding load); `/slow/MS` waits MS
+/// before answering.
 pub struct EchoServer {
     pub name: String,
     pub addr: SocketAddr,
@@ -557,6 +559,17 @@ async fn echo(
 ) -> Result<Response<EchoBody>, Infallible> {
     hits.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
+    if let Some(n) = parts.uri.path().strip_prefix("/early/")
+        && flaky.fetch_add(1, Ordering::SeqCst) < n.parse().unwrap_or(0)
+    {
+        drop(body);
+        let resp = Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .header("x-server", &name)
+            .body(BodyExt::boxed(Full::new(Bytes::new())))
+            .unwrap();
+        return Ok(resp);
+    }
     let collected = body.collect().await.ok();
     let trailers: HashMap<String, String> = collected
         .as_ref()
