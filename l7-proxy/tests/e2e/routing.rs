@@ -972,6 +972,44 @@ async fn an_upload_answered_503_before_its_end_is_retried_whole() {
     let body = seen[0]["body"].as_str().unwrap();
     assert_eq!(body.len(), 100_000);
     assert_eq!(body, format!("{first}{rest}"), "in order, nothing twice");
+
+    // The same from an HTTP/2 caller, its body of no declared length.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >(4);
+    let body =
+        http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let mut send = mesh.http2_raw(web().ip, SocketAddr::new(vip(1), 80)).await;
+    // The third request to `/early/3` on this server is its first answered.
+    let req = http::Request::post("http://cart/early/3")
+        .body(body)
+        .unwrap();
+    let answer = tokio::spawn(async move { send.send_request(req).await });
+    let frame = |s: &str| Ok(hyper::body::Frame::data(bytes::Bytes::from(s.to_string())));
+    tx.send(frame(&first)).await.unwrap();
+    while srv[1].hits() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline + std::time::Duration::from_secs(10),
+            "no retry of the HTTP/2 upload ({} requests)",
+            srv[1].hits()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tx.send(frame(&rest)).await.unwrap();
+    drop(tx);
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("an answer")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = srv[1].seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[1]["body"].as_str().unwrap(),
+        format!("{first}{rest}"),
+        "in order, nothing twice"
+    );
     mesh.shutdown().await;
 }
 
