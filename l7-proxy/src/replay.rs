@@ -747,7 +747,14 @@ mod tests {
             let r = first.frame().await;
             (r, first)
         });
-        tokio::task::yield_now().await;
+        // (It waits: its waker is with the body.)
+        let waits = || {
+            let lent = rec.lent.lock().unwrap().upgrade().unwrap();
+            lent.lock().unwrap().waker.is_some()
+        };
+        while !waits() {
+            tokio::task::yield_now().await;
+        }
         // ...when its answer comes: the body is taken back for a retry, and
         // the upload hears of it at once.
         let held = Arc::strong_count(&rec);
@@ -806,12 +813,45 @@ mod tests {
         );
     }
 
+    /// A body of declared length in pieces, saying what is left of it.
+    struct Pieces(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Pieces {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum())
+        }
+    }
+
     #[tokio::test]
     async fn a_resumed_body_keeps_its_declared_length() {
-        let rec = Recording::new(full("0123456789"), 4096, Arc::new(Semaphore::new(64)));
-        let first = rec.take().unwrap();
+        let pieces = ["abc", "defg", "hij"].map(Bytes::from);
+        let rec = Recording::new(
+            boxed(Pieces(pieces.into())),
+            4096,
+            Arc::new(Semaphore::new(64)),
+        );
+        let mut first = rec.take().unwrap();
         assert_eq!(first.size_hint().exact(), Some(10));
-        drop(first);
+        first.frame().await.unwrap().unwrap();
+        // Taken back after its first piece: the next attempt's body says
+        // the whole length (what was read, and what is left).
+        assert!(rec.recall());
+        let second = rec.take().unwrap();
+        assert_eq!(second.size_hint().exact(), Some(10));
+        assert!(!second.is_end_stream());
+        assert_eq!(second.collect().await.unwrap().to_bytes(), "abcdefghij");
+        assert!(rec.whole().is_some());
         // Read in part, then dropped while the handler is not done (its
         // attempt failed): the rest waits for the next attempt.
         let (tx, body) = channel_body();
