@@ -101,6 +101,14 @@ pub struct ProxySettings {
     /// Most tunnel connections to one (source identity, peer node, peer
     /// identity) key.
     pub tunnel_max_connections: usize,
+    /// Most TLS handshakes in progress at once on the tunnel port from one
+    /// address: a further connection from it is closed at once (counted in
+    /// `sluice_tls_handshake_failures_total` as `peer_handshake_limit`), so
+    /// that one pod opening connections it never completes cannot take the
+    /// descriptors other nodes' proxies need. A node proxy opens one per
+    /// (workload identity, peer identity) it starts calling, and each takes
+    /// about a millisecond: far fewer at once.
+    pub max_handshakes_per_peer: u32,
     /// An opaque TCP relay with no bytes in either direction for this long is
     /// closed.
     pub tcp_idle_timeout_ms: u64,
@@ -154,6 +162,7 @@ impl Default for ProxySettings {
             tunnel_write_stall_timeout_ms: 30_000,
             tunnel_max_streams: 1_000,
             tunnel_max_connections: 4,
+            max_handshakes_per_peer: 256,
             tcp_idle_timeout_ms: 3_600_000,
             workload_idle_timeout_ms: 90_000,
             exchange_idle_timeout_ms: 300_000,

@@ -83,6 +83,42 @@ pub(crate) async fn run(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
+/// TLS handshakes in progress on the tunnel port, by peer address
+/// (`max_handshakes_per_peer`).
+#[derive(Default)]
+pub(crate) struct Handshakes(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+
+impl Handshakes {
+    /// A handshake from `ip`, unless `max` from it are in progress already.
+    fn begin(&self, ip: std::net::IpAddr, max: u32) -> Option<Handshake<'_>> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Handshake { all: self, ip })
+    }
+}
+
+/// One handshake in progress: counted until dropped.
+struct Handshake<'a> {
+    all: &'a Handshakes,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for Handshake<'_> {
+    fn drop(&mut self) {
+        let mut m = self.all.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Who is on the other end of one tunnel connection.
 struct TunnelPeer {
     addr: SocketAddr,
@@ -119,6 +155,24 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             .inc();
         tracing::warn!(%peer, reason, "inbound TLS handshake failed: {detail}");
     };
+    let Some(handshake) = shared
+        .handshakes
+        .begin(peer.ip(), shared.settings.max_handshakes_per_peer)
+    else {
+        // Counted, logged once in a while: one log line per refused
+        // connection would let the flood fill the log.
+        shared
+            .metrics
+            .tls_handshake_failures
+            .get_or_create(&TlsFailureLabels {
+                direction: Direction::Inbound,
+                reason: "peer_handshake_limit".into(),
+            })
+            .inc();
+        tracing::debug!(%peer, "closing a tunnel connection: {} TLS handshakes from {} in progress already (max_handshakes_per_peer)", shared.settings.max_handshakes_per_peer, peer.ip());
+        let _ = tcp.set_zero_linger();
+        return;
+    };
     let config = match shared.identity.server_config() {
         Ok(c) => c,
         Err(e) => {
@@ -152,6 +206,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             );
         }
     };
+    drop(handshake);
     let (_, session) = tls.get_ref();
     if session.alpn_protocol() != Some(b"h2") {
         return fail("alpn", "the client did not negotiate ALPN h2".into());

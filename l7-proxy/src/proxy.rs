@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     pub buffer_budget: Arc<tokio::sync::Semaphore>,
     /// A slot per mirrored request in flight (`max_mirrors_in_flight`).
     pub mirror_slots: Arc<tokio::sync::Semaphore>,
+    /// TLS handshakes in progress on the tunnel port, by peer address.
+    pub handshakes: crate::inbound::Handshakes,
     tracker: TaskTracker,
 }
 
@@ -215,6 +217,7 @@ impl ProxyBuilder {
                     .max_mirrors_in_flight
                     .min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
+            handshakes: Default::default(),
             settings: self.settings,
             state: state_rx,
             metrics,

@@ -70,6 +70,83 @@ async fn silent_tls_client_is_cut_off_at_the_handshake_timeout() {
     mesh.shutdown().await;
 }
 
+/// One address holding many TLS handshakes open on the tunnel port (a pod
+/// opening connections it never completes) gets its further connections
+/// closed at once; node proxies elsewhere are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_many_handshakes_open_gets_no_more() {
+    let mesh = Mesh::with_settings(vec![web(), bot()], vec![cart(0)], &|s| {
+        s.max_handshakes_per_peer = 3;
+        // Longer than the test: only the limit closes a connection.
+        s.tls_handshake_timeout_ms = 60_000;
+    })
+    .await;
+    let (_srv, port) = servers(&[cart(0)]).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let flood = || async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.77:0".parse().unwrap()).unwrap();
+        sock.connect(mesh.node_b_proxy()).await
+    };
+    let waiting = |tcp: &tokio::net::TcpStream| {
+        let mut b = [0u8; 1];
+        matches!(tcp.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    };
+    // Four from one address (accepted in any order): one is closed at
+    // once (reset before its connect returned, or just after).
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..4 {
+        match flood().await {
+            Ok(tcp) => held.push(tcp),
+            Err(_) => refused += 1,
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while refused == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = held.len();
+        held.retain(|tcp| waiting(tcp));
+        refused += before - held.len();
+    }
+    assert_eq!(refused, 1, "a fourth handshake was let in");
+    assert_eq!(
+        mesh.b.metric(
+            "sluice_tls_handshake_failures_total",
+            &["Inbound", "peer_handshake_limit"]
+        ),
+        1.0
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(held.len(), 3);
+    for tcp in &held {
+        assert!(waiting(tcp), "the other three wait for their handshakes");
+    }
+    // Node A's proxy, from another address, opens its tunnel connection.
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    assert_eq!(c.get("/").await.status, 200);
+    // Once those handshakes end, the address may try again.
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(again) = flood().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if waiting(&again) {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the address stays refused after its handshakes ended"
+        );
+    }
+    mesh.shutdown().await;
+}
+
 /// A TLS connection to node B's tunnel port as node A's proxy makes one:
 /// web's certificate, asking for cart's.
 async fn peer_tls(mesh: &Mesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
