@@ -102,12 +102,12 @@ pub struct ProxySettings {
     /// identity) key.
     pub tunnel_max_connections: usize,
     /// Most TLS handshakes in progress at once on the tunnel port from one
-    /// address: a further connection from it is closed at once (counted in
-    /// `sluice_tls_handshake_failures_total` as `peer_handshake_limit`), so
-    /// that one pod opening connections it never completes cannot take the
-    /// descriptors other nodes' proxies need. A node proxy opens one per
-    /// (workload identity, peer identity) it starts calling, and each takes
-    /// about a millisecond: far fewer at once.
+    /// address that is not a node proxy of the mesh (as endpoints and
+    /// workloads name them): a further connection from it is closed at once
+    /// (counted in `sluice_tls_handshake_failures_total` as
+    /// `peer_handshake_limit`), so that one pod opening connections it
+    /// never completes holds at most this many descriptors until the
+    /// handshake timeout. `0` turns the limit off.
     pub max_handshakes_per_peer: u32,
     /// An opaque TCP relay with no bytes in either direction for this long is
     /// closed.

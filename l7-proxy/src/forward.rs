@@ -820,7 +820,14 @@ fn spawn_mirror(
     body: Replayable,
 ) {
     let Some(svc) = state.service(&m.service).cloned() else {
-        tracing::warn!(mirror = %m.service, "mirror target service does not exist");
+        static LOG: crate::throttle::Throttle = crate::throttle::Throttle::new();
+        if let Some(held) = LOG.allow() {
+            tracing::warn!(
+                mirror = %m.service,
+                "mirror target service does not exist{}",
+                crate::throttle::held_back(held)
+            );
+        }
         return;
     };
     let ready = state.ready_upstreams(&svc, m.port);

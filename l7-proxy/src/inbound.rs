@@ -42,6 +42,7 @@ use crate::{
     sniff::Protocol,
     state::State,
     target::parse_target,
+    throttle::{Throttle, held_back},
     tunnel::{CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW, keep_alive},
 };
 
@@ -153,25 +154,34 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                 reason: reason.into(),
             })
             .inc();
-        tracing::warn!(%peer, reason, "inbound TLS handshake failed: {detail}");
+        static LOG: Throttle = Throttle::new();
+        if let Some(held) = LOG.allow() {
+            tracing::warn!(%peer, reason, "inbound TLS handshake failed: {detail}{}", held_back(held));
+        }
     };
-    let Some(handshake) = shared
-        .handshakes
-        .begin(peer.ip(), shared.settings.max_handshakes_per_peer)
-    else {
-        // Counted, logged once in a while: one log line per refused
-        // connection would let the flood fill the log.
-        shared
-            .metrics
-            .tls_handshake_failures
-            .get_or_create(&TlsFailureLabels {
-                direction: Direction::Inbound,
-                reason: "peer_handshake_limit".into(),
-            })
-            .inc();
-        tracing::debug!(%peer, "closing a tunnel connection: {} TLS handshakes from {} in progress already (max_handshakes_per_peer)", shared.settings.max_handshakes_per_peer, peer.ip());
-        let _ = tcp.set_zero_linger();
-        return;
+    // Node proxies of the mesh are not limited (a pod sharing a node's
+    // address must not cut that node off); nor is anyone with the limit 0.
+    let max = shared.settings.max_handshakes_per_peer;
+    let handshake = if max == 0 || shared.state().is_node_proxy(peer.ip()) {
+        None
+    } else {
+        let Some(h) = shared.handshakes.begin(peer.ip(), max) else {
+            shared
+                .metrics
+                .tls_handshake_failures
+                .get_or_create(&TlsFailureLabels {
+                    direction: Direction::Inbound,
+                    reason: "peer_handshake_limit".into(),
+                })
+                .inc();
+            static LOG: Throttle = Throttle::new();
+            if let Some(held) = LOG.allow() {
+                tracing::warn!(%peer, "closing a tunnel connection: {max} TLS handshakes from {} in progress already (max_handshakes_per_peer){}", peer.ip(), held_back(held));
+            }
+            let _ = tcp.set_zero_linger();
+            return;
+        };
+        Some(h)
     };
     let config = match shared.identity.server_config() {
         Ok(c) => c,

@@ -34,6 +34,7 @@ pub mod router;
 pub mod sniff;
 pub mod state;
 pub mod target;
+mod throttle;
 pub mod tunnel;
 pub mod upgrade;
 pub mod upstream;

@@ -27,6 +27,7 @@ use crate::{
     proxy::Shared,
     sniff::{Protocol, sniff},
     state::{Destination, State, Upstream},
+    throttle::{Throttle, held_back},
     tunnel::TunnelKey,
 };
 
@@ -98,12 +99,18 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     let Some(dst) = shared.original_dst.lookup(peer, local) else {
-        tracing::warn!(%peer, "captured connection without an original destination; closing it");
+        static LOG: Throttle = Throttle::new();
+        if let Some(held) = LOG.allow() {
+            tracing::warn!(%peer, "captured connection without an original destination; closing it{}", held_back(held));
+        }
         return;
     };
     let state = shared.state();
     let Some(source) = state.local_workload(peer.ip()).cloned() else {
-        tracing::warn!(%peer, %dst, "captured connection from {} which is not an enrolled workload of this node; closing it", peer.ip());
+        static LOG: Throttle = Throttle::new();
+        if let Some(held) = LOG.allow() {
+            tracing::warn!(%peer, %dst, "captured connection from {} which is not an enrolled workload of this node; closing it{}", peer.ip(), held_back(held));
+        }
         return;
     };
     let dest = state.destination(dst);
@@ -267,7 +274,10 @@ async fn serve_tcp(
             let (service, ready) = (&d.service, &d.ready);
             let ups = &ready.upstreams;
             let Some(pick) = shared.balancer.pick_for(ready, peer.ip()) else {
-                tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; resetting it");
+                static LOG: Throttle = Throttle::new();
+                if let Some(held) = LOG.allow() {
+                    tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; resetting it{}", held_back(held));
+                }
                 // As a connection refused, not one answered and closed.
                 let _ = io.inner().set_zero_linger();
                 log_tcp(

@@ -78,6 +78,8 @@ pub struct State {
     ready: HashMap<ObjectRef, HashMap<u16, ReadySet>>,
     /// The implicit rule of each (service, port) without routes.
     default_rules: HashMap<ObjectRef, HashMap<u16, Arc<Rule>>>,
+    /// Addresses of the node proxies endpoints and workloads sit behind.
+    node_proxies: std::collections::HashSet<IpAddr>,
 }
 
 /// Ready endpoints of one service port, and the balancer's load record of
@@ -155,11 +157,13 @@ impl State {
             for ep in &svc.endpoints {
                 let ports = svc.ports.iter().filter_map(|p| ep.target_for(p));
                 s.add_member(ep.ip, &svc.id, ports);
+                s.node_proxies.extend(ep.node_proxy.map(|a| a.ip()));
             }
             s.services.insert(svc.id.clone(), svc);
         }
         for w in &snapshot.workloads {
             s.workloads.insert(w.ip, w.clone());
+            s.node_proxies.extend(w.node_proxy.map(|a| a.ip()));
         }
         for w in &snapshot.local_workloads {
             // Policies follow a Service's selector too: a pod the
@@ -190,6 +194,12 @@ impl State {
             }
             None => list.push((service.clone(), ports.collect())),
         }
+    }
+
+    /// Whether `ip` is the address of a node proxy of the mesh (as
+    /// endpoints and workloads name them).
+    pub fn is_node_proxy(&self, ip: IpAddr) -> bool {
+        self.node_proxies.contains(&ip)
     }
 
     pub fn local_workload(&self, ip: IpAddr) -> Option<&Arc<LocalWorkload>> {

@@ -82,11 +82,11 @@ async fn one_address_holding_many_handshakes_open_gets_no_more() {
     })
     .await;
     let (_srv, port) = servers(&[cart(0)]).await;
-    mesh.publish(&Snapshot {
+    let mut snapshot = Snapshot {
         services: vec![mesh.service("cart", 1, port, &[cart(0)])],
         ..Default::default()
-    })
-    .await;
+    };
+    mesh.publish(&snapshot).await;
     let flood = || async {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind("127.0.0.77:0".parse().unwrap()).unwrap();
@@ -131,19 +131,41 @@ async fn one_address_holding_many_handshakes_open_gets_no_more() {
     assert_eq!(c.get("/").await.status, 200);
     // Once those handshakes end, the address may try again.
     drop(held);
+    let refusals = || {
+        mesh.b.metric(
+            "sluice_tls_handshake_failures_total",
+            &["Inbound", "peer_handshake_limit"],
+        )
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(again) = flood().await {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if waiting(&again) {
-                break;
+    let mut again = loop {
+        let before = refusals();
+        if let Ok(tcp) = flood().await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if refusals() == before && waiting(&tcp) {
+                break tcp;
             }
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the address stays refused after its handshakes ended"
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // A node proxy's address is never refused (a pod sharing its node's
+    // address must not cut that node off).
+    snapshot.services[0].endpoints[0].node_proxy = Some("127.0.0.77:15008".parse().unwrap());
+    mesh.publish(&snapshot).await;
+    let before = refusals();
+    let mut more = Vec::new();
+    for _ in 0..4 {
+        more.push(flood().await.expect("a node proxy's address is let in"));
     }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(refusals(), before);
+    assert!(more.iter().all(waiting));
+    drop(more);
+    drop(again.shutdown().await);
     mesh.shutdown().await;
 }
 

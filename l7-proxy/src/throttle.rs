@@ -1,0 +1,111 @@
+//! Log lines that anyone on the network can cause, one per connection or
+//! request (a failed TLS handshake, a TCP connection to a service without
+//! endpoints), at most one a second from each place: a flood of them must
+//! not become a flood of log lines. Each line says how many like it were
+//! held back since the last; the metrics count every one.
+
+use std::{
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+/// At most one line a second from one place.
+pub(crate) const INTERVAL: Duration = Duration::from_secs(1);
+
+/// One place's allowance.
+pub(crate) struct Throttle {
+    /// When the next line may go, in milliseconds of [`now_ms`].
+    next_ms: AtomicU64,
+    /// Lines held back since the last one went.
+    held: AtomicU64,
+}
+
+impl Throttle {
+    pub(crate) const fn new() -> Self {
+        Self {
+            next_ms: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back before this one)` when a line may go now.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        self.allow_at(now_ms())
+    }
+
+    fn allow_at(&self, now: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let interval = INTERVAL.as_millis() as u64;
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + interval, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.held.swap(0, Ordering::Relaxed));
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// Milliseconds since the first call (a fresh [`Throttle`] lets its first
+/// line go whenever it comes).
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// " (N more like it held back)" when there were any, for the end of a line.
+pub(crate) fn held_back(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({n} more like it in the last {}s held back)",
+            INTERVAL.as_secs()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_a_second_and_the_count_of_those_held_back() {
+        let t = Throttle::new();
+        assert_eq!(t.allow_at(0), Some(0), "the first goes");
+        assert_eq!(t.allow_at(10), None);
+        assert_eq!(t.allow_at(999), None);
+        assert_eq!(
+            t.allow_at(1000),
+            Some(2),
+            "the next second's first goes, saying two were held"
+        );
+        assert_eq!(t.allow_at(1500), None);
+        assert_eq!(t.allow_at(5000), Some(1));
+        assert_eq!(t.allow_at(5001), None);
+        assert_eq!(held_back(0), "");
+        assert_eq!(held_back(3), " (3 more like it in the last 1s held back)");
+    }
+
+    #[test]
+    fn many_threads_let_one_line_through() {
+        let t = std::sync::Arc::new(Throttle::new());
+        let went: u64 = (0..8)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| t.allow_at(42).is_some()).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap() as u64)
+            .sum();
+        assert_eq!(went, 1);
+        assert_eq!(t.allow_at(1042), Some(7999));
+    }
+}
