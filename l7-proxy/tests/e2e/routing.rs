@@ -310,12 +310,7 @@ async fn bodies_too_big_to_replay_are_sent_once_whole_and_small_ones_are_retried
         },
     )
     .await;
-    let mut retried = rule(vec![], vec![backend("v1", 1)]);
-    retried.retry = Some(Retry {
-        codes: vec![503],
-        attempts: 2,
-        backoff_ms: 1,
-    });
+    let retried = retried_on_503("v1", 2);
     let (srv, _) = setup(&mesh, vec![route(vec![retried])]).await;
     let mut c = client(&mesh).await;
     let bodies = |srv: &EchoServer| -> Vec<usize> {
@@ -360,12 +355,7 @@ async fn bodies_too_big_to_replay_are_sent_once_whole_and_small_ones_are_retried
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_http2_request_keeps_its_trailers() {
     let mesh = Mesh::standard().await;
-    let mut retried = rule(vec![], vec![backend("v1", 1)]);
-    retried.retry = Some(Retry {
-        codes: vec![503],
-        attempts: 1,
-        backoff_ms: 1,
-    });
+    let retried = retried_on_503("v1", 1);
     let (srv, _) = setup(&mesh, vec![route(vec![retried])]).await;
     let mut send = mesh.http2_raw(web().ip, SocketAddr::new(vip(1), 80)).await;
     let mut trailers = http::HeaderMap::new();
@@ -895,12 +885,7 @@ async fn a_request_body_that_stops_coming_is_cut() {
     // With retries the body streams to the first try while it is kept for
     // the next: the workload has the request at once, and the caller the
     // 408 that says why it ended.
-    let mut r = rule(vec![], vec![backend("v1", 1)]);
-    r.retry = Some(Retry {
-        codes: vec![503],
-        attempts: 1,
-        backoff_ms: 1,
-    });
+    let r = retried_on_503("v1", 1);
     let (srv, _) = setup(&mesh, vec![route(vec![r])]).await;
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     tcp.write_all(b"POST /upload HTTP/1.1\r\nhost: cart\r\ncontent-length: 100\r\n\r\n0123456789")
@@ -926,12 +911,7 @@ async fn a_request_body_that_stops_coming_is_cut() {
 async fn an_upload_answered_503_before_its_end_is_retried_whole() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mesh = Mesh::standard().await;
-    let mut r = rule(vec![], vec![backend("v1", 1)]);
-    r.retry = Some(Retry {
-        codes: vec![503],
-        attempts: 1,
-        backoff_ms: 1,
-    });
+    let r = retried_on_503("v1", 1);
     let (srv, _) = setup(&mesh, vec![route(vec![r])]).await;
     let first: String = "a".repeat(30_000);
     let rest: String = "b".repeat(70_000);
@@ -1176,12 +1156,7 @@ async fn a_streaming_request_flows_through_a_rule_with_retries_and_a_mirror() {
         .port();
     let streamer = stream_echo(SocketAddr::new(cart(1).ip, port)).await;
     let mirror = EchoServer::start("mirror", SocketAddr::new(mirror_pod().ip, port)).await;
-    let mut r = rule(vec![], vec![backend("cart", 1)]);
-    r.retry = Some(Retry {
-        codes: vec![503],
-        attempts: 2,
-        backoff_ms: 1,
-    });
+    let mut r = retried_on_503("cart", 2);
     r.filters = vec![HttpFilter::RequestMirror(RequestMirror {
         service: ObjectRef::new("shop", "mirror"),
         port: 80,
@@ -1826,4 +1801,15 @@ async fn an_http2_websocket_is_mirrored_as_a_plain_request() {
     assert!(seen["headers"].get("upgrade").is_none(), "{seen}");
     drop(h2);
     mesh.shutdown().await;
+}
+
+/// A rule to `backend` retried on 503, `attempts` times, 1 ms apart.
+fn retried_on_503(backend_name: &str, attempts: u32) -> HttpRouteRule {
+    let mut r = rule(vec![], vec![backend(backend_name, 1)]);
+    r.retry = Some(Retry {
+        codes: vec![503],
+        attempts,
+        backoff_ms: 1,
+    });
+    r
 }
