@@ -59,15 +59,13 @@ fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// " (N more like it held back)" when there were any, for the end of a line.
+/// " (N more like it held back since the last)" when there were any, for
+/// the end of a line.
 pub(crate) fn held_back(n: u64) -> String {
     if n == 0 {
         String::new()
     } else {
-        format!(
-            " ({n} more like it in the last {}s held back)",
-            INTERVAL.as_secs()
-        )
+        format!(" ({n} more like it held back since the last)")
     }
 }
 
@@ -90,7 +88,7 @@ mod tests {
         assert_eq!(t.allow_at(5000), Some(1));
         assert_eq!(t.allow_at(5001), None);
         assert_eq!(held_back(0), "");
-        assert_eq!(held_back(3), " (3 more like it in the last 1s held back)");
+        assert_eq!(held_back(3), " (3 more like it held back since the last)");
     }
 
     #[test]
