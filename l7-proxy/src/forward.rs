@@ -820,14 +820,7 @@ fn spawn_mirror(
     body: Replayable,
 ) {
     let Some(svc) = state.service(&m.service).cloned() else {
-        static LOG: crate::throttle::Throttle = crate::throttle::Throttle::new();
-        if let Some(held) = LOG.allow() {
-            tracing::warn!(
-                mirror = %m.service,
-                "mirror target service does not exist{}",
-                crate::throttle::held_back(held)
-            );
-        }
+        crate::throttle::warn_throttled!(mirror = %m.service, "mirror target service does not exist");
         return;
     };
     let ready = state.ready_upstreams(&svc, m.port);

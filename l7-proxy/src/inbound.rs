@@ -42,7 +42,7 @@ use crate::{
     sniff::Protocol,
     state::State,
     target::parse_target,
-    throttle::{Throttle, held_back},
+    throttle::warn_throttled,
     tunnel::{CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW, keep_alive},
 };
 
@@ -154,10 +154,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                 reason: reason.into(),
             })
             .inc();
-        static LOG: Throttle = Throttle::new();
-        if let Some(held) = LOG.allow() {
-            tracing::warn!(%peer, reason, "inbound TLS handshake failed: {detail}{}", held_back(held));
-        }
+        warn_throttled!(%peer, reason, "inbound TLS handshake failed: {detail}");
     };
     // Node proxies of the mesh are not limited (a pod sharing a node's
     // address must not cut that node off); nor is anyone with the limit 0.
@@ -174,10 +171,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                     reason: "peer_handshake_limit".into(),
                 })
                 .inc();
-            static LOG: Throttle = Throttle::new();
-            if let Some(held) = LOG.allow() {
-                tracing::warn!(%peer, "closing a tunnel connection: {max} TLS handshakes from {} in progress already (max_handshakes_per_peer){}", peer.ip(), held_back(held));
-            }
+            warn_throttled!(%peer, "closing a tunnel connection: {max} TLS handshakes from {} in progress already (max_handshakes_per_peer)", peer.ip());
             let _ = tcp.set_zero_linger();
             return;
         };

@@ -27,7 +27,7 @@ use crate::{
     proxy::Shared,
     sniff::{Protocol, sniff},
     state::{Destination, State, Upstream},
-    throttle::{Throttle, held_back},
+    throttle::warn_throttled,
     tunnel::TunnelKey,
 };
 
@@ -99,18 +99,12 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     let Some(dst) = shared.original_dst.lookup(peer, local) else {
-        static LOG: Throttle = Throttle::new();
-        if let Some(held) = LOG.allow() {
-            tracing::warn!(%peer, "captured connection without an original destination; closing it{}", held_back(held));
-        }
+        warn_throttled!(%peer, "captured connection without an original destination; closing it");
         return;
     };
     let state = shared.state();
     let Some(source) = state.local_workload(peer.ip()).cloned() else {
-        static LOG: Throttle = Throttle::new();
-        if let Some(held) = LOG.allow() {
-            tracing::warn!(%peer, %dst, "captured connection from {} which is not an enrolled workload of this node; closing it{}", peer.ip(), held_back(held));
-        }
+        warn_throttled!(%peer, %dst, "captured connection from {} which is not an enrolled workload of this node; closing it", peer.ip());
         return;
     };
     let dest = state.destination(dst);
@@ -274,10 +268,7 @@ async fn serve_tcp(
             let (service, ready) = (&d.service, &d.ready);
             let ups = &ready.upstreams;
             let Some(pick) = shared.balancer.pick_for(ready, peer.ip()) else {
-                static LOG: Throttle = Throttle::new();
-                if let Some(held) = LOG.allow() {
-                    tracing::warn!(%peer, service = %service.id, "no ready endpoint for a TCP connection; resetting it{}", held_back(held));
-                }
+                warn_throttled!(%peer, service = %service.id, "no ready endpoint for a TCP connection; resetting it");
                 // As a connection refused, not one answered and closed.
                 let _ = io.inner().set_zero_linger();
                 log_tcp(

@@ -2,7 +2,7 @@
 //! request (a failed TLS handshake, a TCP connection to a service without
 //! endpoints), at most one a second from each place: a flood of them must
 //! not become a flood of log lines. Each line says how many like it were
-//! held back since the last; the metrics count every one.
+//! held back since the last (`held_back`); the metrics count every one.
 
 use std::{
     sync::{
@@ -59,15 +59,17 @@ fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// " (N more like it held back since the last)" when there were any, for
-/// the end of a line.
-pub(crate) fn held_back(n: u64) -> String {
-    if n == 0 {
-        String::new()
-    } else {
-        format!(" ({n} more like it held back since the last)")
-    }
+/// `tracing::warn!` at most once a second from the place it is written,
+/// with `held_back` = how many lines like it were held back since the last.
+macro_rules! warn_throttled {
+    ($($args:tt)+) => {{
+        static LOG: $crate::throttle::Throttle = $crate::throttle::Throttle::new();
+        if let Some(held) = LOG.allow() {
+            tracing::warn!(held_back = held, $($args)+);
+        }
+    }};
 }
+pub(crate) use warn_throttled;
 
 #[cfg(test)]
 mod tests {
@@ -87,8 +89,6 @@ mod tests {
         assert_eq!(t.allow_at(1500), None);
         assert_eq!(t.allow_at(5000), Some(1));
         assert_eq!(t.allow_at(5001), None);
-        assert_eq!(held_back(0), "");
-        assert_eq!(held_back(3), " (3 more like it held back since the last)");
     }
 
     #[test]
