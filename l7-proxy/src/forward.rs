@@ -276,9 +276,9 @@ impl ReqBody {
             ReqBody::Buffered(_) => true,
             ReqBody::Recorded(rec) if rec.is_unread() => true,
             ReqBody::Recorded(rec) => {
-                // Taken back only while still coming (the body may end
-                // meanwhile: then it is whole).
-                if rec.whole().is_none() && rec.recall() {
+                // Taken back only while still coming (recall refuses a
+                // body that has ended meanwhile: then it is whole).
+                if rec.recall() {
                     return true;
                 }
                 match rec.whole() {

@@ -52,12 +52,7 @@ async fn plaintext_clients_are_refused_on_the_tunnel_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_from_another_ca_is_refused() {
     let mesh = Mesh::standard().await;
-    let (srv, port) = servers(&[cart(0)]).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let srv = mesh.serve_cart().await;
     // A client whose certificate comes from a rogue CA and which accepts any
     // server: only the server's check can stop it.
     let config = rogue_client_config(web().identity().as_ref());

@@ -9,12 +9,7 @@ use crate::{support::*, traffic::servers};
 
 async fn mesh_with_cart() -> (Mesh, Vec<EchoServer>) {
     let mesh = Mesh::standard().await;
-    let (srv, port) = servers(&[cart(0)]).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let srv = mesh.serve_cart().await;
     (mesh, srv)
 }
 

@@ -338,6 +338,17 @@ impl Mesh {
         .await;
     }
 
+    /// cart-0's echo server behind service `cart` (VIP 1), published.
+    pub async fn serve_cart(&self) -> Vec<EchoServer> {
+        let (srv, port) = crate::traffic::servers(&[cart(0)]).await;
+        self.publish(&Snapshot {
+            services: vec![self.service("cart", 1, port, &[cart(0)])],
+            ..Default::default()
+        })
+        .await;
+        srv
+    }
+
     /// A connection from pod `from` to `to`, captured by node A's proxy.
     pub async fn connect(&self, from: IpAddr, to: SocketAddr) -> TcpStream {
         self.connect_with_recv_buffer(from, to, None).await

@@ -31,12 +31,7 @@ pub async fn servers(pods: &[Pod]) -> (Vec<EchoServer>, u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_crosses_the_tunnel_and_the_server_sees_the_caller_identity() {
     let mesh = Mesh::standard().await;
-    let (srv, port) = servers(&[cart(0)]).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let srv = mesh.serve_cart().await;
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
     let r = c
         .send(request("POST", "/items?id=7", &[("x-test", "1")], "hello"))
@@ -381,12 +376,7 @@ async fn a_new_snapshot_keeps_open_connections_and_applies_to_new_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_requests_in_flight() {
     let mesh = Mesh::standard().await;
-    let (srv, port) = servers(&[cart(0)]).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let srv = mesh.serve_cart().await;
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
     let slow = tokio::spawn(async move { c.get("/slow/300").await });
     // Wait for the request to reach the server before shutting down.
@@ -943,12 +933,7 @@ async fn a_workloads_reset_reaches_the_caller_after_the_answer_and_a_close_as_a_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_request_with_an_extension_method_is_http() {
     let mesh = Mesh::standard().await;
-    let (_srv, port) = servers(&[cart(0)]).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let _srv = mesh.serve_cart().await;
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
     for method in ["PROPFIND", "GET"] {
         let r = c.send(request(method, "/dav/", &[], "")).await.unwrap();
@@ -974,12 +959,7 @@ async fn a_first_request_with_an_extension_method_is_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trailers_reach_an_http2_workload_without_the_mesh_fields() {
     let mesh = Mesh::standard().await;
-    let (srv, port) = servers(&[cart(0)]).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let srv = mesh.serve_cart().await;
     let mut send = mesh.http2_raw(web().ip, SocketAddr::new(vip(1), 80)).await;
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-checksum", "c0ffee".parse().unwrap());
@@ -1081,12 +1061,7 @@ async fn stalled_downloads_do_not_stall_the_tunnel() {
 async fn stalled_http2_downloads_do_not_stall_the_workloads_connection() {
     use http_body_util::{BodyExt, Empty};
     let mesh = Mesh::standard().await;
-    let (_srv, port) = servers(&[cart(0)]).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let _srv = mesh.serve_cart().await;
     let to = SocketAddr::new(vip(1), 80);
     let mut stalled = Vec::new();
     for _ in 0..3 {
