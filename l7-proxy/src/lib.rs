@@ -43,3 +43,12 @@ pub use config::{ProxySettings, Snapshot};
 pub use identity::{IdentityError, IdentityProvider};
 pub use outbound::{MapOriginalDst, OriginalDst};
 pub use proxy::{Proxy, ProxyBuilder, ProxyError};
+
+/// A map for the per-request lookups (destinations, local workloads, pooled
+/// connections, tunnels): SipHash, the std default, costs more than the rest
+/// of such a lookup. Its keys come from the snapshot and the proxy's own
+/// pools, never from what a peer sends, so a fast seeded hash is enough;
+/// maps a peer fills (per-address handshake counts) keep the default.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The set counterpart of [`FastMap`].
+pub(crate) type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;

@@ -3,12 +3,12 @@
 //! current when they started.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use crate::{
+    FastMap, FastSet,
     balance::{Balancer, EndpointLoad},
     config::{
         Endpoint, LocalWorkload, ObjectRef, Service, ServicePort, Snapshot, SpiffeId, Workload,
@@ -67,19 +67,19 @@ pub struct ServiceDest {
 pub struct State {
     pub snapshot: Arc<Snapshot>,
     pub routes: RouteTable,
-    services: HashMap<ObjectRef, Arc<Service>>,
-    vips: HashMap<SocketAddr, Arc<ServiceDest>>,
-    workloads: HashMap<IpAddr, Workload>,
-    local: HashMap<IpAddr, Arc<LocalWorkload>>,
+    services: FastMap<ObjectRef, Arc<Service>>,
+    vips: FastMap<SocketAddr, Arc<ServiceDest>>,
+    workloads: FastMap<IpAddr, Workload>,
+    local: FastMap<IpAddr, Arc<LocalWorkload>>,
     /// Services each endpoint IP belongs to, with the ports they reach on
     /// it (for access policies).
-    member_of: HashMap<IpAddr, Vec<(ObjectRef, Vec<u16>)>>,
+    member_of: FastMap<IpAddr, Vec<(ObjectRef, Vec<u16>)>>,
     /// Ready endpoints per (service, service port), computed once.
-    ready: HashMap<ObjectRef, HashMap<u16, ReadySet>>,
+    ready: FastMap<ObjectRef, FastMap<u16, ReadySet>>,
     /// The implicit rule of each (service, port) without routes.
-    default_rules: HashMap<ObjectRef, HashMap<u16, Arc<Rule>>>,
+    default_rules: FastMap<ObjectRef, FastMap<u16, Arc<Rule>>>,
     /// Addresses of the node proxies endpoints and workloads sit behind.
-    node_proxies: std::collections::HashSet<IpAddr>,
+    node_proxies: FastSet<IpAddr>,
 }
 
 /// Ready endpoints of one service port, and the balancer's load record of

@@ -11,7 +11,6 @@
 //! task reads and writes frames and pings the peer.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -29,6 +28,7 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
 use crate::{
+    FastMap,
     batch::{BatchIo, FlushAtEnd},
     body::Body,
     config::{ProxySettings, SpiffeId},
@@ -238,11 +238,11 @@ struct PoolInner {
     identity: Arc<dyn IdentityProvider>,
     metrics: Metrics,
     table: ConnTable,
-    conns: Mutex<HashMap<TunnelKey, Vec<Arc<TunnelConn>>>>,
+    conns: Mutex<FastMap<TunnelKey, Vec<Arc<TunnelConn>>>>,
     /// One dial at a time per key; the last failure, when it came.
-    dialing: Mutex<HashMap<TunnelKey, Arc<tokio::sync::Mutex<Option<LastFailure>>>>>,
+    dialing: Mutex<FastMap<TunnelKey, Arc<tokio::sync::Mutex<Option<LastFailure>>>>>,
     /// Where the requests of each key wait for a stream slot.
-    rooms: Mutex<HashMap<TunnelKey, Arc<Room>>>,
+    rooms: Mutex<FastMap<TunnelKey, Arc<Room>>>,
 }
 
 impl TunnelPool {

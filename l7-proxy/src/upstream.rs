@@ -8,7 +8,6 @@
 //! Idle connections are closed after the settings' workload idle timeout.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex, Weak},
@@ -23,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
 use crate::{
+    FastMap,
     body::{Body, BoxError},
     config::ProxySettings,
     h1client::{self, Conn},
@@ -69,10 +69,10 @@ struct Pools {
     max_header_bytes: u32,
     /// A pooled connection unused for this long is closed.
     idle: Duration,
-    h1: Mutex<HashMap<SocketAddr, Vec<IdleConn>>>,
+    h1: Mutex<FastMap<SocketAddr, Vec<IdleConn>>>,
     /// One HTTP/2 connection per workload address, and when a request last
     /// took it.
-    h2: Mutex<HashMap<SocketAddr, (http2::SendRequest<Body>, Instant)>>,
+    h2: Mutex<FastMap<SocketAddr, (http2::SendRequest<Body>, Instant)>>,
     /// Whether the task closing idle connections runs.
     reaper: Mutex<bool>,
 }
