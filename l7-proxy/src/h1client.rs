@@ -350,6 +350,40 @@ fn keep_trailer_fields(h: &mut HeaderMap) {
     crate::body::remove_mesh_headers(h);
 }
 
+/// Which framing fields a head carries, noted in one pass over its lines:
+/// most heads have none but `content-length`, and looking each one up by
+/// name costs a hash and a probe per name.
+#[derive(Clone, Copy, Debug, Default)]
+struct FramingFields {
+    connection: bool,
+    transfer_encoding: bool,
+    /// `content-length` lines, counted up to two.
+    content_lengths: u8,
+    /// A `content-length` value that is a list (`5, 5`).
+    length_list: bool,
+}
+
+impl FramingFields {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::CONNECTION {
+            self.connection = true;
+        } else if *name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if *name == header::CONTENT_LENGTH {
+            self.content_lengths = self.content_lengths.saturating_add(1).min(2);
+            self.length_list |= value.contains(&b',');
+        }
+    }
+
+    fn of(h: &HeaderMap) -> FramingFields {
+        let mut seen = FramingFields::default();
+        for (name, value) in h {
+            seen.note(name, value.as_bytes());
+        }
+        seen
+    }
+}
+
 /// The length every `Content-Length` value of `h` gives (`5, 5` and
 /// repeated fields are valid), `None` without one; the error names what is
 /// wrong.
@@ -441,14 +475,22 @@ impl Prepared {
     /// the body: its exact length, else chunked.
     pub fn new(req: Request<Body>) -> Self {
         let (mut parts, mut body) = req.into_parts();
-        parts.headers.remove(header::TRANSFER_ENCODING);
+        let seen = FramingFields::of(&parts.headers);
+        if seen.transfer_encoding {
+            parts.headers.remove(header::TRANSFER_ENCODING);
+        }
         let declared = |h: &HeaderMap| {
+            if seen.content_lengths == 0 {
+                return None;
+            }
             h.get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
         let framing = if http_body::Body::is_end_stream(&body) {
-            parts.headers.remove(header::CONTENT_LENGTH);
+            if seen.content_lengths > 0 {
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
             if expects_body(&parts.method) {
                 parts
                     .headers
@@ -491,7 +533,7 @@ impl Prepared {
             body: (framing != Framing::None).then_some(body),
             framing,
             head_request: parts.method == Method::HEAD,
-            close: has_token(&parts.headers, header::CONNECTION, "close"),
+            close: seen.connection && has_token(&parts.headers, header::CONNECTION, "close"),
             idempotent: parts.method.is_idempotent(),
         }
     }
@@ -649,40 +691,33 @@ impl Decoder {
                 Version::HTTP_11
             };
             let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+            let mut seen = FramingFields::default();
             for h in parsed.headers.iter() {
                 let name = HeaderName::from_bytes(h.name.as_bytes())
                     .map_err(|_| Error::Invalid("header name"))?;
                 let value =
                     HeaderValue::from_bytes(h.value).map_err(|_| Error::Invalid("header value"))?;
+                seen.note(&name, h.value);
                 headers.append(name, value);
             }
             rbuf.advance(n);
-            let mode = self.body_mode(status, version, &headers)?;
+            let mode = self.body_mode(status, version, &headers, seen)?;
             match mode {
                 // The chunked framing decides; a content-length beside it
                 // must not travel on (RFC 9112 6.3): over HTTP/2 it would
                 // contradict the data.
-                Mode::Chunked { .. } => {
+                Mode::Chunked { .. } if seen.content_lengths > 0 => {
                     headers.remove(header::CONTENT_LENGTH);
                 }
                 // One value (`5, 5` and repeated fields are valid here, not
                 // over HTTP/2); the usual single plain value stays as it is.
-                Mode::Length { left, .. }
-                    if headers
-                        .get_all(header::CONTENT_LENGTH)
-                        .iter()
-                        .nth(1)
-                        .is_some()
-                        || headers
-                            .get(header::CONTENT_LENGTH)
-                            .is_some_and(|v| v.as_bytes().contains(&b',')) =>
-                {
+                Mode::Length { left, .. } if seen.content_lengths > 1 || seen.length_list => {
                     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(left));
                 }
                 // No body follows; the length (of what a GET would get)
                 // still crosses HTTP/2, which refuses a list, a bad value,
                 // and one on a 204 (RFC 9110 8.6).
-                Mode::Empty { .. } if headers.contains_key(header::CONTENT_LENGTH) => {
+                Mode::Empty { .. } if seen.content_lengths > 0 => {
                     let one = content_length(&headers)
                         .ok()
                         .flatten()
@@ -707,17 +742,18 @@ impl Decoder {
         status: StatusCode,
         version: Version,
         h: &HeaderMap,
+        seen: FramingFields,
     ) -> Result<Mode, Error> {
         let reuse = version == Version::HTTP_11
             && !self.close
-            && !has_token(h, header::CONNECTION, "close");
+            && !(seen.connection && has_token(h, header::CONNECTION, "close"));
         if self.head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
         {
             return Ok(Mode::Empty { reuse });
         }
-        if h.contains_key(header::TRANSFER_ENCODING) {
+        if seen.transfer_encoding {
             if version == Version::HTTP_10 {
                 return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 response"));
             }
@@ -740,11 +776,14 @@ impl Decoder {
                 ));
             }
             // Both framings named: the connection is not trusted after.
-            let reuse = reuse && !h.contains_key(header::CONTENT_LENGTH);
+            let reuse = reuse && seen.content_lengths == 0;
             return Ok(Mode::Chunked {
                 state: Chunk::Size,
                 reuse,
             });
+        }
+        if seen.content_lengths == 0 {
+            return Ok(Mode::Eof);
         }
         Ok(match content_length(h).map_err(Error::Invalid)? {
             Some(n) => Mode::Length { left: n, reuse },
@@ -1450,20 +1489,22 @@ mod tests {
             "{:?}",
             resp.headers()
         );
-        // A repeated length becomes one value.
-        let (a, _g) = scripted(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\nhello",
-            false,
-        )
-        .await;
-        let (resp, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
-        assert_eq!(data(&frames), b"hello");
-        let lengths: Vec<_> = resp
-            .headers()
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .collect();
-        assert_eq!(lengths, ["5"]);
+        // A repeated length becomes one value, as a list or as lines.
+        for reply in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\nhello"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5,5\r\n\r\nhello",
+        ] {
+            let (a, _g) = scripted(reply, false).await;
+            let (resp, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
+            assert_eq!(data(&frames), b"hello");
+            let lengths: Vec<_> = resp
+                .headers()
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .collect();
+            assert_eq!(lengths, ["5"], "{}", String::from_utf8_lossy(reply));
+        }
         // Without a body (HEAD, 304, 204): a list becomes one value, a bad
         // one goes, and a 204 carries none.
         for (method, head, want) in [

@@ -927,16 +927,15 @@ async fn handle_http(
     // Nothing reached the workload (see `UNREACHABLE`).
     let mut unreachable = false;
     let result: Result<Response<Body>, (StatusCode, String)> = async {
-        let raw = parts
-            .headers
-            .get(TARGET)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                (
-                    StatusCode::BAD_REQUEST,
-                    format!("request without a {TARGET_HEADER} header"),
-                )
-            })?;
+        // Taken out now: then the mesh's own headers are usually all gone
+        // before the check for them below.
+        let raw = parts.headers.remove(TARGET);
+        let raw = raw.as_ref().and_then(|v| v.to_str().ok()).ok_or_else(|| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("request without a {TARGET_HEADER} header"),
+            )
+        })?;
         let target = parse_target(raw).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
         let state = shared.state();
         let w = check_target(&shared, &state, &tp, target).map_err(|r| {
