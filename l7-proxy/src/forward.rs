@@ -112,7 +112,9 @@ pub(crate) async fn handle(
             ("the request body", "its response"),
         ))
     };
-    let exchange = async {
+    // Boxed: the exchange is most of this future's size, and hyper moves
+    // the request's future into place.
+    let exchange = Box::pin(async {
         match state.destination(conn.original_dst) {
             // A dot segment some workloads resolve and others do not: no one
             // reading of it can be routed.
@@ -159,7 +161,7 @@ pub(crate) async fn handle(
                 Label::external(),
             ),
         }
-    };
+    });
     // A stalled body's own timer runs out at the same moment: it says why
     // first (a 408 where the body is kept for retries), the watchdog a
     // little later only if that went nowhere.

@@ -494,7 +494,10 @@ impl ValueCond {
 /// Other escapes and repeated slashes stay as they are.
 pub fn normalized_path(path: &str) -> Option<String> {
     let rest = path.strip_prefix('/')?;
-    if !rest.split('/').any(|s| dot_segment(s) > 0) {
+    // Every dot segment holds a `.` or a `%` (`%2e`): most paths hold
+    // neither, and are passed without splitting them.
+    if !rest.bytes().any(|b| b == b'.' || b == b'%') || !rest.split('/').any(|s| dot_segment(s) > 0)
+    {
         return None;
     }
     let segments: Vec<&str> = rest.split('/').collect();
@@ -539,7 +542,7 @@ pub fn dot_segment_read_loosely(path: &str) -> bool {
     // Most paths have none of the characters a looser reading needs (gRPC
     // paths all hold dots): read as they are, with no copies.
     if !path.bytes().any(|b| matches!(b, b'%' | b'\\' | b';')) {
-        return path.split('/').any(|seg| seg == "." || seg == "..");
+        return path.contains('.') && path.split('/').any(|seg| seg == "." || seg == "..");
     }
     let decoded = path
         .to_ascii_lowercase()
