@@ -210,6 +210,12 @@ impl Default for Activity {
 }
 
 impl Activity {
+    /// An exchange that began at `start` (the caller's clock reading, so
+    /// that a request reads the clock once less).
+    pub fn since(start: tokio::time::Instant) -> Self {
+        Self(std::sync::Arc::default(), start)
+    }
+
     pub fn touch(&self) {
         let ms = self.1.elapsed().as_millis() as u64;
         // Both directions record, from their own tasks: never back.

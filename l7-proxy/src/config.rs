@@ -48,8 +48,9 @@ pub const UPGRADE_REQUEST_HEADER: &str = "sluice-upgrade-request";
 /// (policy denial, no route, no ready endpoint, timeout).
 pub const REASON_HEADER: &str = "sluice-reason";
 
-/// Response header of the inbound proxy's own answer (`503`) when it could
-/// not connect to the workload: nothing of the request reached it. The
+/// Response header of the inbound proxy's own answer (`503`, and only on
+/// that status) when it could not connect to the workload: nothing of the
+/// request reached it. The
 /// caller's proxy then treats the endpoint as unreachable (a retry goes
 /// elsewhere, even for a non-idempotent method) and never passes the header
 /// on.

@@ -100,7 +100,7 @@ pub(crate) async fn handle(
     // response flows is not idle (a gRPC stream waiting for the server's
     // messages), nor is a response while its request's body flows.
     let idle = shared.settings.exchange_idle_timeout();
-    let activity = crate::body::Activity::default();
+    let activity = crate::body::Activity::since(start);
     let has_body = !http_body::Body::is_end_stream(&body);
     let body = if !has_body {
         body
@@ -740,7 +740,11 @@ impl SendError {
     /// ([`UNREACHABLE`]): nothing reached it, as when the workload is
     /// reached directly and refuses the connection.
     fn workload_unreachable<B>(resp: &Response<B>, addr: SocketAddr) -> Option<SendError> {
-        resp.headers().contains_key(UNREACHABLE).then(|| {
+        // Only ever on the far side's own 503: other answers skip the
+        // lookup.
+        let marked = resp.status() == StatusCode::SERVICE_UNAVAILABLE
+            && resp.headers().contains_key(UNREACHABLE);
+        marked.then(|| {
             let why = resp
                 .headers()
                 .get(REASON)

@@ -46,9 +46,13 @@ pub use proxy::{Proxy, ProxyBuilder, ProxyError};
 
 /// A map for the per-request lookups (destinations, local workloads, pooled
 /// connections, tunnels): SipHash, the std default, costs more than the rest
-/// of such a lookup. Its keys come from the snapshot and the proxy's own
-/// pools, never from what a peer sends, so a fast seeded hash is enough;
-/// maps a peer fills (per-address handshake counts) keep the default.
+/// of such a lookup. Their keys cannot be multiplied by a peer, which is
+/// what flooding a fast seeded hash would take: they come from the snapshot
+/// (bounded by the API server), or are a pooled connection's address, a
+/// workload's IP from the snapshot with a port the caller chose, pooled only
+/// once a connection to it succeeded (its listening ports, a handful).
+/// Maps a peer fills as it likes (per-address handshake counts) keep the
+/// default.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 /// The set counterpart of [`FastMap`].
 pub(crate) type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
