@@ -112,6 +112,10 @@ pub(crate) async fn handle(
             ("the request body", "its response"),
         ))
     };
+    let progress = Progress {
+        start,
+        labels: std::sync::OnceLock::new(),
+    };
     // Boxed: the exchange is most of this future's size, and hyper moves
     // the request's future into place.
     let exchange = Box::pin(async {
@@ -137,11 +141,12 @@ pub(crate) async fn handle(
                 Label::default(),
             ),
             Destination::Service(d) => {
-                route_request(&shared, &state, &conn, &d, parts, body, start).await
+                route_request(&shared, &state, &conn, &d, parts, body, &progress).await
             }
             Destination::Workload(w) => {
                 let up = Arc::new(State::workload_upstream(&w, conn.original_dst.port()));
                 let dest = Label::from(w.id.to_string());
+                let _ = progress.labels.set((Label::default(), dest.clone()));
                 match send_once(&shared, &conn, &up, parts, body).await {
                     Ok(resp) => Outcome {
                         response: resp,
@@ -168,12 +173,15 @@ pub(crate) async fn handle(
     let watchdog = if has_body { idle + idle / 4 } else { idle };
     let mut outcome = match crate::body::until_idle(exchange, watchdog, &activity).await {
         Some(outcome) => outcome,
-        None => Outcome::local(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!("no answer for {watchdog:?}, while the request sent nothing either"),
-            Label::default(),
-            Label::default(),
-        ),
+        None => {
+            let (route, destination) = progress.labels.into_inner().unwrap_or_default();
+            Outcome::local(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("no answer for {watchdog:?}, while the request sent nothing either"),
+                route,
+                destination,
+            )
+        }
     };
     // The response head is activity too.
     activity.touch();
@@ -236,6 +244,15 @@ pub(crate) async fn handle(
     }
     .emit();
     Ok(outcome.response)
+}
+
+/// What an exchange shares with its request's handler while it runs: when
+/// the request began, and its route and destination once known, so that
+/// the watchdog's 504 (the exchange is dropped by then) is counted under
+/// them too.
+struct Progress {
+    start: Instant,
+    labels: std::sync::OnceLock<(Label, Label)>,
 }
 
 /// A request body, for one attempt or for several.
@@ -311,7 +328,7 @@ async fn route_request(
     dest: &ServiceDest,
     mut parts: Parts,
     body: Body,
-    start: Instant,
+    progress: &Progress,
 ) -> Outcome {
     let (service, port) = (&dest.service.id, dest.port.port);
     let decision = if !dest.routed {
@@ -352,6 +369,9 @@ async fn route_request(
     };
     let rule = decision.rule.clone();
     let route_label = rule.label.clone();
+    let _ = progress
+        .labels
+        .set((route_label.clone(), dest.ready.service.clone()));
     let prefix = decision.matched_prefix.as_deref();
 
     // A redirect answers at once; the rule's backends do not matter.
@@ -421,7 +441,7 @@ async fn route_request(
     let deadline = rule
         .timeouts
         .request_ms
-        .map(|ms| start + Duration::from_millis(ms));
+        .map(|ms| progress.start + Duration::from_millis(ms));
     let mut body = if retries > 0 || !mirrors.is_empty() {
         if http_body::Body::is_end_stream(&body) {
             ReqBody::Buffered(Replayable::empty())

@@ -1678,6 +1678,22 @@ async fn a_workload_that_stops_answering_is_cut_off() {
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 504"), "{head}");
     assert!(head.contains("no answer for 300ms"), "{head}");
+    // Counted under the route and service it was for, though the exchange
+    // that knew them was dropped.
+    assert_eq!(
+        mesh.a.metric(
+            "sluice_requests_total",
+            &[
+                "direction=\"Outbound\"",
+                "status_class=\"5xx\"",
+                "destination=\"shop/cart\"",
+                "route=\"shop/cart#default\"",
+            ]
+        ),
+        1.0,
+        "{}",
+        mesh.a.metrics()
+    );
 
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     tcp.write_all(b"GET /stall HTTP/1.1\r\nhost: cart\r\n\r\n")
