@@ -574,6 +574,7 @@ pub async fn send(
             max_head,
             head_request: req.head_request,
             close: req.close,
+            interim: 0,
         },
         answered: false,
     };
@@ -604,7 +605,15 @@ struct Decoder {
     head_request: bool,
     /// The request said `connection: close`.
     close: bool,
+    /// Interim (1xx) responses passed over so far.
+    interim: u32,
 }
+
+/// Interim (1xx) responses passed over before a final one at the most: a
+/// workload that sends nothing else must not hold the exchange until the
+/// idle timeout (real servers send one or two: `100 Continue`, `103 Early
+/// Hints`).
+const MAX_INTERIM: u32 = 16;
 
 impl Exchange {
     /// Sends what can be sent, then reads until a final response head.
@@ -658,7 +667,7 @@ impl Exchange {
 impl Decoder {
     /// A final response head from the read buffer, if complete; 1xx
     /// interim responses are passed over.
-    fn parse_head(&self, rbuf: &mut BytesMut) -> Result<Option<(Response<()>, Mode)>, Error> {
+    fn parse_head(&mut self, rbuf: &mut BytesMut) -> Result<Option<(Response<()>, Mode)>, Error> {
         loop {
             let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut parsed = httparse::Response::new(&mut lines);
@@ -682,6 +691,12 @@ impl Decoder {
                 return Err(Error::UnaskedUpgrade);
             }
             if status.is_informational() {
+                self.interim += 1;
+                if self.interim > MAX_INTERIM {
+                    return Err(Error::Invalid(
+                        "more than 16 interim (1xx) responses before a final one",
+                    ));
+                }
                 rbuf.advance(n);
                 continue;
             }
@@ -1020,7 +1035,7 @@ struct Decoded {
 }
 
 /// Decodes `wire` fed `piece` bytes at a time, then the end of the stream.
-fn decode_all(dec: Decoder, wire: &[u8], piece: usize) -> Result<Decoded, String> {
+fn decode_all(mut dec: Decoder, wire: &[u8], piece: usize) -> Result<Decoded, String> {
     let fields = |h: &HeaderMap| -> Vec<(String, Vec<u8>)> {
         h.iter()
             .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
@@ -1093,6 +1108,7 @@ pub fn fuzz_response(data: &[u8]) {
         max_head: 512,
         head_request: flags & 1 != 0,
         close: flags & 2 != 0,
+        interim: 0,
     };
     let whole = decode_all(dec, wire, wire.len());
     let pieces = decode_all(dec, wire, usize::from(*piece));
@@ -1666,6 +1682,26 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string().contains("chunk-size line too long"),
+            "{err}"
+        );
+        // Interim answers are passed over up to a bound, not for as long as
+        // a workload sends them.
+        let interim = |n: usize| -> &'static [u8] {
+            let mut wire = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n".repeat(n);
+            wire.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+            Box::leak(wire.into_boxed_slice())
+        };
+        let (a, _g) = scripted(interim(16), false).await;
+        let (resp, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(data(&frames), b"ok");
+        let (a, _g) = scripted(interim(17), false).await;
+        let err = exchange(a, request(Method::GET, empty()))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("more than 16 interim (1xx) responses"),
             "{err}"
         );
     }
