@@ -369,9 +369,6 @@ async fn route_request(
     };
     let rule = decision.rule.clone();
     let route_label = rule.label.clone();
-    let _ = progress
-        .labels
-        .set((route_label.clone(), dest.ready.service.clone()));
     let prefix = decision.matched_prefix.as_deref();
 
     // A redirect answers at once; the rule's backends do not matter.
@@ -436,6 +433,11 @@ async fn route_request(
         }
     };
     let destination = ready.service.clone();
+    // As every outcome of the attempts below counts it: the backend's
+    // service (a split's other service, not the one dialled).
+    let _ = progress
+        .labels
+        .set((route_label.clone(), destination.clone()));
 
     let retries = rule.retry.as_ref().map_or(0, |r| r.attempts);
     let deadline = rule

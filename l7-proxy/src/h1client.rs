@@ -53,6 +53,8 @@ pub enum Error {
     ClosedInBody,
     #[error("the workload's response head is larger than {0} bytes")]
     HeadTooLarge(usize),
+    #[error("the workload sent more than {MAX_INTERIM} interim (1xx) responses before a final one")]
+    TooManyInterim,
     #[error("the workload's response is not valid HTTP/1.1: {0}")]
     Invalid(&'static str),
     #[error("the workload answered 101 Switching Protocols to a request that asked for no upgrade")]
@@ -693,9 +695,7 @@ impl Decoder {
             if status.is_informational() {
                 self.interim += 1;
                 if self.interim > MAX_INTERIM {
-                    return Err(Error::Invalid(
-                        "more than 16 interim (1xx) responses before a final one",
-                    ));
+                    return Err(Error::TooManyInterim);
                 }
                 rbuf.advance(n);
                 continue;

@@ -1694,6 +1694,40 @@ async fn a_workload_that_stops_answering_is_cut_off() {
         "{}",
         mesh.a.metrics()
     );
+    // A route sending cart's requests to another service: counted under
+    // that service, as its other answers are.
+    mesh.publish(&Snapshot {
+        services: vec![
+            mesh.service("cart", 1, port, &[cart(0)]),
+            mesh.service("v1", 11, port, &[cart(0)]),
+        ],
+        http_routes: vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
+        ..Default::default()
+    })
+    .await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"GET /silent HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("an answer from the proxy")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert_eq!(
+        mesh.a.metric(
+            "sluice_requests_total",
+            &[
+                "status_class=\"5xx\"",
+                "destination=\"shop/v1\"",
+                "route=\"shop/cart-route#0\"",
+            ]
+        ),
+        1.0,
+        "{}",
+        mesh.a.metrics()
+    );
 
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     tcp.write_all(b"GET /stall HTTP/1.1\r\nhost: cart\r\n\r\n")
