@@ -1619,6 +1619,39 @@ async fn a_request_without_host_is_redirected_without_an_empty_host() {
     mesh.shutdown().await;
 }
 
+/// A request cart's workload never answers (`/silent`): the proxy's 504,
+/// counted under `destination` and `route` though the exchange that knew
+/// them was dropped.
+async fn silent_504(mesh: &Mesh, destination: &str, route: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"GET /silent HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("an answer from the proxy, though the workload gives none")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(head.contains("no answer for 300ms"), "{head}");
+    assert_eq!(
+        mesh.a.metric(
+            "sluice_requests_total",
+            &[
+                "direction=\"Outbound\"",
+                "status_class=\"5xx\"",
+                &format!("destination=\"{destination}\""),
+                &format!("route=\"{route}\""),
+            ]
+        ),
+        1.0,
+        "{}",
+        mesh.a.metrics()
+    );
+}
+
 /// A workload that never answers, or stops in the middle of its answer,
 /// does not hold its caller for ever: with nothing moving either way for
 /// the idle timeout, the caller gets a 504, or its answer is cut.
@@ -1666,34 +1699,7 @@ async fn a_workload_that_stops_answering_is_cut_off() {
     })
     .await;
 
-    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    tcp.write_all(b"GET /silent HTTP/1.1\r\nhost: cart\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("an answer from the proxy, though the workload gives none")
-        .unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]);
-    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
-    assert!(head.contains("no answer for 300ms"), "{head}");
-    // Counted under the route and service it was for, though the exchange
-    // that knew them was dropped.
-    assert_eq!(
-        mesh.a.metric(
-            "sluice_requests_total",
-            &[
-                "direction=\"Outbound\"",
-                "status_class=\"5xx\"",
-                "destination=\"shop/cart\"",
-                "route=\"shop/cart#default\"",
-            ]
-        ),
-        1.0,
-        "{}",
-        mesh.a.metrics()
-    );
+    silent_504(&mesh, "shop/cart", "shop/cart#default").await;
     // A route sending cart's requests to another service: counted under
     // that service, as its other answers are.
     mesh.publish(&Snapshot {
@@ -1705,30 +1711,9 @@ async fn a_workload_that_stops_answering_is_cut_off() {
         ..Default::default()
     })
     .await;
-    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    tcp.write_all(b"GET /silent HTTP/1.1\r\nhost: cart\r\n\r\n")
-        .await
-        .unwrap();
-    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("an answer from the proxy")
-        .unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]);
-    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
-    assert_eq!(
-        mesh.a.metric(
-            "sluice_requests_total",
-            &[
-                "status_class=\"5xx\"",
-                "destination=\"shop/v1\"",
-                "route=\"shop/cart-route#0\"",
-            ]
-        ),
-        1.0,
-        "{}",
-        mesh.a.metrics()
-    );
+    silent_504(&mesh, "shop/v1", "shop/cart-route#0").await;
 
+    let mut buf = vec![0u8; 4096];
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     tcp.write_all(b"GET /stall HTTP/1.1\r\nhost: cart\r\n\r\n")
         .await
