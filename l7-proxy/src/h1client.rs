@@ -1691,17 +1691,18 @@ mod tests {
             wire.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
             Box::leak(wire.into_boxed_slice())
         };
-        let (a, _g) = scripted(interim(16), false).await;
+        let bound = MAX_INTERIM as usize;
+        let (a, _g) = scripted(interim(bound), false).await;
         let (resp, frames) = exchange(a, request(Method::GET, empty())).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(data(&frames), b"ok");
-        let (a, _g) = scripted(interim(17), false).await;
+        let (a, _g) = scripted(interim(bound + 1), false).await;
         let err = exchange(a, request(Method::GET, empty()))
             .await
             .unwrap_err();
         assert!(
             err.to_string()
-                .contains("more than 16 interim (1xx) responses"),
+                .contains(&format!("more than {bound} interim (1xx) responses")),
             "{err}"
         );
     }
