@@ -754,3 +754,55 @@ async fn a_request_waiting_on_a_full_key_dials_anew_after_a_goaway() {
     let _ = draining.await;
     mesh.shutdown().await;
 }
+
+/// A workload's keep-alive connection that carries no request for the head
+/// timeout is closed, with nothing written on it (hyper's server starts the
+/// head timeout once a response is out): what README says under
+/// Configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_closes_at_the_head_timeout() {
+    let (mesh, _srv) = mesh_with_cart().await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    // The whole response, then nothing more.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let start = tokio::time::Instant::now();
+    while !response_complete(&got) {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert_ne!(n, 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("the idle connection was not closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
+    // Not before the head timeout (1 s in these tests).
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    mesh.shutdown().await;
+}
+
+/// A head and a `content-length` body are in.
+fn response_complete(got: &[u8]) -> bool {
+    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .expect("a content-length");
+    got.len() >= end + 4 + len
+}
