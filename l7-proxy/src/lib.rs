@@ -44,18 +44,6 @@ pub use identity::{IdentityError, IdentityProvider};
 pub use outbound::{MapOriginalDst, OriginalDst};
 pub use proxy::{Proxy, ProxyBuilder, ProxyError};
 
-/// jemalloc options for a process that runs the proxy; its binaries hand
-/// them to jemalloc as `malloc_conf` (the `_RJEM_MALLOC_CONF` environment
-/// variable still overrides them).
-///
-/// `tcache_gc_incr_bytes`: jemalloc sweeps a thread's cache of freed blocks
-/// every 64 KiB allocated by default, which at a few KiB of buffers and
-/// headers per request is every few requests: 2.5% of the proxy pair's
-/// instructions per request (callgrind, `benches/RESULTS.md`). Every 1 MiB
-/// the sweep still returns an idle thread's blocks; a busy thread's cache
-/// is bounded per size class either way.
-pub const JEMALLOC_CONF: &[u8] = b"tcache_gc_incr_bytes:1048576\0";
-
 /// A map for the per-request lookups (destinations, local workloads, pooled
 /// connections, tunnels): SipHash, the std default, costs more than the rest
 /// of such a lookup. Their keys cannot be multiplied by a peer, which is

@@ -19,14 +19,9 @@ struct Cli {
 }
 
 // The proxies measured here run in this binary (`__proxy-node`), with the
-// allocator and allocator options the `mesh-agent` binary uses.
+// allocator the `mesh-agent` binary uses.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-// SAFETY: as in `mesh-agent`: a NUL-terminated string for the life of the
-// process, read by jemalloc only, the symbol defined once.
-#[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: &u8 = &l7_proxy::JEMALLOC_CONF[0];
 
 type Bench = fn(quick: bool) -> Result<()>;
 

@@ -11,14 +11,6 @@ use mesh_agent::agent::{Agent, RunArgs};
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-// The proxy's allocator options (see `l7_proxy::JEMALLOC_CONF`): jemalloc
-// reads this C string at start-up.
-// SAFETY: jemalloc declares `malloc_conf` as a `const char *` it only reads;
-// this is a pointer to a NUL-terminated byte string that lives as long as
-// the process, and nothing else in the process defines the symbol.
-#[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: &u8 = &l7_proxy::JEMALLOC_CONF[0];
-
 #[derive(Parser)]
 #[command(name = "mesh-agent", version, about = "Sluice's node agent")]
 struct Cli {
@@ -221,58 +213,5 @@ async fn main() -> ExitCode {
             agent.shutdown().await;
             ExitCode::SUCCESS
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::ffi::{c_char, c_int, c_void};
-
-    unsafe extern "C" {
-        // jemalloc's (tikv-jemalloc-sys, linked through the global allocator).
-        fn _rjem_mallctl(
-            name: *const c_char,
-            oldp: *mut c_void,
-            oldlenp: *mut usize,
-            newp: *mut c_void,
-            newlen: usize,
-        ) -> c_int;
-    }
-
-    /// jemalloc took the proxy's options from `malloc_conf`.
-    #[test]
-    fn allocator_runs_with_the_proxy_options() {
-        assert_eq!(
-            std::env::var_os("_RJEM_MALLOC_CONF"),
-            None,
-            "_RJEM_MALLOC_CONF is set: it overrides the built-in options this test checks"
-        );
-        let conf = std::str::from_utf8(l7_proxy::JEMALLOC_CONF)
-            .unwrap()
-            .trim_end_matches('\0');
-        let want: usize = conf
-            .strip_prefix("tcache_gc_incr_bytes:")
-            .expect("the option this test reads")
-            .parse()
-            .unwrap();
-        let mut value: usize = 0;
-        let mut len = std::mem::size_of::<usize>();
-        // SAFETY: a NUL-terminated name, and an output buffer of the size
-        // given (the option is a size_t).
-        let rc = unsafe {
-            _rjem_mallctl(
-                c"opt.tcache_gc_incr_bytes".as_ptr(),
-                (&raw mut value).cast(),
-                &mut len,
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        assert_eq!(rc, 0, "mallctl opt.tcache_gc_incr_bytes failed");
-        assert_eq!(value, want);
-        assert_ne!(
-            want, 65536,
-            "the option should differ from jemalloc's default"
-        );
     }
 }
