@@ -78,7 +78,9 @@ pub struct ProxySettings {
     /// Time a client has to send its first bytes before the connection is
     /// treated as opaque TCP (server-speaks-first protocols send nothing).
     pub sniff_timeout_ms: u64,
-    /// Time to read a complete HTTP/1.1 request head.
+    /// Time to read a complete HTTP/1.1 request head. hyper's server runs
+    /// it from the end of one response too, so it is also how long a
+    /// workload's keep-alive connection may stay idle.
     pub header_read_timeout_ms: u64,
     /// Largest request or response head accepted, in bytes.
     pub max_header_bytes: u32,
