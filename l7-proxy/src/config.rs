@@ -78,10 +78,16 @@ pub struct ProxySettings {
     /// Time a client has to send its first bytes before the connection is
     /// treated as opaque TCP (server-speaks-first protocols send nothing).
     pub sniff_timeout_ms: u64,
-    /// Time to read a complete HTTP/1.1 request head. hyper's server runs
-    /// it from the end of one response too, so it is also how long a
-    /// workload's keep-alive connection may stay idle.
+    /// Time to read a complete HTTP/1.1 request head, from its first bytes
+    /// (slow or stalled heads are cut).
     pub header_read_timeout_ms: u64,
+    /// A workload's HTTP/1.1 keep-alive connection to the capture listener
+    /// that carries no request for this long is closed (cleanly, nothing
+    /// written). Longer than client pools keep idle connections (90 s in Go,
+    /// 5 minutes in OkHttp), so that the client, not the proxy, closes
+    /// them: a request sent just as the proxy closes one would fail. `0`:
+    /// no limit (the client closes them).
+    pub keepalive_idle_timeout_ms: u64,
     /// Largest request or response head accepted, in bytes.
     pub max_header_bytes: u32,
     /// Time to establish a TCP connection to a peer proxy or a workload.
@@ -157,6 +163,7 @@ impl Default for ProxySettings {
             inbound_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT),
             sniff_timeout_ms: 300,
             header_read_timeout_ms: 10_000,
+            keepalive_idle_timeout_ms: 3_600_000,
             max_header_bytes: 64 * 1024,
             connect_timeout_ms: 5_000,
             tls_handshake_timeout_ms: 5_000,
@@ -178,12 +185,22 @@ impl Default for ProxySettings {
     }
 }
 
+/// A timeout set to `0` ("no limit") as a timer: 30 years away.
+const NEVER: Duration = Duration::from_secs(30 * 365 * 86_400);
+
 impl ProxySettings {
     pub fn sniff_timeout(&self) -> Duration {
         Duration::from_millis(self.sniff_timeout_ms)
     }
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.header_read_timeout_ms)
+    }
+    /// `0` turns it off (a timer 30 years away).
+    pub fn keepalive_idle_timeout(&self) -> Duration {
+        match self.keepalive_idle_timeout_ms {
+            0 => NEVER,
+            ms => Duration::from_millis(ms),
+        }
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
@@ -203,7 +220,7 @@ impl ProxySettings {
     /// `0` turns it off (a timer 30 years away).
     pub fn exchange_idle_timeout(&self) -> Duration {
         match self.exchange_idle_timeout_ms {
-            0 => Duration::from_secs(30 * 365 * 86_400),
+            0 => NEVER,
             ms => Duration::from_millis(ms),
         }
     }

@@ -30,12 +30,24 @@ pin_project_lite::pin_project! {
         prefix: Bytes,
         #[pin]
         inner: S,
+        // Bumped by every read that returns bytes, when set
+        // (`crate::head_timer` watches it).
+        reads: Option<Arc<AtomicU64>>,
     }
 }
 
 impl<S> Rewind<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
-        Self { prefix, inner }
+        Self {
+            prefix,
+            inner,
+            reads: None,
+        }
+    }
+    /// Counts the reads that return bytes in `reads`.
+    pub fn count_reads(mut self, reads: Arc<AtomicU64>) -> Self {
+        self.reads = Some(reads);
+        self
     }
     pub fn inner(&self) -> &S {
         &self.inner
@@ -53,9 +65,19 @@ impl<S: AsyncRead> AsyncRead for Rewind<S> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if let Some(reads) = this.reads {
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
             return Poll::Ready(Ok(()));
         }
-        this.inner.poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if let Some(reads) = this.reads
+            && buf.filled().len() > before
+        {
+            reads.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 }
 

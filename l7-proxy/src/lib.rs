@@ -22,6 +22,7 @@ pub mod filters;
 pub mod forward;
 pub mod h1client;
 pub mod h2stream;
+mod head_timer;
 pub mod identity;
 pub mod inbound;
 pub mod io;

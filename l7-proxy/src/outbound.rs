@@ -123,7 +123,12 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
             (p, b.freeze())
         }
     };
-    let io = Rewind::new(prefix, tcp);
+    // An HTTP/1.1 connection's reads start its head timeout (head_timer).
+    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let io = match protocol {
+        Protocol::Http1 => Rewind::new(prefix, tcp).count_reads(reads.clone()),
+        _ => Rewind::new(prefix, tcp),
+    };
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
             let row = shared.table.open(
@@ -151,7 +156,7 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
                 metrics: Default::default(),
                 row: Some(row.reference()),
             });
-            serve_http(shared, io, conn).await;
+            serve_http(shared, io, conn, reads).await;
             // The row goes with the connection.
             drop(row);
         }
@@ -181,8 +186,13 @@ fn tunnelled_identity(dest: &Destination) -> Option<crate::config::SpiffeId> {
         .then_some(id)
 }
 
-async fn serve_http<I>(shared: Arc<Shared>, io: I, conn: Arc<HttpConn>)
-where
+/// `reads`: the connection's reads that returned bytes (HTTP/1.1 only).
+async fn serve_http<I>(
+    shared: Arc<Shared>,
+    io: I,
+    conn: Arc<HttpConn>,
+    reads: Arc<std::sync::atomic::AtomicU64>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let s = shared.settings.clone();
@@ -220,7 +230,13 @@ where
                 service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req))
             };
             let c = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
+                // The head timeout from a head's first bytes; before them,
+                // the keep-alive idle timeout.
+                .timer(crate::head_timer::HeadTimer::new(
+                    reads,
+                    s.header_read_timeout(),
+                    s.keepalive_idle_timeout(),
+                ))
                 .header_read_timeout(s.header_read_timeout())
                 .max_buf_size((s.max_header_bytes as usize).max(8192))
                 .serve_connection(io, svc)

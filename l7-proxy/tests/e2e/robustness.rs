@@ -755,21 +755,78 @@ async fn a_request_waiting_on_a_full_key_dials_anew_after_a_goaway() {
     mesh.shutdown().await;
 }
 
-/// A workload's keep-alive connection that carries no request for the head
-/// timeout is closed, with nothing written on it (hyper's server starts the
-/// head timeout once a response is out): what README says under
-/// Configuration.
+/// A workload's keep-alive connection that carries no request is not closed
+/// at the head timeout (hyper's server starts that one as soon as a
+/// response is out): it stays for the keep-alive idle timeout, then closes
+/// cleanly with nothing written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_keep_alive_connection_closes_at_the_head_timeout() {
-    let (mesh, _srv) = mesh_with_cart().await;
+async fn an_idle_keep_alive_connection_stays_until_the_idle_timeout() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        // The head timeout is 1 s in these tests.
+        s.keepalive_idle_timeout_ms = 3_000;
+    })
+    .await;
+    let _srv = mesh.serve_cart().await;
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    get_on(&mut tcp).await;
+    // Idle for twice the head timeout: still open, and it carries the
+    // next request.
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await;
+    assert!(
+        read.is_err(),
+        "closed (or written to) while idle for less than the idle timeout: {read:?}"
+    );
+    get_on(&mut tcp).await;
+    let idle_from = tokio::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("the idle connection was not closed")
+        .expect("a clean close, not a reset");
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
+    assert!(idle_from.elapsed() >= Duration::from_millis(2_900));
+    mesh.shutdown().await;
+}
+
+/// On a kept-alive connection idle for longer than the head timeout, a head
+/// that begins and then stalls is cut at the head timeout from its first
+/// bytes, not left for the keep-alive idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_begun_after_an_idle_spell_has_the_head_timeout() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.keepalive_idle_timeout_ms = 60_000;
+    })
+    .await;
+    let _srv = mesh.serve_cart().await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    get_on(&mut tcp).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: cart\r\n")
+        .await
+        .unwrap();
+    let begun = tokio::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    // Well before the idle timeout: only the head timeout can close it.
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("the stalled head was not cut")
+        .unwrap_or(0);
+    assert!(
+        n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(begun.elapsed() >= Duration::from_millis(900));
+    mesh.shutdown().await;
+}
+
+/// Sends a GET on `tcp` and reads its whole `200` response.
+async fn get_on(tcp: &mut tokio::net::TcpStream) {
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n")
         .await
         .unwrap();
-    // The whole response, then nothing more.
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    let start = tokio::time::Instant::now();
     while !response_complete(&got) {
         let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
             .await
@@ -783,14 +840,6 @@ async fn an_idle_keep_alive_connection_closes_at_the_head_timeout() {
         "{}",
         String::from_utf8_lossy(&got)
     );
-    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("the idle connection was not closed")
-        .expect("a clean close, not a reset");
-    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
-    // Not before the head timeout (1 s in these tests).
-    assert!(start.elapsed() >= Duration::from_millis(900));
-    mesh.shutdown().await;
 }
 
 /// A head and a `content-length` body are in.
