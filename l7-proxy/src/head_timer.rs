@@ -12,7 +12,11 @@
 //!
 //! The connection's reads are counted ([`crate::io::Rewind::count_reads`]);
 //! hyper looks at its head timer whenever a read leaves the head
-//! incomplete, which is when the count has moved.
+//! incomplete, which is when the count has moved. Bytes of a next head
+//! read along with the previous request (pipelined) are in hyper's buffer
+//! before the timer starts, where it cannot see them: if that head then
+//! stalls, it has the idle timeout. (hyper 1.12 uses an HTTP/1.1 server's
+//! timer for the head timeout only; `sleep_until` relies on that.)
 
 use std::{
     future::Future,

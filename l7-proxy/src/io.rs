@@ -65,7 +65,9 @@ impl<S: AsyncRead> AsyncRead for Rewind<S> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
-            if let Some(reads) = this.reads {
+            if let Some(reads) = this.reads
+                && n > 0
+            {
                 reads.fetch_add(1, Ordering::Relaxed);
             }
             return Poll::Ready(Ok(()));

@@ -124,10 +124,10 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         }
     };
     // An HTTP/1.1 connection's reads start its head timeout (head_timer).
-    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let io = match protocol {
-        Protocol::Http1 => Rewind::new(prefix, tcp).count_reads(reads.clone()),
-        _ => Rewind::new(prefix, tcp),
+    let reads = (protocol == Protocol::Http1).then(Arc::<std::sync::atomic::AtomicU64>::default);
+    let io = match &reads {
+        Some(r) => Rewind::new(prefix, tcp).count_reads(r.clone()),
+        None => Rewind::new(prefix, tcp),
     };
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
@@ -186,12 +186,13 @@ fn tunnelled_identity(dest: &Destination) -> Option<crate::config::SpiffeId> {
         .then_some(id)
 }
 
-/// `reads`: the connection's reads that returned bytes (HTTP/1.1 only).
+/// `reads`: the connection's reads that returned bytes (counted for
+/// HTTP/1.1).
 async fn serve_http<I>(
     shared: Arc<Shared>,
     io: I,
     conn: Arc<HttpConn>,
-    reads: Arc<std::sync::atomic::AtomicU64>,
+    reads: Option<Arc<std::sync::atomic::AtomicU64>>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -233,7 +234,7 @@ async fn serve_http<I>(
                 // The head timeout from a head's first bytes; before them,
                 // the keep-alive idle timeout.
                 .timer(crate::head_timer::HeadTimer::new(
-                    reads,
+                    reads.unwrap_or_default(),
                     s.header_read_timeout(),
                     s.keepalive_idle_timeout(),
                 ))

@@ -763,7 +763,7 @@ async fn a_request_waiting_on_a_full_key_dials_anew_after_a_goaway() {
 async fn an_idle_keep_alive_connection_stays_until_the_idle_timeout() {
     let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
         // The head timeout is 1 s in these tests.
-        s.keepalive_idle_timeout_ms = 3_000;
+        s.keepalive_idle_timeout_ms = 4_000;
     })
     .await;
     let _srv = mesh.serve_cart().await;
@@ -777,14 +777,15 @@ async fn an_idle_keep_alive_connection_stays_until_the_idle_timeout() {
         read.is_err(),
         "closed (or written to) while idle for less than the idle timeout: {read:?}"
     );
-    get_on(&mut tcp).await;
+    // Before the request: the proxy's idle spell starts after it.
     let idle_from = tokio::time::Instant::now();
+    get_on(&mut tcp).await;
     let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
         .await
         .expect("the idle connection was not closed")
         .expect("a clean close, not a reset");
     assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
-    assert!(idle_from.elapsed() >= Duration::from_millis(2_900));
+    assert!(idle_from.elapsed() >= Duration::from_millis(3_950));
     mesh.shutdown().await;
 }
 
@@ -801,10 +802,11 @@ async fn a_head_begun_after_an_idle_spell_has_the_head_timeout() {
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     get_on(&mut tcp).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Before the bytes: the proxy's head timeout starts after them.
+    let begun = tokio::time::Instant::now();
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: cart\r\n")
         .await
         .unwrap();
-    let begun = tokio::time::Instant::now();
     let mut buf = [0u8; 1024];
     // Well before the idle timeout: only the head timeout can close it.
     let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
@@ -816,7 +818,7 @@ async fn a_head_begun_after_an_idle_spell_has_the_head_timeout() {
         "{}",
         String::from_utf8_lossy(&buf[..n])
     );
-    assert!(begun.elapsed() >= Duration::from_millis(900));
+    assert!(begun.elapsed() >= Duration::from_millis(950));
     mesh.shutdown().await;
 }
 
