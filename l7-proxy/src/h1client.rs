@@ -20,6 +20,7 @@ use std::{
     io::{self, IoSlice},
     pin::Pin,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -87,6 +88,9 @@ impl Error {
 pub struct Conn {
     io: TcpStream,
     rbuf: BytesMut,
+    /// How long the workload keeps it open idle, less a margin, as its
+    /// last response's `keep-alive: timeout=` said (`None`: not said).
+    reuse_within: Option<Duration>,
 }
 
 impl Conn {
@@ -94,7 +98,17 @@ impl Conn {
         Self {
             io,
             rbuf: BytesMut::new(),
+            reuse_within: None,
         }
+    }
+
+    /// How long this connection may wait idle in a pool that keeps
+    /// connections for `pool_idle`: less if the workload closes its idle
+    /// connections sooner (Node.js servers after 5 s, and they say so in
+    /// `keep-alive: timeout=5`). A request sent as the workload closes one
+    /// would fail, a `POST` with a `502`.
+    pub fn idle_limit(&self, pool_idle: Duration) -> Duration {
+        self.reuse_within.map_or(pool_idle, |d| d.min(pool_idle))
     }
 
     /// Whether an idle connection can take a request: the workload has not
@@ -363,6 +377,8 @@ struct FramingFields {
     content_lengths: u8,
     /// A `content-length` value that is a list (`5, 5`).
     length_list: bool,
+    /// A `keep-alive` line (not framing, but read from responses).
+    keep_alive: bool,
 }
 
 impl FramingFields {
@@ -374,6 +390,8 @@ impl FramingFields {
         } else if *name == header::CONTENT_LENGTH {
             self.content_lengths = self.content_lengths.saturating_add(1).min(2);
             self.length_list |= value.contains(&b',');
+        } else if name.as_str() == "keep-alive" {
+            self.keep_alive = true;
         }
     }
 
@@ -408,6 +426,26 @@ fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
         }
     }
     Ok(length)
+}
+
+/// How long a connection may be reused for, from a response's
+/// `keep-alive: timeout=N` (seconds the server keeps it open idle; a
+/// convention of HTTP/1.0 that servers still send): a margin short of it,
+/// since the server's clock started as it sent the response, before this
+/// side read it. `None` without a (valid) timeout.
+fn reuse_within(h: &HeaderMap) -> Option<Duration> {
+    let secs = h
+        .get_all("keep-alive")
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .find_map(|param| {
+            let (k, v) = std::str::from_utf8(param).ok()?.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("timeout")
+                .then(|| v.trim().parse::<u64>().ok())?
+        })?;
+    let timeout = Duration::from_secs(secs);
+    Some(timeout - (timeout / 2).min(Duration::from_secs(1)))
 }
 
 fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -577,6 +615,7 @@ pub async fn send(
             head_request: req.head_request,
             close: req.close,
             interim: 0,
+            reuse_within: None,
         },
         answered: false,
     };
@@ -609,6 +648,9 @@ struct Decoder {
     close: bool,
     /// Interim (1xx) responses passed over so far.
     interim: u32,
+    /// From the final response's `keep-alive` field: how long the
+    /// connection may be reused for (see [`reuse_within`]).
+    reuse_within: Option<Duration>,
 }
 
 /// Interim (1xx) responses passed over before a final one at the most: a
@@ -716,6 +758,11 @@ impl Decoder {
                 headers.append(name, value);
             }
             rbuf.advance(n);
+            self.reuse_within = if seen.keep_alive {
+                reuse_within(&headers)
+            } else {
+                None
+            };
             let mode = self.body_mode(status, version, &headers, seen)?;
             match mode {
                 // The chunked framing decides; a content-length beside it
@@ -865,7 +912,10 @@ impl ResponseBody {
                 .as_ref()
                 .is_some_and(|ex| ex.out.done && ex.conn.rbuf.is_empty());
         if reusable {
-            self.ex.take().map(|ex| ex.conn)
+            self.ex.take().map(|ex| Conn {
+                reuse_within: ex.dec.reuse_within,
+                ..ex.conn
+            })
         } else {
             None
         }
@@ -1109,6 +1159,7 @@ pub fn fuzz_response(data: &[u8]) {
         head_request: flags & 1 != 0,
         close: flags & 2 != 0,
         interim: 0,
+        reuse_within: None,
     };
     let whole = decode_all(dec, wire, wire.len());
     let pieces = decode_all(dec, wire, usize::from(*piece));
@@ -1227,6 +1278,27 @@ mod tests {
 
     use super::*;
     use crate::body::{boxed, empty};
+
+    #[test]
+    fn keep_alive_timeout_gives_the_reuse_window_less_a_margin() {
+        let of = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("keep-alive", HeaderValue::from_static(v));
+            }
+            reuse_within(&h)
+        };
+        assert_eq!(of(&["timeout=5, max=100"]), Some(Duration::from_secs(4)));
+        assert_eq!(of(&["max=3, Timeout = 2"]), Some(Duration::from_secs(1)));
+        assert_eq!(
+            of(&["max=3", "timeout=1"]),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(of(&["timeout=0"]), Some(Duration::ZERO));
+        assert_eq!(of(&["timeout=soon"]), None);
+        assert_eq!(of(&["max=100"]), None);
+        assert_eq!(of(&[]), None);
+    }
 
     #[test]
     fn chunk_sizes_may_carry_leading_zeros_but_not_overflow() {

@@ -219,7 +219,7 @@ impl WorkloadClients {
         let (idle, now) = (self.inner.idle, Instant::now());
         let mut found = None;
         while let Some(mut c) = list.pop() {
-            if now.duration_since(c.since) < idle && c.conn.is_usable() {
+            if now.duration_since(c.since) < c.conn.idle_limit(idle) && c.conn.is_usable() {
                 found = Some(c.conn);
                 break;
             }
@@ -310,7 +310,9 @@ impl WorkloadClients {
                 let Some(p) = pools.upgrade() else { return };
                 let mut h1 = p.h1.lock().unwrap_or_else(|e| e.into_inner());
                 h1.retain(|_, list| {
-                    list.retain_mut(|c| c.since.elapsed() < idle && c.conn.is_usable());
+                    list.retain_mut(|c| {
+                        c.since.elapsed() < c.conn.idle_limit(idle) && c.conn.is_usable()
+                    });
                     !list.is_empty()
                 });
                 drop(h1);
@@ -433,6 +435,14 @@ mod tests {
     /// `close_after_first` makes it close every connection after its first
     /// response.
     async fn server(close_after_first: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        server_with(close_after_first, None).await
+    }
+
+    /// As [`server`], with a `keep-alive` field on every response.
+    async fn server_with(
+        close_after_first: bool,
+        keep_alive: Option<&'static str>,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -456,6 +466,10 @@ mod tests {
                                     http::header::CONNECTION,
                                     HeaderValue::from_static("close"),
                                 );
+                            }
+                            if let Some(v) = keep_alive {
+                                resp.headers_mut()
+                                    .insert("keep-alive", HeaderValue::from_static(v));
                             }
                             Ok::<_, std::convert::Infallible>(resp)
                         });
@@ -490,6 +504,29 @@ mod tests {
         conns.sort();
         assert_eq!(conns, ["1", "2"]);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A workload that says how long it keeps idle connections
+    /// (`keep-alive: timeout=4`, as Node.js servers do with 5) gets no
+    /// request on one idle for nearly that long: it may be closing it.
+    #[tokio::test]
+    async fn a_connection_idle_near_the_workloads_keep_alive_timeout_is_not_reused() {
+        let (addr, accepted) = server_with(false, Some("timeout=4, max=100")).await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        assert_eq!(get(&c, addr, "/a").await, "conn 1 /a");
+        // Well within the timeout less its margin (1 s): reused.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(get(&c, addr, "/b").await, "conn 1 /b");
+        // Past it: a new connection.
+        tokio::time::sleep(Duration::from_millis(3_100)).await;
+        assert_eq!(get(&c, addr, "/c").await, "conn 2 /c");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Without the field, the pool's own idle timeout (90 s) holds.
+        let (addr, accepted) = server(false).await;
+        assert_eq!(get(&c, addr, "/a").await, "conn 1 /a");
+        tokio::time::sleep(Duration::from_millis(3_100)).await;
+        assert_eq!(get(&c, addr, "/b").await, "conn 1 /b");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
