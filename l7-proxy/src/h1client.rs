@@ -88,9 +88,9 @@ impl Error {
 pub struct Conn {
     io: TcpStream,
     rbuf: BytesMut,
-    /// How long the workload keeps it open idle, less a margin, as its
-    /// last response's `keep-alive: timeout=` said (`None`: not said).
-    reuse_within: Option<Duration>,
+    /// Until when the workload keeps it open, less a margin, as its last
+    /// response's `keep-alive: timeout=` said (`None`: not said).
+    reuse_until: Option<tokio::time::Instant>,
 }
 
 impl Conn {
@@ -98,17 +98,23 @@ impl Conn {
         Self {
             io,
             rbuf: BytesMut::new(),
-            reuse_within: None,
+            reuse_until: None,
         }
     }
 
-    /// How long this connection may wait idle in a pool that keeps
-    /// connections for `pool_idle`: less if the workload closes its idle
-    /// connections sooner (Node.js servers after 5 s, and they say so in
-    /// `keep-alive: timeout=5`). A request sent as the workload closes one
-    /// would fail, a `POST` with a `502`.
-    pub fn idle_limit(&self, pool_idle: Duration) -> Duration {
-        self.reuse_within.map_or(pool_idle, |d| d.min(pool_idle))
+    /// Whether this connection, idle in a pool since `since`, may still
+    /// take a request at `now`: within the pool's `idle` timeout, and
+    /// before the workload closes it if it said when (Node.js servers close
+    /// idle connections after 5 s and send `keep-alive: timeout=5`). A
+    /// request sent as the workload closes one would fail, a `POST` with a
+    /// `502`.
+    pub fn fresh(
+        &self,
+        now: tokio::time::Instant,
+        since: tokio::time::Instant,
+        idle: Duration,
+    ) -> bool {
+        now.duration_since(since) < idle && self.reuse_until.is_none_or(|until| now < until)
     }
 
     /// Whether an idle connection can take a request: the workload has not
@@ -428,22 +434,25 @@ fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
     Ok(length)
 }
 
-/// How long a connection may be reused for, from a response's
-/// `keep-alive: timeout=N` (seconds the server keeps it open idle; a
-/// convention of HTTP/1.0 that servers still send): a margin short of it,
-/// since the server's clock started as it sent the response, before this
-/// side read it. `None` without a (valid) timeout.
+/// How long a connection may be reused for after a response head, from
+/// its `keep-alive: timeout=N` (seconds the server keeps it open idle; a
+/// convention of HTTP/1.0 that servers still send; the smallest if more
+/// than one): a margin short of it. Counted from the head, which the
+/// server sent before it finished the response and started its clock, so
+/// a slowly read body cannot push the reuse past the server's close.
+/// `None` without a (valid) timeout.
 fn reuse_within(h: &HeaderMap) -> Option<Duration> {
     let secs = h
         .get_all("keep-alive")
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .find_map(|param| {
+        .filter_map(|param| {
             let (k, v) = std::str::from_utf8(param).ok()?.split_once('=')?;
             k.trim()
                 .eq_ignore_ascii_case("timeout")
-                .then(|| v.trim().parse::<u64>().ok())?
-        })?;
+                .then(|| v.trim().trim_matches('"').parse::<u64>().ok())?
+        })
+        .min()?;
     let timeout = Duration::from_secs(secs);
     Some(timeout - (timeout / 2).min(Duration::from_secs(1)))
 }
@@ -615,7 +624,7 @@ pub async fn send(
             head_request: req.head_request,
             close: req.close,
             interim: 0,
-            reuse_within: None,
+            reuse_until: None,
         },
         answered: false,
     };
@@ -648,9 +657,9 @@ struct Decoder {
     close: bool,
     /// Interim (1xx) responses passed over so far.
     interim: u32,
-    /// From the final response's `keep-alive` field: how long the
-    /// connection may be reused for (see [`reuse_within`]).
-    reuse_within: Option<Duration>,
+    /// From the final response's `keep-alive` field: until when the
+    /// connection may be reused (see [`reuse_within`]).
+    reuse_until: Option<tokio::time::Instant>,
 }
 
 /// Interim (1xx) responses passed over before a final one at the most: a
@@ -758,8 +767,8 @@ impl Decoder {
                 headers.append(name, value);
             }
             rbuf.advance(n);
-            self.reuse_within = if seen.keep_alive {
-                reuse_within(&headers)
+            self.reuse_until = if seen.keep_alive {
+                reuse_within(&headers).and_then(|d| tokio::time::Instant::now().checked_add(d))
             } else {
                 None
             };
@@ -913,7 +922,7 @@ impl ResponseBody {
                 .is_some_and(|ex| ex.out.done && ex.conn.rbuf.is_empty());
         if reusable {
             self.ex.take().map(|ex| Conn {
-                reuse_within: ex.dec.reuse_within,
+                reuse_until: ex.dec.reuse_until,
                 ..ex.conn
             })
         } else {
@@ -1159,7 +1168,7 @@ pub fn fuzz_response(data: &[u8]) {
         head_request: flags & 1 != 0,
         close: flags & 2 != 0,
         interim: 0,
-        reuse_within: None,
+        reuse_until: None,
     };
     let whole = decode_all(dec, wire, wire.len());
     let pieces = decode_all(dec, wire, usize::from(*piece));
@@ -1295,9 +1304,37 @@ mod tests {
             Some(Duration::from_millis(500))
         );
         assert_eq!(of(&["timeout=0"]), Some(Duration::ZERO));
+        assert_eq!(of(&["timeout=\"3\""]), Some(Duration::from_secs(2)));
+        assert_eq!(
+            of(&["timeout=10", "timeout=4"]),
+            Some(Duration::from_secs(3))
+        );
         assert_eq!(of(&["timeout=soon"]), None);
         assert_eq!(of(&["max=100"]), None);
         assert_eq!(of(&[]), None);
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_timeout_past_the_clocks_end_is_no_limit() {
+        let mut dec = Decoder {
+            max_head: 4096,
+            head_request: false,
+            close: false,
+            interim: 0,
+            reuse_until: None,
+        };
+        let mut rbuf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=18446744073709551615\r\ncontent-length: 0\r\n\r\n"[..],
+        );
+        assert!(dec.parse_head(&mut rbuf).unwrap().is_some());
+        assert_eq!(dec.reuse_until, None);
+        let mut rbuf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\ncontent-length: 0\r\n\r\n"[..],
+        );
+        let before = tokio::time::Instant::now();
+        assert!(dec.parse_head(&mut rbuf).unwrap().is_some());
+        let until = dec.reuse_until.expect("a reuse window");
+        assert!(until >= before + Duration::from_secs(4));
     }
 
     #[test]

@@ -219,7 +219,7 @@ impl WorkloadClients {
         let (idle, now) = (self.inner.idle, Instant::now());
         let mut found = None;
         while let Some(mut c) = list.pop() {
-            if now.duration_since(c.since) < c.conn.idle_limit(idle) && c.conn.is_usable() {
+            if c.conn.fresh(now, c.since, idle) && c.conn.is_usable() {
                 found = Some(c.conn);
                 break;
             }
@@ -310,9 +310,8 @@ impl WorkloadClients {
                 let Some(p) = pools.upgrade() else { return };
                 let mut h1 = p.h1.lock().unwrap_or_else(|e| e.into_inner());
                 h1.retain(|_, list| {
-                    list.retain_mut(|c| {
-                        c.since.elapsed() < c.conn.idle_limit(idle) && c.conn.is_usable()
-                    });
+                    let now = Instant::now();
+                    list.retain_mut(|c| c.conn.fresh(now, c.since, idle) && c.conn.is_usable());
                     !list.is_empty()
                 });
                 drop(h1);
