@@ -141,7 +141,7 @@ pub fn remove_mesh_headers(h: &mut HeaderMap) {
     }
 }
 
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {

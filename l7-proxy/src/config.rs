@@ -78,8 +78,8 @@ pub struct ProxySettings {
     /// Time a client has to send its first bytes before the connection is
     /// treated as opaque TCP (server-speaks-first protocols send nothing).
     pub sniff_timeout_ms: u64,
-    /// Time to read a complete HTTP/1.1 request head, from its first bytes
-    /// (slow or stalled heads are cut).
+    /// Time to read a complete HTTP/1.1 request head (slow or stalled heads
+    /// are cut); on the capture listener, from the head's first bytes.
     pub header_read_timeout_ms: u64,
     /// A workload's HTTP/1.1 keep-alive connection to the capture listener
     /// that carries no request for this long is closed (cleanly, nothing
@@ -124,7 +124,9 @@ pub struct ProxySettings {
     /// closed.
     pub tcp_idle_timeout_ms: u64,
     /// A pooled connection to a workload (HTTP/1.1, or HTTP/2 that no request
-    /// has used) is closed after this long idle.
+    /// has used) is closed after this long idle; an HTTP/1.1 one sooner if
+    /// its workload said it closes idle connections sooner
+    /// (`keep-alive: timeout=N`).
     pub workload_idle_timeout_ms: u64,
     /// An HTTP exchange that moves in neither direction (request body,
     /// response head, response body) for this long is ended: a stalled

@@ -396,7 +396,7 @@ impl FramingFields {
         } else if *name == header::CONTENT_LENGTH {
             self.content_lengths = self.content_lengths.saturating_add(1).min(2);
             self.length_list |= value.contains(&b',');
-        } else if name.as_str() == "keep-alive" {
+        } else if *name == crate::body::KEEP_ALIVE {
             self.keep_alive = true;
         }
     }
@@ -443,7 +443,7 @@ fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
 /// `None` without a (valid) timeout.
 fn reuse_within(h: &HeaderMap) -> Option<Duration> {
     let secs = h
-        .get_all("keep-alive")
+        .get_all(crate::body::KEEP_ALIVE)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .filter_map(|param| {

@@ -24,7 +24,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 pin_project_lite::pin_project! {
     /// A stream whose first bytes were already read (while sniffing): they are
-    /// returned again before the rest.
+    /// returned again before the rest. Optionally counts the reads that
+    /// return bytes ([`Rewind::count_reads`]).
     #[derive(Debug)]
     pub struct Rewind<S> {
         prefix: Bytes,

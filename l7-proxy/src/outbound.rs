@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicU64},
 };
 
 use bytes::Bytes;
@@ -124,7 +124,7 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         }
     };
     // An HTTP/1.1 connection's reads start its head timeout (head_timer).
-    let reads = (protocol == Protocol::Http1).then(Arc::<std::sync::atomic::AtomicU64>::default);
+    let reads = (protocol == Protocol::Http1).then(Arc::<AtomicU64>::default);
     let io = match &reads {
         Some(r) => Rewind::new(prefix, tcp).count_reads(r.clone()),
         None => Rewind::new(prefix, tcp),
@@ -192,7 +192,7 @@ async fn serve_http<I>(
     shared: Arc<Shared>,
     io: I,
     conn: Arc<HttpConn>,
-    reads: Option<Arc<std::sync::atomic::AtomicU64>>,
+    reads: Option<Arc<AtomicU64>>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -234,7 +234,7 @@ async fn serve_http<I>(
                 // The head timeout from a head's first bytes; before them,
                 // the keep-alive idle timeout.
                 .timer(crate::head_timer::HeadTimer::new(
-                    reads.unwrap_or_default(),
+                    reads.expect("an HTTP/1.1 connection counts its reads"),
                     s.header_read_timeout(),
                     s.keepalive_idle_timeout(),
                 ))

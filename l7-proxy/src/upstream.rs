@@ -5,7 +5,9 @@
 //! driven by the request itself) carry one request at a time and go back to
 //! the pool when the exchange has ended cleanly; HTTP/2 (prior knowledge,
 //! hyper) has one shared connection per workload.
-//! Idle connections are closed after the settings' workload idle timeout.
+//! Idle connections are closed after the settings' workload idle timeout, an
+//! HTTP/1.1 one sooner when its workload said it closes idle connections
+//! sooner (`keep-alive: timeout=N`, [`crate::h1client::Conn::fresh`]).
 
 use std::{
     net::SocketAddr,
@@ -289,7 +291,8 @@ impl WorkloadClients {
     }
 
     /// Every half idle timeout, while the pools exist, closes the HTTP/1.1
-    /// connections idle that long and lets go of the HTTP/2 connections no
+    /// connections idle that long (or past their workload's keep-alive
+    /// window) and lets go of the HTTP/2 connections no
     /// request has taken for that long: hyper closes such a connection once
     /// the streams still open on it (a long gRPC stream) end.
     fn start_reaper(&self) {
