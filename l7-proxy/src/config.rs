@@ -189,8 +189,14 @@ impl Default for ProxySettings {
     }
 }
 
-/// A timeout set to `0` ("no limit") as a timer: 30 years away.
-const NEVER: Duration = Duration::from_secs(30 * 365 * 86_400);
+/// A timeout in milliseconds where `0` means no limit, as a timer: 30
+/// years away for `0`.
+fn zero_is_never(ms: u64) -> Duration {
+    match ms {
+        0 => Duration::from_secs(30 * 365 * 86_400),
+        ms => Duration::from_millis(ms),
+    }
+}
 
 impl ProxySettings {
     pub fn sniff_timeout(&self) -> Duration {
@@ -201,10 +207,7 @@ impl ProxySettings {
     }
     /// `0` turns it off (a timer 30 years away).
     pub fn keepalive_idle_timeout(&self) -> Duration {
-        match self.keepalive_idle_timeout_ms {
-            0 => NEVER,
-            ms => Duration::from_millis(ms),
-        }
+        zero_is_never(self.keepalive_idle_timeout_ms)
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
@@ -223,10 +226,7 @@ impl ProxySettings {
     }
     /// `0` turns it off (a timer 30 years away).
     pub fn exchange_idle_timeout(&self) -> Duration {
-        match self.exchange_idle_timeout_ms {
-            0 => NEVER,
-            ms => Duration::from_millis(ms),
-        }
+        zero_is_never(self.exchange_idle_timeout_ms)
     }
     pub fn workload_idle_timeout(&self) -> Duration {
         Duration::from_millis(self.workload_idle_timeout_ms)
