@@ -83,12 +83,14 @@ pub struct ProxySettings {
     pub header_read_timeout_ms: u64,
     /// A workload's HTTP/1.1 keep-alive connection to the capture listener
     /// that carries no request for this long is closed (cleanly, nothing
-    /// written). Longer than common client pool defaults (Go's
-    /// `DefaultTransport` 90 s, OkHttp 5 minutes), so that the client, not
-    /// the proxy, closes them: a request sent just as the proxy closes one
-    /// would fail. It also bounds a next head whose first bytes came in
-    /// with the previous request (pipelined, then stalled): hyper holds
-    /// them unseen. `0`: no limit (the client closes them).
+    /// written); an HTTP/2 one with no stream in flight (a WebSocket counts
+    /// until it ends) for this long is shut down gracefully (GOAWAY).
+    /// Longer than common client pool defaults (Go's `DefaultTransport`
+    /// 90 s, OkHttp 5 minutes), so that the client, not the proxy, closes
+    /// them: a request sent just as the proxy closes one would fail. It
+    /// also bounds a next HTTP/1.1 head whose first bytes came in with the
+    /// previous request (pipelined, then stalled): hyper holds them unseen.
+    /// `0`: no limit (the client closes them).
     pub keepalive_idle_timeout_ms: u64,
     /// Largest request or response head accepted, in bytes.
     pub max_header_bytes: u32,

@@ -867,6 +867,7 @@ fn spawn_mirror(
     // connection belongs to the primary.
     parts.extensions.remove::<OnUpgrade>();
     parts.extensions.remove::<crate::upgrade::ExtendedConnect>();
+    parts.extensions.remove::<crate::h2idle::ActiveStream>();
     let shared2 = shared.clone();
     shared.spawn(async move {
         let _held = (pick, slot);

@@ -5,6 +5,7 @@
 
 use std::{
     collections::HashMap,
+    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::AtomicU64},
 };
@@ -200,11 +201,25 @@ async fn serve_http<I>(
     let io = TokioIo::new(io);
     let result = match conn.protocol {
         Protocol::Http2 => {
+            // Streams in flight, for the keep-alive idle timeout.
+            let streams = crate::h2idle::StreamActivity::new();
             let svc = {
-                let (shared, conn) = (shared.clone(), conn.clone());
+                let (shared, conn, streams) = (shared.clone(), conn.clone(), streams.clone());
                 // Boxed: hyper spawns a task per stream, and spawning moves
                 // the future several times; a pointer is cheaper to move.
-                service_fn(move |req| Box::pin(forward::handle(shared.clone(), conn.clone(), req)))
+                service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    let active = streams.begin();
+                    // A WebSocket (extended CONNECT) goes on after its
+                    // response, in upgrade::exchange's splice.
+                    if req.method() == hyper::Method::CONNECT {
+                        req.extensions_mut().insert(active.clone());
+                    }
+                    let exchange = forward::handle(shared.clone(), conn.clone(), req);
+                    Box::pin(async move {
+                        let resp = exchange.await?;
+                        Ok::<_, Infallible>(resp.map(|body| crate::h2idle::Held::new(body, active)))
+                    })
+                })
             };
             let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -220,7 +235,9 @@ async fn serve_http<I>(
                 .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
                 .keep_alive_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(io, svc);
-            drain_on_shutdown(&shared, c, |c| c.graceful_shutdown()).await
+            // No stream for the idle timeout: GOAWAY, as on shutdown.
+            let idle = streams.idle_for(s.keepalive_idle_timeout());
+            drain_on(&shared, c, idle, |c| c.graceful_shutdown()).await
         }
         _ => {
             let svc = {
@@ -243,7 +260,11 @@ async fn serve_http<I>(
                 .serve_connection(io, svc)
                 // WebSocket and other HTTP/1.1 upgrades (forward::send_upgrade).
                 .with_upgrades();
-            drain_on_shutdown(&shared, c, |c| c.graceful_shutdown()).await
+            // (The idle timeout is the head timer's.)
+            drain_on(&shared, c, std::future::pending(), |c| {
+                c.graceful_shutdown()
+            })
+            .await
         }
     };
     if let Err(e) = result {
@@ -251,11 +272,12 @@ async fn serve_http<I>(
     }
 }
 
-/// Runs a hyper connection; on shutdown asks it to finish its requests in
-/// flight and close.
-pub(crate) async fn drain_on_shutdown<C, T, E>(
+/// Runs a hyper connection; on shutdown, or once `also` resolves, asks it
+/// to finish its requests in flight and close.
+async fn drain_on<C, T, E>(
     shared: &Shared,
     conn: C,
+    also: impl std::future::Future<Output = ()>,
     graceful: impl FnOnce(std::pin::Pin<&mut C>),
 ) -> Result<T, E>
 where
@@ -266,6 +288,7 @@ where
     tokio::select! {
         r = conn.as_mut() => return r,
         _ = signal => {}
+        _ = also => {}
     }
     graceful(conn.as_mut());
     conn.await

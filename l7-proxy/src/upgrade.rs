@@ -181,7 +181,7 @@ pub(crate) struct Splice {
 pub(crate) async fn exchange<I>(
     shared: &Arc<Shared>,
     io: I,
-    req: Request<Body>,
+    mut req: Request<Body>,
     client: OnUpgrade,
     count: Splice,
 ) -> Result<Response<Incoming>, hyper::Error>
@@ -197,6 +197,9 @@ where
             tracing::debug!("upgrade connection to the next hop ended: {e}");
         }
     });
+    // An HTTP/2 caller's stream is in flight as long as the splice runs
+    // (h2idle).
+    let in_flight = req.extensions_mut().remove::<crate::h2idle::ActiveStream>();
     let mut resp = sender.send_request(req).await?;
     let protocol = resp.headers().get(UPGRADE).cloned();
     strip_hop_by_hop(resp.headers_mut());
@@ -215,6 +218,7 @@ where
     let idle = shared.settings.tcp_idle_timeout();
     let (sent, received) = count_relay(&shared.metrics, &count.labels, count.row);
     shared.spawn(async move {
+        let _in_flight = in_flight;
         match tokio::try_join!(client, server) {
             Ok((c, s)) => {
                 let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));

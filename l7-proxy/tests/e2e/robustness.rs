@@ -821,6 +821,85 @@ async fn a_head_begun_after_an_idle_spell_has_the_head_timeout() {
     mesh.shutdown().await;
 }
 
+/// A workload's HTTP/2 connection is shut down cleanly (GOAWAY) once no
+/// stream has been in flight for the keep-alive idle timeout; a stream in
+/// flight for longer holds it, and it takes new streams meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_closes_at_the_idle_timeout_and_a_stream_holds_it() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.keepalive_idle_timeout_ms = 1_500;
+    })
+    .await;
+    let _srv = mesh.serve_cart().await;
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let r = conn.await;
+        let _ = ended_tx.send((tokio::time::Instant::now(), r));
+    });
+    let mut h2 = h2.ready().await.unwrap();
+    let post = http::Request::post("http://cart/").body(()).unwrap();
+    let (answer, mut upload) = h2.send_request(post, false).unwrap();
+    upload
+        .send_data(bytes::Bytes::from_static(b"first "), false)
+        .unwrap();
+    // The upload in flight for twice the idle timeout.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let get = http::Request::get("http://cart/").body(()).unwrap();
+    let mut h2 = h2
+        .ready()
+        .await
+        .expect("the connection still takes streams (no GOAWAY)");
+    let (other, _) = h2.send_request(get, true).unwrap();
+    let other = tokio::time::timeout(Duration::from_secs(10), other)
+        .await
+        .expect("an answer within 10 s")
+        .expect("a new stream on a connection with one in flight is served");
+    assert_eq!(other.status(), 200);
+    drain_h2(other.into_body()).await;
+    // Before the upload's end: the stream, and the proxy's idle spell,
+    // end after it.
+    let idle_from = tokio::time::Instant::now();
+    upload
+        .send_data(bytes::Bytes::from_static(b"rest"), true)
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let echoed: serde_json::Value =
+        serde_json::from_slice(&drain_h2(answer.into_body()).await).unwrap();
+    assert_eq!(echoed["body"], "first rest");
+    // Kept (a client drops its connection when its last handle goes).
+    let _h2 = h2;
+    let (at, result) = tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("the idle connection was not closed")
+        .unwrap();
+    assert!(
+        result.is_ok(),
+        "a clean close (GOAWAY), not an error: {result:?}"
+    );
+    assert!(at - idle_from >= Duration::from_millis(1_450));
+    mesh.shutdown().await;
+}
+
+/// Reads an HTTP/2 response body whole.
+async fn drain_h2(mut body: h2::RecvStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), body.data())
+        .await
+        .expect("data within 10 s")
+    {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    got
+}
+
 /// Sends a GET on `tcp` and reads its whole `200` response.
 async fn get_on(tcp: &mut tokio::net::TcpStream) {
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n")

@@ -730,6 +730,71 @@ async fn stalled_http2_websockets_do_not_stall_their_connection() {
     mesh.shutdown().await;
 }
 
+/// An HTTP/2 caller's WebSocket is a stream in flight for as long as it is
+/// open: its connection is not shut down at the keep-alive idle timeout
+/// (it still takes new streams), and is once the WebSocket has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_websocket_holds_its_connection_past_the_keep_alive_idle_timeout() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.keepalive_idle_timeout_ms = 1_000;
+    })
+    .await;
+    let (addr, _seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let (ended_tx, mut ended) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let r = conn.await;
+        let _ = ended_tx.send(r);
+    });
+    let mut h2 = h2.ready().await.unwrap();
+    eventually("the proxy allows extended CONNECT", || {
+        h2.is_extended_connect_protocol_enabled()
+    })
+    .await;
+    let (resp, mut send) = h2.send_request(websocket("/chat"), false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut socket = resp.into_body();
+    assert_eq!(read_h2(&mut socket, 11).await, b"srv=cart-0;");
+    // Two and a half idle timeouts with the WebSocket open.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let mut h2 = h2
+        .ready()
+        .await
+        .expect("the connection still takes streams (no GOAWAY)");
+    let (other, mut other_send) = h2.send_request(websocket("/chat"), false).unwrap();
+    let other = tokio::time::timeout(Duration::from_secs(10), other)
+        .await
+        .expect("an answer within 10 s")
+        .expect("a new stream is served while a WebSocket is open");
+    assert_eq!(other.status(), 200);
+    let mut other_socket = other.into_body();
+    assert_eq!(read_h2(&mut other_socket, 11).await, b"srv=cart-0;");
+    send.send_data(bytes::Bytes::from_static(b"still here"), false)
+        .unwrap();
+    assert_eq!(read_h2(&mut socket, 10).await, b"still here");
+    assert!(
+        ended.try_recv().is_err(),
+        "the connection ended with WebSockets open"
+    );
+    // Both WebSockets end; the connection goes at the idle timeout.
+    send.send_data(bytes::Bytes::new(), true).unwrap();
+    other_send.send_data(bytes::Bytes::new(), true).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("the idle connection was not closed")
+        .unwrap();
+    assert!(result.is_ok(), "a clean close (GOAWAY): {result:?}");
+    drop((socket, other_socket, h2));
+    mesh.shutdown().await;
+}
+
 /// An upgraded connection is opaque TCP: the HTTP exchange idle timeout no
 /// longer applies to it, for an HTTP/1.1 or an HTTP/2 caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
