@@ -96,7 +96,8 @@ impl Drop for ActiveStream {
 }
 
 /// A response body that keeps its stream counted as in flight until hyper
-/// has sent all of it (and drops it).
+/// has handed all of it to `h2` (and drops it); what flow control still
+/// holds back is sent before a graceful shutdown closes the connection.
 pub(crate) struct Held {
     body: crate::body::Body,
     _active: ActiveStream,
@@ -159,11 +160,40 @@ mod tests {
         let streams = StreamActivity::new();
         let idle = streams.idle_for(Duration::from_secs(10));
         let mut idle = std::pin::pin!(idle);
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!idle_after(&mut idle, Duration::from_secs(5)).await);
         let stream = streams.begin();
         // In flight for three limits: not idle.
         assert!(!idle_after(&mut idle, Duration::from_secs(30)).await);
         drop(stream);
+        assert!(!idle_after(&mut idle, Duration::from_millis(9_999)).await);
+        assert!(idle_after(&mut idle, Duration::from_millis(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_count_starts_at_a_streams_end_not_at_the_last_look() {
+        let streams = StreamActivity::new();
+        let idle = streams.idle_for(Duration::from_secs(10));
+        let mut idle = std::pin::pin!(idle);
+        // Looked at (t = 5 s) while a stream is in flight, which ends at
+        // t = 12 s: idle at 22 s, not at 15 s.
+        let stream = streams.begin();
+        assert!(!idle_after(&mut idle, Duration::from_secs(5)).await);
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        drop(stream);
+        assert!(!idle_after(&mut idle, Duration::from_millis(9_999)).await);
+        assert!(idle_after(&mut idle, Duration::from_millis(1)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clone_holds_it_after_the_first_goes() {
+        let streams = StreamActivity::new();
+        let idle = streams.idle_for(Duration::from_secs(10));
+        let mut idle = std::pin::pin!(idle);
+        let stream = streams.begin();
+        let splice = stream.clone();
+        drop(stream);
+        assert!(!idle_after(&mut idle, Duration::from_secs(30)).await);
+        drop(splice);
         assert!(!idle_after(&mut idle, Duration::from_millis(9_999)).await);
         assert!(idle_after(&mut idle, Duration::from_millis(1)).await);
     }
