@@ -171,7 +171,17 @@ struct TunnelConn {
     open: Arc<std::sync::atomic::AtomicBool>,
     /// Its key's waiting room.
     room: Arc<Room>,
+    /// Response streams read to their end, let go of at the next stream.
+    finished: Finished,
 }
+
+/// Response streams read to their end, whose handles are let go of when
+/// the connection's next stream opens (or once the connection and its last
+/// response body are gone). `h2` wakes a connection's task when the last
+/// handle of a closed stream drops, a poll with nothing to send or read
+/// (about 1,900 instructions a request, benches/RESULTS.md); opening a
+/// stream wakes it anyway, and the two wakes make one poll.
+type Finished = Arc<Mutex<Vec<RecvBody>>>;
 
 impl TunnelConn {
     fn is_closed(&self) -> bool {
@@ -323,10 +333,11 @@ impl TunnelPool {
                 u.detach();
             }
             TunnelBody {
-                inner: RecvBody::new(recv),
+                inner: Some(RecvBody::new(recv)),
                 _guard: guard,
                 upload,
                 remaining: length,
+                finished: conn.finished.clone(),
             }
         });
         Ok((resp, conn.tls.clone()))
@@ -441,7 +452,13 @@ impl TunnelPool {
         let mut again = true;
         loop {
             let (conn, guard) = self.checkout(key).await?;
-            match self.open_stream(&conn, key, req, eos).await {
+            let opened = self.open_stream(&conn, key, req, eos).await;
+            // After the stream's wake of the connection task (Finished).
+            conn.finished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            match opened {
                 Ok((resp, send)) => return Ok((conn, guard, resp, send)),
                 Err((e, Some(unsent))) if again && conn.is_closed() => {
                     tracing::debug!(node = %key.node, "opening the stream again on another tunnel connection: {e}");
@@ -873,6 +890,7 @@ impl TunnelPool {
             tls: Arc::new(info),
             open,
             room,
+            finished: Finished::default(),
         });
         self.spawn_reaper(key.clone(), Arc::downgrade(&conn));
         tracing::debug!(source = %key.source, peer = %key.peer, %node, "tunnel connection open");
@@ -982,19 +1000,18 @@ pub(crate) async fn keep_alive(
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body from the tunnel; its stream counts as open until the
-    /// body is dropped (and the request body is sent).
-    pub struct TunnelBody {
-        #[pin]
-        inner: RecvBody,
-        _guard: Arc<StreamGuard>,
-        // The request body's upload: it stops if the response is dropped
-        // before its end, and goes on by itself once the response is whole.
-        upload: Option<AbortOnDropHandle<()>>,
-        // Of a response of known length, the bytes still to come.
-        remaining: Option<u64>,
-    }
+/// A response body from the tunnel; its stream counts as open until the
+/// body is dropped (and the request body is sent).
+pub struct TunnelBody {
+    /// `None` once dropped.
+    inner: Option<RecvBody>,
+    _guard: Arc<StreamGuard>,
+    // The request body's upload: it stops if the response is dropped
+    // before its end, and goes on by itself once the response is whole.
+    upload: Option<AbortOnDropHandle<()>>,
+    // Of a response of known length, the bytes still to come.
+    remaining: Option<u64>,
+    finished: Finished,
 }
 
 impl http_body::Body for TunnelBody {
@@ -1004,15 +1021,18 @@ impl http_body::Body for TunnelBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
-        let mut this = self.project();
-        let r = this.inner.as_mut().poll_frame(cx);
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let r = Pin::new(&mut *inner).poll_frame(cx);
         let whole = match &r {
             Poll::Ready(None) => true,
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(left), Some(data)) = (this.remaining.as_mut(), frame.data_ref()) {
                     *left = left.saturating_sub(data.len() as u64);
                 }
-                *this.remaining == Some(0) || this.inner.is_end_stream()
+                this.remaining == Some(0) || inner.is_end_stream()
             }
             _ => false,
         };
@@ -1022,7 +1042,26 @@ impl http_body::Body for TunnelBody {
         r
     }
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(RecvBody::is_end_stream)
+    }
+}
+
+impl Drop for TunnelBody {
+    fn drop(&mut self) {
+        // Unwinding: no lock of h2's (it may be poisoned) from here.
+        if std::thread::panicking() {
+            return;
+        }
+        // Read to its end: let go of at the connection's next stream
+        // (Finished). Any other is dropped now (cancelled if still open).
+        if let Some(inner) = self.inner.take()
+            && http_body::Body::is_end_stream(&inner)
+        {
+            self.finished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(inner);
+        }
     }
 }
 

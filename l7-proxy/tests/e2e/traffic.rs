@@ -399,6 +399,49 @@ async fn shutdown_drains_requests_in_flight() {
     b.proxy.take().unwrap().shutdown().await;
 }
 
+/// A tunnel connection that carried HTTP requests closes once idle, on
+/// both sides: nothing of its finished streams keeps it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_connection_that_carried_requests_closes_on_both_sides() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.tunnel_idle_timeout_ms = 1_000;
+    })
+    .await;
+    let _srv = mesh.serve_cart().await;
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    for _ in 0..5 {
+        assert_eq!(c.get("/").await.status, 200);
+    }
+    assert_eq!(mesh.a.proxy().tunnel_connections(), 1);
+    let rows = |node: &Node, kind| {
+        node.proxy()
+            .connections()
+            .iter()
+            .filter(|r| r.kind == kind)
+            .count()
+    };
+    assert_eq!(rows(&mesh.b, ConnKind::TunnelIn), 1);
+    // The workload's own connection stays open; the tunnel goes: out of
+    // node A's pool, then closed (its row goes with its task), and so on
+    // node B, which has no idle timeout of its own for it.
+    eventually("node A's idle tunnel left the pool", || {
+        mesh.a.proxy().tunnel_connections() == 0
+    })
+    .await;
+    eventually("node A's tunnel connection closed", || {
+        rows(&mesh.a, ConnKind::TunnelOut) == 0
+    })
+    .await;
+    eventually("node B's end of it closed", || {
+        rows(&mesh.b, ConnKind::TunnelIn) == 0
+    })
+    .await;
+    // And the next request opens another.
+    assert_eq!(c.get("/").await.status, 200);
+    assert_eq!(rows(&mesh.b, ConnKind::TunnelIn), 1);
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_are_bounded_and_closed_when_idle() {
     // Two streams per tunnel connection, at most two connections per key.
