@@ -831,14 +831,7 @@ async fn an_idle_http2_connection_closes_at_the_idle_timeout_and_a_stream_holds_
     })
     .await;
     let _srv = mesh.serve_cart().await;
-    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    let (ended_tx, ended) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let r = conn.await;
-        let _ = ended_tx.send((tokio::time::Instant::now(), r));
-    });
-    let mut h2 = h2.ready().await.unwrap();
+    let (mut h2, ended) = watched_h2(&mesh, SocketAddr::new(vip(1), 80)).await;
     let post = http::Request::post("http://cart/").body(()).unwrap();
     let (answer, mut upload) = h2.send_request(post, false).unwrap();
     upload
@@ -872,15 +865,9 @@ async fn an_idle_http2_connection_closes_at_the_idle_timeout_and_a_stream_holds_
     let echoed: serde_json::Value =
         serde_json::from_slice(&drain_h2(answer.into_body()).await).unwrap();
     assert_eq!(echoed["body"], "first rest");
-    // Kept (a client drops its connection when its last handle goes).
-    let h2 = h2;
-    let (at, result) = tokio::time::timeout(Duration::from_secs(10), ended)
-        .await
-        .expect("the idle connection was not closed")
-        .unwrap();
-    assert!(result.is_ok(), "a clean close, not an error: {result:?}");
-    let closed = h2.ready().await.expect_err("the connection is closed");
-    assert!(closed.is_go_away(), "closed without a GOAWAY: {closed}");
+    // Kept until then (a client drops its connection when its last
+    // handle goes).
+    let at = closed_with_goaway(h2, ended).await;
     assert!(at - idle_from >= Duration::from_millis(1_500));
     mesh.shutdown().await;
 }

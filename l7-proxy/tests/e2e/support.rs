@@ -744,6 +744,38 @@ pub async fn closed_by_peer(tcp: &mut TcpStream) -> bool {
     }
 }
 
+/// When an HTTP/2 client connection's task ended, and how.
+pub type Ended = tokio::sync::oneshot::Receiver<(tokio::time::Instant, Result<(), h2::Error>)>;
+
+/// An HTTP/2 connection (`h2`'s client) from web to `to` through node A's
+/// capture, and what says when its connection task ends.
+pub async fn watched_h2(mesh: &Mesh, to: SocketAddr) -> (h2::client::SendRequest<Bytes>, Ended) {
+    let tcp = mesh.connect(web().ip, to).await;
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let r = conn.await;
+        let _ = ended_tx.send((tokio::time::Instant::now(), r));
+    });
+    (h2.ready().await.unwrap(), ended)
+}
+
+/// Waits (10 s at most) for the proxy to close `h2`'s connection, and
+/// checks that it did so cleanly after a GOAWAY; returns when it ended.
+pub async fn closed_with_goaway(
+    h2: h2::client::SendRequest<Bytes>,
+    ended: Ended,
+) -> tokio::time::Instant {
+    let (at, result) = tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("the idle connection was not closed")
+        .unwrap();
+    assert!(result.is_ok(), "a clean close, not an error: {result:?}");
+    let closed = h2.ready().await.expect_err("the connection is closed");
+    assert!(closed.is_go_away(), "closed without a GOAWAY: {closed}");
+    at
+}
+
 /// An HTTP/2 connection from web through node A's capture, once the proxy
 /// has said (in its first SETTINGS) that it takes extended CONNECT.
 pub async fn websocket_client(mesh: &Mesh) -> h2::client::SendRequest<bytes::Bytes> {

@@ -745,14 +745,7 @@ async fn an_http2_websocket_holds_its_connection_past_the_keep_alive_idle_timeou
         ..Default::default()
     })
     .await;
-    let tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    let (ended_tx, ended) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let r = conn.await;
-        let _ = ended_tx.send(r);
-    });
-    let mut h2 = h2.ready().await.unwrap();
+    let (mut h2, ended) = watched_h2(&mesh, SocketAddr::new(vip(1), 80)).await;
     eventually("the proxy allows extended CONNECT", || {
         h2.is_extended_connect_protocol_enabled()
     })
@@ -782,13 +775,7 @@ async fn an_http2_websocket_holds_its_connection_past_the_keep_alive_idle_timeou
     // Both WebSockets end; the connection goes at the idle timeout.
     send.send_data(bytes::Bytes::new(), true).unwrap();
     other_send.send_data(bytes::Bytes::new(), true).unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(10), ended)
-        .await
-        .expect("the idle connection was not closed")
-        .unwrap();
-    assert!(result.is_ok(), "a clean close, not an error: {result:?}");
-    let closed = h2.ready().await.expect_err("the connection is closed");
-    assert!(closed.is_go_away(), "closed without a GOAWAY: {closed}");
+    closed_with_goaway(h2, ended).await;
     drop((socket, other_socket));
     mesh.shutdown().await;
 }
