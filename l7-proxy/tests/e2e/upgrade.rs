@@ -149,6 +149,13 @@ fn http_denials(mesh: &Mesh, caller: &str) -> f64 {
 /// (VIP `vip(1)`), under `policies`.
 async fn cart_mesh(policies: Vec<AccessPolicy>) -> (Mesh, SocketAddr, Seen) {
     let mesh = Mesh::standard().await;
+    let (addr, seen) = serve_upgrade_cart(&mesh, policies).await;
+    (mesh, addr, seen)
+}
+
+/// The `cart` Service of `mesh`, with `policies`, served by an upgrade
+/// server as cart-0.
+async fn serve_upgrade_cart(mesh: &Mesh, policies: Vec<AccessPolicy>) -> (SocketAddr, Seen) {
     let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
     mesh.publish(&Snapshot {
         services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
@@ -156,7 +163,7 @@ async fn cart_mesh(policies: Vec<AccessPolicy>) -> (Mesh, SocketAddr, Seen) {
         ..Default::default()
     })
     .await;
-    (mesh, addr, seen)
+    (addr, seen)
 }
 
 /// The bot may GET `/public/*` of cart, and nobody anything else.
@@ -534,12 +541,7 @@ async fn an_idle_upgraded_connection_ends_for_the_workload_with_a_plain_close() 
         }
     })
     .await;
-    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let (_, seen) = serve_upgrade_cart(&mesh, vec![]).await;
     let (mut tcp, head) = upgrade(&mesh, web().ip, "/watch").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(read_n(&mut tcp, 11).await, b"srv=cart-0;");
@@ -739,12 +741,7 @@ async fn an_http2_websocket_holds_its_connection_past_the_keep_alive_idle_timeou
         s.keepalive_idle_timeout_ms = 1_000;
     })
     .await;
-    let (addr, _seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let (_, _seen) = serve_upgrade_cart(&mesh, vec![]).await;
     let (mut h2, ended) = watched_h2(&mesh, SocketAddr::new(vip(1), 80)).await;
     eventually("the proxy allows extended CONNECT", || {
         h2.is_extended_connect_protocol_enabled()
@@ -790,12 +787,7 @@ async fn an_upgraded_connection_outlives_the_exchange_idle_timeout() {
         &|s| s.exchange_idle_timeout_ms = 1000,
     )
     .await;
-    let (addr, _seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
-    mesh.publish(&Snapshot {
-        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
-        ..Default::default()
-    })
-    .await;
+    let (_, _seen) = serve_upgrade_cart(&mesh, vec![]).await;
     let (mut tcp, head) = upgrade(&mesh, web().ip, "/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(read_n(&mut tcp, 11).await, b"srv=cart-0;");
