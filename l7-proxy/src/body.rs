@@ -161,6 +161,39 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     .contains(name)
 }
 
+/// Removes the headers a request's `Connection` names (they belong to the
+/// caller's hop, RFC 9110 §7.6.1), but for an upgrade's `Upgrade`, and
+/// leaves `Connection` saying `upgrade` only, if it did. Done as the
+/// request arrives, before routing and a route's filters: what a route
+/// matches on, sets or rewrites (a `Host`) is then what the workload gets,
+/// where [`strip_hop_by_hop`] on the way out would remove a header the
+/// route set because the caller named it.
+pub(crate) fn drop_connection_named(h: &mut HeaderMap) {
+    use http::header::CONNECTION;
+    if !h.contains_key(CONNECTION) {
+        return;
+    }
+    let named: Vec<String> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    let mut upgrade = false;
+    for name in named {
+        if name == "upgrade" {
+            upgrade = true;
+        } else {
+            h.remove(name.as_str());
+        }
+    }
+    h.remove(CONNECTION);
+    if upgrade {
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
 /// Headers that belong to one hop (RFC 9110 §7.6.1) and may not cross HTTP/2.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages carry none of them: look before removing.

@@ -79,6 +79,8 @@ pub(crate) async fn handle(
     let (mut parts, body) = req.into_parts();
     // Nothing from the caller may pose as the mesh's own headers.
     remove_mesh_headers(&mut parts.headers);
+    // Nor may its hop's headers undo a route's filters.
+    crate::body::drop_connection_named(&mut parts.headers);
     // WebSocket over HTTP/2: from here on an HTTP/1.1 upgrade request.
     crate::upgrade::from_extended_connect(&mut parts);
     // Routed, rewritten and sent as the workload will read it: a path that

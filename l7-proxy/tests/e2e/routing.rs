@@ -255,6 +255,26 @@ async fn filters_modify_redirect_and_rewrite() {
     assert_eq!(r.headers["x-server"], "hidden");
     assert_eq!(r.headers["x-resp"], "added");
 
+    // Headers the caller names in `Connection` are its hop's: gone before
+    // routing, so they cannot undo what the route sets.
+    let r = c
+        .send(request(
+            "GET",
+            "/headers",
+            &[
+                ("connection", "x-set, x-added, x-hop"),
+                ("x-set", "old"),
+                ("x-hop", "1"),
+            ],
+            "",
+        ))
+        .await
+        .unwrap();
+    let e = r.echo();
+    assert_eq!(e["headers"]["x-set"], "new", "{e}");
+    assert_eq!(e["headers"]["x-added"], "yes", "{e}");
+    assert!(e["headers"].get("x-hop").is_none(), "{e}");
+
     let r = c.get("/old/page?q=1").await;
     assert_eq!(r.status, 301);
     assert_eq!(r.headers["location"], "http://cart.shop/new/page?q=1");
@@ -264,6 +284,16 @@ async fn filters_modify_redirect_and_rewrite() {
     assert_eq!(e["server"], "cart-2");
     assert_eq!(e["path"], "/api/items?x=2");
     assert_eq!(e["headers"]["host"], "cart-internal");
+    let r = c
+        .send(request(
+            "GET",
+            "/v1/api/items",
+            &[("connection", "host")],
+            "",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.echo()["headers"]["host"], "cart-internal");
 
     let r = c.get("/backend-filter").await;
     assert_eq!(r.echo()["headers"]["x-backend"], "v0");
