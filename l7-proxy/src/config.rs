@@ -123,7 +123,7 @@ pub struct ProxySettings {
     /// handshake timeout. `0` turns the limit off.
     pub max_handshakes_per_peer: u32,
     /// An opaque TCP relay with no bytes in either direction for this long is
-    /// closed.
+    /// closed. `0`: no limit.
     pub tcp_idle_timeout_ms: u64,
     /// A pooled connection to a workload (HTTP/1.1, or HTTP/2 that no request
     /// has used) is closed after this long idle; an HTTP/1.1 one sooner if
@@ -234,7 +234,7 @@ impl ProxySettings {
         Duration::from_millis(self.workload_idle_timeout_ms)
     }
     pub fn tcp_idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.tcp_idle_timeout_ms)
+        zero_is_never(self.tcp_idle_timeout_ms)
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
@@ -845,5 +845,8 @@ mod tests {
         assert_eq!(s.exchange_idle_timeout(), Duration::from_secs(300));
         s.exchange_idle_timeout_ms = 0;
         assert!(s.exchange_idle_timeout() > Duration::from_secs(86_400 * 365));
+        // As documented for the TCP idle timeout, not "close at once".
+        s.tcp_idle_timeout_ms = 0;
+        assert!(s.tcp_idle_timeout() > Duration::from_secs(86_400 * 365));
     }
 }

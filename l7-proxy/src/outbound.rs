@@ -256,6 +256,9 @@ async fn serve_http<I>(
                     s.keepalive_idle_timeout(),
                 ))
                 .header_read_timeout(s.header_read_timeout())
+                // A client that shuts its sending side after a request
+                // (`nc -N`) still gets the answer.
+                .half_close(true)
                 .max_buf_size((s.max_header_bytes as usize).max(8192))
                 .serve_connection(io, svc)
                 // WebSocket and other HTTP/1.1 upgrades (forward::send_upgrade).
@@ -366,7 +369,8 @@ async fn serve_tcp(
         destination: match (&upstream.tunnel, &dest) {
             (Some(t), _) => t.identity.to_string(),
             (None, Destination::External) => crate::metrics::EXTERNAL.into(),
-            (None, _) => upstream.addr.to_string(),
+            // A workload's name, or an endpoint's address (State's label).
+            (None, _) => upstream.label.to_string(),
         },
         secured: upstream.tunnel.is_some(),
     };

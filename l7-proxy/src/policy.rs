@@ -87,7 +87,9 @@ fn conditions_match(c: &HttpConditions, h: HttpFacts<'_>) -> bool {
     let method_ok = c.methods.is_empty()
         || c.methods
             .iter()
-            .any(|m| m.eq_ignore_ascii_case(h.method.as_str()));
+            // Methods are case-sensitive (RFC 9110 §9.1): `get` is not
+            // `GET`, and a workload may treat it as something else.
+            .any(|m| m == h.method.as_str());
     let path_ok = c.paths.is_empty()
         || (!ambiguous_path(h.path)
             && c.paths.iter().any(|p| match p.strip_suffix("/*") {
@@ -412,6 +414,12 @@ mod tests {
         );
         assert!(matches!(
             authorize(&s, &caller, &w, 8080, facts(&Method::POST, "/health")),
+            Verdict::Deny(_)
+        ));
+        // Methods are case-sensitive: a `get` is not the `GET` allowed.
+        let lower: &'static Method = Box::leak(Box::new(Method::from_bytes(b"get").unwrap()));
+        assert!(matches!(
+            authorize(&s, &caller, &w, 8080, facts(lower, "/health")),
             Verdict::Deny(_)
         ));
         assert!(matches!(

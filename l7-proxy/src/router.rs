@@ -779,8 +779,10 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'%' if i + 2 < b.len() => {
+                // Two hex digits (`from_str_radix` alone would take `+1`).
                 let hex = std::str::from_utf8(&b[i + 1..i + 3])
                     .ok()
+                    .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
                     .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
                     Some(v) => {
@@ -1376,6 +1378,11 @@ mod tests {
                 ("c".into(), "".into()),
                 ("d".into(), "x y".into())
             ]
+        );
+        // Two hex digits or nothing decoded: no sign (`+` is a space).
+        assert_eq!(
+            parse_query("v=%+1&w=%-f"),
+            vec![("v".into(), "% 1".into()), ("w".into(), "%-f".into())]
         );
     }
 }

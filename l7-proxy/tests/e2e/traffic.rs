@@ -274,13 +274,26 @@ async fn pod_ip_destinations_use_the_tunnel_and_the_rest_goes_direct() {
     let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
     // Not in the snapshot at all: an "outside" server.
     let outside = tcp_server(SocketAddr::new(pod_b(99), 0), Some("outside\n")).await;
+    // A known pod outside the mesh, on two ports.
+    let unmeshed = [
+        tcp_server(SocketAddr::new(cart(1).ip, 0), Some("one\n")).await,
+        tcp_server(SocketAddr::new(cart(1).ip, 0), Some("two\n")).await,
+    ];
     mesh.publish(&Snapshot {
-        workloads: vec![Workload {
-            ip: cart(0).ip,
-            id: ObjectRef::new("shop", "cart-0"),
-            node_proxy: Some(mesh.node_b_proxy()),
-            identity: Some(cart(0).identity()),
-        }],
+        workloads: vec![
+            Workload {
+                ip: cart(0).ip,
+                id: ObjectRef::new("shop", "cart-0"),
+                node_proxy: Some(mesh.node_b_proxy()),
+                identity: Some(cart(0).identity()),
+            },
+            Workload {
+                ip: cart(1).ip,
+                id: ObjectRef::new("shop", "cart-1"),
+                node_proxy: None,
+                identity: None,
+            },
+        ],
         ..Default::default()
     })
     .await;
@@ -318,6 +331,23 @@ async fn pod_ip_destinations_use_the_tunnel_and_the_rest_goes_direct() {
         mesh.a.metrics()
     );
     assert!(!mesh.a.metrics().contains(&outside_s));
+    // The pod outside the mesh is one series by its name, whichever port.
+    for addr in unmeshed {
+        let mut u = mesh.connect(web().ip, addr).await;
+        assert_eq!(read_n(&mut u, 4).await.len(), 4);
+    }
+    assert_eq!(
+        mesh.a.metric(
+            "sluice_tcp_connections_total",
+            &["destination=\"shop/cart-1\"", "secured=\"false\""]
+        ),
+        2.0,
+        "{}",
+        mesh.a.metrics()
+    );
+    for addr in unmeshed {
+        assert!(!mesh.a.metrics().contains(&addr.to_string()));
+    }
     drop((t, o));
     mesh.shutdown().await;
 }
