@@ -308,11 +308,33 @@ pub struct ServicePort {
     pub port: u16,
     /// The port on each endpoint (named target ports already resolved).
     pub target_port: u16,
-    /// `appProtocol`, when set: `http`, `kubernetes.io/h2c` (or `h2c`, `grpc`)
-    /// skip sniffing, `tcp` forces opaque TCP (use it for server-speaks-first
-    /// protocols so that the first byte is not waited for).
+    /// `appProtocol`, when set: `tcp` forces opaque TCP (use it for
+    /// server-speaks-first protocols so that the first byte is not waited
+    /// for); an HTTP one ([`ServicePort::declares_http`]) makes the port HTTP
+    /// only: callers' connections to it are never taken for opaque TCP
+    /// however long they wait before their first bytes, and the node proxy
+    /// of its endpoints refuses opaque TCP streams to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// `appProtocol` names HTTP: `http`, `http2`, `h2c`, `grpc`, or
+    /// Kubernetes' `kubernetes.io/h2c` and `kubernetes.io/ws` (any case).
+    pub fn declares_http(&self) -> bool {
+        self.app_protocol.as_deref().is_some_and(|p| {
+            [
+                "http",
+                "http2",
+                "h2c",
+                "grpc",
+                "kubernetes.io/h2c",
+                "kubernetes.io/ws",
+            ]
+            .iter()
+            .any(|h| p.eq_ignore_ascii_case(h))
+        })
+    }
 }
 
 /// One backend of a service.

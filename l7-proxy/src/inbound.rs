@@ -565,6 +565,15 @@ async fn handle_connect(
     // An HTTP/1.1 upgrade (WebSocket) rides a CONNECT stream of its own:
     // its one request is parsed and policed like any other.
     let upgrade = parts.headers.contains_key(UPGRADE_REQUEST);
+    // Opaque bytes to a port declared HTTP could carry a forged
+    // `sluice-source-identity`: such a port takes HTTP only (a caller's
+    // node proxy never sends it opaque TCP).
+    if !upgrade && state.declared_http(target) {
+        return refuse(
+            Some(&workload),
+            &format!("{target} is declared HTTP (appProtocol) and takes no opaque TCP stream"),
+        );
+    }
     if !upgrade
         && let Verdict::Deny(reason) =
             authorize(&state, &tp.identity, &workload, target.port(), None)

@@ -109,16 +109,24 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     let dest = state.destination(dst);
-    let hint = match &dest {
-        Destination::External => Some(Protocol::Tcp),
+    // A port declared HTTP is HTTP whenever the first bytes come: a caller
+    // that waits past the sniff timeout must not get an opaque stream, whose
+    // bytes (headers posing as the mesh's own) no proxy would look at.
+    let (hint, http_only) = match &dest {
+        Destination::External => (Some(Protocol::Tcp), false),
         Destination::Service(d) => match d.port.app_protocol.as_deref() {
-            Some("tcp") => Some(Protocol::Tcp),
-            _ => None,
+            Some("tcp") => (Some(Protocol::Tcp), false),
+            _ => (None, d.port.declares_http()),
         },
-        Destination::Workload(_) => None,
+        Destination::Workload(_) => (None, state.declared_http(dst)),
     };
     let (protocol, prefix) = match hint {
         Some(p) => (p, Bytes::new()),
+        None if http_only => {
+            let wait = shared.settings.keepalive_idle_timeout();
+            let (p, b) = crate::sniff::sniff_http(&mut tcp, wait).await;
+            (p, b.freeze())
+        }
         None => {
             let (p, b) = sniff(&mut tcp, shared.settings.sniff_timeout()).await;
             (p, b.freeze())

@@ -150,6 +150,30 @@ pub async fn sniff<R: AsyncRead + Unpin>(io: &mut R, wait: Duration) -> (Protoco
     }
 }
 
+/// For a port declared HTTP: reads until the bytes are the HTTP/2 preface
+/// or cannot become it (HTTP/1.x, which hyper then parses or refuses), the
+/// client stops sending for `wait`, or the connection ends. Never opaque
+/// TCP, however long the client waits. Returns the bytes read, to replay.
+pub async fn sniff_http<R: AsyncRead + Unpin>(io: &mut R, wait: Duration) -> (Protocol, BytesMut) {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return (Protocol::Http1, buf);
+        }
+        if n == H2_PREFACE.len() {
+            return (Protocol::Http2, buf);
+        }
+        let mut chunk = [0u8; MAX_SNIFF_BYTES];
+        let room = H2_PREFACE.len() - buf.len();
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk[..room])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return (Protocol::Http1, buf),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// The fuzz harness, also run over seed inputs by the unit tests: detection
 /// never panics and is monotone over every prefix of the input.
 pub fn fuzz_detect(data: &[u8]) {
@@ -292,6 +316,68 @@ mod tests {
         let (p, buf) = sniff(&mut a, Duration::from_secs(5)).await;
         assert_eq!(p, Protocol::Http1);
         assert!(b"PUT /k HTTP/1.1\r\n".starts_with(&buf));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_port_declared_http_is_never_tcp() {
+        // Silent for the whole wait: HTTP/1.1 all the same (hyper decides).
+        let (mut a, _b) = tokio::io::duplex(64);
+        let (p, buf) = sniff_http(&mut a, Duration::from_secs(3600)).await;
+        assert_eq!((p, buf.len()), (Protocol::Http1, 0));
+        // The preface, in pieces, whenever they come: HTTP/2.
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let send = async {
+            for piece in H2_PREFACE.chunks(5) {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                tokio::io::AsyncWriteExt::write_all(&mut b, piece)
+                    .await
+                    .unwrap();
+            }
+        };
+        let ((p, buf), ()) = tokio::join!(sniff_http(&mut a, Duration::from_secs(3600)), send);
+        assert_eq!((p, &buf[..]), (Protocol::Http2, H2_PREFACE));
+        // Anything else, even what `sniff` would call TCP: HTTP/1.1.
+        for first in [
+            &b"\r\nGET / HTTP/1.1\r\n"[..],
+            b"\x16\x03\x01",
+            b"PRI * HTTP/1.1",
+        ] {
+            let (mut a, mut b) = tokio::io::duplex(64);
+            tokio::io::AsyncWriteExt::write_all(&mut b, first)
+                .await
+                .unwrap();
+            let (p, buf) = sniff_http(&mut a, Duration::from_secs(3600)).await;
+            assert_eq!(p, Protocol::Http1, "{first:?}");
+            assert!(first.starts_with(&buf));
+        }
+    }
+
+    #[test]
+    fn http_app_protocols() {
+        let port = |p: Option<&str>| crate::config::ServicePort {
+            port: 80,
+            target_port: 8080,
+            app_protocol: p.map(Into::into),
+        };
+        for p in [
+            "http",
+            "HTTP",
+            "h2c",
+            "grpc",
+            "kubernetes.io/h2c",
+            "kubernetes.io/ws",
+        ] {
+            assert!(port(Some(p)).declares_http(), "{p}");
+        }
+        for p in [
+            None,
+            Some("tcp"),
+            Some("https"),
+            Some("kubernetes.io/wss"),
+            Some("mysql"),
+        ] {
+            assert!(!port(p).declares_http(), "{p:?}");
+        }
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub struct State {
     default_rules: FastMap<ObjectRef, FastMap<u16, Arc<Rule>>>,
     /// Addresses of the node proxies endpoints and workloads sit behind.
     node_proxies: FastSet<IpAddr>,
+    /// Endpoint `ip:port`s that a Service of the endpoint's namespace
+    /// declares HTTP (`appProtocol`): traffic to them is HTTP only.
+    http_targets: FastSet<SocketAddr>,
 }
 
 /// Ready endpoints of one service port, and the balancer's load record of
@@ -158,6 +161,19 @@ impl State {
                 let ports = svc.ports.iter().filter_map(|p| ep.target_for(p));
                 s.add_member(ep.ip, &svc.id, ports);
                 s.node_proxies.extend(ep.node_proxy.map(|a| a.ip()));
+                // Only the pod's own namespace says what its ports speak:
+                // a Service elsewhere listing it must not close its TCP.
+                if ep
+                    .workload
+                    .as_ref()
+                    .is_none_or(|w| w.namespace == svc.id.namespace)
+                {
+                    let http = svc.ports.iter().filter(|p| p.declares_http());
+                    s.http_targets.extend(
+                        http.filter_map(|p| ep.target_for(p))
+                            .map(|port| SocketAddr::new(ep.ip, port)),
+                    );
+                }
             }
             s.services.insert(svc.id.clone(), svc);
         }
@@ -194,6 +210,13 @@ impl State {
             }
             None => list.push((service.clone(), ports.collect())),
         }
+    }
+
+    /// Whether a Service of its namespace declares the endpoint port `addr`
+    /// HTTP (`appProtocol`): it is then only ever sent HTTP, never opaque
+    /// TCP, whose bytes could carry headers posing as the mesh's own.
+    pub fn declared_http(&self, addr: SocketAddr) -> bool {
+        self.http_targets.contains(&addr)
     }
 
     /// Whether `ip` is the address of a node proxy of the mesh (as
@@ -378,5 +401,42 @@ mod tests {
             State::workload_upstream(&meshed, 5432).label,
             Label::from("spiffe://cluster.local/ns/legacy/sa/db")
         );
+    }
+
+    #[test]
+    fn only_the_pods_own_namespace_declares_its_ports_http() {
+        let pod: IpAddr = "10.0.0.7".parse().unwrap();
+        let service = |ns: &str, app: &str, target_port: u16| Service {
+            id: ObjectRef::new(ns, "s"),
+            vips: vec![],
+            ports: vec![crate::config::ServicePort {
+                port: 80,
+                target_port,
+                app_protocol: Some(app.into()),
+            }],
+            endpoints: vec![crate::config::Endpoint {
+                ip: pod,
+                ready: true,
+                workload: Some(ObjectRef::new("shop", "cart-0")),
+                node_proxy: None,
+                identity: None,
+                ports: Default::default(),
+                unready_ports: vec![],
+            }],
+            affinity_timeout_s: None,
+        };
+        let snap = Snapshot {
+            services: vec![
+                service("shop", "http", 8080),
+                service("shop", "tcp", 9000),
+                // Another namespace cannot close the pod's TCP port.
+                service("evil", "http", 9000),
+            ],
+            ..Default::default()
+        };
+        let st = State::build(Arc::new(snap)).0;
+        assert!(st.declared_http(SocketAddr::new(pod, 8080)));
+        assert!(!st.declared_http(SocketAddr::new(pod, 9000)));
+        assert!(!st.declared_http(SocketAddr::new("10.0.0.8".parse().unwrap(), 8080)));
     }
 }
