@@ -6,7 +6,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -136,10 +136,22 @@ where
 {
     let start = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
+    // A side reset (RST) tells only one system call: when a write to it
+    // learns first, its next read returns 0 as if it had ended cleanly.
+    // The write notes the reset, the read then takes its 0 for one.
+    let (a_reset, b_reset) = (AtomicBool::new(false), AtomicBool::new(false));
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    let ab = one_way(ar, bw, idle, start, last.clone(), on_a_to_b);
-    let ba = one_way(br, aw, idle, start, last, on_b_to_a);
+    let ab = one_way(
+        ar,
+        bw,
+        idle,
+        start,
+        last.clone(),
+        on_a_to_b,
+        [&a_reset, &b_reset],
+    );
+    let ba = one_way(br, aw, idle, start, last, on_b_to_a, [&b_reset, &a_reset]);
     tokio::pin!(ab, ba);
     // A direction that could not write (its destination stopped taking
     // bytes, as a server that answers and closes while the upload goes on)
@@ -196,6 +208,8 @@ impl Broke {
     }
 }
 
+/// `reset`: whether the side read from, and the side written to, was found
+/// reset by a write (see [`relay`]).
 async fn one_way<R, W>(
     mut r: tokio::io::ReadHalf<R>,
     mut w: tokio::io::WriteHalf<W>,
@@ -203,6 +217,7 @@ async fn one_way<R, W>(
     start: Instant,
     last: Arc<AtomicU64>,
     on_chunk: impl Fn(u64),
+    [source_reset, destination_reset]: [&AtomicBool; 2],
 ) -> Result<u64, Broke>
 where
     R: AsyncRead,
@@ -219,6 +234,12 @@ where
         (quiet >= idle).then(|| io::Error::new(io::ErrorKind::TimedOut, IdleTimeout(idle)))
     };
     let moved = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let writing = |e: io::Error| {
+        if e.kind() == io::ErrorKind::ConnectionReset {
+            destination_reset.store(true, Ordering::SeqCst);
+        }
+        Broke::Writing(e)
+    };
     loop {
         let n = match tokio::time::timeout(idle, r.read(&mut buf)).await {
             Ok(res) => res.map_err(Broke::Fatal)?,
@@ -228,6 +249,9 @@ where
             },
         };
         if n == 0 {
+            if source_reset.load(Ordering::SeqCst) {
+                return Err(Broke::Fatal(io::ErrorKind::ConnectionReset.into()));
+            }
             // Half-close: the peer sees end of stream, the other way goes on.
             let _ = tokio::time::timeout(idle, w.shutdown()).await;
             return Ok(total);
@@ -244,7 +268,7 @@ where
                     rest = &rest[k..];
                     moved();
                 }
-                Ok(Err(e)) => return Err(Broke::Writing(e)),
+                Ok(Err(e)) => return Err(writing(e)),
                 Err(_) => {
                     if let Some(e) = idle_out() {
                         return Err(Broke::Fatal(e));
@@ -254,7 +278,7 @@ where
         }
         loop {
             match tokio::time::timeout(idle, w.flush()).await {
-                Ok(res) => break res.map_err(Broke::Writing)?,
+                Ok(res) => break res.map_err(writing)?,
                 Err(_) => {
                     if let Some(e) = idle_out() {
                         return Err(Broke::Fatal(e));
@@ -280,6 +304,69 @@ mod tests {
         let mut s = String::new();
         r.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "hello world");
+    }
+
+    /// A server that resets while the relay is writing to it: the client
+    /// learns a reset, never a clean end. Linux tells a reset to one system
+    /// call only; when the write learns first, the read after it returns 0,
+    /// which must not pass for the server's end (which of the two learns
+    /// first varies, hence the rounds).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_a_write_learns_first_is_not_taken_for_an_end() {
+        use tokio::net::{TcpListener, TcpSocket, TcpStream};
+        for round in 0..20 {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let mut proxy_a = l.accept().await.unwrap().0;
+            // Small buffers towards the server, which reads nothing: the
+            // relay's writes to it soon wait.
+            let s = TcpSocket::new_v4().unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let l = s.listen(1).unwrap();
+            let b = TcpSocket::new_v4().unwrap();
+            b.set_send_buffer_size(4096).unwrap();
+            let mut proxy_b = b.connect(l.local_addr().unwrap()).await.unwrap();
+            let mut server = l.accept().await.unwrap().0;
+            let relay = tokio::spawn(async move {
+                let r = relay(
+                    &mut proxy_a,
+                    &mut proxy_b,
+                    Duration::from_secs(30),
+                    |_| {},
+                    |_| {},
+                )
+                .await;
+                // As the relay's users do with a side when it broke off.
+                if r.is_err() {
+                    proxy_a.set_zero_linger().unwrap();
+                }
+                r
+            });
+            let (mut cr, mut cw) = client.into_split();
+            // An upload the server never reads, whole in the buffers on the
+            // client's side (so that no write of the client's own learns of
+            // the reset in its read's place).
+            tokio::time::timeout(Duration::from_secs(10), cw.write_all(&[7u8; 200 * 1024]))
+                .await
+                .expect("the upload fits in the buffers before the server")
+                .unwrap();
+            server.write_all(b"partial").await.unwrap();
+            let mut got = [0u8; 7];
+            cr.read_exact(&mut got).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            server.set_zero_linger().unwrap();
+            drop(server);
+            let relayed = relay.await.unwrap();
+            assert!(relayed.is_err(), "round {round}: {relayed:?}");
+            let mut more = [0u8; 8];
+            let end = cr.read(&mut more).await;
+            assert!(
+                matches!(&end, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+                "round {round}: the client read {end:?}, not a reset"
+            );
+            drop(cw);
+        }
     }
 
     type Halves = (
