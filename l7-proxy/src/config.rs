@@ -319,13 +319,13 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// `appProtocol` names HTTP: `http`, `http2`, `h2c`, `grpc`, or
-    /// Kubernetes' `kubernetes.io/h2c` and `kubernetes.io/ws` (any case).
+    /// `appProtocol` names cleartext HTTP: `http`, `h2c`, `grpc`, or
+    /// Kubernetes' `kubernetes.io/h2c` and `kubernetes.io/ws` (any case;
+    /// not `http2`, which some platforms use for HTTP/2 over TLS).
     pub fn declares_http(&self) -> bool {
         self.app_protocol.as_deref().is_some_and(|p| {
             [
                 "http",
-                "http2",
                 "h2c",
                 "grpc",
                 "kubernetes.io/h2c",

@@ -568,7 +568,7 @@ async fn handle_connect(
     // Opaque bytes to a port declared HTTP could carry a forged
     // `sluice-source-identity`: such a port takes HTTP only (a caller's
     // node proxy never sends it opaque TCP).
-    if !upgrade && state.declared_http(target) {
+    if !upgrade && state.declared_http(&workload.id, target.port()) {
         return refuse(
             Some(&workload),
             &format!("{target} is declared HTTP (appProtocol) and takes no opaque TCP stream"),

@@ -115,16 +115,20 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     let (hint, http_only) = match &dest {
         Destination::External => (Some(Protocol::Tcp), false),
         Destination::Service(d) => match d.port.app_protocol.as_deref() {
-            Some("tcp") => (Some(Protocol::Tcp), false),
-            _ => (None, d.port.declares_http()),
+            Some(p) if p.eq_ignore_ascii_case("tcp") => (Some(Protocol::Tcp), false),
+            _ => (None, d.http_only),
         },
-        Destination::Workload(_) => (None, state.declared_http(dst)),
+        Destination::Workload(w) => (None, state.declared_http(&w.id, dst.port())),
     };
     let (protocol, prefix) = match hint {
         Some(p) => (p, Bytes::new()),
         None if http_only => {
             let wait = shared.settings.keepalive_idle_timeout();
             let (p, b) = crate::sniff::sniff_http(&mut tcp, wait).await;
+            if b.is_empty() {
+                // Nothing for the whole idle timeout, or closed at once.
+                return;
+            }
             (p, b.freeze())
         }
         None => {
@@ -264,9 +268,6 @@ async fn serve_http<I>(
                     s.keepalive_idle_timeout(),
                 ))
                 .header_read_timeout(s.header_read_timeout())
-                // A client that shuts its sending side after a request
-                // (`nc -N`) still gets the answer.
-                .half_close(true)
                 .max_buf_size((s.max_header_bytes as usize).max(8192))
                 .serve_connection(io, svc)
                 // WebSocket and other HTTP/1.1 upgrades (forward::send_upgrade).

@@ -373,6 +373,7 @@ mod tests {
             None,
             Some("tcp"),
             Some("https"),
+            Some("http2"),
             Some("kubernetes.io/wss"),
             Some("mysql"),
         ] {

@@ -61,6 +61,10 @@ pub struct ServiceDest {
     pub default_rule: Arc<Rule>,
     /// Its ready endpoints on this port.
     pub ready: ReadySet,
+    /// HTTP only: the port declares HTTP, or leads to a pod port that a
+    /// Service of the pod's namespace declares HTTP
+    /// ([`State::declared_http`]).
+    pub http_only: bool,
 }
 
 #[derive(Debug, Default)]
@@ -80,9 +84,30 @@ pub struct State {
     default_rules: FastMap<ObjectRef, FastMap<u16, Arc<Rule>>>,
     /// Addresses of the node proxies endpoints and workloads sit behind.
     node_proxies: FastSet<IpAddr>,
-    /// Endpoint `ip:port`s that a Service of the endpoint's namespace
-    /// declares HTTP (`appProtocol`): traffic to them is HTTP only.
-    http_targets: FastSet<SocketAddr>,
+    /// Pod ports (by pod, so every address of a dual-stack pod) that a
+    /// Service of the pod's namespace declares HTTP (`appProtocol`):
+    /// traffic to them is HTTP only.
+    http_ports: FastSet<(ObjectRef, u16)>,
+}
+
+/// Pod ports that a Service of the pod's own namespace declares HTTP. Only
+/// the pod's namespace says what its ports speak: a Service elsewhere
+/// listing it must not close its TCP. An endpoint without its pod named
+/// declares nothing.
+fn declared_http_ports(services: &[Service]) -> FastSet<(ObjectRef, u16)> {
+    let mut ports = FastSet::default();
+    for svc in services {
+        for p in svc.ports.iter().filter(|p| p.declares_http()) {
+            for ep in &svc.endpoints {
+                if let (Some(w), Some(port)) = (&ep.workload, ep.target_for(p))
+                    && w.namespace == svc.id.namespace
+                {
+                    ports.insert((w.clone(), port));
+                }
+            }
+        }
+    }
+    ports
 }
 
 /// Ready endpoints of one service port, and the balancer's load record of
@@ -114,6 +139,7 @@ impl State {
         let (routes, errors) = RouteTable::build(&snapshot.http_routes, &snapshot.grpc_routes);
         let mut s = State {
             routes,
+            http_ports: declared_http_ports(&snapshot.services),
             ..Default::default()
         };
         for svc in &snapshot.services {
@@ -146,12 +172,20 @@ impl State {
             }
             let routed = s.routes.has_routes(&svc.id);
             for p in &svc.ports {
+                let http_only = p.declares_http()
+                    || svc.endpoints.iter().any(|e| {
+                        e.workload
+                            .as_ref()
+                            .zip(e.target_for(p))
+                            .is_some_and(|(w, port)| s.http_ports.contains(&(w.clone(), port)))
+                    });
                 let dest = Arc::new(ServiceDest {
                     service: svc.clone(),
                     port: p.clone(),
                     routed,
                     default_rule: s.default_rule(&svc.id, p.port),
                     ready: s.ready_upstreams(&svc, p.port),
+                    http_only,
                 });
                 for vip in &svc.vips {
                     s.vips.insert(SocketAddr::new(*vip, p.port), dest.clone());
@@ -161,19 +195,6 @@ impl State {
                 let ports = svc.ports.iter().filter_map(|p| ep.target_for(p));
                 s.add_member(ep.ip, &svc.id, ports);
                 s.node_proxies.extend(ep.node_proxy.map(|a| a.ip()));
-                // Only the pod's own namespace says what its ports speak:
-                // a Service elsewhere listing it must not close its TCP.
-                if ep
-                    .workload
-                    .as_ref()
-                    .is_none_or(|w| w.namespace == svc.id.namespace)
-                {
-                    let http = svc.ports.iter().filter(|p| p.declares_http());
-                    s.http_targets.extend(
-                        http.filter_map(|p| ep.target_for(p))
-                            .map(|port| SocketAddr::new(ep.ip, port)),
-                    );
-                }
             }
             s.services.insert(svc.id.clone(), svc);
         }
@@ -212,11 +233,12 @@ impl State {
         }
     }
 
-    /// Whether a Service of its namespace declares the endpoint port `addr`
-    /// HTTP (`appProtocol`): it is then only ever sent HTTP, never opaque
-    /// TCP, whose bytes could carry headers posing as the mesh's own.
-    pub fn declared_http(&self, addr: SocketAddr) -> bool {
-        self.http_targets.contains(&addr)
+    /// Whether a Service of its namespace declares `port` of the pod
+    /// `workload` HTTP (`appProtocol`): it is then only ever sent HTTP,
+    /// never opaque TCP, whose bytes could carry headers posing as the
+    /// mesh's own.
+    pub fn declared_http(&self, workload: &ObjectRef, port: u16) -> bool {
+        self.http_ports.contains(&(workload.clone(), port))
     }
 
     /// Whether `ip` is the address of a node proxy of the mesh (as
@@ -435,8 +457,10 @@ mod tests {
             ..Default::default()
         };
         let st = State::build(Arc::new(snap)).0;
-        assert!(st.declared_http(SocketAddr::new(pod, 8080)));
-        assert!(!st.declared_http(SocketAddr::new(pod, 9000)));
-        assert!(!st.declared_http(SocketAddr::new("10.0.0.8".parse().unwrap(), 8080)));
+        let cart = ObjectRef::new("shop", "cart-0");
+        // By pod, whichever of its addresses a caller uses.
+        assert!(st.declared_http(&cart, 8080));
+        assert!(!st.declared_http(&cart, 9000));
+        assert!(!st.declared_http(&ObjectRef::new("shop", "cart-1"), 8080));
     }
 }

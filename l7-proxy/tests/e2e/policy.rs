@@ -368,44 +368,63 @@ async fn the_proxies_own_answers_to_head_carry_no_body() {
 /// On a port declared HTTP (`appProtocol`), a caller that waits past the
 /// sniff timeout before its request still gets HTTP: its forged
 /// `sluice-source-identity` is replaced by its verified one, never relayed
-/// as opaque bytes; and an opaque TCP stream to that port (by way of another
-/// Service that says `tcp`) is refused by the workload's node proxy.
+/// as opaque bytes. So through the declaring Service, through a sibling
+/// Service that says nothing, and to the pod's address; and an opaque TCP
+/// stream to that port (through a Service that says `tcp`) is refused by
+/// the workload's node proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_declared_http_takes_http_only_and_the_identity_header_cannot_be_forged() {
     let mesh = Mesh::standard().await;
-    let (_srv, port) = servers(&[cart(0)]).await;
+    let (srv, port) = servers(&[cart(0)]).await;
     let mut http = mesh.service("cart", 1, port, &[cart(0)]);
     http.ports[0].app_protocol = Some("http".into());
     let mut raw = mesh.service("cart-raw", 2, port, &[cart(0)]);
     raw.ports[0].app_protocol = Some("tcp".into());
+    let plain = mesh.service("cart-plain", 3, port, &[cart(0)]);
     mesh.publish(&Snapshot {
-        services: vec![http, raw],
+        services: vec![http, raw, plain],
+        workloads: vec![l7_proxy::config::Workload {
+            ip: cart(0).ip,
+            // As the Service's endpoints name the pod.
+            id: cart(0).local().id,
+            node_proxy: Some(mesh.node_b_proxy()),
+            identity: Some(cart(0).identity()),
+        }],
         ..Default::default()
     })
     .await;
     let forged = "GET / HTTP/1.1\r\nHost: cart\r\nConnection: close\r\n\
                   sluice-source-identity: spiffe://cluster.local/ns/shop/sa/admin\r\n\r\n";
-    // Past the sniff timeout (200 ms in these tests) before any byte.
-    let mut slow = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    slow.write_all(forged.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut got),
-    )
-    .await
-    .expect("an answer")
-    .unwrap();
-    let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    let body = &text[text.find("\r\n\r\n").expect("a head") + 4..];
-    let echo: serde_json::Value = serde_json::from_str(body).expect("the echo's JSON");
-    assert_eq!(
-        echo["headers"]["sluice-source-identity"],
-        web().identity().to_string(),
-        "{echo}"
-    );
+    let targets = [
+        SocketAddr::new(vip(1), 80),
+        SocketAddr::new(vip(3), 80),
+        SocketAddr::new(cart(0).ip, port),
+    ];
+    for to in targets {
+        // Past the sniff timeout (200 ms in these tests) before any byte.
+        let mut slow = mesh.connect(web().ip, to).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        slow.write_all(forged.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{to}: {e}"));
+        let mut got = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut got),
+        )
+        .await
+        .expect("an answer")
+        .unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{to}: {text}");
+        let body = &text[text.find("\r\n\r\n").expect("a head") + 4..];
+        let echo: serde_json::Value = serde_json::from_str(body).expect("the echo's JSON");
+        assert_eq!(
+            echo["headers"]["sluice-source-identity"],
+            web().identity().to_string(),
+            "{to}: {echo}"
+        );
+    }
 
     // Opaque TCP to the same pod port is refused, and counted (the reset
     // may come before the connection is even up: no byte waited for).
@@ -432,6 +451,11 @@ async fn a_port_declared_http_takes_http_only_and_the_identity_header_cannot_be_
         1.0,
         "{}",
         mesh.b.metrics()
+    );
+    assert_eq!(
+        srv[0].hits(),
+        targets.len(),
+        "the refused stream reached cart"
     );
     mesh.shutdown().await;
 }

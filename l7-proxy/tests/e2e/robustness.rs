@@ -886,29 +886,6 @@ async fn drain_h2(mut body: h2::RecvStream) -> Vec<u8> {
     got
 }
 
-/// A client that shuts its sending side once its request is out still gets
-/// the answer (HTTP/1.1 half-close).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
-    let (mesh, _srv) = mesh_with_cart().await;
-    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n")
-        .await
-        .unwrap();
-    tcp.shutdown().await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got))
-        .await
-        .expect("the connection ends")
-        .unwrap();
-    assert!(
-        got.starts_with(b"HTTP/1.1 200") && response_complete(&got),
-        "{}",
-        String::from_utf8_lossy(&got)
-    );
-    mesh.shutdown().await;
-}
-
 /// Sends a GET on `tcp` and reads its whole `200` response.
 async fn get_on(tcp: &mut tokio::net::TcpStream) {
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: cart\r\n\r\n")
