@@ -51,6 +51,20 @@ pub async fn reset_once_sent(sock: &TcpStream, limit: Duration) {
     let _ = sock.set_zero_linger();
 }
 
+/// Makes `sock` close with a reset if it is dropped before
+/// [`disarm_reset`]: a relay cut short by the proxy's shutdown (its task
+/// aborted at the drain timeout) must reach the peer as a reset, not as a
+/// clean end that would pass a cut exchange for a whole one.
+pub fn arm_reset(sock: &TcpStream) {
+    let _ = sock.set_zero_linger();
+}
+
+/// Undoes [`arm_reset`] for a relay that ended cleanly (or went idle): the
+/// socket then closes with a FIN.
+pub fn disarm_reset(sock: &TcpStream) {
+    let _ = socket2::SockRef::from(sock).set_linger(None);
+}
+
 /// Whether a relay that failed with `e` broke off (a side reset, a stream
 /// cancelled, a write refused, no connection at all) rather than went idle
 /// for too long: the sides still open then get a reset, not a clean end.

@@ -629,6 +629,9 @@ async fn handle_connect(
         }
     };
     let _ = upstream.set_nodelay(true);
+    // Cut by the proxy's shutdown: a reset for the workload (disarmed
+    // below).
+    crate::abort::arm_reset(&upstream);
     let Some((mut stream, row)) = open_stream(
         &shared,
         &tp,
@@ -663,6 +666,8 @@ async fn handle_connect(
         // never discards what is queued: no linger).
         stream.abort();
         crate::abort::reset_once_sent(&upstream, crate::abort::DRAIN_LIMIT).await;
+    } else {
+        crate::abort::disarm_reset(&upstream);
     }
     drop(upstream);
     let reason = result.err().map(|e| e.to_string());

@@ -385,6 +385,8 @@ async fn serve_tcp(
     };
     let (on_sent, on_received) = count_relay(&shared.metrics, &labels, Some(row.clone()));
     let idle = shared.settings.tcp_idle_timeout();
+    // Cut by the proxy's shutdown from here on: a reset (disarmed below).
+    crate::abort::arm_reset(io.inner());
     let dest_name = destination.as_ref().map(|d| d.to_string());
     let result = match &upstream.tunnel {
         Some(t) => {
@@ -435,12 +437,15 @@ async fn serve_tcp(
         {
             Ok(Ok(mut up)) => {
                 let _ = up.set_nodelay(true);
+                crate::abort::arm_reset(&up);
                 let r = relay(&mut io, &mut up, idle, on_sent, on_received)
                     .await
                     .map(|_| ());
                 if r.as_ref().is_err_and(crate::abort::broke_off) {
                     // The caller's reset reaches the destination as one.
                     crate::abort::reset_once_sent(&up, crate::abort::DRAIN_LIMIT).await;
+                } else {
+                    crate::abort::disarm_reset(&up);
                 }
                 r
             }
@@ -466,6 +471,8 @@ async fn serve_tcp(
     // whole one.
     if result.as_ref().is_err_and(crate::abort::broke_off) {
         crate::abort::reset_once_sent(io.inner(), crate::abort::DRAIN_LIMIT).await;
+    } else {
+        crate::abort::disarm_reset(io.inner());
     }
     let reason = result.as_ref().err().map(|e| e.to_string());
     if let Some(r) = &reason {

@@ -1,14 +1,14 @@
 //! Traffic of every kind flows through client proxy, tunnel and server proxy,
 //! and the server side learns the caller's verified identity.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use l7_proxy::{
     Snapshot,
     config::{BackendRef, HttpRoute, HttpRouteRule, ObjectRef, ParentRef, Retry, Workload},
     conntable::ConnKind,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
@@ -427,6 +427,83 @@ async fn shutdown_drains_requests_in_flight() {
     );
     let mut b = b;
     b.proxy.take().unwrap().shutdown().await;
+}
+
+/// An opaque TCP relay still open when the drain timeout cuts it ends with
+/// a reset, for the caller (node A shut down) and for the workload (node B
+/// shut down): a FIN would pass the cut stream for a whole one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_relay_cut_at_the_drain_timeout_ends_with_a_reset() {
+    for node_b in [false, true] {
+        let mut mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+            s.drain_timeout_ms = 300;
+        })
+        .await;
+        let (addr, ends) = tcp_server_noting_ends(SocketAddr::new(cart(0).ip, 0)).await;
+        let mut svc = mesh.service("echo", 1, addr.port(), &[cart(0)]);
+        svc.ports[0].app_protocol = Some("tcp".into());
+        mesh.publish(&Snapshot {
+            services: vec![svc],
+            ..Default::default()
+        })
+        .await;
+        let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        t.write_all(b"ping").await.unwrap();
+        assert_eq!(read_n(&mut t, 4).await, b"ping");
+        let node = if node_b { &mut mesh.b } else { &mut mesh.a };
+        node.proxy.take().unwrap().shutdown().await;
+        if node_b {
+            eventually("the workload's side ends", || {
+                !ends.lock().unwrap().is_empty()
+            })
+            .await;
+            let end = ends.lock().unwrap()[0].clone();
+            assert_eq!(end, "ConnectionReset", "the workload saw {end}");
+        } else {
+            let mut buf = [0u8; 8];
+            let end = tokio::time::timeout(Duration::from_secs(10), t.read(&mut buf))
+                .await
+                .expect("the caller's side ends");
+            assert!(
+                matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "the caller saw {end:?}"
+            );
+        }
+        drop(t);
+        mesh.shutdown().await;
+    }
+}
+
+/// An echo server that notes how each connection ended: `eof` or the
+/// error's kind.
+async fn tcp_server_noting_ends(
+    addr: SocketAddr,
+) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let ends = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noted = ends.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let noted = noted.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let end = loop {
+                    match c.read(&mut buf).await {
+                        Ok(0) => break "eof".to_string(),
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).await.is_err() {
+                                break "write failed".to_string();
+                            }
+                        }
+                        Err(e) => break format!("{:?}", e.kind()),
+                    }
+                };
+                noted.lock().unwrap().push(end);
+            });
+        }
+    });
+    (addr, ends)
 }
 
 /// A tunnel connection that carried HTTP requests closes once idle, on
