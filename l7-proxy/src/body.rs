@@ -173,19 +173,42 @@ pub(crate) fn drop_connection_named(h: &mut HeaderMap) {
     if !h.contains_key(CONNECTION) {
         return;
     }
-    let named: Vec<String> = h
+    let tokens = |h: &HeaderMap| {
+        h.get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    // The common `keep-alive` or `close` (which name no header that would
+    // reach the workload: `keep-alive` goes on the way out) allocates
+    // nothing.
+    let mut upgrade = false;
+    let mut others = false;
+    for t in h
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .collect();
-    let mut upgrade = false;
-    for name in named {
-        if name == "upgrade" {
+        .map(str::trim)
+    {
+        if t.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
-        } else {
-            h.remove(name.as_str());
+        } else if !(t.is_empty()
+            || t.eq_ignore_ascii_case("keep-alive")
+            || t.eq_ignore_ascii_case("close"))
+        {
+            others = true;
+        }
+    }
+    if others {
+        for name in tokens(h) {
+            if !name.eq_ignore_ascii_case("upgrade") {
+                h.remove(name.as_str());
+            }
         }
     }
     h.remove(CONNECTION);

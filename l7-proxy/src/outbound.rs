@@ -124,17 +124,21 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         Some(p) => (p, Bytes::new()),
         None if http_only => {
             let wait = shared.settings.keepalive_idle_timeout();
-            let (p, b) = crate::sniff::sniff_http(&mut tcp, wait).await;
-            if b.is_empty() {
+            match crate::sniff::sniff_http(&mut tcp, wait).await {
                 // Nothing for the whole idle timeout, or closed at once.
-                return;
+                Ok((_, b)) if b.is_empty() => return,
+                Ok((p, b)) => (p, b.freeze()),
+                // The client reset: nothing to pass on.
+                Err(_) => return,
             }
-            (p, b.freeze())
         }
-        None => {
-            let (p, b) = sniff(&mut tcp, shared.settings.sniff_timeout()).await;
-            (p, b.freeze())
-        }
+        None => match sniff(&mut tcp, shared.settings.sniff_timeout()).await {
+            Ok((p, b)) => (p, b.freeze()),
+            // The client reset before its protocol was known: nothing to
+            // pass on, not even as a clean end (a connection opened for
+            // its first bytes would get them and a FIN).
+            Err(_) => return,
+        },
     };
     // An HTTP/1.1 connection's reads start its head timeout (head_timer).
     let reads = (protocol == Protocol::Http1).then(Arc::<AtomicU64>::default);

@@ -124,26 +124,31 @@ fn starts_like_a_request(buf: &[u8]) -> bool {
 
 /// Reads from `io` until [`detect`] decides, the client stops sending for
 /// `wait`, or the connection ends. Returns the protocol and the bytes read,
-/// which the caller must replay.
-pub async fn sniff<R: AsyncRead + Unpin>(io: &mut R, wait: Duration) -> (Protocol, BytesMut) {
+/// which the caller must replay; an error when the client reset (nothing
+/// is to be passed on then, not even as a clean end).
+pub async fn sniff<R: AsyncRead + Unpin>(
+    io: &mut R,
+    wait: Duration,
+) -> std::io::Result<(Protocol, BytesMut)> {
     let mut buf = BytesMut::with_capacity(MAX_SNIFF_BYTES);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match detect(&buf) {
-            Detection::Decided(p) => return (p, buf),
-            Detection::NeedMore if buf.len() >= MAX_SNIFF_BYTES => return (Protocol::Tcp, buf),
+            Detection::Decided(p) => return Ok((p, buf)),
+            Detection::NeedMore if buf.len() >= MAX_SNIFF_BYTES => return Ok((Protocol::Tcp, buf)),
             Detection::NeedMore => {}
         }
         let mut chunk = [0u8; MAX_SNIFF_BYTES];
         let room = MAX_SNIFF_BYTES - buf.len();
         match tokio::time::timeout_at(deadline, io.read(&mut chunk[..room])).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) | Err(_) => {
                 let p = if starts_like_a_request(&buf) {
                     Protocol::Http1
                 } else {
                     Protocol::Tcp
                 };
-                return (p, buf);
+                return Ok((p, buf));
             }
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
@@ -153,22 +158,27 @@ pub async fn sniff<R: AsyncRead + Unpin>(io: &mut R, wait: Duration) -> (Protoco
 /// For a port declared HTTP: reads until the bytes are the HTTP/2 preface
 /// or cannot become it (HTTP/1.x, which hyper then parses or refuses), the
 /// client stops sending for `wait`, or the connection ends. Never opaque
-/// TCP, however long the client waits. Returns the bytes read, to replay.
-pub async fn sniff_http<R: AsyncRead + Unpin>(io: &mut R, wait: Duration) -> (Protocol, BytesMut) {
+/// TCP, however long the client waits. Returns the bytes read, to replay;
+/// an error when the client reset.
+pub async fn sniff_http<R: AsyncRead + Unpin>(
+    io: &mut R,
+    wait: Duration,
+) -> std::io::Result<(Protocol, BytesMut)> {
     let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let n = buf.len().min(H2_PREFACE.len());
         if buf[..n] != H2_PREFACE[..n] {
-            return (Protocol::Http1, buf);
+            return Ok((Protocol::Http1, buf));
         }
         if n == H2_PREFACE.len() {
-            return (Protocol::Http2, buf);
+            return Ok((Protocol::Http2, buf));
         }
         let mut chunk = [0u8; MAX_SNIFF_BYTES];
         let room = H2_PREFACE.len() - buf.len();
         match tokio::time::timeout_at(deadline, io.read(&mut chunk[..room])).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return (Protocol::Http1, buf),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) | Err(_) => return Ok((Protocol::Http1, buf)),
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     }
@@ -294,7 +304,7 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut b, b"GET /slow")
             .await
             .unwrap();
-        let (p, buf) = sniff(&mut a, Duration::from_millis(20)).await;
+        let (p, buf) = sniff(&mut a, Duration::from_millis(20)).await.unwrap();
         assert_eq!(p, Protocol::Http1);
         assert_eq!(&buf[..], b"GET /slow");
     }
@@ -302,7 +312,7 @@ mod tests {
     #[tokio::test]
     async fn silent_client_is_tcp_after_the_timeout() {
         let (mut client, _server) = tokio::io::duplex(64);
-        let (p, buf) = sniff(&mut client, Duration::from_millis(20)).await;
+        let (p, buf) = sniff(&mut client, Duration::from_millis(20)).await.unwrap();
         assert_eq!(p, Protocol::Tcp);
         assert!(buf.is_empty());
     }
@@ -313,16 +323,36 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut b, b"PUT /k HTTP/1.1\r\n")
             .await
             .unwrap();
-        let (p, buf) = sniff(&mut a, Duration::from_secs(5)).await;
+        let (p, buf) = sniff(&mut a, Duration::from_secs(5)).await.unwrap();
         assert_eq!(p, Protocol::Http1);
         assert!(b"PUT /k HTTP/1.1\r\n".starts_with(&buf));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_resets_while_sniffed_is_an_error_not_an_end() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = l.accept().await.unwrap();
+        // An upper-case word: maybe a method, so more is waited for.
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"PING")
+            .await
+            .unwrap();
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let sniffed = sniff(&mut server, Duration::from_secs(10)).await;
+        assert!(
+            matches!(&sniffed, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{sniffed:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_port_declared_http_is_never_tcp() {
         // Silent for the whole wait: HTTP/1.1 all the same (hyper decides).
         let (mut a, _b) = tokio::io::duplex(64);
-        let (p, buf) = sniff_http(&mut a, Duration::from_secs(3600)).await;
+        let (p, buf) = sniff_http(&mut a, Duration::from_secs(3600)).await.unwrap();
         assert_eq!((p, buf.len()), (Protocol::Http1, 0));
         // The preface, in pieces, whenever they come: HTTP/2.
         let (mut a, mut b) = tokio::io::duplex(64);
@@ -334,7 +364,8 @@ mod tests {
                     .unwrap();
             }
         };
-        let ((p, buf), ()) = tokio::join!(sniff_http(&mut a, Duration::from_secs(3600)), send);
+        let (sniffed, ()) = tokio::join!(sniff_http(&mut a, Duration::from_secs(3600)), send);
+        let (p, buf) = sniffed.unwrap();
         assert_eq!((p, &buf[..]), (Protocol::Http2, H2_PREFACE));
         // Anything else, even what `sniff` would call TCP: HTTP/1.1.
         for first in [
@@ -346,7 +377,7 @@ mod tests {
             tokio::io::AsyncWriteExt::write_all(&mut b, first)
                 .await
                 .unwrap();
-            let (p, buf) = sniff_http(&mut a, Duration::from_secs(3600)).await;
+            let (p, buf) = sniff_http(&mut a, Duration::from_secs(3600)).await.unwrap();
             assert_eq!(p, Protocol::Http1, "{first:?}");
             assert!(first.starts_with(&buf));
         }
