@@ -5,6 +5,23 @@ use std::{io, net::SocketAddr, time::Duration};
 
 use tokio::net::{TcpSocket, TcpStream};
 
+/// Whether a failed [`connect`] says the destination is out of reach (so
+/// that other endpoints are preferred for a while), rather than that this
+/// proxy could not open a socket (out of descriptors, `SO_MARK` refused).
+pub fn peer_unreachable(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | HostUnreachable
+            | NetworkUnreachable
+            | NetworkDown
+            | TimedOut
+    )
+}
+
 /// Connects to `addr` with `mark` as `SO_MARK`, within `timeout`.
 pub async fn connect(
     addr: SocketAddr,
@@ -34,4 +51,26 @@ pub async fn connect(
         })??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_destination_out_of_reach_is_unreachable() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(peer_unreachable(&refused));
+        // The proxy's own trouble says nothing of the destination.
+        for local in [
+            io::Error::from_raw_os_error(libc::EMFILE),
+            io::Error::from_raw_os_error(libc::EPERM),
+            io::Error::from_raw_os_error(libc::ENOBUFS),
+        ] {
+            assert!(!peer_unreachable(&local), "{local}");
+        }
+        assert!(peer_unreachable(&io::Error::from_raw_os_error(
+            libc::EHOSTUNREACH
+        )));
+    }
 }

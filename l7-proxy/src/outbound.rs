@@ -454,7 +454,7 @@ async fn serve_tcp(
                 r
             }
             Ok(Err(e)) => {
-                if let Some(p) = &pick {
+                if let (true, Some(p)) = (crate::connect::peer_unreachable(&e), &pick) {
                     p.unreachable();
                 }
                 Err(e)

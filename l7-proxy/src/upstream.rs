@@ -123,15 +123,16 @@ impl WorkloadClients {
         match proto {
             Protocol::Http2 => {
                 *req.version_mut() = Version::HTTP_2;
-                if req.uri().scheme().is_none() || req.uri().authority().is_none() {
-                    let authority = req
-                        .headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .and_then(|h| h.parse().ok());
-                    set_absolute(req.uri_mut(), authority, addr);
+                // A Host header (an HTTP/1.1 caller's, or one a route set
+                // or rewrote) is the authority the workload sees.
+                let host = req
+                    .headers_mut()
+                    .remove(http::header::HOST)
+                    .and_then(|h| h.to_str().ok()?.parse().ok());
+                if host.is_some() || req.uri().scheme().is_none() || req.uri().authority().is_none()
+                {
+                    set_absolute(req.uri_mut(), host, addr);
                 }
-                req.headers_mut().remove(http::header::HOST);
                 let mut sender = self.h2_sender(addr).await?;
                 let resp = sender
                     .send_request(req)
@@ -406,12 +407,12 @@ impl http_body::Body for UpstreamBody {
     }
 }
 
-/// Makes `uri` absolute: `http://<authority>/<path>`, with the workload's
-/// address when no authority is known.
+/// Makes `uri` absolute: `http://<authority>/<path>`: `authority` when
+/// given, else the URI's own, else the workload's address.
 fn set_absolute(uri: &mut Uri, authority: Option<http::uri::Authority>, addr: SocketAddr) {
     let mut parts = std::mem::take(uri).into_parts();
     parts.scheme = Some(http::uri::Scheme::HTTP);
-    if parts.authority.is_none() {
+    if authority.is_some() || parts.authority.is_none() {
         parts.authority = Some(authority.unwrap_or_else(|| {
             addr.to_string()
                 .parse()
@@ -675,7 +676,10 @@ mod tests {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let go = go.clone();
                         async move {
-                            let body = if req.uri().path() == "/slow" {
+                            let body = if req.uri().path() == "/authority" {
+                                let a = req.uri().authority().map(|a| a.to_string());
+                                Full::new(Bytes::from(a.unwrap_or_default())).boxed()
+                            } else if req.uri().path() == "/slow" {
                                 let (tx, rx) = tokio::sync::mpsc::channel::<
                                     Result<http_body::Frame<Bytes>, std::convert::Infallible>,
                                 >(2);
@@ -766,6 +770,24 @@ mod tests {
             "the connection outlived its last stream"
         );
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A Host header (a route's `RequestHeaderModifier` or `URLRewrite`
+    /// hostname) is the authority an HTTP/2 workload sees, over the caller's
+    /// `:authority`.
+    #[tokio::test]
+    async fn a_host_header_is_an_http2_workloads_authority() {
+        let (addr, _, _) = h2_server(Arc::new(tokio::sync::Notify::new())).await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        let authority = |req| async {
+            let resp = c.send(addr, Protocol::Http2, req).await.unwrap();
+            resp.into_body().collect().await.unwrap().to_bytes()
+        };
+        assert_eq!(authority(h2_get("/authority")).await, "cart.shop");
+        let mut req = h2_get("/authority");
+        req.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("api.internal"));
+        assert_eq!(authority(req).await, "api.internal");
     }
 
     #[tokio::test]
