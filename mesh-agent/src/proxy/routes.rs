@@ -174,27 +174,50 @@ fn quoted(v: Option<&str>) -> String {
     v.map_or_else(|| "missing".into(), |v| format!("{v:?}"))
 }
 
-fn header_modifier(v: &Value) -> HeaderModifier {
-    let pairs = |v: &Value| {
-        v.as_array()
+/// A header modifier whose names and values a request or response can
+/// carry: one that cannot (a newline in a value, a space in a name) is
+/// refused with the field that says it, rather than left out of every
+/// request while the route shows as accepted.
+fn header_modifier(v: &Value, field: &str) -> Result<HeaderModifier, String> {
+    let name = |n: String, at: String| match http::HeaderName::from_bytes(n.as_bytes()) {
+        Ok(_) => Ok(n),
+        Err(_) => Err(format!("{at}.name: {n:?} is not a header name")),
+    };
+    let pairs = |list: &str| {
+        v[list]
+            .as_array()
             .into_iter()
             .flatten()
-            .map(|p| HeaderPair {
-                name: str_of(&p["name"]).unwrap_or_default(),
-                value: str_of(&p["value"]).unwrap_or_default(),
+            .enumerate()
+            .map(|(i, p)| {
+                let at = format!("{field}.{list}[{i}]");
+                let value = str_of(&p["value"]).unwrap_or_default();
+                if http::HeaderValue::from_str(&value).is_err() {
+                    return Err(format!("{at}.value: {value:?} is not a header value"));
+                }
+                Ok(HeaderPair {
+                    name: name(str_of(&p["name"]).unwrap_or_default(), at)?,
+                    value,
+                })
             })
-            .collect()
+            .collect::<Result<Vec<_>, String>>()
     };
-    HeaderModifier {
-        set: pairs(&v["set"]),
-        add: pairs(&v["add"]),
+    Ok(HeaderModifier {
+        set: pairs("set")?,
+        add: pairs("add")?,
         remove: v["remove"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(str_of)
-            .collect(),
-    }
+            .enumerate()
+            .map(|(i, n)| {
+                http::HeaderName::from_bytes(n.as_bytes())
+                    .map(|_| n.clone())
+                    .map_err(|_| format!("{field}.remove[{i}]: {n:?} is not a header name"))
+            })
+            .collect::<Result<_, _>>()?,
+    })
 }
 
 /// The share of requests a mirror takes: `percent`, or `fraction`
@@ -307,12 +330,18 @@ impl Ctx<'_> {
     /// None for a mirror whose target does not resolve (it is dropped).
     fn filter(&mut self, f: &Value, field: &str) -> Result<Option<HttpFilter>, String> {
         match f["type"].as_str() {
-            Some("RequestHeaderModifier") => Ok(Some(HttpFilter::RequestHeaderModifier(
-                header_modifier(&f["requestHeaderModifier"]),
-            ))),
-            Some("ResponseHeaderModifier") => Ok(Some(HttpFilter::ResponseHeaderModifier(
-                header_modifier(&f["responseHeaderModifier"]),
-            ))),
+            Some("RequestHeaderModifier") => {
+                Ok(Some(HttpFilter::RequestHeaderModifier(header_modifier(
+                    &f["requestHeaderModifier"],
+                    &format!("{field}.requestHeaderModifier"),
+                )?)))
+            }
+            Some("ResponseHeaderModifier") => {
+                Ok(Some(HttpFilter::ResponseHeaderModifier(header_modifier(
+                    &f["responseHeaderModifier"],
+                    &format!("{field}.responseHeaderModifier"),
+                )?)))
+            }
             Some("RequestRedirect") => {
                 let r = &f["requestRedirect"];
                 let status_code = match r["statusCode"].as_u64() {

@@ -398,6 +398,45 @@ fn rules_the_proxy_cannot_compile_are_dropped_with_the_reason() {
     }))
     .unwrap_err();
     assert!(err.contains("invalid header name \"bad header\""), "{err}");
+    // Header modifiers a request or response could not carry.
+    let modifier = |kind: &str, m: serde_json::Value| {
+        let key = format!("{}{}", kind[..1].to_lowercase(), &kind[1..]);
+        translate_rule(serde_json::json!({
+            "filters": [{"type": kind, key: m}],
+            "backendRefs": backend,
+        }))
+    };
+    let err = modifier(
+        "RequestHeaderModifier",
+        serde_json::json!({"set": [{"name": "x-ok", "value": "1"}, {"name": "x-env", "value": "a\nb"}]}),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("requestHeaderModifier.set[1].value: \"a\\nb\" is not a header value"),
+        "{err}"
+    );
+    let err = modifier(
+        "ResponseHeaderModifier",
+        serde_json::json!({"add": [{"name": "bad name", "value": "1"}]}),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("responseHeaderModifier.add[0].name: \"bad name\" is not a header name"),
+        "{err}"
+    );
+    let err = modifier(
+        "RequestHeaderModifier",
+        serde_json::json!({"remove": ["x-ok", "no:colon"]}),
+    )
+    .unwrap_err();
+    assert!(err.contains("requestHeaderModifier.remove[1]"), "{err}");
+    assert!(
+        modifier(
+            "RequestHeaderModifier",
+            serde_json::json!({"set": [{"name": "X-Env", "value": "prod"}], "remove": ["x-secret"]})
+        )
+        .is_ok()
+    );
     // A redirect code the Gateway API does not allow.
     let err = translate_rule(serde_json::json!({
         "filters": [{"type": "RequestRedirect", "requestRedirect": {"statusCode": 305}}],
