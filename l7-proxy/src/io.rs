@@ -240,12 +240,25 @@ where
         }
         Broke::Writing(e)
     };
+    // A wait that ran out while the other way moved bytes waits again only
+    // for what is left of `idle` since they moved: the relay then ends
+    // `idle` after the last bytes, not up to twice that.
+    let mut wait = idle;
     loop {
-        let n = match tokio::time::timeout(idle, r.read(&mut buf)).await {
-            Ok(res) => res.map_err(Broke::Fatal)?,
+        let n = match tokio::time::timeout(wait, r.read(&mut buf)).await {
+            Ok(res) => {
+                wait = idle;
+                res.map_err(Broke::Fatal)?
+            }
             Err(_) => match idle_out() {
                 Some(e) => return Err(Broke::Fatal(e)),
-                None => continue,
+                None => {
+                    let quiet = start
+                        .elapsed()
+                        .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                    wait = idle.saturating_sub(quiet).max(Duration::from_millis(1));
+                    continue;
+                }
             },
         };
         if n == 0 {
@@ -367,6 +380,40 @@ mod tests {
             );
             drop(cw);
         }
+    }
+
+    /// The way still open after the other ended is cut `idle` after the
+    /// last bytes either way moved, not up to twice that.
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_relay_goes_idle_on_time() {
+        let (client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(relay(
+            proxy_a,
+            proxy_b,
+            Duration::from_secs(10),
+            |_| {},
+            |_| {},
+        ));
+        let begun = Instant::now();
+        let (mut cr, _cw) = tokio::io::split(client);
+        let (_sr, mut sw) = tokio::io::split(server);
+        // The server's way moves at 9 s, then ends; the client's way has
+        // been silent all along.
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        sw.write_all(b"x").await.unwrap();
+        sw.shutdown().await.unwrap();
+        drop(sw);
+        let mut got = Vec::new();
+        cr.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"x");
+        let r = relay.await.unwrap();
+        assert!(r.as_ref().is_err_and(went_idle), "{r:?}");
+        let took = begun.elapsed();
+        assert!(
+            took >= Duration::from_secs(19) && took < Duration::from_millis(19_500),
+            "idle after {took:?}, not 10 s after the last bytes at 9 s"
+        );
     }
 
     type Halves = (
