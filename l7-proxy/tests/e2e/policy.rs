@@ -293,16 +293,8 @@ async fn a_target_other_than_the_identity_asked_for_is_refused_and_counted_with_
     let mut no = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     let _ = no.write_all(b"hello?").await;
     assert!(closed_by_peer(&mut no).await, "the stream was not refused");
-    let (web_id, cart_id) = (web().identity().to_string(), cart(0).identity().to_string());
     assert_eq!(
-        mesh.b.metric(
-            "sluice_policy_denials_total",
-            &[
-                &web_id,
-                &format!("destination=\"{cart_id}\""),
-                "protocol=\"tcp\""
-            ]
-        ),
+        tcp_denials(&mesh, &web(), &cart(0)),
         1.0,
         "{}",
         mesh.b.metrics()
@@ -438,16 +430,8 @@ async fn a_port_declared_http_takes_http_only_and_the_identity_header_cannot_be_
         }
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
     }
-    let (web_id, cart_id) = (web().identity().to_string(), cart(0).identity().to_string());
     assert_eq!(
-        mesh.b.metric(
-            "sluice_policy_denials_total",
-            &[
-                &web_id,
-                &format!("destination=\"{cart_id}\""),
-                "protocol=\"tcp\""
-            ]
-        ),
+        tcp_denials(&mesh, &web(), &cart(0)),
         1.0,
         "{}",
         mesh.b.metrics()
@@ -458,4 +442,16 @@ async fn a_port_declared_http_takes_http_only_and_the_identity_header_cannot_be_
         "the refused stream reached cart"
     );
     mesh.shutdown().await;
+}
+
+/// Node B's count of TCP streams from `from` to `to` it refused.
+fn tcp_denials(mesh: &Mesh, from: &Pod, to: &Pod) -> f64 {
+    mesh.b.metric(
+        "sluice_policy_denials_total",
+        &[
+            from.identity().as_ref(),
+            &format!("destination=\"{}\"", to.identity()),
+            "protocol=\"tcp\"",
+        ],
+    )
 }

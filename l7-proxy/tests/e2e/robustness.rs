@@ -573,13 +573,8 @@ async fn mesh_with_echo(b_streams: u32, tweak_a: &dyn Fn(&mut l7_proxy::ProxySet
     })
     .await;
     let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
-    let mut svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
-    svc.ports[0].app_protocol = Some("tcp".into());
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    mesh.publish_tcp_service("echo", 1, echo.port(), &[cart(0)])
+        .await;
     mesh
 }
 
@@ -671,13 +666,7 @@ async fn a_connection_given_up_for_want_of_a_stream_never_reaches_the_workload()
             tokio::spawn(async move { echo_bytes(&mut tcp).await });
         }
     });
-    let mut svc = mesh.service("echo", 1, port, &[cart(0)]);
-    svc.ports[0].app_protocol = Some("tcp".into());
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    mesh.publish_tcp_service("echo", 1, port, &[cart(0)]).await;
     let mut first = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     first.write_all(b"1").await.unwrap();
     assert_eq!(read_n(&mut first, 1).await, b"1");

@@ -338,6 +338,18 @@ impl Mesh {
         .await;
     }
 
+    /// Publishes a service of `pods` whose port says `appProtocol: tcp`
+    /// (opaque TCP, no sniffing), as [`Mesh::service`] makes it.
+    pub async fn publish_tcp_service(&self, name: &str, n: u8, target_port: u16, pods: &[Pod]) {
+        let mut svc = self.service(name, n, target_port, pods);
+        svc.ports[0].app_protocol = Some("tcp".into());
+        self.publish(&Snapshot {
+            services: vec![svc],
+            ..Default::default()
+        })
+        .await;
+    }
+
     /// cart-0's echo server behind service `cart` (VIP 1), published.
     pub async fn serve_cart(&self) -> Vec<EchoServer> {
         let (srv, port) = crate::traffic::servers(&[cart(0)]).await;

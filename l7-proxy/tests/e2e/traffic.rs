@@ -440,13 +440,8 @@ async fn a_tcp_relay_cut_at_the_drain_timeout_ends_with_a_reset() {
         })
         .await;
         let (addr, ends) = tcp_server_noting_ends(SocketAddr::new(cart(0).ip, 0)).await;
-        let mut svc = mesh.service("echo", 1, addr.port(), &[cart(0)]);
-        svc.ports[0].app_protocol = Some("tcp".into());
-        mesh.publish(&Snapshot {
-            services: vec![svc],
-            ..Default::default()
-        })
-        .await;
+        mesh.publish_tcp_service("echo", 1, addr.port(), &[cart(0)])
+            .await;
         let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
         t.write_all(b"ping").await.unwrap();
         assert_eq!(read_n(&mut t, 4).await, b"ping");
@@ -559,13 +554,8 @@ async fn tunnels_are_bounded_and_closed_when_idle() {
     })
     .await;
     let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
-    let mut svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
-    svc.ports[0].app_protocol = Some("tcp".into());
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    mesh.publish_tcp_service("echo", 1, echo.port(), &[cart(0)])
+        .await;
     let mut open = Vec::new();
     for i in 0..4u8 {
         let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
@@ -746,13 +736,8 @@ async fn every_socket_the_proxy_opens_carries_its_mark() {
         Mesh::with_settings(vec![web()], vec![cart(0)], &|s| s.socket_mark = Some(MARK)).await;
     let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
     let outside = tcp_server(SocketAddr::new(pod_b(99), 0), None).await;
-    let mut svc = mesh.service("echo", 1, echo.port(), &[cart(0)]);
-    svc.ports[0].app_protocol = Some("tcp".into());
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        ..Default::default()
-    })
-    .await;
+    mesh.publish_tcp_service("echo", 1, echo.port(), &[cart(0)])
+        .await;
     let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     t.write_all(b"marked").await.unwrap();
     assert_eq!(read_n(&mut t, 6).await, b"marked");
