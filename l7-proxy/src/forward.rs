@@ -997,7 +997,7 @@ async fn send_once(
                     },
                     retryable: e.is_connect(),
                     reason: format!("sending to {}: {e}", up.addr),
-                    unreachable: e.is_connect(),
+                    unreachable: e.is_unreachable(),
                 })?;
             let mut resp = resp.map(boxed);
             // A workload outside the mesh speaks HTTP/1.1 to this hop
@@ -1063,7 +1063,7 @@ async fn send_upgrade(
                     status: StatusCode::SERVICE_UNAVAILABLE,
                     reason: format!("connecting to {}: {e}", up.addr),
                     retryable: true,
-                    unreachable: true,
+                    unreachable: crate::connect::peer_unreachable(&e),
                 })?;
             (Box::new(tcp), None)
         }

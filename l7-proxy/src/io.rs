@@ -240,25 +240,22 @@ where
         }
         Broke::Writing(e)
     };
-    // A wait that ran out while the other way moved bytes waits again only
-    // for what is left of `idle` since they moved: the relay then ends
-    // `idle` after the last bytes, not up to twice that.
-    let mut wait = idle;
+    // Each wait (to read, write or flush) lasts what is left of `idle`
+    // since bytes last moved either way: one that runs out while the other
+    // way moved waits again only for the rest, so the relay ends `idle`
+    // after the last bytes, not up to twice that.
+    let remaining = || {
+        let quiet = start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+        idle.saturating_sub(quiet).max(Duration::from_millis(1))
+    };
     loop {
-        let n = match tokio::time::timeout(wait, r.read(&mut buf)).await {
-            Ok(res) => {
-                wait = idle;
-                res.map_err(Broke::Fatal)?
-            }
+        let n = match tokio::time::timeout(remaining(), r.read(&mut buf)).await {
+            Ok(res) => res.map_err(Broke::Fatal)?,
             Err(_) => match idle_out() {
                 Some(e) => return Err(Broke::Fatal(e)),
-                None => {
-                    let quiet = start
-                        .elapsed()
-                        .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                    wait = idle.saturating_sub(quiet).max(Duration::from_millis(1));
-                    continue;
-                }
+                None => continue,
             },
         };
         if n == 0 {
@@ -275,7 +272,7 @@ where
         // cancel-safe, so each wait is bounded and resumed.
         let mut rest = &buf[..n];
         while !rest.is_empty() {
-            match tokio::time::timeout(idle, w.write(rest)).await {
+            match tokio::time::timeout(remaining(), w.write(rest)).await {
                 Ok(Ok(0)) => return Err(Broke::Writing(io::ErrorKind::WriteZero.into())),
                 Ok(Ok(k)) => {
                     rest = &rest[k..];
@@ -290,7 +287,7 @@ where
             }
         }
         loop {
-            match tokio::time::timeout(idle, w.flush()).await {
+            match tokio::time::timeout(remaining(), w.flush()).await {
                 Ok(res) => break res.map_err(writing)?,
                 Err(_) => {
                     if let Some(e) = idle_out() {
@@ -407,6 +404,39 @@ mod tests {
         let mut got = Vec::new();
         cr.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"x");
+        let r = relay.await.unwrap();
+        assert!(r.as_ref().is_err_and(went_idle), "{r:?}");
+        let took = begun.elapsed();
+        assert!(
+            took >= Duration::from_secs(19) && took < Duration::from_millis(19_500),
+            "idle after {took:?}, not 10 s after the last bytes at 9 s"
+        );
+    }
+
+    /// As above, with the way still open blocked writing to a side that
+    /// stopped reading.
+    #[tokio::test(start_paused = true)]
+    async fn a_relay_blocked_writing_goes_idle_on_time() {
+        let (client, proxy_a) = tokio::io::duplex(64 * 1024);
+        let (proxy_b, server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(relay(
+            proxy_a,
+            proxy_b,
+            Duration::from_secs(10),
+            |_| {},
+            |_| {},
+        ));
+        let begun = Instant::now();
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (_sr, mut sw) = tokio::io::split(server);
+        // More than the server's side holds: the relay's write to it waits.
+        cw.write_all(&[1u8; 32 * 1024]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        sw.write_all(b"x").await.unwrap();
+        sw.shutdown().await.unwrap();
+        drop(sw);
+        let mut got = [0u8; 1];
+        cr.read_exact(&mut got).await.unwrap();
         let r = relay.await.unwrap();
         assert!(r.as_ref().is_err_and(went_idle), "{r:?}");
         let took = begun.elapsed();

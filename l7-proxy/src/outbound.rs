@@ -124,7 +124,14 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         Some(p) => (p, Bytes::new()),
         None if http_only => {
             let wait = shared.settings.keepalive_idle_timeout();
-            match crate::sniff::sniff_http(&mut tcp, wait).await {
+            // A client that has sent nothing when shutdown begins is let
+            // go at once (it holds no request), not at the drain timeout.
+            let (drain, _reg) = shared.drain.watch();
+            let first = tokio::select! {
+                r = crate::sniff::sniff_http(&mut tcp, wait) => r,
+                _ = drain => return,
+            };
+            match first {
                 // Nothing for the whole idle timeout, or closed at once.
                 Ok((_, b)) if b.is_empty() => return,
                 Ok((p, b)) => (p, b.freeze()),

@@ -107,16 +107,14 @@ impl TunnelError {
     /// answer, a failed handshake), as opposed to a local problem or a
     /// busy, refusing or closing connection to a proxy that is there.
     pub fn is_unreachable(&self) -> bool {
-        matches!(
-            self,
-            TunnelError::Connect { .. }
-                | TunnelError::ConnectTimeout { .. }
-                | TunnelError::Handshake { .. }
-                | TunnelError::DialFailed {
-                    unreachable: true,
-                    ..
-                }
-        )
+        match self {
+            // Not when this proxy could not open a socket (descriptors,
+            // `SO_MARK`).
+            TunnelError::Connect { source, .. } => crate::connect::peer_unreachable(source),
+            TunnelError::ConnectTimeout { .. } | TunnelError::Handshake { .. } => true,
+            TunnelError::DialFailed { unreachable, .. } => *unreachable,
+            _ => false,
+        }
     }
 }
 
@@ -1168,8 +1166,12 @@ mod tests {
             },
             TunnelError::Identity {
                 source_id: peer.clone(),
-                peer,
+                peer: peer.clone(),
                 reason: "no certificate yet".into(),
+            },
+            TunnelError::Connect {
+                node,
+                source: std::io::Error::from_raw_os_error(libc::EMFILE),
             },
         ];
         for e in &there {

@@ -57,6 +57,16 @@ impl UpstreamError {
             UpstreamError::Connect { .. } | UpstreamError::Handshake { .. }
         )
     }
+
+    /// The workload could not be reached (refused, no answer), as opposed
+    /// to this proxy failing to open a socket.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            UpstreamError::Connect { source, .. } => crate::connect::peer_unreachable(source),
+            UpstreamError::Handshake { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// The pools; cheap to clone.
@@ -788,6 +798,16 @@ mod tests {
         req.headers_mut()
             .insert(http::header::HOST, HeaderValue::from_static("api.internal"));
         assert_eq!(authority(req).await, "api.internal");
+    }
+
+    #[test]
+    fn only_a_workload_out_of_reach_is_unreachable() {
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let connect = |source| UpstreamError::Connect { addr, source };
+        assert!(connect(std::io::ErrorKind::ConnectionRefused.into()).is_unreachable());
+        // Out of descriptors here: retryable, the workload is not to blame.
+        let local = connect(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(local.is_connect() && !local.is_unreachable());
     }
 
     #[tokio::test]

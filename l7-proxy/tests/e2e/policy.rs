@@ -444,6 +444,34 @@ async fn a_port_declared_http_takes_http_only_and_the_identity_header_cannot_be_
     mesh.shutdown().await;
 }
 
+/// A client of a port declared HTTP that has sent nothing when shutdown
+/// begins holds no request: it is let go at once, not kept until the drain
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_of_a_port_declared_http_does_not_hold_up_shutdown() {
+    let mut mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.drain_timeout_ms = 60_000;
+    })
+    .await;
+    let (_srv, port) = servers(&[cart(0)]).await;
+    let mut http = mesh.service("cart", 1, port, &[cart(0)]);
+    http.ports[0].app_protocol = Some("http".into());
+    mesh.publish(&Snapshot {
+        services: vec![http],
+        ..Default::default()
+    })
+    .await;
+    let mut silent = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    // Past the sniff timeout: still waiting for its first bytes.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let proxy = mesh.a.proxy.take().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), proxy.shutdown())
+        .await
+        .expect("shutdown waited for a client that sent nothing (drain timeout 60 s)");
+    assert!(closed_by_peer(&mut silent).await);
+    mesh.shutdown().await;
+}
+
 /// Node B's count of TCP streams from `from` to `to` it refused.
 fn tcp_denials(mesh: &Mesh, from: &Pod, to: &Pod) -> f64 {
     mesh.b.metric(
