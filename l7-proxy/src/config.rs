@@ -90,7 +90,9 @@ pub struct ProxySettings {
     /// them: a request sent just as the proxy closes one would fail. It
     /// also bounds a next HTTP/1.1 head whose first bytes came in with the
     /// previous request (pipelined, then stalled): hyper holds them unseen.
-    /// `0`: no limit (the client closes them).
+    /// And how long a connection to a port declared HTTP may wait for its
+    /// first bytes (it is never taken for opaque TCP). `0`: no limit (the
+    /// client closes them).
     pub keepalive_idle_timeout_ms: u64,
     /// Largest request or response head accepted, in bytes.
     pub max_header_bytes: u32,
