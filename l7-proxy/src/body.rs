@@ -173,48 +173,35 @@ pub(crate) fn drop_connection_named(h: &mut HeaderMap) {
     if !h.contains_key(CONNECTION) {
         return;
     }
-    let tokens = |h: &HeaderMap| {
-        h.get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
     // The common `keep-alive` or `close` (which name no header that would
     // reach the workload: `keep-alive` goes on the way out) allocates
-    // nothing.
+    // nothing: `named` stays empty.
     let mut upgrade = false;
-    let mut others = false;
-    for t in h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-    {
+    let mut named = Vec::new();
+    for t in connection_tokens(h) {
         if t.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
-        } else if !(t.is_empty()
-            || t.eq_ignore_ascii_case("keep-alive")
-            || t.eq_ignore_ascii_case("close"))
-        {
-            others = true;
+        } else if !(t.eq_ignore_ascii_case("keep-alive") || t.eq_ignore_ascii_case("close")) {
+            named.push(t.to_owned());
         }
     }
-    if others {
-        for name in tokens(h) {
-            if !name.eq_ignore_ascii_case("upgrade") {
-                h.remove(name.as_str());
-            }
-        }
+    for name in named {
+        h.remove(name.as_str());
     }
     h.remove(CONNECTION);
     if upgrade {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// The tokens of every `Connection` line, trimmed, empty ones left out.
+fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
+    h.get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// Headers that belong to one hop (RFC 9110 §7.6.1) and may not cross HTTP/2.
@@ -224,13 +211,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         return;
     }
     // Every `Connection` line counts, not only the first.
-    let named: Vec<String> = h
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_owned())
-        .collect();
+    let named: Vec<String> = connection_tokens(h).map(str::to_owned).collect();
     for name in named {
         h.remove(name.as_str());
     }

@@ -87,22 +87,25 @@ pub struct State {
     /// Pod ports (by pod, so every address of a dual-stack pod) that a
     /// Service of the pod's namespace declares HTTP (`appProtocol`):
     /// traffic to them is HTTP only.
-    http_ports: FastSet<(ObjectRef, u16)>,
+    http_ports: FastMap<ObjectRef, Vec<u16>>,
 }
 
 /// Pod ports that a Service of the pod's own namespace declares HTTP. Only
 /// the pod's namespace says what its ports speak: a Service elsewhere
 /// listing it must not close its TCP. An endpoint without its pod named
 /// declares nothing.
-fn declared_http_ports(services: &[Service]) -> FastSet<(ObjectRef, u16)> {
-    let mut ports = FastSet::default();
+fn declared_http_ports(services: &[Service]) -> FastMap<ObjectRef, Vec<u16>> {
+    let mut ports: FastMap<ObjectRef, Vec<u16>> = FastMap::default();
     for svc in services {
         for p in svc.ports.iter().filter(|p| p.declares_http()) {
             for ep in &svc.endpoints {
                 if let (Some(w), Some(port)) = (&ep.workload, ep.target_for(p))
                     && w.namespace == svc.id.namespace
                 {
-                    ports.insert((w.clone(), port));
+                    let list = ports.entry(w.clone()).or_default();
+                    if !list.contains(&port) {
+                        list.push(port);
+                    }
                 }
             }
         }
@@ -177,7 +180,7 @@ impl State {
                         e.workload
                             .as_ref()
                             .zip(e.target_for(p))
-                            .is_some_and(|(w, port)| s.http_ports.contains(&(w.clone(), port)))
+                            .is_some_and(|(w, port)| s.declared_http(w, port))
                     });
                 let dest = Arc::new(ServiceDest {
                     service: svc.clone(),
@@ -238,7 +241,9 @@ impl State {
     /// never opaque TCP, whose bytes could carry headers posing as the
     /// mesh's own.
     pub fn declared_http(&self, workload: &ObjectRef, port: u16) -> bool {
-        self.http_ports.contains(&(workload.clone(), port))
+        self.http_ports
+            .get(workload)
+            .is_some_and(|ports| ports.contains(&port))
     }
 
     /// Whether `ip` is the address of a node proxy of the mesh (as

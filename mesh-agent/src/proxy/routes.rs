@@ -179,9 +179,10 @@ fn quoted(v: Option<&str>) -> String {
 /// refused with the field that says it, rather than left out of every
 /// request while the route shows as accepted.
 fn header_modifier(v: &Value, field: &str) -> Result<HeaderModifier, String> {
+    // `at`: the field that holds the name.
     let name = |n: String, at: String| match http::HeaderName::from_bytes(n.as_bytes()) {
         Ok(_) => Ok(n),
-        Err(_) => Err(format!("{at}.name: {n:?} is not a header name")),
+        Err(_) => Err(format!("{at}: {n:?} is not a header name")),
     };
     let pairs = |list: &str| {
         v[list]
@@ -196,7 +197,7 @@ fn header_modifier(v: &Value, field: &str) -> Result<HeaderModifier, String> {
                     return Err(format!("{at}.value: {value:?} is not a header value"));
                 }
                 Ok(HeaderPair {
-                    name: name(str_of(&p["name"]).unwrap_or_default(), at)?,
+                    name: name(str_of(&p["name"]).unwrap_or_default(), format!("{at}.name"))?,
                     value,
                 })
             })
@@ -211,11 +212,7 @@ fn header_modifier(v: &Value, field: &str) -> Result<HeaderModifier, String> {
             .flatten()
             .filter_map(str_of)
             .enumerate()
-            .map(|(i, n)| {
-                http::HeaderName::from_bytes(n.as_bytes())
-                    .map(|_| n.clone())
-                    .map_err(|_| format!("{field}.remove[{i}]: {n:?} is not a header name"))
-            })
+            .map(|(i, n)| name(n, format!("{field}.remove[{i}]")))
             .collect::<Result<_, _>>()?,
     })
 }
