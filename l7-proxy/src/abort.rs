@@ -18,7 +18,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::{h2stream::StreamIo, io::Rewind};
+use crate::{h2stream::StreamIo, outbound::CallerIo};
 
 /// How long a reset waits for a peer to take what was written before it.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
@@ -86,8 +86,9 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + Any> Upgra
 /// stream with an abort behind its data (see `StreamIo::abort`; dropped, it
 /// would end cleanly on the inbound side).
 pub(crate) async fn abort_upgraded(u: Upgraded) {
-    let u = match u.downcast::<TokioIo<Rewind<TcpStream>>>() {
-        Ok(p) => return reset_once_sent(p.io.inner().inner(), DRAIN_LIMIT).await,
+    // A captured caller's connection (outbound::serve).
+    let u = match u.downcast::<TokioIo<CallerIo>>() {
+        Ok(p) => return reset_once_sent(p.io.inner().get_ref().inner(), DRAIN_LIMIT).await,
         Err(u) => u,
     };
     let u = match u.downcast::<TokioIo<TcpStream>>() {

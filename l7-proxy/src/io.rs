@@ -526,21 +526,47 @@ mod tests {
 }
 
 pin_project_lite::pin_project! {
-    /// Counts the bytes of a stream into its connection table row: writes as
-    /// sent, reads as received.
+    /// Counts the bytes of a stream into its connection table row: a stream
+    /// towards the destination ([`Counted::new`]) counts its writes as sent
+    /// and its reads as received; a caller's stream
+    /// ([`Counted::from_caller`]) the other way round.
     pub struct Counted<S> {
         #[pin]
         inner: S,
         handle: Arc<crate::conntable::ConnHandle>,
+        // A caller's stream: what it reads goes towards the destination.
+        caller: bool,
     }
 }
 
 impl<S> Counted<S> {
     pub fn new(inner: S, handle: Arc<crate::conntable::ConnHandle>) -> Self {
-        Self { inner, handle }
+        Self {
+            inner,
+            handle,
+            caller: false,
+        }
+    }
+    /// A caller's connection: its reads are sent towards the destination,
+    /// its writes what was received from there.
+    pub fn from_caller(inner: S, handle: Arc<crate::conntable::ConnHandle>) -> Self {
+        Self {
+            inner,
+            handle,
+            caller: true,
+        }
     }
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+}
+
+/// Counts `n` bytes as sent towards the destination, or as received from it.
+fn count(handle: &crate::conntable::ConnHandle, towards_destination: bool, n: u64) {
+    if towards_destination {
+        handle.add_sent(n);
+    } else {
+        handle.add_received(n);
     }
 }
 
@@ -553,8 +579,8 @@ impl<S: AsyncRead> AsyncRead for Counted<S> {
         let this = self.project();
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
-        this.handle
-            .add_received((buf.filled().len() - before) as u64);
+        let n = (buf.filled().len() - before) as u64;
+        count(this.handle, *this.caller, n);
         r
     }
 }
@@ -568,7 +594,7 @@ impl<S: AsyncWrite> AsyncWrite for Counted<S> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
-            this.handle.add_sent(*n as u64);
+            count(this.handle, !*this.caller, *n as u64);
         }
         r
     }
@@ -586,7 +612,7 @@ impl<S: AsyncWrite> AsyncWrite for Counted<S> {
         let this = self.project();
         let r = this.inner.poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &r {
-            this.handle.add_sent(*n as u64);
+            count(this.handle, !*this.caller, *n as u64);
         }
         r
     }

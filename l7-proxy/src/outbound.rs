@@ -155,7 +155,7 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     };
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            let row = shared.table.open(
+            let row = Arc::new(shared.table.open(
                 ConnKind::OutboundHttp,
                 ConnMeta {
                     source_addr: Some(peer),
@@ -170,7 +170,7 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
                     destination_identity: tunnelled_identity(&dest),
                     ..Default::default()
                 },
-            );
+            ));
             let conn = Arc::new(HttpConn {
                 source_label: crate::metrics::Label::from(source.identity.as_ref()),
                 source,
@@ -180,6 +180,9 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
                 metrics: Default::default(),
                 row: Some(row.reference()),
             });
+            // The row counts the caller's bytes, HTTP framing and any
+            // upgraded (WebSocket) exchange included.
+            let io: CallerIo = crate::io::Counted::from_caller(io, row.clone());
             serve_http(shared, io, conn, reads).await;
             // The row goes with the connection.
             drop(row);
@@ -187,6 +190,10 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         Protocol::Tcp => serve_tcp(shared, io, source, peer, dst, dest).await,
     }
 }
+
+/// A captured HTTP connection as served (what `abort` finds again in an
+/// upgraded one).
+pub(crate) type CallerIo = crate::io::Counted<Rewind<TcpStream>>;
 
 /// The identity the requests of a captured HTTP connection are expected to
 /// reach through the tunnel, shown until its first request says (a route may
@@ -394,7 +401,9 @@ async fn serve_tcp(
         },
         secured: upstream.tunnel.is_some(),
     };
-    let (on_sent, on_received) = count_relay(&shared.metrics, &labels, Some(row.clone()));
+    // Counted once open: a connection whose connect failed is in the access
+    // log with its reason, not in `sluice_tcp_connections_total`.
+    let counted = || count_relay(&shared.metrics, &labels, Some(row.clone()));
     let idle = shared.settings.tcp_idle_timeout();
     // Cut by the proxy's shutdown from here on: a reset (disarmed below).
     crate::abort::arm_reset(io.inner());
@@ -405,6 +414,7 @@ async fn serve_tcp(
             match shared.pool.connect(&key, upstream.addr).await {
                 Ok((mut stream, tls)) => {
                     row.update(|m| m.tls = Some(crate::conntable::TlsInfo::clone(&tls)));
+                    let (on_sent, on_received) = counted();
                     let r = relay(&mut io, &mut stream, idle, on_sent, on_received)
                         .await
                         .map(|_| ());
@@ -449,6 +459,7 @@ async fn serve_tcp(
             Ok(Ok(mut up)) => {
                 let _ = up.set_nodelay(true);
                 crate::abort::arm_reset(&up);
+                let (on_sent, on_received) = counted();
                 let r = relay(&mut io, &mut up, idle, on_sent, on_received)
                     .await
                     .map(|_| ());

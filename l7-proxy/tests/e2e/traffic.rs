@@ -1231,3 +1231,100 @@ async fn stalled_http2_downloads_do_not_stall_the_workloads_connection() {
     drop(stalled);
     mesh.shutdown().await;
 }
+
+/// A captured HTTP/1.1 connection's row counts the bytes its caller sent
+/// and was sent, heads and bodies, request after request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_http_connections_row_counts_its_bytes_both_ways() {
+    let mesh = Mesh::standard().await;
+    let _srv = mesh.serve_cart().await;
+    let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let req: &[u8] = b"POST /items HTTP/1.1\r\nhost: cart\r\ncontent-length: 5\r\n\r\nhello";
+    let (mut sent, mut received) = (0, 0);
+    for round in 1..=2 {
+        t.write_all(req).await.unwrap();
+        let answer = read_response(&mut t).await;
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "round {round}");
+        sent += req.len() as u64;
+        received += answer.len() as u64;
+        let row = || {
+            let rows = mesh.a.proxy().connections();
+            rows.into_iter()
+                .find(|r| r.kind == ConnKind::OutboundHttp)
+                .map(|r| (r.bytes_sent, r.bytes_received))
+        };
+        eventually("the row's counts", || row() == Some((sent, received))).await;
+    }
+    mesh.shutdown().await;
+}
+
+/// One HTTP/1.1 response with a `content-length`, as its bytes.
+async fn read_response(t: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .expect("a content-length")
+                .trim()
+                .parse()
+                .unwrap();
+            if got.len() >= end + 4 + len {
+                assert_eq!(got.len(), end + 4 + len, "one response, nothing more");
+                return got;
+            }
+        }
+        let n = t.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the connection closed mid-response");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// `sluice_tcp_connections_total` counts connections that opened: one
+/// whose direct connect was refused, or whose destination's node proxy is
+/// out of reach, is not counted (its access record gives the reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_connection_that_never_opened_is_not_counted() {
+    let mesh = Mesh::standard().await;
+    let closed = |ip| async move {
+        let l = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
+            .await
+            .unwrap();
+        l.local_addr().unwrap()
+    };
+    // The tunnel's way: cart-0's node proxy is not listening.
+    let mut svc = mesh.service("gone", 1, 7000, &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    svc.endpoints[0].node_proxy = Some(closed(node_b_ip()).await);
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    // The proxy's reset can come before `connect` returns.
+    let let_go = |t: std::io::Result<tokio::net::TcpStream>| async move {
+        match t {
+            Ok(mut t) => closed_by_peer(&mut t).await,
+            Err(_) => true,
+        }
+    };
+    let t = mesh
+        .try_connect(web().ip, SocketAddr::new(vip(1), 80))
+        .await;
+    assert!(let_go(t).await, "the caller is let go");
+    // The direct way: nothing listens at an address outside the mesh.
+    let o = mesh.try_connect(web().ip, closed(pod_b(97)).await).await;
+    assert!(let_go(o).await, "the caller is let go");
+    let opened = |mesh: &Mesh| mesh.a.metric("sluice_tcp_connections_total", &[]);
+    assert_eq!(opened(&mesh), 0.0, "{}", mesh.a.metrics());
+    // One that opens is counted.
+    let outside = tcp_server(SocketAddr::new(pod_b(97), 0), Some("outside\n")).await;
+    let mut o = mesh.connect(web().ip, outside).await;
+    assert_eq!(read_n(&mut o, 8).await, b"outside\n");
+    assert_eq!(opened(&mesh), 1.0, "{}", mesh.a.metrics());
+    drop(o);
+    mesh.shutdown().await;
+}
