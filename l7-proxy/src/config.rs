@@ -325,18 +325,24 @@ impl ServicePort {
     /// Kubernetes' `kubernetes.io/h2c` and `kubernetes.io/ws` (any case;
     /// not `http2`, which some platforms use for HTTP/2 over TLS).
     pub fn declares_http(&self) -> bool {
-        self.app_protocol.as_deref().is_some_and(|p| {
-            [
-                "http",
-                "h2c",
-                "grpc",
-                "kubernetes.io/h2c",
-                "kubernetes.io/ws",
-            ]
-            .iter()
-            .any(|h| p.eq_ignore_ascii_case(h))
-        })
+        self.app_protocol
+            .as_deref()
+            .is_some_and(app_protocol_is_http)
     }
+}
+
+/// Whether an `appProtocol` names cleartext HTTP (see
+/// [`ServicePort::declares_http`]).
+pub fn app_protocol_is_http(p: &str) -> bool {
+    [
+        "http",
+        "h2c",
+        "grpc",
+        "kubernetes.io/h2c",
+        "kubernetes.io/ws",
+    ]
+    .iter()
+    .any(|h| p.eq_ignore_ascii_case(h))
 }
 
 /// One backend of a service.
@@ -428,6 +434,10 @@ pub struct SelectedBy {
     pub service: ObjectRef,
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Those of `ports` that a port declaring HTTP (`appProtocol`) leads
+    /// to: only ever sent HTTP, also before an EndpointSlice lists the pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_ports: Vec<u16>,
 }
 
 /// `MeshPolicy` modes, as seen by the proxy.

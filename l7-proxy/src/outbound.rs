@@ -136,7 +136,7 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
                 Ok((_, b)) if b.is_empty() => return,
                 Ok((p, b)) => (p, b.freeze()),
                 // The client reset: nothing to pass on.
-                Err(_) => return,
+                Err(e) => return sniff_failed(peer, dst, &e),
             }
         }
         None => match sniff(&mut tcp, shared.settings.sniff_timeout()).await {
@@ -144,7 +144,7 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
             // The client reset before its protocol was known: nothing to
             // pass on, not even as a clean end (a connection opened for
             // its first bytes would get them and a FIN).
-            Err(_) => return,
+            Err(e) => return sniff_failed(peer, dst, &e),
         },
     };
     // An HTTP/1.1 connection's reads start its head timeout (head_timer).
@@ -189,6 +189,12 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         }
         Protocol::Tcp => serve_tcp(shared, io, source, peer, dst, dest).await,
     }
+}
+
+/// A caller whose connection failed before its protocol was known (a
+/// reset): nothing went anywhere.
+fn sniff_failed(peer: SocketAddr, dst: SocketAddr, e: &std::io::Error) {
+    tracing::debug!(%peer, to = %dst, "captured connection ended before its first bytes: {e}");
 }
 
 /// A captured HTTP connection as served (what `abort` finds again in an

@@ -306,6 +306,7 @@ mod tests {
         w.selected_by = vec![SelectedBy {
             service: ObjectRef::new("shop", "cart"),
             ports: vec![8080],
+            http_ports: Vec::new(),
         }];
         let st = build(&snap, &w);
         assert!(matches!(
@@ -327,6 +328,7 @@ mod tests {
         w.selected_by = vec![SelectedBy {
             service: ObjectRef::new("evil", "s"),
             ports: vec![8080],
+            http_ports: Vec::new(),
         }];
         assert_eq!(
             authorize(&build(&snap, &w), &ops, &w, 8080, None),

@@ -102,15 +102,18 @@ fn declared_http_ports(services: &[Service]) -> FastMap<ObjectRef, Vec<u16>> {
                 if let (Some(w), Some(port)) = (&ep.workload, ep.target_for(p))
                     && w.namespace == svc.id.namespace
                 {
-                    let list = ports.entry(w.clone()).or_default();
-                    if !list.contains(&port) {
-                        list.push(port);
-                    }
+                    add_port(ports.entry(w.clone()).or_default(), port);
                 }
             }
         }
     }
     ports
+}
+
+fn add_port(list: &mut Vec<u16>, port: u16) {
+    if !list.contains(&port) {
+        list.push(port);
+    }
 }
 
 /// Ready endpoints of one service port, and the balancer's load record of
@@ -214,6 +217,14 @@ impl State {
             // EndpointSlice would not list it either).
             for sel in w.selected_by.iter().filter(|sel| !sel.ports.is_empty()) {
                 s.add_member(w.ip, &sel.service, sel.ports.iter().copied());
+                // Its HTTP ports are HTTP only from the start too; only its
+                // own namespace's Services say so.
+                if sel.service.namespace == w.id.namespace && !sel.http_ports.is_empty() {
+                    let list = s.http_ports.entry(w.id.clone()).or_default();
+                    for p in sel.http_ports.iter().filter(|p| sel.ports.contains(p)) {
+                        add_port(list, *p);
+                    }
+                }
             }
             s.local.insert(w.ip, Arc::new(w.clone()));
         }
@@ -225,13 +236,7 @@ impl State {
     fn add_member(&mut self, ip: IpAddr, service: &ObjectRef, ports: impl Iterator<Item = u16>) {
         let list = self.member_of.entry(ip).or_default();
         match list.iter_mut().find(|(id, _)| id == service) {
-            Some((_, have)) => {
-                for p in ports {
-                    if !have.contains(&p) {
-                        have.push(p);
-                    }
-                }
-            }
+            Some((_, have)) => ports.for_each(|p| add_port(have, p)),
             None => list.push((service.clone(), ports.collect())),
         }
     }
@@ -467,5 +472,37 @@ mod tests {
         assert!(st.declared_http(&cart, 8080));
         assert!(!st.declared_http(&cart, 9000));
         assert!(!st.declared_http(&ObjectRef::new("shop", "cart-1"), 8080));
+    }
+
+    /// A local pod no EndpointSlice lists yet: the Services of its
+    /// namespace whose selector picks it declare its HTTP ports all the
+    /// same; another namespace's do not, nor a port it does not lead to.
+    #[test]
+    fn a_selecting_service_declares_a_local_pods_ports_http_before_it_is_listed() {
+        use crate::config::{LocalWorkload, MtlsMode, SelectedBy};
+        let sel = |ns: &str, ports: Vec<u16>, http_ports: Vec<u16>| SelectedBy {
+            service: ObjectRef::new(ns, "s"),
+            ports,
+            http_ports,
+        };
+        let snap = Snapshot {
+            local_workloads: vec![LocalWorkload {
+                ip: "10.0.0.7".parse().unwrap(),
+                id: ObjectRef::new("shop", "cart-0"),
+                service_account: "cart".into(),
+                identity: "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap(),
+                mtls_mode: MtlsMode::Strict,
+                selected_by: vec![
+                    sel("shop", vec![8080, 9000], vec![8080, 7777]),
+                    sel("evil", vec![9000], vec![9000]),
+                ],
+            }],
+            ..Default::default()
+        };
+        let st = State::build(Arc::new(snap)).0;
+        let cart = ObjectRef::new("shop", "cart-0");
+        assert!(st.declared_http(&cart, 8080));
+        assert!(!st.declared_http(&cart, 9000), "another namespace's say");
+        assert!(!st.declared_http(&cart, 7777), "not a port it leads to");
     }
 }

@@ -147,6 +147,7 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
                 .push(SelectedBy {
                     service: oref(&s.key),
                     ports: sel.ports.clone(),
+                    http_ports: sel.http_ports.clone(),
                 });
         }
     }

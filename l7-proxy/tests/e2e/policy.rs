@@ -444,6 +444,50 @@ async fn a_port_declared_http_takes_http_only_and_the_identity_header_cannot_be_
     mesh.shutdown().await;
 }
 
+/// A pod whose Service declares its port HTTP but whose EndpointSlice does
+/// not list it yet (the controller lags behind a new pod): its node proxy
+/// knows from the Service's selector, and refuses an opaque TCP stream to
+/// that port all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_declared_http_is_http_only_before_the_endpointslice_lists_the_pod() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    let mut http = mesh.service("cart", 1, port, &[]);
+    http.ports[0].app_protocol = Some("http".into());
+    let mut raw = mesh.service("cart-raw", 2, port, &[cart(0)]);
+    raw.ports[0].app_protocol = Some("tcp".into());
+    let mut selected = cart(0).local();
+    selected.selected_by = vec![l7_proxy::config::SelectedBy {
+        service: http.id.clone(),
+        ports: vec![port],
+        http_ports: vec![port],
+    }];
+    mesh.publish(&Snapshot {
+        services: vec![http, raw],
+        local_workloads: vec![selected],
+        ..Default::default()
+    })
+    .await;
+    match mesh
+        .try_connect(web().ip, SocketAddr::new(vip(2), 80))
+        .await
+    {
+        Ok(mut no) => {
+            let _ = no.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+            assert!(closed_by_peer(&mut no).await, "the stream was not refused");
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert_eq!(
+        tcp_denials(&mesh, &web(), &cart(0)),
+        1.0,
+        "{}",
+        mesh.b.metrics()
+    );
+    assert_eq!(srv[0].hits(), 0, "the refused stream reached cart");
+    mesh.shutdown().await;
+}
+
 /// A client of a port declared HTTP that has sent nothing when shutdown
 /// begins holds no request: it is let go at once, not kept until the drain
 /// timeout.

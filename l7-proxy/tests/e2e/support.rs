@@ -321,13 +321,23 @@ impl Mesh {
         }
     }
 
-    /// Publishes `snap` to both nodes, each with its own local workloads,
-    /// and waits until both proxies have it in force.
+    /// Publishes `snap` to both nodes, each with its own local workloads
+    /// (as `snap.local_workloads` gives one, by address, or else as
+    /// [`Pod::local`] makes it), and waits until both proxies have it in
+    /// force.
     pub async fn publish(&self, snap: &Snapshot) {
+        let local = |pods: &[Pod]| -> Vec<LocalWorkload> {
+            pods.iter()
+                .map(|p| {
+                    let given = snap.local_workloads.iter().find(|w| w.ip == p.ip);
+                    given.cloned().unwrap_or_else(|| p.local())
+                })
+                .collect()
+        };
         let mut sa = snap.clone();
-        sa.local_workloads = self.pods_a.iter().map(Pod::local).collect();
+        sa.local_workloads = local(&self.pods_a);
         let mut sb = snap.clone();
-        sb.local_workloads = self.pods_b.iter().map(Pod::local).collect();
+        sb.local_workloads = local(&self.pods_b);
         let (sa, sb) = (Arc::new(sa), Arc::new(sb));
         self.a.snapshots.send_replace(sa.clone());
         self.b.snapshots.send_replace(sb.clone());

@@ -818,6 +818,10 @@ fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_servic
         if p.port == 53 {
             p.protocol = Some("UDP".into());
         }
+        // What 81 leads to is HTTP only, before any EndpointSlice too.
+        if p.port == 81 {
+            p.app_protocol = Some("kubernetes.io/h2c".into());
+        }
     }
     let pod = |name: &str, ip: &str, node: &str, app: &str| {
         let mut w = workload("shop", name, "cart", ip, node);
@@ -878,6 +882,7 @@ fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_servic
         &[crate::reconcile::mesh::SelectedPod {
             pod: Key::new("shop", "cart-0"),
             ports: vec![8080, 9090],
+            http_ports: vec![9090],
         }]
     );
     let (snap, errors) = snapshot(&v, 15008);
@@ -895,6 +900,7 @@ fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_servic
         [SelectedBy {
             service: ObjectRef::new("shop", "cart"),
             ports: vec![8080, 9090],
+            http_ports: vec![9090],
         }]
     );
     assert!(local("other-0").selected_by.is_empty());

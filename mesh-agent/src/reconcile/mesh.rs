@@ -75,6 +75,9 @@ pub struct MeshService {
 pub struct SelectedPod {
     pub pod: Key,
     pub ports: Vec<u16>,
+    /// Those the Service's ports declaring HTTP (`appProtocol`) lead to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -342,6 +345,15 @@ fn selected_pods(
         return Vec::new();
     };
     let tcp = tcp_ports(spec);
+    let http: Vec<_> = tcp
+        .iter()
+        .copied()
+        .filter(|p| {
+            p.app_protocol
+                .as_deref()
+                .is_some_and(l7_proxy::config::app_protocol_is_http)
+        })
+        .collect();
     let Some(candidates) = pods.get(key.namespace.as_str()) else {
         return Vec::new();
     };
@@ -353,6 +365,7 @@ fn selected_pods(
             (!ports.is_empty()).then(|| SelectedPod {
                 pod: w.key(),
                 ports,
+                http_ports: pod_ports(&http, w),
             })
         })
         .collect()
