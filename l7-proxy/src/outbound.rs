@@ -184,7 +184,8 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
             // upgraded (WebSocket) exchange included.
             let io: CallerIo = crate::io::Counted::from_caller(io, row.clone());
             serve_http(shared, io, conn, reads).await;
-            // The row goes with the connection.
+            // The row goes with the connection (held by an HTTP/1.1
+            // WebSocket's splice until it ends).
             drop(row);
         }
         Protocol::Tcp => serve_tcp(shared, io, source, peer, dst, dest).await,

@@ -277,6 +277,38 @@ mod tests {
         ));
     }
 
+    /// A dual-stack pod whose Service's (hand-made) EndpointSlice lists one
+    /// of its addresses: the Service's policies govern the other address
+    /// too, or a caller would go round them by it.
+    #[test]
+    fn a_service_listing_one_address_of_a_pod_governs_all_of_them() {
+        let only_web = policy(
+            "cart",
+            vec![AccessRule {
+                from: vec![AccessSource::Namespace("web".into())],
+                to: None,
+            }],
+        );
+        let (s, w) = state(vec![only_web]);
+        let mut snap = (*s.snapshot).clone();
+        let v6 = LocalWorkload {
+            ip: "fd00::7".parse().unwrap(),
+            ..w.clone()
+        };
+        snap.local_workloads.push(v6.clone());
+        let st = State::build(Arc::new(snap)).0;
+        let ops = id("spiffe://cluster.local/ns/ops/sa/x");
+        let web = id("spiffe://cluster.local/ns/web/sa/x");
+        for w in [&w, &v6] {
+            assert!(
+                matches!(authorize(&st, &ops, w, 8080, None), Verdict::Deny(_)),
+                "{}",
+                w.ip
+            );
+            assert_eq!(authorize(&st, &web, w, 8080, None), Verdict::Allow);
+        }
+    }
+
     #[test]
     fn a_selecting_service_governs_before_any_endpoint_lists_the_workload() {
         let (s, mut w) = state(vec![]);

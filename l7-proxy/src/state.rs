@@ -93,9 +93,21 @@ pub struct State {
 /// Pod ports that a Service of the pod's own namespace declares HTTP. Only
 /// the pod's namespace says what its ports speak: a Service elsewhere
 /// listing it must not close its TCP. An endpoint without its pod named
-/// declares nothing.
-fn declared_http_ports(services: &[Service]) -> FastMap<ObjectRef, Vec<u16>> {
+/// declares nothing. A local pod's selecting Services declare its ports
+/// too (`selected_by`), before an EndpointSlice lists it.
+fn declared_http_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
     let mut ports: FastMap<ObjectRef, Vec<u16>> = FastMap::default();
+    for w in &snapshot.local_workloads {
+        for sel in &w.selected_by {
+            if sel.service.namespace == w.id.namespace && !sel.http_ports.is_empty() {
+                let list = ports.entry(w.id.clone()).or_default();
+                for p in sel.http_ports.iter().filter(|p| sel.ports.contains(p)) {
+                    add_port(list, *p);
+                }
+            }
+        }
+    }
+    let services = &snapshot.services;
     for svc in services {
         for p in svc.ports.iter().filter(|p| p.declares_http()) {
             for ep in &svc.endpoints {
@@ -145,7 +157,7 @@ impl State {
         let (routes, errors) = RouteTable::build(&snapshot.http_routes, &snapshot.grpc_routes);
         let mut s = State {
             routes,
-            http_ports: declared_http_ports(&snapshot.services),
+            http_ports: declared_http_ports(&snapshot),
             ..Default::default()
         };
         for svc in &snapshot.services {
@@ -217,19 +229,35 @@ impl State {
             // EndpointSlice would not list it either).
             for sel in w.selected_by.iter().filter(|sel| !sel.ports.is_empty()) {
                 s.add_member(w.ip, &sel.service, sel.ports.iter().copied());
-                // Its HTTP ports are HTTP only from the start too; only its
-                // own namespace's Services say so.
-                if sel.service.namespace == w.id.namespace && !sel.http_ports.is_empty() {
-                    let list = s.http_ports.entry(w.id.clone()).or_default();
-                    for p in sel.http_ports.iter().filter(|p| sel.ports.contains(p)) {
-                        add_port(list, *p);
-                    }
-                }
             }
             s.local.insert(w.ip, Arc::new(w.clone()));
         }
+        s.share_membership(&snapshot.local_workloads);
         s.snapshot = snapshot;
         (s, errors)
+    }
+
+    /// A local pod's addresses are one workload: a Service that leads to
+    /// one of them (a hand-made EndpointSlice may list one address of a
+    /// dual-stack pod) governs the others too.
+    fn share_membership(&mut self, local: &[LocalWorkload]) {
+        let mut by_pod: FastMap<&ObjectRef, Vec<IpAddr>> = FastMap::default();
+        for w in local {
+            by_pod.entry(&w.id).or_default().push(w.ip);
+        }
+        for ips in by_pod.values().filter(|ips| ips.len() > 1) {
+            let merged: Vec<(ObjectRef, Vec<u16>)> = ips
+                .iter()
+                .filter_map(|ip| self.member_of.get(ip))
+                .flatten()
+                .cloned()
+                .collect();
+            for ip in ips {
+                for (service, ports) in &merged {
+                    self.add_member(*ip, service, ports.iter().copied());
+                }
+            }
+        }
     }
 
     /// Records that `service` leads to `ports` of the workload at `ip`.
@@ -497,6 +525,26 @@ mod tests {
                     sel("evil", vec![9000], vec![9000]),
                 ],
             }],
+            // A Service that lists the pod and says nothing of 8080.
+            services: vec![Service {
+                id: ObjectRef::new("shop", "sibling"),
+                vips: vec!["10.96.0.9".parse().unwrap()],
+                ports: vec![crate::config::ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                    app_protocol: None,
+                }],
+                endpoints: vec![crate::config::Endpoint {
+                    ip: "10.0.0.7".parse().unwrap(),
+                    ready: true,
+                    workload: Some(ObjectRef::new("shop", "cart-0")),
+                    node_proxy: None,
+                    identity: None,
+                    ports: Default::default(),
+                    unready_ports: vec![],
+                }],
+                affinity_timeout_s: None,
+            }],
             ..Default::default()
         };
         let st = State::build(Arc::new(snap)).0;
@@ -504,5 +552,10 @@ mod tests {
         assert!(st.declared_http(&cart, 8080));
         assert!(!st.declared_http(&cart, 9000), "another namespace's say");
         assert!(!st.declared_http(&cart, 7777), "not a port it leads to");
+        // The sibling leads to the same pod port: HTTP only through it too.
+        match st.destination("10.96.0.9:80".parse().unwrap()) {
+            Destination::Service(d) => assert!(d.http_only),
+            _ => panic!("the sibling's VIP is a Service destination"),
+        }
     }
 }

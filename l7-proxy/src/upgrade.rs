@@ -216,11 +216,13 @@ where
     }
     let server = hyper::upgrade::on(&mut resp);
     let idle = shared.settings.tcp_idle_timeout();
-    let (sent, received) = count_relay(&shared.metrics, &count.labels, count.row);
+    let shared2 = shared.clone();
     shared.spawn(async move {
         let _in_flight = in_flight;
         match tokio::try_join!(client, server) {
             Ok((c, s)) => {
+                // Counted once both sides have switched.
+                let (sent, received) = count_relay(&shared2.metrics, &count.labels, count.row);
                 let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
                 if let Err(e) = relay(&mut c, &mut s, idle, sent, received).await {
                     tracing::debug!("upgraded connection ended: {e}");
