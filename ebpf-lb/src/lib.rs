@@ -265,7 +265,8 @@ struct Tables {
 pub struct LoadBalancer {
     opts: Options,
     tables: Mutex<Tables>,
-    orig_dst: HashMap<MapData, FourTuple, OriginalDst>,
+    /// Taken out as read (`original_destination`).
+    orig_dst: Mutex<HashMap<MapData, FourTuple, OriginalDst>>,
     barrier: sys::RcuBarrier,
     nr_cpus: usize,
     /// Last, so that it is released after everything else is closed.
@@ -509,7 +510,7 @@ impl LoadBalancer {
                 enrolled_ids,
                 guarded: BTreeMap::new(),
             }),
-            orig_dst,
+            orig_dst: Mutex::new(orig_dst),
             barrier: sys::RcuBarrier::new()?,
             nr_cpus,
             _lock: lock,
@@ -849,7 +850,8 @@ impl LoadBalancer {
 
     /// The original destination of a connection the kernel redirected to the
     /// proxy, found from the accepted socket's `peer` (the client) and `local`
-    /// (the capture listener) addresses.
+    /// (the capture listener) addresses. Read once: the entry is taken out
+    /// (a second call for the same connection finds nothing).
     pub fn original_destination(
         &self,
         peer: SocketAddr,
@@ -868,14 +870,21 @@ impl LoadBalancer {
             family: p.family,
             _pad: [0; 3],
         };
-        match self.orig_dst.get(&key, 0) {
-            Ok(o) => Ok(socket_addr(&o.dst).map(|dst| OriginalDestination {
-                dst,
-                cgroup_id: o.cgroup_id,
-            })),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(Error::map(maps::ORIG_DST, e)),
-        }
+        let mut map = self.orig_dst.lock().unwrap_or_else(|e| e.into_inner());
+        let found = match map.get(&key, 0) {
+            Ok(o) => o,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(Error::map(maps::ORIG_DST, e)),
+        };
+        // Read once, when the connection is accepted: the entry goes, so
+        // the map holds connections not yet accepted only. (The kernel
+        // does not delete it at the client's close, which can come first.)
+        // One that cannot be removed ages out of the LRU map instead.
+        let _ = map.remove(&key);
+        Ok(socket_addr(&found.dst).map(|dst| OriginalDestination {
+            dst,
+            cgroup_id: found.cgroup_id,
+        }))
     }
 }
 

@@ -629,6 +629,84 @@ fn enrolled_cgroup_is_redirected_to_the_proxy_with_its_original_destination() ->
     Ok(())
 }
 
+/// A client that writes and closes before the proxy has accepted its
+/// connection (fire-and-forget: a metrics line, a log record): its original
+/// destination is still there when the proxy accepts it, and is read once.
+#[test]
+fn a_connection_closed_before_the_proxy_accepts_it_keeps_its_original_destination() -> Result<()> {
+    require_root();
+    let root = TestCgroup::new("early")?;
+    let enrolled = root.child("enrolled")?;
+    let lb = TestLb::attach_to(&root)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(1, loopback())?;
+    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
+    spec.meshed = true;
+    lb.upsert_service(&spec)?;
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0")?;
+    lb.set_proxy(Some(ProxyTarget {
+        v4: Some(Ipv4Addr::LOCALHOST),
+        v6: None,
+        port: proxy.local_addr()?.port(),
+        mark: 0,
+    }))?;
+    lb.enroll(enrolled.path())?;
+    // The client has written, closed and exited before the accept.
+    let attempts = probe(&[
+        "tcp-send".into(),
+        "--to".into(),
+        vip.to_string(),
+        "--message".into(),
+        "metric 1\n".into(),
+    ])
+    .in_cgroup(&enrolled)
+    .run()?;
+    assert!(
+        attempts.len() == 1 && attempts[0].errno.is_none(),
+        "{attempts:?}"
+    );
+    // Once its close has gone through (the FIN acknowledged, the socket
+    // in its last states): the kernel's socket is done with by then.
+    let client: std::net::SocketAddrV4 = attempts[0].local.as_deref().unwrap_or("").parse()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while matches!(tcp_state(client)?, Some(0x01 | 0x04)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client's FIN was never acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (mut conn, peer) = proxy.accept()?;
+    let local = conn.local_addr()?;
+    let orig = lb.original_destination(peer, local)?;
+    assert_eq!(orig.map(|o| o.dst), Some(vip), "the original destination");
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut got)?;
+    assert_eq!(got, "metric 1\n");
+    // Read once: the map keeps connections not yet accepted only.
+    assert_eq!(lb.original_destination(peer, local)?.map(|o| o.dst), None);
+    Ok(())
+}
+
+/// The state (`/proc/net/tcp`'s `st`) of the IPv4 socket bound to `local`
+/// with a peer: 0x01 established, 0x04 FIN_WAIT1, 0x05 FIN_WAIT2, 0x06
+/// TIME_WAIT.
+fn tcp_state(local: std::net::SocketAddrV4) -> Result<Option<u8>> {
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(local.ip().octets()),
+        local.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&want.as_str()) && f.get(2) != Some(&"00000000:0000"))
+            .then(|| u8::from_str_radix(f.get(3)?, 16).ok())
+            .flatten()
+    }))
+}
+
 #[test]
 fn a_child_cgroup_of_an_enrolled_pod_cgroup_is_enrolled_too() -> Result<()> {
     require_root();

@@ -403,3 +403,23 @@ fn helm_lint_renders_the_chart_with_default_and_other_values() {
         "a broken template passed the linter"
     );
 }
+
+/// `kubectl exec ... sluice` in the agent's container reaches the admin API
+/// on the port the chart gives it, not only the default one.
+#[test]
+fn the_agent_container_tells_sluice_where_the_admin_api_is() {
+    let text = std::fs::read_to_string(chart().join("templates/agent-daemonset.yaml")).unwrap();
+    let env = text
+        .find("- name: SLUICE_ADMIN\n")
+        .map(|i| &text[i..])
+        .expect("SLUICE_ADMIN in the agent container's env");
+    let value = env.lines().nth(1).unwrap_or_default().trim();
+    assert_eq!(
+        value, "value: \"http://127.0.0.1:{{ .Values.agent.adminPort }}\"",
+        "{env}"
+    );
+    assert!(
+        text.contains(":{{ .Values.agent.adminPort }}\n"),
+        "--admin-addr uses the same port"
+    );
+}

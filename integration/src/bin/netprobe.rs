@@ -38,6 +38,14 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
     },
+    /// Connect over TCP, write --message and close at once without reading
+    /// (a fire-and-forget client); reports the local address.
+    TcpSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        message: String,
+    },
     /// Send a datagram, report the reply and its source address.
     Udp {
         #[arg(long)]
@@ -138,6 +146,7 @@ fn main() {
                 i += 1;
             }
         }
+        Cmd::TcpSend { to, message } => emit(&tcp_send(to, &message)),
         Cmd::Udp {
             to,
             count,
@@ -233,6 +242,22 @@ fn tcp_attempt(to: SocketAddr, mark: Option<u32>, hold_ms: u64) -> Attempt {
             start_ns,
             backend: Some(line.trim().to_string()).filter(|s| !s.is_empty()),
             peer: Some(peer),
+            local: Some(local),
+            ..Default::default()
+        })
+    };
+    run().unwrap_or_else(|e| failed(start_ns, &e))
+}
+
+fn tcp_send(to: SocketAddr, message: &str) -> Attempt {
+    let start_ns = monotonic_ns();
+    let run = || -> std::io::Result<Attempt> {
+        let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
+        let local = stream.local_addr()?.to_string();
+        stream.write_all(message.as_bytes())?;
+        drop(stream);
+        Ok(Attempt {
+            start_ns,
             local: Some(local),
             ..Default::default()
         })

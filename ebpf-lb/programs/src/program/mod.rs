@@ -57,6 +57,8 @@ pub(crate) static UDP_PEERS: LruHashMap<u64, UdpPeers> = LruHashMap::pinned(DEFA
 pub(crate) static COOKIE_ORIG: LruHashMap<u64, OriginalDst> =
     LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
 
+/// Redirected connections the proxy has not accepted yet (it removes each
+/// entry as it reads it; one never accepted ages out).
 #[map]
 pub(crate) static ORIG_DST: LruHashMap<FourTuple, OriginalDst> =
     LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
