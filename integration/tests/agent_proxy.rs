@@ -245,7 +245,7 @@ workloads:
         strict_allows_node: true,
         dataplane: DataplaneKind::Kernel,
         proxy: ProxyMode::Embedded,
-        proxy_capture_addr: Some("127.0.0.1:0".parse()?),
+        proxy_capture_addr: vec!["127.0.0.1:0".parse()?],
         proxy_inbound_addr: Some("127.0.0.1:0".parse()?),
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,

@@ -53,7 +53,7 @@ fn args(dir: &Path, cg: &TestCgroup, instance: &str, state: &Path, capture: Sock
         strict_allows_node: true,
         dataplane: DataplaneKind::Kernel,
         proxy: ProxyMode::External,
-        proxy_capture_addr: Some(capture),
+        proxy_capture_addr: vec![capture],
         proxy_inbound_addr: None,
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,

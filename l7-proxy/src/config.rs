@@ -73,6 +73,11 @@ pub const UNREACHABLE: http::HeaderName = http::HeaderName::from_static(UNREACHA
 pub struct ProxySettings {
     /// Outbound capture listener address (port 15001 on the node).
     pub outbound_addr: SocketAddr,
+    /// A second capture listener, of the other address family, on a
+    /// dual-stack node: the kernel sends each family's connections to a
+    /// capture address of that family.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub second_outbound_addr: Option<SocketAddr>,
     /// Inbound mTLS tunnel listener address (port 15008 on the node).
     pub inbound_addr: SocketAddr,
     /// Time a client has to send its first bytes before the connection is
@@ -168,6 +173,7 @@ impl Default for ProxySettings {
     fn default() -> Self {
         Self {
             outbound_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT),
+            second_outbound_addr: None,
             inbound_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT),
             sniff_timeout_ms: 300,
             header_read_timeout_ms: 10_000,

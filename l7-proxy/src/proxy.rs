@@ -88,6 +88,7 @@ pub struct ProxyBuilder {
 pub struct Proxy {
     shared: Arc<Shared>,
     outbound_addr: SocketAddr,
+    second_outbound_addr: Option<SocketAddr>,
     inbound_addr: SocketAddr,
     watcher: tokio::task::JoinHandle<()>,
 }
@@ -111,6 +112,12 @@ impl Proxy {
 
     pub fn outbound_addr(&self) -> SocketAddr {
         self.outbound_addr
+    }
+
+    /// The second capture listener's address (the other address family),
+    /// when the settings asked for one.
+    pub fn second_outbound_addr(&self) -> Option<SocketAddr> {
+        self.second_outbound_addr
     }
 
     pub fn inbound_addr(&self) -> SocketAddr {
@@ -181,6 +188,20 @@ impl ProxyBuilder {
                 addr: self.settings.outbound_addr,
                 source,
             })?;
+        let second = match self.settings.second_outbound_addr {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ProxyError::Bind {
+                            which: "second outbound",
+                            addr,
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let inbound = TcpListener::bind(self.settings.inbound_addr)
             .await
             .map_err(|source| ProxyError::Bind {
@@ -191,8 +212,11 @@ impl ProxyBuilder {
         let outbound_addr = outbound
             .local_addr()
             .expect("bound listener has an address");
+        let second_outbound_addr = second
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener has an address"));
         let inbound_addr = inbound.local_addr().expect("bound listener has an address");
-        tracing::info!(settings = %serde_json::to_string(&self.settings).unwrap_or_default(), %outbound_addr, %inbound_addr, "proxy starting");
+        tracing::info!(settings = %serde_json::to_string(&self.settings).unwrap_or_default(), %outbound_addr, ?second_outbound_addr, %inbound_addr, "proxy starting");
 
         let metrics = Metrics::new(registry);
         let table = ConnTable::default();
@@ -245,10 +269,16 @@ impl ProxyBuilder {
         });
         let (s1, s2) = (shared.clone(), shared.clone());
         shared.tracker.spawn(crate::outbound::run(s1, outbound));
+        if let Some(l) = second {
+            shared
+                .tracker
+                .spawn(crate::outbound::run(shared.clone(), l));
+        }
         shared.tracker.spawn(crate::inbound::run(s2, inbound));
         Ok(Proxy {
             shared,
             outbound_addr,
+            second_outbound_addr,
             inbound_addr,
             watcher,
         })

@@ -87,6 +87,70 @@ pub enum ProxyMode {
     Off,
 }
 
+/// The proxy's capture addresses: those given (at most one per address
+/// family), or port 15001 on the first node address of each family, the
+/// first node address's family first.
+fn capture_addrs(node: &[IpAddr], given: &[SocketAddr]) -> Result<Vec<SocketAddr>, String> {
+    if given.len() > 2 || (given.len() == 2 && given[0].is_ipv4() == given[1].is_ipv4()) {
+        return Err(format!(
+            "--proxy-capture-addr {}: give at most one address per family (IPv4, IPv6)",
+            given
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    if !given.is_empty() {
+        return Ok(given.to_vec());
+    }
+    let first = node
+        .first()
+        .copied()
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let other = node.iter().find(|a| a.is_ipv4() != first.is_ipv4());
+    Ok(std::iter::once(first)
+        .chain(other.copied())
+        .map(|ip| SocketAddr::new(ip, config::PROXY_CAPTURE_PORT))
+        .collect())
+}
+
+/// Where the kernel sends enrolled connections of each family: one port
+/// for both (the kernel's redirect keeps a connection's port choice to one).
+fn proxy_target(capture: &[SocketAddr]) -> Result<ProxyTarget, String> {
+    let port = capture[0].port();
+    if capture.iter().any(|a| a.port() != port) {
+        return Err(format!(
+            "capture addresses {capture:?}: both families' capture listeners must use one port"
+        ));
+    }
+    let pick = |v4: bool| capture.iter().find(|a| a.is_ipv4() == v4).map(|a| a.ip());
+    Ok(ProxyTarget {
+        v4: match pick(true) {
+            Some(IpAddr::V4(ip)) => Some(ip),
+            _ => None,
+        },
+        v6: match pick(false) {
+            Some(IpAddr::V6(ip)) => Some(ip),
+            _ => None,
+        },
+        port,
+        mark: config::PROXY_MARK,
+    })
+}
+
+/// Families (`"IPv4"`, `"IPv6"`) of this node's addresses that no capture
+/// address covers.
+fn uncaptured_families(node: &[IpAddr], capture: &[SocketAddr]) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    for (v4, name) in [(true, "IPv4"), (false, "IPv6")] {
+        if node.iter().any(|a| a.is_ipv4() == v4) && !capture.iter().any(|a| a.is_ipv4() == v4) {
+            out.push(name);
+        }
+    }
+    out
+}
+
 fn default_source() -> String {
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
         "kube".into()
@@ -178,9 +242,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
     pub proxy: ProxyMode,
     /// Where the kernel sends enrolled connections (the proxy's capture
-    /// listener). Default: the first node address, port 15001.
-    #[arg(long)]
-    pub proxy_capture_addr: Option<SocketAddr>,
+    /// listener): one address per family (repeat, or comma-separate, on a
+    /// dual-stack node). Default: the first node address of each family,
+    /// port 15001.
+    #[arg(long, value_delimiter = ',')]
+    pub proxy_capture_addr: Vec<SocketAddr>,
     /// The embedded proxy's mTLS tunnel listener. Default: the first node
     /// address, port 15008.
     #[arg(long)]
@@ -399,18 +465,20 @@ impl Agent {
             .first()
             .copied()
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let default_capture = SocketAddr::new(node_ip, config::PROXY_CAPTURE_PORT);
+        let captures =
+            capture_addrs(&args.node_addresses, &args.proxy_capture_addr).map_err(Error::Source)?;
         let mut embedded: Option<Arc<EmbeddedProxy>> = None;
-        let capture = match args.proxy {
+        let capture: Option<Vec<SocketAddr>> = match args.proxy {
             ProxyMode::Off => None,
-            ProxyMode::External => Some(args.proxy_capture_addr.unwrap_or(default_capture)),
+            ProxyMode::External => Some(captures.clone()),
             ProxyMode::Embedded => {
                 admin.set_phase("starting the node proxy");
                 let inbound = args
                     .proxy_inbound_addr
                     .unwrap_or(SocketAddr::new(node_ip, config::PROXY_INBOUND_PORT));
                 let settings = l7_proxy::ProxySettings {
-                    outbound_addr: args.proxy_capture_addr.unwrap_or(default_capture),
+                    outbound_addr: captures[0],
+                    second_outbound_addr: captures.get(1).copied(),
                     inbound_addr: inbound,
                     // With the kernel dataplane the proxy marks its sockets:
                     // they are never redirected back to it, and they pass the
@@ -439,8 +507,10 @@ impl Agent {
                     inbound_port,
                     problems_tx,
                 ));
-                let capture = proxy.outbound_addr();
-                tracing::info!(%capture, inbound = %proxy.inbound_addr(), "node proxy running");
+                let capture: Vec<SocketAddr> = std::iter::once(proxy.outbound_addr())
+                    .chain(proxy.second_outbound_addr())
+                    .collect();
+                tracing::info!(?capture, inbound = %proxy.inbound_addr(), "node proxy running");
                 embedded = Some(Arc::new(EmbeddedProxy {
                     proxy,
                     registry: std::sync::Mutex::new(registry),
@@ -449,18 +519,20 @@ impl Agent {
                 Some(capture)
             }
         };
-        let proxy_target = capture.map(|a| ProxyTarget {
-            v4: match a.ip() {
-                IpAddr::V4(ip) => Some(ip),
-                IpAddr::V6(_) => None,
-            },
-            v6: match a.ip() {
-                IpAddr::V6(ip) => Some(ip),
-                IpAddr::V4(_) => None,
-            },
-            port: a.port(),
-            mark: config::PROXY_MARK,
-        });
+        let proxy_target = match &capture {
+            Some(c) => Some(proxy_target(c).map_err(Error::Source)?),
+            None => None,
+        };
+        if let Some(c) = &capture {
+            for family in uncaptured_families(&args.node_addresses, c) {
+                tracing::warn!(
+                    "this node has an {family} address but the proxy captures no {family} \
+                     connection: enrolled pods' {family} connections to meshed Services are \
+                     balanced straight to a backend, without mTLS or policy (pass an {family} \
+                     --proxy-capture-addr)"
+                );
+            }
+        }
         let settings = Settings {
             node: args.node_name.clone(),
             node_addresses: args.node_addresses.clone(),
@@ -556,7 +628,12 @@ impl Agent {
                     ProxyMode::External => "external".into(),
                     ProxyMode::Off => "off".into(),
                 },
-                capture: capture.map(|a| a.to_string()),
+                capture: capture.map(|c| {
+                    c.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }),
                 ca_mode: identities.mode.clone(),
                 bpffs: args.bpffs.clone(),
                 kernel: args.dataplane == DataplaneKind::Kernel,
@@ -613,5 +690,53 @@ impl Agent {
         if let Some(r) = self.reconciler.take() {
             let _ = tokio::task::spawn_blocking(move || r.join()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(s: &[&str]) -> Vec<IpAddr> {
+        s.iter().map(|a| a.parse().unwrap()).collect()
+    }
+    fn addrs(s: &[&str]) -> Vec<SocketAddr> {
+        s.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    /// A dual-stack node's proxy captures both families by default, on
+    /// port 15001 of its first address of each; the kernel then sends each
+    /// family's enrolled connections to the capture address of that family.
+    #[test]
+    fn a_dual_stack_node_captures_both_families() {
+        let node = ips(&["10.0.0.5", "10.0.0.6", "fd00::5"]);
+        let c = capture_addrs(&node, &[]).unwrap();
+        assert_eq!(c, addrs(&["10.0.0.5:15001", "[fd00::5]:15001"]));
+        let t = proxy_target(&c).unwrap();
+        assert_eq!(t.v4, Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(t.v6, Some("fd00::5".parse().unwrap()));
+        assert_eq!(t.port, 15001);
+        assert!(uncaptured_families(&node, &c).is_empty());
+        // IPv6 first: the same, in that order.
+        let c = capture_addrs(&ips(&["fd00::5", "10.0.0.5"]), &[]).unwrap();
+        assert_eq!(c, addrs(&["[fd00::5]:15001", "10.0.0.5:15001"]));
+        // A single-stack node: one.
+        let c = capture_addrs(&ips(&["10.0.0.5"]), &[]).unwrap();
+        assert_eq!(c, addrs(&["10.0.0.5:15001"]));
+        assert_eq!(proxy_target(&c).unwrap().v6, None);
+    }
+
+    #[test]
+    fn given_capture_addresses_are_one_per_family_on_one_port() {
+        let node = ips(&["10.0.0.5", "fd00::5"]);
+        let given = addrs(&["127.0.0.1:15001"]);
+        assert_eq!(capture_addrs(&node, &given).unwrap(), given);
+        // Only IPv4 given on a dual-stack node: IPv6 goes uncaptured (the
+        // agent warns).
+        assert_eq!(uncaptured_families(&node, &given), ["IPv6"]);
+        let e = capture_addrs(&node, &addrs(&["127.0.0.1:1", "127.0.0.2:1"])).unwrap_err();
+        assert!(e.contains("one address per family"), "{e}");
+        let e = proxy_target(&addrs(&["127.0.0.1:1", "[::1]:2"])).unwrap_err();
+        assert!(e.contains("one port"), "{e}");
     }
 }

@@ -63,7 +63,7 @@ fn run_args(cg: &Path, state: &Path) -> RunArgs {
         strict_allows_node: true,
         dataplane: DataplaneKind::None,
         proxy: ProxyMode::Off,
-        proxy_capture_addr: None,
+        proxy_capture_addr: Vec::new(),
         proxy_inbound_addr: None,
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,

@@ -96,6 +96,19 @@ impl Node {
         self.proxy.as_ref().expect("proxy running")
     }
 
+    /// Adds `w` (another address of one of this node's pods, say) to the
+    /// snapshot in force here, and waits until the proxy has it.
+    pub async fn add_local(&self, w: LocalWorkload) {
+        let mut snap = (*self.proxy().snapshot()).clone();
+        snap.local_workloads.push(w);
+        let snap = Arc::new(snap);
+        self.snapshots.send_replace(snap.clone());
+        eventually("the proxy applied the snapshot", || {
+            Arc::ptr_eq(&self.proxy().snapshot(), &snap)
+        })
+        .await;
+    }
+
     pub fn metrics(&self) -> String {
         let mut s = String::new();
         prometheus_client::encoding::text::encode(&mut s, &self.registry).unwrap();

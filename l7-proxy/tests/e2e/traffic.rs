@@ -1328,3 +1328,48 @@ async fn a_tcp_connection_that_never_opened_is_not_counted() {
     drop(o);
     mesh.shutdown().await;
 }
+
+/// A dual-stack node: the second capture listener (the other address
+/// family) serves the pods' connections of that family as the first does,
+/// through the tunnel with the caller's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_capture_listener_serves_the_other_address_family() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.second_outbound_addr = Some("[::1]:0".parse().unwrap());
+    })
+    .await;
+    let _srv = mesh.serve_cart().await;
+    let second = mesh.a.proxy().second_outbound_addr().expect("bound");
+    assert!(second.is_ipv6(), "{second}");
+    // web's IPv6 address.
+    let web6: std::net::IpAddr = "::1".parse().unwrap();
+    mesh.a
+        .add_local(l7_proxy::config::LocalWorkload {
+            ip: web6,
+            ..web().local()
+        })
+        .await;
+    let sock = tokio::net::TcpSocket::new_v6().unwrap();
+    sock.bind(SocketAddr::new(web6, 0)).unwrap();
+    mesh.odst
+        .insert(sock.local_addr().unwrap(), SocketAddr::new(vip(1), 80));
+    let mut t = sock
+        .connect(second)
+        .await
+        .expect("the second listener accepts");
+    t.write_all(b"GET / HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut t).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(echo["server"], "cart-0");
+    assert_eq!(
+        echo["headers"]["sluice-source-identity"],
+        web().identity().to_string()
+    );
+    drop(t);
+    mesh.shutdown().await;
+}

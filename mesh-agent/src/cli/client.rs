@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 /// Why the agent could not be asked.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("--admin {0:?} is not an http://host:port URL")]
+    #[error(
+        "--admin (or SLUICE_ADMIN) {0:?} is not an http://host:port URL (such as http://127.0.0.1:15020)"
+    )]
     BadUrl(String),
     #[error(
         "cannot reach the Sluice agent at {url} ({reason}).\n\
@@ -18,20 +20,23 @@ pub enum Error {
     )]
     Unreachable { url: String, reason: String },
     #[error(
+        "the agent at {url} took the connection but {reason}.\n\
+         It is running; it may be busy (it serves a limited number of admin connections at \
+         once) or stopping: ask again, and see its log if this goes on."
+    )]
+    Broken { url: String, reason: String },
+    #[error(
         "the agent at {url} is still starting: {phase}\n\
          Ask again once it is up (`curl {url}/readyz` says what it waits for; its log says more)."
     )]
     Starting { url: String, phase: String },
-    #[error(
-        "the agent at {url} answered {path} with {status}: {body}\n\
-         Is that the Sluice agent's admin address? Check --admin (or SLUICE_ADMIN; default \
-         http://127.0.0.1:15020)."
-    )]
+    #[error("the agent at {url} answered {path} with {status}: {body}\n{hint}")]
     Status {
         url: String,
         path: String,
         status: u16,
         body: String,
+        hint: &'static str,
     },
     #[error(
         "the agent at {url} sent an unexpected {path} document ({source}): either --admin (or \
@@ -87,16 +92,28 @@ impl Client {
         }
     }
 
+    /// A failure after the connection was made: something listens there.
+    fn broken(&self, reason: impl std::fmt::Display) -> Error {
+        Error::Broken {
+            url: self.url.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
     /// GETs `path`; returns the status and body.
     pub async fn get_raw(&self, path: &str) -> Result<(u16, Bytes), Error> {
+        // Whether the connection was made: a timeout after it is the
+        // agent's silence, not an absent agent.
+        let connected = std::sync::atomic::AtomicBool::new(false);
         let fut = async {
             let stream = tokio::net::TcpStream::connect(&self.authority)
                 .await
                 .map_err(|e| self.unreachable(e))?;
+            connected.store(true, std::sync::atomic::Ordering::Relaxed);
             let io = hyper_util::rt::TokioIo::new(stream);
             let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io)
                 .await
-                .map_err(|e| self.unreachable(e))?;
+                .map_err(|e| self.broken(format_args!("the exchange failed: {e}")))?;
             tokio::spawn(conn);
             let req = http::Request::get(path)
                 .header(http::header::HOST, &self.authority)
@@ -105,19 +122,23 @@ impl Client {
             let resp = send
                 .send_request(req)
                 .await
-                .map_err(|e| self.unreachable(e))?;
+                .map_err(|e| self.broken(format_args!("gave no answer: {e}")))?;
             let status = resp.status().as_u16();
             let body = resp
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| self.unreachable(e))?
+                .map_err(|e| self.broken(format_args!("its answer was cut: {e}")))?
                 .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(self.timeout, fut)
-            .await
-            .map_err(|_| self.unreachable(format!("no answer within {:?}", self.timeout)))?
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) if connected.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(self.broken(format_args!("sent no answer within {:?}", self.timeout)))
+            }
+            Err(_) => Err(self.unreachable(format!("no connection within {:?}", self.timeout))),
+        }
     }
 
     /// GETs a JSON document.
@@ -137,6 +158,7 @@ impl Client {
                 url: self.url.clone(),
                 path: path.into(),
                 status,
+                hint: status_hint(status),
                 // A whole HTML page would bury the hint.
                 body: String::from_utf8_lossy(&body)
                     .trim()
@@ -150,6 +172,19 @@ impl Client {
             path: path.into(),
             source,
         })
+    }
+}
+
+/// What to do about an answer other than 200: the agent's own refusals
+/// say why in their body; anything else suggests another server.
+fn status_hint(status: u16) -> &'static str {
+    match status {
+        403 => "(The agent's answer says what to do.)",
+        500..=599 => "The agent failed to answer; its log says why.",
+        _ => {
+            "Is that the Sluice agent's admin address? Check --admin (or SLUICE_ADMIN; default \
+             http://127.0.0.1:15020)."
+        }
     }
 }
 
@@ -185,5 +220,49 @@ mod tests {
         assert!(e.contains(&format!("http://127.0.0.1:{port}")), "{e}");
         assert!(e.contains("Is mesh-agent running"), "{e}");
         assert!(e.contains("SLUICE_ADMIN"), "{e}");
+    }
+
+    /// Something listens but the exchange fails (the agent closed at its
+    /// connection limit, or went silent): not "start the agent".
+    #[tokio::test]
+    async fn an_agent_that_closes_or_goes_silent_is_not_called_absent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            // The first connection closed at once, the second held silent.
+            let (first, _) = listener.accept().await.unwrap();
+            drop(first);
+            let (second, _) = listener.accept().await.unwrap();
+            held.push(second);
+            std::future::pending::<()>().await
+        });
+        let mut c = Client::new(&format!("http://{addr}")).unwrap();
+        c.timeout = Duration::from_millis(300);
+        for want in ["gave no answer", "sent no answer within"] {
+            let e = c
+                .get::<serde_json::Value>("/v1/status")
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("Is mesh-agent running"), "{e}");
+            assert!(e.contains("took the connection") && e.contains(want), "{e}");
+        }
+        silent.abort();
+    }
+
+    #[test]
+    fn a_refusal_is_not_taken_for_another_server() {
+        let e = Error::Status {
+            url: "http://10.0.0.1:15020".into(),
+            path: "/v1/status".into(),
+            status: 403,
+            body: "the admin API's /v1/ documents answer on the node's loopback only".into(),
+            hint: status_hint(403),
+        }
+        .to_string();
+        assert!(!e.contains("Is that the Sluice agent"), "{e}");
+        assert!(status_hint(404).contains("Is that the Sluice agent"));
+        assert!(status_hint(500).contains("its log"));
     }
 }

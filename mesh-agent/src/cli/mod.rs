@@ -233,7 +233,11 @@ pub fn render_status(s: &Status) -> String {
     kv(
         &mut out,
         "Node:",
-        format!("{} ({})", s.node, s.node_addresses.join(", ")),
+        if s.node_addresses.is_empty() {
+            s.node.clone()
+        } else {
+            format!("{} ({})", s.node, s.node_addresses.join(", "))
+        },
     );
     kv(
         &mut out,
@@ -325,7 +329,7 @@ pub fn render_status(s: &Status) -> String {
                 (Some(fp), Some(from), Some(state)) => format!(
                     "{} sha256:{}… {state} ({from} to {})",
                     r.subject,
-                    &fp[..fp.len().min(16)],
+                    fp.chars().take(16).collect::<String>(),
                     r.not_after
                 ),
                 _ => format!("{} (expires {})", r.subject, r.not_after),
@@ -453,7 +457,8 @@ fn bytes(n: u64) -> String {
     }
     let mut v = n as f64 / 1024.0;
     let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
+    // Up a unit where one decimal would round to 1024 (`1024.0 KiB`).
+    while v >= 1023.95 && unit + 1 < UNITS.len() {
         v /= 1024.0;
         unit += 1;
     }
@@ -510,6 +515,15 @@ pub fn render_routes(r: &Routes) -> String {
 mod tests {
     use super::*;
     use crate::admin::api::{ConfigError, ConnectionInfo, RouteInfo, WorkloadInfo};
+
+    #[test]
+    fn byte_counts_go_up_a_unit_rather_than_show_1024() {
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(1024 * 1024 - 1), "1.0 MiB");
+        assert_eq!(bytes(1024 * 1024 - 60), "1023.9 KiB");
+        assert_eq!(bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
+    }
 
     #[test]
     fn check_lists_problems_and_notes_apart() {

@@ -16,7 +16,16 @@ impl Table {
         }
     }
 
-    pub fn row(&mut self, cells: Vec<String>) {
+    /// Adds a row; a line break or other control character in a cell (an
+    /// error message from the agent, say) becomes a space, so that every
+    /// row stays one line.
+    pub fn row(&mut self, mut cells: Vec<String>) {
+        for c in cells.iter_mut().filter(|c| c.chars().any(char::is_control)) {
+            *c = c
+                .chars()
+                .map(|ch| if ch.is_control() { ' ' } else { ch })
+                .collect();
+        }
         self.rows.push(cells);
     }
 
@@ -63,6 +72,17 @@ pub fn or_dash(v: Option<impl ToString>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cell_with_a_line_break_stays_on_its_row() {
+        let mut t = Table::new(&["NAME", "PROBLEM"]);
+        t.row(vec!["ca".into(), "signing failed:\nkey rejected\r".into()]);
+        t.row(vec!["b".into(), "-".into()]);
+        assert_eq!(
+            t.to_string(),
+            "NAME  PROBLEM\nca    signing failed: key rejected\nb     -\n"
+        );
+    }
 
     #[test]
     fn columns_are_aligned() {
