@@ -304,9 +304,10 @@ fn rfc3339_unix(secs: u64) -> Option<String> {
 }
 
 /// Sums `sluice_requests_total`, and those with a 5xx status class, by route
-/// (`namespace/name` of the HTTPRoute or GRPCRoute, or of the Service for
-/// its default route), from the proxy's metrics text. The proxy labels rules
-/// `<route>#<rule>`.
+/// (`namespace/name` of the HTTPRoute or GRPCRoute), or by
+/// `namespace/name#default` for a Service's default route (so that a route
+/// named as its Service is counted apart), from the proxy's metrics text.
+/// The proxy labels rules `<route>#<rule>`.
 pub fn request_stats(text: &str) -> BTreeMap<String, (u64, u64)> {
     let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for line in text
@@ -329,10 +330,12 @@ pub fn request_stats(text: &str) -> BTreeMap<String, (u64, u64)> {
         let Some(route) = label("route") else {
             continue;
         };
-        let Some((owner, _rule)) = route.split_once('#') else {
-            continue;
+        let key = match route.split_once('#') {
+            Some((_, "default")) => route.as_str(),
+            Some((owner, _rule)) => owner,
+            None => continue,
         };
-        let e = out.entry(owner.to_string()).or_default();
+        let e = out.entry(key.to_string()).or_default();
         e.0 += v as u64;
         if label("status_class").is_some_and(|c| c.starts_with('5')) {
             e.1 += v as u64;

@@ -171,8 +171,12 @@ impl AdminState {
             .cloned()
             .map(|mut r| {
                 if let Some(stats) = &stats {
-                    let owner = r.route.as_ref().unwrap_or(&r.service);
-                    let (req, err) = stats.get(owner).copied().unwrap_or_default();
+                    // A Service's own row counts its default route only.
+                    let key = match &r.route {
+                        Some(route) => route.clone(),
+                        None => format!("{}#default", r.service),
+                    };
+                    let (req, err) = stats.get(&key).copied().unwrap_or_default();
                     r.requests = Some(req);
                     r.errors = Some(err);
                 }

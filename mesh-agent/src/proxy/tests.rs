@@ -341,11 +341,15 @@ fn request_counts_come_from_the_proxy_metrics() {
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/db-split#v2\",status_class=\"2xx\"} 7\n\
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/db-split#0\",status_class=\"5xx\"} 2\n\
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/web#default\",status_class=\"2xx\"} 1\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/web#0\",status_class=\"5xx\"} 3\n\
         sluice_requests_total{direction=\"inbound\",source=\"x\",destination=\"y\",route=\"\",status_class=\"2xx\"} 4\n";
     let s = request_stats(text);
     assert_eq!(s["shop/db-split"], (9, 2));
-    assert_eq!(s["shop/web"], (1, 0));
-    assert_eq!(s.len(), 2, "inbound requests have no route: {s:?}");
+    // The Service shop/web's default route, apart from the HTTPRoute
+    // shop/web.
+    assert_eq!(s["shop/web#default"], (1, 0));
+    assert_eq!(s["shop/web"], (3, 3));
+    assert_eq!(s.len(), 3, "inbound requests have no route: {s:?}");
 }
 
 fn one_rule_route(rule: serde_json::Value) -> GwHttpRoute {
