@@ -113,8 +113,8 @@ pub fn encode(s: &AdminState) -> String {
             ),
             (
                 "sluice_agent_config_errors",
-                "Refused files or objects (their last good version stays)",
-                v.config_errors.len() as i64,
+                "Refused files or objects, the node proxy's included (their last good version stays); notes not counted",
+                s.config_problem_count(&v) as i64,
             ),
             (
                 "sluice_agent_dataplane_errors",

@@ -32,7 +32,7 @@ pub trait ProxyHandle: Send + Sync {
     /// Live connections, with identities and TLS details.
     fn connections(&self) -> Vec<api::ConnectionInfo>;
     /// Requests and 5xx errors per route (`namespace/name` of the route, or
-    /// of the Service for traffic no route matched).
+    /// `namespace/name#default` of the Service for its default route).
     fn route_stats(&self) -> BTreeMap<String, (u64, u64)>;
     /// The proxy's metrics in Prometheus text (without `# EOF`).
     fn encode_metrics(&self, out: &mut String);
@@ -92,6 +92,31 @@ impl AdminState {
         self.view.borrow().clone()
     }
 
+    /// The configuration's problems as `status`, `check` and the
+    /// `sluice_agent_config_errors` metric all count them: the agent's
+    /// refused files and objects and the node proxy's, and the notes
+    /// (documents of kinds the agent does not read) after them.
+    fn config_errors(&self, v: &AgentView) -> Vec<api::ConfigError> {
+        let mut out: Vec<api::ConfigError> = v.config_errors.clone();
+        for p in self.proxy.iter().flat_map(|p| p.config_problems()) {
+            out.push(api::ConfigError {
+                source: "node proxy".into(),
+                object: None,
+                field: None,
+                message: p,
+            });
+        }
+        out
+    }
+
+    /// How many of [`AdminState::config_errors`] are problems (not notes).
+    pub(crate) fn config_problem_count(&self, v: &AgentView) -> usize {
+        self.config_errors(v)
+            .iter()
+            .filter(|e| !e.is_note())
+            .count()
+    }
+
     pub fn status(&self) -> Status {
         let v = self.view();
         Status {
@@ -111,7 +136,7 @@ impl AdminState {
                 policies: v.policies,
                 // As `sluice check` counts them: notes (documents of kinds
                 // the agent does not read) are not problems.
-                config_errors: v.config_errors.iter().filter(|e| !e.is_note()).count(),
+                config_errors: self.config_problem_count(&v),
             },
             ca: CaStatus {
                 mode: self.info.ca_mode.clone(),
@@ -237,7 +262,8 @@ impl AdminState {
             },
         });
         // Documents of kinds the agent does not read are notes, not problems.
-        let problems = v.config_errors.iter().filter(|e| !e.is_note()).count();
+        let config_errors = self.config_errors(&v);
+        let problems = config_errors.iter().filter(|e| !e.is_note()).count();
         checks.push(CheckResult {
             name: "agent: configuration".into(),
             outcome: if problems == 0 {
@@ -319,15 +345,6 @@ impl AdminState {
                 v.dataplane_errors.join("; ")
             },
         });
-        let mut config_errors = v.config_errors.clone();
-        for p in self.proxy.iter().flat_map(|p| p.config_problems()) {
-            config_errors.push(api::ConfigError {
-                source: "node proxy".into(),
-                object: None,
-                field: None,
-                message: p,
-            });
-        }
         Check {
             checks,
             config_errors,
@@ -787,6 +804,39 @@ mod tests {
             .find(|c| c.name == "agent: configuration")
             .unwrap();
         assert!(line.detail.starts_with("1 problem"), "{line:?}");
+        // The node proxy's problems count in all three places too.
+        let mut st = Arc::try_unwrap(st).ok().unwrap();
+        st.proxy = Some(Arc::new(RuleLeftOut));
+        assert_eq!(st.status().counts.config_errors, 2);
+        let check = st.check();
+        let line = check
+            .checks
+            .iter()
+            .find(|c| c.name == "agent: configuration")
+            .unwrap();
+        assert!(line.detail.starts_with("2 problem"), "{line:?}");
+        assert_eq!(check.config_errors.len(), 3, "the note listed too");
+        assert!(
+            st.metrics().contains("\nsluice_agent_config_errors 2\n"),
+            "{}",
+            st.metrics()
+        );
+    }
+
+    /// A node proxy that left a route rule out.
+    struct RuleLeftOut;
+
+    impl ProxyHandle for RuleLeftOut {
+        fn connections(&self) -> Vec<api::ConnectionInfo> {
+            Vec::new()
+        }
+        fn route_stats(&self) -> BTreeMap<String, (u64, u64)> {
+            BTreeMap::new()
+        }
+        fn encode_metrics(&self, _: &mut String) {}
+        fn config_problems(&self) -> Vec<String> {
+            vec!["HTTPRoute shop/r rule 0 left out: bad regex".into()]
+        }
     }
 
     #[test]
