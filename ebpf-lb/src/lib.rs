@@ -537,13 +537,18 @@ impl LoadBalancer {
     /// Attaches all programs to the cgroup v2 directory `cgroup` (its whole
     /// subtree). The links are pinned, so they outlive this process; attaching
     /// again (a restarted agent) replaces the previous instance's programs.
+    /// All or nothing: every program is attached before any is pinned, so a
+    /// program the kernel refuses leaves none of the new ones attached (the
+    /// previous instance's set, if any, stays whole).
     pub fn attach(&self, cgroup: &Path) -> Result<()> {
         let id = cgroup_id(cgroup)?;
         let dir = fs::File::open(cgroup).map_err(|e| Error::io("opening cgroup", cgroup, e))?;
         let links = self.links_dir();
         let mut t = self.tables();
+        // Attached, not yet pinned: dropped on an error, they detach.
+        let mut attached: Vec<(FdLink, &str)> = Vec::new();
         // The same steps for each program, of three program types.
-        macro_rules! attach_and_pin {
+        macro_rules! attach {
             ($ty:ty, $name:expr) => {{
                 let name = $name;
                 let prog: &mut $ty = program(&mut t.ebpf, name)?;
@@ -553,14 +558,17 @@ impl LoadBalancer {
                 let link = prog
                     .take_link(link_id)
                     .map_err(|e| Error::program(name, e))?;
-                pin_link(link, &links, id, name)?;
+                let link = FdLink::try_from(link)
+                    .map_err(|e| Error::io("pinning link", &links, io::Error::other(chain(&e))))?;
+                attached.push((link, name));
             }};
         }
         for name in SOCK_ADDR_PROGRAMS {
-            attach_and_pin!(CgroupSockAddr, name);
+            attach!(CgroupSockAddr, name);
         }
-        attach_and_pin!(SockOps, SOCK_OPS_PROGRAM);
-        attach_and_pin!(CgroupSock, SOCK_RELEASE_PROGRAM);
+        attach!(SockOps, SOCK_OPS_PROGRAM);
+        attach!(CgroupSock, SOCK_RELEASE_PROGRAM);
+        pin_links(attached, &links, id)?;
         if !t.attached.iter().any(|p| p == cgroup) {
             t.attached.push(cgroup.to_path_buf());
         }
@@ -933,19 +941,29 @@ where
 /// link a previous instance pinned there. The new program is attached before
 /// the old one goes, so no connection passes unbalanced in between; while both
 /// run, the second sees an already translated address and leaves it alone.
-fn pin_link<L>(link: L, dir: &Path, cgroup: u64, name: &str) -> Result<()>
-where
-    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
-{
-    // bpffs refuses names with dots.
-    let path = dir.join(format!("{cgroup}-{name}"));
-    let tmp = dir.join(format!("new-{cgroup}-{name}"));
-    let link = FdLink::try_from(link)
-        .map_err(|e| Error::io("pinning link", &tmp, io::Error::other(chain(&e))))?;
-    let _ = fs::remove_file(&tmp);
-    link.pin(&tmp)
-        .map_err(|e| Error::io("pinning link", &tmp, io::Error::other(chain(&e))))?;
-    fs::rename(&tmp, &path).map_err(|e| Error::io("pinning link", &path, e))
+/// Pins `links` (attached to cgroup `cgroup`) in `dir`, each in place of
+/// the previous instance's of the same name. Every one is pinned under a
+/// temporary name first: one that cannot be pinned unpins the others, which
+/// then detach with their descriptors, and the previous set stays whole.
+fn pin_links(links: Vec<(FdLink, &str)>, dir: &Path, cgroup: u64) -> Result<()> {
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for (link, name) in links {
+        // bpffs refuses names with dots.
+        let path = dir.join(format!("{cgroup}-{name}"));
+        let tmp = dir.join(format!("new-{cgroup}-{name}"));
+        let _ = fs::remove_file(&tmp);
+        if let Err(e) = link.pin(&tmp) {
+            for (t, _) in &staged {
+                let _ = fs::remove_file(t);
+            }
+            return Err(Error::io("pinning link", &tmp, io::Error::other(chain(&e))));
+        }
+        staged.push((tmp, path));
+    }
+    for (tmp, path) in staged {
+        fs::rename(&tmp, &path).map_err(|e| Error::io("pinning link", &path, e))?;
+    }
+    Ok(())
 }
 
 /// An error and its causes on one line.

@@ -689,6 +689,59 @@ fn a_connection_closed_before_the_proxy_accepts_it_keeps_its_original_destinatio
     Ok(())
 }
 
+/// An attach that fails part way (here: the last program's link cannot be
+/// pinned) leaves none of its programs attached or pinned: the cgroup's
+/// connections are not balanced by half a set, and the instance's other
+/// cgroup keeps its programs.
+#[test]
+fn an_attach_that_fails_part_way_leaves_nothing_attached() -> Result<()> {
+    require_root();
+    let root = TestCgroup::new("partial")?;
+    let attached = root.child("attached")?;
+    let other = root.child("other")?;
+    let lb = TestLb::attach_to(&attached)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(1, loopback())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
+    // A non-empty directory where the last program's link is pinned first
+    // (bpffs takes directories); removed before the instance is.
+    struct Blocker(std::path::PathBuf);
+    impl Drop for Blocker {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(self.0.join("x"));
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let links = lb.pin_dir().join("links");
+    let blocker = Blocker(links.join(format!("new-{}-sluice_sock_release", other.id())));
+    std::fs::create_dir_all(blocker.0.join("x"))?;
+    let e = lb.attach(other.path()).expect_err("the pin is blocked");
+    assert!(e.to_string().contains("pinning link"), "{e}");
+    let left: Vec<String> = std::fs::read_dir(&links)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&format!("{}-", other.id())) && !blocker.0.ends_with(n))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "links of the failed attach");
+    // Not balanced in the other cgroup: its connections reach the VIP's
+    // own listener; still balanced in the first.
+    let attempts = probe(&tcp(vip, 3)).in_cgroup(&other).run()?;
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.backend.as_deref() == Some("decoy")),
+        "{attempts:?}"
+    );
+    let attempts = probe(&tcp(vip, 3)).in_cgroup(&attached).run()?;
+    assert!(
+        attempts.iter().all(|a| a.backend.as_deref() == Some("b0")),
+        "{attempts:?}"
+    );
+    drop(blocker);
+    Ok(())
+}
+
 /// The state (`/proc/net/tcp`'s `st`) of the IPv4 socket bound to `local`
 /// with a peer: 0x01 established, 0x04 FIN_WAIT1, 0x05 FIN_WAIT2, 0x06
 /// TIME_WAIT.
