@@ -29,11 +29,18 @@ pub enum Error {
         source: Box<aya::maps::MapError>,
     },
 
+    #[error("map {map}: updating {what}: {source}; the previous state is unchanged")]
+    MapUpdate {
+        map: &'static str,
+        what: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+
     #[error(
         "map {map} is full ({capacity} entries) while updating {what}; the previous state is \
-         unchanged. Remove unused services, or raise the limit (ebpf-lb Options::{option}; the \
-         agent's --lb-{} for services and backends) and recreate the tables with \
-         `mesh-agent uninstall` before the next start", option.replace('_', "-")
+         unchanged. {}",
+        raise_limit(option)
     )]
     MapFull {
         map: &'static str,
@@ -124,6 +131,19 @@ impl Error {
         }
     }
 
+    /// A map update for one service that failed (and was rolled back).
+    pub(crate) fn map_for(
+        map: &'static str,
+        what: &impl std::fmt::Display,
+        source: aya::maps::MapError,
+    ) -> Self {
+        Self::MapUpdate {
+            map,
+            what: what.to_string(),
+            source: Box::new(source),
+        }
+    }
+
     pub(crate) fn program(program: &'static str, source: aya::programs::ProgramError) -> Self {
         Self::Program {
             program,
@@ -137,6 +157,22 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// How to raise the limit `option` (an `Options` field) of a full map.
+fn raise_limit(option: &str) -> String {
+    match option {
+        "max_services" | "max_backends" => format!(
+            "Remove unused services, or raise the limit (the agent's --lb-{}, ebpf-lb \
+             Options::{option}) and recreate the tables with `mesh-agent uninstall` before the \
+             next start",
+            option.replace('_', "-")
+        ),
+        _ => format!(
+            "Raise ebpf-lb Options::{option} (the agent sets no other limit) and recreate the \
+             tables with `mesh-agent uninstall` before the next start"
+        ),
     }
 }
 
@@ -157,6 +193,18 @@ mod tests {
             text.contains("Options::max_backends")
                 && text.contains("--lb-max-backends")
                 && text.contains("mesh-agent uninstall"),
+            "{text}"
+        );
+        // The enrolment table's limit is no agent flag: none is named.
+        let text = Error::MapFull {
+            map: "ENROLLED",
+            capacity: 8,
+            option: "max_enrolled",
+            what: "cgroup 42".into(),
+        }
+        .to_string();
+        assert!(
+            text.contains("Options::max_enrolled") && !text.contains("--lb-"),
             "{text}"
         );
     }

@@ -259,6 +259,10 @@ struct Tables {
     /// Interfaces guarded by this instance -> their index, to find the
     /// pinned link of one that is gone (a deleted pod's veth).
     guarded: BTreeMap<String, u32>,
+    /// `MEMBERS` entries of departed backends whose removal failed: tried
+    /// again at the next batch (a stale one would let session affinity pick
+    /// a backend its service no longer has), forgotten if re-added.
+    unlinked: Vec<MemberKey>,
 }
 
 /// A loaded, pinned instance of the kernel load balancer.
@@ -436,10 +440,16 @@ impl LoadBalancer {
         // An earlier instance that stopped between staging a batch and
         // retiring what it replaced left slots and members no service uses:
         // a stale member would let affinity pick a backend that left.
+        // Each set's length, once: a scan of every service per slot would
+        // take minutes on a large node.
+        let set_len: std::collections::HashMap<u32, u32> = known
+            .values()
+            .map(|s: &Service| (s.backend_set, s.count))
+            .collect();
         let in_use = |slot: &BackendSlot| {
-            known
-                .values()
-                .any(|s: &Service| s.backend_set == slot.backend_set && slot.index < s.count)
+            set_len
+                .get(&slot.backend_set)
+                .is_some_and(|&count| slot.index < count)
         };
         let stale_slots: Vec<BackendSlot> = backends
             .keys()
@@ -509,6 +519,7 @@ impl LoadBalancer {
                 next_set,
                 enrolled_ids,
                 guarded: BTreeMap::new(),
+                unlinked: Vec::new(),
             }),
             orig_dst: Mutex::new(orig_dst),
             barrier: sys::RcuBarrier::new()?,
@@ -655,7 +666,8 @@ impl LoadBalancer {
             }
         };
         // The services are switched: the batch is applied. A failure to
-        // unlink a member is reported, but the barrier and cleanup still run.
+        // unlink a member is reported (and retried by the next batch), but
+        // the barrier, the cleanup and the reset still run.
         let unlinked = t.unlink_members(&retired);
         // Every program that could still hold a replaced service value (and
         // so an old backend set, or a backend just removed) has finished once
@@ -675,10 +687,10 @@ impl LoadBalancer {
                 t.retire_keeping_slots(retired)
             }
         };
-        unlinked?;
         if self.opts.reset_on_removal && !departed.is_empty() {
             report.reset = reset::reset(&t.attached, &t.revnat, &departed)?;
         }
+        unlinked?;
         Ok(report)
     }
 
@@ -1044,7 +1056,7 @@ impl Tables {
             .map_err(|e| Error::io("building counters", "COUNTERS", e))?;
         if let Err(e) = self.counters.set(id, zero, 0) {
             self.free_ids.push(id);
-            return Err(Error::map(maps::COUNTERS, e));
+            return Err(Error::map_for(maps::COUNTERS, what, e));
         }
         Ok(id)
     }
@@ -1110,7 +1122,7 @@ impl Tables {
                                     &spec.frontend,
                                 )
                             } else {
-                                Error::map(maps::BACKENDS, e)
+                                Error::map_for(maps::BACKENDS, &spec.frontend, e)
                             }
                         })?;
                         undo.slots.push(slot);
@@ -1121,6 +1133,7 @@ impl Tables {
                             service_id: id,
                             backend: *ep,
                         };
+                        self.unlinked.retain(|k| *k != m);
                         self.members.insert(m, 1, 0).map_err(|e| {
                             if is_full(&e) {
                                 full(
@@ -1130,7 +1143,7 @@ impl Tables {
                                     &spec.frontend,
                                 )
                             } else {
-                                Error::map(maps::MEMBERS, e)
+                                Error::map_for(maps::MEMBERS, &spec.frontend, e)
                             }
                         })?;
                         undo.members.push(m);
@@ -1156,7 +1169,7 @@ impl Tables {
                                 &spec.frontend,
                             )
                         } else {
-                            Error::map(maps::SERVICES, e)
+                            Error::map_for(maps::SERVICES, &spec.frontend, e)
                         }
                     })?;
                     undo.services.push((key, old));
@@ -1252,15 +1265,25 @@ impl Tables {
 
     /// Backends that left a service stop matching session affinity; called
     /// before the barrier, so no choice made after it can pick them.
+    /// Removes the `MEMBERS` entries of departed backends, and those an
+    /// earlier batch failed to remove. Each is tried; one that fails is kept
+    /// for the next batch, and the first failure is returned.
     fn unlink_members(&mut self, retired: &Retired) -> Result<()> {
-        for m in &retired.members {
+        let mut first = None;
+        let pending = std::mem::take(&mut self.unlinked);
+        for m in pending.iter().chain(&retired.members) {
             match self.members.remove(m) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(Error::map(maps::MEMBERS, e)),
+                Err(e) => {
+                    if !self.unlinked.contains(m) {
+                        self.unlinked.push(*m);
+                    }
+                    first.get_or_insert(Error::map(maps::MEMBERS, e));
+                }
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// Frees what no program can see any more; returns the backends that

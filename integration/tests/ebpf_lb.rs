@@ -929,6 +929,10 @@ fn load_balancing_survives_a_loader_restart() -> Result<()> {
         vec![backends[0].addr(), backends[1].addr()]
     );
     lb.attach(cg.path())?;
+    // Its clean-up of slots no service uses left the service's own.
+    let attempts = probe(&tcp(vip, 40)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert_eq!(tally(&attempts).len(), 2, "{:?}", tally(&attempts));
     lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends[2..])))?;
     let attempts = probe(&tcp(vip, 20)).in_cgroup(&cg).run()?;
     assert_all_ok(&attempts);
