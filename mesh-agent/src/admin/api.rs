@@ -126,7 +126,8 @@ pub struct WorkloadInfo {
     pub node: String,
     /// Scheduled on this node.
     pub local: bool,
-    /// Its connections go through the node proxy.
+    /// Its connections go through its node's proxy (for a pod of another
+    /// node: as that node's agent takes it, by the same rules).
     pub enrolled: bool,
     /// Why it is not enrolled, or what keeps its enrolment from working.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -566,7 +566,8 @@ impl Reconciler {
         let mut keep: BTreeSet<String> = BTreeSet::new();
         self.enrol_errors.clear();
         for info in &mut infos {
-            if !info.enrolled {
+            // Another node's pods are that node's agent's to enrol.
+            if !info.local || !info.enrolled {
                 continue;
             }
             let key = Key::new(&info.namespace, &info.name);
@@ -620,9 +621,10 @@ impl Reconciler {
         for (uid, id) in gone {
             self.unenroll(&uid, id);
         }
-        // Pods whose cgroup is not enrolled yet are not in the mesh yet.
+        // Local pods whose cgroup is not enrolled yet are not in the mesh
+        // yet.
         for info in &mut infos {
-            if info.enrolled && info.cgroup_id.is_none() {
+            if info.local && info.enrolled && info.cgroup_id.is_none() {
                 info.enrolled = false;
             }
         }

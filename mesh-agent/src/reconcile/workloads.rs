@@ -104,11 +104,9 @@ pub fn workload_infos(
         .zip(owned)
         .map(|(w, ips)| {
             let local = w.node == node;
-            let reason = if local {
-                not_enrolled_reason(store, w)
-            } else {
-                Some(format!("runs on node {}", w.node))
-            };
+            // A pod of another node: enrolled as its node's agent takes it
+            // (the reasons are the same everywhere), shown with `-A`.
+            let reason = not_enrolled_reason(store, w);
             WorkloadInfo {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
@@ -118,7 +116,7 @@ pub fn workload_infos(
                 ips: ips.iter().map(ToString::to_string).collect(),
                 node: w.node.clone(),
                 local,
-                enrolled: local && reason.is_none(),
+                enrolled: reason.is_none(),
                 reason,
                 mtls_mode: mtls_mode(store, w, default_mode),
                 cgroup: None,
@@ -286,7 +284,13 @@ mod tests {
                 .unwrap()
                 .contains("namespace plain")
         );
-        assert!(!by["far"].enrolled && !by["far"].local);
+        // Another node's pod, in an enrolled namespace: enrolled there.
+        assert!(by["far"].enrolled && !by["far"].local, "{:?}", by["far"]);
+        let plain_far = workload("plain", "far2", "db", "10.0.0.8", "n2");
+        s.apply(Update::Upsert(Object::Pod(plain_far)));
+        let infos = workload_infos(&s, "n1", "example.org", MtlsMode::Permissive);
+        let far2 = infos.iter().find(|w| w.name == "far2").unwrap();
+        assert!(!far2.enrolled && far2.reason.as_deref().unwrap().contains("namespace plain"));
         assert!(!by["out"].enrolled);
         assert!(by["out"].reason.as_deref().unwrap().contains("opted out"));
         assert_eq!(enrolled_namespaces(&s), ["shop"]);
