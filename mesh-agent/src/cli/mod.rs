@@ -13,7 +13,9 @@ use self::{
     table::{Table, or_dash},
 };
 use crate::{
-    admin::api::{Check, CheckResult, Connections, Outcome, Routes, Status, Workloads},
+    admin::api::{
+        Check, CheckResult, Connections, Outcome, Routes, Status, WorkloadInfo, Workloads,
+    },
     config,
 };
 
@@ -365,10 +367,11 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
             x.identity.clone(),
             enrolled,
             // Not enrolled: its traffic bypasses the proxy, no mode applies.
-            if x.enrolled {
-                x.mtls_mode.to_string()
-            } else {
-                "-".into()
+            // STRICT that the kernel does not guard is the proxy's alone.
+            match (x.enrolled, kernel_unguarded(x)) {
+                (false, _) => "-".into(),
+                (true, Some(_)) => format!("{} (proxy only)", x.mtls_mode),
+                (true, None) => x.mtls_mode.to_string(),
             },
             match (&x.cert_expiry, &x.cert_problem) {
                 (_, Some(_)) => format!("{} (!)", x.cert_expiry.as_deref().unwrap_or("-")),
@@ -403,7 +406,34 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
         out.push_str("\nCertificate problems (!):\n");
         out.extend(problems);
     }
+    let unguarded: Vec<String> = w
+        .workloads
+        .iter()
+        .filter(|x| x.enrolled)
+        .filter_map(|x| {
+            Some(format!(
+                "  {}/{}: {}\n",
+                x.namespace,
+                x.name,
+                kernel_unguarded(x)?
+            ))
+        })
+        .collect();
+    if !unguarded.is_empty() {
+        out.push_str(
+            "\nSTRICT (proxy only): the kernel does not refuse plaintext to these pods:\n",
+        );
+        out.extend(unguarded);
+    }
     out
+}
+
+/// Why the kernel does not guard a pod's STRICT mode (`strict_guard` other
+/// than `guarded on <interface>`).
+fn kernel_unguarded(x: &WorkloadInfo) -> Option<&str> {
+    x.strict_guard
+        .as_deref()
+        .filter(|g| x.mtls_mode == crate::crds::MtlsMode::Strict && !g.starts_with("guarded"))
 }
 
 pub fn render_connections(c: &Connections) -> String {
@@ -615,6 +645,38 @@ mod tests {
         // Columns line up: every header starts where its column starts.
         let col = lines[0].find("MTLS").unwrap();
         assert_eq!(&lines[1][col..col + 3], "yes");
+    }
+
+    #[test]
+    fn strict_the_kernel_does_not_guard_is_shown_as_the_proxys_alone() {
+        let pod = |name: &str, guard: &str| WorkloadInfo {
+            namespace: "shop".into(),
+            name: name.into(),
+            identity: "spiffe://cluster.local/ns/shop/sa/x".into(),
+            local: true,
+            enrolled: true,
+            mtls_mode: crate::crds::MtlsMode::Strict,
+            strict_guard: Some(guard.into()),
+            ..Default::default()
+        };
+        let w = Workloads {
+            workloads: vec![
+                pod("db", "guarded on veth1"),
+                pod("web", "not enforced in the kernel: the pod has no IP yet"),
+            ],
+        };
+        let out = render_workloads(&w, false, None);
+        let row = |name: &str| out.lines().find(|l| l.contains(name)).unwrap().to_string();
+        assert!(
+            row("db").contains("STRICT") && !row("db").contains("proxy only"),
+            "{out}"
+        );
+        assert!(row("web").contains("STRICT (proxy only)"), "{out}");
+        assert!(
+            out.contains("shop/web: not enforced in the kernel: the pod has no IP yet"),
+            "{out}"
+        );
+        assert!(!out.contains("shop/db:"), "{out}");
     }
 
     #[test]
