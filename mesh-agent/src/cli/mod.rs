@@ -151,6 +151,18 @@ async fn run_inner(cli: &Cli) -> Result<ExitCode, client::Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The local checks, then the agent's. The agent's own capabilities are
+/// what count once it answers: this process's (a user running `sluice`
+/// without root) are then left out, rather than a warning to grant them.
+fn with_agent_checks(local: Vec<CheckResult>, agent: Vec<CheckResult>) -> Vec<CheckResult> {
+    let agent_caps = agent.iter().any(|c| c.name == "agent: capabilities");
+    local
+        .into_iter()
+        .filter(|c| !(agent_caps && c.name == "capabilities"))
+        .chain(agent)
+        .collect()
+}
+
 /// Local checks, then the agent's; exit 1 when something fails.
 async fn check(c: Result<Client, client::Error>, bpffs: &std::path::Path, json: bool) -> ExitCode {
     let mut checks: Vec<CheckResult> = crate::check::local_checks(bpffs);
@@ -170,7 +182,7 @@ async fn check(c: Result<Client, client::Error>, bpffs: &std::path::Path, json: 
                 // Reachable; its own health is the "agent: health" line.
                 detail: format!("answering at {url}"),
             });
-            checks.extend(agent.checks);
+            checks = with_agent_checks(checks, agent.checks);
             config_errors = agent.config_errors;
         }
         // Still starting (waiting for the CA, say): not synced yet, which is
@@ -645,6 +657,23 @@ mod tests {
         // Columns line up: every header starts where its column starts.
         let col = lines[0].find("MTLS").unwrap();
         assert_eq!(&lines[1][col..col + 3], "yes");
+    }
+
+    #[test]
+    fn the_agents_capabilities_replace_the_clis_own() {
+        let c = |name: &str, outcome| CheckResult {
+            name: name.into(),
+            outcome,
+            detail: String::new(),
+        };
+        let local = vec![c("kernel", Outcome::Pass), c("capabilities", Outcome::Warn)];
+        let names = |v: &[CheckResult]| v.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        let merged =
+            with_agent_checks(local.clone(), vec![c("agent: capabilities", Outcome::Pass)]);
+        assert_eq!(names(&merged), ["kernel", "agent: capabilities"]);
+        // An agent that does not report its own: the local line stays.
+        let merged = with_agent_checks(local, vec![c("agent: sync", Outcome::Pass)]);
+        assert_eq!(names(&merged), ["kernel", "capabilities", "agent: sync"]);
     }
 
     #[test]
