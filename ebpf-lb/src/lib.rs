@@ -586,6 +586,35 @@ impl LoadBalancer {
         Ok(())
     }
 
+    /// Detaches the programs from every cgroup but `keep`: those an earlier
+    /// run attached to a cgroup root it no longer uses (the agent's
+    /// `--cgroup-root` changed). Returns the ids of the cgroups let go.
+    pub fn detach_others(&self, keep: &Path) -> Result<Vec<u64>> {
+        let keep_id = cgroup_id(keep)?;
+        let links = self.links_dir();
+        // Link pins are named `<cgroup id>-<program>` (`new-` while staged).
+        let id_of = |name: &str| -> Option<u64> {
+            name.trim_start_matches("new-")
+                .split('-')
+                .next()?
+                .parse()
+                .ok()
+        };
+        let mut others: BTreeSet<u64> = BTreeSet::new();
+        if let Ok(entries) = fs::read_dir(&links) {
+            for e in entries.flatten() {
+                if let Some(id) = id_of(&e.file_name().to_string_lossy())
+                    && id != keep_id
+                {
+                    others.insert(id);
+                }
+            }
+        }
+        remove_links(&links, |name| id_of(name).is_some_and(|id| id != keep_id))?;
+        self.tables().attached.retain(|p| p == keep);
+        Ok(others.into_iter().collect())
+    }
+
     /// Detaches all programs from `cgroup`.
     pub fn detach(&self, cgroup: &Path) -> Result<()> {
         let id = cgroup_id(cgroup)?;

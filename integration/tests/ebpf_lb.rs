@@ -689,6 +689,37 @@ fn a_connection_closed_before_the_proxy_accepts_it_keeps_its_original_destinatio
     Ok(())
 }
 
+/// A loader that attaches to another cgroup than an earlier run did (the
+/// agent's cgroup root changed) lets the earlier one go.
+#[test]
+fn detaching_the_other_cgroups_leaves_the_programs_on_one() -> Result<()> {
+    require_root();
+    let root = TestCgroup::new("moved")?;
+    let old = root.child("old")?;
+    let new = root.child("new")?;
+    let lb = TestLb::attach_to(&old)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(1, loopback())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
+    lb.attach(new.path())?;
+    assert_eq!(lb.detach_others(new.path())?, vec![old.id()]);
+    let attempts = probe(&tcp(vip, 3)).in_cgroup(&old).run()?;
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.backend.as_deref() == Some("decoy")),
+        "{attempts:?}"
+    );
+    let attempts = probe(&tcp(vip, 3)).in_cgroup(&new).run()?;
+    assert!(
+        attempts.iter().all(|a| a.backend.as_deref() == Some("b0")),
+        "{attempts:?}"
+    );
+    assert_eq!(lb.detach_others(new.path())?, Vec::<u64>::new());
+    Ok(())
+}
+
 /// An attach that fails part way (here: the last program's link cannot be
 /// pinned) leaves none of its programs attached or pinned: the cgroup's
 /// connections are not balanced by half a set, and the instance's other

@@ -430,6 +430,19 @@ impl Agent {
                     source,
                 })?;
                 tracing::info!(cgroup = %cgroup_root.display(), pins = %lb.pin_dir().display(), "kernel programs attached");
+                // An earlier run's root, if --cgroup-root changed: its
+                // programs would go on balancing (and redirecting) there.
+                match lb.detach_others(&cgroup_root) {
+                    Ok(ids) if !ids.is_empty() => tracing::info!(
+                        cgroups = ?ids,
+                        "kernel programs detached from an earlier run's cgroup root"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        "detaching an earlier run's kernel programs: {e}; `mesh-agent uninstall` \
+                         removes them"
+                    ),
+                }
                 Arc::new(lb)
             }
             DataplaneKind::None => Arc::new(MemoryDataplane::new()),
