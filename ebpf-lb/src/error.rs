@@ -29,7 +29,7 @@ pub enum Error {
         source: Box<aya::maps::MapError>,
     },
 
-    #[error("map {map}: updating {what}: {source}; the previous state is unchanged")]
+    #[error("map {map}: updating {what}: {source}")]
     MapUpdate {
         map: &'static str,
         what: String,

@@ -765,6 +765,17 @@ impl LoadBalancer {
         self.tables().revnat.keys().filter(|k| k.is_ok()).count()
     }
 
+    /// Connections redirected to the proxy whose original destination has
+    /// not been read yet (not accepted yet, or never).
+    pub fn pending_original_destinations(&self) -> usize {
+        self.orig_dst
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|k| k.is_ok())
+            .count()
+    }
+
     pub fn counters(&self, frontend: &Frontend) -> Result<ServiceCounters> {
         let t = self.tables();
         let svc = t
@@ -928,7 +939,8 @@ impl LoadBalancer {
         // Read once, when the connection is accepted: the entry goes, so
         // the map holds connections not yet accepted only. (The kernel
         // does not delete it at the client's close, which can come first.)
-        // One that cannot be removed ages out of the LRU map instead.
+        // One that cannot be removed stays until the LRU map, full,
+        // evicts it.
         let _ = map.remove(&key);
         Ok(socket_addr(&found.dst).map(|dst| OriginalDestination {
             dst,
@@ -978,14 +990,14 @@ where
     prog.try_into().map_err(|e| Error::program(name, e))
 }
 
-/// Pins `link` as `<cgroup id>-<program>`, replacing (and so detaching) the
-/// link a previous instance pinned there. The new program is attached before
-/// the old one goes, so no connection passes unbalanced in between; while both
+/// Pins `links` (attached to cgroup `cgroup`) in `dir` as
+/// `<cgroup id>-<program>`, each replacing (and so detaching) the link a
+/// previous instance pinned there. The new program is attached before the
+/// old one goes, so no connection passes unbalanced in between; while both
 /// run, the second sees an already translated address and leaves it alone.
-/// Pins `links` (attached to cgroup `cgroup`) in `dir`, each in place of
-/// the previous instance's of the same name. Every one is pinned under a
-/// temporary name first: one that cannot be pinned unpins the others, which
-/// then detach with their descriptors, and the previous set stays whole.
+/// Every one is pinned under a temporary name first: one that cannot be
+/// pinned unpins the others, which then detach with their descriptors, and
+/// the previous set stays whole.
 fn pin_links(links: Vec<(FdLink, &str)>, dir: &Path, cgroup: u64) -> Result<()> {
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
     for (link, name) in links {
@@ -1001,8 +1013,15 @@ fn pin_links(links: Vec<(FdLink, &str)>, dir: &Path, cgroup: u64) -> Result<()> 
         }
         staged.push((tmp, path));
     }
-    for (tmp, path) in staged {
-        fs::rename(&tmp, &path).map_err(|e| Error::io("pinning link", &path, e))?;
+    // A rename that fails (it hardly can: same folder) leaves the ones
+    // before it in force; the rest are unpinned, and so detach.
+    for (i, (tmp, path)) in staged.iter().enumerate() {
+        if let Err(e) = fs::rename(tmp, path) {
+            for (t, _) in &staged[i..] {
+                let _ = fs::remove_file(t);
+            }
+            return Err(Error::io("pinning link", path, e));
+        }
     }
     Ok(())
 }
@@ -1296,11 +1315,13 @@ impl Tables {
     /// before the barrier, so no choice made after it can pick them.
     /// Removes the `MEMBERS` entries of departed backends, and those an
     /// earlier batch failed to remove. Each is tried; one that fails is kept
-    /// for the next batch, and the first failure is returned.
+    /// for the next batch. The first failure of this batch's own is
+    /// returned (an earlier batch's, already reported, fails no other).
     fn unlink_members(&mut self, retired: &Retired) -> Result<()> {
         let mut first = None;
         let pending = std::mem::take(&mut self.unlinked);
-        for m in pending.iter().chain(&retired.members) {
+        let earlier = pending.len();
+        for (i, m) in pending.iter().chain(&retired.members).enumerate() {
             match self.members.remove(m) {
                 Ok(()) => {}
                 Err(e) if is_not_found(&e) => {}
@@ -1308,7 +1329,9 @@ impl Tables {
                     if !self.unlinked.contains(m) {
                         self.unlinked.push(*m);
                     }
-                    first.get_or_insert(Error::map(maps::MEMBERS, e));
+                    if i >= earlier {
+                        first.get_or_insert(Error::map(maps::MEMBERS, e));
+                    }
                 }
             }
         }

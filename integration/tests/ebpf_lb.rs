@@ -686,6 +686,17 @@ fn a_connection_closed_before_the_proxy_accepts_it_keeps_its_original_destinatio
     assert_eq!(got, "metric 1\n");
     // Read once: the map keeps connections not yet accepted only.
     assert_eq!(lb.original_destination(peer, local)?.map(|o| o.dst), None);
+    assert_eq!(lb.pending_original_destinations(), 0);
+    // A redirect that never connects (nothing listens at the capture
+    // address) removes its own entry as it closes.
+    drop(proxy);
+    let attempts = probe(&tcp(vip, 3)).in_cgroup(&enrolled).run()?;
+    assert!(attempts.iter().all(|a| a.errno.is_some()), "{attempts:?}");
+    assert_eq!(
+        lb.pending_original_destinations(),
+        0,
+        "refused connects left entries"
+    );
     Ok(())
 }
 

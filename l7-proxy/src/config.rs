@@ -75,7 +75,8 @@ pub struct ProxySettings {
     pub outbound_addr: SocketAddr,
     /// A second capture listener, of the other address family, on a
     /// dual-stack node: the kernel sends each family's connections to a
-    /// capture address of that family.
+    /// capture address of that family, on one port (port 0 here: the first
+    /// listener's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub second_outbound_addr: Option<SocketAddr>,
     /// Inbound mTLS tunnel listener address (port 15008 on the node).

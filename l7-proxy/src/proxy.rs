@@ -188,8 +188,14 @@ impl ProxyBuilder {
                 addr: self.settings.outbound_addr,
                 source,
             })?;
+        // Port 0 for the second: the first's (the kernel redirects both
+        // families to one port).
+        let first_port = outbound.local_addr().map_or(0, |a| a.port());
         let second = match self.settings.second_outbound_addr {
-            Some(addr) => {
+            Some(mut addr) => {
+                if addr.port() == 0 {
+                    addr.set_port(first_port);
+                }
                 Some(
                     TcpListener::bind(addr)
                         .await

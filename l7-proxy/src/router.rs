@@ -119,7 +119,9 @@ impl Rule {
         Arc::new(Rule {
             route: service.clone(),
             name: "default".into(),
-            label: format!("{service}#default").into(),
+            // The Service itself, without a `#<rule>` that a route's rules
+            // have (a rule may be named `default`).
+            label: service.to_string().into(),
             filters: Vec::new(),
             backends: vec![BackendRef {
                 service: service.clone(),

@@ -88,17 +88,39 @@ pub enum ProxyMode {
 }
 
 /// The proxy's capture addresses: those given (at most one per address
-/// family), or port 15001 on the first node address of each family, the
-/// first node address's family first.
-fn capture_addrs(node: &[IpAddr], given: &[SocketAddr]) -> Result<Vec<SocketAddr>, String> {
+/// family, on one port, each an address the kernel can send connections
+/// to), or port 15001 on the first node address and, with `both_families`
+/// (the embedded proxy, which listens on each), on the first node address
+/// of the other family.
+fn capture_addrs(
+    node: &[IpAddr],
+    given: &[SocketAddr],
+    both_families: bool,
+) -> Result<Vec<SocketAddr>, String> {
+    let list = || {
+        given
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     if given.len() > 2 || (given.len() == 2 && given[0].is_ipv4() == given[1].is_ipv4()) {
         return Err(format!(
             "--proxy-capture-addr {}: give at most one address per family (IPv4, IPv6)",
-            given
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
+            list()
+        ));
+    }
+    if given.len() == 2 && given[0].port() != given[1].port() {
+        return Err(format!(
+            "--proxy-capture-addr {}: both families' capture addresses need one port (the \
+             kernel redirects to one port)",
+            list()
+        ));
+    }
+    if let Some(a) = given.iter().find(|a| a.ip().is_unspecified()) {
+        return Err(format!(
+            "--proxy-capture-addr {a}: the kernel sends connections to an address, not to a \
+             wildcard; give the node's or a loopback address"
         ));
     }
     if !given.is_empty() {
@@ -108,7 +130,9 @@ fn capture_addrs(node: &[IpAddr], given: &[SocketAddr]) -> Result<Vec<SocketAddr
         .first()
         .copied()
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    let other = node.iter().find(|a| a.is_ipv4() != first.is_ipv4());
+    let other = node
+        .iter()
+        .find(|a| both_families && a.is_ipv4() != first.is_ipv4());
     Ok(std::iter::once(first)
         .chain(other.copied())
         .map(|ip| SocketAddr::new(ip, config::PROXY_CAPTURE_PORT))
@@ -478,8 +502,14 @@ impl Agent {
             .first()
             .copied()
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let captures =
-            capture_addrs(&args.node_addresses, &args.proxy_capture_addr).map_err(Error::Source)?;
+        // An external proxy is sent the families given (or the first node
+        // address's): it may listen on one only.
+        let captures = capture_addrs(
+            &args.node_addresses,
+            &args.proxy_capture_addr,
+            args.proxy == ProxyMode::Embedded,
+        )
+        .map_err(Error::Source)?;
         let mut embedded: Option<Arc<EmbeddedProxy>> = None;
         let capture: Option<Vec<SocketAddr>> = match args.proxy {
             ProxyMode::Off => None,
@@ -723,7 +753,7 @@ mod tests {
     #[test]
     fn a_dual_stack_node_captures_both_families() {
         let node = ips(&["10.0.0.5", "10.0.0.6", "fd00::5"]);
-        let c = capture_addrs(&node, &[]).unwrap();
+        let c = capture_addrs(&node, &[], true).unwrap();
         assert_eq!(c, addrs(&["10.0.0.5:15001", "[fd00::5]:15001"]));
         let t = proxy_target(&c).unwrap();
         assert_eq!(t.v4, Some("10.0.0.5".parse().unwrap()));
@@ -731,10 +761,15 @@ mod tests {
         assert_eq!(t.port, 15001);
         assert!(uncaptured_families(&node, &c).is_empty());
         // IPv6 first: the same, in that order.
-        let c = capture_addrs(&ips(&["fd00::5", "10.0.0.5"]), &[]).unwrap();
+        let c = capture_addrs(&ips(&["fd00::5", "10.0.0.5"]), &[], true).unwrap();
         assert_eq!(c, addrs(&["[fd00::5]:15001", "10.0.0.5:15001"]));
+        // An external proxy may listen on one family only: the first node
+        // address's, and the other is warned about.
+        let c = capture_addrs(&node, &[], false).unwrap();
+        assert_eq!(c, addrs(&["10.0.0.5:15001"]));
+        assert_eq!(uncaptured_families(&node, &c), ["IPv6"]);
         // A single-stack node: one.
-        let c = capture_addrs(&ips(&["10.0.0.5"]), &[]).unwrap();
+        let c = capture_addrs(&ips(&["10.0.0.5"]), &[], true).unwrap();
         assert_eq!(c, addrs(&["10.0.0.5:15001"]));
         assert_eq!(proxy_target(&c).unwrap().v6, None);
     }
@@ -743,12 +778,19 @@ mod tests {
     fn given_capture_addresses_are_one_per_family_on_one_port() {
         let node = ips(&["10.0.0.5", "fd00::5"]);
         let given = addrs(&["127.0.0.1:15001"]);
-        assert_eq!(capture_addrs(&node, &given).unwrap(), given);
+        assert_eq!(capture_addrs(&node, &given, true).unwrap(), given);
         // Only IPv4 given on a dual-stack node: IPv6 goes uncaptured (the
         // agent warns).
         assert_eq!(uncaptured_families(&node, &given), ["IPv6"]);
-        let e = capture_addrs(&node, &addrs(&["127.0.0.1:1", "127.0.0.2:1"])).unwrap_err();
+        let e = capture_addrs(&node, &addrs(&["127.0.0.1:1", "127.0.0.2:1"]), true).unwrap_err();
         assert!(e.contains("one address per family"), "{e}");
+        // Checked before anything binds: ports, wildcards.
+        let e = capture_addrs(&node, &addrs(&["127.0.0.1:0", "[::1]:0"]), true);
+        assert!(e.is_ok(), "one port, 0 for both: {e:?}");
+        let e = capture_addrs(&node, &addrs(&["127.0.0.1:1", "[::1]:2"]), true).unwrap_err();
+        assert!(e.contains("one port"), "{e}");
+        let e = capture_addrs(&node, &addrs(&["0.0.0.0:15001"]), true).unwrap_err();
+        assert!(e.contains("wildcard"), "{e}");
         let e = proxy_target(&addrs(&["127.0.0.1:1", "[::1]:2"])).unwrap_err();
         assert!(e.contains("one port"), "{e}");
     }

@@ -307,7 +307,8 @@ fn rfc3339_unix(secs: u64) -> Option<String> {
 /// (`namespace/name` of the HTTPRoute or GRPCRoute), or by
 /// `namespace/name#default` for a Service's default route (so that a route
 /// named as its Service is counted apart), from the proxy's metrics text.
-/// The proxy labels rules `<route>#<rule>`.
+/// The proxy labels a route's rules `<route>#<rule>` and a Service's default
+/// route `<service>`.
 pub fn request_stats(text: &str) -> BTreeMap<String, (u64, u64)> {
     let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for line in text
@@ -331,11 +332,12 @@ pub fn request_stats(text: &str) -> BTreeMap<String, (u64, u64)> {
             continue;
         };
         let key = match route.split_once('#') {
-            Some((_, "default")) => route.as_str(),
-            Some((owner, _rule)) => owner,
-            None => continue,
+            Some((owner, _rule)) => owner.to_string(),
+            // Inbound requests have no route.
+            None if route.is_empty() => continue,
+            None => format!("{route}#default"),
         };
-        let e = out.entry(key.to_string()).or_default();
+        let e = out.entry(key).or_default();
         e.0 += v as u64;
         if label("status_class").is_some_and(|c| c.starts_with('5')) {
             e.1 += v as u64;

@@ -360,6 +360,7 @@ fn helm_lint_renders_the_chart_with_default_and_other_values() {
             "  inProcessOnEveryNode: true",
         )
         .replace("  privileged: false", "  privileged: true")
+        .replace("  dualStack: false", "  dualStack: true")
         .replace(
             "  podAnnotations: {}",
             "  podAnnotations: {prometheus.io/scrape: \"true\"}",

@@ -1729,7 +1729,7 @@ async fn a_workload_that_stops_answering_is_cut_off() {
     })
     .await;
 
-    silent_504(&mesh, "shop/cart", "shop/cart#default").await;
+    silent_504(&mesh, "shop/cart", "shop/cart").await;
     // A route sending cart's requests to another service: counted under
     // that service, as its other answers are.
     mesh.publish(&Snapshot {

@@ -1341,6 +1341,8 @@ async fn a_second_capture_listener_serves_the_other_address_family() {
     let _srv = mesh.serve_cart().await;
     let second = mesh.a.proxy().second_outbound_addr().expect("bound");
     assert!(second.is_ipv6(), "{second}");
+    // Port 0 asked: the first listener's port, as the kernel needs.
+    assert_eq!(second.port(), mesh.a.proxy().outbound_addr().port());
     // web's IPv6 address.
     let web6: std::net::IpAddr = "::1".parse().unwrap();
     mesh.a

@@ -94,8 +94,8 @@ impl AdminState {
 
     /// The configuration's problems as `status`, `check` and the
     /// `sluice_agent_config_errors` metric all count them: the agent's
-    /// refused files and objects and the node proxy's, and the notes
-    /// (documents of kinds the agent does not read) after them.
+    /// refused files and objects, with its notes (documents of kinds it does
+    /// not read) among them, then the node proxy's.
     fn config_errors(&self, v: &AgentView) -> Vec<api::ConfigError> {
         let mut out: Vec<api::ConfigError> = v.config_errors.clone();
         for p in self.proxy.iter().flat_map(|p| p.config_problems()) {

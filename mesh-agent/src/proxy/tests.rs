@@ -340,11 +340,13 @@ fn request_counts_come_from_the_proxy_metrics() {
     let text = "# TYPE sluice_requests counter\n\
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/db-split#v2\",status_class=\"2xx\"} 7\n\
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/db-split#0\",status_class=\"5xx\"} 2\n\
-        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/web#default\",status_class=\"2xx\"} 1\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/web\",status_class=\"2xx\"} 1\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/db-split#default\",status_class=\"2xx\"} 5\n\
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/web#0\",status_class=\"5xx\"} 3\n\
         sluice_requests_total{direction=\"inbound\",source=\"x\",destination=\"y\",route=\"\",status_class=\"2xx\"} 4\n";
     let s = request_stats(text);
-    assert_eq!(s["shop/db-split"], (9, 2));
+    // A rule named `default` is the route's.
+    assert_eq!(s["shop/db-split"], (14, 2));
     // The Service shop/web's default route, apart from the HTTPRoute
     // shop/web.
     assert_eq!(s["shop/web#default"], (1, 0));

@@ -106,7 +106,11 @@ pub fn workload_infos(
             let local = w.node == node;
             // A pod of another node: enrolled as its node's agent takes it
             // (the reasons are the same everywhere), shown with `-A`.
-            let reason = not_enrolled_reason(store, w);
+            let reason = if w.node.is_empty() {
+                Some("not scheduled to a node yet".into())
+            } else {
+                not_enrolled_reason(store, w)
+            };
             WorkloadInfo {
                 namespace: w.namespace.clone(),
                 name: w.name.clone(),
@@ -291,6 +295,13 @@ mod tests {
         let infos = workload_infos(&s, "n1", "example.org", MtlsMode::Permissive);
         let far2 = infos.iter().find(|w| w.name == "far2").unwrap();
         assert!(!far2.enrolled && far2.reason.as_deref().unwrap().contains("namespace plain"));
+        // A pod no node runs yet is nobody's to enrol.
+        s.apply(Update::Upsert(Object::Pod(workload(
+            "shop", "pending", "x", "10.0.0.7", "",
+        ))));
+        let infos = workload_infos(&s, "n1", "example.org", MtlsMode::Permissive);
+        let pending = infos.iter().find(|w| w.name == "pending").unwrap();
+        assert!(!pending.enrolled, "{pending:?}");
         assert!(!by["out"].enrolled);
         assert!(by["out"].reason.as_deref().unwrap().contains("opted out"));
         assert_eq!(enrolled_namespaces(&s), ["shop"]);

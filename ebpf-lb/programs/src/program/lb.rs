@@ -13,7 +13,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr,
     },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
@@ -519,16 +519,18 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         // A balanced connection: its reverse translation goes when it
         // closes, so that the map holds live sockets only (an LRU eviction
         // would cost a long-lived one its VIP and its reset).
-        let watch = REVNAT.get_ptr(revnat_key(&ctx, cookie, &t)).is_some();
+        let mut watch = REVNAT.get_ptr(revnat_key(&ctx, cookie, &t)).is_some();
         // The local port is bound by now: move the note of a redirected
         // connection from its cookie to its 4-tuple. The proxy takes it out
         // when it accepts the connection (user space), not this socket's
-        // close: a client that writes and closes at once is closed before
-        // the proxy has accepted it.
+        // close once connected: a client that writes and closes at once is
+        // closed before the proxy has accepted it. One that never connects
+        // (refused, timed out) takes it out as it closes.
         if let Some(orig) = unsafe { COOKIE_ORIG.get(cookie) } {
             let orig = *orig;
             let _ = ORIG_DST.insert(t, orig, BPF_ANY as u64);
             let _ = COOKIE_ORIG.remove(cookie);
+            watch = true;
         }
         if watch {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -537,6 +539,9 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let t = four_tuple(&ctx);
         let _ = REVNAT.remove(revnat_key(&ctx, cookie, &t));
+        if ctx.arg(0) == BPF_TCP_SYN_SENT {
+            let _ = ORIG_DST.remove(t);
+        }
     }
     1
 }

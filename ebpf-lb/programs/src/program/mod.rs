@@ -58,7 +58,9 @@ pub(crate) static COOKIE_ORIG: LruHashMap<u64, OriginalDst> =
     LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
 
 /// Redirected connections the proxy has not accepted yet (it removes each
-/// entry as it reads it; one never accepted ages out).
+/// entry as it reads it; a connection that never connected takes its own out
+/// as it closes; one connected but never accepted stays until the LRU map,
+/// full, evicts it).
 #[map]
 pub(crate) static ORIG_DST: LruHashMap<FourTuple, OriginalDst> =
     LruHashMap::pinned(DEFAULT_MAX_SOCKETS, 0);
