@@ -61,6 +61,12 @@ fn assert_all_ok(attempts: &[Attempt]) {
     }
 }
 
+/// Whether every attempt was answered by `who` (a backend's name, or
+/// `decoy`: the VIP's own listener, left alone by the load balancer).
+fn all_answered_by(attempts: &[Attempt], who: &str) -> bool {
+    attempts.iter().all(|a| a.backend.as_deref() == Some(who))
+}
+
 /// A decoy listening on the VIP address itself: a connection that the load
 /// balancer leaves alone lands here, and says so.
 fn decoy() -> Result<TcpBackend> {
@@ -716,17 +722,9 @@ fn detaching_the_other_cgroups_leaves_the_programs_on_one() -> Result<()> {
     lb.attach(new.path())?;
     assert_eq!(lb.detach_others(new.path())?, vec![old.id()]);
     let attempts = probe(&tcp(vip, 3)).in_cgroup(&old).run()?;
-    assert!(
-        attempts
-            .iter()
-            .all(|a| a.backend.as_deref() == Some("decoy")),
-        "{attempts:?}"
-    );
+    assert!(all_answered_by(&attempts, "decoy"), "{attempts:?}");
     let attempts = probe(&tcp(vip, 3)).in_cgroup(&new).run()?;
-    assert!(
-        attempts.iter().all(|a| a.backend.as_deref() == Some("b0")),
-        "{attempts:?}"
-    );
+    assert!(all_answered_by(&attempts, "b0"), "{attempts:?}");
     assert_eq!(lb.detach_others(new.path())?, Vec::<u64>::new());
     Ok(())
 }
@@ -769,17 +767,9 @@ fn an_attach_that_fails_part_way_leaves_nothing_attached() -> Result<()> {
     // Not balanced in the other cgroup: its connections reach the VIP's
     // own listener; still balanced in the first.
     let attempts = probe(&tcp(vip, 3)).in_cgroup(&other).run()?;
-    assert!(
-        attempts
-            .iter()
-            .all(|a| a.backend.as_deref() == Some("decoy")),
-        "{attempts:?}"
-    );
+    assert!(all_answered_by(&attempts, "decoy"), "{attempts:?}");
     let attempts = probe(&tcp(vip, 3)).in_cgroup(&attached).run()?;
-    assert!(
-        attempts.iter().all(|a| a.backend.as_deref() == Some("b0")),
-        "{attempts:?}"
-    );
+    assert!(all_answered_by(&attempts, "b0"), "{attempts:?}");
     drop(blocker);
     Ok(())
 }

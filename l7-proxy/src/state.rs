@@ -463,19 +463,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn only_the_pods_own_namespace_declares_its_ports_http() {
-        let pod: IpAddr = "10.0.0.7".parse().unwrap();
-        let service = |ns: &str, app: &str, target_port: u16| Service {
-            id: ObjectRef::new(ns, "s"),
-            vips: vec![],
+    /// A Service `ns/name` on port 80 to `target_port` of pod shop/cart-0
+    /// (10.0.0.7), its port's `appProtocol` `app`.
+    fn cart_service(
+        ns: &str,
+        name: &str,
+        vips: Vec<IpAddr>,
+        target_port: u16,
+        app: Option<&str>,
+    ) -> Service {
+        Service {
+            id: ObjectRef::new(ns, name),
+            vips,
             ports: vec![crate::config::ServicePort {
                 port: 80,
                 target_port,
-                app_protocol: Some(app.into()),
+                app_protocol: app.map(Into::into),
             }],
             endpoints: vec![crate::config::Endpoint {
-                ip: pod,
+                ip: "10.0.0.7".parse().unwrap(),
                 ready: true,
                 workload: Some(ObjectRef::new("shop", "cart-0")),
                 node_proxy: None,
@@ -484,6 +490,13 @@ mod tests {
                 unready_ports: vec![],
             }],
             affinity_timeout_s: None,
+        }
+    }
+
+    #[test]
+    fn only_the_pods_own_namespace_declares_its_ports_http() {
+        let service = |ns: &str, app: &str, target_port: u16| {
+            cart_service(ns, "s", vec![], target_port, Some(app))
         };
         let snap = Snapshot {
             services: vec![
@@ -526,25 +539,13 @@ mod tests {
                 ],
             }],
             // A Service that lists the pod and says nothing of 8080.
-            services: vec![Service {
-                id: ObjectRef::new("shop", "sibling"),
-                vips: vec!["10.96.0.9".parse().unwrap()],
-                ports: vec![crate::config::ServicePort {
-                    port: 80,
-                    target_port: 8080,
-                    app_protocol: None,
-                }],
-                endpoints: vec![crate::config::Endpoint {
-                    ip: "10.0.0.7".parse().unwrap(),
-                    ready: true,
-                    workload: Some(ObjectRef::new("shop", "cart-0")),
-                    node_proxy: None,
-                    identity: None,
-                    ports: Default::default(),
-                    unready_ports: vec![],
-                }],
-                affinity_timeout_s: None,
-            }],
+            services: vec![cart_service(
+                "shop",
+                "sibling",
+                vec!["10.96.0.9".parse().unwrap()],
+                8080,
+                None,
+            )],
             ..Default::default()
         };
         let st = State::build(Arc::new(snap)).0;

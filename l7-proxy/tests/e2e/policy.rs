@@ -420,28 +420,32 @@ async fn a_port_declared_http_takes_http_only_and_the_identity_header_cannot_be_
 
     // Opaque TCP to the same pod port is refused, and counted (the reset
     // may come before the connection is even up: no byte waited for).
-    match mesh
-        .try_connect(web().ip, SocketAddr::new(vip(2), 80))
-        .await
-    {
-        Ok(mut no) => {
-            let _ = no.write_all(forged.as_bytes()).await;
-            assert!(closed_by_peer(&mut no).await, "the stream was not refused");
-        }
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-    }
-    assert_eq!(
-        tcp_denials(&mesh, &web(), &cart(0)),
-        1.0,
-        "{}",
-        mesh.b.metrics()
-    );
+    refused_at_cart(&mesh, SocketAddr::new(vip(2), 80), forged.as_bytes()).await;
     assert_eq!(
         srv[0].hits(),
         targets.len(),
         "the refused stream reached cart"
     );
     mesh.shutdown().await;
+}
+
+/// Web's opaque TCP connection to `to`, sending `bytes`, is refused by
+/// cart-0's node proxy (the reset may come before the connection is even
+/// up: no byte waited for), and counted there as one denial.
+async fn refused_at_cart(mesh: &Mesh, to: SocketAddr, bytes: &[u8]) {
+    match mesh.try_connect(web().ip, to).await {
+        Ok(mut no) => {
+            let _ = no.write_all(bytes).await;
+            assert!(closed_by_peer(&mut no).await, "the stream was not refused");
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert_eq!(
+        tcp_denials(mesh, &web(), &cart(0)),
+        1.0,
+        "{}",
+        mesh.b.metrics()
+    );
 }
 
 /// A pod whose Service declares its port HTTP but whose EndpointSlice does
@@ -468,22 +472,12 @@ async fn a_port_declared_http_is_http_only_before_the_endpointslice_lists_the_po
         ..Default::default()
     })
     .await;
-    match mesh
-        .try_connect(web().ip, SocketAddr::new(vip(2), 80))
-        .await
-    {
-        Ok(mut no) => {
-            let _ = no.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
-            assert!(closed_by_peer(&mut no).await, "the stream was not refused");
-        }
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-    }
-    assert_eq!(
-        tcp_denials(&mesh, &web(), &cart(0)),
-        1.0,
-        "{}",
-        mesh.b.metrics()
-    );
+    refused_at_cart(
+        &mesh,
+        SocketAddr::new(vip(2), 80),
+        b"GET / HTTP/1.1\r\n\r\n",
+    )
+    .await;
     assert_eq!(srv[0].hits(), 0, "the refused stream reached cart");
     mesh.shutdown().await;
 }

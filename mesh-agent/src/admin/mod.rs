@@ -796,25 +796,25 @@ mod tests {
             ],
             ..AgentView::default()
         });
+        let line = |check: &Check| {
+            let c = check
+                .checks
+                .iter()
+                .find(|c| c.name == "agent: configuration");
+            c.unwrap().detail.clone()
+        };
         assert_eq!(st.status().counts.config_errors, 1);
-        let check = st.check();
-        let line = check
-            .checks
-            .iter()
-            .find(|c| c.name == "agent: configuration")
-            .unwrap();
-        assert!(line.detail.starts_with("1 problem"), "{line:?}");
+        assert!(
+            line(&st.check()).starts_with("1 problem"),
+            "{}",
+            line(&st.check())
+        );
         // The node proxy's problems count in all three places too.
         let mut st = Arc::try_unwrap(st).ok().unwrap();
         st.proxy = Some(Arc::new(RuleLeftOut));
         assert_eq!(st.status().counts.config_errors, 2);
         let check = st.check();
-        let line = check
-            .checks
-            .iter()
-            .find(|c| c.name == "agent: configuration")
-            .unwrap();
-        assert!(line.detail.starts_with("2 problem"), "{line:?}");
+        assert!(line(&check).starts_with("2 problem"), "{}", line(&check));
         assert_eq!(check.config_errors.len(), 3, "the note listed too");
         assert!(
             st.metrics().contains("\nsluice_agent_config_errors 2\n"),
