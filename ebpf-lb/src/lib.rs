@@ -172,6 +172,10 @@ pub struct ApplyReport {
     /// when the wait for programs still reading them failed (the batch is
     /// in force all the same).
     pub kept_slots: Option<String>,
+    /// Departed backends' `MEMBERS` entries that could not be removed (this
+    /// batch's or earlier ones'): tried again by every batch; until then
+    /// session affinity may still pick those backends.
+    pub stuck_members: usize,
 }
 
 /// What the kernel currently holds for one service.
@@ -716,6 +720,7 @@ impl LoadBalancer {
                 t.retire_keeping_slots(retired)
             }
         };
+        report.stuck_members = t.unlinked.len();
         if self.opts.reset_on_removal && !departed.is_empty() {
             report.reset = reset::reset(&t.attached, &t.revnat, &departed)?;
         }
@@ -938,7 +943,8 @@ impl LoadBalancer {
         };
         // Read once, when the connection is accepted: the entry goes, so
         // the map holds connections not yet accepted only. (The kernel
-        // does not delete it at the client's close, which can come first.)
+        // deletes it at the close of a connection that never connected
+        // only: a connected client's close can come before the accept.)
         // One that cannot be removed stays until the LRU map, full,
         // evicts it.
         let _ = map.remove(&key);

@@ -89,13 +89,14 @@ pub enum ProxyMode {
 
 /// The proxy's capture addresses: those given (at most one per address
 /// family, on one port, each an address the kernel can send connections
-/// to), or port 15001 on the first node address and, with `both_families`
-/// (the embedded proxy, which listens on each), on the first node address
-/// of the other family.
+/// to), or port 15001 on the first node address of each family. `embedded`:
+/// the agent's own proxy, which listens where it is told (port 0 included);
+/// an external one on a dual-stack node must be given its addresses (it may
+/// listen on one family only, and a family sent nowhere is not meshed).
 fn capture_addrs(
     node: &[IpAddr],
     given: &[SocketAddr],
-    both_families: bool,
+    embedded: bool,
 ) -> Result<Vec<SocketAddr>, String> {
     let list = || {
         given
@@ -123,6 +124,12 @@ fn capture_addrs(
              wildcard; give the node's or a loopback address"
         ));
     }
+    if let Some(a) = given.iter().find(|a| !embedded && a.port() == 0) {
+        return Err(format!(
+            "--proxy-capture-addr {a}: an external proxy's capture port is needed (0 only \
+             picks a free port for the embedded proxy)"
+        ));
+    }
     if !given.is_empty() {
         return Ok(given.to_vec());
     }
@@ -130,9 +137,15 @@ fn capture_addrs(
         .first()
         .copied()
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    let other = node
-        .iter()
-        .find(|a| both_families && a.is_ipv4() != first.is_ipv4());
+    let other = node.iter().find(|a| a.is_ipv4() != first.is_ipv4());
+    if !embedded && other.is_some() {
+        return Err(
+            "--proxy external on a dual-stack node: give --proxy-capture-addr for each family \
+             the external proxy listens on (IPv4,IPv6); a family given none is balanced \
+             without mTLS or policy"
+                .into(),
+        );
+    }
     Ok(std::iter::once(first)
         .chain(other.copied())
         .map(|ip| SocketAddr::new(ip, config::PROXY_CAPTURE_PORT))
@@ -267,8 +280,9 @@ pub struct RunArgs {
     pub proxy: ProxyMode,
     /// Where the kernel sends enrolled connections (the proxy's capture
     /// listener): one address per family (repeat, or comma-separate, on a
-    /// dual-stack node). Default: the first node address of each family,
-    /// port 15001.
+    /// dual-stack node), on one port. Default: the first node address of
+    /// each family, port 15001; an external proxy on a dual-stack node must
+    /// be given them.
     #[arg(long, value_delimiter = ',')]
     pub proxy_capture_addr: Vec<SocketAddr>,
     /// The embedded proxy's mTLS tunnel listener. Default: the first node
@@ -502,8 +516,6 @@ impl Agent {
             .first()
             .copied()
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        // An external proxy is sent the families given (or the first node
-        // address's): it may listen on one only.
         let captures = capture_addrs(
             &args.node_addresses,
             &args.proxy_capture_addr,
@@ -763,11 +775,20 @@ mod tests {
         // IPv6 first: the same, in that order.
         let c = capture_addrs(&ips(&["fd00::5", "10.0.0.5"]), &[], true).unwrap();
         assert_eq!(c, addrs(&["[fd00::5]:15001", "10.0.0.5:15001"]));
-        // An external proxy may listen on one family only: the first node
-        // address's, and the other is warned about.
-        let c = capture_addrs(&node, &[], false).unwrap();
-        assert_eq!(c, addrs(&["10.0.0.5:15001"]));
+        // An external proxy on a dual-stack node is told where it listens
+        // (it may serve one family: the other is then warned about).
+        let e = capture_addrs(&node, &[], false).unwrap_err();
+        assert!(
+            e.contains("give --proxy-capture-addr for each family"),
+            "{e}"
+        );
+        let c = capture_addrs(&node, &addrs(&["10.0.0.5:15001"]), false).unwrap();
         assert_eq!(uncaptured_families(&node, &c), ["IPv6"]);
+        let e = capture_addrs(&node, &addrs(&["10.0.0.5:0"]), false).unwrap_err();
+        assert!(e.contains("capture port is needed"), "{e}");
+        // Single-stack: the default serves an external proxy as before.
+        let c = capture_addrs(&ips(&["10.0.0.5"]), &[], false).unwrap();
+        assert_eq!(c, addrs(&["10.0.0.5:15001"]));
         // A single-stack node: one.
         let c = capture_addrs(&ips(&["10.0.0.5"]), &[], true).unwrap();
         assert_eq!(c, addrs(&["10.0.0.5:15001"]));

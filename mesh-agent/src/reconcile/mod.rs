@@ -1124,6 +1124,13 @@ fn warn_apply_report(r: &ebpf_lb::ApplyReport) {
     for f in &r.reset.failed {
         tracing::warn!("sockets to removed backends not reset in {f}");
     }
+    if r.stuck_members > 0 {
+        tracing::warn!(
+            stuck = r.stuck_members,
+            "departed backends' session-affinity entries could not be removed from the kernel \
+             (tried again with every update); until then affinity may still pick them"
+        );
+    }
     if let Some(why) = &r.kept_slots {
         tracing::warn!(
             "kernel update applied, but its replaced backend slots stay allocated until the \
