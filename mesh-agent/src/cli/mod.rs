@@ -382,6 +382,9 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
             // STRICT that the kernel does not guard is the proxy's alone.
             match (x.enrolled, kernel_unguarded(x)) {
                 (false, _) => "-".into(),
+                (true, Some(crate::reconcile::STRICT_WITHOUT_PROXY)) => {
+                    format!("{} (not enforced)", x.mtls_mode)
+                }
                 (true, Some(_)) => format!("{} (proxy only)", x.mtls_mode),
                 (true, None) => x.mtls_mode.to_string(),
             },
@@ -433,7 +436,7 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
         .collect();
     if !unguarded.is_empty() {
         out.push_str(
-            "\nSTRICT (proxy only): the kernel does not refuse plaintext to these pods:\n",
+            "\nSTRICT pods the kernel does not guard (it does not refuse plaintext to them):\n",
         );
         out.extend(unguarded);
     }
@@ -692,6 +695,7 @@ mod tests {
             workloads: vec![
                 pod("db", "guarded on veth1"),
                 pod("web", "not enforced in the kernel: the pod has no IP yet"),
+                pod("cart", crate::reconcile::STRICT_WITHOUT_PROXY),
             ],
         };
         let out = render_workloads(&w, false, None);
@@ -701,6 +705,7 @@ mod tests {
             "{out}"
         );
         assert!(row("web").contains("STRICT (proxy only)"), "{out}");
+        assert!(row("cart").contains("STRICT (not enforced)"), "{out}");
         assert!(
             out.contains("shop/web: not enforced in the kernel: the pod has no IP yet"),
             "{out}"

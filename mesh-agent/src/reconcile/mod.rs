@@ -655,7 +655,15 @@ impl Reconciler {
         let mut guard_keys: BTreeSet<String> = BTreeSet::new();
         for info in infos.iter_mut() {
             // `enrolled` is still the intent here (namespace, opt-out).
-            if !info.local || !info.enrolled || self.settings.proxy.is_none() {
+            if !info.local || !info.enrolled {
+                continue;
+            }
+            if self.settings.proxy.is_none() {
+                // No mode is pushed (STRICT would refuse every connection),
+                // and nothing enforces it: say so where STRICT is asked.
+                if info.mtls_mode == MtlsMode::Strict {
+                    info.strict_guard = Some(STRICT_WITHOUT_PROXY.into());
+                }
                 continue;
             }
             let key = Key::new(&info.namespace, &info.name);
@@ -1117,6 +1125,10 @@ impl Reconciler {
         });
     }
 }
+
+/// A STRICT pod's `strict_guard` when no node proxy runs: nothing enforces
+/// its mode.
+pub(crate) const STRICT_WITHOUT_PROXY: &str = "not enforced: no node proxy runs (--proxy off)";
 
 /// Sockets pinned to removed backends that could not be reset stay until
 /// their next send fails: say where, since the update itself went through.

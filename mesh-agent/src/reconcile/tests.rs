@@ -433,13 +433,18 @@ fn without_a_proxy_no_mode_is_pushed() {
     let mut web = workload("shop", "web", "web", "10.0.0.1", "n1");
     web.cgroup = Some(f.cgroup("pods/web"));
     let mut objs = shop();
-    objs.push(Object::Pod(web));
+    objs.extend([Object::Pod(web), Object::MeshPolicy(web_strict())]);
     f.upsert(objs);
     f.sync();
     assert!(
         f.dp.modes().is_empty(),
         "STRICT without a proxy would refuse every connection"
     );
+    // Asked for all the same: shown as not enforced.
+    let view = f.rx.view.borrow().clone();
+    let w = view.workloads.iter().find(|w| w.name == "web").unwrap();
+    assert_eq!(w.mtls_mode, MtlsMode::Strict);
+    assert_eq!(w.strict_guard.as_deref(), Some(super::STRICT_WITHOUT_PROXY));
 }
 
 #[test]
