@@ -516,12 +516,16 @@ impl Agent {
             .first()
             .copied()
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let captures = capture_addrs(
-            &args.node_addresses,
-            &args.proxy_capture_addr,
-            args.proxy == ProxyMode::Embedded,
-        )
-        .map_err(Error::Source)?;
+        // Without a proxy nothing is captured (and nothing checked).
+        let captures = match args.proxy {
+            ProxyMode::Off => Vec::new(),
+            mode => capture_addrs(
+                &args.node_addresses,
+                &args.proxy_capture_addr,
+                mode == ProxyMode::Embedded,
+            )
+            .map_err(Error::Source)?,
+        };
         let mut embedded: Option<Arc<EmbeddedProxy>> = None;
         let capture: Option<Vec<SocketAddr>> = match args.proxy {
             ProxyMode::Off => None,

@@ -47,12 +47,12 @@ fn sluice(admin: &str, args: &[&str]) -> (i32, String, String) {
 }
 
 /// The agent's flags for the example configuration, without kernel programs
-/// or proxy.
+/// or proxy, on a dual-stack node (without a proxy, nothing to capture).
 fn run_args(cg: &Path, state: &Path) -> RunArgs {
     RunArgs {
         source: format!("files:{}", examples().display()),
         node_name: "node-a".into(),
-        node_addresses: vec!["127.0.0.1".parse().unwrap()],
+        node_addresses: vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
         cgroup_root: Some(cg.into()),
         state_dir: state.into(),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
