@@ -1006,15 +1006,19 @@ where
 /// the previous set stays whole.
 fn pin_links(links: Vec<(FdLink, &str)>, dir: &Path, cgroup: u64) -> Result<()> {
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+    // Unpins staged links: with their descriptors gone, they detach.
+    let unpin = |staged: &[(PathBuf, PathBuf)]| {
+        for (t, _) in staged {
+            let _ = fs::remove_file(t);
+        }
+    };
     for (link, name) in links {
         // bpffs refuses names with dots.
         let path = dir.join(format!("{cgroup}-{name}"));
         let tmp = dir.join(format!("new-{cgroup}-{name}"));
         let _ = fs::remove_file(&tmp);
         if let Err(e) = link.pin(&tmp) {
-            for (t, _) in &staged {
-                let _ = fs::remove_file(t);
-            }
+            unpin(&staged);
             return Err(Error::io("pinning link", &tmp, io::Error::other(chain(&e))));
         }
         staged.push((tmp, path));
@@ -1023,9 +1027,7 @@ fn pin_links(links: Vec<(FdLink, &str)>, dir: &Path, cgroup: u64) -> Result<()> 
     // before it in force; the rest are unpinned, and so detach.
     for (i, (tmp, path)) in staged.iter().enumerate() {
         if let Err(e) = fs::rename(tmp, path) {
-            for (t, _) in &staged[i..] {
-                let _ = fs::remove_file(t);
-            }
+            unpin(&staged[i..]);
             return Err(Error::io("pinning link", path, e));
         }
     }

@@ -73,6 +73,17 @@ fn decoy() -> Result<TcpBackend> {
     TcpBackend::start(random_vip_addr(), "decoy")
 }
 
+/// A TCP service on a fresh VIP (its decoy listening there) with `n`
+/// backends `b0`..; `meshed`: enrolled callers go to the proxy.
+fn tcp_service(lb: &TestLb, n: usize, meshed: bool) -> Result<(TcpBackend, Vec<TcpBackend>)> {
+    let decoy = decoy()?;
+    let backends = tcp_backends(n, loopback())?;
+    let mut spec = ServiceSpec::new(Frontend::tcp(decoy.addr()), ready(&backends));
+    spec.meshed = meshed;
+    lb.upsert_service(&spec)?;
+    Ok((decoy, backends))
+}
+
 #[test]
 fn tcp_v4_reaches_every_backend_and_getpeername_shows_the_vip() -> Result<()> {
     require_root();
@@ -556,12 +567,8 @@ fn enrolled_cgroup_is_redirected_to_the_proxy_with_its_original_destination() ->
     let enrolled = root.child("enrolled")?;
     let plain = root.child("plain")?;
     let lb = TestLb::attach_to(&root)?;
-    let decoy = decoy()?;
+    let (decoy, _backends) = tcp_service(&lb, 2, true)?;
     let vip = decoy.addr();
-    let backends = tcp_backends(2, loopback())?;
-    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
-    spec.meshed = true;
-    lb.upsert_service(&spec)?;
 
     // The "proxy": a listener that answers with the original destination the
     // loader reports for each accepted connection.
@@ -644,12 +651,8 @@ fn a_connection_closed_before_the_proxy_accepts_it_keeps_its_original_destinatio
     let root = TestCgroup::new("early")?;
     let enrolled = root.child("enrolled")?;
     let lb = TestLb::attach_to(&root)?;
-    let decoy = decoy()?;
+    let (decoy, _backends) = tcp_service(&lb, 1, true)?;
     let vip = decoy.addr();
-    let backends = tcp_backends(1, loopback())?;
-    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
-    spec.meshed = true;
-    lb.upsert_service(&spec)?;
     let proxy = std::net::TcpListener::bind("127.0.0.1:0")?;
     lb.set_proxy(Some(ProxyTarget {
         v4: Some(Ipv4Addr::LOCALHOST),
@@ -715,10 +718,8 @@ fn detaching_the_other_cgroups_leaves_the_programs_on_one() -> Result<()> {
     let old = root.child("old")?;
     let new = root.child("new")?;
     let lb = TestLb::attach_to(&old)?;
-    let decoy = decoy()?;
+    let (decoy, _backends) = tcp_service(&lb, 1, false)?;
     let vip = decoy.addr();
-    let backends = tcp_backends(1, loopback())?;
-    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
     lb.attach(new.path())?;
     assert_eq!(lb.detach_others(new.path())?, vec![old.id()]);
     let attempts = probe(&tcp(vip, 3)).in_cgroup(&old).run()?;
@@ -740,10 +741,8 @@ fn an_attach_that_fails_part_way_leaves_nothing_attached() -> Result<()> {
     let attached = root.child("attached")?;
     let other = root.child("other")?;
     let lb = TestLb::attach_to(&attached)?;
-    let decoy = decoy()?;
+    let (decoy, _backends) = tcp_service(&lb, 1, false)?;
     let vip = decoy.addr();
-    let backends = tcp_backends(1, loopback())?;
-    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
     // A non-empty directory where the last program's link is pinned first
     // (bpffs takes directories); removed before the instance is.
     struct Blocker(std::path::PathBuf);
@@ -799,12 +798,8 @@ fn a_child_cgroup_of_an_enrolled_pod_cgroup_is_enrolled_too() -> Result<()> {
     let pod = root.child("pod")?;
     let container = pod.child("container")?;
     let lb = TestLb::attach_to(&root)?;
-    let decoy = decoy()?;
+    let (decoy, _backends) = tcp_service(&lb, 1, true)?;
     let vip = decoy.addr();
-    let backends = tcp_backends(1, loopback())?;
-    let mut spec = ServiceSpec::new(Frontend::tcp(vip), ready(&backends));
-    spec.meshed = true;
-    lb.upsert_service(&spec)?;
     let proxy = TcpBackend::start(loopback(), "proxy")?;
     lb.set_proxy(Some(ProxyTarget {
         v4: Some(Ipv4Addr::LOCALHOST),
@@ -831,10 +826,8 @@ fn a_new_loader_removes_what_a_crashed_one_left_half_done() -> Result<()> {
     require_root();
     let cg = TestCgroup::new("lf")?;
     let lb = TestLb::attach_to(&cg)?;
-    let decoy = decoy()?;
+    let (decoy, _backends) = tcp_service(&lb, 1, false)?;
     let vip = decoy.addr();
-    let backends = tcp_backends(1, loopback())?;
-    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
     let pins = lb.options().pin_dir().join("maps");
     let crashed = lb.crash();
 

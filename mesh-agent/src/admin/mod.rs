@@ -98,23 +98,28 @@ impl AdminState {
     /// not read) among them, then the node proxy's.
     fn config_errors(&self, v: &AgentView) -> Vec<api::ConfigError> {
         let mut out: Vec<api::ConfigError> = v.config_errors.clone();
-        for p in self.proxy.iter().flat_map(|p| p.config_problems()) {
-            out.push(api::ConfigError {
-                source: "node proxy".into(),
-                object: None,
-                field: None,
-                message: p,
-            });
-        }
+        out.extend(self.proxy_config_errors());
         out
     }
 
-    /// How many of [`AdminState::config_errors`] are problems (not notes).
-    pub(crate) fn config_problem_count(&self, v: &AgentView) -> usize {
-        self.config_errors(v)
+    /// The node proxy's problems, as configuration errors.
+    fn proxy_config_errors(&self) -> impl Iterator<Item = api::ConfigError> + '_ {
+        self.proxy
             .iter()
-            .filter(|e| !e.is_note())
-            .count()
+            .flat_map(|p| p.config_problems())
+            .map(|message| api::ConfigError {
+                source: "node proxy".into(),
+                object: None,
+                field: None,
+                message,
+            })
+    }
+
+    /// How many of [`AdminState::config_errors`] are problems (not notes),
+    /// without copying the agent's list (each status and metrics scrape).
+    pub(crate) fn config_problem_count(&self, v: &AgentView) -> usize {
+        let agent = v.config_errors.iter().filter(|e| !e.is_note()).count();
+        agent + self.proxy_config_errors().filter(|e| !e.is_note()).count()
     }
 
     pub fn status(&self) -> Status {
