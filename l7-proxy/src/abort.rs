@@ -18,7 +18,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::{h2stream::StreamIo, outbound::CallerIo};
+use crate::{h2stream::StreamIo, outbound::HyperH1Io};
 
 /// How long a reset waits for a peer to take what was written before it.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
@@ -87,8 +87,11 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + Any> Upgra
 /// would end cleanly on the inbound side).
 pub(crate) async fn abort_upgraded(u: Upgraded) {
     // A captured caller's connection (outbound::serve).
-    let u = match u.downcast::<TokioIo<CallerIo>>() {
-        Ok(p) => return reset_once_sent(p.io.inner().get_ref().inner(), DRAIN_LIMIT).await,
+    let u = match u.downcast::<TokioIo<HyperH1Io>>() {
+        Ok(p) => {
+            let caller = p.io.inner().inner().get_ref().inner();
+            return reset_once_sent(caller, DRAIN_LIMIT).await;
+        }
         Err(u) => u,
     };
     let u = match u.downcast::<TokioIo<TcpStream>>() {

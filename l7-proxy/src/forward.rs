@@ -10,7 +10,7 @@ use http::{
     uri::{Authority, PathAndQuery, Scheme},
 };
 use http_body_util::BodyExt;
-use hyper::{body::Incoming, upgrade::OnUpgrade};
+use hyper::upgrade::OnUpgrade;
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -72,7 +72,7 @@ impl Outcome {
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     conn: Arc<HttpConn>,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let state = shared.state();
@@ -94,7 +94,6 @@ pub(crate) async fn handle(
     let grpc = crate::body::is_grpc(&parts.headers);
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
-    let body = boxed(body);
     // An exchange that moves in neither direction (request body, response
     // head, response body) for the idle timeout is ended: a workload that
     // never answers must not hold the caller, a tunnel stream and a pooled

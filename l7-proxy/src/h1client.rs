@@ -33,7 +33,7 @@ use tokio::{io::AsyncWrite, net::TcpStream};
 use crate::body::{Body, BoxError};
 
 /// Header lines in a response head or a trailer section (hyper's default).
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// A chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 /// Request body bytes queued before the socket must take some.
@@ -42,7 +42,7 @@ const WRITE_QUEUE: usize = 64 * 1024;
 /// take (neither the caller nor the workload may ever finish it).
 const UPLOAD_AFTER_ANSWER: std::time::Duration = std::time::Duration::from_secs(300);
 /// Read-buffer growth per read.
-const READ_CHUNK: usize = 8 * 1024;
+pub(crate) const READ_CHUNK: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -376,11 +376,11 @@ fn keep_trailer_fields(h: &mut HeaderMap) {
 /// most heads have none but `content-length`, and looking each one up by
 /// name costs a hash and a probe per name.
 #[derive(Clone, Copy, Debug, Default)]
-struct FramingFields {
-    connection: bool,
-    transfer_encoding: bool,
+pub(crate) struct FramingFields {
+    pub(crate) connection: bool,
+    pub(crate) transfer_encoding: bool,
     /// `content-length` lines, counted up to two.
-    content_lengths: u8,
+    pub(crate) content_lengths: u8,
     /// A `content-length` value that is a list (`5, 5`).
     length_list: bool,
     /// A `keep-alive` line (not framing, but read from responses).
@@ -388,7 +388,7 @@ struct FramingFields {
 }
 
 impl FramingFields {
-    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+    pub(crate) fn note(&mut self, name: &HeaderName, value: &[u8]) {
         if *name == header::CONNECTION {
             self.connection = true;
         } else if *name == header::TRANSFER_ENCODING {
@@ -413,25 +413,32 @@ impl FramingFields {
 /// The length every `Content-Length` value of `h` gives (`5, 5` and
 /// repeated fields are valid), `None` without one; the error names what is
 /// wrong.
-fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
+pub(crate) fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut length = None;
     for v in h.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
-                return Err("content-length");
-            }
-            let n: u64 = std::str::from_utf8(part)
-                .ok()
-                .and_then(|p| p.parse().ok())
-                .ok_or("content-length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting content-length values");
-            }
-            length = Some(n);
-        }
+        note_length(v.as_bytes(), &mut length)?;
     }
     Ok(length)
+}
+
+/// Adds one `Content-Length` value (`5` or a list `5, 5`) to the `length`
+/// of the values before it, which it must agree with.
+pub(crate) fn note_length(value: &[u8], length: &mut Option<u64>) -> Result<(), &'static str> {
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return Err("content-length");
+        }
+        let n: u64 = std::str::from_utf8(part)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .ok_or("content-length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting content-length values");
+        }
+        *length = Some(n);
+    }
+    Ok(())
 }
 
 /// How long a connection may be reused for after a response head, from
@@ -457,7 +464,7 @@ fn reuse_within(h: &HeaderMap) -> Option<Duration> {
     Some(timeout - (timeout / 2).min(Duration::from_secs(1)))
 }
 
-fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+pub(crate) fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
     h.get_all(name).iter().any(|v| {
         v.to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
@@ -865,7 +872,7 @@ impl Decoder {
 
 /// How the response body ends.
 #[derive(Debug)]
-enum Mode {
+pub(crate) enum Mode {
     Empty {
         reuse: bool,
     },
@@ -886,7 +893,7 @@ enum Mode {
 }
 
 #[derive(Debug)]
-enum Chunk {
+pub(crate) enum Chunk {
     Size,
     Data(u64),
     /// The CRLF after a chunk's data.
@@ -901,7 +908,7 @@ pub struct ResponseBody {
     mode: Mode,
 }
 
-enum Step {
+pub(crate) enum Step {
     Frame(Frame<Bytes>),
     /// More bytes are needed.
     Read,
@@ -938,7 +945,7 @@ impl ResponseBody {
 
 impl Mode {
     /// The next piece of the body from `rbuf`.
-    fn step(&mut self, rbuf: &mut BytesMut, max_head: usize) -> Result<Step, Error> {
+    pub(crate) fn step(&mut self, rbuf: &mut BytesMut, max_head: usize) -> Result<Step, Error> {
         match self {
             Mode::Empty { reuse } | Mode::Length { left: 0, reuse } => {
                 *self = Mode::Done { reuse: *reuse };

@@ -1,5 +1,6 @@
 //! The timer a captured HTTP/1.1 connection's hyper server runs its head
-//! timeout on.
+//! timeout on (a connection hyper serves from a request [`crate::h1server`]
+//! left to it: an upgrade, `Expect`, HTTP/1.0).
 //!
 //! hyper starts the head timeout (`header_read_timeout`) as soon as a
 //! response is out, before the next head's first byte: by itself it would

@@ -14,7 +14,6 @@ use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     time::Instant,
 };
@@ -202,6 +201,11 @@ fn sniff_failed(peer: SocketAddr, dst: SocketAddr, e: &std::io::Error) {
 /// upgraded one).
 pub(crate) type CallerIo = crate::io::Counted<Rewind<TcpStream>>;
 
+/// A captured HTTP/1.1 connection as hyper's server serves it, from the
+/// request [`crate::h1server`] left to it (what `abort` finds again in an
+/// upgraded one).
+pub(crate) type HyperH1Io = Rewind<CallerIo>;
+
 /// The identity the requests of a captured HTTP connection are expected to
 /// reach through the tunnel, shown until its first request says (a route may
 /// send them elsewhere): all ready endpoints of the service share it and all
@@ -226,16 +230,13 @@ fn tunnelled_identity(dest: &Destination) -> Option<crate::config::SpiffeId> {
 
 /// `reads`: the connection's reads that returned bytes (counted for
 /// HTTP/1.1).
-async fn serve_http<I>(
+async fn serve_http(
     shared: Arc<Shared>,
-    io: I,
+    io: CallerIo,
     conn: Arc<HttpConn>,
     reads: Option<Arc<AtomicU64>>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let s = shared.settings.clone();
-    let io = TokioIo::new(io);
     let result = match conn.protocol {
         Protocol::Http2 => {
             // Streams in flight, for the keep-alive idle timeout.
@@ -251,7 +252,8 @@ async fn serve_http<I>(
                     if req.method() == hyper::Method::CONNECT {
                         req.extensions_mut().insert(active.clone());
                     }
-                    let exchange = forward::handle(shared.clone(), conn.clone(), req);
+                    let exchange =
+                        forward::handle(shared.clone(), conn.clone(), req.map(crate::body::boxed));
                     Box::pin(async move {
                         let resp = exchange.await?;
                         Ok::<_, Infallible>(resp.map(|body| crate::h2idle::Held::new(body, active)))
@@ -271,18 +273,43 @@ async fn serve_http<I>(
                 // A peer that stops answering pings is gone: its streams end.
                 .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
                 .keep_alive_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(io, svc);
+                .serve_connection(TokioIo::new(io), svc);
             // No stream for the idle timeout: GOAWAY, as on shutdown.
             let idle = streams.idle_for(s.keepalive_idle_timeout());
             drain_on(&shared, c, idle, |c| c.graceful_shutdown()).await
         }
         _ => {
+            // Requests are served here until one asks for what only
+            // hyper's server does (an upgrade, `Expect`, HTTP/1.0).
+            let (signal, _reg) = shared.drain.watch();
+            let mut io = io;
+            let handler = |req| {
+                let exchange = forward::handle(shared.clone(), conn.clone(), req);
+                async move {
+                    match exchange.await {
+                        Ok(resp) => resp,
+                        Err(never) => match never {},
+                    }
+                }
+            };
+            let limits = crate::h1server::Limits {
+                head_timeout: s.header_read_timeout(),
+                idle_timeout: s.keepalive_idle_timeout(),
+                max_head: (s.max_header_bytes as usize).max(8192),
+            };
+            let rest = match crate::h1server::serve(&mut io, limits, signal, handler).await {
+                crate::h1server::Ended::Closed => return,
+                crate::h1server::Ended::Hyper(rest) => rest,
+            };
+            let io: HyperH1Io = Rewind::new(rest, io);
             let svc = {
                 let (shared, conn) = (shared.clone(), conn.clone());
                 // Not boxed: hyper keeps one slot per connection for the
                 // request in flight, where a box would cost an allocation
                 // per request.
-                service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req))
+                service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    forward::handle(shared.clone(), conn.clone(), req.map(crate::body::boxed))
+                })
             };
             let c = hyper::server::conn::http1::Builder::new()
                 // The head timeout from a head's first bytes; before them,
@@ -294,7 +321,7 @@ async fn serve_http<I>(
                 ))
                 .header_read_timeout(s.header_read_timeout())
                 .max_buf_size((s.max_header_bytes as usize).max(8192))
-                .serve_connection(io, svc)
+                .serve_connection(TokioIo::new(io), svc)
                 // WebSocket and other HTTP/1.1 upgrades (forward::send_upgrade).
                 .with_upgrades();
             // (The idle timeout is the head timer's.)

@@ -198,6 +198,32 @@ async fn upgrade(mesh: &Mesh, from: std::net::IpAddr, path: &str) -> (TcpStream,
     (tcp, head)
 }
 
+/// Ordinary requests are served by the proxy's own HTTP/1.1 server; an
+/// upgrade after them on the same connection (here pipelined behind one)
+/// goes to hyper's with the bytes already read, and still switches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_behind_an_ordinary_request_on_one_connection_switches() {
+    let (mesh, _, seen) = cart_mesh(vec![]).await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let mut wire = b"GET /first HTTP/1.1\r\nhost: cart.shop\r\n\r\n".to_vec();
+    wire.extend_from_slice(upgrade_request("/chat").as_bytes());
+    tcp.write_all(&wire).await.unwrap();
+    // The workload refuses a request that is no upgrade.
+    let first = read_head(&mut tcp).await;
+    assert!(first.starts_with("HTTP/1.1 400"), "{first}");
+    assert_eq!(read_n(&mut tcp, 2).await, b"no");
+    let head = read_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(read_n(&mut tcp, 11).await, b"srv=cart-0;");
+    tcp.write_all(b"ping").await.unwrap();
+    assert_eq!(read_n(&mut tcp, 4).await, b"ping");
+    let heads = seen.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].starts_with("GET /first HTTP/1.1\r\n"), "{heads:?}");
+    assert!(heads[1].starts_with("GET /chat HTTP/1.1\r\n"), "{heads:?}");
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_style_upgrade_crosses_the_tunnel_and_relays_both_ways() {
     let (mesh, _, seen) = cart_mesh(vec![]).await;
