@@ -340,7 +340,7 @@ fn encode_fields(out: &mut Vec<u8>, h: &HeaderMap) {
 /// Takes out the fields a trailer section must not carry (they would frame,
 /// route, authenticate or describe the message if merged into its header,
 /// as some servers do), and the mesh's own.
-fn keep_trailer_fields(h: &mut HeaderMap) {
+pub(crate) fn keep_trailer_fields(h: &mut HeaderMap) {
     const FORBIDDEN: &[&str] = &[
         "authorization",
         "cache-control",

@@ -24,13 +24,18 @@
 //! timeout, and a head that stalls is answered 408.
 
 use std::{
+    cell::RefCell,
     collections::VecDeque,
     future::{Future, poll_fn},
     io::{self, IoSlice, Write as _},
     mem::MaybeUninit,
     pin::{Pin, pin},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -119,11 +124,34 @@ where
             }
         })
         .await;
-        let Some(resp) = resp else {
+        let Some(mut resp) = resp else {
             return Ended::Closed;
         };
+        if resp.status().is_informational() {
+            // Only an upgrade (hyper's) has a 1xx for its answer.
+            resp = crate::body::proxy_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the proxy had an interim (1xx) status for its final answer",
+            );
+        }
+        // A body the handler left unread is passed over as far as it is
+        // here; one still to come means this answer must say `close`.
+        if pump.reading() {
+            let gone =
+                poll_fn(|cx| Poll::Ready(pump.poll(io, &mut rbuf, limits.max_head, cx).is_ready()))
+                    .await;
+            if gone {
+                return Ended::Closed;
+            }
+        }
         draining = draining || matches!(drain.try_recv(), Ok(()));
-        let mut writer = Writer::start(&mut out, resp, method_head, te_trailers, close || draining);
+        let mut writer = Writer::start(
+            &mut out,
+            resp,
+            method_head,
+            te_trailers,
+            close || draining || pump.abandoned(),
+        );
         // The response goes out while the request's body goes on coming.
         let written = poll_fn(|cx| {
             if let Poll::Ready(Gone) = pump.poll(io, &mut rbuf, limits.max_head, cx) {
@@ -188,8 +216,13 @@ async fn read_head<I: AsyncRead + Unpin>(
     drain: &mut oneshot::Receiver<()>,
     draining: &mut bool,
 ) -> Result<Option<Parsed>, Refusal> {
-    let mut deadline = (!rbuf.is_empty()).then(|| Instant::now() + limits.head_timeout);
+    let mut deadline = None;
     loop {
+        // Empty lines before a head (RFC 9112 2.2; some clients send a CRLF
+        // after a body) are not its beginning.
+        while let Some(n) = [&b"\r\n"[..], b"\n"].iter().find(|e| rbuf.starts_with(e)) {
+            rbuf.advance(n.len());
+        }
         if !rbuf.is_empty() {
             if let Some(p) = parse(rbuf, limits.max_head)? {
                 return Ok(Some(p));
@@ -390,16 +423,19 @@ fn request_body(mode: Mode) -> (Body, Pump) {
         _ => None,
     };
     let (tx, rx) = mpsc::channel(1);
+    let finished = Arc::new(AtomicBool::new(false));
     let body = Incoming {
         rx,
         left,
         ended: false,
+        finished: finished.clone(),
     };
     (
         crate::body::boxed(body),
         Pump::Body {
             tx: PollSender::new(tx),
             mode,
+            finished,
         },
     )
 }
@@ -410,6 +446,9 @@ struct Incoming {
     /// Bytes still to come, for a body of known length.
     left: Option<u64>,
     ended: bool,
+    /// Set by the connection's task once the body's end was read: the
+    /// channel closing without it means the caller's connection went first.
+    finished: Arc<AtomicBool>,
 }
 
 impl http_body::Body for Incoming {
@@ -431,7 +470,15 @@ impl http_body::Body for Incoming {
                     self.ended = *left == 0;
                 }
             }
-            Some(Err(_)) | None => self.ended = true,
+            Some(Err(_)) => self.ended = true,
+            None => {
+                self.ended = true;
+                if !self.finished.load(Ordering::Acquire) {
+                    return Poll::Ready(Some(Err(
+                        "the caller's connection ended before the request body did".into(),
+                    )));
+                }
+            }
         }
         Poll::Ready(item)
     }
@@ -454,7 +501,12 @@ struct Gone;
 /// The connection's side of a request body.
 enum Pump {
     /// Being read as the handler takes it.
-    Body { tx: PollSender<Item>, mode: Mode },
+    Body {
+        tx: PollSender<Item>,
+        mode: Mode,
+        /// Set when the body's end has been read.
+        finished: Arc<AtomicBool>,
+    },
     /// Read to its end (or there was none).
     Done,
     /// Left before its end: the handler dropped it, or it was malformed.
@@ -471,6 +523,10 @@ impl Pump {
         matches!(self, Pump::Done)
     }
 
+    fn abandoned(&self) -> bool {
+        matches!(self, Pump::Abandoned)
+    }
+
     /// Reads the body as far as the handler takes it; with none to read,
     /// watches for the caller's close (as long as nothing of a next
     /// request has come). `Ready` only when the caller went.
@@ -483,14 +539,34 @@ impl Pump {
     ) -> Poll<Gone> {
         loop {
             match self {
-                Pump::Body { tx, mode } => {
+                Pump::Body { tx, mode, finished } => {
+                    // An end already read needs no room in the channel:
+                    // the connection is free for its next request even
+                    // while the handler has yet to take the last bytes.
+                    let at_end = match mode {
+                        Mode::Length { left: 0, .. } => true,
+                        Mode::Chunked {
+                            state: Chunk::Trailers,
+                            ..
+                        } => rbuf.starts_with(b"\r\n"),
+                        _ => false,
+                    };
+                    if at_end {
+                        let _ = mode.step(rbuf, max_head);
+                        finished.store(true, Ordering::Release);
+                        *self = Pump::Done;
+                        continue;
+                    }
                     if ready!(tx.poll_reserve(cx)).is_err() {
-                        // The handler is done with the body: read to its
-                        // end (a body of known length, its last bytes
-                        // taken), or left before it.
-                        *self = match mode.step(rbuf, max_head) {
-                            Ok(Step::End) => Pump::Done,
-                            _ => Pump::Abandoned,
+                        // The handler is done with the body: what of it is
+                        // already here is passed over; a body whose end is
+                        // still to come leaves the connection unusable.
+                        *self = loop {
+                            match mode.step(rbuf, max_head) {
+                                Ok(Step::Frame(_)) => {}
+                                Ok(Step::End) => break Pump::Done,
+                                Ok(Step::Read) | Err(_) => break Pump::Abandoned,
+                            }
                         };
                         continue;
                     }
@@ -498,7 +574,10 @@ impl Pump {
                         Ok(Step::Frame(frame)) => {
                             let _ = tx.send_item(Ok(frame));
                         }
-                        Ok(Step::End) => *self = Pump::Done,
+                        Ok(Step::End) => {
+                            finished.store(true, Ordering::Release);
+                            *self = Pump::Done;
+                        }
                         Ok(Step::Read) => {
                             rbuf.reserve(READ_CHUNK);
                             match ready!(tokio_util::io::poll_read_buf(
@@ -656,7 +735,7 @@ impl Writer {
         // One pass: the framing fields are this hop's to write (below);
         // the rest go as they are.
         let mut length = Ok(None);
-        let mut connection = false;
+        let mut date = false;
         for (k, v) in &parts.headers {
             if *k == header::CONTENT_LENGTH {
                 if let Ok(l) = &mut length {
@@ -668,9 +747,17 @@ impl Writer {
                 continue;
             }
             if *k == header::CONNECTION {
-                connection = true;
-                close |= token_in(v.as_bytes(), b"close");
+                // A closing connection says so, whatever else was said.
+                if close {
+                    continue;
+                }
+                close = token_in(v.as_bytes(), b"close");
+                if close {
+                    // Written once, below.
+                    continue;
+                }
             }
+            date |= *k == header::DATE;
             out.head.extend_from_slice(k.as_str().as_bytes());
             out.head.extend_from_slice(b": ");
             out.head.extend_from_slice(v.as_bytes());
@@ -695,8 +782,15 @@ impl Writer {
                 .extend_from_slice(b"transfer-encoding: chunked\r\n");
             Framing::Chunked
         };
-        if close && !connection {
+        if close {
             out.head.extend_from_slice(b"connection: close\r\n");
+        }
+        // As hyper's server did, and as RFC 9110 6.6.1 asks of a server
+        // with a clock: the proxy's own answers and workloads' without one.
+        if !date {
+            out.head.extend_from_slice(b"date: ");
+            out.head.extend_from_slice(&http_date());
+            out.head.extend_from_slice(b"\r\n");
         }
         out.head.extend_from_slice(b"\r\n");
         Writer {
@@ -783,9 +877,11 @@ impl Writer {
                 Framing::None => {}
             },
             Err(frame) => {
-                if let (Ok(trailers), Framing::Chunked) = (frame.into_trailers(), self.framing) {
+                if let (Ok(mut trailers), Framing::Chunked) = (frame.into_trailers(), self.framing)
+                {
                     let mut end = b"0\r\n".to_vec();
                     if self.te_trailers {
+                        crate::h1client::keep_trailer_fields(&mut trailers);
                         for (k, v) in &trailers {
                             end.extend_from_slice(k.as_str().as_bytes());
                             end.extend_from_slice(b": ");
@@ -802,6 +898,28 @@ impl Writer {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// The current time as an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`),
+/// formatted once a second per thread.
+fn http_date() -> [u8; 29] {
+    thread_local! {
+        static CACHE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if let Ok(bytes) = <[u8; 29]>::try_from(text.as_bytes()) {
+                *c = (secs, bytes);
+            }
+        }
+        c.1
+    })
 }
 
 #[cfg(test)]
@@ -860,14 +978,25 @@ mod tests {
         (client, task, drain_tx)
     }
 
-    /// Everything until the server closes.
+    /// Everything until the server closes, without its `date` lines.
     async fn read_all(client: &mut DuplexStream) -> String {
+        undated(&read_raw(client).await)
+    }
+
+    async fn read_raw(client: &mut DuplexStream) -> String {
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
             .await
             .expect("the server closed")
             .unwrap();
         String::from_utf8_lossy(&got).into_owned()
+    }
+
+    fn undated(got: &str) -> String {
+        regex::Regex::new(r"date: [^\r]*\r\n")
+            .unwrap()
+            .replace_all(got, "")
+            .into_owned()
     }
 
     /// Reads until `got` holds `n` responses' worth of `needle`.
@@ -882,7 +1011,58 @@ mod tests {
             assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
             got.extend_from_slice(&buf[..n]);
         }
-        String::from_utf8_lossy(&got).into_owned()
+        undated(&String::from_utf8_lossy(&got))
+    }
+
+    #[tokio::test]
+    async fn a_closing_answer_says_close_and_an_interim_status_is_no_answer() {
+        let (mut client, _task, _drain) = start(|req: Request<Body>| async move {
+            let mut resp = Response::new(full("x"));
+            if req.uri().path() == "/interim" {
+                *resp.status_mut() = StatusCode::CONTINUE;
+            }
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            resp
+        });
+        client
+            .write_all(b"GET /interim HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_all(&mut client).await;
+        let (first, second) = got.split_once("HTTP/1.1 200").expect(&got);
+        assert!(first.starts_with("HTTP/1.1 500 "), "{got}");
+        assert!(
+            second.starts_with(" OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\nx"),
+            "{got}"
+        );
+        assert!(!second.contains("keep-alive"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn answers_carry_a_date_unless_they_have_one() {
+        let (mut client, _task, _drain) = start(|req: Request<Body>| async move {
+            let mut resp = Response::new(full("x"));
+            if req.uri().path() == "/dated" {
+                resp.headers_mut().insert(
+                    header::DATE,
+                    HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+                );
+            }
+            resp
+        });
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\nGET /dated HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_raw(&mut client).await;
+        let dates: Vec<&str> = got.lines().filter(|l| l.starts_with("date: ")).collect();
+        assert_eq!(dates.len(), 2, "{got}");
+        let first = dates[0].trim_start_matches("date: ");
+        let at = httpdate::parse_http_date(first).expect("an HTTP date");
+        let age = SystemTime::now().duration_since(at).unwrap_or_default();
+        assert!(age < Duration::from_secs(60), "{first}");
+        assert_eq!(dates[1], "date: Sun, 06 Nov 1994 08:49:37 GMT");
     }
 
     #[tokio::test]
@@ -951,6 +1131,9 @@ mod tests {
         assert_eq!(read_until(&mut client, "hello\r\n").await, "5\r\nhello\r\n");
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        // Not a field a trailer section may carry, nor the mesh's own.
+        trailers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        trailers.insert(crate::config::REASON, HeaderValue::from_static("x"));
         tx.send(Ok(Frame::trailers(trailers))).await.unwrap();
         assert_eq!(
             read_until(&mut client, "\r\n\r\n").await,
@@ -1044,6 +1227,19 @@ mod tests {
             .await
             .unwrap();
         read_until(&mut client, "GET /late").await;
+        // A stray empty line (some clients end a body with one) begins no
+        // head: no 408 for it.
+        client.write_all(b"\r\n").await.unwrap();
+        tokio::time::sleep(LIMITS.head_timeout * 2).await;
+        client
+            .write_all(b"GET /later HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(
+            read_until(&mut client, "GET /later")
+                .await
+                .starts_with("HTTP/1.1 200 ")
+        );
         tokio::time::sleep(LIMITS.idle_timeout + Duration::from_secs(1)).await;
         assert_eq!(read_all(&mut client).await, "");
         assert!(matches!(task.await.unwrap(), Ended::Closed));
@@ -1147,9 +1343,56 @@ mod tests {
             .unwrap();
         assert_eq!(
             read_all(&mut client).await,
-            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nno"
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno"
         );
         assert!(matches!(task.await.unwrap(), Ended::Closed));
+        // All of it here already: passed over, and the connection goes on.
+        let (mut client, _task, _drain) = start(|req: Request<Body>| async move {
+            Response::new(full(req.uri().path().to_owned()))
+        });
+        client
+            .write_all(b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_until(&mut client, "/b").await,
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n/aHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n/b"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_by_the_callers_close_fails_rather_than_ends() {
+        for wire in [
+            &b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"[..],
+            b"POST /up HTTP/1.1\r\nContent-Length: 9\r\n\r\nhello",
+        ] {
+            let (body_tx, body_rx) = oneshot::channel::<Body>();
+            let body_tx = Mutex::new(Some(body_tx));
+            let (mut client, task, _drain) = start(move |req: Request<Body>| {
+                let _ = body_tx
+                    .lock()
+                    .unwrap()
+                    .take()
+                    .unwrap()
+                    .send(req.into_body());
+                async { Response::new(full("early")) }
+            });
+            client.write_all(wire).await.unwrap();
+            read_until(&mut client, "early").await;
+            drop(client);
+            let read = tokio::time::timeout(Duration::from_secs(10), async {
+                body_rx.await.unwrap().collect().await
+            })
+            .await
+            .expect("the body never ended");
+            let err = read.expect_err("a cut body read as whole");
+            assert!(
+                err.to_string()
+                    .contains("ended before the request body did"),
+                "{err}"
+            );
+            assert!(matches!(task.await.unwrap(), Ended::Closed));
+        }
     }
 
     #[tokio::test]
