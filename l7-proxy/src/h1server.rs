@@ -216,14 +216,14 @@ async fn read_head<I: AsyncRead + Unpin>(
     drain: &mut oneshot::Receiver<()>,
     draining: &mut bool,
 ) -> Result<Option<Parsed>, Refusal> {
+    // The connection's idle time counts from here, whatever empty lines
+    // come meanwhile.
+    let idle_until = Instant::now() + limits.idle_timeout;
     let mut deadline = None;
     loop {
-        // Empty lines before a head (RFC 9112 2.2; some clients send a CRLF
-        // after a body) are not its beginning.
-        while let Some(n) = [&b"\r\n"[..], b"\n"].iter().find(|e| rbuf.starts_with(e)) {
-            rbuf.advance(n.len());
-        }
-        if !rbuf.is_empty() {
+        skip_empty_lines(rbuf);
+        // A lone CR may be the first half of an empty line.
+        if !rbuf.is_empty() && &rbuf[..] != b"\r" {
             if let Some(p) = parse(rbuf, limits.max_head)? {
                 return Ok(Some(p));
             }
@@ -232,7 +232,7 @@ async fn read_head<I: AsyncRead + Unpin>(
         if *draining && rbuf.is_empty() {
             return Ok(None);
         }
-        let until = deadline.unwrap_or_else(|| Instant::now() + limits.idle_timeout);
+        let until = deadline.unwrap_or(idle_until);
         rbuf.reserve(READ_CHUNK);
         let read = tokio::select! {
             r = poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, rbuf)) => r,
@@ -251,6 +251,21 @@ async fn read_head<I: AsyncRead + Unpin>(
             Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
         }
+    }
+}
+
+/// Takes out empty lines at the start of `rbuf`: before a head (RFC 9112
+/// 2.2; some clients send a CRLF after a body) they are not its beginning.
+fn skip_empty_lines(rbuf: &mut BytesMut) {
+    loop {
+        let n = if rbuf.starts_with(b"\r\n") {
+            2
+        } else if rbuf.starts_with(b"\n") {
+            1
+        } else {
+            return;
+        };
+        rbuf.advance(n);
     }
 }
 
@@ -544,11 +559,8 @@ impl Pump {
                     // the connection is free for its next request even
                     // while the handler has yet to take the last bytes.
                     let at_end = match mode {
-                        Mode::Length { left: 0, .. } => true,
-                        Mode::Chunked {
-                            state: Chunk::Trailers,
-                            ..
-                        } => rbuf.starts_with(b"\r\n"),
+                        Mode::Length { left: 0, .. } | Mode::Done { .. } => true,
+                        Mode::Chunked { state, .. } => chunked_end_ahead(state, rbuf),
                         _ => false,
                     };
                     if at_end {
@@ -596,7 +608,12 @@ impl Pump {
                         }
                     }
                 }
-                Pump::Done if rbuf.is_empty() => {
+                Pump::Done
+                    if {
+                        skip_empty_lines(rbuf);
+                        rbuf.is_empty()
+                    } =>
+                {
                     rbuf.reserve(READ_CHUNK);
                     match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, rbuf)) {
                         Ok(0) | Err(_) => return Poll::Ready(Gone),
@@ -608,6 +625,20 @@ impl Pump {
             }
         }
     }
+}
+
+/// Whether what is left of a chunked body in `rbuf` is its plain end (no
+/// data, no trailers): stepping to it then takes no room in the channel.
+/// Anything else (an extension on the last chunk, trailers) goes the usual
+/// way.
+fn chunked_end_ahead(state: &Chunk, rbuf: &[u8]) -> bool {
+    let end: &[u8] = match state {
+        Chunk::DataEnd => b"\r\n0\r\n\r\n",
+        Chunk::Size => b"0\r\n\r\n",
+        Chunk::Trailers => b"\r\n",
+        Chunk::Data(_) => return false,
+    };
+    rbuf.starts_with(end)
 }
 
 /// What is wrong with a body, in the caller's terms.
@@ -736,6 +767,13 @@ impl Writer {
         // the rest go as they are.
         let mut length = Ok(None);
         let mut date = false;
+        // Any `close` among the answer's Connection fields closes it.
+        close = close
+            || parts
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|v| token_in(v.as_bytes(), b"close"));
         for (k, v) in &parts.headers {
             if *k == header::CONTENT_LENGTH {
                 if let Ok(l) = &mut length {
@@ -746,16 +784,10 @@ impl Writer {
             if *k == header::TRANSFER_ENCODING {
                 continue;
             }
-            if *k == header::CONNECTION {
-                // A closing connection says so, whatever else was said.
-                if close {
-                    continue;
-                }
-                close = token_in(v.as_bytes(), b"close");
-                if close {
-                    // Written once, below.
-                    continue;
-                }
+            // A closing connection says so once, below, whatever else was
+            // said.
+            if close && *k == header::CONNECTION {
+                continue;
             }
             date |= *k == header::DATE;
             out.head.extend_from_slice(k.as_str().as_bytes());
@@ -906,14 +938,14 @@ fn http_date() -> [u8; 29] {
     thread_local! {
         static CACHE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
     }
-    let now = SystemTime::now();
-    let secs = now
+    let secs = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs {
-            let text = httpdate::fmt_http_date(now);
+            // (A clock before 1970 reads as 1970.)
+            let text = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
             if let Ok(bytes) = <[u8; 29]>::try_from(text.as_bytes()) {
                 *c = (secs, bytes);
             }
@@ -1037,6 +1069,48 @@ mod tests {
             "{got}"
         );
         assert!(!second.contains("keep-alive"), "{got}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_lines_neither_start_a_head_nor_keep_a_connection_open() {
+        let (mut client, task, _drain) = start(echo);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        read_until(&mut client, "GET / ").await;
+        // An empty line split over two reads: no 408 for it.
+        client.write_all(b"\r").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        client.write_all(b"\n").await.unwrap();
+        tokio::time::sleep(LIMITS.head_timeout * 2).await;
+        // Empty lines now and then do not put off the idle timeout.
+        let tick = LIMITS.idle_timeout / 3;
+        for _ in 0..2 {
+            client.write_all(b"\r\n").await.unwrap();
+            tokio::time::sleep(tick).await;
+        }
+        assert_eq!(read_all(&mut client).await, "");
+        assert!(matches!(task.await.unwrap(), Ended::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_read_to_its_end_frees_the_connection_before_the_handler_takes_it() {
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let keep = held.clone();
+        let (mut client, _task, _drain) = start(move |req: Request<Body>| {
+            let path = req.uri().path().to_owned();
+            // The body is kept, never read.
+            keep.lock().unwrap().push(req.into_body());
+            async move { Response::new(full(path)) }
+        });
+        client
+            .write_all(
+                b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+                  GET /b HTTP/1.1\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let got = read_until(&mut client, "/b").await;
+        assert!(got.ends_with("\r\n\r\n/b"), "{got}");
+        assert_eq!(held.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]
