@@ -932,6 +932,93 @@ impl Writer {
     }
 }
 
+/// The fuzz harness (`fuzz/fuzz_targets/h1_request.rs`): a caller's bytes
+/// (after a first byte giving the size of the pieces they arrive in),
+/// served to their end by a handler that reads each body and answers with
+/// it. Never panics, and everything written is a sequence of HTTP/1.1
+/// answers.
+pub fn fuzz_requests(data: &[u8]) {
+    let [piece, wire @ ..] = data else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return;
+    };
+    let mut io = Scripted {
+        wire,
+        piece: usize::from(*piece).max(1),
+        written: Vec::new(),
+    };
+    let limits = Limits {
+        head_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(5),
+        max_head: 512,
+    };
+    let (_drain_tx, drain) = oneshot::channel();
+    let ended = rt.block_on(serve(
+        &mut io,
+        limits,
+        drain,
+        |req: Request<Body>| async move {
+            use http_body_util::BodyExt as _;
+            match req.into_body().collect().await {
+                Ok(body) => Response::new(crate::body::full(body.to_bytes())),
+                Err(e) => crate::body::proxy_response(StatusCode::BAD_REQUEST, &e.to_string()),
+            }
+        },
+    ));
+    if let Ended::Hyper(rest) = ended {
+        let read = &wire[..wire.len() - io.wire.len()];
+        assert!(read.ends_with(&rest), "hyper gets the end of what was read");
+    }
+    assert!(
+        io.written.is_empty() || io.written.starts_with(b"HTTP/1.1 "),
+        "{:?}",
+        String::from_utf8_lossy(&io.written)
+    );
+}
+
+/// The fuzz harness's connection: the wire in pieces, then its end.
+struct Scripted<'a> {
+    wire: &'a [u8],
+    piece: usize,
+    written: Vec<u8>,
+}
+
+impl AsyncRead for Scripted<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = self.piece.min(self.wire.len()).min(buf.remaining());
+        let (now, rest) = self.wire.split_at(n);
+        buf.put_slice(now);
+        self.wire = rest;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Scripted<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.written.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// The current time as an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`),
 /// formatted once a second per thread.
 fn http_date() -> [u8; 29] {
@@ -1111,6 +1198,22 @@ mod tests {
         let got = read_until(&mut client, "/b").await;
         assert!(got.ends_with("\r\n\r\n/b"), "{got}");
         assert_eq!(held.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn fuzz_harness_over_the_seed_corpus() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus-seed/h1_request");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).expect("seed corpus present") {
+            let seed = std::fs::read(entry.unwrap().path()).unwrap();
+            for piece in 1..=9u8 {
+                let mut input = vec![piece];
+                input.extend_from_slice(&seed[1.min(seed.len())..]);
+                fuzz_requests(&input);
+            }
+            n += 1;
+        }
+        assert!(n > 0, "no seeds in {dir}");
     }
 
     #[tokio::test]

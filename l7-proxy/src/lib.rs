@@ -21,7 +21,7 @@ mod drain;
 pub mod filters;
 pub mod forward;
 pub mod h1client;
-mod h1server;
+pub mod h1server;
 mod h2idle;
 pub mod h2stream;
 mod head_timer;
