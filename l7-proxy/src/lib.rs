@@ -42,6 +42,19 @@ pub mod tunnel;
 pub mod upgrade;
 pub mod upstream;
 
+/// The seed corpus of fuzz target `target` (`fuzz/corpus-seed/<target>`),
+/// which the unit tests run each harness over.
+#[cfg(test)]
+pub(crate) fn fuzz_seeds(target: &str) -> Vec<Vec<u8>> {
+    let dir = format!("{}/fuzz/corpus-seed/{target}", env!("CARGO_MANIFEST_DIR"));
+    let seeds: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .expect("seed corpus present")
+        .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
+        .collect();
+    assert!(!seeds.is_empty(), "no seeds in {dir}");
+    seeds
+}
+
 pub use config::{ProxySettings, Snapshot};
 pub use identity::{IdentityError, IdentityProvider};
 pub use outbound::{MapOriginalDst, OriginalDst};
