@@ -413,12 +413,28 @@ impl FramingFields {
 /// The length every `Content-Length` value of `h` gives (`5, 5` and
 /// repeated fields are valid), `None` without one; the error names what is
 /// wrong.
-pub(crate) fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
+fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut length = None;
     for v in h.get_all(header::CONTENT_LENGTH) {
         note_length(v.as_bytes(), &mut length)?;
     }
     Ok(length)
+}
+
+/// Whether the transfer codings of `h` are `chunked` alone, once: a body
+/// crosses the mesh decoded, and another coding (`gzip, chunked`) would
+/// reach the other side still applied with nothing left to say so.
+pub(crate) fn only_chunked(h: &HeaderMap) -> bool {
+    let mut codings = h
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
 }
 
 /// Adds one `Content-Length` value (`5` or a list `5, 5`) to the `length`
@@ -835,20 +851,7 @@ impl Decoder {
             if version == Version::HTTP_10 {
                 return Err(Error::Invalid("transfer-encoding in an HTTP/1.0 response"));
             }
-            // Only `chunked`, once: the body crosses the mesh decoded, and
-            // another coding (`gzip, chunked`) would reach the caller still
-            // applied with nothing left to say so.
-            let mut codings = h
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .map(<[u8]>::trim_ascii)
-                .filter(|c| !c.is_empty());
-            let only_chunked = codings
-                .next()
-                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
-                && codings.next().is_none();
-            if !only_chunked {
+            if !only_chunked(h) {
                 return Err(Error::Invalid(
                     "a transfer coding other than chunked (not supported by the mesh)",
                 ));

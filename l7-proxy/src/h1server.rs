@@ -1,13 +1,15 @@
 //! HTTP/1.1 from captured callers, served by the connection's own task.
 //!
 //! hyper's HTTP/1.1 server runs a dispatcher between the connection and the
-//! service, with a body channel and a response slot per request: about
-//! 14,000 instructions per request on the capture side of the benchmark's
-//! path (benches/RESULTS.md). Here the connection's task reads a head,
-//! calls the handler, and writes the response; a request body goes to the
-//! handler through a one-slot channel, read from the socket only as the
-//! handler takes it, and goes on being read while the response is written
-//! (an upload may outlive its answer).
+//! service, with a body channel and a response slot per request (about
+//! 4,500 instructions per request of its own on the capture side of the
+//! benchmark's path; this server about 4,000, benches/RESULTS.md). Here the
+//! connection's task reads a head, calls the handler, and writes the
+//! response; a request body goes to the handler through a one-slot
+//! channel, read from the socket only as the handler takes it, and goes on
+//! being read while the response is written (an upload may outlive its
+//! answer). Owning this layer is what lets a pipelined head have the head
+//! timeout and a cut request body reach the workload as a failure.
 //!
 //! Requests that change what the connection is (`Upgrade`, `CONNECT`), wait
 //! for a go-ahead (`Expect`) or speak HTTP/1.0 are left to hyper: [`serve`]
@@ -52,7 +54,10 @@ use tokio_util::sync::PollSender;
 
 use crate::{
     body::{Body, BoxError},
-    h1client::{Chunk, FramingFields, MAX_HEADERS, Mode, READ_CHUNK, Step, has_token, note_length},
+    h1client::{
+        Chunk, FramingFields, MAX_HEADERS, Mode, READ_CHUNK, Step, has_token, note_length,
+        only_chunked,
+    },
 };
 
 /// How a connection is bounded.
@@ -386,20 +391,6 @@ fn parse(rbuf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal
         close,
         te_trailers,
     })))
-}
-
-/// Whether the transfer codings are `chunked` alone.
-fn only_chunked(h: &HeaderMap) -> bool {
-    let mut codings = h
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty());
-    codings
-        .next()
-        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
-        && codings.next().is_none()
 }
 
 /// Whether a comma-separated list holds `token` (parameters after `;`
