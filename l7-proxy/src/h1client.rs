@@ -377,7 +377,7 @@ pub(crate) fn keep_trailer_fields(h: &mut HeaderMap) {
 /// name costs a hash and a probe per name.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct FramingFields {
-    pub(crate) connection: bool,
+    connection: bool,
     pub(crate) transfer_encoding: bool,
     /// `content-length` lines, counted up to two.
     pub(crate) content_lengths: u8,
@@ -480,7 +480,7 @@ fn reuse_within(h: &HeaderMap) -> Option<Duration> {
     Some(timeout - (timeout / 2).min(Duration::from_secs(1)))
 }
 
-pub(crate) fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
     h.get_all(name).iter().any(|v| {
         v.to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))

@@ -55,8 +55,7 @@ use tokio_util::sync::PollSender;
 use crate::{
     body::{Body, BoxError},
     h1client::{
-        Chunk, FramingFields, MAX_HEADERS, Mode, READ_CHUNK, Step, has_token, note_length,
-        only_chunked,
+        Chunk, FramingFields, MAX_HEADERS, Mode, READ_CHUNK, Step, note_length, only_chunked,
     },
 };
 
@@ -335,6 +334,7 @@ fn parse(rbuf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal
     let mut headers = HeaderMap::with_capacity(count);
     let mut seen = FramingFields::default();
     let mut te_trailers = false;
+    let mut close = false;
     let mut length = Ok(None);
     for &(ns, ne, vs, ve) in &fields[..count] {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
@@ -348,9 +348,9 @@ fn parse(rbuf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal
             length = note_length(value.as_bytes(), l).map(|()| *l);
         }
         te_trailers |= name == header::TE && token_in(value.as_bytes(), b"trailers");
+        close |= name == header::CONNECTION && token_in(value.as_bytes(), b"close");
         headers.append(name, value);
     }
-    let close = seen.connection && has_token(&headers, header::CONNECTION, "close");
     let mode = if seen.transfer_encoding {
         // Two framings: whichever a next hop believes, it is not this one
         // (request smuggling).
@@ -599,20 +599,20 @@ impl Pump {
                         }
                     }
                 }
-                Pump::Done
-                    if {
-                        skip_empty_lines(rbuf);
-                        rbuf.is_empty()
-                    } =>
-                {
+                Pump::Done => {
+                    // A next request, read along, waits in the buffer (and
+                    // the watch for the caller's close with it).
+                    skip_empty_lines(rbuf);
+                    if !rbuf.is_empty() {
+                        return Poll::Pending;
+                    }
                     rbuf.reserve(READ_CHUNK);
                     match ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, rbuf)) {
                         Ok(0) | Err(_) => return Poll::Ready(Gone),
-                        // A next request, read along: it waits in the buffer.
                         Ok(_) => {}
                     }
                 }
-                Pump::Done | Pump::Abandoned => return Poll::Pending,
+                Pump::Abandoned => return Poll::Pending,
             }
         }
     }
@@ -758,13 +758,7 @@ impl Writer {
         // the rest go as they are.
         let mut length = Ok(None);
         let mut date = false;
-        // Any `close` among the answer's Connection fields closes it.
-        close = close
-            || parts
-                .headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| token_in(v.as_bytes(), b"close"));
+        let mut connection = false;
         for (k, v) in &parts.headers {
             if *k == header::CONTENT_LENGTH {
                 if let Ok(l) = &mut length {
@@ -775,9 +769,10 @@ impl Writer {
             if *k == header::TRANSFER_ENCODING {
                 continue;
             }
-            // A closing connection says so once, below, whatever else was
-            // said.
-            if close && *k == header::CONNECTION {
+            // Written below, once it is known whether any says `close`.
+            if *k == header::CONNECTION {
+                connection = true;
+                close |= token_in(v.as_bytes(), b"close");
                 continue;
             }
             date |= *k == header::DATE;
@@ -805,8 +800,15 @@ impl Writer {
                 .extend_from_slice(b"transfer-encoding: chunked\r\n");
             Framing::Chunked
         };
+        // A closing connection says so once, whatever else was said.
         if close {
             out.head.extend_from_slice(b"connection: close\r\n");
+        } else if connection {
+            for v in &parts.headers.get_all(header::CONNECTION) {
+                out.head.extend_from_slice(b"connection: ");
+                out.head.extend_from_slice(v.as_bytes());
+                out.head.extend_from_slice(b"\r\n");
+            }
         }
         // As hyper's server did, and as RFC 9110 6.6.1 asks of a server
         // with a clock: the proxy's own answers and workloads' without one.
@@ -1200,6 +1202,21 @@ mod tests {
                 fuzz_requests(&input);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_answers_own_connection_fields_go_on_a_connection_that_stays() {
+        let (mut client, _task, _drain) = start(|_req| async {
+            let mut resp = Response::new(full("x"));
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            resp
+        });
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(
+            read_until(&mut client, "\r\n\r\nx").await,
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: keep-alive\r\n\r\nx"
+        );
     }
 
     #[tokio::test]
