@@ -60,16 +60,23 @@ def run(bench, requests, out):
     return dumps
 
 
-def costs(path):
-    """Exclusive cost by function and by (function, source file)."""
+def costs(path, callee=None):
+    """Exclusive cost by function and by (function, source file); with
+    `callee` (a regular expression), also the calls to matching functions
+    by caller: {caller: [calls, inclusive cost]}."""
     names, files = {}, {}
     by_fn, by_file = collections.Counter(), collections.Counter()
-    fn = fl = cur_file = None
+    callers = collections.defaultdict(lambda: [0, 0])
+    fn = fl = cur_file = cfn = None
     skip = False
     for line in open(path, errors="replace"):
         line = line.rstrip("\n")
         if skip:  # the inclusive cost of a call: not this function's own
             skip = False
+            parts = line.split()
+            if callee and cfn and fn and len(parts) > 1 and re.search(callee, cfn):
+                callers[fn][0] += calls
+                callers[fn][1] += int(parts[1])
             continue
         m = re.match(r"(fl|fi|fe|cfi|cfl|fn|cfn)=\((\d+)\)(?: (.*))?", line)
         if m:
@@ -83,16 +90,19 @@ def costs(path):
                 cur_file = files.get(ident)
             elif kind == "fn":
                 fn, cur_file = names.get(ident), fl
+            elif kind == "cfn":
+                cfn = names.get(ident)
             continue
         if line.startswith("calls="):
             skip = True
+            calls = int(line[6:].split()[0])
             continue
         if line[:1].isdigit() or line[:1] in "+-*":
             parts = line.split()
             if fn and len(parts) > 1:
                 by_fn[fn] += int(parts[1])
                 by_file[cur_file or "?"] += int(parts[1])
-    return by_fn, by_file
+    return by_fn, by_file, callers
 
 
 def crate_of(path):
@@ -112,13 +122,16 @@ def main():
     ap.add_argument("bench", help="the bench binary, built with line tables (see above)")
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--callers", metavar="REGEX",
+                    help="also list the callers of the functions matching REGEX "
+                    "(calls and inclusive instructions per request)")
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="sluice-callgrind-")
     try:
         dumps = run(args.bench, args.requests, out)
         n = args.requests
         for name in ("client", "server"):
-            by_fn, by_file = costs(dumps[name])
+            by_fn, by_file, callers = costs(dumps[name], args.callers)
             total = sum(by_fn.values())
             print(f"== {name}-side proxy: {total / n:,.0f} instructions per request")
             for f, c in by_fn.most_common(args.top):
@@ -129,6 +142,11 @@ def main():
             print("  by crate (source file of the instructions, inlined code counted where it came from):")
             for k, c in crates.most_common(args.top):
                 print(f"{c / n:9,.0f}  {k}")
+            if args.callers:
+                print(f"  callers of /{args.callers}/ (calls per request, inclusive instructions per request):")
+                ranked = sorted(callers.items(), key=lambda kv: -kv[1][1])
+                for f, (calls, cost) in ranked[: args.top]:
+                    print(f"{calls / n:6.2f} {cost / n:9,.0f}  {f[:110]}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
