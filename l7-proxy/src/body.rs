@@ -52,6 +52,18 @@ pub fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// Whether a request is a gRPC call whose answer ends with its status in
+/// HTTP trailers: `application/grpc`, `application/grpc+proto`, ..., not
+/// gRPC-Web (`application/grpc-web...`), which carries it in a frame of the
+/// body.
+pub fn has_grpc_trailers(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .strip_prefix(b"application/grpc")
+            .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+    })
+}
+
 /// [`proxy_response`] in the form its caller reads. A gRPC client takes a
 /// call's outcome from `grpc-status`, not from the HTTP status (a `504`
 /// would read as `UNAVAILABLE`, which clients retry, rather than

@@ -20,7 +20,7 @@ use crate::{
     config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, REASON, TARGET, UNREACHABLE},
     conntable::{ConnKind, ConnMeta},
     filters,
-    metrics::{Direction, Label, RequestMetricsCache, TcpLabels, status_class},
+    metrics::{Direction, Label, RequestKey, RequestMetricsCache, TcpLabels},
     proxy::Shared,
     replay::{BodyFailure, Recording, Replayable},
     router::{Decision, RequestView},
@@ -92,6 +92,8 @@ pub(crate) async fn handle(
     }
     let log = crate::accesslog::enabled();
     let grpc = crate::body::is_grpc(&parts.headers);
+    // Counted by its grpc-status (gRPC-Web's is not in trailers).
+    let grpc_counted = grpc && crate::body::has_grpc_trailers(&parts.headers);
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     // An exchange that moves in neither direction (request body, response
@@ -211,16 +213,19 @@ pub(crate) async fn handle(
         .upstream
         .as_ref()
         .map_or(&outcome.destination, |u| &u.label);
-    let m = conn.metrics.get(
+    conn.metrics.count(
         &shared.metrics,
-        Direction::Outbound,
-        &conn.source_label,
-        dst,
-        &outcome.route,
-        status_class(status),
+        RequestKey {
+            direction: Direction::Outbound,
+            source: &conn.source_label,
+            destination: dst,
+            route: &outcome.route,
+        },
+        status,
+        &mut outcome.response,
+        grpc_counted,
+        start.elapsed(),
     );
-    m.requests.inc();
-    m.duration.observe(start.elapsed().as_secs_f64());
     if !log {
         return Ok(outcome.response);
     }

@@ -34,8 +34,8 @@ use crate::{
     h2stream::{RecvBody, StreamIo},
     io::{Counted, count_relay, relay},
     metrics::{
-        DenialLabels, Direction, Label, RequestMetricsCache, TcpLabels, TlsFailureLabels,
-        status_class,
+        DenialLabels, Direction, Label, RequestKey, RequestMetricsCache, TcpLabels,
+        TlsFailureLabels,
     },
     policy::{HttpFacts, Verdict, authorize},
     proxy::Shared,
@@ -849,14 +849,15 @@ async fn upgrade_request(
         Ok(Response::from_parts(rp, boxed(rb)))
     }
     .await;
-    let (resp, reason) = match result {
+    let (mut resp, reason) = match result {
         Ok(r) => (r, None),
         Err((status, reason)) => {
             let resp = marked_unreachable(proxy_response(status, &reason), unreachable);
             (resp, Some(reason))
         }
     };
-    count_request(shared, tp, Some(workload), resp.status().as_u16(), start);
+    let status = resp.status().as_u16();
+    count_request(shared, tp, Some(workload), status, &mut resp, false, start);
     AccessRecord {
         method: Some(method.as_str()),
         path: Some(&path),
@@ -901,12 +902,15 @@ fn stream_record<'a>(
     }
 }
 
-/// Counts an inbound request to `workload` in the request metrics.
+/// Counts an inbound request to `workload`, answered with `resp`, in the
+/// request metrics (a gRPC call's once its status passes).
 fn count_request(
     shared: &Shared,
     tp: &TunnelPeer,
     workload: Option<&LocalWorkload>,
     status: u16,
+    resp: &mut Response<Body>,
+    grpc: bool,
     start: Instant,
 ) {
     let dst = match workload {
@@ -914,16 +918,19 @@ fn count_request(
         Some(w) => Label::from(w.identity.as_ref()),
         None => Label::default(),
     };
-    let m = tp.metrics.get(
+    tp.metrics.count(
         &shared.metrics,
-        Direction::Inbound,
-        &tp.label,
-        &dst,
-        &Label::default(),
-        status_class(status),
+        RequestKey {
+            direction: Direction::Inbound,
+            source: &tp.label,
+            destination: &dst,
+            route: &Label::default(),
+        },
+        status,
+        resp,
+        grpc,
+        start.elapsed(),
     );
-    m.requests.inc();
-    m.duration.observe(start.elapsed().as_secs_f64());
 }
 
 async fn handle_http(
@@ -935,6 +942,8 @@ async fn handle_http(
     let (mut parts, body) = req.into_parts();
     let log = crate::accesslog::enabled();
     let grpc = crate::body::is_grpc(&parts.headers);
+    // Counted by its grpc-status (gRPC-Web's is not in trailers).
+    let grpc_counted = grpc && crate::body::has_grpc_trailers(&parts.headers);
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     let mut workload = None;
@@ -993,7 +1002,7 @@ async fn handle_http(
         Ok(Response::from_parts(rp, boxed(rb)))
     }
     .await;
-    let (resp, reason, status) = match result {
+    let (mut resp, reason, status) = match result {
         Ok(r) => {
             let status = r.status().as_u16();
             (r, None, status)
@@ -1010,7 +1019,15 @@ async fn handle_http(
             (resp, Some(reason), status.as_u16())
         }
     };
-    count_request(&shared, &tp, workload.as_deref(), status, start);
+    count_request(
+        &shared,
+        &tp,
+        workload.as_deref(),
+        status,
+        &mut resp,
+        grpc_counted,
+        start,
+    );
     if !log {
         return resp;
     }

@@ -1,13 +1,22 @@
 //! Prometheus metrics (`prometheus-client`), registered in a [`Registry`] that
 //! the agent serves on its admin port.
 
-use std::{fmt::Write as _, sync::Arc};
+use std::{
+    fmt::Write as _,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
+use http::{HeaderName, HeaderValue, Response};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    encoding::{EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
+
+use crate::body::{Body, BoxError};
 
 /// A label value shared rather than copied: identities and route names are
 /// made once per snapshot or connection, not once per request.
@@ -84,6 +93,50 @@ pub struct RequestLabels {
     pub destination: Label,
     pub route: Label,
     pub status_class: &'static str,
+    #[prometheus(flatten)]
+    pub grpc_status: GrpcStatus,
+}
+
+/// The `grpc_status` label of a gRPC call: its status code (`0` to `16`,
+/// `unknown` for a call that ended without a valid one), and no label at
+/// all for a request that is not a gRPC call.
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
+pub struct GrpcStatus(Option<&'static str>);
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+impl GrpcStatus {
+    /// Not a gRPC call: no label.
+    pub const NONE: GrpcStatus = GrpcStatus(None);
+
+    /// From a `grpc-status` field's value, or its absence.
+    pub fn from_field(v: Option<&HeaderValue>) -> Self {
+        const CODES: [&str; 17] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16",
+        ];
+        let code = v
+            .map(HeaderValue::as_bytes)
+            .filter(|b| (1..=2).contains(&b.len()) && b.iter().all(u8::is_ascii_digit))
+            .and_then(|b| CODES.get(b.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0'))))
+            // `00`, `01`, ... are not how a status is written.
+            .filter(|c| c.len() == v.map_or(0, |v| v.len()));
+        GrpcStatus(Some(code.copied().unwrap_or("unknown")))
+    }
+
+    /// The label's value, if the request is a gRPC call.
+    pub fn as_str(&self) -> Option<&'static str> {
+        self.0
+    }
+}
+
+impl EncodeLabelSet for GrpcStatus {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match self.0 {
+            Some(code) => ("grpc_status", code).encode(encoder.encode_label()),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,7 +205,8 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("sluice");
         r.register(
             "requests",
-            "HTTP requests by source and destination identity, route and status class",
+            "HTTP requests by source and destination identity, route, status class and, for \
+             gRPC calls, grpc-status",
             m.requests.clone(),
         );
         r.register(
@@ -206,7 +260,19 @@ pub struct RequestMetrics {
 /// every label string of every request into the families.
 #[derive(Default)]
 pub struct RequestMetricsCache {
-    entries: std::sync::Mutex<Vec<(Label, Label, &'static str, RequestMetrics)>>,
+    entries: std::sync::Mutex<Vec<CacheEntry>>,
+}
+
+/// Destination, route, status class and gRPC status: the labels that vary
+/// within one connection.
+type CacheEntry = (Label, Label, &'static str, GrpcStatus, RequestMetrics);
+
+/// The labels of a request that are known before its answer.
+pub struct RequestKey<'a> {
+    pub direction: Direction,
+    pub source: &'a Label,
+    pub destination: &'a Label,
+    pub route: &'a Label,
 }
 
 impl std::fmt::Debug for RequestMetricsCache {
@@ -220,18 +286,86 @@ impl std::fmt::Debug for RequestMetricsCache {
 const CACHE_ENTRIES: usize = 16;
 
 impl RequestMetricsCache {
-    pub fn get(
+    /// Counts a request answered with `resp` after `elapsed`: the time to
+    /// the answer's head in `request_duration`, and the request in
+    /// `requests` by the class of `status` (the HTTP status the proxy
+    /// chose: a gRPC caller gets its refusals as `200` with a `grpc-status`)
+    /// and, for a gRPC call (`grpc`: one whose status comes in HTTP
+    /// trailers, see [`crate::body::has_grpc_trailers`]), its
+    /// `grpc-status`. A gRPC answer whose head does not carry the status
+    /// (that is, not a trailers-only answer) is counted once its trailers
+    /// pass, which for a long stream is when it ends (see
+    /// [`CountOnStatus`]).
+    pub fn count(
         &self,
         metrics: &Metrics,
-        direction: Direction,
-        source: &Label,
-        destination: &Label,
-        route: &Label,
+        key: RequestKey<'_>,
+        status: u16,
+        resp: &mut Response<Body>,
+        grpc: bool,
+        elapsed: Duration,
+    ) {
+        let status_class = status_class(status);
+        // A request that is not a gRPC call looks up no field.
+        let field = if grpc {
+            resp.headers().get(GRPC_STATUS)
+        } else {
+            None
+        };
+        let grpc_status = match field {
+            _ if !grpc => GrpcStatus::NONE,
+            Some(v) => GrpcStatus::from_field(Some(v)),
+            None if http_body::Body::is_end_stream(resp.body()) => GrpcStatus::from_field(None),
+            None => {
+                let labels = RequestLabels {
+                    direction: key.direction,
+                    source: key.source.clone(),
+                    destination: key.destination.clone(),
+                    route: key.route.clone(),
+                    status_class,
+                    grpc_status: GrpcStatus::NONE,
+                };
+                metrics
+                    .request_duration
+                    .get_or_create(&LatencyLabels {
+                        direction: key.direction,
+                        source: labels.source.clone(),
+                        destination: labels.destination.clone(),
+                        route: labels.route.clone(),
+                    })
+                    .observe(elapsed.as_secs_f64());
+                let inner = std::mem::replace(resp.body_mut(), crate::body::empty());
+                *resp.body_mut() = crate::body::boxed(CountOnStatus {
+                    inner,
+                    pending: Some((metrics.requests.clone(), labels)),
+                });
+                return;
+            }
+        };
+        let m = self.get(metrics, key, status_class, grpc_status);
+        m.requests.inc();
+        m.duration.observe(elapsed.as_secs_f64());
+    }
+
+    fn get(
+        &self,
+        metrics: &Metrics,
+        key: RequestKey<'_>,
         status_class: &'static str,
+        grpc_status: GrpcStatus,
     ) -> RequestMetrics {
+        let RequestKey {
+            direction,
+            source,
+            destination,
+            route,
+        } = key;
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, _, _, m)) = entries.iter().find(|(d, r, s, _)| {
-            d.same(destination) && r.same(route) && std::ptr::eq(*s, status_class)
+        if let Some((_, _, _, _, m)) = entries.iter().find(|(d, r, s, g, _)| {
+            d.same(destination)
+                && r.same(route)
+                && std::ptr::eq(*s, status_class)
+                && *g == grpc_status
         }) {
             return m.clone();
         }
@@ -244,6 +378,7 @@ impl RequestMetricsCache {
                     destination: destination.clone(),
                     route: route.clone(),
                     status_class,
+                    grpc_status,
                 })
                 .clone(),
             duration: metrics
@@ -259,8 +394,74 @@ impl RequestMetricsCache {
         if entries.len() >= CACHE_ENTRIES {
             entries.clear();
         }
-        entries.push((destination.clone(), route.clone(), status_class, m.clone()));
+        entries.push((
+            destination.clone(),
+            route.clone(),
+            status_class,
+            grpc_status,
+            m.clone(),
+        ));
         m
+    }
+}
+
+/// A gRPC answer's body that counts its call in `requests` once the
+/// call's `grpc-status` has passed in the trailers; `unknown` when the
+/// body ends or fails without one, `1` (`CANCELLED`) when it is dropped
+/// before its end (the caller went away).
+struct CountOnStatus {
+    inner: Body,
+    pending: Option<(Family<RequestLabels, Counter>, RequestLabels)>,
+}
+
+impl CountOnStatus {
+    fn count(&mut self, status: GrpcStatus) {
+        if let Some((family, mut labels)) = self.pending.take() {
+            labels.grpc_status = status;
+            family.get_or_create(&labels).inc();
+        }
+    }
+}
+
+impl http_body::Body for CountOnStatus {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(t) = f.trailers_ref() {
+                    self.count(GrpcStatus::from_field(t.get(GRPC_STATUS)));
+                }
+            }
+            Some(Err(_)) | None => self.count(GrpcStatus::from_field(None)),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for CountOnStatus {
+    fn drop(&mut self) {
+        // A body that said it had ended (its reader need not poll again)
+        // ended without a status.
+        let status = if http_body::Body::is_end_stream(&self.inner) {
+            GrpcStatus::from_field(None)
+        } else {
+            GrpcStatus(Some("1"))
+        };
+        self.count(status);
     }
 }
 
@@ -272,5 +473,233 @@ pub fn status_class(status: u16) -> &'static str {
         3 => "3xx",
         4 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::HeaderMap;
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn registry() -> (Registry, Metrics) {
+        let mut r = Registry::default();
+        let m = Metrics::new(&mut r);
+        (r, m)
+    }
+
+    fn text(r: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, r).unwrap();
+        out
+    }
+
+    /// The `sluice_requests_total` lines, without the labels every test
+    /// shares.
+    fn requests(r: &Registry) -> Vec<String> {
+        let mut v: Vec<String> = text(r)
+            .lines()
+            .filter(|l| l.starts_with("sluice_requests_total{"))
+            .map(|l| {
+                l.replace(
+                    "direction=\"Outbound\",source=\"a\",destination=\"b\",route=\"r\",",
+                    "",
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn count(cache: &RequestMetricsCache, m: &Metrics, resp: &mut Response<Body>, grpc: bool) {
+        let (a, b, r) = (Label::from("a"), Label::from("b"), Label::from("r"));
+        let key = RequestKey {
+            direction: Direction::Outbound,
+            source: &a,
+            destination: &b,
+            route: &r,
+        };
+        cache.count(
+            m,
+            key,
+            resp.status().as_u16(),
+            resp,
+            grpc,
+            Duration::from_millis(1),
+        );
+    }
+
+    /// A gRPC answer: a message, then trailers with `status` (none when
+    /// `None`).
+    fn grpc_answer(status: Option<&'static str>) -> Response<Body> {
+        let frames = [Ok::<_, BoxError>(http_body::Frame::data(
+            Bytes::from_static(b"\0\0\0\0\0"),
+        ))]
+        .into_iter()
+        .chain(status.map(|s| {
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", HeaderValue::from_static(s));
+            Ok(http_body::Frame::trailers(t))
+        }));
+        Response::new(
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync(),
+        )
+    }
+
+    #[test]
+    fn grpc_status_values_are_codes_or_unknown() {
+        let f =
+            |v: &'static str| GrpcStatus::from_field(Some(&HeaderValue::from_static(v))).as_str();
+        assert_eq!(f("0"), Some("0"));
+        assert_eq!(f("14"), Some("14"));
+        assert_eq!(f("16"), Some("16"));
+        for bad in ["17", "99", "014", "01", "+1", "-1", "", "x", "1 "] {
+            assert_eq!(f(bad), Some("unknown"), "{bad:?}");
+        }
+        assert_eq!(GrpcStatus::from_field(None).as_str(), Some("unknown"));
+        assert_eq!(GrpcStatus::NONE.as_str(), None);
+    }
+
+    #[tokio::test]
+    async fn a_grpc_call_is_counted_by_the_status_in_its_trailers_once_they_pass() {
+        let (r, m) = registry();
+        let cache = RequestMetricsCache::default();
+        let mut resp = grpc_answer(Some("14"));
+        count(&cache, &m, &mut resp, true);
+        assert_eq!(
+            requests(&r),
+            Vec::<String>::new(),
+            "not before the status is known"
+        );
+        assert!(text(&r).contains("sluice_request_duration_seconds_count{direction=\"Outbound\",source=\"a\",destination=\"b\",route=\"r\"} 1"), "{}", text(&r));
+        let body = resp.into_body().collect().await.unwrap();
+        assert_eq!(
+            body.trailers().unwrap()["grpc-status"],
+            "14",
+            "the trailers pass on"
+        );
+        assert_eq!(
+            requests(&r),
+            ["sluice_requests_total{status_class=\"2xx\",grpc_status=\"14\"} 1"]
+        );
+
+        let mut ok = grpc_answer(Some("0"));
+        count(&cache, &m, &mut ok, true);
+        ok.into_body().collect().await.unwrap();
+        assert_eq!(
+            requests(&r),
+            [
+                "sluice_requests_total{status_class=\"2xx\",grpc_status=\"0\"} 1",
+                "sluice_requests_total{status_class=\"2xx\",grpc_status=\"14\"} 1"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_grpc_call_without_a_status_or_cut_short_is_counted_once_as_such() {
+        let (r, m) = registry();
+        let cache = RequestMetricsCache::default();
+        // Ends without trailers.
+        let mut resp = grpc_answer(None);
+        count(&cache, &m, &mut resp, true);
+        resp.into_body().collect().await.unwrap();
+        // Dropped after its message, before its trailers: the caller went.
+        let mut resp = grpc_answer(Some("0"));
+        count(&cache, &m, &mut resp, true);
+        let mut body = resp.into_body();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        drop(body);
+        // Dropped once it has said it ended (its reader need not poll for
+        // the end): ended without a status.
+        let mut resp = Response::new(crate::body::full("\0\0\0\0\0"));
+        count(&cache, &m, &mut resp, true);
+        let mut body = resp.into_body();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        assert!(http_body::Body::is_end_stream(&body));
+        drop(body);
+        // Fails.
+        let mut resp = Response::new(
+            http_body_util::StreamBody::new(futures_util::stream::iter([Err::<
+                http_body::Frame<Bytes>,
+                BoxError,
+            >(
+                "reset".into()
+            )]))
+            .boxed_unsync(),
+        );
+        count(&cache, &m, &mut resp, true);
+        assert!(resp.into_body().collect().await.is_err());
+        assert_eq!(
+            requests(&r),
+            [
+                "sluice_requests_total{status_class=\"2xx\",grpc_status=\"1\"} 1",
+                "sluice_requests_total{status_class=\"2xx\",grpc_status=\"unknown\"} 3"
+            ]
+        );
+    }
+
+    #[test]
+    fn grpc_web_has_its_status_in_the_body_not_in_trailers() {
+        let with = |ct: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            crate::body::has_grpc_trailers(&h)
+        };
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;charset=utf-8",
+        ] {
+            assert!(with(ct), "{ct}");
+        }
+        for ct in [
+            "application/grpc-web",
+            "application/grpc-web+proto",
+            "application/grpc-web-text",
+            "application/json",
+        ] {
+            assert!(!with(ct), "{ct}");
+        }
+        assert!(!crate::body::has_grpc_trailers(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn trailers_only_answers_and_other_requests_are_counted_at_once() {
+        let (r, m) = registry();
+        let cache = RequestMetricsCache::default();
+        // Trailers-only: the status is in the head.
+        let mut resp =
+            crate::body::proxy_answer(http::StatusCode::GATEWAY_TIMEOUT, "too slow", true);
+        assert!(resp.headers().contains_key("grpc-status"));
+        count(&cache, &m, &mut resp, true);
+        // Counted with the status the proxy chose, not the 200 it sends.
+        let mut resp =
+            crate::body::proxy_answer(http::StatusCode::GATEWAY_TIMEOUT, "too slow", true);
+        let (a, b, rt) = (Label::from("a"), Label::from("b"), Label::from("r"));
+        let key = RequestKey {
+            direction: Direction::Outbound,
+            source: &a,
+            destination: &b,
+            route: &rt,
+        };
+        cache.count(&m, key, 504, &mut resp, true, Duration::ZERO);
+        // A gRPC call answered with no body and no status.
+        let mut resp = Response::new(crate::body::empty());
+        count(&cache, &m, &mut resp, true);
+        // Not gRPC: no grpc_status label, whatever the answer carries.
+        let mut resp = grpc_answer(Some("3"));
+        *resp.status_mut() = http::StatusCode::NOT_FOUND;
+        count(&cache, &m, &mut resp, false);
+        assert_eq!(
+            requests(&r),
+            [
+                "sluice_requests_total{status_class=\"2xx\",grpc_status=\"4\"} 1",
+                "sluice_requests_total{status_class=\"2xx\",grpc_status=\"unknown\"} 1",
+                "sluice_requests_total{status_class=\"4xx\"} 1",
+                "sluice_requests_total{status_class=\"5xx\",grpc_status=\"4\"} 1"
+            ]
+        );
     }
 }

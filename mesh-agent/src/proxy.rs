@@ -303,7 +303,8 @@ fn rfc3339_unix(secs: u64) -> Option<String> {
         .ok()
 }
 
-/// Sums `sluice_requests_total`, and those with a 5xx status class, by route
+/// Sums `sluice_requests_total`, and the failed ones (a 5xx status class, or
+/// a gRPC call whose `grpc_status` is not `0`), by route
 /// (`namespace/name` of the HTTPRoute or GRPCRoute), or by
 /// `namespace/name#default` for a Service's default route (so that a route
 /// named as its Service is counted apart), from the proxy's metrics text.
@@ -339,7 +340,9 @@ pub fn request_stats(text: &str) -> BTreeMap<String, (u64, u64)> {
         };
         let e = out.entry(key).or_default();
         e.0 += v as u64;
-        if label("status_class").is_some_and(|c| c.starts_with('5')) {
+        if label("status_class").is_some_and(|c| c.starts_with('5'))
+            || label("grpc_status").is_some_and(|c| c != "0")
+        {
             e.1 += v as u64;
         }
     }

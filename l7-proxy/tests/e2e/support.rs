@@ -675,8 +675,10 @@ async fn echo(
         let mut frame = vec![0u8];
         frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
         frame.extend_from_slice(msg.as_bytes());
+        // The status the caller asks for (`x-grpc-status`), else OK.
+        let status = headers.get("x-grpc-status").map_or("0", String::as_str);
         let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("grpc-status", status.parse().unwrap());
         trailers.insert("x-served-by", name.parse().unwrap());
         let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
             Ok(Frame::data(Bytes::from(frame))),

@@ -152,6 +152,62 @@ async fn http2_and_grpc_cross_the_tunnel_with_trailers() {
     let trailers = r.trailers.expect("gRPC trailers cross the tunnel");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["x-served-by"], "cart-0");
+
+    // A call that fails with UNAVAILABLE in its trailers (HTTP 200): both
+    // proxies count it by its grpc-status, once its trailers have passed.
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://cart.shop/shop.Cart/Add")
+        .header("content-type", "application/grpc")
+        .header("x-grpc-status", "14")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\0\0\0\0\0",
+        )))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.trailers.expect("trailers")["grpc-status"], "14");
+    let web_id = web().identity().to_string();
+    for (proxy, direction) in [(&mesh.a, "Outbound"), (&mesh.b, "Inbound")] {
+        let count = |status: &str| {
+            proxy.metric(
+                "sluice_requests_total",
+                &[
+                    &format!("direction=\"{direction}\""),
+                    &web_id,
+                    "status_class=\"2xx\"",
+                    &format!("grpc_status=\"{status}\""),
+                ],
+            )
+        };
+        // The calls are counted when their streams end, which may be a
+        // moment after the caller has read them.
+        eventually(&format!("{direction} counts by grpc-status"), || {
+            (count("0"), count("14")) == (1.0, 1.0)
+        })
+        .await;
+        // Each call once: no other grpc_status series.
+        assert_eq!(
+            proxy.metric(
+                "sluice_requests_total",
+                &[&format!("direction=\"{direction}\""), "grpc_status="]
+            ),
+            2.0,
+            "{direction}: {}",
+            proxy.metrics()
+        );
+        // The plain HTTP/2 request before has no grpc_status label.
+        let plain = proxy
+            .metrics()
+            .lines()
+            .filter(|l| {
+                l.starts_with("sluice_requests_total{")
+                    && l.contains(&format!("direction=\"{direction}\""))
+                    && !l.contains("grpc_status")
+            })
+            .count();
+        assert_eq!(plain, 1, "{direction}: {}", proxy.metrics());
+    }
     mesh.shutdown().await;
 }
 

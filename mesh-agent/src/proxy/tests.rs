@@ -343,7 +343,10 @@ fn request_counts_come_from_the_proxy_metrics() {
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/web\",status_class=\"2xx\"} 1\n\
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/db-split#default\",status_class=\"2xx\"} 5\n\
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/web#0\",status_class=\"5xx\"} 3\n\
-        sluice_requests_total{direction=\"inbound\",source=\"x\",destination=\"y\",route=\"\",status_class=\"2xx\"} 4\n";
+        sluice_requests_total{direction=\"inbound\",source=\"x\",destination=\"y\",route=\"\",status_class=\"2xx\"} 4\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"c\",route=\"shop/cart#0\",status_class=\"2xx\",grpc_status=\"0\"} 6\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"c\",route=\"shop/cart#0\",status_class=\"2xx\",grpc_status=\"14\"} 2\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"c\",route=\"shop/cart#1\",status_class=\"5xx\",grpc_status=\"unknown\"} 1\n";
     let s = request_stats(text);
     // A rule named `default` is the route's.
     assert_eq!(s["shop/db-split"], (14, 2));
@@ -351,7 +354,10 @@ fn request_counts_come_from_the_proxy_metrics() {
     // shop/web.
     assert_eq!(s["shop/web#default"], (1, 0));
     assert_eq!(s["shop/web"], (3, 3));
-    assert_eq!(s.len(), 3, "inbound requests have no route: {s:?}");
+    // A gRPC call failed by its grpc-status, even with a 2xx, counted once
+    // when both say so.
+    assert_eq!(s["shop/cart"], (9, 3));
+    assert_eq!(s.len(), 4, "inbound requests have no route: {s:?}");
 }
 
 fn one_rule_route(rule: serde_json::Value) -> GwHttpRoute {
