@@ -63,20 +63,36 @@ def run(bench, requests, out):
 def costs(path, callee=None):
     """Exclusive cost by function and by (function, source file); with
     `callee` (a regular expression), also the calls to matching functions
-    by caller: {caller: [calls, inclusive cost]}."""
+    by caller, {caller: [calls, inclusive cost]}, and by call site,
+    {(caller, source file, line): [calls, inclusive cost]}."""
     names, files = {}, {}
     by_fn, by_file = collections.Counter(), collections.Counter()
     callers = collections.defaultdict(lambda: [0, 0])
+    sites = collections.defaultdict(lambda: [0, 0])
     fn = fl = cur_file = cfn = None
     skip = False
+    pos = 0  # the source line of the last cost line (positions may be relative)
+
+    def position(token):
+        nonlocal pos
+        if token[0] in "+-":
+            pos += int(token)
+        elif token != "*":
+            pos = int(token)
+
     for line in open(path, errors="replace"):
         line = line.rstrip("\n")
         if skip:  # the inclusive cost of a call: not this function's own
             skip = False
             parts = line.split()
+            if parts:
+                position(parts[0])
             if callee and cfn and fn and len(parts) > 1 and re.search(callee, cfn):
                 callers[fn][0] += calls
                 callers[fn][1] += int(parts[1])
+                site = sites[(fn, cur_file or "?", pos)]
+                site[0] += calls
+                site[1] += int(parts[1])
             continue
         m = re.match(r"(fl|fi|fe|cfi|cfl|fn|cfn)=\((\d+)\)(?: (.*))?", line)
         if m:
@@ -97,12 +113,13 @@ def costs(path, callee=None):
             skip = True
             calls = int(line[6:].split()[0])
             continue
-        if line[:1].isdigit() or line[:1] in "+-*":
+        if line[:1] and (line[:1].isdigit() or line[:1] in "+-*"):
             parts = line.split()
+            position(parts[0])
             if fn and len(parts) > 1:
                 by_fn[fn] += int(parts[1])
                 by_file[cur_file or "?"] += int(parts[1])
-    return by_fn, by_file, callers
+    return by_fn, by_file, callers, sites
 
 
 def crate_of(path):
@@ -131,7 +148,7 @@ def main():
         dumps = run(args.bench, args.requests, out)
         n = args.requests
         for name in ("client", "server"):
-            by_fn, by_file, callers = costs(dumps[name], args.callers)
+            by_fn, by_file, callers, sites = costs(dumps[name], args.callers)
             total = sum(by_fn.values())
             print(f"== {name}-side proxy: {total / n:,.0f} instructions per request")
             for f, c in by_fn.most_common(args.top):
@@ -147,6 +164,11 @@ def main():
                 ranked = sorted(callers.items(), key=lambda kv: -kv[1][1])
                 for f, (calls, cost) in ranked[: args.top]:
                     print(f"{calls / n:6.2f} {cost / n:9,.0f}  {f[:110]}")
+                print("  ... by call site (the line calling, in the caller or in code inlined into it):")
+                ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])
+                for (f, file, line), (calls, cost) in ranked[: args.top]:
+                    where = re.sub(r".*/(registry/src/[^/]+/|rustc/[^/]+/library/|work/main/)", "", file)
+                    print(f"{calls / n:6.2f} {cost / n:9,.0f}  {where}:{line}  ({f[:60]})")
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
