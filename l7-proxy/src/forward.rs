@@ -119,6 +119,16 @@ pub(crate) async fn handle(
         start,
         labels: std::sync::OnceLock::new(),
     };
+    // Dropped before the answer is counted: the caller went away.
+    let mut cancelled = Cancelled {
+        shared: &shared,
+        conn: &conn,
+        progress: &progress,
+        method: &method,
+        path: path.as_deref(),
+        grpc: grpc_counted,
+        armed: true,
+    };
     // Boxed: the exchange is most of this future's size, and hyper moves
     // the request's future into place.
     let exchange = Box::pin(async {
@@ -177,7 +187,7 @@ pub(crate) async fn handle(
     let mut outcome = match crate::body::until_idle(exchange, watchdog, &activity).await {
         Some(outcome) => outcome,
         None => {
-            let (route, destination) = progress.labels.into_inner().unwrap_or_default();
+            let (route, destination) = progress.labels.get().cloned().unwrap_or_default();
             Outcome::local(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("no answer for {watchdog:?}, while the request sent nothing either"),
@@ -213,6 +223,7 @@ pub(crate) async fn handle(
         .upstream
         .as_ref()
         .map_or(&outcome.destination, |u| &u.label);
+    cancelled.armed = false;
     conn.metrics.count(
         &shared.metrics,
         RequestKey {
@@ -251,6 +262,63 @@ pub(crate) async fn handle(
     .emit();
     Ok(outcome.response)
 }
+
+/// Counts and logs a request whose handler is dropped before its answer is
+/// counted: its caller went away (reset its stream, closed its
+/// connection) before the answer's head, most often tired of waiting, so
+/// the request must not vanish from the metrics and the access log. Counted
+/// under the route and service chosen by then (not the endpoint that had
+/// it), without latency. (A request cut by the proxy's own shutdown, past
+/// the drain timeout, is counted so too.)
+struct Cancelled<'a> {
+    shared: &'a Shared,
+    conn: &'a HttpConn,
+    progress: &'a Progress,
+    method: &'a http::Method,
+    path: Option<&'a str>,
+    grpc: bool,
+    armed: bool,
+}
+
+impl Drop for Cancelled<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (route, destination) = self.progress.labels.get().cloned().unwrap_or_default();
+        crate::metrics::RequestMetricsCache::count_cancelled(
+            &self.shared.metrics,
+            RequestKey {
+                direction: Direction::Outbound,
+                source: &self.conn.source_label,
+                destination: &destination,
+                route: &route,
+            },
+            self.grpc,
+        );
+        if !crate::accesslog::enabled() {
+            return;
+        }
+        AccessRecord {
+            direction: "outbound",
+            protocol: "http",
+            source_addr: Some(self.conn.client_addr.to_string()),
+            source_identity: Some(&self.conn.source.identity),
+            destination: Some(destination.to_string()),
+            destination_addr: Some(self.conn.original_dst.to_string()),
+            method: Some(self.method.as_str()),
+            path: self.path,
+            route: Some(route.as_str()),
+            duration_ms: self.progress.start.elapsed().as_secs_f64() * 1e3,
+            reason: Some(CALLER_WENT_AWAY),
+            ..Default::default()
+        }
+        .emit();
+    }
+}
+
+/// The access log's reason for a request whose caller went away first.
+pub(crate) const CALLER_WENT_AWAY: &str = "the caller went away before the answer";
 
 /// What an exchange shares with its request's handler while it runs: when
 /// the request began, and its route and destination once known, so that

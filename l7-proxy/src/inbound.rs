@@ -902,6 +902,66 @@ fn stream_record<'a>(
     }
 }
 
+/// The destination label of an inbound request to `workload`.
+fn destination_label(tp: &TunnelPeer, workload: Option<&LocalWorkload>) -> Label {
+    match workload {
+        Some(w) if tp.local_identity.as_ref() == Some(&w.identity) => tp.local_label.clone(),
+        Some(w) => Label::from(w.identity.as_ref()),
+        None => Label::default(),
+    }
+}
+
+/// Counts and logs an inbound request whose handler is dropped before its
+/// answer is counted: the caller's side reset its stream before the
+/// answer's head (see `forward::Cancelled`, the outbound side's).
+struct Cancelled<'a> {
+    shared: &'a Shared,
+    tp: &'a TunnelPeer,
+    workload: &'a std::sync::OnceLock<Arc<LocalWorkload>>,
+    method: &'a Method,
+    path: Option<&'a str>,
+    grpc: bool,
+    start: Instant,
+    armed: bool,
+}
+
+impl Drop for Cancelled<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let workload = self.workload.get().map(|w| &**w);
+        crate::metrics::RequestMetricsCache::count_cancelled(
+            &self.shared.metrics,
+            RequestKey {
+                direction: Direction::Inbound,
+                source: &self.tp.label,
+                destination: &destination_label(self.tp, workload),
+                route: &Label::default(),
+            },
+            self.grpc,
+        );
+        if !crate::accesslog::enabled() {
+            return;
+        }
+        AccessRecord {
+            direction: "inbound",
+            protocol: "http",
+            source_addr: Some(self.tp.addr.to_string()),
+            source_identity: Some(&self.tp.identity),
+            destination: workload.map(|w| w.id.to_string()),
+            destination_identity: workload.map(|w| &w.identity),
+            secured: true,
+            method: Some(self.method.as_str()),
+            path: self.path,
+            duration_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            reason: Some(crate::forward::CALLER_WENT_AWAY),
+            ..Default::default()
+        }
+        .emit();
+    }
+}
+
 /// Counts an inbound request to `workload`, answered with `resp`, in the
 /// request metrics (a gRPC call's once its status passes).
 fn count_request(
@@ -913,11 +973,7 @@ fn count_request(
     grpc: bool,
     start: Instant,
 ) {
-    let dst = match workload {
-        Some(w) if tp.local_identity.as_ref() == Some(&w.identity) => tp.local_label.clone(),
-        Some(w) => Label::from(w.identity.as_ref()),
-        None => Label::default(),
-    };
+    let dst = destination_label(tp, workload);
     tp.metrics.count(
         &shared.metrics,
         RequestKey {
@@ -946,7 +1002,19 @@ async fn handle_http(
     let grpc_counted = grpc && crate::body::has_grpc_trailers(&parts.headers);
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
-    let mut workload = None;
+    // The workload the request is for, once known (set once).
+    let workload = std::sync::OnceLock::<Arc<LocalWorkload>>::new();
+    // Dropped before the answer is counted: the caller went away.
+    let mut cancelled = Cancelled {
+        shared: &shared,
+        tp: &tp,
+        workload: &workload,
+        method: &method,
+        path: path.as_deref(),
+        grpc: grpc_counted,
+        start,
+        armed: true,
+    };
     // Nothing reached the workload (see `UNREACHABLE`).
     let mut unreachable = false;
     let result: Result<Response<Body>, (StatusCode, String)> = async {
@@ -962,10 +1030,12 @@ async fn handle_http(
         let target = parse_target(raw).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
         let state = shared.state();
         let w = check_target(&shared, &state, &tp, target).map_err(|r| {
-            workload = r.workload;
+            if let Some(w) = r.workload {
+                let _ = workload.set(w);
+            }
             (StatusCode::FORBIDDEN, r.reason)
         })?;
-        workload = Some(w.clone());
+        let _ = workload.set(w.clone());
         let facts = HttpFacts {
             method: &parts.method,
             path: parts.uri.path(),
@@ -1009,7 +1079,7 @@ async fn handle_http(
         }
         Err((status, reason)) => {
             if status == StatusCode::FORBIDDEN {
-                deny(&shared, &tp, workload.as_deref(), "http", &reason);
+                deny(&shared, &tp, workload.get().map(|w| &**w), "http", &reason);
             }
             // Counted and logged as the HTTP status the proxy chose.
             let resp = marked_unreachable(
@@ -1019,10 +1089,11 @@ async fn handle_http(
             (resp, Some(reason), status.as_u16())
         }
     };
+    cancelled.armed = false;
     count_request(
         &shared,
         &tp,
-        workload.as_deref(),
+        workload.get().map(|w| &**w),
         status,
         &mut resp,
         grpc_counted,
@@ -1036,8 +1107,8 @@ async fn handle_http(
         protocol: "http",
         source_addr: Some(tp.addr.to_string()),
         source_identity: Some(&tp.identity),
-        destination: workload.as_ref().map(|w| w.id.to_string()),
-        destination_identity: workload.as_ref().map(|w| &w.identity),
+        destination: workload.get().map(|w| w.id.to_string()),
+        destination_identity: workload.get().map(|w| &w.identity),
         secured: true,
         method: Some(method.as_str()),
         path: path.as_deref(),

@@ -347,6 +347,26 @@ impl RequestMetricsCache {
         m.duration.observe(elapsed.as_secs_f64());
     }
 
+    /// Counts a request whose caller went away before its answer's head
+    /// (reset its stream, closed its connection): status class
+    /// [`CANCELLED`], and `grpc_status` `1` (`CANCELLED`) for a gRPC call.
+    /// Not through the cache, whose entries hold a latency histogram too.
+    pub fn count_cancelled(metrics: &Metrics, key: RequestKey<'_>, grpc: bool) {
+        let labels = RequestLabels {
+            direction: key.direction,
+            source: key.source.clone(),
+            destination: key.destination.clone(),
+            route: key.route.clone(),
+            status_class: CANCELLED,
+            grpc_status: if grpc {
+                GrpcStatus(Some("1"))
+            } else {
+                GrpcStatus::NONE
+            },
+        };
+        metrics.requests.get_or_create(&labels).inc();
+    }
+
     fn get(
         &self,
         metrics: &Metrics,
@@ -464,6 +484,9 @@ impl Drop for CountOnStatus {
         self.count(status);
     }
 }
+
+/// The status class of a request whose caller went away before its answer.
+pub const CANCELLED: &str = "cancelled";
 
 /// `2xx`, `4xx`… for a status code.
 pub fn status_class(status: u16) -> &'static str {
@@ -637,6 +660,32 @@ mod tests {
                 "sluice_requests_total{status_class=\"2xx\",grpc_status=\"1\"} 1",
                 "sluice_requests_total{status_class=\"2xx\",grpc_status=\"unknown\"} 3"
             ]
+        );
+    }
+
+    #[test]
+    fn a_request_whose_caller_went_away_is_counted_cancelled() {
+        let (r, m) = registry();
+        let (a, b, rt) = (Label::from("a"), Label::from("b"), Label::from("r"));
+        for grpc in [false, true, true] {
+            let key = RequestKey {
+                direction: Direction::Outbound,
+                source: &a,
+                destination: &b,
+                route: &rt,
+            };
+            RequestMetricsCache::count_cancelled(&m, key, grpc);
+        }
+        assert_eq!(
+            requests(&r),
+            [
+                "sluice_requests_total{status_class=\"cancelled\",grpc_status=\"1\"} 2",
+                "sluice_requests_total{status_class=\"cancelled\"} 1"
+            ]
+        );
+        assert!(
+            !text(&r).contains("sluice_request_duration_seconds_count"),
+            "no latency without an answer"
         );
     }
 

@@ -304,7 +304,9 @@ fn rfc3339_unix(secs: u64) -> Option<String> {
 }
 
 /// Sums `sluice_requests_total`, and the failed ones (a 5xx status class, or
-/// a gRPC call whose `grpc_status` is not `0`), by route
+/// a gRPC call whose `grpc_status` is neither `0`, OK, nor `1`, CANCELLED:
+/// a caller that went away, as the `cancelled` status class is for other
+/// requests), by route
 /// (`namespace/name` of the HTTPRoute or GRPCRoute), or by
 /// `namespace/name#default` for a Service's default route (so that a route
 /// named as its Service is counted apart), from the proxy's metrics text.
@@ -341,7 +343,7 @@ pub fn request_stats(text: &str) -> BTreeMap<String, (u64, u64)> {
         let e = out.entry(key).or_default();
         e.0 += v as u64;
         if label("status_class").is_some_and(|c| c.starts_with('5'))
-            || label("grpc_status").is_some_and(|c| c != "0")
+            || label("grpc_status").is_some_and(|c| c != "0" && c != "1")
         {
             e.1 += v as u64;
         }

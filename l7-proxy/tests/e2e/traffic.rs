@@ -1431,3 +1431,95 @@ async fn a_second_capture_listener_serves_the_other_address_family() {
     drop(t);
     mesh.shutdown().await;
 }
+
+/// The access-log lines written on this thread while `f` runs (a
+/// current-thread runtime: the proxies' tasks log here too).
+struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A caller that gives up before the answer (closes its connection while
+/// the workload takes its time): the request does not vanish; both proxies
+/// count it as `cancelled` under its route and destination, and log it with
+/// the reason.
+#[tokio::test]
+async fn a_request_whose_caller_leaves_before_the_answer_is_counted_and_logged() {
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+            "{}=info",
+            l7_proxy::accesslog::TARGET
+        )))
+        .with_writer(move || Lines(sink.clone()))
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    let mesh = Mesh::standard().await;
+    let srv = mesh.serve_cart().await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"GET /slow/5000 HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the request reached the workload", || srv[0].hits() == 1).await;
+    drop(tcp);
+    let web_id = web().identity().to_string();
+    eventually("both proxies counted the request as cancelled", || {
+        mesh.a.metric(
+            "sluice_requests_total",
+            &[
+                "direction=\"Outbound\"",
+                &web_id,
+                "destination=\"shop/cart\"",
+                "status_class=\"cancelled\"",
+            ],
+        ) == 1.0
+            && mesh.b.metric(
+                "sluice_requests_total",
+                &[
+                    "direction=\"Inbound\"",
+                    &web_id,
+                    "status_class=\"cancelled\"",
+                ],
+            ) == 1.0
+    })
+    .await;
+    // Nothing else was counted for it, and no latency (it had no answer).
+    for proxy in [&mesh.a, &mesh.b] {
+        assert_eq!(
+            proxy.metric("sluice_requests_total", &[]),
+            1.0,
+            "{}",
+            proxy.metrics()
+        );
+        assert_eq!(
+            proxy.metric("sluice_request_duration_seconds_count", &[]),
+            0.0,
+            "{}",
+            proxy.metrics()
+        );
+    }
+    let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(&l[l.find('{')?..]).ok())
+        .collect();
+    for direction in ["outbound", "inbound"] {
+        let r = records
+            .iter()
+            .find(|r| r["direction"] == direction)
+            .unwrap_or_else(|| panic!("no {direction} record in {text}"));
+        assert_eq!(r["reason"], "the caller went away before the answer", "{r}");
+        assert_eq!(r["path"], "/slow/5000", "{r}");
+        assert_eq!(r["source_identity"], web_id, "{r}");
+        assert!(r.get("status").is_none_or(|s| s.is_null()), "{r}");
+    }
+    mesh.shutdown().await;
+}

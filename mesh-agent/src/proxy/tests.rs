@@ -346,17 +346,20 @@ fn request_counts_come_from_the_proxy_metrics() {
         sluice_requests_total{direction=\"inbound\",source=\"x\",destination=\"y\",route=\"\",status_class=\"2xx\"} 4\n\
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"c\",route=\"shop/cart#0\",status_class=\"2xx\",grpc_status=\"0\"} 6\n\
         sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"c\",route=\"shop/cart#0\",status_class=\"2xx\",grpc_status=\"14\"} 2\n\
-        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"c\",route=\"shop/cart#1\",status_class=\"5xx\",grpc_status=\"unknown\"} 1\n";
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"c\",route=\"shop/cart#1\",status_class=\"5xx\",grpc_status=\"unknown\"} 1\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"c\",route=\"shop/cart#1\",status_class=\"cancelled\",grpc_status=\"1\"} 4\n\
+        sluice_requests_total{direction=\"outbound\",source=\"a\",destination=\"b\",route=\"shop/web#0\",status_class=\"cancelled\"} 5\n";
     let s = request_stats(text);
     // A rule named `default` is the route's.
     assert_eq!(s["shop/db-split"], (14, 2));
     // The Service shop/web's default route, apart from the HTTPRoute
     // shop/web.
     assert_eq!(s["shop/web#default"], (1, 0));
-    assert_eq!(s["shop/web"], (3, 3));
+    // Callers that went away are requests, not errors.
+    assert_eq!(s["shop/web"], (8, 3));
     // A gRPC call failed by its grpc-status, even with a 2xx, counted once
-    // when both say so.
-    assert_eq!(s["shop/cart"], (9, 3));
+    // when both say so; CANCELLED is the caller's doing.
+    assert_eq!(s["shop/cart"], (13, 3));
     assert_eq!(s.len(), 4, "inbound requests have no route: {s:?}");
 }
 
