@@ -282,7 +282,8 @@ struct Cancelled<'a> {
 
 impl Drop for Cancelled<'_> {
     fn drop(&mut self) {
-        if !self.armed {
+        // A panic is not the caller's doing (and is logged as what it is).
+        if !self.armed || std::thread::panicking() {
             return;
         }
         let (route, destination) = self.progress.labels.get().cloned().unwrap_or_default();

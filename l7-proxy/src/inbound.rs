@@ -927,7 +927,8 @@ struct Cancelled<'a> {
 
 impl Drop for Cancelled<'_> {
     fn drop(&mut self) {
-        if !self.armed {
+        // A panic is not the caller's doing (and is logged as what it is).
+        if !self.armed || std::thread::panicking() {
             return;
         }
         let workload = self.workload.get().map(|w| &**w);
