@@ -779,6 +779,18 @@ async fn upgrade_request(
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+    let known = std::sync::OnceLock::from(workload.clone());
+    // Dropped before the answer is counted: the caller went away.
+    let mut cancelled = Cancelled {
+        shared,
+        tp,
+        workload: &known,
+        method: &method,
+        path: Some(&path),
+        grpc: false,
+        start,
+        armed: true,
+    };
     // Nothing reached the workload (see `UNREACHABLE`).
     let mut unreachable = false;
     let result: Result<Response<Body>, (StatusCode, String)> = async {
@@ -857,6 +869,7 @@ async fn upgrade_request(
         }
     };
     let status = resp.status().as_u16();
+    cancelled.armed = false;
     count_request(shared, tp, Some(workload), status, &mut resp, false, start);
     AccessRecord {
         method: Some(method.as_str()),

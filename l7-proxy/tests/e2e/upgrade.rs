@@ -836,3 +836,77 @@ async fn an_upgraded_connection_outlives_the_exchange_idle_timeout() {
     drop((tcp, send, socket, h2));
     mesh.shutdown().await;
 }
+
+/// A caller that gives up on an upgrade before its `101` (the workload
+/// holds the request without answering): both proxies count it as
+/// `cancelled`, as any request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_given_up_before_its_switch_is_counted_cancelled_on_both_nodes() {
+    let mesh = Mesh::standard().await;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = heads.clone();
+    // Reads each request head and never answers, holding the connection.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut buf = Vec::new();
+            let mut b = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(upgrade_request("/chat").as_bytes())
+        .await
+        .unwrap();
+    eventually("the upgrade request reached the workload", || {
+        heads.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    drop(tcp);
+    let web_id = web().identity().to_string();
+    eventually("both proxies counted the upgrade as cancelled", || {
+        mesh.a.metric(
+            "sluice_requests_total",
+            &[
+                "direction=\"Outbound\"",
+                &web_id,
+                "status_class=\"cancelled\"",
+            ],
+        ) == 1.0
+            && mesh.b.metric(
+                "sluice_requests_total",
+                &[
+                    "direction=\"Inbound\"",
+                    &web_id,
+                    "status_class=\"cancelled\"",
+                ],
+            ) == 1.0
+    })
+    .await;
+    for proxy in [&mesh.a, &mesh.b] {
+        assert_eq!(
+            proxy.metric("sluice_requests_total", &[]),
+            1.0,
+            "{}",
+            proxy.metrics()
+        );
+    }
+    silent.abort();
+    mesh.shutdown().await;
+}
