@@ -29,6 +29,10 @@ pub struct AccessRecord<'a> {
     pub duration_ms: f64,
     /// Why the proxy answered or closed instead of the destination.
     pub reason: Option<&'a str>,
+    /// A gRPC call's status, as the `grpc_status` label of
+    /// `sluice_requests_total` has it; absent for other requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<&'a str>,
 }
 
 /// Whether access records are wanted; build them only then.
@@ -37,6 +41,15 @@ pub fn enabled() -> bool {
 }
 
 impl AccessRecord<'_> {
+    /// The record of a gRPC call whose status is still to come, to be
+    /// emitted with it ([`Deferred::emit`]); `None` when nobody listens.
+    pub fn defer(&self) -> Option<Deferred> {
+        if !enabled() {
+            return None;
+        }
+        serde_json::to_value(self).ok().map(Deferred)
+    }
+
     pub fn emit(&self) {
         // Serialising costs more than the rest of a small request: skip it
         // when nobody listens.
@@ -44,6 +57,20 @@ impl AccessRecord<'_> {
             return;
         }
         match serde_json::to_string(self) {
+            Ok(line) => tracing::info!(target: TARGET, "{line}"),
+            Err(e) => tracing::warn!("access record not serialisable: {e}"),
+        }
+    }
+}
+
+/// An access record held until its gRPC call's status is known.
+#[derive(Debug)]
+pub struct Deferred(serde_json::Value);
+
+impl Deferred {
+    pub fn emit(mut self, grpc_status: &str) {
+        self.0["grpc_status"] = grpc_status.into();
+        match serde_json::to_string(&self.0) {
             Ok(line) => tracing::info!(target: TARGET, "{line}"),
             Err(e) => tracing::warn!("access record not serialisable: {e}"),
         }

@@ -20,7 +20,7 @@ use crate::{
     config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, REASON, TARGET, UNREACHABLE},
     conntable::{ConnKind, ConnMeta},
     filters,
-    metrics::{Direction, Label, RequestKey, RequestMetricsCache, TcpLabels},
+    metrics::{Answer, Direction, Label, RequestKey, RequestMetricsCache, TcpLabels},
     proxy::Shared,
     replay::{BodyFailure, Recording, Replayable},
     router::{Decision, RequestView},
@@ -224,24 +224,8 @@ pub(crate) async fn handle(
         .as_ref()
         .map_or(&outcome.destination, |u| &u.label);
     cancelled.armed = false;
-    conn.metrics.count(
-        &shared.metrics,
-        RequestKey {
-            direction: Direction::Outbound,
-            source: &conn.source_label,
-            destination: dst,
-            route: &outcome.route,
-        },
-        status,
-        &mut outcome.response,
-        grpc_counted,
-        start.elapsed(),
-    );
-    if !log {
-        return Ok(outcome.response);
-    }
     let tunnel = outcome.upstream.as_ref().and_then(|u| u.tunnel.as_ref());
-    AccessRecord {
+    let record = log.then(|| AccessRecord {
         direction: "outbound",
         protocol: "http",
         source_addr: Some(conn.client_addr.to_string()),
@@ -258,8 +242,32 @@ pub(crate) async fn handle(
         duration_ms: start.elapsed().as_secs_f64() * 1e3,
         reason: outcome.reason.as_deref(),
         ..Default::default()
+    });
+    // A gRPC call's record waits for its status.
+    let later = record
+        .as_ref()
+        .filter(|_| crate::metrics::counted_later(grpc_counted, &outcome.response))
+        .and_then(AccessRecord::defer);
+    let known = conn.metrics.count(
+        &shared.metrics,
+        RequestKey {
+            direction: Direction::Outbound,
+            source: &conn.source_label,
+            destination: dst,
+            route: &outcome.route,
+        },
+        Answer {
+            status,
+            response: &mut outcome.response,
+            grpc: grpc_counted,
+            elapsed: start.elapsed(),
+            log: later,
+        },
+    );
+    if let (Some(mut record), Some(grpc_status)) = (record, known) {
+        record.grpc_status = grpc_status.as_str();
+        record.emit();
     }
-    .emit();
     Ok(outcome.response)
 }
 

@@ -34,7 +34,7 @@ use crate::{
     h2stream::{RecvBody, StreamIo},
     io::{Counted, count_relay, relay},
     metrics::{
-        DenialLabels, Direction, Label, RequestKey, RequestMetricsCache, TcpLabels,
+        Answer, DenialLabels, Direction, Label, RequestKey, RequestMetricsCache, TcpLabels,
         TlsFailureLabels,
     },
     policy::{HttpFacts, Verdict, authorize},
@@ -870,7 +870,18 @@ async fn upgrade_request(
     };
     let status = resp.status().as_u16();
     cancelled.armed = false;
-    count_request(shared, tp, Some(workload), status, &mut resp, false, start);
+    count_request(
+        shared,
+        tp,
+        Some(workload),
+        Answer {
+            status,
+            response: &mut resp,
+            grpc: false,
+            elapsed: start.elapsed(),
+            log: None,
+        },
+    );
     AccessRecord {
         method: Some(method.as_str()),
         path: Some(&path),
@@ -976,17 +987,14 @@ impl Drop for Cancelled<'_> {
     }
 }
 
-/// Counts an inbound request to `workload`, answered with `resp`, in the
-/// request metrics (a gRPC call's once its status passes).
+/// Counts an inbound request to `workload` in the request metrics (a gRPC
+/// call's once its status passes: see [`RequestMetricsCache::count`]).
 fn count_request(
     shared: &Shared,
     tp: &TunnelPeer,
     workload: Option<&LocalWorkload>,
-    status: u16,
-    resp: &mut Response<Body>,
-    grpc: bool,
-    start: Instant,
-) {
+    answer: Answer<'_>,
+) -> Option<crate::metrics::GrpcStatus> {
     let dst = destination_label(tp, workload);
     tp.metrics.count(
         &shared.metrics,
@@ -996,11 +1004,8 @@ fn count_request(
             destination: &dst,
             route: &Label::default(),
         },
-        status,
-        resp,
-        grpc,
-        start.elapsed(),
-    );
+        answer,
+    )
 }
 
 async fn handle_http(
@@ -1104,19 +1109,7 @@ async fn handle_http(
         }
     };
     cancelled.armed = false;
-    count_request(
-        &shared,
-        &tp,
-        workload.get().map(|w| &**w),
-        status,
-        &mut resp,
-        grpc_counted,
-        start,
-    );
-    if !log {
-        return resp;
-    }
-    AccessRecord {
+    let record = log.then(|| AccessRecord {
         direction: "inbound",
         protocol: "http",
         source_addr: Some(tp.addr.to_string()),
@@ -1130,8 +1123,28 @@ async fn handle_http(
         duration_ms: start.elapsed().as_secs_f64() * 1e3,
         reason: reason.as_deref(),
         ..Default::default()
+    });
+    // A gRPC call's record waits for its status.
+    let later = record
+        .as_ref()
+        .filter(|_| crate::metrics::counted_later(grpc_counted, &resp))
+        .and_then(AccessRecord::defer);
+    let known = count_request(
+        &shared,
+        &tp,
+        workload.get().map(|w| &**w),
+        Answer {
+            status,
+            response: &mut resp,
+            grpc: grpc_counted,
+            elapsed: start.elapsed(),
+            log: later,
+        },
+    );
+    if let (Some(mut record), Some(grpc_status)) = (record, known) {
+        record.grpc_status = grpc_status.as_str();
+        record.emit();
     }
-    .emit();
     resp
 }
 

@@ -267,6 +267,30 @@ pub struct RequestMetricsCache {
 /// within one connection.
 type CacheEntry = (Label, Label, &'static str, GrpcStatus, RequestMetrics);
 
+/// A request's answer, as [`RequestMetricsCache::count`] takes it.
+pub struct Answer<'a> {
+    /// The HTTP status the proxy chose (a gRPC caller gets the proxy's
+    /// refusals as `200` with a `grpc-status`).
+    pub status: u16,
+    pub response: &'a mut Response<Body>,
+    /// A gRPC call whose status comes in HTTP trailers
+    /// ([`crate::body::has_grpc_trailers`]).
+    pub grpc: bool,
+    /// The time to the answer's head.
+    pub elapsed: Duration,
+    /// The request's access record, for a call counted once its status
+    /// passes ([`counted_later`]): emitted then, with it.
+    pub log: Option<crate::accesslog::Deferred>,
+}
+
+/// Whether [`RequestMetricsCache::count`] counts a request once its
+/// answer's trailers pass: a gRPC call (`grpc`) whose answer's head has no
+/// status and whose body is still to come.
+pub fn counted_later(grpc: bool, resp: &Response<Body>) -> bool {
+    grpc && !resp.headers().contains_key(GRPC_STATUS)
+        && !http_body::Body::is_end_stream(resp.body())
+}
+
 /// The labels of a request that are known before its answer.
 pub struct RequestKey<'a> {
     pub direction: Direction,
@@ -296,15 +320,23 @@ impl RequestMetricsCache {
     /// (that is, not a trailers-only answer) is counted once its trailers
     /// pass, which for a long stream is when it ends (see
     /// [`CountOnStatus`]).
+    ///
+    /// Returns the call's gRPC status when it is known now ([`GrpcStatus::NONE`]
+    /// for a request that is not a gRPC call), `None` when it is counted
+    /// later (the answer's `log`, if any, is then emitted with it).
     pub fn count(
         &self,
         metrics: &Metrics,
         key: RequestKey<'_>,
-        status: u16,
-        resp: &mut Response<Body>,
-        grpc: bool,
-        elapsed: Duration,
-    ) {
+        answer: Answer<'_>,
+    ) -> Option<GrpcStatus> {
+        let Answer {
+            status,
+            response: resp,
+            grpc,
+            elapsed,
+            log,
+        } = answer;
         let status_class = status_class(status);
         // A request that is not a gRPC call looks up no field.
         let field = if grpc {
@@ -337,14 +369,18 @@ impl RequestMetricsCache {
                 let inner = std::mem::replace(resp.body_mut(), crate::body::empty());
                 *resp.body_mut() = crate::body::boxed(CountOnStatus {
                     inner,
-                    pending: Some((metrics.requests.clone(), labels)),
+                    pending: Some((metrics.requests.clone(), labels, log)),
                 });
-                return;
+                return None;
             }
         };
         let m = self.get(metrics, key, status_class, grpc_status);
         m.requests.inc();
         m.duration.observe(elapsed.as_secs_f64());
+        if let (Some(log), Some(code)) = (log, grpc_status.as_str()) {
+            log.emit(code);
+        }
+        Some(grpc_status)
     }
 
     /// Counts a request whose caller went away before its answer's head
@@ -429,16 +465,24 @@ impl RequestMetricsCache {
 /// call's `grpc-status` has passed in the trailers; `unknown` when the
 /// body ends or fails without one, `1` (`CANCELLED`) when it is dropped
 /// before its end (the caller went away).
+/// Its access record, if any, is emitted then too.
 struct CountOnStatus {
     inner: Body,
-    pending: Option<(Family<RequestLabels, Counter>, RequestLabels)>,
+    pending: Option<(
+        Family<RequestLabels, Counter>,
+        RequestLabels,
+        Option<crate::accesslog::Deferred>,
+    )>,
 }
 
 impl CountOnStatus {
     fn count(&mut self, status: GrpcStatus) {
-        if let Some((family, mut labels)) = self.pending.take() {
+        if let Some((family, mut labels, log)) = self.pending.take() {
             labels.grpc_status = status;
             family.get_or_create(&labels).inc();
+            if let (Some(log), Some(code)) = (log, status.as_str()) {
+                log.emit(code);
+            }
         }
     }
 }
@@ -544,13 +588,19 @@ mod tests {
             destination: &b,
             route: &r,
         };
-        cache.count(
-            m,
-            key,
-            resp.status().as_u16(),
-            resp,
+        let later = counted_later(grpc, resp);
+        let status = resp.status().as_u16();
+        let answer = Answer {
+            status,
+            response: resp,
             grpc,
-            Duration::from_millis(1),
+            elapsed: Duration::from_millis(1),
+            log: None,
+        };
+        assert_eq!(
+            cache.count(m, key, answer).is_none(),
+            later,
+            "counted_later says when"
         );
     }
 
@@ -733,7 +783,17 @@ mod tests {
             destination: &b,
             route: &rt,
         };
-        cache.count(&m, key, 504, &mut resp, true, Duration::ZERO);
+        let answer = Answer {
+            status: 504,
+            response: &mut resp,
+            grpc: true,
+            elapsed: Duration::ZERO,
+            log: None,
+        };
+        assert_eq!(
+            cache.count(&m, key, answer).and_then(|s| s.as_str()),
+            Some("4")
+        );
         // A gRPC call answered with no body and no status.
         let mut resp = Response::new(crate::body::empty());
         count(&cache, &m, &mut resp, true);

@@ -1432,9 +1432,36 @@ async fn a_second_capture_listener_serves_the_other_address_family() {
     mesh.shutdown().await;
 }
 
-/// The access-log lines written on this thread while `f` runs (a
-/// current-thread runtime: the proxies' tasks log here too).
+/// Where [`capture_access_log`] writes.
 struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+/// Collects the access-log lines written on this thread until the guard
+/// drops (with a current-thread runtime, the proxies' tasks log here too).
+fn capture_access_log() -> (
+    Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+            "{}=info",
+            l7_proxy::accesslog::TARGET
+        )))
+        .with_writer(move || Lines(sink.clone()))
+        .finish();
+    (log, tracing::subscriber::set_default(subscriber))
+}
+
+/// The captured text and its JSON records.
+fn access_records(log: &std::sync::Mutex<Vec<u8>>) -> (String, Vec<serde_json::Value>) {
+    let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    let records = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(&l[l.find('{')?..]).ok())
+        .collect();
+    (text, records)
+}
 
 impl std::io::Write for Lines {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -1452,16 +1479,7 @@ impl std::io::Write for Lines {
 /// the reason.
 #[tokio::test]
 async fn a_request_whose_caller_leaves_before_the_answer_is_counted_and_logged() {
-    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
-            "{}=info",
-            l7_proxy::accesslog::TARGET
-        )))
-        .with_writer(move || Lines(sink.clone()))
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
+    let (log, _default) = capture_access_log();
     let mesh = Mesh::standard().await;
     let srv = mesh.serve_cart().await;
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
@@ -1506,11 +1524,7 @@ async fn a_request_whose_caller_leaves_before_the_answer_is_counted_and_logged()
             proxy.metrics()
         );
     }
-    let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(&l[l.find('{')?..]).ok())
-        .collect();
+    let (text, records) = access_records(&log);
     for direction in ["outbound", "inbound"] {
         let r = records
             .iter()
@@ -1521,5 +1535,65 @@ async fn a_request_whose_caller_leaves_before_the_answer_is_counted_and_logged()
         assert_eq!(r["source_identity"], web_id, "{r}");
         assert!(r.get("status").is_none_or(|s| s.is_null()), "{r}");
     }
+    mesh.shutdown().await;
+}
+
+/// A gRPC call's access-log line carries its grpc-status, written once the
+/// status has passed in the trailers, on both proxies; other requests'
+/// lines have none.
+#[tokio::test]
+async fn a_grpc_calls_access_log_line_has_its_status() {
+    let (log, _default) = capture_access_log();
+    let mesh = Mesh::standard().await;
+    let (_srv, port) = servers(&[cart(0)]).await;
+    let mut svc = mesh.service("cart", 1, port, &[cart(0)]);
+    svc.ports[0].app_protocol = Some("kubernetes.io/h2c".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
+    assert_eq!(c.get("/plain").await.status, 200);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://cart.shop/shop.Cart/Add")
+        .header("content-type", "application/grpc")
+        .header("x-grpc-status", "14")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\0\0\0\0\0",
+        )))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.trailers.expect("trailers")["grpc-status"], "14");
+    eventually("both proxies logged the call", || {
+        access_records(&log)
+            .1
+            .iter()
+            .filter(|r| r["path"] == "/shop.Cart/Add")
+            .count()
+            == 2
+    })
+    .await;
+    let (text, records) = access_records(&log);
+    for direction in ["outbound", "inbound"] {
+        let call = records
+            .iter()
+            .find(|r| r["direction"] == direction && r["path"] == "/shop.Cart/Add")
+            .unwrap_or_else(|| panic!("no {direction} record of the call in {text}"));
+        assert_eq!(call["grpc_status"], "14", "{call}");
+        assert_eq!(call["status"], 200, "{call}");
+        assert_eq!(
+            call["source_identity"],
+            web().identity().to_string(),
+            "{call}"
+        );
+        let plain = records
+            .iter()
+            .find(|r| r["direction"] == direction && r["path"] == "/plain")
+            .unwrap_or_else(|| panic!("no {direction} record of /plain in {text}"));
+        assert!(plain.get("grpc_status").is_none(), "{plain}");
+    }
+    assert_eq!(records.len(), 4, "one line per request and proxy: {text}");
     mesh.shutdown().await;
 }
