@@ -243,11 +243,6 @@ pub(crate) async fn handle(
         reason: outcome.reason.as_deref(),
         ..Default::default()
     });
-    // A gRPC call's record waits for its status.
-    let later = record
-        .as_ref()
-        .filter(|_| crate::metrics::counted_later(grpc_counted, &outcome.response))
-        .and_then(AccessRecord::defer);
     let known = conn.metrics.count(
         &shared.metrics,
         RequestKey {
@@ -261,7 +256,7 @@ pub(crate) async fn handle(
             response: &mut outcome.response,
             grpc: grpc_counted,
             elapsed: start.elapsed(),
-            log: later,
+            log: record.as_ref(),
         },
     );
     if let (Some(mut record), Some(grpc_status)) = (record, known) {
@@ -320,6 +315,7 @@ impl Drop for Cancelled<'_> {
             route: Some(route.as_str()),
             duration_ms: self.progress.start.elapsed().as_secs_f64() * 1e3,
             reason: Some(CALLER_WENT_AWAY),
+            grpc_status: self.grpc.then_some("1"),
             ..Default::default()
         }
         .emit();

@@ -981,6 +981,7 @@ impl Drop for Cancelled<'_> {
             path: self.path,
             duration_ms: self.start.elapsed().as_secs_f64() * 1e3,
             reason: Some(crate::forward::CALLER_WENT_AWAY),
+            grpc_status: self.grpc.then_some("1"),
             ..Default::default()
         }
         .emit();
@@ -1124,11 +1125,6 @@ async fn handle_http(
         reason: reason.as_deref(),
         ..Default::default()
     });
-    // A gRPC call's record waits for its status.
-    let later = record
-        .as_ref()
-        .filter(|_| crate::metrics::counted_later(grpc_counted, &resp))
-        .and_then(AccessRecord::defer);
     let known = count_request(
         &shared,
         &tp,
@@ -1138,7 +1134,7 @@ async fn handle_http(
             response: &mut resp,
             grpc: grpc_counted,
             elapsed: start.elapsed(),
-            log: later,
+            log: record.as_ref(),
         },
     );
     if let (Some(mut record), Some(grpc_status)) = (record, known) {

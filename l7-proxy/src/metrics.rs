@@ -278,17 +278,10 @@ pub struct Answer<'a> {
     pub grpc: bool,
     /// The time to the answer's head.
     pub elapsed: Duration,
-    /// The request's access record, for a call counted once its status
-    /// passes ([`counted_later`]): emitted then, with it.
-    pub log: Option<crate::accesslog::Deferred>,
-}
-
-/// Whether [`RequestMetricsCache::count`] counts a request once its
-/// answer's trailers pass: a gRPC call (`grpc`) whose answer's head has no
-/// status and whose body is still to come.
-pub fn counted_later(grpc: bool, resp: &Response<Body>) -> bool {
-    grpc && !resp.headers().contains_key(GRPC_STATUS)
-        && !http_body::Body::is_end_stream(resp.body())
+    /// The request's access record, if one is written: for a call counted
+    /// once its status passes, held and emitted then, with it; otherwise
+    /// left to the caller, with the status `count` returns.
+    pub log: Option<&'a crate::accesslog::AccessRecord<'a>>,
 }
 
 /// The labels of a request that are known before its answer.
@@ -322,8 +315,9 @@ impl RequestMetricsCache {
     /// [`CountOnStatus`]).
     ///
     /// Returns the call's gRPC status when it is known now ([`GrpcStatus::NONE`]
-    /// for a request that is not a gRPC call), `None` when it is counted
-    /// later (the answer's `log`, if any, is then emitted with it).
+    /// for a request that is not a gRPC call), for the caller's access
+    /// record; `None` when it is counted later (the answer's `log`, if any,
+    /// is then emitted with it).
     pub fn count(
         &self,
         metrics: &Metrics,
@@ -369,7 +363,11 @@ impl RequestMetricsCache {
                 let inner = std::mem::replace(resp.body_mut(), crate::body::empty());
                 *resp.body_mut() = crate::body::boxed(CountOnStatus {
                     inner,
-                    pending: Some((metrics.requests.clone(), labels, log)),
+                    pending: Some((
+                        metrics.requests.clone(),
+                        labels,
+                        log.and_then(crate::accesslog::AccessRecord::defer),
+                    )),
                 });
                 return None;
             }
@@ -377,9 +375,6 @@ impl RequestMetricsCache {
         let m = self.get(metrics, key, status_class, grpc_status);
         m.requests.inc();
         m.duration.observe(elapsed.as_secs_f64());
-        if let (Some(log), Some(code)) = (log, grpc_status.as_str()) {
-            log.emit(code);
-        }
         Some(grpc_status)
     }
 
@@ -588,7 +583,6 @@ mod tests {
             destination: &b,
             route: &r,
         };
-        let later = counted_later(grpc, resp);
         let status = resp.status().as_u16();
         let answer = Answer {
             status,
@@ -597,11 +591,7 @@ mod tests {
             elapsed: Duration::from_millis(1),
             log: None,
         };
-        assert_eq!(
-            cache.count(m, key, answer).is_none(),
-            later,
-            "counted_later says when"
-        );
+        cache.count(m, key, answer);
     }
 
     /// A gRPC answer: a message, then trailers with `status` (none when

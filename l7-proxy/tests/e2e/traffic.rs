@@ -1597,3 +1597,70 @@ async fn a_grpc_calls_access_log_line_has_its_status() {
     assert_eq!(records.len(), 4, "one line per request and proxy: {text}");
     mesh.shutdown().await;
 }
+
+/// A gRPC call its caller cancels before the answer (the workload takes its
+/// time): counted and logged with grpc_status 1 (CANCELLED) by both proxies.
+#[tokio::test]
+async fn a_grpc_call_cancelled_before_its_answer_is_counted_and_logged_as_cancelled() {
+    let (log, _default) = capture_access_log();
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0)]).await;
+    let mut svc = mesh.service("cart", 1, port, &[cart(0)]);
+    svc.ports[0].app_protocol = Some("kubernetes.io/h2c".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let mut c = mesh.http2(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://cart.shop/slow/5000")
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\0\0\0\0\0",
+        )))
+        .unwrap();
+    {
+        let call = c.send(req);
+        tokio::pin!(call);
+        tokio::select! {
+            _ = &mut call => panic!("the workload answered before its time"),
+            _ = eventually("the call reached the workload", || srv[0].hits() == 1) => {}
+        }
+        // Dropped here: the caller resets its stream.
+    }
+    let web_id = web().identity().to_string();
+    eventually("both proxies counted the call as cancelled", || {
+        mesh.a.metric(
+            "sluice_requests_total",
+            &[
+                "direction=\"Outbound\"",
+                &web_id,
+                "status_class=\"cancelled\"",
+                "grpc_status=\"1\"",
+            ],
+        ) == 1.0
+            && mesh.b.metric(
+                "sluice_requests_total",
+                &[
+                    "direction=\"Inbound\"",
+                    &web_id,
+                    "status_class=\"cancelled\"",
+                    "grpc_status=\"1\"",
+                ],
+            ) == 1.0
+    })
+    .await;
+    let (text, records) = access_records(&log);
+    for direction in ["outbound", "inbound"] {
+        let r = records
+            .iter()
+            .find(|r| r["direction"] == direction)
+            .unwrap_or_else(|| panic!("no {direction} record in {text}"));
+        assert_eq!(r["grpc_status"], "1", "{r}");
+        assert_eq!(r["reason"], "the caller went away before the answer", "{r}");
+    }
+    assert_eq!(records.len(), 2, "{text}");
+    mesh.shutdown().await;
+}
