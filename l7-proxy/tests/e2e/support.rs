@@ -839,3 +839,19 @@ pub fn websocket(path: &str) -> http::Request<()> {
         .insert(h2::ext::Protocol::from_static("websocket"));
     req
 }
+
+/// Waits until each proxy has counted one request of web's as `cancelled`
+/// (node A outbound, node B inbound), with the `extra` label parts on both.
+pub async fn cancelled_on_both(mesh: &Mesh, extra: &[&str]) {
+    let web_id = web().identity().to_string();
+    let count = |proxy: &Node, direction: &str| {
+        let mut parts = vec![direction, web_id.as_str(), "status_class=\"cancelled\""];
+        parts.extend_from_slice(extra);
+        proxy.metric("sluice_requests_total", &parts)
+    };
+    eventually("both proxies counted the request as cancelled", || {
+        count(&mesh.a, "direction=\"Outbound\"") == 1.0
+            && count(&mesh.b, "direction=\"Inbound\"") == 1.0
+    })
+    .await;
+}

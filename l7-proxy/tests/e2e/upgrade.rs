@@ -879,26 +879,7 @@ async fn an_upgrade_given_up_before_its_switch_is_counted_cancelled_on_both_node
     })
     .await;
     drop(tcp);
-    let web_id = web().identity().to_string();
-    eventually("both proxies counted the upgrade as cancelled", || {
-        mesh.a.metric(
-            "sluice_requests_total",
-            &[
-                "direction=\"Outbound\"",
-                &web_id,
-                "status_class=\"cancelled\"",
-            ],
-        ) == 1.0
-            && mesh.b.metric(
-                "sluice_requests_total",
-                &[
-                    "direction=\"Inbound\"",
-                    &web_id,
-                    "status_class=\"cancelled\"",
-                ],
-            ) == 1.0
-    })
-    .await;
+    cancelled_on_both(&mesh, &[]).await;
     for proxy in [&mesh.a, &mesh.b] {
         assert_eq!(
             proxy.metric("sluice_requests_total", &[]),
