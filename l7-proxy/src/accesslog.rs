@@ -56,10 +56,14 @@ impl AccessRecord<'_> {
         if !enabled() {
             return;
         }
-        match serde_json::to_string(self) {
-            Ok(line) => tracing::info!(target: TARGET, "{line}"),
-            Err(e) => tracing::warn!("access record not serialisable: {e}"),
-        }
+        write(self);
+    }
+}
+
+fn write(record: &impl Serialize) {
+    match serde_json::to_string(record) {
+        Ok(line) => tracing::info!(target: TARGET, "{line}"),
+        Err(e) => tracing::warn!("access record not serialisable: {e}"),
     }
 }
 
@@ -70,10 +74,7 @@ pub struct Deferred(serde_json::Value);
 impl Deferred {
     pub fn emit(mut self, grpc_status: &str) {
         self.0["grpc_status"] = grpc_status.into();
-        match serde_json::to_string(&self.0) {
-            Ok(line) => tracing::info!(target: TARGET, "{line}"),
-            Err(e) => tracing::warn!("access record not serialisable: {e}"),
-        }
+        write(&self.0);
     }
 }
 

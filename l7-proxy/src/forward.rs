@@ -290,8 +290,7 @@ impl Drop for Cancelled<'_> {
             return;
         }
         let (route, destination) = self.progress.labels.get().cloned().unwrap_or_default();
-        crate::metrics::RequestMetricsCache::count_cancelled(
-            &self.shared.metrics,
+        self.shared.metrics.count_cancelled(
             RequestKey {
                 direction: Direction::Outbound,
                 source: &self.conn.source_label,

@@ -956,8 +956,7 @@ impl Drop for Cancelled<'_> {
             return;
         }
         let workload = self.workload.get().map(|w| &**w);
-        crate::metrics::RequestMetricsCache::count_cancelled(
-            &self.shared.metrics,
+        self.shared.metrics.count_cancelled(
             RequestKey {
                 direction: Direction::Inbound,
                 source: &self.tp.label,

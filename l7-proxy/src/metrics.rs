@@ -115,13 +115,13 @@ impl GrpcStatus {
             "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
             "16",
         ];
-        let code = v
-            .map(HeaderValue::as_bytes)
-            .filter(|b| (1..=2).contains(&b.len()) && b.iter().all(u8::is_ascii_digit))
-            .and_then(|b| CODES.get(b.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0'))))
-            // `00`, `01`, ... are not how a status is written.
-            .filter(|c| c.len() == v.map_or(0, |v| v.len()));
-        GrpcStatus(Some(code.copied().unwrap_or("unknown")))
+        // As gRPC writes them: no sign, no leading zero.
+        let code = match v.map(HeaderValue::as_bytes) {
+            Some([d @ b'0'..=b'9']) => Some(usize::from(d - b'0')),
+            Some([b'1', d @ b'0'..=b'6']) => Some(10 + usize::from(d - b'0')),
+            _ => None,
+        };
+        GrpcStatus(Some(code.map_or("unknown", |c| CODES[c])))
     }
 
     /// The label's value, if the request is a gRPC call.
@@ -190,6 +190,22 @@ fn latency_histogram() -> Histogram {
 }
 
 impl Metrics {
+    /// Counts a request whose caller went away before its answer's head
+    /// (reset its stream, closed its connection): status class
+    /// [`CANCELLED`], and `grpc_status` `1` (`CANCELLED`) for a gRPC call,
+    /// with no latency (so not through a [`RequestMetricsCache`], whose
+    /// entries hold a latency histogram too).
+    pub fn count_cancelled(&self, key: RequestKey<'_>, grpc: bool) {
+        let grpc_status = if grpc {
+            GrpcStatus(Some("1"))
+        } else {
+            GrpcStatus::NONE
+        };
+        self.requests
+            .get_or_create(&key.labels(CANCELLED, grpc_status))
+            .inc();
+    }
+
     /// Creates the families and registers them under the `sluice` prefix.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Metrics {
@@ -292,6 +308,28 @@ pub struct RequestKey<'a> {
     pub route: &'a Label,
 }
 
+impl RequestKey<'_> {
+    fn labels(&self, status_class: &'static str, grpc_status: GrpcStatus) -> RequestLabels {
+        RequestLabels {
+            direction: self.direction,
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            route: self.route.clone(),
+            status_class,
+            grpc_status,
+        }
+    }
+
+    fn latency(&self) -> LatencyLabels {
+        LatencyLabels {
+            direction: self.direction,
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            route: self.route.clone(),
+        }
+    }
+}
+
 impl std::fmt::Debug for RequestMetricsCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RequestMetricsCache")
@@ -343,22 +381,10 @@ impl RequestMetricsCache {
             Some(v) => GrpcStatus::from_field(Some(v)),
             None if http_body::Body::is_end_stream(resp.body()) => GrpcStatus::from_field(None),
             None => {
-                let labels = RequestLabels {
-                    direction: key.direction,
-                    source: key.source.clone(),
-                    destination: key.destination.clone(),
-                    route: key.route.clone(),
-                    status_class,
-                    grpc_status: GrpcStatus::NONE,
-                };
+                let labels = key.labels(status_class, GrpcStatus::NONE);
                 metrics
                     .request_duration
-                    .get_or_create(&LatencyLabels {
-                        direction: key.direction,
-                        source: labels.source.clone(),
-                        destination: labels.destination.clone(),
-                        route: labels.route.clone(),
-                    })
+                    .get_or_create(&key.latency())
                     .observe(elapsed.as_secs_f64());
                 let inner = std::mem::replace(resp.body_mut(), crate::body::empty());
                 *resp.body_mut() = crate::body::boxed(CountOnStatus {
@@ -378,26 +404,6 @@ impl RequestMetricsCache {
         Some(grpc_status)
     }
 
-    /// Counts a request whose caller went away before its answer's head
-    /// (reset its stream, closed its connection): status class
-    /// [`CANCELLED`], and `grpc_status` `1` (`CANCELLED`) for a gRPC call.
-    /// Not through the cache, whose entries hold a latency histogram too.
-    pub fn count_cancelled(metrics: &Metrics, key: RequestKey<'_>, grpc: bool) {
-        let labels = RequestLabels {
-            direction: key.direction,
-            source: key.source.clone(),
-            destination: key.destination.clone(),
-            route: key.route.clone(),
-            status_class: CANCELLED,
-            grpc_status: if grpc {
-                GrpcStatus(Some("1"))
-            } else {
-                GrpcStatus::NONE
-            },
-        };
-        metrics.requests.get_or_create(&labels).inc();
-    }
-
     fn get(
         &self,
         metrics: &Metrics,
@@ -405,12 +411,7 @@ impl RequestMetricsCache {
         status_class: &'static str,
         grpc_status: GrpcStatus,
     ) -> RequestMetrics {
-        let RequestKey {
-            direction,
-            source,
-            destination,
-            route,
-        } = key;
+        let (destination, route) = (key.destination, key.route);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, _, _, _, m)) = entries.iter().find(|(d, r, s, g, _)| {
             d.same(destination)
@@ -423,23 +424,11 @@ impl RequestMetricsCache {
         let m = RequestMetrics {
             requests: metrics
                 .requests
-                .get_or_create(&RequestLabels {
-                    direction,
-                    source: source.clone(),
-                    destination: destination.clone(),
-                    route: route.clone(),
-                    status_class,
-                    grpc_status,
-                })
+                .get_or_create(&key.labels(status_class, grpc_status))
                 .clone(),
             duration: metrics
                 .request_duration
-                .get_or_create(&LatencyLabels {
-                    direction,
-                    source: source.clone(),
-                    destination: destination.clone(),
-                    route: route.clone(),
-                })
+                .get_or_create(&key.latency())
                 .clone(),
         };
         if entries.len() >= CACHE_ENTRIES {
@@ -714,7 +703,7 @@ mod tests {
                 destination: &b,
                 route: &rt,
             };
-            RequestMetricsCache::count_cancelled(&m, key, grpc);
+            m.count_cancelled(key, grpc);
         }
         assert_eq!(
             requests(&r),

@@ -66,23 +66,6 @@ async fn setup(mesh: &Mesh, routes: Vec<HttpRoute>) -> (Vec<EchoServer>, EchoSer
     (srv, mirror)
 }
 
-/// A unary gRPC call of `path` (`/package.Service/Method`) with one
-/// one-byte message.
-fn grpc_call(
-    path: &str,
-    headers: &[(&str, &str)],
-) -> http::Request<http_body_util::Full<bytes::Bytes>> {
-    let mut b = http::Request::post(format!("http://cart.shop{path}"))
-        .header("content-type", "application/grpc");
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(http_body_util::Full::new(bytes::Bytes::from_static(
-        b"\0\0\0\0\x01x",
-    )))
-    .unwrap()
-}
-
 async fn client(mesh: &Mesh) -> Client {
     mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await
 }

@@ -855,3 +855,20 @@ pub async fn cancelled_on_both(mesh: &Mesh, extra: &[&str]) {
     })
     .await;
 }
+
+/// A unary gRPC call of `path` (`/package.Service/Method`) with one
+/// one-byte message.
+pub fn grpc_call(
+    path: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut b = http::Request::post(format!("http://cart.shop{path}"))
+        .header("content-type", "application/grpc");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(http_body_util::Full::new(bytes::Bytes::from_static(
+        b"\0\0\0\0\x01x",
+    )))
+    .unwrap()
+}

@@ -147,15 +147,7 @@ async fn http2_and_grpc_cross_the_tunnel_with_trailers() {
 
     // A call that fails with UNAVAILABLE in its trailers (HTTP 200): both
     // proxies count it by its grpc-status, once its trailers have passed.
-    let req = http::Request::builder()
-        .method("POST")
-        .uri("http://cart.shop/shop.Cart/Add")
-        .header("content-type", "application/grpc")
-        .header("x-grpc-status", "14")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            b"\0\0\0\0\0",
-        )))
-        .unwrap();
+    let req = grpc_call("/shop.Cart/Add", &[("x-grpc-status", "14")]);
     let r = c.send(req).await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.trailers.expect("trailers")["grpc-status"], "14");
@@ -1530,15 +1522,7 @@ async fn a_grpc_calls_access_log_line_has_its_status() {
     let mesh = Mesh::standard().await;
     let (_srv, mut c) = h2c_cart(&mesh).await;
     assert_eq!(c.get("/plain").await.status, 200);
-    let req = http::Request::builder()
-        .method("POST")
-        .uri("http://cart.shop/shop.Cart/Add")
-        .header("content-type", "application/grpc")
-        .header("x-grpc-status", "14")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            b"\0\0\0\0\0",
-        )))
-        .unwrap();
+    let req = grpc_call("/shop.Cart/Add", &[("x-grpc-status", "14")]);
     let r = c.send(req).await.unwrap();
     assert_eq!(r.trailers.expect("trailers")["grpc-status"], "14");
     eventually("both proxies logged the call", || {
@@ -1580,14 +1564,7 @@ async fn a_grpc_call_cancelled_before_its_answer_is_counted_and_logged_as_cancel
     let (log, _default) = capture_access_log();
     let mesh = Mesh::standard().await;
     let (srv, mut c) = h2c_cart(&mesh).await;
-    let req = http::Request::builder()
-        .method("POST")
-        .uri("http://cart.shop/slow/5000")
-        .header("content-type", "application/grpc")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            b"\0\0\0\0\0",
-        )))
-        .unwrap();
+    let req = grpc_call("/slow/5000", &[]);
     {
         let call = c.send(req);
         tokio::pin!(call);
