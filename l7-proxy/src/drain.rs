@@ -103,6 +103,11 @@ impl Drain {
         }
     }
 
+    /// Whether the drain time is over (tasks being aborted).
+    pub fn stopped(&self) -> bool {
+        self.lock().stopped
+    }
+
     /// The drain time is over: every registered task is aborted.
     pub fn stop(&self) {
         let mut inner = self.lock();

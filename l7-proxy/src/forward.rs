@@ -271,8 +271,8 @@ pub(crate) async fn handle(
 /// connection) before the answer's head, most often tired of waiting, so
 /// the request must not vanish from the metrics and the access log. Counted
 /// under the route and service chosen by then (not the endpoint that had
-/// it), without latency. (A request cut by the proxy's own shutdown, past
-/// the drain timeout, is counted so too.)
+/// it), without latency. A request cut by the proxy's own shutdown, past
+/// the drain timeout, is counted so too, and logged with that reason.
 struct Cancelled<'a> {
     shared: &'a Shared,
     conn: &'a HttpConn,
@@ -313,7 +313,7 @@ impl Drop for Cancelled<'_> {
             path: self.path,
             route: Some(route.as_str()),
             duration_ms: self.progress.start.elapsed().as_secs_f64() * 1e3,
-            reason: Some(CALLER_WENT_AWAY),
+            reason: Some(cancel_reason(self.shared)),
             grpc_status: self.grpc.then_some("1"),
             ..Default::default()
         }
@@ -322,7 +322,21 @@ impl Drop for Cancelled<'_> {
 }
 
 /// The access log's reason for a request whose caller went away first.
-pub(crate) const CALLER_WENT_AWAY: &str = "the caller went away before the answer";
+const CALLER_WENT_AWAY: &str = "the caller went away before the answer";
+
+/// ... and for one the proxy's shutdown cut (its task aborted once the drain
+/// time was over): not the caller's doing.
+pub(crate) const CUT_BY_SHUTDOWN: &str =
+    "the proxy's shutdown cut it before the answer (drain timeout over)";
+
+/// Why a request's handler was dropped before its answer.
+pub(crate) fn cancel_reason(shared: &Shared) -> &'static str {
+    if shared.drain.stopped() {
+        CUT_BY_SHUTDOWN
+    } else {
+        CALLER_WENT_AWAY
+    }
+}
 
 /// What an exchange shares with its request's handler while it runs: when
 /// the request began, and its route and destination once known, so that

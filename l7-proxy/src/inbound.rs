@@ -979,7 +979,7 @@ impl Drop for Cancelled<'_> {
             method: Some(self.method.as_str()),
             path: self.path,
             duration_ms: self.start.elapsed().as_secs_f64() * 1e3,
-            reason: Some(crate::forward::CALLER_WENT_AWAY),
+            reason: Some(crate::forward::cancel_reason(self.shared)),
             grpc_status: self.grpc.then_some("1"),
             ..Default::default()
         }

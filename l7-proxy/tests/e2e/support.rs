@@ -745,6 +745,24 @@ pub async fn echo_bytes(tcp: &mut TcpStream) {
     }
 }
 
+/// Reads an HTTP head, up to and including the blank line, byte by byte so
+/// that nothing after it is consumed.
+pub async fn read_head(tcp: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut b))
+            .await
+            .expect("a response head within 10 s")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 /// Reads exactly `n` bytes, failing the test after a generous deadline.
 pub async fn read_n(tcp: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];

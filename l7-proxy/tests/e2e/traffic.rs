@@ -1513,6 +1513,88 @@ async fn a_request_whose_caller_leaves_before_the_answer_is_counted_and_logged()
     mesh.shutdown().await;
 }
 
+/// A request still waiting for its answer when the caller's proxy shuts
+/// down outlives the drain time and is cut: counted `cancelled`, and its
+/// access-log line says the proxy's shutdown cut it, not that its caller
+/// left. The workload's node, whose caller (the other proxy) did go away,
+/// says so.
+#[tokio::test]
+async fn a_request_cut_by_the_proxys_shutdown_is_logged_as_such() {
+    let (log, _default) = capture_access_log();
+    let mut mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.drain_timeout_ms = 300;
+    })
+    .await;
+    let srv = mesh.serve_cart().await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"GET /slow/5000 HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the request reached the workload", || srv[0].hits() == 1).await;
+    mesh.a.proxy.take().unwrap().shutdown().await;
+    cancelled_on_both(&mesh, &[]).await;
+    let (text, records) = access_records(&log);
+    let reason = |direction: &str| {
+        records
+            .iter()
+            .find(|r| r["direction"] == direction)
+            .unwrap_or_else(|| panic!("no {direction} record in {text}"))["reason"]
+            .clone()
+    };
+    assert_eq!(
+        reason("outbound"),
+        "the proxy's shutdown cut it before the answer (drain timeout over)",
+        "{text}"
+    );
+    assert_eq!(
+        reason("inbound"),
+        "the caller went away before the answer",
+        "{text}"
+    );
+    drop(tcp);
+    mesh.shutdown().await;
+}
+
+/// The same on the workload's node: its shutdown cuts the request after
+/// the drain time, and its line says so; the caller gets an error answer
+/// from its own proxy, which counts that.
+#[tokio::test]
+async fn a_request_cut_by_the_workload_nodes_shutdown_is_logged_as_such() {
+    let (log, _default) = capture_access_log();
+    let mut mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.drain_timeout_ms = 300;
+    })
+    .await;
+    let srv = mesh.serve_cart().await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"GET /slow/5000 HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the request reached the workload", || srv[0].hits() == 1).await;
+    mesh.b.proxy.take().unwrap().shutdown().await;
+    let answer = read_head(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 50"), "{answer}");
+    let (text, records) = access_records(&log);
+    let inbound = records
+        .iter()
+        .find(|r| r["direction"] == "inbound")
+        .unwrap_or_else(|| panic!("no inbound record in {text}"));
+    assert_eq!(
+        inbound["reason"], "the proxy's shutdown cut it before the answer (drain timeout over)",
+        "{text}"
+    );
+    assert_eq!(
+        mesh.b.metric(
+            "sluice_requests_total",
+            &["direction=\"Inbound\"", "status_class=\"cancelled\""]
+        ),
+        1.0,
+        "{}",
+        mesh.b.metrics()
+    );
+    mesh.shutdown().await;
+}
+
 /// A gRPC call's access-log line carries its grpc-status, written once the
 /// status has passed in the trailers, on both proxies; other requests'
 /// lines have none.

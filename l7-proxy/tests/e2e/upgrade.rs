@@ -119,24 +119,6 @@ async fn upgrade_server(name: &'static str, addr: SocketAddr) -> (SocketAddr, Se
     (addr, seen)
 }
 
-/// Reads an HTTP head, up to and including the blank line, byte by byte so
-/// that nothing after it is consumed.
-async fn read_head(tcp: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut b))
-            .await
-            .expect("a response head within 10 s")
-            .expect("read");
-        if n == 0 {
-            break;
-        }
-        head.push(b[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 /// HTTP policy denials of `caller` counted on node B.
 fn http_denials(mesh: &Mesh, caller: &str) -> f64 {
     mesh.b.metric(
