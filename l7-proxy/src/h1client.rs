@@ -480,10 +480,13 @@ fn reuse_within(h: &HeaderMap) -> Option<Duration> {
     Some(timeout - (timeout / 2).min(Duration::from_secs(1)))
 }
 
+/// Byte by byte: a value with other bytes than visible ASCII in it (which
+/// `to_str` refuses) still says `close`.
 fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
     h.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     })
 }
 
@@ -1011,13 +1014,21 @@ impl Mode {
                         *state = Chunk::Size;
                     }
                     Chunk::Trailers => {
-                        if rbuf.len() < 2 {
-                            return Ok(Step::Read);
-                        }
-                        if &rbuf[..2] == b"\r\n" {
-                            rbuf.advance(2);
+                        // The blank line that ends the section; a bare LF
+                        // too, as httparse takes one in the lines before it
+                        // (RFC 9112 section 2.2).
+                        let blank = if rbuf.starts_with(b"\r\n") {
+                            2
+                        } else {
+                            usize::from(rbuf.starts_with(b"\n"))
+                        };
+                        if blank > 0 {
+                            rbuf.advance(blank);
                             *self = Mode::Done { reuse: *reuse };
                             return Ok(Step::End);
+                        }
+                        if rbuf.len() < 2 {
+                            return Ok(Step::Read);
                         }
                         let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
                         let n = match httparse::parse_headers(rbuf, &mut lines) {
@@ -1345,6 +1356,52 @@ mod tests {
         assert!(dec.parse_head(&mut rbuf).unwrap().is_some());
         let until = dec.reuse_until.expect("a reuse window");
         assert!(until >= before + Duration::from_secs(4));
+    }
+
+    /// A trailer section (none here) ended by a bare LF ends the body, as
+    /// a CRLF does, whether it comes with the rest or on its own.
+    #[test]
+    fn a_bare_lf_ends_the_trailer_section() {
+        let dec = Decoder {
+            max_head: 512,
+            head_request: false,
+            close: false,
+            interim: 0,
+            reuse_until: None,
+        };
+        for wire in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\n"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: 1\n\n",
+        ] {
+            for piece in [wire.len(), 1] {
+                let d = decode_all(dec, wire, piece).unwrap();
+                assert_eq!(d.body, b"ok");
+                assert_eq!(d.end, Some((true, 0)), "{piece}");
+            }
+        }
+    }
+
+    /// `close` among other tokens, one of them not visible ASCII: the
+    /// connection is not reused.
+    #[test]
+    fn close_in_a_connection_header_with_other_bytes_is_heard() {
+        let dec = Decoder {
+            max_head: 512,
+            head_request: false,
+            close: false,
+            interim: 0,
+            reuse_until: None,
+        };
+        let wire = b"HTTP/1.1 200 OK\r\nconnection: close, \xe9\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            decode_all(dec, wire, wire.len()).unwrap().end,
+            Some((false, 0))
+        );
+        let wire = b"HTTP/1.1 200 OK\r\nconnection: keep-alive, \xe9\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            decode_all(dec, wire, wire.len()).unwrap().end,
+            Some((true, 0))
+        );
     }
 
     #[test]

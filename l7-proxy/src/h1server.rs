@@ -336,6 +336,9 @@ fn parse(rbuf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal
     let mut te_trailers = false;
     let mut close = false;
     let mut length = Ok(None);
+    // Each content-length line the one number as HTTP/2 writes it.
+    let mut plain_length = true;
+    let mut hosts = 0u8;
     for &(ns, ne, vs, ve) in &fields[..count] {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| (StatusCode::BAD_REQUEST, "malformed header name"))?;
@@ -346,10 +349,17 @@ fn parse(rbuf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal
             && let Ok(l) = &mut length
         {
             length = note_length(value.as_bytes(), l).map(|()| *l);
+            let v = value.as_bytes();
+            plain_length &= !v.contains(&b',') && (v.len() == 1 || v[0] != b'0');
         }
+        hosts = hosts.saturating_add(u8::from(name == header::HOST));
         te_trailers |= name == header::TE && token_in(value.as_bytes(), b"trailers");
         close |= name == header::CONNECTION && token_in(value.as_bytes(), b"close");
         headers.append(name, value);
+    }
+    // Which one would a next hop take? (RFC 9112 section 3.2)
+    if hosts > 1 {
+        return Err((StatusCode::BAD_REQUEST, "more than one host header"));
     }
     let mode = if seen.transfer_encoding {
         // Two framings: whichever a next hop believes, it is not this one
@@ -371,6 +381,13 @@ fn parse(rbuf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal
             reuse: true,
         }
     } else {
+        // A list of one value, leading zeros, a line repeated: valid
+        // HTTP/1.1, but the tunnel's HTTP/2 takes one plain number only.
+        if let Ok(Some(n)) = length
+            && (!plain_length || seen.content_lengths > 1)
+        {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
         match length {
             Err(_) => return Err((StatusCode::BAD_REQUEST, "malformed content-length")),
             Ok(Some(0) | None) => Mode::Empty { reuse: true },
@@ -1358,6 +1375,7 @@ mod tests {
                 "400",
             ),
             (b"POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n", "400"),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n", "400"),
         ] {
             let (mut client, task, _drain) = start(echo);
             client.write_all(wire).await.unwrap();

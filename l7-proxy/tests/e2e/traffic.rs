@@ -1595,6 +1595,50 @@ async fn a_request_cut_by_the_workload_nodes_shutdown_is_logged_as_such() {
     mesh.shutdown().await;
 }
 
+/// A Content-Length that HTTP/1.1 allows but HTTP/2 does not (a list of one
+/// value, leading zeros, two equal lines; RFC 9112 section 6.3) reaches the
+/// workload through the tunnel as the one number it means, with the body;
+/// two different values, or two Host lines, are refused with a 400 before
+/// anything is sent.
+#[tokio::test]
+async fn content_lengths_http1_allows_cross_the_tunnel_and_ambiguous_heads_are_refused() {
+    let mesh = Mesh::standard().await;
+    let srv = mesh.serve_cart().await;
+    for (i, length) in [
+        "content-length: 5, 5\r\n",
+        "content-length: 0005\r\n",
+        "content-length: 5\r\ncontent-length: 5\r\n",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        let req = format!("POST /up HTTP/1.1\r\nhost: cart\r\n{length}\r\nhello");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut tcp).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{length:?}: {head}");
+        eventually("the workload recorded the request", || {
+            srv[0].recorded() == i + 1
+        })
+        .await;
+        let seen = srv[0].seen.lock().unwrap()[i].clone();
+        assert_eq!(seen["body"], "hello", "{seen}");
+        assert_eq!(seen["headers"]["content-length"], "5", "{seen}");
+    }
+    for bad in [
+        "content-length: 5\r\ncontent-length: 6\r\n",
+        "host: cart\r\n",
+    ] {
+        let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        let req = format!("POST /up HTTP/1.1\r\nhost: cart\r\n{bad}content-length: 5\r\n\r\nhello");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut tcp).await;
+        assert!(head.starts_with("HTTP/1.1 400 "), "{bad:?}: {head}");
+    }
+    assert_eq!(srv[0].hits(), 3, "a refused request reached the workload");
+    mesh.shutdown().await;
+}
+
 /// A gRPC call's access-log line carries its grpc-status, written once the
 /// status has passed in the trailers, on both proxies; other requests'
 /// lines have none.
