@@ -320,6 +320,71 @@ fn root_is_stored_with_mode_0600_and_reloaded() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A CA directory others can write to, a root key others can read, a root
+/// key without its certificate, or a lock file that is a link: the CA does
+/// not start, says what to fix, and changes nothing.
+#[test]
+fn a_ca_directory_that_is_not_private_or_lost_its_certificate_is_refused() {
+    let dir = std::env::temp_dir().join(format!("certs-ca-{}", rand::random::<u64>()));
+    let clock = clock();
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    let fp = ca.bundle().active_root();
+    drop(ca);
+    let key = std::fs::read(dir.join("root-key.pem")).unwrap();
+    let set_mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let refused = |what: &str| {
+        let err = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock))
+            .expect_err(what)
+            .to_string();
+        assert_eq!(
+            std::fs::read(dir.join("root-key.pem")).unwrap(),
+            key,
+            "{what}: the key changed"
+        );
+        err
+    };
+    set_mode(&dir, 0o777);
+    let err = refused("a world-writable directory");
+    assert!(
+        err.contains("writable by others") && err.contains("chmod 700"),
+        "{err}"
+    );
+    set_mode(&dir, 0o700);
+    set_mode(&dir.join("root-key.pem"), 0o644);
+    let err = refused("a readable root key");
+    assert!(
+        err.contains("root-key.pem") && err.contains("chmod 600"),
+        "{err}"
+    );
+    set_mode(&dir.join("root-key.pem"), 0o600);
+    // The lock is not taken through a link (which it would truncate).
+    let victim = dir.with_extension("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    std::fs::remove_file(dir.join(".lock")).ok();
+    std::os::unix::fs::symlink(&victim, dir.join(".lock")).unwrap();
+    let err = refused("a lock file that is a link");
+    assert!(err.contains("locking"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    std::fs::remove_file(dir.join(".lock")).unwrap();
+    std::fs::remove_file(&victim).unwrap();
+    // A key without its certificate is not replaced by a new root.
+    let cert = std::fs::read(dir.join("root-cert.pem")).unwrap();
+    std::fs::remove_file(dir.join("root-cert.pem")).unwrap();
+    let err = refused("a key without its certificate");
+    assert!(
+        err.contains("no root-cert.pem") && err.contains("restore"),
+        "{err}"
+    );
+    // Put back as it was, it starts with the same root.
+    std::fs::write(dir.join("root-cert.pem"), cert).unwrap();
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
+    assert_eq!(ca.bundle().active_root(), fp);
+    drop(ca);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn loading_a_root_with_the_wrong_key_fails_clearly() {
     let clock = clock();

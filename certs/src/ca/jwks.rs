@@ -145,6 +145,10 @@ pub fn check(token: &str, keys: &HashMap<String, VerifyKey>) -> Check {
         ),
         // RS256 or ES256 against a key of another kind: not its signature.
         ("RS256" | "ES256", _) => Some(false),
+        // The API server signs RS256 with an RSA key and ES256 with a P-256
+        // one: any other algorithm naming such a key (`none`, HS256, PS256)
+        // is not its token, and must not take a TokenReview slot.
+        (_, VerifyKey::Rsa { .. } | VerifyKey::EcP256(_)) => Some(false),
         _ => None,
     };
     let candidates: Vec<&VerifyKey> = if kid.is_empty() {
@@ -257,9 +261,20 @@ mod tests {
         for junk in ["", "a.b", "a.b.c", "x.y.z.w"] {
             assert!(matches!(check(junk, &keys), Check::Forged(_)), "{junk}");
         }
-        // An algorithm not checked here: the TokenReview decides.
-        let header = enc(br#"{"alg":"PS256","kid":"k1"}"#);
-        assert_eq!(check(&format!("{header}.e30.c2ln"), &keys), Check::Unknown);
+        // Another algorithm naming a key the CA checks: the API server does
+        // not sign so (a forged token must not reach the TokenReview).
+        for alg in ["PS256", "none", "HS256"] {
+            for kid in [r#","kid":"k1""#, ""] {
+                let header = enc(format!(r#"{{"alg":"{alg}"{kid}}}"#).as_bytes());
+                assert!(
+                    matches!(
+                        check(&format!("{header}.e30.c2ln"), &keys),
+                        Check::Forged(_)
+                    ),
+                    "{alg} {kid}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod tokenreview;
 use std::{
     fs,
     net::IpAddr,
-    os::unix::fs::DirBuilderExt as _,
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -275,6 +275,51 @@ fn load_key(what: &str, pem: &PrivateKeyPem) -> Result<KeyPair, CaError> {
 /// the prepared root's, the prepared key and certificate both take their
 /// place; only once both are the prepared root's do the `next-root-*` files
 /// go (they may hold the only copy of the new key). Nothing to do otherwise.
+/// `O_NOFOLLOW` (Linux; the value differs by architecture).
+#[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
+const O_NOFOLLOW: i32 = 0o100000;
+#[cfg(not(any(target_arch = "aarch64", target_arch = "arm")))]
+const O_NOFOLLOW: i32 = 0o400000;
+
+/// The CA directory must be writable by its owner alone, and a root key
+/// in it a plain file no one else can read or write: whoever can write
+/// there can plant a root of their own (a matching key and certificate),
+/// and a readable key is a stolen root. Checked, not repaired: something
+/// changed them, and an operator should look.
+fn check_private_dir(dir: &Path) -> Result<(), CaError> {
+    let io_error = |path: &Path, source| storage::StorageError::Io {
+        path: path.into(),
+        action: "reading the CA directory's permissions",
+        source,
+    };
+    let d = fs::metadata(dir).map_err(|e| io_error(dir, e))?;
+    if d.mode() & 0o022 != 0 {
+        return Err(CaError::Config {
+            reason: format!(
+                "the CA directory {} is writable by others (mode {:o}): anyone who can write \
+                 there can plant a root; chmod 700 it",
+                dir.display(),
+                d.mode() & 0o7777
+            ),
+        });
+    }
+    let key = dir.join(ROOT_KEY_FILE);
+    match fs::symlink_metadata(&key) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(&key, e).into()),
+        Ok(k) if !k.is_file() || k.mode() & 0o077 != 0 => Err(CaError::Config {
+            reason: format!(
+                "the root key {} must be a plain file only its owner can read or write (it is \
+                 mode {:o}{}); chmod 600 it",
+                key.display(),
+                k.mode() & 0o7777,
+                if k.is_file() { "" } else { ", not a file" }
+            ),
+        }),
+        Ok(_) => Ok(()),
+    }
+}
+
 fn finish_interrupted_activation(dir: &Path) -> Result<(), CaError> {
     let next_cert_path = dir.join(NEXT_ROOT_CERT_FILE);
     if !next_cert_path.exists() {
@@ -552,8 +597,16 @@ impl Ca {
         // start together: one creates the root, the others then load it
         // (without the lock, two could each write a key and a certificate,
         // leaving a pair that does not match).
+        check_private_dir(dir)?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock = fs::File::create(&lock_path)
+        // Not through a link someone planted there (the agent runs as root):
+        // no following, no truncating.
+        let lock = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(O_NOFOLLOW)
+            .open(&lock_path)
             .and_then(|f| f.lock().map(|()| f))
             .map_err(|source| storage::StorageError::Io {
                 path: lock_path,
@@ -595,6 +648,17 @@ impl Ca {
                 },
                 pending,
             )?
+        } else if dir.join(ROOT_KEY_FILE).exists() {
+            // A restore that missed a file, a certificate deleted: a new root
+            // would overwrite the key every leaf and peer trusts.
+            return Err(CaError::Config {
+                reason: format!(
+                    "{} has a root key but no {ROOT_CERT_FILE}: restore the certificate, or remove \
+                     {ROOT_KEY_FILE} to create a new root (every node must then trust it, and \
+                     every workload certificate is reissued)",
+                    dir.display()
+                ),
+            });
         } else {
             let (root, key) = Self::generate_root(&opts, &clock)?;
             storage::write_private(&dir.join(ROOT_KEY_FILE), key.serialize_pem().as_bytes())?;
