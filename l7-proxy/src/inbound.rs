@@ -1036,7 +1036,26 @@ async fn handle_http(
     };
     // Nothing reached the workload (see `UNREACHABLE`).
     let mut unreachable = false;
-    let result: Result<Response<Body>, (StatusCode, String)> = async {
+    // As on the caller's side (see `forward::handle`): an exchange that
+    // moves in neither direction for the idle timeout ends, so a peer that
+    // opens streams and never finishes their bodies cannot hold tasks and
+    // workload connections for ever. A quarter later than there: an honest
+    // peer's own timer ends the exchange first and says why to its caller.
+    let idle = shared.settings.exchange_idle_timeout();
+    let idle = idle.saturating_add(idle / 4);
+    let activity = crate::body::Activity::since(start);
+    let has_body = !http_body::Body::is_end_stream(&body);
+    let body = if has_body {
+        boxed(crate::body::Timed::idle(
+            boxed(body),
+            idle,
+            activity.clone(),
+            ("the request body", "its response"),
+        ))
+    } else {
+        boxed(body)
+    };
+    let exchange = async {
         // Taken out now: then the mesh's own headers are usually all gone
         // before the check for them below.
         let raw = parts.headers.remove(TARGET);
@@ -1075,7 +1094,7 @@ async fn handle_http(
             .insert(SOURCE_IDENTITY, tp.identity_header.clone());
         let resp = shared
             .clients
-            .send(target, proto, Request::from_parts(parts, boxed(body)))
+            .send(target, proto, Request::from_parts(parts, body))
             .await
             .map_err(|e| {
                 unreachable = e.is_connect();
@@ -1089,8 +1108,32 @@ async fn handle_http(
         let (mut rp, rb) = resp.into_parts();
         strip_hop_by_hop(&mut rp.headers);
         Ok(Response::from_parts(rp, boxed(rb)))
-    }
-    .await;
+    };
+    // A stalled body's own timer says why first (see `forward::handle`).
+    let watchdog = if has_body { idle + idle / 4 } else { idle };
+    let result: Result<Response<Body>, (StatusCode, String)> =
+        match crate::body::until_idle(exchange, watchdog, &activity).await {
+            Some(r) => r,
+            None => Err((
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("no answer for {watchdog:?}, while the request sent nothing either"),
+            )),
+        };
+    activity.touch();
+    let result = result.map(|r| {
+        if http_body::Body::is_end_stream(r.body()) {
+            r
+        } else {
+            r.map(|b| {
+                boxed(crate::body::Timed::idle(
+                    b,
+                    idle,
+                    activity,
+                    ("the response", "its request"),
+                ))
+            })
+        }
+    });
     let (mut resp, reason, status) = match result {
         Ok(r) => {
             let status = r.status().as_u16();

@@ -511,6 +511,38 @@ async fn connections_waiting_for_a_dial_to_a_silent_peer_share_its_failure() {
     mesh.shutdown().await;
 }
 
+/// A peer proxy (a real mesh identity) that opens a request stream and
+/// never sends the body it announced: the workload's node does not hold
+/// the stream and the workload connection for ever, but answers once the
+/// exchange has been idle for its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_stream_that_never_sends_its_body_is_ended_on_the_workload_node() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.exchange_idle_timeout_ms = 300;
+    })
+    .await;
+    let srv = mesh.serve_cart().await;
+    let (h2, conn) = h2::client::handshake(peer_tls(&mesh).await).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::post("http://cart/up")
+        .header("sluice-target", srv[0].addr.to_string())
+        .header("content-length", "10")
+        .body(())
+        .unwrap();
+    let (resp, _send) = h2.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), resp)
+        .await
+        .expect("an answer once the exchange went idle, not a stream held for ever")
+        .unwrap();
+    assert!(
+        resp.status().is_client_error() || resp.status().is_server_error(),
+        "{resp:?}"
+    );
+    assert_eq!(srv[0].hits(), 1, "the request did reach the workload");
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_side_takes_no_new_streams_on_a_tunnel_past_its_age() {
     let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
