@@ -86,6 +86,16 @@ pub fn desired_specs(
             Ok(ip) if vips.contains(&ip) => {
                 errors.push(field(at, format!("{ip} is listed twice")));
             }
+            // The kernel keys it as the IPv4 address: two spellings of one
+            // VIP would be two Services here and one there.
+            Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => errors.push(field(
+                at,
+                format!(
+                    "{v6} is an IPv4-mapped IPv6 address; write it as {}",
+                    v6.to_ipv4_mapped()
+                        .map_or_else(String::new, |v4| v4.to_string())
+                ),
+            )),
             Ok(ip) if !ip.is_unspecified() => vips.push(ip),
             _ => errors.push(field(at, format!("{ip:?} is not an IP address"))),
         }
@@ -122,6 +132,34 @@ pub fn desired_specs(
         }
     };
     let meshed = store.namespace_enrolled(&key.namespace);
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    // As Kubernetes requires: endpoints are matched to a Service's ports by
+    // name, so a manifest from files with unnamed or repeated names would
+    // send one port's connections to another's target.
+    if !vips.is_empty() && ports.is_empty() {
+        errors.push(field(
+            "spec.ports",
+            "a Service with a ClusterIP needs at least one port",
+        ));
+    }
+    for (p, port) in ports.iter().enumerate() {
+        let name = port.name.as_deref().unwrap_or("");
+        if ports.len() > 1 && name.is_empty() {
+            errors.push(field(
+                format!("spec.ports[{p}].name"),
+                "required when a Service has more than one port (endpoints name the port they \
+                 serve)",
+            ));
+        } else if let Some(first) = ports[..p]
+            .iter()
+            .position(|q| !name.is_empty() && q.name.as_deref() == Some(name))
+        {
+            errors.push(field(
+                format!("spec.ports[{p}].name"),
+                format!("{name:?} is already spec.ports[{first}]'s name; names must be unique"),
+            ));
+        }
+    }
     let mut out = Vec::new();
     for (p, port) in spec.ports.iter().flatten().enumerate() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -632,15 +670,41 @@ mod tests {
         let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["spec.clusterIPs[1]", "spec.ports[1].port"],
+            [
+                "spec.clusterIPs[1]",
+                "spec.ports[1].name",
+                "spec.ports[1].port"
+            ],
             "{e:?}"
         );
         assert!(
-            e[1].message
+            e[2].message
                 .contains("port 80/TCP is already spec.ports[0]"),
             "{}",
-            e[1].message
+            e[2].message
         );
+
+        // Two ports, one unnamed; no port at all; an IPv4-mapped ClusterIP
+        // (the kernel would key it as 127.96.0.10, another Service's VIP,
+        // say).
+        let mut unnamed = service("shop", "unnamed", "127.96.0.11", &[80, 443]);
+        unnamed.spec.as_mut().unwrap().ports.as_mut().unwrap()[1].name = None;
+        let portless = service("shop", "portless", "127.96.0.12", &[]);
+        let mut mapped = service("shop", "mapped", "::ffff:127.96.0.10", &[80]);
+        mapped.spec.as_mut().unwrap().cluster_ips = None;
+        let s = store_with(vec![
+            Object::Service(unnamed),
+            Object::Service(portless),
+            Object::Service(mapped),
+        ]);
+        let e = desired_specs(&s, &Key::new("shop", "unnamed"), "n1").unwrap_err();
+        assert_eq!(e[0].field, "spec.ports[1].name", "{e:?}");
+        assert!(e[0].message.contains("more than one port"), "{e:?}");
+        let e = desired_specs(&s, &Key::new("shop", "portless"), "n1").unwrap_err();
+        assert_eq!(e[0].field, "spec.ports", "{e:?}");
+        let e = desired_specs(&s, &Key::new("shop", "mapped"), "n1").unwrap_err();
+        assert_eq!(e[0].field, "spec.clusterIP", "{e:?}");
+        assert!(e[0].message.contains("write it as 127.96.0.10"), "{e:?}");
     }
 
     #[test]

@@ -348,11 +348,13 @@ impl Reconciler {
             }
             return;
         }
-        self.reconcile_services(&dirty.services);
+        // A Service accepted or refused now changes what the proxy is shown
+        // (see `publish_mesh`), a retry's on a tick included.
+        let refusals_changed = self.reconcile_services(&dirty.services);
         if dirty.workloads {
             self.reconcile_workloads();
         }
-        if dirty.mesh || dirty.workloads {
+        if dirty.mesh || dirty.workloads || refusals_changed {
             self.publish_mesh();
         } else if resend_status {
             self.send_status_writes();
@@ -367,7 +369,7 @@ impl Reconciler {
         dirty.services.extend(self.store.services.keys().cloned());
         dirty.workloads = true;
         dirty.mesh = true;
-        self.reconcile_services(&dirty.services);
+        let _ = self.reconcile_services(&dirty.services);
         self.remove_stale_services();
         self.adopt_pinned_strict_state();
         self.reconcile_workloads();
@@ -471,14 +473,17 @@ impl Reconciler {
             });
     }
 
-    fn reconcile_services(&mut self, dirty: &BTreeSet<Key>) {
+    /// Returns whether a Service was refused or accepted that was not
+    /// before (or refused for other reasons).
+    fn reconcile_services(&mut self, dirty: &BTreeSet<Key>) -> bool {
         if dirty.is_empty() {
-            return;
+            return false;
         }
         let plan = self.lb.plan(&self.store, dirty, &self.settings.node);
+        let mut changed = false;
         for key in dirty {
             if !plan.errors.contains_key(key) {
-                self.service_errors.remove(key);
+                changed |= self.service_errors.remove(key).is_some();
                 match self.store.services.get(key) {
                     Some(s) => self.last_good.insert(key.clone(), s.clone()),
                     None => self.last_good.remove(key),
@@ -488,6 +493,7 @@ impl Reconciler {
         for (key, errors) in &plan.errors {
             // Said once per new problem, not on every retry.
             if self.service_errors.get(key) != Some(errors) {
+                changed = true;
                 for e in errors {
                     tracing::warn!(service = %key, error = %e, "Service refused; its last good entries stay");
                 }
@@ -498,7 +504,7 @@ impl Reconciler {
             self.retry.remove(key);
         }
         if plan.services.is_empty() {
-            return;
+            return changed;
         }
         let changes = plan.changes();
         match self.dp.apply(&changes) {
@@ -544,6 +550,7 @@ impl Reconciler {
                 }
             }
         }
+        changed
     }
 
     fn committed(&mut self, p: &ServicePlan) {
@@ -872,18 +879,28 @@ impl Reconciler {
 
     fn publish_mesh(&mut self) {
         self.mesh_generation += 1;
-        // Refused Services are shown to the proxy as last accepted.
+        // Refused Services are shown to the proxy as last accepted, and one
+        // refused from the start not at all: the kernel does not have it, so
+        // neither may the proxy (it would take another Service's ClusterIP
+        // there, say, and send that Service's callers to its pods).
         let patched;
         let store = if self
             .service_errors
             .keys()
-            .any(|k| self.last_good.contains_key(k) && self.store.services.contains_key(k))
+            .any(|k| self.store.services.contains_key(k))
         {
             let mut s = self.store.clone();
             for key in self.service_errors.keys() {
-                if let (Some(good), true) = (self.last_good.get(key), s.services.contains_key(key))
-                {
-                    s.services.insert(key.clone(), good.clone());
+                if !s.services.contains_key(key) {
+                    continue;
+                }
+                match self.last_good.get(key) {
+                    Some(good) => {
+                        s.services.insert(key.clone(), good.clone());
+                    }
+                    None => {
+                        s.services.remove(key);
+                    }
                 }
             }
             patched = s;

@@ -682,6 +682,36 @@ fn a_service_refused_for_a_taken_cluster_ip_gets_it_once_the_other_moves() {
                 && e.message.contains("already belongs to Service shop/a")),
         "{errors:?}"
     );
+    // The proxy keeps b as last accepted (its own ClusterIP); a Service
+    // refused from the start (c, also asking for a's) it does not get at
+    // all: it would send a's callers to c's pods.
+    let vips = |f: &Fixture, name: &str| {
+        f.rx.mesh
+            .borrow()
+            .services
+            .iter()
+            .find(|s| s.key.name == name)
+            .map(|s| s.vips.clone())
+    };
+    assert_eq!(
+        vips(&f, "b"),
+        Some(vec!["127.96.0.2".parse::<std::net::IpAddr>().unwrap()])
+    );
+    f.upsert(vec![Object::Service(service(
+        "shop",
+        "c",
+        "127.96.0.1",
+        &[80],
+    ))]);
+    assert_eq!(
+        vips(&f, "a"),
+        Some(vec!["127.96.0.1".parse::<std::net::IpAddr>().unwrap()])
+    );
+    assert_eq!(vips(&f, "c"), None);
+    f.r.step(vec![Input::Updates(vec![Update::Delete(
+        Kind::Service,
+        Key::new("shop", "c"),
+    )])]);
     // a moves to another address; b gets 127.96.0.1 on the next tick.
     f.upsert(vec![Object::Service(service(
         "shop",
@@ -698,6 +728,10 @@ fn a_service_refused_for_a_taken_cluster_ip_gets_it_once_the_other_moves() {
     let b = f.dp.spec(&Frontend::tcp(addr("127.96.0.1:80"))).unwrap();
     assert_eq!(b.backends, vec![Backend::ready(addr("10.0.0.2:8080"))]);
     assert!(f.dp.spec(&Frontend::tcp(addr("127.96.0.9:80"))).is_some());
+    assert_eq!(
+        vips(&f, "b"),
+        Some(vec!["127.96.0.1".parse::<std::net::IpAddr>().unwrap()])
+    );
 }
 
 #[test]
