@@ -162,9 +162,21 @@ impl Error {
 
 /// How to raise the limit `option` (an `Options` field) of a full map.
 fn raise_limit(option: &str) -> String {
+    // Connections keep using the old entries until no socket can read
+    // them: the new ones are written beside them first.
+    let why = match option {
+        "max_backends" => {
+            "An update holds a service's old and new backends at once, so one with more than \
+             half the limit cannot change. "
+        }
+        "max_services" => {
+            "A service whose frontends change needs a spare entry while its old ones retire. "
+        }
+        _ => "",
+    };
     match option {
         "max_services" | "max_backends" => format!(
-            "Remove unused services, or raise the limit (the agent's --lb-{}, ebpf-lb \
+            "{why}Remove unused services, or raise the limit (the agent's --lb-{}, ebpf-lb \
              Options::{option}) and recreate the tables with `mesh-agent uninstall` before the \
              next start",
             option.replace('_', "-")
@@ -191,6 +203,7 @@ mod tests {
         let text = e.to_string();
         assert!(
             text.contains("Options::max_backends")
+                && text.contains("old and new backends at once")
                 && text.contains("--lb-max-backends")
                 && text.contains("mesh-agent uninstall"),
             "{text}"
