@@ -608,7 +608,7 @@ impl Agent {
                 use crate::sources::kube::{lease, status};
                 admin.set_phase("connecting to the Kubernetes API");
                 let client = kube::Client::try_default().await.map_err(Error::Kube)?;
-                let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+                let (status_tx, status_rx) = crate::reconcile::policies::status_queue();
                 out.status = Some(status_tx);
                 // One agent of the cluster writes status: the Lease holder.
                 let (write_until_tx, write_until) = tokio::sync::watch::channel(None);

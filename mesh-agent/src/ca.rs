@@ -815,7 +815,15 @@ pub struct PodIdentities {
     inner: RwLock<PodIndex>,
     /// The first complete list of the cluster's pods is in.
     listed: std::sync::atomic::AtomicBool,
+    /// Since when the watch has failed without a good event since: past
+    /// [`STALE_AFTER`] the index no longer says who runs where (a pod moved
+    /// meanwhile would still be authorised on its old node).
+    failing_since: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How long a failing pods watch is trusted before requests are told to
+/// come back later (renewals happen at half-life: minutes do not matter).
+pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
 
 #[derive(Debug, Default)]
 struct PodIndex {
@@ -848,7 +856,23 @@ impl PodIdentities {
             trust_domain: trust_domain.into(),
             inner: RwLock::default(),
             listed: std::sync::atomic::AtomicBool::new(false),
+            failing_since: std::sync::Mutex::new(None),
         }
+    }
+
+    fn failing_since(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
+        self.failing_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The watch failed (it retries with a backoff).
+    pub fn watch_failed(&self) {
+        self.failing_since()
+            .get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// The watch works again: a change or a complete list came.
+    fn watch_works(&self) {
+        *self.failing_since() = None;
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, PodIndex> {
@@ -914,11 +938,23 @@ impl PodIdentities {
             match stream.try_next().await {
                 Ok(Some(watcher::Event::Init)) => initial.clear(),
                 Ok(Some(watcher::Event::InitApply(p))) => initial.push(p),
-                Ok(Some(watcher::Event::InitDone)) => self.reset(&std::mem::take(&mut initial)),
-                Ok(Some(watcher::Event::Apply(p))) => self.apply(&p),
-                Ok(Some(watcher::Event::Delete(p))) => self.delete(&p),
+                Ok(Some(watcher::Event::InitDone)) => {
+                    self.reset(&std::mem::take(&mut initial));
+                    self.watch_works();
+                }
+                Ok(Some(watcher::Event::Apply(p))) => {
+                    self.apply(&p);
+                    self.watch_works();
+                }
+                Ok(Some(watcher::Event::Delete(p))) => {
+                    self.delete(&p);
+                    self.watch_works();
+                }
                 Ok(None) => return,
-                Err(e) => tracing::warn!(error = %e, "watching pods; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching pods; retrying");
+                    self.watch_failed();
+                }
             }
         }
     }
@@ -927,6 +963,9 @@ impl PodIdentities {
 impl NodeWorkloads for PodIdentities {
     fn ready(&self) -> bool {
         self.listed.load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .failing_since()
+                .is_none_or(|since| since.elapsed() < STALE_AFTER)
     }
 
     fn runs_on(&self, node: &str, identity: &SpiffeId) -> bool {
@@ -1164,6 +1203,33 @@ mod tests {
             authz.authorise(&caller, &db),
             Err(AuthError::Forbidden { .. })
         ));
+    }
+
+    /// A pods watch failing for longer than STALE_AFTER: the index may be
+    /// out of date, so requests are told to come back (503) until it works
+    /// again, rather than authorised by who ran where.
+    #[tokio::test(start_paused = true)]
+    async fn a_pods_watch_failing_for_long_makes_requests_come_back_later() {
+        use certs::ca::auth::{AuthError, Authoriser, Caller, NodeAuthoriser};
+        let p = Arc::new(PodIdentities::new("cluster.local"));
+        let web: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let authz = NodeAuthoriser::new(p.clone());
+        let caller = Caller {
+            subject: "system:serviceaccount:sluice-system:sluice-agent".into(),
+            node: "node-a".into(),
+        };
+        p.reset(&[pod("shop", "web-1", "web", "node-a")]);
+        p.watch_failed();
+        tokio::time::advance(STALE_AFTER / 2).await;
+        p.watch_failed();
+        assert!(authz.authorise(&caller, &web).is_ok(), "a short failure");
+        tokio::time::advance(STALE_AFTER / 2).await;
+        assert!(matches!(
+            authz.authorise(&caller, &web),
+            Err(AuthError::Unavailable { .. })
+        ));
+        p.watch_works();
+        assert!(authz.authorise(&caller, &web).is_ok());
     }
 
     #[test]

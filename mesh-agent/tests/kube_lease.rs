@@ -255,7 +255,7 @@ async fn the_writer_stops_writing_when_a_renewal_hangs_and_gives_the_lease_up_on
 async fn only_the_lease_holder_writes_status_and_a_failed_write_is_sent_again() {
     let (svc, mut api) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = mesh_agent::reconcile::policies::status_queue();
     let (until, until_rx) = tokio::sync::watch::channel(None);
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let resends = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

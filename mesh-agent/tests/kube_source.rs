@@ -49,7 +49,7 @@ fn start(fake: FakeApi) -> Running {
     let client = fake.client();
     let dp = Arc::new(MemoryDataplane::new());
     let (mut out, rx) = Outputs::channels();
-    let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (status_tx, status_rx) = mesh_agent::reconcile::policies::status_queue();
     out.status = Some(status_tx);
     let settings = Settings {
         node: "node-a".into(),

@@ -75,7 +75,9 @@ impl Authoriser for NodeAuthoriser {
             // 503, which agents retry, rather than a refusal they would
             // report as one.
             return Err(AuthError::Unavailable {
-                reason: "the CA is starting: it has not listed the cluster's pods yet".into(),
+                reason: "the CA's list of the cluster's pods is not current (the CA is starting, \
+                         or its pods watch is failing): it cannot tell which node runs which pod"
+                    .into(),
             });
         }
         if self.workloads.runs_on(&caller.node, identity) {

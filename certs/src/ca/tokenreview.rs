@@ -395,7 +395,8 @@ impl TokenReviewAuthenticator {
                     } else {
                         tracing::warn!(
                             error = %e,
-                            "cannot read the API server's token signing keys ({}); every token goes                              to a TokenReview (asking again in {:?})",
+                            "cannot read the API server's token signing keys ({}); every token goes \
+                             to a TokenReview (asking again in {:?})",
                             jwks::JWKS_PATH,
                             jwks::RETRY_UNAVAILABLE
                         );

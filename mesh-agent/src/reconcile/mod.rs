@@ -26,7 +26,7 @@ use std::{
 
 use ebpf_lb::{Frontend, ProxyTarget};
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use self::{
     dataplane::Dataplane,
@@ -136,7 +136,7 @@ pub struct Outputs {
     pub mesh: watch::Sender<Arc<MeshView>>,
     pub identities: watch::Sender<BTreeSet<String>>,
     /// Status for the Kubernetes source to write; None for files.
-    pub status: Option<mpsc::UnboundedSender<StatusWrite>>,
+    pub status: Option<policies::StatusSender>,
 }
 
 impl Outputs {

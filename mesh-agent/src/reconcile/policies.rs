@@ -19,6 +19,138 @@ pub struct StatusWrite {
     pub status: serde_json::Value,
 }
 
+/// A queue of status writes that keeps the latest per object: the
+/// reconciler sends every status that differs after each change, and the
+/// writer takes them one at a time over HTTP (and may wait on the Lease or
+/// a retry); a plain channel grew by every object on every change, while
+/// only an object's latest status is worth writing. Objects leave in the
+/// order they first came; a newer status takes an older one's place.
+pub fn status_queue() -> (StatusSender, StatusReceiver) {
+    let shared = std::sync::Arc::new(QueueShared {
+        pending: std::sync::Mutex::new(Pending {
+            senders: 1,
+            ..Pending::default()
+        }),
+        notify: tokio::sync::Notify::new(),
+    });
+    (
+        StatusSender {
+            shared: shared.clone(),
+        },
+        StatusReceiver { shared },
+    )
+}
+
+#[derive(Default)]
+struct Pending {
+    writes: std::collections::HashMap<(Kind, Key), StatusWrite>,
+    order: std::collections::VecDeque<(Kind, Key)>,
+    senders: usize,
+    receiver_gone: bool,
+}
+
+struct QueueShared {
+    pending: std::sync::Mutex<Pending>,
+    notify: tokio::sync::Notify,
+}
+
+impl QueueShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The reconciler's end of [`status_queue`].
+pub struct StatusSender {
+    shared: std::sync::Arc<QueueShared>,
+}
+
+/// The writer's end of [`status_queue`].
+pub struct StatusReceiver {
+    shared: std::sync::Arc<QueueShared>,
+}
+
+/// The writer went away; the write is handed back.
+#[derive(Debug)]
+pub struct WriterGone(pub StatusWrite);
+
+/// Nothing is waiting.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Empty;
+
+impl StatusSender {
+    pub fn send(&self, w: StatusWrite) -> Result<(), WriterGone> {
+        let mut p = self.shared.lock();
+        if p.receiver_gone {
+            return Err(WriterGone(w));
+        }
+        let id = (w.kind, w.key.clone());
+        if p.writes.insert(id.clone(), w).is_none() {
+            p.order.push_back(id);
+        }
+        drop(p);
+        self.shared.notify.notify_one();
+        Ok(())
+    }
+}
+
+impl Clone for StatusSender {
+    fn clone(&self) -> Self {
+        self.shared.lock().senders += 1;
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for StatusSender {
+    fn drop(&mut self) {
+        self.shared.lock().senders -= 1;
+        self.shared.notify.notify_one();
+    }
+}
+
+impl StatusReceiver {
+    /// The next write, waiting for one; `None` once every sender is gone
+    /// and nothing is left.
+    pub async fn recv(&mut self) -> Option<StatusWrite> {
+        loop {
+            match self.try_recv() {
+                Ok(w) => return Some(w),
+                Err(Empty) if self.shared.lock().senders == 0 => return None,
+                // A send between the look and the wait leaves a permit:
+                // the wait then ends at once.
+                Err(Empty) => self.shared.notify.notified().await,
+            }
+        }
+    }
+
+    pub fn try_recv(&mut self) -> Result<StatusWrite, Empty> {
+        let mut p = self.shared.lock();
+        while let Some(id) = p.order.pop_front() {
+            if let Some(w) = p.writes.remove(&id) {
+                return Ok(w);
+            }
+        }
+        Err(Empty)
+    }
+
+    /// Writes waiting.
+    pub fn len(&self) -> usize {
+        self.shared.lock().writes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for StatusReceiver {
+    fn drop(&mut self) {
+        self.shared.lock().receiver_gone = true;
+    }
+}
+
 fn accepted(generation: Option<i64>, stored: &[Condition]) -> Option<serde_json::Value> {
     let conds = [Cond {
         type_: "Accepted",
@@ -300,6 +432,38 @@ pub fn ungoverned_pods(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) 
 
 #[cfg(test)]
 mod tests {
+    /// Sends faster than the writer takes them leave one write per object,
+    /// the latest, in the order the objects first came.
+    #[tokio::test]
+    async fn the_status_queue_keeps_the_latest_write_per_object() {
+        let (tx, mut rx) = super::status_queue();
+        let w = |name: &str, n: u32| super::StatusWrite {
+            kind: Kind::HTTPRoute,
+            key: Key::new("shop", name),
+            status: serde_json::json!({ "n": n }),
+        };
+        for n in 0..1000 {
+            tx.send(w("a", n)).unwrap();
+            tx.send(w("b", n)).unwrap();
+        }
+        tx.send(w("c", 0)).unwrap();
+        assert_eq!(rx.len(), 3);
+        assert_eq!(rx.recv().await, Some(w("a", 999)));
+        assert_eq!(rx.recv().await, Some(w("b", 999)));
+        // Sent again after it was taken: written again.
+        tx.send(w("a", 1000)).unwrap();
+        assert_eq!(rx.try_recv(), Ok(w("c", 0)));
+        assert_eq!(rx.try_recv(), Ok(w("a", 1000)));
+        assert_eq!(rx.try_recv(), Err(super::Empty));
+        // A waiting writer wakes for the next; it ends once senders are gone.
+        let tx2 = tx.clone();
+        let waiting = tokio::spawn(async move { (rx.recv().await, rx.recv().await) });
+        tokio::task::yield_now().await;
+        tx2.send(w("d", 1)).unwrap();
+        drop((tx, tx2));
+        assert_eq!(waiting.await.unwrap(), (Some(w("d", 1)), None));
+    }
+
     use super::*;
     use crate::{
         crds::{AccessPolicy, AccessPolicySpec},

@@ -295,7 +295,7 @@ fn the_mesh_view_is_published_with_a_new_generation_on_route_changes() {
 #[test]
 fn status_writes_go_to_the_status_channel() {
     let mut f = fixture();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = policies::status_queue();
     f.r.out.status = Some(tx);
     let bad: crate::crds::MeshPolicySpec = serde_json::from_value(serde_json::json!({
         "mode": "STRICT",

@@ -17,7 +17,6 @@ use kube::{
     api::{ApiResource, DynamicObject, Patch, PatchParams},
 };
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::is_status;
 use crate::{
@@ -163,7 +162,7 @@ pub const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 /// retry never writes back an outdated status.
 pub async fn run(
     client: Client,
-    mut rx: mpsc::UnboundedReceiver<StatusWrite>,
+    mut rx: crate::reconcile::policies::StatusReceiver,
     write_until: tokio::sync::watch::Receiver<super::lease::WriteUntil>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     resend: impl Fn(),
