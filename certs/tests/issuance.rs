@@ -348,11 +348,11 @@ fn a_ca_directory_that_is_not_private_or_lost_its_certificate_is_refused() {
     set_mode(&dir, 0o777);
     let err = refused("a world-writable directory");
     assert!(
-        err.contains("writable by others") && err.contains("chmod 700"),
+        err.contains("writable by everyone") && err.contains("chmod 700"),
         "{err}"
     );
     set_mode(&dir, 0o700);
-    set_mode(&dir.join("root-key.pem"), 0o644);
+    set_mode(&dir.join("root-key.pem"), 0o604);
     let err = refused("a readable root key");
     assert!(
         err.contains("root-key.pem") && err.contains("chmod 600"),
@@ -381,6 +381,14 @@ fn a_ca_directory_that_is_not_private_or_lost_its_certificate_is_refused() {
     std::fs::write(dir.join("root-cert.pem"), cert).unwrap();
     let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
     assert_eq!(ca.bundle().active_root(), fp);
+    drop(ca);
+    // A first start that stopped after writing the key (no certificate, no
+    // bundle yet): that key signed nothing, and the next start replaces it.
+    std::fs::remove_file(dir.join("root-cert.pem")).unwrap();
+    std::fs::remove_file(dir.join("trust-bundle.pem")).unwrap();
+    let ca = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock))
+        .expect("a first start that stopped part way starts again");
+    assert_ne!(ca.bundle().active_root(), fp);
     drop(ca);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1358,17 +1358,22 @@ mod tests {
         assert!(until >= before + Duration::from_secs(4));
     }
 
-    /// A trailer section (none here) ended by a bare LF ends the body, as
-    /// a CRLF does, whether it comes with the rest or on its own.
-    #[test]
-    fn a_bare_lf_ends_the_trailer_section() {
-        let dec = Decoder {
+    /// A decoder for the answer to a GET on a connection kept open.
+    fn plain_decoder() -> Decoder {
+        Decoder {
             max_head: 512,
             head_request: false,
             close: false,
             interim: 0,
             reuse_until: None,
-        };
+        }
+    }
+
+    /// A trailer section (none here) ended by a bare LF ends the body, as
+    /// a CRLF does, whether it comes with the rest or on its own.
+    #[test]
+    fn a_bare_lf_ends_the_trailer_section() {
+        let dec = plain_decoder();
         for wire in [
             &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\n"[..],
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-t: 1\n\n",
@@ -1385,13 +1390,7 @@ mod tests {
     /// connection is not reused.
     #[test]
     fn close_in_a_connection_header_with_other_bytes_is_heard() {
-        let dec = Decoder {
-            max_head: 512,
-            head_request: false,
-            close: false,
-            interim: 0,
-            reuse_until: None,
-        };
+        let dec = plain_decoder();
         let wire = b"HTTP/1.1 200 OK\r\nconnection: close, \xe9\r\ncontent-length: 0\r\n\r\n";
         assert_eq!(
             decode_all(dec, wire, wire.len()).unwrap().end,

@@ -350,7 +350,8 @@ fn parse(rbuf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal
         {
             length = note_length(value.as_bytes(), l).map(|()| *l);
             let v = value.as_bytes();
-            plain_length &= !v.contains(&b',') && (v.len() == 1 || v[0] != b'0');
+            let leading_zero = v.len() > 1 && v[0] == b'0';
+            plain_length &= !(v.contains(&b',') || leading_zero);
         }
         hosts = hosts.saturating_add(u8::from(name == header::HOST));
         te_trailers |= name == header::TE && token_in(value.as_bytes(), b"trailers");
@@ -1376,6 +1377,7 @@ mod tests {
             ),
             (b"POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n", "400"),
             (b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n", "400"),
+            (b"POST / HTTP/1.1\r\nContent-Length:\r\n\r\n", "400"),
         ] {
             let (mut client, task, _drain) = start(echo);
             client.write_all(wire).await.unwrap();

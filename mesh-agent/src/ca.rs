@@ -815,15 +815,21 @@ pub struct PodIdentities {
     inner: RwLock<PodIndex>,
     /// The first complete list of the cluster's pods is in.
     listed: std::sync::atomic::AtomicBool,
-    /// Since when the watch has failed without a good event since: past
-    /// [`STALE_AFTER`] the index no longer says who runs where (a pod moved
-    /// meanwhile would still be authorised on its old node).
-    failing_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Since when the watch has failed without a good event since, and
+    /// when it last failed: failing for longer than [`STALE_AFTER`], the
+    /// index no longer says who runs where (a pod moved meanwhile would
+    /// still be authorised on its old node).
+    failing: std::sync::Mutex<Option<(tokio::time::Instant, tokio::time::Instant)>>,
 }
 
 /// How long a failing pods watch is trusted before requests are told to
 /// come back later (renewals happen at half-life: minutes do not matter).
 pub const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A watch that has not failed for this long has resumed (the watcher
+/// retries at least every 30 s while it fails), though a quiet cluster may
+/// have sent no event since.
+pub const RESUMED_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[derive(Debug, Default)]
 struct PodIndex {
@@ -856,23 +862,34 @@ impl PodIdentities {
             trust_domain: trust_domain.into(),
             inner: RwLock::default(),
             listed: std::sync::atomic::AtomicBool::new(false),
-            failing_since: std::sync::Mutex::new(None),
+            failing: std::sync::Mutex::new(None),
         }
     }
 
-    fn failing_since(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
-        self.failing_since.lock().unwrap_or_else(|e| e.into_inner())
+    fn failing(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(tokio::time::Instant, tokio::time::Instant)>> {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The watch failed (it retries with a backoff).
     pub fn watch_failed(&self) {
-        self.failing_since()
-            .get_or_insert_with(tokio::time::Instant::now);
+        let now = tokio::time::Instant::now();
+        let mut f = self.failing();
+        let since = f.map_or(now, |(since, _)| since);
+        *f = Some((since, now));
     }
 
     /// The watch works again: a change or a complete list came.
     fn watch_works(&self) {
-        *self.failing_since() = None;
+        *self.failing() = None;
+    }
+
+    /// Whether the watch has been failing for longer than [`STALE_AFTER`].
+    fn stale(&self) -> bool {
+        self.failing().is_some_and(|(since, last)| {
+            since.elapsed() >= STALE_AFTER && last.elapsed() < RESUMED_AFTER
+        })
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, PodIndex> {
@@ -962,10 +979,7 @@ impl PodIdentities {
 
 impl NodeWorkloads for PodIdentities {
     fn ready(&self) -> bool {
-        self.listed.load(std::sync::atomic::Ordering::Acquire)
-            && self
-                .failing_since()
-                .is_none_or(|since| since.elapsed() < STALE_AFTER)
+        self.listed.load(std::sync::atomic::Ordering::Acquire) && !self.stale()
     }
 
     fn runs_on(&self, node: &str, identity: &SpiffeId) -> bool {
@@ -1182,16 +1196,28 @@ mod tests {
         assert!(!p.runs_on("node-b", &web));
     }
 
-    #[test]
-    fn until_the_pods_are_listed_requests_are_told_to_come_back() {
-        use certs::ca::auth::{AuthError, Authoriser, Caller, NodeAuthoriser};
+    /// An authoriser over an empty pod index, node A's agent asking, and
+    /// the identity it asks for.
+    fn node_a_authoriser() -> (
+        Arc<PodIdentities>,
+        certs::ca::auth::NodeAuthoriser,
+        certs::ca::auth::Caller,
+        SpiffeId,
+    ) {
         let p = Arc::new(PodIdentities::new("cluster.local"));
         let web: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-        let authz = NodeAuthoriser::new(p.clone());
-        let caller = Caller {
+        let authz = certs::ca::auth::NodeAuthoriser::new(p.clone());
+        let caller = certs::ca::auth::Caller {
             subject: "system:serviceaccount:sluice-system:sluice-agent".into(),
             node: "node-a".into(),
         };
+        (p, authz, caller, web)
+    }
+
+    #[test]
+    fn until_the_pods_are_listed_requests_are_told_to_come_back() {
+        use certs::ca::auth::{AuthError, Authoriser};
+        let (p, authz, caller, web) = node_a_authoriser();
         assert!(matches!(
             authz.authorise(&caller, &web),
             Err(AuthError::Unavailable { .. })
@@ -1210,25 +1236,36 @@ mod tests {
     /// again, rather than authorised by who ran where.
     #[tokio::test(start_paused = true)]
     async fn a_pods_watch_failing_for_long_makes_requests_come_back_later() {
-        use certs::ca::auth::{AuthError, Authoriser, Caller, NodeAuthoriser};
-        let p = Arc::new(PodIdentities::new("cluster.local"));
-        let web: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-        let authz = NodeAuthoriser::new(p.clone());
-        let caller = Caller {
-            subject: "system:serviceaccount:sluice-system:sluice-agent".into(),
-            node: "node-a".into(),
-        };
+        use certs::ca::auth::{AuthError, Authoriser};
+        let (p, authz, caller, web) = node_a_authoriser();
         p.reset(&[pod("shop", "web-1", "web", "node-a")]);
+        let step = std::time::Duration::from_secs(30);
+        // Failing (as the watcher retries) for less than STALE_AFTER: fine.
+        let mut failed_for = std::time::Duration::ZERO;
+        while failed_for < STALE_AFTER {
+            assert!(
+                authz.authorise(&caller, &web).is_ok(),
+                "failing {failed_for:?}"
+            );
+            p.watch_failed();
+            tokio::time::advance(step).await;
+            failed_for += step;
+        }
         p.watch_failed();
-        tokio::time::advance(STALE_AFTER / 2).await;
-        p.watch_failed();
-        assert!(authz.authorise(&caller, &web).is_ok(), "a short failure");
-        tokio::time::advance(STALE_AFTER / 2).await;
         assert!(matches!(
             authz.authorise(&caller, &web),
             Err(AuthError::Unavailable { .. })
         ));
+        // A good event: at once.
         p.watch_works();
+        assert!(authz.authorise(&caller, &web).is_ok());
+        // Or no failure for RESUMED_AFTER (a quiet cluster sends nothing).
+        for _ in 0..12 {
+            p.watch_failed();
+            tokio::time::advance(step).await;
+        }
+        assert!(authz.authorise(&caller, &web).is_err());
+        tokio::time::advance(RESUMED_AFTER).await;
         assert!(authz.authorise(&caller, &web).is_ok());
     }
 

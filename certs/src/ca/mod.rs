@@ -269,23 +269,12 @@ fn load_key(what: &str, pem: &PrivateKeyPem) -> Result<KeyPair, CaError> {
 }
 
 /// The key must belong to the certificate, or every signature would be useless.
-/// Completes a root activation that stopped part way (the root key and
-/// certificate are replaced one after the other, in either order by
-/// whoever wrote them): when `root-key.pem` or `root-cert.pem` already holds
-/// the prepared root's, the prepared key and certificate both take their
-/// place; only once both are the prepared root's do the `next-root-*` files
-/// go (they may hold the only copy of the new key). Nothing to do otherwise.
-/// `O_NOFOLLOW` (Linux; the value differs by architecture).
-#[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
-const O_NOFOLLOW: i32 = 0o100000;
-#[cfg(not(any(target_arch = "aarch64", target_arch = "arm")))]
-const O_NOFOLLOW: i32 = 0o400000;
-
-/// The CA directory must be writable by its owner alone, and a root key
-/// in it a plain file no one else can read or write: whoever can write
-/// there can plant a root of their own (a matching key and certificate),
-/// and a readable key is a stolen root. Checked, not repaired: something
-/// changed them, and an operator should look.
+/// The CA directory must not be writable by everyone, nor a root key in it
+/// readable or writable by everyone (nor anything but a plain file):
+/// whoever can write there can plant a root of their own (a matching key
+/// and certificate), and a readable key is a stolen root. Group access is
+/// the operator's choice (a volume with an fsGroup has it). Checked, not
+/// repaired: something changed them, and an operator should look.
 fn check_private_dir(dir: &Path) -> Result<(), CaError> {
     let io_error = |path: &Path, source| storage::StorageError::Io {
         path: path.into(),
@@ -293,10 +282,10 @@ fn check_private_dir(dir: &Path) -> Result<(), CaError> {
         source,
     };
     let d = fs::metadata(dir).map_err(|e| io_error(dir, e))?;
-    if d.mode() & 0o022 != 0 {
+    if d.mode() & 0o002 != 0 {
         return Err(CaError::Config {
             reason: format!(
-                "the CA directory {} is writable by others (mode {:o}): anyone who can write \
+                "the CA directory {} is writable by everyone (mode {:o}): anyone who can write \
                  there can plant a root; chmod 700 it",
                 dir.display(),
                 d.mode() & 0o7777
@@ -307,10 +296,10 @@ fn check_private_dir(dir: &Path) -> Result<(), CaError> {
     match fs::symlink_metadata(&key) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_error(&key, e).into()),
-        Ok(k) if !k.is_file() || k.mode() & 0o077 != 0 => Err(CaError::Config {
+        Ok(k) if !k.is_file() || k.mode() & 0o007 != 0 => Err(CaError::Config {
             reason: format!(
-                "the root key {} must be a plain file only its owner can read or write (it is \
-                 mode {:o}{}); chmod 600 it",
+                "the root key {} must be a plain file that not everyone can read or write (it \
+                 is mode {:o}{}); chmod 600 it",
                 key.display(),
                 k.mode() & 0o7777,
                 if k.is_file() { "" } else { ", not a file" }
@@ -320,6 +309,12 @@ fn check_private_dir(dir: &Path) -> Result<(), CaError> {
     }
 }
 
+/// Completes a root activation that stopped part way (the root key and
+/// certificate are replaced one after the other, in either order by
+/// whoever wrote them): when `root-key.pem` or `root-cert.pem` already holds
+/// the prepared root's, the prepared key and certificate both take their
+/// place; only once both are the prepared root's do the `next-root-*` files
+/// go (they may hold the only copy of the new key). Nothing to do otherwise.
 fn finish_interrupted_activation(dir: &Path) -> Result<(), CaError> {
     let next_cert_path = dir.join(NEXT_ROOT_CERT_FILE);
     if !next_cert_path.exists() {
@@ -605,7 +600,7 @@ impl Ca {
             .write(true)
             .create(true)
             .truncate(false)
-            .custom_flags(O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&lock_path)
             .and_then(|f| f.lock().map(|()| f))
             .map_err(|source| storage::StorageError::Io {
@@ -648,9 +643,11 @@ impl Ca {
                 },
                 pending,
             )?
-        } else if dir.join(ROOT_KEY_FILE).exists() {
+        } else if dir.join(ROOT_KEY_FILE).exists() && dir.join(BUNDLE_FILE).exists() {
             // A restore that missed a file, a certificate deleted: a new root
-            // would overwrite the key every leaf and peer trusts.
+            // would overwrite the key every leaf and peer trusts. (Without
+            // the bundle, written last, the first start stopped part way:
+            // nothing was ever signed with that key, and it is replaced.)
             return Err(CaError::Config {
                 reason: format!(
                     "{} has a root key but no {ROOT_CERT_FILE}: restore the certificate, or remove \

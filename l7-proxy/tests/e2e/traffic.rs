@@ -1513,15 +1513,10 @@ async fn a_request_whose_caller_leaves_before_the_answer_is_counted_and_logged()
     mesh.shutdown().await;
 }
 
-/// A request still waiting for its answer when the caller's proxy shuts
-/// down outlives the drain time and is cut: counted `cancelled`, and its
-/// access-log line says the proxy's shutdown cut it, not that its caller
-/// left. The workload's node, whose caller (the other proxy) did go away,
-/// says so.
-#[tokio::test]
-async fn a_request_cut_by_the_proxys_shutdown_is_logged_as_such() {
-    let (log, _default) = capture_access_log();
-    let mut mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+/// A mesh whose proxies drain for 300 ms, and a request from web that
+/// cart 0 holds for 5 s (in flight once this returns).
+async fn slow_request_with_short_drain() -> (Mesh, Vec<EchoServer>, tokio::net::TcpStream) {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
         s.drain_timeout_ms = 300;
     })
     .await;
@@ -1531,6 +1526,18 @@ async fn a_request_cut_by_the_proxys_shutdown_is_logged_as_such() {
         .await
         .unwrap();
     eventually("the request reached the workload", || srv[0].hits() == 1).await;
+    (mesh, srv, tcp)
+}
+
+/// A request still waiting for its answer when the caller's proxy shuts
+/// down outlives the drain time and is cut: counted `cancelled`, and its
+/// access-log line says the proxy's shutdown cut it, not that its caller
+/// left. The workload's node, whose caller (the other proxy) did go away,
+/// says so.
+#[tokio::test]
+async fn a_request_cut_by_the_proxys_shutdown_is_logged_as_such() {
+    let (log, _default) = capture_access_log();
+    let (mut mesh, _srv, tcp) = slow_request_with_short_drain().await;
     mesh.a.proxy.take().unwrap().shutdown().await;
     cancelled_on_both(&mesh, &[]).await;
     let (text, records) = access_records(&log);
@@ -1561,19 +1568,18 @@ async fn a_request_cut_by_the_proxys_shutdown_is_logged_as_such() {
 #[tokio::test]
 async fn a_request_cut_by_the_workload_nodes_shutdown_is_logged_as_such() {
     let (log, _default) = capture_access_log();
-    let mut mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
-        s.drain_timeout_ms = 300;
-    })
-    .await;
-    let srv = mesh.serve_cart().await;
-    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    tcp.write_all(b"GET /slow/5000 HTTP/1.1\r\nhost: cart\r\n\r\n")
-        .await
-        .unwrap();
-    eventually("the request reached the workload", || srv[0].hits() == 1).await;
+    let (mut mesh, _srv, mut tcp) = slow_request_with_short_drain().await;
     mesh.b.proxy.take().unwrap().shutdown().await;
     let answer = read_head(&mut tcp).await;
     assert!(answer.starts_with("HTTP/1.1 50"), "{answer}");
+    // The stream's task may hear of the cut after the shutdown returned.
+    eventually("node B logged the request", || {
+        access_records(&log)
+            .1
+            .iter()
+            .any(|r| r["direction"] == "inbound")
+    })
+    .await;
     let (text, records) = access_records(&log);
     let inbound = records
         .iter()

@@ -49,6 +49,17 @@ struct Pending {
     receiver_gone: bool,
 }
 
+impl Pending {
+    fn pop(&mut self) -> Option<StatusWrite> {
+        while let Some(id) = self.order.pop_front() {
+            if let Some(w) = self.writes.remove(&id) {
+                return Some(w);
+            }
+        }
+        None
+    }
+}
+
 struct QueueShared {
     pending: std::sync::Mutex<Pending>,
     notify: tokio::sync::Notify,
@@ -115,24 +126,25 @@ impl StatusReceiver {
     /// and nothing is left.
     pub async fn recv(&mut self) -> Option<StatusWrite> {
         loop {
-            match self.try_recv() {
-                Ok(w) => return Some(w),
-                Err(Empty) if self.shared.lock().senders == 0 => return None,
-                // A send between the look and the wait leaves a permit:
-                // the wait then ends at once.
-                Err(Empty) => self.shared.notify.notified().await,
+            {
+                // One look, under one lock: a last send just before the
+                // last sender went is still taken.
+                let mut p = self.shared.lock();
+                if let Some(w) = p.pop() {
+                    return Some(w);
+                }
+                if p.senders == 0 {
+                    return None;
+                }
             }
+            // A send between the look and the wait leaves a permit: the
+            // wait then ends at once.
+            self.shared.notify.notified().await;
         }
     }
 
     pub fn try_recv(&mut self) -> Result<StatusWrite, Empty> {
-        let mut p = self.shared.lock();
-        while let Some(id) = p.order.pop_front() {
-            if let Some(w) = p.writes.remove(&id) {
-                return Ok(w);
-            }
-        }
-        Err(Empty)
+        self.shared.lock().pop().ok_or(Empty)
     }
 
     /// Writes waiting.
