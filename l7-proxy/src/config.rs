@@ -106,7 +106,8 @@ pub struct ProxySettings {
     pub connect_timeout_ms: u64,
     /// Time to finish a TLS handshake with a peer proxy.
     pub tls_handshake_timeout_ms: u64,
-    /// A tunnel connection without streams is closed after this long.
+    /// A tunnel connection without streams is closed after this long (the
+    /// server side says GOAWAY after twice this).
     pub tunnel_idle_timeout_ms: u64,
     /// A tunnel connection takes new streams for this long at most (and
     /// never past its peer certificate's expiry): the client opens a new one

@@ -330,11 +330,19 @@ where
         shared.settings.tunnel_max_age(),
         tp.tls.peer_cert_not_after,
     )));
+    // A connection that carries nothing for twice the peers' own idle
+    // timeout (after which an honest peer has closed it) gets GOAWAY: a
+    // peer cannot keep idle connections open for their whole age. Streams
+    // are counted here, not timed, so a busy connection pays nothing.
+    let server_idle = shared.settings.tunnel_idle_timeout().saturating_mul(2);
+    let mut idle = std::pin::pin!(tokio::time::sleep(server_idle));
+    let (mut accepted, mut accepted_at_last_look) = (0u64, 0u64);
     loop {
         tokio::select! {
             biased;
             r = conn.accept() => match r {
                 Some(Ok((req, respond))) => {
+                    accepted += 1;
                     let connect = req.method() == Method::CONNECT;
                     // Boxed: spawning then moves a pointer, not the whole
                     // request future, several times.
@@ -363,6 +371,19 @@ where
                 );
                 draining = true;
                 conn.graceful_shutdown();
+            }
+            () = &mut idle, if !draining => {
+                if accepted == accepted_at_last_look && tp.in_flight.load(Ordering::Relaxed) == 0 {
+                    tracing::debug!(
+                        peer = %tp.identity,
+                        "tunnel connection idle for {server_idle:?}: GOAWAY"
+                    );
+                    draining = true;
+                    conn.graceful_shutdown();
+                } else {
+                    accepted_at_last_look = accepted;
+                    idle.as_mut().reset(tokio::time::Instant::now() + server_idle);
+                }
             }
             why = &mut alive => {
                 // Say GOAWAY, in case the peer still reads.

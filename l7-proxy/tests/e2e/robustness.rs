@@ -543,6 +543,43 @@ async fn a_peer_stream_that_never_sends_its_body_is_ended_on_the_workload_node()
     mesh.shutdown().await;
 }
 
+/// A peer that keeps a tunnel connection it no longer uses (an honest one
+/// closes it after its own idle timeout): the server side says GOAWAY once
+/// it has carried nothing for twice that, instead of holding it for its
+/// whole age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_side_closes_a_tunnel_connection_left_idle() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.tunnel_idle_timeout_ms = 200;
+    })
+    .await;
+    mesh.publish(&Snapshot::default()).await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let (h2, conn) = h2::client::handshake(peer_tls(&mesh).await).await.unwrap();
+    let conn = tokio::spawn(conn);
+    // One stream, used and ended: then nothing.
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(echo.to_string())
+        .body(())
+        .unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    let mut recv = resp.await.unwrap().into_body();
+    send.send_data(bytes::Bytes::from_static(b"a"), true)
+        .unwrap();
+    assert_eq!(recv.data().await.unwrap().unwrap(), "a");
+    drop((send, recv));
+    // The handle is kept: the client side would end the connection itself
+    // once it has none left.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the server side ends an idle connection (GOAWAY)");
+    assert!(ended.is_ok(), "{ended:?}");
+    drop(h2);
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_side_takes_no_new_streams_on_a_tunnel_past_its_age() {
     let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
