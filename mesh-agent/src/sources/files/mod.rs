@@ -795,16 +795,40 @@ impl FilesSource {
         }
         let mut pods: Vec<(&WorkloadEntry, Workload)> = Vec::new();
         let mut pod_keys: BTreeSet<Key> = BTreeSet::new();
+        // The agent enrols and unenrols by uid and by cgroup: two workloads
+        // sharing one would take turns, or unenrol the other.
+        let mut uids: BTreeMap<String, Key> = BTreeMap::new();
+        let mut cgroups: BTreeMap<PathBuf, Key> = BTreeMap::new();
         for (path, e) in entries {
             let w = workload_of(e);
-            if !pod_keys.insert(w.key()) {
+            let taken = if pod_keys.contains(&w.key()) {
+                Some("defined twice; the first is used".to_string())
+            } else if let Some(other) = uids.get(&w.uid) {
+                Some(format!(
+                    "uid {:?} is already workload {other}'s; this one is left out",
+                    w.uid
+                ))
+            } else {
+                w.cgroup.as_ref().and_then(|c| cgroups.get(c)).map(|other| {
+                    format!(
+                        "cgroup {:?} is already workload {other}'s; this one is left out",
+                        w.cgroup.as_deref().unwrap_or(Path::new(""))
+                    )
+                })
+            };
+            if let Some(message) = taken {
                 conflicts.push(error(
                     path,
                     Some(format!("workload {}", w.key())),
                     None,
-                    "defined twice; the first is used",
+                    message,
                 ));
                 continue;
+            }
+            pod_keys.insert(w.key());
+            uids.insert(w.uid.clone(), w.key());
+            if let Some(c) = &w.cgroup {
+                cgroups.insert(c.clone(), w.key());
             }
             pods.push((e, w));
         }

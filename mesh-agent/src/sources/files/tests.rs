@@ -426,6 +426,45 @@ fn unknown_kinds_are_ignored_with_a_note_and_duplicates_are_conflicts() {
     );
 }
 
+/// Two workloads with one uid, or one cgroup: the agent enrols by both,
+/// so the second is a conflict and left out (not enrolled by turns).
+#[test]
+fn workloads_sharing_a_uid_or_a_cgroup_are_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", SHOP);
+    write(
+        dir.path(),
+        "w.yaml",
+        &format!(
+            "{WORKLOADS}  - {{name: web-2, namespace: shop, serviceAccount: web, ip: 127.0.10.3, \
+             node: node-a, cgroup: shop/web-0}}\n  - {{name: a, namespace: shop, serviceAccount: \
+             web, ip: 127.0.10.4, node: node-a, uid: u1}}\n  - {{name: b, namespace: shop, \
+             serviceAccount: web, ip: 127.0.10.5, node: node-a, uid: u1}}\n"
+        ),
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let errors = src.errors();
+    let about = |w: &str| {
+        errors
+            .iter()
+            .find(|e| e.object.as_deref() == Some(w))
+            .unwrap_or_else(|| panic!("no error about {w}: {errors:?}"))
+            .message
+            .clone()
+    };
+    assert!(
+        about("workload shop/web-2")
+            .contains("cgroup \"shop/web-0\" is already workload shop/web-0's")
+    );
+    assert!(about("workload shop/b").contains("uid \"u1\" is already workload shop/a's"));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let s = store_of(&src);
+    for (name, kept) in [("web-0", true), ("web-2", false), ("a", true), ("b", false)] {
+        assert_eq!(s.pods.contains_key(&Key::new("shop", name)), kept, "{name}");
+    }
+}
+
 #[test]
 fn objects_without_namespace_land_in_default_and_a_deleted_file_removes_its_objects() {
     let dir = tempfile::tempdir().unwrap();
