@@ -243,7 +243,7 @@ pub(crate) async fn handle(
         reason: outcome.reason.as_deref(),
         ..Default::default()
     });
-    let known = conn.metrics.count(
+    conn.metrics.count(
         &shared.metrics,
         RequestKey {
             direction: Direction::Outbound,
@@ -256,13 +256,9 @@ pub(crate) async fn handle(
             response: &mut outcome.response,
             grpc: grpc_counted,
             elapsed: start.elapsed(),
-            log: record.as_ref(),
+            log: record,
         },
     );
-    if let (Some(mut record), Some(grpc_status)) = (record, known) {
-        record.grpc_status = grpc_status.as_str();
-        record.emit();
-    }
     Ok(outcome.response)
 }
 

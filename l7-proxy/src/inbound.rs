@@ -1188,7 +1188,7 @@ async fn handle_http(
         reason: reason.as_deref(),
         ..Default::default()
     });
-    let known = count_request(
+    count_request(
         &shared,
         &tp,
         workload.get().map(|w| &**w),
@@ -1197,13 +1197,9 @@ async fn handle_http(
             response: &mut resp,
             grpc: grpc_counted,
             elapsed: start.elapsed(),
-            log: record.as_ref(),
+            log: record,
         },
     );
-    if let (Some(mut record), Some(grpc_status)) = (record, known) {
-        record.grpc_status = grpc_status.as_str();
-        record.emit();
-    }
     resp
 }
 

@@ -294,10 +294,10 @@ pub struct Answer<'a> {
     pub grpc: bool,
     /// The time to the answer's head.
     pub elapsed: Duration,
-    /// The request's access record, if one is written: for a call counted
-    /// once its status passes, held and emitted then, with it; otherwise
-    /// left to the caller, with the status `count` returns.
-    pub log: Option<&'a crate::accesslog::AccessRecord<'a>>,
+    /// The request's access record, if one is written: emitted by `count`
+    /// with the request's `grpc_status`, at once or (a call counted once
+    /// its status passes) then.
+    pub log: Option<crate::accesslog::AccessRecord<'a>>,
 }
 
 /// The labels of a request that are known before its answer.
@@ -353,9 +353,9 @@ impl RequestMetricsCache {
     /// [`CountOnStatus`]).
     ///
     /// Returns the call's gRPC status when it is known now ([`GrpcStatus::NONE`]
-    /// for a request that is not a gRPC call), for the caller's access
-    /// record; `None` when it is counted later (the answer's `log`, if any,
-    /// is then emitted with it).
+    /// for a request that is not a gRPC call), `None` when it is counted
+    /// later. The answer's `log`, if any, is emitted with that status, now
+    /// or then.
     pub fn count(
         &self,
         metrics: &Metrics,
@@ -392,7 +392,7 @@ impl RequestMetricsCache {
                     pending: Some((
                         metrics.requests.clone(),
                         labels,
-                        log.and_then(crate::accesslog::AccessRecord::defer),
+                        log.as_ref().and_then(crate::accesslog::AccessRecord::defer),
                     )),
                 });
                 return None;
@@ -401,6 +401,10 @@ impl RequestMetricsCache {
         let m = self.get(metrics, key, status_class, grpc_status);
         m.requests.inc();
         m.duration.observe(elapsed.as_secs_f64());
+        if let Some(mut record) = log {
+            record.grpc_status = grpc_status.as_str();
+            record.emit();
+        }
         Some(grpc_status)
     }
 

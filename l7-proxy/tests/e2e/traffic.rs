@@ -1447,6 +1447,20 @@ fn access_records(log: &std::sync::Mutex<Vec<u8>>) -> (String, Vec<serde_json::V
     (text, records)
 }
 
+/// The record of `direction` (and `path`, if given) among `records`, the
+/// captured `text` in the failure message.
+fn record<'a>(
+    records: &'a [serde_json::Value],
+    text: &str,
+    direction: &str,
+    path: Option<&str>,
+) -> &'a serde_json::Value {
+    records
+        .iter()
+        .find(|r| r["direction"] == direction && path.is_none_or(|p| r["path"] == p))
+        .unwrap_or_else(|| panic!("no {direction} record of {path:?} in {text}"))
+}
+
 impl std::io::Write for Lines {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -1501,10 +1515,7 @@ async fn a_request_whose_caller_leaves_before_the_answer_is_counted_and_logged()
     }
     let (text, records) = access_records(&log);
     for direction in ["outbound", "inbound"] {
-        let r = records
-            .iter()
-            .find(|r| r["direction"] == direction)
-            .unwrap_or_else(|| panic!("no {direction} record in {text}"));
+        let r = record(&records, &text, direction, None);
         assert_eq!(r["reason"], "the caller went away before the answer", "{r}");
         assert_eq!(r["path"], "/slow/5000", "{r}");
         assert_eq!(r["source_identity"], web_id, "{r}");
@@ -1541,13 +1552,7 @@ async fn a_request_cut_by_the_proxys_shutdown_is_logged_as_such() {
     mesh.a.proxy.take().unwrap().shutdown().await;
     cancelled_on_both(&mesh, &[]).await;
     let (text, records) = access_records(&log);
-    let reason = |direction: &str| {
-        records
-            .iter()
-            .find(|r| r["direction"] == direction)
-            .unwrap_or_else(|| panic!("no {direction} record in {text}"))["reason"]
-            .clone()
-    };
+    let reason = |direction: &str| record(&records, &text, direction, None)["reason"].clone();
     assert_eq!(
         reason("outbound"),
         "the proxy's shutdown cut it before the answer (drain timeout over)",
@@ -1581,10 +1586,7 @@ async fn a_request_cut_by_the_workload_nodes_shutdown_is_logged_as_such() {
     })
     .await;
     let (text, records) = access_records(&log);
-    let inbound = records
-        .iter()
-        .find(|r| r["direction"] == "inbound")
-        .unwrap_or_else(|| panic!("no inbound record in {text}"));
+    let inbound = record(&records, &text, "inbound", None);
     assert_eq!(
         inbound["reason"], "the proxy's shutdown cut it before the answer (drain timeout over)",
         "{text}"
@@ -1668,10 +1670,7 @@ async fn a_grpc_calls_access_log_line_has_its_status() {
     .await;
     let (text, records) = access_records(&log);
     for direction in ["outbound", "inbound"] {
-        let call = records
-            .iter()
-            .find(|r| r["direction"] == direction && r["path"] == "/shop.Cart/Add")
-            .unwrap_or_else(|| panic!("no {direction} record of the call in {text}"));
+        let call = record(&records, &text, direction, Some("/shop.Cart/Add"));
         assert_eq!(call["grpc_status"], "14", "{call}");
         assert_eq!(call["status"], 200, "{call}");
         assert_eq!(
@@ -1679,10 +1678,7 @@ async fn a_grpc_calls_access_log_line_has_its_status() {
             web().identity().to_string(),
             "{call}"
         );
-        let plain = records
-            .iter()
-            .find(|r| r["direction"] == direction && r["path"] == "/plain")
-            .unwrap_or_else(|| panic!("no {direction} record of /plain in {text}"));
+        let plain = record(&records, &text, direction, Some("/plain"));
         assert!(plain.get("grpc_status").is_none(), "{plain}");
     }
     assert_eq!(records.len(), 4, "one line per request and proxy: {text}");
@@ -1709,10 +1705,7 @@ async fn a_grpc_call_cancelled_before_its_answer_is_counted_and_logged_as_cancel
     cancelled_on_both(&mesh, &["grpc_status=\"1\""]).await;
     let (text, records) = access_records(&log);
     for direction in ["outbound", "inbound"] {
-        let r = records
-            .iter()
-            .find(|r| r["direction"] == direction)
-            .unwrap_or_else(|| panic!("no {direction} record in {text}"));
+        let r = record(&records, &text, direction, None);
         assert_eq!(r["grpc_status"], "1", "{r}");
         assert_eq!(r["reason"], "the caller went away before the answer", "{r}");
     }
