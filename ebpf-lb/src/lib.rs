@@ -642,9 +642,10 @@ impl LoadBalancer {
     ///
     /// When it returns, no new connection can reach a backend the batch
     /// removed, and (with `Options::reset_on_removal`) the sockets the load
-    /// balancer had connected to a backend that left its service (deleted, or
-    /// not ready and not terminating) have been destroyed. Terminating
-    /// backends keep their connections until they are removed.
+    /// balancer had connected to a backend that left its service (deleted,
+    /// or, for UDP, not ready and not terminating) have been destroyed.
+    /// Terminating backends, and not-ready ones of a TCP service, keep their
+    /// connections until they are removed.
     pub fn apply(&self, changes: &[Change]) -> Result<ApplyReport> {
         // Validate everything before touching a map.
         let mut planned = Vec::with_capacity(changes.len());

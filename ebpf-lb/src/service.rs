@@ -92,7 +92,9 @@ impl fmt::Display for Frontend {
 pub enum BackendState {
     /// Ready: takes new connections.
     Ready,
-    /// Not ready (failing its readiness probe): no new connections.
+    /// Not ready (failing its readiness probe): no new connections;
+    /// existing TCP connections are left alone, connected UDP sockets are
+    /// reset.
     NotReady,
     /// Terminating: no new connections; existing ones are left to finish.
     Terminating,
@@ -163,11 +165,17 @@ impl ServiceSpec {
         Ok(out)
     }
 
-    /// Endpoints that may still carry connections: ready or terminating.
+    /// Endpoints whose connections are left alone: every listed one for TCP
+    /// (a pod failing its readiness probe for a moment keeps its
+    /// established connections, as it does behind kube-proxy: readiness
+    /// governs new connections only); ready or terminating for UDP, so that
+    /// a connected UDP client (a resolver) pinned to a not-ready backend
+    /// gets an error and moves on, as kube-proxy's conntrack flush does.
     pub(crate) fn alive_endpoints(&self) -> Vec<Endpoint> {
+        let keep_not_ready = self.frontend.protocol == Protocol::Tcp;
         let mut out: Vec<Endpoint> = Vec::with_capacity(self.backends.len());
         for b in &self.backends {
-            if b.state != BackendState::NotReady {
+            if keep_not_ready || b.state != BackendState::NotReady {
                 let ep = endpoint(b.addr);
                 if !out.contains(&ep) {
                     out.push(ep);
@@ -291,6 +299,32 @@ mod tests {
             ],
         );
         assert_eq!(spec.ready_endpoints().unwrap(), vec![endpoint(a)]);
+    }
+
+    #[test]
+    fn a_not_ready_backend_keeps_tcp_connections_but_not_udp_ones() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let backends = [
+            Backend::ready(a),
+            Backend {
+                addr: b,
+                state: BackendState::NotReady,
+            },
+            Backend {
+                addr: c,
+                state: BackendState::Terminating,
+            },
+        ];
+        let vip: SocketAddr = "127.96.0.1:53".parse().unwrap();
+        let tcp = ServiceSpec::new(Frontend::tcp(vip), backends);
+        assert_eq!(
+            tcp.alive_endpoints(),
+            vec![endpoint(a), endpoint(b), endpoint(c)]
+        );
+        let udp = ServiceSpec::new(Frontend::udp(vip), backends);
+        assert_eq!(udp.alive_endpoints(), vec![endpoint(a), endpoint(c)]);
     }
 
     #[test]

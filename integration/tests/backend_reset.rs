@@ -184,31 +184,63 @@ fn a_terminating_backend_keeps_its_connections_until_it_is_removed() -> Result<(
 }
 
 #[test]
-fn a_not_ready_backend_resets_its_connections_and_a_removed_service_too() -> Result<()> {
+fn a_not_ready_tcp_backend_keeps_its_connections_and_a_removed_service_resets_them() -> Result<()> {
     require_root();
     let cg = TestCgroup::new("nrr")?;
     let lb = TestLb::attach_to(&cg)?;
     let a = TcpBackend::start(loopback(), "a")?;
+    let b = TcpBackend::start(loopback(), "b")?;
     let vip = SocketAddr::new(random_vip().into(), 80);
     let fe = Frontend::tcp(vip);
     lb.upsert_service(&ServiceSpec::new(fe, [Backend::ready(a.addr())]))?;
-    let first = session(&cg, vip, 1000)?;
+    let pinned = session(&cg, vip, 1000)?;
     wait_for(Duration::from_secs(5), "the connection", || a.hits() == 1)?;
-    let spec = ServiceSpec::new(
-        fe,
-        [Backend {
-            addr: a.addr(),
-            state: BackendState::NotReady,
-        }],
-    );
-    assert_eq!(lb.apply(&[Change::Upsert(spec)])?.reset.destroyed, 1);
-    assert!(is_reset(first.finish()?.last().unwrap()));
 
-    lb.upsert_service(&ServiceSpec::new(fe, [Backend::ready(a.addr())]))?;
-    let second = session(&cg, vip, 1000)?;
-    wait_for(Duration::from_secs(5), "the connection", || a.hits() == 2)?;
-    assert_eq!(lb.apply(&[Change::Remove(fe)])?.reset.destroyed, 1);
-    assert!(is_reset(second.finish()?.last().unwrap()));
+    // a fails its readiness probe for a moment: no new connections, but the
+    // open one stays, as it does behind kube-proxy.
+    let flap = ServiceSpec::new(
+        fe,
+        [
+            Backend {
+                addr: a.addr(),
+                state: BackendState::NotReady,
+            },
+            Backend::ready(b.addr()),
+        ],
+    );
+    let flapped_at = monotonic_ns();
+    assert_eq!(lb.apply(&[Change::Upsert(flap)])?.reset.destroyed, 0);
+    let next = Probe::new(NETPROBE, &["tcp", "--to", &vip.to_string()])
+        .in_cgroup(&cg)
+        .run()?;
+    assert_eq!(next[0].backend.as_deref(), Some("b"));
+    std::thread::sleep(Duration::from_millis(200));
+    let both = [Backend::ready(a.addr()), Backend::ready(b.addr())];
+    assert_eq!(
+        lb.apply(&[Change::Upsert(ServiceSpec::new(fe, both))])?
+            .reset
+            .destroyed,
+        0
+    );
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The service is removed: its connections are reset.
+    let report = lb.apply(&[Change::Remove(fe)])?;
+    let gone_at = monotonic_ns();
+    assert_eq!(report.reset.destroyed, 1, "{report:?}");
+    let pinned = pinned.finish()?;
+    let answered_while_not_ready = pinned
+        .iter()
+        .filter(|p| p.errno.is_none() && p.start_ns > flapped_at)
+        .count();
+    assert!(answered_while_not_ready > 10, "{pinned:?}");
+    assert!(
+        pinned
+            .iter()
+            .filter(|p| p.errno.is_none())
+            .all(|p| p.start_ns < gone_at)
+    );
+    assert!(is_reset(pinned.last().unwrap()), "{:?}", pinned.last());
     Ok(())
 }
 
