@@ -20,7 +20,10 @@ use serde::Deserialize;
 pub const JWKS_PATH: &str = "/openid/v1/jwks";
 /// The keys are fetched again at most this often (a token naming a key not
 /// seen yet asks for them), so made-up key ids cannot flood the API server.
-pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// Between two fetches such a token is answered "retry" (unavailable), not
+/// refused: after the API server rotates its signing key, agents' first
+/// tokens under the new key get through once the CA has read it.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// After the keys could not be had, tokens go unchecked (to the
 /// TokenReview) this long before the CA asks again.
 pub const RETRY_UNAVAILABLE: Duration = Duration::from_secs(300);
@@ -50,6 +53,11 @@ pub enum Check {
     /// No verdict (the keys are not available, or an algorithm this code
     /// does not check): the TokenReview decides.
     Unknown,
+    /// The token names a key id missing from keys read before it arrived,
+    /// and they may not be read again yet ([`REFRESH_EVERY`]): neither
+    /// refused (the key may be new) nor reviewed (made-up key ids must not
+    /// take review slots). The caller is told to retry.
+    NotYet(String),
 }
 
 #[derive(Deserialize)]
@@ -180,7 +188,10 @@ pub fn check(token: &str, keys: &HashMap<String, VerifyKey>) -> Check {
 pub struct KeyCache {
     /// `None`: not fetched yet, or no fetch has succeeded.
     pub keys: Option<std::sync::Arc<HashMap<String, VerifyKey>>>,
+    /// When the last fetch began (successful or not).
     pub fetched: Option<Instant>,
+    /// When the fetch that gave `keys` began.
+    pub keys_from: Option<Instant>,
 }
 
 impl KeyCache {
@@ -197,6 +208,32 @@ impl KeyCache {
 /// The key id a token names, if it says.
 pub fn kid_of(token: &str) -> Option<String> {
     split(token).map(|(_, kid, _, _)| kid)
+}
+
+/// Checks `token` against keys read at `keys_from`, for a token that
+/// arrived at `arrived`: a key id they lack is a forgery only if they were
+/// read after the token arrived; otherwise the key may be newer than them,
+/// and the answer is [`Check::NotYet`] with when to retry.
+pub fn check_at(
+    token: &str,
+    keys: &HashMap<String, VerifyKey>,
+    keys_from: Instant,
+    arrived: Instant,
+    retry_in: Duration,
+) -> Check {
+    if keys_from < arrived
+        && let Some(kid) = kid_of(token)
+        && !kid.is_empty()
+        && !keys.contains_key(&kid)
+    {
+        return Check::NotYet(format!(
+            "the token names signing key {kid:?}, not among the API server's keys as read {} s \
+             ago; they are read again in {} s: retry then",
+            arrived.saturating_duration_since(keys_from).as_secs(),
+            retry_in.as_secs().max(1)
+        ));
+    }
+    check(token, keys)
 }
 
 #[cfg(test)]

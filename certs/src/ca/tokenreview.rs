@@ -161,9 +161,11 @@ pub struct TokenReviewAuthenticator {
     cache_ttl: Duration,
     cache: Mutex<ReviewCache>,
     in_flight: Semaphore,
-    /// The API server's signing keys; the async lock makes one fetch at a
-    /// time.
-    keys: tokio::sync::Mutex<jwks::KeyCache>,
+    /// The API server's signing keys, checked under this short lock;
+    /// `fetching` makes one fetch at a time without holding it, so tokens
+    /// naming a known key never wait for a fetch.
+    keys: Mutex<jwks::KeyCache>,
+    fetching: tokio::sync::Mutex<()>,
 }
 
 #[derive(Serialize)]
@@ -231,7 +233,8 @@ impl TokenReviewAuthenticator {
             cache_ttl: cfg.cache_ttl,
             cache: Mutex::default(),
             in_flight: Semaphore::new(cfg.max_in_flight.max(1)),
-            keys: tokio::sync::Mutex::default(),
+            keys: Mutex::default(),
+            fetching: tokio::sync::Mutex::default(),
         })
     }
 
@@ -349,10 +352,14 @@ impl TokenReviewAuthenticator {
         }
         // Junk, expired, foreign and forged tokens never take a review slot.
         let expires_in = self.precheck(token)?;
-        if let jwks::Check::Forged(reason) = self.signature(token).await {
-            let answer = Err(AuthError::Unauthenticated { reason });
-            self.remember(key, &answer, expires_in);
-            return answer;
+        match self.signature(token).await {
+            jwks::Check::Forged(reason) => {
+                let answer = Err(AuthError::Unauthenticated { reason });
+                self.remember(key, &answer, expires_in);
+                return answer;
+            }
+            jwks::Check::NotYet(reason) => return Err(AuthError::Unavailable { reason }),
+            jwks::Check::Signed | jwks::Check::Unknown => {}
         }
         let wait = QUEUE_WAIT.min(self.timeout);
         let _permit = match tokio::time::timeout(wait, self.in_flight.acquire()).await {
@@ -375,41 +382,72 @@ impl TokenReviewAuthenticator {
 
     /// Checks the token's signature against the API server's keys, fetching
     /// them when none are known or the token names one not seen yet (at most
-    /// every [`jwks::REFRESH_EVERY`]).
+    /// every [`jwks::REFRESH_EVERY`]; between fetches such a token is told
+    /// to retry). One fetch at a time; checks against known keys go on
+    /// meanwhile.
     async fn signature(&self, token: &str) -> jwks::Check {
-        let mut cache = self.keys.lock().await;
+        let arrived = Instant::now();
         let kid = jwks::kid_of(token);
-        let known = cache
-            .keys
-            .as_ref()
-            .is_some_and(|k| kid.as_ref().is_some_and(|kid| k.contains_key(kid)));
-        if cache.wants_fetch(known, Instant::now()) {
-            cache.fetched = Some(Instant::now());
-            match self.fetch_keys().await {
-                Ok(keys) => cache.keys = Some(Arc::new(keys)),
-                Err(e) => {
-                    if cache.keys.is_some() {
-                        // Keep checking with the keys known: a failed
-                        // refresh is no reason to let forgeries through.
-                        tracing::debug!(error = %e, "refreshing the API server's signing keys");
-                    } else {
-                        tracing::warn!(
-                            error = %e,
-                            "cannot read the API server's token signing keys ({}); every token goes \
-                             to a TokenReview (asking again in {:?})",
-                            jwks::JWKS_PATH,
-                            jwks::RETRY_UNAVAILABLE
-                        );
+        let wants = |cache: &jwks::KeyCache| {
+            let known = cache
+                .keys
+                .as_ref()
+                .is_some_and(|k| kid.as_ref().is_some_and(|kid| k.contains_key(kid)));
+            cache.wants_fetch(known, Instant::now())
+        };
+        if wants(&self.key_cache()) {
+            let _one_fetch = self.fetching.lock().await;
+            // A fetch that finished while this one waited may have answered.
+            let go = {
+                let mut cache = self.key_cache();
+                let go = wants(&cache);
+                if go {
+                    cache.fetched = Some(Instant::now());
+                }
+                go
+            };
+            if go {
+                let started = Instant::now();
+                let fetched = self.fetch_keys().await;
+                let mut cache = self.key_cache();
+                match fetched {
+                    Ok(keys) => {
+                        cache.keys = Some(Arc::new(keys));
+                        cache.keys_from = Some(started);
+                    }
+                    Err(e) => {
+                        if cache.keys.is_some() {
+                            // Keep checking with the keys known: a failed
+                            // refresh is no reason to let forgeries through.
+                            tracing::debug!(error = %e, "refreshing the API server's signing keys");
+                        } else {
+                            tracing::warn!(
+                                error = %e,
+                                "cannot read the API server's token signing keys ({}); every \
+                                 token goes to a TokenReview (asking again in {:?})",
+                                jwks::JWKS_PATH,
+                                jwks::RETRY_UNAVAILABLE
+                            );
+                        }
                     }
                 }
             }
         }
-        let keys = cache.keys.clone();
-        drop(cache);
-        match keys {
-            Some(keys) => jwks::check(token, &keys),
-            None => jwks::Check::Unknown,
+        let (keys, keys_from, retry_in) = {
+            let cache = self.key_cache();
+            let retry_in = cache.fetched.map_or(Duration::ZERO, |at| {
+                jwks::REFRESH_EVERY.saturating_sub(at.elapsed())
+            });
+            (cache.keys.clone(), cache.keys_from, retry_in)
+        };
+        match (keys, keys_from) {
+            (Some(keys), Some(from)) => jwks::check_at(token, &keys, from, arrived, retry_in),
+            _ => jwks::Check::Unknown,
         }
+    }
+
+    fn key_cache(&self) -> std::sync::MutexGuard<'_, jwks::KeyCache> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn fetch_keys(&self) -> Result<HashMap<String, jwks::VerifyKey>, String> {
