@@ -423,6 +423,61 @@ fn loading_a_root_with_the_wrong_key_fails_clearly() {
     );
 }
 
+/// An intermediate loaded from PEM signs only if its root's key signed it:
+/// another root of the same name (a re-generated root, an intermediate of
+/// an earlier one) is refused at load with the fix named, instead of
+/// issuing leaves no peer can verify.
+#[test]
+fn an_intermediate_must_be_signed_by_the_root_not_only_name_it() {
+    use rcgen::{BasicConstraints, IsCa, KeyUsagePurpose};
+    let clock = clock();
+    let root = TestRoot::new("Sluice root");
+    let impostor = TestRoot::new("Sluice root");
+    let int_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Sluice intermediate");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let int_cert = params.signed_by(&int_key, &root.issuer()).unwrap();
+    let load = |root_cert: &str| {
+        Ca::from_pem(
+            CaOptions {
+                trust_domain: TD.into(),
+                ..CaOptions::default()
+            },
+            shared(&clock),
+            CaPem {
+                root_cert: root_cert.into(),
+                intermediate: Some((int_cert.pem(), PrivateKeyPem::new(int_key.serialize_pem()))),
+                ..CaPem::default()
+            },
+        )
+    };
+    let err = load(&impostor.cert_pem).unwrap_err().to_string();
+    assert!(
+        err.contains("did not sign") && err.contains("Sluice root"),
+        "{err}"
+    );
+    let ca = load(&root.cert_pem).unwrap();
+    let wid = id("a", "b");
+    let key = KeyPair::generate().unwrap();
+    let issued = ca
+        .sign_csr(&csr(vec![uri(wid.as_str())], &key), &wid)
+        .unwrap();
+    assert_eq!(issued.chain.len(), 2);
+    let peer = verify::verify_chain(
+        &ca.bundle(),
+        &issued.chain[0],
+        &issued.chain[1..],
+        clock_now(&clock),
+        verify::Usage::Server,
+    )
+    .unwrap();
+    assert_eq!(peer.identity, wid);
+}
+
 /// The root key and certificate are replaced one after the other: a CA
 /// that stopped in between (new key, old certificate) finishes the
 /// activation when it starts again instead of refusing to start.

@@ -373,6 +373,35 @@ fn check_key_matches(what: &str, cert: &CertificateDer<'_>, key: &KeyPair) -> Re
     Ok(())
 }
 
+/// Checks that `issuer`'s key signed `cert`: a certificate that only names
+/// the right issuer (another CA of the same name, an intermediate of an
+/// earlier root) would make leaves no peer can verify.
+fn check_signed_by(
+    what: &str,
+    cert: &CertificateDer<'_>,
+    issuer: &CertificateDer<'_>,
+) -> Result<(), CaError> {
+    fn parse<'a>(
+        what: &str,
+        der: &'a CertificateDer<'_>,
+    ) -> Result<x509_parser::certificate::X509Certificate<'a>, CaError> {
+        x509_parser::parse_x509_certificate(der)
+            .map(|(_, c)| c)
+            .map_err(|e| CaError::Config {
+                reason: format!("{what}: {e}"),
+            })
+    }
+    let (cert, issuer) = (parse(what, cert)?, parse(what, issuer)?);
+    cert.verify_signature(Some(issuer.public_key()))
+        .map_err(|e| CaError::Config {
+            reason: format!(
+                "{what} names the root {:?} as its issuer, but the root's key did not sign it \
+                 ({e}): give the intermediate this root issued, or the root that issued it",
+                issuer.subject().to_string()
+            ),
+        })
+}
+
 fn root_entry(der: CertificateDer<'static>, what: &str) -> Result<RootEntry, CaError> {
     Ok(RootEntry {
         info: info(&der, what)?,
@@ -515,6 +544,7 @@ impl Ca {
                         ),
                     });
                 }
+                check_signed_by("intermediate", &chain[0], &root.der)?;
                 let issuer =
                     Issuer::from_ca_cert_der(&chain[0], key).map_err(|e| CaError::Config {
                         reason: format!("intermediate certificate: {e}"),
