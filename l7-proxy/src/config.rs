@@ -131,6 +131,16 @@ pub struct ProxySettings {
     /// never completes holds at most this many descriptors until the
     /// handshake timeout. `0` turns the limit off.
     pub max_handshakes_per_peer: u32,
+    /// Most tunnel connections open at once on the tunnel port from one
+    /// peer identity at one address to one local identity (the TLS server
+    /// name it asks for): a further one is closed after its handshake
+    /// (counted in `sluice_tls_handshake_failures_total` as
+    /// `peer_connection_limit`). A peer proxy keeps at most
+    /// `tunnel_max_connections` per (source identity, node, destination
+    /// identity), a few more while old ones retire; one holding more is
+    /// leaking them (each costs TLS state and a task here). `0` turns the
+    /// limit off.
+    pub max_tunnel_connections_per_peer: u32,
     /// An opaque TCP relay with no bytes in either direction for this long is
     /// closed. `0`: no limit.
     pub tcp_idle_timeout_ms: u64,
@@ -189,6 +199,7 @@ impl Default for ProxySettings {
             tunnel_max_streams: 1_000,
             tunnel_max_connections: 4,
             max_handshakes_per_peer: 256,
+            max_tunnel_connections_per_peer: 64,
             tcp_idle_timeout_ms: 3_600_000,
             workload_idle_timeout_ms: 90_000,
             exchange_idle_timeout_ms: 300_000,

@@ -84,37 +84,53 @@ pub(crate) async fn run(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// TLS handshakes in progress on the tunnel port, by peer address
-/// (`max_handshakes_per_peer`).
-#[derive(Default)]
-pub(crate) struct Handshakes(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+/// Things in progress by key, each bounded: TLS handshakes on the tunnel
+/// port by peer address (`max_handshakes_per_peer`), open tunnel
+/// connections by peer identity and address and the local identity asked
+/// for (`max_tunnel_connections_per_peer`).
+pub(crate) struct Counts<K>(std::sync::Mutex<std::collections::HashMap<K, u32>>);
 
-impl Handshakes {
-    /// A handshake from `ip`, unless `max` from it are in progress already.
-    fn begin(&self, ip: std::net::IpAddr, max: u32) -> Option<Handshake<'_>> {
+impl<K> Default for Counts<K> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::default())
+    }
+}
+
+/// TLS handshakes in progress on the tunnel port, by peer address.
+pub(crate) type Handshakes = Counts<std::net::IpAddr>;
+/// Tunnel connections open, by peer identity and address, and the local
+/// identity they asked for.
+pub(crate) type PeerConnections = Counts<(SpiffeId, std::net::IpAddr, Option<SpiffeId>)>;
+
+impl<K: std::hash::Hash + Eq + Clone> Counts<K> {
+    /// One more for `key`, unless `max` are counted for it already.
+    fn begin(&self, key: &K, max: u32) -> Option<Counted1<'_, K>> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_insert(0);
+        let n = m.entry(key.clone()).or_insert(0);
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(Handshake { all: self, ip })
+        Some(Counted1 {
+            all: self,
+            key: key.clone(),
+        })
     }
 }
 
-/// One handshake in progress: counted until dropped.
-struct Handshake<'a> {
-    all: &'a Handshakes,
-    ip: std::net::IpAddr,
+/// One counted thing: counted until dropped.
+struct Counted1<'a, K: std::hash::Hash + Eq> {
+    all: &'a Counts<K>,
+    key: K,
 }
 
-impl Drop for Handshake<'_> {
+impl<K: std::hash::Hash + Eq> Drop for Counted1<'_, K> {
     fn drop(&mut self) {
         let mut m = self.all.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
+        if let Some(n) = m.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                m.remove(&self.key);
             }
         }
     }
@@ -162,7 +178,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let handshake = if max == 0 || shared.state().is_node_proxy(peer.ip()) {
         None
     } else {
-        let Some(h) = shared.handshakes.begin(peer.ip(), max) else {
+        let Some(h) = shared.handshakes.begin(&peer.ip(), max) else {
             shared
                 .metrics
                 .tls_handshake_failures
@@ -230,6 +246,31 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             .find(|id| asked_for(&shared, id, sni))
             .cloned()
     });
+    // An honest peer proxy keeps a few connections per (source identity,
+    // node, local identity asked for): one with more is leaking them or
+    // worse, and each holds TLS state and a task here.
+    let max = shared.settings.max_tunnel_connections_per_peer;
+    let key = (identity.clone(), peer.ip(), local_identity.clone());
+    let _open = if max == 0 {
+        None
+    } else {
+        match shared.peer_connections.begin(&key, max) {
+            Some(c) => Some(c),
+            None => {
+                return fail(
+                    "peer_connection_limit",
+                    format!(
+                        "{max} tunnel connections from {identity} at {} to {} are open \
+                         already (max_tunnel_connections_per_peer)",
+                        peer.ip(),
+                        local_identity
+                            .as_ref()
+                            .map_or("this node".to_string(), |id| id.to_string())
+                    ),
+                );
+            }
+        }
+    };
     row.update(|m| {
         m.source_identity = Some(identity.clone());
         m.destination_identity = local_identity.clone();

@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     pub mirror_slots: Arc<tokio::sync::Semaphore>,
     /// TLS handshakes in progress on the tunnel port, by peer address.
     pub handshakes: crate::inbound::Handshakes,
+    /// Tunnel connections open, by peer identity and address.
+    pub peer_connections: crate::inbound::PeerConnections,
     tracker: TaskTracker,
 }
 
@@ -248,6 +250,7 @@ impl ProxyBuilder {
                     .min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
             handshakes: Default::default(),
+            peer_connections: Default::default(),
             settings: self.settings,
             state: state_rx,
             metrics,

@@ -166,18 +166,102 @@ async fn one_address_holding_many_handshakes_open_gets_no_more() {
 /// A TLS connection to node B's tunnel port as node A's proxy makes one:
 /// web's certificate, asking for cart's.
 async fn peer_tls(mesh: &Mesh) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    peer_tls_as(mesh, &web(), "127.0.0.1").await
+}
+
+/// The same with `from`'s certificate (a pod of node A), from address `at`.
+async fn peer_tls_as(
+    mesh: &Mesh,
+    from: &Pod,
+    at: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let config = mesh
         .a
         .identities
-        .client_config(&web().identity(), &cart(0).identity())
+        .client_config(&from.identity(), &cart(0).identity())
         .unwrap();
-    let tcp = tokio::net::TcpStream::connect(mesh.node_b_proxy())
-        .await
-        .unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(at.parse().unwrap(), 0)).unwrap();
+    let tcp = sock.connect(mesh.node_b_proxy()).await.unwrap();
     tokio_rustls::TlsConnector::from(config)
         .connect(certs::server_name(&cart(0).identity()), tcp)
         .await
         .unwrap()
+}
+
+/// Whether node B closes `tls` within `within`.
+async fn closed_within(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: Duration,
+) -> bool {
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(within, async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// One peer identity holding many tunnel connections open from one address
+/// to one local identity (a leaking or hostile peer) gets no more; another
+/// identity from that address, node A's proxy, and the same identity once
+/// one of its connections closed are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_identity_holding_many_tunnel_connections_gets_no_more() {
+    let mesh = Mesh::with_settings(vec![web(), bot()], vec![cart(0)], &|s| {
+        s.max_tunnel_connections_per_peer = 2;
+        // Longer than the test: only the limit closes a connection.
+        s.tls_handshake_timeout_ms = 60_000;
+    })
+    .await;
+    let _srv = mesh.serve_cart().await;
+    // Not node A's address: its proxy's own connections are counted apart.
+    const HOST: &str = "127.0.0.78";
+    let refusals = || {
+        mesh.b.metric(
+            "sluice_tls_handshake_failures_total",
+            &["Inbound", "peer_connection_limit"],
+        )
+    };
+    let mut held = vec![
+        peer_tls_as(&mesh, &web(), HOST).await,
+        peer_tls_as(&mesh, &web(), HOST).await,
+    ];
+    let mut third = peer_tls_as(&mesh, &web(), HOST).await;
+    assert!(
+        closed_within(&mut third, Duration::from_secs(10)).await,
+        "a third connection of web's to cart was kept"
+    );
+    assert_eq!(refusals(), 1.0);
+    for tls in &mut held {
+        assert!(!closed_within(tls, Duration::from_millis(100)).await);
+    }
+    let mut other = peer_tls_as(&mesh, &bot(), HOST).await;
+    assert!(!closed_within(&mut other, Duration::from_millis(300)).await);
+    // Node A's proxy opens its own connection for web (another address).
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    assert_eq!(c.get("/").await.status, 200);
+    assert_eq!(refusals(), 1.0);
+    // One closed: room for one more.
+    drop(held.pop());
+    let mut again = peer_tls_as(&mesh, &web(), HOST).await;
+    let mut kept = false;
+    for _ in 0..50 {
+        if !closed_within(&mut again, Duration::from_millis(100)).await {
+            kept = true;
+            break;
+        }
+        // The close may not have been seen yet: try again.
+        again = peer_tls_as(&mesh, &web(), HOST).await;
+    }
+    assert!(kept, "no room after a connection closed");
+    drop((held, other, again));
+    mesh.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
