@@ -137,9 +137,10 @@ pub struct ProxySettings {
     /// (counted in `sluice_tls_handshake_failures_total` as
     /// `peer_connection_limit`). A peer proxy keeps at most
     /// `tunnel_max_connections` per (source identity, node, destination
-    /// identity), a few more while old ones retire; one holding more is
-    /// leaking them (each costs TLS state and a task here). `0` turns the
-    /// limit off.
+    /// identity), a few more while old ones retire (a retired one carrying
+    /// a long-lived TCP stream stays until the stream ends); one holding
+    /// many more is leaking them (each costs TLS state and a task here).
+    /// `0` turns the limit off.
     pub max_tunnel_connections_per_peer: u32,
     /// An opaque TCP relay with no bytes in either direction for this long is
     /// closed. `0`: no limit.
