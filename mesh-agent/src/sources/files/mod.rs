@@ -855,11 +855,18 @@ impl FilesSource {
             if own.contains(&Key::of(&svc)) {
                 continue;
             }
-            for s in derive_slices(&svc, &pods) {
-                by_kind
-                    .entry(Kind::EndpointSlice)
-                    .or_default()
-                    .insert(Key::of(&s), Object::EndpointSlice(s));
+            let slices = by_kind.entry(Kind::EndpointSlice).or_default();
+            for mut s in derive_slices(&svc, &pods) {
+                // A hand-written slice of another Service may have the name
+                // derived here (`web-v4-0` for Service `api`): never replace
+                // it, take a free name instead.
+                let base = s.metadata.name.clone().unwrap_or_default();
+                let mut n = 1;
+                while slices.contains_key(&Key::of(&s)) {
+                    s.metadata.name = Some(format!("{base}-derived-{n}"));
+                    n += 1;
+                }
+                slices.insert(Key::of(&s), Object::EndpointSlice(s));
             }
         }
         let pods_map = by_kind.entry(Kind::Pod).or_default();

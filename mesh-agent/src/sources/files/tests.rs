@@ -106,6 +106,55 @@ fn reads_manifests_and_workloads_and_derives_endpoints() {
     assert!(!src.reload().unwrap());
 }
 
+/// A hand-written EndpointSlice of another Service that happens to carry
+/// the name a derived slice would take (`web-v4-0`) is kept, and the Service
+/// `web` still gets its derived endpoints under another name.
+#[test]
+fn a_derived_slice_never_replaces_a_hand_written_one_of_the_same_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: api
+  namespace: shop
+spec:
+  clusterIP: 127.96.1.2
+  ports:
+    - name: http
+      port: 80
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v4-0
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: api
+addressType: IPv4
+ports:
+  - name: http
+    port: 9090
+endpoints:
+  - addresses: ["127.0.20.1"]
+"#;
+    write(dir.path(), "shop.yaml", &format!("{SHOP}{api}"));
+    write(dir.path(), "workloads.yaml", WORKLOADS);
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    let s = store_of(&src);
+    let backends = |svc: &str| -> Vec<String> {
+        crate::reconcile::lb::desired_specs(&s, &Key::new("shop", svc), "node-a").unwrap()[0]
+            .backends
+            .iter()
+            .map(|b| b.addr.to_string())
+            .collect()
+    };
+    assert_eq!(backends("api"), ["127.0.20.1:9090"]);
+    assert_eq!(backends("web"), ["127.0.10.1:8080", "127.0.10.2:8080"]);
+}
+
 #[test]
 fn a_broken_file_is_reported_with_document_and_field_and_its_last_good_version_stays() {
     let dir = tempfile::tempdir().unwrap();
