@@ -277,27 +277,24 @@ mod tests {
         assert_eq!(endpoint(a), endpoint("127.96.0.1:80".parse().unwrap()));
     }
 
+    /// `a` ready, `b` not ready, `c` terminating.
+    fn one_of_each(a: SocketAddr, b: SocketAddr, c: SocketAddr) -> [Backend; 3] {
+        let with = |addr, state| Backend { addr, state };
+        [
+            Backend::ready(a),
+            with(b, BackendState::NotReady),
+            with(c, BackendState::Terminating),
+        ]
+    }
+
     #[test]
     fn ready_endpoints_skip_not_ready_and_terminating_and_dedupe() {
         let fe = Frontend::tcp("127.96.0.1:80".parse().unwrap());
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
         let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
-        let spec = ServiceSpec::new(
-            fe,
-            [
-                Backend::ready(a),
-                Backend {
-                    addr: b,
-                    state: BackendState::NotReady,
-                },
-                Backend {
-                    addr: c,
-                    state: BackendState::Terminating,
-                },
-                Backend::ready(a),
-            ],
-        );
+        let [ready, not_ready, terminating] = one_of_each(a, b, c);
+        let spec = ServiceSpec::new(fe, [ready, not_ready, terminating, ready]);
         assert_eq!(spec.ready_endpoints().unwrap(), vec![endpoint(a)]);
     }
 
@@ -306,17 +303,7 @@ mod tests {
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
         let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
-        let backends = [
-            Backend::ready(a),
-            Backend {
-                addr: b,
-                state: BackendState::NotReady,
-            },
-            Backend {
-                addr: c,
-                state: BackendState::Terminating,
-            },
-        ];
+        let backends = one_of_each(a, b, c);
         let vip: SocketAddr = "127.96.0.1:53".parse().unwrap();
         let tcp = ServiceSpec::new(Frontend::tcp(vip), backends);
         assert_eq!(

@@ -63,6 +63,19 @@ fn is_reset(a: &Attempt) -> bool {
     )
 }
 
+/// A pinned session's pings: answered until the backend left at
+/// `gone_at`, and ended by a reset.
+fn answered_until_reset(pinned: &[Attempt], gone_at: u64) {
+    assert!(
+        pinned
+            .iter()
+            .filter(|p| p.errno.is_none())
+            .all(|p| p.start_ns < gone_at),
+        "{pinned:?}"
+    );
+    assert!(is_reset(pinned.last().unwrap()), "{:?}", pinned.last());
+}
+
 #[test]
 fn a_long_lived_tcp_connection_to_a_removed_backend_is_reset() -> Result<()> {
     require_root();
@@ -173,13 +186,7 @@ fn a_terminating_backend_keeps_its_connections_until_it_is_removed() -> Result<(
     let pinned = pinned.finish()?;
     let ok_while_terminating = pinned.iter().filter(|p| p.errno.is_none()).count();
     assert!(ok_while_terminating > 5, "{pinned:?}");
-    assert!(
-        pinned
-            .iter()
-            .filter(|p| p.errno.is_none())
-            .all(|p| p.start_ns < gone_at)
-    );
-    assert!(is_reset(pinned.last().unwrap()), "{:?}", pinned.last());
+    answered_until_reset(&pinned, gone_at);
     Ok(())
 }
 
@@ -234,13 +241,7 @@ fn a_not_ready_tcp_backend_keeps_its_connections_and_a_removed_service_resets_th
         .filter(|p| p.errno.is_none() && p.start_ns > flapped_at)
         .count();
     assert!(answered_while_not_ready > 10, "{pinned:?}");
-    assert!(
-        pinned
-            .iter()
-            .filter(|p| p.errno.is_none())
-            .all(|p| p.start_ns < gone_at)
-    );
-    assert!(is_reset(pinned.last().unwrap()), "{:?}", pinned.last());
+    answered_until_reset(&pinned, gone_at);
     Ok(())
 }
 
