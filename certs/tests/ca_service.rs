@@ -809,6 +809,44 @@ async fn forged_tokens_are_refused_without_a_token_review() {
     assert_eq!(seen("forged"), 0);
 }
 
+/// Tokens that arrive while the CA reads the API server's keys for the
+/// first time wait for them: made-up ones are then refused without a
+/// review, real ones reviewed.
+#[tokio::test]
+async fn tokens_wait_for_the_first_read_of_the_keys() {
+    let api = fake_api().await;
+    let (k1, jwk1) = api_signing_key("k1");
+    *api.jwks.lock().unwrap() = Some(serde_json::json!({"keys": [jwk1]}));
+    api.jwks_delay_ms.store(500, Ordering::SeqCst);
+    let r = Arc::new(reviewer(&api, CA_OWN_TOKEN));
+    let r2 = r.clone();
+    let first = tokio::spawn(async move {
+        r2.authenticate(&signed_token(&k1, "k1", "agent-on-node-a"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (forger, _) = api_signing_key("k1");
+    for kid in ["k1", "made-up"] {
+        assert!(
+            r.authenticate(&signed_token(&forger, kid, "forged"))
+                .await
+                .is_err()
+        );
+    }
+    assert!(first.await.unwrap().is_ok());
+    assert_eq!(
+        api.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| *s == "forged")
+            .count(),
+        0,
+        "a made-up token was reviewed while the keys were read"
+    );
+    assert_eq!(api.jwks_fetches.load(Ordering::SeqCst), 1);
+}
+
 /// The API server rotates its signing key: a token under the new key is
 /// told to retry (not refused) until the CA may read the keys again, then
 /// accepted; a key id still unknown after a read that followed the token

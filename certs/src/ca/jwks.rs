@@ -192,6 +192,20 @@ pub struct KeyCache {
     pub fetched: Option<Instant>,
     /// When the fetch that gave `keys` began.
     pub keys_from: Option<Instant>,
+    /// Whether the last fetch failed.
+    pub last_failed: bool,
+}
+
+/// When keys were read, and what a token under a key id they lack is told.
+#[derive(Clone, Copy, Debug)]
+pub struct Read {
+    /// When the fetch that gave them began.
+    pub from: Instant,
+    /// The fetch after it failed: a missing key id proves nothing, and the
+    /// TokenReview decides.
+    pub last_failed: bool,
+    /// When the keys may be read again.
+    pub retry_in: Duration,
 }
 
 impl KeyCache {
@@ -210,28 +224,32 @@ pub fn kid_of(token: &str) -> Option<String> {
     split(token).map(|(_, kid, _, _)| kid)
 }
 
-/// Checks `token` against keys read at `keys_from`, for a token that
-/// arrived at `arrived`: a key id they lack is a forgery only if they were
-/// read after the token arrived; otherwise the key may be newer than them,
-/// and the answer is [`Check::NotYet`] with when to retry.
+/// Checks `token`, arrived at `arrived`, against `keys` as `read`: a key id
+/// they lack is a forgery only if they were read after the token arrived;
+/// read before, the key may be newer than them, and the answer is
+/// [`Check::NotYet`] with when to retry; if they could not be read again,
+/// [`Check::Unknown`] (the TokenReview decides).
 pub fn check_at(
     token: &str,
     keys: &HashMap<String, VerifyKey>,
-    keys_from: Instant,
+    read: Read,
     arrived: Instant,
-    retry_in: Duration,
 ) -> Check {
-    if keys_from < arrived
-        && let Some(kid) = kid_of(token)
+    if let Some(kid) = kid_of(token)
         && !kid.is_empty()
         && !keys.contains_key(&kid)
     {
-        return Check::NotYet(format!(
-            "the token names signing key {kid:?}, not among the API server's keys as read {} s \
-             ago; they are read again in {} s: retry then",
-            arrived.saturating_duration_since(keys_from).as_secs(),
-            retry_in.as_secs().max(1)
-        ));
+        if read.last_failed {
+            return Check::Unknown;
+        }
+        if read.from < arrived {
+            return Check::NotYet(format!(
+                "the token names signing key {kid:?}, not among the API server's keys as read {} \
+                 s ago; they are read again in {} s: retry then",
+                arrived.saturating_duration_since(read.from).as_secs(),
+                read.retry_in.as_secs().max(1)
+            ));
+        }
     }
     check(token, keys)
 }
@@ -349,6 +367,43 @@ mod tests {
             Check::Forged(_)
         ));
         assert!(parse(b"not json").is_err());
+    }
+
+    /// A key id the keys lack: a forgery only if they were read after the
+    /// token arrived; read before, "retry"; not read again (the last fetch
+    /// failed), the TokenReview decides. A known key id is checked as ever.
+    #[test]
+    fn a_missing_key_id_is_judged_by_when_the_keys_were_read() {
+        let (pair, jwk) = es256("k1");
+        let keys = parse(serde_json::json!({"keys": [jwk]}).to_string().as_bytes()).unwrap();
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(2);
+        let read = |from, last_failed| Read {
+            from,
+            last_failed,
+            retry_in: Duration::from_secs(3),
+        };
+        let new_key = token(&pair, "k2");
+        match check_at(&new_key, &keys, read(t0, false), t1) {
+            Check::NotYet(why) => {
+                assert!(why.contains("\"k2\"") && why.contains("in 3 s"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            check_at(&new_key, &keys, read(t1, false), t0),
+            Check::Forged(_)
+        ));
+        assert_eq!(
+            check_at(&new_key, &keys, read(t0, true), t1),
+            Check::Unknown
+        );
+        for last_failed in [false, true] {
+            assert_eq!(
+                check_at(&token(&pair, "k1"), &keys, read(t0, last_failed), t1),
+                Check::Signed
+            );
+        }
     }
 
     #[test]

@@ -168,6 +168,22 @@ pub struct TokenReviewAuthenticator {
     fetching: tokio::sync::Mutex<()>,
 }
 
+/// Puts a key fetch's start back when the fetch is given up half way.
+struct FetchUndo<'a> {
+    cache: &'a Mutex<jwks::KeyCache>,
+    armed: bool,
+}
+
+impl Drop for FetchUndo<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            // Asked again at once by the next caller that needs the keys.
+            cache.fetched = None;
+        }
+    }
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Review<'a> {
@@ -384,7 +400,7 @@ impl TokenReviewAuthenticator {
     /// them when none are known or the token names one not seen yet (at most
     /// every [`jwks::REFRESH_EVERY`]; between fetches such a token is told
     /// to retry). One fetch at a time; checks against known keys go on
-    /// meanwhile.
+    /// meanwhile, the others wait for the first fetch.
     async fn signature(&self, token: &str) -> jwks::Check {
         let arrived = Instant::now();
         let kid = jwks::kid_of(token);
@@ -395,7 +411,15 @@ impl TokenReviewAuthenticator {
                 .is_some_and(|k| kid.as_ref().is_some_and(|kid| k.contains_key(kid)));
             cache.wants_fetch(known, Instant::now())
         };
-        if wants(&self.key_cache()) {
+        // No keys yet and no failure: the first fetch is still to come or
+        // under way, and its answer is waited for (without it, made-up
+        // tokens would take review slots meanwhile).
+        let first = |cache: &jwks::KeyCache| cache.keys.is_none() && !cache.last_failed;
+        let wait = {
+            let cache = self.key_cache();
+            wants(&cache) || first(&cache)
+        };
+        if wait {
             let _one_fetch = self.fetching.lock().await;
             // A fetch that finished while this one waited may have answered.
             let go = {
@@ -407,19 +431,35 @@ impl TokenReviewAuthenticator {
                 go
             };
             if go {
+                // A caller that goes away mid-fetch leaves the cache as if
+                // the fetch had not begun: the next caller fetches.
+                let mut undo = FetchUndo {
+                    cache: &self.keys,
+                    armed: true,
+                };
                 let started = Instant::now();
                 let fetched = self.fetch_keys().await;
+                undo.armed = false;
                 let mut cache = self.key_cache();
                 match fetched {
                     Ok(keys) => {
                         cache.keys = Some(Arc::new(keys));
                         cache.keys_from = Some(started);
+                        cache.last_failed = false;
                     }
                     Err(e) => {
+                        cache.last_failed = true;
                         if cache.keys.is_some() {
                             // Keep checking with the keys known: a failed
                             // refresh is no reason to let forgeries through.
-                            tracing::debug!(error = %e, "refreshing the API server's signing keys");
+                            tracing::warn!(
+                                error = %e,
+                                "cannot read the API server's token signing keys again ({}); \
+                                 tokens under a key not read yet go to a TokenReview (asking \
+                                 again in {:?} at the earliest)",
+                                jwks::JWKS_PATH,
+                                jwks::REFRESH_EVERY
+                            );
                         } else {
                             tracing::warn!(
                                 error = %e,
@@ -433,17 +473,25 @@ impl TokenReviewAuthenticator {
                 }
             }
         }
-        let (keys, keys_from, retry_in) = {
-            let cache = self.key_cache();
-            let retry_in = cache.fetched.map_or(Duration::ZERO, |at| {
-                jwks::REFRESH_EVERY.saturating_sub(at.elapsed())
-            });
-            (cache.keys.clone(), cache.keys_from, retry_in)
+        let cache = self.key_cache();
+        let (Some(keys), Some(from)) = (cache.keys.clone(), cache.keys_from) else {
+            return jwks::Check::Unknown;
         };
-        match (keys, keys_from) {
-            (Some(keys), Some(from)) => jwks::check_at(token, &keys, from, arrived, retry_in),
-            _ => jwks::Check::Unknown,
-        }
+        let retry_in = cache.fetched.map_or(Duration::ZERO, |at| {
+            jwks::REFRESH_EVERY.saturating_sub(at.elapsed())
+        });
+        let last_failed = cache.last_failed;
+        drop(cache);
+        jwks::check_at(
+            token,
+            &keys,
+            jwks::Read {
+                from,
+                last_failed,
+                retry_in,
+            },
+            arrived,
+        )
     }
 
     fn key_cache(&self) -> std::sync::MutexGuard<'_, jwks::KeyCache> {
