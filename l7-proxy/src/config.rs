@@ -131,16 +131,16 @@ pub struct ProxySettings {
     /// never completes holds at most this many descriptors until the
     /// handshake timeout. `0` turns the limit off.
     pub max_handshakes_per_peer: u32,
-    /// Most tunnel connections open at once on the tunnel port from one
-    /// peer identity at one address to one local identity (the TLS server
-    /// name it asks for): a further one is closed after its handshake
-    /// (counted in `sluice_tls_handshake_failures_total` as
-    /// `peer_connection_limit`). A peer proxy keeps at most
-    /// `tunnel_max_connections` per (source identity, node, destination
-    /// identity), a few more while old ones retire (a retired one carrying
-    /// a long-lived TCP stream stays until the stream ends); one holding
-    /// many more is leaking them (each costs TLS state and a task here).
-    /// `0` turns the limit off.
+    /// Most tunnel connections taking streams at once on the tunnel port
+    /// from one peer identity at one address to one local identity (the
+    /// TLS server name it asks for): a further one is answered GOAWAY
+    /// `ENHANCE_YOUR_CALM` after its handshake (counted in
+    /// `sluice_tls_handshake_failures_total` as `peer_connection_limit`).
+    /// One past its age, idle or draining (GOAWAY said) no longer counts.
+    /// A peer proxy keeps at most `tunnel_max_connections` per (source
+    /// identity, node, destination identity); one holding many more is
+    /// leaking them (each costs TLS state and a task here). `0` turns the
+    /// limit off.
     pub max_tunnel_connections_per_peer: u32,
     /// An opaque TCP relay with no bytes in either direction for this long is
     /// closed. `0`: no limit.

@@ -98,9 +98,12 @@ impl<K> Default for Counts<K> {
 
 /// TLS handshakes in progress on the tunnel port, by peer address.
 pub(crate) type Handshakes = Counts<std::net::IpAddr>;
-/// Tunnel connections open, by peer identity and address, and the local
-/// identity they asked for.
-pub(crate) type PeerConnections = Counts<(SpiffeId, std::net::IpAddr, Option<SpiffeId>)>;
+/// Tunnel connections taking streams, by peer identity and address, and
+/// the local identity they asked for.
+pub(crate) type PeerConnections = Counts<PeerKey>;
+type PeerKey = (SpiffeId, std::net::IpAddr, Option<SpiffeId>);
+/// One of them.
+type PeerSlot<'a> = Counted1<'a, PeerKey>;
 
 impl<K: std::hash::Hash + Eq + Clone> Counts<K> {
     /// One more for `key`, unless `max` are counted for it already.
@@ -248,28 +251,37 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     });
     // An honest peer proxy keeps a few connections per (source identity,
     // node, local identity asked for): one with more is leaking them or
-    // worse, and each holds TLS state and a task here.
+    // worse, and each holds TLS state and a task here. Draining connections
+    // (GOAWAY said: retired, idle, shutting down) no longer count.
     let max = shared.settings.max_tunnel_connections_per_peer;
     let key = (identity.clone(), peer.ip(), local_identity.clone());
-    let _open = if max == 0 {
-        None
+    let open = if max == 0 {
+        Ok(None)
     } else {
-        match shared.peer_connections.begin(&key, max) {
-            Some(c) => Some(c),
-            None => {
-                return fail(
-                    "peer_connection_limit",
-                    format!(
-                        "{max} tunnel connections from {identity} at {} to {} are open \
-                         already (max_tunnel_connections_per_peer)",
-                        peer.ip(),
-                        local_identity
-                            .as_ref()
-                            .map_or("this node".to_string(), |id| id.to_string())
-                    ),
+        shared
+            .peer_connections
+            .begin(&key, max)
+            .map(Some)
+            .ok_or_else(|| {
+                shared
+                    .metrics
+                    .tls_handshake_failures
+                    .get_or_create(&TlsFailureLabels {
+                        direction: Direction::Inbound,
+                        reason: "peer_connection_limit".into(),
+                    })
+                    .inc();
+                let why = format!(
+                    "{max} tunnel connections from {identity} at {} to {} take streams already \
+                     (max_tunnel_connections_per_peer)",
+                    peer.ip(),
+                    local_identity
+                        .as_ref()
+                        .map_or("this node".to_string(), |id| id.to_string())
                 );
-            }
-        }
+                warn_throttled!(%peer, "refusing a tunnel connection with GOAWAY: {why}");
+                why
+            })
     };
     row.update(|m| {
         m.source_identity = Some(identity.clone());
@@ -297,7 +309,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let stall_limit = shared.settings.tunnel_write_stall_timeout();
     let (drain, _reg) = shared.drain.watch();
     let conn = FlushAtEnd::new(
-        accept_streams(&shared, &tp, io, drain),
+        accept_streams(&shared, &tp, io, drain, open),
         batch,
         tp.in_flight.clone(),
     );
@@ -342,6 +354,7 @@ async fn accept_streams<T>(
     tp: &Arc<TunnelPeer>,
     io: T,
     drain: tokio::sync::oneshot::Receiver<()>,
+    open: Result<Option<PeerSlot<'_>>, String>,
 ) -> Result<(), String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -358,6 +371,17 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    // Over its cap (see `serve`): GOAWAY ENHANCE_YOUR_CALM tells the peer
+    // why its connection takes no stream (RFC 9113 section 7).
+    let mut open = match open {
+        Ok(open) => open,
+        Err(why) => {
+            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            let closed = std::future::poll_fn(|cx| conn.poll_closed(cx));
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), closed).await;
+            return Err(why);
+        }
+    };
     let pings = conn
         .ping_pong()
         .expect("the first call has the ping handle");
@@ -403,6 +427,7 @@ where
             },
             _ = &mut drain, if !draining => {
                 draining = true;
+                drop(open.take());
                 conn.graceful_shutdown();
             }
             _ = &mut retire, if !draining => {
@@ -411,6 +436,7 @@ where
                     "tunnel connection at its age limit or its peer certificate's expiry: GOAWAY"
                 );
                 draining = true;
+                drop(open.take());
                 conn.graceful_shutdown();
             }
             () = &mut idle, if !draining => {
@@ -420,6 +446,7 @@ where
                         "tunnel connection idle for {server_idle:?}: GOAWAY"
                     );
                     draining = true;
+                    drop(open.take());
                     conn.graceful_shutdown();
                 } else {
                     accepted_at_last_look = accepted;

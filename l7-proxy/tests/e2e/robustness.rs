@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use bytes::Bytes;
 use l7_proxy::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -189,37 +190,61 @@ async fn peer_tls_as(
         .unwrap()
 }
 
-/// Whether node B closes `tls` within `within`.
-async fn closed_within(
-    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    within: Duration,
-) -> bool {
-    let mut buf = [0u8; 256];
-    tokio::time::timeout(within, async {
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await
-    .is_ok()
+/// An HTTP/2 client over [`peer_tls_as`], and what its connection task
+/// ended with.
+async fn peer_h2(mesh: &Mesh, from: &Pod, at: &str) -> (h2::client::SendRequest<Bytes>, Ended) {
+    let (h2, conn) = h2::client::handshake(peer_tls_as(mesh, from, at).await)
+        .await
+        .unwrap();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let r = conn.await;
+        let _ = ended_tx.send((tokio::time::Instant::now(), r));
+    });
+    (h2, ended)
 }
 
-/// One peer identity holding many tunnel connections open from one address
-/// to one local identity (a leaking or hostile peer) gets no more; another
-/// identity from that address, node A's proxy, and the same identity once
-/// one of its connections closed are served.
+/// A CONNECT stream to `to` on `h2`, answered 200, and its two halves.
+async fn tunnel_stream(
+    h2: &h2::client::SendRequest<Bytes>,
+    to: SocketAddr,
+) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), h2::Error> {
+    let mut h2 = h2.clone().ready().await?;
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(to.to_string())
+        .body(())
+        .unwrap();
+    let (resp, send) = h2.send_request(req, false)?;
+    let resp = resp.await?;
+    assert_eq!(resp.status(), 200);
+    Ok((send, resp.into_body()))
+}
+
+/// Whether `h2`'s connection was refused with GOAWAY ENHANCE_YOUR_CALM.
+async fn calmed(h2: h2::client::SendRequest<Bytes>, ended: Ended) -> bool {
+    let ended = tokio::time::timeout(Duration::from_secs(10), ended).await;
+    assert!(ended.is_ok(), "the connection was kept");
+    let e = match h2.ready().await {
+        Ok(_) => return false,
+        Err(e) => e,
+    };
+    e.is_go_away() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+}
+
+/// One peer identity holding many tunnel connections from one address to
+/// one local identity (a leaking or hostile peer) gets no more: GOAWAY
+/// ENHANCE_YOUR_CALM says why. Another identity from that address, node A's
+/// proxy, and the same identity once one of its connections closed are
+/// served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_peer_identity_holding_many_tunnel_connections_gets_no_more() {
     let mesh = Mesh::with_settings(vec![web(), bot()], vec![cart(0)], &|s| {
         s.max_tunnel_connections_per_peer = 2;
-        // Longer than the test: only the limit closes a connection.
-        s.tls_handshake_timeout_ms = 60_000;
     })
     .await;
     let _srv = mesh.serve_cart().await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
     // Not node A's address: its proxy's own connections are counted apart.
     const HOST: &str = "127.0.0.78";
     let refusals = || {
@@ -228,40 +253,76 @@ async fn one_peer_identity_holding_many_tunnel_connections_gets_no_more() {
             &["Inbound", "peer_connection_limit"],
         )
     };
-    let mut held = vec![
-        peer_tls_as(&mesh, &web(), HOST).await,
-        peer_tls_as(&mesh, &web(), HOST).await,
-    ];
-    let mut third = peer_tls_as(&mesh, &web(), HOST).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (h2, ended) = peer_h2(&mesh, &web(), HOST).await;
+        held.push((tunnel_stream(&h2, echo).await.unwrap(), h2, ended));
+    }
+    let (h2, ended) = peer_h2(&mesh, &web(), HOST).await;
     assert!(
-        closed_within(&mut third, Duration::from_secs(10)).await,
-        "a third connection of web's to cart was kept"
+        calmed(h2, ended).await,
+        "a third connection of web's to cart"
     );
     assert_eq!(refusals(), 1.0);
-    for tls in &mut held {
-        assert!(!closed_within(tls, Duration::from_millis(100)).await);
-    }
-    let mut other = peer_tls_as(&mesh, &bot(), HOST).await;
-    assert!(!closed_within(&mut other, Duration::from_millis(300)).await);
+    let (other, _ended) = peer_h2(&mesh, &bot(), HOST).await;
+    let _bots = tunnel_stream(&other, echo)
+        .await
+        .expect("another identity from the same address");
     // Node A's proxy opens its own connection for web (another address).
     let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
     assert_eq!(c.get("/").await.status, 200);
     assert_eq!(refusals(), 1.0);
     // One closed: room for one more.
     drop(held.pop());
-    let mut again = peer_tls_as(&mesh, &web(), HOST).await;
-    let mut kept = false;
+    let mut served = false;
     for _ in 0..50 {
-        if !closed_within(&mut again, Duration::from_millis(100)).await {
-            kept = true;
+        let (h2, _ended) = peer_h2(&mesh, &web(), HOST).await;
+        if tunnel_stream(&h2, echo).await.is_ok() {
+            served = true;
             break;
         }
-        // The close may not have been seen yet: try again.
-        again = peer_tls_as(&mesh, &web(), HOST).await;
+        // The close may not have been seen yet.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(kept, "no room after a connection closed");
-    drop((held, other, again));
+    assert!(served, "no room after a connection closed");
+    drop((held, other));
     mesh.shutdown().await;
+}
+
+/// A connection past its age (GOAWAY said) that still carries a long-lived
+/// TCP stream no longer counts: the peer's next connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_tunnel_connection_does_not_count_towards_the_cap() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.max_tunnel_connections_per_peer = 1;
+        s.tunnel_max_age_ms = 300;
+    })
+    .await;
+    mesh.publish(&Snapshot::default()).await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let (old, _old_ended) = peer_h2(&mesh, &web(), "127.0.0.79").await;
+    let (mut send, mut recv) = tunnel_stream(&old, echo).await.unwrap();
+    // Past its age: GOAWAY, and the stream goes on.
+    until_goaway(&old, echo).await;
+    let (new, _new_ended) = peer_h2(&mesh, &web(), "127.0.0.79").await;
+    let _served = tunnel_stream(&new, echo)
+        .await
+        .expect("the retired connection still held the peer's only slot");
+    send.send_data(Bytes::from_static(b"still"), false).unwrap();
+    assert_eq!(recv.data().await.unwrap().unwrap(), "still");
+    drop((send, recv, old, new));
+    mesh.shutdown().await;
+}
+
+/// Waits until `h2`'s connection refuses new streams (its GOAWAY came).
+async fn until_goaway(h2: &h2::client::SendRequest<Bytes>, to: SocketAddr) {
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        while tunnel_stream(h2, to).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "no GOAWAY past the connection's age");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
