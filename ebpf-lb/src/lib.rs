@@ -485,8 +485,9 @@ impl LoadBalancer {
             .iter()
             .max()
             .map_or(1, |m| m.wrapping_add(1).max(1));
-        // After a restart, terminating endpoints are not known: start from
-        // the ready ones.
+        // After a restart, terminating and not-ready endpoints are not
+        // known: start from the ready ones (one of those that leaves before
+        // the first batch keeps its sockets).
         let alive = known
             .iter()
             .map(|(k, s)| (*k, sets.get(&s.id).cloned().unwrap_or_default()))

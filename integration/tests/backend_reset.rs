@@ -191,7 +191,7 @@ fn a_terminating_backend_keeps_its_connections_until_it_is_removed() -> Result<(
 }
 
 #[test]
-fn a_not_ready_tcp_backend_keeps_its_connections_and_a_removed_service_resets_them() -> Result<()> {
+fn a_not_ready_tcp_backend_keeps_its_connections_until_it_leaves() -> Result<()> {
     require_root();
     let cg = TestCgroup::new("nrr")?;
     let lb = TestLb::attach_to(&cg)?;
@@ -216,7 +216,10 @@ fn a_not_ready_tcp_backend_keeps_its_connections_and_a_removed_service_resets_th
         ],
     );
     let flapped_at = monotonic_ns();
-    assert_eq!(lb.apply(&[Change::Upsert(flap)])?.reset.destroyed, 0);
+    assert_eq!(
+        lb.apply(&[Change::Upsert(flap.clone())])?.reset.destroyed,
+        0
+    );
     let next = Probe::new(NETPROBE, &["tcp", "--to", &vip.to_string()])
         .in_cgroup(&cg)
         .run()?;
@@ -230,9 +233,16 @@ fn a_not_ready_tcp_backend_keeps_its_connections_and_a_removed_service_resets_th
         0
     );
     std::thread::sleep(Duration::from_millis(200));
-
-    // The service is removed: its connections are reset.
-    let report = lb.apply(&[Change::Remove(fe)])?;
+    // Not ready again, and then gone while still not ready: now its
+    // connection is reset.
+    assert_eq!(
+        lb.apply(&[Change::Upsert(flap.clone())])?.reset.destroyed,
+        0
+    );
+    let report = lb.apply(&[Change::Upsert(ServiceSpec::new(
+        fe,
+        [Backend::ready(b.addr())],
+    ))])?;
     let gone_at = monotonic_ns();
     assert_eq!(report.reset.destroyed, 1, "{report:?}");
     let pinned = pinned.finish()?;
@@ -240,8 +250,14 @@ fn a_not_ready_tcp_backend_keeps_its_connections_and_a_removed_service_resets_th
         .iter()
         .filter(|p| p.errno.is_none() && p.start_ns > flapped_at)
         .count();
-    assert!(answered_while_not_ready > 10, "{pinned:?}");
+    assert!(answered_while_not_ready > 5, "{pinned:?}");
     answered_until_reset(&pinned, gone_at);
+
+    // A removed service resets its connections, whatever their state.
+    let second = session(&cg, vip, 1000)?;
+    wait_for(Duration::from_secs(5), "the connection", || b.hits() == 2)?;
+    assert_eq!(lb.apply(&[Change::Remove(fe)])?.reset.destroyed, 1);
+    assert!(is_reset(second.finish()?.last().unwrap()));
     Ok(())
 }
 

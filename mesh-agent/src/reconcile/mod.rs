@@ -557,7 +557,10 @@ impl Reconciler {
         self.lb.commit(p);
         self.retry.remove(&p.service);
         if !p.removed_backends.is_empty() {
-            // ebpf-lb has reset the sockets connected to them in `apply`.
+            // No longer ready, or gone. ebpf-lb has reset, in `apply`, the
+            // sockets connected to those gone (and, for UDP, to those not
+            // ready): `sockets_reset` counts them; a not-ready TCP
+            // backend keeps its connections.
             self.stats.removed_backends += p.removed_backends.len() as u64;
             tracing::debug!(service = %p.service, removed = ?p.removed_backends, "backends left the service");
         }
