@@ -507,25 +507,47 @@ async fn readyz(State(a): State<Arc<Admin>>) -> Response {
 }
 
 async fn metrics_handler(State(a): State<Arc<Admin>>) -> Response {
-    match a.state() {
-        Ok(s) => (
+    off_the_workers(a, |s| {
+        (
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
             s.metrics(),
         )
-            .into_response(),
-        Err(starting) => *starting,
-    }
+            .into_response()
+    })
+    .await
 }
 
 /// A `/v1/` document from the running state.
-fn document<T: serde::Serialize>(a: &Admin, f: impl FnOnce(&AdminState) -> T) -> Response {
-    match a.state() {
-        Ok(s) => Json(f(s)).into_response(),
+async fn document<T: serde::Serialize>(
+    a: Arc<Admin>,
+    f: impl FnOnce(&AdminState) -> T + Send + 'static,
+) -> Response {
+    off_the_workers(a, |s| Json(f(s)).into_response()).await
+}
+
+/// `f`'s answer from the running state, computed on a blocking thread: it
+/// may read the kernel's tables, whose lock an apply holds through its RCU
+/// barrier and socket resets, and the embedded proxy's requests share the
+/// async workers.
+async fn off_the_workers(
+    a: Arc<Admin>,
+    f: impl FnOnce(&AdminState) -> Response + Send + 'static,
+) -> Response {
+    tokio::task::spawn_blocking(move || match a.state() {
+        Ok(s) => f(s),
         Err(starting) => *starting,
-    }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the admin API's handler failed: {e}\n"),
+        )
+            .into_response()
+    })
 }
 
 /// The routes clients off the node get: probes and Prometheus scrapes. The
@@ -555,26 +577,27 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/metrics", get(metrics_handler))
         .route(
             "/v1/status",
-            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::status) }),
+            get(|State(a): State<Arc<Admin>>| document(a, AdminState::status)),
         )
         .route(
             "/v1/workloads",
-            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::workloads) }),
+            get(|State(a): State<Arc<Admin>>| document(a, AdminState::workloads)),
         )
         .route(
             "/v1/connections",
-            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::connections) }),
+            get(|State(a): State<Arc<Admin>>| document(a, AdminState::connections)),
         )
         .route(
             "/v1/routes",
-            get(|State(a): State<Arc<Admin>>| async move { document(&a, AdminState::routes) }),
+            get(|State(a): State<Arc<Admin>>| document(a, AdminState::routes)),
         )
         .route(
             "/v1/check",
             get(|State(a): State<Arc<Admin>>| async move {
-                document(&a, |s| {
+                let admin = a.clone();
+                document(a, move |s| {
                     let mut check = s.check();
-                    let (outcome, detail) = match a.unhealthy() {
+                    let (outcome, detail) = match admin.unhealthy() {
                         None => (Outcome::Pass, "the reconciler and the source run".into()),
                         Some(why) => (Outcome::Fail, why),
                     };
@@ -585,13 +608,12 @@ pub fn router(admin: Arc<Admin>) -> Router {
                     });
                     check
                 })
+                .await
             }),
         )
         .route(
             "/v1/mesh",
-            get(|State(a): State<Arc<Admin>>| async move {
-                document(&a, |s| (**s.mesh.borrow()).clone())
-            }),
+            get(|State(a): State<Arc<Admin>>| document(a, |s| (**s.mesh.borrow()).clone())),
         )
         .with_state(admin)
 }
@@ -745,6 +767,119 @@ mod tests {
 
     use super::*;
     use crate::reconcile::dataplane::MemoryDataplane;
+
+    /// A dataplane whose `services()` waits until the test lets it go, as
+    /// the kernel's tables do while an apply holds their lock.
+    struct Held {
+        inner: MemoryDataplane,
+        entered: std::sync::mpsc::SyncSender<()>,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Dataplane for Held {
+        fn services(&self) -> Vec<ebpf_lb::ServiceState> {
+            let _ = self.entered.try_send(());
+            let _ = self.release.lock().unwrap().recv();
+            self.inner.services()
+        }
+        fn apply(&self, c: &[ebpf_lb::Change]) -> Result<ebpf_lb::ApplyReport, ebpf_lb::Error> {
+            self.inner.apply(c)
+        }
+        fn enroll(&self, cgroup: &std::path::Path) -> Result<u64, ebpf_lb::Error> {
+            self.inner.enroll(cgroup)
+        }
+        fn unenroll(&self, id: u64) -> Result<(), ebpf_lb::Error> {
+            self.inner.unenroll(id)
+        }
+        fn set_proxy(&self, t: Option<ebpf_lb::ProxyTarget>) -> Result<(), ebpf_lb::Error> {
+            self.inner.set_proxy(t)
+        }
+        fn enrolled(&self) -> Vec<u64> {
+            self.inner.enrolled()
+        }
+        fn counters(&self, fe: &ebpf_lb::Frontend) -> Option<ebpf_lb::ServiceCounters> {
+            self.inner.counters(fe)
+        }
+        fn set_workload_mode(
+            &self,
+            ip: std::net::IpAddr,
+            mode: Option<ebpf_lb::MtlsMode>,
+        ) -> Result<(), ebpf_lb::Error> {
+            self.inner.set_workload_mode(ip, mode)
+        }
+        fn guard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+            self.inner.guard_interface(ifname)
+        }
+        fn unguard_interface(&self, ifname: &str) -> Result<(), ebpf_lb::Error> {
+            self.inner.unguard_interface(ifname)
+        }
+        fn workload_modes(&self) -> Vec<(std::net::IpAddr, ebpf_lb::MtlsMode)> {
+            self.inner.workload_modes()
+        }
+        fn guarded_interfaces(&self) -> Vec<(String, u32)> {
+            self.inner.guarded_interfaces()
+        }
+        fn interface_index(&self, ifname: &str) -> Option<u32> {
+            self.inner.interface_index(ifname)
+        }
+        fn refusals(&self, ip: std::net::IpAddr) -> u64 {
+            self.inner.refusals(ip)
+        }
+        fn original_destination(&self, peer: SocketAddr, local: SocketAddr) -> Option<SocketAddr> {
+            self.inner.original_destination(peer, local)
+        }
+    }
+
+    /// A scrape that waits for the kernel's tables (an apply holding their
+    /// lock) does not hold up the async workers the embedded proxy shares:
+    /// on a runtime of one thread, a probe is answered meanwhile.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_scrape_waiting_for_the_kernel_tables_holds_up_no_one() {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(4);
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let state = running_state(true);
+        let state = Arc::new(AdminState {
+            info: AdminInfo::default(),
+            view: state.view.clone(),
+            mesh: state.mesh.clone(),
+            dp: Arc::new(Held {
+                inner: MemoryDataplane::new(),
+                entered: entered_tx,
+                release: std::sync::Mutex::new(release_rx),
+            }),
+            proxy: None,
+            identity: None,
+        });
+        let admin = Arc::new(Admin::default());
+        admin.running(state);
+        let s = server(admin, ServeOptions::default()).await;
+        // Lets the scrape go when told, or after 10 s on its own (then the
+        // probe had to wait for it: the runtime's one thread was held).
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let waited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waited2 = waited.clone();
+        let watchdog = std::thread::spawn(move || {
+            if go_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                waited2.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            let _ = release.send(());
+        });
+        let scrape = tokio::spawn(get(s.addr, "/metrics"));
+        // The scrape is inside the kernel's tables, and stays there.
+        tokio::task::spawn_blocking(move || entered.recv().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(get(s.addr, "/healthz").await.0, 200);
+        assert!(
+            !waited.load(std::sync::atomic::Ordering::SeqCst),
+            "the probe waited for the scrape"
+        );
+        go.send(()).unwrap();
+        assert_eq!(scrape.await.unwrap().0, 200);
+        watchdog.join().unwrap();
+        let _ = s.stop.send(true);
+        s.done.await.unwrap();
+    }
 
     /// A running state whose view says `synced`.
     fn running_state(synced: bool) -> Arc<AdminState> {
