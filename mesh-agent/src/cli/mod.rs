@@ -368,10 +368,10 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
     }
     let mut t = Table::new(&headers);
     for x in &w.workloads {
-        let enrolled = if x.enrolled {
-            "yes".to_string()
-        } else {
-            format!("no: {}", x.reason.clone().unwrap_or_default())
+        let enrolled = match (x.enrolled, &x.reason) {
+            (true, None) => "yes".to_string(),
+            (true, Some(why)) => format!("yes, {why}"),
+            (false, why) => format!("no: {}", why.clone().unwrap_or_default()),
         };
         let mut row = vec![
             x.namespace.clone(),

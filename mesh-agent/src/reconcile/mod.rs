@@ -191,6 +191,10 @@ pub struct Reconciler {
     enrolled: Enrolled,
     /// Local enrolled pods whose cgroup could not be enrolled, and why.
     enrol_errors: BTreeMap<Key, String>,
+    /// Since when each pod's cgroup has failed to enrol, and those whose
+    /// failure lasted long enough to be logged and listed.
+    enrol_failing_since: BTreeMap<Key, std::time::Instant>,
+    enrol_reported: BTreeSet<Key>,
     /// mTLS modes pushed to the kernel, by workload IP.
     modes: BTreeMap<IpAddr, ebpf_lb::MtlsMode>,
     /// Interfaces carrying the STRICT guard, and their pod.
@@ -238,6 +242,8 @@ impl Reconciler {
             retry: BTreeMap::new(),
             enrolled: Enrolled::new(),
             enrol_errors: BTreeMap::new(),
+            enrol_failing_since: BTreeMap::new(),
+            enrol_reported: BTreeSet::new(),
             modes: BTreeMap::new(),
             guarded: BTreeMap::new(),
             guard_index: BTreeMap::new(),
@@ -631,13 +637,32 @@ impl Reconciler {
         for (uid, id) in gone {
             self.unenroll(&uid, id);
         }
-        // Local pods whose cgroup is not enrolled yet are not in the mesh
-        // yet.
+        // A local pod whose cgroup is not enrolled (not created yet, or the
+        // kernel refused it) stays in the mesh for what does not need its
+        // cgroup: its identity, its mTLS mode and STRICT guard (by address
+        // and interface) and the proxy's inbound side, which peers on other
+        // nodes use because their agents count it meshed. Only its own
+        // outbound connections are not captured: the reason says so, and a
+        // failure that lasts is a kernel-update problem of `sluice check`.
+        let now = std::time::Instant::now();
+        self.enrol_failing_since
+            .retain(|k, _| self.enrol_errors.contains_key(k));
         for info in &mut infos {
             if info.local && info.enrolled && info.cgroup_id.is_none() {
-                info.enrolled = false;
+                let key = Key::new(&info.namespace, &info.name);
+                let since = *self.enrol_failing_since.entry(key.clone()).or_insert(now);
+                let err = info.reason.take().unwrap_or_default();
+                if now.duration_since(since) >= ENROL_FAILURE_REPORTED_AFTER
+                    && !self.enrol_reported.contains(&key)
+                {
+                    tracing::warn!(pod = %key, "its outbound connections are not captured: {err}");
+                    self.enrol_reported.insert(key);
+                }
+                info.reason = Some(format!("outbound not captured: {err}"));
             }
         }
+        self.enrol_reported
+            .retain(|k| self.enrol_failing_since.contains_key(k));
         self.reconcile_modes(&mut infos);
         let ids: BTreeSet<String> = infos
             .iter()
@@ -1117,6 +1142,12 @@ impl Reconciler {
             .map(|(k, e)| format!("Service {k}: {e}"))
             .collect();
         dataplane_errors.extend(self.other_errors.values().cloned());
+        dataplane_errors.extend(self.enrol_reported.iter().filter_map(|k| {
+            let e = self.enrol_errors.get(k)?;
+            Some(format!(
+                "pod {k}: its outbound connections are not captured: {e}"
+            ))
+        }));
         let view = AgentView {
             synced: self.synced,
             enrolled_namespaces: workloads::enrolled_namespaces(&self.store),
@@ -1148,6 +1179,10 @@ impl Reconciler {
 
 /// A STRICT pod's `strict_guard` when no node proxy runs: nothing enforces
 /// its mode.
+/// A pod's cgroup failing to enrol for this long (past a pod's start, when
+/// its containers' cgroups appear) is logged and listed by `sluice check`.
+const ENROL_FAILURE_REPORTED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(crate) const STRICT_WITHOUT_PROXY: &str = "not enforced: no node proxy runs (--proxy off)";
 
 /// Sockets pinned to removed backends that could not be reset stay until

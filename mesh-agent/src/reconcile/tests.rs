@@ -254,14 +254,33 @@ fn a_pod_whose_cgroup_appears_later_is_enrolled_on_a_tick() {
     f.upsert(objs);
     f.sync();
     assert!(f.dp.enrolled_paths().is_empty());
+    // Only its outbound side waits for the cgroup: its identity, its mode
+    // and the proxy's inbound side do not (peers' agents count it meshed).
     let view = f.rx.view.borrow().clone();
     let w = &view.workloads[0];
-    assert!(!w.enrolled);
-    assert!(w.reason.as_deref().unwrap().contains("pods/late"), "{w:?}");
+    assert!(w.enrolled && w.cgroup_id.is_none(), "{w:?}");
+    let reason = w.reason.as_deref().unwrap();
+    assert!(
+        reason.starts_with("outbound not captured: ") && reason.contains("pods/late"),
+        "{w:?}"
+    );
+    assert_eq!(
+        *f.rx.identities.borrow(),
+        BTreeSet::from(["spiffe://cluster.local/ns/shop/sa/web".to_string()])
+    );
+    assert!(f.dp.modes().contains_key(&"10.0.0.1".parse().unwrap()));
+    assert!(
+        f.rx.view.borrow().dataplane_errors.is_empty(),
+        "a pod starting is no kernel-update problem yet"
+    );
     let p = f.cgroup("pods/late");
     f.r.step(vec![Input::Tick]);
     assert_eq!(f.dp.enrolled_paths(), vec![p]);
-    assert!(f.rx.view.borrow().workloads[0].enrolled);
+    let w = f.rx.view.borrow().workloads[0].clone();
+    assert!(
+        w.enrolled && w.cgroup_id.is_some() && w.reason.is_none(),
+        "{w:?}"
+    );
 }
 
 #[test]
