@@ -46,6 +46,11 @@ struct Running {
 }
 
 fn start(fake: FakeApi) -> Running {
+    start_with(fake, mesh_agent::sources::kube::WATCH_RECOVERED_AFTER)
+}
+
+/// With failed watches taken as resumed after `recovered_after` quiet.
+fn start_with(fake: FakeApi, recovered_after: std::time::Duration) -> Running {
     let client = fake.client();
     let dp = Arc::new(MemoryDataplane::new());
     let (mut out, rx) = Outputs::channels();
@@ -72,7 +77,11 @@ fn start(fake: FakeApi) -> Running {
     let (tx, inputs) = mpsc::channel();
     spawn_reconciler(r, inputs, None);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(KubeSource::new(client.clone()).run(tx, stop));
+    tokio::spawn(
+        KubeSource::new(client.clone())
+            .recovered_after(recovered_after)
+            .run(tx, stop),
+    );
     // This agent holds the status writer Lease (tests/kube_lease.rs).
     let (_, write_until) = tokio::sync::watch::channel(Some(
         std::time::Instant::now() + std::time::Duration::from_secs(3600),
@@ -437,6 +446,35 @@ async fn lists_a_real_cluster() {
 /// API server answering 503) holds the sync back until a retry succeeds: the
 /// agent never takes "could not list Services" for "there are no Services"
 /// and sweeps the kernel's pinned state.
+/// A watch that fails and then resumes where it left off (kube-runtime
+/// says nothing then) has its error cleared once no new one has come for a
+/// while, instead of being shown until the kind's next change (days, for a
+/// quiet kind such as MeshPolicy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_error_is_cleared_once_the_watch_is_back() {
+    let fake = FakeApi::with_fixtures();
+    let policies = "/apis/sluice.dev/v1alpha1/meshpolicies";
+    fake.fail_next_watches(policies, 1);
+    let r = start_with(fake, Duration::from_secs(2));
+    let view_rx = r.rx.view.clone();
+    let failing = |v: &mesh_agent::reconcile::AgentView| {
+        v.config_errors
+            .iter()
+            .any(|e| e.message.contains("watching MeshPolicy"))
+    };
+    tokio::task::spawn_blocking(move || {
+        eventually("the failed watch's error", || {
+            failing(&view_rx.borrow()).then_some(())
+        });
+        eventually("the error cleared", || {
+            (!failing(&view_rx.borrow())).then_some(())
+        });
+    })
+    .await
+    .unwrap();
+    assert!(r.fake.watching(policies), "the watch is open again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_first_list_of_a_core_kind_holds_the_sync_until_it_succeeds() {
     let fake = FakeApi::with_fixtures();

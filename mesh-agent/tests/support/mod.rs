@@ -59,6 +59,7 @@ struct FakeState {
     /// Lists answered with 503 for the given number of next requests, as by
     /// an overloaded API server.
     failing_lists: HashMap<String, usize>,
+    failing_watches: HashMap<String, usize>,
     /// Paths whose next PUT is answered with 409, as if another writer got
     /// there first.
     conflicts: std::collections::HashSet<String>,
@@ -72,6 +73,16 @@ pub struct FakeApi {
 }
 
 /// A JSON response with status `code`.
+/// The API server's answer while it cannot serve.
+fn unavailable() -> Response<Body> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "ServiceUnavailable", "code": 503,
+                "message": "the server is currently unable to handle the request"}),
+    )
+}
+
 pub fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
     Response::builder()
         .status(code)
@@ -211,6 +222,11 @@ impl FakeApi {
         }
         let mut st = self.state.lock().unwrap();
         if query.contains("watch=true") {
+            if let Some(n) = st.failing_watches.get_mut(&path).filter(|n| **n > 0) {
+                *n -= 1;
+                send.send_response(unavailable());
+                return;
+            }
             match st.queued.remove(&path) {
                 Some(events) if !events.is_empty() => send.send_response(watch_body(&events)),
                 _ => st.parked.entry(path).or_default().push(send),
@@ -219,12 +235,7 @@ impl FakeApi {
         }
         if let Some(n) = st.failing_lists.get_mut(&path).filter(|n| **n > 0) {
             *n -= 1;
-            send.send_response(json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                        "reason": "ServiceUnavailable", "code": 503,
-                        "message": "the server is currently unable to handle the request"}),
-            ));
+            send.send_response(unavailable());
             return;
         }
         match st.lists.get(&path).or_else(|| st.objects.get(&path)) {
@@ -328,6 +339,15 @@ impl FakeApi {
         let mut st = self.state.lock().unwrap();
         let list = st.lists.get_mut(path).expect("a list the fake serves");
         list["items"].as_array_mut().unwrap().push(item);
+    }
+
+    /// The next `n` watches of `path` fail with 503.
+    pub fn fail_next_watches(&self, path: &str, n: usize) {
+        self.state
+            .lock()
+            .unwrap()
+            .failing_watches
+            .insert(path.into(), n);
     }
 
     /// The next `n` lists of `path` fail with 503.

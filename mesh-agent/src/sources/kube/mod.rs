@@ -25,6 +25,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
+    time::Duration,
 };
 
 use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
@@ -204,11 +205,15 @@ async fn watch_kind<K>(
     config: watcher::Config,
     kind: Kind,
     convert: Convert<K>,
-    tx: mpsc::Sender<Vec<Input>>,
-    gate: Arc<SyncGate>,
+    ctx: Watching,
 ) where
     K: Watched + Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
+    let Watching {
+        tx,
+        gate,
+        recovered_after,
+    } = ctx;
     let mut initial: Vec<Object> = Vec::new();
     let mut listed = false;
     let mut failing = false;
@@ -234,7 +239,28 @@ async fn watch_kind<K>(
     };
     let mut stream = watcher(api, config).default_backoff().boxed();
     loop {
-        let next = stream.try_next().await;
+        let next = if failing {
+            match tokio::time::timeout(recovered_after, stream.try_next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    // No new error for that long: the watch resumed (see
+                    // `WATCH_RECOVERED_AFTER`).
+                    failing = false;
+                    tracing::info!("watching {kind} again");
+                    let cleared = vec![Input::SourceErrors {
+                        source: source_name(kind),
+                        errors: unreadable.values().cloned().collect(),
+                        incomplete: false,
+                    }];
+                    if tx.send(cleared).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            stream.try_next().await
+        };
         let mut inputs = Vec::new();
         let mut report = false;
         match next {
@@ -402,14 +428,39 @@ where
     Api::all_with(client.clone(), &ApiResource::erase::<K>(&()))
 }
 
+/// What every kind's watcher shares.
+#[derive(Clone)]
+struct Watching {
+    tx: mpsc::Sender<Vec<Input>>,
+    gate: Arc<SyncGate>,
+    recovered_after: Duration,
+}
+
 /// The Kubernetes source.
 pub struct KubeSource {
     client: Client,
+    recovered_after: Duration,
 }
+
+/// kube-runtime retries a failed watch after at most 30 s (60 s with its
+/// jitter) and says nothing when it resumes where it left off: a kind whose
+/// watch has failed and then gone this long without a new error is taken
+/// to be watched again, and its error is cleared.
+pub const WATCH_RECOVERED_AFTER: Duration = Duration::from_secs(90);
 
 impl KubeSource {
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            recovered_after: WATCH_RECOVERED_AFTER,
+        }
+    }
+
+    /// How long a failed watch must go without a new error for its error to
+    /// be cleared ([`WATCH_RECOVERED_AFTER`] by default).
+    pub fn recovered_after(mut self, quiet: Duration) -> Self {
+        self.recovered_after = quiet;
+        self
     }
 
     /// Runs every watcher until `stop` fires or the reconciler goes away.
@@ -418,7 +469,11 @@ impl KubeSource {
         tx: mpsc::Sender<Vec<Input>>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        let gate = Arc::new(SyncGate::new(&Kind::ALL));
+        let ctx = Watching {
+            tx: tx.clone(),
+            gate: Arc::new(SyncGate::new(&Kind::ALL)),
+            recovered_after: self.recovered_after,
+        };
         let c = &self.client;
         let cfg = watcher::Config::default;
         let tasks = vec![
@@ -427,16 +482,14 @@ impl KubeSource {
                 cfg(),
                 Kind::Namespace,
                 |o| Ok(Some(Object::Namespace(o))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
             tokio::spawn(watch_kind::<Node>(
                 Api::all(c.clone()),
                 cfg(),
                 Kind::Node,
                 |o| Ok(Some(Object::Node(node_info(&o)))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
             // All pods, not only this node's: the proxy needs the identity
             // (service account) behind every endpoint it tunnels to.
@@ -445,64 +498,56 @@ impl KubeSource {
                 cfg(),
                 Kind::Pod,
                 |o| Ok(Some(Object::Pod(workload_of(&o)))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
             tokio::spawn(watch_kind::<Service>(
                 Api::all(c.clone()),
                 cfg(),
                 Kind::Service,
                 |o| Ok(Some(Object::Service(o))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
             tokio::spawn(watch_kind::<EndpointSlice>(
                 Api::all(c.clone()),
                 cfg(),
                 Kind::EndpointSlice,
                 |o| Ok(Some(Object::EndpointSlice(o))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
             tokio::spawn(watch_kind::<DynamicObject>(
                 crd_api::<HttpRoute>(c),
                 cfg(),
                 Kind::HTTPRoute,
                 |o| Ok(Some(Object::HTTPRoute(decode(o)?))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
             tokio::spawn(watch_kind::<DynamicObject>(
                 crd_api::<GrpcRoute>(c),
                 cfg(),
                 Kind::GRPCRoute,
                 |o| Ok(Some(Object::GRPCRoute(decode(o)?))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
             tokio::spawn(watch_kind::<DynamicObject>(
                 crd_api::<ReferenceGrant>(c),
                 cfg(),
                 Kind::ReferenceGrant,
                 |o| Ok(Some(Object::ReferenceGrant(decode(o)?))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
             tokio::spawn(watch_kind::<DynamicObject>(
                 crd_api::<MeshPolicy>(c),
                 cfg(),
                 Kind::MeshPolicy,
                 |o| Ok(Some(Object::MeshPolicy(decode(o)?))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
             tokio::spawn(watch_kind::<DynamicObject>(
                 crd_api::<AccessPolicy>(c),
                 cfg(),
                 Kind::AccessPolicy,
                 |o| Ok(Some(Object::AccessPolicy(decode(o)?))),
-                tx.clone(),
-                gate.clone(),
+                ctx.clone(),
             )),
         ];
         drop(tx);
