@@ -41,6 +41,47 @@ fn is_cgroup(p: &Path) -> bool {
     p.join("cgroup.procs").exists()
 }
 
+/// Pod `uid`'s cgroup anywhere a kubelet with a `--cgroup-root` of its own
+/// puts it (kind's `/kubelet`: `kubelet.slice/kubelet-kubepods.slice/…` with
+/// the systemd driver, `kubelet/kubepods/…` with cgroupfs): below any
+/// top-level directory, through directories named for kubepods or a QoS
+/// class, at most four levels down.
+fn search(root: &Path, uid: &str) -> Option<PathBuf> {
+    let systemd = format!("-pod{}.slice", uid.replace('-', "_"));
+    let cgroupfs = format!("pod{uid}");
+    let mut level = vec![root.to_path_buf()];
+    for depth in 1..=4 {
+        let mut next = Vec::new();
+        for dir in &level {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if depth > 1
+                    && (name.ends_with(&systemd) || name == cgroupfs)
+                    && is_cgroup(&e.path())
+                {
+                    return Some(e.path());
+                }
+                let on_the_way = depth == 1
+                    || name.contains("kubepods")
+                    || name.contains("burstable")
+                    || name.contains("besteffort");
+                if on_the_way {
+                    next.push(e.path());
+                }
+            }
+        }
+        level = next;
+    }
+    None
+}
+
 impl CgroupResolver for PodCgroups {
     fn resolve(&self, w: &Workload) -> Result<PathBuf, String> {
         if let Some(p) = &w.cgroup {
@@ -64,11 +105,15 @@ impl CgroupResolver for PodCgroups {
         Self::kubepods_candidates(&self.root, &w.uid)
             .into_iter()
             .find(|p| is_cgroup(p))
+            .or_else(|| search(&self.root, &w.uid))
             .ok_or_else(|| {
                 format!(
-                    "no cgroup for pod UID {} under {}/kubepods* yet (containers not started?)",
+                    "no cgroup for pod UID {} under {} yet (looked for kubepods*/…pod{}…, also \
+                     below a kubelet --cgroup-root such as kind's /kubelet): its containers \
+                     have not started, or the kubelet uses cgroup v1",
                     w.uid,
-                    self.root.display()
+                    self.root.display(),
+                    w.uid
                 )
             })
     }
@@ -103,6 +148,31 @@ mod tests {
         std::fs::write(fs.join("cgroup.procs"), "").unwrap();
         assert_eq!(r.resolve(&w).unwrap(), fs);
 
+        // A kubelet with a --cgroup-root of its own (kind's /kubelet), both
+        // drivers.
+        w.uid = "77-cd".into();
+        let kind_sd = root.path().join(
+            "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/\
+             kubelet-kubepods-besteffort-pod77_cd.slice",
+        );
+        std::fs::create_dir_all(&kind_sd).unwrap();
+        assert!(r.resolve(&w).is_err(), "not a cgroup without cgroup.procs");
+        std::fs::write(kind_sd.join("cgroup.procs"), "").unwrap();
+        assert_eq!(r.resolve(&w).unwrap(), kind_sd);
+        w.uid = "88".into();
+        let kind_fs = root.path().join("kubelet/kubepods/burstable/pod88");
+        std::fs::create_dir_all(&kind_fs).unwrap();
+        std::fs::write(kind_fs.join("cgroup.procs"), "").unwrap();
+        assert_eq!(r.resolve(&w).unwrap(), kind_fs);
+        // Elsewhere (not a kubepods tree) it is not looked for.
+        w.uid = "66".into();
+        let stray = root.path().join("system.slice/other/pod66");
+        std::fs::create_dir_all(&stray).unwrap();
+        std::fs::write(stray.join("cgroup.procs"), "").unwrap();
+        let err = r.resolve(&w).unwrap_err();
+        assert!(err.contains("66") && err.contains("cgroup-root"), "{err}");
+
+        w.uid = "99".into();
         // An explicit path wins, relative to the base.
         w.cgroup = Some("kubepods/pod99".into());
         assert_eq!(r.resolve(&w).unwrap(), fs);
