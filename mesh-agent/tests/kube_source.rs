@@ -138,7 +138,10 @@ async fn lists_are_programmed_and_a_missing_crd_does_not_block_the_sync() {
     assert!(
         view.config_errors
             .iter()
-            .any(|e| e.source == "kubernetes GRPCRoute" && e.message.contains("install its CRD")),
+            .any(|e| e.source == "kubernetes GRPCRoute"
+                && e.message.contains("install its CRD")
+                && e.message
+                    .contains("/apis/gateway.networking.k8s.io/v1/grpcroutes")),
         "{:#?}",
         view.config_errors
     );

@@ -237,6 +237,7 @@ async fn watch_kind<K>(
              last, until it is fixed or the agent is upgraded"
         ),
     };
+    let url = api.resource_url().to_owned();
     let mut stream = watcher(api, config).default_backoff().boxed();
     loop {
         let next = if failing {
@@ -367,8 +368,9 @@ async fn watch_kind<K>(
                 let hint = match &e {
                     watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404 => {
                         format!(
-                            "{kind} is not served by the API server ({e}); install its CRD. Until then \
-                             Sluice treats it as empty"
+                            "{kind} is not served by the API server at {url} ({e}); install its \
+                             CRD, with that version served (the Gateway API's from release 1.1, \
+                             which serves GRPCRoute as v1). Until then Sluice treats it as empty"
                         )
                     }
                     watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 403 => {
