@@ -100,6 +100,11 @@ pub struct RefIndex {
     pub services: BTreeMap<Key, BTreeSet<u16>>,
     /// The names of Services' ports (a Service parent's `sectionName`).
     pub port_names: BTreeMap<Key, BTreeMap<String, u16>>,
+    /// Services a route cannot attach to, and why: it binds to a Service's
+    /// ClusterIP, which headless and ExternalName Services lack (their
+    /// callers reach the pods, or the external name, directly).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub no_cluster_ip: BTreeMap<Key, String>,
     /// ReferenceGrants by the namespace they open.
     pub grants: BTreeMap<String, Vec<Grant>>,
 }
@@ -138,6 +143,21 @@ impl RefIndex {
                 (key.clone(), names)
             })
             .collect();
+        let no_cluster_ip = store
+            .services
+            .iter()
+            .filter_map(|(key, svc)| {
+                let spec = svc.spec.as_ref()?;
+                let why = if spec.type_.as_deref() == Some("ExternalName") {
+                    "is of type ExternalName"
+                } else if spec.cluster_ip.as_deref() == Some("None") {
+                    "is headless (clusterIP: None)"
+                } else {
+                    return None;
+                };
+                Some((key.clone(), why.to_string()))
+            })
+            .collect();
         let mut grants: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
         for (key, g) in &store.reference_grants {
             grants
@@ -162,6 +182,7 @@ impl RefIndex {
         Self {
             services,
             port_names,
+            no_cluster_ip,
             grants,
         }
     }
@@ -254,6 +275,13 @@ impl RefIndex {
         let Some(ports) = self.services.get(service) else {
             return Err(format!("parent Service {service} does not exist"));
         };
+        if let Some(why) = self.no_cluster_ip.get(service) {
+            return Err(format!(
+                "parent Service {service} {why}: a route applies to the connections made to a \
+                 Service's ClusterIP, and its callers reach its pods (or the external name) \
+                 directly; attach the route to a Service with a ClusterIP"
+            ));
+        }
         let numbered = match port {
             None => None,
             Some(p) => match u16::try_from(p).ok().filter(|p| ports.contains(p)) {
@@ -454,6 +482,21 @@ mod tests {
     fn parents_need_the_service_and_the_named_port() {
         let i = index();
         let web = Key::new("shop", "web");
+        // Headless and ExternalName Services have no ClusterIP to attach to.
+        let mut s = Store::new();
+        let mut headless = service("shop", "db", "None", &[5432]);
+        headless.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+        let mut external = service("shop", "ext", "127.96.0.9", &[443]);
+        external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
+        s.apply(Update::Upsert(Object::Service(headless)));
+        s.apply(Update::Upsert(Object::Service(external)));
+        let j = RefIndex::of(&s);
+        for (name, why) in [("db", "headless"), ("ext", "ExternalName")] {
+            let e = j
+                .check_parent(&Key::new("shop", name), None, None)
+                .unwrap_err();
+            assert!(e.contains(why) && e.contains("ClusterIP"), "{e}");
+        }
         assert_eq!(i.check_parent(&web, None, None), Ok(None));
         assert_eq!(i.check_parent(&web, Some(80), None), Ok(Some(80)));
         assert!(
