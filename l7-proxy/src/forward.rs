@@ -160,7 +160,7 @@ pub(crate) async fn handle(
                 let up = Arc::new(State::workload_upstream(&w, conn.original_dst.port()));
                 let dest = Label::from(w.id.to_string());
                 let _ = progress.labels.set((Label::default(), dest.clone()));
-                match send_once(&shared, &conn, &up, parts, body).await {
+                match send_once(&shared, &conn, &up, parts, body, Sent::ByCaller).await {
                     Ok(resp) => Outcome {
                         response: resp,
                         route: Label::default(),
@@ -623,7 +623,7 @@ async fn route_request(
                 };
                 let tried_at = Instant::now();
                 let attempt = async {
-                    let send = send_once(shared, conn, up, head, b);
+                    let send = send_once(shared, conn, up, head, b, Sent::ByCaller);
                     match per_try {
                         Some(d) => tokio::time::timeout(d, send).await.unwrap_or_else(|_| {
                             Err(SendError {
@@ -960,7 +960,7 @@ fn spawn_mirror(
     shared.spawn(async move {
         let _held = (pick, slot);
         let mirror = async {
-            match send_once(&shared2, &conn, &up, parts, body.body()).await {
+            match send_once(&shared2, &conn, &up, parts, body.body(), Sent::AsMirror).await {
                 // The mirror's answer is read and dropped as it comes.
                 Ok(resp) => {
                     let mut body = resp.into_body();
@@ -983,6 +983,15 @@ fn spawn_mirror(
 /// How long a mirrored request may take, answer included.
 const MIRROR_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Who sends a request: the caller (its connection's row counts it and
+/// shows the tunnel's TLS) or the proxy, mirroring one (the caller never
+/// sent that one, and the mirror's backend may be plaintext).
+#[derive(Clone, Copy, PartialEq)]
+enum Sent {
+    ByCaller,
+    AsMirror,
+}
+
 /// Sends one attempt to one upstream.
 async fn send_once(
     shared: &Arc<Shared>,
@@ -990,8 +999,10 @@ async fn send_once(
     up: &Upstream,
     mut parts: Parts,
     body: Body,
+    sent: Sent,
 ) -> Result<Response<Body>, SendError> {
-    if let Some(row) = &conn.row {
+    let row = conn.row.as_ref().filter(|_| sent == Sent::ByCaller);
+    if let Some(row) = row {
         row.request_sent(up.tunnel.as_ref().map(|t| &t.identity));
     }
     // An HTTP/1.1 upgrade, or an HTTP/2 extended CONNECT made one.
@@ -1062,7 +1073,7 @@ async fn send_once(
                 .send(&key, Request::from_parts(parts, body))
                 .await
                 .map_err(SendError::tunnel)?;
-            if let Some(row) = &conn.row {
+            if let Some(row) = row {
                 row.tunnel_tls(&tls);
             }
             if let Some(e) = SendError::workload_unreachable(&resp, up.addr) {

@@ -687,6 +687,21 @@ async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
     assert_eq!(srv[1].hits(), 1);
     let primary = srv[1].seen.lock().unwrap()[0].clone();
     assert_eq!(primary["headers"]["x-after-mirror"], "yes");
+    // The caller's row shows its own request, to cart, not the proxy's
+    // copy to the mirror (another identity).
+    let row = mesh
+        .a
+        .proxy()
+        .connections()
+        .into_iter()
+        .find(|r| r.kind == l7_proxy::conntable::ConnKind::OutboundHttp)
+        .expect("the captured connection's row");
+    assert_ne!(mirror_pod().identity(), cart(1).identity());
+    assert_eq!(
+        row.meta.destination_identity,
+        Some(cart(1).identity()),
+        "{row:?}"
+    );
     mesh.shutdown().await;
 }
 
