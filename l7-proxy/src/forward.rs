@@ -681,9 +681,15 @@ async fn route_request(
                         )
                     };
                 }
+                // A retry whose backoff would end past the request's
+                // deadline cannot be made: the answer in hand is the one
+                // the caller gets, not a 504 of the proxy's.
+                let too_late =
+                    !backoff.is_zero() && deadline.is_some_and(|dl| dl <= Instant::now() + backoff);
                 match result {
                     Ok(mut resp)
                         if !(may_retry
+                            && !too_late
                             && codes.contains(&resp.status().as_u16())
                             && body.settle()) =>
                     {

@@ -448,6 +448,34 @@ async fn retries_on_503_until_the_backend_recovers() {
     mesh.shutdown().await;
 }
 
+/// A retry whose backoff would end past the request timeout is not made,
+/// and the caller gets the answer in hand (the workload's 503), not a 504
+/// of the proxy's before the timeout is even up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_cannot_fit_in_the_request_timeout_leaves_the_answer_in_hand() {
+    let mesh = Mesh::standard().await;
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.retry = Some(Retry {
+        codes: vec![503],
+        attempts: 3,
+        backoff_ms: 5_000,
+    });
+    r.timeouts = Timeouts {
+        request_ms: Some(2_000),
+        backend_request_ms: None,
+    };
+    let (srv, _) = setup(&mesh, vec![route(vec![r])]).await;
+    let mut c = client(&mesh).await;
+    let r = c.get("/flaky/5").await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.headers.get("sluice-reason").is_none(),
+        "the proxy answered instead of the workload: {r:?}"
+    );
+    assert_eq!(srv[1].hits(), 1);
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_backend_timeouts_answer_504() {
     let mesh = Mesh::standard().await;
