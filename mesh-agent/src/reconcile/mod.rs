@@ -688,6 +688,8 @@ impl Reconciler {
         let mut guards: BTreeMap<String, Key> = BTreeMap::new();
         // The error keys of this pass's STRICT pods and interfaces.
         let mut guard_keys: BTreeSet<String> = BTreeSet::new();
+        // Interfaces two STRICT pods resolved to, and those pods.
+        let mut shared: BTreeMap<String, Vec<Key>> = BTreeMap::new();
         for info in infos.iter_mut() {
             // `enrolled` is still the intent here (namespace, opt-out).
             if !info.local || !info.enrolled {
@@ -736,7 +738,9 @@ impl Reconciler {
                 Ok(i) => {
                     info.strict_guard = Some(format!("guarded on {i}"));
                     self.outcome(find, Ok(()));
-                    guards.insert(i, key);
+                    if let Some(other) = guards.insert(i.clone(), key.clone()) {
+                        shared.entry(i).or_insert_with(|| vec![other]).push(key);
+                    }
                 }
                 Err(e) => {
                     info.strict_guard = Some(format!("not enforced in the kernel: {e}"));
@@ -746,6 +750,33 @@ impl Reconciler {
                     );
                 }
             }
+        }
+        // An interface several pods are reached through (a route for a
+        // whole prefix: Cilium's cilium_host, an overlay or gateway port) is
+        // no pod's own: traffic may reach the pods past it (Cilium
+        // redirects in BPF), so a guard there would be reported while it
+        // does not hold. Such pods are left to the proxy, and said so.
+        for (iface, pods) in &shared {
+            guards.remove(iface);
+            let names: Vec<String> = pods.iter().map(ToString::to_string).collect();
+            let why = format!(
+                "{iface} is shared by pods {} (routed for a prefix, not a veth per pod)",
+                names.join(", ")
+            );
+            for info in infos.iter_mut() {
+                if pods
+                    .iter()
+                    .any(|k| k.name == info.name && k.namespace == info.namespace)
+                {
+                    info.strict_guard = Some(format!("not enforced in the kernel: {why}"));
+                }
+            }
+            let what = format!("guard shared {iface}");
+            guard_keys.insert(what.clone());
+            self.outcome(
+                what,
+                Err(format!("STRICT pods: no interface of their own to guard: {why}; the proxy enforces STRICT")),
+            );
         }
         for (ip, mode) in &modes {
             if self.modes.get(ip) != Some(mode) {

@@ -407,6 +407,56 @@ fn a_strict_pod_whose_veth_was_recreated_under_its_name_is_guarded_again() {
     assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-web".to_string()]));
 }
 
+/// Two STRICT pods reached through one interface (a route for a whole
+/// prefix, as Cilium's cilium_host): it is no pod's own, so it is not
+/// guarded and both say so; each with a veth of its own again is guarded.
+#[test]
+fn strict_pods_sharing_an_interface_are_not_reported_guarded() {
+    let mut f = fixture();
+    let pod = |name: &str, ip: &str, f: &Fixture| {
+        let mut w = workload("shop", name, "web", ip, "n1");
+        w.cgroup = Some(f.cgroup(&format!("pods/{name}")));
+        w.labels.insert("app".into(), "web".into());
+        w.interface = Some("cilium_host".into());
+        w
+    };
+    let (mut a, mut b) = (pod("web-a", "10.0.0.1", &f), pod("web-b", "10.0.0.2", &f));
+    let mut objs = shop();
+    objs.extend([
+        Object::Pod(a.clone()),
+        Object::Pod(b.clone()),
+        Object::MeshPolicy(web_strict()),
+    ]);
+    f.upsert(objs);
+    f.sync();
+    assert!(f.dp.guarded().is_empty(), "{:?}", f.dp.guarded());
+    assert_eq!(f.dp.modes().len(), 2, "the modes are set all the same");
+    let view = f.rx.view.borrow().clone();
+    for name in ["web-a", "web-b"] {
+        let w = view.workloads.iter().find(|w| w.name == name).unwrap();
+        let g = w.strict_guard.as_deref().unwrap();
+        assert!(
+            g.starts_with("not enforced in the kernel") && g.contains("cilium_host is shared"),
+            "{g}"
+        );
+    }
+    assert!(
+        view.dataplane_errors
+            .iter()
+            .any(|e| e.contains("cilium_host is shared")),
+        "{:?}",
+        view.dataplane_errors
+    );
+    a.interface = Some("veth-a".into());
+    b.interface = Some("veth-b".into());
+    f.upsert(vec![Object::Pod(a), Object::Pod(b)]);
+    assert_eq!(
+        f.dp.guarded(),
+        BTreeSet::from(["veth-a".to_string(), "veth-b".to_string()])
+    );
+    assert!(f.rx.view.borrow().dataplane_errors.is_empty());
+}
+
 #[test]
 fn strict_workloads_get_their_mode_and_interface_guard_in_the_kernel() {
     let mut f = fixture();
