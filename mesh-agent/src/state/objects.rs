@@ -122,7 +122,8 @@ pub struct Workload {
     /// Its cgroup directory when a source knows it (the files source);
     /// otherwise found from `uid` under the kubepods tree.
     pub cgroup: Option<PathBuf>,
-    /// Ready to serve (for endpoints the files source derives).
+    /// Ready to serve (for endpoints the files source derives; always true
+    /// from a cluster, where EndpointSlices say it).
     pub ready: bool,
     /// Deletion requested: it may still serve (and call out) for its grace
     /// period, so it stays enrolled with its identity until it is gone.

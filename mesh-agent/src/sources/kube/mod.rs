@@ -66,11 +66,12 @@ pub fn workload_of(p: &Pod) -> Workload {
         ips.push(ip);
     }
     let phase = status.and_then(|s| s.phase.as_deref());
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .into_iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
+    // In a cluster a pod's readiness reaches the agent through its
+    // EndpointSlices; read from the pod too, every readiness flip anywhere
+    // in the cluster would change the pod's workload and rebuild every
+    // agent's view of the mesh. Only the files source derives slices from
+    // it.
+    let ready = true;
     Workload {
         namespace: p.namespace().unwrap_or_default(),
         name: p.name_any(),
@@ -604,7 +605,7 @@ mod tests {
                 "phase": "Running",
                 "podIP": "10.244.1.7",
                 "podIPs": [{"ip": "10.244.1.7"}, {"ip": "fd00::7"}],
-                "conditions": [{"type": "Ready", "status": "True"}]
+                "conditions": [{"type": "Ready", "status": "False"}]
             }
         }))
         .unwrap();
@@ -613,6 +614,8 @@ mod tests {
         assert_eq!(w.service_account, "web");
         assert_eq!(w.node, "node-a");
         assert_eq!(w.ips.len(), 2);
+        // Readiness is the EndpointSlices' to say: a flip leaves the
+        // workload as it was.
         assert!(w.ready);
         assert!(w.terminating);
         assert_eq!(w.annotations["sluice.dev/mesh"], "disabled");
