@@ -68,10 +68,13 @@ fn search(root: &Path, uid: &str) -> Option<PathBuf> {
                 {
                     return Some(e.path());
                 }
+                // Another pod's directory holds only its containers.
+                let a_pod = name.starts_with("pod") || name.contains("-pod");
                 let on_the_way = depth == 1
-                    || name.contains("kubepods")
-                    || name.contains("burstable")
-                    || name.contains("besteffort");
+                    || (!a_pod
+                        && (name.contains("kubepods")
+                            || name.contains("burstable")
+                            || name.contains("besteffort")));
                 if on_the_way {
                     next.push(e.path());
                 }

@@ -536,9 +536,19 @@ async fn off_the_workers(
     a: Arc<Admin>,
     f: impl FnOnce(&AdminState) -> Response + Send + 'static,
 ) -> Response {
-    tokio::task::spawn_blocking(move || match a.state() {
-        Ok(s) => f(s),
-        Err(starting) => *starting,
+    // Two at a time: while an apply holds the tables, further requests
+    // wait here (and go when their client does) instead of each taking a
+    // thread of the blocking pool the rest of the agent uses.
+    static BLOCKING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let Ok(permit) = BLOCKING.acquire().await else {
+        return http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        match a.state() {
+            Ok(s) => f(s),
+            Err(starting) => *starting,
+        }
     })
     .await
     .unwrap_or_else(|e| {

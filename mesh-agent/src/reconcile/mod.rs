@@ -191,10 +191,11 @@ pub struct Reconciler {
     enrolled: Enrolled,
     /// Local enrolled pods whose cgroup could not be enrolled, and why.
     enrol_errors: BTreeMap<Key, String>,
-    /// Since when each pod's cgroup has failed to enrol, and those whose
-    /// failure lasted long enough to be logged and listed.
-    enrol_failing_since: BTreeMap<Key, std::time::Instant>,
-    enrol_reported: BTreeSet<Key>,
+    /// Since when each pod's cgroup has failed to enrol, by pod UID, and
+    /// the UIDs of those whose failure lasted long enough to be logged and
+    /// listed.
+    enrol_failing_since: BTreeMap<String, (Key, std::time::Instant)>,
+    enrol_reported: BTreeSet<String>,
     /// mTLS modes pushed to the kernel, by workload IP.
     modes: BTreeMap<IpAddr, ebpf_lb::MtlsMode>,
     /// Interfaces carrying the STRICT guard, and their pod.
@@ -620,7 +621,11 @@ impl Reconciler {
                     self.enrol_errors.insert(key.clone(), e);
                 }
             }
-            if let Some(e) = self.enrolled.get(&w.uid) {
+            // Enrolled, and still (not unenrolled below for a cgroup that
+            // went away).
+            if keep.contains(&w.uid)
+                && let Some(e) = self.enrolled.get(&w.uid)
+            {
                 info.cgroup = Some(e.path.display().to_string());
                 info.cgroup_id = Some(e.id);
             }
@@ -644,25 +649,29 @@ impl Reconciler {
         // nodes use because their agents count it meshed. Only its own
         // outbound connections are not captured: the reason says so, and a
         // failure that lasts is a kernel-update problem of `sluice check`.
+        // By UID: a pod recreated under its name starts afresh.
         let now = std::time::Instant::now();
-        self.enrol_failing_since
-            .retain(|k, _| self.enrol_errors.contains_key(k));
+        let mut failing = BTreeMap::new();
         for info in &mut infos {
             if info.local && info.enrolled && info.cgroup_id.is_none() {
                 let key = Key::new(&info.namespace, &info.name);
-                let since = *self.enrol_failing_since.entry(key.clone()).or_insert(now);
+                let since = self
+                    .enrol_failing_since
+                    .get(&info.uid)
+                    .map_or(now, |(_, t)| *t);
                 let err = info.reason.take().unwrap_or_default();
                 if now.duration_since(since) >= ENROL_FAILURE_REPORTED_AFTER
-                    && !self.enrol_reported.contains(&key)
+                    && self.enrol_reported.insert(info.uid.clone())
                 {
                     tracing::warn!(pod = %key, "its outbound connections are not captured: {err}");
-                    self.enrol_reported.insert(key);
                 }
                 info.reason = Some(format!("outbound not captured: {err}"));
+                failing.insert(info.uid.clone(), (key, since));
             }
         }
+        self.enrol_failing_since = failing;
         self.enrol_reported
-            .retain(|k| self.enrol_failing_since.contains_key(k));
+            .retain(|uid| self.enrol_failing_since.contains_key(uid));
         self.reconcile_modes(&mut infos);
         let ids: BTreeSet<String> = infos
             .iter()
@@ -690,6 +699,13 @@ impl Reconciler {
         let mut guard_keys: BTreeSet<String> = BTreeSet::new();
         // Interfaces two STRICT pods resolved to, and those pods.
         let mut shared: BTreeMap<String, Vec<Key>> = BTreeMap::new();
+        // Every local pod's addresses: a route to a STRICT pod that covers
+        // another's is no interface of the pod's own.
+        let local_ips: Vec<IpAddr> = infos
+            .iter()
+            .filter(|i| i.local)
+            .flat_map(|i| i.ips.iter().filter_map(|ip| ip.parse().ok()))
+            .collect();
         for info in infos.iter_mut() {
             // `enrolled` is still the intent here (namespace, opt-out).
             if !info.local || !info.enrolled {
@@ -727,7 +743,14 @@ impl Reconciler {
             let known = self.store.pods.get(&key).and_then(|w| w.interface.clone());
             let iface = match (known, ips.first()) {
                 (Some(i), _) => Ok(i),
-                (None, Some(ip)) => self.interfaces.interface(*ip),
+                (None, Some(ip)) => {
+                    let others: Vec<IpAddr> = local_ips
+                        .iter()
+                        .filter(|o| !ips.contains(o))
+                        .copied()
+                        .collect();
+                    self.interfaces.interface(*ip, &others)
+                }
                 (None, None) => Err("the pod has no IP yet".into()),
             };
             // Not finding the interface yet (the pod is starting) is tried
@@ -1173,7 +1196,8 @@ impl Reconciler {
             .map(|(k, e)| format!("Service {k}: {e}"))
             .collect();
         dataplane_errors.extend(self.other_errors.values().cloned());
-        dataplane_errors.extend(self.enrol_reported.iter().filter_map(|k| {
+        dataplane_errors.extend(self.enrol_reported.iter().filter_map(|uid| {
+            let (k, _) = self.enrol_failing_since.get(uid)?;
             let e = self.enrol_errors.get(k)?;
             Some(format!(
                 "pod {k}: its outbound connections are not captured: {e}"
@@ -1208,12 +1232,12 @@ impl Reconciler {
     }
 }
 
-/// A STRICT pod's `strict_guard` when no node proxy runs: nothing enforces
-/// its mode.
 /// A pod's cgroup failing to enrol for this long (past a pod's start, when
 /// its containers' cgroups appear) is logged and listed by `sluice check`.
 const ENROL_FAILURE_REPORTED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A STRICT pod's `strict_guard` when no node proxy runs: nothing enforces
+/// its mode.
 pub(crate) const STRICT_WITHOUT_PROXY: &str = "not enforced: no node proxy runs (--proxy off)";
 
 /// Sockets pinned to removed backends that could not be reset stay until

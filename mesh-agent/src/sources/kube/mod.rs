@@ -218,6 +218,8 @@ async fn watch_kind<K>(
     let mut initial: Vec<Object> = Vec::new();
     let mut listed = false;
     let mut failing = false;
+    // The last error was a failed (re)list.
+    let mut list_failing = false;
     // Objects that cannot be read, by key; and during a (re)list, the ones
     // found so far.
     let mut unreadable: BTreeMap<Key, ConfigError> = BTreeMap::new();
@@ -241,7 +243,9 @@ async fn watch_kind<K>(
     let url = api.resource_url().to_owned();
     let mut stream = watcher(api, config).default_backoff().boxed();
     loop {
-        let next = if failing {
+        // Not after a failed list: a list that succeeds says so (Init ..
+        // InitDone), and one that hangs is no recovery.
+        let next = if failing && !list_failing {
             match tokio::time::timeout(recovered_after, stream.try_next()).await {
                 Ok(next) => next,
                 Err(_) => {
@@ -383,6 +387,7 @@ async fn watch_kind<K>(
                 };
                 tracing::warn!("{hint}");
                 failing = true;
+                list_failing = matches!(e, watcher::Error::InitialListFailed(_));
                 let mut errors = vec![ConfigError {
                     source: source_name(kind),
                     object: None,
