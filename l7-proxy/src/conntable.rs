@@ -136,23 +136,28 @@ pub struct RowRef(Arc<Row>);
 
 impl RowRef {
     /// One request of a captured HTTP connection went out: through the
-    /// tunnel to `identity`, or in plaintext (`None`); mirrored copies
-    /// count too (the data went there). Routes can send a connection's
-    /// requests to several backends, so the row is secured while none went
-    /// in plaintext, and names the destination identity only while all
-    /// reached the same one.
+    /// tunnel to `identity`, or in plaintext (`None`; mirrored copies sent
+    /// in plaintext count too, the data went there). Routes can send a
+    /// connection's requests to several backends, so the row is secured
+    /// while none went in plaintext, and names the destination identity
+    /// only while all reached the same one over mTLS.
     pub fn request_sent(&self, identity: Option<&SpiffeId>) {
         let row = &self.0;
         let Some(id) = identity else {
             row.plaintext_requests.fetch_add(1, Ordering::Relaxed);
+            let mut m = row.meta.lock().unwrap_or_else(|e| e.into_inner());
+            // Not every request reached that identity any more.
+            m.destination_identity = None;
             if !row.tls_mixed.swap(true, Ordering::Relaxed) {
-                row.meta.lock().unwrap_or_else(|e| e.into_inner()).tls = None;
+                m.tls = None;
             }
             return;
         };
         let before = row.mtls_requests.fetch_add(1, Ordering::Relaxed);
         let mut m = row.meta.lock().unwrap_or_else(|e| e.into_inner());
-        if before == 0 {
+        if row.plaintext_requests.load(Ordering::Relaxed) > 0 {
+            m.destination_identity = None;
+        } else if before == 0 {
             m.destination_identity = Some(id.clone());
         } else if m.destination_identity.as_ref() != Some(id) {
             m.destination_identity = None;
@@ -294,6 +299,41 @@ mod tests {
         assert_eq!(json["kind"], "outbound-tcp");
         drop(h);
         assert!(t.is_empty());
+    }
+
+    /// The row names a destination identity only while every request
+    /// reached it over mTLS: a request in plaintext (a route to a Service
+    /// outside the mesh) clears the one the row opened with, for good.
+    #[test]
+    fn an_http_row_names_an_identity_only_while_every_request_reached_it_over_mtls() {
+        let t = ConnTable::default();
+        let cart: SpiffeId = "spiffe://cluster.local/ns/shop/sa/cart".parse().unwrap();
+        let opened = |t: &ConnTable| {
+            t.open(
+                ConnKind::OutboundHttp,
+                ConnMeta {
+                    destination_identity: Some(cart.clone()),
+                    ..Default::default()
+                },
+            )
+        };
+        let identity = |t: &ConnTable| t.list()[0].meta.destination_identity.clone();
+        let h = opened(&t);
+        let r = h.reference();
+        r.request_sent(Some(&cart));
+        assert_eq!(identity(&t), Some(cart.clone()));
+        r.request_sent(None);
+        assert_eq!(identity(&t), None);
+        assert!(!t.list()[0].secured);
+        r.request_sent(Some(&cart));
+        assert_eq!(identity(&t), None, "a plaintext request went elsewhere");
+        drop((r, h));
+        // Plaintext first, then the tunnel: still not one identity.
+        let h = opened(&t);
+        let r = h.reference();
+        r.request_sent(None);
+        r.request_sent(Some(&cart));
+        assert_eq!(identity(&t), None);
     }
 
     #[test]

@@ -597,6 +597,9 @@ async fn route_request(
         };
         tried = pick.as_ref().map(|p| p.index);
         let taken = if pick.is_some() { body.take() } else { None };
+        // When a retry would go, read once the attempt is over: the answer
+        // in hand is kept or dropped by the same reading as the backoff.
+        let mut retry_at = None;
         let failure = match (pick, taken) {
             (None, _) => SendError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -684,8 +687,8 @@ async fn route_request(
                 // A retry whose backoff would end past the request's
                 // deadline cannot be made: the answer in hand is the one
                 // the caller gets, not a 504 of the proxy's.
-                let too_late =
-                    !backoff.is_zero() && deadline.is_some_and(|dl| dl <= Instant::now() + backoff);
+                let wake = *retry_at.insert(Instant::now() + backoff);
+                let too_late = !backoff.is_zero() && deadline.is_some_and(|dl| dl <= wake);
                 match result {
                     Ok(mut resp)
                         if !(may_retry
@@ -768,7 +771,7 @@ async fn route_request(
         }
         tracing::debug!(attempt = attempts, "retrying: {}", failure.reason);
         if !backoff.is_zero() {
-            let wake = Instant::now() + backoff;
+            let wake = retry_at.unwrap_or_else(|| Instant::now() + backoff);
             if deadline.is_some_and(|dl| dl <= wake) {
                 return Outcome {
                     attempts,
@@ -991,7 +994,7 @@ const MIRROR_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Who sends a request: the caller (its connection's row counts it and
 /// shows the tunnel's TLS) or the proxy, mirroring one (the caller never
-/// sent that one, and the mirror's backend may be plaintext).
+/// sent it: only a copy in plaintext shows, turning the row insecure).
 #[derive(Clone, Copy, PartialEq)]
 enum Sent {
     ByCaller,
@@ -1010,6 +1013,13 @@ async fn send_once(
     let row = conn.row.as_ref().filter(|_| sent == Sent::ByCaller);
     if let Some(row) = row {
         row.request_sent(up.tunnel.as_ref().map(|t| &t.identity));
+    } else if let Some(row) = &conn.row
+        && up.tunnel.is_none()
+    {
+        // A copy of the caller's request leaves in plaintext: the row is
+        // not secured any more (a copy through the tunnel changes nothing
+        // the caller's own requests show).
+        row.request_sent(None);
     }
     // An HTTP/1.1 upgrade, or an HTTP/2 extended CONNECT made one.
     let extended = parts

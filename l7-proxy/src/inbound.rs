@@ -213,7 +213,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let tls = match tokio::time::timeout(
         shared.settings.tls_handshake_timeout(),
-        acceptor.accept(Counted::new(tcp, row.clone())),
+        acceptor.accept(Counted::from_caller(tcp, row.clone())),
     )
     .await
     {

@@ -111,6 +111,32 @@ async fn http1_crosses_the_tunnel_and_the_server_sees_the_caller_identity() {
     mesh.shutdown().await;
 }
 
+/// Both ends of a tunnel connection count its bytes the same way: sent is
+/// towards the destination (the workload's node), received from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnels_rows_on_both_nodes_count_bytes_in_the_same_direction() {
+    let mesh = Mesh::standard().await;
+    let _srv = mesh.serve_cart().await;
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    // A small request, a 1 MiB answer.
+    let r = c.get("/big/1").await;
+    assert_eq!(r.status, 200);
+    let row = |rows: Vec<l7_proxy::conntable::ConnectionInfo>, kind| {
+        rows.into_iter()
+            .find(|r| r.kind == kind)
+            .expect("the tunnel's row")
+    };
+    let out = row(mesh.a.proxy().connections(), ConnKind::TunnelOut);
+    let inb = row(mesh.b.proxy().connections(), ConnKind::TunnelIn);
+    for r in [&out, &inb] {
+        assert!(
+            r.bytes_received > 1 << 20 && r.bytes_sent < 64 * 1024,
+            "{r:?}"
+        );
+    }
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_and_grpc_cross_the_tunnel_with_trailers() {
     let mesh = Mesh::standard().await;
