@@ -208,9 +208,10 @@ async fn sluice_says_where_it_looked_when_the_agent_is_down() {
         err.contains(&url) && err.contains("Is mesh-agent running"),
         "{err}"
     );
-    // check still runs the local checks, and fails on the agent line.
+    // check still runs the local checks, and fails on the agent line; its
+    // exit code, as every command's, says the agent could not be asked.
     let (code, out, _) = sluice(&url, &["check"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "{out}");
     assert!(out.lines().next().unwrap().starts_with("CHECK"), "{out}");
     assert!(out.contains("kernel") && out.contains("cgroup v2"), "{out}");
     let agent_line = out.lines().find(|l| l.starts_with("agent ")).unwrap();
@@ -220,7 +221,7 @@ async fn sluice_says_where_it_looked_when_the_agent_is_down() {
     );
     // A malformed --admin too: the local checks run, the agent line says why.
     let (code, out, _) = sluice("127.0.0.1:15020", &["check"]);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 2, "{out}");
     assert!(out.contains("kernel") && out.contains("cgroup v2"), "{out}");
     let agent_line = out.lines().find(|l| l.starts_with("agent ")).unwrap();
     assert!(
@@ -392,8 +393,8 @@ fn sluice_check_looks_for_bpffs_where_it_is_told() {
         .arg(dir.path())
         .output()
         .unwrap();
-    // The agent cannot be reached: a failed check.
-    assert_eq!(out.status.code(), Some(1));
+    // The agent cannot be reached: exit 2, after the local checks.
+    assert_eq!(out.status.code(), Some(2));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let bpffs = v["checks"]
         .as_array()

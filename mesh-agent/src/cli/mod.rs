@@ -48,8 +48,9 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check the node (kernel, cgroup v2, bpffs, BTF, capabilities) and the
-    /// agent (health, configuration errors, certificates). Exits 1 if a
-    /// check fails (FAIL: an expired certificate, say); warnings
+    /// agent (health, configuration errors, certificates). Exits 2 when the
+    /// agent cannot be asked (as every command), 1 if a check fails (FAIL:
+    /// an expired certificate, say); warnings
     /// (configuration problems, an agent still starting or not yet synced, a
     /// failing renewal) leave it at 0: gate manifests with `mesh-agent
     /// validate DIR`, which exits 1 on any problem.
@@ -163,10 +164,12 @@ fn with_agent_checks(local: Vec<CheckResult>, agent: Vec<CheckResult>) -> Vec<Ch
         .collect()
 }
 
-/// Local checks, then the agent's; exit 1 when something fails.
+/// Local checks, then the agent's; exit 2 when the agent cannot be asked,
+/// 1 when something fails.
 async fn check(c: Result<Client, client::Error>, bpffs: &std::path::Path, json: bool) -> ExitCode {
     let mut checks: Vec<CheckResult> = crate::check::local_checks(bpffs);
     let mut config_errors = Vec::new();
+    let mut unreachable = false;
     let asked = match c {
         Ok(c) => c
             .get::<Check>("/v1/check")
@@ -192,11 +195,14 @@ async fn check(c: Result<Client, client::Error>, bpffs: &std::path::Path, json: 
             outcome: Outcome::Warn,
             detail: e.to_string().replace('\n', " "),
         }),
-        Err(e) => checks.push(CheckResult {
-            name: "agent".into(),
-            outcome: Outcome::Fail,
-            detail: e.to_string().replace('\n', " "),
-        }),
+        Err(e) => {
+            unreachable = true;
+            checks.push(CheckResult {
+                name: "agent".into(),
+                outcome: Outcome::Fail,
+                detail: e.to_string().replace('\n', " "),
+            })
+        }
     }
     let failed = checks.iter().any(|c| c.outcome == Outcome::Fail);
     if json {
@@ -207,7 +213,11 @@ async fn check(c: Result<Client, client::Error>, bpffs: &std::path::Path, json: 
     } else {
         emit(&render_check(&checks, &config_errors));
     }
-    if failed {
+    // As every command: 2 when the agent cannot be asked, 1 when it (or
+    // the node) fails a check.
+    if unreachable {
+        ExitCode::from(2)
+    } else if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -453,7 +463,9 @@ fn kernel_unguarded(x: &WorkloadInfo) -> Option<&str> {
 
 pub fn render_connections(c: &Connections) -> String {
     if !c.proxy_running {
-        return "No node proxy runs in this agent, so there are no proxied connections to show.\n"
+        return "No node proxy runs inside this agent (with --proxy external it runs apart, and \
+                its connections are not visible here; `sluice status` says which), so there are \
+                no proxied connections to show.\n"
             .into();
     }
     if c.connections.is_empty() {
