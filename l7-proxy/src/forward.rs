@@ -773,12 +773,16 @@ async fn route_request(
         if !backoff.is_zero() {
             let wake = retry_at.unwrap_or_else(|| Instant::now() + backoff);
             if deadline.is_some_and(|dl| dl <= wake) {
+                // No retry fits before the request timeout: the failure in
+                // hand is the answer, now, with its own status.
                 return Outcome {
                     attempts,
                     ..Outcome::local(
-                        StatusCode::GATEWAY_TIMEOUT,
+                        failure.status,
                         format!(
-                            "request timeout of {}ms exceeded while backing off",
+                            "{}; not retried: the backoff would end past the request timeout \
+                             of {}ms",
+                            failure.reason,
                             rule.timeouts.request_ms.unwrap_or(0)
                         ),
                         route_label,

@@ -478,6 +478,34 @@ async fn a_watch_error_is_cleared_once_the_watch_is_back() {
     assert!(r.fake.watching(policies), "the watch is open again");
 }
 
+/// A list that keeps failing is no watch resumed: its error stays however
+/// quiet it gets between retries (only a failed watch's error is cleared
+/// by quiet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_keeps_failing_keeps_its_error() {
+    let fake = FakeApi::with_fixtures();
+    fake.fail_next_lists("/apis/sluice.dev/v1alpha1/meshpolicies", 1_000);
+    let r = start_with(fake, Duration::from_millis(500));
+    let view_rx = r.rx.view.clone();
+    let failing = move || {
+        view_rx
+            .borrow()
+            .config_errors
+            .iter()
+            .any(|e| e.message.contains("watching MeshPolicy"))
+    };
+    let f = failing.clone();
+    tokio::task::spawn_blocking(move || eventually("the list's error", || f().then_some(())))
+        .await
+        .unwrap();
+    // Several times the quiet that clears a failed watch's error, and a
+    // retried list or two (backoff from 0.8 s).
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(failing(), "the failing list's error was cleared");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_first_list_of_a_core_kind_holds_the_sync_until_it_succeeds() {
     let fake = FakeApi::with_fixtures();

@@ -334,8 +334,15 @@ impl Reconciler {
             // A Service refused for a ClusterIP another one held may be
             // fine now that the other moved: plan the refused ones again.
             dirty.services.extend(self.service_errors.keys().cloned());
-            // Failed enrolments and kernel operations are tried again.
-            if !self.enrol_errors.is_empty() || !self.other_errors.is_empty() {
+            // Failed enrolments and kernel operations are tried again; not
+            // a STRICT pod's missing interface of its own (a fact of the
+            // node's routing, looked at again when pods change), which
+            // would rebuild the views every 2 s on such a node.
+            let retry = self
+                .other_errors
+                .keys()
+                .any(|k| !k.starts_with("guard of pod ") && !k.starts_with("guard shared "));
+            if !self.enrol_errors.is_empty() || retry {
                 dirty.workloads = true;
             }
             self.retry_first_sync_steps();
@@ -699,13 +706,7 @@ impl Reconciler {
         let mut guard_keys: BTreeSet<String> = BTreeSet::new();
         // Interfaces two STRICT pods resolved to, and those pods.
         let mut shared: BTreeMap<String, Vec<Key>> = BTreeMap::new();
-        // Every local pod's addresses: a route to a STRICT pod that covers
-        // another's is no interface of the pod's own.
-        let local_ips: Vec<IpAddr> = infos
-            .iter()
-            .filter(|i| i.local)
-            .flat_map(|i| i.ips.iter().filter_map(|ip| ip.parse().ok()))
-            .collect();
+
         for info in infos.iter_mut() {
             // `enrolled` is still the intent here (namespace, opt-out).
             if !info.local || !info.enrolled {
@@ -743,14 +744,7 @@ impl Reconciler {
             let known = self.store.pods.get(&key).and_then(|w| w.interface.clone());
             let iface = match (known, ips.first()) {
                 (Some(i), _) => Ok(i),
-                (None, Some(ip)) => {
-                    let others: Vec<IpAddr> = local_ips
-                        .iter()
-                        .filter(|o| !ips.contains(o))
-                        .copied()
-                        .collect();
-                    self.interfaces.interface(*ip, &others)
-                }
+                (None, Some(ip)) => self.interfaces.interface(*ip),
                 (None, None) => Err("the pod has no IP yet".into()),
             };
             // Not finding the interface yet (the pod is starting) is tried

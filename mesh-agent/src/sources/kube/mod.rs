@@ -272,7 +272,15 @@ async fn watch_kind<K>(
         match next {
             Ok(None) => return,
             Ok(Some(ev)) => {
-                report |= std::mem::take(&mut failing);
+                // A (re)list under way is no recovery yet (kube-runtime
+                // says Init before it even asks): the error stays until the
+                // list is done or the watch delivers, and no quiet clears it.
+                if matches!(ev, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                    list_failing |= failing;
+                } else {
+                    report |= std::mem::take(&mut failing);
+                    list_failing = false;
+                }
                 match ev {
                     watcher::Event::Init => {
                         initial.clear();
