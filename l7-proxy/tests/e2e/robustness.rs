@@ -265,7 +265,7 @@ async fn one_peer_identity_holding_many_tunnel_connections_gets_no_more() {
     );
     assert_eq!(refusals(), 1.0);
     let (other, _ended) = peer_h2(&mesh, &bot(), HOST).await;
-    let _bots = tunnel_stream(&other, echo)
+    let bots = tunnel_stream(&other, echo)
         .await
         .expect("another identity from the same address");
     // Node A's proxy opens its own connection for web (another address).
@@ -285,7 +285,7 @@ async fn one_peer_identity_holding_many_tunnel_connections_gets_no_more() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(served, "no room after a connection closed");
-    drop((held, other));
+    drop((held, other, bots));
     mesh.shutdown().await;
 }
 
@@ -305,12 +305,12 @@ async fn a_retired_tunnel_connection_does_not_count_towards_the_cap() {
     // Past its age: GOAWAY, and the stream goes on.
     until_goaway(&old, echo).await;
     let (new, _new_ended) = peer_h2(&mesh, &web(), "127.0.0.79").await;
-    let _served = tunnel_stream(&new, echo)
+    let served = tunnel_stream(&new, echo)
         .await
         .expect("the retired connection still held the peer's only slot");
     send.send_data(Bytes::from_static(b"still"), false).unwrap();
     assert_eq!(recv.data().await.unwrap().unwrap(), "still");
-    drop((send, recv, old, new));
+    drop((send, recv, old, new, served));
     mesh.shutdown().await;
 }
 
@@ -737,26 +737,14 @@ async fn the_server_side_takes_no_new_streams_on_a_tunnel_past_its_age() {
     // limit is the server's to enforce.
     let (h2, conn) = h2::client::handshake(peer_tls(&mesh).await).await.unwrap();
     tokio::spawn(conn);
-    let open = |h2: h2::client::SendRequest<bytes::Bytes>| async move {
-        let mut h2 = h2.ready().await?;
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(echo.to_string())
-            .body(())
-            .unwrap();
-        let (resp, send) = h2.send_request(req, false)?;
-        let resp = resp.await?;
-        assert_eq!(resp.status(), 200);
-        Ok::<_, h2::Error>((send, resp.into_body()))
-    };
-    let (mut send, mut recv) = open(h2.clone()).await.unwrap();
+    let (mut send, mut recv) = tunnel_stream(&h2, echo).await.unwrap();
     send.send_data(bytes::Bytes::from_static(b"a"), false)
         .unwrap();
     assert_eq!(recv.data().await.unwrap().unwrap(), "a");
     // Past the age, the server says GOAWAY: a new stream is refused.
     let refused = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            match open(h2.clone()).await {
+            match tunnel_stream(&h2, echo).await {
                 Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 Err(e) => return e,
             }
