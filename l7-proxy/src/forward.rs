@@ -687,8 +687,10 @@ async fn route_request(
                 // A retry whose backoff would end past the request's
                 // deadline cannot be made: the answer in hand is the one
                 // the caller gets, not a 504 of the proxy's.
-                let wake = *retry_at.insert(Instant::now() + backoff);
-                let too_late = !backoff.is_zero() && deadline.is_some_and(|dl| dl <= wake);
+                // The clock is read only where a retry could be made.
+                let too_late = may_retry
+                    && !backoff.is_zero()
+                    && deadline.is_some_and(|dl| dl <= *retry_at.insert(Instant::now() + backoff));
                 match result {
                     Ok(mut resp)
                         if !(may_retry

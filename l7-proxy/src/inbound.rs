@@ -254,10 +254,10 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     // worse, and each holds TLS state and a task here. Draining connections
     // (GOAWAY said: retired, idle, shutting down) no longer count.
     let max = shared.settings.max_tunnel_connections_per_peer;
-    let key = (identity.clone(), peer.ip(), local_identity.clone());
     let open = if max == 0 {
         Ok(None)
     } else {
+        let key = (identity.clone(), peer.ip(), local_identity.clone());
         shared
             .peer_connections
             .begin(&key, max)
@@ -403,7 +403,10 @@ where
     let mut idle = std::pin::pin!(tokio::time::sleep(server_idle));
     let (mut accepted, mut accepted_at_last_look) = (0u64, 0u64);
     loop {
-        tokio::select! {
+        // Whether to say GOAWAY now (shutdown, age, idle): after it the
+        // connection takes no stream and no longer counts towards its
+        // peer's cap.
+        let go_away = tokio::select! {
             biased;
             r = conn.accept() => match r {
                 Some(Ok((req, respond))) => {
@@ -421,23 +424,18 @@ where
                         // connection's drain waits for.
                         tokio::spawn(stream);
                     }
+                    false
                 }
                 Some(Err(e)) => return Err(e.to_string()),
                 None => return Ok(()),
             },
-            _ = &mut drain, if !draining => {
-                draining = true;
-                drop(open.take());
-                conn.graceful_shutdown();
-            }
+            _ = &mut drain, if !draining => true,
             _ = &mut retire, if !draining => {
                 tracing::debug!(
                     peer = %tp.identity,
                     "tunnel connection at its age limit or its peer certificate's expiry: GOAWAY"
                 );
-                draining = true;
-                drop(open.take());
-                conn.graceful_shutdown();
+                true
             }
             () = &mut idle, if !draining => {
                 if accepted == accepted_at_last_look && tp.in_flight.load(Ordering::Relaxed) == 0 {
@@ -445,12 +443,11 @@ where
                         peer = %tp.identity,
                         "tunnel connection idle for {server_idle:?}: GOAWAY"
                     );
-                    draining = true;
-                    drop(open.take());
-                    conn.graceful_shutdown();
+                    true
                 } else {
                     accepted_at_last_look = accepted;
                     idle.as_mut().reset(tokio::time::Instant::now() + server_idle);
+                    false
                 }
             }
             why = &mut alive => {
@@ -460,6 +457,11 @@ where
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), closed).await;
                 return Err(why);
             }
+        };
+        if go_away {
+            draining = true;
+            drop(open.take());
+            conn.graceful_shutdown();
         }
     }
 }

@@ -126,6 +126,12 @@ impl CgroupResolver for PodCgroups {
 mod tests {
     use super::*;
 
+    /// A cgroup directory at `path` (with its `cgroup.procs`).
+    fn cgroup(path: &Path) {
+        std::fs::create_dir_all(path).unwrap();
+        std::fs::write(path.join("cgroup.procs"), "").unwrap();
+    }
+
     #[test]
     fn finds_systemd_and_cgroupfs_layouts() {
         let root = tempfile::tempdir().unwrap();
@@ -141,14 +147,12 @@ mod tests {
         let sd = root
             .path()
             .join("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234_ab.slice");
-        std::fs::create_dir_all(&sd).unwrap();
-        std::fs::write(sd.join("cgroup.procs"), "").unwrap();
+        cgroup(&sd);
         assert_eq!(r.resolve(&w).unwrap(), sd);
 
         w.uid = "99".into();
         let fs = root.path().join("kubepods/pod99");
-        std::fs::create_dir_all(&fs).unwrap();
-        std::fs::write(fs.join("cgroup.procs"), "").unwrap();
+        cgroup(&fs);
         assert_eq!(r.resolve(&w).unwrap(), fs);
 
         // A kubelet with a --cgroup-root of its own (kind's /kubelet), both
@@ -164,14 +168,12 @@ mod tests {
         assert_eq!(r.resolve(&w).unwrap(), kind_sd);
         w.uid = "88".into();
         let kind_fs = root.path().join("kubelet/kubepods/burstable/pod88");
-        std::fs::create_dir_all(&kind_fs).unwrap();
-        std::fs::write(kind_fs.join("cgroup.procs"), "").unwrap();
+        cgroup(&kind_fs);
         assert_eq!(r.resolve(&w).unwrap(), kind_fs);
         // Elsewhere (not a kubepods tree) it is not looked for.
         w.uid = "66".into();
         let stray = root.path().join("system.slice/other/pod66");
-        std::fs::create_dir_all(&stray).unwrap();
-        std::fs::write(stray.join("cgroup.procs"), "").unwrap();
+        cgroup(&stray);
         let err = r.resolve(&w).unwrap_err();
         assert!(err.contains("66") && err.contains("cgroup-root"), "{err}");
 

@@ -193,15 +193,7 @@ async fn peer_tls_as(
 /// An HTTP/2 client over [`peer_tls_as`], and what its connection task
 /// ended with.
 async fn peer_h2(mesh: &Mesh, from: &Pod, at: &str) -> (h2::client::SendRequest<Bytes>, Ended) {
-    let (h2, conn) = h2::client::handshake(peer_tls_as(mesh, from, at).await)
-        .await
-        .unwrap();
-    let (ended_tx, ended) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let r = conn.await;
-        let _ = ended_tx.send((tokio::time::Instant::now(), r));
-    });
-    (h2, ended)
+    h2_watched_over(peer_tls_as(mesh, from, at).await).await
 }
 
 /// A CONNECT stream to `to` on `h2`, answered 200, and its two halves.
@@ -700,24 +692,16 @@ async fn the_server_side_closes_a_tunnel_connection_left_idle() {
     .await;
     mesh.publish(&Snapshot::default()).await;
     let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
-    let (h2, conn) = h2::client::handshake(peer_tls(&mesh).await).await.unwrap();
-    let conn = tokio::spawn(conn);
+    let (h2, ended) = h2_watched_over(peer_tls(&mesh).await).await;
     // One stream, used and ended: then nothing.
-    let mut h2 = h2.ready().await.unwrap();
-    let req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(echo.to_string())
-        .body(())
-        .unwrap();
-    let (resp, mut send) = h2.send_request(req, false).unwrap();
-    let mut recv = resp.await.unwrap().into_body();
+    let (mut send, mut recv) = tunnel_stream(&h2, echo).await.unwrap();
     send.send_data(bytes::Bytes::from_static(b"a"), true)
         .unwrap();
     assert_eq!(recv.data().await.unwrap().unwrap(), "a");
     drop((send, recv));
     // The handle is kept: the client side would end the connection itself
     // once it has none left.
-    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+    let ended = tokio::time::timeout(Duration::from_secs(10), ended)
         .await
         .expect("the server side ends an idle connection (GOAWAY)");
     assert!(ended.is_ok(), "{ended:?}");

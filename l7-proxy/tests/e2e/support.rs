@@ -805,14 +805,23 @@ pub type Ended = tokio::sync::oneshot::Receiver<(tokio::time::Instant, Result<()
 /// An HTTP/2 connection (`h2`'s client) from web to `to` through node A's
 /// capture, and what says when its connection task ends.
 pub async fn watched_h2(mesh: &Mesh, to: SocketAddr) -> (h2::client::SendRequest<Bytes>, Ended) {
-    let tcp = mesh.connect(web().ip, to).await;
-    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let (h2, ended) = h2_watched_over(mesh.connect(web().ip, to).await).await;
+    (h2.ready().await.unwrap(), ended)
+}
+
+/// An HTTP/2 client (`h2`'s) over `io`, its connection task spawned, and
+/// what says when that task ends.
+pub async fn h2_watched_over<T>(io: T) -> (h2::client::SendRequest<Bytes>, Ended)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (h2, conn) = h2::client::handshake(io).await.unwrap();
     let (ended_tx, ended) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let r = conn.await;
         let _ = ended_tx.send((tokio::time::Instant::now(), r));
     });
-    (h2.ready().await.unwrap(), ended)
+    (h2, ended)
 }
 
 /// Waits (10 s at most) for the proxy to close `h2`'s connection, and

@@ -1505,12 +1505,7 @@ impl std::io::Write for Lines {
 async fn a_request_whose_caller_leaves_before_the_answer_is_counted_and_logged() {
     let (log, _default) = capture_access_log();
     let mesh = Mesh::standard().await;
-    let srv = mesh.serve_cart().await;
-    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    tcp.write_all(b"GET /slow/5000 HTTP/1.1\r\nhost: cart\r\n\r\n")
-        .await
-        .unwrap();
-    eventually("the request reached the workload", || srv[0].hits() == 1).await;
+    let (_srv, tcp) = slow_request(&mesh).await;
     drop(tcp);
     let web_id = web().identity().to_string();
     cancelled_on_both(&mesh, &[]).await;
@@ -1557,13 +1552,20 @@ async fn slow_request_with_short_drain() -> (Mesh, Vec<EchoServer>, tokio::net::
         s.drain_timeout_ms = 300;
     })
     .await;
+    let (srv, tcp) = slow_request(&mesh).await;
+    (mesh, srv, tcp)
+}
+
+/// Cart served, and a request from web that cart 0 holds for 5 s (in
+/// flight once this returns).
+async fn slow_request(mesh: &Mesh) -> (Vec<EchoServer>, tokio::net::TcpStream) {
     let srv = mesh.serve_cart().await;
     let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     tcp.write_all(b"GET /slow/5000 HTTP/1.1\r\nhost: cart\r\n\r\n")
         .await
         .unwrap();
     eventually("the request reached the workload", || srv[0].hits() == 1).await;
-    (mesh, srv, tcp)
+    (srv, tcp)
 }
 
 /// A request still waiting for its answer when the caller's proxy shuts
