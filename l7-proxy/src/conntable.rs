@@ -60,6 +60,20 @@ pub struct ConnectionInfo {
     #[serde(flatten)]
     pub meta: ConnMeta,
     pub secured: bool,
+    /// Not secured yet, but on its way: the TLS handshake of a tunnel
+    /// connection, or the tunnel stream of a captured TCP connection to a
+    /// meshed destination, is still being set up.
+    pub pending: bool,
+    /// A captured HTTP connection's requests so far: sent through the
+    /// tunnel, and sent in plaintext (mirrored copies included).
+    pub requests: Option<RequestCounts>,
+    /// A captured HTTP connection whose requests reached more than one
+    /// identity over mTLS (`destination_identity` is then empty).
+    pub several_identities: bool,
+    /// A captured HTTP connection whose requests' tunnel connections
+    /// differed in TLS version or cipher suite, none in plaintext (`tls` is
+    /// then empty).
+    pub mixed_tls: bool,
     /// Unix seconds.
     pub opened_at: u64,
     /// Towards the destination.
@@ -68,10 +82,20 @@ pub struct ConnectionInfo {
     pub bytes_received: u64,
 }
 
+/// See [`ConnectionInfo::requests`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RequestCounts {
+    pub mtls: u64,
+    pub plaintext: u64,
+}
+
 #[derive(Debug)]
 struct Row {
     kind: ConnKind,
     meta: Mutex<ConnMeta>,
+    /// The identity a captured HTTP connection's first request through the
+    /// tunnel reached, and whether a later one reached another.
+    reached: Mutex<(Option<SpiffeId>, bool)>,
     opened_at: u64,
     sent: AtomicU64,
     received: AtomicU64,
@@ -153,15 +177,20 @@ impl RowRef {
             }
             return;
         };
-        let before = row.mtls_requests.fetch_add(1, Ordering::Relaxed);
+        row.mtls_requests.fetch_add(1, Ordering::Relaxed);
         let mut m = row.meta.lock().unwrap_or_else(|e| e.into_inner());
-        if row.plaintext_requests.load(Ordering::Relaxed) > 0 {
-            m.destination_identity = None;
-        } else if before == 0 {
-            m.destination_identity = Some(id.clone());
-        } else if m.destination_identity.as_ref() != Some(id) {
-            m.destination_identity = None;
+        let mut reached = row.reached.lock().unwrap_or_else(|e| e.into_inner());
+        match &reached.0 {
+            None => reached.0 = Some(id.clone()),
+            Some(first) if first != id => reached.1 = true,
+            Some(_) => {}
         }
+        m.destination_identity = if reached.1 || row.plaintext_requests.load(Ordering::Relaxed) > 0
+        {
+            None
+        } else {
+            Some(id.clone())
+        };
     }
 }
 
@@ -209,6 +238,7 @@ impl ConnTable {
         let row = Arc::new(Row {
             kind,
             meta: Mutex::new(meta),
+            reached: Mutex::new((None, false)),
             opened_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -236,6 +266,13 @@ impl ConnTable {
         rows.iter()
             .map(|(id, r)| {
                 let meta = r.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let http = r.kind == ConnKind::OutboundHttp;
+                let requests = RequestCounts {
+                    mtls: r.mtls_requests.load(Ordering::Relaxed),
+                    plaintext: r.plaintext_requests.load(Ordering::Relaxed),
+                };
+                let several_identities =
+                    http && r.reached.lock().unwrap_or_else(|e| e.into_inner()).1;
                 ConnectionInfo {
                     id: *id,
                     kind: r.kind,
@@ -246,10 +283,23 @@ impl ConnTable {
                     // through the tunnel. Other rows carry the TLS facts of
                     // their own hop.
                     secured: meta.tls.is_some()
-                        || (r.kind == ConnKind::OutboundHttp
-                            && r.plaintext_requests.load(Ordering::Relaxed) == 0
-                            && (r.mtls_requests.load(Ordering::Relaxed) > 0
-                                || meta.destination_identity.is_some())),
+                        || (http
+                            && requests.plaintext == 0
+                            && (requests.mtls > 0 || meta.destination_identity.is_some())),
+                    // A tunnel connection has its TLS facts once its
+                    // handshake is done; a captured TCP connection to a
+                    // meshed destination once its tunnel stream is open.
+                    pending: meta.tls.is_none()
+                        && match r.kind {
+                            ConnKind::TunnelIn | ConnKind::TunnelOut => true,
+                            ConnKind::OutboundTcp => meta.destination_identity.is_some(),
+                            ConnKind::OutboundHttp | ConnKind::InboundTcp => false,
+                        },
+                    requests: http.then_some(requests),
+                    several_identities,
+                    mixed_tls: http
+                        && requests.plaintext == 0
+                        && r.tls_mixed.load(Ordering::Relaxed),
                     meta,
                     opened_at: r.opened_at,
                     bytes_sent: r.sent.load(Ordering::Relaxed),
@@ -334,6 +384,78 @@ mod tests {
         r.request_sent(None);
         r.request_sent(Some(&cart));
         assert_eq!(identity(&t), None);
+    }
+
+    /// A row says why it has no identity or TLS facts: several reached,
+    /// tunnels that differed, or a handshake still under way.
+    #[test]
+    fn rows_tell_several_mixed_and_pending_from_none() {
+        let t = ConnTable::default();
+        let id = |sa: &str| -> SpiffeId {
+            format!("spiffe://cluster.local/ns/shop/sa/{sa}")
+                .parse()
+                .unwrap()
+        };
+        let h = t.open(ConnKind::OutboundHttp, ConnMeta::default());
+        let r = h.reference();
+        r.request_sent(Some(&id("cart")));
+        r.request_sent(Some(&id("cart")));
+        let row = || t.list()[0].clone();
+        assert!(!row().several_identities);
+        r.request_sent(Some(&id("db")));
+        // Back to the first one: still several.
+        r.request_sent(Some(&id("cart")));
+        let x = row();
+        assert_eq!(x.meta.destination_identity, None);
+        assert!(x.several_identities && x.secured);
+        let tls = |cipher: &str| TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher_suite: cipher.into(),
+            peer_cert_not_after: None,
+        };
+        r.tunnel_tls(&tls("A"));
+        assert!(!row().mixed_tls);
+        r.tunnel_tls(&tls("B"));
+        assert!(row().mixed_tls);
+        r.request_sent(None);
+        let x = row();
+        assert_eq!(
+            x.requests,
+            Some(RequestCounts {
+                mtls: 4,
+                plaintext: 1
+            })
+        );
+        // Some went in plaintext: no TLS facts to mix.
+        assert!(!x.secured && !x.mixed_tls && x.several_identities);
+        drop((r, h));
+
+        let pending = |kind, meta| {
+            let h = t.open(kind, meta);
+            let p = t.list()[0].pending;
+            h.update(|m| m.tls = Some(tls("A")));
+            let after = t.list()[0].clone();
+            drop(h);
+            (p, after.pending, after.secured)
+        };
+        let to_db = ConnMeta {
+            destination_identity: Some(id("db")),
+            ..Default::default()
+        };
+        assert_eq!(
+            pending(ConnKind::TunnelIn, ConnMeta::default()),
+            (true, false, true)
+        );
+        assert_eq!(
+            pending(ConnKind::TunnelOut, to_db.clone()),
+            (true, false, true)
+        );
+        assert_eq!(pending(ConnKind::OutboundTcp, to_db), (true, false, true));
+        // Outside the mesh: nothing to wait for.
+        let h = t.open(ConnKind::OutboundTcp, ConnMeta::default());
+        assert!(!t.list()[0].pending && !t.list()[0].secured);
+        assert_eq!(t.list()[0].requests, None);
+        drop(h);
     }
 
     #[test]

@@ -384,6 +384,11 @@ impl ProxyHandle for EmbeddedProxy {
                     destination_workload: m.destination.as_ref().map(ToString::to_string),
                     destination_identity: m.destination_identity.as_ref().map(ToString::to_string),
                     mtls: c.secured,
+                    mtls_pending: c.pending,
+                    requests_mtls: c.requests.map(|r| r.mtls),
+                    requests_plaintext: c.requests.map(|r| r.plaintext),
+                    several_identities: c.several_identities,
+                    mixed_tls: c.mixed_tls,
                     tls_version: m.tls.as_ref().map(|t| t.version.clone()),
                     cipher: m.tls.as_ref().map(|t| t.cipher_suite.clone()),
                     peer_cert_expiry: m

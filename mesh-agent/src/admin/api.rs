@@ -173,6 +173,24 @@ pub struct ConnectionInfo {
     pub destination_identity: Option<String>,
     /// The hop is mutual TLS.
     pub mtls: bool,
+    /// Not mutual TLS yet, but on its way: a tunnel connection's handshake,
+    /// or a captured TCP connection's tunnel stream, is being set up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mtls_pending: bool,
+    /// A captured HTTP connection's requests so far sent through the tunnel
+    /// and in plaintext (mirrored copies included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_mtls: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_plaintext: Option<u64>,
+    /// A captured HTTP connection whose requests reached more than one
+    /// identity (no `destination_identity` then).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub several_identities: bool,
+    /// A captured HTTP connection whose requests' tunnel connections
+    /// differed in TLS version or cipher suite (no `tls_version` then).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mixed_tls: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

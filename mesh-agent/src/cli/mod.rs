@@ -14,7 +14,8 @@ use self::{
 };
 use crate::{
     admin::api::{
-        Check, CheckResult, Connections, Outcome, Routes, Status, WorkloadInfo, Workloads,
+        Check, CheckResult, ConnectionInfo, Connections, Outcome, Routes, Status, WorkloadInfo,
+        Workloads,
     },
     config,
 };
@@ -473,6 +474,7 @@ pub fn render_connections(c: &Connections) -> String {
     }
     let mut t = Table::new(&[
         "DIR",
+        "KIND",
         "SOURCE",
         "SOURCE ID",
         "DESTINATION",
@@ -485,8 +487,13 @@ pub fn render_connections(c: &Connections) -> String {
         "RECEIVED",
     ]);
     for x in &c.connections {
+        let mixed = |v: &Option<String>| match v {
+            None if x.mixed_tls => "(mixed)".to_string(),
+            v => or_dash(v.as_ref()),
+        };
         t.row(vec![
             x.direction.clone(),
+            connection_kind(x.protocol.as_deref()).into(),
             x.source_workload
                 .clone()
                 .unwrap_or_else(|| x.source_addr.clone()),
@@ -494,16 +501,50 @@ pub fn render_connections(c: &Connections) -> String {
             x.destination_workload
                 .clone()
                 .unwrap_or_else(|| x.destination_addr.clone()),
-            or_dash(x.destination_identity.as_ref()),
-            if x.mtls { "yes" } else { "NO" }.into(),
-            or_dash(x.tls_version.as_ref()),
-            or_dash(x.cipher.as_ref()),
+            match &x.destination_identity {
+                None if x.several_identities => "(several)".into(),
+                v => or_dash(v.as_ref()),
+            },
+            mtls_cell(x),
+            mixed(&x.tls_version),
+            mixed(&x.cipher),
             or_dash(x.peer_cert_expiry.as_ref()),
             bytes(x.bytes_sent),
             bytes(x.bytes_received),
         ]);
     }
     t.to_string()
+}
+
+/// `tcp`, `http` or `tunnel` (the API's `protocol` without its direction).
+fn connection_kind(protocol: Option<&str>) -> &str {
+    match protocol {
+        Some("tunnel-out" | "tunnel-in") => "tunnel",
+        Some(p) => p
+            .strip_prefix("outbound-")
+            .or_else(|| p.strip_prefix("inbound-"))
+            .unwrap_or(p),
+        None => "-",
+    }
+}
+
+/// `yes`; `pending` while a handshake or tunnel stream is being set up; `NO`,
+/// saying how many of a captured HTTP connection's requests went in
+/// plaintext when others went through the tunnel.
+fn mtls_cell(x: &ConnectionInfo) -> String {
+    match (
+        x.mtls,
+        x.mtls_pending,
+        x.requests_mtls,
+        x.requests_plaintext,
+    ) {
+        (true, ..) => "yes".into(),
+        (false, true, ..) => "pending".into(),
+        (false, false, Some(m), Some(p)) if m > 0 && p > 0 => {
+            format!("NO ({p} of {} requests in plaintext)", m + p)
+        }
+        _ => "NO".into(),
+    }
 }
 
 /// `512 B`, `1.5 KiB`, `3.2 MiB`, `1.0 GiB`.
@@ -649,9 +690,10 @@ mod tests {
                 tls_version: Some("TLSv1.3".into()),
                 cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
                 peer_cert_expiry: Some("2026-01-02T00:00:00Z".into()),
-                protocol: Some("http".into()),
+                protocol: Some("outbound-http".into()),
                 bytes_sent: 512,
                 bytes_received: 3 * 1024 * 1024 + 200 * 1024,
+                ..Default::default()
             }],
         };
         let out = render_connections(&c);
@@ -672,6 +714,74 @@ mod tests {
         // Columns line up: every header starts where its column starts.
         let col = lines[0].find("MTLS").unwrap();
         assert_eq!(&lines[1][col..col + 3], "yes");
+        let col = lines[0].find("KIND").unwrap();
+        assert_eq!(&lines[1][col..col + 5], "http ");
+    }
+
+    /// `-` means "none": a handshake under way, requests that reached
+    /// several identities and tunnels that differed say so instead.
+    #[test]
+    fn tls_table_tells_pending_several_and_mixed_from_none() {
+        let row = |protocol: &str| ConnectionInfo {
+            direction: "outbound".into(),
+            source_addr: "10.0.0.1:40000".into(),
+            destination_addr: "10.0.0.2:8080".into(),
+            protocol: Some(protocol.into()),
+            ..Default::default()
+        };
+        let c = Connections {
+            proxy_running: true,
+            connections: vec![
+                ConnectionInfo {
+                    mtls_pending: true,
+                    destination_identity: Some("spiffe://cluster.local/ns/shop/sa/db".into()),
+                    ..row("tunnel-out")
+                },
+                ConnectionInfo {
+                    mtls: true,
+                    several_identities: true,
+                    mixed_tls: true,
+                    requests_mtls: Some(4),
+                    requests_plaintext: Some(0),
+                    ..row("outbound-http")
+                },
+                ConnectionInfo {
+                    requests_mtls: Some(3),
+                    requests_plaintext: Some(1),
+                    ..row("outbound-http")
+                },
+                row("outbound-tcp"),
+            ],
+        };
+        let out = render_connections(&c);
+        let lines: Vec<&str> = out.lines().collect();
+        let cell = |line: usize, header: &str| {
+            // The whole header: `TLS`, not the end of `MTLS`.
+            let col = lines[0].find(&format!(" {header} ")).unwrap() + 1;
+            lines[line][col..]
+                .split("  ")
+                .next()
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        assert_eq!(cell(1, "KIND"), "tunnel", "{out}");
+        assert_eq!(cell(1, "MTLS"), "pending", "{out}");
+        assert_eq!(cell(1, "TLS"), "-", "{out}");
+        assert_eq!(cell(2, "DESTINATION ID"), "(several)", "{out}");
+        assert_eq!(cell(2, "MTLS"), "yes", "{out}");
+        assert_eq!(cell(2, "TLS"), "(mixed)", "{out}");
+        assert_eq!(cell(2, "CIPHER"), "(mixed)", "{out}");
+        assert_eq!(
+            cell(3, "MTLS"),
+            "NO (1 of 4 requests in plaintext)",
+            "{out}"
+        );
+        assert_eq!(cell(3, "DESTINATION ID"), "-", "{out}");
+        assert_eq!(
+            (cell(4, "KIND"), cell(4, "MTLS")),
+            ("tcp".into(), "NO".into())
+        );
     }
 
     #[test]
