@@ -799,9 +799,19 @@ pub enum AccessSource {
 pub struct HttpConditions {
     /// Allowed methods; any when empty.
     pub methods: Vec<String>,
-    /// Allowed paths; any when empty. `/a/*` allows `/a/` and below, other
-    /// values must be equal to the path.
-    pub paths: Vec<String>,
+    /// Allowed paths; any when empty.
+    pub paths: Vec<PathCondition>,
+}
+
+/// A path an HTTP condition allows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathCondition {
+    /// This path and no other (a `*` in it is a character like the rest).
+    Exact(String),
+    /// This path and what is under it, by whole segments: `/a` (or `/a/`)
+    /// allows `/a`, `/a/` and `/a/b`, never `/ab`; `/` allows every path.
+    Subtree(String),
 }
 
 #[cfg(test)]

@@ -10,7 +10,10 @@
 use http::Method;
 
 use crate::{
-    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, LocalWorkload, SpiffeId},
+    config::{
+        AccessPolicy, AccessRule, AccessSource, HttpConditions, LocalWorkload, PathCondition,
+        SpiffeId,
+    },
     state::State,
 };
 
@@ -107,16 +110,16 @@ fn conditions_match(c: &HttpConditions, h: HttpFacts<'_>) -> bool {
             .any(|m| m == h.method.as_str());
     let path_ok = c.paths.is_empty()
         || (!ambiguous_path(h.path)
-            && c.paths.iter().any(|p| match p.strip_suffix("/*") {
-                // A subtree, by whole segments: `/a/*` is `/a` and `/a/…`,
-                // never `/ab`; any other `*` is a character like the rest.
-                Some(base) => {
+            && c.paths.iter().any(|p| match p {
+                // By whole segments: `/a` is `/a` and `/a/…`, never `/ab`.
+                PathCondition::Subtree(base) => {
+                    let base = base.trim_end_matches('/');
                     h.path == base
                         || h.path
                             .strip_prefix(base)
                             .is_some_and(|rest| rest.starts_with('/'))
                 }
-                None => p == h.path,
+                PathCondition::Exact(p) => p == h.path,
             }));
     method_ok && path_ok
 }
@@ -440,7 +443,13 @@ mod tests {
                 from: vec![],
                 to: Some(HttpConditions {
                     methods: vec!["GET".into()],
-                    paths: vec!["/public/*".into(), "/health".into(), "/api*".into()],
+                    paths: vec![
+                        PathCondition::Subtree("/public".into()),
+                        PathCondition::Exact("/health".into()),
+                        PathCondition::Exact("/api*".into()),
+                        // Literal, not a subtree of `/files`.
+                        PathCondition::Exact("/files/*".into()),
+                    ],
                 }),
             }],
         )]);
@@ -454,8 +463,8 @@ mod tests {
             authorize(&s, &caller, &w, 8080, facts(&Method::GET, "/public")),
             Verdict::Allow
         );
-        // A subtree is whole segments; a `*` not after a `/` is literal.
-        for outside in ["/publicity", "/apiadmin", "/api"] {
+        // A subtree is whole segments; a `*` in an exact path is literal.
+        for outside in ["/publicity", "/apiadmin", "/api", "/files/x", "/files"] {
             assert!(
                 matches!(
                     authorize(&s, &caller, &w, 8080, facts(&Method::GET, outside)),

@@ -13,7 +13,7 @@ pub mod routes;
 
 use l7_proxy::config::{
     AccessPolicy, AccessRule, AccessSource, Endpoint, HttpConditions, LocalWorkload, MtlsMode,
-    ObjectRef, SelectedBy, Service, ServicePort, Snapshot, SpiffeId, Workload,
+    ObjectRef, PathCondition, SelectedBy, Service, ServicePort, Snapshot, SpiffeId, Workload,
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -212,17 +212,13 @@ pub fn access_policies(p: &crds::AccessPolicy, errors: &mut Vec<String>) -> Vec<
             let mut paths = Vec::new();
             for m in &op.paths {
                 match m.kind {
-                    PathMatchType::Exact => paths.push(m.value.clone()),
+                    // A `*` in an exact path is literal (`/files/*` is not
+                    // all of `/files`).
+                    PathMatchType::Exact => paths.push(PathCondition::Exact(m.value.clone())),
                     // Gateway API prefixes match whole segments: `/a` covers
                     // `/a` and `/a/...`.
                     PathMatchType::PathPrefix => {
-                        let base = m.value.trim_end_matches('/');
-                        if base.is_empty() {
-                            paths.push("/*".into());
-                        } else {
-                            paths.push(base.to_string());
-                            paths.push(format!("{base}/*"));
-                        }
+                        paths.push(PathCondition::Subtree(m.value.clone()))
                     }
                 }
             }

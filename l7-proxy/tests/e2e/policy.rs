@@ -5,7 +5,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use l7_proxy::{
     Snapshot,
-    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, ObjectRef},
+    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, ObjectRef, PathCondition},
 };
 use tokio::io::AsyncWriteExt;
 
@@ -175,7 +175,7 @@ async fn access_policy_allows_and_denies_http_with_a_reason() {
                 from: vec![AccessSource::ServiceAccount(ObjectRef::new("other", "bot"))],
                 to: Some(HttpConditions {
                     methods: vec!["GET".into()],
-                    paths: vec!["/public/*".into()],
+                    paths: vec![PathCondition::Subtree("/public".into())],
                 }),
             },
         ])],

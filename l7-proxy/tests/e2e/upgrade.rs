@@ -10,7 +10,7 @@ use std::{
 
 use l7_proxy::{
     Snapshot,
-    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, ObjectRef},
+    config::{AccessPolicy, AccessRule, AccessSource, HttpConditions, ObjectRef, PathCondition},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -157,7 +157,7 @@ fn bot_reads_public() -> AccessPolicy {
             from: vec![AccessSource::Identity(bot().identity())],
             to: Some(HttpConditions {
                 methods: vec!["GET".into()],
-                paths: vec!["/public/*".into()],
+                paths: vec![PathCondition::Subtree("/public".into())],
             }),
         }],
     }

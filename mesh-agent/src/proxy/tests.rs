@@ -329,7 +329,10 @@ fn access_policies_become_one_per_target_with_prefixes_expanded() {
     );
     assert_eq!(
         rules[0].to.as_ref().unwrap().paths,
-        ["/api", "/api/*", "/health"]
+        [
+            PathCondition::Subtree("/api".into()),
+            PathCondition::Exact("/health".into())
+        ]
     );
     assert_eq!(rules[1].to.as_ref().unwrap().methods, ["POST"]);
     assert_eq!(rules[2].to, None);
