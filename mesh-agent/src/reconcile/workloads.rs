@@ -29,12 +29,18 @@ pub fn mtls_mode(store: &Store, w: &Workload, default: MtlsMode) -> MtlsMode {
         if key.namespace != w.namespace {
             continue;
         }
+        // An empty selector (`selector: {}`) selects every pod: it is
+        // namespace-wide, and does not outrank an older namespace-wide one.
         let specific = match &p.spec.selector {
             Some(sel) => {
                 if !selector_matches(sel, &w.labels) {
                     continue;
                 }
-                true
+                sel.match_labels.as_ref().is_some_and(|m| !m.is_empty())
+                    || sel
+                        .match_expressions
+                        .as_ref()
+                        .is_some_and(|e| !e.is_empty())
             }
             None => false,
         };
@@ -257,6 +263,30 @@ mod tests {
             mtls_mode(&s, &other, MtlsMode::Permissive),
             MtlsMode::Strict
         );
+    }
+
+    /// `selector: {}` selects every pod, as no selector does: it does not
+    /// outrank an older namespace-wide policy.
+    #[test]
+    fn an_empty_selector_is_namespace_wide() {
+        let mut s = Store::new();
+        let w = workload("shop", "web-0", "web", "10.0.0.1", "n1");
+        s.apply(Update::Upsert(Object::MeshPolicy(policy(
+            "ns-wide",
+            None,
+            MtlsMode::Strict,
+            10,
+        ))));
+        let mut empty = policy("empty", None, MtlsMode::Permissive, 1);
+        empty.spec.selector = Some(LabelSelector::default());
+        s.apply(Update::Upsert(Object::MeshPolicy(empty.clone())));
+        assert_eq!(mtls_mode(&s, &w, MtlsMode::Disabled), MtlsMode::Strict);
+        // Older than the other, it wins as any namespace-wide one would.
+        empty.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 - 20).unwrap(),
+        ));
+        s.apply(Update::Upsert(Object::MeshPolicy(empty)));
+        assert_eq!(mtls_mode(&s, &w, MtlsMode::Disabled), MtlsMode::Permissive);
     }
 
     #[test]
