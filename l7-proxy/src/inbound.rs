@@ -541,11 +541,13 @@ async fn reply(mut respond: SendResponse<Bytes>, resp: Response<Body>) {
     }
 }
 
-/// A denial: counted, logged with both identities.
+/// A denial: counted, and logged with both identities (one line a second
+/// at most: a peer looping on a denied target must not flood the log; the
+/// access log has every one).
 fn deny(
     shared: &Shared,
     tp: &TunnelPeer,
-    target: Option<&LocalWorkload>,
+    (target, addr): (Option<&LocalWorkload>, Option<SocketAddr>),
     protocol: &str,
     reason: &str,
 ) {
@@ -558,9 +560,10 @@ fn deny(
             protocol: protocol.into(),
         })
         .inc();
-    tracing::warn!(
+    warn_throttled!(
         source = %tp.identity,
         destination = target.map(|t| t.identity.to_string()).unwrap_or_default(),
+        destination_addr = addr.map(|a| a.to_string()).unwrap_or_default(),
         peer = %tp.addr,
         protocol,
         "denied: {reason}"
@@ -639,19 +642,33 @@ async fn handle_connect(
         return;
     }
     let peer_reads_reset = parts.headers.contains_key(crate::h2stream::RESET_TRAILER);
-    let mut refuse = |workload: Option<&LocalWorkload>, reason: &str| {
-        deny(&shared, &tp, workload, "tcp", reason);
+    let mut refuse = |to: (Option<&LocalWorkload>, Option<SocketAddr>), reason: &str| {
+        deny(&shared, &tp, to, "tcp", reason);
+        AccessRecord {
+            direction: "inbound",
+            protocol: "tcp",
+            source_addr: Some(tp.addr.to_string()),
+            source_identity: Some(&tp.identity),
+            destination: to.0.map(|w| w.id.to_string()),
+            destination_addr: to.1.map(|a| a.to_string()),
+            destination_identity: to.0.map(|w| &w.identity),
+            secured: true,
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            reason: Some(reason),
+            ..Default::default()
+        }
+        .emit();
         respond.send_reset(h2::Reason::REFUSED_STREAM);
     };
     let target = match parts.uri.authority().map(|a| parse_target(a.as_str())) {
         Some(Ok(t)) => t,
-        Some(Err(e)) => return refuse(None, &e.to_string()),
-        None => return refuse(None, "CONNECT without an authority"),
+        Some(Err(e)) => return refuse((None, None), &e.to_string()),
+        None => return refuse((None, None), "CONNECT without an authority"),
     };
     let state = shared.state();
     let workload = match check_target(&shared, &state, &tp, target) {
         Ok(w) => w,
-        Err(r) => return refuse(r.workload.as_deref(), &r.reason),
+        Err(r) => return refuse((r.workload.as_deref(), Some(target)), &r.reason),
     };
     // An HTTP/1.1 upgrade (WebSocket) rides a CONNECT stream of its own:
     // its one request is parsed and policed like any other.
@@ -661,7 +678,7 @@ async fn handle_connect(
     // node proxy never sends it opaque TCP).
     if !upgrade && state.declared_http(&workload.id, target.port()) {
         return refuse(
-            Some(&workload),
+            (Some(&workload), Some(target)),
             &format!("{target} is declared HTTP (appProtocol) and takes no opaque TCP stream"),
         );
     }
@@ -669,7 +686,7 @@ async fn handle_connect(
         && let Verdict::Deny(reason) =
             authorize(&state, &tp.identity, &workload, target.port(), None)
     {
-        return refuse(Some(&workload), &reason);
+        return refuse((Some(&workload), Some(target)), &reason);
     }
     drop(state);
     if upgrade {
@@ -904,7 +921,7 @@ async fn upgrade_request(
             target.port(),
             Some(facts),
         ) {
-            deny(shared, tp, Some(workload), "http", &reason);
+            deny(shared, tp, (Some(workload), Some(target)), "http", &reason);
             return Err((StatusCode::FORBIDDEN, reason));
         }
         let host = HeaderValue::from_str(&target.to_string()).expect("an address is a valid host");
@@ -1112,8 +1129,10 @@ async fn handle_http(
     let grpc_counted = grpc && crate::body::has_grpc_trailers(&parts.headers);
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
-    // The workload the request is for, once known (set once).
+    // The workload the request is for, once known (set once), and its
+    // address.
     let workload = std::sync::OnceLock::<Arc<LocalWorkload>>::new();
+    let mut asked = None;
     // Dropped before the answer is counted: the caller went away.
     let mut cancelled = Cancelled {
         shared: &shared,
@@ -1157,6 +1176,7 @@ async fn handle_http(
             )
         })?;
         let target = parse_target(raw).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+        asked = Some(target);
         let state = shared.state();
         let w = check_target(&shared, &state, &tp, target).map_err(|r| {
             if let Some(w) = r.workload {
@@ -1232,7 +1252,13 @@ async fn handle_http(
         }
         Err((status, reason)) => {
             if status == StatusCode::FORBIDDEN {
-                deny(&shared, &tp, workload.get().map(|w| &**w), "http", &reason);
+                deny(
+                    &shared,
+                    &tp,
+                    (workload.get().map(|w| &**w), asked),
+                    "http",
+                    &reason,
+                );
             }
             // Counted and logged as the HTTP status the proxy chose.
             let resp = marked_unreachable(
@@ -1249,6 +1275,7 @@ async fn handle_http(
         source_addr: Some(tp.addr.to_string()),
         source_identity: Some(&tp.identity),
         destination: workload.get().map(|w| w.id.to_string()),
+        destination_addr: asked.map(|a| a.to_string()),
         destination_identity: workload.get().map(|w| &w.identity),
         secured: true,
         method: Some(method.as_str()),

@@ -237,6 +237,52 @@ async fn access_policy_allows_and_denies_http_with_a_reason() {
     mesh.shutdown().await;
 }
 
+/// A refused TCP stream has its access-log line, like a refused request:
+/// both identities, the address asked for and the reason.
+#[tokio::test]
+async fn a_refused_tcp_stream_is_in_the_access_log() {
+    let (log, _default) = capture_access_log();
+    let mesh = Mesh::standard().await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let mut svc = mesh.service("cart", 1, echo.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        access_policies: vec![policy(vec![AccessRule {
+            from: vec![AccessSource::Identity(web().identity())],
+            to: None,
+        }])],
+        ..Default::default()
+    })
+    .await;
+    let mut no = mesh.connect(bot().ip, SocketAddr::new(vip(1), 80)).await;
+    let _ = no.write_all(b"denied?").await;
+    assert!(closed_by_peer(&mut no).await, "the stream was not refused");
+    mesh.shutdown().await;
+    let (text, records) = access_records(&log);
+    let r = record(&records, &text, "inbound", None);
+    assert_eq!(
+        (
+            &r["protocol"],
+            &r["source_identity"],
+            &r["destination_identity"]
+        ),
+        (
+            &"tcp".into(),
+            &bot().identity().to_string().into(),
+            &cart(0).identity().to_string().into()
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        r["destination_addr"],
+        SocketAddr::new(cart(0).ip, echo.port()).to_string(),
+        "{text}"
+    );
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("is not allowed"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_policy_refuses_tcp_streams() {
     let mesh = Mesh::standard().await;

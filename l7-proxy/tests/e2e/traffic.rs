@@ -1442,61 +1442,6 @@ async fn a_second_capture_listener_serves_the_other_address_family() {
     mesh.shutdown().await;
 }
 
-/// Where [`capture_access_log`] writes.
-struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-/// Collects the access-log lines written on this thread until the guard
-/// drops (with a current-thread runtime, the proxies' tasks log here too).
-fn capture_access_log() -> (
-    Arc<std::sync::Mutex<Vec<u8>>>,
-    tracing::subscriber::DefaultGuard,
-) {
-    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
-            "{}=info",
-            l7_proxy::accesslog::TARGET
-        )))
-        .with_writer(move || Lines(sink.clone()))
-        .finish();
-    (log, tracing::subscriber::set_default(subscriber))
-}
-
-/// The captured text and its JSON records.
-fn access_records(log: &std::sync::Mutex<Vec<u8>>) -> (String, Vec<serde_json::Value>) {
-    let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
-    let records = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(&l[l.find('{')?..]).ok())
-        .collect();
-    (text, records)
-}
-
-/// The record of `direction` (and `path`, if given) among `records`, the
-/// captured `text` in the failure message.
-fn record<'a>(
-    records: &'a [serde_json::Value],
-    text: &str,
-    direction: &str,
-    path: Option<&str>,
-) -> &'a serde_json::Value {
-    records
-        .iter()
-        .find(|r| r["direction"] == direction && path.is_none_or(|p| r["path"] == p))
-        .unwrap_or_else(|| panic!("no {direction} record of {path:?} in {text}"))
-}
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A caller that gives up before the answer (closes its connection while
 /// the workload takes its time): the request does not vanish; both proxies
 /// count it as `cancelled` under its route and destination, and log it with
