@@ -185,13 +185,18 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
 pub fn access_policies(p: &crds::AccessPolicy, errors: &mut Vec<String>) -> Vec<AccessPolicy> {
     let key = Key::of(p);
     let mut rules = Vec::new();
-    for r in &p.spec.rules {
+    'rules: for r in &p.spec.rules {
         let mut from = Vec::new();
         for s in &r.from {
             if let Some(id) = &s.identity {
                 match id.parse::<SpiffeId>() {
                     Ok(id) => from.push(AccessSource::Identity(id)),
-                    Err(e) => errors.push(format!("AccessPolicy {key}: {e}")),
+                    // The rule is left out, never kept without the caller it
+                    // named: with no caller left it would allow every one.
+                    Err(e) => {
+                        errors.push(format!("AccessPolicy {key}: {e}; the rule is left out"));
+                        continue 'rules;
+                    }
                 }
             }
             if let Some(ns) = &s.namespace {

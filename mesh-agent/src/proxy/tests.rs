@@ -338,6 +338,35 @@ fn access_policies_become_one_per_target_with_prefixes_expanded() {
     assert_eq!(rules[2].to, None);
 }
 
+/// A rule whose caller cannot be translated is left out, never kept with
+/// no caller (which would allow every one). Validation refuses such a
+/// policy before it gets here; this is the translation's own guard.
+#[test]
+fn a_rule_whose_caller_does_not_translate_is_left_out() {
+    let mut p = crate::crds::AccessPolicy::new(
+        "readers",
+        serde_json::from_value(serde_json::json!({
+            "targetRefs": [{"name": "db"}],
+            "rules": [
+                {"from": [{"identity": "not a spiffe id"}]},
+                {"from": [{"namespace": "admin"}]}
+            ]
+        }))
+        .unwrap(),
+    );
+    p.metadata.namespace = Some("shop".into());
+    let mut errors = Vec::new();
+    let out = access_policies(&p, &mut errors);
+    assert_eq!(
+        out[0].rules,
+        [AccessRule {
+            from: vec![AccessSource::Namespace("admin".into())],
+            to: None
+        }]
+    );
+    assert!(errors[0].contains("the rule is left out"), "{errors:?}");
+}
+
 #[test]
 fn request_counts_come_from_the_proxy_metrics() {
     let text = "# TYPE sluice_requests counter\n\
