@@ -22,9 +22,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// A note rather than a problem: a document of a kind the agent does
-    /// not read (a Deployment beside the Services), left out on purpose.
+    /// not read (a Deployment beside the Services), left out on purpose, or
+    /// a fact worth knowing (PERMISSIVE pods an AccessPolicy targets).
     pub fn is_note(&self) -> bool {
-        self.message.starts_with("ignored:")
+        self.message.starts_with("ignored:") || self.message.starts_with("note:")
     }
 }
 

@@ -244,7 +244,7 @@ pub fn render_check(checks: &[CheckResult], errors: &[crate::admin::api::ConfigE
         }
     }
     if !notes.is_empty() {
-        out.push_str("\nNotes (documents the agent does not read):\n");
+        out.push_str("\nNotes (documents the agent does not read, and facts worth knowing):\n");
         for e in notes {
             out.push_str(&format!("  {e}\n"));
         }

@@ -1004,7 +1004,8 @@ impl Reconciler {
     /// from the stored one.
     fn send_status_writes(&mut self) {
         if let Some(status) = &self.out.status {
-            let mut writes = policies::policy_status_writes(&self.store);
+            let mut writes =
+                policies::policy_status_writes(&self.store, self.settings.default_mode);
             for r in &self.routes {
                 if let Some(parents) = routes::route_status_parents(&self.refs, r) {
                     writes.push(StatusWrite {
@@ -1104,6 +1105,20 @@ impl Reconciler {
                     object: Some(format!("AccessPolicy {key}")),
                     field: None,
                     message: u.detail(),
+                });
+            }
+            // Pods no proxy polices are a problem; PERMISSIVE ones, the
+            // mode's own trade, a note.
+            let mode = self.settings.default_mode;
+            for b in policies::bypassed_pods(&self.store, key, p, mode) {
+                out.push(ConfigError {
+                    source: "model".into(),
+                    object: Some(format!("AccessPolicy {key}")),
+                    field: None,
+                    message: match b.how {
+                        policies::Bypass::Unpoliced => b.detail(),
+                        policies::Bypass::Plaintext => format!("note: {}", b.detail()),
+                    },
                 });
             }
         }

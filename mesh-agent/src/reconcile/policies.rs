@@ -4,7 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use super::routes::{Cond, conditions_match, to_conditions};
 use crate::{
-    crds::PolicyStatus,
+    crds::{MtlsMode, PolicyStatus},
     state::{Key, Kind, Store},
 };
 
@@ -189,8 +189,9 @@ fn write(
 }
 
 /// Status writes for every policy whose stored status is not what the agent
-/// decided (accepted, or refused with the reasons).
-pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
+/// decided (accepted, or refused with the reasons); `default_mode` as for
+/// [`bypassed_pods`].
+pub fn policy_status_writes(store: &Store, default_mode: MtlsMode) -> Vec<StatusWrite> {
     let mut out = Vec::new();
     let stored = |s: Option<&PolicyStatus>| s.map(|s| s.conditions.clone()).unwrap_or_default();
     for (key, p) in &store.mesh_policies {
@@ -220,54 +221,68 @@ pub fn policy_status_writes(store: &Store) -> Vec<StatusWrite> {
             .iter()
             .map(Ungoverned::status_message)
             .collect();
+        let bypassed = bypassed_pods(store, key, p, default_mode);
+        let unpoliced = bypassed.iter().any(|b| b.how == Bypass::Unpoliced);
+        let bypassed: Vec<String> = bypassed.iter().map(Bypassed::status_message).collect();
         let not_found = missing
             .iter()
             .filter(|m| m.ends_with("does not exist"))
             .count();
-        let conds = [if missing.is_empty() && ungoverned.is_empty() {
-            Cond {
-                type_: "Accepted",
-                status: true,
-                reason: "Accepted".into(),
-                message: "the policy is in force".into(),
-            }
-        } else if missing.len() == p.spec.target_refs.len() {
-            // GEP-713: a policy whose target does not exist is not accepted;
-            // nor one whose targets govern no pod port.
-            Cond {
-                type_: "Accepted",
-                status: false,
-                reason: if not_found == missing.len() {
-                    "TargetNotFound".into()
-                } else {
-                    "NoPortsToGovern".into()
-                },
-                message: format!(
-                    "{}; the policy protects nothing until its target exists and has a TCP port",
-                    missing.join("; ")
-                ),
-            }
-        } else {
-            Cond {
-                type_: "Accepted",
-                status: true,
-                reason: "Accepted".into(),
-                message: format!(
-                    "the policy is in force{}; {}",
-                    match (missing.is_empty(), ungoverned.is_empty()) {
-                        (false, true) => " for its other targets",
-                        (true, false) => ", except on pods it cannot govern",
-                        _ => " for its other targets, except on pods it cannot govern",
+        let conds = [
+            if missing.is_empty() && ungoverned.is_empty() && bypassed.is_empty() {
+                Cond {
+                    type_: "Accepted",
+                    status: true,
+                    reason: "Accepted".into(),
+                    message: "the policy is in force".into(),
+                }
+            } else if missing.len() == p.spec.target_refs.len() {
+                // GEP-713: a policy whose target does not exist is not accepted;
+                // nor one whose targets govern no pod port.
+                Cond {
+                    type_: "Accepted",
+                    status: false,
+                    reason: if not_found == missing.len() {
+                        "TargetNotFound".into()
+                    } else {
+                        "NoPortsToGovern".into()
                     },
-                    missing
-                        .iter()
-                        .chain(&ungoverned)
-                        .map(String::as_str)
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                ),
-            }
-        }];
+                    message: format!(
+                        "{}; the policy protects nothing until its target exists and has a TCP port",
+                        missing.join("; ")
+                    ),
+                }
+            } else {
+                Cond {
+                    type_: "Accepted",
+                    status: true,
+                    reason: "Accepted".into(),
+                    message: format!(
+                        "the policy is in force{}; {}",
+                        match (
+                            missing.is_empty(),
+                            ungoverned.is_empty() && !unpoliced,
+                            bypassed.is_empty()
+                        ) {
+                            (false, true, true) => " for its other targets",
+                            (true, false, _) => ", except on pods it cannot govern",
+                            (true, true, _) => " for callers in the mesh",
+                            (false, false, _) => {
+                                " for its other targets, except on pods it cannot govern"
+                            }
+                            (false, true, false) => " for its other targets (callers in the mesh)",
+                        },
+                        missing
+                            .iter()
+                            .chain(&ungoverned)
+                            .chain(&bypassed)
+                            .map(String::as_str)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                }
+            },
+        ];
         if let Some(status) = write(&conds, p.metadata.generation, &stored(p.status.as_ref())) {
             out.push(StatusWrite {
                 kind: Kind::AccessPolicy,
@@ -442,6 +457,135 @@ pub fn ungoverned_pods(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) 
         .collect()
 }
 
+/// How callers reach pods of an AccessPolicy's target past the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bypass {
+    /// `DISABLED`, or not in the mesh: every caller connects to them
+    /// directly, past the node proxies, so the policy is not applied.
+    Unpoliced,
+    /// `PERMISSIVE`: mesh callers are policed; plaintext callers from
+    /// outside the mesh reach them directly.
+    Plaintext,
+}
+
+/// Pods one target of an AccessPolicy selects that callers can reach past
+/// the policy ([`Bypass`]).
+#[derive(Debug, PartialEq)]
+pub struct Bypassed {
+    at: String,
+    pub how: Bypass,
+    /// The first [`NAMED_PODS`] of them.
+    pods: Vec<Key>,
+    total: usize,
+}
+
+impl Bypassed {
+    fn what(&self) -> String {
+        match self.how {
+            Bypass::Unpoliced => format!(
+                "{} selects pods no node proxy polices (mTLS mode DISABLED, or not in the \
+                 mesh): their callers reach them directly and the policy does not apply",
+                self.at
+            ),
+            Bypass::Plaintext => format!(
+                "{} selects PERMISSIVE pods: callers outside the mesh reach them in plaintext, \
+                 past the policy",
+                self.at
+            ),
+        }
+    }
+
+    /// For the policy's status: the same while pods come and go.
+    pub fn status_message(&self) -> String {
+        format!("{} (`sluice check` names them)", self.what())
+    }
+
+    /// For `sluice check`: which pods, and the fix.
+    pub fn detail(&self) -> String {
+        let names: Vec<String> = self.pods.iter().map(ToString::to_string).collect();
+        let more = self.total - self.pods.len();
+        format!(
+            "{}: {}{} ({})",
+            self.what(),
+            names.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+            match self.how {
+                Bypass::Unpoliced => "enrol them and give them STRICT or PERMISSIVE",
+                Bypass::Plaintext => "a STRICT MeshPolicy refuses plaintext to them",
+            }
+        )
+    }
+}
+
+/// The targets of `p` whose selected pods callers can reach past it
+/// ([`Bypassed`]); `default_mode` is the agent's mTLS mode where no
+/// MeshPolicy speaks. Pods of a target the EndpointSlices list but its
+/// selector does not pick (hand-made slices) are not looked for.
+pub fn bypassed_pods(
+    store: &Store,
+    key: &Key,
+    p: &crate::crds::AccessPolicy,
+    default_mode: MtlsMode,
+) -> Vec<Bypassed> {
+    use super::{
+        mesh::{pod_selector, selects},
+        workloads::{mtls_mode, not_enrolled_reason},
+    };
+    let mut out = Vec::new();
+    for (i, t) in p.spec.target_refs.iter().enumerate() {
+        let Some(selector) = store
+            .services
+            .get(&Key::new(&key.namespace, &t.name))
+            .and_then(|s| s.spec.as_ref())
+            .and_then(pod_selector)
+        else {
+            continue;
+        };
+        let mut found: [(Vec<Key>, usize); 2] = Default::default();
+        let in_namespace = store
+            .pods
+            .range(Key::new(&key.namespace, "")..)
+            .take_while(|(k, _)| k.namespace == key.namespace);
+        for (k, w) in in_namespace {
+            if w.finished || !selects(selector, w) {
+                continue;
+            }
+            let how = if not_enrolled_reason(store, w).is_some() {
+                Bypass::Unpoliced
+            } else {
+                match mtls_mode(store, w, default_mode) {
+                    MtlsMode::Strict => continue,
+                    MtlsMode::Permissive => Bypass::Plaintext,
+                    MtlsMode::Disabled => Bypass::Unpoliced,
+                }
+            };
+            let (pods, total) = &mut found[how as usize];
+            *total += 1;
+            if pods.len() < NAMED_PODS {
+                pods.push(k.clone());
+            }
+        }
+        for (how, (pods, total)) in [Bypass::Unpoliced, Bypass::Plaintext]
+            .into_iter()
+            .zip(found)
+        {
+            if total > 0 {
+                out.push(Bypassed {
+                    at: target_at(i, key, &t.name),
+                    how,
+                    pods,
+                    total,
+                });
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     /// Sends faster than the writer takes them leave one write per object,
@@ -491,7 +635,7 @@ mod tests {
         p.metadata.namespace = Some("shop".into());
         p.metadata.generation = Some(2);
         s.apply(Update::Upsert(Object::AccessPolicy(p.clone())));
-        let w = policy_status_writes(&s);
+        let w = policy_status_writes(&s, MtlsMode::Strict);
         assert_eq!(w.len(), 1);
         let c = &w[0].status["conditions"][0];
         assert_eq!(c["type"], "Accepted");
@@ -506,7 +650,7 @@ mod tests {
         // Once the object carries that status, there is nothing to write.
         p.status = Some(serde_json::from_value(w[0].status.clone()).unwrap());
         s.apply(Update::Upsert(Object::AccessPolicy(p)));
-        assert_eq!(policy_status_writes(&s), vec![]);
+        assert_eq!(policy_status_writes(&s, MtlsMode::Strict), vec![]);
     }
 
     #[test]
@@ -520,7 +664,7 @@ mod tests {
         let mut p = AccessPolicy::new("p", spec);
         p.metadata.namespace = Some("shop".into());
         s.apply(Update::Upsert(Object::AccessPolicy(p)));
-        let w = policy_status_writes(&s);
+        let w = policy_status_writes(&s, MtlsMode::Strict);
         let c = &w[0].status["conditions"][0];
         assert_eq!(c["status"], "False", "{c}");
         assert_eq!(c["reason"], "TargetNotFound");
@@ -538,7 +682,7 @@ mod tests {
             "127.96.0.5",
             &[80],
         ))));
-        let w = policy_status_writes(&s);
+        let w = policy_status_writes(&s, MtlsMode::Strict);
         assert_eq!(w[0].status["conditions"][0]["status"], "True");
     }
 
@@ -557,7 +701,7 @@ mod tests {
         let mut db = crate::testing::service("shop", "db", "None", &[]);
         db.spec.as_mut().unwrap().ports = None;
         s.apply(Update::Upsert(Object::Service(db.clone())));
-        let w = policy_status_writes(&s);
+        let w = policy_status_writes(&s, MtlsMode::Strict);
         let c = &w[0].status["conditions"][0];
         assert_eq!(c["status"], "False", "{c}");
         assert_eq!(c["reason"], "NoPortsToGovern");
@@ -572,7 +716,7 @@ mod tests {
             ..Default::default()
         }]);
         s.apply(Update::Upsert(Object::Service(db.clone())));
-        let w = policy_status_writes(&s);
+        let w = policy_status_writes(&s, MtlsMode::Strict);
         assert_eq!(w[0].status["conditions"][0]["reason"], "NoPortsToGovern");
         // A TCP port: accepted.
         db.spec.as_mut().unwrap().ports = Some(vec![k8s_openapi::api::core::v1::ServicePort {
@@ -580,8 +724,104 @@ mod tests {
             ..Default::default()
         }]);
         s.apply(Update::Upsert(Object::Service(db)));
-        let w = policy_status_writes(&s);
+        let w = policy_status_writes(&s, MtlsMode::Strict);
         assert_eq!(w[0].status["conditions"][0]["status"], "True");
+    }
+
+    /// A policy is enforced by the node proxies: pods callers reach past
+    /// them (DISABLED: every caller; PERMISSIVE: plaintext callers outside
+    /// the mesh) are named in its status, and in `sluice check`.
+    #[test]
+    fn pods_callers_reach_past_the_policy_are_reported() {
+        let mut s = Store::new();
+        s.apply(Update::Upsert(Object::Namespace(
+            crate::testing::namespace("shop", true),
+        )));
+        let spec: AccessPolicySpec = serde_json::from_value(serde_json::json!({
+            "targetRefs": [{"kind": "Service", "name": "web"}],
+            "rules": [{"from": [{"namespace": "shop"}]}]
+        }))
+        .unwrap();
+        let mut p = AccessPolicy::new("p", spec);
+        p.metadata.namespace = Some("shop".into());
+        s.apply(Update::Upsert(Object::AccessPolicy(p.clone())));
+        s.apply(Update::Upsert(Object::Service(crate::testing::service(
+            "shop",
+            "web",
+            "127.96.0.5",
+            &[80],
+        ))));
+        let mut pod = |name: &str, app: &str| {
+            let mut w = crate::testing::workload("shop", name, "web", "10.0.1.5", "n1");
+            w.labels = [("app".to_string(), app.to_string())].into();
+            s.apply(Update::Upsert(Object::Pod(w)));
+        };
+        pod("web-0", "web");
+        pod("web-1", "web");
+        // Not selected by the target: not its business.
+        pod("api-0", "api");
+        let key = Key::new("shop", "p");
+        let message = |s: &Store, mode| {
+            let w = policy_status_writes(s, mode);
+            let w = w.iter().find(|w| w.kind == Kind::AccessPolicy).unwrap();
+            w.status["conditions"][0]["message"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert!(bypassed_pods(&s, &key, &p, MtlsMode::Strict).is_empty());
+        assert_eq!(message(&s, MtlsMode::Strict), "the policy is in force");
+
+        let found = bypassed_pods(&s, &key, &p, MtlsMode::Permissive);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].how, Bypass::Plaintext);
+        assert!(
+            found[0]
+                .detail()
+                .contains("past the policy: shop/web-0, shop/web-1 (a STRICT"),
+            "{}",
+            found[0].detail()
+        );
+        assert_eq!(
+            message(&s, MtlsMode::Permissive),
+            "the policy is in force for callers in the mesh; spec.targetRefs[0]: Service \
+             shop/web selects PERMISSIVE pods: callers outside the mesh reach them in \
+             plaintext, past the policy (`sluice check` names them)"
+        );
+
+        // A MeshPolicy turning one pod DISABLED: that one is not policed
+        // at all, the other still PERMISSIVE.
+        let mut off = crate::crds::MeshPolicy::new(
+            "off",
+            serde_json::from_value(serde_json::json!({
+                "mode": "DISABLED",
+                "selector": {"matchLabels": {"off": "yes"}}
+            }))
+            .unwrap(),
+        );
+        off.metadata.namespace = Some("shop".into());
+        s.apply(Update::Upsert(Object::MeshPolicy(off)));
+        let mut w = crate::testing::workload("shop", "web-1", "web", "10.0.1.5", "n1");
+        w.labels = [("app", "web"), ("off", "yes")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        s.apply(Update::Upsert(Object::Pod(w)));
+        let found = bypassed_pods(&s, &key, &p, MtlsMode::Permissive);
+        let hows: Vec<Bypass> = found.iter().map(|b| b.how).collect();
+        assert_eq!(hows, [Bypass::Unpoliced, Bypass::Plaintext]);
+        assert!(
+            found[0]
+                .detail()
+                .contains("does not apply: shop/web-1 (enrol"),
+            "{}",
+            found[0].detail()
+        );
+        assert!(
+            message(&s, MtlsMode::Permissive)
+                .starts_with("the policy is in force, except on pods it cannot govern; "),
+            "{}",
+            message(&s, MtlsMode::Permissive)
+        );
     }
 
     #[test]
@@ -640,15 +880,18 @@ mod tests {
         );
         // Still in force for web-0: accepted, saying which Service's pods
         // it misses (not which pods: the status would change with every
-        // rollout).
-        let w = policy_status_writes(&s);
+        // rollout). The pod out of the mesh is not policed either.
+        let w = policy_status_writes(&s, MtlsMode::Strict);
         let c = &w[0].status["conditions"][0];
         assert_eq!(c["status"], "True", "{c}");
         assert_eq!(
             c["message"],
             "the policy is in force, except on pods it cannot govern; spec.targetRefs[0]: \
              Service shop/web selects pods that declare none of its named target ports \
-             (http); the policy does not govern them (`sluice check` names them)",
+             (http); the policy does not govern them (`sluice check` names them); \
+             spec.targetRefs[0]: Service shop/web selects pods no node proxy polices (mTLS \
+             mode DISABLED, or not in the mesh): their callers reach them directly and the \
+             policy does not apply (`sluice check` names them)",
         );
 
         // Many such pods: three are named.
@@ -664,16 +907,18 @@ mod tests {
         );
         // The status says the same as before: nothing to write.
         assert_eq!(
-            policy_status_writes(&s)[0].status["conditions"][0]["message"],
+            policy_status_writes(&s, MtlsMode::Strict)[0].status["conditions"][0]["message"],
             c["message"]
         );
 
-        // Once they declare the name, nothing is reported.
+        // Once they declare the name, and the pod out of the mesh is gone,
+        // nothing is reported.
+        s.apply(Update::Delete(Kind::Pod, Key::new("shop", "web-9")));
         for name in ["web-1", "web-3", "web-4", "web-5"] {
             s.apply(Update::Upsert(Object::Pod(pod(name, Some(8080)))));
         }
         assert_eq!(ungoverned_pods(&s, &key, &p), vec![]);
-        let w = policy_status_writes(&s);
+        let w = policy_status_writes(&s, MtlsMode::Strict);
         assert_eq!(
             w[0].status["conditions"][0]["message"],
             "the policy is in force"

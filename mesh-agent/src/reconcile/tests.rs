@@ -1103,22 +1103,43 @@ fn pods_an_access_policy_cannot_govern_are_config_errors() {
     f.upsert(objs);
     f.sync();
     let errors = f.rx.view.borrow().config_errors.clone();
-    let e = errors
-        .iter()
-        .find(|e| e.object.as_deref() == Some("AccessPolicy shop/only-shop"))
-        .unwrap_or_else(|| panic!("{errors:?}"));
+    let of_policy = |errors: &[ConfigError], note: bool| {
+        errors
+            .iter()
+            .filter(|e| {
+                e.object.as_deref() == Some("AccessPolicy shop/only-shop") && e.is_note() == note
+            })
+            .map(|e| e.message.clone())
+            .collect::<Vec<_>>()
+    };
+    let problems = of_policy(&errors, false);
+    assert_eq!(problems.len(), 1, "{errors:?}");
     assert!(
-        e.message.contains("shop/a-0") && e.message.contains("(http)"),
-        "{e:?}"
+        problems[0].contains("shop/a-0") && problems[0].contains("(http)"),
+        "{problems:?}"
     );
-    // The pod declares the port: no error.
+    // The agent's default mode here is PERMISSIVE: a note says plaintext
+    // callers pass the policy.
+    let notes = of_policy(&errors, true);
+    assert!(
+        notes.len() == 1 && notes[0].contains("PERMISSIVE pods") && notes[0].contains("shop/a-0"),
+        "{notes:?}"
+    );
+    // The pod declares the port: no problem.
     pod.ports.insert("http".into(), 8080);
+    f.upsert(vec![Object::Pod(pod.clone())]);
+    let errors = f.rx.view.borrow().config_errors.clone();
+    assert_eq!(of_policy(&errors, false), Vec::<String>::new());
+    // Opted out of the mesh: no proxy polices it, a problem.
+    pod.annotations.insert(
+        crate::config::MESH_ANNOTATION.into(),
+        crate::config::MESH_DISABLED.into(),
+    );
     f.upsert(vec![Object::Pod(pod)]);
     let errors = f.rx.view.borrow().config_errors.clone();
+    let problems = of_policy(&errors, false);
     assert!(
-        !errors
-            .iter()
-            .any(|e| e.object.as_deref() == Some("AccessPolicy shop/only-shop")),
+        problems.len() == 1 && problems[0].contains("no node proxy polices"),
         "{errors:?}"
     );
 }
