@@ -120,8 +120,8 @@ pub struct RotateArgs {
     pub retire: bool,
     /// With --activate: activate before every node is taken to have the
     /// new bundle (once `sluice status` on every node shows both roots).
-    /// With --retire: retire now (once `sluice status` on every node shows
-    /// the new root).
+    /// With --retire: retire now (once `sluice status` on every node says
+    /// the old root signs 0 certificates there).
     #[arg(long, conflicts_with = "prepare")]
     pub force: bool,
     /// The same root store and settings as the running `mesh-agent ca`.
@@ -706,9 +706,11 @@ pub async fn rotate(
             let until = now + leaf_lifetime;
             retirable_after = Some(until);
             format!(
-                "root {fp} signs from now on; nodes reissue their certificates within a minute. \
+                "root {fp} signs from now on; nodes see it at their next trust bundle refresh \
+                 (every 5 minutes) and reissue their certificates within a minute of that. \
                  The old root can be retired after {} (`mesh-agent ca rotate --retire`), or \
-                 earlier with --force once `sluice status` on every node shows the new root",
+                 earlier with --force once `sluice status` on every node says the old root \
+                 signs 0 certificates there",
                 rfc3339(until)
             )
         }
@@ -736,15 +738,16 @@ pub async fn rotate(
                 Some(t) if t > now && !force => {
                     return Err(rotation(format!(
                         "certificates signed by the old root may be valid until {}; wait until \
-                         then, or pass --force once `sluice status` on every node shows the new \
-                         root",
+                         then, or pass --force once `sluice status` on every node says the old \
+                         root signs 0 certificates there",
                         rfc3339(t)
                     )));
                 }
                 None if !force => {
                     return Err(rotation(
                         "when the old root stopped signing is not recorded; pass --force once \
-                         `sluice status` on every node shows the new root"
+                         `sluice status` on every node says the old root signs 0 certificates \
+                         there"
                             .into(),
                     ));
                 }

@@ -159,11 +159,19 @@ impl Identities {
 
 impl IdentityHandle for Identities {
     fn roots(&self) -> Vec<CertSummary> {
+        let certs = self.manager.status();
         self.manager
             .bundle_status()
             .roots
             .into_iter()
             .map(|r| CertSummary {
+                certificates: Some(
+                    certs
+                        .iter()
+                        .filter_map(|s| s.certificate.as_ref())
+                        .filter(|c| c.root == Some(r.fingerprint))
+                        .count(),
+                ),
                 subject: if r.active {
                     format!("{} (active)", r.subject)
                 } else {

@@ -142,12 +142,15 @@ async fn standalone_agent_issues_certificates_and_the_cli_shows_them() {
         out.contains("(active)"),
         "the trust bundle lists the active root: {out}"
     );
+    // ... and how many of the node's certificates it signs (both pods').
+    assert!(out.contains("signs 2 certificates here"), "{out}");
     let (_, out, _) = sluice(&r.url, &["-o", "json", "status"]);
     let s: Status = serde_json::from_str(&out).unwrap();
     assert!(s.synced);
     assert_eq!(s.counts.enrolled_workloads, 2);
     assert_eq!(s.ca.identities, 2);
     assert_eq!(s.ca.roots.len(), 1);
+    assert_eq!(s.ca.roots[0].certificates, Some(2));
 
     // sluice workloads: one row per local pod, expiry shown.
     let (_, out, _) = sluice(&r.url, &["workloads"]);

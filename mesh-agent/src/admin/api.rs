@@ -97,6 +97,10 @@ pub struct CertSummary {
     /// `valid`, `expiring`, `expired` or `not-yet-valid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// A root of the trust bundle: how many of this node's workload
+    /// certificates chain to it (a root rotation's progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -352,10 +352,15 @@ pub fn render_status(s: &Status) -> String {
             if i == 0 { "Trust bundle:" } else { "" },
             match (&r.fingerprint, &r.not_before, &r.state) {
                 (Some(fp), Some(from), Some(state)) => format!(
-                    "{} sha256:{}… {state} ({from} to {})",
+                    "{} sha256:{}… {state} ({from} to {}){}",
                     r.subject,
                     fp.chars().take(16).collect::<String>(),
-                    r.not_after
+                    r.not_after,
+                    match r.certificates {
+                        Some(1) => ", signs 1 certificate here".to_string(),
+                        Some(n) => format!(", signs {n} certificates here"),
+                        None => String::new(),
+                    }
                 ),
                 _ => format!("{} (expires {})", r.subject, r.not_after),
             },
@@ -657,6 +662,7 @@ mod tests {
                 fingerprint: Some("ab".repeat(32)),
                 not_before: Some("2026-11-25T00:00:00Z".into()),
                 state: Some("valid".into()),
+                certificates: Some(3),
             },
             crate::admin::api::CertSummary {
                 subject: "CN=Sluice root CA 0".into(),
@@ -664,14 +670,18 @@ mod tests {
                 fingerprint: Some("cd".repeat(32)),
                 not_before: Some("2016-11-20T00:00:00Z".into()),
                 state: Some("expired".into()),
+                certificates: Some(1),
             },
         ];
         let out = render_status(&s);
         assert!(
-            out.contains("CN=Sluice root CA 1 (active) sha256:abababababababab… valid (2026-11-25T00:00:00Z to 2036-11-23T00:00:00Z)"),
+            out.contains("CN=Sluice root CA 1 (active) sha256:abababababababab… valid (2026-11-25T00:00:00Z to 2036-11-23T00:00:00Z), signs 3 certificates here"),
             "{out}"
         );
-        assert!(out.contains("sha256:cdcdcdcdcdcdcdcd… expired"), "{out}");
+        assert!(
+            out.contains("sha256:cdcdcdcdcdcdcdcd… expired (2016-11-20T00:00:00Z to 2026-11-20T00:00:00Z), signs 1 certificate here"),
+            "{out}"
+        );
     }
 
     #[test]
