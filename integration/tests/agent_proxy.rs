@@ -247,6 +247,8 @@ workloads:
         proxy: ProxyMode::Embedded,
         proxy_capture_addr: vec!["127.0.0.1:0".parse()?],
         proxy_inbound_addr: Some("127.0.0.1:0".parse()?),
+        // Taken by the embedded proxy (a wrong one would stop the start).
+        proxy_settings: vec!["tcp_idle_timeout_ms=600000".into()],
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,
         ca_dir: None,

@@ -289,6 +289,13 @@ pub struct RunArgs {
     /// address, port 15008.
     #[arg(long)]
     pub proxy_inbound_addr: Option<SocketAddr>,
+    /// A setting of the embedded proxy, `NAME=VALUE` (repeat for several):
+    /// its limits and timeouts, e.g. `exchange_idle_timeout_ms=900000` for
+    /// exchanges silent longer than 5 minutes, `tcp_idle_timeout_ms=0`, or
+    /// `max_header_bytes=131072`. The names are l7-proxy's `ProxySettings`
+    /// fields (README, "Limits"); an unknown one is refused at start.
+    #[arg(long = "proxy-setting", value_name = "NAME=VALUE")]
+    pub proxy_settings: Vec<String>,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = config::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -370,6 +377,62 @@ fn make_state_dir(path: &std::path::Path) -> Result<(), Error> {
         })
 }
 
+/// Settings other flags give the embedded proxy: not for `--proxy-setting`.
+const PROXY_SETTINGS_OF_FLAGS: [(&str, &str); 4] = [
+    ("outbound_addr", "--proxy-capture-addr"),
+    ("second_outbound_addr", "--proxy-capture-addr"),
+    ("inbound_addr", "--proxy-inbound-addr"),
+    (
+        "socket_mark",
+        "--dataplane (kernel: the proxy marks its sockets)",
+    ),
+];
+
+/// `base` with each `NAME=VALUE` of `--proxy-setting` applied: a value is
+/// read as JSON (numbers, `true`), else taken as a string. An unknown name,
+/// one another flag sets or a value of the wrong kind is an error that
+/// names it.
+pub fn proxy_settings(
+    base: l7_proxy::ProxySettings,
+    overrides: &[String],
+) -> Result<l7_proxy::ProxySettings, String> {
+    let serde_json::Value::Object(mut fields) =
+        serde_json::to_value(&base).map_err(|e| e.to_string())?
+    else {
+        return Err("the proxy's settings are not an object".into());
+    };
+    for o in overrides {
+        let Some((name, value)) = o.split_once('=') else {
+            return Err(format!("--proxy-setting {o}: expected NAME=VALUE"));
+        };
+        let name = name.trim();
+        if let Some((_, flag)) = PROXY_SETTINGS_OF_FLAGS.iter().find(|(n, _)| *n == name) {
+            return Err(format!("--proxy-setting {name}: set by {flag}"));
+        }
+        if !fields.contains_key(name) {
+            let mut known: Vec<&str> = fields
+                .keys()
+                .map(String::as_str)
+                .filter(|k| !PROXY_SETTINGS_OF_FLAGS.iter().any(|(n, _)| n == k))
+                .collect();
+            known.sort_unstable();
+            return Err(format!(
+                "--proxy-setting {name}: no such setting (known: {})",
+                known.join(", ")
+            ));
+        }
+        let v = serde_json::from_str(value.trim())
+            .unwrap_or_else(|_| serde_json::Value::String(value.into()));
+        // Each checked alone, so the error names the one at fault.
+        let mut one = fields.clone();
+        one.insert(name.into(), v.clone());
+        serde_json::from_value::<l7_proxy::ProxySettings>(one.into())
+            .map_err(|e| format!("--proxy-setting {o}: {e}"))?;
+        fields.insert(name.into(), v);
+    }
+    serde_json::from_value(fields.into()).map_err(|e| e.to_string())
+}
+
 /// Waits for a file the CA publishes (the trust bundle, mounted from a
 /// ConfigMap that appears when the CA first starts), logging while it waits.
 async fn wait_for_file(path: &std::path::Path) {
@@ -419,6 +482,17 @@ impl Agent {
     /// `/readyz` says what the agent waits for.
     pub async fn start(args: RunArgs) -> Result<Agent, Error> {
         let source: SourceSpec = args.source.parse().map_err(Error::Source)?;
+        // Checked before anything starts: a typo fails at once.
+        if !args.proxy_settings.is_empty() && args.proxy != ProxyMode::Embedded {
+            return Err(Error::Source(format!(
+                "--proxy-setting applies to the embedded proxy only (--proxy {})",
+                args.proxy
+                    .to_possible_value()
+                    .map_or_else(String::new, |v| v.get_name().to_string())
+            )));
+        }
+        proxy_settings(l7_proxy::ProxySettings::default(), &args.proxy_settings)
+            .map_err(Error::Source)?;
         make_state_dir(&args.state_dir)?;
         // Dropping `stop` (an error below) ends the admin server too.
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -544,7 +618,8 @@ impl Agent {
                     // STRICT guard. (Setting a mark needs CAP_NET_ADMIN.)
                     socket_mark: (args.dataplane == DataplaneKind::Kernel)
                         .then_some(config::PROXY_MARK),
-                    ..l7_proxy::ProxySettings::default()
+                    ..proxy_settings(l7_proxy::ProxySettings::default(), &args.proxy_settings)
+                        .map_err(Error::Source)?
                 };
                 let (snap_tx, snap_rx) =
                     tokio::sync::watch::channel(Arc::new(l7_proxy::Snapshot::default()));
@@ -761,6 +836,44 @@ mod tests {
     }
     fn addrs(s: &[&str]) -> Vec<SocketAddr> {
         s.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    /// `--proxy-setting NAME=VALUE` changes that setting alone; a name that
+    /// is unknown or another flag's, or a value of the wrong kind, is an
+    /// error naming it.
+    #[test]
+    fn proxy_settings_take_name_value_overrides_and_name_what_is_wrong() {
+        let base = l7_proxy::ProxySettings::default();
+        let o = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let s = proxy_settings(
+            base.clone(),
+            &o(&["exchange_idle_timeout_ms=900000", "tcp_idle_timeout_ms = 0"]),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.exchange_idle_timeout_ms, s.tcp_idle_timeout_ms),
+            (900_000, 0)
+        );
+        assert_eq!(s.max_header_bytes, base.max_header_bytes, "untouched");
+        assert_eq!(proxy_settings(base.clone(), &[]).unwrap(), base);
+
+        let err = |v: &[&str]| proxy_settings(base.clone(), &o(v)).unwrap_err();
+        let e = err(&["exchange_idle_timeout=1"]);
+        assert!(
+            e.contains("exchange_idle_timeout: no such setting")
+                && e.contains("exchange_idle_timeout_ms,")
+                && !e.contains("inbound_addr"),
+            "{e}"
+        );
+        let e = err(&["inbound_addr=127.0.0.1:1"]);
+        assert!(e.contains("set by --proxy-inbound-addr"), "{e}");
+        let e = err(&["max_header_bytes=64k"]);
+        assert!(
+            e.starts_with("--proxy-setting max_header_bytes=64k: invalid type"),
+            "{e}"
+        );
+        let e = err(&["max_header_bytes"]);
+        assert!(e.contains("expected NAME=VALUE"), "{e}");
     }
 
     /// A dual-stack node's proxy captures both families by default, on

@@ -65,6 +65,7 @@ fn run_args(cg: &Path, state: &Path) -> RunArgs {
         proxy: ProxyMode::Off,
         proxy_capture_addr: Vec::new(),
         proxy_inbound_addr: None,
+        proxy_settings: Vec::new(),
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,
         ca_dir: None,
@@ -411,5 +412,38 @@ fn sluice_check_looks_for_bpffs_where_it_is_told() {
             .unwrap()
             .contains(&dir.path().display().to_string()),
         "{bpffs}"
+    );
+}
+
+/// `--proxy-setting` is checked before anything starts: a name the proxy
+/// does not have, or a setting without the embedded proxy, stops the agent
+/// with an error that says so.
+#[tokio::test]
+async fn a_bad_proxy_setting_stops_the_agent_at_start() {
+    let cg = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let start = |proxy, setting: &str| {
+        let mut args = run_args(cg.path(), state.path());
+        args.proxy = proxy;
+        args.proxy_settings = vec![setting.into()];
+        Agent::start(args)
+    };
+    let e = start(ProxyMode::Embedded, "exchange_idle_timeout=900000")
+        .await
+        .err()
+        .expect("a setting the proxy does not have");
+    assert!(
+        e.to_string()
+            .contains("exchange_idle_timeout: no such setting"),
+        "{e}"
+    );
+    let e = start(ProxyMode::Off, "exchange_idle_timeout_ms=900000")
+        .await
+        .err()
+        .expect("a setting without the embedded proxy");
+    assert!(
+        e.to_string()
+            .contains("applies to the embedded proxy only (--proxy off)"),
+        "{e}"
     );
 }

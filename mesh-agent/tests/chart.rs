@@ -362,6 +362,10 @@ fn helm_lint_renders_the_chart_with_default_and_other_values() {
         .replace("  privileged: false", "  privileged: true")
         .replace("  dualStack: false", "  dualStack: true")
         .replace(
+            "  proxySettings: {}",
+            "  proxySettings: {exchange_idle_timeout_ms: 3600000, tcp_idle_timeout_ms: 0}",
+        )
+        .replace(
             "  podAnnotations: {}",
             "  podAnnotations: {prometheus.io/scrape: \"true\"}",
         );
