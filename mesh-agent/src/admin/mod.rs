@@ -337,17 +337,25 @@ impl AdminState {
                 },
             });
         }
+        // A limit of the node's network (a STRICT pod with no interface of
+        // its own) is a warning: a gate on `sluice check` must not fail on
+        // every node of such a cluster.
         checks.push(CheckResult {
             name: "agent: kernel updates".into(),
-            outcome: if v.dataplane_errors.is_empty() {
-                Outcome::Pass
-            } else {
-                Outcome::Fail
+            outcome: match (v.dataplane_errors.is_empty(), v.dataplane_limits.is_empty()) {
+                (true, true) => Outcome::Pass,
+                (true, false) => Outcome::Warn,
+                (false, _) => Outcome::Fail,
             },
-            detail: if v.dataplane_errors.is_empty() {
+            detail: if v.dataplane_errors.is_empty() && v.dataplane_limits.is_empty() {
                 "all applied".into()
             } else {
-                v.dataplane_errors.join("; ")
+                v.dataplane_errors
+                    .iter()
+                    .chain(&v.dataplane_limits)
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join("; ")
             },
         });
         Check {
@@ -970,6 +978,38 @@ mod tests {
             st.metrics().contains("\nsluice_agent_config_errors 2\n"),
             "{}",
             st.metrics()
+        );
+    }
+
+    /// A limit of the node's network (a STRICT pod behind a shared
+    /// interface) warns; a kernel update that failed fails the check.
+    #[test]
+    fn kernel_limits_warn_and_kernel_failures_fail() {
+        let outcome = |view: AgentView| {
+            let c = state_of(view).check();
+            let k = c
+                .checks
+                .into_iter()
+                .find(|c| c.name == "agent: kernel updates")
+                .unwrap();
+            (k.outcome, k.detail)
+        };
+        assert_eq!(outcome(AgentView::default()).0, Outcome::Pass);
+        let shared = "STRICT pods: no interface of their own to guard: cilium_host is shared";
+        let (o, detail) = outcome(AgentView {
+            dataplane_limits: vec![shared.into()],
+            ..AgentView::default()
+        });
+        assert_eq!((o, detail.as_str()), (Outcome::Warn, shared));
+        let (o, detail) = outcome(AgentView {
+            dataplane_errors: vec!["Service shop/web: map full".into()],
+            dataplane_limits: vec![shared.into()],
+            ..AgentView::default()
+        });
+        assert_eq!(o, Outcome::Fail);
+        assert!(
+            detail.contains("map full") && detail.contains(shared),
+            "{detail}"
         );
     }
 

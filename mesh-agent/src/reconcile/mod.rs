@@ -118,6 +118,11 @@ pub struct AgentView {
     pub config_errors: Vec<ConfigError>,
     /// Kernel updates that failed (retried on every tick).
     pub dataplane_errors: Vec<String>,
+    /// What the kernel cannot do on this node's network, by design of the
+    /// network and not a failure: STRICT pods behind an interface they
+    /// share (a route for a prefix, as Cilium's `cilium_host`), which the
+    /// proxy alone enforces.
+    pub dataplane_limits: Vec<String>,
     /// The first sync's clean-up of what an earlier run left has not run
     /// yet: it waits for `cleanup_waits_for` to read in full, then for the
     /// next tick (so that their objects have arrived).
@@ -788,7 +793,7 @@ impl Reconciler {
                     info.strict_guard = Some(format!("not enforced in the kernel: {why}"));
                 }
             }
-            let what = format!("guard shared {iface}");
+            let what = format!("{GUARD_SHARED}{iface}");
             guard_keys.insert(what.clone());
             self.outcome(
                 what,
@@ -1204,7 +1209,12 @@ impl Reconciler {
             .iter()
             .map(|(k, e)| format!("Service {k}: {e}"))
             .collect();
-        dataplane_errors.extend(self.other_errors.values().cloned());
+        let (limits, errors): (Vec<_>, Vec<_>) = self
+            .other_errors
+            .iter()
+            .partition(|(what, _)| what.starts_with(GUARD_SHARED));
+        dataplane_errors.extend(errors.into_iter().map(|(_, e)| e.clone()));
+        let dataplane_limits = limits.into_iter().map(|(_, e)| e.clone()).collect();
         dataplane_errors.extend(self.enrol_reported.iter().filter_map(|uid| {
             let (k, _) = self.enrol_failing_since.get(uid)?;
             let e = self.enrol_errors.get(k)?;
@@ -1220,6 +1230,7 @@ impl Reconciler {
             routes: self.route_infos(),
             config_errors: self.config_errors(),
             dataplane_errors,
+            dataplane_limits,
             cleanup_pending: self.cleanup_deferred,
             cleanup_waits_for: if self.cleanup_deferred {
                 self.incomplete_sources.iter().cloned().collect()
@@ -1244,6 +1255,10 @@ impl Reconciler {
 /// A pod's cgroup failing to enrol for this long (past a pod's start, when
 /// its containers' cgroups appear) is logged and listed by `sluice check`.
 const ENROL_FAILURE_REPORTED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The key prefix of a shared interface's entry among the kernel errors:
+/// a limit of the node's network, shown apart ([`AgentView::dataplane_limits`]).
+const GUARD_SHARED: &str = "guard shared ";
 
 /// A STRICT pod's `strict_guard` when no node proxy runs: nothing enforces
 /// its mode.
