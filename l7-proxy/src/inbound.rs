@@ -683,10 +683,11 @@ async fn handle_connect(
         );
     }
     if !upgrade
-        && let Verdict::Deny(reason) =
+        && let Verdict::Deny(denial) =
             authorize(&state, &tp.identity, &workload, target.port(), None)
     {
-        return refuse((Some(&workload), Some(target)), &reason);
+        // A reset tells the caller nothing: the log has it all.
+        return refuse((Some(&workload), Some(target)), &denial.logged());
     }
     drop(state);
     if upgrade {
@@ -914,15 +915,16 @@ async fn upgrade_request(
             method: &method,
             path: &path,
         };
-        if let Verdict::Deny(reason) = authorize(
+        if let Verdict::Deny(denial) = authorize(
             &shared.state(),
             &tp.identity,
             workload,
             target.port(),
             Some(facts),
         ) {
-            deny(shared, tp, (Some(workload), Some(target)), "http", &reason);
-            return Err((StatusCode::FORBIDDEN, reason));
+            let logged = denial.logged();
+            deny(shared, tp, (Some(workload), Some(target)), "http", &logged);
+            return Err((StatusCode::FORBIDDEN, denial.reason));
         }
         let host = HeaderValue::from_str(&target.to_string()).expect("an address is a valid host");
         crate::upgrade::prepare(&mut parts, &host);
@@ -1133,6 +1135,8 @@ async fn handle_http(
     // address.
     let workload = std::sync::OnceLock::<Arc<LocalWorkload>>::new();
     let mut asked = None;
+    // A denial's reason as this node logs it, when more than the caller's.
+    let mut logged_reason: Option<String> = None;
     // Dropped before the answer is counted: the caller went away.
     let mut cancelled = Cancelled {
         shared: &shared,
@@ -1189,10 +1193,12 @@ async fn handle_http(
             method: &parts.method,
             path: parts.uri.path(),
         };
-        if let Verdict::Deny(reason) =
+        if let Verdict::Deny(denial) =
             authorize(&state, &tp.identity, &w, target.port(), Some(facts))
         {
-            return Err((StatusCode::FORBIDDEN, reason));
+            // The caller gets the reason; this node's log the policies too.
+            logged_reason = Some(denial.logged());
+            return Err((StatusCode::FORBIDDEN, denial.reason));
         }
         drop(state);
         let proto = match parts.headers.remove(PROTOCOL) {
@@ -1257,7 +1263,7 @@ async fn handle_http(
                     &tp,
                     (workload.get().map(|w| &**w), asked),
                     "http",
-                    &reason,
+                    logged_reason.as_deref().unwrap_or(&reason),
                 );
             }
             // Counted and logged as the HTTP status the proxy chose.
@@ -1282,7 +1288,7 @@ async fn handle_http(
         path: path.as_deref(),
         status: Some(status),
         duration_ms: start.elapsed().as_secs_f64() * 1e3,
-        reason: reason.as_deref(),
+        reason: logged_reason.as_deref().or(reason.as_deref()),
         ..Default::default()
     });
     count_request(

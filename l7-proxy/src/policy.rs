@@ -27,7 +27,26 @@ pub struct HttpFacts<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
-    Deny(String),
+    Deny(Denial),
+}
+
+/// Why a caller was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    /// What the caller is told (`sluice-reason`): who may not do what. The
+    /// policies are not named there: their names are the workload's
+    /// namespace's business, not every caller's.
+    pub reason: String,
+    /// The policies that were checked (`namespace/name`, comma-separated),
+    /// for this node's log and access record.
+    pub policies: String,
+}
+
+impl Denial {
+    /// The reason with the policies, as this node's log gives it.
+    pub fn logged(&self) -> String {
+        format!("{} (access policies {})", self.reason, self.policies)
+    }
 }
 
 pub fn authorize(
@@ -56,14 +75,17 @@ pub fn authorize(
         }
     }
     let names: Vec<String> = policies.iter().map(|p| p.id.to_string()).collect();
-    Verdict::Deny(format!(
-        "{caller} is not allowed{} by access policies {}",
-        match http {
-            Some(h) => format!(" to {} {}", h.method, shorten(h.path)),
-            None => String::new(),
-        },
-        names.join(", ")
-    ))
+    Verdict::Deny(Denial {
+        reason: format!(
+            "{caller} is not allowed{} by the access policies governing {}",
+            match http {
+                Some(h) => format!(" to {} {}", h.method, shorten(h.path)),
+                None => String::new(),
+            },
+            target.identity
+        ),
+        policies: names.join(", "),
+    })
 }
 
 /// A path as a denial's reason shows it: the first 200 bytes (a caller
@@ -272,12 +294,12 @@ mod tests {
         let monitoring = id("spiffe://cluster.local/ns/monitoring/sa/prometheus");
         // The metrics policy does not open the API port, nor the reverse.
         assert_eq!(authorize(&st, &web, &w, 8080, None), Verdict::Allow);
-        let Verdict::Deny(reason) = authorize(&st, &monitoring, &w, 8080, None) else {
+        let Verdict::Deny(denial) = authorize(&st, &monitoring, &w, 8080, None) else {
             panic!("monitoring reached the API port");
         };
         assert!(
-            reason.contains("shop/cart") && !reason.contains("cart-metrics"),
-            "{reason}"
+            denial.policies.contains("shop/cart") && !denial.policies.contains("cart-metrics"),
+            "{denial:?}"
         );
         assert_eq!(authorize(&st, &monitoring, &w, 9090, None), Verdict::Allow);
         assert!(matches!(
@@ -425,13 +447,16 @@ mod tests {
             "spiffe://cluster.local/ns/a/sa/two",
             "spiffe://cluster.local/ns/c/sa/db",
         ] {
-            let Verdict::Deny(reason) = authorize(&s, &id(bad), &w, 8080, None) else {
+            let Verdict::Deny(denial) = authorize(&s, &id(bad), &w, 8080, None) else {
                 panic!("{bad} allowed");
             };
+            // The caller is told who and what, the log which policies too.
             assert!(
-                reason.contains(bad) && reason.contains("shop/p"),
-                "{reason}"
+                denial.reason.contains(bad) && !denial.reason.contains("shop/p"),
+                "{denial:?}"
             );
+            assert_eq!(denial.policies, "shop/p");
+            assert!(denial.logged().ends_with("(access policies shop/p)"));
         }
     }
 
