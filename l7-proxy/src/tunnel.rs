@@ -841,22 +841,39 @@ impl TunnelPool {
         let room = self.room_of(key);
         let room_at_end = room.clone();
         let (settled_tx, settled) = tokio::sync::oneshot::channel();
+        // Why the connection ended, and its label for the handshake failure
+        // metric: a dial waiting for the peer's SETTINGS learns it (in TLS
+        // 1.3 a server's refusal of our certificate comes after our side
+        // of the handshake is done, on the connection's first read).
+        let (ended_tx, ended) = tokio::sync::oneshot::channel::<(String, &'static str)>();
         tokio::spawn(async move {
-            tokio::select! {
+            let why = tokio::select! {
                 biased;
-                r = driver => if let Err(e) = r {
+                r = driver => r.err().map(|e| {
                     tracing::debug!(%node, "tunnel connection ended: {e}");
-                },
+                    let label = match e.get_io() {
+                        Some(io) => crate::inbound::classify_tls_error(io),
+                        None if e.is_go_away() => "goaway",
+                        None => "http2",
+                    };
+                    (e.to_string(), label)
+                }),
                 why = keep_alive(pings, Some(settled_tx)) => {
                     tracing::debug!(%node, "closing the tunnel connection: {why}");
+                    Some((why, "http2_settings"))
                 }
                 () = stall.exceeded(stall_limit) => {
                     tracing::warn!(
                         %node,
                         "closing a tunnel connection whose peer has read nothing for {stall_limit:?}"
                     );
+                    None
                 }
-            }
+            };
+            let _ =
+                ended_tx.send(why.unwrap_or_else(|| {
+                    ("the peer closed the connection".into(), "http2_settings")
+                }));
             still_open.store(false, Ordering::Relaxed);
             // Room to dial another: the waiters look again.
             room_at_end.freed.notify_waiters();
@@ -868,13 +885,27 @@ impl TunnelPool {
         // over the peer's would wait in h2's own queue).
         match tokio::time::timeout(s.tls_handshake_timeout(), settled).await {
             Ok(Ok(())) => {}
-            _ => {
+            // The connection ended first: its task says why at once.
+            Ok(Err(_)) => {
+                let (why, label) = ended
+                    .await
+                    .unwrap_or_else(|_| ("the connection's task ended".into(), "http2_settings"));
+                fail(label);
+                return Err(TunnelError::Handshake {
+                    node: key.node,
+                    peer: key.peer.clone(),
+                    reason: format!(
+                        "the connection ended before the peer's HTTP/2 settings: {why}"
+                    ),
+                });
+            }
+            Err(_) => {
                 fail("http2_settings");
                 return Err(TunnelError::Handshake {
                     node: key.node,
                     peer: key.peer.clone(),
-                    reason: "the connection ended or the peer did not answer a first HTTP/2 \
-                             PING within the handshake timeout"
+                    reason: "the peer did not answer a first HTTP/2 PING within the handshake \
+                             timeout"
                         .into(),
                 });
             }

@@ -281,6 +281,55 @@ async fn one_peer_identity_holding_many_tunnel_connections_gets_no_more() {
     mesh.shutdown().await;
 }
 
+/// A tunnel connection the peer refuses right after its handshake (here
+/// the peer's cap, GOAWAY ENHANCE_YOUR_CALM and a close; in TLS 1.3 a
+/// refused client certificate likewise comes after our side of the
+/// handshake) fails its dial with what the connection met (the GOAWAY, the
+/// alert, or a write into the closed connection, whichever h2 sees first),
+/// counted under that, not as a peer that never answered a PING.
+#[tokio::test]
+async fn a_tunnel_connection_refused_after_its_handshake_says_why() {
+    let (log, _default) = capture_access_log();
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.max_tunnel_connections_per_peer = 1;
+    })
+    .await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    mesh.publish_tcp_service("raw", 1, echo.port(), &[cart(0)])
+        .await;
+    // Web's one connection from node A's proxy's address is taken.
+    let (held, _ended) = peer_h2(&mesh, &web(), "127.0.0.1").await;
+    let stream = tunnel_stream(&held, echo).await.unwrap();
+    let mut c = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let _ = c.write_all(b"two").await;
+    assert!(closed_by_peer(&mut c).await, "it was served");
+    let failed = |reason: &str| {
+        mesh.a.metric(
+            "sluice_tls_handshake_failures_total",
+            &["Outbound", &format!("reason=\"{reason}\"")],
+        )
+    };
+    assert_eq!(
+        failed("goaway") + failed("io") + failed("eof"),
+        1.0,
+        "{}",
+        mesh.a.metrics()
+    );
+    assert_eq!(failed("http2_settings"), 0.0, "{}", mesh.a.metrics());
+    drop((stream, held));
+    mesh.shutdown().await;
+    let (text, records) = access_records(&log);
+    let refused = records
+        .iter()
+        .find(|r| r["direction"] == "outbound" && !r["reason"].is_null())
+        .unwrap_or_else(|| panic!("no failed outbound record in {text}"));
+    let reason = refused["reason"].as_str().unwrap();
+    let (_, why) = reason
+        .split_once("the connection ended before the peer's HTTP/2 settings: ")
+        .unwrap_or_else(|| panic!("{reason}"));
+    assert!(!why.is_empty() && !why.contains("PING"), "{reason}");
+}
+
 /// A connection past its age (GOAWAY said) that still carries a long-lived
 /// TCP stream no longer counts: the peer's next connection is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
