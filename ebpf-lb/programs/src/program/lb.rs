@@ -90,9 +90,13 @@ fn socket_mark(ctx: &SockAddrContext) -> u32 {
 }
 
 /// Pick one ready backend of `svc`: the remembered one under `ClientIP`
-/// affinity while it is fresh and still a member, else a random one.
+/// affinity while it is fresh and still a member; for UDP, one the socket
+/// keeps (an unconnected socket's datagrams come through sendmsg one by
+/// one: a QUIC or WireGuard client's flow must not be spread over the
+/// backends, as kube-proxy's conntrack entry per flow keeps it too); else a
+/// random one.
 #[inline(always)]
-fn select_backend(ctx: &SockAddrContext, svc: &Service) -> Option<Endpoint> {
+fn select_backend(ctx: &SockAddrContext, svc: &Service, proto: u8) -> Option<Endpoint> {
     if svc.count == 0 || svc.backend_set == 0 {
         return None;
     }
@@ -124,7 +128,13 @@ fn select_backend(ctx: &SockAddrContext, svc: &Service) -> Option<Endpoint> {
             return Some(backend);
         }
     }
-    let index = unsafe { bpf_get_prandom_u32() } % svc.count;
+    let index = if proto == PROTO_UDP {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        (mix64(cookie ^ ((svc.id as u64) << 40)) % svc.count as u64) as u32
+    } else {
+        let r = unsafe { bpf_get_prandom_u32() };
+        r % svc.count
+    };
     let slot = BackendSlot {
         backend_set: svc.backend_set,
         index,
@@ -139,6 +149,17 @@ fn select_backend(ctx: &SockAddrContext, svc: &Service) -> Option<Endpoint> {
         let _ = AFFINITY.insert(akey, v, BPF_ANY as u64);
     }
     Some(backend)
+}
+
+/// A 64-bit mix (splitmix64's finaliser): socket cookies count up, their
+/// mixes spread evenly over the backends.
+#[inline(always)]
+fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// Decide what a connect/sendmsg to `key` becomes. Redirects to the proxy
@@ -169,7 +190,7 @@ fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdic
             return Verdict::Rewrite(proxy);
         }
     }
-    match select_backend(ctx, &svc) {
+    match select_backend(ctx, &svc, key.proto) {
         Some(backend) => {
             if let Some(c) = ctr {
                 unsafe { (*c).balanced += 1 };
