@@ -473,3 +473,40 @@ fn strict_can_refuse_the_node_itself_too() -> Result<()> {
     assert_refused(&connect(&s.client.ns, v4, None)?);
     Ok(())
 }
+
+/// The proxy's SYN whose packet mark an iptables rule rewrote on the way
+/// (kube-proxy's KUBE-POSTROUTING flips 0x4000 on what it masquerades, and
+/// the proxy's mark has that bit) still passes: its socket's mark is the
+/// proxy's.
+#[test]
+fn the_proxy_passes_when_iptables_rewrote_its_packets_mark() -> Result<()> {
+    let s = setup_with(ebpf_lb::Options {
+        strict_allows_node: false,
+        ..integration::lb::test_options()
+    })?;
+    assert_eq!(PROXY_MARK & 0x4000, 0x4000, "the mark has kube-proxy's bit");
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            s.node.ns.name(),
+            "iptables",
+            "-t",
+            "mangle",
+        ])
+        .args(["-A", "POSTROUTING", "-m", "mark", "--mark", "0x4000/0x4000"])
+        .args(["-j", "MARK", "--xor-mark", "0x4000"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "iptables (cargo xtask setup installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v4 = s.server.addr();
+    s.lb.set_workload_mode(s.pod.ip4.into(), Some(MtlsMode::Strict))?;
+    assert_reached(&connect(&s.node.ns, v4, Some(PROXY_MARK))?, "pod");
+    // Another mark from the node is still refused.
+    assert_refused(&connect(&s.node.ns, v4, Some(0x4000))?);
+    assert_refused(&connect(&s.node.ns, v4, None)?);
+    Ok(())
+}

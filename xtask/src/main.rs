@@ -24,8 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what this machine lacks to build and test Sluice: the nightly
-    /// rust-src component, bpf-linker 0.10.1, cargo-nextest, iproute2, and
-    /// helm-sdkpy (Helm's linter, from PyPI) for the chart test.
+    /// rust-src component, bpf-linker 0.10.1, cargo-nextest, iproute2,
+    /// iptables, and helm-sdkpy (Helm's linter, from PyPI) for the chart test.
     Setup,
     /// Run setup, `cargo fmt --check`, clippy on the user crates and on the
     /// kernel crate (bpfel target), and the whole test suite. Privileged tests
@@ -167,7 +167,8 @@ fn setup() -> Result<()> {
             "--locked",
         ]))?;
     }
-    apt_install(&[("ip", "iproute2")])?;
+    // iptables: a kernel test rewrites packet marks as kube-proxy does.
+    apt_install(&[("ip", "iproute2"), ("iptables", "iptables")])?;
     helm_linter()?;
     eprintln!("xtask setup: done");
     Ok(())
