@@ -264,7 +264,9 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
             let _ = REFUSALS.insert(p.dst, 1, BPF_ANY as u64);
         }
     }
-    reject(ctx, &p)
+    // A reset that could not be made (its rewrite failed part way) is a
+    // drop: the SYN, refused, never reaches the pod in whatever state.
+    Ok(reject(ctx, &p).unwrap_or(TC_ACT_SHOT))
 }
 
 /// The `SO_MARK` of the socket of the node's own network namespace (where
