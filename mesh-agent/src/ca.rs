@@ -367,6 +367,25 @@ fn write_files(store: &RootStore, dir: &Path, files: &RootFiles) -> Result<(), E
     Ok(())
 }
 
+/// Holds the store directory's lock (flock on `.lock` there) until
+/// dropped: a rotation step and a first start (or two steps) writing the
+/// directory at once would leave a key and a certificate that do not match.
+struct DirLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_dir(store: &RootStore, dir: &Path) -> Result<DirLock, Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        // Not through a link planted there (the CA may run as root).
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(dir.join(".lock"))
+        .and_then(|f| f.lock().map(|()| DirLock(f)))
+        .map_err(|e| store_err(store, format!("locking {}: {e}", dir.display())))
+}
+
 /// The known files present in `dir`.
 fn read_files(store: &RootStore, dir: &Path) -> Result<RootFiles, Error> {
     let mut out = RootFiles::new();
@@ -459,12 +478,13 @@ fn secret_data(files: &RootFiles) -> BTreeMap<String, ByteString> {
 }
 
 /// Writes `files` back to the store. A Secret is replaced only if it is
-/// still at `version` (another rotation or CA replica may have written it).
+/// still at `version`, a directory only if it still holds `was` (another
+/// rotation or CA replica may have written it meanwhile).
 async fn write_store(
     client: Option<&Client>,
     store: &RootStore,
     files: &RootFiles,
-    version: Option<String>,
+    (version, was): (Option<String>, &RootFiles),
 ) -> Result<(), Error> {
     match store {
         RootStore::Secret { namespace, name } => {
@@ -474,17 +494,25 @@ async fn write_store(
             secret.data = Some(secret_data(files));
             match api.replace(name, &PostParams::default(), &secret).await {
                 Ok(_) => Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 => Err(store_err(
-                    store,
-                    "it changed while the rotation ran (another rotation, or a new CA root); \
-                     nothing was changed: run the command again",
-                )),
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    Err(store_err(store, CHANGED_MEANWHILE))
+                }
                 Err(e) => Err(store_err(store, e)),
             }
         }
-        RootStore::Dir(d) => write_files(store, d, files),
+        RootStore::Dir(d) => {
+            let _lock = lock_dir(store, d)?;
+            if read_files(store, d)? != *was {
+                return Err(store_err(store, CHANGED_MEANWHILE));
+            }
+            write_files(store, d, files)
+        }
     }
 }
+
+/// A rotation step found its store written by someone else since it read it.
+const CHANGED_MEANWHILE: &str = "it changed while the rotation ran (another rotation, or a new CA \
+     root); nothing was changed: run the command again";
 
 /// Opens the CA of `files` from a private copy.
 fn open(
@@ -565,6 +593,11 @@ pub async fn load_root(
                 .mode(0o700)
                 .create(d)
                 .map_err(|e| store_err(store, e))?;
+            let _lock = lock_dir(store, d)?;
+            // Another CA sharing the directory may have created one since.
+            if let Some((files, version)) = read_store(client, store).await? {
+                return open(store, files, version, opts, clock);
+            }
             write_files(store, d, &files)?;
             tracing::info!(%store, "created a new CA root");
             open(store, files, None, opts, clock)
@@ -780,7 +813,7 @@ pub async fn rotate(
             }
         }
     }
-    write_store(client, store, &files, root.version.clone()).await?;
+    write_store(client, store, &files, (root.version.clone(), &root.files)).await?;
     tracing::info!(%store, "{summary}");
     Ok(Rotated {
         summary,
@@ -1152,6 +1185,39 @@ mod tests {
             "spec": {"serviceAccountName": sa, "nodeName": node, "containers": []}
         }))
         .unwrap()
+    }
+
+    /// A directory store written by someone else after a step read it (two
+    /// rotations at once) is not overwritten: the later write is refused,
+    /// as a Secret's is by its resourceVersion, and the store keeps the
+    /// first step's result.
+    #[tokio::test]
+    async fn a_directory_store_changed_meanwhile_is_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RootStore::Dir(dir.path().join("root"));
+        let clock: SharedClock = Arc::new(SystemClock);
+        let opts = CaOptions::default();
+        let first = load_root(None, &store, opts.clone(), clock.clone(), true)
+            .await
+            .unwrap();
+        // Another step runs in between: a root is prepared.
+        rotate(None, &store, RotateStep::Prepare, opts, clock)
+            .await
+            .unwrap();
+        let RootStore::Dir(d) = &store else {
+            unreachable!()
+        };
+        let prepared = read_files(&store, d).unwrap();
+        assert!(prepared.contains_key(NEXT_ROOT_KEY));
+        // The first step writes what it computed from the older state.
+        let e = write_store(None, &store, &first.files, (None, &first.files))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("changed while the rotation ran"),
+            "{e}"
+        );
+        assert_eq!(read_files(&store, d).unwrap(), prepared, "left as it was");
     }
 
     /// A write cut short after the first file (here: the certificate cannot
