@@ -119,8 +119,8 @@ impl TrustBundle {
         self.roots.iter().map(|r| r.info.fingerprint).collect()
     }
 
-    pub(crate) fn fingerprint_at(&self, i: usize) -> Fingerprint {
-        self.roots[i].info.fingerprint
+    pub(crate) fn info_at(&self, i: usize) -> &CertInfo {
+        &self.roots[i].info
     }
 
     /// The root new certificates are issued under.

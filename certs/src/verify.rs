@@ -160,14 +160,36 @@ fn verify_identity(
                 reason: format!("{other}"),
             },
         })?;
+    // webpki's trust anchors carry no validity: a root past its end (still
+    // in a bundle after a rotation, its key perhaps no longer guarded)
+    // must not vouch for a leaf made with its key today. Of the roots with
+    // the anchor's name and key (a root renewed with its key), one valid
+    // now will do.
     let anchor = path.anchor();
-    let root = anchors
-        .iter()
-        .position(|a| {
-            a.subject_public_key_info == anchor.subject_public_key_info
-                && a.subject == anchor.subject
-        })
-        .map(|i| bundle.fingerprint_at(i));
+    let at = time::OffsetDateTime::from(now);
+    let mut root = None;
+    let mut lapsed = None;
+    for (i, a) in anchors.iter().enumerate() {
+        if a.subject_public_key_info != anchor.subject_public_key_info
+            || a.subject != anchor.subject
+        {
+            continue;
+        }
+        let info = bundle.info_at(i);
+        if info.not_before <= at && at <= info.not_after {
+            root = Some(info.fingerprint);
+            break;
+        }
+        lapsed.get_or_insert(info);
+    }
+    if root.is_none()
+        && let Some(info) = lapsed
+    {
+        return Err(untrusted(format!(
+            "its root {} is valid from {} to {} only",
+            info.fingerprint, info.not_before, info.not_after
+        )));
+    }
     let identity = crate::x509::spiffe_id_of(end_entity)?;
     if identity.trust_domain() != bundle.trust_domain() {
         return Err(VerifyError::ForeignTrustDomain {

@@ -478,6 +478,65 @@ fn an_intermediate_must_be_signed_by_the_root_not_only_name_it() {
     assert_eq!(peer.identity, wid);
 }
 
+/// A root past its end vouches for nothing: a leaf made with its key today
+/// (the key of a root long rotated out, no longer guarded) is refused, though
+/// the leaf itself is valid and the root still in the bundle.
+#[test]
+fn a_root_past_its_end_vouches_for_no_leaf() {
+    use rcgen::{BasicConstraints, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose};
+    let clock = clock();
+    let now = OffsetDateTime::from(clock_now(&clock));
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let root_at = |not_after: OffsetDateTime| {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "Old root");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        p.not_before = now - Duration::from_secs(10 * 86_400);
+        p.not_after = not_after;
+        let cert = p.self_signed(&root_key).unwrap();
+        (p, cert)
+    };
+    let wid = id("a", "b");
+    let leaf_of = |params: &CertificateParams| {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![uri(wid.as_str())];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = now - Duration::from_secs(3600);
+        p.not_after = now + Duration::from_secs(3600);
+        p.signed_by(&key, &rcgen::Issuer::from_params(params, &root_key))
+            .unwrap()
+    };
+    let check = |not_after: OffsetDateTime| {
+        let (params, root) = root_at(not_after);
+        let bundle = certs::TrustBundle::from_pem(TD, &root.pem()).unwrap();
+        verify::verify_chain(
+            &bundle,
+            leaf_of(&params).der(),
+            &[],
+            clock_now(&clock),
+            verify::Usage::Server,
+        )
+    };
+    // Valid for a day more: the leaf is verified.
+    assert_eq!(
+        check(now + Duration::from_secs(86_400)).unwrap().identity,
+        wid
+    );
+    // Ended yesterday: refused, saying why.
+    let err = check(now - Duration::from_secs(86_400))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not chain to a root") && err.contains("is valid from"),
+        "{err}"
+    );
+}
+
 /// The root key and certificate are replaced one after the other: a CA
 /// that stopped in between (new key, old certificate) finishes the
 /// activation when it starts again instead of refusing to start.
