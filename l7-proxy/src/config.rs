@@ -252,8 +252,9 @@ impl ProxySettings {
     pub fn exchange_idle_timeout(&self) -> Duration {
         zero_is_never(self.exchange_idle_timeout_ms)
     }
+    /// `0` keeps idle connections until the workload closes them.
     pub fn workload_idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.workload_idle_timeout_ms)
+        zero_is_never(self.workload_idle_timeout_ms)
     }
     pub fn tcp_idle_timeout(&self) -> Duration {
         zero_is_never(self.tcp_idle_timeout_ms)

@@ -320,7 +320,10 @@ impl WorkloadClients {
                 let Some(idle) = pools.upgrade().map(|p| p.idle) else {
                     return;
                 };
-                tokio::time::sleep(idle / 2).await;
+                // Closed connections go within 30 s whatever the timeout
+                // (`0`: none); a tiny one does not make this a busy loop.
+                let round = (idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
+                tokio::time::sleep(round).await;
                 let Some(p) = pools.upgrade() else { return };
                 let mut h1 = p.h1.lock().unwrap_or_else(|e| e.into_inner());
                 h1.retain(|_, list| {
@@ -780,6 +783,25 @@ mod tests {
             "the connection outlived its last stream"
         );
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// `workload_idle_timeout_ms: 0` keeps an idle connection (it closed
+    /// at once: nothing was fresh before a timeout of zero) and the next
+    /// request reuses it.
+    #[tokio::test]
+    async fn a_zero_idle_timeout_keeps_idle_connections() {
+        let (addr, accepted, closed) = h2_server(Arc::new(tokio::sync::Notify::new())).await;
+        let c = WorkloadClients::new(&ProxySettings {
+            workload_idle_timeout_ms: 0,
+            ..ProxySettings::default()
+        });
+        for _ in 0..2 {
+            let resp = c.send(addr, Protocol::Http2, h2_get("/")).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused");
+        assert_eq!(closed.load(Ordering::SeqCst), 0, "kept");
     }
 
     /// A Host header (a route's `RequestHeaderModifier` or `URLRewrite`
