@@ -144,10 +144,30 @@ impl WorkloadClients {
                     set_absolute(req.uri_mut(), host, addr);
                 }
                 let mut sender = self.h2_sender(addr).await?;
-                let resp = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|source| UpstreamError::Http { source })?;
+                let resp = match sender.try_send_request(req).await {
+                    Ok(resp) => resp,
+                    // Handed back unsent: the connection takes no more
+                    // streams (the workload said GOAWAY, a gRPC server past
+                    // its MaxConnectionAge, while streams are still open on
+                    // it). It leaves the pool and the request goes on a new
+                    // one, body and all.
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => {
+                            tracing::debug!(%addr, "HTTP/2 connection to workload takes no more streams: {}", e.error());
+                            self.forget_h2(addr);
+                            let mut sender = Box::pin(self.dial_h2(addr)).await?;
+                            sender
+                                .send_request(req)
+                                .await
+                                .map_err(|source| UpstreamError::Http { source })?
+                        }
+                        None => {
+                            return Err(UpstreamError::Http {
+                                source: e.into_error(),
+                            });
+                        }
+                    },
+                };
                 Ok(resp.map(|b| UpstreamBody {
                     inner: Inner::H2(b),
                     back: None,
@@ -266,6 +286,16 @@ impl WorkloadClients {
         }
         *last_used = Instant::now();
         Some(sender.clone())
+    }
+
+    /// Takes the pooled HTTP/2 connection to `addr` out of the pool (one
+    /// another request dialled meanwhile goes too: the next dials again).
+    fn forget_h2(&self, addr: SocketAddr) {
+        self.inner
+            .h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
     }
 
     async fn dial_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, UpstreamError> {
@@ -783,6 +813,86 @@ mod tests {
             "the connection outlived its last stream"
         );
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An HTTP/2 workload that says GOAWAY (a gRPC server past its
+    /// `MaxConnectionAge`) while a stream is still open on the connection:
+    /// the next requests go on a new connection, not to the old one that
+    /// refuses them until its last stream ends.
+    #[tokio::test]
+    async fn an_http2_workloads_goaway_sends_the_next_requests_to_a_new_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let shut = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        {
+            let (accepted, shut, release) = (accepted.clone(), shut.clone(), release.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let (shut, release) = (shut.clone(), release.clone());
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                            let release = release.clone();
+                            async move {
+                                let body = if req.uri().path() == "/slow" {
+                                    let (tx, rx) = tokio::sync::mpsc::channel::<
+                                        Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+                                    >(2);
+                                    tokio::spawn(async move {
+                                        let _ =
+                                            tx.send(Ok(http_body::Frame::data("a".into()))).await;
+                                        release.notified().await;
+                                        let _ =
+                                            tx.send(Ok(http_body::Frame::data("b".into()))).await;
+                                    });
+                                    http_body_util::StreamBody::new(tokio_stream_from(rx)).boxed()
+                                } else {
+                                    Full::new(Bytes::from("ok")).boxed()
+                                };
+                                Ok::<_, std::convert::Infallible>(Response::new(body))
+                            }
+                        });
+                        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tcp), svc);
+                        tokio::pin!(conn);
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            () = shut.notified() => {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = conn.await;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        let c = WorkloadClients::new(&ProxySettings::default());
+        let resp = c
+            .send(addr, Protocol::Http2, h2_get("/slow"))
+            .await
+            .unwrap();
+        let mut slow = resp.into_body();
+        let first = slow.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"a");
+        shut.notify_one();
+        // The GOAWAY is in.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for i in 0..3 {
+            let resp = c.send(addr, Protocol::Http2, h2_get("/")).await;
+            let resp = resp.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(
+                &resp.into_body().collect().await.unwrap().to_bytes()[..],
+                b"ok"
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "one new connection");
+        // The old connection's stream goes on to its end.
+        release.notify_one();
+        let rest = slow.collect().await.unwrap().to_bytes();
+        assert_eq!(&rest[..], b"b");
     }
 
     /// `workload_idle_timeout_ms: 0` keeps an idle connection (it closed
