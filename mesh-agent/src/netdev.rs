@@ -11,7 +11,26 @@ pub trait InterfaceResolver: Send + Sync {
     /// The interface of pod `ip`; an error if it has none of its own (the
     /// route to it is for a whole prefix, as one to Cilium's `cilium_host`
     /// or a gateway port is).
-    fn interface(&self, ip: IpAddr) -> Result<String, String>;
+    fn interface(&self, ip: IpAddr) -> Result<String, NoInterface>;
+}
+
+/// Why a pod has no interface to guard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoInterface {
+    /// The node's network reaches it through an interface that is not its
+    /// own (a route for a whole prefix, a bridge): a limit of the network,
+    /// not a failure; the proxy enforces STRICT.
+    NotItsOwn(String),
+    /// No route to it (yet: the pod is starting).
+    NoRoute(String),
+}
+
+impl std::fmt::Display for NoInterface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoInterface::NotItsOwn(why) | NoInterface::NoRoute(why) => f.write_str(why),
+        }
+    }
 }
 
 /// Routes from `/proc/net/route` and `/proc/net/ipv6_route`.
@@ -62,7 +81,7 @@ pub fn v6_route(table: &str, ip: Ipv6Addr) -> Option<(String, bool)> {
 }
 
 impl InterfaceResolver for RouteTable {
-    fn interface(&self, ip: IpAddr) -> Result<String, String> {
+    fn interface(&self, ip: IpAddr) -> Result<String, NoInterface> {
         let (dev, host) = match ip {
             IpAddr::V4(v4) => v4_route(
                 &std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
@@ -73,23 +92,23 @@ impl InterfaceResolver for RouteTable {
                 v6,
             ),
         }
-        .ok_or_else(|| format!("no route to pod IP {ip} on this node"))?;
+        .ok_or_else(|| NoInterface::NoRoute(format!("no route to pod IP {ip} on this node")))?;
         if !host {
-            return Err(format!(
+            return Err(NoInterface::NotItsOwn(format!(
                 "pod IP {ip} is reached through {dev} by a route for a whole prefix, not a host \
                  route of its own: no interface of its own to guard (the STRICT guard needs a \
                  routed veth per pod; with Cilium, enable endpoint routes), the proxy enforces \
                  STRICT"
-            ));
+            )));
         }
         if std::path::Path::new("/sys/class/net")
             .join(&dev)
             .join("bridge")
             .exists()
         {
-            return Err(format!(
+            return Err(NoInterface::NotItsOwn(format!(
                 "pod IP {ip} is behind bridge {dev}: the STRICT guard needs a routed veth per pod"
-            ));
+            )));
         }
         Ok(dev)
     }

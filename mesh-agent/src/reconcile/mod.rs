@@ -41,7 +41,7 @@ use crate::{
     admin::api::{ConfigError, RouteInfo, WorkloadInfo},
     cgroups::CgroupResolver,
     crds::MtlsMode,
-    netdev::{InterfaceResolver, RouteTable},
+    netdev::{InterfaceResolver, NoInterface, RouteTable},
     state::{Dirty, Key, Store, Update},
 };
 
@@ -750,28 +750,37 @@ impl Reconciler {
             let iface = match (known, ips.first()) {
                 (Some(i), _) => Ok(i),
                 (None, Some(ip)) => self.interfaces.interface(*ip),
-                (None, None) => Err("the pod has no IP yet".into()),
+                (None, None) => Err(NoInterface::NoRoute("the pod has no IP yet".into())),
             };
-            // Not finding the interface yet (the pod is starting) is tried
-            // again on every tick, like any failed kernel operation.
+            // Not finding the interface (the pod is starting) is a kernel
+            // problem until it is found; an interface that is not the pod's
+            // own (a prefix route, a bridge) a limit of the network, shown
+            // apart (`sluice check` warns).
             let find = format!("guard of pod {key}");
-            guard_keys.insert(find.clone());
-            match iface {
+            let limit = format!("{GUARD_SHARED}pod {key}");
+            guard_keys.extend([find.clone(), limit.clone()]);
+            let (missing, not_its_own) = match iface {
                 Ok(i) => {
                     info.strict_guard = Some(format!("guarded on {i}"));
-                    self.outcome(find, Ok(()));
                     if let Some(other) = guards.insert(i.clone(), key.clone()) {
-                        shared.entry(i).or_insert_with(|| vec![other]).push(key);
+                        shared
+                            .entry(i)
+                            .or_insert_with(|| vec![other])
+                            .push(key.clone());
                     }
+                    (Ok(()), Ok(()))
                 }
                 Err(e) => {
                     info.strict_guard = Some(format!("not enforced in the kernel: {e}"));
-                    self.outcome(
-                        find,
-                        Err(format!("STRICT pod {key}: no interface to guard: {e}")),
-                    );
+                    let err = Err(format!("STRICT pod {key}: no interface to guard: {e}"));
+                    match e {
+                        NoInterface::NotItsOwn(_) => (Ok(()), err),
+                        NoInterface::NoRoute(_) => (err, Ok(())),
+                    }
                 }
-            }
+            };
+            self.outcome(find, missing);
+            self.outcome(limit, not_its_own);
         }
         // An interface several pods are reached through (a route for a
         // whole prefix: Cilium's cilium_host, an overlay or gateway port) is

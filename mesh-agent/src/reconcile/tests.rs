@@ -1,7 +1,12 @@
 //! The reconciler against the in-memory dataplane: what reaches the kernel,
 //! in which batches.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use ebpf_lb::{Backend, Change, Frontend, ProxyTarget, ServiceSpec};
 
@@ -405,6 +410,75 @@ fn a_strict_pod_whose_veth_was_recreated_under_its_name_is_guarded_again() {
     web.uid = "uid-shop-web-2".into();
     f.upsert(vec![Object::Pod(web)]);
     assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-web".to_string()]));
+}
+
+/// Routes that give a pod no interface of its own (a prefix route, as
+/// Cilium's cilium_host without endpoint routes, or a bridge).
+struct Routes(BTreeMap<IpAddr, crate::netdev::NoInterface>);
+
+impl crate::netdev::InterfaceResolver for Routes {
+    fn interface(&self, ip: IpAddr) -> Result<String, crate::netdev::NoInterface> {
+        Err(self.0.get(&ip).cloned().unwrap_or_else(|| {
+            crate::netdev::NoInterface::NoRoute(format!("no route to pod IP {ip}"))
+        }))
+    }
+}
+
+/// A STRICT pod whose route is not its own (found from the node's routes,
+/// as in a cluster) is a limit of the network: `sluice check` warns, it does
+/// not fail; one with no route yet is a kernel problem until it has one.
+#[test]
+fn a_strict_pod_behind_a_prefix_route_is_a_limit_not_a_failure() {
+    use crate::netdev::NoInterface;
+    let routes = Routes(BTreeMap::from([(
+        "10.0.0.1".parse().unwrap(),
+        NoInterface::NotItsOwn("pod IP 10.0.0.1 is reached through cilium_host".into()),
+    )]));
+    let Fixture { r, dp, rx, cg } = fixture();
+    let mut f = Fixture {
+        r: r.with_interfaces(Box::new(routes)),
+        dp,
+        rx,
+        cg,
+    };
+    let pod = |name: &str, ip: &str, f: &Fixture| {
+        let mut w = workload("shop", name, "web", ip, "n1");
+        w.cgroup = Some(f.cgroup(&format!("pods/{name}")));
+        w.labels.insert("app".into(), "web".into());
+        w
+    };
+    let mut objs = shop();
+    objs.extend([
+        Object::Pod(pod("web-a", "10.0.0.1", &f)),
+        Object::MeshPolicy(web_strict()),
+    ]);
+    f.upsert(objs);
+    f.sync();
+    let view = f.rx.view.borrow().clone();
+    assert!(
+        view.dataplane_errors.is_empty(),
+        "{:?}",
+        view.dataplane_errors
+    );
+    assert!(
+        view.dataplane_limits.len() == 1 && view.dataplane_limits[0].contains("cilium_host"),
+        "{:?}",
+        view.dataplane_limits
+    );
+    // A pod with no route at all: a problem, not a limit.
+    f.upsert(vec![Object::Pod(pod("web-b", "10.0.0.2", &f))]);
+    let view = f.rx.view.borrow().clone();
+    assert!(
+        view.dataplane_errors.len() == 1 && view.dataplane_errors[0].contains("shop/web-b"),
+        "{:?}",
+        view.dataplane_errors
+    );
+    assert_eq!(
+        view.dataplane_limits.len(),
+        1,
+        "{:?}",
+        view.dataplane_limits
+    );
 }
 
 /// Two STRICT pods reached through one interface (a route for a whole
