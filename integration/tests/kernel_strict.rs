@@ -474,10 +474,10 @@ fn strict_can_refuse_the_node_itself_too() -> Result<()> {
     Ok(())
 }
 
-/// The proxy's SYN whose packet mark an iptables rule rewrote on the way
-/// (kube-proxy's KUBE-POSTROUTING flips 0x4000 on what it masquerades, and
-/// the proxy's mark has that bit) still passes: its socket's mark is the
-/// proxy's.
+/// The proxy's SYN that an iptables rule rewrote on the way (kube-proxy's
+/// KUBE-POSTROUTING flips 0x4000, which the proxy's mark has, on what it
+/// masquerades, and masquerades it with a random source port) still passes:
+/// the socket it carries has the proxy's mark.
 #[test]
 fn the_proxy_passes_when_iptables_rewrote_its_packets_mark() -> Result<()> {
     let s = setup_with(ebpf_lb::Options {
@@ -485,23 +485,53 @@ fn the_proxy_passes_when_iptables_rewrote_its_packets_mark() -> Result<()> {
         ..integration::lb::test_options()
     })?;
     assert_eq!(PROXY_MARK & 0x4000, 0x4000, "the mark has kube-proxy's bit");
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            s.node.ns.name(),
-            "iptables",
-            "-t",
-            "mangle",
-        ])
-        .args(["-A", "POSTROUTING", "-m", "mark", "--mark", "0x4000/0x4000"])
-        .args(["-j", "MARK", "--xor-mark", "0x4000"])
-        .output()?;
-    assert!(
-        out.status.success(),
-        "iptables (cargo xtask setup installs it): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let iptables = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", s.node.ns.name(), "iptables"])
+            .args(args)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "iptables {args:?} (cargo xtask setup installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    // kube-proxy's KUBE-POSTROUTING, as iptables mode writes it.
+    iptables(&["-t", "nat", "-N", "KUBE-POSTROUTING"])?;
+    iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        "KUBE-POSTROUTING",
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        "0x4000/0x4000",
+        "-j",
+        "RETURN",
+    ])?;
+    iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        "KUBE-POSTROUTING",
+        "-j",
+        "MARK",
+        "--xor-mark",
+        "0x4000",
+    ])?;
+    iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        "KUBE-POSTROUTING",
+        "-j",
+        "MASQUERADE",
+        "--random-fully",
+    ])?;
+    iptables(&["-t", "nat", "-A", "POSTROUTING", "-j", "KUBE-POSTROUTING"])?;
     let v4 = s.server.addr();
     s.lb.set_workload_mode(s.pod.ip4.into(), Some(MtlsMode::Strict))?;
     assert_reached(&connect(&s.node.ns, v4, Some(PROXY_MARK))?, "pod");

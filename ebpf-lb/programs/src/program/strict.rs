@@ -24,7 +24,7 @@ use aya_ebpf::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
     },
-    helpers::generated::{bpf_redirect, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::generated::{bpf_redirect, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::classifier,
     programs::TcContext,
 };
@@ -246,15 +246,20 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || !strict(&p.dst) {
         return Ok(TC_ACT_OK);
     }
-    // From the node itself: a connecting socket of the node's own network
-    // namespace sent it. The node proxy's socket passes by its own mark
-    // (the packet's may have been rewritten on the way: kube-proxy's
-    // iptables rules flip 0x4000 on packets they masquerade); any other
-    // (kubelet's probes) when the node is let in.
-    if let Some(sender_mark) = node_socket_mark(ctx, &p)?
-        && let Some(cfg) = config()
-        && ((cfg.proxy_mark != 0 && sender_mark == cfg.proxy_mark)
-            || cfg.flags & CONFIG_F_STRICT_ALLOWS_NODE != 0)
+    // The node proxy's SYN whose packet mark a rule on the way rewrote
+    // (kube-proxy's iptables mode flips 0x4000, which the proxy's mark has,
+    // on what it masquerades, and masquerades it): the socket that sent it
+    // still carries the proxy's mark.
+    if let Some(cfg) = config()
+        && cfg.proxy_mark != 0
+        && sender_socket_mark(ctx) == Some(cfg.proxy_mark)
+    {
+        return Ok(TC_ACT_OK);
+    }
+    // From the node itself (kubelet's probes): a connecting socket of the
+    // node's own network namespace sent it.
+    if config().is_some_and(|c| c.flags & CONFIG_F_STRICT_ALLOWS_NODE != 0)
+        && from_node_socket(ctx, &p)?
     {
         return Ok(TC_ACT_OK);
     }
@@ -269,17 +274,35 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
     Ok(reject(ctx, &p).unwrap_or(TC_ACT_SHOT))
 }
 
-/// The `SO_MARK` of the socket of the node's own network namespace (where
-/// the host side of the veth is) that sent the SYN, if one did: one
-/// connecting (SYN_SENT) with the SYN's 4-tuple there. Carrying a socket is
-/// not enough: a CNI that forwards with `bpf_redirect` hands a pod's packet
-/// over with the pod's socket, and a listener matched by the lookup (any
-/// address, the SYN's source port) is not the sender either.
+/// The `SO_MARK` of the socket the packet carries, if it carries a full
+/// one: the sender's (NAT on the way changes the packet, not its socket).
+/// A pod's socket carries the proxy's mark only if the pod set it itself,
+/// which it could as well on its packets.
 #[inline(always)]
-fn node_socket_mark(ctx: &TcContext, p: &Parsed) -> Result<Option<u32>, i64> {
+fn sender_socket_mark(ctx: &TcContext) -> Option<u32> {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a socket of the packet's; a full one's fields are readable.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return None;
+    }
+    Some(unsafe { core::ptr::read_volatile(&(*full).mark) })
+}
+
+/// Whether the SYN was sent by a socket of the node's own network namespace
+/// (where the host side of the veth is): one connecting (SYN_SENT) with the
+/// SYN's 4-tuple there. Carrying a socket is not enough: a CNI that forwards
+/// with `bpf_redirect` hands a pod's packet over with the pod's socket, and a
+/// listener matched by the lookup (any address, the SYN's source port) is not
+/// the sender either.
+#[inline(always)]
+fn from_node_socket(ctx: &TcContext, p: &Parsed) -> Result<bool, i64> {
     // A packet the node forwarded (from a pod or another node) has none.
     if unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }.is_null() {
-        return Ok(None);
+        return Ok(false);
     }
     let sport: u16 = ctx.load(p.l4)?;
     let dport: u16 = ctx.load(p.l4 + 2)?;
@@ -318,12 +341,11 @@ fn node_socket_mark(ctx: &TcContext, p: &Parsed) -> Result<Option<u32>, i64> {
         )
     };
     if sk.is_null() {
-        return Ok(None);
+        return Ok(false);
     }
     let state = unsafe { core::ptr::read_volatile(&(*sk).state) };
-    let mark = unsafe { core::ptr::read_volatile(&(*sk).mark) };
     unsafe { bpf_sk_release(sk as *mut _) };
-    Ok((state == BPF_TCP_SYN_SENT).then_some(mark))
+    Ok(state == BPF_TCP_SYN_SENT)
 }
 
 /// Turns the SYN into the RST|ACK that answers it and sends it back.
