@@ -111,6 +111,18 @@ impl TrustBundle {
         self.roots.iter().map(|r| &r.der)
     }
 
+    /// The roots valid at `now` (one past its end vouches for nothing).
+    pub fn roots_valid_at(
+        &self,
+        now: std::time::SystemTime,
+    ) -> impl Iterator<Item = &CertificateDer<'static>> {
+        let at = time::OffsetDateTime::from(now);
+        self.roots
+            .iter()
+            .filter(move |r| r.info.not_before <= at && at <= r.info.not_after)
+            .map(|r| &r.der)
+    }
+
     pub(crate) fn anchors(&self) -> &[TrustAnchor<'static>] {
         &self.anchors
     }

@@ -535,6 +535,14 @@ fn a_root_past_its_end_vouches_for_no_leaf() {
         err.contains("does not chain to a root") && err.contains("is valid from"),
         "{err}"
     );
+    // Nor does it vouch for the CA service (the roots a CA client trusts).
+    let valid = |not_after| {
+        let pem = root_at(not_after).1.pem();
+        let bundle = certs::TrustBundle::from_pem(TD, &pem).unwrap();
+        bundle.roots_valid_at(clock_now(&clock)).count()
+    };
+    assert_eq!(valid(now + Duration::from_secs(86_400)), 1);
+    assert_eq!(valid(now - Duration::from_secs(86_400)), 0);
 }
 
 /// The root key and certificate are replaced one after the other: a CA

@@ -133,7 +133,8 @@ impl CaClient {
         };
         let send = |req| async {
             let bundle = self.bundle.load_full();
-            let tls = https::client_config(bundle.roots())
+            // Only roots valid now vouch for the CA service, as for peers.
+            let tls = https::client_config(bundle.roots_valid_at(std::time::SystemTime::now()))
                 .map_err(|reason| CaError::Config { reason })?;
             Ok::<_, CaError>(https::send(tls, &self.endpoint, req, self.timeout).await)
         };
