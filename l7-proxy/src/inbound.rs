@@ -902,6 +902,8 @@ async fn upgrade_request(
     };
     // Nothing reached the workload (see `UNREACHABLE`).
     let mut unreachable = false;
+    // A denial's reason as this node logs it, with the policies.
+    let mut logged_reason: Option<String> = None;
     let result: Result<Response<Body>, (StatusCode, String)> = async {
         let Some(client) = crate::upgrade::take(&mut parts) else {
             return Err((
@@ -924,6 +926,7 @@ async fn upgrade_request(
         ) {
             let logged = denial.logged();
             deny(shared, tp, (Some(workload), Some(target)), "http", &logged);
+            logged_reason = Some(logged);
             return Err((StatusCode::FORBIDDEN, denial.reason));
         }
         let host = HeaderValue::from_str(&target.to_string()).expect("an address is a valid host");
@@ -997,7 +1000,7 @@ async fn upgrade_request(
         path: Some(&path),
         status: Some(resp.status().as_u16()),
         duration_ms: start.elapsed().as_secs_f64() * 1e3,
-        reason: reason.as_deref(),
+        reason: logged_reason.as_deref().or(reason.as_deref()),
         ..stream_record(tp, target, workload, "http-upgrade")
     }
     .emit();

@@ -368,6 +368,36 @@ async fn raw_upgrade_stream(mesh: &Mesh, workload: SocketAddr, request: &str) ->
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// A denied upgrade request's access record on the workload's node names
+/// the policies; the caller's answer does not.
+#[tokio::test]
+async fn a_denied_upgrades_record_names_the_policies() {
+    let (log, _default) = capture_access_log();
+    let (mesh, addr, _seen) = cart_mesh(vec![bot_reads_public()]).await;
+    let answer = raw_upgrade_stream(
+        &mesh,
+        addr,
+        "GET /private HTTP/1.1\r\nhost: c\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 403") && !answer.contains("cart-access"),
+        "{answer}"
+    );
+    mesh.shutdown().await;
+    let (text, records) = access_records(&log);
+    let r = records
+        .iter()
+        .find(|r| r["protocol"] == "http-upgrade")
+        .unwrap_or_else(|| panic!("no upgrade record in {text}"));
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("(access policies shop/cart-access)")),
+        "{r}"
+    );
+}
+
 /// The far side polices the request the stream carries, not the name it was
 /// given; it forwards that one request only, with the verified identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
