@@ -372,7 +372,13 @@ fn write_files(store: &RootStore, dir: &Path, files: &RootFiles) -> Result<(), E
 /// directory at once would leave a key and a certificate that do not match.
 struct DirLock(#[allow(dead_code)] std::fs::File);
 
+/// Exclusive to write; shared to read (a reader never sees a step's files
+/// half written).
 fn lock_dir(store: &RootStore, dir: &Path) -> Result<DirLock, Error> {
+    lock_dir_as(store, dir, true)
+}
+
+fn lock_dir_as(store: &RootStore, dir: &Path, exclusive: bool) -> Result<DirLock, Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new()
         .write(true)
@@ -382,7 +388,7 @@ fn lock_dir(store: &RootStore, dir: &Path) -> Result<DirLock, Error> {
         .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(dir.join(".lock"))
-        .and_then(|f| f.lock().map(|()| DirLock(f)))
+        .and_then(|f| if exclusive { f.lock() } else { f.lock_shared() }.map(|()| DirLock(f)))
         .map_err(|e| store_err(store, format!("locking {}: {e}", dir.display())))
 }
 
@@ -435,7 +441,12 @@ pub async fn read_store(
             Ok(Some((files, secret.metadata.resource_version)))
         }
         RootStore::Dir(d) => {
-            let files = read_files(store, d)?;
+            let files = if d.exists() {
+                let _lock = lock_dir_as(store, d, false)?;
+                read_files(store, d)?
+            } else {
+                RootFiles::new()
+            };
             if files.is_empty() {
                 return Ok(None);
             }
@@ -595,8 +606,11 @@ pub async fn load_root(
                 .map_err(|e| store_err(store, e))?;
             let _lock = lock_dir(store, d)?;
             // Another CA sharing the directory may have created one since.
-            if let Some((files, version)) = read_store(client, store).await? {
-                return open(store, files, version, opts, clock);
+            let there = read_files(store, d)?;
+            if !there.is_empty() {
+                let keys: Vec<String> = there.keys().cloned().collect();
+                holds_a_root(store, &there, &keys)?;
+                return open(store, there, None, opts, clock);
             }
             write_files(store, d, &files)?;
             tracing::info!(%store, "created a new CA root");
