@@ -82,12 +82,15 @@ struct Pools {
     /// A pooled connection unused for this long is closed.
     idle: Duration,
     h1: Mutex<FastMap<SocketAddr, Vec<IdleConn>>>,
-    /// One HTTP/2 connection per workload address, and when a request last
-    /// took it.
-    h2: Mutex<FastMap<SocketAddr, (http2::SendRequest<Body>, Instant)>>,
+    /// One HTTP/2 connection per workload address, when a request last
+    /// took it, and its number (dials count up).
+    h2: Mutex<FastMap<SocketAddr, PooledH2>>,
+    h2_dials: std::sync::atomic::AtomicU64,
     /// Whether the task closing idle connections runs.
     reaper: Mutex<bool>,
 }
+
+type PooledH2 = (http2::SendRequest<Body>, Instant, u64);
 
 struct IdleConn {
     conn: Conn,
@@ -104,6 +107,7 @@ impl WorkloadClients {
                 idle: settings.workload_idle_timeout(),
                 h1: Mutex::default(),
                 h2: Mutex::default(),
+                h2_dials: Default::default(),
                 reaper: Mutex::new(false),
             }),
         }
@@ -143,7 +147,7 @@ impl WorkloadClients {
                 {
                     set_absolute(req.uri_mut(), host, addr);
                 }
-                let mut sender = self.h2_sender(addr).await?;
+                let (mut sender, id) = self.h2_sender(addr).await?;
                 let resp = match sender.try_send_request(req).await {
                     Ok(resp) => resp,
                     // Handed back unsent: the connection takes no more
@@ -154,8 +158,10 @@ impl WorkloadClients {
                     Err(mut e) => match e.take_message() {
                         Some(req) => {
                             tracing::debug!(%addr, "HTTP/2 connection to workload takes no more streams: {}", e.error());
-                            self.forget_h2(addr);
-                            let mut sender = Box::pin(self.dial_h2(addr)).await?;
+                            self.forget_h2(addr, id);
+                            // A connection another request dialled since
+                            // will do.
+                            let (mut sender, _) = self.h2_sender(addr).await?;
                             sender
                                 .send_request(req)
                                 .await
@@ -271,34 +277,40 @@ impl WorkloadClients {
         Ok(Conn::new(tcp))
     }
 
-    async fn h2_sender(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    /// The pooled HTTP/2 connection to `addr`, or a new one; and its number.
+    async fn h2_sender(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(http2::SendRequest<Body>, u64), UpstreamError> {
         match self.open_h2(addr) {
             Some(s) => Ok(s),
             None => Box::pin(self.dial_h2(addr)).await,
         }
     }
 
-    fn open_h2(&self, addr: SocketAddr) -> Option<http2::SendRequest<Body>> {
+    fn open_h2(&self, addr: SocketAddr) -> Option<(http2::SendRequest<Body>, u64)> {
         let mut h2 = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner());
-        let (sender, last_used) = h2.get_mut(&addr)?;
+        let (sender, last_used, id) = h2.get_mut(&addr)?;
         if sender.is_closed() {
             return None;
         }
         *last_used = Instant::now();
-        Some(sender.clone())
+        Some((sender.clone(), *id))
     }
 
-    /// Takes the pooled HTTP/2 connection to `addr` out of the pool (one
-    /// another request dialled meanwhile goes too: the next dials again).
-    fn forget_h2(&self, addr: SocketAddr) {
-        self.inner
-            .h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&addr);
+    /// Takes HTTP/2 connection `id` to `addr` out of the pool, if it is
+    /// still the pooled one (not a newer one another request dialled).
+    fn forget_h2(&self, addr: SocketAddr, id: u64) {
+        let mut h2 = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner());
+        if h2.get(&addr).is_some_and(|(_, _, pooled)| *pooled == id) {
+            h2.remove(&addr);
+        }
     }
 
-    async fn dial_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    async fn dial_h2(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(http2::SendRequest<Body>, u64), UpstreamError> {
         let tcp = crate::connect::connect(addr, self.inner.mark, self.inner.connect_timeout)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
@@ -323,12 +335,16 @@ impl WorkloadClients {
         self.start_reaper();
         // Two requests may have dialled at once: both connections work, the
         // later one is kept.
+        let id = self
+            .inner
+            .h2_dials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner
             .h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(addr, (sender.clone(), Instant::now()));
-        Ok(sender)
+            .insert(addr, (sender.clone(), Instant::now(), id));
+        Ok((sender, id))
     }
 
     /// Every half idle timeout, while the pools exist, closes the HTTP/1.1
@@ -364,7 +380,7 @@ impl WorkloadClients {
                 drop(h1);
                 p.h2.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .retain(|_, (s, last_used)| !s.is_closed() && last_used.elapsed() < idle);
+                    .retain(|_, (s, last_used, _)| !s.is_closed() && last_used.elapsed() < idle);
             }
         });
     }
