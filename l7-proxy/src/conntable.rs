@@ -65,7 +65,8 @@ pub struct ConnectionInfo {
     /// meshed destination, is still being set up.
     pub pending: bool,
     /// A captured HTTP connection's requests so far: sent through the
-    /// tunnel, and sent in plaintext (mirrored copies included).
+    /// tunnel, and sent in plaintext (copies mirrored in plaintext included;
+    /// those mirrored through the tunnel are not the caller's).
     pub requests: Option<RequestCounts>,
     /// A captured HTTP connection whose requests reached more than one
     /// identity over mTLS (`destination_identity` is then empty).
@@ -82,6 +83,16 @@ pub struct ConnectionInfo {
     pub bytes_received: u64,
 }
 
+/// A row's facts under its lock.
+#[derive(Debug)]
+struct RowMeta {
+    meta: ConnMeta,
+    /// The identity a captured HTTP connection's first request through the
+    /// tunnel reached, and whether a later one reached another.
+    first_reached: Option<SpiffeId>,
+    several: bool,
+}
+
 /// See [`ConnectionInfo::requests`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RequestCounts {
@@ -92,10 +103,7 @@ pub struct RequestCounts {
 #[derive(Debug)]
 struct Row {
     kind: ConnKind,
-    meta: Mutex<ConnMeta>,
-    /// The identity a captured HTTP connection's first request through the
-    /// tunnel reached, and whether a later one reached another.
-    reached: Mutex<(Option<SpiffeId>, bool)>,
+    meta: Mutex<RowMeta>,
     opened_at: u64,
     sent: AtomicU64,
     received: AtomicU64,
@@ -150,7 +158,7 @@ impl ConnHandle {
 
     /// Fills in what was learnt after opening (the TLS facts, say).
     pub fn update(&self, f: impl FnOnce(&mut ConnMeta)) {
-        f(&mut self.row.meta.lock().unwrap_or_else(|e| e.into_inner()));
+        f(&mut self.row.meta.lock().unwrap_or_else(|e| e.into_inner()).meta);
     }
 }
 
@@ -171,26 +179,23 @@ impl RowRef {
             row.plaintext_requests.fetch_add(1, Ordering::Relaxed);
             let mut m = row.meta.lock().unwrap_or_else(|e| e.into_inner());
             // Not every request reached that identity any more.
-            m.destination_identity = None;
+            m.meta.destination_identity = None;
             if !row.tls_mixed.swap(true, Ordering::Relaxed) {
-                m.tls = None;
+                m.meta.tls = None;
             }
             return;
         };
         row.mtls_requests.fetch_add(1, Ordering::Relaxed);
         let mut m = row.meta.lock().unwrap_or_else(|e| e.into_inner());
-        let mut reached = row.reached.lock().unwrap_or_else(|e| e.into_inner());
-        match &reached.0 {
-            None => reached.0 = Some(id.clone()),
-            Some(first) if first != id => reached.1 = true,
+        match &m.first_reached {
+            None => m.first_reached = Some(id.clone()),
+            Some(first) if first != id => m.several = true,
+            // The same again, as usual: nothing changes.
+            Some(_) if m.meta.destination_identity.as_ref() == Some(id) => return,
             Some(_) => {}
         }
-        m.destination_identity = if reached.1 || row.plaintext_requests.load(Ordering::Relaxed) > 0
-        {
-            None
-        } else {
-            Some(id.clone())
-        };
+        let one = !m.several && row.plaintext_requests.load(Ordering::Relaxed) == 0;
+        m.meta.destination_identity = one.then(|| id.clone());
     }
 }
 
@@ -201,7 +206,8 @@ impl RowRef {
     /// peer certificate expiry among them.
     pub fn tunnel_tls(&self, tls: &TlsInfo) {
         let row = &self.0;
-        let mut m = row.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = row.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let m = &mut guard.meta;
         // Under the lock: a plaintext request sets the flag, then clears.
         if row.tls_mixed.load(Ordering::Relaxed) {
             return;
@@ -237,8 +243,11 @@ impl ConnTable {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed) + 1;
         let row = Arc::new(Row {
             kind,
-            meta: Mutex::new(meta),
-            reached: Mutex::new((None, false)),
+            meta: Mutex::new(RowMeta {
+                meta,
+                first_reached: None,
+                several: false,
+            }),
             opened_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -265,14 +274,16 @@ impl ConnTable {
         let rows = self.inner.rows.lock().unwrap_or_else(|e| e.into_inner());
         rows.iter()
             .map(|(id, r)| {
-                let meta = r.meta.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let (meta, several) = {
+                    let m = r.meta.lock().unwrap_or_else(|e| e.into_inner());
+                    (m.meta.clone(), m.several)
+                };
                 let http = r.kind == ConnKind::OutboundHttp;
                 let requests = RequestCounts {
                     mtls: r.mtls_requests.load(Ordering::Relaxed),
                     plaintext: r.plaintext_requests.load(Ordering::Relaxed),
                 };
-                let several_identities =
-                    http && r.reached.lock().unwrap_or_else(|e| e.into_inner()).1;
+                let several_identities = http && several;
                 ConnectionInfo {
                     id: *id,
                     kind: r.kind,

@@ -863,17 +863,13 @@ impl TunnelPool {
                     Some((why, "http2_settings"))
                 }
                 () = stall.exceeded(stall_limit) => {
-                    tracing::warn!(
-                        %node,
-                        "closing a tunnel connection whose peer has read nothing for {stall_limit:?}"
-                    );
-                    None
+                    let why = format!("the peer has read nothing for {stall_limit:?}");
+                    tracing::warn!(%node, "closing a tunnel connection: {why}");
+                    Some((why, "stall"))
                 }
             };
-            let _ =
-                ended_tx.send(why.unwrap_or_else(|| {
-                    ("the peer closed the connection".into(), "http2_settings")
-                }));
+            let _ = ended_tx
+                .send(why.unwrap_or_else(|| ("the peer closed the connection".into(), "eof")));
             still_open.store(false, Ordering::Relaxed);
             // Room to dial another: the waiters look again.
             room_at_end.freed.notify_waiters();

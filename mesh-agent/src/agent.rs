@@ -361,6 +361,8 @@ pub enum Error {
     Admin(#[from] admin::Error),
     #[error("the node proxy: {0}")]
     Proxy(#[source] Box<l7_proxy::ProxyError>),
+    #[error("{0}")]
+    ProxySetting(String),
     #[error("workload identities: {0}")]
     Identity(#[from] Box<crate::identity::Error>),
 }
@@ -484,15 +486,15 @@ impl Agent {
         let source: SourceSpec = args.source.parse().map_err(Error::Source)?;
         // Checked before anything starts: a typo fails at once.
         if !args.proxy_settings.is_empty() && args.proxy != ProxyMode::Embedded {
-            return Err(Error::Source(format!(
+            return Err(Error::ProxySetting(format!(
                 "--proxy-setting applies to the embedded proxy only (--proxy {})",
                 args.proxy
                     .to_possible_value()
                     .map_or_else(String::new, |v| v.get_name().to_string())
             )));
         }
-        proxy_settings(l7_proxy::ProxySettings::default(), &args.proxy_settings)
-            .map_err(Error::Source)?;
+        let tuned = proxy_settings(l7_proxy::ProxySettings::default(), &args.proxy_settings)
+            .map_err(Error::ProxySetting)?;
         make_state_dir(&args.state_dir)?;
         // Dropping `stop` (an error below) ends the admin server too.
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -618,8 +620,8 @@ impl Agent {
                     // STRICT guard. (Setting a mark needs CAP_NET_ADMIN.)
                     socket_mark: (args.dataplane == DataplaneKind::Kernel)
                         .then_some(config::PROXY_MARK),
-                    ..proxy_settings(l7_proxy::ProxySettings::default(), &args.proxy_settings)
-                        .map_err(Error::Source)?
+                    // Flag-owned settings are refused among the tuned ones.
+                    ..tuned
                 };
                 let (snap_tx, snap_rx) =
                     tokio::sync::watch::channel(Arc::new(l7_proxy::Snapshot::default()));

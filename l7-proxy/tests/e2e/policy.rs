@@ -244,11 +244,9 @@ async fn access_policy_allows_and_denies_http_with_a_reason() {
     mesh.shutdown().await;
 }
 
-/// A refused TCP stream has its access-log line, like a refused request:
-/// both identities, the address asked for and the reason.
-#[tokio::test]
-async fn a_refused_tcp_stream_is_in_the_access_log() {
-    let (log, _default) = capture_access_log();
+/// The standard mesh with cart-0's TCP echo server behind `cart` (opaque
+/// TCP), which a policy opens to web alone; and the echo server's address.
+async fn tcp_cart_for_web_only() -> (Mesh, SocketAddr) {
     let mesh = Mesh::standard().await;
     let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
     let mut svc = mesh.service("cart", 1, echo.port(), &[cart(0)]);
@@ -262,6 +260,15 @@ async fn a_refused_tcp_stream_is_in_the_access_log() {
         ..Default::default()
     })
     .await;
+    (mesh, echo)
+}
+
+/// A refused TCP stream has its access-log line, like a refused request:
+/// both identities, the address asked for and the reason.
+#[tokio::test]
+async fn a_refused_tcp_stream_is_in_the_access_log() {
+    let (log, _default) = capture_access_log();
+    let (mesh, echo) = tcp_cart_for_web_only().await;
     let mut no = mesh.connect(bot().ip, SocketAddr::new(vip(1), 80)).await;
     let _ = no.write_all(b"denied?").await;
     assert!(closed_by_peer(&mut no).await, "the stream was not refused");
@@ -296,19 +303,7 @@ async fn a_refused_tcp_stream_is_in_the_access_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_policy_refuses_tcp_streams() {
-    let mesh = Mesh::standard().await;
-    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
-    let mut svc = mesh.service("cart", 1, echo.port(), &[cart(0)]);
-    svc.ports[0].app_protocol = Some("tcp".into());
-    mesh.publish(&Snapshot {
-        services: vec![svc],
-        access_policies: vec![policy(vec![AccessRule {
-            from: vec![AccessSource::Identity(web().identity())],
-            to: None,
-        }])],
-        ..Default::default()
-    })
-    .await;
+    let (mesh, _echo) = tcp_cart_for_web_only().await;
     let mut ok = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
     ok.write_all(b"allowed").await.unwrap();
     assert_eq!(read_n(&mut ok, 7).await, b"allowed");

@@ -182,8 +182,8 @@ pub struct ConnectionInfo {
     /// or a captured TCP connection's tunnel stream, is being set up.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mtls_pending: bool,
-    /// A captured HTTP connection's requests so far sent through the tunnel
-    /// and in plaintext (mirrored copies included).
+    /// A captured HTTP connection's requests so far sent through the tunnel,
+    /// and in plaintext (copies mirrored in plaintext included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_mtls: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

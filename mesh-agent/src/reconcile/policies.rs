@@ -563,7 +563,10 @@ pub fn bypassed_pods(
                     MtlsMode::Disabled => Bypass::Unpoliced,
                 }
             };
-            let (pods, total) = &mut found[how as usize];
+            let (pods, total) = &mut found[match how {
+                Bypass::Unpoliced => 0,
+                Bypass::Plaintext => 1,
+            }];
             *total += 1;
             if pods.len() < NAMED_PODS {
                 pods.push(k.clone());
@@ -728,11 +731,9 @@ mod tests {
         assert_eq!(w[0].status["conditions"][0]["status"], "True");
     }
 
-    /// A policy is enforced by the node proxies: pods callers reach past
-    /// them (DISABLED: every caller; PERMISSIVE: plaintext callers outside
-    /// the mesh) are named in its status, and in `sluice check`.
-    #[test]
-    fn pods_callers_reach_past_the_policy_are_reported() {
+    /// A store with namespace shop enrolled and AccessPolicy shop/p on
+    /// Service web (not in the store yet); and the policy.
+    fn enrolled_shop_with_a_policy_on_web() -> (Store, AccessPolicy) {
         let mut s = Store::new();
         s.apply(Update::Upsert(Object::Namespace(
             crate::testing::namespace("shop", true),
@@ -745,6 +746,15 @@ mod tests {
         let mut p = AccessPolicy::new("p", spec);
         p.metadata.namespace = Some("shop".into());
         s.apply(Update::Upsert(Object::AccessPolicy(p.clone())));
+        (s, p)
+    }
+
+    /// A policy is enforced by the node proxies: pods callers reach past
+    /// them (DISABLED: every caller; PERMISSIVE: plaintext callers outside
+    /// the mesh) are named in its status, and in `sluice check`.
+    #[test]
+    fn pods_callers_reach_past_the_policy_are_reported() {
+        let (mut s, p) = enrolled_shop_with_a_policy_on_web();
         s.apply(Update::Upsert(Object::Service(crate::testing::service(
             "shop",
             "web",
@@ -827,18 +837,7 @@ mod tests {
     #[test]
     fn pods_that_declare_none_of_a_named_target_port_are_reported_as_ungoverned() {
         use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-        let mut s = Store::new();
-        s.apply(Update::Upsert(Object::Namespace(
-            crate::testing::namespace("shop", true),
-        )));
-        let spec: AccessPolicySpec = serde_json::from_value(serde_json::json!({
-            "targetRefs": [{"kind": "Service", "name": "web"}],
-            "rules": [{"from": [{"namespace": "shop"}]}]
-        }))
-        .unwrap();
-        let mut p = AccessPolicy::new("p", spec);
-        p.metadata.namespace = Some("shop".into());
-        s.apply(Update::Upsert(Object::AccessPolicy(p.clone())));
+        let (mut s, p) = enrolled_shop_with_a_policy_on_web();
         let mut web = crate::testing::service("shop", "web", "127.96.0.5", &[80]);
         web.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
             Some(IntOrString::String("http".into()));
