@@ -252,7 +252,7 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
     // still carries the proxy's mark.
     if let Some(cfg) = config()
         && cfg.proxy_mark != 0
-        && sender_socket_mark(ctx) == Some(cfg.proxy_mark)
+        && sent_by_node_socket_marked(ctx, cfg.proxy_mark)
     {
         return Ok(TC_ACT_OK);
     }
@@ -274,22 +274,72 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
     Ok(reject(ctx, &p).unwrap_or(TC_ACT_SHOT))
 }
 
-/// The `SO_MARK` of the socket the packet carries, if it carries a full
-/// one: the sender's (NAT on the way changes the packet, not its socket).
-/// A pod's socket carries the proxy's mark only if the pod set it itself,
-/// which it could as well on its packets.
+/// Whether the packet carries the socket that sent it, with `mark`, and that
+/// socket is one of the node's own (connecting, SYN_SENT). NAT on the way
+/// changes the packet, not its socket; the socket is found again by its own
+/// addresses in this (the node's) namespace, because a CNI that forwards
+/// with `bpf_redirect` hands a pod's packet over with the pod's socket, and
+/// a pod may set any mark on its own socket (`CAP_NET_RAW` does, since 5.17).
 #[inline(always)]
-fn sender_socket_mark(ctx: &TcContext) -> Option<u32> {
+fn sent_by_node_socket_marked(ctx: &TcContext, mark: u32) -> bool {
+    const AF_INET: u32 = 2;
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return None;
+        return false;
     }
     // SAFETY: a socket of the packet's; a full one's fields are readable.
     let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return None;
+    if full.is_null() || unsafe { core::ptr::read_volatile(&(*full).mark) } != mark {
+        return false;
     }
-    Some(unsafe { core::ptr::read_volatile(&(*full).mark) })
+    // Looked up as the node would see the answer: from the socket's peer to
+    // the socket.
+    let (family, sport, dport) = unsafe {
+        (
+            core::ptr::read_volatile(&(*full).family),
+            core::ptr::read_volatile(&(*full).dst_port),
+            (core::ptr::read_volatile(&(*full).src_port) as u16).to_be(),
+        )
+    };
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if family == AF_INET {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: unsafe { core::ptr::read_volatile(&(*full).dst_ip4) },
+            daddr: unsafe { core::ptr::read_volatile(&(*full).src_ip4) },
+            sport,
+            dport,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: unsafe { core::ptr::read_volatile(&(*full).dst_ip6) },
+            daddr: unsafe { core::ptr::read_volatile(&(*full).src_ip6) },
+            sport,
+            dport,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    };
+    // SAFETY: a tuple of the size given; the socket found is released.
+    let found = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.skb.skb as *mut _,
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if found.is_null() {
+        return false;
+    }
+    let (state, found_mark) = unsafe {
+        (
+            core::ptr::read_volatile(&(*found).state),
+            core::ptr::read_volatile(&(*found).mark),
+        )
+    };
+    unsafe { bpf_sk_release(found as *mut _) };
+    state == BPF_TCP_SYN_SENT && found_mark == mark
 }
 
 /// Whether the SYN was sent by a socket of the node's own network namespace
