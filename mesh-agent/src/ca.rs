@@ -372,13 +372,8 @@ fn write_files(store: &RootStore, dir: &Path, files: &RootFiles) -> Result<(), E
 /// directory at once would leave a key and a certificate that do not match.
 struct DirLock(#[allow(dead_code)] std::fs::File);
 
-/// Exclusive to write; shared to read (a reader never sees a step's files
-/// half written).
+/// Exclusive, to write.
 fn lock_dir(store: &RootStore, dir: &Path) -> Result<DirLock, Error> {
-    lock_dir_as(store, dir, true)
-}
-
-fn lock_dir_as(store: &RootStore, dir: &Path, exclusive: bool) -> Result<DirLock, Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::OpenOptions::new()
         .write(true)
@@ -388,8 +383,36 @@ fn lock_dir_as(store: &RootStore, dir: &Path, exclusive: bool) -> Result<DirLock
         .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(dir.join(".lock"))
-        .and_then(|f| if exclusive { f.lock() } else { f.lock_shared() }.map(|()| DirLock(f)))
+        .and_then(|f| f.lock().map(|()| DirLock(f)))
         .map_err(|e| store_err(store, format!("locking {}: {e}", dir.display())))
+}
+
+/// Shared, to read (a reader never sees a step's files half written): none
+/// where no writer ever locked (no `.lock` yet) or the store cannot be
+/// written at all (a read-only mount, where no step writes either).
+fn lock_dir_to_read(store: &RootStore, dir: &Path) -> Result<Option<DirLock>, Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join(".lock"));
+    match opened {
+        Ok(f) => f
+            .lock_shared()
+            .map(|()| Some(DirLock(f)))
+            .map_err(|e| store_err(store, format!("locking {}: {e}", dir.display()))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(store_err(store, format!("locking {}: {e}", dir.display()))),
+    }
 }
 
 /// The known files present in `dir`.
@@ -442,7 +465,7 @@ pub async fn read_store(
         }
         RootStore::Dir(d) => {
             let files = if d.exists() {
-                let _lock = lock_dir_as(store, d, false)?;
+                let _lock = lock_dir_to_read(store, d)?;
                 read_files(store, d)?
             } else {
                 RootFiles::new()
