@@ -249,6 +249,8 @@ workloads:
         proxy_inbound_addr: Some("127.0.0.1:0".parse()?),
         // Taken by the embedded proxy (a wrong one would stop the start).
         proxy_settings: vec!["tcp_idle_timeout_ms=600000".into()],
+        // Not the default: the kernel and the embedded proxy take the same.
+        proxy_mark: 0x5c1c_2000,
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,
         ca_dir: None,

@@ -56,6 +56,7 @@ fn args(dir: &Path, cg: &TestCgroup, instance: &str, state: &Path, capture: Sock
         proxy_capture_addr: vec![capture],
         proxy_inbound_addr: None,
         proxy_settings: Vec::new(),
+        proxy_mark: mesh_agent::config::PROXY_MARK,
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,
         ca_dir: None,

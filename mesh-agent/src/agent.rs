@@ -154,7 +154,7 @@ fn capture_addrs(
 
 /// Where the kernel sends enrolled connections of each family: one port
 /// for both (the kernel's redirect keeps a connection's port choice to one).
-fn proxy_target(capture: &[SocketAddr]) -> Result<ProxyTarget, String> {
+fn proxy_target(capture: &[SocketAddr], mark: u32) -> Result<ProxyTarget, String> {
     let port = capture[0].port();
     if capture.iter().any(|a| a.port() != port) {
         return Err(format!(
@@ -172,8 +172,21 @@ fn proxy_target(capture: &[SocketAddr]) -> Result<ProxyTarget, String> {
             _ => None,
         },
         port,
-        mark: config::PROXY_MARK,
+        mark,
     })
+}
+
+/// `--proxy-mark`: a number, decimal or `0x` hexadecimal, not 0.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let n = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(&hex.replace('_', ""), 16),
+        None => s.replace('_', "").parse(),
+    }
+    .map_err(|e| format!("{s:?} is not a 32-bit mark: {e}"))?;
+    if n == 0 {
+        return Err("0 marks nothing: the proxy's sockets would be redirected back to it".into());
+    }
+    Ok(n)
 }
 
 /// Families (`"IPv4"`, `"IPv6"`) of this node's addresses that no capture
@@ -275,7 +288,7 @@ pub struct RunArgs {
     pub dataplane: DataplaneKind,
     /// The node proxy: `embedded` (in this process), `external` (another
     /// process listens on the capture address and marks its sockets with
-    /// 0x5c1ce000) or `off`.
+    /// `--proxy-mark`) or `off`.
     #[arg(long, value_enum, default_value_t = ProxyMode::Embedded)]
     pub proxy: ProxyMode,
     /// Where the kernel sends enrolled connections (the proxy's capture
@@ -296,6 +309,13 @@ pub struct RunArgs {
     /// fields (README, "Limits"); an unknown one is refused at start.
     #[arg(long = "proxy-setting", value_name = "NAME=VALUE")]
     pub proxy_settings: Vec<String>,
+    /// The `SO_MARK` the node proxy puts on its sockets: the kernel neither
+    /// redirects them back to it nor refuses them at STRICT pods. Change it
+    /// when another component of the node uses these bits (kube-proxy's
+    /// iptables mode uses 0x4000 and 0x8000, Calico 0xffff0000 by default);
+    /// an external proxy must set the same.
+    #[arg(long, env = "SLUICE_PROXY_MARK", default_value = "0x5c1ce000", value_parser = parse_mark)]
+    pub proxy_mark: u32,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = config::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -619,7 +639,7 @@ impl Agent {
                     // they are never redirected back to it, and they pass the
                     // STRICT guard. (Setting a mark needs CAP_NET_ADMIN.)
                     socket_mark: (args.dataplane == DataplaneKind::Kernel)
-                        .then_some(config::PROXY_MARK),
+                        .then_some(args.proxy_mark),
                     // Flag-owned settings are refused among the tuned ones.
                     ..tuned
                 };
@@ -656,7 +676,7 @@ impl Agent {
             }
         };
         let proxy_target = match &capture {
-            Some(c) => Some(proxy_target(c).map_err(Error::Source)?),
+            Some(c) => Some(proxy_target(c, args.proxy_mark).map_err(Error::Source)?),
             None => None,
         };
         if let Some(c) = &capture {
@@ -676,7 +696,7 @@ impl Agent {
             default_mode: args.default_mtls_mode,
             proxy: proxy_target,
             // The embedded proxy marks its sockets (above); an external one
-            // must use config::PROXY_MARK too.
+            // must use --proxy-mark too.
             kernel_strict: args.proxy != ProxyMode::Off,
         };
         let (tx, inputs) = mpsc::channel::<Vec<Input>>();
@@ -840,6 +860,30 @@ mod tests {
         s.iter().map(|a| a.parse().unwrap()).collect()
     }
 
+    /// `--proxy-mark` takes hexadecimal or decimal; its default is the mark
+    /// the README tells external proxies to set; 0 is refused.
+    #[test]
+    fn proxy_marks_are_read_and_zero_refused() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let default = Only::try_parse_from(["x"]).unwrap().run.proxy_mark;
+        assert_eq!(default, config::PROXY_MARK);
+        assert_eq!(parse_mark("0x1_0000"), Ok(0x1_0000));
+        assert_eq!(parse_mark("4096"), Ok(4096));
+        assert!(parse_mark("0").unwrap_err().contains("marks nothing"));
+        assert!(
+            parse_mark("0xzz")
+                .unwrap_err()
+                .contains("not a 32-bit mark")
+        );
+        let t = proxy_target(&addrs(&["127.0.0.1:15001"]), 0x2000).unwrap();
+        assert_eq!(t.mark, 0x2000);
+    }
+
     /// `--proxy-setting NAME=VALUE` changes that setting alone; a name that
     /// is unknown or another flag's, or a value of the wrong kind, is an
     /// error naming it.
@@ -886,7 +930,7 @@ mod tests {
         let node = ips(&["10.0.0.5", "10.0.0.6", "fd00::5"]);
         let c = capture_addrs(&node, &[], true).unwrap();
         assert_eq!(c, addrs(&["10.0.0.5:15001", "[fd00::5]:15001"]));
-        let t = proxy_target(&c).unwrap();
+        let t = proxy_target(&c, config::PROXY_MARK).unwrap();
         assert_eq!(t.v4, Some("10.0.0.5".parse().unwrap()));
         assert_eq!(t.v6, Some("fd00::5".parse().unwrap()));
         assert_eq!(t.port, 15001);
@@ -911,7 +955,7 @@ mod tests {
         // A single-stack node: one.
         let c = capture_addrs(&ips(&["10.0.0.5"]), &[], true).unwrap();
         assert_eq!(c, addrs(&["10.0.0.5:15001"]));
-        assert_eq!(proxy_target(&c).unwrap().v6, None);
+        assert_eq!(proxy_target(&c, config::PROXY_MARK).unwrap().v6, None);
     }
 
     #[test]
@@ -931,7 +975,7 @@ mod tests {
         assert!(e.contains("one port"), "{e}");
         let e = capture_addrs(&node, &addrs(&["0.0.0.0:15001"]), true).unwrap_err();
         assert!(e.contains("wildcard"), "{e}");
-        let e = proxy_target(&addrs(&["127.0.0.1:1", "[::1]:2"])).unwrap_err();
+        let e = proxy_target(&addrs(&["127.0.0.1:1", "[::1]:2"]), config::PROXY_MARK).unwrap_err();
         assert!(e.contains("one port"), "{e}");
     }
 }

@@ -66,6 +66,7 @@ fn run_args(cg: &Path, state: &Path) -> RunArgs {
         proxy_capture_addr: Vec::new(),
         proxy_inbound_addr: None,
         proxy_settings: Vec::new(),
+        proxy_mark: mesh_agent::config::PROXY_MARK,
         trust_domain: "cluster.local".into(),
         default_mtls_mode: MtlsMode::Permissive,
         ca_dir: None,
