@@ -350,6 +350,15 @@ pub fn missing_targets(store: &Store, key: &Key, p: &crate::crds::AccessPolicy) 
 /// Most pods one message names.
 const NAMED_PODS: usize = 3;
 
+/// `ns/a, ns/b, ns/c and 4 more`: the pods named, of `total`.
+fn named(pods: &[Key], total: usize) -> String {
+    let names: Vec<String> = pods.iter().map(ToString::to_string).collect();
+    match total - pods.len() {
+        0 => names.join(", "),
+        more => format!("{} and {more} more", names.join(", ")),
+    }
+}
+
 /// The pods one target of an AccessPolicy cannot govern: every TCP port of
 /// the target Service names its target port, and these enrolled pods its
 /// selector picks declare none of the names. The EndpointSlice controller
@@ -383,18 +392,11 @@ impl Ungoverned {
 
     /// For `sluice check`: which pods, and the fix.
     pub fn detail(&self) -> String {
-        let names: Vec<String> = self.pods.iter().map(ToString::to_string).collect();
-        let more = self.total - self.pods.len();
         format!(
-            "{}: {}{}; the policy does not govern them (declare the port names in their \
+            "{}: {}; the policy does not govern them (declare the port names in their \
              containers' ports, or give the Service port numbers)",
             self.what(),
-            names.join(", "),
-            if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            },
+            named(&self.pods, self.total),
         )
     }
 }
@@ -502,17 +504,10 @@ impl Bypassed {
 
     /// For `sluice check`: which pods, and the fix.
     pub fn detail(&self) -> String {
-        let names: Vec<String> = self.pods.iter().map(ToString::to_string).collect();
-        let more = self.total - self.pods.len();
         format!(
-            "{}: {}{} ({})",
+            "{}: {} ({})",
             self.what(),
-            names.join(", "),
-            if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            },
+            named(&self.pods, self.total),
             match self.how {
                 Bypass::Unpoliced => "enrol them and give them STRICT or PERMISSIVE",
                 Bypass::Plaintext => "a STRICT MeshPolicy refuses plaintext to them",

@@ -292,8 +292,7 @@ fn sent_by_node_socket_marked(ctx: &TcContext, mark: u32) -> bool {
     if full.is_null() || unsafe { core::ptr::read_volatile(&(*full).mark) } != mark {
         return false;
     }
-    // Looked up as the node would see the answer: from the socket's peer to
-    // the socket.
+    // SAFETY: the full socket's fields are readable.
     let (family, sport, dport) = unsafe {
         (
             core::ptr::read_volatile(&(*full).family),
@@ -301,26 +300,58 @@ fn sent_by_node_socket_marked(ctx: &TcContext, mark: u32) -> bool {
             (core::ptr::read_volatile(&(*full).src_port) as u16).to_be(),
         )
     };
+    // Looked up as the node would see the answer: from the socket's peer to
+    // the socket.
+    let peers = unsafe {
+        if family == AF_INET {
+            Peers::V4 {
+                from: core::ptr::read_volatile(&(*full).dst_ip4),
+                to: core::ptr::read_volatile(&(*full).src_ip4),
+            }
+        } else {
+            Peers::V6 {
+                from: core::ptr::read_volatile(&(*full).dst_ip6),
+                to: core::ptr::read_volatile(&(*full).src_ip6),
+            }
+        }
+    };
+    connecting_socket_mark(ctx, peers, sport, dport) == Some(mark)
+}
+
+/// A TCP 4-tuple as the node would see an answer: from `from` to `to`.
+enum Peers {
+    V4 { from: u32, to: u32 },
+    V6 { from: [u32; 4], to: [u32; 4] },
+}
+
+/// The `SO_MARK` of the socket of this (the node's) network namespace that
+/// is connecting (SYN_SENT) with the 4-tuple whose answer goes from
+/// `peers.from` port `sport` to `peers.to` port `dport` (network order).
+#[inline(always)]
+fn connecting_socket_mark(ctx: &TcContext, peers: Peers, sport: u16, dport: u16) -> Option<u32> {
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if family == AF_INET {
-        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: unsafe { core::ptr::read_volatile(&(*full).dst_ip4) },
-            daddr: unsafe { core::ptr::read_volatile(&(*full).src_ip4) },
-            sport,
-            dport,
-        };
-        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
-    } else {
-        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
-            saddr: unsafe { core::ptr::read_volatile(&(*full).dst_ip6) },
-            daddr: unsafe { core::ptr::read_volatile(&(*full).src_ip6) },
-            sport,
-            dport,
-        };
-        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    let size = match peers {
+        Peers::V4 { from, to } => {
+            tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: from,
+                daddr: to,
+                sport,
+                dport,
+            };
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+        }
+        Peers::V6 { from, to } => {
+            tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+                saddr: from,
+                daddr: to,
+                sport,
+                dport,
+            };
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+        }
     };
     // SAFETY: a tuple of the size given; the socket found is released.
-    let found = unsafe {
+    let sk = unsafe {
         bpf_sk_lookup_tcp(
             ctx.skb.skb as *mut _,
             &mut tuple,
@@ -329,17 +360,17 @@ fn sent_by_node_socket_marked(ctx: &TcContext, mark: u32) -> bool {
             0,
         )
     };
-    if found.is_null() {
-        return false;
+    if sk.is_null() {
+        return None;
     }
-    let (state, found_mark) = unsafe {
+    let (state, mark) = unsafe {
         (
-            core::ptr::read_volatile(&(*found).state),
-            core::ptr::read_volatile(&(*found).mark),
+            core::ptr::read_volatile(&(*sk).state),
+            core::ptr::read_volatile(&(*sk).mark),
         )
     };
-    unsafe { bpf_sk_release(found as *mut _) };
-    state == BPF_TCP_SYN_SENT && found_mark == mark
+    unsafe { bpf_sk_release(sk as *mut _) };
+    (state == BPF_TCP_SYN_SENT).then_some(mark)
 }
 
 /// Whether the SYN was sent by a socket of the node's own network namespace
@@ -358,44 +389,18 @@ fn from_node_socket(ctx: &TcContext, p: &Parsed) -> Result<bool, i64> {
     let dport: u16 = ctx.load(p.l4 + 2)?;
     // Looked up as the node would see the answer: from the SYN's
     // destination to its source.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if p.addr_len == 4 {
-        let src: u32 = ctx.load(p.addr_off)?;
-        let dst: u32 = ctx.load(p.addr_off + 4)?;
-        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: dst,
-            daddr: src,
-            sport: dport,
-            dport: sport,
-        };
-        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    let peers = if p.addr_len == 4 {
+        Peers::V4 {
+            from: ctx.load(p.addr_off + 4)?,
+            to: ctx.load(p.addr_off)?,
+        }
     } else {
-        let src: [u32; 4] = ctx.load(p.addr_off)?;
-        let dst: [u32; 4] = ctx.load(p.addr_off + 16)?;
-        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
-            saddr: dst,
-            daddr: src,
-            sport: dport,
-            dport: sport,
-        };
-        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+        Peers::V6 {
+            from: ctx.load(p.addr_off + 16)?,
+            to: ctx.load(p.addr_off)?,
+        }
     };
-    // SAFETY: a tuple of the size given; the socket found is released.
-    let sk = unsafe {
-        bpf_sk_lookup_tcp(
-            ctx.skb.skb as *mut _,
-            &mut tuple,
-            size as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
-    if sk.is_null() {
-        return Ok(false);
-    }
-    let state = unsafe { core::ptr::read_volatile(&(*sk).state) };
-    unsafe { bpf_sk_release(sk as *mut _) };
-    Ok(state == BPF_TCP_SYN_SENT)
+    Ok(connecting_socket_mark(ctx, peers, dport, sport).is_some())
 }
 
 /// Turns the SYN into the RST|ACK that answers it and sends it back.
