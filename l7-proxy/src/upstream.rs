@@ -92,6 +92,9 @@ struct Pools {
 
 type PooledH2 = (http2::SendRequest<Body>, Instant, u64);
 
+/// Most idle HTTP/1.1 connections kept to one workload address.
+const MAX_IDLE_PER_WORKLOAD: usize = 128;
+
 struct IdleConn {
     conn: Conn,
     since: Instant,
@@ -413,16 +416,17 @@ impl UpstreamBody {
         if let Some(pools) = r.pools.upgrade()
             && let Some(conn) = body.take_idle()
         {
-            pools
-                .h1
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(r.addr)
-                .or_default()
-                .push(IdleConn {
-                    conn,
-                    since: Instant::now(),
-                });
+            let mut h1 = pools.h1.lock().unwrap_or_else(|e| e.into_inner());
+            let list = h1.entry(r.addr).or_default();
+            // After a burst, the least recently used beyond the cap close
+            // (each held a descriptor for up to the idle timeout).
+            if list.len() >= MAX_IDLE_PER_WORKLOAD {
+                list.remove(0);
+            }
+            list.push(IdleConn {
+                conn,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -552,6 +556,33 @@ mod tests {
         let resp = c.send(addr, Protocol::Http1, req).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// A burst leaves at most MAX_IDLE_PER_WORKLOAD idle connections to one
+    /// workload; the least recently used beyond go.
+    #[tokio::test]
+    async fn idle_connections_to_one_workload_are_capped() {
+        let (addr, accepted) = server(false).await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        let n = MAX_IDLE_PER_WORKLOAD + 10;
+        let mut held = Vec::new();
+        for i in 0..n {
+            let req = Request::builder()
+                .uri(format!("http://cart.shop/{i}"))
+                .body(crate::body::empty())
+                .unwrap();
+            // Answers unread: each takes a connection of its own.
+            held.push(c.send(addr, Protocol::Http1, req).await.unwrap());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), n);
+        for resp in held {
+            resp.into_body().collect().await.unwrap();
+        }
+        let idle = |c: &WorkloadClients| c.inner.h1.lock().unwrap().get(&addr).map_or(0, Vec::len);
+        assert_eq!(idle(&c), MAX_IDLE_PER_WORKLOAD);
+        // Still reused.
+        assert!(get(&c, addr, "/again").await.starts_with("conn "));
+        assert_eq!(accepted.load(Ordering::SeqCst), n);
     }
 
     #[tokio::test]
