@@ -94,6 +94,25 @@ pub fn read(path: &Path) -> Result<String, StorageError> {
     })
 }
 
+/// Takes the exclusive lock (flock) of the lock file `path`, created with
+/// mode 0600 and never followed through a link someone planted there (the
+/// CA may run as root); held until the file is dropped.
+pub fn lock_exclusive(path: &Path) -> Result<fs::File, StorageError> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)
+        .and_then(|f| f.lock().map(|()| f))
+        .map_err(|source| StorageError::Io {
+            path: path.into(),
+            action: "locking",
+            source,
+        })
+}
+
 /// Writes `contents` to `path` atomically with mode 0600: readers see the old
 /// file or the new one, never a partial or world-readable key.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), StorageError> {

@@ -498,40 +498,15 @@ fn the_proxy_passes_when_iptables_rewrote_its_packets_mark() -> Result<()> {
         Ok(())
     };
     // kube-proxy's KUBE-POSTROUTING, as iptables mode writes it.
-    iptables(&["-t", "nat", "-N", "KUBE-POSTROUTING"])?;
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "KUBE-POSTROUTING",
-        "-m",
-        "mark",
-        "!",
-        "--mark",
-        "0x4000/0x4000",
-        "-j",
-        "RETURN",
-    ])?;
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "KUBE-POSTROUTING",
-        "-j",
-        "MARK",
-        "--xor-mark",
-        "0x4000",
-    ])?;
-    iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "KUBE-POSTROUTING",
-        "-j",
-        "MASQUERADE",
-        "--random-fully",
-    ])?;
-    iptables(&["-t", "nat", "-A", "POSTROUTING", "-j", "KUBE-POSTROUTING"])?;
+    for rule in [
+        "-t nat -N KUBE-POSTROUTING",
+        "-t nat -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-t nat -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+        "-t nat -A KUBE-POSTROUTING -j MASQUERADE --random-fully",
+        "-t nat -A POSTROUTING -j KUBE-POSTROUTING",
+    ] {
+        iptables(&rule.split(' ').collect::<Vec<_>>())?;
+    }
     let v4 = s.server.addr();
     s.lb.set_workload_mode(s.pod.ip4.into(), Some(MtlsMode::Strict))?;
     assert_reached(&connect(&s.node.ns, v4, Some(PROXY_MARK))?, "pod");

@@ -374,17 +374,9 @@ struct DirLock(#[allow(dead_code)] std::fs::File);
 
 /// Exclusive, to write.
 fn lock_dir(store: &RootStore, dir: &Path) -> Result<DirLock, Error> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        // Not through a link planted there (the CA may run as root).
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(dir.join(".lock"))
-        .and_then(|f| f.lock().map(|()| DirLock(f)))
-        .map_err(|e| store_err(store, format!("locking {}: {e}", dir.display())))
+    certs::storage::lock_exclusive(&dir.join(".lock"))
+        .map(DirLock)
+        .map_err(|e| store_err(store, e))
 }
 
 /// Shared, to read (a reader never sees a step's files half written): none

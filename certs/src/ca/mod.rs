@@ -15,7 +15,7 @@ pub mod tokenreview;
 use std::{
     fs,
     net::IpAddr,
-    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -623,21 +623,7 @@ impl Ca {
         // (without the lock, two could each write a key and a certificate,
         // leaving a pair that does not match).
         check_private_dir(dir)?;
-        let lock_path = dir.join(LOCK_FILE);
-        // Not through a link someone planted there (the agent runs as root):
-        // no following, no truncating.
-        let lock = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&lock_path)
-            .and_then(|f| f.lock().map(|()| f))
-            .map_err(|source| storage::StorageError::Io {
-                path: lock_path,
-                action: "locking the CA directory",
-                source,
-            })?;
+        let lock = storage::lock_exclusive(&dir.join(LOCK_FILE))?;
         let cert_path = dir.join(ROOT_CERT_FILE);
         let mut ca = if cert_path.exists() {
             let bundle_path = dir.join(BUNDLE_FILE);

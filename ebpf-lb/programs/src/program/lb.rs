@@ -29,14 +29,11 @@ use ebpf_lb_common::{
 };
 
 use super::{
-    AFFINITY, BACKENDS, COOKIE_ORIG, COUNTERS, ENROLLED, MEMBERS, ORIG_DST, REVNAT, SERVICES,
-    UDP_PEERS, V4_MAPPED_WORD, config, is_v4_mapped, read_ip6, write_ip6,
+    AF_INET, AF_INET6, AFFINITY, BACKENDS, COOKIE_ORIG, COUNTERS, ENROLLED, MEMBERS, ORIG_DST,
+    REVNAT, SERVICES, UDP_PEERS, V4_MAPPED_WORD, config, is_v4_mapped, read_ip6, write_ip6,
 };
 
 const ECONNREFUSED: i32 = 111;
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-
 /// Outcome of looking a destination up in the service table.
 enum Verdict {
     /// Not a service: leave the socket alone.

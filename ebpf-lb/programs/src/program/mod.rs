@@ -28,6 +28,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// Socket address families, as `bpf_sock` and the sock_addr contexts give them.
+pub(crate) const AF_INET: u32 = 2;
+pub(crate) const AF_INET6: u32 = 10;
+
 #[map]
 pub(crate) static SERVICES: HashMap<ServiceKey, Service> =
     HashMap::pinned(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);

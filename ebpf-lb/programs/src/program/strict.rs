@@ -30,7 +30,7 @@ use aya_ebpf::{
 };
 use ebpf_lb_common::{CONFIG_F_STRICT_ALLOWS_NODE, FAMILY_V4, FAMILY_V6, MODE_STRICT, WorkloadKey};
 
-use super::{REFUSALS, WORKLOADS, config};
+use super::{AF_INET, REFUSALS, WORKLOADS, config};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -282,7 +282,6 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
 /// a pod may set any mark on its own socket (`CAP_NET_RAW` does, since 5.17).
 #[inline(always)]
 fn sent_by_node_socket_marked(ctx: &TcContext, mark: u32) -> bool {
-    const AF_INET: u32 = 2;
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return false;
