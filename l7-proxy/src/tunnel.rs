@@ -977,18 +977,23 @@ fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
     }
 }
 
-/// Initial HTTP/2 flow-control windows of tunnel streams and connections,
-/// on the side that receives (responses here, requests on the inbound
-/// side): what a peer can make the proxy hold that nobody has read yet.
-/// A stream whose reader stopped (a WebSocket or a TCP connection whose
-/// destination reads nothing, a download its client does not read) keeps
-/// its window's worth of the connection's window until it ends: with the
-/// connection's window 32 streams' worth, one stalled stream (or a few)
-/// does not stall every other stream between the same workload and node.
-/// A stream's window still lets one stream move about 1.5 GB/s at a
-/// 0.3 ms round trip.
+/// Initial HTTP/2 flow-control window of tunnel streams, on the side that
+/// receives (responses here, requests on the inbound side): what a peer can
+/// make the proxy hold for one stream that nobody has read yet. A stream's
+/// window still lets one stream move about 1.5 GB/s at a 0.3 ms round trip.
 pub const STREAM_WINDOW: u32 = 512 * 1024;
-pub const CONNECTION_WINDOW: u32 = 32 * STREAM_WINDOW;
+/// Initial HTTP/2 flow-control window of whole connections (tunnel, captured
+/// HTTP/2 clients, HTTP/2 workloads): the largest HTTP/2 allows, so that it
+/// never binds before the streams' own windows. A stream whose reader
+/// stopped (a WebSocket or a TCP connection whose destination reads
+/// nothing, a download its client does not read) holds its own window until
+/// it ends, however many do: with a connection window of a few streams'
+/// worth, that many stalled streams stalled every other stream between the
+/// same workload and node. What the proxy holds unread is bounded per
+/// stream, [`STREAM_WINDOW`] times the streams open (at most
+/// `tunnel_max_streams` a tunnel connection), as what it queues to send is
+/// ([`SEND_BUFFER`]).
+pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// Most bytes queued per stream before its writer waits.
 pub const SEND_BUFFER: usize = 1024 * 1024;
 /// A connection whose peer answers no ping within this time is closed.

@@ -660,8 +660,10 @@ async fn echo(
     if let Some(mib) = path.strip_prefix("/big/") {
         // A download of that many MiB.
         let mib: usize = mib.parse().unwrap_or(1);
-        let body = Bytes::from(vec![b'x'; mib << 20]);
-        return Ok(Response::new(BodyExt::boxed(Full::new(body))));
+        let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+        let chunks = std::iter::repeat_n(chunk, mib * 16).map(|c| Ok(Frame::data(c)));
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        return Ok(Response::new(BodyExt::boxed(body)));
     }
     let grpc = headers
         .get("content-type")
@@ -953,4 +955,40 @@ impl std::io::Write for Lines {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Streams stalled at once on one connection in the tests that stall them:
+/// more than the 32 whose windows a connection's window held before it was
+/// the largest HTTP/2 allows.
+pub const STALLED: usize = 40;
+
+/// Sums `figure` over node A's connections of `kind` every 200 ms until it is
+/// above `floor` and has not moved for three readings in a row: every buffer
+/// on the way is full.
+pub async fn until_stalled(
+    mesh: &Mesh,
+    kind: l7_proxy::conntable::ConnKind,
+    floor: u64,
+    figure: fn(&l7_proxy::conntable::ConnectionInfo) -> u64,
+) -> u64 {
+    let sum = || -> u64 {
+        mesh.a
+            .proxy()
+            .connections()
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(figure)
+            .sum()
+    };
+    let (mut last, mut same) = (0, 0);
+    for _ in 0..150 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = sum();
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        if now > floor && same >= 3 {
+            return now;
+        }
+    }
+    panic!("still moving or below {floor} bytes after 30 s: {last}");
 }

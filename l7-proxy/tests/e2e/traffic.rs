@@ -8,7 +8,10 @@ use l7_proxy::{
     config::{BackendRef, HttpRoute, HttpRouteRule, ObjectRef, ParentRef, Retry, Workload},
     conntable::ConnKind,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use crate::support::*;
 
@@ -1191,73 +1194,112 @@ async fn trailers_reach_an_http2_workload_without_the_mesh_fields() {
     mesh.shutdown().await;
 }
 
-/// Downloads whose callers stopped reading hold their own tunnel streams'
-/// windows, not the tunnel connection's: another connection between the
-/// same workload and node still carries data.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_downloads_do_not_stall_the_tunnel() {
-    use tokio::io::AsyncReadExt;
-    let mesh = Mesh::standard().await;
-    let listener = tcp_workload(&mesh, "firehose").await;
-    // The first three connections get 32 MiB each; later ones an echo.
+/// Serves `name`'s first `STALLED` connections with `stalled`, later ones
+/// with an echo.
+async fn stall_then_echo<F, Fut>(mesh: &Mesh, name: &str, stalled: F)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tcp_workload(mesh, name).await;
     tokio::spawn(async move {
         for n in 0.. {
             let Ok((mut s, _)) = listener.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
-                if n < 3 {
-                    let _ = s.write_all(&vec![3u8; 32 << 20]).await;
-                } else {
-                    echo_bytes(&mut s).await;
-                }
-            });
+            if n < STALLED {
+                tokio::spawn(stalled(s));
+            } else {
+                tokio::spawn(async move { echo_bytes(&mut s).await });
+            }
         }
     });
-    let mut stalled = Vec::new();
-    for _ in 0..3 {
-        stalled.push(mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await);
-    }
-    // Until node A takes nothing more for them: every buffer on the way
-    // is full.
-    let received = || -> u64 {
-        mesh.a
-            .proxy()
-            .connections()
-            .iter()
-            .filter(|r| r.kind == ConnKind::OutboundTcp)
-            .map(|r| r.bytes_received)
-            .sum()
-    };
-    // More than the tunnel's former windows held (2 MiB a stream, 5 MiB a
-    // connection), and no more for three readings in a row.
-    let (mut last, mut same) = (0, 0);
-    for _ in 0..100 {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let now = received();
-        same = if now == last { same + 1 } else { 0 };
-        last = now;
-        if now > 6 << 20 && same >= 3 {
-            break;
-        }
-    }
-    assert!(received() > 6 << 20, "stalled at {} bytes", received());
-    // Another connection of the same caller to the same node.
+}
+
+/// A new stream between the same caller and node still carries bytes both
+/// ways.
+async fn still_moving(mesh: &Mesh) {
     let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
     t.write_all(b"still moving").await.unwrap();
     let mut buf = [0u8; 12];
     tokio::time::timeout(std::time::Duration::from_secs(10), t.read_exact(&mut buf))
         .await
-        .expect("an answer within 10 s, beside the stalled downloads")
+        .expect("an answer within 10 s, beside the stalled streams")
         .unwrap();
     assert_eq!(&buf, b"still moving");
-    drop((t, stalled));
+}
+
+/// Downloads whose callers stopped reading hold their own tunnel streams'
+/// windows, not the tunnel connection's, however many: another stream
+/// between the same workload and node still carries data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_downloads_do_not_stall_the_tunnel() {
+    let mesh = Mesh::standard().await;
+    stall_then_echo(&mesh, "firehose", |mut s| async move {
+        let chunk = vec![3u8; 64 << 10];
+        while s.write_all(&chunk).await.is_ok() {}
+    })
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        // Callers that take a few KB and then read nothing.
+        stalled.push(
+            mesh.connect_with_recv_buffer(web().ip, SocketAddr::new(vip(1), 7000), Some(4096))
+                .await,
+        );
+    }
+    until_stalled(&mesh, ConnKind::OutboundTcp, STALLED as u64 * 4096, |r| {
+        r.bytes_received
+    })
+    .await;
+    still_moving(&mesh).await;
+    drop(stalled);
+    mesh.shutdown().await;
+}
+
+/// Uploads whose destination reads nothing hold their own tunnel streams'
+/// windows on the destination's node, not the connection's: another stream
+/// of the same caller to that node still carries data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_do_not_stall_the_tunnel() {
+    let mesh = Mesh::standard().await;
+    // Connections held open and never read, until `release` goes.
+    let (release, held) = tokio::sync::watch::channel(());
+    stall_then_echo(&mesh, "sink", move |s| {
+        let mut held = held.clone();
+        async move {
+            let _ = held.changed().await;
+            drop(s);
+        }
+    })
+    .await;
+    let mut writers = Vec::new();
+    for _ in 0..STALLED {
+        let mut c = mesh.connect(web().ip, SocketAddr::new(vip(1), 7000)).await;
+        writers.push(tokio::spawn(async move {
+            let chunk = vec![5u8; 64 << 10];
+            while c.write_all(&chunk).await.is_ok() {}
+        }));
+    }
+    until_stalled(
+        &mesh,
+        ConnKind::OutboundTcp,
+        STALLED as u64 * (64 << 10),
+        |r| r.bytes_sent,
+    )
+    .await;
+    still_moving(&mesh).await;
+    for w in writers {
+        w.abort();
+    }
+    drop(release);
     mesh.shutdown().await;
 }
 
 /// HTTP/2 downloads whose callers stopped reading hold their own streams'
 /// windows on the workload's connection (one per workload, shared by every
-/// caller), not the connection's: another caller is still answered.
+/// caller), not the connection's, however many: another caller is still
+/// answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_http2_downloads_do_not_stall_the_workloads_connection() {
     use http_body_util::{BodyExt, Empty};
@@ -1265,7 +1307,7 @@ async fn stalled_http2_downloads_do_not_stall_the_workloads_connection() {
     let _srv = mesh.serve_cart().await;
     let to = SocketAddr::new(vip(1), 80);
     let mut stalled = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..STALLED {
         let mut h2 = mesh.http2_raw::<Empty<bytes::Bytes>>(web().ip, to).await;
         let req = http::Request::get("http://cart.shop/big/32")
             .body(Empty::new())
@@ -1278,8 +1320,10 @@ async fn stalled_http2_downloads_do_not_stall_the_workloads_connection() {
         // Its body is not read.
         stalled.push((h2, resp));
     }
-    // Until every buffer on the way is full.
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    until_stalled(&mesh, ConnKind::OutboundHttp, STALLED as u64, |r| {
+        r.bytes_received
+    })
+    .await;
     let mut h2 = mesh.http2_raw::<Empty<bytes::Bytes>>(bot().ip, to).await;
     let req = http::Request::get("http://cart.shop/small")
         .body(Empty::new())

@@ -739,25 +739,30 @@ async fn websocket_over_http2(tunnel: bool) {
 }
 
 /// WebSockets over HTTP/2 whose workload stops reading hold their own
-/// streams' windows, not their client connection's or the tunnel's: another
-/// stream of the same connection still carries data.
+/// streams' windows, not their client connection's or the tunnel's, however
+/// many: another stream of the same connection still carries data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_http2_websockets_do_not_stall_their_connection() {
     let (mesh, _, _seen) = cart_mesh(vec![]).await;
     let mut h2 = websocket_client(&mesh).await;
     let mut stalled = Vec::new();
-    for _ in 0..2 {
+    // More than every buffer on the way (sockets, tunnel windows) takes:
+    // the rest waits in the client for the stream's window.
+    let big = bytes::Bytes::from(vec![1u8; 32 * 1024 * 1024]);
+    for _ in 0..STALLED {
         let (resp, mut send) = h2.send_request(websocket("/chat/stall"), false).unwrap();
         assert_eq!(resp.await.unwrap().status(), 200);
-        // More than every buffer on the way (sockets, tunnel windows)
-        // takes: the rest waits in the client for the stream's window.
-        let big = bytes::Bytes::from(vec![1u8; 32 * 1024 * 1024]);
         send.reserve_capacity(big.len());
-        send.send_data(big, false).unwrap();
+        send.send_data(big.clone(), false).unwrap();
         stalled.push(send);
     }
-    // Until every buffer on the way is full.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    until_stalled(
+        &mesh,
+        l7_proxy::conntable::ConnKind::OutboundHttp,
+        STALLED as u64,
+        |r| r.bytes_sent,
+    )
+    .await;
     // Another WebSocket on the same connection, to the same workload,
     // still carries 600 kB both ways.
     let (resp, mut send) = h2.send_request(websocket("/chat/watch"), false).unwrap();
