@@ -27,15 +27,27 @@ use crate::{
 pub enum VerifyError {
     #[error("the peer presented no certificate")]
     NoCertificate,
-    #[error("peer certificate {serial} expired at {not_after}")]
+    #[error(
+        "peer certificate {serial} expired at {not_after} ({} s before this node's clock, {now})",
+        now.unix_timestamp() - not_after.unix_timestamp()
+    )]
     Expired {
         serial: String,
         not_after: OffsetDateTime,
+        /// This node's time when it checked.
+        now: OffsetDateTime,
     },
-    #[error("peer certificate {serial} is not valid before {not_before}")]
+    #[error(
+        "peer certificate {serial} is not valid before {not_before}, {} s after this node's clock \
+         ({now}): a clock behind the issuing CA's by more than the 5 minutes certificates are \
+         backdated (check NTP on this node)",
+        not_before.unix_timestamp() - now.unix_timestamp()
+    )]
     NotYetValid {
         serial: String,
         not_before: OffsetDateTime,
+        /// This node's time when it checked.
+        now: OffsetDateTime,
     },
     #[error(
         "peer certificate {serial} does not chain to a root of the {trust_domain:?} trust bundle ({reason})"
@@ -65,12 +77,34 @@ impl VerifyError {
         // travel as `Other` so the message reaches the logs.
         let ce = match self {
             VerifyError::NoCertificate => return rustls::Error::NoCertificatesPresented,
-            VerifyError::Expired { .. } => CertificateError::Expired,
-            VerifyError::NotYetValid { .. } => CertificateError::NotValidYet,
+            // The context variants say by how many seconds.
+            VerifyError::Expired { not_after, now, .. } => CertificateError::ExpiredContext {
+                time: unix_time(now),
+                not_after: unix_time(not_after),
+            },
+            VerifyError::NotYetValid {
+                not_before, now, ..
+            } => CertificateError::NotValidYetContext {
+                time: unix_time(now),
+                not_before: unix_time(not_before),
+            },
             other => CertificateError::Other(OtherError(Arc::new(other))),
         };
         rustls::Error::InvalidCertificate(ce)
     }
+}
+
+/// `at` without its fraction of a second, as certificates give times.
+fn whole_seconds(at: SystemTime) -> OffsetDateTime {
+    let at = OffsetDateTime::from(at);
+    at.replace_nanosecond(0).unwrap_or(at)
+}
+
+/// `at` in whole seconds since the epoch (0 before it).
+fn unix_time(at: OffsetDateTime) -> rustls::pki_types::UnixTime {
+    rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        at.unix_timestamp().max(0) as u64,
+    ))
 }
 
 /// Which extended key usage the leaf must allow.
@@ -149,10 +183,12 @@ fn verify_identity(
             (webpki::Error::CertExpired { .. }, Ok(leaf)) => VerifyError::Expired {
                 serial: leaf.serial,
                 not_after: leaf.not_after,
+                now: whole_seconds(now),
             },
             (webpki::Error::CertNotValidYet { .. }, Ok(leaf)) => VerifyError::NotYetValid {
                 serial: leaf.serial,
                 not_before: leaf.not_before,
+                now: whole_seconds(now),
             },
             (other, Ok(leaf)) => VerifyError::Untrusted {
                 serial: leaf.serial,

@@ -6,7 +6,7 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use certs::{
-    ManualClock, TrustBundle, bundle,
+    IdentityManager, ManualClock, TrustBundle, bundle,
     verify::{self, SpiffeServerVerifier, Usage, VerifyError},
     x509::CertInfo,
 };
@@ -90,6 +90,9 @@ async fn expired_and_not_yet_valid_peers_are_refused() {
     let out = tunnel(&a, &cart, &b, &pay).await;
     let err = out.server_error();
     assert!(err.to_lowercase().contains("expired"), "{err}");
+    // By how long, at B's clock: 25 h less the certificate's 24 h from its
+    // issue.
+    assert_eq!(seconds_before(&err, " seconds ago"), Some(3600), "{err}");
     let st = b.status();
     assert_eq!(
         st[0].certificate.as_ref().unwrap().state,
@@ -101,8 +104,12 @@ async fn expired_and_not_yet_valid_peers_are_refused() {
     b_clock.set(certs::Clock::now(&start) - Duration::from_secs(3600));
     let out = tunnel(&a, &cart, &b, &pay).await;
     let err = out.server_error();
-    assert!(
-        err.to_lowercase().contains("not valid yet") || err.contains("NotValidYet"),
+    assert!(err.to_lowercase().contains("not valid yet"), "{err}");
+    // The skew B's log shows: its clock an hour behind, less the 5 minutes
+    // certificates are backdated.
+    assert_eq!(
+        seconds_before(&err, " seconds in future"),
+        Some(3600 - 300),
         "{err}"
     );
 
@@ -119,6 +126,36 @@ async fn expired_and_not_yet_valid_peers_are_refused() {
     // A new config with A's own certificate expired is not offered.
     let err = a.client_config(&cart, &pay).unwrap_err().to_string();
     assert!(err.contains("expired"), "{err}");
+}
+
+/// A node whose clock is behind the CA's by more than the 5 minutes
+/// certificates are backdated holds no certificate, and says why: by how
+/// many seconds, and what to check.
+#[tokio::test]
+async fn a_node_clock_behind_the_cas_is_named_as_the_cause() {
+    let ca_clock = clock();
+    let ca = ca(&ca_clock);
+    let node_clock = ManualClock::at(certs::Clock::now(&ca_clock) - Duration::from_secs(600));
+    let m = IdentityManager::new(ca.clone(), ca.bundle(), shared(&node_clock), fast_opts());
+    let cart = id("shop", "cart");
+    let report = m.set_identities([cart.clone()]).await.unwrap();
+    assert!(report.issued.is_empty(), "{report:?}");
+    let [(who, err)] = &report.failed[..] else {
+        panic!("{report:?}");
+    };
+    assert_eq!(who, &cart);
+    let err = err.to_string();
+    assert!(
+        err.contains("300 s after this node's clock") && err.contains("check NTP on this node"),
+        "{err}"
+    );
+}
+
+/// The number just before `suffix` in `text` ("(3300 seconds ago)").
+fn seconds_before(text: &str, suffix: &str) -> Option<i64> {
+    let head = &text[..text.find(suffix)?];
+    let start = head.rfind(|c: char| !c.is_ascii_digit())? + 1;
+    head[start..].parse().ok()
 }
 
 /// A leaf signed by `root` directly with rcgen, possibly malformed.
