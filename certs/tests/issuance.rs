@@ -423,6 +423,84 @@ fn loading_a_root_with_the_wrong_key_fails_clearly() {
     );
 }
 
+/// CA material that may not sign what the CA would sign with it is refused
+/// at load, naming what is wrong: a root whose key usage lacks keyCertSign,
+/// and a root constrained to no intermediates above an intermediate. Peers
+/// would refuse every chain through it.
+#[test]
+fn ca_certificates_that_may_not_sign_are_refused_at_load() {
+    use rcgen::{BasicConstraints, DnType, IsCa, KeyUsagePurpose};
+    let clock = clock();
+    let root = |usages: Vec<KeyUsagePurpose>, constraint: BasicConstraints| {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "Sluice root");
+        p.is_ca = IsCa::Ca(constraint);
+        p.key_usages = usages;
+        let cert = p.self_signed(&key).unwrap();
+        (p, key, cert)
+    };
+    let load = |pem: CaPem| {
+        Ca::from_pem(
+            CaOptions {
+                trust_domain: TD.into(),
+                ..CaOptions::default()
+            },
+            shared(&clock),
+            pem,
+        )
+    };
+    // Key usage without keyCertSign.
+    let (_, key, cert) = root(
+        vec![KeyUsagePurpose::DigitalSignature],
+        BasicConstraints::Unconstrained,
+    );
+    let err = load(CaPem {
+        root_cert: cert.pem(),
+        root_key: Some(PrivateKeyPem::new(key.serialize_pem())),
+        ..CaPem::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("root") && err.contains("keyCertSign"), "{err}");
+    // A root with pathLenConstraint 0 signs leaves itself, but no
+    // intermediate it issued may.
+    let (params, key, cert) = root(
+        vec![KeyUsagePurpose::KeyCertSign],
+        BasicConstraints::Constrained(0),
+    );
+    let ca = load(CaPem {
+        root_cert: cert.pem(),
+        root_key: Some(PrivateKeyPem::new(key.serialize_pem())),
+        ..CaPem::default()
+    })
+    .expect("a root constrained to no intermediates signs leaves itself");
+    let wid = id("a", "b");
+    let leaf_key = KeyPair::generate().unwrap();
+    ca.sign_csr(&csr(vec![uri(wid.as_str())], &leaf_key), &wid)
+        .unwrap();
+    let int_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ip = CertificateParams::default();
+    ip.distinguished_name
+        .push(DnType::CommonName, "Sluice intermediate");
+    ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ip.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let int_cert = ip
+        .signed_by(&int_key, &rcgen::Issuer::from_params(&params, &key))
+        .unwrap();
+    let err = load(CaPem {
+        root_cert: cert.pem(),
+        intermediate: Some((int_cert.pem(), PrivateKeyPem::new(int_key.serialize_pem()))),
+        ..CaPem::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("root certificate") && err.contains("path length"),
+        "{err}"
+    );
+}
+
 /// An intermediate loaded from PEM signs only if its root's key signed it:
 /// another root of the same name (a re-generated root, an intermediate of
 /// an earlier one) is refused at load with the fix named, instead of
