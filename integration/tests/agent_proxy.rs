@@ -193,7 +193,7 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: flaky-retry, namespace: shop}}
 spec:
-  parentRefs: [{{kind: Service, name: flaky, port: 80}}]
+  parentRefs: [{{group: "", kind: Service, name: flaky, port: 80}}]
   rules:
     - matches: [{{path: {{type: PathPrefix, value: /retried}}}}]
       backendRefs: [{{name: flaky, port: 80}}]

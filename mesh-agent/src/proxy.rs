@@ -63,9 +63,14 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
     // Pods by IP: identity, and the tunnel address when they are meshed and
     // not DISABLED.
     let mut pods: BTreeMap<IpAddr, PodInfo> = BTreeMap::new();
+    // Meshed pods on nodes of no known address, by node.
+    let mut unplaced: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for w in &view.workloads {
         let key = Key::new(&w.namespace, &w.name);
         let meshed = view.meshed_pods.contains(&key) && w.mtls_mode != crds::MtlsMode::Disabled;
+        if meshed && node_addr(&w.node).is_none() {
+            unplaced.entry(&w.node).or_default().push(key.to_string());
+        }
         for ip in w.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
             let node_proxy = meshed
                 .then(|| node_addr(&w.node))
@@ -80,6 +85,15 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
                 },
             );
         }
+    }
+    for (node, pods) in unplaced {
+        errors.push(format!(
+            "node {node:?} has no known address, so its meshed pods ({}) are reached in \
+             plaintext, without mTLS or their AccessPolicies: list it with its address under \
+             `nodes:` of a SluiceWorkloads document (files source), or give the Node an address \
+             (a cluster)",
+            pods.join(", ")
+        ));
     }
     let mut snap = Snapshot::default();
     for s in &view.services {

@@ -109,6 +109,36 @@ fn services_endpoints_and_workloads_follow_enrolment() {
     assert_eq!(names, ["web-0", "db-0"]);
 }
 
+/// A meshed pod on a node whose address nothing gives (a files source's
+/// `nodes:` without it, a `node:` typo) cannot be reached through its node
+/// proxy: the translation says so, naming the node, its pods and the fix.
+#[test]
+fn meshed_pods_on_a_node_of_no_known_address_are_reported() {
+    let mut objs = base();
+    objs.push(Object::Pod(workload(
+        "shop", "db-1", "db", "10.0.3.1", "n3",
+    )));
+    objs.push(Object::Pod(workload(
+        "shop", "db-2", "db", "10.0.3.2", "n3",
+    )));
+    // Out of the mesh: reached in plaintext anyway, nothing to say.
+    objs.push(Object::Pod(workload(
+        "plain", "legacy-1", "legacy", "10.0.3.9", "n3",
+    )));
+    let (snap, errors) = snapshot(&view(&store(objs)), 15008);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("node \"n3\"")
+            && errors[0].contains("shop/db-1, shop/db-2")
+            && !errors[0].contains("legacy")
+            && errors[0].contains("`nodes:`"),
+        "{}",
+        errors[0]
+    );
+    let db1 = snap.workloads.iter().find(|w| w.id.name == "db-1");
+    assert!(db1.is_none(), "{db1:?}");
+}
+
 #[test]
 fn a_pod_address_of_the_family_its_node_lacks_still_goes_through_the_tunnel() {
     let mut objs = base();
@@ -815,6 +845,10 @@ fn an_endpoint_ready_on_one_port_only_takes_requests_there_only() {
     };
     let s = store(vec![
         Object::Namespace(namespace("shop", true)),
+        Object::Node(NodeInfo {
+            name: "n1".into(),
+            addresses: vec!["192.0.2.1".parse().unwrap()],
+        }),
         Object::Pod(workload("shop", "new-0", "web", "10.0.1.1", "n1")),
         Object::Pod(workload("shop", "old-0", "web", "10.0.1.2", "n1")),
         Object::Service(service("shop", "web", "127.96.0.1", &[80, 81])),

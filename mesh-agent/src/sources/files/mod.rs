@@ -29,14 +29,14 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{ResourceExt as _, api::ObjectMeta};
-use serde::de::DeserializeOwned;
+use serde::{Serialize, de::DeserializeOwned};
 
 use self::format::{WorkloadEntry, WorkloadsDoc};
 use crate::{
     admin::api::ConfigError,
     config,
     crds::{AccessPolicy, MeshPolicy},
-    reconcile::Input,
+    reconcile::{Input, routes::RouteRefs},
     state::{Key, Kind, NodeInfo, Object, Update, Workload},
 };
 
@@ -219,12 +219,121 @@ fn error(
     }
 }
 
-fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, (Option<String>, String)> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+/// Reads a document as `T`, refusing fields `T` does not have: a typo
+/// (`selctor:` in a MeshPolicy, `matchs:` in a route rule) would otherwise
+/// be dropped and its object taken without it (a namespace-wide policy, a
+/// rule matching every request), where `kubectl apply` refuses it.
+fn typed<T: DeserializeOwned + Serialize>(
+    value: serde_yaml::Value,
+) -> Result<T, (Option<String>, String)> {
+    let read: T = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
         let path = e.path().to_string();
         let field = (path != "." && !path.is_empty()).then_some(path);
         (field, e.into_inner().to_string())
-    })
+    })?;
+    // What `T` keeps of the document, written back: a field of the
+    // document with a value and nothing there was dropped.
+    let kept = serde_yaml::to_value(&read).map_err(|e| (None, e.to_string()))?;
+    if let Some(field) = unknown_field(&value, &kept, String::new()) {
+        return Err((
+            Some(field),
+            "unknown field (misspelt, or in the wrong place?): it would be ignored".into(),
+        ));
+    }
+    Ok(read)
+}
+
+/// The path of the first field of `doc` that `kept` lacks, in the form of
+/// `serde_path_to_error` (`spec.rules[0].matchs`). Fields without a value
+/// (null, `[]`, `{}`) are passed over: they say nothing, and types leave
+/// empty lists out when they write themselves back.
+fn unknown_field(
+    doc: &serde_yaml::Value,
+    kept: &serde_yaml::Value,
+    path: String,
+) -> Option<String> {
+    use serde_yaml::Value;
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::Sequence(s) => s.is_empty(),
+        Value::Mapping(m) => m.is_empty(),
+        _ => false,
+    };
+    match (doc, kept) {
+        (Value::Mapping(d), Value::Mapping(k)) => d.iter().find_map(|(key, v)| {
+            let name = match key {
+                Value::String(s) => s.clone(),
+                other => serde_yaml::to_string(other).ok()?.trim().to_string(),
+            };
+            let here = if path.is_empty() {
+                name
+            } else {
+                format!("{path}.{name}")
+            };
+            match k.get(key) {
+                None if empty(v) => None,
+                None => Some(here),
+                Some(kv) => unknown_field(v, kv, here),
+            }
+        }),
+        (Value::Sequence(d), Value::Sequence(k)) => d
+            .iter()
+            .zip(k)
+            .enumerate()
+            .find_map(|(i, (v, kv))| unknown_field(v, kv, format!("{path}[{i}]"))),
+        (Value::Tagged(d), _) => unknown_field(&d.value, kept, path),
+        _ => None,
+    }
+}
+
+/// A Service that is not headless or ExternalName needs its cluster IP
+/// written out: in a cluster the API server allocates one, here nothing
+/// does, and without one the Service would balance nothing while routes
+/// attached to it showed as accepted.
+fn needs_cluster_ip(svc: &Service) -> Result<(), (Option<String>, String)> {
+    let Some(spec) = &svc.spec else {
+        return Err((Some("spec".into()), "missing".into()));
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(());
+    }
+    let given = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(&spec.cluster_ip)
+        .any(|ip| !ip.is_empty());
+    if given {
+        return Ok(());
+    }
+    Err((
+        Some("spec.clusterIP".into()),
+        "missing: the files source allocates no cluster IP, so give one (host-namespace \
+         addresses: 127.96.0.0/16), or None for a headless Service"
+            .into(),
+    ))
+}
+
+/// A route's parent of kind Service needs `group: ""`: the Gateway API CRDs
+/// default a missing group to `gateway.networking.k8s.io`, so in a cluster
+/// such a route attaches to nothing; read here as the core group, the same
+/// file would work standalone and silently not in a cluster.
+fn service_parents_grouped(
+    parents: Vec<crate::reconcile::routes::ParentRef>,
+) -> Result<(), (Option<String>, String)> {
+    match parents
+        .iter()
+        .position(|p| p.kind.as_deref() == Some("Service") && p.group.is_none())
+    {
+        None => Ok(()),
+        Some(i) => Err((
+            Some(format!("spec.parentRefs[{i}].group")),
+            "missing: a Service parent needs group: \"\" (a cluster defaults a missing group to \
+             gateway.networking.k8s.io, where no Service is, and the route would attach to \
+             nothing)"
+                .into(),
+        )),
+    }
 }
 
 fn with_default_ns(meta: &mut ObjectMeta) {
@@ -309,28 +418,30 @@ fn parse_file(
             kind.as_str(),
         ) {
             ("v1", "Namespace") => typed::<Namespace>(value).map(|o| Some(Object::Namespace(o))),
-            ("v1", "Service") => typed::<Service>(value).map(|mut o| {
-                with_default_ns(&mut o.metadata);
-                Some(Object::Service(o))
-            }),
+            ("v1", "Service") => typed::<Service>(value)
+                .and_then(|o| needs_cluster_ip(&o).map(|()| o))
+                .map(|mut o| {
+                    with_default_ns(&mut o.metadata);
+                    Some(Object::Service(o))
+                }),
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 typed::<EndpointSlice>(value).map(|mut o| {
                     with_default_ns(&mut o.metadata);
                     Some(Object::EndpointSlice(o))
                 })
             }
-            ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
-                typed::<HttpRoute>(value).map(|mut o| {
+            ("gateway.networking.k8s.io/v1", "HTTPRoute") => typed::<HttpRoute>(value)
+                .and_then(|o| service_parents_grouped(RouteRefs::of_http(&o).parents).map(|()| o))
+                .map(|mut o| {
                     with_default_ns(&mut o.metadata);
                     Some(Object::HTTPRoute(o))
-                })
-            }
-            ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
-                typed::<GrpcRoute>(value).map(|mut o| {
+                }),
+            ("gateway.networking.k8s.io/v1", "GRPCRoute") => typed::<GrpcRoute>(value)
+                .and_then(|o| service_parents_grouped(RouteRefs::of_grpc(&o).parents).map(|()| o))
+                .map(|mut o| {
                     with_default_ns(&mut o.metadata);
                     Some(Object::GRPCRoute(o))
-                })
-            }
+                }),
             // v1beta1 is what clusters serve; v1 (Gateway API 1.5) has the same fields.
             (
                 "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",

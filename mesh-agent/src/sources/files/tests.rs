@@ -217,6 +217,120 @@ fn workloads_typos_are_refused_by_field() {
     assert!(e.message.contains("serviceAcount"), "{e}");
 }
 
+/// A misspelt field of any kind is refused with its path, the object
+/// staying as it was: dropped, it would change what the object means (a
+/// MeshPolicy without its selector is namespace-wide, a route rule without
+/// its matches takes every request).
+#[test]
+fn unknown_fields_of_every_kind_are_refused_by_path() {
+    let cases = [
+        (
+            "apiVersion: sluice.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: p, namespace: shop}\n\
+             spec: {mode: STRICT, selctor: {matchLabels: {app: web}}}\n",
+            "spec.selctor",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\n\
+             spec:\n  parentRefs: [{group: '', kind: Service, name: web, port: 80}]\n\
+             \x20 rules:\n  - matchs: [{path: {type: PathPrefix, value: /admin}}]\n\
+             \x20   backendRefs: [{name: web, port: 80}]\n",
+            "spec.rules[0].matchs",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+             spec: {clusterIP: 127.96.1.9, ports: [{port: 5432, targetPrt: 5433}]}\n",
+            "spec.ports[0].targetPrt",
+        ),
+        (
+            "apiVersion: sluice.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: a, namespace: shop}\n\
+             spec:\n  targetRefs: [{kind: Service, name: web}]\n  rules:\n\
+             \x20 - from: [{serviceAccount: {name: front}}]\n    to: [{method: [GET]}]\n",
+            "spec.rules[0].to[0].method",
+        ),
+    ];
+    for (doc, field) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "shop.yaml", SHOP);
+        write(dir.path(), "x.yaml", doc);
+        let mut src = FilesSource::new(dir.path());
+        src.reload().unwrap();
+        let errors = src.errors();
+        let e = errors
+            .iter()
+            .find(|e| e.source.ends_with("x.yaml"))
+            .unwrap_or_else(|| panic!("{field}: no error: {errors:?}"));
+        assert_eq!(e.field.as_deref(), Some(field), "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+        // Written right, the same document is read.
+        let right = doc
+            .replace("selctor", "selector")
+            .replace("matchs", "matches")
+            .replace("targetPrt", "targetPort")
+            .replace("method:", "methods:");
+        write(dir.path(), "x.yaml", &right);
+        src.reload().unwrap();
+        assert_eq!(src.errors(), vec![], "{right}");
+    }
+}
+
+/// What a cluster would fill in or default differently is refused with the
+/// fix: a Service without a cluster IP (nothing allocates one here), a
+/// route's Service parent without `group: ""` (a cluster defaults the group
+/// to Gateway API's, and the route attaches to nothing there).
+#[test]
+fn what_a_cluster_would_read_otherwise_is_refused_with_the_fix() {
+    let cases = [
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+             spec: {selector: {app: db}, ports: [{port: 5432}]}\n",
+            "spec.clusterIP",
+            "127.96.0.0/16",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+             spec: {clusterIP: '', ports: [{port: 5432}]}\n",
+            "spec.clusterIP",
+            "headless",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {name: r, namespace: shop}\n\
+             spec: {parentRefs: [{kind: Service, name: web, port: 80}]}\n",
+            "spec.parentRefs[0].group",
+            "group: \"\"",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+             metadata: {name: g, namespace: shop}\n\
+             spec: {parentRefs: [{group: '', kind: Service, name: web}, {kind: Service, name: api}]}\n",
+            "spec.parentRefs[1].group",
+            "group: \"\"",
+        ),
+    ];
+    for (doc, field, fix) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "x.yaml", doc);
+        let mut src = FilesSource::new(dir.path());
+        src.reload().unwrap();
+        let errors = src.errors();
+        assert_eq!(errors[0].field.as_deref(), Some(field), "{doc}: {errors:?}");
+        assert!(errors[0].message.contains(fix), "{}", errors[0]);
+    }
+    // Headless and ExternalName Services need no cluster IP.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "x.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+         spec: {clusterIP: None, ports: [{port: 5432}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: shop}\n\
+         spec: {type: ExternalName, externalName: db.example.com}\n",
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+}
+
 #[test]
 fn a_known_kind_in_another_api_version_is_ignored_naming_the_version_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -615,7 +729,7 @@ metadata:
   namespace: shop
 spec:
   parentRefs:
-    - {kind: Service, name: web, port: 80}
+    - {group: "", kind: Service, name: web, port: 80}
   rules:
     - backendRefs:
         - {name: web, port: 80}
