@@ -207,11 +207,15 @@ pub(crate) fn drop_connection_named(h: &mut HeaderMap) {
 }
 
 /// The tokens of every `Connection` line, trimmed, empty ones left out.
+/// Split on the bytes: a line with a byte outside visible ASCII elsewhere
+/// (obs-text, which HTTP allows) still names its other tokens, which must
+/// not pass the hop. A token is a header name, so ASCII; one that is not
+/// names no header and is left out.
 fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
     h.get_all(http::header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| std::str::from_utf8(t).ok())
         .map(str::trim)
         .filter(|t| !t.is_empty())
 }
@@ -480,6 +484,31 @@ mod tests {
             matches!(cut, std::task::Poll::Ready(Some(Err(_)))),
             "cut at 19 s: {cut:?}"
         );
+    }
+
+    /// A `Connection` line with a byte outside visible ASCII (obs-text,
+    /// which parsers accept) still names its other headers, which go with
+    /// it on the way in and on the way out.
+    #[test]
+    fn headers_a_connection_line_with_obs_text_names_still_go() {
+        let with = || {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_bytes(b"x-hop, \x80").unwrap(),
+            );
+            h.insert("x-hop", HeaderValue::from_static("v"));
+            h.insert("x-kept", HeaderValue::from_static("k"));
+            h
+        };
+        let mut h = with();
+        drop_connection_named(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+        let mut h = with();
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
     }
 
     #[test]

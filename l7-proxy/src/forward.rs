@@ -69,6 +69,40 @@ impl Outcome {
     }
 }
 
+/// The one host of an HTTP/1.x request (RFC 9112 section 3.2), or why it
+/// has none: more than one Host field (routing and each next hop could each
+/// take another), none in HTTP/1.1, or one that is no host. An
+/// absolute-form target's authority is the host, whatever Host says
+/// (section 3.2.2): it replaces it, so that routing and the workload read
+/// the same one. HTTP/2's `:authority` is the target's already.
+fn settle_host(parts: &mut Parts) -> Option<&'static str> {
+    if parts.version > Version::HTTP_11 {
+        return None;
+    }
+    if let Some(a) = parts.uri.authority() {
+        return match HeaderValue::from_str(a.as_str()) {
+            Ok(v) => {
+                parts.headers.insert(http::header::HOST, v);
+                None
+            }
+            Err(_) => Some("the request target's authority is no host"),
+        };
+    }
+    let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("more than one host header"),
+        (None, _) if parts.version == Version::HTTP_11 => {
+            Some("no host header (an HTTP/1.1 request needs one)")
+        }
+        (None, _) => None,
+        (Some(h), None) => {
+            let v = h.as_bytes();
+            (v.is_empty() || v.contains(&b'@') || Authority::try_from(v).is_err())
+                .then_some("the host header is no host")
+        }
+    }
+}
+
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     conn: Arc<HttpConn>,
@@ -83,6 +117,7 @@ pub(crate) async fn handle(
     crate::body::drop_connection_named(&mut parts.headers);
     // WebSocket over HTTP/2: from here on an HTTP/1.1 upgrade request.
     crate::upgrade::from_extended_connect(&mut parts);
+    let host_problem = settle_host(&mut parts);
     // Routed, rewritten and sent as the workload will read it: a path that
     // spells a prefix (`/api/../admin`) must not be routed under it.
     if let Some(uri) = crate::router::normalized_path(parts.uri.path())
@@ -133,6 +168,13 @@ pub(crate) async fn handle(
     // the request's future into place.
     let exchange = Box::pin(async {
         match state.destination(conn.original_dst) {
+            // Which host would a next hop take?
+            _ if host_problem.is_some() => Outcome::local(
+                StatusCode::BAD_REQUEST,
+                host_problem.unwrap_or_default().into(),
+                Label::default(),
+                Label::default(),
+            ),
             // A dot segment some workloads resolve and others do not: no one
             // reading of it can be routed.
             _ if crate::router::dot_segment_read_loosely(parts.uri.path()) => Outcome::local(
@@ -466,10 +508,17 @@ async fn route_request(
     }) {
         return redirect_outcome(r, &parts, prefix, port, route_label, service);
     }
+    // A rule that cannot send a request on: 500, or a GRPCRoute's
+    // `UNAVAILABLE`.
+    let unusable = if rule.grpc {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
     // Weighted choice of the backend, once per request (retries reuse it).
     let Some(backend) = choose_backend(&rule.backends) else {
         return Outcome::local(
-            StatusCode::INTERNAL_SERVER_ERROR,
+            unusable,
             format!("route {route_label} has no backend with a weight above zero"),
             route_label,
             Label::from(service.to_string()),
@@ -477,7 +526,7 @@ async fn route_request(
     };
     if let Some(why) = &backend.invalid {
         return Outcome::local(
-            StatusCode::INTERNAL_SERVER_ERROR,
+            unusable,
             format!(
                 "route {route_label}: backend {} cannot be used ({why})",
                 backend.service
@@ -509,7 +558,7 @@ async fn route_request(
             Some(r) => r,
             None => {
                 return Outcome::local(
-                    StatusCode::INTERNAL_SERVER_ERROR,
+                    unusable,
                     format!(
                         "route {route_label} points at service {} which does not exist",
                         backend.service

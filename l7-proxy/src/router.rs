@@ -110,6 +110,10 @@ pub struct Rule {
     pub backends: Vec<BackendRef>,
     pub timeouts: Timeouts,
     pub retry: Option<Retry>,
+    /// A GRPCRoute's rule: a call it cannot send to a backend (none of
+    /// weight above zero, one that does not resolve) is answered
+    /// `UNAVAILABLE`, as the GRPCRoute spec asks, not `INTERNAL`.
+    pub grpc: bool,
 }
 
 impl Rule {
@@ -132,6 +136,7 @@ impl Rule {
             }],
             timeouts: Timeouts::default(),
             retry: None,
+            grpc: false,
         })
     }
 }
@@ -267,6 +272,7 @@ impl RouteTable {
                 &route.id,
                 &route.parents,
                 rules,
+                false,
                 |ri, mi, m, rule| compile_http_match(route, ri, mi, m, rule),
             );
         }
@@ -278,6 +284,7 @@ impl RouteTable {
                 &route.id,
                 &route.parents,
                 rules,
+                true,
                 |ri, mi, m, rule| compile_grpc_match(route, ri, mi, m, rule),
             );
         }
@@ -357,6 +364,7 @@ fn add_route<'a, M: Default + 'a>(
     id: &ObjectRef,
     parents: &[crate::config::ParentRef],
     rules: impl Iterator<Item = RuleParts<'a, M>>,
+    grpc: bool,
     compile: impl Fn(usize, usize, &M, &Arc<Rule>) -> Result<Entry, RouteError>,
 ) {
     for (ri, rule) in rules.enumerate() {
@@ -369,6 +377,7 @@ fn add_route<'a, M: Default + 'a>(
             backends: rule.backends.to_vec(),
             timeouts: rule.timeouts,
             retry: rule.retry.clone(),
+            grpc,
         });
         let default_match = [M::default()];
         let matches = if rule.matches.is_empty() {
@@ -450,15 +459,22 @@ impl Entry {
             let matched = match values.next() {
                 None => cond.matches(first.to_str().ok()?),
                 // A repeated field is one list, its values joined by commas
-                // (RFC 9110 5.3), as the Gateway API asks.
+                // (RFC 9110 5.3), as the Gateway API asks; but `cookie`
+                // fields (one per cookie from HTTP/2 callers) join with
+                // "; ", as the workload receives them (RFC 9113 8.2.3).
                 Some(_) => {
+                    let sep = if name == http::header::COOKIE {
+                        "; "
+                    } else {
+                        ", "
+                    };
                     let joined = req
                         .headers
                         .get_all(name)
                         .iter()
                         .map(|v| v.to_str().ok())
                         .collect::<Option<Vec<_>>>()?
-                        .join(", ");
+                        .join(sep);
                     cond.matches(&joined)
                 }
             };
@@ -1123,6 +1139,13 @@ mod tests {
                         }],
                         "delete",
                     ),
+                    (
+                        vec![HttpRouteMatch {
+                            headers: vec![hm("cookie", "a=1; b=2", ValueMatchKind::Exact)],
+                            ..Default::default()
+                        }],
+                        "cookies",
+                    ),
                     (vec![], "rest"),
                 ],
             )],
@@ -1144,6 +1167,17 @@ mod tests {
         assert_eq!(
             pick(&t, "GET", "/", &[("x-canary", "yes"), ("x-user", "u42x")]).as_deref(),
             Some("canary")
+        );
+        // Cookies match as the workload gets them: one line from an
+        // HTTP/1.1 caller, one field per cookie from an HTTP/2 caller,
+        // joined by "; " (RFC 9113 8.2.3).
+        assert_eq!(
+            pick(&t, "GET", "/", &[("cookie", "a=1; b=2")]).as_deref(),
+            Some("cookies")
+        );
+        assert_eq!(
+            pick(&t, "GET", "/", &[("cookie", "a=1"), ("cookie", "b=2")]).as_deref(),
+            Some("cookies")
         );
         // A repeated field matches as its values joined by ", ".
         assert_eq!(

@@ -1145,3 +1145,66 @@ fn response_complete(got: &[u8]) -> bool {
         .expect("a content-length");
     got.len() >= end + 4 + len
 }
+
+/// Every captured HTTP/1.x request has one host that routing and the
+/// workload both read (RFC 9112 section 3.2), whichever server parsed it
+/// (HTTP/1.0 and `Expect` go to hyper's): two Host fields, none in HTTP/1.1,
+/// or one that is no host are answered 400 and reach no workload; an
+/// absolute-form target's authority replaces the Host field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_has_one_host_or_is_refused() {
+    let (mesh, srv) = mesh_with_cart().await;
+    let refused: [(&[u8], &str); 5] = [
+        (
+            b"GET / HTTP/1.1\r\nHost: cart.shop\r\nHost: evil.example\r\n\r\n",
+            "more than one host",
+        ),
+        (
+            b"GET / HTTP/1.0\r\nHost: cart.shop\r\nHost: evil.example\r\n\r\n",
+            "more than one host",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: cart.shop\r\nHost: evil.example\r\nExpect: 100-continue\r\ncontent-length: 2\r\n\r\n",
+            "more than one host",
+        ),
+        (b"GET / HTTP/1.1\r\nx-a: b\r\n\r\n", "no host header"),
+        (b"GET / HTTP/1.1\r\nHost: cart shop\r\n\r\n", "is no host"),
+    ];
+    for (req, why) in refused {
+        let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        t.write_all(req).await.unwrap();
+        let head = read_head(&mut t).await;
+        assert!(
+            head.starts_with("HTTP/1.1 400") || head.starts_with("HTTP/1.0 400"),
+            "{}: {head}",
+            String::from_utf8_lossy(req)
+        );
+        assert!(
+            head.to_ascii_lowercase().contains(why),
+            "{}: {head}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    assert_eq!(srv[0].hits(), 0, "a refused request reached the workload");
+    // HTTP/1.0 may leave Host out.
+    let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    t.write_all(b"GET /old HTTP/1.0\r\n\r\n").await.unwrap();
+    let head = read_head(&mut t).await;
+    assert!(head.contains(" 200 "), "{head}");
+    // The target's authority is the host.
+    let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    t.write_all(
+        b"GET http://cart.shop/abs HTTP/1.1\r\nHost: evil.example\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        got.contains("\"host\":\"cart.shop\"") && !got.contains("evil.example"),
+        "{got}"
+    );
+    mesh.shutdown().await;
+}

@@ -1301,6 +1301,14 @@ async fn the_proxys_own_refusals_of_a_grpc_call_carry_a_grpc_status() {
                 rule("3000", "v0", Some(100)),
                 rule("0", "empty", None),
                 rule("1", "v0", None),
+                // Backends a call cannot go to: UNAVAILABLE, as the
+                // GRPCRoute spec asks (INTERNAL is an HTTPRoute's 500).
+                rule("gone", "nowhere", None),
+                {
+                    let mut r = rule("refused", "v0", None);
+                    r.backends[0].invalid = Some("RefNotPermitted".into());
+                    r
+                },
             ],
         }],
         ..Default::default()
@@ -1313,6 +1321,8 @@ async fn the_proxys_own_refusals_of_a_grpc_call_carry_a_grpc_status() {
         ("/slow/3000", "4", "request timeout of 100ms exceeded"),
         ("/slow/0", "14", "no ready endpoint"),
         ("/other/Call", "12", "no route of service shop/cart matches"),
+        ("/slow/gone", "14", "which does not exist"),
+        ("/slow/refused", "14", "RefNotPermitted"),
     ];
     for (path, code, words) in cases {
         let r = call(path).await;
