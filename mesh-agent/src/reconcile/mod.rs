@@ -1142,43 +1142,52 @@ impl Reconciler {
     }
 
     fn route_infos(&self) -> Vec<RouteInfo> {
+        // The routes' Service parents by Service, found once: for each
+        // Service, every route's parents were scanned (with a key made for
+        // each), services x routes on every step in a large cluster.
+        let mut parents: BTreeMap<Key, Vec<(&routes::RouteEval, &routes::ParentRef)>> =
+            BTreeMap::new();
+        for eval in &self.routes {
+            let r = &eval.route;
+            for p in r.service_parents() {
+                parents
+                    .entry(p.service_key(&r.key.namespace))
+                    .or_default()
+                    .push((eval, p));
+            }
+        }
         let mut out = Vec::new();
         for key in self.store.services.keys() {
             let mut any = false;
-            for eval in &self.routes {
+            for &(eval, p) in parents.get(key).into_iter().flatten() {
                 let r = &eval.route;
-                for p in r.service_parents() {
-                    if p.service_key(&r.key.namespace) != *key {
-                        continue;
-                    }
-                    any = true;
-                    let conds = routes::parent_conditions(&self.refs, eval, p);
-                    let reason = conds
+                any = true;
+                let conds = routes::parent_conditions(&self.refs, eval, p);
+                let reason = conds
+                    .iter()
+                    .find(|c| !c.status || c.type_ == "PartiallyInvalid")
+                    .map(|c| format!("{}: {}", c.reason, c.message));
+                out.push(RouteInfo {
+                    service: key.to_string(),
+                    kind: r.kind.into(),
+                    route: Some(r.key.to_string()),
+                    rules: r.rules,
+                    backends: r
+                        .backends
                         .iter()
-                        .find(|c| !c.status || c.type_ == "PartiallyInvalid")
-                        .map(|c| format!("{}: {}", c.reason, c.message));
-                    out.push(RouteInfo {
-                        service: key.to_string(),
-                        kind: r.kind.into(),
-                        route: Some(r.key.to_string()),
-                        rules: r.rules,
-                        backends: r
-                            .backends
-                            .iter()
-                            .map(|b| {
-                                let port = b.port.map(|p| format!(":{p}")).unwrap_or_default();
-                                match b.weight {
-                                    Some(w) => format!("{}{port} (w={w})", b.name),
-                                    None => format!("{}{port}", b.name),
-                                }
-                            })
-                            .collect(),
-                        accepted: conds[0].status,
-                        resolved_refs: conds[1].status,
-                        reason,
-                        ..Default::default()
-                    });
-                }
+                        .map(|b| {
+                            let port = b.port.map(|p| format!(":{p}")).unwrap_or_default();
+                            match b.weight {
+                                Some(w) => format!("{}{port} (w={w})", b.name),
+                                None => format!("{}{port}", b.name),
+                            }
+                        })
+                        .collect(),
+                    accepted: conds[0].status,
+                    resolved_refs: conds[1].status,
+                    reason,
+                    ..Default::default()
+                });
             }
             if !any {
                 out.push(RouteInfo {

@@ -314,6 +314,20 @@ fn needs_cluster_ip(svc: &Service) -> Result<(), (Option<String>, String)> {
     ))
 }
 
+/// A hand-written EndpointSlice says which Service it serves: without the
+/// label it would serve none, and a Service without a selector (whose
+/// endpoints are only such slices) would refuse every connection.
+fn names_its_service(slice: &EndpointSlice) -> Result<(), (Option<String>, String)> {
+    let label = "kubernetes.io/service-name";
+    match slice.metadata.labels.as_ref().and_then(|l| l.get(label)) {
+        Some(name) if !name.is_empty() => Ok(()),
+        _ => Err((
+            Some(format!("metadata.labels.{label}")),
+            "missing: the label names the Service whose endpoints the slice lists".into(),
+        )),
+    }
+}
+
 /// A route's parent of kind Service needs `group: ""`: the Gateway API CRDs
 /// default a missing group to `gateway.networking.k8s.io`, so in a cluster
 /// such a route attaches to nothing; read here as the core group, the same
@@ -424,12 +438,12 @@ fn parse_file(
                     with_default_ns(&mut o.metadata);
                     Some(Object::Service(o))
                 }),
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                typed::<EndpointSlice>(value).map(|mut o| {
+            ("discovery.k8s.io/v1", "EndpointSlice") => typed::<EndpointSlice>(value)
+                .and_then(|o| names_its_service(&o).map(|()| o))
+                .map(|mut o| {
                     with_default_ns(&mut o.metadata);
                     Some(Object::EndpointSlice(o))
-                })
-            }
+                }),
             ("gateway.networking.k8s.io/v1", "HTTPRoute") => typed::<HttpRoute>(value)
                 .and_then(|o| service_parents_grouped(RouteRefs::of_http(&o).parents).map(|()| o))
                 .map(|mut o| {

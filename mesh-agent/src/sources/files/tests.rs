@@ -306,6 +306,13 @@ fn what_a_cluster_would_read_otherwise_is_refused_with_the_fix() {
             "spec.parentRefs[1].group",
             "group: \"\"",
         ),
+        (
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: db-1, namespace: shop}\naddressType: IPv4\n\
+             endpoints: [{addresses: [10.0.0.5]}]\nports: [{port: 5432}]\n",
+            "metadata.labels.kubernetes.io/service-name",
+            "names the Service",
+        ),
     ];
     for (doc, field, fix) in cases {
         let dir = tempfile::tempdir().unwrap();
