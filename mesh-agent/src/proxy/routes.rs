@@ -203,7 +203,7 @@ fn header_modifier(v: &Value, field: &str) -> Result<HeaderModifier, String> {
             })
             .collect::<Result<Vec<_>, String>>()
     };
-    Ok(HeaderModifier {
+    let m = HeaderModifier {
         set: pairs("set")?,
         add: pairs("add")?,
         remove: v["remove"]
@@ -214,7 +214,25 @@ fn header_modifier(v: &Value, field: &str) -> Result<HeaderModifier, String> {
             .enumerate()
             .map(|(i, n)| name(n, format!("{field}.remove[{i}]")))
             .collect::<Result<_, _>>()?,
-    })
+    };
+    // One action per header name, names compared without case (the
+    // Gateway API calls a filter with more invalid; the CRD's list keys
+    // catch only the same spelling twice in one list).
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let named = (m.set.iter().map(|p| ("set", &p.name)))
+        .chain(m.add.iter().map(|p| ("add", &p.name)))
+        .chain(m.remove.iter().map(|n| ("remove", n)));
+    for (list, n) in named {
+        let lower = n.to_ascii_lowercase();
+        if let Some((first, _)) = seen.iter().find(|(_, l)| *l == lower) {
+            return Err(format!(
+                "{field}: header {n:?} is named in {first} and again in {list}: one action per \
+                 header name, names compared without case"
+            ));
+        }
+        seen.push((list.to_string(), lower));
+    }
+    Ok(m)
 }
 
 /// The share of requests a mirror takes: `percent`, or `fraction`

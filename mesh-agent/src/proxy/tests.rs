@@ -514,6 +514,19 @@ fn rules_the_proxy_cannot_compile_are_dropped_with_the_reason() {
         )
         .is_ok()
     );
+    // One action per header name, whatever its case (the Gateway API's
+    // HTTPHeaderFilter).
+    for m in [
+        serde_json::json!({"set": [{"name": "X-Env", "value": "a"}, {"name": "x-env", "value": "b"}]}),
+        serde_json::json!({"set": [{"name": "X-Env", "value": "a"}], "remove": ["x-env"]}),
+        serde_json::json!({"add": [{"name": "x-env", "value": "a"}], "set": [{"name": "X-ENV", "value": "b"}]}),
+    ] {
+        let err = modifier("RequestHeaderModifier", m.clone()).unwrap_err();
+        assert!(
+            err.contains("requestHeaderModifier: header") && err.contains("one action per header"),
+            "{m}: {err}"
+        );
+    }
     // A redirect code the Gateway API does not allow.
     let err = translate_rule(serde_json::json!({
         "filters": [{"type": "RequestRedirect", "requestRedirect": {"statusCode": 305}}],
