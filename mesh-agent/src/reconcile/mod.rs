@@ -432,20 +432,39 @@ impl Reconciler {
         let wanted: BTreeSet<Frontend> = self.lb.frontends().map(|(f, _)| *f).collect();
         // A Service refused now (or whose update failed) keeps what an
         // earlier run programmed for its addresses: its last good entries.
-        let kept: BTreeSet<std::net::IpAddr> = self
+        let mut kept: BTreeSet<std::net::IpAddr> = BTreeSet::new();
+        let mut unread = None;
+        for (key, spec) in self
             .service_errors
             .keys()
             .chain(self.retry.keys())
-            .filter_map(|k| self.store.services.get(k)?.spec.as_ref())
-            .flat_map(|spec| {
-                spec.cluster_ips
-                    .iter()
-                    .flatten()
-                    .chain(spec.cluster_ip.iter())
-                    .filter_map(|ip| ip.parse().ok())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+            .filter_map(|k| Some((k, self.store.services.get(k)?.spec.as_ref()?)))
+        {
+            for ip in spec.cluster_ips.iter().flatten().chain(&spec.cluster_ip) {
+                match ip.parse() {
+                    Ok(ip) => {
+                        kept.insert(ip);
+                    }
+                    // Headless.
+                    Err(_) if ip.is_empty() || ip == "None" => {}
+                    Err(_) => unread = Some((key.clone(), ip.clone())),
+                }
+            }
+        }
+        // An address that does not read (a typo since the earlier run):
+        // which entries were that Service's is not known, so none goes
+        // until it is fixed (retried on the tick, as a failed removal).
+        if let Some((key, ip)) = unread {
+            self.outcome(
+                STALE_SERVICES_STEP.into(),
+                Err(format!(
+                    "keeping the services an earlier run left that no Service claims: Service \
+                     {key}'s cluster IP {ip:?} does not read, so which of them were its own is \
+                     not known; they go once it is fixed"
+                )),
+            );
+            return;
+        }
         let stale: Vec<ebpf_lb::Change> = self
             .dp
             .services()

@@ -941,6 +941,43 @@ fn a_restart_keeps_the_pinned_entries_of_a_service_that_is_refused_now() {
     );
 }
 
+/// After a restart, a Service refused for an address that does not read
+/// (`10.96.0.1O`) cannot say which pinned entries were its own: none is
+/// removed until it is fixed, and then only what no Service claims.
+#[test]
+fn a_restart_with_a_service_whose_address_does_not_read_removes_nothing() {
+    let mut f = fixture();
+    let a = Frontend::tcp(addr("127.96.0.1:80"));
+    let orphan = Frontend::tcp(addr("127.96.0.77:80"));
+    f.dp.preload(ServiceSpec::new(a, [Backend::ready(addr("10.0.0.1:8080"))]));
+    f.dp.preload(ServiceSpec::new(
+        orphan,
+        [Backend::ready(addr("10.0.0.9:80"))],
+    ));
+    let mut objs = shop();
+    objs[1] = Object::Service(service("shop", "a", "127.96.0.1O", &[80]));
+    f.upsert(objs.clone());
+    f.sync();
+    assert!(f.dp.spec(&a).is_some(), "a's earlier entry is kept");
+    assert!(f.dp.spec(&orphan).is_some(), "whose it was is not known");
+    let problems = f.rx.view.borrow().dataplane_errors.clone();
+    assert!(
+        problems
+            .iter()
+            .any(|e| e.contains("shop/a's cluster IP \"127.96.0.1O\" does not read")),
+        "{problems:?}"
+    );
+    // Still so on the tick.
+    f.r.step(vec![Input::Tick]);
+    assert!(f.dp.spec(&orphan).is_some());
+    // Fixed: a is a's again, and on the next tick the orphan goes.
+    objs[1] = Object::Service(service("shop", "a", "127.96.0.1", &[80]));
+    f.upsert(objs);
+    f.r.step(vec![Input::Tick]);
+    assert!(f.dp.spec(&a).is_some());
+    assert!(f.dp.spec(&orphan).is_none(), "what no Service claims goes");
+}
+
 #[test]
 fn a_refused_service_update_leaves_the_proxy_with_the_last_good_version() {
     let mut f = fixture();
