@@ -1014,7 +1014,8 @@ impl PodIdentities {
     pub async fn watch(self: Arc<Self>, client: Client) {
         let mut initial = Vec::new();
         let mut stream = std::pin::pin!(
-            watcher(Api::<Pod>::all(client), watcher::Config::default()).default_backoff()
+            watcher(Api::<Pod>::all(client), watcher::Config::default())
+                .backoff(crate::sources::kube::GrowingBackoff::default())
         );
         loop {
             match stream.try_next().await {

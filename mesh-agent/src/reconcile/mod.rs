@@ -301,24 +301,33 @@ impl Reconciler {
                     errors,
                     incomplete,
                 } => {
-                    for e in &errors {
+                    // The same errors again (a watch retrying a list that
+                    // keeps failing) are neither logged again nor rebuild
+                    // any view.
+                    let same = self
+                        .source_errors
+                        .get(&source)
+                        .map_or(errors.is_empty(), |e| *e == errors);
+                    for e in errors.iter().filter(|_| !same) {
                         if e.is_note() {
                             tracing::info!(note = %e, "configuration");
                         } else {
                             tracing::warn!(error = %e, "configuration refused; the last good version stays in force");
                         }
                     }
-                    if incomplete {
-                        self.incomplete_sources.insert(source.clone());
+                    let changed_incomplete = if incomplete {
+                        self.incomplete_sources.insert(source.clone())
                     } else {
-                        self.incomplete_sources.remove(&source);
+                        self.incomplete_sources.remove(&source)
+                    };
+                    if !same {
+                        if errors.is_empty() {
+                            self.source_errors.remove(&source);
+                        } else {
+                            self.source_errors.insert(source, errors);
+                        }
                     }
-                    if errors.is_empty() {
-                        self.source_errors.remove(&source);
-                    } else {
-                        self.source_errors.insert(source, errors);
-                    }
-                    dirty.mesh = true;
+                    dirty.mesh |= changed_incomplete || !same;
                 }
                 Input::Tick => tick = true,
                 Input::ResendStatus => resend_status = true,

@@ -912,6 +912,42 @@ fn a_failed_kernel_operation_is_reported_once_and_retried_until_it_succeeds() {
     );
 }
 
+/// A source repeating the same errors (a watch retrying a list that keeps
+/// failing) rebuilds no view; new errors, and their end, do.
+#[test]
+fn the_same_source_errors_again_rebuild_nothing() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    let failing = |message: &str| Input::SourceErrors {
+        source: "kube:HTTPRoute".into(),
+        errors: if message.is_empty() {
+            vec![]
+        } else {
+            vec![crate::admin::api::ConfigError {
+                source: "kube:HTTPRoute".into(),
+                object: None,
+                field: None,
+                message: message.into(),
+            }]
+        },
+        incomplete: false,
+    };
+    let generation = |f: &Fixture| f.rx.mesh.borrow().generation;
+    f.r.step(vec![failing("HTTPRoute is not served")]);
+    let g = generation(&f);
+    for _ in 0..3 {
+        f.r.step(vec![failing("HTTPRoute is not served")]);
+    }
+    assert_eq!(generation(&f), g, "the same errors rebuilt the mesh view");
+    f.r.step(vec![failing("not allowed to list HTTPRoute")]);
+    assert!(generation(&f) > g);
+    let g = generation(&f);
+    f.r.step(vec![failing("")]);
+    assert!(generation(&f) > g);
+    assert!(f.rx.view.borrow().config_errors.is_empty());
+}
+
 #[test]
 fn a_restart_keeps_the_pinned_entries_of_a_service_that_is_refused_now() {
     let mut f = fixture();

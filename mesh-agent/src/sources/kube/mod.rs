@@ -37,7 +37,7 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Resource, ResourceExt as _,
     api::{ApiResource, DynamicObject},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{WatchStreamExt as _, watcher, watcher::DefaultBackoff},
 };
 use serde::de::DeserializeOwned;
 
@@ -241,7 +241,9 @@ async fn watch_kind<K>(
         ),
     };
     let url = api.resource_url().to_owned();
-    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher(api, config)
+        .backoff(GrowingBackoff::default())
+        .boxed();
     loop {
         // Not after a failed list: a list that succeeds says so (Init ..
         // InitDone), and one that hangs is no recovery.
@@ -458,6 +460,28 @@ pub struct KubeSource {
     recovered_after: Duration,
 }
 
+/// kube-runtime's default watch backoff (0.8 s doubling to 30 s, with
+/// jitter, started over once 120 s pass without a failure), without its
+/// reset on every item: the watcher yields `Init` before each list attempt,
+/// and `StreamBackoff` resets on any item, so a list that kept failing (a
+/// CRD not installed, a missing permission, an overloaded API server) was
+/// retried every second or so by every node's agent, for ever.
+#[derive(Default)]
+pub struct GrowingBackoff(DefaultBackoff);
+
+impl Iterator for GrowingBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.0.next()
+    }
+}
+
+impl kube::runtime::utils::Backoff for GrowingBackoff {
+    /// Nothing: the time since the last failure starts it over.
+    fn reset(&mut self) {}
+}
+
 /// kube-runtime retries a failed watch after at most 30 s (60 s with its
 /// jitter) and says nothing when it resumes where it left off: a kind whose
 /// watch has failed and then gone this long without a new error is taken
@@ -591,6 +615,35 @@ impl KubeSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watcher yields `Init` before each list attempt and `StreamBackoff`
+    /// resets its backoff on every item: the backoff must grow through
+    /// those resets while lists keep failing (to 30 s, not 1 s for ever),
+    /// and start over only once two minutes pass without a failure.
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_backoff_grows_while_lists_keep_failing() {
+        use kube::runtime::utils::Backoff as _;
+        let mut b = GrowingBackoff::default();
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            // The `Init` of the next attempt.
+            b.reset();
+            let d = b.next().expect("it never gives up");
+            delays.push(d);
+            tokio::time::advance(d).await;
+        }
+        assert!(delays[0] < Duration::from_secs(2), "{delays:?}");
+        assert!(delays[4] >= Duration::from_millis(6_400), "{delays:?}");
+        assert!(
+            delays[7] >= Duration::from_secs(25) && delays[7] <= Duration::from_secs(60),
+            "{delays:?}"
+        );
+        // Healthy for longer than two minutes: the next failure is retried
+        // soon again.
+        tokio::time::advance(Duration::from_secs(121)).await;
+        b.reset();
+        assert!(b.next().unwrap() < Duration::from_secs(2));
+    }
 
     #[test]
     fn pods_convert_with_identity_inputs_and_state() {
