@@ -478,6 +478,51 @@ async fn a_watch_error_is_cleared_once_the_watch_is_back() {
     assert!(r.fake.watching(policies), "the watch is open again");
 }
 
+/// A Gateway API CRD deleted while the agent runs (switching release
+/// channels, say): its watch gets 404, and its routes are no longer in
+/// force, as for a CRD never installed; the error names the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_of_a_crd_deleted_since_are_no_longer_in_force() {
+    let routes = "/apis/gateway.networking.k8s.io/v1/httproutes";
+    let r = start(FakeApi::with_fixtures());
+    let view_rx = r.rx.view.clone();
+    let http_routes = |v: &mesh_agent::reconcile::AgentView| {
+        v.routes.iter().filter(|r| r.kind == "HTTPRoute").count()
+    };
+    let v = view_rx.clone();
+    tokio::task::spawn_blocking(move || {
+        eventually("the routes", || {
+            let v = v.borrow();
+            (v.synced && http_routes(&v) > 0).then_some(())
+        })
+    })
+    .await
+    .unwrap();
+    let fake = r.fake.clone();
+    tokio::task::spawn_blocking(move || {
+        eventually("the watch open", || fake.watching(routes).then_some(()))
+    })
+    .await
+    .unwrap();
+    r.fake.remove_kind(routes);
+    let v = view_rx.clone();
+    let view = tokio::task::spawn_blocking(move || {
+        eventually("the routes gone", || {
+            let v = v.borrow().clone();
+            (http_routes(&v) == 0).then_some(v)
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        view.config_errors
+            .iter()
+            .any(|e| e.source == "kubernetes HTTPRoute" && e.message.contains("install its CRD")),
+        "{:#?}",
+        view.config_errors
+    );
+}
+
 /// A list that keeps failing is no watch resumed: its error stays however
 /// quiet it gets between retries (only a failed watch's error is cleared
 /// by quiet).

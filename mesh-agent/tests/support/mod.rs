@@ -63,6 +63,8 @@ struct FakeState {
     /// Paths whose next PUT is answered with 409, as if another writer got
     /// there first.
     conflicts: std::collections::HashSet<String>,
+    /// Kinds whose CRD was deleted: lists and watches answer 404.
+    gone: std::collections::HashSet<String>,
 }
 
 /// A fake API server: lists from fixtures, watches that stay open until the
@@ -222,6 +224,10 @@ impl FakeApi {
         }
         let mut st = self.state.lock().unwrap();
         if query.contains("watch=true") {
+            if st.gone.contains(&path) {
+                send.send_response(not_found(&path));
+                return;
+            }
             if let Some(n) = st.failing_watches.get_mut(&path).filter(|n| **n > 0) {
                 *n -= 1;
                 send.send_response(unavailable());
@@ -357,6 +363,17 @@ impl FakeApi {
             .unwrap()
             .failing_lists
             .insert(path.into(), n);
+    }
+
+    /// The kind listed at `path` stops being served (its CRD deleted): its
+    /// open watches end and its lists and watches answer 404.
+    pub fn remove_kind(&self, path: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.lists.remove(path);
+        st.gone.insert(path.into());
+        for send in st.parked.remove(path).unwrap_or_default() {
+            send.send_response(not_found(path));
+        }
     }
 
     pub fn conflict_next_put(&self, path: &str) {

@@ -217,6 +217,8 @@ async fn watch_kind<K>(
     } = ctx;
     let mut initial: Vec<Object> = Vec::new();
     let mut listed = false;
+    // The kind was found not served, and emptied, since its last list.
+    let mut emptied = false;
     let mut failing = false;
     // The last error was a failed (re)list.
     let mut list_failing = false;
@@ -304,6 +306,7 @@ async fn watch_kind<K>(
                         }
                     }
                     watcher::Event::InitDone => {
+                        emptied = false;
                         let mut objects = std::mem::take(&mut initial);
                         // An object unreadable now that was read before
                         // keeps that version; one recreated under its name
@@ -378,10 +381,18 @@ async fn watch_kind<K>(
                 // unreachable API server, a missing permission) leaves the
                 // kind unlisted, and the kernel's pinned state alone, until a
                 // retry succeeds.
+                // Not served: never installed (a list's 404), or its CRD
+                // deleted since (the watch's, or a relist's).
                 let absent = kind.is_optional()
-                    && matches!(&e, watcher::Error::InitialListFailed(k) if is_status(k, 404));
+                    && matches!(&e, watcher::Error::InitialListFailed(k)
+                        | watcher::Error::WatchStartFailed(k)
+                        | watcher::Error::WatchFailed(k) if is_status(k, 404));
                 let hint = match &e {
-                    watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404 => {
+                    watcher::Error::InitialListFailed(kube::Error::Api(s))
+                    | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+                    | watcher::Error::WatchFailed(kube::Error::Api(s))
+                        if s.code == 404 =>
+                    {
                         format!(
                             "{kind} is not served by the API server at {url} ({e}); install its \
                              CRD, with that version served (the Gateway API's from release 1.1, \
@@ -410,12 +421,19 @@ async fn watch_kind<K>(
                     errors,
                     incomplete: false,
                 });
-                if !listed && absent {
-                    // Do not hold the whole agent back for one missing CRD.
-                    listed = true;
+                if absent && !emptied {
+                    // None of that kind: a CRD that is not installed does not
+                    // hold the whole agent back, and the objects of one
+                    // deleted since are no longer in force.
+                    emptied = true;
+                    last_read.clear();
+                    unreadable.clear();
                     let mut updates = vec![Update::Replace(kind, Vec::new())];
-                    if gate.listed(kind) {
-                        updates.push(Update::Synced);
+                    if !listed {
+                        listed = true;
+                        if gate.listed(kind) {
+                            updates.push(Update::Synced);
+                        }
                     }
                     inputs.push(Input::Updates(updates));
                 }
