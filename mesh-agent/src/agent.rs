@@ -728,11 +728,15 @@ impl Agent {
                     &config::pod_namespace(),
                     &lease_holder(&args.node_name),
                 );
+                let mut view = rx.view.clone();
                 tasks.push(tokio::spawn(lease::run(
                     elector,
                     write_until_tx,
                     resend(tx.clone()),
                     stop_rx.clone(),
+                    async move {
+                        let _ = view.wait_for(|v| v.synced).await;
+                    },
                 )));
                 Some(client)
             }

@@ -209,6 +209,7 @@ async fn the_writer_stops_writing_when_a_renewal_hangs_and_gives_the_lease_up_on
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let gained = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let g = gained.clone();
+    let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
     let run = tokio::spawn(lease::run(
         e,
         until_tx,
@@ -216,7 +217,15 @@ async fn the_writer_stops_writing_when_a_renewal_hangs_and_gives_the_lease_up_on
             g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         },
         stop,
+        async move {
+            let _ = synced.wait_for(|s| *s).await;
+        },
     ));
+    // Not synced yet: it does not compete for the Lease.
+    tokio::time::sleep(lease::RENEW * 3).await;
+    nothing_more(&mut api).await;
+    assert!(!lease::may_write(&until.borrow()));
+    synced_tx.send_replace(true);
     expect(&mut api, Method::GET, LEASE)
         .await
         .1

@@ -199,17 +199,25 @@ impl Elector {
     }
 }
 
-/// Keeps trying to lead, every [`RENEW`], until `stop`. Says in `write_until`
-/// until when this agent may write status, and calls `gained` each time it
-/// becomes the writer (the reconciler then sends every status again: what
-/// this agent decided while another wrote was not written). On stop, gives
-/// the Lease up.
+/// Once `ready` (the agent's first sync done), keeps trying to lead, every
+/// [`RENEW`], until `stop`. Says in `write_until` until when this agent may
+/// write status, and calls `gained` each time it becomes the writer (the
+/// reconciler then sends every status again: what this agent decided while
+/// another wrote was not written). On stop, gives the Lease up. An agent
+/// whose first lists have not finished writes nothing; holding the Lease
+/// meanwhile (a new pod of a rolling update winning it, one whose lists
+/// never finish) would leave every route and policy without status.
 pub async fn run(
     elector: Elector,
     write_until: watch::Sender<WriteUntil>,
     gained: impl Fn(),
     mut stop: watch::Receiver<bool>,
+    ready: impl std::future::Future<Output = ()>,
 ) {
+    tokio::select! {
+        () = ready => {}
+        _ = stop.changed() => return,
+    }
     while !*stop.borrow() {
         let began = Instant::now();
         let attempt = tokio::time::timeout(RENEW, elector.try_lead(Timestamp::now()));
