@@ -203,14 +203,37 @@ impl IdentityHandle for Identities {
             .map(|c| rfc3339(c.not_after))
     }
 
+    fn certified(&self, spiffe_ids: &BTreeSet<String>) -> usize {
+        use certs::status::CertState;
+        self.manager
+            .status()
+            .iter()
+            .filter(|s| spiffe_ids.contains(s.identity.as_str()))
+            .filter(|s| {
+                s.certificate
+                    .as_ref()
+                    .is_some_and(|c| matches!(c.state, CertState::Valid | CertState::Expiring))
+            })
+            .count()
+    }
+
     fn cert_problem(&self, spiffe_id: &str) -> Option<crate::admin::CertProblem> {
         use certs::status::CertState;
-        let id: SpiffeId = spiffe_id.parse().ok()?;
-        let st = self
-            .manager
-            .status()
-            .into_iter()
-            .find(|s| s.identity == id)?;
+        let none = |text: String| Some(crate::admin::CertProblem { fatal: true, text });
+        // An enrolled pod the manager holds nothing for has no certificate,
+        // whatever the reason: never "valid".
+        let id: SpiffeId = match spiffe_id.parse() {
+            Ok(id) => id,
+            Err(e) => {
+                return none(format!(
+                    "no certificate: {spiffe_id:?} is not a SPIFFE ID ({e}); check the pod's \
+                     service account name"
+                ));
+            }
+        };
+        let Some(st) = self.manager.status().into_iter().find(|s| s.identity == id) else {
+            return none("no certificate yet (not requested yet)".into());
+        };
         let why = st
             .last_error
             .as_deref()
@@ -235,5 +258,48 @@ impl IdentityHandle for Identities {
             },
         };
         Some(crate::admin::CertProblem { fatal, text })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An enrolled pod whose identity the manager holds no certificate for
+    /// (not requested yet, or not a SPIFFE ID at all: a service account name
+    /// SPIFFE refuses) is shown as having none, a fatal problem: it was
+    /// shown with no problem, and `sluice check` said every enrolled pod
+    /// held a valid certificate.
+    #[tokio::test]
+    async fn an_identity_without_a_certificate_is_a_problem_never_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = Identities::in_process(dir.path(), "cluster.local").unwrap();
+        let held = "spiffe://cluster.local/ns/shop/sa/web";
+        ids.manager
+            .set_identities([held.parse().unwrap()])
+            .await
+            .unwrap();
+        assert!(ids.cert_problem(held).is_none(), "a valid certificate");
+        let wanted: BTreeSet<String> = [held, "spiffe://cluster.local/ns/shop/sa/db"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(ids.certified(&wanted), 1);
+        let p = ids
+            .cert_problem("spiffe://cluster.local/ns/shop/sa/db")
+            .expect("a problem");
+        assert!(
+            p.fatal && p.text.contains("no certificate yet"),
+            "{}",
+            p.text
+        );
+        let p = ids
+            .cert_problem("spiffe://cluster.local/ns/shop/sa/web:v1")
+            .expect("a problem");
+        assert!(
+            p.fatal && p.text.contains("is not a SPIFFE ID"),
+            "{}",
+            p.text
+        );
     }
 }

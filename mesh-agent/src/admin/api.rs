@@ -78,8 +78,12 @@ pub struct CaStatus {
     pub trust_domain: String,
     /// Roots in the trust bundle.
     pub roots: Vec<CertSummary>,
-    /// Workload identities this node holds certificates for.
+    /// Workload identities of this node's enrolled pods.
     pub identities: usize,
+    /// Of them, those holding a certificate peers accept now (valid or
+    /// expiring, not expired or not yet valid).
+    #[serde(default)]
+    pub certified: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

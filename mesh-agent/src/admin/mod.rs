@@ -51,6 +51,10 @@ pub trait IdentityHandle: Send + Sync {
     fn cert_problem(&self, _spiffe_id: &str) -> Option<CertProblem> {
         None
     }
+    /// Of these identities, how many hold a certificate peers accept now.
+    fn certified(&self, _spiffe_ids: &std::collections::BTreeSet<String>) -> usize {
+        0
+    }
 }
 
 /// A workload certificate's trouble, for `sluice workloads` and `sluice check`.
@@ -152,6 +156,10 @@ impl AdminState {
                     .map(|i| i.roots())
                     .unwrap_or_default(),
                 identities: v.identities.len(),
+                certified: self
+                    .identity
+                    .as_ref()
+                    .map_or(0, |i| i.certified(&v.identities)),
             },
             proxy: ProxyStatus {
                 mode: self.info.proxy_mode.clone(),
@@ -529,11 +537,23 @@ async fn metrics_handler(State(a): State<Arc<Admin>>) -> Response {
 }
 
 /// A `/v1/` document from the running state.
+/// The header of a `/v1/` document whose figures may be out of date: the
+/// parts of the agent that have stopped (the reconciler thread, the
+/// configuration source), whose last view the document still shows.
+pub const STALE: &str = "sluice-stale";
+
 async fn document<T: serde::Serialize>(
     a: Arc<Admin>,
     f: impl FnOnce(&AdminState) -> T + Send + 'static,
 ) -> Response {
-    off_the_workers(a, |s| Json(f(s)).into_response()).await
+    let ended = a.health.ended();
+    let mut resp = off_the_workers(a, |s| Json(f(s)).into_response()).await;
+    if !ended.is_empty()
+        && let Ok(v) = http::HeaderValue::from_str(&ended.join(", "))
+    {
+        resp.headers_mut().insert(STALE, v);
+    }
+    resp
 }
 
 /// `f`'s answer from the running state, computed on a blocking thread: it
@@ -1250,6 +1270,16 @@ mod tests {
         let s = server(admin.clone(), ServeOptions::default()).await;
         assert_eq!(get(s.addr, "/healthz").await.0, 200);
         assert_eq!(get(s.addr, "/readyz").await.0, 200);
+        // The `/v1/` documents say when what they show may be out of date.
+        let head = |path: &'static str| async move {
+            let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+            tcp.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            tcp.read_to_string(&mut out).await.unwrap();
+            out.split("\r\n\r\n").next().unwrap().to_ascii_lowercase()
+        };
+        assert!(!head("/v1/status").await.contains(STALE));
 
         // A thread that panics drops what it holds.
         let t = std::thread::spawn(move || {
@@ -1276,6 +1306,18 @@ mod tests {
             health.detail.contains("the reconciler thread ended"),
             "{health:?}"
         );
+        for path in [
+            "/v1/status",
+            "/v1/workloads",
+            "/v1/routes",
+            "/v1/connections",
+        ] {
+            let h = head(path).await;
+            assert!(
+                h.contains("sluice-stale: the reconciler thread\r\n"),
+                "{path}: {h}"
+            );
+        }
         drop(source);
         let (_, body) = get(s.addr, "/healthz").await;
         assert!(

@@ -102,6 +102,12 @@ impl Client {
 
     /// GETs `path`; returns the status and body.
     pub async fn get_raw(&self, path: &str) -> Result<(u16, Bytes), Error> {
+        self.get_with_stale(path).await.map(|(s, b, _)| (s, b))
+    }
+
+    /// As [`Client::get_raw`], with the agent's [`crate::admin::STALE`]
+    /// header: the parts of it that have stopped.
+    async fn get_with_stale(&self, path: &str) -> Result<(u16, Bytes, Option<String>), Error> {
         // Whether the connection was made: a timeout after it is the
         // agent's silence, not an absent agent.
         let connected = std::sync::atomic::AtomicBool::new(false);
@@ -124,13 +130,17 @@ impl Client {
                 .await
                 .map_err(|e| self.broken(format_args!("gave no answer: {e}")))?;
             let status = resp.status().as_u16();
+            let stale = resp
+                .headers()
+                .get(crate::admin::STALE)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             let body = resp
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| self.broken(format_args!("its answer was cut: {e}")))?
                 .to_bytes();
-            Ok((status, body))
+            Ok((status, body, stale))
         };
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
@@ -141,9 +151,19 @@ impl Client {
         }
     }
 
-    /// GETs a JSON document.
+    /// GETs a JSON document. One the agent says may be out of date (a part
+    /// of it has stopped) is still shown, under a warning on stderr.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
-        let (status, body) = self.get_raw(path).await?;
+        let (status, body, stale) = self.get_with_stale(path).await?;
+        if let Some(parts) = stale {
+            eprintln!(
+                "sluice: warning: {} of the agent at {} stopped: what follows is its last view \
+                 and may be out of date (`sluice check` fails; the agent's log says why, and \
+                 its liveness probe restarts it)",
+                crate::cli::table::one_line(&parts),
+                self.url
+            );
+        }
         let text = String::from_utf8_lossy(&body);
         if status == 503
             && let Some(phase) = text.trim().strip_prefix(crate::admin::STARTING)

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use self::{
     client::Client,
-    table::{Table, or_dash},
+    table::{Table, one_line, or_dash},
 };
 use crate::{
     admin::api::{
@@ -240,13 +240,13 @@ pub fn render_check(checks: &[CheckResult], errors: &[crate::admin::api::ConfigE
     if !problems.is_empty() {
         out.push_str("\nConfiguration problems (the last good version of each stays in force):\n");
         for e in problems {
-            out.push_str(&format!("  {e}\n"));
+            out.push_str(&format!("  {}\n", one_line(&e.to_string())));
         }
     }
     if !notes.is_empty() {
         out.push_str("\nNotes (documents the agent does not read, and facts worth knowing):\n");
         for e in notes {
-            out.push_str(&format!("  {e}\n"));
+            out.push_str(&format!("  {}\n", one_line(&e.to_string())));
         }
     }
     out
@@ -339,8 +339,8 @@ pub fn render_status(s: &Status) -> String {
         &mut out,
         "CA:",
         format!(
-            "{} (trust domain {}, {} identities on this node)",
-            s.ca.mode, s.ca.trust_domain, s.ca.identities
+            "{} (trust domain {}, {} identities on this node, {} with a valid certificate)",
+            s.ca.mode, s.ca.trust_domain, s.ca.identities, s.ca.certified
         ),
     );
     if s.ca.roots.is_empty() {
@@ -430,7 +430,7 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
         .iter()
         .filter_map(|x| {
             let p = x.cert_problem.as_ref()?;
-            Some(format!("  {}/{}: {p}\n", x.namespace, x.name))
+            Some(format!("  {}/{}: {}\n", x.namespace, x.name, one_line(p)))
         })
         .collect();
     if !problems.is_empty() {
@@ -446,7 +446,7 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
                 "  {}/{}: {}\n",
                 x.namespace,
                 x.name,
-                kernel_unguarded(x)?
+                one_line(kernel_unguarded(x)?)
             ))
         })
         .collect();

@@ -8,6 +8,15 @@ pub struct Table {
     rows: Vec<Vec<String>>,
 }
 
+/// `s` on one line, without what a terminal would take as a command: every
+/// control character (a line break in an error message, an escape sequence
+/// in a file name) becomes a space.
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|ch| if ch.is_control() { ' ' } else { ch })
+        .collect()
+}
+
 impl Table {
     pub fn new(headers: &[&str]) -> Self {
         Self {
@@ -21,10 +30,7 @@ impl Table {
     /// row stays one line.
     pub fn row(&mut self, mut cells: Vec<String>) {
         for c in cells.iter_mut().filter(|c| c.chars().any(char::is_control)) {
-            *c = c
-                .chars()
-                .map(|ch| if ch.is_control() { ' ' } else { ch })
-                .collect();
+            *c = one_line(c);
         }
         self.rows.push(cells);
     }
