@@ -521,6 +521,9 @@ impl Agent {
         let mut tasks = Tasks::default();
         let listener = admin::bind(args.admin_addr).await?;
         let admin_addr = listener.local_addr().map_err(admin::Error::Serve)?;
+        if let Some(why) = admin::unreachable_for_cli(admin_addr) {
+            tracing::warn!("{why}");
+        }
         let admin = Arc::new(Admin::default());
         tasks.push(tokio::spawn(admin::serve(
             listener,

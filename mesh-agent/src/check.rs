@@ -74,15 +74,42 @@ pub fn check_cgroup2() -> CheckResult {
     }
 }
 
-/// Whether a bpffs is mounted at `path`, from a mountinfo text.
+/// Whether a bpffs is mounted at `path`, from a mountinfo text (whose mount
+/// points have space, tab, newline and backslash written as octal escapes,
+/// `\040`).
 pub fn bpffs_in_mountinfo(mountinfo: &str, path: &Path) -> bool {
     mountinfo.lines().any(|l| {
         let Some((left, right)) = l.split_once(" - ") else {
             return false;
         };
         right.split_whitespace().next() == Some("bpf")
-            && left.split_whitespace().nth(4).map(Path::new) == Some(path)
+            && left
+                .split_whitespace()
+                .nth(4)
+                .is_some_and(|p| Path::new(&unescape_octal(p)) == path)
     })
+}
+
+/// `p` with mountinfo's `\NNN` octal escapes read back.
+fn unescape_octal(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let digits = b.get(i + 1..i + 4);
+        match digits {
+            Some(d) if b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)) => {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                out.push(v as u8);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub fn check_bpffs(path: &Path) -> CheckResult {
@@ -227,5 +254,9 @@ mod tests {
             "50 30 0:45 / /sys/fs/bpf rw - tmpfs tmpfs rw\n",
             Path::new("/sys/fs/bpf")
         ));
+        // A mount point with a space, as mountinfo escapes it.
+        let spaced = "51 30 0:46 / /run/my\\040bpf rw - bpf bpf rw\n";
+        assert!(bpffs_in_mountinfo(spaced, Path::new("/run/my bpf")));
+        assert!(!bpffs_in_mountinfo(spaced, Path::new("/run/my\\040bpf")));
     }
 }

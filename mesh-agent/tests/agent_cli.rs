@@ -233,6 +233,12 @@ async fn sluice_says_where_it_looked_when_the_agent_is_down() {
         agent_line.contains("FAIL") && agent_line.contains("not an http://host:port URL"),
         "{out}"
     );
+    // A usage error is not "the agent could not be asked": 64, with usage.
+    let (code, _, err) = sluice(&url, &["workloads", "-n"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--namespace"), "{err}");
+    let (code, out, _) = sluice(&url, &["--help"]);
+    assert_eq!(code, 0, "{out}");
 }
 
 #[test]

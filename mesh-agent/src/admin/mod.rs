@@ -588,6 +588,22 @@ async fn off_the_workers(
     })
 }
 
+/// Why `sluice` cannot read the `/v1/` documents of an admin API listening
+/// at `addr`, if it cannot: they answer on loopback only, and an address
+/// that is neither loopback nor every address (`0.0.0.0`, `::`) takes no
+/// connection from it.
+pub fn unreachable_for_cli(addr: SocketAddr) -> Option<String> {
+    let ip = addr.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then(|| {
+        format!(
+            "the admin API listens on {addr} only, where its /v1/ documents answer nobody (they \
+             answer on loopback only): `sluice` cannot show anything; give --admin-addr \
+             127.0.0.1:{port} or 0.0.0.0:{port}",
+            port = addr.port()
+        )
+    })
+}
+
 /// The routes clients off the node get: probes and Prometheus scrapes. The
 /// `/v1/` documents (every pod, policy and connection of the mesh) answer
 /// on loopback only, to `sluice` on the node.
@@ -600,8 +616,9 @@ pub fn open_router(admin: Arc<Admin>) -> Router {
             (
                 http::StatusCode::FORBIDDEN,
                 "the admin API's /v1/ documents answer on the node's loopback only: run \
-                 sluice on the node (kubectl exec into the agent); /metrics, /healthz and \
-                 /readyz answer everywhere\n",
+                 sluice on the node (kubectl exec into the agent) with --admin \
+                 http://127.0.0.1:<port>, the agent listening there (--admin-addr 127.0.0.1 or \
+                 0.0.0.0); /metrics, /healthz and /readyz answer everywhere\n",
             )
         })
         .with_state(admin)
@@ -1258,6 +1275,18 @@ mod tests {
             let (code, body) = call(path).await;
             assert_eq!(code, 403, "{path}");
             assert!(body.contains("loopback only"), "{body}");
+        }
+    }
+
+    #[test]
+    fn an_admin_address_sluice_cannot_reach_is_named() {
+        let why = unreachable_for_cli("10.0.0.5:15020".parse().unwrap()).unwrap();
+        assert!(
+            why.contains("10.0.0.5:15020") && why.contains("--admin-addr 127.0.0.1:15020"),
+            "{why}"
+        );
+        for fine in ["127.0.0.1:15020", "0.0.0.0:15020", "[::]:15020", "[::1]:1"] {
+            assert_eq!(unreachable_for_cli(fine.parse().unwrap()), None, "{fine}");
         }
     }
 

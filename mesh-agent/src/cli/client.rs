@@ -66,13 +66,21 @@ impl Client {
             .map(|r| r.trim_end_matches('/'))
             .filter(|a| !a.is_empty() && !a.contains('/'))
             .ok_or_else(|| Error::BadUrl(url.into()))?;
-        let authority = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
+        // A port, when there is one, must be one (`:99999` is a typo, not a
+        // host name to append `:80` to); an IPv6 literal's colons are in
+        // its brackets.
+        let port = match authority.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((_, "")) => None,
+                Some((_, rest)) => Some(rest.strip_prefix(':').unwrap_or(rest)),
+                None => return Err(Error::BadUrl(url.into())),
+            },
+            None => authority.rsplit_once(':').map(|(_, p)| p),
+        };
+        let authority = match port {
+            Some(p) if p.parse::<u16>().is_ok() => authority.to_string(),
+            Some(_) => return Err(Error::BadUrl(url.into())),
+            None => format!("{authority}:80"),
         };
         Ok(Self {
             url: url.trim_end_matches('/').into(),
@@ -221,6 +229,16 @@ mod tests {
         assert_eq!(Client::new("http://agent/").unwrap().authority, "agent:80");
         assert!(Client::new("https://x:1").is_err());
         assert!(Client::new("http://x:1/v1").is_err());
+        // A port that is none is a typo to name, not a host to add `:80` to.
+        assert!(matches!(
+            Client::new("http://127.0.0.1:99999"),
+            Err(Error::BadUrl(_))
+        ));
+        assert_eq!(
+            Client::new("http://[::1]:15020").unwrap().authority,
+            "[::1]:15020"
+        );
+        assert_eq!(Client::new("http://[::1]").unwrap().authority, "[::1]:80");
     }
 
     #[tokio::test]
