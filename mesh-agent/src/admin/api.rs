@@ -247,7 +247,9 @@ pub struct RouteInfo {
     pub requests: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errors: Option<u64>,
-    /// Kernel-balanced connections to the Service's frontends.
+    /// Kernel-balanced connections to the Service's frontends: the
+    /// Service's, repeated on each of its rows (sum them per Service, not
+    /// per row).
     pub connections: u64,
 }
 

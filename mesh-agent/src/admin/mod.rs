@@ -141,7 +141,13 @@ impl AdminState {
                 ready_backends: v.services.iter().map(|s| s.ready_backends).sum(),
                 local_workloads: v.workloads.iter().filter(|w| w.local).count(),
                 enrolled_workloads: v.workloads.iter().filter(|w| w.local && w.enrolled).count(),
-                routes: v.routes.iter().filter(|r| r.route.is_some()).count(),
+                // Route objects (one on two Services has a row on each).
+                routes: v
+                    .routes
+                    .iter()
+                    .filter_map(|r| r.route.as_deref())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len(),
                 policies: v.policies,
                 // As `sluice check` counts them: notes (documents of kinds
                 // the agent does not read) are not problems.

@@ -1184,8 +1184,9 @@ impl Reconciler {
                     .push((eval, p));
             }
         }
-        let mut out = Vec::new();
+        let mut out: Vec<RouteInfo> = Vec::new();
         for key in self.store.services.keys() {
+            let service = key.to_string();
             let mut any = false;
             for &(eval, p) in parents.get(key).into_iter().flatten() {
                 let r = &eval.route;
@@ -1195,10 +1196,26 @@ impl Reconciler {
                     .iter()
                     .find(|c| !c.status || c.type_ == "PartiallyInvalid")
                     .map(|c| format!("{}: {}", c.reason, c.message));
+                // One row per route and Service: a route naming the Service
+                // twice (two of its ports) is in force as far as both say.
+                let route = Some(r.key.to_string());
+                if let Some(row) = out
+                    .iter_mut()
+                    .rev()
+                    .take_while(|x| x.service == service)
+                    .find(|x| x.route == route)
+                {
+                    row.accepted &= conds[0].status;
+                    row.resolved_refs &= conds[1].status;
+                    if row.reason.is_none() {
+                        row.reason = reason;
+                    }
+                    continue;
+                }
                 out.push(RouteInfo {
-                    service: key.to_string(),
+                    service: service.clone(),
                     kind: r.kind.into(),
-                    route: Some(r.key.to_string()),
+                    route,
                     rules: r.rules,
                     backends: r
                         .backends

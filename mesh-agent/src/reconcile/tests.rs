@@ -314,6 +314,34 @@ fn the_mesh_view_is_published_with_a_new_generation_on_route_changes() {
     assert_eq!(a.kind, "HTTPRoute");
     assert!(a.accepted && a.resolved_refs);
     assert_eq!(a.backends, ["b:80"]);
+
+    // A route naming the Service twice (two ports, one it does not have):
+    // one row, in force as far as both parents say.
+    let twice: crate::gateway::HttpRoute = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "twice", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": "b", "port": 80},
+                {"group": "", "kind": "Service", "name": "b", "port": 9999}
+            ],
+            "rules": [{"backendRefs": [{"name": "a", "port": 80}]}]
+        }
+    }))
+    .unwrap();
+    f.upsert(vec![Object::HTTPRoute(twice)]);
+    let routes = f.rx.view.borrow().routes.clone();
+    let rows: Vec<_> = routes
+        .iter()
+        .filter(|r| r.route.as_deref() == Some("shop/twice"))
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(!rows[0].accepted, "{rows:?}");
+    assert!(
+        rows[0].reason.as_deref().unwrap().contains("9999"),
+        "{rows:?}"
+    );
 }
 
 #[test]
