@@ -363,44 +363,12 @@ fn check_key_matches(what: &str, cert: &CertificateDer<'_>, key: &KeyPair) -> Re
             reason: format!("{what}: the private key does not belong to the certificate"),
         });
     }
-    check_can_sign(what, &parsed, 0)
-}
-
-/// Checks that `cert` may sign certificates `below` CA certificates deep
-/// (0: leaves only): a CA certificate (basicConstraints cA), whose key usage,
-/// when it has one, allows keyCertSign, and whose path length allows
-/// `below`. Peers (webpki) refuse every chain through one that may not,
-/// and every handshake would fail with a bare "unknown issuer".
-fn check_can_sign(
-    what: &str,
-    cert: &x509_parser::certificate::X509Certificate<'_>,
-    below: u32,
-) -> Result<(), CaError> {
-    let fail = |reason: String| {
-        Err(CaError::Config {
-            reason: format!("{what}: {reason}"),
-        })
-    };
-    let bc = cert.basic_constraints().ok().flatten().map(|e| e.value);
-    if !bc.is_some_and(|b| b.ca) {
-        return fail("the certificate is not a CA certificate (basicConstraints cA)".into());
-    }
-    if let Ok(Some(ku)) = cert.key_usage()
-        && !ku.value.key_cert_sign()
-    {
-        return fail(
-            "the certificate's key usage does not allow signing certificates (keyCertSign): \
-             give a CA certificate made to sign"
-                .into(),
-        );
-    }
-    if let Some(max) = bc.and_then(|b| b.path_len_constraint)
-        && max < below
-    {
-        return fail(format!(
-            "the certificate's path length constraint ({max}) allows no intermediate below it: \
-             give a root without pathLenConstraint 0 or sign leaves with the root itself"
-        ));
+    if !parsed.is_ca() {
+        return Err(CaError::Config {
+            reason: format!(
+                "{what}: the certificate is not a CA certificate (basicConstraints cA)"
+            ),
+        });
     }
     Ok(())
 }
@@ -577,13 +545,6 @@ impl Ca {
                     });
                 }
                 check_signed_by("intermediate", &chain[0], &root.der)?;
-                let (_, parsed_root) =
-                    x509_parser::parse_x509_certificate(&root.der).map_err(|e| {
-                        CaError::Config {
-                            reason: format!("root certificate: {e}"),
-                        }
-                    })?;
-                check_can_sign("root certificate", &parsed_root, 1)?;
                 let issuer =
                     Issuer::from_ca_cert_der(&chain[0], key).map_err(|e| CaError::Config {
                         reason: format!("intermediate certificate: {e}"),
