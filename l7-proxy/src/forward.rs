@@ -80,6 +80,9 @@ fn settle_host(parts: &mut Parts) -> Option<&'static str> {
         return None;
     }
     if let Some(a) = parts.uri.authority() {
+        if a.as_str().contains('@') {
+            return Some("the request target's authority has user information");
+        }
         return match HeaderValue::from_str(a.as_str()) {
             Ok(v) => {
                 parts.headers.insert(http::header::HOST, v);

@@ -43,7 +43,7 @@ use crate::{
     state::State,
     target::parse_target,
     throttle::warn_throttled,
-    tunnel::{CONNECTION_WINDOW, SEND_BUFFER, STREAM_WINDOW, keep_alive},
+    tunnel::{SEND_BUFFER, STREAM_WINDOW, connection_window, keep_alive},
 };
 
 /// A short, stable label for why a TLS handshake failed.
@@ -361,7 +361,7 @@ where
 {
     let mut conn = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(connection_window(shared.settings.tunnel_max_streams))
         .max_header_list_size(shared.settings.max_header_bytes)
         .max_concurrent_streams(shared.settings.tunnel_max_streams)
         .max_send_buffer_size(SEND_BUFFER)

@@ -269,7 +269,10 @@ async fn serve_http(
                 // reading (a WebSocket, a gRPC stream) holds its stream's
                 // window, not the whole connection's.
                 .initial_stream_window_size(crate::tunnel::STREAM_WINDOW)
-                .initial_connection_window_size(crate::tunnel::CONNECTION_WINDOW)
+                .max_concurrent_streams(crate::tunnel::CAPTURED_MAX_STREAMS)
+                .initial_connection_window_size(crate::tunnel::connection_window(
+                    crate::tunnel::CAPTURED_MAX_STREAMS,
+                ))
                 // A peer that stops answering pings is gone: its streams end.
                 .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
                 .keep_alive_timeout(std::time::Duration::from_secs(10))

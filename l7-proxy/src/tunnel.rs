@@ -819,7 +819,7 @@ impl TunnelPool {
             // pile up promised streams.
             .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_connection_window_size(connection_window(s.tunnel_max_streams))
             .max_header_list_size(s.max_header_bytes)
             .max_send_buffer_size(SEND_BUFFER)
             .handshake::<_, Bytes>(io)
@@ -982,18 +982,31 @@ fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
 /// make the proxy hold for one stream that nobody has read yet. A stream's
 /// window still lets one stream move about 1.5 GB/s at a 0.3 ms round trip.
 pub const STREAM_WINDOW: u32 = 512 * 1024;
-/// Initial HTTP/2 flow-control window of whole connections (tunnel, captured
-/// HTTP/2 clients, HTTP/2 workloads): the largest HTTP/2 allows, so that it
-/// never binds before the streams' own windows. A stream whose reader
-/// stopped (a WebSocket or a TCP connection whose destination reads
+/// Initial HTTP/2 flow-control window of a whole connection carrying at
+/// most `streams` streams at once: their windows' worth (up to the largest
+/// HTTP/2 allows), so that it never runs out before theirs. A stream whose
+/// reader stopped (a WebSocket or a TCP connection whose destination reads
 /// nothing, a download its client does not read) holds its own window until
 /// it ends, however many do: with a connection window of a few streams'
 /// worth, that many stalled streams stalled every other stream between the
-/// same workload and node. What the proxy holds unread is bounded per
-/// stream, [`STREAM_WINDOW`] times the streams open (at most
-/// `tunnel_max_streams` a tunnel connection), as what it queues to send is
-/// ([`SEND_BUFFER`]).
-pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// same workload and node. What the proxy holds unread on a connection is
+/// bounded all the same: [`STREAM_WINDOW`] per stream, `streams` streams
+/// (and [`SEND_BUFFER`] per stream queued to send).
+pub const fn connection_window(streams: u32) -> u32 {
+    let w = streams as u64 * STREAM_WINDOW as u64;
+    if w > i32::MAX as u64 {
+        i32::MAX as u32
+    } else {
+        w as u32
+    }
+}
+/// The most streams a captured HTTP/2 client's connection carries at once
+/// (hyper's own default, set here so that the connection's window follows
+/// it).
+pub const CAPTURED_MAX_STREAMS: u32 = 200;
+/// The connection window of a workload's HTTP/2 connection, whose streams
+/// the workload bounds: 1,000 streams' worth, as a tunnel connection's.
+pub const WORKLOAD_CONNECTION_WINDOW: u32 = connection_window(1_000);
 /// Most bytes queued per stream before its writer waits.
 pub const SEND_BUFFER: usize = 1024 * 1024;
 /// A connection whose peer answers no ping within this time is closed.

@@ -324,7 +324,7 @@ impl WorkloadClients {
             .timer(TokioTimer::new())
             .max_header_list_size(self.inner.max_header_bytes)
             .initial_stream_window_size(crate::tunnel::STREAM_WINDOW)
-            .initial_connection_window_size(crate::tunnel::CONNECTION_WINDOW)
+            .initial_connection_window_size(crate::tunnel::WORKLOAD_CONNECTION_WINDOW)
             .handshake::<_, Body>(TokioIo::new(tcp))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;

@@ -68,7 +68,8 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
     for w in &view.workloads {
         let key = Key::new(&w.namespace, &w.name);
         let meshed = view.meshed_pods.contains(&key) && w.mtls_mode != crds::MtlsMode::Disabled;
-        if meshed && node_addr(&w.node).is_none() {
+        // Not a pending pod (no node, no address yet): nothing reaches it.
+        if meshed && !w.node.is_empty() && !w.ips.is_empty() && node_addr(&w.node).is_none() {
             unplaced.entry(&w.node).or_default().push(key.to_string());
         }
         for ip in w.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {

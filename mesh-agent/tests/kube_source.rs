@@ -478,9 +478,10 @@ async fn a_watch_error_is_cleared_once_the_watch_is_back() {
     assert!(r.fake.watching(policies), "the watch is open again");
 }
 
-/// A Gateway API CRD deleted while the agent runs (switching release
-/// channels, say): its watch gets 404, and its routes are no longer in
-/// force, as for a CRD never installed; the error names the fix.
+/// A Gateway API CRD deleted while the agent's watch was away (switching
+/// release channels, say): the list it makes again gets 404, and its routes
+/// are no longer in force, as for a CRD never installed; the error names
+/// the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_of_a_crd_deleted_since_are_no_longer_in_force() {
     let routes = "/apis/gateway.networking.k8s.io/v1/httproutes";

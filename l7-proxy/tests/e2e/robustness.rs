@@ -1154,7 +1154,7 @@ fn response_complete(got: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_has_one_host_or_is_refused() {
     let (mesh, srv) = mesh_with_cart().await;
-    let refused: [(&[u8], &str); 5] = [
+    let refused: [(&[u8], &str); 6] = [
         (
             b"GET / HTTP/1.1\r\nHost: cart.shop\r\nHost: evil.example\r\n\r\n",
             "more than one host",
@@ -1169,6 +1169,10 @@ async fn a_request_has_one_host_or_is_refused() {
         ),
         (b"GET / HTTP/1.1\r\nx-a: b\r\n\r\n", "no host header"),
         (b"GET / HTTP/1.1\r\nHost: cart shop\r\n\r\n", "is no host"),
+        (
+            b"GET http://user:pass@cart.shop/ HTTP/1.1\r\nHost: cart.shop\r\n\r\n",
+            "user information",
+        ),
     ];
     for (req, why) in refused {
         let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;

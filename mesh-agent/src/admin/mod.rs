@@ -145,7 +145,7 @@ impl AdminState {
                 routes: v
                     .routes
                     .iter()
-                    .filter_map(|r| r.route.as_deref())
+                    .filter_map(|r| Some((r.kind.as_str(), r.route.as_deref()?)))
                     .collect::<std::collections::BTreeSet<_>>()
                     .len(),
                 policies: v.policies,

@@ -125,6 +125,10 @@ fn meshed_pods_on_a_node_of_no_known_address_are_reported() {
     objs.push(Object::Pod(workload(
         "plain", "legacy-1", "legacy", "10.0.3.9", "n3",
     )));
+    // Pending (no node, no address yet): nothing reaches it.
+    let mut pending = workload("shop", "db-9", "db", "10.0.3.3", "");
+    pending.ips.clear();
+    objs.push(Object::Pod(pending));
     let (snap, errors) = snapshot(&view(&store(objs)), 15008);
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(

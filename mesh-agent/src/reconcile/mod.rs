@@ -351,15 +351,25 @@ impl Reconciler {
             // Failed enrolments and kernel operations are tried again; not
             // a STRICT pod's missing interface of its own (a fact of the
             // node's routing, looked at again when pods change), which
-            // would rebuild the views every 2 s on such a node.
-            let retry = self
-                .other_errors
-                .keys()
-                .any(|k| !k.starts_with("guard of pod ") && !k.starts_with("guard shared "));
+            // would rebuild the views every 2 s on such a node; nor the
+            // removal of stale services, retried on its own just below (one
+            // deferred while a Service's address does not read would
+            // otherwise rebuild them every tick).
+            let retry = self.other_errors.keys().any(|k| {
+                !k.starts_with("guard of pod ")
+                    && !k.starts_with("guard shared ")
+                    && k != STALE_SERVICES_STEP
+            });
             if !self.enrol_errors.is_empty() || retry {
                 dirty.workloads = true;
             }
+            let errors_before = self.other_errors.clone();
             self.retry_first_sync_steps();
+            if self.other_errors != errors_before {
+                // What `sluice check` shows changed (a retried step went
+                // through, or failed otherwise).
+                self.publish_view();
+            }
             if self.cleanup_deferred && self.incomplete_sources.is_empty() {
                 self.cleanup_deferred = false;
                 self.remove_stale_services();
@@ -1203,7 +1213,7 @@ impl Reconciler {
                     .iter_mut()
                     .rev()
                     .take_while(|x| x.service == service)
-                    .find(|x| x.route == route)
+                    .find(|x| x.route == route && x.kind == r.kind)
                 {
                     row.accepted &= conds[0].status;
                     row.resolved_refs &= conds[1].status;

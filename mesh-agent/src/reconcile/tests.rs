@@ -1031,9 +1031,11 @@ fn a_restart_with_a_service_whose_address_does_not_read_removes_nothing() {
             .any(|e| e.contains("shop/a's cluster IP \"127.96.0.1O\" does not read")),
         "{problems:?}"
     );
-    // Still so on the tick.
+    // Still so on the tick, which rebuilds no view for it.
+    let generation = f.rx.mesh.borrow().generation;
     f.r.step(vec![Input::Tick]);
     assert!(f.dp.spec(&orphan).is_some());
+    assert_eq!(f.rx.mesh.borrow().generation, generation);
     // Fixed: a is a's again, and on the next tick the orphan goes.
     objs[1] = Object::Service(service("shop", "a", "127.96.0.1", &[80]));
     f.upsert(objs);

@@ -365,14 +365,18 @@ impl FakeApi {
             .insert(path.into(), n);
     }
 
-    /// The kind listed at `path` stops being served (its CRD deleted): its
-    /// open watches end and its lists and watches answer 404.
+    /// The kind listed at `path` stops being served (its CRD deleted while
+    /// the client's watch was away): its open watches end with 410 Gone (the
+    /// client lists again), and its lists and watches answer 404.
     pub fn remove_kind(&self, path: &str) {
         let mut st = self.state.lock().unwrap();
         st.lists.remove(path);
         st.gone.insert(path.into());
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+            "status": "Failure", "reason": "Expired", "code": 410,
+            "message": "too old resource version"}});
         for send in st.parked.remove(path).unwrap_or_default() {
-            send.send_response(not_found(path));
+            send.send_response(watch_body(std::slice::from_ref(&gone)));
         }
     }
 

@@ -237,7 +237,10 @@ fn typed<T: DeserializeOwned + Serialize>(
     if let Some(field) = unknown_field(&value, &kept, String::new()) {
         return Err((
             Some(field),
-            "unknown field (misspelt, or in the wrong place?): it would be ignored".into(),
+            "unknown field: the agent's types for this kind (Kubernetes 1.32, Gateway API's \
+             experimental channel of its release, Sluice's CRDs) have no such field; misspelt, \
+             in the wrong place, or from a newer API than this agent reads, it would be ignored"
+                .into(),
         ));
     }
     Ok(read)
@@ -372,7 +375,7 @@ fn parse_file(
     let mut other_versions = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(contents).enumerate() {
         let n = i + 1;
-        let value = match <serde_yaml::Value as serde::Deserialize>::deserialize(doc) {
+        let mut value = match <serde_yaml::Value as serde::Deserialize>::deserialize(doc) {
             Ok(v) => v,
             Err(e) => {
                 errors.push(error(
@@ -385,6 +388,17 @@ fn parse_file(
                 break;
             }
         };
+        // Merge keys (`<<: *defaults`) as kubectl reads them: their fields
+        // are the object's.
+        if let Err(e) = value.apply_merge() {
+            errors.push(error(
+                path,
+                Some(format!("document {n}")),
+                None,
+                format!("merge key (<<): {e}"),
+            ));
+            continue;
+        }
         if value.is_null() {
             continue; // an empty document (`---` at the end)
         }

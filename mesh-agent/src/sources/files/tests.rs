@@ -338,6 +338,27 @@ fn what_a_cluster_would_read_otherwise_is_refused_with_the_fix() {
     assert_eq!(src.errors(), vec![]);
 }
 
+/// YAML merge keys bring their fields into the object, as kubectl reads
+/// them: neither an unknown field nor fields dropped.
+#[test]
+fn merge_keys_bring_their_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "x.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+         spec:\n  <<: &common {selector: {app: db}, ports: [{port: 5432}]}\n  clusterIP: 127.96.1.9\n",
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    let s = store_of(&src);
+    let svc = &s.services[&Key::new("shop", "db")];
+    let spec = svc.spec.as_ref().unwrap();
+    assert_eq!(spec.ports.as_ref().unwrap()[0].port, 5432);
+    assert_eq!(spec.selector.as_ref().unwrap()["app"], "db");
+}
+
 #[test]
 fn a_known_kind_in_another_api_version_is_ignored_naming_the_version_read() {
     let dir = tempfile::tempdir().unwrap();

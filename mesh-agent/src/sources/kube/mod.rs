@@ -381,12 +381,13 @@ async fn watch_kind<K>(
                 // unreachable API server, a missing permission) leaves the
                 // kind unlisted, and the kernel's pinned state alone, until a
                 // retry succeeds.
-                // Not served: never installed (a list's 404), or its CRD
-                // deleted since (the watch's, or a relist's).
+                // Not served: never installed, or its CRD deleted since (the
+                // API server deletes its objects first, and the watch says
+                // so). Only a list's 404 counts: a watch's (an API server
+                // restarting, not serving the CRD yet) is retried from where
+                // it was, and no relist would bring the objects back.
                 let absent = kind.is_optional()
-                    && matches!(&e, watcher::Error::InitialListFailed(k)
-                        | watcher::Error::WatchStartFailed(k)
-                        | watcher::Error::WatchFailed(k) if is_status(k, 404));
+                    && matches!(&e, watcher::Error::InitialListFailed(k) if is_status(k, 404));
                 let hint = match &e {
                     watcher::Error::InitialListFailed(kube::Error::Api(s))
                     | watcher::Error::WatchStartFailed(kube::Error::Api(s))
