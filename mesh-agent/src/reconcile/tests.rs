@@ -976,10 +976,9 @@ fn the_same_source_errors_again_rebuild_nothing() {
     assert!(f.rx.view.borrow().config_errors.is_empty());
 }
 
-#[test]
-fn a_restart_keeps_the_pinned_entries_of_a_service_that_is_refused_now() {
-    let mut f = fixture();
-    // An earlier run programmed shop/a and something nobody claims.
+/// An earlier run programmed shop/a and something no Service claims: their
+/// frontends.
+fn earlier_run_programmed_a_and_an_orphan(f: &Fixture) -> (Frontend, Frontend) {
     let a = Frontend::tcp(addr("127.96.0.1:80"));
     let orphan = Frontend::tcp(addr("127.96.0.77:80"));
     f.dp.preload(ServiceSpec::new(a, [Backend::ready(addr("10.0.0.1:8080"))]));
@@ -987,6 +986,13 @@ fn a_restart_keeps_the_pinned_entries_of_a_service_that_is_refused_now() {
         orphan,
         [Backend::ready(addr("10.0.0.9:80"))],
     ));
+    (a, orphan)
+}
+
+#[test]
+fn a_restart_keeps_the_pinned_entries_of_a_service_that_is_refused_now() {
+    let mut f = fixture();
+    let (a, orphan) = earlier_run_programmed_a_and_an_orphan(&f);
     // Now a's spec is invalid: refused, and its pinned entry stays.
     let mut bad = service("shop", "a", "127.96.0.1", &[80]);
     bad.spec.as_mut().unwrap().session_affinity = Some("Sticky".into());
@@ -1011,13 +1017,7 @@ fn a_restart_keeps_the_pinned_entries_of_a_service_that_is_refused_now() {
 #[test]
 fn a_restart_with_a_service_whose_address_does_not_read_removes_nothing() {
     let mut f = fixture();
-    let a = Frontend::tcp(addr("127.96.0.1:80"));
-    let orphan = Frontend::tcp(addr("127.96.0.77:80"));
-    f.dp.preload(ServiceSpec::new(a, [Backend::ready(addr("10.0.0.1:8080"))]));
-    f.dp.preload(ServiceSpec::new(
-        orphan,
-        [Backend::ready(addr("10.0.0.9:80"))],
-    ));
+    let (a, orphan) = earlier_run_programmed_a_and_an_orphan(&f);
     let mut objs = shop();
     objs[1] = Object::Service(service("shop", "a", "127.96.0.1O", &[80]));
     f.upsert(objs.clone());
