@@ -150,6 +150,19 @@ impl WorkloadClients {
                 {
                     set_absolute(req.uri_mut(), host, addr);
                 }
+                // A request that is all head can go again whole if the
+                // workload refuses it unprocessed: keep its head (only such
+                // requests pay for the copy).
+                let again = (http_body::Body::is_end_stream(req.body())
+                    && req.method() != http::Method::CONNECT)
+                    .then(|| {
+                        let mut r = Request::new(crate::body::empty());
+                        *r.method_mut() = req.method().clone();
+                        *r.uri_mut() = req.uri().clone();
+                        *r.version_mut() = req.version();
+                        *r.headers_mut() = req.headers().clone();
+                        r
+                    });
                 let (mut sender, id) = self.h2_sender(addr).await?;
                 let resp = match sender.try_send_request(req).await {
                     Ok(resp) => resp,
@@ -170,11 +183,28 @@ impl WorkloadClients {
                                 .await
                                 .map_err(|source| UpstreamError::Http { source })?
                         }
-                        None => {
-                            return Err(UpstreamError::Http {
-                                source: e.into_error(),
-                            });
-                        }
+                        // Refused before the workload processed anything
+                        // (RFC 9113 section 8.7): a request that was all
+                        // head goes once more, on a connection that takes
+                        // streams.
+                        None => match (refused_unprocessed(e.error()), again) {
+                            (Some(goaway), Some(req)) => {
+                                tracing::debug!(%addr, "HTTP/2 workload refused a request unprocessed; sending it again: {}", e.error());
+                                if goaway {
+                                    self.forget_h2(addr, id);
+                                }
+                                let (mut sender, _) = self.h2_sender(addr).await?;
+                                sender
+                                    .send_request(req)
+                                    .await
+                                    .map_err(|source| UpstreamError::Http { source })?
+                            }
+                            _ => {
+                                return Err(UpstreamError::Http {
+                                    source: e.into_error(),
+                                });
+                            }
+                        },
                     },
                 };
                 Ok(resp.map(|b| UpstreamBody {
@@ -472,6 +502,23 @@ impl http_body::Body for UpstreamBody {
 
 /// Makes `uri` absolute: `http://<authority>/<path>`: `authority` when
 /// given, else the URI's own, else the workload's address.
+/// Whether the workload refused a stream before processing any of it
+/// (RFC 9113 section 8.7): reset with `REFUSED_STREAM`, or above the last
+/// stream of a graceful GOAWAY (`NO_ERROR`; one with an error code may have
+/// cut streams it processed). `Some(true)`: by GOAWAY, so the connection
+/// takes no more.
+fn refused_unprocessed(e: &hyper::Error) -> Option<bool> {
+    let h2e = std::error::Error::source(e)?.downcast_ref::<h2::Error>()?;
+    if !h2e.is_remote() {
+        return None;
+    }
+    match h2e.reason()? {
+        h2::Reason::REFUSED_STREAM if h2e.is_reset() => Some(false),
+        h2::Reason::NO_ERROR if h2e.is_go_away() => Some(true),
+        _ => None,
+    }
+}
+
 fn set_absolute(uri: &mut Uri, authority: Option<http::uri::Authority>, addr: SocketAddr) {
     let mut parts = std::mem::take(uri).into_parts();
     parts.scheme = Some(http::uri::Scheme::HTTP);
@@ -940,6 +987,58 @@ mod tests {
         release.notify_one();
         let rest = slow.collect().await.unwrap().to_bytes();
         assert_eq!(&rest[..], b"b");
+    }
+
+    /// An HTTP/2 server that resets its first stream with REFUSED_STREAM
+    /// (as one at its stream limit does) and answers "ok" to the others;
+    /// counts the streams it saw.
+    async fn refusing_h2_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let seen = counted.clone();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        let mut send = respond.send_response(Response::new(()), false).unwrap();
+                        send.send_data(Bytes::from("ok"), true).unwrap();
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A request an HTTP/2 workload refused before processing it goes again
+    /// when it was all head (a GET); one whose body went is not sent twice.
+    #[tokio::test]
+    async fn a_request_an_http2_workload_refused_unprocessed_goes_again_if_all_head() {
+        let c = WorkloadClients::new(&ProxySettings::default());
+        let (addr, seen) = refusing_h2_server().await;
+        let resp = c.send(addr, Protocol::Http2, h2_get("/")).await.unwrap();
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 2, "refused, then answered");
+
+        let (addr, seen) = refusing_h2_server().await;
+        let post = Request::post("http://cart.shop/items")
+            .body(crate::body::full("an upload"))
+            .unwrap();
+        let Err(err) = c.send(addr, Protocol::Http2, post).await else {
+            panic!("a refused upload was answered");
+        };
+        assert!(format!("{err:?}").contains("REFUSED_STREAM"), "{err:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "not sent again");
     }
 
     /// `workload_idle_timeout_ms: 0` keeps an idle connection (it closed
