@@ -187,13 +187,14 @@ fn ensure_oha() -> Result<PathBuf> {
     {
         return Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
     }
-    eprintln!("installing oha (cargo install oha --locked, a few minutes)");
+    // `cargo xtask bench` installs it first; run directly, the bench does.
+    eprintln!("installing oha (cargo install oha@1.16.0 --locked, a few minutes)");
     if !Command::new("cargo")
-        .args(["install", "oha", "--locked"])
+        .args(["install", "oha@1.16.0", "--locked"])
         .status()?
         .success()
     {
-        bail!("oha is missing and `cargo install oha --locked` failed");
+        bail!("oha is missing and `cargo install oha@1.16.0 --locked` failed");
     }
     Ok(bin)
 }

@@ -24,8 +24,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what this machine lacks to build and test Sluice: the nightly
-    /// rust-src component, bpf-linker 0.10.1, cargo-nextest, iproute2,
-    /// iptables, and helm-sdkpy (Helm's linter, from PyPI) for the chart test.
+    /// toolchain (when there is none) with rust-src and clippy, clippy and
+    /// rustfmt on stable, bpf-linker 0.10.1, cargo-nextest 0.9.143,
+    /// iproute2, iptables, and helm-sdkpy (Helm's linter, from PyPI, with
+    /// python3-pip when pip is missing) for the chart test. `bench` also
+    /// installs nginx and oha 1.16.0.
     Setup,
     /// Run setup, `cargo fmt --check`, clippy on the user crates and on the
     /// kernel crate (bpfel target), and the whole test suite. Privileged tests
@@ -112,6 +115,9 @@ fn is_root() -> bool {
 const BPF_LINKER_VERSION: &str = "0.10.1";
 /// A release known to build with the stable toolchain here (1.95).
 const NEXTEST_VERSION: &str = "0.9.143";
+/// The benchmarks' load generator: a release that builds with the stable
+/// toolchain here (later ones may need a newer rustc).
+const OHA_VERSION: &str = "1.16.0";
 
 fn setup() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
@@ -151,7 +157,8 @@ fn setup() -> Result<()> {
         }
     }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
-    if !linker.contains(BPF_LINKER_VERSION) {
+    // "bpf-linker 0.10.1": the version exactly (0.10.10 contains 0.10.1).
+    if linker.split_whitespace().nth(1) != Some(BPF_LINKER_VERSION) {
         // 0.11+ needs a system LLVM 23; 0.10.1 uses the LLVM of the Rust toolchain.
         run(cargo().args([
             "install",
@@ -233,7 +240,8 @@ fn test(extra: &[String]) -> Result<()> {
     if !is_root() {
         eprintln!(
             "xtask test: not running as root; the privileged tests (cgroups, bpf, network \
-             namespaces) will fail. Run `sudo -E cargo xtask test`."
+             namespaces) will fail. Run it as root (with sudo: `sudo -E env \"PATH=$PATH\" \
+             cargo xtask test`, so that root finds cargo)."
         );
     }
     run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -337,7 +345,8 @@ fn demo() -> Result<()> {
     warn_if_disk_short(DEMO_BUILD_GB, "the demo's build");
     if !is_root() {
         bail!(
-            "the demo needs root (network namespaces, cgroups, eBPF): run `sudo -E cargo xtask demo`"
+            "the demo needs root (network namespaces, cgroups, eBPF): run it as root (with \
+             sudo: `sudo -E env \"PATH=$PATH\" cargo xtask demo`, so that root finds cargo)"
         );
     }
     run(cargo().args([
@@ -348,15 +357,34 @@ fn demo() -> Result<()> {
         "integration",
         "--bins",
     ]))?;
-    let demo = root().join("target/debug/sluice-demo");
-    run(Command::new(demo).arg(root().join("examples/demo")))
+    // Through cargo, which knows the target directory (CARGO_TARGET_DIR
+    // included); the demo runs the mesh-agent and sluice built beside it.
+    run(cargo()
+        .args([
+            "run",
+            "--package",
+            "integration",
+            "--bin",
+            "sluice-demo",
+            "--",
+        ])
+        .arg(root().join("examples/demo")))
 }
 
 fn bench(args: &[String]) -> Result<()> {
     setup()?;
     warn_if_disk_short(BENCH_BUILD_GB, "the benchmarks' build");
-    // The peers and load tools the benchmarks compare against.
-    apt_install(&[("iptables-restore", "iptables")])?;
+    // The peer and the load generator of the proxy benchmarks.
+    apt_install(&[("nginx", "nginx")])?;
+    let oha = output(Command::new("oha").arg("--version")).unwrap_or_default();
+    if oha.split_whitespace().nth(1) != Some(OHA_VERSION) {
+        run(cargo().args([
+            "install",
+            &format!("oha@{OHA_VERSION}"),
+            "--locked",
+            "--force",
+        ]))?;
+    }
     run(cargo()
         .args([
             "run",
