@@ -869,7 +869,7 @@ impl Drop for RecordingDone<'_> {
 }
 
 /// Methods a repeat of which has the effect of one (RFC 9110 9.2.2).
-fn idempotent(m: &http::Method) -> bool {
+pub(crate) fn idempotent(m: &http::Method) -> bool {
     use http::Method;
     [
         Method::GET,

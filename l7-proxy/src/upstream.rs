@@ -151,8 +151,8 @@ impl WorkloadClients {
                     set_absolute(req.uri_mut(), host, addr);
                 }
                 // A request that is all head can go again whole if the
-                // workload refuses it unprocessed: keep its head (only such
-                // requests pay for the copy).
+                // workload refuses it unprocessed: keep its head (a copy of
+                // the head of every such request, a GET say).
                 let again = (http_body::Body::is_end_stream(req.body())
                     && req.method() != http::Method::CONNECT)
                     .then(|| {
@@ -188,7 +188,9 @@ impl WorkloadClients {
                         // head goes once more, on a connection that takes
                         // streams.
                         None => match (refused_unprocessed(e.error()), again) {
-                            (Some(goaway), Some(req)) => {
+                            (Some(goaway), Some(req))
+                                if !goaway || crate::forward::idempotent(req.method()) =>
+                            {
                                 tracing::debug!(%addr, "HTTP/2 workload refused a request unprocessed; sending it again: {}", e.error());
                                 if goaway {
                                     self.forget_h2(addr, id);
@@ -500,13 +502,14 @@ impl http_body::Body for UpstreamBody {
     }
 }
 
-/// Makes `uri` absolute: `http://<authority>/<path>`: `authority` when
-/// given, else the URI's own, else the workload's address.
 /// Whether the workload refused a stream before processing any of it
 /// (RFC 9113 section 8.7): reset with `REFUSED_STREAM`, or above the last
 /// stream of a graceful GOAWAY (`NO_ERROR`; one with an error code may have
 /// cut streams it processed). `Some(true)`: by GOAWAY, so the connection
-/// takes no more.
+/// takes no more. h2 gives a GOAWAY's error to a stream below its last
+/// stream too when the GOAWAY lands between the stream's send and hyper's
+/// next readiness check: that stream may have been processed, so a caller
+/// sends again after a GOAWAY only what may be done twice.
 fn refused_unprocessed(e: &hyper::Error) -> Option<bool> {
     let h2e = std::error::Error::source(e)?.downcast_ref::<h2::Error>()?;
     if !h2e.is_remote() {
@@ -519,6 +522,8 @@ fn refused_unprocessed(e: &hyper::Error) -> Option<bool> {
     }
 }
 
+/// Makes `uri` absolute: `http://<authority>/<path>`: `authority` when
+/// given, else the URI's own, else the workload's address.
 fn set_absolute(uri: &mut Uri, authority: Option<http::uri::Authority>, addr: SocketAddr) {
     let mut parts = std::mem::take(uri).into_parts();
     parts.scheme = Some(http::uri::Scheme::HTTP);

@@ -240,8 +240,8 @@ fn test(extra: &[String]) -> Result<()> {
     if !is_root() {
         eprintln!(
             "xtask test: not running as root; the privileged tests (cgroups, bpf, network \
-             namespaces) will fail. Run it as root (with sudo: `sudo -E env \"PATH=$PATH\" \
-             cargo xtask test`, so that root finds cargo)."
+             namespaces) will fail. Run it as root (with sudo: `sudo -E env \"PATH=$PATH:/usr/sbin:/sbin\" \
+             cargo xtask test`, so that root finds cargo and the system tools)."
         );
     }
     run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -346,7 +346,7 @@ fn demo() -> Result<()> {
     if !is_root() {
         bail!(
             "the demo needs root (network namespaces, cgroups, eBPF): run it as root (with \
-             sudo: `sudo -E env \"PATH=$PATH\" cargo xtask demo`, so that root finds cargo)"
+             sudo: `sudo -E env \"PATH=$PATH:/usr/sbin:/sbin\" cargo xtask demo`, so that root finds cargo and the system tools)"
         );
     }
     run(cargo().args([
