@@ -1256,7 +1256,9 @@ async fn send_upgrade(
         labels: TcpLabels {
             direction: Direction::Outbound,
             source: conn.source.identity.to_string(),
-            destination: tunnel.map_or_else(|| up.addr.to_string(), |t| t.identity.to_string()),
+            // As opaque TCP labels it: a workload out of the mesh by its
+            // name, never by an address and a port the caller chose.
+            destination: tunnel.map_or_else(|| up.label.to_string(), |t| t.identity.to_string()),
             secured: tunnel.is_some(),
         },
         row: Some(Arc::new(row)),

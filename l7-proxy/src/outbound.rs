@@ -119,6 +119,10 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         },
         Destination::Workload(w) => (None, state.declared_http(&w.id, dst.port())),
     };
+    // Not held for the connection's life (a sniff can wait an idle timeout,
+    // a relay hours): each request takes the configuration of its time,
+    // and a long-lived connection must not keep an old one in memory.
+    drop(state);
     let (protocol, prefix) = match hint {
         Some(p) => (p, Bytes::new()),
         None if http_only => {
