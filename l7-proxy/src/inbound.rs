@@ -724,17 +724,26 @@ async fn handle_connect(
     };
     let mut upstream = match connected {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let reason = format!("connecting to {target}: {e}");
-            return reply(respond, proxy_response(StatusCode::BAD_GATEWAY, &reason)).await;
-        }
-        Err(_) => {
-            let reason = format!("connecting to {target}: timed out");
-            return reply(
-                respond,
-                proxy_response(StatusCode::GATEWAY_TIMEOUT, &reason),
-            )
-            .await;
+        Err(_) | Ok(Err(_)) => {
+            let (status, reason) = match connected {
+                Ok(Err(e)) => (
+                    StatusCode::BAD_GATEWAY,
+                    format!("connecting to {target}: {e}"),
+                ),
+                _ => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("connecting to {target}: timed out"),
+                ),
+            };
+            // This node's line, with both identities, as the caller's
+            // node has its own.
+            AccessRecord {
+                duration_ms: start.elapsed().as_secs_f64() * 1e3,
+                reason: Some(&reason),
+                ..stream_record(&tp, target, &workload, "tcp")
+            }
+            .emit();
+            return reply(respond, proxy_response(status, &reason)).await;
         }
     };
     let _ = upstream.set_nodelay(true);

@@ -1393,6 +1393,57 @@ async fn read_response(t: &mut tokio::net::TcpStream) -> Vec<u8> {
     }
 }
 
+/// A tunnelled TCP stream whose connect to the workload fails has its
+/// access-log line on the workload's node too, with both identities and
+/// the reason (only the caller's node logged it).
+#[tokio::test]
+async fn a_tcp_stream_the_workload_refuses_is_logged_on_its_node() {
+    let (log, _default) = capture_access_log();
+    let mesh = Mesh::standard().await;
+    // Nothing listens at cart-0's port.
+    let port = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut svc = mesh.service("shut", 1, port, &[cart(0)]);
+    svc.ports[0].port = 7000;
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    if let Ok(mut t) = mesh
+        .try_connect(web().ip, SocketAddr::new(vip(1), 7000))
+        .await
+    {
+        assert!(closed_by_peer(&mut t).await, "the caller is let go");
+    }
+    eventually("node B's line", || {
+        access_records(&log)
+            .1
+            .iter()
+            .any(|r| r["direction"] == "inbound")
+    })
+    .await;
+    let (text, records) = access_records(&log);
+    let r = record(&records, &text, "inbound", None);
+    assert_eq!(r["protocol"], "tcp", "{r}");
+    assert_eq!(r["source_identity"], web().identity().to_string(), "{r}");
+    assert_eq!(
+        r["destination_identity"],
+        cart(0).identity().to_string(),
+        "{r}"
+    );
+    assert!(
+        r["reason"].as_str().unwrap().starts_with("connecting to"),
+        "{r}"
+    );
+    mesh.shutdown().await;
+}
+
 /// `sluice_tcp_connections_total` counts connections that opened: one
 /// whose direct connect was refused, or whose destination's node proxy is
 /// out of reach, is not counted (its access record gives the reason).
