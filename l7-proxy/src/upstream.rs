@@ -175,13 +175,7 @@ impl WorkloadClients {
                         Some(req) => {
                             tracing::debug!(%addr, "HTTP/2 connection to workload takes no more streams: {}", e.error());
                             self.forget_h2(addr, id);
-                            // A connection another request dialled since
-                            // will do.
-                            let (mut sender, _) = self.h2_sender(addr).await?;
-                            sender
-                                .send_request(req)
-                                .await
-                                .map_err(|source| UpstreamError::Http { source })?
+                            self.h2_send_again(addr, req).await?
                         }
                         // Refused before the workload processed anything
                         // (RFC 9113 section 8.7): a request that was all
@@ -195,11 +189,7 @@ impl WorkloadClients {
                                 if goaway {
                                     self.forget_h2(addr, id);
                                 }
-                                let (mut sender, _) = self.h2_sender(addr).await?;
-                                sender
-                                    .send_request(req)
-                                    .await
-                                    .map_err(|source| UpstreamError::Http { source })?
+                                self.h2_send_again(addr, req).await?
                             }
                             _ => {
                                 return Err(UpstreamError::Http {
@@ -233,6 +223,20 @@ impl WorkloadClients {
                 self.send_h1(addr, req).await
             }
         }
+    }
+
+    /// Sends `req` once more, on the pool's connection to `addr` (a
+    /// connection another request dialled since will do) or a new one.
+    async fn h2_send_again(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let (mut sender, _) = self.h2_sender(addr).await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| UpstreamError::Http { source })
     }
 
     async fn send_h1(

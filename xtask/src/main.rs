@@ -156,17 +156,8 @@ fn setup() -> Result<()> {
             ]))?;
         }
     }
-    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
-    // "bpf-linker 0.10.1": the version exactly (0.10.10 contains 0.10.1).
-    if linker.split_whitespace().nth(1) != Some(BPF_LINKER_VERSION) {
-        // 0.11+ needs a system LLVM 23; 0.10.1 uses the LLVM of the Rust toolchain.
-        run(cargo().args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            "--locked",
-            "--force",
-        ]))?;
-    }
+    // 0.11+ needs a system LLVM 23; 0.10.1 uses the LLVM of the Rust toolchain.
+    cargo_install_pinned("bpf-linker", BPF_LINKER_VERSION)?;
     if output(cargo().args(["nextest", "--version"])).is_none() {
         run(cargo().args([
             "install",
@@ -371,20 +362,28 @@ fn demo() -> Result<()> {
         .arg(root().join("examples/demo")))
 }
 
+/// Installs crate `name` (a binary of the same name) at `version` unless
+/// `name --version` says exactly that version ("oha 1.16.0": 0.10.10 would
+/// contain 0.10.1).
+fn cargo_install_pinned(name: &str, version: &str) -> Result<()> {
+    let said = output(Command::new(name).arg("--version")).unwrap_or_default();
+    if said.split_whitespace().nth(1) == Some(version) {
+        return Ok(());
+    }
+    run(cargo().args([
+        "install",
+        &format!("{name}@{version}"),
+        "--locked",
+        "--force",
+    ]))
+}
+
 fn bench(args: &[String]) -> Result<()> {
     setup()?;
     warn_if_disk_short(BENCH_BUILD_GB, "the benchmarks' build");
     // The peer and the load generator of the proxy benchmarks.
     apt_install(&[("nginx", "nginx")])?;
-    let oha = output(Command::new("oha").arg("--version")).unwrap_or_default();
-    if oha.split_whitespace().nth(1) != Some(OHA_VERSION) {
-        run(cargo().args([
-            "install",
-            &format!("oha@{OHA_VERSION}"),
-            "--locked",
-            "--force",
-        ]))?;
-    }
+    cargo_install_pinned("oha", OHA_VERSION)?;
     run(cargo()
         .args([
             "run",
