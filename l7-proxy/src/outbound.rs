@@ -99,12 +99,16 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         return;
     };
     let Some(dst) = shared.original_dst.lookup(peer, local) else {
-        warn_throttled!(%peer, "captured connection without an original destination; closing it");
+        warn_throttled!(%peer, "captured connection without an original destination; resetting it");
+        // A reset, not a FIN: the caller must not take the end of a
+        // connection that went nowhere for a server's clean close.
+        let _ = tcp.set_zero_linger();
         return;
     };
     let state = shared.state();
     let Some(source) = state.local_workload(peer.ip()).cloned() else {
-        warn_throttled!(%peer, %dst, "captured connection from {} which is not an enrolled workload of this node; closing it", peer.ip());
+        warn_throttled!(%peer, %dst, "captured connection from {} which is not an enrolled workload of this node; resetting it", peer.ip());
+        let _ = tcp.set_zero_linger();
         return;
     };
     let dest = state.destination(dst);

@@ -994,6 +994,34 @@ async fn an_idle_connection_ends_for_the_workload_with_a_plain_close() {
     mesh.shutdown().await;
 }
 
+/// A captured connection from an address that is no enrolled workload of
+/// the node (a pod the snapshot does not know yet) is reset: a clean end
+/// would pass for a server that closed after an empty answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_connection_from_an_unknown_source_is_reset() {
+    use tokio::io::AsyncReadExt;
+    let mesh = Mesh::standard().await;
+    let _servers = mesh.serve_cart().await;
+    let end = match mesh
+        .try_connect(pod_a(77), SocketAddr::new(vip(1), 80))
+        .await
+    {
+        Ok(mut t) => {
+            let _ = t.write_all(b"GET / HTTP/1.1\r\nhost: cart\r\n\r\n").await;
+            let mut buf = [0u8; 16];
+            tokio::time::timeout(std::time::Duration::from_secs(10), t.read(&mut buf))
+                .await
+                .expect("the connection ends")
+        }
+        Err(e) => Err(e),
+    };
+    match end {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("read {n} bytes, not a reset"),
+    }
+    mesh.shutdown().await;
+}
+
 /// A TCP connection to a Service with no ready endpoint is reset, as a
 /// refused connection would be, not answered with a clean end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
