@@ -67,6 +67,37 @@ fn write(record: &impl Serialize) {
     }
 }
 
+/// Why a connection's record says it ended when the proxy's shutdown cut
+/// it (its task aborted past the drain timeout).
+pub const CUT_AT_SHUTDOWN: &str = "the proxy's shutdown cut it (drain timeout over)";
+
+/// Writes a connection's record (`emit`, given [`CUT_AT_SHUTDOWN`]) if it is
+/// dropped before [`UnlessLogged::logged`]: a relay whose task the proxy's
+/// shutdown aborts never reaches its own line, and must not vanish from the
+/// log. Not on a panic (logged as what it is).
+pub struct UnlessLogged<F: FnOnce(&str)>(Option<F>);
+
+impl<F: FnOnce(&str)> UnlessLogged<F> {
+    pub fn new(emit: F) -> Self {
+        UnlessLogged(Some(emit))
+    }
+
+    /// The connection's own line is written (or about to be).
+    pub fn logged(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce(&str)> Drop for UnlessLogged<F> {
+    fn drop(&mut self) {
+        if let Some(emit) = self.0.take()
+            && !std::thread::panicking()
+        {
+            emit(CUT_AT_SHUTDOWN);
+        }
+    }
+}
+
 /// An access record held until its gRPC call's status is known.
 #[derive(Debug)]
 pub struct Deferred(serde_json::Value);

@@ -769,6 +769,16 @@ async fn handle_connect(
         secured: true,
     };
     let (sent, received) = count_relay(&shared.metrics, &labels, Some(row.clone()));
+    let unless_logged = crate::accesslog::UnlessLogged::new(|reason: &str| {
+        AccessRecord {
+            bytes_sent: Some(row.sent()),
+            bytes_received: Some(row.received()),
+            duration_ms: start.elapsed().as_secs_f64() * 1e3,
+            reason: Some(reason),
+            ..stream_record(&tp, target, &workload, "tcp")
+        }
+        .emit()
+    });
     let result = relay(
         &mut stream,
         &mut upstream,
@@ -788,6 +798,7 @@ async fn handle_connect(
         crate::abort::disarm_reset(&upstream);
     }
     drop(upstream);
+    unless_logged.logged();
     let reason = result.err().map(|e| e.to_string());
     AccessRecord {
         bytes_sent: Some(row.sent()),

@@ -538,6 +538,50 @@ async fn a_tcp_relay_cut_at_the_drain_timeout_ends_with_a_reset() {
     }
 }
 
+/// A TCP relay the drain timeout cuts still has its access-log line, on
+/// the node that shut down, with its bytes and the reason (the task was
+/// aborted before it wrote one).
+#[tokio::test]
+async fn a_tcp_relay_cut_at_the_drain_timeout_is_logged() {
+    for (node_b, direction) in [(false, "outbound"), (true, "inbound")] {
+        let (log, _default) = capture_access_log();
+        let mut mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+            s.drain_timeout_ms = 300;
+        })
+        .await;
+        let (addr, _ends) = tcp_server_noting_ends(SocketAddr::new(cart(0).ip, 0)).await;
+        mesh.publish_tcp_service("echo", 1, addr.port(), &[cart(0)])
+            .await;
+        let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        t.write_all(b"ping").await.unwrap();
+        assert_eq!(read_n(&mut t, 4).await, b"ping");
+        let node = if node_b { &mut mesh.b } else { &mut mesh.a };
+        node.proxy.take().unwrap().shutdown().await;
+        let (text, records) = access_records(&log);
+        let r = records
+            .iter()
+            .find(|r| r["direction"] == direction && r["protocol"] == "tcp")
+            .unwrap_or_else(|| panic!("no {direction} TCP line in {text}"));
+        assert_eq!(
+            r["reason"], "the proxy's shutdown cut it (drain timeout over)",
+            "{r}"
+        );
+        assert_eq!(r["source_identity"], web().identity().to_string(), "{r}");
+        assert_eq!(
+            r["destination_identity"],
+            cart(0).identity().to_string(),
+            "{r}"
+        );
+        assert_eq!(
+            (&r["bytes_sent"], &r["bytes_received"]),
+            (&4.into(), &4.into()),
+            "{r}"
+        );
+        drop(t);
+        mesh.shutdown().await;
+    }
+}
+
 /// An echo server that notes how each connection ended: `eof` or the
 /// error's kind.
 async fn tcp_server_noting_ends(
