@@ -52,6 +52,9 @@ struct Outcome {
     destination: Label,
     /// The endpoint that answered, if one did.
     upstream: Option<Arc<Upstream>>,
+    /// When none answered, the endpoint the last attempt went to: the
+    /// access log names the identity it was sent to, across the tunnel.
+    tried: Option<Arc<Upstream>>,
     attempts: u32,
     reason: Option<String>,
 }
@@ -63,6 +66,7 @@ impl Outcome {
             route,
             destination,
             upstream: None,
+            tried: None,
             attempts: 0,
             reason: Some(reason),
         }
@@ -211,10 +215,15 @@ pub(crate) async fn handle(
                         route: Label::default(),
                         destination: dest,
                         upstream: Some(up),
+                        tried: None,
                         attempts: 1,
                         reason: None,
                     },
-                    Err(e) => Outcome::local(e.status, e.reason, Label::default(), dest),
+                    Err(e) => Outcome {
+                        tried: Some(up),
+                        attempts: 1,
+                        ..Outcome::local(e.status, e.reason, Label::default(), dest)
+                    },
                 }
             }
             Destination::External => Outcome::local(
@@ -269,7 +278,10 @@ pub(crate) async fn handle(
         .as_ref()
         .map_or(&outcome.destination, |u| &u.label);
     cancelled.armed = false;
-    let tunnel = outcome.upstream.as_ref().and_then(|u| u.tunnel.as_ref());
+    // Sent across the tunnel (or meant to be) even when no answer came.
+    let tunnel = (outcome.upstream.as_ref())
+        .or(outcome.tried.as_ref())
+        .and_then(|u| u.tunnel.as_ref());
     let record = log.then(|| AccessRecord {
         direction: "outbound",
         protocol: "http",
@@ -702,6 +714,7 @@ async fn route_request(
                         Err(_) => {
                             return Outcome {
                                 attempts,
+                                tried: Some(up.clone()),
                                 ..Outcome::local(
                                     StatusCode::GATEWAY_TIMEOUT,
                                     format!(
@@ -728,6 +741,7 @@ async fn route_request(
                     };
                     return Outcome {
                         attempts,
+                        tried: Some(up.clone()),
                         ..Outcome::local(
                             status,
                             format!("reading the request body: {}", f.message),
@@ -779,6 +793,7 @@ async fn route_request(
                             route: route_label,
                             destination,
                             upstream: Some(up.clone()),
+                            tried: None,
                             attempts,
                             reason: None,
                         };
@@ -817,9 +832,11 @@ async fn route_request(
                 }
             }
         };
+        let last_tried = || tried.map(|i| ready.upstreams[i].clone());
         if !(failure.retryable && may_retry && body.settle()) {
             return Outcome {
                 attempts,
+                tried: last_tried(),
                 ..Outcome::local(failure.status, failure.reason, route_label, destination)
             };
         }
@@ -831,6 +848,7 @@ async fn route_request(
                 // hand is the answer, now, with its own status.
                 return Outcome {
                     attempts,
+                    tried: last_tried(),
                     ..Outcome::local(
                         failure.status,
                         format!(
@@ -974,6 +992,7 @@ fn redirect_outcome(
         route,
         destination: Label::from(service.to_string()),
         upstream: None,
+        tried: None,
         attempts: 0,
         reason: None,
     }

@@ -524,6 +524,33 @@ async fn request_and_backend_timeouts_answer_504() {
     mesh.shutdown().await;
 }
 
+/// A request that crossed the tunnel and timed out there is logged as
+/// secured, with the identity it was sent to (the proxy answered it, but
+/// not in plaintext and not to nobody).
+#[tokio::test]
+async fn a_tunnelled_request_that_times_out_is_logged_with_the_identity_it_went_to() {
+    let (log, _default) = capture_access_log();
+    let mesh = Mesh::standard().await;
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.timeouts = Timeouts {
+        request_ms: None,
+        backend_request_ms: Some(100),
+    };
+    setup(&mesh, vec![route(vec![r])]).await;
+    let mut c = client(&mesh).await;
+    assert_eq!(c.get("/slow/3000").await.status, 504);
+    let (text, records) = access_records(&log);
+    let r = record(&records, &text, "outbound", Some("/slow/3000"));
+    assert_eq!(r["status"], 504, "{r}");
+    assert_eq!(r["secured"], true, "{r}");
+    assert_eq!(
+        r["destination_identity"],
+        cart(1).identity().to_string(),
+        "{r}"
+    );
+    mesh.shutdown().await;
+}
+
 /// The `cart` service at `port` on pod cart-0, behind a route whose
 /// requests time out after `ms`.
 async fn publish_cart_with_request_timeout(mesh: &Mesh, port: u16, ms: u64) {
