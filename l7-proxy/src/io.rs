@@ -277,6 +277,10 @@ where
                 Ok(Ok(k)) => {
                     rest = &rest[k..];
                     moved();
+                    // Counted as written: a chunk cut part way by an
+                    // error or the idle timeout still moved this much.
+                    total += k as u64;
+                    on_chunk(k as u64);
                 }
                 Ok(Err(e)) => return Err(writing(e)),
                 Err(_) => {
@@ -296,8 +300,6 @@ where
                 }
             }
         }
-        total += n as u64;
-        on_chunk(n as u64);
     }
 }
 
@@ -502,12 +504,18 @@ mod tests {
         tokio::spawn(async move {
             let _ = server_w.write_all(&vec![7u8; 1 << 20]).await;
         });
-        let relay = relay(proxy_a, proxy_b, Duration::from_secs(5), |_| {}, |_| {});
+        let to_client = AtomicU64::new(0);
+        let count = |n| {
+            to_client.fetch_add(n, Ordering::Relaxed);
+        };
+        let relay = relay(proxy_a, proxy_b, Duration::from_secs(5), |_| {}, count);
         let err = tokio::time::timeout(Duration::from_secs(60), relay)
             .await
             .expect("the relay ends after 5 s without progress")
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // What the client's side took of the chunk cut short is counted.
+        assert_eq!(to_client.load(Ordering::Relaxed), 64);
     }
 
     #[tokio::test(start_paused = true)]
