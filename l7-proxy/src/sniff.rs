@@ -7,14 +7,15 @@
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Most bytes read before deciding.
-pub const MAX_SNIFF_BYTES: usize = 64;
+/// Most bytes read before deciding: a request line of this length (a
+/// WebDAV path, a long query) is still seen whole, to its `HTTP/1.x`.
+pub const MAX_SNIFF_BYTES: usize = 2048;
 
 const METHODS: &[&[u8]] = &[
     b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"TRACE",
@@ -130,7 +131,8 @@ pub async fn sniff<R: AsyncRead + Unpin>(
     io: &mut R,
     wait: Duration,
 ) -> std::io::Result<(Protocol, BytesMut)> {
-    let mut buf = BytesMut::with_capacity(MAX_SNIFF_BYTES);
+    // Most first reads are short: grown only for a long first line.
+    let mut buf = BytesMut::with_capacity(256);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match detect(&buf) {
@@ -138,9 +140,8 @@ pub async fn sniff<R: AsyncRead + Unpin>(
             Detection::NeedMore if buf.len() >= MAX_SNIFF_BYTES => return Ok((Protocol::Tcp, buf)),
             Detection::NeedMore => {}
         }
-        let mut chunk = [0u8; MAX_SNIFF_BYTES];
         let room = MAX_SNIFF_BYTES - buf.len();
-        match tokio::time::timeout_at(deadline, io.read(&mut chunk[..room])).await {
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut (&mut buf).limit(room))).await {
             Ok(Err(e)) => return Err(e),
             Ok(Ok(0)) | Err(_) => {
                 let p = if starts_like_a_request(&buf) {
@@ -150,7 +151,7 @@ pub async fn sniff<R: AsyncRead + Unpin>(
                 };
                 return Ok((p, buf));
             }
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(_)) => {}
         }
     }
 }
@@ -174,12 +175,11 @@ pub async fn sniff_http<R: AsyncRead + Unpin>(
         if n == H2_PREFACE.len() {
             return Ok((Protocol::Http2, buf));
         }
-        let mut chunk = [0u8; MAX_SNIFF_BYTES];
         let room = H2_PREFACE.len() - buf.len();
-        match tokio::time::timeout_at(deadline, io.read(&mut chunk[..room])).await {
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut (&mut buf).limit(room))).await {
             Ok(Err(e)) => return Err(e),
             Ok(Ok(0)) | Err(_) => return Ok((Protocol::Http1, buf)),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(_)) => {}
         }
     }
 }
@@ -216,8 +216,19 @@ mod tests {
         );
         // A request line longer than what is read: HTTP.
         let mut long = b"GET /".to_vec();
-        long.extend_from_slice(&[b'a'; 100]);
+        long.extend_from_slice(&[b'a'; MAX_SNIFF_BYTES]);
         assert_eq!(detect(&long), Detection::Decided(Protocol::Http1));
+        // Seen to its end when it fits: a long one is HTTP as a short one,
+        // and a long Redis key is not.
+        let mut line = b"GET /".to_vec();
+        line.extend_from_slice(&[b'a'; 300]);
+        assert_eq!(detect(&line), Detection::NeedMore);
+        line.extend_from_slice(b" HTTP/1.1\r\n");
+        assert_eq!(detect(&line), Detection::Decided(Protocol::Http1));
+        let mut key = b"GET ".to_vec();
+        key.extend_from_slice(&[b'k'; 300]);
+        key.extend_from_slice(b"\r\n");
+        assert_eq!(detect(&key), Detection::Decided(Protocol::Tcp));
         // Other protocols' lines that start with a method.
         assert_eq!(detect(b"GET key\r\n"), Detection::Decided(Protocol::Tcp));
         assert_eq!(
@@ -268,9 +279,15 @@ mod tests {
             Detection::Decided(Protocol::Tcp)
         );
         let mut long = b"PROPFIND /".to_vec();
-        long.extend_from_slice(&[b'a'; 100]);
+        long.extend_from_slice(&[b'a'; MAX_SNIFF_BYTES]);
         assert_eq!(detect(&long), Detection::Decided(Protocol::Tcp));
         fuzz_detect(&long);
+        // A WebDAV path of a few hundred bytes is seen to its end.
+        let mut dav = b"PROPFIND /remote.php/dav/files/".to_vec();
+        dav.extend_from_slice(&[b'd'; 300]);
+        dav.extend_from_slice(b"/ HTTP/1.1\r\n");
+        assert_eq!(detect(&dav), Detection::Decided(Protocol::Http1));
+        fuzz_detect(&dav);
         assert_eq!(detect(&[b'A'; 30]), Detection::Decided(Protocol::Tcp));
     }
 
