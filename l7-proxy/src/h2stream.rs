@@ -15,6 +15,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::{Buf, Bytes};
@@ -26,8 +27,11 @@ use crate::body::Body;
 /// Sends `body` on `send`: data as the peer's window allows, then trailers
 /// or the end of the stream. Stops when the peer resets the stream. A body
 /// that fails resets the stream with the HTTP/2 reason its error carries (a
-/// workload's own stream reset), else with `on_error`.
-pub async fn pipe(mut body: Body, mut send: SendStream<Bytes>, on_error: Reason) {
+/// workload's own stream reset), else with `on_error`. A peer that gives
+/// the stream no room for `idle` gets it reset (`CANCEL`): one that never
+/// opens its window must not hold the task, and the body's source (a
+/// workload's connection), for ever.
+pub async fn pipe(mut body: Body, mut send: SendStream<Bytes>, on_error: Reason, idle: Duration) {
     loop {
         let frame = tokio::select! {
             biased;
@@ -52,8 +56,18 @@ pub async fn pipe(mut body: Body, mut send: SendStream<Bytes>, on_error: Reason)
         match frame.into_data() {
             Ok(data) => {
                 let eos = body.is_end_stream();
-                if send_data(&mut send, data, eos).await.is_err() || eos {
-                    return;
+                match send_data(&mut send, data, eos, idle).await {
+                    Err(SendFailed::NoRoom) => {
+                        tracing::debug!("body not sent further: no room for {idle:?}");
+                        send.send_reset(Reason::CANCEL);
+                        return;
+                    }
+                    Err(SendFailed::Stream(e)) => {
+                        tracing::debug!("body not sent further: {e}");
+                        return;
+                    }
+                    Ok(()) if eos => return,
+                    Ok(()) => {}
                 }
             }
             Err(frame) => {
@@ -78,24 +92,50 @@ fn reset_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
     None
 }
 
-/// Sends `data` in pieces the peer has room for.
+/// Why [`send_data`] stopped.
+#[derive(Debug)]
+enum SendFailed {
+    Stream(h2::Error),
+    /// The peer gave the stream no room for the idle timeout.
+    NoRoom,
+}
+
+impl From<h2::Error> for SendFailed {
+    fn from(e: h2::Error) -> Self {
+        SendFailed::Stream(e)
+    }
+}
+
+/// Sends `data` in pieces the peer has room for, waiting at most `idle`
+/// for each.
 async fn send_data(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
     eos: bool,
-) -> Result<(), h2::Error> {
+    idle: Duration,
+) -> Result<(), SendFailed> {
     if data.is_empty() {
-        return if eos {
-            send.send_data(data, true)
-        } else {
-            Ok(())
-        };
+        return Ok(if eos {
+            send.send_data(data, true)?
+        });
     }
     while !data.is_empty() {
         send.reserve_capacity(data.len());
-        let room = match poll_fn(|cx| send.poll_capacity(cx)).await {
+        // The timer only when the room is not there at once (the usual
+        // case on a stream whose window is open).
+        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let room = poll_fn(|cx| {
+            if let Poll::Ready(r) = send.poll_capacity(cx) {
+                return Poll::Ready(Ok(r));
+            }
+            let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+            ready!(t.as_mut().poll(cx));
+            Poll::Ready(Err(SendFailed::NoRoom))
+        })
+        .await?;
+        let room = match room {
             Some(r) => r?,
-            None => return Err(h2::Error::from(Reason::STREAM_CLOSED)),
+            None => return Err(h2::Error::from(Reason::STREAM_CLOSED).into()),
         };
         if room == 0 {
             continue;

@@ -504,6 +504,7 @@ async fn serve_stream(
     // The workload clients frame the body by its declared content-length
     // (which `h2` holds the stream to): no size hint needed.
     let req = Request::from_parts(parts, RecvBody::new(recv));
+    let idle = shared.settings.exchange_idle_timeout();
     // A peer that resets the stream (its caller gave up) ends the request.
     let resp = tokio::select! {
         biased;
@@ -514,12 +515,12 @@ async fn serve_stream(
         }
     };
     drop(in_flight);
-    reply(respond, resp).await;
+    reply(respond, resp, idle).await;
 }
 
 /// Sends `resp` on the stream: its head, then its body as the peer's window
 /// allows.
-async fn reply(mut respond: SendResponse<Bytes>, resp: Response<Body>) {
+async fn reply(mut respond: SendResponse<Bytes>, resp: Response<Body>, idle: std::time::Duration) {
     let (mut head, body) = resp.into_parts();
     let eos = http_body::Body::is_end_stream(&body);
     if !eos
@@ -532,7 +533,9 @@ async fn reply(mut respond: SendResponse<Bytes>, resp: Response<Body>) {
     match respond.send_response(Response::from_parts(head, ()), eos) {
         // A workload's body that breaks off is the server's failure, not a
         // cancel by the caller.
-        Ok(send) if !eos => crate::h2stream::pipe(body, send, h2::Reason::INTERNAL_ERROR).await,
+        Ok(send) if !eos => {
+            crate::h2stream::pipe(body, send, h2::Reason::INTERNAL_ERROR, idle).await
+        }
         Ok(_) => {}
         Err(e) => {
             tracing::debug!("inbound response not sent: {e}");
@@ -743,7 +746,12 @@ async fn handle_connect(
                 ..stream_record(&tp, target, &workload, "tcp")
             }
             .emit();
-            return reply(respond, proxy_response(status, &reason)).await;
+            return reply(
+                respond,
+                proxy_response(status, &reason),
+                shared.settings.exchange_idle_timeout(),
+            )
+            .await;
         }
     };
     let _ = upstream.set_nodelay(true);

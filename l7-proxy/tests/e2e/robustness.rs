@@ -567,6 +567,50 @@ async fn a_tunnel_peer_that_stops_reading_is_cut_off() {
     mesh.shutdown().await;
 }
 
+/// A peer proxy that reads its socket but never opens a stream's window:
+/// the workload's node resets the stream after the exchange idle timeout
+/// (its task and the workload's connection were held for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_stream_given_no_window_is_reset() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.exchange_idle_timeout_ms = 300;
+    })
+    .await;
+    let addr = endless_server(cart(0).ip).await;
+    publish_http_cart(&mesh, addr).await;
+    let tls = peer_tls(&mesh).await;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .handshake::<_, bytes::Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = http::Request::get("http://cart.shop/endless")
+        .header(l7_proxy::config::TARGET_HEADER, addr.to_string())
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    // Read what comes, never giving the room back.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match body.data().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        }
+    })
+    .await
+    .expect("the stream is ended");
+    let e = end.expect("a reset, not an end of stream");
+    assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
+    mesh.shutdown().await;
+}
+
 /// An HTTP/1.1 workload that answers `ok` as soon as a request head is in,
 /// and goes on reading whatever body follows.
 async fn early_answer_server(ip: std::net::IpAddr) -> SocketAddr {
