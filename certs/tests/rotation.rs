@@ -229,6 +229,96 @@ async fn ca_outage_keeps_the_valid_certificate_and_retries_with_backoff() {
     );
 }
 
+/// A first issuance that fails in a round the caller ran (the agent's
+/// feed, for a new pod) is retried by the background loop after the first
+/// backoff step, ~1 s, not after the loop's longest sleep (30 s).
+#[tokio::test]
+async fn a_failed_first_issuance_is_retried_after_the_first_backoff() {
+    let clock: certs::SharedClock = Arc::new(certs::SystemClock);
+    let ca = Arc::new(Ca::generate(certs::CaOptions::default(), clock.clone()).unwrap());
+    let flaky = Arc::new(Flaky {
+        ca: ca.clone(),
+        down: AtomicBool::new(true),
+    });
+    let a = IdentityManager::new(
+        flaky.clone(),
+        ca.bundle(),
+        clock,
+        certs::IdentityOptions::default(),
+    );
+    let task = a.spawn();
+    // The loop has started and sleeps.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cart = id("shop", "cart");
+    let report = a.set_identities([cart.clone()]).await.unwrap();
+    assert_eq!(report.failed.len(), 1);
+    flaky.down.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.has_certificate(&cart) {
+        assert!(
+            Instant::now() < deadline,
+            "not retried within 5 s of a first backoff of 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+}
+
+/// A CA that counts the certificate requests it holds at once.
+#[derive(Debug)]
+struct Counting {
+    ca: Arc<Ca>,
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl CertificateAuthority for Counting {
+    fn sign(&self, request: SignRequest) -> BoxFuture<'_, Result<Issued, CaError>> {
+        Box::pin(async move {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            self.ca.sign(request).await
+        })
+    }
+    fn trust_bundle(&self) -> BoxFuture<'_, Result<TrustBundle, CaError>> {
+        self.ca.trust_bundle()
+    }
+}
+
+/// Two rounds at once (the agent's feed adding pods while a round it ran
+/// is in flight) hold no more requests to the CA than `concurrency` in all:
+/// the CA takes only so many connections from one address.
+#[tokio::test]
+async fn rounds_at_once_share_the_concurrency() {
+    let clock = clock();
+    let counting = Arc::new(Counting {
+        ca: ca(&clock),
+        now: Default::default(),
+        most: Default::default(),
+    });
+    let bundle = counting.ca.bundle();
+    let a = IdentityManager::new(counting.clone(), bundle, shared(&clock), fast_opts());
+    let first: Vec<_> = (0..20).map(|i| id("shop", &format!("a{i}"))).collect();
+    let all: Vec<_> = (0..20)
+        .map(|i| id("shop", &format!("b{i}")))
+        .chain(first.clone())
+        .collect();
+    let (r1, r2) = tokio::join!(a.set_identities(first), async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        a.set_identities(all).await
+    });
+    let issued = r1.unwrap().issued.len() + r2.unwrap().issued.len();
+    assert_eq!(issued, 40);
+    let most = counting.most.load(Ordering::SeqCst);
+    assert_eq!(
+        most,
+        certs::IdentityOptions::default().concurrency,
+        "at once"
+    );
+}
+
 #[tokio::test]
 async fn the_background_loop_renews_without_being_asked() {
     let clock = clock();

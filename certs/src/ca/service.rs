@@ -37,10 +37,11 @@ pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// Connections the CA service holds at once (one per node agent is the
 /// norm; a node may briefly hold a few).
 pub const MAX_CONNECTIONS: usize = 4096;
-/// Connections one address holds at once: an agent needs one or a few, and
-/// no single client can take the whole [`MAX_CONNECTIONS`] (and with it the
-/// TokenReview slots) from the others.
-pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
+/// Connections one address holds at once: an agent holds at most its
+/// certificate requests in flight (16 by default, across all its rounds)
+/// and a bundle refresh, and no single client can take the whole
+/// [`MAX_CONNECTIONS`] (and with it the TokenReview slots) from the others.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
 
 /// Open connections per client address; a [`PeerSlot`] gives its place back.
 type PeerCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;

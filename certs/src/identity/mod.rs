@@ -51,7 +51,10 @@ pub struct IdentityOptions {
     /// Longest sleep of [`IdentityManager::run`], so a jump of the wall clock
     /// (suspend, NTP step) is noticed.
     pub max_idle: Duration,
-    /// Concurrent requests to the CA during a renewal round.
+    /// Concurrent certificate requests to the CA, across every round at
+    /// once (the background loop's and those callers run), so that a node
+    /// stays under the CA's connections per address
+    /// ([`crate::ca::service::MAX_CONNECTIONS_PER_PEER`]).
     pub concurrency: usize,
 }
 
@@ -168,6 +171,8 @@ struct Inner {
     /// newer one brought (two issuances straddling a root rotation).
     bundle_tickets: std::sync::atomic::AtomicU64,
     bundle_applied: Mutex<u64>,
+    /// `opts.concurrency` places for certificate requests in flight.
+    issuing: tokio::sync::Semaphore,
 }
 
 /// The node's workload identities. Cheap to clone (shared state).
@@ -224,6 +229,7 @@ impl IdentityManager {
             inner: Arc::new(Inner {
                 ca,
                 clock,
+                issuing: tokio::sync::Semaphore::new(opts.concurrency.max(1)),
                 opts,
                 trust_domain,
                 bundle,
@@ -499,6 +505,12 @@ impl IdentityManager {
                 }
             }
         }
+        // The background loop slept past slots that were in flight here (a
+        // round the agent's feed ran): it must see their retry times, ~1 s
+        // off, rather than sleep on to its longest wait.
+        if !report.failed.is_empty() {
+            self.inner.wake.notify_one();
+        }
         report
     }
 
@@ -748,6 +760,8 @@ fn apply_bundle(inner: &Inner, bundle: TrustBundle, ticket: u64) -> Result<bool,
 
 /// Key generation, CSR, CA round trip and a check of what came back.
 async fn issue(inner: &Inner, id: &SpiffeId) -> Result<LiveCert, IdentityError> {
+    // Never closed.
+    let _place = inner.issuing.acquire().await;
     let ca_err = |source| IdentityError::Ca {
         identity: id.clone(),
         source: Box::new(source),
