@@ -107,12 +107,13 @@ pub struct ProxySettings {
     /// Time to finish a TLS handshake with a peer proxy.
     pub tls_handshake_timeout_ms: u64,
     /// A tunnel connection without streams is closed after this long (the
-    /// server side says GOAWAY after twice this).
+    /// server side says GOAWAY after twice this). `0`: kept however long it
+    /// idles.
     pub tunnel_idle_timeout_ms: u64,
     /// A tunnel connection takes new streams for this long at most (and
     /// never past its peer certificate's expiry): the client opens a new one
     /// (with its current certificate), the server says GOAWAY. Streams open
-    /// on it go on.
+    /// on it go on. `0`: no limit but the certificates'.
     pub tunnel_max_age_ms: u64,
     /// A tunnel connection whose peer has taken none of the bytes waiting
     /// for it for this long (it stopped reading) is closed, with its streams.
@@ -242,11 +243,13 @@ impl ProxySettings {
     pub fn tunnel_write_stall_timeout(&self) -> Duration {
         Duration::from_millis(self.tunnel_write_stall_timeout_ms)
     }
+    /// `0` turns it off (a timer 30 years away).
     pub fn tunnel_idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.tunnel_idle_timeout_ms)
+        zero_is_never(self.tunnel_idle_timeout_ms)
     }
+    /// `0` turns it off (a timer 30 years away).
     pub fn tunnel_max_age(&self) -> Duration {
-        Duration::from_millis(self.tunnel_max_age_ms)
+        zero_is_never(self.tunnel_max_age_ms)
     }
     /// `0` turns it off (a timer 30 years away).
     pub fn exchange_idle_timeout(&self) -> Duration {

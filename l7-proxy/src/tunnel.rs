@@ -926,14 +926,18 @@ impl TunnelPool {
     /// Drops the connection from the pool once it has had no stream for the
     /// idle timeout; with its last sender gone, `h2` closes it. A connection
     /// older than the settings' `tunnel_max_age_ms` (new ones present the current
-    /// certificate and meet the current trust bundle) or near the end of its
-    /// stream IDs leaves the pool too, and closes once its streams end.
+    /// certificate and meet the current trust bundle), past its peer
+    /// certificate's expiry or near the end of its stream IDs leaves the
+    /// pool too, and closes once its streams end.
     fn spawn_reaper(&self, key: TunnelKey, conn: std::sync::Weak<TunnelConn>) {
         let pool = Arc::downgrade(&self.inner);
         let idle = self.inner.settings.tunnel_idle_timeout();
+        // Looked at every half idle timeout, and at least every 30 s for
+        // the age and the certificate (the idle timeout may be off).
+        let every = (idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(idle / 2).await;
+                tokio::time::sleep(every).await;
                 let (Some(c), Some(pool)) = (conn.upgrade(), pool.upgrade()) else {
                     return;
                 };
@@ -943,8 +947,13 @@ impl TunnelPool {
                         .unwrap_or_else(|e| e.into_inner())
                         .elapsed()
                         >= idle;
-                let retired = c.born.elapsed() >= pool.settings.tunnel_max_age()
-                    || c.opened.load(Ordering::Relaxed) >= RETIRE_AFTER_STREAMS;
+                let retired = retired(
+                    c.born.elapsed(),
+                    pool.settings.tunnel_max_age(),
+                    c.opened.load(Ordering::Relaxed),
+                    c.tls.peer_cert_not_after,
+                    unix_now(),
+                );
                 if quiet || retired || c.is_closed() {
                     {
                         let mut conns = pool.conns.lock().unwrap_or_else(|e| e.into_inner());
@@ -967,6 +976,30 @@ impl TunnelPool {
 /// Streams after which a tunnel connection takes no new ones: a client's
 /// stream IDs (odd, 31 bits) allow about 2^30.
 const RETIRE_AFTER_STREAMS: u64 = 1 << 29;
+
+/// Whether a tunnel connection of `age` that opened `opened` streams takes
+/// no new ones: past the settings' `max_age`, its stream IDs nearly spent,
+/// or its peer's certificate expired by `unix_now` (certificates are
+/// short-lived instead of revoked: a connection must not outlive the one
+/// the peer proved itself with).
+fn retired(
+    age: Duration,
+    max_age: Duration,
+    opened: u64,
+    peer_not_after: Option<u64>,
+    unix_now: u64,
+) -> bool {
+    age >= max_age
+        || opened >= RETIRE_AFTER_STREAMS
+        || peer_not_after.is_some_and(|t| unix_now >= t)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
 
 fn take_stream(c: &Arc<TunnelConn>) -> StreamGuard {
     c.streams.fetch_add(1, Ordering::SeqCst);
@@ -1171,6 +1204,22 @@ impl tokio::io::AsyncWrite for TunnelStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_retires_by_age_stream_ids_or_its_peers_expired_certificate() {
+        let (hour, now) = (Duration::from_secs(3600), 1_000_000);
+        assert!(!retired(Duration::ZERO, hour, 0, Some(now + 1), now));
+        assert!(!retired(Duration::ZERO, hour, 0, None, now));
+        assert!(retired(hour, hour, 0, None, now), "age");
+        assert!(retired(
+            Duration::ZERO,
+            hour,
+            RETIRE_AFTER_STREAMS,
+            None,
+            now
+        ));
+        assert!(retired(Duration::ZERO, hour, 0, Some(now), now), "expired");
+    }
 
     #[test]
     fn only_a_node_proxy_out_of_reach_counts_as_an_unreachable_endpoint() {

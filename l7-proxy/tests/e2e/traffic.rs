@@ -1038,6 +1038,38 @@ async fn an_idle_connection_ends_for_the_workload_with_a_plain_close() {
     mesh.shutdown().await;
 }
 
+/// `tunnel_idle_timeout_ms` and `tunnel_max_age_ms` at `0` turn those limits
+/// off, as `0` does for the other timeouts (the server side said GOAWAY
+/// to every new connection at once, and cross-node requests failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_tunnel_idle_timeout_and_age_mean_no_limit() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.tunnel_idle_timeout_ms = 0;
+        s.tunnel_max_age_ms = 0;
+    })
+    .await;
+    let _srv = mesh.serve_cart().await;
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    for _ in 0..3 {
+        assert_eq!(c.get("/").await.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tunnels = |n: &Node, kind| {
+        n.proxy()
+            .connections()
+            .iter()
+            .filter(|r| r.kind == kind)
+            .count()
+    };
+    assert_eq!(
+        tunnels(&mesh.a, ConnKind::TunnelOut),
+        1,
+        "one connection, kept"
+    );
+    assert_eq!(tunnels(&mesh.b, ConnKind::TunnelIn), 1);
+    mesh.shutdown().await;
+}
+
 /// A captured connection from an address that is no enrolled workload of
 /// the node (a pod the snapshot does not know yet) is reset: a clean end
 /// would pass for a server that closed after an empty answer.
