@@ -224,6 +224,40 @@ fn zero_is_never(ms: u64) -> Duration {
 }
 
 impl ProxySettings {
+    /// Refuses settings at `0` where `0` cannot work (every connect or
+    /// handshake would fail at once, no stream or header could pass),
+    /// naming the first. The timeouts where `0` means "no limit" say so in
+    /// their own documentation.
+    pub fn check(&self) -> Result<(), String> {
+        let must_not_be_zero = [
+            ("sniff_timeout_ms", self.sniff_timeout_ms),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("max_header_bytes", self.max_header_bytes.into()),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+            (
+                "tunnel_write_stall_timeout_ms",
+                self.tunnel_write_stall_timeout_ms,
+            ),
+            ("tunnel_max_streams", self.tunnel_max_streams.into()),
+            ("tunnel_max_connections", self.tunnel_max_connections as u64),
+            (
+                "max_handshakes_per_peer",
+                self.max_handshakes_per_peer.into(),
+            ),
+            (
+                "max_tunnel_connections_per_peer",
+                self.max_tunnel_connections_per_peer.into(),
+            ),
+        ];
+        match must_not_be_zero.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(format!(
+                "{name} cannot be 0 (nothing would pass); leave it out for the default"
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn sniff_timeout(&self) -> Duration {
         Duration::from_millis(self.sniff_timeout_ms)
     }

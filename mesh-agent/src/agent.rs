@@ -449,6 +449,8 @@ pub fn proxy_settings(
         let mut one = fields.clone();
         one.insert(name.into(), v.clone());
         serde_json::from_value::<l7_proxy::ProxySettings>(one.into())
+            .map_err(|e| format!("--proxy-setting {o}: {e}"))?
+            .check()
             .map_err(|e| format!("--proxy-setting {o}: {e}"))?;
         fields.insert(name.into(), v);
     }
@@ -927,6 +929,14 @@ mod tests {
         );
         let e = err(&["max_header_bytes"]);
         assert!(e.contains("expected NAME=VALUE"), "{e}");
+        // 0 where it would let nothing through; where it means "no
+        // limit", it is taken.
+        let e = err(&["connect_timeout_ms=0"]);
+        assert!(
+            e.starts_with("--proxy-setting connect_timeout_ms=0: connect_timeout_ms cannot be 0"),
+            "{e}"
+        );
+        assert!(proxy_settings(base.clone(), &o(&["tunnel_idle_timeout_ms=0"])).is_ok());
     }
 
     /// A dual-stack node's proxy captures both families by default, on
