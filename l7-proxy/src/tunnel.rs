@@ -616,7 +616,7 @@ impl TunnelPool {
             d.entry(key.clone()).or_default().clone()
         };
         let waited_from = Instant::now();
-        let mut last_failure = lock.lock().await;
+        let last_failure = lock.lock_owned().await;
         // Someone else may have dialled while we waited.
         if let Some(c) = self.pick(key) {
             return Ok(Some(c));
@@ -644,9 +644,41 @@ impl TunnelPool {
                 unreachable: f.unreachable,
             });
         }
-        // Boxed: dialling is rare, and its handshake state would otherwise
-        // sit in every request's future.
-        let conn = match Box::pin(self.dial(key)).await {
+        // A task of its own, which this request waits for: a request given
+        // up on meanwhile (its route's per-try timeout, its caller gone)
+        // must not cut the dial short, or no dial to a slow peer would ever
+        // end, and a failed one would never be noted for the requests after
+        // it. The dial's own timeouts bound it.
+        let dial = tokio::spawn(self.clone().dial_and_pool(key.clone(), last_failure));
+        let conn = match dial.await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                if has_conns() {
+                    tracing::debug!(node = %key.node, "waiting for a slot on the open tunnel connections: {e}");
+                    return Ok(None);
+                }
+                return Err(e);
+            }
+            Err(e) => {
+                return Err(TunnelError::DialFailed {
+                    node: key.node,
+                    reason: format!("the dial's task failed: {e}"),
+                    unreachable: false,
+                });
+            }
+        };
+        let guard = take_stream(&conn);
+        Ok(Some((conn, guard)))
+    }
+
+    /// Dials `key` and pools the connection, or notes the failure, holding
+    /// the key's dial lock (`last_failure`) throughout.
+    async fn dial_and_pool(
+        self,
+        key: TunnelKey,
+        mut last_failure: tokio::sync::OwnedMutexGuard<Option<LastFailure>>,
+    ) -> Result<Arc<TunnelConn>, TunnelError> {
+        let conn = match self.dial(&key).await {
             Ok(c) => c,
             Err(e) => {
                 *last_failure = Some(LastFailure {
@@ -654,27 +686,22 @@ impl TunnelPool {
                     reason: e.to_string(),
                     unreachable: e.is_unreachable(),
                 });
-                if has_conns() {
-                    tracing::debug!(node = %key.node, "waiting for a slot on the open tunnel connections: {e}");
-                    return Ok(None);
-                }
                 return Err(e);
             }
         };
         *last_failure = None;
-        let guard = take_stream(&conn);
         self.inner
             .conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
+            .entry(key)
             .or_default()
             .push(conn.clone());
         // Slots for the requests waiting on this key.
         if conn.room.waiting.load(Ordering::SeqCst) > 0 {
             conn.room.freed.notify_waiters();
         }
-        Ok(Some((conn, guard)))
+        Ok(conn)
     }
 
     /// The least busy open connection with a free stream slot: below our

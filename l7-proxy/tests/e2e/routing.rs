@@ -524,6 +524,55 @@ async fn request_and_backend_timeouts_answer_504() {
     mesh.shutdown().await;
 }
 
+/// Relays each connection to `to` once `delay` has passed since it came (a
+/// peer proxy slow to answer its handshakes).
+async fn slow_forwarder(to: SocketAddr, delay: std::time::Duration) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut up = tokio::net::TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A request given up on while its tunnel connection was being dialled
+/// (its per-try timeout shorter than the peer's handshake) does not cut
+/// the dial short: the connection is made and pooled, and the next
+/// request finds it (each dial was cancelled in turn, and every request
+/// timed out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_outlives_the_request_given_up_on_while_it_ran() {
+    let mesh = Mesh::standard().await;
+    let (_srv, port) = servers(&[cart(0), cart(1), cart(2)]).await;
+    let slow = slow_forwarder(mesh.node_b_proxy(), std::time::Duration::from_millis(800)).await;
+    let mut v1 = mesh.service("v1", 11, port, &[cart(1)]);
+    v1.endpoints[0].node_proxy = Some(slow);
+    let mut r = rule(vec![], vec![backend("v1", 1)]);
+    r.timeouts = Timeouts {
+        request_ms: None,
+        backend_request_ms: Some(300),
+    };
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)]), v1],
+        http_routes: vec![route(vec![r])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    assert_eq!(c.get("/").await.status, 504, "given up on during the dial");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let r = c.get("/").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.server(), "cart-1");
+    mesh.shutdown().await;
+}
+
 /// A request that crossed the tunnel and timed out there is logged as
 /// secured, with the identity it was sent to (the proxy answered it, but
 /// not in plaintext and not to nobody).
