@@ -387,6 +387,17 @@ impl ServicePort {
             .as_deref()
             .is_some_and(app_protocol_is_http)
     }
+
+    /// `appProtocol: tcp` (any case): opaque TCP only. Callers' connections
+    /// to it are never taken for HTTP, and the node proxy of its endpoints
+    /// refuses HTTP streams to the pod port it leads to: an HTTP request
+    /// an access policy allows by method and path must not deliver its
+    /// bytes (a body of commands) to a server that reads them otherwise.
+    pub fn declares_tcp(&self) -> bool {
+        self.app_protocol
+            .as_deref()
+            .is_some_and(|p| p.eq_ignore_ascii_case("tcp"))
+    }
 }
 
 /// Whether an `appProtocol` names cleartext HTTP (see
@@ -496,6 +507,10 @@ pub struct SelectedBy {
     /// to: only ever sent HTTP, also before an EndpointSlice lists the pod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http_ports: Vec<u16>,
+    /// Those of `ports` that a port declaring `appProtocol: tcp` leads to:
+    /// never sent HTTP (see [`ServicePort::declares_tcp`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp_ports: Vec<u16>,
 }
 
 /// `MeshPolicy` modes, as seen by the proxy.

@@ -115,9 +115,10 @@ async fn send_data(
     idle: Duration,
 ) -> Result<(), SendFailed> {
     if data.is_empty() {
-        return Ok(if eos {
-            send.send_data(data, true)?
-        });
+        if eos {
+            send.send_data(data, true)?;
+        }
+        return Ok(());
     }
     while !data.is_empty() {
         send.reserve_capacity(data.len());

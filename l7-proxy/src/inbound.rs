@@ -544,6 +544,11 @@ async fn reply(mut respond: SendResponse<Bytes>, resp: Response<Body>, idle: std
     }
 }
 
+/// Why an HTTP request to a pod port declared `appProtocol: tcp` is refused.
+fn declared_tcp_refusal(target: SocketAddr) -> String {
+    format!("{target} is declared TCP (appProtocol: tcp) and takes no HTTP request")
+}
+
 /// A denial: counted, and logged with both identities (one line a second
 /// at most: a peer looping on a denied target must not flood the log; the
 /// access log has every one).
@@ -683,6 +688,15 @@ async fn handle_connect(
         return refuse(
             (Some(&workload), Some(target)),
             &format!("{target} is declared HTTP (appProtocol) and takes no opaque TCP stream"),
+        );
+    }
+    // And an HTTP request (an upgrade's) to a port declared TCP would
+    // deliver bytes a policy allowed by method and path to a server that
+    // reads them otherwise.
+    if upgrade && state.declared_tcp(&workload.id, target.port()) {
+        return refuse(
+            (Some(&workload), Some(target)),
+            &declared_tcp_refusal(target),
         );
     }
     if !upgrade
@@ -1220,6 +1234,9 @@ async fn handle_http(
             (StatusCode::FORBIDDEN, r.reason)
         })?;
         let _ = workload.set(w.clone());
+        if state.declared_tcp(&w.id, target.port()) {
+            return Err((StatusCode::FORBIDDEN, declared_tcp_refusal(target)));
+        }
         let facts = HttpFacts {
             method: &parts.method,
             path: parts.uri.path(),

@@ -121,6 +121,11 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
             Some(p) if p.eq_ignore_ascii_case("tcp") => (Some(Protocol::Tcp), false),
             _ => (None, d.http_only),
         },
+        // A pod port a Service declares `tcp` is opaque, as the Service's
+        // own port is (its node proxy refuses HTTP to it).
+        Destination::Workload(w) if state.declared_tcp(&w.id, dst.port()) => {
+            (Some(Protocol::Tcp), false)
+        }
         Destination::Workload(w) => (None, state.declared_http(&w.id, dst.port())),
     };
     // Not held for the connection's life (a sniff can wait an idle timeout,

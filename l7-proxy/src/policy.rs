@@ -390,6 +390,7 @@ mod tests {
             service: ObjectRef::new("shop", "cart"),
             ports: vec![8080],
             http_ports: Vec::new(),
+            tcp_ports: Vec::new(),
         }];
         let st = build(&snap, &w);
         assert!(matches!(
@@ -412,6 +413,7 @@ mod tests {
             service: ObjectRef::new("evil", "s"),
             ports: vec![8080],
             http_ports: Vec::new(),
+            tcp_ports: Vec::new(),
         }];
         assert_eq!(
             authorize(&build(&snap, &w), &ops, &w, 8080, None),

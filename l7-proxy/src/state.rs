@@ -88,6 +88,9 @@ pub struct State {
     /// Service of the pod's namespace declares HTTP (`appProtocol`):
     /// traffic to them is HTTP only.
     http_ports: FastMap<ObjectRef, Vec<u16>>,
+    /// Pod ports a Service of the pod's namespace declares `tcp`: traffic
+    /// to them is opaque TCP only (unless another declares them HTTP).
+    tcp_ports: FastMap<ObjectRef, Vec<u16>>,
 }
 
 /// Pod ports that a Service of the pod's own namespace declares HTTP. Only
@@ -96,12 +99,28 @@ pub struct State {
 /// declares nothing. A local pod's selecting Services declare its ports
 /// too (`selected_by`), before an EndpointSlice lists it.
 fn declared_http_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
+    declared_ports(snapshot, |s| &s.http_ports, ServicePort::declares_http)
+}
+
+/// Pod ports that a Service of the pod's own namespace declares `tcp`, as
+/// [`declared_http_ports`] finds those declared HTTP.
+fn declared_tcp_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
+    declared_ports(snapshot, |s| &s.tcp_ports, ServicePort::declares_tcp)
+}
+
+/// Pod ports declared by the Service ports `declares` picks (and, for local
+/// pods, listed in `selected`).
+fn declared_ports(
+    snapshot: &Snapshot,
+    selected: fn(&crate::config::SelectedBy) -> &Vec<u16>,
+    declares: fn(&ServicePort) -> bool,
+) -> FastMap<ObjectRef, Vec<u16>> {
     let mut ports: FastMap<ObjectRef, Vec<u16>> = FastMap::default();
     for w in &snapshot.local_workloads {
         for sel in &w.selected_by {
-            if sel.service.namespace == w.id.namespace && !sel.http_ports.is_empty() {
+            if sel.service.namespace == w.id.namespace && !selected(sel).is_empty() {
                 let list = ports.entry(w.id.clone()).or_default();
-                for p in sel.http_ports.iter().filter(|p| sel.ports.contains(p)) {
+                for p in selected(sel).iter().filter(|p| sel.ports.contains(p)) {
                     add_port(list, *p);
                 }
             }
@@ -109,7 +128,7 @@ fn declared_http_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
     }
     let services = &snapshot.services;
     for svc in services {
-        for p in svc.ports.iter().filter(|p| p.declares_http()) {
+        for p in svc.ports.iter().filter(|p| declares(p)) {
             for ep in &svc.endpoints {
                 if let (Some(w), Some(port)) = (&ep.workload, ep.target_for(p))
                     && w.namespace == svc.id.namespace
@@ -158,6 +177,7 @@ impl State {
         let mut s = State {
             routes,
             http_ports: declared_http_ports(&snapshot),
+            tcp_ports: declared_tcp_ports(&snapshot),
             ..Default::default()
         };
         for svc in &snapshot.services {
@@ -277,6 +297,16 @@ impl State {
         self.http_ports
             .get(workload)
             .is_some_and(|ports| ports.contains(&port))
+    }
+
+    /// Whether a Service of its namespace declares `port` of the pod
+    /// `workload` `appProtocol: tcp`, and none declares it HTTP: it is then
+    /// only ever sent opaque TCP.
+    pub fn declared_tcp(&self, workload: &ObjectRef, port: u16) -> bool {
+        self.tcp_ports
+            .get(workload)
+            .is_some_and(|ports| ports.contains(&port))
+            && !self.declared_http(workload, port)
     }
 
     /// Whether `ip` is the address of a node proxy of the mesh (as
@@ -525,6 +555,7 @@ mod tests {
             service: ObjectRef::new(ns, "s"),
             ports,
             http_ports,
+            tcp_ports: Vec::new(),
         };
         let snap = Snapshot {
             local_workloads: vec![LocalWorkload {

@@ -163,6 +163,7 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
                     service: oref(&s.key),
                     ports: sel.ports.clone(),
                     http_ports: sel.http_ports.clone(),
+                    tcp_ports: sel.tcp_ports.clone(),
                 });
         }
     }

@@ -517,6 +517,7 @@ async fn a_port_declared_http_is_http_only_before_the_endpointslice_lists_the_po
         service: http.id.clone(),
         ports: vec![port],
         http_ports: vec![port],
+        tcp_ports: Vec::new(),
     }];
     mesh.publish(&Snapshot {
         services: vec![http, raw],

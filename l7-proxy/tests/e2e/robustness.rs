@@ -1,6 +1,10 @@
 //! Slow and malformed peers are cut off without affecting anyone else.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use l7_proxy::Snapshot;
@@ -564,6 +568,89 @@ async fn a_tunnel_peer_that_stops_reading_is_cut_off() {
         || tunnels_in() == 0,
     )
     .await;
+    mesh.shutdown().await;
+}
+
+/// A TCP server that counts the connections it accepts, and reads and
+/// drops what they send.
+async fn counting_tcp_server(ip: std::net::IpAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .await
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while matches!(tcp.read(&mut buf).await, Ok(1..)) {}
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A pod port a Service declares `appProtocol: tcp` takes no HTTP request,
+/// whatever an access policy allows by method and path: a `GET /public`
+/// with a body of commands would have reached a server that reads its bytes
+/// as commands. A caller's connection to the pod's address is opaque TCP
+/// (which that policy does not allow), and a peer proxy's HTTP stream is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_declared_tcp_takes_no_http_request() {
+    use l7_proxy::config::{
+        AccessPolicy, AccessRule, AccessSource, HttpConditions, ObjectRef, PathCondition,
+    };
+    let mesh = Mesh::standard().await;
+    let (server, accepted) = counting_tcp_server(cart(0).ip).await;
+    let mut svc = mesh.service("cart", 1, server.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        workloads: vec![l7_proxy::config::Workload {
+            ip: cart(0).ip,
+            // The pod the Service's endpoint names.
+            id: ObjectRef::new("shop", cart(0).name),
+            node_proxy: Some(mesh.node_b_proxy()),
+            identity: Some(cart(0).identity()),
+        }],
+        access_policies: vec![AccessPolicy {
+            id: ObjectRef::new("shop", "cart-access"),
+            target: ObjectRef::new("shop", "cart"),
+            rules: vec![AccessRule {
+                from: vec![AccessSource::Identity(web().identity())],
+                to: Some(HttpConditions {
+                    methods: vec!["GET".into()],
+                    paths: vec![PathCondition::Subtree("/public".into())],
+                }),
+            }],
+        }],
+        ..Default::default()
+    })
+    .await;
+    let smuggled = b"GET /public HTTP/1.1\r\nhost: cart\r\ncontent-length: 10\r\n\r\nflush_all\n";
+    // Through the capture, to the pod's address.
+    let mut t = mesh.connect(web().ip, server).await;
+    let _ = t.write_all(smuggled).await;
+    assert!(closed_by_peer(&mut t).await, "not refused");
+    // A peer proxy's HTTP stream to it.
+    let (h2, _ended) = peer_h2(&mesh, &web(), "127.0.0.1").await;
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::get("http://cart/public")
+        .header(l7_proxy::config::TARGET_HEADER, server.to_string())
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let reason = resp.headers()["sluice-reason"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("declared TCP"), "{reason}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     mesh.shutdown().await;
 }
 

@@ -920,6 +920,10 @@ fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_servic
         if p.port == 81 {
             p.app_protocol = Some("kubernetes.io/h2c".into());
         }
+        // And 80's opaque TCP only (any case).
+        if p.port == 80 {
+            p.app_protocol = Some("TCP".into());
+        }
     }
     let pod = |name: &str, ip: &str, node: &str, app: &str| {
         let mut w = workload("shop", name, "cart", ip, node);
@@ -981,6 +985,7 @@ fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_servic
             pod: Key::new("shop", "cart-0"),
             ports: vec![8080, 9090],
             http_ports: vec![9090],
+            tcp_ports: vec![8080],
         }]
     );
     let (snap, errors) = snapshot(&v, 15008);
@@ -999,6 +1004,7 @@ fn a_pod_its_endpointslice_does_not_list_yet_is_governed_by_the_selecting_servic
             service: ObjectRef::new("shop", "cart"),
             ports: vec![8080, 9090],
             http_ports: vec![9090],
+            tcp_ports: vec![8080],
         }]
     );
     assert!(local("other-0").selected_by.is_empty());

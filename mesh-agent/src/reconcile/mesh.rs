@@ -78,6 +78,9 @@ pub struct SelectedPod {
     /// Those the Service's ports declaring HTTP (`appProtocol`) lead to.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub http_ports: Vec<u16>,
+    /// Those the Service's ports declaring `appProtocol: tcp` lead to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tcp_ports: Vec<u16>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -354,6 +357,15 @@ fn selected_pods(
                 .is_some_and(l7_proxy::config::app_protocol_is_http)
         })
         .collect();
+    let opaque: Vec<_> = tcp
+        .iter()
+        .copied()
+        .filter(|p| {
+            p.app_protocol
+                .as_deref()
+                .is_some_and(|a| a.eq_ignore_ascii_case("tcp"))
+        })
+        .collect();
     let Some(candidates) = pods.get(key.namespace.as_str()) else {
         return Vec::new();
     };
@@ -366,6 +378,7 @@ fn selected_pods(
                 pod: w.key(),
                 ports,
                 http_ports: pod_ports(&http, w),
+                tcp_ports: pod_ports(&opaque, w),
             })
         })
         .collect()
