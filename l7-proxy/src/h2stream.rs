@@ -28,10 +28,17 @@ use crate::body::Body;
 /// or the end of the stream. Stops when the peer resets the stream. A body
 /// that fails resets the stream with the HTTP/2 reason its error carries (a
 /// workload's own stream reset), else with `on_error`. A peer that gives
-/// the stream no room for `idle` gets it reset (`CANCEL`): one that never
-/// opens its window must not hold the task, and the body's source (a
-/// workload's connection), for ever.
-pub async fn pipe(mut body: Body, mut send: SendStream<Bytes>, on_error: Reason, idle: Duration) {
+/// the stream no room for `idle`, when given, gets it reset (`CANCEL`): one
+/// that never opens its window must not hold the task, and the body's
+/// source (a workload's connection), for ever. (The caller's side needs no
+/// such limit: its exchange's own timers answer the caller and drop the
+/// pipe.)
+pub async fn pipe(
+    mut body: Body,
+    mut send: SendStream<Bytes>,
+    on_error: Reason,
+    idle: Option<Duration>,
+) {
     loop {
         let frame = tokio::select! {
             biased;
@@ -107,12 +114,12 @@ impl From<h2::Error> for SendFailed {
 }
 
 /// Sends `data` in pieces the peer has room for, waiting at most `idle`
-/// for each.
+/// (when given) for each.
 async fn send_data(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
     eos: bool,
-    idle: Duration,
+    idle: Option<Duration>,
 ) -> Result<(), SendFailed> {
     if data.is_empty() {
         if eos {
@@ -129,6 +136,9 @@ async fn send_data(
             if let Poll::Ready(r) = send.poll_capacity(cx) {
                 return Poll::Ready(Ok(r));
             }
+            let Some(idle) = idle else {
+                return Poll::Pending;
+            };
             let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
             ready!(t.as_mut().poll(cx));
             Poll::Ready(Err(SendFailed::NoRoom))

@@ -534,7 +534,7 @@ async fn reply(mut respond: SendResponse<Bytes>, resp: Response<Body>, idle: std
         // A workload's body that breaks off is the server's failure, not a
         // cancel by the caller.
         Ok(send) if !eos => {
-            crate::h2stream::pipe(body, send, h2::Reason::INTERNAL_ERROR, idle).await
+            crate::h2stream::pipe(body, send, h2::Reason::INTERNAL_ERROR, Some(idle)).await
         }
         Ok(_) => {}
         Err(e) => {

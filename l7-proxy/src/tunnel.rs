@@ -293,11 +293,10 @@ impl TunnelPool {
         // would hold the stream, and the workload's request, for ever.
         // Once the whole response is in, the upload goes on by itself (a
         // caller that sends the rest of its body after an early answer).
-        let idle = self.inner.settings.exchange_idle_timeout();
         let mut piping = (!eos).then(|| {
             let held = guard.clone();
             AbortOnDropHandle::new(tokio::spawn(async move {
-                crate::h2stream::pipe(body, send, h2::Reason::CANCEL, idle).await;
+                crate::h2stream::pipe(body, send, h2::Reason::CANCEL, None).await;
                 drop(held);
             }))
         });
