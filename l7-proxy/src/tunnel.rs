@@ -851,9 +851,15 @@ impl TunnelPool {
             .max_send_buffer_size(SEND_BUFFER)
             .handshake::<_, Bytes>(io)
             .await
-            .map_err(|source| TunnelError::Http2 {
-                node: key.node,
-                source,
+            // Before any stream: nothing was sent, and the peer is not
+            // there for it (it went away in the middle of the dial).
+            .map_err(|source| {
+                fail("http2");
+                TunnelError::Handshake {
+                    node: key.node,
+                    peer: key.peer.clone(),
+                    reason: format!("HTTP/2 preface: {source}"),
+                }
             })?;
         let pings = connection
             .ping_pong()
