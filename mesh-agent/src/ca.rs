@@ -1120,14 +1120,17 @@ pub async fn serve(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let pem = root.ca.bundle().to_pem();
-        if let Some(cm) = &serving.bundle_configmap
-            && published.as_ref() != Some(&pem)
-        {
+        // Applied on every poll, not only when the bundle changes: a
+        // ConfigMap deleted or edited by hand comes back (nothing else
+        // writes it, and agents starting meanwhile would wait for it).
+        // An unchanged apply changes nothing on the server.
+        if let Some(cm) = &serving.bundle_configmap {
             match publish_bundle(&client, cm, &pem).await {
-                Ok(()) => {
+                Ok(()) if published.as_ref() != Some(&pem) => {
                     tracing::info!(configmap = %cm, roots = root.ca.bundle().fingerprints().len(), "trust bundle published");
                     published = Some(pem);
                 }
+                Ok(()) => {}
                 // Tried again on the next poll.
                 Err(e) => tracing::warn!(error = %e, "trust bundle not published"),
             }

@@ -212,6 +212,18 @@ async fn a_root_rotation_is_served_and_published_by_the_running_ca() {
     let addr = addr.unwrap();
     let first = eventually("the first bundle", async || published(&fake)).await;
     assert_eq!(first.fingerprints().len(), 1);
+    // Applied again on each poll, not only when it changes: a ConfigMap
+    // deleted or edited by hand comes back.
+    let applies = || {
+        (fake.writes().iter())
+            .filter(|(m, p, _)| m == "APPLY" && p == CONFIGMAP)
+            .count()
+    };
+    let once = applies();
+    eventually("the bundle applied again", async || {
+        (applies() > once).then_some(())
+    })
+    .await;
     let old = first.active_root();
     // A node agent, trusting what the ConfigMap says.
     let node = CaClient::new(CaClientConfig {
