@@ -300,6 +300,12 @@ fn root_is_stored_with_mode_0600_and_reloaded() {
 
     // A rotation prepared before a restart survives it.
     let next = again.prepare_root_rotation().unwrap();
+    // Twice is out of order, and says so.
+    let e = again.prepare_root_rotation().unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("root {next} is already prepared")) && !e.contains("retired"),
+        "{e}"
+    );
     drop(again);
     let third = Ca::open_or_create(&dir, CaOptions::default(), shared(&clock)).unwrap();
     assert_eq!(third.bundle().fingerprints(), vec![fp, next]);

@@ -70,6 +70,10 @@ pub enum CaError {
     },
     #[error("CA configuration: {reason}")]
     Config { reason: String },
+    /// A rotation step out of order (prepare twice, activate a root that
+    /// is not the prepared one).
+    #[error("root rotation refused: {reason}")]
+    Rotation { reason: String },
     #[error("root {fingerprint} cannot be retired: {reason}")]
     Retire {
         fingerprint: Fingerprint,

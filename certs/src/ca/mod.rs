@@ -900,9 +900,12 @@ impl Ca {
     pub fn prepare_root_rotation(&self) -> Result<Fingerprint, CaError> {
         let mut st = self.lock();
         if let Some(p) = &st.pending {
-            return Err(CaError::Retire {
-                fingerprint: p.root.info.fingerprint,
-                reason: "a rotation is already prepared; activate this root first".into(),
+            return Err(CaError::Rotation {
+                reason: format!(
+                    "root {} is already prepared; activate it first (`mesh-agent ca rotate \
+                     --activate`)",
+                    p.root.info.fingerprint
+                ),
             });
         }
         let (root, key) = Self::generate_root(&self.opts, &self.clock)?;
@@ -931,9 +934,11 @@ impl Ca {
         match &st.pending {
             Some(p) if &p.root.info.fingerprint == fingerprint => {}
             _ => {
-                return Err(CaError::Retire {
-                    fingerprint: *fingerprint,
-                    reason: "it is not the prepared root; call prepare_root_rotation first".into(),
+                return Err(CaError::Rotation {
+                    reason: format!(
+                        "{fingerprint} is not the prepared root; prepare a rotation first \
+                         (`mesh-agent ca rotate --prepare`)"
+                    ),
                 });
             }
         }
