@@ -989,7 +989,13 @@ async fn upgrade_request(
                     format!("connecting to {target}: {e}"),
                 )
             })?;
-        let resp = crate::upgrade::exchange(
+        // A workload that takes the request and never answers must not
+        // hold the stream and its connection for ever: the exchange idle
+        // timeout, a quarter later than the caller's node applies it (as
+        // for other requests here).
+        let idle = s.exchange_idle_timeout();
+        let wait = idle.saturating_add(idle / 4);
+        let exchange = crate::upgrade::exchange(
             shared,
             tcp,
             Request::from_parts(parts, boxed(body)),
@@ -1003,14 +1009,21 @@ async fn upgrade_request(
                 },
                 row: Some(row),
             },
-        )
-        .await
-        .map_err(|e| {
-            (
-                StatusCode::BAD_GATEWAY,
-                format!("upgrade request to {target}: {e}"),
-            )
-        })?;
+        );
+        let resp = tokio::time::timeout(wait, exchange)
+            .await
+            .map_err(|_| {
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("no answer to the upgrade request from {target} for {wait:?}"),
+                )
+            })?
+            .map_err(|e| {
+                (
+                    StatusCode::BAD_GATEWAY,
+                    format!("upgrade request to {target}: {e}"),
+                )
+            })?;
         let (mut rp, rb) = resp.into_parts();
         remove_mesh_headers(&mut rp.headers);
         Ok(Response::from_parts(rp, boxed(rb)))

@@ -368,6 +368,46 @@ async fn raw_upgrade_stream(mesh: &Mesh, workload: SocketAddr, request: &str) ->
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// An upgrade request the workload takes and never answers gets a `504`
+/// from the workload's node after its exchange idle timeout, rather than
+/// holding the stream and the workload's connection for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_the_workload_never_answers_is_answered_504() {
+    let mesh = Mesh::with_settings(vec![web(), bot()], vec![cart(0)], &|s| {
+        s.exchange_idle_timeout_ms = 300;
+    })
+    .await;
+    let l = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
+        .await
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while matches!(tcp.read(&mut buf).await, Ok(1..)) {}
+            });
+        }
+    });
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, addr.port(), &[cart(0)])],
+        ..Default::default()
+    })
+    .await;
+    let answer = raw_upgrade_stream(
+        &mesh,
+        addr,
+        "GET /public/feed HTTP/1.1\r\nhost: c\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer:?}");
+    assert!(
+        answer.contains("no answer to the upgrade request"),
+        "{answer}"
+    );
+    mesh.shutdown().await;
+}
+
 /// A denied upgrade request's access record on the workload's node names
 /// the policies; the caller's answer does not.
 #[tokio::test]
