@@ -1239,6 +1239,22 @@ async fn handle_http(
         })?;
         let target = parse_target(raw).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
         asked = Some(target);
+        // One host (RFC 9113 section 8.3.1): a caller's node proxy sends
+        // `:authority` alone; a Host beside it that names another, or two,
+        // would reach the workload as a second opinion on the host.
+        let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+        if let Some(h) = hosts.next()
+            && (hosts.next().is_some()
+                || parts
+                    .uri
+                    .authority()
+                    .is_some_and(|a| a.as_str().as_bytes() != h.as_bytes()))
+        {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "the request's Host does not agree with its :authority, or comes twice".into(),
+            ));
+        }
         let state = shared.state();
         let w = check_target(&shared, &state, &tp, target).map_err(|r| {
             if let Some(w) = r.workload {

@@ -654,6 +654,34 @@ async fn a_port_declared_tcp_takes_no_http_request() {
     mesh.shutdown().await;
 }
 
+/// A request whose Host disagrees with its `:authority`, or comes twice, is
+/// malformed (RFC 9113 section 8.3.1): refused with `400`, not forwarded
+/// with two opinions on its host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_request_with_a_second_host_is_refused() {
+    let mesh = Mesh::standard().await;
+    let srv = mesh.serve_cart().await;
+    let target = srv[0].addr;
+    let (h2, _ended) = peer_h2(&mesh, &web(), "127.0.0.1").await;
+    for hosts in [&["evil"][..], &["cart", "evil"], &["cart"]] {
+        let mut h2 = h2.clone().ready().await.unwrap();
+        let mut req = http::Request::get("http://cart/")
+            .header(l7_proxy::config::TARGET_HEADER, target.to_string())
+            .body(())
+            .unwrap();
+        for h in hosts {
+            req.headers_mut()
+                .append(http::header::HOST, h.parse().unwrap());
+        }
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        let status = resp.await.unwrap().status();
+        let want = if hosts == &["cart"] { 200 } else { 400 };
+        assert_eq!(status, want, "{hosts:?}");
+    }
+    assert_eq!(srv[0].hits(), 1, "only the agreeing one went");
+    mesh.shutdown().await;
+}
+
 /// A peer proxy that reads its socket but never opens a stream's window:
 /// the workload's node resets the stream after the exchange idle timeout
 /// (its task and the workload's connection were held for ever).
