@@ -47,6 +47,14 @@ pub enum UpstreamError {
     Http { source: hyper::Error },
     #[error("{source}")]
     Http1 { source: h1client::Error },
+    /// The dial this request waited for (another request's, to the same
+    /// address) failed just now: not dialled again at once.
+    #[error("{reason} (a dial to {addr} just failed)")]
+    DialFailed {
+        addr: SocketAddr,
+        reason: String,
+        unreachable: bool,
+    },
 }
 
 impl UpstreamError {
@@ -54,7 +62,9 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. }
+            UpstreamError::Connect { .. }
+                | UpstreamError::Handshake { .. }
+                | UpstreamError::DialFailed { .. }
         )
     }
 
@@ -64,6 +74,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect { source, .. } => crate::connect::peer_unreachable(source),
             UpstreamError::Handshake { .. } => true,
+            UpstreamError::DialFailed { unreachable, .. } => *unreachable,
             _ => false,
         }
     }
@@ -86,6 +97,10 @@ struct Pools {
     /// took it, and its number (dials count up).
     h2: Mutex<FastMap<SocketAddr, PooledH2>>,
     h2_dials: std::sync::atomic::AtomicU64,
+    /// One HTTP/2 dial at a time per workload address: a burst of first
+    /// requests shares one connection instead of opening one each; and the
+    /// last dial's failure, when it came.
+    h2_dialing: Mutex<FastMap<SocketAddr, Arc<tokio::sync::Mutex<Option<DialFailure>>>>>,
     /// HTTP/2 keep-alive: a ping this often, and how long its answer may
     /// take before the connection counts as dead.
     h2_ping: (Duration, Duration),
@@ -101,6 +116,13 @@ struct Pools {
 const H2_PING: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
 
 type PooledH2 = (http2::SendRequest<Body>, Instant, u64);
+
+/// A failed HTTP/2 dial, for the requests that waited for it.
+struct DialFailure {
+    at: Instant,
+    reason: String,
+    unreachable: bool,
+}
 
 /// Most idle HTTP/1.1 connections kept to one workload address.
 const MAX_IDLE_PER_WORKLOAD: usize = 128;
@@ -125,6 +147,7 @@ impl WorkloadClients {
                 h1: Mutex::default(),
                 h2: Mutex::default(),
                 h2_dials: Default::default(),
+                h2_dialing: Mutex::default(),
                 h2_ping,
                 reaper: Mutex::new(false),
             }),
@@ -336,10 +359,43 @@ impl WorkloadClients {
         &self,
         addr: SocketAddr,
     ) -> Result<(http2::SendRequest<Body>, u64), UpstreamError> {
-        match self.open_h2(addr) {
-            Some(s) => Ok(s),
-            None => Box::pin(self.dial_h2(addr)).await,
+        if let Some(s) = self.open_h2(addr) {
+            return Ok(s);
         }
+        let lock = {
+            let mut d = self
+                .inner
+                .h2_dialing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // Addresses nobody dials now go (dialling is rare enough to
+            // sweep here).
+            d.retain(|a, m| *a == addr || Arc::strong_count(m) > 1);
+            d.entry(addr).or_default().clone()
+        };
+        let waited_from = Instant::now();
+        let mut last_failure = lock.lock().await;
+        // Dialled by the request this one waited for.
+        if let Some(s) = self.open_h2(addr) {
+            return Ok(s);
+        }
+        // Or failed: the requests queued behind a dial to a workload that
+        // is not there get its failure at once, rather than each dialling
+        // in turn (each waiting out the connect timeout).
+        if let Some(f) = last_failure.as_ref().filter(|f| f.at >= waited_from) {
+            return Err(UpstreamError::DialFailed {
+                addr,
+                reason: f.reason.clone(),
+                unreachable: f.unreachable,
+            });
+        }
+        let dialled = Box::pin(self.dial_h2(addr)).await;
+        *last_failure = dialled.as_ref().err().map(|e| DialFailure {
+            at: Instant::now(),
+            reason: e.to_string(),
+            unreachable: e.is_unreachable(),
+        });
+        dialled
     }
 
     fn open_h2(&self, addr: SocketAddr) -> Option<(http2::SendRequest<Body>, u64)> {
@@ -968,6 +1024,61 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A burst of first requests to an HTTP/2 workload shares one new
+    /// connection (each opened its own, and all but the last were closed
+    /// when their request ended).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_first_http2_requests_dials_one_connection() {
+        let (addr, accepted, _) = h2_server(Arc::new(tokio::sync::Notify::new())).await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        let sends = (0..50).map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let resp = c.send(addr, Protocol::Http2, h2_get("/")).await.unwrap();
+                resp.into_body().collect().await.unwrap().to_bytes()
+            })
+        });
+        for body in futures_util::future::join_all(sends).await {
+            assert_eq!(&body.unwrap()[..], b"ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// The requests queued behind a first HTTP/2 dial that fails get its
+    /// failure, not a dial each in turn (one connect timeout after another).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_queued_behind_a_failed_http2_dial_share_its_failure() {
+        // A listener whose accept queue is full: further connects hang.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fill = Vec::new();
+        for _ in 0..2 {
+            fill.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let c = WorkloadClients::new(&ProxySettings {
+            connect_timeout_ms: 300,
+            ..ProxySettings::default()
+        });
+        let sends = (0..5).map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.send(addr, Protocol::Http2, h2_get("/")).await.err() })
+        });
+        let errors: Vec<UpstreamError> = futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().expect("no answer through a full queue"))
+            .collect();
+        assert!(errors.iter().all(UpstreamError::is_connect), "{errors:?}");
+        let shared = errors
+            .iter()
+            .filter(|e| matches!(e, UpstreamError::DialFailed { .. }))
+            .count();
+        assert_eq!(shared, 4, "one dial, its failure shared: {errors:?}");
+        drop((listener, fill));
     }
 
     /// A workload that stops answering without a reset: its HTTP/2
