@@ -102,14 +102,19 @@ impl Default for Balancer {
     }
 }
 
-/// Held while a request is in flight to an endpoint; call [`Pick::observe`]
-/// when its response head arrives.
+/// Held while a request is in flight to an endpoint; call [`Pick::answered`]
+/// when its response head arrives ([`Pick::unreachable`], or
+/// [`Pick::connected`] for a TCP connection). One dropped before any of
+/// them (a per-try or request timeout, its caller gone) counts its time as
+/// a sample of at least that latency: an endpoint that takes requests and
+/// never answers must not keep the estimate it had and draw the traffic.
 #[derive(Debug)]
 pub struct Pick {
     pub index: usize,
     load: Arc<EndpointLoad>,
     started: Instant,
     epoch: Instant,
+    settled: std::sync::atomic::AtomicBool,
 }
 
 /// The least a server error counts for (see [`Pick::failed`]).
@@ -144,9 +149,16 @@ impl Pick {
         }
     }
 
+    /// A TCP connection to the endpoint is open: nothing to measure (its
+    /// length is the caller's), and nothing to count when it ends.
+    pub fn connected(&self) {
+        self.settled.store(true, Ordering::Relaxed);
+    }
+
     /// Folds a response into the estimate: `value(rtt, old)` gives the
     /// sample. An endpoint's first response counts only if `first_counts`.
     fn sample(&self, first_counts: bool, value: impl FnOnce(f64, f64) -> f64) {
+        self.settled.store(true, Ordering::Relaxed);
         let now = Instant::now();
         let now_ns = now.duration_since(self.epoch).as_nanos() as u64;
         let last = self.load.last_ns.swap(now_ns, Ordering::Relaxed);
@@ -178,6 +190,7 @@ impl Pick {
     /// tunnel): it fails fast, and without this its unmeasured, near-zero
     /// estimate would win every choice.
     pub fn unreachable(&self) {
+        self.settled.store(true, Ordering::Relaxed);
         let now_ns = Instant::now().duration_since(self.epoch).as_nanos() as u64;
         self.load.last_ns.store(now_ns.max(1), Ordering::Relaxed);
         self.load.ewma_ns.store(UNREACHABLE_NS, Ordering::Relaxed);
@@ -189,6 +202,11 @@ impl Pick {
 
 impl Drop for Pick {
     fn drop(&mut self) {
+        if !self.settled.load(Ordering::Relaxed) {
+            // Given up on: it took at least this long (never lowering the
+            // estimate, as a caller that left early says little).
+            self.sample(true, f64::max);
+        }
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -259,20 +277,8 @@ impl Balancer {
             *last = now;
             return Some(self.take(&ready.loads, index));
         }
-        let mut index = self.choose(&ready.loads)?;
-        if recently_unreachable(&ready.loads[index], now_ns) {
-            // Its estimate decays, and may be below a slow endpoint's by
-            // now: a client is not given back to one it just had to leave
-            // while there is another.
-            let others: Vec<usize> = (0..ready.loads.len())
-                .filter(|&i| !recently_unreachable(&ready.loads[i], now_ns))
-                .collect();
-            if !others.is_empty() {
-                let loads: Vec<Arc<EndpointLoad>> =
-                    others.iter().map(|&i| ready.loads[i].clone()).collect();
-                index = others[self.choose(&loads).expect("not empty")];
-            }
-        }
+        // Not one it just had to leave while there is another (`choose`).
+        let index = self.choose(&ready.loads)?;
         // Expired clients are swept when the map has doubled since the
         // last sweep: a few sweeps, however many clients come and go.
         if sticky.map.len() >= sticky.sweep_at {
@@ -295,10 +301,32 @@ impl Balancer {
             load,
             started: Instant::now(),
             epoch: self.epoch,
+            settled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
+    /// Two at random, the cheaper one; never one that could not be reached
+    /// lately while another can be: its estimate decays, and may be below a
+    /// slow endpoint's by now, and when both drawn are such (half of a
+    /// service's endpoints behind a node that went down) one of them would
+    /// be sent the request.
     fn choose(&self, candidates: &[Arc<EndpointLoad>]) -> Option<usize> {
+        let index = self.choose_of_two(candidates)?;
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        if !recently_unreachable(&candidates[index], now_ns) {
+            return Some(index);
+        }
+        let others: Vec<usize> = (0..candidates.len())
+            .filter(|&i| !recently_unreachable(&candidates[i], now_ns))
+            .collect();
+        if others.is_empty() {
+            return Some(index);
+        }
+        let loads: Vec<Arc<EndpointLoad>> = others.iter().map(|&i| candidates[i].clone()).collect();
+        Some(others[self.choose_of_two(&loads).expect("not empty")])
+    }
+
+    fn choose_of_two(&self, candidates: &[Arc<EndpointLoad>]) -> Option<usize> {
         Some(match candidates.len() {
             0 => return None,
             1 => 0,
@@ -446,6 +474,60 @@ mod tests {
             "{bad_picks} of 200 went to the failing endpoint"
         );
         assert!(b.ewma(bad) > b.ewma(ok));
+    }
+
+    /// An endpoint that takes requests and never answers (each attempt
+    /// given up on at its timeout) is not left with its near-zero estimate
+    /// of a new endpoint, drawing every request.
+    #[test]
+    fn an_endpoint_whose_requests_are_given_up_on_does_not_draw_the_traffic() {
+        let b = Balancer::default();
+        let ok: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let hangs: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let loads = [b.load(ok), b.load(hangs)];
+        let mut hung = 0;
+        for _ in 0..200 {
+            let mut p = b.pick(&loads).unwrap();
+            if p.index == 0 {
+                p.started -= Duration::from_millis(2);
+                p.answered(http::StatusCode::OK);
+            } else {
+                hung += 1;
+                // Dropped at a 1 s per-try timeout, unanswered.
+                p.started -= Duration::from_secs(1);
+            }
+        }
+        assert!(hung <= 2, "{hung} of 200 went to the endpoint that hangs");
+        assert!(b.ewma(hangs) >= Duration::from_secs(1));
+        // A TCP connection's length (an hour) is not a latency.
+        let mut p = b.pick(&[b.load(ok)]).unwrap();
+        p.started -= Duration::from_secs(3600);
+        p.connected();
+        drop(p);
+        assert!(b.ewma(ok) < Duration::from_millis(10), "{:?}", b.ewma(ok));
+    }
+
+    /// Endpoints that could not be reached lately are not chosen while
+    /// one can be, even when both drawn are such (three of four behind a
+    /// node that went down).
+    #[test]
+    fn endpoints_just_found_unreachable_are_passed_over() {
+        let b = Balancer::default();
+        let loads: Vec<_> = (1..=4)
+            .map(|i| b.load(format!("10.0.0.{i}:80").parse().unwrap()))
+            .collect();
+        for i in 1..4 {
+            b.take(&loads, i).unreachable();
+        }
+        for _ in 0..1000 {
+            let p = b.pick(&loads).unwrap();
+            assert_eq!(p.index, 0);
+            p.answered(http::StatusCode::OK);
+        }
+        // A retry's pick too.
+        for _ in 0..100 {
+            assert_eq!(b.pick_except(&loads, 1).unwrap().index, 0);
+        }
     }
 
     #[test]

@@ -1044,11 +1044,12 @@ fn spawn_mirror(
     parts.extensions.remove::<crate::h2idle::ActiveStream>();
     let shared2 = shared.clone();
     shared.spawn(async move {
-        let _held = (pick, slot);
+        let _slot = slot;
         let mirror = async {
             match send_once(&shared2, &conn, &up, parts, body.body(), Sent::AsMirror).await {
                 // The mirror's answer is read and dropped as it comes.
                 Ok(resp) => {
+                    pick.answered(resp.status());
                     let mut body = resp.into_body();
                     while let Some(Ok(_)) = body.frame().await {}
                 }

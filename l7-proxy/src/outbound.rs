@@ -485,6 +485,9 @@ async fn serve_tcp(
             let key = TunnelKey::to(&source.identity, t);
             match shared.pool.connect(&key, upstream.addr).await {
                 Ok((mut stream, tls)) => {
+                    if let Some(p) = &pick {
+                        p.connected();
+                    }
                     row.update(|m| m.tls = Some(crate::conntable::TlsInfo::clone(&tls)));
                     let (on_sent, on_received) = counted();
                     let r = relay(&mut io, &mut stream, idle, on_sent, on_received)
@@ -529,6 +532,9 @@ async fn serve_tcp(
         .await
         {
             Ok(Ok(mut up)) => {
+                if let Some(p) = &pick {
+                    p.connected();
+                }
                 let _ = up.set_nodelay(true);
                 crate::abort::arm_reset(&up);
                 let (on_sent, on_received) = counted();
