@@ -665,13 +665,15 @@ async fn route_request(
         // in hand is kept or dropped by the same reading as the backoff.
         let mut retry_at = None;
         let failure = match (pick, taken) {
+            // Not retried: the request's endpoints are those of its
+            // snapshot, and none will be ready on a later attempt either.
             (None, _) => SendError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 reason: format!(
                     "service {} has no ready endpoint on port {}",
                     backend.service, backend.port
                 ),
-                retryable: true,
+                retryable: false,
                 unreachable: false,
             },
             (Some(_), None) => SendError {

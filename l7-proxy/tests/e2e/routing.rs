@@ -573,6 +573,36 @@ async fn a_dial_outlives_the_request_given_up_on_while_it_ran() {
     mesh.shutdown().await;
 }
 
+/// A backend with no ready endpoint is not retried: the request's
+/// endpoints are those of its snapshot, so each attempt would find none
+/// again, after waiting out the backoff.
+#[tokio::test]
+async fn a_backend_without_ready_endpoints_is_not_retried() {
+    let (log, _default) = capture_access_log();
+    let mesh = Mesh::standard().await;
+    let (_srv, port) = servers(&[cart(1)]).await;
+    let mut empty = mesh.service("empty", 14, port, &[cart(1)]);
+    empty.endpoints[0].ready = false;
+    let mut r = rule(vec![], vec![backend("empty", 1)]);
+    r.retry = Some(Retry {
+        codes: vec![503],
+        attempts: 3,
+        backoff_ms: 500,
+    });
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, port, &[cart(0)]), empty],
+        http_routes: vec![route(vec![r])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    assert_eq!(c.get("/none").await.status, 503);
+    let (text, records) = access_records(&log);
+    let r = record(&records, &text, "outbound", Some("/none"));
+    assert_eq!(r["attempts"], 1, "{r}");
+    mesh.shutdown().await;
+}
+
 /// A request that crossed the tunnel and timed out there is logged as
 /// secured, with the identity it was sent to (the proxy answered it, but
 /// not in plaintext and not to nobody).
