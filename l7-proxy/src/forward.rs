@@ -1048,7 +1048,16 @@ fn spawn_mirror(
     shared.spawn(async move {
         let _slot = slot;
         let mirror = async {
-            match send_once(&shared2, &conn, &up, parts, body.body(), Sent::AsMirror).await {
+            match send_once(
+                &shared2,
+                &conn,
+                &up,
+                parts,
+                body.into_body(),
+                Sent::AsMirror,
+            )
+            .await
+            {
                 // The mirror's answer is read and dropped as it comes.
                 Ok(resp) => {
                     pick.answered(resp.status());

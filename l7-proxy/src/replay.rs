@@ -38,7 +38,7 @@ pub(crate) const BUDGET_UNIT: usize = 1024;
 pub(crate) struct Replayable {
     data: Bytes,
     trailers: Option<HeaderMap>,
-    _budget: Arc<Option<OwnedSemaphorePermit>>,
+    budget: Arc<Option<OwnedSemaphorePermit>>,
 }
 
 impl Replayable {
@@ -46,8 +46,20 @@ impl Replayable {
         Self {
             data: Bytes::new(),
             trailers: None,
-            _budget: Arc::new(None),
+            budget: Arc::new(None),
         }
+    }
+
+    /// The body, holding this copy's share of the budget for as long as
+    /// the body lives (until it is sent, or given up): a mirror that waits
+    /// for an answer long after its body went must not hold buffer budget
+    /// (every body of every route would go unbuffered, unretried, when
+    /// mirrors of a target that hangs had it all).
+    pub(crate) fn into_body(self) -> Body {
+        boxed(Holding {
+            body: self.body(),
+            _budget: self.budget,
+        })
     }
 
     /// The body again.
@@ -66,6 +78,35 @@ impl Replayable {
         boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
             frames,
         )))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that holds a budget share until it is dropped.
+    struct Holding {
+        #[pin]
+        body: Body,
+        _budget: Arc<Option<OwnedSemaphorePermit>>,
+    }
+}
+
+impl http_body::Body for Holding {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -342,7 +383,7 @@ impl Recording {
         let whole = Replayable {
             data: std::mem::take(buf).freeze(),
             trailers: trailers.take(),
-            _budget: Arc::new(permit.take()),
+            budget: Arc::new(permit.take()),
         };
         for w in waiting.drain(..) {
             let _ = w.send(whole.clone());
@@ -578,7 +619,7 @@ mod tests {
         Replayable {
             data: Bytes::from_static(data),
             trailers,
-            _budget: Arc::new(None),
+            budget: Arc::new(None),
         }
     }
 

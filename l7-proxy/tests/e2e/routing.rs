@@ -1618,6 +1618,86 @@ async fn mirrors_in_flight_are_bounded_and_the_primary_goes_on() {
     mesh.shutdown().await;
 }
 
+/// A mirror waiting for an answer that never comes does not hold the
+/// buffer budget its body had once the body has gone: with two such
+/// mirrors taking the whole budget (for their 30 s), every other body
+/// went unbuffered and was never retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_waiting_for_an_answer_give_their_buffer_budget_back() {
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| {
+            s.max_buffered_body_bytes = 4096;
+            s.max_buffered_total_bytes = 2048;
+        },
+    )
+    .await;
+    let (srv, port) = servers(&[cart(1)]).await;
+    // The mirror target takes connections, reads, and never answers.
+    let hang = tokio::net::TcpListener::bind(SocketAddr::new(mirror_pod().ip, 0))
+        .await
+        .unwrap();
+    let hang_port = hang.local_addr().unwrap().port();
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = read.clone();
+    let holder = tokio::spawn(async move {
+        while let Ok((mut s, _)) = hang.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt as _;
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    counter.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    let mut mirrored = rule(
+        vec![HttpRouteMatch {
+            path: Some(PathMatch::PathPrefix("/m".into())),
+            ..Default::default()
+        }],
+        vec![backend("v1", 1)],
+    );
+    mirrored.filters = vec![HttpFilter::RequestMirror(RequestMirror {
+        service: ObjectRef::new("shop", "mirror"),
+        port: 80,
+        fraction: None,
+    })];
+    mesh.publish(&Snapshot {
+        services: vec![
+            mesh.service("cart", 1, port, &[cart(1)]),
+            mesh.service("v1", 11, port, &[cart(1)]),
+            mesh.service("mirror", 13, hang_port, &[mirror_pod()]),
+        ],
+        http_routes: vec![route(vec![mirrored, retried_on_503("v1", 2)])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    let body = "s".repeat(1000);
+    for _ in 0..2 {
+        let r = c.send(request("POST", "/m", &[], &body)).await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // The mirrors' bodies have gone (the target read both).
+    eventually("the mirrors' bodies at the target", || {
+        read.load(std::sync::atomic::Ordering::SeqCst) >= 2000
+    })
+    .await;
+    srv[0].seen.lock().unwrap().clear();
+    let r = c
+        .send(request("POST", "/status/503", &[], &body))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(srv[0].seen.lock().unwrap().len(), 3, "buffered and retried");
+    holder.abort();
+    mesh.shutdown().await;
+}
+
 /// A server that answers at once and then sends a chunk every 50 ms,
 /// twenty in all, whatever the request body does (a gRPC server stream).
 async fn ticker(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
