@@ -142,12 +142,21 @@ impl Identities {
                         }
                     })
                     .collect();
-                match manager.set_identities(wanted).await {
-                    Ok(report) => tracing::debug!(?report, "identities updated"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "updating identities; retried on the next change")
+                // A round of its own: the next change (a pod gone, whose
+                // identity must stop being served at once) must not wait
+                // for this one's certificates, which a CA that does not
+                // answer can hold for ten seconds each. Rounds at once
+                // share the manager's concurrency, and take different
+                // identities.
+                let manager = manager.clone();
+                tokio::spawn(async move {
+                    match manager.set_identities(wanted).await {
+                        Ok(report) => tracing::debug!(?report, "identities updated"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "updating identities; retried on the next change")
+                        }
                     }
-                }
+                });
                 if ids.changed().await.is_err() {
                     return;
                 }
@@ -264,6 +273,74 @@ impl IdentityHandle for Identities {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA that never answers for `db`.
+    #[derive(Debug)]
+    struct HangsForDb(Arc<Ca>);
+
+    impl certs::CertificateAuthority for HangsForDb {
+        fn sign(
+            &self,
+            request: certs::ca::SignRequest,
+        ) -> certs::ca::BoxFuture<'_, Result<certs::ca::Issued, certs::CaError>> {
+            Box::pin(async move {
+                if request.identity.to_string().ends_with("/sa/db") {
+                    std::future::pending::<()>().await;
+                }
+                self.0.sign(request).await
+            })
+        }
+        fn trust_bundle(&self) -> certs::ca::BoxFuture<'_, Result<TrustBundle, certs::CaError>> {
+            self.0.trust_bundle()
+        }
+    }
+
+    /// A pod gone while another's certificate is still being asked for (a
+    /// CA slow to answer): its identity stops being served at once, not
+    /// once that round is over.
+    #[tokio::test]
+    async fn an_identity_removed_during_a_slow_round_goes_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(
+            Ca::open_or_create(dir.path(), CaOptions::default(), Arc::new(SystemClock)).unwrap(),
+        );
+        let ids = Identities {
+            manager: IdentityManager::new(
+                Arc::new(HangsForDb(ca.clone())),
+                ca.bundle(),
+                Arc::new(SystemClock),
+                IdentityOptions::default(),
+            ),
+            mode: "test".into(),
+            ca: Some(ca),
+        };
+        let set = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|s| s.to_string()).collect() };
+        let (web, db) = (
+            "spiffe://cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local/ns/shop/sa/db",
+        );
+        let (tx, rx) = watch::channel(set(&[web]));
+        let tasks = ids.spawn(rx);
+        let web_id: SpiffeId = web.parse().unwrap();
+        let held = async |want: bool| {
+            for _ in 0..500 {
+                if ids.manager.has_certificate(&web_id) == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        };
+        assert!(held(true).await, "web's certificate");
+        // db's round hangs; then web's pod goes.
+        tx.send(set(&[web, db])).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(set(&[db])).unwrap();
+        assert!(held(false).await, "web still served behind db's round");
+        for t in tasks {
+            t.abort();
+        }
+    }
 
     /// An enrolled pod whose identity the manager holds no certificate for
     /// (not requested yet, or not a SPIFFE ID at all: a service account name
