@@ -126,6 +126,24 @@ fn issued_certificate_has_san_eku_validity_and_chains_to_the_root() {
     }
 }
 
+/// Past its signer's end the CA service has no certificate to serve: an
+/// error that says so, not one that expired before it was made.
+#[test]
+fn no_serving_certificate_once_the_signer_has_expired() {
+    let clock = clock();
+    let ca = ca(&clock);
+    assert!(ca.issue_serving_certificate(&["sluice-ca"], &[]).is_ok());
+    clock.advance(Duration::from_secs(11 * 365 * 24 * 3600));
+    let e = ca
+        .issue_serving_certificate(&["sluice-ca"], &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("expired at") && e.contains("rotate the root"),
+        "{e}"
+    );
+}
+
 fn clock_now(c: &certs::ManualClock) -> std::time::SystemTime {
     use certs::Clock as _;
     c.now()

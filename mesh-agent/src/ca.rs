@@ -1079,14 +1079,18 @@ async fn start_server(
     ca: &Arc<Ca>,
     serving: &Serving,
     addr: SocketAddr,
+    clock: &SharedClock,
 ) -> Result<(CaServer, std::time::SystemTime), Error> {
     let dns: Vec<&str> = serving.dns_names.iter().map(String::as_str).collect();
     // Issued under the active root: after an activation, under the new one.
     let (chain, key) = ca.issue_serving_certificate(&dns, &serving.ips)?;
     let leaf =
         certs::x509::CertInfo::parse(&chain[0]).map_err(|e| Error::Serving(e.to_string()))?;
-    let renew_at = std::time::SystemTime::from(leaf.not_before)
-        + (leaf.not_after - leaf.not_before).unsigned_abs() / 2;
+    let renew_at = serving_renewal(
+        std::time::SystemTime::from(leaf.not_before),
+        std::time::SystemTime::from(leaf.not_after),
+        clock.now(),
+    );
     let service = CaService::new(
         ca.clone(),
         serving.authenticator.clone(),
@@ -1094,6 +1098,24 @@ async fn start_server(
     );
     let server = CaServer::bind(addr, serving_tls(chain, key)?, service).await?;
     Ok((server, renew_at))
+}
+
+/// When to renew the CA's serving certificate: at half its life, and not
+/// within the hour. A certificate cut short by its signer's end (the root's
+/// last days) is no longer when renewed: without the floor, each renewal
+/// at half of what is left would restart the service sooner, until every
+/// poll did (aborting the requests in flight each time).
+fn serving_renewal(
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+    now: std::time::SystemTime,
+) -> std::time::SystemTime {
+    let half = not_after
+        .duration_since(not_before)
+        .unwrap_or_default()
+        .checked_div(2)
+        .unwrap_or_default();
+    (not_before + half).max(now + std::time::Duration::from_secs(3600))
 }
 
 /// Serves the CA of `store` until `stop` fires. The store is read again every
@@ -1111,7 +1133,8 @@ pub async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut root = load_root(Some(&client), &store, opts.clone(), clock.clone(), true).await?;
-    let (mut server, mut renew_at) = start_server(&root.ca, &serving, serving.listen).await?;
+    let (mut server, mut renew_at) =
+        start_server(&root.ca, &serving, serving.listen, &clock).await?;
     let bound = server.local_addr();
     tracing::info!(addr = %bound, %store, "CA service listening");
     addr.send_replace(Some(bound));
@@ -1145,7 +1168,7 @@ pub async fn serve(
                 tracing::info!(%store, "the CA root changed; serving it");
                 server.shutdown().await;
                 root = new;
-                (server, renew_at) = start_server(&root.ca, &serving, bound).await?;
+                (server, renew_at) = start_server(&root.ca, &serving, bound, &clock).await?;
                 continue;
             }
             Err(e) => tracing::warn!(error = %e, "reading the CA root; keeping the one in use"),
@@ -1156,7 +1179,7 @@ pub async fn serve(
         if clock.now() >= renew_at {
             tracing::info!("the CA's serving certificate is at half its life; serving a new one");
             server.shutdown().await;
-            (server, renew_at) = start_server(&root.ca, &serving, bound).await?;
+            (server, renew_at) = start_server(&root.ca, &serving, bound, &clock).await?;
         }
     }
     server.shutdown().await;
@@ -1210,6 +1233,24 @@ pub async fn run(args: CaArgs, stop: tokio::sync::watch::Receiver<bool>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The serving certificate renews at half its life, but never within
+    /// the hour: one its root's end cut short stays no shorter when
+    /// renewed, and halving what is left each time would restart the
+    /// service on every poll.
+    #[test]
+    fn the_serving_certificate_renews_at_half_life_not_within_the_hour() {
+        use std::time::{Duration, SystemTime};
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(serving_renewal(now, now + 90 * day, now), now + 45 * day);
+        let cut = serving_renewal(
+            now - Duration::from_secs(300),
+            now + Duration::from_secs(1800),
+            now,
+        );
+        assert_eq!(cut, now + Duration::from_secs(3600));
+    }
 
     fn pod(ns: &str, name: &str, sa: &str, node: &str) -> Pod {
         serde_json::from_value(serde_json::json!({

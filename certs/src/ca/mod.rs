@@ -842,6 +842,17 @@ impl Ca {
         p.not_before = now - self.opts.backdate;
         p.not_after = (now + Duration::from_secs(90 * 24 * 3600)).min(st.signer.not_after);
         p.use_authority_key_identifier_extension = true;
+        // Served expired, every agent's handshake would fail with no word
+        // of why on the CA's side.
+        if p.not_after <= now {
+            return Err(CaError::Config {
+                reason: format!(
+                    "the signing CA certificate expired at {}, so the CA service has no valid \
+                     certificate to serve; rotate the root (`mesh-agent ca rotate --prepare`)",
+                    st.signer.not_after
+                ),
+            });
+        }
         let cert = p
             .signed_by(&key, &st.signer.issuer)
             .map_err(CaError::internal("signing the serving certificate"))?;
