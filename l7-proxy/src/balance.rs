@@ -81,6 +81,22 @@ impl Default for Sticky {
 /// How long an endpoint that could not be reached loses its sticky clients.
 const UNREACHABLE_HOLD_NS: u64 = 10_000_000_000;
 
+/// Of two of `candidates` (at least two) drawn at random, the cheaper.
+fn choose_of_two(candidates: &[Arc<EndpointLoad>], now_ns: u64) -> usize {
+    let n = candidates.len();
+    let mut rng = rand::rng();
+    let a = rng.random_range(0..n);
+    let mut b = rng.random_range(0..n - 1);
+    if b >= a {
+        b += 1;
+    }
+    if candidates[a].cost(now_ns) <= candidates[b].cost(now_ns) {
+        a
+    } else {
+        b
+    }
+}
+
 fn recently_unreachable(load: &EndpointLoad, now_ns: u64) -> bool {
     let at = load.unreachable_ns.load(Ordering::Relaxed);
     at != 0 && now_ns.saturating_sub(at) < UNREACHABLE_HOLD_NS
@@ -311,38 +327,26 @@ impl Balancer {
     /// service's endpoints behind a node that went down) one of them would
     /// be sent the request.
     fn choose(&self, candidates: &[Arc<EndpointLoad>]) -> Option<usize> {
-        let index = self.choose_of_two(candidates)?;
+        match candidates.len() {
+            0 => return None,
+            1 => return Some(0),
+            _ => {}
+        }
         let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        let index = choose_of_two(candidates, now_ns);
         if !recently_unreachable(&candidates[index], now_ns) {
             return Some(index);
         }
         let others: Vec<usize> = (0..candidates.len())
             .filter(|&i| !recently_unreachable(&candidates[i], now_ns))
             .collect();
-        if others.is_empty() {
-            return Some(index);
-        }
-        let loads: Vec<Arc<EndpointLoad>> = others.iter().map(|&i| candidates[i].clone()).collect();
-        Some(others[self.choose_of_two(&loads).expect("not empty")])
-    }
-
-    fn choose_of_two(&self, candidates: &[Arc<EndpointLoad>]) -> Option<usize> {
-        Some(match candidates.len() {
-            0 => return None,
-            1 => 0,
-            n => {
-                let mut rng = rand::rng();
-                let a = rng.random_range(0..n);
-                let mut b = rng.random_range(0..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let now = self.epoch.elapsed().as_nanos() as u64;
-                if candidates[a].cost(now) <= candidates[b].cost(now) {
-                    a
-                } else {
-                    b
-                }
+        Some(match others.len() {
+            0 => index,
+            1 => others[0],
+            _ => {
+                let loads: Vec<Arc<EndpointLoad>> =
+                    others.iter().map(|&i| candidates[i].clone()).collect();
+                others[choose_of_two(&loads, now_ns)]
             }
         })
     }
