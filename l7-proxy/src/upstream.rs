@@ -101,19 +101,9 @@ struct Pools {
     /// requests shares one connection instead of opening one each; and the
     /// last dial's failure, when it came.
     h2_dialing: Mutex<FastMap<SocketAddr, Arc<tokio::sync::Mutex<Option<DialFailure>>>>>,
-    /// HTTP/2 keep-alive: a ping this often, and how long its answer may
-    /// take before the connection counts as dead.
-    h2_ping: (Duration, Duration),
     /// Whether the task closing idle connections runs.
     reaper: Mutex<bool>,
 }
-
-/// Pings on HTTP/2 connections to workloads (as on the tunnel): a workload
-/// that vanished without a reset (its node cut off) is found out within
-/// 40 s, not after the kernel's retransmissions give up (15 minutes), and
-/// the requests sent to it meanwhile fail then instead of waiting for their
-/// timeouts.
-const H2_PING: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
 
 type PooledH2 = (http2::SendRequest<Body>, Instant, u64);
 
@@ -134,10 +124,6 @@ struct IdleConn {
 
 impl WorkloadClients {
     pub fn new(settings: &ProxySettings) -> Self {
-        Self::with_pings(settings, H2_PING)
-    }
-
-    fn with_pings(settings: &ProxySettings, h2_ping: (Duration, Duration)) -> Self {
         Self {
             inner: Arc::new(Pools {
                 mark: settings.socket_mark,
@@ -148,7 +134,6 @@ impl WorkloadClients {
                 h2: Mutex::default(),
                 h2_dials: Default::default(),
                 h2_dialing: Mutex::default(),
-                h2_ping,
                 reaper: Mutex::new(false),
             }),
         }
@@ -429,9 +414,6 @@ impl WorkloadClients {
         // stream) holds its stream's window only, as in the tunnel.
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(self.inner.h2_ping.0)
-            .keep_alive_timeout(self.inner.h2_ping.1)
-            .keep_alive_while_idle(true)
             .max_header_list_size(self.inner.max_header_bytes)
             .initial_stream_window_size(crate::tunnel::STREAM_WINDOW)
             .initial_connection_window_size(crate::tunnel::WORKLOAD_CONNECTION_WINDOW)
@@ -992,40 +974,6 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
-    /// A relay in front of `to` that, once `cut` is set, passes nothing
-    /// more either way but keeps both connections open (a workload whose
-    /// node dropped off the network: no reset, no FIN).
-    async fn black_hole_in_front_of(
-        to: SocketAddr,
-        cut: Arc<std::sync::atomic::AtomicBool>,
-    ) -> SocketAddr {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let server = tokio::net::TcpStream::connect(to).await.unwrap();
-                let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
-                for (mut r, mut w) in [(cr, sw), (sr, cw)] {
-                    let cut = cut.clone();
-                    tokio::spawn(async move {
-                        let mut buf = [0u8; 4096];
-                        while let Ok(n @ 1..) = r.read(&mut buf).await {
-                            if !cut.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                        // Held open: read nothing more, send nothing.
-                        std::future::pending::<()>().await;
-                        drop(w);
-                    });
-                }
-            }
-        });
-        addr
-    }
-
     /// A burst of first requests to an HTTP/2 workload shares one new
     /// connection (each opened its own, and all but the last were closed
     /// when their request ended).
@@ -1079,28 +1027,6 @@ mod tests {
             .count();
         assert_eq!(shared, 4, "one dial, its failure shared: {errors:?}");
         drop((listener, fill));
-    }
-
-    /// A workload that stops answering without a reset: its HTTP/2
-    /// connection's pings go unanswered and the request on it fails,
-    /// instead of waiting for ever (or its route's timeout).
-    #[tokio::test]
-    async fn an_http2_workload_that_vanishes_is_found_out_by_pings() {
-        let (server, _, _) = h2_server(Arc::new(tokio::sync::Notify::new())).await;
-        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let addr = black_hole_in_front_of(server, cut.clone()).await;
-        let ping = Duration::from_millis(100);
-        let c = WorkloadClients::with_pings(&ProxySettings::default(), (ping, ping));
-        let resp = c.send(addr, Protocol::Http2, h2_get("/")).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        cut.store(true, Ordering::SeqCst);
-        let r = tokio::time::timeout(Duration::from_secs(10), async {
-            c.send(addr, Protocol::Http2, h2_get("/")).await?;
-            Ok::<_, UpstreamError>(())
-        })
-        .await
-        .expect("the request fails, not waits");
-        assert!(r.is_err(), "answered through a black hole");
     }
 
     /// An HTTP/2 workload that says GOAWAY (a gRPC server past its
