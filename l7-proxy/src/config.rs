@@ -241,14 +241,6 @@ impl ProxySettings {
             ),
             ("tunnel_max_streams", self.tunnel_max_streams.into()),
             ("tunnel_max_connections", self.tunnel_max_connections as u64),
-            (
-                "max_handshakes_per_peer",
-                self.max_handshakes_per_peer.into(),
-            ),
-            (
-                "max_tunnel_connections_per_peer",
-                self.max_tunnel_connections_per_peer.into(),
-            ),
         ];
         match must_not_be_zero.iter().find(|(_, v)| *v == 0) {
             Some((name, _)) => Err(format!(

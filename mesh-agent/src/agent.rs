@@ -936,7 +936,14 @@ mod tests {
             e.starts_with("--proxy-setting connect_timeout_ms=0: connect_timeout_ms cannot be 0"),
             "{e}"
         );
-        assert!(proxy_settings(base.clone(), &o(&["tunnel_idle_timeout_ms=0"])).is_ok());
+        // (The per-peer caps at 0 are off.)
+        for off in [
+            "tunnel_idle_timeout_ms=0",
+            "max_handshakes_per_peer=0",
+            "max_tunnel_connections_per_peer=0",
+        ] {
+            assert!(proxy_settings(base.clone(), &o(&[off])).is_ok(), "{off}");
+        }
     }
 
     /// A dual-stack node's proxy captures both families by default, on
