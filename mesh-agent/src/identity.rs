@@ -142,21 +142,25 @@ impl Identities {
                         }
                     })
                     .collect();
-                // A round of its own: the next change (a pod gone, whose
-                // identity must stop being served at once) must not wait
-                // for this one's certificates, which a CA that does not
+                // Applied here, in the order of the changes; the new
+                // identities' certificates in a round of its own: the next
+                // change (a pod gone, whose identity must stop being served
+                // at once) must not wait for them, which a CA that does not
                 // answer can hold for ten seconds each. Rounds at once
                 // share the manager's concurrency, and take different
                 // identities.
-                let manager = manager.clone();
-                tokio::spawn(async move {
-                    match manager.set_identities(wanted).await {
-                        Ok(report) => tracing::debug!(?report, "identities updated"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "updating identities; retried on the next change")
-                        }
+                match manager.want(wanted) {
+                    Ok(()) => {
+                        let manager = manager.clone();
+                        tokio::spawn(async move {
+                            let report = manager.rotate_due().await;
+                            tracing::debug!(?report, "identities updated");
+                        });
                     }
-                });
+                    Err(e) => {
+                        tracing::warn!(error = %e, "updating identities; retried on the next change")
+                    }
+                }
                 if ids.changed().await.is_err() {
                     return;
                 }

@@ -305,6 +305,16 @@ impl IdentityManager {
         &self,
         wanted: impl IntoIterator<Item = SpiffeId>,
     ) -> Result<RotationReport, IdentityError> {
+        self.want(wanted)?;
+        Ok(self.rotate_due().await)
+    }
+
+    /// [`IdentityManager::set_identities`] without the issuance: the
+    /// identities no longer wanted are dropped at once, the new ones are
+    /// due (for the background loop, woken, or a [`IdentityManager::rotate_due`]
+    /// of the caller's). Applied in the order of the calls, whatever their
+    /// rounds take.
+    pub fn want(&self, wanted: impl IntoIterator<Item = SpiffeId>) -> Result<(), IdentityError> {
         let wanted: HashSet<SpiffeId> = wanted.into_iter().collect();
         for id in &wanted {
             self.check_domain(id)?;
@@ -327,7 +337,7 @@ impl IdentityManager {
         };
         self.drop_live(&removed);
         self.inner.wake.notify_one();
-        Ok(self.rotate_due().await)
+        Ok(())
     }
 
     /// Adds one identity and obtains its certificate now. On failure the
