@@ -89,8 +89,12 @@ pub struct State {
     /// traffic to them is HTTP only.
     http_ports: FastMap<ObjectRef, Vec<u16>>,
     /// Pod ports a Service of the pod's namespace declares `tcp`: traffic
-    /// to them is opaque TCP only (unless another declares them HTTP).
+    /// to them is opaque TCP only (unless another leads to them without
+    /// saying `tcp`: `open_ports`).
     tcp_ports: FastMap<ObjectRef, Vec<u16>>,
+    /// Pod ports a Service of the pod's namespace leads to without
+    /// declaring them `tcp` (HTTP, another protocol, or nothing).
+    open_ports: FastMap<ObjectRef, Vec<u16>>,
 }
 
 /// Pod ports that a Service of the pod's own namespace declares HTTP. Only
@@ -106,6 +110,33 @@ fn declared_http_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
 /// [`declared_http_ports`] finds those declared HTTP.
 fn declared_tcp_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
     declared_ports(snapshot, |s| &s.tcp_ports, ServicePort::declares_tcp)
+}
+
+/// Pod ports that a Service of the pod's own namespace leads to without
+/// declaring them `tcp`: where HTTP may come through that Service.
+fn open_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
+    let mut ports: FastMap<ObjectRef, Vec<u16>> = FastMap::default();
+    for w in &snapshot.local_workloads {
+        for sel in &w.selected_by {
+            if sel.service.namespace == w.id.namespace {
+                for p in sel.ports.iter().filter(|p| !sel.tcp_ports.contains(p)) {
+                    add_port(ports.entry(w.id.clone()).or_default(), *p);
+                }
+            }
+        }
+    }
+    for svc in &snapshot.services {
+        for p in svc.ports.iter().filter(|p| !p.declares_tcp()) {
+            for ep in &svc.endpoints {
+                if let (Some(w), Some(port)) = (&ep.workload, ep.target_for(p))
+                    && w.namespace == svc.id.namespace
+                {
+                    add_port(ports.entry(w.clone()).or_default(), port);
+                }
+            }
+        }
+    }
+    ports
 }
 
 /// Pod ports declared by the Service ports `declares` picks (and, for local
@@ -178,6 +209,7 @@ impl State {
             routes,
             http_ports: declared_http_ports(&snapshot),
             tcp_ports: declared_tcp_ports(&snapshot),
+            open_ports: open_ports(&snapshot),
             ..Default::default()
         };
         for svc in &snapshot.services {
@@ -300,13 +332,19 @@ impl State {
     }
 
     /// Whether a Service of its namespace declares `port` of the pod
-    /// `workload` `appProtocol: tcp`, and none declares it HTTP: it is then
-    /// only ever sent opaque TCP.
+    /// `workload` `appProtocol: tcp`, and every Service of its namespace
+    /// leading to it does: it is then only ever sent opaque TCP (HTTP may
+    /// come through one that says nothing, or HTTP).
     pub fn declared_tcp(&self, workload: &ObjectRef, port: u16) -> bool {
-        self.tcp_ports
-            .get(workload)
-            .is_some_and(|ports| ports.contains(&port))
-            && !self.declared_http(workload, port)
+        !self.tcp_ports.is_empty()
+            && self
+                .tcp_ports
+                .get(workload)
+                .is_some_and(|ports| ports.contains(&port))
+            && !self
+                .open_ports
+                .get(workload)
+                .is_some_and(|ports| ports.contains(&port))
     }
 
     /// Whether `ip` is the address of a node proxy of the mesh (as
@@ -521,6 +559,32 @@ mod tests {
             }],
             affinity_timeout_s: None,
         }
+    }
+
+    /// A pod port is TCP only when every Service of its namespace leading
+    /// to it says `tcp`: one that says nothing (or HTTP) carries HTTP to it.
+    #[test]
+    fn a_pod_port_is_tcp_only_when_every_service_leading_to_it_says_tcp() {
+        let snap = |apps: &[Option<&str>]| Snapshot {
+            services: apps
+                .iter()
+                .enumerate()
+                .map(|(i, app)| cart_service("shop", &format!("s{i}"), vec![], 9000, *app))
+                .chain([cart_service("evil", "open", vec![], 9000, None)])
+                .collect(),
+            ..Default::default()
+        };
+        let cart = ObjectRef::new("shop", "cart-0");
+        let tcp = |apps: &[Option<&str>]| {
+            State::build(Arc::new(snap(apps)))
+                .0
+                .declared_tcp(&cart, 9000)
+        };
+        assert!(tcp(&[Some("tcp")]), "another namespace has no say");
+        assert!(tcp(&[Some("tcp"), Some("TCP")]));
+        assert!(!tcp(&[Some("tcp"), None]));
+        assert!(!tcp(&[Some("tcp"), Some("http")]));
+        assert!(!tcp(&[None]));
     }
 
     #[test]
