@@ -165,8 +165,9 @@ impl Pick {
         }
     }
 
-    /// A TCP connection to the endpoint is open: nothing to measure (its
-    /// length is the caller's), and nothing to count when it ends.
+    /// Nothing to measure: a TCP connection to the endpoint is open (its
+    /// length is the caller's), or an attempt ended by the caller's own
+    /// body failing; and nothing to count when the pick drops.
     pub fn connected(&self) {
         self.settled.store(true, Ordering::Relaxed);
     }
@@ -220,8 +221,9 @@ impl Drop for Pick {
     fn drop(&mut self) {
         if !self.settled.load(Ordering::Relaxed) {
             // Given up on: it took at least this long (never lowering the
-            // estimate, as a caller that left early says little).
-            self.sample(true, f64::max);
+            // estimate, as a caller that left early says little), counted
+            // no worse than an endpoint that could not be reached.
+            self.sample(true, |rtt, old| rtt.max(old).min(UNREACHABLE_NS as f64));
         }
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -497,12 +499,14 @@ mod tests {
                 p.answered(http::StatusCode::OK);
             } else {
                 hung += 1;
-                // Dropped at a 1 s per-try timeout, unanswered.
-                p.started -= Duration::from_secs(1);
+                // Dropped at a 10-minute timeout, unanswered.
+                p.started -= Duration::from_secs(600);
             }
         }
         assert!(hung <= 2, "{hung} of 200 went to the endpoint that hangs");
-        assert!(b.ewma(hangs) >= Duration::from_secs(1));
+        // As bad as unreachable, no worse (one slow caller must not keep
+        // an endpoint out for longer than an outage would).
+        assert_eq!(b.ewma(hangs), Duration::from_nanos(UNREACHABLE_NS));
         // A TCP connection's length (an hour) is not a latency.
         let mut p = b.pick(&[b.load(ok)]).unwrap();
         p.started -= Duration::from_secs(3600);

@@ -220,7 +220,9 @@ pub(crate) async fn handle(
                         reason: None,
                     },
                     Err(e) => Outcome {
-                        tried: Some(up),
+                        // Only when it may have crossed (not a failure to
+                        // reach the endpoint, which sent nothing).
+                        tried: (!e.unreachable && !e.retryable).then_some(up),
                         attempts: 1,
                         ..Outcome::local(e.status, e.reason, Label::default(), dest)
                     },
@@ -664,6 +666,9 @@ async fn route_request(
         // When a retry would go, read once the attempt is over: the answer
         // in hand is kept or dropped by the same reading as the backoff.
         let mut retry_at = None;
+        // Whether this attempt may have crossed to the endpoint (not one
+        // that found none, or could not reach it, which sent nothing).
+        let mut crossed = false;
         let failure = match (pick, taken) {
             // Not retried: the request's endpoints are those of its
             // snapshot, and none will be ready on a later attempt either.
@@ -736,6 +741,8 @@ async fn route_request(
                 if result.is_err()
                     && let Some(f) = body.failed()
                 {
+                    // The caller's failure, not the endpoint's.
+                    pick.connected();
                     let status = if f.timed_out {
                         StatusCode::REQUEST_TIMEOUT
                     } else {
@@ -802,6 +809,7 @@ async fn route_request(
                     }
                     Ok(resp) => {
                         pick.answered(resp.status());
+                        crossed = true;
                         SendError {
                             status: resp.status(),
                             reason: format!("{} answered {}", up.addr, resp.status()),
@@ -822,6 +830,7 @@ async fn route_request(
                         if e.unreachable {
                             pick.unreachable();
                         }
+                        crossed = !e.unreachable && !e.retryable;
                         if matches!(
                             e.status,
                             StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
@@ -834,7 +843,11 @@ async fn route_request(
                 }
             }
         };
-        let last_tried = || tried.map(|i| ready.upstreams[i].clone());
+        let last_tried = || {
+            tried
+                .filter(|_| crossed)
+                .map(|i| ready.upstreams[i].clone())
+        };
         if !(failure.retryable && may_retry && body.settle()) {
             return Outcome {
                 attempts,

@@ -649,7 +649,7 @@ impl TunnelPool {
         // end, and a failed one would never be noted for the requests after
         // it. The dial's own timeouts bound it.
         let dial = tokio::spawn(self.clone().dial_and_pool(key.clone(), last_failure));
-        let conn = match dial.await {
+        let (conn, guard) = match dial.await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 if has_conns() {
@@ -666,17 +666,19 @@ impl TunnelPool {
                 });
             }
         };
-        let guard = take_stream(&conn);
         Ok(Some((conn, guard)))
     }
 
-    /// Dials `key` and pools the connection, or notes the failure, holding
-    /// the key's dial lock (`last_failure`) throughout.
+    /// Dials `key` and pools the connection with a stream taken for the
+    /// request that dialled it (before the waiters woken here could fill
+    /// it; given back with the task's output if that request is gone), or
+    /// notes the failure, holding the key's dial lock (`last_failure`)
+    /// throughout.
     async fn dial_and_pool(
         self,
         key: TunnelKey,
         mut last_failure: tokio::sync::OwnedMutexGuard<Option<LastFailure>>,
-    ) -> Result<Arc<TunnelConn>, TunnelError> {
+    ) -> Result<(Arc<TunnelConn>, StreamGuard), TunnelError> {
         let conn = match self.dial(&key).await {
             Ok(c) => c,
             Err(e) => {
@@ -689,6 +691,7 @@ impl TunnelPool {
             }
         };
         *last_failure = None;
+        let guard = take_stream(&conn);
         self.inner
             .conns
             .lock()
@@ -700,7 +703,7 @@ impl TunnelPool {
         if conn.room.waiting.load(Ordering::SeqCst) > 0 {
             conn.room.freed.notify_waiters();
         }
-        Ok(conn)
+        Ok((conn, guard))
     }
 
     /// The least busy open connection with a free stream slot: below our

@@ -630,6 +630,34 @@ async fn a_tunnelled_request_that_times_out_is_logged_with_the_identity_it_went_
     mesh.shutdown().await;
 }
 
+/// A request that never crossed (its endpoint's node proxy could not be
+/// reached) is not logged as secured, nor with an identity it never met.
+#[tokio::test]
+async fn a_request_whose_tunnel_never_opened_is_not_logged_as_secured() {
+    let (log, _default) = capture_access_log();
+    let mesh = Mesh::standard().await;
+    let (_srv, port) = servers(&[cart(1)]).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut down = mesh.service("cart", 1, port, &[cart(1)]);
+    down.endpoints[0].node_proxy = Some(closed);
+    mesh.publish(&Snapshot {
+        services: vec![down],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    let status = c.get("/nowhere").await.status;
+    assert!(status == 503 || status == 502, "{status}");
+    let (text, records) = access_records(&log);
+    let r = record(&records, &text, "outbound", Some("/nowhere"));
+    assert_eq!(r["secured"], false, "{r}");
+    assert!(r["destination_identity"].is_null(), "{r}");
+    mesh.shutdown().await;
+}
+
 /// The `cart` service at `port` on pod cart-0, behind a route whose
 /// requests time out after `ms`.
 async fn publish_cart_with_request_timeout(mesh: &Mesh, port: u16, ms: u64) {
