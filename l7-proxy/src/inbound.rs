@@ -504,7 +504,10 @@ async fn serve_stream(
     // The workload clients frame the body by its declared content-length
     // (which `h2` holds the stream to): no size hint needed.
     let req = Request::from_parts(parts, RecvBody::new(recv));
+    // A quarter later than the caller's node's own timers (see
+    // `handle_http`), which answer their caller first.
     let idle = shared.settings.exchange_idle_timeout();
+    let idle = idle.saturating_add(idle / 4);
     // A peer that resets the stream (its caller gave up) ends the request.
     let resp = tokio::select! {
         biased;

@@ -550,13 +550,13 @@ async fn slow_forwarder(to: SocketAddr, delay: std::time::Duration) -> SocketAdd
 async fn a_dial_outlives_the_request_given_up_on_while_it_ran() {
     let mesh = Mesh::standard().await;
     let (_srv, port) = servers(&[cart(0), cart(1), cart(2)]).await;
-    let slow = slow_forwarder(mesh.node_b_proxy(), std::time::Duration::from_millis(800)).await;
+    let slow = slow_forwarder(mesh.node_b_proxy(), std::time::Duration::from_millis(1500)).await;
     let mut v1 = mesh.service("v1", 11, port, &[cart(1)]);
     v1.endpoints[0].node_proxy = Some(slow);
     let mut r = rule(vec![], vec![backend("v1", 1)]);
     r.timeouts = Timeouts {
         request_ms: None,
-        backend_request_ms: Some(300),
+        backend_request_ms: Some(500),
     };
     mesh.publish(&Snapshot {
         services: vec![mesh.service("cart", 1, port, &[cart(0)]), v1],
@@ -566,7 +566,11 @@ async fn a_dial_outlives_the_request_given_up_on_while_it_ran() {
     .await;
     let mut c = client(&mesh).await;
     assert_eq!(c.get("/").await.status, 504, "given up on during the dial");
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The dial goes on, and its connection is pooled.
+    eventually("the dialled connection pooled", || {
+        mesh.a.proxy().tunnel_connections() == 1
+    })
+    .await;
     let r = c.get("/").await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.server(), "cart-1");
