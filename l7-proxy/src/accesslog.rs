@@ -71,29 +71,31 @@ fn write(record: &impl Serialize) {
 /// it (its task aborted past the drain timeout).
 pub const CUT_AT_SHUTDOWN: &str = "the proxy's shutdown cut it (drain timeout over)";
 
-/// Writes a connection's record (`emit`, given [`CUT_AT_SHUTDOWN`]) if it is
-/// dropped before [`UnlessLogged::logged`]: a relay whose task the proxy's
-/// shutdown aborts never reaches its own line, and must not vanish from the
-/// log. Not on a panic (logged as what it is).
-pub struct UnlessLogged<F: FnOnce(&str)>(Option<F>);
+/// A connection's record, written once with the reason it ended
+/// ([`OnEnd::log`]), or with [`CUT_AT_SHUTDOWN`] if it is dropped first: a
+/// relay whose task the proxy's shutdown aborts never reaches its own line,
+/// and must not vanish from the log. Not on a panic (logged as what it is).
+pub struct OnEnd<F: FnOnce(Option<&str>)>(Option<F>);
 
-impl<F: FnOnce(&str)> UnlessLogged<F> {
+impl<F: FnOnce(Option<&str>)> OnEnd<F> {
     pub fn new(emit: F) -> Self {
-        UnlessLogged(Some(emit))
+        OnEnd(Some(emit))
     }
 
-    /// The connection's own line is written (or about to be).
-    pub fn logged(mut self) {
-        self.0 = None;
+    /// Writes the record: `reason` why it ended, if not cleanly.
+    pub fn log(mut self, reason: Option<&str>) {
+        if let Some(emit) = self.0.take() {
+            emit(reason);
+        }
     }
 }
 
-impl<F: FnOnce(&str)> Drop for UnlessLogged<F> {
+impl<F: FnOnce(Option<&str>)> Drop for OnEnd<F> {
     fn drop(&mut self) {
         if let Some(emit) = self.0.take()
             && !std::thread::panicking()
         {
-            emit(CUT_AT_SHUTDOWN);
+            emit(Some(CUT_AT_SHUTDOWN));
         }
     }
 }

@@ -794,12 +794,12 @@ async fn handle_connect(
         secured: true,
     };
     let (sent, received) = count_relay(&shared.metrics, &labels, Some(row.clone()));
-    let unless_logged = crate::accesslog::UnlessLogged::new(|reason: &str| {
+    let on_end = crate::accesslog::OnEnd::new(|reason: Option<&str>| {
         AccessRecord {
             bytes_sent: Some(row.sent()),
             bytes_received: Some(row.received()),
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
-            reason: Some(reason),
+            reason,
             ..stream_record(&tp, target, &workload, "tcp")
         }
         .emit()
@@ -823,16 +823,8 @@ async fn handle_connect(
         crate::abort::disarm_reset(&upstream);
     }
     drop(upstream);
-    unless_logged.logged();
     let reason = result.err().map(|e| e.to_string());
-    AccessRecord {
-        bytes_sent: Some(row.sent()),
-        bytes_received: Some(row.received()),
-        duration_ms: start.elapsed().as_secs_f64() * 1e3,
-        reason: reason.as_deref(),
-        ..stream_record(&tp, target, &workload, "tcp")
-    }
-    .emit();
+    on_end.log(reason.as_deref());
 }
 
 /// Answers a CONNECT stream with `200` and returns it as a byte stream

@@ -458,14 +458,14 @@ async fn serve_tcp(
     // Cut by the proxy's shutdown from here on: a reset (disarmed below).
     crate::abort::arm_reset(io.inner());
     let dest_name = destination.as_ref().map(|d| d.to_string());
-    let unless_logged = crate::accesslog::UnlessLogged::new({
+    let on_end = crate::accesslog::OnEnd::new({
         let (source, upstream, dest_name, row) = (
             source.clone(),
             upstream.clone(),
             dest_name.clone(),
             row.clone(),
         );
-        move |reason: &str| {
+        move |reason: Option<&str>| {
             log_tcp(
                 &source,
                 peer,
@@ -476,7 +476,7 @@ async fn serve_tcp(
                 start,
                 row.sent(),
                 row.received(),
-                Some(reason),
+                reason,
             )
         }
     });
@@ -578,19 +578,7 @@ async fn serve_tcp(
     if let Some(r) = &reason {
         tracing::debug!(%peer, to = %upstream.addr, "outbound TCP connection ended: {r}");
     }
-    unless_logged.logged();
-    log_tcp(
-        &source,
-        peer,
-        upstream.addr,
-        dest_name,
-        upstream.tunnel.as_ref().map(|t| &t.identity),
-        upstream.tunnel.is_some(),
-        start,
-        row.sent(),
-        row.received(),
-        reason.as_deref(),
-    );
+    on_end.log(reason.as_deref());
 }
 
 #[allow(clippy::too_many_arguments)]
