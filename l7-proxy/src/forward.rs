@@ -1265,6 +1265,11 @@ async fn send_upgrade(
                     },
                     e => SendError::tunnel(e),
                 })?;
+            // The caller's connection shows the tunnel's TLS, as for its
+            // plain requests (an upgrade is never a mirror's).
+            if let Some(row) = &conn.row {
+                row.tunnel_tls(&tls);
+            }
             (
                 Box::new(stream),
                 Some(crate::conntable::TlsInfo::clone(&tls)),

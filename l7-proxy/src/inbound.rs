@@ -693,15 +693,6 @@ async fn handle_connect(
             &format!("{target} is declared HTTP (appProtocol) and takes no opaque TCP stream"),
         );
     }
-    // And an HTTP request (an upgrade's) to a port declared TCP would
-    // deliver bytes a policy allowed by method and path to a server that
-    // reads them otherwise.
-    if upgrade && state.declared_tcp(&workload.id, target.port()) {
-        return refuse(
-            (Some(&workload), Some(target)),
-            &declared_tcp_refusal(target),
-        );
-    }
     if !upgrade
         && let Verdict::Deny(denial) =
             authorize(&state, &tp.identity, &workload, target.port(), None)
@@ -950,6 +941,14 @@ async fn upgrade_request(
                     .into(),
             ));
         };
+        // An HTTP request to a port declared TCP would deliver bytes a
+        // policy allowed by method and path to a server that reads them
+        // otherwise: refused as the plain requests are (`handle_http`).
+        if shared.state().declared_tcp(&workload.id, target.port()) {
+            let reason = declared_tcp_refusal(target);
+            deny(shared, tp, (Some(workload), Some(target)), "http", &reason);
+            return Err((StatusCode::FORBIDDEN, reason));
+        }
         let facts = HttpFacts {
             method: &method,
             path: &path,

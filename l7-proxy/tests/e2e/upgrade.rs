@@ -408,6 +408,51 @@ async fn an_upgrade_the_workload_never_answers_is_answered_504() {
     mesh.shutdown().await;
 }
 
+/// A caller's connection whose one request is a WebSocket through the
+/// tunnel shows the tunnel's TLS in the connection table (`sluice tls`),
+/// as one with plain requests does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_only_connection_shows_the_tunnels_tls() {
+    let (mesh, _, _seen) = cart_mesh(vec![]).await;
+    let (tcp, head) = upgrade(&mesh, web().ip, "/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let rows = mesh.a.proxy().connections();
+    let row = rows
+        .iter()
+        .find(|r| r.kind == l7_proxy::conntable::ConnKind::OutboundHttp)
+        .unwrap_or_else(|| panic!("no HTTP row: {rows:?}"));
+    let tls = row.meta.tls.as_ref().expect("the tunnel's TLS");
+    assert_eq!(tls.version, "TLSv1.3", "{row:?}");
+    drop(tcp);
+    mesh.shutdown().await;
+}
+
+/// An upgrade request to a pod port declared `appProtocol: tcp` is refused
+/// on the stream with `403` and the reason, as a plain request is (it was
+/// reset, which reached the caller as a bare 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_a_port_declared_tcp_is_refused_with_403() {
+    let mesh = Mesh::standard().await;
+    let (addr, seen) = upgrade_server("cart-0", SocketAddr::new(cart(0).ip, 0)).await;
+    let mut svc = mesh.service("cart", 1, addr.port(), &[cart(0)]);
+    svc.ports[0].app_protocol = Some("tcp".into());
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        ..Default::default()
+    })
+    .await;
+    let answer = raw_upgrade_stream(
+        &mesh,
+        addr,
+        "GET /public/feed HTTP/1.1\r\nhost: c\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer:?}");
+    assert!(answer.contains("declared TCP"), "{answer}");
+    assert!(seen.lock().unwrap().is_empty(), "the workload saw nothing");
+    mesh.shutdown().await;
+}
+
 /// A denied upgrade request's access record on the workload's node names
 /// the policies; the caller's answer does not.
 #[tokio::test]
