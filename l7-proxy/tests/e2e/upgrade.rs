@@ -408,6 +408,38 @@ async fn an_upgrade_the_workload_never_answers_is_answered_504() {
     mesh.shutdown().await;
 }
 
+/// An HTTP/2 WebSocket that goes idle is ended with its stream's end, a
+/// plain close as for an HTTP/1.1 one, not reset as if it broke off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_websocket_ends_cleanly() {
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.tcp_idle_timeout_ms = 300,
+    )
+    .await;
+    let _served = serve_upgrade_cart(&mesh, vec![]).await;
+    let mut h2 = websocket_client(&mesh).await;
+    let (resp, _send) = h2.send_request(websocket("/chat/watch"), false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    let mut socket = resp.into_body();
+    assert_eq!(read_h2(&mut socket, 11).await, b"srv=cart-0;");
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.data().await {
+                // The end may come as an empty last frame.
+                Some(Ok(b)) if b.is_empty() => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("the idle WebSocket ends");
+    assert!(end.is_none(), "not a plain end: {end:?}");
+    mesh.shutdown().await;
+}
+
 /// A caller's connection whose one request is a WebSocket through the
 /// tunnel shows the tunnel's TLS in the connection table (`sluice tls`),
 /// as one with plain requests does.
