@@ -220,9 +220,8 @@ pub(crate) async fn handle(
                         reason: None,
                     },
                     Err(e) => Outcome {
-                        // Only when it may have crossed (not a failure to
-                        // reach the endpoint, which sent nothing).
-                        tried: (!e.unreachable && !e.retryable).then_some(up),
+                        // Only when it may have crossed.
+                        tried: e.crossed.then_some(up),
                         attempts: 1,
                         ..Outcome::local(e.status, e.reason, Label::default(), dest)
                     },
@@ -680,12 +679,14 @@ async fn route_request(
                 ),
                 retryable: false,
                 unreachable: false,
+                crossed: false,
             },
             (Some(_), None) => SendError {
                 status: StatusCode::BAD_GATEWAY,
                 reason: "request body already consumed by an earlier attempt".into(),
                 retryable: false,
                 unreachable: false,
+                crossed: false,
             },
             (Some(pick), Some(b)) => {
                 let up = &upstreams[pick.index];
@@ -710,6 +711,7 @@ async fn route_request(
                                 // below for when it is tried again.
                                 retryable: false,
                                 unreachable: false,
+                                crossed: up.tunnel.is_some(),
                             })
                         }),
                         None => send.await,
@@ -815,6 +817,7 @@ async fn route_request(
                             reason: format!("{} answered {}", up.addr, resp.status()),
                             retryable: true,
                             unreachable: false,
+                            crossed: false,
                         }
                     }
                     // GEP-1731: with a retry stanza, connection errors
@@ -830,7 +833,7 @@ async fn route_request(
                         if e.unreachable {
                             pick.unreachable();
                         }
-                        crossed = !e.unreachable && !e.retryable;
+                        crossed = e.crossed;
                         if matches!(
                             e.status,
                             StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT
@@ -927,6 +930,10 @@ struct SendError {
     /// timed out, its node proxy's handshake failed): the balancer keeps
     /// other requests away from it for a while.
     unreachable: bool,
+    /// It went (or may have gone) across the tunnel to the endpoint's node
+    /// proxy: the access log shows it secured, with the identity it went
+    /// to. Not for one that found no endpoint or node proxy, or no stream.
+    crossed: bool,
 }
 
 impl SendError {
@@ -943,6 +950,9 @@ impl SendError {
             retryable: unreached,
             reason: e.to_string(),
             unreachable: e.is_unreachable(),
+            // The stream opened (a failure after it, a refusal by the far
+            // proxy): across the tunnel.
+            crossed: !unreached,
         }
     }
 
@@ -965,6 +975,8 @@ impl SendError {
                 reason: format!("the node proxy of {addr} could not reach it: {why}"),
                 retryable: true,
                 unreachable: true,
+                // Across the tunnel, to a node proxy that answered.
+                crossed: true,
             }
         })
     }
@@ -1142,6 +1154,7 @@ async fn send_once(
                         .into(),
                     retryable: false,
                     unreachable: false,
+                    crossed: false,
                 });
             }
             None => {}
@@ -1163,6 +1176,7 @@ async fn send_once(
                 reason: format!("request authority is not valid: {e}"),
                 retryable: false,
                 unreachable: false,
+                crossed: false,
             })?;
             let mut uri = std::mem::take(&mut parts.uri).into_parts();
             uri.scheme = Some(Scheme::HTTP);
@@ -1175,6 +1189,7 @@ async fn send_once(
                 reason: format!("request target is not valid: {e}"),
                 retryable: false,
                 unreachable: false,
+                crossed: false,
             })?;
             parts.version = Version::HTTP_2;
             parts.headers.insert(TARGET, up.target.clone());
@@ -1213,6 +1228,7 @@ async fn send_once(
                     retryable: e.is_connect(),
                     reason: format!("sending to {}: {e}", up.addr),
                     unreachable: e.is_unreachable(),
+                    crossed: false,
                 })?;
             let mut resp = resp.map(boxed);
             // A workload outside the mesh speaks HTTP/1.1 to this hop
@@ -1249,6 +1265,7 @@ async fn send_upgrade(
                     reason: format!("upgrade request path is not valid: {e}"),
                     retryable: false,
                     unreachable: false,
+                    crossed: false,
                 })?;
             let (stream, tls) = shared
                 .pool
@@ -1262,6 +1279,7 @@ async fn send_upgrade(
                         reason: e.to_string(),
                         retryable: false,
                         unreachable: false,
+                        crossed: true,
                     },
                     e => SendError::tunnel(e),
                 })?;
@@ -1284,6 +1302,7 @@ async fn send_upgrade(
                     reason: format!("connecting to {}: {e}", up.addr),
                     retryable: true,
                     unreachable: crate::connect::peer_unreachable(&e),
+                    crossed: false,
                 })?;
             (Box::new(tcp), None)
         }
@@ -1320,6 +1339,7 @@ async fn send_upgrade(
                 reason: format!("upgrade request to {}: {e}", up.addr),
                 retryable: false,
                 unreachable: false,
+                crossed: tunnel.is_some(),
             })?;
     if tunnel.is_some()
         && let Some(e) = SendError::workload_unreachable(&resp, up.addr)
@@ -1340,6 +1360,7 @@ async fn send_upgrade(
             ),
             retryable: false,
             unreachable: false,
+            crossed: false,
         });
     }
     Ok(Response::from_parts(rp, boxed(rb)))

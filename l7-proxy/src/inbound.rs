@@ -757,7 +757,11 @@ async fn handle_connect(
             return reply(
                 respond,
                 proxy_response(status, &reason),
-                shared.settings.exchange_idle_timeout(),
+                // As every reply of this node's (`serve_stream`).
+                {
+                    let idle = shared.settings.exchange_idle_timeout();
+                    idle.saturating_add(idle / 4)
+                },
             )
             .await;
         }

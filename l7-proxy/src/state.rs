@@ -114,11 +114,15 @@ fn declared_tcp_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
 
 /// Pod ports that a Service of the pod's own namespace leads to without
 /// declaring them `tcp`: where HTTP may come through that Service.
-fn open_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
+/// Only for the pods of `tcp` (those with ports declared tcp).
+fn open_ports(
+    snapshot: &Snapshot,
+    tcp: &FastMap<ObjectRef, Vec<u16>>,
+) -> FastMap<ObjectRef, Vec<u16>> {
     let mut ports: FastMap<ObjectRef, Vec<u16>> = FastMap::default();
     for w in &snapshot.local_workloads {
         for sel in &w.selected_by {
-            if sel.service.namespace == w.id.namespace {
+            if sel.service.namespace == w.id.namespace && tcp.contains_key(&w.id) {
                 for p in sel.ports.iter().filter(|p| !sel.tcp_ports.contains(p)) {
                     add_port(ports.entry(w.id.clone()).or_default(), *p);
                 }
@@ -130,6 +134,7 @@ fn open_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
             for ep in &svc.endpoints {
                 if let (Some(w), Some(port)) = (&ep.workload, ep.target_for(p))
                     && w.namespace == svc.id.namespace
+                    && tcp.contains_key(w)
                 {
                     add_port(ports.entry(w.clone()).or_default(), port);
                 }
@@ -209,9 +214,14 @@ impl State {
             routes,
             http_ports: declared_http_ports(&snapshot),
             tcp_ports: declared_tcp_ports(&snapshot),
-            open_ports: open_ports(&snapshot),
+            open_ports: FastMap::default(),
             ..Default::default()
         };
+        // Only ports declared tcp need the others' say (nothing to build in
+        // a mesh that declares none).
+        if !s.tcp_ports.is_empty() {
+            s.open_ports = open_ports(&snapshot, &s.tcp_ports);
+        }
         for svc in &snapshot.services {
             let svc = Arc::new(svc.clone());
             for p in &svc.ports {

@@ -634,6 +634,37 @@ async fn a_tunnelled_request_that_times_out_is_logged_with_the_identity_it_went_
     mesh.shutdown().await;
 }
 
+/// A request that crossed to a node proxy that could not reach its pod
+/// (gone) is logged as secured, with the identity it went to: it went over
+/// mutual TLS all the same.
+#[tokio::test]
+async fn a_request_whose_pod_is_gone_behind_its_node_proxy_is_logged_as_secured() {
+    let (log, _default) = capture_access_log();
+    let mesh = Mesh::standard().await;
+    let nothing = tokio::net::TcpListener::bind(std::net::SocketAddr::new(cart(1).ip, 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    mesh.publish(&Snapshot {
+        services: vec![mesh.service("cart", 1, nothing, &[cart(1)])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    assert_eq!(c.get("/gone").await.status, 503);
+    let (text, records) = access_records(&log);
+    let r = record(&records, &text, "outbound", Some("/gone"));
+    assert_eq!(r["secured"], true, "{r}");
+    assert_eq!(
+        r["destination_identity"],
+        cart(1).identity().to_string(),
+        "{r}"
+    );
+    mesh.shutdown().await;
+}
+
 /// A request that never crossed (its endpoint's node proxy could not be
 /// reached) is not logged as secured, nor with an identity it never met.
 #[tokio::test]
