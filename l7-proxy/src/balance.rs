@@ -81,20 +81,16 @@ impl Default for Sticky {
 /// How long an endpoint that could not be reached loses its sticky clients.
 const UNREACHABLE_HOLD_NS: u64 = 10_000_000_000;
 
-/// Of two of `candidates` (at least two) drawn at random, the cheaper.
-fn choose_of_two(candidates: &[Arc<EndpointLoad>], now_ns: u64) -> usize {
-    let n = candidates.len();
+/// Of two of `n` candidates (at least two) drawn at random, the one of
+/// lower `cost`.
+fn choose_of_two(n: usize, cost: impl Fn(usize) -> f64) -> usize {
     let mut rng = rand::rng();
     let a = rng.random_range(0..n);
     let mut b = rng.random_range(0..n - 1);
     if b >= a {
         b += 1;
     }
-    if candidates[a].cost(now_ns) <= candidates[b].cost(now_ns) {
-        a
-    } else {
-        b
-    }
+    if cost(a) <= cost(b) { a } else { b }
 }
 
 fn recently_unreachable(load: &EndpointLoad, now_ns: u64) -> bool {
@@ -335,7 +331,7 @@ impl Balancer {
             _ => {}
         }
         let now_ns = self.epoch.elapsed().as_nanos() as u64;
-        let index = choose_of_two(candidates, now_ns);
+        let index = choose_of_two(candidates.len(), |i| candidates[i].cost(now_ns));
         if !recently_unreachable(&candidates[index], now_ns) {
             return Some(index);
         }
@@ -345,11 +341,7 @@ impl Balancer {
         Some(match others.len() {
             0 => index,
             1 => others[0],
-            _ => {
-                let loads: Vec<Arc<EndpointLoad>> =
-                    others.iter().map(|&i| candidates[i].clone()).collect();
-                others[choose_of_two(&loads, now_ns)]
-            }
+            n => others[choose_of_two(n, |i| candidates[others[i]].cost(now_ns))],
         })
     }
 

@@ -281,6 +281,14 @@ impl ProxySettings {
     pub fn exchange_idle_timeout(&self) -> Duration {
         zero_is_never(self.exchange_idle_timeout_ms)
     }
+    /// The exchange idle timeout as the workload's node applies it to a
+    /// request that crossed the tunnel: a quarter later than the caller's
+    /// node, so that an honest peer's own timer ends the exchange first and
+    /// says why to its caller.
+    pub fn workload_side_idle_timeout(&self) -> Duration {
+        let idle = self.exchange_idle_timeout();
+        idle.saturating_add(idle / 4)
+    }
     /// `0` keeps idle connections until the workload closes them.
     pub fn workload_idle_timeout(&self) -> Duration {
         zero_is_never(self.workload_idle_timeout_ms)

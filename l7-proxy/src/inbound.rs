@@ -504,10 +504,7 @@ async fn serve_stream(
     // The workload clients frame the body by its declared content-length
     // (which `h2` holds the stream to): no size hint needed.
     let req = Request::from_parts(parts, RecvBody::new(recv));
-    // A quarter later than the caller's node's own timers (see
-    // `handle_http`), which answer their caller first.
-    let idle = shared.settings.exchange_idle_timeout();
-    let idle = idle.saturating_add(idle / 4);
+    let idle = shared.settings.workload_side_idle_timeout();
     // A peer that resets the stream (its caller gave up) ends the request.
     let resp = tokio::select! {
         biased;
@@ -757,11 +754,7 @@ async fn handle_connect(
             return reply(
                 respond,
                 proxy_response(status, &reason),
-                // As every reply of this node's (`serve_stream`).
-                {
-                    let idle = shared.settings.exchange_idle_timeout();
-                    idle.saturating_add(idle / 4)
-                },
+                shared.settings.workload_side_idle_timeout(),
             )
             .await;
         }
@@ -991,8 +984,7 @@ async fn upgrade_request(
         // hold the stream and its connection for ever: the exchange idle
         // timeout, a quarter later than the caller's node applies it (as
         // for other requests here).
-        let idle = s.exchange_idle_timeout();
-        let wait = idle.saturating_add(idle / 4);
+        let wait = s.workload_side_idle_timeout();
         let exchange = crate::upgrade::exchange(
             shared,
             tcp,
@@ -1209,10 +1201,8 @@ async fn handle_http(
     // As on the caller's side (see `forward::handle`): an exchange that
     // moves in neither direction for the idle timeout ends, so a peer that
     // opens streams and never finishes their bodies cannot hold tasks and
-    // workload connections for ever. A quarter later than there: an honest
-    // peer's own timer ends the exchange first and says why to its caller.
-    let idle = shared.settings.exchange_idle_timeout();
-    let idle = idle.saturating_add(idle / 4);
+    // workload connections for ever, a quarter later than there.
+    let idle = shared.settings.workload_side_idle_timeout();
     let activity = crate::body::Activity::since(start);
     let has_body = !http_body::Body::is_end_stream(&body);
     let body = if has_body {

@@ -17,6 +17,7 @@ pub mod body;
 pub mod config;
 pub mod connect;
 pub mod conntable;
+mod dial;
 mod drain;
 pub mod filters;
 pub mod forward;

@@ -88,13 +88,9 @@ pub struct State {
     /// Service of the pod's namespace declares HTTP (`appProtocol`):
     /// traffic to them is HTTP only.
     http_ports: FastMap<ObjectRef, Vec<u16>>,
-    /// Pod ports a Service of the pod's namespace declares `tcp`: traffic
-    /// to them is opaque TCP only (unless another leads to them without
-    /// saying `tcp`: `open_ports`).
-    tcp_ports: FastMap<ObjectRef, Vec<u16>>,
-    /// Pod ports a Service of the pod's namespace leads to without
-    /// declaring them `tcp` (HTTP, another protocol, or nothing).
-    open_ports: FastMap<ObjectRef, Vec<u16>>,
+    /// Pod ports that Services of the pod's namespace declare `tcp`, every
+    /// one leading to them: traffic to them is opaque TCP only.
+    tcp_only_ports: FastMap<ObjectRef, Vec<u16>>,
 }
 
 /// Pod ports that a Service of the pod's own namespace declares HTTP. Only
@@ -103,71 +99,70 @@ pub struct State {
 /// declares nothing. A local pod's selecting Services declare its ports
 /// too (`selected_by`), before an EndpointSlice lists it.
 fn declared_http_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
-    declared_ports(snapshot, |s| &s.http_ports, ServicePort::declares_http)
+    pod_ports(
+        snapshot,
+        |sel, p| sel.http_ports.contains(&p),
+        ServicePort::declares_http,
+        |_| true,
+    )
 }
 
-/// Pod ports that a Service of the pod's own namespace declares `tcp`, as
-/// [`declared_http_ports`] finds those declared HTTP.
-fn declared_tcp_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
-    declared_ports(snapshot, |s| &s.tcp_ports, ServicePort::declares_tcp)
+/// Pod ports that Services of the pod's own namespace declare `tcp` and
+/// that none of its Services leads to otherwise (one that says nothing,
+/// or HTTP, carries HTTP there).
+fn tcp_only_ports(snapshot: &Snapshot) -> FastMap<ObjectRef, Vec<u16>> {
+    let mut tcp = pod_ports(
+        snapshot,
+        |sel, p| sel.tcp_ports.contains(&p),
+        ServicePort::declares_tcp,
+        |_| true,
+    );
+    // Nothing more to build in a mesh that declares none.
+    if tcp.is_empty() {
+        return tcp;
+    }
+    let open = pod_ports(
+        snapshot,
+        |sel, p| !sel.tcp_ports.contains(&p),
+        |p| !p.declares_tcp(),
+        |w| tcp.contains_key(w),
+    );
+    tcp.retain(|w, ports| {
+        if let Some(open) = open.get(w) {
+            ports.retain(|p| !open.contains(p));
+        }
+        !ports.is_empty()
+    });
+    tcp
 }
 
-/// Pod ports that a Service of the pod's own namespace leads to without
-/// declaring them `tcp`: where HTTP may come through that Service.
-/// Only for the pods of `tcp` (those with ports declared tcp).
-fn open_ports(
+/// Pod ports, by pod, that Services of the pod's own namespace lead to:
+/// through the Service ports `declares` picks (to the pods their
+/// endpoints name), and for local pods, through the ports of their
+/// selecting Services that `selected` picks (before an EndpointSlice lists
+/// them); only for the pods `keep` wants.
+fn pod_ports(
     snapshot: &Snapshot,
-    tcp: &FastMap<ObjectRef, Vec<u16>>,
+    selected: impl Fn(&crate::config::SelectedBy, u16) -> bool,
+    declares: impl Fn(&ServicePort) -> bool,
+    keep: impl Fn(&ObjectRef) -> bool,
 ) -> FastMap<ObjectRef, Vec<u16>> {
     let mut ports: FastMap<ObjectRef, Vec<u16>> = FastMap::default();
-    for w in &snapshot.local_workloads {
+    for w in snapshot.local_workloads.iter().filter(|w| keep(&w.id)) {
         for sel in &w.selected_by {
-            if sel.service.namespace == w.id.namespace && tcp.contains_key(&w.id) {
-                for p in sel.ports.iter().filter(|p| !sel.tcp_ports.contains(p)) {
+            if sel.service.namespace == w.id.namespace {
+                for p in sel.ports.iter().filter(|p| selected(sel, **p)) {
                     add_port(ports.entry(w.id.clone()).or_default(), *p);
                 }
             }
         }
     }
     for svc in &snapshot.services {
-        for p in svc.ports.iter().filter(|p| !p.declares_tcp()) {
-            for ep in &svc.endpoints {
-                if let (Some(w), Some(port)) = (&ep.workload, ep.target_for(p))
-                    && w.namespace == svc.id.namespace
-                    && tcp.contains_key(w)
-                {
-                    add_port(ports.entry(w.clone()).or_default(), port);
-                }
-            }
-        }
-    }
-    ports
-}
-
-/// Pod ports declared by the Service ports `declares` picks (and, for local
-/// pods, listed in `selected`).
-fn declared_ports(
-    snapshot: &Snapshot,
-    selected: fn(&crate::config::SelectedBy) -> &Vec<u16>,
-    declares: fn(&ServicePort) -> bool,
-) -> FastMap<ObjectRef, Vec<u16>> {
-    let mut ports: FastMap<ObjectRef, Vec<u16>> = FastMap::default();
-    for w in &snapshot.local_workloads {
-        for sel in &w.selected_by {
-            if sel.service.namespace == w.id.namespace && !selected(sel).is_empty() {
-                let list = ports.entry(w.id.clone()).or_default();
-                for p in selected(sel).iter().filter(|p| sel.ports.contains(p)) {
-                    add_port(list, *p);
-                }
-            }
-        }
-    }
-    let services = &snapshot.services;
-    for svc in services {
         for p in svc.ports.iter().filter(|p| declares(p)) {
             for ep in &svc.endpoints {
                 if let (Some(w), Some(port)) = (&ep.workload, ep.target_for(p))
                     && w.namespace == svc.id.namespace
+                    && keep(w)
                 {
                     add_port(ports.entry(w.clone()).or_default(), port);
                 }
@@ -213,15 +208,9 @@ impl State {
         let mut s = State {
             routes,
             http_ports: declared_http_ports(&snapshot),
-            tcp_ports: declared_tcp_ports(&snapshot),
-            open_ports: FastMap::default(),
+            tcp_only_ports: tcp_only_ports(&snapshot),
             ..Default::default()
         };
-        // Only ports declared tcp need the others' say (nothing to build in
-        // a mesh that declares none).
-        if !s.tcp_ports.is_empty() {
-            s.open_ports = open_ports(&snapshot, &s.tcp_ports);
-        }
         for svc in &snapshot.services {
             let svc = Arc::new(svc.clone());
             for p in &svc.ports {
@@ -346,13 +335,9 @@ impl State {
     /// leading to it does: it is then only ever sent opaque TCP (HTTP may
     /// come through one that says nothing, or HTTP).
     pub fn declared_tcp(&self, workload: &ObjectRef, port: u16) -> bool {
-        !self.tcp_ports.is_empty()
+        !self.tcp_only_ports.is_empty()
             && self
-                .tcp_ports
-                .get(workload)
-                .is_some_and(|ports| ports.contains(&port))
-            && !self
-                .open_ports
+                .tcp_only_ports
                 .get(workload)
                 .is_some_and(|ports| ports.contains(&port))
     }

@@ -149,13 +149,6 @@ impl std::hash::Hash for TunnelKey {
     }
 }
 
-/// A failed dial, for the requests that queued behind it.
-struct LastFailure {
-    at: Instant,
-    reason: String,
-    unreachable: bool,
-}
-
 struct TunnelConn {
     sender: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
@@ -248,7 +241,7 @@ struct PoolInner {
     table: ConnTable,
     conns: Mutex<FastMap<TunnelKey, Vec<Arc<TunnelConn>>>>,
     /// One dial at a time per key; the last failure, when it came.
-    dialing: Mutex<FastMap<TunnelKey, Arc<tokio::sync::Mutex<Option<LastFailure>>>>>,
+    dialing: crate::dial::DialLocks<TunnelKey>,
     /// Where the requests of each key wait for a stream slot.
     rooms: Mutex<FastMap<TunnelKey, Arc<Room>>>,
 }
@@ -267,7 +260,7 @@ impl TunnelPool {
                 metrics,
                 table,
                 conns: Mutex::default(),
-                dialing: Mutex::default(),
+                dialing: Default::default(),
                 rooms: Mutex::default(),
             }),
         }
@@ -607,15 +600,7 @@ impl TunnelPool {
         if let Some(c) = self.pick(key) {
             return Ok(Some(c));
         }
-        let lock = {
-            let mut d = self.inner.dialing.lock().unwrap_or_else(|e| e.into_inner());
-            // Keys nobody dials now go (peers and identities come and go;
-            // dialling is rare enough to sweep here).
-            d.retain(|k, m| k == key || Arc::strong_count(m) > 1);
-            d.entry(key.clone()).or_default().clone()
-        };
-        let waited_from = Instant::now();
-        let last_failure = lock.lock_owned().await;
+        let turn = self.inner.dialing.turn(key).await;
         // Someone else may have dialled while we waited.
         if let Some(c) = self.pick(key) {
             return Ok(Some(c));
@@ -633,7 +618,7 @@ impl TunnelPool {
         // Or failed: the requests queued behind a dial to a peer that is
         // gone get its failure at once rather than dialling again one after
         // another (each waiting out the connect timeout).
-        if let Some(f) = last_failure.as_ref().filter(|f| f.at >= waited_from) {
+        if let Some(f) = turn.failed_meanwhile() {
             if has_conns() {
                 return Ok(None);
             }
@@ -648,7 +633,7 @@ impl TunnelPool {
         // must not cut the dial short, or no dial to a slow peer would ever
         // end, and a failed one would never be noted for the requests after
         // it. The dial's own timeouts bound it.
-        let dial = tokio::spawn(self.clone().dial_and_pool(key.clone(), last_failure));
+        let dial = tokio::spawn(self.clone().dial_and_pool(key.clone(), turn));
         let (conn, guard) = match dial.await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -672,25 +657,20 @@ impl TunnelPool {
     /// Dials `key` and pools the connection with a stream taken for the
     /// request that dialled it (before the waiters woken here could fill
     /// it; given back with the task's output if that request is gone), or
-    /// notes the failure, holding the key's dial lock (`last_failure`)
-    /// throughout.
+    /// notes the failure, holding the key's turn to dial throughout.
     async fn dial_and_pool(
         self,
         key: TunnelKey,
-        mut last_failure: tokio::sync::OwnedMutexGuard<Option<LastFailure>>,
+        mut turn: crate::dial::DialTurn,
     ) -> Result<(Arc<TunnelConn>, StreamGuard), TunnelError> {
-        let conn = match self.dial(&key).await {
-            Ok(c) => c,
-            Err(e) => {
-                *last_failure = Some(LastFailure {
-                    at: Instant::now(),
-                    reason: e.to_string(),
-                    unreachable: e.is_unreachable(),
-                });
-                return Err(e);
-            }
-        };
-        *last_failure = None;
+        let dialled = self.dial(&key).await;
+        turn.ended(
+            dialled
+                .as_ref()
+                .err()
+                .map(|e| (e.to_string(), e.is_unreachable())),
+        );
+        let conn = dialled?;
         let guard = take_stream(&conn);
         self.inner
             .conns

@@ -100,19 +100,12 @@ struct Pools {
     /// One HTTP/2 dial at a time per workload address: a burst of first
     /// requests shares one connection instead of opening one each; and the
     /// last dial's failure, when it came.
-    h2_dialing: Mutex<FastMap<SocketAddr, Arc<tokio::sync::Mutex<Option<DialFailure>>>>>,
+    h2_dialing: crate::dial::DialLocks<SocketAddr>,
     /// Whether the task closing idle connections runs.
     reaper: Mutex<bool>,
 }
 
 type PooledH2 = (http2::SendRequest<Body>, Instant, u64);
-
-/// A failed HTTP/2 dial, for the requests that waited for it.
-struct DialFailure {
-    at: Instant,
-    reason: String,
-    unreachable: bool,
-}
 
 /// Most idle HTTP/1.1 connections kept to one workload address.
 const MAX_IDLE_PER_WORKLOAD: usize = 128;
@@ -133,7 +126,7 @@ impl WorkloadClients {
                 h1: Mutex::default(),
                 h2: Mutex::default(),
                 h2_dials: Default::default(),
-                h2_dialing: Mutex::default(),
+                h2_dialing: Default::default(),
                 reaper: Mutex::new(false),
             }),
         }
@@ -347,19 +340,7 @@ impl WorkloadClients {
         if let Some(s) = self.open_h2(addr) {
             return Ok(s);
         }
-        let lock = {
-            let mut d = self
-                .inner
-                .h2_dialing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            // Addresses nobody dials now go (dialling is rare enough to
-            // sweep here).
-            d.retain(|a, m| *a == addr || Arc::strong_count(m) > 1);
-            d.entry(addr).or_default().clone()
-        };
-        let waited_from = Instant::now();
-        let mut last_failure = lock.lock().await;
+        let mut turn = self.inner.h2_dialing.turn(&addr).await;
         // Dialled by the request this one waited for.
         if let Some(s) = self.open_h2(addr) {
             return Ok(s);
@@ -367,7 +348,7 @@ impl WorkloadClients {
         // Or failed: the requests queued behind a dial to a workload that
         // is not there get its failure at once, rather than each dialling
         // in turn (each waiting out the connect timeout).
-        if let Some(f) = last_failure.as_ref().filter(|f| f.at >= waited_from) {
+        if let Some(f) = turn.failed_meanwhile() {
             return Err(UpstreamError::DialFailed {
                 addr,
                 reason: f.reason.clone(),
@@ -375,11 +356,12 @@ impl WorkloadClients {
             });
         }
         let dialled = Box::pin(self.dial_h2(addr)).await;
-        *last_failure = dialled.as_ref().err().map(|e| DialFailure {
-            at: Instant::now(),
-            reason: e.to_string(),
-            unreachable: e.is_unreachable(),
-        });
+        turn.ended(
+            dialled
+                .as_ref()
+                .err()
+                .map(|e| (e.to_string(), e.is_unreachable())),
+        );
         dialled
     }
 

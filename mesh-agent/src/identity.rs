@@ -142,13 +142,13 @@ impl Identities {
                         }
                     })
                     .collect();
-                // Applied here, in the order of the changes; the new
-                // identities' certificates in a round of its own: the next
-                // change (a pod gone, whose identity must stop being served
-                // at once) must not wait for them, which a CA that does not
-                // answer can hold for ten seconds each. Rounds at once
-                // share the manager's concurrency, and take different
-                // identities.
+                // Applied here, in the order of the changes, at once (a pod
+                // gone must stop being served however slowly the CA
+                // answers); the new identities' certificates in a round of
+                // their own, not after whatever round the background loop
+                // (woken too) is in the middle of, which a CA that does not
+                // answer can hold for ten seconds. Rounds at once share the
+                // manager's concurrency, and take different identities.
                 match manager.want(wanted) {
                     Ok(()) => {
                         let manager = manager.clone();

@@ -194,6 +194,15 @@ async fn peer_tls_as(
         .unwrap()
 }
 
+/// A GET a peer proxy sends through the tunnel, for the workload at
+/// `target`.
+fn peer_get(uri: &str, target: SocketAddr) -> http::Request<()> {
+    http::Request::get(uri)
+        .header(l7_proxy::config::TARGET_HEADER, target.to_string())
+        .body(())
+        .unwrap()
+}
+
 /// An HTTP/2 client over [`peer_tls_as`], and what its connection task
 /// ended with.
 async fn peer_h2(mesh: &Mesh, from: &Pod, at: &str) -> (h2::client::SendRequest<Bytes>, Ended) {
@@ -543,10 +552,7 @@ async fn a_tunnel_peer_that_stops_reading_is_cut_off() {
         .unwrap();
     tokio::spawn(conn);
     let mut send = send.ready().await.unwrap();
-    let req = http::Request::get("http://cart.shop/endless")
-        .header(l7_proxy::config::TARGET_HEADER, addr.to_string())
-        .body(())
-        .unwrap();
+    let req = peer_get("http://cart.shop/endless", addr);
     let (resp, _) = send.send_request(req, true).unwrap();
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -638,10 +644,7 @@ async fn a_port_declared_tcp_takes_no_http_request() {
     // A peer proxy's HTTP stream to it.
     let (h2, _ended) = peer_h2(&mesh, &web(), "127.0.0.1").await;
     let mut h2 = h2.ready().await.unwrap();
-    let req = http::Request::get("http://cart/public")
-        .header(l7_proxy::config::TARGET_HEADER, server.to_string())
-        .body(())
-        .unwrap();
+    let req = peer_get("http://cart/public", server);
     let (resp, _) = h2.send_request(req, true).unwrap();
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 403);
@@ -665,10 +668,7 @@ async fn a_tunnel_request_with_a_second_host_is_refused() {
     let (h2, _ended) = peer_h2(&mesh, &web(), "127.0.0.1").await;
     for hosts in [&["evil"][..], &["cart", "evil"], &["cart"]] {
         let mut h2 = h2.clone().ready().await.unwrap();
-        let mut req = http::Request::get("http://cart/")
-            .header(l7_proxy::config::TARGET_HEADER, target.to_string())
-            .body(())
-            .unwrap();
+        let mut req = peer_get("http://cart/", target);
         for h in hosts {
             req.headers_mut()
                 .append(http::header::HOST, h.parse().unwrap());
@@ -701,10 +701,7 @@ async fn a_tunnel_stream_given_no_window_is_reset() {
         .unwrap();
     tokio::spawn(conn);
     let mut send = send.ready().await.unwrap();
-    let req = http::Request::get("http://cart.shop/endless")
-        .header(l7_proxy::config::TARGET_HEADER, addr.to_string())
-        .body(())
-        .unwrap();
+    let req = peer_get("http://cart.shop/endless", addr);
     let (resp, _) = send.send_request(req, true).unwrap();
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 200);

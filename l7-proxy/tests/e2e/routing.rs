@@ -599,10 +599,8 @@ async fn a_backend_without_ready_endpoints_is_not_retried() {
         ..Default::default()
     })
     .await;
-    let mut c = client(&mesh).await;
-    assert_eq!(c.get("/none").await.status, 503);
-    let (text, records) = access_records(&log);
-    let r = record(&records, &text, "outbound", Some("/none"));
+    let (status, r) = get_and_record(&mesh, &log, "/none").await;
+    assert_eq!(status, 503);
     assert_eq!(r["attempts"], 1, "{r}");
     mesh.shutdown().await;
 }
@@ -620,17 +618,10 @@ async fn a_tunnelled_request_that_times_out_is_logged_with_the_identity_it_went_
         backend_request_ms: Some(100),
     };
     setup(&mesh, vec![route(vec![r])]).await;
-    let mut c = client(&mesh).await;
-    assert_eq!(c.get("/slow/3000").await.status, 504);
-    let (text, records) = access_records(&log);
-    let r = record(&records, &text, "outbound", Some("/slow/3000"));
+    let (status, r) = get_and_record(&mesh, &log, "/slow/3000").await;
+    assert_eq!(status, 504);
     assert_eq!(r["status"], 504, "{r}");
-    assert_eq!(r["secured"], true, "{r}");
-    assert_eq!(
-        r["destination_identity"],
-        cart(1).identity().to_string(),
-        "{r}"
-    );
+    assert_went_to(&r, Some(&cart(1)));
     mesh.shutdown().await;
 }
 
@@ -652,16 +643,9 @@ async fn a_request_whose_pod_is_gone_behind_its_node_proxy_is_logged_as_secured(
         ..Default::default()
     })
     .await;
-    let mut c = client(&mesh).await;
-    assert_eq!(c.get("/gone").await.status, 503);
-    let (text, records) = access_records(&log);
-    let r = record(&records, &text, "outbound", Some("/gone"));
-    assert_eq!(r["secured"], true, "{r}");
-    assert_eq!(
-        r["destination_identity"],
-        cart(1).identity().to_string(),
-        "{r}"
-    );
+    let (status, r) = get_and_record(&mesh, &log, "/gone").await;
+    assert_eq!(status, 503);
+    assert_went_to(&r, Some(&cart(1)));
     mesh.shutdown().await;
 }
 
@@ -683,14 +667,35 @@ async fn a_request_whose_tunnel_never_opened_is_not_logged_as_secured() {
         ..Default::default()
     })
     .await;
-    let mut c = client(&mesh).await;
-    let status = c.get("/nowhere").await.status;
+    let (status, r) = get_and_record(&mesh, &log, "/nowhere").await;
     assert!(status == 503 || status == 502, "{status}");
-    let (text, records) = access_records(&log);
-    let r = record(&records, &text, "outbound", Some("/nowhere"));
-    assert_eq!(r["secured"], false, "{r}");
-    assert!(r["destination_identity"].is_null(), "{r}");
+    assert_went_to(&r, None);
     mesh.shutdown().await;
+}
+
+/// GETs `path` from web through the cart VIP: its status, and the access
+/// record of it on the caller's node (from `log`).
+async fn get_and_record(
+    mesh: &Mesh,
+    log: &std::sync::Mutex<Vec<u8>>,
+    path: &str,
+) -> (http::StatusCode, serde_json::Value) {
+    let status = client(mesh).await.get(path).await.status;
+    let (text, records) = access_records(log);
+    (
+        status,
+        record(&records, &text, "outbound", Some(path)).clone(),
+    )
+}
+
+/// The access record `r` says the request went across the tunnel to
+/// `pod`'s identity, or (`None`) never crossed.
+fn assert_went_to(r: &serde_json::Value, pod: Option<&Pod>) {
+    assert_eq!(r["secured"], pod.is_some(), "{r}");
+    match pod {
+        Some(p) => assert_eq!(r["destination_identity"], p.identity().to_string(), "{r}"),
+        None => assert!(r["destination_identity"].is_null(), "{r}"),
+    }
 }
 
 /// The `cart` service at `port` on pod cart-0, behind a route whose
