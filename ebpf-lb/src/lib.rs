@@ -41,6 +41,7 @@ use ebpf_lb_common::{
     DEFAULT_MAX_ENROLLED, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_WORKLOADS,
     Endpoint, FourTuple, LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst, RevNatKey,
     SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, WorkloadKey, WorkloadPolicy, maps,
+    service_key_check,
 };
 pub use error::{Error, Result};
 pub use reset::ResetReport;
@@ -401,7 +402,7 @@ impl LoadBalancer {
         prog.load()
             .map_err(|e| Error::program(strict::STRICT_PROGRAM, e))?;
 
-        let services: HashMap<MapData, ServiceKey, Service> = take(&mut ebpf, maps::SERVICES)?;
+        let mut services: HashMap<MapData, ServiceKey, Service> = take(&mut ebpf, maps::SERVICES)?;
         let mut backends: HashMap<MapData, BackendSlot, Endpoint> =
             take(&mut ebpf, maps::BACKENDS)?;
         let mut members: HashMap<MapData, MemberKey, u32> = take(&mut ebpf, maps::MEMBERS)?;
@@ -440,6 +441,17 @@ impl LoadBalancer {
             }
             sets.insert(svc.id, eps);
             known.insert(key, svc);
+        }
+        // A value written by a version before the key check (the field was
+        // padding) would be refused by the programs: give it its check.
+        for (key, svc) in known.iter_mut() {
+            let check = service_key_check(key);
+            if svc.key_check != check {
+                svc.key_check = check;
+                services
+                    .insert(*key, *svc, 0)
+                    .map_err(|e| Error::map(maps::SERVICES, e))?;
+            }
         }
         // An earlier instance that stopped between staging a batch and
         // retiring what it replaced left slots and members no service uses:
@@ -1216,7 +1228,7 @@ impl Tables {
                         count: eps.len() as u32,
                         flags: flags | if spec.meshed { SERVICE_F_MESHED } else { 0 },
                         affinity_timeout_s: timeout,
-                        _pad: 0,
+                        key_check: service_key_check(&key),
                     };
                     self.services.insert(key, value, 0).map_err(|e| {
                         if is_full(&e) {

@@ -55,7 +55,8 @@ impl Frontend {
         }
     }
 
-    pub(crate) fn key(&self) -> ServiceKey {
+    /// The `SERVICES` map key of this frontend.
+    pub fn key(&self) -> ServiceKey {
         let ep = endpoint(self.vip);
         ServiceKey {
             addr: ep.addr,

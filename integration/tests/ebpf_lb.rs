@@ -891,6 +891,86 @@ fn a_new_loader_removes_what_a_crashed_one_left_half_done() -> Result<()> {
     Ok(())
 }
 
+/// The kernel reuses a replaced service's map element at once, so a
+/// connect that found a service may read the element after it was
+/// rewritten for another one. The programs take a value only under the key
+/// it was written for: here a service's entry holds another service's value
+/// (what such a reader would see), and connects to it are not sent to the
+/// other service's backends.
+#[test]
+fn a_service_entry_holding_another_services_value_is_not_followed() -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use ebpf_lb_common::{Service, ServiceKey, maps};
+    require_root();
+    let cg = TestCgroup::new("reu")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let (vip_decoy, _backends) = tcp_service(&lb, 1, false)?;
+    let other_decoy = decoy()?;
+    let other = TcpBackend::start(loopback(), "other")?;
+    lb.upsert_service(&ServiceSpec::new(
+        Frontend::tcp(other_decoy.addr()),
+        [Backend::ready(other.addr())],
+    ))?;
+    let pins = lb.options().pin_dir().join("maps");
+    let mut services: HashMap<_, ServiceKey, Service> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(pins.join(maps::SERVICES))?))?;
+    let key_of = |addr: SocketAddr| Frontend::tcp(addr).key();
+    let (key, other_key) = (key_of(vip_decoy.addr()), key_of(other_decoy.addr()));
+    assert_eq!(
+        tally(&probe(&tcp(vip_decoy.addr(), 3)).in_cgroup(&cg).run()?)
+            .into_keys()
+            .collect::<Vec<_>>(),
+        ["b0"],
+        "balanced before the entry is overwritten"
+    );
+
+    services.insert(key, services.get(&other_key, 0)?, 0)?;
+    let attempts = probe(&tcp(vip_decoy.addr(), 10)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert_eq!(
+        tally(&attempts).into_keys().collect::<Vec<_>>(),
+        ["decoy"],
+        "went to the address as given, not to the other service's backend"
+    );
+    // The other service itself is balanced as before.
+    let attempts = probe(&tcp(other_decoy.addr(), 3)).in_cgroup(&cg).run()?;
+    assert_eq!(tally(&attempts).into_keys().collect::<Vec<_>>(), ["other"]);
+    Ok(())
+}
+
+/// Service values pinned by a version before the key check carry 0 where
+/// the check goes; the next loader gives them their check, so the services
+/// go on being balanced across the upgrade.
+#[test]
+fn a_new_loader_gives_pinned_services_their_key_check() -> Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use ebpf_lb_common::{Service, ServiceKey, maps};
+    require_root();
+    let cg = TestCgroup::new("kc")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let (decoy, _backends) = tcp_service(&lb, 2, false)?;
+    let pins = lb.options().pin_dir().join("maps");
+    let crashed = lb.crash();
+    let mut services: HashMap<_, ServiceKey, Service> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(pins.join(maps::SERVICES))?))?;
+    let key = Frontend::tcp(decoy.addr()).key();
+    let mut old = services.get(&key, 0)?;
+    old.key_check = 0;
+    services.insert(key, old, 0)?;
+
+    let lb = crashed.reopen()?;
+    assert_ne!(services.get(&key, 0)?.key_check, 0);
+    lb.attach(cg.path())?;
+    let attempts = probe(&tcp(decoy.addr(), 20)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert_eq!(
+        tally(&attempts).into_keys().collect::<Vec<_>>(),
+        ["b0", "b1"],
+        "balanced over the service's backends"
+    );
+    Ok(())
+}
+
 /// Two loaders on one instance would undo each other's batches: the second
 /// is refused, naming the first, and the first goes on undisturbed.
 #[test]

@@ -90,6 +90,13 @@ pub struct ServiceKey {
 /// `(backend_set, 0..count)`; an update writes a whole new set and then replaces
 /// this value in one map update, so a reader sees either the old set or the new
 /// one, never a mix.
+///
+/// The kernel reuses a replaced or deleted hash map element at once (6.1+),
+/// so a program that looked a service up may find the element rewritten
+/// for another service, or half rewritten, by the time it copies the
+/// value. The programs therefore copy the value twice, take it only when
+/// both copies agree, and check `key_check` against the key they looked
+/// up (`service_key_check`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
@@ -104,7 +111,31 @@ pub struct Service {
     pub flags: u32,
     /// Session affinity timeout, seconds.
     pub affinity_timeout_s: u32,
-    pub _pad: u32,
+    /// `service_key_check` of the key this value was written under.
+    pub key_check: u32,
+}
+
+/// A 64-bit mix (splitmix64's finaliser): inputs that differ in any bit give
+/// unrelated outputs.
+#[inline(always)]
+pub const fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The check a `Service` value carries of the key it belongs to: a mix of
+/// every field of the key, never 0 (a value written by a version before the
+/// check, whose field was padding, never matches).
+#[inline(always)]
+pub const fn service_key_check(key: &ServiceKey) -> u32 {
+    let a = mix64(key.addr[0] as u64 | (key.addr[1] as u64) << 32);
+    let b = mix64(a ^ (key.addr[2] as u64 | (key.addr[3] as u64) << 32));
+    let c = mix64(b ^ (key.port as u64 | (key.proto as u64) << 16 | (key.family as u64) << 24));
+    let check = (c ^ (c >> 32)) as u32;
+    if check == 0 { 1 } else { check }
 }
 
 /// Key of `BACKENDS`.

@@ -25,7 +25,8 @@ use aya_ebpf::{
 use ebpf_lb_common::{
     AffinityKey, AffinityValue, BackendSlot, Counters, Endpoint, FAMILY_V4, FAMILY_V6, FourTuple,
     LbConfig, MAX_ENROL_LEVELS, MAX_UDP_PEERS, MemberKey, OriginalDst, PROTO_TCP, PROTO_UDP,
-    RevNatKey, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, UdpPeers,
+    RevNatKey, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, UdpPeers, mix64,
+    service_key_check,
 };
 
 use super::{
@@ -148,22 +149,32 @@ fn select_backend(ctx: &SockAddrContext, svc: &Service, proto: u8) -> Option<End
     Some(backend)
 }
 
-/// A 64-bit mix (splitmix64's finaliser): socket cookies count up, their
-/// mixes spread evenly over the backends.
+/// The service at `key`, as it was written for that key. A hash map element
+/// is reused by the kernel as soon as it is replaced or deleted, so the one
+/// just found may be rewritten for another service while it is read: the
+/// value is taken only when two copies agree and it carries `key`'s check,
+/// else looked up afresh (the service's current element is in the map by
+/// then). A value rewritten three times over during one connect is not
+/// taken at all (the call goes to the address as given).
 #[inline(always)]
-fn mix64(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+fn service(key: &ServiceKey) -> Option<Service> {
+    let check = service_key_check(key);
+    for _ in 0..3 {
+        let ptr = SERVICES.get_ptr(key)?;
+        let first = unsafe { read_volatile(ptr) };
+        let second = unsafe { read_volatile(ptr) };
+        if first == second && first.key_check == check {
+            return Some(first);
+        }
+    }
+    None
 }
 
 /// Decide what a connect/sendmsg to `key` becomes. Redirects to the proxy
 /// (only when `may_redirect`) record the original destination by socket cookie.
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdict {
-    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+    let Some(svc) = service(key) else {
         return Verdict::Pass;
     };
     let ctr = counters(svc.id);
