@@ -294,7 +294,9 @@ pub struct WorkloadPolicy {
 pub struct Counters {
     /// Connections (or unconnected datagrams) sent to a backend.
     pub balanced: u64,
-    /// Connections refused because the service had no ready backend.
+    /// Connections refused because the service had no ready backend (or,
+    /// for an enrolled workload's connection to a meshed service, because
+    /// its original destination could not be recorded for the proxy).
     pub no_backend: u64,
     /// Connections of enrolled workloads sent to the node proxy.
     pub redirected: u64,

@@ -197,6 +197,15 @@ fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdic
             }
             return Verdict::Rewrite(proxy);
         }
+        // Without its original destination the proxy cannot serve the
+        // connection, and balancing it directly would carry a meshed
+        // workload's traffic around the proxy in plaintext: refuse it, as
+        // the mesh does whenever it cannot carry a connection (the insert
+        // of an LRU map fails only when the kernel is short of memory).
+        if let Some(c) = ctr {
+            unsafe { (*c).no_backend += 1 };
+        }
+        return Verdict::NoBackend;
     }
     match select_backend(ctx, &svc, key.proto) {
         Some(backend) => {
