@@ -325,6 +325,81 @@ fn udp_replies_come_from_the_vip_connected_or_not() -> Result<()> {
     Ok(())
 }
 
+/// An unconnected UDP socket's datagrams keep going to the backend they
+/// went to while backends come and go (a QUIC client's flow would break
+/// if they moved, and kube-proxy's conntrack keeps it), and move only when
+/// that backend leaves.
+#[test]
+fn an_unconnected_udp_flow_keeps_its_backend_while_others_come_and_go() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("udk")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = UdpBackend::start(random_vip_addr(), "decoy")?;
+    let vip = decoy.addr();
+    let backends: Vec<UdpBackend> = (0..8)
+        .map(|i| UdpBackend::start(loopback(), &format!("b{i}")))
+        .collect::<Result<_>>()?;
+    let spec = |n: usize, from: usize| {
+        ServiceSpec::new(
+            Frontend::udp(vip),
+            backends[from..n].iter().map(|b| Backend::ready(b.addr())),
+        )
+    };
+    lb.upsert_service(&spec(1, 0))?;
+    // Three sockets, each sending every 20 ms for 3 s; once each has sent
+    // (its reverse translation is in the kernel), the service grows from
+    // one backend to eight. Were flows chosen afresh by the new count, each
+    // would stay by chance 1 in 8.
+    let args: Vec<String> = [
+        "udp",
+        "--to",
+        &vip.to_string(),
+        "--count",
+        "150",
+        "--one-socket",
+        "--interval-ms",
+        "20",
+    ]
+    .map(String::from)
+    .into();
+    let probes = (0..3)
+        .map(|_| probe(&args).in_cgroup(&cg).spawn())
+        .collect::<Result<Vec<_>>>()?;
+    // Whether `done` came true within 2 s.
+    let wait_for = |done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !done() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    };
+    assert!(
+        wait_for(&|| lb.tracked_sockets() >= 3),
+        "the three sockets sent"
+    );
+    lb.upsert_service(&spec(8, 0))?;
+    // They send on (to b0 if they stay there; not waited for otherwise).
+    let hits = backends[0].hits();
+    wait_for(&|| backends[0].hits() >= hits + 15);
+    // Then the backend they use leaves: they move, and stay where they go.
+    lb.upsert_service(&spec(8, 1))?;
+    for p in probes {
+        let attempts = p.finish()?;
+        assert_all_ok(&attempts);
+        let mut runs: Vec<&str> = attempts
+            .iter()
+            .map(|a| a.backend.as_deref().unwrap_or(""))
+            .collect();
+        runs.dedup();
+        assert_eq!(runs.len(), 2, "one move, when b0 left: {runs:?}");
+        assert_eq!(runs[0], "b0", "{runs:?}");
+    }
+    Ok(())
+}
+
 #[test]
 fn the_system_resolver_works_against_a_dns_service_vip() -> Result<()> {
     require_root();

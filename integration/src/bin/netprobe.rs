@@ -59,6 +59,9 @@ enum Cmd {
         /// for each otherwise).
         #[arg(long, conflicts_with = "connected")]
         one_socket: bool,
+        /// Pause between datagrams.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// One long-lived TCP connection: read the backend's id, then send a ping
     /// every --interval-ms and read its echo, reporting each, until an error
@@ -152,6 +155,7 @@ fn main() {
             count,
             connected,
             one_socket,
+            interval_ms,
         } => {
             let shared = if one_socket {
                 match UdpSocket::bind(any_addr(to)) {
@@ -161,7 +165,10 @@ fn main() {
             } else {
                 None
             };
-            for _ in 0..count {
+            for i in 0..count {
+                if i > 0 && interval_ms > 0 {
+                    std::thread::sleep(Duration::from_millis(interval_ms));
+                }
                 emit(&udp_attempt(to, connected, shared.as_ref()));
             }
         }

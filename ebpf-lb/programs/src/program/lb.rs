@@ -87,14 +87,63 @@ fn socket_mark(ctx: &SockAddrContext) -> u32 {
     }
 }
 
-/// Pick one ready backend of `svc`: the remembered one under `ClientIP`
-/// affinity while it is fresh and still a member; for UDP, one the socket
-/// keeps (an unconnected socket's datagrams come through sendmsg one by
-/// one: a QUIC or WireGuard client's flow must not be spread over the
-/// backends, as kube-proxy's conntrack entry per flow keeps it too); else a
-/// random one.
+/// An endpoint as the service tables hold it: an IPv4 address a dual-stack
+/// socket holds mapped (`::ffff:a.b.c.d`) back in IPv4 form.
 #[inline(always)]
-fn select_backend(ctx: &SockAddrContext, svc: &Service, proto: u8) -> Option<Endpoint> {
+fn unmapped(ep: Endpoint) -> Endpoint {
+    if ep.family == FAMILY_V6 && is_v4_mapped(&ep.addr) {
+        Endpoint::new([ep.addr[3], 0, 0, 0], ep.port, FAMILY_V4)
+    } else {
+        ep
+    }
+}
+
+/// The backend UDP socket `cookie`'s earlier datagrams to `key` went to,
+/// while it is still a ready backend of `svc`: found through the reverse
+/// translations the socket has (`UDP_PEERS`, then `REVNAT` for the VIP
+/// each stands for).
+#[inline(always)]
+fn udp_kept(cookie: u64, svc: &Service, key: &ServiceKey) -> Option<Endpoint> {
+    // SAFETY: a pointer into the map's value, copied at once.
+    let peers = unsafe { *UDP_PEERS.get_ptr(cookie)? };
+    for i in 0..MAX_UDP_PEERS {
+        if i as u32 >= peers.count {
+            break;
+        }
+        let written = peers.peers[i];
+        // SAFETY: as above.
+        let Some(vip) = REVNAT
+            .get_ptr(RevNatKey::new(cookie, written))
+            .map(|v| unsafe { *v })
+        else {
+            continue;
+        };
+        let vip = unmapped(vip);
+        if vip.family != key.family || vip.addr != key.addr || vip.port != key.port {
+            continue;
+        }
+        let backend = unmapped(written);
+        let member = MemberKey {
+            service_id: svc.id,
+            backend,
+        };
+        if MEMBERS.get_ptr(member).is_some() {
+            return Some(backend);
+        }
+    }
+    None
+}
+
+/// Pick one ready backend of `svc`: the remembered one under `ClientIP`
+/// affinity while it is fresh and still a member; for UDP, the one the
+/// socket sent to before while it is still a member, else one the socket's
+/// cookie picks (an unconnected socket's datagrams come through sendmsg
+/// one by one: a QUIC or WireGuard client's flow must not be spread over
+/// the backends, nor moved when backends come and go, as kube-proxy's
+/// conntrack entry per flow keeps it); else a random one.
+#[inline(always)]
+fn select_backend(ctx: &SockAddrContext, svc: &Service, key: &ServiceKey) -> Option<Endpoint> {
+    let proto = key.proto;
     if svc.count == 0 || svc.backend_set == 0 {
         return None;
     }
@@ -128,6 +177,9 @@ fn select_backend(ctx: &SockAddrContext, svc: &Service, proto: u8) -> Option<End
     }
     let index = if proto == PROTO_UDP {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if let Some(kept) = udp_kept(cookie, svc, key) {
+            return Some(kept);
+        }
         (mix64(cookie ^ ((svc.id as u64) << 40)) % svc.count as u64) as u32
     } else {
         let r = unsafe { bpf_get_prandom_u32() };
@@ -207,7 +259,7 @@ fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdic
         }
         return Verdict::NoBackend;
     }
-    match select_backend(ctx, &svc, key.proto) {
+    match select_backend(ctx, &svc, key) {
         Some(backend) => {
             if let Some(c) = ctr {
                 unsafe { (*c).balanced += 1 };
