@@ -251,21 +251,23 @@ impl Balancer {
         Some(self.take(candidates, index))
     }
 
-    /// [`Balancer::pick`] for a retry: any endpoint but `tried` (the one the
-    /// failed attempt went to), unless it is the only one.
-    pub fn pick_except(&self, candidates: &[Arc<EndpointLoad>], tried: usize) -> Option<Pick> {
-        if candidates.len() < 2 || tried >= candidates.len() {
+    /// [`Balancer::pick`] for a retry: an endpoint no earlier attempt went
+    /// to (`tried`, in order); once every one was tried, any but the last
+    /// tried, unless it is the only one.
+    pub fn pick_except(&self, candidates: &[Arc<EndpointLoad>], tried: &[usize]) -> Option<Pick> {
+        let mut others: Vec<usize> = (0..candidates.len())
+            .filter(|i| !tried.contains(i))
+            .collect();
+        if others.is_empty() {
+            let last = tried.last().copied();
+            others = (0..candidates.len()).filter(|i| Some(*i) != last).collect();
+        }
+        if others.is_empty() {
             return self.pick(candidates);
         }
-        // The others, in one slice: the tried one swapped to the end.
-        let mut others: Vec<Arc<EndpointLoad>> = candidates.to_vec();
-        let last = others.len() - 1;
-        others.swap(tried, last);
-        others.pop();
-        let index = match self.choose(&others)? {
-            i if i == tried => last,
-            i => i,
-        };
+        let subset: Vec<Arc<EndpointLoad>> =
+            others.iter().map(|&i| candidates[i].clone()).collect();
+        let index = others[self.choose(&subset)?];
         Some(self.take(candidates, index))
     }
 
@@ -526,7 +528,7 @@ mod tests {
         }
         // A retry's pick too.
         for _ in 0..100 {
-            assert_eq!(b.pick_except(&loads, 1).unwrap().index, 0);
+            assert_eq!(b.pick_except(&loads, &[1]).unwrap().index, 0);
         }
     }
 
@@ -564,14 +566,24 @@ mod tests {
         }
         let mut seen = [0; 3];
         for _ in 0..300 {
-            seen[b.pick_except(&loads, 0).unwrap().index] += 1;
+            seen[b.pick_except(&loads, &[0]).unwrap().index] += 1;
         }
         assert_eq!(seen[0], 0, "{seen:?}");
         assert!(seen[1] > 50 && seen[2] > 50, "{seen:?}");
-        let last = b.pick_except(&loads, 2).unwrap().index;
+        let last = b.pick_except(&loads, &[2]).unwrap().index;
         assert_ne!(last, 2);
+        // A third attempt goes to the one not tried yet, not back to the
+        // first (the cheapest).
+        for _ in 0..100 {
+            assert_eq!(b.pick_except(&loads, &[0, 1]).unwrap().index, 2);
+        }
+        // Every one tried: any but the last (here the cheapest of the rest).
+        for _ in 0..100 {
+            assert_ne!(b.pick_except(&loads, &[1, 2, 0]).unwrap().index, 0);
+            assert_eq!(b.pick_except(&loads, &[0, 2, 1]).unwrap().index, 0);
+        }
         // With one endpoint, it is that one.
-        assert_eq!(b.pick_except(&loads[..1], 0).unwrap().index, 0);
+        assert_eq!(b.pick_except(&loads[..1], &[0]).unwrap().index, 0);
     }
 
     #[test]

@@ -648,19 +648,21 @@ async fn route_request(
         .map_or(Duration::ZERO, |r| Duration::from_millis(r.backoff_ms));
     let mut backoff = base_backoff;
     let mut attempts = 0u32;
-    // The endpoint the last attempt went to: a retry goes elsewhere.
-    let mut tried: Option<usize> = None;
+    // The endpoints earlier attempts went to, in order: a retry goes
+    // elsewhere.
+    let mut tried: Vec<usize> = Vec::new();
     loop {
         attempts += 1;
         let may_retry = attempts <= retries && body.may_replay();
         let (upstreams, loads) = (&ready.upstreams, &ready.loads);
         // The body is taken only for an endpoint to send it to.
         // A retry goes where the balancer says, ClientIP affinity or not.
-        let pick = match tried {
-            None => shared.balancer.pick_for(&ready, conn.client_addr.ip()),
-            Some(i) => shared.balancer.pick_except(loads, i),
+        let pick = if tried.is_empty() {
+            shared.balancer.pick_for(&ready, conn.client_addr.ip())
+        } else {
+            shared.balancer.pick_except(loads, &tried)
         };
-        tried = pick.as_ref().map(|p| p.index);
+        tried.extend(pick.as_ref().map(|p| p.index));
         let taken = if pick.is_some() { body.take() } else { None };
         // When a retry would go, read once the attempt is over: the answer
         // in hand is kept or dropped by the same reading as the backoff.
@@ -846,10 +848,13 @@ async fn route_request(
                 }
             }
         };
+        // (`crossed` is this attempt's: never set when it found no endpoint
+        // to add to `tried`.)
         let last_tried = || {
             tried
+                .last()
                 .filter(|_| crossed)
-                .map(|i| ready.upstreams[i].clone())
+                .map(|&i| ready.upstreams[i].clone())
         };
         if !(failure.retryable && may_retry && body.settle()) {
             return Outcome {
