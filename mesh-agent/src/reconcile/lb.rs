@@ -46,6 +46,17 @@ pub(crate) fn serving(c: Option<&EndpointConditions>) -> bool {
     c.and_then(|c| c.serving.or(c.ready)).unwrap_or(true)
 }
 
+/// The cluster IPs a Service's manifest gives, as written: `clusterIPs`
+/// when listed (the API server's form), else `clusterIP` (hand-written
+/// manifests often set only that one); `true` when from the list.
+pub(crate) fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> (Vec<&str>, bool) {
+    match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => (ips.iter().map(String::as_str).collect(), true),
+        (_, Some(ip)) => (vec![ip.as_str()], false),
+        _ => (Vec::new(), true),
+    }
+}
+
 /// The load-balancer entries a Service should have now: empty for a Service
 /// that is gone, headless or ExternalName.
 /// The kernel entries of Service `key` on node `node` (whose endpoints a
@@ -65,13 +76,22 @@ pub fn desired_specs(
         return Ok(Vec::new());
     }
     let mut errors = Vec::new();
-    // The field the user wrote: hand-written manifests often set only
-    // `clusterIP`.
-    let (ips, list): (Vec<&str>, bool) = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => (ips.iter().map(String::as_str).collect(), true),
-        (_, Some(ip)) => (vec![ip.as_str()], false),
-        _ => (Vec::new(), true),
-    };
+    let (ips, list) = cluster_ips(spec);
+    // The API server keeps the two fields equal; a manifest edited by hand
+    // may not, and the kernel and the proxy must not read different ones.
+    if let (Some(primary), Some(ip)) = (
+        spec.cluster_ips.as_ref().and_then(|ips| ips.first()),
+        &spec.cluster_ip,
+    ) && primary != ip
+    {
+        errors.push(field(
+            "spec.clusterIP",
+            format!(
+                "{ip:?} differs from spec.clusterIPs[0] {primary:?}; the first of \
+                 clusterIPs is the Service's clusterIP: change both, or give only one"
+            ),
+        ));
+    }
     let mut vips: Vec<IpAddr> = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
         if ip.is_empty() || *ip == "None" {

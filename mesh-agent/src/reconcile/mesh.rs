@@ -162,11 +162,11 @@ pub fn mesh_view_and_routes(
     let mut services = Vec::new();
     for (key, svc) in &store.services {
         let Some(spec) = &svc.spec else { continue };
-        let vips: Vec<IpAddr> = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .chain(spec.cluster_ip.iter())
+        // As the kernel reads them (a Service whose two fields disagree is
+        // refused, its last good version published instead).
+        let vips: Vec<IpAddr> = super::lb::cluster_ips(spec)
+            .0
+            .into_iter()
             .filter_map(|ip| ip.parse().ok())
             .fold(Vec::new(), |mut v, ip| {
                 if !v.contains(&ip) {

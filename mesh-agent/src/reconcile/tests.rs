@@ -1076,6 +1076,45 @@ fn a_refused_service_update_leaves_the_proxy_with_the_last_good_version() {
     assert_eq!(vips(&f), Some(vec!["127.96.0.1".parse().unwrap()]));
 }
 
+/// A manifest edited by hand may set `clusterIP` and `clusterIPs` apart:
+/// the kernel reads the list and the proxy read both, so callers of the
+/// address only the proxy had were carried as another Service's. Such a
+/// Service is refused, naming both fields, and both keep its last good
+/// version.
+#[test]
+fn a_service_whose_cluster_ip_fields_disagree_is_refused() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    let with_list = |ip: &str, list: &str| {
+        let mut svc = service("shop", "a", ip, &[80]);
+        svc.spec.as_mut().unwrap().cluster_ips = Some(vec![list.to_string()]);
+        vec![Object::Service(svc)]
+    };
+    f.upsert(with_list("127.96.0.1", "127.96.0.1"));
+    assert!(f.rx.view.borrow().config_errors.is_empty());
+    f.upsert(with_list("127.96.0.77", "127.96.0.1"));
+    let errors = f.rx.view.borrow().config_errors.clone();
+    let refusal = errors
+        .iter()
+        .find(|e| e.object.as_deref() == Some("Service shop/a"))
+        .unwrap_or_else(|| panic!("{errors:?}"));
+    assert!(
+        refusal.message.contains("spec.clusterIP")
+            && refusal.message.contains("spec.clusterIPs[0]")
+            && refusal.message.contains("127.96.0.77"),
+        "{refusal:?}"
+    );
+    assert!(f.dp.spec(&Frontend::tcp(addr("127.96.0.1:80"))).is_some());
+    assert!(f.dp.spec(&Frontend::tcp(addr("127.96.0.77:80"))).is_none());
+    let mesh = f.rx.mesh.borrow().clone();
+    let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
+    assert_eq!(
+        a.vips,
+        vec!["127.96.0.1".parse::<std::net::IpAddr>().unwrap()]
+    );
+}
+
 #[test]
 fn mesh_annotation_values_the_agent_does_not_read_are_config_errors() {
     let mut store = Store::new();
