@@ -4,7 +4,11 @@
 //! so the status says exactly what the proxy does:
 //! - a rule using something the proxy cannot do is left out ([`DroppedRule`]);
 //!   the route's status then says `PartiallyInvalid`, or `Accepted: False`
-//!   when no rule is left;
+//!   when no rule is left; but a rule whose filters (its own or its
+//!   backends') the proxy cannot apply stays for its matches and answers
+//!   them with 500 (`closed`): skipped, an `ExternalAuth` or `ExtensionRef`
+//!   filter would let its requests through to a rule without it, where the
+//!   Gateway API asks for an error response;
 //! - a backend reference that does not resolve ([`RefProblem`]) keeps its
 //!   weight and is marked `invalid` with the reason, so the proxy answers its
 //!   share of requests with 500 as the Gateway API asks, and never sends them
@@ -27,13 +31,17 @@ use crate::{
     state::Key,
 };
 
-/// A rule the proxy cannot take, left out of its configuration.
+/// A rule the proxy cannot take: left out of its configuration, or kept
+/// for its matches and answering them with 500 (`closed`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DroppedRule {
     /// Its index in `spec.rules`.
     pub index: usize,
     /// `field: why`, the field spelled from `spec`.
     pub message: String,
+    /// Kept for its matches, answered with 500 (a filter the proxy cannot
+    /// apply must not be skipped).
+    pub closed: bool,
 }
 
 /// A route in the proxy's form, and what could not be carried over.
@@ -49,10 +57,26 @@ pub struct Translated<R> {
 }
 
 impl<R> Translated<R> {
-    /// Every rule was left out (a route without rules is not "all dropped").
+    /// No rule is carried out (a route without rules is not "all dropped").
     pub fn all_dropped(&self) -> bool {
         self.rules > 0 && self.dropped.len() == self.rules
     }
+}
+
+/// The backends of a rule kept only to answer its matches with 500: one,
+/// invalid with the reason, named after the rule's first backend.
+fn closed_backends(r: &Value, ns: &str, why: &str) -> Vec<BackendRef> {
+    let first = &r["backendRefs"][0];
+    vec![BackendRef {
+        service: ObjectRef::new(
+            first["namespace"].as_str().unwrap_or(ns),
+            first["name"].as_str().unwrap_or_default(),
+        ),
+        port: port_of(&first["port"]).unwrap_or_default(),
+        weight: 1,
+        filters: Vec::new(),
+        invalid: Some(format!("the rule is not carried out: {why}")),
+    }]
 }
 
 /// The route being translated: where references are resolved from.
@@ -449,7 +473,11 @@ impl Ctx<'_> {
         Ok(out)
     }
 
-    fn http_rule(&mut self, r: &Value, field: &str) -> Result<HttpRouteRule, String> {
+    fn http_rule(
+        &mut self,
+        r: &Value,
+        field: &str,
+    ) -> Result<(HttpRouteRule, Option<String>), String> {
         unsupported_rule_fields(r, field)?;
         let mut matches = Vec::new();
         for (i, m) in r["matches"].as_array().into_iter().flatten().enumerate() {
@@ -471,21 +499,48 @@ impl Ctx<'_> {
                 method: str_of(&m["method"]),
             });
         }
+        let (filters, backends, closed) = self.filters_and_backends(r, field);
         let rule = HttpRouteRule {
             name: str_of(&r["name"]),
             matches,
-            filters: self.filters(&r["filters"], &format!("{field}.filters"))?,
-            backends: self.backends(&r["backendRefs"], &format!("{field}.backendRefs"))?,
+            filters,
+            backends,
             timeouts: timeouts(&r["timeouts"], &format!("{field}.timeouts"))?,
             retry: retry(&r["retry"], &format!("{field}.retry"))?,
         };
         // What the proxy could not compile (a regular expression, a header
         // name) drops the rule here, where the route's status says so.
         l7_proxy::router::check_http_rule(&rule).map_err(|p| format!("{field}.matches: {p}"))?;
-        Ok(rule)
+        Ok((rule, closed))
     }
 
-    fn grpc_rule(&mut self, r: &Value, field: &str) -> Result<GrpcRouteRule, String> {
+    /// A rule's filters and backends; when a filter (the rule's or a
+    /// backend's) cannot be applied, none and one backend answering 500,
+    /// with the reason.
+    fn filters_and_backends(
+        &mut self,
+        r: &Value,
+        field: &str,
+    ) -> (Vec<HttpFilter>, Vec<BackendRef>, Option<String>) {
+        let refused = self.refused.len();
+        let filters = self.filters(&r["filters"], &format!("{field}.filters"));
+        let backends = self.backends(&r["backendRefs"], &format!("{field}.backendRefs"));
+        match (filters, backends) {
+            (Ok(f), Ok(b)) => (f, b, None),
+            (Err(why), _) | (_, Err(why)) => {
+                // Nothing is sent to its backends or mirrors.
+                self.refused.truncate(refused);
+                let backends = closed_backends(r, self.ns, &why);
+                (Vec::new(), backends, Some(why))
+            }
+        }
+    }
+
+    fn grpc_rule(
+        &mut self,
+        r: &Value,
+        field: &str,
+    ) -> Result<(GrpcRouteRule, Option<String>), String> {
         unsupported_rule_fields(r, field)?;
         let mut matches = Vec::new();
         for (i, m) in r["matches"].as_array().into_iter().flatten().enumerate() {
@@ -510,23 +565,25 @@ impl Ctx<'_> {
                 headers: value_matches(&m["headers"], &format!("{f}.headers"))?,
             });
         }
+        let (filters, backends, closed) = self.filters_and_backends(r, field);
         let rule = GrpcRouteRule {
             name: str_of(&r["name"]),
             matches,
-            filters: self.filters(&r["filters"], &format!("{field}.filters"))?,
-            backends: self.backends(&r["backendRefs"], &format!("{field}.backendRefs"))?,
+            filters,
+            backends,
             timeouts: Timeouts::default(),
             retry: None,
         };
         l7_proxy::router::check_grpc_rule(&rule).map_err(|p| format!("{field}.matches: {p}"))?;
-        Ok(rule)
+        Ok((rule, closed))
     }
 
-    /// Every rule of `spec`, through `rule`; the ones that fail are dropped.
+    /// Every rule of `spec`, through `rule`; the ones that fail are
+    /// dropped, and those kept closed are noted.
     fn rules<T>(
         &mut self,
         spec: &Value,
-        mut rule: impl FnMut(&mut Self, &Value, &str) -> Result<T, String>,
+        mut rule: impl FnMut(&mut Self, &Value, &str) -> Result<(T, Option<String>), String>,
     ) -> (Vec<T>, usize, Vec<DroppedRule>) {
         let mut kept = Vec::new();
         let mut dropped = Vec::new();
@@ -535,10 +592,21 @@ impl Ctx<'_> {
             // A dropped rule's references are not the route's any more.
             let refused = self.refused.len();
             match rule(self, r, &format!("spec.rules[{i}]")) {
-                Ok(x) => kept.push(x),
+                Ok((x, closed)) => {
+                    kept.push(x);
+                    dropped.extend(closed.map(|message| DroppedRule {
+                        index: i,
+                        message,
+                        closed: true,
+                    }));
+                }
                 Err(message) => {
                     self.refused.truncate(refused);
-                    dropped.push(DroppedRule { index: i, message });
+                    dropped.push(DroppedRule {
+                        index: i,
+                        message,
+                        closed: false,
+                    });
                 }
             }
         }
@@ -600,7 +668,7 @@ struct Source {
 fn translate<'a, R, T>(
     src: &'a Source,
     refs: &'a RefIndex,
-    rule: impl FnMut(&mut Ctx<'a>, &Value, &str) -> Result<T, String>,
+    rule: impl FnMut(&mut Ctx<'a>, &Value, &str) -> Result<(T, Option<String>), String>,
     build: impl FnOnce(ObjectRef, i64, Vec<ParentRef>, Vec<T>) -> R,
 ) -> Translated<R> {
     let (key, spec) = (&src.key, &src.spec);

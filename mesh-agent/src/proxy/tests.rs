@@ -234,10 +234,24 @@ fn http_routes_translate_matches_filters_backends_and_timeouts() {
             port: Some(5432)
         }]
     );
-    assert_eq!(h.rules.len(), 1, "the ExtensionRef rule is left out");
+    // The ExtensionRef rule cannot be carried out; it is kept to answer
+    // its matches (here every request the first rule does not take) with
+    // 500, not left out to let them through unfiltered.
+    assert_eq!(h.rules.len(), 2);
+    assert_eq!(h.rules[1].filters, vec![]);
+    let closed = &h.rules[1].backends;
+    assert_eq!(closed.len(), 1);
+    assert!(
+        closed[0]
+            .invalid
+            .as_deref()
+            .is_some_and(|why| why.contains("ExtensionRef")),
+        "{closed:?}"
+    );
     assert_eq!(t.rules, 2);
     assert_eq!(t.dropped.len(), 1);
     assert_eq!(t.dropped[0].index, 1);
+    assert!(t.dropped[0].closed);
     assert!(
         t.dropped[0]
             .message
@@ -447,6 +461,20 @@ fn translate_rule(rule: serde_json::Value) -> Result<HttpRouteRule, String> {
     match (t.route, t.dropped.first()) {
         (Some(r), None) => Ok(r.rules.into_iter().next().unwrap()),
         (None, Some(d)) => Err(d.message.clone()),
+        // Kept to answer its matches with 500, nothing else.
+        (Some(r), Some(d)) if d.closed => {
+            let rule = &r.rules[0];
+            assert!(rule.filters.is_empty(), "{rule:?}");
+            assert!(
+                rule.backends.len() == 1
+                    && rule.backends[0]
+                        .invalid
+                        .as_deref()
+                        .is_some_and(|why| why.contains(&d.message)),
+                "{rule:?}"
+            );
+            Err(d.message.clone())
+        }
         other => panic!("a rule is either translated or reported: {other:?}"),
     }
 }

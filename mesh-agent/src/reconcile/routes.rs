@@ -370,11 +370,22 @@ pub fn parent_conditions(index: &RefIndex, eval: &RouteEval, parent: &ParentRef)
     out
 }
 
-/// Why each dropped rule was left out, `; `-separated.
+/// Why each dropped rule was left out, `; `-separated; a rule kept to
+/// answer its matches with 500 says so.
 fn dropped_messages(eval: &RouteEval) -> String {
     eval.dropped
         .iter()
-        .map(|d| d.message.as_str())
+        .map(|d| {
+            if d.closed {
+                format!(
+                    "{} (requests the rule matches are answered with 500, not passed to \
+                     another rule)",
+                    d.message
+                )
+            } else {
+                d.message.clone()
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }

@@ -668,13 +668,20 @@ fn route_problems_are_config_errors_and_route_infos_without_a_status_writer() {
         a.reason.as_deref().unwrap().starts_with("BackendNotFound"),
         "{a:?}"
     );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("ExternalAuth") && m.contains("answered with 500")),
+        "{msgs:?}"
+    );
     // The proxy still gets the rule that translates, with the bad backend's
-    // share pointing nowhere.
+    // share pointing nowhere, and the ExternalAuth rule answering its
+    // requests with 500 (skipped, they would reach `b` unauthenticated).
     let mesh = f.rx.mesh.borrow().clone();
     let t = crate::proxy::routes::http_route(&mesh.http_routes[0], &mesh.refs);
     let rules = t.route.unwrap().rules;
-    assert_eq!(rules.len(), 1);
+    assert_eq!(rules.len(), 2);
     assert_eq!(rules[0].backends.len(), 2);
+    assert!(rules[1].backends[0].invalid.is_some(), "{:?}", rules[1]);
 }
 
 /// The SPIFFE ID the mesh view gives the first endpoint of Service `a`.
