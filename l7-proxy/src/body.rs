@@ -242,8 +242,24 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     ] {
         h.remove(name);
     }
-    if h.get(http::header::TE).is_some_and(|v| v != "trailers") {
+    // HTTP/2 carries `te` only as `trailers` (RFC 9113 section 8.2.2): one
+    // field when any line lists it (a gRPC client's), else none. Two lines,
+    // or `trailers` in a list, crossed as they were and the far side reset
+    // the stream as malformed.
+    if h.contains_key(http::header::TE) {
+        let trailers = h.get_all(http::header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',').any(|t| {
+                    t.split(';')
+                        .next()
+                        .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+                })
+            })
+        });
         h.remove(http::header::TE);
+        if trailers {
+            h.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -433,6 +449,27 @@ impl std::error::Error for TimedOut {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn te_crosses_as_one_trailers_field_or_not_at_all() {
+        let te = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(http::header::TE, HeaderValue::from_str(l).unwrap());
+            }
+            strip_hop_by_hop(&mut h);
+            h.get_all(http::header::TE)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(te(&["trailers"]), ["trailers"]);
+        assert_eq!(te(&["trailers", "gzip"]), ["trailers"]);
+        assert_eq!(te(&["gzip", "trailers"]), ["trailers"]);
+        assert_eq!(te(&["Trailers, deflate;q=0.5"]), ["trailers"]);
+        assert_eq!(te(&["gzip"]), Vec::<String>::new());
+        assert_eq!(te(&[]), Vec::<String>::new());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_body_whose_frames_keep_coming_is_not_idle() {

@@ -84,6 +84,11 @@ fn settle_host(parts: &mut Parts) -> Option<&'static str> {
         return None;
     }
     if let Some(a) = parts.uri.authority() {
+        // `host:port` alone is CONNECT's form (RFC 9112 section 3.2.3);
+        // another method has no path to route or send.
+        if parts.uri.scheme().is_none() && parts.method != http::Method::CONNECT {
+            return Some("an authority-form request target (host:port) is for CONNECT only");
+        }
         if a.as_str().contains('@') {
             return Some("the request target's authority has user information");
         }

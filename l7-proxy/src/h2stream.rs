@@ -78,8 +78,16 @@ pub async fn pipe(
                 }
             }
             Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = send.send_trailers(trailers);
+                if let Ok(mut trailers) = frame.into_trailers() {
+                    // What a trailer section may not carry (hyper's HTTP/1.1
+                    // server passes a caller's on as they came).
+                    crate::h1client::keep_trailer_fields(&mut trailers);
+                    // Refused all the same: the stream must still end, or
+                    // the far side waits for it.
+                    if let Err(e) = send.send_trailers(trailers) {
+                        tracing::debug!("trailers not sent: {e}");
+                        send.send_reset(Reason::INTERNAL_ERROR);
+                    }
                     return;
                 }
             }

@@ -324,7 +324,22 @@ async fn serve_http(
                 // request in flight, where a box would cost an allocation
                 // per request.
                 service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    forward::handle(shared.clone(), conn.clone(), req.map(crate::body::boxed))
+                    // hyper takes `gzip, chunked` as chunked; the body would
+                    // cross decoded of its chunks only, with nothing left to
+                    // say it is gzip (the proxy's own server refuses it too).
+                    let refused = req.headers().contains_key(http::header::TRANSFER_ENCODING)
+                        && !crate::h1client::only_chunked(req.headers());
+                    let exchange =
+                        forward::handle(shared.clone(), conn.clone(), req.map(crate::body::boxed));
+                    async move {
+                        if refused {
+                            return Ok(crate::body::proxy_response(
+                                http::StatusCode::BAD_REQUEST,
+                                "a transfer coding other than chunked (not supported by the mesh)",
+                            ));
+                        }
+                        exchange.await
+                    }
                 })
             };
             let c = hyper::server::conn::http1::Builder::new()

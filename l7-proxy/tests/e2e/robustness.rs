@@ -1302,6 +1302,73 @@ fn response_complete(got: &[u8]) -> bool {
     got.len() >= end + 4 + len
 }
 
+/// Framing the mesh cannot carry is refused with 400 whichever server
+/// parsed the request (`Expect` goes to hyper's): a transfer coding other
+/// than chunked (the body would cross de-chunked but still gzip, with
+/// nothing left to say so), and an authority-form target with a method
+/// other than CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_the_mesh_cannot_carry_is_refused_by_either_server() {
+    let (mesh, srv) = mesh_with_cart().await;
+    let refused: [(&[u8], &str); 4] = [
+        (
+            b"POST / HTTP/1.1\r\nHost: cart.shop\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "transfer coding other than chunked",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: cart.shop\r\nExpect: 100-continue\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "transfer coding other than chunked",
+        ),
+        (
+            b"GET cart.shop:80 HTTP/1.1\r\nHost: cart.shop\r\n\r\n",
+            "authority-form",
+        ),
+        (
+            b"POST cart.shop:80 HTTP/1.1\r\nHost: cart.shop\r\nExpect: 100-continue\r\ncontent-length: 0\r\n\r\n",
+            "authority-form",
+        ),
+    ];
+    for (req, why) in refused {
+        let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        t.write_all(req).await.unwrap();
+        let head = read_head(&mut t).await;
+        assert!(
+            head.starts_with("HTTP/1.1 400") && head.to_ascii_lowercase().contains(why),
+            "{}: {head}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    assert_eq!(srv[0].hits(), 0, "a refused request reached the workload");
+    mesh.shutdown().await;
+}
+
+/// A chunked upload's trailer section crosses the tunnel without the
+/// fields a trailer may not carry, whichever server parsed it: hyper's
+/// passed `connection` on, HTTP/2 refused to send it, and the stream never
+/// ended (the caller waited for the exchange idle timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailer_section_with_fields_it_may_not_carry_still_ends_the_upload() {
+    let (mesh, srv) = mesh_with_cart().await;
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let mut t = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        let req = format!(
+            "POST /up HTTP/1.1\r\nHost: cart.shop\r\n{expect}Transfer-Encoding: chunked\r\n\
+             connection: close\r\n\r\n5\r\nhello\r\n0\r\nconnection: x\r\nx-sum: 5\r\n\r\n"
+        );
+        t.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(read.is_ok(), "{expect:?}: no answer in 10 s: {got}");
+        let answer = got
+            .strip_prefix("HTTP/1.1 100 Continue\r\n\r\n")
+            .unwrap_or(&got);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{expect:?}: {got}");
+    }
+    assert_eq!(srv[0].hits(), 2);
+    mesh.shutdown().await;
+}
+
 /// Every captured HTTP/1.x request has one host that routing and the
 /// workload both read (RFC 9112 section 3.2), whichever server parsed it
 /// (HTTP/1.0 and `Expect` go to hyper's): two Host fields, none in HTTP/1.1,
