@@ -530,21 +530,24 @@ impl Reconciler {
             });
     }
 
-    /// Returns whether a Service was refused or accepted that was not
-    /// before (or refused for other reasons).
+    /// Returns whether what the proxy is shown of the Services changed: one
+    /// was refused or accepted that was not before (or refused for other
+    /// reasons), or the kernel took or failed to take one it had not.
     fn reconcile_services(&mut self, dirty: &BTreeSet<Key>) -> bool {
         if dirty.is_empty() {
             return false;
         }
+        let behind_before: BTreeSet<Key> = self.retry.keys().cloned().collect();
+        let changed = self.reconcile_services_inner(dirty);
+        changed || !self.retry.keys().eq(behind_before.iter())
+    }
+
+    fn reconcile_services_inner(&mut self, dirty: &BTreeSet<Key>) -> bool {
         let plan = self.lb.plan(&self.store, dirty, &self.settings.node);
         let mut changed = false;
         for key in dirty {
             if !plan.errors.contains_key(key) {
                 changed |= self.service_errors.remove(key).is_some();
-                match self.store.services.get(key) {
-                    Some(s) => self.last_good.insert(key.clone(), s.clone()),
-                    None => self.last_good.remove(key),
-                };
             }
         }
         for (key, errors) in &plan.errors {
@@ -557,8 +560,11 @@ impl Reconciler {
             }
             self.service_errors.insert(key.clone(), errors.clone());
         }
+        // The kernel has these as they are: the version the proxy is shown
+        // while a later one is refused or not in the kernel yet.
         for key in &plan.unchanged {
             self.retry.remove(key);
+            self.keep_as_last_good(key);
         }
         if plan.services.is_empty() {
             return changed;
@@ -610,9 +616,19 @@ impl Reconciler {
         changed
     }
 
+    /// Notes the store's version of Service `key` as the one the kernel
+    /// has (gone: none).
+    fn keep_as_last_good(&mut self, key: &Key) {
+        match self.store.services.get(key) {
+            Some(s) => self.last_good.insert(key.clone(), s.clone()),
+            None => self.last_good.remove(key),
+        };
+    }
+
     fn committed(&mut self, p: &ServicePlan) {
         self.lb.commit(p);
         self.retry.remove(&p.service);
+        self.keep_as_last_good(&p.service);
         if !p.removed_backends.is_empty() {
             // No longer ready, or gone. ebpf-lb has reset, in `apply`, the
             // sockets connected to those gone (and, for UDP, to those not
@@ -1010,18 +1026,17 @@ impl Reconciler {
         // Refused Services are shown to the proxy as last accepted, and one
         // refused from the start not at all: the kernel does not have it, so
         // neither may the proxy (it would take another Service's ClusterIP
-        // there, say, and send that Service's callers to its pods).
+        // there, say, and send that Service's callers to its pods). So are
+        // those the kernel did not take yet (a full map): the kernel still
+        // sends enrolled callers of the old ClusterIP to the proxy, which
+        // must still know it.
         let patched;
-        let store = if self
-            .service_errors
-            .keys()
-            .any(|k| self.store.services.contains_key(k))
+        let behind = || self.service_errors.keys().chain(self.retry.keys());
+        let store = if behind()
+            .any(|k| self.store.services.contains_key(k) || self.last_good.contains_key(k))
         {
             let mut s = self.store.clone();
-            for key in self.service_errors.keys() {
-                if !s.services.contains_key(key) {
-                    continue;
-                }
+            for key in behind() {
                 match self.last_good.get(key) {
                     Some(good) => {
                         s.services.insert(key.clone(), good.clone());

@@ -189,6 +189,45 @@ fn a_failing_service_does_not_hold_back_the_others_and_is_retried() {
     assert!(f.rx.view.borrow().dataplane_errors.is_empty());
 }
 
+/// A Service the kernel did not take (a full map, say) keeps its old
+/// version in the proxy too: the kernel still sends enrolled callers of the
+/// old ClusterIP to the proxy, which took them for external destinations
+/// once it had the new one. Taken on a retry, both have the new one.
+#[test]
+fn a_service_the_kernel_did_not_take_is_shown_to_the_proxy_as_the_kernel_has_it() {
+    let mut f = fixture();
+    f.upsert(shop());
+    f.sync();
+    let vips = |f: &Fixture| {
+        let mesh = f.rx.mesh.borrow().clone();
+        mesh.services
+            .iter()
+            .find(|s| s.key.name == "a")
+            .map(|s| s.vips.clone())
+    };
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(vips(&f), Some(vec![ip("127.96.0.1")]));
+    let moved = Frontend::tcp(addr("127.96.0.31:80"));
+    f.dp.fail_changes_of(moved);
+    f.upsert(vec![Object::Service(service(
+        "shop",
+        "a",
+        "127.96.0.31",
+        &[80],
+    ))]);
+    assert!(f.dp.spec(&Frontend::tcp(addr("127.96.0.1:80"))).is_some());
+    assert!(f.dp.spec(&moved).is_none());
+    assert_eq!(
+        vips(&f),
+        Some(vec![ip("127.96.0.1")]),
+        "as the kernel has it"
+    );
+    f.dp.clear_failures();
+    f.r.step(vec![Input::Tick]);
+    assert!(f.dp.spec(&moved).is_some());
+    assert_eq!(vips(&f), Some(vec![ip("127.96.0.31")]));
+}
+
 #[test]
 fn an_invalid_service_keeps_its_last_good_entry_and_is_reported() {
     let mut f = fixture();
