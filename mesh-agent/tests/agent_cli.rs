@@ -318,6 +318,27 @@ fn mesh_agent_validate_reports_file_document_and_field() {
     let (code, text) = validate(dir.path());
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("ignored: apps/v1 Deployment"), "{text}");
+    // What parses but the agent refuses fails too, as the agent would say
+    // it: two unnamed ports of one Service, and a policy source that is no
+    // namespace name.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("model.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a}\n\
+         spec: {clusterIP: 127.96.0.7, ports: [{port: 80}, {port: 81}]}\n---\n\
+         apiVersion: sluice.dev/v1alpha1\nkind: AccessPolicy\n\
+         metadata: {name: p, namespace: a}\n\
+         spec: {targetRefs: [{kind: Service, name: s}], rules: [{from: [{namespace: Monitoring}]}]}\n",
+    )
+    .unwrap();
+    let (code, text) = validate(dir.path());
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("Service a/s") && text.contains("spec.ports"),
+        "{text}"
+    );
+    assert!(text.contains("AccessPolicy a/p"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

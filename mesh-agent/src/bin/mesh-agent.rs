@@ -110,7 +110,10 @@ async fn main() -> ExitCode {
                 eprintln!("mesh-agent: {e}");
                 return ExitCode::from(2);
             }
-            let errors = src.errors();
+            // The files' own problems and the agent's checks of what they
+            // define (a Service's ports, a policy's sources, a route's
+            // rules), as a running agent would report them.
+            let errors = mesh_agent::reconcile::offline_problems(src.inputs(true));
             for e in &errors {
                 println!("{e}");
             }

@@ -227,6 +227,41 @@ pub struct Reconciler {
     stats: Stats,
 }
 
+/// Every problem the agent would report with the model `inputs` describe
+/// (a source's updates and its own errors), found without touching the
+/// node: the Service, policy, route and annotation checks of a running
+/// agent over a kernel held in memory, no pod local, PERMISSIVE the default
+/// mode. `mesh-agent validate` gates manifests with it, so what it accepts
+/// the agent does not refuse.
+pub fn offline_problems(inputs: Vec<Input>) -> Vec<ConfigError> {
+    /// No pod is local here: nothing asks for a cgroup.
+    struct NoCgroups;
+    impl CgroupResolver for NoCgroups {
+        fn resolve(&self, _: &crate::state::Workload) -> Result<std::path::PathBuf, String> {
+            Err("no cgroups offline".into())
+        }
+    }
+    let (out, rx) = Outputs::channels();
+    let settings = Settings {
+        node: String::new(),
+        node_addresses: Vec::new(),
+        trust_domain: crate::config::DEFAULT_TRUST_DOMAIN.into(),
+        default_mode: MtlsMode::Permissive,
+        proxy: None,
+        kernel_strict: false,
+    };
+    let mut r = Reconciler::new(
+        Arc::new(dataplane::MemoryDataplane::new()),
+        Box::new(NoCgroups),
+        settings,
+        out,
+    );
+    r.step(inputs);
+    let problems = r.config_errors();
+    drop(rx);
+    problems
+}
+
 impl Reconciler {
     pub fn new(
         dp: Arc<dyn Dataplane>,
