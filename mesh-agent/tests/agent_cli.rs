@@ -339,6 +339,29 @@ fn mesh_agent_validate_reports_file_document_and_field() {
         "{text}"
     );
     assert!(text.contains("AccessPolicy a/p"), "{text}");
+    // A STRICT MeshPolicy where no pod is in the mesh refuses nothing: a
+    // problem; a PERMISSIVE one there changes nothing: a note.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |mode: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: legacy}}\n---\n\
+             apiVersion: sluice.dev/v1alpha1\nkind: MeshPolicy\n\
+             metadata: {{name: m, namespace: legacy}}\nspec: {{mode: {mode}}}\n"
+        )
+    };
+    std::fs::write(dir.path().join("m.yaml"), policy("STRICT")).unwrap();
+    let (code, text) = validate(dir.path());
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("MeshPolicy legacy/m")
+            && text.contains("not in the mesh")
+            && text.contains("plaintext is not refused"),
+        "{text}"
+    );
+    std::fs::write(dir.path().join("m.yaml"), policy("PERMISSIVE")).unwrap();
+    let (code, text) = validate(dir.path());
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("note: namespace legacy is not in the mesh"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

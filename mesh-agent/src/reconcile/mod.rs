@@ -1192,6 +1192,30 @@ impl Reconciler {
         }
         out.extend(self.route_problems());
         out.extend(annotation_problems(&self.store));
+        for (key, p) in &self.store.mesh_policies {
+            if self
+                .store
+                .rejected
+                .contains_key(&(crate::state::Kind::MeshPolicy, key.clone()))
+            {
+                continue;
+            }
+            if let Some(why) = policies::mesh_policy_idle(&self.store, &key.namespace) {
+                // A STRICT policy that refuses nothing is a problem; another
+                // mode changes what no mesh does anyway.
+                let strict = p.spec.mode == MtlsMode::Strict;
+                out.push(ConfigError {
+                    source: "model".into(),
+                    object: Some(format!("MeshPolicy {key}")),
+                    field: None,
+                    message: if strict {
+                        format!("{why}: plaintext is not refused")
+                    } else {
+                        format!("note: {why}")
+                    },
+                });
+            }
+        }
         for (key, p) in &self.store.access_policies {
             for message in policies::missing_targets(&self.store, key, p) {
                 out.push(ConfigError {

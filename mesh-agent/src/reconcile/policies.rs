@@ -164,13 +164,35 @@ impl Drop for StatusReceiver {
 }
 
 fn accepted(generation: Option<i64>, stored: &[Condition]) -> Option<serde_json::Value> {
+    accepted_saying("the policy is in force", generation, stored)
+}
+
+fn accepted_saying(
+    message: &str,
+    generation: Option<i64>,
+    stored: &[Condition],
+) -> Option<serde_json::Value> {
     let conds = [Cond {
         type_: "Accepted",
         status: true,
         reason: "Accepted".into(),
-        message: "the policy is in force".into(),
+        message: message.into(),
     }];
     write(&conds, generation, stored)
+}
+
+/// Why a MeshPolicy in `ns` changes nothing: its namespace is not in the
+/// mesh, so no pod it selects is (a pod can only opt out), and no mode of
+/// it reaches the kernel or a proxy.
+pub fn mesh_policy_idle(store: &Store, ns: &str) -> Option<String> {
+    (!store.namespace_enrolled(ns)).then(|| {
+        format!(
+            "namespace {ns} is not in the mesh (annotate it {}: {}): no pod the policy \
+             selects is, and its mode applies to none of them",
+            crate::config::MESH_ANNOTATION,
+            crate::config::MESH_ENABLED
+        )
+    })
 }
 
 fn write(
@@ -201,7 +223,13 @@ pub fn policy_status_writes(store: &Store, default_mode: MtlsMode) -> Vec<Status
         {
             continue;
         }
-        if let Some(status) = accepted(p.metadata.generation, &stored(p.status.as_ref())) {
+        let message = match mesh_policy_idle(store, &key.namespace) {
+            Some(why) => format!("accepted, but not in force: {why}"),
+            None => "the policy is in force".to_string(),
+        };
+        if let Some(status) =
+            accepted_saying(&message, p.metadata.generation, &stored(p.status.as_ref()))
+        {
             out.push(StatusWrite {
                 kind: Kind::MeshPolicy,
                 key: key.clone(),
@@ -623,6 +651,41 @@ mod tests {
         crds::{AccessPolicy, AccessPolicySpec},
         state::{Object, Update},
     };
+
+    /// A MeshPolicy of a namespace outside the mesh selects no pod in it:
+    /// its status says it is not in force and why, and the agent's problems
+    /// list a STRICT one (it refuses no plaintext), the others as notes.
+    #[test]
+    fn a_mesh_policy_outside_the_mesh_says_it_is_not_in_force() {
+        use crate::crds::{MeshPolicy, MeshPolicySpec};
+        let mut s = Store::new();
+        s.apply(Update::Upsert(Object::Namespace(
+            crate::testing::namespace("legacy", false),
+        )));
+        let spec: MeshPolicySpec =
+            serde_json::from_value(serde_json::json!({"mode": "STRICT"})).unwrap();
+        let mut p = MeshPolicy::new("strict", spec);
+        p.metadata.namespace = Some("legacy".into());
+        s.apply(Update::Upsert(Object::MeshPolicy(p.clone())));
+        let message = |s: &Store| {
+            let w = policy_status_writes(s, MtlsMode::Permissive);
+            w[0].status["conditions"][0]["message"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let m = message(&s);
+        assert!(
+            m.starts_with("accepted, but not in force: namespace legacy is not in the mesh")
+                && m.contains("sluice.dev/mesh: enabled"),
+            "{m}"
+        );
+        // Enrolled, it is in force.
+        s.apply(Update::Upsert(Object::Namespace(
+            crate::testing::namespace("legacy", true),
+        )));
+        assert_eq!(message(&s), "the policy is in force");
+    }
 
     #[test]
     fn invalid_policies_get_a_false_condition_with_the_field() {
