@@ -163,10 +163,6 @@ impl Drop for StatusReceiver {
     }
 }
 
-fn accepted(generation: Option<i64>, stored: &[Condition]) -> Option<serde_json::Value> {
-    accepted_saying("the policy is in force", generation, stored)
-}
-
 fn accepted_saying(
     message: &str,
     generation: Option<i64>,
