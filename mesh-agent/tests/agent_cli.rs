@@ -361,7 +361,10 @@ fn mesh_agent_validate_reports_file_document_and_field() {
     std::fs::write(dir.path().join("m.yaml"), policy("PERMISSIVE")).unwrap();
     let (code, text) = validate(dir.path());
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("note: namespace legacy is not in the mesh"), "{text}");
+    assert!(
+        text.contains("note: namespace legacy is not in the mesh"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, sync::atomic::Ordering};
 
 use integration::demo::{self, DemoReport, ECHO_VIP, REVIEWS_VIP, WEB_1_POD, WEB_VIP};
 
-extern "C" fn on_sigint(_: libc::c_int) {
+extern "C" fn on_stop_signal(_: libc::c_int) {
     demo::INTERRUPTED.store(true, Ordering::Relaxed);
 }
 
@@ -64,8 +64,13 @@ fn summary(r: &DemoReport) -> bool {
 }
 
 fn main() -> ExitCode {
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    // SAFETY: installing a handler that only stores to an atomic. SIGTERM
+    // too (a `kill`, a closed terminal's HUP, a test runner's timeout): the
+    // demo stops at its next step and removes its namespaces, cgroups and
+    // pinned maps, which a default death leaves behind.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
     let manifests = std::env::args_os()
         .nth(1)
         .map(PathBuf::from)
