@@ -291,6 +291,14 @@ impl Activity {
         self.0.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Counts the exchange as moving until `at`: a route that gives a
+    /// request longer than the exchange idle timeout (`timeouts.request:
+    /// 10m` for a report that takes 6 minutes to start) is waited for.
+    pub fn hold_until(&self, at: tokio::time::Instant) {
+        let ms = at.saturating_duration_since(self.1).as_millis() as u64;
+        self.0.fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub(crate) fn last(&self) -> tokio::time::Instant {
         self.1 + std::time::Duration::from_millis(self.0.load(std::sync::atomic::Ordering::Relaxed))
     }

@@ -62,6 +62,11 @@ pub const UNREACHABLE_HEADER: &str = "sluice-unreachable";
 pub const TARGET: http::HeaderName = http::HeaderName::from_static(TARGET_HEADER);
 pub const PROTOCOL: http::HeaderName = http::HeaderName::from_static(PROTOCOL_HEADER);
 pub const SOURCE_IDENTITY: http::HeaderName = http::HeaderName::from_static(SOURCE_IDENTITY_HEADER);
+/// Milliseconds the caller's route gives a tunnelled request from when it
+/// is sent (its request or backend-request timeout): the workload's node
+/// waits that long for the answer even past its exchange idle timeout.
+pub const TIMEOUT_HEADER: &str = "sluice-timeout-ms";
+pub const TIMEOUT: http::HeaderName = http::HeaderName::from_static(TIMEOUT_HEADER);
 pub const REASON: http::HeaderName = http::HeaderName::from_static(REASON_HEADER);
 pub const UPGRADE_REQUEST: http::HeaderName = http::HeaderName::from_static(UPGRADE_REQUEST_HEADER);
 pub const UNREACHABLE: http::HeaderName = http::HeaderName::from_static(UNREACHABLE_HEADER);

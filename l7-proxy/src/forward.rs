@@ -17,7 +17,9 @@ use tokio::time::Instant;
 use crate::{
     accesslog::AccessRecord,
     body::{Body, boxed, proxy_response, remove_mesh_headers, strip_hop_by_hop},
-    config::{BackendRef, HttpFilter, LocalWorkload, PROTOCOL, REASON, TARGET, UNREACHABLE},
+    config::{
+        BackendRef, HttpFilter, LocalWorkload, PROTOCOL, REASON, TARGET, TIMEOUT, UNREACHABLE,
+    },
     conntable::{ConnKind, ConnMeta},
     filters,
     metrics::{Answer, Direction, Label, RequestKey, RequestMetricsCache, TcpLabels},
@@ -165,6 +167,7 @@ pub(crate) async fn handle(
     let progress = Progress {
         start,
         labels: std::sync::OnceLock::new(),
+        activity: activity.clone(),
     };
     // Dropped before the answer is counted: the caller went away.
     let mut cancelled = Cancelled {
@@ -404,7 +407,14 @@ pub(crate) fn cancel_reason(shared: &Shared) -> &'static str {
 struct Progress {
     start: Instant,
     labels: std::sync::OnceLock<(Label, Label)>,
+    /// The exchange's activity, which a route's longer timeouts hold.
+    activity: crate::body::Activity,
 }
+
+/// When an attempt's route timeout ends it (a request extension from the
+/// retry loop to the send).
+#[derive(Clone, Copy)]
+struct AttemptEnd(Instant);
 
 /// A request body, for one attempt or for several.
 enum ReqBody {
@@ -602,6 +612,11 @@ async fn route_request(
         .timeouts
         .request_ms
         .map(|ms| progress.start + Duration::from_millis(ms));
+    // The route's own deadline decides, not the exchange idle timeout, when
+    // it is the longer.
+    if let Some(d) = deadline {
+        progress.activity.hold_until(d);
+    }
     let mut body = if retries > 0 || !mirrors.is_empty() {
         if http_body::Body::is_end_stream(&body) {
             ReqBody::Buffered(Replayable::empty())
@@ -698,12 +713,23 @@ async fn route_request(
             (Some(pick), Some(b)) => {
                 let up = &upstreams[pick.index];
                 // The last attempt takes the request head, earlier ones copy it.
-                let head = if may_retry {
+                let mut head = if may_retry {
                     parts.clone()
                 } else {
                     std::mem::replace(&mut parts, Request::new(()).into_parts().0)
                 };
                 let tried_at = Instant::now();
+                // The attempt's own end, when the route sets one: the
+                // exchange is waited for until then here, and on the
+                // workload's node (`sluice-timeout-ms`).
+                if let Some(end) = [deadline, per_try.map(|d| tried_at + d)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                {
+                    progress.activity.hold_until(end);
+                    head.extensions.insert(AttemptEnd(end));
+                }
                 let attempt = async {
                     let send = send_once(shared, conn, up, head, b, Sent::ByCaller);
                     match per_try {
@@ -1203,6 +1229,10 @@ async fn send_once(
             })?;
             parts.version = Version::HTTP_2;
             parts.headers.insert(TARGET, up.target.clone());
+            if let Some(AttemptEnd(end)) = parts.extensions.remove::<AttemptEnd>() {
+                let ms = end.saturating_duration_since(Instant::now()).as_millis();
+                parts.headers.insert(TIMEOUT, HeaderValue::from(ms as u64));
+            }
             // HTTP/1.1 is the default on the far side: only HTTP/2 is named,
             // which spares the common case a header to encode and decode.
             if proto == Protocol::Http2 {

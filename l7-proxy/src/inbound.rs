@@ -27,8 +27,8 @@ use crate::{
     batch::{BatchIo, FlushAtEnd},
     body::{Body, boxed, proxy_response, remove_mesh_headers, strip_hop_by_hop},
     config::{
-        LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER, UNREACHABLE,
-        UPGRADE_REQUEST,
+        LocalWorkload, PROTOCOL, SOURCE_IDENTITY, SpiffeId, TARGET, TARGET_HEADER, TIMEOUT,
+        UNREACHABLE, UPGRADE_REQUEST,
     },
     conntable::{ConnKind, ConnMeta, TlsInfo},
     h2stream::{RecvBody, StreamIo},
@@ -45,6 +45,10 @@ use crate::{
     throttle::warn_throttled,
     tunnel::{SEND_BUFFER, STREAM_WINDOW, connection_window, keep_alive},
 };
+
+/// The longest a caller's route may have this side wait for an answer
+/// (`sluice-timeout-ms`): a day.
+const MAX_ROUTE_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 
 /// A short, stable label for why a TLS handshake failed.
 pub fn classify_tls_error(e: &std::io::Error) -> &'static str {
@@ -1204,6 +1208,18 @@ async fn handle_http(
     // workload connections for ever, a quarter later than there.
     let idle = shared.settings.workload_side_idle_timeout();
     let activity = crate::body::Activity::since(start);
+    // The caller's route may give the request longer (`timeouts.request:
+    // 10m`): waited for here too, up to a day.
+    if let Some(ms) = parts
+        .headers
+        .get(TIMEOUT)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && let Some(end) = start.checked_add(std::time::Duration::from_millis(
+            ms.min(MAX_ROUTE_TIMEOUT_MS),
+        ))
+    {
+        activity.hold_until(end);
+    }
     let has_body = !http_body::Body::is_end_stream(&body);
     let body = if has_body {
         boxed(crate::body::Timed::idle(

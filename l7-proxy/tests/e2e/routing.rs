@@ -476,6 +476,64 @@ async fn a_retry_that_cannot_fit_in_the_request_timeout_leaves_the_answer_in_han
     mesh.shutdown().await;
 }
 
+/// A route's timeouts longer than the exchange idle timeout are the ones
+/// that count: a backend that takes longer than the idle timeout to start
+/// its answer, within the route's `request` (or `backendRequest`) timeout,
+/// is waited for; past the idle timeout without such a route it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_longer_than_the_exchange_idle_timeout_is_waited_for() {
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.exchange_idle_timeout_ms = 300,
+    )
+    .await;
+    let timed = |case: &str, t: Timeouts| {
+        let mut r = rule(
+            vec![HttpRouteMatch {
+                headers: vec![ValueMatch {
+                    kind: ValueMatchKind::Exact,
+                    name: "x-timeout".into(),
+                    value: case.into(),
+                }],
+                ..Default::default()
+            }],
+            vec![backend("v1", 1)],
+        );
+        r.timeouts = t;
+        r
+    };
+    let rules = vec![
+        timed(
+            "request",
+            Timeouts {
+                request_ms: Some(5_000),
+                backend_request_ms: None,
+            },
+        ),
+        timed(
+            "backend",
+            Timeouts {
+                request_ms: None,
+                backend_request_ms: Some(5_000),
+            },
+        ),
+        rule(vec![], vec![backend("v1", 1)]),
+    ];
+    let (_srv, _) = setup(&mesh, vec![route(rules)]).await;
+    let mut c = client(&mesh).await;
+    for case in ["request", "backend"] {
+        let r = c
+            .send(request("GET", "/slow/900", &[("x-timeout", case)], ""))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{case}: {r:?}");
+    }
+    let r = c.get("/slow/900").await;
+    assert_eq!(r.status, 504, "the idle timeout without a route's: {r:?}");
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_backend_timeouts_answer_504() {
     let mesh = Mesh::standard().await;
