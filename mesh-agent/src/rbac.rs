@@ -2,7 +2,7 @@
 //! watchers and status writer use. The chart's ClusterRole is checked against
 //! these (`tests/chart.rs`), so neither can drift from the code.
 
-use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -36,7 +36,6 @@ pub fn watched(kind: Kind) -> (String, String) {
         Kind::EndpointSlice => gr::<EndpointSlice>(),
         Kind::HTTPRoute => gr::<HttpRoute>(),
         Kind::GRPCRoute => gr::<GrpcRoute>(),
-        Kind::ReferenceGrant => gr::<ReferenceGrant>(),
         Kind::MeshPolicy => gr::<MeshPolicy>(),
         Kind::AccessPolicy => gr::<AccessPolicy>(),
     }

@@ -87,6 +87,11 @@ fn agent_cluster_role_grants_exactly_what_the_agent_uses() {
         r.verbs.sort();
     }
     assert_eq!(template_rules("agent-rbac.yaml"), want);
+    // Mesh routes need no ReferenceGrant (GEP-1294): the agent reads none.
+    assert!(
+        want.iter().all(|r| r.resource != "referencegrants"),
+        "{want:?}"
+    );
     // Least privilege: nothing may be created, updated or deleted, and
     // secrets are never readable by the agent.
     for r in template_rules("agent-rbac.yaml") {

@@ -302,8 +302,9 @@ async fn route_and_policy_status_is_written_back() {
             .contains("shop/does-not-exist")
     );
 
-    // A cross-namespace backend without a ReferenceGrant, and a rule the
-    // proxy cannot carry out: both in the conditions, with GAMMA's reasons.
+    // A cross-namespace backend resolves without a ReferenceGrant (GEP-1294);
+    // a rule the proxy cannot carry out is in the conditions, with GAMMA's
+    // reason.
     let partial =
         by_path["/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/partial/status"];
     let conds = partial["status"]["parents"][0]["conditions"]
@@ -314,15 +315,8 @@ async fn route_and_policy_status_is_written_back() {
         .map(|c| (c["type"].as_str().unwrap(), c))
         .collect();
     assert_eq!(by_type["Accepted"]["status"], "True");
-    assert_eq!(by_type["ResolvedRefs"]["status"], "False");
-    assert_eq!(by_type["ResolvedRefs"]["reason"], "RefNotPermitted");
-    assert!(
-        by_type["ResolvedRefs"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("spec.rules[0].backendRefs[1]: Service default/kubernetes"),
-        "{conds:?}"
-    );
+    assert_eq!(by_type["ResolvedRefs"]["status"], "True", "{conds:?}");
+    assert_eq!(by_type["ResolvedRefs"]["reason"], "ResolvedRefs");
     assert_eq!(by_type["PartiallyInvalid"]["status"], "True");
     assert_eq!(by_type["PartiallyInvalid"]["reason"], "UnsupportedValue");
     assert!(
@@ -353,10 +347,15 @@ async fn route_and_policy_status_is_written_back() {
     assert_eq!(good["status"]["conditions"][0]["status"], "True");
 }
 
+/// GEP-1294: a mesh route's backend in another namespace needs no
+/// ReferenceGrant (the agent watches none): the listed route's share goes to
+/// default/kubernetes; moved to a Service of default that does not exist,
+/// it is BackendNotFound until the Service's watch brings one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reference_grant_from_the_watch_resolves_a_cross_namespace_backend() {
+async fn a_cross_namespace_backend_resolves_without_a_reference_grant() {
     let r = start(FakeApi::with_fixtures());
-    let grants = "/apis/gateway.networking.k8s.io/v1beta1/referencegrants";
+    let routes = "/apis/gateway.networking.k8s.io/v1/httproutes";
+    let services = "/api/v1/services";
     let partial = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/partial/status";
     let resolved_refs = |patch: &Value| {
         patch["status"]["parents"][0]["conditions"]
@@ -367,32 +366,96 @@ async fn a_reference_grant_from_the_watch_resolves_a_cross_namespace_backend() {
             .cloned()
             .unwrap()
     };
+    // The second backend of partial's first rule, as the proxy gets it.
+    let second_backend = |r: &Running| {
+        let mesh = r.rx.mesh.borrow().clone();
+        let route = mesh
+            .http_routes
+            .iter()
+            .find(|x| x.metadata.name.as_deref() == Some("partial"))
+            .unwrap();
+        let t = mesh_agent::proxy::routes::http_route(route, &mesh.refs);
+        t.route.unwrap().rules[0].backends[1].clone()
+    };
     let fake = r.fake.clone();
     let first = tokio::task::spawn_blocking(move || {
-        eventually("partial's status and an open ReferenceGrant watch", || {
-            let p = fake.patches().into_iter().find(|(p, _)| p == partial)?;
-            fake.watching(grants).then_some(p.1)
+        eventually(
+            "partial's status and open route and Service watches",
+            || {
+                let p = fake.patches().into_iter().find(|(p, _)| p == partial)?;
+                (fake.watching(routes) && fake.watching(services)).then_some(p.1)
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let cond = resolved_refs(&first);
+    assert_eq!(
+        (&cond["status"], &cond["reason"]),
+        (&json!("True"), &json!("ResolvedRefs"))
+    );
+    let b = second_backend(&r);
+    assert_eq!(
+        (b.service, b.invalid),
+        (
+            l7_proxy::config::ObjectRef::new("default", "kubernetes"),
+            None
+        )
+    );
+
+    let mut route: Value = serde_json::from_slice::<Value>(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/kube/httproutes.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["metadata"]["name"] == "partial")
+        .unwrap()
+        .clone();
+    route["metadata"]["resourceVersion"] = json!("51301");
+    route["metadata"]["generation"] = json!(5);
+    route["spec"]["rules"][0]["backendRefs"][1] =
+        json!({"name": "db", "namespace": "default", "port": 5432});
+    r.fake.event(routes, "MODIFIED", route);
+    let fake = r.fake.clone();
+    let cond = tokio::task::spawn_blocking(move || {
+        eventually("partial's status for the missing Service", || {
+            let c = resolved_refs(&fake.patches().into_iter().rfind(|(p, _)| p == partial)?.1);
+            (c["observedGeneration"] == 5).then_some(c)
         })
     })
     .await
     .unwrap();
-    // The listed grant is for GRPCRoutes only: the HTTPRoute is refused.
-    assert_eq!(resolved_refs(&first)["reason"], "RefNotPermitted");
+    assert_eq!(
+        (&cond["status"], &cond["reason"]),
+        (&json!("False"), &json!("BackendNotFound"))
+    );
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.rules[0].backendRefs[1]: Service default/db does not exist"),
+        "{cond:?}"
+    );
+
     r.fake.event(
-        grants,
+        services,
         "ADDED",
         json!({
-            "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
-            "metadata": {"name": "http-from-shop", "namespace": "default", "resourceVersion": "51301"},
-            "spec": {
-                "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}],
-                "to": [{"group": "", "kind": "Service", "name": "kubernetes"}]
-            }
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "db", "namespace": "default", "resourceVersion": "51302"},
+            "spec": {"clusterIP": "10.96.20.1", "clusterIPs": ["10.96.20.1"],
+                     "ports": [{"name": "pg", "protocol": "TCP", "port": 5432}]}
         }),
     );
     let fake = r.fake.clone();
     let cond = tokio::task::spawn_blocking(move || {
-        eventually("partial's status after the grant", || {
+        eventually("partial's status after the Service appears", || {
             let c = resolved_refs(&fake.patches().into_iter().rfind(|(p, _)| p == partial)?.1);
             (c["status"] == "True").then_some(c)
         })
@@ -400,18 +463,11 @@ async fn a_reference_grant_from_the_watch_resolves_a_cross_namespace_backend() {
     .await
     .unwrap();
     assert_eq!(cond["reason"], "ResolvedRefs");
-    // The proxy now sends that share to default/kubernetes.
-    let mesh = r.rx.mesh.borrow().clone();
-    let route = mesh
-        .http_routes
-        .iter()
-        .find(|x| x.metadata.name.as_deref() == Some("partial"))
-        .unwrap();
-    let t = mesh_agent::proxy::routes::http_route(route, &mesh.refs);
-    assert_eq!(t.refused, vec![]);
+    // The proxy now sends that share to default/db.
+    let b = second_backend(&r);
     assert_eq!(
-        t.route.unwrap().rules[0].backends[1].service,
-        l7_proxy::config::ObjectRef::new("default", "kubernetes")
+        (b.service, b.invalid),
+        (l7_proxy::config::ObjectRef::new("default", "db"), None)
     );
 }
 

@@ -969,7 +969,7 @@ async fn mirror_gets_a_copy_and_the_client_gets_the_primary_answer() {
 async fn an_invalid_backend_keeps_its_share_and_answers_500_with_the_reason() {
     let mesh = Mesh::standard().await;
     let mut refused = backend("v2", 1);
-    refused.invalid = Some("RefNotPermitted: no ReferenceGrant in shop".into());
+    refused.invalid = Some("BackendNotFound: Service shop/v2 has no port 81".into());
     let (srv, _mirror) = setup(
         &mesh,
         vec![route(vec![rule(vec![], vec![backend("v1", 1), refused])])],
@@ -983,7 +983,10 @@ async fn an_invalid_backend_keeps_its_share_and_answers_500_with_the_reason() {
             200 => ok += 1,
             500 => {
                 let why = r.headers["sluice-reason"].to_str().unwrap();
-                assert!(why.contains("RefNotPermitted: no ReferenceGrant"), "{why}");
+                assert!(
+                    why.contains("BackendNotFound: Service shop/v2 has no port 81"),
+                    "{why}"
+                );
                 refused += 1;
             }
             s => panic!("unexpected status {s}"),
@@ -1538,7 +1541,7 @@ async fn the_proxys_own_refusals_of_a_grpc_call_carry_a_grpc_status() {
                 rule("gone", "nowhere", None),
                 {
                     let mut r = rule("refused", "v0", None);
-                    r.backends[0].invalid = Some("RefNotPermitted".into());
+                    r.backends[0].invalid = Some("InvalidKind".into());
                     r
                 },
             ],
@@ -1554,7 +1557,7 @@ async fn the_proxys_own_refusals_of_a_grpc_call_carry_a_grpc_status() {
         ("/slow/0", "14", "no ready endpoint"),
         ("/other/Call", "12", "no route of service shop/cart matches"),
         ("/slow/gone", "14", "which does not exist"),
-        ("/slow/refused", "14", "RefNotPermitted"),
+        ("/slow/refused", "14", "InvalidKind"),
     ];
     for (path, code, words) in cases {
         let r = call(path).await;

@@ -81,7 +81,6 @@ fn closed_backends(r: &Value, ns: &str, why: &str) -> Vec<BackendRef> {
 
 /// The route being translated: where references are resolved from.
 struct Ctx<'a> {
-    kind: &'static str,
     ns: &'a str,
     refs: &'a RefIndex,
     refused: Vec<RefProblem>,
@@ -414,7 +413,6 @@ impl Ctx<'_> {
                 let b = &m["backendRef"];
                 let target = BackendTarget::of_json(b);
                 if let Err(p) = self.refs.check_backend(
-                    self.kind,
                     self.ns,
                     &target,
                     &format!("{field}.requestMirror.backendRef"),
@@ -451,8 +449,7 @@ impl Ctx<'_> {
             let weight = b["weight"]
                 .as_u64()
                 .map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX));
-            let (filters, invalid) = match self.refs.check_backend(self.kind, self.ns, &target, &f)
-            {
+            let (filters, invalid) = match self.refs.check_backend(self.ns, &target, &f) {
                 Ok(()) => (self.filters(&b["filters"], &format!("{f}.filters"))?, None),
                 Err(p) => {
                     // Its share of requests gets 500 from the proxy, with
@@ -618,7 +615,6 @@ impl Ctx<'_> {
 pub fn http_route(r: &GwHttpRoute, refs: &RefIndex) -> Translated<HttpRoute> {
     translate(
         &Source {
-            kind: "HTTPRoute",
             key: Key::of(r),
             created_unix: created_unix(&r.metadata),
             spec: serde_json::to_value(&r.spec).unwrap_or_default(),
@@ -638,7 +634,6 @@ pub fn http_route(r: &GwHttpRoute, refs: &RefIndex) -> Translated<HttpRoute> {
 pub fn grpc_route(r: &GwGrpcRoute, refs: &RefIndex) -> Translated<GrpcRoute> {
     translate(
         &Source {
-            kind: "GRPCRoute",
             key: Key::of(r),
             created_unix: created_unix(&r.metadata),
             spec: serde_json::to_value(&r.spec).unwrap_or_default(),
@@ -654,9 +649,8 @@ pub fn grpc_route(r: &GwGrpcRoute, refs: &RefIndex) -> Translated<GrpcRoute> {
     )
 }
 
-/// A route to translate: its kind, key, creation time and spec as JSON.
+/// A route to translate: its key, creation time and spec as JSON.
 struct Source {
-    kind: &'static str,
     key: Key,
     created_unix: i64,
     spec: Value,
@@ -673,7 +667,6 @@ fn translate<'a, R, T>(
 ) -> Translated<R> {
     let (key, spec) = (&src.key, &src.spec);
     let mut ctx = Ctx {
-        kind: src.kind,
         ns: &key.namespace,
         refs,
         refused: Vec::new(),

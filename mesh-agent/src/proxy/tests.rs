@@ -757,6 +757,9 @@ fn session_persistence_and_unsupported_filters_leave_the_rule_out() {
     }
 }
 
+/// A backend or mirror target in another namespace is used with no
+/// ReferenceGrant (GEP-1294); one that does not exist there is refused like
+/// a missing one in the route's own namespace.
 #[test]
 fn refused_backends_keep_their_share_but_point_nowhere_and_refused_mirrors_are_dropped() {
     let mut objs = base();
@@ -767,38 +770,79 @@ fn refused_backends_keep_their_share_but_point_nowhere_and_refused_mirrors_are_d
         &[80],
     )));
     let s = store(objs);
+    let mirror = |name: &str| {
+        serde_json::json!({"type": "RequestMirror",
+            "requestMirror": {"backendRef": {"name": name, "namespace": "plain", "port": 80}}})
+    };
     let r = one_rule_route(serde_json::json!({
-        "filters": [{"type": "RequestMirror",
-                     "requestMirror": {"backendRef": {"name": "other", "namespace": "plain", "port": 80}}}],
+        "filters": [mirror("other"), mirror("gone")],
         "backendRefs": [
             {"name": "db", "port": 5432, "weight": 3},
             {"name": "other", "namespace": "plain", "port": 80, "weight": 1},
+            {"name": "gone", "namespace": "plain", "port": 80, "weight": 1},
             {"name": "db", "port": 9999, "weight": 1}
         ]
     }));
     let t = http_route(&r, &RefIndex::of(&s));
-    let reasons: Vec<&str> = t.refused.iter().map(|p| p.reason.as_str()).collect();
+    let refused: Vec<(&str, &str)> = t
+        .refused
+        .iter()
+        .map(|p| (p.reason.as_str(), p.message.as_str()))
+        .collect();
     assert_eq!(
-        reasons,
-        ["RefNotPermitted", "RefNotPermitted", "BackendNotFound"],
-        "{:?}",
-        t.refused
+        refused,
+        [
+            (
+                "BackendNotFound",
+                "spec.rules[0].filters[1].requestMirror.backendRef: Service plain/gone does not \
+                 exist"
+            ),
+            (
+                "BackendNotFound",
+                "spec.rules[0].backendRefs[2]: Service plain/gone does not exist"
+            ),
+            (
+                "BackendNotFound",
+                "spec.rules[0].backendRefs[3]: Service shop/db has no port 9999"
+            ),
+        ]
     );
     let rule = &t.route.unwrap().rules[0];
-    assert!(rule.filters.is_empty(), "the refused mirror is dropped");
+    assert_eq!(
+        rule.filters,
+        [HttpFilter::RequestMirror(RequestMirror {
+            service: ObjectRef::new("plain", "other"),
+            port: 80,
+            fraction: None,
+        })],
+        "the mirror to plain/other is kept, the refused one dropped"
+    );
     let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
-    assert_eq!(weights, [3, 1, 1], "shares stay as written");
-    assert_eq!(rule.backends[0].service, ObjectRef::new("shop", "db"));
-    // The refused ones say why: the proxy answers their share with 500 and
-    // that reason, and never sends it to plain/other.
-    assert_eq!(rule.backends[0].invalid, None);
-    let why: Vec<&str> = rule.backends[1..]
+    assert_eq!(weights, [3, 1, 1, 1], "shares stay as written");
+    let services: Vec<&ObjectRef> = rule.backends.iter().map(|b| &b.service).collect();
+    assert_eq!(
+        services,
+        [
+            &ObjectRef::new("shop", "db"),
+            &ObjectRef::new("plain", "other"),
+            &ObjectRef::new("plain", "gone"),
+            &ObjectRef::new("shop", "db"),
+        ]
+    );
+    // The backend in plain is sent its share; the refused ones say why: the
+    // proxy answers their share with 500 and that reason.
+    assert_eq!(
+        (&rule.backends[0].invalid, &rule.backends[1].invalid),
+        (&None, &None)
+    );
+    let why: Vec<&str> = rule.backends[2..]
         .iter()
         .map(|b| b.invalid.as_deref().expect("refused backends are marked"))
         .collect();
-    assert!(why[0].starts_with("RefNotPermitted: "), "{why:?}");
-    assert!(why[1].starts_with("BackendNotFound: "), "{why:?}");
-    assert_eq!(rule.backends[1].service, ObjectRef::new("plain", "other"));
+    assert!(
+        why.iter().all(|w| w.starts_with("BackendNotFound: ")),
+        "{why:?}"
+    );
 }
 
 #[test]

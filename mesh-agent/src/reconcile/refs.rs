@@ -1,18 +1,19 @@
 //! Whether a route's references resolve: its Service parents (and their
-//! ports), its backends and mirror targets, and whether a ReferenceGrant lets
-//! a route refer to a Service in another namespace. One index of the model
-//! answers both the route status (`ResolvedRefs`, `Accepted`) and the
-//! translation for the proxy, so what the status says and what the proxy
-//! does cannot differ.
+//! ports), and its backends and mirror targets, in its own namespace or any
+//! other. One index of the model answers both the route status
+//! (`ResolvedRefs`, `Accepted`) and the translation for the proxy, so what the
+//! status says and what the proxy does cannot differ.
+//!
+//! A backend in another namespace needs no ReferenceGrant: GEP-1294 lets
+//! mesh routes refer to any namespace, and a route exposes nothing its
+//! callers could not reach anyway, since their requests keep the caller's
+//! own identity and the backend's AccessPolicy is checked against it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::{
-    gateway,
-    state::{Key, Store},
-};
+use crate::state::{Key, Store};
 
 /// Why a backend reference does not resolve: the `ResolvedRefs` reasons of
 /// the Gateway API.
@@ -20,8 +21,6 @@ use crate::{
 pub enum RefReason {
     /// Not a core Service.
     InvalidKind,
-    /// In another namespace, and no ReferenceGrant there allows it.
-    RefNotPermitted,
     /// The Service, or the port on it, does not exist (or no port is given).
     BackendNotFound,
 }
@@ -30,7 +29,6 @@ impl RefReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RefReason::InvalidKind => "InvalidKind",
-            RefReason::RefNotPermitted => "RefNotPermitted",
             RefReason::BackendNotFound => "BackendNotFound",
         }
     }
@@ -68,32 +66,8 @@ impl<'a> BackendTarget<'a> {
     }
 }
 
-/// A ReferenceGrant, as much as Service references need.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Grant {
-    /// The grant (its namespace is the one it opens).
-    pub key: Key,
-    /// `(group, kind, namespace)` of the referring objects.
-    pub from: Vec<(String, String, String)>,
-    /// `(group, kind, name)` of the objects referred to; no name: all of them.
-    pub to: Vec<(String, String, Option<String>)>,
-}
-
-impl Grant {
-    /// Whether `from_kind`s (Gateway API kinds, `HTTPRoute`) of `from_ns`
-    /// may refer to the Service `name` in the grant's namespace.
-    fn permits_service(&self, from_kind: &str, from_ns: &str, name: &str) -> bool {
-        self.from
-            .iter()
-            .any(|(g, k, ns)| g == gateway::GROUP && k == from_kind && ns == from_ns)
-            && self.to.iter().any(|(g, k, n)| {
-                is_core(Some(g)) && k == "Service" && n.as_deref().is_none_or(|n| n == name)
-            })
-    }
-}
-
-/// The Services of the model and their ports, and the ReferenceGrants: what
-/// route references may point at.
+/// The Services of the model and their ports: what route references may
+/// point at.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RefIndex {
     /// Every Service, and the port numbers it serves.
@@ -105,8 +79,6 @@ pub struct RefIndex {
     /// callers reach the pods, or the external name, directly).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub no_cluster_ip: BTreeMap<Key, String>,
-    /// ReferenceGrants by the namespace they open.
-    pub grants: BTreeMap<String, Vec<Grant>>,
 }
 
 /// Whether an API group names the core group (Services), as references
@@ -158,56 +130,19 @@ impl RefIndex {
                 Some((key.clone(), why.to_string()))
             })
             .collect();
-        let mut grants: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
-        for (key, g) in &store.reference_grants {
-            grants
-                .entry(key.namespace.clone())
-                .or_default()
-                .push(Grant {
-                    key: key.clone(),
-                    from: g
-                        .spec
-                        .from
-                        .iter()
-                        .map(|f| (f.group.clone(), f.kind.clone(), f.namespace.clone()))
-                        .collect(),
-                    to: g
-                        .spec
-                        .to
-                        .iter()
-                        .map(|t| (t.group.clone(), t.kind.clone(), t.name.clone()))
-                        .collect(),
-                });
-        }
         Self {
             services,
             port_names,
             no_cluster_ip,
-            grants,
         }
     }
 
-    /// Whether a ReferenceGrant in `ns` lets `route_kind`s of `route_ns`
-    /// refer to the Service `ns/name`; the grant's key if so.
-    pub fn grant_for(
-        &self,
-        route_kind: &str,
-        route_ns: &str,
-        ns: &str,
-        name: &str,
-    ) -> Option<&Key> {
-        self.grants
-            .get(ns)?
-            .iter()
-            .find(|g| g.permits_service(route_kind, route_ns, name))
-            .map(|g| &g.key)
-    }
-
-    /// Whether a backend reference of a route (`route_kind`, e.g.
-    /// `HTTPRoute`, in `route_ns`) resolves. `field` names it in the message.
+    /// Whether a backend reference of a route in `route_ns` resolves: to an
+    /// existing Service and port, in that namespace or another (no
+    /// ReferenceGrant is needed, see the module doc). `field` names it in
+    /// the message.
     pub fn check_backend(
         &self,
-        route_kind: &str,
         route_ns: &str,
         b: &BackendTarget<'_>,
         field: &str,
@@ -229,20 +164,7 @@ impl RefIndex {
                 ),
             );
         }
-        let ns = b.namespace.unwrap_or(route_ns);
-        // The grant is checked before existence, so a route cannot probe
-        // another namespace for its Services.
-        if ns != route_ns && self.grant_for(route_kind, route_ns, ns, b.name).is_none() {
-            return problem(
-                RefReason::RefNotPermitted,
-                format!(
-                    "Service {ns}/{} is in another namespace and no ReferenceGrant in {ns} \
-                     allows {route_kind}s of {route_ns} to refer to it",
-                    b.name
-                ),
-            );
-        }
-        let key = Key::new(ns, b.name);
+        let key = Key::new(b.namespace.unwrap_or(route_ns), b.name);
         let Some(ports) = self.services.get(&key) else {
             return problem(
                 RefReason::BackendNotFound,
@@ -345,12 +267,9 @@ mod tests {
     }
 
     #[test]
-    fn backends_resolve_only_to_existing_services_and_ports_in_the_namespace() {
+    fn backends_resolve_only_to_existing_services_and_ports() {
         let i = index();
-        let check = |b: BackendTarget<'_>| {
-            i.check_backend("HTTPRoute", "shop", &b, "f")
-                .map_err(|p| p.reason)
-        };
+        let check = |b: BackendTarget<'_>| i.check_backend("shop", &b, "f").map_err(|p| p.reason);
         assert_eq!(check(target(None, "web", Some(8080))), Ok(()));
         assert_eq!(
             check(target(None, "web", Some(81))),
@@ -364,17 +283,12 @@ mod tests {
             check(target(None, "nope", Some(80))),
             Err(RefReason::BackendNotFound)
         );
-        assert_eq!(
-            check(target(Some("other"), "db", Some(5432))),
-            Err(RefReason::RefNotPermitted)
-        );
         let mut b = target(None, "web", Some(80));
         b.group = Some("example.com");
         b.kind = Some("Bucket");
         assert_eq!(check(b), Err(RefReason::InvalidKind));
         let e = i
             .check_backend(
-                "HTTPRoute",
                 "shop",
                 &target(None, "web", Some(81)),
                 "spec.rules[0].backendRefs[1]",
@@ -386,94 +300,40 @@ mod tests {
         );
     }
 
-    fn grant(ns: &str, from: serde_json::Value, to: serde_json::Value) -> Object {
-        Object::ReferenceGrant(
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "gateway.networking.k8s.io/v1beta1",
-                "kind": "ReferenceGrant",
-                "metadata": {"name": "g", "namespace": ns},
-                "spec": {"from": from, "to": to}
-            }))
-            .unwrap(),
-        )
-    }
-
+    /// GEP-1294: a mesh route may send to a Service in any namespace, with
+    /// no ReferenceGrant; the Service and its port must still exist there.
     #[test]
-    fn a_reference_grant_opens_its_namespace_to_the_kinds_and_namespaces_it_names() {
-        let mut s = Store::new();
-        for svc in ["db", "cache"] {
-            s.apply(Update::Upsert(Object::Service(service(
-                "other",
-                svc,
-                "127.96.0.2",
-                &[5432],
-            ))));
-        }
-        let db = target(Some("other"), "db", Some(5432));
-        let cache = target(Some("other"), "cache", Some(5432));
-        let check = |s: &Store, kind: &str, from: &str, b: &BackendTarget<'_>| {
-            RefIndex::of(s)
-                .check_backend(kind, from, b, "f")
-                .map_err(|p| p.reason)
+    fn a_backend_in_another_namespace_resolves_without_a_grant() {
+        let i = index();
+        let check = |route_ns: &str, b: BackendTarget<'_>| {
+            i.check_backend(route_ns, &b, "f").map_err(|p| p.reason)
         };
         assert_eq!(
-            check(&s, "HTTPRoute", "shop", &db),
-            Err(RefReason::RefNotPermitted)
+            check("shop", target(Some("other"), "db", Some(5432))),
+            Ok(())
         );
-        let route_from = serde_json::json!([{"group": "gateway.networking.k8s.io",
-                                             "kind": "HTTPRoute", "namespace": "shop"}]);
-        // A grant for db only, from HTTPRoutes of shop.
-        let mut g = s.clone();
-        g.apply(Update::Upsert(grant(
-            "other",
-            route_from.clone(),
-            serde_json::json!([{"group": "", "kind": "Service", "name": "db"}]),
-        )));
-        assert_eq!(check(&g, "HTTPRoute", "shop", &db), Ok(()));
+        // Whichever namespace the route is in, an explicit namespace wins.
         assert_eq!(
-            check(&g, "HTTPRoute", "shop", &cache),
-            Err(RefReason::RefNotPermitted),
-            "the grant names db only"
+            check("other", target(Some("shop"), "web", Some(80))),
+            Ok(())
         );
         assert_eq!(
-            check(&g, "GRPCRoute", "shop", &db),
-            Err(RefReason::RefNotPermitted),
-            "the grant is for HTTPRoutes"
+            check("other", target(None, "web", Some(80))),
+            Err(RefReason::BackendNotFound),
+            "no namespace: the route's own"
+        );
+        let e = i
+            .check_backend("shop", &target(Some("other"), "cache", Some(6379)), "f")
+            .unwrap_err();
+        assert_eq!(
+            (e.reason, e.message.as_str()),
+            (
+                RefReason::BackendNotFound,
+                "f: Service other/cache does not exist"
+            )
         );
         assert_eq!(
-            check(&g, "HTTPRoute", "web", &db),
-            Err(RefReason::RefNotPermitted),
-            "the grant is for namespace shop"
-        );
-        // A grant without a name opens every Service; a grant in another
-        // namespace opens nothing here.
-        let mut g = s.clone();
-        g.apply(Update::Upsert(grant(
-            "other",
-            route_from.clone(),
-            serde_json::json!([{"group": "", "kind": "Service"}]),
-        )));
-        assert_eq!(check(&g, "HTTPRoute", "shop", &cache), Ok(()));
-        let mut g = s.clone();
-        g.apply(Update::Upsert(grant(
-            "shop",
-            route_from,
-            serde_json::json!([{"group": "", "kind": "Service"}]),
-        )));
-        assert_eq!(
-            check(&g, "HTTPRoute", "shop", &db),
-            Err(RefReason::RefNotPermitted)
-        );
-        // Granted, the Service must still exist.
-        let mut g = Store::new();
-        g.apply(Update::Upsert(grant(
-            "other",
-            serde_json::json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
-                                "namespace": "shop"}]),
-            serde_json::json!([{"group": "", "kind": "Service"}]),
-        )));
-        assert_eq!(
-            check(&g, "HTTPRoute", "shop", &db),
+            check("shop", target(Some("other"), "db", Some(5433))),
             Err(RefReason::BackendNotFound)
         );
     }

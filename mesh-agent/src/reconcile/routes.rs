@@ -783,21 +783,37 @@ mod tests {
         );
     }
 
+    /// GEP-1294: a mesh route's backend may be in any namespace without a
+    /// ReferenceGrant; only a missing Service there, or another kind, is
+    /// refused.
     #[test]
-    fn other_namespaces_and_other_kinds_are_refused() {
+    fn other_namespaces_resolve_without_a_grant_and_other_kinds_are_refused() {
         let s = store(&[("shop", "web", &[80]), ("other", "db", &[8080])]);
-        let r = route(serde_json::json!({
-            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {
-                "parentRefs": [{"kind": "Service", "name": "web", "port": 80}],
-                "rules": [{"backendRefs": [{"name": "db", "namespace": "other", "port": 8080}]}]
-            }
-        }));
-        let c = conds(&s, &r);
+        let to = |name: &str| {
+            route(serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {
+                    "parentRefs": [{"kind": "Service", "name": "web", "port": 80}],
+                    "rules": [{"backendRefs": [{"name": name, "namespace": "other", "port": 8080}]}]
+                }
+            }))
+        };
+        let c = conds(&s, &to("db"));
+        assert_eq!(
+            (c[0].1, c[1].1, c[1].2.as_str()),
+            (true, true, "ResolvedRefs"),
+            "{c:?}"
+        );
+        let c = conds(&s, &to("gone"));
         assert!(c[0].1, "still accepted: {c:?}");
-        assert_eq!((c[1].1, c[1].2.as_str()), (false, "RefNotPermitted"));
-        assert!(c[1].3.contains("ReferenceGrant"), "{}", c[1].3);
+        assert_eq!((c[1].1, c[1].2.as_str()), (false, "BackendNotFound"));
+        assert!(
+            c[1].3
+                .contains("spec.rules[0].backendRefs[0]: Service other/gone does not exist"),
+            "{}",
+            c[1].3
+        );
         let r = route(serde_json::json!({
             "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
             "metadata": {"name": "web", "namespace": "shop"},

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
-use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Service},
     discovery::v1::EndpointSlice,
@@ -57,13 +57,12 @@ pub enum Kind {
     EndpointSlice,
     HTTPRoute,
     GRPCRoute,
-    ReferenceGrant,
     MeshPolicy,
     AccessPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -71,7 +70,6 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::HTTPRoute,
         Kind::GRPCRoute,
-        Kind::ReferenceGrant,
         Kind::MeshPolicy,
         Kind::AccessPolicy,
     ];
@@ -81,11 +79,7 @@ impl Kind {
     pub fn is_optional(self) -> bool {
         matches!(
             self,
-            Kind::HTTPRoute
-                | Kind::GRPCRoute
-                | Kind::ReferenceGrant
-                | Kind::MeshPolicy
-                | Kind::AccessPolicy
+            Kind::HTTPRoute | Kind::GRPCRoute | Kind::MeshPolicy | Kind::AccessPolicy
         )
     }
 }
@@ -170,7 +164,6 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     HTTPRoute(HttpRoute),
     GRPCRoute(GrpcRoute),
-    ReferenceGrant(ReferenceGrant),
     MeshPolicy(MeshPolicy),
     AccessPolicy(AccessPolicy),
 }
@@ -185,7 +178,6 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::HTTPRoute(_) => Kind::HTTPRoute,
             Object::GRPCRoute(_) => Kind::GRPCRoute,
-            Object::ReferenceGrant(_) => Kind::ReferenceGrant,
             Object::MeshPolicy(_) => Kind::MeshPolicy,
             Object::AccessPolicy(_) => Kind::AccessPolicy,
         }
@@ -200,7 +192,6 @@ impl Object {
             Object::EndpointSlice(o) => Key::of(o),
             Object::HTTPRoute(o) => Key::of(o),
             Object::GRPCRoute(o) => Key::of(o),
-            Object::ReferenceGrant(o) => Key::of(o),
             Object::MeshPolicy(o) => Key::of(o),
             Object::AccessPolicy(o) => Key::of(o),
         }

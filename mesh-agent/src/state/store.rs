@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Service},
     discovery::v1::EndpointSlice,
@@ -84,7 +84,6 @@ pub struct Store {
     slices_of: BTreeMap<Key, BTreeSet<Key>>,
     pub http_routes: BTreeMap<Key, HttpRoute>,
     pub grpc_routes: BTreeMap<Key, GrpcRoute>,
-    pub reference_grants: BTreeMap<Key, ReferenceGrant>,
     pub mesh_policies: BTreeMap<Key, MeshPolicy>,
     pub access_policies: BTreeMap<Key, AccessPolicy>,
     /// Objects refused by validation.
@@ -161,7 +160,6 @@ impl Store {
             Kind::EndpointSlice => self.slices.keys().cloned().collect(),
             Kind::HTTPRoute => self.http_routes.keys().cloned().collect(),
             Kind::GRPCRoute => self.grpc_routes.keys().cloned().collect(),
-            Kind::ReferenceGrant => self.reference_grants.keys().cloned().collect(),
             Kind::MeshPolicy => self.mesh_policies.keys().cloned().collect(),
             Kind::AccessPolicy => self.access_policies.keys().cloned().collect(),
         }
@@ -270,12 +268,6 @@ impl Store {
                     dirty.mesh = true;
                 }
             }
-            Object::ReferenceGrant(g) => {
-                if self.reference_grants.get(&key) != Some(&g) {
-                    self.reference_grants.insert(key, g);
-                    dirty.mesh = true;
-                }
-            }
             Object::MeshPolicy(p) => {
                 if self.mesh_policies.get(&key) != Some(&p) {
                     self.mesh_policies.insert(key, p);
@@ -341,7 +333,6 @@ impl Store {
             },
             Kind::HTTPRoute => self.http_routes.remove(key).is_some(),
             Kind::GRPCRoute => self.grpc_routes.remove(key).is_some(),
-            Kind::ReferenceGrant => self.reference_grants.remove(key).is_some(),
             Kind::MeshPolicy => {
                 let gone = self.mesh_policies.remove(key).is_some();
                 dirty.workloads |= gone;

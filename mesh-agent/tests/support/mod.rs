@@ -31,10 +31,6 @@ const FIXTURES: &[(&str, &str)] = &[
         "httproutes.json",
     ),
     (
-        "/apis/gateway.networking.k8s.io/v1beta1/referencegrants",
-        "referencegrants.json",
-    ),
-    (
         "/apis/sluice.dev/v1alpha1/accesspolicies",
         "accesspolicies.json",
     ),

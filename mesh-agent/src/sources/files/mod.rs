@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, ObjectReference, Service},
@@ -470,14 +470,6 @@ fn parse_file(
                     with_default_ns(&mut o.metadata);
                     Some(Object::GRPCRoute(o))
                 }),
-            // v1beta1 is what clusters serve; v1 (Gateway API 1.5) has the same fields.
-            (
-                "gateway.networking.k8s.io/v1beta1" | "gateway.networking.k8s.io/v1",
-                "ReferenceGrant",
-            ) => typed::<ReferenceGrant>(value).map(|mut o| {
-                with_default_ns(&mut o.metadata);
-                Some(Object::ReferenceGrant(o))
-            }),
             (crate::crds::API_VERSION, "MeshPolicy") => typed::<MeshPolicy>(value).map(|mut o| {
                 with_default_ns(&mut o.metadata);
                 Some(Object::MeshPolicy(o))
@@ -521,10 +513,24 @@ fn parse_file(
                         });
                         message
                     }
+                    // Not needed, rather than not supported: a directory
+                    // written for an agent that read grants, or for a
+                    // Gateway, still applies, and the note says why the
+                    // grant changes nothing.
+                    None if kind == "ReferenceGrant"
+                        && api.starts_with("gateway.networking.k8s.io/") =>
+                    {
+                        format!(
+                            "ignored: {api} {kind} is not read by the files source: mesh routes \
+                             need no ReferenceGrant (GEP-1294); a route's backends and mirror \
+                             targets may be in any namespace, since requests keep the caller's \
+                             identity and the target's AccessPolicy decides"
+                        )
+                    }
                     None => format!(
                         "ignored: {api} {kind} is not read by the files source (it reads Namespace, \
-                         Service, EndpointSlice, HTTPRoute, GRPCRoute, ReferenceGrant, MeshPolicy, \
-                         AccessPolicy and {})",
+                         Service, EndpointSlice, HTTPRoute, GRPCRoute, MeshPolicy, AccessPolicy \
+                         and {})",
                         format::KIND
                     ),
                 };
@@ -1141,7 +1147,6 @@ fn read_api_version(kind: &str) -> Option<&'static str> {
         "Namespace" | "Service" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
-        "ReferenceGrant" => "gateway.networking.k8s.io/v1beta1",
         "MeshPolicy" | "AccessPolicy" => crate::crds::API_VERSION,
         k if k == format::KIND => crate::crds::API_VERSION,
         _ => return None,

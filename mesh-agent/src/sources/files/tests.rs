@@ -788,9 +788,44 @@ spec:
     assert_eq!(rule.timeouts.request_ms, Some(3000));
 }
 
+/// Mesh routes need no ReferenceGrant (GEP-1294): a grant in the directory
+/// (at either version clusters serve) is a note, not an error, says why,
+/// and defines nothing; the route's backend in another namespace resolves
+/// with or without it.
 #[test]
-fn reference_grants_are_read_at_v1beta1_and_v1() {
+fn a_reference_grant_is_ignored_with_a_note_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    write(
+        dir.path(),
+        "data.yaml",
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: data}
+spec: {clusterIP: 127.96.1.2, ports: [{port: 5432}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-db, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+    - backendRefs: [{name: db, namespace: data, port: 5432}]
+"#,
+    );
+    let keys = |src: &FilesSource| -> Vec<(Kind, Vec<Key>)> {
+        src.updates()
+            .into_iter()
+            .filter_map(|u| match u {
+                Update::Replace(k, objs) => Some((k, objs.iter().map(Object::key).collect())),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut without = FilesSource::new(dir.path());
+    without.reload().unwrap();
+    assert_eq!(without.errors(), vec![]);
     write(
         dir.path(),
         "grants.yaml",
@@ -804,7 +839,7 @@ spec:
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: ReferenceGrant
-metadata: {name: all, namespace: cache}
+metadata: {name: all, namespace: data}
 spec:
   from: [{group: gateway.networking.k8s.io, kind: GRPCRoute, namespace: shop}]
   to: [{group: "", kind: Service}]
@@ -812,23 +847,33 @@ spec:
     );
     let mut src = FilesSource::new(dir.path());
     src.reload().unwrap();
-    assert_eq!(src.errors(), vec![]);
+    let errors = src.errors();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    for (e, api) in errors.iter().zip(["v1beta1", "v1"]) {
+        assert_eq!(e.field.as_deref(), Some("apiVersion"));
+        assert_eq!(
+            e.message,
+            format!(
+                "ignored: gateway.networking.k8s.io/{api} ReferenceGrant is not read by the files \
+                 source: mesh routes need no ReferenceGrant (GEP-1294); a route's backends and \
+                 mirror targets may be in any namespace, since requests keep the caller's \
+                 identity and the target's AccessPolicy decides"
+            )
+        );
+    }
+    // A note: the file counts as read, and it defines nothing.
+    assert!(!src.incomplete());
+    assert_eq!(keys(&src), keys(&without));
     let s = store_of(&src);
-    let g = &s.reference_grants[&Key::new("data", "shop-to-db")];
-    assert_eq!(g.spec.from[0].namespace, "shop");
-    assert_eq!(g.spec.to[0].name.as_deref(), Some("db"));
-    let index = crate::reconcile::refs::RefIndex::of(&s);
-    assert!(index.grant_for("HTTPRoute", "shop", "data", "db").is_some());
-    assert!(
-        index
-            .grant_for("GRPCRoute", "shop", "cache", "redis")
-            .is_some()
+    let route = &s.http_routes[&Key::new("shop", "to-db")];
+    let t = crate::proxy::routes::http_route(route, &crate::reconcile::refs::RefIndex::of(&s));
+    assert_eq!((t.dropped, t.refused), (vec![], vec![]));
+    let rule = &t.route.expect("the route is in force").rules[0];
+    assert_eq!(
+        rule.backends[0].service,
+        l7_proxy::config::ObjectRef::new("data", "db")
     );
-    assert!(
-        index
-            .grant_for("HTTPRoute", "shop", "cache", "redis")
-            .is_none()
-    );
+    assert_eq!(rule.backends[0].invalid, None);
 }
 
 #[test]

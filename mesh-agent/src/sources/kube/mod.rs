@@ -1,6 +1,5 @@
 //! The Kubernetes source: kube-rs watchers for Namespaces, Nodes, Pods,
-//! Services, EndpointSlices, `HTTPRoute`s, `GRPCRoute`s, `ReferenceGrant`s
-//! (v1beta1) and the Sluice CRDs,
+//! Services, EndpointSlices, `HTTPRoute`s, `GRPCRoute`s and the Sluice CRDs,
 //! feeding the model (which is the agent's store of them), and a writer for
 //! the status the reconciler decides ([`status`]).
 //!
@@ -28,7 +27,7 @@ use std::{
     time::Duration,
 };
 
-use crate::gateway::{GrpcRoute, HttpRoute, ReferenceGrant};
+use crate::gateway::{GrpcRoute, HttpRoute};
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
@@ -585,13 +584,6 @@ impl KubeSource {
                 cfg(),
                 Kind::GRPCRoute,
                 |o| Ok(Some(Object::GRPCRoute(decode(o)?))),
-                ctx.clone(),
-            )),
-            tokio::spawn(watch_kind::<DynamicObject>(
-                crd_api::<ReferenceGrant>(c),
-                cfg(),
-                Kind::ReferenceGrant,
-                |o| Ok(Some(Object::ReferenceGrant(decode(o)?))),
                 ctx.clone(),
             )),
             tokio::spawn(watch_kind::<DynamicObject>(
