@@ -1130,8 +1130,15 @@ impl Reconciler {
         for r in &self.routes {
             for p in r.route.service_parents() {
                 for c in routes::parent_conditions(&self.refs, r, p) {
-                    // PartiallyInvalid is only ever set True, and is bad news.
-                    if !c.status || c.type_ == "PartiallyInvalid" {
+                    // PartiallyInvalid is only ever set True, and is bad
+                    // news; so is a route on a Service outside the mesh.
+                    let idle = c.type_ == "Accepted"
+                        && c.status
+                        && self
+                            .refs
+                            .outside_mesh
+                            .contains(&p.service_key(&r.route.key.namespace).namespace);
+                    if !c.status || c.type_ == "PartiallyInvalid" || idle {
                         out.push(ConfigError {
                             source: "model".into(),
                             object: Some(format!("{} {}", r.route.kind, r.route.key)),

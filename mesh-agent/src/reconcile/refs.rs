@@ -79,6 +79,10 @@ pub struct RefIndex {
     /// callers reach the pods, or the external name, directly).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub no_cluster_ip: BTreeMap<Key, String>,
+    /// Namespaces of Services that are not in the mesh: the kernel balances
+    /// connections to their Services itself, and no route applies to them.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub outside_mesh: BTreeSet<String>,
 }
 
 /// Whether an API group names the core group (Services), as references
@@ -130,10 +134,18 @@ impl RefIndex {
                 Some((key.clone(), why.to_string()))
             })
             .collect();
+        let outside_mesh = store
+            .services
+            .keys()
+            .map(|k| k.namespace.as_str())
+            .filter(|ns| !store.namespace_enrolled(ns))
+            .map(str::to_owned)
+            .collect();
         Self {
             services,
             port_names,
             no_cluster_ip,
+            outside_mesh,
         }
     }
 

@@ -325,7 +325,18 @@ pub fn parent_conditions(index: &RefIndex, eval: &RouteEval, parent: &ParentRef)
             type_: "Accepted",
             status: true,
             reason: "Accepted".into(),
-            message: format!("attached to Service {svc}"),
+            message: if index.outside_mesh.contains(&svc.namespace) {
+                format!(
+                    "attached to Service {svc}, but namespace {} is not in the mesh (annotate \
+                     it {}: {}): connections to the Service are balanced by the kernel and \
+                     the route applies to none of them",
+                    svc.namespace,
+                    crate::config::MESH_ANNOTATION,
+                    crate::config::MESH_ENABLED
+                )
+            } else {
+                format!("attached to Service {svc}")
+            },
         },
     };
     let resolved = match eval.refused.first() {

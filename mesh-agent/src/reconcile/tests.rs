@@ -723,7 +723,51 @@ fn route_problems_are_config_errors_and_route_infos_without_a_status_writer() {
     assert!(rules[1].backends[0].invalid.is_some(), "{:?}", rules[1]);
 }
 
-/// The SPIFFE ID the mesh view gives the first endpoint of Service `a`.
+/// A route on a Service whose namespace is not in the mesh applies to no
+/// connection (the kernel balances them itself): its status says so, and
+/// `sluice check` lists it, until the namespace is enrolled.
+#[test]
+fn a_route_on_a_service_outside_the_mesh_says_it_applies_to_nothing() {
+    let mut f = fixture();
+    let route: crate::gateway::HttpRoute = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "legacy"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "old", "port": 80}],
+            "rules": [{"backendRefs": [{"name": "old", "port": 80}]}]
+        }
+    }))
+    .unwrap();
+    let mut objs = shop();
+    objs.extend([
+        Object::Namespace(namespace("legacy", false)),
+        Object::Service(service("legacy", "old", "127.96.0.9", &[80])),
+        Object::HTTPRoute(route),
+    ]);
+    f.upsert(objs);
+    f.sync();
+    let problems = |f: &Fixture| -> Vec<String> {
+        f.rx.view
+            .borrow()
+            .config_errors
+            .iter()
+            .filter(|e| e.object.as_deref() == Some("HTTPRoute legacy/r"))
+            .map(|e| e.message.clone())
+            .collect()
+    };
+    let p = problems(&f);
+    assert!(
+        p.len() == 1
+            && p[0].starts_with("Accepted is True (Accepted): attached to Service legacy/old, but")
+            && p[0].contains("namespace legacy is not in the mesh"),
+        "{p:?}"
+    );
+    f.upsert(vec![Object::Namespace(namespace("legacy", true))]);
+    assert_eq!(problems(&f), Vec::<String>::new());
+}
+
+/// The SPIFFE ID the mesh view gives the first endpoint of Service `a`./// The SPIFFE ID the mesh view gives the first endpoint of Service `a`.
 fn endpoint_identity_of_a(f: &Fixture) -> Option<String> {
     let mesh = f.rx.mesh.borrow().clone();
     let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
