@@ -350,14 +350,31 @@ pub fn parent_conditions(index: &RefIndex, eval: &RouteEval, parent: &ParentRef)
             type_: "ResolvedRefs",
             status: false,
             reason: first.reason.as_str().into(),
-            message: format!(
-                "{}; requests for these backends are answered with 500",
-                eval.refused
-                    .iter()
-                    .map(|p| p.message.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
+            message: {
+                // A mirror that does not resolve is dropped; a backend keeps
+                // its share, answered with 500.
+                let mirror = |p: &&RefProblem| p.message.contains(".requestMirror.");
+                let (mirrors, backends) = (
+                    eval.refused.iter().filter(mirror).count(),
+                    eval.refused.iter().filter(|p| !mirror(p)).count(),
+                );
+                let what = match (backends, mirrors) {
+                    (_, 0) => "requests for these backends are answered with 500",
+                    (0, _) => "no copy is sent to these mirrors",
+                    _ => {
+                        "requests for these backends are answered with 500, and no copy is \
+                         sent to these mirrors"
+                    }
+                };
+                format!(
+                    "{}; {what}",
+                    eval.refused
+                        .iter()
+                        .map(|p| p.message.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            },
         },
     };
     let partial = (accepted.status && !eval.dropped.is_empty()).then(|| Cond {
@@ -835,6 +852,30 @@ mod tests {
         }));
         let c = conds(&s, &r);
         assert_eq!((c[1].1, c[1].2.as_str()), (false, "InvalidKind"));
+        assert!(
+            c[1].3
+                .ends_with("requests for these backends are answered with 500"),
+            "{c:?}"
+        );
+        // A mirror that does not resolve is dropped: the message says so.
+        let r = route(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "web", "port": 80}],
+                "rules": [{
+                    "filters": [{"type": "RequestMirror",
+                                 "requestMirror": {"backendRef": {"name": "gone", "port": 80}}}],
+                    "backendRefs": [{"name": "web", "port": 80}]
+                }]
+            }
+        }));
+        let c = conds(&s, &r);
+        assert_eq!((c[1].1, c[1].2.as_str()), (false, "BackendNotFound"));
+        assert!(
+            c[1].3.ends_with("no copy is sent to these mirrors") && !c[1].3.contains("500"),
+            "{c:?}"
+        );
     }
 
     #[test]
