@@ -1276,7 +1276,10 @@ impl Reconciler {
             }
         }
         let mut out: Vec<RouteInfo> = Vec::new();
-        for key in self.store.services.keys() {
+        // Services, and parents that name no Service (a typo): those routes
+        // have a row too, saying why they are not in force.
+        let keys: BTreeSet<&Key> = self.store.services.keys().chain(parents.keys()).collect();
+        for key in keys {
             let service = key.to_string();
             let mut any = false;
             for &(eval, p) in parents.get(key).into_iter().flatten() {

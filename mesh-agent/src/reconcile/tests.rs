@@ -767,7 +767,43 @@ fn a_route_on_a_service_outside_the_mesh_says_it_applies_to_nothing() {
     assert_eq!(problems(&f), Vec::<String>::new());
 }
 
-/// The SPIFFE ID the mesh view gives the first endpoint of Service `a`./// The SPIFFE ID the mesh view gives the first endpoint of Service `a`.
+/// A route whose parent names no Service (a typo) has its row in `sluice
+/// routes`, saying why it is not in force: it had none, and only `sluice
+/// check` mentioned it.
+#[test]
+fn a_route_whose_parent_is_missing_has_a_row_saying_so() {
+    let mut f = fixture();
+    let route: crate::gateway::HttpRoute = serde_json::from_value(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "r", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": "reviewz", "port": 80}],
+            "rules": [{"backendRefs": [{"name": "a", "port": 80}]}]
+        }
+    }))
+    .unwrap();
+    let mut objs = shop();
+    objs.push(Object::HTTPRoute(route));
+    f.upsert(objs);
+    f.sync();
+    let view = f.rx.view.borrow().clone();
+    let row = view
+        .routes
+        .iter()
+        .find(|r| r.service == "shop/reviewz")
+        .unwrap_or_else(|| panic!("{:?}", view.routes));
+    assert_eq!(row.route.as_deref(), Some("shop/r"));
+    assert!(!row.accepted, "{row:?}");
+    assert!(
+        row.reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("NoMatchingParent") && r.contains("does not exist")),
+        "{row:?}"
+    );
+}
+
+/// The SPIFFE ID the mesh view gives the first endpoint of Service `a`.
 fn endpoint_identity_of_a(f: &Fixture) -> Option<String> {
     let mesh = f.rx.mesh.borrow().clone();
     let a = mesh.services.iter().find(|s| s.key.name == "a").unwrap();
