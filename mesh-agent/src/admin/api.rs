@@ -158,6 +158,15 @@ pub struct WorkloadInfo {
     pub cert_problem: Option<String>,
 }
 
+impl WorkloadInfo {
+    /// A local mesh pod whose cgroup the kernel has enrolled: its outbound
+    /// connections are captured (one whose cgroup could not be enrolled is
+    /// in the mesh for everything else).
+    pub fn captured(&self) -> bool {
+        self.local && self.enrolled && self.cgroup_id.is_some()
+    }
+}
+
 /// `GET /v1/connections`: live connections through the node proxy.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Connections {

@@ -108,8 +108,10 @@ pub fn encode(s: &AdminState) -> String {
             ),
             (
                 "sluice_agent_enrolled_workloads",
-                "Local pods whose connections go through the node proxy",
-                v.workloads.iter().filter(|w| w.local && w.enrolled).count() as i64,
+                "Local mesh pods whose cgroup is enrolled in the kernel: with a proxy configured, \
+                 their connections to meshed Services go through it (a pod whose cgroup could not \
+                 be enrolled is not counted)",
+                v.workloads.iter().filter(|w| w.captured()).count() as i64,
             ),
             (
                 "sluice_agent_config_errors",

@@ -140,7 +140,7 @@ impl AdminState {
                 frontends: v.services.iter().map(|s| s.frontends.len()).sum(),
                 ready_backends: v.services.iter().map(|s| s.ready_backends).sum(),
                 local_workloads: v.workloads.iter().filter(|w| w.local).count(),
-                enrolled_workloads: v.workloads.iter().filter(|w| w.local && w.enrolled).count(),
+                enrolled_workloads: v.workloads.iter().filter(|w| w.captured()).count(),
                 // Route objects (one on two Services has a row on each).
                 routes: v
                     .routes

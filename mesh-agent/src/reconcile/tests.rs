@@ -281,6 +281,19 @@ fn local_enrolled_pods_get_their_cgroup_enrolled_and_identity_published() {
     let w = view.workloads.iter().find(|w| w.name == "web").unwrap();
     assert!(w.enrolled);
     assert_eq!(w.cgroup.as_deref(), Some(web_cg.to_str().unwrap()));
+    assert!(w.captured(), "{w:?}");
+    // A mesh pod whose cgroup is not there is in the mesh, but its
+    // connections are not captured: not counted as enrolled in status.
+    let mut lost = workload("shop", "lost", "lost", "10.0.0.7", "n1");
+    lost.cgroup = Some("pods/not-there".into());
+    f.upsert(vec![Object::Pod(lost)]);
+    let view = f.rx.view.borrow().clone();
+    let w = view.workloads.iter().find(|w| w.name == "lost").unwrap();
+    assert!(w.local && w.enrolled && !w.captured(), "{w:?}");
+    f.r.step(vec![Input::Updates(vec![Update::Delete(
+        crate::state::Kind::Pod,
+        Key::new("shop", "lost"),
+    )])]);
 
     // Leaving the mesh: the namespace annotation goes, the cgroup is unenrolled.
     f.upsert(vec![Object::Namespace(namespace("shop", false))]);
