@@ -51,6 +51,11 @@ fn start(fake: FakeApi) -> Running {
 
 /// With failed watches taken as resumed after `recovered_after` quiet.
 fn start_with(fake: FakeApi, recovered_after: std::time::Duration) -> Running {
+    start_configured(fake, |s| s.recovered_after(recovered_after))
+}
+
+/// With the source as `configure` leaves it.
+fn start_configured(fake: FakeApi, configure: impl FnOnce(KubeSource) -> KubeSource) -> Running {
     let client = fake.client();
     let dp = Arc::new(MemoryDataplane::new());
     let (mut out, rx) = Outputs::channels();
@@ -77,11 +82,7 @@ fn start_with(fake: FakeApi, recovered_after: std::time::Duration) -> Running {
     let (tx, inputs) = mpsc::channel();
     spawn_reconciler(r, inputs, None);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(
-        KubeSource::new(client.clone())
-            .recovered_after(recovered_after)
-            .run(tx, stop),
-    );
+    tokio::spawn(configure(KubeSource::new(client.clone())).run(tx, stop));
     // This agent holds the status writer Lease (tests/kube_lease.rs).
     let (_, write_until) = tokio::sync::watch::channel(Some(
         std::time::Instant::now() + std::time::Duration::from_secs(3600),
@@ -541,7 +542,10 @@ async fn a_watch_error_is_cleared_once_the_watch_is_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_of_a_crd_deleted_since_are_no_longer_in_force() {
     let routes = "/apis/gateway.networking.k8s.io/v1/httproutes";
-    let r = start(FakeApi::with_fixtures());
+    // Not served for longer than the source waits before taking it as gone.
+    let r = start_configured(FakeApi::with_fixtures(), |s| {
+        s.absent_after(Duration::from_millis(500))
+    });
     let view_rx = r.rx.view.clone();
     let http_routes = |v: &mesh_agent::reconcile::AgentView| {
         v.routes.iter().filter(|r| r.kind == "HTTPRoute").count()
@@ -578,6 +582,70 @@ async fn routes_of_a_crd_deleted_since_are_no_longer_in_force() {
         "{:#?}",
         view.config_errors
     );
+}
+
+/// An API server that answers 404 for a kind for a moment (while it
+/// starts, kubernetes#115241) takes nothing out of force: the kind read
+/// last stays until the 404s have lasted `absent_after` (policies emptied
+/// on such a blip would open every target they close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_not_served_for_a_moment_stays_in_force() {
+    let routes = "/apis/gateway.networking.k8s.io/v1/httproutes";
+    let r = start(FakeApi::with_fixtures());
+    let view_rx = r.rx.view.clone();
+    let http_routes = |v: &mesh_agent::reconcile::AgentView| {
+        v.routes.iter().filter(|r| r.kind == "HTTPRoute").count()
+    };
+    let v = view_rx.clone();
+    let before = tokio::task::spawn_blocking(move || {
+        eventually("the routes", || {
+            let v = v.borrow();
+            (v.synced && http_routes(&v) > 0).then(|| http_routes(&v))
+        })
+    })
+    .await
+    .unwrap();
+    let fake = r.fake.clone();
+    tokio::task::spawn_blocking(move || {
+        eventually("the watch open", || fake.watching(routes).then_some(()))
+    })
+    .await
+    .unwrap();
+    r.fake.stop_serving_kind(routes);
+    // The relist's 404 is seen (and said), and the routes stay.
+    let v = view_rx.clone();
+    let view = tokio::task::spawn_blocking(move || {
+        eventually("the 404 reported", || {
+            let v = v.borrow().clone();
+            v.config_errors
+                .iter()
+                .find(|e| {
+                    e.source == "kubernetes HTTPRoute"
+                        && e.message.contains("is not served")
+                        && e.message.contains("initial object list")
+                })
+                .map(|e| (e.message.clone(), v.clone()))
+        })
+    })
+    .await
+    .unwrap();
+    let (message, view) = view;
+    assert_eq!(http_routes(&view), before, "{:#?}", view.routes);
+    assert!(message.contains("stay in force"), "{message}");
+    r.fake.serve_kind_again(routes);
+    let v = view_rx.clone();
+    let view = tokio::task::spawn_blocking(move || {
+        eventually("the kind listed again", || {
+            let v = v.borrow().clone();
+            (!v.config_errors
+                .iter()
+                .any(|e| e.source == "kubernetes HTTPRoute"))
+            .then_some(v)
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(http_routes(&view), before);
 }
 
 /// A list that keeps failing is no watch resumed: its error stays however

@@ -235,6 +235,10 @@ impl FakeApi {
             }
             return;
         }
+        if st.gone.contains(&path) {
+            send.send_response(not_found(&path));
+            return;
+        }
         if let Some(n) = st.failing_lists.get_mut(&path).filter(|n| **n > 0) {
             *n -= 1;
             send.send_response(unavailable());
@@ -374,6 +378,25 @@ impl FakeApi {
         for send in st.parked.remove(path).unwrap_or_default() {
             send.send_response(watch_body(std::slice::from_ref(&gone)));
         }
+    }
+
+    /// The kind listed at `path` answers 404 for a while, its objects kept
+    /// (an API server starting, not serving the CRD yet): its open watches
+    /// end with 410 Gone, and its lists and watches answer 404 until
+    /// [`FakeApi::serve_kind_again`].
+    pub fn stop_serving_kind(&self, path: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.gone.insert(path.into());
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+            "status": "Failure", "reason": "Expired", "code": 410,
+            "message": "too old resource version"}});
+        for send in st.parked.remove(path).unwrap_or_default() {
+            send.send_response(watch_body(std::slice::from_ref(&gone)));
+        }
+    }
+
+    pub fn serve_kind_again(&self, path: &str) {
+        self.state.lock().unwrap().gone.remove(path);
     }
 
     pub fn conflict_next_put(&self, path: &str) {

@@ -213,7 +213,10 @@ async fn watch_kind<K>(
         tx,
         gate,
         recovered_after,
+        absent_after,
     } = ctx;
+    // Since when its lists have answered 404 (none in between succeeded).
+    let mut absent_since: Option<std::time::Instant> = None;
     let mut initial: Vec<Object> = Vec::new();
     let mut listed = false;
     // The kind was found not served, and emptied, since its last list.
@@ -275,6 +278,11 @@ async fn watch_kind<K>(
         match next {
             Ok(None) => return,
             Ok(Some(ev)) => {
+                // Served again (`Init` comes before every list attempt,
+                // answered or not).
+                if !matches!(ev, watcher::Event::Init) {
+                    absent_since = None;
+                }
                 // A (re)list under way is no recovery yet (kube-runtime
                 // says Init before it even asks): the error stays until the
                 // list is done or the watch delivers, and no quiet clears it.
@@ -385,8 +393,13 @@ async fn watch_kind<K>(
                 // so). Only a list's 404 counts: a watch's (an API server
                 // restarting, not serving the CRD yet) is retried from where
                 // it was, and no relist would bring the objects back.
-                let absent = kind.is_optional()
+                let not_served = kind.is_optional()
                     && matches!(&e, watcher::Error::InitialListFailed(k) if is_status(k, 404));
+                // Before the first list, at once (a CRD not installed must
+                // not hold the agent back); after it, once it lasts.
+                let since =
+                    not_served.then(|| *absent_since.get_or_insert_with(std::time::Instant::now));
+                let absent = since.is_some_and(|t| !listed || t.elapsed() >= absent_after);
                 let hint = match &e {
                     watcher::Error::InitialListFailed(kube::Error::Api(s))
                     | watcher::Error::WatchStartFailed(kube::Error::Api(s))
@@ -396,7 +409,15 @@ async fn watch_kind<K>(
                         format!(
                             "{kind} is not served by the API server at {url} ({e}); install its \
                              CRD, with that version served (the Gateway API's from release 1.1, \
-                             which serves GRPCRoute as v1). Until then Sluice treats it as empty"
+                             which serves GRPCRoute as v1). {}",
+                            if absent || emptied || !not_served {
+                                "Until then Sluice treats it as empty".to_string()
+                            } else {
+                                format!(
+                                    "Its objects read last stay in force unless it is still not \
+                                     served {absent_after:?} after the first such answer"
+                                )
+                            }
                         )
                     }
                     watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 403 => {
@@ -470,12 +491,14 @@ struct Watching {
     tx: mpsc::Sender<Vec<Input>>,
     gate: Arc<SyncGate>,
     recovered_after: Duration,
+    absent_after: Duration,
 }
 
 /// The Kubernetes source.
 pub struct KubeSource {
     client: Client,
     recovered_after: Duration,
+    absent_after: Duration,
 }
 
 /// kube-runtime's default watch backoff (0.8 s doubling to 30 s, with
@@ -506,12 +529,27 @@ impl kube::runtime::utils::Backoff for GrowingBackoff {
 /// to be watched again, and its error is cleared.
 pub const WATCH_RECOVERED_AFTER: Duration = Duration::from_secs(90);
 
+/// Once a kind has been listed, how long its lists must keep answering 404
+/// before its objects are taken out of force: API servers answer 404 for a
+/// custom resource for a moment while they start (kubernetes#115241), and
+/// emptying the policies then would open every target they close. A CRD
+/// really deleted has its objects' deletions on the watch before that.
+pub const KIND_ABSENT_AFTER: Duration = Duration::from_secs(60);
+
 impl KubeSource {
     pub fn new(client: Client) -> Self {
         Self {
             client,
             recovered_after: WATCH_RECOVERED_AFTER,
+            absent_after: KIND_ABSENT_AFTER,
         }
+    }
+
+    /// How long a kind listed before must answer 404 before it is taken as
+    /// gone ([`KIND_ABSENT_AFTER`] by default).
+    pub fn absent_after(mut self, d: Duration) -> Self {
+        self.absent_after = d;
+        self
     }
 
     /// How long a failed watch must go without a new error for its error to
@@ -531,6 +569,7 @@ impl KubeSource {
             tx: tx.clone(),
             gate: Arc::new(SyncGate::new(&Kind::ALL)),
             recovered_after: self.recovered_after,
+            absent_after: self.absent_after,
         };
         let c = &self.client;
         let cfg = watcher::Config::default;
