@@ -171,3 +171,54 @@ async fn a_route_that_keeps_changing_is_given_up_after_the_attempts_and_said_so(
     assert!(matches!(e, Error::Conflict { .. }), "{e}");
     assert!(e.to_string().contains("shop/web"), "{e}");
 }
+
+/// A write the API server refuses (an admission webhook's 403, a status
+/// over its size limit) is not sent again with the same status before the
+/// retry: the reconciler queues every status that differs on each change
+/// anywhere in the cluster, and each one was a GET and a PATCH again.
+#[tokio::test]
+async fn a_refused_write_is_not_repeated_before_its_retry() {
+    let (svc, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (tx, rx) = mesh_agent::reconcile::policies::status_queue();
+    let (_lease, write_until) = tokio::sync::watch::channel(Some(
+        std::time::Instant::now() + std::time::Duration::from_secs(3600),
+    ));
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let resends = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = resends.clone();
+    tokio::spawn(status::run(client, rx, write_until, stop, move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }));
+    let refused = || {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+               "message": "denied by a webhook", "code": 403})
+    };
+    let ours = entry("sluice.dev/mesh-agent", "web", "True");
+    tx.send(write_of(&ours)).unwrap();
+    expect_get(&mut api)
+        .await
+        .send_response(respond(StatusCode::OK, &route("1", &[])));
+    let (_, send) = expect_patch(&mut api).await;
+    send.send_response(respond(StatusCode::FORBIDDEN, &refused()));
+    // The same status again at once, three times: nothing is sent.
+    for _ in 0..3 {
+        tx.send(write_of(&ours)).unwrap();
+    }
+    let quiet =
+        tokio::time::timeout(std::time::Duration::from_millis(500), api.next_request()).await;
+    assert!(quiet.is_err(), "a request before the retry: {quiet:?}");
+    // Another status for it is written at once.
+    let other = entry("sluice.dev/mesh-agent", "web", "False");
+    tx.send(write_of(&other)).unwrap();
+    expect_get(&mut api)
+        .await
+        .send_response(respond(StatusCode::OK, &route("1", &[])));
+    let (patch, send) = expect_patch(&mut api).await;
+    assert_eq!(
+        patch["status"]["parents"][0]["conditions"][0]["status"],
+        "False"
+    );
+    send.send_response(respond(StatusCode::OK, &route("2", std::slice::from_ref(&other))));
+    assert_eq!(resends.load(std::sync::atomic::Ordering::Relaxed), 0);
+}

@@ -168,6 +168,14 @@ pub async fn run(
     resend: impl Fn(),
 ) {
     let mut retry: Option<tokio::time::Instant> = None;
+    // Writes that failed, and when: the same status again before
+    // `RETRY_AFTER` is not written (a write the API server keeps refusing,
+    // a webhook's 403, a status over its size limit, was sent again on
+    // every change anywhere in the cluster); the resend after it is.
+    let mut failed: std::collections::HashMap<
+        (crate::state::Kind, crate::state::Key),
+        (serde_json::Value, tokio::time::Instant),
+    > = std::collections::HashMap::new();
     loop {
         let w = tokio::select! {
             w = rx.recv() => match w {
@@ -192,11 +200,26 @@ pub async fn run(
             tracing::debug!(kind = %w.kind, object = %w.key, "status left to the agent holding the lease");
             continue;
         }
+        let id = (w.kind, w.key.clone());
+        let now = tokio::time::Instant::now();
+        if failed
+            .get(&id)
+            .is_some_and(|(status, at)| *status == w.status && now < *at + RETRY_AFTER)
+        {
+            tracing::debug!(kind = %w.kind, object = %w.key, "status failed just now; left to the retry");
+            continue;
+        }
         match write(&client, &w).await {
-            Ok(()) => tracing::debug!(kind = %w.kind, object = %w.key, "status written"),
+            Ok(()) => {
+                failed.remove(&id);
+                tracing::debug!(kind = %w.kind, object = %w.key, "status written");
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "status not written; trying again in {RETRY_AFTER:?}");
-                retry.get_or_insert(tokio::time::Instant::now() + RETRY_AFTER);
+                retry.get_or_insert(now + RETRY_AFTER);
+                // Those of objects since gone or written otherwise go.
+                failed.retain(|_, (_, at)| now < *at + RETRY_AFTER * 10);
+                failed.insert(id, (w.status, tokio::time::Instant::now()));
             }
         }
     }
