@@ -648,6 +648,64 @@ async fn a_kind_not_served_for_a_moment_stays_in_force() {
     assert_eq!(http_routes(&view), before);
 }
 
+/// A watch that expires (410 Gone, after an API server restart) is listed
+/// again quietly: no error in `sluice check`, the routes as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_watch_is_listed_again_without_an_error() {
+    let routes = "/apis/gateway.networking.k8s.io/v1/httproutes";
+    let r = start(FakeApi::with_fixtures());
+    let view_rx = r.rx.view.clone();
+    let v = view_rx.clone();
+    let before = tokio::task::spawn_blocking(move || {
+        eventually("the routes", || {
+            let v = v.borrow();
+            v.synced.then(|| v.routes.clone())
+        })
+    })
+    .await
+    .unwrap();
+    let fake = r.fake.clone();
+    tokio::task::spawn_blocking(move || {
+        eventually("the watch open", || fake.watching(routes).then_some(()))
+    })
+    .await
+    .unwrap();
+    // The relist waits: meanwhile nothing says the watch failed.
+    r.fake.hold_lists(routes);
+    r.fake.expire_watches(routes);
+    let fake = r.fake.clone();
+    tokio::task::spawn_blocking(move || {
+        eventually("the relist", || {
+            (fake.lists_waiting(routes) > 0).then_some(())
+        })
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let route_errors = |v: &mesh_agent::reconcile::AgentView| {
+        v.config_errors
+            .iter()
+            .filter(|e| e.source == "kubernetes HTTPRoute")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let view = view_rx.borrow().clone();
+    assert_eq!(route_errors(&view), vec![]);
+    let lists = r.fake.lists_served(routes);
+    r.fake.release_lists(routes);
+    let fake = r.fake.clone();
+    tokio::task::spawn_blocking(move || {
+        eventually("listed and watching again", || {
+            (fake.lists_served(routes) > lists && fake.watching(routes)).then_some(())
+        })
+    })
+    .await
+    .unwrap();
+    let view = view_rx.borrow().clone();
+    assert_eq!(route_errors(&view), vec![]);
+    assert_eq!(view.routes, before);
+}
+
 /// A list that keeps failing is no watch resumed: its error stays however
 /// quiet it gets between retries (only a failed watch's error is cleared
 /// by quiet).

@@ -219,6 +219,9 @@ async fn a_refused_write_is_not_repeated_before_its_retry() {
         patch["status"]["parents"][0]["conditions"][0]["status"],
         "False"
     );
-    send.send_response(respond(StatusCode::OK, &route("2", std::slice::from_ref(&other))));
+    send.send_response(respond(
+        StatusCode::OK,
+        &route("2", std::slice::from_ref(&other)),
+    ));
     assert_eq!(resends.load(std::sync::atomic::Ordering::Relaxed), 0);
 }

@@ -61,6 +61,11 @@ struct FakeState {
     conflicts: std::collections::HashSet<String>,
     /// Kinds whose CRD was deleted: lists and watches answer 404.
     gone: std::collections::HashSet<String>,
+    /// Lists answered (200), by path.
+    lists_served: HashMap<String, usize>,
+    /// Paths whose lists wait until released, and the lists waiting.
+    held_lists: std::collections::HashSet<String>,
+    waiting_lists: HashMap<String, Vec<Responder>>,
 }
 
 /// A fake API server: lists from fixtures, watches that stay open until the
@@ -239,13 +244,25 @@ impl FakeApi {
             send.send_response(not_found(&path));
             return;
         }
+        if st.held_lists.contains(&path) {
+            st.waiting_lists.entry(path).or_default().push(send);
+            return;
+        }
         if let Some(n) = st.failing_lists.get_mut(&path).filter(|n| **n > 0) {
             *n -= 1;
             send.send_response(unavailable());
             return;
         }
-        match st.lists.get(&path).or_else(|| st.objects.get(&path)) {
-            Some(v) => send.send_response(json_response(StatusCode::OK, v)),
+        match st
+            .lists
+            .get(&path)
+            .or_else(|| st.objects.get(&path))
+            .cloned()
+        {
+            Some(v) => {
+                *st.lists_served.entry(path).or_default() += 1;
+                send.send_response(json_response(StatusCode::OK, &v))
+            }
             None => {
                 drop(st);
                 match self.listed_object(&path) {
@@ -393,6 +410,55 @@ impl FakeApi {
         for send in st.parked.remove(path).unwrap_or_default() {
             send.send_response(watch_body(std::slice::from_ref(&gone)));
         }
+    }
+
+    /// Open watches of `path` end with 410 Gone (expired: the client lists
+    /// again), as after an API server restart.
+    pub fn expire_watches(&self, path: &str) {
+        let mut st = self.state.lock().unwrap();
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+            "status": "Failure", "reason": "Expired", "code": 410,
+            "message": "too old resource version"}});
+        for send in st.parked.remove(path).unwrap_or_default() {
+            send.send_response(watch_body(std::slice::from_ref(&gone)));
+        }
+    }
+
+    /// Lists of `path` wait, unanswered, until [`FakeApi::release_lists`].
+    pub fn hold_lists(&self, path: &str) {
+        self.state.lock().unwrap().held_lists.insert(path.into());
+    }
+
+    /// How many lists of `path` are waiting.
+    pub fn lists_waiting(&self, path: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .waiting_lists
+            .get(path)
+            .map_or(0, Vec::len)
+    }
+
+    /// Answers the lists of `path` held so far, and the next ones at once.
+    pub fn release_lists(&self, path: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.held_lists.remove(path);
+        let list = st.lists.get(path).cloned().unwrap_or_default();
+        for send in st.waiting_lists.remove(path).unwrap_or_default() {
+            *st.lists_served.entry(path.into()).or_default() += 1;
+            send.send_response(json_response(StatusCode::OK, &list));
+        }
+    }
+
+    /// How many lists of `path` were answered.
+    pub fn lists_served(&self, path: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .lists_served
+            .get(path)
+            .copied()
+            .unwrap_or_default()
     }
 
     pub fn serve_kind_again(&self, path: &str) {

@@ -382,6 +382,13 @@ async fn watch_kind<K>(
                     });
                 }
             }
+            // A watch that expired (410, common after an API server
+            // restart): kube-runtime lists again, as it should. Nothing is
+            // wrong, and nothing is reported or rebuilt for it.
+            Err(watcher::Error::WatchError(s)) if s.code == 410 => {
+                tracing::debug!("watching {kind}: expired ({}), listing again", s.message);
+                continue;
+            }
             Err(e) => {
                 // Only a CRD that is not installed means "none of that kind";
                 // any other failure of a first list (an overloaded or
