@@ -135,6 +135,15 @@ async fn lists_are_programmed_and_a_missing_crd_does_not_block_the_sync() {
         vec![]
     );
 
+    // Lists come from the API server's watch cache (resourceVersion=0),
+    // as informers list, not every node's quorum read of every Pod.
+    for path in ["/api/v1/pods", "/apis/discovery.k8s.io/v1/endpointslices"] {
+        let queries = r.fake.list_queries(path);
+        assert!(
+            !queries.is_empty() && queries.iter().all(|q| q.contains("resourceVersion=0")),
+            "{path}: {queries:?}"
+        );
+    }
     // GRPCRoute is not served: reported, and the rest went ahead.
     assert!(
         view.config_errors

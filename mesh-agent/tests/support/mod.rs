@@ -63,6 +63,8 @@ struct FakeState {
     gone: std::collections::HashSet<String>,
     /// Lists answered (200), by path.
     lists_served: HashMap<String, usize>,
+    /// The query of each list request, by path.
+    list_queries: HashMap<String, Vec<String>>,
     /// Paths whose lists wait until released, and the lists waiting.
     held_lists: std::collections::HashSet<String>,
     waiting_lists: HashMap<String, Vec<Responder>>,
@@ -240,6 +242,10 @@ impl FakeApi {
             }
             return;
         }
+        st.list_queries
+            .entry(path.clone())
+            .or_default()
+            .push(query.clone());
         if st.gone.contains(&path) {
             send.send_response(not_found(&path));
             return;
@@ -448,6 +454,17 @@ impl FakeApi {
             *st.lists_served.entry(path.into()).or_default() += 1;
             send.send_response(json_response(StatusCode::OK, &list));
         }
+    }
+
+    /// The queries of the list requests of `path` so far.
+    pub fn list_queries(&self, path: &str) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .list_queries
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// How many lists of `path` were answered.

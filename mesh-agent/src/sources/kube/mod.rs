@@ -579,7 +579,19 @@ impl KubeSource {
             absent_after: self.absent_after,
         };
         let c = &self.client;
-        let cfg = watcher::Config::default;
+        // Lists from the API server's watch cache (`resourceVersion=0`), as
+        // informers list: every node's agent lists every Pod and
+        // EndpointSlice at start and on each relist, and quorum reads of
+        // those from etcd by the whole fleet at once (a DaemonSet rollout)
+        // load it for nothing; the watch from the list's version catches up.
+        // Not paged: a list at version 0 is served whole from the cache (the
+        // API server ignores a limit there, and kube leaves the version out
+        // of a paged list).
+        let cfg = || {
+            let mut c = watcher::Config::default().any_semantic();
+            c.page_size = None;
+            c
+        };
         let tasks = vec![
             tokio::spawn(watch_kind::<Namespace>(
                 Api::all(c.clone()),
