@@ -12,7 +12,7 @@
 use std::{
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex, Weak, atomic::AtomicUsize},
     task::{Context, Poll},
     time::Duration,
 };
@@ -93,9 +93,9 @@ struct Pools {
     /// A pooled connection unused for this long is closed.
     idle: Duration,
     h1: Mutex<FastMap<SocketAddr, Vec<IdleConn>>>,
-    /// One HTTP/2 connection per workload address, when a request last
-    /// took it, and its number (dials count up).
-    h2: Mutex<FastMap<SocketAddr, PooledH2>>,
+    /// The HTTP/2 connections to each workload address: one, and another
+    /// whenever all carry [`MAX_STREAMS_PER_WORKLOAD_CONN`] streams.
+    h2: Mutex<FastMap<SocketAddr, Vec<PooledH2>>>,
     h2_dials: std::sync::atomic::AtomicU64,
     /// One HTTP/2 dial at a time per workload address: a burst of first
     /// requests shares one connection instead of opening one each; and the
@@ -105,7 +105,33 @@ struct Pools {
     reaper: Mutex<bool>,
 }
 
-type PooledH2 = (http2::SendRequest<Body>, Instant, u64);
+/// An HTTP/2 connection to a workload: when a request last took it, its
+/// number (dials count up) and the streams open on it.
+struct PooledH2 {
+    sender: http2::SendRequest<Body>,
+    last_used: Instant,
+    id: u64,
+    streams: Arc<AtomicUsize>,
+}
+
+/// Most streams this proxy opens on one HTTP/2 connection to a workload
+/// before it dials another. hyper cannot say how many the workload allows
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS`), and a stream over that limit waits
+/// in hyper's queue, with every request after it, until one ends: with
+/// long gRPC streams, for ever. 100 is the lowest common server default
+/// (ASP.NET Kestrel, Apache httpd, h2o; nginx and Jetty 128; gRPC-Go and
+/// Node.js set none), and a tenth of the connection window's streams.
+pub(crate) const MAX_STREAMS_PER_WORKLOAD_CONN: usize = 100;
+
+/// A stream counted on its HTTP/2 connection until the response body that
+/// holds it (or the request that failed) goes.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// Most idle HTTP/1.1 connections kept to one workload address.
 const MAX_IDLE_PER_WORKLOAD: usize = 128;
@@ -179,7 +205,7 @@ impl WorkloadClients {
                         *r.headers_mut() = req.headers().clone();
                         r
                     });
-                let (mut sender, id) = self.h2_sender(addr).await?;
+                let (mut sender, id, mut slot) = self.h2_sender(addr).await?;
                 let resp = match sender.try_send_request(req).await {
                     Ok(resp) => resp,
                     // Handed back unsent: the connection takes no more
@@ -191,7 +217,9 @@ impl WorkloadClients {
                         Some(req) => {
                             tracing::debug!(%addr, "HTTP/2 connection to workload takes no more streams: {}", e.error());
                             self.forget_h2(addr, id);
-                            self.h2_send_again(addr, req).await?
+                            let (resp, again_slot) = self.h2_send_again(addr, req).await?;
+                            slot = again_slot;
+                            resp
                         }
                         // Refused before the workload processed anything
                         // (RFC 9113 section 8.7): a request that was all
@@ -205,7 +233,9 @@ impl WorkloadClients {
                                 if goaway {
                                     self.forget_h2(addr, id);
                                 }
-                                self.h2_send_again(addr, req).await?
+                                let (resp, again_slot) = self.h2_send_again(addr, req).await?;
+                                slot = again_slot;
+                                resp
                             }
                             _ => {
                                 return Err(UpstreamError::Http {
@@ -218,6 +248,7 @@ impl WorkloadClients {
                 Ok(resp.map(|b| UpstreamBody {
                     inner: Inner::H2(b),
                     back: None,
+                    _slot: Some(slot),
                 }))
             }
             _ => {
@@ -247,12 +278,13 @@ impl WorkloadClients {
         &self,
         addr: SocketAddr,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let (mut sender, _) = self.h2_sender(addr).await?;
-        sender
+    ) -> Result<(Response<Incoming>, StreamSlot), UpstreamError> {
+        let (mut sender, _, slot) = self.h2_sender(addr).await?;
+        let resp = sender
             .send_request(req)
             .await
-            .map_err(|source| UpstreamError::Http { source })
+            .map_err(|source| UpstreamError::Http { source })?;
+        Ok((resp, slot))
     }
 
     async fn send_h1(
@@ -296,6 +328,7 @@ impl WorkloadClients {
         let mut resp = resp.map(|b| UpstreamBody {
             inner: Inner::H1(b),
             back,
+            _slot: None,
         });
         // A response without a body (`204`, `304`, a `HEAD`) is done at once.
         if http_body::Body::is_end_stream(resp.body()) {
@@ -332,11 +365,12 @@ impl WorkloadClients {
         Ok(Conn::new(tcp))
     }
 
-    /// The pooled HTTP/2 connection to `addr`, or a new one; and its number.
+    /// A pooled HTTP/2 connection to `addr` with room for a stream, or a
+    /// new one; its number, and the stream's place on it.
     async fn h2_sender(
         &self,
         addr: SocketAddr,
-    ) -> Result<(http2::SendRequest<Body>, u64), UpstreamError> {
+    ) -> Result<(http2::SendRequest<Body>, u64, StreamSlot), UpstreamError> {
         if let Some(s) = self.open_h2(addr) {
             return Ok(s);
         }
@@ -365,35 +399,40 @@ impl WorkloadClients {
         dialled
     }
 
-    fn open_h2(&self, addr: SocketAddr) -> Option<(http2::SendRequest<Body>, u64)> {
+    fn open_h2(&self, addr: SocketAddr) -> Option<(http2::SendRequest<Body>, u64, StreamSlot)> {
         let mut h2 = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner());
-        let (sender, last_used, id) = h2.get_mut(&addr)?;
-        if sender.is_closed() {
-            return None;
-        }
-        *last_used = Instant::now();
-        Some((sender.clone(), *id))
+        let c = h2.get_mut(&addr)?.iter_mut().find(|c| {
+            !c.sender.is_closed()
+                && c.streams.load(std::sync::atomic::Ordering::Relaxed)
+                    < MAX_STREAMS_PER_WORKLOAD_CONN
+        })?;
+        c.last_used = Instant::now();
+        c.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some((c.sender.clone(), c.id, StreamSlot(c.streams.clone())))
     }
 
     /// Takes HTTP/2 connection `id` to `addr` out of the pool, if it is
     /// still the pooled one (not a newer one another request dialled).
     fn forget_h2(&self, addr: SocketAddr, id: u64) {
         let mut h2 = self.inner.h2.lock().unwrap_or_else(|e| e.into_inner());
-        if h2.get(&addr).is_some_and(|(_, _, pooled)| *pooled == id) {
-            h2.remove(&addr);
+        if let Some(list) = h2.get_mut(&addr) {
+            list.retain(|c| c.id != id);
+            if list.is_empty() {
+                h2.remove(&addr);
+            }
         }
     }
 
     async fn dial_h2(
         &self,
         addr: SocketAddr,
-    ) -> Result<(http2::SendRequest<Body>, u64), UpstreamError> {
+    ) -> Result<(http2::SendRequest<Body>, u64, StreamSlot), UpstreamError> {
         let tcp = crate::connect::connect(addr, self.inner.mark, self.inner.connect_timeout)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
-        // One connection per workload carries every caller's requests: a
-        // caller that stops reading its answer (a download, a gRPC server
-        // stream) holds its stream's window only, as in the tunnel.
+        // A connection carries many callers' requests: a caller that stops
+        // reading its answer (a download, a gRPC server stream) holds its
+        // stream's window only, as in the tunnel.
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(self.inner.max_header_bytes)
@@ -410,18 +449,25 @@ impl WorkloadClients {
         // Closed HTTP/2 connections leave the pool with the reaper's rounds
         // too, even when no HTTP/1.1 connection ever started it.
         self.start_reaper();
-        // Two requests may have dialled at once: both connections work, the
-        // later one is kept.
         let id = self
             .inner
             .h2_dials
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Its first stream is the dialler's.
+        let streams = Arc::new(AtomicUsize::new(1));
         self.inner
             .h2
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(addr, (sender.clone(), Instant::now(), id));
-        Ok((sender, id))
+            .entry(addr)
+            .or_default()
+            .push(PooledH2 {
+                sender: sender.clone(),
+                last_used: Instant::now(),
+                id,
+                streams: streams.clone(),
+            });
+        Ok((sender, id, StreamSlot(streams)))
     }
 
     /// Every half idle timeout, while the pools exist, closes the HTTP/1.1
@@ -457,7 +503,10 @@ impl WorkloadClients {
                 drop(h1);
                 p.h2.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .retain(|_, (s, last_used, _)| !s.is_closed() && last_used.elapsed() < idle);
+                    .retain(|_, list| {
+                        list.retain(|c| !c.sender.is_closed() && c.last_used.elapsed() < idle);
+                        !list.is_empty()
+                    });
             }
         });
     }
@@ -475,6 +524,8 @@ struct ReturnTo {
 pub struct UpstreamBody {
     inner: Inner,
     back: Option<ReturnTo>,
+    /// An HTTP/2 stream's place on its connection, held until the body goes.
+    _slot: Option<StreamSlot>,
 }
 
 enum Inner {
@@ -584,7 +635,7 @@ fn set_absolute(uri: &mut Uri, authority: Option<http::uri::Authority>, addr: So
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
 
     use http_body_util::{BodyExt, Full};
 
@@ -847,6 +898,14 @@ mod tests {
     async fn h2_server(
         go: Arc<tokio::sync::Notify>,
     ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        h2_server_with(go, None).await
+    }
+
+    /// [`h2_server`] allowing `max_streams` streams per connection.
+    async fn h2_server_with(
+        go: Arc<tokio::sync::Notify>,
+        max_streams: Option<u32>,
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -854,6 +913,8 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
+                // As workloads' servers do: no 40 ms Nagle wait for an ack.
+                tcp.set_nodelay(true).unwrap();
                 a.fetch_add(1, Ordering::SeqCst);
                 let (c, go) = (c.clone(), go.clone());
                 tokio::spawn(async move {
@@ -879,9 +940,11 @@ mod tests {
                             Ok::<_, std::convert::Infallible>(Response::new(body))
                         }
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    if let Some(n) = max_streams {
+                        b.max_concurrent_streams(n);
+                    }
+                    let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
                     c.fetch_add(1, Ordering::SeqCst);
                 });
             }
@@ -913,6 +976,51 @@ mod tests {
             .uri(format!("http://cart.shop{path}"))
             .body(crate::body::empty())
             .unwrap()
+    }
+
+    /// A workload that allows 100 streams per connection (ASP.NET Kestrel's
+    /// default) with 100 long streams open gets the next request on a
+    /// second connection: on the one connection it waited in hyper's queue
+    /// until a stream ended, and so did every request after it. Once the
+    /// long streams end, the first connection takes streams again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_workload_at_its_stream_limit_gets_another_connection() {
+        let go = Arc::new(tokio::sync::Notify::new());
+        let limit = MAX_STREAMS_PER_WORKLOAD_CONN;
+        let (addr, accepted, _) = h2_server_with(go.clone(), Some(limit as u32)).await;
+        let c = WorkloadClients::new(&ProxySettings::default());
+        let mut held = Vec::new();
+        for i in 0..limit {
+            let resp = c.send(addr, Protocol::Http2, h2_get("/slow")).await;
+            held.push(resp.unwrap_or_else(|e| panic!("stream {i}: {e}")));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.send(addr, Protocol::Http2, h2_get("/")),
+        )
+        .await
+        .expect("an answer while 100 streams are open")
+        .unwrap();
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a second connection");
+        // The long streams end (their callers go): 101 requests now fit on
+        // the two.
+        drop(held);
+        let mut again = Vec::new();
+        for _ in 0..limit + 1 {
+            again.push(
+                c.send(addr, Protocol::Http2, h2_get("/slow"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "no third connection");
+        go.notify_waiters();
+        drop(again);
     }
 
     #[tokio::test]
