@@ -217,6 +217,7 @@ pub(crate) async fn handle(
                 let up = Arc::new(State::workload_upstream(&w, conn.original_dst.port()));
                 let dest = Label::from(w.id.to_string());
                 let _ = progress.labels.set((Label::default(), dest.clone()));
+                let (body, note) = crate::replay::noted(body);
                 match send_once(&shared, &conn, &up, parts, body, Sent::ByCaller).await {
                     Ok(resp) => Outcome {
                         response: resp,
@@ -227,12 +228,26 @@ pub(crate) async fn handle(
                         attempts: 1,
                         reason: None,
                     },
-                    Err(e) => Outcome {
-                        // Only when it may have crossed.
-                        tried: e.crossed.then_some(up),
-                        attempts: 1,
-                        ..Outcome::local(e.status, e.reason, Label::default(), dest)
-                    },
+                    Err(e) => {
+                        // The caller's body failed: that is the answer.
+                        let (status, reason) = match note.as_ref().and_then(|n| n.get()) {
+                            Some(f) => (
+                                if f.timed_out {
+                                    StatusCode::REQUEST_TIMEOUT
+                                } else {
+                                    StatusCode::BAD_REQUEST
+                                },
+                                format!("reading the request body: {}", f.message),
+                            ),
+                            None => (e.status, e.reason),
+                        };
+                        Outcome {
+                            // Only when it may have crossed.
+                            tried: e.crossed.then_some(up),
+                            attempts: 1,
+                            ..Outcome::local(status, reason, Label::default(), dest)
+                        }
+                    }
                 }
             }
             Destination::External => Outcome::local(
@@ -423,7 +438,8 @@ enum ReqBody {
     /// Streams to the first attempt that reads it while it is recorded for
     /// the next ones (and for mirrors).
     Recorded(Arc<Recording>),
-    Once(Option<Body>),
+    /// Sent once, with where it notes the caller's failure.
+    Once(Option<Body>, Option<crate::replay::FailureNote>),
 }
 
 impl ReqBody {
@@ -431,7 +447,7 @@ impl ReqBody {
         match self {
             ReqBody::Buffered(b) => Some(b.body()),
             ReqBody::Recorded(rec) => rec.take(),
-            ReqBody::Once(b) => b.take(),
+            ReqBody::Once(b, _) => b.take(),
         }
     }
 
@@ -440,7 +456,7 @@ impl ReqBody {
         match self {
             ReqBody::Buffered(_) => true,
             ReqBody::Recorded(rec) => rec.is_unread() || !rec.given_up(),
-            ReqBody::Once(_) => false,
+            ReqBody::Once(..) => false,
         }
     }
 
@@ -469,7 +485,7 @@ impl ReqBody {
                     None => false,
                 }
             }
-            ReqBody::Once(_) => false,
+            ReqBody::Once(..) => false,
         }
     }
 
@@ -477,6 +493,7 @@ impl ReqBody {
     fn failed(&self) -> Option<BodyFailure> {
         match self {
             ReqBody::Recorded(rec) => rec.body_error(),
+            ReqBody::Once(_, Some(note)) => note.get().cloned(),
             _ => None,
         }
     }
@@ -630,7 +647,8 @@ async fn route_request(
             ))
         }
     } else {
-        ReqBody::Once(Some(body))
+        let (body, note) = crate::replay::noted(body);
+        ReqBody::Once(Some(body), note)
     };
     // However this function returns, the recording hears that it is done.
     let _done = match &body {
@@ -656,7 +674,7 @@ async fn route_request(
                     }
                 });
             }
-            ReqBody::Once(_) => {}
+            ReqBody::Once(..) => {}
         }
     }
 

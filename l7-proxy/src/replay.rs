@@ -407,6 +407,62 @@ pub(crate) struct BodyFailure {
     pub timed_out: bool,
 }
 
+/// Where a body sent once notes how it failed: the caller's failure, which
+/// the attempt reports as the endpoint's (a 502) without it.
+pub(crate) type FailureNote = std::sync::Arc<std::sync::OnceLock<BodyFailure>>;
+
+/// `body`, noting in the returned note how it fails, if it does (a body
+/// that has ended already is passed on as it is, with no note).
+pub(crate) fn noted(body: Body) -> (Body, Option<FailureNote>) {
+    if body.is_end_stream() {
+        return (body, None);
+    }
+    let note = FailureNote::default();
+    (
+        boxed(Noted {
+            inner: body,
+            note: note.clone(),
+        }),
+        Some(note),
+    )
+}
+
+pin_project_lite::pin_project! {
+    struct Noted {
+        #[pin]
+        inner: Body,
+        note: FailureNote,
+    }
+}
+
+impl http_body::Body for Noted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(e))) = &frame {
+            let _ = this.note.set(BodyFailure {
+                message: e.to_string(),
+                timed_out: e.is::<crate::body::TimedOut>(),
+            });
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A future the caller spawns.
 pub(crate) type BoxFuture = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 

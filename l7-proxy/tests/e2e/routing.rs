@@ -1194,6 +1194,38 @@ async fn a_request_body_that_stops_coming_is_cut() {
     mesh.shutdown().await;
 }
 
+/// Without retries or mirrors the body is sent once, as it comes; when it
+/// stops coming, the caller hears 408 for its own upload, not a 502 that
+/// blames the workload (and its endpoint in the balancer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_sent_once_that_stops_coming_is_a_408() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.exchange_idle_timeout_ms = 300,
+    )
+    .await;
+    let (_srv, _) = setup(
+        &mesh,
+        vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
+    )
+    .await;
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"POST /upload HTTP/1.1\r\nhost: cart\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("an answer while the client still holds its upload")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.contains("reading the request body"), "{head}");
+    mesh.shutdown().await;
+}
+
 /// GEP-1731 retries for an upload the workload answered before taking it
 /// (load shedding): the next attempt gets what was read, then the rest. The
 /// caller sends the rest only once the retry has reached the workload, so
