@@ -122,20 +122,7 @@ pub(crate) fn is_v4_mapped(a: &[u32; 4]) -> bool {
     a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD
 }
 
-/// The loader's settings. The loader rewrites the array's one element in
-/// place, so a copy taken while it writes could mix old and new fields (a
-/// proxy address with another's port): a copy is taken when two agree.
-/// `None` before the loader wrote any, or while it keeps writing.
 #[inline(always)]
 pub(crate) fn config() -> Option<LbConfig> {
-    let ptr = CONFIG.get_ptr(0)?;
-    for _ in 0..3 {
-        // SAFETY: a pointer into the map's value, valid for the program's run.
-        let (first, second) =
-            unsafe { (core::ptr::read_volatile(ptr), core::ptr::read_volatile(ptr)) };
-        if first == second {
-            return Some(first);
-        }
-    }
-    None
+    CONFIG.get(0).copied()
 }
