@@ -312,9 +312,9 @@ async fn route_and_policy_status_is_written_back() {
             .contains("shop/does-not-exist")
     );
 
-    // A cross-namespace backend resolves without a ReferenceGrant (GEP-1294);
-    // a rule the proxy cannot carry out is in the conditions, with GAMMA's
-    // reason.
+    // A cross-namespace backend outside the mesh is not permitted (the
+    // proxy would reach it from the node); a rule the proxy cannot carry out
+    // is in the conditions, with GAMMA's reason.
     let partial =
         by_path["/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/partial/status"];
     let conds = partial["status"]["parents"][0]["conditions"]
@@ -325,8 +325,8 @@ async fn route_and_policy_status_is_written_back() {
         .map(|c| (c["type"].as_str().unwrap(), c))
         .collect();
     assert_eq!(by_type["Accepted"]["status"], "True");
-    assert_eq!(by_type["ResolvedRefs"]["status"], "True", "{conds:?}");
-    assert_eq!(by_type["ResolvedRefs"]["reason"], "ResolvedRefs");
+    assert_eq!(by_type["ResolvedRefs"]["status"], "False", "{conds:?}");
+    assert_eq!(by_type["ResolvedRefs"]["reason"], "RefNotPermitted");
     assert_eq!(by_type["PartiallyInvalid"]["status"], "True");
     assert_eq!(by_type["PartiallyInvalid"]["reason"], "UnsupportedValue");
     assert!(
@@ -357,10 +357,12 @@ async fn route_and_policy_status_is_written_back() {
     assert_eq!(good["status"]["conditions"][0]["status"], "True");
 }
 
-/// GEP-1294: a mesh route's backend in another namespace needs no
-/// ReferenceGrant (the agent watches none): the listed route's share goes to
-/// default/kubernetes; moved to a Service of default that does not exist,
-/// it is BackendNotFound until the Service's watch brings one.
+/// GEP-1294: a mesh route's backend in another namespace of the mesh needs
+/// no ReferenceGrant (the agent watches none). The listed route's share to
+/// default/kubernetes is not permitted while default is not in the mesh
+/// (the proxy would reach it from the node, past its NetworkPolicies);
+/// enrolled, it goes there; moved to a Service of default that does not
+/// exist, it is BackendNotFound until the Service's watch brings one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cross_namespace_backend_resolves_without_a_reference_grant() {
     let r = start(FakeApi::with_fixtures());
@@ -402,8 +404,40 @@ async fn a_cross_namespace_backend_resolves_without_a_reference_grant() {
     let cond = resolved_refs(&first);
     assert_eq!(
         (&cond["status"], &cond["reason"]),
-        (&json!("True"), &json!("ResolvedRefs"))
+        (&json!("False"), &json!("RefNotPermitted"))
     );
+    assert!(
+        cond["message"].as_str().unwrap().contains(
+            "Service default/kubernetes is in namespace default, which is not in the mesh"
+        ),
+        "{cond:?}"
+    );
+    let b = second_backend(&r);
+    assert!(
+        b.invalid
+            .as_deref()
+            .is_some_and(|w| w.starts_with("RefNotPermitted")),
+        "{b:?}"
+    );
+    r.fake.event(
+        "/api/v1/namespaces",
+        "MODIFIED",
+        json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "default", "resourceVersion": "51300",
+                         "annotations": {"sluice.dev/mesh": "enabled"}}
+        }),
+    );
+    let fake = r.fake.clone();
+    let cond = tokio::task::spawn_blocking(move || {
+        eventually("partial's status once default is in the mesh", || {
+            let c = resolved_refs(&fake.patches().into_iter().rfind(|(p, _)| p == partial)?.1);
+            (c["status"] == "True").then_some(c)
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(cond["reason"], "ResolvedRefs");
     let b = second_backend(&r);
     assert_eq!(
         (b.service, b.invalid),

@@ -208,6 +208,22 @@ async fn a_refused_write_is_not_repeated_before_its_retry() {
     let quiet =
         tokio::time::timeout(std::time::Duration::from_millis(500), api.next_request()).await;
     assert!(quiet.is_err(), "a request before the retry: {quiet:?}");
+    // The retry asks the reconciler for what still differs, and that is
+    // written.
+    let deadline = std::time::Instant::now() + status::RETRY_AFTER * 2;
+    while resends.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no resend");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tx.send(write_of(&ours)).unwrap();
+    expect_get(&mut api)
+        .await
+        .send_response(respond(StatusCode::OK, &route("1", &[])));
+    let (_, send) = expect_patch(&mut api).await;
+    send.send_response(respond(
+        StatusCode::OK,
+        &route("2", std::slice::from_ref(&ours)),
+    ));
     // Another status for it is written at once.
     let other = entry("sluice.dev/mesh-agent", "web", "False");
     tx.send(write_of(&other)).unwrap();
@@ -221,7 +237,7 @@ async fn a_refused_write_is_not_repeated_before_its_retry() {
     );
     send.send_response(respond(
         StatusCode::OK,
-        &route("2", std::slice::from_ref(&other)),
+        &route("3", std::slice::from_ref(&other)),
     ));
-    assert_eq!(resends.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(resends.load(std::sync::atomic::Ordering::Relaxed), 1);
 }

@@ -57,9 +57,10 @@ pub struct Translated<R> {
 }
 
 impl<R> Translated<R> {
-    /// No rule is carried out (a route without rules is not "all dropped").
+    /// Every rule was left out (a route without rules is not "all
+    /// dropped"; one kept to answer 500 is not left out).
     pub fn all_dropped(&self) -> bool {
-        self.rules > 0 && self.dropped.len() == self.rules
+        self.rules > 0 && self.dropped.iter().filter(|d| !d.closed).count() == self.rules
     }
 }
 

@@ -757,14 +757,17 @@ fn session_persistence_and_unsupported_filters_leave_the_rule_out() {
     }
 }
 
-/// A backend or mirror target in another namespace is used with no
-/// ReferenceGrant (GEP-1294); one that does not exist there is refused like
-/// a missing one in the route's own namespace.
+/// A backend or mirror target in another namespace of the mesh is used
+/// with no ReferenceGrant (GEP-1294); one that does not exist there is
+/// refused like a missing one in the route's own namespace, and one in a
+/// namespace outside the mesh (reached from the node in plaintext, past its
+/// NetworkPolicies) is not permitted.
 #[test]
 fn refused_backends_keep_their_share_but_point_nowhere_and_refused_mirrors_are_dropped() {
     let mut objs = base();
+    objs.push(Object::Namespace(namespace("data", true)));
     objs.push(Object::Service(service(
-        "plain",
+        "data",
         "other",
         "127.96.0.7",
         &[80],
@@ -772,15 +775,16 @@ fn refused_backends_keep_their_share_but_point_nowhere_and_refused_mirrors_are_d
     let s = store(objs);
     let mirror = |name: &str| {
         serde_json::json!({"type": "RequestMirror",
-            "requestMirror": {"backendRef": {"name": name, "namespace": "plain", "port": 80}}})
+            "requestMirror": {"backendRef": {"name": name, "namespace": "data", "port": 80}}})
     };
     let r = one_rule_route(serde_json::json!({
         "filters": [mirror("other"), mirror("gone")],
         "backendRefs": [
             {"name": "db", "port": 5432, "weight": 3},
-            {"name": "other", "namespace": "plain", "port": 80, "weight": 1},
-            {"name": "gone", "namespace": "plain", "port": 80, "weight": 1},
-            {"name": "db", "port": 9999, "weight": 1}
+            {"name": "other", "namespace": "data", "port": 80, "weight": 1},
+            {"name": "gone", "namespace": "data", "port": 80, "weight": 1},
+            {"name": "db", "port": 9999, "weight": 1},
+            {"name": "legacy", "namespace": "plain", "port": 80, "weight": 1}
         ]
     }));
     let t = http_route(&r, &RefIndex::of(&s));
@@ -794,16 +798,23 @@ fn refused_backends_keep_their_share_but_point_nowhere_and_refused_mirrors_are_d
         [
             (
                 "BackendNotFound",
-                "spec.rules[0].filters[1].requestMirror.backendRef: Service plain/gone does not \
+                "spec.rules[0].filters[1].requestMirror.backendRef: Service data/gone does not \
                  exist"
             ),
             (
                 "BackendNotFound",
-                "spec.rules[0].backendRefs[2]: Service plain/gone does not exist"
+                "spec.rules[0].backendRefs[2]: Service data/gone does not exist"
             ),
             (
                 "BackendNotFound",
                 "spec.rules[0].backendRefs[3]: Service shop/db has no port 9999"
+            ),
+            (
+                "RefNotPermitted",
+                "spec.rules[0].backendRefs[4]: Service plain/legacy is in namespace plain, which \
+                 is not in the mesh: the node proxy would reach it in plaintext from the node, \
+                 past its NetworkPolicies; a route sends to another namespace's Services only \
+                 within the mesh (annotate plain sluice.dev/mesh: enabled)"
             ),
         ]
     );
@@ -811,25 +822,26 @@ fn refused_backends_keep_their_share_but_point_nowhere_and_refused_mirrors_are_d
     assert_eq!(
         rule.filters,
         [HttpFilter::RequestMirror(RequestMirror {
-            service: ObjectRef::new("plain", "other"),
+            service: ObjectRef::new("data", "other"),
             port: 80,
             fraction: None,
         })],
-        "the mirror to plain/other is kept, the refused one dropped"
+        "the mirror to data/other is kept, the refused one dropped"
     );
     let weights: Vec<u32> = rule.backends.iter().map(|b| b.weight).collect();
-    assert_eq!(weights, [3, 1, 1, 1], "shares stay as written");
+    assert_eq!(weights, [3, 1, 1, 1, 1], "shares stay as written");
     let services: Vec<&ObjectRef> = rule.backends.iter().map(|b| &b.service).collect();
     assert_eq!(
         services,
         [
             &ObjectRef::new("shop", "db"),
-            &ObjectRef::new("plain", "other"),
-            &ObjectRef::new("plain", "gone"),
+            &ObjectRef::new("data", "other"),
+            &ObjectRef::new("data", "gone"),
             &ObjectRef::new("shop", "db"),
+            &ObjectRef::new("plain", "legacy"),
         ]
     );
-    // The backend in plain is sent its share; the refused ones say why: the
+    // The backend in data is sent its share; the refused ones say why: the
     // proxy answers their share with 500 and that reason.
     assert_eq!(
         (&rule.backends[0].invalid, &rule.backends[1].invalid),
@@ -840,7 +852,8 @@ fn refused_backends_keep_their_share_but_point_nowhere_and_refused_mirrors_are_d
         .map(|b| b.invalid.as_deref().expect("refused backends are marked"))
         .collect();
     assert!(
-        why.iter().all(|w| w.starts_with("BackendNotFound: ")),
+        why[..2].iter().all(|w| w.starts_with("BackendNotFound: "))
+            && why[2].starts_with("RefNotPermitted: "),
         "{why:?}"
     );
 }

@@ -1059,9 +1059,10 @@ impl Reconciler {
     fn publish_mesh(&mut self) {
         self.mesh_generation += 1;
         // Refused Services are shown to the proxy as last accepted, and one
-        // refused from the start not at all: the kernel does not have it, so
-        // neither may the proxy (it would take another Service's ClusterIP
-        // there, say, and send that Service's callers to its pods). So are
+        // refused from the start without its ClusterIPs: the kernel does not
+        // have them, so neither may the proxy (it would take another
+        // Service's ClusterIP there, say, and send that Service's callers to
+        // its pods). So are
         // those the kernel did not take yet (a full map): the kernel still
         // sends enrolled callers of the old ClusterIP to the proxy, which
         // must still know it.
@@ -1076,8 +1077,17 @@ impl Reconciler {
                     Some(good) => {
                         s.services.insert(key.clone(), good.clone());
                     }
+                    // Never in the kernel: no ClusterIP for the proxy either,
+                    // but the Service stays, so that an AccessPolicy naming
+                    // it still governs its pods (without it they had none,
+                    // and every caller was let in).
                     None => {
-                        s.services.remove(key);
+                        if let Some(spec) =
+                            s.services.get_mut(key).and_then(|svc| svc.spec.as_mut())
+                        {
+                            spec.cluster_ip = None;
+                            spec.cluster_ips = None;
+                        }
                     }
                 }
             }
@@ -1286,9 +1296,17 @@ impl Reconciler {
                 let r = &eval.route;
                 any = true;
                 let conds = routes::parent_conditions(&self.refs, eval, p);
+                // On a Service outside the mesh, the Accepted message says
+                // the route applies to nothing.
                 let reason = conds
                     .iter()
                     .find(|c| !c.status || c.type_ == "PartiallyInvalid")
+                    .or_else(|| {
+                        self.refs
+                            .outside_mesh
+                            .contains(&key.namespace)
+                            .then_some(&conds[0])
+                    })
                     .map(|c| format!("{}: {}", c.reason, c.message));
                 // One row per route and Service: a route naming the Service
                 // twice (two of its ports) is in force as far as both say.

@@ -21,6 +21,9 @@ use crate::state::{Key, Store};
 pub enum RefReason {
     /// Not a core Service.
     InvalidKind,
+    /// In another namespace that is not in the mesh: the proxy would reach
+    /// it from the node in plaintext, past its NetworkPolicies.
+    RefNotPermitted,
     /// The Service, or the port on it, does not exist (or no port is given).
     BackendNotFound,
 }
@@ -29,6 +32,7 @@ impl RefReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RefReason::InvalidKind => "InvalidKind",
+            RefReason::RefNotPermitted => "RefNotPermitted",
             RefReason::BackendNotFound => "BackendNotFound",
         }
     }
@@ -183,6 +187,26 @@ impl RefIndex {
                 format!("Service {key} does not exist"),
             );
         };
+        // Within the mesh the request keeps its caller's identity, and the
+        // target's AccessPolicy decides; a namespace outside it is reached
+        // from the node, in plaintext, where its NetworkPolicies would stop
+        // the caller's pod: a broader reach than the caller has, which the
+        // route of another namespace may not give (GEP-1294).
+        if key.namespace != route_ns && self.outside_mesh.contains(&key.namespace) {
+            return problem(
+                RefReason::RefNotPermitted,
+                format!(
+                    "Service {key} is in namespace {}, which is not in the mesh: the node proxy \
+                     would reach it in plaintext from the node, past its NetworkPolicies; a \
+                     route sends to another namespace's Services only within the mesh \
+                     (annotate {} {}: {})",
+                    key.namespace,
+                    key.namespace,
+                    crate::config::MESH_ANNOTATION,
+                    crate::config::MESH_ENABLED
+                ),
+            );
+        }
         match b.port {
             None => problem(
                 RefReason::BackendNotFound,
@@ -254,6 +278,17 @@ mod tests {
 
     fn index() -> RefIndex {
         let mut s = Store::new();
+        for (ns, meshed) in [("shop", true), ("other", true), ("legacy", false)] {
+            s.apply(Update::Upsert(Object::Namespace(
+                crate::testing::namespace(ns, meshed),
+            )));
+        }
+        s.apply(Update::Upsert(Object::Service(service(
+            "legacy",
+            "old",
+            "127.96.0.3",
+            &[80],
+        ))));
         s.apply(Update::Upsert(Object::Service(service(
             "shop",
             "web",
@@ -347,6 +382,18 @@ mod tests {
         assert_eq!(
             check("shop", target(Some("other"), "db", Some(5433))),
             Err(RefReason::BackendNotFound)
+        );
+        // Another namespace outside the mesh would be reached from the
+        // node in plaintext, past its NetworkPolicies: refused.
+        let e = i
+            .check_backend("shop", &target(Some("legacy"), "old", Some(80)), "f")
+            .unwrap_err();
+        assert_eq!(e.reason, RefReason::RefNotPermitted, "{e:?}");
+        assert!(e.message.contains("not in the mesh"), "{e:?}");
+        assert_eq!(
+            check("legacy", target(None, "old", Some(80))),
+            Ok(()),
+            "its own namespace's"
         );
     }
 

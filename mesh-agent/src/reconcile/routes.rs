@@ -162,7 +162,8 @@ pub struct RouteEval {
 impl RouteEval {
     /// Every rule was left out.
     pub fn all_dropped(&self) -> bool {
-        self.route.rules > 0 && self.dropped.len() == self.route.rules
+        self.route.rules > 0
+            && self.dropped.iter().filter(|d| !d.closed).count() == self.route.rules
     }
 
     pub fn kind(&self) -> Kind {
@@ -559,8 +560,14 @@ mod tests {
         }))
     }
 
+    /// The Services, each in a namespace of the mesh.
     fn store(services: &[(&str, &str, &[i32])]) -> Store {
         let mut s = Store::new();
+        for (ns, _, _) in services {
+            s.apply(Update::Upsert(Object::Namespace(
+                crate::testing::namespace(ns, true),
+            )));
+        }
         for (i, (ns, name, ports)) in services.iter().enumerate() {
             s.apply(Update::Upsert(Object::Service(service(
                 ns,
@@ -906,12 +913,29 @@ mod tests {
             "{}",
             c[2].3
         );
-        // Only the unsupported rule: nothing is left to accept.
+        // Only the unsupported filter's rule: in force, answering 500, so
+        // accepted and partially invalid (as the proxy has it).
         let r = route(serde_json::json!({
             "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
             "metadata": {"name": "web", "namespace": "shop"},
             "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
                      "rules": [rules(1)[1].clone()]}
+        }));
+        let c = conds(&s, &r);
+        assert_eq!((c[0].1, c[0].2.as_str()), (true, "Accepted"), "{c:?}");
+        assert_eq!((c[2].0, c[2].1), ("PartiallyInvalid", true), "{c:?}");
+        assert!(
+            c[2].3.contains("CORS") && c[2].3.contains("500"),
+            "{}",
+            c[2].3
+        );
+        // Only a rule the proxy cannot compile: nothing is left to accept.
+        let r = route(serde_json::json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
+                     "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/(?=a)"}}],
+                                "backendRefs": [{"name": "web", "port": 80}]}]}
         }));
         let c = conds(&s, &r);
         assert_eq!(
@@ -920,7 +944,7 @@ mod tests {
             "no PartiallyInvalid on a route not accepted: {c:?}"
         );
         assert_eq!((c[0].1, c[0].2.as_str()), (false, "UnsupportedValue"));
-        assert!(c[0].3.contains("CORS"), "{}", c[0].3);
+        assert!(c[0].3.contains("spec.rules[0].matches"), "{}", c[0].3);
     }
 
     #[test]

@@ -226,6 +226,21 @@ fn a_service_the_kernel_did_not_take_is_shown_to_the_proxy_as_the_kernel_has_it(
     f.r.step(vec![Input::Tick]);
     assert!(f.dp.spec(&moved).is_some());
     assert_eq!(vips(&f), Some(vec![ip("127.96.0.31")]));
+    // A new Service the kernel does not take: no ClusterIP for the proxy
+    // either, but the Service stays in its view, so that a policy naming
+    // it still governs its pods.
+    let new = Frontend::tcp(addr("127.96.0.40:80"));
+    f.dp.fail_changes_of(new);
+    f.upsert(vec![Object::Service(service(
+        "shop",
+        "c",
+        "127.96.0.40",
+        &[80],
+    ))]);
+    assert!(f.dp.spec(&new).is_none());
+    let mesh = f.rx.mesh.borrow().clone();
+    let c = mesh.services.iter().find(|s| s.key.name == "c");
+    assert_eq!(c.map(|c| c.vips.clone()), Some(vec![]), "{c:?}");
 }
 
 #[test]
@@ -776,8 +791,24 @@ fn a_route_on_a_service_outside_the_mesh_says_it_applies_to_nothing() {
             && p[0].contains("namespace legacy is not in the mesh"),
         "{p:?}"
     );
+    let row = |f: &Fixture| {
+        let v = f.rx.view.borrow().clone();
+        v.routes
+            .iter()
+            .find(|r| r.service == "legacy/old")
+            .cloned()
+            .unwrap()
+    };
+    assert!(
+        row(&f)
+            .reason
+            .is_some_and(|r| r.contains("not in the mesh")),
+        "sluice routes says so too: {:?}",
+        row(&f)
+    );
     f.upsert(vec![Object::Namespace(namespace("legacy", true))]);
     assert_eq!(problems(&f), Vec::<String>::new());
+    assert_eq!(row(&f).reason, None);
 }
 
 /// A route whose parent names no Service (a typo) has its row in `sluice
@@ -1024,7 +1055,8 @@ fn a_service_refused_for_a_taken_cluster_ip_gets_it_once_the_other_moves() {
         vips(&f, "a"),
         Some(vec!["127.96.0.1".parse::<std::net::IpAddr>().unwrap()])
     );
-    assert_eq!(vips(&f, "c"), None);
+    // c is in the proxy's view (its pods' policies), without the address.
+    assert_eq!(vips(&f, "c"), Some(vec![]));
     f.r.step(vec![Input::Updates(vec![Update::Delete(
         Kind::Service,
         Key::new("shop", "c"),

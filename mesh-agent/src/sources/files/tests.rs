@@ -801,6 +801,10 @@ fn a_reference_grant_is_ignored_with_a_note_and_changes_nothing() {
         "data.yaml",
         r#"
 apiVersion: v1
+kind: Namespace
+metadata: {name: data, annotations: {sluice.dev/mesh: enabled}}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: data}
 spec: {clusterIP: 127.96.1.2, ports: [{port: 5432}]}

@@ -219,7 +219,9 @@ pub async fn run(
                 retry.get_or_insert(now + RETRY_AFTER);
                 // Those of objects since gone or written otherwise go.
                 failed.retain(|_, (_, at)| now < *at + RETRY_AFTER * 10);
-                failed.insert(id, (w.status, tokio::time::Instant::now()));
+                // Stamped with the time the write began, as the retry is:
+                // the resend it brings is written, not taken for a repeat.
+                failed.insert(id, (w.status, now));
             }
         }
     }
