@@ -426,6 +426,34 @@ struct Progress {
     activity: crate::body::Activity,
 }
 
+/// The endpoints a request's attempts went to, in order; nothing allocated
+/// for the first (most requests make one attempt).
+#[derive(Default)]
+struct Tried {
+    first: Option<usize>,
+    more: Vec<usize>,
+}
+
+impl Tried {
+    fn push(&mut self, i: usize) {
+        match self.first {
+            None => self.first = Some(i),
+            Some(_) => self.more.push(i),
+        }
+    }
+
+    fn last(&self) -> Option<usize> {
+        self.more.last().copied().or(self.first)
+    }
+
+    fn all(&self) -> Vec<usize> {
+        self.first
+            .into_iter()
+            .chain(self.more.iter().copied())
+            .collect()
+    }
+}
+
 /// When an attempt's route timeout ends it (a request extension from the
 /// retry loop to the send).
 #[derive(Clone, Copy)]
@@ -688,19 +716,20 @@ async fn route_request(
     let mut attempts = 0u32;
     // The endpoints earlier attempts went to, in order: a retry goes
     // elsewhere.
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried = Tried::default();
     loop {
         attempts += 1;
         let may_retry = attempts <= retries && body.may_replay();
         let (upstreams, loads) = (&ready.upstreams, &ready.loads);
         // The body is taken only for an endpoint to send it to.
         // A retry goes where the balancer says, ClientIP affinity or not.
-        let pick = if tried.is_empty() {
-            shared.balancer.pick_for(&ready, conn.client_addr.ip())
-        } else {
-            shared.balancer.pick_except(loads, &tried)
+        let pick = match tried.first {
+            None => shared.balancer.pick_for(&ready, conn.client_addr.ip()),
+            Some(_) => shared.balancer.pick_except(loads, &tried.all()),
         };
-        tried.extend(pick.as_ref().map(|p| p.index));
+        if let Some(p) = &pick {
+            tried.push(p.index);
+        }
         let taken = if pick.is_some() { body.take() } else { None };
         // When a retry would go, read once the attempt is over: the answer
         // in hand is kept or dropped by the same reading as the backoff.
@@ -903,7 +932,7 @@ async fn route_request(
             tried
                 .last()
                 .filter(|_| crossed)
-                .map(|&i| ready.upstreams[i].clone())
+                .map(|i| ready.upstreams[i].clone())
         };
         if !(failure.retryable && may_retry && body.settle()) {
             return Outcome {
@@ -1247,9 +1276,16 @@ async fn send_once(
             })?;
             parts.version = Version::HTTP_2;
             parts.headers.insert(TARGET, up.target.clone());
-            if let Some(AttemptEnd(end)) = parts.extensions.remove::<AttemptEnd>() {
-                let ms = end.saturating_duration_since(Instant::now()).as_millis();
-                parts.headers.insert(TIMEOUT, HeaderValue::from(ms as u64));
+            // Only the mesh says how long to wait: a route's header filter
+            // may not (the caller's own was taken out on the way in).
+            match parts.extensions.remove::<AttemptEnd>() {
+                Some(AttemptEnd(end)) => {
+                    let ms = end.saturating_duration_since(Instant::now()).as_millis();
+                    parts.headers.insert(TIMEOUT, HeaderValue::from(ms as u64));
+                }
+                None => {
+                    parts.headers.remove(TIMEOUT);
+                }
             }
             // HTTP/1.1 is the default on the far side: only HTTP/2 is named,
             // which spares the common case a header to encode and decode.

@@ -205,7 +205,10 @@ impl WorkloadClients {
                         *r.headers_mut() = req.headers().clone();
                         r
                     });
-                let (mut sender, id, mut slot) = self.h2_sender(addr).await?;
+                let (mut sender, id, slot) = self.h2_sender(addr).await?;
+                // Its place on the connection, given up when it goes again
+                // elsewhere (the first connection may have room again).
+                let mut slot = Some(slot);
                 let resp = match sender.try_send_request(req).await {
                     Ok(resp) => resp,
                     // Handed back unsent: the connection takes no more
@@ -217,8 +220,9 @@ impl WorkloadClients {
                         Some(req) => {
                             tracing::debug!(%addr, "HTTP/2 connection to workload takes no more streams: {}", e.error());
                             self.forget_h2(addr, id);
+                            drop(slot.take());
                             let (resp, again_slot) = self.h2_send_again(addr, req).await?;
-                            slot = again_slot;
+                            slot = Some(again_slot);
                             resp
                         }
                         // Refused before the workload processed anything
@@ -233,8 +237,9 @@ impl WorkloadClients {
                                 if goaway {
                                     self.forget_h2(addr, id);
                                 }
+                                drop(slot.take());
                                 let (resp, again_slot) = self.h2_send_again(addr, req).await?;
-                                slot = again_slot;
+                                slot = Some(again_slot);
                                 resp
                             }
                             _ => {
@@ -248,7 +253,7 @@ impl WorkloadClients {
                 Ok(resp.map(|b| UpstreamBody {
                     inner: Inner::H2(b),
                     back: None,
-                    _slot: Some(slot),
+                    _slot: slot,
                 }))
             }
             _ => {

@@ -205,6 +205,13 @@ fn quoted(v: Option<&str>) -> String {
 fn header_modifier(v: &Value, field: &str) -> Result<HeaderModifier, String> {
     // `at`: the field that holds the name.
     let name = |n: String, at: String| match http::HeaderName::from_bytes(n.as_bytes()) {
+        // The mesh's own headers (which node a request goes to, how long it
+        // is waited for, who sent it) are the proxies' to set.
+        Ok(h) if h.as_str().starts_with("sluice-") || h.as_str().starts_with("sluice_") => {
+            Err(format!(
+                "{at}: {n:?} is a header of the mesh's own (sluice-); a route may not set or remove it"
+            ))
+        }
         Ok(_) => Ok(n),
         Err(_) => Err(format!("{at}: {n:?} is not a header name")),
     };

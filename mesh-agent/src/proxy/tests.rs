@@ -539,6 +539,15 @@ fn rules_the_proxy_cannot_compile_are_dropped_with_the_reason() {
     )
     .unwrap_err();
     assert!(err.contains("requestHeaderModifier.remove[1]"), "{err}");
+    // The mesh's own headers are the proxies' to set (sluice-timeout-ms
+    // would hold the workload's node for a day).
+    for m in [
+        serde_json::json!({"set": [{"name": "Sluice-Timeout-Ms", "value": "86400000"}]}),
+        serde_json::json!({"remove": ["sluice-source-identity"]}),
+    ] {
+        let err = modifier("RequestHeaderModifier", m).unwrap_err();
+        assert!(err.contains("a header of the mesh's own"), "{err}");
+    }
     assert!(
         modifier(
             "RequestHeaderModifier",
