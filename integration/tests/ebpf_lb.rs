@@ -328,7 +328,7 @@ fn udp_replies_come_from_the_vip_connected_or_not() -> Result<()> {
 /// An unconnected UDP socket's datagrams keep going to the backend they
 /// went to while backends come and go (a QUIC client's flow would break
 /// if they moved, and kube-proxy's conntrack keeps it), and move only when
-/// that backend leaves.
+/// that backend leaves, not back when it returns.
 #[test]
 fn an_unconnected_udp_flow_keeps_its_backend_while_others_come_and_go() -> Result<()> {
     require_root();
@@ -384,8 +384,14 @@ fn an_unconnected_udp_flow_keeps_its_backend_while_others_come_and_go() -> Resul
     // They send on (to b0 if they stay there; not waited for otherwise).
     let hits = backends[0].hits();
     wait_for(&|| backends[0].hits() >= hits + 15);
-    // Then the backend they use leaves: they move, and stay where they go.
+    // Then the backend they use leaves: they move, and stay where they go,
+    // also once it is back.
     lb.upsert_service(&spec(8, 1))?;
+    assert!(
+        wait_for(&|| lb.tracked_sockets() >= 6),
+        "the three sockets sent elsewhere"
+    );
+    lb.upsert_service(&spec(8, 0))?;
     for p in probes {
         let attempts = p.finish()?;
         assert_all_ok(&attempts);

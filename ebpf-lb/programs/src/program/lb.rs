@@ -106,9 +106,12 @@ fn unmapped(ep: Endpoint) -> Endpoint {
 fn udp_kept(cookie: u64, svc: &Service, key: &ServiceKey) -> Option<Endpoint> {
     // SAFETY: a pointer into the map's value, copied at once.
     let peers = unsafe { *UDP_PEERS.get_ptr(cookie)? };
-    for i in 0..MAX_UDP_PEERS {
+    // The newest first: a flow that moved off a backend while it was not
+    // ready stays where it went when that one is ready again.
+    for j in 0..MAX_UDP_PEERS {
+        let i = MAX_UDP_PEERS - 1 - j;
         if i as u32 >= peers.count {
-            break;
+            continue;
         }
         let written = peers.peers[i];
         // SAFETY: as above.
