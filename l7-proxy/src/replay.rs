@@ -407,6 +407,15 @@ pub(crate) struct BodyFailure {
     pub timed_out: bool,
 }
 
+impl BodyFailure {
+    fn of(e: &BoxError) -> Self {
+        Self {
+            message: e.to_string(),
+            timed_out: e.is::<crate::body::TimedOut>(),
+        }
+    }
+}
+
 /// Where a body sent once notes how it failed: the caller's failure, which
 /// the attempt reports as the endpoint's (a 502) without it.
 pub(crate) type FailureNote = std::sync::Arc<std::sync::OnceLock<BodyFailure>>;
@@ -446,10 +455,7 @@ impl http_body::Body for Noted {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
         if let std::task::Poll::Ready(Some(Err(e))) = &frame {
-            let _ = this.note.set(BodyFailure {
-                message: e.to_string(),
-                timed_out: e.is::<crate::body::TimedOut>(),
-            });
+            let _ = this.note.set(BodyFailure::of(e));
         }
         frame
     }
@@ -563,10 +569,7 @@ impl http_body::Body for Tee {
                 }
             }
             None => rec.finish(),
-            Some(Err(e)) => rec.give_up(Some(BodyFailure {
-                message: e.to_string(),
-                timed_out: e.is::<crate::body::TimedOut>(),
-            })),
+            Some(Err(e)) => rec.give_up(Some(BodyFailure::of(e))),
         }
         Poll::Ready(frame)
     }

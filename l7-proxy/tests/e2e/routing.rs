@@ -1164,9 +1164,25 @@ async fn a_connect_request_is_refused_not_tunnelled() {
     mesh.shutdown().await;
 }
 
+/// A POST from web to cart whose body stops after 10 of its 100 bytes: the
+/// head of the answer it gets while it holds the upload (and the
+/// connection, kept open).
+async fn stalled_upload(mesh: &Mesh) -> (String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+    tcp.write_all(b"POST /upload HTTP/1.1\r\nhost: cart\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("an answer while the client still holds its upload")
+        .unwrap();
+    (String::from_utf8_lossy(&buf[..n]).into_owned(), tcp)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_that_stops_coming_is_cut() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mesh = Mesh::with_settings(
         vec![web(), bot()],
         vec![cart(0), cart(1), cart(2), mirror_pod()],
@@ -1178,16 +1194,7 @@ async fn a_request_body_that_stops_coming_is_cut() {
     // 408 that says why it ended.
     let r = retried_on_503("v1", 1);
     let (srv, _) = setup(&mesh, vec![route(vec![r])]).await;
-    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    tcp.write_all(b"POST /upload HTTP/1.1\r\nhost: cart\r\ncontent-length: 100\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("an answer while the client still holds its upload")
-        .unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]);
+    let (head, _tcp) = stalled_upload(&mesh).await;
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(head.contains("sent nothing for"), "{head}");
     assert_eq!(srv[1].hits(), 1, "the head went on at once");
@@ -1199,7 +1206,6 @@ async fn a_request_body_that_stops_coming_is_cut() {
 /// blames the workload (and its endpoint in the balancer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_sent_once_that_stops_coming_is_a_408() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mesh = Mesh::with_settings(
         vec![web(), bot()],
         vec![cart(0), cart(1), cart(2), mirror_pod()],
@@ -1211,16 +1217,7 @@ async fn a_request_body_sent_once_that_stops_coming_is_a_408() {
         vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
     )
     .await;
-    let mut tcp = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
-    tcp.write_all(b"POST /upload HTTP/1.1\r\nhost: cart\r\ncontent-length: 100\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
-        .await
-        .expect("an answer while the client still holds its upload")
-        .unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]);
+    let (head, _tcp) = stalled_upload(&mesh).await;
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(head.contains("reading the request body"), "{head}");
     mesh.shutdown().await;

@@ -392,15 +392,8 @@ impl FakeApi {
     /// the client's watch was away): its open watches end with 410 Gone (the
     /// client lists again), and its lists and watches answer 404.
     pub fn remove_kind(&self, path: &str) {
-        let mut st = self.state.lock().unwrap();
-        st.lists.remove(path);
-        st.gone.insert(path.into());
-        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
-            "status": "Failure", "reason": "Expired", "code": 410,
-            "message": "too old resource version"}});
-        for send in st.parked.remove(path).unwrap_or_default() {
-            send.send_response(watch_body(std::slice::from_ref(&gone)));
-        }
+        self.state.lock().unwrap().lists.remove(path);
+        self.stop_serving_kind(path);
     }
 
     /// The kind listed at `path` answers 404 for a while, its objects kept
@@ -408,14 +401,8 @@ impl FakeApi {
     /// end with 410 Gone, and its lists and watches answer 404 until
     /// [`FakeApi::serve_kind_again`].
     pub fn stop_serving_kind(&self, path: &str) {
-        let mut st = self.state.lock().unwrap();
-        st.gone.insert(path.into());
-        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
-            "status": "Failure", "reason": "Expired", "code": 410,
-            "message": "too old resource version"}});
-        for send in st.parked.remove(path).unwrap_or_default() {
-            send.send_response(watch_body(std::slice::from_ref(&gone)));
-        }
+        self.state.lock().unwrap().gone.insert(path.into());
+        self.expire_watches(path);
     }
 
     /// Open watches of `path` end with 410 Gone (expired: the client lists
