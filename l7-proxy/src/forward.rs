@@ -231,14 +231,7 @@ pub(crate) async fn handle(
                     Err(e) => {
                         // The caller's body failed: that is the answer.
                         let (status, reason) = match note.as_ref().and_then(|n| n.get()) {
-                            Some(f) => (
-                                if f.timed_out {
-                                    StatusCode::REQUEST_TIMEOUT
-                                } else {
-                                    StatusCode::BAD_REQUEST
-                                },
-                                format!("reading the request body: {}", f.message),
-                            ),
+                            Some(f) => f.answer(),
                             None => (e.status, e.reason),
                         };
                         Outcome {
@@ -825,20 +818,11 @@ async fn route_request(
                 {
                     // The caller's failure, not the endpoint's.
                     pick.connected();
-                    let status = if f.timed_out {
-                        StatusCode::REQUEST_TIMEOUT
-                    } else {
-                        StatusCode::BAD_REQUEST
-                    };
+                    let (status, reason) = f.answer();
                     return Outcome {
                         attempts,
                         tried: Some(up.clone()),
-                        ..Outcome::local(
-                            status,
-                            format!("reading the request body: {}", f.message),
-                            route_label,
-                            destination,
-                        )
+                        ..Outcome::local(status, reason, route_label, destination)
                     };
                 }
                 // A retry whose backoff would end past the request's

@@ -408,6 +408,20 @@ pub(crate) struct BodyFailure {
 }
 
 impl BodyFailure {
+    /// The caller's answer: `408` when it stopped coming, else `400`, with
+    /// the reason.
+    pub(crate) fn answer(&self) -> (http::StatusCode, String) {
+        let status = if self.timed_out {
+            http::StatusCode::REQUEST_TIMEOUT
+        } else {
+            http::StatusCode::BAD_REQUEST
+        };
+        (
+            status,
+            format!("reading the request body: {}", self.message),
+        )
+    }
+
     fn of(e: &BoxError) -> Self {
         Self {
             message: e.to_string(),

@@ -22,6 +22,12 @@ pub const MESH_ANNOTATION: &str = "sluice.dev/mesh";
 pub const MESH_ENABLED: &str = "enabled";
 pub const MESH_DISABLED: &str = "disabled";
 
+/// `namespace <ns> is not in the mesh (annotate it sluice.dev/mesh: enabled)`:
+/// why a policy or route there has no effect, and the fix.
+pub fn not_in_mesh(ns: &str) -> String {
+    format!("namespace {ns} is not in the mesh (annotate it {MESH_ANNOTATION}: {MESH_ENABLED})")
+}
+
 /// The trust domain of SPIFFE IDs when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 

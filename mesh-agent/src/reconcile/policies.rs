@@ -183,10 +183,8 @@ fn accepted_saying(
 pub fn mesh_policy_idle(store: &Store, ns: &str) -> Option<String> {
     (!store.namespace_enrolled(ns)).then(|| {
         format!(
-            "namespace {ns} is not in the mesh (annotate it {}: {}): no pod the policy \
-             selects is, and its mode applies to none of them",
-            crate::config::MESH_ANNOTATION,
-            crate::config::MESH_ENABLED
+            "{}: no pod the policy selects is, and its mode applies to none of them",
+            crate::config::not_in_mesh(ns)
         )
     })
 }

@@ -328,12 +328,9 @@ pub fn parent_conditions(index: &RefIndex, eval: &RouteEval, parent: &ParentRef)
             reason: "Accepted".into(),
             message: if index.outside_mesh.contains(&svc.namespace) {
                 format!(
-                    "attached to Service {svc}, but namespace {} is not in the mesh (annotate \
-                     it {}: {}): connections to the Service are balanced by the kernel and \
-                     the route applies to none of them",
-                    svc.namespace,
-                    crate::config::MESH_ANNOTATION,
-                    crate::config::MESH_ENABLED
+                    "attached to Service {svc}, but {}: connections to the Service are \
+                     balanced by the kernel and the route applies to none of them",
+                    crate::config::not_in_mesh(&svc.namespace)
                 )
             } else {
                 format!("attached to Service {svc}")
