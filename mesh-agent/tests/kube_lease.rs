@@ -2,7 +2,7 @@
 //! (`tower_test::mock`): which agent writes route and policy status, and the
 //! exact requests that decide it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -90,7 +90,7 @@ async fn the_first_agent_creates_the_lease_then_renews_it() {
     let e = std::sync::Arc::new(e);
     let lead = tokio::spawn({
         let e = e.clone();
-        async move { e.try_lead(t0()).await }
+        async move { e.try_lead(t0(), Instant::now()).await }
     });
     expect(&mut api, Method::GET, LEASE)
         .await
@@ -107,7 +107,7 @@ async fn the_first_agent_creates_the_lease_then_renews_it() {
     let later = t0() + SignedDuration::from_secs(5);
     let lead = tokio::spawn({
         let e = e.clone();
-        async move { e.try_lead(later).await }
+        async move { e.try_lead(later, Instant::now()).await }
     });
     expect(&mut api, Method::GET, LEASE)
         .await
@@ -134,9 +134,12 @@ async fn another_agents_lease_is_taken_over_only_after_no_change_for_its_duratio
     let e = std::sync::Arc::new(e);
     let t = t0() + SignedDuration::from_secs(100);
     let at = |secs: i64| t + SignedDuration::from_secs(secs);
+    // The node's monotonic clock, here in step with its wall clock.
+    let mono = Instant::now();
     let try_lead = |now: Timestamp| {
         let e = e.clone();
-        tokio::spawn(async move { e.try_lead(now).await })
+        let seen_at = mono + now.duration_since(t).unsigned_abs();
+        tokio::spawn(async move { e.try_lead(now, seen_at).await })
     };
 
     // node-b's clock is an hour behind node-a's, but it renews every 5 s:
@@ -200,6 +203,42 @@ async fn another_agents_lease_is_taken_over_only_after_no_change_for_its_duratio
             &status(500, "InternalError"),
         ));
     assert!(lead.await.unwrap().is_err());
+}
+
+/// A step of this node's wall clock (NTP correcting it by an hour) is no
+/// time passing: the monotonic clock alone says how long the holder's Lease
+/// went without a change.
+#[tokio::test]
+async fn a_wall_clock_step_does_not_hand_the_lease_over() {
+    let (e, mut api) = elector("node-a");
+    let e = std::sync::Arc::new(e);
+    let mono = Instant::now();
+    let stale = lease("30", "node-b", t0(), 1);
+    let try_lead = |wall: Timestamp, secs: u64| {
+        let e = e.clone();
+        tokio::spawn(async move { e.try_lead(wall, mono + Duration::from_secs(secs)).await })
+    };
+    async fn answer(api: &mut Api, with: &Value) {
+        let (_, send) = expect(api, Method::GET, LEASE).await;
+        send.send_response(respond(StatusCode::OK, with));
+    }
+    // First seen at 0 s; one second later the wall clock jumped an hour.
+    let lead = try_lead(t0(), 0);
+    answer(&mut api, &stale).await;
+    assert!(!lead.await.unwrap().unwrap());
+    let lead = try_lead(t0() + SignedDuration::from_secs(3601), 1);
+    answer(&mut api, &stale).await;
+    // 1 s of this node's time without a change, whatever its wall clock
+    // says: no write.
+    nothing_more(&mut api).await;
+    assert!(!lead.await.unwrap().unwrap());
+    // 16 s without a change: taken over.
+    let lead = try_lead(t0() + SignedDuration::from_secs(3616), 16);
+    answer(&mut api, &stale).await;
+    let (body, send) = expect(&mut api, Method::PUT, LEASE).await;
+    assert_eq!(body["spec"]["holderIdentity"], "node-a");
+    send.send_response(respond(StatusCode::OK, &lease("31", "node-a", t0(), 2)));
+    assert!(lead.await.unwrap().unwrap());
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,8 +6,10 @@
 //!
 //! The holder renews the Lease every [`RENEW`]. Another agent takes it over
 //! when it has seen no change to it for [`LEASE_DURATION`], measured on its
-//! own clock from when it saw the last change (as client-go does), so clocks
-//! that differ between nodes do not matter. Every change is a write with the
+//! own monotonic clock from when it saw the last change (as client-go does),
+//! so clocks that differ between nodes do not matter, and neither does a
+//! step of this node's own wall clock (NTP correcting it by a minute would
+//! otherwise hand the Lease over at once, while its holder still writes). Every change is a write with the
 //! `resourceVersion` read (optimistic concurrency), so two agents can never
 //! both take it. The holder may write status only until [`LEASE_DURATION`]
 //! minus [`MARGIN`] after its last successful renewal began: an agent whose
@@ -21,7 +23,7 @@ use std::{
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
-    jiff::{SignedDuration, Timestamp},
+    jiff::Timestamp,
 };
 use kube::{
     Api, Client,
@@ -46,13 +48,13 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Until when this agent may write status; `None`: it may not.
 pub type WriteUntil = Option<Instant>;
 
-/// The Lease as this agent last saw it, and when (its own clock).
+/// The Lease as this agent last saw it, and when (its own monotonic clock).
 #[derive(Clone, Debug, PartialEq)]
 struct Seen {
     holder: String,
     renew_time: Option<Timestamp>,
     resource_version: Option<String>,
-    at: Timestamp,
+    at: Instant,
 }
 
 /// This agent's side of the election.
@@ -88,7 +90,7 @@ impl Elector {
 
     /// Whether another holder's Lease has gone unrenewed for its duration:
     /// measured from when this agent first saw it as it is now.
-    fn expired(&self, lease: &Lease, now: Timestamp) -> bool {
+    fn expired(&self, lease: &Lease, now: Instant) -> bool {
         let spec = lease.spec.clone().unwrap_or_default();
         let seen = Seen {
             holder: spec.holder_identity.unwrap_or_default(),
@@ -113,12 +115,14 @@ impl Elector {
                 now
             }
         };
-        now.duration_since(since) > SignedDuration::try_from(duration).unwrap_or_default()
+        now.saturating_duration_since(since) > duration
     }
 
     /// Takes or renews the Lease; whether this agent holds it now. `now` is
-    /// this node's clock.
-    pub async fn try_lead(&self, now: Timestamp) -> Result<bool, kube::Error> {
+    /// this node's wall clock, written into the Lease; `seen_at` its
+    /// monotonic clock, which alone measures how long another holder's
+    /// Lease went without a change.
+    pub async fn try_lead(&self, now: Timestamp, seen_at: Instant) -> Result<bool, kube::Error> {
         let current = match self.api.get_opt(LEASE_NAME).await? {
             Some(l) => l,
             None => {
@@ -147,7 +151,7 @@ impl Elector {
         let spec = current.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.as_deref().unwrap_or("");
         let mine = holder == self.holder;
-        if !mine && !holder.is_empty() && !self.expired(&current, now) {
+        if !mine && !holder.is_empty() && !self.expired(&current, seen_at) {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
@@ -220,7 +224,7 @@ pub async fn run(
     }
     while !*stop.borrow() {
         let began = Instant::now();
-        let attempt = tokio::time::timeout(RENEW, elector.try_lead(Timestamp::now()));
+        let attempt = tokio::time::timeout(RENEW, elector.try_lead(Timestamp::now(), began));
         let leads = tokio::select! {
             r = attempt => match r {
                 Ok(Ok(l)) => l,
