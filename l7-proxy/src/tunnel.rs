@@ -97,7 +97,7 @@ impl TunnelError {
     /// Nothing reached the destination workload, so a retry is safe.
     pub fn is_connect_failure(&self) -> bool {
         match self {
-            TunnelError::Http2 { source, .. } => is_refused_stream(source),
+            TunnelError::Http2 { source, .. } => unprocessed(source),
             TunnelError::StreamTimeout { .. } => false,
             _ => true,
         }
@@ -120,6 +120,17 @@ impl TunnelError {
 
 fn is_refused_stream(e: &h2::Error) -> bool {
     e.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+/// Whether the peer proxy surely did nothing with the stream (RFC 9113
+/// section 8.7): it refused it, or the stream was above the last one of its
+/// graceful GOAWAY (a proxy draining for a restart). `h2` gives a remote
+/// GOAWAY's error to a stream only when it is above that stream; a
+/// GOAWAY with an error code is left out, as the connection's end may then
+/// reach streams it had begun.
+fn unprocessed(e: &h2::Error) -> bool {
+    is_refused_stream(e)
+        || (e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR))
 }
 
 /// The identity of a pool of tunnel connections.
@@ -1287,5 +1298,76 @@ mod tests {
         for e in &there {
             assert!(!e.is_unreachable() && e.is_connect_failure(), "{e}");
         }
+    }
+
+    /// The error a stream gets from a peer that answers its HEADERS with
+    /// `frame` (raw HTTP/2 over loopback: no HTTP/2 server sends a GOAWAY
+    /// below a stream it has read on demand).
+    async fn stream_error_after(frame: &'static [u8]) -> h2::Error {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            // Our SETTINGS (none), then read until the client's HEADERS.
+            tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            let mut buf = vec![0; 24];
+            tcp.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            loop {
+                let mut head = [0u8; 9];
+                tcp.read_exact(&mut head).await.unwrap();
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0; len];
+                tcp.read_exact(&mut payload).await.unwrap();
+                if head[3] == 1 {
+                    break;
+                }
+            }
+            tcp.write_all(frame).await.unwrap();
+            // Held open: the answer is the frame, not a closed socket.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("http://10.0.0.1:8080/orders")
+            .body(())
+            .unwrap();
+        let (resp, _body) = send.send_request(req, false).unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .expect("the peer's frame ends the stream")
+            .expect_err("no answer");
+        server.abort();
+        e
+    }
+
+    /// A peer proxy draining (graceful GOAWAY) did nothing with a stream
+    /// above its last stream: safe to send again, as a refused stream is; a
+    /// reset with another code, or a GOAWAY with an error, may have cut a
+    /// request the workload had begun.
+    #[tokio::test]
+    async fn a_stream_above_a_graceful_goaways_last_stream_is_retryable() {
+        let node: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+        // GOAWAY, last stream 0, then the error code.
+        const GOAWAY_NO_ERROR: &[u8] = &[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        const GOAWAY_INTERNAL: &[u8] = &[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let retryable = async |frame| {
+            let source = stream_error_after(frame).await;
+            let e = TunnelError::Http2 { node, source };
+            (e.is_connect_failure(), e.to_string())
+        };
+        let (yes, why) = retryable(GOAWAY_NO_ERROR).await;
+        assert!(yes, "graceful GOAWAY: {why}");
+        // RST_STREAM on stream 1.
+        let (yes, why) = retryable(&[0, 0, 4, 3, 0, 0, 0, 0, 1, 0, 0, 0, 7]).await;
+        assert!(yes, "REFUSED_STREAM: {why}");
+        let (yes, why) = retryable(&[0, 0, 4, 3, 0, 0, 0, 0, 1, 0, 0, 0, 2]).await;
+        assert!(!yes, "INTERNAL_ERROR reset: {why}");
+        let (yes, why) = retryable(GOAWAY_INTERNAL).await;
+        assert!(!yes, "GOAWAY with INTERNAL_ERROR: {why}");
     }
 }
