@@ -103,6 +103,9 @@ struct Pools {
     h2_dialing: crate::dial::DialLocks<SocketAddr>,
     /// Whether the task closing idle connections runs.
     reaper: Mutex<bool>,
+    /// How often an HTTP/2 connection to a workload is pinged, and how long
+    /// an answer may take before it is closed.
+    ping: (Duration, Duration),
 }
 
 /// An HTTP/2 connection to a workload: when a request last took it, its
@@ -122,6 +125,16 @@ struct PooledH2 {
 /// (ASP.NET Kestrel, Apache httpd, h2o; nginx and Jetty 128; gRPC-Go and
 /// Node.js set none), and a tenth of the connection window's streams.
 pub(crate) const MAX_STREAMS_PER_WORKLOAD_CONN: usize = 100;
+
+/// An HTTP/2 connection to a workload that has read nothing for this long
+/// while streams are open on it is pinged; one whose answer takes longer
+/// than [`WORKLOAD_PING_TIMEOUT`] is closed. Longer than the 5 minutes gRPC
+/// servers require between pings on a connection they send nothing on
+/// (more often counts as abuse: GOAWAY `too_many_pings`, which ends every
+/// stream, a quiet server stream's included); an idle connection is not
+/// pinged at all, which gRPC servers count as abuse however seldom.
+const WORKLOAD_PING_INTERVAL: Duration = Duration::from_secs(310);
+const WORKLOAD_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A stream counted on its HTTP/2 connection until the response body that
 /// holds it (or the request that failed) goes.
@@ -154,8 +167,16 @@ impl WorkloadClients {
                 h2_dials: Default::default(),
                 h2_dialing: Default::default(),
                 reaper: Mutex::new(false),
+                ping: (WORKLOAD_PING_INTERVAL, WORKLOAD_PING_TIMEOUT),
             }),
         }
+    }
+
+    #[cfg(test)]
+    fn with_ping(settings: &ProxySettings, interval: Duration, timeout: Duration) -> Self {
+        let mut c = Self::new(settings);
+        Arc::get_mut(&mut c.inner).expect("not shared yet").ping = (interval, timeout);
+        c
     }
 
     /// Sends `req` to the workload at `addr`, speaking `proto`. The request's
@@ -437,9 +458,16 @@ impl WorkloadClients {
             .map_err(|source| UpstreamError::Connect { addr, source })?;
         // A connection carries many callers' requests: a caller that stops
         // reading its answer (a download, a gRPC server stream) holds its
-        // stream's window only, as in the tunnel.
+        // stream's window only, as in the tunnel. Pinged while streams wait on
+        // it: a workload gone without a word (its veth removed before its FIN
+        // went) would otherwise keep the connection in the pool for as long
+        // as requests keep it busy, every one of them waiting out its idle
+        // timeout.
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .keep_alive_interval(self.inner.ping.0)
+            .keep_alive_timeout(self.inner.ping.1)
+            .keep_alive_while_idle(false)
             .max_header_list_size(self.inner.max_header_bytes)
             .initial_stream_window_size(crate::tunnel::STREAM_WINDOW)
             .initial_connection_window_size(crate::tunnel::WORKLOAD_CONNECTION_WINDOW)
@@ -1230,6 +1258,65 @@ mod tests {
             }
         });
         (addr, seen)
+    }
+
+    /// An HTTP/2 workload whose first connection answers one request and
+    /// then nothing at all, pings included (a pod whose node vanished);
+    /// later connections answer "ok". Counts connections.
+    async fn h2_server_that_goes_silent() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        let mut send = respond.send_response(Response::new(()), false).unwrap();
+                        send.send_data(Bytes::from("ok"), true).unwrap();
+                        if first {
+                            // Flushed by one more poll, then never read or
+                            // written again, the socket left open.
+                            let _ = tokio::time::timeout(Duration::from_millis(50), conn.accept())
+                                .await;
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A pooled HTTP/2 connection to a workload that stopped answering
+    /// (pings included) is closed by its pings once a request waits on it,
+    /// and the next request dials a new one instead of waiting in turn.
+    #[tokio::test]
+    async fn a_silent_http2_workload_connection_is_closed_by_its_pings() {
+        let ping = Duration::from_millis(100);
+        let c = WorkloadClients::with_ping(&ProxySettings::default(), ping, ping);
+        let (addr, accepted) = h2_server_that_goes_silent().await;
+        let get = async || {
+            let resp = c.send(addr, Protocol::Http2, h2_get("/")).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                resp.into_body().collect().await?.to_bytes(),
+            )
+        };
+        assert_eq!(&get().await.unwrap()[..], b"ok");
+        // Not pinged while idle (a gRPC server would take it for abuse).
+        tokio::time::sleep(ping * 4).await;
+        let stuck = tokio::time::timeout(Duration::from_secs(5), get())
+            .await
+            .expect("the request waited on the silent connection");
+        assert!(stuck.is_err(), "the silent connection answered: {stuck:?}");
+        let third = tokio::time::timeout(Duration::from_secs(5), get())
+            .await
+            .expect("the request waited on the silent connection");
+        assert_eq!(&third.unwrap()[..], b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
     }
 
     /// A request an HTTP/2 workload refused before processing it goes again
