@@ -149,14 +149,31 @@ fn conditions_match(c: &HttpConditions, h: HttpFacts<'_>) -> bool {
 /// A path a workload might resolve to another one than it reads as: one
 /// with a `.` or `..` segment once `%2e`, `%2f` and `%5c` are decoded, a
 /// backslash taken as `/`, and `;…` path parameters cut from each segment
-/// (as Tomcat, Jetty and Spring do), or with a `%25` (a double encoding).
-/// Path conditions never allow such a path, so neither `/public/../admin`
-/// nor `/public/..;/admin` passes for `/public/*`. Encoded slashes inside a
-/// segment (`group%2Fproject`) and repeated slashes are fine: they stay
-/// under the prefix however they are read.
+/// (as Tomcat, Jetty and Spring do), or with a `%25` (a double encoding),
+/// a `%` not followed by two hexadecimal digits (`%u002e`, a dot to IIS and
+/// to some Jetty releases) or a `%00` (a NUL, where some servers end the
+/// path: `/public/..%00/admin`). Path conditions never allow such a path,
+/// so neither `/public/../admin` nor `/public/..;/admin` passes for
+/// `/public/*`. Encoded slashes inside a segment (`group%2Fproject`) and
+/// repeated slashes are fine: they stay under the prefix however they are
+/// read.
 fn ambiguous_path(path: &str) -> bool {
-    (path.contains('%') && path.to_ascii_lowercase().contains("%25"))
+    (path.contains('%') && odd_escape(path.as_bytes()))
         || crate::router::dot_segment_read_loosely(path)
+}
+
+/// Whether `path` holds an escape other than `%XY` (two hexadecimal digits)
+/// for a byte other than NUL or `%`.
+fn odd_escape(path: &[u8]) -> bool {
+    path.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && match path.get(i + 1..i + 3) {
+                Some([x, y]) if x.is_ascii_hexdigit() && y.is_ascii_hexdigit() => {
+                    matches!([*x, y.to_ascii_lowercase()], [b'0', b'0'] | [b'2', b'5'])
+                }
+                _ => true,
+            }
+    })
 }
 
 #[cfg(test)]
@@ -537,6 +554,10 @@ mod tests {
             "/public/..;/admin",
             "/public/.;x=1/admin",
             "/public/%252e%252e/admin",
+            "/public/%u002e%u002e/admin",
+            "/public/..%00/admin",
+            "/public/x%",
+            "/public/x%4",
         ] {
             assert!(
                 matches!(
@@ -551,6 +572,7 @@ mod tests {
             "/public/group%2Fproject",
             "/public//x",
             "/public/x;v=1",
+            "/public/caf%C3%A9",
         ] {
             assert_eq!(
                 authorize(&s, &caller, &w, 8080, facts(&Method::GET, fine)),
