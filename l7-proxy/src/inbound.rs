@@ -162,6 +162,10 @@ struct TunnelPeer {
     metrics: RequestMetricsCache,
     /// Streams being answered on this connection (see [`FlushAtEnd`]).
     in_flight: Arc<AtomicUsize>,
+    /// Streams open on this connection, to their end (a TCP stream's relay,
+    /// a response body's last byte): one that is open is not idle, however
+    /// quiet.
+    open_streams: AtomicUsize,
     /// Whether the peer has opened a stream yet.
     opened: AtomicBool,
 }
@@ -299,6 +303,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             .expect("a SPIFFE ID is a valid header value"),
         metrics: RequestMetricsCache::default(),
         in_flight: Arc::default(),
+        open_streams: AtomicUsize::new(0),
         opened: AtomicBool::new(false),
         identity,
         sni,
@@ -442,7 +447,7 @@ where
                 true
             }
             () = &mut idle, if !draining => {
-                if accepted == accepted_at_last_look && tp.in_flight.load(Ordering::Relaxed) == 0 {
+                if accepted == accepted_at_last_look && tp.open_streams.load(Ordering::Relaxed) == 0 {
                     tracing::debug!(
                         peer = %tp.identity,
                         "tunnel connection idle for {server_idle:?}: GOAWAY"
@@ -497,6 +502,9 @@ async fn serve_stream(
     tp.in_flight.fetch_add(1, Ordering::Relaxed);
     // Until the stream's answer is on its way.
     let in_flight = InFlight(tp.in_flight.clone());
+    tp.open_streams.fetch_add(1, Ordering::Relaxed);
+    // Until the stream ends: its task is the stream's to the end.
+    let _open = OpenStream(tp.clone());
     if !tp.opened.load(Ordering::Relaxed) {
         tp.opened.store(true, Ordering::Relaxed);
     }
@@ -630,6 +638,14 @@ fn asked_for(shared: &Shared, identity: &SpiffeId, sni: &str) -> bool {
 
 /// Counts a request as in flight on its connection while alive.
 struct InFlight(Arc<AtomicUsize>);
+
+struct OpenStream(Arc<TunnelPeer>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {

@@ -914,6 +914,42 @@ async fn the_server_side_closes_a_tunnel_connection_left_idle() {
     mesh.shutdown().await;
 }
 
+/// A tunnel connection whose one stream is open but quiet (a TCP
+/// connection, a WebSocket, a gRPC server stream waiting for events) is
+/// not idle: the server side does not say GOAWAY to it, which would make
+/// its peer dial again for its next stream every two idle timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_side_keeps_a_tunnel_connection_whose_stream_is_quiet() {
+    let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
+        s.tunnel_idle_timeout_ms = 200;
+    })
+    .await;
+    mesh.publish(&Snapshot::default()).await;
+    let echo = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let (h2, mut ended) = h2_watched_over(peer_tls(&mesh).await).await;
+    let (mut send, mut recv) = tunnel_stream(&h2, echo).await.unwrap();
+    send.send_data(bytes::Bytes::from_static(b"a"), false)
+        .unwrap();
+    assert_eq!(recv.data().await.unwrap().unwrap(), "a");
+    // Five times the server side's idle limit with the stream open and
+    // nothing on it.
+    let early = tokio::time::timeout(Duration::from_secs(2), &mut ended).await;
+    assert!(early.is_err(), "the connection ended: {early:?}");
+    let (mut send2, mut recv2) = tunnel_stream(&h2, echo)
+        .await
+        .expect("a new stream on the connection");
+    send2
+        .send_data(bytes::Bytes::from_static(b"b"), true)
+        .unwrap();
+    assert_eq!(recv2.data().await.unwrap().unwrap(), "b");
+    // The quiet stream still carries.
+    send.send_data(bytes::Bytes::from_static(b"c"), true)
+        .unwrap();
+    assert_eq!(recv.data().await.unwrap().unwrap(), "c");
+    drop((send, recv, send2, recv2, h2));
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_side_takes_no_new_streams_on_a_tunnel_past_its_age() {
     let mesh = Mesh::with_settings(vec![web()], vec![cart(0)], &|s| {
