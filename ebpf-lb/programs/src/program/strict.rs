@@ -20,7 +20,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_TCP_SYN_SENT, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_TCP_SYN_SENT, TC_ACT_SHOT, TC_ACT_UNSPEC,
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
     },
@@ -42,9 +42,16 @@ const TCP_ACK: u8 = 0x10;
 /// Offset of the checksum in the TCP header.
 const TCP_CSUM: usize = 16;
 
+/// What the guard does not refuse goes on to the next program on the
+/// device, then the device's own path (`TCX_NEXT`, `TC_ACT_UNSPEC`): "OK"
+/// would end the chain under TCX, and the programs attached after the
+/// guard (a CNI's own policy and NAT on the pod's veth) would never see
+/// the packet.
+const NEXT: i32 = TC_ACT_UNSPEC;
+
 #[classifier]
 pub fn sluice_strict(ctx: TcContext) -> i32 {
-    try_strict(&ctx).unwrap_or(TC_ACT_OK)
+    try_strict(&ctx).unwrap_or(NEXT)
 }
 
 /// Where the TCP header starts, the TCP segment length, and the destination.
@@ -225,26 +232,22 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
         && cfg.proxy_mark != 0
         && mark == cfg.proxy_mark
     {
-        return Ok(TC_ACT_OK);
+        return Ok(NEXT);
     }
     let p = parse(ctx)?;
     if p.kind == OTHER {
-        return Ok(TC_ACT_OK);
+        return Ok(NEXT);
     }
     if p.kind == OPAQUE {
         // A TCP fragment to a STRICT workload is dropped: the pod would
         // reassemble a SYN this program never saw. (TCP is not fragmented
         // in practice: it sends segments that fit the path.)
-        return Ok(if strict(&p.dst) {
-            TC_ACT_SHOT
-        } else {
-            TC_ACT_OK
-        });
+        return Ok(if strict(&p.dst) { TC_ACT_SHOT } else { NEXT });
     }
     // Only connection attempts: a SYN without ACK.
     let flags: u8 = ctx.load(p.l4 + 13)?;
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN || !strict(&p.dst) {
-        return Ok(TC_ACT_OK);
+        return Ok(NEXT);
     }
     // The node proxy's SYN whose packet mark a rule on the way rewrote
     // (kube-proxy's iptables mode flips 0x4000, which the proxy's mark has,
@@ -254,14 +257,14 @@ fn try_strict(ctx: &TcContext) -> Result<i32, i64> {
         && cfg.proxy_mark != 0
         && sent_by_node_socket_marked(ctx, cfg.proxy_mark)
     {
-        return Ok(TC_ACT_OK);
+        return Ok(NEXT);
     }
     // From the node itself (kubelet's probes): a connecting socket of the
     // node's own network namespace sent it.
     if config().is_some_and(|c| c.flags & CONFIG_F_STRICT_ALLOWS_NODE != 0)
         && from_node_socket(ctx, &p)?
     {
-        return Ok(TC_ACT_OK);
+        return Ok(NEXT);
     }
     match REFUSALS.get_ptr_mut(p.dst) {
         Some(c) => unsafe { *c += 1 },
