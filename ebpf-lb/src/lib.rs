@@ -552,6 +552,15 @@ impl LoadBalancer {
         self.opts.pin_dir()
     }
 
+    /// [`uninstall`](Self::uninstall) through a shared handle: detaches
+    /// every program of this instance (cgroups and STRICT guards) and
+    /// removes its pinned state while this instance still holds it (an
+    /// agent whose cluster removed it). The maps live on, unpinned, until
+    /// this value is dropped; nothing runs them any more.
+    pub fn remove_pinned_state(&self) -> Result<()> {
+        remove_state(&self.opts.pin_dir())
+    }
+
     fn links_dir(&self) -> PathBuf {
         self.opts.pin_dir().join("links")
     }
@@ -991,6 +1000,12 @@ pub fn uninstall_at(pin_dir: &Path) -> Result<()> {
             other => break other?,
         }
     };
+    remove_state(pin_dir)
+}
+
+/// Detaches every pinned link under `pin_dir` and removes the folder; the
+/// caller holds its lock.
+fn remove_state(pin_dir: &Path) -> Result<()> {
     remove_links(&pin_dir.join("links"), |_| true)?;
     match fs::remove_dir_all(pin_dir) {
         Ok(()) => Ok(()),

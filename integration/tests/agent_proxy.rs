@@ -244,6 +244,7 @@ workloads:
         lb_max_backends: ebpf_lb::Options::default().max_backends,
         strict_allows_node: true,
         dataplane: DataplaneKind::Kernel,
+        daemonset: String::new(),
         proxy: ProxyMode::Embedded,
         proxy_capture_addr: vec!["127.0.0.1:0".parse()?],
         proxy_inbound_addr: Some("127.0.0.1:0".parse()?),

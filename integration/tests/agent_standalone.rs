@@ -52,6 +52,7 @@ fn args(dir: &Path, cg: &TestCgroup, instance: &str, state: &Path, capture: Sock
         lb_max_backends: ebpf_lb::Options::default().max_backends,
         strict_allows_node: true,
         dataplane: DataplaneKind::Kernel,
+        daemonset: String::new(),
         proxy: ProxyMode::External,
         proxy_capture_addr: vec![capture],
         proxy_inbound_addr: None,

@@ -1094,6 +1094,33 @@ fn a_second_loader_on_a_running_instance_is_refused_naming_the_first() -> Result
     Ok(())
 }
 
+/// An agent whose cluster removed it (its DaemonSet deleted) takes its
+/// programs and pinned state away itself, while it still holds the
+/// instance: connections go where they are addressed again.
+#[test]
+fn a_running_instance_uninstalls_itself() -> Result<()> {
+    require_root();
+    let cg = TestCgroup::new("un")?;
+    let lb = TestLb::attach_to(&cg)?;
+    let decoy = decoy()?;
+    let vip = decoy.addr();
+    let backends = tcp_backends(2, loopback())?;
+    lb.upsert_service(&ServiceSpec::new(Frontend::tcp(vip), ready(&backends)))?;
+    let attempts = probe(&tcp(vip, 10)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert!(!tally(&attempts).contains_key("decoy"));
+    lb.remove_pinned_state()?;
+    assert!(!lb.options().pin_dir().exists(), "pinned state left");
+    let attempts = probe(&tcp(vip, 10)).in_cgroup(&cg).run()?;
+    assert_all_ok(&attempts);
+    assert_eq!(
+        tally(&attempts).into_keys().collect::<Vec<_>>(),
+        ["decoy"],
+        "not balanced after the uninstall"
+    );
+    Ok(())
+}
+
 #[test]
 fn load_balancing_survives_a_loader_restart() -> Result<()> {
     require_root();

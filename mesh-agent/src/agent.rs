@@ -286,6 +286,13 @@ pub struct RunArgs {
     /// `kernel` programs the eBPF load balancer; `none` programs nothing.
     #[arg(long, value_enum, default_value_t = DataplaneKind::Kernel)]
     pub dataplane: DataplaneKind,
+    /// The DaemonSet this agent runs in (`--source kube`, in the agent's
+    /// namespace): when it has been deleted (`helm uninstall`) by the time
+    /// the agent stops, the agent removes its kernel programs and pinned
+    /// state, which otherwise stay (through restarts and upgrades, so that
+    /// meshed traffic never leaves in plaintext). Empty: never.
+    #[arg(long, env = "SLUICE_DAEMONSET", default_value = crate::sources::kube::owner::DAEMONSET)]
+    pub daemonset: String,
     /// The node proxy: `embedded` (in this process), `external` (another
     /// process listens on the capture address and marks its sockets with
     /// `--proxy-mark`) or `off`.
@@ -498,6 +505,12 @@ pub struct Agent {
     background: Tasks,
     reconciler: Option<thread::JoinHandle<Reconciler>>,
     proxy: Option<Arc<EmbeddedProxy>>,
+    /// The kernel state, and whether the agent's DaemonSet has been
+    /// deleted: then it goes with the agent.
+    uninstall: Option<(
+        Arc<ebpf_lb::LoadBalancer>,
+        tokio::sync::watch::Receiver<bool>,
+    )>,
 }
 
 impl Agent {
@@ -537,6 +550,7 @@ impl Agent {
             Some(p) => p.clone(),
             None => ebpf_lb::cgroup2_mount().map_err(Error::Lb)?,
         };
+        let mut kernel = None;
         let dp: Arc<dyn Dataplane> = match args.dataplane {
             DataplaneKind::Kernel => {
                 admin.set_phase("loading and attaching the kernel programs");
@@ -582,7 +596,9 @@ impl Agent {
                          removes them"
                     ),
                 }
-                Arc::new(lb)
+                let lb = Arc::new(lb);
+                kernel = Some(lb.clone());
+                lb
             }
             DataplaneKind::None => Arc::new(MemoryDataplane::new()),
         };
@@ -705,6 +721,7 @@ impl Agent {
             kernel_strict: args.proxy != ProxyMode::Off,
         };
         let (tx, inputs) = mpsc::channel::<Vec<Input>>();
+        let mut uninstall = None;
         let kube_client = match &source {
             SourceSpec::Kube => {
                 use crate::sources::kube::{lease, status};
@@ -733,6 +750,18 @@ impl Agent {
                     &config::pod_namespace(),
                     &lease_holder(&args.node_name),
                 );
+                if let Some(lb) = kernel.take()
+                    && !args.daemonset.is_empty()
+                {
+                    let (task, deleted) = crate::sources::kube::owner::watch_deleted(
+                        client.clone(),
+                        &config::pod_namespace(),
+                        &args.daemonset,
+                        stop_rx.clone(),
+                    );
+                    tasks.push(task);
+                    uninstall = Some((lb, deleted));
+                }
                 let mut view = rx.view.clone();
                 tasks.push(tokio::spawn(lease::run(
                     elector,
@@ -818,6 +847,7 @@ impl Agent {
             background,
             reconciler: Some(reconciler),
             proxy: embedded,
+            uninstall,
         })
     }
 
@@ -832,8 +862,15 @@ impl Agent {
     /// and waits for the reconciler. The kernel state stays pinned: load
     /// balancing goes on without the agent, and enrolled pods' connections
     /// to meshed Services are refused until a proxy listens again (they fail
-    /// closed rather than leave the mesh in plaintext).
+    /// closed rather than leave the mesh in plaintext). Unless the agent's
+    /// DaemonSet has been deleted (`--daemonset`): then, once the proxy has
+    /// drained, the kernel state is removed too.
     pub async fn shutdown(mut self) {
+        let uninstall = self
+            .uninstall
+            .take()
+            .filter(|(_, deleted)| *deleted.borrow())
+            .map(|(lb, _)| lb);
         let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut self.tasks.0);
         let proxy = self.proxy.take();
@@ -854,6 +891,19 @@ impl Agent {
         }
         if let Some(r) = self.reconciler.take() {
             let _ = tokio::task::spawn_blocking(move || r.join()).await;
+        }
+        if let Some(lb) = uninstall {
+            match lb.remove_pinned_state() {
+                Ok(()) => tracing::info!(
+                    pins = %lb.pin_dir().display(),
+                    "this agent's DaemonSet was deleted: kernel programs detached and pinned \
+                     state removed"
+                ),
+                Err(e) => tracing::error!(
+                    "this agent's DaemonSet was deleted, but removing the kernel state failed: \
+                     {e}; `mesh-agent uninstall` on this node removes it"
+                ),
+            }
         }
     }
 }

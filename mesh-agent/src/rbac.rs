@@ -106,11 +106,14 @@ pub fn agent_rules() -> Vec<Rule> {
 }
 
 /// The rules the agent needs in its own namespace: the status writer Lease
-/// (`sources::kube::lease`), by name except for creating it. Each rule:
-/// (rule, resource names).
+/// (`sources::kube::lease`), by name except for creating it, and its own
+/// DaemonSet, by name (`sources::kube::owner`: watched with a
+/// `metadata.name` field selector, which RBAC needs for a named list or
+/// watch). Each rule: (rule, resource names).
 pub fn agent_namespace_rules() -> Vec<(Rule, Vec<String>)> {
     let (group, resource) = gr::<k8s_openapi::api::coordination::v1::Lease>();
     let name = crate::sources::kube::lease::LEASE_NAME.to_string();
+    let (ds_group, ds_resource) = gr::<k8s_openapi::api::apps::v1::DaemonSet>();
     vec![
         (
             Rule {
@@ -127,6 +130,14 @@ pub fn agent_namespace_rules() -> Vec<(Rule, Vec<String>)> {
                 verbs: vec!["create".into()],
             },
             vec![],
+        ),
+        (
+            Rule {
+                group: ds_group,
+                resource: ds_resource,
+                verbs: vec!["list".into(), "watch".into()],
+            },
+            vec![crate::sources::kube::owner::DAEMONSET.to_string()],
         ),
     ]
 }

@@ -62,6 +62,7 @@ fn run_args(cg: &Path, state: &Path) -> RunArgs {
         lb_max_backends: ebpf_lb::Options::default().max_backends,
         strict_allows_node: true,
         dataplane: DataplaneKind::None,
+        daemonset: String::new(),
         proxy: ProxyMode::Off,
         proxy_capture_addr: Vec::new(),
         proxy_inbound_addr: None,

@@ -112,7 +112,7 @@ fn agent_cluster_role_grants_exactly_what_the_agent_uses() {
 }
 
 #[test]
-fn agent_role_grants_only_the_status_writer_lease() {
+fn agent_role_grants_only_the_status_writer_lease_and_its_own_daemonset() {
     let text = std::fs::read_to_string(chart().join("templates/agent-rbac.yaml")).unwrap();
     let role = text
         .split("\n---")
@@ -144,6 +144,13 @@ fn agent_role_grants_only_the_status_writer_lease() {
     }
     assert_eq!(got, mesh_agent::rbac::agent_namespace_rules());
     let ds = std::fs::read_to_string(chart().join("templates/agent-daemonset.yaml")).unwrap();
+    assert!(
+        ds.contains(&format!(
+            "kind: DaemonSet\nmetadata:\n  name: {}\n",
+            mesh_agent::sources::kube::owner::DAEMONSET
+        )),
+        "the agent watches its DaemonSet by the name the chart gives it"
+    );
     assert!(
         ds.contains("- name: POD_NAMESPACE") && ds.contains("- name: POD_NAME\n"),
         "the agent finds its Lease's namespace in POD_NAMESPACE and its name in it in POD_NAME"

@@ -9,6 +9,7 @@
 //! watcher keeps retrying).
 
 pub mod lease;
+pub mod owner;
 pub mod status;
 
 /// Whether `e` is the API server answering with HTTP status `code`.
