@@ -498,6 +498,14 @@ impl Drop for Tasks {
 }
 
 /// A running agent (for tests and the binary).
+struct Uninstall {
+    lb: Arc<ebpf_lb::LoadBalancer>,
+    deleted: tokio::sync::watch::Receiver<bool>,
+    /// Stops the watch: only once the agent has stopped, so that a deletion
+    /// seen while the proxy drains still counts.
+    _watching: tokio::sync::watch::Sender<bool>,
+}
+
 pub struct Agent {
     pub admin_addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
@@ -507,10 +515,7 @@ pub struct Agent {
     proxy: Option<Arc<EmbeddedProxy>>,
     /// The kernel state, and whether the agent's DaemonSet has been
     /// deleted: then it goes with the agent.
-    uninstall: Option<(
-        Arc<ebpf_lb::LoadBalancer>,
-        tokio::sync::watch::Receiver<bool>,
-    )>,
+    uninstall: Option<Uninstall>,
 }
 
 impl Agent {
@@ -753,14 +758,19 @@ impl Agent {
                 if let Some(lb) = kernel.take()
                     && !args.daemonset.is_empty()
                 {
+                    let (watching, until) = tokio::sync::watch::channel(false);
                     let (task, deleted) = crate::sources::kube::owner::watch_deleted(
                         client.clone(),
                         &config::pod_namespace(),
                         &args.daemonset,
-                        stop_rx.clone(),
+                        until,
                     );
-                    tasks.push(task);
-                    uninstall = Some((lb, deleted));
+                    background.push(task);
+                    uninstall = Some(Uninstall {
+                        lb,
+                        deleted,
+                        _watching: watching,
+                    });
                 }
                 let mut view = rx.view.clone();
                 tasks.push(tokio::spawn(lease::run(
@@ -866,11 +876,6 @@ impl Agent {
     /// DaemonSet has been deleted (`--daemonset`): then, once the proxy has
     /// drained, the kernel state is removed too.
     pub async fn shutdown(mut self) {
-        let uninstall = self
-            .uninstall
-            .take()
-            .filter(|(_, deleted)| *deleted.borrow())
-            .map(|(lb, _)| lb);
         let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut self.tasks.0);
         let proxy = self.proxy.take();
@@ -886,6 +891,13 @@ impl Agent {
                 }
             },
         );
+        // Read after the drain: `helm uninstall` stops the pods moments after
+        // it deletes the DaemonSet, and the watch may tell of it only now.
+        let uninstall = self
+            .uninstall
+            .take()
+            .filter(|u| *u.deleted.borrow())
+            .map(|u| u.lb);
         for t in self.background.0.drain(..) {
             t.abort();
         }
