@@ -1218,7 +1218,6 @@ impl Tables {
                             service_id: id,
                             backend: *ep,
                         };
-                        self.unlinked.retain(|k| *k != m);
                         self.members.insert(m, 1, 0).map_err(|e| {
                             if is_full(&e) {
                                 full(
@@ -1232,6 +1231,11 @@ impl Tables {
                             }
                         })?;
                         undo.members.push(m);
+                        // A member an earlier batch failed to remove is one
+                        // again: not removed later. Only once it is in: a
+                        // failed insert leaves it for the next batch to remove,
+                        // as this batch's undo does not know it.
+                        self.unlinked.retain(|k| *k != m);
                     }
                     let (flags, timeout) = match spec.affinity {
                         Some(t) => (SERVICE_F_AFFINITY, t.as_secs() as u32),
