@@ -1408,6 +1408,7 @@ async fn send_upgrade(
             secured: tunnel.is_some(),
         },
         row: Some(Arc::new(row)),
+        hold: None,
     };
     let resp =
         crate::upgrade::exchange(shared, io, Request::from_parts(parts, body), client, count)

@@ -502,9 +502,9 @@ async fn serve_stream(
     tp.in_flight.fetch_add(1, Ordering::Relaxed);
     // Until the stream's answer is on its way.
     let in_flight = InFlight(tp.in_flight.clone());
-    tp.open_streams.fetch_add(1, Ordering::Relaxed);
-    // Until the stream ends: its task is the stream's to the end.
-    let _open = OpenStream(tp.clone());
+    // Until the stream ends: its task is the stream's to the end (an
+    // upgrade's splice holds one of its own).
+    let _open = OpenStream::new(&tp);
     if !tp.opened.load(Ordering::Relaxed) {
         tp.opened.store(true, Ordering::Relaxed);
     }
@@ -640,6 +640,13 @@ fn asked_for(shared: &Shared, identity: &SpiffeId, sni: &str) -> bool {
 struct InFlight(Arc<AtomicUsize>);
 
 struct OpenStream(Arc<TunnelPeer>);
+
+impl OpenStream {
+    fn new(tp: &Arc<TunnelPeer>) -> Self {
+        tp.open_streams.fetch_add(1, Ordering::Relaxed);
+        Self(tp.clone())
+    }
+}
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
@@ -924,7 +931,7 @@ async fn upgrade_stream(
 /// The one request of an upgrade stream.
 async fn upgrade_request(
     shared: &Arc<Shared>,
-    tp: &TunnelPeer,
+    tp: &Arc<TunnelPeer>,
     workload: &Arc<LocalWorkload>,
     target: SocketAddr,
     row: Arc<crate::conntable::ConnHandle>,
@@ -1018,6 +1025,9 @@ async fn upgrade_request(
                     secured: true,
                 },
                 row: Some(row),
+                // The tunnel stream's task ends once the upgrade's answer
+                // is out; the stream is open until the splice ends.
+                hold: Some(Box::new(OpenStream::new(tp))),
             },
         );
         let resp = tokio::time::timeout(wait, exchange)

@@ -170,6 +170,9 @@ pub(crate) fn prepare(parts: &mut Parts, default_host: &HeaderValue) {
 pub(crate) struct Splice {
     pub labels: TcpLabels,
     pub row: Option<Arc<ConnHandle>>,
+    /// Kept until the splice ends (the tunnel stream's count of open
+    /// streams on the workload's node).
+    pub hold: Option<Box<dyn Send>>,
 }
 
 /// Sends the upgrade request `req` on `io`, a connection of its own to the
@@ -219,6 +222,7 @@ where
     let shared2 = shared.clone();
     shared.spawn(async move {
         let _in_flight = in_flight;
+        let _held = count.hold;
         match tokio::try_join!(client, server) {
             Ok((c, s)) => {
                 // Counted once both sides have switched.

@@ -332,10 +332,10 @@ async fn access_policy_path_conditions_apply_to_upgrades() {
     mesh.shutdown().await;
 }
 
-/// Speaks the tunnel directly with the bot's real certificate: opens a
-/// CONNECT stream marked as an upgrade, naming `GET /public/feed`, sends
-/// `request` on it and returns everything that comes back.
-async fn raw_upgrade_stream(mesh: &Mesh, workload: SocketAddr, request: &str) -> String {
+/// A tunnel connection to node B with the bot's real certificate.
+async fn tunnel_as_bot(
+    mesh: &Mesh,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
     let config = mesh
         .a
         .identities
@@ -346,26 +346,95 @@ async fn raw_upgrade_stream(mesh: &Mesh, workload: SocketAddr, request: &str) ->
         .connect(certs::server_name(&cart(0).identity()), tcp)
         .await
         .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
+    let (send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tls),
     )
     .await
     .unwrap();
     tokio::spawn(conn);
+    send
+}
+
+/// A CONNECT stream on `tunnel` marked as an upgrade, naming `GET
+/// /public/feed`, as a byte stream.
+async fn upgrade_stream_on(
+    tunnel: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    workload: SocketAddr,
+) -> Result<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, hyper::Error> {
     let req = http::Request::builder()
         .method("CONNECT")
         .uri(workload.to_string())
         .header("sluice-upgrade-request", "GET /public/feed")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
+    let resp = tunnel.send_request(req).await?;
     assert_eq!(resp.status(), 200);
-    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    Ok(hyper_util::rt::TokioIo::new(
+        hyper::upgrade::on(resp).await.unwrap(),
+    ))
+}
+
+/// Speaks the tunnel directly with the bot's real certificate: opens a
+/// CONNECT stream marked as an upgrade, naming `GET /public/feed`, sends
+/// `request` on it and returns everything that comes back.
+async fn raw_upgrade_stream(mesh: &Mesh, workload: SocketAddr, request: &str) -> String {
+    let mut tunnel = tunnel_as_bot(mesh).await;
+    let mut io = upgrade_stream_on(&mut tunnel, workload).await.unwrap();
     io.write_all(request.as_bytes()).await.unwrap();
     let mut got = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut got)).await;
     String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A WebSocket across the tunnel that goes quiet keeps its tunnel
+/// connection: the workload's node counts the stream open until the splice
+/// ends, not only until the `101` went out, and says no idle GOAWAY to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_upgraded_stream_keeps_its_tunnel_connection() {
+    let mesh = Mesh::with_settings(vec![web(), bot()], vec![cart(0)], &|s| {
+        s.tunnel_idle_timeout_ms = 200;
+    })
+    .await;
+    let (addr, _seen) = serve_upgrade_cart(&mesh, vec![]).await;
+    let mut tunnel = tunnel_as_bot(&mesh).await;
+    let mut quiet = upgrade_stream_on(&mut tunnel, addr).await.unwrap();
+    quiet
+        .write_all(upgrade_request("/public/feed").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"srv=cart-0;") {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), quiet.read(&mut buf))
+            .await
+            .expect("the switch and greeting")
+            .unwrap();
+        assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // Five times the server side's idle limit, nothing on the stream.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = upgrade_stream_on(&mut tunnel, addr).await;
+    assert!(
+        second.is_ok(),
+        "the connection took no new stream: {:?}",
+        second.err()
+    );
+    quiet.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), quiet.read_exact(&mut echo))
+        .await
+        .expect("the echo")
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+    drop((quiet, second, tunnel));
+    mesh.shutdown().await;
 }
 
 /// An upgrade request the workload takes and never answers gets a `504`
