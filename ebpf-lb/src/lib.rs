@@ -712,6 +712,10 @@ impl LoadBalancer {
                         stuck.join(", ")
                     )));
                 }
+                // The batch's members go at once (one that stays would let
+                // affinity choose a backend outside its service); one that
+                // cannot be removed is retried by the next batch.
+                t.unlink_undone_members(std::mem::take(&mut undo.members));
                 // A program may still hold a service value staged a moment
                 // ago, pointing at slots about to go: free them only once it
                 // has finished (if that cannot be known, they stay taken).
@@ -1233,8 +1237,9 @@ impl Tables {
                         undo.members.push(m);
                         // A member an earlier batch failed to remove is one
                         // again: not removed later. Only once it is in: a
-                        // failed insert leaves it for the next batch to remove,
-                        // as this batch's undo does not know it.
+                        // failed insert leaves it for the next batch to
+                        // remove, as this batch's undo does not know it (and
+                        // an undo that cannot remove it puts it back).
                         self.unlinked.retain(|k| *k != m);
                     }
                     let (flags, timeout) = match spec.affinity {
@@ -1454,16 +1459,30 @@ impl Tables {
 
     /// The second half of a rollback: members, slots and ids the failed
     /// stage took are freed.
-    fn release(&mut self, undo: Undo) {
-        for m in undo.members {
+    /// Removes the members a failed batch added that the service's set does
+    /// not hold; one whose removal fails joins those the next batch retries.
+    fn unlink_undone_members(&mut self, members: Vec<MemberKey>) {
+        for m in members {
             let still = self
                 .sets
                 .get(&m.service_id)
                 .is_some_and(|eps| eps.contains(&m.backend));
-            if !still {
-                let _ = self.members.remove(&m);
+            if still {
+                continue;
+            }
+            match self.members.remove(&m) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(_) => {
+                    if !self.unlinked.contains(&m) {
+                        self.unlinked.push(m);
+                    }
+                }
             }
         }
+    }
+
+    fn release(&mut self, undo: Undo) {
         for slot in undo.slots {
             let _ = self.backends.remove(&slot);
         }
