@@ -100,7 +100,11 @@ impl LoadBalancer {
                 prog.attach_with_options(
                     ifname,
                     TcAttachType::Egress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    // First: a program before it that passed a packet
+                    // (TCX_PASS ends the chain) would let plaintext past
+                    // STRICT; the guard's own "next" lets the others see
+                    // all it does not refuse.
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
                 )
                 .map_err(|e| Error::program(STRICT_PROGRAM, e))?
             }

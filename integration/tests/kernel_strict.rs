@@ -207,25 +207,27 @@ fn without_the_guard_on_its_veth_nothing_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// The guard lets what it does not refuse go on to the programs after it
-/// on the veth (a CNI's own, Calico's eBPF dataplane, Cilium's): it says
+/// The guard lets what it does not refuse go on to the other programs on
+/// the veth (a CNI's own, Calico's eBPF dataplane, Cilium's): it says
 /// "next", not "pass", which under TCX would end the chain there. Shown
-/// with a second guard (another instance, where the pod is STRICT)
-/// attached after the first (where it is not).
+/// with two guards (two instances) on one veth, the pod STRICT in one of
+/// them and then in the other: whichever runs first must let the packet
+/// on for the other to refuse it.
 #[test]
-fn traffic_the_guard_lets_through_still_meets_the_programs_after_it() -> Result<()> {
+fn traffic_the_guard_lets_through_still_meets_the_other_programs() -> Result<()> {
     let s = setup()?;
     let cg = TestCgroup::new("strict-second")?;
     let second = TestLb::attach_with(&cg, integration::lb::test_options())?;
     s.node.ns.run(|| second.guard_interface(&s.pod.host_if))??;
-    second.set_workload_mode(s.pod.ip4.into(), Some(MtlsMode::Strict))?;
-    assert_refused(&connect(&s.client.ns, s.server.addr(), None)?);
-    assert_eq!(
-        second.refusals(s.pod.ip4.into())?,
-        3,
-        "the second guard ran"
-    );
-    assert_eq!(s.lb.refusals(s.pod.ip4.into())?, 0);
+    let pod = IpAddr::from(s.pod.ip4);
+    for (strict, open) in [(&second, &s.lb), (&s.lb, &second)] {
+        strict.set_workload_mode(pod, Some(MtlsMode::Strict))?;
+        open.set_workload_mode(pod, None)?;
+        let before = strict.refusals(pod)?;
+        assert_refused(&connect(&s.client.ns, s.server.addr(), None)?);
+        assert_eq!(strict.refusals(pod)? - before, 3, "the STRICT guard ran");
+    }
+    s.lb.set_workload_mode(pod, None)?;
     s.node
         .ns
         .run(|| second.unguard_interface(&s.pod.host_if))??;
