@@ -37,7 +37,7 @@ pub fn watch_deleted(
     let what = format!("DaemonSet {namespace}/{name}");
     let task = tokio::spawn(async move {
         let mut stream = watcher(api, config).default_backoff().boxed();
-        let (mut seen, mut in_list) = (false, false);
+        let (mut seen, mut in_list, mut failing) = (false, false, false);
         loop {
             let ev = tokio::select! {
                 ev = stream.next() => ev,
@@ -45,6 +45,7 @@ pub fn watch_deleted(
             };
             match ev {
                 None => return,
+                // (Said before every list attempt, answered or not.)
                 Some(Ok(watcher::Event::Init)) => in_list = false,
                 Some(Ok(watcher::Event::InitApply(ds) | watcher::Event::Apply(ds))) => {
                     seen = true;
@@ -52,6 +53,7 @@ pub fn watch_deleted(
                     tx.send_replace(ds.metadata.deletion_timestamp.is_some());
                 }
                 Some(Ok(watcher::Event::InitDone)) => {
+                    failing = false;
                     if !in_list {
                         if seen {
                             // Deleted while the watch was down.
@@ -67,6 +69,17 @@ pub fn watch_deleted(
                 }
                 Some(Ok(watcher::Event::Delete(_))) => {
                     tx.send_replace(true);
+                }
+                // Said once per spell of failures (a Role that does not
+                // name this DaemonSet fails every retry): meanwhile what was
+                // last seen stands. Not once it was seen deleted (helm
+                // deletes the Role right after).
+                Some(Err(e)) if !failing && !*tx.borrow() => {
+                    failing = true;
+                    tracing::warn!(
+                        "watching {what}: {e}; until it can be read, an uninstall meanwhile \
+                         leaves this node's kernel state behind (`mesh-agent uninstall` removes it)"
+                    );
                 }
                 Some(Err(e)) => tracing::debug!("watching {what}: {e}"),
             }
