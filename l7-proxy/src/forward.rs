@@ -1026,11 +1026,19 @@ impl SendError {
     /// The peer proxy's answer when it could not connect to the workload
     /// ([`UNREACHABLE`]): nothing reached it, as when the workload is
     /// reached directly and refuses the connection.
-    fn workload_unreachable<B>(resp: &Response<B>, addr: SocketAddr) -> Option<SendError> {
-        // Only ever on the far side's own 503: other answers skip the
+    fn workload_unreachable<B: http_body::Body>(
+        resp: &Response<B>,
+        addr: SocketAddr,
+    ) -> Option<SendError> {
+        // Only ever on the far side's own 503, or its gRPC form (a `200`
+        // with `grpc-status: 14` and no body): other answers skip the
         // lookup.
-        let marked = resp.status() == StatusCode::SERVICE_UNAVAILABLE
-            && resp.headers().contains_key(UNREACHABLE);
+        let own = match resp.status() {
+            StatusCode::SERVICE_UNAVAILABLE => true,
+            StatusCode::OK => resp.body().is_end_stream(),
+            _ => false,
+        };
+        let marked = own && resp.headers().contains_key(UNREACHABLE);
         marked.then(|| {
             let why = resp
                 .headers()

@@ -1719,6 +1719,47 @@ async fn a_workload_refusing_behind_its_node_proxy_is_retried_elsewhere_and_avoi
     mesh.shutdown().await;
 }
 
+/// The same for gRPC, whose refusal the workload's node answers in gRPC's
+/// own form (`200`, `grpc-status: 14`): the caller's node still reads it as
+/// "not reached", retries it elsewhere and avoids the endpoint, instead of
+/// taking it for a fast, healthy answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_refused_behind_its_node_proxy_is_retried_elsewhere() {
+    let mesh = Mesh::standard().await;
+    let (srv, port) = servers(&[cart(0), cart(1)]).await;
+    let svc = mesh.service("cart", 1, port, &[cart(1), cart(2)]);
+    let mut r = rule(vec![], vec![backend("cart", 1)]);
+    r.retry = Some(Retry {
+        codes: vec![],
+        attempts: 1,
+        backoff_ms: 0,
+    });
+    mesh.publish(&Snapshot {
+        services: vec![svc],
+        http_routes: vec![route(vec![r])],
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(&mesh).await;
+    for i in 0..12 {
+        let r = c
+            .send(request(
+                "POST",
+                &format!("/shop.Cart/Add{i}"),
+                &[("content-type", "application/grpc")],
+                "",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(!r.headers.contains_key("grpc-status"), "{r:?}");
+        // The test server's gRPC answer: one message naming it.
+        assert!(r.body.ends_with("cart-1:"), "{r:?}");
+    }
+    assert_eq!(srv[1].hits(), 12);
+    mesh.shutdown().await;
+}
+
 /// Mirrors in flight are bounded (`max_mirrors_in_flight`): a mirror
 /// target that never answers holds that many, the next mirrors are dropped
 /// and counted, and the primary requests are served all along.
