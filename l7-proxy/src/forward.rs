@@ -839,7 +839,7 @@ async fn route_request(
                             && codes.contains(&resp.status().as_u16())
                             && body.settle()) =>
                     {
-                        pick.answered(resp.status());
+                        pick.answered(status_for_balancer(&resp));
                         for m in &response_mods {
                             filters::modify_headers(m, resp.headers_mut());
                         }
@@ -874,7 +874,7 @@ async fn route_request(
                         };
                     }
                     Ok(resp) => {
-                        pick.answered(resp.status());
+                        pick.answered(status_for_balancer(&resp));
                         crossed = true;
                         SendError {
                             status: resp.status(),
@@ -1057,6 +1057,28 @@ impl SendError {
     }
 }
 
+/// The status an answer counts as for its endpoint's load estimate: its
+/// own, or a `502` for a gRPC answer without a body (its status in the
+/// head, "trailers-only") whose `grpc-status` says the server failed
+/// (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS): a gRPC
+/// server whose database is down answers every call at once with `200`
+/// and `grpc-status: 14`, and would otherwise draw the traffic as the
+/// fastest endpoint. Answers with a body skip the lookup.
+fn status_for_balancer<B: http_body::Body>(resp: &Response<B>) -> StatusCode {
+    let status = resp.status();
+    let failed = status == StatusCode::OK
+        && resp.body().is_end_stream()
+        && resp
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|v| matches!(v.as_bytes(), b"2" | b"4" | b"13" | b"14" | b"15"));
+    if failed {
+        StatusCode::BAD_GATEWAY
+    } else {
+        status
+    }
+}
+
 /// The answer of a `RequestRedirect` to a request for service port `port`.
 fn redirect_outcome(
     r: &crate::config::RequestRedirect,
@@ -1160,7 +1182,7 @@ fn spawn_mirror(
             {
                 // The mirror's answer is read and dropped as it comes.
                 Ok(resp) => {
-                    pick.answered(resp.status());
+                    pick.answered(status_for_balancer(&resp));
                     let mut body = resp.into_body();
                     while let Some(Ok(_)) = body.frame().await {}
                 }
@@ -1466,5 +1488,39 @@ mod tests {
         }
         let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
         assert_eq!(ms, [25, 50, 100, 200, 250, 250, 250, 250, 250]);
+    }
+
+    /// A gRPC server's failure in a trailers-only answer counts against
+    /// its endpoint as a 5xx would; its clients' own errors, a success and
+    /// answers with a body count as their HTTP status.
+    #[test]
+    fn a_trailers_only_grpc_failure_counts_as_a_server_error() {
+        let answer = |grpc: Option<&'static str>, body: &'static str| {
+            let mut r = Response::new(crate::body::full(body));
+            if let Some(g) = grpc {
+                r.headers_mut()
+                    .insert("grpc-status", HeaderValue::from_static(g));
+            }
+            status_for_balancer(&r)
+        };
+        for failed in ["2", "4", "13", "14", "15"] {
+            assert_eq!(
+                answer(Some(failed), ""),
+                StatusCode::BAD_GATEWAY,
+                "{failed}"
+            );
+        }
+        for fine in ["0", "3", "5", "7", "16"] {
+            assert_eq!(answer(Some(fine), ""), StatusCode::OK, "{fine}");
+        }
+        assert_eq!(answer(None, ""), StatusCode::OK);
+        // A status in the head of an answer with a body is not gRPC's.
+        assert_eq!(answer(Some("14"), "data"), StatusCode::OK);
+        let mut unavailable = Response::new(crate::body::empty());
+        *unavailable.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(
+            status_for_balancer(&unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }
