@@ -52,6 +52,28 @@ pub fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// A gRPC call's own deadline (`grpc-timeout`: up to 8 digits and a unit,
+/// `H`, `M`, `S`, `m`, `u` or `n`), at most `cap`; `None` when there is
+/// none or it is malformed.
+pub fn grpc_timeout(h: &HeaderMap, cap: std::time::Duration) -> Option<std::time::Duration> {
+    let v = h.get("grpc-timeout")?.as_bytes();
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    let d = match unit {
+        b"H" => std::time::Duration::from_secs(n.checked_mul(3600)?),
+        b"M" => std::time::Duration::from_secs(n.checked_mul(60)?),
+        b"S" => std::time::Duration::from_secs(n),
+        b"m" => std::time::Duration::from_millis(n),
+        b"u" => std::time::Duration::from_micros(n),
+        b"n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(d.min(cap))
+}
+
 /// Whether a request is a gRPC call whose answer ends with its status in
 /// HTTP trailers: `application/grpc`, `application/grpc+proto`, ..., not
 /// gRPC-Web (`application/grpc-web...`), which carries it in a frame of the
@@ -457,6 +479,27 @@ impl std::error::Error for TimedOut {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grpc_timeout_is_read_in_every_unit_and_capped() {
+        let t = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_str(v).unwrap());
+            grpc_timeout(&h, std::time::Duration::from_secs(86_400))
+        };
+        let s = std::time::Duration::from_secs;
+        assert_eq!(t("2H"), Some(s(7200)));
+        assert_eq!(t("10M"), Some(s(600)));
+        assert_eq!(t("30S"), Some(s(30)));
+        assert_eq!(t("1500m"), Some(std::time::Duration::from_millis(1500)));
+        assert_eq!(t("7u"), Some(std::time::Duration::from_micros(7)));
+        assert_eq!(t("9n"), Some(std::time::Duration::from_nanos(9)));
+        assert_eq!(t("99999999H"), Some(s(86_400)), "capped");
+        for bad in ["", "S", "5", "5s", "123456789S", "-1S", "1.5S", " 5S"] {
+            assert_eq!(t(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&HeaderMap::new(), s(1)), None);
+    }
 
     #[test]
     fn te_crosses_as_one_trailers_field_or_not_at_all() {

@@ -153,6 +153,12 @@ pub(crate) async fn handle(
     // messages), nor is a response while its request's body flows.
     let idle = shared.settings.exchange_idle_timeout();
     let activity = crate::body::Activity::since(start);
+    // A gRPC call's own deadline is waited for in full (a report that
+    // takes 6 minutes to answer with `grpc-timeout: 10M`): GRPCRoute has
+    // no timeouts of its own to say so. Its server enforces it.
+    if grpc && let Some(t) = crate::body::grpc_timeout(&parts.headers, MAX_CALL_DEADLINE) {
+        activity.hold_until(start + t);
+    }
     let has_body = !http_body::Body::is_end_stream(&body);
     let body = if !has_body {
         body
@@ -1078,6 +1084,10 @@ fn status_for_balancer<B: http_body::Body>(resp: &Response<B>) -> StatusCode {
         status
     }
 }
+
+/// The longest `grpc-timeout` waited for beyond the exchange idle timeout:
+/// a day, as a route's timeouts on the workload's node.
+pub(crate) const MAX_CALL_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
 /// The answer of a `RequestRedirect` to a request for service port `port`.
 fn redirect_outcome(

@@ -1246,6 +1246,13 @@ async fn handle_http(
     {
         activity.hold_until(end);
     }
+    // A gRPC call's own deadline, as on the caller's side.
+    if grpc
+        && let Some(t) =
+            crate::body::grpc_timeout(&parts.headers, crate::forward::MAX_CALL_DEADLINE)
+    {
+        activity.hold_until(start + t);
+    }
     let has_body = !http_body::Body::is_end_stream(&body);
     let body = if has_body {
         boxed(crate::body::Timed::idle(

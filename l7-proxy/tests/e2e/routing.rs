@@ -534,6 +534,49 @@ async fn a_route_timeout_longer_than_the_exchange_idle_timeout_is_waited_for() {
     mesh.shutdown().await;
 }
 
+/// A gRPC call's own deadline (`grpc-timeout`) longer than the exchange
+/// idle timeout is waited for, on both nodes; without one, the idle
+/// timeout ends the call (DEADLINE_EXCEEDED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_calls_own_deadline_longer_than_the_idle_timeout_is_waited_for() {
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.exchange_idle_timeout_ms = 300,
+    )
+    .await;
+    let (_srv, _) = setup(
+        &mesh,
+        vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
+    )
+    .await;
+    let mut c = client(&mesh).await;
+    let call = |deadline: Option<&'static str>| {
+        let mut h = vec![("content-type", "application/grpc")];
+        if let Some(d) = deadline {
+            h.push(("grpc-timeout", d));
+        }
+        request("POST", "/slow/900", &h, "")
+    };
+    let r = c.send(call(Some("5S"))).await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!r.headers.contains_key("grpc-status"), "{r:?}");
+    assert!(r.body.ends_with(':'), "the server's answer: {r:?}");
+    let r = c.send(call(Some("100m"))).await.unwrap();
+    assert_eq!(
+        r.headers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("4"),
+        "a deadline shorter than the idle timeout changes nothing: {r:?}"
+    );
+    let r = c.send(call(None)).await.unwrap();
+    assert_eq!(
+        r.headers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("4"),
+        "the idle timeout without a deadline: {r:?}"
+    );
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_backend_timeouts_answer_504() {
     let mesh = Mesh::standard().await;
