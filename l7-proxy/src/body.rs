@@ -468,6 +468,107 @@ impl http_body::Body for Timed {
 #[derive(Debug)]
 pub struct TimedOut(pub String);
 
+pin_project_lite::pin_project! {
+    /// A gRPC call's answer, whose cut by one of the proxy's timers (a
+    /// route's timeout, the exchange idle timeout: [`TimedOut`]) ends the
+    /// call as gRPC says a deadline passed, trailers with `grpc-status: 4`
+    /// and the reason, when the cut falls between two messages (a server
+    /// stream gone quiet); within a message it stays a reset, as the
+    /// message cannot be ended. A reset reads as INTERNAL to gRPC clients.
+    pub struct GrpcDeadline {
+        #[pin]
+        inner: Body,
+        // Bytes of the current message's 5-byte prefix seen, and of its
+        // payload still to come.
+        prefix: usize,
+        len: u64,
+        left: u64,
+        done: bool,
+    }
+}
+
+impl GrpcDeadline {
+    pub fn new(inner: Body) -> Self {
+        Self {
+            inner,
+            prefix: 0,
+            len: 0,
+            left: 0,
+            done: false,
+        }
+    }
+}
+
+/// Follows gRPC's message framing (a flag byte, a 4-byte length, the
+/// payload) over `data`.
+fn follow_messages(data: &[u8], prefix: &mut usize, len: &mut u64, left: &mut u64) {
+    let mut rest = data;
+    while !rest.is_empty() {
+        if *left > 0 {
+            let n = (*left).min(rest.len() as u64);
+            *left -= n;
+            rest = &rest[n as usize..];
+            continue;
+        }
+        // In a prefix: the flag byte, then the length, big-endian.
+        if *prefix > 0 {
+            *len = (*len << 8) | u64::from(rest[0]);
+        } else {
+            *len = 0;
+        }
+        *prefix += 1;
+        rest = &rest[1..];
+        if *prefix == 5 {
+            *prefix = 0;
+            *left = *len;
+        }
+    }
+}
+
+impl http_body::Body for GrpcDeadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.done {
+            return std::task::Poll::Ready(None);
+        }
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    follow_messages(d, this.prefix, this.len, this.left);
+                }
+            }
+            Some(Err(e)) if *this.prefix == 0 && *this.left == 0 => {
+                if let Some(TimedOut(why)) = e.downcast_ref::<TimedOut>() {
+                    *this.done = true;
+                    let mut t = HeaderMap::new();
+                    t.insert("grpc-status", HeaderValue::from_static("4"));
+                    if let Ok(v) = HeaderValue::from_str(&grpc_message(why)) {
+                        t.insert("grpc-message", v);
+                    }
+                    return std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(t))));
+                }
+            }
+            _ => {}
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl std::fmt::Display for TimedOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
@@ -544,6 +645,51 @@ mod tests {
         );
         let got = body.collect().await.expect("not cut").to_bytes();
         assert_eq!(&got[..], b"xxxxx");
+    }
+
+    /// A gRPC answer cut between messages ends with DEADLINE_EXCEEDED in
+    /// trailers; cut inside one (a message split over frames), it stays an
+    /// error; other errors pass as they are.
+    #[tokio::test]
+    async fn a_grpc_answer_cut_between_messages_ends_with_deadline_exceeded() {
+        use http_body_util::BodyExt as _;
+        let cut = |frames: Vec<&'static [u8]>, end: BoxError| {
+            let items: Vec<Result<http_body::Frame<Bytes>, BoxError>> = frames
+                .into_iter()
+                .map(|f| Ok(http_body::Frame::data(Bytes::from_static(f))))
+                .chain(std::iter::once(Err(end)))
+                .collect();
+            GrpcDeadline::new(boxed(http_body_util::StreamBody::new(
+                futures_util::stream::iter(items),
+            )))
+        };
+        let timed_out = || -> BoxError { Box::new(TimedOut("the response sent nothing".into())) };
+        // Two whole messages (3 bytes, then empty), the second's prefix
+        // split over two frames.
+        let whole: Vec<&'static [u8]> = vec![b"\0\0\0\0\x03ab", b"c\0\0", b"\0\0\0"];
+        let got = cut(whole, timed_out())
+            .collect()
+            .await
+            .expect("ended, not cut");
+        let trailers = got.trailers().cloned().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "4");
+        assert!(
+            trailers["grpc-message"]
+                .to_str()
+                .unwrap()
+                .contains("sent nothing"),
+            "{trailers:?}"
+        );
+        assert_eq!(&got.to_bytes()[..], b"\0\0\0\0\x03abc\0\0\0\0\0");
+        // Inside a message (2 of its 3 bytes in), or inside a prefix.
+        for partial in [vec![&b"\0\0\0\0\x03ab"[..]], vec![&b"\0\0\0"[..]]] {
+            let e = cut(partial, timed_out()).collect().await.expect_err("cut");
+            assert!(e.downcast_ref::<TimedOut>().is_some(), "{e}");
+        }
+        // Another error between messages is not a deadline.
+        let other: BoxError = "connection reset".into();
+        let e = cut(vec![], other).collect().await.expect_err("an error");
+        assert_eq!(e.to_string(), "connection reset");
     }
 
     #[tokio::test(start_paused = true)]

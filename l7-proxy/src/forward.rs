@@ -284,6 +284,12 @@ pub(crate) async fn handle(
                 ("the response", "its request"),
             ))
         });
+        // A gRPC answer the proxy's timers cut ends as gRPC says.
+        if grpc_counted && outcome.upstream.is_some() {
+            outcome.response = outcome
+                .response
+                .map(|b| boxed(crate::body::GrpcDeadline::new(b)));
+        }
     }
     let status = outcome.response.status().as_u16();
     // The proxy's own refusals, in the form a gRPC caller reads.

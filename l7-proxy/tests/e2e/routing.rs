@@ -577,6 +577,39 @@ async fn a_grpc_calls_own_deadline_longer_than_the_idle_timeout_is_waited_for() 
     mesh.shutdown().await;
 }
 
+/// A gRPC server stream that goes quiet past the exchange idle timeout
+/// ends with DEADLINE_EXCEEDED in trailers after the messages it sent, as
+/// gRPC clients read a deadline, not with a reset (INTERNAL to them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_grpc_stream_cut_by_the_idle_timeout_ends_as_deadline_exceeded() {
+    let mesh = Mesh::with_settings(
+        vec![web(), bot()],
+        vec![cart(0), cart(1), cart(2), mirror_pod()],
+        &|s| s.exchange_idle_timeout_ms = 300,
+    )
+    .await;
+    let (_srv, _) = setup(
+        &mesh,
+        vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
+    )
+    .await;
+    let mut c = client(&mesh).await;
+    let r = c
+        .send(request(
+            "POST",
+            "/quiet",
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+            "",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.ends_with(':'), "the message sent before: {r:?}");
+    let trailers = r.trailers.as_ref().expect("trailers, not a reset");
+    assert_eq!(trailers["grpc-status"], "4", "{r:?}");
+    mesh.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_backend_timeouts_answer_504() {
     let mesh = Mesh::standard().await;

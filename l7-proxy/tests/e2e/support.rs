@@ -686,7 +686,15 @@ async fn echo(
             Ok(Frame::data(Bytes::from(frame))),
             Ok(Frame::trailers(trailers)),
         ];
-        let body = StreamBody::new(futures_util::stream::iter(frames));
+        // `/quiet`: the message, then nothing, and no end (a server stream
+        // waiting for events).
+        let quiet = path == "/quiet";
+        use futures_util::StreamExt as _;
+        let body = StreamBody::new(
+            futures_util::stream::iter(frames)
+                .take(if quiet { 1 } else { 2 })
+                .chain(futures_util::stream::pending().take(usize::from(quiet))),
+        );
         let resp = Response::builder()
             .header("content-type", "application/grpc")
             .body(BodyExt::boxed(body))
