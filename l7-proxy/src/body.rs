@@ -681,6 +681,22 @@ mod tests {
             "{trailers:?}"
         );
         assert_eq!(&got.to_bytes()[..], b"\0\0\0\0\x03abc\0\0\0\0\0");
+        // A long message (300 bytes: its length's second byte counts)
+        // whose prefix is split over frames, then a cut: between messages.
+        let long: &'static [u8] = Box::leak(
+            [&[0u8, 0, 0][..], &[1, 44], &[b'x'; 300][..]]
+                .concat()
+                .into_boxed_slice(),
+        );
+        let frames: Vec<&'static [u8]> = vec![&long[..3], &long[3..100], &long[100..]];
+        let got = cut(frames, timed_out()).collect().await.expect("ended");
+        assert_eq!(got.trailers().expect("trailers")["grpc-status"], "4");
+        // One byte short of the whole message: inside it.
+        let e = cut(vec![&long[..long.len() - 1]], timed_out())
+            .collect()
+            .await
+            .expect_err("cut");
+        assert!(e.downcast_ref::<TimedOut>().is_some(), "{e}");
         // Inside a message (2 of its 3 bytes in), or inside a prefix.
         for partial in [vec![&b"\0\0\0\0\x03ab"[..]], vec![&b"\0\0\0"[..]]] {
             let e = cut(partial, timed_out()).collect().await.expect_err("cut");

@@ -143,6 +143,16 @@ pub(crate) async fn handle(
     let grpc = crate::body::is_grpc(&parts.headers);
     // Counted by its grpc-status (gRPC-Web's is not in trailers).
     let grpc_counted = grpc && crate::body::has_grpc_trailers(&parts.headers);
+    // A cut of its answer can end in trailers only for a caller that reads
+    // them (an HTTP/1.1 one without `TE: trailers` would see a body that
+    // looks whole).
+    let grpc_trailers = grpc_counted
+        && (parts.version == Version::HTTP_2
+            || parts.headers.get_all(http::header::TE).iter().any(|v| {
+                v.as_bytes()
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+            }));
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     // An exchange that moves in neither direction (request body, response
@@ -285,7 +295,11 @@ pub(crate) async fn handle(
             ))
         });
         // A gRPC answer the proxy's timers cut ends as gRPC says.
-        if grpc_counted && outcome.upstream.is_some() {
+        if grpc_trailers
+            && outcome.upstream.is_some()
+            && outcome.response.status() == StatusCode::OK
+            && crate::body::has_grpc_trailers(outcome.response.headers())
+        {
             outcome.response = outcome
                 .response
                 .map(|b| boxed(crate::body::GrpcDeadline::new(b)));

@@ -607,6 +607,16 @@ async fn a_quiet_grpc_stream_cut_by_the_idle_timeout_ends_as_deadline_exceeded()
     assert!(r.body.ends_with(':'), "the message sent before: {r:?}");
     let trailers = r.trailers.as_ref().expect("trailers, not a reset");
     assert_eq!(trailers["grpc-status"], "4", "{r:?}");
+    // A caller that cannot read trailers: cut, not ended as if whole.
+    let cut = c
+        .send(request(
+            "POST",
+            "/quiet",
+            &[("content-type", "application/grpc")],
+            "",
+        ))
+        .await;
+    assert!(cut.is_err(), "looked whole: {cut:?}");
     mesh.shutdown().await;
 }
 
@@ -1797,8 +1807,8 @@ async fn a_workload_refusing_behind_its_node_proxy_is_retried_elsewhere_and_avoi
 
 /// The same for gRPC, whose refusal the workload's node answers in gRPC's
 /// own form (`200`, `grpc-status: 14`): the caller's node still reads it as
-/// "not reached", retries it elsewhere and avoids the endpoint, instead of
-/// taking it for a fast, healthy answer.
+/// "not reached" and retries it elsewhere, instead of taking it for a fast,
+/// healthy answer (which reached the caller, marker and all).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_call_refused_behind_its_node_proxy_is_retried_elsewhere() {
     let mesh = Mesh::standard().await;
