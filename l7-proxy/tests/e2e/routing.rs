@@ -534,11 +534,9 @@ async fn a_route_timeout_longer_than_the_exchange_idle_timeout_is_waited_for() {
     mesh.shutdown().await;
 }
 
-/// A gRPC call's own deadline (`grpc-timeout`) longer than the exchange
-/// idle timeout is waited for, on both nodes; without one, the idle
-/// timeout ends the call (DEADLINE_EXCEEDED).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grpc_calls_own_deadline_longer_than_the_idle_timeout_is_waited_for() {
+/// The standard mesh with an exchange idle timeout of 300 ms and one route
+/// to `v1`, and a client of it.
+async fn one_route_with_idle_timeout_300ms() -> (Mesh, Client) {
     let mesh = Mesh::with_settings(
         vec![web(), bot()],
         vec![cart(0), cart(1), cart(2), mirror_pod()],
@@ -550,7 +548,16 @@ async fn a_grpc_calls_own_deadline_longer_than_the_idle_timeout_is_waited_for() 
         vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
     )
     .await;
-    let mut c = client(&mesh).await;
+    let c = client(&mesh).await;
+    (mesh, c)
+}
+
+/// A gRPC call's own deadline (`grpc-timeout`) longer than the exchange
+/// idle timeout is waited for, on both nodes; without one, the idle
+/// timeout ends the call (DEADLINE_EXCEEDED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_calls_own_deadline_longer_than_the_idle_timeout_is_waited_for() {
+    let (mesh, mut c) = one_route_with_idle_timeout_300ms().await;
     let call = |deadline: Option<&'static str>| {
         let mut h = vec![("content-type", "application/grpc")];
         if let Some(d) = deadline {
@@ -582,18 +589,7 @@ async fn a_grpc_calls_own_deadline_longer_than_the_idle_timeout_is_waited_for() 
 /// gRPC clients read a deadline, not with a reset (INTERNAL to them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_grpc_stream_cut_by_the_idle_timeout_ends_as_deadline_exceeded() {
-    let mesh = Mesh::with_settings(
-        vec![web(), bot()],
-        vec![cart(0), cart(1), cart(2), mirror_pod()],
-        &|s| s.exchange_idle_timeout_ms = 300,
-    )
-    .await;
-    let (_srv, _) = setup(
-        &mesh,
-        vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
-    )
-    .await;
-    let mut c = client(&mesh).await;
+    let (mesh, mut c) = one_route_with_idle_timeout_300ms().await;
     let r = c
         .send(request(
             "POST",
