@@ -269,20 +269,25 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // or `trailers` in a list, crossed as they were and the far side reset
     // the stream as malformed.
     if h.contains_key(http::header::TE) {
-        let trailers = h.get_all(http::header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',').any(|t| {
-                    t.split(';')
-                        .next()
-                        .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-                })
-            })
-        });
+        let trailers = te_lists_trailers(h);
         h.remove(http::header::TE);
         if trailers {
             h.insert(http::header::TE, HeaderValue::from_static("trailers"));
         }
     }
+}
+
+/// Whether a `te` line of `h` lists `trailers`: the sender reads trailers.
+pub fn te_lists_trailers(h: &HeaderMap) -> bool {
+    h.get_all(http::header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        })
+    })
 }
 
 /// When an exchange last moved, in either direction: a request body that

@@ -147,12 +147,7 @@ pub(crate) async fn handle(
     // them (an HTTP/1.1 one without `TE: trailers` would see a body that
     // looks whole).
     let grpc_trailers = grpc_counted
-        && (parts.version == Version::HTTP_2
-            || parts.headers.get_all(http::header::TE).iter().any(|v| {
-                v.as_bytes()
-                    .split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
-            }));
+        && (parts.version == Version::HTTP_2 || crate::body::te_lists_trailers(&parts.headers));
     let method = parts.method.clone();
     let path = log.then(|| parts.uri.path().to_owned());
     // An exchange that moves in neither direction (request body, response

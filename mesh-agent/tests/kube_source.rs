@@ -34,6 +34,16 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Waits until the source watches `path` on `fake`.
+async fn watch_open(fake: &FakeApi, path: &'static str) {
+    let fake = fake.clone();
+    tokio::task::spawn_blocking(move || {
+        eventually("the watch open", || fake.watching(path).then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
@@ -602,12 +612,7 @@ async fn routes_of_a_crd_deleted_since_are_no_longer_in_force() {
     })
     .await
     .unwrap();
-    let fake = r.fake.clone();
-    tokio::task::spawn_blocking(move || {
-        eventually("the watch open", || fake.watching(routes).then_some(()))
-    })
-    .await
-    .unwrap();
+    watch_open(&r.fake, routes).await;
     r.fake.remove_kind(routes);
     let v = view_rx.clone();
     let view = tokio::task::spawn_blocking(move || {
@@ -648,12 +653,7 @@ async fn a_kind_not_served_for_a_moment_stays_in_force() {
     })
     .await
     .unwrap();
-    let fake = r.fake.clone();
-    tokio::task::spawn_blocking(move || {
-        eventually("the watch open", || fake.watching(routes).then_some(()))
-    })
-    .await
-    .unwrap();
+    watch_open(&r.fake, routes).await;
     r.fake.stop_serving_kind(routes);
     // The relist's 404 is seen (and said), and the routes stay.
     let v = view_rx.clone();
@@ -707,12 +707,7 @@ async fn an_expired_watch_is_listed_again_without_an_error() {
     })
     .await
     .unwrap();
-    let fake = r.fake.clone();
-    tokio::task::spawn_blocking(move || {
-        eventually("the watch open", || fake.watching(routes).then_some(()))
-    })
-    .await
-    .unwrap();
+    watch_open(&r.fake, routes).await;
     // The relist waits: meanwhile nothing says the watch failed.
     r.fake.hold_lists(routes);
     r.fake.expire_watches(routes);

@@ -482,12 +482,7 @@ async fn a_retry_that_cannot_fit_in_the_request_timeout_leaves_the_answer_in_han
 /// is waited for; past the idle timeout without such a route it is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_timeout_longer_than_the_exchange_idle_timeout_is_waited_for() {
-    let mesh = Mesh::with_settings(
-        vec![web(), bot()],
-        vec![cart(0), cart(1), cart(2), mirror_pod()],
-        &|s| s.exchange_idle_timeout_ms = 300,
-    )
-    .await;
+    let mesh = mesh_with_idle_timeout_300ms().await;
     let timed = |case: &str, t: Timeouts| {
         let mut r = rule(
             vec![HttpRouteMatch {
@@ -534,22 +529,25 @@ async fn a_route_timeout_longer_than_the_exchange_idle_timeout_is_waited_for() {
     mesh.shutdown().await;
 }
 
-/// The standard mesh with an exchange idle timeout of 300 ms and one route
-/// to `v1`, and a client of it.
-async fn one_route_with_idle_timeout_300ms() -> (Mesh, Client) {
-    let mesh = Mesh::with_settings(
+/// The standard mesh with an exchange idle timeout of 300 ms.
+async fn mesh_with_idle_timeout_300ms() -> Mesh {
+    Mesh::with_settings(
         vec![web(), bot()],
         vec![cart(0), cart(1), cart(2), mirror_pod()],
         &|s| s.exchange_idle_timeout_ms = 300,
     )
-    .await;
+    .await
+}
+
+/// [`mesh_with_idle_timeout_300ms`] with one route to `v1`.
+async fn one_route_with_idle_timeout_300ms() -> Mesh {
+    let mesh = mesh_with_idle_timeout_300ms().await;
     let (_srv, _) = setup(
         &mesh,
         vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
     )
     .await;
-    let c = client(&mesh).await;
-    (mesh, c)
+    mesh
 }
 
 /// A gRPC call's own deadline (`grpc-timeout`) longer than the exchange
@@ -557,7 +555,8 @@ async fn one_route_with_idle_timeout_300ms() -> (Mesh, Client) {
 /// timeout ends the call (DEADLINE_EXCEEDED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_calls_own_deadline_longer_than_the_idle_timeout_is_waited_for() {
-    let (mesh, mut c) = one_route_with_idle_timeout_300ms().await;
+    let mesh = one_route_with_idle_timeout_300ms().await;
+    let mut c = client(&mesh).await;
     let call = |deadline: Option<&'static str>| {
         let mut h = vec![("content-type", "application/grpc")];
         if let Some(d) = deadline {
@@ -589,7 +588,8 @@ async fn a_grpc_calls_own_deadline_longer_than_the_idle_timeout_is_waited_for() 
 /// gRPC clients read a deadline, not with a reset (INTERNAL to them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_grpc_stream_cut_by_the_idle_timeout_ends_as_deadline_exceeded() {
-    let (mesh, mut c) = one_route_with_idle_timeout_300ms().await;
+    let mesh = one_route_with_idle_timeout_300ms().await;
+    let mut c = client(&mesh).await;
     let r = c
         .send(request(
             "POST",
@@ -1265,12 +1265,7 @@ async fn stalled_upload(mesh: &Mesh) -> (String, tokio::net::TcpStream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_that_stops_coming_is_cut() {
-    let mesh = Mesh::with_settings(
-        vec![web(), bot()],
-        vec![cart(0), cart(1), cart(2), mirror_pod()],
-        &|s| s.exchange_idle_timeout_ms = 300,
-    )
-    .await;
+    let mesh = mesh_with_idle_timeout_300ms().await;
     // With retries the body streams to the first try while it is kept for
     // the next: the workload has the request at once, and the caller the
     // 408 that says why it ended.
@@ -1288,17 +1283,7 @@ async fn a_request_body_that_stops_coming_is_cut() {
 /// blames the workload (and its endpoint in the balancer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_sent_once_that_stops_coming_is_a_408() {
-    let mesh = Mesh::with_settings(
-        vec![web(), bot()],
-        vec![cart(0), cart(1), cart(2), mirror_pod()],
-        &|s| s.exchange_idle_timeout_ms = 300,
-    )
-    .await;
-    let (_srv, _) = setup(
-        &mesh,
-        vec![route(vec![rule(vec![], vec![backend("v1", 1)])])],
-    )
-    .await;
+    let mesh = one_route_with_idle_timeout_300ms().await;
     let (head, _tcp) = stalled_upload(&mesh).await;
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(head.contains("reading the request body"), "{head}");
@@ -2191,12 +2176,7 @@ async fn silent_504(mesh: &Mesh, destination: &str, route: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_that_stops_answering_is_cut_off() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mesh = Mesh::with_settings(
-        vec![web(), bot()],
-        vec![cart(0), cart(1), cart(2), mirror_pod()],
-        &|s| s.exchange_idle_timeout_ms = 300,
-    )
-    .await;
+    let mesh = mesh_with_idle_timeout_300ms().await;
     // Reads a request head; `/silent` gets nothing back, anything else a
     // head and 3 of its 100 bytes. Holds the connection meanwhile.
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(cart(0).ip, 0))
