@@ -357,6 +357,46 @@ pub(crate) async fn handle(
     Ok(outcome.response)
 }
 
+/// Counts and logs a request head the capture side's HTTP/1.1 server
+/// refused (`status`, `why`: malformed, too large, too slow, another HTTP
+/// version) and answered itself: no route saw it, but the caller got an
+/// answer from the mesh, which the metrics and the access log must show.
+/// Counted for the Service (or workload) the connection was for, under no
+/// route.
+pub(crate) fn refused_head(shared: &Shared, conn: &HttpConn, status: StatusCode, why: &str) {
+    let destination = match shared.state().destination(conn.original_dst) {
+        Destination::Service(d) => Label::from(d.service.id.to_string()),
+        Destination::Workload(w) => Label::from(w.id.to_string()),
+        Destination::External => Label::external(),
+    };
+    let route = Label::default();
+    shared.metrics.count_refused_head(
+        RequestKey {
+            direction: Direction::Outbound,
+            source: &conn.source_label,
+            destination: &destination,
+            route: &route,
+        },
+        status.as_u16(),
+    );
+    if !crate::accesslog::enabled() {
+        return;
+    }
+    AccessRecord {
+        direction: "outbound",
+        protocol: "http",
+        source_addr: Some(conn.client_addr.to_string()),
+        source_identity: Some(&conn.source.identity),
+        destination: Some(destination.to_string()),
+        destination_addr: Some(conn.original_dst.to_string()),
+        route: Some(route.as_str()),
+        status: Some(status.as_u16()),
+        reason: Some(why),
+        ..Default::default()
+    }
+    .emit();
+}
+
 /// Counts and logs a request whose handler is dropped before its answer is
 /// counted: its caller went away (reset its stream, closed its
 /// connection) before the answer's head, most often tired of waiting, so

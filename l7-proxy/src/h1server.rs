@@ -75,6 +75,10 @@ pub(crate) struct Limits {
 pub(crate) enum Ended {
     /// Done with: closed by either side, timed out, or failed.
     Closed,
+    /// A head that could not be served was answered with this status (and
+    /// why, in the answer's reason header), and the connection closed: the
+    /// caller counts and logs it, as a request the proxy answered.
+    Refused(StatusCode, &'static str),
     /// A request for hyper's server came: its head and whatever was read
     /// after it, to be served before the rest of the connection.
     Hyper(Bytes),
@@ -105,7 +109,7 @@ where
             Ok(None) => return Ended::Closed,
             Err((status, why)) => {
                 refuse(io, status, why).await;
-                return Ended::Closed;
+                return Ended::Refused(status, why);
             }
         };
         let Head {
@@ -1388,16 +1392,27 @@ mod tests {
                 String::from_utf8_lossy(wire)
             );
             assert!(got.contains("connection: close\r\n"), "{got}");
-            assert!(matches!(task.await.unwrap(), Ended::Closed));
+            // Reported, for the metrics and the access log.
+            match task.await.unwrap() {
+                Ended::Refused(s, why) => {
+                    assert_eq!(s.as_str(), status);
+                    assert!(got.contains(why), "{got}");
+                }
+                e => panic!("{e:?} for {:?}", String::from_utf8_lossy(wire)),
+            }
         }
         // Larger than max_head, whole or not.
         let mut big = b"GET / HTTP/1.1\r\nx-big: ".to_vec();
         big.resize(LIMITS.max_head + 10, b'a');
         for end in [&b""[..], b"\r\n\r\n"] {
-            let (mut client, _task, _drain) = start(echo);
+            let (mut client, task, _drain) = start(echo);
             client.write_all(&big).await.unwrap();
             client.write_all(end).await.unwrap();
             assert!(read_all(&mut client).await.starts_with("HTTP/1.1 431 "));
+            assert!(matches!(
+                task.await.unwrap(),
+                Ended::Refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, _)
+            ));
         }
         // More than 100 lines.
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();
@@ -1416,7 +1431,10 @@ mod tests {
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let got = read_all(&mut client).await;
         assert!(got.starts_with("HTTP/1.1 408 "), "{got}");
-        assert!(matches!(task.await.unwrap(), Ended::Closed));
+        assert!(matches!(
+            task.await.unwrap(),
+            Ended::Refused(StatusCode::REQUEST_TIMEOUT, _)
+        ));
 
         // Idle past the head timeout is fine; past the idle timeout, closed
         // without a word.
@@ -1469,7 +1487,7 @@ mod tests {
                 .unwrap()
             {
                 Ended::Hyper(rest) => assert_eq!(rest, wire, "{}", String::from_utf8_lossy(head)),
-                Ended::Closed => panic!("closed at {}", String::from_utf8_lossy(head)),
+                e => panic!("{e:?} at {}", String::from_utf8_lossy(head)),
             }
         }
     }

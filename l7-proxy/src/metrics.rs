@@ -210,6 +210,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a request whose head the proxy refused before it was a
+    /// request (malformed, too large, too slow): by the class of the
+    /// `status` it was answered with, with no latency (it has no start the
+    /// caller would measure: a stalled head's is its first byte).
+    pub fn count_refused_head(&self, key: RequestKey<'_>, status: u16) {
+        self.requests
+            .get_or_create(&key.labels(status_class(status), GrpcStatus::NONE))
+            .inc();
+    }
+
     /// Creates the families and registers them under the `sluice` prefix.
     pub fn new(registry: &mut Registry) -> Self {
         let m = Metrics {

@@ -315,6 +315,9 @@ async fn serve_http(
             };
             let rest = match crate::h1server::serve(&mut io, limits, signal, handler).await {
                 crate::h1server::Ended::Closed => return,
+                crate::h1server::Ended::Refused(status, why) => {
+                    return forward::refused_head(&shared, &conn, status, why);
+                }
                 crate::h1server::Ended::Hyper(rest) => rest,
             };
             let io: HyperH1Io = Rewind::new(rest, io);
@@ -356,15 +359,44 @@ async fn serve_http(
                 // WebSocket and other HTTP/1.1 upgrades (forward::send_upgrade).
                 .with_upgrades();
             // (The idle timeout is the head timer's.)
-            drain_on(&shared, c, std::future::pending(), |c| {
+            let result = drain_on(&shared, c, std::future::pending(), |c| {
                 c.graceful_shutdown()
             })
-            .await
+            .await;
+            // A later head hyper could not parse, answered by hyper itself.
+            if let Some((status, why)) = result.as_ref().err().and_then(hyper_refusal) {
+                forward::refused_head(&shared, &conn, status, why);
+            }
+            result
         }
     };
     if let Err(e) = result {
         tracing::debug!(client = %conn.client_addr, "outbound HTTP connection ended: {e}");
     }
+}
+
+/// The answer hyper's HTTP/1.1 server wrote itself for a head it could not
+/// parse (it answers those that fail as a method, target, version or header
+/// field, or by their size, and closes), and why.
+fn hyper_refusal(e: &hyper::Error) -> Option<(http::StatusCode, &'static str)> {
+    use http::StatusCode;
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
+        return None;
+    }
+    // hyper names the kinds only in its message.
+    let what = e.to_string();
+    Some(if what.contains("URI too long") {
+        (StatusCode::URI_TOO_LONG, "the request target is too long")
+    } else if e.is_parse_too_large() {
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the request head is too large",
+        )
+    } else if what.starts_with("internal error") {
+        return None;
+    } else {
+        (StatusCode::BAD_REQUEST, "malformed request head")
+    })
 }
 
 /// Runs a hyper connection; on shutdown, or once `also` resolves, asks it

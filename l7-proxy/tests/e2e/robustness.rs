@@ -453,6 +453,58 @@ async fn garbage_and_oversized_requests_only_hurt_their_own_connection() {
     mesh.shutdown().await;
 }
 
+/// A head the proxy answers itself (malformed: by its own HTTP/1.1 server,
+/// or by hyper's after a request only hyper serves) is a request the mesh
+/// answered: counted for the Service under no route, and logged with the
+/// caller's identity and why.
+#[tokio::test]
+async fn refused_heads_are_counted_and_logged() {
+    let (log, _default) = capture_access_log();
+    let (mesh, srv) = mesh_with_cart().await;
+    let bad_heads: [&[u8]; 2] = [
+        // The proxy's own server (a header line without a colon).
+        b"GET / HTTP/1.1\r\nHost cart\r\n\r\n",
+        // An `Expect` request goes to hyper's server, which then meets the
+        // same line.
+        b"POST /e HTTP/1.1\r\nHost: cart\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi\
+          GET / HTTP/1.1\r\nHost cart\r\n\r\n",
+    ];
+    for wire in bad_heads {
+        let mut c = mesh.connect(web().ip, SocketAddr::new(vip(1), 80)).await;
+        c.write_all(wire).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.contains("HTTP/1.1 400 "), "{got}");
+    }
+    // The `Expect` request itself reached cart.
+    assert_eq!(srv[0].hits(), 1);
+    let refused = |m: &Mesh| {
+        m.a.metric(
+            "sluice_requests_total",
+            &[
+                "direction=\"Outbound\"",
+                "status_class=\"4xx\"",
+                "destination=\"shop/cart\"",
+                "route=\"\"",
+            ],
+        )
+    };
+    eventually("both refusals counted", || refused(&mesh) == 2.0).await;
+    let (text, records) = access_records(&log);
+    let lines: Vec<_> = records
+        .iter()
+        .filter(|r| r["direction"] == "outbound" && r["status"] == 400)
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for r in lines {
+        assert_eq!(r["reason"], "malformed request head", "{r}");
+        assert_eq!(r["source_identity"], web().identity().to_string(), "{r}");
+        assert_eq!(r["destination"], "shop/cart", "{r}");
+    }
+    mesh.shutdown().await;
+}
+
 /// A stream that stops reading when told: its peer's writes then pile up.
 struct Deaf<S> {
     inner: S,
