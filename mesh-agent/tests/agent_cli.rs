@@ -335,11 +335,12 @@ fn mesh_agent_validate_reports_file_document_and_field() {
     .unwrap();
     let (code, text) = validate(dir.path());
     assert_eq!(code, Some(1), "{text}");
+    // Named by the file that defines them.
     assert!(
-        text.contains("Service a/s") && text.contains("spec.ports"),
+        text.contains("model.yaml: Service a/s: spec.ports"),
         "{text}"
     );
-    assert!(text.contains("AccessPolicy a/p"), "{text}");
+    assert!(text.contains("model.yaml: AccessPolicy a/p"), "{text}");
     // A STRICT MeshPolicy where no pod is in the mesh refuses nothing: a
     // problem; a PERMISSIVE one there changes nothing: a note.
     let dir = tempfile::tempdir().unwrap();

@@ -113,7 +113,15 @@ async fn main() -> ExitCode {
             // The files' own problems and the agent's checks of what they
             // define (a Service's ports, a policy's sources, a route's
             // rules), as a running agent would report them.
-            let errors = mesh_agent::reconcile::offline_problems(src.inputs(true));
+            let mut errors = mesh_agent::reconcile::offline_problems(src.inputs(true));
+            // Each named by the file that defines its object.
+            for e in &mut errors {
+                if e.source == "model"
+                    && let Some(path) = e.object.as_deref().and_then(|o| src.origin_of(o))
+                {
+                    e.source = path.display().to_string();
+                }
+            }
             for e in &errors {
                 println!("{e}");
             }

@@ -402,6 +402,58 @@ fn parse_file(
         if value.is_null() {
             continue; // an empty document (`---` at the end)
         }
+        let mut read = Read {
+            path,
+            parsed: &mut parsed,
+            errors: &mut errors,
+            ignored: &mut ignored,
+            other_versions: &mut other_versions,
+        };
+        // A `kind: List` (what `kubectl get -o yaml` writes for several
+        // objects) is read as its items, as `kubectl apply` reads it.
+        if value.get("apiVersion").and_then(|v| v.as_str()) == Some("v1")
+            && value.get("kind").and_then(|v| v.as_str()) == Some("List")
+        {
+            match value.get_mut("items").map(std::mem::take) {
+                Some(serde_yaml::Value::Sequence(items)) => {
+                    for (j, item) in items.into_iter().enumerate() {
+                        read.document(format!("document {n}, item {}", j + 1), item);
+                    }
+                }
+                Some(serde_yaml::Value::Null) | None => {}
+                Some(_) => read.errors.push(error(
+                    path,
+                    Some(format!("document {n} (List)")),
+                    Some("items".into()),
+                    "not a list of objects",
+                )),
+            }
+            continue;
+        }
+        read.document(format!("document {n}"), value);
+    }
+    (parsed, errors, ignored, other_versions)
+}
+
+/// Where [`parse_file`] puts what one document defines.
+struct Read<'a> {
+    path: &'a Path,
+    parsed: &'a mut Parsed,
+    errors: &'a mut Vec<ConfigError>,
+    ignored: &'a mut Vec<ConfigError>,
+    other_versions: &'a mut Vec<OtherVersion>,
+}
+
+impl Read<'_> {
+    /// Reads one object, `doc` saying where it is in its file.
+    fn document(&mut self, doc: String, value: serde_yaml::Value) {
+        let Read {
+            path,
+            ref mut parsed,
+            ref mut errors,
+            ref mut ignored,
+            ref mut other_versions,
+        } = *self;
         let api = value
             .get("apiVersion")
             .and_then(|v| v.as_str())
@@ -419,27 +471,70 @@ fn parse_file(
             .unwrap_or("")
             .to_string();
         let what = if name.is_empty() {
-            format!("document {n} ({kind})")
+            format!("{doc} ({kind})")
         } else {
-            format!("document {n} ({kind} {name})")
+            format!("{doc} ({kind} {name})")
         };
         if api.is_empty() || kind.is_empty() {
             errors.push(error(
                 path,
-                Some(format!("document {n}")),
+                Some(doc.clone()),
                 Some(if api.is_empty() { "apiVersion" } else { "kind" }.into()),
                 "missing: every document needs apiVersion and kind",
             ));
-            continue;
+            return;
         }
-        if kind != format::KIND && name.is_empty() {
+        // Only what is read needs a name: a kustomization.yaml or a kind
+        // the source does not read is a note, whatever it holds.
+        let read_here = kind != format::KIND && read_api_version(&kind) == Some(api.as_str());
+        if read_here && name.is_empty() {
+            let not_text = value
+                .get("metadata")
+                .and_then(|m| m.get("name"))
+                .is_some_and(|v| !v.is_null());
             errors.push(error(
                 path,
                 Some(what),
                 Some("metadata.name".into()),
-                "missing",
+                if not_text {
+                    "not a string: quote it"
+                } else {
+                    "missing"
+                },
             ));
-            continue;
+            return;
+        }
+        // A kind misspelt is not another kind: `MeshPolicy` as `Meshpolicy`
+        // or `HTTPRoute` as `HttpRoute` would be passed over as a kind not
+        // read, and an edit that misspelt a defined object's kind would
+        // remove it. An API server refuses such kinds too.
+        if read_api_version(&kind).is_none() {
+            let known = [
+                "Namespace",
+                "Service",
+                "EndpointSlice",
+                "HTTPRoute",
+                "GRPCRoute",
+                "MeshPolicy",
+                "AccessPolicy",
+                format::KIND,
+            ];
+            let meant = known.iter().find(|k| k.eq_ignore_ascii_case(&kind));
+            let ours = api.split('/').next() == crate::crds::API_VERSION.split('/').next();
+            if meant.is_some() || ours {
+                let message = match meant {
+                    Some(k) => {
+                        format!("unknown kind {kind:?}: kinds are case-sensitive; write {k}")
+                    }
+                    None => format!(
+                        "unknown kind {kind:?} in {api}: the kinds of sluice.dev are MeshPolicy, \
+                         AccessPolicy and {}",
+                        format::KIND
+                    ),
+                };
+                errors.push(error(path, Some(what), Some("kind".into()), message));
+                return;
+            }
         }
         let result: Result<Option<Object>, (Option<String>, String)> = match (
             api.as_str(),
@@ -501,8 +596,8 @@ fn parse_file(
                         };
                         let message = format!(
                             "ignored: the files source reads {kind} as apiVersion {read}, not \
-                             {api}: this document defines nothing (write apiVersion: {read} for \
-                             it to define {})",
+                                 {api}: this document defines nothing (write apiVersion: {read} for \
+                                 it to define {})",
                             OtherVersion::name(&kind, &key)
                         );
                         other_versions.push(OtherVersion {
@@ -522,15 +617,15 @@ fn parse_file(
                     {
                         format!(
                             "ignored: {api} {kind} is not read by the files source: mesh routes \
-                             need no ReferenceGrant (GEP-1294); a route's backends and mirror \
-                             targets may be in any namespace, since requests keep the caller's \
-                             identity and the target's AccessPolicy decides"
+                                 need no ReferenceGrant (GEP-1294); a route's backends and mirror \
+                                 targets may be in any namespace, since requests keep the caller's \
+                                 identity and the target's AccessPolicy decides"
                         )
                     }
                     None => format!(
                         "ignored: {api} {kind} is not read by the files source (it reads Namespace, \
-                         Service, EndpointSlice, HTTPRoute, GRPCRoute, MeshPolicy, AccessPolicy \
-                         and {})",
+                             Service, EndpointSlice, HTTPRoute, GRPCRoute, MeshPolicy, AccessPolicy \
+                             and {})",
                         format::KIND
                     ),
                 };
@@ -549,7 +644,6 @@ fn parse_file(
             Err((field, message)) => errors.push(error(path, Some(what), field, message)),
         }
     }
-    (parsed, errors, ignored, other_versions)
 }
 
 fn workload_of(e: &WorkloadEntry) -> Workload {
@@ -591,12 +685,17 @@ pub fn derive_slices(
     let ns = svc.namespace().unwrap_or_default();
     let name = svc.name_any();
     let svc_ports: Vec<_> = spec.ports.iter().flatten().collect();
+    // Not-ready pods are endpoints too, ready ones (as the endpoint
+    // controller has them: peer discovery of StatefulSets).
+    let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
     // Target port of each service port for one workload (None: it lacks the named port).
     let targets = |e: &WorkloadEntry| -> Vec<Option<i32>> {
         svc_ports
             .iter()
             .map(|p| match &p.target_port {
-                None => Some(p.port),
+                // As the API server defaults a missing, `0` or `""` one.
+                None | Some(IntOrString::Int(0)) => Some(p.port),
+                Some(IntOrString::String(s)) if s.is_empty() => Some(p.port),
                 Some(IntOrString::Int(i)) => Some(*i),
                 Some(IntOrString::String(s)) => e.ports.get(s).map(|n| i32::from(*n)),
             })
@@ -629,7 +728,7 @@ pub fn derive_slices(
                         .map(|ip| Endpoint {
                             addresses: vec![ip.to_string()],
                             conditions: Some(EndpointConditions {
-                                ready: Some(w.ready && !w.terminating),
+                                ready: Some(publish_not_ready || (w.ready && !w.terminating)),
                                 serving: Some(w.ready),
                                 terminating: Some(w.terminating),
                             }),
@@ -862,6 +961,23 @@ impl FilesSource {
             // In document order.
             errors.extend(refused.into_iter().rev());
             st.contents = Some(contents);
+            // A file emptied while a command writes it (`kubectl get ... >
+            // file`, `helm template ... > file`): its objects are not
+            // removed for the moment (an API server refuses to apply an
+            // empty file too). Deleting the file removes them.
+            let nothing = parsed.objects.is_empty()
+                && parsed.workloads.is_empty()
+                && errors.is_empty()
+                && ignored.is_empty();
+            if nothing && (!st.good.objects.is_empty() || !st.good.workloads.is_empty()) {
+                errors.push(error(
+                    path,
+                    None,
+                    None,
+                    "no objects (empty, or comments only, as while a command writes it); to \
+                     remove its objects, delete the file",
+                ));
+            }
             if errors.is_empty() {
                 st.good = parsed;
                 st.ever_good = true;
@@ -870,7 +986,11 @@ impl FilesSource {
                     path,
                     None,
                     None,
-                    "the file's last good version stays in force until it is fixed",
+                    if st.ever_good {
+                        "the file's last good version stays in force until it is fixed"
+                    } else {
+                        "nothing in the file is in force until it is fixed"
+                    },
                 ));
             }
             errors.extend(ignored);
@@ -886,6 +1006,20 @@ impl FilesSource {
         out.extend(self.unlisted.iter().map(|(_, e)| e.clone()));
         out.extend(self.merge().1);
         out
+    }
+
+    /// The file that defines `object` (as the agent's checks name it:
+    /// `Service shop/web`), the one that defined it first where several do.
+    pub fn origin_of(&self, object: &str) -> Option<&Path> {
+        let mut files: Vec<(&PathBuf, &FileState)> = self.files.iter().collect();
+        files.sort_by_key(|(_, f)| f.seen);
+        files.into_iter().find_map(|(path, f)| {
+            f.good
+                .objects
+                .iter()
+                .any(|o| format!("{} {}", o.kind(), o.key()) == object)
+                .then_some(path.as_path())
+        })
     }
 
     /// The whole directory as model objects, and the conflicts found merging

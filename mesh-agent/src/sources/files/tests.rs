@@ -967,3 +967,218 @@ fn a_copy_added_later_does_not_take_an_object_over_even_sorting_first() {
     assert!(e.source.ends_with("0-backup.yaml"), "{e}");
     assert!(e.message.contains("shop.yaml"), "{e}");
 }
+
+/// What `kubectl get -o yaml` writes for several objects, a `kind: List`,
+/// defines its items; a kustomization.yaml (no name) is only a note.
+#[test]
+fn a_list_defines_its_items_and_a_kustomization_is_only_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "workloads.yaml", WORKLOADS);
+    let items: String = SHOP
+        .split("---")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| {
+            let lines: Vec<String> = d.trim().lines().map(|l| format!("    {l}")).collect();
+            format!("  - {}\n", lines.join("\n").trim_start())
+        })
+        .collect();
+    write(
+        dir.path(),
+        "list.yaml",
+        &format!("apiVersion: v1\nkind: List\nitems:\n{items}"),
+    );
+    write(
+        dir.path(),
+        "kustomization.yaml",
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [list.yaml]\n",
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let errors = src.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .message
+            .starts_with("ignored: kustomize.config.k8s.io/v1beta1 Kustomization"),
+        "{errors:?}"
+    );
+    assert!(errors[0].is_note(), "{errors:?}");
+    let s = store_of(&src);
+    assert!(s.services.contains_key(&Key::new("shop", "web")));
+    assert!(s.namespaces.contains_key("shop"));
+
+    // An item's error names the item.
+    let broken = fs::read_to_string(dir.path().join("list.yaml"))
+        .unwrap()
+        .replace("port: 80", "port: eighty");
+    write(dir.path(), "list.yaml", &broken);
+    src.reload().unwrap();
+    let errors = src.errors();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.object.as_deref() == Some("document 1, item 2 (Service web)")),
+        "{errors:?}"
+    );
+}
+
+/// A read kind spelt in another case, or an unknown kind of sluice.dev, is
+/// an error (an API server refuses it), not a kind passed over: an edit
+/// that misspelt a defined object's kind would have removed the object.
+#[test]
+fn a_misspelt_kind_is_an_error_and_keeps_the_last_good_version() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    write(dir.path(), "workloads.yaml", WORKLOADS);
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    for (from, to, says) in [
+        ("kind: Service", "kind: service", "write Service"),
+        (
+            "apiVersion: v1\nkind: Service",
+            "apiVersion: sluice.dev/v1alpha1\nkind: MeshPolcy",
+            "kinds of sluice.dev are",
+        ),
+    ] {
+        write(dir.path(), "shop.yaml", &SHOP.replace(from, to));
+        src.reload().unwrap();
+        let errors = src.errors();
+        assert_eq!(errors[0].field.as_deref(), Some("kind"), "{errors:?}");
+        assert!(errors[0].message.contains(says), "{errors:?}");
+        assert!(!errors[0].is_note(), "{errors:?}");
+        assert!(
+            errors[1].message.contains("last good version stays"),
+            "{errors:?}"
+        );
+        assert!(
+            store_of(&src)
+                .services
+                .contains_key(&Key::new("shop", "web"))
+        );
+    }
+    // A kind of another group is still a note.
+    write(
+        dir.path(),
+        "other.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n",
+    );
+    write(dir.path(), "shop.yaml", SHOP);
+    src.reload().unwrap();
+    let errors = src.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].is_note(), "{errors:?}");
+}
+
+/// A file emptied (a command writing it through `>`) keeps its objects
+/// until its new contents come; deleting the file removes them.
+#[test]
+fn an_emptied_file_keeps_its_objects_until_written_or_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shop.yaml", SHOP);
+    write(dir.path(), "workloads.yaml", WORKLOADS);
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    for empty in ["", "# being written\n"] {
+        write(dir.path(), "shop.yaml", empty);
+        src.reload().unwrap();
+        let errors = src.errors();
+        assert!(errors[0].message.contains("delete the file"), "{errors:?}");
+        assert!(
+            store_of(&src)
+                .services
+                .contains_key(&Key::new("shop", "web"))
+        );
+    }
+    write(dir.path(), "shop.yaml", SHOP);
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    fs::remove_file(dir.path().join("shop.yaml")).unwrap();
+    src.reload().unwrap();
+    assert!(
+        !store_of(&src)
+            .services
+            .contains_key(&Key::new("shop", "web"))
+    );
+    // An empty file that never defined anything is nothing to report.
+    write(dir.path(), "new.yaml", "");
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+}
+
+/// A file broken from its first read has nothing in force; a name that is
+/// not a string is said so, not "missing".
+#[test]
+fn a_file_never_good_says_nothing_in_it_is_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "shop.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: 123}\n",
+    );
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    let errors = src.errors();
+    assert_eq!(errors[0].field.as_deref(), Some("metadata.name"));
+    assert!(errors[0].message.contains("not a string"), "{errors:?}");
+    assert!(
+        errors[1]
+            .message
+            .contains("nothing in the file is in force"),
+        "{errors:?}"
+    );
+}
+
+/// As a cluster has them: a `targetPort` of `0` or `""` is the port (the
+/// API server's default), and a Service publishing not-ready addresses has
+/// its not-ready pods as ready endpoints (the endpoint controller's rule).
+#[test]
+fn derived_endpoints_follow_the_clusters_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = |name: &str, ip: &str, target: &str, publish: bool| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  clusterIP: {ip}\n  publishNotReadyAddresses: {publish}\n  \
+             selector: {{app: web}}\n  ports:\n    - {{name: http, port: 80, targetPort: {target}}}\n"
+        )
+    };
+    let manifests = [
+        SHOP.to_string(),
+        svc("zero", "127.96.1.3", "0", false),
+        svc("blank", "127.96.1.4", "\"\"", false),
+        svc("peers", "127.96.1.5", "http", true),
+    ]
+    .concat();
+    write(dir.path(), "shop.yaml", &manifests);
+    write(dir.path(), "workloads.yaml", WORKLOADS);
+    let mut src = FilesSource::new(dir.path());
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    let s = store_of(&src);
+    let backends = |svc: &str| -> Vec<(String, ebpf_lb::BackendState)> {
+        crate::reconcile::lb::desired_specs(&s, &Key::new("shop", svc), "node-a").unwrap()[0]
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.state))
+            .collect()
+    };
+    for svc in ["zero", "blank"] {
+        let got: Vec<_> = backends(svc).into_iter().map(|(a, _)| a).collect();
+        assert_eq!(got, ["127.0.10.1:80", "127.0.10.2:80"], "{svc}");
+    }
+    // web-1 is not ready: an endpoint of `peers` all the same.
+    let peers = backends("peers");
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    assert!(
+        peers
+            .iter()
+            .all(|(_, st)| *st == ebpf_lb::BackendState::Ready),
+        "{peers:?}"
+    );
+    // Without it, web-1 is not.
+    assert!(
+        backends("web")
+            .iter()
+            .any(|(a, st)| a == "127.0.10.2:8080" && *st != ebpf_lb::BackendState::Ready)
+    );
+}
