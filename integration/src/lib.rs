@@ -24,7 +24,8 @@ pub fn require_root() {
     assert!(
         euid == 0,
         "this test needs root (cgroup v2, bpf, network namespaces); run it with \
-         `sudo -E cargo xtask test` (euid is {euid})"
+         `sudo -E env \"PATH=$PATH:/usr/sbin:/sbin\" cargo xtask test` (sudo's own PATH has no \
+         ~/.cargo/bin; euid is {euid})"
     );
 }
 

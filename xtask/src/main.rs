@@ -119,22 +119,47 @@ const NEXTEST_VERSION: &str = "0.9.143";
 /// toolchain here (later ones may need a newer rustc).
 const OHA_VERSION: &str = "1.16.0";
 
+/// The nightly toolchain the kernel programs build with, as
+/// `ebpf-lb/build.rs` picks it: `SLUICE_BPF_TOOLCHAIN` when set (a dated
+/// one, as the Containerfile pins), else `nightly`.
+fn bpf_toolchain() -> String {
+    std::env::var("SLUICE_BPF_TOOLCHAIN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "nightly".into())
+}
+
+/// Whether `rustup toolchain list` output lists `name` itself: `nightly`
+/// is `nightly-<host>`, not a dated `nightly-2026-05-20-<host>`.
+fn lists_toolchain(list: &str, name: &str) -> bool {
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .any(|t| {
+            t == name
+                || t.strip_prefix(name).is_some_and(|rest| {
+                    rest.strip_prefix('-')
+                        .is_some_and(|host| !host.starts_with(|c: char| c.is_ascii_digit()))
+                })
+        })
+}
+
 fn setup() -> Result<()> {
+    let nightly = bpf_toolchain();
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to build the kernel programs (nightly toolchain)")?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+    if !lists_toolchain(&toolchains, &nightly) {
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            &nightly,
             "--profile",
             "minimal",
         ]))
-        .context("installing the nightly toolchain")?;
+        .with_context(|| format!("installing the {nightly} toolchain"))?;
     }
     for (toolchain, component) in [
-        ("nightly", "rust-src"),
-        ("nightly", "clippy"),
+        (nightly.as_str(), "rust-src"),
+        (nightly.as_str(), "clippy"),
         ("stable", "clippy"),
         ("stable", "rustfmt"),
     ] {
@@ -311,7 +336,7 @@ fn lint_kernel() -> Result<()> {
     cmd.current_dir(root())
         .args([
             "run",
-            "nightly",
+            &bpf_toolchain(),
             "cargo",
             "clippy",
             "--package",
@@ -400,7 +425,22 @@ fn bench(args: &[String]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::df_available_kb;
+    use super::{df_available_kb, lists_toolchain};
+
+    #[test]
+    fn a_toolchain_is_found_by_its_own_name_only() {
+        let list = "stable-x86_64-unknown-linux-gnu (default)\n\
+                    nightly-2026-05-20-x86_64-unknown-linux-gnu\n";
+        assert!(lists_toolchain(list, "stable"));
+        assert!(lists_toolchain(list, "nightly-2026-05-20"));
+        // A dated nightly is not the toolchain called `nightly`.
+        assert!(!lists_toolchain(list, "nightly"));
+        assert!(lists_toolchain(
+            "nightly-aarch64-unknown-linux-gnu\n",
+            "nightly"
+        ));
+        assert!(!lists_toolchain(list, "nightly-2026-05-19"));
+    }
 
     #[test]
     fn reads_the_available_column_of_df() {
