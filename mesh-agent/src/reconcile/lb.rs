@@ -13,7 +13,9 @@ use std::{
 };
 
 use ebpf_lb::{Backend, BackendState, Change, Frontend, Protocol, ServiceSpec};
-use k8s_openapi::api::discovery::v1::EndpointConditions;
+use k8s_openapi::{
+    api::discovery::v1::EndpointConditions, apimachinery::pkg::util::intstr::IntOrString,
+};
 
 use crate::{
     config,
@@ -180,6 +182,18 @@ pub fn desired_specs(
             ));
         }
     }
+    // Port names as the Service has them, and as its EndpointSlices still
+    // may (they are rewritten after the Service, a moment later).
+    let names: BTreeSet<&str> = ports
+        .iter()
+        .map(|p| p.name.as_deref().unwrap_or(""))
+        .collect();
+    let slice_names: BTreeSet<&str> = store
+        .slices_of(key)
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| p.name.as_deref().unwrap_or(""))
+        .collect();
+    let unmatched = names.difference(&slice_names).count();
     let mut out = Vec::new();
     for (p, port) in spec.ports.iter().flatten().enumerate() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -224,8 +238,22 @@ pub fn desired_specs(
             continue;
         }
         let name = port.name.as_deref().unwrap_or("");
+        // A port renamed (or named, as a second port requires) finds none
+        // of its endpoints until the slices are rewritten: the endpoints
+        // of the name it had are kept for the connections they carry.
+        let renamed = (!slice_names.contains(name)).then(|| Renamed {
+            names: &names,
+            target: match &port.target_port {
+                None => Some(number),
+                Some(IntOrString::Int(0)) => Some(number),
+                Some(IntOrString::String(s)) if s.is_empty() => Some(number),
+                Some(IntOrString::Int(t)) => u16::try_from(*t).ok(),
+                Some(IntOrString::String(_)) => None,
+            },
+            alone: unmatched == 1,
+        });
         for vip in &vips {
-            let backends = backends_for(store, key, *vip, name, protocol, local_only);
+            let backends = backends_for(store, key, *vip, name, protocol, local_only, &renamed);
             out.push(ServiceSpec {
                 frontend: Frontend {
                     vip: SocketAddr::new(*vip, number),
@@ -246,8 +274,38 @@ pub fn desired_specs(
     }
 }
 
+/// A Service port whose name no EndpointSlice of the Service has (yet).
+struct Renamed<'a> {
+    /// The Service's port names.
+    names: &'a BTreeSet<&'a str>,
+    /// Its target port, when a number.
+    target: Option<u16>,
+    /// The only port of the Service that no slice names.
+    alone: bool,
+}
+
+impl Renamed<'_> {
+    /// Whether slice port `name` (numbered `number`), named by no port of
+    /// the Service, is what this port was called: same number as its
+    /// target, or, for a target by name, the one name left over for the one
+    /// port without a match.
+    fn was(&self, name: &str, number: u16, stale: usize) -> bool {
+        !self.names.contains(name)
+            && match self.target {
+                Some(t) => t == number,
+                None => self.alone && stale == 1,
+            }
+    }
+}
+
 /// Backends of one service port from all its EndpointSlices of the VIP's
 /// family, sorted and deduplicated (an address keeps its best state).
+///
+/// A port no slice names yet (`renamed`, see [`Renamed::was`]) keeps the
+/// endpoints of its former name as terminating: the connections they carry
+/// stay (removed backends' sockets are reset) and new ones wait for the
+/// slices, as kube-proxy's conntrack entries keep established flows while
+/// the renamed port has no endpoints.
 fn backends_for(
     store: &Store,
     key: &Key,
@@ -255,17 +313,35 @@ fn backends_for(
     port_name: &str,
     protocol: Protocol,
     local_only: Option<&str>,
+    renamed: &Option<Renamed<'_>>,
 ) -> Vec<Backend> {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let proto = protocol.to_string();
     let mut found: BTreeMap<SocketAddr, (BackendState, bool)> = BTreeMap::new();
+    let stale: BTreeSet<&str> = match renamed {
+        Some(r) => store
+            .slices_of(key)
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == proto)
+            .map(|p| p.name.as_deref().unwrap_or(""))
+            .filter(|n| !r.names.contains(n))
+            .collect(),
+        None => BTreeSet::new(),
+    };
     for slice in store.slices_of(key) {
         if slice.address_type != family {
             continue;
         }
         let Some(port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && p.protocol.as_deref().unwrap_or("TCP") == proto
+            let name = p.name.as_deref().unwrap_or("");
+            p.protocol.as_deref().unwrap_or("TCP") == proto
+                && match renamed {
+                    None => name == port_name,
+                    Some(r) => p
+                        .port
+                        .and_then(|n| u16::try_from(n).ok())
+                        .is_some_and(|n| r.was(name, n, stale.len())),
+                }
         }) else {
             continue;
         };
@@ -280,8 +356,13 @@ fn backends_for(
             if local_only.is_some_and(|n| ep.node_name.as_deref() != Some(n)) {
                 continue;
             }
-            let state = backend_state(ep.conditions.as_ref());
-            let serving = serving(ep.conditions.as_ref());
+            let (state, serving) = match renamed {
+                None => (
+                    backend_state(ep.conditions.as_ref()),
+                    serving(ep.conditions.as_ref()),
+                ),
+                Some(_) => (BackendState::Terminating, false),
+            };
             for a in &ep.addresses {
                 let Ok(ip) = a.parse::<IpAddr>() else {
                     continue;
@@ -557,6 +638,93 @@ mod tests {
         assert_eq!(spec.backends, vec![Backend::ready(addr("10.0.0.1:8080"))]);
         let spec = &desired_specs(&s, &Key::new("shop", "web"), "n3").unwrap()[0];
         assert_eq!(spec.backends, vec![]);
+    }
+
+    /// A port named or renamed in the Service before its slices are
+    /// rewritten (a second port added makes the first need a name) keeps
+    /// the endpoints of its former name as terminating, so its connections
+    /// are not reset; the new port gets none it did not have.
+    #[test]
+    fn a_renamed_port_keeps_its_endpoints_connections_until_the_slices_follow() {
+        let mut svc = service("shop", "web", "127.96.0.10", &[80, 9090]);
+        // Both target ports given as numbers, and by name for a second case.
+        for (i, t) in [(0, 8080), (1, 9090)] {
+            svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[i].target_port =
+                Some(IntOrString::Int(t));
+        }
+        let stale = || {
+            Object::EndpointSlice(slice(
+                "shop",
+                "web-1",
+                "web",
+                &[8080],
+                &[ep_ready("10.0.0.2"), ep_ready("10.0.0.3")],
+            ))
+        };
+        let s = store_with(vec![
+            Object::Namespace(namespace("shop", false)),
+            Object::Service(svc.clone()),
+            stale(),
+        ]);
+        let specs = desired_specs(&s, &Key::new("shop", "web"), "n1").unwrap();
+        let kept = |a: &str| Backend {
+            addr: addr(a),
+            state: BackendState::Terminating,
+        };
+        assert_eq!(
+            specs[0].backends,
+            vec![kept("10.0.0.2:8080"), kept("10.0.0.3:8080")]
+        );
+        assert_eq!(specs[1].backends, vec![], "9090 had none");
+
+        // A target by name: the one port without a match takes the one name
+        // left over.
+        let mut one = service("shop", "web", "127.96.0.10", &[80]);
+        let p = &mut one.spec.as_mut().unwrap().ports.as_mut().unwrap()[0];
+        p.name = Some("http".into());
+        p.target_port = Some(IntOrString::String("http".into()));
+        let s = store_with(vec![
+            Object::Namespace(namespace("shop", false)),
+            Object::Service(one),
+            stale(),
+        ]);
+        let specs = desired_specs(&s, &Key::new("shop", "web"), "n1").unwrap();
+        assert_eq!(
+            specs[0].backends,
+            vec![kept("10.0.0.2:8080"), kept("10.0.0.3:8080")]
+        );
+
+        // Slices that name the port: as ever.
+        let mut fresh = slice(
+            "shop",
+            "web-1",
+            "web",
+            &[8080, 9090],
+            &[ep_ready("10.0.0.2")],
+        );
+        for (p, n) in fresh
+            .ports
+            .as_mut()
+            .unwrap()
+            .iter_mut()
+            .zip(["p80", "p9090"])
+        {
+            p.name = Some(n.into());
+        }
+        let s = store_with(vec![
+            Object::Namespace(namespace("shop", false)),
+            Object::Service(svc),
+            Object::EndpointSlice(fresh),
+        ]);
+        let specs = desired_specs(&s, &Key::new("shop", "web"), "n1").unwrap();
+        assert_eq!(
+            specs[0].backends,
+            vec![Backend::ready(addr("10.0.0.2:8080"))]
+        );
+        assert_eq!(
+            specs[1].backends,
+            vec![Backend::ready(addr("10.0.0.2:9090"))]
+        );
     }
 
     #[test]
