@@ -19,7 +19,7 @@ pub trait InterfaceResolver: Send + Sync {
 pub enum NoInterface {
     /// The node's network reaches it through an interface that is not its
     /// own (a route for a whole prefix, a bridge): a limit of the network,
-    /// not a failure; the proxy enforces STRICT.
+    /// not a failure; plaintext to the pod is then not refused.
     NotItsOwn(String),
     /// No route to it (yet: the pod is starting).
     NoRoute(String),

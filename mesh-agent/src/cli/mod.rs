@@ -395,13 +395,11 @@ pub fn render_workloads(w: &Workloads, all: bool, namespace: Option<&str>) -> St
             x.identity.clone(),
             enrolled,
             // Not enrolled: its traffic bypasses the proxy, no mode applies.
-            // STRICT that the kernel does not guard is the proxy's alone.
+            // STRICT that the kernel does not guard refuses nothing: only the
+            // kernel sees plaintext sent to the pod.
             match (x.enrolled, kernel_unguarded(x)) {
                 (false, _) => "-".into(),
-                (true, Some(crate::reconcile::STRICT_WITHOUT_PROXY)) => {
-                    format!("{} (not enforced)", x.mtls_mode)
-                }
-                (true, Some(_)) => format!("{} (proxy only)", x.mtls_mode),
+                (true, Some(_)) => format!("{} (not enforced)", x.mtls_mode),
                 (true, None) => x.mtls_mode.to_string(),
             },
             match (&x.cert_expiry, &x.cert_problem) {
@@ -832,7 +830,7 @@ mod tests {
             row("db").contains("STRICT") && !row("db").contains("proxy only"),
             "{out}"
         );
-        assert!(row("web").contains("STRICT (proxy only)"), "{out}");
+        assert!(row("web").contains("STRICT (not enforced)"), "{out}");
         assert!(row("cart").contains("STRICT (not enforced)"), "{out}");
         assert!(
             out.contains("shop/web: not enforced in the kernel: the pod has no IP yet"),

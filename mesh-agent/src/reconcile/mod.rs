@@ -120,8 +120,8 @@ pub struct AgentView {
     pub dataplane_errors: Vec<String>,
     /// What the kernel cannot do on this node's network, by design of the
     /// network and not a failure: STRICT pods behind an interface they
-    /// share (a route for a prefix, as Cilium's `cilium_host`), which the
-    /// proxy alone enforces.
+    /// share (a route for a prefix, as Cilium's `cilium_host`): plaintext
+    /// sent to their addresses is not refused.
     pub dataplane_limits: Vec<String>,
     /// The first sync's clean-up of what an earlier run left has not run
     /// yet: it waits for `cleanup_waits_for` to read in full, then for the
@@ -818,8 +818,9 @@ impl Reconciler {
             let mode = match info.mtls_mode {
                 MtlsMode::Strict if !self.settings.kernel_strict => {
                     info.strict_guard = Some(
-                        "not enforced in the kernel: no node proxy marks its sockets; \
-                         the proxy enforces STRICT"
+                        "not enforced: no node proxy marks its sockets, so the kernel cannot \
+                         tell its connections from plaintext; plaintext sent to the pod's \
+                         address is not refused"
                             .into(),
                     );
                     ebpf_lb::MtlsMode::Permissive
@@ -860,7 +861,9 @@ impl Reconciler {
                     (Ok(()), Ok(()))
                 }
                 Err(e) => {
-                    info.strict_guard = Some(format!("not enforced in the kernel: {e}"));
+                    info.strict_guard = Some(format!(
+                        "not enforced in the kernel: {e}; plaintext sent to the pod is not refused"
+                    ));
                     let err = Err(format!("STRICT pod {key}: no interface to guard: {e}"));
                     match e {
                         NoInterface::NotItsOwn(_) => (Ok(()), err),
@@ -875,7 +878,9 @@ impl Reconciler {
         // whole prefix: Cilium's cilium_host, an overlay or gateway port) is
         // no pod's own: traffic may reach the pods past it (Cilium
         // redirects in BPF), so a guard there would be reported while it
-        // does not hold. Such pods are left to the proxy, and said so.
+        // does not hold. Such pods are left unguarded, and said so: plaintext
+        // sent to their addresses reaches them (callers in the mesh still
+        // come through the tunnel).
         for (iface, pods) in &shared {
             guards.remove(iface);
             let names: Vec<String> = pods.iter().map(ToString::to_string).collect();
@@ -888,14 +893,16 @@ impl Reconciler {
                     .iter()
                     .any(|k| k.name == info.name && k.namespace == info.namespace)
                 {
-                    info.strict_guard = Some(format!("not enforced in the kernel: {why}"));
+                    info.strict_guard = Some(format!(
+                        "not enforced in the kernel: {why}; plaintext sent to the pod is not refused"
+                    ));
                 }
             }
             let what = format!("{GUARD_SHARED}{iface}");
             guard_keys.insert(what.clone());
             self.outcome(
                 what,
-                Err(format!("STRICT pods: no interface of their own to guard: {why}; the proxy enforces STRICT")),
+                Err(format!("STRICT pods: no interface of their own to guard: {why}; plaintext sent to their addresses is not refused (a route per pod, as Cilium's endpointRoutes.enabled=true, lets the kernel guard them)")),
             );
         }
         for (ip, mode) in &modes {
@@ -956,7 +963,9 @@ impl Reconciler {
                             .iter_mut()
                             .filter(|i| i.name == key.name && i.namespace == key.namespace)
                         {
-                            info.strict_guard = Some(format!("not enforced in the kernel: {e}"));
+                            info.strict_guard = Some(format!(
+                                "not enforced in the kernel: {e}; plaintext sent to the pod is not refused"
+                            ));
                         }
                     }
                 }
