@@ -367,6 +367,29 @@ fn mesh_agent_validate_reports_file_document_and_field() {
         text.contains("note: namespace legacy is not in the mesh"),
         "{text}"
     );
+    // The example's STRICT policy with a PERMISSIVE one beside it that
+    // takes its pods (namespace-wide too, first by name): a problem, in the
+    // file that defines it.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(examples()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("open.yaml"),
+        "apiVersion: sluice.dev/v1alpha1\nkind: MeshPolicy\n\
+         metadata: {name: a-open, namespace: shop}\nspec: {mode: PERMISSIVE}\n",
+    )
+    .unwrap();
+    let (code, text) = validate(dir.path());
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(
+            "policies.yaml: MeshPolicy shop/strict: not in force: MeshPolicy a-open sets the mode \
+             of all of the pods it selects"
+        ) && text.contains("plaintext is not refused"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1226,6 +1226,25 @@ impl Reconciler {
             {
                 continue;
             }
+            // Its mode taken from pods by another policy: a STRICT one then
+            // lets plaintext in where its author meant it refused.
+            if policies::mesh_policy_idle(&self.store, &key.namespace).is_none()
+                && let Some((all, why)) = policies::mesh_policy_overridden(&self.store, key)
+            {
+                let strict = p.spec.mode == MtlsMode::Strict;
+                out.push(ConfigError {
+                    source: "model".into(),
+                    object: Some(format!("MeshPolicy {key}")),
+                    field: None,
+                    message: match (strict, all) {
+                        (true, true) => format!("not in force: {why}: plaintext is not refused"),
+                        (true, false) => {
+                            format!("{why}: plaintext to those pods is not refused")
+                        }
+                        (false, _) => format!("note: {why}"),
+                    },
+                });
+            }
             if let Some(why) = policies::mesh_policy_idle(&self.store, &key.namespace) {
                 // A STRICT policy that refuses nothing is a problem; another
                 // mode changes what no mesh does anyway.

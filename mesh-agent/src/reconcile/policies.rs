@@ -189,6 +189,63 @@ pub fn mesh_policy_idle(store: &Store, ns: &str) -> Option<String> {
     })
 }
 
+/// Why a MeshPolicy's mode is not that of some pods it selects, or of any
+/// (`true`): another MeshPolicy of the namespace, with another mode, takes
+/// them (one with a selector beats a namespace-wide one; between equals the
+/// oldest). `None` when every pod it selects has its mode (or it selects
+/// none yet).
+pub fn mesh_policy_overridden(store: &Store, key: &Key) -> Option<(bool, String)> {
+    let p = store.mesh_policies.get(key)?;
+    let mut selected = 0;
+    let mut taken = 0;
+    let mut by: std::collections::BTreeSet<&Key> = std::collections::BTreeSet::new();
+    // The pods a mode applies to: in the mesh (the namespace is, see
+    // mesh_policy_idle), not opted out, not on the node's network.
+    let in_mesh = |w: &&crate::state::Workload| {
+        w.namespace == key.namespace
+            && !w.host_network
+            && !w.is_static()
+            && !w.finished
+            && w.annotations
+                .get(crate::config::MESH_ANNOTATION)
+                .map(String::as_str)
+                != Some(crate::config::MESH_DISABLED)
+    };
+    for w in store.pods.values().filter(in_mesh) {
+        if p.spec
+            .selector
+            .as_ref()
+            .is_some_and(|sel| !crate::crds::selector_matches(sel, &w.labels))
+        {
+            continue;
+        }
+        selected += 1;
+        // Taken by one that sets another mode (one that sets the same
+        // changes nothing this policy asks).
+        if let Some((winner, mode)) = super::workloads::mesh_policy_of(store, w)
+            && winner != key
+            && mode != p.spec.mode
+        {
+            taken += 1;
+            by.insert(winner);
+        }
+    }
+    if taken == 0 {
+        return None;
+    }
+    let names: Vec<String> = by.iter().map(|k| k.name.clone()).collect();
+    let all = taken == selected;
+    Some((
+        all,
+        format!(
+            "MeshPolicy {} sets the mode of {} the pods it selects (a policy with a selector \
+             beats a namespace-wide one; between equals the oldest)",
+            names.join(", "),
+            if all { "all of" } else { "some of" },
+        ),
+    ))
+}
+
 fn write(
     conds: &[Cond],
     generation: Option<i64>,
@@ -217,9 +274,14 @@ pub fn policy_status_writes(store: &Store, default_mode: MtlsMode) -> Vec<Status
         {
             continue;
         }
-        let message = match mesh_policy_idle(store, &key.namespace) {
-            Some(why) => format!("accepted, but not in force: {why}"),
-            None => "the policy is in force".to_string(),
+        let message = match (
+            mesh_policy_idle(store, &key.namespace),
+            mesh_policy_overridden(store, key),
+        ) {
+            (Some(why), _) => format!("accepted, but not in force: {why}"),
+            (None, Some((true, why))) => format!("accepted, but not in force: {why}"),
+            (None, Some((false, why))) => format!("the policy is in force, except where {why}"),
+            (None, None) => "the policy is in force".to_string(),
         };
         if let Some(status) =
             accepted_saying(&message, p.metadata.generation, &stored(p.status.as_ref()))
@@ -679,6 +741,89 @@ mod tests {
             crate::testing::namespace("legacy", true),
         )));
         assert_eq!(message(&s), "the policy is in force");
+    }
+
+    /// A namespace-wide STRICT MeshPolicy added where an older
+    /// PERMISSIVE one, or one with a selector, already sets the pods' mode
+    /// does not say it is in force: its status and the agent's problems say
+    /// which policy takes the pods; one that sets the same mode is no
+    /// override.
+    #[test]
+    fn a_mesh_policy_whose_pods_another_takes_says_so() {
+        use crate::crds::{MeshPolicy, MeshPolicySpec};
+        let policy = |name: &str, mode: &str, selector: Option<&str>, age: i64| {
+            let mut spec = serde_json::json!({ "mode": mode });
+            if let Some(app) = selector {
+                spec["selector"] = serde_json::json!({"matchLabels": {"app": app}});
+            }
+            let spec: MeshPolicySpec = serde_json::from_value(spec).unwrap();
+            let mut p = MeshPolicy::new(name, spec);
+            p.metadata.namespace = Some("shop".into());
+            p.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + age).unwrap(),
+                ));
+            Object::MeshPolicy(p)
+        };
+        let mut s = Store::new();
+        for o in [
+            Object::Namespace(crate::testing::namespace("shop", true)),
+            Object::Pod(crate::testing::workload(
+                "shop", "web", "web", "10.0.0.1", "n1",
+            )),
+            Object::Pod(crate::testing::workload(
+                "shop", "db", "db", "10.0.0.2", "n1",
+            )),
+            policy("open", "PERMISSIVE", None, 0),
+            policy("strict", "STRICT", None, 10),
+        ] {
+            s.apply(Update::Upsert(o));
+        }
+        let message = |s: &Store, name: &str| {
+            policy_status_writes(s, MtlsMode::Permissive)
+                .iter()
+                .find(|w| w.key.name == name)
+                .map(|w| {
+                    w.status["conditions"][0]["message"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .unwrap()
+        };
+        let m = message(&s, "strict");
+        assert!(
+            m.starts_with("accepted, but not in force: MeshPolicy open sets the mode of all of"),
+            "{m}"
+        );
+        assert_eq!(message(&s, "open"), "the policy is in force");
+        let key = Key::new("shop", "strict");
+        let (all, _) = mesh_policy_overridden(&s, &key).unwrap();
+        assert!(all);
+        // A selector takes web only: "strict" still sets db's mode.
+        s.apply(Update::Delete(Kind::MeshPolicy, Key::new("shop", "open")));
+        s.apply(Update::Upsert(policy(
+            "web-open",
+            "DISABLED",
+            Some("web"),
+            20,
+        )));
+        let m = message(&s, "strict");
+        assert!(
+            m.starts_with(
+                "the policy is in force, except where MeshPolicy web-open sets the mode of some of"
+            ),
+            "{m}"
+        );
+        assert!(!mesh_policy_overridden(&s, &key).unwrap().0);
+        // One that asks the same mode takes nothing from it.
+        s.apply(Update::Upsert(policy(
+            "web-open",
+            "STRICT",
+            Some("web"),
+            20,
+        )));
+        assert_eq!(message(&s, "strict"), "the policy is in force");
     }
 
     #[test]

@@ -24,7 +24,21 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
 /// The mTLS mode of a workload: a MeshPolicy selecting it beats a
 /// namespace-wide one; between equals the oldest, then the first by name.
 pub fn mtls_mode(store: &Store, w: &Workload, default: MtlsMode) -> MtlsMode {
-    let mut best: Option<(bool, Option<&k8s_openapi::jiff::Timestamp>, &str, MtlsMode)> = None;
+    mesh_policy_of(store, w).map_or(default, |(_, mode)| mode)
+}
+
+/// The MeshPolicy that sets a workload's mode (see [`mtls_mode`]), if any
+/// selects it.
+pub fn mesh_policy_of<'a>(
+    store: &'a Store,
+    w: &Workload,
+) -> Option<(&'a crate::state::Key, MtlsMode)> {
+    let mut best: Option<(
+        bool,
+        Option<&k8s_openapi::jiff::Timestamp>,
+        &crate::state::Key,
+        MtlsMode,
+    )> = None;
     for (key, p) in &store.mesh_policies {
         if key.namespace != w.namespace {
             continue;
@@ -45,16 +59,17 @@ pub fn mtls_mode(store: &Store, w: &Workload, default: MtlsMode) -> MtlsMode {
             None => false,
         };
         let created = p.metadata.creation_timestamp.as_ref().map(|t| &t.0);
-        let cand = (specific, created, key.name.as_str(), p.spec.mode);
+        let cand = (specific, created, key, p.spec.mode);
         best = match best {
             None => Some(cand),
             Some(b) => {
-                let better = (cand.0 && !b.0) || (cand.0 == b.0 && (cand.1, cand.2) < (b.1, b.2));
+                let better = (cand.0 && !b.0)
+                    || (cand.0 == b.0 && (cand.1, &cand.2.name) < (b.1, &b.2.name));
                 Some(if better { cand } else { b })
             }
         };
     }
-    best.map_or(default, |b| b.3)
+    best.map(|b| (b.2, b.3))
 }
 
 /// Why a local workload is not enrolled, if it is not.
