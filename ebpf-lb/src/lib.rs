@@ -22,7 +22,7 @@ mod sys;
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     fs, io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Mutex,
     time::Duration,
@@ -38,10 +38,10 @@ use aya::{
 pub use cgroup::{cgroup_id, cgroup_level, cgroup2_mount};
 use ebpf_lb_common::{
     BackendSlot, CONFIG_F_STRICT_ALLOWS_NODE, Counters, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_ENROLLED, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_WORKLOADS,
-    Endpoint, FourTuple, LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst, RevNatKey,
-    SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, WorkloadKey, WorkloadPolicy, maps,
-    service_key_check,
+    DEFAULT_MAX_ENROLLED, DEFAULT_MAX_MESHED_PODS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS,
+    DEFAULT_MAX_WORKLOADS, Endpoint, FourTuple, LbConfig, MAX_ENROL_LEVELS, MemberKey, OriginalDst,
+    RevNatKey, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, WorkloadKey,
+    WorkloadPolicy, maps, service_key_check,
 };
 pub use error::{Error, Result};
 pub use reset::ResetReport;
@@ -90,6 +90,8 @@ pub struct Options {
     pub max_enrolled: u32,
     /// Workloads with an mTLS mode (STRICT enforcement).
     pub max_workloads: u32,
+    /// Meshed pods of the cluster (see [`LoadBalancer::set_meshed_pods`]).
+    pub max_meshed_pods: u32,
     /// Reset the sockets the load balancer connected to a backend when that
     /// backend leaves its service (see [`LoadBalancer::apply`]).
     pub reset_on_removal: bool,
@@ -111,6 +113,7 @@ impl Default for Options {
             max_sockets: DEFAULT_MAX_SOCKETS,
             max_enrolled: DEFAULT_MAX_ENROLLED,
             max_workloads: DEFAULT_MAX_WORKLOADS,
+            max_meshed_pods: DEFAULT_MAX_MESHED_PODS,
             reset_on_removal: true,
             strict_allows_node: true,
         }
@@ -124,7 +127,7 @@ impl Options {
     }
 
     /// Every pinned map's entries, and the setting they come from.
-    fn sizes(&self) -> [(&'static str, u32, &'static str); 13] {
+    fn sizes(&self) -> [(&'static str, u32, &'static str); 14] {
         [
             (maps::SERVICES, self.max_services, "max_services"),
             (maps::BACKENDS, self.max_backends, "max_backends"),
@@ -149,6 +152,7 @@ impl Options {
             ),
             (maps::WORKLOADS, self.max_workloads, "max_workloads"),
             (maps::REFUSALS, self.max_workloads, "max_workloads"),
+            (maps::MESHED_PODS, self.max_meshed_pods, "max_meshed_pods"),
             // One entry, whatever the settings; its layout is checked too.
             (maps::CONFIG, 1, "(fixed: one entry)"),
         ]
@@ -245,6 +249,9 @@ struct Tables {
     workloads: HashMap<MapData, WorkloadKey, WorkloadPolicy>,
     refusals: PerCpuHashMap<MapData, WorkloadKey, u64>,
     revnat: HashMap<MapData, RevNatKey, Endpoint>,
+    meshed_pods: HashMap<MapData, WorkloadKey, u32>,
+    /// Mirror of `MESHED_PODS`.
+    meshed: BTreeSet<IpAddr>,
     /// Cgroups this instance attached to (their processes' sockets are the
     /// ones reset when a backend leaves).
     attached: Vec<PathBuf>,
@@ -335,6 +342,7 @@ fn layout(map: &str) -> Option<(u32, u32)> {
         maps::COUNTERS => kv::<u32, Counters>(),
         maps::WORKLOADS => kv::<WorkloadKey, WorkloadPolicy>(),
         maps::REFUSALS => kv::<WorkloadKey, u64>(),
+        maps::MESHED_PODS => kv::<WorkloadKey, u32>(),
         _ => None,
     }
 }
@@ -413,6 +421,14 @@ impl LoadBalancer {
         let workloads = take(&mut ebpf, maps::WORKLOADS)?;
         let refusals = take(&mut ebpf, maps::REFUSALS)?;
         let revnat = take(&mut ebpf, maps::REVNAT)?;
+        let meshed_pods: HashMap<MapData, WorkloadKey, u32> = take(&mut ebpf, maps::MESHED_PODS)?;
+        let mut meshed = BTreeSet::new();
+        for k in meshed_pods.keys() {
+            let k = k.map_err(|e| Error::map(maps::MESHED_PODS, e))?;
+            if let Some(a) = socket_addr(&Endpoint::new(k.addr, 0, k.family)) {
+                meshed.insert(a.ip());
+            }
+        }
 
         // Rebuild the bookkeeping from what an earlier instance left pinned.
         let mut known = BTreeMap::new();
@@ -526,6 +542,8 @@ impl LoadBalancer {
                 workloads,
                 refusals,
                 revnat,
+                meshed_pods,
+                meshed,
                 attached: Vec::new(),
                 known,
                 alive,
@@ -938,6 +956,51 @@ impl LoadBalancer {
     /// Ids of the enrolled cgroups.
     pub fn enrolled(&self) -> Vec<u64> {
         self.tables().enrolled_ids.keys().copied().collect()
+    }
+
+    /// Makes `pods` the meshed pods' addresses: an enrolled workload's TCP
+    /// connection straight to one of them (not through a Service: a headless
+    /// Service's pod, a StatefulSet peer, a pod found by its IP) is sent to
+    /// the node proxy with the pod's address as its original destination,
+    /// as a connection to a meshed Service is. Changes only what differs;
+    /// connections already made are left alone. A full map leaves the pods
+    /// that did not fit out (their connections go straight, as before) and
+    /// says so.
+    pub fn set_meshed_pods(&self, pods: &BTreeSet<IpAddr>) -> Result<()> {
+        let mut t = self.tables();
+        let gone: Vec<IpAddr> = t.meshed.difference(pods).copied().collect();
+        for ip in gone {
+            match t.meshed_pods.remove(&strict::workload_key(ip)) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(Error::map(maps::MESHED_PODS, e)),
+            }
+            t.meshed.remove(&ip);
+        }
+        let new: Vec<IpAddr> = pods.difference(&t.meshed).copied().collect();
+        for ip in new {
+            t.meshed_pods
+                .insert(strict::workload_key(ip), 1, 0)
+                .map_err(|e| {
+                    if is_full(&e) {
+                        Error::MapFull {
+                            map: maps::MESHED_PODS,
+                            capacity: self.opts.max_meshed_pods,
+                            option: "max_meshed_pods",
+                            what: format!("meshed pod {ip}"),
+                        }
+                    } else {
+                        Error::map(maps::MESHED_PODS, e)
+                    }
+                })?;
+            t.meshed.insert(ip);
+        }
+        Ok(())
+    }
+
+    /// The meshed pods' addresses the kernel holds.
+    pub fn meshed_pods(&self) -> BTreeSet<IpAddr> {
+        self.tables().meshed.clone()
     }
 
     /// The original destination of a connection the kernel redirected to the

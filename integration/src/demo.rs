@@ -60,6 +60,10 @@ pub struct DemoReport {
     /// frontend -> reviews (HTTPRoute 90/10): backend pod -> responses.
     pub reviews: BTreeMap<String, usize>,
     pub reviews_failures: Vec<Attempt>,
+    /// frontend straight to web-1's address (as a headless Service's client
+    /// reaches a pod): through the proxy and mTLS, STRICT lets it in.
+    pub direct: BTreeMap<String, usize>,
+    pub direct_failures: Vec<Attempt>,
     /// legacy-client plaintext straight to web-1's address.
     pub plaintext_direct: Vec<Attempt>,
     /// legacy-client plaintext to the web VIP.
@@ -386,6 +390,15 @@ fn scenarios(stage: &Stage, say: &mut dyn FnMut(&str)) -> Result<DemoReport> {
         .probe("frontend", &["http", "--to", REVIEWS_VIP, "--count", "400"])?
         .run()?;
     (report.reviews, report.reviews_failures) = ok_responses(&a);
+
+    check_interrupted()?;
+    say(
+        "frontend -> web-1's pod address (no Service, as a headless one's client): via the proxy and mTLS",
+    );
+    let a = stage
+        .probe("frontend", &["http", "--to", WEB_1_POD, "--count", "5"])?
+        .run()?;
+    (report.direct, report.direct_failures) = ok_responses(&a);
 
     check_interrupted()?;
     say("legacy-client (legacy, not enrolled) -> web-1 in plaintext: STRICT must refuse it");

@@ -39,6 +39,16 @@ fn the_demo_does_what_it_shows() -> Result<()> {
     // Binomial(400, 0.1): mean 40, standard deviation 6.
     assert!((15..=75).contains(&v2), "reviews-v2 got {v2} of 400");
 
+    // An enrolled client straight to a STRICT pod's address (no Service)
+    // is carried by the proxy in mTLS: STRICT lets it in.
+    assert!(r.direct_failures.is_empty(), "{:?}", r.direct_failures);
+    assert_eq!(
+        r.direct,
+        [("web-1".to_string(), 5)].into(),
+        "{:?}",
+        r.direct
+    );
+
     // A plaintext client is refused by STRICT, at the pod and through the VIP.
     assert!(refused(&r.plaintext_direct), "{:?}", r.plaintext_direct);
     assert!(refused(&r.plaintext_vip), "{:?}", r.plaintext_vip);

@@ -745,6 +745,93 @@ fn enrolled_cgroup_is_redirected_to_the_proxy_with_its_original_destination() ->
     Ok(())
 }
 
+/// An enrolled workload's connection straight to a meshed pod's address
+/// (a headless Service's pod, a StatefulSet peer) goes to the proxy as one
+/// to a meshed Service does, the pod's address its original destination;
+/// a pod not meshed, a client not enrolled and the proxy's own sockets
+/// reach the pod directly.
+#[test]
+fn an_enrolled_connection_to_a_meshed_pods_address_goes_to_the_proxy() -> Result<()> {
+    require_root();
+    let root = TestCgroup::new("podip")?;
+    let enrolled = root.child("enrolled")?;
+    let plain = root.child("plain")?;
+    let lb = TestLb::attach_to(&root)?;
+    // Two "pods" at addresses of their own, answering with their names.
+    let pods = [
+        TcpBackend::start(random_vip_addr(), "pod0")?,
+        TcpBackend::start(random_vip_addr(), "pod1")?,
+    ];
+    let (meshed, other) = (pods[0].addr(), pods[1].addr());
+    assert_ne!(meshed.ip(), other.ip());
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0")?;
+    const MARK: u32 = 0x5158;
+    lb.set_proxy(Some(ProxyTarget {
+        v4: Some(Ipv4Addr::LOCALHOST),
+        v6: None,
+        port: proxy.local_addr()?.port(),
+        mark: MARK,
+    }))?;
+    lb.enroll(enrolled.path())?;
+    lb.set_meshed_pods(&[meshed.ip()].into())?;
+    assert_eq!(lb.meshed_pods(), [meshed.ip()].into());
+    let found = std::thread::scope(|s| -> Result<Vec<String>> {
+        let lb = &lb;
+        let server = s.spawn(move || -> Result<Vec<String>> {
+            let mut seen = Vec::new();
+            // Not for ever: connections that do not come fail the test.
+            proxy.set_nonblocking(true)?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while seen.len() < 3 && std::time::Instant::now() < deadline {
+                let (mut conn, peer) = match proxy.accept() {
+                    Ok(c) => c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                conn.set_nonblocking(false)?;
+                let orig = lb.original_destination(peer, conn.local_addr()?)?;
+                let line = format!("orig={:?}", orig.map(|o| o.dst));
+                std::io::Write::write_all(&mut conn, format!("{line}\n").as_bytes())?;
+                seen.push(line);
+            }
+            Ok(seen)
+        });
+        let attempts = probe(&tcp(meshed, 3)).in_cgroup(&enrolled).run()?;
+        assert_all_ok(&attempts);
+        for a in &attempts {
+            // The application still sees the pod's address.
+            assert_eq!(
+                a.peer.as_deref(),
+                Some(meshed.to_string().as_str()),
+                "{a:?}"
+            );
+        }
+        server.join().expect("proxy thread")
+    })?;
+    assert_eq!(found, vec![format!("orig={:?}", Some(meshed)); 3]);
+    // Straight to the pod: a client outside the mesh, the proxy's own
+    // socket, and any client to a pod that is not meshed.
+    let mut marked = tcp(meshed, 3);
+    marked.extend(["--mark".into(), MARK.to_string()]);
+    for (args, cg, who) in [
+        (tcp(meshed, 3), &plain, "pod0"),
+        (marked, &enrolled, "pod0"),
+        (tcp(other, 3), &enrolled, "pod1"),
+    ] {
+        let attempts = probe(&args).in_cgroup(cg).run()?;
+        assert_all_ok(&attempts);
+        assert!(all_answered_by(&attempts, who), "{attempts:?}");
+    }
+    // No longer meshed: straight to it from the enrolled cgroup too.
+    lb.set_meshed_pods(&Default::default())?;
+    let attempts = probe(&tcp(meshed, 3)).in_cgroup(&enrolled).run()?;
+    assert!(all_answered_by(&attempts, "pod0"), "{attempts:?}");
+    Ok(())
+}
+
 /// A client that writes and closes before the proxy has accepted its
 /// connection (fire-and-forget: a metrics line, a log record): its original
 /// destination is still there when the proxy accepts it, and is read once.

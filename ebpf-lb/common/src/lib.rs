@@ -29,6 +29,9 @@ pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 pub const DEFAULT_MAX_ENROLLED: u32 = 16_384;
 pub const DEFAULT_MAX_WORKLOADS: u32 = 16_384;
+/// Meshed pods of the whole cluster, whose addresses enrolled workloads'
+/// connections are sent to the node proxy for.
+pub const DEFAULT_MAX_MESHED_PODS: u32 = 65_536;
 
 /// Number of cgroup ancestor levels the programs check for enrolment, besides the
 /// current cgroup (a pod cgroup with one cgroup per container below it).
@@ -49,6 +52,7 @@ pub mod maps {
     pub const WORKLOADS: &str = "WORKLOADS";
     pub const REFUSALS: &str = "REFUSALS";
     pub const UDP_PEERS: &str = "UDP_PEERS";
+    pub const MESHED_PODS: &str = "MESHED_PODS";
 }
 
 /// An IP address and port (network byte order), used for backends, VIPs and
@@ -270,7 +274,8 @@ pub const MODE_PERMISSIVE: u32 = 2;
 /// `WorkloadPolicy::mode`: no mTLS enforcement.
 pub const MODE_DISABLED: u32 = 3;
 
-/// Key of `WORKLOADS` and `REFUSALS`: a workload (pod) address.
+/// Key of `WORKLOADS`, `REFUSALS` and `MESHED_PODS`: a workload (pod)
+/// address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkloadKey {

@@ -39,6 +39,14 @@ fn summary(r: &DemoReport) -> bool {
             r.reviews.values().sum::<usize>()
         ),
     );
+    all &= line(
+        r.direct.len() == 1 && r.direct.contains_key("web-1") && r.direct_failures.is_empty(),
+        format!(
+            "frontend -> {WEB_1_POD} (web-1's own address, no Service) through the node proxy and mTLS: {:?}, {} failed",
+            r.direct,
+            r.direct_failures.len()
+        ),
+    );
     let refused =
         |a: &[integration::probe::Attempt]| a.iter().all(|a| a.errno == Some(libc::ECONNREFUSED));
     all &= line(

@@ -838,6 +838,12 @@ mod tests {
     }
 
     impl Dataplane for Held {
+        fn set_meshed_pods(
+            &self,
+            pods: &std::collections::BTreeSet<std::net::IpAddr>,
+        ) -> Result<(), ebpf_lb::Error> {
+            self.inner.set_meshed_pods(pods)
+        }
         fn services(&self) -> Vec<ebpf_lb::ServiceState> {
             let _ = self.entered.try_send(());
             let _ = self.release.lock().unwrap().recv();

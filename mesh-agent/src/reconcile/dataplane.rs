@@ -45,11 +45,17 @@ pub trait Dataplane: Send + Sync {
     /// Where a connection the kernel redirected to the proxy was going, from
     /// the accepted socket's peer (client) and local (capture) addresses.
     fn original_destination(&self, peer: SocketAddr, local: SocketAddr) -> Option<SocketAddr>;
+    /// The meshed pods' addresses: enrolled workloads' connections straight
+    /// to them go to the proxy.
+    fn set_meshed_pods(&self, pods: &BTreeSet<IpAddr>) -> Result<(), ebpf_lb::Error>;
 }
 
 impl Dataplane for LoadBalancer {
     fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ebpf_lb::Error> {
         LoadBalancer::apply(self, changes)
+    }
+    fn set_meshed_pods(&self, pods: &BTreeSet<IpAddr>) -> Result<(), ebpf_lb::Error> {
+        LoadBalancer::set_meshed_pods(self, pods)
     }
 
     fn enroll(&self, cgroup: &Path) -> Result<u64, ebpf_lb::Error> {
@@ -137,6 +143,7 @@ struct Memory {
     /// Interface indexes other than 1 (a veth recreated under its name).
     indexes: BTreeMap<String, u32>,
     original: BTreeMap<SocketAddr, SocketAddr>,
+    meshed_pods: BTreeSet<IpAddr>,
     batches: Vec<Vec<Change>>,
     /// Frontends whose upsert fails (to test error handling).
     failing: BTreeSet<Frontend>,
@@ -146,6 +153,11 @@ struct Memory {
 impl MemoryDataplane {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The meshed pods' addresses the reconciler wrote.
+    pub fn meshed_pods(&self) -> BTreeSet<IpAddr> {
+        self.lock().meshed_pods.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
@@ -219,6 +231,10 @@ impl MemoryDataplane {
 }
 
 impl Dataplane for MemoryDataplane {
+    fn set_meshed_pods(&self, pods: &BTreeSet<IpAddr>) -> Result<(), ebpf_lb::Error> {
+        self.lock().meshed_pods = pods.clone();
+        Ok(())
+    }
     fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ebpf_lb::Error> {
         let mut m = self.lock();
         m.batches.push(changes.to_vec());

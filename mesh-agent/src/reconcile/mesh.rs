@@ -52,6 +52,26 @@ pub struct MeshView {
     pub proxy_grpc_routes: Vec<l7_proxy::config::GrpcRoute>,
 }
 
+impl MeshView {
+    /// The addresses of the pods callers reach through their node's proxy
+    /// and the tunnel: meshed, not DISABLED, on a node whose address is
+    /// known (the proxy's own rule for a pod, `proxy::snapshot`).
+    pub fn tunnelled_pod_ips(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        self.workloads
+            .iter()
+            .filter(|w| {
+                self.meshed_pods.contains(&Key::new(&w.namespace, &w.name))
+                    && w.mtls_mode != crate::crds::MtlsMode::Disabled
+                    && self
+                        .nodes
+                        .iter()
+                        .any(|n| n.name == w.node && !n.addresses.is_empty())
+            })
+            .flat_map(|w| w.ips.iter().filter_map(|ip| ip.parse().ok()))
+            .collect()
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct MeshService {
     pub key: Key,

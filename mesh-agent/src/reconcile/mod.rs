@@ -203,6 +203,8 @@ pub struct Reconciler {
     enrol_reported: BTreeSet<String>,
     /// mTLS modes pushed to the kernel, by workload IP.
     modes: BTreeMap<IpAddr, ebpf_lb::MtlsMode>,
+    /// Meshed pods' addresses pushed to the kernel (`None`: not yet).
+    meshed_pods: Option<BTreeSet<IpAddr>>,
     /// Interfaces carrying the STRICT guard, and their pod.
     guarded: BTreeMap<String, Key>,
     /// The index each guarded interface had when guarded: a pod recreated
@@ -286,6 +288,7 @@ impl Reconciler {
             enrol_failing_since: BTreeMap::new(),
             enrol_reported: BTreeSet::new(),
             modes: BTreeMap::new(),
+            meshed_pods: None,
             guarded: BTreeMap::new(),
             guard_index: BTreeMap::new(),
             source_errors: BTreeMap::new(),
@@ -1113,6 +1116,21 @@ impl Reconciler {
             self.mesh_generation,
         );
         self.refs = view.refs.clone();
+        // Enrolled pods' connections straight to these pods' addresses go
+        // to the proxy, which carries them through the tunnel.
+        // (Not before the source has said everything: a partial view would
+        // take pods out that the pinned map has.)
+        let pods = view.tunnelled_pod_ips();
+        if self.synced && self.meshed_pods.as_ref() != Some(&pods) {
+            let r = self.dp.set_meshed_pods(&pods);
+            if r.is_ok() {
+                self.meshed_pods = Some(pods);
+            }
+            self.outcome(
+                "meshed pods".into(),
+                r.map_err(|e| format!("writing the meshed pods' addresses: {e}")),
+            );
+        }
         self.out.mesh.send_replace(Arc::new(view));
         // The same translation as the proxy's: the store's routes are those
         // of the view's store (only refused Services are patched there).

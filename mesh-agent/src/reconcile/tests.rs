@@ -671,6 +671,54 @@ fn strict_workloads_get_their_mode_and_interface_guard_in_the_kernel() {
     assert!(f.dp.modes().is_empty());
 }
 
+/// The kernel learns which pod addresses enrolled workloads' connections
+/// go to the proxy for: meshed pods, not DISABLED, on a node of known
+/// address (the proxy tunnels to those), here or on another node.
+#[test]
+fn meshed_pods_addresses_reach_the_kernel() {
+    let mut f = fixture();
+    let node = |name: &str, addr: Option<&str>| {
+        Object::Node(crate::state::NodeInfo {
+            name: name.into(),
+            addresses: addr.into_iter().map(|a| a.parse().unwrap()).collect(),
+        })
+    };
+    let mut opted_out = workload("shop", "batch", "batch", "10.0.0.5", "n2");
+    opted_out
+        .annotations
+        .insert(config::MESH_ANNOTATION.into(), config::MESH_DISABLED.into());
+    let disabled: crate::crds::MeshPolicySpec = serde_json::from_value(serde_json::json!({
+        "mode": "DISABLED", "selector": {"matchLabels": {"app": "legacy"}}
+    }))
+    .unwrap();
+    let mut disabled = crate::crds::MeshPolicy::new("legacy", disabled);
+    disabled.metadata.namespace = Some("shop".into());
+    let mut objs = shop();
+    objs.extend([
+        node("n1", Some("192.0.2.1")),
+        node("n2", Some("192.0.2.2")),
+        node("n3", None),
+        Object::Pod(workload("shop", "web", "web", "10.0.0.1", "n1")),
+        Object::Pod(workload("shop", "db", "db", "10.0.0.2", "n2")),
+        Object::Pod(workload("shop", "far", "far", "10.0.0.3", "n3")),
+        Object::Pod(workload("shop", "legacy", "legacy", "10.0.0.4", "n2")),
+        Object::Pod(opted_out),
+        Object::Namespace(namespace("other", false)),
+        Object::Pod(workload("other", "x", "x", "10.0.1.1", "n2")),
+        Object::MeshPolicy(disabled),
+    ]);
+    f.upsert(objs);
+    f.sync();
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(
+        f.dp.meshed_pods(),
+        BTreeSet::from([ip("10.0.0.1"), ip("10.0.0.2")])
+    );
+    // The namespace leaves the mesh: none.
+    f.upsert(vec![Object::Namespace(namespace("shop", false))]);
+    assert!(f.dp.meshed_pods().is_empty());
+}
+
 #[test]
 fn without_a_proxy_no_mode_is_pushed() {
     let mut f = fixture();

@@ -25,13 +25,14 @@ use aya_ebpf::{
 use ebpf_lb_common::{
     AffinityKey, AffinityValue, BackendSlot, Counters, Endpoint, FAMILY_V4, FAMILY_V6, FourTuple,
     LbConfig, MAX_ENROL_LEVELS, MAX_UDP_PEERS, MemberKey, OriginalDst, PROTO_TCP, PROTO_UDP,
-    RevNatKey, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, UdpPeers, mix64,
-    service_key_check,
+    RevNatKey, SERVICE_F_AFFINITY, SERVICE_F_MESHED, Service, ServiceKey, UdpPeers, WorkloadKey,
+    mix64, service_key_check,
 };
 
 use super::{
-    AF_INET, AF_INET6, AFFINITY, BACKENDS, COOKIE_ORIG, COUNTERS, ENROLLED, MEMBERS, ORIG_DST,
-    REVNAT, SERVICES, UDP_PEERS, V4_MAPPED_WORD, config, is_v4_mapped, read_ip6, write_ip6,
+    AF_INET, AF_INET6, AFFINITY, BACKENDS, COOKIE_ORIG, COUNTERS, ENROLLED, MEMBERS, MESHED_PODS,
+    ORIG_DST, REVNAT, SERVICES, UDP_PEERS, V4_MAPPED_WORD, config, is_v4_mapped, read_ip6,
+    write_ip6,
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -230,7 +231,11 @@ fn service(key: &ServiceKey) -> Option<Service> {
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdict {
     let Some(svc) = service(key) else {
-        return Verdict::Pass;
+        return if may_redirect {
+            meshed_pod(ctx, key)
+        } else {
+            Verdict::Pass
+        };
     };
     let ctr = counters(svc.id);
     if may_redirect
@@ -275,6 +280,44 @@ fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdic
             }
             Verdict::NoBackend
         }
+    }
+}
+
+/// A TCP connect straight to a pod's address (a headless Service's pod, a
+/// StatefulSet peer): an enrolled workload's goes to the node proxy when
+/// the pod is meshed, as one to a meshed Service does, so that it crosses
+/// in mTLS with the caller's identity (a STRICT pod would refuse it in
+/// plaintext, and a PERMISSIVE one's AccessPolicies would not see who
+/// calls). Refused when its original destination cannot be recorded.
+#[inline(always)]
+fn meshed_pod(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
+    let pod = WorkloadKey {
+        addr: key.addr,
+        family: key.family,
+        _pad: [0; 3],
+    };
+    if MESHED_PODS.get_ptr(pod).is_none() {
+        return Verdict::Pass;
+    }
+    let Some(cfg) = config() else {
+        return Verdict::Pass;
+    };
+    let Some(proxy) = proxy_endpoint(&cfg, key.family) else {
+        return Verdict::Pass;
+    };
+    if (cfg.proxy_mark != 0 && socket_mark(ctx) == cfg.proxy_mark) || !enrolled(&cfg) {
+        return Verdict::Pass;
+    }
+    let orig = OriginalDst {
+        dst: Endpoint::new(key.addr, key.port, key.family),
+        service_id: 0,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if COOKIE_ORIG.insert(cookie, orig, BPF_ANY as u64).is_ok() {
+        Verdict::Rewrite(proxy)
+    } else {
+        Verdict::NoBackend
     }
 }
 

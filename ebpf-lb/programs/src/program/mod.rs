@@ -14,9 +14,9 @@ use aya_ebpf::{
 };
 use ebpf_lb_common::{
     AffinityKey, AffinityValue, BackendSlot, Counters, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_ENROLLED, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS, DEFAULT_MAX_WORKLOADS,
-    Endpoint, FourTuple, LbConfig, MemberKey, OriginalDst, RevNatKey, Service, ServiceKey,
-    UdpPeers, WorkloadKey, WorkloadPolicy,
+    DEFAULT_MAX_ENROLLED, DEFAULT_MAX_MESHED_PODS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCKETS,
+    DEFAULT_MAX_WORKLOADS, Endpoint, FourTuple, LbConfig, MemberKey, OriginalDst, RevNatKey,
+    Service, ServiceKey, UdpPeers, WorkloadKey, WorkloadPolicy,
 };
 
 #[unsafe(no_mangle)]
@@ -83,6 +83,13 @@ pub(crate) static COUNTERS: PerCpuArray<Counters> =
 #[map]
 pub(crate) static WORKLOADS: HashMap<WorkloadKey, WorkloadPolicy> =
     HashMap::pinned(DEFAULT_MAX_WORKLOADS, BPF_F_NO_PREALLOC);
+
+/// Meshed pods' addresses (value unused): an enrolled workload's TCP
+/// connection straight to one (a headless Service's pod, a StatefulSet
+/// peer) goes to the node proxy, as one to a meshed Service does.
+#[map]
+pub(crate) static MESHED_PODS: HashMap<WorkloadKey, u32> =
+    HashMap::pinned(DEFAULT_MAX_MESHED_PODS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub(crate) static REFUSALS: PerCpuHashMap<WorkloadKey, u64> =
