@@ -33,6 +33,11 @@ pub trait IdentityProvider: Send + Sync + 'static {
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError>;
     /// The verified peer identity and TLS facts of a finished handshake.
     fn peer(&self, conn: &rustls::CommonState) -> Result<(SpiffeId, TlsInfo), IdentityError>;
+    /// Whether `identity`'s certificate is on its way (wanted, not issued
+    /// yet): a tunnel for it waits for it a little rather than failing.
+    fn awaiting(&self, _identity: &SpiffeId) -> bool {
+        false
+    }
 }
 
 impl IdentityProvider for certs::IdentityManager {
@@ -47,6 +52,10 @@ impl IdentityProvider for certs::IdentityManager {
 
     fn server_name(&self, server: &SpiffeId) -> Result<ServerName<'static>, IdentityError> {
         Ok(certs::server_name(server))
+    }
+
+    fn awaiting(&self, identity: &SpiffeId) -> bool {
+        certs::IdentityManager::awaiting(self, identity)
     }
 
     fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, IdentityError> {

@@ -71,6 +71,11 @@ impl OriginalDst for MapOriginalDst {
     }
 }
 
+/// How long a captured connection from an address the configuration does
+/// not know as a local workload waits for one that does (a pod's first
+/// connections, an agent restarting) before it is reset.
+const SOURCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) async fn run(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {
@@ -105,9 +110,8 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_zero_linger();
         return;
     };
-    let state = shared.state();
-    let Some(source) = state.local_workload(peer.ip()).cloned() else {
-        warn_throttled!(%peer, %dst, "captured connection from {} which is not an enrolled workload of this node; resetting it", peer.ip());
+    let Some((state, source)) = shared.state_knowing(peer.ip(), SOURCE_WAIT).await else {
+        warn_throttled!(%peer, %dst, "captured connection from {} which is not an enrolled workload of this node (none for {SOURCE_WAIT:?}); resetting it", peer.ip());
         let _ = tcp.set_zero_linger();
         return;
     };

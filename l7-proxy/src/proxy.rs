@@ -64,6 +64,40 @@ impl Shared {
         self.state.borrow().clone()
     }
 
+    /// The configuration that knows the local workload at `ip`, and the
+    /// workload: the one in force now, else the first within `wait` that
+    /// does (`None` past it, or at shutdown). A pod's first connections can
+    /// come before the proxy has the configuration that enrols it (the
+    /// kernel enrols its cgroup in the same pass that publishes it, and at
+    /// an agent's restart the proxy starts before the first sync): they
+    /// wait for it rather than being reset.
+    pub async fn state_knowing(
+        &self,
+        ip: std::net::IpAddr,
+        wait: std::time::Duration,
+    ) -> Option<(Arc<State>, Arc<crate::config::LocalWorkload>)> {
+        let state = self.state();
+        if let Some(w) = state.local_workload(ip) {
+            return Some((state.clone(), w.clone()));
+        }
+        let mut rx = self.state.clone();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let state = rx.borrow_and_update().clone();
+            if let Some(w) = state.local_workload(ip) {
+                return Some((state.clone(), w.clone()));
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                r = tokio::time::timeout_at(deadline, rx.changed()) => {
+                    if !matches!(r, Ok(Ok(()))) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
     /// Spawns a connection task that ends at the latest at the hard stop.
     pub fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
         let Some(reg) = self.drain.reserve_task() else {

@@ -223,6 +223,9 @@ struct Room {
 /// connections again without being woken.
 const RECHECK_FULL: Duration = Duration::from_millis(250);
 
+/// How often a dial waiting for its source's certificate looks again.
+const CERTIFICATE_POLL: Duration = Duration::from_millis(20);
+
 /// One request waiting for [`Room`], for as long as it lives.
 struct Waiting<'a>(&'a Room);
 
@@ -732,15 +735,28 @@ impl TunnelPool {
                 })
                 .inc();
         };
-        let config = self
-            .inner
-            .identity
-            .client_config(&key.source, &key.peer)
-            .map_err(|e| TunnelError::Identity {
-                source_id: key.source.clone(),
-                peer: key.peer.clone(),
-                reason: e.to_string(),
-            })?;
+        // A certificate on its way (a new pod's first connections, an
+        // agent that just started) is waited for, up to the connect
+        // timeout, rather than failing the request at once.
+        let deadline = tokio::time::Instant::now() + s.connect_timeout();
+        let config = loop {
+            match self.inner.identity.client_config(&key.source, &key.peer) {
+                Ok(c) => break c,
+                Err(_)
+                    if self.inner.identity.awaiting(&key.source)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(CERTIFICATE_POLL).await;
+                }
+                Err(e) => {
+                    return Err(TunnelError::Identity {
+                        source_id: key.source.clone(),
+                        peer: key.peer.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        };
         let name =
             self.inner
                 .identity

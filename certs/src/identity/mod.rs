@@ -282,6 +282,12 @@ impl IdentityManager {
         self.inner.live.load().by_id.contains_key(identity)
     }
 
+    /// Whether `identity` is wanted but its certificate not issued yet (a
+    /// new pod's, or every pod's just after the node's agent started).
+    pub fn awaiting(&self, identity: &SpiffeId) -> bool {
+        !self.has_certificate(identity) && self.slots().contains_key(identity)
+    }
+
     /// The local identity a client asked for with `sni` (on the server
     /// side: `ServerConnection::server_name()`), if this node holds it.
     pub fn identity_for_sni(&self, sni: &str) -> Option<SpiffeId> {

@@ -1605,6 +1605,79 @@ async fn a_tcp_connection_that_never_opened_is_not_counted() {
     mesh.shutdown().await;
 }
 
+/// A pod's first connection can reach the proxy before the configuration
+/// that enrols it (the kernel enrols its cgroup as the agent publishes it;
+/// an agent restarting starts its proxy before its first sync): it waits
+/// for that configuration and is served, not reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_comes_before_its_pods_configuration_waits_for_it() {
+    let mesh = Mesh::standard().await;
+    let _srv = mesh.serve_cart().await;
+    let late = l7_proxy::config::LocalWorkload {
+        ip: pod_a(12),
+        id: l7_proxy::config::ObjectRef::new("shop", "web-2"),
+        ..web().local()
+    };
+    let mut t = mesh.connect(late.ip, SocketAddr::new(vip(1), 80)).await;
+    t.write_all(b"GET / HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mesh.a.add_local(late).await;
+    let answer = read_response(&mut t).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        echo["headers"]["sluice-source-identity"],
+        web().identity().to_string()
+    );
+    drop(t);
+    mesh.shutdown().await;
+}
+
+/// A pod whose certificate is on its way (wanted, not issued yet: a new
+/// pod's first connections) has its request wait for it, up to the connect
+/// timeout, instead of a 503 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_for_its_sources_certificate_on_its_way() {
+    let mesh = Mesh::standard().await;
+    let _srv = mesh.serve_cart().await;
+    let late = l7_proxy::config::LocalWorkload {
+        ip: pod_a(13),
+        id: l7_proxy::config::ObjectRef::new("shop", "late-1"),
+        service_account: "late".into(),
+        identity: id("shop", "late"),
+        ..web().local()
+    };
+    // Wanted; issued only when the test says.
+    mesh.a
+        .identities
+        .want([web().identity(), bot().identity(), late.identity.clone()])
+        .unwrap();
+    assert!(!mesh.a.identities.has_certificate(&late.identity));
+    mesh.a.add_local(late.clone()).await;
+    let mut t = mesh.connect(late.ip, SocketAddr::new(vip(1), 80)).await;
+    t.write_all(b"GET / HTTP/1.1\r\nhost: cart\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = mesh.a.identities.rotate_due().await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let answer = read_response(&mut t).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        echo["headers"]["sluice-source-identity"],
+        late.identity.to_string()
+    );
+    drop(t);
+    mesh.shutdown().await;
+}
+
 /// A dual-stack node: the second capture listener (the other address
 /// family) serves the pods' connections of that family as the first does,
 /// through the tunnel with the caller's identity.
