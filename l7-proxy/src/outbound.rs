@@ -115,7 +115,14 @@ async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_zero_linger();
         return;
     };
-    let dest = state.destination(dst);
+    // A pod reaching its own address (a StatefulSet member by its own
+    // headless name) stays a pod talking to itself: straight there, not
+    // through the tunnel and its own policies as a caller of itself.
+    let dest = if dst.ip() == source.ip {
+        Destination::External
+    } else {
+        state.destination(dst)
+    };
     // A port declared HTTP is HTTP whenever the first bytes come: a caller
     // that waits past the sniff timeout must not get an opaque stream, whose
     // bytes (headers posing as the mesh's own) no proxy would look at.

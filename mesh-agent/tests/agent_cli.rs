@@ -386,7 +386,7 @@ fn mesh_agent_validate_reports_file_document_and_field() {
     assert!(
         text.contains(
             "policies.yaml: MeshPolicy shop/strict: not in force: MeshPolicy a-open sets the mode \
-             of all of the pods it selects"
+             of every pod of the namespace"
         ) && text.contains("plaintext is not refused"),
         "{text}"
     );

@@ -1678,6 +1678,42 @@ async fn a_request_waits_for_its_sources_certificate_on_its_way() {
     mesh.shutdown().await;
 }
 
+/// A pod that reaches its own address (the kernel sends an enrolled pod's
+/// connections to meshed pods' addresses to the proxy, its own included)
+/// is connected straight to itself, not through the tunnel as a caller of
+/// itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_reaching_its_own_address_is_connected_straight_to_itself() {
+    let mesh = Mesh::standard().await;
+    // cart-0's address as a caller on node A too: the configuration knows it
+    // as a meshed pod, reached through the tunnel by anyone else.
+    mesh.publish(&Snapshot {
+        workloads: vec![l7_proxy::config::Workload {
+            ip: cart(0).ip,
+            id: cart(0).local().id,
+            node_proxy: Some(mesh.node_b_proxy()),
+            identity: Some(cart(0).identity()),
+        }],
+        ..Default::default()
+    })
+    .await;
+    mesh.a.add_local(cart(0).local()).await;
+    let own = tcp_server(SocketAddr::new(cart(0).ip, 0), None).await;
+    let mut t = mesh.connect(cart(0).ip, own).await;
+    t.write_all(b"ping").await.unwrap();
+    assert_eq!(read_n(&mut t, 4).await, b"ping");
+    let tcp = |secured: &str| {
+        mesh.a.metric(
+            "sluice_tcp_connections_total",
+            &["direction=\"Outbound\"", &format!("secured=\"{secured}\"")],
+        )
+    };
+    assert_eq!(tcp("true"), 0.0, "{}", mesh.a.metrics());
+    assert_eq!(tcp("false"), 1.0, "{}", mesh.a.metrics());
+    drop(t);
+    mesh.shutdown().await;
+}
+
 /// A dual-stack node: the second capture listener (the other address
 /// family) serves the pods' connections of that family as the first does,
 /// through the tunnel with the caller's identity.

@@ -844,6 +844,9 @@ mod tests {
         ) -> Result<(), ebpf_lb::Error> {
             self.inner.set_meshed_pods(pods)
         }
+        fn meshed_pods(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+            self.inner.meshed_pods()
+        }
         fn services(&self) -> Vec<ebpf_lb::ServiceState> {
             let _ = self.entered.try_send(());
             let _ = self.release.lock().unwrap().recv();

@@ -827,7 +827,7 @@ mod tests {
         let out = render_workloads(&w, false, None);
         let row = |name: &str| out.lines().find(|l| l.contains(name)).unwrap().to_string();
         assert!(
-            row("db").contains("STRICT") && !row("db").contains("proxy only"),
+            row("db").contains("STRICT") && !row("db").contains("(not enforced)"),
             "{out}"
         );
         assert!(row("web").contains("STRICT (not enforced)"), "{out}");

@@ -48,6 +48,9 @@ pub trait Dataplane: Send + Sync {
     /// The meshed pods' addresses: enrolled workloads' connections straight
     /// to them go to the proxy.
     fn set_meshed_pods(&self, pods: &BTreeSet<IpAddr>) -> Result<(), ebpf_lb::Error>;
+    /// The meshed pods' addresses the kernel holds, an earlier agent's
+    /// included.
+    fn meshed_pods(&self) -> BTreeSet<IpAddr>;
 }
 
 impl Dataplane for LoadBalancer {
@@ -56,6 +59,9 @@ impl Dataplane for LoadBalancer {
     }
     fn set_meshed_pods(&self, pods: &BTreeSet<IpAddr>) -> Result<(), ebpf_lb::Error> {
         LoadBalancer::set_meshed_pods(self, pods)
+    }
+    fn meshed_pods(&self) -> BTreeSet<IpAddr> {
+        LoadBalancer::meshed_pods(self)
     }
 
     fn enroll(&self, cgroup: &Path) -> Result<u64, ebpf_lb::Error> {
@@ -155,9 +161,9 @@ impl MemoryDataplane {
         Self::default()
     }
 
-    /// The meshed pods' addresses the reconciler wrote.
-    pub fn meshed_pods(&self) -> BTreeSet<IpAddr> {
-        self.lock().meshed_pods.clone()
+    /// Meshed pods' addresses an earlier agent left.
+    pub fn preload_meshed_pods(&self, pods: &[IpAddr]) {
+        self.lock().meshed_pods.extend(pods.iter().copied());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
@@ -234,6 +240,9 @@ impl Dataplane for MemoryDataplane {
     fn set_meshed_pods(&self, pods: &BTreeSet<IpAddr>) -> Result<(), ebpf_lb::Error> {
         self.lock().meshed_pods = pods.clone();
         Ok(())
+    }
+    fn meshed_pods(&self) -> BTreeSet<IpAddr> {
+        self.lock().meshed_pods.clone()
     }
     fn apply(&self, changes: &[Change]) -> Result<ApplyReport, ebpf_lb::Error> {
         let mut m = self.lock();

@@ -14,7 +14,8 @@ use std::{
 
 use ebpf_lb::{Backend, BackendState, Change, Frontend, Protocol, ServiceSpec};
 use k8s_openapi::{
-    api::discovery::v1::EndpointConditions, apimachinery::pkg::util::intstr::IntOrString,
+    api::discovery::v1::{EndpointConditions, EndpointPort},
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use crate::{
@@ -182,18 +183,12 @@ pub fn desired_specs(
             ));
         }
     }
-    // Port names as the Service has them, and as its EndpointSlices still
-    // may (they are rewritten after the Service, a moment later).
+    // Port names as the Service has them (its EndpointSlices may still
+    // have others: they are rewritten after the Service, a moment later).
     let names: BTreeSet<&str> = ports
         .iter()
         .map(|p| p.name.as_deref().unwrap_or(""))
         .collect();
-    let slice_names: BTreeSet<&str> = store
-        .slices_of(key)
-        .flat_map(|s| s.ports.iter().flatten())
-        .map(|p| p.name.as_deref().unwrap_or(""))
-        .collect();
-    let unmatched = names.difference(&slice_names).count();
     let mut out = Vec::new();
     for (p, port) in spec.ports.iter().flatten().enumerate() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -239,9 +234,9 @@ pub fn desired_specs(
         }
         let name = port.name.as_deref().unwrap_or("");
         // A port renamed (or named, as a second port requires) finds none
-        // of its endpoints until the slices are rewritten: the endpoints
-        // of the name it had are kept for the connections they carry.
-        let renamed = (!slice_names.contains(name)).then(|| Renamed {
+        // of its endpoints in a slice not rewritten yet: the endpoints of
+        // the name it had there are kept for the connections they carry.
+        let renamed = Renamed {
             names: &names,
             target: match &port.target_port {
                 None => Some(number),
@@ -250,8 +245,7 @@ pub fn desired_specs(
                 Some(IntOrString::Int(t)) => u16::try_from(*t).ok(),
                 Some(IntOrString::String(_)) => None,
             },
-            alone: unmatched == 1,
-        });
+        };
         for vip in &vips {
             let backends = backends_for(store, key, *vip, name, protocol, local_only, &renamed);
             out.push(ServiceSpec {
@@ -274,38 +268,54 @@ pub fn desired_specs(
     }
 }
 
-/// A Service port whose name no EndpointSlice of the Service has (yet).
+/// What a Service port may have been called in a slice not rewritten yet.
 struct Renamed<'a> {
     /// The Service's port names.
     names: &'a BTreeSet<&'a str>,
     /// Its target port, when a number.
     target: Option<u16>,
-    /// The only port of the Service that no slice names.
-    alone: bool,
 }
 
 impl Renamed<'_> {
-    /// Whether slice port `name` (numbered `number`), named by no port of
-    /// the Service, is what this port was called: same number as its
-    /// target, or, for a target by name, the one name left over for the one
-    /// port without a match.
-    fn was(&self, name: &str, number: u16, stale: usize) -> bool {
-        !self.names.contains(name)
-            && match self.target {
-                Some(t) => t == number,
-                None => self.alone && stale == 1,
+    /// In a slice whose ports (`all`; `same`: those of the port's protocol)
+    /// do not name the port: the one it had there, named by no port of the
+    /// Service: the one numbered as its target, or, for a target by name,
+    /// the one name left over when the port is the one without a match.
+    fn former<'p>(
+        &self,
+        all: &[&'p EndpointPort],
+        same: &[&'p EndpointPort],
+    ) -> Option<&'p EndpointPort> {
+        let name = |p: &EndpointPort| p.name.as_deref().unwrap_or("").to_string();
+        let stale: Vec<&EndpointPort> = same
+            .iter()
+            .copied()
+            .filter(|p| !self.names.contains(name(p).as_str()))
+            .collect();
+        match self.target {
+            Some(t) => stale
+                .into_iter()
+                .find(|p| p.port.and_then(|n| u16::try_from(n).ok()) == Some(t)),
+            None => {
+                let unmatched = self
+                    .names
+                    .iter()
+                    .filter(|n| !all.iter().any(|p| name(p) == **n))
+                    .count();
+                (stale.len() == 1 && unmatched == 1).then(|| stale[0])
             }
+        }
     }
 }
 
 /// Backends of one service port from all its EndpointSlices of the VIP's
 /// family, sorted and deduplicated (an address keeps its best state).
 ///
-/// A port no slice names yet (`renamed`, see [`Renamed::was`]) keeps the
-/// endpoints of its former name as terminating: the connections they carry
-/// stay (removed backends' sockets are reset) and new ones wait for the
-/// slices, as kube-proxy's conntrack entries keep established flows while
-/// the renamed port has no endpoints.
+/// In a slice that does not name the port yet (see [`Renamed::former`])
+/// the endpoints of its former name are kept as terminating: the
+/// connections they carry stay (removed backends' sockets are reset) and
+/// new ones are refused until the slices follow, as kube-proxy's conntrack
+/// entries keep established flows while the renamed port has no endpoints.
 fn backends_for(
     store: &Store,
     key: &Key,
@@ -313,37 +323,30 @@ fn backends_for(
     port_name: &str,
     protocol: Protocol,
     local_only: Option<&str>,
-    renamed: &Option<Renamed<'_>>,
+    renamed: &Renamed<'_>,
 ) -> Vec<Backend> {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let proto = protocol.to_string();
     let mut found: BTreeMap<SocketAddr, (BackendState, bool)> = BTreeMap::new();
-    let stale: BTreeSet<&str> = match renamed {
-        Some(r) => store
-            .slices_of(key)
-            .flat_map(|s| s.ports.iter().flatten())
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == proto)
-            .map(|p| p.name.as_deref().unwrap_or(""))
-            .filter(|n| !r.names.contains(n))
-            .collect(),
-        None => BTreeSet::new(),
-    };
     for slice in store.slices_of(key) {
         if slice.address_type != family {
             continue;
         }
-        let Some(port) = slice.ports.iter().flatten().find(|p| {
-            let name = p.name.as_deref().unwrap_or("");
-            p.protocol.as_deref().unwrap_or("TCP") == proto
-                && match renamed {
-                    None => name == port_name,
-                    Some(r) => p
-                        .port
-                        .and_then(|n| u16::try_from(n).ok())
-                        .is_some_and(|n| r.was(name, n, stale.len())),
-                }
-        }) else {
-            continue;
+        let all: Vec<&EndpointPort> = slice.ports.iter().flatten().collect();
+        let same: Vec<&EndpointPort> = all
+            .iter()
+            .copied()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == proto)
+            .collect();
+        let (port, kept) = match same
+            .iter()
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+        {
+            Some(p) => (*p, false),
+            None => match renamed.former(&all, &same) {
+                Some(p) => (p, true),
+                None => continue,
+            },
         };
         let Some(number) = port
             .port
@@ -356,12 +359,13 @@ fn backends_for(
             if local_only.is_some_and(|n| ep.node_name.as_deref() != Some(n)) {
                 continue;
             }
-            let (state, serving) = match renamed {
-                None => (
+            let (state, serving) = if kept {
+                (BackendState::Terminating, false)
+            } else {
+                (
                     backend_state(ep.conditions.as_ref()),
                     serving(ep.conditions.as_ref()),
-                ),
-                Some(_) => (BackendState::Terminating, false),
+                )
             };
             for a in &ep.addresses {
                 let Ok(ip) = a.parse::<IpAddr>() else {
@@ -692,6 +696,27 @@ mod tests {
         assert_eq!(
             specs[0].backends,
             vec![kept("10.0.0.2:8080"), kept("10.0.0.3:8080")]
+        );
+
+        // Slices rewritten one by one (more than 100 endpoints, or one per
+        // address family): the one not rewritten yet keeps its endpoints'
+        // connections while the other's serve.
+        let mut one_fresh = slice("shop", "web-2", "web", &[8080], &[ep_ready("10.0.0.4")]);
+        one_fresh.ports.as_mut().unwrap()[0].name = Some("p80".into());
+        let s = store_with(vec![
+            Object::Namespace(namespace("shop", false)),
+            Object::Service(svc.clone()),
+            stale(),
+            Object::EndpointSlice(one_fresh),
+        ]);
+        let specs = desired_specs(&s, &Key::new("shop", "web"), "n1").unwrap();
+        assert_eq!(
+            specs[0].backends,
+            vec![
+                kept("10.0.0.2:8080"),
+                kept("10.0.0.3:8080"),
+                Backend::ready(addr("10.0.0.4:8080"))
+            ]
         );
 
         // Slices that name the port: as ever.

@@ -396,6 +396,9 @@ impl Reconciler {
             let retry = self.other_errors.keys().any(|k| {
                 !k.starts_with("guard of pod ")
                     && !k.starts_with("guard shared ")
+                    // A full map stays full: written again with the next
+                    // change of the pods, not rebuilt every tick.
+                    && k != MESHED_PODS_STEP
                     && k != STALE_SERVICES_STEP
             });
             if !self.enrol_errors.is_empty() || retry {
@@ -1118,16 +1121,22 @@ impl Reconciler {
         self.refs = view.refs.clone();
         // Enrolled pods' connections straight to these pods' addresses go
         // to the proxy, which carries them through the tunnel.
-        // (Not before the source has said everything: a partial view would
-        // take pods out that the pinned map has.)
-        let pods = view.tunnelled_pod_ips();
+        // Not before the sources have said everything, and only added to
+        // while one is not read in full (a file broken since the start): a
+        // partial view would take out pods the pinned map has, whose
+        // enrolled callers would then reach them in plaintext (refused by
+        // a STRICT pod).
+        let mut pods = view.tunnelled_pod_ips();
+        if !self.incomplete_sources.is_empty() {
+            pods.extend(self.dp.meshed_pods());
+        }
         if self.synced && self.meshed_pods.as_ref() != Some(&pods) {
             let r = self.dp.set_meshed_pods(&pods);
             if r.is_ok() {
                 self.meshed_pods = Some(pods);
             }
             self.outcome(
-                "meshed pods".into(),
+                MESHED_PODS_STEP.into(),
                 r.map_err(|e| format!("writing the meshed pods' addresses: {e}")),
             );
         }
@@ -1246,8 +1255,11 @@ impl Reconciler {
             }
             // Its mode taken from pods by another policy: a STRICT one then
             // lets plaintext in where its author meant it refused.
+            let taken = policies::mesh_policy_shadowed(&self.store, key)
+                .map(|why| (true, why))
+                .or_else(|| policies::mesh_policy_overridden(&self.store, key));
             if policies::mesh_policy_idle(&self.store, &key.namespace).is_none()
-                && let Some((all, why)) = policies::mesh_policy_overridden(&self.store, key)
+                && let Some((all, why)) = taken
             {
                 let strict = p.spec.mode == MtlsMode::Strict;
                 out.push(ConfigError {
@@ -1483,6 +1495,9 @@ const GUARD_SHARED: &str = "guard shared ";
 
 /// A STRICT pod's `strict_guard` when no node proxy runs: nothing enforces
 /// its mode.
+/// The error key of writing the meshed pods' addresses.
+const MESHED_PODS_STEP: &str = "meshed pods";
+
 pub(crate) const STRICT_WITHOUT_PROXY: &str = "not enforced: no node proxy runs (--proxy off)";
 
 /// Sockets pinned to removed backends that could not be reset stay until

@@ -189,6 +189,47 @@ pub fn mesh_policy_idle(store: &Store, ns: &str) -> Option<String> {
     })
 }
 
+/// Why a namespace-wide MeshPolicy sets no pod's mode, whatever the pods:
+/// an older namespace-wide one (or one first by name, of the same age)
+/// with another mode takes every pod no policy with a selector takes.
+pub fn mesh_policy_shadowed(store: &Store, key: &Key) -> Option<String> {
+    let p = store.mesh_policies.get(key)?;
+    let wide = |p: &crate::crds::MeshPolicy| {
+        p.spec.selector.as_ref().is_none_or(|s| {
+            s.match_labels.as_ref().is_none_or(|m| m.is_empty())
+                && s.match_expressions.as_ref().is_none_or(|e| e.is_empty())
+        })
+    };
+    if !wide(p) {
+        return None;
+    }
+    let rank = |k: &Key, p: &crate::crds::MeshPolicy| {
+        (
+            p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            k.name.clone(),
+        )
+    };
+    let mine = rank(key, p);
+    store
+        .mesh_policies
+        .iter()
+        .filter(|(k, q)| {
+            k.namespace == key.namespace
+                && *k != key
+                && wide(q)
+                && q.spec.mode != p.spec.mode
+                && rank(k, q) < mine
+        })
+        .map(|(k, _)| {
+            format!(
+                "MeshPolicy {} sets the mode of every pod of the namespace that no policy \
+                 with a selector takes (between namespace-wide policies the oldest wins)",
+                k.name
+            )
+        })
+        .next()
+}
+
 /// Why a MeshPolicy's mode is not that of some pods it selects, or of any
 /// (`true`): another MeshPolicy of the namespace, with another mode, takes
 /// them (one with a selector beats a namespace-wide one; between equals the
@@ -274,13 +315,13 @@ pub fn policy_status_writes(store: &Store, default_mode: MtlsMode) -> Vec<Status
         {
             continue;
         }
+        // Decided by the policies alone, not their pods: a status that
+        // followed pods coming and going would be written again and again.
         let message = match (
             mesh_policy_idle(store, &key.namespace),
-            mesh_policy_overridden(store, key),
+            mesh_policy_shadowed(store, key),
         ) {
-            (Some(why), _) => format!("accepted, but not in force: {why}"),
-            (None, Some((true, why))) => format!("accepted, but not in force: {why}"),
-            (None, Some((false, why))) => format!("the policy is in force, except where {why}"),
+            (Some(why), _) | (None, Some(why)) => format!("accepted, but not in force: {why}"),
             (None, None) => "the policy is in force".to_string(),
         };
         if let Some(status) =
@@ -793,13 +834,21 @@ mod tests {
         };
         let m = message(&s, "strict");
         assert!(
-            m.starts_with("accepted, but not in force: MeshPolicy open sets the mode of all of"),
+            m.starts_with(
+                "accepted, but not in force: MeshPolicy open sets the mode of every pod of the \
+                 namespace"
+            ),
             "{m}"
         );
         assert_eq!(message(&s, "open"), "the policy is in force");
         let key = Key::new("shop", "strict");
         let (all, _) = mesh_policy_overridden(&s, &key).unwrap();
         assert!(all);
+        // Whatever the pods: none yet, it says the same.
+        let mut empty = s.clone();
+        empty.apply(Update::Delete(Kind::Pod, Key::new("shop", "web")));
+        empty.apply(Update::Delete(Kind::Pod, Key::new("shop", "db")));
+        assert_eq!(message(&empty, "strict"), m);
         // A selector takes web only: "strict" still sets db's mode.
         s.apply(Update::Delete(Kind::MeshPolicy, Key::new("shop", "open")));
         s.apply(Update::Upsert(policy(
@@ -808,14 +857,15 @@ mod tests {
             Some("web"),
             20,
         )));
-        let m = message(&s, "strict");
+        // The status does not follow pods (it would be written as they come
+        // and go); the agent's own problems say which pods another takes.
+        assert_eq!(message(&s, "strict"), "the policy is in force");
+        let (all, why) = mesh_policy_overridden(&s, &key).unwrap();
+        assert!(!all);
         assert!(
-            m.starts_with(
-                "the policy is in force, except where MeshPolicy web-open sets the mode of some of"
-            ),
-            "{m}"
+            why.starts_with("MeshPolicy web-open sets the mode of some of"),
+            "{why}"
         );
-        assert!(!mesh_policy_overridden(&s, &key).unwrap().0);
         // One that asks the same mode takes nothing from it.
         s.apply(Update::Upsert(policy(
             "web-open",

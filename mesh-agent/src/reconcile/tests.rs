@@ -1464,6 +1464,8 @@ fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unre
     dataplane::Dataplane::set_workload_mode(&*f.dp, old_ip, Some(ebpf_lb::MtlsMode::Strict))
         .unwrap();
     dataplane::Dataplane::guard_interface(&*f.dp, "veth-old").unwrap();
+    // ... and had its address among the meshed pods.
+    f.dp.preload_meshed_pods(&[old_ip]);
     f.upsert(shop());
     let broken = |incomplete: bool| Input::SourceErrors {
         source: "files:/etc/sluice".into(),
@@ -1493,6 +1495,10 @@ fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unre
         BTreeMap::from([(old_ip, ebpf_lb::MtlsMode::Strict)])
     );
     assert_eq!(f.dp.guarded(), BTreeSet::from(["veth-old".to_string()]));
+    // Its address stays meshed: its enrolled callers keep going through the
+    // proxy rather than reaching it in plaintext.
+    let meshed = |f: &Fixture| dataplane::Dataplane::meshed_pods(&*f.dp);
+    assert!(meshed(&f).contains(&old_ip), "{:?}", meshed(&f));
     // Not a kernel error (the file is reported already), and no work on
     // every tick meanwhile.
     assert!(errors(&f).is_empty(), "{:?}", errors(&f));
@@ -1519,6 +1525,7 @@ fn the_first_sync_keeps_what_an_earlier_run_programmed_while_the_source_has_unre
     );
     assert!(f.dp.modes().is_empty(), "{:?}", f.dp.modes());
     assert!(f.dp.guarded().is_empty(), "{:?}", f.dp.guarded());
+    assert!(!meshed(&f).contains(&old_ip), "{:?}", meshed(&f));
     assert!(errors(&f).is_empty(), "{:?}", errors(&f));
 }
 

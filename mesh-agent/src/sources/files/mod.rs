@@ -965,10 +965,12 @@ impl FilesSource {
             // file`, `helm template ... > file`): its objects are not
             // removed for the moment (an API server refuses to apply an
             // empty file too). Deleting the file removes them.
-            let nothing = parsed.objects.is_empty()
-                && parsed.workloads.is_empty()
-                && errors.is_empty()
-                && ignored.is_empty();
+            let nothing = st.contents.as_deref().is_some_and(|c| {
+                c.lines().all(|l| {
+                    let l = l.trim();
+                    l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+                })
+            });
             if nothing && (!st.good.objects.is_empty() || !st.good.workloads.is_empty()) {
                 errors.push(error(
                     path,

@@ -1093,6 +1093,22 @@ fn an_emptied_file_keeps_its_objects_until_written_or_deleted() {
     write(dir.path(), "shop.yaml", SHOP);
     src.reload().unwrap();
     assert_eq!(src.errors(), vec![]);
+    // A list with no items is a whole file that defines nothing (what
+    // `kubectl get -o yaml` writes when nothing matches).
+    write(
+        dir.path(),
+        "shop.yaml",
+        "apiVersion: v1\nkind: List\nitems: []\n",
+    );
+    src.reload().unwrap();
+    assert_eq!(src.errors(), vec![]);
+    assert!(
+        !store_of(&src)
+            .services
+            .contains_key(&Key::new("shop", "web"))
+    );
+    write(dir.path(), "shop.yaml", SHOP);
+    src.reload().unwrap();
     fs::remove_file(dir.path().join("shop.yaml")).unwrap();
     src.reload().unwrap();
     assert!(
