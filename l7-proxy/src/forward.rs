@@ -125,6 +125,8 @@ pub(crate) async fn handle(
     let start = Instant::now();
     let state = shared.state();
     let (mut parts, body) = req.into_parts();
+    // Before an HTTP/2 WebSocket becomes an HTTP/1.1 upgrade below.
+    let caller_h1 = parts.version < Version::HTTP_2;
     // Nothing from the caller may pose as the mesh's own headers.
     remove_mesh_headers(&mut parts.headers);
     // Nor may its hop's headers undo a route's filters.
@@ -310,6 +312,23 @@ pub(crate) async fn handle(
     }
     if outcome.upstream.is_none() {
         outcome.response = crate::body::answer_for(&method, outcome.response);
+    }
+    // The caller left the mesh (its namespace or pod opted out) while its
+    // connection stayed captured: its identity goes, and with it any new
+    // tunnel its requests would need. Its HTTP/1.1 connection ends after
+    // this answer, so its next one goes straight, as the kernel now sends
+    // it. (An HTTP/2 one goes on; its streams fail once a new tunnel is
+    // needed.)
+    if caller_h1
+        && !outcome.response.status().is_informational()
+        && state
+            .local_workload(conn.source.ip)
+            .is_none_or(|w| w.identity != conn.source.identity)
+    {
+        outcome.response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
     }
     let dst = outcome
         .upstream

@@ -109,6 +109,19 @@ impl Node {
         .await;
     }
 
+    /// Takes the local workload at `ip` out of the snapshot in force here
+    /// (its pod left the mesh), and waits until the proxy has it so.
+    pub async fn remove_local(&self, ip: IpAddr) {
+        let mut snap = (*self.proxy().snapshot()).clone();
+        snap.local_workloads.retain(|w| w.ip != ip);
+        let snap = Arc::new(snap);
+        self.snapshots.send_replace(snap.clone());
+        eventually("the proxy applied the snapshot", || {
+            Arc::ptr_eq(&self.proxy().snapshot(), &snap)
+        })
+        .await;
+    }
+
     pub fn metrics(&self) -> String {
         let mut s = String::new();
         prometheus_client::encoding::text::encode(&mut s, &self.registry).unwrap();

@@ -1714,6 +1714,27 @@ async fn a_pod_reaching_its_own_address_is_connected_straight_to_itself() {
     mesh.shutdown().await;
 }
 
+/// A pod that leaves the mesh while its HTTP/1.1 connection stays
+/// captured: its next answer closes the connection (its identity goes, and
+/// with it any new tunnel), so it reconnects straight, as the kernel now
+/// sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_left_the_mesh_has_its_captured_connection_closed_after_an_answer() {
+    let mesh = Mesh::standard().await;
+    let _srv = mesh.serve_cart().await;
+    let mut c = mesh.http1(web().ip, SocketAddr::new(vip(1), 80)).await;
+    let r = c.get("/").await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.get("connection").is_none(), "{:?}", r.headers);
+    mesh.a.remove_local(web().ip).await;
+    let r = c.get("/").await;
+    assert_eq!(r.status, 200, "answered while the tunnel is there");
+    assert_eq!(r.headers["connection"], "close", "{:?}", r.headers);
+    // And it is closed.
+    assert!(c.send(request("GET", "/", &[], "")).await.is_err());
+    mesh.shutdown().await;
+}
+
 /// A dual-stack node: the second capture listener (the other address
 /// family) serves the pods' connections of that family as the first does,
 /// through the tunnel with the caller's identity.
