@@ -163,6 +163,31 @@ async fn a_failed_bundle_refresh_is_retried_soon_and_a_prepared_root_arrives() {
     task.abort();
 }
 
+/// An identity is awaited (a tunnel for it waits) while its first
+/// certificate is on its way, not once an attempt has failed (a CA down is
+/// no reason to hold requests) nor once it is held.
+#[tokio::test]
+async fn an_identity_is_awaited_only_while_its_first_certificate_is_on_its_way() {
+    let clock = clock();
+    let ca = ca(&clock);
+    let flaky = Arc::new(Flaky {
+        ca: ca.clone(),
+        down: AtomicBool::new(true),
+    });
+    let cart = id("shop", "cart");
+    let a = IdentityManager::new(flaky.clone(), ca.bundle(), shared(&clock), fast_opts());
+    assert!(!a.awaiting(&cart), "not wanted");
+    a.want([cart.clone()]).unwrap();
+    assert!(a.awaiting(&cart), "wanted, no attempt yet");
+    assert_eq!(a.rotate_due().await.failed.len(), 1);
+    assert!(!a.awaiting(&cart), "its attempt failed");
+    flaky.down.store(false, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(5));
+    assert!(a.rotate_due().await.failed.is_empty());
+    assert!(a.has_certificate(&cart));
+    assert!(!a.awaiting(&cart), "held");
+}
+
 #[tokio::test]
 async fn ca_outage_keeps_the_valid_certificate_and_retries_with_backoff() {
     let clock = clock();

@@ -56,6 +56,32 @@ pub(crate) struct Shared {
     /// Tunnel connections open, by peer identity and address.
     pub peer_connections: crate::inbound::PeerConnections,
     tracker: TaskTracker,
+    /// Captured connections waiting for a configuration that knows their
+    /// source ([`Shared::state_knowing`]).
+    waiting_for_source: std::sync::atomic::AtomicUsize,
+}
+
+/// Connections that may wait for their source at once.
+const MAX_WAITING_FOR_SOURCE: usize = 1024;
+
+/// One of at most a number of places, given back when dropped.
+struct Place<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Place<'a> {
+    fn take(taken: &'a std::sync::atomic::AtomicUsize, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering::AcqRel;
+        if taken.fetch_add(1, AcqRel) >= max {
+            taken.fetch_sub(1, AcqRel);
+            return None;
+        }
+        Some(Place(taken))
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -80,6 +106,10 @@ impl Shared {
         if let Some(w) = state.local_workload(ip) {
             return Some((state.clone(), w.clone()));
         }
+        // Bounded: connections the kernel keeps sending from an address no
+        // configuration will list (a pod's cgroup left enrolled) are reset
+        // at once beyond these.
+        let _waiting = Place::take(&self.waiting_for_source, MAX_WAITING_FOR_SOURCE)?;
         let mut rx = self.state.clone();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -295,6 +325,7 @@ impl ProxyBuilder {
             shutdown: CancellationToken::new(),
             drain: Arc::default(),
             tracker: TaskTracker::new(),
+            waiting_for_source: Default::default(),
         });
         // New snapshots apply to new connections and requests at once; what
         // is in flight keeps the state it started with.

@@ -766,9 +766,13 @@ impl TunnelPool {
                     peer: key.peer.clone(),
                     reason: e.to_string(),
                 })?;
+        // The wait for the certificate counts against the connect timeout.
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(1));
         let tcp = match tokio::time::timeout(
-            s.connect_timeout(),
-            crate::connect::connect(key.node, s.socket_mark, s.connect_timeout()),
+            left,
+            crate::connect::connect(key.node, s.socket_mark, left),
         )
         .await
         {

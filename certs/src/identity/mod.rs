@@ -282,10 +282,16 @@ impl IdentityManager {
         self.inner.live.load().by_id.contains_key(identity)
     }
 
-    /// Whether `identity` is wanted but its certificate not issued yet (a
-    /// new pod's, or every pod's just after the node's agent started).
+    /// Whether `identity` is wanted and its first certificate on its way
+    /// (a new pod's, or every pod's just after the node's agent started):
+    /// not held, and no attempt for it has failed (a CA down or refusing is
+    /// no reason to wait).
     pub fn awaiting(&self, identity: &SpiffeId) -> bool {
-        !self.has_certificate(identity) && self.slots().contains_key(identity)
+        !self.has_certificate(identity)
+            && self
+                .slots()
+                .get(identity)
+                .is_some_and(|s| s.failures == 0 && s.last_error.is_none())
     }
 
     /// The local identity a client asked for with `sni` (on the server

@@ -398,7 +398,7 @@ impl Reconciler {
                     && !k.starts_with("guard shared ")
                     // A full map stays full: written again with the next
                     // change of the pods, not rebuilt every tick.
-                    && k != MESHED_PODS_STEP
+                    && k != MESHED_PODS_FULL
                     && k != STALE_SERVICES_STEP
             });
             if !self.enrol_errors.is_empty() || retry {
@@ -1135,8 +1135,17 @@ impl Reconciler {
             if r.is_ok() {
                 self.meshed_pods = Some(pods);
             }
+            // A full map stays full: written again with the next change of
+            // the pods, not on every tick as other failures are.
+            let full = matches!(r, Err(ebpf_lb::Error::MapFull { .. }));
+            let (this, other) = if full {
+                (MESHED_PODS_FULL, MESHED_PODS_STEP)
+            } else {
+                (MESHED_PODS_STEP, MESHED_PODS_FULL)
+            };
+            self.other_errors.remove(other);
             self.outcome(
-                MESHED_PODS_STEP.into(),
+                this.into(),
                 r.map_err(|e| format!("writing the meshed pods' addresses: {e}")),
             );
         }
@@ -1495,8 +1504,10 @@ const GUARD_SHARED: &str = "guard shared ";
 
 /// A STRICT pod's `strict_guard` when no node proxy runs: nothing enforces
 /// its mode.
-/// The error key of writing the meshed pods' addresses.
+/// The error keys of writing the meshed pods' addresses: a failure retried
+/// on ticks, and a full map, written again only when the pods change.
 const MESHED_PODS_STEP: &str = "meshed pods";
+const MESHED_PODS_FULL: &str = "meshed pods (map full)";
 
 pub(crate) const STRICT_WITHOUT_PROXY: &str = "not enforced: no node proxy runs (--proxy off)";
 

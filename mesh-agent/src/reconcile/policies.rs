@@ -209,25 +209,19 @@ pub fn mesh_policy_shadowed(store: &Store, key: &Key) -> Option<String> {
             k.name.clone(),
         )
     };
-    let mine = rank(key, p);
-    store
+    // The namespace-wide policy that wins: the first by age, then name.
+    let (winner, q) = store
         .mesh_policies
         .iter()
-        .filter(|(k, q)| {
-            k.namespace == key.namespace
-                && *k != key
-                && wide(q)
-                && q.spec.mode != p.spec.mode
-                && rank(k, q) < mine
-        })
-        .map(|(k, _)| {
-            format!(
-                "MeshPolicy {} sets the mode of every pod of the namespace that no policy \
-                 with a selector takes (between namespace-wide policies the oldest wins)",
-                k.name
-            )
-        })
-        .next()
+        .filter(|(k, q)| k.namespace == key.namespace && wide(q))
+        .min_by_key(|(k, q)| rank(k, q))?;
+    (winner != key && q.spec.mode != p.spec.mode).then(|| {
+        format!(
+            "MeshPolicy {} sets the mode of every pod of the namespace that no policy with a \
+             selector takes (between namespace-wide policies the oldest wins)",
+            winner.name
+        )
+    })
 }
 
 /// Why a MeshPolicy's mode is not that of some pods it selects, or of any
@@ -844,6 +838,19 @@ mod tests {
         let key = Key::new("shop", "strict");
         let (all, _) = mesh_policy_overridden(&s, &key).unwrap();
         assert!(all);
+        // A third, newest, with the winner's mode: in force (the middle one
+        // with another mode does not take its pods).
+        s.apply(Update::Upsert(policy("strict-too", "STRICT", None, 30)));
+        s.apply(Update::Upsert(policy("open", "STRICT", None, 0)));
+        s.apply(Update::Upsert(policy("strict", "PERMISSIVE", None, 10)));
+        assert_eq!(message(&s, "strict-too"), "the policy is in force");
+        assert!(message(&s, "strict").starts_with("accepted, but not in force"));
+        s.apply(Update::Delete(
+            Kind::MeshPolicy,
+            Key::new("shop", "strict-too"),
+        ));
+        s.apply(Update::Upsert(policy("open", "PERMISSIVE", None, 0)));
+        s.apply(Update::Upsert(policy("strict", "STRICT", None, 10)));
         // Whatever the pods: none yet, it says the same.
         let mut empty = s.clone();
         empty.apply(Update::Delete(Kind::Pod, Key::new("shop", "web")));
