@@ -440,13 +440,8 @@ async fn a_port_declared_http_takes_http_only_and_the_identity_header_cannot_be_
     let plain = mesh.service("cart-plain", 3, port, &[cart(0)]);
     mesh.publish(&Snapshot {
         services: vec![http, raw, plain],
-        workloads: vec![l7_proxy::config::Workload {
-            ip: cart(0).ip,
-            // As the Service's endpoints name the pod.
-            id: cart(0).local().id,
-            node_proxy: Some(mesh.node_b_proxy()),
-            identity: Some(cart(0).identity()),
-        }],
+        // As the Service's endpoints name the pod.
+        workloads: vec![mesh.tunnelled(&cart(0))],
         ..Default::default()
     })
     .await;

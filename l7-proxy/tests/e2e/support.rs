@@ -432,6 +432,17 @@ impl Mesh {
         sock.connect(self.a.proxy().outbound_addr()).await
     }
 
+    /// Node B's pod `pod` as the configuration lists a meshed workload:
+    /// reached through node B's proxy with its identity.
+    pub fn tunnelled(&self, pod: &Pod) -> l7_proxy::config::Workload {
+        l7_proxy::config::Workload {
+            ip: pod.ip,
+            id: pod.local().id,
+            node_proxy: Some(self.node_b_proxy()),
+            identity: Some(pod.identity()),
+        }
+    }
+
     pub async fn http1(&self, from: IpAddr, to: SocketAddr) -> Client {
         let tcp = self.connect(from, to).await;
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))

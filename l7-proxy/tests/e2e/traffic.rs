@@ -1605,6 +1605,20 @@ async fn a_tcp_connection_that_never_opened_is_not_counted() {
     mesh.shutdown().await;
 }
 
+/// The answer on `t` to a request for cart: a 200 whose echo names the
+/// source identity the workload was told.
+async fn source_identity_echoed(t: &mut tokio::net::TcpStream) -> String {
+    let answer = read_response(t).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    echo["headers"]["sluice-source-identity"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// A pod's first connection can reach the proxy before the configuration
 /// that enrols it (the kernel enrols its cgroup as the agent publishes it;
 /// an agent restarting starts its proxy before its first sync): it waits
@@ -1624,13 +1638,8 @@ async fn a_connection_that_comes_before_its_pods_configuration_waits_for_it() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     mesh.a.add_local(late).await;
-    let answer = read_response(&mut t).await;
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
-    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(
-        echo["headers"]["sluice-source-identity"],
+        source_identity_echoed(&mut t).await,
         web().identity().to_string()
     );
     drop(t);
@@ -1665,13 +1674,8 @@ async fn a_request_waits_for_its_sources_certificate_on_its_way() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let report = mesh.a.identities.rotate_due().await;
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    let answer = read_response(&mut t).await;
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
-    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(
-        echo["headers"]["sluice-source-identity"],
+        source_identity_echoed(&mut t).await,
         late.identity.to_string()
     );
     drop(t);
@@ -1688,12 +1692,7 @@ async fn a_pod_reaching_its_own_address_is_connected_straight_to_itself() {
     // cart-0's address as a caller on node A too: the configuration knows it
     // as a meshed pod, reached through the tunnel by anyone else.
     mesh.publish(&Snapshot {
-        workloads: vec![l7_proxy::config::Workload {
-            ip: cart(0).ip,
-            id: cart(0).local().id,
-            node_proxy: Some(mesh.node_b_proxy()),
-            identity: Some(cart(0).identity()),
-        }],
+        workloads: vec![mesh.tunnelled(&cart(0))],
         ..Default::default()
     })
     .await;
