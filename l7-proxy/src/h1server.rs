@@ -212,7 +212,16 @@ enum Parsed {
 }
 
 /// A refusal of a head: the status and why.
-type Refusal = (StatusCode, &'static str);
+pub(crate) type Refusal = (StatusCode, &'static str);
+
+/// A head too large (bytes or lines).
+pub(crate) const TOO_LARGE: Refusal = (
+    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+    "the request head is too large",
+);
+
+/// A head that does not parse.
+pub(crate) const MALFORMED: Refusal = (StatusCode::BAD_REQUEST, "malformed request head");
 
 /// Waits for a whole head in `rbuf`: for its first byte the idle timeout
 /// (`None` then, as at the caller's close or, before a first byte, at
@@ -280,10 +289,6 @@ fn skip_empty_lines(rbuf: &mut BytesMut) {
 /// A head from the start of `rbuf` if it is whole (taken out of the buffer
 /// unless it is for hyper).
 fn parse(rbuf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal> {
-    const TOO_LARGE: Refusal = (
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "the request head is too large",
-    );
     let mut lines = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
     let n = match parsed.parse_with_uninit_headers(rbuf, &mut lines) {
@@ -298,10 +303,10 @@ fn parse(rbuf: &mut BytesMut, max_head: usize) -> Result<Option<Parsed>, Refusal
                 "only HTTP/1.x is served here",
             ));
         }
-        Err(_) => return Err((StatusCode::BAD_REQUEST, "malformed request head")),
+        Err(_) => return Err(MALFORMED),
     };
     let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
-        return Err((StatusCode::BAD_REQUEST, "malformed request head"));
+        return Err(MALFORMED);
     };
     let hyper_serves = parsed.version != Some(1)
         || method == "CONNECT"

@@ -389,24 +389,23 @@ async fn serve_http(
 /// The answer hyper's HTTP/1.1 server wrote itself for a head it could not
 /// parse (it answers those that fail as a method, target, version or header
 /// field, or by their size, and closes), and why.
-fn hyper_refusal(e: &hyper::Error) -> Option<(http::StatusCode, &'static str)> {
-    use http::StatusCode;
+fn hyper_refusal(e: &hyper::Error) -> Option<crate::h1server::Refusal> {
     if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
         return None;
     }
     // hyper names the kinds only in its message.
     let what = e.to_string();
     Some(if what.contains("URI too long") {
-        (StatusCode::URI_TOO_LONG, "the request target is too long")
-    } else if e.is_parse_too_large() {
         (
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "the request head is too large",
+            http::StatusCode::URI_TOO_LONG,
+            "the request target is too long",
         )
+    } else if e.is_parse_too_large() {
+        crate::h1server::TOO_LARGE
     } else if what.starts_with("internal error") {
         return None;
     } else {
-        (StatusCode::BAD_REQUEST, "malformed request head")
+        crate::h1server::MALFORMED
     })
 }
 

@@ -49,17 +49,6 @@ struct PodInfo {
 /// routes leave out is in their status ([`routes`]).
 pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
     let mut errors = Vec::new();
-    // The node's first address, where its agent's proxy takes tunnels by
-    // default (`--proxy-inbound-addr` otherwise binds the wildcard), whatever
-    // the pod's address family: the CONNECT inside names the pod's address,
-    // so a pod's IPv6 address on a node known by IPv4 first is still reached
-    // through the tunnel, never in plaintext past its STRICT mode.
-    let node_addr = |node: &str| {
-        view.nodes
-            .iter()
-            .find(|n| n.name == node)
-            .and_then(|n| n.addresses.first().copied())
-    };
     // Pods by IP: identity, and the tunnel address when they are meshed and
     // not DISABLED.
     let mut pods: BTreeMap<IpAddr, PodInfo> = BTreeMap::new();
@@ -67,14 +56,15 @@ pub fn snapshot(view: &MeshView, inbound_port: u16) -> (Snapshot, Vec<String>) {
     let mut unplaced: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for w in &view.workloads {
         let key = Key::new(&w.namespace, &w.name);
-        let meshed = view.meshed_pods.contains(&key) && w.mtls_mode != crds::MtlsMode::Disabled;
+        let meshed = view.tunnelled(w);
         // Not a pending pod (no node, no address yet): nothing reaches it.
-        if meshed && !w.node.is_empty() && !w.ips.is_empty() && node_addr(&w.node).is_none() {
+        if meshed && !w.node.is_empty() && !w.ips.is_empty() && view.node_address(&w.node).is_none()
+        {
             unplaced.entry(&w.node).or_default().push(key.to_string());
         }
         for ip in w.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
             let node_proxy = meshed
-                .then(|| node_addr(&w.node))
+                .then(|| view.node_address(&w.node))
                 .flatten()
                 .map(|a| SocketAddr::new(a, inbound_port));
             pods.insert(

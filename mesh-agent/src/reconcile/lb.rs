@@ -286,11 +286,10 @@ impl Renamed<'_> {
         all: &[&'p EndpointPort],
         same: &[&'p EndpointPort],
     ) -> Option<&'p EndpointPort> {
-        let name = |p: &EndpointPort| p.name.as_deref().unwrap_or("").to_string();
         let stale: Vec<&EndpointPort> = same
             .iter()
             .copied()
-            .filter(|p| !self.names.contains(name(p).as_str()))
+            .filter(|p| !self.names.contains(port_name(p)))
             .collect();
         match self.target {
             Some(t) => stale
@@ -300,12 +299,17 @@ impl Renamed<'_> {
                 let unmatched = self
                     .names
                     .iter()
-                    .filter(|n| !all.iter().any(|p| name(p) == **n))
+                    .filter(|n| !all.iter().any(|p| port_name(p) == **n))
                     .count();
                 (stale.len() == 1 && unmatched == 1).then(|| stale[0])
             }
         }
     }
+}
+
+/// A slice port's name (`""` for an unnamed one).
+fn port_name(p: &EndpointPort) -> &str {
+    p.name.as_deref().unwrap_or("")
 }
 
 /// Backends of one service port from all its EndpointSlices of the VIP's
@@ -320,7 +324,7 @@ fn backends_for(
     store: &Store,
     key: &Key,
     vip: IpAddr,
-    port_name: &str,
+    name: &str,
     protocol: Protocol,
     local_only: Option<&str>,
     renamed: &Renamed<'_>,
@@ -338,10 +342,7 @@ fn backends_for(
             .copied()
             .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == proto)
             .collect();
-        let (port, kept) = match same
-            .iter()
-            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
-        {
+        let (port, kept) = match same.iter().find(|p| port_name(p) == name) {
             Some(p) => (*p, false),
             None => match renamed.former(&all, &same) {
                 Some(p) => (p, true),

@@ -59,16 +59,29 @@ impl MeshView {
     pub fn tunnelled_pod_ips(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
         self.workloads
             .iter()
-            .filter(|w| {
-                self.meshed_pods.contains(&Key::new(&w.namespace, &w.name))
-                    && w.mtls_mode != crate::crds::MtlsMode::Disabled
-                    && self
-                        .nodes
-                        .iter()
-                        .any(|n| n.name == w.node && !n.addresses.is_empty())
-            })
+            .filter(|w| self.tunnelled(w) && self.node_address(&w.node).is_some())
             .flat_map(|w| w.ips.iter().filter_map(|ip| ip.parse().ok()))
             .collect()
+    }
+
+    /// Whether callers reach `w` through the tunnel (once its node's address
+    /// is known): meshed, and not DISABLED.
+    pub fn tunnelled(&self, w: &WorkloadInfo) -> bool {
+        self.meshed_pods.contains(&Key::new(&w.namespace, &w.name))
+            && w.mtls_mode != crate::crds::MtlsMode::Disabled
+    }
+
+    /// The address of `node` where its proxy takes tunnels: its first one,
+    /// where its agent's proxy listens by default (`--proxy-inbound-addr`
+    /// otherwise binds the wildcard), whatever the pod's address family:
+    /// the CONNECT inside names the pod's address, so a pod's IPv6 address
+    /// on a node known by IPv4 first is still reached through the tunnel,
+    /// never in plaintext past its STRICT mode.
+    pub fn node_address(&self, node: &str) -> Option<std::net::IpAddr> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == node)
+            .and_then(|n| n.addresses.first().copied())
     }
 }
 
@@ -164,12 +177,7 @@ pub fn mesh_view_and_routes(
             && store
                 .pods
                 .get(&Key::new(&w.namespace, &w.name))
-                .is_some_and(|p| {
-                    p.annotations
-                        .get(crate::config::MESH_ANNOTATION)
-                        .map(String::as_str)
-                        != Some(crate::config::MESH_DISABLED)
-                })
+                .is_some_and(|p| !p.opted_out())
     };
     let node_addr = |name: &str, v4: bool| {
         store
@@ -325,10 +333,7 @@ pub fn mesh_view_and_routes(
                 store.namespace_enrolled(&p.namespace)
                     && !p.host_network
                     && !p.is_static()
-                    && p.annotations
-                        .get(crate::config::MESH_ANNOTATION)
-                        .map(String::as_str)
-                        != Some(crate::config::MESH_DISABLED)
+                    && !p.opted_out()
             })
             .map(|p| p.key())
             .collect(),

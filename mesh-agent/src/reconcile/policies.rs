@@ -194,26 +194,15 @@ pub fn mesh_policy_idle(store: &Store, ns: &str) -> Option<String> {
 /// with another mode takes every pod no policy with a selector takes.
 pub fn mesh_policy_shadowed(store: &Store, key: &Key) -> Option<String> {
     let p = store.mesh_policies.get(key)?;
-    let wide = |p: &crate::crds::MeshPolicy| {
-        p.spec.selector.as_ref().is_none_or(|s| {
-            s.match_labels.as_ref().is_none_or(|m| m.is_empty())
-                && s.match_expressions.as_ref().is_none_or(|e| e.is_empty())
-        })
-    };
-    if !wide(p) {
+    use super::workloads::{namespace_wide, rank};
+    if !namespace_wide(p) {
         return None;
     }
-    let rank = |k: &Key, p: &crate::crds::MeshPolicy| {
-        (
-            p.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            k.name.clone(),
-        )
-    };
     // The namespace-wide policy that wins: the first by age, then name.
     let (winner, q) = store
         .mesh_policies
         .iter()
-        .filter(|(k, q)| k.namespace == key.namespace && wide(q))
+        .filter(|(k, q)| k.namespace == key.namespace && namespace_wide(q))
         .min_by_key(|(k, q)| rank(k, q))?;
     (winner != key && q.spec.mode != p.spec.mode).then(|| {
         format!(
@@ -241,10 +230,7 @@ pub fn mesh_policy_overridden(store: &Store, key: &Key) -> Option<(bool, String)
             && !w.host_network
             && !w.is_static()
             && !w.finished
-            && w.annotations
-                .get(crate::config::MESH_ANNOTATION)
-                .map(String::as_str)
-                != Some(crate::config::MESH_DISABLED)
+            && !w.opted_out()
     };
     for w in store.pods.values().filter(in_mesh) {
         if p.spec

@@ -27,44 +27,47 @@ pub fn mtls_mode(store: &Store, w: &Workload, default: MtlsMode) -> MtlsMode {
     mesh_policy_of(store, w).map_or(default, |(_, mode)| mode)
 }
 
+/// Whether a MeshPolicy applies to every pod of its namespace: no selector,
+/// or an empty one (`selector: {}` selects every pod, and does not outrank
+/// an older namespace-wide policy).
+pub fn namespace_wide(p: &crate::crds::MeshPolicy) -> bool {
+    p.spec.selector.as_ref().is_none_or(|s| {
+        s.match_labels.as_ref().is_none_or(|m| m.is_empty())
+            && s.match_expressions.as_ref().is_none_or(|e| e.is_empty())
+    })
+}
+
+/// A MeshPolicy's place among equals: the oldest first, then by name.
+pub type PolicyRank<'a> = (Option<&'a k8s_openapi::jiff::Timestamp>, &'a str);
+
+pub fn rank<'a>(key: &'a crate::state::Key, p: &'a crate::crds::MeshPolicy) -> PolicyRank<'a> {
+    (
+        p.metadata.creation_timestamp.as_ref().map(|t| &t.0),
+        key.name.as_str(),
+    )
+}
+
 /// The MeshPolicy that sets a workload's mode (see [`mtls_mode`]), if any
 /// selects it.
 pub fn mesh_policy_of<'a>(
     store: &'a Store,
     w: &Workload,
 ) -> Option<(&'a crate::state::Key, MtlsMode)> {
-    let mut best: Option<(
-        bool,
-        Option<&k8s_openapi::jiff::Timestamp>,
-        &crate::state::Key,
-        MtlsMode,
-    )> = None;
+    let mut best: Option<(bool, PolicyRank<'_>, &crate::state::Key, MtlsMode)> = None;
     for (key, p) in &store.mesh_policies {
         if key.namespace != w.namespace {
             continue;
         }
-        // An empty selector (`selector: {}`) selects every pod: it is
-        // namespace-wide, and does not outrank an older namespace-wide one.
-        let specific = match &p.spec.selector {
-            Some(sel) => {
-                if !selector_matches(sel, &w.labels) {
-                    continue;
-                }
-                sel.match_labels.as_ref().is_some_and(|m| !m.is_empty())
-                    || sel
-                        .match_expressions
-                        .as_ref()
-                        .is_some_and(|e| !e.is_empty())
-            }
-            None => false,
-        };
-        let created = p.metadata.creation_timestamp.as_ref().map(|t| &t.0);
-        let cand = (specific, created, key, p.spec.mode);
+        if let Some(sel) = &p.spec.selector
+            && !selector_matches(sel, &w.labels)
+        {
+            continue;
+        }
+        let cand = (!namespace_wide(p), rank(key, p), key, p.spec.mode);
         best = match best {
             None => Some(cand),
             Some(b) => {
-                let better = (cand.0 && !b.0)
-                    || (cand.0 == b.0 && (cand.1, &cand.2.name) < (b.1, &b.2.name));
+                let better = (cand.0 && !b.0) || (cand.0 == b.0 && cand.1 < b.1);
                 Some(if better { cand } else { b })
             }
         };
@@ -82,11 +85,7 @@ pub(crate) fn not_enrolled_reason(store: &Store, w: &Workload) -> Option<String>
             config::MESH_ENABLED
         ));
     }
-    if w.annotations
-        .get(config::MESH_ANNOTATION)
-        .map(String::as_str)
-        == Some(config::MESH_DISABLED)
-    {
+    if w.opted_out() {
         return Some(format!(
             "opted out ({}={})",
             config::MESH_ANNOTATION,

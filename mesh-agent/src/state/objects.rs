@@ -149,6 +149,14 @@ impl Workload {
     pub fn is_static(&self) -> bool {
         self.annotations.contains_key(MIRROR_ANNOTATION)
     }
+
+    /// The pod opted out of the mesh (`sluice.dev/mesh: disabled`).
+    pub fn opted_out(&self) -> bool {
+        self.annotations
+            .get(crate::config::MESH_ANNOTATION)
+            .map(String::as_str)
+            == Some(crate::config::MESH_DISABLED)
+    }
 }
 
 /// One object of any kind the model holds.

@@ -240,32 +240,15 @@ fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdic
     let ctr = counters(svc.id);
     if may_redirect
         && svc.flags & SERVICE_F_MESHED != 0
-        && let Some(cfg) = config()
-        && let Some(proxy) = proxy_endpoint(&cfg, key.family)
-        && (cfg.proxy_mark == 0 || socket_mark(ctx) != cfg.proxy_mark)
-        && enrolled(&cfg)
+        && let Some(verdict) = to_proxy(ctx, key, svc.id)
     {
-        let orig = OriginalDst {
-            dst: Endpoint::new(key.addr, key.port, key.family),
-            service_id: svc.id,
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        };
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if COOKIE_ORIG.insert(cookie, orig, BPF_ANY as u64).is_ok() {
-            if let Some(c) = ctr {
-                unsafe { (*c).redirected += 1 };
-            }
-            return Verdict::Rewrite(proxy);
-        }
-        // Without its original destination the proxy cannot serve the
-        // connection, and balancing it directly would carry a meshed
-        // workload's traffic around the proxy in plaintext: refuse it, as
-        // the mesh does whenever it cannot carry a connection (the insert
-        // of an LRU map fails only when the kernel is short of memory).
         if let Some(c) = ctr {
-            unsafe { (*c).no_backend += 1 };
+            match verdict {
+                Verdict::Rewrite(_) => unsafe { (*c).redirected += 1 },
+                _ => unsafe { (*c).no_backend += 1 },
+            }
         }
-        return Verdict::NoBackend;
+        return verdict;
     }
     match select_backend(ctx, &svc, key) {
         Some(backend) => {
@@ -283,12 +266,43 @@ fn decide(ctx: &SockAddrContext, key: &ServiceKey, may_redirect: bool) -> Verdic
     }
 }
 
+/// A TCP connect to a meshed destination (`service_id`'s VIP, or a meshed
+/// pod's address: 0): for an enrolled workload, not the proxy's own
+/// socket, with a proxy configured, to the proxy, its original destination
+/// noted by socket cookie (`None`: none of that, it goes as it would).
+/// Without its original destination the proxy cannot serve the connection,
+/// and letting it go directly would carry a meshed workload's traffic
+/// around the proxy in plaintext: it is refused, as the mesh does whenever
+/// it cannot carry a connection (the insert of an LRU map fails only when
+/// the kernel is short of memory).
+#[inline(always)]
+fn to_proxy(ctx: &SockAddrContext, key: &ServiceKey, service_id: u32) -> Option<Verdict> {
+    let cfg = config()?;
+    let proxy = proxy_endpoint(&cfg, key.family)?;
+    if (cfg.proxy_mark != 0 && socket_mark(ctx) == cfg.proxy_mark) || !enrolled(&cfg) {
+        return None;
+    }
+    let orig = OriginalDst {
+        dst: Endpoint::new(key.addr, key.port, key.family),
+        service_id,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    Some(
+        if COOKIE_ORIG.insert(cookie, orig, BPF_ANY as u64).is_ok() {
+            Verdict::Rewrite(proxy)
+        } else {
+            Verdict::NoBackend
+        },
+    )
+}
+
 /// A TCP connect straight to a pod's address (a headless Service's pod, a
 /// StatefulSet peer): an enrolled workload's goes to the node proxy when
 /// the pod is meshed, as one to a meshed Service does, so that it crosses
 /// in mTLS with the caller's identity (a STRICT pod would refuse it in
 /// plaintext, and a PERMISSIVE one's AccessPolicies would not see who
-/// calls). Refused when its original destination cannot be recorded.
+/// calls).
 #[inline(always)]
 fn meshed_pod(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
     let pod = WorkloadKey {
@@ -299,26 +313,7 @@ fn meshed_pod(ctx: &SockAddrContext, key: &ServiceKey) -> Verdict {
     if MESHED_PODS.get_ptr(pod).is_none() {
         return Verdict::Pass;
     }
-    let Some(cfg) = config() else {
-        return Verdict::Pass;
-    };
-    let Some(proxy) = proxy_endpoint(&cfg, key.family) else {
-        return Verdict::Pass;
-    };
-    if (cfg.proxy_mark != 0 && socket_mark(ctx) == cfg.proxy_mark) || !enrolled(&cfg) {
-        return Verdict::Pass;
-    }
-    let orig = OriginalDst {
-        dst: Endpoint::new(key.addr, key.port, key.family),
-        service_id: 0,
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-    };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if COOKIE_ORIG.insert(cookie, orig, BPF_ANY as u64).is_ok() {
-        Verdict::Rewrite(proxy)
-    } else {
-        Verdict::NoBackend
-    }
+    to_proxy(ctx, key, 0).unwrap_or(Verdict::Pass)
 }
 
 #[inline(always)]

@@ -509,17 +509,10 @@ impl Read<'_> {
         // read, and an edit that misspelt a defined object's kind would
         // remove it. An API server refuses such kinds too.
         if read_api_version(&kind).is_none() {
-            let known = [
-                "Namespace",
-                "Service",
-                "EndpointSlice",
-                "HTTPRoute",
-                "GRPCRoute",
-                "MeshPolicy",
-                "AccessPolicy",
-                format::KIND,
-            ];
-            let meant = known.iter().find(|k| k.eq_ignore_ascii_case(&kind));
+            let meant = READ_KINDS
+                .iter()
+                .map(|(k, _)| k)
+                .find(|k| k.eq_ignore_ascii_case(&kind));
             let ours = api.split('/').next() == crate::crds::API_VERSION.split('/').next();
             if meant.is_some() || ours {
                 let message = match meant {
@@ -1279,15 +1272,20 @@ impl FilesSource {
 
 /// The apiVersion the files source reads `kind` as, for the kinds it reads.
 fn read_api_version(kind: &str) -> Option<&'static str> {
-    Some(match kind {
-        "Namespace" | "Service" => "v1",
-        "EndpointSlice" => "discovery.k8s.io/v1",
-        "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
-        "MeshPolicy" | "AccessPolicy" => crate::crds::API_VERSION,
-        k if k == format::KIND => crate::crds::API_VERSION,
-        _ => return None,
-    })
+    READ_KINDS.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v)
 }
+
+/// The kinds the files source reads, and the apiVersion it reads each as.
+const READ_KINDS: [(&str, &str); 8] = [
+    ("Namespace", "v1"),
+    ("Service", "v1"),
+    ("EndpointSlice", "discovery.k8s.io/v1"),
+    ("HTTPRoute", "gateway.networking.k8s.io/v1"),
+    ("GRPCRoute", "gateway.networking.k8s.io/v1"),
+    ("MeshPolicy", crate::crds::API_VERSION),
+    ("AccessPolicy", crate::crds::API_VERSION),
+    (format::KIND, crate::crds::API_VERSION),
+];
 
 #[cfg(test)]
 mod tests;
